@@ -1,0 +1,248 @@
+//! `stylefarm render`: one stylized image on this machine.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use stylefarm_core::params::parse_list;
+use stylefarm_core::{imaging, Init, Layer, Optimizer, Pooling, RenderParams};
+use stylefarm_engine::{Engine, Progress, RenderJob};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ProgressMode {
+    /// A progress bar with the loss and an ETA, on stderr.
+    Bar,
+    /// One JSON object per iteration on stdout.
+    Json,
+    /// Nothing.
+    None,
+}
+
+/// The render options; defaults are ALGORITHM.md's.
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+pub struct RenderArgs {
+    /// Content image (PNG or JPEG).
+    #[arg(long)]
+    content: PathBuf,
+    /// Style image; repeat for several styles.
+    #[arg(long, required = true)]
+    style: Vec<PathBuf>,
+    /// Blend weights of the styles, e.g. 0.7,0.3 (normalized to sum 1; default equal).
+    #[arg(long)]
+    style_blend: Option<String>,
+    /// Output image; PNG or JPEG by extension.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Longest side of the output, in pixels.
+    #[arg(long, default_value_t = 512)]
+    size: u32,
+    /// Iterations (L-BFGS function evaluations or Adam steps); with --scales, those of the first scale.
+    #[arg(long, default_value_t = 500)]
+    iterations: u32,
+    /// Iterations per scale, coarsest first, e.g. 300,150 (default: --iterations halved at each scale).
+    #[arg(long)]
+    scale_iterations: Option<String>,
+    /// lbfgs or adam.
+    #[arg(long, default_value = "lbfgs")]
+    optimizer: String,
+    /// Adam's learning rate (0..255 units).
+    #[arg(long, default_value_t = 10.0)]
+    learning_rate: f64,
+    /// L-BFGS history size.
+    #[arg(long, default_value_t = 100)]
+    history_size: u32,
+    #[arg(long, default_value_t = 5.0)]
+    content_weight: f64,
+    #[arg(long, default_value_t = 100.0)]
+    style_weight: f64,
+    /// Total variation weight.
+    #[arg(long, default_value_t = 1e-3)]
+    tv_weight: f64,
+    /// Content layers, comma-separated.
+    #[arg(long, default_value = "relu4_2")]
+    content_layers: String,
+    /// Style layers, comma-separated.
+    #[arg(long, default_value = "relu1_1,relu2_1,relu3_1,relu4_1,relu5_1")]
+    style_layers: String,
+    /// max or avg.
+    #[arg(long, default_value = "max")]
+    pooling: String,
+    /// content, noise, or an image file.
+    #[arg(long, default_value = "content")]
+    init: String,
+    /// Seed of the noise init; a CPU run with the same seed repeats bit for bit.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Style images are resized to a longest side of size * style-scale.
+    #[arg(long, default_value_t = 1.0)]
+    style_scale: f64,
+    /// Keep the content's colours (the output's luminance with the content's chroma).
+    #[arg(long)]
+    original_colors: bool,
+    /// Number of scales: the first at size / 2^(scales-1), each next one twice as large.
+    #[arg(long, default_value_t = 1)]
+    scales: u32,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
+    device: String,
+    /// VGG19 weights (.safetensors); default: the file deploy/setup.sh converts.
+    #[arg(long, env = "STYLEFARM_WEIGHTS")]
+    weights: Option<PathBuf>,
+    /// bar, json or none.
+    #[arg(long, value_enum, default_value = "bar")]
+    progress: ProgressMode,
+}
+
+impl TryFrom<&RenderArgs> for RenderParams {
+    type Error = stylefarm_core::Error;
+
+    fn try_from(a: &RenderArgs) -> Result<Self, Self::Error> {
+        let params = RenderParams {
+            size: a.size,
+            iterations: a.iterations,
+            scale_iterations: a
+                .scale_iterations
+                .as_deref()
+                .map(|s| parse_list("scale_iterations", s))
+                .transpose()?
+                .unwrap_or_default(),
+            optimizer: a.optimizer.parse::<Optimizer>()?,
+            learning_rate: a.learning_rate,
+            history_size: a.history_size,
+            content_weight: a.content_weight,
+            style_weight: a.style_weight,
+            tv_weight: a.tv_weight,
+            style_blend: a
+                .style_blend
+                .as_deref()
+                .map(|s| parse_list("style_blend", s))
+                .transpose()?
+                .unwrap_or_default(),
+            content_layers: parse_list::<Layer>("content_layers", &a.content_layers)?,
+            style_layers: parse_list::<Layer>("style_layers", &a.style_layers)?,
+            pooling: a.pooling.parse::<Pooling>()?,
+            init: a.init.parse::<Init>()?,
+            seed: a.seed,
+            style_scale: a.style_scale,
+            original_colors: a.original_colors,
+            scales: a.scales,
+        };
+        params.validate(a.style.len())?;
+        Ok(params)
+    }
+}
+
+/// The JSON line of `--progress json`.
+fn json_line(p: &Progress) -> String {
+    serde_json::json!({
+        "scale": p.scale,
+        "scales": p.scales,
+        "iteration": p.iteration,
+        "iterations": p.iterations,
+        "width": p.width,
+        "height": p.height,
+        "content_loss": p.losses.content,
+        "style_loss": p.losses.style,
+        "tv_loss": p.losses.tv,
+        "total_loss": p.losses.total,
+        "elapsed_s": p.elapsed,
+    })
+    .to_string()
+}
+
+pub fn run(args: RenderArgs) -> anyhow::Result<()> {
+    let params = RenderParams::try_from(&args)?;
+    imaging::output_format(&args.output)?;
+    let content = imaging::load(&args.content)?;
+    let styles = args
+        .style
+        .iter()
+        .map(|p| imaging::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let init_image = match &params.init {
+        Init::Image(path) => Some(imaging::load(path)?),
+        _ => None,
+    };
+    let device = stylefarm_engine::parse_device(&args.device)?;
+    let weights = args
+        .weights
+        .clone()
+        .unwrap_or_else(crate::weights::default_weights);
+    let engine = Engine::load(&weights, device)?;
+    tracing::info!(?device, weights = %weights.display(), "engine loaded");
+
+    let iterations = params.iterations_per_scale();
+    let total: u64 = iterations.iter().map(|&n| u64::from(n)).sum();
+    let done_before: Vec<u64> = iterations
+        .iter()
+        .scan(0u64, |acc, &n| {
+            let before = *acc;
+            *acc += u64::from(n);
+            Some(before)
+        })
+        .collect();
+    let bar = match args.progress {
+        ProgressMode::Bar => {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} it  {msg}  [{elapsed_precise}, eta {eta}]",
+                )
+                .expect("template"),
+            );
+            Some(bar)
+        }
+        _ => None,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut on_progress = |p: &Progress| {
+        match args.progress {
+            ProgressMode::Json => {
+                if writeln!(stdout, "{}", json_line(p)).is_err() {
+                    return ControlFlow::Break(());
+                }
+            }
+            ProgressMode::Bar => {
+                let bar = bar.as_ref().expect("bar mode");
+                bar.set_position(done_before[p.scale as usize - 1] + u64::from(p.iteration));
+                bar.set_message(format!(
+                    "scale {}/{} {}x{}  loss {:.4e} (content {:.3e}, style {:.3e}, tv {:.3e})",
+                    p.scale,
+                    p.scales,
+                    p.width,
+                    p.height,
+                    p.losses.total,
+                    p.losses.content,
+                    p.losses.style,
+                    p.losses.tv
+                ));
+            }
+            ProgressMode::None => {}
+        }
+        ControlFlow::Continue(())
+    };
+    let job = RenderJob {
+        content,
+        styles,
+        init_image,
+        params,
+    };
+    let image = engine
+        .render(&job, &mut on_progress)
+        .context("render failed")?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    imaging::save(&image, &args.output)?;
+    eprintln!(
+        "wrote {} ({}x{})",
+        args.output.display(),
+        image.width(),
+        image.height()
+    );
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! stylefarm-core: the domain of stylefarm, free of libtorch and of the wire format.
+//!
+//! - [`params`]: render parameters with ALGORITHM.md's defaults and their validation;
+//! - [`imaging`]: image decoding and encoding with limits, working sizes, antialiased resampling, and the
+//!   original-colours transfer.
+
+pub mod imaging;
+pub mod params;
+
+pub use params::{Init, Layer, Optimizer, Pooling, RenderParams};
+
+/// Errors of the domain: a bad value (naming its field) or an unusable image (naming its file).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A parameter is out of range or unknown; `field` names it as the user wrote it.
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// An image could not be read, decoded or written.
+    #[error("{path}: {message}")]
+    Image { path: String, message: String },
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Error::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+
+    pub fn image(path: impl std::fmt::Display, message: impl std::fmt::Display) -> Self {
+        Error::Image {
+            path: path.to_string(),
+            message: message.to_string(),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! stylefarm-engine: renders one stylization on one device, exactly as ../shared/design/ALGORITHM.md defines
+//! it (Gatys, Ecker, Bethge 2015, in jcjohnson/neural-style's concrete form).
+//!
+//! - [`vgg`]: VGG19's convolution stack, its weights (safetensors with the preprocessing convention in the
+//!   metadata), image <-> preprocessed tensor;
+//! - [`loss`]: Gram matrix, content, style and total-variation losses, as free functions;
+//! - [`optim`]: L-BFGS (the algorithm of `torch.optim.LBFGS` without line search) and Adam, over tensors;
+//! - [`render`]: targets, objective, multi-scale optimization, progress and cancellation.
+//!
+//! libtorch tensors are `Send` but not `Sync`: an [`Engine`] belongs to one thread (see CONVENTIONS.md §10).
+
+pub mod loss;
+pub mod optim;
+pub mod render;
+pub mod vgg;
+
+pub use render::{Engine, LossTerms, Progress, RenderJob};
+pub use tch::Device;
+pub use vgg::{Preprocessing, Vgg19};
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The weights file is missing, unreadable or not VGG19's.
+    #[error("weights {path}: {message}")]
+    Weights { path: String, message: String },
+    /// A device string that is not cpu, cuda, cuda:N or auto, or a device that is not there.
+    #[error("device: {0}")]
+    Device(String),
+    /// A bad parameter or image (from stylefarm-core).
+    #[error(transparent)]
+    Core(#[from] stylefarm_core::Error),
+    /// libtorch failed (out of memory among others).
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The progress callback asked to stop.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    /// True when libtorch ran out of memory on the device (retryable elsewhere, not the job's fault).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Torch(e) if e.to_string().to_ascii_lowercase().contains("out of memory"))
+    }
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU when libtorch sees one, else the CPU), and checks
+/// that the device exists.
+pub fn parse_device(s: &str) -> Result<Device, Error> {
+    let cuda_count = || tch::Cuda::device_count() as usize;
+    let device = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" => return Ok(Device::cuda_if_available()),
+        "cuda" | "gpu" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(Error::Device(format!(
+                    "unknown device '{s}' (expected cpu, cuda, cuda:N or auto)"
+                )))
+            }
+        },
+    };
+    let count = cuda_count();
+    if device >= count {
+        return Err(Error::Device(format!(
+            "{s} requested but libtorch sees {count} CUDA device(s) (CPU build of libtorch, or no GPU)"
+        )));
+    }
+    Ok(Device::Cuda(device))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn devices_parse() {
+        assert_eq!(super::parse_device("cpu").unwrap(), tch::Device::Cpu);
+        let err = super::parse_device("tpu").unwrap_err().to_string();
+        assert!(err.starts_with("device:") && err.contains("tpu"), "{err}");
+        if !tch::Cuda::is_available() {
+            assert!(super::parse_device("cuda:0").is_err());
+            assert_eq!(super::parse_device("auto").unwrap(), tch::Device::Cpu);
+        }
+    }
+}

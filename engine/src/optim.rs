@@ -1,0 +1,291 @@
+//! The optimizers, over tch tensors (tch has no L-BFGS).
+//!
+//! Both minimize `f` from `x`, updating `x` in place; `f` returns the objective and its gradient at its
+//! argument. Each returns the number of steps it applied to `x`.
+
+use tch::{Kind, Tensor};
+
+/// The algorithm of `torch.optim.LBFGS(lr, history_size, line_search_fn=None, tolerance_grad,
+/// tolerance_change)` for one `step()` with `max_iter` function evaluations, mirrored operation for operation
+/// (scalars stay 0-dim float tensors as in torch). ALGORITHM.md's settings: lr 1, tolerances -1.
+#[derive(Debug, Clone)]
+pub struct Lbfgs {
+    pub lr: f64,
+    pub history_size: usize,
+    pub tolerance_grad: f64,
+    pub tolerance_change: f64,
+}
+
+impl Default for Lbfgs {
+    fn default() -> Self {
+        Lbfgs {
+            lr: 1.0,
+            history_size: 100,
+            tolerance_grad: -1.0,
+            tolerance_change: -1.0,
+        }
+    }
+}
+
+fn abs_max(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+impl Lbfgs {
+    /// Runs at most `max_iter` evaluations of `f` (and as many steps: the last step's result is not
+    /// evaluated, as in torch).
+    pub fn minimize<E>(
+        &self,
+        x: &mut Tensor,
+        max_iter: usize,
+        mut f: impl FnMut(&Tensor) -> Result<(f64, Tensor), E>,
+    ) -> Result<usize, E> {
+        let mut xf = x.view([-1]);
+        let flat = |g: Tensor| g.contiguous().view([-1]);
+        let (mut loss, g) = f(x)?;
+        let mut g = flat(g);
+        // with a negative tolerance a check can never pass: skip it (and its device sync)
+        let grad_converged =
+            |g: &Tensor| self.tolerance_grad >= 0.0 && abs_max(g) <= self.tolerance_grad;
+        if grad_converged(&g) {
+            return Ok(0);
+        }
+        let (mut old_dirs, mut old_stps, mut ro): (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) =
+            Default::default();
+        let mut h_diag = Tensor::from(1.0f32).to_device(g.device());
+        let mut d = Tensor::new();
+        let mut t = 0.0;
+        let mut prev_g: Option<Tensor> = None;
+        let mut steps = 0;
+        for n_iter in 1..=max_iter {
+            if n_iter == 1 {
+                d = -&g;
+            } else {
+                let y = &g - prev_g.as_ref().expect("previous gradient");
+                let s = &d * t;
+                let ys = y.dot(&s);
+                if ys.double_value(&[]) > 1e-10 {
+                    if old_dirs.len() == self.history_size {
+                        old_dirs.drain(..1);
+                        old_stps.drain(..1);
+                        ro.drain(..1);
+                    }
+                    h_diag = &ys / y.dot(&y);
+                    ro.push(ys.reciprocal());
+                    old_dirs.push(y);
+                    old_stps.push(s);
+                }
+                // two-loop recursion: d = -H g
+                let mut q = -&g;
+                let mut al = Vec::with_capacity(old_dirs.len());
+                for i in (0..old_dirs.len()).rev() {
+                    let a = old_stps[i].dot(&q) * &ro[i];
+                    let _ = q.addcmul_(&old_dirs[i], &(-&a));
+                    al.push((i, a));
+                }
+                al.reverse();
+                let mut r = q * &h_diag;
+                for (i, a) in al {
+                    let be = old_dirs[i].dot(&r) * &ro[i];
+                    let _ = r.addcmul_(&old_stps[i], &(a - be));
+                }
+                d = r;
+            }
+            prev_g = Some(g.shallow_clone());
+            let prev_loss = loss;
+            t = if n_iter == 1 {
+                let inv = (1.0f64 / g.abs().sum(Kind::Float)).double_value(&[]);
+                inv.min(1.0) * self.lr
+            } else {
+                self.lr
+            };
+            let gtd = g.dot(&d).double_value(&[]);
+            if gtd > -self.tolerance_change {
+                break;
+            }
+            tch::no_grad(|| {
+                let _ = xf.addcmul_(&d, &Tensor::from(t as f32).to_device(d.device()));
+            });
+            steps += 1;
+            if n_iter == max_iter {
+                break;
+            }
+            let (l, grad) = f(x)?;
+            loss = l;
+            g = flat(grad);
+            if grad_converged(&g) {
+                break;
+            }
+            if self.tolerance_change >= 0.0 && abs_max(&(&d * t)) <= self.tolerance_change {
+                break;
+            }
+            if (loss - prev_loss).abs() < self.tolerance_change {
+                break;
+            }
+        }
+        Ok(steps)
+    }
+}
+
+/// `torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8)`, one step per evaluation of `f`.
+#[derive(Debug, Clone)]
+pub struct Adam {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Adam {
+    pub fn new(lr: f64) -> Self {
+        Adam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+
+    /// Evaluates `f` and steps `steps` times.
+    pub fn minimize<E>(
+        &self,
+        x: &mut Tensor,
+        steps: usize,
+        mut f: impl FnMut(&Tensor) -> Result<(f64, Tensor), E>,
+    ) -> Result<usize, E> {
+        let mut m = x.zeros_like();
+        let mut v = x.zeros_like();
+        for step in 1..=steps {
+            let (_, g) = f(x)?;
+            tch::no_grad(|| {
+                let _ = m.lerp_(&g, 1.0 - self.beta1);
+                let _ = v.g_mul_scalar_(self.beta2);
+                let _ = v.addcmul_(&g, &(&g * (1.0 - self.beta2)));
+                let bias_correction1 = 1.0 - self.beta1.powi(step as i32);
+                let bias_correction2 = 1.0 - self.beta2.powi(step as i32);
+                let step_size = self.lr / bias_correction1;
+                let denom = v.sqrt() / bias_correction2.sqrt() + self.eps;
+                let _ = x.addcdiv_(&(&m * -step_size), &denom);
+            });
+        }
+        Ok(steps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use tch::Device;
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    }
+
+    fn rosenbrock(x: &Tensor) -> Result<(f64, Tensor), Infallible> {
+        let v = values(x);
+        let (a, b) = (v[0], v[1]);
+        let f = (1.0 - a).powi(2) + 100.0 * (b - a * a).powi(2);
+        let g = [
+            -2.0 * (1.0 - a) - 400.0 * a * (b - a * a),
+            200.0 * (b - a * a),
+        ];
+        Ok((f, Tensor::from_slice(&g.map(|v| v as f32))))
+    }
+
+    #[test]
+    fn lbfgs_solves_a_quadratic() {
+        // f(x) = 0.5 x^T A x - b^T x with A symmetric positive definite; minimum at A^-1 b
+        tch::manual_seed(0);
+        let m = Tensor::randn([6, 6], (Kind::Double, Device::Cpu));
+        let a = m.matmul(&m.tr()) + Tensor::eye(6, (Kind::Double, Device::Cpu));
+        let b = Tensor::randn([6], (Kind::Double, Device::Cpu));
+        let expected = values(&a.inverse().matmul(&b));
+        let mut x = Tensor::zeros([6], (Kind::Double, Device::Cpu));
+        let steps = Lbfgs::default()
+            .minimize(&mut x, 60, |x| {
+                let ax = a.matmul(x);
+                let f = (x.dot(&ax) * 0.5 - b.dot(x)).double_value(&[]);
+                Ok::<_, Infallible>((f, ax - &b))
+            })
+            .unwrap();
+        assert!(steps > 0);
+        for (got, want) in values(&x).iter().zip(&expected) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn lbfgs_minimizes_rosenbrock() {
+        let mut x = Tensor::from_slice(&[-1.2f32, 1.0]);
+        Lbfgs::default().minimize(&mut x, 200, rosenbrock).unwrap();
+        let v = values(&x);
+        assert!(
+            (v[0] - 1.0).abs() < 1e-3 && (v[1] - 1.0).abs() < 1e-3,
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn adam_minimizes_a_bowl() {
+        let mut x = Tensor::from_slice(&[3.0f32, -2.0]);
+        Adam::new(0.1)
+            .minimize(&mut x, 500, |x| {
+                Ok::<_, Infallible>((x.square().sum(Kind::Float).double_value(&[]), 2 * x))
+            })
+            .unwrap();
+        assert!(
+            values(&x).iter().all(|v| v.abs() < 1e-2),
+            "{:?}",
+            values(&x)
+        );
+    }
+
+    /// The trajectory of torch.optim.LBFGS (PyTorch 2.11.0) on a small problem, recorded by
+    /// bench/lbfgs_trajectory.py into tests/fixtures: the same iterates, evaluation by evaluation.
+    #[test]
+    fn lbfgs_follows_torch_trajectory() {
+        let fixture: serde_json::Value = serde_json::from_str(include_str!(
+            "../tests/fixtures/lbfgs_torch_trajectory.json"
+        ))
+        .unwrap();
+        for case in fixture["cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let x0: Vec<f32> = serde_json::from_value(case["x0"].clone()).unwrap();
+            let a: Vec<f32> = serde_json::from_value(case["a"].clone()).unwrap();
+            let history = case["history_size"].as_u64().unwrap() as usize;
+            let iterates: Vec<Vec<f64>> = serde_json::from_value(case["iterates"].clone()).unwrap();
+            let n = x0.len() as i64;
+            let a = Tensor::from_slice(&a).reshape([n, n]);
+            let mut seen: Vec<Vec<f64>> = Vec::new();
+            let mut x = Tensor::from_slice(&x0);
+            let lbfgs = Lbfgs {
+                history_size: history,
+                ..Default::default()
+            };
+            lbfgs
+                .minimize(&mut x, iterates.len(), |x| {
+                    seen.push(values(x));
+                    // f(x) = sum((A x - 1)^2) + 0.1 sum(x^4)  (the fixture script's function)
+                    let xg = x.detach().set_requires_grad(true);
+                    let r = a.matmul(&xg) - 1.0;
+                    let f = r.square().sum(Kind::Float)
+                        + 0.1 * xg.pow_tensor_scalar(4).sum(Kind::Float);
+                    let g = Tensor::run_backward(&[&f], &[&xg], false, false)
+                        .pop()
+                        .unwrap();
+                    Ok::<_, Infallible>((f.double_value(&[]), g))
+                })
+                .unwrap();
+            assert_eq!(seen.len(), iterates.len(), "{name}: evaluations");
+            for (k, (ours, theirs)) in seen.iter().zip(&iterates).enumerate() {
+                for (o, t) in ours.iter().zip(theirs) {
+                    assert!(
+                        (o - t).abs() <= 1e-4 * (1.0 + t.abs()),
+                        "{name} evaluation {k}: {ours:?} vs torch {theirs:?}"
+                    );
+                }
+            }
+        }
+    }
+}

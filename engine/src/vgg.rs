@@ -1,0 +1,242 @@
+//! VGG19's convolution stack, its weights, and the conversion between images and the network's input space.
+
+use std::path::Path;
+
+use image::RgbImage;
+use stylefarm_core::{Layer, Pooling};
+use tch::{Device, Kind, Tensor};
+
+use crate::Error;
+
+/// How images are turned into the network's input; recorded in the weights file's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preprocessing {
+    /// Oxford/Caffe weights: RGB 0..255 -> BGR, minus the mean [103.939, 116.779, 123.68] (B, G, R).
+    Caffe,
+    /// torchvision weights: RGB 0..1, minus [0.485, 0.456, 0.406], divided by [0.229, 0.224, 0.225].
+    Torchvision,
+}
+
+const CAFFE_MEAN_BGR: [f64; 3] = [103.939, 116.779, 123.68];
+const TORCHVISION_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const TORCHVISION_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// Convolutions after which a 2x2 pooling follows: the last of blocks 1-4.
+const POOL_AFTER: [usize; 4] = [1, 3, 7, 11];
+
+impl Preprocessing {
+    fn channel_tensor(values: [f64; 3], device: Device) -> Tensor {
+        Tensor::from_slice(&values.map(|v| v as f32))
+            .reshape([1, 3, 1, 1])
+            .to_device(device)
+    }
+
+    /// An 8-bit RGB image as a `1 x 3 x H x W` float tensor in this convention's input space.
+    pub fn preprocess(self, img: &RgbImage, device: Device) -> Tensor {
+        let (w, h) = img.dimensions();
+        let rgb = Tensor::from_slice(img.as_raw())
+            .to_device(device)
+            .reshape([1, h as i64, w as i64, 3])
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float);
+        match self {
+            Preprocessing::Caffe => rgb.flip([1]) - Self::channel_tensor(CAFFE_MEAN_BGR, device),
+            Preprocessing::Torchvision => {
+                (rgb / 255.0 - Self::channel_tensor(TORCHVISION_MEAN, device))
+                    / Self::channel_tensor(TORCHVISION_STD, device)
+            }
+        }
+        .contiguous()
+    }
+
+    /// The inverse of [`Self::preprocess`], clamped to 0..255 and rounded.
+    pub fn deprocess(self, x: &Tensor) -> RgbImage {
+        let device = x.device();
+        let rgb = match self {
+            Preprocessing::Caffe => {
+                (x.detach() + Self::channel_tensor(CAFFE_MEAN_BGR, device)).flip([1])
+            }
+            Preprocessing::Torchvision => {
+                (x.detach() * Self::channel_tensor(TORCHVISION_STD, device)
+                    + Self::channel_tensor(TORCHVISION_MEAN, device))
+                    * 255.0
+            }
+        };
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let bytes = rgb
+            .clamp(0.0, 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+            .squeeze_dim(0)
+            .permute([1, 2, 0]);
+        let data = Vec::<u8>::try_from(&bytes.contiguous().flatten(0, -1).to_device(Device::Cpu))
+            .expect("uint8 tensor to bytes");
+        RgbImage::from_raw(w as u32, h as u32, data).expect("buffer of the image's size")
+    }
+
+    /// Standard deviation of the noise init in this space (jcjohnson: 0.001 in 0..255-scale units).
+    pub fn noise_sigma(self) -> f64 {
+        match self {
+            Preprocessing::Caffe => 0.001,
+            Preprocessing::Torchvision => 0.001 / 255.0 / 0.226,
+        }
+    }
+}
+
+/// VGG19's 16 3x3 convolutions (padding 1) with ReLU and 2x2 stride-2 pooling after blocks 1-4.
+pub struct Vgg19 {
+    convs: Vec<(Tensor, Tensor)>,
+    preprocessing: Preprocessing,
+}
+
+/// Reads the JSON header's `__metadata__` of a safetensors file.
+fn safetensors_metadata(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| "too short for a safetensors file".to_string())?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err("not a safetensors file (header too large)".into());
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|_| "truncated safetensors header".to_string())?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| format!("not a safetensors file ({e})"))?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .cloned()
+        .unwrap_or_default())
+}
+
+impl Vgg19 {
+    /// Loads `convB_C.weight` / `convB_C.bias` of the 16 convolutions from a safetensors file written by
+    /// deploy/convert_weights.py, onto `device`.
+    pub fn load(path: &Path, device: Device) -> Result<Vgg19, Error> {
+        let err = |message: String| Error::Weights {
+            path: path.display().to_string(),
+            message,
+        };
+        if !path.exists() {
+            return Err(err(
+                "file not found; run `bash deploy/setup.sh` to fetch and convert the VGG19 weights, or pass \
+                 --weights / STYLEFARM_WEIGHTS"
+                    .into(),
+            ));
+        }
+        let metadata = safetensors_metadata(path).map_err(err)?;
+        let preprocessing = match metadata.get("preprocessing").and_then(|v| v.as_str()) {
+            Some("caffe") => Preprocessing::Caffe,
+            Some("torchvision") => Preprocessing::Torchvision,
+            other => {
+                return Err(err(format!(
+                    "metadata 'preprocessing' is {other:?}; expected \"caffe\" or \"torchvision\" (convert with \
+                     deploy/convert_weights.py)"
+                )))
+            }
+        };
+        let mut named: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+            .map_err(|e| err(e.to_string()))?
+            .into_iter()
+            .collect();
+        let mut convs = Vec::with_capacity(16);
+        let mut channels_in = 3;
+        for layer in Layer::all() {
+            let name = format!("conv{}_{}", layer.block, layer.conv);
+            let mut take = |part: &str| {
+                named
+                    .remove(&format!("{name}.{part}"))
+                    .ok_or_else(|| err(format!("no tensor {name}.{part}")))
+            };
+            let (weight, bias) = (take("weight")?, take("bias")?);
+            let out = weight.size().first().copied().unwrap_or(0);
+            if weight.size() != [out, channels_in, 3, 3] || bias.size() != [out] {
+                return Err(err(format!(
+                    "{name} has shapes {:?} / {:?}, not VGG19's [{out}, {channels_in}, 3, 3] / [{out}]",
+                    weight.size(),
+                    bias.size()
+                )));
+            }
+            channels_in = out;
+            let load = |t: Tensor| {
+                t.to_kind(Kind::Float)
+                    .to_device(device)
+                    .set_requires_grad(false)
+            };
+            convs.push((load(weight), load(bias)));
+        }
+        Ok(Vgg19 {
+            convs,
+            preprocessing,
+        })
+    }
+
+    pub fn preprocessing(&self) -> Preprocessing {
+        self.preprocessing
+    }
+
+    /// Runs the network on `x` (`1 x 3 x H x W`, preprocessed) up to the deepest of `layers`, and returns the
+    /// feature maps of `layers`, in their order. Nothing past the deepest layer is computed.
+    pub fn features(&self, x: &Tensor, pooling: Pooling, layers: &[Layer]) -> Vec<Tensor> {
+        let deepest = layers.iter().map(|l| l.index()).max().unwrap_or(0);
+        let mut out: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
+        let mut h = x.shallow_clone();
+        for (i, (w, b)) in self.convs.iter().enumerate().take(deepest + 1) {
+            h = h.conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1).relu_();
+            for (slot, layer) in out.iter_mut().zip(layers) {
+                if layer.index() == i {
+                    *slot = Some(h.shallow_clone());
+                }
+            }
+            if i < deepest && POOL_AFTER.contains(&i) {
+                h = match pooling {
+                    Pooling::Max => h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+                    Pooling::Avg => h.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
+                };
+            }
+        }
+        out.into_iter()
+            .map(|t| t.expect("every requested layer is computed"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preprocessing_round_trips() {
+        let img = RgbImage::from_fn(5, 4, |x, y| {
+            image::Rgb([x as u8 * 50, y as u8 * 60, 255 - x as u8])
+        });
+        for p in [Preprocessing::Caffe, Preprocessing::Torchvision] {
+            assert_eq!(p.deprocess(&p.preprocess(&img, Device::Cpu)), img, "{p:?}");
+        }
+        // caffe: BGR minus the mean
+        let x = Preprocessing::Caffe.preprocess(&img, Device::Cpu);
+        let v = |c: i64| x.double_value(&[0, c, 1, 2]);
+        let px = img.get_pixel(2, 1).0;
+        assert!((v(0) - (px[2] as f64 - 103.939)).abs() < 1e-4);
+        assert!((v(2) - (px[0] as f64 - 123.68)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn missing_weights_say_how_to_get_them() {
+        let err = Vgg19::load(Path::new("/nonexistent/vgg.safetensors"), Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/vgg.safetensors") && err.contains("deploy/setup.sh"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.safetensors");
+        std::fs::write(&bad, b"garbage!garbage").unwrap();
+        assert!(Vgg19::load(&bad, Device::Cpu).is_err());
+    }
+}
