@@ -31,8 +31,10 @@ pip_get() { # requirements-file dest [extra pip args]
     shift 2
     "$python" -m pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
         --python-version 3.11 --implementation cp --abi cp311 \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_25_x86_64 \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_25_x86_64 \
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 --platform manylinux_2_5_x86_64 \
+        --platform manylinux1_x86_64 \
         -r "$file" -d "$dest" "$@"
 }
 

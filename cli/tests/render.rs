@@ -1,0 +1,351 @@
+//! `stylefarm render` end to end: the real binary, the real engine and the VGG19 weights of deploy/setup.sh,
+//! on small images from ../shared/data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use image::RgbImage;
+use serde_json::Value;
+
+fn shared_image(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/images")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} missing: the tests read ../shared/data beside the repository",
+        path.display()
+    );
+    path
+}
+
+fn stylefarm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stylefarm"))
+        .args(args)
+        .env("STYLEFARM_DEVICE", "cpu")
+        .output()
+        .expect("run stylefarm")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Renders tubingen x starry_night with `extra` options and JSON progress; returns the progress lines.
+fn render(output: &Path, extra: &[&str]) -> Vec<Value> {
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let mut args = vec![
+        "render",
+        "--content",
+        content.to_str().unwrap(),
+        "--style",
+        style.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--progress",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let out = stylefarm(&args);
+    assert!(out.status.success(), "render failed: {}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn style_loss_falls_tenfold_in_50_lbfgs_iterations() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let lines = render(&out, &["--size", "128", "--iterations", "50"]);
+    assert_eq!(lines.len(), 51, "iterations 0..=50");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["iteration"].as_u64(), Some(i as u64));
+        let sum = f(line, "content_loss") + f(line, "style_loss") + f(line, "tv_loss");
+        assert!(
+            (sum - f(line, "total_loss")).abs() <= 1e-5 * f(line, "total_loss"),
+            "{line}"
+        );
+    }
+    let (first, last) = (f(&lines[0], "style_loss"), f(&lines[50], "style_loss"));
+    assert!(
+        last * 10.0 <= first,
+        "style loss {first} -> {last}: less than a 10x fall"
+    );
+    assert!(
+        f(&lines[0], "content_loss") == 0.0,
+        "init content: no content loss at iteration 0"
+    );
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 96));
+}
+
+#[test]
+fn seeded_cpu_runs_repeat_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, seed: &str| {
+        let out = dir.path().join(name);
+        let lines = render(
+            &out,
+            &[
+                "--size",
+                "64",
+                "--iterations",
+                "8",
+                "--init",
+                "noise",
+                "--seed",
+                seed,
+            ],
+        );
+        (
+            std::fs::read(&out).unwrap(),
+            lines.iter().map(|l| f(l, "total_loss")).collect::<Vec<_>>(),
+        )
+    };
+    let (a, la) = run("a.png", "7");
+    let (b, lb) = run("b.png", "7");
+    let (c, _) = run("c.png", "8");
+    assert_eq!(la, lb, "same seed, same losses");
+    assert!(a == b, "same seed, same pixels");
+    assert!(a != c, "another seed, other pixels");
+}
+
+fn chroma(p: [u8; 3]) -> (f64, f64) {
+    let [r, g, b] = p.map(f64::from);
+    (
+        -0.168_736 * r - 0.331_264 * g + 0.5 * b,
+        0.5 * r - 0.418_688 * g - 0.081_312 * b,
+    )
+}
+
+fn mean_chroma_distance(a: &RgbImage, b: &RgbImage) -> f64 {
+    let n = (a.width() * a.height()) as f64;
+    a.pixels()
+        .zip(b.pixels())
+        .map(|(p, q)| {
+            let ((a1, a2), (b1, b2)) = (chroma(p.0), chroma(q.0));
+            (a1 - b1).abs() + (a2 - b2).abs()
+        })
+        .sum::<f64>()
+        / n
+}
+
+#[test]
+fn original_colors_keep_the_content_chroma() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, kept) = (dir.path().join("plain.png"), dir.path().join("kept.png"));
+    render(&plain, &["--size", "96", "--iterations", "20"]);
+    render(
+        &kept,
+        &["--size", "96", "--iterations", "20", "--original-colors"],
+    );
+    let content = image::open(shared_image("tubingen.jpg")).unwrap().to_rgb8();
+    let content = image::imageops::resize(&content, 96, 72, image::imageops::FilterType::Lanczos3);
+    let (plain, kept) = (
+        image::open(plain).unwrap().to_rgb8(),
+        image::open(kept).unwrap().to_rgb8(),
+    );
+    let (d_plain, d_kept) = (
+        mean_chroma_distance(&plain, &content),
+        mean_chroma_distance(&kept, &content),
+    );
+    assert!(
+        d_kept < 3.0,
+        "chroma distance with --original-colors: {d_kept}"
+    );
+    assert!(
+        d_plain > 3.0 * d_kept,
+        "without it the style's colours show: {d_plain} vs {d_kept}"
+    );
+}
+
+#[test]
+fn multi_scale_renders_coarse_to_fine_and_writes_jpeg() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jpg");
+    let lines = render(
+        &out,
+        &[
+            "--size",
+            "96",
+            "--scales",
+            "2",
+            "--scale-iterations",
+            "4,3",
+            "--optimizer",
+            "adam",
+        ],
+    );
+    let per_scale: Vec<(u64, u64, u64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["scale"].as_u64().unwrap(),
+                l["width"].as_u64().unwrap(),
+                l["iteration"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(per_scale.first(), Some(&(1, 48, 0)));
+    assert_eq!(per_scale.iter().filter(|s| s.0 == 1).count(), 5);
+    assert_eq!(per_scale.last(), Some(&(2, 96, 3)));
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(
+        &bytes[..2],
+        &[0xFF, 0xD8],
+        "a JPEG by the output's extension"
+    );
+}
+
+/// Every bad input: a non-zero exit and one line on stderr that names the culprit.
+#[test]
+fn bad_input_gets_a_clear_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\n this is not really a png").unwrap();
+    let (corrupt, missing) = (
+        corrupt.display().to_string(),
+        dir.path().join("missing.jpg").display().to_string(),
+    );
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let (content, style) = (content.to_str().unwrap(), style.to_str().unwrap());
+    let out = dir.path().join("out.png").display().to_string();
+    // (options after --content C --style S unless given, what the error must name)
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--content", &missing, "--style", style], "missing.jpg"),
+        (
+            vec!["--content", content, "--style", &corrupt],
+            "corrupt.png",
+        ),
+        (vec!["--optimizer", "sgd"], "optimizer"),
+        (vec!["--pooling", "min"], "pooling"),
+        (vec!["--style-weight", "NaN"], "style_weight"),
+        (vec!["--content-weight", "-1"], "content_weight"),
+        (vec!["--tv-weight", "inf"], "tv_weight"),
+        (vec!["--iterations", "0"], "iterations"),
+        (vec!["--size", "0"], "size"),
+        (vec!["--style-blend", "0.5,0.5"], "style_blend"),
+        (vec!["--init", &missing], "missing.jpg"),
+        (vec!["--style-layers", "relu9_9"], "relu9_9"),
+        (vec!["--device", "tpu"], "device"),
+        (
+            vec!["--weights", "/nonexistent/w.safetensors"],
+            "deploy/setup.sh",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["render", "-o", &out];
+        if !extra.contains(&"--content") {
+            args.extend(["--content", content, "--style", style]);
+        }
+        for (flag, value) in [("--size", "32"), ("--iterations", "1")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
+        args.extend(&extra);
+        let result = stylefarm(&args);
+        let err = stderr(&result);
+        assert!(!result.status.success(), "{args:?} succeeded");
+        assert!(
+            err.starts_with("error: ") && err.trim_end().lines().count() == 1,
+            "{args:?}: not one error line: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "{args:?}: error does not name {needle}: {err}"
+        );
+    }
+    assert!(
+        !Path::new(&out).exists(),
+        "no output written by a failed render"
+    );
+}
+
+/// Iteration 0 of `stylefarm render` against cli/tests/objective_numpy.py, ALGORITHM.md's objective written
+/// again in numpy (float64), on images already at the working size: within 1e-3 relative.
+#[test]
+fn iteration_zero_matches_an_independent_numpy_objective() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = repo.join(".stylefarm/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run deploy/setup.sh",
+        python.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let prepare = |name: &str, w: u32, h: u32| {
+        let img = image::open(shared_image(name)).unwrap().to_rgb8();
+        let path = dir.path().join(format!("{name}.png"));
+        image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3)
+            .save(&path)
+            .unwrap();
+        path
+    };
+    let content = prepare("tubingen.jpg", 128, 96);
+    let style = prepare("starry_night.jpg", 128, 80);
+    let init = prepare("shipwreck.jpg", 128, 96);
+    let out = dir.path().join("out.png");
+    let args: Vec<&str> = vec![
+        "render",
+        "--content",
+        content.to_str().unwrap(),
+        "--style",
+        style.to_str().unwrap(),
+        "--init",
+        init.to_str().unwrap(),
+        "--size",
+        "128",
+        "--iterations",
+        "1",
+        "--optimizer",
+        "adam",
+        "--tv-weight",
+        "0.01",
+        "--output",
+        out.to_str().unwrap(),
+        "--progress",
+        "json",
+    ];
+    let result = stylefarm(&args);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let ours: Value = serde_json::from_str(
+        String::from_utf8(result.stdout)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let weights = repo.join(".stylefarm/vgg19.safetensors");
+    let numpy = Command::new(&python)
+        .arg(repo.join("cli/tests/objective_numpy.py"))
+        .args([&weights, &content, &style, &init])
+        .args(["5", "100", "0.01"])
+        .output()
+        .unwrap();
+    assert!(numpy.status.success(), "{}", stderr(&numpy));
+    let theirs: Value = serde_json::from_slice(&numpy.stdout).unwrap();
+    for key in ["content_loss", "style_loss", "tv_loss", "total_loss"] {
+        let (a, b) = (f(&ours, key), f(&theirs, key));
+        assert!(
+            b > 0.0 && (a - b).abs() <= 1e-3 * b,
+            "{key}: stylefarm {a} vs numpy {b}"
+        );
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's first command: set-up (idempotent), release build, and a demo render on this machine.
+#   bash deploy/demo.sh [OUTPUT.png]      (default: stylefarm-demo.png)
+# The photos come from the scikit-image wheel (deploy/setup.sh): Chelsea the cat (CC0, Stefan van der Walt)
+# in the style of the Hubble Deep Field (public domain, NASA).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+bash deploy/setup.sh
+cargo build --release --locked -p stylefarm
+out=${1:-stylefarm-demo.png}
+./target/release/stylefarm render \
+    --content .stylefarm/demo/chelsea.png --style .stylefarm/demo/hubble_deep_field.jpg \
+    --size 256 --scales 2 --scale-iterations 150,100 --output "$out"
+echo "demo: $out"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's second command (and CI's): set-up (idempotent), format check, clippy, every test.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+bash deploy/setup.sh
+cargo fmt --all --check
+cargo clippy --locked --all-targets -- -D warnings
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest
+fi
+cargo nextest run --locked --workspace --no-fail-fast
