@@ -7,8 +7,9 @@ Both run L-BFGS at ALGORITHM.md's defaults on tubingen.jpg x starry_night.jpg fr
 once beforehand to the working size (so neither resamples), on the CPU with libtorch's default thread count.
 Each round runs stylefarm then PyTorch, alternating, so both see the same machine state. An iteration's time
 is the difference of consecutive `elapsed_s` of the JSON progress lines (an evaluation plus a step); the first
-two evaluations are warm-up and dropped. Reported: the median over all kept iterations of all rounds, and the
-ratio stylefarm / PyTorch. Also prints the largest relative difference of the loss curves (same algorithm,
+two evaluations are warm-up and dropped. Reported: the median over all kept iterations of all rounds, the ratio
+stylefarm / PyTorch of those medians, and the median of the per-round ratios (paired, so slower drifts of a
+shared machine cancel). Also prints the largest relative difference of the loss curves (same algorithm,
 same libtorch: they should agree).
 """
 import argparse
@@ -44,8 +45,9 @@ def main():
     binary = os.path.join(REPO, "target", "release", "stylefarm")
     weights = os.path.join(REPO, ".stylefarm", "vgg19.safetensors")
     tmp = tempfile.mkdtemp()
-    print(f"| size | iterations x rounds | stylefarm ms/it | PyTorch ms/it | ratio | max loss diff |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| size | iterations x rounds | stylefarm ms/it | PyTorch ms/it | ratio of medians "
+          "| median of per-round ratios | max loss diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for size in map(int, a.sizes.split(",")):
         paths = {}
         for name in ("tubingen.jpg", "starry_night.jpg"):
@@ -57,16 +59,19 @@ def main():
         n = ITERATIONS.get(size, 10)
         common = ["--content", paths["tubingen.jpg"], "--style", paths["starry_night.jpg"],
                   "--size", str(size), "--iterations", str(n)]
-        ours, theirs, diff = [], [], 0.0
+        ours, theirs, ratios, diff = [], [], [], 0.0
         for _ in range(a.rounds):
             o = run([binary, "render", *common, "--device", "cpu", "--weights", weights, "--progress", "json",
                      "--output", os.path.join(tmp, "out.png")])
             t = run([sys.executable, os.path.join(REPO, "bench", "gatys_torch.py"), *common, "--weights", weights])
             ours += per_iteration(o)
             theirs += per_iteration(t)
+            ratios.append(statistics.median(per_iteration(o)) / statistics.median(per_iteration(t)))
             diff = max([diff] + [abs(x["total_loss"] - y["total_loss"]) / y["total_loss"] for x, y in zip(o, t)])
         mo, mt = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
-        print(f"| {size} | {n} x {a.rounds} | {mo:.0f} | {mt:.0f} | {mo / mt:.3f} | {diff:.1e} |", flush=True)
+        paired = statistics.median(ratios)
+        print(f"| {size} | {n} x {a.rounds} | {mo:.0f} | {mt:.0f} | {mo / mt:.3f} | {paired:.3f} | {diff:.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":

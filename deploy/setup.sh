@@ -130,7 +130,7 @@ ln -sfn "$weights" "$repo/.stylefarm/vgg19.safetensors"
 
 # --- 3. demo photos -----------------------------------------------------------------------------------------
 demo="$home/demo"
-if [ ! -f "$demo/chelsea.png" ] || [ ! -f "$demo/hubble_deep_field.jpg" ]; then
+if [ ! -f "$demo/chelsea.png" ] || [ ! -f "$demo/coffee.png" ]; then
     log "downloading the demo photos (scikit-image wheel)"
     pip_get "$req/demo-images.txt" "$home/downloads"
     mkdir -p "$demo"
@@ -138,7 +138,7 @@ if [ ! -f "$demo/chelsea.png" ] || [ ! -f "$demo/hubble_deep_field.jpg" ]; then
 import sys, zipfile, os
 dest, wheel = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as z:
-    for name in ("chelsea.png", "astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png"):
+    for name in ("chelsea.png", "astronaut.png", "coffee.png"):
         with open(os.path.join(dest, name), "wb") as f:
             f.write(z.read("skimage/data/" + name))
 EOF
