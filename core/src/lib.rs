@@ -1,11 +1,15 @@
-//! stylefarm-core: the domain of stylefarm, free of libtorch and of the wire format.
+//! stylefarm-core: the domain of stylefarm, free of libtorch; the wire format appears only in [`wire`].
 //!
 //! - [`params`]: render parameters with ALGORITHM.md's defaults and their validation;
 //! - [`imaging`]: image decoding and encoding with limits, working sizes, antialiased resampling, and the
-//!   original-colours transfer.
+//!   original-colours transfer;
+//! - [`job`]: the farm's jobs (single, batch, sweep) and the tasks they expand into;
+//! - [`wire`]: conversion from and to the protocol's types, with errors naming the field.
 
 pub mod imaging;
+pub mod job;
 pub mod params;
+pub mod wire;
 
 pub use params::{Init, Layer, Optimizer, Pooling, RenderParams};
 

@@ -41,7 +41,8 @@ pub enum Init {
     Content,
     /// Seeded Gaussian noise, sigma 0.001 in preprocessed units (as jcjohnson/neural-style).
     Noise,
-    /// An image file, resized to the working size.
+    /// An image, resized to the working size: a file for `stylefarm render`; in a farm job, the sha256 of an
+    /// uploaded image.
     Image(PathBuf),
 }
 

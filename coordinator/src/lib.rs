@@ -1,0 +1,154 @@
+//! stylefarm-coordinator: the farm's coordinator. It accepts jobs from clients (RenderService), splits them
+//! into tasks, hands the tasks to workers that pull them under leases (WorkerService), keeps every job in a
+//! persistent store and every image in a content-addressed blob store, and composes sweeps' contact sheets.
+//! It never links libtorch.
+//!
+//! - [`scheduler`]: leases with expiry and fencing, retries with backoff, blocklist, priorities, cancellation;
+//! - [`store`]: the [`store::Store`] trait, an in-memory and an embedded persistent (redb) backend;
+//! - [`blobs`]: images on disk by sha256;
+//! - [`service`]: the gRPC handlers; [`serve`] runs them with health and reflection.
+
+pub mod blobs;
+pub mod scheduler;
+mod service;
+mod sheet;
+pub mod store;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stylefarm_proto::pb::render_service_server::RenderServiceServer;
+use stylefarm_proto::pb::worker_service_server::WorkerServiceServer;
+use stylefarm_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
+use tonic::transport::server::TcpIncoming;
+
+pub use scheduler::SchedulerConfig;
+
+/// Errors of the coordinator; [`tonic::Status`] gets them through one mapping.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Invalid(#[from] stylefarm_core::Error),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("blob store: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server: {0}")]
+    Transport(String),
+}
+
+impl From<scheduler::SchedulerError> for Error {
+    fn from(e: scheduler::SchedulerError) -> Self {
+        match e {
+            scheduler::SchedulerError::JobNotFound(_) => Error::NotFound(e.to_string()),
+            scheduler::SchedulerError::Invalid(e) => Error::Invalid(e),
+            scheduler::SchedulerError::Store(e) => Error::Store(e),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
+            Error::NotFound(m) => tonic::Status::not_found(m),
+            e => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// Where the coordinator keeps its state, and how it schedules.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Holds `state.redb` (jobs and tasks) and `blobs/` (images).
+    pub data_dir: PathBuf,
+    pub scheduler: SchedulerConfig,
+}
+
+/// The coordinator's state: scheduler and blobs.
+pub struct Coordinator {
+    pub scheduler: Arc<scheduler::Scheduler>,
+    pub blobs: blobs::BlobStore,
+}
+
+impl Coordinator {
+    /// Opens (or creates) the data dir; jobs left there resume.
+    pub fn open(config: CoordinatorConfig) -> Result<Arc<Coordinator>, Error> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = store::RedbStore::open(&config.data_dir.join("state.redb"))?;
+        let scheduler = scheduler::Scheduler::new(config.scheduler, Arc::new(store))?;
+        let blobs = blobs::BlobStore::open(&config.data_dir.join("blobs"))?;
+        let coordinator = Arc::new(Coordinator {
+            scheduler: Arc::new(scheduler),
+            blobs,
+        });
+        for job_id in coordinator.scheduler.sweeps_awaiting_sheet() {
+            coordinator.finish_sweep(&job_id);
+        }
+        Ok(coordinator)
+    }
+}
+
+/// Serves the coordinator on an already-bound listener until `shutdown` resolves: RenderService,
+/// WorkerService, grpc.health.v1 (SERVING once the services are up) and server reflection.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    coordinator: Arc<Coordinator>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Transport(e.to_string()))?;
+    let render = RenderServiceServer::new(service::RenderApi {
+        coordinator: coordinator.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let worker = WorkerServiceServer::new(service::WorkerApi {
+        coordinator: coordinator.clone(),
+        next_worker: AtomicU64::new(1),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    // leases expire even when nobody calls
+    let scheduler = coordinator.scheduler.clone();
+    let expiry = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Err(e) = scheduler.expire() {
+                tracing::error!(error = %e, "expiring leases");
+            }
+        }
+    });
+    health
+        .set_serving::<RenderServiceServer<service::RenderApi>>()
+        .await;
+    health
+        .set_serving::<WorkerServiceServer<service::WorkerApi>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(render)
+        .add_service(worker)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await
+        .map_err(|e| Error::Transport(e.to_string()));
+    expiry.abort();
+    result
+}

@@ -1,0 +1,847 @@
+//! The scheduler: jobs -> tasks, pull-based leases with expiry and fencing, retries with backoff, a per-job
+//! worker blocklist, priorities (FIFO among equals), cancellation. State lives in memory, indexed for the hot
+//! path, and every change that matters is written through to the [`Store`] before it is acknowledged.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
+use tokio::sync::{broadcast, Notify};
+
+use crate::store::{JobMeta, JobState, Store, StoreError, TaskRecord, TaskState};
+
+/// Scheduling settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How long a lease lasts without a heartbeat.
+    pub lease: Duration,
+    /// How often workers are asked to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Attempts per task when the job does not say.
+    pub default_max_attempts: u32,
+    /// Failures of one worker on one job after which it gets no more of that job's tasks.
+    pub blocklist_after: u32,
+    /// First retry delay; doubled per attempt up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            lease: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            default_max_attempts: 3,
+            blocklist_after: 3,
+            backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors of scheduler calls.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("job {0} not found")]
+    JobNotFound(String),
+    #[error(transparent)]
+    Invalid(#[from] stylefarm_core::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Live progress of a running task (not persisted).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TaskProgress {
+    pub scale: u32,
+    pub scales: u32,
+    pub iteration: u32,
+    pub iterations: u32,
+    pub losses: [f64; 4],
+}
+
+/// A task handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub lease_id: String,
+    pub job_id: String,
+    pub index: u32,
+    pub spec: TaskSpec,
+    pub deadline_ms: i64,
+}
+
+/// A job and its tasks as clients see them.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    pub meta: JobMeta,
+    pub tasks: Vec<(TaskRecord, Option<TaskProgress>)>,
+}
+
+struct LeaseInfo {
+    job_id: String,
+    index: u32,
+    worker: String,
+    deadline_ms: i64,
+    cancel: bool,
+    progress: Option<TaskProgress>,
+}
+
+struct Job {
+    meta: JobMeta,
+    tasks: Vec<TaskRecord>,
+    /// lease id of each running task
+    leases: HashMap<u32, String>,
+}
+
+/// Queue key of a pending task: higher priority first, then submission order, then task index.
+type QueueKey = (Reverse<i32>, u64, u32, String);
+
+#[derive(Default)]
+struct State {
+    jobs: HashMap<String, Job>,
+    by_request: HashMap<String, String>,
+    queue: BTreeSet<QueueKey>,
+    leases: HashMap<String, LeaseInfo>,
+    next_seq: u64,
+    next_id: u64,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn queue_key(meta: &JobMeta, index: u32) -> QueueKey {
+    (
+        Reverse(meta.spec.priority),
+        meta.seq,
+        index,
+        meta.id.clone(),
+    )
+}
+
+/// An accepted result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    pub job_id: String,
+    /// This result was the job's last: the job has succeeded, or for a sweep, awaits its contact sheet.
+    pub all_tasks_done: bool,
+}
+
+/// What a heartbeat learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// Stop the task: its job was cancelled, or the lease is gone.
+    pub cancel: bool,
+    pub deadline_ms: i64,
+}
+
+/// How a task failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// May succeed on another attempt; a strike against the worker.
+    Retryable,
+    /// Cannot succeed (e.g. a corrupt input): the job fails.
+    Permanent,
+    /// The device ran out of memory: retried, not a strike.
+    OutOfMemory,
+}
+
+pub struct Scheduler {
+    config: SchedulerConfig,
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
+    /// Wakes long-polling LeaseTask calls when a task becomes pending.
+    work: Notify,
+    /// The id of each job that changed, for WatchJob.
+    changes: broadcast::Sender<String>,
+}
+
+impl Scheduler {
+    /// Loads the store's jobs. Tasks that were running when the coordinator stopped go back to the queue
+    /// (their leases died with it; a late result under one is discarded).
+    pub fn new(config: SchedulerConfig, store: Arc<dyn Store>) -> Result<Scheduler, StoreError> {
+        let mut state = State::default();
+        for (meta, mut tasks) in store.load()? {
+            state.next_seq = state.next_seq.max(meta.seq + 1);
+            if !meta.client_request_id.is_empty() {
+                state
+                    .by_request
+                    .insert(meta.client_request_id.clone(), meta.id.clone());
+            }
+            for t in tasks.iter_mut() {
+                if t.state == TaskState::Running {
+                    t.state = TaskState::Pending;
+                    store.update_task(&meta.id, t)?;
+                }
+                if t.state == TaskState::Pending && !meta.state.is_terminal() {
+                    state.queue.insert(queue_key(&meta, t.index));
+                }
+            }
+            state.jobs.insert(
+                meta.id.clone(),
+                Job {
+                    meta,
+                    tasks,
+                    leases: HashMap::new(),
+                },
+            );
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Scheduler {
+            config,
+            store,
+            state: Mutex::new(state),
+            work: Notify::new(),
+            changes,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Job ids as they change.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self, job_id: &str) {
+        let _ = self.changes.send(job_id.to_string());
+    }
+
+    /// Adds a job; a known `client_request_id` returns the earlier job instead (`false`).
+    pub fn submit(
+        &self,
+        spec: JobSpec,
+        client_request_id: &str,
+    ) -> Result<(String, bool), SchedulerError> {
+        let tasks = spec.tasks()?;
+        let mut st = self.state.lock().unwrap();
+        if let Some(id) = st
+            .by_request
+            .get(client_request_id)
+            .filter(|_| !client_request_id.is_empty())
+        {
+            return Ok((id.clone(), false));
+        }
+        st.next_id += 1;
+        let id = format!("job-{:x}{:04x}", now_ms(), st.next_id & 0xffff);
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let meta = JobMeta {
+            id: id.clone(),
+            seq,
+            client_request_id: client_request_id.to_string(),
+            spec,
+            state: JobState::Queued,
+            submitted_ms: now_ms(),
+            finished_ms: 0,
+            error: String::new(),
+            strikes: Default::default(),
+            contact_sheet: String::new(),
+        };
+        let tasks: Vec<TaskRecord> = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| TaskRecord {
+                index: i as u32,
+                spec,
+                state: TaskState::Pending,
+                attempts: 0,
+                worker: String::new(),
+                result: String::new(),
+                error: String::new(),
+                not_before_ms: 0,
+            })
+            .collect();
+        self.store.insert_job(&meta, &tasks)?;
+        for t in &tasks {
+            st.queue.insert(queue_key(&meta, t.index));
+        }
+        if !client_request_id.is_empty() {
+            st.by_request
+                .insert(client_request_id.to_string(), id.clone());
+        }
+        st.jobs.insert(
+            id.clone(),
+            Job {
+                meta,
+                tasks,
+                leases: HashMap::new(),
+            },
+        );
+        drop(st);
+        self.work.notify_waiters();
+        self.changed(&id);
+        Ok((id, true))
+    }
+
+    /// Hands the next task to `worker`, if one is ready: the highest priority, oldest job first; not a task of
+    /// a job that blocklisted the worker, nor one waiting out a retry backoff.
+    pub fn lease(&self, worker: &str) -> Result<Option<Lease>, SchedulerError> {
+        self.expire()?;
+        let now = now_ms();
+        let mut st = self.state.lock().unwrap();
+        let st = &mut *st;
+        let pick = st.queue.iter().find(|(_, _, index, job_id)| {
+            let job = &st.jobs[job_id];
+            job.tasks[*index as usize].not_before_ms <= now
+                && job.meta.strikes.get(worker).copied().unwrap_or(0) < self.config.blocklist_after
+        });
+        let Some(key) = pick.cloned() else {
+            return Ok(None);
+        };
+        st.queue.remove(&key);
+        let (_, _, index, job_id) = key;
+        st.next_id += 1;
+        let lease_id = format!("lease-{:x}-{}", now, st.next_id);
+        let deadline_ms = now + self.config.lease.as_millis() as i64;
+        let job = st.jobs.get_mut(&job_id).expect("queued job exists");
+        let task = &mut job.tasks[index as usize];
+        task.state = TaskState::Running;
+        task.attempts += 1;
+        task.worker = worker.to_string();
+        self.store.update_task(&job_id, task)?;
+        let spec = task.spec.clone();
+        if job.meta.state == JobState::Queued {
+            job.meta.state = JobState::Running;
+            self.store.update_job(&job.meta)?;
+        }
+        job.leases.insert(index, lease_id.clone());
+        st.leases.insert(
+            lease_id.clone(),
+            LeaseInfo {
+                job_id: job_id.clone(),
+                index,
+                worker: worker.to_string(),
+                deadline_ms,
+                cancel: false,
+                progress: None,
+            },
+        );
+        self.changed(&job_id);
+        Ok(Some(Lease {
+            lease_id,
+            job_id,
+            index,
+            spec,
+            deadline_ms,
+        }))
+    }
+
+    /// Waits up to `wait` for a task for `worker`.
+    pub async fn lease_wait(
+        &self,
+        worker: &str,
+        wait: Duration,
+    ) -> Result<Option<Lease>, SchedulerError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.work.notified();
+            if let Some(lease) = self.lease(worker)? {
+                return Ok(Some(lease));
+            }
+            // a backoff or a lease expiry can make work ready without a notification: poll at least every 250 ms
+            let next = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+            if tokio::time::timeout_at(next, notified).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Extends a lease and records progress. An unknown or expired lease answers `cancel`.
+    pub fn heartbeat(
+        &self,
+        lease_id: &str,
+        progress: Option<TaskProgress>,
+    ) -> Result<HeartbeatReply, SchedulerError> {
+        self.expire()?;
+        let mut st = self.state.lock().unwrap();
+        let Some(lease) = st.leases.get_mut(lease_id) else {
+            return Ok(HeartbeatReply {
+                cancel: true,
+                deadline_ms: 0,
+            });
+        };
+        lease.deadline_ms = now_ms() + self.config.lease.as_millis() as i64;
+        if progress.is_some() {
+            lease.progress = progress;
+        }
+        let reply = HeartbeatReply {
+            cancel: lease.cancel,
+            deadline_ms: lease.deadline_ms,
+        };
+        let job_id = lease.job_id.clone();
+        drop(st);
+        self.changed(&job_id);
+        Ok(reply)
+    }
+
+    /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
+    fn take_lease(st: &mut State, lease_id: &str) -> Option<LeaseInfo> {
+        let lease = st.leases.remove(lease_id)?;
+        if let Some(job) = st.jobs.get_mut(&lease.job_id) {
+            job.leases.remove(&lease.index);
+        }
+        Some(lease)
+    }
+
+    /// Records a result; `None` when the lease is no longer valid (the result is discarded).
+    pub fn complete(
+        &self,
+        lease_id: &str,
+        result: &str,
+    ) -> Result<Option<Completed>, SchedulerError> {
+        let mut st = self.state.lock().unwrap();
+        let Some(lease) = Self::take_lease(&mut st, lease_id) else {
+            return Ok(None);
+        };
+        if lease.cancel {
+            return Ok(None);
+        }
+        let job = st.jobs.get_mut(&lease.job_id).expect("leased job exists");
+        let task = &mut job.tasks[lease.index as usize];
+        task.state = TaskState::Succeeded;
+        task.result = result.to_string();
+        task.error.clear();
+        self.store.update_task(&job.meta.id, task)?;
+        let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
+        // a sweep succeeds once its contact sheet is recorded (set_contact_sheet)
+        if all_tasks_done && job.meta.spec.kind != JobKind::Sweep {
+            job.meta.state = JobState::Succeeded;
+            job.meta.finished_ms = now_ms();
+            self.store.update_job(&job.meta)?;
+        }
+        drop(st);
+        self.changed(&lease.job_id);
+        Ok(Some(Completed {
+            job_id: lease.job_id,
+            all_tasks_done,
+        }))
+    }
+
+    /// Records a failure: a retry after a backoff, or the job's failure when the task is out of attempts or
+    /// the failure is permanent.
+    pub fn fail(
+        &self,
+        lease_id: &str,
+        error: &str,
+        kind: FailureKind,
+    ) -> Result<(), SchedulerError> {
+        let mut st = self.state.lock().unwrap();
+        let Some(lease) = Self::take_lease(&mut st, lease_id) else {
+            return Ok(());
+        };
+        self.fail_task(&mut st, &lease, error, kind)?;
+        drop(st);
+        self.work.notify_waiters();
+        self.changed(&lease.job_id);
+        Ok(())
+    }
+
+    fn fail_task(
+        &self,
+        st: &mut State,
+        lease: &LeaseInfo,
+        error: &str,
+        kind: FailureKind,
+    ) -> Result<(), SchedulerError> {
+        let job = st.jobs.get_mut(&lease.job_id).expect("leased job exists");
+        if job.meta.state.is_terminal() {
+            return Ok(());
+        }
+        if kind != FailureKind::OutOfMemory {
+            *job.meta.strikes.entry(lease.worker.clone()).or_default() += 1;
+        }
+        let max = if job.meta.spec.max_attempts > 0 {
+            job.meta.spec.max_attempts
+        } else {
+            self.config.default_max_attempts
+        };
+        let task = &mut job.tasks[lease.index as usize];
+        task.error = error.to_string();
+        if kind == FailureKind::Permanent || task.attempts >= max {
+            task.state = TaskState::Failed;
+            self.store.update_task(&job.meta.id, task)?;
+            let reason = format!(
+                "task {} ({}) failed after {} attempt(s): {error}",
+                task.index, task.spec.label, task.attempts
+            );
+            let job_id = job.meta.id.clone();
+            self.finish_job(st, &job_id, JobState::Failed, &reason)?;
+        } else {
+            let backoff = self
+                .config
+                .backoff
+                .saturating_mul(1 << (task.attempts.saturating_sub(1)).min(16));
+            task.state = TaskState::Pending;
+            task.not_before_ms = now_ms() + backoff.min(self.config.max_backoff).as_millis() as i64;
+            self.store.update_task(&job.meta.id, task)?;
+            self.store.update_job(&job.meta)?;
+            let key = queue_key(&job.meta, lease.index);
+            st.queue.insert(key);
+        }
+        Ok(())
+    }
+
+    /// Ends a job: pending tasks are cancelled, running ones told to stop at their next heartbeat.
+    fn finish_job(
+        &self,
+        st: &mut State,
+        job_id: &str,
+        state: JobState,
+        error: &str,
+    ) -> Result<(), SchedulerError> {
+        let job = st
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?;
+        job.meta.state = state;
+        job.meta.error = error.to_string();
+        job.meta.finished_ms = now_ms();
+        for task in job
+            .tasks
+            .iter_mut()
+            .filter(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
+        {
+            task.state = TaskState::Cancelled;
+            self.store.update_task(job_id, task)?;
+            st.queue.remove(&queue_key(&job.meta, task.index));
+        }
+        self.store.update_job(&job.meta)?;
+        for lease_id in job.leases.values() {
+            if let Some(lease) = st.leases.get_mut(lease_id) {
+                lease.cancel = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made).
+    pub fn fail_job(&self, job_id: &str, error: &str) -> Result<(), SchedulerError> {
+        let mut st = self.state.lock().unwrap();
+        self.finish_job(&mut st, job_id, JobState::Failed, error)?;
+        drop(st);
+        self.changed(job_id);
+        Ok(())
+    }
+
+    /// Sweeps whose every task succeeded but whose contact sheet is missing (e.g. after a restart).
+    pub fn sweeps_awaiting_sheet(&self) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        st.jobs
+            .values()
+            .filter(|j| j.meta.spec.kind == JobKind::Sweep && !j.meta.state.is_terminal())
+            .filter(|j| j.tasks.iter().all(|t| t.state == TaskState::Succeeded))
+            .map(|j| j.meta.id.clone())
+            .collect()
+    }
+
+    /// Cancels a job; a finished job keeps its state.
+    pub fn cancel(&self, job_id: &str) -> Result<JobState, SchedulerError> {
+        let mut st = self.state.lock().unwrap();
+        let state = st
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?
+            .meta
+            .state;
+        if state.is_terminal() {
+            return Ok(state);
+        }
+        self.finish_job(&mut st, job_id, JobState::Cancelled, "cancelled")?;
+        drop(st);
+        self.changed(job_id);
+        Ok(JobState::Cancelled)
+    }
+
+    /// Returns expired leases' tasks to the queue (a strike against their worker).
+    pub fn expire(&self) -> Result<(), SchedulerError> {
+        let now = now_ms();
+        let mut st = self.state.lock().unwrap();
+        let expired: Vec<String> = st
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline_ms < now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let mut jobs = Vec::new();
+        for lease_id in expired {
+            let lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
+            tracing::warn!(
+                lease_id,
+                job_id = lease.job_id,
+                worker_id = lease.worker,
+                "lease expired"
+            );
+            self.fail_task(
+                &mut st,
+                &lease,
+                "lease expired (worker lost)",
+                FailureKind::Retryable,
+            )?;
+            jobs.push(lease.job_id);
+        }
+        drop(st);
+        self.work.notify_waiters();
+        for job in jobs {
+            self.changed(&job);
+        }
+        Ok(())
+    }
+
+    /// Records a sweep's contact sheet, which completes the job.
+    pub fn set_contact_sheet(&self, job_id: &str, sha256: &str) -> Result<(), SchedulerError> {
+        let mut st = self.state.lock().unwrap();
+        let job = st
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?;
+        job.meta.contact_sheet = sha256.to_string();
+        if !job.meta.state.is_terminal() {
+            job.meta.state = JobState::Succeeded;
+            job.meta.finished_ms = now_ms();
+        }
+        self.store.update_job(&job.meta)?;
+        drop(st);
+        self.changed(job_id);
+        Ok(())
+    }
+
+    pub fn get(&self, job_id: &str) -> Result<JobView, SchedulerError> {
+        let st = self.state.lock().unwrap();
+        let job = st
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?;
+        Ok(Self::view(&st, job))
+    }
+
+    fn view(st: &State, job: &Job) -> JobView {
+        let tasks = job
+            .tasks
+            .iter()
+            .map(|t| {
+                let progress = job
+                    .leases
+                    .get(&t.index)
+                    .and_then(|l| st.leases.get(l))
+                    .and_then(|l| l.progress);
+                (t.clone(), progress)
+            })
+            .collect();
+        JobView {
+            meta: job.meta.clone(),
+            tasks,
+        }
+    }
+
+    /// Jobs, newest first, optionally only in `states`, at most `limit` (0: all).
+    pub fn list(&self, states: &[JobState], limit: usize) -> Vec<JobView> {
+        let st = self.state.lock().unwrap();
+        let mut jobs: Vec<&Job> = st
+            .jobs
+            .values()
+            .filter(|j| states.is_empty() || states.contains(&j.meta.state))
+            .collect();
+        jobs.sort_by_key(|j| Reverse(j.meta.seq));
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        jobs.into_iter()
+            .take(limit)
+            .map(|j| Self::view(&st, j))
+            .collect()
+    }
+
+    /// Pending tasks (ready or backing off), for metrics and tests.
+    pub fn queue_depth(&self) -> usize {
+        self.state.lock().unwrap().queue.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use stylefarm_core::job::ImageHash;
+    use stylefarm_core::RenderParams;
+
+    fn batch(contents: u8, priority: i32) -> JobSpec {
+        JobSpec {
+            kind: JobKind::Batch,
+            contents: (0..contents).map(|i| ImageHash::of(&[i])).collect(),
+            styles: vec![ImageHash::of(b"style")],
+            params: RenderParams::default(),
+            sweep: vec![],
+            priority,
+            max_attempts: 0,
+        }
+    }
+
+    fn scheduler(config: SchedulerConfig) -> Scheduler {
+        Scheduler::new(config, Arc::new(MemoryStore::default())).unwrap()
+    }
+
+    #[test]
+    fn priorities_then_fifo() {
+        let s = scheduler(SchedulerConfig::default());
+        let (low, _) = s.submit(batch(2, 0), "").unwrap();
+        let (high, _) = s.submit(batch(1, 5), "").unwrap();
+        let (low2, _) = s.submit(batch(1, 0), "").unwrap();
+        let order: Vec<(String, u32)> = std::iter::from_fn(|| s.lease("w").unwrap())
+            .map(|l| (l.job_id, l.index))
+            .collect();
+        assert_eq!(order, [(high, 0), (low.clone(), 0), (low, 1), (low2, 0)]);
+    }
+
+    #[test]
+    fn submit_is_idempotent_by_request_id() {
+        let s = scheduler(SchedulerConfig::default());
+        let (a, created) = s.submit(batch(1, 0), "r1").unwrap();
+        assert!(created);
+        assert_eq!(s.submit(batch(3, 0), "r1").unwrap(), (a, false));
+        assert_eq!(s.queue_depth(), 1);
+    }
+
+    #[test]
+    fn completion_finishes_the_job_and_stale_leases_are_fenced() {
+        let s = scheduler(SchedulerConfig {
+            lease: Duration::from_millis(0),
+            backoff: Duration::ZERO,
+            ..Default::default()
+        });
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        let first = s.lease("w1").unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        // the lease expired: the task is handed out again, and the old lease's result is discarded
+        let second = s.lease("w2").unwrap().unwrap();
+        assert_ne!(first.lease_id, second.lease_id);
+        assert!(s.complete(&first.lease_id, "stale").unwrap().is_none());
+        let s2 = scheduler(SchedulerConfig::default());
+        let (job2, _) = s2.submit(batch(1, 0), "").unwrap();
+        let lease = s2.lease("w").unwrap().unwrap();
+        assert!(
+            s2.complete(&lease.lease_id, "result")
+                .unwrap()
+                .unwrap()
+                .all_tasks_done
+        );
+        let view = s2.get(&job2).unwrap();
+        assert_eq!(view.meta.state, JobState::Succeeded);
+        assert_eq!(view.tasks[0].0.result, "result");
+        let _ = job;
+    }
+
+    #[test]
+    fn retries_then_fails_and_blocklists() {
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            blocklist_after: 2,
+            ..Default::default()
+        });
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease("bad").unwrap().unwrap();
+        s.fail(&l.lease_id, "boom", FailureKind::Retryable).unwrap();
+        let l = s.lease("bad").unwrap().unwrap();
+        s.fail(&l.lease_id, "boom", FailureKind::Retryable).unwrap();
+        assert!(
+            s.lease("bad").unwrap().is_none(),
+            "blocklisted after 2 failures"
+        );
+        let l = s.lease("good").unwrap().unwrap();
+        s.fail(&l.lease_id, "boom", FailureKind::Retryable).unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(
+            view.meta.state,
+            JobState::Failed,
+            "3 attempts: the default maximum"
+        );
+        assert!(view.meta.error.contains("boom"));
+    }
+
+    #[test]
+    fn out_of_memory_is_not_a_strike_and_permanent_fails_at_once() {
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            blocklist_after: 1,
+            ..Default::default()
+        });
+        let (_, _) = s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease("w").unwrap().unwrap();
+        s.fail(&l.lease_id, "oom", FailureKind::OutOfMemory)
+            .unwrap();
+        assert!(
+            s.lease("w").unwrap().is_some(),
+            "no strike for out-of-memory"
+        );
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease("v").unwrap().unwrap();
+        s.fail(&l.lease_id, "corrupt", FailureKind::Permanent)
+            .unwrap();
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Failed);
+    }
+
+    #[test]
+    fn backoff_delays_the_retry() {
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::from_secs(60),
+            ..Default::default()
+        });
+        s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease("w").unwrap().unwrap();
+        s.fail(&l.lease_id, "x", FailureKind::Retryable).unwrap();
+        assert!(
+            s.lease("other").unwrap().is_none(),
+            "waiting out the backoff"
+        );
+        assert_eq!(s.queue_depth(), 1);
+    }
+
+    #[test]
+    fn cancel_reaches_the_heartbeat() {
+        let s = scheduler(SchedulerConfig::default());
+        let (job, _) = s.submit(batch(2, 0), "").unwrap();
+        let l = s.lease("w").unwrap().unwrap();
+        assert!(!s.heartbeat(&l.lease_id, None).unwrap().cancel);
+        assert_eq!(s.cancel(&job).unwrap(), JobState::Cancelled);
+        assert!(s.heartbeat(&l.lease_id, None).unwrap().cancel);
+        assert!(
+            s.lease("w").unwrap().is_none(),
+            "the pending task was cancelled"
+        );
+        assert!(s.complete(&l.lease_id, "late").unwrap().is_none());
+        assert!(matches!(
+            s.cancel("job-nope"),
+            Err(SchedulerError::JobNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn restart_requeues_running_tasks() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let (job, _) = s.submit(batch(2, 0), "req").unwrap();
+        let l = s.lease("w").unwrap().unwrap();
+        drop(s);
+        let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        assert_eq!(s.queue_depth(), 2);
+        assert!(
+            s.complete(&l.lease_id, "late").unwrap().is_none(),
+            "leases die with the coordinator"
+        );
+        assert_eq!(
+            s.submit(batch(1, 0), "req").unwrap(),
+            (job, false),
+            "request ids survive"
+        );
+    }
+}

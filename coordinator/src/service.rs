@@ -1,0 +1,525 @@
+//! The gRPC services: RenderService for clients, WorkerService for workers. Handlers convert at the edge
+//! (stylefarm-core's `wire`), call the scheduler and the blob store, and map errors to status codes.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
+use stylefarm_core::{imaging, Init};
+use stylefarm_proto::pb;
+use stylefarm_proto::pb::render_service_server::RenderService;
+use stylefarm_proto::pb::worker_service_server::WorkerService;
+use stylefarm_proto::CHUNK_BYTES;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::scheduler::{FailureKind, JobView, TaskProgress};
+use crate::store::{JobState, TaskState};
+use crate::{sheet, Coordinator, Error};
+
+/// Largest image a client may upload or a worker return.
+pub const MAX_IMAGE_UPLOAD: usize = 512 << 20;
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
+
+fn job_state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn task_state(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::Pending => pb::TaskState::Pending,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+fn losses(l: [f64; 4]) -> pb::Losses {
+    pb::Losses {
+        content: l[0],
+        style: l[1],
+        tv: l[2],
+        total: l[3],
+    }
+}
+
+/// The wire form of a job's status.
+pub fn job_status(view: &JobView) -> pb::JobStatus {
+    let m = &view.meta;
+    pb::JobStatus {
+        job_id: m.id.clone(),
+        spec: Some((&m.spec).into()),
+        state: job_state(m.state) as i32,
+        tasks: view
+            .tasks
+            .iter()
+            .map(|(t, p)| {
+                let p = p.unwrap_or_default();
+                pb::TaskStatus {
+                    index: t.index,
+                    state: task_state(t.state) as i32,
+                    label: t.spec.label.clone(),
+                    attempts: t.attempts,
+                    worker_id: t.worker.clone(),
+                    iteration: p.iteration,
+                    iterations: p.iterations,
+                    scale: p.scale,
+                    scales: p.scales,
+                    losses: Some(losses(p.losses)),
+                    result: t.result.clone(),
+                    error: t.error.clone(),
+                }
+            })
+            .collect(),
+        contact_sheet: m.contact_sheet.clone(),
+        error: m.error.clone(),
+        submitted_ms: m.submitted_ms,
+        finished_ms: m.finished_ms,
+    }
+}
+
+fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Status> {
+    value
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("{field}: '{value}' is not a sha256")))
+}
+
+/// Streams a blob in chunks.
+fn send_blob(coordinator: &Coordinator, sha256: &str) -> Result<ChunkStream, Status> {
+    let hash = hash_arg("sha256", sha256)?;
+    let bytes = coordinator
+        .blobs
+        .get(&hash)
+        .map_err(Error::from)?
+        .ok_or_else(|| Status::not_found(format!("image {hash} not found")))?;
+    let chunks: Vec<Result<pb::Chunk, Status>> = bytes
+        .chunks(CHUNK_BYTES)
+        .map(|c| Ok(pb::Chunk { data: c.to_vec() }))
+        .collect();
+    Ok(Box::pin(tokio_stream::iter(chunks)))
+}
+
+/// Appends a stream's bytes to `buf`, refusing more than MAX_IMAGE_UPLOAD.
+fn append(buf: &mut Vec<u8>, data: &[u8]) -> Result<(), Status> {
+    if buf.len() + data.len() > MAX_IMAGE_UPLOAD {
+        return Err(Status::invalid_argument(format!(
+            "image: larger than {} MiB",
+            MAX_IMAGE_UPLOAD >> 20
+        )));
+    }
+    buf.extend_from_slice(data);
+    Ok(())
+}
+
+pub struct RenderApi {
+    pub coordinator: Arc<Coordinator>,
+}
+
+#[tonic::async_trait]
+impl RenderService for RenderApi {
+    async fn upload_image(
+        &self,
+        request: Request<Streaming<pb::UploadImageRequest>>,
+    ) -> Result<Response<pb::UploadImageResponse>, Status> {
+        let mut stream = request.into_inner();
+        let (mut expected, mut bytes) = (None, Vec::new());
+        while let Some(msg) = stream.next().await {
+            match msg?.part {
+                Some(pb::upload_image_request::Part::ExpectedSha256(h)) => {
+                    expected = Some(hash_arg("expected_sha256", &h)?)
+                }
+                Some(pb::upload_image_request::Part::Data(d)) => append(&mut bytes, &d)?,
+                None => {}
+            }
+        }
+        let img = tokio::task::spawn_blocking({
+            let bytes = bytes.clone();
+            move || imaging::decode(&bytes, "image")
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let hash = self.coordinator.blobs.put(&bytes).map_err(Error::from)?;
+        if let Some(expected) = expected.filter(|e| *e != hash) {
+            return Err(Status::invalid_argument(format!(
+                "expected_sha256: the bytes hash to {hash}, not {expected}"
+            )));
+        }
+        Ok(Response::new(pb::UploadImageResponse {
+            sha256: hash.to_string(),
+            width: img.width(),
+            height: img.height(),
+        }))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let pb::SubmitJobRequest {
+            spec,
+            client_request_id,
+        } = request.into_inner();
+        let spec =
+            JobSpec::try_from(spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?)
+                .map_err(Error::from)?;
+        let images = spec
+            .contents
+            .iter()
+            .map(|h| ("contents", h))
+            .chain(spec.styles.iter().map(|h| ("styles", h)));
+        let init = match &spec.params.init {
+            Init::Image(path) => Some(hash_arg("init", &path.display().to_string())?),
+            _ => None,
+        };
+        for (field, hash) in images.chain(init.iter().map(|h| ("init", h))) {
+            if !self.coordinator.blobs.contains(hash) {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: image {hash} was not uploaded"
+                )));
+            }
+        }
+        let (job_id, created) = self
+            .coordinator
+            .scheduler
+            .submit(spec, &client_request_id)
+            .map_err(Error::from)?;
+        tracing::info!(job_id, created, "job submitted");
+        Ok(Response::new(pb::SubmitJobResponse { job_id, created }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let view = self
+            .coordinator
+            .scheduler
+            .get(&request.into_inner().job_id)
+            .map_err(Error::from)?;
+        Ok(Response::new(job_status(&view)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = request.into_inner();
+        let states = r
+            .states
+            .iter()
+            .map(|s| match pb::JobState::try_from(*s) {
+                Ok(pb::JobState::Queued) => Ok(JobState::Queued),
+                Ok(pb::JobState::Running) => Ok(JobState::Running),
+                Ok(pb::JobState::Succeeded) => Ok(JobState::Succeeded),
+                Ok(pb::JobState::Failed) => Ok(JobState::Failed),
+                Ok(pb::JobState::Cancelled) => Ok(JobState::Cancelled),
+                _ => Err(Status::invalid_argument(format!(
+                    "states: {s} is not a job state"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let jobs = self
+            .coordinator
+            .scheduler
+            .list(&states, r.limit as usize)
+            .iter()
+            .map(job_status)
+            .collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let job_id = request.into_inner().job_id;
+        let scheduler = self.coordinator.scheduler.clone();
+        let mut changes = scheduler.subscribe();
+        let first = scheduler.get(&job_id).map_err(Error::from)?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut view = first;
+            loop {
+                let done = view.meta.state.is_terminal();
+                if tx
+                    .send(Ok(pb::JobEvent {
+                        status: Some(job_status(&view)),
+                    }))
+                    .await
+                    .is_err()
+                    || done
+                {
+                    return; // the client left, or the job is over
+                }
+                loop {
+                    match changes.recv().await {
+                        Ok(id) if id == job_id => break,
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+                match scheduler.get(&job_id) {
+                    Ok(v) => view = v,
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let job_id = request.into_inner().job_id;
+        let state = self
+            .coordinator
+            .scheduler
+            .cancel(&job_id)
+            .map_err(Error::from)?;
+        tracing::info!(job_id, ?state, "job cancel");
+        Ok(Response::new(pb::CancelJobResponse {
+            state: job_state(state) as i32,
+        }))
+    }
+
+    type DownloadResultStream = ChunkStream;
+
+    async fn download_result(
+        &self,
+        request: Request<pb::DownloadRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        Ok(Response::new(send_blob(
+            &self.coordinator,
+            &request.into_inner().sha256,
+        )?))
+    }
+}
+
+pub struct WorkerApi {
+    pub coordinator: Arc<Coordinator>,
+    pub next_worker: AtomicU64,
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let r = request.into_inner();
+        if r.name.is_empty() || r.name.len() > 200 {
+            return Err(Status::invalid_argument("name: 1 to 200 characters"));
+        }
+        let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
+        let worker_id = format!("{}#{n}", r.name);
+        tracing::info!(
+            worker_id,
+            device = r.device,
+            version = r.version,
+            "worker registered"
+        );
+        let config = self.coordinator.scheduler.config();
+        Ok(Response::new(pb::RegisterWorkerResponse {
+            worker_id,
+            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
+            lease_ms: config.lease.as_millis() as u32,
+        }))
+    }
+
+    async fn lease_task(
+        &self,
+        request: Request<pb::LeaseTaskRequest>,
+    ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
+        let r = request.into_inner();
+        if r.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id: missing"));
+        }
+        let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
+        let lease = self
+            .coordinator
+            .scheduler
+            .lease_wait(&r.worker_id, wait)
+            .await
+            .map_err(Error::from)?;
+        let Some(lease) = lease else {
+            return Ok(Response::new(pb::LeaseTaskResponse::default()));
+        };
+        tracing::info!(
+            job_id = lease.job_id,
+            task = lease.index,
+            worker_id = r.worker_id,
+            "task leased"
+        );
+        Ok(Response::new(pb::LeaseTaskResponse {
+            task: Some(pb::Task {
+                job_id: lease.job_id,
+                index: lease.index,
+                content: lease.spec.content.to_string(),
+                styles: lease.spec.styles.iter().map(ToString::to_string).collect(),
+                params: Some((&lease.spec.params).into()),
+                label: lease.spec.label,
+            }),
+            lease_id: lease.lease_id,
+            lease_deadline_ms: lease.deadline_ms,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        if r.lease_id.is_empty() {
+            return Ok(Response::new(pb::HeartbeatResponse {
+                cancel: false,
+                lease_deadline_ms: 0,
+            }));
+        }
+        let progress = (r.iterations > 0).then(|| {
+            let l = r.losses.unwrap_or_default();
+            TaskProgress {
+                scale: r.scale,
+                scales: r.scales,
+                iteration: r.iteration,
+                iterations: r.iterations,
+                losses: [l.content, l.style, l.tv, l.total],
+            }
+        });
+        let reply = self
+            .coordinator
+            .scheduler
+            .heartbeat(&r.lease_id, progress)
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            cancel: reply.cancel,
+            lease_deadline_ms: reply.deadline_ms,
+        }))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<Streaming<pb::CompleteTaskRequest>>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let mut stream = request.into_inner();
+        let (mut lease_id, mut bytes) = (String::new(), Vec::new());
+        while let Some(msg) = stream.next().await {
+            match msg?.part {
+                Some(pb::complete_task_request::Part::LeaseId(id)) => lease_id = id,
+                Some(pb::complete_task_request::Part::Data(d)) => append(&mut bytes, &d)?,
+                None => {}
+            }
+        }
+        if lease_id.is_empty() {
+            return Err(Status::invalid_argument("lease_id: missing"));
+        }
+        imaging::decode(&bytes, "result").map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let hash = self.coordinator.blobs.put(&bytes).map_err(Error::from)?;
+        let scheduler = &self.coordinator.scheduler;
+        let completed = scheduler
+            .complete(&lease_id, hash.as_str())
+            .map_err(Error::from)?;
+        tracing::info!(lease_id, accepted = completed.is_some(), result = %hash, "task result");
+        if let Some(done) = completed.as_ref().filter(|c| c.all_tasks_done) {
+            let coordinator = self.coordinator.clone();
+            let job_id = done.job_id.clone();
+            tokio::task::spawn_blocking(move || coordinator.finish_sweep(&job_id));
+        }
+        Ok(Response::new(pb::CompleteTaskResponse {
+            accepted: completed.is_some(),
+        }))
+    }
+
+    async fn fail_task(
+        &self,
+        request: Request<pb::FailTaskRequest>,
+    ) -> Result<Response<pb::FailTaskResponse>, Status> {
+        let r = request.into_inner();
+        let kind = if r.out_of_memory {
+            FailureKind::OutOfMemory
+        } else if r.retryable {
+            FailureKind::Retryable
+        } else {
+            FailureKind::Permanent
+        };
+        tracing::warn!(lease_id = r.lease_id, error = r.error, ?kind, "task failed");
+        self.coordinator
+            .scheduler
+            .fail(&r.lease_id, &r.error, kind)
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::FailTaskResponse {}))
+    }
+
+    type DownloadImageStream = ChunkStream;
+
+    async fn download_image(
+        &self,
+        request: Request<pb::DownloadRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        Ok(Response::new(send_blob(
+            &self.coordinator,
+            &request.into_inner().sha256,
+        )?))
+    }
+}
+
+impl Coordinator {
+    /// When a sweep job has succeeded: composes its contact sheet, stores it and records it on the job.
+    pub(crate) fn finish_sweep(&self, job_id: &str) {
+        let Ok(view) = self.scheduler.get(job_id) else {
+            return;
+        };
+        if view.meta.spec.kind != JobKind::Sweep {
+            return;
+        }
+        let tiles: Result<Vec<_>, String> = view
+            .tasks
+            .iter()
+            .map(|(t, _)| {
+                let hash: ImageHash = t
+                    .result
+                    .parse()
+                    .map_err(|e: stylefarm_core::Error| e.to_string())?;
+                let bytes = self
+                    .blobs
+                    .get(&hash)
+                    .map_err(|e| e.to_string())?
+                    .ok_or("result blob missing")?;
+                let img = imaging::decode(&bytes, &t.result).map_err(|e| e.to_string())?;
+                Ok((img, t.spec.label.clone()))
+            })
+            .collect();
+        let stored = tiles
+            .and_then(|tiles| sheet::contact_sheet(&tiles))
+            .and_then(|png| self.blobs.put(&png).map_err(|e| e.to_string()));
+        match stored {
+            Ok(hash) => {
+                if let Err(e) = self.scheduler.set_contact_sheet(job_id, hash.as_str()) {
+                    tracing::error!(job_id, error = %e, "recording the contact sheet");
+                }
+            }
+            Err(e) => {
+                tracing::error!(job_id, error = %e, "composing the contact sheet");
+                let _ = self
+                    .scheduler
+                    .fail_job(job_id, &format!("contact sheet: {e}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! Jobs of the farm and the tasks they split into: a single render, a batch (contents x styles) or a sweep
+//! (a grid of parameter values).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::params::RenderParams;
+use crate::Error;
+
+/// Most tasks one job may expand to.
+pub const MAX_TASKS_PER_JOB: usize = 10_000;
+/// Most content or style images of one job.
+pub const MAX_IMAGES_PER_JOB: usize = 1_000;
+
+/// The sha256 of an image's bytes, lowercase hex: how the farm names images.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageHash(String);
+
+impl ImageHash {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The hash of `bytes`.
+    pub fn of(bytes: &[u8]) -> ImageHash {
+        use sha2::Digest;
+        ImageHash(hex(&sha2::Sha256::digest(bytes)))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl FromStr for ImageHash {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s.len() == 64
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(ImageHash(s.to_string()))
+        } else {
+            Err(Error::invalid(
+                "image",
+                format!("'{s}' is not a sha256 (64 lowercase hex digits)"),
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for ImageHash {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        s.parse()
+    }
+}
+
+impl From<ImageHash> for String {
+    fn from(h: ImageHash) -> String {
+        h.0
+    }
+}
+
+impl fmt::Display for ImageHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a job renders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// One content with the style set: one task.
+    Single,
+    /// Every content x every style, each style alone: N x M tasks.
+    Batch,
+    /// One content with the style set, one task per point of the sweep's grid.
+    Sweep,
+}
+
+/// A parameter a sweep can vary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SweepParam {
+    StyleWeight,
+    ContentWeight,
+    TvWeight,
+    StyleScale,
+    Seed,
+    StyleBlend,
+}
+
+impl SweepParam {
+    pub const ALL: [(&'static str, SweepParam); 6] = [
+        ("style_weight", SweepParam::StyleWeight),
+        ("content_weight", SweepParam::ContentWeight),
+        ("tv_weight", SweepParam::TvWeight),
+        ("style_scale", SweepParam::StyleScale),
+        ("seed", SweepParam::Seed),
+        ("style_blend", SweepParam::StyleBlend),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .expect("listed")
+            .0
+    }
+}
+
+impl FromStr for SweepParam {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+                Error::invalid(
+                    "sweep",
+                    format!(
+                        "unknown parameter '{s}' (expected one of: {})",
+                        names.join(", ")
+                    ),
+                )
+            })
+    }
+}
+
+/// One axis of a sweep: a parameter and its values, as text (`100`, or `0.7:0.3` for a style blend).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepAxis {
+    pub parameter: SweepParam,
+    pub values: Vec<String>,
+}
+
+impl SweepAxis {
+    /// Sets this axis' `value` in `params`, checking it.
+    fn apply(&self, value: &str, params: &mut RenderParams) -> Result<(), Error> {
+        let number = |v: &str| -> Result<f64, Error> {
+            v.trim().parse::<f64>().map_err(|_| {
+                Error::invalid(
+                    "sweep",
+                    format!("{}: '{v}' is not a number", self.parameter.name()),
+                )
+            })
+        };
+        match self.parameter {
+            SweepParam::StyleWeight => params.style_weight = number(value)?,
+            SweepParam::ContentWeight => params.content_weight = number(value)?,
+            SweepParam::TvWeight => params.tv_weight = number(value)?,
+            SweepParam::StyleScale => params.style_scale = number(value)?,
+            SweepParam::Seed => {
+                params.seed = value.trim().parse().map_err(|_| {
+                    Error::invalid(
+                        "sweep",
+                        format!("seed: '{value}' is not a whole number >= 0"),
+                    )
+                })?
+            }
+            SweepParam::StyleBlend => {
+                params.style_blend = value.split(':').map(number).collect::<Result<_, _>>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses the CLI's sweep syntax: `style_weight=10,100;seed=0,1` (axes separated by `;`, values by `,`;
+/// a style blend's weights by `:`).
+pub fn parse_sweep(s: &str) -> Result<Vec<SweepAxis>, Error> {
+    s.split(';')
+        .filter(|axis| !axis.trim().is_empty())
+        .map(|axis| {
+            let (name, values) = axis.split_once('=').ok_or_else(|| {
+                Error::invalid(
+                    "sweep",
+                    format!("'{axis}': expected parameter=value,value,..."),
+                )
+            })?;
+            let values: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
+            if values.iter().any(String::is_empty) {
+                return Err(Error::invalid("sweep", format!("'{axis}': empty value")));
+            }
+            Ok(SweepAxis {
+                parameter: name.trim().parse()?,
+                values,
+            })
+        })
+        .collect()
+}
+
+/// What a client submits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub kind: JobKind,
+    pub contents: Vec<ImageHash>,
+    pub styles: Vec<ImageHash>,
+    pub params: RenderParams,
+    pub sweep: Vec<SweepAxis>,
+    /// Higher runs first; equal priorities in submission order.
+    pub priority: i32,
+    /// Attempts per task before the job fails; 0: the coordinator's default.
+    pub max_attempts: u32,
+}
+
+/// One render of a job: what a worker runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub content: ImageHash,
+    pub styles: Vec<ImageHash>,
+    pub params: RenderParams,
+    /// For people: which content and style, or which sweep point.
+    pub label: String,
+}
+
+impl JobSpec {
+    /// Checks the spec and expands it into its tasks, in a stable order; an error names the field.
+    pub fn tasks(&self) -> Result<Vec<TaskSpec>, Error> {
+        if self.contents.is_empty() {
+            return Err(Error::invalid(
+                "contents",
+                "at least one content image is needed",
+            ));
+        }
+        if self.styles.is_empty() {
+            return Err(Error::invalid(
+                "styles",
+                "at least one style image is needed",
+            ));
+        }
+        if self.contents.len() > MAX_IMAGES_PER_JOB || self.styles.len() > MAX_IMAGES_PER_JOB {
+            return Err(Error::invalid(
+                "contents",
+                format!("more than {MAX_IMAGES_PER_JOB} images in one job"),
+            ));
+        }
+        if self.kind != JobKind::Batch && self.contents.len() != 1 {
+            return Err(Error::invalid(
+                "contents",
+                format!("a {:?} job takes one content image", self.kind).to_lowercase(),
+            ));
+        }
+        if self.kind != JobKind::Sweep && !self.sweep.is_empty() {
+            return Err(Error::invalid("sweep", "only a sweep job has sweep axes"));
+        }
+        let tasks = match self.kind {
+            JobKind::Single => {
+                self.params.validate(self.styles.len())?;
+                vec![TaskSpec {
+                    content: self.contents[0].clone(),
+                    styles: self.styles.clone(),
+                    params: self.params.clone(),
+                    label: "render".into(),
+                }]
+            }
+            JobKind::Batch => {
+                let n = self.contents.len() * self.styles.len();
+                if n > MAX_TASKS_PER_JOB {
+                    return Err(Error::invalid(
+                        "contents",
+                        format!("{n} tasks: more than {MAX_TASKS_PER_JOB}"),
+                    ));
+                }
+                let params = RenderParams {
+                    style_blend: Vec::new(),
+                    ..self.params.clone()
+                };
+                params.validate(1)?;
+                let mut tasks = Vec::with_capacity(n);
+                for (i, content) in self.contents.iter().enumerate() {
+                    for (j, style) in self.styles.iter().enumerate() {
+                        tasks.push(TaskSpec {
+                            content: content.clone(),
+                            styles: vec![style.clone()],
+                            params: params.clone(),
+                            label: format!("content {} x style {}", i + 1, j + 1),
+                        });
+                    }
+                }
+                tasks
+            }
+            JobKind::Sweep => self.sweep_tasks()?,
+        };
+        Ok(tasks)
+    }
+
+    fn sweep_tasks(&self) -> Result<Vec<TaskSpec>, Error> {
+        if self.sweep.is_empty() {
+            return Err(Error::invalid(
+                "sweep",
+                "a sweep job needs at least one axis",
+            ));
+        }
+        let mut points = 1usize;
+        for axis in &self.sweep {
+            if axis.values.is_empty() {
+                return Err(Error::invalid(
+                    "sweep",
+                    format!("{}: no values", axis.parameter.name()),
+                ));
+            }
+            if self
+                .sweep
+                .iter()
+                .filter(|a| a.parameter == axis.parameter)
+                .count()
+                > 1
+            {
+                return Err(Error::invalid(
+                    "sweep",
+                    format!("{} appears twice", axis.parameter.name()),
+                ));
+            }
+            points = points.saturating_mul(axis.values.len());
+        }
+        if points > MAX_TASKS_PER_JOB {
+            return Err(Error::invalid(
+                "sweep",
+                format!("{points} points: more than {MAX_TASKS_PER_JOB}"),
+            ));
+        }
+        let mut tasks = Vec::with_capacity(points);
+        for point in 0..points {
+            // mixed-radix digits, the last axis fastest
+            let mut rest = point;
+            let mut choice = vec![0; self.sweep.len()];
+            for (slot, axis) in choice.iter_mut().zip(&self.sweep).rev() {
+                *slot = rest % axis.values.len();
+                rest /= axis.values.len();
+            }
+            let mut params = self.params.clone();
+            let mut label = Vec::new();
+            for (axis, &c) in self.sweep.iter().zip(&choice) {
+                axis.apply(&axis.values[c], &mut params)?;
+                label.push(format!("{}={}", axis.parameter.name(), axis.values[c]));
+            }
+            params.validate(self.styles.len())?;
+            tasks.push(TaskSpec {
+                content: self.contents[0].clone(),
+                styles: self.styles.clone(),
+                params,
+                label: label.join(" "),
+            });
+        }
+        Ok(tasks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(n: u8) -> ImageHash {
+        ImageHash::of(&[n])
+    }
+
+    fn spec(kind: JobKind) -> JobSpec {
+        JobSpec {
+            kind,
+            contents: vec![h(1)],
+            styles: vec![h(2)],
+            params: RenderParams::default(),
+            sweep: Vec::new(),
+            priority: 0,
+            max_attempts: 0,
+        }
+    }
+
+    #[test]
+    fn hashes_are_sha256_hex() {
+        assert_eq!(
+            ImageHash::of(b"abc").as_str(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!("ABC".parse::<ImageHash>().is_err());
+        assert!(ImageHash::of(b"x").to_string().parse::<ImageHash>().is_ok());
+    }
+
+    #[test]
+    fn batch_is_contents_times_styles() {
+        let s = JobSpec {
+            contents: vec![h(1), h(2)],
+            styles: vec![h(3), h(4)],
+            ..spec(JobKind::Batch)
+        };
+        let tasks = s.tasks().unwrap();
+        assert_eq!(tasks.len(), 4);
+        assert_eq!(tasks[1].label, "content 1 x style 2");
+        assert_eq!(
+            (tasks[1].content.clone(), tasks[1].styles.clone()),
+            (h(1), vec![h(4)])
+        );
+        assert_eq!(tasks[2].content, h(2));
+    }
+
+    #[test]
+    fn sweep_is_the_grid_of_its_axes() {
+        let s = JobSpec {
+            sweep: parse_sweep("style_weight=10,100;seed=0,1,2").unwrap(),
+            ..spec(JobKind::Sweep)
+        };
+        let tasks = s.tasks().unwrap();
+        assert_eq!(tasks.len(), 6);
+        assert_eq!(tasks[0].label, "style_weight=10 seed=0");
+        assert_eq!(tasks[5].label, "style_weight=100 seed=2");
+        assert_eq!(
+            (tasks[4].params.style_weight, tasks[4].params.seed),
+            (100.0, 1)
+        );
+
+        let blend = JobSpec {
+            styles: vec![h(2), h(3)],
+            sweep: parse_sweep("style_blend=0.7:0.3,0.5:0.5").unwrap(),
+            ..spec(JobKind::Sweep)
+        };
+        assert_eq!(blend.tasks().unwrap()[0].params.style_blend, [0.7, 0.3]);
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let cases = [
+            (
+                JobSpec {
+                    contents: vec![],
+                    ..spec(JobKind::Single)
+                },
+                "contents",
+            ),
+            (
+                JobSpec {
+                    styles: vec![],
+                    ..spec(JobKind::Single)
+                },
+                "styles",
+            ),
+            (
+                JobSpec {
+                    contents: vec![h(1), h(2)],
+                    ..spec(JobKind::Single)
+                },
+                "contents",
+            ),
+            (spec(JobKind::Sweep), "sweep"),
+            (
+                JobSpec {
+                    sweep: parse_sweep("seed=1").unwrap(),
+                    ..spec(JobKind::Batch)
+                },
+                "sweep",
+            ),
+            (
+                JobSpec {
+                    sweep: parse_sweep("style_weight=-1").unwrap(),
+                    ..spec(JobKind::Sweep)
+                },
+                "style_weight",
+            ),
+            (
+                JobSpec {
+                    sweep: parse_sweep("seed=1;seed=2").unwrap(),
+                    ..spec(JobKind::Sweep)
+                },
+                "sweep",
+            ),
+            (
+                JobSpec {
+                    sweep: parse_sweep("seed=x").unwrap(),
+                    ..spec(JobKind::Sweep)
+                },
+                "sweep",
+            ),
+            (
+                JobSpec {
+                    params: RenderParams {
+                        iterations: 0,
+                        ..Default::default()
+                    },
+                    ..spec(JobKind::Batch)
+                },
+                "iterations",
+            ),
+        ];
+        for (s, field) in cases {
+            let err = s.tasks().unwrap_err().to_string();
+            assert!(err.starts_with(field), "{field}: {err}");
+        }
+        for bad in ["style_weight", "colour=1", "seed=1,,2"] {
+            assert!(
+                parse_sweep(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .starts_with("sweep"),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Conversion between the wire types of stylefarm-proto and the domain types, at the edge: a missing or bad
+//! field becomes [`Error::Invalid`] naming it (the servers map that to INVALID_ARGUMENT).
+
+use std::path::PathBuf;
+
+use stylefarm_proto::pb;
+
+use crate::job::{ImageHash, JobKind, JobSpec, SweepAxis};
+use crate::params::{Init, Layer, RenderParams};
+use crate::Error;
+
+fn hashes(field: &'static str, values: Vec<String>) -> Result<Vec<ImageHash>, Error> {
+    values
+        .into_iter()
+        .map(|v| {
+            v.parse::<ImageHash>()
+                .map_err(|_| Error::invalid(field, format!("'{v}' is not a sha256")))
+        })
+        .collect()
+}
+
+fn layers(
+    field: &'static str,
+    values: Vec<String>,
+    default: Vec<Layer>,
+) -> Result<Vec<Layer>, Error> {
+    if values.is_empty() {
+        return Ok(default);
+    }
+    values
+        .iter()
+        .map(|v| {
+            v.parse::<Layer>()
+                .map_err(|e| Error::invalid(field, e.to_string()))
+        })
+        .collect()
+}
+
+/// The init of a farm job: `content`, `noise`, or `image:<sha256>` of an uploaded image, which the domain
+/// holds as [`Init::Image`] with the hash as its path.
+fn init(value: Option<String>) -> Result<Init, Error> {
+    match value.as_deref() {
+        None | Some("content") => Ok(Init::Content),
+        Some("noise") => Ok(Init::Noise),
+        Some(other) => match other.strip_prefix("image:").map(str::parse::<ImageHash>) {
+            Some(Ok(hash)) => Ok(Init::Image(PathBuf::from(hash.as_str()))),
+            _ => Err(Error::invalid(
+                "init",
+                format!("'{other}': expected content, noise or image:<sha256>"),
+            )),
+        },
+    }
+}
+
+impl TryFrom<pb::RenderParams> for RenderParams {
+    type Error = Error;
+
+    /// Unset fields take the defaults. The result is not validated against a style count: [`JobSpec::tasks`]
+    /// does that.
+    fn try_from(p: pb::RenderParams) -> Result<Self, Error> {
+        let d = RenderParams::default();
+        Ok(RenderParams {
+            size: p.size.unwrap_or(d.size),
+            iterations: p.iterations.unwrap_or(d.iterations),
+            scale_iterations: p.scale_iterations,
+            optimizer: p
+                .optimizer
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(d.optimizer),
+            learning_rate: p.learning_rate.unwrap_or(d.learning_rate),
+            history_size: p.history_size.unwrap_or(d.history_size),
+            content_weight: p.content_weight.unwrap_or(d.content_weight),
+            style_weight: p.style_weight.unwrap_or(d.style_weight),
+            tv_weight: p.tv_weight.unwrap_or(d.tv_weight),
+            style_blend: p.style_blend,
+            content_layers: layers("content_layers", p.content_layers, d.content_layers)?,
+            style_layers: layers("style_layers", p.style_layers, d.style_layers)?,
+            pooling: p
+                .pooling
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(d.pooling),
+            init: init(p.init)?,
+            seed: p.seed.unwrap_or(d.seed),
+            style_scale: p.style_scale.unwrap_or(d.style_scale),
+            original_colors: p.original_colors.unwrap_or(d.original_colors),
+            scales: p.scales.unwrap_or(d.scales),
+        })
+    }
+}
+
+impl From<&RenderParams> for pb::RenderParams {
+    fn from(p: &RenderParams) -> Self {
+        pb::RenderParams {
+            size: Some(p.size),
+            iterations: Some(p.iterations),
+            scale_iterations: p.scale_iterations.clone(),
+            optimizer: Some(format!("{:?}", p.optimizer).to_lowercase()),
+            learning_rate: Some(p.learning_rate),
+            history_size: Some(p.history_size),
+            content_weight: Some(p.content_weight),
+            style_weight: Some(p.style_weight),
+            tv_weight: Some(p.tv_weight),
+            style_blend: p.style_blend.clone(),
+            content_layers: p.content_layers.iter().map(ToString::to_string).collect(),
+            style_layers: p.style_layers.iter().map(ToString::to_string).collect(),
+            pooling: Some(format!("{:?}", p.pooling).to_lowercase()),
+            init: Some(match &p.init {
+                Init::Content => "content".into(),
+                Init::Noise => "noise".into(),
+                Init::Image(path) => format!("image:{}", path.display()),
+            }),
+            seed: Some(p.seed),
+            style_scale: Some(p.style_scale),
+            original_colors: Some(p.original_colors),
+            scales: Some(p.scales),
+        }
+    }
+}
+
+impl TryFrom<pb::JobSpec> for JobSpec {
+    type Error = Error;
+
+    /// Converts and checks: the spec must expand into valid tasks.
+    fn try_from(s: pb::JobSpec) -> Result<Self, Error> {
+        let kind = match pb::JobKind::try_from(s.kind) {
+            Ok(pb::JobKind::Single) => JobKind::Single,
+            Ok(pb::JobKind::Batch) => JobKind::Batch,
+            Ok(pb::JobKind::Sweep) => JobKind::Sweep,
+            _ => {
+                return Err(Error::invalid(
+                    "kind",
+                    format!("{} is not a job kind (single, batch or sweep)", s.kind),
+                ))
+            }
+        };
+        let sweep = s
+            .sweep
+            .into_iter()
+            .map(|a| {
+                Ok(SweepAxis {
+                    parameter: a.parameter.parse()?,
+                    values: a.values,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let spec = JobSpec {
+            kind,
+            contents: hashes("contents", s.contents)?,
+            styles: hashes("styles", s.styles)?,
+            params: s
+                .params
+                .ok_or_else(|| Error::invalid("params", "missing"))
+                .and_then(RenderParams::try_from)?,
+            sweep,
+            priority: s.priority,
+            max_attempts: s.max_attempts,
+        };
+        spec.tasks()?;
+        Ok(spec)
+    }
+}
+
+impl From<&JobSpec> for pb::JobSpec {
+    fn from(s: &JobSpec) -> Self {
+        pb::JobSpec {
+            kind: match s.kind {
+                JobKind::Single => pb::JobKind::Single,
+                JobKind::Batch => pb::JobKind::Batch,
+                JobKind::Sweep => pb::JobKind::Sweep,
+            } as i32,
+            contents: s.contents.iter().map(ToString::to_string).collect(),
+            styles: s.styles.iter().map(ToString::to_string).collect(),
+            params: Some((&s.params).into()),
+            sweep: s
+                .sweep
+                .iter()
+                .map(|a| pb::SweepAxis {
+                    parameter: a.parameter.name().into(),
+                    values: a.values.clone(),
+                })
+                .collect(),
+            priority: s.priority,
+            max_attempts: s.max_attempts,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::parse_sweep;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            kind: JobKind::Sweep,
+            contents: vec![ImageHash::of(b"c")],
+            styles: vec![ImageHash::of(b"s1"), ImageHash::of(b"s2")],
+            params: RenderParams {
+                size: 128,
+                init: Init::Image(ImageHash::of(b"i").to_string().into()),
+                ..Default::default()
+            },
+            sweep: parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap(),
+            priority: 3,
+            max_attempts: 2,
+        }
+    }
+
+    #[test]
+    fn job_specs_round_trip() {
+        let s = spec();
+        let wire: pb::JobSpec = (&s).into();
+        assert_eq!(JobSpec::try_from(wire).unwrap(), s);
+    }
+
+    #[test]
+    fn unset_params_take_the_defaults() {
+        assert_eq!(
+            RenderParams::try_from(pb::RenderParams::default()).unwrap(),
+            RenderParams::default()
+        );
+    }
+
+    #[test]
+    fn bad_wire_values_name_the_field() {
+        let bad = |f: &dyn Fn(&mut pb::JobSpec), field: &str| {
+            let mut wire: pb::JobSpec = (&spec()).into();
+            f(&mut wire);
+            let err = JobSpec::try_from(wire).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{field}: {err}");
+        };
+        bad(&|w| w.kind = 9, "kind");
+        bad(&|w| w.contents = vec!["nope".into()], "contents");
+        bad(&|w| w.params = None, "params");
+        bad(&|w| w.params.as_mut().unwrap().size = Some(0), "size");
+        bad(
+            &|w| w.params.as_mut().unwrap().content_weight = Some(f64::NAN),
+            "content_weight",
+        );
+        bad(
+            &|w| w.params.as_mut().unwrap().optimizer = Some("sgd".into()),
+            "optimizer",
+        );
+        bad(
+            &|w| w.params.as_mut().unwrap().init = Some("image:zz".into()),
+            "init",
+        );
+        bad(
+            &|w| w.params.as_mut().unwrap().style_layers = vec!["relu7_1".into()],
+            "style_layers",
+        );
+        bad(&|w| w.sweep[0].parameter = "colour".into(), "sweep");
+    }
+}
