@@ -94,10 +94,13 @@ pub trait Store: Send + Sync {
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
 }
 
+/// A job and its tasks by index.
+type JobEntry = (JobMeta, BTreeMap<u32, TaskRecord>);
+
 /// Keeps everything in memory.
 #[derive(Default)]
 pub struct MemoryStore {
-    jobs: Mutex<BTreeMap<String, (JobMeta, BTreeMap<u32, TaskRecord>)>>,
+    jobs: Mutex<BTreeMap<String, JobEntry>>,
 }
 
 impl Store for MemoryStore {
