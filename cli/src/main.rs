@@ -1,6 +1,8 @@
-//! `stylefarm`: the user's command. Today: `render` (one image, on this machine) and `weights`; the farm's
-//! commands (`local`, `submit`, `watch`, ...) come with the coordinator.
+//! `stylefarm`: the user's command. `render` renders one image on this machine; `local` runs a job on an
+//! embedded coordinator with local workers; `coordinator` and `worker` start the farm's nodes; `submit`,
+//! `watch`, `status`, `list`, `fetch` and `cancel` are its client; `weights` locates or converts weights.
 
+mod farm;
 mod render;
 mod weights;
 
@@ -23,19 +25,53 @@ struct Cli {
 enum Command {
     /// Render one stylized image on this machine.
     Render(Box<render::RenderArgs>),
+    /// Run a job (single, batch or sweep) on an embedded coordinator with local workers.
+    Local(Box<farm::LocalArgs>),
+    /// Start a coordinator.
+    Coordinator(farm::CoordinatorArgs),
+    /// Start a worker that renders the coordinator's tasks.
+    Worker(farm::WorkerArgs),
+    /// Submit a job to a coordinator; prints its id.
+    Submit(Box<farm::SubmitArgs>),
+    /// Follow a job's progress until it ends.
+    Watch(farm::JobRef),
+    /// Show a job and its tasks.
+    Status(farm::JobRef),
+    /// List jobs, newest first.
+    List(farm::ListArgs),
+    /// Download a finished job's results.
+    Fetch(farm::FetchArgs),
+    /// Cancel a job.
+    Cancel(farm::JobRef),
     /// Locate or convert VGG19 weights.
     #[command(subcommand)]
     Weights(weights::WeightsCommand),
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // servers log their work by default; the user's commands only warnings (STYLEFARM_LOG overrides both)
+    let default = match cli.command {
+        Command::Coordinator(_) | Command::Worker(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STYLEFARM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("STYLEFARM_LOG"))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Render(args) => render::run(*args),
+        Command::Local(args) => farm::local(*args),
+        Command::Coordinator(args) => farm::coordinator(args),
+        Command::Worker(args) => farm::worker(args),
+        Command::Submit(args) => farm::submit(*args),
+        Command::Watch(args) => farm::watch(args),
+        Command::Status(args) => farm::status(args),
+        Command::List(args) => farm::list(args),
+        Command::Fetch(args) => farm::fetch(args),
+        Command::Cancel(args) => farm::cancel(args),
         Command::Weights(cmd) => weights::run(cmd),
     };
     match result {

@@ -21,7 +21,7 @@ pub enum ProgressMode {
     None,
 }
 
-/// The render options; defaults are ALGORITHM.md's.
+/// `stylefarm render`'s arguments.
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 pub struct RenderArgs {
@@ -31,12 +31,28 @@ pub struct RenderArgs {
     /// Style image; repeat for several styles.
     #[arg(long, required = true)]
     style: Vec<PathBuf>,
-    /// Blend weights of the styles, e.g. 0.7,0.3 (normalized to sum 1; default equal).
-    #[arg(long)]
-    style_blend: Option<String>,
     /// Output image; PNG or JPEG by extension.
     #[arg(long, short)]
     output: PathBuf,
+    #[command(flatten)]
+    params: ParamArgs,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
+    device: String,
+    /// VGG19 weights (.safetensors); default: the file deploy/setup.sh converts.
+    #[arg(long, env = "STYLEFARM_WEIGHTS")]
+    weights: Option<PathBuf>,
+    /// bar, json or none.
+    #[arg(long, value_enum, default_value = "bar")]
+    progress: ProgressMode,
+}
+
+/// The render parameters, shared by `render`, `submit` and `local`; defaults are ALGORITHM.md's.
+#[derive(Args, Clone)]
+pub struct ParamArgs {
+    /// Blend weights of the styles, e.g. 0.7,0.3 (normalized to sum 1; default equal).
+    #[arg(long)]
+    style_blend: Option<String>,
     /// Longest side of the output, in pixels.
     #[arg(long, default_value_t = 512)]
     size: u32,
@@ -86,42 +102,36 @@ pub struct RenderArgs {
     /// Number of scales: the first at size / 2^(scales-1), each next one twice as large.
     #[arg(long, default_value_t = 1)]
     scales: u32,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
-    device: String,
-    /// VGG19 weights (.safetensors); default: the file deploy/setup.sh converts.
-    #[arg(long, env = "STYLEFARM_WEIGHTS")]
-    weights: Option<PathBuf>,
-    /// bar, json or none.
-    #[arg(long, value_enum, default_value = "bar")]
-    progress: ProgressMode,
 }
 
-impl TryFrom<&RenderArgs> for RenderParams {
+impl TryFrom<&ParamArgs> for RenderParams {
     type Error = stylefarm_core::Error;
 
-    fn try_from(a: &RenderArgs) -> Result<Self, Self::Error> {
-        let params = RenderParams {
+    /// Parses the options; validation against the number of styles is the caller's.
+    fn try_from(a: &ParamArgs) -> Result<Self, Self::Error> {
+        fn list<T: std::str::FromStr>(
+            field: &'static str,
+            s: &Option<String>,
+        ) -> Result<Vec<T>, stylefarm_core::Error>
+        where
+            T::Err: std::fmt::Display,
+        {
+            Ok(s.as_deref()
+                .map(|s| parse_list(field, s))
+                .transpose()?
+                .unwrap_or_default())
+        }
+        Ok(RenderParams {
             size: a.size,
             iterations: a.iterations,
-            scale_iterations: a
-                .scale_iterations
-                .as_deref()
-                .map(|s| parse_list("scale_iterations", s))
-                .transpose()?
-                .unwrap_or_default(),
+            scale_iterations: list("scale_iterations", &a.scale_iterations)?,
             optimizer: a.optimizer.parse::<Optimizer>()?,
             learning_rate: a.learning_rate,
             history_size: a.history_size,
             content_weight: a.content_weight,
             style_weight: a.style_weight,
             tv_weight: a.tv_weight,
-            style_blend: a
-                .style_blend
-                .as_deref()
-                .map(|s| parse_list("style_blend", s))
-                .transpose()?
-                .unwrap_or_default(),
+            style_blend: list("style_blend", &a.style_blend)?,
             content_layers: parse_list::<Layer>("content_layers", &a.content_layers)?,
             style_layers: parse_list::<Layer>("style_layers", &a.style_layers)?,
             pooling: a.pooling.parse::<Pooling>()?,
@@ -130,9 +140,7 @@ impl TryFrom<&RenderArgs> for RenderParams {
             style_scale: a.style_scale,
             original_colors: a.original_colors,
             scales: a.scales,
-        };
-        params.validate(a.style.len())?;
-        Ok(params)
+        })
     }
 }
 
@@ -155,7 +163,8 @@ fn json_line(p: &Progress) -> String {
 }
 
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
-    let params = RenderParams::try_from(&args)?;
+    let params = RenderParams::try_from(&args.params)?;
+    params.validate(args.style.len())?;
     imaging::output_format(&args.output)?;
     let content = imaging::load(&args.content)?;
     let styles = args

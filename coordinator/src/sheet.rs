@@ -108,12 +108,18 @@ pub fn contact_sheet(tiles: &[(RgbImage, String)]) -> Result<Vec<u8>, String> {
     }
     let cols = (tiles.len() as f64).sqrt().ceil() as u32;
     let rows = (tiles.len() as u32).div_ceil(cols);
+    // wide enough for the tiles and for the longest word of any label (labels wrap only at spaces)
+    let longest_word = tiles
+        .iter()
+        .flat_map(|(_, l)| l.split(' '))
+        .map(|w| w.chars().count() as u32)
+        .max();
     let cell_w = tiles
         .iter()
         .map(|(t, _)| t.width())
         .max()
         .unwrap_or(1)
-        .max(GLYPH_W * 8);
+        .max(GLYPH_W * longest_word.unwrap_or(0).max(8));
     let label_lines = tiles
         .iter()
         .map(|(_, l)| wrap(l, cell_w).len() as u32)
@@ -164,7 +170,7 @@ mod tests {
         ];
         let png = contact_sheet(&tiles).unwrap();
         let sheet = image::load_from_memory(&png).unwrap().to_rgb8();
-        let cell_w = (GLYPH_W * 8).max(40);
+        let cell_w = GLYPH_W * 15; // the width of "style_weight=10"
         assert_eq!(
             sheet.width(),
             2 * (cell_w + PAD) + PAD,

@@ -1,0 +1,492 @@
+//! The farm end to end: real coordinator and worker processes on 127.0.0.1, the real engine and weights.
+
+mod sandbox;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use sandbox::{is, job, shared_image, wait_for, Cluster};
+use stylefarm_proto::pb;
+use tonic::Code;
+
+fn path(name: &str) -> String {
+    shared_image(name).display().to_string()
+}
+
+async fn wait_registered(cluster: &Cluster, n: usize) {
+    wait_for("workers to register", Duration::from_secs(60), || async {
+        (cluster
+            .workers
+            .iter()
+            .filter(|w| w.log_text().contains("registered"))
+            .count()
+            >= n)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Submits with the CLI; returns the job id.
+fn submit(cluster: &Cluster, args: &[&str]) -> String {
+    let (ok, out, err) = cluster.cli(&[&["submit"], args].concat());
+    assert!(ok, "submit failed: {err}");
+    out.trim().to_string()
+}
+
+async fn wait_state(
+    cluster: &Cluster,
+    job_id: &str,
+    state: pb::JobState,
+    timeout: Duration,
+) -> pb::JobStatus {
+    let mut client = cluster.client().await;
+    wait_for(&format!("job {job_id} to be {state:?}"), timeout, || {
+        let mut client = client.clone();
+        async move {
+            let s = job(&mut client, job_id).await;
+            assert!(
+                !(s.state >= pb::JobState::Succeeded as i32 && s.state != state as i32),
+                "job ended {:?}: {}",
+                s.state,
+                s.error
+            );
+            is(&s, state).then_some(s)
+        }
+    })
+    .await;
+    job(&mut client, job_id).await
+}
+
+async fn wait_iteration(cluster: &Cluster, job_id: &str, at_least: u32) {
+    let client = cluster.client().await;
+    wait_for("the task to be rendering", Duration::from_secs(60), || {
+        let mut client = client.clone();
+        async move {
+            let s = job(&mut client, job_id).await;
+            (s.tasks[0].state == pb::TaskState::Running as i32 && s.tasks[0].iteration >= at_least)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_runs_on_two_workers_and_a_sweep_gets_its_contact_sheet() {
+    let mut cluster = Cluster::start(10.0, 0.5);
+    cluster.add_worker("w1");
+    cluster.add_worker("w2");
+    wait_registered(&cluster, 2).await;
+    let out = cluster.dir.path().join("batch");
+    let (content_a, content_b, style_a, style_b) = (
+        path("tubingen.jpg"),
+        path("chelsea.png"),
+        path("starry_night.jpg"),
+        path("the_scream.jpg"),
+    );
+    let (ok, stdout, err) = cluster.cli(&[
+        "submit",
+        "--content",
+        &content_a,
+        "--content",
+        &content_b,
+        "--style",
+        &style_a,
+        "--style",
+        &style_b,
+        "--batch",
+        "--size",
+        "48",
+        "--iterations",
+        "15",
+        "--wait",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let mut client = cluster.client().await;
+    let status = job(&mut client, stdout.trim()).await;
+    assert!(is(&status, pb::JobState::Succeeded));
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        4,
+        "2 contents x 2 styles"
+    );
+    let workers: HashSet<&str> = status.tasks.iter().map(|t| t.worker_id.as_str()).collect();
+    assert_eq!(workers.len(), 2, "both workers rendered: {workers:?}");
+
+    let sweep = cluster.dir.path().join("sweep");
+    let (ok, _, err) = cluster.cli(&[
+        "submit",
+        "--content",
+        &content_a,
+        "--style",
+        &style_a,
+        "--sweep",
+        "style_weight=10,1000;seed=0,1",
+        "--size",
+        "32",
+        "--iterations",
+        "5",
+        "--wait",
+        "-o",
+        sweep.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let sheet = image::open(sweep.join("contact-sheet.png")).unwrap();
+    assert!(sheet.width() > 2 * 32 && sheet.height() > 2 * 32);
+    assert_eq!(
+        std::fs::read_dir(&sweep).unwrap().count(),
+        5,
+        "4 points and the sheet"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
+    let mut cluster = Cluster::start(1.5, 0.3);
+    cluster.add_worker("doomed");
+    wait_registered(&cluster, 1).await;
+    let common = [
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--size",
+        "64",
+        "--iterations",
+        "60",
+        "--init",
+        "noise",
+        "--seed",
+        "3",
+    ];
+    let first = submit(
+        &cluster,
+        &[&common[..], &["--request-id", "disturbed"]].concat(),
+    );
+    wait_iteration(&cluster, &first, 5).await;
+    cluster.workers[0].kill();
+    cluster.add_worker("survivor");
+    let disturbed = wait_state(
+        &cluster,
+        &first,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        disturbed.tasks[0].attempts, 2,
+        "the lost attempt and the one that finished"
+    );
+    assert!(disturbed.tasks[0].worker_id.starts_with("survivor"));
+
+    let second = submit(
+        &cluster,
+        &[&common[..], &["--request-id", "undisturbed"]].concat(),
+    );
+    let undisturbed = wait_state(
+        &cluster,
+        &second,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        disturbed.tasks[0].result, undisturbed.tasks[0].result,
+        "same spec, same pixels (sha256)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_the_running_worker_within_a_heartbeat() {
+    let heartbeat = 0.3;
+    let mut cluster = Cluster::start(10.0, heartbeat);
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let long = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "64",
+            "--iterations",
+            "5000",
+        ],
+    );
+    wait_iteration(&cluster, &long, 2).await;
+    let cancelled_at = Instant::now();
+    let (ok, out, err) = cluster.cli(&["cancel", &long]);
+    assert!(ok && out.contains("cancelled"), "{out} {err}");
+    // the only worker can take the next job only once it has stopped the cancelled one
+    let next = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "32",
+            "--iterations",
+            "3",
+        ],
+    );
+    let client = cluster.client().await;
+    wait_for(
+        "the worker to take the next job",
+        Duration::from_secs(30),
+        || {
+            let mut client = client.clone();
+            let next = next.clone();
+            async move { (job(&mut client, &next).await.tasks[0].attempts > 0).then_some(()) }
+        },
+    )
+    .await;
+    let stopped_after = cancelled_at.elapsed();
+    // one heartbeat to learn of it, one iteration to stop, plus the CLI's own start-up (~0.5 s) and slack
+    assert!(
+        stopped_after < Duration::from_secs_f64(heartbeat + 2.0),
+        "stopped after {stopped_after:?}"
+    );
+    assert!(cluster.workers[0]
+        .log_text()
+        .contains("cancelled by the coordinator"));
+    let mut client = cluster.client().await;
+    assert!(is(&job(&mut client, &long).await, pb::JobState::Cancelled));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_and_restarted_loses_nothing() {
+    let mut cluster = Cluster::start(3.0, 0.3);
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--content",
+            &path("chelsea.png"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--batch",
+            "--size",
+            "48",
+            "--iterations",
+            "30",
+        ],
+    );
+    wait_iteration(&cluster, &id, 2).await;
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.start_coordinator();
+    let status = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(status.tasks.iter().all(|t| !t.result.is_empty()));
+    let (ok, out, _) = cluster.cli(&["list"]);
+    assert!(
+        ok && out.contains(&id) && out.contains("succeeded"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_serving() {
+    let cluster = Cluster::start(10.0, 0.5);
+    let mut client = cluster.client().await;
+    let upload = |data: Vec<u8>| {
+        tokio_stream::iter(vec![pb::UploadImageRequest {
+            part: Some(pb::upload_image_request::Part::Data(data)),
+        }])
+    };
+    let err = client
+        .upload_image(upload(b"\x89PNG\r\n\x1a\nnot really".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("image"), "{}", err.message());
+
+    let png = std::fs::read(shared_image("chelsea.png")).unwrap();
+    let hash = client
+        .upload_image(upload(png))
+        .await
+        .unwrap()
+        .into_inner()
+        .sha256;
+    let spec = |params: pb::RenderParams| pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: pb::JobKind::Single as i32,
+            contents: vec![hash.clone()],
+            styles: vec![hash.clone()],
+            params: Some(params),
+            ..Default::default()
+        }),
+        client_request_id: String::new(),
+    };
+    let cases = [
+        (
+            pb::RenderParams {
+                size: Some(0),
+                ..Default::default()
+            },
+            "size",
+        ),
+        (
+            pb::RenderParams {
+                size: Some(100_000),
+                ..Default::default()
+            },
+            "size",
+        ),
+        (
+            pb::RenderParams {
+                style_weight: Some(f64::NAN),
+                ..Default::default()
+            },
+            "style_weight",
+        ),
+        (
+            pb::RenderParams {
+                tv_weight: Some(-1.0),
+                ..Default::default()
+            },
+            "tv_weight",
+        ),
+        (
+            pb::RenderParams {
+                iterations: Some(0),
+                ..Default::default()
+            },
+            "iterations",
+        ),
+        (
+            pb::RenderParams {
+                iterations: Some(1_000_000),
+                ..Default::default()
+            },
+            "iterations",
+        ),
+        (
+            pb::RenderParams {
+                optimizer: Some("sgd".into()),
+                ..Default::default()
+            },
+            "optimizer",
+        ),
+    ];
+    for (params, field) in cases {
+        let err = client.submit_job(spec(params)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let mut not_uploaded = spec(pb::RenderParams::default());
+    not_uploaded.spec.as_mut().unwrap().styles = vec!["0".repeat(64)];
+    let err = client.submit_job(not_uploaded).await.unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().starts_with("styles"),
+        "{err:?}"
+    );
+
+    let err = client
+        .get_job(pb::GetJobRequest {
+            job_id: "job-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .cancel_job(pb::CancelJobRequest {
+            job_id: "job-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // one message above gRPC's 4 MiB: refused by the transport's limit, not a crash
+    let err = client
+        .upload_image(upload(vec![0u8; 5 << 20]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "{err:?}"
+    );
+
+    let ok = client
+        .submit_job(spec(pb::RenderParams {
+            size: Some(32),
+            iterations: Some(1),
+            ..Default::default()
+        }))
+        .await;
+    assert!(ok.is_ok(), "still serving: {ok:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_says_serving_and_reflection_lists_the_services() {
+    let cluster = Cluster::start(10.0, 0.5);
+    let _ = cluster.client().await;
+    let channel = tonic::transport::Channel::from_shared(cluster.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in [
+        "",
+        "stylefarm.v1.RenderService",
+        "stylefarm.v1.WorkerService",
+    ] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            status.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("{reply:?}")
+    };
+    let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for name in [
+        "stylefarm.v1.RenderService",
+        "stylefarm.v1.WorkerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(name), "{name} not in {names:?}");
+    }
+}

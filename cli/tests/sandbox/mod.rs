@@ -1,0 +1,202 @@
+//! A cluster sandbox for end-to-end tests: real `stylefarm coordinator` and `stylefarm worker` processes on
+//! 127.0.0.1 (the coordinator binds port 0 and says which port it got), handles to stop or SIGKILL them, and
+//! waits with a predicate and a deadline, never a bare sleep.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stylefarm_proto::pb;
+use stylefarm_proto::pb::render_service_client::RenderServiceClient;
+use tonic::transport::Channel;
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_stylefarm")
+}
+
+pub fn shared_image(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/images")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} missing: the tests read ../shared/data beside the repository",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed when the handle drops.
+pub struct Node {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as an operator would.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub url: String,
+    pub addr: String,
+    pub coordinator: Option<Node>,
+    pub workers: Vec<Node>,
+    pub lease_secs: f64,
+    pub heartbeat_secs: f64,
+}
+
+impl Cluster {
+    /// A coordinator with short leases and heartbeats, no workers yet.
+    pub fn start(lease_secs: f64, heartbeat_secs: f64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let mut cluster = Cluster {
+            dir,
+            data_dir,
+            url: String::new(),
+            addr: "127.0.0.1:0".into(),
+            coordinator: None,
+            workers: Vec::new(),
+            lease_secs,
+            heartbeat_secs,
+        };
+        cluster.start_coordinator();
+        cluster
+    }
+
+    /// Starts (or restarts, on the same data dir and address) the coordinator.
+    pub fn start_coordinator(&mut self) {
+        let log = self.dir.path().join(format!(
+            "coordinator-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let mut child = Command::new(binary())
+            .args(["coordinator", "--listen", &self.addr, "--data-dir"])
+            .arg(&self.data_dir)
+            .args([
+                "--lease-secs",
+                &self.lease_secs.to_string(),
+                "--heartbeat-secs",
+                &self.heartbeat_secs.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("coordinator said {line:?}"));
+        self.addr = addr.to_string();
+        self.url = format!("http://{addr}");
+        self.coordinator = Some(Node { child, log });
+    }
+
+    pub fn add_worker(&mut self, name: &str) {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new(binary())
+            .args([
+                "worker",
+                "--coordinator",
+                &self.url,
+                "--device",
+                "cpu",
+                "--name",
+                name,
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.workers.push(Node { child, log });
+    }
+
+    pub async fn client(&self) -> RenderServiceClient<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match RenderServiceClient::connect(self.url.clone()).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("cannot reach {}: {e}", self.url),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Runs the CLI against this cluster; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(binary())
+            .args(args)
+            .env("STYLEFARM_COORDINATOR", &self.url)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn job(client: &mut RenderServiceClient<Channel>, job_id: &str) -> pb::JobStatus {
+    client
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub fn is(status: &pb::JobStatus, state: pb::JobState) -> bool {
+    status.state == state as i32
+}

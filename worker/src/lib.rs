@@ -1,0 +1,387 @@
+//! stylefarm-worker: a render node of the farm. It registers with the coordinator, pulls tasks under leases,
+//! renders them with the engine on a dedicated thread that keeps VGG19 loaded (libtorch stays off the async
+//! runtime), heartbeats with its progress (a heartbeat's answer can cancel the task), uploads results in
+//! chunks, and drains on shutdown: the task at hand finishes, no new one is taken. When the coordinator is
+//! away it retries with backoff.
+
+mod engine_thread;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use image::RgbImage;
+use stylefarm_core::job::ImageHash;
+use stylefarm_core::{imaging, Init, RenderParams};
+use stylefarm_engine::{Device, Progress, RenderJob};
+use stylefarm_proto::pb;
+use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
+use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tracing::Instrument;
+
+pub use engine_thread::EngineThread;
+
+/// Errors that stop a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Engine(#[from] stylefarm_engine::Error),
+    #[error("coordinator {0}")]
+    Coordinator(String),
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// e.g. http://127.0.0.1:7700
+    pub coordinator: String,
+    /// Shown in the coordinator's logs and statuses.
+    pub name: String,
+    pub device: Device,
+    pub weights: PathBuf,
+    /// How long one LeaseTask call waits for work.
+    pub lease_wait: Duration,
+}
+
+/// Decoded input images by hash, bounded.
+struct ImageCache {
+    images: HashMap<ImageHash, Arc<RgbImage>>,
+    capacity: usize,
+}
+
+impl ImageCache {
+    async fn get(
+        &mut self,
+        client: &mut WorkerServiceClient<Channel>,
+        hash: &str,
+    ) -> Result<Arc<RgbImage>, String> {
+        let hash: ImageHash = hash
+            .parse()
+            .map_err(|e: stylefarm_core::Error| e.to_string())?;
+        if let Some(img) = self.images.get(&hash) {
+            return Ok(img.clone());
+        }
+        let mut stream = client
+            .download_image(pb::DownloadRequest {
+                sha256: hash.to_string(),
+            })
+            .await
+            .map_err(|s| format!("downloading {hash}: {}", s.message()))?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend(
+                chunk
+                    .map_err(|s| format!("downloading {hash}: {}", s.message()))?
+                    .data,
+            );
+        }
+        if ImageHash::of(&bytes) != hash {
+            return Err(format!(
+                "downloading {hash}: the bytes do not match their hash"
+            ));
+        }
+        let img = Arc::new(imaging::decode(&bytes, hash.as_str()).map_err(|e| e.to_string())?);
+        if self.images.len() >= self.capacity {
+            self.images.clear();
+        }
+        self.images.insert(hash, img.clone());
+        Ok(img)
+    }
+}
+
+/// Connects, retrying with backoff (up to 5 s between tries) until the coordinator answers or `stop` is set.
+async fn connect(url: &str, stop: &AtomicBool) -> Option<WorkerServiceClient<Channel>> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        match Channel::from_shared(url.to_string()) {
+            Ok(endpoint) => match endpoint
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+            {
+                Ok(channel) => {
+                    return Some(
+                        WorkerServiceClient::new(channel)
+                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(coordinator = url, error = %e, "coordinator unreachable; retrying")
+                }
+            },
+            Err(e) => {
+                tracing::error!(coordinator = url, error = %e, "bad coordinator url");
+                return None;
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// What became of one task.
+enum Outcome {
+    Done(RgbImage),
+    Failed {
+        error: String,
+        retryable: bool,
+        out_of_memory: bool,
+    },
+    Cancelled,
+}
+
+/// Runs a worker until `shutdown` resolves (then drains: the current task finishes first).
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let engine = EngineThread::start(config.weights.clone(), config.device)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_on_signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing the current task, taking no new one");
+        stop_on_signal.store(true, Ordering::Relaxed);
+    });
+    let mut cache = ImageCache {
+        images: HashMap::new(),
+        capacity: 64,
+    };
+    'connect: while !stop.load(Ordering::Relaxed) {
+        let Some(mut client) = connect(&config.coordinator, &stop).await else {
+            break;
+        };
+        let registered = client
+            .register_worker(pb::RegisterWorkerRequest {
+                name: config.name.clone(),
+                device: format!("{:?}", config.device).to_lowercase(),
+                memory_bytes: 0,
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .await;
+        let registered = match registered {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                tracing::warn!(error = s.message(), "registration failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let worker_id = registered.worker_id;
+        let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
+        tracing::info!(worker_id, "registered");
+        while !stop.load(Ordering::Relaxed) {
+            let wait_ms = config.lease_wait.as_millis() as u32;
+            let leased = client
+                .lease_task(pb::LeaseTaskRequest {
+                    worker_id: worker_id.clone(),
+                    wait_ms,
+                })
+                .await;
+            let leased = match leased {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    tracing::warn!(error = s.message(), "lease failed; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue 'connect;
+                }
+            };
+            let Some(task) = leased.task else { continue };
+            let lease_id = leased.lease_id;
+            let span = tracing::info_span!(
+                "task",
+                job_id = task.job_id,
+                task_id = task.index,
+                worker_id
+            );
+            async {
+                tracing::info!(label = task.label, "rendering");
+                let outcome = run_task(
+                    &engine,
+                    &mut client,
+                    &mut cache,
+                    &worker_id,
+                    &lease_id,
+                    task,
+                    heartbeat,
+                )
+                .await;
+                report(&mut client, &lease_id, outcome).await;
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+    Ok(())
+}
+
+/// Fetches the inputs, renders on the engine thread with heartbeats, and says what became of it.
+async fn run_task(
+    engine: &EngineThread,
+    client: &mut WorkerServiceClient<Channel>,
+    cache: &mut ImageCache,
+    worker_id: &str,
+    lease_id: &str,
+    task: pb::Task,
+    heartbeat: Duration,
+) -> Outcome {
+    let permanent = |error: String| Outcome::Failed {
+        error,
+        retryable: false,
+        out_of_memory: false,
+    };
+    let params = match RenderParams::try_from(task.params.unwrap_or_default()) {
+        Ok(p) => p,
+        Err(e) => return permanent(e.to_string()),
+    };
+    let mut inputs = Vec::new();
+    for hash in std::iter::once(&task.content).chain(&task.styles) {
+        match cache.get(client, hash).await {
+            Ok(img) => inputs.push(img),
+            Err(error) => {
+                return Outcome::Failed {
+                    error,
+                    retryable: true,
+                    out_of_memory: false,
+                }
+            }
+        }
+    }
+    let init_image = match &params.init {
+        Init::Image(hash) => match cache.get(client, &hash.display().to_string()).await {
+            Ok(img) => Some((*img).clone()),
+            Err(error) => {
+                return Outcome::Failed {
+                    error,
+                    retryable: true,
+                    out_of_memory: false,
+                }
+            }
+        },
+        _ => None,
+    };
+    let job = RenderJob {
+        content: (*inputs[0]).clone(),
+        styles: inputs[1..].iter().map(|i| (**i).clone()).collect(),
+        init_image,
+        params,
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (progress_tx, mut progress_rx) = tokio::sync::watch::channel::<Option<Progress>>(None);
+    let mut result = engine.render(job, cancel.clone(), progress_tx);
+    let mut ticker = tokio::time::interval(heartbeat);
+    loop {
+        tokio::select! {
+            done = &mut result => {
+                return match done {
+                    Ok(Ok(img)) => Outcome::Done(img),
+                    Ok(Err(stylefarm_engine::Error::Cancelled)) => Outcome::Cancelled,
+                    Ok(Err(e)) => Outcome::Failed {
+                        out_of_memory: e.is_out_of_memory(),
+                        retryable: !matches!(e, stylefarm_engine::Error::Core(_)),
+                        error: e.to_string(),
+                    },
+                    Err(_) => Outcome::Failed { error: "engine thread stopped".into(), retryable: true, out_of_memory: false },
+                };
+            }
+            _ = ticker.tick() => {
+                let p = *progress_rx.borrow_and_update();
+                let mut beat = pb::HeartbeatRequest { worker_id: worker_id.into(), lease_id: lease_id.into(), ..Default::default() };
+                if let Some(p) = p {
+                    beat.scale = p.scale;
+                    beat.scales = p.scales;
+                    beat.iteration = p.iteration;
+                    beat.iterations = p.iterations;
+                    beat.losses = Some(pb::Losses { content: p.losses.content, style: p.losses.style, tv: p.losses.tv, total: p.losses.total });
+                }
+                match client.heartbeat(beat).await {
+                    Ok(r) if r.get_ref().cancel => {
+                        tracing::info!("cancelled by the coordinator");
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(s) => tracing::warn!(error = s.message(), "heartbeat failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Sends the outcome to the coordinator, retrying a few times while it is away.
+async fn report(client: &mut WorkerServiceClient<Channel>, lease_id: &str, outcome: Outcome) {
+    for attempt in 0..5u32 {
+        let sent = match &outcome {
+            Outcome::Done(img) => {
+                let mut png = Vec::new();
+                if let Err(e) =
+                    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                {
+                    tracing::error!(error = %e, "encoding the result");
+                    return;
+                }
+                let mut parts = vec![pb::CompleteTaskRequest {
+                    part: Some(pb::complete_task_request::Part::LeaseId(lease_id.into())),
+                }];
+                parts.extend(png.chunks(CHUNK_BYTES).map(|c| pb::CompleteTaskRequest {
+                    part: Some(pb::complete_task_request::Part::Data(c.to_vec())),
+                }));
+                client
+                    .complete_task(tokio_stream::iter(parts))
+                    .await
+                    .map(|r| {
+                        if !r.get_ref().accepted {
+                            tracing::warn!(
+                                "result discarded: the lease had expired or the job was cancelled"
+                            );
+                        } else {
+                            tracing::info!("result uploaded");
+                        }
+                    })
+            }
+            Outcome::Failed {
+                error,
+                retryable,
+                out_of_memory,
+            } => {
+                tracing::warn!(error, "task failed");
+                let req = pb::FailTaskRequest {
+                    lease_id: lease_id.into(),
+                    error: error.clone(),
+                    retryable: *retryable,
+                    out_of_memory: *out_of_memory,
+                };
+                client.fail_task(req).await.map(|_| ())
+            }
+            Outcome::Cancelled => {
+                let req = pb::FailTaskRequest {
+                    lease_id: lease_id.into(),
+                    error: "cancelled".into(),
+                    retryable: true,
+                    out_of_memory: false,
+                };
+                client.fail_task(req).await.map(|_| ())
+            }
+        };
+        match sent {
+            Ok(()) => return,
+            Err(s) => {
+                tracing::warn!(
+                    error = s.message(),
+                    attempt,
+                    "reporting to the coordinator failed; retrying"
+                );
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
+        }
+    }
+}
