@@ -53,6 +53,19 @@ pub struct WorkerArgs {
     /// Name shown by the coordinator (default: host name and process id).
     #[arg(long)]
     name: Option<String>,
+    /// libtorch's CPU threads (default: one per core). With several CPU workers on one machine, give each
+    /// its share of the cores: 2 workers on 2 cores oversubscribe with the default and run slower than 1.
+    #[arg(long, env = "STYLEFARM_THREADS")]
+    threads: Option<u32>,
+}
+
+/// Sets libtorch's intra-op thread count for this process.
+fn set_threads(threads: u32) -> anyhow::Result<()> {
+    if threads == 0 || threads > 1024 {
+        bail!("threads: must be between 1 and 1024, got {threads}");
+    }
+    tch::set_num_threads(threads as i32);
+    Ok(())
 }
 
 #[derive(Args)]
@@ -221,6 +234,9 @@ fn worker_config(
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        set_threads(threads)?;
+    }
     let config = worker_config(args.coordinator, &args.device, args.weights, args.name)?;
     runtime()?.block_on(stylefarm_worker::run(config, shutdown_signal()))?;
     Ok(())
@@ -613,6 +629,11 @@ pub fn local(args: LocalArgs) -> anyhow::Result<()> {
         .output
         .clone()
         .context("output: --output is needed")?;
+    // the workers share this process, and libtorch's thread pool: split the cores between them
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    set_threads((cores / args.workers).max(1))?;
     let tmp = tempfile::tempdir().context("temporary data dir")?;
     let data_dir = args
         .data_dir

@@ -306,7 +306,8 @@ impl Scheduler {
         task.state = TaskState::Running;
         task.attempts += 1;
         task.worker = worker.to_string();
-        self.store.update_task(&job_id, task)?;
+        // not written to the store: a restart sends running tasks back to the queue anyway, and the attempt
+        // is recorded with the task's outcome (one fsync a task instead of two)
         let spec = task.spec.clone();
         if job.meta.state == JobState::Queued {
             job.meta.state = JobState::Running;
