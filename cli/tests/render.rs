@@ -1,23 +1,14 @@
 //! `stylefarm render` end to end: the real binary, the real engine and the VGG19 weights of deploy/setup.sh,
 //! on small images from ../shared/data.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use image::RgbImage;
 use serde_json::Value;
 
-fn shared_image(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/images")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} missing: the tests read ../shared/data beside the repository",
-        path.display()
-    );
-    path
-}
+mod sandbox;
+use sandbox::shared_image;
 
 fn stylefarm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_stylefarm"))

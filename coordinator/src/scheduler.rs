@@ -248,16 +248,7 @@ impl Scheduler {
         let tasks: Vec<TaskRecord> = tasks
             .into_iter()
             .enumerate()
-            .map(|(i, spec)| TaskRecord {
-                index: i as u32,
-                spec,
-                state: TaskState::Pending,
-                attempts: 0,
-                worker: String::new(),
-                result: String::new(),
-                error: String::new(),
-                not_before_ms: 0,
-            })
+            .map(|(i, spec)| TaskRecord::pending(i as u32, spec))
             .collect();
         self.store.insert_job(&meta, &tasks)?;
         for t in &tasks {

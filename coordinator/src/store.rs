@@ -76,6 +76,22 @@ pub struct TaskRecord {
     pub not_before_ms: i64,
 }
 
+impl TaskRecord {
+    /// A new task, waiting for its first attempt.
+    pub fn pending(index: u32, spec: TaskSpec) -> TaskRecord {
+        TaskRecord {
+            index,
+            spec,
+            state: TaskState::Pending,
+            attempts: 0,
+            worker: String::new(),
+            result: String::new(),
+            error: String::new(),
+            not_before_ms: 0,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
@@ -259,16 +275,7 @@ pub(crate) mod tests {
             .unwrap()
             .into_iter()
             .enumerate()
-            .map(|(i, spec)| TaskRecord {
-                index: i as u32,
-                spec,
-                state: TaskState::Pending,
-                attempts: 0,
-                worker: String::new(),
-                result: String::new(),
-                error: String::new(),
-                not_before_ms: 0,
-            })
+            .map(|(i, spec)| TaskRecord::pending(i as u32, spec))
             .collect();
         let meta = JobMeta {
             id: id.into(),
