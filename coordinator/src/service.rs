@@ -144,13 +144,14 @@ impl RenderService for RenderApi {
                 None => {}
             }
         }
-        let img = tokio::task::spawn_blocking({
-            let bytes = bytes.clone();
-            move || imaging::decode(&bytes, "image")
+        // decoding a large image takes a while: off the async threads, and the bytes come back
+        let (bytes, decoded) = tokio::task::spawn_blocking(move || {
+            let decoded = imaging::decode(&bytes, "image");
+            (bytes, decoded)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let img = decoded.map_err(|e| Status::invalid_argument(e.to_string()))?;
         let hash = self.coordinator.blobs.put(&bytes).map_err(Error::from)?;
         if let Some(expected) = expected.filter(|e| *e != hash) {
             return Err(Status::invalid_argument(format!(
