@@ -154,7 +154,10 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(render)
         .add_service(worker)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(|e| Error::Transport(e.to_string()));
     expiry.abort();

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
 use tokio::sync::{broadcast, Notify};
 
-use crate::store::{JobMeta, JobState, Store, StoreError, TaskRecord, TaskState};
+use crate::store::{JobMeta, JobState, Op, Store, StoreError, TaskRecord, TaskState};
 
 /// Scheduling settings.
 #[derive(Debug, Clone)]
@@ -250,7 +250,9 @@ impl Scheduler {
             .enumerate()
             .map(|(i, spec)| TaskRecord::pending(i as u32, spec))
             .collect();
-        self.store.insert_job(&meta, &tasks)?;
+        let durable = self
+            .store
+            .write(vec![Op::Insert(meta.clone(), tasks.clone())]);
         for t in &tasks {
             st.queue.insert(queue_key(&meta, t.index));
         }
@@ -267,6 +269,7 @@ impl Scheduler {
             },
         );
         drop(st);
+        durable.wait()?;
         self.work.notify_waiters();
         self.changed(&id);
         Ok((id, true))
@@ -302,7 +305,8 @@ impl Scheduler {
         let spec = task.spec.clone();
         if job.meta.state == JobState::Queued {
             job.meta.state = JobState::Running;
-            self.store.update_job(&job.meta)?;
+            // no need to wait: "running" is for people, and a later write of the job supersedes it in order
+            let _ = self.store.write(vec![Op::Job(job.meta.clone())]);
         }
         job.leases.insert(index, lease_id.clone());
         st.leases.insert(
@@ -403,15 +407,17 @@ impl Scheduler {
         task.state = TaskState::Succeeded;
         task.result = result.to_string();
         task.error.clear();
-        self.store.update_task(&job.meta.id, task)?;
+        let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
         let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
         // a sweep succeeds once its contact sheet is recorded (set_contact_sheet)
         if all_tasks_done && job.meta.spec.kind != JobKind::Sweep {
             job.meta.state = JobState::Succeeded;
             job.meta.finished_ms = now_ms();
-            self.store.update_job(&job.meta)?;
+            ops.push(Op::Job(job.meta.clone()));
         }
+        let durable = self.store.write(ops);
         drop(st);
+        durable.wait()?;
         self.changed(&lease.job_id);
         Ok(Some(Completed {
             job_id: lease.job_id,
@@ -431,19 +437,24 @@ impl Scheduler {
         let Some(lease) = Self::take_lease(&mut st, lease_id) else {
             return Ok(());
         };
-        self.fail_task(&mut st, &lease, error, kind)?;
+        let mut ops = Vec::new();
+        self.fail_task(&mut st, &lease, error, kind, &mut ops)?;
+        let durable = self.store.write(ops);
         drop(st);
+        durable.wait()?;
         self.work.notify_waiters();
         self.changed(&lease.job_id);
         Ok(())
     }
 
+    /// Applies a failure to the state; the writes it needs go to `ops`.
     fn fail_task(
         &self,
         st: &mut State,
         lease: &LeaseInfo,
         error: &str,
         kind: FailureKind,
+        ops: &mut Vec<Op>,
     ) -> Result<(), SchedulerError> {
         let job = st.jobs.get_mut(&lease.job_id).expect("leased job exists");
         if job.meta.state.is_terminal() {
@@ -461,13 +472,13 @@ impl Scheduler {
         task.error = error.to_string();
         if kind == FailureKind::Permanent || task.attempts >= max {
             task.state = TaskState::Failed;
-            self.store.update_task(&job.meta.id, task)?;
+            ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             let reason = format!(
                 "task {} ({}) failed after {} attempt(s): {error}",
                 task.index, task.spec.label, task.attempts
             );
             let job_id = job.meta.id.clone();
-            self.finish_job(st, &job_id, JobState::Failed, &reason)?;
+            self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
         } else {
             let backoff = self
                 .config
@@ -475,21 +486,23 @@ impl Scheduler {
                 .saturating_mul(1 << (task.attempts.saturating_sub(1)).min(16));
             task.state = TaskState::Pending;
             task.not_before_ms = now_ms() + backoff.min(self.config.max_backoff).as_millis() as i64;
-            self.store.update_task(&job.meta.id, task)?;
-            self.store.update_job(&job.meta)?;
+            ops.push(Op::Task(job.meta.id.clone(), task.clone()));
+            ops.push(Op::Job(job.meta.clone()));
             let key = queue_key(&job.meta, lease.index);
             st.queue.insert(key);
         }
         Ok(())
     }
 
-    /// Ends a job: pending tasks are cancelled, running ones told to stop at their next heartbeat.
+    /// Ends a job: pending tasks are cancelled, running ones told to stop at their next heartbeat. The writes
+    /// it needs go to `ops`.
     fn finish_job(
         &self,
         st: &mut State,
         job_id: &str,
         state: JobState,
         error: &str,
+        ops: &mut Vec<Op>,
     ) -> Result<(), SchedulerError> {
         let job = st
             .jobs
@@ -504,10 +517,10 @@ impl Scheduler {
             .filter(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
         {
             task.state = TaskState::Cancelled;
-            self.store.update_task(job_id, task)?;
+            ops.push(Op::Task(job_id.to_string(), task.clone()));
             st.queue.remove(&queue_key(&job.meta, task.index));
         }
-        self.store.update_job(&job.meta)?;
+        ops.push(Op::Job(job.meta.clone()));
         for lease_id in job.leases.values() {
             if let Some(lease) = st.leases.get_mut(lease_id) {
                 lease.cancel = true;
@@ -519,8 +532,11 @@ impl Scheduler {
     /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made).
     pub fn fail_job(&self, job_id: &str, error: &str) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().unwrap();
-        self.finish_job(&mut st, job_id, JobState::Failed, error)?;
+        let mut ops = Vec::new();
+        self.finish_job(&mut st, job_id, JobState::Failed, error, &mut ops)?;
+        let durable = self.store.write(ops);
         drop(st);
+        durable.wait()?;
         self.changed(job_id);
         Ok(())
     }
@@ -548,8 +564,11 @@ impl Scheduler {
         if state.is_terminal() {
             return Ok(state);
         }
-        self.finish_job(&mut st, job_id, JobState::Cancelled, "cancelled")?;
+        let mut ops = Vec::new();
+        self.finish_job(&mut st, job_id, JobState::Cancelled, "cancelled", &mut ops)?;
+        let durable = self.store.write(ops);
         drop(st);
+        durable.wait()?;
         self.changed(job_id);
         Ok(JobState::Cancelled)
     }
@@ -567,7 +586,7 @@ impl Scheduler {
         if expired.is_empty() {
             return Ok(());
         }
-        let mut jobs = Vec::new();
+        let (mut jobs, mut ops) = (Vec::new(), Vec::new());
         for lease_id in expired {
             let lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
             tracing::warn!(
@@ -581,10 +600,13 @@ impl Scheduler {
                 &lease,
                 "lease expired (worker lost)",
                 FailureKind::Retryable,
+                &mut ops,
             )?;
             jobs.push(lease.job_id);
         }
+        let durable = self.store.write(ops);
         drop(st);
+        durable.wait()?;
         self.work.notify_waiters();
         for job in jobs {
             self.changed(&job);
@@ -604,8 +626,9 @@ impl Scheduler {
             job.meta.state = JobState::Succeeded;
             job.meta.finished_ms = now_ms();
         }
-        self.store.update_job(&job.meta)?;
+        let durable = self.store.write(vec![Op::Job(job.meta.clone())]);
         drop(st);
+        durable.wait()?;
         self.changed(job_id);
         Ok(())
     }

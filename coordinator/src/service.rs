@@ -90,6 +90,16 @@ pub fn job_status(view: &JobView) -> pb::JobStatus {
     }
 }
 
+/// Runs `f` on the blocking pool: it may wait for the store's group commit, and many waiting together is
+/// what lets one fsync serve them all.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+}
+
 fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Status> {
     value
         .parse()
@@ -192,11 +202,13 @@ impl RenderService for RenderApi {
                 )));
             }
         }
-        let (job_id, created) = self
-            .coordinator
-            .scheduler
-            .submit(spec, &client_request_id)
-            .map_err(Error::from)?;
+        let scheduler = self.coordinator.scheduler.clone();
+        let (job_id, created) = blocking(move || {
+            Ok(scheduler
+                .submit(spec, &client_request_id)
+                .map_err(Error::from)?)
+        })
+        .await?;
         tracing::info!(job_id, created, "job submitted");
         Ok(Response::new(pb::SubmitJobResponse { job_id, created }))
     }
@@ -430,12 +442,19 @@ impl WorkerService for WorkerApi {
         if lease_id.is_empty() {
             return Err(Status::invalid_argument("lease_id: missing"));
         }
-        imaging::decode(&bytes, "result").map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let hash = self.coordinator.blobs.put(&bytes).map_err(Error::from)?;
-        let scheduler = &self.coordinator.scheduler;
-        let completed = scheduler
-            .complete(&lease_id, hash.as_str())
-            .map_err(Error::from)?;
+        let coordinator = self.coordinator.clone();
+        let lease = lease_id.clone();
+        let (hash, completed) = blocking(move || {
+            imaging::decode(&bytes, "result")
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let hash = coordinator.blobs.put(&bytes).map_err(Error::from)?;
+            let completed = coordinator
+                .scheduler
+                .complete(&lease, hash.as_str())
+                .map_err(Error::from)?;
+            Ok((hash, completed))
+        })
+        .await?;
         tracing::info!(lease_id, accepted = completed.is_some(), result = %hash, "task result");
         if let Some(done) = completed.as_ref().filter(|c| c.all_tasks_done) {
             let coordinator = self.coordinator.clone();
@@ -460,10 +479,13 @@ impl WorkerService for WorkerApi {
             FailureKind::Permanent
         };
         tracing::warn!(lease_id = r.lease_id, error = r.error, ?kind, "task failed");
-        self.coordinator
-            .scheduler
-            .fail(&r.lease_id, &r.error, kind)
-            .map_err(Error::from)?;
+        let scheduler = self.coordinator.scheduler.clone();
+        blocking(move || {
+            Ok(scheduler
+                .fail(&r.lease_id, &r.error, kind)
+                .map_err(Error::from)?)
+        })
+        .await?;
         Ok(Response::new(pb::FailTaskResponse {}))
     }
 

@@ -1,13 +1,13 @@
 //! Durable state of the coordinator: jobs and their tasks, behind the [`Store`] trait.
 //!
 //! Backends: [`MemoryStore`] (nothing survives the process; tests and benchmarks) and [`RedbStore`], the
-//! embedded persistent default (a single file under the data dir; every write is a committed, fsynced
-//! transaction, so a coordinator killed with SIGKILL loses nothing it acknowledged). One test suite runs
+//! embedded persistent default (a single file under the data dir; writes are committed in fsynced batches and
+//! acknowledged only once committed, so a coordinator killed with SIGKILL loses nothing it acknowledged). One test suite runs
 //! against each ([`tests::suite`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -100,14 +100,65 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
-/// Where jobs and tasks are kept. Every call is durable when it returns.
+/// One write to the store.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A new job with all its tasks.
+    Insert(JobMeta, Vec<TaskRecord>),
+    Job(JobMeta),
+    /// A task of the job with this id.
+    Task(String, TaskRecord),
+}
+
+/// Says when queued writes are durable.
+pub enum Ticket {
+    Done(Result<(), StoreError>),
+    Pending { seq: u64, shared: Arc<Shared> },
+}
+
+impl Ticket {
+    /// Blocks until the writes are durable (or failed).
+    pub fn wait(self) -> Result<(), StoreError> {
+        match self {
+            Ticket::Done(r) => r,
+            Ticket::Pending { seq, shared } => {
+                let mut q = shared.queue.lock().unwrap();
+                while q.committed < seq {
+                    q = shared.committed.wait(q).unwrap();
+                }
+                match q
+                    .failures
+                    .iter()
+                    .find(|(lo, hi, _)| *lo < seq && seq <= *hi)
+                {
+                    Some((_, _, e)) => Err(StoreError(e.clone())),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Where jobs and tasks are kept. Writes are queued in order and made durable together (group commit):
+/// [`Store::write`] does not block, its [`Ticket`] does.
 pub trait Store: Send + Sync {
-    /// Adds a job and all its tasks, atomically.
-    fn insert_job(&self, job: &JobMeta, tasks: &[TaskRecord]) -> Result<(), StoreError>;
-    fn update_job(&self, job: &JobMeta) -> Result<(), StoreError>;
-    fn update_task(&self, job_id: &str, task: &TaskRecord) -> Result<(), StoreError>;
+    /// Queues `ops`, to be applied after every write queued before them.
+    fn write(&self, ops: Vec<Op>) -> Ticket;
     /// Every job with its tasks (in index order), in submission order.
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
+
+    /// Adds a job and all its tasks, atomically, and waits until that is durable.
+    fn insert_job(&self, job: &JobMeta, tasks: &[TaskRecord]) -> Result<(), StoreError> {
+        self.write(vec![Op::Insert(job.clone(), tasks.to_vec())])
+            .wait()
+    }
+    fn update_job(&self, job: &JobMeta) -> Result<(), StoreError> {
+        self.write(vec![Op::Job(job.clone())]).wait()
+    }
+    fn update_task(&self, job_id: &str, task: &TaskRecord) -> Result<(), StoreError> {
+        self.write(vec![Op::Task(job_id.to_string(), task.clone())])
+            .wait()
+    }
 }
 
 /// A job and its tasks by index.
@@ -120,31 +171,27 @@ pub struct MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn insert_job(&self, job: &JobMeta, tasks: &[TaskRecord]) -> Result<(), StoreError> {
-        let tasks = tasks.iter().map(|t| (t.index, t.clone())).collect();
-        self.jobs
-            .lock()
-            .unwrap()
-            .insert(job.id.clone(), (job.clone(), tasks));
-        Ok(())
-    }
-
-    fn update_job(&self, job: &JobMeta) -> Result<(), StoreError> {
+    fn write(&self, ops: Vec<Op>) -> Ticket {
         let mut jobs = self.jobs.lock().unwrap();
-        let entry = jobs
-            .get_mut(&job.id)
-            .ok_or_else(|| err(format!("no job {}", job.id)))?;
-        entry.0 = job.clone();
-        Ok(())
-    }
-
-    fn update_task(&self, job_id: &str, task: &TaskRecord) -> Result<(), StoreError> {
-        let mut jobs = self.jobs.lock().unwrap();
-        let entry = jobs
-            .get_mut(job_id)
-            .ok_or_else(|| err(format!("no job {job_id}")))?;
-        entry.1.insert(task.index, task.clone());
-        Ok(())
+        for op in ops {
+            match op {
+                Op::Insert(job, tasks) => {
+                    let tasks = tasks.into_iter().map(|t| (t.index, t)).collect();
+                    jobs.insert(job.id.clone(), (job, tasks));
+                }
+                Op::Job(job) => match jobs.get_mut(&job.id) {
+                    Some(entry) => entry.0 = job,
+                    None => return Ticket::Done(Err(err(format!("no job {}", job.id)))),
+                },
+                Op::Task(job_id, task) => match jobs.get_mut(&job_id) {
+                    Some(entry) => {
+                        entry.1.insert(task.index, task);
+                    }
+                    None => return Ticket::Done(Err(err(format!("no job {job_id}")))),
+                },
+            }
+        }
+        Ticket::Done(Ok(()))
     }
 
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
@@ -163,13 +210,65 @@ impl Store for MemoryStore {
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const TASKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("tasks");
 
-/// The embedded persistent store: one redb file.
+/// The write queue of a [`RedbStore`].
+#[derive(Default)]
+pub struct Queue {
+    ops: Vec<Op>,
+    /// Number of write calls queued so far, and of those committed.
+    enqueued: u64,
+    committed: u64,
+    /// Batches whose commit failed: (after seq, up to seq, error).
+    failures: Vec<(u64, u64, String)>,
+    closing: bool,
+}
+
+/// What the committer thread and the tickets share.
+pub struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when ops are queued (to the committer).
+    queued: Condvar,
+    /// Signalled when a batch is committed (to the tickets).
+    committed: Condvar,
+}
+
+/// The embedded persistent store: one redb file. A committer thread applies the queued writes in batches, one
+/// fsynced transaction a batch: every write is durable when its ticket returns, and many writers share a fsync.
 pub struct RedbStore {
-    db: redb::Database,
+    db: Arc<redb::Database>,
+    shared: Arc<Shared>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+fn apply(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), StoreError> {
+    let mut jobs = tx.open_table(JOBS).map_err(err)?;
+    let mut tasks = tx.open_table(TASKS).map_err(err)?;
+    for op in ops {
+        match op {
+            Op::Insert(job, list) => {
+                jobs.insert(job.id.as_str(), json(job)?.as_slice())
+                    .map_err(err)?;
+                for t in list {
+                    tasks
+                        .insert((job.id.as_str(), t.index), json(t)?.as_slice())
+                        .map_err(err)?;
+                }
+            }
+            Op::Job(job) => {
+                jobs.insert(job.id.as_str(), json(job)?.as_slice())
+                    .map_err(err)?;
+            }
+            Op::Task(job_id, t) => {
+                tasks
+                    .insert((job_id.as_str(), t.index), json(t)?.as_slice())
+                    .map_err(err)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl RedbStore {
-    /// Opens or creates the database file.
+    /// Opens or creates the database file and starts its committer thread.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let db =
             redb::Database::create(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
@@ -177,16 +276,61 @@ impl RedbStore {
         tx.open_table(JOBS).map_err(err)?;
         tx.open_table(TASKS).map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(RedbStore { db })
+        let db = Arc::new(db);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            queued: Condvar::new(),
+            committed: Condvar::new(),
+        });
+        let committer = {
+            let (db, shared) = (db.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("store-committer".into())
+                .spawn(move || Self::commit_loop(&db, &shared))
+                .map_err(err)?
+        };
+        Ok(RedbStore {
+            db,
+            shared,
+            committer: Some(committer),
+        })
     }
 
-    fn write(
-        &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        f(&tx)?;
-        tx.commit().map_err(err)
+    fn commit_loop(db: &redb::Database, shared: &Shared) {
+        loop {
+            let (ops, upto) = {
+                let mut q = shared.queue.lock().unwrap();
+                while q.ops.is_empty() && !q.closing {
+                    q = shared.queued.wait(q).unwrap();
+                }
+                if q.ops.is_empty() {
+                    return;
+                }
+                (std::mem::take(&mut q.ops), q.enqueued)
+            };
+            let result = db.begin_write().map_err(err).and_then(|tx| {
+                apply(&tx, &ops)?;
+                tx.commit().map_err(err)
+            });
+            let mut q = shared.queue.lock().unwrap();
+            if let Err(e) = result {
+                tracing::error!(error = %e, "store commit failed");
+                let from = q.committed;
+                q.failures.push((from, upto, e.0));
+            }
+            q.committed = upto;
+            shared.committed.notify_all();
+        }
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        self.shared.queue.lock().unwrap().closing = true;
+        self.shared.queued.notify_all();
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
     }
 }
 
@@ -195,40 +339,20 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 impl Store for RedbStore {
-    fn insert_job(&self, job: &JobMeta, tasks: &[TaskRecord]) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.open_table(JOBS)
-                .map_err(err)?
-                .insert(job.id.as_str(), json(job)?.as_slice())
-                .map_err(err)?;
-            let mut table = tx.open_table(TASKS).map_err(err)?;
-            for t in tasks {
-                table
-                    .insert((job.id.as_str(), t.index), json(t)?.as_slice())
-                    .map_err(err)?;
-            }
-            Ok(())
-        })
-    }
-
-    fn update_job(&self, job: &JobMeta) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.open_table(JOBS)
-                .map_err(err)?
-                .insert(job.id.as_str(), json(job)?.as_slice())
-                .map_err(err)?;
-            Ok(())
-        })
-    }
-
-    fn update_task(&self, job_id: &str, task: &TaskRecord) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.open_table(TASKS)
-                .map_err(err)?
-                .insert((job_id, task.index), json(task)?.as_slice())
-                .map_err(err)?;
-            Ok(())
-        })
+    fn write(&self, ops: Vec<Op>) -> Ticket {
+        if ops.is_empty() {
+            return Ticket::Done(Ok(()));
+        }
+        let mut q = self.shared.queue.lock().unwrap();
+        q.ops.extend(ops);
+        q.enqueued += 1;
+        let seq = q.enqueued;
+        drop(q);
+        self.shared.queued.notify_one();
+        Ticket::Pending {
+            seq,
+            shared: self.shared.clone(),
+        }
     }
 
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
