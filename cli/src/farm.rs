@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_core::job::{parse_sweep, ImageHash, JobKind, JobSpec};
+use stylefarm_core::tiling::{self, Tiling};
 use stylefarm_core::{imaging, Init, RenderParams};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
@@ -90,8 +91,17 @@ pub struct JobArgs {
     #[arg(long, required = true)]
     style: Vec<PathBuf>,
     /// Every content x every style, each style alone.
-    #[arg(long, conflicts_with = "sweep")]
+    #[arg(long, conflicts_with_all = ["sweep", "tiled"])]
     batch: bool,
+    /// Render --size in overlapping tiles over a pyramid of scales (for outputs beyond one device).
+    #[arg(long, conflicts_with = "sweep")]
+    tiled: bool,
+    /// Tiled: tile size in pixels (also the first scale's longest side at most).
+    #[arg(long, default_value_t = tiling::DEFAULT_TILE_SIZE, requires = "tiled")]
+    tile_size: u32,
+    /// Tiled: minimum overlap of neighbouring tiles in pixels, blended with feathered weights.
+    #[arg(long, default_value_t = tiling::DEFAULT_OVERLAP, requires = "tiled")]
+    overlap: u32,
     /// A parameter grid, e.g. 'style_weight=10,100;seed=0,1' (style_blend values as 0.7:0.3).
     #[arg(long)]
     sweep: Option<String>,
@@ -290,6 +300,8 @@ async fn submit_job(
     let mut params = RenderParams::try_from(&job.params)?;
     let kind = if job.batch {
         JobKind::Batch
+    } else if job.tiled {
+        JobKind::Tiled
     } else if job.sweep.is_some() {
         JobKind::Sweep
     } else {
@@ -320,6 +332,14 @@ async fn submit_job(
             .unwrap_or_default(),
         priority: job.priority,
         max_attempts: 0,
+        tiling: if job.tiled {
+            Tiling {
+                tile_size: job.tile_size,
+                overlap: job.overlap,
+            }
+        } else {
+            Tiling::default()
+        },
     };
     spec.tasks()?;
     let request = pb::SubmitJobRequest {
@@ -374,9 +394,27 @@ async fn watch_job(
     let style = ProgressStyle::with_template("{prefix:>24} {bar:24} {pos:>4}/{len:4} {msg}")
         .expect("template");
     let mut task_bars: Vec<ProgressBar> = Vec::new();
+    let mut job_bar: Option<ProgressBar> = None;
     let mut last = None;
     while let Some(event) = stream.next().await {
         let status = event.map_err(status_error)?.status.context("empty event")?;
+        if status.scales > 0 {
+            // tiled: the scale being rendered and its tiles done
+            let bar = job_bar.get_or_insert_with(|| {
+                multi.insert(0, ProgressBar::new(1).with_style(style.clone()))
+            });
+            let scale = status.scale_results.len().min(status.scales as usize - 1);
+            let of_scale: Vec<&pb::TaskStatus> = status
+                .tasks
+                .iter()
+                .filter(|t| t.tile.as_ref().map_or(0, |x| x.scale) as usize == scale)
+                .collect();
+            let done = of_scale.iter().filter(|t| !t.result.is_empty()).count();
+            bar.set_prefix(format!("scale {}/{}", scale + 1, status.scales));
+            bar.set_length(of_scale.len().max(1) as u64);
+            bar.set_position(done as u64);
+            bar.set_message(format!("tiles of scale {} done", scale + 1));
+        }
         for t in &status.tasks {
             while task_bars.len() <= t.index as usize {
                 let bar = multi.add(ProgressBar::new(1).with_style(style.clone()));
@@ -401,7 +439,7 @@ async fn watch_job(
         }
         last = Some(status);
     }
-    for bar in task_bars {
+    for bar in task_bars.into_iter().chain(job_bar) {
         bar.finish();
     }
     last.context("the job's event stream ended without an event")
@@ -472,6 +510,32 @@ async fn fetch_results(
         );
     }
     let mut written = Vec::new();
+    if !status.result.is_empty() || status.scales > 0 {
+        // tiled: the stitched image; into a directory also every scale's
+        if status.result.is_empty() {
+            bail!(
+                "job {} has no result yet (state {})",
+                status.job_id,
+                state_name(status.state)
+            );
+        }
+        if imaging::output_format(output).is_ok() {
+            download(client, &status.result, output).await?;
+            written.push(output.to_path_buf());
+            return Ok(written);
+        }
+        std::fs::create_dir_all(output)
+            .with_context(|| format!("creating {}", output.display()))?;
+        for (k, sha) in status.scale_results.iter().enumerate() {
+            let path = output.join(format!("scale-{}.png", k + 1));
+            download(client, sha, &path).await?;
+            written.push(path);
+        }
+        let path = output.join("result.png");
+        download(client, &status.result, &path).await?;
+        written.push(path);
+        return Ok(written);
+    }
     if done.len() == 1 && status.contact_sheet.is_empty() && imaging::output_format(output).is_ok()
     {
         download(client, &done[0].result, output).await?;
@@ -555,6 +619,18 @@ pub fn status(args: JobRef) -> anyhow::Result<()> {
             .map_err(status_error)?
             .into_inner();
         print_status(&s);
+        if s.scales > 0 {
+            println!(
+                "  scales stitched {}/{}{}",
+                s.scale_results.len(),
+                s.scales,
+                if s.result.is_empty() {
+                    String::new()
+                } else {
+                    format!(", result {}", s.result)
+                }
+            );
+        }
         for t in &s.tasks {
             println!(
                 "  {:>3} {:<10} {:<32} attempts {} {}",

@@ -1,11 +1,14 @@
 //! `stylefarm`: the user's command. `render` renders one image on this machine; `local` runs a job on an
 //! embedded coordinator with local workers; `coordinator` and `worker` start the farm's nodes; `submit`,
-//! `watch`, `status`, `list`, `fetch` and `cancel` are its client; `weights` locates or converts weights.
+//! `watch`, `status`, `list`, `fetch` and `cancel` are its client; `seams` measures a tiled render's seams;
+//! `weights` locates or converts weights.
 
 mod farm;
 mod render;
+mod seams;
 mod weights;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -25,7 +28,7 @@ struct Cli {
 enum Command {
     /// Render one stylized image on this machine.
     Render(Box<render::RenderArgs>),
-    /// Run a job (single, batch or sweep) on an embedded coordinator with local workers.
+    /// Run a job (single, batch, sweep or tiled) on an embedded coordinator with local workers.
     Local(Box<farm::LocalArgs>),
     /// Start a coordinator.
     Coordinator(farm::CoordinatorArgs),
@@ -43,6 +46,8 @@ enum Command {
     Fetch(farm::FetchArgs),
     /// Cancel a job.
     Cancel(farm::JobRef),
+    /// Measure how visible a tiled render's tile grid is (1.0: not at all).
+    Seams(seams::SeamsArgs),
     /// Locate or convert VGG19 weights.
     #[command(subcommand)]
     Weights(weights::WeightsCommand),
@@ -60,6 +65,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // colours only on a terminal: log files stay greppable
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Render(args) => render::run(*args),
@@ -72,6 +79,7 @@ fn main() -> ExitCode {
         Command::List(args) => farm::list(args),
         Command::Fetch(args) => farm::fetch(args),
         Command::Cancel(args) => farm::cancel(args),
+        Command::Seams(args) => seams::run(args),
         Command::Weights(cmd) => weights::run(cmd),
     };
     match result {

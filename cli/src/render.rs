@@ -234,12 +234,7 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
         }
         ControlFlow::Continue(())
     };
-    let job = RenderJob {
-        content,
-        styles,
-        init_image,
-        params,
-    };
+    let job = RenderJob::new(content, styles, init_image, params);
     let image = engine
         .render(&job, &mut on_progress)
         .context("render failed")?;

@@ -507,3 +507,120 @@ async fn health_says_serving_and_reflection_lists_the_services() {
         assert!(names.contains(name), "{name} not in {names:?}");
     }
 }
+
+/// The seam measure of a tiled result, and its size.
+fn seams(path: &std::path::Path, tile: u32, overlap: u32) -> (f64, (u32, u32)) {
+    use stylefarm_core::tiling::{seam_measure, TileGrid, Tiling};
+    let img = image::open(path).unwrap().to_rgb8();
+    let grid = TileGrid::new(
+        img.width(),
+        img.height(),
+        Tiling {
+            tile_size: tile,
+            overlap,
+        },
+    );
+    assert!(grid.len() > 1);
+    (seam_measure(&img, &grid).unwrap(), img.dimensions())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tiled_render_on_two_workers_has_no_seams_and_survives_a_killed_worker() {
+    let mut cluster = Cluster::start(1.5, 0.3);
+    cluster.add_worker("w1");
+    cluster.add_worker("w2");
+    wait_registered(&cluster, 2).await;
+    let common = [
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--tiled",
+        "--size",
+        "512",
+        "--tile-size",
+        "256",
+        "--overlap",
+        "64",
+        "--scale-iterations",
+        "16,8",
+    ];
+    // undisturbed, on two workers: 512 x 384 = one 256-px task, then 3 x 2 tiles of 256 px
+    let out = cluster.dir.path().join("tiled.png");
+    let (ok, stdout, err) = cluster.cli(
+        &[
+            &["submit"],
+            &common[..],
+            &[
+                "--request-id",
+                "undisturbed",
+                "--wait",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    let mut client = cluster.client().await;
+    let status = job(&mut client, stdout.trim()).await;
+    assert_eq!(status.tasks.len(), 1 + 6);
+    assert_eq!((status.scales, status.scale_results.len()), (2, 2));
+    let workers: HashSet<&str> = status.tasks.iter().map(|t| t.worker_id.as_str()).collect();
+    assert_eq!(workers.len(), 2, "both workers rendered tiles: {workers:?}");
+    let (measure, size) = seams(&out, 256, 64);
+    assert_eq!(size, (512, 384));
+    assert!(measure <= 1.10, "seam measure {measure}");
+    let style_cached = cluster
+        .workers
+        .iter()
+        .map(|w| w.log_text().matches("style_cached=true").count())
+        .sum::<usize>();
+    assert!(
+        style_cached >= 4,
+        "tiles reuse the scale's style targets: {style_cached} of 6"
+    );
+
+    // one worker killed in the middle of a tile: the tile is rendered again, the pixels are the same
+    cluster.workers[1].kill();
+    let disturbed = submit(
+        &cluster,
+        &[&common[..], &["--request-id", "disturbed"]].concat(),
+    );
+    let client = cluster.client().await;
+    wait_for("a tile to be rendering", Duration::from_secs(120), || {
+        let mut client = client.clone();
+        let id = disturbed.clone();
+        async move {
+            let s = job(&mut client, &id).await;
+            s.tasks
+                .iter()
+                .any(|t| {
+                    t.tile.is_some() && t.state == pb::TaskState::Running as i32 && t.iteration >= 2
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    cluster.workers[0].kill();
+    cluster.add_worker("survivor");
+    let status = wait_state(
+        &cluster,
+        &disturbed,
+        pb::JobState::Succeeded,
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        status
+            .tasks
+            .iter()
+            .any(|t| t.tile.is_some() && t.attempts == 2),
+        "the killed tile ran again"
+    );
+    let undisturbed = job(&mut client.clone(), stdout.trim()).await;
+    assert_eq!(
+        status.result, undisturbed.result,
+        "same spec, same pixels (sha256)"
+    );
+}

@@ -1,6 +1,7 @@
 //! stylefarm-coordinator: the farm's coordinator. It accepts jobs from clients (RenderService), splits them
 //! into tasks, hands the tasks to workers that pull them under leases (WorkerService), keeps every job in a
-//! persistent store and every image in a content-addressed blob store, and composes sweeps' contact sheets.
+//! persistent store and every image in a content-addressed blob store, composes sweeps' contact sheets and
+//! stitches tiled jobs' scales.
 //! It never links libtorch.
 //!
 //! - [`scheduler`]: leases with expiry and fencing, retries with backoff, blocklist, priorities, cancellation;
@@ -13,6 +14,7 @@ pub mod scheduler;
 mod service;
 mod sheet;
 pub mod store;
+mod tiled;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -87,8 +89,8 @@ impl Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,
         });
-        for job_id in coordinator.scheduler.sweeps_awaiting_sheet() {
-            coordinator.finish_sweep(&job_id);
+        for job_id in coordinator.scheduler.jobs_awaiting_step() {
+            coordinator.step(&job_id);
         }
         Ok(coordinator)
     }

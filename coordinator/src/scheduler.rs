@@ -244,6 +244,8 @@ impl Scheduler {
             error: String::new(),
             strikes: Default::default(),
             contact_sheet: String::new(),
+            result: String::new(),
+            scale_results: Vec::new(),
         };
         let tasks: Vec<TaskRecord> = tasks
             .into_iter()
@@ -409,8 +411,9 @@ impl Scheduler {
         task.error.clear();
         let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
         let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
-        // a sweep succeeds once its contact sheet is recorded (set_contact_sheet)
-        if all_tasks_done && job.meta.spec.kind != JobKind::Sweep {
+        // a sweep succeeds once its contact sheet is recorded (set_contact_sheet), a tiled job once its last
+        // scale is stitched (advance_tiled)
+        if all_tasks_done && !matches!(job.meta.spec.kind, JobKind::Sweep | JobKind::Tiled) {
             job.meta.state = JobState::Succeeded;
             job.meta.finished_ms = now_ms();
             ops.push(Op::Job(job.meta.clone()));
@@ -541,12 +544,14 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Sweeps whose every task succeeded but whose contact sheet is missing (e.g. after a restart).
-    pub fn sweeps_awaiting_sheet(&self) -> Vec<String> {
+    /// Sweeps and tiled jobs whose every task succeeded, waiting for the coordinator's step (a contact
+    /// sheet, a stitch), e.g. after a restart.
+    pub fn jobs_awaiting_step(&self) -> Vec<String> {
         let st = self.state.lock().unwrap();
         st.jobs
             .values()
-            .filter(|j| j.meta.spec.kind == JobKind::Sweep && !j.meta.state.is_terminal())
+            .filter(|j| matches!(j.meta.spec.kind, JobKind::Sweep | JobKind::Tiled))
+            .filter(|j| !j.meta.state.is_terminal())
             .filter(|j| j.tasks.iter().all(|t| t.state == TaskState::Succeeded))
             .map(|j| j.meta.id.clone())
             .collect()
@@ -633,6 +638,54 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Records the stitched image of scale `scale` of a tiled job whose tasks all succeeded, and either
+    /// queues the next scale's tasks (`next`) or, at the last scale, completes the job with it. Returns false
+    /// (and changes nothing) when the job is not at that point: finished, cancelled, or already past it.
+    pub fn advance_tiled(
+        &self,
+        job_id: &str,
+        scale: u32,
+        stitched: &str,
+        next: Option<Vec<TaskSpec>>,
+    ) -> Result<bool, SchedulerError> {
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let job = st
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?;
+        let at_scale = job.meta.scale_results.len() as u32 == scale
+            && job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
+        if job.meta.state.is_terminal() || job.meta.spec.kind != JobKind::Tiled || !at_scale {
+            return Ok(false);
+        }
+        job.meta.scale_results.push(stitched.to_string());
+        let mut ops = Vec::new();
+        match next {
+            Some(tasks) => {
+                let first = job.tasks.len() as u32;
+                for (i, spec) in tasks.into_iter().enumerate() {
+                    let task = TaskRecord::pending(first + i as u32, spec);
+                    ops.push(Op::Task(job_id.to_string(), task.clone()));
+                    st.queue.insert(queue_key(&job.meta, task.index));
+                    job.tasks.push(task);
+                }
+            }
+            None => {
+                job.meta.result = stitched.to_string();
+                job.meta.state = JobState::Succeeded;
+                job.meta.finished_ms = now_ms();
+            }
+        }
+        ops.push(Op::Job(job.meta.clone()));
+        let durable = self.store.write(ops);
+        drop(guard);
+        durable.wait()?;
+        self.work.notify_waiters();
+        self.changed(job_id);
+        Ok(true)
+    }
+
     pub fn get(&self, job_id: &str) -> Result<JobView, SchedulerError> {
         let st = self.state.lock().unwrap();
         let job = st
@@ -699,6 +752,7 @@ mod tests {
             sweep: vec![],
             priority,
             max_attempts: 0,
+            tiling: Default::default(),
         }
     }
 
@@ -838,6 +892,62 @@ mod tests {
             s.cancel("job-nope"),
             Err(SchedulerError::JobNotFound(_))
         ));
+    }
+
+    #[test]
+    fn tiled_jobs_advance_scale_by_scale_and_survive_a_restart() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let spec = JobSpec {
+            kind: JobKind::Tiled,
+            contents: vec![ImageHash::of(b"content")],
+            params: RenderParams {
+                size: 1024,
+                ..Default::default()
+            },
+            ..batch(1, 0)
+        };
+        let (job, _) = s.submit(spec.clone(), "").unwrap();
+        let l = s.lease("w").unwrap().unwrap();
+        assert_eq!(l.spec.label, "scale 1/2");
+        let done = s.complete(&l.lease_id, "scale0").unwrap().unwrap();
+        assert!(done.all_tasks_done);
+        assert_eq!(
+            s.get(&job).unwrap().meta.state,
+            JobState::Running,
+            "waits for its stitch"
+        );
+        assert_eq!(s.jobs_awaiting_step(), vec![job.clone()]);
+        let stitched = ImageHash::of(b"stitched 1");
+        let tiles = spec.scale_tasks(800, 600, 1, &stitched).unwrap();
+        assert_eq!(tiles.len(), 6, "1024 x 768 in 512-px tiles: 3 x 2");
+        // a wrong scale, or the same scale twice, changes nothing
+        assert!(!s.advance_tiled(&job, 1, "x", None).unwrap());
+        assert!(s
+            .advance_tiled(&job, 0, stitched.as_str(), Some(tiles.clone()))
+            .unwrap());
+        assert!(!s
+            .advance_tiled(&job, 0, stitched.as_str(), Some(tiles))
+            .unwrap());
+        assert_eq!(s.queue_depth(), 6);
+        assert!(s.jobs_awaiting_step().is_empty());
+        // the tiles are in the store: a restarted scheduler has them queued
+        let again = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        assert_eq!(again.queue_depth(), 6);
+        let mut leases = Vec::new();
+        while let Some(l) = again.lease("w").unwrap() {
+            assert!(l.spec.tile.is_some());
+            leases.push(l);
+        }
+        assert_eq!(leases.len(), 6);
+        for l in &leases {
+            again.complete(&l.lease_id, "tile").unwrap();
+        }
+        assert!(again.advance_tiled(&job, 1, "final", None).unwrap());
+        let view = again.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Succeeded);
+        assert_eq!(view.meta.result, "final");
+        assert_eq!(view.meta.scale_results, [stitched.as_str(), "final"]);
     }
 
     #[test]

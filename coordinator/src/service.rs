@@ -80,10 +80,18 @@ pub fn job_status(view: &JobView) -> pb::JobStatus {
                     losses: Some(losses(p.losses)),
                     result: t.result.clone(),
                     error: t.error.clone(),
+                    tile: t.spec.tile.as_ref().map(Into::into),
                 }
             })
             .collect(),
         contact_sheet: m.contact_sheet.clone(),
+        result: m.result.clone(),
+        scale_results: m.scale_results.clone(),
+        scales: if m.spec.kind == JobKind::Tiled {
+            m.spec.pyramid_params().map_or(0, |p| p.scales)
+        } else {
+            0
+        },
         error: m.error.clone(),
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
@@ -387,6 +395,7 @@ impl WorkerService for WorkerApi {
                 content: lease.spec.content.to_string(),
                 styles: lease.spec.styles.iter().map(ToString::to_string).collect(),
                 params: Some((&lease.spec.params).into()),
+                tile: lease.spec.tile.as_ref().map(Into::into),
                 label: lease.spec.label,
             }),
             lease_id: lease.lease_id,
@@ -459,7 +468,7 @@ impl WorkerService for WorkerApi {
         if let Some(done) = completed.as_ref().filter(|c| c.all_tasks_done) {
             let coordinator = self.coordinator.clone();
             let job_id = done.job_id.clone();
-            tokio::task::spawn_blocking(move || coordinator.finish_sweep(&job_id));
+            tokio::task::spawn_blocking(move || coordinator.step(&job_id));
         }
         Ok(Response::new(pb::CompleteTaskResponse {
             accepted: completed.is_some(),
@@ -503,6 +512,19 @@ impl WorkerService for WorkerApi {
 }
 
 impl Coordinator {
+    /// The coordinator's own work once every task of a job succeeded: a sweep's contact sheet, a tiled job's
+    /// stitch (and next scale).
+    pub(crate) fn step(&self, job_id: &str) {
+        let Ok(view) = self.scheduler.get(job_id) else {
+            return;
+        };
+        match view.meta.spec.kind {
+            JobKind::Sweep => self.finish_sweep(job_id),
+            JobKind::Tiled => self.finish_tiled_scale(job_id),
+            _ => {}
+        }
+    }
+
     /// When a sweep job has succeeded: composes its contact sheet, stores it and records it on the job.
     pub(crate) fn finish_sweep(&self, job_id: &str) {
         let Ok(view) = self.scheduler.get(job_id) else {

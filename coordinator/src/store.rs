@@ -58,6 +58,12 @@ pub struct JobMeta {
     pub strikes: BTreeMap<String, u32>,
     /// sha256 of a sweep's contact sheet.
     pub contact_sheet: String,
+    /// Tiled jobs: sha256 of the final stitched image.
+    #[serde(default)]
+    pub result: String,
+    /// Tiled jobs: sha256 of each finished scale's stitched image, coarsest first.
+    #[serde(default)]
+    pub scale_results: Vec<String>,
 }
 
 /// One task of a job.
@@ -393,6 +399,7 @@ pub(crate) mod tests {
             sweep: vec![],
             priority: 0,
             max_attempts: 0,
+            tiling: Default::default(),
         };
         let tasks = spec
             .tasks()
@@ -412,6 +419,8 @@ pub(crate) mod tests {
             error: String::new(),
             strikes: BTreeMap::new(),
             contact_sheet: String::new(),
+            result: String::new(),
+            scale_results: Vec::new(),
         };
         (meta, tasks)
     }

@@ -6,7 +6,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::params::RenderParams;
+use crate::params::{Init, RenderParams};
+use crate::tiling::{self, Rect, Tiling};
 use crate::Error;
 
 /// Most tasks one job may expand to.
@@ -81,6 +82,9 @@ pub enum JobKind {
     Batch,
     /// One content with the style set, one task per point of the sweep's grid.
     Sweep,
+    /// One content with the style set at a size beyond one device: a pyramid of scales, each later scale cut
+    /// into overlapping tiles (one task each) and stitched by the coordinator before the next is created.
+    Tiled,
 }
 
 /// A parameter a sweep can vary.
@@ -209,6 +213,27 @@ pub struct JobSpec {
     pub priority: i32,
     /// Attempts per task before the job fails; 0: the coordinator's default.
     pub max_attempts: u32,
+    /// Tile size and overlap of a tiled job.
+    #[serde(default)]
+    pub tiling: Tiling,
+}
+
+/// Where a task of a tiled job sits: its scale of the pyramid and its tile of that scale's canvas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TileTask {
+    /// 0-based scale; scale 0 is rendered whole and has no tile.
+    pub scale: u32,
+    pub scales: u32,
+    /// Row-major index of the tile, and the tiles of this scale.
+    pub tile: u32,
+    pub tiles: u32,
+    /// The canvas of this scale; the content image is resized to it, as is the previous scale's result,
+    /// the task's init (`params.init`).
+    pub canvas_width: u32,
+    pub canvas_height: u32,
+    pub rect: Rect,
+    /// The tile size of the job: style targets are computed in blocks of at most this size.
+    pub tile_size: u32,
 }
 
 /// One render of a job: what a worker runs.
@@ -219,6 +244,9 @@ pub struct TaskSpec {
     pub params: RenderParams,
     /// For people: which content and style, or which sweep point.
     pub label: String,
+    /// Set for the tiles of a tiled job's later scales.
+    #[serde(default)]
+    pub tile: Option<TileTask>,
 }
 
 impl JobSpec {
@@ -248,6 +276,12 @@ impl JobSpec {
                 format!("a {:?} job takes one content image", self.kind).to_lowercase(),
             ));
         }
+        if self.kind != JobKind::Tiled && self.tiling != Tiling::default() {
+            return Err(Error::invalid(
+                "tiling",
+                "only a tiled job takes a tile size and overlap",
+            ));
+        }
         if self.kind != JobKind::Sweep && !self.sweep.is_empty() {
             return Err(Error::invalid("sweep", "only a sweep job has sweep axes"));
         }
@@ -259,6 +293,25 @@ impl JobSpec {
                     styles: self.styles.clone(),
                     params: self.params.clone(),
                     label: "render".into(),
+                    tile: None,
+                }]
+            }
+            JobKind::Tiled => {
+                let params = self.pyramid_params()?;
+                let sizes = params.sizes_per_scale();
+                vec![TaskSpec {
+                    content: self.contents[0].clone(),
+                    styles: self.styles.clone(),
+                    params: RenderParams {
+                        size: sizes[0],
+                        iterations: params.iterations_per_scale()[0],
+                        scale_iterations: Vec::new(),
+                        scales: 1,
+                        original_colors: false,
+                        ..params.clone()
+                    },
+                    label: format!("scale 1/{}", sizes.len()),
+                    tile: None,
                 }]
             }
             JobKind::Batch => {
@@ -282,6 +335,7 @@ impl JobSpec {
                             styles: vec![style.clone()],
                             params: params.clone(),
                             label: format!("content {} x style {}", i + 1, j + 1),
+                            tile: None,
                         });
                     }
                 }
@@ -290,6 +344,69 @@ impl JobSpec {
             JobKind::Sweep => self.sweep_tasks()?,
         };
         Ok(tasks)
+    }
+
+    /// A tiled job's parameters with the number of scales of its pyramid, checked.
+    pub fn pyramid_params(&self) -> Result<RenderParams, Error> {
+        let params = tiling::pyramid_params(&self.params, self.tiling)?;
+        params.validate(self.styles.len())?;
+        Ok(params)
+    }
+
+    /// The tasks of scale `scale` (>= 1) of a tiled job whose content image is `content_width` x
+    /// `content_height`, given the stitched result of the scale before.
+    pub fn scale_tasks(
+        &self,
+        content_width: u32,
+        content_height: u32,
+        scale: u32,
+        previous: &ImageHash,
+    ) -> Result<Vec<TaskSpec>, Error> {
+        let plans = tiling::plan(content_width, content_height, &self.params, self.tiling)?;
+        let scales = plans.len() as u32;
+        let plan = plans
+            .get(scale as usize)
+            .filter(|_| scale >= 1)
+            .ok_or_else(|| Error::invalid("scale", format!("no scale {scale} of {scales}")))?;
+        let grid = plan.grid.as_ref().expect("later scales are tiled");
+        let params = RenderParams {
+            size: plan.longest(),
+            iterations: plan.iterations,
+            scale_iterations: Vec::new(),
+            scales: 1,
+            original_colors: false,
+            init: Init::Image(previous.as_str().into()),
+            ..self.params.clone()
+        };
+        Ok(grid
+            .tiles()
+            .enumerate()
+            .map(|(i, rect)| TaskSpec {
+                content: self.contents[0].clone(),
+                styles: self.styles.clone(),
+                params: params.clone(),
+                label: format!(
+                    "scale {}/{scales} tile {}/{} ({}x{} at {},{})",
+                    scale + 1,
+                    i + 1,
+                    grid.len(),
+                    rect.width,
+                    rect.height,
+                    rect.x,
+                    rect.y
+                ),
+                tile: Some(TileTask {
+                    scale,
+                    scales,
+                    tile: i as u32,
+                    tiles: grid.len() as u32,
+                    canvas_width: plan.width,
+                    canvas_height: plan.height,
+                    rect,
+                    tile_size: self.tiling.tile_size,
+                }),
+            })
+            .collect())
     }
 
     fn sweep_tasks(&self) -> Result<Vec<TaskSpec>, Error> {
@@ -348,6 +465,7 @@ impl JobSpec {
                 styles: self.styles.clone(),
                 params,
                 label: label.join(" "),
+                tile: None,
             });
         }
         Ok(tasks)
@@ -371,6 +489,7 @@ mod tests {
             sweep: Vec::new(),
             priority: 0,
             max_attempts: 0,
+            tiling: Tiling::default(),
         }
     }
 
@@ -422,6 +541,44 @@ mod tests {
             ..spec(JobKind::Sweep)
         };
         assert_eq!(blend.tasks().unwrap()[0].params.style_blend, [0.7, 0.3]);
+    }
+
+    #[test]
+    fn tiled_jobs_start_with_one_task_then_tiles() {
+        let s = JobSpec {
+            params: RenderParams {
+                size: 1024,
+                ..Default::default()
+            },
+            tiling: Tiling {
+                tile_size: 256,
+                overlap: 64,
+            },
+            ..spec(JobKind::Tiled)
+        };
+        let first = s.tasks().unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!((first[0].params.size, first[0].params.scales), (256, 1));
+        assert_eq!(first[0].params.iterations, 500);
+        assert_eq!(first[0].label, "scale 1/3");
+        let tiles = s.scale_tasks(800, 600, 2, &h(9)).unwrap();
+        // 1024 x 768 in 256-px tiles, overlap >= 64: 5 x 4
+        assert_eq!(tiles.len(), 20);
+        let t = tiles[6].tile.as_ref().unwrap();
+        assert_eq!((t.canvas_width, t.canvas_height, t.tiles), (1024, 768, 20));
+        assert_eq!((t.rect.width, t.rect.height), (256, 256));
+        assert_eq!(tiles[6].params.init, Init::Image(h(9).as_str().into()));
+        assert_eq!(tiles[6].params.iterations, 125);
+        assert!(s.scale_tasks(800, 600, 3, &h(9)).is_err());
+        let untiled = JobSpec {
+            tiling: s.tiling,
+            ..spec(JobKind::Single)
+        };
+        assert!(untiled
+            .tasks()
+            .unwrap_err()
+            .to_string()
+            .starts_with("tiling"));
     }
 
     #[test]

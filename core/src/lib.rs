@@ -3,12 +3,14 @@
 //! - [`params`]: render parameters with ALGORITHM.md's defaults and their validation;
 //! - [`imaging`]: image decoding and encoding with limits, working sizes, antialiased resampling, and the
 //!   original-colours transfer;
-//! - [`job`]: the farm's jobs (single, batch, sweep) and the tasks they expand into;
+//! - [`job`]: the farm's jobs (single, batch, sweep, tiled) and the tasks they expand into;
+//! - [`tiling`]: the plan of a tiled render (scales, tiles with overlap), feathered stitching, the seam measure;
 //! - [`wire`]: conversion from and to the protocol's types, with errors naming the field.
 
 pub mod imaging;
 pub mod job;
 pub mod params;
+pub mod tiling;
 pub mod wire;
 
 pub use params::{Init, Layer, Optimizer, Pooling, RenderParams};

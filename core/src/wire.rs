@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use stylefarm_proto::pb;
 
-use crate::job::{ImageHash, JobKind, JobSpec, SweepAxis};
+use crate::job::{ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
 use crate::params::{Init, Layer, RenderParams};
+use crate::tiling::{Rect, Tiling, DEFAULT_OVERLAP, DEFAULT_TILE_SIZE};
 use crate::Error;
 
 fn hashes(field: &'static str, values: Vec<String>) -> Result<Vec<ImageHash>, Error> {
@@ -128,10 +129,14 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             Ok(pb::JobKind::Single) => JobKind::Single,
             Ok(pb::JobKind::Batch) => JobKind::Batch,
             Ok(pb::JobKind::Sweep) => JobKind::Sweep,
+            Ok(pb::JobKind::Tiled) => JobKind::Tiled,
             _ => {
                 return Err(Error::invalid(
                     "kind",
-                    format!("{} is not a job kind (single, batch or sweep)", s.kind),
+                    format!(
+                        "{} is not a job kind (single, batch, sweep or tiled)",
+                        s.kind
+                    ),
                 ))
             }
         };
@@ -156,6 +161,18 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             sweep,
             priority: s.priority,
             max_attempts: s.max_attempts,
+            tiling: Tiling {
+                tile_size: if s.tile_size == 0 {
+                    DEFAULT_TILE_SIZE
+                } else {
+                    s.tile_size
+                },
+                overlap: if s.overlap == 0 {
+                    DEFAULT_OVERLAP
+                } else {
+                    s.overlap
+                },
+            },
         };
         spec.tasks()?;
         Ok(spec)
@@ -169,6 +186,7 @@ impl From<&JobSpec> for pb::JobSpec {
                 JobKind::Single => pb::JobKind::Single,
                 JobKind::Batch => pb::JobKind::Batch,
                 JobKind::Sweep => pb::JobKind::Sweep,
+                JobKind::Tiled => pb::JobKind::Tiled,
             } as i32,
             contents: s.contents.iter().map(ToString::to_string).collect(),
             styles: s.styles.iter().map(ToString::to_string).collect(),
@@ -183,7 +201,72 @@ impl From<&JobSpec> for pb::JobSpec {
                 .collect(),
             priority: s.priority,
             max_attempts: s.max_attempts,
+            tile_size: s.tiling.tile_size,
+            overlap: s.tiling.overlap,
         }
+    }
+}
+
+impl From<&TileTask> for pb::TileTask {
+    fn from(t: &TileTask) -> Self {
+        pb::TileTask {
+            scale: t.scale,
+            scales: t.scales,
+            tile: t.tile,
+            tiles: t.tiles,
+            canvas_width: t.canvas_width,
+            canvas_height: t.canvas_height,
+            x: t.rect.x,
+            y: t.rect.y,
+            width: t.rect.width,
+            height: t.rect.height,
+            tile_size: t.tile_size,
+        }
+    }
+}
+
+impl TryFrom<pb::TileTask> for TileTask {
+    type Error = Error;
+
+    /// Converts and checks that the tile lies inside its canvas.
+    fn try_from(t: pb::TileTask) -> Result<Self, Error> {
+        let inside = t.width > 0
+            && t.height > 0
+            && u64::from(t.x) + u64::from(t.width) <= u64::from(t.canvas_width)
+            && u64::from(t.y) + u64::from(t.height) <= u64::from(t.canvas_height);
+        if !inside || t.scale >= t.scales || t.tile >= t.tiles {
+            return Err(Error::invalid(
+                "tile",
+                format!(
+                    "tile {}/{} of scale {}/{}: {}x{} at {},{} is not inside the {}x{} canvas",
+                    t.tile,
+                    t.tiles,
+                    t.scale,
+                    t.scales,
+                    t.width,
+                    t.height,
+                    t.x,
+                    t.y,
+                    t.canvas_width,
+                    t.canvas_height
+                ),
+            ));
+        }
+        Ok(TileTask {
+            scale: t.scale,
+            scales: t.scales,
+            tile: t.tile,
+            tiles: t.tiles,
+            canvas_width: t.canvas_width,
+            canvas_height: t.canvas_height,
+            rect: Rect {
+                x: t.x,
+                y: t.y,
+                width: t.width,
+                height: t.height,
+            },
+            tile_size: t.tile_size,
+        })
     }
 }
 
@@ -205,6 +288,7 @@ mod tests {
             sweep: parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap(),
             priority: 3,
             max_attempts: 2,
+            tiling: Tiling::default(),
         }
     }
 

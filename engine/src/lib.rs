@@ -14,7 +14,7 @@ pub mod optim;
 pub mod render;
 pub mod vgg;
 
-pub use render::{Engine, LossTerms, Progress, RenderJob};
+pub use render::{style_side, Engine, LossTerms, Progress, RenderJob, StyleGrams};
 pub use tch::Device;
 pub use vgg::{Preprocessing, Vgg19};
 

@@ -2,6 +2,7 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::rc::Rc;
 use std::time::Instant;
 
 use image::RgbImage;
@@ -23,6 +24,47 @@ pub struct RenderJob {
     /// The init image when `params.init` is [`Init::Image`].
     pub init_image: Option<RgbImage>,
     pub params: RenderParams,
+    /// The longest side the style targets are sized for (style images get `round(style_longest *
+    /// style_scale)`); `None`: each scale's working size. A tile of a larger canvas sets the canvas' size.
+    pub style_longest: Option<u32>,
+}
+
+impl RenderJob {
+    pub fn new(
+        content: RgbImage,
+        styles: Vec<RgbImage>,
+        init_image: Option<RgbImage>,
+        params: RenderParams,
+    ) -> RenderJob {
+        RenderJob {
+            content,
+            styles,
+            init_image,
+            params,
+            style_longest: None,
+        }
+    }
+}
+
+/// Where [`Engine::render_with`] gets the style targets of a style side: e.g. a cache shared across tasks.
+pub type StyleSource<'a> = dyn FnMut(&Engine, u32) -> Result<Rc<StyleGrams>, Error> + 'a;
+
+/// The longest side of the style images for a working size `longest`.
+pub fn style_side(longest: u32, params: &RenderParams) -> u32 {
+    ((longest as f64) * params.style_scale).round().max(1.0) as u32
+}
+
+/// The blended Gram matrices of a style set at one style size, one per style layer: the style targets that
+/// every task and every tile with the same (style images, blend, size, layers, pooling) share.
+pub struct StyleGrams {
+    grams: Vec<Tensor>,
+}
+
+impl StyleGrams {
+    /// The Gram matrix of each style layer, in `params.style_layers` order.
+    pub fn grams(&self) -> &[Tensor] {
+        &self.grams
+    }
 }
 
 /// The weighted terms of the objective and their sum.
@@ -105,6 +147,123 @@ impl Engine {
         longest: u32,
         params: &RenderParams,
     ) -> Targets {
+        let grams = self.style_grams(styles, style_side(longest, params), params, None);
+        self.targets_with(content, &grams, params)
+    }
+
+    /// The blended Gram matrices of `styles`, each resized so its longest side is `side`. With `block`, a
+    /// style image larger than it is run through the network in blocks of at most `block` px (halos
+    /// included) whose Gram sums are added up, so the memory needed depends on the block, not on `side`.
+    pub fn style_grams(
+        &self,
+        styles: &[RgbImage],
+        side: u32,
+        params: &RenderParams,
+        block: Option<u32>,
+    ) -> StyleGrams {
+        let pre = self.vgg.preprocessing();
+        tch::no_grad(|| {
+            let mut grams: Vec<Option<Tensor>> = params.style_layers.iter().map(|_| None).collect();
+            for (img, w) in styles.iter().zip(params.blend_weights(styles.len())) {
+                let img = imaging::resize_longest(img, side);
+                let of_image = match block {
+                    Some(b) if img.width().max(img.height()) > b => {
+                        self.blocked_grams(&img, b, params)
+                    }
+                    _ => self
+                        .vgg
+                        .features(
+                            &pre.preprocess(&img, self.device),
+                            params.pooling,
+                            &params.style_layers,
+                        )
+                        .iter()
+                        .map(gram)
+                        .collect(),
+                };
+                for (acc, g) in grams.iter_mut().zip(of_image) {
+                    let g = g * w;
+                    *acc = Some(match acc.take() {
+                        Some(sum) => sum + g,
+                        None => g,
+                    });
+                }
+            }
+            StyleGrams {
+                grams: grams.into_iter().map(|g| g.expect("a style")).collect(),
+            }
+        })
+    }
+
+    /// Gram matrices of one (large) image computed block by block. Blocks start on multiples of 16 px (the
+    /// deepest pooling stride) and carry a halo of context on each side; each layer's feature map is cut
+    /// back to the block's own positions, whose `F F^T` are summed over all blocks and divided by the
+    /// whole image's `C * H * W`. Inside the halo's reach the features equal the whole image's; past it the
+    /// zero padding of the block's border differs, so deep layers differ slightly from a one-pass Gram.
+    fn blocked_grams(&self, img: &RgbImage, block: u32, params: &RenderParams) -> Vec<Tensor> {
+        const ALIGN: u32 = 16;
+        let pre = self.vgg.preprocessing();
+        let halo = (block / 4 / ALIGN * ALIGN).max(ALIGN);
+        let inner = ((block.saturating_sub(2 * halo)) / ALIGN * ALIGN).max(ALIGN);
+        let (w, h) = img.dimensions();
+        let layers = &params.style_layers;
+        let mut sums: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
+        let mut counts = vec![0i64; layers.len()];
+        let mut channels = vec![0i64; layers.len()];
+        for y0 in (0..h).step_by(inner as usize) {
+            for x0 in (0..w).step_by(inner as usize) {
+                let (ix1, iy1) = ((x0 + inner).min(w), (y0 + inner).min(h));
+                let (rx0, ry0) = (x0.saturating_sub(halo), y0.saturating_sub(halo));
+                let (rx1, ry1) = ((ix1 + halo).min(w), (iy1 + halo).min(h));
+                let region =
+                    image::imageops::crop_imm(img, rx0, ry0, rx1 - rx0, ry1 - ry0).to_image();
+                let features = self.vgg.features(
+                    &pre.preprocess(&region, self.device),
+                    params.pooling,
+                    layers,
+                );
+                for (k, (layer, f)) in layers.iter().zip(features).enumerate() {
+                    let stride = 1u32 << (layer.block - 1);
+                    let size = f.size();
+                    let (c, fh, fw) = (size[1], size[2], size[3]);
+                    let cut = |lo: u32, hi: u32, r0: u32, full: i64, last: bool| {
+                        let a = i64::from((lo - r0) / stride);
+                        let b = if last {
+                            full
+                        } else {
+                            i64::from((hi - r0) / stride)
+                        };
+                        (a, (b - a).max(0))
+                    };
+                    let (fx, nx) = cut(x0, ix1, rx0, fw, ix1 == w);
+                    let (fy, ny) = cut(y0, iy1, ry0, fh, iy1 == h);
+                    if nx == 0 || ny == 0 {
+                        continue;
+                    }
+                    let part = f.narrow(3, fx, nx).narrow(2, fy, ny).reshape([c, nx * ny]);
+                    let outer = part.matmul(&part.tr());
+                    sums[k] = Some(match sums[k].take() {
+                        Some(s) => s + outer,
+                        None => outer,
+                    });
+                    counts[k] += nx * ny;
+                    channels[k] = c;
+                }
+            }
+        }
+        sums.into_iter()
+            .zip(counts.iter().zip(&channels))
+            .map(|(s, (&n, &c))| s.expect("at least one block") / ((c * n) as f64))
+            .collect()
+    }
+
+    /// Targets for a working content image with precomputed style Gram matrices.
+    pub fn targets_with(
+        &self,
+        content: &RgbImage,
+        style: &StyleGrams,
+        params: &RenderParams,
+    ) -> Targets {
         let mut layers: Vec<Layer> = params
             .content_layers
             .iter()
@@ -127,28 +286,11 @@ impl Engine {
                 .map(pos)
                 .zip(content_features)
                 .collect();
-            let style_side = ((longest as f64) * params.style_scale).round().max(1.0) as u32;
-            let mut grams: Vec<Option<Tensor>> = params.style_layers.iter().map(|_| None).collect();
-            for (img, w) in styles.iter().zip(params.blend_weights(styles.len())) {
-                let img = imaging::resize_longest(img, style_side);
-                let features = self.vgg.features(
-                    &pre.preprocess(&img, self.device),
-                    params.pooling,
-                    &params.style_layers,
-                );
-                for (acc, f) in grams.iter_mut().zip(features) {
-                    let g = gram(&f) * w;
-                    *acc = Some(match acc.take() {
-                        Some(sum) => sum + g,
-                        None => g,
-                    });
-                }
-            }
             let style = params
                 .style_layers
                 .iter()
                 .map(pos)
-                .zip(grams.into_iter().map(|g| g.expect("a style")))
+                .zip(style.grams.iter().map(Tensor::shallow_clone))
                 .collect();
             Targets {
                 layers: layers.clone(),
@@ -254,6 +396,28 @@ impl Engine {
         job: &RenderJob,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<RgbImage, Error> {
+        self.render_with(
+            job,
+            &mut |engine, side| {
+                Ok(Rc::new(engine.style_grams(
+                    &job.styles,
+                    side,
+                    &job.params,
+                    None,
+                )))
+            },
+            on_progress,
+        )
+    }
+
+    /// Renders `job` with the style targets of each scale from `style_for(self, style side)`: a cache
+    /// shared across tasks, or blocked Grams of a large canvas.
+    pub fn render_with(
+        &self,
+        job: &RenderJob,
+        style_for: &mut StyleSource<'_>,
+        on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<RgbImage, Error> {
         let params = &job.params;
         params.validate(job.styles.len())?;
         let started = Instant::now();
@@ -264,7 +428,11 @@ impl Engine {
         for (s, (&longest, &n)) in sizes.iter().zip(&iterations).enumerate() {
             let content = imaging::resize_longest(&job.content, longest);
             let (w, h) = content.dimensions();
-            let targets = self.targets(&content, &job.styles, longest, params);
+            let style = style_for(
+                self,
+                style_side(job.style_longest.unwrap_or(longest), params),
+            )?;
+            let targets = self.targets_with(&content, &style, params);
             let mut xs = match x.take() {
                 None => self.initial(job, &content)?,
                 Some(prev) => tch::no_grad(|| {

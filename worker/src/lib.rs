@@ -11,10 +11,10 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use stylefarm_core::job::ImageHash;
+use stylefarm_core::job::{ImageHash, TileTask};
 use stylefarm_core::{imaging, Init, RenderParams};
 use stylefarm_engine::{Device, Progress, RenderJob};
 use stylefarm_proto::pb;
@@ -24,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-pub use engine_thread::EngineThread;
+pub use engine_thread::{EngineThread, RenderStats, StyleKey};
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +206,7 @@ pub async fn run(
             );
             async {
                 tracing::info!(label = task.label, "rendering");
+                let leased_at = Instant::now();
                 let outcome = run_task(
                     &engine,
                     &mut client,
@@ -217,11 +218,50 @@ pub async fn run(
                 )
                 .await;
                 report(&mut client, &lease_id, outcome).await;
+                // lease to reported, to set against the engine's time ("rendered" above)
+                tracing::info!(task_s = leased_at.elapsed().as_secs_f64(), "task over");
             }
             .instrument(span)
             .await;
         }
     }
+    Ok(())
+}
+
+/// Turns a render of the whole canvas into the render of one tile: the content and the init (the previous
+/// scale's result) are resized to the canvas and cut to the tile; the style targets stay those of the whole
+/// canvas (`style_longest`).
+fn cut_tile(job: &mut RenderJob, tile: &TileTask) -> Result<(), stylefarm_core::Error> {
+    let (cw, ch) = (tile.canvas_width, tile.canvas_height);
+    let (w, h) = imaging::working_size(job.content.width(), job.content.height(), cw.max(ch));
+    if (w, h) != (cw, ch) {
+        return Err(stylefarm_core::Error::invalid(
+            "tile",
+            format!(
+                "canvas {cw}x{ch} does not match the content's {w}x{h} at size {}",
+                cw.max(ch)
+            ),
+        ));
+    }
+    let r = tile.rect;
+    let cut = |img: &RgbImage| {
+        let canvas = imaging::resize(img, cw, ch);
+        image::imageops::crop_imm(&canvas, r.x, r.y, r.width, r.height).to_image()
+    };
+    job.content = cut(&job.content);
+    job.init_image = match job.init_image.take() {
+        Some(init) => Some(cut(&init)),
+        None => {
+            return Err(stylefarm_core::Error::invalid(
+                "init",
+                "a tile needs the previous scale's image as its init",
+            ))
+        }
+    };
+    job.params.size = r.width.max(r.height);
+    job.params.scales = 1;
+    job.params.scale_iterations.clear();
+    job.style_longest = Some(cw.max(ch));
     Ok(())
 }
 
@@ -270,21 +310,38 @@ async fn run_task(
         },
         _ => None,
     };
-    let job = RenderJob {
-        content: (*inputs[0]).clone(),
-        styles: inputs[1..].iter().map(|i| (**i).clone()).collect(),
+    let tile = match task.tile.map(TileTask::try_from).transpose() {
+        Ok(t) => t,
+        Err(e) => return permanent(e.to_string()),
+    };
+    let mut job = RenderJob::new(
+        (*inputs[0]).clone(),
+        inputs[1..].iter().map(|i| (**i).clone()).collect(),
         init_image,
         params,
+    );
+    let mut style = StyleKey {
+        styles: task.styles.clone(),
+        block: None,
     };
+    if let Some(t) = &tile {
+        if let Err(e) = cut_tile(&mut job, t) {
+            return permanent(e.to_string());
+        }
+        style.block = Some(t.tile_size);
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     let (progress_tx, mut progress_rx) = tokio::sync::watch::channel::<Option<Progress>>(None);
-    let mut result = engine.render(job, cancel.clone(), progress_tx);
+    let mut result = engine.render(job, style, cancel.clone(), progress_tx);
     let mut ticker = tokio::time::interval(heartbeat);
     loop {
         tokio::select! {
             done = &mut result => {
                 return match done {
-                    Ok(Ok(img)) => Outcome::Done(img),
+                    Ok(Ok((img, stats))) => {
+                        tracing::info!(engine_s = stats.engine_s, style_cached = stats.style_cached, "rendered");
+                        Outcome::Done(img)
+                    }
                     Ok(Err(stylefarm_engine::Error::Cancelled)) => Outcome::Cancelled,
                     Ok(Err(e)) => Outcome::Failed {
                         out_of_memory: e.is_out_of_memory(),

@@ -134,6 +134,9 @@ impl Cluster {
                 "cpu",
                 "--name",
                 name,
+                // one libtorch thread each: tests run side by side on few cores
+                "--threads",
+                "1",
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

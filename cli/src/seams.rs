@@ -1,0 +1,64 @@
+//! `stylefarm seams IMAGE --tile-size T --overlap O`: how visible the tile grid of a tiled render is.
+//!
+//! The measure (stylefarm_core::tiling::seam_measure): the mean absolute pixel gradient in bands of ±2 px
+//! around every inner tile edge line of the grid a tiled job with these settings uses for an output of this
+//! image's size, over the mean absolute gradient of the whole image. 1.0: the edges look like anywhere else.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use stylefarm_core::imaging;
+use stylefarm_core::tiling::{self, TileGrid, Tiling};
+
+#[derive(Args)]
+pub struct SeamsArgs {
+    /// The stitched output of a tiled render.
+    image: PathBuf,
+    /// The tile size the render used.
+    #[arg(long, default_value_t = tiling::DEFAULT_TILE_SIZE)]
+    tile_size: u32,
+    /// The overlap the render used.
+    #[arg(long, default_value_t = tiling::DEFAULT_OVERLAP)]
+    overlap: u32,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: SeamsArgs) -> anyhow::Result<()> {
+    let tiling = Tiling {
+        tile_size: args.tile_size,
+        overlap: args.overlap,
+    };
+    tiling.validate()?;
+    let img = imaging::load(&args.image)?;
+    let (w, h) = img.dimensions();
+    let grid = TileGrid::new(w, h, tiling);
+    let measure = tiling::seam_measure(&img, &grid).with_context(|| {
+        format!(
+            "{}: a {w}x{h} image is one {}-px tile: no tile edges to measure",
+            args.image.display(),
+            args.tile_size
+        )
+    })?;
+    let lines = (grid.xs.edge_lines().len(), grid.ys.edge_lines().len());
+    if args.json {
+        println!(
+            "{{\"image\": {:?}, \"width\": {w}, \"height\": {h}, \"tiles\": {}, \"vertical_lines\": {}, \"horizontal_lines\": {}, \"seam_measure\": {measure:.4}}}",
+            args.image.display().to_string(),
+            grid.len(),
+            lines.0,
+            lines.1
+        );
+    } else {
+        println!(
+            "{}: {w}x{h}, {} tiles ({} vertical and {} horizontal edge lines): seam measure {measure:.4}",
+            args.image.display(),
+            grid.len(),
+            lines.0,
+            lines.1
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The coordinator's part of a tiled job: when every task of a scale has succeeded, stitch the tiles with
+//! their feathered weights (stylefarm_core::tiling), store the stitched image, and queue the next scale's
+//! tiles with it as their init, or finish the job at the last scale.
+//!
+//! Stitching holds the canvas of the scale, one decoded tile and one band of tile rows in floats: never a
+//! copy of the canvas per tile.
+
+use std::io::Cursor;
+
+use image::RgbImage;
+use stylefarm_core::imaging;
+use stylefarm_core::job::ImageHash;
+use stylefarm_core::tiling::TileGrid;
+
+use crate::Coordinator;
+
+fn png(img: &RgbImage) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+impl Coordinator {
+    fn image(&self, sha256: &str) -> Result<RgbImage, String> {
+        let hash: ImageHash = sha256
+            .parse()
+            .map_err(|e: stylefarm_core::Error| e.to_string())?;
+        let bytes = self
+            .blobs
+            .get(&hash)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("image {hash} missing from the blob store"))?;
+        imaging::decode(&bytes, sha256).map_err(|e| e.to_string())
+    }
+
+    /// The width and height of a stored image, from its header.
+    fn dimensions(&self, sha256: &str) -> Result<(u32, u32), String> {
+        let hash: ImageHash = sha256
+            .parse()
+            .map_err(|e: stylefarm_core::Error| e.to_string())?;
+        let bytes = self
+            .blobs
+            .get(&hash)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("image {hash} missing from the blob store"))?;
+        image::ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?
+            .into_dimensions()
+            .map_err(|e| format!("{sha256}: {e}"))
+    }
+
+    /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job.
+    pub(crate) fn finish_tiled_scale(&self, job_id: &str) {
+        match self.stitch_scale(job_id) {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(job_id, error = %e, "stitching");
+                let _ = self.scheduler.fail_job(job_id, &format!("stitching: {e}"));
+            }
+        }
+    }
+
+    fn stitch_scale(&self, job_id: &str) -> Result<(), String> {
+        let view = self.scheduler.get(job_id).map_err(|e| e.to_string())?;
+        let spec = &view.meta.spec;
+        let scale = view.meta.scale_results.len() as u32;
+        let tasks: Vec<_> = view
+            .tasks
+            .iter()
+            .map(|(t, _)| t)
+            .filter(|t| t.spec.tile.as_ref().map_or(0, |tile| tile.scale) == scale)
+            .collect();
+        if tasks.is_empty() {
+            return Ok(()); // already moved on
+        }
+        let started = std::time::Instant::now();
+        let (stitched, scales) = match &tasks[0].spec.tile {
+            // the first scale is one untiled task: its result is the scale's image
+            None => {
+                let pyramid = spec.pyramid_params().map_err(|e| e.to_string())?;
+                (self.image(&tasks[0].result)?, pyramid.scales)
+            }
+            Some(first) => {
+                let grid = TileGrid::new(first.canvas_width, first.canvas_height, spec.tiling);
+                if grid.len() != tasks.len() {
+                    return Err(format!(
+                        "scale {}: {} tiles, the plan has {}",
+                        scale + 1,
+                        tasks.len(),
+                        grid.len()
+                    ));
+                }
+                let img = grid.stitch(|i| {
+                    let task = tasks
+                        .iter()
+                        .find(|t| t.spec.tile.as_ref().is_some_and(|x| x.tile as usize == i))
+                        .ok_or_else(|| format!("tile {i} missing"))?;
+                    self.image(&task.result)
+                })?;
+                (img, first.scales)
+            }
+        };
+        let last = scale + 1 == scales;
+        let stitched = if last && spec.params.original_colors {
+            imaging::original_colors(&stitched, &self.image(spec.contents[0].as_str())?)
+        } else {
+            stitched
+        };
+        let (width, height) = stitched.dimensions();
+        let hash = self
+            .blobs
+            .put(&png(&stitched)?)
+            .map_err(|e| e.to_string())?;
+        drop(stitched);
+        let next = if last {
+            None
+        } else {
+            let (cw, ch) = self.dimensions(spec.contents[0].as_str())?;
+            Some(
+                spec.scale_tasks(cw, ch, scale + 1, &hash)
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        let tiles = next.as_ref().map_or(0, Vec::len);
+        let advanced = self
+            .scheduler
+            .advance_tiled(job_id, scale, hash.as_str(), next)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            job_id,
+            scale = scale + 1,
+            scales,
+            width,
+            height,
+            stitched = %hash,
+            next_tiles = tiles,
+            advanced,
+            seconds = started.elapsed().as_secs_f64(),
+            "scale stitched"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,598 @@
+//! Tiled rendering of large images (ALGORITHM.md, "Tiled rendering of large images"): the plan of scales and
+//! tiles, the feathered blend weights, stitching in row bands, and the seam measure.
+//!
+//! A tile grid is the product of two axis plans. Along an axis of length `len`, tiles have the extent
+//! `min(tile, len)`; the first starts at 0, the last ends at `len` (edge-aligned: every tile has the full
+//! extent), and the starts in between are spread evenly so that neighbours overlap by at least `overlap`.
+//! A tile's weight ramps (raised cosine) from 0 at an edge it shares with a neighbour to 1 where that
+//! neighbour ends; edges on the canvas border keep weight 1. Because the grid is a product, the per-pixel
+//! normalization is a product too: the normalized weights are `wx_i(x) / Σ_i wx_i(x) * wy_j(y) / Σ_j wy_j(y)`,
+//! which sum to 1 at every pixel.
+
+use image::{Rgb, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::imaging;
+use crate::params::{RenderParams, MAX_SCALES};
+use crate::Error;
+
+pub const DEFAULT_TILE_SIZE: u32 = 512;
+pub const DEFAULT_OVERLAP: u32 = 128;
+pub const MIN_TILE_SIZE: u32 = 64;
+pub const MAX_TILE_SIZE: u32 = 4096;
+/// Half-width of the band around each tile edge line that the seam measure looks at.
+pub const SEAM_BAND: u32 = 2;
+
+/// How a tiled job cuts its canvas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tiling {
+    pub tile_size: u32,
+    pub overlap: u32,
+}
+
+impl Default for Tiling {
+    fn default() -> Self {
+        Tiling {
+            tile_size: DEFAULT_TILE_SIZE,
+            overlap: DEFAULT_OVERLAP,
+        }
+    }
+}
+
+impl Tiling {
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(MIN_TILE_SIZE..=MAX_TILE_SIZE).contains(&self.tile_size) {
+            return Err(Error::invalid(
+                "tile_size",
+                format!(
+                    "must be between {MIN_TILE_SIZE} and {MAX_TILE_SIZE}, got {}",
+                    self.tile_size
+                ),
+            ));
+        }
+        if self.overlap < 8 || self.overlap > self.tile_size / 2 {
+            return Err(Error::invalid(
+                "overlap",
+                format!(
+                    "must be between 8 and half the tile size ({}), got {}",
+                    self.tile_size / 2,
+                    self.overlap
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Tiles along one axis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AxisPlan {
+    pub len: u32,
+    /// Every tile's extent along this axis: `min(tile, len)`.
+    pub extent: u32,
+    pub starts: Vec<u32>,
+}
+
+fn raised_cosine(t: f64) -> f64 {
+    let t = t.clamp(0.0, 1.0);
+    0.5 - 0.5 * (std::f64::consts::PI * t).cos()
+}
+
+impl AxisPlan {
+    pub fn new(len: u32, tile: u32, overlap: u32) -> AxisPlan {
+        assert!(
+            len > 0 && overlap < tile,
+            "axis {len}, tile {tile}, overlap {overlap}"
+        );
+        if len <= tile {
+            return AxisPlan {
+                len,
+                extent: len,
+                starts: vec![0],
+            };
+        }
+        let (len64, tile64, overlap64) = (u64::from(len), u64::from(tile), u64::from(overlap));
+        // the fewest tiles whose evenly spread starts keep every overlap >= `overlap`
+        let n = (len64 - overlap64).div_ceil(tile64 - overlap64);
+        let starts = (0..n)
+            .map(|i| (i * (len64 - tile64) / (n - 1)) as u32)
+            .collect();
+        AxisPlan {
+            len,
+            extent: tile,
+            starts,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The unnormalized feather weight of tile `i` at coordinate `p` (inside the tile): a raised cosine from
+    /// 0 at an edge shared with a neighbour to 1 where that neighbour's overlap ends.
+    fn raw_weight(&self, i: usize, p: u32) -> f64 {
+        let s = self.starts[i];
+        let centre = f64::from(p) + 0.5;
+        let mut w = 1.0;
+        if i > 0 {
+            let ramp = f64::from(self.starts[i - 1] + self.extent - s);
+            w *= raised_cosine((centre - f64::from(s)) / ramp);
+        }
+        if i + 1 < self.starts.len() {
+            let ramp = f64::from(s + self.extent - self.starts[i + 1]);
+            w *= raised_cosine((f64::from(s + self.extent) - centre) / ramp);
+        }
+        w
+    }
+
+    /// Normalized weights of tile `i`, one per coordinate of the tile: over all tiles covering a coordinate
+    /// they sum to 1.
+    pub fn weights(&self, i: usize) -> Vec<f32> {
+        let s = self.starts[i];
+        (s..s + self.extent)
+            .map(|p| {
+                let total: f64 = (0..self.count())
+                    .filter(|&j| self.starts[j] <= p && p < self.starts[j] + self.extent)
+                    .map(|j| self.raw_weight(j, p))
+                    .sum();
+                (self.raw_weight(i, p) / total) as f32
+            })
+            .collect()
+    }
+
+    /// Coordinates where one tile's edge meets the inside of another: where a hard-edged stitch would show.
+    pub fn edge_lines(&self) -> Vec<u32> {
+        let n = self.count();
+        let mut lines: Vec<u32> = (0..n)
+            .flat_map(|i| {
+                let s = self.starts[i];
+                [(i > 0).then_some(s), (i + 1 < n).then_some(s + self.extent)]
+            })
+            .flatten()
+            .collect();
+        lines.sort_unstable();
+        lines.dedup();
+        lines
+    }
+}
+
+/// A tile of a grid, in canvas pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// The tiles of one canvas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TileGrid {
+    pub xs: AxisPlan,
+    pub ys: AxisPlan,
+}
+
+impl TileGrid {
+    pub fn new(width: u32, height: u32, tiling: Tiling) -> TileGrid {
+        TileGrid {
+            xs: AxisPlan::new(width, tiling.tile_size, tiling.overlap),
+            ys: AxisPlan::new(height, tiling.tile_size, tiling.overlap),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.xs.count() * self.ys.count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn columns(&self) -> usize {
+        self.xs.count()
+    }
+
+    /// Tile `index`, row-major.
+    pub fn tile(&self, index: usize) -> Rect {
+        let (row, col) = (index / self.columns(), index % self.columns());
+        Rect {
+            x: self.xs.starts[col],
+            y: self.ys.starts[row],
+            width: self.xs.extent,
+            height: self.ys.extent,
+        }
+    }
+
+    pub fn tiles(&self) -> impl Iterator<Item = Rect> + '_ {
+        (0..self.len()).map(|i| self.tile(i))
+    }
+
+    /// Blends the tiles, row-major, with the feathered weights into one canvas. `tile(i)` yields tile `i`'s
+    /// pixels (the full extent). Only one band of `tile_size` rows is held in floats, besides the canvas.
+    pub fn stitch(
+        &self,
+        mut tile: impl FnMut(usize) -> Result<RgbImage, String>,
+    ) -> Result<RgbImage, String> {
+        let (width, height) = (self.xs.len, self.ys.len);
+        let mut canvas = RgbImage::new(width, height);
+        let wx: Vec<Vec<f32>> = (0..self.xs.count()).map(|i| self.xs.weights(i)).collect();
+        let wy: Vec<Vec<f32>> = (0..self.ys.count()).map(|j| self.ys.weights(j)).collect();
+        // rows [band_top, band_top + band.len() / (3 * width)) of weighted sums
+        let mut band: Vec<f32> = Vec::new();
+        let mut band_top = 0u32;
+        for (row, wy_row) in wy.iter().enumerate() {
+            let top = self.ys.starts[row];
+            let bottom = top + self.ys.extent;
+            // grow the band down to this row of tiles' bottom
+            let have = band_top + (band.len() / (3 * width as usize)) as u32;
+            if bottom > have {
+                band.resize(band.len() + ((bottom - have) * 3 * width) as usize, 0.0);
+            }
+            for (col, wx_col) in wx.iter().enumerate() {
+                let index = row * self.columns() + col;
+                let rect = self.tile(index);
+                let img = tile(index)?;
+                if img.dimensions() != (rect.width, rect.height) {
+                    return Err(format!(
+                        "tile {index} is {}x{}, the plan says {}x{}",
+                        img.width(),
+                        img.height(),
+                        rect.width,
+                        rect.height
+                    ));
+                }
+                for (ty, &w_y) in wy_row.iter().enumerate() {
+                    let y = rect.y + ty as u32;
+                    let line = ((y - band_top) * 3 * width) as usize;
+                    for (tx, &w_x) in wx_col.iter().enumerate() {
+                        let w = w_x * w_y;
+                        let p = img.get_pixel(tx as u32, ty as u32).0;
+                        let at = line + 3 * (rect.x as usize + tx);
+                        for c in 0..3 {
+                            band[at + c] += w * f32::from(p[c]);
+                        }
+                    }
+                }
+            }
+            // rows above the next row of tiles are final
+            let done = if row + 1 < self.ys.count() {
+                self.ys.starts[row + 1]
+            } else {
+                height
+            };
+            let rows = (done - band_top) as usize;
+            for (r, line) in band[..rows * 3 * width as usize]
+                .chunks_exact(3 * width as usize)
+                .enumerate()
+            {
+                for (x, px) in line.chunks_exact(3).enumerate() {
+                    let v = |c: usize| px[c].round().clamp(0.0, 255.0) as u8;
+                    canvas.put_pixel(x as u32, band_top + r as u32, Rgb([v(0), v(1), v(2)]));
+                }
+            }
+            band.drain(..rows * 3 * width as usize);
+            band_top = done;
+        }
+        Ok(canvas)
+    }
+}
+
+/// The mean absolute gradient of `img` in bands of ±[`SEAM_BAND`] px around the grid's inner tile edge lines,
+/// over the mean absolute gradient of the whole image: about 1 when the tiling leaves no trace, more with
+/// seams. The gradient of a pixel is `|I(x+1,y) - I(x,y)| + |I(x,y+1) - I(x,y)|`, averaged over the channels,
+/// on the pixels that have both neighbours. `None` when the grid has no inner edge.
+pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
+    let (w, h) = img.dimensions();
+    if w < 2 || h < 2 {
+        return None;
+    }
+    let near = |lines: &[u32], p: u32| {
+        lines
+            .iter()
+            .any(|&l| p + SEAM_BAND >= l && p < l + SEAM_BAND)
+    };
+    let (vx, hy) = (grid.xs.edge_lines(), grid.ys.edge_lines());
+    if vx.is_empty() && hy.is_empty() {
+        return None;
+    }
+    let (mut all, mut n_all, mut band, mut n_band) = (0.0f64, 0u64, 0.0f64, 0u64);
+    for y in 0..h - 1 {
+        for x in 0..w - 1 {
+            let p = img.get_pixel(x, y).0;
+            let r = img.get_pixel(x + 1, y).0;
+            let d = img.get_pixel(x, y + 1).0;
+            let g: f64 = (0..3)
+                .map(|c| {
+                    f64::from((i16::from(r[c]) - i16::from(p[c])).abs())
+                        + f64::from((i16::from(d[c]) - i16::from(p[c])).abs())
+                })
+                .sum::<f64>()
+                / 3.0;
+            all += g;
+            n_all += 1;
+            if near(&vx, x) || near(&hy, y) {
+                band += g;
+                n_band += 1;
+            }
+        }
+    }
+    if n_band == 0 || all == 0.0 {
+        return None;
+    }
+    Some((band / n_band as f64) / (all / n_all as f64))
+}
+
+/// `params` with the number of scales a tiled render uses: enough that the first scale's longest side is at
+/// most the tile size, and at least `params.scales`.
+pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderParams, Error> {
+    tiling.validate()?;
+    let mut scales = 1u32;
+    while params.size.div_ceil(1 << (scales - 1)) > tiling.tile_size {
+        scales += 1;
+    }
+    let scales = scales.max(params.scales);
+    if scales > MAX_SCALES {
+        return Err(Error::invalid(
+            "tile_size",
+            format!(
+                "size {} with tiles of {} needs {scales} scales, more than {MAX_SCALES}",
+                params.size, tiling.tile_size
+            ),
+        ));
+    }
+    Ok(RenderParams {
+        scales,
+        ..params.clone()
+    })
+}
+
+/// One scale of a tiled render.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalePlan {
+    /// The canvas at this scale.
+    pub width: u32,
+    pub height: u32,
+    pub iterations: u32,
+    /// `None` for the first scale, rendered whole as one task.
+    pub grid: Option<TileGrid>,
+}
+
+impl ScalePlan {
+    pub fn longest(&self) -> u32 {
+        self.width.max(self.height)
+    }
+
+    pub fn tasks(&self) -> usize {
+        self.grid.as_ref().map_or(1, TileGrid::len)
+    }
+}
+
+/// The scales of a tiled render of a `content_width` x `content_height` content image: enough scales that
+/// the first one's longest side is at most the tile size (at least `params.scales`), each later one twice
+/// the previous, up to `params.size`. Cheap for any size: it only computes tile positions.
+pub fn plan(
+    content_width: u32,
+    content_height: u32,
+    params: &RenderParams,
+    tiling: Tiling,
+) -> Result<Vec<ScalePlan>, Error> {
+    let params = pyramid_params(params, tiling)?;
+    let plans = params
+        .sizes_per_scale()
+        .into_iter()
+        .zip(params.iterations_per_scale())
+        .enumerate()
+        .map(|(s, (longest, iterations))| {
+            let (width, height) = imaging::working_size(content_width, content_height, longest);
+            ScalePlan {
+                width,
+                height,
+                iterations,
+                grid: (s > 0).then(|| TileGrid::new(width, height, tiling)),
+            }
+        })
+        .collect();
+    Ok(plans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_axis(len: u32, tile: u32, overlap: u32) {
+        let a = AxisPlan::new(len, tile, overlap);
+        assert_eq!(a.extent, tile.min(len), "{len}/{tile}");
+        assert_eq!(a.starts[0], 0);
+        assert_eq!(a.starts.last().unwrap() + a.extent, len, "edge-aligned");
+        for pair in a.starts.windows(2) {
+            assert!(pair[0] < pair[1], "{:?}", a.starts);
+            assert!(
+                pair[0] + a.extent >= pair[1] + overlap,
+                "overlap < {overlap}: {len}/{tile} {:?}",
+                a.starts
+            );
+        }
+        // every coordinate is covered, and the normalized weights sum to 1 there
+        let mut sum = vec![0.0f64; len as usize];
+        let mut covered = vec![0u32; len as usize];
+        for i in 0..a.count() {
+            for (k, w) in a.weights(i).into_iter().enumerate() {
+                assert!((0.0..=1.0).contains(&w));
+                sum[a.starts[i] as usize + k] += f64::from(w);
+                covered[a.starts[i] as usize + k] += 1;
+            }
+        }
+        assert!(covered.iter().all(|&c| c >= 1));
+        for (p, s) in sum.iter().enumerate() {
+            assert!((s - 1.0).abs() < 1e-5, "{len}/{tile}: sum {s} at {p}");
+        }
+        // weight 1 on the canvas border, ~0 at an inner tile edge
+        assert!((a.weights(0)[0] - 1.0).abs() < 1e-6);
+        if a.count() > 1 {
+            assert!(a.weights(1)[0] < 0.01);
+        }
+    }
+
+    #[test]
+    fn plans_cover_the_canvas_with_full_size_tiles() {
+        for len in [
+            1, 2, 7, 97, 127, 128, 129, 255, 256, 257, 509, 512, 521, 1000, 1031, 2048, 8191,
+        ] {
+            for (tile, overlap) in [(128, 32), (256, 64), (256, 128), (512, 128), (500, 250)] {
+                check_axis(len, tile, overlap);
+            }
+        }
+    }
+
+    #[test]
+    fn grid_weights_sum_to_one_everywhere() {
+        // a prime-sized canvas, a one-row canvas, one smaller than a tile
+        for (w, h) in [(521, 331), (1031, 100), (97, 61)] {
+            let grid = TileGrid::new(
+                w,
+                h,
+                Tiling {
+                    tile_size: 256,
+                    overlap: 64,
+                },
+            );
+            let mut sum = vec![0.0f64; (w * h) as usize];
+            for (i, r) in grid.tiles().enumerate() {
+                assert!(r.x + r.width <= w && r.y + r.height <= h);
+                assert_eq!((r.width, r.height), (256.min(w), 256.min(h)));
+                let wx = grid.xs.weights(i % grid.columns());
+                let wy = grid.ys.weights(i / grid.columns());
+                for (ty, a) in wy.iter().enumerate() {
+                    for (tx, b) in wx.iter().enumerate() {
+                        sum[((r.y + ty as u32) * w + r.x + tx as u32) as usize] += f64::from(a * b);
+                    }
+                }
+            }
+            assert!(sum.iter().all(|s| (s - 1.0).abs() < 1e-5), "{w}x{h}");
+        }
+    }
+
+    fn gradient_image(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            Rgb([
+                ((x * 7 + y * 3) % 256) as u8,
+                ((x * x + y) % 251) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
+        })
+    }
+
+    #[test]
+    fn stitching_crops_of_one_image_gives_it_back() {
+        let (w, h) = (523, 301);
+        let img = gradient_image(w, h);
+        let grid = TileGrid::new(
+            w,
+            h,
+            Tiling {
+                tile_size: 200,
+                overlap: 50,
+            },
+        );
+        assert!(grid.len() > 4);
+        let out = grid
+            .stitch(|i| {
+                let r = grid.tile(i);
+                Ok(image::imageops::crop_imm(&img, r.x, r.y, r.width, r.height).to_image())
+            })
+            .unwrap();
+        assert_eq!(out, img);
+        let bad = grid.stitch(|_| Ok(RgbImage::new(3, 3)));
+        assert!(bad.unwrap_err().contains("plan says"));
+    }
+
+    #[test]
+    fn seams_show_in_the_measure() {
+        let (w, h) = (400, 400);
+        let tiling = Tiling {
+            tile_size: 200,
+            overlap: 50,
+        };
+        let grid = TileGrid::new(w, h, tiling);
+        // smooth noise-free ramp: no seam
+        let smooth = RgbImage::from_fn(w, h, |x, y| Rgb([(x / 2) as u8, (y / 2) as u8, 100]));
+        let m = seam_measure(&smooth, &grid).unwrap();
+        assert!((m - 1.0).abs() < 0.02, "{m}");
+        // every other tile brighter in blue: pasted with hard edges, a seam at every edge line ...
+        let tile_of = |i: usize| {
+            let r = grid.tile(i);
+            RgbImage::from_fn(r.width, r.height, |x, y| {
+                let p = smooth.get_pixel(r.x + x, r.y + y).0;
+                Rgb([p[0], p[1], p[2] + 40 * (i as u8 % 2)])
+            })
+        };
+        let mut hard = smooth.clone();
+        for i in 0..grid.len() {
+            let r = grid.tile(i);
+            image::imageops::replace(&mut hard, &tile_of(i), i64::from(r.x), i64::from(r.y));
+        }
+        let hard_m = seam_measure(&hard, &grid).unwrap();
+        assert!(hard_m > 1.5, "{hard_m}");
+        // ... feathered, the step is spread over the overlap
+        let feathered = grid.stitch(|i| Ok(tile_of(i))).unwrap();
+        let feathered_m = seam_measure(&feathered, &grid).unwrap();
+        assert!(feathered_m < hard_m, "{feathered_m} vs {hard_m}");
+        let single = TileGrid::new(100, 100, tiling);
+        assert_eq!(seam_measure(&gradient_image(100, 100), &single), None);
+    }
+
+    #[test]
+    fn pyramids_start_within_a_tile() {
+        let params = RenderParams {
+            size: 8192,
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        let plans = plan(4000, 3000, &params, Tiling::default()).unwrap();
+        assert!(t.elapsed().as_millis() < 500);
+        assert_eq!(plans.len(), 5);
+        assert_eq!((plans[0].width, plans[0].height), (512, 384));
+        assert!(plans[0].grid.is_none());
+        let last = plans.last().unwrap();
+        assert_eq!((last.width, last.height), (8192, 6144));
+        let grid = last.grid.as_ref().unwrap();
+        assert_eq!((grid.xs.count(), grid.ys.count()), (21, 16));
+        assert_eq!(
+            plans.iter().map(|p| p.iterations).collect::<Vec<_>>(),
+            [500, 250, 125, 62, 31]
+        );
+        // within one tile: a single scale, a single task
+        let small = RenderParams {
+            size: 300,
+            ..Default::default()
+        };
+        let p = plan(640, 480, &small, Tiling::default()).unwrap();
+        assert_eq!((p.len(), p[0].tasks()), (1, 1));
+        let huge = RenderParams {
+            size: 16_384,
+            ..Default::default()
+        };
+        let err = plan(
+            10,
+            10,
+            &huge,
+            Tiling {
+                tile_size: 64,
+                overlap: 16,
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("tile_size"), "{err}");
+        let err = plan(
+            10,
+            10,
+            &params,
+            Tiling {
+                tile_size: 512,
+                overlap: 300,
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("overlap"), "{err}");
+    }
+}
