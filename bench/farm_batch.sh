@@ -48,6 +48,14 @@ for workers in 1 2; do
     echo "farm, $workers worker process(es): ${farm} s"
     if [ "$workers" = 1 ]; then
         farm1=$farm
+        # the same run's own engine time: the worker logs each task's time on its engine thread (engine_s, style
+        # targets included) and from lease to reported (task_s); the job's wall time beyond the engine's is
+        # everything the farm adds (upload, submit, leases, downloads, result uploads, the job's completion)
+        in_farm=$(grep -ho 'engine_s=[0-9.]*' "$tmp/w1-1.log" | cut -d= -f2 | paste -sd+ | bc)
+        task=$(grep -ho 'task_s=[0-9.]*' "$tmp/w1-1.log" | cut -d= -f2 | paste -sd+ | bc)
+        echo "  in the farm: engine ${in_farm} s, lease-to-reported ${task} s over 8 tasks;" \
+            "wall beyond the engine per task: $(echo "($farm - $in_farm) / 8" | bc -l | cut -c1-6) s =" \
+            "$(echo "100 * ($farm - $in_farm) / $in_farm" | bc -l | cut -c1-5) % of the engine's time"
         echo "  farm time beyond the engine's, per task: $(echo "($farm - $engine) / 8" | bc -l | cut -c1-6) s," \
             "of a $(echo "$engine / 8" | bc -l | cut -c1-5) s task: $(echo "100 * ($farm - $engine) / $engine" | bc -l | cut -c1-5) %"
     else

@@ -9,4 +9,6 @@ cargo clippy --locked --all-targets -- -D warnings
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
+# the end-to-end tests (tests/) run the stylefarm binary of the same profile
+cargo build --locked -p stylefarm
 cargo nextest run --locked --workspace --no-fail-fast

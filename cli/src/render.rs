@@ -32,8 +32,13 @@ pub struct RenderArgs {
     #[arg(long, required = true)]
     style: Vec<PathBuf>,
     /// Output image; PNG or JPEG by extension.
-    #[arg(long, short)]
-    output: PathBuf,
+    #[arg(long, short, required_unless_present = "evaluate")]
+    output: Option<PathBuf>,
+    /// Instead of rendering, print the objective (weighted content, style, tv terms and total, JSON) of this
+    /// image against the content and styles at the image's own size: e.g. to compare a tiled output with an
+    /// untiled one.
+    #[arg(long, conflicts_with = "output")]
+    evaluate: Option<PathBuf>,
     #[command(flatten)]
     params: ParamArgs,
     /// cpu, cuda, cuda:N or auto.
@@ -165,7 +170,9 @@ fn json_line(p: &Progress) -> String {
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     let params = RenderParams::try_from(&args.params)?;
     params.validate(args.style.len())?;
-    imaging::output_format(&args.output)?;
+    if let Some(output) = &args.output {
+        imaging::output_format(output)?;
+    }
     let content = imaging::load(&args.content)?;
     let styles = args
         .style
@@ -183,6 +190,25 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
         .unwrap_or_else(crate::weights::default_weights);
     let engine = Engine::load(&weights, device)?;
     tracing::info!(?device, weights = %weights.display(), "engine loaded");
+    if let Some(path) = &args.evaluate {
+        let image = imaging::load(path)?;
+        let job = RenderJob::new(content, styles, init_image, params);
+        let l = engine.evaluate(&job, &image)?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "image": path.display().to_string(),
+                "width": image.width(),
+                "height": image.height(),
+                "content_loss": l.content,
+                "style_loss": l.style,
+                "tv_loss": l.tv,
+                "total_loss": l.total,
+            })
+        );
+        return Ok(());
+    }
+    let output = args.output.as_ref().expect("required without --evaluate");
 
     let iterations = params.iterations_per_scale();
     let total: u64 = iterations.iter().map(|&n| u64::from(n)).sum();
@@ -241,10 +267,10 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish();
     }
-    imaging::save(&image, &args.output)?;
+    imaging::save(&image, output)?;
     eprintln!(
         "wrote {} ({}x{})",
-        args.output.display(),
+        output.display(),
         image.width(),
         image.height()
     );

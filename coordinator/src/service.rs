@@ -129,6 +129,22 @@ fn send_blob(coordinator: &Coordinator, sha256: &str) -> Result<ChunkStream, Sta
     Ok(Box::pin(tokio_stream::iter(chunks)))
 }
 
+/// A message of a client stream that failed to decode: one over the message size limit is the sender's
+/// mistake (INVALID_ARGUMENT naming the field), not the transport's OUT_OF_RANGE.
+fn stream_message<T>(msg: Result<T, Status>) -> Result<T, Status> {
+    msg.map_err(|s| {
+        if s.code() == tonic::Code::OutOfRange {
+            Status::invalid_argument(format!(
+                "data: {} (send images in chunks of at most {} MiB)",
+                s.message(),
+                CHUNK_BYTES >> 20
+            ))
+        } else {
+            s
+        }
+    })
+}
+
 /// Appends a stream's bytes to `buf`, refusing more than MAX_IMAGE_UPLOAD.
 fn append(buf: &mut Vec<u8>, data: &[u8]) -> Result<(), Status> {
     if buf.len() + data.len() > MAX_IMAGE_UPLOAD {
@@ -154,7 +170,7 @@ impl RenderService for RenderApi {
         let mut stream = request.into_inner();
         let (mut expected, mut bytes) = (None, Vec::new());
         while let Some(msg) = stream.next().await {
-            match msg?.part {
+            match stream_message(msg)?.part {
                 Some(pb::upload_image_request::Part::ExpectedSha256(h)) => {
                     expected = Some(hash_arg("expected_sha256", &h)?)
                 }
@@ -442,7 +458,7 @@ impl WorkerService for WorkerApi {
         let mut stream = request.into_inner();
         let (mut lease_id, mut bytes) = (String::new(), Vec::new());
         while let Some(msg) = stream.next().await {
-            match msg?.part {
+            match stream_message(msg)?.part {
                 Some(pb::complete_task_request::Part::LeaseId(id)) => lease_id = id,
                 Some(pb::complete_task_request::Part::Data(d)) => append(&mut bytes, &d)?,
                 None => {}

@@ -561,6 +561,14 @@ mod tests {
             plans.iter().map(|p| p.iterations).collect::<Vec<_>>(),
             [500, 250, 125, 62, 31]
         );
+        // 8192 x 8192: 5 scales, 21 x 21 tiles at the last
+        let square = plan(1000, 1000, &params, Tiling::default()).unwrap();
+        let grid = square[4].grid.as_ref().unwrap();
+        assert_eq!(
+            (square[4].width, square[4].height, grid.len()),
+            (8192, 8192, 441)
+        );
+        assert!(grid.tiles().all(|r| r.x + 512 <= 8192 && r.y + 512 <= 8192));
         // within one tile: a single scale, a single task
         let small = RenderParams {
             size: 300,

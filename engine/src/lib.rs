@@ -5,7 +5,8 @@
 //!   metadata), image <-> preprocessed tensor;
 //! - [`loss`]: Gram matrix, content, style and total-variation losses, as free functions;
 //! - [`optim`]: L-BFGS (the algorithm of `torch.optim.LBFGS` without line search) and Adam, over tensors;
-//! - [`render`]: targets, objective, multi-scale optimization, progress and cancellation.
+//! - [`render`]: targets (style Gram matrices reusable across renders, computed in blocks for large canvases),
+//!   objective, multi-scale optimization, progress and cancellation.
 //!
 //! libtorch tensors are `Send` but not `Sync`: an [`Engine`] belongs to one thread (see CONVENTIONS.md §10).
 

@@ -65,6 +65,20 @@ impl StyleGrams {
     pub fn grams(&self) -> &[Tensor] {
         &self.grams
     }
+
+    /// `self + plus - minus`, layer by layer: e.g. a tile's target that keeps the tile's own deviation
+    /// from its canvas (`plus` the tile's Grams, `minus` the canvas').
+    pub fn offset(&self, plus: &StyleGrams, minus: &StyleGrams) -> StyleGrams {
+        StyleGrams {
+            grams: self
+                .grams
+                .iter()
+                .zip(&plus.grams)
+                .zip(&minus.grams)
+                .map(|((a, p), m)| a + p - m)
+                .collect(),
+        }
+    }
 }
 
 /// The weighted terms of the objective and their sum.

@@ -2,7 +2,9 @@
 //! channel and awaits the result (libtorch never blocks the async runtime; `Tensor` is not `Sync`). The
 //! thread also keeps the style targets (blended Gram matrices) it computed, by content: a batch's tasks
 //! with the same style, a sweep's points with the same style weight's targets, and every tile of a tiled
-//! scale reuse them instead of running the style images through the network again.
+//! scale reuse them instead of running the style images through the network again. A tile's own target is
+//! the global Gram plus the tile's deviation from its whole canvas at the start (the canvas' Grams are
+//! cached too, by the init's hash), so that the tiles' Grams average to the global ones.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use image::RgbImage;
+use stylefarm_core::RenderParams;
 use stylefarm_engine::{Device, Engine, Progress, RenderJob, StyleGrams};
 use tokio::sync::{oneshot, watch};
 
@@ -25,6 +28,8 @@ const STYLE_CACHE_ENTRIES: usize = 16;
 pub struct StyleKey {
     pub styles: Vec<String>,
     pub block: Option<u32>,
+    /// A tile's canvas: the init image (the previous scale's result) at this scale's size, and its hash.
+    pub tile_canvas: Option<(String, Arc<RgbImage>)>,
 }
 
 /// Style targets by key, the oldest dropped first.
@@ -118,9 +123,36 @@ impl EngineThread {
                             params.pooling,
                             req.style.block,
                         );
-                        Ok(cache.get(key, || {
+                        let global = cache.get(key.clone(), || {
                             engine.style_grams(&req.job.styles, side, params, req.style.block)
-                        }))
+                        });
+                        let Some((init, canvas)) = &req.style.tile_canvas else {
+                            return Ok(global);
+                        };
+                        // a tile matches the global Grams in aggregate: its target keeps the tile's own
+                        // deviation from the whole canvas at the start (from the coarser scale, rendered
+                        // whole), so that the tiles' Grams average to the global ones
+                        let alone = RenderParams {
+                            style_blend: Vec::new(),
+                            ..params.clone()
+                        };
+                        let longest = canvas.width().max(canvas.height());
+                        let whole = cache.get(format!("canvas {init} {key}"), || {
+                            engine.style_grams(
+                                &[(**canvas).clone()],
+                                longest,
+                                &alone,
+                                req.style.block,
+                            )
+                        });
+                        let tile = req.job.init_image.as_ref().expect("a tile has its init");
+                        let own = engine.style_grams(
+                            std::slice::from_ref(tile),
+                            tile.width().max(tile.height()),
+                            &alone,
+                            None,
+                        );
+                        Ok(Rc::new(global.offset(&own, &whole)))
                     };
                     let result = engine
                         .render_with(&req.job, &mut style_for, &mut on_progress)

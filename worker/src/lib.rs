@@ -230,8 +230,8 @@ pub async fn run(
 
 /// Turns a render of the whole canvas into the render of one tile: the content and the init (the previous
 /// scale's result) are resized to the canvas and cut to the tile; the style targets stay those of the whole
-/// canvas (`style_longest`).
-fn cut_tile(job: &mut RenderJob, tile: &TileTask) -> Result<(), stylefarm_core::Error> {
+/// canvas (`style_longest`). Returns the init at the canvas' size.
+fn cut_tile(job: &mut RenderJob, tile: &TileTask) -> Result<RgbImage, stylefarm_core::Error> {
     let (cw, ch) = (tile.canvas_width, tile.canvas_height);
     let (w, h) = imaging::working_size(job.content.width(), job.content.height(), cw.max(ch));
     if (w, h) != (cw, ch) {
@@ -244,25 +244,23 @@ fn cut_tile(job: &mut RenderJob, tile: &TileTask) -> Result<(), stylefarm_core::
         ));
     }
     let r = tile.rect;
-    let cut = |img: &RgbImage| {
-        let canvas = imaging::resize(img, cw, ch);
-        image::imageops::crop_imm(&canvas, r.x, r.y, r.width, r.height).to_image()
+    let cut = |canvas: &RgbImage| {
+        image::imageops::crop_imm(canvas, r.x, r.y, r.width, r.height).to_image()
     };
-    job.content = cut(&job.content);
-    job.init_image = match job.init_image.take() {
-        Some(init) => Some(cut(&init)),
-        None => {
-            return Err(stylefarm_core::Error::invalid(
-                "init",
-                "a tile needs the previous scale's image as its init",
-            ))
-        }
+    job.content = cut(&imaging::resize(&job.content, cw, ch));
+    let Some(init) = job.init_image.take() else {
+        return Err(stylefarm_core::Error::invalid(
+            "init",
+            "a tile needs the previous scale's image as its init",
+        ));
     };
+    let init = imaging::resize(&init, cw, ch);
+    job.init_image = Some(cut(&init));
     job.params.size = r.width.max(r.height);
     job.params.scales = 1;
     job.params.scale_iterations.clear();
     job.style_longest = Some(cw.max(ch));
-    Ok(())
+    Ok(init)
 }
 
 /// Fetches the inputs, renders on the engine thread with heartbeats, and says what became of it.
@@ -323,12 +321,46 @@ async fn run_task(
     let mut style = StyleKey {
         styles: task.styles.clone(),
         block: None,
+        tile_canvas: None,
     };
-    if let Some(t) = &tile {
-        if let Err(e) = cut_tile(&mut job, t) {
-            return permanent(e.to_string());
+    // the inputs took a while to fetch: renew the lease before the resampling and the render
+    let renew = pb::HeartbeatRequest {
+        worker_id: worker_id.into(),
+        lease_id: lease_id.into(),
+        ..Default::default()
+    };
+    let _ = client.heartbeat(renew.clone()).await;
+    if let Some(t) = tile.clone() {
+        // resampling a canvas-sized image is CPU work: off the async threads, with the lease kept alive
+        let cut = tokio::task::spawn_blocking(move || {
+            let canvas = cut_tile(&mut job, &t);
+            (job, canvas)
+        });
+        tokio::pin!(cut);
+        let mut ticker = tokio::time::interval(heartbeat);
+        let (cut_job, canvas) = loop {
+            tokio::select! {
+                done = &mut cut => match done {
+                    Ok(done) => break done,
+                    Err(e) => return permanent(format!("cutting the tile: {e}")),
+                },
+                _ = ticker.tick() => {
+                    let _ = client.heartbeat(renew.clone()).await;
+                }
+            }
+        };
+        job = cut_job;
+        match canvas {
+            Ok(canvas) => {
+                let init = match &job.params.init {
+                    Init::Image(hash) => hash.display().to_string(),
+                    _ => String::new(),
+                };
+                style.tile_canvas = Some((init, Arc::new(canvas)));
+            }
+            Err(e) => return permanent(e.to_string()),
         }
-        style.block = Some(t.tile_size);
+        style.block = tile.as_ref().map(|t| t.tile_size);
     }
     let cancel = Arc::new(AtomicBool::new(false));
     let (progress_tx, mut progress_rx) = tokio::sync::watch::channel::<Option<Progress>>(None);
@@ -339,7 +371,9 @@ async fn run_task(
             done = &mut result => {
                 return match done {
                     Ok(Ok((img, stats))) => {
-                        tracing::info!(engine_s = stats.engine_s, style_cached = stats.style_cached, "rendered");
+                        let last = *progress_rx.borrow();
+                        let (style, total) = last.map_or((0.0, 0.0), |p| (p.losses.style, p.losses.total));
+                        tracing::info!(engine_s = stats.engine_s, style_cached = stats.style_cached, style_loss = style, total_loss = total, "rendered");
                         Outcome::Done(img)
                     }
                     Ok(Err(stylefarm_engine::Error::Cancelled)) => Outcome::Cancelled,

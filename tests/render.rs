@@ -7,11 +7,10 @@ use std::process::{Command, Output};
 use image::RgbImage;
 use serde_json::Value;
 
-mod sandbox;
-use sandbox::shared_image;
+use stylefarm_tests::shared_image;
 
 fn stylefarm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stylefarm"))
+    Command::new(stylefarm_tests::binary())
         .args(args)
         .env("STYLEFARM_DEVICE", "cpu")
         .output()
@@ -268,11 +267,11 @@ fn bad_input_gets_a_clear_one_line_error() {
     );
 }
 
-/// Iteration 0 of `stylefarm render` against cli/tests/objective_numpy.py, ALGORITHM.md's objective written
+/// Iteration 0 of `stylefarm render` against tests/objective_numpy.py, ALGORITHM.md's objective written
 /// again in numpy (float64), on images already at the working size: within 1e-3 relative.
 #[test]
 fn iteration_zero_matches_an_independent_numpy_objective() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = stylefarm_tests::repo();
     let python = repo.join(".stylefarm/venv/bin/python");
     assert!(
         python.exists(),
@@ -325,7 +324,7 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
     .unwrap();
     let weights = repo.join(".stylefarm/vgg19.safetensors");
     let numpy = Command::new(&python)
-        .arg(repo.join("cli/tests/objective_numpy.py"))
+        .arg(repo.join("tests/objective_numpy.py"))
         .args([&weights, &content, &style, &init])
         .args(["5", "100", "0.01"])
         .output()

@@ -1,8 +1,10 @@
-//! A cluster sandbox for end-to-end tests: real `stylefarm coordinator` and `stylefarm worker` processes on
-//! 127.0.0.1 (the coordinator binds port 0 and says which port it got), handles to stop or SIGKILL them, and
-//! waits with a predicate and a deadline, never a bare sleep.
-
-#![allow(dead_code)]
+//! stylefarm-tests: the end-to-end tests of stylefarm (`farm.rs`, `render.rs`, `style_targets.rs` beside
+//! this crate's Cargo.toml) and their cluster sandbox, this library: real `stylefarm coordinator` and
+//! `stylefarm worker` processes on 127.0.0.1 (the coordinator binds port 0 and says which port it got),
+//! handles to stop or SIGKILL them, and waits with a predicate and a deadline, never a bare sleep.
+//!
+//! The tests run the `stylefarm` binary of the same build profile (`target/<profile>/stylefarm`, or
+//! `STYLEFARM_BIN`): `cargo build -p stylefarm` first; deploy/test.sh does.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,14 +15,33 @@ use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use tonic::transport::Channel;
 
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_stylefarm")
+/// The `stylefarm` binary under test.
+pub fn binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("STYLEFARM_BIN") {
+        return bin.into();
+    }
+    // a test executable lives in target/<profile>/deps/
+    let exe = std::env::current_exe().expect("the test's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("stylefarm");
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (cargo build -p stylefarm, as deploy/test.sh does) or set STYLEFARM_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 pub fn shared_image(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/images")
-        .join(name);
+    let path = repo().join("../shared/data/images").join(name);
     assert!(
         path.exists(),
         "{} missing: the tests read ../shared/data beside the repository",

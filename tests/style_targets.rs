@@ -2,13 +2,11 @@
 //! depends on the tile size) against the one-pass Gram matrices, on the real engine and weights. Measured
 //! here: relu1_1-relu4_1 agree to ~1e-7, relu5_1 to ~4e-5 (its receptive field reaches past the halo).
 
-mod sandbox;
-
 use std::process::Command;
 
-use sandbox::{binary, shared_image};
 use stylefarm_core::{imaging, RenderParams};
 use stylefarm_engine::{Device, Engine};
+use stylefarm_tests::{binary, shared_image};
 
 fn weights() -> std::path::PathBuf {
     let out = Command::new(binary())
