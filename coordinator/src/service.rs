@@ -552,19 +552,7 @@ impl Coordinator {
         let tiles: Result<Vec<_>, String> = view
             .tasks
             .iter()
-            .map(|(t, _)| {
-                let hash: ImageHash = t
-                    .result
-                    .parse()
-                    .map_err(|e: stylefarm_core::Error| e.to_string())?;
-                let bytes = self
-                    .blobs
-                    .get(&hash)
-                    .map_err(|e| e.to_string())?
-                    .ok_or("result blob missing")?;
-                let img = imaging::decode(&bytes, &t.result).map_err(|e| e.to_string())?;
-                Ok((img, t.spec.label.clone()))
-            })
+            .map(|(t, _)| Ok((self.image(&t.result)?, t.spec.label.clone())))
             .collect();
         let stored = tiles
             .and_then(|tiles| sheet::contact_sheet(&tiles))

@@ -22,28 +22,25 @@ fn png(img: &RgbImage) -> Result<Vec<u8>, String> {
 }
 
 impl Coordinator {
-    fn image(&self, sha256: &str) -> Result<RgbImage, String> {
+    /// A stored image's bytes, by its sha256.
+    fn blob(&self, sha256: &str) -> Result<Vec<u8>, String> {
         let hash: ImageHash = sha256
             .parse()
             .map_err(|e: stylefarm_core::Error| e.to_string())?;
-        let bytes = self
-            .blobs
+        self.blobs
             .get(&hash)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("image {hash} missing from the blob store"))?;
-        imaging::decode(&bytes, sha256).map_err(|e| e.to_string())
+            .ok_or_else(|| format!("image {hash} missing from the blob store"))
+    }
+
+    /// A stored image, decoded.
+    pub(crate) fn image(&self, sha256: &str) -> Result<RgbImage, String> {
+        imaging::decode(&self.blob(sha256)?, sha256).map_err(|e| e.to_string())
     }
 
     /// The width and height of a stored image, from its header.
     fn dimensions(&self, sha256: &str) -> Result<(u32, u32), String> {
-        let hash: ImageHash = sha256
-            .parse()
-            .map_err(|e: stylefarm_core::Error| e.to_string())?;
-        let bytes = self
-            .blobs
-            .get(&hash)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("image {hash} missing from the blob store"))?;
+        let bytes = self.blob(sha256)?;
         image::ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| e.to_string())?
