@@ -50,12 +50,9 @@ impl Coordinator {
 
     /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job.
     pub(crate) fn finish_tiled_scale(&self, job_id: &str) {
-        match self.stitch_scale(job_id) {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(job_id, error = %e, "stitching");
-                let _ = self.scheduler.fail_job(job_id, &format!("stitching: {e}"));
-            }
+        if let Err(e) = self.stitch_scale(job_id) {
+            tracing::error!(job_id, error = %e, "stitching");
+            let _ = self.scheduler.fail_job(job_id, &format!("stitching: {e}"));
         }
     }
 

@@ -286,15 +286,21 @@ pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
     if w < 2 || h < 2 {
         return None;
     }
-    let near = |lines: &[u32], p: u32| {
-        lines
-            .iter()
-            .any(|&l| p + SEAM_BAND >= l && p < l + SEAM_BAND)
-    };
     let (vx, hy) = (grid.xs.edge_lines(), grid.ys.edge_lines());
     if vx.is_empty() && hy.is_empty() {
         return None;
     }
+    // which columns and rows lie in a band, decided once per axis
+    let in_band = |lines: &[u32], n: u32| -> Vec<bool> {
+        (0..n)
+            .map(|p| {
+                lines
+                    .iter()
+                    .any(|&l| p + SEAM_BAND >= l && p < l + SEAM_BAND)
+            })
+            .collect()
+    };
+    let (columns, rows) = (in_band(&vx, w - 1), in_band(&hy, h - 1));
     let (mut all, mut n_all, mut band, mut n_band) = (0.0f64, 0u64, 0.0f64, 0u64);
     for y in 0..h - 1 {
         for x in 0..w - 1 {
@@ -310,7 +316,7 @@ pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
                 / 3.0;
             all += g;
             n_all += 1;
-            if near(&vx, x) || near(&hy, y) {
+            if columns[x as usize] || rows[y as usize] {
                 band += g;
                 n_band += 1;
             }
