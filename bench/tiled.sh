@@ -2,8 +2,9 @@
 # A tiled render through a coordinator and N worker processes on this machine (tubingen x starry_night from
 # ../shared/data): wall time, peak RSS (VmHWM) of the coordinator and of each worker, the seam measure of the
 # result, the engine's time summed over the tasks. Each worker gets its share of the cores (--threads).
-#   [SCALES=N] bash bench/tiled.sh SIZE WORKERS SCALE_ITERATIONS [TILE_SIZE] [OVERLAP] [OUT.png]
+#   [SCALES=N] [EXACT=1] bash bench/tiled.sh SIZE WORKERS SCALE_ITERATIONS [TILE_SIZE] [OVERLAP] [OUT.png]
 #   e.g. bash bench/tiled.sh 2048 2 100,40,20          (needs a release build)
+# EXACT=1 submits with --exact (one task per scale, its objective evaluated in tile-sized blocks).
 # One-pass references (the same objective untiled): `stylefarm render --size S ...` under /usr/bin/time -v.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,7 +28,8 @@ done
 until [ "$(grep -l registered "$tmp"/w*.log 2>/dev/null | wc -l)" -ge "$workers" ]; do sleep 0.1; done
 start=$(date +%s.%N)
 STYLEFARM_COORDINATOR=$url "$bin" submit --content "$img/tubingen.jpg" --style "$img/starry_night.jpg" \
-    --tiled --size "$size" ${SCALES:+--scales "$SCALES"} --tile-size "$tile" --overlap "$overlap" --scale-iterations "$iters" \
+    --tiled --size "$size" ${SCALES:+--scales "$SCALES"} --tile-size "$tile" --overlap "$overlap" ${EXACT:+--exact} \
+    --scale-iterations "$iters" \
     --wait -o "$out" >/dev/null 2>"$tmp/submit.err" || { cat "$tmp/submit.err"; exit 1; }
 wall=$(echo "$(date +%s.%N) - $start" | bc)
 hwm() { awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
@@ -36,8 +38,10 @@ engine=$(grep -ho 'engine_s=[0-9.]*' "$tmp"/w*.log | cut -d= -f2 | paste -sd+ | 
 tasks=$(grep -ho 'engine_s=' "$tmp"/w*.log | wc -l)
 cached=$(grep -ho 'style_cached=true' "$tmp"/w*.log | wc -l || true)
 seams=$("$bin" seams "$out" --tile-size "$tile" --overlap "$overlap" | sed 's/.*seam measure //')
+style=$("$bin" render --content "$img/tubingen.jpg" --style "$img/starry_night.jpg" --evaluate "$out" \
+    --device cpu 2>/dev/null | grep -o '"style_loss":[0-9.e+]*' | cut -d: -f2)
 stitch=$(grep -o 'seconds=[0-9.]*' "$tmp/coord.log" | cut -d= -f2 | paste -sd, -)
-echo "size $size, tiles $tile/$overlap, iterations $iters, $workers worker(s) x $(( $(nproc) / workers )) threads:" \
+echo "size $size, tiles $tile/$overlap${EXACT:+ exact}, iterations $iters, $workers worker(s) x $(( $(nproc) / workers )) threads:" \
     "wall ${wall} s; engine ${engine} s over $tasks tasks ($cached with cached style targets);" \
     "stitching ${stitch} s per scale; peak RSS coordinator $(hwm $coord) MiB, workers ${worker_mib}MiB;" \
-    "seam measure $seams"
+    "seam measure $seams; style loss $style"

@@ -560,6 +560,7 @@ fn seams(path: &std::path::Path, tile: u32, overlap: u32) -> (f64, (u32, u32)) {
         Tiling {
             tile_size: tile,
             overlap,
+            exact: false,
         },
     );
     assert!(grid.len() > 1);
@@ -664,5 +665,88 @@ async fn a_tiled_render_on_two_workers_has_no_seams_and_survives_a_killed_worker
     assert_eq!(
         status.result, undisturbed.result,
         "same spec, same pixels (sha256)"
+    );
+}
+
+/// The objective of an image against tubingen x starry_night at its own size (`stylefarm render
+/// --evaluate`): (style loss, total loss).
+fn losses(cluster: &Cluster, image: &std::path::Path) -> (f64, f64) {
+    let (ok, out, err) = cluster.cli(&[
+        "render",
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--device",
+        "cpu",
+        "--evaluate",
+        image.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    (
+        v["style_loss"].as_f64().unwrap(),
+        v["total_loss"].as_f64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exact_tiled_render_reaches_the_style_loss_of_an_untiled_one() {
+    let mut cluster = Cluster::start(3.0, 0.3);
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let images = [
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+    ];
+    let schedule = ["--size", "256", "--scale-iterations", "12,6"];
+    // exact mode: scale 1 (128 px) whole, scale 2 (256 x 192) one task evaluated in 128-px blocks
+    let exact = cluster.dir.path().join("exact.png");
+    let (ok, stdout, err) = cluster.cli(
+        &[
+            &["submit"],
+            &images[..],
+            &schedule[..],
+            &[
+                "--tiled",
+                "--exact",
+                "--tile-size",
+                "128",
+                "--overlap",
+                "32",
+            ],
+            &["--wait", "-o", exact.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    let status = job(&mut cluster.client().await, stdout.trim()).await;
+    assert_eq!(status.tasks.len(), 2, "one task per scale");
+    assert_eq!((status.scales, status.scale_results.len()), (2, 2));
+    let last = status.tasks[1].tile.as_ref().expect("a tile task");
+    assert!(last.exact);
+    assert_eq!((last.width, last.height, last.tiles), (256, 192, 1));
+    // the same schedule, untiled, in one process
+    let untiled = cluster.dir.path().join("untiled.png");
+    let (ok, _, err) = cluster.cli(
+        &[
+            &["render"],
+            &images[..],
+            &schedule[..],
+            &["--scales", "2", "--device", "cpu", "--progress", "none"],
+            &["-o", untiled.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    // not worse than the untiled render (the target: within 10%); lower is fine (the scales are
+    // handed over as 8-bit images, which moves a short schedule's end point either way)
+    let (tiled, whole) = (losses(&cluster, &exact), losses(&cluster, &untiled));
+    eprintln!("(style, total) loss: exact tiled {tiled:.4?}, untiled {whole:.4?}");
+    assert!(
+        tiled.0 <= 1.10 * whole.0 && tiled.1 <= 1.10 * whole.1,
+        "exact tiled {tiled:.4?} vs untiled {whole:.4?}"
     );
 }

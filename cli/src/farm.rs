@@ -102,6 +102,12 @@ pub struct JobArgs {
     /// Tiled: minimum overlap of neighbouring tiles in pixels, blended with feathered weights.
     #[arg(long, default_value_t = tiling::DEFAULT_OVERLAP, requires = "tiled")]
     overlap: u32,
+    /// Tiled, exact mode: each later scale is one task that optimizes the whole canvas with the exact
+    /// gradient of its objective, evaluated in blocks of --tile-size px: no tiles, no seams, the style loss
+    /// of an untiled render, memory still bound by the tile size; but one worker per scale and about 3x an
+    /// untiled scale's compute.
+    #[arg(long, requires = "tiled")]
+    exact: bool,
     /// A parameter grid, e.g. 'style_weight=10,100;seed=0,1' (style_blend values as 0.7:0.3).
     #[arg(long)]
     sweep: Option<String>,
@@ -336,6 +342,7 @@ async fn submit_job(
             Tiling {
                 tile_size: job.tile_size,
                 overlap: job.overlap,
+                exact: job.exact,
             }
         } else {
             Tiling::default()

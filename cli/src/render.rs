@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use stylefarm_core::params::parse_list;
-use stylefarm_core::{imaging, Init, Layer, Optimizer, Pooling, RenderParams};
+use stylefarm_core::{imaging, tiling, Init, Layer, Optimizer, Pooling, RenderParams};
 use stylefarm_engine::{Engine, Progress, RenderJob};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -41,6 +41,11 @@ pub struct RenderArgs {
     evaluate: Option<PathBuf>,
     #[command(flatten)]
     params: ParamArgs,
+    /// Evaluate the objective (and the style targets) in blocks of at most this many px a side, halos
+    /// included: the exact gradient of the whole image with the network's memory bound by the block, at
+    /// about twice the compute. For outputs whose activations do not fit (see also `local --tiled`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(i64::from(tiling::MIN_TILE_SIZE)..=i64::from(tiling::MAX_TILE_SIZE)))]
+    block: Option<u32>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
     device: String,
@@ -192,7 +197,10 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     tracing::info!(?device, weights = %weights.display(), "engine loaded");
     if let Some(path) = &args.evaluate {
         let image = imaging::load(path)?;
-        let job = RenderJob::new(content, styles, init_image, params);
+        let job = RenderJob {
+            block: args.block,
+            ..RenderJob::new(content, styles, init_image, params)
+        };
         let l = engine.evaluate(&job, &image)?;
         println!(
             "{}",
@@ -260,7 +268,10 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
         }
         ControlFlow::Continue(())
     };
-    let job = RenderJob::new(content, styles, init_image, params);
+    let job = RenderJob {
+        block: args.block,
+        ..RenderJob::new(content, styles, init_image, params)
+    };
     let image = engine
         .render(&job, &mut on_progress)
         .context("render failed")?;

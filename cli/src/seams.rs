@@ -30,6 +30,7 @@ pub fn run(args: SeamsArgs) -> anyhow::Result<()> {
     let tiling = Tiling {
         tile_size: args.tile_size,
         overlap: args.overlap,
+        exact: false,
     };
     tiling.validate()?;
     let img = imaging::load(&args.image)?;

@@ -10,7 +10,6 @@ use std::io::Cursor;
 use image::RgbImage;
 use stylefarm_core::imaging;
 use stylefarm_core::job::ImageHash;
-use stylefarm_core::tiling::TileGrid;
 
 use crate::Coordinator;
 
@@ -77,7 +76,7 @@ impl Coordinator {
                 (self.image(&tasks[0].result)?, pyramid.scales)
             }
             Some(first) => {
-                let grid = TileGrid::new(first.canvas_width, first.canvas_height, spec.tiling);
+                let grid = spec.tiling.grid(first.canvas_width, first.canvas_height);
                 if grid.len() != tasks.len() {
                     return Err(format!(
                         "scale {}: {} tiles, the plan has {}",

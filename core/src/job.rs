@@ -234,6 +234,10 @@ pub struct TileTask {
     pub rect: Rect,
     /// The tile size of the job: style targets are computed in blocks of at most this size.
     pub tile_size: u32,
+    /// Exact mode ([`Tiling::exact`]): the tile is the whole canvas, optimized with its objective evaluated
+    /// in blocks of `tile_size` px.
+    #[serde(default)]
+    pub exact: bool,
 }
 
 /// One render of a job: what a worker runs.
@@ -404,6 +408,7 @@ impl JobSpec {
                     canvas_height: plan.height,
                     rect,
                     tile_size: self.tiling.tile_size,
+                    exact: self.tiling.exact,
                 }),
             })
             .collect())
@@ -553,6 +558,7 @@ mod tests {
             tiling: Tiling {
                 tile_size: 256,
                 overlap: 64,
+                exact: false,
             },
             ..spec(JobKind::Tiled)
         };
@@ -570,6 +576,27 @@ mod tests {
         assert_eq!(tiles[6].params.init, Init::Image(h(9).as_str().into()));
         assert_eq!(tiles[6].params.iterations, 125);
         assert!(s.scale_tasks(800, 600, 3, &h(9)).is_err());
+        // exact mode: the same pyramid, one task per scale that is the whole canvas
+        let exact = JobSpec {
+            tiling: Tiling {
+                exact: true,
+                ..s.tiling
+            },
+            ..s.clone()
+        };
+        assert_eq!(exact.tasks().unwrap(), first);
+        let whole = exact.scale_tasks(800, 600, 2, &h(9)).unwrap();
+        assert_eq!(whole.len(), 1);
+        let t = whole[0].tile.as_ref().unwrap();
+        assert!(t.exact && t.tile_size == 256);
+        let canvas = Rect {
+            x: 0,
+            y: 0,
+            width: 1024,
+            height: 768,
+        };
+        assert_eq!((t.rect, t.tiles), (canvas, 1));
+        assert_eq!(whole[0].params.iterations, 125);
         let untiled = JobSpec {
             tiling: s.tiling,
             ..spec(JobKind::Single)

@@ -28,6 +28,13 @@ pub const SEAM_BAND: u32 = 2;
 pub struct Tiling {
     pub tile_size: u32,
     pub overlap: u32,
+    /// Exact mode: each later scale is ONE task that optimizes the whole canvas with the exact gradient of
+    /// the whole image's objective, evaluated in blocks of `tile_size` px (ALGORITHM.md, "Exact distributed
+    /// mode", on one worker per scale): no tiles to stitch, the style loss of an untiled render, the
+    /// network's memory bound by the tile size; about 3x the compute of an untiled scale, on one worker.
+    /// Otherwise tiles are independent tasks, spread over the workers and stitched with feathered weights.
+    #[serde(default)]
+    pub exact: bool,
 }
 
 impl Default for Tiling {
@@ -35,6 +42,7 @@ impl Default for Tiling {
         Tiling {
             tile_size: DEFAULT_TILE_SIZE,
             overlap: DEFAULT_OVERLAP,
+            exact: false,
         }
     }
 }
@@ -61,6 +69,19 @@ impl Tiling {
             ));
         }
         Ok(())
+    }
+
+    /// The tiles of a later scale's `width` x `height` canvas: the grid, or in exact mode one tile that is
+    /// the whole canvas.
+    pub fn grid(&self, width: u32, height: u32) -> TileGrid {
+        if self.exact {
+            TileGrid {
+                xs: AxisPlan::new(width, width, 0),
+                ys: AxisPlan::new(height, height, 0),
+            }
+        } else {
+            TileGrid::new(width, height, *self)
+        }
     }
 }
 
@@ -394,7 +415,7 @@ pub fn plan(
                 width,
                 height,
                 iterations,
-                grid: (s > 0).then(|| TileGrid::new(width, height, tiling)),
+                grid: (s > 0).then(|| tiling.grid(width, height)),
             }
         })
         .collect();
@@ -460,6 +481,7 @@ mod tests {
                 Tiling {
                     tile_size: 256,
                     overlap: 64,
+                    exact: false,
                 },
             );
             let mut sum = vec![0.0f64; (w * h) as usize];
@@ -498,6 +520,7 @@ mod tests {
             Tiling {
                 tile_size: 200,
                 overlap: 50,
+                exact: false,
             },
         );
         assert!(grid.len() > 4);
@@ -518,6 +541,7 @@ mod tests {
         let tiling = Tiling {
             tile_size: 200,
             overlap: 50,
+            exact: false,
         };
         let grid = TileGrid::new(w, h, tiling);
         // smooth noise-free ramp: no seam
@@ -593,6 +617,7 @@ mod tests {
             Tiling {
                 tile_size: 64,
                 overlap: 16,
+                exact: false,
             },
         )
         .unwrap_err();
@@ -604,6 +629,7 @@ mod tests {
             Tiling {
                 tile_size: 512,
                 overlap: 300,
+                exact: false,
             },
         )
         .unwrap_err();

@@ -172,6 +172,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 } else {
                     s.overlap
                 },
+                exact: s.exact_tiles,
             },
         };
         spec.tasks()?;
@@ -203,6 +204,7 @@ impl From<&JobSpec> for pb::JobSpec {
             max_attempts: s.max_attempts,
             tile_size: s.tiling.tile_size,
             overlap: s.tiling.overlap,
+            exact_tiles: s.tiling.exact,
         }
     }
 }
@@ -221,6 +223,7 @@ impl From<&TileTask> for pb::TileTask {
             width: t.rect.width,
             height: t.rect.height,
             tile_size: t.tile_size,
+            exact: t.exact,
         }
     }
 }
@@ -266,6 +269,7 @@ impl TryFrom<pb::TileTask> for TileTask {
                 height: t.height,
             },
             tile_size: t.tile_size,
+            exact: t.exact,
         })
     }
 }

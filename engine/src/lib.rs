@@ -5,16 +5,20 @@
 //!   metadata), image <-> preprocessed tensor;
 //! - [`loss`]: Gram matrix, content, style and total-variation losses, as free functions;
 //! - [`optim`]: L-BFGS (the algorithm of `torch.optim.LBFGS` without line search) and Adam, over tensors;
+//! - [`blocked`]: the objective of a large image evaluated block by block (exact gradient, memory bound by
+//!   the block);
 //! - [`render`]: targets (style Gram matrices reusable across renders, computed in blocks for large canvases),
 //!   objective, multi-scale optimization, progress and cancellation.
 //!
 //! libtorch tensors are `Send` but not `Sync`: an [`Engine`] belongs to one thread (see CONVENTIONS.md §10).
 
+pub mod blocked;
 pub mod loss;
 pub mod optim;
 pub mod render;
 pub mod vgg;
 
+pub use blocked::BlockedTargets;
 pub use render::{style_side, Engine, LossTerms, Progress, RenderJob, StyleGrams};
 pub use tch::Device;
 pub use vgg::{Preprocessing, Vgg19};

@@ -11,6 +11,7 @@ use stylefarm_core::imaging;
 use stylefarm_core::{Init, Layer, Optimizer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
+use crate::blocked::{self, BlockedTargets};
 use crate::loss::{content_loss, gram, style_loss, tv_loss};
 use crate::optim::{Adam, Lbfgs};
 use crate::vgg::Vgg19;
@@ -27,6 +28,9 @@ pub struct RenderJob {
     /// The longest side the style targets are sized for (style images get `round(style_longest *
     /// style_scale)`); `None`: each scale's working size. A tile of a larger canvas sets the canvas' size.
     pub style_longest: Option<u32>,
+    /// Evaluate the objective in blocks of at most this many px a side, halos included (the exact
+    /// gradient of the whole image, with memory bound by the block; [`Engine::objective_blocked`]).
+    pub block: Option<u32>,
 }
 
 impl RenderJob {
@@ -42,6 +46,7 @@ impl RenderJob {
             init_image,
             params,
             style_longest: None,
+            block: None,
         }
     }
 }
@@ -117,6 +122,12 @@ pub struct Targets {
     style: Vec<(usize, Tensor)>,
 }
 
+/// The targets of one scale of a render: for the whole image at once, or block by block.
+enum ScaleTargets {
+    Whole(Targets),
+    Blocked(BlockedTargets),
+}
+
 /// VGG19 on one device, loaded once and reused for any number of renders.
 pub struct Engine {
     vgg: Vgg19,
@@ -180,9 +191,9 @@ impl Engine {
             let mut grams: Vec<Option<Tensor>> = params.style_layers.iter().map(|_| None).collect();
             for (img, w) in styles.iter().zip(params.blend_weights(styles.len())) {
                 let img = imaging::resize_longest(img, side);
-                let of_image = match block {
+                let of_image: Vec<Tensor> = match block {
                     Some(b) if img.width().max(img.height()) > b => {
-                        self.blocked_grams(&img, b, params)
+                        blocked::image_grams(self, &img, b, params)
                     }
                     _ => self
                         .vgg
@@ -207,68 +218,6 @@ impl Engine {
                 grams: grams.into_iter().map(|g| g.expect("a style")).collect(),
             }
         })
-    }
-
-    /// Gram matrices of one (large) image computed block by block. Blocks start on multiples of 16 px (the
-    /// deepest pooling stride) and carry a halo of context on each side; each layer's feature map is cut
-    /// back to the block's own positions, whose `F F^T` are summed over all blocks and divided by the
-    /// whole image's `C * H * W`. Inside the halo's reach the features equal the whole image's; past it the
-    /// zero padding of the block's border differs, so deep layers differ slightly from a one-pass Gram.
-    fn blocked_grams(&self, img: &RgbImage, block: u32, params: &RenderParams) -> Vec<Tensor> {
-        const ALIGN: u32 = 16;
-        let pre = self.vgg.preprocessing();
-        let halo = (block / 4 / ALIGN * ALIGN).max(ALIGN);
-        let inner = ((block.saturating_sub(2 * halo)) / ALIGN * ALIGN).max(ALIGN);
-        let (w, h) = img.dimensions();
-        let layers = &params.style_layers;
-        let mut sums: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
-        let mut counts = vec![0i64; layers.len()];
-        let mut channels = vec![0i64; layers.len()];
-        for y0 in (0..h).step_by(inner as usize) {
-            for x0 in (0..w).step_by(inner as usize) {
-                let (ix1, iy1) = ((x0 + inner).min(w), (y0 + inner).min(h));
-                let (rx0, ry0) = (x0.saturating_sub(halo), y0.saturating_sub(halo));
-                let (rx1, ry1) = ((ix1 + halo).min(w), (iy1 + halo).min(h));
-                let region =
-                    image::imageops::crop_imm(img, rx0, ry0, rx1 - rx0, ry1 - ry0).to_image();
-                let features = self.vgg.features(
-                    &pre.preprocess(&region, self.device),
-                    params.pooling,
-                    layers,
-                );
-                for (k, (layer, f)) in layers.iter().zip(features).enumerate() {
-                    let stride = 1u32 << (layer.block - 1);
-                    let size = f.size();
-                    let (c, fh, fw) = (size[1], size[2], size[3]);
-                    let cut = |lo: u32, hi: u32, r0: u32, full: i64, last: bool| {
-                        let a = i64::from((lo - r0) / stride);
-                        let b = if last {
-                            full
-                        } else {
-                            i64::from((hi - r0) / stride)
-                        };
-                        (a, (b - a).max(0))
-                    };
-                    let (fx, nx) = cut(x0, ix1, rx0, fw, ix1 == w);
-                    let (fy, ny) = cut(y0, iy1, ry0, fh, iy1 == h);
-                    if nx == 0 || ny == 0 {
-                        continue;
-                    }
-                    let part = f.narrow(3, fx, nx).narrow(2, fy, ny).reshape([c, nx * ny]);
-                    let outer = part.matmul(&part.tr());
-                    sums[k] = Some(match sums[k].take() {
-                        Some(s) => s + outer,
-                        None => outer,
-                    });
-                    counts[k] += nx * ny;
-                    channels[k] = c;
-                }
-            }
-        }
-        sums.into_iter()
-            .zip(counts.iter().zip(&channels))
-            .map(|(s, (&n, &c))| s.expect("at least one block") / ((c * n) as f64))
-            .collect()
     }
 
     /// Targets for a working content image with precomputed style Gram matrices.
@@ -373,12 +322,22 @@ impl Engine {
         job.params.validate(job.styles.len())?;
         let (w, h) = image.dimensions();
         let content = imaging::resize(&job.content, w, h);
+        let x = self.vgg.preprocessing().preprocess(image, self.device);
+        if let Some(block) = job.block.filter(|&b| w.max(h) > b) {
+            let grams = self.style_grams(
+                &job.styles,
+                style_side(w.max(h), &job.params),
+                &job.params,
+                Some(block),
+            );
+            let content = self.vgg.preprocessing().preprocess(&content, self.device);
+            let targets = BlockedTargets::new(self, &content, &grams, &job.params, block);
+            return Ok(tch::no_grad(|| {
+                self.objective_blocked(&x, &targets, &job.params, false).0
+            }));
+        }
         let targets = self.targets(&content, &job.styles, w.max(h), &job.params);
-        Ok(self.losses(
-            &self.vgg.preprocessing().preprocess(image, self.device),
-            &targets,
-            &job.params,
-        ))
+        Ok(self.losses(&x, &targets, &job.params))
     }
 
     fn initial(&self, job: &RenderJob, content: &RgbImage) -> Result<Tensor, Error> {
@@ -417,7 +376,7 @@ impl Engine {
                     &job.styles,
                     side,
                     &job.params,
-                    None,
+                    job.block,
                 )))
             },
             on_progress,
@@ -446,7 +405,16 @@ impl Engine {
                 self,
                 style_side(job.style_longest.unwrap_or(longest), params),
             )?;
-            let targets = self.targets_with(&content, &style, params);
+            let targets = match job.block {
+                Some(block) if w.max(h) > block => ScaleTargets::Blocked(BlockedTargets::new(
+                    self,
+                    &self.vgg.preprocessing().preprocess(&content, self.device),
+                    &style,
+                    params,
+                    block,
+                )),
+                _ => ScaleTargets::Whole(self.targets_with(&content, &style, params)),
+            };
             let mut xs = match x.take() {
                 None => self.initial(job, &content)?,
                 Some(prev) => tch::no_grad(|| {
@@ -471,7 +439,13 @@ impl Engine {
                 }
             };
             let mut f = |x: &Tensor| -> Result<(f64, Tensor), Error> {
-                let (losses, grad) = self.objective(x, &targets, params);
+                let (losses, grad) = match &targets {
+                    ScaleTargets::Whole(t) => self.objective(x, t, params),
+                    ScaleTargets::Blocked(t) => {
+                        let (losses, grad) = self.objective_blocked(x, t, params, true);
+                        (losses, grad.expect("asked for"))
+                    }
+                };
                 report(evaluations, losses)?;
                 evaluations += 1;
                 Ok((losses.total, grad))
@@ -490,7 +464,13 @@ impl Engine {
             } as u32;
             if steps == evaluations {
                 // the last step's image has not been evaluated yet
-                report(steps, self.losses(&xs, &targets, params))?;
+                let losses = match &targets {
+                    ScaleTargets::Whole(t) => self.losses(&xs, t, params),
+                    ScaleTargets::Blocked(t) => {
+                        tch::no_grad(|| self.objective_blocked(&xs, t, params, false).0)
+                    }
+                };
+                report(steps, losses)?;
             }
             x = Some(xs);
         }

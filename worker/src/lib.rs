@@ -207,17 +207,21 @@ pub async fn run(
             async {
                 tracing::info!(label = task.label, "rendering");
                 let leased_at = Instant::now();
-                let outcome = run_task(
-                    &engine,
-                    &mut client,
-                    &mut cache,
-                    &worker_id,
-                    &lease_id,
-                    task,
+                // one heartbeat for the whole task: preparation, render and report
+                let cancel = Arc::new(AtomicBool::new(false));
+                let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
+                let beating = Heartbeat::start(
+                    client.clone(),
+                    worker_id.clone(),
+                    lease_id.clone(),
                     heartbeat,
-                )
-                .await;
+                    progress_rx,
+                    cancel.clone(),
+                );
+                let outcome =
+                    run_task(&engine, &mut client, &mut cache, task, cancel, progress_tx).await;
                 report(&mut client, &lease_id, outcome).await;
+                drop(beating);
                 // lease to reported, to set against the engine's time ("rendered" above)
                 tracing::info!(task_s = leased_at.elapsed().as_secs_f64(), "task over");
             }
@@ -263,21 +267,82 @@ fn cut_tile(job: &mut RenderJob, tile: &TileTask) -> Result<RgbImage, stylefarm_
     Ok(init)
 }
 
-/// Fetches the inputs, renders on the engine thread with heartbeats, and says what became of it.
+/// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
+/// carrying the render's latest progress; when the coordinator answers that the task is cancelled, sets
+/// `cancel`, which the preparation checks and the engine honours at its next iteration.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    fn start(
+        mut client: WorkerServiceClient<Channel>,
+        worker_id: String,
+        lease_id: String,
+        interval: Duration,
+        mut progress: tokio::sync::watch::Receiver<Option<Progress>>,
+        cancel: Arc<AtomicBool>,
+    ) -> Heartbeat {
+        Heartbeat(tokio::spawn(
+            async move {
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticker.tick().await;
+                    let mut beat = pb::HeartbeatRequest {
+                        worker_id: worker_id.clone(),
+                        lease_id: lease_id.clone(),
+                        ..Default::default()
+                    };
+                    if let Some(p) = *progress.borrow_and_update() {
+                        beat.scale = p.scale;
+                        beat.scales = p.scales;
+                        beat.iteration = p.iteration;
+                        beat.iterations = p.iterations;
+                        beat.losses = Some(pb::Losses {
+                            content: p.losses.content,
+                            style: p.losses.style,
+                            tv: p.losses.tv,
+                            total: p.losses.total,
+                        });
+                    }
+                    match client.heartbeat(beat).await {
+                        Ok(r) if r.get_ref().cancel => {
+                            if !cancel.swap(true, Ordering::Relaxed) {
+                                tracing::info!("cancelled by the coordinator");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(s) => tracing::warn!(error = s.message(), "heartbeat failed"),
+                    }
+                }
+            }
+            .in_current_span(),
+        ))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Fetches the inputs, prepares a tile, renders on the engine thread, and says what became of it. The
+/// caller's [`Heartbeat`] keeps the lease and may set `cancel`; the render's progress goes to `progress_tx`.
 async fn run_task(
     engine: &EngineThread,
     client: &mut WorkerServiceClient<Channel>,
     cache: &mut ImageCache,
-    worker_id: &str,
-    lease_id: &str,
     task: pb::Task,
-    heartbeat: Duration,
+    cancel: Arc<AtomicBool>,
+    progress_tx: tokio::sync::watch::Sender<Option<Progress>>,
 ) -> Outcome {
     let permanent = |error: String| Outcome::Failed {
         error,
         retryable: false,
         out_of_memory: false,
     };
+    let progress_rx = progress_tx.subscribe();
+    let cancelled = || cancel.load(Ordering::Relaxed);
     let params = match RenderParams::try_from(task.params.unwrap_or_default()) {
         Ok(p) => p,
         Err(e) => return permanent(e.to_string()),
@@ -312,6 +377,9 @@ async fn run_task(
         Ok(t) => t,
         Err(e) => return permanent(e.to_string()),
     };
+    if cancelled() {
+        return Outcome::Cancelled;
+    }
     let mut job = RenderJob::new(
         (*inputs[0]).clone(),
         inputs[1..].iter().map(|i| (**i).clone()).collect(),
@@ -323,88 +391,65 @@ async fn run_task(
         block: None,
         tile_canvas: None,
     };
-    // the inputs took a while to fetch: renew the lease before the resampling and the render
-    let renew = pb::HeartbeatRequest {
-        worker_id: worker_id.into(),
-        lease_id: lease_id.into(),
-        ..Default::default()
-    };
-    let _ = client.heartbeat(renew.clone()).await;
-    if let Some(t) = tile.clone() {
-        // resampling a canvas-sized image is CPU work: off the async threads, with the lease kept alive
-        let cut = tokio::task::spawn_blocking(move || {
-            let canvas = cut_tile(&mut job, &t);
-            (job, canvas)
-        });
-        tokio::pin!(cut);
-        let mut ticker = tokio::time::interval(heartbeat);
-        let (cut_job, canvas) = loop {
-            tokio::select! {
-                done = &mut cut => match done {
-                    Ok(done) => break done,
-                    Err(e) => return permanent(format!("cutting the tile: {e}")),
-                },
-                _ = ticker.tick() => {
-                    let _ = client.heartbeat(renew.clone()).await;
-                }
+    if let Some(t) = tile {
+        // resampling a canvas-sized image is CPU work: off the async threads
+        let cut = tokio::task::spawn_blocking({
+            let t = t.clone();
+            move || {
+                let canvas = cut_tile(&mut job, &t);
+                (job, canvas)
             }
+        })
+        .await;
+        let (cut_job, canvas) = match cut {
+            Ok(done) => done,
+            Err(e) => return permanent(format!("cutting the tile: {e}")),
         };
         job = cut_job;
-        match canvas {
-            Ok(canvas) => {
-                let init = match &job.params.init {
-                    Init::Image(hash) => hash.display().to_string(),
-                    _ => String::new(),
-                };
-                style.tile_canvas = Some((init, Arc::new(canvas)));
-            }
+        let canvas = match canvas {
+            Ok(canvas) => canvas,
             Err(e) => return permanent(e.to_string()),
+        };
+        style.block = Some(t.tile_size);
+        if t.exact {
+            // the whole canvas, its objective evaluated in blocks of the tile size
+            job.block = Some(t.tile_size);
+        } else if canvas.dimensions() != (t.rect.width, t.rect.height) {
+            let init = match &job.params.init {
+                Init::Image(hash) => hash.display().to_string(),
+                _ => String::new(),
+            };
+            style.tile_canvas = Some((init, Arc::new(canvas)));
         }
-        style.block = tile.as_ref().map(|t| t.tile_size);
+        if cancelled() {
+            return Outcome::Cancelled;
+        }
     }
-    let cancel = Arc::new(AtomicBool::new(false));
-    let (progress_tx, mut progress_rx) = tokio::sync::watch::channel::<Option<Progress>>(None);
-    let mut result = engine.render(job, style, cancel.clone(), progress_tx);
-    let mut ticker = tokio::time::interval(heartbeat);
-    loop {
-        tokio::select! {
-            done = &mut result => {
-                return match done {
-                    Ok(Ok((img, stats))) => {
-                        let last = *progress_rx.borrow();
-                        let (style, total) = last.map_or((0.0, 0.0), |p| (p.losses.style, p.losses.total));
-                        tracing::info!(engine_s = stats.engine_s, style_cached = stats.style_cached, style_loss = style, total_loss = total, "rendered");
-                        Outcome::Done(img)
-                    }
-                    Ok(Err(stylefarm_engine::Error::Cancelled)) => Outcome::Cancelled,
-                    Ok(Err(e)) => Outcome::Failed {
-                        out_of_memory: e.is_out_of_memory(),
-                        retryable: !matches!(e, stylefarm_engine::Error::Core(_)),
-                        error: e.to_string(),
-                    },
-                    Err(_) => Outcome::Failed { error: "engine thread stopped".into(), retryable: true, out_of_memory: false },
-                };
-            }
-            _ = ticker.tick() => {
-                let p = *progress_rx.borrow_and_update();
-                let mut beat = pb::HeartbeatRequest { worker_id: worker_id.into(), lease_id: lease_id.into(), ..Default::default() };
-                if let Some(p) = p {
-                    beat.scale = p.scale;
-                    beat.scales = p.scales;
-                    beat.iteration = p.iteration;
-                    beat.iterations = p.iterations;
-                    beat.losses = Some(pb::Losses { content: p.losses.content, style: p.losses.style, tv: p.losses.tv, total: p.losses.total });
-                }
-                match client.heartbeat(beat).await {
-                    Ok(r) if r.get_ref().cancel => {
-                        tracing::info!("cancelled by the coordinator");
-                        cancel.store(true, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(s) => tracing::warn!(error = s.message(), "heartbeat failed"),
-                }
-            }
+    let done = engine.render(job, style, cancel.clone(), progress_tx).await;
+    match done {
+        Ok(Ok((img, stats))) => {
+            let last = *progress_rx.borrow();
+            let (style, total) = last.map_or((0.0, 0.0), |p| (p.losses.style, p.losses.total));
+            tracing::info!(
+                engine_s = stats.engine_s,
+                style_cached = stats.style_cached,
+                style_loss = style,
+                total_loss = total,
+                "rendered"
+            );
+            Outcome::Done(img)
         }
+        Ok(Err(stylefarm_engine::Error::Cancelled)) => Outcome::Cancelled,
+        Ok(Err(e)) => Outcome::Failed {
+            out_of_memory: e.is_out_of_memory(),
+            retryable: !matches!(e, stylefarm_engine::Error::Core(_)),
+            error: e.to_string(),
+        },
+        Err(_) => Outcome::Failed {
+            error: "engine thread stopped".into(),
+            retryable: true,
+            out_of_memory: false,
+        },
     }
 }
 

@@ -1,0 +1,77 @@
+//! One evaluation of the objective and its gradient, whole against block by block (the exact tiled mode),
+//! side by side in one process: tubingen x starry_night from ../shared/data, on the CPU.
+//!
+//!     cargo bench -p stylefarm-engine --bench blocked_objective -- [SIZE] [BLOCK] [REPS]
+//!
+//! Defaults: 768 px, 256-px blocks, 5 repetitions, alternating whole and blocked. Prints the median seconds
+//! of each, their ratio and the relative difference of the gradients. Weights: $STYLEFARM_WEIGHTS, or the
+//! file deploy/setup.sh converts (`stylefarm weights path` prints it).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use stylefarm_core::{imaging, RenderParams};
+use stylefarm_engine::{BlockedTargets, Device, Engine};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<u32> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let size = args.first().copied().unwrap_or(768);
+    let block = args.get(1).copied().unwrap_or(256);
+    let reps = args.get(2).copied().unwrap_or(5) as usize;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let weights = std::env::var_os("STYLEFARM_WEIGHTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let out = std::process::Command::new(repo.join("target/release/stylefarm"))
+                .args(["weights", "path"])
+                .output()
+                .expect(
+                    "set STYLEFARM_WEIGHTS, or build the stylefarm binary (cargo build --release)",
+                );
+            let line = String::from_utf8_lossy(&out.stdout).into_owned();
+            PathBuf::from(line.split('\t').next().unwrap_or_default().trim())
+        });
+    let images = repo.join("../shared/data/images");
+    let engine = Engine::load(&weights, Device::Cpu).expect("weights");
+    let content =
+        imaging::resize_longest(&imaging::load(&images.join("tubingen.jpg")).unwrap(), size);
+    let style = imaging::load(&images.join("starry_night.jpg")).unwrap();
+    let params = RenderParams::default();
+    let grams = engine.style_grams(std::slice::from_ref(&style), size, &params, Some(block));
+    let x0 = engine
+        .vgg()
+        .preprocessing()
+        .preprocess(&content, Device::Cpu);
+    // a point away from the content, as during a render
+    let x = &x0 + tch::Tensor::randn_like(&x0) * 20.0;
+    let whole = engine.targets_with(&content, &grams, &params);
+    let blocked = BlockedTargets::new(&engine, &x0, &grams, &params, block);
+    let (mut t_whole, mut t_blocked) = (Vec::new(), Vec::new());
+    let (mut g_whole, mut g_blocked) = (None, None);
+    for _ in 0..reps {
+        let t = Instant::now();
+        g_whole = Some(engine.objective(&x, &whole, &params).1);
+        t_whole.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        g_blocked = engine.objective_blocked(&x, &blocked, &params, true).1;
+        t_blocked.push(t.elapsed().as_secs_f64());
+    }
+    let (a, b) = (g_whole.unwrap(), g_blocked.unwrap());
+    let diff = (&a - &b).norm().double_value(&[]) / a.norm().double_value(&[]);
+    let (w, h) = content.dimensions();
+    let (mw, mb) = (median(t_whole), median(t_blocked));
+    println!(
+        "{w}x{h}, {} blocks of at most {block} px, {reps} reps: whole {mw:.2} s, blocked {mb:.2} s \
+         ({:.2}x); gradient relative difference {diff:.1e}",
+        blocked.len(),
+        mb / mw
+    );
+}
