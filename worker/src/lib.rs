@@ -6,7 +6,7 @@
 
 mod engine_thread;
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,13 +48,39 @@ pub struct WorkerConfig {
     pub lease_wait: Duration,
 }
 
-/// Decoded input images by hash, bounded.
+/// Decoded input images by hash, bounded by their decoded bytes (a batch of large photos must not pile
+/// up): the oldest go first; the image just fetched always stays.
 struct ImageCache {
-    images: HashMap<ImageHash, Arc<RgbImage>>,
-    capacity: usize,
+    images: VecDeque<(ImageHash, Arc<RgbImage>)>,
+    max_bytes: usize,
+}
+
+/// What [`ImageCache`] holds at most.
+const IMAGE_CACHE_BYTES: usize = 512 << 20;
+
+impl ImageCache {
+    fn new(max_bytes: usize) -> ImageCache {
+        ImageCache {
+            images: VecDeque::new(),
+            max_bytes,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.images.iter().map(|(_, img)| img.as_raw().len()).sum()
+    }
+
+    fn insert(&mut self, hash: ImageHash, img: Arc<RgbImage>) {
+        let size = img.as_raw().len();
+        while !self.images.is_empty() && self.bytes() + size > self.max_bytes {
+            self.images.pop_front();
+        }
+        self.images.push_back((hash, img));
+    }
 }
 
 impl ImageCache {
+    /// The image `hash`, from the cache or downloaded from the coordinator and checked against its hash.
     async fn get(
         &mut self,
         client: &mut WorkerServiceClient<Channel>,
@@ -63,7 +89,7 @@ impl ImageCache {
         let hash: ImageHash = hash
             .parse()
             .map_err(|e: stylefarm_core::Error| e.to_string())?;
-        if let Some(img) = self.images.get(&hash) {
+        if let Some((_, img)) = self.images.iter().find(|(h, _)| *h == hash) {
             return Ok(img.clone());
         }
         let mut stream = client
@@ -87,10 +113,7 @@ impl ImageCache {
             ));
         }
         let img = Arc::new(imaging::decode(&bytes, hash.as_str()).map_err(|e| e.to_string())?);
-        if self.images.len() >= self.capacity {
-            self.images.clear();
-        }
-        self.images.insert(hash, img.clone());
+        self.insert(hash, img.clone());
         Ok(img)
     }
 }
@@ -153,10 +176,7 @@ pub async fn run(
         tracing::info!("shutting down: finishing the current task, taking no new one");
         stop_on_signal.store(true, Ordering::Relaxed);
     });
-    let mut cache = ImageCache {
-        images: HashMap::new(),
-        capacity: 64,
-    };
+    let mut cache = ImageCache::new(IMAGE_CACHE_BYTES);
     'connect: while !stop.load(Ordering::Relaxed) {
         let Some(mut client) = connect(&config.coordinator, &stop).await else {
             break;
@@ -519,5 +539,26 @@ async fn report(client: &mut WorkerServiceClient<Channel>, lease_id: &str, outco
                 tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_image_cache_keeps_to_its_bytes_oldest_out_first() {
+        // 100 x 100 RGB: 30,000 bytes each; room for three
+        let mut cache = ImageCache::new(90_000);
+        let img = |v: u8| Arc::new(RgbImage::from_pixel(100, 100, image::Rgb([v, v, v])));
+        for v in 0..5u8 {
+            cache.insert(ImageHash::of(&[v]), img(v));
+            assert!(cache.bytes() <= 90_000);
+        }
+        let kept: Vec<u8> = cache.images.iter().map(|(_, i)| i.as_raw()[0]).collect();
+        assert_eq!(kept, [2, 3, 4]);
+        // one image larger than the budget still stays, alone
+        cache.insert(ImageHash::of(b"big"), Arc::new(RgbImage::new(200, 200)));
+        assert_eq!(cache.images.len(), 1);
     }
 }
