@@ -1,9 +1,10 @@
 //! One evaluation of the objective and its gradient, whole against block by block (the exact tiled mode),
 //! side by side in one process: tubingen x starry_night from ../shared/data, on the CPU.
 //!
-//!     cargo bench -p stylefarm-engine --bench blocked_objective -- [SIZE] [BLOCK] [REPS]
+//!     cargo bench -p stylefarm-engine --bench blocked_objective -- [SIZE] [BLOCK] [REPS] [IMAGE]
 //!
-//! Defaults: 768 px, 256-px blocks, 5 repetitions, alternating whole and blocked. Prints the median seconds
+//! Defaults: 768 px, 256-px blocks, 5 repetitions, alternating whole and blocked, evaluated at the content
+//! plus noise, or at IMAGE (e.g. a finished render of that size, where the style loss is near its optimum). Prints the median seconds
 //! of each, their ratio and the relative difference of the gradients. Weights: $STYLEFARM_WEIGHTS, or the
 //! file deploy/setup.sh converts (`stylefarm weights path` prints it).
 
@@ -21,6 +22,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let args: Vec<u32> = std::env::args()
         .skip(1)
+        .take(3)
         .filter_map(|a| a.parse().ok())
         .collect();
     let size = args.first().copied().unwrap_or(768);
@@ -51,7 +53,18 @@ fn main() {
         .preprocessing()
         .preprocess(&content, Device::Cpu);
     // a point away from the content, as during a render
-    let x = &x0 + tch::Tensor::randn_like(&x0) * 20.0;
+    let x = match std::env::args().nth(4) {
+        Some(path) => {
+            let img = imaging::load(Path::new(&path)).unwrap();
+            assert_eq!(
+                img.dimensions(),
+                content.dimensions(),
+                "{path}: not the content's size"
+            );
+            engine.vgg().preprocessing().preprocess(&img, Device::Cpu)
+        }
+        None => &x0 + tch::Tensor::randn_like(&x0) * 20.0,
+    };
     let whole = engine.targets_with(&content, &grams, &params);
     let blocked = BlockedTargets::new(&engine, &x0, &grams, &params, block);
     let (mut t_whole, mut t_blocked) = (Vec::new(), Vec::new());

@@ -4,7 +4,8 @@
 # result, the engine's time summed over the tasks. Each worker gets its share of the cores (--threads).
 #   [SCALES=N] [EXACT=1] bash bench/tiled.sh SIZE WORKERS SCALE_ITERATIONS [TILE_SIZE] [OVERLAP] [OUT.png]
 #   e.g. bash bench/tiled.sh 2048 2 100,40,20          (needs a release build)
-# EXACT=1 submits with --exact (one task per scale, its objective evaluated in tile-sized blocks).
+# EXACT=1 submits with --exact (one task per scale, its objective evaluated in tile-sized blocks);
+# DEVICE=cuda runs the workers on the GPU (default cpu).
 # One-pass references (the same objective untiled): `stylefarm render --size S ...` under /usr/bin/time -v.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,7 +22,7 @@ until grep -q listening "$tmp/coord.out"; do sleep 0.1; done
 url="http://$(sed 's/listening on //' "$tmp/coord.out")"
 pids=()
 for w in $(seq "$workers"); do
-    "$bin" worker --coordinator "$url" --device cpu --name "w$w" --threads $(( $(nproc) / workers )) \
+    "$bin" worker --coordinator "$url" --device "${DEVICE:-cpu}" --name "w$w" --threads $(( $(nproc) / workers )) \
         2>"$tmp/w$w.log" &
     pids+=($!)
 done
@@ -38,8 +39,10 @@ engine=$(grep -ho 'engine_s=[0-9.]*' "$tmp"/w*.log | cut -d= -f2 | paste -sd+ | 
 tasks=$(grep -ho 'engine_s=' "$tmp"/w*.log | wc -l)
 cached=$(grep -ho 'style_cached=true' "$tmp"/w*.log | wc -l || true)
 seams=$("$bin" seams "$out" --tile-size "$tile" --overlap "$overlap" | sed 's/.*seam measure //')
+# the style loss of the whole output, at its size (in 1024-px blocks past 2048 px, to bound the memory)
+eval_block=$([ "$size" -gt 2048 ] && echo "--block 1024" || true)
 style=$("$bin" render --content "$img/tubingen.jpg" --style "$img/starry_night.jpg" --evaluate "$out" \
-    --device cpu 2>/dev/null | grep -o '"style_loss":[0-9.e+]*' | cut -d: -f2)
+    --device cpu $eval_block 2>/dev/null | grep -o '"style_loss":[0-9.e+]*' | cut -d: -f2)
 stitch=$(grep -o 'seconds=[0-9.]*' "$tmp/coord.log" | cut -d= -f2 | paste -sd, -)
 echo "size $size, tiles $tile/$overlap${EXACT:+ exact}, iterations $iters, $workers worker(s) x $(( $(nproc) / workers )) threads:" \
     "wall ${wall} s; engine ${engine} s over $tasks tasks ($cached with cached style targets);" \

@@ -728,6 +728,12 @@ async fn an_exact_tiled_render_reaches_the_style_loss_of_an_untiled_one() {
     let last = status.tasks[1].tile.as_ref().expect("a tile task");
     assert!(last.exact);
     assert_eq!((last.width, last.height, last.tiles), (256, 192, 1));
+    assert!(
+        cluster.workers[0]
+            .log_text()
+            .contains("exact: the whole canvas, in blocks block=128"),
+        "the worker evaluated the canvas in blocks"
+    );
     // the same schedule, untiled, in one process
     let untiled = cluster.dir.path().join("untiled.png");
     let (ok, _, err) = cluster.cli(

@@ -10,7 +10,8 @@
 //!   share of the content loss; the gradients of all blocks (halos included) add up to the whole image's.
 //!
 //! Inside the halo's reach a block's features equal the whole image's; past it the zero padding of the
-//! block's border differs, so the result matches a one-pass evaluation up to that (small, deep-layer) error.
+//! block's border differs, so the result matches a one-pass evaluation up to that deep-layer error: with
+//! 32-px halos, relu5_1's Gram matrix is a few percent off, the gradient within 1e-4 (BENCHMARKS.md).
 
 use image::RgbImage;
 use stylefarm_core::{Layer, RenderParams};
@@ -271,7 +272,7 @@ impl Engine {
         }
         // TV over the whole image (three channels: cheap)
         let (tv, mut grad) = if params.tv_weight > 0.0 {
-            let xg = x.shallow_clone().set_requires_grad(true);
+            let xg = x.detach().set_requires_grad(true);
             let t = tv_loss(&xg, params.tv_weight);
             let g = gradient.then(|| {
                 Tensor::run_backward(&[&t], &[&xg], false, false)
@@ -290,6 +291,9 @@ impl Engine {
         }
         let mut content = 0.0;
         for (b, parts) in targets.blocks.iter().zip(&targets.content) {
+            if !gradient && parts.is_empty() {
+                continue;
+            }
             let xb = b.cut(&x).set_requires_grad(gradient);
             let features = self.vgg().features(&xb, params.pooling, &layers);
             let mut total = Tensor::zeros([], (Kind::Float, x.device()));
@@ -316,6 +320,10 @@ impl Engine {
                 if let Some(own) = b.own_features(f, *layer, width, height) {
                     total += (d * own.matmul(&own.tr())).sum(Kind::Float) / *norm;
                 }
+            }
+            if !total.requires_grad() {
+                // no position of this block at any layer the objective reads (deep layers only, a sliver)
+                continue;
             }
             let gb = Tensor::run_backward(&[&total], &[&xb], false, false)
                 .pop()

@@ -49,11 +49,14 @@ pub struct WorkerConfig {
 }
 
 /// Decoded input images by hash, bounded by their decoded bytes (a batch of large photos must not pile
-/// up): the oldest go first; the image just fetched always stays.
+/// up): the least recently used go first; the image just fetched always stays.
 struct ImageCache {
     images: VecDeque<(ImageHash, Arc<RgbImage>)>,
     max_bytes: usize,
 }
+
+/// How long a worker tries to report a task's outcome (a large result's upload included).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What [`ImageCache`] holds at most.
 const IMAGE_CACHE_BYTES: usize = 512 << 20;
@@ -68,6 +71,15 @@ impl ImageCache {
 
     fn bytes(&self) -> usize {
         self.images.iter().map(|(_, img)| img.as_raw().len()).sum()
+    }
+
+    /// A cached image, which becomes the most recently used.
+    fn lookup(&mut self, hash: &ImageHash) -> Option<Arc<RgbImage>> {
+        let at = self.images.iter().position(|(h, _)| h == hash)?;
+        let entry = self.images.remove(at)?;
+        let img = entry.1.clone();
+        self.images.push_back(entry);
+        Some(img)
     }
 
     fn insert(&mut self, hash: ImageHash, img: Arc<RgbImage>) {
@@ -89,8 +101,8 @@ impl ImageCache {
         let hash: ImageHash = hash
             .parse()
             .map_err(|e: stylefarm_core::Error| e.to_string())?;
-        if let Some((_, img)) = self.images.iter().find(|(h, _)| *h == hash) {
-            return Ok(img.clone());
+        if let Some(img) = self.lookup(&hash) {
+            return Ok(img);
         }
         let mut stream = client
             .download_image(pb::DownloadRequest {
@@ -240,7 +252,15 @@ pub async fn run(
                 );
                 let outcome =
                     run_task(&engine, &mut client, &mut cache, task, cancel, progress_tx).await;
-                report(&mut client, &lease_id, outcome).await;
+                // a report that hangs must not keep the lease alive forever: give up, let it lapse
+                if tokio::time::timeout(REPORT_TIMEOUT, report(&mut client, &lease_id, outcome))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "reporting timed out; the lease will lapse and the task run again"
+                    );
+                }
                 drop(beating);
                 // lease to reported, to set against the engine's time ("rendered" above)
                 tracing::info!(task_s = leased_at.elapsed().as_secs_f64(), "task over");
@@ -324,14 +344,16 @@ impl Heartbeat {
                             total: p.losses.total,
                         });
                     }
-                    match client.heartbeat(beat).await {
-                        Ok(r) if r.get_ref().cancel => {
+                    // a beat that hangs must not hold up the next ones
+                    match tokio::time::timeout(interval, client.heartbeat(beat)).await {
+                        Ok(Ok(r)) if r.get_ref().cancel => {
                             if !cancel.swap(true, Ordering::Relaxed) {
                                 tracing::info!("cancelled by the coordinator");
                             }
                         }
-                        Ok(_) => {}
-                        Err(s) => tracing::warn!(error = s.message(), "heartbeat failed"),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(s)) => tracing::warn!(error = s.message(), "heartbeat failed"),
+                        Err(_) => tracing::warn!("heartbeat timed out"),
                     }
                 }
             }
@@ -433,6 +455,7 @@ async fn run_task(
         style.block = Some(t.tile_size);
         if t.exact {
             // the whole canvas, its objective evaluated in blocks of the tile size
+            tracing::info!(block = t.tile_size, "exact: the whole canvas, in blocks");
             job.block = Some(t.tile_size);
         } else if canvas.dimensions() != (t.rect.width, t.rect.height) {
             let init = match &job.params.init {
@@ -547,7 +570,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_image_cache_keeps_to_its_bytes_oldest_out_first() {
+    fn the_image_cache_keeps_to_its_bytes_least_recently_used_out_first() {
         // 100 x 100 RGB: 30,000 bytes each; room for three
         let mut cache = ImageCache::new(90_000);
         let img = |v: u8| Arc::new(RgbImage::from_pixel(100, 100, image::Rgb([v, v, v])));
@@ -555,8 +578,15 @@ mod tests {
             cache.insert(ImageHash::of(&[v]), img(v));
             assert!(cache.bytes() <= 90_000);
         }
-        let kept: Vec<u8> = cache.images.iter().map(|(_, i)| i.as_raw()[0]).collect();
-        assert_eq!(kept, [2, 3, 4]);
+        let kept = |cache: &ImageCache| -> Vec<u8> {
+            cache.images.iter().map(|(_, i)| i.as_raw()[0]).collect()
+        };
+        assert_eq!(kept(&cache), [2, 3, 4]);
+        // a hit makes an image the last to go
+        assert!(cache.lookup(&ImageHash::of(&[2])).is_some());
+        assert!(cache.lookup(&ImageHash::of(&[0])).is_none());
+        cache.insert(ImageHash::of(&[5]), img(5));
+        assert_eq!(kept(&cache), [4, 2, 5]);
         // one image larger than the budget still stays, alone
         cache.insert(ImageHash::of(b"big"), Arc::new(RgbImage::new(200, 200)));
         assert_eq!(cache.images.len(), 1);
