@@ -40,6 +40,18 @@ impl BlobStore {
         Ok(hash)
     }
 
+    /// The blob opened for reading (e.g. an image's header only); `None` when there is no such blob.
+    pub fn open_blob(
+        &self,
+        hash: &ImageHash,
+    ) -> std::io::Result<Option<std::io::BufReader<std::fs::File>>> {
+        match std::fs::File::open(self.path(hash)) {
+            Ok(f) => Ok(Some(std::io::BufReader::new(f))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The blob's bytes; `None` when there is no such blob.
     pub fn get(&self, hash: &ImageHash) -> std::io::Result<Option<Vec<u8>>> {
         match std::fs::read(self.path(hash)) {
@@ -60,6 +72,10 @@ mod tests {
         assert_eq!(h, stylefarm_core::job::ImageHash::of(b"hello"));
         assert!(blobs.contains(&h));
         assert_eq!(blobs.get(&h).unwrap().unwrap(), b"hello");
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut blobs.open_blob(&h).unwrap().unwrap(), &mut read)
+            .unwrap();
+        assert_eq!(read, "hello");
         assert_eq!(blobs.put(b"hello").unwrap(), h);
         assert!(blobs
             .get(&stylefarm_core::job::ImageHash::of(b"other"))

@@ -21,15 +21,23 @@ fn png(img: &RgbImage) -> Result<Vec<u8>, String> {
 }
 
 impl Coordinator {
-    /// A stored image's bytes, by its sha256.
-    fn blob(&self, sha256: &str) -> Result<Vec<u8>, String> {
+    /// A stored image's file, by its sha256, opened for reading.
+    fn stored(&self, sha256: &str) -> Result<std::io::BufReader<std::fs::File>, String> {
         let hash: ImageHash = sha256
             .parse()
             .map_err(|e: stylefarm_core::Error| e.to_string())?;
         self.blobs
-            .get(&hash)
+            .open_blob(&hash)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("image {hash} missing from the blob store"))
+    }
+
+    /// A stored image's bytes.
+    fn blob(&self, sha256: &str) -> Result<Vec<u8>, String> {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut self.stored(sha256)?, &mut bytes)
+            .map_err(|e| format!("{sha256}: {e}"))?;
+        Ok(bytes)
     }
 
     /// A stored image, decoded.
@@ -37,10 +45,9 @@ impl Coordinator {
         imaging::decode(&self.blob(sha256)?, sha256).map_err(|e| e.to_string())
     }
 
-    /// The width and height of a stored image, from its header.
+    /// The width and height of a stored image, from its header (the rest of the file is not read).
     fn dimensions(&self, sha256: &str) -> Result<(u32, u32), String> {
-        let bytes = self.blob(sha256)?;
-        image::ImageReader::new(Cursor::new(bytes))
+        image::ImageReader::new(self.stored(sha256)?)
             .with_guessed_format()
             .map_err(|e| e.to_string())?
             .into_dimensions()

@@ -289,7 +289,8 @@ impl Engine {
         if gradient {
             layers.extend(&params.style_layers);
         }
-        let mut content = 0.0;
+        // summed on the device and read once (a read is a device sync)
+        let mut content = Tensor::zeros([], (Kind::Float, x.device()));
         for (b, parts) in targets.blocks.iter().zip(&targets.content) {
             if !gradient && parts.is_empty() {
                 continue;
@@ -304,7 +305,7 @@ impl Engine {
                     .expect("a content target has positions");
                 let term = (own - &part.target).square().sum(Kind::Float)
                     * (params.content_weight / targets.content_sizes[k]);
-                content += term.double_value(&[]);
+                content += term.detach();
                 total += term;
             }
             let Some(grad) = grad.as_mut() else {
@@ -334,6 +335,7 @@ impl Engine {
                 .narrow(2, i64::from(y0), i64::from(y1 - y0))
                 .g_add_(&gb);
         }
+        let content = content.double_value(&[]);
         let losses = LossTerms {
             content,
             style,
