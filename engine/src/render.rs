@@ -322,22 +322,63 @@ impl Engine {
         job.params.validate(job.styles.len())?;
         let (w, h) = image.dimensions();
         let content = imaging::resize(&job.content, w, h);
+        let grams = self.style_grams(
+            &job.styles,
+            style_side(w.max(h), &job.params),
+            &job.params,
+            job.block,
+        );
+        let targets = self.scale_targets(&content, &grams, &job.params, job.block);
         let x = self.vgg.preprocessing().preprocess(image, self.device);
-        if let Some(block) = job.block.filter(|&b| w.max(h) > b) {
-            let grams = self.style_grams(
-                &job.styles,
-                style_side(w.max(h), &job.params),
-                &job.params,
-                Some(block),
-            );
-            let content = self.vgg.preprocessing().preprocess(&content, self.device);
-            let targets = BlockedTargets::new(self, &content, &grams, &job.params, block);
-            return Ok(tch::no_grad(|| {
-                self.objective_blocked(&x, &targets, &job.params, false).0
-            }));
+        Ok(self.scale_losses(&x, &targets, &job.params))
+    }
+
+    /// The targets of a working content image: block by block when it is larger than `block`.
+    fn scale_targets(
+        &self,
+        content: &RgbImage,
+        style: &StyleGrams,
+        params: &RenderParams,
+        block: Option<u32>,
+    ) -> ScaleTargets {
+        match block {
+            Some(b) if content.width().max(content.height()) > b => {
+                ScaleTargets::Blocked(BlockedTargets::new(
+                    self,
+                    &self.vgg.preprocessing().preprocess(content, self.device),
+                    style,
+                    params,
+                    b,
+                ))
+            }
+            _ => ScaleTargets::Whole(self.targets_with(content, style, params)),
         }
-        let targets = self.targets(&content, &job.styles, w.max(h), &job.params);
-        Ok(self.losses(&x, &targets, &job.params))
+    }
+
+    /// The objective and its gradient at `x`, for either kind of targets.
+    fn scale_objective(
+        &self,
+        x: &Tensor,
+        targets: &ScaleTargets,
+        params: &RenderParams,
+    ) -> (LossTerms, Tensor) {
+        match targets {
+            ScaleTargets::Whole(t) => self.objective(x, t, params),
+            ScaleTargets::Blocked(t) => {
+                let (losses, grad) = self.objective_blocked(x, t, params, true);
+                (losses, grad.expect("asked for"))
+            }
+        }
+    }
+
+    /// The objective at `x` without a gradient, for either kind of targets.
+    fn scale_losses(&self, x: &Tensor, targets: &ScaleTargets, params: &RenderParams) -> LossTerms {
+        match targets {
+            ScaleTargets::Whole(t) => self.losses(x, t, params),
+            ScaleTargets::Blocked(t) => {
+                tch::no_grad(|| self.objective_blocked(x, t, params, false).0)
+            }
+        }
     }
 
     fn initial(&self, job: &RenderJob, content: &RgbImage) -> Result<Tensor, Error> {
@@ -405,16 +446,7 @@ impl Engine {
                 self,
                 style_side(job.style_longest.unwrap_or(longest), params),
             )?;
-            let targets = match job.block {
-                Some(block) if w.max(h) > block => ScaleTargets::Blocked(BlockedTargets::new(
-                    self,
-                    &self.vgg.preprocessing().preprocess(&content, self.device),
-                    &style,
-                    params,
-                    block,
-                )),
-                _ => ScaleTargets::Whole(self.targets_with(&content, &style, params)),
-            };
+            let targets = self.scale_targets(&content, &style, params, job.block);
             let mut xs = match x.take() {
                 None => self.initial(job, &content)?,
                 Some(prev) => tch::no_grad(|| {
@@ -439,13 +471,7 @@ impl Engine {
                 }
             };
             let mut f = |x: &Tensor| -> Result<(f64, Tensor), Error> {
-                let (losses, grad) = match &targets {
-                    ScaleTargets::Whole(t) => self.objective(x, t, params),
-                    ScaleTargets::Blocked(t) => {
-                        let (losses, grad) = self.objective_blocked(x, t, params, true);
-                        (losses, grad.expect("asked for"))
-                    }
-                };
+                let (losses, grad) = self.scale_objective(x, &targets, params);
                 report(evaluations, losses)?;
                 evaluations += 1;
                 Ok((losses.total, grad))
@@ -464,13 +490,7 @@ impl Engine {
             } as u32;
             if steps == evaluations {
                 // the last step's image has not been evaluated yet
-                let losses = match &targets {
-                    ScaleTargets::Whole(t) => self.losses(&xs, t, params),
-                    ScaleTargets::Blocked(t) => {
-                        tch::no_grad(|| self.objective_blocked(&xs, t, params, false).0)
-                    }
-                };
-                report(steps, losses)?;
+                report(steps, self.scale_losses(&xs, &targets, params))?;
             }
             x = Some(xs);
         }
