@@ -47,7 +47,9 @@ fn main() {
         imaging::resize_longest(&imaging::load(&images.join("tubingen.jpg")).unwrap(), size);
     let style = imaging::load(&images.join("starry_night.jpg")).unwrap();
     let params = RenderParams::default();
-    let grams = engine.style_grams(std::slice::from_ref(&style), size, &params, Some(block));
+    let grams = engine
+        .style_grams(std::slice::from_ref(&style), size, &params, Some(block))
+        .expect("style targets");
     let x0 = engine
         .vgg()
         .preprocessing()
@@ -65,16 +67,23 @@ fn main() {
         }
         None => &x0 + tch::Tensor::randn_like(&x0) * 20.0,
     };
-    let whole = engine.targets_with(&content, &grams, &params);
-    let blocked = BlockedTargets::new(&engine, &x0, &grams, &params, block);
+    let whole = engine
+        .targets_with(&content, &grams, &params)
+        .expect("targets");
+    let blocked = BlockedTargets::new(&engine, &x0, &grams, &params, block).expect("targets");
     let (mut t_whole, mut t_blocked) = (Vec::new(), Vec::new());
     let (mut g_whole, mut g_blocked) = (None, None);
     for _ in 0..reps {
         let t = Instant::now();
-        g_whole = Some(engine.objective(&x, &whole, &params).1);
+        g_whole = Some(engine.objective(&x, &whole, &params).expect("objective").1);
         t_whole.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        g_blocked = engine.objective_blocked(&x, &blocked, &params, true).1;
+        g_blocked = Some(
+            engine
+                .objective_blocked(&x, &blocked, &params)
+                .expect("objective")
+                .1,
+        );
         t_blocked.push(t.elapsed().as_secs_f64());
     }
     let (a, b) = (g_whole.unwrap(), g_blocked.unwrap());

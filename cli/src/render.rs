@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use stylefarm_core::imaging::{Decoded, OutputDepth};
 use stylefarm_core::params::parse_list;
-use stylefarm_core::{imaging, tiling, Init, Layer, Optimizer, Pooling, RenderParams};
+use stylefarm_core::{imaging, tiling, ImageSize, Init, Layer, Optimizer, Pooling, RenderParams};
 use stylefarm_engine::{Engine, Progress, RenderJob};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -31,9 +32,13 @@ pub struct RenderArgs {
     /// Style image; repeat for several styles.
     #[arg(long, required = true)]
     style: Vec<PathBuf>,
-    /// Output image; PNG or JPEG by extension.
+    /// Output image; PNG, JPEG or TIFF by extension. A content image with transparency gives a PNG or TIFF
+    /// output its alpha (a JPEG gets the stylized image over white).
     #[arg(long, short, required_unless_present = "evaluate")]
     output: Option<PathBuf>,
+    /// Bits per channel of the output: 8, or 16 (PNG and TIFF), from the optimized image's floats.
+    #[arg(long, default_value = "8")]
+    output_depth: OutputDepth,
     /// Instead of rendering, print the objective (weighted content, style, tv terms and total, JSON) of this
     /// image against the content and styles at the image's own size: e.g. to compare a tiled output with an
     /// untiled one.
@@ -176,9 +181,19 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     let params = RenderParams::try_from(&args.params)?;
     params.validate(args.style.len())?;
     if let Some(output) = &args.output {
-        imaging::output_format(output)?;
+        if imaging::output_format(output)? == image::ImageFormat::Jpeg
+            && args.output_depth == OutputDepth::Sixteen
+        {
+            anyhow::bail!(
+                "output_depth: 16 bits per channel needs a .png or .tif output, not {}",
+                output.display()
+            );
+        }
     }
-    let content = imaging::load(&args.content)?;
+    let Decoded {
+        rgb: content,
+        alpha,
+    } = imaging::load_full(&args.content)?;
     let styles = args
         .style
         .iter()
@@ -188,6 +203,21 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
         Init::Image(path) => Some(imaging::load(path)?),
         _ => None,
     };
+    if args.evaluate.is_none() {
+        // before the engine loads: every image must reach the deepest layer at every scale
+        let names: Vec<String> = args.style.iter().map(|p| p.display().to_string()).collect();
+        let style_sizes: Vec<ImageSize> = names
+            .iter()
+            .zip(&styles)
+            .map(|(name, img)| ImageSize::new(name, img.dimensions()))
+            .collect();
+        let content_name = args.content.display().to_string();
+        params.check_sizes(
+            ImageSize::new(&content_name, content.dimensions()),
+            &style_sizes,
+            None,
+        )?;
+    }
     let device = stylefarm_engine::parse_device(&args.device)?;
     let weights = args
         .weights
@@ -273,12 +303,12 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
         ..RenderJob::new(content, styles, init_image, params)
     };
     let image = engine
-        .render(&job, &mut on_progress)
+        .render_f32(&job, &mut on_progress)
         .context("render failed")?;
     if let Some(bar) = bar {
         bar.finish();
     }
-    imaging::save(&image, output)?;
+    imaging::save_output(&image, alpha.as_ref(), args.output_depth, output)?;
     eprintln!(
         "wrote {} ({}x{})",
         output.display(),

@@ -21,7 +21,7 @@ pub struct SchedulerConfig {
     pub heartbeat_interval: Duration,
     /// Attempts per task when the job does not say.
     pub default_max_attempts: u32,
-    /// Failures of one worker on one job after which it gets no more of that job's tasks.
+    /// Strikes of one worker on one job after which it gets no more of that job's tasks (see [`FailureKind`]).
     pub blocklist_after: u32,
     /// First retry delay; doubled per attempt up to `max_backoff`.
     pub backoff: Duration,
@@ -140,16 +140,25 @@ pub struct HeartbeatReply {
     pub deadline_ms: i64,
 }
 
-/// How a task failed.
+/// How a task failed, as its worker reports it. A failed task is retried after a backoff; it fails, and its job
+/// with it, when it is out of attempts, or sooner when its permanent error is confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
-    /// May succeed on another attempt; a strike against the worker.
+    /// The worker's fault, or chance (a crash, a lost connection, an expired lease): another attempt may
+    /// succeed. A strike against the worker: after [`SchedulerConfig::blocklist_after`] strikes on a job it
+    /// gets no more of that job's tasks.
     Retryable,
-    /// Cannot succeed (e.g. a corrupt input): the job fails.
+    /// The worker blames the input (e.g. a corrupt image): retrying cannot help. Not a strike, and one
+    /// worker's word does not end the task: it is retried, and fails at once, with its job, when
+    /// [`PERMANENT_CONFIRMATIONS`] distinct workers have reported the same error (equal text) as permanent.
     Permanent,
-    /// The device ran out of memory: retried, not a strike.
+    /// The device ran out of memory: not a strike.
     OutOfMemory,
 }
+
+/// Distinct workers that must report the same [`FailureKind::Permanent`] error before a task fails without
+/// waiting for its attempts to run out.
+pub const PERMANENT_CONFIRMATIONS: usize = 2;
 
 pub struct Scheduler {
     config: SchedulerConfig,
@@ -409,6 +418,7 @@ impl Scheduler {
         task.state = TaskState::Succeeded;
         task.result = result.to_string();
         task.error.clear();
+        task.permanent_error_workers.clear();
         let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
         let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
         // a sweep succeeds once its contact sheet is recorded (set_contact_sheet), a tiled job once its last
@@ -429,7 +439,7 @@ impl Scheduler {
     }
 
     /// Records a failure: a retry after a backoff, or the job's failure when the task is out of attempts or
-    /// the failure is permanent.
+    /// its permanent error is confirmed (see [`FailureKind`]).
     pub fn fail(
         &self,
         lease_id: &str,
@@ -463,7 +473,7 @@ impl Scheduler {
         if job.meta.state.is_terminal() {
             return Ok(());
         }
-        if kind != FailureKind::OutOfMemory {
+        if kind == FailureKind::Retryable {
             *job.meta.strikes.entry(lease.worker.clone()).or_default() += 1;
         }
         let max = if job.meta.spec.max_attempts > 0 {
@@ -472,14 +482,31 @@ impl Scheduler {
             self.config.default_max_attempts
         };
         let task = &mut job.tasks[lease.index as usize];
-        task.error = error.to_string();
-        if kind == FailureKind::Permanent || task.attempts >= max {
-            task.state = TaskState::Failed;
-            ops.push(Op::Task(job.meta.id.clone(), task.clone()));
-            let reason = format!(
+        if task.error != error {
+            task.error = error.to_string();
+            task.permanent_error_workers.clear();
+        }
+        if kind == FailureKind::Permanent && !task.permanent_error_workers.contains(&lease.worker) {
+            task.permanent_error_workers.push(lease.worker.clone());
+        }
+        let reason = if task.permanent_error_workers.len() >= PERMANENT_CONFIRMATIONS {
+            Some(format!(
+                "task {} ({}) failed with the same non-retryable error on workers {}: {error}",
+                task.index,
+                task.spec.label,
+                task.permanent_error_workers.join(", ")
+            ))
+        } else if task.attempts >= max {
+            Some(format!(
                 "task {} ({}) failed after {} attempt(s): {error}",
                 task.index, task.spec.label, task.attempts
-            );
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            task.state = TaskState::Failed;
+            ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             let job_id = job.meta.id.clone();
             self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
         } else {
@@ -838,25 +865,142 @@ mod tests {
     }
 
     #[test]
-    fn out_of_memory_is_not_a_strike_and_permanent_fails_at_once() {
+    fn out_of_memory_and_permanent_failures_are_not_strikes() {
         let s = scheduler(SchedulerConfig {
             backoff: Duration::ZERO,
             blocklist_after: 1,
             ..Default::default()
         });
-        let (_, _) = s.submit(batch(1, 0), "").unwrap();
+        let spec = JobSpec {
+            max_attempts: 10,
+            ..batch(1, 0)
+        };
+        let (first, _) = s.submit(spec, "").unwrap();
+        let (second, _) = s.submit(batch(1, 0), "").unwrap();
         let l = s.lease("w").unwrap().unwrap();
         s.fail(&l.lease_id, "oom", FailureKind::OutOfMemory)
             .unwrap();
-        assert!(
-            s.lease("w").unwrap().is_some(),
-            "no strike for out-of-memory"
-        );
-        let (job, _) = s.submit(batch(1, 0), "").unwrap();
-        let l = s.lease("v").unwrap().unwrap();
+        let l = s.lease("w").unwrap().expect("no strike for out-of-memory");
+        assert_eq!((l.job_id.as_str(), l.index), (first.as_str(), 0));
         s.fail(&l.lease_id, "corrupt", FailureKind::Permanent)
             .unwrap();
-        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Failed);
+        let view = s.get(&first).unwrap();
+        assert_eq!(view.meta.state, JobState::Running, "one worker's word");
+        assert!(view.meta.strikes.is_empty(), "{:?}", view.meta.strikes);
+        assert_eq!(view.tasks[0].0.state, TaskState::Pending);
+        let l = s
+            .lease("w")
+            .unwrap()
+            .expect("no strike for a permanent failure");
+        assert_eq!((l.job_id.as_str(), l.index), (first.as_str(), 0));
+        let other = s.lease("w").unwrap().expect("other jobs' tasks too");
+        assert_eq!((other.job_id.as_str(), other.index), (second.as_str(), 0));
+        // a retryable failure is a strike: blocklisted from this job at once
+        s.fail(&l.lease_id, "crash", FailureKind::Retryable)
+            .unwrap();
+        assert_eq!(s.get(&first).unwrap().meta.strikes["w"], 1);
+        assert!(s.lease("w").unwrap().is_none(), "blocklisted");
+        assert!(
+            s.lease("v").unwrap().is_some(),
+            "the task is ready for others"
+        );
+    }
+
+    /// A job of one task with `max_attempts` attempts, and the scheduler without retry delays.
+    fn one_task(max_attempts: u32) -> (Scheduler, String) {
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..Default::default()
+        });
+        let spec = JobSpec {
+            max_attempts,
+            ..batch(1, 0)
+        };
+        let (job, _) = s.submit(spec, "").unwrap();
+        (s, job)
+    }
+
+    /// Leases the task as `worker` and fails it.
+    fn fail_as(s: &Scheduler, worker: &str, error: &str, kind: FailureKind) {
+        let l = s.lease(worker).unwrap().expect("the task is ready");
+        s.fail(&l.lease_id, error, kind).unwrap();
+    }
+
+    #[test]
+    fn one_worker_repeating_a_permanent_error_does_not_confirm_it() {
+        let (s, job) = one_task(3);
+        fail_as(&s, "a", "corrupt", FailureKind::Permanent);
+        fail_as(&s, "a", "corrupt", FailureKind::Permanent);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Running);
+        let task = &view.tasks[0].0;
+        assert_eq!(task.state, TaskState::Pending);
+        assert_eq!(task.error, "corrupt");
+        assert_eq!(task.permanent_error_workers, ["a"]);
+        // the attempts still bound it
+        fail_as(&s, "a", "corrupt", FailureKind::Permanent);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(view.tasks[0].0.state, TaskState::Failed);
+        assert_eq!(view.tasks[0].0.attempts, 3);
+        assert!(
+            view.meta.error.contains("after 3 attempt(s): corrupt"),
+            "{}",
+            view.meta.error
+        );
+    }
+
+    #[test]
+    fn the_same_permanent_error_on_two_workers_fails_the_job_at_once() {
+        let (s, job) = one_task(10);
+        fail_as(&s, "a", "corrupt", FailureKind::Permanent);
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Running);
+        fail_as(&s, "b", "corrupt", FailureKind::Permanent);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        let task = &view.tasks[0].0;
+        assert_eq!(task.state, TaskState::Failed);
+        assert_eq!(task.attempts, 2, "8 attempts left unused");
+        assert_eq!(task.error, "corrupt");
+        assert_eq!(task.permanent_error_workers, ["a", "b"]);
+        assert!(
+            view.meta.error.starts_with("task 0 "),
+            "{}",
+            view.meta.error
+        );
+        assert!(
+            view.meta.error.ends_with("on workers a, b: corrupt"),
+            "{}",
+            view.meta.error
+        );
+        assert_eq!(s.queue_depth(), 0);
+        assert!(s.lease("c").unwrap().is_none());
+    }
+
+    #[test]
+    fn another_error_restarts_the_confirmation() {
+        let (s, job) = one_task(10);
+        fail_as(&s, "a", "corrupt", FailureKind::Permanent);
+        fail_as(&s, "b", "truncated", FailureKind::Permanent);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Running, "the errors differ");
+        assert_eq!(view.tasks[0].0.error, "truncated");
+        assert_eq!(view.tasks[0].0.permanent_error_workers, ["b"]);
+        // any other failure in between restarts it too
+        fail_as(&s, "c", "crash", FailureKind::Retryable);
+        fail_as(&s, "a", "truncated", FailureKind::Permanent);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Running);
+        assert_eq!(view.tasks[0].0.permanent_error_workers, ["a"]);
+        fail_as(&s, "b", "truncated", FailureKind::Permanent);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(view.tasks[0].0.attempts, 5);
+        assert!(
+            view.meta.error.ends_with(": truncated"),
+            "{}",
+            view.meta.error
+        );
     }
 
     #[test]

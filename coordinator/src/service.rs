@@ -226,9 +226,20 @@ impl RenderService for RenderApi {
                 )));
             }
         }
-        let scheduler = self.coordinator.scheduler.clone();
+        let coordinator = self.coordinator.clone();
         let (job_id, created) = blocking(move || {
-            Ok(scheduler
+            // no task may be too small for VGG19: sizes from the images' headers
+            spec.check_sizes(|hash| {
+                coordinator.dimensions(hash.as_str()).map_err(|e| {
+                    stylefarm_core::Error::image(
+                        hash.as_str(),
+                        format!("cannot read the header: {e}"),
+                    )
+                })
+            })
+            .map_err(Error::from)?;
+            Ok(coordinator
+                .scheduler
                 .submit(spec, &client_request_id)
                 .map_err(Error::from)?)
         })

@@ -54,7 +54,8 @@ pub struct JobMeta {
     pub submitted_ms: i64,
     pub finished_ms: i64,
     pub error: String,
-    /// Failures per worker id; a worker at the blocklist threshold gets no more of this job's tasks.
+    /// Strikes (retryable failures, lease expiries) per worker id; a worker at the blocklist threshold gets no
+    /// more of this job's tasks. Failures blamed on the input or on memory are not strikes.
     pub strikes: BTreeMap<String, u32>,
     /// sha256 of a sweep's contact sheet.
     pub contact_sheet: String,
@@ -77,9 +78,14 @@ pub struct TaskRecord {
     pub worker: String,
     /// sha256 of the result image.
     pub result: String,
+    /// The error of the last failed attempt.
     pub error: String,
     /// Earliest time (unix ms) of the next attempt (retry backoff).
     pub not_before_ms: i64,
+    /// The distinct workers that reported `error` as non-retryable (the input's fault), in report order;
+    /// emptied when an attempt fails with another error.
+    #[serde(default)]
+    pub permanent_error_workers: Vec<String>,
 }
 
 impl TaskRecord {
@@ -94,6 +100,7 @@ impl TaskRecord {
             result: String::new(),
             error: String::new(),
             not_before_ms: 0,
+            permanent_error_workers: Vec::new(),
         }
     }
 }
@@ -457,6 +464,27 @@ pub(crate) mod tests {
     #[test]
     fn memory_store() {
         suite(&MemoryStore::default());
+    }
+
+    #[test]
+    fn task_records_of_older_versions_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("state.redb")).unwrap();
+        let (meta, tasks) = job("job-a", 1);
+        store.insert_job(&meta, &tasks).unwrap();
+        // the task as an older version wrote it: without permanent_error_workers
+        let mut old = serde_json::to_value(&tasks[0]).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        assert!(fields.remove("permanent_error_workers").is_some());
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(TASKS)
+            .unwrap()
+            .insert(("job-a", 0), serde_json::to_vec(&old).unwrap().as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        let all = store.load().unwrap();
+        assert_eq!(all[0].1, tasks);
+        assert!(all[0].1[0].permanent_error_workers.is_empty());
     }
 
     #[test]

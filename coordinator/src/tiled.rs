@@ -45,13 +45,10 @@ impl Coordinator {
         imaging::decode(&self.blob(sha256)?, sha256).map_err(|e| e.to_string())
     }
 
-    /// The width and height of a stored image, from its header (the rest of the file is not read).
-    fn dimensions(&self, sha256: &str) -> Result<(u32, u32), String> {
-        image::ImageReader::new(self.stored(sha256)?)
-            .with_guessed_format()
-            .map_err(|e| e.to_string())?
-            .into_dimensions()
-            .map_err(|e| format!("{sha256}: {e}"))
+    /// The width and height of a stored image as decoded (EXIF orientation applied), from its header: no
+    /// pixel is decoded.
+    pub(crate) fn dimensions(&self, sha256: &str) -> Result<(u32, u32), String> {
+        imaging::dimensions(self.stored(sha256)?, sha256).map_err(|e| e.to_string())
     }
 
     /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job.

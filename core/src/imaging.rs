@@ -1,10 +1,18 @@
-//! Images in and out: decoding with limits, encoding by extension, working sizes, resampling, colour.
+//! Images in and out: decoding with limits (PNG, JPEG, WebP, TIFF, BMP, GIF), EXIF orientation, transparency
+//! composited over white, header-only dimensions, encoding by extension (PNG, JPEG, TIFF; 8 or 16 bits per
+//! channel), working sizes, resampling, colour.
 
-use std::io::Cursor;
+use std::fmt;
+use std::io::{BufRead, Cursor, Seek};
 use std::path::Path;
+use std::str::FromStr;
 
 use image::imageops::FilterType;
-use image::{ImageFormat, ImageReader, Limits, RgbImage};
+use image::metadata::Orientation;
+use image::{
+    DynamicImage, GrayImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, Limits, Luma,
+    Rgb, Rgb32FImage, RgbImage, Rgba,
+};
 
 use crate::Error;
 
@@ -21,32 +29,265 @@ fn limits() -> Limits {
     limits
 }
 
-/// Decodes an image (PNG or JPEG, recognized by content) from bytes into 8-bit RGB; `name` is for errors.
-pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
-    let mut reader = ImageReader::new(Cursor::new(bytes))
+/// A decoded image as the engine sees it, and its transparency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The pixels, 8-bit RGB, in the orientation a viewer shows (EXIF orientation applied), transparent
+    /// pixels composited over white: `round(a * c + (1 - a) * 255)` per channel, with `a` the alpha in 0..1
+    /// (16-bit images are composited in 16 bits, then rounded to 8).
+    pub rgb: RgbImage,
+    /// The alpha channel in 8 bits (0 transparent, 255 opaque), the same size and orientation as `rgb`;
+    /// `None` when the image has no alpha channel or every pixel of it is opaque (255 once in 8 bits).
+    pub alpha: Option<GrayImage>,
+}
+
+/// A decoder for `reader` with the project's limits on it (side and allocation; a larger image is an error
+/// here, before any pixel is decoded), its format, and the orientation its metadata asks for.
+fn open<'a, R: BufRead + Seek + 'a>(
+    reader: R,
+    name: &str,
+) -> Result<(impl ImageDecoder + 'a, ImageFormat, Orientation), Error> {
+    let mut reader = ImageReader::new(reader)
         .with_guessed_format()
         .map_err(|e| Error::image(name, e))?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(Error::image(name, "not an image (unknown format)"));
-    }
+    };
     reader.limits(limits());
-    let img = reader
-        .decode()
+    let mut decoder = reader
+        .into_decoder()
         .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
-    if img.width() == 0 || img.height() == 0 {
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
         return Err(Error::image(name, "image has zero width or height"));
     }
-    Ok(img.to_rgb8())
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| Error::image(name, format!("cannot read the orientation: {e}")))?;
+    Ok((decoder, format, orientation))
 }
 
-/// Reads and decodes an image file into 8-bit RGB.
-pub fn load(path: &Path) -> Result<RgbImage, Error> {
+/// Whether an orientation turns the image by a quarter, exchanging width and height (EXIF 5-8).
+fn swaps_sides(orientation: Orientation) -> bool {
+    matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// Whether a JPEG stream runs to its end-of-image marker (FF D9). The marker segments are walked from the
+/// start of image; the entropy-coded data after each start of scan is skipped (in it, 0xFF is followed only
+/// by 0x00 stuffing or a restart marker, so no marker can hide there). Whatever follows the end of image
+/// (padding, the video some phones append) is not looked at. The JPEG decoder is lenient: a stream cut
+/// short decodes without an error, its missing part grey, so completeness is checked here.
+fn jpeg_reaches_eoi(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        // a marker: one or more 0xFF (the extra ones are fill bytes), then its code
+        if bytes.get(i) != Some(&0xFF) {
+            return false;
+        }
+        while bytes.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let Some(&code) = bytes.get(i) else {
+            return false;
+        };
+        i += 1;
+        match code {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => continue, // TEM and RSTn stand alone
+            _ => {}
+        }
+        // a segment: its big-endian length counts itself but not the marker
+        let Some(&[hi, lo]) = bytes.get(i..i + 2) else {
+            return false;
+        };
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        if len < 2 || i + len > bytes.len() {
+            return false;
+        }
+        i += len;
+        if code == 0xDA {
+            // entropy-coded data, up to the next marker that is not a restart
+            loop {
+                let Some(at) = bytes[i..].iter().position(|&b| b == 0xFF) else {
+                    return false;
+                };
+                i += at;
+                match bytes.get(i + 1) {
+                    Some(0x00 | 0xD0..=0xD7) => i += 2,
+                    Some(_) => break,
+                    None => return false,
+                }
+            }
+        }
+    }
+}
+
+/// Splits an image with an alpha channel into its colour composited over white and its alpha, both in 8
+/// bits; `max` is the largest sample (255 or 65535) of `pixels`, RGBA in row order.
+fn over_white(
+    width: u32,
+    height: u32,
+    pixels: impl Iterator<Item = [u64; 4]>,
+    max: u64,
+) -> Decoded {
+    let to_8 = |v: u64| {
+        (if max == 255 {
+            v
+        } else {
+            (v * 255 + max / 2) / max
+        }) as u8
+    };
+    let mut rgb = RgbImage::new(width, height);
+    let mut alpha = GrayImage::new(width, height);
+    for ((p, out), a_out) in pixels.zip(rgb.pixels_mut()).zip(alpha.pixels_mut()) {
+        let a = p[3];
+        // a/max * c + (1 - a/max) * max, rounded, in the image's own depth
+        let over = |c: u64| (a * c + (max - a) * max + max / 2) / max;
+        *out = Rgb([over(p[0]), over(p[1]), over(p[2])].map(to_8));
+        *a_out = Luma([to_8(a)]);
+    }
+    let opaque = alpha.iter().all(|&a| a == 255);
+    Decoded {
+        rgb,
+        alpha: (!opaque).then_some(alpha),
+    }
+}
+
+/// Decodes an image from bytes: PNG, JPEG, WebP, TIFF (8 or 16 bits), BMP or GIF (its first frame),
+/// recognized by content. The result is oriented as a viewer shows it (the EXIF orientation of JPEG, PNG,
+/// WebP and TIFF applied, so orientations 5-8 exchange width and height) and composited over white where
+/// transparent (see [`Decoded`]). `name` is for errors.
+///
+/// # Errors
+/// [`Error::Image`] naming `name` when the bytes are not an image in one of those formats, are corrupt or cut
+/// short (a JPEG without its end-of-image marker included), have a zero side, or exceed [`MAX_IMAGE_SIDE`]
+/// or [`MAX_IMAGE_BYTES`].
+pub fn decode_full(bytes: &[u8], name: &str) -> Result<Decoded, Error> {
+    let (mut decoder, format, orientation) = open(Cursor::new(bytes), name)?;
+    if format == ImageFormat::Jpeg && !jpeg_reaches_eoi(bytes) {
+        return Err(Error::image(
+            name,
+            "cannot decode image: truncated JPEG (no end-of-image marker)",
+        ));
+    }
+    let mut limits = limits();
+    limits
+        .reserve(decoder.total_bytes())
+        .and_then(|()| decoder.set_limits(limits))
+        .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
+    let mut img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
+    img.apply_orientation(orientation);
+    let (width, height) = (img.width(), img.height());
+    Ok(match img {
+        img if !img.color().has_alpha() => Decoded {
+            rgb: img.to_rgb8(),
+            alpha: None,
+        },
+        DynamicImage::ImageLumaA8(_) | DynamicImage::ImageRgba8(_) => {
+            let rgba = img.to_rgba8();
+            over_white(
+                width,
+                height,
+                rgba.pixels().map(|p| p.0.map(u64::from)),
+                255,
+            )
+        }
+        // 16-bit (and floating-point) images with alpha: composited in 16 bits
+        img => {
+            let rgba = img.to_rgba16();
+            over_white(
+                width,
+                height,
+                rgba.pixels().map(|p| p.0.map(u64::from)),
+                65_535,
+            )
+        }
+    })
+}
+
+/// Decodes an image from bytes into 8-bit RGB, oriented and composited over white: [`decode_full`] without
+/// the alpha channel.
+pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
+    decode_full(bytes, name).map(|d| d.rgb)
+}
+
+/// Reads and decodes an image file (see [`decode_full`]); errors name the path.
+pub fn load_full(path: &Path) -> Result<Decoded, Error> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::image(path.display(), format!("cannot read: {e}")))?;
-    decode(&bytes, &path.display().to_string())
+    decode_full(&bytes, &path.display().to_string())
 }
 
-/// The format an output path asks for, by its extension.
+/// Reads and decodes an image file into 8-bit RGB, oriented and composited over white (see [`decode_full`]).
+pub fn load(path: &Path) -> Result<RgbImage, Error> {
+    load_full(path).map(|d| d.rgb)
+}
+
+/// The (width, height) of the image that [`decode`] gives for `reader`'s content, from its header: the
+/// stored size, exchanged for EXIF orientations 5-8. No pixel is decoded (the JPEG decoder does read the
+/// whole stream into memory, its header parsed only).
+///
+/// # Errors
+/// [`Error::Image`] naming `name` when the header is not one of a supported format, is corrupt, gives a zero
+/// side or a side over [`MAX_IMAGE_SIDE`].
+pub fn dimensions<R: BufRead + Seek>(reader: R, name: &str) -> Result<(u32, u32), Error> {
+    let (decoder, _, orientation) = open(reader, name)?;
+    let (width, height) = decoder.dimensions();
+    Ok(if swaps_sides(orientation) {
+        (height, width)
+    } else {
+        (width, height)
+    })
+}
+
+/// Bits per channel of a written image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OutputDepth {
+    /// 8 bits per channel (PNG, TIFF, JPEG): `"8"`.
+    #[default]
+    Eight,
+    /// 16 bits per channel (PNG, TIFF; not JPEG): `"16"`.
+    Sixteen,
+}
+
+impl FromStr for OutputDepth {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "8" => Ok(OutputDepth::Eight),
+            "16" => Ok(OutputDepth::Sixteen),
+            _ => Err(Error::invalid(
+                "output_depth",
+                format!("unknown value '{s}' (expected one of: 8, 16)"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for OutputDepth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OutputDepth::Eight => "8",
+            OutputDepth::Sixteen => "16",
+        })
+    }
+}
+
+/// The format an output path asks for, by its extension (case-insensitive): `.png`, `.jpg`/`.jpeg`,
+/// `.tif`/`.tiff`.
+///
+/// # Errors
+/// [`Error::Invalid`] on field `output` for any other extension, or none.
 pub fn output_format(path: &Path) -> Result<ImageFormat, Error> {
     let ext = path
         .extension()
@@ -55,26 +296,141 @@ pub fn output_format(path: &Path) -> Result<ImageFormat, Error> {
     match ext.as_deref() {
         Some("png") => Ok(ImageFormat::Png),
         Some("jpg" | "jpeg") => Ok(ImageFormat::Jpeg),
+        Some("tif" | "tiff") => Ok(ImageFormat::Tiff),
         _ => Err(Error::invalid(
             "output",
-            format!("{}: extension must be .png, .jpg or .jpeg", path.display()),
+            format!(
+                "{}: extension must be .png, .jpg, .jpeg, .tif or .tiff",
+                path.display()
+            ),
         )),
     }
 }
 
-/// Writes an image, PNG or JPEG (quality 95) by the path's extension, through a temporary file so that a
-/// failed write leaves no partial output.
-pub fn save(img: &RgbImage, path: &Path) -> Result<(), Error> {
-    let format = output_format(path)?;
-    let mut bytes = Vec::new();
-    match format {
-        ImageFormat::Jpeg => {
-            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95);
+/// Resamples an alpha channel to `width` x `height` like [`resize`] (Lanczos3; unchanged at that size).
+fn resize_alpha(alpha: &GrayImage, width: u32, height: u32) -> GrayImage {
+    if alpha.dimensions() == (width, height) {
+        return alpha.clone();
+    }
+    image::imageops::resize(alpha, width, height, FilterType::Lanczos3)
+}
+
+/// `rgb` with `alpha` as an 8- or 16-bit RGB or RGBA image: `round(v)` or `round(v * 257)` per value,
+/// clamped; the alpha as it is, or times 257.
+fn quantize(rgb: &Rgb32FImage, alpha: Option<&GrayImage>, depth: OutputDepth) -> DynamicImage {
+    let (width, height) = rgb.dimensions();
+    let px = |x, y| rgb.get_pixel(x, y).0;
+    match (depth, alpha) {
+        (OutputDepth::Eight, None) => {
+            DynamicImage::ImageRgb8(ImageBuffer::from_fn(width, height, |x, y| {
+                Rgb(px(x, y).map(to_u8))
+            }))
+        }
+        (OutputDepth::Eight, Some(alpha)) => {
+            DynamicImage::ImageRgba8(ImageBuffer::from_fn(width, height, |x, y| {
+                let [r, g, b] = px(x, y).map(to_u8);
+                Rgba([r, g, b, alpha.get_pixel(x, y).0[0]])
+            }))
+        }
+        (OutputDepth::Sixteen, None) => {
+            DynamicImage::ImageRgb16(ImageBuffer::from_fn(width, height, |x, y| {
+                Rgb(px(x, y).map(to_u16))
+            }))
+        }
+        (OutputDepth::Sixteen, Some(alpha)) => {
+            DynamicImage::ImageRgba16(ImageBuffer::from_fn(width, height, |x, y| {
+                let [r, g, b] = px(x, y).map(to_u16);
+                Rgba([r, g, b, u16::from(alpha.get_pixel(x, y).0[0]) * 257])
+            }))
+        }
+    }
+}
+
+fn to_u8(v: f32) -> u8 {
+    v.round().clamp(0.0, 255.0) as u8
+}
+
+fn to_u16(v: f32) -> u16 {
+    (v * 257.0).round().clamp(0.0, 65_535.0) as u16
+}
+
+/// [`encode_output`], errors naming `name`.
+fn encode_named(
+    rgb: &Rgb32FImage,
+    alpha: Option<&GrayImage>,
+    depth: OutputDepth,
+    format: ImageFormat,
+    name: &dyn fmt::Display,
+) -> Result<Vec<u8>, Error> {
+    let alpha = alpha.map(|a| resize_alpha(a, rgb.width(), rgb.height()));
+    let alpha = alpha.as_ref();
+    let mut out = Cursor::new(Vec::new());
+    match (format, depth) {
+        (ImageFormat::Jpeg, OutputDepth::Sixteen) => {
+            return Err(Error::invalid(
+                "output_depth",
+                "16 bits per channel needs a .png or .tif output: JPEG holds 8 bits",
+            ))
+        }
+        (ImageFormat::Jpeg, OutputDepth::Eight) => {
+            let img = RgbImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+                let a = alpha.map_or(1.0, |a| f32::from(a.get_pixel(x, y).0[0]) / 255.0);
+                Rgb(rgb
+                    .get_pixel(x, y)
+                    .0
+                    .map(|v| to_u8(a * v.clamp(0.0, 255.0) + (1.0 - a) * 255.0)))
+            });
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95);
             img.write_with_encoder(enc)
         }
-        _ => img.write_to(&mut Cursor::new(&mut bytes), format),
+        (ImageFormat::Png | ImageFormat::Tiff, depth) => {
+            quantize(rgb, alpha, depth).write_to(&mut out, format)
+        }
+        (format, _) => {
+            return Err(Error::invalid(
+                "output",
+                format!("{format:?} is not an output format (PNG, JPEG or TIFF)"),
+            ))
+        }
     }
-    .map_err(|e| Error::image(path.display(), format!("cannot encode: {e}")))?;
+    .map_err(|e| Error::image(name, format!("cannot encode: {e}")))?;
+    Ok(out.into_inner())
+}
+
+/// Encodes the engine's result: `rgb` holds values in 0..255 as floats (outside that range clamped),
+/// `alpha` (8 bits, 255 opaque) is resampled to `rgb`'s size with Lanczos3 if it differs.
+///
+/// - 8 bits: each value rounded to a `u8`; 16 bits: `round(v * 257)` as a `u16` (the 8-bit values exactly,
+///   and the fractions between them);
+/// - PNG and TIFF: RGB, or RGBA with the alpha (times 257 in 16 bits) when there is one;
+/// - JPEG (quality 95): 8-bit RGB only; an alpha is composited over white, `a * v + (1 - a) * 255`.
+///
+/// # Errors
+/// [`Error::Invalid`] on `output_depth` for 16-bit JPEG, on `output` for a format other than PNG, JPEG or
+/// TIFF; [`Error::Image`] (named `output`) when encoding fails (a zero side).
+pub fn encode_output(
+    rgb: &Rgb32FImage,
+    alpha: Option<&GrayImage>,
+    depth: OutputDepth,
+    format: ImageFormat,
+) -> Result<Vec<u8>, Error> {
+    encode_named(rgb, alpha, depth, format, &"output")
+}
+
+/// Writes the engine's result (see [`encode_output`]) in the format of the path's extension (see
+/// [`output_format`]), through a temporary file so that a failed write leaves no partial output.
+///
+/// # Errors
+/// Those of [`output_format`] and [`encode_output`]; [`Error::Image`] naming the path when it cannot be
+/// written.
+pub fn save_output(
+    rgb: &Rgb32FImage,
+    alpha: Option<&GrayImage>,
+    depth: OutputDepth,
+    path: &Path,
+) -> Result<(), Error> {
+    let format = output_format(path)?;
+    let bytes = encode_named(rgb, alpha, depth, format, &path.display())?;
     let tmp = path.with_extension(format!(
         "partial.{}",
         path.extension().unwrap_or_default().to_string_lossy()
@@ -85,6 +441,18 @@ pub fn save(img: &RgbImage, path: &Path) -> Result<(), Error> {
             let _ = std::fs::remove_file(&tmp);
             Error::image(path.display(), format!("cannot write: {e}"))
         })
+}
+
+/// Writes an 8-bit RGB image, PNG, JPEG (quality 95) or TIFF by the path's extension, through a temporary
+/// file (see [`save_output`]).
+pub fn save(img: &RgbImage, path: &Path) -> Result<(), Error> {
+    let rgb = Rgb32FImage::from_raw(
+        img.width(),
+        img.height(),
+        img.as_raw().iter().map(|&v| f32::from(v)).collect(),
+    )
+    .expect("an RGB buffer's length fits its size");
+    save_output(&rgb, None, OutputDepth::Eight, path)
 }
 
 /// The size of an image of `width` x `height` scaled so that its longest side is `longest`, keeping the
@@ -117,8 +485,7 @@ pub fn resize_longest(img: &RgbImage, longest: u32) -> RgbImage {
     resize(img, w, h)
 }
 
-fn to_ycbcr(p: [u8; 3]) -> [f64; 3] {
-    let [r, g, b] = p.map(f64::from);
+fn to_ycbcr([r, g, b]: [f64; 3]) -> [f64; 3] {
     let y = 0.299 * r + 0.587 * g + 0.114 * b;
     [
         y,
@@ -127,14 +494,22 @@ fn to_ycbcr(p: [u8; 3]) -> [f64; 3] {
     ]
 }
 
-fn from_ycbcr([y, cb, cr]: [f64; 3]) -> [u8; 3] {
+/// RGB of full-range BT.601 YCbCr, clamped to 0..255 (not rounded).
+fn from_ycbcr([y, cb, cr]: [f64; 3]) -> [f64; 3] {
     let (cb, cr) = (cb - 128.0, cr - 128.0);
     [
         y + 1.402 * cr,
         y - 0.344_136 * cb - 0.714_136 * cr,
         y + 1.772 * cb,
     ]
-    .map(|v| v.round().clamp(0.0, 255.0) as u8)
+    .map(|v| v.clamp(0.0, 255.0))
+}
+
+/// The luminance of `stylized` (RGB, 0..255) with the chroma of `content`.
+fn luma_with_chroma(stylized: [f64; 3], content: [u8; 3]) -> [f64; 3] {
+    let [luma, _, _] = to_ycbcr(stylized);
+    let [_, cb, cr] = to_ycbcr(content.map(f64::from));
+    from_ycbcr([luma, cb, cr])
 }
 
 /// jcjohnson's `-original_colors 1`: the luminance (Y of full-range BT.601 YCbCr) of `stylized` with the
@@ -142,9 +517,23 @@ fn from_ycbcr([y, cb, cr]: [f64; 3]) -> [u8; 3] {
 pub fn original_colors(stylized: &RgbImage, content: &RgbImage) -> RgbImage {
     let content = resize(content, stylized.width(), stylized.height());
     RgbImage::from_fn(stylized.width(), stylized.height(), |x, y| {
-        let [luma, _, _] = to_ycbcr(stylized.get_pixel(x, y).0);
-        let [_, cb, cr] = to_ycbcr(content.get_pixel(x, y).0);
-        image::Rgb(from_ycbcr([luma, cb, cr]))
+        let rgb = luma_with_chroma(
+            stylized.get_pixel(x, y).0.map(f64::from),
+            content.get_pixel(x, y).0,
+        );
+        Rgb(rgb.map(|v| v.round() as u8))
+    })
+}
+
+/// [`original_colors`] of a result in floats (0..255), unrounded: for 16-bit outputs.
+pub fn original_colors_f32(stylized: &Rgb32FImage, content: &RgbImage) -> Rgb32FImage {
+    let content = resize(content, stylized.width(), stylized.height());
+    Rgb32FImage::from_fn(stylized.width(), stylized.height(), |x, y| {
+        let rgb = luma_with_chroma(
+            stylized.get_pixel(x, y).0.map(f64::from),
+            content.get_pixel(x, y).0,
+        );
+        Rgb(rgb.map(|v| v as f32))
     })
 }
 
@@ -207,9 +596,9 @@ mod tests {
         let out = original_colors(&stylized, &content);
         for (x, y, p) in out.enumerate_pixels() {
             let (o, s, c) = (
-                to_ycbcr(p.0),
-                to_ycbcr(stylized.get_pixel(x, y).0),
-                to_ycbcr(content.get_pixel(x, y).0),
+                to_ycbcr(p.0.map(f64::from)),
+                to_ycbcr(stylized.get_pixel(x, y).0.map(f64::from)),
+                to_ycbcr(content.get_pixel(x, y).0.map(f64::from)),
             );
             assert!((o[0] - s[0]).abs() < 1.0, "luma {o:?} vs stylized {s:?}");
             assert!(
@@ -217,5 +606,540 @@ mod tests {
                 "chroma {o:?} vs content {c:?}"
             );
         }
+    }
+    use image::codecs::jpeg::JpegEncoder;
+    use image::codecs::png::PngEncoder;
+    use image::codecs::webp::WebPEncoder;
+    use image::{ImageEncoder, Rgb, Rgba, RgbaImage};
+
+    /// Six colours far apart, for a 3 x 2 image whose every flip and turn is different.
+    const CORNERS: [[u8; 3]; 6] = [
+        [255, 0, 0],
+        [0, 255, 0],
+        [0, 0, 255],
+        [255, 255, 0],
+        [0, 255, 255],
+        [255, 0, 255],
+    ];
+
+    /// A 3 x 2 image of [`CORNERS`] (row by row), each pixel a `block` x `block` square.
+    fn asymmetric(block: u32) -> RgbImage {
+        RgbImage::from_fn(3 * block, 2 * block, |x, y| {
+            Rgb(CORNERS[(y / block * 3 + x / block) as usize])
+        })
+    }
+
+    /// What a viewer shows of `stored` under EXIF orientation `n` (the TIFF/EXIF definitions, written out
+    /// independently of the image crate): `displayed(x, y) = stored(sx, sy)`.
+    fn as_viewer_shows(stored: &RgbImage, n: u16) -> RgbImage {
+        let (w, h) = stored.dimensions();
+        let (dw, dh) = if n >= 5 { (h, w) } else { (w, h) };
+        RgbImage::from_fn(dw, dh, |x, y| {
+            let (sx, sy) = match n {
+                1 => (x, y),
+                2 => (w - 1 - x, y),         // mirrored left-right
+                3 => (w - 1 - x, h - 1 - y), // turned 180
+                4 => (x, h - 1 - y),         // mirrored top-bottom
+                5 => (y, x),                 // transposed
+                6 => (y, h - 1 - x), // stored turned 90 counter-clockwise: shown turned clockwise
+                7 => (w - 1 - y, h - 1 - x), // transversed
+                8 => (w - 1 - y, x), // shown turned counter-clockwise
+                _ => unreachable!(),
+            };
+            *stored.get_pixel(sx, sy)
+        })
+    }
+
+    /// An EXIF block (the TIFF structure, without JPEG's "Exif\0\0"): a little-endian header and one IFD
+    /// holding only Orientation (0x0112, SHORT, count 1) = `n`.
+    fn exif_orientation(n: u16) -> Vec<u8> {
+        let mut exif = b"II*\0".to_vec();
+        exif.extend(8u32.to_le_bytes()); // the IFD follows the header
+        exif.extend(1u16.to_le_bytes()); // one entry
+        exif.extend(0x0112u16.to_le_bytes());
+        exif.extend(3u16.to_le_bytes());
+        exif.extend(1u32.to_le_bytes());
+        exif.extend(n.to_le_bytes());
+        exif.extend([0, 0]); // the value field's padding
+        exif.extend(0u32.to_le_bytes()); // no next IFD
+        exif
+    }
+
+    fn encode_with(img: &RgbImage, format: ImageFormat, exif: Vec<u8>) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        match format {
+            ImageFormat::Png => {
+                let mut enc = PngEncoder::new(&mut bytes);
+                enc.set_exif_metadata(exif).unwrap();
+                img.write_with_encoder(enc)
+            }
+            ImageFormat::Jpeg => {
+                let mut enc = JpegEncoder::new_with_quality(&mut bytes, 100);
+                enc.set_exif_metadata(exif).unwrap();
+                img.write_with_encoder(enc)
+            }
+            ImageFormat::WebP => {
+                let mut enc = WebPEncoder::new_lossless(&mut bytes);
+                enc.set_exif_metadata(exif).unwrap();
+                img.write_with_encoder(enc)
+            }
+            _ => unreachable!(),
+        }
+        .unwrap();
+        bytes
+    }
+
+    fn encode(img: impl Into<DynamicImage>, format: ImageFormat) -> Vec<u8> {
+        let mut bytes = Cursor::new(Vec::new());
+        img.into().write_to(&mut bytes, format).unwrap();
+        bytes.into_inner()
+    }
+
+    #[test]
+    fn exif_orientations_1_to_8_decode_as_a_viewer_shows_them() {
+        // PNG (eXIf) and lossless WebP exactly; JPEG (APP1) with 16 px blocks, compared at their centres
+        for (format, block, tolerance) in [
+            (ImageFormat::Png, 1, 0),
+            (ImageFormat::WebP, 1, 0),
+            (ImageFormat::Jpeg, 16, 40),
+        ] {
+            let stored = asymmetric(block);
+            for n in 1..=8 {
+                let bytes = encode_with(&stored, format, exif_orientation(n));
+                let got = decode(&bytes, "oriented").unwrap();
+                let want = as_viewer_shows(&asymmetric(1), n);
+                assert_eq!(
+                    got.dimensions(),
+                    (want.width() * block, want.height() * block),
+                    "{format:?} orientation {n}"
+                );
+                for (x, y, w) in want.enumerate_pixels() {
+                    let g = got.get_pixel(x * block + block / 2, y * block + block / 2);
+                    let off = (0..3).map(|c| g[c].abs_diff(w[c])).max().unwrap();
+                    assert!(
+                        off <= tolerance,
+                        "{format:?} orientation {n} at ({x}, {y}): {g:?}, expected {w:?}"
+                    );
+                }
+                let header = dimensions(Cursor::new(&bytes), "oriented").unwrap();
+                assert_eq!(header, got.dimensions(), "{format:?} orientation {n}");
+                assert_eq!(
+                    header,
+                    if n >= 5 {
+                        (2 * block, 3 * block)
+                    } else {
+                        (3 * block, 2 * block)
+                    }
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dimensions_reads_the_header_and_keeps_the_limits() {
+        let png = encode(asymmetric(5), ImageFormat::Png);
+        assert_eq!(dimensions(Cursor::new(&png), "a.png").unwrap(), (15, 10));
+        let err = dimensions(Cursor::new(b"not an image"), "junk").unwrap_err();
+        assert!(err.to_string().starts_with("junk: "), "{err}");
+        // one side over MAX_IMAGE_SIDE: refused from the header, and by decode
+        let wide = encode(GrayImage::new(MAX_IMAGE_SIDE + 1, 1), ImageFormat::Png);
+        let err = dimensions(Cursor::new(&wide), "wide.png").unwrap_err();
+        assert!(err.to_string().starts_with("wide.png: "), "{err}");
+        assert!(decode(&wide, "wide.png").is_err());
+    }
+
+    #[test]
+    fn rgba_png_composites_over_white_and_keeps_its_alpha() {
+        // left half opaque colours, right half transparent magenta; one row of partial alphas
+        let rgba = RgbaImage::from_fn(4, 3, |x, y| match (x, y) {
+            (0, 2) => Rgba([200, 100, 0, 51]), // a = 0.2: 0.2 * c + 0.8 * 255
+            (1, 2) => Rgba([0, 0, 0, 128]),
+            (_, 2) => Rgba([10, 20, 30, 254]),
+            (0 | 1, _) => Rgba([x as u8 * 100, y as u8 * 50, 7, 255]),
+            _ => Rgba([255, 0, 255, 0]),
+        });
+        let got = decode_full(&encode(rgba.clone(), ImageFormat::Png), "t.png").unwrap();
+        for (x, y, p) in got.rgb.enumerate_pixels() {
+            let want = match (x, y) {
+                (0, 2) => [244, 224, 204],
+                (1, 2) => [127, 127, 127],
+                (_, 2) => [11, 21, 31],
+                (0 | 1, _) => [x as u8 * 100, y as u8 * 50, 7],
+                _ => [255, 255, 255],
+            };
+            assert_eq!(p.0, want, "at ({x}, {y})");
+        }
+        let alpha = got.alpha.expect("a transparent image keeps its alpha");
+        assert_eq!(
+            alpha,
+            GrayImage::from_fn(4, 3, |x, y| Luma([rgba.get_pixel(x, y)[3]]))
+        );
+        // the same through decode / load
+        assert_eq!(
+            decode(&encode(rgba, ImageFormat::Png), "t.png").unwrap(),
+            got.rgb
+        );
+        // an alpha channel that is opaque everywhere is no alpha
+        let opaque = RgbaImage::from_pixel(2, 2, Rgba([1, 2, 3, 255]));
+        let got = decode_full(&encode(opaque, ImageFormat::Png), "o.png").unwrap();
+        assert_eq!(got.alpha, None);
+        assert_eq!(got.rgb, RgbImage::from_pixel(2, 2, Rgb([1, 2, 3])));
+        assert_eq!(
+            decode_full(&encode(asymmetric(1), ImageFormat::Png), "rgb")
+                .unwrap()
+                .alpha,
+            None
+        );
+    }
+
+    #[test]
+    fn la_png_composites_over_white() {
+        let la = image::GrayAlphaImage::from_fn(3, 1, |x, _| {
+            image::LumaA([[100, 100, 0][x as usize], [0, 255, 128][x as usize]])
+        });
+        let got = decode_full(&encode(la, ImageFormat::Png), "la.png").unwrap();
+        let grey = |v| Rgb([v, v, v]);
+        assert_eq!(
+            got.rgb.pixels().copied().collect::<Vec<_>>(),
+            [grey(255), grey(100), grey(127)]
+        );
+        assert_eq!(got.alpha.unwrap().into_raw(), [0, 255, 128]);
+    }
+
+    #[test]
+    fn sixteen_bit_rgba_composites_in_16_bits() {
+        let px = [
+            [0u16, 65_535, 1_000, 32_768],
+            [40_000, 20_000, 50, 65_535],
+            [300, 0, 65_535, 0],
+            [12_345, 54_321, 777, 65_000],
+        ];
+        let rgba = ImageBuffer::<Rgba<u16>, Vec<u16>>::from_fn(4, 1, |x, _| Rgba(px[x as usize]));
+        let got = decode_full(&encode(rgba, ImageFormat::Png), "16.png").unwrap();
+        for (x, p) in px.iter().enumerate() {
+            let a = f64::from(p[3]) / 65_535.0;
+            let want = [0, 1, 2].map(|c| {
+                let v16 = (a * f64::from(p[c]) + (1.0 - a) * 65_535.0).round();
+                (v16 / 257.0).round() as u8
+            });
+            assert_eq!(got.rgb.get_pixel(x as u32, 0).0, want, "pixel {x}");
+        }
+        let alpha = got.alpha.unwrap().into_raw();
+        let want: Vec<u8> = px
+            .iter()
+            .map(|p| (f64::from(p[3]) / 257.0).round() as u8)
+            .collect();
+        assert_eq!(alpha, want);
+    }
+
+    #[test]
+    fn palette_png_with_trns_composites_over_white() {
+        let mut bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bytes, 3, 1);
+            enc.set_color(png::ColorType::Indexed);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.set_palette(vec![255, 0, 0, 0, 255, 0, 0, 0, 255]);
+            enc.set_trns(vec![255, 128, 0]);
+            let mut w = enc.write_header().unwrap();
+            w.write_image_data(&[0, 1, 2]).unwrap();
+        }
+        let got = decode_full(&bytes, "pal.png").unwrap();
+        assert_eq!(
+            got.rgb.into_raw(),
+            [
+                255, 0, 0, /* green, a = 128 */ 127, 255, 127, /* blue, a = 0 */ 255,
+                255, 255
+            ]
+        );
+        assert_eq!(got.alpha.unwrap().into_raw(), [255, 128, 0]);
+    }
+
+    /// A 7 x 5 image with every value different.
+    fn gradient() -> RgbImage {
+        RgbImage::from_fn(7, 5, |x, y| {
+            Rgb([x as u8 * 36, y as u8 * 60, 17 + x as u8 + 7 * y as u8])
+        })
+    }
+
+    #[test]
+    fn webp_tiff_bmp_decode_exactly() {
+        let img = gradient();
+        let mut webp = Vec::new();
+        img.write_with_encoder(WebPEncoder::new_lossless(&mut webp))
+            .unwrap();
+        assert_eq!(decode(&webp, "a.webp").unwrap(), img);
+        assert_eq!(
+            decode(&encode(img.clone(), ImageFormat::Tiff), "a.tif").unwrap(),
+            img
+        );
+        assert_eq!(
+            decode(&encode(img.clone(), ImageFormat::Bmp), "a.bmp").unwrap(),
+            img
+        );
+        // transparent WebP: composited, alpha kept
+        let rgba = RgbaImage::from_fn(2, 1, |x, _| Rgba([0, 0, 0, [255, 0][x as usize]]));
+        let mut webp = Vec::new();
+        rgba.write_with_encoder(WebPEncoder::new_lossless(&mut webp))
+            .unwrap();
+        let got = decode_full(&webp, "t.webp").unwrap();
+        assert_eq!(got.rgb.into_raw(), [0, 0, 0, 255, 255, 255]);
+        assert_eq!(got.alpha.unwrap().into_raw(), [255, 0]);
+    }
+
+    #[test]
+    fn sixteen_bit_tiff_rounds_to_8_bits() {
+        let values = [
+            0u16, 128, 129, 1_000, 32_767, 32_896, 40_000, 65_407, 65_535,
+        ];
+        let img = ImageBuffer::<Rgb<u16>, Vec<u16>>::from_fn(3, 3, |x, y| {
+            let v = values[(y * 3 + x) as usize];
+            Rgb([v, 65_535 - v, v / 2])
+        });
+        let got = decode(&encode(img.clone(), ImageFormat::Tiff), "16.tif").unwrap();
+        for (x, y, p) in img.enumerate_pixels() {
+            let want = p.0.map(|v| (f64::from(v) / 257.0).round() as u8);
+            assert_eq!(got.get_pixel(x, y).0, want, "at ({x}, {y}) from {p:?}");
+        }
+    }
+
+    #[test]
+    fn gif_decodes_its_first_frame() {
+        use image::codecs::gif::GifEncoder;
+        use image::{Delay, Frame};
+        let first = RgbaImage::from_fn(4, 2, |x, y| match (x, y) {
+            (3, 1) => Rgba([0, 0, 0, 0]),
+            _ => Rgba([x as u8 * 60, y as u8 * 200, 90, 255]),
+        });
+        let second = RgbaImage::from_pixel(4, 2, Rgba([1, 2, 3, 255]));
+        let mut gif = Vec::new();
+        {
+            let mut enc = GifEncoder::new(&mut gif);
+            for f in [&first, &second] {
+                enc.encode_frame(Frame::from_parts(
+                    f.clone(),
+                    0,
+                    0,
+                    Delay::from_numer_denom_ms(100, 1),
+                ))
+                .unwrap();
+            }
+        }
+        let got = decode_full(&gif, "a.gif").unwrap();
+        for (x, y, p) in first.enumerate_pixels() {
+            let want = if p[3] == 0 {
+                [255; 3]
+            } else {
+                [p[0], p[1], p[2]]
+            };
+            assert_eq!(got.rgb.get_pixel(x, y).0, want, "at ({x}, {y})");
+        }
+        let alpha = got.alpha.unwrap();
+        assert_eq!(alpha.get_pixel(3, 1)[0], 0);
+        assert_eq!(alpha.get_pixel(0, 0)[0], 255);
+    }
+
+    /// A JPEG big and busy enough for a cut to fall inside its entropy-coded data.
+    fn busy_jpeg() -> Vec<u8> {
+        let img = RgbImage::from_fn(128, 128, |x, y| {
+            Rgb([
+                ((x * 7 + y * 13) % 251) as u8,
+                ((x * y) % 256) as u8,
+                ((x ^ y) * 3 % 256) as u8,
+            ])
+        });
+        let mut bytes = Vec::new();
+        img.write_with_encoder(JpegEncoder::new_with_quality(&mut bytes, 95))
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn truncated_files_are_errors_naming_the_file() {
+        let jpeg = busy_jpeg();
+        // the decoder alone fills a cut JPEG with grey; decode refuses it
+        let half = &jpeg[..jpeg.len() / 2];
+        assert!(
+            image::load_from_memory(half).is_ok(),
+            "the decoder became strict: simplify"
+        );
+        for cut in [jpeg.len() / 2, jpeg.len() * 9 / 10, jpeg.len() - 2] {
+            let err = decode(&jpeg[..cut], "cut.jpg").unwrap_err().to_string();
+            assert!(
+                err.starts_with("cut.jpg: ") && err.contains("truncated"),
+                "{err}"
+            );
+        }
+        // complete, with padding or other data after the end of image: accepted
+        let mut padded = jpeg.clone();
+        padded.extend([0; 16]);
+        padded.extend(b"trailing data, as some phones append");
+        assert_eq!(
+            decode(&padded, "p.jpg").unwrap(),
+            decode(&jpeg, "j.jpg").unwrap()
+        );
+
+        let img = gradient();
+        let rgba = DynamicImage::ImageRgb8(img.clone()).to_rgba8();
+        let mut webp = Vec::new();
+        img.write_with_encoder(WebPEncoder::new_lossless(&mut webp))
+            .unwrap();
+        for (name, bytes) in [
+            ("a.png", encode(img.clone(), ImageFormat::Png)),
+            ("a.gif", encode(rgba, ImageFormat::Gif)),
+            ("a.webp", webp),
+            ("a.tif", encode(img.clone(), ImageFormat::Tiff)),
+            (
+                "a16.tif",
+                encode(
+                    DynamicImage::ImageRgb8(img.clone()).to_rgb16(),
+                    ImageFormat::Tiff,
+                ),
+            ),
+            ("a.bmp", encode(img.clone(), ImageFormat::Bmp)),
+        ] {
+            assert_eq!(decode(&bytes, name).unwrap(), img, "{name} whole");
+            let err = decode(&bytes[..bytes.len() / 2], name)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("{name}: ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn output_depth_parses_and_prints() {
+        assert_eq!(OutputDepth::default(), OutputDepth::Eight);
+        for d in [OutputDepth::Eight, OutputDepth::Sixteen] {
+            assert_eq!(d.to_string().parse::<OutputDepth>().unwrap(), d);
+        }
+        assert_eq!("16".parse::<OutputDepth>().unwrap(), OutputDepth::Sixteen);
+        let err = "12".parse::<OutputDepth>().unwrap_err().to_string();
+        assert!(err.starts_with("output_depth: "), "{err}");
+    }
+
+    /// An engine result with values between the 8-bit steps and outside 0..255.
+    fn float_result() -> Rgb32FImage {
+        let values = [
+            1000.0 / 257.0,
+            0.0,
+            255.0,
+            12.4,
+            12.5,
+            -3.0,
+            300.0,
+            65_000.0 / 257.0,
+            128.2,
+        ];
+        Rgb32FImage::from_fn(3, 3, |x, y| {
+            let v = values[(y * 3 + x) as usize];
+            Rgb([v, 255.0 - v, v / 2.0])
+        })
+    }
+
+    #[test]
+    fn save_output_16_bits_keeps_the_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        let rgb = float_result();
+        for ext in ["png", "tif"] {
+            let path = dir.path().join(format!("out.{ext}"));
+            save_output(&rgb, None, OutputDepth::Sixteen, &path).unwrap();
+            let back = image::open(&path).unwrap();
+            let DynamicImage::ImageRgb16(back) = back else {
+                panic!("{ext}: not 16-bit RGB: {:?}", back.color());
+            };
+            for (x, y, p) in rgb.enumerate_pixels() {
+                let want =
+                    p.0.map(|v| (f64::from(v) * 257.0).round().clamp(0.0, 65_535.0) as u16);
+                assert_eq!(back.get_pixel(x, y).0, want, "{ext} at ({x}, {y})");
+            }
+            assert_eq!(back.get_pixel(0, 0)[0], 1000);
+            assert_eq!(back.get_pixel(1, 2)[0], 65_000);
+        }
+        // 8 bits: rounded and clamped
+        let path = dir.path().join("out8.png");
+        save_output(&rgb, None, OutputDepth::Eight, &path).unwrap();
+        let back = load(&path).unwrap();
+        let firsts: Vec<u8> = back.pixels().map(|p| p[0]).collect();
+        assert_eq!(firsts, [4, 0, 255, 12, 13, 0, 255, 253, 128]);
+    }
+
+    #[test]
+    fn save_output_carries_alpha_resized_to_the_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let rgb = float_result();
+        let alpha = GrayImage::from_fn(3, 3, |x, y| Luma([(x * 100 + y * 10) as u8]));
+        let path = dir.path().join("a.png");
+        save_output(&rgb, Some(&alpha), OutputDepth::Eight, &path).unwrap();
+        let back = image::open(&path).unwrap();
+        assert_eq!(back.color(), image::ColorType::Rgba8);
+        let alpha_back: Vec<u8> = back.to_rgba8().pixels().map(|p| p[3]).collect();
+        assert_eq!(alpha_back, alpha.as_raw().clone());
+        assert_eq!(load_full(&path).unwrap().alpha.unwrap(), alpha);
+
+        let path = dir.path().join("a16.tiff");
+        save_output(&rgb, Some(&alpha), OutputDepth::Sixteen, &path).unwrap();
+        let DynamicImage::ImageRgba16(back) = image::open(&path).unwrap() else {
+            panic!("not 16-bit RGBA");
+        };
+        assert_eq!(back.get_pixel(0, 0).0, [1000, 65_535 - 1000, 500, 0]);
+        assert_eq!(back.get_pixel(2, 1)[3], 210 * 257);
+
+        // an alpha of another size is resampled to the output's
+        let big = GrayImage::from_pixel(6, 6, Luma([100]));
+        let bytes = encode_output(&rgb, Some(&big), OutputDepth::Eight, ImageFormat::Png).unwrap();
+        let back = decode_full(&bytes, "resized").unwrap().alpha.unwrap();
+        assert_eq!(back.dimensions(), (3, 3));
+        assert!(back.iter().all(|&a| a.abs_diff(100) <= 1), "{back:?}");
+    }
+
+    #[test]
+    fn jpeg_output_is_8_bit_and_composites_alpha_over_white() {
+        let rgb = Rgb32FImage::from_pixel(16, 16, Rgb([0.0, 0.0, 0.0]));
+        let err = encode_output(&rgb, None, OutputDepth::Sixteen, ImageFormat::Jpeg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("output_depth: ") && err.contains("JPEG"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jpg");
+        let err = save_output(&rgb, None, OutputDepth::Sixteen, &path).unwrap_err();
+        assert!(err.to_string().starts_with("output_depth: "), "{err}");
+        assert!(!path.exists());
+        // left half transparent: white; right half opaque: black
+        let alpha = GrayImage::from_fn(16, 16, |x, _| Luma([if x < 8 { 0 } else { 255 }]));
+        save_output(&rgb, Some(&alpha), OutputDepth::Eight, &path).unwrap();
+        let back = load(&path).unwrap();
+        assert!(
+            back.get_pixel(2, 8).0.iter().all(|&v| v >= 250),
+            "{:?}",
+            back.get_pixel(2, 8)
+        );
+        assert!(
+            back.get_pixel(13, 8).0.iter().all(|&v| v <= 5),
+            "{:?}",
+            back.get_pixel(13, 8)
+        );
+    }
+
+    #[test]
+    fn output_format_by_extension() {
+        let f = |p: &str| output_format(Path::new(p));
+        assert_eq!(f("a.png").unwrap(), ImageFormat::Png);
+        assert_eq!(f("a.JPEG").unwrap(), ImageFormat::Jpeg);
+        assert_eq!(f("a.tif").unwrap(), ImageFormat::Tiff);
+        assert_eq!(f("a.TIFF").unwrap(), ImageFormat::Tiff);
+        for bad in ["a.webp", "a.bmp", "a"] {
+            let err = f(bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("output: ") && err.contains(".tiff"),
+                "{err}"
+            );
+        }
+        let err = encode_output(&float_result(), None, OutputDepth::Eight, ImageFormat::Bmp)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("output: "), "{err}");
     }
 }

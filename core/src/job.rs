@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::params::{Init, RenderParams};
+use crate::params::{ImageSize, Init, RenderParams};
 use crate::tiling::{self, Rect, Tiling};
 use crate::Error;
 
@@ -412,6 +412,49 @@ impl JobSpec {
                 }),
             })
             .collect())
+    }
+
+    /// Checks that no task of the job would be too small for VGG19 ([`RenderParams::check_sizes`]): every
+    /// content and style image at every scale of every task (each sweep point and batch pair; each scale
+    /// of a tiled job's pyramid, whose tiles are at least the smaller of the tile size and the canvas, and
+    /// whose styles are sized for the canvas). `size_of` gives an input's width and height as decoded,
+    /// e.g. from its header. An error names the option and, for a sweep or batch, the task.
+    pub fn check_sizes(
+        &self,
+        mut size_of: impl FnMut(&ImageHash) -> Result<(u32, u32), Error>,
+    ) -> Result<(), Error> {
+        let mut sizes = std::collections::HashMap::new();
+        for hash in self.contents.iter().chain(&self.styles) {
+            if !sizes.contains_key(hash) {
+                sizes.insert(hash.clone(), size_of(hash)?);
+            }
+        }
+        let check = |params: &RenderParams, content: &ImageHash, styles: &[ImageHash]| {
+            let styles: Vec<ImageSize> = styles
+                .iter()
+                .map(|h| ImageSize::new(h.as_str(), sizes[h]))
+                .collect();
+            params.check_sizes(
+                ImageSize::new(content.as_str(), sizes[content]),
+                &styles,
+                None,
+            )
+        };
+        if self.kind == JobKind::Tiled {
+            // the pyramid's sizes are the canvases of its scales
+            return check(&self.pyramid_params()?, &self.contents[0], &self.styles);
+        }
+        let tasks = self.tasks()?;
+        let several = tasks.len() > 1;
+        for task in &tasks {
+            check(&task.params, &task.content, &task.styles).map_err(|e| match e {
+                Error::Invalid { field, message } if several => {
+                    Error::invalid(field, format!("task '{}': {message}", task.label))
+                }
+                other => other,
+            })?;
+        }
+        Ok(())
     }
 
     fn sweep_tasks(&self) -> Result<Vec<TaskSpec>, Error> {

@@ -13,7 +13,7 @@ pub mod params;
 pub mod tiling;
 pub mod wire;
 
-pub use params::{Init, Layer, Optimizer, Pooling, RenderParams};
+pub use params::{ImageSize, Init, Layer, Optimizer, Pooling, RenderParams};
 
 /// Errors of the domain: a bad value (naming its field) or an unusable image (naming its file).
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+use crate::{imaging, Error};
 
 /// Largest output side a render accepts (a single untiled pass; the tiled path of the farm goes further).
 pub const MAX_SIZE: u32 = 16_384;
@@ -100,6 +100,14 @@ impl Layer {
     pub fn index(self) -> usize {
         let before: u8 = VGG19_BLOCKS[..(self.block - 1) as usize].iter().sum();
         (before + self.conv - 1) as usize
+    }
+
+    /// The smallest side, in px, of an image that VGG19 can carry to this layer: `2^(block-1)`, so 1 px for
+    /// relu1_x, 2 for relu2_x, 4 for relu3_x, 8 for relu4_x and 16 for relu5_x. Every block after the first
+    /// starts behind a 2x2 stride-2 pooling (ALGORITHM.md, "Network and weights"), which floors the side
+    /// (torch.nn.functional.max_pool2d / avg_pool2d without ceil_mode) and gives nothing from a side under 2.
+    pub fn min_input_side(self) -> u32 {
+        1 << (self.block - 1)
     }
 
     /// Every layer of VGG19, in order.
@@ -339,6 +347,87 @@ impl RenderParams {
         Ok(())
     }
 
+    /// The deepest of `layers` (`relu1_1` when empty).
+    fn deepest(layers: &[Layer]) -> Layer {
+        layers.iter().copied().max().unwrap_or(Layer::new(1, 1))
+    }
+
+    /// The layer that sets the smallest side of the image being optimized (and of the content image): the
+    /// deepest content or style layer; [`Layer::min_input_side`] gives the side.
+    pub fn deepest_layer(&self) -> Layer {
+        Self::deepest(&self.content_layers).max(Self::deepest(&self.style_layers))
+    }
+
+    /// The layer that sets the smallest side of a style image: the deepest style layer.
+    pub fn deepest_style_layer(&self) -> Layer {
+        Self::deepest(&self.style_layers)
+    }
+
+    /// The longest side of the style images for a working size `longest`: `round(longest * style_scale)`,
+    /// at least 1 (ALGORITHM.md, "Inputs and sizes").
+    pub fn style_side(&self, longest: u32) -> u32 {
+        ((longest as f64) * self.style_scale).round().max(1.0) as u32
+    }
+
+    /// Checks that every image of a render reaches the deepest layer it is run to, at every scale, before any
+    /// tensor work: the content (and so the init and the optimized image, which take its working size) at
+    /// each scale's size must be at least [`Self::deepest_layer`]'s [`Layer::min_input_side`] on both sides,
+    /// and each style image at its style side ([`Self::style_side`] of the scale's size, or of
+    /// `style_longest` when set: the canvas of a tile) at least [`Self::deepest_style_layer`]'s, and at most
+    /// [`MAX_SIZE`]. `content` and `styles` are the images' names and original sizes. The error names the
+    /// option to change (`size`, `scales` or `style_scale`), the image and both sizes.
+    pub fn check_sizes(
+        &self,
+        content: ImageSize<'_>,
+        styles: &[ImageSize<'_>],
+        style_longest: Option<u32>,
+    ) -> Result<(), Error> {
+        let sizes = self.sizes_per_scale();
+        let scales = sizes.len();
+        let (layer, style_layer) = (self.deepest_layer(), self.deepest_style_layer());
+        let (need, style_need) = (layer.min_input_side(), style_layer.min_input_side());
+        for (s, &longest) in sizes.iter().enumerate() {
+            let at = if scales > 1 {
+                format!("size {longest} (scale {} of {scales})", s + 1)
+            } else {
+                format!("size {longest}")
+            };
+            let (w, h) = imaging::working_size(content.width, content.height, longest);
+            if w.min(h) < need {
+                // the output's own size, or only a coarser scale of it
+                let field = if s + 1 == scales { "size" } else { "scales" };
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "content image {content} becomes {w} x {h} px at {at}; VGG19 needs at least {need} px \
+                         a side to reach {layer}"
+                    ),
+                ));
+            }
+            let side = self.style_side(style_longest.unwrap_or(longest));
+            for style in styles {
+                let (sw, sh) = imaging::working_size(style.width, style.height, side);
+                if sw.min(sh) < style_need || side > MAX_SIZE {
+                    let limit = if side > MAX_SIZE {
+                        format!("style images are resized to at most {MAX_SIZE} px")
+                    } else {
+                        format!(
+                            "VGG19 needs at least {style_need} px a side to reach {style_layer}"
+                        )
+                    };
+                    return Err(Error::invalid(
+                        "style_scale",
+                        format!(
+                            "style image {style} becomes {sw} x {sh} px at style scale {} of {at}; {limit}",
+                            self.style_scale
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The blend weights of `styles` style images, normalized to sum 1.
     pub fn blend_weights(&self, styles: usize) -> Vec<f64> {
         if self.style_blend.is_empty() {
@@ -366,6 +455,30 @@ impl RenderParams {
                 ((self.size as f64) / f64::from(1u32 << down)).round() as u32
             })
             .collect()
+    }
+}
+
+/// An input image's name (its file, or its sha256 on the farm) and size in px, for [`RenderParams::check_sizes`].
+#[derive(Debug, Clone, Copy)]
+pub struct ImageSize<'a> {
+    pub name: &'a str,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl<'a> ImageSize<'a> {
+    pub fn new(name: &'a str, (width, height): (u32, u32)) -> ImageSize<'a> {
+        ImageSize {
+            name,
+            width,
+            height,
+        }
+    }
+}
+
+impl fmt::Display for ImageSize<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} x {} px)", self.name, self.width, self.height)
     }
 }
 
@@ -510,5 +623,101 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("style_blend"));
+    }
+
+    #[test]
+    fn min_sides_follow_the_poolings() {
+        let sides: Vec<u32> = ["relu1_2", "relu2_1", "relu3_4", "relu4_2", "relu5_1"]
+            .iter()
+            .map(|l| l.parse::<Layer>().unwrap().min_input_side())
+            .collect();
+        assert_eq!(sides, [1, 2, 4, 8, 16]);
+        let p = RenderParams::default();
+        assert_eq!(p.deepest_layer().to_string(), "relu5_1");
+        let shallow = RenderParams {
+            content_layers: vec![Layer::new(2, 2)],
+            style_layers: vec![Layer::new(1, 1), Layer::new(3, 1)],
+            ..Default::default()
+        };
+        assert_eq!(shallow.deepest_layer().to_string(), "relu3_1");
+        assert_eq!(shallow.deepest_style_layer().min_input_side(), 4);
+    }
+
+    #[test]
+    fn sizes_are_checked_naming_the_option_the_image_and_both_sizes() {
+        let photo = ImageSize::new("photo.jpg", (600, 400));
+        let style = ImageSize::new("s.png", (300, 200));
+        let p = RenderParams::default();
+        p.check_sizes(photo, &[style], None).unwrap();
+        // a style scale that shrinks the style under relu5_1's 16 px: 512 * 0.01 = 5 px
+        let tiny = RenderParams {
+            style_scale: 0.01,
+            ..Default::default()
+        };
+        let err = tiny
+            .check_sizes(photo, &[style], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("style_scale:")
+                && err.contains("s.png (300 x 200 px)")
+                && err.contains("5 x 3 px")
+                && err.contains("16 px")
+                && err.contains("relu5_1"),
+            "{err}"
+        );
+        // a 1 x 300 content: 2 x 512 at size 512
+        let thin = ImageSize::new("thin.png", (1, 300));
+        let err = p.check_sizes(thin, &[style], None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("size:")
+                && err.contains("thin.png (1 x 300 px)")
+                && err.contains("2 x 512 px"),
+            "{err}"
+        );
+        // fine at the output's size, too small at the first of 3 scales: the option is scales
+        let wide = ImageSize::new("wide.png", (1000, 40));
+        let three = RenderParams {
+            scales: 3,
+            ..Default::default()
+        };
+        p.check_sizes(wide, &[style], None).unwrap();
+        let err = three
+            .check_sizes(wide, &[style], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("scales:") && err.contains("scale 1 of 3"),
+            "{err}"
+        );
+        // shallow layers need less: relu3_1 reaches from 4 px
+        let shallow = RenderParams {
+            content_layers: vec![Layer::new(2, 1)],
+            style_layers: vec![Layer::new(1, 1), Layer::new(3, 1)],
+            style_scale: 0.02,
+            ..Default::default()
+        };
+        shallow
+            .check_sizes(ImageSize::new("c", (512, 40)), &[style], None)
+            .unwrap();
+        assert!(shallow
+            .check_sizes(ImageSize::new("c", (512, 3)), &[style], None)
+            .is_err());
+        // a tile's styles take the canvas' size; a style side past MAX_SIZE is refused
+        let tile = RenderParams {
+            size: 64,
+            style_scale: 8.0,
+            ..Default::default()
+        };
+        tile.check_sizes(ImageSize::new("t", (64, 64)), &[style], Some(1024))
+            .unwrap();
+        let err = tile
+            .check_sizes(ImageSize::new("t", (64, 64)), &[style], Some(4096))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("style_scale:") && err.contains("at most"),
+            "{err}"
+        );
     }
 }

@@ -19,6 +19,7 @@ use tch::{Kind, Tensor};
 
 use crate::loss::tv_loss;
 use crate::render::{Engine, LossTerms, StyleGrams};
+use crate::Error;
 
 /// Alignment of block corners: the stride of the deepest pooling.
 const ALIGN: u32 = 16;
@@ -108,12 +109,12 @@ pub(crate) fn grams(
     blocks: &[Block],
     params: &RenderParams,
     layers: &[Layer],
-) -> Vec<(Tensor, f64)> {
+) -> Result<Vec<(Tensor, f64)>, Error> {
     tch::no_grad(|| {
         let mut sums: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
         let mut counts = vec![0i64; layers.len()];
         for b in blocks {
-            let features = engine.vgg().features(&region(b), params.pooling, layers);
+            let features = engine.vgg().features(&region(b), params.pooling, layers)?;
             for (k, (layer, f)) in layers.iter().zip(features).enumerate() {
                 if let Some(part) = b.own_features(&f, *layer, width, height) {
                     counts[k] += part.numel() as i64;
@@ -127,7 +128,15 @@ pub(crate) fn grams(
         }
         sums.into_iter()
             .zip(counts)
-            .map(|(s, n)| (s.expect("at least one block") / (n as f64), n as f64))
+            .zip(layers)
+            .map(|((s, n), layer)| {
+                let s = s.ok_or_else(|| {
+                    Error::Input(format!(
+                        "a {width} x {height} px image has no position at {layer}"
+                    ))
+                })?;
+                Ok((s / (n as f64), n as f64))
+            })
             .collect()
     })
 }
@@ -139,7 +148,7 @@ pub(crate) fn image_grams(
     img: &RgbImage,
     block: u32,
     params: &RenderParams,
-) -> Vec<Tensor> {
+) -> Result<Vec<Tensor>, Error> {
     let (w, h) = img.dimensions();
     let pre = engine.vgg().preprocessing();
     let region = |b: &Block| {
@@ -148,17 +157,17 @@ pub(crate) fn image_grams(
         pre.preprocess(&crop, engine.device())
     };
     let blocks = blocks(w, h, block, target_halo(block));
-    grams(
+    Ok(grams(
         engine,
         (w, h),
         region,
         &blocks,
         params,
         &params.style_layers,
-    )
+    )?
     .into_iter()
     .map(|(g, _)| g)
-    .collect()
+    .collect())
 }
 
 /// A content target of one block: the index of its layer in `params.content_layers` and the feature map
@@ -189,7 +198,7 @@ impl BlockedTargets {
         style: &StyleGrams,
         params: &RenderParams,
         block: u32,
-    ) -> BlockedTargets {
+    ) -> Result<BlockedTargets, Error> {
         let (width, height) = (content.size()[3] as u32, content.size()[2] as u32);
         let blocks = blocks(width, height, block, objective_halo(block));
         let mut content_sizes = vec![0.0; params.content_layers.len()];
@@ -201,8 +210,8 @@ impl BlockedTargets {
                         &b.cut(content),
                         params.pooling,
                         &params.content_layers,
-                    );
-                    params
+                    )?;
+                    Ok(params
                         .content_layers
                         .iter()
                         .zip(features)
@@ -215,16 +224,16 @@ impl BlockedTargets {
                                 target: own.copy(),
                             })
                         })
-                        .collect()
+                        .collect())
                 })
-                .collect()
-        });
-        BlockedTargets {
+                .collect::<Result<Vec<_>, Error>>()
+        })?;
+        Ok(BlockedTargets {
             blocks,
             content: parts,
             content_sizes,
             style: style.grams().iter().map(Tensor::shallow_clone).collect(),
-        }
+        })
     }
 
     /// The number of blocks.
@@ -237,18 +246,44 @@ impl BlockedTargets {
     }
 }
 
+/// The only gradient `Tensor::f_run_backward` of one output with respect to one input gives.
+fn only_gradient(output: &Tensor, input: &Tensor) -> Result<Tensor, Error> {
+    Tensor::f_run_backward(&[output], &[input], false, false)?
+        .pop()
+        .ok_or_else(|| Error::Torch(tch::TchError::Torch("backward gave no gradient".into())))
+}
+
 impl Engine {
-    /// The objective at `x` (preprocessed, `1 x 3 x H x W`) evaluated block by block, and, with `gradient`,
-    /// its gradient with respect to `x`. Every block runs through the network up to the deepest style layer
-    /// without gradients (pass 1), and once more for its content loss and, with `gradient`, its share of
-    /// the gradient (pass 2).
+    /// The objective at `x` (preprocessed, `1 x 3 x H x W`) evaluated block by block, and its gradient with
+    /// respect to `x`. Every block runs through the network up to the deepest style layer without gradients
+    /// (pass 1), and once more for its content loss and its share of the gradient (pass 2).
     pub fn objective_blocked(
         &self,
         x: &Tensor,
         targets: &BlockedTargets,
         params: &RenderParams,
+    ) -> Result<(LossTerms, Tensor), Error> {
+        let (losses, grad) = self.evaluate_blocked(x, targets, params, true)?;
+        Ok((losses, grad.unwrap_or_else(|| x.zeros_like())))
+    }
+
+    /// The objective at `x` evaluated block by block, without a gradient.
+    pub fn losses_blocked(
+        &self,
+        x: &Tensor,
+        targets: &BlockedTargets,
+        params: &RenderParams,
+    ) -> Result<LossTerms, Error> {
+        tch::no_grad(|| Ok(self.evaluate_blocked(x, targets, params, false)?.0))
+    }
+
+    fn evaluate_blocked(
+        &self,
+        x: &Tensor,
+        targets: &BlockedTargets,
+        params: &RenderParams,
         gradient: bool,
-    ) -> (LossTerms, Option<Tensor>) {
+    ) -> Result<(LossTerms, Option<Tensor>), Error> {
         let (width, height) = (x.size()[3] as u32, x.size()[2] as u32);
         let x = x.detach();
         // pass 1: the whole image's Gram matrices, the style loss and D = dL/dG per style layer
@@ -259,7 +294,7 @@ impl Engine {
             &targets.blocks,
             params,
             &params.style_layers,
-        );
+        )?;
         let mut style = 0.0;
         let mut d_grams = Vec::with_capacity(grams.len());
         for ((g, _), a) in grams.iter().zip(&targets.style) {
@@ -274,11 +309,7 @@ impl Engine {
         let (tv, mut grad) = if params.tv_weight > 0.0 {
             let xg = x.detach().set_requires_grad(true);
             let t = tv_loss(&xg, params.tv_weight);
-            let g = gradient.then(|| {
-                Tensor::run_backward(&[&t], &[&xg], false, false)
-                    .pop()
-                    .expect("one gradient")
-            });
+            let g = gradient.then(|| only_gradient(&t, &xg)).transpose()?;
             (t.double_value(&[]), g)
         } else {
             (0.0, gradient.then(|| x.zeros_like()))
@@ -296,13 +327,14 @@ impl Engine {
                 continue;
             }
             let xb = b.cut(&x).set_requires_grad(gradient);
-            let features = self.vgg().features(&xb, params.pooling, &layers);
+            let features = self.vgg().features(&xb, params.pooling, &layers)?;
             let mut total = Tensor::zeros([], (Kind::Float, x.device()));
             for part in parts {
                 let k = part.layer;
-                let own = b
-                    .own_features(&features[k], layers[k], width, height)
-                    .expect("a content target has positions");
+                // a content target has positions (BlockedTargets::new keeps only those)
+                let Some(own) = b.own_features(&features[k], layers[k], width, height) else {
+                    continue;
+                };
                 let term = (own - &part.target).square().sum(Kind::Float)
                     * (params.content_weight / targets.content_sizes[k]);
                 content += term.detach();
@@ -326,9 +358,7 @@ impl Engine {
                 // no position of this block at any layer the objective reads (deep layers only, a sliver)
                 continue;
             }
-            let gb = Tensor::run_backward(&[&total], &[&xb], false, false)
-                .pop()
-                .expect("one gradient");
+            let gb = only_gradient(&total, &xb)?;
             let [x0, x1, y0, y1] = b.region;
             let _ = grad
                 .narrow(3, i64::from(x0), i64::from(x1 - x0))
@@ -342,7 +372,7 @@ impl Engine {
             tv,
             total: content + style + tv,
         };
-        (losses, grad)
+        Ok((losses, grad))
     }
 }
 

@@ -19,7 +19,7 @@ pub mod render;
 pub mod vgg;
 
 pub use blocked::BlockedTargets;
-pub use render::{style_side, Engine, LossTerms, Progress, RenderJob, StyleGrams};
+pub use render::{Engine, LossTerms, Progress, RenderJob, StyleGrams};
 pub use tch::Device;
 pub use vgg::{Preprocessing, Vgg19};
 
@@ -35,6 +35,10 @@ pub enum Error {
     /// A bad parameter or image (from stylefarm-core).
     #[error(transparent)]
     Core(#[from] stylefarm_core::Error),
+    /// An input the engine cannot take, found at the network's door: the backstop of the size checks made
+    /// before any tensor work (`RenderParams::check_sizes`, which name the option).
+    #[error("input: {0}")]
+    Input(String),
     /// libtorch failed (out of memory among others).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -44,6 +48,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when the task's input caused the error (a bad parameter or image): another attempt, on any
+    /// worker, fails the same way.
+    pub fn is_input_fault(&self) -> bool {
+        matches!(self, Error::Core(_) | Error::Input(_))
+    }
+
     /// True when libtorch ran out of memory on the device (retryable elsewhere, not the job's fault).
     pub fn is_out_of_memory(&self) -> bool {
         matches!(self, Error::Torch(e) if e.to_string().to_ascii_lowercase().contains("out of memory"))

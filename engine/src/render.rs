@@ -5,10 +5,10 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Instant;
 
-use image::RgbImage;
+use image::{Rgb32FImage, RgbImage};
 use serde::Serialize;
 use stylefarm_core::imaging;
-use stylefarm_core::{Init, Layer, Optimizer, RenderParams};
+use stylefarm_core::{ImageSize, Init, Layer, Optimizer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
 use crate::blocked::{self, BlockedTargets};
@@ -51,13 +51,29 @@ impl RenderJob {
     }
 }
 
+impl RenderJob {
+    /// Checks the parameters, and that every image reaches the deepest layer at every scale
+    /// ([`RenderParams::check_sizes`]), before any tensor work.
+    pub fn check(&self) -> Result<(), Error> {
+        self.params.validate(self.styles.len())?;
+        let names: Vec<String> = (1..=self.styles.len())
+            .map(|i| format!("style image {i}"))
+            .collect();
+        let styles: Vec<ImageSize> = self
+            .styles
+            .iter()
+            .zip(&names)
+            .map(|(img, name)| ImageSize::new(name, img.dimensions()))
+            .collect();
+        let content = ImageSize::new("the content image", self.content.dimensions());
+        Ok(self
+            .params
+            .check_sizes(content, &styles, self.style_longest)?)
+    }
+}
+
 /// Where [`Engine::render_with`] gets the style targets of a style side: e.g. a cache shared across tasks.
 pub type StyleSource<'a> = dyn FnMut(&Engine, u32) -> Result<Rc<StyleGrams>, Error> + 'a;
-
-/// The longest side of the style images for a working size `longest`.
-pub fn style_side(longest: u32, params: &RenderParams) -> u32 {
-    ((longest as f64) * params.style_scale).round().max(1.0) as u32
-}
 
 /// The blended Gram matrices of a style set at one style size, one per style layer: the style targets that
 /// every task and every tile with the same (style images, blend, size, layers, pooling) share.
@@ -134,13 +150,12 @@ pub struct Engine {
     device: Device,
 }
 
-fn to_f64s(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(
-        &t.to_kind(Kind::Double)
-            .to_device(Device::Cpu)
+fn to_f64s(t: &Tensor) -> Result<Vec<f64>, Error> {
+    Ok(Vec::<f64>::try_from(
+        &t.f_to_kind(Kind::Double)?
+            .f_to_device(Device::Cpu)?
             .flatten(0, -1),
-    )
-    .expect("f64 values")
+    )?)
 }
 
 impl Engine {
@@ -163,6 +178,17 @@ impl Engine {
         &self.vgg
     }
 
+    /// Whether the engine still renders: a 16 x 16 image through VGG19's first convolution on the device,
+    /// read back to the host (e.g. after a failure, to tell a bad task from a lost device).
+    pub fn probe(&self) -> Result<(), Error> {
+        let x = Tensor::f_zeros([1, 3, 16, 16], (Kind::Float, self.device))?;
+        let f = self
+            .vgg
+            .features(&x, stylefarm_core::Pooling::Max, &[Layer::new(1, 1)])?;
+        to_f64s(&f[0].f_sum(Kind::Float)?)?;
+        Ok(())
+    }
+
     /// Content and style targets for a working content image; style images are resized so that their
     /// longest side is `round(longest * style_scale)`, `longest` being the working size of this scale.
     pub fn targets(
@@ -171,8 +197,8 @@ impl Engine {
         styles: &[RgbImage],
         longest: u32,
         params: &RenderParams,
-    ) -> Targets {
-        let grams = self.style_grams(styles, style_side(longest, params), params, None);
+    ) -> Result<Targets, Error> {
+        let grams = self.style_grams(styles, params.style_side(longest), params, None)?;
         self.targets_with(content, &grams, params)
     }
 
@@ -185,7 +211,7 @@ impl Engine {
         side: u32,
         params: &RenderParams,
         block: Option<u32>,
-    ) -> StyleGrams {
+    ) -> Result<StyleGrams, Error> {
         let pre = self.vgg.preprocessing();
         tch::no_grad(|| {
             let mut grams: Vec<Option<Tensor>> = params.style_layers.iter().map(|_| None).collect();
@@ -193,7 +219,7 @@ impl Engine {
                 let img = imaging::resize_longest(img, side);
                 let of_image: Vec<Tensor> = match block {
                     Some(b) if img.width().max(img.height()) > b => {
-                        blocked::image_grams(self, &img, b, params)
+                        blocked::image_grams(self, &img, b, params)?
                     }
                     _ => self
                         .vgg
@@ -201,7 +227,7 @@ impl Engine {
                             &pre.preprocess(&img, self.device),
                             params.pooling,
                             &params.style_layers,
-                        )
+                        )?
                         .iter()
                         .map(gram)
                         .collect(),
@@ -214,9 +240,15 @@ impl Engine {
                     });
                 }
             }
-            StyleGrams {
-                grams: grams.into_iter().map(|g| g.expect("a style")).collect(),
-            }
+            let grams = grams.into_iter().collect::<Option<Vec<Tensor>>>();
+            Ok(StyleGrams {
+                grams: grams.ok_or_else(|| {
+                    Error::Core(stylefarm_core::Error::invalid(
+                        "style",
+                        "at least one style image is needed",
+                    ))
+                })?,
+            })
         })
     }
 
@@ -226,7 +258,7 @@ impl Engine {
         content: &RgbImage,
         style: &StyleGrams,
         params: &RenderParams,
-    ) -> Targets {
+    ) -> Result<Targets, Error> {
         let mut layers: Vec<Layer> = params
             .content_layers
             .iter()
@@ -235,14 +267,14 @@ impl Engine {
             .collect();
         layers.sort();
         layers.dedup();
-        let pos = |l: &Layer| layers.iter().position(|x| x == l).expect("layer listed");
+        let pos = |l: &Layer| layers.iter().position(|x| x == l).unwrap_or_default();
         let pre = self.vgg.preprocessing();
         tch::no_grad(|| {
             let content_features = self.vgg.features(
                 &pre.preprocess(content, self.device),
                 params.pooling,
                 &params.content_layers,
-            );
+            )?;
             let content = params
                 .content_layers
                 .iter()
@@ -255,17 +287,22 @@ impl Engine {
                 .map(pos)
                 .zip(style.grams.iter().map(Tensor::shallow_clone))
                 .collect();
-            Targets {
+            Ok(Targets {
                 layers: layers.clone(),
                 content,
                 style,
-            }
+            })
         })
     }
 
     /// The weighted terms `[content, style, tv, total]` at `x` (preprocessed, `1 x 3 x H x W`).
-    fn terms(&self, x: &Tensor, targets: &Targets, params: &RenderParams) -> [Tensor; 4] {
-        let features = self.vgg.features(x, params.pooling, &targets.layers);
+    fn terms(
+        &self,
+        x: &Tensor,
+        targets: &Targets,
+        params: &RenderParams,
+    ) -> Result<[Tensor; 4], Error> {
+        let features = self.vgg.features(x, params.pooling, &targets.layers)?;
         let zero = || Tensor::zeros([], (Kind::Float, self.device));
         let content = targets
             .content
@@ -284,17 +321,17 @@ impl Engine {
             zero()
         };
         let total = &content + &style + &tv;
-        [content, style, tv, total]
+        Ok([content, style, tv, total])
     }
 
-    fn losses_of(terms: &[Tensor; 4]) -> LossTerms {
-        let v = to_f64s(&Tensor::stack(terms, 0).detach());
-        LossTerms {
+    fn losses_of(terms: &[Tensor; 4]) -> Result<LossTerms, Error> {
+        let v = to_f64s(&Tensor::f_stack(terms, 0)?.detach())?;
+        Ok(LossTerms {
             content: v[0],
             style: v[1],
             tv: v[2],
             total: v[3],
-        }
+        })
     }
 
     /// The objective and its gradient with respect to `x`.
@@ -303,34 +340,51 @@ impl Engine {
         x: &Tensor,
         targets: &Targets,
         params: &RenderParams,
-    ) -> (LossTerms, Tensor) {
+    ) -> Result<(LossTerms, Tensor), Error> {
         let xg = x.detach().set_requires_grad(true);
-        let terms = self.terms(&xg, targets, params);
-        let grad = Tensor::run_backward(&[&terms[3]], &[&xg], false, false)
-            .pop()
-            .expect("one gradient");
-        (Self::losses_of(&terms), grad)
+        let terms = self.terms(&xg, targets, params)?;
+        let mut grads = Tensor::f_run_backward(&[&terms[3]], &[&xg], false, false)?;
+        let grad = grads.pop().ok_or_else(|| {
+            Error::Torch(tch::TchError::Torch("backward gave no gradient".into()))
+        })?;
+        Ok((Self::losses_of(&terms)?, grad))
     }
 
     /// The objective at `x`, without a gradient.
-    pub fn losses(&self, x: &Tensor, targets: &Targets, params: &RenderParams) -> LossTerms {
-        tch::no_grad(|| Self::losses_of(&self.terms(x, targets, params)))
+    pub fn losses(
+        &self,
+        x: &Tensor,
+        targets: &Targets,
+        params: &RenderParams,
+    ) -> Result<LossTerms, Error> {
+        tch::no_grad(|| Self::losses_of(&self.terms(x, targets, params)?))
     }
 
     /// The objective of `job` evaluated at an image of the output's size (e.g. to measure a finished render).
     pub fn evaluate(&self, job: &RenderJob, image: &RgbImage) -> Result<LossTerms, Error> {
-        job.params.validate(job.styles.len())?;
         let (w, h) = image.dimensions();
-        let content = imaging::resize(&job.content, w, h);
-        let grams = self.style_grams(
-            &job.styles,
-            style_side(w.max(h), &job.params),
-            &job.params,
-            job.block,
-        );
-        let targets = self.scale_targets(&content, &grams, &job.params, job.block);
+        // the image is the output: its size is the one scale's
+        let params = RenderParams {
+            size: w.max(h),
+            scales: 1,
+            scale_iterations: Vec::new(),
+            ..job.params.clone()
+        };
+        let at_size = RenderJob {
+            content: imaging::resize(&job.content, w, h),
+            styles: job.styles.clone(),
+            init_image: None,
+            params,
+            style_longest: None,
+            block: job.block,
+        };
+        at_size.check()?;
+        let params = &at_size.params;
+        let grams =
+            self.style_grams(&job.styles, params.style_side(w.max(h)), params, job.block)?;
+        let targets = self.scale_targets(&at_size.content, &grams, params, job.block)?;
         let x = self.vgg.preprocessing().preprocess(image, self.device);
-        Ok(self.scale_losses(&x, &targets, &job.params))
+        self.scale_losses(&x, &targets, params)
     }
 
     /// The targets of a working content image: block by block when it is larger than `block`.
@@ -340,8 +394,8 @@ impl Engine {
         style: &StyleGrams,
         params: &RenderParams,
         block: Option<u32>,
-    ) -> ScaleTargets {
-        match block {
+    ) -> Result<ScaleTargets, Error> {
+        Ok(match block {
             Some(b) if content.width().max(content.height()) > b => {
                 ScaleTargets::Blocked(BlockedTargets::new(
                     self,
@@ -349,10 +403,10 @@ impl Engine {
                     style,
                     params,
                     b,
-                ))
+                )?)
             }
-            _ => ScaleTargets::Whole(self.targets_with(content, style, params)),
-        }
+            _ => ScaleTargets::Whole(self.targets_with(content, style, params)?),
+        })
     }
 
     /// The objective and its gradient at `x`, for either kind of targets.
@@ -361,23 +415,23 @@ impl Engine {
         x: &Tensor,
         targets: &ScaleTargets,
         params: &RenderParams,
-    ) -> (LossTerms, Tensor) {
+    ) -> Result<(LossTerms, Tensor), Error> {
         match targets {
             ScaleTargets::Whole(t) => self.objective(x, t, params),
-            ScaleTargets::Blocked(t) => {
-                let (losses, grad) = self.objective_blocked(x, t, params, true);
-                (losses, grad.expect("asked for"))
-            }
+            ScaleTargets::Blocked(t) => self.objective_blocked(x, t, params),
         }
     }
 
     /// The objective at `x` without a gradient, for either kind of targets.
-    fn scale_losses(&self, x: &Tensor, targets: &ScaleTargets, params: &RenderParams) -> LossTerms {
+    fn scale_losses(
+        &self,
+        x: &Tensor,
+        targets: &ScaleTargets,
+        params: &RenderParams,
+    ) -> Result<LossTerms, Error> {
         match targets {
             ScaleTargets::Whole(t) => self.losses(x, t, params),
-            ScaleTargets::Blocked(t) => {
-                tch::no_grad(|| self.objective_blocked(x, t, params, false).0)
-            }
+            ScaleTargets::Blocked(t) => self.losses_blocked(x, t, params),
         }
     }
 
@@ -418,7 +472,7 @@ impl Engine {
                     side,
                     &job.params,
                     job.block,
-                )))
+                )?))
             },
             on_progress,
         )
@@ -432,8 +486,51 @@ impl Engine {
         style_for: &mut StyleSource<'_>,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<RgbImage, Error> {
+        let x = self.optimize(job, style_for, on_progress)?;
+        let out = self.vgg.preprocessing().deprocess(&x)?;
+        Ok(if job.params.original_colors {
+            imaging::original_colors(&out, &job.content)
+        } else {
+            out
+        })
+    }
+
+    /// Renders `job` as [`Self::render`] does, the result in floats (0..255, clamped, not rounded): for
+    /// outputs of 16 bits per channel.
+    pub fn render_f32(
+        &self,
+        job: &RenderJob,
+        on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Rgb32FImage, Error> {
+        let x = self.optimize(
+            job,
+            &mut |engine, side| {
+                Ok(Rc::new(engine.style_grams(
+                    &job.styles,
+                    side,
+                    &job.params,
+                    job.block,
+                )?))
+            },
+            on_progress,
+        )?;
+        let out = self.vgg.preprocessing().deprocess_f32(&x)?;
+        Ok(if job.params.original_colors {
+            imaging::original_colors_f32(&out, &job.content)
+        } else {
+            out
+        })
+    }
+
+    /// Every scale's optimization; the optimized image, preprocessed (`1 x 3 x H x W`).
+    fn optimize(
+        &self,
+        job: &RenderJob,
+        style_for: &mut StyleSource<'_>,
+        on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Tensor, Error> {
+        job.check()?;
         let params = &job.params;
-        params.validate(job.styles.len())?;
         let started = Instant::now();
         let sizes = params.sizes_per_scale();
         let iterations = params.iterations_per_scale();
@@ -444,9 +541,9 @@ impl Engine {
             let (w, h) = content.dimensions();
             let style = style_for(
                 self,
-                style_side(job.style_longest.unwrap_or(longest), params),
+                params.style_side(job.style_longest.unwrap_or(longest)),
             )?;
-            let targets = self.scale_targets(&content, &style, params, job.block);
+            let targets = self.scale_targets(&content, &style, params, job.block)?;
             let mut xs = match x.take() {
                 None => self.initial(job, &content)?,
                 Some(prev) => tch::no_grad(|| {
@@ -471,7 +568,7 @@ impl Engine {
                 }
             };
             let mut f = |x: &Tensor| -> Result<(f64, Tensor), Error> {
-                let (losses, grad) = self.scale_objective(x, &targets, params);
+                let (losses, grad) = self.scale_objective(x, &targets, params)?;
                 report(evaluations, losses)?;
                 evaluations += 1;
                 Ok((losses.total, grad))
@@ -490,18 +587,10 @@ impl Engine {
             } as u32;
             if steps == evaluations {
                 // the last step's image has not been evaluated yet
-                report(steps, self.scale_losses(&xs, &targets, params))?;
+                report(steps, self.scale_losses(&xs, &targets, params)?)?;
             }
             x = Some(xs);
         }
-        let out = self
-            .vgg
-            .preprocessing()
-            .deprocess(&x.expect("at least one scale"));
-        Ok(if params.original_colors {
-            imaging::original_colors(&out, &job.content)
-        } else {
-            out
-        })
+        x.ok_or_else(|| Error::Input("no scale to render".into()))
     }
 }

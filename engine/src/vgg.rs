@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use image::RgbImage;
+use image::{Rgb32FImage, RgbImage};
 use stylefarm_core::{Layer, Pooling};
 use tch::{Device, Kind, Tensor};
 
@@ -49,10 +49,27 @@ impl Preprocessing {
         .contiguous()
     }
 
-    /// The inverse of [`Self::preprocess`], clamped to 0..255 and rounded.
-    pub fn deprocess(self, x: &Tensor) -> RgbImage {
+    /// The inverse of [`Self::preprocess`] in floats, clamped to 0..255 but not rounded: for outputs of
+    /// more than 8 bits.
+    pub fn deprocess_f32(self, x: &Tensor) -> Result<Rgb32FImage, Error> {
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let values = self
+            .to_rgb(x)
+            .f_clamp(0.0, 255.0)?
+            .f_squeeze_dim(0)?
+            .f_permute([1, 2, 0])?
+            .f_contiguous()?
+            .flatten(0, -1)
+            .f_to_device(Device::Cpu)?;
+        let data = Vec::<f32>::try_from(&values)?;
+        Rgb32FImage::from_raw(w as u32, h as u32, data)
+            .ok_or_else(|| Error::Input(format!("a {w} x {h} image from {} values", 3 * w * h)))
+    }
+
+    /// RGB 0..255 floats (`1 x 3 x H x W`) of a preprocessed `x`.
+    fn to_rgb(self, x: &Tensor) -> Tensor {
         let device = x.device();
-        let rgb = match self {
+        match self {
             Preprocessing::Caffe => {
                 (x.detach() + Self::channel_tensor(CAFFE_MEAN_BGR, device)).flip([1])
             }
@@ -61,7 +78,12 @@ impl Preprocessing {
                     + Self::channel_tensor(TORCHVISION_MEAN, device))
                     * 255.0
             }
-        };
+        }
+    }
+
+    /// The inverse of [`Self::preprocess`], clamped to 0..255 and rounded.
+    pub fn deprocess(self, x: &Tensor) -> Result<RgbImage, Error> {
+        let rgb = self.to_rgb(x);
         let (h, w) = (x.size()[2], x.size()[3]);
         let bytes = rgb
             .clamp(0.0, 255.0)
@@ -69,9 +91,9 @@ impl Preprocessing {
             .to_kind(Kind::Uint8)
             .squeeze_dim(0)
             .permute([1, 2, 0]);
-        let data = Vec::<u8>::try_from(&bytes.contiguous().flatten(0, -1).to_device(Device::Cpu))
-            .expect("uint8 tensor to bytes");
-        RgbImage::from_raw(w as u32, h as u32, data).expect("buffer of the image's size")
+        let data = Vec::<u8>::try_from(&bytes.contiguous().flatten(0, -1).to_device(Device::Cpu))?;
+        RgbImage::from_raw(w as u32, h as u32, data)
+            .ok_or_else(|| Error::Input(format!("a {w} x {h} image from {} bytes", 3 * w * h)))
     }
 
     /// Standard deviation of the noise init in this space (jcjohnson: 0.001 in 0..255-scale units).
@@ -179,13 +201,38 @@ impl Vgg19 {
     }
 
     /// Runs the network on `x` (`1 x 3 x H x W`, preprocessed) up to the deepest of `layers`, and returns the
-    /// feature maps of `layers`, in their order. Nothing past the deepest layer is computed.
-    pub fn features(&self, x: &Tensor, pooling: Pooling, layers: &[Layer]) -> Vec<Tensor> {
-        let deepest = layers.iter().map(|l| l.index()).max().unwrap_or(0);
+    /// feature maps of `layers`, in their order. Nothing past the deepest layer is computed. An input whose
+    /// side is under the deepest layer's [`Layer::min_input_side`] is an error (callers check sizes first,
+    /// naming the option: `RenderParams::check_sizes`); so is a failure of libtorch (e.g. out of memory).
+    pub fn features(
+        &self,
+        x: &Tensor,
+        pooling: Pooling,
+        layers: &[Layer],
+    ) -> Result<Vec<Tensor>, Error> {
+        let deepest = layers.iter().copied().max().unwrap_or(Layer::new(1, 1));
+        let size = x.size();
+        let (h, w) = match size[..] {
+            [1, 3, h, w] => (h, w),
+            _ => {
+                return Err(Error::Input(format!(
+                    "the network takes a 1 x 3 x H x W image, not {size:?}"
+                )))
+            }
+        };
+        let need = i64::from(deepest.min_input_side());
+        if h.min(w) < need {
+            return Err(Error::Input(format!(
+                "a {w} x {h} px image cannot reach {deepest}: it needs at least {need} px a side"
+            )));
+        }
+        let deepest = deepest.index();
         let mut out: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
         let mut h = x.shallow_clone();
         for (i, (w, b)) in self.convs.iter().enumerate().take(deepest + 1) {
-            h = h.conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1).relu_();
+            h = h
+                .f_conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1)?
+                .f_relu_()?;
             for (slot, layer) in out.iter_mut().zip(layers) {
                 if layer.index() == i {
                     *slot = Some(h.shallow_clone());
@@ -193,14 +240,12 @@ impl Vgg19 {
             }
             if i < deepest && POOL_AFTER.contains(&i) {
                 h = match pooling {
-                    Pooling::Max => h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
-                    Pooling::Avg => h.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
+                    Pooling::Max => h.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?,
+                    Pooling::Avg => h.f_avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)?,
                 };
             }
         }
-        out.into_iter()
-            .map(|t| t.expect("every requested layer is computed"))
-            .collect()
+        Ok(out.into_iter().flatten().collect())
     }
 }
 
@@ -214,7 +259,11 @@ mod tests {
             image::Rgb([x as u8 * 50, y as u8 * 60, 255 - x as u8])
         });
         for p in [Preprocessing::Caffe, Preprocessing::Torchvision] {
-            assert_eq!(p.deprocess(&p.preprocess(&img, Device::Cpu)), img, "{p:?}");
+            assert_eq!(
+                p.deprocess(&p.preprocess(&img, Device::Cpu)).unwrap(),
+                img,
+                "{p:?}"
+            );
         }
         // caffe: BGR minus the mean
         let x = Preprocessing::Caffe.preprocess(&img, Device::Cpu);

@@ -8,10 +8,11 @@
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use image::RgbImage;
@@ -41,18 +42,22 @@ struct StyleCache {
 }
 
 impl StyleCache {
-    fn get(&mut self, key: String, compute: impl FnOnce() -> StyleGrams) -> Rc<StyleGrams> {
+    fn get(
+        &mut self,
+        key: String,
+        compute: impl FnOnce() -> Result<StyleGrams, stylefarm_engine::Error>,
+    ) -> Result<Rc<StyleGrams>, stylefarm_engine::Error> {
         if let Some((_, grams)) = self.entries.iter().find(|(k, _)| *k == key) {
             self.hits += 1;
-            return grams.clone();
+            return Ok(grams.clone());
         }
         self.misses += 1;
-        let grams = Rc::new(compute());
+        let grams = Rc::new(compute()?);
         if self.entries.len() >= STYLE_CACHE_ENTRIES {
             self.entries.pop_front();
         }
         self.entries.push_back((key, grams.clone()));
-        grams
+        Ok(grams)
     }
 }
 
@@ -65,27 +70,163 @@ pub struct RenderStats {
     pub style_cached: bool,
 }
 
+/// Why a render on the engine thread failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The engine returned an error (a bad input, libtorch, out of memory, cancelled).
+    #[error(transparent)]
+    Engine(#[from] stylefarm_engine::Error),
+    /// The render panicked; the thread caught it, checked the engine and kept it (or reloaded it).
+    #[error("the engine panicked: {0}")]
+    Panicked(String),
+    /// The engine can no longer render (device lost, weights gone on reload): the worker must stop.
+    #[error("the engine is lost: {0}")]
+    Lost(String),
+}
+
+type Reply = Result<(RgbImage, RenderStats), RenderError>;
+
 struct Request {
     job: RenderJob,
     style: StyleKey,
     cancel: Arc<AtomicBool>,
     progress: watch::Sender<Option<Progress>>,
-    reply: oneshot::Sender<Result<(RgbImage, RenderStats), stylefarm_engine::Error>>,
+    reply: oneshot::Sender<Reply>,
 }
 
 /// A handle to the engine thread; dropping it ends the thread.
 pub struct EngineThread {
     requests: std::sync::mpsc::Sender<Request>,
+    /// Set, with the reason, when the engine can no longer render.
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Whether the engine still renders ([`Engine::probe`]), a panic in the probe included.
+fn healthy(engine: &Engine) -> Result<(), String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| engine.probe())) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(payload) => Err(panic_message(payload.as_ref())),
+    }
+}
+
+/// The engine of the thread: loaded once, checked after every failure that was not the input's, and
+/// reloaded from the weights when the check fails.
+struct Resident {
+    engine: Engine,
+    cache: StyleCache,
+    weights: PathBuf,
+}
+
+impl Resident {
+    /// After a failure that was not the input's: keeps the engine when it still renders, else reloads
+    /// VGG19 (and forgets the cached targets); `Err` when it cannot be had again.
+    fn recover(&mut self) -> Result<(), String> {
+        let Err(why) = self.check() else {
+            return Ok(());
+        };
+        tracing::error!(reason = why, "the engine does not render; reloading VGG19");
+        self.cache = StyleCache::default();
+        let device = self.engine.device();
+        let engine = Engine::load(&self.weights, device)
+            .map_err(|e| format!("{why}; reloading failed: {e}"))?;
+        healthy(&engine).map_err(|e| format!("{why}; after a reload still: {e}"))?;
+        self.engine = engine;
+        tracing::info!("engine reloaded");
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), String> {
+        #[cfg(test)]
+        if tests::LOSE_DEVICE.load(Ordering::Relaxed) {
+            return Err("device lost (injected by a test)".into());
+        }
+        healthy(&self.engine)
+    }
+
+    /// Renders one request, its style targets from (and into) the cache.
+    fn render(&mut self, req: &Request) -> Result<RgbImage, stylefarm_engine::Error> {
+        #[cfg(test)]
+        if req.style.styles.iter().any(|s| s == tests::PANIC) {
+            panic!("injected by a test");
+        }
+        let cache = &mut self.cache;
+        let mut on_progress = |p: &Progress| {
+            let _ = req.progress.send(Some(*p));
+            if req.cancel.load(Ordering::Relaxed) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let params = &req.job.params;
+        let mut style_for = |engine: &Engine, side: u32| {
+            // the key names everything the Gram matrices depend on
+            let key = format!(
+                "{:?} blend={:?} side={side} layers={:?} pooling={:?} block={:?}",
+                req.style.styles,
+                params.blend_weights(req.style.styles.len()),
+                params.style_layers,
+                params.pooling,
+                req.style.block,
+            );
+            let global = cache.get(key.clone(), || {
+                engine.style_grams(&req.job.styles, side, params, req.style.block)
+            })?;
+            let Some((init, canvas)) = &req.style.tile_canvas else {
+                return Ok(global);
+            };
+            // a tile matches the global Grams in aggregate: its target keeps the tile's own deviation from
+            // the whole canvas at the start (from the coarser scale, rendered whole), so that the tiles'
+            // Grams average to the global ones
+            let alone = RenderParams {
+                style_blend: Vec::new(),
+                ..params.clone()
+            };
+            let longest = canvas.width().max(canvas.height());
+            let whole = cache.get(format!("canvas {init} {key}"), || {
+                engine.style_grams(&[(**canvas).clone()], longest, &alone, req.style.block)
+            })?;
+            let tile = req.job.init_image.as_ref().ok_or_else(|| {
+                stylefarm_core::Error::invalid("init", "a tile needs its init image")
+            })?;
+            let own = engine.style_grams(
+                std::slice::from_ref(tile),
+                tile.width().max(tile.height()),
+                &alone,
+                None,
+            )?;
+            Ok(Rc::new(global.offset(&own, &whole)))
+        };
+        self.engine
+            .render_with(&req.job, &mut style_for, &mut on_progress)
+    }
 }
 
 impl EngineThread {
     /// Loads the weights on a new thread; returns once they are loaded (or failed to).
+    ///
+    /// A render that fails on its input fails alone. One that panics, or fails in libtorch for another
+    /// reason than memory, is followed by a check of the engine: when it no longer renders, VGG19 is
+    /// reloaded; when that fails too, the thread stops, [`EngineThread::lost`] says why, and every later
+    /// render fails with [`RenderError::Lost`].
     pub fn start(
         weights: PathBuf,
         device: Device,
     ) -> Result<EngineThread, stylefarm_engine::Error> {
         let (requests, inbox) = std::sync::mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let lost = Arc::new(Mutex::new(None));
+        let lost_here = lost.clone();
         std::thread::Builder::new()
             .name(format!("engine-{device:?}").to_lowercase())
             .spawn(move || {
@@ -100,77 +241,59 @@ impl EngineThread {
                     }
                 };
                 tracing::info!(?device, "engine loaded");
-                let mut cache = StyleCache::default();
+                let mut resident = Resident {
+                    engine,
+                    cache: StyleCache::default(),
+                    weights,
+                };
                 for req in inbox {
                     let started = Instant::now();
-                    let hits = cache.hits;
-                    let mut on_progress = |p: &Progress| {
-                        let _ = req.progress.send(Some(*p));
-                        if req.cancel.load(Ordering::Relaxed) {
-                            ControlFlow::Break(())
-                        } else {
-                            ControlFlow::Continue(())
-                        }
-                    };
-                    let params = &req.job.params;
-                    let mut style_for = |engine: &Engine, side: u32| {
-                        // the key names everything the Gram matrices depend on
-                        let key = format!(
-                            "{:?} blend={:?} side={side} layers={:?} pooling={:?} block={:?}",
-                            req.style.styles,
-                            params.blend_weights(req.style.styles.len()),
-                            params.style_layers,
-                            params.pooling,
-                            req.style.block,
-                        );
-                        let global = cache.get(key.clone(), || {
-                            engine.style_grams(&req.job.styles, side, params, req.style.block)
-                        });
-                        let Some((init, canvas)) = &req.style.tile_canvas else {
-                            return Ok(global);
-                        };
-                        // a tile matches the global Grams in aggregate: its target keeps the tile's own
-                        // deviation from the whole canvas at the start (from the coarser scale, rendered
-                        // whole), so that the tiles' Grams average to the global ones
-                        let alone = RenderParams {
-                            style_blend: Vec::new(),
-                            ..params.clone()
-                        };
-                        let longest = canvas.width().max(canvas.height());
-                        let whole = cache.get(format!("canvas {init} {key}"), || {
-                            engine.style_grams(
-                                &[(**canvas).clone()],
-                                longest,
-                                &alone,
-                                req.style.block,
-                            )
-                        });
-                        let tile = req.job.init_image.as_ref().expect("a tile has its init");
-                        let own = engine.style_grams(
-                            std::slice::from_ref(tile),
-                            tile.width().max(tile.height()),
-                            &alone,
-                            None,
-                        );
-                        Ok(Rc::new(global.offset(&own, &whole)))
-                    };
-                    let result = engine
-                        .render_with(&req.job, &mut style_for, &mut on_progress)
-                        .map(|img| {
-                            let stats = RenderStats {
+                    let hits = resident.cache.hits;
+                    let rendered =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| resident.render(&req)));
+                    let reply = match rendered {
+                        Ok(Ok(img)) => Ok((
+                            img,
+                            RenderStats {
                                 engine_s: started.elapsed().as_secs_f64(),
-                                style_cached: cache.hits > hits,
-                            };
-                            (img, stats)
-                        });
-                    let _ = req.reply.send(result);
+                                style_cached: resident.cache.hits > hits,
+                            },
+                        )),
+                        Ok(Err(e)) => Err(RenderError::Engine(e)),
+                        Err(payload) => Err(RenderError::Panicked(panic_message(payload.as_ref()))),
+                    };
+                    let suspect = match &reply {
+                        Err(RenderError::Engine(e)) => {
+                            !e.is_input_fault()
+                                && !e.is_out_of_memory()
+                                && !matches!(e, stylefarm_engine::Error::Cancelled)
+                        }
+                        Err(_) => true,
+                        Ok(_) => false,
+                    };
+                    if suspect {
+                        if let Err(why) = resident.recover() {
+                            tracing::error!(reason = why, "the engine is lost");
+                            *lost_here.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                            let _ = req.reply.send(reply);
+                            return;
+                        }
+                    }
+                    let _ = req.reply.send(reply);
                 }
             })
-            .expect("spawn the engine thread");
+            .map_err(|e| {
+                stylefarm_engine::Error::Device(format!("cannot start the engine thread: {e}"))
+            })?;
         ready_rx.recv().unwrap_or_else(|_| {
             Err(stylefarm_engine::Error::Device("engine thread died".into()))
         })?;
-        Ok(EngineThread { requests })
+        Ok(EngineThread { requests, lost })
+    }
+
+    /// Why the engine can no longer render, once it cannot: the worker should stop leasing and exit.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Queues a render; the receiver yields its result. Setting `cancel` stops it at the next iteration.
@@ -180,15 +303,116 @@ impl EngineThread {
         style: StyleKey,
         cancel: Arc<AtomicBool>,
         progress: watch::Sender<Option<Progress>>,
-    ) -> oneshot::Receiver<Result<(RgbImage, RenderStats), stylefarm_engine::Error>> {
+    ) -> oneshot::Receiver<Reply> {
         let (reply, rx) = oneshot::channel();
-        let _ = self.requests.send(Request {
+        if let Err(std::sync::mpsc::SendError(req)) = self.requests.send(Request {
             job,
             style,
             cancel,
             progress,
             reply,
-        });
+        }) {
+            let why = self
+                .lost()
+                .unwrap_or_else(|| "the engine thread stopped".into());
+            let _ = req.reply.send(Err(RenderError::Lost(why)));
+        }
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A style hash that makes the engine thread panic (test builds only).
+    pub(super) const PANIC: &str = "panic-for-test";
+    /// Makes the engine's health check fail, as a lost device would (test builds only).
+    pub(super) static LOSE_DEVICE: AtomicBool = AtomicBool::new(false);
+
+    fn request(
+        engine: &EngineThread,
+        style_key: &str,
+        params: RenderParams,
+    ) -> Result<(RgbImage, RenderStats), RenderError> {
+        let img =
+            |v: u8| RgbImage::from_fn(32, 24, |x, y| image::Rgb([v, x as u8 * 7, y as u8 * 9]));
+        let job = RenderJob::new(img(10), vec![img(200)], None, params);
+        let style = StyleKey {
+            styles: vec![style_key.to_string()],
+            block: None,
+            tile_canvas: None,
+        };
+        let (progress, _) = watch::channel(None);
+        engine
+            .render(job, style, Arc::new(AtomicBool::new(false)), progress)
+            .blocking_recv()
+            .expect("a reply")
+    }
+
+    /// One bad task fails alone: a panic inside a render and a render refused for its input each fail that
+    /// render only, and the next renders on the same thread; a lost device that cannot be reloaded stops
+    /// the thread and says why.
+    #[test]
+    fn a_failing_render_fails_alone_and_a_lost_engine_says_why() {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("vgg19.safetensors");
+        std::os::unix::fs::symlink(
+            repo.join(".stylefarm/vgg19.safetensors")
+                .canonicalize()
+                .unwrap(),
+            &weights,
+        )
+        .unwrap();
+        let engine = EngineThread::start(weights.clone(), Device::Cpu).unwrap();
+        let params = RenderParams {
+            size: 32,
+            iterations: 2,
+            ..Default::default()
+        };
+        let good = |engine: &EngineThread| request(engine, "good", params.clone());
+        assert_eq!(good(&engine).unwrap().0.dimensions(), (32, 24));
+
+        let panicked = request(&engine, PANIC, params.clone()).unwrap_err();
+        assert!(
+            matches!(&panicked, RenderError::Panicked(m) if m.contains("injected")),
+            "{panicked}"
+        );
+        assert_eq!(good(&engine).unwrap().0.dimensions(), (32, 24));
+
+        // a style scale that leaves the style 1 px a side: refused before any tensor work, the input's fault
+        let tiny = RenderParams {
+            style_scale: 0.01,
+            ..params.clone()
+        };
+        match request(&engine, "tiny", tiny).unwrap_err() {
+            RenderError::Engine(e) => {
+                assert!(e.is_input_fault(), "{e}");
+                assert!(e.to_string().starts_with("style_scale:"), "{e}");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(engine.lost().is_none());
+        assert_eq!(good(&engine).unwrap().0.dimensions(), (32, 24));
+
+        // the device is lost and the weights are gone: the engine cannot be had again
+        std::fs::remove_file(&weights).unwrap();
+        LOSE_DEVICE.store(true, Ordering::Relaxed);
+        assert!(matches!(
+            request(&engine, PANIC, params.clone()),
+            Err(RenderError::Panicked(_))
+        ));
+        LOSE_DEVICE.store(false, Ordering::Relaxed);
+        let why = engine.lost().expect("the engine is lost");
+        assert!(
+            why.contains("device lost") && why.contains("reloading failed"),
+            "{why}"
+        );
+        match good(&engine) {
+            Err(RenderError::Lost(m)) => assert_eq!(m, why),
+            other => panic!("{:?}", other.map(|(img, _)| img.dimensions())),
+        }
     }
 }

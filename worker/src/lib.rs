@@ -24,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-pub use engine_thread::{EngineThread, RenderStats, StyleKey};
+pub use engine_thread::{EngineThread, RenderError, RenderStats, StyleKey};
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,10 @@ pub enum Error {
     Engine(#[from] stylefarm_engine::Error),
     #[error("coordinator {0}")]
     Coordinator(String),
+    /// The engine can no longer render (device lost, weights gone when it was reloaded): the worker stops
+    /// leasing rather than fail every task it would take.
+    #[error("cannot render any more: {0}")]
+    EngineLost(String),
 }
 
 /// How a worker runs.
@@ -92,15 +96,16 @@ impl ImageCache {
 }
 
 impl ImageCache {
-    /// The image `hash`, from the cache or downloaded from the coordinator and checked against its hash.
+    /// The image `hash`, from the cache or downloaded from the coordinator and checked against its hash. A
+    /// download that fails may succeed later; bytes that do not decode are the input's fault.
     async fn get(
         &mut self,
         client: &mut WorkerServiceClient<Channel>,
         hash: &str,
-    ) -> Result<Arc<RgbImage>, String> {
+    ) -> Result<Arc<RgbImage>, Failure> {
         let hash: ImageHash = hash
             .parse()
-            .map_err(|e: stylefarm_core::Error| e.to_string())?;
+            .map_err(|e: stylefarm_core::Error| Failure::Input(e.to_string()))?;
         if let Some(img) = self.lookup(&hash) {
             return Ok(img);
         }
@@ -109,22 +114,26 @@ impl ImageCache {
                 sha256: hash.to_string(),
             })
             .await
-            .map_err(|s| format!("downloading {hash}: {}", s.message()))?
+            .map_err(|s| Failure::Transient(format!("downloading {hash}: {}", s.message())))?
             .into_inner();
         let mut bytes = Vec::new();
         while let Some(chunk) = stream.next().await {
             bytes.extend(
                 chunk
-                    .map_err(|s| format!("downloading {hash}: {}", s.message()))?
+                    .map_err(|s| {
+                        Failure::Transient(format!("downloading {hash}: {}", s.message()))
+                    })?
                     .data,
             );
         }
         if ImageHash::of(&bytes) != hash {
-            return Err(format!(
+            return Err(Failure::Transient(format!(
                 "downloading {hash}: the bytes do not match their hash"
-            ));
+            )));
         }
-        let img = Arc::new(imaging::decode(&bytes, hash.as_str()).map_err(|e| e.to_string())?);
+        let img = Arc::new(
+            imaging::decode(&bytes, hash.as_str()).map_err(|e| Failure::Input(e.to_string()))?,
+        );
         self.insert(hash, img.clone());
         Ok(img)
     }
@@ -164,14 +173,47 @@ async fn connect(url: &str, stop: &AtomicBool) -> Option<WorkerServiceClient<Cha
     }
 }
 
+/// Why a task failed, as the coordinator needs to know it: whose fault, and so whether another attempt
+/// can succeed.
+#[derive(Debug, Clone, PartialEq)]
+enum Failure {
+    /// The task's input (an image, a parameter) cannot be rendered: every attempt fails the same way.
+    Input(String),
+    /// This attempt failed (a download, libtorch, a panic caught on the engine thread): another may not.
+    Transient(String),
+    /// The device ran out of memory: another worker may have more.
+    OutOfMemory(String),
+}
+
+impl Failure {
+    fn of_render(e: &RenderError) -> Failure {
+        match e {
+            RenderError::Engine(e) if e.is_input_fault() => Failure::Input(e.to_string()),
+            RenderError::Engine(e) if e.is_out_of_memory() => Failure::OutOfMemory(e.to_string()),
+            other => Failure::Transient(other.to_string()),
+        }
+    }
+
+    /// The FailTask request of this failure.
+    fn request(&self, lease_id: &str) -> pb::FailTaskRequest {
+        let (error, retryable, out_of_memory) = match self {
+            Failure::Input(e) => (e, false, false),
+            Failure::Transient(e) => (e, true, false),
+            Failure::OutOfMemory(e) => (e, true, true),
+        };
+        pb::FailTaskRequest {
+            lease_id: lease_id.into(),
+            error: error.clone(),
+            retryable,
+            out_of_memory,
+        }
+    }
+}
+
 /// What became of one task.
 enum Outcome {
     Done(RgbImage),
-    Failed {
-        error: String,
-        retryable: bool,
-        out_of_memory: bool,
-    },
+    Failed(Failure),
     Cancelled,
 }
 
@@ -213,6 +255,10 @@ pub async fn run(
         let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
         tracing::info!(worker_id, "registered");
         while !stop.load(Ordering::Relaxed) {
+            if let Some(why) = engine.lost() {
+                tracing::error!(reason = why, "the engine cannot render: leaving the farm");
+                return Err(Error::EngineLost(why));
+            }
             let wait_ms = config.lease_wait.as_millis() as u32;
             let leased = client
                 .lease_task(pb::LeaseTaskRequest {
@@ -378,11 +424,7 @@ async fn run_task(
     cancel: Arc<AtomicBool>,
     progress_tx: tokio::sync::watch::Sender<Option<Progress>>,
 ) -> Outcome {
-    let permanent = |error: String| Outcome::Failed {
-        error,
-        retryable: false,
-        out_of_memory: false,
-    };
+    let permanent = |error: String| Outcome::Failed(Failure::Input(error));
     let progress_rx = progress_tx.subscribe();
     let cancelled = || cancel.load(Ordering::Relaxed);
     let params = match RenderParams::try_from(task.params.unwrap_or_default()) {
@@ -393,25 +435,13 @@ async fn run_task(
     for hash in std::iter::once(&task.content).chain(&task.styles) {
         match cache.get(client, hash).await {
             Ok(img) => inputs.push(img),
-            Err(error) => {
-                return Outcome::Failed {
-                    error,
-                    retryable: true,
-                    out_of_memory: false,
-                }
-            }
+            Err(failure) => return Outcome::Failed(failure),
         }
     }
     let init_image = match &params.init {
         Init::Image(hash) => match cache.get(client, &hash.display().to_string()).await {
             Ok(img) => Some((*img).clone()),
-            Err(error) => {
-                return Outcome::Failed {
-                    error,
-                    retryable: true,
-                    out_of_memory: false,
-                }
-            }
+            Err(failure) => return Outcome::Failed(failure),
         },
         _ => None,
     };
@@ -445,7 +475,7 @@ async fn run_task(
         .await;
         let (cut_job, canvas) = match cut {
             Ok(done) => done,
-            Err(e) => return permanent(format!("cutting the tile: {e}")),
+            Err(e) => return Outcome::Failed(Failure::Transient(format!("cutting the tile: {e}"))),
         };
         job = cut_job;
         let canvas = match canvas {
@@ -482,17 +512,9 @@ async fn run_task(
             );
             Outcome::Done(img)
         }
-        Ok(Err(stylefarm_engine::Error::Cancelled)) => Outcome::Cancelled,
-        Ok(Err(e)) => Outcome::Failed {
-            out_of_memory: e.is_out_of_memory(),
-            retryable: !matches!(e, stylefarm_engine::Error::Core(_)),
-            error: e.to_string(),
-        },
-        Err(_) => Outcome::Failed {
-            error: "engine thread stopped".into(),
-            retryable: true,
-            out_of_memory: false,
-        },
+        Ok(Err(RenderError::Engine(stylefarm_engine::Error::Cancelled))) => Outcome::Cancelled,
+        Ok(Err(e)) => Outcome::Failed(Failure::of_render(&e)),
+        Err(_) => Outcome::Failed(Failure::Transient("the engine thread stopped".into())),
     }
 }
 
@@ -527,27 +549,15 @@ async fn report(client: &mut WorkerServiceClient<Channel>, lease_id: &str, outco
                         }
                     })
             }
-            Outcome::Failed {
-                error,
-                retryable,
-                out_of_memory,
-            } => {
-                tracing::warn!(error, "task failed");
-                let req = pb::FailTaskRequest {
-                    lease_id: lease_id.into(),
-                    error: error.clone(),
-                    retryable: *retryable,
-                    out_of_memory: *out_of_memory,
-                };
-                client.fail_task(req).await.map(|_| ())
+            Outcome::Failed(failure) => {
+                tracing::warn!(?failure, "task failed");
+                client
+                    .fail_task(failure.request(lease_id))
+                    .await
+                    .map(|_| ())
             }
             Outcome::Cancelled => {
-                let req = pb::FailTaskRequest {
-                    lease_id: lease_id.into(),
-                    error: "cancelled".into(),
-                    retryable: true,
-                    out_of_memory: false,
-                };
+                let req = Failure::Transient("cancelled".into()).request(lease_id);
                 client.fail_task(req).await.map(|_| ())
             }
         };
