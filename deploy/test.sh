@@ -9,6 +9,8 @@ cargo clippy --locked --all-targets -- -D warnings
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
-# the end-to-end tests (tests/) run the stylefarm binary of the same profile
-cargo build --locked -p stylefarm
-cargo nextest run --locked --workspace --no-fail-fast
+# the end-to-end tests (tests/) run the stylefarm binary of the same profile, with its fail points (fault
+# injection through FAILPOINTS; no-ops unless set)
+cargo build --locked -p stylefarm --features failpoints
+cargo nextest run --locked --workspace --features stylefarm/failpoints,stylefarm-worker/failpoints \
+    --no-fail-fast

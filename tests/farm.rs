@@ -7,6 +7,8 @@ use stylefarm_proto::pb;
 use stylefarm_tests::{is, job, shared_image, wait_for, Cluster};
 use tonic::Code;
 
+type RenderClient = pb::render_service_client::RenderServiceClient<tonic::transport::Channel>;
+
 fn path(name: &str) -> String {
     shared_image(name).display().to_string()
 }
@@ -493,6 +495,215 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         }))
         .await;
     assert!(ok.is_ok(), "still serving: {ok:?}");
+}
+
+/// Uploads `bytes`; returns the sha256.
+async fn upload(client: &mut RenderClient, bytes: Vec<u8>) -> String {
+    client
+        .upload_image(tokio_stream::iter(vec![pb::UploadImageRequest {
+            part: Some(pb::upload_image_request::Part::Data(bytes)),
+        }]))
+        .await
+        .unwrap()
+        .into_inner()
+        .sha256
+}
+
+fn png_of(img: &image::RgbImage) -> Vec<u8> {
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png
+}
+
+/// A job whose any task would be too small for VGG19 (at any scale, tile or sweep point) is refused at
+/// submission, naming the field, the image and both sizes, before any task exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
+    let cluster = Cluster::start(10.0, 0.5);
+    let mut client = cluster.client().await;
+    let photo = upload(
+        &mut client,
+        png_of(&image::RgbImage::from_fn(60, 40, |x, y| {
+            image::Rgb([x as u8 * 4, y as u8 * 6, 90])
+        })),
+    )
+    .await;
+    // 1 x 300 px: 2 x 512 at the default size
+    let thin = upload(&mut client, png_of(&image::RgbImage::new(1, 300))).await;
+    // 1000 x 40: fine at 1000 px, 16 x 1 at the first of a tiled job's scales for a 64-px tile
+    let wide = upload(&mut client, png_of(&image::RgbImage::new(1000, 40))).await;
+    let spec = |kind: pb::JobKind, content: &str, params: pb::RenderParams| pb::JobSpec {
+        kind: kind as i32,
+        contents: vec![content.to_string()],
+        styles: vec![photo.clone()],
+        params: Some(params),
+        ..Default::default()
+    };
+    let cases = [
+        (
+            spec(
+                pb::JobKind::Single,
+                &photo,
+                pb::RenderParams {
+                    style_scale: Some(0.01),
+                    ..Default::default()
+                },
+            ),
+            "style_scale",
+            "5 x 3 px",
+        ),
+        (
+            spec(pb::JobKind::Single, &thin, pb::RenderParams::default()),
+            "size",
+            "2 x 512 px",
+        ),
+        (
+            pb::JobSpec {
+                sweep: vec![pb::SweepAxis {
+                    parameter: "style_scale".into(),
+                    values: vec!["1".into(), "0.01".into()],
+                }],
+                ..spec(pb::JobKind::Sweep, &photo, pb::RenderParams::default())
+            },
+            "style_scale",
+            "style_scale=0.01",
+        ),
+        (
+            pb::JobSpec {
+                tile_size: 64,
+                overlap: 16,
+                ..spec(
+                    pb::JobKind::Tiled,
+                    &wide,
+                    pb::RenderParams {
+                        size: Some(1000),
+                        ..Default::default()
+                    },
+                )
+            },
+            "scales",
+            "scale 1 of",
+        ),
+    ];
+    for (spec, field, detail) in cases {
+        let err = client
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(spec),
+                client_request_id: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:"))
+                && err.message().contains(detail)
+                && err.message().contains("relu5_1"),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let listed = client
+        .list_jobs(pb::ListJobsRequest {
+            states: vec![],
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "no job was created");
+}
+
+/// On a coordinator with ONE worker, a job whose renders panic on the engine thread (a fault injected with
+/// fail points: the first three renders) fails alone; the worker survives, and the good job after it
+/// renders on that same worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker_with_env(
+        "only",
+        &[("FAILPOINTS", "engine-render=3*panic(poisoned render)")],
+    );
+    wait_registered(&cluster, 1).await;
+    let common = [
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--size",
+        "32",
+        "--iterations",
+        "2",
+    ];
+    let poisoned = submit(&cluster, &common);
+    let mut client = cluster.client().await;
+    let failed = wait_for("the poisoned job to fail", Duration::from_secs(60), || {
+        let mut client = client.clone();
+        let poisoned = poisoned.clone();
+        async move {
+            let s = job(&mut client, &poisoned).await;
+            is(&s, pb::JobState::Failed).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(failed.tasks[0].attempts, 3, "{failed:?}");
+    assert!(
+        failed.error.contains("poisoned render") && failed.tasks[0].error.contains("panicked"),
+        "{failed:?}"
+    );
+    let (ok, out, _) = cluster.cli(&["status", &poisoned]);
+    assert!(
+        ok && out.contains("poisoned render"),
+        "status shows the error: {out}"
+    );
+
+    // the good job: a cut-out logo, whose result keeps its alpha
+    let logo = cluster.dir.path().join("logo.png");
+    image::RgbaImage::from_fn(48, 32, |x, y| {
+        image::Rgba([30, (y * 7) as u8, 200, if x < 24 { 0 } else { 255 }])
+    })
+    .save(&logo)
+    .unwrap();
+    let good = submit(
+        &cluster,
+        &[&["--content", logo.to_str().unwrap()], &common[2..]].concat(),
+    );
+    let done = wait_state(
+        &cluster,
+        &good,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(done.tasks[0].worker_id.starts_with("only"), "{done:?}");
+    assert_eq!(done.tasks[0].attempts, 1);
+    let log = cluster.workers[0].log_text();
+    assert_eq!(
+        log.matches("registered").count(),
+        1,
+        "one registration: {log}"
+    );
+    let mut stream = client
+        .download_result(pb::DownloadRequest {
+            sha256: done.tasks[0].result.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut png = Vec::new();
+    while let Some(chunk) = tokio_stream::StreamExt::next(&mut stream).await {
+        png.extend(chunk.unwrap().data);
+    }
+    let result = image::load_from_memory(&png).unwrap().to_rgba8();
+    assert_eq!(result.dimensions(), (32, 21));
+    for (x, _, p) in result.enumerate_pixels() {
+        // the content's alpha, resampled to 32 px (Lanczos3 rings for ~3 px around the edge at 16)
+        if x < 12 {
+            assert_eq!(p.0[3], 0, "alpha at x = {x}");
+        } else if x > 19 {
+            assert_eq!(p.0[3], 255, "alpha at x = {x}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

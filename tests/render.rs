@@ -215,8 +215,30 @@ fn bad_input_gets_a_clear_one_line_error() {
     );
     let (content, style) = (content.to_str().unwrap(), style.to_str().unwrap());
     let out = dir.path().join("out.png").display().to_string();
+    // 1 x 300 px: 2 x 32 px at --size 32, under relu5_1's 16 px
+    let thin = dir.path().join("thin.png");
+    RgbImage::new(1, 300).save(&thin).unwrap();
+    let thin = thin.display().to_string();
     // (options after --content C --style S unless given, what the error must name)
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--style-scale", "0.01"], "style_scale: style image"),
+        (
+            vec!["--content", &thin, "--style", style],
+            "size: content image",
+        ),
+        (
+            vec![
+                "--content",
+                content,
+                "--style",
+                style,
+                "--output-depth",
+                "16",
+                "-o",
+                "x.jpg",
+            ],
+            "output_depth",
+        ),
         (vec!["--content", &missing, "--style", style], "missing.jpg"),
         (
             vec!["--content", content, "--style", &corrupt],
@@ -239,7 +261,10 @@ fn bad_input_gets_a_clear_one_line_error() {
         ),
     ];
     for (extra, needle) in cases {
-        let mut args = vec!["render", "-o", &out];
+        let mut args = vec!["render"];
+        if !extra.contains(&"-o") {
+            args.extend(["-o", &out]);
+        }
         if !extra.contains(&"--content") {
             args.extend(["--content", content, "--style", style]);
         }
@@ -251,7 +276,12 @@ fn bad_input_gets_a_clear_one_line_error() {
         args.extend(&extra);
         let result = stylefarm(&args);
         let err = stderr(&result);
-        assert!(!result.status.success(), "{args:?} succeeded");
+        assert_eq!(
+            result.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            stderr(&result)
+        );
         assert!(
             err.starts_with("error: ") && err.trim_end().lines().count() == 1,
             "{args:?}: not one error line: {err}"
@@ -338,4 +368,56 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
             "{key}: stylefarm {a} vs numpy {b}"
         );
     }
+}
+
+/// A cut-out logo as people have them: an RGBA PNG whose transparent half hides magenta. The engine sees it
+/// over white (no magenta in the render), the output carries the content's alpha, in 16 bits when asked.
+#[test]
+fn a_transparent_content_keeps_its_cut_out_and_16_bits_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let logo = dir.path().join("logo.png");
+    image::RgbaImage::from_fn(48, 32, |x, y| {
+        if x < 24 {
+            image::Rgba([255, 0, 255, 0])
+        } else {
+            image::Rgba([30, (y * 7) as u8, 200, 255])
+        }
+    })
+    .save(&logo)
+    .unwrap();
+    let style = shared_image("starry_night.jpg");
+    let out = dir.path().join("out.png");
+    let result = stylefarm(&[
+        "render",
+        "--content",
+        logo.to_str().unwrap(),
+        "--style",
+        style.to_str().unwrap(),
+        "--size",
+        "48",
+        "--iterations",
+        "2",
+        "--output-depth",
+        "16",
+        "--progress",
+        "none",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let img = image::open(&out).unwrap();
+    assert_eq!(img.color(), image::ColorType::Rgba16);
+    let img = img.to_rgba16();
+    assert_eq!(img.dimensions(), (48, 32));
+    for (x, _, p) in img.enumerate_pixels() {
+        let [r, g, b, a] = p.0;
+        assert_eq!(a, if x < 24 { 0 } else { 65_535 }, "alpha at x = {x}");
+        if x < 20 {
+            // the hidden colour does not show: the engine started from white there
+            let magenta = r > 40_000 && b > 40_000 && g < 20_000;
+            assert!(!magenta, "magenta at x = {x}: {:?}", p.0);
+        }
+    }
+    // 16 bits from floats: not every value is an 8-bit one times 257
+    assert!(img.pixels().any(|p| p.0[..3].iter().any(|v| v % 257 != 0)));
 }

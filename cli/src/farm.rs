@@ -254,6 +254,9 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         set_threads(threads)?;
     }
     let config = worker_config(args.coordinator, &args.device, args.weights, args.name)?;
+    // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     runtime()?.block_on(stylefarm_worker::run(config, shutdown_signal()))?;
     Ok(())
 }
@@ -471,10 +474,7 @@ async fn download(
     if ImageHash::of(&bytes).as_str() != sha256 {
         bail!("downloading {sha256}: the bytes do not match their hash");
     }
-    match imaging::output_format(path) {
-        Ok(image::ImageFormat::Jpeg) => imaging::save(&imaging::decode(&bytes, sha256)?, path)?,
-        _ => std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?,
-    }
+    imaging::save_encoded(&bytes, sha256, path)?;
     Ok(())
 }
 

@@ -391,6 +391,15 @@ impl Scheduler {
         Ok(reply)
     }
 
+    /// The task under a live lease and its job's kind; `None` when the lease expired or never existed.
+    pub fn leased_task(&self, lease_id: &str) -> Option<(TaskSpec, JobKind)> {
+        let st = self.state.lock().unwrap();
+        let lease = st.leases.get(lease_id)?;
+        let job = st.jobs.get(&lease.job_id)?;
+        let task = job.tasks.get(lease.index as usize)?;
+        Some((task.spec.clone(), job.meta.spec.kind))
+    }
+
     /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
     fn take_lease(st: &mut State, lease_id: &str) -> Option<LeaseInfo> {
         let lease = st.leases.remove(lease_id)?;

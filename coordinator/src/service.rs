@@ -481,8 +481,16 @@ impl WorkerService for WorkerApi {
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
-            imaging::decode(&bytes, "result")
+            let img = imaging::decode(&bytes, "result")
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            // a whole image's result gets its content's alpha (a tiled job's, once stitched)
+            let bytes = match coordinator.scheduler.leased_task(&lease) {
+                Some((task, kind)) if kind != JobKind::Tiled && task.tile.is_none() => coordinator
+                    .with_content_alpha(&img, task.content.as_str())
+                    .map_err(Status::internal)?
+                    .unwrap_or(bytes),
+                _ => bytes,
+            };
             let hash = coordinator.blobs.put(&bytes).map_err(Error::from)?;
             let completed = coordinator
                 .scheduler

@@ -7,7 +7,7 @@
 
 use std::io::Cursor;
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use stylefarm_core::imaging;
 use stylefarm_core::job::ImageHash;
 
@@ -49,6 +49,29 @@ impl Coordinator {
     /// pixel is decoded.
     pub(crate) fn dimensions(&self, sha256: &str) -> Result<(u32, u32), String> {
         imaging::dimensions(self.stored(sha256)?, sha256).map_err(|e| e.to_string())
+    }
+
+    /// The alpha channel of a stored content image, oriented as its pixels; `None` when it has none or is
+    /// opaque (the header says whether to decode at all).
+    pub(crate) fn content_alpha(&self, sha256: &str) -> Result<Option<GrayImage>, String> {
+        if !imaging::has_alpha(self.stored(sha256)?, sha256).map_err(|e| e.to_string())? {
+            return Ok(None);
+        }
+        Ok(imaging::decode_full(&self.blob(sha256)?, sha256)
+            .map_err(|e| e.to_string())?
+            .alpha)
+    }
+
+    /// A final result given its content's alpha, as an RGBA PNG, when the content has one (a stylized logo
+    /// keeps its cut-out); `None` when it has none.
+    pub(crate) fn with_content_alpha(
+        &self,
+        img: &RgbImage,
+        content: &str,
+    ) -> Result<Option<Vec<u8>>, String> {
+        self.content_alpha(content)?
+            .map(|alpha| imaging::png_with_alpha(img, &alpha).map_err(|e| e.to_string()))
+            .transpose()
     }
 
     /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job.
@@ -106,10 +129,16 @@ impl Coordinator {
             stitched
         };
         let (width, height) = stitched.dimensions();
-        let hash = self
-            .blobs
-            .put(&png(&stitched)?)
-            .map_err(|e| e.to_string())?;
+        let with_alpha = if last {
+            self.with_content_alpha(&stitched, spec.contents[0].as_str())?
+        } else {
+            None
+        };
+        let encoded = match with_alpha {
+            Some(encoded) => encoded,
+            None => png(&stitched)?,
+        };
+        let hash = self.blobs.put(&encoded).map_err(|e| e.to_string())?;
         drop(stitched);
         let next = if last {
             None

@@ -190,11 +190,11 @@ pub fn decode_full(bytes: &[u8], name: &str) -> Result<Decoded, Error> {
     let (width, height) = (img.width(), img.height());
     Ok(match img {
         img if !img.color().has_alpha() => Decoded {
-            rgb: img.to_rgb8(),
+            rgb: img.into_rgb8(),
             alpha: None,
         },
         DynamicImage::ImageLumaA8(_) | DynamicImage::ImageRgba8(_) => {
-            let rgba = img.to_rgba8();
+            let rgba = img.into_rgba8();
             over_white(
                 width,
                 height,
@@ -204,7 +204,7 @@ pub fn decode_full(bytes: &[u8], name: &str) -> Result<Decoded, Error> {
         }
         // 16-bit (and floating-point) images with alpha: composited in 16 bits
         img => {
-            let rgba = img.to_rgba16();
+            let rgba = img.into_rgba16();
             over_white(
                 width,
                 height,
@@ -430,12 +430,20 @@ pub fn save_output(
     path: &Path,
 ) -> Result<(), Error> {
     let format = output_format(path)?;
-    let bytes = encode_named(rgb, alpha, depth, format, &path.display())?;
+    write_whole(
+        path,
+        &encode_named(rgb, alpha, depth, format, &path.display())?,
+    )
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, so that a failed write leaves no partial
+/// output.
+fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp = path.with_extension(format!(
         "partial.{}",
         path.extension().unwrap_or_default().to_string_lossy()
     ));
-    std::fs::write(&tmp, &bytes)
+    std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
@@ -443,16 +451,63 @@ pub fn save_output(
         })
 }
 
+/// Writes an encoded image (e.g. a farm's PNG result; `name` is for errors) in the format of `path`'s
+/// extension: PNG bytes as they are, TIFF with the same channels and depth, JPEG over white.
+///
+/// # Errors
+/// Those of [`output_format`] and [`decode_full`]; [`Error::Image`] naming the path when it cannot be
+/// encoded or written.
+pub fn save_encoded(bytes: &[u8], name: &str, path: &Path) -> Result<(), Error> {
+    match output_format(path)? {
+        ImageFormat::Png if image::guess_format(bytes).ok() == Some(ImageFormat::Png) => {
+            write_whole(path, bytes)
+        }
+        ImageFormat::Jpeg => save(&decode(bytes, name)?, path),
+        format => {
+            let (decoder, _, orientation) = open(Cursor::new(bytes), name)?;
+            let mut img = DynamicImage::from_decoder(decoder)
+                .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
+            img.apply_orientation(orientation);
+            let mut out = Cursor::new(Vec::new());
+            img.write_to(&mut out, format)
+                .map_err(|e| Error::image(path.display(), format!("cannot encode: {e}")))?;
+            write_whole(path, &out.into_inner())
+        }
+    }
+}
+
+/// An 8-bit RGB image as floats (0..255), as [`encode_output`] takes it.
+fn to_f32(img: &RgbImage) -> Rgb32FImage {
+    let (width, height) = img.dimensions();
+    Rgb32FImage::from_fn(width, height, |x, y| {
+        Rgb(img.get_pixel(x, y).0.map(f32::from))
+    })
+}
+
 /// Writes an 8-bit RGB image, PNG, JPEG (quality 95) or TIFF by the path's extension, through a temporary
 /// file (see [`save_output`]).
 pub fn save(img: &RgbImage, path: &Path) -> Result<(), Error> {
-    let rgb = Rgb32FImage::from_raw(
-        img.width(),
-        img.height(),
-        img.as_raw().iter().map(|&v| f32::from(v)).collect(),
+    save_output(&to_f32(img), None, OutputDepth::Eight, path)
+}
+
+/// An 8-bit RGBA PNG of `rgb` with `alpha` (resampled to `rgb`'s size if it differs): a stylized image
+/// given its content's cut-out.
+pub fn png_with_alpha(rgb: &RgbImage, alpha: &GrayImage) -> Result<Vec<u8>, Error> {
+    encode_output(
+        &to_f32(rgb),
+        Some(alpha),
+        OutputDepth::Eight,
+        ImageFormat::Png,
     )
-    .expect("an RGB buffer's length fits its size");
-    save_output(&rgb, None, OutputDepth::Eight, path)
+}
+
+/// Whether the image in `reader` has an alpha channel (palette transparency included), from its header.
+///
+/// # Errors
+/// Those of [`dimensions`].
+pub fn has_alpha<R: BufRead + Seek>(reader: R, name: &str) -> Result<bool, Error> {
+    let (decoder, _, _) = open(reader, name)?;
+    Ok(decoder.color_type().has_alpha())
 }
 
 /// The size of an image of `width` x `height` scaled so that its longest side is `longest`, keeping the
@@ -1141,5 +1196,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("output: "), "{err}");
+    }
+
+    #[test]
+    fn save_encoded_keeps_png_bytes_and_alpha_in_tiff_and_composites_jpeg() {
+        let dir = tempfile::tempdir().unwrap();
+        let rgba = image::RgbaImage::from_fn(8, 4, |x, _| {
+            Rgba([200, 10, 60, if x < 4 { 0 } else { 255 }])
+        });
+        let mut png = Vec::new();
+        rgba.write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let as_png = dir.path().join("r.png");
+        save_encoded(&png, "r", &as_png).unwrap();
+        assert_eq!(std::fs::read(&as_png).unwrap(), png);
+        let as_tiff = dir.path().join("r.tif");
+        save_encoded(&png, "r", &as_tiff).unwrap();
+        assert_eq!(image::open(&as_tiff).unwrap().to_rgba8(), rgba);
+        let as_jpeg = dir.path().join("r.jpg");
+        save_encoded(&png, "r", &as_jpeg).unwrap();
+        let jpeg = image::open(&as_jpeg).unwrap().to_rgb8();
+        assert!(
+            jpeg.get_pixel(0, 0).0.iter().all(|&v| v > 240),
+            "over white"
+        );
+        assert!(save_encoded(b"junk", "r", &as_tiff)
+            .unwrap_err()
+            .to_string()
+            .starts_with("r:"));
     }
 }

@@ -358,7 +358,8 @@ impl JobSpec {
     }
 
     /// The tasks of scale `scale` (>= 1) of a tiled job whose content image is `content_width` x
-    /// `content_height`, given the stitched result of the scale before.
+    /// `content_height`, given the stitched result of the scale before. An error names `kind` (not a tiled
+    /// job), a field of the spec (as [`Self::tasks`]) or `scale` (no such scale).
     pub fn scale_tasks(
         &self,
         content_width: u32,
@@ -366,6 +367,14 @@ impl JobSpec {
         scale: u32,
         previous: &ImageHash,
     ) -> Result<Vec<TaskSpec>, Error> {
+        if self.kind != JobKind::Tiled {
+            return Err(Error::invalid(
+                "kind",
+                format!("a {:?} job has no scales of tiles", self.kind).to_lowercase(),
+            ));
+        }
+        // the spec checked as at submission: one content image, valid parameters and tiling
+        self.tasks()?;
         let plans = tiling::plan(content_width, content_height, &self.params, self.tiling)?;
         let scales = plans.len() as u32;
         let plan = plans
@@ -440,11 +449,12 @@ impl JobSpec {
                 None,
             )
         };
+        // the spec itself first: a tiled job's content is `contents[0]` only once that is checked
+        let tasks = self.tasks()?;
         if self.kind == JobKind::Tiled {
             // the pyramid's sizes are the canvases of its scales
             return check(&self.pyramid_params()?, &self.contents[0], &self.styles);
         }
-        let tasks = self.tasks()?;
         let several = tasks.len() > 1;
         for task in &tasks {
             check(&task.params, &task.content, &task.styles).map_err(|e| match e {
@@ -649,6 +659,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("tiling"));
+    }
+
+    #[test]
+    fn tiled_checks_refuse_a_bad_spec_before_reading_its_content() {
+        let none = JobSpec {
+            contents: vec![],
+            ..spec(JobKind::Tiled)
+        };
+        // both once indexed contents[0] of an unchecked spec
+        let err = none.check_sizes(|_| Ok((512, 512))).unwrap_err();
+        assert!(err.to_string().starts_with("contents"), "{err}");
+        let err = none.scale_tasks(512, 512, 1, &h(9)).unwrap_err();
+        assert!(err.to_string().starts_with("contents"), "{err}");
+        let err = spec(JobKind::Single)
+            .scale_tasks(512, 512, 1, &h(9))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("kind"), "{err}");
     }
 
     #[test]

@@ -328,8 +328,16 @@ impl RenderParams {
             for &w in &self.style_blend {
                 check_weight("style_blend", w)?;
             }
-            if self.style_blend.iter().sum::<f64>() <= 0.0 {
+            let sum = self.style_blend.iter().sum::<f64>();
+            if sum <= 0.0 {
                 return Err(Error::invalid("style_blend", "weights sum to 0"));
+            }
+            // each finite, but a sum past f64::MAX would normalize every weight to 0
+            if !sum.is_finite() {
+                return Err(Error::invalid(
+                    "style_blend",
+                    "weights sum to more than the largest number; scale them down",
+                ));
             }
         }
         if self.content_layers.is_empty() {
@@ -567,6 +575,16 @@ mod tests {
             let err = p.validate(1).unwrap_err();
             assert!(err.to_string().starts_with(field), "{field}: {err}");
         }
+        // each weight finite, their sum not: every normalized weight would be 0
+        let huge = RenderParams {
+            style_blend: vec![f64::MAX, f64::MAX],
+            ..Default::default()
+        };
+        assert!(huge
+            .validate(2)
+            .unwrap_err()
+            .to_string()
+            .starts_with("style_blend"));
         assert!(RenderParams::default()
             .validate(0)
             .unwrap_err()

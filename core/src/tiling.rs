@@ -353,6 +353,9 @@ pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
 /// most the tile size, and at least `params.scales`.
 pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderParams, Error> {
     tiling.validate()?;
+    if params.size == 0 {
+        return Err(Error::invalid("size", "must be at least 1, got 0"));
+    }
     let mut scales = 1u32;
     while params.size.div_ceil(1 << (scales - 1)) > tiling.tile_size {
         scales += 1;
@@ -367,10 +370,21 @@ pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderPar
             ),
         ));
     }
-    Ok(RenderParams {
+    let pyramid = RenderParams {
         scales,
         ..params.clone()
-    })
+    };
+    // scales asked for beyond what the tile size needs can round the first canvas down to nothing
+    if pyramid.sizes_per_scale()[0] == 0 {
+        return Err(Error::invalid(
+            "scales",
+            format!(
+                "{scales} scales from size {} make the first scale 0 px",
+                params.size
+            ),
+        ));
+    }
+    Ok(pyramid)
 }
 
 /// One scale of a tiled render.
@@ -469,6 +483,23 @@ mod tests {
                 check_axis(len, tile, overlap);
             }
         }
+    }
+
+    #[test]
+    fn plans_refuse_an_empty_canvas() {
+        let tiling = Tiling::default();
+        let at = |size, scales| {
+            let params = RenderParams {
+                size,
+                scales,
+                ..Default::default()
+            };
+            plan(800, 600, &params, tiling).map(|p| p.len())
+        };
+        assert!(at(0, 1).unwrap_err().to_string().starts_with("size:"));
+        // 1 px in 4 scales: 0, 0, 1, 1 px; a tiled later scale of 0 px once failed an assertion
+        assert!(at(1, 4).unwrap_err().to_string().starts_with("scales:"));
+        assert_eq!(at(1, 1).unwrap(), 1);
     }
 
     #[test]

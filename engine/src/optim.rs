@@ -6,8 +6,13 @@
 use tch::{Kind, Tensor};
 
 /// The algorithm of `torch.optim.LBFGS(lr, history_size, line_search_fn=None, tolerance_grad,
-/// tolerance_change)` for one `step()` with `max_iter` function evaluations, mirrored operation for operation
-/// (scalars stay 0-dim float tensors as in torch). ALGORITHM.md's settings: lr 1, tolerances -1.
+/// tolerance_change)` for one `step()` with `max_iter` function evaluations (ALGORITHM.md's settings: lr 1,
+/// tolerances -1), with its direction `d = -H g` computed in the compact representation of Byrd, Nocedal &
+/// Schnabel (1994), "Representations of quasi-Newton matrices and their use in limited memory methods",
+/// eq. (3.5), instead of torch's two-loop recursion: the same matrix `H` (BFGS updates of `H0 = gamma I`
+/// with the stored pairs), so the same iterates up to rounding, but a fixed number of kernel launches per
+/// iteration whatever the history size (a few matrix-vector products over the stacked history and solves of
+/// small `k x k` triangular systems) where the two-loop launches about `4 k` and reads nothing back.
 #[derive(Debug, Clone)]
 pub struct Lbfgs {
     pub lr: f64,
@@ -31,6 +36,91 @@ fn abs_max(t: &Tensor) -> f64 {
     t.abs().max().double_value(&[])
 }
 
+/// The last `m` curvature pairs `(s_i, y_i)`, stacked: rows of two `m x n` buffers written in a ring, with
+/// the products `s_i^T y_j` and `y_i^T y_j` of the stored rows kept up to date (`m x m`, in float64, by row
+/// and column as pairs arrive), so that `H g` needs no loop over the history.
+struct History {
+    s: Tensor,
+    y: Tensor,
+    /// `sy[i][j] = s_i^T y_j`, `yy[i][j] = y_i^T y_j`, by buffer row.
+    sy: Tensor,
+    yy: Tensor,
+    /// Buffer rows in age order, oldest first.
+    order: Vec<i64>,
+    capacity: usize,
+}
+
+impl History {
+    fn new(capacity: usize, like: &Tensor) -> History {
+        let n = like.size()[0];
+        let m = capacity as i64;
+        let f64s = (Kind::Double, like.device());
+        History {
+            s: Tensor::zeros([m, n], (like.kind(), like.device())),
+            y: Tensor::zeros([m, n], (like.kind(), like.device())),
+            sy: Tensor::zeros([m, m], f64s),
+            yy: Tensor::zeros([m, m], f64s),
+            order: Vec::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    /// Stores a pair, replacing the oldest when full.
+    fn push(&mut self, s: &Tensor, y: &Tensor) {
+        let row = if self.order.len() < self.capacity {
+            self.order.len() as i64
+        } else {
+            self.order.remove(0)
+        };
+        self.order.push(row);
+        self.s.get(row).copy_(s);
+        self.y.get(row).copy_(y);
+        // the new row's products with every row (rows not in use hold zeros or are ignored)
+        let s_y = self.s.mv(y).to_kind(Kind::Double); // s_i^T y_new
+        let y_s = self.y.mv(s).to_kind(Kind::Double); // y_j^T s_new = s_new^T y_j
+        let y_y = self.y.mv(y).to_kind(Kind::Double);
+        self.sy.select(1, row).copy_(&s_y);
+        self.sy.select(0, row).copy_(&y_s);
+        self.yy.select(1, row).copy_(&y_y);
+        self.yy.select(0, row).copy_(&y_y);
+    }
+
+    /// `H g` for `H = gamma I + [S, gamma Y] M [S^T; gamma Y^T]` (Byrd, Nocedal & Schnabel, eq. 3.5), with
+    /// `S`, `Y` the stored pairs in age order, `R` the upper triangle of `S^T Y`, `D` its diagonal and
+    /// `M = [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]]`; `gamma` is a 0-dim tensor.
+    fn times(&self, g: &Tensor, gamma: &Tensor) -> Tensor {
+        let device = g.device();
+        let idx = Tensor::from_slice(&self.order).to_device(device);
+        let pick = |t: &Tensor| t.index_select(0, &idx).index_select(1, &idx);
+        let (sy, yy) = (pick(&self.sy), pick(&self.yy));
+        let r = sy.triu(0);
+        let d = sy.diagonal(0, 0, 1).diag_embed(0, -2, -1);
+        let gamma64 = gamma.to_kind(Kind::Double);
+        // a = S^T g, b = Y^T g, in age order
+        let a = self.s.mv(g).to_kind(Kind::Double).index_select(0, &idx);
+        let b = self.y.mv(g).to_kind(Kind::Double).index_select(0, &idx);
+        let col = |v: &Tensor| v.unsqueeze(1);
+        // u = R^-1 a;  p = R^-T ((D + gamma Y^T Y) u - gamma b)
+        let u = r
+            .linalg_solve_triangular(&col(&a), true, true, false)
+            .squeeze_dim(1);
+        let rhs = (d + &yy * &gamma64).mv(&u) - &b * &gamma64;
+        let p = r
+            .tr()
+            .linalg_solve_triangular(&col(&rhs), false, true, false)
+            .squeeze_dim(1);
+        // back to buffer rows (rows not in use: zero weight)
+        let rows = self.s.size()[0];
+        let scatter = |v: &Tensor| {
+            Tensor::zeros([rows], (Kind::Double, device))
+                .index_copy(0, &idx, v)
+                .to_kind(g.kind())
+        };
+        let gamma = gamma.to_kind(g.kind());
+        g * &gamma + self.s.tr().mv(&scatter(&p)) - self.y.tr().mv(&scatter(&u)) * &gamma
+    }
+}
+
 impl Lbfgs {
     /// Runs at most `max_iter` evaluations of `f` (and as many steps: the last step's result is not
     /// evaluated, as in torch).
@@ -50,8 +140,7 @@ impl Lbfgs {
         if grad_converged(&g) {
             return Ok(0);
         }
-        let (mut old_dirs, mut old_stps, mut ro): (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) =
-            Default::default();
+        let mut history: Option<History> = None;
         let mut h_diag = Tensor::from(1.0f32).to_device(g.device());
         let mut d = Tensor::new();
         let mut t = 0.0;
@@ -65,31 +154,15 @@ impl Lbfgs {
                 let s = &d * t;
                 let ys = y.dot(&s);
                 if ys.double_value(&[]) > 1e-10 {
-                    if old_dirs.len() == self.history_size {
-                        old_dirs.drain(..1);
-                        old_stps.drain(..1);
-                        ro.drain(..1);
-                    }
                     h_diag = &ys / y.dot(&y);
-                    ro.push(ys.reciprocal());
-                    old_dirs.push(y);
-                    old_stps.push(s);
+                    history
+                        .get_or_insert_with(|| History::new(self.history_size, &g))
+                        .push(&s, &y);
                 }
-                // two-loop recursion: d = -H g
-                let mut q = -&g;
-                let mut al = Vec::with_capacity(old_dirs.len());
-                for i in (0..old_dirs.len()).rev() {
-                    let a = old_stps[i].dot(&q) * &ro[i];
-                    let _ = q.addcmul_(&old_dirs[i], &(-&a));
-                    al.push((i, a));
-                }
-                al.reverse();
-                let mut r = q * &h_diag;
-                for (i, a) in al {
-                    let be = old_dirs[i].dot(&r) * &ro[i];
-                    let _ = r.addcmul_(&old_stps[i], &(a - be));
-                }
-                d = r;
+                d = match &history {
+                    Some(h) => -h.times(&g, &h_diag),
+                    None => -&g * &h_diag,
+                };
             }
             prev_g = Some(g.shallow_clone());
             let prev_loss = loss;

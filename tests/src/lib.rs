@@ -145,8 +145,15 @@ impl Cluster {
     }
 
     pub fn add_worker(&mut self, name: &str) {
+        self.add_worker_with_env(name, &[]);
+    }
+
+    /// A worker with extra environment variables, e.g. `FAILPOINTS` to inject faults (the tests' binary is
+    /// built with the `failpoints` feature: deploy/test.sh).
+    pub fn add_worker_with_env(&mut self, name: &str, env: &[(&str, &str)]) {
         let log = self.dir.path().join(format!("{name}.log"));
         let child = Command::new(binary())
+            .envs(env.iter().copied())
             .args([
                 "worker",
                 "--coordinator",

@@ -146,19 +146,13 @@ impl Resident {
     }
 
     fn check(&self) -> Result<(), String> {
-        #[cfg(test)]
-        if tests::LOSE_DEVICE.load(Ordering::Relaxed) {
-            return Err("device lost (injected by a test)".into());
-        }
+        fail::fail_point!("engine-probe", |_| Err("device lost (injected)".into()));
         healthy(&self.engine)
     }
 
     /// Renders one request, its style targets from (and into) the cache.
     fn render(&mut self, req: &Request) -> Result<RgbImage, stylefarm_engine::Error> {
-        #[cfg(test)]
-        if req.style.styles.iter().any(|s| s == tests::PANIC) {
-            panic!("injected by a test");
-        }
+        fail::fail_point!("engine-render");
         let cache = &mut self.cache;
         let mut on_progress = |p: &Progress| {
             let _ = req.progress.send(Some(*p));
@@ -246,7 +240,7 @@ impl EngineThread {
                     cache: StyleCache::default(),
                     weights,
                 };
-                for req in inbox {
+                while let Ok(req) = inbox.recv() {
                     let started = Instant::now();
                     let hits = resident.cache.hits;
                     let rendered =
@@ -275,6 +269,9 @@ impl EngineThread {
                         if let Err(why) = resident.recover() {
                             tracing::error!(reason = why, "the engine is lost");
                             *lost_here.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                            // refuse further requests before answering this one: a render sent after
+                            // the answer finds the thread gone and is answered as lost at once
+                            drop(inbox);
                             let _ = req.reply.send(reply);
                             return;
                         }
@@ -321,15 +318,10 @@ impl EngineThread {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "failpoints"))]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
-
-    /// A style hash that makes the engine thread panic (test builds only).
-    pub(super) const PANIC: &str = "panic-for-test";
-    /// Makes the engine's health check fail, as a lost device would (test builds only).
-    pub(super) static LOSE_DEVICE: AtomicBool = AtomicBool::new(false);
 
     fn request(
         engine: &EngineThread,
@@ -375,7 +367,8 @@ mod tests {
         let good = |engine: &EngineThread| request(engine, "good", params.clone());
         assert_eq!(good(&engine).unwrap().0.dimensions(), (32, 24));
 
-        let panicked = request(&engine, PANIC, params.clone()).unwrap_err();
+        fail::cfg("engine-render", "1*panic(injected)").unwrap();
+        let panicked = request(&engine, "good", params.clone()).unwrap_err();
         assert!(
             matches!(&panicked, RenderError::Panicked(m) if m.contains("injected")),
             "{panicked}"
@@ -399,12 +392,13 @@ mod tests {
 
         // the device is lost and the weights are gone: the engine cannot be had again
         std::fs::remove_file(&weights).unwrap();
-        LOSE_DEVICE.store(true, Ordering::Relaxed);
+        fail::cfg("engine-probe", "return").unwrap();
+        fail::cfg("engine-render", "1*panic(injected)").unwrap();
         assert!(matches!(
-            request(&engine, PANIC, params.clone()),
+            request(&engine, "good", params.clone()),
             Err(RenderError::Panicked(_))
         ));
-        LOSE_DEVICE.store(false, Ordering::Relaxed);
+        fail::remove("engine-probe");
         let why = engine.lost().expect("the engine is lost");
         assert!(
             why.contains("device lost") && why.contains("reloading failed"),
