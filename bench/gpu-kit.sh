@@ -12,31 +12,8 @@ kit=bench/gpu-kit
 mkdir -p "$kit"
 cargo build --release --locked -p stylefarm
 strip -o "$kit/stylefarm" target/release/stylefarm
-.stylefarm/venv/bin/python - .stylefarm/vgg19.safetensors "$kit/vgg19-fp16.safetensors" <<'PY'
-import json, struct, sys
-import numpy as np
-src, dst = sys.argv[1:]
-with open(src, "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(n))
-    data = f.read()
-meta = header.pop("__metadata__", {})
-out, blobs, at = {"__metadata__": meta}, [], 0
-for name in sorted(header):
-    info = header[name]
-    a, b = info["data_offsets"]
-    x = np.frombuffer(data[a:b], dtype="<f4").astype("<f2")
-    if name.split(".")[0] in ("conv5_2", "conv5_3", "conv5_4"):
-        x = np.zeros_like(x)
-    blob = x.tobytes()
-    out[name] = {"dtype": "F16", "shape": info["shape"], "data_offsets": [at, at + len(blob)]}
-    blobs.append(blob)
-    at += len(blob)
-head = json.dumps(out).encode()
-head += b" " * (-len(head) % 8)
-with open(dst, "wb") as f:
-    f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-PY
+python3 bench/safetensors_cast.py .stylefarm/vgg19.safetensors "$kit/vgg19-fp16.safetensors" f16 \
+    --zero conv5_2,conv5_3,conv5_4
 gzip -f -9 "$kit/vgg19-fp16.safetensors"
 cp ../shared/data/images/tubingen.jpg ../shared/data/images/starry_night.jpg "$kit/"
 cp bench/gatys_torch.py "$kit/"

@@ -34,25 +34,7 @@ sf="$kit/stylefarm"
 weights="$out/vgg19.safetensors"
 # float16 (conv5_2..5_4 zeroed) -> float32, for both implementations
 gunzip -c "$kit/vgg19-fp16.safetensors.gz" > "$out/vgg19-fp16.safetensors"
-"$py" - "$out/vgg19-fp16.safetensors" "$weights" <<'PY'
-import array, json, struct, sys
-src, dst = sys.argv[1:]
-with open(src, "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(n))
-    data = f.read()
-out, blobs, at = {"__metadata__": header.pop("__metadata__", {})}, [], 0
-for name in sorted(header):
-    a, b = header[name]["data_offsets"]
-    blob = array.array("f", (v for (v,) in struct.iter_unpack("<e", data[a:b]))).tobytes()
-    out[name] = {"dtype": "F32", "shape": header[name]["shape"], "data_offsets": [at, at + len(blob)]}
-    blobs.append(blob)
-    at += len(blob)
-head = json.dumps(out).encode()
-head += b" " * (-len(head) % 8)
-with open(dst, "wb") as f:
-    f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-PY
+"$py" "$repo/bench/safetensors_cast.py" "$out/vgg19-fp16.safetensors" "$weights" f32
 content="$kit/tubingen.jpg"
 style="$kit/starry_night.jpg"
 export STYLEFARM_WEIGHTS="$weights" STYLEFARM_DEVICE="$device"

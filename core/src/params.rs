@@ -264,13 +264,25 @@ impl RenderParams {
                 format!("must be between 1 and {MAX_SCALES}, got {}", self.scales),
             ));
         }
-        if (self.size >> (self.scales - 1)) < 16 {
+        // the first scale's longest side must reach the deepest layer (both sides, with the images:
+        // check_sizes)
+        let (first, layer) = (self.sizes_per_scale()[0], self.deepest_layer());
+        let need = layer.min_input_side();
+        if first < need {
+            let (field, what) = if self.scales == 1 {
+                ("size", format!("{first} px"))
+            } else {
+                (
+                    "scales",
+                    format!(
+                        "{} scales from size {} make the first scale {first} px,",
+                        self.scales, self.size
+                    ),
+                )
+            };
             return Err(Error::invalid(
-                "scales",
-                format!(
-                    "{} scales from size {} make the first scale smaller than 16 px",
-                    self.scales, self.size
-                ),
+                field,
+                format!("{what} under the {need} px a side that VGG19 needs to reach {layer}"),
             ));
         }
         if !self.scale_iterations.is_empty() {

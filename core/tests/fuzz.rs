@@ -1004,7 +1004,10 @@ fn check_valid(p: &RenderParams, styles: usize) -> Result<(), TestCaseError> {
     let sizes = p.sizes_per_scale();
     prop_assert_eq!(sizes.len(), p.scales as usize);
     prop_assert_eq!(*sizes.last().unwrap(), p.size);
-    prop_assert!(sizes[0] >= 16, "first scale {sizes:?}");
+    prop_assert!(
+        sizes[0] >= p.deepest_layer().min_input_side(),
+        "first scale {sizes:?}"
+    );
     prop_assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
     let iterations = p.iterations_per_scale();
     prop_assert_eq!(iterations.len(), p.scales as usize);
@@ -1341,21 +1344,8 @@ fn kind() -> impl Strategy<Value = JobKind> {
     ]
 }
 
-const JOB_FIELDS: [&str; 22] = [
-    "size",
-    "iterations",
-    "scales",
-    "scale_iterations",
-    "learning_rate",
-    "history_size",
-    "content_weight",
-    "style_weight",
-    "tv_weight",
-    "style_scale",
-    "style",
-    "style_blend",
-    "content_layers",
-    "style_layers",
+/// The fields a job's errors may name besides a parameter's.
+const JOB_ONLY_FIELDS: [&str; 8] = [
     "contents",
     "styles",
     "tiling",
@@ -1365,6 +1355,11 @@ const JOB_FIELDS: [&str; 22] = [
     "scale",
     "image",
 ];
+
+/// Every field a job's errors may name.
+fn job_fields() -> Vec<&'static str> {
+    [&PARAM_FIELDS[..], &JOB_ONLY_FIELDS[..]].concat()
+}
 
 /// `spec.check_sizes` with `sizes`; the result, after checking that an error names a field.
 fn job_check_sizes(
@@ -1383,7 +1378,7 @@ fn job_check_sizes(
     match result {
         Ok(()) => Ok(true),
         Err(e) => {
-            check_field(&e, &JOB_FIELDS)?;
+            check_field(&e, &job_fields())?;
             Ok(false)
         }
     }
@@ -1440,7 +1435,7 @@ fn fuzz_tiled_jobs() {
             }
             let tasks = match tasks {
                 Ok(tasks) => tasks,
-                Err(e) => return check_field(&e, &JOB_FIELDS),
+                Err(e) => return check_field(&e, &job_fields()),
             };
             prop_assert!(!tasks.is_empty());
             for task in &tasks {
@@ -1653,7 +1648,7 @@ fn fuzz_sweep_jobs() {
             match spec.tasks() {
                 Err(e) => {
                     prop_assert!(!fits, "check_sizes passed a sweep whose tasks fail: {e}");
-                    check_field(&e, &JOB_FIELDS)?;
+                    check_field(&e, &job_fields())?;
                 }
                 Ok(tasks) => {
                     let points: usize = axes.iter().map(|a| a.values.len()).product();
@@ -2136,7 +2131,7 @@ fn fuzz_wire_conversion() {
                 Err(e) => check_field(
                     &e,
                     &[
-                        &JOB_FIELDS[..],
+                        &job_fields()[..],
                         &["kind", "params", "optimizer", "pooling", "init", "layer"][..],
                     ]
                     .concat(),

@@ -466,16 +466,19 @@ impl Engine {
     ) -> Result<RgbImage, Error> {
         self.render_with(
             job,
-            &mut |engine, side| {
-                Ok(Rc::new(engine.style_grams(
-                    &job.styles,
-                    side,
-                    &job.params,
-                    job.block,
-                )?))
-            },
+            &mut |engine, side| engine.own_style_grams(job, side),
             on_progress,
         )
+    }
+
+    /// The style targets of `job`'s own style images at a style side, computed afresh.
+    fn own_style_grams(&self, job: &RenderJob, side: u32) -> Result<Rc<StyleGrams>, Error> {
+        Ok(Rc::new(self.style_grams(
+            &job.styles,
+            side,
+            &job.params,
+            job.block,
+        )?))
     }
 
     /// Renders `job` with the style targets of each scale from `style_for(self, style side)`: a cache
@@ -504,14 +507,7 @@ impl Engine {
     ) -> Result<Rgb32FImage, Error> {
         let x = self.optimize(
             job,
-            &mut |engine, side| {
-                Ok(Rc::new(engine.style_grams(
-                    &job.styles,
-                    side,
-                    &job.params,
-                    job.block,
-                )?))
-            },
+            &mut |engine, side| engine.own_style_grams(job, side),
             on_progress,
         )?;
         let out = self.vgg.preprocessing().deprocess_f32(&x)?;
