@@ -706,6 +706,62 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
     }
 }
 
+/// A worker whose engine cannot be had again (a render panics, the device probe fails, and the weights are
+/// gone when it reloads) stops leasing and exits non-zero with the reason; its task goes back to the queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_cannot_render_any_more_leaves_with_the_reason() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    let weights = cluster.dir.path().join("vgg19.safetensors");
+    std::os::unix::fs::symlink(
+        stylefarm_tests::repo()
+            .join(".stylefarm/vgg19.safetensors")
+            .canonicalize()
+            .unwrap(),
+        &weights,
+    )
+    .unwrap();
+    cluster.add_worker_with_env(
+        "doomed",
+        &[
+            ("STYLEFARM_WEIGHTS", weights.to_str().unwrap()),
+            ("FAILPOINTS", "engine-render=panic;engine-probe=return"),
+        ],
+    );
+    wait_registered(&cluster, 1).await;
+    std::fs::remove_file(&weights).unwrap();
+    let job_id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "32",
+            "--iterations",
+            "2",
+        ],
+    );
+    let status = wait_for("the worker to exit", Duration::from_secs(60), || {
+        let status = cluster.workers[0].child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert_eq!(status.code(), Some(1), "{}", cluster.workers[0].log_text());
+    let log = cluster.workers[0].log_text();
+    assert!(
+        log.contains("cannot render any more") && log.contains("reloading failed"),
+        "{log}"
+    );
+    let mut client = cluster.client().await;
+    let s = job(&mut client, &job_id).await;
+    assert!(
+        is(&s, pb::JobState::Queued) || is(&s, pb::JobState::Running),
+        "the task waits for another worker: {s:?}"
+    );
+    assert!(s.tasks[0].error.contains("panicked"), "{s:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_says_serving_and_reflection_lists_the_services() {
     let cluster = Cluster::start(10.0, 0.5);
