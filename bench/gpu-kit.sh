@@ -5,6 +5,7 @@
 # (conv5_2..conv5_4) zeroed, gzipped (widened back to float32 there), and the two benchmark images.
 #
 #   bash bench/gpu-kit.sh        # then, on the GPU machine, from the repository root: bash bench/gpu.sh
+#                                # (and bench/gpu-lbfgs.sh)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -16,6 +17,16 @@ python3 bench/safetensors_cast.py .stylefarm/vgg19.safetensors "$kit/vgg19-fp16.
     --zero conv5_2,conv5_3,conv5_4
 gzip -f -9 "$kit/vgg19-fp16.safetensors"
 cp ../shared/data/images/tubingen.jpg ../shared/data/images/starry_night.jpg "$kit/"
+# the same, already at the working size (512 px longest side), for bench/gpu-lbfgs.sh
+.stylefarm/venv/bin/python - "$kit" <<'PY'
+import sys
+from PIL import Image
+for name, out in [("tubingen.jpg", "tub512.png"), ("starry_night.jpg", "starry512.png")]:
+    img = Image.open(f"../shared/data/images/{name}").convert("RGB")
+    w, h = img.size
+    size = (512, round(h * 512 / w)) if w >= h else (round(w * 512 / h), 512)
+    img.resize(size, Image.LANCZOS).save(f"{sys.argv[1]}/{out}")
+PY
 cp bench/gatys_torch.py "$kit/"
 du -sh "$kit"
 ls -la "$kit"
