@@ -13,6 +13,27 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Runs a one-shot command with a panic turned into its error: tch's infallible calls panic on a libtorch
+/// error (e.g. the device running out of memory inside a loss), and the user gets one line and exit code 1
+/// naming it, not a backtrace and 101. (The farm's worker contains panics per task on its engine thread.)
+fn contain_panics(command: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let default_hook = std::panic::take_hook();
+    // the error line says it; the hook's report (and backtrace note) would be a second message
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(command));
+    std::panic::set_hook(default_hook);
+    result.unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic without a message");
+        // libtorch's messages carry a C++ backtrace after their first line
+        let first = message.lines().next().unwrap_or_default();
+        Err(anyhow::anyhow!("internal error: {first}"))
+    })
+}
+
 #[derive(Parser)]
 #[command(
     name = "stylefarm",
@@ -69,7 +90,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
-        Command::Render(args) => render::run(*args),
+        Command::Render(args) => contain_panics(|| render::run(*args)),
         Command::Local(args) => farm::local(*args),
         Command::Coordinator(args) => farm::coordinator(args),
         Command::Worker(args) => farm::worker(args),
