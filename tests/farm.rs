@@ -497,6 +497,21 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     assert!(ok.is_ok(), "still serving: {ok:?}");
 }
 
+/// `submit`'s arguments for a small render of tubingen.jpg in the style of starry_night.jpg.
+fn tubingen_x_starry(size: u32, iterations: u32) -> Vec<String> {
+    [
+        "--content".into(),
+        path("tubingen.jpg"),
+        "--style".into(),
+        path("starry_night.jpg"),
+        "--size".into(),
+        size.to_string(),
+        "--iterations".into(),
+        iterations.to_string(),
+    ]
+    .into()
+}
+
 /// Uploads `bytes`; returns the sha256.
 async fn upload(client: &mut RenderClient, bytes: Vec<u8>) -> String {
     client
@@ -625,16 +640,8 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
         &[("FAILPOINTS", "engine-render=3*panic(poisoned render)")],
     );
     wait_registered(&cluster, 1).await;
-    let common = [
-        "--content",
-        &path("tubingen.jpg"),
-        "--style",
-        &path("starry_night.jpg"),
-        "--size",
-        "32",
-        "--iterations",
-        "2",
-    ];
+    let args = tubingen_x_starry(32, 2);
+    let common: Vec<&str> = args.iter().map(String::as_str).collect();
     let poisoned = submit(&cluster, &common);
     let mut client = cluster.client().await;
     let failed = wait_for("the poisoned job to fail", Duration::from_secs(60), || {
@@ -729,18 +736,10 @@ async fn a_worker_that_cannot_render_any_more_leaves_with_the_reason() {
     );
     wait_registered(&cluster, 1).await;
     std::fs::remove_file(&weights).unwrap();
+    let args = tubingen_x_starry(32, 2);
     let job_id = submit(
         &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--size",
-            "32",
-            "--iterations",
-            "2",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let status = wait_for("the worker to exit", Duration::from_secs(60), || {
         let status = cluster.workers[0].child.try_wait().unwrap();
