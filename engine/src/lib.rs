@@ -56,7 +56,12 @@ impl Error {
 
     /// True when libtorch ran out of memory on the device (retryable elsewhere, not the job's fault).
     pub fn is_out_of_memory(&self) -> bool {
-        matches!(self, Error::Torch(e) if e.to_string().to_ascii_lowercase().contains("out of memory"))
+        let Error::Torch(e) = self else {
+            return false;
+        };
+        // CUDA's allocator says "out of memory", libtorch's CPU allocator "can't allocate memory"
+        let message = e.to_string().to_ascii_lowercase();
+        message.contains("out of memory") || message.contains("can't allocate memory")
     }
 }
 
@@ -97,5 +102,17 @@ mod tests {
             assert!(super::parse_device("cuda:0").is_err());
             assert_eq!(super::parse_device("auto").unwrap(), tch::Device::Cpu);
         }
+    }
+
+    #[test]
+    fn out_of_memory_is_recognized_on_cuda_and_cpu() {
+        let torch = |m: &str| super::Error::Torch(tch::TchError::Torch(m.into()));
+        assert!(torch("CUDA out of memory. Tried to allocate 2.00 GiB").is_out_of_memory());
+        assert!(torch(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes"
+        )
+        .is_out_of_memory());
+        assert!(!torch("Expected 4D input").is_out_of_memory());
+        assert!(!super::Error::Input("out of memory".into()).is_out_of_memory());
     }
 }
