@@ -534,6 +534,100 @@ pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     image::imageops::resize(img, width, height, FilterType::Lanczos3)
 }
 
+/// The taps of one output position of a Lanczos3 resampling from `from` to `to` positions along an axis: the
+/// first input position and the normalized weights. The arithmetic (f32, its order included) is
+/// `image::imageops::resize`'s, so that a window computed here equals the same window of a whole resize.
+fn lanczos3_taps(from: u32, to: u32, out: u32) -> (u32, Vec<f32>) {
+    let kernel = |x: f32| {
+        let sinc = |t: f32| {
+            if t == 0.0 {
+                1.0
+            } else {
+                let a = t * std::f32::consts::PI;
+                a.sin() / a
+            }
+        };
+        if x.abs() < 3.0 {
+            sinc(x) * sinc(x / 3.0)
+        } else {
+            0.0
+        }
+    };
+    let ratio = from as f32 / to as f32;
+    let sratio = ratio.max(1.0);
+    let support = 3.0 * sratio;
+    let center = (out as f32 + 0.5) * ratio;
+    let left = ((center - support).floor() as i64).clamp(0, i64::from(from) - 1);
+    let right = ((center + support).ceil() as i64).clamp(left + 1, i64::from(from));
+    let center = center - 0.5;
+    let mut weights: Vec<f32> = (left..right)
+        .map(|i| kernel((i as f32 - center) / sratio))
+        .collect();
+    let sum: f32 = weights.iter().sum();
+    for w in &mut weights {
+        *w /= sum;
+    }
+    (left as u32, weights)
+}
+
+/// The window `(x, y, w, h)` of `img` resampled to `width` x `height` ([`resize`]: Lanczos3, not resampled
+/// at that size), computed from the source pixels that window needs only: the work and memory follow the
+/// window, not the whole output (a tile of a large canvas). Equal to cropping the whole resize, pixel for
+/// pixel. The window must lie inside `width` x `height`.
+pub fn resize_window(
+    img: &RgbImage,
+    (width, height): (u32, u32),
+    (x, y, w, h): (u32, u32, u32, u32),
+) -> Result<RgbImage, Error> {
+    if w == 0 || h == 0 || x.saturating_add(w) > width || y.saturating_add(h) > height {
+        return Err(Error::invalid(
+            "tile",
+            format!("window {w}x{h} at {x},{y} is not inside {width}x{height}"),
+        ));
+    }
+    if img.dimensions() == (width, height) {
+        return Ok(image::imageops::crop_imm(img, x, y, w, h).to_image());
+    }
+    let (src_w, src_h) = img.dimensions();
+    // image's resize samples the columns first (into floats), then the rows (rounded)
+    let rows: Vec<(u32, Vec<f32>)> = (y..y + h)
+        .map(|o| lanczos3_taps(src_h, height, o))
+        .collect();
+    let cols: Vec<(u32, Vec<f32>)> = (x..x + w).map(|o| lanczos3_taps(src_w, width, o)).collect();
+    let c0 = cols.first().map_or(0, |(l, _)| *l);
+    let c1 = cols
+        .iter()
+        .map(|(l, ws)| l + ws.len() as u32)
+        .max()
+        .unwrap_or(c0);
+    // vertical pass over the columns the window reads: h x (c1 - c0) x 3 floats
+    let span = (c1 - c0) as usize;
+    let mut tmp = vec![0f32; h as usize * span * 3];
+    for (r, (top, ws)) in rows.iter().enumerate() {
+        for cx in 0..span {
+            let mut t = [0f32; 3];
+            for (i, wgt) in ws.iter().enumerate() {
+                let p = img.get_pixel(c0 + cx as u32, top + i as u32).0;
+                for c in 0..3 {
+                    t[c] += f32::from(p[c]) * wgt;
+                }
+            }
+            tmp[(r * span + cx) * 3..][..3].copy_from_slice(&t);
+        }
+    }
+    Ok(RgbImage::from_fn(w, h, |ox, oy| {
+        let (first, ws) = &cols[ox as usize];
+        let mut t = [0f32; 3];
+        for (i, wgt) in ws.iter().enumerate() {
+            let at = (oy as usize * span + (first - c0) as usize + i) * 3;
+            for c in 0..3 {
+                t[c] += tmp[at + c] * wgt;
+            }
+        }
+        Rgb(t.map(|v| v.clamp(0.0, 255.0).round() as u8))
+    }))
+}
+
 /// Resizes so that the longest side is `longest` (see [`working_size`] and [`resize`]).
 pub fn resize_longest(img: &RgbImage, longest: u32) -> RgbImage {
     let (w, h) = working_size(img.width(), img.height(), longest);
@@ -1224,5 +1318,35 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("r:"));
+    }
+
+    #[test]
+    fn a_window_of_a_resize_equals_the_crop_of_the_whole_resize() {
+        let img = RgbImage::from_fn(57, 43, |x, y| {
+            Rgb([
+                (x * 37 + y * 11) as u8,
+                (x * x + 3 * y) as u8,
+                (y * y * 5) as u8,
+            ])
+        });
+        // up (a later scale's init), down (a large photo to a canvas), mixed
+        for (width, height) in [(160, 121), (31, 23), (90, 20), (57, 43)] {
+            let whole = resize(&img, width, height);
+            for window in [
+                (0, 0, width.min(17), height.min(13)),
+                (width / 3, height / 4, width / 2, height / 2),
+                (width - 9, height - 7, 9, 7),
+                (0, 0, width, height),
+            ] {
+                let (x, y, w, h) = window;
+                let expected = image::imageops::crop_imm(&whole, x, y, w, h).to_image();
+                let got = resize_window(&img, (width, height), window).unwrap();
+                assert_eq!(got, expected, "{width}x{height} window {window:?}");
+            }
+        }
+        assert!(resize_window(&img, (40, 30), (35, 0, 10, 10))
+            .unwrap_err()
+            .to_string()
+            .starts_with("tile"));
     }
 }

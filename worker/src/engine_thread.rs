@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use image::RgbImage;
-use stylefarm_core::RenderParams;
+use stylefarm_core::{imaging, RenderParams};
 use stylefarm_engine::{Device, Engine, Progress, RenderJob, StyleGrams};
 use tokio::sync::{oneshot, watch};
 
@@ -29,8 +29,19 @@ const STYLE_CACHE_ENTRIES: usize = 16;
 pub struct StyleKey {
     pub styles: Vec<String>,
     pub block: Option<u32>,
-    /// A tile's canvas: the init image (the previous scale's result) at this scale's size, and its hash.
-    pub tile_canvas: Option<(String, Arc<RgbImage>)>,
+    /// A tile's canvas, whose Gram matrices its targets are offset by.
+    pub tile_canvas: Option<TileCanvas>,
+}
+
+/// The canvas of a tile at the start of its scale: the previous scale's result (`init`, its hash) resampled
+/// to `width` x `height`. Resampled only when its Gram matrices are not cached yet: once per worker and
+/// scale, not per tile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TileCanvas {
+    pub init: String,
+    pub previous: Arc<RgbImage>,
+    pub width: u32,
+    pub height: u32,
 }
 
 /// Style targets by key, the oldest dropped first.
@@ -176,7 +187,7 @@ impl Resident {
             let global = cache.get(key.clone(), || {
                 engine.style_grams(&req.job.styles, side, params, req.style.block)
             })?;
-            let Some((init, canvas)) = &req.style.tile_canvas else {
+            let Some(canvas) = &req.style.tile_canvas else {
                 return Ok(global);
             };
             // a tile matches the global Grams in aggregate: its target keeps the tile's own deviation from
@@ -186,9 +197,10 @@ impl Resident {
                 style_blend: Vec::new(),
                 ..params.clone()
             };
-            let longest = canvas.width().max(canvas.height());
-            let whole = cache.get(format!("canvas {init} {key}"), || {
-                engine.style_grams(&[(**canvas).clone()], longest, &alone, req.style.block)
+            let longest = canvas.width.max(canvas.height);
+            let whole = cache.get(format!("canvas {} {key}", canvas.init), || {
+                let whole = imaging::resize(&canvas.previous, canvas.width, canvas.height);
+                engine.style_grams(&[whole], longest, &alone, req.style.block)
             })?;
             let tile = req.job.init_image.as_ref().ok_or_else(|| {
                 stylefarm_core::Error::invalid("init", "a tile needs its init image")

@@ -24,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-pub use engine_thread::{EngineThread, RenderError, RenderStats, StyleKey};
+pub use engine_thread::{EngineThread, RenderError, RenderStats, StyleKey, TileCanvas};
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -318,12 +318,19 @@ pub async fn run(
     Ok(())
 }
 
-/// Turns a render of the whole canvas into the render of one tile: the content and the init (the previous
-/// scale's result) are resized to the canvas and cut to the tile; the style targets stay those of the whole
-/// canvas (`style_longest`). Returns the init at the canvas' size.
-fn cut_tile(job: &mut RenderJob, tile: &TileTask) -> Result<RgbImage, stylefarm_core::Error> {
+/// The render of one tile of a canvas: the content and the init (the previous scale's result) resampled to
+/// the canvas only over the tile's window ([`imaging::resize_window`]: the same pixels as resizing the whole
+/// canvas and cutting, for the work and memory of the tile); the style targets stay those of the whole
+/// canvas (`style_longest`).
+fn cut_tile(
+    content: &RgbImage,
+    styles: Vec<RgbImage>,
+    init: Option<&RgbImage>,
+    mut params: RenderParams,
+    tile: &TileTask,
+) -> Result<RenderJob, stylefarm_core::Error> {
     let (cw, ch) = (tile.canvas_width, tile.canvas_height);
-    let (w, h) = imaging::working_size(job.content.width(), job.content.height(), cw.max(ch));
+    let (w, h) = imaging::working_size(content.width(), content.height(), cw.max(ch));
     if (w, h) != (cw, ch) {
         return Err(stylefarm_core::Error::invalid(
             "tile",
@@ -333,24 +340,26 @@ fn cut_tile(job: &mut RenderJob, tile: &TileTask) -> Result<RgbImage, stylefarm_
             ),
         ));
     }
-    let r = tile.rect;
-    let cut = |canvas: &RgbImage| {
-        image::imageops::crop_imm(canvas, r.x, r.y, r.width, r.height).to_image()
-    };
-    job.content = cut(&imaging::resize(&job.content, cw, ch));
-    let Some(init) = job.init_image.take() else {
-        return Err(stylefarm_core::Error::invalid(
+    let init = init.ok_or_else(|| {
+        stylefarm_core::Error::invalid(
             "init",
             "a tile needs the previous scale's image as its init",
-        ));
-    };
-    let init = imaging::resize(&init, cw, ch);
-    job.init_image = Some(cut(&init));
-    job.params.size = r.width.max(r.height);
-    job.params.scales = 1;
-    job.params.scale_iterations.clear();
-    job.style_longest = Some(cw.max(ch));
-    Ok(init)
+        )
+    })?;
+    let r = tile.rect;
+    let window = (r.x, r.y, r.width, r.height);
+    params.size = r.width.max(r.height);
+    params.scales = 1;
+    params.scale_iterations.clear();
+    Ok(RenderJob {
+        style_longest: Some(cw.max(ch)),
+        ..RenderJob::new(
+            imaging::resize_window(content, (cw, ch), window)?,
+            styles,
+            Some(imaging::resize_window(init, (cw, ch), window)?),
+            params,
+        )
+    })
 }
 
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
@@ -438,12 +447,12 @@ async fn run_task(
             Err(failure) => return Outcome::Failed(failure),
         }
     }
-    let init_image = match &params.init {
+    let (init_hash, init_image) = match &params.init {
         Init::Image(hash) => match cache.get(client, &hash.display().to_string()).await {
-            Ok(img) => Some((*img).clone()),
+            Ok(img) => (hash.display().to_string(), Some(img)),
             Err(failure) => return Outcome::Failed(failure),
         },
-        _ => None,
+        _ => (String::new(), None),
     };
     let tile = match task.tile.map(TileTask::try_from).transpose() {
         Ok(t) => t,
@@ -452,52 +461,53 @@ async fn run_task(
     if cancelled() {
         return Outcome::Cancelled;
     }
-    let mut job = RenderJob::new(
-        (*inputs[0]).clone(),
-        inputs[1..].iter().map(|i| (**i).clone()).collect(),
-        init_image,
-        params,
-    );
+    let styles: Vec<RgbImage> = inputs[1..].iter().map(|i| (**i).clone()).collect();
     let mut style = StyleKey {
         styles: task.styles.clone(),
         block: None,
         tile_canvas: None,
     };
-    if let Some(t) = tile {
-        // resampling a canvas-sized image is CPU work: off the async threads
-        let cut = tokio::task::spawn_blocking({
-            let t = t.clone();
-            move || {
-                let canvas = cut_tile(&mut job, &t);
-                (job, canvas)
-            }
-        })
-        .await;
-        let (cut_job, canvas) = match cut {
-            Ok(done) => done,
-            Err(e) => return Outcome::Failed(Failure::Transient(format!("cutting the tile: {e}"))),
-        };
-        job = cut_job;
-        let canvas = match canvas {
-            Ok(canvas) => canvas,
-            Err(e) => return permanent(e.to_string()),
-        };
-        style.block = Some(t.tile_size);
-        if t.exact {
-            // the whole canvas, its objective evaluated in blocks of the tile size
-            tracing::info!(block = t.tile_size, "exact: the whole canvas, in blocks");
-            job.block = Some(t.tile_size);
-        } else if canvas.dimensions() != (t.rect.width, t.rect.height) {
-            let init = match &job.params.init {
-                Init::Image(hash) => hash.display().to_string(),
-                _ => String::new(),
+    let job = match tile {
+        None => RenderJob::new(
+            (*inputs[0]).clone(),
+            styles,
+            init_image.map(|i| (*i).clone()),
+            params,
+        ),
+        Some(t) => {
+            // resampling is CPU work: off the async threads
+            let cut = tokio::task::spawn_blocking({
+                let (t, content, init) = (t.clone(), inputs[0].clone(), init_image.clone());
+                move || cut_tile(&content, styles, init.as_deref(), params, &t)
+            })
+            .await;
+            let mut job = match cut {
+                Ok(Ok(job)) => job,
+                Ok(Err(e)) => return permanent(e.to_string()),
+                Err(e) => {
+                    return Outcome::Failed(Failure::Transient(format!("cutting the tile: {e}")))
+                }
             };
-            style.tile_canvas = Some((init, Arc::new(canvas)));
+            style.block = Some(t.tile_size);
+            if t.exact {
+                // the whole canvas, its objective evaluated in blocks of the tile size
+                tracing::info!(block = t.tile_size, "exact: the whole canvas, in blocks");
+                job.block = Some(t.tile_size);
+            } else if (t.canvas_width, t.canvas_height) != (t.rect.width, t.rect.height) {
+                // the canvas' Gram matrices: computed (and the canvas resampled) once per worker and scale
+                style.tile_canvas = init_image.map(|previous| TileCanvas {
+                    init: init_hash,
+                    previous,
+                    width: t.canvas_width,
+                    height: t.canvas_height,
+                });
+            }
+            if cancelled() {
+                return Outcome::Cancelled;
+            }
+            job
         }
-        if cancelled() {
-            return Outcome::Cancelled;
-        }
-    }
+    };
     let done = engine.render(job, style, cancel.clone(), progress_tx).await;
     match done {
         Ok(Ok((img, stats))) => {
