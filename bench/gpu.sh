@@ -9,7 +9,8 @@
 #     (nvidia-smi, every 200 ms), and per task `task_s - engine_s` from the worker's log.
 #
 #   bash bench/gpu.sh                       # on the GPU machine, from the repository root
-#   DEVICE=cpu SIZE=64 ITERATIONS=6 TILED_SIZE=256 TILED_ITERATIONS=4,2,1 bash bench/gpu.sh   # a dry run
+#   PARTS=tiled bash bench/gpu.sh           # only the tiled job (PARTS: engine, tiled)
+#   DEVICE=cpu SIZE=64 ITERATIONS=6 TILED_SIZE=600 TILED_ITERATIONS=2,1 bash bench/gpu.sh   # a dry run
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 kit=${KIT:-$repo/bench/gpu-kit}
@@ -52,7 +53,8 @@ row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3"; }
 
 echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py) |"
 echo "| --- | --- | --- |"
-for opt in lbfgs adam; do
+parts=" ${PARTS:-engine tiled} "
+[[ $parts == *" engine "* ]] && for opt in lbfgs adam; do
     t0=$(date +%s.%N)
     "$sf" render --content "$content" --style "$style" --size "$size" --iterations "$iterations" \
         --optimizer "$opt" --progress json -o "$out/render-$opt.png" > "$out/sf-$opt.jsonl" 2> "$out/sf-$opt.err"
@@ -72,6 +74,7 @@ for opt in lbfgs adam; do
 done
 
 # the tiled job, GPU sampled meanwhile
+[[ $parts == *" tiled "* ]] || exit 0
 if [ "$device" != cpu ]; then
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 \
         > "$out/smi.csv" 2>/dev/null &
