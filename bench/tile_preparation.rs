@@ -19,7 +19,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let tile: u32 = args.first().and_then(|a| a.parse().ok()).unwrap_or(512);
     let reps: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let canvases: Vec<u32> = args
@@ -27,7 +30,8 @@ fn main() {
         .map(|a| a.split(',').filter_map(|v| v.parse().ok()).collect())
         .unwrap_or_else(|| vec![2048, 4096, 8192]);
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let content = imaging::load(&repo.join("../shared/data/images/tubingen.jpg")).expect("tubingen.jpg");
+    let content =
+        imaging::load(&repo.join("../shared/data/images/tubingen.jpg")).expect("tubingen.jpg");
     println!("tile {tile} px, median of {reps}; seconds per tile (content + init)");
     println!("| canvas | window (now) | whole canvas + cut (before) | ratio |");
     println!("| --- | --- | --- | --- |");
