@@ -20,6 +20,10 @@ use crate::Error;
 pub const MAX_IMAGE_SIDE: u32 = 32_768;
 /// Most bytes a decoder may allocate for one image.
 pub const MAX_IMAGE_BYTES: u64 = 2 << 30;
+/// Most pixels an image may have (16,384 x 16,384): a header may declare far more than its bytes hold (a
+/// 100-byte GIF can declare 10,000 x 28,000), and decoding, orienting and compositing such an image takes
+/// several times its size in memory.
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 28;
 
 fn limits() -> Limits {
     let mut limits = Limits::default();
@@ -60,6 +64,14 @@ fn open<'a, R: BufRead + Seek + 'a>(
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(Error::image(name, "image has zero width or height"));
+    }
+    if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+        return Err(Error::image(
+            name,
+            format!(
+                "{width} x {height} px is more than the {MAX_IMAGE_PIXELS} pixels an image may have"
+            ),
+        ));
     }
     let orientation = decoder
         .orientation()
@@ -1348,5 +1360,28 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("tile"));
+    }
+
+    #[test]
+    fn a_header_declaring_too_many_pixels_is_refused_before_decoding() {
+        let mut png = Vec::new();
+        RgbImage::new(1, 1)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        // IHDR: length (4), "IHDR" (4), width and height (4 each) from byte 16, CRC over type and data
+        png[16..20].copy_from_slice(&20_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&20_000u32.to_be_bytes());
+        let crc = crc32fast::hash(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        for err in [
+            dimensions(Cursor::new(&png), "huge.png").unwrap_err(),
+            decode(&png, "huge.png").unwrap_err(),
+        ] {
+            let err = err.to_string();
+            assert!(
+                err.starts_with("huge.png: 20000 x 20000 px is more than"),
+                "{err}"
+            );
+        }
     }
 }

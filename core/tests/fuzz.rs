@@ -31,7 +31,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 
-use stylefarm_core::imaging::{self, MAX_IMAGE_BYTES, MAX_IMAGE_SIDE};
+use stylefarm_core::imaging::{self, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE};
 use stylefarm_core::job::{parse_sweep, ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
 use stylefarm_core::params::{ImageSize, Init, Layer, Optimizer, Pooling, RenderParams, MAX_SIZE};
 use stylefarm_core::params::{MAX_ITERATIONS, MAX_SCALES};
@@ -541,6 +541,7 @@ fn check_decode(bytes: &[u8], name: &str) -> Result<Option<(u32, u32)>, TestCase
             prop_assert!(w > 0 && h > 0, "decoded {w} x {h}");
             prop_assert!(w <= MAX_IMAGE_SIDE && h <= MAX_IMAGE_SIDE, "{w} x {h}");
             prop_assert!(u64::from(w) * u64::from(h) * 3 <= MAX_IMAGE_BYTES);
+            prop_assert!(u64::from(w) * u64::from(h) <= MAX_IMAGE_PIXELS);
             prop_assert_eq!(d.rgb.as_raw().len() as u64, u64::from(w) * u64::from(h) * 3);
             if let Some(alpha) = &d.alpha {
                 prop_assert_eq!(alpha.dimensions(), (w, h));
@@ -565,6 +566,7 @@ fn check_decode(bytes: &[u8], name: &str) -> Result<Option<(u32, u32)>, TestCase
         }
         (Ok((w, h)), None) => {
             prop_assert!(*w > 0 && *h > 0 && *w <= MAX_IMAGE_SIDE && *h <= MAX_IMAGE_SIDE);
+            prop_assert!(u64::from(*w) * u64::from(*h) <= MAX_IMAGE_PIXELS);
         }
         (Err(e), None) => named(e)?,
     }
