@@ -26,7 +26,7 @@ pub enum ProgressMode {
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 pub struct RenderArgs {
-    /// Content image (PNG or JPEG).
+    /// Content image: PNG, JPEG, WebP, TIFF, BMP or GIF (EXIF orientation applied, transparency over white).
     #[arg(long)]
     content: PathBuf,
     /// Style image; repeat for several styles.
