@@ -23,11 +23,7 @@ fn contain_panics(command: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Resul
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(command));
     std::panic::set_hook(default_hook);
     result.unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("a panic without a message");
+        let message = stylefarm_worker::panic_message(payload.as_ref());
         // libtorch's messages carry a C++ backtrace after their first line
         let first = message.lines().next().unwrap_or_default();
         Err(anyhow::anyhow!("internal error: {first}"))

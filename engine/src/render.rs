@@ -55,21 +55,33 @@ impl RenderJob {
     /// Checks the parameters, and that every image reaches the deepest layer at every scale
     /// ([`RenderParams::check_sizes`]), before any tensor work.
     pub fn check(&self) -> Result<(), Error> {
-        self.params.validate(self.styles.len())?;
-        let names: Vec<String> = (1..=self.styles.len())
-            .map(|i| format!("style image {i}"))
-            .collect();
-        let styles: Vec<ImageSize> = self
-            .styles
-            .iter()
-            .zip(&names)
-            .map(|(img, name)| ImageSize::new(name, img.dimensions()))
-            .collect();
-        let content = ImageSize::new("the content image", self.content.dimensions());
-        Ok(self
-            .params
-            .check_sizes(content, &styles, self.style_longest)?)
+        check_inputs(
+            &self.params,
+            self.content.dimensions(),
+            &self.styles,
+            self.style_longest,
+        )
     }
+}
+
+/// [`RenderJob::check`] of `params` for a content of `content` px and `styles`.
+fn check_inputs(
+    params: &RenderParams,
+    content: (u32, u32),
+    styles: &[RgbImage],
+    style_longest: Option<u32>,
+) -> Result<(), Error> {
+    params.validate(styles.len())?;
+    let names: Vec<String> = (1..=styles.len())
+        .map(|i| format!("style image {i}"))
+        .collect();
+    let styles: Vec<ImageSize> = styles
+        .iter()
+        .zip(&names)
+        .map(|(img, name)| ImageSize::new(name, img.dimensions()))
+        .collect();
+    let content = ImageSize::new("the content image", content);
+    Ok(params.check_sizes(content, &styles, style_longest)?)
 }
 
 /// Where [`Engine::render_with`] gets the style targets of a style side: e.g. a cache shared across tasks.
@@ -267,7 +279,8 @@ impl Engine {
             .collect();
         layers.sort();
         layers.dedup();
-        let pos = |l: &Layer| layers.iter().position(|x| x == l).unwrap_or_default();
+        // `layers` is made of the content and style layers: each is there
+        let pos = |l: &Layer| layers.iter().position(|x| x == l).expect("layer listed");
         let pre = self.vgg.preprocessing();
         tch::no_grad(|| {
             let content_features = self.vgg.features(
@@ -370,21 +383,13 @@ impl Engine {
             scale_iterations: Vec::new(),
             ..job.params.clone()
         };
-        let at_size = RenderJob {
-            content: imaging::resize(&job.content, w, h),
-            styles: job.styles.clone(),
-            init_image: None,
-            params,
-            style_longest: None,
-            block: job.block,
-        };
-        at_size.check()?;
-        let params = &at_size.params;
+        check_inputs(&params, (w, h), &job.styles, None)?;
+        let content = imaging::resize(&job.content, w, h);
         let grams =
-            self.style_grams(&job.styles, params.style_side(w.max(h)), params, job.block)?;
-        let targets = self.scale_targets(&at_size.content, &grams, params, job.block)?;
+            self.style_grams(&job.styles, params.style_side(w.max(h)), &params, job.block)?;
+        let targets = self.scale_targets(&content, &grams, &params, job.block)?;
         let x = self.vgg.preprocessing().preprocess(image, self.device);
-        self.scale_losses(&x, &targets, params)
+        self.scale_losses(&x, &targets, &params)
     }
 
     /// The targets of a working content image: block by block when it is larger than `block`.

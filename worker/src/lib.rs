@@ -24,7 +24,9 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-pub use engine_thread::{EngineThread, RenderError, RenderStats, StyleKey, TileCanvas};
+pub use engine_thread::{
+    panic_message, EngineThread, RenderError, RenderStats, StyleKey, TileCanvas,
+};
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
