@@ -478,7 +478,8 @@ impl RenderParams {
     }
 }
 
-/// An input image's name (its file, or its sha256 on the farm) and size in px, for [`RenderParams::check_sizes`].
+/// An input image's name (its file, or its sha256 on the farm; may be empty) and size in px, for
+/// [`RenderParams::check_sizes`].
 #[derive(Debug, Clone, Copy)]
 pub struct ImageSize<'a> {
     pub name: &'a str,
@@ -498,7 +499,10 @@ impl<'a> ImageSize<'a> {
 
 impl fmt::Display for ImageSize<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({} x {} px)", self.name, self.width, self.height)
+        if !self.name.is_empty() {
+            write!(f, "{} ", self.name)?;
+        }
+        write!(f, "({} x {} px)", self.width, self.height)
     }
 }
 

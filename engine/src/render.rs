@@ -72,15 +72,13 @@ fn check_inputs(
     style_longest: Option<u32>,
 ) -> Result<(), Error> {
     params.validate(styles.len())?;
-    let names: Vec<String> = (1..=styles.len())
-        .map(|i| format!("style image {i}"))
-        .collect();
+    let names: Vec<String> = (1..=styles.len()).map(|i| format!("#{i}")).collect();
     let styles: Vec<ImageSize> = styles
         .iter()
         .zip(&names)
         .map(|(img, name)| ImageSize::new(name, img.dimensions()))
         .collect();
-    let content = ImageSize::new("the content image", content);
+    let content = ImageSize::new("", content);
     Ok(params.check_sizes(content, &styles, style_longest)?)
 }
 
