@@ -5,11 +5,15 @@
 #   - ms per iteration at 512 px, L-BFGS and Adam: stylefarm render against bench/gatys_torch.py (PyTorch
 #     eager, the same objective) on the same GPU, medians after two warm-up iterations;
 #   - `render` wall time for 500 L-BFGS iterations at 512 px, start-up included;
-#   - the tiled job `local --workers 1 --tiled --size $TILED_SIZE`: wall time, GPU utilization and memory
-#     (nvidia-smi, every 200 ms), and per task `task_s - engine_s` from the worker's log.
+#   - L-BFGS again with --channels-last (an engine option whose default is to be chosen by this figure);
+#   - the tiled job `local --workers 1 --tiled --size $TILED_SIZE`, its scales planned for the GPU's memory:
+#     wall time, GPU utilization and memory (nvidia-smi, every 200 ms), the plan (tile size per scale), per
+#     task `task_s - engine_s` from the worker's log; and the one-pass `render --size $TILED_SIZE --scales N`
+#     with the same schedule, for the ratio;
+#   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES).
 #
 #   bash bench/gpu.sh                       # on the GPU machine, from the repository root
-#   PARTS=tiled bash bench/gpu.sh           # only the tiled job (PARTS: engine, tiled)
+#   PARTS=tiled bash bench/gpu.sh           # only the tiled job (PARTS: engine, tiled, memory)
 #   DEVICE=cpu SIZE=64 ITERATIONS=6 TILED_SIZE=600 TILED_ITERATIONS=2,1 bash bench/gpu.sh   # a dry run
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,12 +57,17 @@ row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3"; }
 
 echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py) |"
 echo "| --- | --- | --- |"
-parts=" ${PARTS:-engine tiled} "
-[[ $parts == *" engine "* ]] && for opt in lbfgs adam; do
+parts=" ${PARTS:-engine tiled memory} "
+[[ $parts == *" engine "* ]] && for opt in lbfgs adam lbfgs-cl; do
     t0=$(date +%s.%N)
     "$sf" render --content "$content" --style "$style" --size "$size" --iterations "$iterations" \
-        --optimizer "$opt" --progress json -o "$out/render-$opt.png" > "$out/sf-$opt.jsonl" 2> "$out/sf-$opt.err"
+        --optimizer "${opt%-cl}" $([ "$opt" = lbfgs-cl ] && echo --channels-last) \
+        --progress json -o "$out/render-$opt.png" > "$out/sf-$opt.jsonl" 2> "$out/sf-$opt.err"
     rc=$?
+    if [ "$opt" = lbfgs-cl ]; then
+        row "lbfgs with --channels-last: ms per iteration" "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" ""
+        continue
+    fi
     wall=$("$py" -c "print($(date +%s.%N) - $t0)")
     if "$py" -c 'import PIL' 2>/dev/null; then
         "$py" "$kit/gatys_torch.py" --content "$content" --style "$style" --size "$size" \
@@ -73,39 +82,67 @@ parts=" ${PARTS:-engine tiled} "
     row "$opt: \`render\` wall time, start-up included" "$(printf '%.1f' "$wall") s" ""
 done
 
-# the tiled job, GPU sampled meanwhile
-[[ $parts == *" tiled "* ]] || exit 0
-if [ "$device" != cpu ]; then
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 \
-        > "$out/smi.csv" 2>/dev/null &
-    smi=$!
-fi
-t0=$(date +%s.%N)
-STYLEFARM_LOG=info timeout "$tiled_timeout" "$sf" local --workers 1 --tiled --size "$tiled_size" \
-    ${tiled_iterations:+--scale-iterations "$tiled_iterations"} \
-    --content "$content" --style "$style" -o "$out/tiled.png" > "$out/tiled.out" 2> "$out/tiled.err"
-rc=$?
-wall=$("$py" -c "print($(date +%s.%N) - $t0)")
-[ -n "${smi:-}" ] && kill "$smi" 2>/dev/null
-row "\`local --tiled --size $tiled_size\` on 1 worker: wall time" "$(printf '%.1f' "$wall") s (exit $rc)" ""
-"$py" - "$out/tiled.err" "$out/smi.csv" <<'PY'
+# a farm job with the GPU sampled meanwhile: NAME, then the arguments of `stylefarm local`
+farm_job() {
+    local name=$1
+    shift
+    if [ "$device" != cpu ]; then
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 \
+            > "$out/smi-$name.csv" 2>/dev/null &
+        smi=$!
+    fi
+    t0=$(date +%s.%N)
+    STYLEFARM_LOG=info timeout "$tiled_timeout" "$sf" local --workers 1 --content "$content" --style "$style" \
+        -o "$out/$name.png" "$@" > "$out/$name.out" 2> "$out/$name.err"
+    rc=$?
+    wall=$("$py" -c "print($(date +%s.%N) - $t0)")
+    [ -n "${smi:-}" ] && kill "$smi" 2>/dev/null
+    "$py" - "$out/$name.err" "$out/smi-$name.csv" "$name" "$wall" "$rc" <<'PY'
 import re, statistics, sys
-log = open(sys.argv[1], errors="replace").read()
-ansi = re.compile(r"\x1b\[[0-9;]*m")
-log = ansi.sub("", log)
+log, smi, name, wall, rc = sys.argv[1:]
+log = re.sub(r"\x1b\[[0-9;]*m", "", open(log, errors="replace").read())
+print(f"| {name}: wall time | {float(wall):.1f} s (exit {rc}) | |")
+plan = re.findall(r"scale stitched.*?scale=(\d+).*?next_tiles=(\d+).*?next_tile_size=(\d+)", log)
+if plan:
+    print(f"| {name}: plan (after scale: tiles x tile size) | "
+          + ", ".join(f"{s}: {n} x {t}" for s, n, t in plan) + " | |")
+mem = re.findall(r"registered.*?memory_bytes=(\d+)", log)
+if mem:
+    print(f"| {name}: device memory the worker reported | {int(mem[0]) / 2**30:.1f} GiB | |")
 engine = [float(x) for x in re.findall(r"engine_s=([0-9.]+)", log)]
 task = [float(x) for x in re.findall(r"task_s=([0-9.]+)", log)]
 over = [t - e for t, e in zip(task, engine)]
 if over:
-    print(f"| tiled: per task task_s - engine_s (median, max; {len(over)} tasks) | "
-          f"{statistics.median(over):.3f} s, {max(over):.3f} s | |")
+    print(f"| {name}: per task task_s - engine_s (median, max; {len(over)} tasks); engine sum | "
+          f"{statistics.median(over):.3f} s, {max(over):.3f} s; {sum(engine):.1f} s | |")
 try:
-    rows = [tuple(map(float, l.split(","))) for l in open(sys.argv[2]) if l.strip()]
+    rows = [tuple(map(float, l.split(","))) for l in open(smi) if l.strip()]
 except (OSError, ValueError):
     rows = []
 if rows:
     util = [u for u, _ in rows]
-    print(f"| tiled: GPU utilization (mean over the run), memory in use (peak) | "
+    print(f"| {name}: GPU utilization (mean over the run), memory in use (peak) | "
           f"{statistics.mean(util):.0f} %, {max(m for _, m in rows) / 1024:.1f} GiB | |")
 PY
+}
+
+if [[ $parts == *" tiled "* ]]; then
+    farm_job "tiled-$tiled_size" --tiled --size "$tiled_size" \
+        ${tiled_iterations:+--scale-iterations "$tiled_iterations"}
+    # the one-pass render of the same pyramid and schedule (scales as the tiled job's: first <= 512 px)
+    scales=1
+    while [ $(( (tiled_size + (1 << (scales - 1)) - 1) >> (scales - 1) )) -gt 512 ]; do scales=$((scales + 1)); done
+    t0=$(date +%s.%N)
+    timeout "$tiled_timeout" "$sf" render --content "$content" --style "$style" --size "$tiled_size" \
+        --scales "$scales" ${tiled_iterations:+--scale-iterations "$tiled_iterations"} --progress none \
+        -o "$out/onepass.png" 2> "$out/onepass.err"
+    rc=$?
+    row "one-pass \`render --size $tiled_size --scales $scales\`: wall time" \
+        "$(printf '%.1f' "$("$py" -c "print($(date +%s.%N) - $t0)")") s (exit $rc)" ""
+fi
+if [[ $parts == *" memory "* ]]; then
+    for t in ${TILE_SIZES:-512 1024 2048}; do
+        farm_job "tiles-$t" --tiled --size "$tiled_size" --tile-size "$t" --iterations "${MEMORY_ITERATIONS:-20}"
+    done
+fi
 echo "(outputs in $out)"

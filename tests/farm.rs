@@ -818,7 +818,7 @@ async fn health_says_serving_and_reflection_lists_the_services() {
 
 /// The seam measure of a tiled result, and its size.
 fn seams(path: &std::path::Path, tile: u32, overlap: u32) -> (f64, (u32, u32)) {
-    use stylefarm_core::tiling::{seam_measure, TileGrid, Tiling};
+    use stylefarm_core::tiling::{seam_measure, TileGrid, TileSizing, Tiling};
     let img = image::open(path).unwrap().to_rgb8();
     let grid = TileGrid::new(
         img.width(),
@@ -827,10 +827,78 @@ fn seams(path: &std::path::Path, tile: u32, overlap: u32) -> (f64, (u32, u32)) {
             tile_size: tile,
             overlap,
             exact: false,
+            sizing: TileSizing::Fixed,
         },
     );
     assert!(grid.len() > 1);
     (seam_measure(&img, &grid).unwrap(), img.dimensions())
+}
+
+/// Without --tile-size each later scale is planned when it starts, for the device memory the live workers
+/// reported (issue 10): whole where its render fits the smallest, as `render` would; tiles of that
+/// memory otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn tiles_are_planned_from_the_workers_device_memory() {
+    let mut cluster = Cluster::start(10.0, 1.0);
+    cluster.add_worker_with_env("large", &[("STYLEFARM_DEVICE_MEMORY", "16GiB")]);
+    wait_registered(&cluster, 1).await;
+    let args = [
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--tiled",
+        "--size",
+        "640",
+        "--iterations",
+        "1",
+    ];
+    let render = |cluster: &Cluster, name: &str| {
+        let out = cluster.dir.path().join(format!("{name}.png"));
+        let (ok, stdout, err) = cluster.cli(
+            &[
+                &["submit"],
+                &args[..],
+                &["--wait", "-o", out.to_str().unwrap()],
+            ]
+            .concat(),
+        );
+        assert!(ok, "{err}");
+        let size = image::image_dimensions(&out).unwrap();
+        (stdout.trim().to_string(), size)
+    };
+    let planned = |status: &pb::JobStatus| -> Vec<(u32, u32)> {
+        status
+            .tasks
+            .iter()
+            .filter_map(|t| t.tile.as_ref())
+            .map(|t| (t.width, t.height))
+            .collect()
+    };
+    // 16 GiB: the 640 x 480 scale (1.5 GB estimated) fits: one task, the whole canvas
+    let (id, size) = render(&cluster, "whole");
+    assert_eq!(size, (640, 480));
+    let status = job(&mut cluster.client().await, &id).await;
+    assert_eq!(planned(&status), [(640, 480)], "{:?}", status.tasks);
+    let coordinator = cluster.coordinator.as_ref().unwrap().log_text();
+    assert!(
+        coordinator.contains("memory_bytes=17179869184"),
+        "{coordinator}"
+    );
+
+    // a worker with 3 GiB joins: 640 x 480 does not fit it beside the 2 GiB kept aside, so tiles of at
+    // least 512 px; two of them, one for each worker
+    cluster.add_worker_with_env("small", &[("STYLEFARM_DEVICE_MEMORY", "3GiB")]);
+    wait_registered(&cluster, 2).await;
+    let (id, size) = render(&cluster, "tiles");
+    assert_eq!(size, (640, 480));
+    let status = job(&mut cluster.client().await, &id).await;
+    assert_eq!(
+        planned(&status),
+        [(512, 480), (512, 480)],
+        "{:?}",
+        status.tasks
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

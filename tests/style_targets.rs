@@ -102,3 +102,45 @@ fn blocked_objective_and_gradient_match_the_one_pass_ones() {
         assert_eq!(without, losses);
     }
 }
+
+/// The channels-last layout (an engine option for GPUs) changes where the numbers sit in memory, not the
+/// objective: its losses and gradient against the default layout's, after a warm-up in both.
+#[test]
+fn the_channels_last_layout_gives_the_same_objective() {
+    use stylefarm_engine::EngineOptions;
+    let content = imaging::resize(
+        &imaging::load(&shared_image("tubingen.jpg")).unwrap(),
+        96,
+        72,
+    );
+    let style = imaging::load(&shared_image("starry_night.jpg")).unwrap();
+    let params = RenderParams::default();
+    let run = |channels_last: bool| {
+        let engine =
+            Engine::load_with(&weights(), Device::Cpu, EngineOptions { channels_last }).unwrap();
+        assert_eq!(engine.options().channels_last, channels_last);
+        engine.warm_up().unwrap();
+        let grams = engine
+            .style_grams(std::slice::from_ref(&style), 96, &params, None)
+            .unwrap();
+        let targets = engine.targets_with(&content, &grams, &params).unwrap();
+        tch::manual_seed(5);
+        let x0 = engine
+            .vgg()
+            .preprocessing()
+            .preprocess(&content, Device::Cpu);
+        let x = &x0 + tch::Tensor::randn_like(&x0) * 20.0;
+        engine.objective(&x, &targets, &params).unwrap()
+    };
+    let ((a, ga), (b, gb)) = (run(false), run(true));
+    let rel = |x: f64, y: f64| (x - y).abs() / y.abs();
+    let grad_rel = (&ga - &gb).norm().double_value(&[]) / ga.norm().double_value(&[]);
+    eprintln!(
+        "channels-last vs default: content {:.1e} style {:.1e} gradient {grad_rel:.1e}",
+        rel(b.content, a.content),
+        rel(b.style, a.style)
+    );
+    assert!(rel(b.content, a.content) < 1e-5 && rel(b.style, a.style) < 1e-5);
+    assert!(grad_rel < 1e-5, "gradient {grad_rel}");
+    assert!(gb.size() == ga.size());
+}

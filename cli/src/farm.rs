@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_core::job::{parse_sweep, ImageHash, JobKind, JobSpec};
-use stylefarm_core::tiling::{self, Tiling};
+use stylefarm_core::tiling::{self, TileSizing, Tiling};
 use stylefarm_core::{imaging, Init, RenderParams};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
@@ -18,7 +18,7 @@ use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::render::ParamArgs;
+use crate::render::{EngineArgs, ParamArgs};
 
 const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
 
@@ -58,6 +58,27 @@ pub struct WorkerArgs {
     /// its share of the cores: 2 workers on 2 cores oversubscribe with the default and run slower than 1.
     #[arg(long, env = "STYLEFARM_THREADS")]
     threads: Option<u32>,
+    #[command(flatten)]
+    memory: DeviceMemoryArg,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// The device memory a worker reports.
+#[derive(Args, Clone)]
+pub struct DeviceMemoryArg {
+    /// Device memory to report to the coordinator, which sizes tiled jobs' tiles for it, e.g. 24GiB or
+    /// 16GB (default: the GPU's total memory, or the machine's or container's for the CPU). Lower it to
+    /// leave room for other processes on the device.
+    #[arg(long, env = "STYLEFARM_DEVICE_MEMORY", value_parser = parse_bytes)]
+    device_memory: Option<u64>,
+}
+
+/// A size in bytes, with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB) or without (bytes).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("'{s}': {e} (e.g. 24GiB, 16GB, 512MiB)"))
 }
 
 /// Sets libtorch's intra-op thread count for this process.
@@ -96,14 +117,17 @@ pub struct JobArgs {
     /// Render --size in overlapping tiles over a pyramid of scales (for outputs beyond one device).
     #[arg(long, conflicts_with = "sweep")]
     tiled: bool,
-    /// Tiled: tile size in pixels (also the first scale's longest side at most).
-    #[arg(long, default_value_t = tiling::DEFAULT_TILE_SIZE, requires = "tiled")]
-    tile_size: u32,
+    /// Tiled: tile size in pixels for every scale (and the first scale's longest side at most). Default:
+    /// each scale planned for the workers present when it starts: whole where it fits their device
+    /// memory, else tiles as large as fit (at least 512 px), enough for every worker.
+    #[arg(long, requires = "tiled")]
+    tile_size: Option<u32>,
     /// Tiled: minimum overlap of neighbouring tiles in pixels, blended with feathered weights.
     #[arg(long, default_value_t = tiling::DEFAULT_OVERLAP, requires = "tiled")]
     overlap: u32,
     /// Tiled, exact mode: each later scale is one task that optimizes the whole canvas with the exact
-    /// gradient of its objective, evaluated in blocks of --tile-size px: no tiles, no seams, the style loss
+    /// gradient of its objective, evaluated in blocks of --tile-size px (default: the largest blocks that
+    /// fit the workers' memory, the whole canvas where it fits): no tiles, no seams, the style loss
     /// of an untiled render, memory still bound by the tile size; but one worker per scale and about 3x an
     /// untiled scale's compute.
     #[arg(long, requires = "tiled")]
@@ -162,6 +186,10 @@ pub struct LocalArgs {
     /// Coordinator state (default: a temporary directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    memory: DeviceMemoryArg,
+    #[command(flatten)]
+    engine: EngineArgs,
     #[command(flatten)]
     job: JobArgs,
 }
@@ -232,6 +260,8 @@ fn worker_config(
     device: &str,
     weights: Option<PathBuf>,
     name: Option<String>,
+    memory: &DeviceMemoryArg,
+    engine: &EngineArgs,
 ) -> anyhow::Result<stylefarm_worker::WorkerConfig> {
     let device = stylefarm_engine::parse_device(device)?;
     let name = name.unwrap_or_else(|| {
@@ -246,6 +276,8 @@ fn worker_config(
         device,
         weights: weights.unwrap_or_else(crate::weights::default_weights),
         lease_wait: Duration::from_secs(10),
+        device_memory: memory.device_memory,
+        engine: engine.options(),
     })
 }
 
@@ -253,7 +285,14 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         set_threads(threads)?;
     }
-    let config = worker_config(args.coordinator, &args.device, args.weights, args.name)?;
+    let config = worker_config(
+        args.coordinator,
+        &args.device,
+        args.weights,
+        args.name,
+        &args.memory,
+        &args.engine,
+    )?;
     // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -343,9 +382,14 @@ async fn submit_job(
         max_attempts: 0,
         tiling: if job.tiled {
             Tiling {
-                tile_size: job.tile_size,
+                tile_size: job.tile_size.unwrap_or(tiling::DEFAULT_TILE_SIZE),
                 overlap: job.overlap,
                 exact: job.exact,
+                sizing: if job.tile_size.is_some() {
+                    TileSizing::Fixed
+                } else {
+                    TileSizing::Planned
+                },
             }
         } else {
             Tiling::default()
@@ -743,6 +787,8 @@ pub fn local(args: LocalArgs) -> anyhow::Result<()> {
                 &args.device,
                 args.weights.clone(),
                 Some(format!("local-{i}")),
+                &args.memory,
+                &args.engine,
             )?;
             let mut worker_stop = stop_rx.clone();
             workers.push(tokio::spawn(stylefarm_worker::run(config, async move {

@@ -60,6 +60,26 @@ pub struct RenderArgs {
     /// bar, json or none.
     #[arg(long, value_enum, default_value = "bar")]
     progress: ProgressMode,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// How the engine runs on its device (`stylefarm_engine::EngineOptions`): shared by `render`, `worker`
+/// and `local`.
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Keep activations and weights in the channels-last (NHWC) layout, which cuDNN's tensor-core
+    /// convolutions prefer; the objective is the same within float rounding.
+    #[arg(long, env = "STYLEFARM_CHANNELS_LAST")]
+    channels_last: bool,
+}
+
+impl EngineArgs {
+    pub fn options(&self) -> stylefarm_engine::EngineOptions {
+        stylefarm_engine::EngineOptions {
+            channels_last: self.channels_last,
+        }
+    }
 }
 
 /// The render parameters, shared by `render`, `submit` and `local`; defaults are ALGORITHM.md's.
@@ -223,7 +243,7 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
         .weights
         .clone()
         .unwrap_or_else(crate::weights::default_weights);
-    let engine = Engine::load(&weights, device)?;
+    let engine = Engine::load_with(&weights, device, args.engine.options())?;
     tracing::info!(?device, weights = %weights.display(), "engine loaded");
     if let Some(path) = &args.evaluate {
         let image = imaging::load(path)?;

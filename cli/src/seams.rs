@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use stylefarm_core::imaging;
-use stylefarm_core::tiling::{self, TileGrid, Tiling};
+use stylefarm_core::tiling::{self, TileGrid, TileSizing, Tiling};
 
 #[derive(Args)]
 pub struct SeamsArgs {
@@ -31,6 +31,7 @@ pub fn run(args: SeamsArgs) -> anyhow::Result<()> {
         tile_size: args.tile_size,
         overlap: args.overlap,
         exact: false,
+        sizing: TileSizing::Fixed,
     };
     tiling.validate()?;
     let img = imaging::load(&args.image)?;

@@ -7,6 +7,7 @@
 //! - [`scheduler`]: leases with expiry and fencing, retries with backoff, blocklist, priorities, cancellation;
 //! - [`store`]: the [`store::Store`] trait, an in-memory and an embedded persistent (redb) backend;
 //! - [`blobs`]: images on disk by sha256;
+//! - [`workers`]: the workers heard from, with their device memory, which tiled scales are planned for;
 //! - [`service`]: the gRPC handlers; [`serve`] runs them with health and reflection.
 
 pub mod blobs;
@@ -15,6 +16,7 @@ mod service;
 mod sheet;
 pub mod store;
 mod tiled;
+pub mod workers;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -76,6 +78,7 @@ pub struct CoordinatorConfig {
 pub struct Coordinator {
     pub scheduler: Arc<scheduler::Scheduler>,
     pub blobs: blobs::BlobStore,
+    pub workers: workers::Registry,
 }
 
 impl Coordinator {
@@ -88,6 +91,7 @@ impl Coordinator {
         let coordinator = Arc::new(Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,
+            workers: workers::Registry::default(),
         });
         for job_id in coordinator.scheduler.jobs_awaiting_step() {
             coordinator.step(&job_id);

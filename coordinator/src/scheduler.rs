@@ -1072,7 +1072,7 @@ mod tests {
         );
         assert_eq!(s.jobs_awaiting_step(), vec![job.clone()]);
         let stitched = ImageHash::of(b"stitched 1");
-        let tiles = spec.scale_tasks(800, 600, 1, &stitched).unwrap();
+        let tiles = spec.scale_tasks(800, 600, 1, &stitched, &[]).unwrap();
         assert_eq!(tiles.len(), 6, "1024 x 768 in 512-px tiles: 3 x 2");
         // a wrong scale, or the same scale twice, changes nothing
         assert!(!s.advance_tiled(&job, 1, "x", None).unwrap());

@@ -380,9 +380,13 @@ impl WorkerService for WorkerApi {
         tracing::info!(
             worker_id,
             device = r.device,
+            memory_bytes = r.memory_bytes,
             version = r.version,
             "worker registered"
         );
+        self.coordinator
+            .workers
+            .register(&worker_id, &r.device, r.memory_bytes);
         let config = self.coordinator.scheduler.config();
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id,
@@ -399,6 +403,7 @@ impl WorkerService for WorkerApi {
         if r.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id: missing"));
         }
+        self.coordinator.workers.seen(&r.worker_id);
         let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
         let lease = self
             .coordinator
@@ -435,6 +440,9 @@ impl WorkerService for WorkerApi {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = request.into_inner();
+        if !r.worker_id.is_empty() {
+            self.coordinator.workers.seen(&r.worker_id);
+        }
         if r.lease_id.is_empty() {
             return Ok(Response::new(pb::HeartbeatResponse {
                 cancel: false,

@@ -103,7 +103,12 @@ impl Coordinator {
                 (self.image(&tasks[0].result)?, pyramid.scales)
             }
             Some(first) => {
-                let grid = spec.tiling.grid(first.canvas_width, first.canvas_height);
+                // the tile size the planner chose for this scale
+                let tiling = stylefarm_core::tiling::Tiling {
+                    tile_size: first.tile_size,
+                    ..spec.tiling
+                };
+                let grid = tiling.grid(first.canvas_width, first.canvas_height);
                 if grid.len() != tasks.len() {
                     return Err(format!(
                         "scale {}: {} tiles, the plan has {}",
@@ -145,11 +150,15 @@ impl Coordinator {
         } else {
             let (cw, ch) = self.dimensions(spec.contents[0].as_str())?;
             Some(
-                spec.scale_tasks(cw, ch, scale + 1, &hash)
+                spec.scale_tasks(cw, ch, scale + 1, &hash, &self.workers.live_memory())
                     .map_err(|e| e.to_string())?,
             )
         };
         let tiles = next.as_ref().map_or(0, Vec::len);
+        let tile_size = next
+            .as_ref()
+            .and_then(|tasks| tasks.first()?.tile.as_ref())
+            .map_or(0, |t| t.tile_size);
         let advanced = self
             .scheduler
             .advance_tiled(job_id, scale, hash.as_str(), next)
@@ -162,6 +171,7 @@ impl Coordinator {
             height,
             stitched = %hash,
             next_tiles = tiles,
+            next_tile_size = tile_size,
             advanced,
             seconds = started.elapsed().as_secs_f64(),
             "scale stitched"

@@ -358,14 +358,16 @@ impl JobSpec {
     }
 
     /// The tasks of scale `scale` (>= 1) of a tiled job whose content image is `content_width` x
-    /// `content_height`, given the stitched result of the scale before. An error names `kind` (not a tiled
-    /// job), a field of the spec (as [`Self::tasks`]) or `scale` (no such scale).
+    /// `content_height`, given the stitched result of the scale before, its tiles sized for workers with
+    /// `workers` bytes of device memory each ([`Tiling::scale_tile_size`]; 0 where unknown). An error names
+    /// `kind` (not a tiled job), a field of the spec (as [`Self::tasks`]) or `scale` (no such scale).
     pub fn scale_tasks(
         &self,
         content_width: u32,
         content_height: u32,
         scale: u32,
         previous: &ImageHash,
+        workers: &[u64],
     ) -> Result<Vec<TaskSpec>, Error> {
         if self.kind != JobKind::Tiled {
             return Err(Error::invalid(
@@ -381,7 +383,6 @@ impl JobSpec {
             .get(scale as usize)
             .filter(|_| scale >= 1)
             .ok_or_else(|| Error::invalid("scale", format!("no scale {scale} of {scales}")))?;
-        let grid = plan.grid.as_ref().expect("later scales are tiled");
         let params = RenderParams {
             size: plan.longest(),
             iterations: plan.iterations,
@@ -391,6 +392,13 @@ impl JobSpec {
             init: Init::Image(previous.as_str().into()),
             ..self.params.clone()
         };
+        let tiling = Tiling {
+            tile_size: self
+                .tiling
+                .scale_tile_size(plan.width, plan.height, &params, workers),
+            ..self.tiling
+        };
+        let grid = tiling.grid(plan.width, plan.height);
         Ok(grid
             .tiles()
             .enumerate()
@@ -416,8 +424,8 @@ impl JobSpec {
                     canvas_width: plan.width,
                     canvas_height: plan.height,
                     rect,
-                    tile_size: self.tiling.tile_size,
-                    exact: self.tiling.exact,
+                    tile_size: tiling.tile_size,
+                    exact: tiling.exact,
                 }),
             })
             .collect())
@@ -533,6 +541,7 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiling::TileSizing;
 
     fn h(n: u8) -> ImageHash {
         ImageHash::of(&[n])
@@ -612,6 +621,7 @@ mod tests {
                 tile_size: 256,
                 overlap: 64,
                 exact: false,
+                sizing: TileSizing::Fixed,
             },
             ..spec(JobKind::Tiled)
         };
@@ -620,7 +630,7 @@ mod tests {
         assert_eq!((first[0].params.size, first[0].params.scales), (256, 1));
         assert_eq!(first[0].params.iterations, 500);
         assert_eq!(first[0].label, "scale 1/3");
-        let tiles = s.scale_tasks(800, 600, 2, &h(9)).unwrap();
+        let tiles = s.scale_tasks(800, 600, 2, &h(9), &[]).unwrap();
         // 1024 x 768 in 256-px tiles, overlap >= 64: 5 x 4
         assert_eq!(tiles.len(), 20);
         let t = tiles[6].tile.as_ref().unwrap();
@@ -628,7 +638,7 @@ mod tests {
         assert_eq!((t.rect.width, t.rect.height), (256, 256));
         assert_eq!(tiles[6].params.init, Init::Image(h(9).as_str().into()));
         assert_eq!(tiles[6].params.iterations, 125);
-        assert!(s.scale_tasks(800, 600, 3, &h(9)).is_err());
+        assert!(s.scale_tasks(800, 600, 3, &h(9), &[]).is_err());
         // exact mode: the same pyramid, one task per scale that is the whole canvas
         let exact = JobSpec {
             tiling: Tiling {
@@ -638,7 +648,7 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(exact.tasks().unwrap(), first);
-        let whole = exact.scale_tasks(800, 600, 2, &h(9)).unwrap();
+        let whole = exact.scale_tasks(800, 600, 2, &h(9), &[]).unwrap();
         assert_eq!(whole.len(), 1);
         let t = whole[0].tile.as_ref().unwrap();
         assert!(t.exact && t.tile_size == 256);
@@ -670,10 +680,10 @@ mod tests {
         // both once indexed contents[0] of an unchecked spec
         let err = none.check_sizes(|_| Ok((512, 512))).unwrap_err();
         assert!(err.to_string().starts_with("contents"), "{err}");
-        let err = none.scale_tasks(512, 512, 1, &h(9)).unwrap_err();
+        let err = none.scale_tasks(512, 512, 1, &h(9), &[]).unwrap_err();
         assert!(err.to_string().starts_with("contents"), "{err}");
         let err = spec(JobKind::Single)
-            .scale_tasks(512, 512, 1, &h(9))
+            .scale_tasks(512, 512, 1, &h(9), &[])
             .unwrap_err();
         assert!(err.to_string().starts_with("kind"), "{err}");
     }

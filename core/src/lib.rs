@@ -4,11 +4,13 @@
 //! - [`imaging`]: image decoding and encoding with limits, working sizes, antialiased resampling, and the
 //!   original-colours transfer;
 //! - [`job`]: the farm's jobs (single, batch, sweep, tiled) and the tasks they expand into;
+//! - [`memory`]: the device memory a render needs, which the tiled planner sizes tiles by;
 //! - [`tiling`]: the plan of a tiled render (scales, tiles with overlap), feathered stitching, the seam measure;
 //! - [`wire`]: conversion from and to the protocol's types, with errors naming the field.
 
 pub mod imaging;
 pub mod job;
+pub mod memory;
 pub mod params;
 pub mod tiling;
 pub mod wire;

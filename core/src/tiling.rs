@@ -13,6 +13,7 @@ use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::imaging;
+use crate::memory;
 use crate::params::{RenderParams, MAX_SCALES};
 use crate::Error;
 
@@ -23,9 +24,23 @@ pub const MAX_TILE_SIZE: u32 = 4096;
 /// Half-width of the band around each tile edge line that the seam measure looks at.
 pub const SEAM_BAND: u32 = 2;
 
+/// How the tiles of a tiled job's later scales are sized.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TileSizing {
+    /// By the planner, when each scale starts, from the device memory of the workers present
+    /// ([`Tiling::scale_tile_size`]): the whole canvas when it fits, else tiles as large as fit (at least
+    /// `tile_size`), enough of them for every worker.
+    #[default]
+    Planned,
+    /// Always `tile_size` (the user gave `--tile-size`).
+    Fixed,
+}
+
 /// How a tiled job cuts its canvas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tiling {
+    /// The tile size: the first scale's longest side at most, and every later scale's tiles' with
+    /// [`TileSizing::Fixed`]; the smallest tiles the planner cuts with [`TileSizing::Planned`].
     pub tile_size: u32,
     pub overlap: u32,
     /// Exact mode: each later scale is ONE task that optimizes the whole canvas with the exact gradient of
@@ -35,6 +50,8 @@ pub struct Tiling {
     /// Otherwise tiles are independent tasks, spread over the workers and stitched with feathered weights.
     #[serde(default)]
     pub exact: bool,
+    #[serde(default)]
+    pub sizing: TileSizing,
 }
 
 impl Default for Tiling {
@@ -43,6 +60,7 @@ impl Default for Tiling {
             tile_size: DEFAULT_TILE_SIZE,
             overlap: DEFAULT_OVERLAP,
             exact: false,
+            sizing: TileSizing::Planned,
         }
     }
 }
@@ -69,6 +87,62 @@ impl Tiling {
             ));
         }
         Ok(())
+    }
+
+    /// The tile size of a later scale's `width` x `height` canvas (in exact mode, the block size), for
+    /// workers whose devices have `workers` bytes of memory each (0 where a worker did not say).
+    ///
+    /// [`TileSizing::Fixed`], or no worker that said: `tile_size`. Otherwise the whole canvas when its
+    /// render fits the smallest device ([`memory::render_bytes`]), as a one-pass render would; else the
+    /// largest multiple of 64 px (from `tile_size` to [`MAX_TILE_SIZE`]) whose tile fits it, made smaller
+    /// while that leaves fewer tiles than workers (a few large tiles across N devices, not many small
+    /// ones); in exact mode, the largest block that fits beside the canvas' optimizer state.
+    pub fn scale_tile_size(
+        &self,
+        width: u32,
+        height: u32,
+        params: &RenderParams,
+        workers: &[u64],
+    ) -> u32 {
+        let known = workers.iter().copied().filter(|&m| m > 0);
+        let (TileSizing::Planned, Some(smallest)) = (self.sizing, known.min()) else {
+            return self.tile_size;
+        };
+        let budget = memory::usable_bytes(smallest);
+        let longest = width.max(height);
+        if memory::render_bytes(width, height, params) <= budget {
+            return longest.max(self.tile_size);
+        }
+        let fits = |t: u32| {
+            let bytes = if self.exact {
+                memory::blocked_render_bytes(width, height, t, params)
+            } else {
+                memory::render_bytes(t.min(width), t.min(height), params)
+            };
+            bytes <= budget
+        };
+        let step = 64;
+        let mut t = self.tile_size;
+        while t + step <= MAX_TILE_SIZE.min(longest) && fits(t + step) {
+            t += step;
+        }
+        if !self.exact {
+            let tiles = |t: u32| {
+                TileGrid::new(
+                    width,
+                    height,
+                    Tiling {
+                        tile_size: t,
+                        ..*self
+                    },
+                )
+                .len()
+            };
+            while t >= self.tile_size + step && tiles(t) < workers.len() {
+                t -= step;
+            }
+        }
+        t
     }
 
     /// The tiles of a later scale's `width` x `height` canvas: the grid, or in exact mode one tile that is
@@ -439,6 +513,103 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::Optimizer;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn the_planner_renders_a_scale_whole_where_it_fits_and_sizes_tiles_from_memory_and_workers() {
+        let params = RenderParams::default(); // L-BFGS, history 100: 4.9 KB a pixel
+        let planned = Tiling::default();
+        assert_eq!(planned.sizing, TileSizing::Planned);
+        let size = |w, h, workers: &[u64]| planned.scale_tile_size(w, h, &params, workers);
+        // no worker said how much memory it has: the job's tile size
+        assert_eq!(size(4096, 3072, &[]), 512);
+        assert_eq!(size(4096, 3072, &[0, 0]), 512);
+        // an H200 (143 GB): 4096 x 3072 (62 GB estimated) renders whole
+        let h200 = 143_000_000_000;
+        assert_eq!(size(4096, 3072, &[h200]), 4096);
+        // 8192 x 6144 does not: the largest tiles that fit (capped at MAX_TILE_SIZE)
+        let t = size(8192, 6144, &[h200]);
+        assert_eq!(t, MAX_TILE_SIZE);
+        assert_eq!(
+            TileGrid::new(
+                8192,
+                6144,
+                Tiling {
+                    tile_size: t,
+                    ..planned
+                }
+            )
+            .len(),
+            6
+        );
+        // eight of them: smaller tiles, at least one each
+        let t8 = size(8192, 6144, &[h200; 8]);
+        assert!(t8 < t && t8 % 64 == 0, "{t8}");
+        let grid = TileGrid::new(
+            8192,
+            6144,
+            Tiling {
+                tile_size: t8,
+                ..planned
+            },
+        );
+        assert!(grid.len() >= 8, "{} tiles of {t8}", grid.len());
+        let t7 = TileGrid::new(
+            8192,
+            6144,
+            Tiling {
+                tile_size: t8 + 64,
+                ..planned
+            },
+        );
+        assert!(t7.len() < 8, "the largest tiles that give every worker one");
+        // a 16 GiB device: tiles that fit it, the smallest device of a mixed farm deciding
+        let small = size(4096, 3072, &[16 * GIB]);
+        assert!(
+            memory::render_bytes(small, small, &params) <= memory::usable_bytes(16 * GIB)
+                && memory::render_bytes(small + 64, small + 64, &params)
+                    > memory::usable_bytes(16 * GIB),
+            "{small}"
+        );
+        assert_eq!(size(4096, 3072, &[h200, 16 * GIB, 0]), small);
+        // never below the job's tile size, even on a device too small for it
+        assert_eq!(size(4096, 3072, &[3 * GIB]), 512);
+        // Adam needs less than L-BFGS's history: larger tiles on the same device
+        let adam = RenderParams {
+            optimizer: Optimizer::Adam,
+            ..params.clone()
+        };
+        assert!(planned.scale_tile_size(4096, 3072, &adam, &[16 * GIB]) > small);
+        // --tile-size fixes it
+        let fixed = Tiling {
+            tile_size: 256,
+            sizing: TileSizing::Fixed,
+            ..planned
+        };
+        assert_eq!(fixed.scale_tile_size(4096, 3072, &params, &[h200]), 256);
+    }
+
+    #[test]
+    fn the_planner_sizes_exact_mode_blocks_beside_the_canvas_state() {
+        let params = RenderParams::default();
+        let exact = Tiling {
+            exact: true,
+            ..Tiling::default()
+        };
+        // fits: the whole canvas in one block
+        assert_eq!(
+            exact.scale_tile_size(2048, 1536, &params, &[143 * GIB]),
+            2048
+        );
+        // does not: the largest block beside the canvas' optimizer state (2.4 KB a pixel here)
+        let b = exact.scale_tile_size(4096, 3072, &params, &[48 * GIB]);
+        assert!(b > 512 && b < 4096, "{b}");
+        let budget = memory::usable_bytes(48 * GIB);
+        assert!(memory::blocked_render_bytes(4096, 3072, b, &params) <= budget);
+        assert!(memory::blocked_render_bytes(4096, 3072, b + 64, &params) > budget);
+    }
 
     fn check_axis(len: u32, tile: u32, overlap: u32) {
         let a = AxisPlan::new(len, tile, overlap);
@@ -513,6 +684,7 @@ mod tests {
                     tile_size: 256,
                     overlap: 64,
                     exact: false,
+                    sizing: TileSizing::Fixed,
                 },
             );
             let mut sum = vec![0.0f64; (w * h) as usize];
@@ -552,6 +724,7 @@ mod tests {
                 tile_size: 200,
                 overlap: 50,
                 exact: false,
+                sizing: TileSizing::Fixed,
             },
         );
         assert!(grid.len() > 4);
@@ -573,6 +746,7 @@ mod tests {
             tile_size: 200,
             overlap: 50,
             exact: false,
+            sizing: TileSizing::Fixed,
         };
         let grid = TileGrid::new(w, h, tiling);
         // smooth noise-free ramp: no seam
@@ -649,6 +823,7 @@ mod tests {
                 tile_size: 64,
                 overlap: 16,
                 exact: false,
+                sizing: TileSizing::Fixed,
             },
         )
         .unwrap_err();
@@ -661,6 +836,7 @@ mod tests {
                 tile_size: 512,
                 overlap: 300,
                 exact: false,
+                sizing: TileSizing::Fixed,
             },
         )
         .unwrap_err();

@@ -7,7 +7,7 @@ use stylefarm_proto::pb;
 
 use crate::job::{ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
 use crate::params::{Init, Layer, RenderParams};
-use crate::tiling::{Rect, Tiling, DEFAULT_OVERLAP, DEFAULT_TILE_SIZE};
+use crate::tiling::{Rect, TileSizing, Tiling, DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, MIN_TILE_SIZE};
 use crate::Error;
 
 fn hashes(field: &'static str, values: Vec<String>) -> Result<Vec<ImageHash>, Error> {
@@ -162,10 +162,16 @@ impl TryFrom<pb::JobSpec> for JobSpec {
             priority: s.priority,
             max_attempts: s.max_attempts,
             tiling: Tiling {
+                // 0: sized by the planner from the workers' memory, at least the default
                 tile_size: if s.tile_size == 0 {
                     DEFAULT_TILE_SIZE
                 } else {
                     s.tile_size
+                },
+                sizing: if s.tile_size == 0 {
+                    TileSizing::Planned
+                } else {
+                    TileSizing::Fixed
                 },
                 overlap: if s.overlap == 0 {
                     DEFAULT_OVERLAP
@@ -202,7 +208,10 @@ impl From<&JobSpec> for pb::JobSpec {
                 .collect(),
             priority: s.priority,
             max_attempts: s.max_attempts,
-            tile_size: s.tiling.tile_size,
+            tile_size: match s.tiling.sizing {
+                TileSizing::Planned => 0,
+                TileSizing::Fixed => s.tiling.tile_size,
+            },
             overlap: s.tiling.overlap,
             exact_tiles: s.tiling.exact,
         }
@@ -237,6 +246,12 @@ impl TryFrom<pb::TileTask> for TileTask {
             && t.height > 0
             && u64::from(t.x) + u64::from(t.width) <= u64::from(t.canvas_width)
             && u64::from(t.y) + u64::from(t.height) <= u64::from(t.canvas_height);
+        if t.tile_size < MIN_TILE_SIZE {
+            return Err(Error::invalid(
+                "tile_size",
+                format!("must be at least {MIN_TILE_SIZE}, got {}", t.tile_size),
+            ));
+        }
         if !inside || t.scale >= t.scales || t.tile >= t.tiles {
             return Err(Error::invalid(
                 "tile",

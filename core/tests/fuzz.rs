@@ -35,7 +35,7 @@ use stylefarm_core::imaging::{self, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE
 use stylefarm_core::job::{parse_sweep, ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
 use stylefarm_core::params::{ImageSize, Init, Layer, Optimizer, Pooling, RenderParams, MAX_SIZE};
 use stylefarm_core::params::{MAX_ITERATIONS, MAX_SCALES};
-use stylefarm_core::tiling::{self, AxisPlan, Tiling, MAX_TILE_SIZE, MIN_TILE_SIZE};
+use stylefarm_core::tiling::{self, AxisPlan, TileSizing, Tiling, MAX_TILE_SIZE, MIN_TILE_SIZE};
 use stylefarm_core::Error;
 use stylefarm_proto::pb;
 
@@ -1126,8 +1126,9 @@ fn tiling_strategy() -> BoxedStrategy<Tiling> {
     ];
     let exact = prop_oneof![3 => Just(false), 1 => Just(true)];
     let junk = prop_oneof![8 => Just(false), 1 => Just(true)];
-    (tile, exact, junk)
-        .prop_flat_map(|(tile_size, exact, junk)| {
+    let sizing = prop_oneof![Just(TileSizing::Fixed), Just(TileSizing::Planned)];
+    (tile, exact, junk, sizing)
+        .prop_flat_map(|(tile_size, exact, junk, sizing)| {
             let overlap = if junk {
                 prop_oneof![0..=16u32, any::<u32>()].boxed()
             } else {
@@ -1137,6 +1138,7 @@ fn tiling_strategy() -> BoxedStrategy<Tiling> {
                 tile_size,
                 overlap,
                 exact,
+                sizing,
             })
         })
         .boxed()
@@ -1308,6 +1310,7 @@ fn fuzz_tiling_stitch() {
                     tile_size,
                     overlap,
                     exact,
+                    sizing: TileSizing::Fixed,
                 };
                 (
                     RenderParams {
@@ -1401,6 +1404,11 @@ fn fuzz_tiled_jobs() {
             // the output's size in tiles, so that most pyramids have later scales
             prop_oneof![4 => (0.5..12.0f64).prop_map(Some), 1 => Just(None)],
             prop_oneof![4 => any::<Index>().prop_map(Ok), 1 => (0u32..=9).prop_map(Err)],
+            // the device memory of the workers the planner sizes tiles for (0: unknown)
+            prop_oneof![
+                1 => Just(Vec::new()),
+                2 => prop::collection::vec(prop_oneof![Just(0u64), 0..=(1u64 << 41)], 1..12),
+            ],
         )
     });
     run(
@@ -1408,7 +1416,7 @@ fn fuzz_tiled_jobs() {
         30.0,
         "passed check_sizes and expanded into the tiles of a scale",
         strategy,
-        |(kind, contents, styles, mut params, tiling, image_sizes, in_tiles, scale)| {
+        |(kind, contents, styles, mut params, tiling, image_sizes, in_tiles, scale, workers)| {
             if let Some(tiles) = in_tiles.filter(|_| (16..=MAX_SIZE).contains(&params.size)) {
                 params.size = ((f64::from(tiling.tile_size) * tiles) as u32).clamp(16, MAX_SIZE);
             }
@@ -1484,7 +1492,7 @@ fn fuzz_tiled_jobs() {
                 Ok(i) => 1 + i.index(plans.len().max(2) - 1) as u32,
                 Err(any) => any,
             };
-            match spec.scale_tasks(content.0, content.1, scale, &previous) {
+            match spec.scale_tasks(content.0, content.1, scale, &previous, &workers) {
                 Err(e) => {
                     prop_assert!(scale == 0 || scale as usize >= plans.len(), "{e}");
                     check_field(&e, &["scale"])?;
@@ -1492,7 +1500,12 @@ fn fuzz_tiled_jobs() {
                 Ok(tiles) => {
                     prop_assert!(scale >= 1 && (scale as usize) < plans.len());
                     let plan = &plans[scale as usize];
-                    prop_assert_eq!(tiles.len(), plan.tasks());
+                    if tiling.sizing == TileSizing::Fixed || workers.iter().all(|&m| m == 0) {
+                        prop_assert_eq!(tiles.len(), plan.tasks());
+                    } else {
+                        // planned tiles are never smaller than the job's tile size: no more of them
+                        prop_assert!(!tiles.is_empty() && tiles.len() <= plan.tasks());
+                    }
                     for (i, task) in tiles.iter().enumerate() {
                         let t = task.tile.as_ref().expect("a tile");
                         prop_assert_eq!((t.scale, t.scales), (scale, plans.len() as u32));
@@ -1502,6 +1515,7 @@ fn fuzz_tiled_jobs() {
                             (plan.width, plan.height)
                         );
                         prop_assert_eq!(t.exact, tiling.exact);
+                        prop_assert!(t.tile_size >= tiling.tile_size);
                         prop_assert_eq!(task.params.scales, 1);
                         prop_assert_eq!(task.params.size, plan.longest());
                         prop_assert_eq!(
@@ -1929,7 +1943,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
                 Just(styles),
                 wire_params_for(styles),
                 valid_sweep_text(styles),
-                prop_oneof![3 => tiling_strategy(), 1 => Just(Tiling { tile_size: 0, overlap: 0, exact: false })],
+                prop_oneof![3 => tiling_strategy(), 1 => Just(Tiling { tile_size: 0, overlap: 0, exact: false, sizing: TileSizing::Fixed })],
                 tweaks(job_tweak()),
             )
         })

@@ -5,21 +5,28 @@
 //!   metadata), image <-> preprocessed tensor;
 //! - [`loss`]: Gram matrix, content, style and total-variation losses, as free functions;
 //! - [`optim`]: L-BFGS (the algorithm of `torch.optim.LBFGS` without line search) and Adam, over tensors;
-//! - [`blocked`]: the objective of a large image evaluated block by block (exact gradient, memory bound by
-//!   the block);
-//! - [`render`]: targets (style Gram matrices reusable across renders, computed in blocks for large canvases),
-//!   objective, multi-scale optimization, progress and cancellation.
+//! - [`Engine`]: VGG19 loaded on one device, its options, warm-up and health probe;
+//! - [`objective`]: targets (style Gram matrices reusable across renders, computed in blocks for large
+//!   canvases), the weighted terms and their gradient, for the whole image or block by block
+//!   ([`objective::blocked`]: exact gradient, memory bound by the block);
+//! - [`render`]: the optimizer over the objective, multi-scale, progress (read back without stalling a
+//!   GPU) and cancellation;
+//! - [`tile`]: a tile of a tiled job's scale: its inputs cut from the canvas, its style targets.
 //!
 //! libtorch tensors are `Send` but not `Sync`: an [`Engine`] belongs to one thread (see CONVENTIONS.md §10).
 
-pub mod blocked;
+mod engine;
 pub mod loss;
+pub mod objective;
 pub mod optim;
 pub mod render;
+pub mod tile;
 pub mod vgg;
 
-pub use blocked::BlockedTargets;
-pub use render::{Engine, LossTerms, Progress, RenderJob, StyleGrams};
+pub use engine::{Engine, EngineOptions};
+pub use objective::blocked::BlockedTargets;
+pub use objective::{LossTerms, StyleGrams, Targets};
+pub use render::{Progress, RenderJob};
 pub use tch::Device;
 pub use vgg::{Preprocessing, Vgg19};
 

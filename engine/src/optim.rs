@@ -123,12 +123,20 @@ impl History {
 
 impl Lbfgs {
     /// Runs at most `max_iter` evaluations of `f` (and as many steps: the last step's result is not
-    /// evaluated, as in torch).
+    /// evaluated, as in torch). `f` returns the objective as a 0-dim tensor and its gradient, both left on
+    /// the device.
+    ///
+    /// One device-to-host read per iteration, of the curvature `y^T s` that decides whether the pair
+    /// enters the history; the directional derivative `g^T d` is checked on the device (a direction that
+    /// is not a descent one by `-tolerance_change` leaves `x` where it is) and read with the next curvature.
+    /// Torch stops before such a step; here the loop stops one evaluation later, at the same `x` (an
+    /// ascent direction cannot arise from pairs with positive curvature: in practice the check never
+    /// fires). The objective is read only for the tolerances that are enabled (non-negative).
     pub fn minimize<E>(
         &self,
         x: &mut Tensor,
         max_iter: usize,
-        mut f: impl FnMut(&Tensor) -> Result<(f64, Tensor), E>,
+        mut f: impl FnMut(&Tensor) -> Result<(Tensor, Tensor), E>,
     ) -> Result<usize, E> {
         let mut xf = x.view([-1]);
         let flat = |g: Tensor| g.contiguous().view([-1]);
@@ -140,20 +148,37 @@ impl Lbfgs {
         if grad_converged(&g) {
             return Ok(0);
         }
+        let device = g.device();
+        let scalar = |v: f64| Tensor::from(v as f32).to_device(device);
         let mut history: Option<History> = None;
-        let mut h_diag = Tensor::from(1.0f32).to_device(g.device());
+        let mut h_diag = scalar(1.0);
         let mut d = Tensor::new();
-        let mut t = 0.0;
+        let mut t = Tensor::new();
         let mut prev_g: Option<Tensor> = None;
+        // 1 where the last step was skipped for not descending (read with the next curvature)
+        let mut skipped: Option<Tensor> = None;
         let mut steps = 0;
         for n_iter in 1..=max_iter {
             if n_iter == 1 {
                 d = -&g;
             } else {
                 let y = &g - prev_g.as_ref().expect("previous gradient");
-                let s = &d * t;
+                let s = &d * &t;
                 let ys = y.dot(&s);
-                if ys.double_value(&[]) > 1e-10 {
+                let read = Tensor::stack(
+                    &[
+                        ys.to_kind(Kind::Double),
+                        skipped.take().expect("a step before").to_kind(Kind::Double),
+                    ],
+                    0,
+                );
+                let read = Vec::<f64>::try_from(&read.to_device(tch::Device::Cpu))
+                    .expect("two host values");
+                if read[1] != 0.0 {
+                    steps -= 1;
+                    break;
+                }
+                if read[0] > 1e-10 {
                     h_diag = &ys / y.dot(&y);
                     history
                         .get_or_insert_with(|| History::new(self.history_size, &g))
@@ -165,20 +190,22 @@ impl Lbfgs {
                 };
             }
             prev_g = Some(g.shallow_clone());
-            let prev_loss = loss;
+            let prev_loss = loss.shallow_clone();
             t = if n_iter == 1 {
-                let inv = (1.0f64 / g.abs().sum(Kind::Float)).double_value(&[]);
-                inv.min(1.0) * self.lr
+                // min(1, 1 / sum|g|) * lr, on the device
+                g.abs()
+                    .sum(Kind::Float)
+                    .reciprocal()
+                    .clamp_max(1.0)
+                    .g_mul(&scalar(self.lr))
             } else {
-                self.lr
+                scalar(self.lr)
             };
-            let gtd = g.dot(&d).double_value(&[]);
-            if gtd > -self.tolerance_change {
-                break;
-            }
+            let descends = g.dot(&d).le(-self.tolerance_change);
             tch::no_grad(|| {
-                let _ = xf.addcmul_(&d, &Tensor::from(t as f32).to_device(d.device()));
+                let _ = xf.addcmul_(&d, &t.where_self(&descends, &scalar(0.0)));
             });
+            skipped = Some(descends.logical_not());
             steps += 1;
             if n_iter == max_iter {
                 break;
@@ -189,11 +216,21 @@ impl Lbfgs {
             if grad_converged(&g) {
                 break;
             }
-            if self.tolerance_change >= 0.0 && abs_max(&(&d * t)) <= self.tolerance_change {
-                break;
+            if self.tolerance_change >= 0.0 {
+                if abs_max(&(&d * &t)) <= self.tolerance_change {
+                    break;
+                }
+                if (loss.double_value(&[]) - prev_loss.double_value(&[])).abs()
+                    < self.tolerance_change
+                {
+                    break;
+                }
             }
-            if (loss - prev_loss).abs() < self.tolerance_change {
-                break;
+        }
+        // a last step not read yet: did it move x?
+        if let Some(skipped) = skipped {
+            if skipped.to_kind(Kind::Int64).int64_value(&[]) != 0 {
+                steps -= 1;
             }
         }
         Ok(steps)
@@ -224,7 +261,7 @@ impl Adam {
         &self,
         x: &mut Tensor,
         steps: usize,
-        mut f: impl FnMut(&Tensor) -> Result<(f64, Tensor), E>,
+        mut f: impl FnMut(&Tensor) -> Result<(Tensor, Tensor), E>,
     ) -> Result<usize, E> {
         let mut m = x.zeros_like();
         let mut v = x.zeros_like();
@@ -255,7 +292,7 @@ mod tests {
         Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
     }
 
-    fn rosenbrock(x: &Tensor) -> Result<(f64, Tensor), Infallible> {
+    fn rosenbrock(x: &Tensor) -> Result<(Tensor, Tensor), Infallible> {
         let v = values(x);
         let (a, b) = (v[0], v[1]);
         let f = (1.0 - a).powi(2) + 100.0 * (b - a * a).powi(2);
@@ -263,7 +300,7 @@ mod tests {
             -2.0 * (1.0 - a) - 400.0 * a * (b - a * a),
             200.0 * (b - a * a),
         ];
-        Ok((f, Tensor::from_slice(&g.map(|v| v as f32))))
+        Ok((Tensor::from(f), Tensor::from_slice(&g.map(|v| v as f32))))
     }
 
     #[test]
@@ -278,13 +315,32 @@ mod tests {
         let steps = Lbfgs::default()
             .minimize(&mut x, 60, |x| {
                 let ax = a.matmul(x);
-                let f = (x.dot(&ax) * 0.5 - b.dot(x)).double_value(&[]);
+                let f = x.dot(&ax) * 0.5 - b.dot(x);
                 Ok::<_, Infallible>((f, ax - &b))
             })
             .unwrap();
         assert!(steps > 0);
         for (got, want) in values(&x).iter().zip(&expected) {
             assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn lbfgs_takes_no_step_that_does_not_descend_by_the_tolerance() {
+        // g^T d = -0.08 at the start, above -tolerance_change: torch stops before its first step
+        for max_iter in [1, 2, 5] {
+            let mut x = Tensor::from_slice(&[0.1f32, 0.1]);
+            let lbfgs = Lbfgs {
+                tolerance_change: 1.0,
+                ..Default::default()
+            };
+            let steps = lbfgs
+                .minimize(&mut x, max_iter, |x| {
+                    Ok::<_, Infallible>((x.square().sum(Kind::Float), 2 * x))
+                })
+                .unwrap();
+            assert_eq!(steps, 0, "max_iter {max_iter}");
+            assert_eq!(values(&x), [0.1f32 as f64; 2]);
         }
     }
 
@@ -304,7 +360,7 @@ mod tests {
         let mut x = Tensor::from_slice(&[3.0f32, -2.0]);
         Adam::new(0.1)
             .minimize(&mut x, 500, |x| {
-                Ok::<_, Infallible>((x.square().sum(Kind::Float).double_value(&[]), 2 * x))
+                Ok::<_, Infallible>((x.square().sum(Kind::Float), 2 * x))
             })
             .unwrap();
         assert!(
@@ -347,7 +403,7 @@ mod tests {
                     let g = Tensor::run_backward(&[&f], &[&xg], false, false)
                         .pop()
                         .unwrap();
-                    Ok::<_, Infallible>((f.double_value(&[]), g))
+                    Ok::<_, Infallible>((f.detach(), g))
                 })
                 .unwrap();
             assert_eq!(seen.len(), iterates.len(), "{name}: evaluations");

@@ -1,20 +1,17 @@
-//! One render: targets under no_grad, the objective with its gradient, the optimizer, multi-scale, progress.
+//! One render: the optimizer over the objective (`crate::objective`), multi-scale, progress, cancellation.
 
 use std::ops::ControlFlow;
-use std::path::Path;
 use std::rc::Rc;
 use std::time::Instant;
 
 use image::{Rgb32FImage, RgbImage};
-use serde::Serialize;
 use stylefarm_core::imaging;
-use stylefarm_core::{ImageSize, Init, Layer, Optimizer, RenderParams};
+use stylefarm_core::{ImageSize, Init, Optimizer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
-use crate::blocked::{self, BlockedTargets};
-use crate::loss::{content_loss, gram, style_loss, tv_loss};
+use crate::engine::Engine;
+use crate::objective::{to_f64s, LossTerms, StyleGrams};
 use crate::optim::{Adam, Lbfgs};
-use crate::vgg::Vgg19;
 use crate::Error;
 
 /// The images and parameters of one render.
@@ -85,42 +82,6 @@ fn check_inputs(
 /// Where [`Engine::render_with`] gets the style targets of a style side: e.g. a cache shared across tasks.
 pub type StyleSource<'a> = dyn FnMut(&Engine, u32) -> Result<Rc<StyleGrams>, Error> + 'a;
 
-/// The blended Gram matrices of a style set at one style size, one per style layer: the style targets that
-/// every task and every tile with the same (style images, blend, size, layers, pooling) share.
-pub struct StyleGrams {
-    grams: Vec<Tensor>,
-}
-
-impl StyleGrams {
-    /// The Gram matrix of each style layer, in `params.style_layers` order.
-    pub fn grams(&self) -> &[Tensor] {
-        &self.grams
-    }
-
-    /// `self + plus - minus`, layer by layer: e.g. a tile's target that keeps the tile's own deviation
-    /// from its canvas (`plus` the tile's Grams, `minus` the canvas').
-    pub fn offset(&self, plus: &StyleGrams, minus: &StyleGrams) -> StyleGrams {
-        StyleGrams {
-            grams: self
-                .grams
-                .iter()
-                .zip(&plus.grams)
-                .zip(&minus.grams)
-                .map(|((a, p), m)| a + p - m)
-                .collect(),
-        }
-    }
-}
-
-/// The weighted terms of the objective and their sum.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct LossTerms {
-    pub content: f64,
-    pub style: f64,
-    pub tv: f64,
-    pub total: f64,
-}
-
 /// Reported once per evaluation of the objective: iteration 0 is the initial image of a scale, iteration k
 /// the image after k steps.
 #[derive(Debug, Clone, Copy)]
@@ -138,239 +99,13 @@ pub struct Progress {
     pub elapsed: f64,
 }
 
-/// The targets of one scale: content feature maps and blended style Gram matrices, computed once.
-pub struct Targets {
-    /// The distinct layers the objective reads, in network order.
-    layers: Vec<Layer>,
-    /// (position in `layers`, content feature map)
-    content: Vec<(usize, Tensor)>,
-    /// (position in `layers`, blended Gram matrix)
-    style: Vec<(usize, Tensor)>,
-}
-
-/// The targets of one scale of a render: for the whole image at once, or block by block.
-enum ScaleTargets {
-    Whole(Targets),
-    Blocked(BlockedTargets),
-}
-
-/// VGG19 on one device, loaded once and reused for any number of renders.
-pub struct Engine {
-    vgg: Vgg19,
-    device: Device,
-}
-
-fn to_f64s(t: &Tensor) -> Result<Vec<f64>, Error> {
-    Ok(Vec::<f64>::try_from(
-        &t.f_to_kind(Kind::Double)?
-            .f_to_device(Device::Cpu)?
-            .flatten(0, -1),
-    )?)
-}
+/// How many evaluations' losses a render on a GPU reads back at once (progress, cancellation): a read
+/// waits for the device to finish its queue, and a queue that runs empty idles the device while the host
+/// launches the next kernels. On the CPU each evaluation's losses are read as they come (nothing to wait
+/// for).
+pub const GPU_READ_INTERVAL: usize = 10;
 
 impl Engine {
-    /// Loads the weights onto `device`.
-    pub fn load(weights: &Path, device: Device) -> Result<Engine, Error> {
-        if let Device::Cuda(_) = device {
-            tch::Cuda::cudnn_set_benchmark(true);
-        }
-        Ok(Engine {
-            vgg: Vgg19::load(weights, device)?,
-            device,
-        })
-    }
-
-    pub fn device(&self) -> Device {
-        self.device
-    }
-
-    pub fn vgg(&self) -> &Vgg19 {
-        &self.vgg
-    }
-
-    /// Whether the engine still renders: a 16 x 16 image through VGG19's first convolution on the device,
-    /// read back to the host (e.g. after a failure, to tell a bad task from a lost device).
-    pub fn probe(&self) -> Result<(), Error> {
-        let x = Tensor::f_zeros([1, 3, 16, 16], (Kind::Float, self.device))?;
-        let f = self
-            .vgg
-            .features(&x, stylefarm_core::Pooling::Max, &[Layer::new(1, 1)])?;
-        to_f64s(&f[0].f_sum(Kind::Float)?)?;
-        Ok(())
-    }
-
-    /// Content and style targets for a working content image; style images are resized so that their
-    /// longest side is `round(longest * style_scale)`, `longest` being the working size of this scale.
-    pub fn targets(
-        &self,
-        content: &RgbImage,
-        styles: &[RgbImage],
-        longest: u32,
-        params: &RenderParams,
-    ) -> Result<Targets, Error> {
-        let grams = self.style_grams(styles, params.style_side(longest), params, None)?;
-        self.targets_with(content, &grams, params)
-    }
-
-    /// The blended Gram matrices of `styles`, each resized so its longest side is `side`. With `block`, a
-    /// style image larger than it is run through the network in blocks of at most `block` px (halos
-    /// included) whose Gram sums are added up, so the memory needed depends on the block, not on `side`.
-    pub fn style_grams(
-        &self,
-        styles: &[RgbImage],
-        side: u32,
-        params: &RenderParams,
-        block: Option<u32>,
-    ) -> Result<StyleGrams, Error> {
-        let pre = self.vgg.preprocessing();
-        tch::no_grad(|| {
-            let mut grams: Vec<Option<Tensor>> = params.style_layers.iter().map(|_| None).collect();
-            for (img, w) in styles.iter().zip(params.blend_weights(styles.len())) {
-                let img = imaging::resize_longest(img, side);
-                let of_image: Vec<Tensor> = match block {
-                    Some(b) if img.width().max(img.height()) > b => {
-                        blocked::image_grams(self, &img, b, params)?
-                    }
-                    _ => self
-                        .vgg
-                        .features(
-                            &pre.preprocess(&img, self.device),
-                            params.pooling,
-                            &params.style_layers,
-                        )?
-                        .iter()
-                        .map(gram)
-                        .collect(),
-                };
-                for (acc, g) in grams.iter_mut().zip(of_image) {
-                    let g = g * w;
-                    *acc = Some(match acc.take() {
-                        Some(sum) => sum + g,
-                        None => g,
-                    });
-                }
-            }
-            let grams = grams.into_iter().collect::<Option<Vec<Tensor>>>();
-            Ok(StyleGrams {
-                grams: grams.ok_or_else(|| {
-                    Error::Core(stylefarm_core::Error::invalid(
-                        "style",
-                        "at least one style image is needed",
-                    ))
-                })?,
-            })
-        })
-    }
-
-    /// Targets for a working content image with precomputed style Gram matrices.
-    pub fn targets_with(
-        &self,
-        content: &RgbImage,
-        style: &StyleGrams,
-        params: &RenderParams,
-    ) -> Result<Targets, Error> {
-        let mut layers: Vec<Layer> = params
-            .content_layers
-            .iter()
-            .chain(&params.style_layers)
-            .copied()
-            .collect();
-        layers.sort();
-        layers.dedup();
-        // `layers` is made of the content and style layers: each is there
-        let pos = |l: &Layer| layers.iter().position(|x| x == l).expect("layer listed");
-        let pre = self.vgg.preprocessing();
-        tch::no_grad(|| {
-            let content_features = self.vgg.features(
-                &pre.preprocess(content, self.device),
-                params.pooling,
-                &params.content_layers,
-            )?;
-            let content = params
-                .content_layers
-                .iter()
-                .map(pos)
-                .zip(content_features)
-                .collect();
-            let style = params
-                .style_layers
-                .iter()
-                .map(pos)
-                .zip(style.grams.iter().map(Tensor::shallow_clone))
-                .collect();
-            Ok(Targets {
-                layers: layers.clone(),
-                content,
-                style,
-            })
-        })
-    }
-
-    /// The weighted terms `[content, style, tv, total]` at `x` (preprocessed, `1 x 3 x H x W`).
-    fn terms(
-        &self,
-        x: &Tensor,
-        targets: &Targets,
-        params: &RenderParams,
-    ) -> Result<[Tensor; 4], Error> {
-        let features = self.vgg.features(x, params.pooling, &targets.layers)?;
-        let zero = || Tensor::zeros([], (Kind::Float, self.device));
-        let content = targets
-            .content
-            .iter()
-            .map(|(i, p)| content_loss(&features[*i], p, params.content_weight))
-            .fold(zero(), |a, b| a + b);
-        // layer_weight is 1 for every style layer (ALGORITHM.md)
-        let style = targets
-            .style
-            .iter()
-            .map(|(i, a)| style_loss(&features[*i], a, params.style_weight))
-            .fold(zero(), |a, b| a + b);
-        let tv = if params.tv_weight > 0.0 {
-            tv_loss(x, params.tv_weight)
-        } else {
-            zero()
-        };
-        let total = &content + &style + &tv;
-        Ok([content, style, tv, total])
-    }
-
-    fn losses_of(terms: &[Tensor; 4]) -> Result<LossTerms, Error> {
-        let v = to_f64s(&Tensor::f_stack(terms, 0)?.detach())?;
-        Ok(LossTerms {
-            content: v[0],
-            style: v[1],
-            tv: v[2],
-            total: v[3],
-        })
-    }
-
-    /// The objective and its gradient with respect to `x`.
-    pub fn objective(
-        &self,
-        x: &Tensor,
-        targets: &Targets,
-        params: &RenderParams,
-    ) -> Result<(LossTerms, Tensor), Error> {
-        let xg = x.detach().set_requires_grad(true);
-        let terms = self.terms(&xg, targets, params)?;
-        let mut grads = Tensor::f_run_backward(&[&terms[3]], &[&xg], false, false)?;
-        let grad = grads.pop().ok_or_else(|| {
-            Error::Torch(tch::TchError::Torch("backward gave no gradient".into()))
-        })?;
-        Ok((Self::losses_of(&terms)?, grad))
-    }
-
-    /// The objective at `x`, without a gradient.
-    pub fn losses(
-        &self,
-        x: &Tensor,
-        targets: &Targets,
-        params: &RenderParams,
-    ) -> Result<LossTerms, Error> {
-        tch::no_grad(|| Self::losses_of(&self.terms(x, targets, params)?))
-    }
-
     /// The objective of `job` evaluated at an image of the output's size (e.g. to measure a finished render).
     pub fn evaluate(&self, job: &RenderJob, image: &RgbImage) -> Result<LossTerms, Error> {
         let (w, h) = image.dimensions();
@@ -386,67 +121,19 @@ impl Engine {
         let grams =
             self.style_grams(&job.styles, params.style_side(w.max(h)), &params, job.block)?;
         let targets = self.scale_targets(&content, &grams, &params, job.block)?;
-        let x = self.vgg.preprocessing().preprocess(image, self.device);
+        let x = self.vgg().preprocessing().preprocess(image, self.device());
         self.scale_losses(&x, &targets, &params)
     }
 
-    /// The targets of a working content image: block by block when it is larger than `block`.
-    fn scale_targets(
-        &self,
-        content: &RgbImage,
-        style: &StyleGrams,
-        params: &RenderParams,
-        block: Option<u32>,
-    ) -> Result<ScaleTargets, Error> {
-        Ok(match block {
-            Some(b) if content.width().max(content.height()) > b => {
-                ScaleTargets::Blocked(BlockedTargets::new(
-                    self,
-                    &self.vgg.preprocessing().preprocess(content, self.device),
-                    style,
-                    params,
-                    b,
-                )?)
-            }
-            _ => ScaleTargets::Whole(self.targets_with(content, style, params)?),
-        })
-    }
-
-    /// The objective and its gradient at `x`, for either kind of targets.
-    fn scale_objective(
-        &self,
-        x: &Tensor,
-        targets: &ScaleTargets,
-        params: &RenderParams,
-    ) -> Result<(LossTerms, Tensor), Error> {
-        match targets {
-            ScaleTargets::Whole(t) => self.objective(x, t, params),
-            ScaleTargets::Blocked(t) => self.objective_blocked(x, t, params),
-        }
-    }
-
-    /// The objective at `x` without a gradient, for either kind of targets.
-    fn scale_losses(
-        &self,
-        x: &Tensor,
-        targets: &ScaleTargets,
-        params: &RenderParams,
-    ) -> Result<LossTerms, Error> {
-        match targets {
-            ScaleTargets::Whole(t) => self.losses(x, t, params),
-            ScaleTargets::Blocked(t) => self.losses_blocked(x, t, params),
-        }
-    }
-
     fn initial(&self, job: &RenderJob, content: &RgbImage) -> Result<Tensor, Error> {
-        let pre = self.vgg.preprocessing();
+        let pre = self.vgg().preprocessing();
         let (w, h) = content.dimensions();
         Ok(match &job.params.init {
-            Init::Content => pre.preprocess(content, self.device),
+            Init::Content => pre.preprocess(content, self.device()),
             Init::Noise => {
                 tch::manual_seed(job.params.seed as i64);
                 Tensor::randn([1, 3, h as i64, w as i64], (Kind::Float, Device::Cpu))
-                    .to_device(self.device)
+                    .to_device(self.device())
                     * pre.noise_sigma()
             }
             Init::Image(path) => {
@@ -456,7 +143,7 @@ impl Engine {
                         format!("{}: init image not loaded", path.display()),
                     )
                 })?;
-                pre.preprocess(&imaging::resize(img, w, h), self.device)
+                pre.preprocess(&imaging::resize(img, w, h), self.device())
             }
         })
     }
@@ -493,7 +180,7 @@ impl Engine {
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<RgbImage, Error> {
         let x = self.optimize(job, style_for, on_progress)?;
-        let out = self.vgg.preprocessing().deprocess(&x)?;
+        let out = self.vgg().preprocessing().deprocess(&x)?;
         Ok(if job.params.original_colors {
             imaging::original_colors(&out, &job.content)
         } else {
@@ -513,7 +200,7 @@ impl Engine {
             &mut |engine, side| engine.own_style_grams(job, side),
             on_progress,
         )?;
-        let out = self.vgg.preprocessing().deprocess_f32(&x)?;
+        let out = self.vgg().preprocessing().deprocess_f32(&x)?;
         Ok(if job.params.original_colors {
             imaging::original_colors_f32(&out, &job.content)
         } else {
@@ -566,11 +253,50 @@ impl Engine {
                     ControlFlow::Break(()) => Err(Error::Cancelled),
                 }
             };
-            let mut f = |x: &Tensor| -> Result<(f64, Tensor), Error> {
-                let (losses, grad) = self.scale_objective(x, &targets, params)?;
-                report(evaluations, losses)?;
+            // the evaluations' terms not read yet: read (and reported) GPU_READ_INTERVAL at a time on a
+            // GPU, one at a time on the CPU
+            let read_interval = if self.device().is_cuda() {
+                GPU_READ_INTERVAL
+            } else {
+                1
+            };
+            let mut unread: Vec<(u32, Tensor)> = Vec::new();
+            let flush = |unread: &mut Vec<(u32, Tensor)>,
+                         report: &mut dyn FnMut(u32, LossTerms) -> Result<(), Error>|
+             -> Result<(), Error> {
+                if unread.is_empty() {
+                    return Ok(());
+                }
+                let all = Tensor::f_stack(
+                    &unread
+                        .iter()
+                        .map(|(_, t)| t.shallow_clone())
+                        .collect::<Vec<_>>(),
+                    0,
+                )?;
+                let values = to_f64s(&all)?;
+                for ((iteration, _), v) in unread.drain(..).zip(values.chunks(4)) {
+                    report(
+                        iteration,
+                        LossTerms {
+                            content: v[0],
+                            style: v[1],
+                            tv: v[2],
+                            total: v[3],
+                        },
+                    )?;
+                }
+                Ok(())
+            };
+            let mut f = |x: &Tensor| -> Result<(Tensor, Tensor), Error> {
+                let (terms, grad) = self.scale_objective(x, &targets, params)?;
+                let total = terms.f_get(3)?;
+                unread.push((evaluations, terms));
                 evaluations += 1;
-                Ok((losses.total, grad))
+                if unread.len() >= read_interval {
+                    flush(&mut unread, &mut report)?;
+                }
+                Ok((total, grad))
             };
             let steps = match params.optimizer {
                 Optimizer::Lbfgs => {
@@ -584,6 +310,7 @@ impl Engine {
                     Adam::new(params.learning_rate).minimize(&mut xs, n as usize, &mut f)?
                 }
             } as u32;
+            flush(&mut unread, &mut report)?;
             if steps == evaluations {
                 // the last step's image has not been evaluated yet
                 report(steps, self.scale_losses(&xs, &targets, params)?)?;

@@ -109,6 +109,17 @@ impl Preprocessing {
 pub struct Vgg19 {
     convs: Vec<(Tensor, Tensor)>,
     preprocessing: Preprocessing,
+    /// Activations and weights in the channels-last layout (NHWC strides for NCHW shapes, what
+    /// `torch.channels_last` makes): the layout cuDNN's tensor-core convolutions prefer.
+    channels_last: bool,
+}
+
+/// `t` (`N x C x H x W`) with channels-last strides: the same values and shape, NHWC in memory (PyTorch's
+/// `t.contiguous(memory_format=torch.channels_last)`, which tch does not expose).
+fn to_channels_last(t: &Tensor) -> Result<Tensor, Error> {
+    Ok(t.f_permute([0, 2, 3, 1])?
+        .f_contiguous()?
+        .f_permute([0, 3, 1, 2])?)
 }
 
 /// Reads the JSON header's `__metadata__` of a safetensors file.
@@ -193,7 +204,27 @@ impl Vgg19 {
         Ok(Vgg19 {
             convs,
             preprocessing,
+            channels_last: false,
         })
+    }
+
+    /// Puts the weights, and from then on every input, in the channels-last layout (or back).
+    pub fn set_channels_last(&mut self, on: bool) -> Result<(), Error> {
+        if on != self.channels_last {
+            for (w, _) in &mut self.convs {
+                *w = if on {
+                    to_channels_last(w)?
+                } else {
+                    w.f_contiguous()?
+                };
+            }
+            self.channels_last = on;
+        }
+        Ok(())
+    }
+
+    pub fn channels_last(&self) -> bool {
+        self.channels_last
     }
 
     pub fn preprocessing(&self) -> Preprocessing {
@@ -228,7 +259,11 @@ impl Vgg19 {
         }
         let deepest = deepest.index();
         let mut out: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
-        let mut h = x.shallow_clone();
+        let mut h = if self.channels_last {
+            to_channels_last(x)?
+        } else {
+            x.shallow_clone()
+        };
         for (i, (w, b)) in self.convs.iter().enumerate().take(deepest + 1) {
             h = h
                 .f_conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1)?

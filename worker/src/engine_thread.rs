@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use image::RgbImage;
-use stylefarm_core::{imaging, RenderParams};
-use stylefarm_engine::{Device, Engine, Progress, RenderJob, StyleGrams};
+use stylefarm_core::{Layer, Pooling};
+use stylefarm_engine::{Device, Engine, EngineOptions, Progress, RenderJob, StyleGrams};
 use tokio::sync::{oneshot, watch};
 
 /// Style targets kept on the engine thread.
@@ -44,10 +44,33 @@ pub struct TileCanvas {
     pub height: u32,
 }
 
-/// Style targets by key, the oldest dropped first.
+/// What a cached set of Gram matrices depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum TargetKey {
+    /// The style images' blended Grams at a style side ([`Engine::style_grams`]).
+    Style {
+        styles: Vec<String>,
+        /// The blend weights' bits (f64 is not `Eq`).
+        blend: Vec<u64>,
+        side: u32,
+        layers: Vec<Layer>,
+        pooling: Pooling,
+        block: Option<u32>,
+    },
+    /// A tile's canvas at the start of its scale ([`Engine::canvas_grams`]): the previous scale's hash.
+    Canvas {
+        init: String,
+        size: (u32, u32),
+        layers: Vec<Layer>,
+        pooling: Pooling,
+        block: Option<u32>,
+    },
+}
+
+/// Gram matrices by key, the oldest dropped first.
 #[derive(Default)]
 struct StyleCache {
-    entries: VecDeque<(String, Rc<StyleGrams>)>,
+    entries: VecDeque<(TargetKey, Rc<StyleGrams>)>,
     hits: u64,
     misses: u64,
 }
@@ -55,7 +78,7 @@ struct StyleCache {
 impl StyleCache {
     fn get(
         &mut self,
-        key: String,
+        key: TargetKey,
         compute: impl FnOnce() -> Result<StyleGrams, stylefarm_engine::Error>,
     ) -> Result<Rc<StyleGrams>, stylefarm_engine::Error> {
         if let Some((_, grams)) = self.entries.iter().find(|(k, _)| *k == key) {
@@ -148,7 +171,7 @@ impl Resident {
         tracing::error!(reason = why, "the engine does not render; reloading VGG19");
         self.cache = StyleCache::default();
         let device = self.engine.device();
-        let engine = Engine::load(&self.weights, device)
+        let engine = Engine::load_with(&self.weights, device, self.engine.options())
             .map_err(|e| format!("{why}; reloading failed: {e}"))?;
         healthy(&engine).map_err(|e| format!("{why}; after a reload still: {e}"))?;
         self.engine = engine;
@@ -175,43 +198,41 @@ impl Resident {
         };
         let params = &req.job.params;
         let mut style_for = |engine: &Engine, side: u32| {
-            // the key names everything the Gram matrices depend on
-            let key = format!(
-                "{:?} blend={:?} side={side} layers={:?} pooling={:?} block={:?}",
-                req.style.styles,
-                params.blend_weights(req.style.styles.len()),
-                params.style_layers,
-                params.pooling,
-                req.style.block,
-            );
-            let global = cache.get(key.clone(), || {
-                engine.style_grams(&req.job.styles, side, params, req.style.block)
-            })?;
+            let global = cache.get(
+                TargetKey::Style {
+                    styles: req.style.styles.clone(),
+                    blend: params
+                        .blend_weights(req.style.styles.len())
+                        .iter()
+                        .map(|w| w.to_bits())
+                        .collect(),
+                    side,
+                    layers: params.style_layers.clone(),
+                    pooling: params.pooling,
+                    block: req.style.block,
+                },
+                || engine.style_grams(&req.job.styles, side, params, req.style.block),
+            )?;
             let Some(canvas) = &req.style.tile_canvas else {
                 return Ok(global);
             };
-            // a tile matches the global Grams in aggregate: its target keeps the tile's own deviation from
-            // the whole canvas at the start (from the coarser scale, rendered whole), so that the tiles'
-            // Grams average to the global ones
-            let alone = RenderParams {
-                style_blend: Vec::new(),
-                ..params.clone()
-            };
-            let longest = canvas.width.max(canvas.height);
-            let whole = cache.get(format!("canvas {} {key}", canvas.init), || {
-                let whole = imaging::resize(&canvas.previous, canvas.width, canvas.height);
-                engine.style_grams(&[whole], longest, &alone, req.style.block)
-            })?;
+            let size = (canvas.width, canvas.height);
+            let whole = cache.get(
+                TargetKey::Canvas {
+                    init: canvas.init.clone(),
+                    size,
+                    layers: params.style_layers.clone(),
+                    pooling: params.pooling,
+                    block: req.style.block,
+                },
+                || engine.canvas_grams(&canvas.previous, size, params, req.style.block),
+            )?;
             let tile = req.job.init_image.as_ref().ok_or_else(|| {
                 stylefarm_core::Error::invalid("init", "a tile needs its init image")
             })?;
-            let own = engine.style_grams(
-                std::slice::from_ref(tile),
-                tile.width().max(tile.height()),
-                &alone,
-                None,
-            )?;
-            Ok(Rc::new(global.offset(&own, &whole)))
+            Ok(Rc::new(
+                engine.tile_style_grams(&global, &whole, tile, params)?,
+            ))
         };
         self.engine
             .render_with(&req.job, &mut style_for, &mut on_progress)
@@ -225,9 +246,13 @@ impl EngineThread {
     /// reason than memory, is followed by a check of the engine: when it no longer renders, VGG19 is
     /// reloaded; when that fails too, the thread stops, [`EngineThread::lost`] says why, and every later
     /// render fails with [`RenderError::Lost`].
+    ///
+    /// The engine is warmed up ([`Engine::warm_up`]) before `start` returns: the device's one-time costs
+    /// are paid once per worker, before its first task.
     pub fn start(
         weights: PathBuf,
         device: Device,
+        options: EngineOptions,
     ) -> Result<EngineThread, stylefarm_engine::Error> {
         let (requests, inbox) = std::sync::mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -236,8 +261,21 @@ impl EngineThread {
         std::thread::Builder::new()
             .name(format!("engine-{device:?}").to_lowercase())
             .spawn(move || {
-                let engine = match Engine::load(&weights, device) {
-                    Ok(engine) => {
+                let started = Instant::now();
+                let loaded = Engine::load_with(&weights, device, options).and_then(|engine| {
+                    let load_s = started.elapsed().as_secs_f64();
+                    engine.warm_up()?;
+                    Ok((engine, load_s))
+                });
+                let engine = match loaded {
+                    Ok((engine, load_s)) => {
+                        tracing::info!(
+                            ?device,
+                            ?options,
+                            load_s,
+                            warm_up_s = started.elapsed().as_secs_f64() - load_s,
+                            "engine loaded"
+                        );
                         let _ = ready_tx.send(Ok(()));
                         engine
                     }
@@ -246,7 +284,6 @@ impl EngineThread {
                         return;
                     }
                 };
-                tracing::info!(?device, "engine loaded");
                 let mut resident = Resident {
                     engine,
                     cache: StyleCache::default(),
@@ -334,6 +371,7 @@ impl EngineThread {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
+    use stylefarm_core::RenderParams;
 
     fn request(
         engine: &EngineThread,
@@ -370,7 +408,8 @@ mod tests {
             &weights,
         )
         .unwrap();
-        let engine = EngineThread::start(weights.clone(), Device::Cpu).unwrap();
+        let engine =
+            EngineThread::start(weights.clone(), Device::Cpu, EngineOptions::default()).unwrap();
         let params = RenderParams {
             size: 32,
             iterations: 2,

@@ -4,6 +4,7 @@
 //! chunks, and drains on shutdown: the task at hand finishes, no new one is taken. When the coordinator is
 //! away it retries with backoff.
 
+mod device;
 mod engine_thread;
 
 use std::collections::VecDeque;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use stylefarm_core::job::{ImageHash, TileTask};
 use stylefarm_core::{imaging, Init, RenderParams};
-use stylefarm_engine::{Device, Progress, RenderJob};
+use stylefarm_engine::{Device, EngineOptions, Progress, RenderJob};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
 use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
@@ -52,6 +53,11 @@ pub struct WorkerConfig {
     pub weights: PathBuf,
     /// How long one LeaseTask call waits for work.
     pub lease_wait: Duration,
+    /// The device memory to report, in bytes (default: the device's own, [`device::total_memory`]): the
+    /// coordinator sizes tiled jobs' tiles for it.
+    pub device_memory: Option<u64>,
+    /// How the engine runs on its device.
+    pub engine: EngineOptions,
 }
 
 /// Decoded input images by hash, bounded by their decoded bytes (a batch of large photos must not pile
@@ -59,6 +65,8 @@ pub struct WorkerConfig {
 struct ImageCache {
     images: VecDeque<(ImageHash, Arc<RgbImage>)>,
     max_bytes: usize,
+    /// Bytes downloaded from the coordinator so far (encoded, as they travelled).
+    downloaded: u64,
 }
 
 /// How long a worker tries to report a task's outcome (a large result's upload included).
@@ -72,6 +80,7 @@ impl ImageCache {
         ImageCache {
             images: VecDeque::new(),
             max_bytes,
+            downloaded: 0,
         }
     }
 
@@ -128,6 +137,7 @@ impl ImageCache {
                     .data,
             );
         }
+        self.downloaded += bytes.len() as u64;
         if ImageHash::of(&bytes) != hash {
             return Err(Failure::Transient(format!(
                 "downloading {hash}: the bytes do not match their hash"
@@ -224,7 +234,7 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let engine = EngineThread::start(config.weights.clone(), config.device)?;
+    let engine = EngineThread::start(config.weights.clone(), config.device, config.engine)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop_on_signal = stop.clone();
     tokio::spawn(async move {
@@ -233,6 +243,10 @@ pub async fn run(
         stop_on_signal.store(true, Ordering::Relaxed);
     });
     let mut cache = ImageCache::new(IMAGE_CACHE_BYTES);
+    let memory_bytes = config
+        .device_memory
+        .or_else(|| device::total_memory(config.device))
+        .unwrap_or(0);
     'connect: while !stop.load(Ordering::Relaxed) {
         let Some(mut client) = connect(&config.coordinator, &stop).await else {
             break;
@@ -241,7 +255,7 @@ pub async fn run(
             .register_worker(pb::RegisterWorkerRequest {
                 name: config.name.clone(),
                 device: format!("{:?}", config.device).to_lowercase(),
-                memory_bytes: 0,
+                memory_bytes,
                 version: env!("CARGO_PKG_VERSION").into(),
             })
             .await;
@@ -255,7 +269,7 @@ pub async fn run(
         };
         let worker_id = registered.worker_id;
         let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
-        tracing::info!(worker_id, "registered");
+        tracing::info!(worker_id, memory_bytes, "registered");
         while !stop.load(Ordering::Relaxed) {
             if let Some(why) = engine.lost() {
                 tracing::error!(reason = why, "the engine cannot render: leaving the farm");
@@ -298,8 +312,10 @@ pub async fn run(
                     progress_rx,
                     cancel.clone(),
                 );
+                let downloaded_before = cache.downloaded;
                 let outcome =
                     run_task(&engine, &mut client, &mut cache, task, cancel, progress_tx).await;
+                let downloaded = cache.downloaded - downloaded_before;
                 // a report that hangs must not keep the lease alive forever: give up, let it lapse
                 if tokio::time::timeout(REPORT_TIMEOUT, report(&mut client, &lease_id, outcome))
                     .await
@@ -310,58 +326,19 @@ pub async fn run(
                     );
                 }
                 drop(beating);
-                // lease to reported, to set against the engine's time ("rendered" above)
-                tracing::info!(task_s = leased_at.elapsed().as_secs_f64(), "task over");
+                // lease to reported, to set against the engine's time ("rendered" above); the bytes
+                // this task downloaded (inputs not cached yet)
+                tracing::info!(
+                    task_s = leased_at.elapsed().as_secs_f64(),
+                    downloaded,
+                    "task over"
+                );
             }
             .instrument(span)
             .await;
         }
     }
     Ok(())
-}
-
-/// The render of one tile of a canvas: the content and the init (the previous scale's result) resampled to
-/// the canvas only over the tile's window ([`imaging::resize_window`]: the same pixels as resizing the whole
-/// canvas and cutting, for the work and memory of the tile); the style targets stay those of the whole
-/// canvas (`style_longest`).
-fn cut_tile(
-    content: &RgbImage,
-    styles: Vec<RgbImage>,
-    init: Option<&RgbImage>,
-    mut params: RenderParams,
-    tile: &TileTask,
-) -> Result<RenderJob, stylefarm_core::Error> {
-    let (cw, ch) = (tile.canvas_width, tile.canvas_height);
-    let (w, h) = imaging::working_size(content.width(), content.height(), cw.max(ch));
-    if (w, h) != (cw, ch) {
-        return Err(stylefarm_core::Error::invalid(
-            "tile",
-            format!(
-                "canvas {cw}x{ch} does not match the content's {w}x{h} at size {}",
-                cw.max(ch)
-            ),
-        ));
-    }
-    let init = init.ok_or_else(|| {
-        stylefarm_core::Error::invalid(
-            "init",
-            "a tile needs the previous scale's image as its init",
-        )
-    })?;
-    let r = tile.rect;
-    let window = (r.x, r.y, r.width, r.height);
-    params.size = r.width.max(r.height);
-    params.scales = 1;
-    params.scale_iterations.clear();
-    Ok(RenderJob {
-        style_longest: Some(cw.max(ch)),
-        ..RenderJob::new(
-            imaging::resize_window(content, (cw, ch), window)?,
-            styles,
-            Some(imaging::resize_window(init, (cw, ch), window)?),
-            params,
-        )
-    })
 }
 
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
@@ -480,7 +457,9 @@ async fn run_task(
             // resampling is CPU work: off the async threads
             let cut = tokio::task::spawn_blocking({
                 let (t, content, init) = (t.clone(), inputs[0].clone(), init_image.clone());
-                move || cut_tile(&content, styles, init.as_deref(), params, &t)
+                move || {
+                    stylefarm_engine::tile::tile_job(&content, styles, init.as_deref(), params, &t)
+                }
             })
             .await;
             let mut job = match cut {
@@ -490,7 +469,11 @@ async fn run_task(
                     return Outcome::Failed(Failure::Transient(format!("cutting the tile: {e}")))
                 }
             };
-            style.block = Some(t.tile_size);
+            // style targets (the style's and the canvas' Gram matrices, no gradient) in blocks that
+            // stay within the tile's memory
+            style.block = Some(stylefarm_engine::objective::blocked::target_block(
+                t.tile_size,
+            ));
             if t.exact {
                 // the whole canvas, its objective evaluated in blocks of the tile size
                 tracing::info!(block = t.tile_size, "exact: the whole canvas, in blocks");
@@ -557,7 +540,7 @@ async fn report(client: &mut WorkerServiceClient<Channel>, lease_id: &str, outco
                                 "result discarded: the lease had expired or the job was cancelled"
                             );
                         } else {
-                            tracing::info!("result uploaded");
+                            tracing::info!(bytes = png.len(), "result uploaded");
                         }
                     })
             }

@@ -17,8 +17,9 @@ use image::RgbImage;
 use stylefarm_core::{Layer, RenderParams};
 use tch::{Kind, Tensor};
 
+use super::{LossTerms, StyleGrams};
+use crate::engine::Engine;
 use crate::loss::tv_loss;
-use crate::render::{Engine, LossTerms, StyleGrams};
 use crate::Error;
 
 /// Alignment of block corners: the stride of the deepest pooling.
@@ -71,11 +72,29 @@ pub(crate) fn objective_halo(block: u32) -> u32 {
 }
 
 /// The halo of the blocks of style targets, computed once per scale: a quarter of the block, at least 16
-/// px. (relu5_1's Gram matrix, whose features see furthest, is within 4e-5 of the one-pass one with a
-/// 64-px halo on 256-px blocks, but 5e-2 off with 32 px.)
+/// px and at most [`MAX_TARGET_HALO`]. (relu5_1's Gram matrix, whose features see furthest, is within 4e-5
+/// of the one-pass one with a 64-px halo on 256-px blocks, but 5e-2 off with 32 px.)
 pub(crate) fn target_halo(block: u32) -> u32 {
-    (block / 4 / ALIGN * ALIGN).max(ALIGN)
+    (block / 4 / ALIGN * ALIGN).clamp(ALIGN, MAX_TARGET_HALO)
 }
+
+/// The most halo style targets get: twice the 64 px that keep relu5_1's Gram matrix within 4e-5. Past it
+/// a larger block only adds its own positions (a quarter of the block would make the halo's share of the
+/// work the same 4x at every block size).
+pub const MAX_TARGET_HALO: u32 = 128;
+
+/// The block for style targets (Gram matrices of a style image or a canvas, forward passes without
+/// gradients) alongside an optimization in blocks or tiles of `block` px: at least [`MIN_TARGET_BLOCK`].
+/// A forward pass without gradients keeps about two layers' activations, a tenth of what a training step
+/// keeps per pixel, so 4x the pixels of a 512-px tile stay within that tile's memory; and with the halo
+/// capped at [`MAX_TARGET_HALO`], a 1024-px block computes 768 px of its own, where a 512-px one computes
+/// 256: 1.8x the image's pixels through the network instead of 4x.
+pub fn target_block(block: u32) -> u32 {
+    block.max(MIN_TARGET_BLOCK)
+}
+
+/// See [`target_block`].
+pub const MIN_TARGET_BLOCK: u32 = 1024;
 
 /// The blocks of a `width` x `height` image such that no region (block and `halo` on each side) exceeds
 /// `block` px a side, unless the block is too small to hold a 16-px block and its halo.
@@ -380,6 +399,30 @@ impl Engine {
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// The pixels that style targets of a large canvas run through the network, as a multiple of the
+    /// canvas': 512-px blocks with a quarter of halo on each side compute 256 px of their own each (4x);
+    /// the target block of a 512-px tile (1024 px, 128 px of halo) computes 768 (under 2x).
+    #[test]
+    fn target_blocks_of_a_large_canvas_cost_under_twice_its_pixels() {
+        let (w, h) = (8192u32, 6144u32);
+        let through = |block: u32, halo: u32| {
+            let px: u64 = blocks(w, h, block, halo)
+                .iter()
+                .map(|b| {
+                    u64::from(b.region[1] - b.region[0]) * u64::from(b.region[3] - b.region[2])
+                })
+                .sum();
+            px as f64 / (f64::from(w) * f64::from(h))
+        };
+        let before = through(512, 512 / 4);
+        let block = target_block(512);
+        let now = through(block, target_halo(block));
+        assert_eq!((block, target_halo(block)), (1024, MAX_TARGET_HALO));
+        assert!(before > 3.5 && now < 1.9, "{before:.2}x -> {now:.2}x");
+        // small blocks keep a quarter of halo
+        assert_eq!(target_halo(256), 64);
+    }
 
     /// The blocks' own rectangles tile the image exactly, their regions stay inside it and within the
     /// block size, and at every depth their own feature positions add up to the whole feature map's.

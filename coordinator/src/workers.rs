@@ -1,0 +1,112 @@
+//! The workers the coordinator has heard from: each one's device and device memory (reported when it
+//! registers) and when it last called. The tiled planner sizes a scale's tiles for the live ones
+//! ([`stylefarm_core::tiling::Tiling::scale_tile_size`]).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A worker that has not called for this long (a lease poll waits at most 30 s; a rendering worker
+/// heartbeats every few seconds) no longer counts for planning.
+pub const LIVE_WINDOW: Duration = Duration::from_secs(60);
+
+/// How many workers the registry remembers; the longest silent go first beyond it.
+const MAX_WORKERS: usize = 100_000;
+
+/// What a worker said about itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    /// "cpu", "cuda:0", ...
+    pub device: String,
+    /// Bytes of device memory; 0 when unknown (a worker seen leasing without registering with this
+    /// coordinator, e.g. across its restart).
+    pub memory_bytes: u64,
+    pub last_seen: Instant,
+}
+
+/// The workers by id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    workers: Mutex<HashMap<String, WorkerInfo>>,
+}
+
+impl Registry {
+    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkerInfo>> {
+        // the map stays consistent whatever panicked while holding it: every update is one insert
+        self.workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a worker's registration.
+    pub fn register(&self, id: &str, device: &str, memory_bytes: u64) {
+        let mut workers = self.workers();
+        if workers.len() >= MAX_WORKERS {
+            if let Some(cutoff) = Instant::now().checked_sub(LIVE_WINDOW) {
+                workers.retain(|_, w| w.last_seen > cutoff);
+            }
+        }
+        workers.insert(
+            id.to_string(),
+            WorkerInfo {
+                device: device.to_string(),
+                memory_bytes,
+                last_seen: Instant::now(),
+            },
+        );
+    }
+
+    /// Records that a worker called (a lease poll, a heartbeat).
+    pub fn seen(&self, id: &str) {
+        let mut workers = self.workers();
+        let room = workers.len() < MAX_WORKERS;
+        match workers.get_mut(id) {
+            Some(w) => w.last_seen = Instant::now(),
+            None if room => {
+                workers.insert(
+                    id.to_string(),
+                    WorkerInfo {
+                        device: String::new(),
+                        memory_bytes: 0,
+                        last_seen: Instant::now(),
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// The device memory of each worker seen within [`LIVE_WINDOW`] (0 where unknown).
+    pub fn live_memory(&self) -> Vec<u64> {
+        let cutoff = Instant::now().checked_sub(LIVE_WINDOW);
+        self.workers()
+            .values()
+            .filter(|w| cutoff.is_none_or(|c| w.last_seen > c))
+            .map(|w| w.memory_bytes)
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<WorkerInfo> {
+        self.workers().get(id).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_workers_count_with_their_memory_unknown_ones_with_zero() {
+        let r = Registry::default();
+        r.register("gpu#1", "cuda:0", 80 << 30);
+        r.seen("old#7");
+        r.seen("gpu#1");
+        let mut live = r.live_memory();
+        live.sort();
+        assert_eq!(live, [0, 80 << 30]);
+        assert_eq!(r.get("gpu#1").unwrap().device, "cuda:0");
+        // silent past the window: no longer counted
+        r.workers().get_mut("old#7").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
+        assert_eq!(r.live_memory(), [80 << 30]);
+    }
+}

@@ -1,0 +1,99 @@
+//! How much device memory a render needs: the estimate the tiled planner sizes each scale's tiles by
+//! ([`crate::tiling::Tiling::scale_tile_size`]), from the memory workers report when they register.
+//!
+//! The estimate is linear in the pixels being optimized: VGG19's activations up to relu5_1 kept for the
+//! backward pass, plus the optimizer's state (L-BFGS: `history_size` pairs of image-sized vectors; Adam:
+//! two moments), plus a fixed part (weights, CUDA context, cuDNN workspaces). Measured peaks it is made to
+//! cover (BENCHMARKS.md): a one-pass 2048 x 1536 render on the CPU, 7.2 GiB resident (2.4 KB a pixel,
+//! history negligible at 3 iterations); a one-pass 4096 x 3072 render on an H200 with L-BFGS's history of
+//! 100, 50 GB in use (4.0 KB a pixel, 2.4 KB of it the history).
+
+use crate::params::{Optimizer, RenderParams};
+
+/// Bytes per optimized pixel for the network's activations and the backward's transients (the CPU's
+/// measured 2.4 KB rounded up).
+pub const ACTIVATION_BYTES_PER_PX: u64 = 2_500;
+
+/// Bytes per pixel of an image-sized float vector (3 channels of f32).
+const IMAGE_BYTES_PER_PX: u64 = 12;
+
+/// Memory a worker needs besides the optimization's: the weights (80 MB), CUDA's context and cuDNN's
+/// workspaces, the process.
+pub const FIXED_BYTES: u64 = 2 << 30;
+
+/// The share of a device's memory the planner fills, the rest left to the allocator's fragmentation.
+pub const USABLE_FRACTION: f64 = 0.85;
+
+/// Bytes per optimized pixel of the optimizer's state: the image, its gradient and the search direction,
+/// plus L-BFGS's `history_size` (s, y) pairs or Adam's two moments.
+pub fn optimizer_bytes_per_px(params: &RenderParams) -> u64 {
+    let vectors = 4 + match params.optimizer {
+        Optimizer::Lbfgs => 2 * u64::from(params.history_size),
+        Optimizer::Adam => 2,
+    };
+    vectors * IMAGE_BYTES_PER_PX
+}
+
+/// Estimated peak bytes of optimizing a `width` x `height` image with `params`, the fixed part excluded.
+pub fn render_bytes(width: u32, height: u32, params: &RenderParams) -> u64 {
+    let px = u64::from(width) * u64::from(height);
+    px * (ACTIVATION_BYTES_PER_PX + optimizer_bytes_per_px(params))
+}
+
+/// Estimated peak bytes of optimizing a `width` x `height` canvas whose objective is evaluated in blocks
+/// of at most `block` px a side (exact mode): the optimizer's state is the canvas', the activations a
+/// block's.
+pub fn blocked_render_bytes(width: u32, height: u32, block: u32, params: &RenderParams) -> u64 {
+    let px = u64::from(width) * u64::from(height);
+    let block_px = u64::from(block.min(width)) * u64::from(block.min(height));
+    px * optimizer_bytes_per_px(params) + block_px * ACTIVATION_BYTES_PER_PX
+}
+
+/// The bytes of a device of `total` bytes that the planner lets one render use.
+pub fn usable_bytes(total: u64) -> u64 {
+    (total.saturating_sub(FIXED_BYTES) as f64 * USABLE_FRACTION) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_covers_the_measured_peaks() {
+        let lbfgs = RenderParams::default();
+        assert_eq!(lbfgs.history_size, 100);
+        // the CPU's one pass at 2048 x 1536 (7.2 GiB, 3 iterations: a history of 2)
+        let short = RenderParams {
+            history_size: 2,
+            ..lbfgs.clone()
+        };
+        let cpu = render_bytes(2048, 1536, &short) + FIXED_BYTES;
+        assert!(cpu >= 7_200 << 20, "{cpu}");
+        // the H200's one pass at 4096 x 3072 with a history of 100 (50 GB)
+        let gpu = render_bytes(4096, 3072, &lbfgs) + FIXED_BYTES;
+        assert!(gpu >= 50_000_000_000, "{gpu}");
+        // and within 1.5x of them: the planner does not waste the device
+        assert!(
+            cpu < (7_200 << 20) * 3 / 2 && gpu < 75_000_000_000,
+            "{cpu} {gpu}"
+        );
+    }
+
+    #[test]
+    fn adam_needs_less_than_a_long_history_and_blocks_bound_the_activations() {
+        let lbfgs = RenderParams::default();
+        let adam = RenderParams {
+            optimizer: Optimizer::Adam,
+            ..lbfgs.clone()
+        };
+        assert!(render_bytes(1024, 1024, &adam) < render_bytes(1024, 1024, &lbfgs));
+        assert!(
+            blocked_render_bytes(4096, 4096, 512, &adam) < render_bytes(4096, 4096, &adam) / 10
+        );
+        assert_eq!(
+            blocked_render_bytes(300, 200, 512, &adam),
+            render_bytes(300, 200, &adam)
+        );
+        assert_eq!(usable_bytes(1 << 30), 0);
+    }
+}

@@ -1,0 +1,96 @@
+//! An engine: VGG19 on one device, loaded once and reused for any number of renders, with how it runs there
+//! ([`EngineOptions`]), its warm-up and its health probe.
+
+use std::path::Path;
+
+use stylefarm_core::Layer;
+use tch::{Device, Kind, Tensor};
+
+use crate::loss::gram;
+use crate::objective::to_f64s;
+use crate::vgg::Vgg19;
+use crate::Error;
+
+/// VGG19 on one device, loaded once and reused for any number of renders.
+pub struct Engine {
+    vgg: Vgg19,
+    device: Device,
+}
+
+/// How an engine runs on its device: choices of speed that leave the objective as it is (within float
+/// rounding).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Activations and weights in the channels-last (NHWC) layout ([`Vgg19::set_channels_last`]).
+    pub channels_last: bool,
+}
+
+impl Engine {
+    /// Loads the weights onto `device`, with the default [`EngineOptions`].
+    pub fn load(weights: &Path, device: Device) -> Result<Engine, Error> {
+        Self::load_with(weights, device, EngineOptions::default())
+    }
+
+    /// Loads the weights onto `device`, to run with `options`.
+    pub fn load_with(
+        weights: &Path,
+        device: Device,
+        options: EngineOptions,
+    ) -> Result<Engine, Error> {
+        if let Device::Cuda(_) = device {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let mut vgg = Vgg19::load(weights, device)?;
+        vgg.set_channels_last(options.channels_last)?;
+        Ok(Engine { vgg, device })
+    }
+
+    pub fn options(&self) -> EngineOptions {
+        EngineOptions {
+            channels_last: self.vgg.channels_last(),
+        }
+    }
+
+    /// Runs the objective's work once on a small image (forward to relu5_1, Gram matrices, backward) so
+    /// that the device's one-time costs (CUDA context, cuDNN and cuBLAS handles, the allocator's first
+    /// blocks) are paid before the first task rather than inside it. cuDNN still tunes each new input
+    /// shape once, on first use, and keeps the choice for the process.
+    pub fn warm_up(&self) -> Result<(), Error> {
+        let layers: Vec<Layer> = Layer::all().collect();
+        let x =
+            Tensor::f_zeros([1, 3, 64, 64], (Kind::Float, self.device))?.set_requires_grad(true);
+        let features = self
+            .vgg
+            .features(&x, stylefarm_core::Pooling::Max, &layers)?;
+        let total = features
+            .iter()
+            .map(|f| gram(f).f_sum(Kind::Float))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .fold(Tensor::f_zeros([], (Kind::Float, self.device))?, |a, b| {
+                a + b
+            });
+        let grads = Tensor::f_run_backward(&[&total], &[&x], false, false)?;
+        to_f64s(&grads[0].f_sum(Kind::Float)?)?;
+        Ok(())
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn vgg(&self) -> &Vgg19 {
+        &self.vgg
+    }
+
+    /// Whether the engine still renders: a 16 x 16 image through VGG19's first convolution on the device,
+    /// read back to the host (e.g. after a failure, to tell a bad task from a lost device).
+    pub fn probe(&self) -> Result<(), Error> {
+        let x = Tensor::f_zeros([1, 3, 16, 16], (Kind::Float, self.device))?;
+        let f = self
+            .vgg
+            .features(&x, stylefarm_core::Pooling::Max, &[Layer::new(1, 1)])?;
+        to_f64s(&f[0].f_sum(Kind::Float)?)?;
+        Ok(())
+    }
+}

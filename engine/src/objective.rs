@@ -1,0 +1,323 @@
+//! The objective (ALGORITHM.md): content and style targets computed once per scale, the weighted content,
+//! style and total-variation terms, and their gradient with respect to the image; for the whole image at
+//! once, or block by block ([`blocked`]) with the memory of a block.
+
+pub mod blocked;
+
+use image::RgbImage;
+use serde::Serialize;
+use stylefarm_core::imaging;
+use stylefarm_core::{Layer, RenderParams};
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::Engine;
+use crate::loss::{content_loss, gram, style_loss, tv_loss};
+use crate::Error;
+use blocked::BlockedTargets;
+
+/// The blended Gram matrices of a style set at one style size, one per style layer: the style targets that
+/// every task and every tile with the same (style images, blend, size, layers, pooling) share.
+pub struct StyleGrams {
+    grams: Vec<Tensor>,
+}
+
+impl StyleGrams {
+    /// The Gram matrix of each style layer, in `params.style_layers` order.
+    pub fn grams(&self) -> &[Tensor] {
+        &self.grams
+    }
+
+    /// `self + plus - minus`, layer by layer: e.g. a tile's target that keeps the tile's own deviation
+    /// from its canvas (`plus` the tile's Grams, `minus` the canvas').
+    pub fn offset(&self, plus: &StyleGrams, minus: &StyleGrams) -> StyleGrams {
+        StyleGrams {
+            grams: self
+                .grams
+                .iter()
+                .zip(&plus.grams)
+                .zip(&minus.grams)
+                .map(|((a, p), m)| a + p - m)
+                .collect(),
+        }
+    }
+}
+
+/// The weighted terms of the objective and their sum.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LossTerms {
+    pub content: f64,
+    pub style: f64,
+    pub tv: f64,
+    pub total: f64,
+}
+
+/// The targets of one scale: content feature maps and blended style Gram matrices, computed once.
+pub struct Targets {
+    /// The distinct layers the objective reads, in network order.
+    layers: Vec<Layer>,
+    /// (position in `layers`, content feature map)
+    content: Vec<(usize, Tensor)>,
+    /// (position in `layers`, blended Gram matrix)
+    style: Vec<(usize, Tensor)>,
+}
+
+/// The targets of one scale of a render: for the whole image at once, or block by block.
+pub(crate) enum ScaleTargets {
+    Whole(Targets),
+    Blocked(BlockedTargets),
+}
+
+/// A float tensor of the 4 terms `[content, style, tv, total]`, read back.
+pub(crate) fn read_terms(terms: &Tensor) -> Result<LossTerms, Error> {
+    let v = to_f64s(terms)?;
+    Ok(LossTerms {
+        content: v[0],
+        style: v[1],
+        tv: v[2],
+        total: v[3],
+    })
+}
+
+pub(crate) fn to_f64s(t: &Tensor) -> Result<Vec<f64>, Error> {
+    Ok(Vec::<f64>::try_from(
+        &t.f_to_kind(Kind::Double)?
+            .f_to_device(Device::Cpu)?
+            .flatten(0, -1),
+    )?)
+}
+
+impl Engine {
+    /// Content and style targets for a working content image; style images are resized so that their
+    /// longest side is `round(longest * style_scale)`, `longest` being the working size of this scale.
+    pub fn targets(
+        &self,
+        content: &RgbImage,
+        styles: &[RgbImage],
+        longest: u32,
+        params: &RenderParams,
+    ) -> Result<Targets, Error> {
+        let grams = self.style_grams(styles, params.style_side(longest), params, None)?;
+        self.targets_with(content, &grams, params)
+    }
+
+    /// The blended Gram matrices of `styles`, each resized so its longest side is `side`. With `block`, a
+    /// style image larger than it is run through the network in blocks of at most `block` px (halos
+    /// included) whose Gram sums are added up, so the memory needed depends on the block, not on `side`.
+    pub fn style_grams(
+        &self,
+        styles: &[RgbImage],
+        side: u32,
+        params: &RenderParams,
+        block: Option<u32>,
+    ) -> Result<StyleGrams, Error> {
+        let pre = self.vgg().preprocessing();
+        tch::no_grad(|| {
+            let mut grams: Vec<Option<Tensor>> = params.style_layers.iter().map(|_| None).collect();
+            for (img, w) in styles.iter().zip(params.blend_weights(styles.len())) {
+                let img = imaging::resize_longest(img, side);
+                let of_image: Vec<Tensor> = match block {
+                    Some(b) if img.width().max(img.height()) > b => {
+                        blocked::image_grams(self, &img, b, params)?
+                    }
+                    _ => self
+                        .vgg()
+                        .features(
+                            &pre.preprocess(&img, self.device()),
+                            params.pooling,
+                            &params.style_layers,
+                        )?
+                        .iter()
+                        .map(gram)
+                        .collect(),
+                };
+                for (acc, g) in grams.iter_mut().zip(of_image) {
+                    let g = g * w;
+                    *acc = Some(match acc.take() {
+                        Some(sum) => sum + g,
+                        None => g,
+                    });
+                }
+            }
+            let grams = grams.into_iter().collect::<Option<Vec<Tensor>>>();
+            Ok(StyleGrams {
+                grams: grams.ok_or_else(|| {
+                    Error::Core(stylefarm_core::Error::invalid(
+                        "style",
+                        "at least one style image is needed",
+                    ))
+                })?,
+            })
+        })
+    }
+
+    /// Targets for a working content image with precomputed style Gram matrices.
+    pub fn targets_with(
+        &self,
+        content: &RgbImage,
+        style: &StyleGrams,
+        params: &RenderParams,
+    ) -> Result<Targets, Error> {
+        let mut layers: Vec<Layer> = params
+            .content_layers
+            .iter()
+            .chain(&params.style_layers)
+            .copied()
+            .collect();
+        layers.sort();
+        layers.dedup();
+        // `layers` is made of the content and style layers: each is there
+        let pos = |l: &Layer| layers.iter().position(|x| x == l).expect("layer listed");
+        let pre = self.vgg().preprocessing();
+        tch::no_grad(|| {
+            let content_features = self.vgg().features(
+                &pre.preprocess(content, self.device()),
+                params.pooling,
+                &params.content_layers,
+            )?;
+            let content = params
+                .content_layers
+                .iter()
+                .map(pos)
+                .zip(content_features)
+                .collect();
+            let style = params
+                .style_layers
+                .iter()
+                .map(pos)
+                .zip(style.grams.iter().map(Tensor::shallow_clone))
+                .collect();
+            Ok(Targets {
+                layers: layers.clone(),
+                content,
+                style,
+            })
+        })
+    }
+
+    /// The weighted terms `[content, style, tv, total]` at `x` (preprocessed, `1 x 3 x H x W`).
+    fn terms(
+        &self,
+        x: &Tensor,
+        targets: &Targets,
+        params: &RenderParams,
+    ) -> Result<[Tensor; 4], Error> {
+        let features = self.vgg().features(x, params.pooling, &targets.layers)?;
+        let zero = || Tensor::zeros([], (Kind::Float, self.device()));
+        let content = targets
+            .content
+            .iter()
+            .map(|(i, p)| content_loss(&features[*i], p, params.content_weight))
+            .fold(zero(), |a, b| a + b);
+        // layer_weight is 1 for every style layer (ALGORITHM.md)
+        let style = targets
+            .style
+            .iter()
+            .map(|(i, a)| style_loss(&features[*i], a, params.style_weight))
+            .fold(zero(), |a, b| a + b);
+        let tv = if params.tv_weight > 0.0 {
+            tv_loss(x, params.tv_weight)
+        } else {
+            zero()
+        };
+        let total = &content + &style + &tv;
+        Ok([content, style, tv, total])
+    }
+
+    fn losses_of(terms: &[Tensor; 4]) -> Result<LossTerms, Error> {
+        read_terms(&Tensor::f_stack(terms, 0)?.detach())
+    }
+
+    /// The objective and its gradient with respect to `x`.
+    pub fn objective(
+        &self,
+        x: &Tensor,
+        targets: &Targets,
+        params: &RenderParams,
+    ) -> Result<(LossTerms, Tensor), Error> {
+        let (terms, grad) = self.objective_on_device(x, targets, params)?;
+        Ok((read_terms(&terms)?, grad))
+    }
+
+    /// The objective's weighted terms `[content, style, tv, total]` (a float tensor of 4) and its gradient
+    /// with respect to `x`, both left on the device: nothing is read back.
+    fn objective_on_device(
+        &self,
+        x: &Tensor,
+        targets: &Targets,
+        params: &RenderParams,
+    ) -> Result<(Tensor, Tensor), Error> {
+        let xg = x.detach().set_requires_grad(true);
+        let terms = self.terms(&xg, targets, params)?;
+        let mut grads = Tensor::f_run_backward(&[&terms[3]], &[&xg], false, false)?;
+        let grad = grads.pop().ok_or_else(|| {
+            Error::Torch(tch::TchError::Torch("backward gave no gradient".into()))
+        })?;
+        Ok((Tensor::f_stack(&terms, 0)?.detach(), grad))
+    }
+
+    /// The objective at `x`, without a gradient.
+    pub fn losses(
+        &self,
+        x: &Tensor,
+        targets: &Targets,
+        params: &RenderParams,
+    ) -> Result<LossTerms, Error> {
+        tch::no_grad(|| Self::losses_of(&self.terms(x, targets, params)?))
+    }
+
+    /// The targets of a working content image: block by block when it is larger than `block`.
+    pub(crate) fn scale_targets(
+        &self,
+        content: &RgbImage,
+        style: &StyleGrams,
+        params: &RenderParams,
+        block: Option<u32>,
+    ) -> Result<ScaleTargets, Error> {
+        Ok(match block {
+            Some(b) if content.width().max(content.height()) > b => {
+                ScaleTargets::Blocked(BlockedTargets::new(
+                    self,
+                    &self
+                        .vgg()
+                        .preprocessing()
+                        .preprocess(content, self.device()),
+                    style,
+                    params,
+                    b,
+                )?)
+            }
+            _ => ScaleTargets::Whole(self.targets_with(content, style, params)?),
+        })
+    }
+
+    /// The objective's terms (a float tensor of 4, on the device) and its gradient at `x`, for either kind
+    /// of targets (the blocked objective reads its terms block by block: they come from the host).
+    pub(crate) fn scale_objective(
+        &self,
+        x: &Tensor,
+        targets: &ScaleTargets,
+        params: &RenderParams,
+    ) -> Result<(Tensor, Tensor), Error> {
+        match targets {
+            ScaleTargets::Whole(t) => self.objective_on_device(x, t, params),
+            ScaleTargets::Blocked(t) => {
+                let (l, grad) = self.objective_blocked(x, t, params)?;
+                let terms = [l.content, l.style, l.tv, l.total].map(|v| v as f32);
+                Ok((Tensor::from_slice(&terms).f_to_device(self.device())?, grad))
+            }
+        }
+    }
+
+    /// The objective at `x` without a gradient, for either kind of targets.
+    pub(crate) fn scale_losses(
+        &self,
+        x: &Tensor,
+        targets: &ScaleTargets,
+        params: &RenderParams,
+    ) -> Result<LossTerms, Error> {
+        match targets {
+            ScaleTargets::Whole(t) => self.losses(x, t, params),
+            ScaleTargets::Blocked(t) => self.losses_blocked(x, t, params),
+        }
+    }
+}

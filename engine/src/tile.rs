@@ -1,0 +1,106 @@
+//! A tile of a tiled job's scale, as the engine renders it (ALGORITHM.md, "Tiled rendering of large
+//! images"): its inputs cut from the canvas, and its style targets.
+//!
+//! - [`tile_job`]: the content and the init (the previous scale's stitched result) resampled to the canvas
+//!   over the tile's window only ([`imaging::resize_window`]: the pixels of resizing the whole canvas and
+//!   cutting, for the work and memory of the tile), the style targets sized for the canvas;
+//! - [`Engine::canvas_grams`] and [`Engine::tile_style_grams`]: a tile matches the style's Gram matrices in
+//!   aggregate, not alone. Its target is the global Gram plus the tile's own deviation from the whole canvas
+//!   at the start of the scale (the coarser scale was rendered whole, so that deviation is the painting's
+//!   local character): `A + G(tile at start) - G(canvas at start)`, whose average over the tiles is `A`.
+
+use image::RgbImage;
+use stylefarm_core::job::TileTask;
+use stylefarm_core::{imaging, RenderParams};
+
+use crate::engine::Engine;
+use crate::objective::StyleGrams;
+use crate::render::RenderJob;
+use crate::Error;
+
+/// The render of one tile of a canvas: `content` and `init` (the previous scale's result) resampled to the
+/// canvas over the tile's window; one scale of the tile's size; the style targets those of the whole canvas
+/// (`style_longest`). An error names `tile` (a canvas that is not the content's at that size) or `init`
+/// (none given).
+pub fn tile_job(
+    content: &RgbImage,
+    styles: Vec<RgbImage>,
+    init: Option<&RgbImage>,
+    mut params: RenderParams,
+    tile: &TileTask,
+) -> Result<RenderJob, stylefarm_core::Error> {
+    let (cw, ch) = (tile.canvas_width, tile.canvas_height);
+    let (w, h) = imaging::working_size(content.width(), content.height(), cw.max(ch));
+    if (w, h) != (cw, ch) {
+        return Err(stylefarm_core::Error::invalid(
+            "tile",
+            format!(
+                "canvas {cw}x{ch} does not match the content's {w}x{h} at size {}",
+                cw.max(ch)
+            ),
+        ));
+    }
+    let init = init.ok_or_else(|| {
+        stylefarm_core::Error::invalid(
+            "init",
+            "a tile needs the previous scale's image as its init",
+        )
+    })?;
+    let r = tile.rect;
+    let window = (r.x, r.y, r.width, r.height);
+    params.size = r.width.max(r.height);
+    params.scales = 1;
+    params.scale_iterations.clear();
+    Ok(RenderJob {
+        style_longest: Some(cw.max(ch)),
+        ..RenderJob::new(
+            imaging::resize_window(content, (cw, ch), window)?,
+            styles,
+            Some(imaging::resize_window(init, (cw, ch), window)?),
+            params,
+        )
+    })
+}
+
+/// `params` for the Gram matrices of one image alone (no style blend): a canvas or a tile.
+fn alone(params: &RenderParams) -> RenderParams {
+    RenderParams {
+        style_blend: Vec::new(),
+        ..params.clone()
+    }
+}
+
+impl Engine {
+    /// The Gram matrices of a canvas at the start of its scale: `previous` (the coarser scale's result)
+    /// resized to `width` x `height`, run through the network in blocks of at most `block` px. Once per
+    /// scale (callers cache it): it costs the canvas, not a tile.
+    pub fn canvas_grams(
+        &self,
+        previous: &RgbImage,
+        (width, height): (u32, u32),
+        params: &RenderParams,
+        block: Option<u32>,
+    ) -> Result<StyleGrams, Error> {
+        let canvas = imaging::resize(previous, width, height);
+        self.style_grams(&[canvas], width.max(height), &alone(params), block)
+    }
+
+    /// The style targets of a tile: `global + G(tile_init) - canvas`, layer by layer, with `global` the
+    /// style's Gram matrices at the canvas' style side, `canvas` [`Self::canvas_grams`] and `tile_init` the
+    /// tile's own start (its init image).
+    pub fn tile_style_grams(
+        &self,
+        global: &StyleGrams,
+        canvas: &StyleGrams,
+        tile_init: &RgbImage,
+        params: &RenderParams,
+    ) -> Result<StyleGrams, Error> {
+        let own = self.style_grams(
+            std::slice::from_ref(tile_init),
+            tile_init.width().max(tile_init.height()),
+            &alone(params),
+            None,
+        )?;
+        Ok(global.offset(&own, canvas))
+    }
+}

@@ -1,0 +1,88 @@
+//! How much memory a worker's device has, reported when it registers so that the coordinator can size a
+//! tiled job's tiles for it ([`stylefarm_core::tiling::Tiling::scale_tile_size`]).
+//!
+//! - CUDA: the device's total memory from the driver API (`cuDeviceTotalMem_v2` in libcuda.so.1, the
+//!   NVIDIA driver's library, loaded at run time: a CPU build links no CUDA library for it);
+//! - CPU: the machine's memory, or the cgroup's limit when the worker runs in a container with one
+//!   (the `sysinfo` crate).
+
+use stylefarm_engine::Device;
+
+/// The total memory of `device` in bytes; `None` when it cannot be read (the worker then reports 0,
+/// "unknown", and the coordinator plans its tiles by the job's tile size).
+pub fn total_memory(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(index) => cuda_total_memory(index).map_err(|e| {
+            tracing::warn!(error = e, device = index, "cannot read the GPU's memory");
+        }),
+        _ => cpu_memory().ok_or(()),
+    }
+    .ok()
+}
+
+fn cpu_memory() -> Option<u64> {
+    let mut sys = sysinfo::System::new().ok()?;
+    sys.refresh_memory();
+    let total = match sys.cgroup_limits() {
+        Some(limits) if limits.total_memory > 0 => limits.total_memory.min(sys.total_memory()),
+        _ => sys.total_memory(),
+    };
+    (total > 0).then_some(total)
+}
+
+/// `CUresult` of the driver API: 0 is success.
+type CuResult = std::os::raw::c_int;
+
+fn cuda_total_memory(index: usize) -> Result<u64, String> {
+    let ordinal = std::os::raw::c_int::try_from(index).map_err(|e| e.to_string())?;
+    let check = |what: &str, r: CuResult| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(format!("{what} returned CUresult {r}"))
+        }
+    };
+    // SAFETY: libcuda.so.1 is NVIDIA's driver library; the three symbols have these C signatures in every
+    // driver since CUDA 3.2 (cuda.h: CUresult cuInit(unsigned int), cuDeviceGet(CUdevice*, int),
+    // cuDeviceTotalMem_v2(size_t*, CUdevice) with CUdevice an int); the library stays loaded while they
+    // are called.
+    unsafe {
+        let lib = libloading::Library::new("libcuda.so.1").map_err(|e| e.to_string())?;
+        let init: libloading::Symbol<unsafe extern "C" fn(std::os::raw::c_uint) -> CuResult> =
+            lib.get(b"cuInit\0").map_err(|e| e.to_string())?;
+        let device_get: libloading::Symbol<
+            unsafe extern "C" fn(*mut std::os::raw::c_int, std::os::raw::c_int) -> CuResult,
+        > = lib.get(b"cuDeviceGet\0").map_err(|e| e.to_string())?;
+        let total_mem: libloading::Symbol<
+            unsafe extern "C" fn(*mut usize, std::os::raw::c_int) -> CuResult,
+        > = lib
+            .get(b"cuDeviceTotalMem_v2\0")
+            .map_err(|e| e.to_string())?;
+        check("cuInit", init(0))?;
+        let mut device: std::os::raw::c_int = 0;
+        check("cuDeviceGet", device_get(&mut device, ordinal))?;
+        let mut bytes: usize = 0;
+        check("cuDeviceTotalMem_v2", total_mem(&mut bytes, device))?;
+        Ok(bytes as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_reports_the_machine_or_cgroup_memory() {
+        let bytes = total_memory(Device::Cpu).expect("the machine's memory");
+        // more than a GiB, less than a PiB
+        assert!((1 << 30..1 << 50).contains(&bytes), "{bytes}");
+    }
+
+    #[test]
+    fn a_missing_gpu_is_unknown_not_a_crash() {
+        // SAFETY: loading NVIDIA's driver library only to see whether this machine has one
+        if unsafe { libloading::Library::new("libcuda.so.1") }.is_err() {
+            assert_eq!(total_memory(Device::Cuda(0)), None);
+        }
+    }
+}
