@@ -31,13 +31,14 @@ pub fn optimizer_bytes_per_px(params: &RenderParams) -> u64 {
         Optimizer::Lbfgs => 2 * u64::from(params.history_size),
         Optimizer::Adam => 2,
     };
-    vectors * IMAGE_BYTES_PER_PX
+    vectors.saturating_mul(IMAGE_BYTES_PER_PX)
 }
 
 /// Estimated peak bytes of optimizing a `width` x `height` image with `params`, the fixed part excluded.
 pub fn render_bytes(width: u32, height: u32, params: &RenderParams) -> u64 {
     let px = u64::from(width) * u64::from(height);
-    px * (ACTIVATION_BYTES_PER_PX + optimizer_bytes_per_px(params))
+    // saturating: an estimate past any device is "does not fit", whatever the parameters
+    px.saturating_mul(ACTIVATION_BYTES_PER_PX.saturating_add(optimizer_bytes_per_px(params)))
 }
 
 /// Estimated peak bytes of optimizing a `width` x `height` canvas whose objective is evaluated in blocks
@@ -46,7 +47,8 @@ pub fn render_bytes(width: u32, height: u32, params: &RenderParams) -> u64 {
 pub fn blocked_render_bytes(width: u32, height: u32, block: u32, params: &RenderParams) -> u64 {
     let px = u64::from(width) * u64::from(height);
     let block_px = u64::from(block.min(width)) * u64::from(block.min(height));
-    px * optimizer_bytes_per_px(params) + block_px * ACTIVATION_BYTES_PER_PX
+    px.saturating_mul(optimizer_bytes_per_px(params))
+        .saturating_add(block_px * ACTIVATION_BYTES_PER_PX)
 }
 
 /// The bytes of a device of `total` bytes that the planner lets one render use.

@@ -51,6 +51,23 @@ pub struct LossTerms {
     pub total: f64,
 }
 
+impl LossTerms {
+    /// The terms from their layout on the device, `[content, style, tv, total]`.
+    pub(crate) fn from_values(v: &[f64]) -> LossTerms {
+        LossTerms {
+            content: v[0],
+            style: v[1],
+            tv: v[2],
+            total: v[3],
+        }
+    }
+
+    /// The terms in that layout.
+    pub(crate) fn values(&self) -> [f64; 4] {
+        [self.content, self.style, self.tv, self.total]
+    }
+}
+
 /// The targets of one scale: content feature maps and blended style Gram matrices, computed once.
 pub struct Targets {
     /// The distinct layers the objective reads, in network order.
@@ -69,13 +86,7 @@ pub(crate) enum ScaleTargets {
 
 /// A float tensor of the 4 terms `[content, style, tv, total]`, read back.
 pub(crate) fn read_terms(terms: &Tensor) -> Result<LossTerms, Error> {
-    let v = to_f64s(terms)?;
-    Ok(LossTerms {
-        content: v[0],
-        style: v[1],
-        tv: v[2],
-        total: v[3],
-    })
+    Ok(LossTerms::from_values(&to_f64s(terms)?))
 }
 
 pub(crate) fn to_f64s(t: &Tensor) -> Result<Vec<f64>, Error> {
@@ -302,7 +313,7 @@ impl Engine {
             ScaleTargets::Whole(t) => self.objective_on_device(x, t, params),
             ScaleTargets::Blocked(t) => {
                 let (l, grad) = self.objective_blocked(x, t, params)?;
-                let terms = [l.content, l.style, l.tv, l.total].map(|v| v as f32);
+                let terms = l.values().map(|v| v as f32);
                 Ok((Tensor::from_slice(&terms).f_to_device(self.device())?, grad))
             }
         }

@@ -90,7 +90,10 @@ impl History {
     /// `M = [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]]`; `gamma` is a 0-dim tensor.
     fn times(&self, g: &Tensor, gamma: &Tensor) -> Tensor {
         let device = g.device();
-        let idx = Tensor::from_slice(&self.order).to_device(device);
+        // the rows in age order are consecutive modulo the capacity from the oldest: made on the device
+        // (a copy from the host would wait for the device's queue)
+        let (oldest, len, rows) = (self.order[0], self.order.len() as i64, self.capacity as i64);
+        let idx = Tensor::arange_start(oldest, oldest + len, (Kind::Int64, device)).remainder(rows);
         let pick = |t: &Tensor| t.index_select(0, &idx).index_select(1, &idx);
         let (sy, yy) = (pick(&self.sy), pick(&self.yy));
         let r = sy.triu(0);
@@ -150,6 +153,8 @@ impl Lbfgs {
         }
         let device = g.device();
         let scalar = |v: f64| Tensor::from(v as f32).to_device(device);
+        // made once: a host-to-device copy in the loop would wait for the device's queue
+        let (lr, zero) = (scalar(self.lr), scalar(0.0));
         let mut history: Option<History> = None;
         let mut h_diag = scalar(1.0);
         let mut d = Tensor::new();
@@ -197,13 +202,13 @@ impl Lbfgs {
                     .sum(Kind::Float)
                     .reciprocal()
                     .clamp_max(1.0)
-                    .g_mul(&scalar(self.lr))
+                    .g_mul(&lr)
             } else {
-                scalar(self.lr)
+                lr.shallow_clone()
             };
             let descends = g.dot(&d).le(-self.tolerance_change);
             tch::no_grad(|| {
-                let _ = xf.addcmul_(&d, &t.where_self(&descends, &scalar(0.0)));
+                let _ = xf.addcmul_(&d, &t.where_self(&descends, &zero));
             });
             skipped = Some(descends.logical_not());
             steps += 1;

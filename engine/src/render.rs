@@ -276,15 +276,7 @@ impl Engine {
                 )?;
                 let values = to_f64s(&all)?;
                 for ((iteration, _), v) in unread.drain(..).zip(values.chunks(4)) {
-                    report(
-                        iteration,
-                        LossTerms {
-                            content: v[0],
-                            style: v[1],
-                            tv: v[2],
-                            total: v[3],
-                        },
-                    )?;
+                    report(iteration, LossTerms::from_values(v))?;
                 }
                 Ok(())
             };
