@@ -7,7 +7,7 @@ use stylefarm_proto::pb;
 use stylefarm_tests::{is, job, shared_image, wait_for, Cluster};
 use tonic::Code;
 
-type RenderClient = pb::render_service_client::RenderServiceClient<tonic::transport::Channel>;
+type RenderClient = stylefarm_client::FarmClient;
 
 fn path(name: &str) -> String {
     shared_image(name).display().to_string()
@@ -288,6 +288,7 @@ async fn cancel_stops_the_running_worker_within_a_heartbeat() {
     );
     let cancelled_at = Instant::now();
     let reply = client
+        .rpc()
         .cancel_job(pb::CancelJobRequest {
             job_id: long.clone(),
         })
@@ -366,13 +367,14 @@ async fn a_coordinator_killed_and_restarted_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_serving() {
     let cluster = Cluster::start(10.0, 0.5);
-    let mut client = cluster.client().await;
+    let client = cluster.client().await;
     let upload = |data: Vec<u8>| {
         tokio_stream::iter(vec![pb::UploadImageRequest {
             part: Some(pb::upload_image_request::Part::Data(data)),
         }])
     };
     let err = client
+        .rpc()
         .upload_image(upload(b"\x89PNG\r\n\x1a\nnot really".to_vec()))
         .await
         .unwrap_err();
@@ -381,6 +383,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
 
     let png = std::fs::read(shared_image("chelsea.png")).unwrap();
     let hash = client
+        .rpc()
         .upload_image(upload(png))
         .await
         .unwrap()
@@ -448,7 +451,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         ),
     ];
     for (params, field) in cases {
-        let err = client.submit_job(spec(params)).await.unwrap_err();
+        let err = client.rpc().submit_job(spec(params)).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
         assert!(
             err.message().starts_with(field),
@@ -458,13 +461,14 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     }
     let mut not_uploaded = spec(pb::RenderParams::default());
     not_uploaded.spec.as_mut().unwrap().styles = vec!["0".repeat(64)];
-    let err = client.submit_job(not_uploaded).await.unwrap_err();
+    let err = client.rpc().submit_job(not_uploaded).await.unwrap_err();
     assert!(
         err.code() == Code::InvalidArgument && err.message().starts_with("styles"),
         "{err:?}"
     );
 
     let err = client
+        .rpc()
         .get_job(pb::GetJobRequest {
             job_id: "job-nope".into(),
         })
@@ -472,6 +476,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = client
+        .rpc()
         .cancel_job(pb::CancelJobRequest {
             job_id: "job-nope".into(),
         })
@@ -481,6 +486,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
 
     // one message above gRPC's 4 MiB: refused, naming the field, not a crash
     let err = client
+        .rpc()
         .upload_image(upload(vec![0u8; 5 << 20]))
         .await
         .unwrap_err();
@@ -488,6 +494,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     assert!(err.message().starts_with("data: "), "{err:?}");
 
     let ok = client
+        .rpc()
         .submit_job(spec(pb::RenderParams {
             size: Some(32),
             iterations: Some(1),
@@ -515,6 +522,7 @@ fn tubingen_x_starry(size: u32, iterations: u32) -> Vec<String> {
 /// Uploads `bytes`; returns the sha256.
 async fn upload(client: &mut RenderClient, bytes: Vec<u8>) -> String {
     client
+        .rpc()
         .upload_image(tokio_stream::iter(vec![pb::UploadImageRequest {
             part: Some(pb::upload_image_request::Part::Data(bytes)),
         }]))
@@ -603,6 +611,7 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
     ];
     for (spec, field, detail) in cases {
         let err = client
+            .rpc()
             .submit_job(pb::SubmitJobRequest {
                 spec: Some(spec),
                 client_request_id: String::new(),
@@ -619,6 +628,7 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
         );
     }
     let listed = client
+        .rpc()
         .list_jobs(pb::ListJobsRequest {
             states: vec![],
             limit: 10,
@@ -643,7 +653,7 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
     let args = tubingen_x_starry(32, 2);
     let common: Vec<&str> = args.iter().map(String::as_str).collect();
     let poisoned = submit(&cluster, &common);
-    let mut client = cluster.client().await;
+    let client = cluster.client().await;
     let failed = wait_for("the poisoned job to fail", Duration::from_secs(60), || {
         let mut client = client.clone();
         let poisoned = poisoned.clone();
@@ -691,6 +701,7 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
         "one registration: {log}"
     );
     let mut stream = client
+        .rpc()
         .download_result(pb::DownloadRequest {
             sha256: done.tasks[0].result.clone(),
         })

@@ -1,9 +1,17 @@
 //! `stylefarm`: the user's command. `render` renders one image on this machine; `local` runs a job on an
 //! embedded coordinator with local workers; `coordinator` and `worker` start the farm's nodes; `submit`,
 //! `watch`, `status`, `list`, `fetch` and `cancel` are its client; `seams` measures a tiled render's seams;
-//! `weights` locates or converts weights.
+//! `weights` locates or converts weights. Built with `--no-default-features --features client`, only the
+//! commands that need no libtorch: the coordinator, the client's, `seams` and `weights`.
+
+#[cfg(not(feature = "client"))]
+compile_error!("stylefarm needs the `client` feature (or `engine`, which includes it)");
 
 mod farm;
+#[cfg(feature = "engine")]
+mod nodes;
+mod params;
+#[cfg(feature = "engine")]
 mod render;
 mod seams;
 mod weights;
@@ -16,6 +24,7 @@ use clap::{Parser, Subcommand};
 /// Runs a one-shot command with a panic turned into its error: tch's infallible calls panic on a libtorch
 /// error (e.g. the device running out of memory inside a loss), and the user gets one line and exit code 1
 /// naming it, not a backtrace and 101. (The farm's worker contains panics per task on its engine thread.)
+#[cfg(feature = "engine")]
 fn contain_panics(command: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
     let default_hook = std::panic::take_hook();
     // the error line says it; the hook's report (and backtrace note) would be a second message
@@ -44,13 +53,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Render one stylized image on this machine.
+    #[cfg(feature = "engine")]
     Render(Box<render::RenderArgs>),
     /// Run a job (single, batch, sweep or tiled) on an embedded coordinator with local workers.
-    Local(Box<farm::LocalArgs>),
+    #[cfg(feature = "engine")]
+    Local(Box<nodes::LocalArgs>),
     /// Start a coordinator.
     Coordinator(farm::CoordinatorArgs),
     /// Start a worker that renders the coordinator's tasks.
-    Worker(farm::WorkerArgs),
+    #[cfg(feature = "engine")]
+    Worker(nodes::WorkerArgs),
     /// Submit a job to a coordinator; prints its id.
     Submit(Box<farm::SubmitArgs>),
     /// Follow a job's progress until it ends.
@@ -74,7 +86,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // servers log their work by default; the user's commands only warnings (STYLEFARM_LOG overrides both)
     let default = match cli.command {
-        Command::Coordinator(_) | Command::Worker(_) => "info",
+        Command::Coordinator(_) => "info",
+        #[cfg(feature = "engine")]
+        Command::Worker(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("STYLEFARM_LOG")
@@ -86,10 +100,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
+        #[cfg(feature = "engine")]
         Command::Render(args) => contain_panics(|| render::run(*args)),
-        Command::Local(args) => farm::local(*args),
+        #[cfg(feature = "engine")]
+        Command::Local(args) => nodes::local(*args),
         Command::Coordinator(args) => farm::coordinator(args),
-        Command::Worker(args) => farm::worker(args),
+        #[cfg(feature = "engine")]
+        Command::Worker(args) => nodes::worker(args),
         Command::Submit(args) => farm::submit(*args),
         Command::Watch(args) => farm::watch(args),
         Command::Status(args) => farm::status(args),

@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use stylefarm_client::FarmClient;
 use stylefarm_proto::pb;
-use stylefarm_proto::pb::render_service_client::RenderServiceClient;
-use tonic::transport::Channel;
 
 /// The `stylefarm` binary under test.
 pub fn binary() -> PathBuf {
@@ -173,10 +172,11 @@ impl Cluster {
         self.workers.push(Node { child, log });
     }
 
-    pub async fn client(&self) -> RenderServiceClient<Channel> {
+    /// A client of the coordinator, retried for up to 10 s while it starts.
+    pub async fn client(&self) -> FarmClient {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match RenderServiceClient::connect(self.url.clone()).await {
+            match FarmClient::connect(&self.url).await {
                 Ok(c) => return c,
                 Err(e) if Instant::now() > deadline => panic!("cannot reach {}: {e}", self.url),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -218,14 +218,8 @@ where
     }
 }
 
-pub async fn job(client: &mut RenderServiceClient<Channel>, job_id: &str) -> pb::JobStatus {
-    client
-        .get_job(pb::GetJobRequest {
-            job_id: job_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+pub async fn job(client: &mut FarmClient, job_id: &str) -> pb::JobStatus {
+    client.job(job_id).await.unwrap()
 }
 
 pub fn is(status: &pb::JobStatus, state: pb::JobState) -> bool {

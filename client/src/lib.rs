@@ -1,0 +1,441 @@
+#![doc = include_str!("../README.md")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use stylefarm_core::job::{ImageHash, JobKind, JobSpec, SweepAxis};
+use stylefarm_core::tiling::Tiling;
+use stylefarm_core::{imaging, Init, RenderParams};
+use stylefarm_proto::pb;
+use stylefarm_proto::pb::render_service_client::RenderServiceClient;
+use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Channel;
+
+#[cfg(feature = "local")]
+mod local;
+#[cfg(feature = "local")]
+pub use local::{LocalFarm, LocalFarmError};
+
+/// How long [`FarmClient::connect`] waits for the coordinator's TCP connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What can go wrong talking to a coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL is not one tonic can connect to.
+    #[error("coordinator url '{url}': {message}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// Why it is not a URI.
+        message: String,
+    },
+    /// Nothing answered at the URL within [`CONNECT_TIMEOUT`].
+    #[error("cannot reach the coordinator at {url}: {source}")]
+    Connect {
+        /// The URL as given.
+        url: String,
+        /// The transport's error.
+        source: tonic::transport::Error,
+    },
+    /// The coordinator answered with an error status; its message names the field or job.
+    #[error("{} ({:?})", .0.message(), .0.code())]
+    Status(#[from] tonic::Status),
+    /// A local file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// An input image or parameter is unusable (decoding, an unknown output format, a bad value).
+    #[error(transparent)]
+    Domain(#[from] stylefarm_core::Error),
+    /// A downloaded file's bytes do not hash to the name it was asked by.
+    #[error("downloading {0}: the bytes do not match their hash")]
+    Corrupt(String),
+    /// A job ended, or a stream stopped, without what the call needs.
+    #[error("job {job_id}: {message}")]
+    Job {
+        /// The job.
+        job_id: String,
+        /// What is missing, with the job's state.
+        message: String,
+    },
+}
+
+/// The result of a [`FarmClient`] call.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// The statuses of one job, from [`FarmClient::watch`]: one now, one on every change, ending with the job.
+pub type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus>> + Send>>;
+
+/// A job's state name as the CLI prints it: `queued`, `running`, `succeeded`, `failed`, `cancelled` (empty
+/// for a value this build does not know).
+pub fn job_state_name(state: i32) -> String {
+    pb::JobState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// A task's state name: `queued`, `leased`, `running`, `succeeded`, `failed`, `cancelled` (empty for a value
+/// this build does not know).
+pub fn task_state_name(state: i32) -> String {
+    pb::TaskState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("TASK_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// A job whose images are local files: [`FarmClient::submit_files`] uploads each once and submits the
+/// [`JobSpec`] that names them by hash.
+#[derive(Debug, Clone)]
+pub struct JobFiles {
+    /// The job's kind (a batch renders every content with every style).
+    pub kind: JobKind,
+    /// Content images; several only for a batch.
+    pub contents: Vec<PathBuf>,
+    /// Style images.
+    pub styles: Vec<PathBuf>,
+    /// The render's parameters; an [`Init::Image`] names a local file, uploaded too.
+    pub params: RenderParams,
+    /// The sweep's axes (a sweep job).
+    pub sweep: Vec<SweepAxis>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// The tiling (a tiled job).
+    pub tiling: Tiling,
+    /// Idempotency key: submitting twice with it gives the same job.
+    pub request_id: Option<String>,
+}
+
+/// A connection to a coordinator. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct FarmClient {
+    channel: Channel,
+    rpc: RenderServiceClient<Channel>,
+}
+
+impl FarmClient {
+    /// Connects to the coordinator at `url` (e.g. `http://127.0.0.1:7700`).
+    pub async fn connect(url: &str) -> Result<FarmClient> {
+        let channel = Channel::from_shared(url.to_string())
+            .map_err(|e| ClientError::Url {
+                url: url.into(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: url.into(),
+                source,
+            })?;
+        Ok(FarmClient {
+            channel: channel.clone(),
+            rpc: RenderServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        })
+    }
+
+    /// The generated gRPC client on the same connection, for requests this API does not build: the tests
+    /// send malformed ones through it. It has tonic's default message limits, not this client's
+    /// ([`MAX_MESSAGE_BYTES`] each way), so that what a server does with an oversized message can be seen.
+    pub fn rpc(&self) -> RenderServiceClient<Channel> {
+        RenderServiceClient::new(self.channel.clone())
+    }
+
+    /// Uploads an encoded image in [`CHUNK_BYTES`] chunks, declaring its sha256 first (the coordinator
+    /// checks it); returns the hash. The image is decoded here first, so a broken file fails before any byte
+    /// is sent, with `name` in the error.
+    pub async fn upload(&mut self, bytes: &[u8], name: &str) -> Result<ImageHash> {
+        imaging::decode(bytes, name)?;
+        let hash = ImageHash::of(bytes);
+        let mut parts = vec![pb::UploadImageRequest {
+            part: Some(pb::upload_image_request::Part::ExpectedSha256(
+                hash.to_string(),
+            )),
+        }];
+        parts.extend(bytes.chunks(CHUNK_BYTES).map(|c| pb::UploadImageRequest {
+            part: Some(pb::upload_image_request::Part::Data(c.to_vec())),
+        }));
+        self.rpc.upload_image(tokio_stream::iter(parts)).await?;
+        Ok(hash)
+    }
+
+    /// Uploads an image file; see [`FarmClient::upload`].
+    pub async fn upload_file(&mut self, path: &Path) -> Result<ImageHash> {
+        let bytes = std::fs::read(path).map_err(|source| ClientError::Io {
+            path: path.into(),
+            source,
+        })?;
+        self.upload(&bytes, &path.display().to_string()).await
+    }
+
+    /// Submits a job whose images are uploaded; returns its id. The spec is checked here as the coordinator
+    /// will check it, so a bad one fails naming its field without a round trip.
+    pub async fn submit(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<String> {
+        spec.tasks()?;
+        let reply = self
+            .rpc
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(spec.into()),
+                client_request_id: request_id.unwrap_or_default().to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(reply.job_id)
+    }
+
+    /// Uploads a job's images (each file once) and submits it; returns its id.
+    pub async fn submit_files(&mut self, job: &JobFiles) -> Result<String> {
+        if job.kind != JobKind::Batch && job.contents.len() > 1 {
+            return Err(stylefarm_core::Error::invalid(
+                "contents",
+                "several content images need a batch job",
+            )
+            .into());
+        }
+        let mut uploaded: HashMap<&Path, ImageHash> = HashMap::new();
+        for path in job.contents.iter().chain(&job.styles) {
+            if !uploaded.contains_key(path.as_path()) {
+                let hash = self.upload_file(path).await?;
+                uploaded.insert(path, hash);
+            }
+        }
+        let mut params = job.params.clone();
+        if let Init::Image(path) = &params.init {
+            let hash = self.upload_file(path).await?;
+            params.init = Init::Image(PathBuf::from(hash.to_string()));
+        }
+        let hashes = |paths: &[PathBuf]| {
+            paths
+                .iter()
+                .map(|p| uploaded[p.as_path()].clone())
+                .collect()
+        };
+        let spec = JobSpec {
+            kind: job.kind,
+            contents: hashes(&job.contents),
+            styles: hashes(&job.styles),
+            params,
+            sweep: job.sweep.clone(),
+            priority: job.priority,
+            max_attempts: 0,
+            tiling: job.tiling,
+        };
+        self.submit(&spec, job.request_id.as_deref()).await
+    }
+
+    /// A job's status now.
+    pub async fn job(&mut self, job_id: &str) -> Result<pb::JobStatus> {
+        Ok(self
+            .rpc
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// The newest `limit` jobs, newest first.
+    pub async fn list(&mut self, limit: u32) -> Result<Vec<pb::JobStatus>> {
+        Ok(self
+            .rpc
+            .list_jobs(pb::ListJobsRequest {
+                states: vec![],
+                limit,
+            })
+            .await?
+            .into_inner()
+            .jobs)
+    }
+
+    /// Cancels a job; returns its state after the cancel (a job already ended keeps its state).
+    pub async fn cancel(&mut self, job_id: &str) -> Result<pb::JobState> {
+        let reply = self
+            .rpc
+            .cancel_job(pb::CancelJobRequest {
+                job_id: job_id.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(pb::JobState::try_from(reply.state).unwrap_or_default())
+    }
+
+    /// Follows a job: its status now, then one on every change, until it ends (the stream then ends).
+    pub async fn watch(&mut self, job_id: &str) -> Result<StatusStream> {
+        let job = job_id.to_string();
+        let stream = self
+            .rpc
+            .watch_job(pb::WatchJobRequest {
+                job_id: job_id.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(Box::pin(stream.map(move |event| {
+            event?.status.ok_or_else(|| ClientError::Job {
+                job_id: job.clone(),
+                message: "an event without a status".into(),
+            })
+        })))
+    }
+
+    /// Follows a job until it ends; returns its last status.
+    pub async fn wait(&mut self, job_id: &str) -> Result<pb::JobStatus> {
+        let mut stream = self.watch(job_id).await?;
+        let mut last = None;
+        while let Some(status) = stream.next().await {
+            last = Some(status?);
+        }
+        last.ok_or_else(|| ClientError::Job {
+            job_id: job_id.into(),
+            message: "the event stream ended without an event".into(),
+        })
+    }
+
+    /// Downloads a result image's bytes by its sha256, checking them against it.
+    pub async fn download_bytes(&mut self, sha256: &str) -> Result<Vec<u8>> {
+        let mut stream = self
+            .rpc
+            .download_result(pb::DownloadRequest {
+                sha256: sha256.into(),
+            })
+            .await?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend(chunk?.data);
+        }
+        if ImageHash::of(&bytes).as_str() != sha256 {
+            return Err(ClientError::Corrupt(sha256.into()));
+        }
+        Ok(bytes)
+    }
+
+    /// Downloads a result image to `path`, re-encoded to the format of its extension (PNG as sent).
+    pub async fn download(&mut self, sha256: &str, path: &Path) -> Result<()> {
+        let bytes = self.download_bytes(sha256).await?;
+        imaging::save_encoded(&bytes, sha256, path)?;
+        Ok(())
+    }
+
+    /// Writes a job's results; returns the files written. A single render or a tiled job's stitched image
+    /// goes to `output` when it names an image file (`.png`, `.jpg`, `.tif`); otherwise `output` is a
+    /// directory that gets every task's result as `NNN_<label>.png`, a sweep's `contact-sheet.png`, or a
+    /// tiled job's `scale-K.png` and `result.png`.
+    pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
+        let missing = |what: &str| ClientError::Job {
+            job_id: status.job_id.clone(),
+            message: format!("{what} (state {})", job_state_name(status.state)),
+        };
+        let done: Vec<&pb::TaskStatus> = status
+            .tasks
+            .iter()
+            .filter(|t| !t.result.is_empty())
+            .collect();
+        if done.is_empty() {
+            return Err(missing("has no results"));
+        }
+        let mut written = Vec::new();
+        if !status.result.is_empty() || status.scales > 0 {
+            // tiled: the stitched image; into a directory also every scale's
+            if status.result.is_empty() {
+                return Err(missing("has no result yet"));
+            }
+            if imaging::output_format(output).is_ok() {
+                self.download(&status.result, output).await?;
+                written.push(output.to_path_buf());
+                return Ok(written);
+            }
+            create_dir(output)?;
+            for (k, sha) in status.scale_results.iter().enumerate() {
+                let path = output.join(format!("scale-{}.png", k + 1));
+                self.download(sha, &path).await?;
+                written.push(path);
+            }
+            let path = output.join("result.png");
+            self.download(&status.result, &path).await?;
+            written.push(path);
+            return Ok(written);
+        }
+        if done.len() == 1
+            && status.contact_sheet.is_empty()
+            && imaging::output_format(output).is_ok()
+        {
+            self.download(&done[0].result, output).await?;
+            written.push(output.to_path_buf());
+            return Ok(written);
+        }
+        create_dir(output)?;
+        for t in done {
+            let path = output.join(format!("{:03}_{}.png", t.index, slug(&t.label)));
+            self.download(&t.result, &path).await?;
+            written.push(path);
+        }
+        if !status.contact_sheet.is_empty() {
+            let path = output.join("contact-sheet.png");
+            self.download(&status.contact_sheet, &path).await?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|source| ClientError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+/// A file name from a task label: words joined by `_`, characters other than ASCII letters, digits and
+/// `=._-` replaced by `-`: `content 1 x style 2` -> `content_1_x_style_2`.
+fn slug(label: &str) -> String {
+    label
+        .split(' ')
+        .map(|w| {
+            w.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "=._-".contains(c) {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_become_file_names() {
+        assert_eq!(slug("content 1 x style 2"), "content_1_x_style_2");
+        assert_eq!(slug("style_weight=10 seed=1"), "style_weight=10_seed=1");
+        assert_eq!(slug("a/b"), "a-b");
+    }
+
+    #[test]
+    fn state_names_are_the_proto_names_lowercased() {
+        assert_eq!(job_state_name(pb::JobState::Succeeded as i32), "succeeded");
+        assert_eq!(task_state_name(pb::TaskState::Running as i32), "running");
+        assert_eq!(job_state_name(99), "");
+    }
+}

@@ -1,0 +1,108 @@
+//! [`LocalFarm`]: a coordinator on 127.0.0.1 and workers in this process, for one machine's jobs.
+
+use std::path::PathBuf;
+
+use stylefarm_coordinator::{Coordinator, CoordinatorConfig};
+use stylefarm_worker::WorkerConfig;
+use tokio::task::JoinHandle;
+
+use crate::{ClientError, FarmClient};
+
+/// Why a [`LocalFarm`] did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalFarmError {
+    /// The coordinator could not open its data dir or bind its port.
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] stylefarm_coordinator::Error),
+    /// No loopback port, or no temporary data dir.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: &'static str,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The client could not connect to the embedded coordinator.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// A coordinator served on a free port of 127.0.0.1 with workers as tasks of this process's runtime
+/// (each with its own engine thread). [`LocalFarm::shutdown`] stops them all; a farm dropped without it
+/// signals them to stop (the workers finish their current task) and does not wait.
+pub struct LocalFarm {
+    url: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    server: JoinHandle<Result<(), stylefarm_coordinator::Error>>,
+    workers: Vec<JoinHandle<Result<(), stylefarm_worker::Error>>>,
+    // the data dir when the config names none; removed on drop
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+impl LocalFarm {
+    /// Starts the coordinator and one worker per config (their `coordinator` URL is set to this farm's).
+    /// `coordinator.data_dir` empty: a temporary directory, removed when the farm drops.
+    pub async fn start(
+        mut coordinator: CoordinatorConfig,
+        workers: Vec<WorkerConfig>,
+    ) -> Result<LocalFarm, LocalFarmError> {
+        let io = |what| move |source| LocalFarmError::Io { what, source };
+        let tmp = if coordinator.data_dir.as_os_str().is_empty() {
+            let tmp = tempfile::tempdir().map_err(io("temporary data dir"))?;
+            coordinator.data_dir = PathBuf::from(tmp.path());
+            Some(tmp)
+        } else {
+            None
+        };
+        let state = Coordinator::open(coordinator)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(io("binding 127.0.0.1"))?;
+        let url = format!(
+            "http://{}",
+            listener.local_addr().map_err(io("binding 127.0.0.1"))?
+        );
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let on_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.changed().await;
+        };
+        let server = tokio::spawn(stylefarm_coordinator::serve(
+            listener,
+            state,
+            on_stop(stopped.clone()),
+        ));
+        let workers = workers
+            .into_iter()
+            .map(|mut config| {
+                config.coordinator = url.clone();
+                tokio::spawn(stylefarm_worker::run(config, on_stop(stopped.clone())))
+            })
+            .collect();
+        Ok(LocalFarm {
+            url,
+            stop,
+            server,
+            workers,
+            _data_dir: tmp,
+        })
+    }
+
+    /// The coordinator's URL, e.g. `http://127.0.0.1:40123`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A client of this farm's coordinator.
+    pub async fn client(&self) -> Result<FarmClient, ClientError> {
+        FarmClient::connect(&self.url).await
+    }
+
+    /// Stops the workers (a task in progress is abandoned) and the coordinator, and waits for the server.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for w in &self.workers {
+            w.abort();
+        }
+        let _ = self.server.await;
+    }
+}
