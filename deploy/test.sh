@@ -6,6 +6,13 @@ cd "$repo"
 bash deploy/setup.sh
 cargo fmt --all --check
 cargo clippy --locked --all-targets -- -D warnings
+# the build for machines that only submit (and the coordinator's): no libtorch anywhere in its graph
+cargo clippy --locked -p stylefarm --no-default-features --features client -- -D warnings
+if cargo tree --locked -p stylefarm --no-default-features --features client -e normal,build \
+    | grep -qE '^[^a-z]*(torch-sys|tch) '; then
+    echo "stylefarm --features client depends on libtorch" >&2
+    exit 1
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi

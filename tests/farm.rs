@@ -444,7 +444,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         ),
         (
             pb::RenderParams {
-                optimizer: Some("sgd".into()),
+                optimizer: Some(99),
                 ..Default::default()
             },
             "optimizer",

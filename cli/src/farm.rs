@@ -11,12 +11,10 @@ use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, FarmClient, JobFiles};
 use stylefarm_core::job::{parse_sweep, JobKind};
+use stylefarm_core::params::ParamArgs;
 use stylefarm_core::tiling::{self, TileSizing, Tiling};
-use stylefarm_core::RenderParams;
 use stylefarm_proto::pb;
 use tokio_stream::StreamExt;
-
-use crate::params::ParamArgs;
 
 pub(crate) const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
 
@@ -206,7 +204,7 @@ impl JobArgs {
             kind,
             contents: self.content.clone(),
             styles: self.style.clone(),
-            params: RenderParams::try_from(&self.params)?,
+            params: self.params.params()?,
             sweep: self
                 .sweep
                 .as_deref()

@@ -10,7 +10,6 @@ compile_error!("stylefarm needs the `client` feature (or `engine`, which include
 mod farm;
 #[cfg(feature = "engine")]
 mod nodes;
-mod params;
 #[cfg(feature = "engine")]
 mod render;
 mod seams;

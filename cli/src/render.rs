@@ -8,9 +8,9 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use stylefarm_core::imaging::{Decoded, OutputDepth};
-use stylefarm_core::{imaging, tiling, ImageSize, Init, RenderParams};
+use stylefarm_core::params::ParamArgs;
+use stylefarm_core::{imaging, tiling, ImageSize, Init};
 
-use crate::params::ParamArgs;
 use stylefarm_engine::{Engine, Progress, RenderJob};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -102,7 +102,7 @@ fn json_line(p: &Progress) -> String {
 }
 
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
-    let params = RenderParams::try_from(&args.params)?;
+    let params = args.params.params()?;
     params.validate(args.style.len())?;
     if let Some(output) = &args.output {
         if imaging::output_format(output)? == image::ImageFormat::Jpeg

@@ -87,46 +87,40 @@ pub enum JobKind {
     Tiled,
 }
 
-/// A parameter a sweep can vary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SweepParam {
-    StyleWeight,
-    ContentWeight,
-    TvWeight,
-    StyleScale,
-    Seed,
-    StyleBlend,
+/// A parameter a sweep can vary: the name of a render option marked `sweep: true` in the options' table
+/// ([`RenderParams::sweepable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepParam(&'static str);
+
+impl Serialize for SweepParam {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SweepParam {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl SweepParam {
-    pub const ALL: [(&'static str, SweepParam); 6] = [
-        ("style_weight", SweepParam::StyleWeight),
-        ("content_weight", SweepParam::ContentWeight),
-        ("tv_weight", SweepParam::TvWeight),
-        ("style_scale", SweepParam::StyleScale),
-        ("seed", SweepParam::Seed),
-        ("style_blend", SweepParam::StyleBlend),
-    ];
-
+    /// The option's name, e.g. `style_weight`.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, p)| *p == self)
-            .expect("listed")
-            .0
+        self.0
     }
 }
 
 impl FromStr for SweepParam {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        Self::ALL
-            .iter()
-            .find(|(name, _)| *name == s)
-            .map(|(_, p)| *p)
+        RenderParams::sweepable()
+            .find(|name| *name == s)
+            .map(SweepParam)
             .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+                let names: Vec<&str> = RenderParams::sweepable().collect();
                 Error::invalid(
                     "sweep",
                     format!(
@@ -146,34 +140,17 @@ pub struct SweepAxis {
 }
 
 impl SweepAxis {
-    /// Sets this axis' `value` in `params`, checking it.
+    /// Sets this axis' `value` in `params` (a list's items separated by `:`); unchecked.
     fn apply(&self, value: &str, params: &mut RenderParams) -> Result<(), Error> {
-        let number = |v: &str| -> Result<f64, Error> {
-            v.trim().parse::<f64>().map_err(|_| {
-                Error::invalid(
-                    "sweep",
-                    format!("{}: '{v}' is not a number", self.parameter.name()),
-                )
+        let name = self.parameter.name();
+        params
+            .set(name, &value.replace(':', ","))
+            .map_err(|e| match e {
+                Error::Invalid { message, .. } => {
+                    Error::invalid("sweep", format!("{name}: {message}"))
+                }
+                other => other,
             })
-        };
-        match self.parameter {
-            SweepParam::StyleWeight => params.style_weight = number(value)?,
-            SweepParam::ContentWeight => params.content_weight = number(value)?,
-            SweepParam::TvWeight => params.tv_weight = number(value)?,
-            SweepParam::StyleScale => params.style_scale = number(value)?,
-            SweepParam::Seed => {
-                params.seed = value.trim().parse().map_err(|_| {
-                    Error::invalid(
-                        "sweep",
-                        format!("seed: '{value}' is not a whole number >= 0"),
-                    )
-                })?
-            }
-            SweepParam::StyleBlend => {
-                params.style_blend = value.split(':').map(number).collect::<Result<_, _>>()?;
-            }
-        }
-        Ok(())
     }
 }
 

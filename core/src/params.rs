@@ -1,4 +1,10 @@
 //! Render parameters: the knobs of ../shared/design/ALGORITHM.md with its defaults, and their validation.
+//!
+//! Every option is defined once, in [`render_options!`]'s table: its name, type, default, range and
+//! documentation. From the table come [`RenderParams`] and its `Default`, the per-option range checks of
+//! [`RenderParams::validate`], [`RenderParams::set`] (text values by name: the sweep axes), the command
+//! line's [`ParamArgs`] (cargo feature `clap`) and the wire conversion (`crate::wire`). A new option is a
+//! row there and a field of the same name in the proto's `RenderParams`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -14,6 +20,10 @@ pub const MAX_SIZE: u32 = 16_384;
 pub const MAX_ITERATIONS: u32 = 100_000;
 /// Most scales of a multi-scale render.
 pub const MAX_SCALES: u32 = 8;
+/// Largest L-BFGS history.
+pub const MAX_HISTORY_SIZE: u32 = 1000;
+/// Largest style scale.
+pub const MAX_STYLE_SCALE: f64 = 8.0;
 
 /// The optimizer that updates the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +58,13 @@ pub enum Init {
 
 macro_rules! keyword_enum {
     ($ty:ident, $what:literal, $($name:literal => $variant:expr),+) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                $(if *self == $variant { return f.write_str($name); })+
+                unreachable!("every variant is listed")
+            }
+        }
+
         impl FromStr for $ty {
             type Err = Error;
             fn from_str(s: &str) -> Result<Self, Error> {
@@ -62,6 +79,17 @@ macro_rules! keyword_enum {
 }
 keyword_enum!(Optimizer, "optimizer", "lbfgs" => Optimizer::Lbfgs, "adam" => Optimizer::Adam);
 keyword_enum!(Pooling, "pooling", "max" => Pooling::Max, "avg" => Pooling::Avg);
+
+impl fmt::Display for Init {
+    /// The text [`Init::from_str`] reads: `content`, `noise` or the image's path.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Init::Content => f.write_str("content"),
+            Init::Noise => f.write_str("noise"),
+            Init::Image(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
 
 impl FromStr for Init {
     type Err = Error;
@@ -169,101 +197,327 @@ pub const DEFAULT_STYLE_LAYERS: [Layer; 5] = [
     Layer::new(5, 1),
 ];
 
-/// Everything that shapes a render besides its images. Defaults are ALGORITHM.md's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RenderParams {
-    /// Longest side of the output, in pixels.
-    pub size: u32,
-    /// Iterations (function evaluations for L-BFGS, steps for Adam) of a single-scale render, and of the
-    /// first scale of a multi-scale one.
-    pub iterations: u32,
-    /// Iterations per scale, coarsest first; empty: `iterations` halved at each finer scale.
-    pub scale_iterations: Vec<u32>,
-    pub optimizer: Optimizer,
-    /// Adam's step size, in 0..255 units.
-    pub learning_rate: f64,
-    /// L-BFGS history size.
-    pub history_size: u32,
-    pub content_weight: f64,
-    pub style_weight: f64,
-    pub tv_weight: f64,
-    /// Blend weights of the style images, normalized to sum 1; empty: equal.
-    pub style_blend: Vec<f64>,
-    pub content_layers: Vec<Layer>,
-    pub style_layers: Vec<Layer>,
-    pub pooling: Pooling,
-    pub init: Init,
-    pub seed: u64,
-    /// Style images are resized so their longest side is `size * style_scale`.
-    pub style_scale: f64,
-    /// Keep the output's luminance and the content's chroma.
-    pub original_colors: bool,
-    /// Number of scales; 1 renders at `size` only.
-    pub scales: u32,
+/// The render options, one row each: doc comment, `name: Type = default, range, sweep: bool;` (`sweep`:
+/// whether a sweep job may vary it). Called with a macro's name, it passes that macro the table: the
+/// single definition the struct, the checks, the command line and the wire format derive from.
+macro_rules! render_options {
+    ($callback:ident) => {
+        $callback! {
+            /// Longest side of the output, in pixels.
+            size: u32 = 512, Range::Between(1, MAX_SIZE as u64), sweep: false;
+            /// Iterations (L-BFGS function evaluations or Adam steps); with several scales, those of the first.
+            iterations: u32 = 500, Range::Between(1, MAX_ITERATIONS as u64), sweep: false;
+            /// Iterations per scale, coarsest first, e.g. 300,150 (default: iterations halved at each scale).
+            scale_iterations: Vec<u32> = Vec::new(), Range::Between(1, MAX_ITERATIONS as u64), sweep: false;
+            /// lbfgs (torch.optim.LBFGS, no line search) or adam (torch.optim.Adam, betas 0.9/0.999).
+            optimizer: Optimizer = Optimizer::Lbfgs, Range::Any, sweep: false;
+            /// Adam's learning rate, in 0..255 units.
+            learning_rate: f64 = 10.0, Range::Positive, sweep: false;
+            /// L-BFGS history size.
+            history_size: u32 = 100, Range::Between(1, MAX_HISTORY_SIZE as u64), sweep: false;
+            /// Weight of the content loss.
+            content_weight: f64 = 5.0, Range::NonNegative, sweep: true;
+            /// Weight of the style loss.
+            style_weight: f64 = 100.0, Range::NonNegative, sweep: true;
+            /// Weight of the total variation loss.
+            tv_weight: f64 = 1e-3, Range::NonNegative, sweep: true;
+            /// Blend weights of the style images, e.g. 0.7,0.3 (normalized to sum 1; default equal).
+            style_blend: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;
+            /// Content layers, comma-separated.
+            content_layers: Vec<Layer> = DEFAULT_CONTENT_LAYERS.to_vec(), Range::Any, sweep: false;
+            /// Style layers, comma-separated.
+            style_layers: Vec<Layer> = DEFAULT_STYLE_LAYERS.to_vec(), Range::Any, sweep: false;
+            /// VGG19's pooling: max or avg.
+            pooling: Pooling = Pooling::Max, Range::Any, sweep: false;
+            /// Where the image starts: content, noise, or an image file (on the farm: an uploaded image).
+            init: Init = Init::Content, Range::Any, sweep: false;
+            /// Seed of the noise init; a CPU run with the same seed repeats bit for bit.
+            seed: u64 = 0, Range::Any, sweep: true;
+            /// Style images are resized to a longest side of size * style_scale.
+            style_scale: f64 = 1.0, Range::UpTo(MAX_STYLE_SCALE), sweep: true;
+            /// Keep the content's colours (the output's luminance with the content's chroma).
+            original_colors: bool = false, Range::Any, sweep: false;
+            /// Number of scales: the first at size / 2^(scales-1), each next one twice as large.
+            scales: u32 = 1, Range::Between(1, MAX_SCALES as u64), sweep: false;
+        }
+    };
+}
+pub(crate) use render_options;
+
+/// The struct, its default, its range checks and [`RenderParams::set`], from the table.
+macro_rules! params_struct {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident: $ty:ty = $default:expr, $range:expr, sweep: $sweep:literal;
+    )*) => {
+        /// Everything that shapes a render besides its images. Defaults are ALGORITHM.md's.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct RenderParams {
+            $($(#[doc = $doc])* pub $name: $ty,)*
+        }
+
+        impl Default for RenderParams {
+            fn default() -> Self {
+                RenderParams { $($name: $default,)* }
+            }
+        }
+
+        impl RenderParams {
+            /// Every option's name, in the table's order: the field, the proto field, the command line's
+            /// `--name-with-dashes`.
+            pub const OPTIONS: &'static [&'static str] = &[$(stringify!($name)),*];
+
+            /// The options a sweep job may vary.
+            pub fn sweepable() -> impl Iterator<Item = &'static str> {
+                [$((stringify!($name), $sweep)),*]
+                    .into_iter()
+                    .filter(|(_, sweep)| *sweep)
+                    .map(|(name, _)| name)
+            }
+
+            /// Each option within its own range, naming it on error.
+            fn check_ranges(&self) -> Result<(), Error> {
+                $(OptionValue::check(&self.$name, stringify!($name), $range)?;)*
+                Ok(())
+            }
+
+            /// Sets the option `name` from its text (as on the command line; a list comma-separated).
+            /// Unchecked: [`RenderParams::validate`] checks.
+            pub fn set(&mut self, name: &str, text: &str) -> Result<(), Error> {
+                match name {
+                    $(stringify!($name) => self.$name = OptionValue::parse_text(stringify!($name), text)?,)*
+                    _ => {
+                        return Err(Error::invalid(
+                            "option",
+                            format!("unknown option '{name}' (expected one of: {})", Self::OPTIONS.join(", ")),
+                        ))
+                    }
+                }
+                Ok(())
+            }
+
+            /// The option `name`'s value as text ([`RenderParams::set`] reads it back); None for an
+            /// unknown name.
+            pub fn get(&self, name: &str) -> Option<String> {
+                match name {
+                    $(stringify!($name) => Some(OptionValue::to_text(&self.$name)),)*
+                    _ => None,
+                }
+            }
+        }
+
+        /// The render options on the command line (`render`, `submit`, `local`): each `--option VALUE` as
+        /// text, parsed by [`ParamArgs::params`] onto the defaults, errors naming the option.
+        #[cfg(feature = "clap")]
+        #[derive(clap::Args, Debug, Clone, Default)]
+        pub struct ParamArgs {
+            $(
+                $(#[doc = $doc])*
+                #[arg(
+                    long,
+                    value_name = <$ty as OptionValue>::VALUE_NAME,
+                    num_args = <$ty as OptionValue>::MIN_ARGS..=1,
+                    default_missing_value = <$ty as OptionValue>::BARE_VALUE,
+                    default_value = RenderParams::default().$name.to_text(),
+                    // an empty list's default ("") is not worth showing
+                    hide_default_value = RenderParams::default().$name.to_text().is_empty(),
+                )]
+                pub $name: Option<String>,
+            )*
+        }
+
+        #[cfg(feature = "clap")]
+        impl ParamArgs {
+            /// The parameters: each option given parsed onto [`RenderParams::default`] (unvalidated).
+            pub fn params(&self) -> Result<RenderParams, Error> {
+                let mut params = RenderParams::default();
+                $(if let Some(text) = &self.$name {
+                    params.$name = OptionValue::parse_text(stringify!($name), text)?;
+                })*
+                Ok(params)
+            }
+        }
+    };
+}
+render_options!(params_struct);
+
+/// The values an option accepts; [`RenderParams::validate`] checks each option against its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Range {
+    /// Any value of the option's type.
+    Any,
+    /// A whole number in `min..=max` (each element of a list).
+    Between(u64, u64),
+    /// A finite number >= 0 (each element of a list).
+    NonNegative,
+    /// A finite number > 0.
+    Positive,
+    /// A finite number in `(0, max]`.
+    UpTo(f64),
 }
 
-impl Default for RenderParams {
-    fn default() -> Self {
-        RenderParams {
-            size: 512,
-            iterations: 500,
-            scale_iterations: Vec::new(),
-            optimizer: Optimizer::Lbfgs,
-            learning_rate: 10.0,
-            history_size: 100,
-            content_weight: 5.0,
-            style_weight: 100.0,
-            tv_weight: 1e-3,
-            style_blend: Vec::new(),
-            content_layers: DEFAULT_CONTENT_LAYERS.to_vec(),
-            style_layers: DEFAULT_STYLE_LAYERS.to_vec(),
-            pooling: Pooling::Max,
-            init: Init::Content,
-            seed: 0,
-            style_scale: 1.0,
-            original_colors: false,
-            scales: 1,
+impl Range {
+    fn check_whole(self, field: &'static str, value: u64) -> Result<(), Error> {
+        match self {
+            Range::Between(min, max) if !(min..=max).contains(&value) => Err(Error::invalid(
+                field,
+                format!("must be between {min} and {max}, got {value}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_number(self, field: &'static str, value: f64) -> Result<(), Error> {
+        let (ok, what) = match self {
+            Range::NonNegative => (
+                value.is_finite() && value >= 0.0,
+                "a finite number >= 0".into(),
+            ),
+            Range::Positive => (
+                value.is_finite() && value > 0.0,
+                "a finite number > 0".into(),
+            ),
+            Range::UpTo(max) => (
+                value.is_finite() && value > 0.0 && value <= max,
+                format!("in (0, {max}]"),
+            ),
+            Range::Between(min, max) => (
+                value >= min as f64 && value <= max as f64,
+                format!("between {min} and {max}"),
+            ),
+            Range::Any => (true, String::new()),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                field,
+                format!("must be {what}, got {value}"),
+            ))
         }
     }
 }
 
-fn check_weight(field: &'static str, value: f64) -> Result<(), Error> {
-    if !value.is_finite() || value < 0.0 {
-        return Err(Error::invalid(
-            field,
-            format!("must be a finite number >= 0, got {value}"),
-        ));
+/// A type a render option can have: its text form (command line, sweep values) and its range check.
+pub trait OptionValue: Sized {
+    /// The placeholder of the value in `--help`.
+    const VALUE_NAME: &'static str;
+    /// Values the command-line flag takes at least: 0 for a switch (`--original-colors`), else 1.
+    const MIN_ARGS: usize = 1;
+    /// The value of the flag given without one (a switch: `true`).
+    const BARE_VALUE: Option<&'static str> = None;
+
+    /// Parses the text form; the error is the message, without the option's name.
+    fn parse_value(text: &str) -> Result<Self, String>;
+
+    /// The text form [`OptionValue::parse_value`] reads.
+    fn to_text(&self) -> String;
+
+    /// Checks the value against the option's range.
+    fn check(&self, _field: &'static str, _range: Range) -> Result<(), Error> {
+        Ok(())
     }
-    Ok(())
+
+    /// Parses the text form, naming the option `field` on error.
+    fn parse_text(field: &'static str, text: &str) -> Result<Self, Error> {
+        Self::parse_value(text).map_err(|message| Error::invalid(field, message))
+    }
 }
 
-fn check_iterations(field: &'static str, value: u32) -> Result<(), Error> {
-    if value == 0 || value > MAX_ITERATIONS {
-        return Err(Error::invalid(
-            field,
-            format!("must be between 1 and {MAX_ITERATIONS}, got {value}"),
-        ));
+macro_rules! whole_option {
+    ($($ty:ty),*) => {$(
+        impl OptionValue for $ty {
+            const VALUE_NAME: &'static str = "N";
+            fn parse_value(text: &str) -> Result<Self, String> {
+                text.trim().parse().map_err(|_| format!("'{text}' is not a whole number >= 0"))
+            }
+            fn to_text(&self) -> String {
+                self.to_string()
+            }
+            fn check(&self, field: &'static str, range: Range) -> Result<(), Error> {
+                range.check_whole(field, u64::from(*self))
+            }
+        }
+    )*};
+}
+whole_option!(u32, u64);
+
+impl OptionValue for f64 {
+    const VALUE_NAME: &'static str = "X";
+    fn parse_value(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse()
+            .map_err(|_| format!("'{text}' is not a number"))
     }
-    Ok(())
+    fn to_text(&self) -> String {
+        self.to_string()
+    }
+    fn check(&self, field: &'static str, range: Range) -> Result<(), Error> {
+        range.check_number(field, *self)
+    }
+}
+
+impl OptionValue for bool {
+    const VALUE_NAME: &'static str = "BOOL";
+    const MIN_ARGS: usize = 0;
+    const BARE_VALUE: Option<&'static str> = Some("true");
+    fn parse_value(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse()
+            .map_err(|_| format!("'{text}' is not true or false"))
+    }
+    fn to_text(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// The message of a domain error, without its field (the option names it).
+fn message(e: Error) -> String {
+    match e {
+        Error::Invalid { message, .. } => message,
+        other => other.to_string(),
+    }
+}
+
+macro_rules! keyword_option {
+    ($($ty:ty => $value_name:literal),*) => {$(
+        impl OptionValue for $ty {
+            const VALUE_NAME: &'static str = $value_name;
+            fn parse_value(text: &str) -> Result<Self, String> {
+                text.parse().map_err(message)
+            }
+            fn to_text(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+keyword_option!(Optimizer => "lbfgs|adam", Pooling => "max|avg", Init => "content|noise|IMAGE", Layer => "LAYER");
+
+/// A comma-separated list (`0.7,0.3`, `relu1_1,relu2_1`); empty text is the empty list.
+impl<T: OptionValue> OptionValue for Vec<T> {
+    const VALUE_NAME: &'static str = "LIST";
+    fn parse_value(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        text.split(',')
+            .map(|item| T::parse_value(item.trim()).map_err(|e| format!("'{item}': {e}")))
+            .collect()
+    }
+    fn to_text(&self) -> String {
+        self.iter().map(T::to_text).collect::<Vec<_>>().join(",")
+    }
+    fn check(&self, field: &'static str, range: Range) -> Result<(), Error> {
+        self.iter().try_for_each(|v| v.check(field, range))
+    }
 }
 
 impl RenderParams {
     /// Checks every field; `styles` is the number of style images of the job.
     pub fn validate(&self, styles: usize) -> Result<(), Error> {
-        if self.size == 0 || self.size > MAX_SIZE {
-            return Err(Error::invalid(
-                "size",
-                format!("must be between 1 and {MAX_SIZE}, got {}", self.size),
-            ));
-        }
-        check_iterations("iterations", self.iterations)?;
-        if self.scales == 0 || self.scales > MAX_SCALES {
-            return Err(Error::invalid(
-                "scales",
-                format!("must be between 1 and {MAX_SCALES}, got {}", self.scales),
-            ));
-        }
+        self.check_ranges()?;
         // the first scale's longest side must reach the deepest layer (both sides, with the images:
         // check_sizes)
         let (first, layer) = (self.sizes_per_scale()[0], self.deepest_layer());
@@ -285,40 +539,15 @@ impl RenderParams {
                 format!("{what} under the {need} px a side that VGG19 needs to reach {layer}"),
             ));
         }
-        if !self.scale_iterations.is_empty() {
-            if self.scale_iterations.len() != self.scales as usize {
-                return Err(Error::invalid(
-                    "scale_iterations",
-                    format!(
-                        "has {} values for {} scales",
-                        self.scale_iterations.len(),
-                        self.scales
-                    ),
-                ));
-            }
-            for &n in &self.scale_iterations {
-                check_iterations("scale_iterations", n)?;
-            }
-        }
-        if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
+        if !self.scale_iterations.is_empty() && self.scale_iterations.len() != self.scales as usize
+        {
             return Err(Error::invalid(
-                "learning_rate",
-                format!("must be a finite number > 0, got {}", self.learning_rate),
-            ));
-        }
-        if self.history_size == 0 || self.history_size > 1000 {
-            return Err(Error::invalid(
-                "history_size",
-                format!("must be between 1 and 1000, got {}", self.history_size),
-            ));
-        }
-        check_weight("content_weight", self.content_weight)?;
-        check_weight("style_weight", self.style_weight)?;
-        check_weight("tv_weight", self.tv_weight)?;
-        if !self.style_scale.is_finite() || self.style_scale <= 0.0 || self.style_scale > 8.0 {
-            return Err(Error::invalid(
-                "style_scale",
-                format!("must be in (0, 8], got {}", self.style_scale),
+                "scale_iterations",
+                format!(
+                    "has {} values for {} scales",
+                    self.scale_iterations.len(),
+                    self.scales
+                ),
             ));
         }
         if styles == 0 {
@@ -336,9 +565,6 @@ impl RenderParams {
                         self.style_blend.len()
                     ),
                 ));
-            }
-            for &w in &self.style_blend {
-                check_weight("style_blend", w)?;
             }
             let sum = self.style_blend.iter().sum::<f64>();
             if sum <= 0.0 {
@@ -506,18 +732,10 @@ impl fmt::Display for ImageSize<'_> {
     }
 }
 
-/// Parses a comma-separated list such as `0.7,0.3` or `relu1_1,relu2_1`, naming `field` on error.
-pub fn parse_list<T: FromStr>(field: &'static str, s: &str) -> Result<Vec<T>, Error>
-where
-    T::Err: fmt::Display,
-{
-    s.split(',')
-        .map(|item| {
-            item.trim()
-                .parse::<T>()
-                .map_err(|e| Error::invalid(field, format!("'{item}': {e}")))
-        })
-        .collect()
+/// Parses a comma-separated list such as `0.7,0.3` or `relu1_1,relu2_1` as a list option does, naming
+/// `field` on error.
+pub fn parse_list<T: OptionValue>(field: &'static str, s: &str) -> Result<Vec<T>, Error> {
+    Vec::<T>::parse_text(field, s)
 }
 
 #[cfg(test)]
@@ -634,6 +852,101 @@ mod tests {
             ..p
         };
         assert_eq!(p.iterations_per_scale(), [5, 6, 7]);
+    }
+
+    /// The table's derivations: every option reads back what it writes as text, the sweepable ones are the
+    /// table's, and an unknown name is refused naming it.
+    #[test]
+    fn every_option_round_trips_through_its_text() {
+        let changed = RenderParams {
+            size: 300,
+            iterations: 7,
+            scale_iterations: vec![7, 3],
+            optimizer: Optimizer::Adam,
+            learning_rate: 2.5,
+            history_size: 5,
+            content_weight: 0.5,
+            style_weight: 1e4,
+            tv_weight: 0.0,
+            style_blend: vec![0.7, 0.3],
+            content_layers: vec![Layer::new(3, 2), Layer::new(4, 2)],
+            style_layers: vec![Layer::new(1, 1)],
+            pooling: Pooling::Avg,
+            init: Init::Noise,
+            seed: 42,
+            style_scale: 0.5,
+            original_colors: true,
+            scales: 2,
+        };
+        for params in [RenderParams::default(), changed] {
+            let mut copy = RenderParams {
+                size: 1,
+                ..Default::default()
+            };
+            for name in RenderParams::OPTIONS {
+                let text = params.get(name).expect("a listed option");
+                copy.set(name, &text).unwrap();
+            }
+            assert_eq!(copy, params);
+        }
+        assert_eq!(
+            RenderParams::sweepable().collect::<Vec<_>>(),
+            [
+                "content_weight",
+                "style_weight",
+                "tv_weight",
+                "style_blend",
+                "seed",
+                "style_scale"
+            ]
+        );
+        let err = RenderParams::default().set("colour", "1").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = RenderParams::default().set("size", "big").unwrap_err();
+        assert!(err.to_string().starts_with("size: 'big'"), "{err}");
+    }
+
+    /// The command line's options: each one's flag, parsed onto the defaults; a switch without a value.
+    #[cfg(feature = "clap")]
+    #[test]
+    fn the_command_line_options_come_from_the_table() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            params: ParamArgs,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["render"], args].concat())
+                .unwrap()
+                .params
+                .params()
+        };
+        assert_eq!(parse(&[]).unwrap(), RenderParams::default());
+        let p = parse(&[
+            "--size",
+            "64",
+            "--style-blend",
+            "1,3",
+            "--original-colors",
+            "--optimizer",
+            "adam",
+        ])
+        .unwrap();
+        assert_eq!(
+            (p.size, p.style_blend, p.original_colors, p.optimizer),
+            (64, vec![1.0, 3.0], true, Optimizer::Adam)
+        );
+        let err = parse(&["--pooling", "min"]).unwrap_err().to_string();
+        assert!(err.starts_with("pooling: unknown value 'min'"), "{err}");
+        for name in RenderParams::OPTIONS {
+            let flag = format!("--{}", name.replace('_', "-"));
+            let value = RenderParams::default().get(name).unwrap();
+            assert!(
+                Cli::try_parse_from(["render", flag.as_str(), value.as_str()]).is_ok(),
+                "{flag} {value}"
+            );
+        }
     }
 
     #[test]

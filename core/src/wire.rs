@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use stylefarm_proto::pb;
 
 use crate::job::{ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
-use crate::params::{Init, Layer, RenderParams};
+use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
 use crate::tiling::{Rect, TileSizing, Tiling, DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, MIN_TILE_SIZE};
 use crate::Error;
 
@@ -20,105 +20,152 @@ fn hashes(field: &'static str, values: Vec<String>) -> Result<Vec<ImageHash>, Er
         .collect()
 }
 
-fn layers(
-    field: &'static str,
-    values: Vec<String>,
-    default: Vec<Layer>,
-) -> Result<Vec<Layer>, Error> {
-    if values.is_empty() {
-        return Ok(default);
-    }
-    values
-        .iter()
-        .map(|v| {
-            v.parse::<Layer>()
-                .map_err(|e| Error::invalid(field, e.to_string()))
-        })
-        .collect()
+/// A render option's type on the wire: `optional` scalars (unset: the default), repeated lists (empty: the
+/// default), proto enums. The table of `render_options!` pairs each option with its proto field of the same
+/// name through this trait; a field of the wrong type does not compile.
+trait WireValue: Sized {
+    /// The proto field's Rust type.
+    type Wire;
+    /// The domain value of a field, `default` when unset; errors name `field`.
+    fn from_wire(field: &'static str, wire: Self::Wire, default: Self) -> Result<Self, Error>;
+    /// The field for a domain value (always set).
+    fn to_wire(&self) -> Self::Wire;
 }
+
+macro_rules! optional_scalar {
+    ($($ty:ty),*) => {$(
+        impl WireValue for $ty {
+            type Wire = Option<$ty>;
+            fn from_wire(_: &'static str, wire: Option<$ty>, default: $ty) -> Result<$ty, Error> {
+                Ok(wire.unwrap_or(default))
+            }
+            fn to_wire(&self) -> Option<$ty> {
+                Some(*self)
+            }
+        }
+    )*};
+}
+optional_scalar!(u32, u64, f64, bool);
+
+macro_rules! repeated_scalar {
+    ($($ty:ty),*) => {$(
+        impl WireValue for Vec<$ty> {
+            type Wire = Vec<$ty>;
+            fn from_wire(_: &'static str, wire: Vec<$ty>, default: Vec<$ty>) -> Result<Vec<$ty>, Error> {
+                Ok(if wire.is_empty() { default } else { wire })
+            }
+            fn to_wire(&self) -> Vec<$ty> {
+                self.clone()
+            }
+        }
+    )*};
+}
+repeated_scalar!(u32, f64);
+
+impl WireValue for Vec<Layer> {
+    type Wire = Vec<String>;
+    fn from_wire(field: &'static str, wire: Vec<String>, default: Self) -> Result<Self, Error> {
+        if wire.is_empty() {
+            return Ok(default);
+        }
+        wire.iter()
+            .map(|v| {
+                v.parse::<Layer>()
+                    .map_err(|e| Error::invalid(field, e.to_string()))
+            })
+            .collect()
+    }
+    fn to_wire(&self) -> Vec<String> {
+        self.iter().map(ToString::to_string).collect()
+    }
+}
+
+/// A proto enum with its domain type: `UNSPECIFIED` (or unset) is the default, an unknown number an error.
+macro_rules! proto_enum {
+    ($ty:ty, $pb:ty, $($variant:ident),+) => {
+        impl WireValue for $ty {
+            type Wire = Option<i32>;
+            fn from_wire(field: &'static str, wire: Option<i32>, default: $ty) -> Result<$ty, Error> {
+                match wire.map(<$pb>::try_from) {
+                    None | Some(Ok(<$pb>::Unspecified)) => Ok(default),
+                    $(Some(Ok(<$pb>::$variant)) => Ok(<$ty>::$variant),)+
+                    Some(Err(_)) => Err(Error::invalid(
+                        field,
+                        format!(
+                            "unknown value {} (expected one of: {})",
+                            wire.unwrap_or_default(),
+                            [$(<$ty>::$variant.to_string()),+].join(", ")
+                        ),
+                    )),
+                }
+            }
+            fn to_wire(&self) -> Option<i32> {
+                Some(match self {
+                    $(<$ty>::$variant => <$pb>::$variant as i32,)+
+                })
+            }
+        }
+    };
+}
+proto_enum!(Optimizer, pb::Optimizer, Lbfgs, Adam);
+proto_enum!(Pooling, pb::Pooling, Max, Avg);
 
 /// The init of a farm job: `content`, `noise`, or `image:<sha256>` of an uploaded image, which the domain
 /// holds as [`Init::Image`] with the hash as its path.
-fn init(value: Option<String>) -> Result<Init, Error> {
-    match value.as_deref() {
-        None | Some("content") => Ok(Init::Content),
-        Some("noise") => Ok(Init::Noise),
-        Some(other) => match other.strip_prefix("image:").map(str::parse::<ImageHash>) {
-            Some(Ok(hash)) => Ok(Init::Image(PathBuf::from(hash.as_str()))),
-            _ => Err(Error::invalid(
-                "init",
-                format!("'{other}': expected content, noise or image:<sha256>"),
-            )),
-        },
+impl WireValue for Init {
+    type Wire = Option<String>;
+    fn from_wire(field: &'static str, wire: Option<String>, default: Init) -> Result<Init, Error> {
+        match wire.as_deref() {
+            None => Ok(default),
+            Some("content") => Ok(Init::Content),
+            Some("noise") => Ok(Init::Noise),
+            Some(other) => match other.strip_prefix("image:").map(str::parse::<ImageHash>) {
+                Some(Ok(hash)) => Ok(Init::Image(PathBuf::from(hash.as_str()))),
+                _ => Err(Error::invalid(
+                    field,
+                    format!("'{other}': expected content, noise or image:<sha256>"),
+                )),
+            },
+        }
     }
-}
-
-impl TryFrom<pb::RenderParams> for RenderParams {
-    type Error = Error;
-
-    /// Unset fields take the defaults. The result is not validated against a style count: [`JobSpec::tasks`]
-    /// does that.
-    fn try_from(p: pb::RenderParams) -> Result<Self, Error> {
-        let d = RenderParams::default();
-        Ok(RenderParams {
-            size: p.size.unwrap_or(d.size),
-            iterations: p.iterations.unwrap_or(d.iterations),
-            scale_iterations: p.scale_iterations,
-            optimizer: p
-                .optimizer
-                .map(|s| s.parse())
-                .transpose()?
-                .unwrap_or(d.optimizer),
-            learning_rate: p.learning_rate.unwrap_or(d.learning_rate),
-            history_size: p.history_size.unwrap_or(d.history_size),
-            content_weight: p.content_weight.unwrap_or(d.content_weight),
-            style_weight: p.style_weight.unwrap_or(d.style_weight),
-            tv_weight: p.tv_weight.unwrap_or(d.tv_weight),
-            style_blend: p.style_blend,
-            content_layers: layers("content_layers", p.content_layers, d.content_layers)?,
-            style_layers: layers("style_layers", p.style_layers, d.style_layers)?,
-            pooling: p
-                .pooling
-                .map(|s| s.parse())
-                .transpose()?
-                .unwrap_or(d.pooling),
-            init: init(p.init)?,
-            seed: p.seed.unwrap_or(d.seed),
-            style_scale: p.style_scale.unwrap_or(d.style_scale),
-            original_colors: p.original_colors.unwrap_or(d.original_colors),
-            scales: p.scales.unwrap_or(d.scales),
+    fn to_wire(&self) -> Option<String> {
+        Some(match self {
+            Init::Content => "content".into(),
+            Init::Noise => "noise".into(),
+            Init::Image(path) => format!("image:{}", path.display()),
         })
     }
 }
 
-impl From<&RenderParams> for pb::RenderParams {
-    fn from(p: &RenderParams) -> Self {
-        pb::RenderParams {
-            size: Some(p.size),
-            iterations: Some(p.iterations),
-            scale_iterations: p.scale_iterations.clone(),
-            optimizer: Some(format!("{:?}", p.optimizer).to_lowercase()),
-            learning_rate: Some(p.learning_rate),
-            history_size: Some(p.history_size),
-            content_weight: Some(p.content_weight),
-            style_weight: Some(p.style_weight),
-            tv_weight: Some(p.tv_weight),
-            style_blend: p.style_blend.clone(),
-            content_layers: p.content_layers.iter().map(ToString::to_string).collect(),
-            style_layers: p.style_layers.iter().map(ToString::to_string).collect(),
-            pooling: Some(format!("{:?}", p.pooling).to_lowercase()),
-            init: Some(match &p.init {
-                Init::Content => "content".into(),
-                Init::Noise => "noise".into(),
-                Init::Image(path) => format!("image:{}", path.display()),
-            }),
-            seed: Some(p.seed),
-            style_scale: Some(p.style_scale),
-            original_colors: Some(p.original_colors),
-            scales: Some(p.scales),
+/// Both directions of `RenderParams`, field by field from the options' table.
+macro_rules! params_wire {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident: $ty:ty = $default:expr, $range:expr, sweep: $sweep:literal;
+    )*) => {
+        impl TryFrom<pb::RenderParams> for RenderParams {
+            type Error = Error;
+
+            /// Unset fields take the defaults. The result is not validated against a style count:
+            /// [`JobSpec::tasks`] does that.
+            fn try_from(p: pb::RenderParams) -> Result<Self, Error> {
+                let d = RenderParams::default();
+                Ok(RenderParams {
+                    $($name: WireValue::from_wire(stringify!($name), p.$name, d.$name)?,)*
+                })
+            }
         }
-    }
+
+        impl From<&RenderParams> for pb::RenderParams {
+            fn from(p: &RenderParams) -> Self {
+                pb::RenderParams {
+                    $($name: WireValue::to_wire(&p.$name),)*
+                }
+            }
+        }
+    };
 }
+render_options!(params_wire);
 
 impl TryFrom<pb::JobSpec> for JobSpec {
     type Error = Error;
@@ -343,7 +390,7 @@ mod tests {
             "content_weight",
         );
         bad(
-            &|w| w.params.as_mut().unwrap().optimizer = Some("sgd".into()),
+            &|w| w.params.as_mut().unwrap().optimizer = Some(99),
             "optimizer",
         );
         bad(

@@ -1712,11 +1712,12 @@ fn layer_name() -> impl Strategy<Value = String> {
     ]
 }
 
-fn keyword(valid: &'static [&'static str]) -> impl Strategy<Value = Option<String>> {
+/// A proto enum field: unset, one of its `values` (0: unspecified), or any number.
+fn proto_enum(values: std::ops::RangeInclusive<i32>) -> impl Strategy<Value = Option<i32>> {
     prop_oneof![
         3 => Just(None),
-        6 => prop::sample::select(valid.to_vec()).prop_map(|s| Some(s.to_string())),
-        1 => "[ -~]{0,10}".prop_map(Some),
+        6 => values.prop_map(Some),
+        1 => any::<i32>().prop_map(Some),
     ]
 }
 
@@ -1739,8 +1740,8 @@ fn opt<T: std::fmt::Debug + Clone>(
 enum ParamsTweak {
     /// Unset the optional field with this index (of the 14 scalar ones).
     Unset(u8),
-    Optimizer(Option<String>),
-    Pooling(Option<String>),
+    Optimizer(Option<i32>),
+    Pooling(Option<i32>),
     Init(Option<String>),
     ContentLayers(Vec<String>),
     StyleLayers(Vec<String>),
@@ -1749,8 +1750,8 @@ enum ParamsTweak {
 fn params_tweak() -> BoxedStrategy<ParamsTweak> {
     prop_oneof![
         4 => (0u8..14).prop_map(ParamsTweak::Unset),
-        1 => keyword(&["lbfgs", "adam"]).prop_map(ParamsTweak::Optimizer),
-        1 => keyword(&["max", "avg"]).prop_map(ParamsTweak::Pooling),
+        1 => proto_enum(0..=2).prop_map(ParamsTweak::Optimizer),
+        1 => proto_enum(0..=2).prop_map(ParamsTweak::Pooling),
         1 => wire_init().prop_map(ParamsTweak::Init),
         1 => prop::collection::vec(layer_name(), 0..=4).prop_map(ParamsTweak::ContentLayers),
         1 => prop::collection::vec(layer_name(), 0..=4).prop_map(ParamsTweak::StyleLayers),
@@ -1829,7 +1830,7 @@ fn arbitrary_wire_params() -> BoxedStrategy<pb::RenderParams> {
             opt(size),
             opt(iterations()),
             prop::collection::vec(iterations(), 0..=9),
-            keyword(&["lbfgs", "adam"]),
+            proto_enum(0..=2),
             opt(weight()),
             opt(prop_oneof![1..=1000u32, any::<u32>()]),
             opt(weight()),
@@ -1840,7 +1841,7 @@ fn arbitrary_wire_params() -> BoxedStrategy<pb::RenderParams> {
             prop::collection::vec(weight(), 0..=4),
             prop::collection::vec(layer_name(), 0..=4),
             prop::collection::vec(layer_name(), 0..=4),
-            keyword(&["max", "avg"]),
+            proto_enum(0..=2),
             init,
             opt(any::<u64>()),
             opt(style_scale()),
