@@ -523,12 +523,11 @@ impl WorkerService for WorkerApi {
         request: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
         let r = request.into_inner();
-        let kind = if r.out_of_memory {
-            FailureKind::OutOfMemory
-        } else if r.retryable {
-            FailureKind::Retryable
-        } else {
-            FailureKind::Permanent
+        let kind = match pb::FailureKind::try_from(r.kind) {
+            Ok(pb::FailureKind::Input) => FailureKind::Permanent,
+            Ok(pb::FailureKind::OutOfMemory) => FailureKind::OutOfMemory,
+            // unspecified, or a kind this build does not know: retried
+            _ => FailureKind::Retryable,
         };
         tracing::warn!(lease_id = r.lease_id, error = r.error, ?kind, "task failed");
         let scheduler = self.coordinator.scheduler.clone();

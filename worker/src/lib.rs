@@ -208,16 +208,15 @@ impl Failure {
 
     /// The FailTask request of this failure.
     fn request(&self, lease_id: &str) -> pb::FailTaskRequest {
-        let (error, retryable, out_of_memory) = match self {
-            Failure::Input(e) => (e, false, false),
-            Failure::Transient(e) => (e, true, false),
-            Failure::OutOfMemory(e) => (e, true, true),
+        let (error, kind) = match self {
+            Failure::Input(e) => (e, pb::FailureKind::Input),
+            Failure::Transient(e) => (e, pb::FailureKind::Transient),
+            Failure::OutOfMemory(e) => (e, pb::FailureKind::OutOfMemory),
         };
         pb::FailTaskRequest {
             lease_id: lease_id.into(),
             error: error.clone(),
-            retryable,
-            out_of_memory,
+            kind: kind as i32,
         }
     }
 }
