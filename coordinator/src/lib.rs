@@ -4,13 +4,16 @@
 //! stitches tiled jobs' scales.
 //! It never links libtorch.
 //!
+//! - [`model`]: jobs and tasks as the scheduler keeps them and the store persists them;
 //! - [`scheduler`]: leases with expiry and fencing, retries with backoff, blocklist, priorities, cancellation;
-//! - [`store`]: the [`store::Store`] trait, an in-memory and an embedded persistent (redb) backend;
-//! - [`blobs`]: images on disk by sha256;
+//! - [`store`]: the [`store::Store`] trait (writes ordered, durability an opaque future), an in-memory and an
+//!   embedded persistent (redb) backend, each in its file, and the test suite every backend passes;
+//! - [`blobs`]: the [`blobs::BlobStore`] trait for content-addressed images, and its disk backend;
 //! - [`workers`]: the workers heard from, with their device memory, which tiled scales are planned for;
 //! - [`service`]: the gRPC handlers; [`serve`] runs them with health and reflection.
 
 pub mod blobs;
+pub mod model;
 pub mod scheduler;
 mod service;
 mod sheet;
@@ -77,7 +80,7 @@ pub struct CoordinatorConfig {
 /// The coordinator's state: scheduler and blobs.
 pub struct Coordinator {
     pub scheduler: Arc<scheduler::Scheduler>,
-    pub blobs: blobs::BlobStore,
+    pub blobs: Arc<dyn blobs::BlobStore>,
     pub workers: workers::Registry,
 }
 
@@ -87,7 +90,7 @@ impl Coordinator {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = store::RedbStore::open(&config.data_dir.join("state.redb"))?;
         let scheduler = scheduler::Scheduler::new(config.scheduler, Arc::new(store))?;
-        let blobs = blobs::BlobStore::open(&config.data_dir.join("blobs"))?;
+        let blobs = Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?);
         let coordinator = Arc::new(Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,

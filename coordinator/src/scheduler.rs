@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
 use tokio::sync::{broadcast, Notify};
 
-use crate::store::{JobMeta, JobState, Op, Store, StoreError, TaskRecord, TaskState};
+use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
+use crate::store::{self, Op, Store, StoreError};
 
 /// Scheduling settings.
 #[derive(Debug, Clone)]
@@ -280,7 +281,7 @@ impl Scheduler {
             },
         );
         drop(st);
-        durable.wait()?;
+        store::wait(durable)?;
         self.work.notify_waiters();
         self.changed(&id);
         Ok((id, true))
@@ -439,7 +440,7 @@ impl Scheduler {
         }
         let durable = self.store.write(ops);
         drop(st);
-        durable.wait()?;
+        store::wait(durable)?;
         self.changed(&lease.job_id);
         Ok(Some(Completed {
             job_id: lease.job_id,
@@ -463,7 +464,7 @@ impl Scheduler {
         self.fail_task(&mut st, &lease, error, kind, &mut ops)?;
         let durable = self.store.write(ops);
         drop(st);
-        durable.wait()?;
+        store::wait(durable)?;
         self.work.notify_waiters();
         self.changed(&lease.job_id);
         Ok(())
@@ -575,7 +576,7 @@ impl Scheduler {
         self.finish_job(&mut st, job_id, JobState::Failed, error, &mut ops)?;
         let durable = self.store.write(ops);
         drop(st);
-        durable.wait()?;
+        store::wait(durable)?;
         self.changed(job_id);
         Ok(())
     }
@@ -609,7 +610,7 @@ impl Scheduler {
         self.finish_job(&mut st, job_id, JobState::Cancelled, "cancelled", &mut ops)?;
         let durable = self.store.write(ops);
         drop(st);
-        durable.wait()?;
+        store::wait(durable)?;
         self.changed(job_id);
         Ok(JobState::Cancelled)
     }
@@ -647,7 +648,7 @@ impl Scheduler {
         }
         let durable = self.store.write(ops);
         drop(st);
-        durable.wait()?;
+        store::wait(durable)?;
         self.work.notify_waiters();
         for job in jobs {
             self.changed(&job);
@@ -669,7 +670,7 @@ impl Scheduler {
         }
         let durable = self.store.write(vec![Op::Job(job.meta.clone())]);
         drop(st);
-        durable.wait()?;
+        store::wait(durable)?;
         self.changed(job_id);
         Ok(())
     }
@@ -716,7 +717,7 @@ impl Scheduler {
         ops.push(Op::Job(job.meta.clone()));
         let durable = self.store.write(ops);
         drop(guard);
-        durable.wait()?;
+        store::wait(durable)?;
         self.work.notify_waiters();
         self.changed(job_id);
         Ok(true)

@@ -17,8 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::model::{JobState, TaskState};
 use crate::scheduler::{FailureKind, JobView, TaskProgress};
-use crate::store::{JobState, TaskState};
 use crate::{sheet, Coordinator, Error};
 
 /// Largest image a client may upload or a worker return.
@@ -220,7 +220,7 @@ impl RenderService for RenderApi {
             _ => None,
         };
         for (field, hash) in images.chain(init.iter().map(|h| ("init", h))) {
-            if !self.coordinator.blobs.contains(hash) {
+            if !self.coordinator.blobs.contains(hash).map_err(Error::from)? {
                 return Err(Status::invalid_argument(format!(
                     "{field}: image {hash} was not uploaded"
                 )));

@@ -11,6 +11,7 @@ use image::{GrayImage, RgbImage};
 use stylefarm_core::imaging;
 use stylefarm_core::job::ImageHash;
 
+use crate::blobs::BlobReader;
 use crate::Coordinator;
 
 fn png(img: &RgbImage) -> Result<Vec<u8>, String> {
@@ -22,7 +23,7 @@ fn png(img: &RgbImage) -> Result<Vec<u8>, String> {
 
 impl Coordinator {
     /// A stored image's file, by its sha256, opened for reading.
-    fn stored(&self, sha256: &str) -> Result<std::io::BufReader<std::fs::File>, String> {
+    fn stored(&self, sha256: &str) -> Result<Box<dyn BlobReader>, String> {
         let hash: ImageHash = sha256
             .parse()
             .map_err(|e: stylefarm_core::Error| e.to_string())?;

@@ -1,0 +1,144 @@
+//! Durable state of the coordinator: jobs and their tasks ([`crate::model`]), behind the [`Store`] trait.
+//!
+//! Backends, one file each: [`MemoryStore`] (nothing survives the process; tests and benchmarks) and
+//! [`RedbStore`], the embedded persistent default (a single file under the data dir; writes are committed in
+//! fsynced batches and acknowledged only once committed, so a coordinator killed with SIGKILL loses nothing it
+//! acknowledged). One test suite runs against each (`tests::suite`).
+
+mod memory;
+mod redb_store;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use self::memory::MemoryStore;
+pub use self::redb_store::RedbStore;
+use crate::model::{JobMeta, TaskRecord};
+
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(pub String);
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// One write to the store.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A new job with all its tasks.
+    Insert(JobMeta, Vec<TaskRecord>),
+    Job(JobMeta),
+    /// A task of the job with this id.
+    Task(String, TaskRecord),
+}
+
+/// Resolves when the writes it was returned for are durable, or with the error that made them fail. Opaque:
+/// each backend decides what durable means (an fsynced commit, a replicated write) and how to wait for it.
+pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+/// A [`Durable`] that is already resolved (a backend with nothing to wait for).
+pub fn durable_now(result: Result<(), StoreError>) -> Durable {
+    Box::pin(std::future::ready(result))
+}
+
+/// Blocks the calling thread until `durable` resolves: for synchronous callers such as the scheduler, which
+/// runs on blocking threads. Not for an async task of the runtime (await the future there).
+pub fn wait(durable: Durable) -> Result<(), StoreError> {
+    futures_executor::block_on(durable)
+}
+
+/// Where jobs and tasks are kept. Writes are ordered: a write is applied after every write returned before
+/// it. [`Store::write`] does not wait for durability; its [`Durable`] does, so many writers can share one
+/// commit (group commit).
+pub trait Store: Send + Sync {
+    /// Queues `ops`, to be applied after every write queued before them.
+    fn write(&self, ops: Vec<Op>) -> Durable;
+    /// Every job with its tasks (in index order), in submission order.
+    fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
+
+    /// Adds a job and all its tasks, atomically, and waits until that is durable.
+    fn insert_job(&self, job: &JobMeta, tasks: &[TaskRecord]) -> Result<(), StoreError> {
+        wait(self.write(vec![Op::Insert(job.clone(), tasks.to_vec())]))
+    }
+    fn update_job(&self, job: &JobMeta) -> Result<(), StoreError> {
+        wait(self.write(vec![Op::Job(job.clone())]))
+    }
+    fn update_task(&self, job_id: &str, task: &TaskRecord) -> Result<(), StoreError> {
+        wait(self.write(vec![Op::Task(job_id.to_string(), task.clone())]))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{JobState, TaskState};
+    use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
+    use stylefarm_core::RenderParams;
+
+    pub(crate) fn job(id: &str, seq: u64) -> (JobMeta, Vec<TaskRecord>) {
+        let spec = JobSpec {
+            kind: JobKind::Batch,
+            contents: vec![ImageHash::of(b"a"), ImageHash::of(b"b")],
+            styles: vec![ImageHash::of(b"s")],
+            params: RenderParams::default(),
+            sweep: vec![],
+            priority: 0,
+            max_attempts: 0,
+            tiling: Default::default(),
+        };
+        let tasks = spec
+            .tasks()
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| TaskRecord::pending(i as u32, spec))
+            .collect();
+        let meta = JobMeta {
+            id: id.into(),
+            seq,
+            client_request_id: format!("req-{id}"),
+            spec,
+            state: JobState::Queued,
+            submitted_ms: 1,
+            finished_ms: 0,
+            error: String::new(),
+            strikes: BTreeMap::new(),
+            contact_sheet: String::new(),
+            result: String::new(),
+            scale_results: Vec::new(),
+        };
+        (meta, tasks)
+    }
+
+    /// The behaviour every backend must have.
+    pub(crate) fn suite(store: &dyn Store) {
+        assert!(store.load().unwrap().is_empty());
+        let (mut a, mut ta) = job("job-a", 2);
+        let (b, tb) = job("job-b", 1);
+        store.insert_job(&a, &ta).unwrap();
+        store.insert_job(&b, &tb).unwrap();
+        let all = store.load().unwrap();
+        assert_eq!(
+            all.iter().map(|(j, _)| j.id.as_str()).collect::<Vec<_>>(),
+            ["job-b", "job-a"],
+            "by seq"
+        );
+        assert_eq!(all[1].1, ta);
+
+        ta[1].state = TaskState::Succeeded;
+        ta[1].result = "r".into();
+        store.update_task("job-a", &ta[1]).unwrap();
+        a.state = JobState::Running;
+        a.strikes.insert("w1".into(), 2);
+        store.update_job(&a).unwrap();
+        let all = store.load().unwrap();
+        assert_eq!(all[1], (a, ta));
+        assert_eq!(all[0], (b, tb), "other jobs untouched");
+        assert!(
+            store.update_task("nope", &all[0].1[0]).is_err() || store.load().unwrap().len() == 2
+        );
+    }
+}
