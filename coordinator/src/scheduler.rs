@@ -318,7 +318,7 @@ impl Scheduler {
         if job.meta.state == JobState::Queued {
             job.meta.state = JobState::Running;
             // no need to wait: "running" is for people, and a later write of the job supersedes it in order
-            let _ = self.store.write(vec![Op::Job(job.meta.clone())]);
+            drop(self.store.write(vec![Op::Job(job.meta.clone())]));
         }
         job.leases.insert(index, lease_id.clone());
         st.leases.insert(
