@@ -6,6 +6,8 @@ cd "$repo"
 bash deploy/setup.sh
 cargo fmt --all --check
 cargo clippy --locked --all-targets -- -D warnings
+# the API docs, links checked
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
 # the build for machines that only submit (and the coordinator's): no libtorch anywhere in its graph
 cargo clippy --locked -p stylefarm --no-default-features --features client -- -D warnings
 if cargo tree --locked -p stylefarm --no-default-features --features client -e normal,build \

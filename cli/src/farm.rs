@@ -19,7 +19,7 @@ use tokio_stream::StreamExt;
 pub(crate) const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
 
 #[derive(Args)]
-pub struct CoordinatorArgs {
+pub(crate) struct CoordinatorArgs {
     /// Address to listen on.
     #[arg(long, env = "STYLEFARM_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
@@ -39,7 +39,7 @@ pub struct CoordinatorArgs {
 
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
-pub struct SubmitArgs {
+pub(crate) struct SubmitArgs {
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     #[command(flatten)]
@@ -51,7 +51,7 @@ pub struct SubmitArgs {
 
 /// What a job renders: shared by `submit` and `local`.
 #[derive(Args)]
-pub struct JobArgs {
+pub(crate) struct JobArgs {
     /// Content image; repeat for a batch.
     #[arg(long, required = true)]
     content: Vec<PathBuf>,
@@ -96,14 +96,14 @@ pub struct JobArgs {
 }
 
 #[derive(Args)]
-pub struct JobRef {
+pub(crate) struct JobRef {
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     job_id: String,
 }
 
 #[derive(Args)]
-pub struct FetchArgs {
+pub(crate) struct FetchArgs {
     #[command(flatten)]
     job: JobRef,
     /// Directory (or, for a single render, a .png/.jpg file) to write the results to.
@@ -112,7 +112,7 @@ pub struct FetchArgs {
 }
 
 #[derive(Args)]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     /// Most jobs to show, newest first.
@@ -162,7 +162,7 @@ pub(crate) fn coordinator_config(
     })
 }
 
-pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let config = coordinator_config(
         args.data_dir,
         args.lease_secs,
@@ -320,7 +320,7 @@ pub(crate) async fn wait_and_fetch(
     Ok(())
 }
 
-pub fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let job = args.job.files()?;
     runtime()?.block_on(async move {
         let mut client = connect(&args.coordinator).await?;
@@ -333,7 +333,7 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn watch(args: JobRef) -> anyhow::Result<()> {
+pub(crate) fn watch(args: JobRef) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.coordinator).await?;
         let status = watch_job(&mut client, &args.job_id, true).await?;
@@ -354,7 +354,7 @@ fn print_status(s: &pb::JobStatus) {
     );
 }
 
-pub fn status(args: JobRef) -> anyhow::Result<()> {
+pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.coordinator).await?;
         let s = client.job(&args.job_id).await?;
@@ -385,7 +385,7 @@ pub fn status(args: JobRef) -> anyhow::Result<()> {
     })
 }
 
-pub fn list(args: ListArgs) -> anyhow::Result<()> {
+pub(crate) fn list(args: ListArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.coordinator).await?;
         for s in &client.list(args.limit).await? {
@@ -395,7 +395,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn fetch(args: FetchArgs) -> anyhow::Result<()> {
+pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.job.coordinator).await?;
         let s = client.job(&args.job.job_id).await?;
@@ -406,7 +406,7 @@ pub fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn cancel(args: JobRef) -> anyhow::Result<()> {
+pub(crate) fn cancel(args: JobRef) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.coordinator).await?;
         let state = client.cancel(&args.job_id).await?;

@@ -1,8 +1,4 @@
-//! `stylefarm`: the user's command. `render` renders one image on this machine; `local` runs a job on an
-//! embedded coordinator with local workers; `coordinator` and `worker` start the farm's nodes; `submit`,
-//! `watch`, `status`, `list`, `fetch` and `cancel` are its client; `seams` measures a tiled render's seams;
-//! `weights` locates or converts weights. Built with `--no-default-features --features client`, only the
-//! commands that need no libtorch: the coordinator, the client's, `seams` and `weights`.
+#![doc = include_str!("../README.md")]
 
 #[cfg(not(feature = "client"))]
 compile_error!("stylefarm needs the `client` feature (or `engine`, which includes it)");

@@ -13,7 +13,7 @@ use crate::farm::{
 use crate::render::EngineArgs;
 
 #[derive(Args)]
-pub struct WorkerArgs {
+pub(crate) struct WorkerArgs {
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     /// cpu, cuda, cuda:N or auto.
@@ -37,7 +37,7 @@ pub struct WorkerArgs {
 
 /// The device memory a worker reports.
 #[derive(Args, Clone)]
-pub struct DeviceMemoryArg {
+pub(crate) struct DeviceMemoryArg {
     /// Device memory to report to the coordinator, which sizes tiled jobs' tiles for it, e.g. 24GiB or
     /// 16GB (default: the GPU's total memory, or the machine's or container's for the CPU). Lower it to
     /// leave room for other processes on the device.
@@ -62,7 +62,7 @@ fn set_threads(threads: u32) -> anyhow::Result<()> {
 }
 
 #[derive(Args)]
-pub struct LocalArgs {
+pub(crate) struct LocalArgs {
     /// Worker processes' worth of engines to run in this process.
     #[arg(long, default_value_t = 1)]
     workers: u32,
@@ -108,7 +108,7 @@ fn worker_config(
     })
 }
 
-pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         set_threads(threads)?;
     }
@@ -128,7 +128,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 /// An embedded coordinator on 127.0.0.1 and `--workers` workers in this process, one job, its results.
-pub fn local(args: LocalArgs) -> anyhow::Result<()> {
+pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
     if args.workers == 0 || args.workers > 64 {
         bail!("workers: must be between 1 and 64, got {}", args.workers);
     }

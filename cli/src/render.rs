@@ -14,7 +14,7 @@ use stylefarm_core::{imaging, tiling, ImageSize, Init};
 use stylefarm_engine::{Engine, Progress, RenderJob};
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum ProgressMode {
+pub(crate) enum ProgressMode {
     /// A progress bar with the loss and an ETA, on stderr.
     Bar,
     /// One JSON object per iteration on stdout.
@@ -26,7 +26,7 @@ pub enum ProgressMode {
 /// `stylefarm render`'s arguments.
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
-pub struct RenderArgs {
+pub(crate) struct RenderArgs {
     /// Content image: PNG, JPEG, WebP, TIFF, BMP or GIF (EXIF orientation applied, transparency over white).
     #[arg(long)]
     content: PathBuf,
@@ -68,7 +68,7 @@ pub struct RenderArgs {
 /// How the engine runs on its device (`stylefarm_engine::EngineOptions`): shared by `render`, `worker`
 /// and `local`.
 #[derive(Args, Clone)]
-pub struct EngineArgs {
+pub(crate) struct EngineArgs {
     /// Keep activations and weights in the channels-last (NHWC) layout, which cuDNN's tensor-core
     /// convolutions prefer; the objective is the same within float rounding.
     #[arg(long, env = "STYLEFARM_CHANNELS_LAST")]
@@ -76,7 +76,7 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    pub fn options(&self) -> stylefarm_engine::EngineOptions {
+    pub(crate) fn options(&self) -> stylefarm_engine::EngineOptions {
         stylefarm_engine::EngineOptions {
             channels_last: self.channels_last,
         }
@@ -101,7 +101,7 @@ fn json_line(p: &Progress) -> String {
     .to_string()
 }
 
-pub fn run(args: RenderArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     let params = args.params.params()?;
     params.validate(args.style.len())?;
     if let Some(output) = &args.output {
@@ -130,7 +130,7 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     if args.evaluate.is_none() {
         // before the engine loads: every image must reach the deepest layer at every scale
         let names: Vec<String> = args.style.iter().map(|p| p.display().to_string()).collect();
-        let style_sizes: Vec<ImageSize> = names
+        let style_sizes: Vec<ImageSize<'_>> = names
             .iter()
             .zip(&styles)
             .map(|(name, img)| ImageSize::new(name, img.dimensions()))

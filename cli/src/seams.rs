@@ -12,7 +12,7 @@ use stylefarm_core::imaging;
 use stylefarm_core::tiling::{self, TileGrid, TileSizing, Tiling};
 
 #[derive(Args)]
-pub struct SeamsArgs {
+pub(crate) struct SeamsArgs {
     /// The stitched output of a tiled render.
     image: PathBuf,
     /// The tile size the render used.
@@ -26,7 +26,7 @@ pub struct SeamsArgs {
     json: bool,
 }
 
-pub fn run(args: SeamsArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: SeamsArgs) -> anyhow::Result<()> {
     let tiling = Tiling {
         tile_size: args.tile_size,
         overlap: args.overlap,

@@ -9,7 +9,7 @@ use clap::{Subcommand, ValueEnum};
 const CONVERTER: &str = include_str!("../../deploy/convert_weights.py");
 
 #[derive(Subcommand)]
-pub enum WeightsCommand {
+pub(crate) enum WeightsCommand {
     /// Print the weights file that `render` uses by default, and whether it is there.
     Path,
     /// Convert a weights file to the safetensors format the engine loads (needs Python with numpy; h5py for
@@ -26,7 +26,7 @@ pub enum WeightsCommand {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum SourceKind {
+pub(crate) enum SourceKind {
     /// torchvision's vgg19 state dict (features.N.weight / bias; RGB 0..1 normalized input).
     TorchvisionPth,
     /// Keras' vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5 (Caffe weights; BGR 0..255 input).
@@ -34,7 +34,7 @@ pub enum SourceKind {
 }
 
 /// `$STYLEFARM_HOME`, by default `$XDG_CACHE_HOME/stylefarm` or `~/.cache/stylefarm` (as deploy/setup.sh).
-pub fn stylefarm_home() -> PathBuf {
+pub(crate) fn stylefarm_home() -> PathBuf {
     if let Some(home) = std::env::var_os("STYLEFARM_HOME") {
         return home.into();
     }
@@ -46,13 +46,13 @@ pub fn stylefarm_home() -> PathBuf {
 }
 
 /// The weights deploy/setup.sh converts.
-pub fn default_weights() -> PathBuf {
+pub(crate) fn default_weights() -> PathBuf {
     stylefarm_home()
         .join("weights")
         .join("vgg19-caffe.safetensors")
 }
 
-pub fn run(cmd: WeightsCommand) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: WeightsCommand) -> anyhow::Result<()> {
     match cmd {
         WeightsCommand::Path => {
             let path = default_weights();

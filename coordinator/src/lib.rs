@@ -1,16 +1,4 @@
-//! stylefarm-coordinator: the farm's coordinator. It accepts jobs from clients (RenderService), splits them
-//! into tasks, hands the tasks to workers that pull them under leases (WorkerService), keeps every job in a
-//! persistent store and every image in a content-addressed blob store, composes sweeps' contact sheets and
-//! stitches tiled jobs' scales.
-//! It never links libtorch.
-//!
-//! - [`model`]: jobs and tasks as the scheduler keeps them and the store persists them;
-//! - [`scheduler`]: leases with expiry and fencing, retries with backoff, blocklist, priorities, cancellation;
-//! - [`store`]: the [`store::Store`] trait (writes ordered, durability an opaque future), an in-memory and an
-//!   embedded persistent (redb) backend, each in its file, and the test suite every backend passes;
-//! - [`blobs`]: the [`blobs::BlobStore`] trait for content-addressed images, and its disk backend;
-//! - [`workers`]: the workers heard from, with their device memory, which tiled scales are planned for;
-//! - [`service`]: the gRPC handlers; [`serve`] runs them with health and reflection.
+#![doc = include_str!("../README.md")]
 
 pub mod blobs;
 pub mod model;
@@ -37,14 +25,20 @@ pub use scheduler::SchedulerConfig;
 /// Errors of the coordinator; [`tonic::Status`] gets them through one mapping.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A job spec, image or argument that stylefarm-core refused: INVALID_ARGUMENT on the wire.
     #[error(transparent)]
     Invalid(#[from] stylefarm_core::Error),
+    /// No such job (the message names it): NOT_FOUND on the wire.
     #[error("{0}")]
     NotFound(String),
+    /// The job store failed to load or commit (redb): INTERNAL on the wire.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// A file system error: creating the data dir, or reading or writing the blob store; INTERNAL on the
+    /// wire.
     #[error("blob store: {0}")]
     Io(#[from] std::io::Error),
+    /// The gRPC server could not be built (reflection) or failed while serving.
     #[error("server: {0}")]
     Transport(String),
 }
@@ -74,13 +68,18 @@ impl From<Error> for tonic::Status {
 pub struct CoordinatorConfig {
     /// Holds `state.redb` (jobs and tasks) and `blobs/` (images).
     pub data_dir: PathBuf,
+    /// Lease length, heartbeat interval, attempts, blocklist threshold and retry backoff.
     pub scheduler: SchedulerConfig,
 }
 
 /// The coordinator's state: scheduler and blobs.
 pub struct Coordinator {
+    /// Jobs, tasks and leases, written through to `state.redb` in the data dir.
     pub scheduler: Arc<scheduler::Scheduler>,
+    /// Images (inputs, task results, contact sheets, stitched scales) by the sha256 of their bytes.
     pub blobs: Arc<dyn blobs::BlobStore>,
+    /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
+    /// ones.
     pub workers: workers::Registry,
 }
 

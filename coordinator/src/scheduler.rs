@@ -26,6 +26,7 @@ pub struct SchedulerConfig {
     pub blocklist_after: u32,
     /// First retry delay; doubled per attempt up to `max_backoff`.
     pub backoff: Duration,
+    /// Longest retry delay, however many attempts have failed.
     pub max_backoff: Duration,
 }
 
@@ -45,10 +46,13 @@ impl Default for SchedulerConfig {
 /// Errors of scheduler calls.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
+    /// No job has this id.
     #[error("job {0} not found")]
     JobNotFound(String),
+    /// The job spec was refused (it cannot be expanded into tasks); the error names the field.
     #[error(transparent)]
     Invalid(#[from] stylefarm_core::Error),
+    /// The store failed to write or load.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -56,27 +60,41 @@ pub enum SchedulerError {
 /// Live progress of a running task (not persisted).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct TaskProgress {
+    /// The scale being rendered, from 1 (of `scales`).
     pub scale: u32,
+    /// Scales of the render's pyramid.
     pub scales: u32,
+    /// Iteration within the current scale; 0 is the scale's initial image.
     pub iteration: u32,
+    /// Iterations of the current scale.
     pub iterations: u32,
+    /// The latest losses, in order: content, style, total variation, total.
     pub losses: [f64; 4],
 }
 
 /// A task handed to a worker.
 #[derive(Debug, Clone)]
 pub struct Lease {
+    /// Unique id of this lease: heartbeats, the result and a failure name it. Once the lease has expired or
+    /// its task been reported, a result or failure under it is discarded and a heartbeat answers cancel
+    /// (fencing).
     pub lease_id: String,
+    /// The job the task belongs to.
     pub job_id: String,
+    /// The task's index in its job.
     pub index: u32,
+    /// What the worker is to render.
     pub spec: TaskSpec,
+    /// When the lease expires unless a heartbeat renews it, in ms since the Unix epoch.
     pub deadline_ms: i64,
 }
 
 /// A job and its tasks as clients see them.
 #[derive(Debug, Clone)]
 pub struct JobView {
+    /// The job's record as persisted: spec, state, strikes, results.
     pub meta: JobMeta,
+    /// Every task in index order, with the live progress of a running one that has reported some.
     pub tasks: Vec<(TaskRecord, Option<TaskProgress>)>,
 }
 
@@ -109,6 +127,7 @@ struct State {
     next_id: u64,
 }
 
+/// The current time in ms since the Unix epoch (0 if the clock is set before it).
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -128,6 +147,7 @@ fn queue_key(meta: &JobMeta, index: u32) -> QueueKey {
 /// An accepted result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completed {
+    /// The job of the accepted result.
     pub job_id: String,
     /// This result was the job's last: the job has succeeded, or for a sweep, awaits its contact sheet.
     pub all_tasks_done: bool,
@@ -138,6 +158,7 @@ pub struct Completed {
 pub struct HeartbeatReply {
     /// Stop the task: its job was cancelled, or the lease is gone.
     pub cancel: bool,
+    /// The lease's new deadline, in ms since the Unix epoch; 0 when the lease is gone.
     pub deadline_ms: i64,
 }
 
@@ -161,6 +182,9 @@ pub enum FailureKind {
 /// waiting for its attempts to run out.
 pub const PERMANENT_CONFIRMATIONS: usize = 2;
 
+/// The farm's scheduler: jobs, their task queue and leases in memory behind one lock, written through to the
+/// [`Store`]. Calls that record an outcome (submit, complete, fail, cancel, expire, ...) block until the
+/// store has made it durable.
 pub struct Scheduler {
     config: SchedulerConfig,
     store: Arc<dyn Store>,
@@ -211,6 +235,8 @@ impl Scheduler {
         })
     }
 
+    /// The settings it runs with; workers are told the lease length and heartbeat interval when they
+    /// register.
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
     }
@@ -723,6 +749,7 @@ impl Scheduler {
         Ok(true)
     }
 
+    /// A job and its tasks, with live progress; [`SchedulerError::JobNotFound`] when there is no such job.
     pub fn get(&self, job_id: &str) -> Result<JobView, SchedulerError> {
         let st = self.state.lock().unwrap();
         let job = st

@@ -22,7 +22,7 @@ use crate::scheduler::{FailureKind, JobView, TaskProgress};
 use crate::{sheet, Coordinator, Error};
 
 /// Largest image a client may upload or a worker return.
-pub const MAX_IMAGE_UPLOAD: usize = 512 << 20;
+pub(crate) const MAX_IMAGE_UPLOAD: usize = 512 << 20;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
 
@@ -56,7 +56,7 @@ fn losses(l: [f64; 4]) -> pb::Losses {
 }
 
 /// The wire form of a job's status.
-pub fn job_status(view: &JobView) -> pb::JobStatus {
+pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
     let m = &view.meta;
     pb::JobStatus {
         job_id: m.id.clone(),
@@ -157,7 +157,7 @@ fn append(buf: &mut Vec<u8>, data: &[u8]) -> Result<(), Status> {
     Ok(())
 }
 
-pub struct RenderApi {
+pub(crate) struct RenderApi {
     pub coordinator: Arc<Coordinator>,
 }
 
@@ -360,7 +360,7 @@ impl RenderService for RenderApi {
     }
 }
 
-pub struct WorkerApi {
+pub(crate) struct WorkerApi {
     pub coordinator: Arc<Coordinator>,
     pub next_worker: AtomicU64,
 }

@@ -102,7 +102,7 @@ fn wrap(label: &str, width: u32) -> Vec<String> {
 }
 
 /// The grid of `tiles` (about square), each with its label under it, as PNG bytes.
-pub fn contact_sheet(tiles: &[(RgbImage, String)]) -> Result<Vec<u8>, String> {
+pub(crate) fn contact_sheet(tiles: &[(RgbImage, String)]) -> Result<Vec<u8>, String> {
     if tiles.is_empty() {
         return Err("no tiles".into());
     }

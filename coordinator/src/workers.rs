@@ -21,6 +21,7 @@ pub struct WorkerInfo {
     /// Bytes of device memory; 0 when unknown (a worker seen leasing without registering with this
     /// coordinator, e.g. across its restart).
     pub memory_bytes: u64,
+    /// When the worker last registered or called.
     pub last_seen: Instant,
 }
 
@@ -86,6 +87,7 @@ impl Registry {
             .collect()
     }
 
+    /// What is known of worker `id`; `None` when it has not been heard from (or was forgotten).
     pub fn get(&self, id: &str) -> Option<WorkerInfo> {
         self.workers().get(id).cloned()
     }

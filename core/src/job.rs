@@ -21,6 +21,7 @@ pub const MAX_IMAGES_PER_JOB: usize = 1_000;
 pub struct ImageHash(String);
 
 impl ImageHash {
+    /// The 64 lowercase hex digits.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -135,7 +136,9 @@ impl FromStr for SweepParam {
 /// One axis of a sweep: a parameter and its values, as text (`100`, or `0.7:0.3` for a style blend).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepAxis {
+    /// The option this axis varies.
     pub parameter: SweepParam,
+    /// The option's values, in order, as text (a list's items separated by `:`); at least one.
     pub values: Vec<String>,
 }
 
@@ -181,10 +184,15 @@ pub fn parse_sweep(s: &str) -> Result<Vec<SweepAxis>, Error> {
 /// What a client submits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
+    /// Single, batch, sweep or tiled: how the job expands into tasks.
     pub kind: JobKind,
+    /// The content images: one, or several for a batch (at most [`MAX_IMAGES_PER_JOB`]).
     pub contents: Vec<ImageHash>,
+    /// The style images: blended in one render, or each alone in a batch (at most [`MAX_IMAGES_PER_JOB`]).
     pub styles: Vec<ImageHash>,
+    /// The render parameters every task starts from (a sweep varies some; a tiled job sets its pyramid's).
     pub params: RenderParams,
+    /// The axes of a sweep job, whose grid has one task per point; empty for other kinds.
     pub sweep: Vec<SweepAxis>,
     /// Higher runs first; equal priorities in submission order.
     pub priority: i32,
@@ -200,14 +208,18 @@ pub struct JobSpec {
 pub struct TileTask {
     /// 0-based scale; scale 0 is rendered whole and has no tile.
     pub scale: u32,
+    /// Number of scales of the job's pyramid.
     pub scales: u32,
     /// Row-major index of the tile, and the tiles of this scale.
     pub tile: u32,
+    /// Number of tiles of this scale.
     pub tiles: u32,
     /// The canvas of this scale; the content image is resized to it, as is the previous scale's result,
     /// the task's init (`params.init`).
     pub canvas_width: u32,
+    /// Height of this scale's canvas, in px (`canvas_width` is its width).
     pub canvas_height: u32,
+    /// The tile's region of the canvas, in canvas px.
     pub rect: Rect,
     /// The tile size of the job: style targets are computed in blocks of at most this size.
     pub tile_size: u32,
@@ -220,8 +232,11 @@ pub struct TileTask {
 /// One render of a job: what a worker runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskSpec {
+    /// The content image to stylize, by its sha256.
     pub content: ImageHash,
+    /// The style images (one for a batch task), blended by `params.style_blend`.
     pub styles: Vec<ImageHash>,
+    /// The task's own parameters: the job's, with a sweep point's values or a tiled scale's size and init.
     pub params: RenderParams,
     /// For people: which content and style, or which sweep point.
     pub label: String,
@@ -245,11 +260,13 @@ impl JobSpec {
                 "at least one style image is needed",
             ));
         }
-        if self.contents.len() > MAX_IMAGES_PER_JOB || self.styles.len() > MAX_IMAGES_PER_JOB {
-            return Err(Error::invalid(
-                "contents",
-                format!("more than {MAX_IMAGES_PER_JOB} images in one job"),
-            ));
+        for (field, images) in [("contents", &self.contents), ("styles", &self.styles)] {
+            if images.len() > MAX_IMAGES_PER_JOB {
+                return Err(Error::invalid(
+                    field,
+                    format!("more than {MAX_IMAGES_PER_JOB} images in one job"),
+                ));
+            }
         }
         if self.kind != JobKind::Batch && self.contents.len() != 1 {
             return Err(Error::invalid(
@@ -424,7 +441,7 @@ impl JobSpec {
             }
         }
         let check = |params: &RenderParams, content: &ImageHash, styles: &[ImageHash]| {
-            let styles: Vec<ImageSize> = styles
+            let styles: Vec<ImageSize<'_>> = styles
                 .iter()
                 .map(|h| ImageSize::new(h.as_str(), sizes[h]))
                 .collect();

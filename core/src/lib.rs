@@ -1,12 +1,4 @@
-//! stylefarm-core: the domain of stylefarm, free of libtorch; the wire format appears only in [`wire`].
-//!
-//! - [`params`]: render parameters with ALGORITHM.md's defaults and their validation;
-//! - [`imaging`]: image decoding and encoding with limits, working sizes, antialiased resampling, and the
-//!   original-colours transfer;
-//! - [`job`]: the farm's jobs (single, batch, sweep, tiled) and the tasks they expand into;
-//! - [`memory`]: the device memory a render needs, which the tiled planner sizes tiles by;
-//! - [`tiling`]: the plan of a tiled render (scales, tiles with overlap), feathered stitching, the seam measure;
-//! - [`wire`]: conversion from and to the protocol's types, with errors naming the field.
+#![doc = include_str!("../README.md")]
 
 pub mod imaging;
 pub mod job;
@@ -23,15 +15,23 @@ pub enum Error {
     /// A parameter is out of range or unknown; `field` names it as the user wrote it.
     #[error("{field}: {message}")]
     Invalid {
+        /// The option or field at fault, spelled as the user wrote it (e.g. `style_blend`, `sweep`).
         field: &'static str,
+        /// What is wrong with the value, for a person to read.
         message: String,
     },
     /// An image could not be read, decoded or written.
     #[error("{path}: {message}")]
-    Image { path: String, message: String },
+    Image {
+        /// The image's file path, or the name it goes by when decoded from memory (e.g. its sha256).
+        path: String,
+        /// What went wrong: the decoder's, reader's or encoder's message, or the limit exceeded.
+        message: String,
+    },
 }
 
 impl Error {
+    /// An [`Error::Invalid`] for the value of `field`.
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Error::Invalid {
             field,
@@ -39,6 +39,7 @@ impl Error {
         }
     }
 
+    /// An [`Error::Image`] for the image at `path` (any displayable path or name).
     pub fn image(path: impl std::fmt::Display, message: impl std::fmt::Display) -> Self {
         Error::Image {
             path: path.to_string(),

@@ -1,9 +1,9 @@
 //! Render parameters: the knobs of ../shared/design/ALGORITHM.md with its defaults, and their validation.
 //!
-//! Every option is defined once, in [`render_options!`]'s table: its name, type, default, range and
+//! Every option is defined once, in `render_options!`'s table: its name, type, default, range and
 //! documentation. From the table come [`RenderParams`] and its `Default`, the per-option range checks of
 //! [`RenderParams::validate`], [`RenderParams::set`] (text values by name: the sweep axes), the command
-//! line's [`ParamArgs`] (cargo feature `clap`) and the wire conversion (`crate::wire`). A new option is a
+//! line's `ParamArgs` (cargo feature `clap`) and the wire conversion (`crate::wire`). A new option is a
 //! row there and a field of the same name in the proto's `RenderParams`.
 
 use std::fmt;
@@ -39,7 +39,9 @@ pub enum Optimizer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
+    /// 2x2 stride-2 max pooling (the default, as jcjohnson/neural-style).
     Max,
+    /// 2x2 stride-2 average pooling (Gatys' choice; smoother results).
     Avg,
 }
 
@@ -120,6 +122,8 @@ pub struct Layer {
 pub const VGG19_BLOCKS: [u8; 5] = [2, 2, 4, 4, 4];
 
 impl Layer {
+    /// The layer `relu{block}_{conv}`, unchecked (parse the name for a checked one): `block` in 1..=5,
+    /// `conv` within [`VGG19_BLOCKS`]`[block - 1]`.
     pub const fn new(block: u8, conv: u8) -> Self {
         Layer { block, conv }
     }
@@ -708,12 +712,16 @@ impl RenderParams {
 /// [`RenderParams::check_sizes`].
 #[derive(Debug, Clone, Copy)]
 pub struct ImageSize<'a> {
+    /// The image's file name, or its sha256 on the farm; empty for an unnamed image.
     pub name: &'a str,
+    /// Width in px, before any resizing to the working size.
     pub width: u32,
+    /// Height in px, before any resizing to the working size.
     pub height: u32,
 }
 
 impl<'a> ImageSize<'a> {
+    /// The image `name` of `(width, height)` px (the order of [`crate::imaging::dimensions`]).
     pub fn new(name: &'a str, (width, height): (u32, u32)) -> ImageSize<'a> {
         ImageSize {
             name,

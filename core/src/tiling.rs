@@ -17,9 +17,14 @@ use crate::memory;
 use crate::params::{RenderParams, MAX_SCALES};
 use crate::Error;
 
+/// Default tile size, in px (ALGORITHM.md's `tile_size` default).
 pub const DEFAULT_TILE_SIZE: u32 = 512;
+/// Default overlap of neighbouring tiles, in px (ALGORITHM.md's `overlap` default).
 pub const DEFAULT_OVERLAP: u32 = 128;
+/// Smallest tile size [`Tiling::validate`] accepts, in px.
 pub const MIN_TILE_SIZE: u32 = 64;
+/// Largest tile size [`Tiling::validate`] accepts, in px; the planner grows tiles up to it (a scale that
+/// fits a device whole is one task, of any size).
 pub const MAX_TILE_SIZE: u32 = 4096;
 /// Half-width of the band around each tile edge line that the seam measure looks at.
 pub const SEAM_BAND: u32 = 2;
@@ -42,6 +47,7 @@ pub struct Tiling {
     /// The tile size: the first scale's longest side at most, and every later scale's tiles' with
     /// [`TileSizing::Fixed`]; the smallest tiles the planner cuts with [`TileSizing::Planned`].
     pub tile_size: u32,
+    /// Least overlap of neighbouring tiles, in px (8 to `tile_size / 2`): where feathered weights blend.
     pub overlap: u32,
     /// Exact mode: each later scale is ONE task that optimizes the whole canvas with the exact gradient of
     /// the whole image's objective, evaluated in blocks of `tile_size` px (ALGORITHM.md, "Exact distributed
@@ -50,6 +56,7 @@ pub struct Tiling {
     /// Otherwise tiles are independent tasks, spread over the workers and stitched with feathered weights.
     #[serde(default)]
     pub exact: bool,
+    /// Whether the planner sizes later scales' tiles from the workers' memory, or keeps `tile_size`.
     #[serde(default)]
     pub sizing: TileSizing,
 }
@@ -66,6 +73,8 @@ impl Default for Tiling {
 }
 
 impl Tiling {
+    /// Checks `tile_size` (in [`MIN_TILE_SIZE`]..=[`MAX_TILE_SIZE`]) and `overlap` (8 to half the tile
+    /// size); the error names the field.
     pub fn validate(&self) -> Result<(), Error> {
         if !(MIN_TILE_SIZE..=MAX_TILE_SIZE).contains(&self.tile_size) {
             return Err(Error::invalid(
@@ -162,9 +171,11 @@ impl Tiling {
 /// Tiles along one axis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AxisPlan {
+    /// Length of the axis (the canvas' width or height), in px.
     pub len: u32,
     /// Every tile's extent along this axis: `min(tile, len)`.
     pub extent: u32,
+    /// Each tile's first coordinate, increasing: the first 0, the last `len - extent`.
     pub starts: Vec<u32>,
 }
 
@@ -174,6 +185,11 @@ fn raised_cosine(t: f64) -> f64 {
 }
 
 impl AxisPlan {
+    /// The fewest tiles of `tile` px along an axis of `len` px that overlap by at least `overlap` px, starts
+    /// spread evenly, edge-aligned (one tile of extent `len` when `len <= tile`).
+    ///
+    /// # Panics
+    /// When `len` is 0 or `overlap >= tile`.
     pub fn new(len: u32, tile: u32, overlap: u32) -> AxisPlan {
         assert!(
             len > 0 && overlap < tile,
@@ -199,6 +215,7 @@ impl AxisPlan {
         }
     }
 
+    /// Number of tiles along the axis.
     pub fn count(&self) -> usize {
         self.starts.len()
     }
@@ -254,20 +271,31 @@ impl AxisPlan {
 /// A tile of a grid, in canvas pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rect {
+    /// Left column, in px from the canvas' left edge.
     pub x: u32,
+    /// Top row, in px from the canvas' top edge.
     pub y: u32,
+    /// Width in px.
     pub width: u32,
+    /// Height in px.
     pub height: u32,
 }
 
 /// The tiles of one canvas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TileGrid {
+    /// The columns: tiles along the canvas' width.
     pub xs: AxisPlan,
+    /// The rows: tiles along the canvas' height.
     pub ys: AxisPlan,
 }
 
 impl TileGrid {
+    /// The grid of a `width` x `height` px canvas with `tiling`'s tile size and overlap (exact mode ignored:
+    /// see [`Tiling::grid`]).
+    ///
+    /// # Panics
+    /// When a side is 0 or the overlap is not under the tile size (see [`AxisPlan::new`]).
     pub fn new(width: u32, height: u32, tiling: Tiling) -> TileGrid {
         TileGrid {
             xs: AxisPlan::new(width, tiling.tile_size, tiling.overlap),
@@ -275,14 +303,17 @@ impl TileGrid {
         }
     }
 
+    /// Number of tiles: columns x rows.
     pub fn len(&self) -> usize {
         self.xs.count() * self.ys.count()
     }
 
+    /// Whether the grid has no tile (never, for a grid built by [`TileGrid::new`]).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Number of tiles per row.
     pub fn columns(&self) -> usize {
         self.xs.count()
     }
@@ -298,6 +329,7 @@ impl TileGrid {
         }
     }
 
+    /// Every tile, row-major (the order of [`TileGrid::tile`]'s indices).
     pub fn tiles(&self) -> impl Iterator<Item = Rect> + '_ {
         (0..self.len()).map(|i| self.tile(i))
     }
@@ -466,17 +498,21 @@ pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderPar
 pub struct ScalePlan {
     /// The canvas at this scale.
     pub width: u32,
+    /// The canvas' height at this scale, in px.
     pub height: u32,
+    /// Iterations of this scale's render (each tile's, for a later scale).
     pub iterations: u32,
     /// `None` for the first scale, rendered whole as one task.
     pub grid: Option<TileGrid>,
 }
 
 impl ScalePlan {
+    /// The canvas' longest side, in px: the scale's `size`.
     pub fn longest(&self) -> u32 {
         self.width.max(self.height)
     }
 
+    /// Number of tasks of the scale: its tiles, or 1 for the first scale.
     pub fn tasks(&self) -> usize {
         self.grid.as_ref().map_or(1, TileGrid::len)
     }

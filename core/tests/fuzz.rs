@@ -1061,7 +1061,7 @@ fn fuzz_params_validate_and_check_sizes() {
             }
             check_valid(&params, styles)?;
             let names: Vec<String> = (0..styles).map(|i| format!("style-{i}.png")).collect();
-            let style_images: Vec<ImageSize> = names
+            let style_images: Vec<ImageSize<'_>> = names
                 .iter()
                 .zip(&style_sizes)
                 .map(|(n, &s)| ImageSize::new(n, s))

@@ -45,13 +45,14 @@ impl Engine {
         Ok(Engine { vgg, device })
     }
 
+    /// The options the engine runs with, as read back from its network.
     pub fn options(&self) -> EngineOptions {
         EngineOptions {
             channels_last: self.vgg.channels_last(),
         }
     }
 
-    /// Runs the objective's work once on a small image (forward to relu5_1, Gram matrices, backward) so
+    /// Runs the objective's work once on a small image (forward through every layer to relu5_4, Gram matrices, backward) so
     /// that the device's one-time costs (CUDA context, cuDNN and cuBLAS handles, the allocator's first
     /// blocks) are paid before the first task rather than inside it. cuDNN still tunes each new input
     /// shape once, on first use, and keeps the choice for the process.
@@ -75,10 +76,12 @@ impl Engine {
         Ok(())
     }
 
+    /// The device the weights live on, where every render of this engine runs.
     pub fn device(&self) -> Device {
         self.device
     }
 
+    /// The loaded VGG19 network.
     pub fn vgg(&self) -> &Vgg19 {
         &self.vgg
     }

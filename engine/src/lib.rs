@@ -1,19 +1,4 @@
-//! stylefarm-engine: renders one stylization on one device, exactly as ../shared/design/ALGORITHM.md defines
-//! it (Gatys, Ecker, Bethge 2015, in jcjohnson/neural-style's concrete form).
-//!
-//! - [`vgg`]: VGG19's convolution stack, its weights (safetensors with the preprocessing convention in the
-//!   metadata), image <-> preprocessed tensor;
-//! - [`loss`]: Gram matrix, content, style and total-variation losses, as free functions;
-//! - [`optim`]: L-BFGS (the algorithm of `torch.optim.LBFGS` without line search) and Adam, over tensors;
-//! - [`Engine`]: VGG19 loaded on one device, its options, warm-up and health probe;
-//! - [`objective`]: targets (style Gram matrices reusable across renders, computed in blocks for large
-//!   canvases), the weighted terms and their gradient, for the whole image or block by block
-//!   ([`objective::blocked`]: exact gradient, memory bound by the block);
-//! - [`render`]: the optimizer over the objective, multi-scale, progress (read back without stalling a
-//!   GPU) and cancellation;
-//! - [`tile`]: a tile of a tiled job's scale: its inputs cut from the canvas, its style targets.
-//!
-//! libtorch tensors are `Send` but not `Sync`: an [`Engine`] belongs to one thread (see CONVENTIONS.md §10).
+#![doc = include_str!("../README.md")]
 
 mod engine;
 pub mod loss;
@@ -35,7 +20,12 @@ pub use vgg::{Preprocessing, Vgg19};
 pub enum Error {
     /// The weights file is missing, unreadable or not VGG19's.
     #[error("weights {path}: {message}")]
-    Weights { path: String, message: String },
+    Weights {
+        /// The weights file's path.
+        path: String,
+        /// What is wrong with it: the reader's error, or the tensor or metadata that does not fit VGG19.
+        message: String,
+    },
     /// A device string that is not cpu, cuda, cuda:N or auto, or a device that is not there.
     #[error("device: {0}")]
     Device(String),

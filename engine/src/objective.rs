@@ -45,9 +45,13 @@ impl StyleGrams {
 /// The weighted terms of the objective and their sum.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LossTerms {
+    /// Content loss: `content_weight * mean((F_l - P_l)^2)`, summed over the content layers.
     pub content: f64,
+    /// Style loss: `style_weight * mean((G_l - A_l)^2)` over the Gram matrices, summed over the style layers.
     pub style: f64,
+    /// Total-variation loss: `tv_weight * 0.5 * (sum of squared neighbour differences)`, preprocessed units.
     pub tv: f64,
+    /// The objective the optimizer minimizes: `content + style + tv`.
     pub total: f64,
 }
 

@@ -15,9 +15,15 @@ use tch::{Kind, Tensor};
 /// small `k x k` triangular systems) where the two-loop launches about `4 k` and reads nothing back.
 #[derive(Debug, Clone)]
 pub struct Lbfgs {
+    /// Step size multiplying each direction (torch's `lr`; default 1). The first step is scaled further by
+    /// `min(1, 1 / sum|g|)`.
     pub lr: f64,
+    /// Most curvature pairs `(s, y)` kept (torch's `history_size`; default 100); must be at least 1.
     pub history_size: usize,
+    /// Stop once `max |g| <= tolerance_grad`; negative (default -1) never stops, and skips the check.
     pub tolerance_grad: f64,
+    /// Stop once a step's `max |t d|` or the change of the objective is under it; negative (default -1)
+    /// disables those checks. A direction with `g^T d > -tolerance_change` is not taken.
     pub tolerance_change: f64,
 }
 
@@ -245,13 +251,18 @@ impl Lbfgs {
 /// `torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8)`, one step per evaluation of `f`.
 #[derive(Debug, Clone)]
 pub struct Adam {
+    /// Learning rate, in the units of `x` (ALGORITHM.md: 10 for 0..255 images).
     pub lr: f64,
+    /// Decay rate of the first moment (the gradient's running mean); 0.9 from [`Adam::new`].
     pub beta1: f64,
+    /// Decay rate of the second moment (the squared gradient's running mean); 0.999 from [`Adam::new`].
     pub beta2: f64,
+    /// Added to the denominator `sqrt(v_hat)` for numerical stability; 1e-8 from [`Adam::new`].
     pub eps: f64,
 }
 
 impl Adam {
+    /// Adam with learning rate `lr` and torch's defaults: betas 0.9/0.999, eps 1e-8.
     pub fn new(lr: f64) -> Self {
         Adam {
             lr,

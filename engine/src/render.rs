@@ -17,10 +17,13 @@ use crate::Error;
 /// The images and parameters of one render.
 #[derive(Debug, Clone)]
 pub struct RenderJob {
+    /// The content image at any size: each scale resizes it to that scale's working size.
     pub content: RgbImage,
+    /// The style images at any size, resized to each scale's style side and blended by `params.style_blend`.
     pub styles: Vec<RgbImage>,
     /// The init image when `params.init` is [`Init::Image`].
     pub init_image: Option<RgbImage>,
+    /// The render's parameters, checked by [`RenderJob::check`] before any tensor work.
     pub params: RenderParams,
     /// The longest side the style targets are sized for (style images get `round(style_longest *
     /// style_scale)`); `None`: each scale's working size. A tile of a larger canvas sets the canvas' size.
@@ -31,6 +34,8 @@ pub struct RenderJob {
 }
 
 impl RenderJob {
+    /// A render of `content` in the style of `styles`, its style targets sized for each scale's working size
+    /// (`style_longest: None`) and its objective evaluated on the whole image (`block: None`).
     pub fn new(
         content: RgbImage,
         styles: Vec<RgbImage>,
@@ -70,7 +75,7 @@ fn check_inputs(
 ) -> Result<(), Error> {
     params.validate(styles.len())?;
     let names: Vec<String> = (1..=styles.len()).map(|i| format!("#{i}")).collect();
-    let styles: Vec<ImageSize> = styles
+    let styles: Vec<ImageSize<'_>> = styles
         .iter()
         .zip(&names)
         .map(|(img, name)| ImageSize::new(name, img.dimensions()))
@@ -88,12 +93,17 @@ pub type StyleSource<'a> = dyn FnMut(&Engine, u32) -> Result<Rc<StyleGrams>, Err
 pub struct Progress {
     /// 1-based scale, and the number of scales.
     pub scale: u32,
+    /// Number of scales of the render.
     pub scales: u32,
+    /// Which image of this scale was evaluated: 0 its initial image, k the image after k optimizer steps.
     pub iteration: u32,
     /// Iterations of this scale.
     pub iterations: u32,
+    /// Width of this scale's image, in px.
     pub width: u32,
+    /// Height of this scale's image, in px.
     pub height: u32,
+    /// The weighted loss terms of the image at `iteration`.
     pub losses: LossTerms,
     /// Seconds since the render started.
     pub elapsed: f64,

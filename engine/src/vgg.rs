@@ -223,10 +223,13 @@ impl Vgg19 {
         Ok(())
     }
 
+    /// Whether the weights and inputs are in the channels-last (NHWC) layout ([`Self::set_channels_last`]).
     pub fn channels_last(&self) -> bool {
         self.channels_last
     }
 
+    /// The input convention of the loaded weights, read from the file's metadata: how images enter the
+    /// network ([`Preprocessing::preprocess`]) and leave it.
     pub fn preprocessing(&self) -> Preprocessing {
         self.preprocessing
     }

@@ -1,10 +1,4 @@
-//! stylefarm-tests: the end-to-end tests of stylefarm (`farm.rs`, `render.rs`, `style_targets.rs` beside
-//! this crate's Cargo.toml) and their cluster sandbox, this library: real `stylefarm coordinator` and
-//! `stylefarm worker` processes on 127.0.0.1 (the coordinator binds port 0 and says which port it got),
-//! handles to stop or SIGKILL them, and waits with a predicate and a deadline, never a bare sleep.
-//!
-//! The tests run the `stylefarm` binary of the same build profile (`target/<profile>/stylefarm`, or
-//! `STYLEFARM_BIN`): `cargo build -p stylefarm` first; deploy/test.sh does.
+#![doc = include_str!("../README.md")]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -39,6 +33,7 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The test image `name` in `../shared/data/images` beside the repository; panics when it is missing.
 pub fn shared_image(name: &str) -> PathBuf {
     let path = repo().join("../shared/data/images").join(name);
     assert!(
@@ -51,7 +46,9 @@ pub fn shared_image(name: &str) -> PathBuf {
 
 /// A child process killed when the handle drops.
 pub struct Node {
+    /// The `stylefarm` process.
     pub child: Child,
+    /// The file the process logs to (its stderr).
     pub log: PathBuf,
 }
 
@@ -70,6 +67,7 @@ impl Node {
             .status();
     }
 
+    /// The process's log so far; empty when it cannot be read.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -81,15 +79,27 @@ impl Drop for Node {
     }
 }
 
+/// A farm in a sandbox: a `stylefarm coordinator` and `stylefarm worker` processes on 127.0.0.1, their data
+/// and logs in a temporary directory.
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
+    /// The coordinator's data dir (`state.redb`, `blobs/`), kept across its restarts.
     pub data_dir: PathBuf,
+    /// The coordinator's URL, `http://<addr>`, for clients, workers and the CLI.
     pub url: String,
+    /// The coordinator's listen address: `127.0.0.1:0` before its first start, then the port it bound, which
+    /// restarts reuse.
     pub addr: String,
+    /// The coordinator process; `None` only before its first start.
     pub coordinator: Option<Node>,
+    /// The worker processes, in the order they were added.
     pub workers: Vec<Node>,
+    /// How long a lease lasts without a heartbeat, in seconds (`--lease-secs`).
     pub lease_secs: f64,
+    /// How often workers are asked to heartbeat, in seconds (`--heartbeat-secs`).
     pub heartbeat_secs: f64,
+    /// The temporary directory of the data dir and the logs; deleted when the cluster drops, after the
+    /// processes above are killed (fields drop in declaration order).
+    pub dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -113,10 +123,10 @@ impl Cluster {
 
     /// Starts (or restarts, on the same data dir and address) the coordinator.
     pub fn start_coordinator(&mut self) {
-        let log = self.dir.path().join(format!(
-            "coordinator-{}.log",
-            Instant::now().elapsed().as_nanos()
-        ));
+        // one log per start: a restarted coordinator does not truncate its predecessor's
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.dir.path().join(format!("coordinator-{start}.log"));
         let mut child = Command::new(binary())
             .args(["coordinator", "--listen", &self.addr, "--data-dir"])
             .arg(&self.data_dir)
@@ -143,6 +153,7 @@ impl Cluster {
         self.coordinator = Some(Node { child, log });
     }
 
+    /// Starts a CPU worker named `name` (one libtorch thread) against the coordinator.
     pub fn add_worker(&mut self, name: &str) {
         self.add_worker_with_env(name, &[]);
     }
@@ -218,10 +229,12 @@ where
     }
 }
 
+/// The status of job `job_id`; panics when the call fails.
 pub async fn job(client: &mut FarmClient, job_id: &str) -> pb::JobStatus {
     client.job(job_id).await.unwrap()
 }
 
+/// Whether the job's state is `state`.
 pub fn is(status: &pb::JobStatus, state: pb::JobState) -> bool {
     status.state == state as i32
 }

@@ -10,7 +10,7 @@ use stylefarm_engine::Device;
 
 /// The total memory of `device` in bytes; `None` when it cannot be read (the worker then reports 0,
 /// "unknown", and the coordinator plans its tiles by the job's tile size).
-pub fn total_memory(device: Device) -> Option<u64> {
+pub(crate) fn total_memory(device: Device) -> Option<u64> {
     match device {
         Device::Cuda(index) => cuda_total_memory(index).map_err(|e| {
             tracing::warn!(error = e, device = index, "cannot read the GPU's memory");
@@ -48,12 +48,14 @@ fn cuda_total_memory(index: usize) -> Result<u64, String> {
     // are called.
     unsafe {
         let lib = libloading::Library::new("libcuda.so.1").map_err(|e| e.to_string())?;
-        let init: libloading::Symbol<unsafe extern "C" fn(std::os::raw::c_uint) -> CuResult> =
+        let init: libloading::Symbol<'_, unsafe extern "C" fn(std::os::raw::c_uint) -> CuResult> =
             lib.get(b"cuInit\0").map_err(|e| e.to_string())?;
         let device_get: libloading::Symbol<
+            '_,
             unsafe extern "C" fn(*mut std::os::raw::c_int, std::os::raw::c_int) -> CuResult,
         > = lib.get(b"cuDeviceGet\0").map_err(|e| e.to_string())?;
         let total_mem: libloading::Symbol<
+            '_,
             unsafe extern "C" fn(*mut usize, std::os::raw::c_int) -> CuResult,
         > = lib
             .get(b"cuDeviceTotalMem_v2\0")

@@ -27,7 +27,10 @@ const STYLE_CACHE_ENTRIES: usize = 16;
 /// style layers, pooling and the block size (see [`stylefarm_engine::Engine::style_grams`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StyleKey {
+    /// The style images' sha256 hashes, in the task's order.
     pub styles: Vec<String>,
+    /// Block size in px in which the style targets are computed (a tile's render); `None`: the whole image at
+    /// once.
     pub block: Option<u32>,
     /// A tile's canvas, whose Gram matrices its targets are offset by.
     pub tile_canvas: Option<TileCanvas>,
@@ -38,9 +41,13 @@ pub struct StyleKey {
 /// scale, not per tile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TileCanvas {
+    /// The sha256 of the previous scale's result, which keys the canvas' cached Gram matrices.
     pub init: String,
+    /// The previous scale's result, decoded, at its own size.
     pub previous: Arc<RgbImage>,
+    /// The canvas' width at this scale, in px.
     pub width: u32,
+    /// The canvas' height at this scale, in px.
     pub height: u32,
 }
 

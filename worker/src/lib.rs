@@ -1,8 +1,4 @@
-//! stylefarm-worker: a render node of the farm. It registers with the coordinator, pulls tasks under leases,
-//! renders them with the engine on a dedicated thread that keeps VGG19 loaded (libtorch stays off the async
-//! runtime), heartbeats with its progress (a heartbeat's answer can cancel the task), uploads results in
-//! chunks, and drains on shutdown: the task at hand finishes, no new one is taken. When the coordinator is
-//! away it retries with backoff.
+#![doc = include_str!("../README.md")]
 
 mod device;
 mod engine_thread;
@@ -32,8 +28,11 @@ pub use engine_thread::{
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The engine could not be started: loading VGG19 on the device, or warming it up, failed.
     #[error(transparent)]
     Engine(#[from] stylefarm_engine::Error),
+    /// A coordinator call failed (the message says how); [`run`] does not return it at present: it
+    /// reconnects and retries.
     #[error("coordinator {0}")]
     Coordinator(String),
     /// The engine can no longer render (device lost, weights gone when it was reloaded): the worker stops
@@ -49,11 +48,13 @@ pub struct WorkerConfig {
     pub coordinator: String,
     /// Shown in the coordinator's logs and statuses.
     pub name: String,
+    /// The device the engine renders on; its name and memory are reported to the coordinator.
     pub device: Device,
+    /// The VGG19 weights file (safetensors) the engine loads.
     pub weights: PathBuf,
     /// How long one LeaseTask call waits for work.
     pub lease_wait: Duration,
-    /// The device memory to report, in bytes (default: the device's own, [`device::total_memory`]): the
+    /// The device memory to report, in bytes (default: the device's own, `device::total_memory`): the
     /// coordinator sizes tiled jobs' tiles for it.
     pub device_memory: Option<u64>,
     /// How the engine runs on its device.
@@ -191,7 +192,7 @@ async fn connect(url: &str, stop: &AtomicBool) -> Option<WorkerServiceClient<Cha
 enum Failure {
     /// The task's input (an image, a parameter) cannot be rendered: every attempt fails the same way.
     Input(String),
-    /// This attempt failed (a download, libtorch, a panic caught on the engine thread): another may not.
+    /// This attempt failed (a download, libtorch, a panic caught on the engine thread): another attempt may succeed.
     Transient(String),
     /// The device ran out of memory: another worker may have more.
     OutOfMemory(String),

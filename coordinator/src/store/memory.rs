@@ -18,22 +18,37 @@ pub struct MemoryStore {
 impl Store for MemoryStore {
     fn write(&self, ops: Vec<Op>) -> Durable {
         let mut jobs = self.jobs.lock().unwrap();
+        // all or nothing: every op's job must exist (or be inserted by an earlier op of the batch)
+        let mut inserted = std::collections::BTreeSet::new();
+        for op in &ops {
+            let id = match op {
+                Op::Insert(job, _) => {
+                    inserted.insert(job.id.as_str());
+                    continue;
+                }
+                Op::Job(job) => job.id.as_str(),
+                Op::Task(job_id, _) => job_id.as_str(),
+            };
+            if !jobs.contains_key(id) && !inserted.contains(id) {
+                return durable_now(Err(err(format!("no job {id}"))));
+            }
+        }
         for op in ops {
             match op {
                 Op::Insert(job, tasks) => {
                     let tasks = tasks.into_iter().map(|t| (t.index, t)).collect();
                     jobs.insert(job.id.clone(), (job, tasks));
                 }
-                Op::Job(job) => match jobs.get_mut(&job.id) {
-                    Some(entry) => entry.0 = job,
-                    None => return durable_now(Err(err(format!("no job {}", job.id)))),
-                },
-                Op::Task(job_id, task) => match jobs.get_mut(&job_id) {
-                    Some(entry) => {
+                Op::Job(job) => {
+                    if let Some(entry) = jobs.get_mut(&job.id) {
+                        entry.0 = job;
+                    }
+                }
+                Op::Task(job_id, task) => {
+                    if let Some(entry) = jobs.get_mut(&job_id) {
                         entry.1.insert(task.index, task);
                     }
-                    None => return durable_now(Err(err(format!("no job {job_id}")))),
-                },
+                }
             }
         }
         durable_now(Ok(()))

@@ -15,6 +15,7 @@ pub use self::memory::MemoryStore;
 pub use self::redb_store::RedbStore;
 use crate::model::{JobMeta, TaskRecord};
 
+/// A store failure (a redb error, a failed commit, a write to an unknown job), as its message.
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
@@ -28,6 +29,7 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 pub enum Op {
     /// A new job with all its tasks.
     Insert(JobMeta, Vec<TaskRecord>),
+    /// A job's new record (state, strikes, results), replacing the stored one; its tasks are untouched.
     Job(JobMeta),
     /// A task of the job with this id.
     Task(String, TaskRecord),
@@ -61,9 +63,11 @@ pub trait Store: Send + Sync {
     fn insert_job(&self, job: &JobMeta, tasks: &[TaskRecord]) -> Result<(), StoreError> {
         wait(self.write(vec![Op::Insert(job.clone(), tasks.to_vec())]))
     }
+    /// Replaces a job's record (not its tasks), and waits until that is durable.
     fn update_job(&self, job: &JobMeta) -> Result<(), StoreError> {
         wait(self.write(vec![Op::Job(job.clone())]))
     }
+    /// Stores `task` as task `task.index` of job `job_id` (replacing it), and waits until that is durable.
     fn update_task(&self, job_id: &str, task: &TaskRecord) -> Result<(), StoreError> {
         wait(self.write(vec![Op::Task(job_id.to_string(), task.clone())]))
     }

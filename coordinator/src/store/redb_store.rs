@@ -9,8 +9,8 @@ use serde::Serialize;
 use super::{durable_now, err, Durable, Op, Store, StoreError};
 use crate::model::{JobMeta, TaskRecord};
 
-const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
-const TASKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("tasks");
+const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
+const TASKS: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("tasks");
 
 /// The write queue of a [`RedbStore`].
 #[derive(Default)]

@@ -260,6 +260,7 @@ impl BlockedTargets {
         self.blocks.len()
     }
 
+    /// Whether there is no block (only for an image with a zero side).
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
     }
