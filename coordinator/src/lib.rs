@@ -2,6 +2,7 @@
 
 pub mod blobs;
 pub mod model;
+mod pipeline;
 pub mod scheduler;
 mod service;
 mod sheet;
@@ -36,8 +37,15 @@ pub enum Error {
     Store(#[from] store::StoreError),
     /// A file system error: creating the data dir, or reading or writing the blob store; INTERNAL on the
     /// wire.
-    #[error("blob store: {0}")]
+    #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The coordinator's own failure (a blocking task that panicked, an image it stored and cannot read
+    /// back): INTERNAL on the wire.
+    #[error("{0}")]
+    Internal(String),
+    /// A status from the transport itself (a stream that broke), passed on as it came.
+    #[error("{}", .0.message())]
+    Rpc(tonic::Status),
     /// The gRPC server could not be built (reflection) or failed while serving.
     #[error("server: {0}")]
     Transport(String),
@@ -53,12 +61,23 @@ impl From<scheduler::SchedulerError> for Error {
     }
 }
 
+impl Error {
+    /// A bad value of a request's `field`: INVALID_ARGUMENT, the message starting with the field.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+        Error::Invalid(stylefarm_core::Error::invalid(field, message))
+    }
+}
+
+/// The one mapping from the coordinator's errors to gRPC codes.
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         match e {
             Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
-            e => tonic::Status::internal(e.to_string()),
+            Error::Rpc(status) => status,
+            e @ (Error::Store(_) | Error::Io(_) | Error::Internal(_) | Error::Transport(_)) => {
+                tonic::Status::internal(e.to_string())
+            }
         }
     }
 }
@@ -96,7 +115,7 @@ impl Coordinator {
             workers: workers::Registry::default(),
         });
         for job_id in coordinator.scheduler.jobs_awaiting_step() {
-            coordinator.step(&job_id);
+            coordinator.stage_done(&job_id);
         }
         Ok(coordinator)
     }
@@ -142,8 +161,12 @@ pub async fn serve(
     let expiry = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            if let Err(e) = scheduler.expire() {
-                tracing::error!(error = %e, "expiring leases");
+            // expiring writes to the store and waits for the commit: on the blocking pool
+            let scheduler = scheduler.clone();
+            match tokio::task::spawn_blocking(move || scheduler.expire()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "expiring leases"),
+                Err(e) => tracing::error!(error = %e, "expiring leases: the task failed"),
             }
         }
     });

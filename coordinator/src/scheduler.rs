@@ -457,9 +457,9 @@ impl Scheduler {
         task.permanent_error_workers.clear();
         let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
         let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
-        // a sweep succeeds once its contact sheet is recorded (set_contact_sheet), a tiled job once its last
-        // scale is stitched (advance_tiled)
-        if all_tasks_done && !matches!(job.meta.spec.kind, JobKind::Sweep | JobKind::Tiled) {
+        // a job with stage work succeeds once it is done (a sweep: set_contact_sheet; a tiled job:
+        // advance_tiled at its last scale), the others with their last task
+        if all_tasks_done && !job.meta.spec.kind.has_stage_work() {
             job.meta.state = JobState::Succeeded;
             job.meta.finished_ms = now_ms();
             ops.push(Op::Job(job.meta.clone()));
@@ -613,7 +613,7 @@ impl Scheduler {
         let st = self.state.lock().unwrap();
         st.jobs
             .values()
-            .filter(|j| matches!(j.meta.spec.kind, JobKind::Sweep | JobKind::Tiled))
+            .filter(|j| j.meta.spec.kind.has_stage_work())
             .filter(|j| !j.meta.state.is_terminal())
             .filter(|j| j.tasks.iter().all(|t| t.state == TaskState::Succeeded))
             .map(|j| j.meta.id.clone())

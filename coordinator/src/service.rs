@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::model::{JobState, TaskState};
 use crate::scheduler::{FailureKind, JobView, TaskProgress};
-use crate::{sheet, Coordinator, Error};
+use crate::{Coordinator, Error};
 
 /// Largest image a client may upload or a worker return.
 pub(crate) const MAX_IMAGE_UPLOAD: usize = 512 << 20;
@@ -101,27 +101,26 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
 /// Runs `f` on the blocking pool: it may wait for the store's group commit, and many waiting together is
 /// what lets one fsync serve them all.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Error::Internal(e.to_string()))?
 }
 
-fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Status> {
+fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Error> {
     value
         .parse()
-        .map_err(|_| Status::invalid_argument(format!("{field}: '{value}' is not a sha256")))
+        .map_err(|_| Error::invalid(field, format!("'{value}' is not a sha256")))
 }
 
 /// Streams a blob in chunks.
-fn send_blob(coordinator: &Coordinator, sha256: &str) -> Result<ChunkStream, Status> {
+fn send_blob(coordinator: &Coordinator, sha256: &str) -> Result<ChunkStream, Error> {
     let hash = hash_arg("sha256", sha256)?;
     let bytes = coordinator
         .blobs
-        .get(&hash)
-        .map_err(Error::from)?
-        .ok_or_else(|| Status::not_found(format!("image {hash} not found")))?;
+        .get(&hash)?
+        .ok_or_else(|| Error::NotFound(format!("image {hash} not found")))?;
     let chunks: Vec<Result<pb::Chunk, Status>> = bytes
         .chunks(CHUNK_BYTES)
         .map(|c| Ok(pb::Chunk { data: c.to_vec() }))
@@ -131,27 +130,30 @@ fn send_blob(coordinator: &Coordinator, sha256: &str) -> Result<ChunkStream, Sta
 
 /// A message of a client stream that failed to decode: one over the message size limit is the sender's
 /// mistake (INVALID_ARGUMENT naming the field), not the transport's OUT_OF_RANGE.
-fn stream_message<T>(msg: Result<T, Status>) -> Result<T, Status> {
+fn stream_message<T>(msg: Result<T, Status>) -> Result<T, Error> {
     msg.map_err(|s| {
         if s.code() == tonic::Code::OutOfRange {
-            Status::invalid_argument(format!(
-                "data: {} (send images in chunks of at most {} MiB)",
-                s.message(),
-                CHUNK_BYTES >> 20
-            ))
+            Error::invalid(
+                "data",
+                format!(
+                    "{} (send images in chunks of at most {} MiB)",
+                    s.message(),
+                    CHUNK_BYTES >> 20
+                ),
+            )
         } else {
-            s
+            Error::Rpc(s)
         }
     })
 }
 
 /// Appends a stream's bytes to `buf`, refusing more than MAX_IMAGE_UPLOAD.
-fn append(buf: &mut Vec<u8>, data: &[u8]) -> Result<(), Status> {
+fn append(buf: &mut Vec<u8>, data: &[u8]) -> Result<(), Error> {
     if buf.len() + data.len() > MAX_IMAGE_UPLOAD {
-        return Err(Status::invalid_argument(format!(
-            "image: larger than {} MiB",
-            MAX_IMAGE_UPLOAD >> 20
-        )));
+        return Err(Error::invalid(
+            "image",
+            format!("larger than {} MiB", MAX_IMAGE_UPLOAD >> 20),
+        ));
     }
     buf.extend_from_slice(data);
     Ok(())
@@ -184,13 +186,15 @@ impl RenderService for RenderApi {
             (bytes, decoded)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        let img = decoded.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        let img = decoded.map_err(Error::from)?;
         let hash = self.coordinator.blobs.put(&bytes).map_err(Error::from)?;
         if let Some(expected) = expected.filter(|e| *e != hash) {
-            return Err(Status::invalid_argument(format!(
-                "expected_sha256: the bytes hash to {hash}, not {expected}"
-            )));
+            return Err(Error::invalid(
+                "expected_sha256",
+                format!("the bytes hash to {hash}, not {expected}"),
+            )
+            .into());
         }
         Ok(Response::new(pb::UploadImageResponse {
             sha256: hash.to_string(),
@@ -207,9 +211,8 @@ impl RenderService for RenderApi {
             spec,
             client_request_id,
         } = request.into_inner();
-        let spec =
-            JobSpec::try_from(spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?)
-                .map_err(Error::from)?;
+        let spec = JobSpec::try_from(spec.ok_or_else(|| Error::invalid("spec", "missing"))?)
+            .map_err(Error::from)?;
         let images = spec
             .contents
             .iter()
@@ -221,9 +224,7 @@ impl RenderService for RenderApi {
         };
         for (field, hash) in images.chain(init.iter().map(|h| ("init", h))) {
             if !self.coordinator.blobs.contains(hash).map_err(Error::from)? {
-                return Err(Status::invalid_argument(format!(
-                    "{field}: image {hash} was not uploaded"
-                )));
+                return Err(Error::invalid(field, format!("image {hash} was not uploaded")).into());
             }
         }
         let coordinator = self.coordinator.clone();
@@ -238,10 +239,10 @@ impl RenderService for RenderApi {
                 })
             })
             .map_err(Error::from)?;
-            Ok(coordinator
+            coordinator
                 .scheduler
                 .submit(spec, &client_request_id)
-                .map_err(Error::from)?)
+                .map_err(Error::from)
         })
         .await?;
         tracing::info!(job_id, created, "job submitted");
@@ -274,9 +275,7 @@ impl RenderService for RenderApi {
                 Ok(pb::JobState::Succeeded) => Ok(JobState::Succeeded),
                 Ok(pb::JobState::Failed) => Ok(JobState::Failed),
                 Ok(pb::JobState::Cancelled) => Ok(JobState::Cancelled),
-                _ => Err(Status::invalid_argument(format!(
-                    "states: {s} is not a job state"
-                ))),
+                _ => Err(Error::invalid("states", format!("{s} is not a job state"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let jobs = self
@@ -373,7 +372,7 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let r = request.into_inner();
         if r.name.is_empty() || r.name.len() > 200 {
-            return Err(Status::invalid_argument("name: 1 to 200 characters"));
+            return Err(Error::invalid("name", "1 to 200 characters").into());
         }
         let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
         let worker_id = format!("{}#{n}", r.name);
@@ -401,7 +400,7 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
         let r = request.into_inner();
         if r.worker_id.is_empty() {
-            return Err(Status::invalid_argument("worker_id: missing"));
+            return Err(Error::invalid("worker_id", "missing").into());
         }
         self.coordinator.workers.seen(&r.worker_id);
         let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
@@ -484,18 +483,17 @@ impl WorkerService for WorkerApi {
             }
         }
         if lease_id.is_empty() {
-            return Err(Status::invalid_argument("lease_id: missing"));
+            return Err(Error::invalid("lease_id", "missing").into());
         }
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
-            let img = imaging::decode(&bytes, "result")
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let img = imaging::decode(&bytes, "result")?;
             // a whole image's result gets its content's alpha (a tiled job's, once stitched)
             let bytes = match coordinator.scheduler.leased_task(&lease) {
                 Some((task, kind)) if kind != JobKind::Tiled && task.tile.is_none() => coordinator
                     .with_content_alpha(&img, task.content.as_str())
-                    .map_err(Status::internal)?
+                    .map_err(Error::Internal)?
                     .unwrap_or(bytes),
                 _ => bytes,
             };
@@ -511,7 +509,7 @@ impl WorkerService for WorkerApi {
         if let Some(done) = completed.as_ref().filter(|c| c.all_tasks_done) {
             let coordinator = self.coordinator.clone();
             let job_id = done.job_id.clone();
-            tokio::task::spawn_blocking(move || coordinator.step(&job_id));
+            tokio::task::spawn_blocking(move || coordinator.stage_done(&job_id));
         }
         Ok(Response::new(pb::CompleteTaskResponse {
             accepted: completed.is_some(),
@@ -532,9 +530,9 @@ impl WorkerService for WorkerApi {
         tracing::warn!(lease_id = r.lease_id, error = r.error, ?kind, "task failed");
         let scheduler = self.coordinator.scheduler.clone();
         blocking(move || {
-            Ok(scheduler
+            scheduler
                 .fail(&r.lease_id, &r.error, kind)
-                .map_err(Error::from)?)
+                .map_err(Error::from)
         })
         .await?;
         Ok(Response::new(pb::FailTaskResponse {}))
@@ -550,51 +548,5 @@ impl WorkerService for WorkerApi {
             &self.coordinator,
             &request.into_inner().sha256,
         )?))
-    }
-}
-
-impl Coordinator {
-    /// The coordinator's own work once every task of a job succeeded: a sweep's contact sheet, a tiled job's
-    /// stitch (and next scale).
-    pub(crate) fn step(&self, job_id: &str) {
-        let Ok(view) = self.scheduler.get(job_id) else {
-            return;
-        };
-        match view.meta.spec.kind {
-            JobKind::Sweep => self.finish_sweep(job_id),
-            JobKind::Tiled => self.finish_tiled_scale(job_id),
-            _ => {}
-        }
-    }
-
-    /// When a sweep job has succeeded: composes its contact sheet, stores it and records it on the job.
-    pub(crate) fn finish_sweep(&self, job_id: &str) {
-        let Ok(view) = self.scheduler.get(job_id) else {
-            return;
-        };
-        if view.meta.spec.kind != JobKind::Sweep {
-            return;
-        }
-        let tiles: Result<Vec<_>, String> = view
-            .tasks
-            .iter()
-            .map(|(t, _)| Ok((self.image(&t.result)?, t.spec.label.clone())))
-            .collect();
-        let stored = tiles
-            .and_then(|tiles| sheet::contact_sheet(&tiles))
-            .and_then(|png| self.blobs.put(&png).map_err(|e| e.to_string()));
-        match stored {
-            Ok(hash) => {
-                if let Err(e) = self.scheduler.set_contact_sheet(job_id, hash.as_str()) {
-                    tracing::error!(job_id, error = %e, "recording the contact sheet");
-                }
-            }
-            Err(e) => {
-                tracing::error!(job_id, error = %e, "composing the contact sheet");
-                let _ = self
-                    .scheduler
-                    .fail_job(job_id, &format!("contact sheet: {e}"));
-            }
-        }
     }
 }

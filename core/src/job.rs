@@ -88,6 +88,15 @@ pub enum JobKind {
     Tiled,
 }
 
+impl JobKind {
+    /// Whether the coordinator has work of its own once every task of a stage succeeded: a sweep's contact
+    /// sheet, a tiled job's stitch of the scale (and its next scale's tiles). A job of such a kind succeeds
+    /// when that work is done, not with its last task.
+    pub fn has_stage_work(self) -> bool {
+        matches!(self, JobKind::Sweep | JobKind::Tiled)
+    }
+}
+
 /// A parameter a sweep can vary: the name of a render option marked `sweep: true` in the options' table
 /// ([`RenderParams::sweepable`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

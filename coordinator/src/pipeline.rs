@@ -1,0 +1,55 @@
+//! Job pipelines: the coordinator's own work between a job's stages, behind one hook,
+//! [`Coordinator::stage_done`], which runs once every task of a stage succeeded. A sweep's one stage ends
+//! with its contact sheet (`sheet.rs`); each scale of a tiled job ends with its stitch and the next
+//! scale's tiles (`tiled.rs`). The scheduler knows only whether a kind has such work
+//! ([`JobKind::has_stage_work`]); the gRPC services only call the hook.
+
+use stylefarm_core::job::JobKind;
+
+use crate::{sheet, Coordinator};
+
+impl Coordinator {
+    /// The hook the scheduler's "every task of the job's stage succeeded" reaches (after a completion, and
+    /// for jobs left at that point by a restart): the job kind's stage work ([`JobKind::has_stage_work`]).
+    pub(crate) fn stage_done(&self, job_id: &str) {
+        let Ok(view) = self.scheduler.get(job_id) else {
+            return;
+        };
+        match view.meta.spec.kind {
+            JobKind::Sweep => self.finish_sweep(job_id),
+            JobKind::Tiled => self.finish_tiled_scale(job_id),
+            _ => {}
+        }
+    }
+
+    /// When a sweep job has succeeded: composes its contact sheet, stores it and records it on the job.
+    fn finish_sweep(&self, job_id: &str) {
+        let Ok(view) = self.scheduler.get(job_id) else {
+            return;
+        };
+        if view.meta.spec.kind != JobKind::Sweep {
+            return;
+        }
+        let tiles: Result<Vec<_>, String> = view
+            .tasks
+            .iter()
+            .map(|(t, _)| Ok((self.image(&t.result)?, t.spec.label.clone())))
+            .collect();
+        let stored = tiles
+            .and_then(|tiles| sheet::contact_sheet(&tiles))
+            .and_then(|png| self.blobs.put(&png).map_err(|e| e.to_string()));
+        match stored {
+            Ok(hash) => {
+                if let Err(e) = self.scheduler.set_contact_sheet(job_id, hash.as_str()) {
+                    tracing::error!(job_id, error = %e, "recording the contact sheet");
+                }
+            }
+            Err(e) => {
+                tracing::error!(job_id, error = %e, "composing the contact sheet");
+                let _ = self
+                    .scheduler
+                    .fail_job(job_id, &format!("contact sheet: {e}"));
+            }
+        }
+    }
+}
