@@ -6,7 +6,7 @@
 
 use stylefarm_core::job::JobKind;
 
-use crate::{sheet, Coordinator};
+use crate::{sheet, Coordinator, Error};
 
 impl Coordinator {
     /// The hook the scheduler's "every task of the job's stage succeeded" reaches (after a completion, and
@@ -30,14 +30,14 @@ impl Coordinator {
         if view.meta.spec.kind != JobKind::Sweep {
             return;
         }
-        let tiles: Result<Vec<_>, String> = view
+        let tiles: Result<Vec<_>, Error> = view
             .tasks
             .iter()
             .map(|(t, _)| Ok((self.image(&t.result)?, t.spec.label.clone())))
             .collect();
         let stored = tiles
             .and_then(|tiles| sheet::contact_sheet(&tiles))
-            .and_then(|png| self.blobs.put(&png).map_err(|e| e.to_string()));
+            .and_then(|png| Ok(self.blobs.put(&png)?));
         match stored {
             Ok(hash) => {
                 if let Err(e) = self.scheduler.set_contact_sheet(job_id, hash.as_str()) {

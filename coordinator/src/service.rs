@@ -492,8 +492,7 @@ impl WorkerService for WorkerApi {
             // a whole image's result gets its content's alpha (a tiled job's, once stitched)
             let bytes = match coordinator.scheduler.leased_task(&lease) {
                 Some((task, kind)) if kind != JobKind::Tiled && task.tile.is_none() => coordinator
-                    .with_content_alpha(&img, task.content.as_str())
-                    .map_err(Error::Internal)?
+                    .with_content_alpha(&img, task.content.as_str())?
                     .unwrap_or(bytes),
                 _ => bytes,
             };

@@ -3,6 +3,8 @@
 
 use image::{Rgb, RgbImage};
 
+use crate::Error;
+
 /// 5x7 glyphs, one byte a row, the low 5 bits left to right.
 fn glyph(c: char) -> [u8; 7] {
     match c.to_ascii_uppercase() {
@@ -102,9 +104,9 @@ fn wrap(label: &str, width: u32) -> Vec<String> {
 }
 
 /// The grid of `tiles` (about square), each with its label under it, as PNG bytes.
-pub(crate) fn contact_sheet(tiles: &[(RgbImage, String)]) -> Result<Vec<u8>, String> {
+pub(crate) fn contact_sheet(tiles: &[(RgbImage, String)]) -> Result<Vec<u8>, Error> {
     if tiles.is_empty() {
-        return Err("no tiles".into());
+        return Err(Error::Internal("a contact sheet of no tiles".into()));
     }
     let cols = (tiles.len() as f64).sqrt().ceil() as u32;
     let rows = (tiles.len() as u32).div_ceil(cols);
@@ -151,7 +153,7 @@ pub(crate) fn contact_sheet(tiles: &[(RgbImage, String)]) -> Result<Vec<u8>, Str
     let mut png = Vec::new();
     sheet
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Internal(format!("encoding the contact sheet: {e}")))?;
     Ok(png)
 }
 

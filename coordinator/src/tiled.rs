@@ -12,55 +12,49 @@ use stylefarm_core::imaging;
 use stylefarm_core::job::ImageHash;
 
 use crate::blobs::BlobReader;
-use crate::Coordinator;
+use crate::{Coordinator, Error};
 
-fn png(img: &RgbImage) -> Result<Vec<u8>, String> {
+fn png(img: &RgbImage) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
     img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Internal(format!("encoding a PNG: {e}")))?;
     Ok(out)
 }
 
 impl Coordinator {
     /// A stored image's file, by its sha256, opened for reading.
-    fn stored(&self, sha256: &str) -> Result<Box<dyn BlobReader>, String> {
-        let hash: ImageHash = sha256
-            .parse()
-            .map_err(|e: stylefarm_core::Error| e.to_string())?;
+    fn stored(&self, sha256: &str) -> Result<Box<dyn BlobReader>, Error> {
+        let hash: ImageHash = sha256.parse()?;
         self.blobs
-            .open_blob(&hash)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("image {hash} missing from the blob store"))
+            .open_blob(&hash)?
+            .ok_or_else(|| Error::Internal(format!("image {hash} missing from the blob store")))
     }
 
     /// A stored image's bytes.
-    fn blob(&self, sha256: &str) -> Result<Vec<u8>, String> {
+    fn blob(&self, sha256: &str) -> Result<Vec<u8>, Error> {
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut self.stored(sha256)?, &mut bytes)
-            .map_err(|e| format!("{sha256}: {e}"))?;
+        std::io::Read::read_to_end(&mut self.stored(sha256)?, &mut bytes)?;
         Ok(bytes)
     }
 
     /// A stored image, decoded.
-    pub(crate) fn image(&self, sha256: &str) -> Result<RgbImage, String> {
-        imaging::decode(&self.blob(sha256)?, sha256).map_err(|e| e.to_string())
+    pub(crate) fn image(&self, sha256: &str) -> Result<RgbImage, Error> {
+        Ok(imaging::decode(&self.blob(sha256)?, sha256)?)
     }
 
     /// The width and height of a stored image as decoded (EXIF orientation applied), from its header: no
     /// pixel is decoded.
-    pub(crate) fn dimensions(&self, sha256: &str) -> Result<(u32, u32), String> {
-        imaging::dimensions(self.stored(sha256)?, sha256).map_err(|e| e.to_string())
+    pub(crate) fn dimensions(&self, sha256: &str) -> Result<(u32, u32), Error> {
+        Ok(imaging::dimensions(self.stored(sha256)?, sha256)?)
     }
 
     /// The alpha channel of a stored content image, oriented as its pixels; `None` when it has none or is
     /// opaque (the header says whether to decode at all).
-    pub(crate) fn content_alpha(&self, sha256: &str) -> Result<Option<GrayImage>, String> {
-        if !imaging::has_alpha(self.stored(sha256)?, sha256).map_err(|e| e.to_string())? {
+    pub(crate) fn content_alpha(&self, sha256: &str) -> Result<Option<GrayImage>, Error> {
+        if !imaging::has_alpha(self.stored(sha256)?, sha256)? {
             return Ok(None);
         }
-        Ok(imaging::decode_full(&self.blob(sha256)?, sha256)
-            .map_err(|e| e.to_string())?
-            .alpha)
+        Ok(imaging::decode_full(&self.blob(sha256)?, sha256)?.alpha)
     }
 
     /// A final result given its content's alpha, as an RGBA PNG, when the content has one (a stylized logo
@@ -69,10 +63,11 @@ impl Coordinator {
         &self,
         img: &RgbImage,
         content: &str,
-    ) -> Result<Option<Vec<u8>>, String> {
-        self.content_alpha(content)?
-            .map(|alpha| imaging::png_with_alpha(img, &alpha).map_err(|e| e.to_string()))
-            .transpose()
+    ) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
+            .content_alpha(content)?
+            .map(|alpha| imaging::png_with_alpha(img, &alpha))
+            .transpose()?)
     }
 
     /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job.
@@ -83,8 +78,8 @@ impl Coordinator {
         }
     }
 
-    fn stitch_scale(&self, job_id: &str) -> Result<(), String> {
-        let view = self.scheduler.get(job_id).map_err(|e| e.to_string())?;
+    fn stitch_scale(&self, job_id: &str) -> Result<(), Error> {
+        let view = self.scheduler.get(job_id)?;
         let spec = &view.meta.spec;
         let scale = view.meta.scale_results.len() as u32;
         let tasks: Vec<_> = view
@@ -100,7 +95,7 @@ impl Coordinator {
         let (stitched, scales) = match &tasks[0].spec.tile {
             // the first scale is one untiled task: its result is the scale's image
             None => {
-                let pyramid = spec.pyramid_params().map_err(|e| e.to_string())?;
+                let pyramid = spec.pyramid_params()?;
                 (self.image(&tasks[0].result)?, pyramid.scales)
             }
             Some(first) => {
@@ -111,20 +106,23 @@ impl Coordinator {
                 };
                 let grid = tiling.grid(first.canvas_width, first.canvas_height);
                 if grid.len() != tasks.len() {
-                    return Err(format!(
+                    return Err(Error::Internal(format!(
                         "scale {}: {} tiles, the plan has {}",
                         scale + 1,
                         tasks.len(),
                         grid.len()
-                    ));
+                    )));
                 }
-                let img = grid.stitch(|i| {
-                    let task = tasks
-                        .iter()
-                        .find(|t| t.spec.tile.as_ref().is_some_and(|x| x.tile as usize == i))
-                        .ok_or_else(|| format!("tile {i} missing"))?;
-                    self.image(&task.result)
-                })?;
+                // the tiles' own errors travel through the stitcher's messages
+                let img = grid
+                    .stitch(|i| {
+                        let task = tasks
+                            .iter()
+                            .find(|t| t.spec.tile.as_ref().is_some_and(|x| x.tile as usize == i))
+                            .ok_or_else(|| format!("tile {i} missing"))?;
+                        self.image(&task.result).map_err(|e| e.to_string())
+                    })
+                    .map_err(Error::Internal)?;
                 (img, first.scales)
             }
         };
@@ -144,16 +142,13 @@ impl Coordinator {
             Some(encoded) => encoded,
             None => png(&stitched)?,
         };
-        let hash = self.blobs.put(&encoded).map_err(|e| e.to_string())?;
+        let hash = self.blobs.put(&encoded)?;
         drop(stitched);
         let next = if last {
             None
         } else {
             let (cw, ch) = self.dimensions(spec.contents[0].as_str())?;
-            Some(
-                spec.scale_tasks(cw, ch, scale + 1, &hash, &self.workers.live_memory())
-                    .map_err(|e| e.to_string())?,
-            )
+            Some(spec.scale_tasks(cw, ch, scale + 1, &hash, &self.workers.live_memory())?)
         };
         let tiles = next.as_ref().map_or(0, Vec::len);
         let tile_size = next
@@ -162,8 +157,7 @@ impl Coordinator {
             .map_or(0, |t| t.tile_size);
         let advanced = self
             .scheduler
-            .advance_tiled(job_id, scale, hash.as_str(), next)
-            .map_err(|e| e.to_string())?;
+            .advance_tiled(job_id, scale, hash.as_str(), next)?;
         tracing::info!(
             job_id,
             scale = scale + 1,
