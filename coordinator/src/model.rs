@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use stylefarm_core::ids::{JobId, WorkerId};
 use stylefarm_core::job::{JobSpec, TaskSpec};
 
 /// Job states, as on the wire.
@@ -53,7 +54,7 @@ pub enum TaskState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobMeta {
     /// The job's id (`job-` and hex digits), assigned at submission; the store's key.
-    pub id: String,
+    pub id: JobId,
     /// Submission order, for FIFO among equal priorities.
     pub seq: u64,
     /// The client's idempotency key: submitting again with the same non-empty key returns this job; empty
@@ -72,7 +73,7 @@ pub struct JobMeta {
     pub error: String,
     /// Strikes (retryable failures, lease expiries) per worker id; a worker at the blocklist threshold gets no
     /// more of this job's tasks. Failures blamed on the input or on memory are not strikes.
-    pub strikes: BTreeMap<String, u32>,
+    pub strikes: BTreeMap<WorkerId, u32>,
     /// sha256 of a sweep's contact sheet.
     pub contact_sheet: String,
     /// Tiled jobs: sha256 of the final stitched image.
@@ -97,7 +98,7 @@ pub struct TaskRecord {
     /// the scheduler's default).
     pub attempts: u32,
     /// The worker of the current or last attempt.
-    pub worker: String,
+    pub worker: WorkerId,
     /// sha256 of the result image.
     pub result: String,
     /// The error of the last failed attempt.
@@ -107,7 +108,7 @@ pub struct TaskRecord {
     /// The distinct workers that reported `error` as non-retryable (the input's fault), in report order;
     /// emptied when an attempt fails with another error.
     #[serde(default)]
-    pub permanent_error_workers: Vec<String>,
+    pub permanent_error_workers: Vec<WorkerId>,
 }
 
 impl TaskRecord {
@@ -118,7 +119,7 @@ impl TaskRecord {
             spec,
             state: TaskState::Pending,
             attempts: 0,
-            worker: String::new(),
+            worker: WorkerId::default(),
             result: String::new(),
             error: String::new(),
             not_before_ms: 0,

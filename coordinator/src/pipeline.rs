@@ -4,6 +4,7 @@
 //! scale's tiles (`tiled.rs`). The scheduler knows only whether a kind has such work
 //! ([`JobKind::has_stage_work`]); the gRPC services only call the hook.
 
+use stylefarm_core::ids::JobId;
 use stylefarm_core::job::JobKind;
 
 use crate::{sheet, Coordinator, Error};
@@ -11,7 +12,7 @@ use crate::{sheet, Coordinator, Error};
 impl Coordinator {
     /// The hook the scheduler's "every task of the job's stage succeeded" reaches (after a completion, and
     /// for jobs left at that point by a restart): the job kind's stage work ([`JobKind::has_stage_work`]).
-    pub(crate) fn stage_done(&self, job_id: &str) {
+    pub(crate) fn stage_done(&self, job_id: &JobId) {
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
         };
@@ -23,7 +24,7 @@ impl Coordinator {
     }
 
     /// When a sweep job has succeeded: composes its contact sheet, stores it and records it on the job.
-    fn finish_sweep(&self, job_id: &str) {
+    fn finish_sweep(&self, job_id: &JobId) {
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
         };
@@ -41,11 +42,19 @@ impl Coordinator {
         match stored {
             Ok(hash) => {
                 if let Err(e) = self.scheduler.set_contact_sheet(job_id, hash.as_str()) {
-                    tracing::error!(job_id, error = %e, "recording the contact sheet");
+                    tracing::error!(
+                        job_id = job_id.as_str(),
+                        error = %e,
+                        "recording the contact sheet"
+                    );
                 }
             }
             Err(e) => {
-                tracing::error!(job_id, error = %e, "composing the contact sheet");
+                tracing::error!(
+                    job_id = job_id.as_str(),
+                    error = %e,
+                    "composing the contact sheet"
+                );
                 let _ = self
                     .scheduler
                     .fail_job(job_id, &format!("contact sheet: {e}"));

@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
 use tokio::sync::{broadcast, Notify};
 
@@ -48,7 +49,7 @@ impl Default for SchedulerConfig {
 pub enum SchedulerError {
     /// No job has this id.
     #[error("job {0} not found")]
-    JobNotFound(String),
+    JobNotFound(JobId),
     /// The job spec was refused (it cannot be expanded into tasks); the error names the field.
     #[error(transparent)]
     Invalid(#[from] stylefarm_core::Error),
@@ -78,9 +79,9 @@ pub struct Lease {
     /// Unique id of this lease: heartbeats, the result and a failure name it. Once the lease has expired or
     /// its task been reported, a result or failure under it is discarded and a heartbeat answers cancel
     /// (fencing).
-    pub lease_id: String,
+    pub lease_id: LeaseId,
     /// The job the task belongs to.
-    pub job_id: String,
+    pub job_id: JobId,
     /// The task's index in its job.
     pub index: u32,
     /// What the worker is to render.
@@ -99,9 +100,9 @@ pub struct JobView {
 }
 
 struct LeaseInfo {
-    job_id: String,
+    job_id: JobId,
     index: u32,
-    worker: String,
+    worker: WorkerId,
     deadline_ms: i64,
     cancel: bool,
     progress: Option<TaskProgress>,
@@ -111,18 +112,18 @@ struct Job {
     meta: JobMeta,
     tasks: Vec<TaskRecord>,
     /// lease id of each running task
-    leases: HashMap<u32, String>,
+    leases: HashMap<u32, LeaseId>,
 }
 
 /// Queue key of a pending task: higher priority first, then submission order, then task index.
-type QueueKey = (Reverse<i32>, u64, u32, String);
+type QueueKey = (Reverse<i32>, u64, u32, JobId);
 
 #[derive(Default)]
 struct State {
-    jobs: HashMap<String, Job>,
-    by_request: HashMap<String, String>,
+    jobs: HashMap<JobId, Job>,
+    by_request: HashMap<String, JobId>,
     queue: BTreeSet<QueueKey>,
-    leases: HashMap<String, LeaseInfo>,
+    leases: HashMap<LeaseId, LeaseInfo>,
     next_seq: u64,
     next_id: u64,
 }
@@ -148,7 +149,7 @@ fn queue_key(meta: &JobMeta, index: u32) -> QueueKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completed {
     /// The job of the accepted result.
-    pub job_id: String,
+    pub job_id: JobId,
     /// This result was the job's last: the job has succeeded, or for a sweep, awaits its contact sheet.
     pub all_tasks_done: bool,
 }
@@ -192,7 +193,7 @@ pub struct Scheduler {
     /// Wakes long-polling LeaseTask calls when a task becomes pending.
     work: Notify,
     /// The id of each job that changed, for WatchJob.
-    changes: broadcast::Sender<String>,
+    changes: broadcast::Sender<JobId>,
 }
 
 impl Scheduler {
@@ -242,12 +243,12 @@ impl Scheduler {
     }
 
     /// Job ids as they change.
-    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+    pub fn subscribe(&self) -> broadcast::Receiver<JobId> {
         self.changes.subscribe()
     }
 
-    fn changed(&self, job_id: &str) {
-        let _ = self.changes.send(job_id.to_string());
+    fn changed(&self, job_id: &JobId) {
+        let _ = self.changes.send(job_id.clone());
     }
 
     /// Adds a job; a known `client_request_id` returns the earlier job instead (`false`).
@@ -255,7 +256,7 @@ impl Scheduler {
         &self,
         spec: JobSpec,
         client_request_id: &str,
-    ) -> Result<(String, bool), SchedulerError> {
+    ) -> Result<(JobId, bool), SchedulerError> {
         let tasks = spec.tasks()?;
         let mut st = self.state.lock().unwrap();
         if let Some(id) = st
@@ -266,7 +267,7 @@ impl Scheduler {
             return Ok((id.clone(), false));
         }
         st.next_id += 1;
-        let id = format!("job-{:x}{:04x}", now_ms(), st.next_id & 0xffff);
+        let id = JobId::new(format!("job-{:x}{:04x}", now_ms(), st.next_id & 0xffff));
         let seq = st.next_seq;
         st.next_seq += 1;
         let meta = JobMeta {
@@ -315,7 +316,7 @@ impl Scheduler {
 
     /// Hands the next task to `worker`, if one is ready: the highest priority, oldest job first; not a task of
     /// a job that blocklisted the worker, nor one waiting out a retry backoff.
-    pub fn lease(&self, worker: &str) -> Result<Option<Lease>, SchedulerError> {
+    pub fn lease(&self, worker: &WorkerId) -> Result<Option<Lease>, SchedulerError> {
         self.expire()?;
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
@@ -331,13 +332,13 @@ impl Scheduler {
         st.queue.remove(&key);
         let (_, _, index, job_id) = key;
         st.next_id += 1;
-        let lease_id = format!("lease-{:x}-{}", now, st.next_id);
+        let lease_id = LeaseId::new(format!("lease-{:x}-{}", now, st.next_id));
         let deadline_ms = now + self.config.lease.as_millis() as i64;
         let job = st.jobs.get_mut(&job_id).expect("queued job exists");
         let task = &mut job.tasks[index as usize];
         task.state = TaskState::Running;
         task.attempts += 1;
-        task.worker = worker.to_string();
+        task.worker = worker.clone();
         // not written to the store: a restart sends running tasks back to the queue anyway, and the attempt
         // is recorded with the task's outcome (one fsync a task instead of two)
         let spec = task.spec.clone();
@@ -352,7 +353,7 @@ impl Scheduler {
             LeaseInfo {
                 job_id: job_id.clone(),
                 index,
-                worker: worker.to_string(),
+                worker: worker.clone(),
                 deadline_ms,
                 cancel: false,
                 progress: None,
@@ -371,7 +372,7 @@ impl Scheduler {
     /// Waits up to `wait` for a task for `worker`.
     pub async fn lease_wait(
         &self,
-        worker: &str,
+        worker: &WorkerId,
         wait: Duration,
     ) -> Result<Option<Lease>, SchedulerError> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -393,7 +394,7 @@ impl Scheduler {
     /// Extends a lease and records progress. An unknown or expired lease answers `cancel`.
     pub fn heartbeat(
         &self,
-        lease_id: &str,
+        lease_id: &LeaseId,
         progress: Option<TaskProgress>,
     ) -> Result<HeartbeatReply, SchedulerError> {
         self.expire()?;
@@ -419,7 +420,7 @@ impl Scheduler {
     }
 
     /// The task under a live lease and its job's kind; `None` when the lease expired or never existed.
-    pub fn leased_task(&self, lease_id: &str) -> Option<(TaskSpec, JobKind)> {
+    pub fn leased_task(&self, lease_id: &LeaseId) -> Option<(TaskSpec, JobKind)> {
         let st = self.state.lock().unwrap();
         let lease = st.leases.get(lease_id)?;
         let job = st.jobs.get(&lease.job_id)?;
@@ -428,7 +429,7 @@ impl Scheduler {
     }
 
     /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
-    fn take_lease(st: &mut State, lease_id: &str) -> Option<LeaseInfo> {
+    fn take_lease(st: &mut State, lease_id: &LeaseId) -> Option<LeaseInfo> {
         let lease = st.leases.remove(lease_id)?;
         if let Some(job) = st.jobs.get_mut(&lease.job_id) {
             job.leases.remove(&lease.index);
@@ -439,7 +440,7 @@ impl Scheduler {
     /// Records a result; `None` when the lease is no longer valid (the result is discarded).
     pub fn complete(
         &self,
-        lease_id: &str,
+        lease_id: &LeaseId,
         result: &str,
     ) -> Result<Option<Completed>, SchedulerError> {
         let mut st = self.state.lock().unwrap();
@@ -478,7 +479,7 @@ impl Scheduler {
     /// its permanent error is confirmed (see [`FailureKind`]).
     pub fn fail(
         &self,
-        lease_id: &str,
+        lease_id: &LeaseId,
         error: &str,
         kind: FailureKind,
     ) -> Result<(), SchedulerError> {
@@ -565,7 +566,7 @@ impl Scheduler {
     fn finish_job(
         &self,
         st: &mut State,
-        job_id: &str,
+        job_id: &JobId,
         state: JobState,
         error: &str,
         ops: &mut Vec<Op>,
@@ -573,7 +574,7 @@ impl Scheduler {
         let job = st
             .jobs
             .get_mut(job_id)
-            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?;
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
         job.meta.state = state;
         job.meta.error = error.to_string();
         job.meta.finished_ms = now_ms();
@@ -583,7 +584,7 @@ impl Scheduler {
             .filter(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
         {
             task.state = TaskState::Cancelled;
-            ops.push(Op::Task(job_id.to_string(), task.clone()));
+            ops.push(Op::Task(job_id.clone(), task.clone()));
             st.queue.remove(&queue_key(&job.meta, task.index));
         }
         ops.push(Op::Job(job.meta.clone()));
@@ -596,7 +597,7 @@ impl Scheduler {
     }
 
     /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made).
-    pub fn fail_job(&self, job_id: &str, error: &str) -> Result<(), SchedulerError> {
+    pub fn fail_job(&self, job_id: &JobId, error: &str) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().unwrap();
         let mut ops = Vec::new();
         self.finish_job(&mut st, job_id, JobState::Failed, error, &mut ops)?;
@@ -609,7 +610,7 @@ impl Scheduler {
 
     /// Sweeps and tiled jobs whose every task succeeded, waiting for the coordinator's step (a contact
     /// sheet, a stitch), e.g. after a restart.
-    pub fn jobs_awaiting_step(&self) -> Vec<String> {
+    pub fn jobs_awaiting_step(&self) -> Vec<JobId> {
         let st = self.state.lock().unwrap();
         st.jobs
             .values()
@@ -621,12 +622,12 @@ impl Scheduler {
     }
 
     /// Cancels a job; a finished job keeps its state.
-    pub fn cancel(&self, job_id: &str) -> Result<JobState, SchedulerError> {
+    pub fn cancel(&self, job_id: &JobId) -> Result<JobState, SchedulerError> {
         let mut st = self.state.lock().unwrap();
         let state = st
             .jobs
             .get(job_id)
-            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?
             .meta
             .state;
         if state.is_terminal() {
@@ -645,7 +646,7 @@ impl Scheduler {
     pub fn expire(&self) -> Result<(), SchedulerError> {
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
-        let expired: Vec<String> = st
+        let expired: Vec<LeaseId> = st
             .leases
             .iter()
             .filter(|(_, l)| l.deadline_ms < now)
@@ -658,9 +659,9 @@ impl Scheduler {
         for lease_id in expired {
             let lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
             tracing::warn!(
-                lease_id,
-                job_id = lease.job_id,
-                worker_id = lease.worker,
+                lease_id = lease_id.as_str(),
+                job_id = lease.job_id.as_str(),
+                worker_id = lease.worker.as_str(),
                 "lease expired"
             );
             self.fail_task(
@@ -683,12 +684,12 @@ impl Scheduler {
     }
 
     /// Records a sweep's contact sheet, which completes the job.
-    pub fn set_contact_sheet(&self, job_id: &str, sha256: &str) -> Result<(), SchedulerError> {
+    pub fn set_contact_sheet(&self, job_id: &JobId, sha256: &str) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().unwrap();
         let job = st
             .jobs
             .get_mut(job_id)
-            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?;
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
         job.meta.contact_sheet = sha256.to_string();
         if !job.meta.state.is_terminal() {
             job.meta.state = JobState::Succeeded;
@@ -706,7 +707,7 @@ impl Scheduler {
     /// (and changes nothing) when the job is not at that point: finished, cancelled, or already past it.
     pub fn advance_tiled(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         scale: u32,
         stitched: &str,
         next: Option<Vec<TaskSpec>>,
@@ -716,7 +717,7 @@ impl Scheduler {
         let job = st
             .jobs
             .get_mut(job_id)
-            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?;
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
         let at_scale = job.meta.scale_results.len() as u32 == scale
             && job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
         if job.meta.state.is_terminal() || job.meta.spec.kind != JobKind::Tiled || !at_scale {
@@ -729,7 +730,7 @@ impl Scheduler {
                 let first = job.tasks.len() as u32;
                 for (i, spec) in tasks.into_iter().enumerate() {
                     let task = TaskRecord::pending(first + i as u32, spec);
-                    ops.push(Op::Task(job_id.to_string(), task.clone()));
+                    ops.push(Op::Task(job_id.clone(), task.clone()));
                     st.queue.insert(queue_key(&job.meta, task.index));
                     job.tasks.push(task);
                 }
@@ -750,12 +751,12 @@ impl Scheduler {
     }
 
     /// A job and its tasks, with live progress; [`SchedulerError::JobNotFound`] when there is no such job.
-    pub fn get(&self, job_id: &str) -> Result<JobView, SchedulerError> {
+    pub fn get(&self, job_id: &JobId) -> Result<JobView, SchedulerError> {
         let st = self.state.lock().unwrap();
         let job = st
             .jobs
             .get(job_id)
-            .ok_or_else(|| SchedulerError::JobNotFound(job_id.into()))?;
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
         Ok(Self::view(&st, job))
     }
 
@@ -820,6 +821,10 @@ mod tests {
         }
     }
 
+    fn w(id: &str) -> WorkerId {
+        WorkerId::from(id)
+    }
+
     fn scheduler(config: SchedulerConfig) -> Scheduler {
         Scheduler::new(config, Arc::new(MemoryStore::default())).unwrap()
     }
@@ -830,7 +835,7 @@ mod tests {
         let (low, _) = s.submit(batch(2, 0), "").unwrap();
         let (high, _) = s.submit(batch(1, 5), "").unwrap();
         let (low2, _) = s.submit(batch(1, 0), "").unwrap();
-        let order: Vec<(String, u32)> = std::iter::from_fn(|| s.lease("w").unwrap())
+        let order: Vec<(JobId, u32)> = std::iter::from_fn(|| s.lease(&w("w")).unwrap())
             .map(|l| (l.job_id, l.index))
             .collect();
         assert_eq!(order, [(high, 0), (low.clone(), 0), (low, 1), (low2, 0)]);
@@ -853,15 +858,15 @@ mod tests {
             ..Default::default()
         });
         let (job, _) = s.submit(batch(1, 0), "").unwrap();
-        let first = s.lease("w1").unwrap().unwrap();
+        let first = s.lease(&w("w1")).unwrap().unwrap();
         std::thread::sleep(Duration::from_millis(5));
         // the lease expired: the task is handed out again, and the old lease's result is discarded
-        let second = s.lease("w2").unwrap().unwrap();
+        let second = s.lease(&w("w2")).unwrap().unwrap();
         assert_ne!(first.lease_id, second.lease_id);
         assert!(s.complete(&first.lease_id, "stale").unwrap().is_none());
         let s2 = scheduler(SchedulerConfig::default());
         let (job2, _) = s2.submit(batch(1, 0), "").unwrap();
-        let lease = s2.lease("w").unwrap().unwrap();
+        let lease = s2.lease(&w("w")).unwrap().unwrap();
         assert!(
             s2.complete(&lease.lease_id, "result")
                 .unwrap()
@@ -882,15 +887,15 @@ mod tests {
             ..Default::default()
         });
         let (job, _) = s.submit(batch(1, 0), "").unwrap();
-        let l = s.lease("bad").unwrap().unwrap();
+        let l = s.lease(&w("bad")).unwrap().unwrap();
         s.fail(&l.lease_id, "boom", FailureKind::Retryable).unwrap();
-        let l = s.lease("bad").unwrap().unwrap();
+        let l = s.lease(&w("bad")).unwrap().unwrap();
         s.fail(&l.lease_id, "boom", FailureKind::Retryable).unwrap();
         assert!(
-            s.lease("bad").unwrap().is_none(),
+            s.lease(&w("bad")).unwrap().is_none(),
             "blocklisted after 2 failures"
         );
-        let l = s.lease("good").unwrap().unwrap();
+        let l = s.lease(&w("good")).unwrap().unwrap();
         s.fail(&l.lease_id, "boom", FailureKind::Retryable).unwrap();
         let view = s.get(&job).unwrap();
         assert_eq!(
@@ -914,10 +919,13 @@ mod tests {
         };
         let (first, _) = s.submit(spec, "").unwrap();
         let (second, _) = s.submit(batch(1, 0), "").unwrap();
-        let l = s.lease("w").unwrap().unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
         s.fail(&l.lease_id, "oom", FailureKind::OutOfMemory)
             .unwrap();
-        let l = s.lease("w").unwrap().expect("no strike for out-of-memory");
+        let l = s
+            .lease(&w("w"))
+            .unwrap()
+            .expect("no strike for out-of-memory");
         assert_eq!((l.job_id.as_str(), l.index), (first.as_str(), 0));
         s.fail(&l.lease_id, "corrupt", FailureKind::Permanent)
             .unwrap();
@@ -926,25 +934,25 @@ mod tests {
         assert!(view.meta.strikes.is_empty(), "{:?}", view.meta.strikes);
         assert_eq!(view.tasks[0].0.state, TaskState::Pending);
         let l = s
-            .lease("w")
+            .lease(&w("w"))
             .unwrap()
             .expect("no strike for a permanent failure");
         assert_eq!((l.job_id.as_str(), l.index), (first.as_str(), 0));
-        let other = s.lease("w").unwrap().expect("other jobs' tasks too");
+        let other = s.lease(&w("w")).unwrap().expect("other jobs' tasks too");
         assert_eq!((other.job_id.as_str(), other.index), (second.as_str(), 0));
         // a retryable failure is a strike: blocklisted from this job at once
         s.fail(&l.lease_id, "crash", FailureKind::Retryable)
             .unwrap();
         assert_eq!(s.get(&first).unwrap().meta.strikes["w"], 1);
-        assert!(s.lease("w").unwrap().is_none(), "blocklisted");
+        assert!(s.lease(&w("w")).unwrap().is_none(), "blocklisted");
         assert!(
-            s.lease("v").unwrap().is_some(),
+            s.lease(&w("v")).unwrap().is_some(),
             "the task is ready for others"
         );
     }
 
     /// A job of one task with `max_attempts` attempts, and the scheduler without retry delays.
-    fn one_task(max_attempts: u32) -> (Scheduler, String) {
+    fn one_task(max_attempts: u32) -> (Scheduler, JobId) {
         let s = scheduler(SchedulerConfig {
             backoff: Duration::ZERO,
             ..Default::default()
@@ -959,7 +967,7 @@ mod tests {
 
     /// Leases the task as `worker` and fails it.
     fn fail_as(s: &Scheduler, worker: &str, error: &str, kind: FailureKind) {
-        let l = s.lease(worker).unwrap().expect("the task is ready");
+        let l = s.lease(&w(worker)).unwrap().expect("the task is ready");
         s.fail(&l.lease_id, error, kind).unwrap();
     }
 
@@ -1011,7 +1019,7 @@ mod tests {
             view.meta.error
         );
         assert_eq!(s.queue_depth(), 0);
-        assert!(s.lease("c").unwrap().is_none());
+        assert!(s.lease(&w("c")).unwrap().is_none());
     }
 
     #[test]
@@ -1047,10 +1055,10 @@ mod tests {
             ..Default::default()
         });
         s.submit(batch(1, 0), "").unwrap();
-        let l = s.lease("w").unwrap().unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
         s.fail(&l.lease_id, "x", FailureKind::Retryable).unwrap();
         assert!(
-            s.lease("other").unwrap().is_none(),
+            s.lease(&w("other")).unwrap().is_none(),
             "waiting out the backoff"
         );
         assert_eq!(s.queue_depth(), 1);
@@ -1060,17 +1068,17 @@ mod tests {
     fn cancel_reaches_the_heartbeat() {
         let s = scheduler(SchedulerConfig::default());
         let (job, _) = s.submit(batch(2, 0), "").unwrap();
-        let l = s.lease("w").unwrap().unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
         assert!(!s.heartbeat(&l.lease_id, None).unwrap().cancel);
         assert_eq!(s.cancel(&job).unwrap(), JobState::Cancelled);
         assert!(s.heartbeat(&l.lease_id, None).unwrap().cancel);
         assert!(
-            s.lease("w").unwrap().is_none(),
+            s.lease(&w("w")).unwrap().is_none(),
             "the pending task was cancelled"
         );
         assert!(s.complete(&l.lease_id, "late").unwrap().is_none());
         assert!(matches!(
-            s.cancel("job-nope"),
+            s.cancel(&JobId::from("job-nope")),
             Err(SchedulerError::JobNotFound(_))
         ));
     }
@@ -1089,7 +1097,7 @@ mod tests {
             ..batch(1, 0)
         };
         let (job, _) = s.submit(spec.clone(), "").unwrap();
-        let l = s.lease("w").unwrap().unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
         assert_eq!(l.spec.label, "scale 1/2");
         let done = s.complete(&l.lease_id, "scale0").unwrap().unwrap();
         assert!(done.all_tasks_done);
@@ -1116,7 +1124,7 @@ mod tests {
         let again = Scheduler::new(SchedulerConfig::default(), store).unwrap();
         assert_eq!(again.queue_depth(), 6);
         let mut leases = Vec::new();
-        while let Some(l) = again.lease("w").unwrap() {
+        while let Some(l) = again.lease(&w("w")).unwrap() {
             assert!(l.spec.tile.is_some());
             leases.push(l);
         }
@@ -1136,7 +1144,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
         let (job, _) = s.submit(batch(2, 0), "req").unwrap();
-        let l = s.lease("w").unwrap().unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
         drop(s);
         let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
         assert_eq!(s.queue_depth(), 2);

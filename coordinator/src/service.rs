@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
 use stylefarm_core::{imaging, Init};
 use stylefarm_proto::pb;
@@ -59,7 +60,7 @@ fn losses(l: [f64; 4]) -> pb::Losses {
 pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
     let m = &view.meta;
     pb::JobStatus {
-        job_id: m.id.clone(),
+        job_id: m.id.to_string(),
         spec: Some((&m.spec).into()),
         state: job_state(m.state) as i32,
         tasks: view
@@ -72,7 +73,7 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
                     state: task_state(t.state) as i32,
                     label: t.spec.label.clone(),
                     attempts: t.attempts,
-                    worker_id: t.worker.clone(),
+                    worker_id: t.worker.to_string(),
                     iteration: p.iteration,
                     iterations: p.iterations,
                     scale: p.scale,
@@ -245,18 +246,22 @@ impl RenderService for RenderApi {
                 .map_err(Error::from)
         })
         .await?;
-        tracing::info!(job_id, created, "job submitted");
-        Ok(Response::new(pb::SubmitJobResponse { job_id, created }))
+        tracing::info!(job_id = job_id.as_str(), created, "job submitted");
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: job_id.into(),
+            created,
+        }))
     }
 
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        let job_id = JobId::from(request.into_inner().job_id);
         let view = self
             .coordinator
             .scheduler
-            .get(&request.into_inner().job_id)
+            .get(&job_id)
             .map_err(Error::from)?;
         Ok(Response::new(job_status(&view)))
     }
@@ -294,7 +299,7 @@ impl RenderService for RenderApi {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let job_id = request.into_inner().job_id;
+        let job_id = JobId::from(request.into_inner().job_id);
         let scheduler = self.coordinator.scheduler.clone();
         let mut changes = scheduler.subscribe();
         let first = scheduler.get(&job_id).map_err(Error::from)?;
@@ -334,13 +339,13 @@ impl RenderService for RenderApi {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let job_id = request.into_inner().job_id;
+        let job_id = JobId::from(request.into_inner().job_id);
         let state = self
             .coordinator
             .scheduler
             .cancel(&job_id)
             .map_err(Error::from)?;
-        tracing::info!(job_id, ?state, "job cancel");
+        tracing::info!(job_id = job_id.as_str(), ?state, "job cancel");
         Ok(Response::new(pb::CancelJobResponse {
             state: job_state(state) as i32,
         }))
@@ -375,9 +380,9 @@ impl WorkerService for WorkerApi {
             return Err(Error::invalid("name", "1 to 200 characters").into());
         }
         let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        let worker_id = format!("{}#{n}", r.name);
+        let worker_id = WorkerId::new(format!("{}#{n}", r.name));
         tracing::info!(
-            worker_id,
+            worker_id = worker_id.as_str(),
             device = r.device,
             memory_bytes = r.memory_bytes,
             version = r.version,
@@ -388,7 +393,7 @@ impl WorkerService for WorkerApi {
             .register(&worker_id, &r.device, r.memory_bytes);
         let config = self.coordinator.scheduler.config();
         Ok(Response::new(pb::RegisterWorkerResponse {
-            worker_id,
+            worker_id: worker_id.into(),
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
             lease_ms: config.lease.as_millis() as u32,
         }))
@@ -398,30 +403,31 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::LeaseTaskRequest>,
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
-        let r = request.into_inner();
-        if r.worker_id.is_empty() {
+        let pb::LeaseTaskRequest { worker_id, wait_ms } = request.into_inner();
+        let worker_id = WorkerId::from(worker_id);
+        if worker_id.is_empty() {
             return Err(Error::invalid("worker_id", "missing").into());
         }
-        self.coordinator.workers.seen(&r.worker_id);
-        let wait = Duration::from_millis(u64::from(r.wait_ms.min(30_000)));
+        self.coordinator.workers.seen(&worker_id);
+        let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
         let lease = self
             .coordinator
             .scheduler
-            .lease_wait(&r.worker_id, wait)
+            .lease_wait(&worker_id, wait)
             .await
             .map_err(Error::from)?;
         let Some(lease) = lease else {
             return Ok(Response::new(pb::LeaseTaskResponse::default()));
         };
         tracing::info!(
-            job_id = lease.job_id,
+            job_id = lease.job_id.as_str(),
             task = lease.index,
-            worker_id = r.worker_id,
+            worker_id = worker_id.as_str(),
             "task leased"
         );
         Ok(Response::new(pb::LeaseTaskResponse {
             task: Some(pb::Task {
-                job_id: lease.job_id,
+                job_id: lease.job_id.into(),
                 index: lease.index,
                 content: lease.spec.content.to_string(),
                 styles: lease.spec.styles.iter().map(ToString::to_string).collect(),
@@ -429,7 +435,7 @@ impl WorkerService for WorkerApi {
                 tile: lease.spec.tile.as_ref().map(Into::into),
                 label: lease.spec.label,
             }),
-            lease_id: lease.lease_id,
+            lease_id: lease.lease_id.into(),
             lease_deadline_ms: lease.deadline_ms,
         }))
     }
@@ -439,10 +445,11 @@ impl WorkerService for WorkerApi {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = request.into_inner();
-        if !r.worker_id.is_empty() {
-            self.coordinator.workers.seen(&r.worker_id);
+        let (worker_id, lease_id) = (WorkerId::from(r.worker_id), LeaseId::from(r.lease_id));
+        if !worker_id.is_empty() {
+            self.coordinator.workers.seen(&worker_id);
         }
-        if r.lease_id.is_empty() {
+        if lease_id.is_empty() {
             return Ok(Response::new(pb::HeartbeatResponse {
                 cancel: false,
                 lease_deadline_ms: 0,
@@ -461,7 +468,7 @@ impl WorkerService for WorkerApi {
         let reply = self
             .coordinator
             .scheduler
-            .heartbeat(&r.lease_id, progress)
+            .heartbeat(&lease_id, progress)
             .map_err(Error::from)?;
         Ok(Response::new(pb::HeartbeatResponse {
             cancel: reply.cancel,
@@ -474,10 +481,10 @@ impl WorkerService for WorkerApi {
         request: Request<Streaming<pb::CompleteTaskRequest>>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let mut stream = request.into_inner();
-        let (mut lease_id, mut bytes) = (String::new(), Vec::new());
+        let (mut lease_id, mut bytes) = (LeaseId::default(), Vec::new());
         while let Some(msg) = stream.next().await {
             match stream_message(msg)?.part {
-                Some(pb::complete_task_request::Part::LeaseId(id)) => lease_id = id,
+                Some(pb::complete_task_request::Part::LeaseId(id)) => lease_id = id.into(),
                 Some(pb::complete_task_request::Part::Data(d)) => append(&mut bytes, &d)?,
                 None => {}
             }
@@ -504,7 +511,12 @@ impl WorkerService for WorkerApi {
             Ok((hash, completed))
         })
         .await?;
-        tracing::info!(lease_id, accepted = completed.is_some(), result = %hash, "task result");
+        tracing::info!(
+            lease_id = lease_id.as_str(),
+            accepted = completed.is_some(),
+            result = %hash,
+            "task result"
+        );
         if let Some(done) = completed.as_ref().filter(|c| c.all_tasks_done) {
             let coordinator = self.coordinator.clone();
             let job_id = done.job_id.clone();
@@ -520,17 +532,23 @@ impl WorkerService for WorkerApi {
         request: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
         let r = request.into_inner();
+        let lease_id = LeaseId::from(r.lease_id);
         let kind = match pb::FailureKind::try_from(r.kind) {
             Ok(pb::FailureKind::Input) => FailureKind::Permanent,
             Ok(pb::FailureKind::OutOfMemory) => FailureKind::OutOfMemory,
             // unspecified, or a kind this build does not know: retried
             _ => FailureKind::Retryable,
         };
-        tracing::warn!(lease_id = r.lease_id, error = r.error, ?kind, "task failed");
+        tracing::warn!(
+            lease_id = lease_id.as_str(),
+            error = r.error,
+            ?kind,
+            "task failed"
+        );
         let scheduler = self.coordinator.scheduler.clone();
         blocking(move || {
             scheduler
-                .fail(&r.lease_id, &r.error, kind)
+                .fail(&lease_id, &r.error, kind)
                 .map_err(Error::from)
         })
         .await?;

@@ -8,6 +8,7 @@
 use std::io::Cursor;
 
 use image::{GrayImage, RgbImage};
+use stylefarm_core::ids::JobId;
 use stylefarm_core::imaging;
 use stylefarm_core::job::ImageHash;
 
@@ -71,14 +72,14 @@ impl Coordinator {
     }
 
     /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job.
-    pub(crate) fn finish_tiled_scale(&self, job_id: &str) {
+    pub(crate) fn finish_tiled_scale(&self, job_id: &JobId) {
         if let Err(e) = self.stitch_scale(job_id) {
-            tracing::error!(job_id, error = %e, "stitching");
+            tracing::error!(job_id = job_id.as_str(), error = %e, "stitching");
             let _ = self.scheduler.fail_job(job_id, &format!("stitching: {e}"));
         }
     }
 
-    fn stitch_scale(&self, job_id: &str) -> Result<(), Error> {
+    fn stitch_scale(&self, job_id: &JobId) -> Result<(), Error> {
         let view = self.scheduler.get(job_id)?;
         let spec = &view.meta.spec;
         let scale = view.meta.scale_results.len() as u32;
@@ -159,7 +160,7 @@ impl Coordinator {
             .scheduler
             .advance_tiled(job_id, scale, hash.as_str(), next)?;
         tracing::info!(
-            job_id,
+            job_id = job_id.as_str(),
             scale = scale + 1,
             scales,
             width,

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use stylefarm_core::ids::WorkerId;
+
 /// A worker that has not called for this long (a lease poll waits at most 30 s; a rendering worker
 /// heartbeats every few seconds) no longer counts for planning.
 pub const LIVE_WINDOW: Duration = Duration::from_secs(60);
@@ -28,11 +30,11 @@ pub struct WorkerInfo {
 /// The workers by id.
 #[derive(Debug, Default)]
 pub struct Registry {
-    workers: Mutex<HashMap<String, WorkerInfo>>,
+    workers: Mutex<HashMap<WorkerId, WorkerInfo>>,
 }
 
 impl Registry {
-    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkerInfo>> {
+    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, WorkerInfo>> {
         // the map stays consistent whatever panicked while holding it: every update is one insert
         self.workers
             .lock()
@@ -40,7 +42,7 @@ impl Registry {
     }
 
     /// Records a worker's registration.
-    pub fn register(&self, id: &str, device: &str, memory_bytes: u64) {
+    pub fn register(&self, id: &WorkerId, device: &str, memory_bytes: u64) {
         let mut workers = self.workers();
         if workers.len() >= MAX_WORKERS {
             if let Some(cutoff) = Instant::now().checked_sub(LIVE_WINDOW) {
@@ -48,7 +50,7 @@ impl Registry {
             }
         }
         workers.insert(
-            id.to_string(),
+            id.clone(),
             WorkerInfo {
                 device: device.to_string(),
                 memory_bytes,
@@ -58,14 +60,14 @@ impl Registry {
     }
 
     /// Records that a worker called (a lease poll, a heartbeat).
-    pub fn seen(&self, id: &str) {
+    pub fn seen(&self, id: &WorkerId) {
         let mut workers = self.workers();
         let room = workers.len() < MAX_WORKERS;
         match workers.get_mut(id) {
             Some(w) => w.last_seen = Instant::now(),
             None if room => {
                 workers.insert(
-                    id.to_string(),
+                    id.clone(),
                     WorkerInfo {
                         device: String::new(),
                         memory_bytes: 0,
@@ -88,7 +90,7 @@ impl Registry {
     }
 
     /// What is known of worker `id`; `None` when it has not been heard from (or was forgotten).
-    pub fn get(&self, id: &str) -> Option<WorkerInfo> {
+    pub fn get(&self, id: &WorkerId) -> Option<WorkerInfo> {
         self.workers().get(id).cloned()
     }
 }
@@ -97,16 +99,20 @@ impl Registry {
 mod tests {
     use super::*;
 
+    fn w(id: &str) -> WorkerId {
+        WorkerId::from(id)
+    }
+
     #[test]
     fn live_workers_count_with_their_memory_unknown_ones_with_zero() {
         let r = Registry::default();
-        r.register("gpu#1", "cuda:0", 80 << 30);
-        r.seen("old#7");
-        r.seen("gpu#1");
+        r.register(&w("gpu#1"), "cuda:0", 80 << 30);
+        r.seen(&w("old#7"));
+        r.seen(&w("gpu#1"));
         let mut live = r.live_memory();
         live.sort();
         assert_eq!(live, [0, 80 << 30]);
-        assert_eq!(r.get("gpu#1").unwrap().device, "cuda:0");
+        assert_eq!(r.get(&w("gpu#1")).unwrap().device, "cuda:0");
         // silent past the window: no longer counted
         r.workers().get_mut("old#7").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
         assert_eq!(r.live_memory(), [80 << 30]);

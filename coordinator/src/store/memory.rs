@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use stylefarm_core::ids::JobId;
+
 use super::{durable_now, err, Durable, Op, Store, StoreError};
 use crate::model::{JobMeta, TaskRecord};
 
@@ -12,7 +14,7 @@ type JobEntry = (JobMeta, BTreeMap<u32, TaskRecord>);
 /// Keeps everything in memory.
 #[derive(Default)]
 pub struct MemoryStore {
-    jobs: Mutex<BTreeMap<String, JobEntry>>,
+    jobs: Mutex<BTreeMap<JobId, JobEntry>>,
 }
 
 impl Store for MemoryStore {

@@ -11,6 +11,8 @@ mod redb_store;
 use std::future::Future;
 use std::pin::Pin;
 
+use stylefarm_core::ids::JobId;
+
 pub use self::memory::MemoryStore;
 pub use self::redb_store::RedbStore;
 use crate::model::{JobMeta, TaskRecord};
@@ -32,7 +34,7 @@ pub enum Op {
     /// A job's new record (state, strikes, results), replacing the stored one; its tasks are untouched.
     Job(JobMeta),
     /// A task of the job with this id.
-    Task(String, TaskRecord),
+    Task(JobId, TaskRecord),
 }
 
 /// Resolves when the writes it was returned for are durable, or with the error that made them fail. Opaque:
@@ -54,7 +56,8 @@ pub fn wait(durable: Durable) -> Result<(), StoreError> {
 /// it. [`Store::write`] does not wait for durability; its [`Durable`] does, so many writers can share one
 /// commit (group commit).
 pub trait Store: Send + Sync {
-    /// Queues `ops`, to be applied after every write queued before them.
+    /// Queues `ops`, to be applied after every write queued before them. The write is queued when this
+    /// returns, whether or not the future is polled: dropping it gives up waiting, not the write.
     fn write(&self, ops: Vec<Op>) -> Durable;
     /// Every job with its tasks (in index order), in submission order.
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
@@ -68,8 +71,8 @@ pub trait Store: Send + Sync {
         wait(self.write(vec![Op::Job(job.clone())]))
     }
     /// Stores `task` as task `task.index` of job `job_id` (replacing it), and waits until that is durable.
-    fn update_task(&self, job_id: &str, task: &TaskRecord) -> Result<(), StoreError> {
-        wait(self.write(vec![Op::Task(job_id.to_string(), task.clone())]))
+    fn update_task(&self, job_id: &JobId, task: &TaskRecord) -> Result<(), StoreError> {
+        wait(self.write(vec![Op::Task(job_id.clone(), task.clone())]))
     }
 }
 
@@ -134,15 +137,16 @@ pub(crate) mod tests {
 
         ta[1].state = TaskState::Succeeded;
         ta[1].result = "r".into();
-        store.update_task("job-a", &ta[1]).unwrap();
+        store.update_task(&JobId::from("job-a"), &ta[1]).unwrap();
         a.state = JobState::Running;
         a.strikes.insert("w1".into(), 2);
         store.update_job(&a).unwrap();
         let all = store.load().unwrap();
         assert_eq!(all[1], (a, ta));
         assert_eq!(all[0], (b, tb), "other jobs untouched");
+        let nope = JobId::from("nope");
         assert!(
-            store.update_task("nope", &all[0].1[0]).is_err() || store.load().unwrap().len() == 2
+            store.update_task(&nope, &all[0].1[0]).is_err() || store.load().unwrap().len() == 2
         );
     }
 }

@@ -1,0 +1,167 @@
+//! The farm's ids as newtypes over [`String`]: [`JobId`], [`LeaseId`] and [`WorkerId`], so that one kind of
+//! id cannot be passed where another is expected. Each serializes as its bare string (`serde(transparent)`),
+//! compares with `str` and `String`, and borrows as `str`, so maps keyed by an id can be looked up by a
+//! string.
+
+/// Defines a newtype over [`String`] with its conversions, comparisons and borrows.
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Debug,
+            Clone,
+            PartialEq,
+            Eq,
+            PartialOrd,
+            Ord,
+            Hash,
+            Default,
+            serde::Serialize,
+            serde::Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// The id with this text.
+            pub fn new(id: impl Into<String>) -> Self {
+                $name(id.into())
+            }
+
+            /// The id's text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// Whether the id is empty (none was given).
+            pub fn is_empty(&self) -> bool {
+                self.0.is_empty()
+            }
+        }
+
+        /// Writes the id's text as it is.
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        /// The id with this text.
+        impl From<String> for $name {
+            fn from(id: String) -> Self {
+                $name(id)
+            }
+        }
+
+        /// The id with this text.
+        impl From<&str> for $name {
+            fn from(id: &str) -> Self {
+                $name(id.to_string())
+            }
+        }
+
+        /// The id's text.
+        impl From<$name> for String {
+            fn from(id: $name) -> Self {
+                id.0
+            }
+        }
+
+        /// The id's text: a map keyed by the id can be looked up by a `&str`.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        /// The id's text.
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        /// Whether the id's text is this string.
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        /// Whether the id's text is this string.
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        /// Whether the id's text is this string.
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+    };
+}
+
+string_id! {
+    /// A job's id as the coordinator assigns it at submission: `job-` and hex digits. It keys the job in the
+    /// coordinator's store.
+    JobId
+}
+
+string_id! {
+    /// A lease's id: the fencing token a worker names in its heartbeats, its result and its failure. Once the
+    /// lease has expired or its task been reported, whatever names it is discarded.
+    LeaseId
+}
+
+string_id! {
+    /// A worker's id as the coordinator assigns it at registration: the worker's name, `#` and a number
+    /// (`name#n`).
+    WorkerId
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, HashMap};
+
+    #[test]
+    fn ids_are_their_text() {
+        let id = JobId::new("job-1a");
+        assert_eq!(id.as_str(), "job-1a");
+        assert_eq!(id.to_string(), "job-1a");
+        assert_eq!(id, "job-1a");
+        assert_eq!(id, *"job-1a");
+        assert_eq!(id, String::from("job-1a"));
+        assert_eq!(String::from(id.clone()), "job-1a");
+        assert_eq!(JobId::from("job-1a"), id);
+        assert_eq!(JobId::from(String::from("job-1a")), id);
+        assert!(!id.is_empty());
+        assert!(WorkerId::default().is_empty());
+        assert_eq!([LeaseId::new("a"), LeaseId::new("b")], ["a", "b"]);
+    }
+
+    #[test]
+    fn maps_keyed_by_ids_look_up_by_str() {
+        let mut strikes = BTreeMap::new();
+        strikes.insert(WorkerId::new("w#1"), 2u32);
+        assert_eq!(strikes["w#1"], 2);
+        let mut leases = HashMap::new();
+        leases.insert(LeaseId::new("lease-1"), 3u32);
+        assert_eq!(leases.get("lease-1"), Some(&3));
+    }
+
+    #[test]
+    fn ids_serialize_as_bare_strings() {
+        let strikes: BTreeMap<WorkerId, u32> = [(WorkerId::new("w#1"), 2)].into();
+        let plain: BTreeMap<String, u32> = [("w#1".to_string(), 2)].into();
+        assert_eq!(
+            serde_json::to_string(&strikes).unwrap(),
+            serde_json::to_string(&plain).unwrap()
+        );
+        let id: JobId = serde_json::from_str("\"job-1a\"").unwrap();
+        assert_eq!(id, "job-1a");
+    }
+}
