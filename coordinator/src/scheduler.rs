@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
-use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
+use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, TaskSpec};
 use tokio::sync::{broadcast, Notify};
 
 use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
@@ -251,13 +251,23 @@ impl Scheduler {
         let _ = self.changes.send(job_id.clone());
     }
 
-    /// Adds a job; a known `client_request_id` returns the earlier job instead (`false`).
+    /// Checks and expands a job, and adds it; a known `client_request_id` returns the earlier job instead
+    /// (`false`).
     pub fn submit(
         &self,
         spec: JobSpec,
         client_request_id: &str,
     ) -> Result<(JobId, bool), SchedulerError> {
-        let tasks = spec.tasks()?;
+        self.submit_expanded(spec.expand()?, client_request_id)
+    }
+
+    /// [`Scheduler::submit`] of a job already expanded into its tasks (as the gRPC edge does, once).
+    pub fn submit_expanded(
+        &self,
+        job: ExpandedJob,
+        client_request_id: &str,
+    ) -> Result<(JobId, bool), SchedulerError> {
+        let (spec, tasks) = job.into_parts();
         let mut st = self.state.lock().unwrap();
         if let Some(id) = st
             .by_request

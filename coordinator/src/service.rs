@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
-use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
+use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind};
 use stylefarm_core::{imaging, Init};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_server::RenderService;
@@ -212,8 +212,10 @@ impl RenderService for RenderApi {
             spec,
             client_request_id,
         } = request.into_inner();
-        let spec = JobSpec::try_from(spec.ok_or_else(|| Error::invalid("spec", "missing"))?)
+        // converted, checked and expanded into its tasks once, here
+        let job = ExpandedJob::try_from(spec.ok_or_else(|| Error::invalid("spec", "missing"))?)
             .map_err(Error::from)?;
+        let spec = job.spec();
         let images = spec
             .contents
             .iter()
@@ -231,7 +233,7 @@ impl RenderService for RenderApi {
         let coordinator = self.coordinator.clone();
         let (job_id, created) = blocking(move || {
             // no task may be too small for VGG19: sizes from the images' headers
-            spec.check_sizes(|hash| {
+            job.check_sizes(|hash| {
                 coordinator.dimensions(hash.as_str()).map_err(|e| {
                     stylefarm_core::Error::image(
                         hash.as_str(),
@@ -242,7 +244,7 @@ impl RenderService for RenderApi {
             .map_err(Error::from)?;
             coordinator
                 .scheduler
-                .submit(spec, &client_request_id)
+                .submit_expanded(job, &client_request_id)
                 .map_err(Error::from)
         })
         .await?;

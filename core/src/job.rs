@@ -434,48 +434,21 @@ impl JobSpec {
             .collect())
     }
 
-    /// Checks that no task of the job would be too small for VGG19 ([`RenderParams::check_sizes`]): every
-    /// content and style image at every scale of every task (each sweep point and batch pair; each scale
-    /// of a tiled job's pyramid, whose tiles are at least the smaller of the tile size and the canvas, and
-    /// whose styles are sized for the canvas). `size_of` gives an input's width and height as decoded,
-    /// e.g. from its header. An error names the option and, for a sweep or batch, the task.
+    /// Checks the spec and expands it into its tasks, once ([`ExpandedJob`]).
+    pub fn expand(self) -> Result<ExpandedJob, Error> {
+        let tasks = self.tasks()?;
+        Ok(ExpandedJob { spec: self, tasks })
+    }
+
+    /// Checks that no task of the job would be too small for VGG19: [`ExpandedJob::check_sizes`] of the
+    /// expanded spec.
     pub fn check_sizes(
         &self,
-        mut size_of: impl FnMut(&ImageHash) -> Result<(u32, u32), Error>,
+        size_of: impl FnMut(&ImageHash) -> Result<(u32, u32), Error>,
     ) -> Result<(), Error> {
-        let mut sizes = std::collections::HashMap::new();
-        for hash in self.contents.iter().chain(&self.styles) {
-            if !sizes.contains_key(hash) {
-                sizes.insert(hash.clone(), size_of(hash)?);
-            }
-        }
-        let check = |params: &RenderParams, content: &ImageHash, styles: &[ImageHash]| {
-            let styles: Vec<ImageSize<'_>> = styles
-                .iter()
-                .map(|h| ImageSize::new(h.as_str(), sizes[h]))
-                .collect();
-            params.check_sizes(
-                ImageSize::new(content.as_str(), sizes[content]),
-                &styles,
-                None,
-            )
-        };
         // the spec itself first: a tiled job's content is `contents[0]` only once that is checked
         let tasks = self.tasks()?;
-        if self.kind == JobKind::Tiled {
-            // the pyramid's sizes are the canvases of its scales
-            return check(&self.pyramid_params()?, &self.contents[0], &self.styles);
-        }
-        let several = tasks.len() > 1;
-        for task in &tasks {
-            check(&task.params, &task.content, &task.styles).map_err(|e| match e {
-                Error::Invalid { field, message } if several => {
-                    Error::invalid(field, format!("task '{}': {message}", task.label))
-                }
-                other => other,
-            })?;
-        }
-        Ok(())
+        check_task_sizes(self, &tasks, size_of)
     }
 
     fn sweep_tasks(&self) -> Result<Vec<TaskSpec>, Error> {
@@ -539,6 +512,83 @@ impl JobSpec {
         }
         Ok(tasks)
     }
+}
+
+/// A job checked and expanded into its tasks, once: what a submission becomes at the coordinator's edge
+/// (from the wire, `TryFrom<pb::JobSpec>`) and what the scheduler stores. Built only by
+/// [`JobSpec::expand`], so its tasks are always those of its spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpandedJob {
+    spec: JobSpec,
+    tasks: Vec<TaskSpec>,
+}
+
+impl ExpandedJob {
+    /// The job as submitted.
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+
+    /// Its tasks, in a stable order (for a tiled job, the first scale's).
+    pub fn tasks(&self) -> &[TaskSpec] {
+        &self.tasks
+    }
+
+    /// The spec and its tasks.
+    pub fn into_parts(self) -> (JobSpec, Vec<TaskSpec>) {
+        (self.spec, self.tasks)
+    }
+
+    /// Checks that no task of the job would be too small for VGG19 ([`RenderParams::check_sizes`]): every
+    /// content and style image at every scale of every task (each sweep point and batch pair; each scale
+    /// of a tiled job's pyramid, whose tiles are at least the smaller of the tile size and the canvas, and
+    /// whose styles are sized for the canvas). `size_of` gives an input's width and height as decoded,
+    /// e.g. from its header. An error names the option and, for a sweep or batch, the task.
+    pub fn check_sizes(
+        &self,
+        size_of: impl FnMut(&ImageHash) -> Result<(u32, u32), Error>,
+    ) -> Result<(), Error> {
+        check_task_sizes(&self.spec, &self.tasks, size_of)
+    }
+}
+
+/// [`ExpandedJob::check_sizes`] of `spec` expanded into `tasks`.
+fn check_task_sizes(
+    spec: &JobSpec,
+    tasks: &[TaskSpec],
+    mut size_of: impl FnMut(&ImageHash) -> Result<(u32, u32), Error>,
+) -> Result<(), Error> {
+    let mut sizes = std::collections::HashMap::new();
+    for hash in spec.contents.iter().chain(&spec.styles) {
+        if !sizes.contains_key(hash) {
+            sizes.insert(hash.clone(), size_of(hash)?);
+        }
+    }
+    let check = |params: &RenderParams, content: &ImageHash, styles: &[ImageHash]| {
+        let styles: Vec<ImageSize<'_>> = styles
+            .iter()
+            .map(|h| ImageSize::new(h.as_str(), sizes[h]))
+            .collect();
+        params.check_sizes(
+            ImageSize::new(content.as_str(), sizes[content]),
+            &styles,
+            None,
+        )
+    };
+    if spec.kind == JobKind::Tiled {
+        // the pyramid's sizes are the canvases of its scales
+        return check(&spec.pyramid_params()?, &spec.contents[0], &spec.styles);
+    }
+    let several = tasks.len() > 1;
+    for task in tasks {
+        check(&task.params, &task.content, &task.styles).map_err(|e| match e {
+            Error::Invalid { field, message } if several => {
+                Error::invalid(field, format!("task '{}': {message}", task.label))
+            }
+            other => other,
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

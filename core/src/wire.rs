@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use stylefarm_proto::pb;
 
-use crate::job::{ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
+use crate::job::{ExpandedJob, ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
 use crate::tiling::{Rect, TileSizing, Tiling, DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, MIN_TILE_SIZE};
 use crate::Error;
@@ -172,6 +172,15 @@ impl TryFrom<pb::JobSpec> for JobSpec {
 
     /// Converts and checks: the spec must expand into valid tasks.
     fn try_from(s: pb::JobSpec) -> Result<Self, Error> {
+        Ok(ExpandedJob::try_from(s)?.into_parts().0)
+    }
+}
+
+impl TryFrom<pb::JobSpec> for ExpandedJob {
+    type Error = Error;
+
+    /// Converts, checks and expands the spec into its tasks: the one expansion of a submission.
+    fn try_from(s: pb::JobSpec) -> Result<Self, Error> {
         let kind = match pb::JobKind::try_from(s.kind) {
             Ok(pb::JobKind::Single) => JobKind::Single,
             Ok(pb::JobKind::Batch) => JobKind::Batch,
@@ -228,8 +237,7 @@ impl TryFrom<pb::JobSpec> for JobSpec {
                 exact: s.exact_tiles,
             },
         };
-        spec.tasks()?;
-        Ok(spec)
+        spec.expand()
     }
 }
 
@@ -363,6 +371,16 @@ mod tests {
         let s = spec();
         let wire: pb::JobSpec = (&s).into();
         assert_eq!(JobSpec::try_from(wire).unwrap(), s);
+    }
+
+    /// The edge's one expansion gives the spec and the tasks that expanding the spec gives.
+    #[test]
+    fn a_wire_spec_expands_once_into_its_tasks() {
+        let s = spec();
+        let job = ExpandedJob::try_from(pb::JobSpec::from(&s)).unwrap();
+        assert_eq!(job.spec(), &s);
+        assert_eq!(job.tasks(), s.tasks().unwrap().as_slice());
+        assert_eq!(job.tasks().len(), 2, "a sweep of 2 x 1 points");
     }
 
     #[test]
