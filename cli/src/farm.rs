@@ -12,7 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, FarmClient, JobFiles};
 use stylefarm_core::job::{parse_sweep, JobKind};
 use stylefarm_core::params::ParamArgs;
-use stylefarm_core::tiling::{self, TileSizing, Tiling};
+use stylefarm_core::tiling::{self, Tiling};
 use stylefarm_proto::pb;
 use tokio_stream::StreamExt;
 
@@ -197,9 +197,6 @@ impl JobArgs {
         } else {
             JobKind::Single
         };
-        if kind != JobKind::Batch && self.content.len() > 1 {
-            bail!("contents: several --content images need --batch");
-        }
         Ok(JobFiles {
             kind,
             contents: self.content.clone(),
@@ -213,16 +210,7 @@ impl JobArgs {
                 .unwrap_or_default(),
             priority: self.priority,
             tiling: if self.tiled {
-                Tiling {
-                    tile_size: self.tile_size.unwrap_or(tiling::DEFAULT_TILE_SIZE),
-                    overlap: self.overlap,
-                    exact: self.exact,
-                    sizing: if self.tile_size.is_some() {
-                        TileSizing::Fixed
-                    } else {
-                        TileSizing::Planned
-                    },
-                }
+                Tiling::new(self.tile_size, self.overlap, self.exact)
             } else {
                 Tiling::default()
             },

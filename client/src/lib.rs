@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
@@ -34,7 +33,7 @@ pub enum ClientError {
         message: String,
     },
     /// Nothing answered at the URL within [`CONNECT_TIMEOUT`].
-    #[error("cannot reach the coordinator at {url}: {source}")]
+    #[error("cannot reach the coordinator at {url}")]
     Connect {
         /// The URL as given.
         url: String,
@@ -45,7 +44,7 @@ pub enum ClientError {
     #[error("{} ({:?})", .0.message(), .0.code())]
     Status(#[from] tonic::Status),
     /// A local file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -74,15 +73,16 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 /// The statuses of one job, from [`FarmClient::watch`]: one now, one on every change, ending with the job.
 pub type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus>> + Send>>;
 
+/// A proto enum value's name without its prefix, lowercased: `JOB_STATE_SUCCEEDED` -> `succeeded`.
+fn short_name(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
 /// A job's state name as the CLI prints it: `queued`, `running`, `succeeded`, `failed`, `cancelled` (empty
 /// for a value this build does not know).
 pub fn job_state_name(state: i32) -> String {
     pb::JobState::try_from(state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_lowercase()
-        })
+        .map(|s| short_name(s.as_str_name(), "JOB_STATE_"))
         .unwrap_or_default()
 }
 
@@ -90,11 +90,7 @@ pub fn job_state_name(state: i32) -> String {
 /// this build does not know).
 pub fn task_state_name(state: i32) -> String {
     pb::TaskState::try_from(state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("TASK_STATE_")
-                .to_lowercase()
-        })
+        .map(|s| short_name(s.as_str_name(), "TASK_STATE_"))
         .unwrap_or_default()
 }
 
@@ -177,10 +173,7 @@ impl FarmClient {
 
     /// Uploads an image file; see [`FarmClient::upload`].
     pub async fn upload_file(&mut self, path: &Path) -> Result<ImageHash> {
-        let bytes = std::fs::read(path).map_err(|source| ClientError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let bytes = read_file(path)?;
         self.upload(&bytes, &path.display().to_string()).await
     }
 
@@ -188,6 +181,11 @@ impl FarmClient {
     /// will check it, so a bad one fails naming its field without a round trip.
     pub async fn submit(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<String> {
         spec.tasks()?;
+        self.send(spec, request_id).await
+    }
+
+    /// The SubmitJob call of a checked spec.
+    async fn send(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<String> {
         let reply = self
             .rpc
             .submit_job(pb::SubmitJobRequest {
@@ -199,44 +197,56 @@ impl FarmClient {
         Ok(reply.job_id)
     }
 
-    /// Uploads a job's images (each file once) and submits it; returns its id.
+    /// Uploads a job's images (each file once) and submits it; returns its id. The job is checked as
+    /// the coordinator will check it before any byte is sent: the files are hashed first.
     pub async fn submit_files(&mut self, job: &JobFiles) -> Result<String> {
-        if job.kind != JobKind::Batch && job.contents.len() > 1 {
-            return Err(stylefarm_core::Error::invalid(
-                "contents",
-                "several content images need a batch job",
-            )
-            .into());
-        }
-        let mut uploaded: HashMap<&Path, ImageHash> = HashMap::new();
-        for path in job.contents.iter().chain(&job.styles) {
-            if !uploaded.contains_key(path.as_path()) {
-                let hash = self.upload_file(path).await?;
-                uploaded.insert(path, hash);
+        let init = match &job.params.init {
+            Init::Image(path) => Some(path.as_path()),
+            _ => None,
+        };
+        let mut files: Vec<(&Path, ImageHash)> = Vec::new();
+        for path in job
+            .contents
+            .iter()
+            .chain(&job.styles)
+            .map(PathBuf::as_path)
+            .chain(init)
+        {
+            if !files.iter().any(|(p, _)| *p == path) {
+                files.push((path, ImageHash::of(&read_file(path)?)));
             }
         }
-        let mut params = job.params.clone();
-        if let Init::Image(path) = &params.init {
-            let hash = self.upload_file(path).await?;
-            params.init = Init::Image(PathBuf::from(hash.to_string()));
-        }
-        let hashes = |paths: &[PathBuf]| {
-            paths
+        let hash_of = |path: &Path| {
+            files
                 .iter()
-                .map(|p| uploaded[p.as_path()].clone())
-                .collect()
+                .find(|(p, _)| *p == path)
+                .map(|(_, h)| h.clone())
+                .expect("every file was hashed")
         };
+        let mut params = job.params.clone();
+        if let Some(path) = init {
+            params.init = Init::Image(PathBuf::from(hash_of(path).to_string()));
+        }
         let spec = JobSpec {
             kind: job.kind,
-            contents: hashes(&job.contents),
-            styles: hashes(&job.styles),
+            contents: job.contents.iter().map(|p| hash_of(p)).collect(),
+            styles: job.styles.iter().map(|p| hash_of(p)).collect(),
             params,
             sweep: job.sweep.clone(),
             priority: job.priority,
             max_attempts: 0,
             tiling: job.tiling,
         };
-        self.submit(&spec, job.request_id.as_deref()).await
+        spec.tasks()?;
+        for (path, hash) in &files {
+            if self.upload_file(path).await? != *hash {
+                return Err(ClientError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other("the file changed while it was submitted"),
+                });
+            }
+        }
+        self.send(&spec, job.request_id.as_deref()).await
     }
 
     /// A job's status now.
@@ -392,6 +402,13 @@ impl FarmClient {
         }
         Ok(written)
     }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| ClientError::Io {
+        path: path.into(),
+        source,
+    })
 }
 
 fn create_dir(path: &Path) -> Result<()> {

@@ -15,7 +15,7 @@ pub enum LocalFarmError {
     #[error("coordinator: {0}")]
     Coordinator(#[from] stylefarm_coordinator::Error),
     /// No loopback port, or no temporary data dir.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being set up.
         what: &'static str,

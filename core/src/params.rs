@@ -429,12 +429,19 @@ pub trait OptionValue: Sized {
     }
 }
 
+/// A scalar's text form read with its `FromStr`, trimmed; `expected` says what it should have been.
+fn parse_scalar<T: FromStr>(text: &str, expected: &str) -> Result<T, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not {expected}"))
+}
+
 macro_rules! whole_option {
     ($($ty:ty),*) => {$(
         impl OptionValue for $ty {
             const VALUE_NAME: &'static str = "N";
             fn parse_value(text: &str) -> Result<Self, String> {
-                text.trim().parse().map_err(|_| format!("'{text}' is not a whole number >= 0"))
+                parse_scalar(text, "a whole number >= 0")
             }
             fn to_text(&self) -> String {
                 self.to_string()
@@ -450,9 +457,7 @@ whole_option!(u32, u64);
 impl OptionValue for f64 {
     const VALUE_NAME: &'static str = "X";
     fn parse_value(text: &str) -> Result<Self, String> {
-        text.trim()
-            .parse()
-            .map_err(|_| format!("'{text}' is not a number"))
+        parse_scalar(text, "a number")
     }
     fn to_text(&self) -> String {
         self.to_string()
@@ -467,9 +472,7 @@ impl OptionValue for bool {
     const MIN_ARGS: usize = 0;
     const BARE_VALUE: Option<&'static str> = Some("true");
     fn parse_value(text: &str) -> Result<Self, String> {
-        text.trim()
-            .parse()
-            .map_err(|_| format!("'{text}' is not true or false"))
+        parse_scalar(text, "true or false")
     }
     fn to_text(&self) -> String {
         self.to_string()

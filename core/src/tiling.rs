@@ -73,6 +73,27 @@ impl Default for Tiling {
 }
 
 impl Tiling {
+    /// A tiled job's tiling: `tile_size` fixes every scale's tiles ([`TileSizing::Fixed`]); none leaves
+    /// them to the planner ([`TileSizing::Planned`], from [`DEFAULT_TILE_SIZE`] up). Unchecked: see
+    /// [`Tiling::validate`].
+    pub fn new(tile_size: Option<u32>, overlap: u32, exact: bool) -> Tiling {
+        Tiling {
+            tile_size: tile_size.unwrap_or(DEFAULT_TILE_SIZE),
+            overlap,
+            exact,
+            sizing: if tile_size.is_some() {
+                TileSizing::Fixed
+            } else {
+                TileSizing::Planned
+            },
+        }
+    }
+
+    /// The tile size the user fixed; none when the planner sizes the tiles ([`Tiling::new`]'s argument).
+    pub fn fixed_tile_size(&self) -> Option<u32> {
+        (self.sizing == TileSizing::Fixed).then_some(self.tile_size)
+    }
+
     /// Checks `tile_size` (in [`MIN_TILE_SIZE`]..=[`MAX_TILE_SIZE`]) and `overlap` (8 to half the tile
     /// size); the error names the field.
     pub fn validate(&self) -> Result<(), Error> {

@@ -7,7 +7,7 @@ use stylefarm_proto::pb;
 
 use crate::job::{ExpandedJob, ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
-use crate::tiling::{Rect, TileSizing, Tiling, DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, MIN_TILE_SIZE};
+use crate::tiling::{Rect, Tiling, DEFAULT_OVERLAP, MIN_TILE_SIZE};
 use crate::Error;
 
 fn hashes(field: &'static str, values: Vec<String>) -> Result<Vec<ImageHash>, Error> {
@@ -217,25 +217,16 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             sweep,
             priority: s.priority,
             max_attempts: s.max_attempts,
-            tiling: Tiling {
-                // 0: sized by the planner from the workers' memory, at least the default
-                tile_size: if s.tile_size == 0 {
-                    DEFAULT_TILE_SIZE
-                } else {
-                    s.tile_size
-                },
-                sizing: if s.tile_size == 0 {
-                    TileSizing::Planned
-                } else {
-                    TileSizing::Fixed
-                },
-                overlap: if s.overlap == 0 {
+            // 0: the planner's (tile size) or the default (overlap)
+            tiling: Tiling::new(
+                Some(s.tile_size).filter(|&t| t != 0),
+                if s.overlap == 0 {
                     DEFAULT_OVERLAP
                 } else {
                     s.overlap
                 },
-                exact: s.exact_tiles,
-            },
+                s.exact_tiles,
+            ),
         };
         spec.expand()
     }
@@ -263,10 +254,7 @@ impl From<&JobSpec> for pb::JobSpec {
                 .collect(),
             priority: s.priority,
             max_attempts: s.max_attempts,
-            tile_size: match s.tiling.sizing {
-                TileSizing::Planned => 0,
-                TileSizing::Fixed => s.tiling.tile_size,
-            },
+            tile_size: s.tiling.fixed_tile_size().unwrap_or(0),
             overlap: s.tiling.overlap,
             exact_tiles: s.tiling.exact,
         }

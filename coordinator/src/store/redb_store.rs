@@ -16,9 +16,8 @@ const TASKS: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("tas
 #[derive(Default)]
 struct Queue {
     ops: Vec<Op>,
-    /// Number of write calls queued so far, and of those committed.
+    /// Number of write calls queued so far (those committed: [`Shared::committed`]).
     enqueued: u64,
-    committed: u64,
     /// Batches whose commit failed: (after seq, up to seq, error).
     failures: Vec<(u64, u64, String)>,
     closing: bool,
@@ -33,8 +32,9 @@ struct Shared {
     committed: tokio::sync::watch::Sender<u64>,
 }
 
-/// The embedded persistent store: one redb file. A committer thread applies the queued writes in batches, one
-/// fsynced transaction a batch: every write is durable when its ticket returns, and many writers share a fsync.
+/// The embedded persistent store: one redb file. A committer thread applies the queued writes in batches,
+/// one fsynced transaction a batch: every write is durable when its `Durable` future resolves, and many
+/// writers share a fsync.
 pub struct RedbStore {
     db: Arc<redb::Database>,
     shared: Arc<Shared>,
@@ -114,14 +114,17 @@ impl RedbStore {
                 apply(&tx, &ops)?;
                 tx.commit().map_err(err)
             });
-            let mut q = shared.queue.lock().unwrap();
             if let Err(e) = result {
                 tracing::error!(error = %e, "store commit failed");
-                let from = q.committed;
-                q.failures.push((from, upto, e.0));
+                // recorded before the count moves: a future that sees `upto` sees its failure
+                let from = *shared.committed.borrow();
+                shared
+                    .queue
+                    .lock()
+                    .unwrap()
+                    .failures
+                    .push((from, upto, e.0));
             }
-            q.committed = upto;
-            drop(q);
             shared.committed.send_replace(upto);
         }
     }
