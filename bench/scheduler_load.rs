@@ -79,7 +79,7 @@ async fn main() {
     let contents = &contents[..tasks.div_ceil(side)];
     let total = contents.len() * styles.len();
     let spec = pb::JobSpec {
-        kind: pb::JobKind::Batch as i32,
+        kind: Some(pb::job_spec::Kind::Batch(pb::job_spec::Batch {})),
         contents: contents.to_vec(),
         styles: styles.to_vec(),
         params: Some(pb::RenderParams {

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use stylefarm_proto::pb;
+use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{is, job, shared_image, wait_for, Cluster};
 use tonic::Code;
 
@@ -57,13 +58,19 @@ async fn wait_state(
     job(&mut client, job_id).await
 }
 
+/// A task's latest iteration (0 before its worker reported any).
+fn iteration(task: &pb::TaskStatus) -> u32 {
+    task.progress.as_ref().map_or(0, |p| p.iteration)
+}
+
 async fn wait_iteration(cluster: &Cluster, job_id: &str, at_least: u32) {
     let client = cluster.client().await;
     wait_for("the task to be rendering", Duration::from_secs(60), || {
         let mut client = client.clone();
         async move {
             let s = job(&mut client, job_id).await;
-            (s.tasks[0].state == pb::TaskState::Running as i32 && s.tasks[0].iteration >= at_least)
+            (s.tasks[0].state == pb::TaskState::Running as i32
+                && iteration(&s.tasks[0]) >= at_least)
                 .then_some(())
         }
     })
@@ -391,7 +398,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .sha256;
     let spec = |params: pb::RenderParams| pb::SubmitJobRequest {
         spec: Some(pb::JobSpec {
-            kind: pb::JobKind::Single as i32,
+            kind: Some(Kind::Single(Default::default())),
             contents: vec![hash.clone()],
             styles: vec![hash.clone()],
             params: Some(params),
@@ -556,8 +563,8 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
     let thin = upload(&mut client, png_of(&image::RgbImage::new(1, 300))).await;
     // 1000 x 40: fine at 1000 px, 16 x 1 at the first of a tiled job's scales for a 64-px tile
     let wide = upload(&mut client, png_of(&image::RgbImage::new(1000, 40))).await;
-    let spec = |kind: pb::JobKind, content: &str, params: pb::RenderParams| pb::JobSpec {
-        kind: kind as i32,
+    let spec = |kind: Kind, content: &str, params: pb::RenderParams| pb::JobSpec {
+        kind: Some(kind),
         contents: vec![content.to_string()],
         styles: vec![photo.clone()],
         params: Some(params),
@@ -566,7 +573,7 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
     let cases = [
         (
             spec(
-                pb::JobKind::Single,
+                Kind::Single(Default::default()),
                 &photo,
                 pb::RenderParams {
                     style_scale: Some(0.01),
@@ -577,34 +584,41 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
             "5 x 3 px",
         ),
         (
-            spec(pb::JobKind::Single, &thin, pb::RenderParams::default()),
+            spec(
+                Kind::Single(Default::default()),
+                &thin,
+                pb::RenderParams::default(),
+            ),
             "size",
             "2 x 512 px",
         ),
         (
-            pb::JobSpec {
-                sweep: vec![pb::SweepAxis {
-                    parameter: "style_scale".into(),
-                    values: vec!["1".into(), "0.01".into()],
-                }],
-                ..spec(pb::JobKind::Sweep, &photo, pb::RenderParams::default())
-            },
+            spec(
+                Kind::Sweep(pb::job_spec::Sweep {
+                    axes: vec![pb::SweepAxis {
+                        parameter: "style_scale".into(),
+                        values: vec!["1".into(), "0.01".into()],
+                    }],
+                }),
+                &photo,
+                pb::RenderParams::default(),
+            ),
             "style_scale",
             "style_scale=0.01",
         ),
         (
-            pb::JobSpec {
-                tile_size: 64,
-                overlap: 16,
-                ..spec(
-                    pb::JobKind::Tiled,
-                    &wide,
-                    pb::RenderParams {
-                        size: Some(1000),
-                        ..Default::default()
-                    },
-                )
-            },
+            spec(
+                Kind::Tiled(pb::job_spec::Tiled {
+                    tile_size: 64,
+                    overlap: 16,
+                    exact: false,
+                }),
+                &wide,
+                pb::RenderParams {
+                    size: Some(1000),
+                    ..Default::default()
+                },
+            ),
             "scales",
             "scale 1 of",
         ),
@@ -984,7 +998,9 @@ async fn a_tiled_render_on_two_workers_has_no_seams_and_survives_a_killed_worker
             s.tasks
                 .iter()
                 .any(|t| {
-                    t.tile.is_some() && t.state == pb::TaskState::Running as i32 && t.iteration >= 2
+                    t.tile.is_some()
+                        && t.state == pb::TaskState::Running as i32
+                        && iteration(t) >= 2
                 })
                 .then_some(())
         }

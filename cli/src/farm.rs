@@ -188,12 +188,13 @@ async fn connect(url: &str) -> anyhow::Result<FarmClient> {
 impl JobArgs {
     /// The job these options describe; its kind from the flags (--batch, --tiled, --sweep, else single).
     pub(crate) fn files(&self) -> anyhow::Result<JobFiles> {
+        // clap keeps --batch, --tiled and --sweep apart
         let kind = if self.batch {
             JobKind::Batch
         } else if self.tiled {
-            JobKind::Tiled
-        } else if self.sweep.is_some() {
-            JobKind::Sweep
+            JobKind::Tiled(Tiling::new(self.tile_size, self.overlap, self.exact))
+        } else if let Some(sweep) = &self.sweep {
+            JobKind::Sweep(parse_sweep(sweep)?)
         } else {
             JobKind::Single
         };
@@ -202,18 +203,7 @@ impl JobArgs {
             contents: self.content.clone(),
             styles: self.style.clone(),
             params: self.params.params()?,
-            sweep: self
-                .sweep
-                .as_deref()
-                .map(parse_sweep)
-                .transpose()?
-                .unwrap_or_default(),
             priority: self.priority,
-            tiling: if self.tiled {
-                Tiling::new(self.tile_size, self.overlap, self.exact)
-            } else {
-                Tiling::default()
-            },
             request_id: self.request_id.clone(),
         })
     }
@@ -261,15 +251,16 @@ async fn watch_job(
             }
             let bar = &task_bars[t.index as usize];
             bar.set_prefix(t.label.clone());
-            if t.iterations > 0 {
-                bar.set_length(u64::from(t.iterations));
-                bar.set_position(u64::from(t.iteration));
+            let progress = t.progress.unwrap_or_default();
+            if progress.iterations > 0 {
+                bar.set_length(u64::from(progress.iterations));
+                bar.set_position(u64::from(progress.iteration));
             }
             let state = pb::TaskState::try_from(t.state).unwrap_or_default();
-            let loss = t.losses.as_ref().map(|l| l.total).filter(|l| *l > 0.0);
+            let loss = progress.losses.map(|l| l.total).filter(|l| *l > 0.0);
             bar.set_message(match (state, loss) {
                 (pb::TaskState::Running, Some(l)) => {
-                    format!("scale {}/{} loss {l:.4e}", t.scale, t.scales)
+                    format!("scale {}/{} loss {l:.4e}", progress.scale, progress.scales)
                 }
                 (pb::TaskState::Failed, _) => format!("failed: {}", t.error),
                 _ => task_state_name(t.state),

@@ -124,7 +124,14 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         .map(|p| imaging::load(p))
         .collect::<Result<Vec<_>, _>>()?;
     let init_image = match &params.init {
-        Init::Image(path) => Some(imaging::load(path)?),
+        Init::File(path) => Some(imaging::load(path)?),
+        Init::Image(hash) => {
+            return Err(stylefarm_core::Error::invalid(
+                "init",
+                format!("image:{hash} names an image uploaded to a farm; give a file's path"),
+            )
+            .into())
+        }
         _ => None,
     };
     if args.evaluate.is_none() {

@@ -4,8 +4,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
-use stylefarm_core::job::{ImageHash, JobKind, JobSpec, SweepAxis};
-use stylefarm_core::tiling::Tiling;
+use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
 use stylefarm_core::{imaging, Init, RenderParams};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
@@ -98,20 +97,18 @@ pub fn task_state_name(state: i32) -> String {
 /// [`JobSpec`] that names them by hash.
 #[derive(Debug, Clone)]
 pub struct JobFiles {
-    /// The job's kind (a batch renders every content with every style).
+    /// The job's kind with its parameters: a batch renders every content with every style; a sweep has its
+    /// axes, a tiled job its tiling.
     pub kind: JobKind,
     /// Content images; several only for a batch.
     pub contents: Vec<PathBuf>,
     /// Style images.
     pub styles: Vec<PathBuf>,
-    /// The render's parameters; an [`Init::Image`] names a local file, uploaded too.
+    /// The render's parameters; an [`Init::File`] names a local file, uploaded too (an [`Init::Image`] one
+    /// uploaded before).
     pub params: RenderParams,
-    /// The sweep's axes (a sweep job).
-    pub sweep: Vec<SweepAxis>,
     /// Higher runs first.
     pub priority: i32,
-    /// The tiling (a tiled job).
-    pub tiling: Tiling,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
 }
@@ -201,7 +198,7 @@ impl FarmClient {
     /// the coordinator will check it before any byte is sent: the files are hashed first.
     pub async fn submit_files(&mut self, job: &JobFiles) -> Result<String> {
         let init = match &job.params.init {
-            Init::Image(path) => Some(path.as_path()),
+            Init::File(path) => Some(path.as_path()),
             _ => None,
         };
         let mut files: Vec<(&Path, ImageHash)> = Vec::new();
@@ -225,17 +222,15 @@ impl FarmClient {
         };
         let mut params = job.params.clone();
         if let Some(path) = init {
-            params.init = Init::Image(PathBuf::from(hash_of(path).to_string()));
+            params.init = Init::Image(hash_of(path));
         }
         let spec = JobSpec {
-            kind: job.kind,
+            kind: job.kind.clone(),
             contents: job.contents.iter().map(|p| hash_of(p)).collect(),
             styles: job.styles.iter().map(|p| hash_of(p)).collect(),
             params,
-            sweep: job.sweep.clone(),
             priority: job.priority,
             max_attempts: 0,
-            tiling: job.tiling,
         };
         spec.tasks()?;
         for (path, hash) in &files {

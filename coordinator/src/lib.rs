@@ -43,6 +43,9 @@ pub enum Error {
     /// back): INTERNAL on the wire.
     #[error("{0}")]
     Internal(String),
+    /// A scale's tiles did not fit its plan when stitched: INTERNAL on the wire.
+    #[error(transparent)]
+    Stitch(#[from] stylefarm_core::tiling::StitchError),
     /// A status from the transport itself (a stream that broke), passed on as it came.
     #[error("{}", .0.message())]
     Rpc(tonic::Status),
@@ -75,9 +78,11 @@ impl From<Error> for tonic::Status {
             Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::Rpc(status) => status,
-            e @ (Error::Store(_) | Error::Io(_) | Error::Internal(_) | Error::Transport(_)) => {
-                tonic::Status::internal(e.to_string())
-            }
+            e @ (Error::Store(_)
+            | Error::Io(_)
+            | Error::Internal(_)
+            | Error::Stitch(_)
+            | Error::Transport(_)) => tonic::Status::internal(e.to_string()),
         }
     }
 }
@@ -94,12 +99,12 @@ pub struct CoordinatorConfig {
 /// The coordinator's state: scheduler and blobs.
 pub struct Coordinator {
     /// Jobs, tasks and leases, written through to `state.redb` in the data dir.
-    pub scheduler: Arc<scheduler::Scheduler>,
+    pub(crate) scheduler: Arc<scheduler::Scheduler>,
     /// Images (inputs, task results, contact sheets, stitched scales) by the sha256 of their bytes.
-    pub blobs: Arc<dyn blobs::BlobStore>,
+    pub(crate) blobs: Arc<dyn blobs::BlobStore>,
     /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
     /// ones.
-    pub workers: workers::Registry,
+    pub(crate) workers: workers::Registry,
 }
 
 impl Coordinator {

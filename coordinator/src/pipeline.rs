@@ -17,8 +17,8 @@ impl Coordinator {
             return;
         };
         match view.meta.spec.kind {
-            JobKind::Sweep => self.finish_sweep(job_id),
-            JobKind::Tiled => self.finish_tiled_scale(job_id),
+            JobKind::Sweep(_) => self.finish_sweep(job_id),
+            JobKind::Tiled(_) => self.finish_tiled_scale(job_id),
             _ => {}
         }
     }
@@ -28,7 +28,7 @@ impl Coordinator {
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
         };
-        if view.meta.spec.kind != JobKind::Sweep {
+        if !matches!(view.meta.spec.kind, JobKind::Sweep(_)) {
             return;
         }
         let tiles: Result<Vec<_>, Error> = view

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
-use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, TaskSpec};
+use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
+use stylefarm_core::progress::TaskProgress;
 use tokio::sync::{broadcast, Notify};
 
 use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
@@ -58,21 +59,6 @@ pub enum SchedulerError {
     Store(#[from] StoreError),
 }
 
-/// Live progress of a running task (not persisted).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct TaskProgress {
-    /// The scale being rendered, from 1 (of `scales`).
-    pub scale: u32,
-    /// Scales of the render's pyramid.
-    pub scales: u32,
-    /// Iteration within the current scale; 0 is the scale's initial image.
-    pub iteration: u32,
-    /// Iterations of the current scale.
-    pub iterations: u32,
-    /// The latest losses, in order: content, style, total variation, total.
-    pub losses: [f64; 4],
-}
-
 /// A task handed to a worker.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -80,12 +66,8 @@ pub struct Lease {
     /// its task been reported, a result or failure under it is discarded and a heartbeat answers cancel
     /// (fencing).
     pub lease_id: LeaseId,
-    /// The job the task belongs to.
-    pub job_id: JobId,
-    /// The task's index in its job.
-    pub index: u32,
-    /// What the worker is to render.
-    pub spec: TaskSpec,
+    /// The task (its job and index) and what the worker is to render.
+    pub task: Task,
     /// When the lease expires unless a heartbeat renews it, in ms since the Unix epoch.
     pub deadline_ms: i64,
 }
@@ -372,9 +354,10 @@ impl Scheduler {
         self.changed(&job_id);
         Ok(Some(Lease {
             lease_id,
-            job_id,
-            index,
-            spec,
+            task: Task {
+                id: TaskId { job: job_id, index },
+                spec,
+            },
             deadline_ms,
         }))
     }
@@ -435,7 +418,7 @@ impl Scheduler {
         let lease = st.leases.get(lease_id)?;
         let job = st.jobs.get(&lease.job_id)?;
         let task = job.tasks.get(lease.index as usize)?;
-        Some((task.spec.clone(), job.meta.spec.kind))
+        Some((task.spec.clone(), job.meta.spec.kind.clone()))
     }
 
     /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
@@ -730,7 +713,7 @@ impl Scheduler {
             .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
         let at_scale = job.meta.scale_results.len() as u32 == scale
             && job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
-        if job.meta.state.is_terminal() || job.meta.spec.kind != JobKind::Tiled || !at_scale {
+        if job.meta.state.is_terminal() || job.meta.spec.kind.tiling().is_none() || !at_scale {
             return Ok(false);
         }
         job.meta.scale_results.push(stitched.to_string());
@@ -824,10 +807,8 @@ mod tests {
             contents: (0..contents).map(|i| ImageHash::of(&[i])).collect(),
             styles: vec![ImageHash::of(b"style")],
             params: RenderParams::default(),
-            sweep: vec![],
             priority,
             max_attempts: 0,
-            tiling: Default::default(),
         }
     }
 
@@ -846,7 +827,7 @@ mod tests {
         let (high, _) = s.submit(batch(1, 5), "").unwrap();
         let (low2, _) = s.submit(batch(1, 0), "").unwrap();
         let order: Vec<(JobId, u32)> = std::iter::from_fn(|| s.lease(&w("w")).unwrap())
-            .map(|l| (l.job_id, l.index))
+            .map(|l| (l.task.id.job, l.task.id.index))
             .collect();
         assert_eq!(order, [(high, 0), (low.clone(), 0), (low, 1), (low2, 0)]);
     }
@@ -936,7 +917,10 @@ mod tests {
             .lease(&w("w"))
             .unwrap()
             .expect("no strike for out-of-memory");
-        assert_eq!((l.job_id.as_str(), l.index), (first.as_str(), 0));
+        assert_eq!(
+            (l.task.id.job.as_str(), l.task.id.index),
+            (first.as_str(), 0)
+        );
         s.fail(&l.lease_id, "corrupt", FailureKind::Permanent)
             .unwrap();
         let view = s.get(&first).unwrap();
@@ -947,9 +931,15 @@ mod tests {
             .lease(&w("w"))
             .unwrap()
             .expect("no strike for a permanent failure");
-        assert_eq!((l.job_id.as_str(), l.index), (first.as_str(), 0));
+        assert_eq!(
+            (l.task.id.job.as_str(), l.task.id.index),
+            (first.as_str(), 0)
+        );
         let other = s.lease(&w("w")).unwrap().expect("other jobs' tasks too");
-        assert_eq!((other.job_id.as_str(), other.index), (second.as_str(), 0));
+        assert_eq!(
+            (other.task.id.job.as_str(), other.task.id.index),
+            (second.as_str(), 0)
+        );
         // a retryable failure is a strike: blocklisted from this job at once
         s.fail(&l.lease_id, "crash", FailureKind::Retryable)
             .unwrap();
@@ -1098,7 +1088,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
         let spec = JobSpec {
-            kind: JobKind::Tiled,
+            kind: JobKind::Tiled(Default::default()),
             contents: vec![ImageHash::of(b"content")],
             params: RenderParams {
                 size: 1024,
@@ -1108,7 +1098,7 @@ mod tests {
         };
         let (job, _) = s.submit(spec.clone(), "").unwrap();
         let l = s.lease(&w("w")).unwrap().unwrap();
-        assert_eq!(l.spec.label, "scale 1/2");
+        assert_eq!(l.task.spec.label, "scale 1/2");
         let done = s.complete(&l.lease_id, "scale0").unwrap().unwrap();
         assert!(done.all_tasks_done);
         assert_eq!(
@@ -1135,7 +1125,7 @@ mod tests {
         assert_eq!(again.queue_depth(), 6);
         let mut leases = Vec::new();
         while let Some(l) = again.lease(&w("w")).unwrap() {
-            assert!(l.spec.tile.is_some());
+            assert!(l.task.spec.scale.is_some());
             leases.push(l);
         }
         assert_eq!(leases.len(), 6);

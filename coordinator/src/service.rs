@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
-use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind};
+use stylefarm_core::job::{ExpandedJob, ImageHash};
 use stylefarm_core::{imaging, Init};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_server::RenderService;
@@ -19,8 +19,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::model::{JobState, TaskState};
-use crate::scheduler::{FailureKind, JobView, TaskProgress};
+use crate::scheduler::{FailureKind, JobView};
 use crate::{Coordinator, Error};
+use stylefarm_core::progress::TaskProgress;
 
 /// Largest image a client may upload or a worker return.
 pub(crate) const MAX_IMAGE_UPLOAD: usize = 512 << 20;
@@ -47,15 +48,6 @@ fn task_state(s: TaskState) -> pb::TaskState {
     }
 }
 
-fn losses(l: [f64; 4]) -> pb::Losses {
-    pb::Losses {
-        content: l[0],
-        style: l[1],
-        tv: l[2],
-        total: l[3],
-    }
-}
-
 /// The wire form of a job's status.
 pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
     let m = &view.meta;
@@ -66,29 +58,22 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
         tasks: view
             .tasks
             .iter()
-            .map(|(t, p)| {
-                let p = p.unwrap_or_default();
-                pb::TaskStatus {
-                    index: t.index,
-                    state: task_state(t.state) as i32,
-                    label: t.spec.label.clone(),
-                    attempts: t.attempts,
-                    worker_id: t.worker.to_string(),
-                    iteration: p.iteration,
-                    iterations: p.iterations,
-                    scale: p.scale,
-                    scales: p.scales,
-                    losses: Some(losses(p.losses)),
-                    result: t.result.clone(),
-                    error: t.error.clone(),
-                    tile: t.spec.tile.as_ref().map(Into::into),
-                }
+            .map(|(t, p)| pb::TaskStatus {
+                index: t.index,
+                state: task_state(t.state) as i32,
+                label: t.spec.label.clone(),
+                attempts: t.attempts,
+                worker_id: t.worker.to_string(),
+                progress: p.as_ref().map(Into::into),
+                result: t.result.clone(),
+                error: t.error.clone(),
+                tile: t.spec.scale.as_ref().map(Into::into),
             })
             .collect(),
         contact_sheet: m.contact_sheet.clone(),
         result: m.result.clone(),
         scale_results: m.scale_results.clone(),
-        scales: if m.spec.kind == JobKind::Tiled {
+        scales: if m.spec.kind.tiling().is_some() {
             m.spec.pyramid_params().map_or(0, |p| p.scales)
         } else {
             0
@@ -222,7 +207,7 @@ impl RenderService for RenderApi {
             .map(|h| ("contents", h))
             .chain(spec.styles.iter().map(|h| ("styles", h)));
         let init = match &spec.params.init {
-            Init::Image(path) => Some(hash_arg("init", &path.display().to_string())?),
+            Init::Image(hash) => Some(hash.clone()),
             _ => None,
         };
         for (field, hash) in images.chain(init.iter().map(|h| ("init", h))) {
@@ -422,21 +407,13 @@ impl WorkerService for WorkerApi {
             return Ok(Response::new(pb::LeaseTaskResponse::default()));
         };
         tracing::info!(
-            job_id = lease.job_id.as_str(),
-            task = lease.index,
+            job_id = lease.task.id.job.as_str(),
+            task = lease.task.id.index,
             worker_id = worker_id.as_str(),
             "task leased"
         );
         Ok(Response::new(pb::LeaseTaskResponse {
-            task: Some(pb::Task {
-                job_id: lease.job_id.into(),
-                index: lease.index,
-                content: lease.spec.content.to_string(),
-                styles: lease.spec.styles.iter().map(ToString::to_string).collect(),
-                params: Some((&lease.spec.params).into()),
-                tile: lease.spec.tile.as_ref().map(Into::into),
-                label: lease.spec.label,
-            }),
+            task: Some((&lease.task).into()),
             lease_id: lease.lease_id.into(),
             lease_deadline_ms: lease.deadline_ms,
         }))
@@ -457,16 +434,10 @@ impl WorkerService for WorkerApi {
                 lease_deadline_ms: 0,
             }));
         }
-        let progress = (r.iterations > 0).then(|| {
-            let l = r.losses.unwrap_or_default();
-            TaskProgress {
-                scale: r.scale,
-                scales: r.scales,
-                iteration: r.iteration,
-                iterations: r.iterations,
-                losses: [l.content, l.style, l.tv, l.total],
-            }
-        });
+        let progress = r
+            .progress
+            .map(TaskProgress::from)
+            .filter(|p| p.iterations > 0);
         let reply = self
             .coordinator
             .scheduler
@@ -500,9 +471,11 @@ impl WorkerService for WorkerApi {
             let img = imaging::decode(&bytes, "result")?;
             // a whole image's result gets its content's alpha (a tiled job's, once stitched)
             let bytes = match coordinator.scheduler.leased_task(&lease) {
-                Some((task, kind)) if kind != JobKind::Tiled && task.tile.is_none() => coordinator
-                    .with_content_alpha(&img, task.content.as_str())?
-                    .unwrap_or(bytes),
+                Some((task, kind)) if kind.tiling().is_none() && task.scale.is_none() => {
+                    coordinator
+                        .with_content_alpha(&img, task.content.as_str())?
+                        .unwrap_or(bytes)
+                }
                 _ => bytes,
             };
             let hash = coordinator.blobs.put(&bytes).map_err(Error::from)?;

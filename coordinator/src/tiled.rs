@@ -87,13 +87,13 @@ impl Coordinator {
             .tasks
             .iter()
             .map(|(t, _)| t)
-            .filter(|t| t.spec.tile.as_ref().map_or(0, |tile| tile.scale) == scale)
+            .filter(|t| t.spec.scale.as_ref().map_or(0, |s| s.scale) == scale)
             .collect();
         if tasks.is_empty() {
             return Ok(()); // already moved on
         }
         let started = std::time::Instant::now();
-        let (stitched, scales) = match &tasks[0].spec.tile {
+        let (stitched, scales) = match &tasks[0].spec.scale {
             // the first scale is one untiled task: its result is the scale's image
             None => {
                 let pyramid = spec.pyramid_params()?;
@@ -101,9 +101,12 @@ impl Coordinator {
             }
             Some(first) => {
                 // the tile size the planner chose for this scale
+                let job_tiling = spec.kind.tiling().ok_or_else(|| {
+                    Error::Internal(format!("a {} job with scale tasks", spec.kind.name()))
+                })?;
                 let tiling = stylefarm_core::tiling::Tiling {
-                    tile_size: first.tile_size,
-                    ..spec.tiling
+                    tile_size: first.block(),
+                    ..job_tiling
                 };
                 let grid = tiling.grid(first.canvas_width, first.canvas_height);
                 if grid.len() != tasks.len() {
@@ -115,15 +118,18 @@ impl Coordinator {
                     )));
                 }
                 // the tiles' own errors travel through the stitcher's messages
-                let img = grid
-                    .stitch(|i| {
-                        let task = tasks
-                            .iter()
-                            .find(|t| t.spec.tile.as_ref().is_some_and(|x| x.tile as usize == i))
-                            .ok_or_else(|| format!("tile {i} missing"))?;
-                        self.image(&task.result).map_err(|e| e.to_string())
-                    })
-                    .map_err(Error::Internal)?;
+                let img = grid.stitch(|i| {
+                    let task = tasks
+                        .iter()
+                        .find(|t| {
+                            t.spec
+                                .scale
+                                .as_ref()
+                                .is_some_and(|x| x.index() as usize == i)
+                        })
+                        .ok_or_else(|| Error::Internal(format!("tile {i} missing")))?;
+                    self.image(&task.result)
+                })?;
                 (img, first.scales)
             }
         };
@@ -154,8 +160,8 @@ impl Coordinator {
         let tiles = next.as_ref().map_or(0, Vec::len);
         let tile_size = next
             .as_ref()
-            .and_then(|tasks| tasks.first()?.tile.as_ref())
-            .map_or(0, |t| t.tile_size);
+            .and_then(|tasks| tasks.first()?.scale.as_ref())
+            .map_or(0, |t| t.block());
         let advanced = self
             .scheduler
             .advance_tiled(job_id, scale, hash.as_str(), next)?;

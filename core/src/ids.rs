@@ -1,7 +1,8 @@
-//! The farm's ids as newtypes over [`String`]: [`JobId`], [`LeaseId`] and [`WorkerId`], so that one kind of
-//! id cannot be passed where another is expected. Each serializes as its bare string (`serde(transparent)`),
-//! compares with `str` and `String`, and borrows as `str`, so maps keyed by an id can be looked up by a
-//! string.
+//! The farm's ids, so that one kind of id cannot be passed where another is expected: [`JobId`],
+//! [`LeaseId`] and [`WorkerId`] as newtypes over [`String`], each serialized as its bare string
+//! (`serde(transparent)`), comparing with `str` and `String` and borrowing as `str` (maps keyed by an id
+//! can be looked up by a string); [`TaskId`], a job's id and a task's index in it; [`ImageHash`], the
+//! sha256 that names an image.
 
 /// Defines a newtype over [`String`] with its conversions, comparisons and borrows.
 macro_rules! string_id {
@@ -122,6 +123,23 @@ string_id! {
     WorkerId
 }
 
+/// A task of a job: the job's id and the task's index in it, written `job/index`.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct TaskId {
+    /// The job the task belongs to.
+    pub job: JobId,
+    /// The task's 0-based index in its job.
+    pub index: u32,
+}
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.job, self.index)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +159,8 @@ mod tests {
         assert!(!id.is_empty());
         assert!(WorkerId::default().is_empty());
         assert_eq!([LeaseId::new("a"), LeaseId::new("b")], ["a", "b"]);
+        let task = TaskId { job: id, index: 3 };
+        assert_eq!(task.to_string(), "job-1a/3");
     }
 
     #[test]
@@ -163,5 +183,65 @@ mod tests {
         );
         let id: JobId = serde_json::from_str("\"job-1a\"").unwrap();
         assert_eq!(id, "job-1a");
+    }
+}
+
+/// The sha256 of an image's bytes, lowercase hex: how the farm names images.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageHash(String);
+
+impl ImageHash {
+    /// The 64 lowercase hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The hash of `bytes`.
+    pub fn of(bytes: &[u8]) -> ImageHash {
+        use sha2::Digest;
+        ImageHash(hex(&sha2::Sha256::digest(bytes)))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl std::str::FromStr for ImageHash {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, crate::Error> {
+        if s.len() == 64
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(ImageHash(s.to_string()))
+        } else {
+            Err(crate::Error::invalid(
+                "image",
+                format!("'{s}' is not a sha256 (64 lowercase hex digits)"),
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for ImageHash {
+    type Error = crate::Error;
+    fn try_from(s: String) -> Result<Self, crate::Error> {
+        s.parse()
+    }
+}
+
+impl From<ImageHash> for String {
+    fn from(h: ImageHash) -> String {
+        h.0
+    }
+}
+
+impl std::fmt::Display for ImageHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }

@@ -1,7 +1,6 @@
 //! Jobs of the farm and the tasks they split into: a single render, a batch (contents x styles) or a sweep
 //! (a grid of parameter values).
 
-use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -10,90 +9,54 @@ use crate::params::{ImageSize, Init, RenderParams};
 use crate::tiling::{self, Rect, Tiling};
 use crate::Error;
 
+pub use crate::ids::{ImageHash, TaskId};
+
 /// Most tasks one job may expand to.
 pub const MAX_TASKS_PER_JOB: usize = 10_000;
 /// Most content or style images of one job.
 pub const MAX_IMAGES_PER_JOB: usize = 1_000;
 
-/// The sha256 of an image's bytes, lowercase hex: how the farm names images.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ImageHash(String);
-
-impl ImageHash {
-    /// The 64 lowercase hex digits.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The hash of `bytes`.
-    pub fn of(bytes: &[u8]) -> ImageHash {
-        use sha2::Digest;
-        ImageHash(hex(&sha2::Sha256::digest(bytes)))
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl FromStr for ImageHash {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        if s.len() == 64
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            Ok(ImageHash(s.to_string()))
-        } else {
-            Err(Error::invalid(
-                "image",
-                format!("'{s}' is not a sha256 (64 lowercase hex digits)"),
-            ))
-        }
-    }
-}
-
-impl TryFrom<String> for ImageHash {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self, Error> {
-        s.parse()
-    }
-}
-
-impl From<ImageHash> for String {
-    fn from(h: ImageHash) -> String {
-        h.0
-    }
-}
-
-impl fmt::Display for ImageHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// What a job renders.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What a job renders, with the parameters of its kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     /// One content with the style set: one task.
     Single,
     /// Every content x every style, each style alone: N x M tasks.
     Batch,
-    /// One content with the style set, one task per point of the sweep's grid.
-    Sweep,
+    /// One content with the style set, one task per point of the grid of these axes (at least one), then
+    /// a contact sheet.
+    Sweep(Vec<SweepAxis>),
     /// One content with the style set at a size beyond one device: a pyramid of scales, each later scale cut
-    /// into overlapping tiles (one task each) and stitched by the coordinator before the next is created.
-    Tiled,
+    /// into overlapping tiles of this tiling (one task each) and stitched by the coordinator before the next
+    /// is created.
+    Tiled(Tiling),
 }
 
 impl JobKind {
+    /// The kind's name as people read it: `single`, `batch`, `sweep` or `tiled`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobKind::Single => "single",
+            JobKind::Batch => "batch",
+            JobKind::Sweep(_) => "sweep",
+            JobKind::Tiled(_) => "tiled",
+        }
+    }
+
     /// Whether the coordinator has work of its own once every task of a stage succeeded: a sweep's contact
     /// sheet, a tiled job's stitch of the scale (and its next scale's tiles). A job of such a kind succeeds
     /// when that work is done, not with its last task.
-    pub fn has_stage_work(self) -> bool {
-        matches!(self, JobKind::Sweep | JobKind::Tiled)
+    pub fn has_stage_work(&self) -> bool {
+        matches!(self, JobKind::Sweep(_) | JobKind::Tiled(_))
+    }
+
+    /// A tiled job's tiling; `None` for other kinds.
+    pub fn tiling(&self) -> Option<Tiling> {
+        match self {
+            JobKind::Tiled(tiling) => Some(*tiling),
+            _ => None,
+        }
     }
 }
 
@@ -193,7 +156,7 @@ pub fn parse_sweep(s: &str) -> Result<Vec<SweepAxis>, Error> {
 /// What a client submits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
-    /// Single, batch, sweep or tiled: how the job expands into tasks.
+    /// Single, batch, sweep (with its axes) or tiled (with its tiling): how the job expands into tasks.
     pub kind: JobKind,
     /// The content images: one, or several for a batch (at most [`MAX_IMAGES_PER_JOB`]).
     pub contents: Vec<ImageHash>,
@@ -201,41 +164,90 @@ pub struct JobSpec {
     pub styles: Vec<ImageHash>,
     /// The render parameters every task starts from (a sweep varies some; a tiled job sets its pyramid's).
     pub params: RenderParams,
-    /// The axes of a sweep job, whose grid has one task per point; empty for other kinds.
-    pub sweep: Vec<SweepAxis>,
     /// Higher runs first; equal priorities in submission order.
     pub priority: i32,
     /// Attempts per task before the job fails; 0: the coordinator's default.
     pub max_attempts: u32,
-    /// Tile size and overlap of a tiled job.
-    #[serde(default)]
-    pub tiling: Tiling,
 }
 
-/// Where a task of a tiled job sits: its scale of the pyramid and its tile of that scale's canvas.
+/// Where a task of a tiled job's later scale sits: its scale of the pyramid and its part of that scale's
+/// canvas.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TileTask {
-    /// 0-based scale; scale 0 is rendered whole and has no tile.
+pub struct ScaleTask {
+    /// 0-based scale; scale 0 is rendered whole as an ordinary task and has no `ScaleTask`.
     pub scale: u32,
     /// Number of scales of the job's pyramid.
     pub scales: u32,
-    /// Row-major index of the tile, and the tiles of this scale.
-    pub tile: u32,
-    /// Number of tiles of this scale.
-    pub tiles: u32,
-    /// The canvas of this scale; the content image is resized to it, as is the previous scale's result,
-    /// the task's init (`params.init`).
+    /// Width of this scale's canvas, in px: the content image is resized to it, as is the previous scale's
+    /// result, the task's init (`params.init`).
     pub canvas_width: u32,
-    /// Height of this scale's canvas, in px (`canvas_width` is its width).
+    /// Height of this scale's canvas, in px.
     pub canvas_height: u32,
-    /// The tile's region of the canvas, in canvas px.
-    pub rect: Rect,
-    /// The tile size of the job: style targets are computed in blocks of at most this size.
-    pub tile_size: u32,
-    /// Exact mode ([`Tiling::exact`]): the tile is the whole canvas, optimized with its objective evaluated
-    /// in blocks of `tile_size` px.
-    #[serde(default)]
-    pub exact: bool,
+    /// The whole canvas or one tile of it.
+    pub part: ScalePart,
+}
+
+/// What a task of a tiled job's scale renders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScalePart {
+    /// Exact mode ([`Tiling::exact`]): the whole canvas, optimized with its objective evaluated in blocks of
+    /// at most `block` px a side (the job's tile size).
+    Whole {
+        /// Side of the blocks, in px.
+        block: u32,
+    },
+    /// One tile of the scale's grid, stitched with the others by the coordinator.
+    Tile {
+        /// Row-major index of the tile in the grid.
+        index: u32,
+        /// Number of tiles of the grid.
+        tiles: u32,
+        /// The tile's region of the canvas, in canvas px.
+        rect: Rect,
+        /// The grid's tile size: style targets are computed in blocks of at most this size.
+        tile_size: u32,
+    },
+}
+
+impl ScaleTask {
+    /// The region the task renders, in canvas px: its tile, or the whole canvas.
+    pub fn rect(&self) -> Rect {
+        match self.part {
+            ScalePart::Whole { .. } => Rect {
+                x: 0,
+                y: 0,
+                width: self.canvas_width,
+                height: self.canvas_height,
+            },
+            ScalePart::Tile { rect, .. } => rect,
+        }
+    }
+
+    /// The tile's index in the scale's grid (0 for the whole canvas).
+    pub fn index(&self) -> u32 {
+        match self.part {
+            ScalePart::Whole { .. } => 0,
+            ScalePart::Tile { index, .. } => index,
+        }
+    }
+
+    /// The number of tasks of the scale: its tiles (1 for the whole canvas).
+    pub fn count(&self) -> u32 {
+        match self.part {
+            ScalePart::Whole { .. } => 1,
+            ScalePart::Tile { tiles, .. } => tiles,
+        }
+    }
+
+    /// The side of the blocks the task's style targets (and, for the whole canvas, its objective) are
+    /// computed in, in px: the job's tile size.
+    pub fn block(&self) -> u32 {
+        match self.part {
+            ScalePart::Whole { block } => block,
+            ScalePart::Tile { tile_size, .. } => tile_size,
+        }
+    }
 }
 
 /// One render of a job: what a worker runs.
@@ -249,9 +261,18 @@ pub struct TaskSpec {
     pub params: RenderParams,
     /// For people: which content and style, or which sweep point.
     pub label: String,
-    /// Set for the tiles of a tiled job's later scales.
+    /// Set for the tasks of a tiled job's later scales: the scale and its part of the canvas.
     #[serde(default)]
-    pub tile: Option<TileTask>,
+    pub scale: Option<ScaleTask>,
+}
+
+/// A task as a worker receives it under a lease: which task, and what to render.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// The job and the task's index in it.
+    pub id: TaskId,
+    /// What to render.
+    pub spec: TaskSpec,
 }
 
 impl JobSpec {
@@ -280,19 +301,10 @@ impl JobSpec {
         if self.kind != JobKind::Batch && self.contents.len() != 1 {
             return Err(Error::invalid(
                 "contents",
-                format!("a {:?} job takes one content image", self.kind).to_lowercase(),
+                format!("a {} job takes one content image", self.kind.name()),
             ));
         }
-        if self.kind != JobKind::Tiled && self.tiling != Tiling::default() {
-            return Err(Error::invalid(
-                "tiling",
-                "only a tiled job takes a tile size and overlap",
-            ));
-        }
-        if self.kind != JobKind::Sweep && !self.sweep.is_empty() {
-            return Err(Error::invalid("sweep", "only a sweep job has sweep axes"));
-        }
-        let tasks = match self.kind {
+        let tasks = match &self.kind {
             JobKind::Single => {
                 self.params.validate(self.styles.len())?;
                 vec![TaskSpec {
@@ -300,11 +312,11 @@ impl JobSpec {
                     styles: self.styles.clone(),
                     params: self.params.clone(),
                     label: "render".into(),
-                    tile: None,
+                    scale: None,
                 }]
             }
-            JobKind::Tiled => {
-                let params = self.pyramid_params()?;
+            JobKind::Tiled(tiling) => {
+                let params = self.pyramid_params_of(*tiling)?;
                 let sizes = params.sizes_per_scale();
                 vec![TaskSpec {
                     content: self.contents[0].clone(),
@@ -318,7 +330,7 @@ impl JobSpec {
                         ..params.clone()
                     },
                     label: format!("scale 1/{}", sizes.len()),
-                    tile: None,
+                    scale: None,
                 }]
             }
             JobKind::Batch => {
@@ -342,22 +354,37 @@ impl JobSpec {
                             styles: vec![style.clone()],
                             params: params.clone(),
                             label: format!("content {} x style {}", i + 1, j + 1),
-                            tile: None,
+                            scale: None,
                         });
                     }
                 }
                 tasks
             }
-            JobKind::Sweep => self.sweep_tasks()?,
+            JobKind::Sweep(axes) => self.sweep_tasks(axes)?,
         };
         Ok(tasks)
     }
 
-    /// A tiled job's parameters with the number of scales of its pyramid, checked.
+    /// A tiled job's parameters with the number of scales of its pyramid, checked. An error names `kind`
+    /// (not a tiled job) or the field at fault.
     pub fn pyramid_params(&self) -> Result<RenderParams, Error> {
-        let params = tiling::pyramid_params(&self.params, self.tiling)?;
+        self.pyramid_params_of(self.tiling()?)
+    }
+
+    fn pyramid_params_of(&self, tiling: Tiling) -> Result<RenderParams, Error> {
+        let params = tiling::pyramid_params(&self.params, tiling)?;
         params.validate(self.styles.len())?;
         Ok(params)
+    }
+
+    /// A tiled job's tiling; an error names `kind` for any other kind.
+    fn tiling(&self) -> Result<Tiling, Error> {
+        self.kind.tiling().ok_or_else(|| {
+            Error::invalid(
+                "kind",
+                format!("a {} job has no scales of tiles", self.kind.name()),
+            )
+        })
     }
 
     /// The tasks of scale `scale` (>= 1) of a tiled job whose content image is `content_width` x
@@ -372,15 +399,10 @@ impl JobSpec {
         previous: &ImageHash,
         workers: &[u64],
     ) -> Result<Vec<TaskSpec>, Error> {
-        if self.kind != JobKind::Tiled {
-            return Err(Error::invalid(
-                "kind",
-                format!("a {:?} job has no scales of tiles", self.kind).to_lowercase(),
-            ));
-        }
+        let job_tiling = self.tiling()?;
         // the spec checked as at submission: one content image, valid parameters and tiling
         self.tasks()?;
-        let plans = tiling::plan(content_width, content_height, &self.params, self.tiling)?;
+        let plans = tiling::plan(content_width, content_height, &self.params, job_tiling)?;
         let scales = plans.len() as u32;
         let plan = plans
             .get(scale as usize)
@@ -392,14 +414,12 @@ impl JobSpec {
             scale_iterations: Vec::new(),
             scales: 1,
             original_colors: false,
-            init: Init::Image(previous.as_str().into()),
+            init: Init::Image(previous.clone()),
             ..self.params.clone()
         };
         let tiling = Tiling {
-            tile_size: self
-                .tiling
-                .scale_tile_size(plan.width, plan.height, &params, workers),
-            ..self.tiling
+            tile_size: job_tiling.scale_tile_size(plan.width, plan.height, &params, workers),
+            ..job_tiling
         };
         let grid = tiling.grid(plan.width, plan.height);
         Ok(grid
@@ -419,16 +439,23 @@ impl JobSpec {
                     rect.x,
                     rect.y
                 ),
-                tile: Some(TileTask {
+                scale: Some(ScaleTask {
                     scale,
                     scales,
-                    tile: i as u32,
-                    tiles: grid.len() as u32,
                     canvas_width: plan.width,
                     canvas_height: plan.height,
-                    rect,
-                    tile_size: tiling.tile_size,
-                    exact: tiling.exact,
+                    part: if tiling.exact {
+                        ScalePart::Whole {
+                            block: tiling.tile_size,
+                        }
+                    } else {
+                        ScalePart::Tile {
+                            index: i as u32,
+                            tiles: grid.len() as u32,
+                            rect,
+                            tile_size: tiling.tile_size,
+                        }
+                    },
                 }),
             })
             .collect())
@@ -451,23 +478,22 @@ impl JobSpec {
         check_task_sizes(self, &tasks, size_of)
     }
 
-    fn sweep_tasks(&self) -> Result<Vec<TaskSpec>, Error> {
-        if self.sweep.is_empty() {
+    fn sweep_tasks(&self, axes: &[SweepAxis]) -> Result<Vec<TaskSpec>, Error> {
+        if axes.is_empty() {
             return Err(Error::invalid(
                 "sweep",
                 "a sweep job needs at least one axis",
             ));
         }
         let mut points = 1usize;
-        for axis in &self.sweep {
+        for axis in axes {
             if axis.values.is_empty() {
                 return Err(Error::invalid(
                     "sweep",
                     format!("{}: no values", axis.parameter.name()),
                 ));
             }
-            if self
-                .sweep
+            if axes
                 .iter()
                 .filter(|a| a.parameter == axis.parameter)
                 .count()
@@ -490,14 +516,14 @@ impl JobSpec {
         for point in 0..points {
             // mixed-radix digits, the last axis fastest
             let mut rest = point;
-            let mut choice = vec![0; self.sweep.len()];
-            for (slot, axis) in choice.iter_mut().zip(&self.sweep).rev() {
+            let mut choice = vec![0; axes.len()];
+            for (slot, axis) in choice.iter_mut().zip(axes).rev() {
                 *slot = rest % axis.values.len();
                 rest /= axis.values.len();
             }
             let mut params = self.params.clone();
             let mut label = Vec::new();
-            for (axis, &c) in self.sweep.iter().zip(&choice) {
+            for (axis, &c) in axes.iter().zip(&choice) {
                 axis.apply(&axis.values[c], &mut params)?;
                 label.push(format!("{}={}", axis.parameter.name(), axis.values[c]));
             }
@@ -507,7 +533,7 @@ impl JobSpec {
                 styles: self.styles.clone(),
                 params,
                 label: label.join(" "),
-                tile: None,
+                scale: None,
             });
         }
         Ok(tasks)
@@ -575,9 +601,13 @@ fn check_task_sizes(
             None,
         )
     };
-    if spec.kind == JobKind::Tiled {
+    if let JobKind::Tiled(tiling) = spec.kind {
         // the pyramid's sizes are the canvases of its scales
-        return check(&spec.pyramid_params()?, &spec.contents[0], &spec.styles);
+        return check(
+            &spec.pyramid_params_of(tiling)?,
+            &spec.contents[0],
+            &spec.styles,
+        );
     }
     let several = tasks.len() > 1;
     for task in tasks {
@@ -606,10 +636,8 @@ mod tests {
             contents: vec![h(1)],
             styles: vec![h(2)],
             params: RenderParams::default(),
-            sweep: Vec::new(),
             priority: 0,
             max_attempts: 0,
-            tiling: Tiling::default(),
         }
     }
 
@@ -642,10 +670,9 @@ mod tests {
 
     #[test]
     fn sweep_is_the_grid_of_its_axes() {
-        let s = JobSpec {
-            sweep: parse_sweep("style_weight=10,100;seed=0,1,2").unwrap(),
-            ..spec(JobKind::Sweep)
-        };
+        let s = spec(JobKind::Sweep(
+            parse_sweep("style_weight=10,100;seed=0,1,2").unwrap(),
+        ));
         let tasks = s.tasks().unwrap();
         assert_eq!(tasks.len(), 6);
         assert_eq!(tasks[0].label, "style_weight=10 seed=0");
@@ -657,26 +684,27 @@ mod tests {
 
         let blend = JobSpec {
             styles: vec![h(2), h(3)],
-            sweep: parse_sweep("style_blend=0.7:0.3,0.5:0.5").unwrap(),
-            ..spec(JobKind::Sweep)
+            ..spec(JobKind::Sweep(
+                parse_sweep("style_blend=0.7:0.3,0.5:0.5").unwrap(),
+            ))
         };
         assert_eq!(blend.tasks().unwrap()[0].params.style_blend, [0.7, 0.3]);
     }
 
     #[test]
     fn tiled_jobs_start_with_one_task_then_tiles() {
+        let tiling = Tiling {
+            tile_size: 256,
+            overlap: 64,
+            exact: false,
+            sizing: TileSizing::Fixed,
+        };
         let s = JobSpec {
             params: RenderParams {
                 size: 1024,
                 ..Default::default()
             },
-            tiling: Tiling {
-                tile_size: 256,
-                overlap: 64,
-                exact: false,
-                sizing: TileSizing::Fixed,
-            },
-            ..spec(JobKind::Tiled)
+            ..spec(JobKind::Tiled(tiling))
         };
         let first = s.tasks().unwrap();
         assert_eq!(first.len(), 1);
@@ -686,49 +714,43 @@ mod tests {
         let tiles = s.scale_tasks(800, 600, 2, &h(9), &[]).unwrap();
         // 1024 x 768 in 256-px tiles, overlap >= 64: 5 x 4
         assert_eq!(tiles.len(), 20);
-        let t = tiles[6].tile.as_ref().unwrap();
-        assert_eq!((t.canvas_width, t.canvas_height, t.tiles), (1024, 768, 20));
-        assert_eq!((t.rect.width, t.rect.height), (256, 256));
-        assert_eq!(tiles[6].params.init, Init::Image(h(9).as_str().into()));
+        let t = tiles[6].scale.as_ref().unwrap();
+        assert_eq!(
+            (t.canvas_width, t.canvas_height, t.count()),
+            (1024, 768, 20)
+        );
+        assert_eq!((t.rect().width, t.rect().height), (256, 256));
+        assert_eq!(tiles[6].params.init, Init::Image(h(9)));
         assert_eq!(tiles[6].params.iterations, 125);
         assert!(s.scale_tasks(800, 600, 3, &h(9), &[]).is_err());
         // exact mode: the same pyramid, one task per scale that is the whole canvas
         let exact = JobSpec {
-            tiling: Tiling {
+            kind: JobKind::Tiled(Tiling {
                 exact: true,
-                ..s.tiling
-            },
+                ..tiling
+            }),
             ..s.clone()
         };
         assert_eq!(exact.tasks().unwrap(), first);
         let whole = exact.scale_tasks(800, 600, 2, &h(9), &[]).unwrap();
         assert_eq!(whole.len(), 1);
-        let t = whole[0].tile.as_ref().unwrap();
-        assert!(t.exact && t.tile_size == 256);
+        let t = whole[0].scale.as_ref().unwrap();
+        assert!(t.part == ScalePart::Whole { block: 256 } && t.block() == 256);
         let canvas = Rect {
             x: 0,
             y: 0,
             width: 1024,
             height: 768,
         };
-        assert_eq!((t.rect, t.tiles), (canvas, 1));
+        assert_eq!((t.rect(), t.count()), (canvas, 1));
         assert_eq!(whole[0].params.iterations, 125);
-        let untiled = JobSpec {
-            tiling: s.tiling,
-            ..spec(JobKind::Single)
-        };
-        assert!(untiled
-            .tasks()
-            .unwrap_err()
-            .to_string()
-            .starts_with("tiling"));
     }
 
     #[test]
     fn tiled_checks_refuse_a_bad_spec_before_reading_its_content() {
         let none = JobSpec {
             contents: vec![],
-            ..spec(JobKind::Tiled)
+            ..spec(JobKind::Tiled(Tiling::default()))
         };
         // both once indexed contents[0] of an unchecked spec
         let err = none.check_sizes(|_| Ok((512, 512))).unwrap_err();
@@ -765,33 +787,17 @@ mod tests {
                 },
                 "contents",
             ),
-            (spec(JobKind::Sweep), "sweep"),
+            (spec(JobKind::Sweep(Vec::new())), "sweep"),
             (
-                JobSpec {
-                    sweep: parse_sweep("seed=1").unwrap(),
-                    ..spec(JobKind::Batch)
-                },
-                "sweep",
-            ),
-            (
-                JobSpec {
-                    sweep: parse_sweep("style_weight=-1").unwrap(),
-                    ..spec(JobKind::Sweep)
-                },
+                spec(JobKind::Sweep(parse_sweep("style_weight=-1").unwrap())),
                 "style_weight",
             ),
             (
-                JobSpec {
-                    sweep: parse_sweep("seed=1;seed=2").unwrap(),
-                    ..spec(JobKind::Sweep)
-                },
+                spec(JobKind::Sweep(parse_sweep("seed=1;seed=2").unwrap())),
                 "sweep",
             ),
             (
-                JobSpec {
-                    sweep: parse_sweep("seed=x").unwrap(),
-                    ..spec(JobKind::Sweep)
-                },
+                spec(JobKind::Sweep(parse_sweep("seed=x").unwrap())),
                 "sweep",
             ),
             (

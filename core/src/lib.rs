@@ -5,6 +5,7 @@ pub mod imaging;
 pub mod job;
 pub mod memory;
 pub mod params;
+pub mod progress;
 pub mod tiling;
 pub mod wire;
 

@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::ImageHash;
 use crate::{imaging, Error};
 
 /// Largest output side a render accepts (a single untiled pass; the tiled path of the farm goes further).
@@ -53,9 +54,19 @@ pub enum Init {
     Content,
     /// Seeded Gaussian noise, sigma 0.001 in preprocessed units (as jcjohnson/neural-style).
     Noise,
-    /// An image, resized to the working size: a file for `stylefarm render`; in a farm job, the sha256 of an
-    /// uploaded image.
-    Image(PathBuf),
+    /// An image file on this machine, resized to the working size: what `stylefarm render --init` takes,
+    /// and what a client uploads (becoming [`Init::Image`]) before it submits a farm job.
+    File(PathBuf),
+    /// An image uploaded to the farm, by its sha256, resized to the working size: what a farm job and its
+    /// tasks carry (written `image:<sha256>`).
+    Image(ImageHash),
+}
+
+impl Init {
+    /// Whether the render starts from a given image ([`Init::File`] or [`Init::Image`]).
+    pub fn is_image(&self) -> bool {
+        matches!(self, Init::File(_) | Init::Image(_))
+    }
 }
 
 macro_rules! keyword_enum {
@@ -83,18 +94,24 @@ keyword_enum!(Optimizer, "optimizer", "lbfgs" => Optimizer::Lbfgs, "adam" => Opt
 keyword_enum!(Pooling, "pooling", "max" => Pooling::Max, "avg" => Pooling::Avg);
 
 impl fmt::Display for Init {
-    /// The text [`Init::from_str`] reads: `content`, `noise` or the image's path.
+    /// The text [`Init::from_str`] reads: `content`, `noise`, the file's path or `image:<sha256>`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Init::Content => f.write_str("content"),
             Init::Noise => f.write_str("noise"),
-            Init::Image(path) => write!(f, "{}", path.display()),
+            Init::File(path) => write!(f, "{}", path.display()),
+            Init::Image(hash) => write!(f, "{IMAGE_PREFIX}{hash}"),
         }
     }
 }
 
+/// How the text of an [`Init::Image`] starts: `image:<sha256>`.
+const IMAGE_PREFIX: &str = "image:";
+
 impl FromStr for Init {
     type Err = Error;
+    /// `content`, `noise` (or `random`), `image:<sha256>` of an uploaded image, or any other text as a
+    /// file's path. An error names `init`.
     fn from_str(s: &str) -> Result<Self, Error> {
         match s {
             "content" => Ok(Init::Content),
@@ -103,7 +120,17 @@ impl FromStr for Init {
                 "init",
                 "empty value (expected content, noise or an image path)",
             )),
-            path => Ok(Init::Image(PathBuf::from(path))),
+            text => match text.strip_prefix(IMAGE_PREFIX) {
+                Some(hash) => hash.parse().map(Init::Image).map_err(|_| {
+                    Error::invalid(
+                        "init",
+                        format!(
+                            "'{text}': expected content, noise, image:<sha256> or a file's path"
+                        ),
+                    )
+                }),
+                None => Ok(Init::File(PathBuf::from(text))),
+            },
         }
     }
 }
@@ -969,10 +996,7 @@ mod tests {
     fn keywords_parse() {
         assert_eq!("adam".parse::<Optimizer>().unwrap(), Optimizer::Adam);
         assert_eq!("avg".parse::<Pooling>().unwrap(), Pooling::Avg);
-        assert_eq!(
-            "x.png".parse::<Init>().unwrap(),
-            Init::Image("x.png".into())
-        );
+        assert_eq!("x.png".parse::<Init>().unwrap(), Init::File("x.png".into()));
         let err = "sgd".parse::<Optimizer>().unwrap_err().to_string();
         assert!(
             err.contains("optimizer") && err.contains("sgd") && err.contains("lbfgs"),

@@ -302,6 +302,18 @@ pub struct Rect {
     pub height: u32,
 }
 
+/// A tile handed to [`TileGrid::stitch`] whose size is not its rectangle's in the plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tile {index} is {}x{}, the plan says {}x{}", size.0, size.1, planned.0, planned.1)]
+pub struct StitchError {
+    /// The tile's row-major index.
+    pub index: usize,
+    /// Its width and height as given, in px.
+    pub size: (u32, u32),
+    /// Its width and height in the plan, in px.
+    pub planned: (u32, u32),
+}
+
 /// The tiles of one canvas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TileGrid {
@@ -356,11 +368,12 @@ impl TileGrid {
     }
 
     /// Blends the tiles, row-major, with the feathered weights into one canvas. `tile(i)` yields tile `i`'s
-    /// pixels (the full extent). Only one band of `tile_size` rows is held in floats, besides the canvas.
-    pub fn stitch(
+    /// pixels (the full extent); its error is returned as it is, and a tile of the wrong size is a
+    /// [`StitchError`]. Only one band of `tile_size` rows is held in floats, besides the canvas.
+    pub fn stitch<E: From<StitchError>>(
         &self,
-        mut tile: impl FnMut(usize) -> Result<RgbImage, String>,
-    ) -> Result<RgbImage, String> {
+        mut tile: impl FnMut(usize) -> Result<RgbImage, E>,
+    ) -> Result<RgbImage, E> {
         let (width, height) = (self.xs.len, self.ys.len);
         let mut canvas = RgbImage::new(width, height);
         let wx: Vec<Vec<f32>> = (0..self.xs.count()).map(|i| self.xs.weights(i)).collect();
@@ -381,13 +394,12 @@ impl TileGrid {
                 let rect = self.tile(index);
                 let img = tile(index)?;
                 if img.dimensions() != (rect.width, rect.height) {
-                    return Err(format!(
-                        "tile {index} is {}x{}, the plan says {}x{}",
-                        img.width(),
-                        img.height(),
-                        rect.width,
-                        rect.height
-                    ));
+                    return Err(StitchError {
+                        index,
+                        size: img.dimensions(),
+                        planned: (rect.width, rect.height),
+                    }
+                    .into());
                 }
                 for (ty, &w_y) in wy_row.iter().enumerate() {
                     let y = rect.y + ty as u32;
@@ -788,12 +800,14 @@ mod tests {
         let out = grid
             .stitch(|i| {
                 let r = grid.tile(i);
-                Ok(image::imageops::crop_imm(&img, r.x, r.y, r.width, r.height).to_image())
+                Ok::<_, StitchError>(
+                    image::imageops::crop_imm(&img, r.x, r.y, r.width, r.height).to_image(),
+                )
             })
             .unwrap();
         assert_eq!(out, img);
-        let bad = grid.stitch(|_| Ok(RgbImage::new(3, 3)));
-        assert!(bad.unwrap_err().contains("plan says"));
+        let bad = grid.stitch(|_| Ok::<_, StitchError>(RgbImage::new(3, 3)));
+        assert!(bad.unwrap_err().to_string().contains("plan says"));
     }
 
     #[test]
@@ -826,7 +840,7 @@ mod tests {
         let hard_m = seam_measure(&hard, &grid).unwrap();
         assert!(hard_m > 1.5, "{hard_m}");
         // ... feathered, the step is spread over the overlap
-        let feathered = grid.stitch(|i| Ok(tile_of(i))).unwrap();
+        let feathered = grid.stitch(|i| Ok::<_, StitchError>(tile_of(i))).unwrap();
         let feathered_m = seam_measure(&feathered, &grid).unwrap();
         assert!(feathered_m < hard_m, "{feathered_m} vs {hard_m}");
         let single = TileGrid::new(100, 100, tiling);

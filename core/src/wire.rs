@@ -1,12 +1,15 @@
 //! Conversion between the wire types of stylefarm-proto and the domain types, at the edge: a missing or bad
 //! field becomes [`Error::Invalid`] naming it (the servers map that to INVALID_ARGUMENT).
 
-use std::path::PathBuf;
-
 use stylefarm_proto::pb;
 
-use crate::job::{ExpandedJob, ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
+use crate::ids::JobId;
+use crate::job::{
+    ExpandedJob, ImageHash, JobKind, JobSpec, ScalePart, ScaleTask, SweepAxis, Task, TaskId,
+    TaskSpec,
+};
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
+use crate::progress::{LossTerms, TaskProgress};
 use crate::tiling::{Rect, Tiling, DEFAULT_OVERLAP, MIN_TILE_SIZE};
 use crate::Error;
 
@@ -110,30 +113,26 @@ macro_rules! proto_enum {
 proto_enum!(Optimizer, pb::Optimizer, Lbfgs, Adam);
 proto_enum!(Pooling, pb::Pooling, Max, Avg);
 
-/// The init of a farm job: `content`, `noise`, or `image:<sha256>` of an uploaded image, which the domain
-/// holds as [`Init::Image`] with the hash as its path.
+/// The init of a farm job: `content`, `noise`, or `image:<sha256>` of an uploaded image ([`Init::Image`]). A
+/// file's path ([`Init::File`]) names nothing on the farm: a client uploads the file and sends its hash, and
+/// the coordinator refuses a path.
 impl WireValue for Init {
     type Wire = Option<String>;
     fn from_wire(field: &'static str, wire: Option<String>, default: Init) -> Result<Init, Error> {
-        match wire.as_deref() {
-            None => Ok(default),
-            Some("content") => Ok(Init::Content),
-            Some("noise") => Ok(Init::Noise),
-            Some(other) => match other.strip_prefix("image:").map(str::parse::<ImageHash>) {
-                Some(Ok(hash)) => Ok(Init::Image(PathBuf::from(hash.as_str()))),
-                _ => Err(Error::invalid(
-                    field,
-                    format!("'{other}': expected content, noise or image:<sha256>"),
-                )),
-            },
+        let Some(text) = wire else {
+            return Ok(default);
+        };
+        // only the canonical spellings: not a path, nor the CLI's alias `random`
+        match text.parse::<Init>() {
+            Ok(init) if !matches!(init, Init::File(_)) && init.to_string() == text => Ok(init),
+            _ => Err(Error::invalid(
+                field,
+                format!("'{text}': expected content, noise or image:<sha256>"),
+            )),
         }
     }
     fn to_wire(&self) -> Option<String> {
-        Some(match self {
-            Init::Content => "content".into(),
-            Init::Noise => "noise".into(),
-            Init::Image(path) => format!("image:{}", path.display()),
-        })
+        Some(self.to_string())
     }
 }
 
@@ -181,31 +180,39 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
 
     /// Converts, checks and expands the spec into its tasks: the one expansion of a submission.
     fn try_from(s: pb::JobSpec) -> Result<Self, Error> {
-        let kind = match pb::JobKind::try_from(s.kind) {
-            Ok(pb::JobKind::Single) => JobKind::Single,
-            Ok(pb::JobKind::Batch) => JobKind::Batch,
-            Ok(pb::JobKind::Sweep) => JobKind::Sweep,
-            Ok(pb::JobKind::Tiled) => JobKind::Tiled,
-            _ => {
+        use pb::job_spec::Kind;
+        let kind = match s.kind {
+            Some(Kind::Single(_)) => JobKind::Single,
+            Some(Kind::Batch(_)) => JobKind::Batch,
+            Some(Kind::Sweep(sweep)) => JobKind::Sweep(
+                sweep
+                    .axes
+                    .into_iter()
+                    .map(|a| {
+                        Ok(SweepAxis {
+                            parameter: a.parameter.parse()?,
+                            values: a.values,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, Error>>()?,
+            ),
+            // 0: the planner's (tile size) or the default (overlap)
+            Some(Kind::Tiled(t)) => JobKind::Tiled(Tiling::new(
+                Some(t.tile_size).filter(|&size| size != 0),
+                if t.overlap == 0 {
+                    DEFAULT_OVERLAP
+                } else {
+                    t.overlap
+                },
+                t.exact,
+            )),
+            None => {
                 return Err(Error::invalid(
                     "kind",
-                    format!(
-                        "{} is not a job kind (single, batch, sweep or tiled)",
-                        s.kind
-                    ),
+                    "missing (single, batch, sweep or tiled)",
                 ))
             }
         };
-        let sweep = s
-            .sweep
-            .into_iter()
-            .map(|a| {
-                Ok(SweepAxis {
-                    parameter: a.parameter.parse()?,
-                    values: a.values,
-                })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
         let spec = JobSpec {
             kind,
             contents: hashes("contents", s.contents)?,
@@ -214,19 +221,8 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
                 .params
                 .ok_or_else(|| Error::invalid("params", "missing"))
                 .and_then(RenderParams::try_from)?,
-            sweep,
             priority: s.priority,
             max_attempts: s.max_attempts,
-            // 0: the planner's (tile size) or the default (overlap)
-            tiling: Tiling::new(
-                Some(s.tile_size).filter(|&t| t != 0),
-                if s.overlap == 0 {
-                    DEFAULT_OVERLAP
-                } else {
-                    s.overlap
-                },
-                s.exact_tiles,
-            ),
         };
         spec.expand()
     }
@@ -234,56 +230,152 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
 
 impl From<&JobSpec> for pb::JobSpec {
     fn from(s: &JobSpec) -> Self {
+        use pb::job_spec::{Batch, Kind, Single, Sweep, Tiled};
         pb::JobSpec {
-            kind: match s.kind {
-                JobKind::Single => pb::JobKind::Single,
-                JobKind::Batch => pb::JobKind::Batch,
-                JobKind::Sweep => pb::JobKind::Sweep,
-                JobKind::Tiled => pb::JobKind::Tiled,
-            } as i32,
+            kind: Some(match &s.kind {
+                JobKind::Single => Kind::Single(Single {}),
+                JobKind::Batch => Kind::Batch(Batch {}),
+                JobKind::Sweep(axes) => Kind::Sweep(Sweep {
+                    axes: axes
+                        .iter()
+                        .map(|a| pb::SweepAxis {
+                            parameter: a.parameter.name().into(),
+                            values: a.values.clone(),
+                        })
+                        .collect(),
+                }),
+                JobKind::Tiled(tiling) => Kind::Tiled(Tiled {
+                    tile_size: tiling.fixed_tile_size().unwrap_or(0),
+                    overlap: tiling.overlap,
+                    exact: tiling.exact,
+                }),
+            }),
             contents: s.contents.iter().map(ToString::to_string).collect(),
             styles: s.styles.iter().map(ToString::to_string).collect(),
             params: Some((&s.params).into()),
-            sweep: s
-                .sweep
-                .iter()
-                .map(|a| pb::SweepAxis {
-                    parameter: a.parameter.name().into(),
-                    values: a.values.clone(),
-                })
-                .collect(),
             priority: s.priority,
             max_attempts: s.max_attempts,
-            tile_size: s.tiling.fixed_tile_size().unwrap_or(0),
-            overlap: s.tiling.overlap,
-            exact_tiles: s.tiling.exact,
         }
     }
 }
 
-impl From<&TileTask> for pb::TileTask {
-    fn from(t: &TileTask) -> Self {
+impl From<&LossTerms> for pb::Losses {
+    fn from(l: &LossTerms) -> Self {
+        pb::Losses {
+            content: l.content,
+            style: l.style,
+            tv: l.tv,
+            total: l.total,
+        }
+    }
+}
+
+impl From<pb::Losses> for LossTerms {
+    fn from(l: pb::Losses) -> Self {
+        LossTerms {
+            content: l.content,
+            style: l.style,
+            tv: l.tv,
+            total: l.total,
+        }
+    }
+}
+
+impl From<&TaskProgress> for pb::Progress {
+    fn from(p: &TaskProgress) -> Self {
+        pb::Progress {
+            scale: p.scale,
+            scales: p.scales,
+            iteration: p.iteration,
+            iterations: p.iterations,
+            losses: Some((&p.losses).into()),
+        }
+    }
+}
+
+impl From<pb::Progress> for TaskProgress {
+    /// Unset losses are zeros.
+    fn from(p: pb::Progress) -> Self {
+        TaskProgress {
+            scale: p.scale,
+            scales: p.scales,
+            iteration: p.iteration,
+            iterations: p.iterations,
+            losses: p.losses.unwrap_or_default().into(),
+        }
+    }
+}
+
+/// A leased task as the coordinator sends it.
+impl From<&Task> for pb::Task {
+    fn from(t: &Task) -> Self {
+        pb::Task {
+            job_id: t.id.job.to_string(),
+            index: t.id.index,
+            content: t.spec.content.to_string(),
+            styles: t.spec.styles.iter().map(ToString::to_string).collect(),
+            params: Some((&t.spec.params).into()),
+            label: t.spec.label.clone(),
+            tile: t.spec.scale.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl TryFrom<pb::Task> for Task {
+    type Error = Error;
+
+    /// A leased task as a worker decodes it, checked: its images' hashes, its parameters' values and its
+    /// scale task (the engine checks the parameters against the styles). An error names the field at fault.
+    fn try_from(t: pb::Task) -> Result<Self, Error> {
+        if t.job_id.is_empty() {
+            return Err(Error::invalid("job_id", "missing"));
+        }
+        let content = hashes("content", vec![t.content])?.remove(0);
+        let styles = hashes("styles", t.styles)?;
+        let params = RenderParams::try_from(t.params.unwrap_or_default())?;
+        Ok(Task {
+            id: TaskId {
+                job: JobId::new(t.job_id),
+                index: t.index,
+            },
+            spec: TaskSpec {
+                content,
+                styles,
+                params,
+                label: t.label,
+                scale: t.tile.map(ScaleTask::try_from).transpose()?,
+            },
+        })
+    }
+}
+
+/// The flat wire form of a scale task: its region as a rectangle (the whole canvas in exact mode), its
+/// index and count (0 and 1 for the whole canvas), its block or tile size, and `exact`.
+impl From<&ScaleTask> for pb::TileTask {
+    fn from(t: &ScaleTask) -> Self {
+        let rect = t.rect();
         pb::TileTask {
             scale: t.scale,
             scales: t.scales,
-            tile: t.tile,
-            tiles: t.tiles,
+            tile: t.index(),
+            tiles: t.count(),
             canvas_width: t.canvas_width,
             canvas_height: t.canvas_height,
-            x: t.rect.x,
-            y: t.rect.y,
-            width: t.rect.width,
-            height: t.rect.height,
-            tile_size: t.tile_size,
-            exact: t.exact,
+            x: rect.x,
+            y: rect.y,
+            width: rect.width,
+            height: rect.height,
+            tile_size: t.block(),
+            exact: matches!(t.part, ScalePart::Whole { .. }),
         }
     }
 }
 
-impl TryFrom<pb::TileTask> for TileTask {
+impl TryFrom<pb::TileTask> for ScaleTask {
     type Error = Error;
 
-    /// Converts and checks that the tile lies inside its canvas.
+    /// Converts and checks that the tile lies inside its canvas, and that an exact task is the whole canvas
+    /// (tile 0 of 1). An error names `tile_size` or `tile`.
     fn try_from(t: pb::TileTask) -> Result<Self, Error> {
         let inside = t.width > 0
             && t.height > 0
@@ -313,21 +405,39 @@ impl TryFrom<pb::TileTask> for TileTask {
                 ),
             ));
         }
-        Ok(TileTask {
+        let rect = Rect {
+            x: t.x,
+            y: t.y,
+            width: t.width,
+            height: t.height,
+        };
+        let part = if t.exact {
+            let whole = (t.x, t.y, t.width, t.height, t.tiles)
+                == (0, 0, t.canvas_width, t.canvas_height, 1);
+            if !whole {
+                return Err(Error::invalid(
+                    "tile",
+                    format!(
+                        "an exact task is the whole {}x{} canvas, tile 0 of 1; got {}x{} at {},{}, tile {}/{}",
+                        t.canvas_width, t.canvas_height, t.width, t.height, t.x, t.y, t.tile, t.tiles
+                    ),
+                ));
+            }
+            ScalePart::Whole { block: t.tile_size }
+        } else {
+            ScalePart::Tile {
+                index: t.tile,
+                tiles: t.tiles,
+                rect,
+                tile_size: t.tile_size,
+            }
+        };
+        Ok(ScaleTask {
             scale: t.scale,
             scales: t.scales,
-            tile: t.tile,
-            tiles: t.tiles,
             canvas_width: t.canvas_width,
             canvas_height: t.canvas_height,
-            rect: Rect {
-                x: t.x,
-                y: t.y,
-                width: t.width,
-                height: t.height,
-            },
-            tile_size: t.tile_size,
-            exact: t.exact,
+            part,
         })
     }
 }
@@ -339,18 +449,16 @@ mod tests {
 
     fn spec() -> JobSpec {
         JobSpec {
-            kind: JobKind::Sweep,
+            kind: JobKind::Sweep(parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap()),
             contents: vec![ImageHash::of(b"c")],
             styles: vec![ImageHash::of(b"s1"), ImageHash::of(b"s2")],
             params: RenderParams {
                 size: 128,
-                init: Init::Image(ImageHash::of(b"i").to_string().into()),
+                init: Init::Image(ImageHash::of(b"i")),
                 ..Default::default()
             },
-            sweep: parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap(),
             priority: 3,
             max_attempts: 2,
-            tiling: Tiling::default(),
         }
     }
 
@@ -372,6 +480,37 @@ mod tests {
     }
 
     #[test]
+    fn tasks_round_trip() {
+        let s = JobSpec {
+            kind: JobKind::Tiled(Tiling::new(Some(128), 32, false)),
+            params: RenderParams {
+                size: 512,
+                ..Default::default()
+            },
+            ..spec()
+        };
+        for exact in [false, true] {
+            let s = JobSpec {
+                kind: JobKind::Tiled(Tiling::new(Some(128), 32, exact)),
+                ..s.clone()
+            };
+            for spec in s
+                .scale_tasks(400, 300, 1, &ImageHash::of(b"p"), &[])
+                .unwrap()
+            {
+                let task = Task {
+                    id: TaskId {
+                        job: JobId::new("job-1"),
+                        index: 4,
+                    },
+                    spec,
+                };
+                assert_eq!(Task::try_from(pb::Task::from(&task)).unwrap(), task);
+            }
+        }
+    }
+
+    #[test]
     fn unset_params_take_the_defaults() {
         assert_eq!(
             RenderParams::try_from(pb::RenderParams::default()).unwrap(),
@@ -387,7 +526,7 @@ mod tests {
             let err = JobSpec::try_from(wire).unwrap_err().to_string();
             assert!(err.starts_with(field), "{field}: {err}");
         };
-        bad(&|w| w.kind = 9, "kind");
+        bad(&|w| w.kind = None, "kind");
         bad(&|w| w.contents = vec!["nope".into()], "contents");
         bad(&|w| w.params = None, "params");
         bad(&|w| w.params.as_mut().unwrap().size = Some(0), "size");
@@ -407,6 +546,16 @@ mod tests {
             &|w| w.params.as_mut().unwrap().style_layers = vec!["relu7_1".into()],
             "style_layers",
         );
-        bad(&|w| w.sweep[0].parameter = "colour".into(), "sweep");
+        bad(
+            &|w| match w.kind.as_mut() {
+                Some(pb::job_spec::Kind::Sweep(sweep)) => sweep.axes[0].parameter = "colour".into(),
+                _ => unreachable!("spec() is a sweep"),
+            },
+            "sweep",
+        );
+        bad(
+            &|w| w.params.as_mut().unwrap().init = Some("/tmp/x.png".into()),
+            "init",
+        );
     }
 }

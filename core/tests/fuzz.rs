@@ -9,9 +9,9 @@
 //! target's factor (the second argument of its `run`, by its cost), so the default run takes about 35 s in
 //! debug on 2 cores and `STYLEFARM_FUZZ_CASES=10000` is a 10x longer run. Inputs are random each run;
 //! `STYLEFARM_FUZZ_SEED=N` replays one (a failing target prints its seed). On success each target writes
-//! `fuzz NAME: N inputs, 0 crashes; M ACCEPTED (T s, seed S)` to stderr, M counting the inputs that got through
-//! to its deepest checks (decoded, valid, planned...); libtest shows it (it bypasses libtest's capture),
-//! nextest with `--success-output final`.
+//! `fuzz NAME: N inputs, 0 crashes; M ACCEPTED (T s, seed S)` to stderr, M counting the inputs that got
+//! through to its deepest checks (decoded, valid, planned...); libtest shows it (it bypasses libtest's
+//! capture), nextest with `--success-output final`.
 
 // the generators end their literals of RenderParams with `..Default::default()`, so that a new render option
 // (a row of `render_options!`, a proto field) needs no change here: needless while they name every field
@@ -20,7 +20,6 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{Cursor, Write};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -35,13 +34,18 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 
+use stylefarm_core::ids::{JobId, TaskId};
 use stylefarm_core::imaging::{self, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE};
-use stylefarm_core::job::{parse_sweep, ImageHash, JobKind, JobSpec, SweepAxis, TileTask};
+use stylefarm_core::job::{
+    parse_sweep, ImageHash, JobKind, JobSpec, ScalePart, ScaleTask, SweepAxis, Task,
+};
 use stylefarm_core::params::{ImageSize, Init, Layer, Optimizer, Pooling, RenderParams, MAX_SIZE};
 use stylefarm_core::params::{MAX_ITERATIONS, MAX_SCALES};
 use stylefarm_core::tiling::{self, AxisPlan, TileSizing, Tiling, MAX_TILE_SIZE, MIN_TILE_SIZE};
+use stylefarm_core::tiling::{DEFAULT_OVERLAP, DEFAULT_TILE_SIZE};
 use stylefarm_core::Error;
 use stylefarm_proto::pb;
+use stylefarm_proto::pb::job_spec::Kind as WireKind;
 
 // ---------------------------------------------------------------------------------------------------------
 // The runner: bounded case counts, a reproducible seed, a count of the inputs that ran.
@@ -832,7 +836,7 @@ fn corrupt(p: &mut RenderParams, c: Corruption) {
 /// from 16 to MAX_SIZE, up to MAX_SCALES scales, huge weights, style scales from 0.05 to 8), then in about
 /// a third of the cases one to three fields corrupted (zero, NaN, infinite, negative, out of range, empty).
 fn render_params(styles: usize) -> BoxedStrategy<RenderParams> {
-    let hash = ImageHash::of(b"init").to_string();
+    let hash = ImageHash::of(b"init");
     let size = prop_oneof![
         4 => 16..=512u32,
         4 => 16..=4096u32,
@@ -858,10 +862,11 @@ fn render_params(styles: usize) -> BoxedStrategy<RenderParams> {
         2 => 0.05..=8.0f64,
         1 => Just(8.0),
     ];
+    // a farm job's inits: an uploaded image by its hash, not a file's path (refused on the wire)
     let init = prop_oneof![
         Just(Init::Content),
         Just(Init::Noise),
-        Just(Init::Image(PathBuf::from(hash))),
+        Just(Init::Image(hash)),
     ];
     let corruptions = prop_oneof![
         6 => Just(Vec::new()),
@@ -1249,9 +1254,11 @@ fn check_plan(
             let out = grid
                 .stitch(|i| {
                     let r = grid.tile(i);
-                    Ok(image::imageops::crop_imm(&source, r.x, r.y, r.width, r.height).to_image())
+                    Ok::<_, tiling::StitchError>(
+                        image::imageops::crop_imm(&source, r.x, r.y, r.width, r.height).to_image(),
+                    )
                 })
-                .map_err(TestCaseError::fail)?;
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(out.dimensions(), source.dimensions());
             for (a, b) in out.pixels().zip(source.pixels()) {
                 for c in 0..3 {
@@ -1346,20 +1353,29 @@ fn hash(n: u8) -> ImageHash {
     ImageHash::of(&[n])
 }
 
-fn kind() -> impl Strategy<Value = JobKind> {
+/// Job kinds with their parameters, for jobs of `styles` style images: mostly tiled (a tiling of
+/// [`tiling_strategy`], or the default), or a sweep over axes mostly valid for the styles (as the CLI parses
+/// them; sometimes none, which a sweep job refuses).
+fn kind(styles: usize) -> BoxedStrategy<JobKind> {
+    let tiling = prop_oneof![8 => tiling_strategy(), 1 => Just(Tiling::default())];
+    let axes = prop_oneof![
+        8 => valid_sweep_text(styles).prop_map(|text| parse_sweep(&text).unwrap_or_default()),
+        1 => Just(Vec::new()),
+    ];
     prop_oneof![
-        6 => Just(JobKind::Tiled),
+        6 => tiling.prop_map(JobKind::Tiled),
         1 => Just(JobKind::Single),
         1 => Just(JobKind::Batch),
-        1 => Just(JobKind::Sweep),
+        1 => axes.prop_map(JobKind::Sweep),
     ]
+    .boxed()
 }
 
-/// The fields a job's errors may name besides a parameter's.
-const JOB_ONLY_FIELDS: [&str; 8] = [
+/// The fields a job's errors may name besides a parameter's (a job's kind and its parameters are one value
+/// now: no field names a tiling on a job of another kind).
+const JOB_ONLY_FIELDS: [&str; 7] = [
     "contents",
     "styles",
-    "tiling",
     "tile_size",
     "overlap",
     "sweep",
@@ -1401,11 +1417,10 @@ fn fuzz_tiled_jobs() {
     let styles = prop_oneof![8 => 1usize..=3, 1 => Just(0usize)];
     let strategy = (contents, styles).prop_flat_map(|(contents, styles)| {
         (
-            kind(),
+            kind(styles),
             Just(contents),
             Just(styles),
             render_params(styles),
-            prop_oneof![8 => tiling_strategy(), 1 => Just(Tiling::default())],
             prop::collection::vec(image_size(), contents + styles),
             // the output's size in tiles, so that most pyramids have later scales
             prop_oneof![4 => (0.5..12.0f64).prop_map(Some), 1 => Just(None)],
@@ -1422,9 +1437,11 @@ fn fuzz_tiled_jobs() {
         30.0,
         "passed check_sizes and expanded into the tiles of a scale",
         strategy,
-        |(kind, contents, styles, mut params, tiling, image_sizes, in_tiles, scale, workers)| {
+        |(kind, contents, styles, mut params, image_sizes, in_tiles, scale, workers)| {
+            // the tile size: a tiled job's, the default for the other kinds
+            let tile_size = kind.tiling().unwrap_or_default().tile_size;
             if let Some(tiles) = in_tiles.filter(|_| (16..=MAX_SIZE).contains(&params.size)) {
-                params.size = ((f64::from(tiling.tile_size) * tiles) as u32).clamp(16, MAX_SIZE);
+                params.size = ((f64::from(tile_size) * tiles) as u32).clamp(16, MAX_SIZE);
             }
             // distinct hashes; the contents first
             let spec = JobSpec {
@@ -1432,10 +1449,8 @@ fn fuzz_tiled_jobs() {
                 contents: (0..contents).map(|i| hash(i as u8)).collect(),
                 styles: (0..styles).map(|i| hash(100 + i as u8)).collect(),
                 params,
-                sweep: Vec::new(),
                 priority: 0,
                 max_attempts: 0,
-                tiling,
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -1459,9 +1474,20 @@ fn fuzz_tiled_jobs() {
                     TestCaseError::fail(format!("task {} does not validate: {e}", task.label))
                 })?;
             }
-            if kind != JobKind::Tiled {
+            let previous = hash(250);
+            let Some(tiling) = spec.kind.tiling() else {
+                // only a tiled job has a pyramid and scales of tiles: the others are refused naming `kind`
+                let err = spec
+                    .pyramid_params()
+                    .expect_err("a pyramid of a job not tiled");
+                check_field(&err, &["kind"])?;
+                let content = image_sizes[0];
+                let err = spec
+                    .scale_tasks(content.0, content.1, 1, &previous, &workers)
+                    .expect_err("scale tasks of a job not tiled");
+                check_field(&err, &["kind"])?;
                 return Ok(());
-            }
+            };
             prop_assert_eq!(tasks.len(), 1);
             let first = &tasks[0].params;
             prop_assert!(first.size <= tiling.tile_size && first.scales == 1);
@@ -1492,7 +1518,6 @@ fn fuzz_tiled_jobs() {
             if plans.iter().map(tiling::ScalePlan::tasks).sum::<usize>() > 20_000 {
                 return Ok(());
             }
-            let previous = hash(250);
             // a later scale of the plan, or any number
             let scale = match scale {
                 Ok(i) => 1 + i.index(plans.len().max(2) - 1) as u32,
@@ -1513,30 +1538,57 @@ fn fuzz_tiled_jobs() {
                         prop_assert!(!tiles.is_empty() && tiles.len() <= plan.tasks());
                     }
                     for (i, task) in tiles.iter().enumerate() {
-                        let t = task.tile.as_ref().expect("a tile");
+                        let t = task.scale.as_ref().expect("a scale task");
                         prop_assert_eq!((t.scale, t.scales), (scale, plans.len() as u32));
-                        prop_assert_eq!((t.tile, t.tiles), (i as u32, tiles.len() as u32));
+                        prop_assert_eq!((t.index(), t.count()), (i as u32, tiles.len() as u32));
                         prop_assert_eq!(
                             (t.canvas_width, t.canvas_height),
                             (plan.width, plan.height)
                         );
-                        prop_assert_eq!(t.exact, tiling.exact);
-                        prop_assert!(t.tile_size >= tiling.tile_size);
+                        // exact mode: the whole canvas; otherwise a tile of the grid
+                        match t.part {
+                            ScalePart::Whole { .. } => {
+                                prop_assert!(tiling.exact, "a whole canvas of a job not exact");
+                                prop_assert_eq!(
+                                    t.rect(),
+                                    tiling::Rect {
+                                        x: 0,
+                                        y: 0,
+                                        width: plan.width,
+                                        height: plan.height
+                                    }
+                                );
+                            }
+                            ScalePart::Tile { .. } => {
+                                prop_assert!(!tiling.exact, "a tile of an exact job")
+                            }
+                        }
+                        prop_assert!(t.block() >= tiling.tile_size);
                         prop_assert_eq!(task.params.scales, 1);
                         prop_assert_eq!(task.params.size, plan.longest());
-                        prop_assert_eq!(
-                            &task.params.init,
-                            &Init::Image(PathBuf::from(previous.as_str()))
-                        );
+                        prop_assert_eq!(&task.params.init, &Init::Image(previous.clone()));
                         if fits {
-                            prop_assert!(t.rect.width.min(t.rect.height) >= need);
+                            let rect = t.rect();
+                            prop_assert!(rect.width.min(rect.height) >= need);
                         }
-                        // what the coordinator sends a worker comes back as the same tile
+                        // what the coordinator sends a worker comes back as the same scale task...
                         let wire = pb::TileTask::from(t);
-                        let back = TileTask::try_from(wire).map_err(|e| {
+                        let back = ScaleTask::try_from(wire).map_err(|e| {
                             TestCaseError::fail(format!("tile {i} refused on the wire: {e}"))
                         })?;
                         prop_assert_eq!(&back, t);
+                        // ...and as the same task, leased whole
+                        let leased = Task {
+                            id: TaskId {
+                                job: JobId::new("job-1"),
+                                index: 1 + i as u32,
+                            },
+                            spec: task.clone(),
+                        };
+                        let back = Task::try_from(pb::Task::from(&leased)).map_err(|e| {
+                            TestCaseError::fail(format!("task {i} refused on the wire: {e}"))
+                        })?;
+                        prop_assert_eq!(back, leased);
                     }
                     if fits {
                         accept();
@@ -1650,14 +1702,12 @@ fn fuzz_sweep_jobs() {
                 prop_assert!(axis.values.iter().all(|v| !v.is_empty() && v.trim() == v));
             }
             let spec = JobSpec {
-                kind: JobKind::Sweep,
+                kind: JobKind::Sweep(axes.clone()),
                 contents: vec![hash(0)],
                 styles: (0..styles).map(|i| hash(100 + i as u8)).collect(),
                 params,
-                sweep: axes.clone(),
                 priority: 0,
                 max_attempts: 0,
-                tiling: Tiling::default(),
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -1905,20 +1955,9 @@ fn arbitrary_wire_params() -> BoxedStrategy<pb::RenderParams> {
         .boxed()
 }
 
-/// A change to a wire job spec derived from a valid one.
-#[derive(Debug, Clone)]
-enum JobTweak {
-    Kind(i32),
-    Contents(Vec<String>),
-    Styles(Vec<String>),
-    NoParams,
-    Sweep(Vec<pb::SweepAxis>),
-    TileSize(u32),
-    Overlap(u32),
-    Exact(bool),
-}
-
-fn job_tweak() -> BoxedStrategy<JobTweak> {
+/// Sweep axes as a client may send them: any of [`SWEEP_NAMES`] (unknown, empty and untrimmed names among
+/// them), each with 0..=3 values of [`sweep_value`].
+fn wire_axes() -> BoxedStrategy<Vec<pb::SweepAxis>> {
     let axis = (
         prop::sample::select(SWEEP_NAMES.to_vec()),
         prop::collection::vec(sweep_value(), 0..=3),
@@ -1927,12 +1966,77 @@ fn job_tweak() -> BoxedStrategy<JobTweak> {
             parameter: parameter.to_string(),
             values,
         });
+    prop::collection::vec(axis, 0..=3).boxed()
+}
+
+/// A wire job's kind with arbitrary parameters (sweep axes, tile size, overlap, exact), or none.
+fn arbitrary_wire_kind() -> BoxedStrategy<Option<WireKind>> {
+    let tile = prop_oneof![3 => Just(0u32), 3 => MIN_TILE_SIZE..=MAX_TILE_SIZE, 1 => any::<u32>()];
+    let overlap = prop_oneof![3 => Just(0u32), 3 => 8..=256u32, 1 => any::<u32>()];
     prop_oneof![
-        prop_oneof![0..=5i32, any::<i32>()].prop_map(JobTweak::Kind),
+        3 => Just(None),
+        2 => Just(Some(WireKind::Single(pb::job_spec::Single {}))),
+        2 => Just(Some(WireKind::Batch(pb::job_spec::Batch {}))),
+        2 => wire_axes().prop_map(|axes| Some(WireKind::Sweep(pb::job_spec::Sweep { axes }))),
+        2 => (tile, overlap, any::<bool>()).prop_map(|(tile_size, overlap, exact)| {
+            Some(WireKind::Tiled(pb::job_spec::Tiled {
+                tile_size,
+                overlap,
+                exact,
+            }))
+        }),
+    ]
+    .boxed()
+}
+
+/// A domain kind as a client sends it; with `unset_tiling`, a tiled job's tile size and overlap unset (0:
+/// the planner's and the default).
+fn wire_kind(kind: &JobKind, unset_tiling: bool) -> WireKind {
+    match kind {
+        JobKind::Single => WireKind::Single(pb::job_spec::Single {}),
+        JobKind::Batch => WireKind::Batch(pb::job_spec::Batch {}),
+        JobKind::Sweep(axes) => WireKind::Sweep(pb::job_spec::Sweep {
+            axes: axes
+                .iter()
+                .map(|a| pb::SweepAxis {
+                    parameter: a.parameter.name().into(),
+                    values: a.values.clone(),
+                })
+                .collect(),
+        }),
+        JobKind::Tiled(t) => WireKind::Tiled(pb::job_spec::Tiled {
+            tile_size: if unset_tiling { 0 } else { t.tile_size },
+            overlap: if unset_tiling { 0 } else { t.overlap },
+            exact: t.exact,
+        }),
+    }
+}
+
+/// A change to a wire job spec derived from a valid one.
+#[derive(Debug, Clone)]
+enum JobTweak {
+    /// The kind replaced by any other, with arbitrary parameters, or unset.
+    Kind(Option<WireKind>),
+    Contents(Vec<String>),
+    Styles(Vec<String>),
+    NoParams,
+    /// A sweep's axes replaced; a job of another kind becomes a sweep over these axes.
+    Sweep(Vec<pb::SweepAxis>),
+    /// A tiled job's tile size replaced; a job of another kind becomes a tiled one with this tile size.
+    TileSize(u32),
+    /// A tiled job's overlap replaced; a job of another kind becomes a tiled one with this overlap.
+    Overlap(u32),
+    /// A tiled job's exact mode replaced; a job of another kind becomes a tiled one with this mode.
+    Exact(bool),
+}
+
+fn job_tweak() -> BoxedStrategy<JobTweak> {
+    prop_oneof![
+        arbitrary_wire_kind().prop_map(JobTweak::Kind),
         prop::collection::vec(hash_text(), 0..=3).prop_map(JobTweak::Contents),
         prop::collection::vec(hash_text(), 0..=3).prop_map(JobTweak::Styles),
         Just(JobTweak::NoParams),
-        prop::collection::vec(axis, 0..=3).prop_map(JobTweak::Sweep),
+        wire_axes().prop_map(JobTweak::Sweep),
         prop_oneof![Just(0u32), 0..=5000u32, any::<u32>()].prop_map(JobTweak::TileSize),
         prop_oneof![Just(0u32), 0..=3000u32, any::<u32>()].prop_map(JobTweak::Overlap),
         any::<bool>().prop_map(JobTweak::Exact),
@@ -1940,65 +2044,66 @@ fn job_tweak() -> BoxedStrategy<JobTweak> {
     .boxed()
 }
 
-/// Wire job specs: a consistent spec of each kind (a sweep for a sweep job, a tiling for a tiled one) as a
+/// The tiling of a wire job's kind, the kind first made a tiled one (unset tiling) if it is not.
+fn tiled(kind: &mut Option<WireKind>) -> &mut pb::job_spec::Tiled {
+    if !matches!(kind, Some(WireKind::Tiled(_))) {
+        *kind = Some(WireKind::Tiled(pb::job_spec::Tiled::default()));
+    }
+    match kind {
+        Some(WireKind::Tiled(t)) => t,
+        _ => unreachable!("made a tiled kind"),
+    }
+}
+
+fn tweak_job(wire: &mut pb::JobSpec, t: JobTweak) {
+    match t {
+        JobTweak::Kind(k) => wire.kind = k,
+        JobTweak::Contents(v) => wire.contents = v,
+        JobTweak::Styles(v) => wire.styles = v,
+        JobTweak::NoParams => wire.params = None,
+        JobTweak::Sweep(axes) => match &mut wire.kind {
+            Some(WireKind::Sweep(sweep)) => sweep.axes = axes,
+            other => *other = Some(WireKind::Sweep(pb::job_spec::Sweep { axes })),
+        },
+        JobTweak::TileSize(v) => tiled(&mut wire.kind).tile_size = v,
+        JobTweak::Overlap(v) => tiled(&mut wire.kind).overlap = v,
+        JobTweak::Exact(v) => tiled(&mut wire.kind).exact = v,
+    }
+}
+
+/// Wire job specs: a consistent spec of each kind (a sweep with its axes, a tiled job with its tiling) as a
 /// client sends it, then tweaked; or every field arbitrary.
 fn wire_job() -> BoxedStrategy<pb::JobSpec> {
-    let consistent = (kind(), 1usize..=3)
+    let consistent = (1usize..=3)
+        .prop_flat_map(|styles| (kind(styles), Just(styles)))
         .prop_flat_map(|(kind, styles)| {
-            let contents = if kind == JobKind::Batch { 1..=3usize } else { 1..=1 };
+            let contents = if kind == JobKind::Batch {
+                1..=3usize
+            } else {
+                1..=1
+            };
             (
                 Just(kind),
                 prop::collection::vec((0u8..4).prop_map(hash), contents),
                 Just(styles),
                 wire_params_for(styles),
-                valid_sweep_text(styles),
-                prop_oneof![3 => tiling_strategy(), 1 => Just(Tiling { tile_size: 0, overlap: 0, exact: false, sizing: TileSizing::Fixed })],
+                prop_oneof![3 => Just(false), 1 => Just(true)],
                 tweaks(job_tweak()),
             )
         })
-        .prop_map(|(kind, contents, styles, params, sweep, tiling, tweaks)| {
+        .prop_map(|(kind, contents, styles, params, unset_tiling, tweaks)| {
             let mut wire = pb::JobSpec {
-                kind: match kind {
-                    JobKind::Single => pb::JobKind::Single,
-                    JobKind::Batch => pb::JobKind::Batch,
-                    JobKind::Sweep => pb::JobKind::Sweep,
-                    JobKind::Tiled => pb::JobKind::Tiled,
-                } as i32,
+                kind: Some(wire_kind(&kind, unset_tiling)),
                 contents: contents.iter().map(ToString::to_string).collect(),
-                styles: (0..styles).map(|i| hash(100 + i as u8).to_string()).collect(),
+                styles: (0..styles)
+                    .map(|i| hash(100 + i as u8).to_string())
+                    .collect(),
                 params: Some(params),
-                sweep: Vec::new(),
                 priority: 0,
                 max_attempts: 0,
-                tile_size: 0,
-                overlap: 0,
-                exact_tiles: false,
             };
-            if kind == JobKind::Sweep {
-                wire.sweep = parse_sweep(&sweep)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|a| pb::SweepAxis {
-                        parameter: a.parameter.name().into(),
-                        values: a.values.clone(),
-                    })
-                    .collect();
-            }
-            if kind == JobKind::Tiled {
-                (wire.tile_size, wire.overlap, wire.exact_tiles) =
-                    (tiling.tile_size, tiling.overlap, tiling.exact);
-            }
             for t in tweaks {
-                match t {
-                    JobTweak::Kind(k) => wire.kind = k,
-                    JobTweak::Contents(v) => wire.contents = v,
-                    JobTweak::Styles(v) => wire.styles = v,
-                    JobTweak::NoParams => wire.params = None,
-                    JobTweak::Sweep(v) => wire.sweep = v,
-                    JobTweak::TileSize(v) => wire.tile_size = v,
-                    JobTweak::Overlap(v) => wire.overlap = v,
-                    JobTweak::Exact(v) => wire.exact_tiles = v,
-                }
+                tweak_job(&mut wire, t);
             }
             wire
         });
@@ -2006,53 +2111,22 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
 }
 
 fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
-    let axis = (
-        prop::sample::select(SWEEP_NAMES.to_vec()),
-        prop::collection::vec(sweep_value(), 0..=3),
-    )
-        .prop_map(|(parameter, values)| pb::SweepAxis {
-            parameter: parameter.to_string(),
-            values,
-        });
-    let tile = prop_oneof![3 => Just(0u32), 3 => MIN_TILE_SIZE..=MAX_TILE_SIZE, 1 => any::<u32>()];
-    let overlap = prop_oneof![3 => Just(0u32), 3 => 8..=256u32, 1 => any::<u32>()];
     (
-        prop_oneof![8 => 0..=4i32, 1 => any::<i32>()],
+        arbitrary_wire_kind(),
         prop::collection::vec(hash_text(), 0..=3),
         prop::collection::vec(hash_text(), 0..=3),
         prop_oneof![1 => Just(None), 12 => wire_params_for(1).prop_map(Some)],
-        prop::collection::vec(axis, 0..=3),
         any::<i32>(),
         any::<u32>(),
-        tile,
-        overlap,
-        any::<bool>(),
     )
         .prop_map(
-            |(
+            |(kind, contents, styles, params, priority, max_attempts)| pb::JobSpec {
                 kind,
                 contents,
                 styles,
                 params,
-                sweep,
                 priority,
                 max_attempts,
-                tile_size,
-                overlap,
-                exact,
-            )| {
-                pb::JobSpec {
-                    kind,
-                    contents,
-                    styles,
-                    params,
-                    sweep,
-                    priority,
-                    max_attempts,
-                    tile_size,
-                    overlap,
-                    exact_tiles: exact,
-                }
             },
         )
         .boxed()
@@ -2071,14 +2145,20 @@ fn fuzz_wire_conversion() {
             0u32..=5000,
         ),
         (
-            any::<u32>(),
+            prop_oneof![8 => any::<u32>(), 1 => 0..=2 * MIN_TILE_SIZE],
             any::<bool>(),
             any::<bool>(),
             any::<[u32; 10]>(),
+            // the whole canvas as tile 0 of 1: what an exact task must be
+            prop_oneof![3 => Just(false), 1 => Just(true)],
         ),
     )
         .prop_map(
-            |((scale, scales, tile, tiles), (cw, ch, x, y, w, h), (ts, exact, huge, big))| {
+            |(
+                (scale, scales, tile, tiles),
+                (cw, ch, x, y, w, h),
+                (ts, exact, huge, big, whole),
+            )| {
                 let mut t = pb::TileTask {
                     scale,
                     scales,
@@ -2108,11 +2188,15 @@ fn fuzz_wire_conversion() {
                         t.height,
                     ] = big.map(|v| v | 0x8000_0000);
                 }
+                if whole {
+                    (t.x, t.y, t.width, t.height) = (0, 0, t.canvas_width, t.canvas_height);
+                    (t.tile, t.tiles) = (0, 1);
+                }
                 t
             },
         );
     run(
-        "wire (RenderParams, JobSpec, TileTask)",
+        "wire (RenderParams, JobSpec, ScaleTask)",
         40.0,
         "job specs accepted",
         (wire_params_for(1), wire_job(), tile_task),
@@ -2141,6 +2225,7 @@ fn fuzz_wire_conversion() {
                     ],
                 )?,
             }
+            let kind = job.kind.clone();
             match JobSpec::try_from(job) {
                 Ok(spec) => {
                     let tasks = spec.tasks().map_err(|e| {
@@ -2150,32 +2235,103 @@ fn fuzz_wire_conversion() {
                     let back = JobSpec::try_from(pb::JobSpec::from(&spec))
                         .map_err(|e| TestCaseError::fail(format!("round trip refused: {e}")))?;
                     prop_assert_eq!(format!("{back:?}"), format!("{spec:?}"));
-                    prop_assert!(spec.sweep.iter().all(|a: &SweepAxis| !a.values.is_empty()));
+                    // the kind of the wire, with its parameters
+                    match (&kind, &spec.kind) {
+                        (Some(WireKind::Single(_)), JobKind::Single)
+                        | (Some(WireKind::Batch(_)), JobKind::Batch) => {}
+                        (Some(WireKind::Sweep(sweep)), JobKind::Sweep(axes)) => {
+                            prop_assert!(!axes.is_empty(), "a sweep without axes accepted");
+                            prop_assert!(axes.iter().all(|a: &SweepAxis| !a.values.is_empty()));
+                            let names: Vec<&str> =
+                                axes.iter().map(|a| a.parameter.name()).collect();
+                            let wire: Vec<&str> =
+                                sweep.axes.iter().map(|a| a.parameter.as_str()).collect();
+                            prop_assert_eq!(names, wire);
+                            for (axis, wire) in axes.iter().zip(&sweep.axes) {
+                                prop_assert_eq!(&axis.values, &wire.values);
+                            }
+                        }
+                        (Some(WireKind::Tiled(t)), JobKind::Tiled(tiling)) => {
+                            // 0: the planner's tile size (from the default up), the default overlap
+                            let (size, sizing) = match t.tile_size {
+                                0 => (DEFAULT_TILE_SIZE, TileSizing::Planned),
+                                size => (size, TileSizing::Fixed),
+                            };
+                            let overlap = if t.overlap == 0 {
+                                DEFAULT_OVERLAP
+                            } else {
+                                t.overlap
+                            };
+                            prop_assert_eq!(
+                                (
+                                    tiling.tile_size,
+                                    tiling.sizing,
+                                    tiling.overlap,
+                                    tiling.exact
+                                ),
+                                (size, sizing, overlap, t.exact)
+                            );
+                        }
+                        (wire, kind) => {
+                            return Err(TestCaseError::fail(format!(
+                                "the wire's kind {wire:?} accepted as {kind:?}"
+                            )))
+                        }
+                    }
                     accept();
                 }
-                Err(e) => check_field(
-                    &e,
-                    &[
-                        &job_fields()[..],
-                        &["kind", "params", "optimizer", "pooling", "init", "layer"][..],
-                    ]
-                    .concat(),
-                )?,
+                Err(e) => {
+                    if kind.is_none() {
+                        // a missing kind is refused first, naming it
+                        check_field(&e, &["kind"])?;
+                    }
+                    check_field(
+                        &e,
+                        &[
+                            &job_fields()[..],
+                            &["kind", "params", "optimizer", "pooling", "init", "layer"][..],
+                        ]
+                        .concat(),
+                    )?
+                }
             }
-            match TileTask::try_from(tile) {
+            match ScaleTask::try_from(tile) {
                 Ok(t) => {
-                    prop_assert!(t.rect.width > 0 && t.rect.height > 0);
+                    let rect = t.rect();
+                    prop_assert!(rect.width > 0 && rect.height > 0);
                     prop_assert!(
-                        u64::from(t.rect.x) + u64::from(t.rect.width) <= u64::from(t.canvas_width)
+                        u64::from(rect.x) + u64::from(rect.width) <= u64::from(t.canvas_width)
                     );
                     prop_assert!(
-                        u64::from(t.rect.y) + u64::from(t.rect.height)
-                            <= u64::from(t.canvas_height)
+                        u64::from(rect.y) + u64::from(rect.height) <= u64::from(t.canvas_height)
                     );
-                    prop_assert!(t.scale < t.scales && t.tile < t.tiles);
+                    prop_assert!(t.scale < t.scales && t.index() < t.count());
+                    prop_assert!(t.block() >= MIN_TILE_SIZE);
+                    // an exact task is the whole canvas, tile 0 of 1
+                    prop_assert_eq!(matches!(t.part, ScalePart::Whole { .. }), tile.exact);
+                    if tile.exact {
+                        prop_assert_eq!(
+                            (
+                                rect.x,
+                                rect.y,
+                                rect.width,
+                                rect.height,
+                                t.index(),
+                                t.count()
+                            ),
+                            (0, 0, t.canvas_width, t.canvas_height, 0, 1)
+                        );
+                    }
                     prop_assert_eq!(pb::TileTask::from(&t), tile);
                 }
-                Err(e) => check_field(&e, &["tile"])?,
+                Err(e) => {
+                    let field = if tile.tile_size < MIN_TILE_SIZE {
+                        "tile_size"
+                    } else {
+                        "tile"
+                    };
+                    check_field(&e, &[field])?
+                }
             }
             Ok(())
         },

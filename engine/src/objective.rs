@@ -5,7 +5,6 @@
 pub mod blocked;
 
 use image::RgbImage;
-use serde::Serialize;
 use stylefarm_core::imaging;
 use stylefarm_core::{Layer, RenderParams};
 use tch::{Device, Kind, Tensor};
@@ -42,35 +41,7 @@ impl StyleGrams {
     }
 }
 
-/// The weighted terms of the objective and their sum.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct LossTerms {
-    /// Content loss: `content_weight * mean((F_l - P_l)^2)`, summed over the content layers.
-    pub content: f64,
-    /// Style loss: `style_weight * mean((G_l - A_l)^2)` over the Gram matrices, summed over the style layers.
-    pub style: f64,
-    /// Total-variation loss: `tv_weight * 0.5 * (sum of squared neighbour differences)`, preprocessed units.
-    pub tv: f64,
-    /// The objective the optimizer minimizes: `content + style + tv`.
-    pub total: f64,
-}
-
-impl LossTerms {
-    /// The terms from their layout on the device, `[content, style, tv, total]`.
-    pub(crate) fn from_values(v: &[f64]) -> LossTerms {
-        LossTerms {
-            content: v[0],
-            style: v[1],
-            tv: v[2],
-            total: v[3],
-        }
-    }
-
-    /// The terms in that layout.
-    pub(crate) fn values(&self) -> [f64; 4] {
-        [self.content, self.style, self.tv, self.total]
-    }
-}
+pub use stylefarm_core::progress::LossTerms;
 
 /// The targets of one scale: content feature maps and blended style Gram matrices, computed once.
 pub struct Targets {

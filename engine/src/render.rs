@@ -13,6 +13,7 @@ use crate::engine::Engine;
 use crate::objective::{to_f64s, LossTerms, StyleGrams};
 use crate::optim::{Adam, Lbfgs};
 use crate::Error;
+use stylefarm_core::progress::TaskProgress;
 
 /// The images and parameters of one render.
 #[derive(Debug, Clone)]
@@ -109,6 +110,19 @@ pub struct Progress {
     pub elapsed: f64,
 }
 
+impl From<&Progress> for TaskProgress {
+    /// What the farm reports of a render's progress: scale, iteration and losses.
+    fn from(p: &Progress) -> TaskProgress {
+        TaskProgress {
+            scale: p.scale,
+            scales: p.scales,
+            iteration: p.iteration,
+            iterations: p.iterations,
+            losses: p.losses,
+        }
+    }
+}
+
 /// How many evaluations' losses a render on a GPU reads back at once (progress, cancellation): a read
 /// waits for the device to finish its queue, and a queue that runs empty idles the device while the host
 /// launches the next kernels. On the CPU each evaluation's losses are read as they come (nothing to wait
@@ -146,12 +160,9 @@ impl Engine {
                     .to_device(self.device())
                     * pre.noise_sigma()
             }
-            Init::Image(path) => {
+            init @ (Init::File(_) | Init::Image(_)) => {
                 let img = job.init_image.as_ref().ok_or_else(|| {
-                    stylefarm_core::Error::invalid(
-                        "init",
-                        format!("{}: init image not loaded", path.display()),
-                    )
+                    stylefarm_core::Error::invalid("init", format!("{init}: init image not loaded"))
                 })?;
                 pre.preprocess(&imaging::resize(img, w, h), self.device())
             }

@@ -10,25 +10,40 @@
 //!   local character): `A + G(tile at start) - G(canvas at start)`, whose average over the tiles is `A`.
 
 use image::RgbImage;
-use stylefarm_core::job::TileTask;
+use stylefarm_core::job::{ScalePart, ScaleTask};
 use stylefarm_core::{imaging, RenderParams};
 
 use crate::engine::Engine;
+use crate::objective::blocked::target_block;
 use crate::objective::StyleGrams;
 use crate::render::RenderJob;
 use crate::Error;
 
-/// The render of one tile of a canvas: `content` and `init` (the previous scale's result) resampled to the
-/// canvas over the tile's window; one scale of the tile's size; the style targets those of the whole canvas
-/// (`style_longest`). An error names `tile` (a canvas that is not the content's at that size) or `init`
-/// (none given).
+/// A task of a tiled job's later scale, prepared for the engine.
+pub struct ScaleRender {
+    /// The render of the task's region: its window of the canvas, or the whole canvas with its objective
+    /// evaluated in blocks of the job's tile size (exact mode).
+    pub job: RenderJob,
+    /// Side in px of the blocks the style targets (the style's and the canvas' Gram matrices, no gradient)
+    /// are computed in: [`target_block`] of the job's tile size, within the tile's memory.
+    pub target_block: u32,
+    /// For a tile smaller than its canvas, the canvas' width and height: the tile's style targets are offset
+    /// by the canvas' Gram matrices at the start of the scale ([`Engine::canvas_grams`],
+    /// [`Engine::tile_style_grams`]). `None` for the whole canvas.
+    pub canvas: Option<(u32, u32)>,
+}
+
+/// The render of one task of a canvas: `content` and `init` (the previous scale's result) resampled to the
+/// canvas over the task's window; one scale of the window's size; the style targets those of the whole
+/// canvas (`style_longest`). An error names `tile` (a canvas that is not the content's at that size) or
+/// `init` (none given).
 pub fn tile_job(
     content: &RgbImage,
     styles: Vec<RgbImage>,
     init: Option<&RgbImage>,
     mut params: RenderParams,
-    tile: &TileTask,
-) -> Result<RenderJob, stylefarm_core::Error> {
+    tile: &ScaleTask,
+) -> Result<ScaleRender, stylefarm_core::Error> {
     let (cw, ch) = (tile.canvas_width, tile.canvas_height);
     let (w, h) = imaging::working_size(content.width(), content.height(), cw.max(ch));
     if (w, h) != (cw, ch) {
@@ -46,12 +61,12 @@ pub fn tile_job(
             "a tile needs the previous scale's image as its init",
         )
     })?;
-    let r = tile.rect;
+    let r = tile.rect();
     let window = (r.x, r.y, r.width, r.height);
     params.size = r.width.max(r.height);
     params.scales = 1;
     params.scale_iterations.clear();
-    Ok(RenderJob {
+    let job = RenderJob {
         style_longest: Some(cw.max(ch)),
         ..RenderJob::new(
             imaging::resize_window(content, (cw, ch), window)?,
@@ -59,6 +74,21 @@ pub fn tile_job(
             Some(imaging::resize_window(init, (cw, ch), window)?),
             params,
         )
+    };
+    Ok(match tile.part {
+        ScalePart::Whole { block } => ScaleRender {
+            job: RenderJob {
+                block: Some(block),
+                ..job
+            },
+            target_block: target_block(block),
+            canvas: None,
+        },
+        ScalePart::Tile { tile_size, .. } => ScaleRender {
+            job,
+            target_block: target_block(tile_size),
+            canvas: ((r.width, r.height) != (cw, ch)).then_some((cw, ch)),
+        },
     })
 }
 

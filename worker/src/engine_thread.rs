@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use image::RgbImage;
+use stylefarm_core::job::ImageHash;
 use stylefarm_core::{Layer, Pooling};
 use stylefarm_engine::{Device, Engine, EngineOptions, Progress, RenderJob, StyleGrams};
 use tokio::sync::{oneshot, watch};
@@ -28,7 +29,7 @@ const STYLE_CACHE_ENTRIES: usize = 16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct StyleKey {
     /// The style images' sha256 hashes, in the task's order.
-    pub styles: Vec<String>,
+    pub styles: Vec<ImageHash>,
     /// Block size in px in which the style targets are computed (a tile's render); `None`: the whole image at
     /// once.
     pub block: Option<u32>,
@@ -42,7 +43,7 @@ pub struct StyleKey {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TileCanvas {
     /// The sha256 of the previous scale's result, which keys the canvas' cached Gram matrices.
-    pub init: String,
+    pub init: ImageHash,
     /// The previous scale's result, decoded, at its own size.
     pub previous: Arc<RgbImage>,
     /// The canvas' width at this scale, in px.
@@ -56,7 +57,7 @@ pub struct TileCanvas {
 enum TargetKey {
     /// The style images' blended Grams at a style side ([`Engine::style_grams`]).
     Style {
-        styles: Vec<String>,
+        styles: Vec<ImageHash>,
         /// The blend weights' bits (f64 is not `Eq`).
         blend: Vec<u64>,
         side: u32,
@@ -66,7 +67,7 @@ enum TargetKey {
     },
     /// A tile's canvas at the start of its scale ([`Engine::canvas_grams`]): the previous scale's hash.
     Canvas {
-        init: String,
+        init: ImageHash,
         size: (u32, u32),
         layers: Vec<Layer>,
         pooling: Pooling,
@@ -389,7 +390,7 @@ mod tests {
             |v: u8| RgbImage::from_fn(32, 24, |x, y| image::Rgb([v, x as u8 * 7, y as u8 * 9]));
         let job = RenderJob::new(img(10), vec![img(200)], None, params);
         let style = StyleKey {
-            styles: vec![style_key.to_string()],
+            styles: vec![ImageHash::of(style_key.as_bytes())],
             block: None,
             tile_canvas: None,
         };

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use stylefarm_core::job::{ImageHash, TileTask};
-use stylefarm_core::{imaging, Init, RenderParams};
+use stylefarm_core::job::{ImageHash, ScalePart, Task};
+use stylefarm_core::progress::TaskProgress;
+use stylefarm_core::{imaging, Init};
 use stylefarm_engine::{Device, EngineOptions, Progress, RenderJob};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
@@ -113,12 +114,9 @@ impl ImageCache {
     async fn get(
         &mut self,
         client: &mut WorkerServiceClient<Channel>,
-        hash: &str,
+        hash: &ImageHash,
     ) -> Result<Arc<RgbImage>, Failure> {
-        let hash: ImageHash = hash
-            .parse()
-            .map_err(|e: stylefarm_core::Error| Failure::Input(e.to_string()))?;
-        if let Some(img) = self.lookup(&hash) {
+        if let Some(img) = self.lookup(hash) {
             return Ok(img);
         }
         let mut stream = client
@@ -139,7 +137,7 @@ impl ImageCache {
             );
         }
         self.downloaded += bytes.len() as u64;
-        if ImageHash::of(&bytes) != hash {
+        if ImageHash::of(&bytes) != *hash {
             return Err(Failure::Transient(format!(
                 "downloading {hash}: the bytes do not match their hash"
             )));
@@ -147,7 +145,7 @@ impl ImageCache {
         let img = Arc::new(
             imaging::decode(&bytes, hash.as_str()).map_err(|e| Failure::Input(e.to_string()))?,
         );
-        self.insert(hash, img.clone());
+        self.insert(hash.clone(), img.clone());
         Ok(img)
     }
 }
@@ -361,23 +359,14 @@ impl Heartbeat {
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     ticker.tick().await;
-                    let mut beat = pb::HeartbeatRequest {
+                    let beat = pb::HeartbeatRequest {
                         worker_id: worker_id.clone(),
                         lease_id: lease_id.clone(),
-                        ..Default::default()
+                        progress: progress
+                            .borrow_and_update()
+                            .as_ref()
+                            .map(|p| (&TaskProgress::from(p)).into()),
                     };
-                    if let Some(p) = *progress.borrow_and_update() {
-                        beat.scale = p.scale;
-                        beat.scales = p.scales;
-                        beat.iteration = p.iteration;
-                        beat.iterations = p.iterations;
-                        beat.losses = Some(pb::Losses {
-                            content: p.losses.content,
-                            style: p.losses.style,
-                            tv: p.losses.tv,
-                            total: p.losses.total,
-                        });
-                    }
                     // a beat that hangs must not hold up the next ones
                     match tokio::time::timeout(interval, client.heartbeat(beat)).await {
                         Ok(Ok(r)) if r.get_ref().cancel => {
@@ -415,8 +404,9 @@ async fn run_task(
     let permanent = |error: String| Outcome::Failed(Failure::Input(error));
     let progress_rx = progress_tx.subscribe();
     let cancelled = || cancel.load(Ordering::Relaxed);
-    let params = match RenderParams::try_from(task.params.unwrap_or_default()) {
-        Ok(p) => p,
+    // the task decoded and checked once: a malformed one fails alone, naming its field
+    let Task { spec: task, .. } = match Task::try_from(task) {
+        Ok(t) => t,
         Err(e) => return permanent(e.to_string()),
     };
     let mut inputs = Vec::new();
@@ -426,16 +416,12 @@ async fn run_task(
             Err(failure) => return Outcome::Failed(failure),
         }
     }
-    let (init_hash, init_image) = match &params.init {
-        Init::Image(hash) => match cache.get(client, &hash.display().to_string()).await {
-            Ok(img) => (hash.display().to_string(), Some(img)),
+    let (init_hash, init_image) = match &task.params.init {
+        Init::Image(hash) => match cache.get(client, hash).await {
+            Ok(img) => (Some(hash.clone()), Some(img)),
             Err(failure) => return Outcome::Failed(failure),
         },
-        _ => (String::new(), None),
-    };
-    let tile = match task.tile.map(TileTask::try_from).transpose() {
-        Ok(t) => t,
-        Err(e) => return permanent(e.to_string()),
+        _ => (None, None),
     };
     if cancelled() {
         return Outcome::Cancelled;
@@ -446,7 +432,8 @@ async fn run_task(
         block: None,
         tile_canvas: None,
     };
-    let job = match tile {
+    let params = task.params;
+    let job = match task.scale {
         None => RenderJob::new(
             (*inputs[0]).clone(),
             styles,
@@ -462,35 +449,32 @@ async fn run_task(
                 }
             })
             .await;
-            let mut job = match cut {
-                Ok(Ok(job)) => job,
+            let prepared = match cut {
+                Ok(Ok(prepared)) => prepared,
                 Ok(Err(e)) => return permanent(e.to_string()),
                 Err(e) => {
                     return Outcome::Failed(Failure::Transient(format!("cutting the tile: {e}")))
                 }
             };
-            // style targets (the style's and the canvas' Gram matrices, no gradient) in blocks that
-            // stay within the tile's memory
-            style.block = Some(stylefarm_engine::objective::blocked::target_block(
-                t.tile_size,
-            ));
-            if t.exact {
-                // the whole canvas, its objective evaluated in blocks of the tile size
-                tracing::info!(block = t.tile_size, "exact: the whole canvas, in blocks");
-                job.block = Some(t.tile_size);
-            } else if (t.canvas_width, t.canvas_height) != (t.rect.width, t.rect.height) {
-                // the canvas' Gram matrices: computed (and the canvas resampled) once per worker and scale
-                style.tile_canvas = init_image.map(|previous| TileCanvas {
-                    init: init_hash,
-                    previous,
-                    width: t.canvas_width,
-                    height: t.canvas_height,
-                });
+            style.block = Some(prepared.target_block);
+            if let ScalePart::Whole { block } = t.part {
+                tracing::info!(block, "exact: the whole canvas, in blocks");
+            }
+            // the canvas' Gram matrices: computed (and the canvas resampled) once per worker and scale
+            if let Some((width, height)) = prepared.canvas {
+                style.tile_canvas = init_hash
+                    .zip(init_image)
+                    .map(|(init, previous)| TileCanvas {
+                        init,
+                        previous,
+                        width,
+                        height,
+                    });
             }
             if cancelled() {
                 return Outcome::Cancelled;
             }
-            job
+            prepared.job
         }
     };
     let done = engine.render(job, style, cancel.clone(), progress_tx).await;

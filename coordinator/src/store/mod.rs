@@ -91,10 +91,8 @@ pub(crate) mod tests {
             contents: vec![ImageHash::of(b"a"), ImageHash::of(b"b")],
             styles: vec![ImageHash::of(b"s")],
             params: RenderParams::default(),
-            sweep: vec![],
             priority: 0,
             max_attempts: 0,
-            tiling: Default::default(),
         };
         let tasks = spec
             .tasks()
