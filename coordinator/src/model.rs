@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use stylefarm_core::ids::{JobId, WorkerId};
+use stylefarm_core::ids::{ImageHash, JobId, WorkerId};
+#[cfg(doc)]
+use stylefarm_core::job::JobKind;
 use stylefarm_core::job::{JobSpec, TaskSpec};
 
 /// Job states, as on the wire.
@@ -60,8 +62,8 @@ pub struct JobMeta {
     /// The client's idempotency key: submitting again with the same non-empty key returns this job; empty
     /// when none was given.
     pub client_request_id: String,
-    /// What to render, as submitted: kind, content and style images (by sha256), params, sweep, priority, max
-    /// attempts, tiling.
+    /// What to render, as submitted: kind (with a sweep's axes or a tiled job's tiling), content and style
+    /// images (by sha256), params, priority, max attempts.
     pub spec: JobSpec,
     /// Where the job stands; terminal states are final.
     pub state: JobState,
@@ -74,14 +76,14 @@ pub struct JobMeta {
     /// Strikes (retryable failures, lease expiries) per worker id; a worker at the blocklist threshold gets no
     /// more of this job's tasks. Failures blamed on the input or on memory are not strikes.
     pub strikes: BTreeMap<WorkerId, u32>,
-    /// sha256 of a sweep's contact sheet.
-    pub contact_sheet: String,
-    /// Tiled jobs: sha256 of the final stitched image.
+    /// A job with stage work ([`JobKind::has_stage_work`]): the image of each finished stage, in order (a
+    /// tiled job's stitched scales, coarsest first; a sweep's contact sheet).
     #[serde(default)]
-    pub result: String,
-    /// Tiled jobs: sha256 of each finished scale's stitched image, coarsest first.
+    pub stage_results: Vec<ImageHash>,
+    /// A job with stage work, once it succeeded: its own image, the last stage's (a tiled job's final
+    /// stitched image, a sweep's contact sheet).
     #[serde(default)]
-    pub scale_results: Vec<String>,
+    pub result: Option<ImageHash>,
 }
 
 /// One task of a job.
@@ -99,8 +101,8 @@ pub struct TaskRecord {
     pub attempts: u32,
     /// The worker of the current or last attempt.
     pub worker: WorkerId,
-    /// sha256 of the result image.
-    pub result: String,
+    /// The result image, once the task succeeded.
+    pub result: Option<ImageHash>,
     /// The error of the last failed attempt.
     pub error: String,
     /// Earliest time (unix ms) of the next attempt (retry backoff).
@@ -120,7 +122,7 @@ impl TaskRecord {
             state: TaskState::Pending,
             attempts: 0,
             worker: WorkerId::default(),
-            result: String::new(),
+            result: None,
             error: String::new(),
             not_before_ms: 0,
             permanent_error_workers: Vec::new(),

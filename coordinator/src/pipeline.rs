@@ -34,14 +34,15 @@ impl Coordinator {
         let tiles: Result<Vec<_>, Error> = view
             .tasks
             .iter()
-            .map(|(t, _)| Ok((self.image(&t.result)?, t.spec.label.clone())))
+            .map(|(t, _)| Ok((self.result_image(t)?, t.spec.label.clone())))
             .collect();
         let stored = tiles
             .and_then(|tiles| sheet::contact_sheet(&tiles))
             .and_then(|png| Ok(self.blobs.put(&png)?));
         match stored {
             Ok(hash) => {
-                if let Err(e) = self.scheduler.set_contact_sheet(job_id, hash.as_str()) {
+                // the sweep's one stage: its contact sheet is the job's result
+                if let Err(e) = self.scheduler.finish_stage(job_id, 0, &hash, None) {
                     tracing::error!(
                         job_id = job_id.as_str(),
                         error = %e,

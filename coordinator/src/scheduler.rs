@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
+use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
 use tokio::sync::{broadcast, Notify};
@@ -272,9 +272,8 @@ impl Scheduler {
             finished_ms: 0,
             error: String::new(),
             strikes: Default::default(),
-            contact_sheet: String::new(),
-            result: String::new(),
-            scale_results: Vec::new(),
+            stage_results: Vec::new(),
+            result: None,
         };
         let tasks: Vec<TaskRecord> = tasks
             .into_iter()
@@ -434,7 +433,7 @@ impl Scheduler {
     pub fn complete(
         &self,
         lease_id: &LeaseId,
-        result: &str,
+        result: &ImageHash,
     ) -> Result<Option<Completed>, SchedulerError> {
         let mut st = self.state.lock().unwrap();
         let Some(lease) = Self::take_lease(&mut st, lease_id) else {
@@ -446,13 +445,13 @@ impl Scheduler {
         let job = st.jobs.get_mut(&lease.job_id).expect("leased job exists");
         let task = &mut job.tasks[lease.index as usize];
         task.state = TaskState::Succeeded;
-        task.result = result.to_string();
+        task.result = Some(result.clone());
         task.error.clear();
         task.permanent_error_workers.clear();
         let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
         let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
-        // a job with stage work succeeds once it is done (a sweep: set_contact_sheet; a tiled job:
-        // advance_tiled at its last scale), the others with their last task
+        // a job with stage work succeeds once it is done (finish_stage without a next stage), the others
+        // with their last task
         if all_tasks_done && !job.meta.spec.kind.has_stage_work() {
             job.meta.state = JobState::Succeeded;
             job.meta.finished_ms = now_ms();
@@ -676,33 +675,16 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Records a sweep's contact sheet, which completes the job.
-    pub fn set_contact_sheet(&self, job_id: &JobId, sha256: &str) -> Result<(), SchedulerError> {
-        let mut st = self.state.lock().unwrap();
-        let job = st
-            .jobs
-            .get_mut(job_id)
-            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
-        job.meta.contact_sheet = sha256.to_string();
-        if !job.meta.state.is_terminal() {
-            job.meta.state = JobState::Succeeded;
-            job.meta.finished_ms = now_ms();
-        }
-        let durable = self.store.write(vec![Op::Job(job.meta.clone())]);
-        drop(st);
-        store::wait(durable)?;
-        self.changed(job_id);
-        Ok(())
-    }
-
-    /// Records the stitched image of scale `scale` of a tiled job whose tasks all succeeded, and either
-    /// queues the next scale's tasks (`next`) or, at the last scale, completes the job with it. Returns false
-    /// (and changes nothing) when the job is not at that point: finished, cancelled, or already past it.
-    pub fn advance_tiled(
+    /// Records the image of stage `stage` of a job with stage work ([`JobKind::has_stage_work`]) whose
+    /// tasks all succeeded (a sweep's contact sheet; a tiled job's stitched scale), and either queues the
+    /// next stage's tasks (`next`) or, without one, completes the job with that image as its result.
+    /// Returns false (and changes nothing) when the job is not at that point: finished, cancelled, or
+    /// already past it.
+    pub fn finish_stage(
         &self,
         job_id: &JobId,
-        scale: u32,
-        stitched: &str,
+        stage: u32,
+        image: &ImageHash,
         next: Option<Vec<TaskSpec>>,
     ) -> Result<bool, SchedulerError> {
         let mut guard = self.state.lock().unwrap();
@@ -711,12 +693,12 @@ impl Scheduler {
             .jobs
             .get_mut(job_id)
             .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
-        let at_scale = job.meta.scale_results.len() as u32 == scale
+        let at_stage = job.meta.stage_results.len() as u32 == stage
             && job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
-        if job.meta.state.is_terminal() || job.meta.spec.kind.tiling().is_none() || !at_scale {
+        if job.meta.state.is_terminal() || !job.meta.spec.kind.has_stage_work() || !at_stage {
             return Ok(false);
         }
-        job.meta.scale_results.push(stitched.to_string());
+        job.meta.stage_results.push(image.clone());
         let mut ops = Vec::new();
         match next {
             Some(tasks) => {
@@ -729,7 +711,7 @@ impl Scheduler {
                 }
             }
             None => {
-                job.meta.result = stitched.to_string();
+                job.meta.result = Some(image.clone());
                 job.meta.state = JobState::Succeeded;
                 job.meta.finished_ms = now_ms();
             }
@@ -812,6 +794,11 @@ mod tests {
         }
     }
 
+    /// A stand-in for a result image's hash.
+    fn hash(name: &str) -> ImageHash {
+        ImageHash::of(name.as_bytes())
+    }
+
     fn w(id: &str) -> WorkerId {
         WorkerId::from(id)
     }
@@ -854,19 +841,22 @@ mod tests {
         // the lease expired: the task is handed out again, and the old lease's result is discarded
         let second = s.lease(&w("w2")).unwrap().unwrap();
         assert_ne!(first.lease_id, second.lease_id);
-        assert!(s.complete(&first.lease_id, "stale").unwrap().is_none());
+        assert!(s
+            .complete(&first.lease_id, &hash("stale"))
+            .unwrap()
+            .is_none());
         let s2 = scheduler(SchedulerConfig::default());
         let (job2, _) = s2.submit(batch(1, 0), "").unwrap();
         let lease = s2.lease(&w("w")).unwrap().unwrap();
         assert!(
-            s2.complete(&lease.lease_id, "result")
+            s2.complete(&lease.lease_id, &hash("result"))
                 .unwrap()
                 .unwrap()
                 .all_tasks_done
         );
         let view = s2.get(&job2).unwrap();
         assert_eq!(view.meta.state, JobState::Succeeded);
-        assert_eq!(view.tasks[0].0.result, "result");
+        assert_eq!(view.tasks[0].0.result, Some(hash("result")));
         let _ = job;
     }
 
@@ -1076,7 +1066,7 @@ mod tests {
             s.lease(&w("w")).unwrap().is_none(),
             "the pending task was cancelled"
         );
-        assert!(s.complete(&l.lease_id, "late").unwrap().is_none());
+        assert!(s.complete(&l.lease_id, &hash("late")).unwrap().is_none());
         assert!(matches!(
             s.cancel(&JobId::from("job-nope")),
             Err(SchedulerError::JobNotFound(_))
@@ -1099,7 +1089,7 @@ mod tests {
         let (job, _) = s.submit(spec.clone(), "").unwrap();
         let l = s.lease(&w("w")).unwrap().unwrap();
         assert_eq!(l.task.spec.label, "scale 1/2");
-        let done = s.complete(&l.lease_id, "scale0").unwrap().unwrap();
+        let done = s.complete(&l.lease_id, &hash("scale0")).unwrap().unwrap();
         assert!(done.all_tasks_done);
         assert_eq!(
             s.get(&job).unwrap().meta.state,
@@ -1111,13 +1101,11 @@ mod tests {
         let tiles = spec.scale_tasks(800, 600, 1, &stitched, &[]).unwrap();
         assert_eq!(tiles.len(), 6, "1024 x 768 in 512-px tiles: 3 x 2");
         // a wrong scale, or the same scale twice, changes nothing
-        assert!(!s.advance_tiled(&job, 1, "x", None).unwrap());
+        assert!(!s.finish_stage(&job, 1, &hash("x"), None).unwrap());
         assert!(s
-            .advance_tiled(&job, 0, stitched.as_str(), Some(tiles.clone()))
+            .finish_stage(&job, 0, &stitched, Some(tiles.clone()))
             .unwrap());
-        assert!(!s
-            .advance_tiled(&job, 0, stitched.as_str(), Some(tiles))
-            .unwrap());
+        assert!(!s.finish_stage(&job, 0, &stitched, Some(tiles)).unwrap());
         assert_eq!(s.queue_depth(), 6);
         assert!(s.jobs_awaiting_step().is_empty());
         // the tiles are in the store: a restarted scheduler has them queued
@@ -1130,13 +1118,13 @@ mod tests {
         }
         assert_eq!(leases.len(), 6);
         for l in &leases {
-            again.complete(&l.lease_id, "tile").unwrap();
+            again.complete(&l.lease_id, &hash("tile")).unwrap();
         }
-        assert!(again.advance_tiled(&job, 1, "final", None).unwrap());
+        assert!(again.finish_stage(&job, 1, &hash("final"), None).unwrap());
         let view = again.get(&job).unwrap();
         assert_eq!(view.meta.state, JobState::Succeeded);
-        assert_eq!(view.meta.result, "final");
-        assert_eq!(view.meta.scale_results, [stitched.as_str(), "final"]);
+        assert_eq!(view.meta.result, Some(hash("final")));
+        assert_eq!(view.meta.stage_results, [stitched, hash("final")]);
     }
 
     #[test]
@@ -1149,7 +1137,7 @@ mod tests {
         let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
         assert_eq!(s.queue_depth(), 2);
         assert!(
-            s.complete(&l.lease_id, "late").unwrap().is_none(),
+            s.complete(&l.lease_id, &hash("late")).unwrap().is_none(),
             "leases die with the coordinator"
         );
         assert_eq!(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
-use stylefarm_core::job::{ExpandedJob, ImageHash};
+use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind};
 use stylefarm_core::{imaging, Init};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_server::RenderService;
@@ -49,8 +49,14 @@ fn task_state(s: TaskState) -> pb::TaskState {
 }
 
 /// The wire form of a job's status.
+/// An image's hash as the wire's text; empty for none.
+fn text(hash: Option<&ImageHash>) -> String {
+    hash.map(ToString::to_string).unwrap_or_default()
+}
+
 pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
     let m = &view.meta;
+    let tiled = m.spec.kind.tiling().is_some();
     pb::JobStatus {
         job_id: m.id.to_string(),
         spec: Some((&m.spec).into()),
@@ -65,15 +71,28 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
                 attempts: t.attempts,
                 worker_id: t.worker.to_string(),
                 progress: p.as_ref().map(Into::into),
-                result: t.result.clone(),
+                result: text(t.result.as_ref()),
                 error: t.error.clone(),
                 tile: t.spec.scale.as_ref().map(Into::into),
             })
             .collect(),
-        contact_sheet: m.contact_sheet.clone(),
-        result: m.result.clone(),
-        scale_results: m.scale_results.clone(),
-        scales: if m.spec.kind.tiling().is_some() {
+        // a job's own images by its kind: a sweep's contact sheet, a tiled job's scales and final image
+        contact_sheet: if matches!(m.spec.kind, JobKind::Sweep(_)) {
+            text(m.result.as_ref())
+        } else {
+            String::new()
+        },
+        result: if tiled {
+            text(m.result.as_ref())
+        } else {
+            String::new()
+        },
+        scale_results: if tiled {
+            m.stage_results.iter().map(ToString::to_string).collect()
+        } else {
+            Vec::new()
+        },
+        scales: if tiled {
             m.spec.pyramid_params().map_or(0, |p| p.scales)
         } else {
             0
@@ -219,7 +238,7 @@ impl RenderService for RenderApi {
         let (job_id, created) = blocking(move || {
             // no task may be too small for VGG19: sizes from the images' headers
             job.check_sizes(|hash| {
-                coordinator.dimensions(hash.as_str()).map_err(|e| {
+                coordinator.dimensions(hash).map_err(|e| {
                     stylefarm_core::Error::image(
                         hash.as_str(),
                         format!("cannot read the header: {e}"),
@@ -473,7 +492,7 @@ impl WorkerService for WorkerApi {
             let bytes = match coordinator.scheduler.leased_task(&lease) {
                 Some((task, kind)) if kind.tiling().is_none() && task.scale.is_none() => {
                     coordinator
-                        .with_content_alpha(&img, task.content.as_str())?
+                        .with_content_alpha(&img, &task.content)?
                         .unwrap_or(bytes)
                 }
                 _ => bytes,
@@ -481,7 +500,7 @@ impl WorkerService for WorkerApi {
             let hash = coordinator.blobs.put(&bytes).map_err(Error::from)?;
             let completed = coordinator
                 .scheduler
-                .complete(&lease, hash.as_str())
+                .complete(&lease, &hash)
                 .map_err(Error::from)?;
             Ok((hash, completed))
         })

@@ -13,6 +13,7 @@ use stylefarm_core::imaging;
 use stylefarm_core::job::ImageHash;
 
 use crate::blobs::BlobReader;
+use crate::model::TaskRecord;
 use crate::{Coordinator, Error};
 
 fn png(img: &RgbImage) -> Result<Vec<u8>, Error> {
@@ -23,39 +24,47 @@ fn png(img: &RgbImage) -> Result<Vec<u8>, Error> {
 }
 
 impl Coordinator {
-    /// A stored image's file, by its sha256, opened for reading.
-    fn stored(&self, sha256: &str) -> Result<Box<dyn BlobReader>, Error> {
-        let hash: ImageHash = sha256.parse()?;
+    /// A stored image's file, opened for reading.
+    fn stored(&self, hash: &ImageHash) -> Result<Box<dyn BlobReader>, Error> {
         self.blobs
-            .open_blob(&hash)?
+            .open_blob(hash)?
             .ok_or_else(|| Error::Internal(format!("image {hash} missing from the blob store")))
     }
 
     /// A stored image's bytes.
-    fn blob(&self, sha256: &str) -> Result<Vec<u8>, Error> {
+    fn blob(&self, hash: &ImageHash) -> Result<Vec<u8>, Error> {
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut self.stored(sha256)?, &mut bytes)?;
+        std::io::Read::read_to_end(&mut self.stored(hash)?, &mut bytes)?;
         Ok(bytes)
     }
 
     /// A stored image, decoded.
-    pub(crate) fn image(&self, sha256: &str) -> Result<RgbImage, Error> {
-        Ok(imaging::decode(&self.blob(sha256)?, sha256)?)
+    pub(crate) fn image(&self, hash: &ImageHash) -> Result<RgbImage, Error> {
+        Ok(imaging::decode(&self.blob(hash)?, hash.as_str())?)
+    }
+
+    /// A succeeded task's result image, decoded.
+    pub(crate) fn result_image(&self, task: &TaskRecord) -> Result<RgbImage, Error> {
+        let hash = task
+            .result
+            .as_ref()
+            .ok_or_else(|| Error::Internal(format!("task {} has no result", task.index)))?;
+        self.image(hash)
     }
 
     /// The width and height of a stored image as decoded (EXIF orientation applied), from its header: no
     /// pixel is decoded.
-    pub(crate) fn dimensions(&self, sha256: &str) -> Result<(u32, u32), Error> {
-        Ok(imaging::dimensions(self.stored(sha256)?, sha256)?)
+    pub(crate) fn dimensions(&self, hash: &ImageHash) -> Result<(u32, u32), Error> {
+        Ok(imaging::dimensions(self.stored(hash)?, hash.as_str())?)
     }
 
     /// The alpha channel of a stored content image, oriented as its pixels; `None` when it has none or is
     /// opaque (the header says whether to decode at all).
-    pub(crate) fn content_alpha(&self, sha256: &str) -> Result<Option<GrayImage>, Error> {
-        if !imaging::has_alpha(self.stored(sha256)?, sha256)? {
+    pub(crate) fn content_alpha(&self, hash: &ImageHash) -> Result<Option<GrayImage>, Error> {
+        if !imaging::has_alpha(self.stored(hash)?, hash.as_str())? {
             return Ok(None);
         }
-        Ok(imaging::decode_full(&self.blob(sha256)?, sha256)?.alpha)
+        Ok(imaging::decode_full(&self.blob(hash)?, hash.as_str())?.alpha)
     }
 
     /// A final result given its content's alpha, as an RGBA PNG, when the content has one (a stylized logo
@@ -63,7 +72,7 @@ impl Coordinator {
     pub(crate) fn with_content_alpha(
         &self,
         img: &RgbImage,
-        content: &str,
+        content: &ImageHash,
     ) -> Result<Option<Vec<u8>>, Error> {
         Ok(self
             .content_alpha(content)?
@@ -82,7 +91,7 @@ impl Coordinator {
     fn stitch_scale(&self, job_id: &JobId) -> Result<(), Error> {
         let view = self.scheduler.get(job_id)?;
         let spec = &view.meta.spec;
-        let scale = view.meta.scale_results.len() as u32;
+        let scale = view.meta.stage_results.len() as u32;
         let tasks: Vec<_> = view
             .tasks
             .iter()
@@ -97,7 +106,7 @@ impl Coordinator {
             // the first scale is one untiled task: its result is the scale's image
             None => {
                 let pyramid = spec.pyramid_params()?;
-                (self.image(&tasks[0].result)?, pyramid.scales)
+                (self.result_image(tasks[0])?, pyramid.scales)
             }
             Some(first) => {
                 // the tile size the planner chose for this scale
@@ -128,20 +137,20 @@ impl Coordinator {
                                 .is_some_and(|x| x.index() as usize == i)
                         })
                         .ok_or_else(|| Error::Internal(format!("tile {i} missing")))?;
-                    self.image(&task.result)
+                    self.result_image(task)
                 })?;
                 (img, first.scales)
             }
         };
         let last = scale + 1 == scales;
         let stitched = if last && spec.params.original_colors {
-            imaging::original_colors(&stitched, &self.image(spec.contents[0].as_str())?)
+            imaging::original_colors(&stitched, &self.image(&spec.contents[0])?)
         } else {
             stitched
         };
         let (width, height) = stitched.dimensions();
         let with_alpha = if last {
-            self.with_content_alpha(&stitched, spec.contents[0].as_str())?
+            self.with_content_alpha(&stitched, &spec.contents[0])?
         } else {
             None
         };
@@ -154,7 +163,7 @@ impl Coordinator {
         let next = if last {
             None
         } else {
-            let (cw, ch) = self.dimensions(spec.contents[0].as_str())?;
+            let (cw, ch) = self.dimensions(&spec.contents[0])?;
             Some(spec.scale_tasks(cw, ch, scale + 1, &hash, &self.workers.live_memory())?)
         };
         let tiles = next.as_ref().map_or(0, Vec::len);
@@ -162,9 +171,7 @@ impl Coordinator {
             .as_ref()
             .and_then(|tasks| tasks.first()?.scale.as_ref())
             .map_or(0, |t| t.block());
-        let advanced = self
-            .scheduler
-            .advance_tiled(job_id, scale, hash.as_str(), next)?;
+        let advanced = self.scheduler.finish_stage(job_id, scale, &hash, next)?;
         tracing::info!(
             job_id = job_id.as_str(),
             scale = scale + 1,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
+use stylefarm_core::ids::{LeaseId, WorkerId};
 use stylefarm_core::job::{ImageHash, ScalePart, Task};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::{imaging, Init};
@@ -206,14 +207,14 @@ impl Failure {
     }
 
     /// The FailTask request of this failure.
-    fn request(&self, lease_id: &str) -> pb::FailTaskRequest {
+    fn request(&self, lease_id: &LeaseId) -> pb::FailTaskRequest {
         let (error, kind) = match self {
             Failure::Input(e) => (e, pb::FailureKind::Input),
             Failure::Transient(e) => (e, pb::FailureKind::Transient),
             Failure::OutOfMemory(e) => (e, pb::FailureKind::OutOfMemory),
         };
         pb::FailTaskRequest {
-            lease_id: lease_id.into(),
+            lease_id: lease_id.to_string(),
             error: error.clone(),
             kind: kind as i32,
         }
@@ -265,9 +266,9 @@ pub async fn run(
                 continue;
             }
         };
-        let worker_id = registered.worker_id;
+        let worker_id = WorkerId::new(registered.worker_id);
         let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
-        tracing::info!(worker_id, memory_bytes, "registered");
+        tracing::info!(worker_id = worker_id.as_str(), memory_bytes, "registered");
         while !stop.load(Ordering::Relaxed) {
             if let Some(why) = engine.lost() {
                 tracing::error!(reason = why, "the engine cannot render: leaving the farm");
@@ -276,7 +277,7 @@ pub async fn run(
             let wait_ms = config.lease_wait.as_millis() as u32;
             let leased = client
                 .lease_task(pb::LeaseTaskRequest {
-                    worker_id: worker_id.clone(),
+                    worker_id: worker_id.to_string(),
                     wait_ms,
                 })
                 .await;
@@ -289,12 +290,12 @@ pub async fn run(
                 }
             };
             let Some(task) = leased.task else { continue };
-            let lease_id = leased.lease_id;
+            let lease_id = LeaseId::new(leased.lease_id);
             let span = tracing::info_span!(
                 "task",
                 job_id = task.job_id,
                 task_id = task.index,
-                worker_id
+                worker_id = worker_id.as_str()
             );
             async {
                 tracing::info!(label = task.label, "rendering");
@@ -347,8 +348,8 @@ struct Heartbeat(tokio::task::JoinHandle<()>);
 impl Heartbeat {
     fn start(
         mut client: WorkerServiceClient<Channel>,
-        worker_id: String,
-        lease_id: String,
+        worker_id: WorkerId,
+        lease_id: LeaseId,
         interval: Duration,
         mut progress: tokio::sync::watch::Receiver<Option<Progress>>,
         cancel: Arc<AtomicBool>,
@@ -360,8 +361,8 @@ impl Heartbeat {
                 loop {
                     ticker.tick().await;
                     let beat = pb::HeartbeatRequest {
-                        worker_id: worker_id.clone(),
-                        lease_id: lease_id.clone(),
+                        worker_id: worker_id.to_string(),
+                        lease_id: lease_id.to_string(),
                         progress: progress
                             .borrow_and_update()
                             .as_ref()
@@ -498,7 +499,7 @@ async fn run_task(
 }
 
 /// Sends the outcome to the coordinator, retrying a few times while it is away.
-async fn report(client: &mut WorkerServiceClient<Channel>, lease_id: &str, outcome: Outcome) {
+async fn report(client: &mut WorkerServiceClient<Channel>, lease_id: &LeaseId, outcome: Outcome) {
     for attempt in 0..5u32 {
         let sent = match &outcome {
             Outcome::Done(img) => {
@@ -510,7 +511,9 @@ async fn report(client: &mut WorkerServiceClient<Channel>, lease_id: &str, outco
                     return;
                 }
                 let mut parts = vec![pb::CompleteTaskRequest {
-                    part: Some(pb::complete_task_request::Part::LeaseId(lease_id.into())),
+                    part: Some(pb::complete_task_request::Part::LeaseId(
+                        lease_id.to_string(),
+                    )),
                 }];
                 parts.extend(png.chunks(CHUNK_BYTES).map(|c| pb::CompleteTaskRequest {
                     part: Some(pb::complete_task_request::Part::Data(c.to_vec())),

@@ -111,9 +111,8 @@ pub(crate) mod tests {
             finished_ms: 0,
             error: String::new(),
             strikes: BTreeMap::new(),
-            contact_sheet: String::new(),
-            result: String::new(),
-            scale_results: Vec::new(),
+            stage_results: Vec::new(),
+            result: None,
         };
         (meta, tasks)
     }
@@ -134,7 +133,7 @@ pub(crate) mod tests {
         assert_eq!(all[1].1, ta);
 
         ta[1].state = TaskState::Succeeded;
-        ta[1].result = "r".into();
+        ta[1].result = Some(ImageHash::of(b"r"));
         store.update_task(&JobId::from("job-a"), &ta[1]).unwrap();
         a.state = JobState::Running;
         a.strikes.insert("w1".into(), 2);
