@@ -123,7 +123,7 @@ pub enum RenderError {
     Panicked(String),
     /// The engine can no longer render (device lost, weights gone on reload): the worker must stop.
     #[error("the engine is lost: {0}")]
-    Lost(String),
+    Lost(Unhealthy),
 }
 
 type Reply = Result<(RgbImage, RenderStats), RenderError>;
@@ -140,7 +140,7 @@ struct Request {
 pub struct EngineThread {
     requests: std::sync::mpsc::Sender<Request>,
     /// Set, with the reason, when the engine can no longer render.
-    lost: Arc<Mutex<Option<String>>>,
+    lost: Arc<Mutex<Option<Unhealthy>>>,
 }
 
 /// The message of a caught panic.
@@ -152,12 +152,42 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
+/// Why the engine does not render, or cannot be had again.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unhealthy {
+    /// Its probe render ([`Engine::probe`]) returned this error.
+    #[error(transparent)]
+    Probe(Arc<stylefarm_engine::Error>),
+    /// Its probe render panicked with this message.
+    #[error("{0}")]
+    ProbePanicked(String),
+    /// It did not render, and reloading VGG19 failed.
+    #[error("{why}; reloading failed: {reload}")]
+    ReloadFailed {
+        /// Why the engine was reloaded.
+        why: Box<Unhealthy>,
+        /// The reload's error.
+        reload: Arc<stylefarm_engine::Error>,
+    },
+    /// It did not render, and the reloaded engine does not either.
+    #[error("{why}; after a reload still: {still}")]
+    StillUnhealthy {
+        /// Why the engine was reloaded.
+        why: Box<Unhealthy>,
+        /// Why the reloaded one does not render.
+        still: Box<Unhealthy>,
+    },
+    /// The engine thread is gone.
+    #[error("the engine thread stopped")]
+    Stopped,
+}
+
 /// Whether the engine still renders ([`Engine::probe`]), a panic in the probe included.
-fn healthy(engine: &Engine) -> Result<(), String> {
+fn healthy(engine: &Engine) -> Result<(), Unhealthy> {
     match std::panic::catch_unwind(AssertUnwindSafe(|| engine.probe())) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(payload) => Err(panic_message(payload.as_ref())),
+        Ok(Err(e)) => Err(Unhealthy::Probe(Arc::new(e))),
+        Err(payload) => Err(Unhealthy::ProbePanicked(panic_message(payload.as_ref()))),
     }
 }
 
@@ -172,23 +202,33 @@ struct Resident {
 impl Resident {
     /// After a failure that was not the input's: keeps the engine when it still renders, else reloads
     /// VGG19 (and forgets the cached targets); `Err` when it cannot be had again.
-    fn recover(&mut self) -> Result<(), String> {
+    fn recover(&mut self) -> Result<(), Unhealthy> {
         let Err(why) = self.check() else {
             return Ok(());
         };
-        tracing::error!(reason = why, "the engine does not render; reloading VGG19");
+        tracing::error!(reason = %why, "the engine does not render; reloading VGG19");
         self.cache = StyleCache::default();
         let device = self.engine.device();
-        let engine = Engine::load_with(&self.weights, device, self.engine.options())
-            .map_err(|e| format!("{why}; reloading failed: {e}"))?;
-        healthy(&engine).map_err(|e| format!("{why}; after a reload still: {e}"))?;
+        let engine =
+            Engine::load_with(&self.weights, device, self.engine.options()).map_err(|e| {
+                Unhealthy::ReloadFailed {
+                    why: Box::new(why.clone()),
+                    reload: Arc::new(e),
+                }
+            })?;
+        healthy(&engine).map_err(|e| Unhealthy::StillUnhealthy {
+            why: Box::new(why),
+            still: Box::new(e),
+        })?;
         self.engine = engine;
         tracing::info!("engine reloaded");
         Ok(())
     }
 
-    fn check(&self) -> Result<(), String> {
-        fail::fail_point!("engine-probe", |_| Err("device lost (injected)".into()));
+    fn check(&self) -> Result<(), Unhealthy> {
+        fail::fail_point!("engine-probe", |_| Err(Unhealthy::Probe(Arc::new(
+            stylefarm_engine::Error::Device("device lost (injected)".into())
+        ))));
         healthy(&self.engine)
     }
 
@@ -324,7 +364,7 @@ impl EngineThread {
                     };
                     if suspect {
                         if let Err(why) = resident.recover() {
-                            tracing::error!(reason = why, "the engine is lost");
+                            tracing::error!(reason = %why, "the engine is lost");
                             *lost_here.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                             // refuse further requests before answering this one: a render sent after
                             // the answer finds the thread gone and is answered as lost at once
@@ -346,7 +386,7 @@ impl EngineThread {
     }
 
     /// Why the engine can no longer render, once it cannot: the worker should stop leasing and exit.
-    pub fn lost(&self) -> Option<String> {
+    pub fn lost(&self) -> Option<Unhealthy> {
         self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -366,9 +406,7 @@ impl EngineThread {
             progress,
             reply,
         }) {
-            let why = self
-                .lost()
-                .unwrap_or_else(|| "the engine thread stopped".into());
+            let why = self.lost().unwrap_or(Unhealthy::Stopped);
             let _ = req.reply.send(Err(RenderError::Lost(why)));
         }
         rx
@@ -458,13 +496,13 @@ mod tests {
             Err(RenderError::Panicked(_))
         ));
         fail::remove("engine-probe");
-        let why = engine.lost().expect("the engine is lost");
+        let why = engine.lost().expect("the engine is lost").to_string();
         assert!(
             why.contains("device lost") && why.contains("reloading failed"),
             "{why}"
         );
         match good(&engine) {
-            Err(RenderError::Lost(m)) => assert_eq!(m, why),
+            Err(RenderError::Lost(m)) => assert_eq!(m.to_string(), why),
             other => panic!("{:?}", other.map(|(img, _)| img.dimensions())),
         }
     }

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use tracing::Instrument;
 
 pub use engine_thread::{
-    panic_message, EngineThread, RenderError, RenderStats, StyleKey, TileCanvas,
+    panic_message, EngineThread, RenderError, RenderStats, StyleKey, TileCanvas, Unhealthy,
 };
 
 /// Errors that stop a worker.
@@ -40,7 +40,7 @@ pub enum Error {
     /// The engine can no longer render (device lost, weights gone when it was reloaded): the worker stops
     /// leasing rather than fail every task it would take.
     #[error("cannot render any more: {0}")]
-    EngineLost(String),
+    EngineLost(engine_thread::Unhealthy),
 }
 
 /// How a worker runs.
@@ -271,7 +271,7 @@ pub async fn run(
         tracing::info!(worker_id = worker_id.as_str(), memory_bytes, "registered");
         while !stop.load(Ordering::Relaxed) {
             if let Some(why) = engine.lost() {
-                tracing::error!(reason = why, "the engine cannot render: leaving the farm");
+                tracing::error!(reason = %why, "the engine cannot render: leaving the farm");
                 return Err(Error::EngineLost(why));
             }
             let wait_ms = config.lease_wait.as_millis() as u32;
