@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use stylefarm_client::{job_state_name, task_state_name, FarmClient, JobFiles};
+use stylefarm_client::{job_state_name, task_state_name, FarmClient, JobFiles, JobId};
 use stylefarm_core::job::{parse_sweep, JobKind};
 use stylefarm_core::params::ParamArgs;
 use stylefarm_core::tiling::{self, Tiling};
@@ -99,7 +99,7 @@ pub(crate) struct JobArgs {
 pub(crate) struct JobRef {
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
-    job_id: String,
+    job_id: JobId,
 }
 
 #[derive(Args)]
@@ -212,7 +212,7 @@ impl JobArgs {
 /// Follows a job until it ends, with a progress bar per task (stderr); returns its final status.
 async fn watch_job(
     client: &mut FarmClient,
-    job_id: &str,
+    job_id: &JobId,
     bars: bool,
 ) -> anyhow::Result<pb::JobStatus> {
     let mut stream = client.watch(job_id).await?;
@@ -280,7 +280,7 @@ async fn watch_job(
 /// Waits for the job, fetches its results when `output` is given, and fails when the job did not succeed.
 pub(crate) async fn wait_and_fetch(
     client: &mut FarmClient,
-    job_id: &str,
+    job_id: &JobId,
     output: Option<&Path>,
 ) -> anyhow::Result<()> {
     let status = watch_job(client, job_id, true).await?;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
+pub use stylefarm_core::ids::JobId;
 use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
 use stylefarm_core::{imaging, Init, RenderParams};
 use stylefarm_proto::pb;
@@ -55,12 +56,12 @@ pub enum ClientError {
     Domain(#[from] stylefarm_core::Error),
     /// A downloaded file's bytes do not hash to the name it was asked by.
     #[error("downloading {0}: the bytes do not match their hash")]
-    Corrupt(String),
+    Corrupt(ImageHash),
     /// A job ended, or a stream stopped, without what the call needs.
     #[error("job {job_id}: {message}")]
     Job {
         /// The job.
-        job_id: String,
+        job_id: JobId,
         /// What is missing, with the job's state.
         message: String,
     },
@@ -176,13 +177,13 @@ impl FarmClient {
 
     /// Submits a job whose images are uploaded; returns its id. The spec is checked here as the coordinator
     /// will check it, so a bad one fails naming its field without a round trip.
-    pub async fn submit(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<String> {
+    pub async fn submit(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<JobId> {
         spec.tasks()?;
         self.send(spec, request_id).await
     }
 
     /// The SubmitJob call of a checked spec.
-    async fn send(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<String> {
+    async fn send(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<JobId> {
         let reply = self
             .rpc
             .submit_job(pb::SubmitJobRequest {
@@ -191,12 +192,12 @@ impl FarmClient {
             })
             .await?
             .into_inner();
-        Ok(reply.job_id)
+        Ok(JobId::new(reply.job_id))
     }
 
     /// Uploads a job's images (each file once) and submits it; returns its id. The job is checked as
     /// the coordinator will check it before any byte is sent: the files are hashed first.
-    pub async fn submit_files(&mut self, job: &JobFiles) -> Result<String> {
+    pub async fn submit_files(&mut self, job: &JobFiles) -> Result<JobId> {
         let init = match &job.params.init {
             Init::File(path) => Some(path.as_path()),
             _ => None,
@@ -245,11 +246,11 @@ impl FarmClient {
     }
 
     /// A job's status now.
-    pub async fn job(&mut self, job_id: &str) -> Result<pb::JobStatus> {
+    pub async fn job(&mut self, job_id: &JobId) -> Result<pb::JobStatus> {
         Ok(self
             .rpc
             .get_job(pb::GetJobRequest {
-                job_id: job_id.into(),
+                job_id: job_id.to_string(),
             })
             .await?
             .into_inner())
@@ -269,11 +270,11 @@ impl FarmClient {
     }
 
     /// Cancels a job; returns its state after the cancel (a job already ended keeps its state).
-    pub async fn cancel(&mut self, job_id: &str) -> Result<pb::JobState> {
+    pub async fn cancel(&mut self, job_id: &JobId) -> Result<pb::JobState> {
         let reply = self
             .rpc
             .cancel_job(pb::CancelJobRequest {
-                job_id: job_id.into(),
+                job_id: job_id.to_string(),
             })
             .await?
             .into_inner();
@@ -281,12 +282,12 @@ impl FarmClient {
     }
 
     /// Follows a job: its status now, then one on every change, until it ends (the stream then ends).
-    pub async fn watch(&mut self, job_id: &str) -> Result<StatusStream> {
-        let job = job_id.to_string();
+    pub async fn watch(&mut self, job_id: &JobId) -> Result<StatusStream> {
+        let job = job_id.clone();
         let stream = self
             .rpc
             .watch_job(pb::WatchJobRequest {
-                job_id: job_id.into(),
+                job_id: job_id.to_string(),
             })
             .await?
             .into_inner();
@@ -299,24 +300,24 @@ impl FarmClient {
     }
 
     /// Follows a job until it ends; returns its last status.
-    pub async fn wait(&mut self, job_id: &str) -> Result<pb::JobStatus> {
+    pub async fn wait(&mut self, job_id: &JobId) -> Result<pb::JobStatus> {
         let mut stream = self.watch(job_id).await?;
         let mut last = None;
         while let Some(status) = stream.next().await {
             last = Some(status?);
         }
         last.ok_or_else(|| ClientError::Job {
-            job_id: job_id.into(),
+            job_id: job_id.clone(),
             message: "the event stream ended without an event".into(),
         })
     }
 
     /// Downloads a result image's bytes by its sha256, checking them against it.
-    pub async fn download_bytes(&mut self, sha256: &str) -> Result<Vec<u8>> {
+    pub async fn download_bytes(&mut self, hash: &ImageHash) -> Result<Vec<u8>> {
         let mut stream = self
             .rpc
             .download_result(pb::DownloadRequest {
-                sha256: sha256.into(),
+                sha256: hash.to_string(),
             })
             .await?
             .into_inner();
@@ -324,17 +325,26 @@ impl FarmClient {
         while let Some(chunk) = stream.next().await {
             bytes.extend(chunk?.data);
         }
-        if ImageHash::of(&bytes).as_str() != sha256 {
-            return Err(ClientError::Corrupt(sha256.into()));
+        if ImageHash::of(&bytes) != *hash {
+            return Err(ClientError::Corrupt(hash.clone()));
         }
         Ok(bytes)
     }
 
     /// Downloads a result image to `path`, re-encoded to the format of its extension (PNG as sent).
-    pub async fn download(&mut self, sha256: &str, path: &Path) -> Result<()> {
-        let bytes = self.download_bytes(sha256).await?;
-        imaging::save_encoded(&bytes, sha256, path)?;
+    pub async fn download(&mut self, hash: &ImageHash, path: &Path) -> Result<()> {
+        let bytes = self.download_bytes(hash).await?;
+        imaging::save_encoded(&bytes, hash.as_str(), path)?;
         Ok(())
+    }
+
+    /// [`Self::download`] of an image named by a status' text (a sha256; an error names `result`
+    /// otherwise).
+    async fn download_named(&mut self, sha256: &str, path: &Path) -> Result<()> {
+        let hash: ImageHash = sha256.parse().map_err(|_| {
+            stylefarm_core::Error::invalid("result", format!("'{sha256}' is not a sha256"))
+        })?;
+        self.download(&hash, path).await
     }
 
     /// Writes a job's results; returns the files written. A single render or a tiled job's stitched image
@@ -343,7 +353,7 @@ impl FarmClient {
     /// tiled job's `scale-K.png` and `result.png`.
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
-            job_id: status.job_id.clone(),
+            job_id: JobId::new(status.job_id.clone()),
             message: format!("{what} (state {})", job_state_name(status.state)),
         };
         let done: Vec<&pb::TaskStatus> = status
@@ -361,18 +371,18 @@ impl FarmClient {
                 return Err(missing("has no result yet"));
             }
             if imaging::output_format(output).is_ok() {
-                self.download(&status.result, output).await?;
+                self.download_named(&status.result, output).await?;
                 written.push(output.to_path_buf());
                 return Ok(written);
             }
             create_dir(output)?;
             for (k, sha) in status.scale_results.iter().enumerate() {
                 let path = output.join(format!("scale-{}.png", k + 1));
-                self.download(sha, &path).await?;
+                self.download_named(sha, &path).await?;
                 written.push(path);
             }
             let path = output.join("result.png");
-            self.download(&status.result, &path).await?;
+            self.download_named(&status.result, &path).await?;
             written.push(path);
             return Ok(written);
         }
@@ -380,19 +390,19 @@ impl FarmClient {
             && status.contact_sheet.is_empty()
             && imaging::output_format(output).is_ok()
         {
-            self.download(&done[0].result, output).await?;
+            self.download_named(&done[0].result, output).await?;
             written.push(output.to_path_buf());
             return Ok(written);
         }
         create_dir(output)?;
         for t in done {
             let path = output.join(format!("{:03}_{}.png", t.index, slug(&t.label)));
-            self.download(&t.result, &path).await?;
+            self.download_named(&t.result, &path).await?;
             written.push(path);
         }
         if !status.contact_sheet.is_empty() {
             let path = output.join("contact-sheet.png");
-            self.download(&status.contact_sheet, &path).await?;
+            self.download_named(&status.contact_sheet, &path).await?;
             written.push(path);
         }
         Ok(written)

@@ -231,7 +231,7 @@ where
 
 /// The status of job `job_id`; panics when the call fails.
 pub async fn job(client: &mut FarmClient, job_id: &str) -> pb::JobStatus {
-    client.job(job_id).await.unwrap()
+    client.job(&job_id.into()).await.unwrap()
 }
 
 /// Whether the job's state is `state`.
