@@ -44,6 +44,7 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let config = CoordinatorConfig {
         data_dir: dir.path().to_path_buf(),
+        store: Default::default(),
         scheduler: SchedulerConfig::default(),
     };
     let coordinator = Coordinator::open(config).unwrap();

@@ -15,6 +15,14 @@ if cargo tree --locked -p stylefarm --no-default-features --features client -e n
     echo "stylefarm --features client depends on libtorch" >&2
     exit 1
 fi
+# the Redis store's tests start redis-servers of their own (Debian's package)
+if ! command -v redis-server >/dev/null; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q redis-server \
+        || { $sudo apt-get update -q && $sudo apt-get install -y -q redis-server; }
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{is, job, shared_image, wait_for, Cluster};
@@ -334,7 +335,26 @@ async fn cancel_stops_the_running_worker_within_a_heartbeat() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coordinator_killed_and_restarted_loses_nothing() {
-    let mut cluster = Cluster::start(3.0, 0.3);
+    killed_and_restarted(Cluster::start(3.0, 0.3)).await;
+}
+
+/// The same on a Redis server: the jobs and tasks are there, not in the data dir, and a new coordinator
+/// process on that server carries the job on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_on_redis_killed_and_restarted_loses_nothing() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start_on_store(3.0, 0.3, &redis.url());
+    let data_dir = cluster.data_dir.clone();
+    killed_and_restarted(cluster).await;
+    assert!(
+        !data_dir.join("state.redb").exists(),
+        "the jobs were in Redis"
+    );
+}
+
+/// Kills a coordinator with SIGKILL during a batch job and starts another on the same state: the job
+/// completes with every result.
+async fn killed_and_restarted(mut cluster: Cluster) {
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
     let id = submit(

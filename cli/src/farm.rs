@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, FarmClient, JobFiles, JobId};
+use stylefarm_coordinator::StoreConfig;
 use stylefarm_core::job::{parse_sweep, JobKind};
 use stylefarm_core::params::ParamArgs;
 use stylefarm_core::tiling::{self, Tiling};
@@ -26,6 +27,13 @@ pub(crate) struct CoordinatorArgs {
     /// Where jobs (state.redb) and images (blobs/) are kept; a restart on the same dir resumes.
     #[arg(long, env = "STYLEFARM_DATA_DIR", default_value = "stylefarm-data")]
     data_dir: PathBuf,
+    /// Where jobs and tasks are kept: `embedded` (state.redb in the data dir) or a Redis server,
+    /// `redis://[user:password@]host:port[/db]`, that several coordinators can share.
+    #[arg(long, env = "STYLEFARM_STORE", default_value = "embedded")]
+    store: StoreConfig,
+    /// The prefix of the store's keys in Redis (several farms on one server).
+    #[arg(long, env = "STYLEFARM_STORE_PREFIX", default_value = stylefarm_coordinator::store::DEFAULT_PREFIX)]
+    store_prefix: String,
     /// Seconds a lease lasts without a heartbeat.
     #[arg(long, default_value_t = 10.0)]
     lease_secs: f64,
@@ -153,6 +161,7 @@ pub(crate) fn coordinator_config(
     }
     Ok(stylefarm_coordinator::CoordinatorConfig {
         data_dir,
+        store: StoreConfig::Embedded,
         scheduler: stylefarm_coordinator::SchedulerConfig {
             lease: Duration::from_secs_f64(lease),
             heartbeat_interval: Duration::from_secs_f64(heartbeat),
@@ -163,12 +172,19 @@ pub(crate) fn coordinator_config(
 }
 
 pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let config = coordinator_config(
+    let mut config = coordinator_config(
         args.data_dir,
         args.lease_secs,
         args.heartbeat_secs,
         args.max_attempts,
     )?;
+    config.store = match args.store {
+        StoreConfig::Redis { url, .. } => StoreConfig::Redis {
+            url,
+            prefix: args.store_prefix,
+        },
+        embedded => embedded,
+    };
     runtime()?.block_on(async move {
         let coordinator = stylefarm_coordinator::Coordinator::open(config)?;
         let listener = tokio::net::TcpListener::bind(args.listen)

@@ -87,11 +87,51 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// Where the coordinator keeps its jobs and tasks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum StoreConfig {
+    /// `state.redb` in the data dir: one machine's coordinator (the default).
+    #[default]
+    Embedded,
+    /// A Redis server (`redis://[user:password@]host:port[/db]`), its keys under `prefix`: the state that
+    /// the coordinators of a cluster share.
+    Redis {
+        /// The server's URL.
+        url: String,
+        /// The keys' prefix ([`store::DEFAULT_PREFIX`] unless several farms share the server).
+        prefix: String,
+    },
+}
+
+impl std::str::FromStr for StoreConfig {
+    type Err = Error;
+
+    /// `embedded`, or a `redis://` (`rediss://` for TLS) URL whose keys take the default prefix. An error
+    /// names `store`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s == "embedded" {
+            Ok(StoreConfig::Embedded)
+        } else if s.starts_with("redis://") || s.starts_with("rediss://") {
+            Ok(StoreConfig::Redis {
+                url: s.to_string(),
+                prefix: store::DEFAULT_PREFIX.to_string(),
+            })
+        } else {
+            Err(Error::invalid(
+                "store",
+                format!("'{s}': expected embedded or a redis:// URL"),
+            ))
+        }
+    }
+}
+
 /// Where the coordinator keeps its state, and how it schedules.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
-    /// Holds `state.redb` (jobs and tasks) and `blobs/` (images).
+    /// Holds `state.redb` (jobs and tasks, with the embedded store) and `blobs/` (images).
     pub data_dir: PathBuf,
+    /// Where jobs and tasks are kept.
+    pub store: StoreConfig,
     /// Lease length, heartbeat interval, attempts, blocklist threshold and retry backoff.
     pub scheduler: SchedulerConfig,
 }
@@ -111,8 +151,13 @@ impl Coordinator {
     /// Opens (or creates) the data dir; jobs left there resume.
     pub fn open(config: CoordinatorConfig) -> Result<Arc<Coordinator>, Error> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = store::RedbStore::open(&config.data_dir.join("state.redb"))?;
-        let scheduler = scheduler::Scheduler::new(config.scheduler, Arc::new(store))?;
+        let store: Arc<dyn store::Store> = match &config.store {
+            StoreConfig::Embedded => {
+                Arc::new(store::RedbStore::open(&config.data_dir.join("state.redb"))?)
+            }
+            StoreConfig::Redis { url, prefix } => Arc::new(store::RedisStore::open(url, prefix)?),
+        };
+        let scheduler = scheduler::Scheduler::new(config.scheduler, store)?;
         let blobs = Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?);
         let coordinator = Arc::new(Coordinator {
             scheduler: Arc::new(scheduler),

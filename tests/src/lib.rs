@@ -97,6 +97,8 @@ pub struct Cluster {
     pub lease_secs: f64,
     /// How often workers are asked to heartbeat, in seconds (`--heartbeat-secs`).
     pub heartbeat_secs: f64,
+    /// Where the coordinator keeps jobs and tasks (`--store`): `embedded` or a Redis URL.
+    pub store: String,
     /// The temporary directory of the data dir and the logs; deleted when the cluster drops, after the
     /// processes above are killed (fields drop in declaration order).
     pub dir: tempfile::TempDir,
@@ -105,6 +107,12 @@ pub struct Cluster {
 impl Cluster {
     /// A coordinator with short leases and heartbeats, no workers yet.
     pub fn start(lease_secs: f64, heartbeat_secs: f64) -> Cluster {
+        Cluster::start_on_store(lease_secs, heartbeat_secs, "embedded")
+    }
+
+    /// [`Cluster::start`] with the coordinator's jobs and tasks in `store` (`--store`: `embedded`, or a
+    /// Redis URL).
+    pub fn start_on_store(lease_secs: f64, heartbeat_secs: f64, store: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let mut cluster = Cluster {
@@ -116,6 +124,7 @@ impl Cluster {
             workers: Vec::new(),
             lease_secs,
             heartbeat_secs,
+            store: store.to_string(),
         };
         cluster.start_coordinator();
         cluster
@@ -135,6 +144,8 @@ impl Cluster {
                 &self.lease_secs.to_string(),
                 "--heartbeat-secs",
                 &self.heartbeat_secs.to_string(),
+                "--store",
+                &self.store,
             ])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -3,10 +3,13 @@
 //! Backends, one file each: [`MemoryStore`] (nothing survives the process; tests and benchmarks) and
 //! [`RedbStore`], the embedded persistent default (a single file under the data dir; writes are committed in
 //! fsynced batches and acknowledged only once committed, so a coordinator killed with SIGKILL loses nothing it
-//! acknowledged). One test suite runs against each (`tests::suite`).
+//! acknowledged); and [`RedisStore`], a Redis server that the coordinators of a cluster share (writes applied
+//! in order, each group of them one `MULTI`/`EXEC` transaction). One test suite runs against each
+//! (`tests::suite`).
 
 mod memory;
 mod redb_store;
+mod redis_store;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +18,7 @@ use stylefarm_core::ids::JobId;
 
 pub use self::memory::MemoryStore;
 pub use self::redb_store::RedbStore;
+pub use self::redis_store::{RedisServer, RedisStore, DEFAULT_PREFIX};
 use crate::model::{JobMeta, TaskRecord};
 
 /// A store failure (a redb error, a failed commit, a write to an unknown job), as its message.
