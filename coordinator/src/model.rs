@@ -129,3 +129,188 @@ impl TaskRecord {
         }
     }
 }
+
+/// A stored job record, from its JSON, written by this version or an earlier one ([`upgrade_job`]).
+pub fn job_from_json(bytes: &[u8]) -> Result<JobMeta, serde_json::Error> {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
+    upgrade_job(&mut value);
+    serde_json::from_value(value)
+}
+
+/// A stored task record, from its JSON, written by this version or an earlier one ([`upgrade_task`]).
+pub fn task_from_json(bytes: &[u8]) -> Result<TaskRecord, serde_json::Error> {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
+    upgrade_task(&mut value);
+    serde_json::from_value(value)
+}
+
+/// Rewrites a job record of the versions before 2026-12-01 into the current form, in place (a current one
+/// is left as it is): the spec's kind a bare name with `sweep` and `tiling` beside it becomes the kind with
+/// its parameters inside; a sweep's `contact_sheet` becomes its one stage result and its result; a tiled
+/// job's `scale_results` its stage results; an empty `result` none.
+pub fn upgrade_job(job: &mut serde_json::Value) {
+    use serde_json::{json, Value};
+    let Some(fields) = job.as_object_mut() else {
+        return;
+    };
+    if let Some(spec) = fields.get_mut("spec").and_then(Value::as_object_mut) {
+        let sweep = spec.remove("sweep").unwrap_or_else(|| json!([]));
+        let tiling = spec.remove("tiling");
+        if let Some(Value::String(kind)) = spec.get("kind") {
+            let kind = match kind.as_str() {
+                "sweep" => json!({ "sweep": sweep }),
+                "tiled" => json!({
+                    "tiled": tiling.unwrap_or_else(|| {
+                        serde_json::to_value(stylefarm_core::tiling::Tiling::default())
+                            .unwrap_or(Value::Null)
+                    })
+                }),
+                other => json!(other),
+            };
+            spec.insert("kind".into(), kind);
+        }
+    }
+    if matches!(fields.get("result"), Some(Value::String(s)) if s.is_empty()) {
+        fields.insert("result".into(), Value::Null);
+    }
+    if let Some(scales) = fields.remove("scale_results") {
+        fields.insert("stage_results".into(), scales);
+    }
+    if let Some(Value::String(sheet)) = fields.remove("contact_sheet") {
+        if !sheet.is_empty() {
+            fields.insert("stage_results".into(), json!([sheet]));
+            fields.insert("result".into(), json!(sheet));
+        }
+    }
+}
+
+/// Rewrites a task record of the versions before 2026-12-01 into the current form, in place: an empty
+/// `result` becomes none, and a tiled task's flat `tile` (rectangle, index, count, tile size, `exact`) its
+/// `scale` task, the whole canvas in exact mode or one tile.
+pub fn upgrade_task(task: &mut serde_json::Value) {
+    use serde_json::{json, Value};
+    let Some(fields) = task.as_object_mut() else {
+        return;
+    };
+    if matches!(fields.get("result"), Some(Value::String(s)) if s.is_empty()) {
+        fields.insert("result".into(), Value::Null);
+    }
+    let Some(spec) = fields.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let Some(tile) = spec.remove("tile") else {
+        return;
+    };
+    let scale = match tile {
+        Value::Object(t) => {
+            let part = if t.get("exact").and_then(Value::as_bool).unwrap_or(false) {
+                json!({ "whole": { "block": t.get("tile_size") } })
+            } else {
+                json!({ "tile": {
+                    "index": t.get("tile"),
+                    "tiles": t.get("tiles"),
+                    "rect": t.get("rect"),
+                    "tile_size": t.get("tile_size"),
+                } })
+            };
+            json!({
+                "scale": t.get("scale"),
+                "scales": t.get("scales"),
+                "canvas_width": t.get("canvas_width"),
+                "canvas_height": t.get("canvas_height"),
+                "part": part,
+            })
+        }
+        other => other,
+    };
+    spec.insert("scale".into(), scale);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stylefarm_core::job::{parse_sweep, ImageHash, JobKind};
+    use stylefarm_core::tiling::Tiling;
+    use stylefarm_core::RenderParams;
+
+    /// Records as the version of 2026-11-30 (1f6f1ab) wrote them, one JSON a line: a sweep job with its
+    /// contact sheet and a task, a tiled job and its last tile (overlapping, then exact), a single job.
+    const OLD: &str = include_str!("store/records-2026-11-30.jsonl");
+
+    fn h(s: &str) -> ImageHash {
+        ImageHash::of(s.as_bytes())
+    }
+
+    /// The spec the records were written from, as it is now.
+    fn spec(kind: JobKind) -> JobSpec {
+        JobSpec {
+            kind,
+            contents: vec![h("c")],
+            styles: vec![h("s")],
+            params: RenderParams {
+                size: 1024,
+                ..Default::default()
+            },
+            priority: 0,
+            max_attempts: 0,
+        }
+    }
+
+    #[test]
+    fn records_of_the_previous_version_load_as_the_same_jobs_and_tasks() {
+        let lines: Vec<&[u8]> = OLD.lines().map(str::as_bytes).collect();
+        assert_eq!(lines.len(), 7);
+
+        let sweep = spec(JobKind::Sweep(parse_sweep("seed=1,2").unwrap()));
+        let job = job_from_json(lines[0]).unwrap();
+        assert_eq!(job.spec, sweep);
+        assert_eq!(
+            (job.stage_results, job.result),
+            (vec![h("sheet")], Some(h("sheet")))
+        );
+        let task = task_from_json(lines[1]).unwrap();
+        assert_eq!(task.spec, sweep.tasks().unwrap()[0]);
+        assert_eq!(task.result, Some(h("r0")));
+
+        for (exact, at) in [(false, 2), (true, 4)] {
+            let tiled = spec(JobKind::Tiled(Tiling::new(Some(256), 64, exact)));
+            let job = job_from_json(lines[at]).unwrap();
+            assert_eq!(job.spec, tiled);
+            assert_eq!(job.stage_results, [h("scale1"), h("scale2")]);
+            assert_eq!(job.result, Some(h("scale2")));
+            let task = task_from_json(lines[at + 1]).unwrap();
+            let tiles = tiled.scale_tasks(800, 600, 1, &h("scale1"), &[]).unwrap();
+            assert_eq!(task, TaskRecord::pending(1, tiles[tiles.len() - 1].clone()));
+        }
+
+        let single = job_from_json(lines[6]).unwrap();
+        assert_eq!(single.spec, spec(JobKind::Single));
+        assert!(single.stage_results.is_empty() && single.result.is_none());
+    }
+
+    #[test]
+    fn current_records_are_left_as_they_are() {
+        let tiled = spec(JobKind::Tiled(Tiling::new(Some(256), 64, true)));
+        let job = JobMeta {
+            id: "job-1".into(),
+            seq: 1,
+            client_request_id: String::new(),
+            spec: tiled.clone(),
+            state: JobState::Running,
+            submitted_ms: 1,
+            finished_ms: 0,
+            error: String::new(),
+            strikes: BTreeMap::new(),
+            stage_results: vec![h("scale1")],
+            result: None,
+        };
+        let bytes = serde_json::to_vec(&job).unwrap();
+        assert_eq!(job_from_json(&bytes).unwrap(), job);
+        let task = TaskRecord::pending(
+            1,
+            tiled.scale_tasks(800, 600, 1, &h("scale1"), &[]).unwrap()[0].clone(),
+        );
+        let bytes = serde_json::to_vec(&task).unwrap();
+        assert_eq!(task_from_json(&bytes).unwrap(), task);
+    }
+}

@@ -179,14 +179,14 @@ impl Store for RedbStore {
         let mut all = Vec::new();
         for entry in jobs.iter().map_err(err)? {
             let (_, value) = entry.map_err(err)?;
-            let job: JobMeta = serde_json::from_slice(value.value()).map_err(err)?;
+            let job = crate::model::job_from_json(value.value()).map_err(err)?;
             let mut list = Vec::new();
             for t in tasks
                 .range((job.id.as_str(), 0)..=(job.id.as_str(), u32::MAX))
                 .map_err(err)?
             {
                 let (_, value) = t.map_err(err)?;
-                list.push(serde_json::from_slice::<TaskRecord>(value.value()).map_err(err)?);
+                list.push(crate::model::task_from_json(value.value()).map_err(err)?);
             }
             all.push((job, list));
         }

@@ -228,11 +228,11 @@ impl Store for RedisStore {
                 .map_err(redis)?;
             let meta = meta.ok_or_else(|| err(format!("job {id} is listed but has no record")))?;
             let meta: JobMeta =
-                serde_json::from_slice(&meta).map_err(|e| err(format!("job {id}: {e}")))?;
+                crate::model::job_from_json(&meta).map_err(|e| err(format!("job {id}: {e}")))?;
             let mut tasks = tasks
                 .into_iter()
                 .map(|(index, t)| {
-                    serde_json::from_slice::<TaskRecord>(&t)
+                    crate::model::task_from_json(&t)
                         .map_err(|e| err(format!("job {id} task {index}: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
