@@ -352,6 +352,102 @@ async fn a_coordinator_on_redis_killed_and_restarted_loses_nothing() {
     );
 }
 
+/// Two coordinators on one Redis server: the second waits as a standby (it listens only once active). The
+/// active one is SIGKILLed mid-job; the standby serves within two leader-lease periods, the worker (given
+/// both addresses) carries on with it, and the job completes with every result.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_coordinator_takes_over_when_the_active_one_is_killed() {
+    const LEASE_SECS: f64 = 2.0;
+    let redis = RedisServer::start();
+    let mut cluster = Cluster::start(3.0, 0.3);
+    cluster.store = redis.url();
+    cluster.coordinator_args = vec!["--leader-lease-secs".into(), LEASE_SECS.to_string()];
+    // the first coordinator again, now on Redis: the active one
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.start_coordinator();
+    let active = cluster.url.clone();
+    let standby_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let standby_log = cluster.dir.path().join("standby.log");
+    let mut standby = std::process::Command::new(stylefarm_tests::binary())
+        .args([
+            "coordinator",
+            "--listen",
+            &standby_addr.to_string(),
+            "--data-dir",
+        ])
+        .arg(&cluster.data_dir)
+        .args([
+            "--lease-secs",
+            "3",
+            "--heartbeat-secs",
+            "0.3",
+            "--store",
+            &redis.url(),
+        ])
+        .args(&cluster.coordinator_args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&standby_log).unwrap())
+        .spawn()
+        .unwrap();
+    let standby_out = standby.stdout.take().unwrap();
+    let _standby = stylefarm_tests::Node {
+        child: standby,
+        log: standby_log,
+    };
+    let (listening_tx, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(standby_out), &mut line);
+        let _ = listening_tx.send((Instant::now(), line));
+    });
+    cluster.url = format!("{active},http://{standby_addr}");
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--content",
+            &path("chelsea.png"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--batch",
+            "--size",
+            "48",
+            "--iterations",
+            "30",
+        ],
+    );
+    wait_iteration(&cluster, &id, 2).await;
+    assert!(
+        listening.try_recv().is_err(),
+        "the standby does not serve while the active one holds the lease"
+    );
+    let killed = Instant::now();
+    cluster.coordinator.as_mut().unwrap().kill();
+    let (serving, line) = listening
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the standby took over");
+    assert!(line.starts_with("listening on"), "{line}");
+    let took = serving - killed;
+    eprintln!("the standby served {took:?} after the active coordinator was killed");
+    assert!(
+        took <= Duration::from_secs_f64(2.0 * LEASE_SECS),
+        "the standby served {took:?} after the kill"
+    );
+    let status = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(status.tasks.iter().all(|t| !t.result.is_empty()));
+}
+
 /// Kills a coordinator with SIGKILL during a batch job and starts another on the same state: the job
 /// completes with every result.
 async fn killed_and_restarted(mut cluster: Cluster) {

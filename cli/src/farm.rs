@@ -31,6 +31,10 @@ pub(crate) struct CoordinatorArgs {
     /// `redis://[user:password@]host:port[/db]`, that several coordinators can share.
     #[arg(long, env = "STYLEFARM_STORE", default_value = "embedded")]
     store: StoreConfig,
+    /// With a Redis store, several coordinators can share it: one is active, the others wait as standbys.
+    /// Seconds the active one's hold lasts unless renewed: a standby takes over within this of its death.
+    #[arg(long, env = "STYLEFARM_LEADER_LEASE_SECS", default_value_t = stylefarm_coordinator::DEFAULT_LEADER_LEASE.as_secs_f64())]
+    leader_lease_secs: f64,
     /// The prefix of the store's keys in Redis (several farms on one server).
     #[arg(long, env = "STYLEFARM_STORE_PREFIX", default_value = stylefarm_coordinator::store::DEFAULT_PREFIX)]
     store_prefix: String,
@@ -48,6 +52,8 @@ pub(crate) struct CoordinatorArgs {
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 pub(crate) struct SubmitArgs {
+    /// The coordinator's URL, or several separated by commas (an active one and its standbys): the first
+    /// that answers is used.
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     #[command(flatten)]
@@ -105,6 +111,8 @@ pub(crate) struct JobArgs {
 
 #[derive(Args)]
 pub(crate) struct JobRef {
+    /// The coordinator's URL, or several separated by commas (an active one and its standbys): the first
+    /// that answers is used.
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     job_id: JobId,
@@ -121,6 +129,8 @@ pub(crate) struct FetchArgs {
 
 #[derive(Args)]
 pub(crate) struct ListArgs {
+    /// The coordinator's URL, or several separated by commas (an active one and its standbys): the first
+    /// that answers is used.
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     /// Most jobs to show, newest first.
@@ -179,10 +189,16 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         args.max_attempts,
     )?;
     config.store = match args.store {
-        StoreConfig::Redis { url, .. } => StoreConfig::Redis {
-            url,
-            prefix: args.store_prefix,
-        },
+        StoreConfig::Redis { url, .. } => {
+            if !(args.leader_lease_secs.is_finite() && args.leader_lease_secs > 0.0) {
+                bail!("leader_lease_secs must be > 0");
+            }
+            StoreConfig::Redis {
+                url,
+                prefix: args.store_prefix,
+                lease: Duration::from_secs_f64(args.leader_lease_secs),
+            }
+        }
         embedded => embedded,
     };
     runtime()?.block_on(async move {

@@ -14,6 +14,8 @@ use crate::render::EngineArgs;
 
 #[derive(Args)]
 pub(crate) struct WorkerArgs {
+    /// The coordinator's URL, or several separated by commas (an active one and its standbys): the first
+    /// that answers is used.
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     coordinator: String,
     /// cpu, cuda, cuda:N or auto.

@@ -122,8 +122,25 @@ pub struct FarmClient {
 }
 
 impl FarmClient {
-    /// Connects to the coordinator at `url` (e.g. `http://127.0.0.1:7700`).
+    /// Connects to the coordinator at `url` (e.g. `http://127.0.0.1:7700`), or to the first that answers
+    /// of several URLs separated by commas (an active coordinator and its standbys, which listen only once
+    /// active); the error is the last one's.
     pub async fn connect(url: &str) -> Result<FarmClient> {
+        let mut last = None;
+        for url in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            match Self::connect_one(url).await {
+                Ok(client) => return Ok(client),
+                Err(e @ ClientError::Url { .. }) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Url {
+            url: url.into(),
+            message: "no URL given".into(),
+        }))
+    }
+
+    async fn connect_one(url: &str) -> Result<FarmClient> {
         let channel = Channel::from_shared(url.to_string())
             .map_err(|e| ClientError::Url {
                 url: url.into(),

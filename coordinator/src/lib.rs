@@ -87,6 +87,9 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// How long an active coordinator's hold on a shared store lasts unless renewed, by default.
+pub const DEFAULT_LEADER_LEASE: Duration = Duration::from_secs(10);
+
 /// Where the coordinator keeps its jobs and tasks.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub enum StoreConfig {
@@ -100,6 +103,9 @@ pub enum StoreConfig {
         url: String,
         /// The keys' prefix ([`store::DEFAULT_PREFIX`] unless several farms share the server).
         prefix: String,
+        /// How long the active coordinator's hold on the store lasts unless renewed: a standby takes over
+        /// within this of the active one's death ([`store::RedisStore::open_active`]).
+        lease: Duration,
     },
 }
 
@@ -115,6 +121,7 @@ impl std::str::FromStr for StoreConfig {
             Ok(StoreConfig::Redis {
                 url: s.to_string(),
                 prefix: store::DEFAULT_PREFIX.to_string(),
+                lease: DEFAULT_LEADER_LEASE,
             })
         } else {
             Err(Error::invalid(
@@ -155,7 +162,9 @@ impl Coordinator {
             StoreConfig::Embedded => {
                 Arc::new(store::RedbStore::open(&config.data_dir.join("state.redb"))?)
             }
-            StoreConfig::Redis { url, prefix } => Arc::new(store::RedisStore::open(url, prefix)?),
+            StoreConfig::Redis { url, prefix, lease } => {
+                Arc::new(store::RedisStore::open_active(url, prefix, *lease)?)
+            }
         };
         let scheduler = scheduler::Scheduler::new(config.scheduler, store)?;
         let blobs = Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?);
@@ -229,18 +238,36 @@ pub async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    // a coordinator that another has taken over from (a shared store's leader lease lost) stops serving
+    let lost = {
+        let scheduler = coordinator.scheduler.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if let Some(why) = scheduler.store_lost() {
+                    return why;
+                }
+            }
+        }
+    };
+    let stop = async {
+        tokio::select! {
+            () = shutdown => {}
+            why = lost => tracing::error!(reason = why, "no longer the active coordinator: stopping"),
+        }
+    };
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(render)
         .add_service(worker)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
         .await
         .map_err(|e| Error::Transport(e.to_string()));
     expiry.abort();
-    result
+    match coordinator.scheduler.store_lost() {
+        Some(why) => Err(Error::Store(store::StoreError(why))),
+        None => result,
+    }
 }

@@ -725,6 +725,11 @@ impl Scheduler {
         Ok(true)
     }
 
+    /// Why this coordinator may no longer write to its store ([`Store::lost`]), once that is so.
+    pub fn store_lost(&self) -> Option<String> {
+        self.store.lost()
+    }
+
     /// A job and its tasks, with live progress; [`SchedulerError::JobNotFound`] when there is no such job.
     pub fn get(&self, job_id: &JobId) -> Result<JobView, SchedulerError> {
         let st = self.state.lock().unwrap();

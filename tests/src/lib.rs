@@ -99,6 +99,8 @@ pub struct Cluster {
     pub heartbeat_secs: f64,
     /// Where the coordinator keeps jobs and tasks (`--store`): `embedded` or a Redis URL.
     pub store: String,
+    /// More arguments for the coordinator's next starts.
+    pub coordinator_args: Vec<String>,
     /// The temporary directory of the data dir and the logs; deleted when the cluster drops, after the
     /// processes above are killed (fields drop in declaration order).
     pub dir: tempfile::TempDir,
@@ -125,6 +127,7 @@ impl Cluster {
             lease_secs,
             heartbeat_secs,
             store: store.to_string(),
+            coordinator_args: Vec::new(),
         };
         cluster.start_coordinator();
         cluster
@@ -147,6 +150,7 @@ impl Cluster {
                 "--store",
                 &self.store,
             ])
+            .args(&self.coordinator_args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -151,19 +151,27 @@ impl ImageCache {
     }
 }
 
-/// Connects, retrying with backoff (up to 5 s between tries) until the coordinator answers or `stop` is set.
-async fn connect(url: &str, stop: &AtomicBool) -> Option<WorkerServiceClient<Channel>> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return None;
-        }
+/// Connects to the first of `urls` (comma-separated: an active coordinator and its standbys, which listen
+/// only once active) that answers, trying them in turn and retrying with backoff (up to 5 s between rounds)
+/// until one answers or `stop` is set. `None` at once when a URL is malformed.
+async fn connect(urls: &str, stop: &AtomicBool) -> Option<WorkerServiceClient<Channel>> {
+    let mut endpoints = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
         match Channel::from_shared(url.to_string()) {
-            Ok(endpoint) => match endpoint
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await
-            {
+            Ok(endpoint) => endpoints.push((url, endpoint.connect_timeout(Duration::from_secs(5)))),
+            Err(e) => {
+                tracing::error!(coordinator = url, error = %e, "bad coordinator url");
+                return None;
+            }
+        }
+    }
+    let mut delay = Duration::from_millis(100);
+    while !endpoints.is_empty() {
+        for (url, endpoint) in &endpoints {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            match endpoint.connect().await {
                 Ok(channel) => {
                     return Some(
                         WorkerServiceClient::new(channel)
@@ -174,15 +182,13 @@ async fn connect(url: &str, stop: &AtomicBool) -> Option<WorkerServiceClient<Cha
                 Err(e) => {
                     tracing::warn!(coordinator = url, error = %e, "coordinator unreachable; retrying")
                 }
-            },
-            Err(e) => {
-                tracing::error!(coordinator = url, error = %e, "bad coordinator url");
-                return None;
             }
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+    tracing::error!("no coordinator url given");
+    None
 }
 
 /// Why a task failed, as the coordinator needs to know it: whose fault, and so whether another attempt

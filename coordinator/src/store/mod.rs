@@ -66,6 +66,12 @@ pub trait Store: Send + Sync {
     /// Every job with its tasks (in index order), in submission order.
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
 
+    /// Why this coordinator may no longer write, once that is so (another coordinator sharing the store
+    /// took over): the coordinator then stops serving. `None` for a store of one coordinator.
+    fn lost(&self) -> Option<String> {
+        None
+    }
+
     /// Adds a job and all its tasks, atomically, and waits until that is durable.
     fn insert_job(&self, job: &JobMeta, tasks: &[TaskRecord]) -> Result<(), StoreError> {
         wait(self.write(vec![Op::Insert(job.clone(), tasks.to_vec())]))

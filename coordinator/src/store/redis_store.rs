@@ -15,7 +15,8 @@
 //! When the server cannot be reached, the writes of that transaction fail with the connection's error and
 //! the next one connects again.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -44,6 +45,7 @@ pub struct RedisStore {
     prefix: String,
     writes: Option<mpsc::Sender<Write>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    leadership: Option<Leadership>,
 }
 
 /// The keys of one store.
@@ -64,6 +66,16 @@ impl Keys {
     fn tasks(&self, id: &str) -> String {
         format!("{}:tasks:{id}", self.prefix)
     }
+
+    /// The id of the coordinator holding the leader lease; expires unless renewed.
+    fn leader(&self) -> String {
+        format!("{}:leader", self.prefix)
+    }
+
+    /// The fencing token: incremented by each coordinator that takes the leader lease.
+    fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
 }
 
 fn json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
@@ -79,46 +91,230 @@ fn connect(client: &redis::Client) -> Result<redis::Connection, StoreError> {
     Ok(con)
 }
 
-/// The commands of `ops`, appended to `pipe`.
-fn queue(pipe: &mut redis::Pipeline, keys: &Keys, ops: &[Op]) -> Result<(), StoreError> {
-    let task = |pipe: &mut redis::Pipeline, id: &str, t: &TaskRecord| -> Result<(), StoreError> {
-        pipe.cmd("HSET")
-            .arg(keys.tasks(id))
-            .arg(t.index)
-            .arg(json(t)?)
-            .ignore();
-        Ok(())
+/// The commands of `ops`, in order.
+fn commands(keys: &Keys, ops: &[Op]) -> Result<Vec<redis::Cmd>, StoreError> {
+    let mut out = Vec::new();
+    let task = |id: &str, t: &TaskRecord| -> Result<redis::Cmd, StoreError> {
+        let mut c = redis::cmd("HSET");
+        c.arg(keys.tasks(id)).arg(t.index).arg(json(t)?);
+        Ok(c)
     };
     for op in ops {
         match op {
             Op::Insert(job, tasks) => {
                 let id = job.id.as_str();
-                pipe.cmd("SET").arg(keys.job(id)).arg(json(job)?).ignore();
-                pipe.cmd("ZADD")
-                    .arg(keys.jobs())
-                    .arg(job.seq)
-                    .arg(id)
-                    .ignore();
+                let mut set = redis::cmd("SET");
+                set.arg(keys.job(id)).arg(json(job)?);
+                let mut listed = redis::cmd("ZADD");
+                listed.arg(keys.jobs()).arg(job.seq).arg(id);
+                out.extend([set, listed]);
                 for t in tasks {
-                    task(pipe, id, t)?;
+                    out.push(task(id, t)?);
                 }
             }
             Op::Job(job) => {
-                pipe.cmd("SET")
-                    .arg(keys.job(job.id.as_str()))
-                    .arg(json(job)?)
-                    .ignore();
+                let mut set = redis::cmd("SET");
+                set.arg(keys.job(job.id.as_str())).arg(json(job)?);
+                out.push(set);
             }
-            Op::Task(job_id, t) => task(pipe, job_id.as_str(), t)?,
+            Op::Task(job_id, t) => out.push(task(job_id.as_str(), t)?),
         }
     }
-    Ok(())
+    Ok(out)
+}
+
+/// Applies `cmds` as one transaction; with a `fence`, only while the store's epoch is still that one (the
+/// epoch key watched: a coordinator that another has taken over from writes nothing).
+fn apply(
+    con: &mut redis::Connection,
+    keys: &Keys,
+    cmds: &[redis::Cmd],
+    fence: Option<u64>,
+) -> Result<(), StoreError> {
+    let redis = |e: redis::RedisError| err(format!("redis: {e}"));
+    let Some(epoch) = fence else {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for c in cmds {
+            pipe.add_command(c.clone()).ignore();
+        }
+        return pipe.exec(con).map_err(redis);
+    };
+    redis::transaction(con, &[keys.epoch()], |con, pipe| {
+        let current: Option<u64> = redis::cmd("GET").arg(keys.epoch()).query(con)?;
+        if current != Some(epoch) {
+            return Ok(Some(Err(fenced(epoch, current))));
+        }
+        for c in cmds {
+            pipe.add_command(c.clone()).ignore();
+        }
+        // None: the epoch changed before EXEC, which then applied nothing; look again
+        Ok(pipe.query::<Option<()>>(con)?.map(Ok))
+    })
+    .map_err(redis)?
+}
+
+fn fenced(epoch: u64, current: Option<u64>) -> StoreError {
+    err(format!(
+        "fenced: this coordinator's epoch is {epoch}, the store's {}: another coordinator is active",
+        current.map_or("unset".into(), |c| c.to_string())
+    ))
+}
+
+/// A coordinator's hold on the store, as the active one of those that share it: the leader key, renewed
+/// by a thread of its own, and the epoch (a fencing token, incremented by each new holder) its writes are
+/// checked against.
+struct Leadership {
+    epoch: u64,
+    /// Why the hold was lost, once it is: the writes fail from then on, and the coordinator stops.
+    lost: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Leadership {
+    /// Waits (a standby) until no other coordinator holds the leader key, takes it for `lease`, and starts
+    /// renewing it every third of that.
+    fn acquire(
+        client: &redis::Client,
+        keys: &Keys,
+        lease: Duration,
+    ) -> Result<Leadership, StoreError> {
+        let redis = |e: redis::RedisError| err(format!("redis: {e}"));
+        let node = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let mut con = connect(client)?;
+        let mut waiting = false;
+        loop {
+            let taken: Option<String> = redis::cmd("SET")
+                .arg(keys.leader())
+                .arg(&node)
+                .arg("NX")
+                .arg("PX")
+                .arg(lease_ms)
+                .query(&mut con)
+                .map_err(redis)?;
+            if taken.is_some() {
+                break;
+            }
+            if !waiting {
+                tracing::info!(
+                    lease_ms,
+                    "standby: another coordinator is active; taking over when its lease lapses"
+                );
+                waiting = true;
+            }
+            std::thread::sleep(lease / 4);
+        }
+        let epoch: u64 = redis::cmd("INCR")
+            .arg(keys.epoch())
+            .query(&mut con)
+            .map_err(redis)?;
+        tracing::info!(epoch, "active: holding the store's leader lease");
+        let lost = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let renewer = {
+            let (client, keys, lost, stop) =
+                (client.clone(), keys.clone(), lost.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("store-leader".into())
+                .spawn(move || Self::renew_loop(&client, &keys, &node, lease, &lost, &stop))
+                .map_err(err)?
+        };
+        Ok(Leadership {
+            epoch,
+            lost,
+            stop,
+            renewer: Some(renewer),
+        })
+    }
+
+    /// Renews the leader key while this node holds it; records why when it no longer does, or when the
+    /// server stayed unreachable for a whole lease (another coordinator may have taken over).
+    fn renew_loop(
+        client: &redis::Client,
+        keys: &Keys,
+        node: &str,
+        lease: Duration,
+        lost: &Mutex<Option<String>>,
+        stop: &AtomicBool,
+    ) {
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let mut renewed = std::time::Instant::now();
+        let mut con: Option<redis::Connection> = None;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(lease / 3);
+            let outcome = (|| -> Result<bool, StoreError> {
+                let c = match con.as_mut() {
+                    Some(c) => c,
+                    None => con.insert(connect(client)?),
+                };
+                redis::transaction(c, &[keys.leader()], |c, pipe| {
+                    let holder: Option<String> = redis::cmd("GET").arg(keys.leader()).query(c)?;
+                    if holder.as_deref() != Some(node) {
+                        return Ok(Some(false));
+                    }
+                    pipe.cmd("PEXPIRE")
+                        .arg(keys.leader())
+                        .arg(lease_ms)
+                        .ignore();
+                    Ok(pipe.query::<Option<()>>(c)?.map(|()| true))
+                })
+                .map_err(|e| err(format!("redis: {e}")))
+            })();
+            let why = match outcome {
+                Ok(true) => {
+                    renewed = std::time::Instant::now();
+                    continue;
+                }
+                Ok(false) => "another coordinator holds the leader lease".to_string(),
+                Err(e) if renewed.elapsed() < lease => {
+                    tracing::warn!(error = %e, "renewing the leader lease failed; retrying");
+                    con = None;
+                    continue;
+                }
+                Err(e) => format!("the leader lease could not be renewed for {lease:?}: {e}"),
+            };
+            tracing::error!(reason = why, "no longer the active coordinator");
+            *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            return;
+        }
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(renewer) = self.renewer.take() {
+            let _ = renewer.join();
+        }
+    }
 }
 
 impl RedisStore {
     /// Connects to the server at `url` (checking that it answers) and starts the writer thread; the keys
-    /// start with `prefix` (several farms can share a server under different prefixes).
+    /// start with `prefix` (several farms can share a server under different prefixes). Writes are not
+    /// fenced: for one coordinator, tests and tools ([`RedisStore::open_active`] for coordinators that
+    /// share the server).
     pub fn open(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        Self::start(url, prefix, None)
+    }
+
+    /// [`RedisStore::open`] for one of several coordinators sharing the server: waits, as a standby, until
+    /// no other holds the leader lease (a key that lapses `lease` after its holder last renewed it), takes
+    /// it and a new epoch, and renews it while running. Every write is fenced by that epoch: once another
+    /// coordinator has taken over, this one's writes fail and [`Store::lost`] says why.
+    pub fn open_active(url: &str, prefix: &str, lease: Duration) -> Result<RedisStore, StoreError> {
+        Self::start(url, prefix, Some(lease))
+    }
+
+    fn start(url: &str, prefix: &str, lease: Option<Duration>) -> Result<RedisStore, StoreError> {
         let client =
             redis::Client::open(url).map_err(|e| err(format!("redis url '{url}': {e}")))?;
         let mut con = connect(&client)?;
@@ -128,12 +324,16 @@ impl RedisStore {
         let keys = Keys {
             prefix: prefix.to_string(),
         };
+        let leadership = lease
+            .map(|lease| Leadership::acquire(&client, &keys, lease))
+            .transpose()?;
+        let fence = leadership.as_ref().map(|l| (l.epoch, l.lost.clone()));
         let (writes, inbox) = mpsc::channel::<Write>();
         let writer = {
             let client = client.clone();
             std::thread::Builder::new()
                 .name("store-redis".into())
-                .spawn(move || Self::write_loop(&client, &keys, con, &inbox))
+                .spawn(move || Self::write_loop(&client, &keys, con, &inbox, fence))
                 .map_err(err)?
         };
         Ok(RedisStore {
@@ -141,6 +341,7 @@ impl RedisStore {
             prefix: prefix.to_string(),
             writes: Some(writes),
             writer: Some(writer),
+            leadership,
         })
     }
 
@@ -149,24 +350,35 @@ impl RedisStore {
         keys: &Keys,
         con: redis::Connection,
         inbox: &mpsc::Receiver<Write>,
+        fence: Option<(u64, Arc<Mutex<Option<String>>>)>,
     ) {
         let mut con = Some(con);
         while let Ok(first) = inbox.recv() {
             // every write queued meanwhile joins this transaction
             let mut batch = vec![first];
             batch.extend(inbox.try_iter());
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let queued: Result<(), StoreError> = batch
-                .iter()
-                .try_for_each(|w| queue(&mut pipe, keys, &w.ops));
-            let result = queued.and_then(|()| {
-                let c = match con.as_mut() {
-                    Some(c) => c,
-                    None => con.insert(connect(client)?),
-                };
-                pipe.exec(c).map_err(|e| err(format!("redis: {e}")))
-            });
+            let lost = fence
+                .as_ref()
+                .and_then(|(_, lost)| lost.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            let result = match lost {
+                Some(why) => Err(err(format!("fenced: {why}"))),
+                None => batch
+                    .iter()
+                    .map(|w| commands(keys, &w.ops))
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(|cmds| {
+                        let c = match con.as_mut() {
+                            Some(c) => c,
+                            None => con.insert(connect(client)?),
+                        };
+                        apply(
+                            c,
+                            keys,
+                            &cmds.concat(),
+                            fence.as_ref().map(|(epoch, _)| *epoch),
+                        )
+                    }),
+            };
             if let Err(e) = &result {
                 tracing::error!(error = %e, "store write failed");
                 // a broken connection is replaced on the next write
@@ -203,6 +415,12 @@ impl Store for RedisStore {
                 .await
                 .unwrap_or_else(|_| Err(err("the store's writer stopped")))
         })
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.leadership
+            .as_ref()
+            .and_then(|l| l.lost.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
@@ -245,11 +463,12 @@ impl Store for RedisStore {
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
-        // the writer drains what is queued, then ends
+        // the writer drains what is queued, then ends; then the leader lease is no longer renewed
         self.writes = None;
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
+        self.leadership = None;
     }
 }
 
@@ -354,6 +573,44 @@ mod tests {
         drop(store);
         let again = RedisStore::open(&server.url(), DEFAULT_PREFIX).unwrap();
         assert_eq!(again.load().unwrap(), vec![(job, tasks)]);
+    }
+
+    /// Two coordinators on one server: the second waits while the first renews its lease; when the first
+    /// stalls past it (its key lapses, as for a process stopped with SIGSTOP), the second takes over with a
+    /// new epoch, and the first one's writes are refused from then on.
+    #[test]
+    fn a_standby_takes_over_a_lapsed_lease_and_the_old_active_one_is_fenced() {
+        let server = RedisServer::start();
+        let url = server.url();
+        let lease = Duration::from_millis(600);
+        let a = RedisStore::open_active(&url, "farm", lease).unwrap();
+        let (mut job, tasks) = super::super::tests::job("job-1", 1);
+        super::super::wait(a.write(vec![Op::Insert(job.clone(), tasks.clone())])).unwrap();
+        let standby = {
+            let url = url.clone();
+            std::thread::spawn(move || RedisStore::open_active(&url, "farm", lease))
+        };
+        std::thread::sleep(lease * 3);
+        assert!(!standby.is_finished(), "the active one renews its lease");
+        assert!(a.lost().is_none());
+        let mut con = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("DEL").arg("farm:leader").exec(&mut con).unwrap();
+        let b = standby.join().unwrap().unwrap();
+        job.error = "written by the old active one".into();
+        let err = super::super::wait(a.write(vec![Op::Job(job.clone())])).unwrap_err();
+        assert!(err.to_string().contains("fenced"), "{err}");
+        let deadline = std::time::Instant::now() + lease;
+        while a.lost().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(a.lost().unwrap().contains("another coordinator"));
+        job.error = "written by the new one".into();
+        super::super::wait(b.write(vec![Op::Job(job.clone())])).unwrap();
+        assert_eq!(b.load().unwrap(), vec![(job, tasks)]);
+        assert!(b.lost().is_none());
     }
 
     #[test]
