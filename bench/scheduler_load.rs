@@ -45,6 +45,7 @@ async fn main() {
     let config = CoordinatorConfig {
         data_dir: dir.path().to_path_buf(),
         store: Default::default(),
+        blobs: Default::default(),
         scheduler: SchedulerConfig::default(),
     };
     let coordinator = Coordinator::open(config).unwrap();

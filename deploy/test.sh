@@ -23,6 +23,12 @@ if ! command -v redis-server >/dev/null; then
     $sudo apt-get install -y -q redis-server \
         || { $sudo apt-get update -q && $sudo apt-get install -y -q redis-server; }
 fi
+# the S3 blob store's tests start S3-compatible servers of their own (the s3s-fs crate's; about 2 minutes
+# to build once, Rust 1.92 or later)
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+if ! command -v s3s-fs >/dev/null; then
+    cargo install --locked s3s-fs@0.14.1 --features binary
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi

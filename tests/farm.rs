@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use stylefarm_coordinator::blobs::S3Server;
 use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
@@ -349,6 +350,34 @@ async fn a_coordinator_on_redis_killed_and_restarted_loses_nothing() {
     assert!(
         !data_dir.join("state.redb").exists(),
         "the jobs were in Redis"
+    );
+}
+
+/// The same with the images in an S3-compatible store as well (a real server, s3s-fs): nothing of the job
+/// is in the data dir, and the results are objects of the bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
+    let redis = RedisServer::start();
+    let s3 = S3Server::start();
+    let mut cluster = Cluster::start(3.0, 0.3);
+    cluster.coordinator.as_mut().unwrap().kill();
+    std::fs::remove_dir_all(&cluster.data_dir).unwrap();
+    cluster.store = redis.url();
+    cluster.coordinator_args = vec!["--blobs".into(), "s3://farm/images".into()];
+    cluster.coordinator_env = s3.env();
+    cluster.start_coordinator();
+    let data_dir = cluster.data_dir.clone();
+    killed_and_restarted(cluster).await;
+    assert!(
+        !data_dir.join("state.redb").exists() && !data_dir.join("blobs").exists(),
+        "the jobs were in Redis, the images in S3"
+    );
+    let objects = std::fs::read_dir(s3.bucket_dir().join("images"))
+        .unwrap()
+        .count();
+    assert!(
+        objects >= 5,
+        "3 inputs and 2 results in the bucket: {objects}"
     );
 }
 

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, FarmClient, JobFiles, JobId};
-use stylefarm_coordinator::StoreConfig;
+use stylefarm_coordinator::{BlobsConfig, StoreConfig};
 use stylefarm_core::job::{parse_sweep, JobKind};
 use stylefarm_core::params::ParamArgs;
 use stylefarm_core::tiling::{self, Tiling};
@@ -35,6 +35,11 @@ pub(crate) struct CoordinatorArgs {
     /// Seconds the active one's hold lasts unless renewed: a standby takes over within this of its death.
     #[arg(long, env = "STYLEFARM_LEADER_LEASE_SECS", default_value_t = stylefarm_coordinator::DEFAULT_LEADER_LEASE.as_secs_f64())]
     leader_lease_secs: f64,
+    /// Where images are kept: `disk` (blobs/ in the data dir) or an S3 bucket, `s3://bucket[/prefix]`, that
+    /// several coordinators can share; its endpoint and credentials from the usual variables
+    /// (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP).
+    #[arg(long, env = "STYLEFARM_BLOBS", default_value = "disk")]
+    blobs: BlobsConfig,
     /// The prefix of the store's keys in Redis (several farms on one server).
     #[arg(long, env = "STYLEFARM_STORE_PREFIX", default_value = stylefarm_coordinator::store::DEFAULT_PREFIX)]
     store_prefix: String,
@@ -172,6 +177,7 @@ pub(crate) fn coordinator_config(
     Ok(stylefarm_coordinator::CoordinatorConfig {
         data_dir,
         store: StoreConfig::Embedded,
+        blobs: BlobsConfig::Disk,
         scheduler: stylefarm_coordinator::SchedulerConfig {
             lease: Duration::from_secs_f64(lease),
             heartbeat_interval: Duration::from_secs_f64(heartbeat),
@@ -188,6 +194,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         args.heartbeat_secs,
         args.max_attempts,
     )?;
+    config.blobs = args.blobs;
     config.store = match args.store {
         StoreConfig::Redis { url, .. } => {
             if !(args.leader_lease_secs.is_finite() && args.leader_lease_secs > 0.0) {

@@ -86,9 +86,254 @@ impl BlobStore for DiskBlobs {
     }
 }
 
+/// Blobs in an S3 bucket (or any S3-compatible store): the object `<prefix>/<sha256>`. Configured like the
+/// AWS tools, from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+/// `AWS_ENDPOINT_URL` for a store other than AWS, `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint), through
+/// the `object_store` crate. A blob larger than [`MULTIPART_PART_BYTES`] is uploaded in parts (multipart
+/// upload); an object appears whole when its upload completes, so a blob is whole or absent.
+pub struct S3Blobs {
+    store: object_store::aws::AmazonS3,
+    prefix: String,
+    /// The runtime the store's futures run on: the trait is synchronous, and its callers may be async tasks
+    /// of another runtime, so requests are spawned here and waited for.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for S3Blobs {
+    fn drop(&mut self) {
+        // without waiting: the store may be dropped on an async task of another runtime
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The part size of a multipart upload, and the size above which a blob is uploaded in parts.
+pub const MULTIPART_PART_BYTES: usize = 8 << 20;
+
+impl S3Blobs {
+    /// Blobs under `url`, `s3://<bucket>[/<prefix>]`, with the endpoint and credentials from the
+    /// environment. An error names what is wrong with the URL or the configuration.
+    pub fn open(url: &str) -> std::io::Result<S3Blobs> {
+        Self::build(url, &[])
+    }
+
+    fn build(url: &str, config: &[(&str, &str)]) -> std::io::Result<S3Blobs> {
+        let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| invalid(format!("blobs '{url}': expected s3://bucket[/prefix]")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(invalid(format!("blobs '{url}': no bucket")));
+        }
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        for (key, value) in config {
+            let key = key
+                .parse()
+                .map_err(|e| invalid(format!("blobs '{url}': {key}: {e}")))?;
+            builder = builder.with_config(key, *value);
+        }
+        let store = builder
+            .build()
+            .map_err(|e| invalid(format!("blobs '{url}': {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("blobs-s3")
+            .enable_all()
+            .build()?;
+        Ok(S3Blobs {
+            store,
+            prefix: prefix.trim_matches('/').to_string(),
+            runtime: Some(runtime),
+        })
+    }
+
+    fn path(&self, hash: &ImageHash) -> object_store::path::Path {
+        if self.prefix.is_empty() {
+            object_store::path::Path::from(hash.as_str())
+        } else {
+            object_store::path::Path::from(format!("{}/{hash}", self.prefix))
+        }
+    }
+
+    /// [`S3Blobs::open`] with `config` (object_store's `AmazonS3ConfigKey` names, e.g. `aws_endpoint`,
+    /// `aws_access_key_id`, `aws_allow_http`) over the environment's.
+    pub fn open_with(url: &str, config: &[(&str, &str)]) -> std::io::Result<S3Blobs> {
+        Self::build(url, config)
+    }
+
+    /// Runs `request` on the store's runtime and waits for it, from any thread.
+    fn run<T: Send + 'static>(
+        &self,
+        request: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("the runtime lives until the store drops");
+        let handle = runtime.spawn(request);
+        match futures_executor::block_on(handle) {
+            Ok(result) => result.map_err(std::io::Error::from),
+            Err(e) => Err(std::io::Error::other(format!("blob store request: {e}"))),
+        }
+    }
+
+    /// The object's bytes; `None` when there is none.
+    fn fetch(&self, hash: &ImageHash) -> std::io::Result<Option<Vec<u8>>> {
+        use object_store::ObjectStoreExt;
+        let (store, path) = (self.store.clone(), self.path(hash));
+        let got = self.run(async move { store.get(&path).await?.bytes().await });
+        match got {
+            Ok(bytes) => Ok(Some(bytes.to_vec())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl BlobStore for S3Blobs {
+    fn contains(&self, hash: &ImageHash) -> std::io::Result<bool> {
+        use object_store::ObjectStoreExt;
+        let (store, path) = (self.store.clone(), self.path(hash));
+        match self.run(async move { store.head(&path).await }) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash> {
+        use object_store::ObjectStoreExt;
+        let hash = ImageHash::of(bytes);
+        if self.contains(&hash)? {
+            return Ok(hash);
+        }
+        let (store, path) = (self.store.clone(), self.path(&hash));
+        let bytes = bytes::Bytes::copy_from_slice(bytes);
+        self.run(async move {
+            if bytes.len() <= MULTIPART_PART_BYTES {
+                store.put(&path, bytes.into()).await?;
+            } else {
+                let upload = store.put_multipart(&path).await?;
+                let mut parts =
+                    object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_BYTES);
+                parts.put(bytes);
+                parts.finish().await?;
+            }
+            Ok(())
+        })?;
+        Ok(hash)
+    }
+
+    fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>> {
+        Ok(self
+            .fetch(hash)?
+            .map(|bytes| Box::new(std::io::Cursor::new(bytes)) as Box<dyn BlobReader>))
+    }
+
+    fn get(&self, hash: &ImageHash) -> std::io::Result<Option<Vec<u8>>> {
+        self.fetch(hash)
+    }
+}
+
+/// An S3-compatible server of its own, for tests and benchmarks: `s3s-fs` (installed by the README's test
+/// command) on a free loopback port, its objects under a temporary directory, with one bucket, `farm`;
+/// killed when dropped. Panics with the reason when it cannot start.
+pub struct S3Server {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// The server's access key id.
+pub const S3_TEST_KEY: &str = "stylefarm-test";
+/// The server's secret access key.
+pub const S3_TEST_SECRET: &str = "stylefarm-test-secret";
+
+impl S3Server {
+    /// A server on a free port.
+    pub fn start() -> S3Server {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("farm")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_TEST_KEY, "--secret-key", S3_TEST_SECRET])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("s3s-fs (installed by deploy/test.sh: cargo install s3s-fs)");
+        let server = S3Server {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("s3s-fs did not listen on port {port}");
+    }
+
+    /// Its endpoint URL, `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The environment a coordinator process needs for `--blobs s3://farm/...` on this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", S3_TEST_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", S3_TEST_SECRET.to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The directory the server keeps bucket `farm` in (each object a file).
+    pub fn bucket_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("farm")
+    }
+
+    /// Blobs under `s3://farm/<prefix>` on this server.
+    pub fn blobs(&self, prefix: &str) -> S3Blobs {
+        let endpoint = self.endpoint();
+        S3Blobs::open_with(
+            &format!("s3://farm/{prefix}"),
+            &[
+                ("aws_endpoint", &endpoint),
+                ("aws_access_key_id", S3_TEST_KEY),
+                ("aws_secret_access_key", S3_TEST_SECRET),
+                ("aws_region", "us-east-1"),
+                ("aws_allow_http", "true"),
+            ],
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::BlobStore;
+    use super::{BlobStore, S3Server};
+    use stylefarm_core::job::ImageHash;
 
     /// The behaviour every backend must have.
     pub(crate) fn suite(blobs: &dyn BlobStore) {
@@ -105,6 +350,34 @@ pub(crate) mod tests {
             .get(&stylefarm_core::job::ImageHash::of(b"other"))
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn s3_blobs() {
+        let server = S3Server::start();
+        suite(&server.blobs("blobs"));
+        // another prefix is another store
+        let other = server.blobs("other");
+        assert!(!other.contains(&ImageHash::of(b"hello")).unwrap());
+    }
+
+    /// A blob over the part size goes up in parts (a multipart upload) and comes back whole.
+    #[test]
+    fn large_s3_blobs_are_uploaded_in_parts() {
+        let server = S3Server::start();
+        let blobs = server.blobs("");
+        let big: Vec<u8> = (0..super::MULTIPART_PART_BYTES * 2 + 12345)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let hash = blobs.put(&big).unwrap();
+        assert_eq!(blobs.get(&hash).unwrap().unwrap(), big);
+        // the in-flight parts and the upload are gone: one object
+        let objects = std::fs::read_dir(server.bucket_dir())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_file())
+            .count();
+        assert_eq!(objects, 1);
     }
 
     #[test]

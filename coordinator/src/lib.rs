@@ -132,6 +132,35 @@ impl std::str::FromStr for StoreConfig {
     }
 }
 
+/// Where the coordinator keeps its images (inputs, results, contact sheets, stitched scales).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum BlobsConfig {
+    /// `blobs/` in the data dir (the default).
+    #[default]
+    Disk,
+    /// An S3 bucket or S3-compatible store, `s3://<bucket>[/<prefix>]`, configured from the environment
+    /// ([`blobs::S3Blobs`]): the images that the coordinators of a cluster share.
+    S3(String),
+}
+
+impl std::str::FromStr for BlobsConfig {
+    type Err = Error;
+
+    /// `disk`, or an `s3://` URL. An error names `blobs`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s == "disk" {
+            Ok(BlobsConfig::Disk)
+        } else if s.starts_with("s3://") {
+            Ok(BlobsConfig::S3(s.to_string()))
+        } else {
+            Err(Error::invalid(
+                "blobs",
+                format!("'{s}': expected disk or an s3://bucket[/prefix] URL"),
+            ))
+        }
+    }
+}
+
 /// Where the coordinator keeps its state, and how it schedules.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -139,6 +168,8 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// Where jobs and tasks are kept.
     pub store: StoreConfig,
+    /// Where images are kept.
+    pub blobs: BlobsConfig,
     /// Lease length, heartbeat interval, attempts, blocklist threshold and retry backoff.
     pub scheduler: SchedulerConfig,
 }
@@ -167,7 +198,10 @@ impl Coordinator {
             }
         };
         let scheduler = scheduler::Scheduler::new(config.scheduler, store)?;
-        let blobs = Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?);
+        let blobs: Arc<dyn blobs::BlobStore> = match &config.blobs {
+            BlobsConfig::Disk => Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?),
+            BlobsConfig::S3(url) => Arc::new(blobs::S3Blobs::open(url)?),
+        };
         let coordinator = Arc::new(Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,

@@ -101,6 +101,8 @@ pub struct Cluster {
     pub store: String,
     /// More arguments for the coordinator's next starts.
     pub coordinator_args: Vec<String>,
+    /// More environment variables for the coordinator's next starts (e.g. an S3 store's endpoint).
+    pub coordinator_env: Vec<(String, String)>,
     /// The temporary directory of the data dir and the logs; deleted when the cluster drops, after the
     /// processes above are killed (fields drop in declaration order).
     pub dir: tempfile::TempDir,
@@ -128,6 +130,7 @@ impl Cluster {
             heartbeat_secs,
             store: store.to_string(),
             coordinator_args: Vec::new(),
+            coordinator_env: Vec::new(),
         };
         cluster.start_coordinator();
         cluster
@@ -151,6 +154,7 @@ impl Cluster {
                 &self.store,
             ])
             .args(&self.coordinator_args)
+            .envs(self.coordinator_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
