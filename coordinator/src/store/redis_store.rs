@@ -166,6 +166,10 @@ fn fenced(epoch: u64, current: Option<u64>) -> StoreError {
 /// checked against.
 struct Leadership {
     epoch: u64,
+    /// This holder's id, the leader key's value while it holds it.
+    node: String,
+    client: redis::Client,
+    keys: Keys,
     /// Why the hold was lost, once it is: the writes fail from then on, and the coordinator stops.
     lost: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
@@ -222,6 +226,7 @@ impl Leadership {
         let renewer = {
             let (client, keys, lost, stop) =
                 (client.clone(), keys.clone(), lost.clone(), stop.clone());
+            let node = node.clone();
             std::thread::Builder::new()
                 .name("store-leader".into())
                 .spawn(move || Self::renew_loop(&client, &keys, &node, lease, &lost, &stop))
@@ -229,6 +234,9 @@ impl Leadership {
         };
         Ok(Leadership {
             epoch,
+            node,
+            client: client.clone(),
+            keys: keys.clone(),
             lost,
             stop,
             renewer: Some(renewer),
@@ -289,10 +297,27 @@ impl Leadership {
 }
 
 impl Drop for Leadership {
+    /// Stops renewing and, when this holder still holds the leader key, deletes it: a standby takes over at
+    /// once after a clean stop, not a lease later.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(renewer) = self.renewer.take() {
             let _ = renewer.join();
+        }
+        let Ok(mut con) = connect(&self.client) else {
+            return;
+        };
+        let leader = self.keys.leader();
+        let released = redis::transaction(&mut con, &[&leader], |con, pipe| {
+            let holder: Option<String> = redis::cmd("GET").arg(&leader).query(con)?;
+            if holder.as_deref() != Some(self.node.as_str()) {
+                return Ok(Some(()));
+            }
+            pipe.cmd("DEL").arg(&leader).ignore();
+            pipe.query::<Option<()>>(con)
+        });
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "releasing the leader lease; it lapses by itself");
         }
     }
 }
@@ -611,6 +636,12 @@ mod tests {
         super::super::wait(b.write(vec![Op::Job(job.clone())])).unwrap();
         assert_eq!(b.load().unwrap(), vec![(job, tasks)]);
         assert!(b.lost().is_none());
+        // a clean stop releases the lease: the next one takes over at once, not a lease later
+        drop(b);
+        let started = std::time::Instant::now();
+        let c = RedisStore::open_active(&url, "farm", Duration::from_secs(60)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(c.lost().is_none());
     }
 
     #[test]
