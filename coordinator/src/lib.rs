@@ -32,7 +32,8 @@ pub enum Error {
     /// No such job (the message names it): NOT_FOUND on the wire.
     #[error("{0}")]
     NotFound(String),
-    /// The job store failed to load or commit (redb): INTERNAL on the wire.
+    /// The job store failed to load or commit: UNAVAILABLE on the wire when it could not be reached (a
+    /// Redis server down), else INTERNAL.
     #[error(transparent)]
     Store(#[from] store::StoreError),
     /// A file system error: creating the data dir, or reading or writing the blob store; INTERNAL on the
@@ -78,6 +79,7 @@ impl From<Error> for tonic::Status {
             Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::Rpc(status) => status,
+            Error::Store(e) if e.unavailable => tonic::Status::unavailable(e.to_string()),
             e @ (Error::Store(_)
             | Error::Io(_)
             | Error::Internal(_)
@@ -301,7 +303,25 @@ pub async fn serve(
         .map_err(|e| Error::Transport(e.to_string()));
     expiry.abort();
     match coordinator.scheduler.store_lost() {
-        Some(why) => Err(Error::Store(store::StoreError(why))),
+        Some(why) => Err(Error::Store(store::StoreError::new(why))),
         None => result,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_out_of_reach_is_unavailable_and_other_store_failures_internal() {
+        let status = |unavailable| {
+            tonic::Status::from(Error::Store(store::StoreError {
+                message: "redis: connection refused".into(),
+                unavailable,
+            }))
+            .code()
+        };
+        assert_eq!(status(true), tonic::Code::Unavailable);
+        assert_eq!(status(false), tonic::Code::Internal);
     }
 }

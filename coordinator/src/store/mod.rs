@@ -21,13 +21,30 @@ pub use self::redb_store::RedbStore;
 pub use self::redis_store::{RedisServer, RedisStore, DEFAULT_PREFIX};
 use crate::model::{JobMeta, TaskRecord};
 
-/// A store failure (a redb error, a failed commit, a write to an unknown job), as its message.
-#[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(pub String);
+/// A store failure (a redb error, a failed commit, a write to an unknown job, a server out of reach), as
+/// its message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("store: {message}")]
+pub struct StoreError {
+    /// What failed, for a person to read.
+    pub message: String,
+    /// Whether the store could not be reached (a server down or restarting): the call may succeed later,
+    /// and the gRPC services answer UNAVAILABLE rather than INTERNAL.
+    pub unavailable: bool,
+}
+
+impl StoreError {
+    /// A failure of the store itself.
+    pub fn new(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            unavailable: false,
+        }
+    }
+}
 
 fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::new(e.to_string())
 }
 
 /// One write to the store.

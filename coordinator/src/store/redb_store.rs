@@ -123,7 +123,7 @@ impl RedbStore {
                     .lock()
                     .unwrap()
                     .failures
-                    .push((from, upto, e.0));
+                    .push((from, upto, e.message));
             }
             shared.committed.send_replace(upto);
         }
@@ -166,7 +166,7 @@ impl Store for RedbStore {
                 .iter()
                 .find(|(lo, hi, _)| *lo < seq && seq <= *hi)
             {
-                Some((_, _, e)) => Err(StoreError(e.clone())),
+                Some((_, _, e)) => Err(StoreError::new(e.clone())),
                 None => Ok(()),
             }
         })

@@ -82,10 +82,21 @@ fn json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(err)
 }
 
+/// A Redis error as a store error: unavailable when the server could not be reached or the connection broke.
+fn redis_err(e: redis::RedisError) -> StoreError {
+    StoreError {
+        unavailable: e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            || e.is_timeout(),
+        message: format!("redis: {e}"),
+    }
+}
+
 fn connect(client: &redis::Client) -> Result<redis::Connection, StoreError> {
     let con = client
         .get_connection_with_timeout(TIMEOUT)
-        .map_err(|e| err(format!("redis: {e}")))?;
+        .map_err(redis_err)?;
     con.set_read_timeout(Some(TIMEOUT)).map_err(err)?;
     con.set_write_timeout(Some(TIMEOUT)).map_err(err)?;
     Ok(con)
@@ -131,7 +142,7 @@ fn apply(
     cmds: &[redis::Cmd],
     fence: Option<u64>,
 ) -> Result<(), StoreError> {
-    let redis = |e: redis::RedisError| err(format!("redis: {e}"));
+    let redis = redis_err;
     let Some(epoch) = fence else {
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -184,7 +195,7 @@ impl Leadership {
         keys: &Keys,
         lease: Duration,
     ) -> Result<Leadership, StoreError> {
-        let redis = |e: redis::RedisError| err(format!("redis: {e}"));
+        let redis = redis_err;
         let node = format!(
             "{}-{}",
             std::process::id(),
@@ -274,7 +285,7 @@ impl Leadership {
                         .ignore();
                     Ok(pipe.query::<Option<()>>(c)?.map(|()| true))
                 })
-                .map_err(|e| err(format!("redis: {e}")))
+                .map_err(redis_err)
             })();
             let why = match outcome {
                 Ok(true) => {
@@ -345,7 +356,7 @@ impl RedisStore {
         let mut con = connect(&client)?;
         redis::cmd("PING")
             .query::<String>(&mut con)
-            .map_err(|e| err(format!("redis: {e}")))?;
+            .map_err(redis_err)?;
         let keys = Keys {
             prefix: prefix.to_string(),
         };
@@ -410,12 +421,9 @@ impl RedisStore {
                 con = None;
             }
             for w in batch {
-                let _ = w.done.send(
-                    result
-                        .as_ref()
-                        .map(|_| ())
-                        .map_err(|e| StoreError(e.0.clone())),
-                );
+                let _ = w
+                    .done
+                    .send(result.as_ref().map(|_| ()).map_err(Clone::clone));
             }
         }
     }
@@ -452,7 +460,7 @@ impl Store for RedisStore {
         let keys = Keys {
             prefix: self.prefix.clone(),
         };
-        let redis = |e: redis::RedisError| err(format!("redis: {e}"));
+        let redis = redis_err;
         let mut con = connect(&self.client)?;
         let ids: Vec<String> = redis::cmd("ZRANGE")
             .arg(keys.jobs())
@@ -653,7 +661,10 @@ mod tests {
         drop(server);
         let write = || store.write(vec![Op::Insert(job.clone(), tasks.clone())]);
         let err = super::super::wait(write()).unwrap_err();
-        assert!(err.to_string().contains("redis"), "{err}");
+        assert!(
+            err.to_string().contains("redis") && err.unavailable,
+            "{err:?}"
+        );
         assert!(RedisStore::open(&url, DEFAULT_PREFIX).is_err());
         // a server back on that address: the next write connects again
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
