@@ -5,7 +5,10 @@
 //! - `{prefix}:jobs`: a sorted set of job ids scored by their submission sequence (the order of
 //!   [`Store::load`]);
 //! - `{prefix}:job:{id}`: the job's record ([`JobMeta`]) as JSON;
-//! - `{prefix}:tasks:{id}`: a hash of the job's tasks ([`TaskRecord`] as JSON) by their index.
+//! - `{prefix}:tasks:{id}`: a hash of the job's tasks ([`TaskRecord`] as JSON) by their index;
+//! - `{prefix}:leader` and `{prefix}:epoch`: the active coordinator's lease (its id, expiring unless renewed)
+//!   and the fencing token that each new holder increments ([`RedisStore::open_active`]); every write of an
+//!   active coordinator is a transaction that watches the epoch and applies only while it is still its own.
 //!
 //! A writer thread applies the queued writes in order on one connection; the writes queued while it was busy
 //! go to the server together as one `MULTI`/`EXEC` transaction (group commit), which Redis applies
