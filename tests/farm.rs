@@ -206,6 +206,138 @@ async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
     );
 }
 
+/// A worker frozen with SIGSTOP past its lease: the task is leased again and rendered by another worker.
+/// Thawed with SIGCONT, the frozen worker learns that its lease is gone (its late result, or its
+/// cancellation, is discarded), the job keeps the other worker's result, and the thawed worker renders the
+/// next job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarded() {
+    let signal = |node: &stylefarm_tests::Node, signal: &str| {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(node.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
+    };
+    let mut cluster = Cluster::start(1.5, 0.3);
+    cluster.add_worker("frozen");
+    wait_registered(&cluster, 1).await;
+    let job_args = [
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--size",
+        "64",
+        "--iterations",
+        "40",
+    ];
+    let id = submit(&cluster, &job_args);
+    wait_iteration(&cluster, &id, 3).await;
+    signal(&cluster.workers[0], "STOP");
+    cluster.add_worker("other");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        done.tasks[0].worker_id.starts_with("other"),
+        "{:?}",
+        done.tasks[0]
+    );
+    assert_eq!(done.tasks[0].attempts, 2);
+    signal(&cluster.workers[0], "CONT");
+    wait_for(
+        "the thawed worker to learn that its lease is gone",
+        Duration::from_secs(60),
+        || async {
+            let log = cluster.workers[0].log_text();
+            (log.contains("result discarded") || log.contains("cancelled by the coordinator"))
+                .then_some(())
+        },
+    )
+    .await;
+    let after = job(&mut cluster.client().await, &id).await;
+    assert_eq!(
+        after.tasks[0].result, done.tasks[0].result,
+        "the job keeps its result"
+    );
+    assert_eq!(after.tasks[0].attempts, 2);
+    // the thawed worker is still one of the farm's: with the other one gone, it renders the next job
+    cluster.workers[1].kill();
+    let next = submit(&cluster, &job_args);
+    let next = wait_state(
+        &cluster,
+        &next,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        next.tasks[0].worker_id.starts_with("frozen"),
+        "{:?}",
+        next.tasks[0]
+    );
+}
+
+/// A worker whose every render fails (a fail point panics each one): its failures are strikes, it is
+/// blocklisted for the job after three, and every task completes on the other worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_failing_every_task_is_blocklisted_and_the_job_completes_elsewhere() {
+    let mut cluster = Cluster::start(3.0, 0.3);
+    // more attempts than the blocklist's three strikes, so that the bad worker cannot use them all
+    cluster.coordinator_args = vec!["--max-attempts".into(), "6".into()];
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.start_coordinator();
+    cluster.add_worker_with_env("bad", &[("FAILPOINTS", "engine-render=panic(bad worker)")]);
+    wait_registered(&cluster, 1).await;
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--content",
+            &path("chelsea.png"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--batch",
+            "--size",
+            "48",
+            "--iterations",
+            "10",
+        ],
+    );
+    // the bad worker alone first: it fails until it is blocklisted, and the job waits for another
+    wait_for(
+        "the bad worker's three strikes",
+        Duration::from_secs(60),
+        || async {
+            (cluster.workers[0].log_text().matches("task failed").count() >= 3).then_some(())
+        },
+    )
+    .await;
+    cluster.add_worker("good");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    for t in &done.tasks {
+        assert!(t.worker_id.starts_with("good"), "{t:?}");
+    }
+    let failures = cluster.workers[0].log_text().matches("task failed").count();
+    assert_eq!(
+        failures, 3,
+        "blocklisted after three strikes: no fourth lease"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
     let mut cluster = Cluster::start(10.0, 0.3);
