@@ -566,22 +566,7 @@ async fn a_standby_coordinator_takes_over_when_the_active_one_is_killed() {
     cluster.url = format!("{active},http://{standby_addr}");
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
-    let id = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--content",
-            &path("chelsea.png"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--batch",
-            "--size",
-            "48",
-            "--iterations",
-            "30",
-        ],
-    );
+    let id = submit_small_batch(&cluster);
     wait_iteration(&cluster, &id, 2).await;
     assert!(
         listening.try_recv().is_err(),
@@ -609,13 +594,10 @@ async fn a_standby_coordinator_takes_over_when_the_active_one_is_killed() {
     assert!(status.tasks.iter().all(|t| !t.result.is_empty()));
 }
 
-/// Kills a coordinator with SIGKILL during a batch job and starts another on the same state: the job
-/// completes with every result.
-async fn killed_and_restarted(mut cluster: Cluster) {
-    cluster.add_worker("w1");
-    wait_registered(&cluster, 1).await;
-    let id = submit(
-        &cluster,
+/// Submits a batch of two small renders (30 iterations at 48 px each); returns its id.
+fn submit_small_batch(cluster: &Cluster) -> String {
+    submit(
+        cluster,
         &[
             "--content",
             &path("tubingen.jpg"),
@@ -629,7 +611,15 @@ async fn killed_and_restarted(mut cluster: Cluster) {
             "--iterations",
             "30",
         ],
-    );
+    )
+}
+
+/// Kills a coordinator with SIGKILL during a batch job and starts another on the same state: the job
+/// completes with every result.
+async fn killed_and_restarted(mut cluster: Cluster) {
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let id = submit_small_batch(&cluster);
     wait_iteration(&cluster, &id, 2).await;
     cluster.coordinator.as_mut().unwrap().kill();
     cluster.start_coordinator();

@@ -174,17 +174,29 @@ pub(crate) fn coordinator_config(
     if attempts == 0 {
         bail!("max_attempts must be at least 1");
     }
+    let (lease, heartbeat) = (
+        seconds("lease_secs", lease)?,
+        seconds("heartbeat_secs", heartbeat)?,
+    );
     Ok(stylefarm_coordinator::CoordinatorConfig {
         data_dir,
         store: StoreConfig::Embedded,
         blobs: BlobsConfig::Disk,
         scheduler: stylefarm_coordinator::SchedulerConfig {
-            lease: Duration::from_secs_f64(lease),
-            heartbeat_interval: Duration::from_secs_f64(heartbeat),
+            lease,
+            heartbeat_interval: heartbeat,
             default_max_attempts: attempts,
             ..Default::default()
         },
     })
+}
+
+/// A duration given in seconds on the command line: more than 0 and at most a day; an error names `name`.
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    if !(value > 0.0 && value <= 86_400.0) {
+        bail!("{name} must be more than 0 and at most 86400 (a day), got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
 }
 
 pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -196,16 +208,11 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     )?;
     config.blobs = args.blobs;
     config.store = match args.store {
-        StoreConfig::Redis { url, .. } => {
-            if !(args.leader_lease_secs.is_finite() && args.leader_lease_secs > 0.0) {
-                bail!("leader_lease_secs must be > 0");
-            }
-            StoreConfig::Redis {
-                url,
-                prefix: args.store_prefix,
-                lease: Duration::from_secs_f64(args.leader_lease_secs),
-            }
-        }
+        StoreConfig::Redis { url, .. } => StoreConfig::Redis {
+            url,
+            prefix: args.store_prefix,
+            lease: seconds("leader_lease_secs", args.leader_lease_secs)?,
+        },
         embedded => embedded,
     };
     runtime()?.block_on(async move {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
-use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
+use stylefarm_core::job::{ExpandedJob, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
 use tokio::sync::{broadcast, Notify};
 
@@ -411,13 +411,14 @@ impl Scheduler {
         Ok(reply)
     }
 
-    /// The task under a live lease and its job's kind; `None` when the lease expired or never existed.
-    pub fn leased_task(&self, lease_id: &LeaseId) -> Option<(TaskSpec, JobKind)> {
+    /// The task under a live lease and whether its job is tiled; `None` when the lease expired or never
+    /// existed.
+    pub fn leased_task(&self, lease_id: &LeaseId) -> Option<(TaskSpec, bool)> {
         let st = self.state.lock().unwrap();
         let lease = st.leases.get(lease_id)?;
         let job = st.jobs.get(&lease.job_id)?;
         let task = job.tasks.get(lease.index as usize)?;
-        Some((task.spec.clone(), job.meta.spec.kind.clone()))
+        Some((task.spec.clone(), job.meta.spec.kind.tiling().is_some()))
     }
 
     /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
@@ -675,7 +676,7 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Records the image of stage `stage` of a job with stage work ([`JobKind::has_stage_work`]) whose
+    /// Records the image of stage `stage` of a job with stage work ([`stylefarm_core::job::JobKind::has_stage_work`]) whose
     /// tasks all succeeded (a sweep's contact sheet; a tiled job's stitched scale), and either queues the
     /// next stage's tasks (`next`) or, without one, completes the job with that image as its result.
     /// Returns false (and changes nothing) when the job is not at that point: finished, cancelled, or
@@ -786,6 +787,7 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
     use stylefarm_core::job::ImageHash;
+    use stylefarm_core::job::JobKind;
     use stylefarm_core::RenderParams;
 
     fn batch(contents: u8, priority: i32) -> JobSpec {

@@ -490,11 +490,9 @@ impl WorkerService for WorkerApi {
             let img = imaging::decode(&bytes, "result")?;
             // a whole image's result gets its content's alpha (a tiled job's, once stitched)
             let bytes = match coordinator.scheduler.leased_task(&lease) {
-                Some((task, kind)) if kind.tiling().is_none() && task.scale.is_none() => {
-                    coordinator
-                        .with_content_alpha(&img, &task.content)?
-                        .unwrap_or(bytes)
-                }
+                Some((task, tiled)) if !tiled && task.scale.is_none() => coordinator
+                    .with_content_alpha(&img, &task.content)?
+                    .unwrap_or(bytes),
                 _ => bytes,
             };
             let hash = coordinator.blobs.put(&bytes).map_err(Error::from)?;

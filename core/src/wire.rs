@@ -228,28 +228,35 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
     }
 }
 
+/// A job's kind on the wire: a tiled job's tile size 0 when the planner sizes it.
+impl From<&JobKind> for pb::job_spec::Kind {
+    fn from(kind: &JobKind) -> Self {
+        use pb::job_spec::{Batch, Kind, Single, Sweep, Tiled};
+        match kind {
+            JobKind::Single => Kind::Single(Single {}),
+            JobKind::Batch => Kind::Batch(Batch {}),
+            JobKind::Sweep(axes) => Kind::Sweep(Sweep {
+                axes: axes
+                    .iter()
+                    .map(|a| pb::SweepAxis {
+                        parameter: a.parameter.name().into(),
+                        values: a.values.clone(),
+                    })
+                    .collect(),
+            }),
+            JobKind::Tiled(tiling) => Kind::Tiled(Tiled {
+                tile_size: tiling.fixed_tile_size().unwrap_or(0),
+                overlap: tiling.overlap,
+                exact: tiling.exact,
+            }),
+        }
+    }
+}
+
 impl From<&JobSpec> for pb::JobSpec {
     fn from(s: &JobSpec) -> Self {
-        use pb::job_spec::{Batch, Kind, Single, Sweep, Tiled};
         pb::JobSpec {
-            kind: Some(match &s.kind {
-                JobKind::Single => Kind::Single(Single {}),
-                JobKind::Batch => Kind::Batch(Batch {}),
-                JobKind::Sweep(axes) => Kind::Sweep(Sweep {
-                    axes: axes
-                        .iter()
-                        .map(|a| pb::SweepAxis {
-                            parameter: a.parameter.name().into(),
-                            values: a.values.clone(),
-                        })
-                        .collect(),
-                }),
-                JobKind::Tiled(tiling) => Kind::Tiled(Tiled {
-                    tile_size: tiling.fixed_tile_size().unwrap_or(0),
-                    overlap: tiling.overlap,
-                    exact: tiling.exact,
-                }),
-            }),
+            kind: Some((&s.kind).into()),
             contents: s.contents.iter().map(ToString::to_string).collect(),
             styles: s.styles.iter().map(ToString::to_string).collect(),
             params: Some((&s.params).into()),

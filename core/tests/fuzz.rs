@@ -1992,24 +1992,16 @@ fn arbitrary_wire_kind() -> BoxedStrategy<Option<WireKind>> {
 /// A domain kind as a client sends it; with `unset_tiling`, a tiled job's tile size and overlap unset (0:
 /// the planner's and the default).
 fn wire_kind(kind: &JobKind, unset_tiling: bool) -> WireKind {
-    match kind {
-        JobKind::Single => WireKind::Single(pb::job_spec::Single {}),
-        JobKind::Batch => WireKind::Batch(pb::job_spec::Batch {}),
-        JobKind::Sweep(axes) => WireKind::Sweep(pb::job_spec::Sweep {
-            axes: axes
-                .iter()
-                .map(|a| pb::SweepAxis {
-                    parameter: a.parameter.name().into(),
-                    values: a.values.clone(),
-                })
-                .collect(),
-        }),
-        JobKind::Tiled(t) => WireKind::Tiled(pb::job_spec::Tiled {
-            tile_size: if unset_tiling { 0 } else { t.tile_size },
-            overlap: if unset_tiling { 0 } else { t.overlap },
-            exact: t.exact,
-        }),
+    let mut wire = WireKind::from(kind);
+    if let (WireKind::Tiled(w), JobKind::Tiled(t)) = (&mut wire, kind) {
+        // the tile size as the job holds it, whether the planner may change it or not
+        (w.tile_size, w.overlap) = if unset_tiling {
+            (0, 0)
+        } else {
+            (t.tile_size, t.overlap)
+        };
     }
+    wire
 }
 
 /// A change to a wire job spec derived from a valid one.
