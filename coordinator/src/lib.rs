@@ -33,11 +33,11 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
     /// The job store failed to load or commit: UNAVAILABLE on the wire when it could not be reached (a
-    /// Redis server down), else INTERNAL.
+    /// Redis server down), RESOURCE_EXHAUSTED when its disk is full, else INTERNAL.
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    /// A file system error: creating the data dir, or reading or writing the blob store; INTERNAL on the
-    /// wire.
+    /// A file system error: creating the data dir, or reading or writing the blob store; RESOURCE_EXHAUSTED
+    /// on the wire when the disk is full (ENOSPC, EDQUOT), else INTERNAL.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     /// The coordinator's own failure (a blocking task that panicked, an image it stored and cannot read
@@ -79,14 +79,29 @@ impl From<Error> for tonic::Status {
             Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::Rpc(status) => status,
-            Error::Store(e) if e.unavailable => tonic::Status::unavailable(e.to_string()),
-            e @ (Error::Store(_)
-            | Error::Io(_)
-            | Error::Internal(_)
-            | Error::Stitch(_)
-            | Error::Transport(_)) => tonic::Status::internal(e.to_string()),
+            Error::Store(e) => match e.kind {
+                store::StoreErrorKind::Unavailable => tonic::Status::unavailable(e.to_string()),
+                store::StoreErrorKind::StorageFull => {
+                    tonic::Status::resource_exhausted(e.to_string())
+                }
+                store::StoreErrorKind::Failed => tonic::Status::internal(e.to_string()),
+            },
+            Error::Io(e) if storage_full(&e) => {
+                tonic::Status::resource_exhausted(format!("storage full: {e}"))
+            }
+            e @ (Error::Io(_) | Error::Internal(_) | Error::Stitch(_) | Error::Transport(_)) => {
+                tonic::Status::internal(e.to_string())
+            }
         }
     }
+}
+
+/// Whether an I/O error says the disk (or the user's quota on it) is full: ENOSPC, EDQUOT.
+pub(crate) fn storage_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// How long an active coordinator's hold on a shared store lasts unless renewed, by default.
@@ -251,20 +266,37 @@ pub async fn serve(
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
-    // leases expire even when nobody calls
-    let scheduler = coordinator.scheduler.clone();
-    let expiry = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            // expiring writes to the store and waits for the commit: on the blocking pool
-            let scheduler = scheduler.clone();
-            match tokio::task::spawn_blocking(move || scheduler.expire()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "expiring leases"),
-                Err(e) => tracing::error!(error = %e, "expiring leases: the task failed"),
+    // leases expire even when nobody calls; a stage whose step could not be recorded while the store was
+    // out of reach is stepped again once it answers
+    let expiry = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            let mut was_behind = false;
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                // expiring writes to the store and waits for the commit: on the blocking pool
+                let coordinator = coordinator.clone();
+                let step = tokio::task::spawn_blocking(move || {
+                    let behind = coordinator.scheduler.store_behind();
+                    if was_behind && !behind {
+                        for job_id in coordinator.scheduler.jobs_awaiting_step() {
+                            coordinator.stage_done(&job_id);
+                        }
+                    }
+                    (behind, coordinator.scheduler.expire())
+                });
+                match step.await {
+                    Ok((behind, expired)) => {
+                        was_behind = behind;
+                        if let Err(e) = expired {
+                            tracing::error!(error = %e, "expiring leases");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "expiring leases: the task failed"),
+                }
             }
-        }
-    });
+        })
+    };
     health
         .set_serving::<RenderServiceServer<service::RenderApi>>()
         .await;
@@ -313,15 +345,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_store_out_of_reach_is_unavailable_and_other_store_failures_internal() {
-        let status = |unavailable| {
+    fn a_store_out_of_reach_is_unavailable_a_full_disk_resource_exhausted_others_internal() {
+        use store::StoreErrorKind::*;
+        let status = |kind| {
             tonic::Status::from(Error::Store(store::StoreError {
                 message: "redis: connection refused".into(),
-                unavailable,
+                kind,
             }))
             .code()
         };
-        assert_eq!(status(true), tonic::Code::Unavailable);
-        assert_eq!(status(false), tonic::Code::Internal);
+        assert_eq!(status(Unavailable), tonic::Code::Unavailable);
+        assert_eq!(status(StorageFull), tonic::Code::ResourceExhausted);
+        assert_eq!(status(Failed), tonic::Code::Internal);
+        // a blob written to a full disk: the OS's own ENOSPC
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
+            .unwrap_err();
+        let status = tonic::Status::from(Error::Io(full));
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("storage full"));
+        let other = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            tonic::Status::from(Error::Io(other)).code(),
+            tonic::Code::Internal
+        );
     }
 }

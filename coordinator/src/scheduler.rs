@@ -249,6 +249,7 @@ impl Scheduler {
         job: ExpandedJob,
         client_request_id: &str,
     ) -> Result<(JobId, bool), SchedulerError> {
+        self.writable()?;
         let (spec, tasks) = job.into_parts();
         let mut st = self.state.lock().unwrap();
         if let Some(id) = st
@@ -308,6 +309,7 @@ impl Scheduler {
     /// Hands the next task to `worker`, if one is ready: the highest priority, oldest job first; not a task of
     /// a job that blocklisted the worker, nor one waiting out a retry backoff.
     pub fn lease(&self, worker: &WorkerId) -> Result<Option<Lease>, SchedulerError> {
+        self.writable()?;
         self.expire()?;
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
@@ -436,6 +438,7 @@ impl Scheduler {
         lease_id: &LeaseId,
         result: &ImageHash,
     ) -> Result<Option<Completed>, SchedulerError> {
+        self.writable()?;
         let mut st = self.state.lock().unwrap();
         let Some(lease) = Self::take_lease(&mut st, lease_id) else {
             return Ok(None);
@@ -476,6 +479,7 @@ impl Scheduler {
         error: &str,
         kind: FailureKind,
     ) -> Result<(), SchedulerError> {
+        self.writable()?;
         let mut st = self.state.lock().unwrap();
         let Some(lease) = Self::take_lease(&mut st, lease_id) else {
             return Ok(());
@@ -591,6 +595,7 @@ impl Scheduler {
 
     /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made).
     pub fn fail_job(&self, job_id: &JobId, error: &str) -> Result<(), SchedulerError> {
+        self.writable()?;
         let mut st = self.state.lock().unwrap();
         let mut ops = Vec::new();
         self.finish_job(&mut st, job_id, JobState::Failed, error, &mut ops)?;
@@ -616,6 +621,7 @@ impl Scheduler {
 
     /// Cancels a job; a finished job keeps its state.
     pub fn cancel(&self, job_id: &JobId) -> Result<JobState, SchedulerError> {
+        self.writable()?;
         let mut st = self.state.lock().unwrap();
         let state = st
             .jobs
@@ -637,6 +643,11 @@ impl Scheduler {
 
     /// Returns expired leases' tasks to the queue (a strike against their worker).
     pub fn expire(&self) -> Result<(), SchedulerError> {
+        if self.store.behind().is_some() {
+            // nothing expires while the store holds writes back: the workers' heartbeats still renew
+            // their leases, and the expiries' writes could not be acknowledged
+            return Ok(());
+        }
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
         let expired: Vec<LeaseId> = st
@@ -688,6 +699,7 @@ impl Scheduler {
         image: &ImageHash,
         next: Option<Vec<TaskSpec>>,
     ) -> Result<bool, SchedulerError> {
+        self.writable()?;
         let mut guard = self.state.lock().unwrap();
         let st = &mut *guard;
         let job = st
@@ -724,6 +736,20 @@ impl Scheduler {
         self.work.notify_waiters();
         self.changed(job_id);
         Ok(true)
+    }
+
+    /// An error while the store holds writes back ([`Store::behind`]): the calls that record outcomes
+    /// answer it (UNAVAILABLE on the wire) rather than acknowledge what the store may not hold.
+    fn writable(&self) -> Result<(), SchedulerError> {
+        match self.store.behind() {
+            Some(e) => Err(SchedulerError::Store(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the store holds writes back, out of reach ([`Store::behind`]).
+    pub fn store_behind(&self) -> bool {
+        self.store.behind().is_some()
     }
 
     /// Why this coordinator may no longer write to its store ([`Store::lost`]), once that is so.
@@ -1152,5 +1178,58 @@ mod tests {
             (job, false),
             "request ids survive"
         );
+    }
+
+    /// A memory store that can be told it is holding writes back, as a Redis store out of reach is.
+    #[derive(Default)]
+    struct HeldBack {
+        inner: MemoryStore,
+        behind: Mutex<Option<StoreError>>,
+    }
+
+    impl Store for HeldBack {
+        fn write(&self, ops: Vec<Op>) -> store::Durable {
+            self.inner.write(ops)
+        }
+        fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
+            self.inner.load()
+        }
+        fn behind(&self) -> Option<StoreError> {
+            self.behind.lock().unwrap().clone()
+        }
+    }
+
+    #[test]
+    fn while_the_store_holds_writes_back_outcomes_are_refused_and_leases_do_not_expire() {
+        let store = Arc::new(HeldBack::default());
+        let s = Scheduler::new(
+            SchedulerConfig {
+                lease: Duration::from_millis(1),
+                ..Default::default()
+            },
+            store.clone(),
+        )
+        .unwrap();
+        let (job, _) = s.submit(batch(2, 0), "r1").unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        *store.behind.lock().unwrap() = Some(StoreError::unavailable("redis: connection refused"));
+        std::thread::sleep(Duration::from_millis(5));
+        let unavailable = |r: Result<_, SchedulerError>| matches!(r, Err(SchedulerError::Store(e)) if e.is_unavailable());
+        assert!(
+            unavailable(s.submit(batch(1, 0), "r1").map(|_| ())),
+            "not even a repeat"
+        );
+        assert!(unavailable(s.submit(batch(1, 0), "r2").map(|_| ())));
+        assert!(unavailable(s.lease(&w("w2")).map(|_| ())));
+        assert!(unavailable(s.complete(&l.lease_id, &hash("r")).map(|_| ())));
+        assert!(unavailable(s.cancel(&job).map(|_| ())));
+        // the lease is past its deadline, but nothing expires while outcomes cannot be recorded
+        s.expire().unwrap();
+        assert!(!s.heartbeat(&l.lease_id, None).unwrap().cancel);
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Running);
+        // the store answers again: the result the worker retries is taken
+        *store.behind.lock().unwrap() = None;
+        assert!(s.complete(&l.lease_id, &hash("r")).unwrap().is_some());
+        assert_eq!(s.submit(batch(1, 0), "r1").unwrap(), (job, false));
     }
 }

@@ -21,16 +21,27 @@ pub use self::redb_store::RedbStore;
 pub use self::redis_store::{RedisServer, RedisStore, DEFAULT_PREFIX};
 use crate::model::{JobMeta, TaskRecord};
 
-/// A store failure (a redb error, a failed commit, a write to an unknown job, a server out of reach), as
-/// its message.
+/// A store failure (a redb error, a failed commit, a write to an unknown job, a server out of reach, a full
+/// disk), as its message and kind.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("store: {message}")]
 pub struct StoreError {
     /// What failed, for a person to read.
     pub message: String,
-    /// Whether the store could not be reached (a server down or restarting): the call may succeed later,
-    /// and the gRPC services answer UNAVAILABLE rather than INTERNAL.
-    pub unavailable: bool,
+    /// Whether a later try may succeed, and so the gRPC code it is answered with.
+    pub kind: StoreErrorKind,
+}
+
+/// What kind of failure a [`StoreError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The store itself failed (a corrupt record, an error of the server): INTERNAL on the wire.
+    Failed,
+    /// The store could not be reached (a server down or restarting): the call may succeed later;
+    /// UNAVAILABLE on the wire.
+    Unavailable,
+    /// The disk under the store is full (ENOSPC, a quota): RESOURCE_EXHAUSTED on the wire.
+    StorageFull,
 }
 
 impl StoreError {
@@ -38,8 +49,21 @@ impl StoreError {
     pub fn new(message: impl Into<String>) -> StoreError {
         StoreError {
             message: message.into(),
-            unavailable: false,
+            kind: StoreErrorKind::Failed,
         }
+    }
+
+    /// The store could not be reached.
+    pub fn unavailable(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            kind: StoreErrorKind::Unavailable,
+        }
+    }
+
+    /// Whether the store could not be reached.
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == StoreErrorKind::Unavailable
     }
 }
 
@@ -82,6 +106,14 @@ pub trait Store: Send + Sync {
     fn write(&self, ops: Vec<Op>) -> Durable;
     /// Every job with its tasks (in index order), in submission order.
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
+
+    /// Why writes are held back, while some are: the store is out of reach and applies them, in order, once
+    /// it answers (a Redis server restarting). The scheduler takes no new outcomes meanwhile (its calls that
+    /// write answer UNAVAILABLE), so that nothing it acknowledges is ahead of what the store holds. `None`
+    /// for a store that fails its writes instead (memory, redb).
+    fn behind(&self) -> Option<StoreError> {
+        None
+    }
 
     /// Why this coordinator may no longer write, once that is so (another coordinator sharing the store
     /// took over): the coordinator then stops serving. `None` for a store of one coordinator.

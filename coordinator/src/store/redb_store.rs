@@ -6,8 +6,22 @@ use std::sync::{Arc, Condvar, Mutex};
 use redb::{ReadableTable, TableDefinition};
 use serde::Serialize;
 
-use super::{durable_now, err, Durable, Op, Store, StoreError};
+use super::{durable_now, err, Durable, Op, Store, StoreError, StoreErrorKind};
 use crate::model::{JobMeta, TaskRecord};
+
+/// A redb error as a store error: a full disk (ENOSPC, EDQUOT) is [`StoreErrorKind::StorageFull`].
+fn redb_err(e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    let full = matches!(&e, redb::Error::Io(io) if crate::storage_full(io));
+    StoreError {
+        message: e.to_string(),
+        kind: if full {
+            StoreErrorKind::StorageFull
+        } else {
+            StoreErrorKind::Failed
+        },
+    }
+}
 
 const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
 const TASKS: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("tasks");
@@ -42,27 +56,27 @@ pub struct RedbStore {
 }
 
 fn apply(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), StoreError> {
-    let mut jobs = tx.open_table(JOBS).map_err(err)?;
-    let mut tasks = tx.open_table(TASKS).map_err(err)?;
+    let mut jobs = tx.open_table(JOBS).map_err(redb_err)?;
+    let mut tasks = tx.open_table(TASKS).map_err(redb_err)?;
     for op in ops {
         match op {
             Op::Insert(job, list) => {
                 jobs.insert(job.id.as_str(), json(job)?.as_slice())
-                    .map_err(err)?;
+                    .map_err(redb_err)?;
                 for t in list {
                     tasks
                         .insert((job.id.as_str(), t.index), json(t)?.as_slice())
-                        .map_err(err)?;
+                        .map_err(redb_err)?;
                 }
             }
             Op::Job(job) => {
                 jobs.insert(job.id.as_str(), json(job)?.as_slice())
-                    .map_err(err)?;
+                    .map_err(redb_err)?;
             }
             Op::Task(job_id, t) => {
                 tasks
                     .insert((job_id.as_str(), t.index), json(t)?.as_slice())
-                    .map_err(err)?;
+                    .map_err(redb_err)?;
             }
         }
     }
@@ -74,10 +88,10 @@ impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let db =
             redb::Database::create(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-        let tx = db.begin_write().map_err(err)?;
-        tx.open_table(JOBS).map_err(err)?;
-        tx.open_table(TASKS).map_err(err)?;
-        tx.commit().map_err(err)?;
+        let tx = db.begin_write().map_err(redb_err)?;
+        tx.open_table(JOBS).map_err(redb_err)?;
+        tx.open_table(TASKS).map_err(redb_err)?;
+        tx.commit().map_err(redb_err)?;
         let db = Arc::new(db);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -89,7 +103,7 @@ impl RedbStore {
             std::thread::Builder::new()
                 .name("store-committer".into())
                 .spawn(move || Self::commit_loop(&db, &shared))
-                .map_err(err)?
+                .map_err(redb_err)?
         };
         Ok(RedbStore {
             db,
@@ -110,9 +124,9 @@ impl RedbStore {
                 }
                 (std::mem::take(&mut q.ops), q.enqueued)
             };
-            let result = db.begin_write().map_err(err).and_then(|tx| {
+            let result = db.begin_write().map_err(redb_err).and_then(|tx| {
                 apply(&tx, &ops)?;
-                tx.commit().map_err(err)
+                tx.commit().map_err(redb_err)
             });
             if let Err(e) = result {
                 tracing::error!(error = %e, "store commit failed");
@@ -173,19 +187,19 @@ impl Store for RedbStore {
     }
 
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let jobs = tx.open_table(JOBS).map_err(err)?;
-        let tasks = tx.open_table(TASKS).map_err(err)?;
+        let tx = self.db.begin_read().map_err(redb_err)?;
+        let jobs = tx.open_table(JOBS).map_err(redb_err)?;
+        let tasks = tx.open_table(TASKS).map_err(redb_err)?;
         let mut all = Vec::new();
-        for entry in jobs.iter().map_err(err)? {
-            let (_, value) = entry.map_err(err)?;
+        for entry in jobs.iter().map_err(redb_err)? {
+            let (_, value) = entry.map_err(redb_err)?;
             let job = crate::model::job_from_json(value.value()).map_err(err)?;
             let mut list = Vec::new();
             for t in tasks
                 .range((job.id.as_str(), 0)..=(job.id.as_str(), u32::MAX))
-                .map_err(err)?
+                .map_err(redb_err)?
             {
-                let (_, value) = t.map_err(err)?;
+                let (_, value) = t.map_err(redb_err)?;
                 list.push(crate::model::task_from_json(value.value()).map_err(err)?);
             }
             all.push((job, list));

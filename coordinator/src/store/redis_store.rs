@@ -15,8 +15,10 @@
 //! atomically. A write is durable when the server has acknowledged its transaction: as durable as the
 //! server's persistence makes it (with `appendonly yes` and `appendfsync always` nothing acknowledged is
 //! lost; `everysec` may lose the last second on a power failure, not on a crash of the server process).
-//! When the server cannot be reached, the writes of that transaction fail with the connection's error and
-//! the next one connects again.
+//! When the server cannot be reached (down, restarting, still loading its data), the writes are held back
+//! in order and tried again every [`RETRY_EVERY`] until it answers: their callers, and those of every
+//! write queued meanwhile, are told UNAVAILABLE at once, and [`Store::behind`] says so until the backlog is
+//! applied; nothing queued is dropped or reordered unless the store is closed first.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -29,6 +31,9 @@ use crate::model::{JobMeta, TaskRecord};
 
 /// How long connecting to the server, and each reply, may take before the call fails.
 const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often writes held back while the server is out of reach are tried again.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
 
 /// The key prefix when none is given.
 pub const DEFAULT_PREFIX: &str = "stylefarm";
@@ -49,6 +54,8 @@ pub struct RedisStore {
     writes: Option<mpsc::Sender<Write>>,
     writer: Option<std::thread::JoinHandle<()>>,
     leadership: Option<Leadership>,
+    /// Why writes are held back, while some are (the server out of reach).
+    behind: Arc<Mutex<Option<StoreError>>>,
 }
 
 /// The keys of one store.
@@ -87,12 +94,25 @@ fn json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
 
 /// A Redis error as a store error: unavailable when the server could not be reached or the connection broke.
 fn redis_err(e: redis::RedisError) -> StoreError {
-    StoreError {
-        unavailable: e.is_io_error()
+    let unavailable = e.is_io_error()
             || e.is_connection_refusal()
             || e.is_connection_dropped()
-            || e.is_timeout(),
-        message: format!("redis: {e}"),
+            || e.is_timeout()
+            // a server still loading its data after a restart, or between roles
+            || matches!(
+                e.kind(),
+                redis::ErrorKind::Server(
+                    redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::ClusterDown
+                )
+            );
+    let message = format!("redis: {e}");
+    if unavailable {
+        StoreError::unavailable(message)
+    } else {
+        StoreError::new(message)
     }
 }
 
@@ -270,8 +290,12 @@ impl Leadership {
         let lease_ms = lease.as_millis().max(1) as u64;
         let mut renewed = std::time::Instant::now();
         let mut con: Option<redis::Connection> = None;
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(lease / 3);
+        loop {
+            // woken early by a stop (Drop unparks this thread); an early wake-up renews early
+            std::thread::park_timeout(lease / 3);
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
             let outcome = (|| -> Result<bool, StoreError> {
                 let c = match con.as_mut() {
                     Some(c) => c,
@@ -316,6 +340,7 @@ impl Drop for Leadership {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(renewer) = self.renewer.take() {
+            renewer.thread().unpark();
             let _ = renewer.join();
         }
         let Ok(mut con) = connect(&self.client) else {
@@ -368,11 +393,12 @@ impl RedisStore {
             .transpose()?;
         let fence = leadership.as_ref().map(|l| (l.epoch, l.lost.clone()));
         let (writes, inbox) = mpsc::channel::<Write>();
+        let behind = Arc::new(Mutex::new(None));
         let writer = {
-            let client = client.clone();
+            let (client, behind) = (client.clone(), behind.clone());
             std::thread::Builder::new()
                 .name("store-redis".into())
-                .spawn(move || Self::write_loop(&client, &keys, con, &inbox, fence))
+                .spawn(move || Self::write_loop(&client, &keys, con, &inbox, fence, &behind))
                 .map_err(err)?
         };
         Ok(RedisStore {
@@ -381,53 +407,122 @@ impl RedisStore {
             writes: Some(writes),
             writer: Some(writer),
             leadership,
+            behind,
         })
     }
 
+    /// Applies the queued writes in order. A group that fails because the server is out of reach is kept
+    /// and applied again, before anything queued after it, until the server answers (every
+    /// [`RETRY_EVERY`]); its callers and those of later writes are told UNAVAILABLE meanwhile, and
+    /// [`Store::behind`] says so. Other failures (a fenced write, an error of the server) fail their group
+    /// and drop it.
     fn write_loop(
         client: &redis::Client,
         keys: &Keys,
         con: redis::Connection,
         inbox: &mpsc::Receiver<Write>,
         fence: Option<(u64, Arc<Mutex<Option<String>>>)>,
+        behind: &Mutex<Option<StoreError>>,
     ) {
         let mut con = Some(con);
-        while let Ok(first) = inbox.recv() {
-            // every write queued meanwhile joins this transaction
-            let mut batch = vec![first];
-            batch.extend(inbox.try_iter());
-            let lost = fence
-                .as_ref()
-                .and_then(|(_, lost)| lost.lock().unwrap_or_else(|p| p.into_inner()).clone());
-            let result = match lost {
-                Some(why) => Err(err(format!("fenced: {why}"))),
-                None => batch
-                    .iter()
-                    .map(|w| commands(keys, &w.ops))
-                    .collect::<Result<Vec<_>, _>>()
-                    .and_then(|cmds| {
-                        let c = match con.as_mut() {
-                            Some(c) => c,
-                            None => con.insert(connect(client)?),
-                        };
-                        apply(
-                            c,
-                            keys,
-                            &cmds.concat(),
-                            fence.as_ref().map(|(epoch, _)| *epoch),
-                        )
-                    }),
+        // the commands of writes that failed for want of the server, in order, to apply before any other
+        let mut backlog: Vec<redis::Cmd> = Vec::new();
+        loop {
+            let mut closing = false;
+            let first = if backlog.is_empty() {
+                let Ok(first) = inbox.recv() else { return };
+                Some(first)
+            } else {
+                match inbox.recv_timeout(RETRY_EVERY) {
+                    Ok(first) => Some(first),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        closing = true;
+                        None
+                    }
+                }
             };
-            if let Err(e) = &result {
+            // every write queued meanwhile joins this transaction
+            let batch = first.into_iter().chain(inbox.try_iter()).collect();
+            Self::apply_batch(client, keys, &mut con, &fence, behind, &mut backlog, batch);
+            if closing {
+                // closed while behind, after one last try: what is left is lost (its callers were told
+                // UNAVAILABLE, none that it was applied)
+                if !backlog.is_empty() {
+                    tracing::error!(
+                        commands = backlog.len(),
+                        "store closed while the server was out of reach: writes not applied"
+                    );
+                }
+                return;
+            }
+        }
+    }
+
+    /// Applies the backlog and then `batch` as one transaction, and tells `batch`'s callers the outcome.
+    fn apply_batch(
+        client: &redis::Client,
+        keys: &Keys,
+        con: &mut Option<redis::Connection>,
+        fence: &Option<(u64, Arc<Mutex<Option<String>>>)>,
+        behind: &Mutex<Option<StoreError>>,
+        backlog: &mut Vec<redis::Cmd>,
+        batch: Vec<Write>,
+    ) {
+        let lost = fence
+            .as_ref()
+            .and_then(|(_, lost)| lost.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let result = match lost {
+            Some(why) => Err(err(format!("fenced: {why}"))),
+            None => batch
+                .iter()
+                .map(|w| commands(keys, &w.ops))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|cmds| {
+                    backlog.extend(cmds.into_iter().flatten());
+                    let c = match con.as_mut() {
+                        Some(c) => c,
+                        None => con.insert(connect(client)?),
+                    };
+                    apply(c, keys, backlog, fence.as_ref().map(|(epoch, _)| *epoch))
+                }),
+        };
+        let mut behind = behind.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match result {
+            Ok(()) => {
+                if let Some(was) = behind.take() {
+                    tracing::info!(
+                        commands = backlog.len(),
+                        error = %was,
+                        "the store answers again: the writes held back are applied"
+                    );
+                }
+                backlog.clear();
+                Ok(())
+            }
+            Err(e) if e.is_unavailable() => {
+                // a broken connection is replaced on the next try; the writes stay, in order
+                con.take();
+                if behind.is_none() {
+                    tracing::error!(error = %e, "store out of reach: holding writes back until it answers");
+                }
+                let e = StoreError::unavailable(format!(
+                    "{} (the write is held back and applied in order once the server answers)",
+                    e.message
+                ));
+                *behind = Some(e.clone());
+                Err(e)
+            }
+            Err(e) => {
                 tracing::error!(error = %e, "store write failed");
-                // a broken connection is replaced on the next write
-                con = None;
+                con.take();
+                backlog.clear();
+                behind.take();
+                Err(e)
             }
-            for w in batch {
-                let _ = w
-                    .done
-                    .send(result.as_ref().map(|_| ()).map_err(Clone::clone));
-            }
+        };
+        for w in batch {
+            let _ = w.done.send(result.clone());
         }
     }
 }
@@ -451,6 +546,13 @@ impl Store for RedisStore {
                 .await
                 .unwrap_or_else(|_| Err(err("the store's writer stopped")))
         })
+    }
+
+    fn behind(&self) -> Option<StoreError> {
+        self.behind
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lost(&self) -> Option<String> {
@@ -509,27 +611,39 @@ impl Drop for RedisStore {
 }
 
 /// A redis-server of its own, for tests and benchmarks: on a loopback port, its files in a temporary
-/// directory, persistence off; killed when dropped. Panics with the reason when `redis-server` cannot
-/// start (the README's test command installs it).
+/// directory; killed when dropped. Panics with the reason when `redis-server` cannot start (the README's
+/// test command installs it).
 pub struct RedisServer {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     port: u16,
-    _dir: tempfile::TempDir,
+    /// Append-only file on, fsynced at every write: a restart loses nothing acknowledged.
+    persistent: bool,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
-    /// A server on a free port.
+    /// A server on a free port, persistence off.
     pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        Self::start_on(port)
+        Self::start_on(free_port())
     }
 
-    /// A server on `port` (e.g. again on the port of one that was stopped).
+    /// A server on `port` (e.g. again on the port of one that was stopped), persistence off.
     pub fn start_on(port: u16) -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
+        Self::launch(port, false, tempfile::tempdir().unwrap())
+    }
+
+    /// A server on a free port with persistence on (`appendonly yes`, `appendfsync always`), which
+    /// [`RedisServer::restart`] brings back with its data.
+    pub fn start_persistent() -> RedisServer {
+        Self::launch(free_port(), true, tempfile::tempdir().unwrap())
+    }
+
+    fn launch(port: u16, persistent: bool, dir: tempfile::TempDir) -> RedisServer {
+        let persistence: &[&str] = if persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -539,15 +653,17 @@ impl RedisServer {
                 "--save",
                 "",
             ])
-            .args(["--appendonly", "no", "--dir"])
+            .args(persistence)
+            .arg("--dir")
             .arg(dir.path())
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (installed by deploy/test.sh: apt-get install redis-server)");
         let server = RedisServer {
-            child,
+            child: Some(child),
             port,
-            _dir: dir,
+            persistent,
+            dir,
         };
         let client = redis::Client::open(server.url()).unwrap();
         for _ in 0..100 {
@@ -561,16 +677,38 @@ impl RedisServer {
         panic!("redis-server did not answer on port {port}");
     }
 
+    /// Kills the server (SIGKILL, as a crash would); [`RedisServer::restart`] starts it again.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server if it runs and starts it again on the same port and directory: with persistence
+    /// on, with the data it had acknowledged.
+    pub fn restart(&mut self) {
+        self.kill();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        *self = Self::launch(self.port, self.persistent, dir);
+    }
+
     /// Its URL, `redis://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -665,7 +803,7 @@ mod tests {
         let write = || store.write(vec![Op::Insert(job.clone(), tasks.clone())]);
         let err = super::super::wait(write()).unwrap_err();
         assert!(
-            err.to_string().contains("redis") && err.unavailable,
+            err.to_string().contains("redis") && err.is_unavailable(),
             "{err:?}"
         );
         assert!(RedisStore::open(&url, DEFAULT_PREFIX).is_err());
@@ -673,6 +811,42 @@ mod tests {
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
         let _back = RedisServer::start_on(port);
         super::super::wait(write()).unwrap();
+        assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
+    }
+
+    /// A server restarted mid-stream (persistence on): the writes made while it is down fail UNAVAILABLE
+    /// at once and are held back ([`Store::behind`]), then applied in order once it answers: the store
+    /// ends with every write, the last one last.
+    #[test]
+    fn writes_made_while_the_server_restarts_are_held_back_and_applied_in_order() {
+        let mut server = RedisServer::start_persistent();
+        let store =
+            RedisStore::open_active(&server.url(), "farm", Duration::from_secs(30)).unwrap();
+        let (mut job, tasks) = super::super::tests::job("job-1", 1);
+        super::super::wait(store.write(vec![Op::Insert(job.clone(), tasks.clone())])).unwrap();
+        assert!(store.behind().is_none());
+        server.kill();
+        for n in 0..5 {
+            job.strikes.insert("w".into(), n);
+            let e = super::super::wait(store.write(vec![Op::Job(job.clone())])).unwrap_err();
+            assert!(
+                e.is_unavailable() && e.message.contains("held back"),
+                "{e:?}"
+            );
+            assert!(store.behind().is_some());
+        }
+        server.restart();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.behind().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog is applied"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(store.lost().is_none(), "still the active one");
+        job.error = "after the restart".into();
+        super::super::wait(store.write(vec![Op::Job(job.clone())])).unwrap();
         assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
     }
 }
