@@ -7,77 +7,13 @@ use stylefarm_coordinator::blobs::S3Server;
 use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
-use stylefarm_tests::{is, job, shared_image, wait_for, Cluster};
+use stylefarm_tests::{
+    is, iteration, job, path, shared_image, submit, wait_for, wait_iteration, wait_registered,
+    wait_state, Cluster,
+};
 use tonic::Code;
 
 type RenderClient = stylefarm_client::FarmClient;
-
-fn path(name: &str) -> String {
-    shared_image(name).display().to_string()
-}
-
-async fn wait_registered(cluster: &Cluster, n: usize) {
-    wait_for("workers to register", Duration::from_secs(60), || async {
-        (cluster
-            .workers
-            .iter()
-            .filter(|w| w.log_text().contains("registered"))
-            .count()
-            >= n)
-            .then_some(())
-    })
-    .await;
-}
-
-/// Submits with the CLI; returns the job id.
-fn submit(cluster: &Cluster, args: &[&str]) -> String {
-    let (ok, out, err) = cluster.cli(&[&["submit"], args].concat());
-    assert!(ok, "submit failed: {err}");
-    out.trim().to_string()
-}
-
-async fn wait_state(
-    cluster: &Cluster,
-    job_id: &str,
-    state: pb::JobState,
-    timeout: Duration,
-) -> pb::JobStatus {
-    let mut client = cluster.client().await;
-    wait_for(&format!("job {job_id} to be {state:?}"), timeout, || {
-        let mut client = client.clone();
-        async move {
-            let s = job(&mut client, job_id).await;
-            assert!(
-                !(s.state >= pb::JobState::Succeeded as i32 && s.state != state as i32),
-                "job ended {:?}: {}",
-                s.state,
-                s.error
-            );
-            is(&s, state).then_some(s)
-        }
-    })
-    .await;
-    job(&mut client, job_id).await
-}
-
-/// A task's latest iteration (0 before its worker reported any).
-fn iteration(task: &pb::TaskStatus) -> u32 {
-    task.progress.as_ref().map_or(0, |p| p.iteration)
-}
-
-async fn wait_iteration(cluster: &Cluster, job_id: &str, at_least: u32) {
-    let client = cluster.client().await;
-    wait_for("the task to be rendering", Duration::from_secs(60), || {
-        let mut client = client.clone();
-        async move {
-            let s = job(&mut client, job_id).await;
-            (s.tasks[0].state == pb::TaskState::Running as i32
-                && iteration(&s.tasks[0]) >= at_least)
-                .then_some(())
-        }
-    })
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_runs_on_two_workers_and_a_sweep_gets_its_contact_sheet() {

@@ -215,6 +215,9 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         },
         embedded => embedded,
     };
+    // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     runtime()?.block_on(async move {
         let coordinator = stylefarm_coordinator::Coordinator::open(config)?;
         let listener = tokio::net::TcpListener::bind(args.listen)

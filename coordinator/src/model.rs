@@ -111,6 +111,10 @@ pub struct TaskRecord {
     /// emptied when an attempt fails with another error.
     #[serde(default)]
     pub permanent_error_workers: Vec<WorkerId>,
+    /// The workers whose device ran out of memory on this task: the task goes to another worker first
+    /// (see [`crate::scheduler::FailureKind::OutOfMemory`]).
+    #[serde(default)]
+    pub out_of_memory_on: Vec<WorkerId>,
 }
 
 impl TaskRecord {
@@ -126,6 +130,7 @@ impl TaskRecord {
             error: String::new(),
             not_before_ms: 0,
             permanent_error_workers: Vec::new(),
+            out_of_memory_on: Vec::new(),
         }
     }
 }

@@ -157,7 +157,9 @@ pub enum FailureKind {
     /// worker's word does not end the task: it is retried, and fails at once, with its job, when
     /// [`PERMANENT_CONFIRMATIONS`] distinct workers have reported the same error (equal text) as permanent.
     Permanent,
-    /// The device ran out of memory: not a strike.
+    /// The device ran out of memory: not a strike. The task is offered to other workers first: the worker
+    /// that ran out gets it again only once it has waited a lease period ([`SchedulerConfig::lease`])
+    /// past its backoff with nobody else taking it (a farm of one worker, or of equal devices).
     OutOfMemory,
 }
 
@@ -314,9 +316,12 @@ impl Scheduler {
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
         let st = &mut *st;
+        let lease_ms = self.config.lease.as_millis() as i64;
         let pick = st.queue.iter().find(|(_, _, index, job_id)| {
             let job = &st.jobs[job_id];
-            job.tasks[*index as usize].not_before_ms <= now
+            let task = &job.tasks[*index as usize];
+            let ran_out_here = task.out_of_memory_on.contains(worker);
+            task.not_before_ms + if ran_out_here { lease_ms } else { 0 } <= now
                 && job.meta.strikes.get(worker).copied().unwrap_or(0) < self.config.blocklist_after
         });
         let Some(key) = pick.cloned() else {
@@ -522,6 +527,9 @@ impl Scheduler {
         }
         if kind == FailureKind::Permanent && !task.permanent_error_workers.contains(&lease.worker) {
             task.permanent_error_workers.push(lease.worker.clone());
+        }
+        if kind == FailureKind::OutOfMemory && !task.out_of_memory_on.contains(&lease.worker) {
+            task.out_of_memory_on.push(lease.worker.clone());
         }
         let reason = if task.permanent_error_workers.len() >= PERMANENT_CONFIRMATIONS {
             Some(format!(
@@ -936,10 +944,16 @@ mod tests {
         let l = s.lease(&w("w")).unwrap().unwrap();
         s.fail(&l.lease_id, "oom", FailureKind::OutOfMemory)
             .unwrap();
-        let l = s
+        // the task that ran out of memory on w is offered to other workers first; w still gets work
+        let other = s
             .lease(&w("w"))
             .unwrap()
             .expect("no strike for out-of-memory");
+        assert_eq!(
+            (other.task.id.job.as_str(), other.task.id.index),
+            (second.as_str(), 0)
+        );
+        let l = s.lease(&w("v")).unwrap().expect("another worker, at once");
         assert_eq!(
             (l.task.id.job.as_str(), l.task.id.index),
             (first.as_str(), 0)
@@ -951,27 +965,40 @@ mod tests {
         assert!(view.meta.strikes.is_empty(), "{:?}", view.meta.strikes);
         assert_eq!(view.tasks[0].0.state, TaskState::Pending);
         let l = s
-            .lease(&w("w"))
+            .lease(&w("v"))
             .unwrap()
             .expect("no strike for a permanent failure");
         assert_eq!(
             (l.task.id.job.as_str(), l.task.id.index),
             (first.as_str(), 0)
         );
-        let other = s.lease(&w("w")).unwrap().expect("other jobs' tasks too");
-        assert_eq!(
-            (other.task.id.job.as_str(), other.task.id.index),
-            (second.as_str(), 0)
-        );
         // a retryable failure is a strike: blocklisted from this job at once
         s.fail(&l.lease_id, "crash", FailureKind::Retryable)
             .unwrap();
-        assert_eq!(s.get(&first).unwrap().meta.strikes["w"], 1);
-        assert!(s.lease(&w("w")).unwrap().is_none(), "blocklisted");
+        assert_eq!(s.get(&first).unwrap().meta.strikes["v"], 1);
+        assert!(s.lease(&w("v")).unwrap().is_none(), "blocklisted");
         assert!(
-            s.lease(&w("v")).unwrap().is_some(),
+            s.lease(&w("x")).unwrap().is_some(),
             "the task is ready for others"
         );
+    }
+
+    #[test]
+    fn a_task_out_of_memory_on_the_only_worker_returns_to_it_a_lease_later() {
+        let lease = Duration::from_millis(100);
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            lease,
+            ..Default::default()
+        });
+        s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        s.fail(&l.lease_id, "oom", FailureKind::OutOfMemory)
+            .unwrap();
+        assert!(s.lease(&w("w")).unwrap().is_none(), "others first");
+        std::thread::sleep(lease + Duration::from_millis(20));
+        let again = s.lease(&w("w")).unwrap().expect("nobody else took it");
+        assert_eq!(again.task.id, l.task.id);
     }
 
     /// A job of one task with `max_attempts` attempts, and the scheduler without retry delays.

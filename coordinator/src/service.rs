@@ -98,6 +98,7 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
             0
         },
         error: m.error.clone(),
+        strikes: m.strikes.iter().map(|(w, n)| (w.to_string(), *n)).collect(),
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
     }
@@ -253,6 +254,9 @@ impl RenderService for RenderApi {
         })
         .await?;
         tracing::info!(job_id = job_id.as_str(), created, "job submitted");
+        // fault injection (tests): the reply delayed after the job is stored, so that a client can die
+        // between its request and the reply
+        fail::fail_point!("coordinator-submit-reply");
         Ok(Response::new(pb::SubmitJobResponse {
             job_id: job_id.into(),
             created,

@@ -103,6 +103,9 @@ pub struct Cluster {
     pub coordinator_args: Vec<String>,
     /// More environment variables for the coordinator's next starts (e.g. an S3 store's endpoint).
     pub coordinator_env: Vec<(String, String)>,
+    /// A command that runs the coordinator's command line, e.g. `unshare` to give it a file system of its
+    /// own; empty: the coordinator runs directly.
+    pub coordinator_wrapper: Vec<String>,
     /// The temporary directory of the data dir and the logs; deleted when the cluster drops, after the
     /// processes above are killed (fields drop in declaration order).
     pub dir: tempfile::TempDir,
@@ -117,9 +120,16 @@ impl Cluster {
     /// [`Cluster::start`] with the coordinator's jobs and tasks in `store` (`--store`: `embedded`, or a
     /// Redis URL).
     pub fn start_on_store(lease_secs: f64, heartbeat_secs: f64, store: &str) -> Cluster {
+        let mut cluster = Cluster::new(lease_secs, heartbeat_secs, store);
+        cluster.start_coordinator();
+        cluster
+    }
+
+    /// A cluster not started yet: set its fields, then [`Cluster::start_coordinator`].
+    pub fn new(lease_secs: f64, heartbeat_secs: f64, store: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let mut cluster = Cluster {
+        Cluster {
             dir,
             data_dir,
             url: String::new(),
@@ -131,9 +141,8 @@ impl Cluster {
             store: store.to_string(),
             coordinator_args: Vec::new(),
             coordinator_env: Vec::new(),
-        };
-        cluster.start_coordinator();
-        cluster
+            coordinator_wrapper: Vec::new(),
+        }
     }
 
     /// Starts (or restarts, on the same data dir and address) the coordinator.
@@ -142,7 +151,15 @@ impl Cluster {
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.dir.path().join(format!("coordinator-{start}.log"));
-        let mut child = Command::new(binary())
+        let mut command = match self.coordinator_wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
             .args(["coordinator", "--listen", &self.addr, "--data-dir"])
             .arg(&self.data_dir)
             .args([
@@ -256,4 +273,75 @@ pub async fn job(client: &mut FarmClient, job_id: &str) -> pb::JobStatus {
 /// Whether the job's state is `state`.
 pub fn is(status: &pb::JobStatus, state: pb::JobState) -> bool {
     status.state == state as i32
+}
+
+/// The path of the test image `name` ([`shared_image`]), as a string for the CLI.
+pub fn path(name: &str) -> String {
+    shared_image(name).display().to_string()
+}
+
+/// Waits (up to 60 s) until `n` of the cluster's workers have logged their registration.
+pub async fn wait_registered(cluster: &Cluster, n: usize) {
+    wait_for("workers to register", Duration::from_secs(60), || async {
+        (cluster
+            .workers
+            .iter()
+            .filter(|w| w.log_text().contains("registered"))
+            .count()
+            >= n)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Submits with the CLI; returns the job id.
+pub fn submit(cluster: &Cluster, args: &[&str]) -> String {
+    let (ok, out, err) = cluster.cli(&[&["submit"], args].concat());
+    assert!(ok, "submit failed: {err}");
+    out.trim().to_string()
+}
+
+/// Waits up to `timeout` for job `job_id` to reach `state`; panics when it ends in another state.
+pub async fn wait_state(
+    cluster: &Cluster,
+    job_id: &str,
+    state: pb::JobState,
+    timeout: Duration,
+) -> pb::JobStatus {
+    let mut client = cluster.client().await;
+    wait_for(&format!("job {job_id} to be {state:?}"), timeout, || {
+        let mut client = client.clone();
+        async move {
+            let s = job(&mut client, job_id).await;
+            assert!(
+                !(s.state >= pb::JobState::Succeeded as i32 && s.state != state as i32),
+                "job ended {:?}: {}",
+                s.state,
+                s.error
+            );
+            is(&s, state).then_some(s)
+        }
+    })
+    .await;
+    job(&mut client, job_id).await
+}
+
+/// A task's latest iteration (0 before its worker reported any).
+pub fn iteration(task: &pb::TaskStatus) -> u32 {
+    task.progress.as_ref().map_or(0, |p| p.iteration)
+}
+
+/// Waits (up to 60 s) until the job's first task runs and has reported iteration `at_least`.
+pub async fn wait_iteration(cluster: &Cluster, job_id: &str, at_least: u32) {
+    let client = cluster.client().await;
+    wait_for("the task to be rendering", Duration::from_secs(60), || {
+        let mut client = client.clone();
+        async move {
+            let s = job(&mut client, job_id).await;
+            (s.tasks[0].state == pb::TaskState::Running as i32
+                && iteration(&s.tasks[0]) >= at_least)
+                .then_some(())
+        }
+    })
+    .await;
 }

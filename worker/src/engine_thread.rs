@@ -235,6 +235,11 @@ impl Resident {
     /// Renders one request, its style targets from (and into) the cache.
     fn render(&mut self, req: &Request) -> Result<RgbImage, stylefarm_engine::Error> {
         fail::fail_point!("engine-render");
+        fail::fail_point!("engine-render-oom", |_| Err(
+            stylefarm_engine::Error::Torch(tch::TchError::Torch(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected)".into()
+            ))
+        ));
         let cache = &mut self.cache;
         let mut on_progress = |p: &Progress| {
             let _ = req.progress.send(Some(*p));

@@ -215,6 +215,20 @@ mod tests {
     use crate::store::tests::{job, suite};
 
     #[test]
+    fn a_full_disk_is_storage_full_and_other_io_errors_failures() {
+        let io = |errno| redb::StorageError::Io(std::io::Error::from_raw_os_error(errno));
+        // ENOSPC, EDQUOT
+        assert_eq!(redb_err(io(28)).kind, StoreErrorKind::StorageFull);
+        assert_eq!(redb_err(io(122)).kind, StoreErrorKind::StorageFull);
+        // EIO
+        assert_eq!(redb_err(io(5)).kind, StoreErrorKind::Failed);
+        assert_eq!(
+            redb_err(redb::StorageError::PreviousIo).kind,
+            StoreErrorKind::Failed
+        );
+    }
+
+    #[test]
     fn task_records_of_older_versions_load() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("state.redb")).unwrap();

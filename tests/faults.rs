@@ -1,0 +1,493 @@
+//! The fault suite: the farm's real processes (coordinator, workers, redis-server, an S3 server) broken on
+//! purpose, and what must survive. The random faults come from a seeded plan, as in Apache Ballista's chaos
+//! tests: `STYLEFARM_FAULT_SEED=<n>` replays a run's plan (the seed is printed, and named by every failed
+//! assertion); the processes' timing still varies from run to run, so a plan names when and what to break,
+//! not which instruction it hits. Each fault, how it is injected and what is observed: RELIABILITY.md.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use stylefarm_coordinator::blobs::S3Server;
+use stylefarm_coordinator::store::RedisServer;
+use stylefarm_proto::pb;
+use stylefarm_tests::{
+    binary, is, job, path, submit, wait_for, wait_iteration, wait_registered, wait_state, Cluster,
+};
+use tonic::Code;
+
+/// The plan's seed when `STYLEFARM_FAULT_SEED` does not give one.
+const DEFAULT_SEED: u64 = 20_261_201;
+
+fn seed() -> u64 {
+    match std::env::var("STYLEFARM_FAULT_SEED") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("STYLEFARM_FAULT_SEED: not a number: {s:?}")),
+        Err(_) => DEFAULT_SEED,
+    }
+}
+
+/// The jobs of the SIGKILL run: 20, of 4 distinct specs (content x seed) repeated, so that each result can
+/// be checked against a clean run of its spec.
+const JOBS: usize = 20;
+/// Workers SIGKILLed during that run (the fault budget), each started again after a random pause.
+const KILLS: usize = 6;
+/// The coordinator's `--max-attempts` for that run: more than the budget, since each kill costs the task it
+/// hits one attempt (a task whose workers keep dying fails once out of attempts: a task that crashes its
+/// workers must not go round the farm for ever), and one task may be hit by every kill.
+const MAX_ATTEMPTS: usize = KILLS + 2;
+
+fn spec_args(variant: usize) -> Vec<String> {
+    let content = ["tubingen.jpg", "chelsea.png"][variant % 2];
+    [
+        "--content",
+        &path(content),
+        "--style",
+        &path("starry_night.jpg"),
+        "--size",
+        "48",
+        "--iterations",
+        "25",
+        "--init",
+        "noise",
+        "--seed",
+        &(1 + variant / 2).to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// SubmitJob as sent on the wire: the job id, or the coordinator's status.
+async fn submit_spec(
+    client: &stylefarm_client::FarmClient,
+    spec: &pb::JobSpec,
+    request_id: &str,
+) -> Result<String, tonic::Status> {
+    let reply = client
+        .rpc()
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec.clone()),
+            client_request_id: request_id.into(),
+        })
+        .await?;
+    Ok(reply.into_inner().job_id)
+}
+
+fn submit_variant(cluster: &Cluster, variant: usize, request_id: &str) -> String {
+    let args = spec_args(variant);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--request-id", request_id]);
+    submit(cluster, &args)
+}
+
+/// 20 small jobs on three workers while the seeded plan SIGKILLs workers at random moments (6 kills, each
+/// worker started again after a random pause): every job succeeds, and each result's pixels (sha256) equal
+/// those of a clean run of the same spec afterwards. Starts the cluster's coordinator, configured.
+async fn twenty_jobs_under_random_worker_kills(mut cluster: Cluster, label: &str) {
+    cluster
+        .coordinator_args
+        .extend(["--max-attempts".into(), MAX_ATTEMPTS.to_string()]);
+    cluster.start_coordinator();
+    let seed = seed();
+    let mut plan = StdRng::seed_from_u64(seed);
+    eprintln!("fault plan ({label}): seed {seed} (STYLEFARM_FAULT_SEED replays it)");
+    let names = ["w0", "w1", "w2"];
+    // the index in cluster.workers of each name's latest process
+    let mut slots = Vec::new();
+    for name in names {
+        slots.push(cluster.workers.len());
+        cluster.add_worker(name);
+    }
+    wait_registered(&cluster, names.len()).await;
+    let jobs: Vec<(usize, String)> = (0..JOBS)
+        .map(|i| {
+            (
+                i % 4,
+                submit_variant(&cluster, i % 4, &format!("chaos-{i}")),
+            )
+        })
+        .collect();
+    let mut client = cluster.client().await;
+    let all_done = |statuses: &[pb::JobStatus]| {
+        statuses
+            .iter()
+            .all(|s| s.state >= pb::JobState::Succeeded as i32)
+    };
+    let mut kills = Vec::new();
+    let started = Instant::now();
+    while kills.len() < KILLS {
+        let pause = Duration::from_millis(plan.random_range(300..1500));
+        let victim = plan.random_range(0..names.len());
+        let down_for = Duration::from_millis(plan.random_range(0..1000));
+        tokio::time::sleep(pause).await;
+        let mut statuses = Vec::new();
+        for (_, id) in &jobs {
+            statuses.push(job(&mut client, id).await);
+        }
+        if all_done(&statuses) {
+            break;
+        }
+        cluster.workers[slots[victim]].kill();
+        kills.push(format!(
+            "{:.1}s: SIGKILL {}, down {} ms",
+            started.elapsed().as_secs_f64(),
+            names[victim],
+            down_for.as_millis()
+        ));
+        tokio::time::sleep(down_for).await;
+        slots[victim] = cluster.workers.len();
+        cluster.add_worker(&format!("{}-{}", names[victim], kills.len()));
+    }
+    eprintln!("faults injected ({label}, seed {seed}): {kills:#?}");
+    let mut results = Vec::new();
+    for (variant, id) in &jobs {
+        let status = wait_state(
+            &cluster,
+            id,
+            pb::JobState::Succeeded,
+            Duration::from_secs(300),
+        )
+        .await;
+        results.push((*variant, status));
+    }
+    assert!(
+        kills.len() >= KILLS / 2,
+        "seed {seed}: the jobs finished before the plan's faults: {kills:?}"
+    );
+    let attempts: u32 = results.iter().map(|(_, s)| s.tasks[0].attempts).sum();
+    assert!(
+        attempts > JOBS as u32,
+        "seed {seed}: no kill hit a running task ({attempts} attempts for {JOBS} tasks): {kills:?}"
+    );
+    // clean runs, one per spec, with no fault
+    let mut clean = BTreeMap::new();
+    for variant in 0..4 {
+        let id = submit_variant(&cluster, variant, &format!("clean-{variant}"));
+        let status = wait_state(
+            &cluster,
+            &id,
+            pb::JobState::Succeeded,
+            Duration::from_secs(120),
+        )
+        .await;
+        clean.insert(variant, status.tasks[0].result.clone());
+    }
+    for (variant, status) in &results {
+        assert_eq!(
+            status.tasks[0].result, clean[variant],
+            "seed {seed}: job {} (spec {variant}, {} attempts) differs from a clean run",
+            status.job_id, status.tasks[0].attempts
+        );
+    }
+    eprintln!(
+        "{label}: {JOBS} jobs, {} faults, {attempts} attempts, pixels equal to clean runs",
+        kills.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_jobs_survive_random_worker_kills_on_the_embedded_store() {
+    let cluster = Cluster::new(1.5, 0.3, "embedded");
+    twenty_jobs_under_random_worker_kills(cluster, "embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_jobs_survive_random_worker_kills_on_redis_and_s3() {
+    let redis = RedisServer::start_persistent();
+    let s3 = S3Server::start();
+    let mut cluster = Cluster::new(1.5, 0.3, &redis.url());
+    cluster.coordinator_args = vec!["--blobs".into(), "s3://farm/images".into()];
+    cluster.coordinator_env = s3.env();
+    twenty_jobs_under_random_worker_kills(cluster, "redis+s3").await;
+}
+
+/// redis-server SIGKILLed mid-job (append-only file on, fsynced at every write) and started again once the
+/// worker's report has been refused (2 s at least): meanwhile the coordinator answers UNAVAILABLE to what
+/// must be written (a submit, the worker's report) and serves reads; once Redis answers, the report the
+/// worker retries lands and the job completes; the refused submit repeated with its request id gives one
+/// job; a new coordinator process started on the same Redis finds every job and result.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost() {
+    let mut redis = RedisServer::start_persistent();
+    let s3 = S3Server::start();
+    let mut cluster = Cluster::new(1.5, 0.3, &redis.url());
+    // a leader lease longer than the outage: the coordinator stays the active one
+    cluster.coordinator_args = ["--blobs", "s3://farm/images", "--leader-lease-secs", "30"]
+        .map(String::from)
+        .to_vec();
+    cluster.coordinator_env = s3.env();
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let first = submit_variant(&cluster, 0, "before-the-outage");
+    wait_iteration(&cluster, &first, 2).await;
+    let mut client = cluster.client().await;
+    let spec = job(&mut client, &first).await.spec.unwrap();
+
+    redis.kill();
+    let outage = Instant::now();
+    let refused = submit_spec(&client, &spec, "during-the-outage")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let again = submit_spec(&client, &spec, "during-the-outage")
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::Unavailable, "{again:?}");
+    // reads are served meanwhile
+    assert_eq!(job(&mut client, &first).await.job_id, first);
+    // the worker finishes its render and its report is refused; it retries
+    let worker = &cluster.workers[0];
+    wait_for(
+        "the worker's report to be refused",
+        Duration::from_secs(60),
+        || async {
+            worker
+                .log_text()
+                .contains("reporting to the coordinator failed")
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(outage.elapsed())).await;
+    redis.restart();
+
+    let done = wait_state(
+        &cluster,
+        &first,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(!done.tasks[0].result.is_empty());
+    // the submit the client was refused, repeated with its request id: one job
+    let second = wait_for(
+        "the store to take writes again",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            let spec = spec.clone();
+            async move { submit_spec(&client, &spec, "during-the-outage").await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(
+        submit_spec(&client, &spec, "during-the-outage")
+            .await
+            .unwrap(),
+        second
+    );
+    let second_done = wait_state(
+        &cluster,
+        &second,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        second_done.tasks[0].result, done.tasks[0].result,
+        "same spec, same pixels"
+    );
+
+    // what Redis holds: a new coordinator process finds both jobs with their results (the old one stopped
+    // with SIGTERM, which releases the leader lease: the new one need not wait 30 s for it to lapse)
+    let old = cluster.coordinator.as_mut().unwrap();
+    old.terminate();
+    old.child.wait().unwrap();
+    cluster.start_coordinator();
+    let mut client = cluster.client().await;
+    let jobs = client.list(100).await.unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    for j in jobs {
+        assert!(is(&j, pb::JobState::Succeeded), "{j:?}");
+        assert_eq!(j.tasks[0].result, done.tasks[0].result);
+    }
+}
+
+/// A worker whose device runs out of memory on every render (fail point `engine-render-oom`): its failure
+/// is no strike, the task goes to the other worker as soon as there is one, the job succeeds there, and the
+/// worker that ran out is still in the farm.
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_memory_is_retried_on_another_worker_and_is_no_strike() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--max-attempts".into(), "6".into()];
+    cluster.start_coordinator();
+    cluster.add_worker_with_env("small", &[("FAILPOINTS", "engine-render-oom=return")]);
+    wait_registered(&cluster, 1).await;
+    let id = submit_variant(&cluster, 0, "oom");
+    let client = cluster.client().await;
+    wait_for(
+        "the first attempt to run out of memory",
+        Duration::from_secs(60),
+        || {
+            let mut client = client.clone();
+            let id = id.clone();
+            async move {
+                let s = job(&mut client, &id).await;
+                s.tasks[0].error.contains("out of memory").then_some(())
+            }
+        },
+    )
+    .await;
+    cluster.add_worker("big");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        done.tasks[0].worker_id.starts_with("big"),
+        "{:?}",
+        done.tasks[0]
+    );
+    assert!(
+        done.strikes.is_empty(),
+        "out of memory is no strike: {:?}",
+        done.strikes
+    );
+    assert!(
+        cluster.workers[0].child.try_wait().unwrap().is_none(),
+        "the small worker stays"
+    );
+}
+
+/// A client killed after sending its submit, before the reply (the reply delayed 3 s by the fail point
+/// `coordinator-submit-reply`), and the submit sent again with the same request id: one job. Sent a third
+/// time: the same job again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submit_repeated_after_its_client_was_killed_gives_one_job() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_env = vec![(
+        "FAILPOINTS".into(),
+        "coordinator-submit-reply=1*sleep(3000)".into(),
+    )];
+    cluster.start_coordinator();
+    let args = spec_args(1);
+    let mut doomed = Command::new(binary())
+        .arg("submit")
+        .args(&args)
+        .args(["--request-id", "killed-client"])
+        .env("STYLEFARM_COORDINATOR", &cluster.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let coordinator = cluster.coordinator.as_ref().unwrap();
+    wait_for(
+        "the coordinator to store the job",
+        Duration::from_secs(30),
+        || async {
+            coordinator
+                .log_text()
+                .contains("job submitted")
+                .then_some(())
+        },
+    )
+    .await;
+    doomed.kill().unwrap();
+    let status = doomed.wait().unwrap();
+    assert!(!status.success(), "killed before the reply");
+    let mut repeat: Vec<&str> = args.iter().map(String::as_str).collect();
+    repeat.extend(["--request-id", "killed-client"]);
+    let id = submit(&cluster, &repeat);
+    assert_eq!(submit(&cluster, &repeat), id);
+    let mut client = cluster.client().await;
+    let jobs = client.list(100).await.unwrap();
+    assert_eq!(
+        jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(),
+        [id.as_str()],
+        "one job"
+    );
+}
+
+/// The coordinator's data dir on a small file system of its own (a 24 MiB tmpfs in a mount namespace,
+/// `unshare`), filled by uploads: the upload that does not fit fails RESOURCE_EXHAUSTED naming the full
+/// storage, leaves no partial file, and everything stored before (images, a job) reads back unchanged; the
+/// coordinator keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_the_write_with_resource_exhausted_and_loses_nothing() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    std::fs::create_dir_all(&cluster.data_dir).unwrap();
+    let probe = Command::new("unshare")
+        .args(["-rm", "true"])
+        .status()
+        .expect("unshare (util-linux) to give the coordinator a file system of its own");
+    assert!(
+        probe.success(),
+        "unshare -rm failed: this test needs user and mount namespaces"
+    );
+    cluster.coordinator_wrapper = [
+        "unshare",
+        "-rm",
+        "sh",
+        "-c",
+        "mount -t tmpfs -o size=24m tmpfs \"$0\" && exec \"$@\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    cluster
+        .coordinator_wrapper
+        .push(cluster.data_dir.display().to_string());
+    cluster.start_coordinator();
+    let mut client = cluster.client().await;
+    let content = client
+        .upload_file(&stylefarm_tests::shared_image("tubingen.jpg"))
+        .await
+        .unwrap();
+    let style = client
+        .upload_file(&stylefarm_tests::shared_image("starry_night.jpg"))
+        .await
+        .unwrap();
+    let id = submit_variant(&cluster, 0, "before-the-disk-filled");
+    let before = job(&mut client, &id).await;
+
+    // incompressible images of about 3 MB each, until one does not fit
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut stored = Vec::new();
+    let full = loop {
+        assert!(
+            stored.len() < 20,
+            "24 MiB never filled: {} images stored",
+            stored.len()
+        );
+        let img = image::RgbImage::from_fn(1000, 1000, |_, _| image::Rgb(rng.random()));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        match client.upload(&png, "noise.png").await {
+            Ok(hash) => stored.push((hash, png)),
+            Err(stylefarm_client::ClientError::Status(e)) => break e,
+            Err(e) => panic!("upload: {e}"),
+        }
+    };
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(full.message().contains("storage full"), "{full:?}");
+    assert!(!stored.is_empty());
+
+    // nothing stored before is lost or changed, and the coordinator still answers
+    for (hash, png) in &stored {
+        assert_eq!(&client.download_bytes(hash).await.unwrap(), png);
+    }
+    for hash in [&content, &style] {
+        assert!(!client.download_bytes(hash).await.unwrap().is_empty());
+    }
+    let after = job(&mut client, &id).await;
+    assert_eq!(after, before);
+    // a job's record is small: stored, or refused for the full disk, never an internal error
+    match submit_spec(
+        &client,
+        before.spec.as_ref().unwrap(),
+        "after-the-disk-filled",
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+    }
+    assert_eq!(job(&mut client, &id).await, before);
+}
