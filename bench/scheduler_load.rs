@@ -47,6 +47,8 @@ async fn main() {
         store: Default::default(),
         blobs: Default::default(),
         scheduler: SchedulerConfig::default(),
+        auth: Default::default(),
+        tls: None,
     };
     let coordinator = Coordinator::open(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

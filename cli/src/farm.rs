@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use stylefarm_client::{job_state_name, task_state_name, FarmClient, JobFiles, JobId};
+use stylefarm_client::{job_state_name, task_state_name, Credentials, FarmClient, JobFiles, JobId};
+use stylefarm_coordinator::auth::{AuthConfig, TlsConfig, WorkerToken};
 use stylefarm_coordinator::{BlobsConfig, StoreConfig};
 use stylefarm_core::job::{parse_sweep, JobKind};
 use stylefarm_core::params::ParamArgs;
@@ -52,15 +53,96 @@ pub(crate) struct CoordinatorArgs {
     /// Attempts per task when a job does not say.
     #[arg(long, default_value_t = 3)]
     max_attempts: u32,
+    /// Unfinished (queued or running) jobs one client (tenant) may have; a submit beyond is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "STYLEFARM_MAX_UNFINISHED_JOBS",
+          default_value_t = stylefarm_coordinator::scheduler::DEFAULT_MAX_UNFINISHED_JOBS)]
+    max_unfinished_jobs: usize,
+    /// A client token, TENANT:TOKEN (repeat, or comma-separated in the variable). Any token configured
+    /// turns authentication on: every call then needs one, and a tenant sees only its own jobs.
+    #[arg(
+        long = "client-token",
+        env = "STYLEFARM_CLIENT_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    client_tokens: Vec<String>,
+    /// A worker token (repeat, or comma-separated in the variable).
+    #[arg(
+        long = "worker-token",
+        env = "STYLEFARM_WORKER_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    worker_tokens: Vec<String>,
+    /// A TOML file of tokens: `[[client]]` tables (tenant, and token or token_file) and `[[worker]]` tables
+    /// (token or token_file); added to the flags'.
+    #[arg(long, env = "STYLEFARM_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
+    /// The coordinator's certificate chain (PEM): the listener speaks TLS (clients use https:// URLs).
+    #[arg(long, env = "STYLEFARM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "STYLEFARM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) whose client certificates are verified when presented (mutual TLS).
+    #[arg(long, env = "STYLEFARM_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Workers must present a client certificate signed by --tls-client-ca.
+    #[arg(long, requires = "tls_client_ca")]
+    require_worker_cert: bool,
+}
+
+/// How a client or a worker reaches the coordinator: its URLs, its token, TLS.
+#[derive(Args, Clone)]
+pub(crate) struct ConnectArgs {
+    /// The coordinator's URL (`http://`, or `https://` with TLS), or several separated by commas (an
+    /// active one and its standbys): the first that answers is used.
+    #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    pub(crate) coordinator: String,
+    /// Bearer token, when the coordinator asks for one (a flag shows in the process list: prefer
+    /// STYLEFARM_TOKEN or --token-file).
+    #[arg(
+        long,
+        env = "STYLEFARM_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the token (its first line), e.g. a mounted Kubernetes Secret.
+    #[arg(long, env = "STYLEFARM_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the coordinator's: needed for https:// URLs.
+    #[arg(long, env = "STYLEFARM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This caller's certificate (PEM), for a coordinator that asks workers for one (mutual TLS).
+    #[arg(long, env = "STYLEFARM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "STYLEFARM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    /// The token and TLS settings; an error names the file that cannot be read.
+    pub(crate) fn credentials(&self) -> anyhow::Result<Credentials> {
+        let token = match (&self.token, &self.token_file) {
+            (_, Some(file)) => Some(Credentials::token_from_file(file)?),
+            (token, None) => token.clone(),
+        };
+        Ok(Credentials {
+            token,
+            tls_ca: self.tls_ca.clone(),
+            tls_identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+        })
+    }
 }
 
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 pub(crate) struct SubmitArgs {
-    /// The coordinator's URL, or several separated by commas (an active one and its standbys): the first
-    /// that answers is used.
-    #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
-    coordinator: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     #[command(flatten)]
     job: JobArgs,
     /// Wait for the job, showing progress, and fetch its results.
@@ -116,10 +198,8 @@ pub(crate) struct JobArgs {
 
 #[derive(Args)]
 pub(crate) struct JobRef {
-    /// The coordinator's URL, or several separated by commas (an active one and its standbys): the first
-    /// that answers is used.
-    #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
-    coordinator: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     job_id: JobId,
 }
 
@@ -134,10 +214,8 @@ pub(crate) struct FetchArgs {
 
 #[derive(Args)]
 pub(crate) struct ListArgs {
-    /// The coordinator's URL, or several separated by commas (an active one and its standbys): the first
-    /// that answers is used.
-    #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
-    coordinator: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// Most jobs to show, newest first.
     #[arg(long, default_value_t = 20)]
     limit: u32,
@@ -188,6 +266,8 @@ pub(crate) fn coordinator_config(
             default_max_attempts: attempts,
             ..Default::default()
         },
+        auth: Default::default(),
+        tls: None,
     })
 }
 
@@ -207,6 +287,29 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         args.max_attempts,
     )?;
     config.blobs = args.blobs;
+    config.scheduler.max_unfinished_jobs = args.max_unfinished_jobs;
+    let mut auth = match &args.auth_file {
+        Some(file) => AuthConfig::load(file)?,
+        None => AuthConfig::default(),
+    };
+    for c in &args.client_tokens {
+        auth.clients.push(AuthConfig::parse_client(c)?);
+    }
+    auth.workers
+        .extend(args.worker_tokens.iter().map(|t| WorkerToken {
+            token: Some(t.clone()),
+            token_file: None,
+        }));
+    config.auth = auth;
+    config.tls = args
+        .tls_cert
+        .zip(args.tls_key)
+        .map(|(cert, key)| TlsConfig {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+            require_worker_cert: args.require_worker_cert,
+        });
     config.store = match args.store {
         StoreConfig::Redis { url, .. } => StoreConfig::Redis {
             url,
@@ -230,8 +333,8 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn connect(url: &str) -> anyhow::Result<FarmClient> {
-    Ok(FarmClient::connect(url).await?)
+async fn connect(args: &ConnectArgs) -> anyhow::Result<FarmClient> {
+    Ok(FarmClient::connect_with(&args.coordinator, &args.credentials()?).await?)
 }
 
 impl JobArgs {
@@ -351,7 +454,7 @@ pub(crate) async fn wait_and_fetch(
 pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let job = args.job.files()?;
     runtime()?.block_on(async move {
-        let mut client = connect(&args.coordinator).await?;
+        let mut client = connect(&args.connect).await?;
         let job_id = client.submit_files(&job).await?;
         println!("{job_id}");
         if args.wait {
@@ -363,7 +466,7 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 
 pub(crate) fn watch(args: JobRef) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let mut client = connect(&args.coordinator).await?;
+        let mut client = connect(&args.connect).await?;
         let status = watch_job(&mut client, &args.job_id, true).await?;
         eprintln!("job {} {}", status.job_id, job_state_name(status.state));
         Ok(())
@@ -384,7 +487,7 @@ fn print_status(s: &pb::JobStatus) {
 
 pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let mut client = connect(&args.coordinator).await?;
+        let mut client = connect(&args.connect).await?;
         let s = client.job(&args.job_id).await?;
         print_status(&s);
         if s.scales > 0 {
@@ -415,7 +518,7 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
 
 pub(crate) fn list(args: ListArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let mut client = connect(&args.coordinator).await?;
+        let mut client = connect(&args.connect).await?;
         for s in &client.list(args.limit).await? {
             print_status(s);
         }
@@ -425,7 +528,7 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<()> {
 
 pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let mut client = connect(&args.job.coordinator).await?;
+        let mut client = connect(&args.job.connect).await?;
         let s = client.job(&args.job.job_id).await?;
         for path in client.fetch(&s, &args.output).await? {
             println!("{}", path.display());
@@ -436,7 +539,7 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
 
 pub(crate) fn cancel(args: JobRef) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let mut client = connect(&args.coordinator).await?;
+        let mut client = connect(&args.connect).await?;
         let state = client.cancel(&args.job_id).await?;
         println!("{}\t{}", args.job_id, job_state_name(state as i32));
         Ok(())

@@ -8,16 +8,14 @@ use clap::Args;
 use stylefarm_client::LocalFarm;
 
 use crate::farm::{
-    coordinator_config, runtime, shutdown_signal, wait_and_fetch, JobArgs, DEFAULT_COORDINATOR,
+    coordinator_config, runtime, shutdown_signal, wait_and_fetch, ConnectArgs, JobArgs,
 };
 use crate::render::EngineArgs;
 
 #[derive(Args)]
 pub(crate) struct WorkerArgs {
-    /// The coordinator's URL, or several separated by commas (an active one and its standbys): the first
-    /// that answers is used.
-    #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
-    coordinator: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
     device: String,
@@ -101,6 +99,7 @@ fn worker_config(
     });
     Ok(stylefarm_worker::WorkerConfig {
         coordinator,
+        credentials: Default::default(),
         name,
         device,
         weights: weights.unwrap_or_else(crate::weights::default_weights),
@@ -114,14 +113,15 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         set_threads(threads)?;
     }
-    let config = worker_config(
-        args.coordinator,
+    let mut config = worker_config(
+        args.connect.coordinator.clone(),
         &args.device,
         args.weights,
         args.name,
         &args.memory,
         &args.engine,
     )?;
+    config.credentials = args.connect.credentials()?;
     // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

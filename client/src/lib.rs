@@ -7,11 +7,12 @@ use std::time::Duration;
 pub use stylefarm_core::ids::JobId;
 use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
 use stylefarm_core::{imaging, Init, RenderParams};
+use stylefarm_proto::connect::AuthChannel;
+pub use stylefarm_proto::connect::Credentials;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::Channel;
 
 #[cfg(feature = "local")]
 mod local;
@@ -117,8 +118,8 @@ pub struct JobFiles {
 /// A connection to a coordinator. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct FarmClient {
-    channel: Channel,
-    rpc: RenderServiceClient<Channel>,
+    channel: AuthChannel,
+    rpc: RenderServiceClient<AuthChannel>,
 }
 
 impl FarmClient {
@@ -126,9 +127,14 @@ impl FarmClient {
     /// of several URLs separated by commas (an active coordinator and its standbys, which listen only once
     /// active); the error is the last one's.
     pub async fn connect(url: &str) -> Result<FarmClient> {
+        Self::connect_with(url, &Credentials::default()).await
+    }
+
+    /// [`FarmClient::connect`] presenting `credentials`: a token on every call, TLS for `https://` URLs.
+    pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<FarmClient> {
         let mut last = None;
         for url in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            match Self::connect_one(url).await {
+            match Self::connect_one(url, credentials).await {
                 Ok(client) => return Ok(client),
                 Err(e @ ClientError::Url { .. }) => return Err(e),
                 Err(e) => last = Some(e),
@@ -140,12 +146,14 @@ impl FarmClient {
         }))
     }
 
-    async fn connect_one(url: &str) -> Result<FarmClient> {
-        let channel = Channel::from_shared(url.to_string())
-            .map_err(|e| ClientError::Url {
-                url: url.into(),
-                message: e.to_string(),
-            })?
+    async fn connect_one(url: &str, credentials: &Credentials) -> Result<FarmClient> {
+        let bad = |e: stylefarm_proto::connect::CredentialsError| ClientError::Url {
+            url: url.into(),
+            message: e.to_string(),
+        };
+        let channel = credentials
+            .endpoint(url)
+            .map_err(bad)?
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()
             .await
@@ -153,6 +161,7 @@ impl FarmClient {
                 url: url.into(),
                 source,
             })?;
+        let channel = credentials.authorize(channel).map_err(bad)?;
         Ok(FarmClient {
             channel: channel.clone(),
             rpc: RenderServiceClient::new(channel)
@@ -164,7 +173,7 @@ impl FarmClient {
     /// The generated gRPC client on the same connection, for requests this API does not build: the tests
     /// send malformed ones through it. It has tonic's default message limits, not this client's
     /// ([`MAX_MESSAGE_BYTES`] each way), so that what a server does with an oversized message can be seen.
-    pub fn rpc(&self) -> RenderServiceClient<Channel> {
+    pub fn rpc(&self) -> RenderServiceClient<AuthChannel> {
         RenderServiceClient::new(self.channel.clone())
     }
 

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod auth;
 pub mod blobs;
 pub mod model;
 mod pipeline;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use stylefarm_proto::pb::render_service_server::RenderServiceServer;
 use stylefarm_proto::pb::worker_service_server::WorkerServiceServer;
 use stylefarm_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 pub use scheduler::SchedulerConfig;
@@ -32,6 +34,9 @@ pub enum Error {
     /// No such job (the message names it): NOT_FOUND on the wire.
     #[error("{0}")]
     NotFound(String),
+    /// A limit was reached (the message names it): RESOURCE_EXHAUSTED on the wire.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The job store failed to load or commit: UNAVAILABLE on the wire when it could not be reached (a
     /// Redis server down), RESOURCE_EXHAUSTED when its disk is full, else INTERNAL.
     #[error(transparent)]
@@ -61,6 +66,7 @@ impl From<scheduler::SchedulerError> for Error {
             scheduler::SchedulerError::JobNotFound(_) => Error::NotFound(e.to_string()),
             scheduler::SchedulerError::Invalid(e) => Error::Invalid(e),
             scheduler::SchedulerError::Store(e) => Error::Store(e),
+            scheduler::SchedulerError::Limit(m) => Error::ResourceExhausted(m),
         }
     }
 }
@@ -78,6 +84,7 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
+            Error::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
             Error::Rpc(status) => status,
             Error::Store(e) => match e.kind {
                 store::StoreErrorKind::Unavailable => tonic::Status::unavailable(e.to_string()),
@@ -94,6 +101,24 @@ impl From<Error> for tonic::Status {
             }
         }
     }
+}
+
+/// tonic answers a request over the message size limit ([`MAX_MESSAGE_BYTES`]) with OUT_OF_RANGE; for a
+/// limit reached, gRPC's servers and this project's other limits answer RESOURCE_EXHAUSTED: the status is
+/// rewritten, its message (which names the limit in bytes) kept.
+fn message_limit_status<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers();
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if too_large {
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// Whether an I/O error says the disk (or the user's quota on it) is full: ENOSPC, EDQUOT.
@@ -187,8 +212,12 @@ pub struct CoordinatorConfig {
     pub store: StoreConfig,
     /// Where images are kept.
     pub blobs: BlobsConfig,
-    /// Lease length, heartbeat interval, attempts, blocklist threshold and retry backoff.
+    /// Lease length, heartbeat interval, attempts, blocklist threshold, retry backoff, limits.
     pub scheduler: SchedulerConfig,
+    /// The client and worker tokens; none: auth is off (one machine, a trusted network).
+    pub auth: auth::AuthConfig,
+    /// The listener's TLS; `None`: plain HTTP/2.
+    pub tls: Option<auth::TlsConfig>,
 }
 
 /// The coordinator's state: scheduler and blobs.
@@ -200,11 +229,22 @@ pub struct Coordinator {
     /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
     /// ones.
     pub(crate) workers: workers::Registry,
+    /// The services' token checks.
+    pub(crate) gate: auth::Gate,
+    /// The listener's TLS, checked when opened.
+    pub(crate) tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Coordinator {
     /// Opens (or creates) the data dir; jobs left there resume.
     pub fn open(config: CoordinatorConfig) -> Result<Arc<Coordinator>, Error> {
+        // the auth and TLS settings first: a mistake there is found before anything is opened
+        let gate = auth::Gate::new(&config.auth, config.tls.as_ref())?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(auth::TlsConfig::server_config)
+            .transpose()?;
         std::fs::create_dir_all(&config.data_dir)?;
         let store: Arc<dyn store::Store> = match &config.store {
             StoreConfig::Embedded => {
@@ -223,6 +263,8 @@ impl Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,
             workers: workers::Registry::default(),
+            gate,
+            tls,
         });
         for job_id in coordinator.scheduler.jobs_awaiting_step() {
             coordinator.stage_done(&job_id);
@@ -254,17 +296,24 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| Error::Transport(e.to_string()))?;
-    let render = RenderServiceServer::new(service::RenderApi {
-        coordinator: coordinator.clone(),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let worker = WorkerServiceServer::new(service::WorkerApi {
-        coordinator: coordinator.clone(),
-        next_worker: AtomicU64::new(1),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // each service behind its token check (health and reflection stay open: probes and tools)
+    let render = InterceptedService::new(
+        RenderServiceServer::new(service::RenderApi {
+            coordinator: coordinator.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        coordinator.gate.clients(),
+    );
+    let worker = InterceptedService::new(
+        WorkerServiceServer::new(service::WorkerApi {
+            coordinator: coordinator.clone(),
+            next_worker: AtomicU64::new(1),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        coordinator.gate.workers(),
+    );
 
     // leases expire even when nobody calls; a stage whose step could not be recorded while the store was
     // out of reach is stepped again once it answers
@@ -324,7 +373,14 @@ pub async fn serve(
             why = lost => tracing::error!(reason = why, "no longer the active coordinator: stopping"),
         }
     };
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(message_limit_status));
+    if let Some(tls) = &coordinator.tls {
+        server = server
+            .tls_config(tls.clone())
+            .map_err(|e| Error::Transport(format!("tls: {e}")))?;
+    }
+    let result = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

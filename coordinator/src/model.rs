@@ -59,9 +59,13 @@ pub struct JobMeta {
     pub id: JobId,
     /// Submission order, for FIFO among equal priorities.
     pub seq: u64,
-    /// The client's idempotency key: submitting again with the same non-empty key returns this job; empty
-    /// when none was given.
+    /// The client's idempotency key: submitting again with the same non-empty key (as the same tenant)
+    /// returns this job; empty when none was given.
     pub client_request_id: String,
+    /// The tenant that submitted the job ([`crate::auth::Tenant`]): only its tokens see, fetch or cancel
+    /// it. Empty when auth is off (and for records written before tenants).
+    #[serde(default)]
+    pub tenant: String,
     /// What to render, as submitted: kind (with a sweep's axes or a tiled job's tiling), content and style
     /// images (by sha256), params, priority, max attempts.
     pub spec: JobSpec,
@@ -300,6 +304,7 @@ mod tests {
             id: "job-1".into(),
             seq: 1,
             client_request_id: String::new(),
+            tenant: String::new(),
             spec: tiled.clone(),
             state: JobState::Running,
             submitted_ms: 1,

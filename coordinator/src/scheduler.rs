@@ -30,7 +30,13 @@ pub struct SchedulerConfig {
     pub backoff: Duration,
     /// Longest retry delay, however many attempts have failed.
     pub max_backoff: Duration,
+    /// Unfinished (queued or running) jobs one tenant may have; a submit beyond it is refused
+    /// ([`SchedulerError::Limit`], RESOURCE_EXHAUSTED on the wire).
+    pub max_unfinished_jobs: usize,
 }
+
+/// [`SchedulerConfig::max_unfinished_jobs`] unless configured.
+pub const DEFAULT_MAX_UNFINISHED_JOBS: usize = 10_000;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -41,6 +47,7 @@ impl Default for SchedulerConfig {
             blocklist_after: 3,
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            max_unfinished_jobs: DEFAULT_MAX_UNFINISHED_JOBS,
         }
     }
 }
@@ -57,6 +64,9 @@ pub enum SchedulerError {
     /// The store failed to write or load.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A limit was reached; the message names it.
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// A task handed to a worker.
@@ -103,11 +113,21 @@ type QueueKey = (Reverse<i32>, u64, u32, JobId);
 #[derive(Default)]
 struct State {
     jobs: HashMap<JobId, Job>,
-    by_request: HashMap<String, JobId>,
+    /// Jobs by (tenant, client request id).
+    by_request: HashMap<(String, String), JobId>,
+    /// Unfinished jobs by tenant.
+    unfinished: HashMap<String, usize>,
     queue: BTreeSet<QueueKey>,
     leases: HashMap<LeaseId, LeaseInfo>,
     next_seq: u64,
     next_id: u64,
+}
+
+/// One fewer unfinished job for `tenant`: one of its jobs reached a terminal state.
+fn job_ended(unfinished: &mut HashMap<String, usize>, tenant: &str) {
+    if let Some(n) = unfinished.get_mut(tenant) {
+        *n = n.saturating_sub(1);
+    }
 }
 
 /// The current time in ms since the Unix epoch (0 if the clock is set before it).
@@ -188,9 +208,13 @@ impl Scheduler {
         for (meta, mut tasks) in store.load()? {
             state.next_seq = state.next_seq.max(meta.seq + 1);
             if !meta.client_request_id.is_empty() {
-                state
-                    .by_request
-                    .insert(meta.client_request_id.clone(), meta.id.clone());
+                state.by_request.insert(
+                    (meta.tenant.clone(), meta.client_request_id.clone()),
+                    meta.id.clone(),
+                );
+            }
+            if !meta.state.is_terminal() {
+                *state.unfinished.entry(meta.tenant.clone()).or_default() += 1;
             }
             for t in tasks.iter_mut() {
                 if t.state == TaskState::Running {
@@ -242,24 +266,36 @@ impl Scheduler {
         spec: JobSpec,
         client_request_id: &str,
     ) -> Result<(JobId, bool), SchedulerError> {
-        self.submit_expanded(spec.expand()?, client_request_id)
+        self.submit_expanded(spec.expand()?, "", client_request_id)
     }
 
-    /// [`Scheduler::submit`] of a job already expanded into its tasks (as the gRPC edge does, once).
+    /// [`Scheduler::submit`] of a job already expanded into its tasks (as the gRPC edge does, once), for
+    /// `tenant` (its request ids are its own); refused when the tenant has
+    /// [`SchedulerConfig::max_unfinished_jobs`] unfinished jobs.
     pub fn submit_expanded(
         &self,
         job: ExpandedJob,
+        tenant: &str,
         client_request_id: &str,
     ) -> Result<(JobId, bool), SchedulerError> {
         self.writable()?;
         let (spec, tasks) = job.into_parts();
         let mut st = self.state.lock().unwrap();
+        let request = (tenant.to_string(), client_request_id.to_string());
         if let Some(id) = st
             .by_request
-            .get(client_request_id)
+            .get(&request)
             .filter(|_| !client_request_id.is_empty())
         {
             return Ok((id.clone(), false));
+        }
+        let unfinished = st.unfinished.get(tenant).copied().unwrap_or(0);
+        if unfinished >= self.config.max_unfinished_jobs {
+            return Err(SchedulerError::Limit(format!(
+                "max_unfinished_jobs: {unfinished} jobs of this client are queued or running, the \
+                 limit is {} (wait for some to finish, or cancel some)",
+                self.config.max_unfinished_jobs
+            )));
         }
         st.next_id += 1;
         let id = JobId::new(format!("job-{:x}{:04x}", now_ms(), st.next_id & 0xffff));
@@ -269,6 +305,7 @@ impl Scheduler {
             id: id.clone(),
             seq,
             client_request_id: client_request_id.to_string(),
+            tenant: tenant.to_string(),
             spec,
             state: JobState::Queued,
             submitted_ms: now_ms(),
@@ -290,9 +327,9 @@ impl Scheduler {
             st.queue.insert(queue_key(&meta, t.index));
         }
         if !client_request_id.is_empty() {
-            st.by_request
-                .insert(client_request_id.to_string(), id.clone());
+            st.by_request.insert(request, id.clone());
         }
+        *st.unfinished.entry(tenant.to_string()).or_default() += 1;
         st.jobs.insert(
             id.clone(),
             Job {
@@ -461,10 +498,15 @@ impl Scheduler {
         let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
         // a job with stage work succeeds once it is done (finish_stage without a next stage), the others
         // with their last task
+        let mut ended = None;
         if all_tasks_done && !job.meta.spec.kind.has_stage_work() {
             job.meta.state = JobState::Succeeded;
             job.meta.finished_ms = now_ms();
             ops.push(Op::Job(job.meta.clone()));
+            ended = Some(job.meta.tenant.clone());
+        }
+        if let Some(tenant) = ended {
+            job_ended(&mut st.unfinished, &tenant);
         }
         let durable = self.store.write(ops);
         drop(st);
@@ -580,6 +622,9 @@ impl Scheduler {
             .jobs
             .get_mut(job_id)
             .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        if !job.meta.state.is_terminal() {
+            job_ended(&mut st.unfinished, &job.meta.tenant);
+        }
         job.meta.state = state;
         job.meta.error = error.to_string();
         job.meta.finished_ms = now_ms();
@@ -735,6 +780,7 @@ impl Scheduler {
                 job.meta.result = Some(image.clone());
                 job.meta.state = JobState::Succeeded;
                 job.meta.finished_ms = now_ms();
+                job_ended(&mut st.unfinished, &job.meta.tenant);
             }
         }
         ops.push(Op::Job(job.meta.clone()));
@@ -794,12 +840,13 @@ impl Scheduler {
         }
     }
 
-    /// Jobs, newest first, optionally only in `states`, at most `limit` (0: all).
-    pub fn list(&self, states: &[JobState], limit: usize) -> Vec<JobView> {
+    /// `tenant`'s jobs, newest first, optionally only in `states`, at most `limit` (0: all).
+    pub fn list(&self, tenant: &str, states: &[JobState], limit: usize) -> Vec<JobView> {
         let st = self.state.lock().unwrap();
         let mut jobs: Vec<&Job> = st
             .jobs
             .values()
+            .filter(|j| j.meta.tenant == tenant)
             .filter(|j| states.is_empty() || states.contains(&j.meta.state))
             .collect();
         jobs.sort_by_key(|j| Reverse(j.meta.seq));

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{self, Tenant};
 use crate::model::{JobState, TaskState};
 use crate::scheduler::{FailureKind, JobView};
 use crate::{Coordinator, Error};
@@ -101,6 +102,18 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
         strikes: m.strikes.iter().map(|(w, n)| (w.to_string(), *n)).collect(),
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
+    }
+}
+
+/// Job `job_id` if it is `tenant`'s; NOT_FOUND otherwise, as for a job that does not exist (another
+/// tenant's job ids are not confirmed).
+fn own_job(coordinator: &Coordinator, tenant: &Tenant, job_id: &JobId) -> Result<JobView, Error> {
+    match coordinator.scheduler.get(job_id) {
+        Ok(view) if view.meta.tenant == tenant.0 => Ok(view),
+        Ok(_) => Err(Error::NotFound(
+            crate::scheduler::SchedulerError::JobNotFound(job_id.clone()).to_string(),
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -213,6 +226,7 @@ impl RenderService for RenderApi {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let tenant = auth::tenant(&request);
         let pb::SubmitJobRequest {
             spec,
             client_request_id,
@@ -249,7 +263,7 @@ impl RenderService for RenderApi {
             .map_err(Error::from)?;
             coordinator
                 .scheduler
-                .submit_expanded(job, &client_request_id)
+                .submit_expanded(job, &tenant.0, &client_request_id)
                 .map_err(Error::from)
         })
         .await?;
@@ -267,12 +281,9 @@ impl RenderService for RenderApi {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        let tenant = auth::tenant(&request);
         let job_id = JobId::from(request.into_inner().job_id);
-        let view = self
-            .coordinator
-            .scheduler
-            .get(&job_id)
-            .map_err(Error::from)?;
+        let view = own_job(&self.coordinator, &tenant, &job_id)?;
         Ok(Response::new(job_status(&view)))
     }
 
@@ -280,6 +291,7 @@ impl RenderService for RenderApi {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let tenant = auth::tenant(&request);
         let r = request.into_inner();
         let states = r
             .states
@@ -296,7 +308,7 @@ impl RenderService for RenderApi {
         let jobs = self
             .coordinator
             .scheduler
-            .list(&states, r.limit as usize)
+            .list(&tenant.0, &states, r.limit as usize)
             .iter()
             .map(job_status)
             .collect();
@@ -309,10 +321,11 @@ impl RenderService for RenderApi {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let tenant = auth::tenant(&request);
         let job_id = JobId::from(request.into_inner().job_id);
         let scheduler = self.coordinator.scheduler.clone();
         let mut changes = scheduler.subscribe();
-        let first = scheduler.get(&job_id).map_err(Error::from)?;
+        let first = own_job(&self.coordinator, &tenant, &job_id)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut view = first;
@@ -349,7 +362,9 @@ impl RenderService for RenderApi {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let tenant = auth::tenant(&request);
         let job_id = JobId::from(request.into_inner().job_id);
+        own_job(&self.coordinator, &tenant, &job_id)?;
         let state = self
             .coordinator
             .scheduler

@@ -318,6 +318,20 @@ impl JobSpec {
             JobKind::Tiled(tiling) => {
                 let params = self.pyramid_params_of(*tiling)?;
                 let sizes = params.sizes_per_scale();
+                // the fan-out: the finest scale's tiles, at most (a square canvas; planned tiles are no
+                // smaller than tile_size); exact mode renders each scale as one task
+                let finest = sizes.last().copied().unwrap_or(params.size);
+                let tiles = tiling::TileGrid::new(finest, finest, *tiling).len();
+                if !tiling.exact && tiles > MAX_TASKS_PER_JOB {
+                    return Err(Error::invalid(
+                        "tile_size",
+                        format!(
+                            "a {finest}-px canvas in {}-px tiles ({}-px overlap) is up to {tiles} tiles a \
+                             scale, more than {MAX_TASKS_PER_JOB}: use larger tiles or a smaller size",
+                            tiling.tile_size, tiling.overlap
+                        ),
+                    ));
+                }
                 vec![TaskSpec {
                     content: self.contents[0].clone(),
                     styles: self.styles.clone(),
@@ -744,6 +758,31 @@ mod tests {
         };
         assert_eq!((t.rect(), t.count()), (canvas, 1));
         assert_eq!(whole[0].params.iterations, 125);
+    }
+
+    #[test]
+    fn a_tiled_job_of_more_tiles_than_the_fan_out_limit_is_refused_naming_tile_size() {
+        let tiled = |tile_size, exact| JobSpec {
+            params: RenderParams {
+                size: crate::params::MAX_SIZE,
+                ..Default::default()
+            },
+            ..spec(JobKind::Tiled(Tiling {
+                tile_size,
+                overlap: 8,
+                exact,
+                sizing: TileSizing::Fixed,
+            }))
+        };
+        // 16384 px in 128-px tiles (the smallest that 8 scales allow): 137 x 137 tiles at most
+        let err = tiled(128, false).tasks().unwrap_err().to_string();
+        assert!(
+            err.starts_with("tile_size") && err.contains("18769 tiles") && err.contains("10000"),
+            "{err}"
+        );
+        // exact mode renders a scale as one task; larger tiles fit
+        assert!(tiled(128, true).tasks().is_ok());
+        assert!(tiled(512, false).tasks().is_ok());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+pub mod connect;
+
 /// The generated messages, clients and servers of `stylefarm.v1`.
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub, rustdoc::all)]

@@ -106,6 +106,8 @@ pub struct Cluster {
     /// A command that runs the coordinator's command line, e.g. `unshare` to give it a file system of its
     /// own; empty: the coordinator runs directly.
     pub coordinator_wrapper: Vec<String>,
+    /// Environment variables for [`Cluster::cli`]'s commands (e.g. `STYLEFARM_TOKEN`).
+    pub cli_env: Vec<(String, String)>,
     /// The temporary directory of the data dir and the logs; deleted when the cluster drops, after the
     /// processes above are killed (fields drop in declaration order).
     pub dir: tempfile::TempDir,
@@ -142,6 +144,7 @@ impl Cluster {
             coordinator_args: Vec::new(),
             coordinator_env: Vec::new(),
             coordinator_wrapper: Vec::new(),
+            cli_env: Vec::new(),
         }
     }
 
@@ -236,6 +239,7 @@ impl Cluster {
         let out = Command::new(binary())
             .args(args)
             .env("STYLEFARM_COORDINATOR", &self.url)
+            .envs(self.cli_env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         (

@@ -16,11 +16,12 @@ use stylefarm_core::job::{ImageHash, ScalePart, Task};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::{imaging, Init};
 use stylefarm_engine::{Device, EngineOptions, Progress, RenderJob};
+use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
 use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use tonic::Code;
 use tracing::Instrument;
 
 pub use engine_thread::{
@@ -33,8 +34,7 @@ pub enum Error {
     /// The engine could not be started: loading VGG19 on the device, or warming it up, failed.
     #[error(transparent)]
     Engine(#[from] stylefarm_engine::Error),
-    /// A coordinator call failed (the message says how); [`run`] does not return it at present: it
-    /// reconnects and retries.
+    /// The coordinator refused the worker (its token or certificate); other failed calls are retried.
     #[error("coordinator {0}")]
     Coordinator(String),
     /// The engine can no longer render (device lost, weights gone when it was reloaded): the worker stops
@@ -48,6 +48,8 @@ pub enum Error {
 pub struct WorkerConfig {
     /// e.g. http://127.0.0.1:7700
     pub coordinator: String,
+    /// The worker's token and TLS settings.
+    pub credentials: Credentials,
     /// Shown in the coordinator's logs and statuses.
     pub name: String,
     /// The device the engine renders on; its name and memory are reported to the coordinator.
@@ -114,7 +116,7 @@ impl ImageCache {
     /// download that fails may succeed later; bytes that do not decode are the input's fault.
     async fn get(
         &mut self,
-        client: &mut WorkerServiceClient<Channel>,
+        client: &mut WorkerServiceClient<AuthChannel>,
         hash: &ImageHash,
     ) -> Result<Arc<RgbImage>, Failure> {
         if let Some(img) = self.lookup(hash) {
@@ -154,17 +156,28 @@ impl ImageCache {
 /// Connects to the first of `urls` (comma-separated: an active coordinator and its standbys, which listen
 /// only once active) that answers, trying them in turn and retrying with backoff (up to 5 s between rounds)
 /// until one answers or `stop` is set. `None` at once when a URL is malformed.
-async fn connect(urls: &str, stop: &AtomicBool) -> Option<WorkerServiceClient<Channel>> {
+async fn connect(
+    urls: &str,
+    credentials: &Credentials,
+    stop: &AtomicBool,
+) -> Option<WorkerServiceClient<AuthChannel>> {
     let mut endpoints = Vec::new();
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        match Channel::from_shared(url.to_string()) {
+        match credentials.endpoint(url) {
             Ok(endpoint) => endpoints.push((url, endpoint.connect_timeout(Duration::from_secs(5)))),
             Err(e) => {
-                tracing::error!(coordinator = url, error = %e, "bad coordinator url");
+                tracing::error!(coordinator = url, error = %e, "bad coordinator url or TLS options");
                 return None;
             }
         }
     }
+    let bearer = match credentials.bearer() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "bad token");
+            return None;
+        }
+    };
     let mut delay = Duration::from_millis(100);
     while !endpoints.is_empty() {
         for (url, endpoint) in &endpoints {
@@ -173,11 +186,15 @@ async fn connect(urls: &str, stop: &AtomicBool) -> Option<WorkerServiceClient<Ch
             }
             match endpoint.connect().await {
                 Ok(channel) => {
+                    let channel = tonic::service::interceptor::InterceptedService::new(
+                        channel,
+                        bearer.clone(),
+                    );
                     return Some(
                         WorkerServiceClient::new(channel)
                             .max_decoding_message_size(MAX_MESSAGE_BYTES)
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                    )
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(coordinator = url, error = %e, "coordinator unreachable; retrying")
@@ -253,7 +270,8 @@ pub async fn run(
         .or_else(|| device::total_memory(config.device))
         .unwrap_or(0);
     'connect: while !stop.load(Ordering::Relaxed) {
-        let Some(mut client) = connect(&config.coordinator, &stop).await else {
+        let Some(mut client) = connect(&config.coordinator, &config.credentials, &stop).await
+        else {
             break;
         };
         let registered = client
@@ -266,6 +284,14 @@ pub async fn run(
             .await;
         let registered = match registered {
             Ok(r) => r.into_inner(),
+            // a refused token or certificate will be refused again: leave, saying why
+            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                tracing::error!(error = s.message(), "the coordinator refused this worker");
+                return Err(Error::Coordinator(format!(
+                    "refused the worker: {}",
+                    s.message()
+                )));
+            }
             Err(s) => {
                 tracing::warn!(error = s.message(), "registration failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -353,7 +379,7 @@ struct Heartbeat(tokio::task::JoinHandle<()>);
 
 impl Heartbeat {
     fn start(
-        mut client: WorkerServiceClient<Channel>,
+        mut client: WorkerServiceClient<AuthChannel>,
         worker_id: WorkerId,
         lease_id: LeaseId,
         interval: Duration,
@@ -402,7 +428,7 @@ impl Drop for Heartbeat {
 /// caller's [`Heartbeat`] keeps the lease and may set `cancel`; the render's progress goes to `progress_tx`.
 async fn run_task(
     engine: &EngineThread,
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut WorkerServiceClient<AuthChannel>,
     cache: &mut ImageCache,
     task: pb::Task,
     cancel: Arc<AtomicBool>,
@@ -505,7 +531,11 @@ async fn run_task(
 }
 
 /// Sends the outcome to the coordinator, retrying a few times while it is away.
-async fn report(client: &mut WorkerServiceClient<Channel>, lease_id: &LeaseId, outcome: Outcome) {
+async fn report(
+    client: &mut WorkerServiceClient<AuthChannel>,
+    lease_id: &LeaseId,
+    outcome: Outcome,
+) {
     for attempt in 0..5u32 {
         let sent = match &outcome {
             Outcome::Done(img) => {

@@ -164,6 +164,7 @@ pub(crate) mod tests {
             id: id.into(),
             seq,
             client_request_id: format!("req-{id}"),
+            tenant: "t".into(),
             spec,
             state: JobState::Queued,
             submitted_ms: 1,

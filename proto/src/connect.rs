@@ -1,0 +1,159 @@
+//! How clients and workers reach a coordinator: the channel's TLS (rustls, optional) and the bearer token
+//! each call carries (`authorization: Bearer <token>` metadata, as gRPC's token-based authentication has
+//! it). One definition for the CLI's clients, the client library and the worker.
+
+use std::path::{Path, PathBuf};
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The metadata key of the bearer token.
+pub const AUTHORIZATION: &str = "authorization";
+
+/// A channel whose every call carries the caller's token, if it has one.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// What a caller presents: its token and, for `https://` URLs, whom it trusts and its own certificate.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// The bearer token (a client's or a worker's, as the coordinator's auth configuration lists them).
+    pub token: Option<String>,
+    /// The certificate authority (PEM) that signed the coordinator's certificate; without one, an
+    /// `https://` URL is refused (no system roots are built in).
+    pub tls_ca: Option<PathBuf>,
+    /// This caller's certificate and key (PEM), for a coordinator that asks workers for one (mutual TLS).
+    pub tls_identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// A [`Credentials`] problem, naming the flag or file at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialsError(pub String);
+
+impl std::fmt::Display for CredentialsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CredentialsError {}
+
+fn read(flag: &str, path: &Path) -> Result<Vec<u8>, CredentialsError> {
+    std::fs::read(path).map_err(|e| CredentialsError(format!("{flag}: {}: {e}", path.display())))
+}
+
+impl Credentials {
+    /// A token read from a file (`--token-file`; Kubernetes mounts Secrets as files): its first line,
+    /// trimmed.
+    pub fn token_from_file(path: &Path) -> Result<String, CredentialsError> {
+        let text = String::from_utf8(read("token_file", path)?)
+            .map_err(|_| CredentialsError(format!("token_file: {}: not UTF-8", path.display())))?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        if token.is_empty() {
+            return Err(CredentialsError(format!(
+                "token_file: {}: empty",
+                path.display()
+            )));
+        }
+        Ok(token)
+    }
+
+    /// The endpoint of `url` (`http://` or `https://`), with TLS set up for `https://`. The error does not
+    /// repeat the URL: the caller names it.
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint, CredentialsError> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| CredentialsError(format!("not a URI: {e}")))?;
+        let https = url.starts_with("https://");
+        if !https {
+            if self.tls_ca.is_some() || self.tls_identity.is_some() {
+                return Err(CredentialsError(
+                    "TLS options given for a plain http:// URL (use https://)".into(),
+                ));
+            }
+            return Ok(endpoint);
+        }
+        let Some(ca) = &self.tls_ca else {
+            return Err(CredentialsError(
+                "tls_ca: an https:// coordinator needs the CA that signed its certificate".into(),
+            ));
+        };
+        let mut tls =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("tls_ca", ca)?));
+        if let Some((cert, key)) = &self.tls_identity {
+            tls = tls.identity(Identity::from_pem(
+                read("tls_cert", cert)?,
+                read("tls_key", key)?,
+            ));
+        }
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| CredentialsError(format!("tls: {e}")))
+    }
+
+    /// The interceptor that adds the token to every call.
+    pub fn bearer(&self) -> Result<Bearer, CredentialsError> {
+        let value = self
+            .token
+            .as_ref()
+            .map(|t| {
+                format!("Bearer {t}").parse().map_err(|_| {
+                    CredentialsError("token: only visible ASCII characters may be sent".into())
+                })
+            })
+            .transpose()?;
+        Ok(Bearer(value))
+    }
+
+    /// `channel` with the token on every call.
+    pub fn authorize(&self, channel: Channel) -> Result<AuthChannel, CredentialsError> {
+        Ok(InterceptedService::new(channel, self.bearer()?))
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to each request (nothing without a token).
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert(AUTHORIZATION, token.clone());
+        }
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_needs_a_ca_and_plain_http_takes_no_tls_options() {
+        let none = Credentials::default();
+        assert!(none.endpoint("http://127.0.0.1:7700").is_ok());
+        let e = none.endpoint("https://farm:7700").unwrap_err();
+        assert!(e.0.starts_with("tls_ca:"), "{e}");
+        let tls = Credentials {
+            tls_ca: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        assert!(tls
+            .endpoint("http://farm:7700")
+            .unwrap_err()
+            .0
+            .contains("https://"));
+        assert!(tls
+            .endpoint("https://farm:7700")
+            .unwrap_err()
+            .0
+            .starts_with("tls_ca: /nonexistent"));
+        let bad = Credentials {
+            token: Some("line\nbreak".into()),
+            ..Default::default()
+        };
+        assert!(bad.bearer().unwrap_err().0.starts_with("token:"));
+    }
+}

@@ -1,0 +1,588 @@
+//! Authentication, tenants, limits and TLS, end to end: a real coordinator process with tokens (and TLS),
+//! every RPC called as each kind of caller.
+
+use std::time::Duration;
+
+use stylefarm_proto::connect::{AuthChannel, Credentials};
+use stylefarm_proto::pb;
+use stylefarm_proto::pb::render_service_client::RenderServiceClient;
+use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
+use stylefarm_tests::{path, submit, wait_registered, Cluster};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789ab";
+const WORKER: &str = "worker-token-0123456789";
+
+/// A channel to `url` presenting `credentials`.
+async fn channel(url: &str, credentials: &Credentials) -> Result<AuthChannel, String> {
+    let endpoint = credentials.endpoint(url).map_err(|e| e.to_string())?;
+    let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+    credentials.authorize(channel).map_err(|e| e.to_string())
+}
+
+fn token(t: Option<&str>) -> Credentials {
+    Credentials {
+        token: t.map(String::from),
+        ..Default::default()
+    }
+}
+
+fn png() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 128]));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+fn upload_parts(bytes: &[u8]) -> Vec<pb::UploadImageRequest> {
+    vec![pb::UploadImageRequest {
+        part: Some(pb::upload_image_request::Part::Data(bytes.to_vec())),
+    }]
+}
+
+/// The code of a call's outcome: `Code::Ok` for a success.
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    r.map_or_else(|s| s.code(), |_| Code::Ok)
+}
+
+/// Each RenderService RPC as `caller`, on alice's job `job` and image `image`: (rpc, code).
+async fn render_calls(
+    url: &str,
+    caller: Option<&str>,
+    job: &str,
+    image: &str,
+    spec: &pb::JobSpec,
+) -> Vec<(&'static str, Code)> {
+    let mut rpc = RenderServiceClient::new(channel(url, &token(caller)).await.unwrap());
+    let mut out = Vec::new();
+    out.push((
+        "UploadImage",
+        code(
+            rpc.upload_image(tokio_stream::iter(upload_parts(&png())))
+                .await,
+        ),
+    ));
+    out.push((
+        "SubmitJob",
+        code(
+            rpc.submit_job(pb::SubmitJobRequest {
+                spec: Some(spec.clone()),
+                client_request_id: String::new(),
+            })
+            .await,
+        ),
+    ));
+    let id = || job.to_string();
+    out.push((
+        "GetJob",
+        code(rpc.get_job(pb::GetJobRequest { job_id: id() }).await),
+    ));
+    // listing succeeds for every client, but shows only its own jobs: alice's job missing is NOT_FOUND here
+    let listed = rpc
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .map(|r| r.into_inner().jobs.iter().any(|j| j.job_id == job));
+    out.push((
+        "ListJobs",
+        match listed {
+            Ok(true) => Code::Ok,
+            Ok(false) => Code::NotFound,
+            Err(s) => s.code(),
+        },
+    ));
+    let watched = match rpc.watch_job(pb::WatchJobRequest { job_id: id() }).await {
+        Ok(stream) => code(stream.into_inner().next().await.unwrap()),
+        Err(s) => s.code(),
+    };
+    out.push(("WatchJob", watched));
+    let downloaded = match rpc
+        .download_result(pb::DownloadRequest {
+            sha256: image.into(),
+        })
+        .await
+    {
+        Ok(stream) => code(stream.into_inner().next().await.unwrap()),
+        Err(s) => s.code(),
+    };
+    out.push(("DownloadResult", downloaded));
+    // last: it ends the job for good
+    out.push((
+        "CancelJob",
+        code(rpc.cancel_job(pb::CancelJobRequest { job_id: id() }).await),
+    ));
+    out
+}
+
+/// Each WorkerService RPC as `caller`: (rpc, code).
+async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'static str, Code)> {
+    let mut rpc = WorkerServiceClient::new(channel(url, &token(caller)).await.unwrap());
+    let mut out = Vec::new();
+    let registered = rpc
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "matrix".into(),
+            device: "cpu".into(),
+            memory_bytes: 0,
+            version: "test".into(),
+        })
+        .await;
+    out.push((
+        "RegisterWorker",
+        code(registered.as_ref().map(|_| ()).map_err(Clone::clone)),
+    ));
+    let worker_id = registered.map_or_else(|_| "matrix#0".into(), |r| r.into_inner().worker_id);
+    out.push((
+        "LeaseTask",
+        code(
+            rpc.lease_task(pb::LeaseTaskRequest {
+                worker_id: worker_id.clone(),
+                wait_ms: 0,
+            })
+            .await,
+        ),
+    ));
+    out.push((
+        "Heartbeat",
+        code(
+            rpc.heartbeat(pb::HeartbeatRequest {
+                worker_id,
+                ..Default::default()
+            })
+            .await,
+        ),
+    ));
+    let parts = vec![
+        pb::CompleteTaskRequest {
+            part: Some(pb::complete_task_request::Part::LeaseId(
+                "lease-nope".into(),
+            )),
+        },
+        pb::CompleteTaskRequest {
+            part: Some(pb::complete_task_request::Part::Data(png())),
+        },
+    ];
+    out.push((
+        "CompleteTask",
+        code(rpc.complete_task(tokio_stream::iter(parts)).await),
+    ));
+    out.push((
+        "FailTask",
+        code(
+            rpc.fail_task(pb::FailTaskRequest {
+                lease_id: "lease-nope".into(),
+                error: "matrix".into(),
+                kind: pb::FailureKind::Transient as i32,
+            })
+            .await,
+        ),
+    ));
+    let downloaded = match rpc
+        .download_image(pb::DownloadRequest {
+            sha256: image.into(),
+        })
+        .await
+    {
+        Ok(stream) => code(stream.into_inner().next().await.unwrap()),
+        Err(s) => s.code(),
+    };
+    out.push(("DownloadImage", downloaded));
+    out
+}
+
+/// The auth matrix: no token, alice's client token, the worker token, bob's client token (another
+/// tenant) x every RPC of both services, against a coordinator started with `--client-token` (alice, bob)
+/// and `--worker-token`. Printed as a table; each cell checked. Then the same farm end to end: a worker
+/// process with its token renders alice's job, submitted with the CLI and her token.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = [
+        "--client-token",
+        &format!("alice:{ALICE}"),
+        "--client-token",
+        &format!("bob:{BOB}"),
+        "--worker-token",
+        WORKER,
+    ]
+    .map(String::from)
+    .to_vec();
+    cluster.start_coordinator();
+    cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), ALICE.into())];
+    let url = cluster.url.clone();
+    // alice's job (no worker yet: it stays queued), and its spec for the others' submits
+    let job = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "48",
+            "--iterations",
+            "5",
+        ],
+    );
+    let mut alice = RenderServiceClient::new(channel(&url, &token(Some(ALICE))).await.unwrap());
+    let status = alice
+        .get_job(pb::GetJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let spec = status.spec.clone().unwrap();
+    let image = spec.contents[0].clone();
+
+    use Code::*;
+    let render_expected = |caller: &str| -> [Code; 7] {
+        match caller {
+            "none" => [Unauthenticated; 7],
+            "worker" => [PermissionDenied; 7],
+            "alice" => [Ok; 7],
+            // another tenant: its own uploads and jobs; alice's job is not found, not even listed; images
+            // are content-addressed, readable by any client that knows the hash
+            "bob" => [Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound],
+            _ => unreachable!(),
+        }
+    };
+    let worker_expected = |caller: &str| -> [Code; 6] {
+        match caller {
+            "none" => [Unauthenticated; 6],
+            "worker" => [Ok; 6],
+            "alice" | "bob" => [PermissionDenied; 6],
+            _ => unreachable!(),
+        }
+    };
+    let mut table = String::from("| caller | RPC | code |\n| --- | --- | --- |\n");
+    let mut wrong = Vec::new();
+    // alice last among the render callers: her CancelJob ends the job
+    for (caller, t) in [
+        ("none", None),
+        ("worker", Some(WORKER)),
+        ("bob", Some(BOB)),
+        ("alice", Some(ALICE)),
+    ] {
+        let got = render_calls(&url, t, &job, &image, &spec).await;
+        for ((rpc, code), want) in got.iter().zip(render_expected(caller)) {
+            table += &format!("| {caller} | RenderService/{rpc} | {code:?} |\n");
+            if *code != want {
+                wrong.push(format!("{caller} {rpc}: {code:?}, expected {want:?}"));
+            }
+        }
+    }
+    for (caller, t) in [
+        ("none", None),
+        ("worker", Some(WORKER)),
+        ("bob", Some(BOB)),
+        ("alice", Some(ALICE)),
+    ] {
+        let got = worker_calls(&url, t, &image).await;
+        for ((rpc, code), want) in got.iter().zip(worker_expected(caller)) {
+            table += &format!("| {caller} | WorkerService/{rpc} | {code:?} |\n");
+            if *code != want {
+                wrong.push(format!("{caller} {rpc}: {code:?}, expected {want:?}"));
+            }
+        }
+    }
+    eprintln!("{table}");
+    assert!(wrong.is_empty(), "{wrong:#?}\n{table}");
+    // the messages say what is wrong
+    let none = RenderServiceClient::new(channel(&url, &token(None)).await.unwrap())
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap_err();
+    assert!(
+        none.message().contains("authorization: missing"),
+        "{none:?}"
+    );
+    let unknown = RenderServiceClient::new(
+        channel(&url, &token(Some("not-a-known-token-at-all")))
+            .await
+            .unwrap(),
+    )
+    .list_jobs(pb::ListJobsRequest::default())
+    .await
+    .unwrap_err();
+    assert_eq!(unknown.code(), Unauthenticated);
+    assert!(unknown.message().contains("unknown token"), "{unknown:?}");
+
+    // request ids are per tenant: bob reusing alice's gets a job of his own
+    let mut bob = RenderServiceClient::new(channel(&url, &token(Some(BOB))).await.unwrap());
+    let send = |rpc: &mut RenderServiceClient<AuthChannel>, rid: &str| {
+        let mut rpc = rpc.clone();
+        let request = pb::SubmitJobRequest {
+            spec: Some(spec.clone()),
+            client_request_id: rid.into(),
+        };
+        async move { rpc.submit_job(request).await.map(|r| r.into_inner().job_id) }
+    };
+    let a = send(&mut alice, "shared-id").await.unwrap();
+    let b = send(&mut bob, "shared-id").await.unwrap();
+    assert_ne!(a, b);
+    assert_eq!(send(&mut alice, "shared-id").await.unwrap(), a);
+
+    // end to end: the CLI with alice's token, a worker process with the worker token
+    cluster.add_worker_with_env("w1", &[("STYLEFARM_TOKEN", WORKER)]);
+    wait_registered(&cluster, 1).await;
+    let mine = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("chelsea.png"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "48",
+            "--iterations",
+            "5",
+        ],
+    );
+    let mut client = stylefarm_client::FarmClient::connect_with(&url, &token(Some(ALICE)))
+        .await
+        .unwrap();
+    wait_state_as(&mut client, &mine).await;
+    let (ok, out, _) = cluster.cli(&["list"]);
+    assert!(ok && out.contains(&mine), "{out}");
+    cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), BOB.into())];
+    let (ok, out, _) = cluster.cli(&["list"]);
+    assert!(
+        ok && !out.contains(&mine),
+        "bob does not see alice's jobs: {out}"
+    );
+    let (ok, _, err) = cluster.cli(&["status", &mine]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    // a worker with a client's token is refused and leaves, saying why
+    cluster.add_worker_with_env("intruder", &[("STYLEFARM_TOKEN", ALICE)]);
+    let intruder = cluster.workers.last_mut().unwrap();
+    let exit = stylefarm_tests::wait_for(
+        "the refused worker to exit",
+        Duration::from_secs(60),
+        || {
+            let done = intruder.child.try_wait().unwrap();
+            async move { done }
+        },
+    )
+    .await;
+    assert!(!exit.success());
+    assert!(
+        intruder.log_text().contains("a client token cannot call"),
+        "{}",
+        intruder.log_text()
+    );
+}
+
+/// Waits for `job` to succeed, as the client given.
+async fn wait_state_as(client: &mut stylefarm_client::FarmClient, job: &str) {
+    let job_id = job.into();
+    let status = tokio::time::timeout(Duration::from_secs(120), client.wait(&job_id))
+        .await
+        .expect("the job finishes within 120 s")
+        .unwrap();
+    assert_eq!(status.state, pb::JobState::Succeeded as i32, "{status:?}");
+}
+
+/// `--max-unfinished-jobs 2`: a tenant's third unfinished job is refused with RESOURCE_EXHAUSTED naming the
+/// limit; another tenant is not held by it; cancelling a job frees a place. A message over the size limit
+/// is RESOURCE_EXHAUSTED too, naming the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_past_its_unfinished_jobs_limit_is_refused_naming_it() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = [
+        "--client-token",
+        &format!("alice:{ALICE}"),
+        "--client-token",
+        &format!("bob:{BOB}"),
+        "--max-unfinished-jobs",
+        "2",
+    ]
+    .map(String::from)
+    .to_vec();
+    cluster.start_coordinator();
+    let args = [
+        "submit",
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--size",
+        "48",
+    ];
+    cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), ALICE.into())];
+    for _ in 0..2 {
+        let (ok, _, err) = cluster.cli(&args);
+        assert!(ok, "{err}");
+    }
+    let (ok, _, err) = cluster.cli(&args);
+    assert!(
+        !ok && err.contains("max_unfinished_jobs") && err.contains("ResourceExhausted"),
+        "{err}"
+    );
+    cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), BOB.into())];
+    let (ok, _, err) = cluster.cli(&args);
+    assert!(ok, "bob has his own limit: {err}");
+    // a message over the size limit (4 MiB): RESOURCE_EXHAUSTED naming the limit in bytes
+    let mut rpc =
+        RenderServiceClient::new(channel(&cluster.url, &token(Some(ALICE))).await.unwrap());
+    let huge = rpc
+        .submit_job(pb::SubmitJobRequest {
+            spec: None,
+            client_request_id: "x".repeat(5 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
+    assert!(huge.message().contains(&(4 << 20).to_string()), "{huge:?}");
+    // cancelling one of alice's frees a place
+    cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), ALICE.into())];
+    let (_, listed, _) = cluster.cli(&["list"]);
+    let first = listed.split_whitespace().next().unwrap().to_string();
+    let (ok, _, err) = cluster.cli(&["cancel", &first]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cluster.cli(&args);
+    assert!(ok, "{err}");
+}
+
+/// Certificates made for the test: a CA, the coordinator's (for 127.0.0.1), a worker's client certificate,
+/// and one from another CA.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        let ca = |cn: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, cn);
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, sans: Vec<String>, usage, name: &str| {
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, issuer).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        };
+        let farm_ca = ca("stylefarm test CA");
+        write("ca.pem", farm_ca.pem());
+        leaf(
+            &farm_ca,
+            vec!["127.0.0.1".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            "coordinator",
+        );
+        leaf(
+            &farm_ca,
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            "worker",
+        );
+        let other_ca = ca("another CA");
+        leaf(
+            &other_ca,
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            "stranger",
+        );
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn credentials(&self, identity: Option<&str>) -> Credentials {
+        Credentials {
+            token: None,
+            tls_ca: Some(self.path("ca.pem")),
+            tls_identity: identity.map(|n| {
+                (
+                    self.path(&format!("{n}.pem")),
+                    self.path(&format!("{n}.key")),
+                )
+            }),
+        }
+    }
+}
+
+/// The coordinator on TLS with workers' certificates required (`--tls-cert`, `--tls-key`,
+/// `--tls-client-ca`, `--require-worker-cert`): a client connects over https without a certificate and
+/// is served; a worker without one is refused UNAUTHENTICATED naming the certificate; with a certificate of
+/// the farm's CA it registers; one of another CA fails the handshake; plain http to the port fails; the
+/// CLI lists jobs over https with `--tls-ca`.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_serves_clients_without_a_certificate_and_workers_only_with_one() {
+    let pki = Pki::new();
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = vec![
+        "--tls-cert".into(),
+        pki.path("coordinator.pem").display().to_string(),
+        "--tls-key".into(),
+        pki.path("coordinator.key").display().to_string(),
+        "--tls-client-ca".into(),
+        pki.path("ca.pem").display().to_string(),
+        "--require-worker-cert".into(),
+    ];
+    cluster.start_coordinator();
+    let https = cluster.url.replace("http://", "https://");
+
+    let mut client =
+        RenderServiceClient::new(channel(&https, &pki.credentials(None)).await.unwrap());
+    client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap();
+
+    let register = |credentials: Credentials| {
+        let https = https.clone();
+        async move {
+            let mut rpc = WorkerServiceClient::new(channel(&https, &credentials).await?);
+            rpc.register_worker(pb::RegisterWorkerRequest {
+                name: "tls".into(),
+                device: "cpu".into(),
+                memory_bytes: 0,
+                version: "test".into(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        }
+    };
+    let refused = register(pki.credentials(None)).await.unwrap_err();
+    assert!(
+        refused.starts_with("Unauthenticated") && refused.contains("client certificate"),
+        "{refused}"
+    );
+    register(pki.credentials(Some("worker"))).await.unwrap();
+    assert!(
+        register(pki.credentials(Some("stranger"))).await.is_err(),
+        "another CA's certificate"
+    );
+
+    let plain = RenderServiceClient::new(channel(&cluster.url, &token(None)).await.unwrap())
+        .list_jobs(pb::ListJobsRequest::default())
+        .await;
+    assert!(plain.is_err(), "plain HTTP/2 to a TLS port");
+
+    let (ok, _, err) = cluster.cli(&[
+        "list",
+        "--coordinator",
+        &https,
+        "--tls-ca",
+        &pki.path("ca.pem").display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cluster.cli(&["list", "--coordinator", &https]);
+    assert!(!ok && err.contains("tls_ca"), "{err}");
+}
