@@ -83,6 +83,48 @@ fn submit_variant(cluster: &Cluster, variant: usize, request_id: &str) -> String
     submit(cluster, &args)
 }
 
+/// Where the coordinator keeps its state in a fault test.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    /// Its data dir: the embedded store (`state.redb`) and images on disk.
+    Embedded,
+    /// A Redis server (append-only file on) and an S3 server of the test's own.
+    RedisS3,
+}
+
+/// The servers a [`Backend::RedisS3`] cluster runs on, killed when dropped.
+struct Services {
+    redis: Option<RedisServer>,
+    _s3: Option<S3Server>,
+}
+
+/// A cluster on `backend`, not started yet (add `coordinator_args`, then start it).
+fn cluster_on(backend: Backend, lease_secs: f64, heartbeat_secs: f64) -> (Cluster, Services) {
+    match backend {
+        Backend::Embedded => (
+            Cluster::new(lease_secs, heartbeat_secs, "embedded"),
+            Services {
+                redis: None,
+                _s3: None,
+            },
+        ),
+        Backend::RedisS3 => {
+            let redis = RedisServer::start_persistent();
+            let s3 = S3Server::start();
+            let mut cluster = Cluster::new(lease_secs, heartbeat_secs, &redis.url());
+            cluster.coordinator_args = vec!["--blobs".into(), "s3://farm/images".into()];
+            cluster.coordinator_env = s3.env();
+            (
+                cluster,
+                Services {
+                    redis: Some(redis),
+                    _s3: Some(s3),
+                },
+            )
+        }
+    }
+}
+
 /// 20 small jobs on three workers while the seeded plan SIGKILLs workers at random moments (6 kills, each
 /// worker started again after a random pause): every job succeeds, and each result's pixels (sha256) equal
 /// those of a clean run of the same spec afterwards. Starts the cluster's coordinator, configured.
@@ -190,18 +232,173 @@ async fn twenty_jobs_under_random_worker_kills(mut cluster: Cluster, label: &str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_jobs_survive_random_worker_kills_on_the_embedded_store() {
-    let cluster = Cluster::new(1.5, 0.3, "embedded");
+    let (cluster, _services) = cluster_on(Backend::Embedded, 1.5, 0.3);
     twenty_jobs_under_random_worker_kills(cluster, "embedded").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_jobs_survive_random_worker_kills_on_redis_and_s3() {
-    let redis = RedisServer::start_persistent();
-    let s3 = S3Server::start();
-    let mut cluster = Cluster::new(1.5, 0.3, &redis.url());
-    cluster.coordinator_args = vec!["--blobs".into(), "s3://farm/images".into()];
-    cluster.coordinator_env = s3.env();
+    let (cluster, _services) = cluster_on(Backend::RedisS3, 1.5, 0.3);
     twenty_jobs_under_random_worker_kills(cluster, "redis+s3").await;
+}
+
+/// A worker frozen with SIGSTOP past its lease: the task is leased again and rendered by another worker.
+/// Thawed with SIGCONT, the frozen worker learns that its lease is gone (its late result, or its
+/// cancellation, is discarded), the job keeps the other worker's result, and the thawed worker renders the
+/// next job.
+async fn frozen_past_its_lease(backend: Backend) {
+    let signal = |node: &stylefarm_tests::Node, signal: &str| {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(node.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
+    };
+    let (mut cluster, _services) = cluster_on(backend, 1.5, 0.3);
+    cluster.start_coordinator();
+    cluster.add_worker("frozen");
+    wait_registered(&cluster, 1).await;
+    let job_args = [
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--size",
+        "64",
+        "--iterations",
+        "40",
+    ];
+    let id = submit(&cluster, &job_args);
+    wait_iteration(&cluster, &id, 3).await;
+    signal(&cluster.workers[0], "STOP");
+    cluster.add_worker("other");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        done.tasks[0].worker_id.starts_with("other"),
+        "{:?}",
+        done.tasks[0]
+    );
+    assert_eq!(done.tasks[0].attempts, 2);
+    signal(&cluster.workers[0], "CONT");
+    wait_for(
+        "the thawed worker to learn that its lease is gone",
+        Duration::from_secs(60),
+        || async {
+            let log = cluster.workers[0].log_text();
+            (log.contains("result discarded") || log.contains("cancelled by the coordinator"))
+                .then_some(())
+        },
+    )
+    .await;
+    let after = job(&mut cluster.client().await, &id).await;
+    assert_eq!(
+        after.tasks[0].result, done.tasks[0].result,
+        "the job keeps its result"
+    );
+    assert_eq!(after.tasks[0].attempts, 2);
+    // the thawed worker is still one of the farm's: with the other one gone, it renders the next job
+    cluster.workers[1].kill();
+    let next = submit(&cluster, &job_args);
+    let next = wait_state(
+        &cluster,
+        &next,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        next.tasks[0].worker_id.starts_with("frozen"),
+        "{:?}",
+        next.tasks[0]
+    );
+}
+
+/// A worker whose every render fails (a fail point panics each one): its failures are strikes, it is
+/// blocklisted for the job after three, and every task completes on the other worker.
+async fn failing_every_task(backend: Backend) {
+    let (mut cluster, _services) = cluster_on(backend, 3.0, 0.3);
+    // more attempts than the blocklist's three strikes, so that the bad worker cannot use them all
+    cluster
+        .coordinator_args
+        .extend(["--max-attempts".into(), "6".into()]);
+    cluster.start_coordinator();
+    cluster.add_worker_with_env("bad", &[("FAILPOINTS", "engine-render=panic(bad worker)")]);
+    wait_registered(&cluster, 1).await;
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--content",
+            &path("chelsea.png"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--batch",
+            "--size",
+            "48",
+            "--iterations",
+            "10",
+        ],
+    );
+    // the bad worker alone first: it fails until it is blocklisted, and the job waits for another
+    wait_for(
+        "the bad worker's three strikes",
+        Duration::from_secs(60),
+        || async {
+            (cluster.workers[0].log_text().matches("task failed").count() >= 3).then_some(())
+        },
+    )
+    .await;
+    cluster.add_worker("good");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    for t in &done.tasks {
+        assert!(t.worker_id.starts_with("good"), "{t:?}");
+    }
+    let failures = cluster.workers[0].log_text().matches("task failed").count();
+    assert_eq!(
+        failures, 3,
+        "blocklisted after three strikes: no fourth lease"
+    );
+    let strikes: Vec<(&String, &u32)> = done.strikes.iter().collect();
+    assert!(
+        strikes.len() == 1 && strikes[0].0.starts_with("bad") && *strikes[0].1 == 3,
+        "{strikes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarded() {
+    frozen_past_its_lease(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarded_on_redis_and_s3()
+{
+    frozen_past_its_lease(Backend::RedisS3).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_failing_every_task_is_blocklisted_and_the_job_completes_elsewhere() {
+    failing_every_task(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_failing_every_task_is_blocklisted_and_the_job_completes_elsewhere_on_redis_and_s3(
+) {
+    failing_every_task(Backend::RedisS3).await;
 }
 
 /// redis-server SIGKILLed mid-job (append-only file on, fsynced at every write) and started again once the
@@ -211,14 +408,12 @@ async fn twenty_jobs_survive_random_worker_kills_on_redis_and_s3() {
 /// job; a new coordinator process started on the same Redis finds every job and result.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost() {
-    let mut redis = RedisServer::start_persistent();
-    let s3 = S3Server::start();
-    let mut cluster = Cluster::new(1.5, 0.3, &redis.url());
+    let (mut cluster, mut services) = cluster_on(Backend::RedisS3, 1.5, 0.3);
+    let redis = services.redis.as_mut().unwrap();
     // a leader lease longer than the outage: the coordinator stays the active one
-    cluster.coordinator_args = ["--blobs", "s3://farm/images", "--leader-lease-secs", "30"]
-        .map(String::from)
-        .to_vec();
-    cluster.coordinator_env = s3.env();
+    cluster
+        .coordinator_args
+        .extend(["--leader-lease-secs".into(), "30".into()]);
     cluster.start_coordinator();
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
@@ -310,10 +505,11 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
 /// A worker whose device runs out of memory on every render (fail point `engine-render-oom`): its failure
 /// is no strike, the task goes to the other worker as soon as there is one, the job succeeds there, and the
 /// worker that ran out is still in the farm.
-#[tokio::test(flavor = "multi_thread")]
-async fn out_of_memory_is_retried_on_another_worker_and_is_no_strike() {
-    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
-    cluster.coordinator_args = vec!["--max-attempts".into(), "6".into()];
+async fn out_of_memory_retried_elsewhere(backend: Backend) {
+    let (mut cluster, _services) = cluster_on(backend, 1.5, 0.3);
+    cluster
+        .coordinator_args
+        .extend(["--max-attempts".into(), "6".into()]);
     cluster.start_coordinator();
     cluster.add_worker_with_env("small", &[("FAILPOINTS", "engine-render-oom=return")]);
     wait_registered(&cluster, 1).await;
@@ -356,16 +552,25 @@ async fn out_of_memory_is_retried_on_another_worker_and_is_no_strike() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_memory_is_retried_on_another_worker_and_is_no_strike() {
+    out_of_memory_retried_elsewhere(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_memory_is_retried_on_another_worker_and_is_no_strike_on_redis_and_s3() {
+    out_of_memory_retried_elsewhere(Backend::RedisS3).await;
+}
+
 /// A client killed after sending its submit, before the reply (the reply delayed 3 s by the fail point
 /// `coordinator-submit-reply`), and the submit sent again with the same request id: one job. Sent a third
 /// time: the same job again.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_submit_repeated_after_its_client_was_killed_gives_one_job() {
-    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
-    cluster.coordinator_env = vec![(
+async fn submit_repeated_after_a_killed_client(backend: Backend) {
+    let (mut cluster, _services) = cluster_on(backend, 1.5, 0.3);
+    cluster.coordinator_env.push((
         "FAILPOINTS".into(),
         "coordinator-submit-reply=1*sleep(3000)".into(),
-    )];
+    ));
     cluster.start_coordinator();
     let args = spec_args(1);
     let mut doomed = Command::new(binary())
@@ -403,6 +608,16 @@ async fn a_submit_repeated_after_its_client_was_killed_gives_one_job() {
         [id.as_str()],
         "one job"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submit_repeated_after_its_client_was_killed_gives_one_job() {
+    submit_repeated_after_a_killed_client(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submit_repeated_after_its_client_was_killed_gives_one_job_on_redis_and_s3() {
+    submit_repeated_after_a_killed_client(Backend::RedisS3).await;
 }
 
 /// The coordinator's data dir on a small file system of its own (a 24 MiB tmpfs in a mount namespace,
