@@ -91,6 +91,9 @@ pub(crate) struct CoordinatorArgs {
     /// Workers must present a client certificate signed by --tls-client-ca.
     #[arg(long, requires = "tls_client_ca")]
     require_worker_cert: bool,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); off unless given.
+    #[arg(long, env = "STYLEFARM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// How a client or a worker reaches the coordinator: its URLs, its token, TLS.
@@ -323,6 +326,10 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let _failpoints = fail::FailScenario::setup();
     runtime()?.block_on(async move {
         let coordinator = stylefarm_coordinator::Coordinator::open(config)?;
+        if let Some(addr) = args.metrics_listen {
+            let coordinator = coordinator.clone();
+            crate::metrics::serve(addr, move || coordinator.metrics_text()).await?;
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;

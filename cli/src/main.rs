@@ -4,6 +4,7 @@
 compile_error!("stylefarm needs the `client` feature (or `engine`, which includes it)");
 
 mod farm;
+mod metrics;
 #[cfg(feature = "engine")]
 mod nodes;
 #[cfg(feature = "engine")]

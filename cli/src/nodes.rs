@@ -16,6 +16,9 @@ use crate::render::EngineArgs;
 pub(crate) struct WorkerArgs {
     #[command(flatten)]
     connect: ConnectArgs,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); off unless given.
+    #[arg(long, env = "STYLEFARM_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
     device: String,
@@ -100,6 +103,7 @@ fn worker_config(
     Ok(stylefarm_worker::WorkerConfig {
         coordinator,
         credentials: Default::default(),
+        metrics: Default::default(),
         name,
         device,
         weights: weights.unwrap_or_else(crate::weights::default_weights),
@@ -125,7 +129,14 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    runtime()?.block_on(stylefarm_worker::run(config, shutdown_signal()))?;
+    let metrics = config.metrics.clone();
+    runtime()?.block_on(async move {
+        if let Some(addr) = args.metrics_listen {
+            crate::metrics::serve(addr, move || metrics.text()).await?;
+        }
+        stylefarm_worker::run(config, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
     Ok(())
 }
 

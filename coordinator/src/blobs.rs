@@ -18,6 +18,9 @@ pub trait BlobStore: Send + Sync {
     fn contains(&self, hash: &ImageHash) -> std::io::Result<bool>;
     /// Stores `bytes` durably and returns their hash (a blob already there is kept).
     fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash>;
+    /// Bytes of the images stored, for the metrics: on disk, all of them (counted when opened, then kept
+    /// up to date); in S3, those this process stored (a bucket is not listed).
+    fn stored_bytes(&self) -> u64;
     /// The blob opened for reading; `None` when there is no such blob.
     fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>>;
     /// The blob's bytes; `None` when there is no such blob.
@@ -34,14 +37,27 @@ pub trait BlobStore: Send + Sync {
 /// Blobs as files: `<dir>/<first two hex digits>/<sha256>`, written through `<dir>/tmp/`.
 pub struct DiskBlobs {
     dir: PathBuf,
+    bytes: std::sync::atomic::AtomicU64,
 }
 
 impl DiskBlobs {
     /// Opens (or creates) the directory.
     pub fn open(dir: &Path) -> std::io::Result<DiskBlobs> {
         std::fs::create_dir_all(dir.join("tmp"))?;
+        // <dir>/<two hex digits>/<sha256>: the images' sizes
+        let mut bytes = 0;
+        for shard in std::fs::read_dir(dir)? {
+            let shard = shard?;
+            if shard.file_name() == "tmp" || !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for blob in std::fs::read_dir(shard.path())? {
+                bytes += blob?.metadata()?.len();
+            }
+        }
         Ok(DiskBlobs {
             dir: dir.to_path_buf(),
+            bytes: bytes.into(),
         })
     }
 
@@ -65,8 +81,14 @@ impl BlobStore for DiskBlobs {
             std::fs::write(tmp.path(), bytes)?;
             tmp.as_file().sync_all()?;
             tmp.persist(&path).map_err(|e| e.error)?;
+            self.bytes
+                .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(hash)
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>> {
@@ -97,6 +119,8 @@ pub struct S3Blobs {
     /// The runtime the store's futures run on: the trait is synchronous, and its callers may be async tasks
     /// of another runtime, so requests are spawned here and waited for.
     runtime: Option<tokio::runtime::Runtime>,
+    /// Bytes of the objects this process stored.
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for S3Blobs {
@@ -146,6 +170,7 @@ impl S3Blobs {
             store,
             prefix: prefix.trim_matches('/').to_string(),
             runtime: Some(runtime),
+            written: 0.into(),
         })
     }
 
@@ -210,6 +235,7 @@ impl BlobStore for S3Blobs {
             return Ok(hash);
         }
         let (store, path) = (self.store.clone(), self.path(&hash));
+        let len = bytes.len() as u64;
         let bytes = bytes::Bytes::copy_from_slice(bytes);
         self.run(async move {
             if bytes.len() <= MULTIPART_PART_BYTES {
@@ -223,7 +249,13 @@ impl BlobStore for S3Blobs {
             }
             Ok(())
         })?;
+        self.written
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         Ok(hash)
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>> {

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod metrics;
 pub mod model;
 mod pipeline;
 pub mod scheduler;
@@ -233,6 +234,8 @@ pub struct Coordinator {
     pub(crate) gate: auth::Gate,
     /// The listener's TLS, checked when opened.
     pub(crate) tls: Option<tonic::transport::ServerTlsConfig>,
+    /// The Prometheus registry.
+    pub(crate) metrics: metrics::Metrics,
 }
 
 impl Coordinator {
@@ -259,17 +262,26 @@ impl Coordinator {
             BlobsConfig::Disk => Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?),
             BlobsConfig::S3(url) => Arc::new(blobs::S3Blobs::open(url)?),
         };
+        let metrics = metrics::Metrics::new(scheduler.metrics());
         let coordinator = Arc::new(Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,
             workers: workers::Registry::default(),
             gate,
             tls,
+            metrics,
         });
         for job_id in coordinator.scheduler.jobs_awaiting_step() {
             coordinator.stage_done(&job_id);
         }
         Ok(coordinator)
+    }
+}
+
+impl Coordinator {
+    /// Its Prometheus metrics as text ([`metrics`] lists them), for an HTTP scrape.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.text(self)
     }
 }
 

@@ -34,6 +34,17 @@ impl JobState {
             JobState::Succeeded | JobState::Failed | JobState::Cancelled
         )
     }
+
+    /// Its name for people and metrics: `queued`, `running`, `succeeded`, `failed`, `cancelled`.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Task states, as on the wire.
@@ -50,6 +61,19 @@ pub enum TaskState {
     Failed,
     /// Its job ended (cancelled, or failed by another task) before the task could finish.
     Cancelled,
+}
+
+impl TaskState {
+    /// Its name for people and metrics: `pending`, `running`, `succeeded`, `failed`, `cancelled`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// A job without its tasks.

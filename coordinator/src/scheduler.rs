@@ -3,7 +3,7 @@
 //! path, and every change that matters is written through to the [`Store`] before it is acknowledged.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +12,7 @@ use stylefarm_core::job::{ExpandedJob, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
 use tokio::sync::{broadcast, Notify};
 
+use crate::metrics::SchedulerMetrics;
 use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
 use crate::store::{self, Op, Store, StoreError};
 
@@ -95,6 +96,8 @@ struct LeaseInfo {
     job_id: JobId,
     index: u32,
     worker: WorkerId,
+    /// When it was handed out, in ms since the Unix epoch.
+    leased_ms: i64,
     deadline_ms: i64,
     cancel: bool,
     progress: Option<TaskProgress>,
@@ -156,6 +159,17 @@ pub struct Completed {
     pub all_tasks_done: bool,
 }
 
+/// The scheduler's state in numbers ([`Scheduler::counts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Pending tasks by their job's priority.
+    pub queue_by_priority: BTreeMap<String, usize>,
+    /// Tasks by state ([`TaskState::name`]).
+    pub tasks_by_state: BTreeMap<String, usize>,
+    /// Jobs by state ([`JobState::name`]).
+    pub jobs_by_state: BTreeMap<String, usize>,
+}
+
 /// What a heartbeat learns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatReply {
@@ -192,6 +206,8 @@ pub const PERMANENT_CONFIRMATIONS: usize = 2;
 /// store has made it durable.
 pub struct Scheduler {
     config: SchedulerConfig,
+    /// Events counted as they happen.
+    metrics: SchedulerMetrics,
     store: Arc<dyn Store>,
     state: Mutex<State>,
     /// Wakes long-polling LeaseTask calls when a task becomes pending.
@@ -237,6 +253,7 @@ impl Scheduler {
         let (changes, _) = broadcast::channel(1024);
         Ok(Scheduler {
             config,
+            metrics: SchedulerMetrics::default(),
             store,
             state: Mutex::new(state),
             work: Notify::new(),
@@ -389,6 +406,7 @@ impl Scheduler {
                 job_id: job_id.clone(),
                 index,
                 worker: worker.clone(),
+                leased_ms: now,
                 deadline_ms,
                 cancel: false,
                 progress: None,
@@ -488,6 +506,9 @@ impl Scheduler {
         if lease.cancel {
             return Ok(None);
         }
+        self.metrics
+            .task_seconds
+            .observe((now_ms() - lease.leased_ms).max(0) as f64 / 1000.0);
         let job = st.jobs.get_mut(&lease.job_id).expect("leased job exists");
         let task = &mut job.tasks[lease.index as usize];
         task.state = TaskState::Succeeded;
@@ -555,7 +576,11 @@ impl Scheduler {
             return Ok(());
         }
         if kind == FailureKind::Retryable {
-            *job.meta.strikes.entry(lease.worker.clone()).or_default() += 1;
+            let strikes = job.meta.strikes.entry(lease.worker.clone()).or_default();
+            *strikes += 1;
+            if *strikes == self.config.blocklist_after {
+                self.metrics.blocklisted.inc();
+            }
         }
         let max = if job.meta.spec.max_attempts > 0 {
             job.meta.spec.max_attempts
@@ -600,6 +625,11 @@ impl Scheduler {
                 .saturating_mul(1 << (task.attempts.saturating_sub(1)).min(16));
             task.state = TaskState::Pending;
             task.not_before_ms = now_ms() + backoff.min(self.config.max_backoff).as_millis() as i64;
+            self.metrics.retry(match kind {
+                FailureKind::Retryable => "retryable",
+                FailureKind::Permanent => "permanent",
+                FailureKind::OutOfMemory => "out_of_memory",
+            });
             ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             ops.push(Op::Job(job.meta.clone()));
             let key = queue_key(&job.meta, lease.index);
@@ -721,6 +751,7 @@ impl Scheduler {
                 worker_id = lease.worker.as_str(),
                 "lease expired"
             );
+            self.metrics.lease_expiries.inc();
             self.fail_task(
                 &mut st,
                 &lease,
@@ -855,6 +886,36 @@ impl Scheduler {
             .take(limit)
             .map(|j| Self::view(&st, j))
             .collect()
+    }
+
+    /// What the scheduler counts as it happens, for the metrics.
+    pub fn metrics(&self) -> &SchedulerMetrics {
+        &self.metrics
+    }
+
+    /// The queue by priority, the tasks and the jobs by state, now.
+    pub fn counts(&self) -> Counts {
+        let st = self.state.lock().unwrap();
+        let mut counts = Counts::default();
+        for (Reverse(priority), ..) in &st.queue {
+            *counts
+                .queue_by_priority
+                .entry(priority.to_string())
+                .or_default() += 1;
+        }
+        for job in st.jobs.values() {
+            *counts
+                .jobs_by_state
+                .entry(job.meta.state.name().into())
+                .or_default() += 1;
+            for t in &job.tasks {
+                *counts
+                    .tasks_by_state
+                    .entry(t.state.name().into())
+                    .or_default() += 1;
+            }
+        }
+        counts
     }
 
     /// Pending tasks (ready or backing off), for metrics and tests.

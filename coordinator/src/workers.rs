@@ -89,6 +89,17 @@ impl Registry {
             .collect()
     }
 
+    /// How many workers were heard from within [`LIVE_WINDOW`], and how many before it.
+    pub fn live_and_silent(&self) -> (usize, usize) {
+        let cutoff = Instant::now().checked_sub(LIVE_WINDOW);
+        let workers = self.workers();
+        let live = workers
+            .values()
+            .filter(|w| cutoff.is_none_or(|c| w.last_seen > c))
+            .count();
+        (live, workers.len() - live)
+    }
+
     /// What is known of worker `id`; `None` when it has not been heard from (or was forgotten).
     pub fn get(&self, id: &WorkerId) -> Option<WorkerInfo> {
         self.workers().get(id).cloned()

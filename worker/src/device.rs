@@ -20,6 +20,91 @@ pub(crate) fn total_memory(device: Device) -> Option<u64> {
     .ok()
 }
 
+/// The memory in use now, in bytes, for the metrics: on a CPU the worker process's resident set; on a GPU
+/// the device's used memory as NVML reports it (`nvmlDeviceGetMemoryInfo` in libnvidia-ml.so.1, the
+/// driver's management library: every process's allocations on the device, libtorch's cache included).
+/// `None` when it cannot be read.
+pub(crate) fn memory_in_use(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(index) => cuda_used_memory(index)
+            .map_err(|e| {
+                tracing::debug!(
+                    error = e,
+                    device = index,
+                    "cannot read the GPU's memory in use"
+                )
+            })
+            .ok(),
+        _ => {
+            let pid = sysinfo::get_current_pid().ok()?;
+            let mut sys = sysinfo::System::new().ok()?;
+            sys.refresh_processes_specifics(
+                sysinfo::ProcessesToUpdate::Some(&[pid]),
+                false,
+                sysinfo::ProcessRefreshKind::nothing().with_memory(),
+            );
+            sys.process(pid).map(sysinfo::Process::memory)
+        }
+    }
+}
+
+/// NVML's `nvmlMemory_t`: total, free and used bytes.
+#[repr(C)]
+struct NvmlMemory {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
+fn cuda_used_memory(index: usize) -> Result<u64, String> {
+    let index = std::os::raw::c_uint::try_from(index).map_err(|e| e.to_string())?;
+    let check = |what: &str, r: std::os::raw::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(format!("{what} returned nvmlReturn_t {r}"))
+        }
+    };
+    // SAFETY: libnvidia-ml.so.1 is NVIDIA's management library; these symbols have these C signatures
+    // in every driver since NVML's v2 entry points (nvml.h: nvmlReturn_t nvmlInit_v2(void),
+    // nvmlDeviceGetHandleByIndex_v2(unsigned int, nvmlDevice_t*), nvmlDeviceGetMemoryInfo(nvmlDevice_t,
+    // nvmlMemory_t*) with nvmlDevice_t an opaque pointer and nvmlMemory_t three unsigned long longs); the
+    // library stays loaded while they are called, and nvmlInit_v2 may be called more than once.
+    unsafe {
+        let lib = libloading::Library::new("libnvidia-ml.so.1").map_err(|e| e.to_string())?;
+        let init: libloading::Symbol<'_, unsafe extern "C" fn() -> std::os::raw::c_int> =
+            lib.get(b"nvmlInit_v2\0").map_err(|e| e.to_string())?;
+        let handle_of: libloading::Symbol<
+            '_,
+            unsafe extern "C" fn(
+                std::os::raw::c_uint,
+                *mut *mut std::ffi::c_void,
+            ) -> std::os::raw::c_int,
+        > = lib
+            .get(b"nvmlDeviceGetHandleByIndex_v2\0")
+            .map_err(|e| e.to_string())?;
+        let memory_info: libloading::Symbol<
+            '_,
+            unsafe extern "C" fn(*mut std::ffi::c_void, *mut NvmlMemory) -> std::os::raw::c_int,
+        > = lib
+            .get(b"nvmlDeviceGetMemoryInfo\0")
+            .map_err(|e| e.to_string())?;
+        check("nvmlInit_v2", init())?;
+        let mut handle = std::ptr::null_mut();
+        check(
+            "nvmlDeviceGetHandleByIndex_v2",
+            handle_of(index, &mut handle),
+        )?;
+        let mut memory = NvmlMemory {
+            total: 0,
+            free: 0,
+            used: 0,
+        };
+        check("nvmlDeviceGetMemoryInfo", memory_info(handle, &mut memory))?;
+        Ok(memory.used)
+    }
+}
+
 fn cpu_memory() -> Option<u64> {
     let mut sys = sysinfo::System::new().ok()?;
     sys.refresh_memory();
@@ -81,10 +166,24 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_reports_the_process_memory_in_use() {
+        let rss = memory_in_use(Device::Cpu).unwrap();
+        // a test process of this crate holds at least a few MiB, and less than the machine
+        assert!(
+            rss > 1 << 20 && rss < total_memory(Device::Cpu).unwrap(),
+            "{rss}"
+        );
+    }
+
+    #[test]
     fn a_missing_gpu_is_unknown_not_a_crash() {
         // SAFETY: loading NVIDIA's driver library only to see whether this machine has one
         if unsafe { libloading::Library::new("libcuda.so.1") }.is_err() {
             assert_eq!(total_memory(Device::Cuda(0)), None);
+        }
+        // SAFETY: as above, NVIDIA's management library
+        if unsafe { libloading::Library::new("libnvidia-ml.so.1") }.is_err() {
+            assert_eq!(memory_in_use(Device::Cuda(0)), None);
         }
     }
 }

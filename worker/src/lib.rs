@@ -2,6 +2,7 @@
 
 mod device;
 mod engine_thread;
+pub mod metrics;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -50,6 +51,8 @@ pub struct WorkerConfig {
     pub coordinator: String,
     /// The worker's token and TLS settings.
     pub credentials: Credentials,
+    /// Where the worker counts what it does, for a Prometheus scrape ([`metrics::WorkerMetrics::text`]).
+    pub metrics: Arc<metrics::WorkerMetrics>,
     /// Shown in the coordinator's logs and statuses.
     pub name: String,
     /// The device the engine renders on; its name and memory are reported to the coordinator.
@@ -257,6 +260,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let engine = EngineThread::start(config.weights.clone(), config.device, config.engine)?;
+    config.metrics.set_device(config.device);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_on_signal = stop.clone();
     tokio::spawn(async move {
@@ -344,9 +348,22 @@ pub async fn run(
                     cancel.clone(),
                 );
                 let downloaded_before = cache.downloaded;
-                let outcome =
-                    run_task(&engine, &mut client, &mut cache, task, cancel, progress_tx).await;
+                let outcome = run_task(
+                    &engine,
+                    &mut client,
+                    &mut cache,
+                    task,
+                    cancel,
+                    progress_tx,
+                    &config.metrics,
+                )
+                .await;
                 let downloaded = cache.downloaded - downloaded_before;
+                let outcome_name = match &outcome {
+                    Outcome::Done(_) => "succeeded",
+                    Outcome::Failed(_) => "failed",
+                    Outcome::Cancelled => "cancelled",
+                };
                 // a report that hangs must not keep the lease alive forever: give up, let it lapse
                 if tokio::time::timeout(REPORT_TIMEOUT, report(&mut client, &lease_id, outcome))
                     .await
@@ -359,11 +376,9 @@ pub async fn run(
                 drop(beating);
                 // lease to reported, to set against the engine's time ("rendered" above); the bytes
                 // this task downloaded (inputs not cached yet)
-                tracing::info!(
-                    task_s = leased_at.elapsed().as_secs_f64(),
-                    downloaded,
-                    "task over"
-                );
+                let task_s = leased_at.elapsed().as_secs_f64();
+                config.metrics.task(outcome_name, task_s, downloaded);
+                tracing::info!(task_s, downloaded, "task over");
             }
             .instrument(span)
             .await;
@@ -433,6 +448,7 @@ async fn run_task(
     task: pb::Task,
     cancel: Arc<AtomicBool>,
     progress_tx: tokio::sync::watch::Sender<Option<Progress>>,
+    metrics: &metrics::WorkerMetrics,
 ) -> Outcome {
     let permanent = |error: String| Outcome::Failed(Failure::Input(error));
     let progress_rx = progress_tx.subscribe();
@@ -515,6 +531,7 @@ async fn run_task(
         Ok(Ok((img, stats))) => {
             let last = *progress_rx.borrow();
             let (style, total) = last.map_or((0.0, 0.0), |p| (p.losses.style, p.losses.total));
+            metrics.rendered(stats.engine_s, last.map_or(0, |p| p.iteration));
             tracing::info!(
                 engine_s = stats.engine_s,
                 style_cached = stats.style_cached,

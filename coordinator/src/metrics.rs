@@ -1,0 +1,160 @@
+//! The coordinator's Prometheus metrics, as text for an HTTP scrape ([`crate::Coordinator::metrics_text`];
+//! the CLI serves it on `--metrics-listen`). Events are counted as they happen ([`SchedulerMetrics`]);
+//! the state (queue, tasks, jobs, workers, blob bytes) is read at each scrape.
+//!
+//! | metric | type | labels | what |
+//! | --- | --- | --- | --- |
+//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks (ready or backing off) |
+//! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state |
+//! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
+//! | `stylefarm_workers` | gauge | `state` (`live`, `silent`) | workers heard from within a minute, or not |
+//! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
+//! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
+//! | `stylefarm_blocklist_events_total` | counter | | a worker reaching the strikes threshold on a job |
+//! | `stylefarm_task_seconds` | histogram | | lease to accepted result, s |
+//! | `stylefarm_blob_store_bytes` | gauge | | bytes of images stored (S3: stored by this process) |
+
+use std::collections::BTreeMap;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::Coordinator;
+
+/// A metric's labels: (name, value) pairs.
+pub type Labels = Vec<(String, String)>;
+
+fn label(name: &str, value: impl ToString) -> Labels {
+    vec![(name.to_string(), value.to_string())]
+}
+
+/// What the scheduler counts as it happens (cheap atomics, shared with the registry).
+#[derive(Debug)]
+pub struct SchedulerMetrics {
+    /// Leases that lapsed without a heartbeat.
+    pub lease_expiries: Counter,
+    /// Failed attempts sent back to the queue, by failure kind.
+    pub retries: Family<Labels, Counter>,
+    /// A worker reaching [`crate::SchedulerConfig::blocklist_after`] strikes on a job.
+    pub blocklisted: Counter,
+    /// Lease to accepted result, in seconds.
+    pub task_seconds: Histogram,
+}
+
+impl Default for SchedulerMetrics {
+    fn default() -> Self {
+        SchedulerMetrics {
+            lease_expiries: Counter::default(),
+            retries: Family::default(),
+            blocklisted: Counter::default(),
+            // 0.1 s to about 14 min
+            task_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
+        }
+    }
+}
+
+impl SchedulerMetrics {
+    /// Counts a retry of kind `kind`.
+    pub(crate) fn retry(&self, kind: &str) {
+        self.retries.get_or_create(&label("kind", kind)).inc();
+    }
+}
+
+/// The registry and the gauges read at each scrape.
+pub(crate) struct Metrics {
+    registry: Registry,
+    queue_depth: Family<Labels, Gauge>,
+    tasks: Family<Labels, Gauge>,
+    jobs: Family<Labels, Gauge>,
+    workers: Family<Labels, Gauge>,
+    blob_bytes: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn new(scheduler: &SchedulerMetrics) -> Metrics {
+        let mut registry = Registry::with_prefix("stylefarm");
+        let metrics = Metrics {
+            queue_depth: Family::default(),
+            tasks: Family::default(),
+            jobs: Family::default(),
+            workers: Family::default(),
+            blob_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "queue_depth",
+            "Pending tasks (ready or backing off), by job priority",
+            metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "tasks",
+            "Tasks of the jobs held, by state",
+            metrics.tasks.clone(),
+        );
+        registry.register("jobs", "Jobs held, by state", metrics.jobs.clone());
+        registry.register(
+            "workers",
+            "Workers heard from within a minute (live) or not (silent)",
+            metrics.workers.clone(),
+        );
+        registry.register(
+            "lease_expiries",
+            "Leases that lapsed without a heartbeat",
+            scheduler.lease_expiries.clone(),
+        );
+        registry.register(
+            "task_retries",
+            "Failed attempts sent back to the queue, by failure kind",
+            scheduler.retries.clone(),
+        );
+        registry.register(
+            "blocklist_events",
+            "Workers reaching the strikes threshold on a job",
+            scheduler.blocklisted.clone(),
+        );
+        registry.register(
+            "task_seconds",
+            "Lease to accepted result, in seconds",
+            scheduler.task_seconds.clone(),
+        );
+        registry.register(
+            "blob_store_bytes",
+            "Bytes of images in the blob store (S3: stored by this process)",
+            metrics.blob_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The metrics as Prometheus text (OpenMetrics), the state read now.
+    pub(crate) fn text(&self, coordinator: &Coordinator) -> String {
+        let counts = coordinator.scheduler.counts();
+        let set = |family: &Family<Labels, Gauge>, name: &str, values: BTreeMap<String, usize>| {
+            family.clear();
+            for (value, n) in values {
+                family.get_or_create(&label(name, value)).set(n as i64);
+            }
+        };
+        set(&self.queue_depth, "priority", counts.queue_by_priority);
+        set(&self.tasks, "state", counts.tasks_by_state);
+        set(&self.jobs, "state", counts.jobs_by_state);
+        let (live, silent) = coordinator.workers.live_and_silent();
+        set(
+            &self.workers,
+            "state",
+            BTreeMap::from([("live".into(), live), ("silent".into(), silent)]),
+        );
+        self.blob_bytes
+            .set(i64::try_from(coordinator.blobs.stored_bytes()).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        // writing to a String cannot fail
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,225 @@
+//! What an operator sees: the Prometheus metrics of a real coordinator and real workers, scraped over HTTP
+//! during a job.
+
+use std::time::Duration;
+
+use stylefarm_proto::pb;
+use stylefarm_tests::{
+    path, submit, wait_for, wait_iteration, wait_registered, wait_state, Cluster, Node,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The address a node logged for its metrics ("metrics on http://ADDR/metrics").
+async fn metrics_addr(node: &Node) -> String {
+    wait_for("the metrics endpoint", Duration::from_secs(60), || async {
+        let log = node.log_text();
+        let at = log.find("metrics on http://")? + "metrics on http://".len();
+        let rest = &log[at..];
+        Some(rest[..rest.find("/metrics")?].to_string())
+    })
+    .await
+}
+
+/// `GET /metrics` over HTTP/1.1: the status line must say 200; returns the body.
+async fn scrape(addr: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `series` (a name with its labels, as written), if the text has it.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// A coordinator and workers with `--metrics-listen` (via STYLEFARM_METRICS_LISTEN), a batch of two
+/// tasks, its first worker SIGKILLed mid-task and another added: the coordinator's queue, task and job
+/// gauges follow the job (one running and one queued, then both succeeded), the lease expiry and the retry
+/// are counted, the task durations observed, the blob bytes grow; the worker that finished counts two
+/// successes, their engine times, its iterations per second, its memory in use and the bytes it downloaded.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_follow_a_job_and_its_faults() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--metrics-listen".into(), "127.0.0.1:0".into()];
+    cluster.start_coordinator();
+    let coordinator = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
+    let metrics_env = [("STYLEFARM_METRICS_LISTEN", "127.0.0.1:0")];
+    cluster.add_worker_with_env("w1", &metrics_env);
+    wait_registered(&cluster, 1).await;
+
+    let idle = scrape(&coordinator).await;
+    assert_eq!(
+        value(&idle, "stylefarm_workers{state=\"live\"}"),
+        Some(1.0),
+        "{idle}"
+    );
+    assert_eq!(
+        value(&idle, "stylefarm_lease_expiries_total"),
+        Some(0.0),
+        "{idle}"
+    );
+    assert_eq!(
+        value(&idle, "stylefarm_task_seconds_count"),
+        Some(0.0),
+        "{idle}"
+    );
+    let blob_bytes_before = value(&idle, "stylefarm_blob_store_bytes").unwrap();
+
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--content",
+            &path("chelsea.png"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--batch",
+            "--size",
+            "48",
+            "--iterations",
+            "40",
+        ],
+    );
+    wait_iteration(&cluster, &id, 2).await;
+    let running = scrape(&coordinator).await;
+    assert_eq!(
+        value(&running, "stylefarm_tasks{state=\"running\"}"),
+        Some(1.0),
+        "{running}"
+    );
+    assert_eq!(
+        value(&running, "stylefarm_tasks{state=\"pending\"}"),
+        Some(1.0),
+        "{running}"
+    );
+    assert_eq!(
+        value(&running, "stylefarm_queue_depth{priority=\"0\"}"),
+        Some(1.0),
+        "{running}"
+    );
+    assert_eq!(
+        value(&running, "stylefarm_jobs{state=\"running\"}"),
+        Some(1.0),
+        "{running}"
+    );
+    assert!(value(&running, "stylefarm_blob_store_bytes").unwrap() > blob_bytes_before);
+
+    // the worker dies mid-task: its lease lapses (counted), the task goes back (a retry)
+    cluster.workers[0].kill();
+    wait_for(
+        "the lease expiry to be counted",
+        Duration::from_secs(30),
+        || async {
+            let text = scrape(&coordinator).await;
+            (value(&text, "stylefarm_lease_expiries_total") == Some(1.0)).then_some(())
+        },
+    )
+    .await;
+    let expired = scrape(&coordinator).await;
+    assert_eq!(
+        value(&expired, "stylefarm_task_retries_total{kind=\"retryable\"}"),
+        Some(1.0),
+        "{expired}"
+    );
+    assert_eq!(
+        value(&expired, "stylefarm_queue_depth{priority=\"0\"}"),
+        Some(2.0),
+        "{expired}"
+    );
+
+    cluster.add_worker_with_env("w2", &metrics_env);
+    let worker = metrics_addr(&cluster.workers[1]).await;
+    wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let done = scrape(&coordinator).await;
+    assert_eq!(
+        value(&done, "stylefarm_tasks{state=\"succeeded\"}"),
+        Some(2.0),
+        "{done}"
+    );
+    assert_eq!(
+        value(&done, "stylefarm_tasks{state=\"running\"}"),
+        None,
+        "{done}"
+    );
+    assert_eq!(
+        value(&done, "stylefarm_jobs{state=\"succeeded\"}"),
+        Some(1.0),
+        "{done}"
+    );
+    assert_eq!(
+        value(&done, "stylefarm_queue_depth{priority=\"0\"}"),
+        None,
+        "{done}"
+    );
+    assert_eq!(
+        value(&done, "stylefarm_task_seconds_count"),
+        Some(2.0),
+        "{done}"
+    );
+    assert!(value(&done, "stylefarm_task_seconds_sum").unwrap() > 0.0);
+    assert!(
+        value(&done, "stylefarm_blob_store_bytes").unwrap()
+            > value(&running, "stylefarm_blob_store_bytes").unwrap(),
+        "the results are stored"
+    );
+    assert_eq!(value(&done, "stylefarm_blocklist_events_total"), Some(0.0));
+
+    // the worker counts a task once its report is answered, just after the coordinator took it
+    let w = wait_for(
+        "the worker to count its tasks",
+        Duration::from_secs(30),
+        || async {
+            let text = scrape(&worker).await;
+            (value(&text, "stylefarm_worker_tasks_total{outcome=\"succeeded\"}") == Some(2.0))
+                .then_some(text)
+        },
+    )
+    .await;
+    assert_eq!(
+        value(&w, "stylefarm_worker_tasks_total{outcome=\"succeeded\"}"),
+        Some(2.0),
+        "{w}"
+    );
+    assert_eq!(
+        value(&w, "stylefarm_worker_task_seconds_count"),
+        Some(2.0),
+        "{w}"
+    );
+    assert_eq!(
+        value(&w, "stylefarm_worker_engine_seconds_count"),
+        Some(2.0),
+        "{w}"
+    );
+    assert!(
+        value(&w, "stylefarm_worker_iterations_per_second").unwrap() > 0.0,
+        "{w}"
+    );
+    assert!(
+        value(&w, "stylefarm_worker_device_memory_bytes").unwrap() > f64::from(1 << 20),
+        "{w}"
+    );
+    assert!(
+        value(&w, "stylefarm_worker_downloaded_bytes_total").unwrap() > 0.0,
+        "{w}"
+    );
+}
