@@ -29,6 +29,8 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 if ! command -v s3s-fs >/dev/null; then
     cargo install --locked s3s-fs@0.14.1 --features binary
 fi
+# the deployment files: rendered and checked against their schemas, offline
+bash deploy/check-deploy.sh
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
