@@ -223,3 +223,71 @@ async fn the_metrics_follow_a_job_and_its_faults() {
         "{w}"
     );
 }
+
+/// `--log-format json` (here STYLEFARM_LOG_FORMAT): the coordinator's and the worker's logs are one JSON
+/// object a line, and a task's events carry their span's job_id, task_id and worker_id.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_the_job_task_and_worker_of_each_event() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_env = vec![("STYLEFARM_LOG_FORMAT".into(), "json".into())];
+    cluster.start_coordinator();
+    cluster.add_worker_with_env("w1", &[("STYLEFARM_LOG_FORMAT", "json")]);
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "48",
+            "--iterations",
+            "5",
+        ],
+    );
+    wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let lines = |node: &Node| -> Vec<serde_json::Value> {
+        node.log_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+    let event = |lines: &[serde_json::Value], message: &str| {
+        lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {message:?} event in {lines:#?}"))
+    };
+    let worker = lines(&cluster.workers[0]);
+    let rendered = event(&worker, "rendered");
+    assert_eq!(rendered["span"]["job_id"], id.as_str(), "{rendered:#}");
+    assert_eq!(rendered["span"]["task_id"], 0, "{rendered:#}");
+    assert!(
+        rendered["span"]["worker_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("w1"),
+        "{rendered:#}"
+    );
+    assert!(
+        rendered["fields"]["engine_s"].as_f64().unwrap() > 0.0,
+        "{rendered:#}"
+    );
+    let coordinator = lines(cluster.coordinator.as_ref().unwrap());
+    let leased = event(&coordinator, "task leased");
+    assert_eq!(leased["fields"]["job_id"], id.as_str(), "{leased:#}");
+    assert!(
+        leased["fields"]["worker_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("w1"),
+        "{leased:#}"
+    );
+}

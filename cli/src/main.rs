@@ -44,6 +44,22 @@ fn contain_panics(command: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Resul
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The logs' format on stderr: `text` for people, `json` (one object a line, with the fields of the
+    /// current span and its parents: job_id, task_id, worker_id) for a log pipeline.
+    #[arg(
+        long,
+        global = true,
+        env = "STYLEFARM_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+/// See [`Cli::log_format`].
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -89,12 +105,18 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("STYLEFARM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
         // colours only on a terminal: log files stay greppable
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     let result = match cli.command {
         #[cfg(feature = "engine")]
         Command::Render(args) => contain_panics(|| render::run(*args)),
