@@ -291,3 +291,170 @@ async fn json_logs_carry_the_job_task_and_worker_of_each_event() {
         "{leased:#}"
     );
 }
+
+/// The spans an OTLP/HTTP collector received, each with its service's name.
+type Received =
+    std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>;
+
+/// A minimal OpenTelemetry collector: OTLP/HTTP protobuf on `POST /v1/traces`, one request a connection;
+/// returns its URL and what it received.
+async fn otlp_collector() -> (String, Received) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let received = Received::default();
+    let spans = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let spans = spans.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                // the head, then the body of Content-Length bytes
+                let (head_len, body_len) = loop {
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                        break (end + 4, len);
+                    }
+                };
+                while buf.len() < head_len + body_len {
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let request =
+                    ExportTraceServiceRequest::decode(&buf[head_len..head_len + body_len]).unwrap();
+                for resource in request.resource_spans {
+                    let service = resource
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|a| a.key == "service.name")
+                        .and_then(|a| a.value.as_ref())
+                        .map(|v| format!("{:?}", v.value))
+                        .unwrap_or_default();
+                    for scope in resource.scope_spans {
+                        for span in scope.spans {
+                            spans.lock().unwrap().push((service.clone(), span));
+                        }
+                    }
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    (url, received)
+}
+
+/// With an OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT), the worker exports its task's span (with job_id,
+/// task_id, worker_id) and the coordinator its spans of the worker's calls, and the trace context crosses
+/// the gRPC hop in the calls' metadata: the coordinator's span of CompleteTask is in the task's trace, a
+/// child of a span of the worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_and_the_coordinators_handling_of_it_are_one_trace() {
+    let (collector, received) = otlp_collector().await;
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_env = otel
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    cluster.start_coordinator();
+    cluster.add_worker_with_env("w1", &otel);
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "48",
+            "--iterations",
+            "5",
+        ],
+    );
+    wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    // a clean stop flushes the spans still batched
+    for node in cluster
+        .workers
+        .iter_mut()
+        .chain(cluster.coordinator.as_mut())
+    {
+        node.terminate();
+        node.child.wait().unwrap();
+    }
+    let spans = received.lock().unwrap().clone();
+    let attribute = |span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
+        span.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.as_ref())
+            .map(|v| format!("{:?}", v.value))
+    };
+    let task = spans
+        .iter()
+        .find(|(service, s)| {
+            service.contains("stylefarm-worker")
+                && s.name == "task"
+                && attribute(s, "job_id").is_some_and(|j| j.contains(&id))
+        })
+        .map(|(_, s)| s.clone())
+        .unwrap_or_else(|| panic!("no task span of job {id}: {spans:#?}"));
+    assert!(
+        attribute(&task, "worker_id").is_some_and(|w| w.contains("w1")),
+        "{task:?}"
+    );
+    assert!(attribute(&task, "task_id").is_some(), "{task:?}");
+    let worker_spans: Vec<&Vec<u8>> = spans
+        .iter()
+        .filter(|(service, s)| service.contains("stylefarm-worker") && s.trace_id == task.trace_id)
+        .map(|(_, s)| &s.span_id)
+        .collect();
+    let complete = spans
+        .iter()
+        .find(|(service, s)| {
+            service.contains("stylefarm-coordinator")
+                && attribute(s, "method").is_some_and(|m| m.contains("WorkerService/CompleteTask"))
+        })
+        .map(|(_, s)| s.clone())
+        .unwrap_or_else(|| panic!("no coordinator span of CompleteTask: {spans:#?}"));
+    assert_eq!(task.trace_id.len(), 16, "{task:?}");
+    assert_eq!(complete.parent_span_id.len(), 8, "{complete:?}");
+    assert_eq!(
+        complete.trace_id, task.trace_id,
+        "one trace across the gRPC hop"
+    );
+    assert!(
+        worker_spans.contains(&&complete.parent_span_id),
+        "the coordinator's span is a child of the worker's: {complete:?}"
+    );
+}

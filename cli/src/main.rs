@@ -53,6 +53,60 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// An OpenTelemetry collector's OTLP/HTTP endpoint (e.g. http://otel-collector:4318): the spans (a
+    /// worker's tasks, the coordinator's calls, one trace across the gRPC hop) are exported there.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+}
+
+/// The logs (text or JSON, on stderr, filtered by STYLEFARM_LOG or `default`) and OpenTelemetry's spans:
+/// W3C trace context propagation always (a worker's calls carry its task's context, the coordinator's
+/// spans of them continue it), OTLP/HTTP export to `--otlp-endpoint` when given, as `service`. Returns the
+/// tracer provider, to be shut down (flushed) on exit.
+fn init_tracing(
+    cli: &Cli,
+    default: &str,
+    service: &'static str,
+) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STYLEFARM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match cli.log_format {
+        // colours only on a terminal: log files stay greppable
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .boxed(),
+    };
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let mut provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_resource(
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name(service)
+            .build(),
+    );
+    if let Some(endpoint) = &cli.otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+            .build()
+            .map_err(|e| anyhow::anyhow!("otlp_endpoint '{endpoint}': {e}"))?;
+        provider = provider.with_batch_exporter(exporter);
+    }
+    let provider = provider.build();
+    let spans = tracing_opentelemetry::layer().with_tracer(provider.tracer("stylefarm"));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(spans)
+        .init();
+    Ok(provider)
 }
 
 /// See [`Cli::log_format`].
@@ -97,26 +151,19 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // servers log their work by default; the user's commands only warnings (STYLEFARM_LOG overrides both)
-    let default = match cli.command {
-        Command::Coordinator(_) => "info",
+    let (default, service) = match cli.command {
+        Command::Coordinator(_) => ("info", "stylefarm-coordinator"),
         #[cfg(feature = "engine")]
-        Command::Worker(_) => "info",
-        _ => "warn",
+        Command::Worker(_) => ("info", "stylefarm-worker"),
+        _ => ("warn", "stylefarm"),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STYLEFARM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        // colours only on a terminal: log files stay greppable
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
-    }
+    let tracer = match init_tracing(&cli, default, service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         #[cfg(feature = "engine")]
         Command::Render(args) => contain_panics(|| render::run(*args)),
@@ -134,6 +181,10 @@ fn main() -> ExitCode {
         Command::Seams(args) => seams::run(args),
         Command::Weights(cmd) => weights::run(cmd),
     };
+    // the spans not exported yet go now (a batch exporter holds them up to a few seconds)
+    if let Err(e) = tracer.shutdown() {
+        tracing::debug!(error = %e, "flushing the spans");
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

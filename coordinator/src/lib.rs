@@ -104,6 +104,18 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// The span of one gRPC call (`rpc`, with its method), child of the caller's span when the request carries
+/// a trace context (`traceparent`): a worker's task and the coordinator's handling of its calls are one
+/// trace.
+fn rpc_span(request: &http::Request<()>) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!("rpc", method = request.uri().path());
+    let parent = stylefarm_proto::connect::extract_trace_context(request.headers());
+    // an error only says that no OpenTelemetry layer records spans (e.g. in a library's tests)
+    let _ = span.set_parent(parent);
+    span
+}
+
 /// tonic answers a request over the message size limit ([`MAX_MESSAGE_BYTES`]) with OUT_OF_RANGE; for a
 /// limit reached, gRPC's servers and this project's other limits answer RESOURCE_EXHAUSTED: the status is
 /// rewritten, its message (which names the limit in bytes) kept.
@@ -386,6 +398,7 @@ pub async fn serve(
         }
     };
     let mut server = tonic::transport::Server::builder()
+        .trace_fn(rpc_span)
         .layer(tower::util::MapResponseLayer::new(message_limit_status));
     if let Some(tls) = &coordinator.tls {
         server = server

@@ -1,6 +1,8 @@
-//! How clients and workers reach a coordinator: the channel's TLS (rustls, optional) and the bearer token
-//! each call carries (`authorization: Bearer <token>` metadata, as gRPC's token-based authentication has
-//! it). One definition for the CLI's clients, the client library and the worker.
+//! How clients and workers reach a coordinator: the channel's TLS (rustls, optional), the bearer token each
+//! call carries (`authorization: Bearer <token>` metadata, as gRPC's token-based authentication has it) and
+//! the trace context of the caller's current span (W3C `traceparent` metadata, through OpenTelemetry's
+//! global propagator: the coordinator's span of the call becomes its child). One definition for the CLI's
+//! clients, the client library and the worker.
 
 use std::path::{Path, PathBuf};
 
@@ -110,7 +112,8 @@ impl Credentials {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to each request (nothing without a token).
+/// Adds `authorization: Bearer <token>` to each request (nothing without a token), and the current span's
+/// trace context.
 #[derive(Clone, Debug, Default)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
@@ -122,8 +125,45 @@ impl tonic::service::Interceptor for Bearer {
         if let Some(token) = &self.0 {
             request.metadata_mut().insert(AUTHORIZATION, token.clone());
         }
+        inject_trace_context(request.metadata_mut());
         Ok(request)
     }
+}
+
+/// Writes the current tracing span's OpenTelemetry context into `metadata` (`traceparent`, `tracestate`)
+/// with the global propagator; nothing when no propagator is installed or no span is current.
+pub fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    struct Injector<'a>(&'a mut tonic::metadata::MetadataMap);
+    impl opentelemetry::propagation::Injector for Injector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if let (Ok(key), Ok(value)) = (
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+                value.parse(),
+            ) {
+                self.0.insert(key, value);
+            }
+        }
+    }
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut Injector(metadata));
+    });
+}
+
+/// The OpenTelemetry context that a request's headers carry (`traceparent`), read with the global
+/// propagator: the parent of the server's span of the call.
+pub fn extract_trace_context(headers: &http::HeaderMap) -> opentelemetry::Context {
+    struct Extractor<'a>(&'a http::HeaderMap);
+    impl opentelemetry::propagation::Extractor for Extractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(http::HeaderName::as_str).collect()
+        }
+    }
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extractor(headers)))
 }
 
 #[cfg(test)]
