@@ -8,8 +8,8 @@ use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
-    is, iteration, job, path, shared_image, submit, wait_for, wait_iteration, wait_registered,
-    wait_state, Cluster,
+    is, iteration, job, path, shared_image, submit, tubingen_x_starry, wait_for, wait_iteration,
+    wait_registered, wait_state, Cluster,
 };
 use tonic::Code;
 
@@ -580,21 +580,6 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         }))
         .await;
     assert!(ok.is_ok(), "still serving: {ok:?}");
-}
-
-/// `submit`'s arguments for a small render of tubingen.jpg in the style of starry_night.jpg.
-fn tubingen_x_starry(size: u32, iterations: u32) -> Vec<String> {
-    [
-        "--content".into(),
-        path("tubingen.jpg"),
-        "--style".into(),
-        path("starry_night.jpg"),
-        "--size".into(),
-        size.to_string(),
-        "--iterations".into(),
-        iterations.to_string(),
-    ]
-    .into()
 }
 
 /// Uploads `bytes`; returns the sha256.

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    path, submit, wait_for, wait_iteration, wait_registered, wait_state, Cluster, Node,
+    path, submit, tubingen_x_starry, wait_for, wait_iteration, wait_registered, wait_state,
+    Cluster, Node,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -232,19 +233,7 @@ async fn json_logs_carry_the_job_task_and_worker_of_each_event() {
     cluster.coordinator_env = vec![("STYLEFARM_LOG_FORMAT".into(), "json".into())];
     cluster.start_coordinator();
     cluster.add_worker_with_env("w1", &[("STYLEFARM_LOG_FORMAT", "json")]);
-    let id = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--size",
-            "48",
-            "--iterations",
-            "5",
-        ],
-    );
+    let id = submit(&cluster, &tubingen_x_starry(48, 5));
     wait_state(
         &cluster,
         &id,
@@ -383,19 +372,7 @@ async fn a_task_and_the_coordinators_handling_of_it_are_one_trace() {
         .collect();
     cluster.start_coordinator();
     cluster.add_worker_with_env("w1", &otel);
-    let id = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--size",
-            "48",
-            "--iterations",
-            "5",
-        ],
-    );
+    let id = submit(&cluster, &tubingen_x_starry(48, 5));
     wait_state(
         &cluster,
         &id,

@@ -7,7 +7,7 @@ use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
-use stylefarm_tests::{path, submit, wait_registered, Cluster};
+use stylefarm_tests::{path, submit, tubingen_x_starry, wait_registered, Cluster};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -212,19 +212,7 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), ALICE.into())];
     let url = cluster.url.clone();
     // alice's job (no worker yet: it stays queued), and its spec for the others' submits
-    let job = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--size",
-            "48",
-            "--iterations",
-            "5",
-        ],
-    );
+    let job = submit(&cluster, &tubingen_x_starry(48, 5));
     let mut alice = RenderServiceClient::new(channel(&url, &token(Some(ALICE))).await.unwrap());
     let status = alice
         .get_job(pb::GetJobRequest {

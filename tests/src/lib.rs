@@ -299,8 +299,11 @@ pub async fn wait_registered(cluster: &Cluster, n: usize) {
 }
 
 /// Submits with the CLI; returns the job id.
-pub fn submit(cluster: &Cluster, args: &[&str]) -> String {
-    let (ok, out, err) = cluster.cli(&[&["submit"], args].concat());
+pub fn submit(cluster: &Cluster, args: &[impl AsRef<str>]) -> String {
+    let args: Vec<&str> = std::iter::once("submit")
+        .chain(args.iter().map(AsRef::as_ref))
+        .collect();
+    let (ok, out, err) = cluster.cli(&args);
     assert!(ok, "submit failed: {err}");
     out.trim().to_string()
 }
@@ -348,4 +351,20 @@ pub async fn wait_iteration(cluster: &Cluster, job_id: &str, at_least: u32) {
         }
     })
     .await;
+}
+
+/// The arguments of a render of tubingen.jpg in the style of starry_night.jpg at `size` px for
+/// `iterations`.
+pub fn tubingen_x_starry(size: u32, iterations: u32) -> Vec<String> {
+    [
+        "--content".into(),
+        path("tubingen.jpg"),
+        "--style".into(),
+        path("starry_night.jpg"),
+        "--size".into(),
+        size.to_string(),
+        "--iterations".into(),
+        iterations.to_string(),
+    ]
+    .into()
 }
