@@ -127,6 +127,7 @@ async fn main() {
                     .lease_task(pb::LeaseTaskRequest {
                         worker_id: id.clone(),
                         wait_ms: 200,
+                        ..Default::default()
                     })
                     .await
                     .unwrap();

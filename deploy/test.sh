@@ -15,13 +15,18 @@ if cargo tree --locked -p stylefarm --no-default-features --features client -e n
     echo "stylefarm --features client depends on libtorch" >&2
     exit 1
 fi
-# the Redis store's tests start redis-servers of their own (Debian's package)
-if ! command -v redis-server >/dev/null; then
+# Debian's packages the tests run: redis-server (the Redis store's tests start servers of their own),
+# chromium and chromium-driver (the status page's browser test)
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo=sudo
     export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y -q redis-server \
-        || { $sudo apt-get update -q && $sudo apt-get install -y -q redis-server; }
+    $sudo apt-get install -y -q "${missing[@]}" \
+        || { $sudo apt-get update -q && $sudo apt-get install -y -q "${missing[@]}"; }
 fi
 # the S3 blob store's tests start S3-compatible servers of their own (the s3s-fs crate's; about 2 minutes
 # to build once, Rust 1.92 or later)

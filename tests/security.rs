@@ -7,7 +7,10 @@ use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
-use stylefarm_tests::{path, submit, tubingen_x_starry, wait_registered, Cluster};
+use stylefarm_tests::{
+    path, status_page_addr, submit, tubingen_x_starry, wait_registered, Cluster,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -139,6 +142,7 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
             rpc.lease_task(pb::LeaseTaskRequest {
                 worker_id: worker_id.clone(),
                 wait_ms: 0,
+                ..Default::default()
             })
             .await,
         ),
@@ -504,11 +508,41 @@ impl Pki {
     }
 }
 
+/// `GET target` over HTTPS (HTTP/1.1), the server's certificate checked against `ca`; the whole response.
+async fn https_get(addr: &str, target: &str, ca: &std::path::Path) -> std::io::Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let host = ServerName::try_from(addr.split(':').next().unwrap().to_string()).unwrap();
+    let mut tls = connector.connect(host, tcp).await?;
+    tls.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    // a server may close without close_notify after the response: what was read is the response
+    let _ = tls.read_to_end(&mut out).await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// The coordinator on TLS with workers' certificates required (`--tls-cert`, `--tls-key`,
 /// `--tls-client-ca`, `--require-worker-cert`): a client connects over https without a certificate and
 /// is served; a worker without one is refused UNAUTHENTICATED naming the certificate; with a certificate of
 /// the farm's CA it registers; one of another CA fails the handshake; plain http to the port fails; the
-/// CLI lists jobs over https with `--tls-ca`.
+/// CLI lists jobs over https with `--tls-ca`. The status page is served over HTTPS with the same
+/// certificate, and not over plain HTTP.
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_serves_clients_without_a_certificate_and_workers_only_with_one() {
     let pki = Pki::new();
@@ -521,9 +555,32 @@ async fn tls_serves_clients_without_a_certificate_and_workers_only_with_one() {
         "--tls-client-ca".into(),
         pki.path("ca.pem").display().to_string(),
         "--require-worker-cert".into(),
+        "--status-listen".into(),
+        "127.0.0.1:0".into(),
     ];
     cluster.start_coordinator();
     let https = cluster.url.replace("http://", "https://");
+    // the status page: HTTPS with the coordinator's certificate, no client certificate asked for
+    let status = status_page_addr(cluster.coordinator.as_ref().unwrap()).await;
+    let page = https_get(&status, "/api/status", &pki.path("ca.pem"))
+        .await
+        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("\"jobs\":[]"), "{page}");
+    let plain = async {
+        let mut stream = tokio::net::TcpStream::connect(&status).await?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    }
+    .await;
+    assert!(
+        !plain.is_ok_and(|out| out.starts_with(b"HTTP/1.1 200")),
+        "plain HTTP to the status page's TLS port"
+    );
 
     let mut client =
         RenderServiceClient::new(channel(&https, &pki.credentials(None)).await.unwrap());

@@ -94,6 +94,10 @@ pub(crate) struct CoordinatorArgs {
     /// Address to serve Prometheus metrics on (`GET /metrics`); off unless given.
     #[arg(long, env = "STYLEFARM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Address to serve the status page on (jobs, previews, workers, cancel buttons; HTTPS with
+    /// --tls-cert, a client token asked for when tokens are configured); off unless given.
+    #[arg(long, env = "STYLEFARM_STATUS_LISTEN")]
+    status_listen: Option<SocketAddr>,
 }
 
 /// How a client or a worker reaches the coordinator: its URLs, its token, TLS.
@@ -329,6 +333,11 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         if let Some(addr) = args.metrics_listen {
             let coordinator = coordinator.clone();
             crate::metrics::serve(addr, move || coordinator.metrics_text()).await?;
+        }
+        if let Some(addr) = args.status_listen {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("status_listen: binding {addr}"))?;
+            stylefarm_coordinator::status::serve_status(listener, coordinator.clone()).await?;
         }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

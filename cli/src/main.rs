@@ -125,7 +125,7 @@ enum Command {
     #[cfg(feature = "engine")]
     Local(Box<nodes::LocalArgs>),
     /// Start a coordinator.
-    Coordinator(farm::CoordinatorArgs),
+    Coordinator(Box<farm::CoordinatorArgs>),
     /// Start a worker that renders the coordinator's tasks.
     #[cfg(feature = "engine")]
     Worker(nodes::WorkerArgs),
@@ -169,7 +169,7 @@ fn main() -> ExitCode {
         Command::Render(args) => contain_panics(|| render::run(*args)),
         #[cfg(feature = "engine")]
         Command::Local(args) => nodes::local(*args),
-        Command::Coordinator(args) => farm::coordinator(args),
+        Command::Coordinator(args) => farm::coordinator(*args),
         #[cfg(feature = "engine")]
         Command::Worker(args) => nodes::worker(args),
         Command::Submit(args) => farm::submit(*args),

@@ -77,6 +77,9 @@ pub(crate) struct LocalArgs {
     /// Coordinator state (default: a temporary directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Address to serve the coordinator's status page on while the job runs; off unless given.
+    #[arg(long, env = "STYLEFARM_STATUS_LISTEN")]
+    status_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     memory: DeviceMemoryArg,
     #[command(flatten)]
@@ -172,6 +175,11 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     runtime()?.block_on(async move {
         let farm = LocalFarm::start(config, workers).await?;
+        if let Some(addr) = args.status_listen {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("status_listen: binding {addr}"))?;
+            farm.serve_status(listener).await?;
+        }
         let mut client = farm.client().await?;
         let result = async {
             let job_id = client.submit_files(&job).await?;

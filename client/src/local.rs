@@ -35,6 +35,7 @@ pub struct LocalFarm {
     stop: tokio::sync::watch::Sender<bool>,
     server: JoinHandle<Result<(), stylefarm_coordinator::Error>>,
     workers: Vec<JoinHandle<Result<(), stylefarm_worker::Error>>>,
+    coordinator: std::sync::Arc<Coordinator>,
     // the data dir when the config names none; removed on drop
     _data_dir: Option<tempfile::TempDir>,
 }
@@ -68,7 +69,7 @@ impl LocalFarm {
         };
         let server = tokio::spawn(stylefarm_coordinator::serve(
             listener,
-            state,
+            state.clone(),
             on_stop(stopped.clone()),
         ));
         let workers = workers
@@ -83,6 +84,7 @@ impl LocalFarm {
             stop,
             server,
             workers,
+            coordinator: state,
             _data_dir: tmp,
         })
     }
@@ -90,6 +92,15 @@ impl LocalFarm {
     /// The coordinator's URL, e.g. `http://127.0.0.1:40123`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Serves the coordinator's status page ([`stylefarm_coordinator::status`]) on `listener`; returns
+    /// its address.
+    pub async fn serve_status(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> Result<std::net::SocketAddr, LocalFarmError> {
+        Ok(stylefarm_coordinator::status::serve_status(listener, self.coordinator.clone()).await?)
     }
 
     /// A client of this farm's coordinator.

@@ -196,6 +196,29 @@ impl TlsConfig {
         }
         Ok(config)
     }
+
+    /// A rustls server config of the certificate and key alone, for the status page's HTTPS (browsers
+    /// present no client certificate); an error names the flag whose file cannot be read or parsed.
+    pub(crate) fn rustls_server_config(&self) -> Result<rustls::ServerConfig, Error> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Error::invalid("tls_cert", format!("{}: {e}", self.cert.display())))?;
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| Error::invalid("tls_key", format!("{}: {e}", self.key.display())))?;
+        // the provider named: rustls has more than one compiled in here, and no process default
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::invalid("tls_cert", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| Error::invalid("tls_key", format!("{}: {e}", self.key.display())))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -221,6 +244,11 @@ impl Gate {
                 .transpose()?,
             require_worker_cert: tls.is_some_and(|t| t.require_worker_cert),
         })
+    }
+
+    /// Whether tokens are asked for.
+    pub(crate) fn enabled(&self) -> bool {
+        self.tokens.is_some()
     }
 
     /// The caller's role; `None` when auth is off.

@@ -8,6 +8,7 @@ mod pipeline;
 pub mod scheduler;
 mod service;
 mod sheet;
+pub mod status;
 pub mod store;
 mod tiled;
 pub mod workers;
@@ -246,6 +247,8 @@ pub struct Coordinator {
     pub(crate) gate: auth::Gate,
     /// The listener's TLS, checked when opened.
     pub(crate) tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Its certificate and key, for the status page's HTTPS.
+    pub(crate) tls_files: Option<auth::TlsConfig>,
     /// The Prometheus registry.
     pub(crate) metrics: metrics::Metrics,
 }
@@ -281,6 +284,7 @@ impl Coordinator {
             workers: workers::Registry::default(),
             gate,
             tls,
+            tls_files: config.tls.clone(),
             metrics,
         });
         for job_id in coordinator.scheduler.jobs_awaiting_step() {

@@ -92,6 +92,21 @@ pub struct JobView {
     pub tasks: Vec<(TaskRecord, Option<TaskProgress>)>,
 }
 
+/// A lease as [`Scheduler::leases`] shows it.
+#[derive(Debug, Clone)]
+pub struct LeaseView {
+    /// The worker holding it.
+    pub worker: WorkerId,
+    /// The task's job.
+    pub job_id: JobId,
+    /// The job's tenant.
+    pub tenant: String,
+    /// The task's index in the job.
+    pub index: u32,
+    /// The task's latest progress, once its worker reported some.
+    pub progress: Option<TaskProgress>,
+}
+
 struct LeaseInfo {
     job_id: JobId,
     index: u32,
@@ -852,18 +867,20 @@ impl Scheduler {
         Ok(Self::view(&st, job))
     }
 
+    /// The tenant that submitted job `job_id`.
+    pub fn tenant_of(&self, job_id: &JobId) -> Result<String, SchedulerError> {
+        let st = self.state.lock().unwrap();
+        st.jobs
+            .get(job_id)
+            .map(|j| j.meta.tenant.clone())
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))
+    }
+
     fn view(st: &State, job: &Job) -> JobView {
         let tasks = job
             .tasks
             .iter()
-            .map(|t| {
-                let progress = job
-                    .leases
-                    .get(&t.index)
-                    .and_then(|l| st.leases.get(l))
-                    .and_then(|l| l.progress);
-                (t.clone(), progress)
-            })
+            .map(|t| (t.clone(), Self::live_progress(st, job, t.index)))
             .collect();
         JobView {
             meta: job.meta.clone(),
@@ -874,6 +891,36 @@ impl Scheduler {
     /// `tenant`'s jobs, newest first, optionally only in `states`, at most `limit` (0: all).
     pub fn list(&self, tenant: &str, states: &[JobState], limit: usize) -> Vec<JobView> {
         let st = self.state.lock().unwrap();
+        Self::newest(&st, tenant, states, limit)
+            .into_iter()
+            .map(|j| Self::view(&st, j))
+            .collect()
+    }
+
+    /// `f` of each of `tenant`'s jobs, newest first, at most `limit` (0: all), called under the
+    /// scheduler's lock with the job's record and its tasks with their live progress: for summaries
+    /// (the status page's) that need not copy every task as [`Scheduler::list`] does.
+    pub fn list_with<T>(
+        &self,
+        tenant: &str,
+        limit: usize,
+        mut f: impl FnMut(&JobMeta, &[(&TaskRecord, Option<TaskProgress>)]) -> T,
+    ) -> Vec<T> {
+        let st = self.state.lock().unwrap();
+        Self::newest(&st, tenant, &[], limit)
+            .into_iter()
+            .map(|job| {
+                let tasks: Vec<_> = job
+                    .tasks
+                    .iter()
+                    .map(|t| (t, Self::live_progress(&st, job, t.index)))
+                    .collect();
+                f(&job.meta, &tasks)
+            })
+            .collect()
+    }
+
+    fn newest<'a>(st: &'a State, tenant: &str, states: &[JobState], limit: usize) -> Vec<&'a Job> {
         let mut jobs: Vec<&Job> = st
             .jobs
             .values()
@@ -881,10 +928,34 @@ impl Scheduler {
             .filter(|j| states.is_empty() || states.contains(&j.meta.state))
             .collect();
         jobs.sort_by_key(|j| Reverse(j.meta.seq));
-        let limit = if limit == 0 { usize::MAX } else { limit };
-        jobs.into_iter()
-            .take(limit)
-            .map(|j| Self::view(&st, j))
+        jobs.truncate(if limit == 0 { usize::MAX } else { limit });
+        jobs
+    }
+
+    /// The latest progress of task `index` of `job`, when it runs and its worker reported some.
+    fn live_progress(st: &State, job: &Job, index: u32) -> Option<TaskProgress> {
+        job.leases
+            .get(&index)
+            .and_then(|l| st.leases.get(l))
+            .and_then(|l| l.progress)
+    }
+
+    /// Every lease held now: which worker renders which task, with its latest progress.
+    pub fn leases(&self) -> Vec<LeaseView> {
+        let st = self.state.lock().unwrap();
+        st.leases
+            .values()
+            .map(|l| LeaseView {
+                worker: l.worker.clone(),
+                job_id: l.job_id.clone(),
+                index: l.index,
+                tenant: st
+                    .jobs
+                    .get(&l.job_id)
+                    .map(|j| j.meta.tenant.clone())
+                    .unwrap_or_default(),
+                progress: l.progress,
+            })
             .collect()
     }
 

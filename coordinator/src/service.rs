@@ -364,13 +364,7 @@ impl RenderService for RenderApi {
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let tenant = auth::tenant(&request);
         let job_id = JobId::from(request.into_inner().job_id);
-        own_job(&self.coordinator, &tenant, &job_id)?;
-        let state = self
-            .coordinator
-            .scheduler
-            .cancel(&job_id)
-            .map_err(Error::from)?;
-        tracing::info!(job_id = job_id.as_str(), ?state, "job cancel");
+        let state = self.coordinator.cancel_own(&tenant, &job_id)?;
         Ok(Response::new(pb::CancelJobResponse {
             state: job_state(state) as i32,
         }))
@@ -428,12 +422,16 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::LeaseTaskRequest>,
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
-        let pb::LeaseTaskRequest { worker_id, wait_ms } = request.into_inner();
+        let pb::LeaseTaskRequest {
+            worker_id,
+            wait_ms,
+            memory_used_bytes,
+        } = request.into_inner();
         let worker_id = WorkerId::from(worker_id);
         if worker_id.is_empty() {
             return Err(Error::invalid("worker_id", "missing").into());
         }
-        self.coordinator.workers.seen(&worker_id);
+        self.coordinator.workers.seen(&worker_id, memory_used_bytes);
         let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
         let lease = self
             .coordinator
@@ -464,7 +462,9 @@ impl WorkerService for WorkerApi {
         let r = request.into_inner();
         let (worker_id, lease_id) = (WorkerId::from(r.worker_id), LeaseId::from(r.lease_id));
         if !worker_id.is_empty() {
-            self.coordinator.workers.seen(&worker_id);
+            self.coordinator
+                .workers
+                .seen(&worker_id, r.memory_used_bytes);
         }
         if lease_id.is_empty() {
             return Ok(Response::new(pb::HeartbeatResponse {

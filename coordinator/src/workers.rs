@@ -23,6 +23,9 @@ pub struct WorkerInfo {
     /// Bytes of device memory; 0 when unknown (a worker seen leasing without registering with this
     /// coordinator, e.g. across its restart).
     pub memory_bytes: u64,
+    /// Bytes of memory in use as the worker last reported (its device's on a GPU, its process's on a CPU);
+    /// 0 when unknown.
+    pub memory_used_bytes: u64,
     /// When the worker last registered or called.
     pub last_seen: Instant,
 }
@@ -54,23 +57,31 @@ impl Registry {
             WorkerInfo {
                 device: device.to_string(),
                 memory_bytes,
+                memory_used_bytes: 0,
                 last_seen: Instant::now(),
             },
         );
     }
 
-    /// Records that a worker called (a lease poll, a heartbeat).
-    pub fn seen(&self, id: &WorkerId) {
+    /// Records that a worker called (a lease poll, a heartbeat), with the memory in use it reported (0:
+    /// unknown, and the last known value is kept).
+    pub fn seen(&self, id: &WorkerId, memory_used_bytes: u64) {
         let mut workers = self.workers();
         let room = workers.len() < MAX_WORKERS;
         match workers.get_mut(id) {
-            Some(w) => w.last_seen = Instant::now(),
+            Some(w) => {
+                w.last_seen = Instant::now();
+                if memory_used_bytes > 0 {
+                    w.memory_used_bytes = memory_used_bytes;
+                }
+            }
             None if room => {
                 workers.insert(
                     id.clone(),
                     WorkerInfo {
                         device: String::new(),
                         memory_bytes: 0,
+                        memory_used_bytes,
                         last_seen: Instant::now(),
                     },
                 );
@@ -100,6 +111,17 @@ impl Registry {
         (live, workers.len() - live)
     }
 
+    /// Every worker remembered (live and silent), by id.
+    pub fn all(&self) -> Vec<(WorkerId, WorkerInfo)> {
+        let mut all: Vec<_> = self
+            .workers()
+            .iter()
+            .map(|(id, w)| (id.clone(), w.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        all
+    }
+
     /// What is known of worker `id`; `None` when it has not been heard from (or was forgotten).
     pub fn get(&self, id: &WorkerId) -> Option<WorkerInfo> {
         self.workers().get(id).cloned()
@@ -118,12 +140,16 @@ mod tests {
     fn live_workers_count_with_their_memory_unknown_ones_with_zero() {
         let r = Registry::default();
         r.register(&w("gpu#1"), "cuda:0", 80 << 30);
-        r.seen(&w("old#7"));
-        r.seen(&w("gpu#1"));
+        r.seen(&w("old#7"), 0);
+        r.seen(&w("gpu#1"), 5 << 30);
         let mut live = r.live_memory();
         live.sort();
         assert_eq!(live, [0, 80 << 30]);
         assert_eq!(r.get(&w("gpu#1")).unwrap().device, "cuda:0");
+        assert_eq!(r.get(&w("gpu#1")).unwrap().memory_used_bytes, 5 << 30);
+        // an unknown reading keeps the last known one
+        r.seen(&w("gpu#1"), 0);
+        assert_eq!(r.get(&w("gpu#1")).unwrap().memory_used_bytes, 5 << 30);
         // silent past the window: no longer counted
         r.workers().get_mut("old#7").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
         assert_eq!(r.live_memory(), [80 << 30]);

@@ -250,6 +250,17 @@ impl Cluster {
     }
 }
 
+/// The address a coordinator logged for its status page ("status page on http://ADDR/", or https).
+pub async fn status_page_addr(node: &Node) -> String {
+    wait_for("the status page", Duration::from_secs(60), || async {
+        let log = node.log_text();
+        let at = log.find("status page on http")? + "status page on http".len();
+        let rest = log[at..].trim_start_matches('s').strip_prefix("://")?;
+        Some(rest[..rest.find('/')?].to_string())
+    })
+    .await
+}
+
 /// Polls `f` until it returns Some, or panics with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where

@@ -20,7 +20,8 @@ pub(crate) fn total_memory(device: Device) -> Option<u64> {
     .ok()
 }
 
-/// The memory in use now, in bytes, for the metrics: on a CPU the worker process's resident set; on a GPU
+/// The memory in use now, in bytes, for the metrics and the coordinator's status page (sent with each lease
+/// request and heartbeat): on a CPU the worker process's resident set; on a GPU
 /// the device's used memory as NVML reports it (`nvmlDeviceGetMemoryInfo` in libnvidia-ml.so.1, the
 /// driver's management library: every process's allocations on the device, libtorch's cache included).
 /// `None` when it cannot be read.

@@ -315,6 +315,7 @@ pub async fn run(
                 .lease_task(pb::LeaseTaskRequest {
                     worker_id: worker_id.to_string(),
                     wait_ms,
+                    memory_used_bytes: device::memory_in_use(config.device).unwrap_or(0),
                 })
                 .await;
             let leased = match leased {
@@ -346,6 +347,7 @@ pub async fn run(
                     heartbeat,
                     progress_rx,
                     cancel.clone(),
+                    config.device,
                 );
                 let downloaded_before = cache.downloaded;
                 let outcome = run_task(
@@ -400,6 +402,7 @@ impl Heartbeat {
         interval: Duration,
         mut progress: tokio::sync::watch::Receiver<Option<Progress>>,
         cancel: Arc<AtomicBool>,
+        device: Device,
     ) -> Heartbeat {
         Heartbeat(tokio::spawn(
             async move {
@@ -414,6 +417,7 @@ impl Heartbeat {
                             .borrow_and_update()
                             .as_ref()
                             .map(|p| (&TaskProgress::from(p)).into()),
+                        memory_used_bytes: device::memory_in_use(device).unwrap_or(0),
                     };
                     // a beat that hangs must not hold up the next ones
                     match tokio::time::timeout(interval, client.heartbeat(beat)).await {

@@ -1,0 +1,829 @@
+//! The status page: what the farm is doing, at a glance, in a browser. Served by the coordinator on an HTTP
+//! port of its own (`stylefarm coordinator --status-listen ADDR`; HTTPS with the coordinator's certificate
+//! when it has one).
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `GET /` | the page: jobs with their progress, each scale's preview (a tiled job's stitched scales, and its current scale's tiles as they finish, over the previous scale), thumbnails of results, cancel buttons; workers with device, memory and health. It polls `/api/status` every second. |
+//! | `GET /api/status` | the same as JSON ([`Status`]): the caller's jobs, newest first (at most [`MAX_JOBS`]), and the workers |
+//! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px (16 to 1024, default 256) |
+//! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
+//! | `POST /login`, `POST /logout` | the client token into (or out of) an HttpOnly, SameSite=Strict cookie |
+//!
+//! With auth on, every route but the login needs a client token, exactly as RenderService does (the same
+//! check, [`crate::auth`]): `Authorization: Bearer <token>` (scripts) or the cookie that `POST /login`
+//! sets (browsers; the page shows a token form). A tenant sees its own jobs, as through ListJobs, and every
+//! worker (the task a worker renders for another tenant is shown without its job). Images, as through
+//! DownloadResult, are served to any client that knows their sha256.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use serde::{Deserialize, Serialize};
+use stylefarm_core::ids::JobId;
+use stylefarm_core::job::{ImageHash, JobKind};
+use stylefarm_core::progress::TaskProgress;
+use stylefarm_core::{imaging, job::ScalePart};
+
+use crate::auth::Tenant;
+use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
+use crate::workers::LIVE_WINDOW;
+use crate::{Coordinator, Error};
+
+/// Jobs the page lists, newest first.
+pub const MAX_JOBS: usize = 50;
+/// Tasks listed per job (a tiled job's current scale, or a batch's first tasks); the counts cover all.
+pub const MAX_TASKS_SHOWN: usize = 400;
+/// Workers listed, those heard from most recently first.
+pub const MAX_WORKERS_SHOWN: usize = 500;
+/// Thumbnails kept encoded, the oldest dropped first.
+const THUMBNAIL_CACHE: usize = 256;
+/// Thumbnails made at once (each decodes a stored image on the blocking pool).
+const THUMBNAIL_PERMITS: usize = 2;
+/// The cookie `POST /login` sets.
+const COOKIE: &str = "stylefarm_token";
+/// The header that a state-changing request must carry: a page of another origin cannot send it without
+/// the coordinator's CORS consent, which it never gives.
+const CSRF_HEADER: &str = "x-stylefarm-csrf";
+
+const PAGE: &str = include_str!("status/index.html");
+const SCRIPT: &str = include_str!("status/status.js");
+const STYLE: &str = include_str!("status/status.css");
+const LOGIN: &str = include_str!("status/login.html");
+
+/// The page's JSON: `GET /api/status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The tenant of the caller's token; empty when auth is off.
+    pub tenant: String,
+    /// Whether the coordinator asks for tokens (the page then offers to log out).
+    pub auth: bool,
+    /// The coordinator's clock, Unix ms.
+    pub now_ms: i64,
+    /// The caller's jobs, newest first.
+    pub jobs: Vec<JobRow>,
+    /// The workers: busy, idle, then silent; each group by id.
+    pub workers: Vec<WorkerRow>,
+}
+
+/// A job on the page.
+#[derive(Debug, Serialize)]
+pub struct JobRow {
+    /// The job's id.
+    pub id: String,
+    /// `single`, `batch`, `sweep` or `tiled`.
+    pub kind: &'static str,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: &'static str,
+    /// Its priority (higher runs first).
+    pub priority: i32,
+    /// When it was submitted, Unix ms.
+    pub submitted_ms: i64,
+    /// When it ended, Unix ms; 0 until then.
+    pub finished_ms: i64,
+    /// Why it failed; "cancelled" when cancelled; empty otherwise.
+    pub error: String,
+    /// How much is done, 0 to 1: the mean of the tasks' fractions (a tiled job: of its scales', each the
+    /// mean of its tiles').
+    pub progress: f64,
+    /// Tasks by state name, over all the job's tasks.
+    pub counts: BTreeMap<&'static str, usize>,
+    /// A tiled job's scales; 0 for the other kinds.
+    pub scales: u32,
+    /// A tiled job's scale being rendered, 1-based (`scales` once the last is stitched); 0 for the other
+    /// kinds.
+    pub scale: u32,
+    /// A tiled job: the current scale's canvas, in px (0 x 0 for its first, untiled scale).
+    pub canvas: [u32; 2],
+    /// The job's own images: a tiled job's stitched scales, a sweep's contact sheet, the final result.
+    pub previews: Vec<Preview>,
+    /// A tiled job's current scale: its tiles; the other kinds: their tasks (at most
+    /// [`MAX_TASKS_SHOWN`]).
+    pub tasks: Vec<TaskRow>,
+}
+
+/// An image of a job.
+#[derive(Debug, Serialize)]
+pub struct Preview {
+    /// For people: "scale 2 of 3", "contact sheet", "result".
+    pub label: String,
+    /// The image's sha256 (`/api/images/{sha256}`).
+    pub image: String,
+}
+
+/// A task (or a tile of the current scale) on the page.
+#[derive(Debug, Serialize)]
+pub struct TaskRow {
+    /// The task's index in its job.
+    pub index: u32,
+    /// What it renders, for people.
+    pub label: String,
+    /// `pending`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: &'static str,
+    /// The worker of its current or last attempt.
+    pub worker: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// How much is done, 0 to 1.
+    pub progress: f64,
+    /// The iteration its worker last reported (0 before any), of `iterations` of the current scale.
+    pub iteration: u32,
+    /// The iterations of the scale being rendered; 0 before a report.
+    pub iterations: u32,
+    /// The objective at `iteration`.
+    pub loss: Option<f64>,
+    /// The result's sha256, once succeeded.
+    pub result: String,
+    /// The last failed attempt's error.
+    pub error: String,
+    /// A tile: its rectangle in the canvas, px (x, y, width, height).
+    pub rect: Option<[u32; 4]>,
+}
+
+/// A worker on the page.
+#[derive(Debug, Serialize)]
+pub struct WorkerRow {
+    /// The worker's id (its name and a number).
+    pub id: String,
+    /// "cpu", "cuda:0", ...; empty when unknown (a worker seen without its registration).
+    pub device: String,
+    /// The device's memory, bytes; 0: unknown.
+    pub memory_bytes: u64,
+    /// The memory in use as last reported, bytes (the device's on a GPU, the process's on a CPU); 0:
+    /// unknown.
+    pub memory_used_bytes: u64,
+    /// Seconds since it last called.
+    pub last_seen_s: f64,
+    /// `busy` (it holds a lease), `idle` (it asks for work), `silent` (not heard from for
+    /// [`LIVE_WINDOW`], or for a lease period while holding one).
+    pub health: &'static str,
+    /// The job of the task it renders when the job is the caller's, else empty.
+    pub job_id: String,
+    /// That task's index.
+    pub task: Option<u32>,
+    /// How much of its task is done, 0 to 1.
+    pub progress: f64,
+}
+
+/// How much of a task is done, 0 to 1.
+fn task_fraction(state: TaskState, progress: Option<&TaskProgress>) -> f64 {
+    match (state, progress) {
+        (TaskState::Succeeded, _) => 1.0,
+        (TaskState::Running, Some(p)) if p.scales > 0 && p.iterations > 0 => {
+            let within = f64::from(p.iteration.min(p.iterations)) / f64::from(p.iterations);
+            ((f64::from(p.scale.max(1) - 1) + within) / f64::from(p.scales)).clamp(0.0, 1.0)
+        }
+        _ => 0.0,
+    }
+}
+
+fn task_row(t: &TaskRecord, p: Option<&TaskProgress>) -> TaskRow {
+    TaskRow {
+        index: t.index,
+        label: t.spec.label.clone(),
+        state: t.state.name(),
+        worker: t.worker.to_string(),
+        attempts: t.attempts,
+        progress: task_fraction(t.state, p),
+        iteration: p.map_or(0, |p| p.iteration),
+        iterations: p.map_or(0, |p| p.iterations),
+        loss: p.map(|p| p.losses.total),
+        result: t
+            .result
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        error: t.error.clone(),
+        rect: t.spec.scale.as_ref().and_then(|s| match s.part {
+            ScalePart::Tile { rect, .. } => Some([rect.x, rect.y, rect.width, rect.height]),
+            ScalePart::Whole { .. } => None,
+        }),
+    }
+}
+
+fn mean(fractions: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = fractions.fold((0.0, 0usize), |(s, n), f| (s + f, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
+}
+
+/// A job as the page shows it, from its record and its tasks with their live progress.
+pub fn job_row(m: &JobMeta, all: &[(&TaskRecord, Option<TaskProgress>)]) -> JobRow {
+    let mut counts = BTreeMap::new();
+    for (t, _) in all {
+        *counts.entry(t.state.name()).or_insert(0) += 1;
+    }
+    let scales = match m.spec.kind {
+        JobKind::Tiled(_) => m.spec.pyramid_params().map_or(1, |p| p.scales.max(1)),
+        _ => 0,
+    };
+    let mut previews = Vec::new();
+    let (scale, canvas, progress, tasks);
+    if scales > 0 {
+        // the scale being rendered (0-based): the first not stitched yet
+        let current = (m.stage_results.len() as u32).min(scales - 1);
+        let of_current: Vec<_> = all
+            .iter()
+            .filter(|(t, _)| t.spec.scale.as_ref().map_or(0, |s| s.scale) == current)
+            .collect();
+        let stitched = m.stage_results.len() as u32;
+        let current_fraction = if stitched >= scales {
+            0.0
+        } else {
+            mean(
+                of_current
+                    .iter()
+                    .map(|(t, p)| task_fraction(t.state, p.as_ref())),
+            )
+        };
+        progress = if m.state == JobState::Succeeded {
+            1.0
+        } else {
+            (f64::from(stitched.min(scales)) + current_fraction) / f64::from(scales)
+        };
+        scale = (stitched + 1).min(scales);
+        canvas = of_current
+            .iter()
+            .find_map(|(t, _)| t.spec.scale.as_ref())
+            .map_or([0, 0], |s| [s.canvas_width, s.canvas_height]);
+        for (i, hash) in m.stage_results.iter().enumerate() {
+            previews.push(Preview {
+                label: format!("scale {} of {scales}", i + 1),
+                image: hash.to_string(),
+            });
+        }
+        tasks = of_current
+            .iter()
+            .take(MAX_TASKS_SHOWN)
+            .map(|(t, p)| task_row(t, p.as_ref()))
+            .collect();
+    } else {
+        scale = 0;
+        canvas = [0, 0];
+        progress = mean(all.iter().map(|(t, p)| task_fraction(t.state, p.as_ref())));
+        if let (JobKind::Sweep(_), Some(sheet)) = (&m.spec.kind, &m.result) {
+            previews.push(Preview {
+                label: "contact sheet".into(),
+                image: sheet.to_string(),
+            });
+        }
+        tasks = all
+            .iter()
+            .take(MAX_TASKS_SHOWN)
+            .map(|(t, p)| task_row(t, p.as_ref()))
+            .collect();
+    }
+    if scales > 0 {
+        if let Some(result) = &m.result {
+            previews.push(Preview {
+                label: "result".into(),
+                image: result.to_string(),
+            });
+        }
+    }
+    JobRow {
+        id: m.id.to_string(),
+        kind: m.spec.kind.name(),
+        state: m.state.name(),
+        priority: m.spec.priority,
+        submitted_ms: m.submitted_ms,
+        finished_ms: m.finished_ms,
+        error: m.error.clone(),
+        progress,
+        counts,
+        scales,
+        scale,
+        canvas,
+        previews,
+        tasks,
+    }
+}
+
+impl Coordinator {
+    /// The page's JSON for `tenant`.
+    pub fn status(&self, tenant: &Tenant) -> Status {
+        let jobs = self.scheduler.list_with(&tenant.0, MAX_JOBS, job_row);
+        let leases: HashMap<_, _> = self
+            .scheduler
+            .leases()
+            .into_iter()
+            .map(|l| (l.worker.clone(), l))
+            .collect();
+        let lease_period = self.scheduler.config().lease;
+        let mut workers: Vec<WorkerRow> = self
+            .workers
+            .all()
+            .into_iter()
+            .map(|(id, w)| {
+                let silent_for = w.last_seen.elapsed();
+                let lease = leases.get(&id);
+                let health = match lease {
+                    Some(_) if silent_for <= lease_period => "busy",
+                    None if silent_for <= LIVE_WINDOW => "idle",
+                    _ => "silent",
+                };
+                let own = lease.filter(|l| l.tenant == tenant.0);
+                WorkerRow {
+                    id: id.to_string(),
+                    device: w.device,
+                    memory_bytes: w.memory_bytes,
+                    memory_used_bytes: w.memory_used_bytes,
+                    last_seen_s: silent_for.as_secs_f64(),
+                    health,
+                    job_id: own.map(|l| l.job_id.to_string()).unwrap_or_default(),
+                    task: own.map(|l| l.index),
+                    progress: lease.map_or(0.0, |l| {
+                        task_fraction(TaskState::Running, l.progress.as_ref())
+                    }),
+                }
+            })
+            .collect();
+        let rank = |h: &str| match h {
+            "busy" => 0,
+            "idle" => 1,
+            _ => 2,
+        };
+        workers.sort_by(|a, b| {
+            (
+                rank(a.health),
+                a.last_seen_s > LIVE_WINDOW.as_secs_f64(),
+                &a.id,
+            )
+                .cmp(&(
+                    rank(b.health),
+                    b.last_seen_s > LIVE_WINDOW.as_secs_f64(),
+                    &b.id,
+                ))
+        });
+        workers.truncate(MAX_WORKERS_SHOWN);
+        Status {
+            tenant: tenant.0.clone(),
+            auth: self.gate.enabled(),
+            now_ms: crate::scheduler::now_ms(),
+            jobs,
+            workers,
+        }
+    }
+}
+
+/// The status page's shared state.
+#[derive(Clone)]
+struct Page {
+    coordinator: Arc<Coordinator>,
+    /// Whether the page is served over HTTPS (its cookie is then `Secure`).
+    https: bool,
+    thumbnails: Arc<Thumbnails>,
+}
+
+/// A thumbnail's key: the image and the longest side asked for.
+type ThumbnailKey = (ImageHash, u32);
+
+/// Encoded thumbnails by key, with the keys in insertion order (the oldest dropped first), and the permits
+/// to make more.
+struct Thumbnails {
+    cache: Mutex<(HashMap<ThumbnailKey, bytes::Bytes>, VecDeque<ThumbnailKey>)>,
+    permits: tokio::sync::Semaphore,
+}
+
+/// An error page or JSON error: its status and a message for people.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            self.1,
+        )
+            .into_response()
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        let status = tonic::Status::from(e);
+        Failure(http_status(status.code()), status.message().to_string())
+    }
+}
+
+/// The HTTP status of a gRPC code, as gRPC's HTTP mapping has it.
+fn http_status(code: tonic::Code) -> StatusCode {
+    use tonic::Code::*;
+    match code {
+        InvalidArgument | OutOfRange | FailedPrecondition => StatusCode::BAD_REQUEST,
+        Unauthenticated => StatusCode::UNAUTHORIZED,
+        PermissionDenied => StatusCode::FORBIDDEN,
+        NotFound => StatusCode::NOT_FOUND,
+        ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The token a request carries: its `Authorization: Bearer` header, else the login cookie.
+fn token_of(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        return v.to_str().ok().map(str::to_string);
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+        .map(|t| format!("Bearer {t}"))
+}
+
+impl Page {
+    /// The caller's tenant, by the same check as RenderService's; UNAUTHENTICATED (401) or
+    /// PERMISSION_DENIED (403, a worker token) otherwise.
+    fn tenant(&self, headers: &HeaderMap) -> Result<Tenant, Failure> {
+        let mut request = tonic::Request::new(());
+        if let Some(value) = token_of(headers).and_then(|t| t.parse().ok()) {
+            request
+                .metadata_mut()
+                .insert(stylefarm_proto::connect::AUTHORIZATION, value);
+        }
+        let mut check = self.coordinator.gate.clients();
+        let request = tonic::service::Interceptor::call(&mut check, request)
+            .map_err(|s| Failure(http_status(s.code()), s.message().to_string()))?;
+        Ok(crate::auth::tenant(&request))
+    }
+
+    fn cookie(&self, token: &str, max_age: Option<u32>) -> HeaderValue {
+        let secure = if self.https { "; Secure" } else { "" };
+        let age = max_age.map_or(String::new(), |s| format!("; Max-Age={s}"));
+        HeaderValue::from_str(&format!(
+            "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}{age}"
+        ))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+/// Headers of every page: no framing, no sniffing, no referrer, scripts and styles of this origin only.
+fn page_headers(content_type: &'static str) -> [(header::HeaderName, &'static str); 5] {
+    [
+        (header::CONTENT_TYPE, content_type),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; \
+             frame-ancestors 'none'; form-action 'self'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ]
+}
+
+async fn index(State(page): State<Page>, headers: HeaderMap) -> Response {
+    match page.tenant(&headers) {
+        Ok(_) => (page_headers("text/html; charset=utf-8"), PAGE).into_response(),
+        Err(Failure(code, message)) => login_page(code, &message),
+    }
+}
+
+fn login_page(code: StatusCode, message: &str) -> Response {
+    let escaped = message
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    (
+        code,
+        page_headers("text/html; charset=utf-8"),
+        LOGIN.replace("{{message}}", &escaped),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct Login {
+    token: String,
+}
+
+async fn login(State(page): State<Page>, Form(login): Form<Login>) -> Response {
+    let token = login.token.trim();
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        headers.insert(header::AUTHORIZATION, v);
+    }
+    // a value a cookie cannot hold is no token of this coordinator's either
+    let cookie_safe = token
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b';' && b != b',');
+    match page.tenant(&headers) {
+        Ok(_) if cookie_safe => (
+            [(header::SET_COOKIE, page.cookie(token, None))],
+            Redirect::to("/"),
+        )
+            .into_response(),
+        Ok(_) => login_page(
+            StatusCode::BAD_REQUEST,
+            "token: it has characters a cookie cannot hold (spaces, ';' or ','): read the JSON \
+             with an 'Authorization: Bearer' header instead",
+        ),
+        Err(Failure(code, message)) => login_page(code, &message),
+    }
+}
+
+async fn logout(State(page): State<Page>) -> Response {
+    (
+        [(header::SET_COOKIE, page.cookie("", Some(0)))],
+        Redirect::to("/"),
+    )
+        .into_response()
+}
+
+async fn status_json(State(page): State<Page>, headers: HeaderMap) -> Result<Response, Failure> {
+    let tenant = page.tenant(&headers)?;
+    let coordinator = page.coordinator.clone();
+    let status = tokio::task::spawn_blocking(move || coordinator.status(&tenant))
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(status)).into_response())
+}
+
+async fn cancel(
+    State(page): State<Page>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let tenant = page.tenant(&headers)?;
+    if headers.get(CSRF_HEADER).is_none() {
+        return Err(Failure(
+            StatusCode::FORBIDDEN,
+            format!("{CSRF_HEADER}: missing (the page's own requests send it)"),
+        ));
+    }
+    let coordinator = page.coordinator.clone();
+    let job_id = JobId::from(job_id);
+    let state = tokio::task::spawn_blocking(move || coordinator.cancel_own(&tenant, &job_id))
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(serde_json::json!({ "state": state.name() })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ThumbnailQuery {
+    max: Option<u32>,
+}
+
+/// Thumbnails' longest side, px: the default and the bounds of `max`.
+const THUMBNAIL_DEFAULT: u32 = 256;
+const THUMBNAIL_MIN: u32 = 16;
+const THUMBNAIL_MAX: u32 = 1024;
+
+async fn thumbnail(
+    State(page): State<Page>,
+    Path(sha256): Path<String>,
+    Query(q): Query<ThumbnailQuery>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    page.tenant(&headers)?;
+    let hash: ImageHash = sha256.parse().map_err(|_| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            format!("sha256: '{sha256}' is not a sha256"),
+        )
+    })?;
+    let max = q.max.unwrap_or(THUMBNAIL_DEFAULT);
+    if !(THUMBNAIL_MIN..=THUMBNAIL_MAX).contains(&max) {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            format!("max: {max} px is outside {THUMBNAIL_MIN} to {THUMBNAIL_MAX}"),
+        ));
+    }
+    let key = (hash, max);
+    let cached = page.thumbnails.cache.lock().unwrap().0.get(&key).cloned();
+    let png = match cached {
+        Some(png) => png,
+        None => {
+            let _permit = page
+                .thumbnails
+                .permits
+                .acquire()
+                .await
+                .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+            let coordinator = page.coordinator.clone();
+            let hash = key.0.clone();
+            let png = tokio::task::spawn_blocking(move || coordinator.thumbnail(&hash, max))
+                .await
+                .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            let mut cache = page.thumbnails.cache.lock().unwrap();
+            let (map, order) = &mut *cache;
+            if map.insert(key.clone(), png.clone()).is_none() {
+                order.push_back(key);
+                while order.len() > THUMBNAIL_CACHE {
+                    if let Some(old) = order.pop_front() {
+                        map.remove(&old);
+                    }
+                }
+            }
+            png
+        }
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png"),
+            // an image's bytes never change under its hash
+            (
+                header::CACHE_CONTROL,
+                "private, max-age=31536000, immutable",
+            ),
+        ],
+        png,
+    )
+        .into_response())
+}
+
+impl Coordinator {
+    /// Cancels `tenant`'s job `job_id`, as RenderService's CancelJob: NOT_FOUND for another tenant's.
+    pub(crate) fn cancel_own(&self, tenant: &Tenant, job_id: &JobId) -> Result<JobState, Error> {
+        if self.scheduler.tenant_of(job_id)? != tenant.0 {
+            return Err(crate::scheduler::SchedulerError::JobNotFound(job_id.clone()).into());
+        }
+        let state = self.scheduler.cancel(job_id)?;
+        tracing::info!(job_id = job_id.as_str(), ?state, "job cancel");
+        Ok(state)
+    }
+
+    /// Stored image `hash` as a PNG, its longer side at most `max` px (never enlarged); NOT_FOUND when
+    /// it is not stored.
+    fn thumbnail(&self, hash: &ImageHash, max: u32) -> Result<bytes::Bytes, Error> {
+        let bytes = self
+            .blobs
+            .get(hash)?
+            .ok_or_else(|| Error::NotFound(format!("sha256: image {hash} is not stored")))?;
+        let img = imaging::decode(&bytes, hash.as_str())?;
+        let (w, h) = img.dimensions();
+        let scale = (f64::from(max) / f64::from(w.max(h))).min(1.0);
+        let (tw, th) = (
+            ((f64::from(w) * scale).round() as u32).max(1),
+            ((f64::from(h) * scale).round() as u32).max(1),
+        );
+        let small = if (tw, th) == (w, h) {
+            img
+        } else {
+            image::imageops::thumbnail(&img, tw, th)
+        };
+        let mut out = Vec::new();
+        small
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .map_err(|e| Error::Internal(format!("encoding a thumbnail: {e}")))?;
+        Ok(out.into())
+    }
+}
+
+/// The page's routes over `coordinator`; `https`: whether they are served over TLS (the cookie is then
+/// `Secure`).
+pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
+    let page = Page {
+        coordinator,
+        https,
+        thumbnails: Arc::new(Thumbnails {
+            cache: Mutex::default(),
+            permits: tokio::sync::Semaphore::new(THUMBNAIL_PERMITS),
+        }),
+    };
+    let asset = |content_type: &'static str, body: &'static str| {
+        get(move || async move { (page_headers(content_type), body) })
+    };
+    Router::new()
+        .route("/", get(index))
+        .route(
+            "/status.js",
+            asset("text/javascript; charset=utf-8", SCRIPT),
+        )
+        .route("/status.css", asset("text/css; charset=utf-8", STYLE))
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+        .route("/api/status", get(status_json))
+        .route("/api/images/{sha256}", get(thumbnail))
+        .route("/api/jobs/{job_id}/cancel", post(cancel))
+        .with_state(page)
+}
+
+/// Serves the status page on `listener` until the process ends: over HTTPS with the coordinator's
+/// certificate when it has one (`--tls-cert`), else plain HTTP. Logs the URL ("status page on
+/// http://ADDR/").
+pub async fn serve_status(
+    listener: std::net::TcpListener,
+    coordinator: Arc<Coordinator>,
+) -> Result<SocketAddr, Error> {
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    match coordinator.tls_files.clone() {
+        Some(tls) => {
+            let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
+                tls.rustls_server_config()?,
+            ));
+            let app = router(coordinator, true);
+            tracing::info!("status page on https://{addr}/");
+            let server = axum_server::from_tcp_rustls(listener, config)
+                .map_err(|e| Error::Transport(format!("status page: {e}")))?;
+            tokio::spawn(async move {
+                if let Err(e) = server.serve(app.into_make_service()).await {
+                    tracing::error!(error = %e, "the status page stopped");
+                }
+            });
+        }
+        None => {
+            let app = router(coordinator, false);
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tracing::info!("status page on http://{addr}/");
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "the status page stopped");
+                }
+            });
+        }
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_is_done_by_its_scales_and_iterations() {
+        let p = |scale, scales, iteration, iterations| TaskProgress {
+            scale,
+            scales,
+            iteration,
+            iterations,
+            ..Default::default()
+        };
+        assert_eq!(task_fraction(TaskState::Pending, None), 0.0);
+        assert_eq!(task_fraction(TaskState::Succeeded, None), 1.0);
+        assert_eq!(task_fraction(TaskState::Running, None), 0.0);
+        assert_eq!(
+            task_fraction(TaskState::Running, Some(&p(1, 1, 25, 100))),
+            0.25
+        );
+        // the second of two scales, half done
+        assert_eq!(
+            task_fraction(TaskState::Running, Some(&p(2, 2, 50, 100))),
+            0.75
+        );
+        // nonsense from a worker stays within 0..1
+        assert_eq!(
+            task_fraction(TaskState::Running, Some(&p(9, 2, 500, 100))),
+            1.0
+        );
+        assert_eq!(task_fraction(TaskState::Running, Some(&p(1, 0, 5, 0))), 0.0);
+        assert_eq!(task_fraction(TaskState::Failed, Some(&p(1, 1, 5, 10))), 0.0);
+    }
+
+    #[test]
+    fn the_token_comes_from_the_header_else_the_cookie() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(token_of(&headers), None);
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("theme=dark; stylefarm_token=abc123; other=1"),
+        );
+        assert_eq!(token_of(&headers).as_deref(), Some("Bearer abc123"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer xyz"),
+        );
+        assert_eq!(token_of(&headers).as_deref(), Some("Bearer xyz"));
+        // a cookie whose name only starts with ours is not ours
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("stylefarm_tokens=zzz"),
+        );
+        assert_eq!(token_of(&headers), None);
+    }
+
+    #[test]
+    fn grpc_codes_map_to_http_statuses() {
+        assert_eq!(
+            http_status(tonic::Code::Unauthenticated),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            http_status(tonic::Code::PermissionDenied),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(http_status(tonic::Code::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(
+            http_status(tonic::Code::InvalidArgument),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            http_status(tonic::Code::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}

@@ -1,0 +1,174 @@
+// The status page's script: polls /api/status every second and draws the jobs and the workers; the
+// cancel buttons POST /api/jobs/{id}/cancel. No framework: the page is one table and a list of cards.
+"use strict";
+
+const POLL_MS = 1000;
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+const esc = (s) =>
+  String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+const image = (hash, max) => `/api/images/${encodeURIComponent(hash)}?max=${max}`;
+const percent = (f) => `${Math.floor(100 * f)}%`;
+
+function bytes(n) {
+  if (!n) return "?";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(n < 10 && i > 0 ? 1 : 0)} ${units[i]}`;
+}
+
+function ago(seconds) {
+  if (seconds < 1) return "now";
+  if (seconds < 120) return `${Math.round(seconds)} s ago`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)} min ago`;
+  return `${Math.round(seconds / 3600)} h ago`;
+}
+
+function elapsed(job, now) {
+  const end = job.finished_ms || now;
+  const s = Math.max(0, (end - job.submitted_ms) / 1000);
+  return s < 120 ? `${s.toFixed(0)} s` : `${(s / 60).toFixed(1)} min`;
+}
+
+function counts(c) {
+  return ["running", "pending", "succeeded", "failed", "cancelled"]
+    .filter((s) => c[s])
+    .map((s) => `<span class="count ${s}">${c[s]} ${s}</span>`)
+    .join(" ");
+}
+
+// A tiled job's current scale: the previous scale's stitched image, its tiles drawn over it as they finish.
+function mosaic(job) {
+  const [w, h] = job.canvas;
+  const previous = job.previews.filter((p) => p.label.startsWith("scale")).pop();
+  const done = job.tasks.filter((t) => t.state === "succeeded").length;
+  const tiles = job.tasks
+    .filter((t) => t.rect)
+    .map((t) => {
+      const [x, y, tw, th] = t.rect;
+      const style = `left:${(100 * x) / w}%;top:${(100 * y) / h}%;width:${(100 * tw) / w}%;height:${(100 * th) / h}%`;
+      const inner = t.result
+        ? `<img src="${image(t.result, 160)}" alt="tile ${t.index}">`
+        : t.state === "running"
+          ? `<div class="bar" style="width:${percent(t.progress)}"></div>`
+          : "";
+      return `<div class="tile ${esc(t.state)}" style="${style}" title="tile ${t.index}: ${esc(t.state)}">${inner}</div>`;
+    })
+    .join("");
+  const background = previous ? `<img class="background" src="${image(previous.image, 512)}" alt="">` : "";
+  return `<figure class="mosaic"><div class="canvas" style="aspect-ratio:${w}/${h}">${background}${tiles}</div>
+    <figcaption>scale ${job.scale} of ${job.scales}, ${w}×${h}: ${done} of ${job.tasks.length} tiles</figcaption></figure>`;
+}
+
+function taskRows(job) {
+  if (job.kind === "tiled") return "";
+  const rows = job.tasks
+    .map((t) => {
+      const progress = t.state === "running" && t.iterations
+        ? `${t.iteration}/${t.iterations}${t.loss != null ? ` · loss ${t.loss.toPrecision(4)}` : ""}`
+        : "";
+      const thumb = t.result ? `<img src="${image(t.result, 96)}" alt="task ${t.index}">` : "";
+      return `<tr class="task ${esc(t.state)}"><td>${t.index}</td><td>${esc(t.label)}</td>
+        <td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td><td>${esc(t.worker)}</td>
+        <td><progress max="1" value="${t.progress}"></progress> ${progress}</td><td>${thumb}</td>
+        <td class="err">${esc(t.error)}</td></tr>`;
+    })
+    .join("");
+  return `<table class="tasks"><thead><tr><th>#</th><th>task</th><th>state</th><th>worker</th><th>progress</th>
+    <th>result</th><th></th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+function jobCard(job, now) {
+  const running = !TERMINAL.has(job.state);
+  const previews = job.previews
+    .map((p) => `<figure><img src="${image(p.image, 256)}" alt="${esc(p.label)}"><figcaption>${esc(p.label)}</figcaption></figure>`)
+    .join("");
+  const live = job.kind === "tiled" && running && job.canvas[0] > 0 ? mosaic(job) : "";
+  const scale = job.scales ? `<span>scale ${job.scale} of ${job.scales}</span>` : "";
+  const cancel = running ? `<button class="cancel" data-job="${esc(job.id)}">cancel</button>` : "";
+  return `<article class="job ${esc(job.state)}" id="job-${esc(job.id)}">
+    <div class="head"><code>${esc(job.id)}</code> <span class="kind">${esc(job.kind)}</span>
+      <span class="badge ${esc(job.state)}">${esc(job.state)}</span>
+      <progress max="1" value="${job.progress}"></progress><span class="percent">${percent(job.progress)}</span>
+      ${scale} <span class="counts">${counts(job.counts)}</span> <span class="time">${elapsed(job, now)}</span>
+      ${cancel}</div>
+    ${job.error ? `<p class="err">${esc(job.error)}</p>` : ""}
+    <div class="previews">${previews}${live}</div>
+    ${taskRows(job)}
+  </article>`;
+}
+
+function workerRow(w) {
+  const memory = w.memory_bytes ? `${bytes(w.memory_used_bytes)} of ${bytes(w.memory_bytes)}` : bytes(w.memory_used_bytes);
+  const task = w.health === "busy"
+    ? `${w.job_id ? `<code>${esc(w.job_id)}</code> #${w.task}` : "another tenant's task"}
+       <progress max="1" value="${w.progress}"></progress>`
+    : "";
+  return `<tr class="worker ${esc(w.health)}"><td><code>${esc(w.id)}</code></td><td>${esc(w.device || "?")}</td>
+    <td>${memory}</td><td><span class="badge ${esc(w.health)}">${esc(w.health)}</span></td><td>${task}</td>
+    <td>${ago(w.last_seen_s)}</td></tr>`;
+}
+
+let shown = { jobs: null, workers: null };
+
+function draw(status) {
+  const jobs = status.jobs.length ? status.jobs.map((j) => jobCard(j, status.now_ms)).join("") : "<p>No jobs yet.</p>";
+  if (jobs !== shown.jobs) {
+    document.getElementById("jobs").innerHTML = jobs;
+    shown.jobs = jobs;
+  }
+  const workers = status.workers.map(workerRow).join("") || `<tr><td colspan="6">No workers yet.</td></tr>`;
+  if (workers !== shown.workers) {
+    document.querySelector("#workers tbody").innerHTML = workers;
+    shown.workers = workers;
+  }
+  const live = status.workers.filter((w) => w.health !== "silent").length;
+  const running = status.jobs.filter((j) => !TERMINAL.has(j.state)).length;
+  document.getElementById("summary").textContent =
+    `${status.tenant ? `tenant ${status.tenant} · ` : ""}${running} unfinished jobs · ${live} live workers`;
+  document.getElementById("logout").hidden = !status.auth;
+}
+
+function showError(message) {
+  const p = document.getElementById("error");
+  p.textContent = message;
+  p.hidden = !message;
+}
+
+async function refresh() {
+  try {
+    const response = await fetch("/api/status", { credentials: "same-origin", cache: "no-store" });
+    if (response.status === 401) {
+      location.reload(); // the login form
+      return;
+    }
+    if (!response.ok) throw new Error(`${response.status}: ${await response.text()}`);
+    draw(await response.json());
+    showError("");
+  } catch (e) {
+    showError(`cannot read the coordinator's status: ${e.message}`);
+  }
+}
+
+document.addEventListener("click", async (event) => {
+  const button = event.target.closest("button.cancel");
+  if (!button) return;
+  button.disabled = true;
+  button.textContent = "cancelling…";
+  try {
+    const response = await fetch(`/api/jobs/${encodeURIComponent(button.dataset.job)}/cancel`, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "X-Stylefarm-Csrf": "1" },
+    });
+    if (!response.ok) throw new Error(`${response.status}: ${await response.text()}`);
+    showError("");
+  } catch (e) {
+    showError(`cancel failed: ${e.message}`);
+  }
+  refresh();
+});
+
+refresh();
+setInterval(refresh, POLL_MS);

@@ -1,0 +1,290 @@
+//! The coordinator's status page (`--status-listen`) in a real browser: Debian's headless Chromium driven
+//! through chromedriver (WebDriver), against a real coordinator with client tokens and two real workers
+//! rendering a tiled job.
+//!
+//! Needs `chromium` and `chromium-driver` (deploy/test.sh installs them); `CHROMEDRIVER` and `CHROMIUM`
+//! name other binaries. `STYLEFARM_SCREENSHOT=FILE` keeps the screenshot (docs/status-page.png was made so).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use stylefarm_tests::{path, status_page_addr, submit, wait_for, wait_registered, Cluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLIENT_TOKEN: &str = "status-page-token-0123456789";
+const WORKER_TOKEN: &str = "status-page-worker-0123456789";
+
+/// One HTTP/1.1 request; returns the status code and the body.
+async fn http(addr: &str, method: &str, target: &str, headers: &[&str]) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request =
+        format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    request.push_str("Content-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+/// chromedriver on a free port of 127.0.0.1, killed on drop.
+struct Chromedriver {
+    child: Child,
+    url: String,
+}
+
+impl Chromedriver {
+    fn start() -> Chromedriver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let program = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let child = Command::new(&program)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{program}: {e} (Debian: apt-get install chromium chromium-driver)")
+            });
+        Chromedriver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// A headless Chromium session, 1280 x 1000, retried while chromedriver starts.
+    async fn session(&self) -> Client {
+        let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let capabilities = serde_json::json!({
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1280,1000", "--hide-scrollbars"],
+            }
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        wait_for("a Chromium session", Duration::from_secs(60), || {
+            let (connector, capabilities) = (connector.clone(), capabilities.clone());
+            async move {
+                ClientBuilder::new(connector)
+                    .capabilities(capabilities)
+                    .connect(&self.url)
+                    .await
+                    .ok()
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Evaluates `script` (a function body that returns a value) in the page.
+async fn eval(browser: &Client, script: &str) -> serde_json::Value {
+    browser.execute(script, Vec::new()).await.unwrap()
+}
+
+/// A tiled job on two workers behind client tokens, watched in headless Chromium: the page first asks for
+/// the token (the API answers 401 without one, 403 to a worker's token, and refuses a cancel without the
+/// page's CSRF header); logged in, it shows the job running with the first scale's stitched preview and
+/// the second scale's tiles arriving over it, and both workers with their device, memory and health
+/// (screenshot taken then); the job's cancel button cancels it, and the page and the
+/// API both say cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
+    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
+    cluster.coordinator_args = [
+        "--status-listen",
+        "127.0.0.1:0",
+        "--client-token",
+        &format!("studio:{CLIENT_TOKEN}"),
+        "--worker-token",
+        WORKER_TOKEN,
+    ]
+    .map(String::from)
+    .into();
+    cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), CLIENT_TOKEN.into())];
+    cluster.start_coordinator();
+    let addr = status_page_addr(cluster.coordinator.as_ref().unwrap()).await;
+    let token = [("STYLEFARM_TOKEN", WORKER_TOKEN)];
+    cluster.add_worker_with_env("w1", &token);
+    cluster.add_worker_with_env("w2", &token);
+    wait_registered(&cluster, 2).await;
+
+    // the API without a token, with a worker's, and a cancel without the page's header
+    let (code, body) = http(&addr, "GET", "/api/status", &[]).await;
+    assert_eq!(code, 401, "{body}");
+    let worker_auth = format!("Authorization: Bearer {WORKER_TOKEN}");
+    let (code, body) = http(&addr, "GET", "/api/status", &[&worker_auth]).await;
+    assert_eq!(code, 403, "{body}");
+    let client_auth = format!("Authorization: Bearer {CLIENT_TOKEN}");
+    let (code, body) = http(&addr, "GET", "/api/status", &[&client_auth]).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"tenant\":\"studio\""), "{body}");
+
+    // scale 1: 128 px whole; scale 2: 256 x 192 cut into 128-px tiles
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--tiled",
+            "--size",
+            "256",
+            "--tile-size",
+            "128",
+            "--overlap",
+            "32",
+            "--scale-iterations",
+            "10,40",
+        ],
+    );
+    let (code, body) = http(
+        &addr,
+        "POST",
+        &format!("/api/jobs/{id}/cancel"),
+        &[&client_auth],
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("x-stylefarm-csrf"), "{body}");
+
+    let driver = Chromedriver::start();
+    let browser = driver.session().await;
+    let url = format!("http://{addr}/");
+    browser.goto(&url).await.unwrap();
+    // the login form, then the page
+    let field = browser.find(Locator::Css("#token")).await.unwrap();
+    field.send_keys(CLIENT_TOKEN).await.unwrap();
+    browser
+        .find(Locator::Css("#login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let card = format!("#job-{id}");
+    browser
+        .wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css(&card))
+        .await
+        .unwrap();
+
+    // running at scale 2 with the first scale's preview loaded and at least one tile of scale 2 done
+    wait_for(
+        "scale 2 under way on the page",
+        Duration::from_secs(300),
+        || async {
+            let seen = eval(
+                &browser,
+                &format!(
+                    "const card = document.querySelector('{card}');
+                     const loaded = [...card.querySelectorAll('.previews img')]
+                         .filter(i => i.complete && i.naturalWidth > 0);
+                     return {{
+                       state: card.querySelector('.badge').textContent,
+                       preview: [...card.querySelectorAll('figure:not(.mosaic) img')]
+                           .some(i => i.complete && i.naturalWidth > 0),
+                       done: card.querySelectorAll('.mosaic .tile.succeeded img').length,
+                       loaded: loaded.length,
+                       tiles: card.querySelectorAll('.mosaic .tile').length,
+                     }};"
+                ),
+            )
+            .await;
+            assert_ne!(seen["state"], "failed", "{seen}");
+            assert_ne!(
+                seen["state"], "succeeded",
+                "the job ended before it was seen: {seen}"
+            );
+            (seen["state"] == "running"
+                && seen["preview"] == true
+                && seen["done"].as_u64() >= Some(1)
+                && seen["tiles"].as_u64() >= Some(4))
+            .then_some(seen)
+        },
+    )
+    .await;
+    // the workers: both, with their device, memory and health
+    let workers = browser
+        .find(Locator::Css("#workers tbody"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(workers.matches("cpu").count(), 2, "{workers}");
+    assert!(workers.contains("MiB of"), "{workers}");
+    assert!(
+        workers.contains("busy") || workers.contains("idle"),
+        "{workers}"
+    );
+    let screenshot = browser.screenshot().await.unwrap();
+    if let Ok(file) = std::env::var("STYLEFARM_SCREENSHOT") {
+        std::fs::write(&file, &screenshot).unwrap();
+    }
+    // the window's viewport: its width, its height less the browser's own bars
+    let shot = image::load_from_memory(&screenshot).unwrap();
+    assert_eq!(shot.width(), 1280);
+    assert!(shot.height() >= 600, "{}", shot.height());
+
+    // cancel from the page
+    browser
+        .find(Locator::Css(&format!("{card} button.cancel")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        "the page to say cancelled",
+        Duration::from_secs(30),
+        || async {
+            let state = eval(
+                &browser,
+                &format!("return document.querySelector('{card} .badge').textContent;"),
+            )
+            .await;
+            (state == "cancelled").then_some(())
+        },
+    )
+    .await;
+    // and the API: the job cancelled, none of its tasks left running
+    let (code, body) = http(&addr, "GET", "/api/status", &[&client_auth]).await;
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let job = &status["jobs"][0];
+    assert_eq!(job["id"], id.as_str(), "{job}");
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["counts"].get("running"), None, "{job}");
+    assert_eq!(
+        eval(
+            &browser,
+            &format!("return document.querySelectorAll('{card} button.cancel').length;"),
+        )
+        .await,
+        0
+    );
+    browser.close().await.unwrap();
+}
