@@ -14,9 +14,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT_TOKEN: &str = "status-page-token-0123456789";
 const WORKER_TOKEN: &str = "status-page-worker-0123456789";
+const OTHER_TOKEN: &str = "status-page-other-tenant-0123456789";
 
-/// One HTTP/1.1 request; returns the status code and the body.
-async fn http(addr: &str, method: &str, target: &str, headers: &[&str]) -> (u16, String) {
+/// An HTTP/1.1 response: its status code, its head (status line and headers) and its body.
+struct Answer {
+    code: u16,
+    head: String,
+    body: String,
+}
+
+/// One HTTP/1.1 request with `headers` and a form `body` (none when empty).
+async fn http(addr: &str, method: &str, target: &str, headers: &[&str], body: &str) -> Answer {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut request =
         format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -24,14 +32,20 @@ async fn http(addr: &str, method: &str, target: &str, headers: &[&str]) -> (u16,
         request.push_str(h);
         request.push_str("\r\n");
     }
-    request.push_str("Content-Length: 0\r\n\r\n");
+    if !body.is_empty() {
+        request.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
+    Answer {
+        code: head.split(' ').nth(1).unwrap().parse().unwrap(),
+        head: head.to_ascii_lowercase(),
+        body: body.to_string(),
+    }
 }
 
 /// chromedriver on a free port of 127.0.0.1, killed on drop.
@@ -103,8 +117,10 @@ async fn eval(browser: &Client, script: &str) -> serde_json::Value {
 }
 
 /// A tiled job on two workers behind client tokens, watched in headless Chromium: the page first asks for
-/// the token (the API answers 401 without one, 403 to a worker's token, and refuses a cancel without the
-/// page's CSRF header); logged in, it shows the job running with the first scale's stitched preview and
+/// the token (the API answers 401 without one and 403 to a worker's token; the login sets an HttpOnly,
+/// SameSite=Strict cookie and is refused from another site's page; the page has its Content-Security-Policy;
+/// a cancel without the page's CSRF header is refused; another tenant neither sees nor cancels the job);
+/// logged in, it shows the job running with the first scale's stitched preview and
 /// the second scale's tiles arriving over it, and both workers with their device, memory and health
 /// (screenshot taken then); the job's cancel button cancels it, and the page and the
 /// API both say cancelled.
@@ -116,6 +132,8 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
         "127.0.0.1:0",
         "--client-token",
         &format!("studio:{CLIENT_TOKEN}"),
+        "--client-token",
+        &format!("other:{OTHER_TOKEN}"),
         "--worker-token",
         WORKER_TOKEN,
     ]
@@ -129,16 +147,50 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     cluster.add_worker_with_env("w2", &token);
     wait_registered(&cluster, 2).await;
 
-    // the API without a token, with a worker's, and a cancel without the page's header
-    let (code, body) = http(&addr, "GET", "/api/status", &[]).await;
-    assert_eq!(code, 401, "{body}");
+    // the API without a token, with a worker's, with a client's; the page's headers; the login's cookie,
+    // and a login posted from another site's page
+    let answer = http(&addr, "GET", "/api/status", &[], "").await;
+    assert_eq!(answer.code, 401, "{}", answer.body);
     let worker_auth = format!("Authorization: Bearer {WORKER_TOKEN}");
-    let (code, body) = http(&addr, "GET", "/api/status", &[&worker_auth]).await;
-    assert_eq!(code, 403, "{body}");
+    let answer = http(&addr, "GET", "/api/status", &[&worker_auth], "").await;
+    assert_eq!(answer.code, 403, "{}", answer.body);
     let client_auth = format!("Authorization: Bearer {CLIENT_TOKEN}");
-    let (code, body) = http(&addr, "GET", "/api/status", &[&client_auth]).await;
-    assert_eq!(code, 200, "{body}");
-    assert!(body.contains("\"tenant\":\"studio\""), "{body}");
+    let answer = http(&addr, "GET", "/api/status", &[&client_auth], "").await;
+    assert_eq!(answer.code, 200, "{}", answer.body);
+    assert!(
+        answer.body.contains("\"tenant\":\"studio\""),
+        "{}",
+        answer.body
+    );
+    let page = http(&addr, "GET", "/", &[&client_auth], "").await;
+    assert_eq!(page.code, 200, "{}", page.body);
+    assert!(
+        page.head
+            .contains("content-security-policy: default-src 'self'"),
+        "{}",
+        page.head
+    );
+    let form = format!("token={CLIENT_TOKEN}");
+    let login = http(&addr, "POST", "/login", &[], &form).await;
+    assert_eq!(login.code, 303, "{}", login.body);
+    assert!(
+        login.head.contains(&format!(
+            "set-cookie: stylefarm_token={}; path=/; httponly; samesite=strict",
+            CLIENT_TOKEN.to_ascii_lowercase()
+        )),
+        "{}",
+        login.head
+    );
+    let forged = http(
+        &addr,
+        "POST",
+        "/login",
+        &["Sec-Fetch-Site: cross-site"],
+        &form,
+    )
+    .await;
+    assert_eq!(forged.code, 403, "{}", forged.body);
+    assert!(!forged.head.contains("set-cookie"), "{}", forged.head);
 
     // scale 1: 128 px whole; scale 2: 256 x 192 cut into 128-px tiles
     let id = submit(
@@ -159,15 +211,17 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
             "10,40",
         ],
     );
-    let (code, body) = http(
-        &addr,
-        "POST",
-        &format!("/api/jobs/{id}/cancel"),
-        &[&client_auth],
-    )
-    .await;
-    assert_eq!(code, 403, "{body}");
-    assert!(body.contains("x-stylefarm-csrf"), "{body}");
+    // a cancel without the page's header; another tenant neither sees the job nor cancels it
+    let cancel = format!("/api/jobs/{id}/cancel");
+    let answer = http(&addr, "POST", &cancel, &[&client_auth], "").await;
+    assert_eq!(answer.code, 403, "{}", answer.body);
+    assert!(answer.body.contains("x-stylefarm-csrf"), "{}", answer.body);
+    let other_auth = format!("Authorization: Bearer {OTHER_TOKEN}");
+    let answer = http(&addr, "GET", "/api/status", &[&other_auth], "").await;
+    assert!(answer.body.contains("\"jobs\":[]"), "{}", answer.body);
+    let csrf = "X-Stylefarm-Csrf: 1";
+    let answer = http(&addr, "POST", &cancel, &[&other_auth, csrf], "").await;
+    assert_eq!(answer.code, 404, "{}", answer.body);
 
     let driver = Chromedriver::start();
     let browser = driver.session().await;
@@ -271,20 +325,21 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     )
     .await;
     // and the API: the job cancelled, none of its tasks left running
-    let (code, body) = http(&addr, "GET", "/api/status", &[&client_auth]).await;
-    assert_eq!(code, 200, "{body}");
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let answer = http(&addr, "GET", "/api/status", &[&client_auth], "").await;
+    assert_eq!(answer.code, 200, "{}", answer.body);
+    let status: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
     let job = &status["jobs"][0];
     assert_eq!(job["id"], id.as_str(), "{job}");
     assert_eq!(job["state"], "cancelled", "{job}");
     assert_eq!(job["counts"].get("running"), None, "{job}");
+    // no cancel button on a finished job
     assert_eq!(
         eval(
             &browser,
-            &format!("return document.querySelectorAll('{card} button.cancel').length;"),
+            &format!("return document.querySelector('{card} button.cancel').hidden;"),
         )
         .await,
-        0
+        true
     );
     browser.close().await.unwrap();
 }

@@ -927,8 +927,12 @@ impl Scheduler {
             .filter(|j| j.meta.tenant == tenant)
             .filter(|j| states.is_empty() || states.contains(&j.meta.state))
             .collect();
+        // the newest `limit` first picked (linear), then only they sorted
+        if limit > 0 && jobs.len() > limit {
+            jobs.select_nth_unstable_by_key(limit - 1, |j| Reverse(j.meta.seq));
+            jobs.truncate(limit);
+        }
         jobs.sort_by_key(|j| Reverse(j.meta.seq));
-        jobs.truncate(if limit == 0 { usize::MAX } else { limit });
         jobs
     }
 

@@ -108,13 +108,8 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
 /// Job `job_id` if it is `tenant`'s; NOT_FOUND otherwise, as for a job that does not exist (another
 /// tenant's job ids are not confirmed).
 fn own_job(coordinator: &Coordinator, tenant: &Tenant, job_id: &JobId) -> Result<JobView, Error> {
-    match coordinator.scheduler.get(job_id) {
-        Ok(view) if view.meta.tenant == tenant.0 => Ok(view),
-        Ok(_) => Err(Error::NotFound(
-            crate::scheduler::SchedulerError::JobNotFound(job_id.clone()).to_string(),
-        )),
-        Err(e) => Err(e.into()),
-    }
+    coordinator.check_own(tenant, job_id)?;
+    Ok(coordinator.scheduler.get(job_id)?)
 }
 
 /// Runs `f` on the blocking pool: it may wait for the store's group commit, and many waiting together is

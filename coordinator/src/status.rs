@@ -6,15 +6,19 @@
 //! | --- | --- |
 //! | `GET /` | the page: jobs with their progress, each scale's preview (a tiled job's stitched scales, and its current scale's tiles as they finish, over the previous scale), thumbnails of results, cancel buttons; workers with device, memory and health. It polls `/api/status` every second. |
 //! | `GET /api/status` | the same as JSON ([`Status`]): the caller's jobs, newest first (at most [`MAX_JOBS`]), and the workers |
-//! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px (16 to 1024, default 256) |
+//! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px rounded up to one of [`THUMBNAIL_SIZES`] (`N` from 16 to 1024, default 256) |
 //! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
 //! | `POST /login`, `POST /logout` | the client token into (or out of) an HttpOnly, SameSite=Strict cookie |
 //!
-//! With auth on, every route but the login needs a client token, exactly as RenderService does (the same
-//! check, [`crate::auth`]): `Authorization: Bearer <token>` (scripts) or the cookie that `POST /login`
-//! sets (browsers; the page shows a token form). A tenant sees its own jobs, as through ListJobs, and every
-//! worker (the task a worker renders for another tenant is shown without its job). Images, as through
-//! DownloadResult, are served to any client that knows their sha256.
+//! With auth on, the page, its JSON, its images and the cancel need a client token, exactly as
+//! RenderService does (the same check, [`crate::auth`]): `Authorization: Bearer <token>` (scripts) or the
+//! cookie that `POST /login` sets (browsers; the page shows a token form). The script, the style sheet,
+//! the login form and the logout hold no data and are open. A tenant sees its own jobs, as through
+//! ListJobs, and every worker (the task a worker renders for another tenant is shown without its job).
+//! Images, as through DownloadResult, are served to any client that knows their sha256. The cookie holds
+//! the token itself: as any cookie, it goes to every port of the host, so serve the page over HTTPS (or on
+//! a host of its own) where the network is not trusted. Login and logout refuse requests that a browser
+//! marks as coming from another site (`Sec-Fetch-Site`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -40,10 +44,16 @@ use crate::{Coordinator, Error};
 pub const MAX_JOBS: usize = 50;
 /// Tasks listed per job (a tiled job's current scale, or a batch's first tasks); the counts cover all.
 pub const MAX_TASKS_SHOWN: usize = 400;
-/// Workers listed, those heard from most recently first.
+/// Tasks listed over all the jobs of one answer: the rows are made under the scheduler's lock, so this
+/// bounds the time a page's poll holds it.
+pub const MAX_TASKS_SHOWN_IN_ALL: usize = 2_000;
+/// Workers listed: busy, idle, then silent, each group by id.
 pub const MAX_WORKERS_SHOWN: usize = 500;
-/// Thumbnails kept encoded, the oldest dropped first.
-const THUMBNAIL_CACHE: usize = 256;
+/// The thumbnails' sizes (longest side, px): a request's `max` is rounded up to one of them, so that an
+/// image has at most this many thumbnails.
+pub const THUMBNAIL_SIZES: [u32; 5] = [64, 128, 256, 512, 1024];
+/// Bytes of encoded thumbnails kept, the oldest dropped first.
+const THUMBNAIL_CACHE_BYTES: usize = 64 << 20;
 /// Thumbnails made at once (each decodes a stored image on the blocking pool).
 const THUMBNAIL_PERMITS: usize = 2;
 /// The cookie `POST /login` sets.
@@ -66,7 +76,7 @@ pub struct Status {
     pub auth: bool,
     /// The coordinator's clock, Unix ms.
     pub now_ms: i64,
-    /// The caller's jobs, newest first.
+    /// The caller's jobs, newest first (at most [`MAX_JOBS`]).
     pub jobs: Vec<JobRow>,
     /// The workers: busy, idle, then silent; each group by id.
     pub workers: Vec<WorkerRow>,
@@ -81,6 +91,8 @@ pub struct JobRow {
     pub kind: &'static str,
     /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
     pub state: &'static str,
+    /// Whether that state is final (succeeded, failed or cancelled): no cancel button then.
+    pub finished: bool,
     /// Its priority (higher runs first).
     pub priority: i32,
     /// When it was submitted, Unix ms.
@@ -104,8 +116,10 @@ pub struct JobRow {
     /// The job's own images: a tiled job's stitched scales, a sweep's contact sheet, the final result.
     pub previews: Vec<Preview>,
     /// A tiled job's current scale: its tiles; the other kinds: their tasks (at most
-    /// [`MAX_TASKS_SHOWN`]).
+    /// [`MAX_TASKS_SHOWN`], fewer when the answer's [`MAX_TASKS_SHOWN_IN_ALL`] is reached).
     pub tasks: Vec<TaskRow>,
+    /// How many tasks `tasks` is the first of: the current scale's tiles, or all the job's tasks.
+    pub tasks_of: usize,
 }
 
 /// An image of a job.
@@ -216,8 +230,14 @@ fn mean(fractions: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// A job as the page shows it, from its record and its tasks with their live progress.
-pub fn job_row(m: &JobMeta, all: &[(&TaskRecord, Option<TaskProgress>)]) -> JobRow {
+/// A job as the page shows it, from its record and its tasks with their live progress, listing at most
+/// `max_tasks` of them.
+pub fn job_row(
+    m: &JobMeta,
+    all: &[(&TaskRecord, Option<TaskProgress>)],
+    max_tasks: usize,
+) -> JobRow {
+    let max_tasks = max_tasks.min(MAX_TASKS_SHOWN);
     let mut counts = BTreeMap::new();
     for (t, _) in all {
         *counts.entry(t.state.name()).or_insert(0) += 1;
@@ -227,13 +247,13 @@ pub fn job_row(m: &JobMeta, all: &[(&TaskRecord, Option<TaskProgress>)]) -> JobR
         _ => 0,
     };
     let mut previews = Vec::new();
-    let (scale, canvas, progress, tasks);
+    let (scale, canvas, progress, tasks, tasks_of);
     if scales > 0 {
         // the scale being rendered (0-based): the first not stitched yet
         let current = (m.stage_results.len() as u32).min(scales - 1);
         let of_current: Vec<_> = all
             .iter()
-            .filter(|(t, _)| t.spec.scale.as_ref().map_or(0, |s| s.scale) == current)
+            .filter(|(t, _)| t.spec.scale_index() == current)
             .collect();
         let stitched = m.stage_results.len() as u32;
         let current_fraction = if stitched >= scales {
@@ -261,9 +281,10 @@ pub fn job_row(m: &JobMeta, all: &[(&TaskRecord, Option<TaskProgress>)]) -> JobR
                 image: hash.to_string(),
             });
         }
+        tasks_of = of_current.len();
         tasks = of_current
             .iter()
-            .take(MAX_TASKS_SHOWN)
+            .take(max_tasks)
             .map(|(t, p)| task_row(t, p.as_ref()))
             .collect();
     } else {
@@ -276,13 +297,15 @@ pub fn job_row(m: &JobMeta, all: &[(&TaskRecord, Option<TaskProgress>)]) -> JobR
                 image: sheet.to_string(),
             });
         }
+        tasks_of = all.len();
         tasks = all
             .iter()
-            .take(MAX_TASKS_SHOWN)
+            .take(max_tasks)
             .map(|(t, p)| task_row(t, p.as_ref()))
             .collect();
     }
-    if scales > 0 {
+    // the final image: the last scale's stitch, shown once
+    if scales > 0 && m.stage_results.len() < scales as usize {
         if let Some(result) = &m.result {
             previews.push(Preview {
                 label: "result".into(),
@@ -294,6 +317,7 @@ pub fn job_row(m: &JobMeta, all: &[(&TaskRecord, Option<TaskProgress>)]) -> JobR
         id: m.id.to_string(),
         kind: m.spec.kind.name(),
         state: m.state.name(),
+        finished: m.state.is_terminal(),
         priority: m.spec.priority,
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
@@ -305,13 +329,21 @@ pub fn job_row(m: &JobMeta, all: &[(&TaskRecord, Option<TaskProgress>)]) -> JobR
         canvas,
         previews,
         tasks,
+        tasks_of,
     }
 }
 
 impl Coordinator {
     /// The page's JSON for `tenant`.
     pub fn status(&self, tenant: &Tenant) -> Status {
-        let jobs = self.scheduler.list_with(&tenant.0, MAX_JOBS, job_row);
+        let mut budget = MAX_TASKS_SHOWN_IN_ALL;
+        let jobs = self
+            .scheduler
+            .list_with(&tenant.0, MAX_JOBS, |meta, tasks| {
+                let row = job_row(meta, tasks, budget);
+                budget -= row.tasks.len();
+                row
+            });
         let leases: HashMap<_, _> = self
             .scheduler
             .leases()
@@ -352,18 +384,7 @@ impl Coordinator {
             "idle" => 1,
             _ => 2,
         };
-        workers.sort_by(|a, b| {
-            (
-                rank(a.health),
-                a.last_seen_s > LIVE_WINDOW.as_secs_f64(),
-                &a.id,
-            )
-                .cmp(&(
-                    rank(b.health),
-                    b.last_seen_s > LIVE_WINDOW.as_secs_f64(),
-                    &b.id,
-                ))
-        });
+        workers.sort_by(|a, b| (rank(a.health), &a.id).cmp(&(rank(b.health), &b.id)));
         workers.truncate(MAX_WORKERS_SHOWN);
         Status {
             tenant: tenant.0.clone(),
@@ -387,11 +408,37 @@ struct Page {
 /// A thumbnail's key: the image and the longest side asked for.
 type ThumbnailKey = (ImageHash, u32);
 
-/// Encoded thumbnails by key, with the keys in insertion order (the oldest dropped first), and the permits
-/// to make more.
+/// Encoded thumbnails and the permits to make more.
 struct Thumbnails {
-    cache: Mutex<(HashMap<ThumbnailKey, bytes::Bytes>, VecDeque<ThumbnailKey>)>,
+    cache: Mutex<ThumbnailCache>,
     permits: tokio::sync::Semaphore,
+}
+
+/// Thumbnails by key, the keys in insertion order (the oldest dropped first), at most
+/// [`THUMBNAIL_CACHE_BYTES`] in all.
+#[derive(Default)]
+struct ThumbnailCache {
+    map: HashMap<ThumbnailKey, bytes::Bytes>,
+    order: VecDeque<ThumbnailKey>,
+    bytes: usize,
+}
+
+impl ThumbnailCache {
+    fn insert(&mut self, key: ThumbnailKey, png: bytes::Bytes) {
+        let size = png.len();
+        if size > THUMBNAIL_CACHE_BYTES || self.map.contains_key(&key) {
+            return;
+        }
+        while self.bytes + size > THUMBNAIL_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.bytes -= self.map.remove(&old).map_or(0, |b| b.len());
+        }
+        self.map.insert(key.clone(), png);
+        self.order.push_back(key);
+        self.bytes += size;
+    }
 }
 
 /// An error page or JSON error: its status and a message for people.
@@ -509,7 +556,21 @@ struct Login {
     token: String,
 }
 
-async fn login(State(page): State<Page>, Form(login): Form<Login>) -> Response {
+/// A request that the browser marks as sent from another site's page (`Sec-Fetch-Site: cross-site` or
+/// `same-site`): refused for login and logout, which a page of another site could otherwise post.
+fn cross_site(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v != "same-origin" && v != "none")
+}
+
+async fn login(State(page): State<Page>, headers: HeaderMap, Form(login): Form<Login>) -> Response {
+    if cross_site(&headers) {
+        return login_page(
+            StatusCode::FORBIDDEN,
+            "login: refused from another site's page",
+        );
+    }
     let token = login.token.trim();
     let mut headers = HeaderMap::new();
     if let Ok(v) = format!("Bearer {token}").parse() {
@@ -534,7 +595,13 @@ async fn login(State(page): State<Page>, Form(login): Form<Login>) -> Response {
     }
 }
 
-async fn logout(State(page): State<Page>) -> Response {
+async fn logout(State(page): State<Page>, headers: HeaderMap) -> Response {
+    if cross_site(&headers) {
+        return login_page(
+            StatusCode::FORBIDDEN,
+            "logout: refused from another site's page",
+        );
+    }
     (
         [(header::SET_COOKIE, page.cookie("", Some(0)))],
         Redirect::to("/"),
@@ -579,7 +646,7 @@ struct ThumbnailQuery {
 /// Thumbnails' longest side, px: the default and the bounds of `max`.
 const THUMBNAIL_DEFAULT: u32 = 256;
 const THUMBNAIL_MIN: u32 = 16;
-const THUMBNAIL_MAX: u32 = 1024;
+const THUMBNAIL_MAX: u32 = THUMBNAIL_SIZES[THUMBNAIL_SIZES.len() - 1];
 
 async fn thumbnail(
     State(page): State<Page>,
@@ -601,9 +668,14 @@ async fn thumbnail(
             format!("max: {max} px is outside {THUMBNAIL_MIN} to {THUMBNAIL_MAX}"),
         ));
     }
+    // one of the few sizes, so that an image has few thumbnails
+    let max = THUMBNAIL_SIZES
+        .into_iter()
+        .find(|&size| size >= max)
+        .unwrap_or(THUMBNAIL_MAX);
     let key = (hash, max);
-    let cached = page.thumbnails.cache.lock().unwrap().0.get(&key).cloned();
-    let png = match cached {
+    let cached = |page: &Page| page.thumbnails.cache.lock().ok()?.map.get(&key).cloned();
+    let png = match cached(&page) {
         Some(png) => png,
         None => {
             let _permit = page
@@ -612,22 +684,24 @@ async fn thumbnail(
                 .acquire()
                 .await
                 .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-            let coordinator = page.coordinator.clone();
-            let hash = key.0.clone();
-            let png = tokio::task::spawn_blocking(move || coordinator.thumbnail(&hash, max))
-                .await
-                .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-            let mut cache = page.thumbnails.cache.lock().unwrap();
-            let (map, order) = &mut *cache;
-            if map.insert(key.clone(), png.clone()).is_none() {
-                order.push_back(key);
-                while order.len() > THUMBNAIL_CACHE {
-                    if let Some(old) = order.pop_front() {
-                        map.remove(&old);
+            // made while this request waited for its permit?
+            match cached(&page) {
+                Some(png) => png,
+                None => {
+                    let coordinator = page.coordinator.clone();
+                    let hash = key.0.clone();
+                    let png =
+                        tokio::task::spawn_blocking(move || coordinator.thumbnail(&hash, max))
+                            .await
+                            .map_err(|e| {
+                                Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                            })??;
+                    if let Ok(mut cache) = page.thumbnails.cache.lock() {
+                        cache.insert(key, png.clone());
                     }
+                    png
                 }
             }
-            png
         }
     };
     Ok((
@@ -645,11 +719,19 @@ async fn thumbnail(
 }
 
 impl Coordinator {
+    /// Job `job_id` is `tenant`'s; NOT_FOUND otherwise, as for a job that does not exist (another
+    /// tenant's job ids are not confirmed).
+    pub(crate) fn check_own(&self, tenant: &Tenant, job_id: &JobId) -> Result<(), Error> {
+        if self.scheduler.tenant_of(job_id)? == tenant.0 {
+            Ok(())
+        } else {
+            Err(crate::scheduler::SchedulerError::JobNotFound(job_id.clone()).into())
+        }
+    }
+
     /// Cancels `tenant`'s job `job_id`, as RenderService's CancelJob: NOT_FOUND for another tenant's.
     pub(crate) fn cancel_own(&self, tenant: &Tenant, job_id: &JobId) -> Result<JobState, Error> {
-        if self.scheduler.tenant_of(job_id)? != tenant.0 {
-            return Err(crate::scheduler::SchedulerError::JobNotFound(job_id.clone()).into());
-        }
+        self.check_own(tenant, job_id)?;
         let state = self.scheduler.cancel(job_id)?;
         tracing::info!(job_id = job_id.as_str(), ?state, "job cancel");
         Ok(state)

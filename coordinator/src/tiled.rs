@@ -96,7 +96,7 @@ impl Coordinator {
             .tasks
             .iter()
             .map(|(t, _)| t)
-            .filter(|t| t.spec.scale.as_ref().map_or(0, |s| s.scale) == scale)
+            .filter(|t| t.spec.scale_index() == scale)
             .collect();
         if tasks.is_empty() {
             return Ok(()); // already moved on

@@ -111,15 +111,12 @@ impl Registry {
         (live, workers.len() - live)
     }
 
-    /// Every worker remembered (live and silent), by id.
+    /// Every worker remembered (live and silent), in no particular order.
     pub fn all(&self) -> Vec<(WorkerId, WorkerInfo)> {
-        let mut all: Vec<_> = self
-            .workers()
+        self.workers()
             .iter()
             .map(|(id, w)| (id.clone(), w.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        all
+            .collect()
     }
 
     /// What is known of worker `id`; `None` when it has not been heard from (or was forgotten).

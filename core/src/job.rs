@@ -266,6 +266,14 @@ pub struct TaskSpec {
     pub scale: Option<ScaleTask>,
 }
 
+impl TaskSpec {
+    /// The 0-based scale of a tiled job's pyramid that the task renders: its `scale`'s, or 0 (the first
+    /// scale, one untiled task, and every task of the other kinds).
+    pub fn scale_index(&self) -> u32 {
+        self.scale.as_ref().map_or(0, |s| s.scale)
+    }
+}
+
 /// A task as a worker receives it under a lease: which task, and what to render.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {

@@ -20,8 +20,8 @@ pub(crate) fn total_memory(device: Device) -> Option<u64> {
     .ok()
 }
 
-/// The memory in use now, in bytes, for the metrics and the coordinator's status page (sent with each lease
-/// request and heartbeat): on a CPU the worker process's resident set; on a GPU
+/// The memory in use now, in bytes, for the metrics and the coordinator's status page (sampled by
+/// [`MemorySampler`] for each lease request and heartbeat): on a CPU the worker process's resident set; on a GPU
 /// the device's used memory as NVML reports it (`nvmlDeviceGetMemoryInfo` in libnvidia-ml.so.1, the
 /// driver's management library: every process's allocations on the device, libtorch's cache included).
 /// `None` when it cannot be read.
@@ -46,6 +46,40 @@ pub(crate) fn memory_in_use(device: Device) -> Option<u64> {
             );
             sys.process(pid).map(sysinfo::Process::memory)
         }
+    }
+}
+
+/// How often [`MemorySampler`] reads the memory in use.
+const MEMORY_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The memory in use ([`memory_in_use`]), read every [`MEMORY_SAMPLE_INTERVAL`] on a thread of its own,
+/// so that a slow read (NVML initializing, a sick GPU) never holds up a lease request or a heartbeat,
+/// which send the last reading. The thread ends once every handle is dropped.
+#[derive(Clone)]
+pub(crate) struct MemorySampler(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl MemorySampler {
+    pub(crate) fn start(device: Device) -> MemorySampler {
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let weak = std::sync::Arc::downgrade(&bytes);
+        let spawned = std::thread::Builder::new()
+            .name("memory-sampler".into())
+            .spawn(move || loop {
+                let reading = memory_in_use(device).unwrap_or(0);
+                let Some(bytes) = weak.upgrade() else { return };
+                bytes.store(reading, std::sync::atomic::Ordering::Relaxed);
+                drop(bytes);
+                std::thread::sleep(MEMORY_SAMPLE_INTERVAL);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the memory sampler: memory in use unreported");
+        }
+        MemorySampler(bytes)
+    }
+
+    /// The last reading, bytes; 0 before the first or when it cannot be read.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -269,6 +269,7 @@ pub async fn run(
         stop_on_signal.store(true, Ordering::Relaxed);
     });
     let mut cache = ImageCache::new(IMAGE_CACHE_BYTES);
+    let memory_used = device::MemorySampler::start(config.device);
     let memory_bytes = config
         .device_memory
         .or_else(|| device::total_memory(config.device))
@@ -315,7 +316,7 @@ pub async fn run(
                 .lease_task(pb::LeaseTaskRequest {
                     worker_id: worker_id.to_string(),
                     wait_ms,
-                    memory_used_bytes: device::memory_in_use(config.device).unwrap_or(0),
+                    memory_used_bytes: memory_used.bytes(),
                 })
                 .await;
             let leased = match leased {
@@ -347,7 +348,7 @@ pub async fn run(
                     heartbeat,
                     progress_rx,
                     cancel.clone(),
-                    config.device,
+                    memory_used.clone(),
                 );
                 let downloaded_before = cache.downloaded;
                 let outcome = run_task(
@@ -402,7 +403,7 @@ impl Heartbeat {
         interval: Duration,
         mut progress: tokio::sync::watch::Receiver<Option<Progress>>,
         cancel: Arc<AtomicBool>,
-        device: Device,
+        memory_used: device::MemorySampler,
     ) -> Heartbeat {
         Heartbeat(tokio::spawn(
             async move {
@@ -417,7 +418,7 @@ impl Heartbeat {
                             .borrow_and_update()
                             .as_ref()
                             .map(|p| (&TaskProgress::from(p)).into()),
-                        memory_used_bytes: device::memory_in_use(device).unwrap_or(0),
+                        memory_used_bytes: memory_used.bytes(),
                     };
                     // a beat that hangs must not hold up the next ones
                     match tokio::time::timeout(interval, client.heartbeat(beat)).await {

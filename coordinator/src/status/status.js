@@ -3,7 +3,6 @@
 "use strict";
 
 const POLL_MS = 1000;
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
 const esc = (s) =>
   String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -49,7 +48,7 @@ function mosaic(job) {
       const [x, y, tw, th] = t.rect;
       const style = `left:${(100 * x) / w}%;top:${(100 * y) / h}%;width:${(100 * tw) / w}%;height:${(100 * th) / h}%`;
       const inner = t.result
-        ? `<img src="${image(t.result, 160)}" alt="tile ${t.index}">`
+        ? `<img src="${image(t.result, 128)}" alt="tile ${t.index}">`
         : t.state === "running"
           ? `<div class="bar" style="width:${percent(t.progress)}"></div>`
           : "";
@@ -58,7 +57,8 @@ function mosaic(job) {
     .join("");
   const background = previous ? `<img class="background" src="${image(previous.image, 512)}" alt="">` : "";
   return `<figure class="mosaic"><div class="canvas" style="aspect-ratio:${w}/${h}">${background}${tiles}</div>
-    <figcaption>scale ${job.scale} of ${job.scales}, ${w}×${h}: ${done} of ${job.tasks.length} tiles</figcaption></figure>`;
+    <figcaption>scale ${job.scale} of ${job.scales}, ${w}×${h}: ${done} of ${job.tasks_of} tiles${
+      job.tasks.length < job.tasks_of ? ` (the first ${job.tasks.length} drawn)` : ""}</figcaption></figure>`;
 }
 
 function taskRows(job) {
@@ -68,35 +68,86 @@ function taskRows(job) {
       const progress = t.state === "running" && t.iterations
         ? `${t.iteration}/${t.iterations}${t.loss != null ? ` · loss ${t.loss.toPrecision(4)}` : ""}`
         : "";
-      const thumb = t.result ? `<img src="${image(t.result, 96)}" alt="task ${t.index}">` : "";
+      const thumb = t.result ? `<img src="${image(t.result, 128)}" alt="task ${t.index}">` : "";
       return `<tr class="task ${esc(t.state)}"><td>${t.index}</td><td>${esc(t.label)}</td>
         <td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td><td>${esc(t.worker)}</td>
         <td><progress max="1" value="${t.progress}"></progress> ${progress}</td><td>${thumb}</td>
         <td class="err">${esc(t.error)}</td></tr>`;
     })
     .join("");
+  const more = job.tasks.length < job.tasks_of ? `<p class="more">the first ${job.tasks.length} of ${job.tasks_of} tasks</p>` : "";
   return `<table class="tasks"><thead><tr><th>#</th><th>task</th><th>state</th><th>worker</th><th>progress</th>
-    <th>result</th><th></th></tr></thead><tbody>${rows}</tbody></table>`;
+    <th>result</th><th></th></tr></thead><tbody>${rows}</tbody></table>${more}`;
 }
 
-function jobCard(job, now) {
-  const running = !TERMINAL.has(job.state);
+// A job's card: a head (id, state, progress, counts, time) and a body (previews, tiles, tasks), each
+// redrawn only when its markup changes, and a cancel button made once: a redraw never takes the button
+// from under a click.
+function headHtml(job, now) {
+  const scale = job.scales ? `<span>scale ${job.scale} of ${job.scales}</span>` : "";
+  return `<code>${esc(job.id)}</code> <span class="kind">${esc(job.kind)}</span>
+    <span class="badge ${esc(job.state)}">${esc(job.state)}</span>
+    <progress max="1" value="${job.progress}"></progress><span class="percent">${percent(job.progress)}</span>
+    ${scale} <span class="counts">${counts(job.counts)}</span> <span class="time">${elapsed(job, now)}</span>`;
+}
+
+function bodyHtml(job) {
   const previews = job.previews
     .map((p) => `<figure><img src="${image(p.image, 256)}" alt="${esc(p.label)}"><figcaption>${esc(p.label)}</figcaption></figure>`)
     .join("");
-  const live = job.kind === "tiled" && running && job.canvas[0] > 0 ? mosaic(job) : "";
-  const scale = job.scales ? `<span>scale ${job.scale} of ${job.scales}</span>` : "";
-  const cancel = running ? `<button class="cancel" data-job="${esc(job.id)}">cancel</button>` : "";
-  return `<article class="job ${esc(job.state)}" id="job-${esc(job.id)}">
-    <div class="head"><code>${esc(job.id)}</code> <span class="kind">${esc(job.kind)}</span>
-      <span class="badge ${esc(job.state)}">${esc(job.state)}</span>
-      <progress max="1" value="${job.progress}"></progress><span class="percent">${percent(job.progress)}</span>
-      ${scale} <span class="counts">${counts(job.counts)}</span> <span class="time">${elapsed(job, now)}</span>
-      ${cancel}</div>
-    ${job.error ? `<p class="err">${esc(job.error)}</p>` : ""}
-    <div class="previews">${previews}${live}</div>
-    ${taskRows(job)}
-  </article>`;
+  const live = job.kind === "tiled" && !job.finished && job.canvas[0] > 0 ? mosaic(job) : "";
+  return `${job.error ? `<p class="err">${esc(job.error)}</p>` : ""}
+    <div class="previews">${previews}${live}</div>${taskRows(job)}`;
+}
+
+const cards = new Map(); // job id -> { card, head, body, cancel }
+
+function card(job) {
+  let c = cards.get(job.id);
+  if (!c) {
+    const article = document.createElement("article");
+    article.id = `job-${job.id}`;
+    article.innerHTML = `<div class="head"><span class="info"></span></div><div class="body"></div>`;
+    const cancel = document.createElement("button");
+    cancel.className = "cancel";
+    cancel.dataset.job = job.id;
+    cancel.textContent = "cancel";
+    article.querySelector(".head").appendChild(cancel);
+    c = { article, head: article.querySelector(".info"), body: article.querySelector(".body"), cancel, shown: {} };
+    cards.set(job.id, c);
+  }
+  return c;
+}
+
+function update(el, key, html, shown) {
+  if (shown[key] !== html) {
+    el.innerHTML = html;
+    shown[key] = html;
+  }
+}
+
+function drawJobs(status) {
+  const list = document.getElementById("jobs");
+  const ids = new Set(status.jobs.map((j) => j.id));
+  for (const [id, c] of cards) {
+    if (!ids.has(id)) {
+      c.article.remove();
+      cards.delete(id);
+    }
+  }
+  let previous = null;
+  for (const job of status.jobs) {
+    const c = card(job);
+    c.article.className = `job ${job.state}`;
+    update(c.head, "head", headHtml(job, status.now_ms), c.shown);
+    update(c.body, "body", bodyHtml(job), c.shown);
+    c.cancel.hidden = job.finished;
+    // newest first: moved only when out of place
+    const want = previous ? previous.nextSibling : list.firstChild;
+    if (want !== c.article) list.insertBefore(c.article, want);
+    previous = c.article;
+  }
+  document.getElementById("no-jobs").hidden = status.jobs.length > 0;
 }
 
 function workerRow(w) {
@@ -110,21 +161,17 @@ function workerRow(w) {
     <td>${ago(w.last_seen_s)}</td></tr>`;
 }
 
-let shown = { jobs: null, workers: null };
+let shownWorkers = null;
 
 function draw(status) {
-  const jobs = status.jobs.length ? status.jobs.map((j) => jobCard(j, status.now_ms)).join("") : "<p>No jobs yet.</p>";
-  if (jobs !== shown.jobs) {
-    document.getElementById("jobs").innerHTML = jobs;
-    shown.jobs = jobs;
-  }
+  drawJobs(status);
   const workers = status.workers.map(workerRow).join("") || `<tr><td colspan="6">No workers yet.</td></tr>`;
-  if (workers !== shown.workers) {
+  if (workers !== shownWorkers) {
     document.querySelector("#workers tbody").innerHTML = workers;
-    shown.workers = workers;
+    shownWorkers = workers;
   }
   const live = status.workers.filter((w) => w.health !== "silent").length;
-  const running = status.jobs.filter((j) => !TERMINAL.has(j.state)).length;
+  const running = status.jobs.filter((j) => !j.finished).length;
   document.getElementById("summary").textContent =
     `${status.tenant ? `tenant ${status.tenant} · ` : ""}${running} unfinished jobs · ${live} live workers`;
   document.getElementById("logout").hidden = !status.auth;
@@ -166,6 +213,8 @@ document.addEventListener("click", async (event) => {
     showError("");
   } catch (e) {
     showError(`cancel failed: ${e.message}`);
+    button.disabled = false;
+    button.textContent = "cancel";
   }
   refresh();
 });
