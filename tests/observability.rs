@@ -5,20 +5,14 @@ use std::time::Duration;
 
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    path, submit, tubingen_x_starry, wait_for, wait_iteration, wait_registered, wait_state,
-    Cluster, Node,
+    logged_addr, path, submit, tubingen_x_starry, wait_for, wait_iteration, wait_registered,
+    wait_state, Cluster, Node,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The address a node logged for its metrics ("metrics on http://ADDR/metrics").
 async fn metrics_addr(node: &Node) -> String {
-    wait_for("the metrics endpoint", Duration::from_secs(60), || async {
-        let log = node.log_text();
-        let at = log.find("metrics on http://")? + "metrics on http://".len();
-        let rest = &log[at..];
-        Some(rest[..rest.find("/metrics")?].to_string())
-    })
-    .await
+    logged_addr(node, "metrics").await
 }
 
 /// `GET /metrics` over HTTP/1.1: the status line must say 200; returns the body.

@@ -7,9 +7,7 @@ use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
-use stylefarm_tests::{
-    path, status_page_addr, submit, tubingen_x_starry, wait_registered, Cluster,
-};
+use stylefarm_tests::{logged_addr, path, submit, tubingen_x_starry, wait_registered, Cluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -561,7 +559,7 @@ async fn tls_serves_clients_without_a_certificate_and_workers_only_with_one() {
     cluster.start_coordinator();
     let https = cluster.url.replace("http://", "https://");
     // the status page: HTTPS with the coordinator's certificate, no client certificate asked for
-    let status = status_page_addr(cluster.coordinator.as_ref().unwrap()).await;
+    let status = logged_addr(cluster.coordinator.as_ref().unwrap(), "status page").await;
     let page = https_get(&status, "/api/status", &pki.path("ca.pem"))
         .await
         .unwrap();

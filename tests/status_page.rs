@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use stylefarm_tests::{path, status_page_addr, submit, wait_for, wait_registered, Cluster};
+use stylefarm_tests::{logged_addr, path, submit, wait_for, wait_registered, Cluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT_TOKEN: &str = "status-page-token-0123456789";
@@ -141,7 +141,7 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     .into();
     cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), CLIENT_TOKEN.into())];
     cluster.start_coordinator();
-    let addr = status_page_addr(cluster.coordinator.as_ref().unwrap()).await;
+    let addr = logged_addr(cluster.coordinator.as_ref().unwrap(), "status page").await;
     let token = [("STYLEFARM_TOKEN", WORKER_TOKEN)];
     cluster.add_worker_with_env("w1", &token);
     cluster.add_worker_with_env("w2", &token);

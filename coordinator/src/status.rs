@@ -221,8 +221,11 @@ fn task_row(t: &TaskRecord, p: Option<&TaskProgress>) -> TaskRow {
     }
 }
 
-fn mean(fractions: impl Iterator<Item = f64>) -> f64 {
-    let (sum, n) = fractions.fold((0.0, 0usize), |(s, n), f| (s + f, n + 1));
+/// The mean of the tasks' fractions done (0 for none).
+fn fraction_of<'a>(tasks: impl Iterator<Item = &'a (&'a TaskRecord, Option<TaskProgress>)>) -> f64 {
+    let (sum, n) = tasks
+        .map(|(t, p)| task_fraction(t.state, p.as_ref()))
+        .fold((0.0, 0usize), |(s, n), f| (s + f, n + 1));
     if n == 0 {
         0.0
     } else {
@@ -247,11 +250,12 @@ pub fn job_row(
         _ => 0,
     };
     let mut previews = Vec::new();
-    let (scale, canvas, progress, tasks, tasks_of);
+    // the tasks listed: a tiled job's current scale, or all the job's tasks
+    let (scale, canvas, progress, listed): (_, _, _, Vec<_>);
     if scales > 0 {
         // the scale being rendered (0-based): the first not stitched yet
         let current = (m.stage_results.len() as u32).min(scales - 1);
-        let of_current: Vec<_> = all
+        listed = all
             .iter()
             .filter(|(t, _)| t.spec.scale_index() == current)
             .collect();
@@ -259,11 +263,7 @@ pub fn job_row(
         let current_fraction = if stitched >= scales {
             0.0
         } else {
-            mean(
-                of_current
-                    .iter()
-                    .map(|(t, p)| task_fraction(t.state, p.as_ref())),
-            )
+            fraction_of(listed.iter().copied())
         };
         progress = if m.state == JobState::Succeeded {
             1.0
@@ -271,7 +271,7 @@ pub fn job_row(
             (f64::from(stitched.min(scales)) + current_fraction) / f64::from(scales)
         };
         scale = (stitched + 1).min(scales);
-        canvas = of_current
+        canvas = listed
             .iter()
             .find_map(|(t, _)| t.spec.scale.as_ref())
             .map_or([0, 0], |s| [s.canvas_width, s.canvas_height]);
@@ -281,29 +281,24 @@ pub fn job_row(
                 image: hash.to_string(),
             });
         }
-        tasks_of = of_current.len();
-        tasks = of_current
-            .iter()
-            .take(max_tasks)
-            .map(|(t, p)| task_row(t, p.as_ref()))
-            .collect();
     } else {
         scale = 0;
         canvas = [0, 0];
-        progress = mean(all.iter().map(|(t, p)| task_fraction(t.state, p.as_ref())));
+        listed = all.iter().collect();
+        progress = fraction_of(listed.iter().copied());
         if let (JobKind::Sweep(_), Some(sheet)) = (&m.spec.kind, &m.result) {
             previews.push(Preview {
                 label: "contact sheet".into(),
                 image: sheet.to_string(),
             });
         }
-        tasks_of = all.len();
-        tasks = all
-            .iter()
-            .take(max_tasks)
-            .map(|(t, p)| task_row(t, p.as_ref()))
-            .collect();
     }
+    let tasks_of = listed.len();
+    let tasks = listed
+        .iter()
+        .take(max_tasks)
+        .map(|(t, p)| task_row(t, p.as_ref()))
+        .collect();
     // the final image: the last scale's stitch, shown once
     if scales > 0 && m.stage_results.len() < scales as usize {
         if let Some(result) = &m.result {

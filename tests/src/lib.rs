@@ -250,11 +250,13 @@ impl Cluster {
     }
 }
 
-/// The address a coordinator logged for its status page ("status page on http://ADDR/", or https).
-pub async fn status_page_addr(node: &Node) -> String {
-    wait_for("the status page", Duration::from_secs(60), || async {
+/// The address a node logged for an HTTP endpoint of its, from its line "`what` on http://ADDR/..."
+/// (or https), e.g. `what` = "metrics" or "status page".
+pub async fn logged_addr(node: &Node, what: &str) -> String {
+    let prefix = format!("{what} on http");
+    wait_for(what, Duration::from_secs(60), || async {
         let log = node.log_text();
-        let at = log.find("status page on http")? + "status page on http".len();
+        let at = log.find(&prefix)? + prefix.len();
         let rest = log[at..].trim_start_matches('s').strip_prefix("://")?;
         Some(rest[..rest.find('/')?].to_string())
     })
