@@ -617,7 +617,7 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
     .await;
     // 1 x 300 px: 2 x 512 at the default size
     let thin = upload(&mut client, png_of(&image::RgbImage::new(1, 300))).await;
-    // 1000 x 40: fine at 1000 px, 16 x 1 at the first of a tiled job's scales for a 64-px tile
+    // 1000 x 40: fine at 1000 px, 128 x 5 at the first of a tiled job's scales for a 128-px tile
     let wide = upload(&mut client, png_of(&image::RgbImage::new(1000, 40))).await;
     let spec = |kind: Kind, content: &str, params: pb::RenderParams| pb::JobSpec {
         kind: Some(kind),
@@ -665,8 +665,8 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
         (
             spec(
                 Kind::Tiled(pb::job_spec::Tiled {
-                    tile_size: 64,
-                    overlap: 16,
+                    tile_size: 128,
+                    overlap: 64,
                     exact: false,
                 }),
                 &wide,
@@ -1136,7 +1136,7 @@ async fn an_exact_tiled_render_reaches_the_style_loss_of_an_untiled_one() {
                 "--tile-size",
                 "128",
                 "--overlap",
-                "32",
+                "64",
             ],
             &["--wait", "-o", exact.to_str().unwrap()],
         ]

@@ -206,7 +206,7 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
             "--tile-size",
             "128",
             "--overlap",
-            "32",
+            "64",
             "--scale-iterations",
             "10,40",
         ],

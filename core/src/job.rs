@@ -777,15 +777,15 @@ mod tests {
             },
             ..spec(JobKind::Tiled(Tiling {
                 tile_size,
-                overlap: 8,
+                overlap: crate::tiling::MIN_OVERLAP,
                 exact,
                 sizing: TileSizing::Fixed,
             }))
         };
-        // 16384 px in 128-px tiles (the smallest that 8 scales allow): 137 x 137 tiles at most
+        // 16384 px in 128-px tiles (the smallest that 8 scales allow) overlapping by 64: 255 x 255 tiles
         let err = tiled(128, false).tasks().unwrap_err().to_string();
         assert!(
-            err.starts_with("tile_size") && err.contains("18769 tiles") && err.contains("10000"),
+            err.starts_with("tile_size") && err.contains("65025 tiles") && err.contains("10000"),
             "{err}"
         );
         // exact mode renders a scale as one task; larger tiles fit

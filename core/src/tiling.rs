@@ -21,8 +21,11 @@ use crate::Error;
 pub const DEFAULT_TILE_SIZE: u32 = 512;
 /// Default overlap of neighbouring tiles, in px (ALGORITHM.md's `overlap` default).
 pub const DEFAULT_OVERLAP: u32 = 128;
-/// Smallest tile size [`Tiling::validate`] accepts, in px.
-pub const MIN_TILE_SIZE: u32 = 64;
+/// Least overlap [`Tiling::validate`] accepts, in px (ALGORITHM.md: `overlap` >= 64): narrower, the
+/// feathered blend has too few pixels to hide where two tiles' optimizations drifted apart.
+pub const MIN_OVERLAP: u32 = 64;
+/// Smallest tile size [`Tiling::validate`] accepts, in px: room for [`MIN_OVERLAP`] on both sides.
+pub const MIN_TILE_SIZE: u32 = 2 * MIN_OVERLAP;
 /// Largest tile size [`Tiling::validate`] accepts, in px; the planner grows tiles up to it (a scale that
 /// fits a device whole is one task, of any size).
 pub const MAX_TILE_SIZE: u32 = 4096;
@@ -47,7 +50,8 @@ pub struct Tiling {
     /// The tile size: the first scale's longest side at most, and every later scale's tiles' with
     /// [`TileSizing::Fixed`]; the smallest tiles the planner cuts with [`TileSizing::Planned`].
     pub tile_size: u32,
-    /// Least overlap of neighbouring tiles, in px (8 to `tile_size / 2`): where feathered weights blend.
+    /// Least overlap of neighbouring tiles, in px ([`MIN_OVERLAP`] to `tile_size / 2`): where feathered
+    /// weights blend.
     pub overlap: u32,
     /// Exact mode: each later scale is ONE task that optimizes the whole canvas with the exact gradient of
     /// the whole image's objective, evaluated in blocks of `tile_size` px (ALGORITHM.md, "Exact distributed
@@ -94,8 +98,8 @@ impl Tiling {
         (self.sizing == TileSizing::Fixed).then_some(self.tile_size)
     }
 
-    /// Checks `tile_size` (in [`MIN_TILE_SIZE`]..=[`MAX_TILE_SIZE`]) and `overlap` (8 to half the tile
-    /// size); the error names the field.
+    /// Checks `tile_size` (in [`MIN_TILE_SIZE`]..=[`MAX_TILE_SIZE`]) and `overlap` ([`MIN_OVERLAP`] to
+    /// half the tile size); the error names the field.
     pub fn validate(&self) -> Result<(), Error> {
         if !(MIN_TILE_SIZE..=MAX_TILE_SIZE).contains(&self.tile_size) {
             return Err(Error::invalid(
@@ -106,11 +110,11 @@ impl Tiling {
                 ),
             ));
         }
-        if self.overlap < 8 || self.overlap > self.tile_size / 2 {
+        if self.overlap < MIN_OVERLAP || self.overlap > self.tile_size / 2 {
             return Err(Error::invalid(
                 "overlap",
                 format!(
-                    "must be between 8 and half the tile size ({}), got {}",
+                    "must be between {MIN_OVERLAP} and half the tile size ({}), got {}",
                     self.tile_size / 2,
                     self.overlap
                 ),
@@ -886,13 +890,14 @@ mod tests {
             size: 16_384,
             ..Default::default()
         };
+        // 128-px tiles (the least) reach 16384 px in 8 scales (the most); smaller ones are refused
         let err = plan(
             10,
             10,
             &huge,
             Tiling {
-                tile_size: 64,
-                overlap: 16,
+                tile_size: MIN_TILE_SIZE / 2,
+                overlap: MIN_OVERLAP / 2,
                 exact: false,
                 sizing: TileSizing::Fixed,
             },

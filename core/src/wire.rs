@@ -498,7 +498,7 @@ mod tests {
         };
         for exact in [false, true] {
             let s = JobSpec {
-                kind: JobKind::Tiled(Tiling::new(Some(128), 32, exact)),
+                kind: JobKind::Tiled(Tiling::new(Some(128), 64, exact)),
                 ..s.clone()
             };
             for spec in s

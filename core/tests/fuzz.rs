@@ -41,7 +41,9 @@ use stylefarm_core::job::{
 };
 use stylefarm_core::params::{ImageSize, Init, Layer, Optimizer, Pooling, RenderParams, MAX_SIZE};
 use stylefarm_core::params::{MAX_ITERATIONS, MAX_SCALES};
-use stylefarm_core::tiling::{self, AxisPlan, TileSizing, Tiling, MAX_TILE_SIZE, MIN_TILE_SIZE};
+use stylefarm_core::tiling::{
+    self, AxisPlan, TileSizing, Tiling, MAX_TILE_SIZE, MIN_OVERLAP, MIN_TILE_SIZE,
+};
 use stylefarm_core::tiling::{DEFAULT_OVERLAP, DEFAULT_TILE_SIZE};
 use stylefarm_core::Error;
 use stylefarm_proto::pb;
@@ -1143,7 +1145,11 @@ fn tiling_strategy() -> BoxedStrategy<Tiling> {
             let overlap = if junk {
                 prop_oneof![0..=16u32, any::<u32>()].boxed()
             } else {
-                prop_oneof![8..=(tile_size / 2).max(8), Just(tile_size / 2)].boxed()
+                prop_oneof![
+                    MIN_OVERLAP..=(tile_size / 2).max(MIN_OVERLAP),
+                    Just(tile_size / 2)
+                ]
+                .boxed()
             };
             overlap.prop_map(move |overlap| Tiling {
                 tile_size,
@@ -1314,7 +1320,7 @@ fn fuzz_tiling_stitch() {
         0..=3u32,
         1..=400u32,
         1..=400u32,
-        (MIN_TILE_SIZE..=96u32).prop_flat_map(|tile| (Just(tile), 8..=tile / 2)),
+        (MIN_TILE_SIZE..=192u32).prop_flat_map(|tile| (Just(tile), MIN_OVERLAP..=tile / 2)),
         any::<bool>(),
     )
         .prop_map(
