@@ -95,7 +95,7 @@ enum Backend {
 /// The servers a [`Backend::RedisS3`] cluster runs on, killed when dropped.
 struct Services {
     redis: Option<RedisServer>,
-    _s3: Option<S3Server>,
+    s3: Option<S3Server>,
 }
 
 /// A cluster on `backend`, not started yet (add `coordinator_args`, then start it).
@@ -105,7 +105,7 @@ fn cluster_on(backend: Backend, lease_secs: f64, heartbeat_secs: f64) -> (Cluste
             Cluster::new(lease_secs, heartbeat_secs, "embedded"),
             Services {
                 redis: None,
-                _s3: None,
+                s3: None,
             },
         ),
         Backend::RedisS3 => {
@@ -118,7 +118,7 @@ fn cluster_on(backend: Backend, lease_secs: f64, heartbeat_secs: f64) -> (Cluste
                 cluster,
                 Services {
                     redis: Some(redis),
-                    _s3: Some(s3),
+                    s3: Some(s3),
                 },
             )
         }
@@ -618,6 +618,86 @@ async fn a_submit_repeated_after_its_client_was_killed_gives_one_job() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_submit_repeated_after_its_client_was_killed_gives_one_job_on_redis_and_s3() {
     submit_repeated_after_a_killed_client(Backend::RedisS3).await;
+}
+
+/// S3 stopped just as a sweep's tasks are done (the stage's work held 3 s by the fail point
+/// `coordinator-stage-work`): the contact sheet cannot be read or stored, so the job waits at its stage,
+/// running, not failed, and an upload answers UNAVAILABLE naming the blob store; S3 back on its address,
+/// the work is tried again (every 2 s) and the job succeeds with its contact sheet.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_waits_while_s3_is_out_of_reach_and_completes_once_it_is_back() {
+    let (mut cluster, mut services) = cluster_on(Backend::RedisS3, 1.5, 0.3);
+    cluster.coordinator_env.push((
+        "FAILPOINTS".into(),
+        "coordinator-stage-work=1*sleep(3000)".into(),
+    ));
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let mut args = spec_args(0);
+    args.extend(["--sweep".into(), "style_weight=10,1000".into()]);
+    let id = submit(&cluster, &args);
+    let mut client = cluster.client().await;
+    wait_for(
+        "the sweep's tasks to succeed",
+        Duration::from_secs(120),
+        || {
+            let mut client = client.clone();
+            let id = id.clone();
+            async move {
+                let s = job(&mut client, &id).await;
+                assert!(!is(&s, pb::JobState::Failed), "{}", s.error);
+                s.tasks
+                    .iter()
+                    .all(|t| t.state == pb::TaskState::Succeeded as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let s3 = services.s3.as_mut().unwrap();
+    s3.stop();
+    let coordinator = cluster.coordinator.as_ref().unwrap();
+    wait_for(
+        "the stage to be deferred",
+        Duration::from_secs(30),
+        || async {
+            coordinator
+                .log_text()
+                .contains("a store is out of reach; the job waits")
+                .then_some(())
+        },
+    )
+    .await;
+    let waiting = job(&mut client, &id).await;
+    assert!(is(&waiting, pb::JobState::Running), "{waiting:?}");
+    assert!(waiting.contact_sheet.is_empty());
+    let mut png = Vec::new();
+    image::RgbImage::new(16, 16)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let refused = client.upload(&png, "black.png").await.unwrap_err();
+    match refused {
+        stylefarm_client::ClientError::Status(s) => {
+            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+            assert!(s.message().contains("blob store out of reach"), "{s:?}");
+        }
+        e => panic!("upload: {e}"),
+    }
+    s3.restart();
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let sheet = client
+        .download_bytes(&done.contact_sheet.parse().unwrap())
+        .await
+        .unwrap();
+    let sheet = image::load_from_memory(&sheet).unwrap();
+    assert!(sheet.width() > 48, "a contact sheet of the two variants");
 }
 
 /// The coordinator's data dir on a small file system of its own (a 24 MiB tmpfs in a mount namespace,

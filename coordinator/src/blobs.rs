@@ -139,10 +139,27 @@ impl S3Blobs {
     /// Blobs under `url`, `s3://<bucket>[/<prefix>]`, with the endpoint and credentials from the
     /// environment. An error names what is wrong with the URL or the configuration.
     pub fn open(url: &str) -> std::io::Result<S3Blobs> {
-        Self::build(url, &[])
+        Self::build(url, &[], Self::retry())
     }
 
-    fn build(url: &str, config: &[(&str, &str)]) -> std::io::Result<S3Blobs> {
+    /// How a request that failed to connect, timed out or got a server error is retried: 5 times, backing
+    /// off from 100 ms (about 3 s in all; 15 s at most), not object_store's default of up to 3 minutes. A
+    /// coordinator's caller waits on it, with a thread of the blocking pool held: better to answer
+    /// UNAVAILABLE soon (workers and clients retry; a stage's work is tried again every few seconds).
+    pub fn retry() -> object_store::RetryConfig {
+        object_store::RetryConfig {
+            max_retries: 5,
+            retry_timeout: std::time::Duration::from_secs(15),
+            ..Default::default()
+        }
+    }
+
+    /// With `retry`: how object_store retries a request.
+    fn build(
+        url: &str,
+        config: &[(&str, &str)],
+        retry: object_store::RetryConfig,
+    ) -> std::io::Result<S3Blobs> {
         let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
         let rest = url
             .strip_prefix("s3://")
@@ -151,7 +168,9 @@ impl S3Blobs {
         if bucket.is_empty() {
             return Err(invalid(format!("blobs '{url}': no bucket")));
         }
-        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut builder = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(retry);
         for (key, value) in config {
             let key = key
                 .parse()
@@ -185,7 +204,7 @@ impl S3Blobs {
     /// [`S3Blobs::open`] with `config` (object_store's `AmazonS3ConfigKey` names, e.g. `aws_endpoint`,
     /// `aws_access_key_id`, `aws_allow_http`) over the environment's.
     pub fn open_with(url: &str, config: &[(&str, &str)]) -> std::io::Result<S3Blobs> {
-        Self::build(url, config)
+        Self::build(url, config, Self::retry())
     }
 
     /// Runs `request` on the store's runtime and waits for it, from any thread.
@@ -199,7 +218,7 @@ impl S3Blobs {
             .expect("the runtime lives until the store drops");
         let handle = runtime.spawn(request);
         match futures_executor::block_on(handle) {
-            Ok(result) => result.map_err(std::io::Error::from),
+            Ok(result) => result.map_err(io_error),
             Err(e) => Err(std::io::Error::other(format!("blob store request: {e}"))),
         }
     }
@@ -215,6 +234,34 @@ impl S3Blobs {
             Err(e) => Err(e),
         }
     }
+}
+
+/// An object_store error as an I/O error whose kind says what went wrong: `NotFound` for a missing
+/// object; `NotConnected` or `TimedOut` when the store was out of reach (no connection, a request that
+/// failed or timed out, after object_store's retries): the coordinator answers UNAVAILABLE, something to
+/// retry, not INTERNAL; `Other` otherwise.
+fn io_error(e: object_store::Error) -> std::io::Error {
+    use object_store::client::{HttpError, HttpErrorKind};
+    use std::io::ErrorKind;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut kind = match e {
+        object_store::Error::NotFound { .. } => ErrorKind::NotFound,
+        _ => ErrorKind::Other,
+    };
+    while let Some(err) = source {
+        if let Some(http) = err.downcast_ref::<HttpError>() {
+            kind = match http.kind() {
+                HttpErrorKind::Timeout => ErrorKind::TimedOut,
+                HttpErrorKind::Connect | HttpErrorKind::Request | HttpErrorKind::Interrupted => {
+                    ErrorKind::NotConnected
+                }
+                _ => kind,
+            };
+            break;
+        }
+        source = err.source();
+    }
+    std::io::Error::new(kind, e)
 }
 
 impl BlobStore for S3Blobs {
@@ -292,25 +339,44 @@ impl S3Server {
             .and_then(|l| l.local_addr())
             .unwrap()
             .port();
-        let child = std::process::Command::new("s3s-fs")
+        let child = Self::spawn(port, dir.path());
+        S3Server {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the server (SIGKILL): its port refuses connections until [`S3Server::restart`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A server again on the same port and objects, after [`S3Server::stop`].
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, self._dir.path());
+    }
+
+    /// `s3s-fs` on `port` serving `dir`, once it listens.
+    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+        let mut child = std::process::Command::new("s3s-fs")
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", S3_TEST_KEY, "--secret-key", S3_TEST_SECRET])
-            .arg(dir.path())
+            .arg(dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("s3s-fs (installed by deploy/test.sh: cargo install s3s-fs)");
-        let server = S3Server {
-            child,
-            port,
-            _dir: dir,
-        };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
+                return child;
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("s3s-fs did not listen on port {port}");
     }
 
@@ -357,8 +423,7 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -410,6 +475,49 @@ pub(crate) mod tests {
             .filter(|e| e.path().is_file())
             .count();
         assert_eq!(objects, 1);
+    }
+
+    /// A store that stops answering: every call fails with an error the coordinator answers as
+    /// UNAVAILABLE (something to retry), naming the request; none hangs past the retry budget.
+    #[test]
+    fn an_s3_store_out_of_reach_is_unavailable() {
+        let mut server = S3Server::start();
+        let endpoint = server.endpoint();
+        let retry = object_store::RetryConfig {
+            max_retries: 1,
+            retry_timeout: std::time::Duration::from_secs(5),
+            ..Default::default()
+        };
+        let config = [
+            ("aws_endpoint", endpoint.as_str()),
+            ("aws_access_key_id", super::S3_TEST_KEY),
+            ("aws_secret_access_key", super::S3_TEST_SECRET),
+            ("aws_region", "us-east-1"),
+            ("aws_allow_http", "true"),
+        ];
+        let blobs = super::S3Blobs::build("s3://farm", &config, retry).unwrap();
+        let hash = blobs.put(b"hello").unwrap();
+        server.stop();
+        let started = std::time::Instant::now();
+        let errors = [
+            blobs.contains(&hash).unwrap_err(),
+            blobs.get(&hash).unwrap_err(),
+            blobs.put(b"another").unwrap_err(),
+        ];
+        for e in errors {
+            assert_eq!(e.kind(), std::io::ErrorKind::NotConnected, "{e}");
+            let status = tonic::Status::from(crate::Error::Io(e));
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(
+                status.message().starts_with("blob store out of reach")
+                    && status.message().contains(&endpoint),
+                "{status:?}"
+            );
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        // back on the same port and objects: the same store answers again
+        server.restart();
+        assert_eq!(blobs.get(&hash).unwrap().unwrap(), b"hello");
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod workers;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +44,8 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     /// A file system error: creating the data dir, or reading or writing the blob store; RESOURCE_EXHAUSTED
-    /// on the wire when the disk is full (ENOSPC, EDQUOT), else INTERNAL.
+    /// on the wire when the disk is full (ENOSPC, EDQUOT), UNAVAILABLE when the blob store is out of reach
+    /// (S3 down: [`Error::is_out_of_reach`]), else INTERNAL.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     /// The coordinator's own failure (a blocking task that panicked, an image it stored and cannot read
@@ -78,6 +79,16 @@ impl Error {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Error {
         Error::Invalid(stylefarm_core::Error::invalid(field, message))
     }
+
+    /// Whether a store across the network did not answer (the blob store or the job store): UNAVAILABLE,
+    /// worth trying again later rather than failing a job for.
+    pub fn is_out_of_reach(&self) -> bool {
+        match self {
+            Error::Io(e) => out_of_reach(e),
+            Error::Store(e) => e.kind == store::StoreErrorKind::Unavailable,
+            _ => false,
+        }
+    }
 }
 
 /// The one mapping from the coordinator's errors to gRPC codes.
@@ -97,6 +108,9 @@ impl From<Error> for tonic::Status {
             },
             Error::Io(e) if storage_full(&e) => {
                 tonic::Status::resource_exhausted(format!("storage full: {e}"))
+            }
+            Error::Io(e) if out_of_reach(&e) => {
+                tonic::Status::unavailable(format!("blob store out of reach: {e}"))
             }
             e @ (Error::Io(_) | Error::Internal(_) | Error::Stitch(_) | Error::Transport(_)) => {
                 tonic::Status::internal(e.to_string())
@@ -140,6 +154,22 @@ pub(crate) fn storage_full(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Whether an I/O error says a store across the network did not answer (the S3 blob store's, after its
+/// retries: [`blobs::S3Blobs`]): no connection, or a request that timed out.
+pub(crate) fn out_of_reach(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        NotConnected
+            | ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
     )
 }
 
@@ -251,7 +281,14 @@ pub struct Coordinator {
     pub(crate) tls_files: Option<auth::TlsConfig>,
     /// The Prometheus registry.
     pub(crate) metrics: metrics::Metrics,
+    /// Set when a stage's work could not be done because a store was out of reach
+    /// ([`Error::is_out_of_reach`]): the job waits at that stage, and [`serve`]'s loop steps the jobs
+    /// awaiting a step again every [`STAGE_RETRY`] until it is done.
+    pub(crate) stage_deferred: std::sync::atomic::AtomicBool,
 }
+
+/// How often stage work deferred for a store out of reach is tried again.
+pub const STAGE_RETRY: Duration = Duration::from_secs(2);
 
 impl Coordinator {
     /// Opens (or creates) the data dir; jobs left there resume.
@@ -286,6 +323,7 @@ impl Coordinator {
             tls,
             tls_files: config.tls.clone(),
             metrics,
+            stage_deferred: false.into(),
         });
         for job_id in coordinator.scheduler.jobs_awaiting_step() {
             coordinator.stage_done(&job_id);
@@ -344,13 +382,28 @@ pub async fn serve(
     );
 
     // leases expire even when nobody calls; a stage whose step could not be recorded while the store was
-    // out of reach is stepped again once it answers
+    // out of reach is stepped again once it answers, and one whose work found the blob store out of reach
+    // every STAGE_RETRY (on a blocking thread of its own: lease expiry does not wait on the blob store)
     let expiry = {
         let coordinator = coordinator.clone();
         tokio::spawn(async move {
             let mut was_behind = false;
+            let mut retried = tokio::time::Instant::now();
+            let mut retrying: Option<tokio::task::JoinHandle<()>> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
+                if retrying.as_ref().is_none_or(|r| r.is_finished())
+                    && retried.elapsed() >= STAGE_RETRY
+                    && coordinator.stage_deferred.swap(false, Ordering::SeqCst)
+                {
+                    retried = tokio::time::Instant::now();
+                    let coordinator = coordinator.clone();
+                    retrying = Some(tokio::task::spawn_blocking(move || {
+                        for job_id in coordinator.scheduler.jobs_awaiting_step() {
+                            coordinator.stage_done(&job_id);
+                        }
+                    }));
+                }
                 // expiring writes to the store and waits for the commit: on the blocking pool
                 let coordinator = coordinator.clone();
                 let step = tokio::task::spawn_blocking(move || {

@@ -13,6 +13,7 @@ impl Coordinator {
     /// The hook the scheduler's "every task of the job's stage succeeded" reaches (after a completion, and
     /// for jobs left at that point by a restart): the job kind's stage work ([`JobKind::has_stage_work`]).
     pub(crate) fn stage_done(&self, job_id: &JobId) {
+        fail::fail_point!("coordinator-stage-work");
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
         };
@@ -50,16 +51,24 @@ impl Coordinator {
                     );
                 }
             }
-            Err(e) => {
-                tracing::error!(
-                    job_id = job_id.as_str(),
-                    error = %e,
-                    "composing the contact sheet"
-                );
-                let _ = self
-                    .scheduler
-                    .fail_job(job_id, &format!("contact sheet: {e}"));
-            }
+            Err(e) => self.stage_failed(job_id, "contact sheet", e),
+        }
+    }
+
+    /// A stage's work that failed: with a store out of reach the job waits at its stage, and the work is
+    /// tried again ([`Coordinator::stage_deferred`]); any other error fails the job, naming `what` failed.
+    pub(crate) fn stage_failed(&self, job_id: &JobId, what: &str, e: Error) {
+        if e.is_out_of_reach() {
+            tracing::warn!(
+                job_id = job_id.as_str(),
+                error = %e,
+                "{what}: a store is out of reach; the job waits and the work is tried again"
+            );
+            self.stage_deferred
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            tracing::error!(job_id = job_id.as_str(), error = %e, "{what}");
+            let _ = self.scheduler.fail_job(job_id, &format!("{what}: {e}"));
         }
     }
 }

@@ -80,11 +80,11 @@ impl Coordinator {
             .transpose()?)
     }
 
-    /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job.
+    /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job, unless
+    /// a store was out of reach ([`Coordinator::stage_failed`]).
     pub(crate) fn finish_tiled_scale(&self, job_id: &JobId) {
         if let Err(e) = self.stitch_scale(job_id) {
-            tracing::error!(job_id = job_id.as_str(), error = %e, "stitching");
-            let _ = self.scheduler.fail_job(job_id, &format!("stitching: {e}"));
+            self.stage_failed(job_id, "stitching", e);
         }
     }
 
