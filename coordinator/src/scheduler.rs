@@ -839,7 +839,8 @@ impl Scheduler {
     }
 
     /// An error while the store holds writes back ([`Store::behind`]): the calls that record outcomes
-    /// answer it (UNAVAILABLE on the wire) rather than acknowledge what the store may not hold.
+    /// answer it (UNAVAILABLE on the wire, RESOURCE_EXHAUSTED for a full disk) rather than acknowledge what
+    /// the store may not hold.
     fn writable(&self) -> Result<(), SchedulerError> {
         match self.store.behind() {
             Some(e) => Err(SchedulerError::Store(e)),

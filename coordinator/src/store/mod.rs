@@ -107,10 +107,11 @@ pub trait Store: Send + Sync {
     /// Every job with its tasks (in index order), in submission order.
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
 
-    /// Why writes are held back, while some are: the store is out of reach and applies them, in order, once
-    /// it answers (a Redis server restarting). The scheduler takes no new outcomes meanwhile (its calls that
-    /// write answer UNAVAILABLE), so that nothing it acknowledges is ahead of what the store holds. `None`
-    /// for a store that fails its writes instead (memory, redb).
+    /// Why writes are held back, while some are: the store is out of reach (a Redis server restarting) or
+    /// its disk is full (redb), and applies them, in order, once it answers or has room. The scheduler takes
+    /// no new outcomes meanwhile (its calls that write answer with this error: UNAVAILABLE, or
+    /// RESOURCE_EXHAUSTED for a full disk), so that nothing it acknowledges is ahead of what the store
+    /// holds. `None` for a store that never holds writes back (memory).
     fn behind(&self) -> Option<StoreError> {
         None
     }

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use redb::{ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -26,31 +27,61 @@ fn redb_err(e: impl Into<redb::Error>) -> StoreError {
 const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
 const TASKS: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("tasks");
 
+/// How often writes held back for a full disk are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Opens (or creates) the database: again after an I/O error, which leaves a redb database refusing every
+/// later write (`PreviousIo`) until it is reopened.
+type Opener = Box<dyn Fn() -> Result<redb::Database, redb::DatabaseError> + Send + Sync>;
+
 /// The write queue of a [`RedbStore`].
 #[derive(Default)]
 struct Queue {
     ops: Vec<Op>,
     /// Number of write calls queued so far (those committed: [`Shared::committed`]).
     enqueued: u64,
-    /// Batches whose commit failed: (after seq, up to seq, error).
-    failures: Vec<(u64, u64, String)>,
+    /// Write calls told an error: (after seq, up to seq, error).
+    failures: Vec<(u64, u64, StoreError)>,
     closing: bool,
 }
 
-/// What the committer thread and the writers' [`Durable`] futures share.
+/// What the committer thread, the store and the writers' [`Durable`] futures share.
 struct Shared {
     queue: Mutex<Queue>,
     /// Signalled when ops are queued (to the committer).
     queued: Condvar,
     /// The number of write calls committed (or failed), for the futures to wait on.
     committed: tokio::sync::watch::Sender<u64>,
+    /// The database; `None` after a failed commit, until it is opened again ([`Shared::database`]).
+    db: Mutex<Option<redb::Database>>,
+    opener: Opener,
+    /// Why writes are held back (the disk is full), while they are ([`Store::behind`]).
+    behind: Mutex<Option<StoreError>>,
+}
+
+impl Shared {
+    /// The open database, opened again when a failed commit closed it.
+    fn database<'a>(
+        &self,
+        db: &'a mut Option<redb::Database>,
+    ) -> Result<&'a redb::Database, StoreError> {
+        if db.is_none() {
+            *db = Some((self.opener)().map_err(redb_err)?);
+        }
+        Ok(db.as_ref().expect("opened above"))
+    }
 }
 
 /// The embedded persistent store: one redb file. A committer thread applies the queued writes in batches,
 /// one fsynced transaction a batch: every write is durable when its `Durable` future resolves, and many
 /// writers share a fsync.
+///
+/// A full disk (ENOSPC, EDQUOT) fails no write for good: the batch is held back, in order, with every write
+/// queued after it, and tried again every second (`RETRY_EVERY`; the database reopened: redb refuses all
+/// writes after an I/O error) until there is room. Their callers are told RESOURCE_EXHAUSTED meanwhile and
+/// [`Store::behind`] says so, as the Redis store does while its server is out of reach. Any other failed
+/// commit fails its batch, and the database is reopened for the next.
 pub struct RedbStore {
-    db: Arc<redb::Database>,
     shared: Arc<Shared>,
     committer: Option<std::thread::JoinHandle<()>>,
 }
@@ -86,61 +117,128 @@ fn apply(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), StoreError> {
 impl RedbStore {
     /// Opens or creates the database file and starts its committer thread.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db =
-            redb::Database::create(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let file = path.to_path_buf();
+        Self::open_with(
+            Box::new(move || redb::Database::create(&file)),
+            &path.display().to_string(),
+        )
+    }
+
+    /// With `opener` for the database, `name` in its errors.
+    fn open_with(opener: Opener, name: &str) -> Result<RedbStore, StoreError> {
+        let db = opener().map_err(|e| err(format!("{name}: {e}")))?;
         let tx = db.begin_write().map_err(redb_err)?;
         tx.open_table(JOBS).map_err(redb_err)?;
         tx.open_table(TASKS).map_err(redb_err)?;
         tx.commit().map_err(redb_err)?;
-        let db = Arc::new(db);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             queued: Condvar::new(),
             committed: tokio::sync::watch::Sender::new(0),
+            db: Mutex::new(Some(db)),
+            opener,
+            behind: Mutex::new(None),
         });
         let committer = {
-            let (db, shared) = (db.clone(), shared.clone());
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("store-committer".into())
-                .spawn(move || Self::commit_loop(&db, &shared))
+                .spawn(move || Self::commit_loop(&shared))
                 .map_err(redb_err)?
         };
         Ok(RedbStore {
-            db,
             shared,
             committer: Some(committer),
         })
     }
 
-    fn commit_loop(db: &redb::Database, shared: &Shared) {
+    fn commit_loop(shared: &Shared) {
+        // the ops of writes held back for a full disk, in order, to apply before any later ones
+        let mut backlog: Vec<Op> = Vec::new();
         loop {
-            let (ops, upto) = {
+            let (ops, upto, closing) = {
                 let mut q = shared.queue.lock().unwrap();
-                while q.ops.is_empty() && !q.closing {
-                    q = shared.queued.wait(q).unwrap();
+                if backlog.is_empty() {
+                    while q.ops.is_empty() && !q.closing {
+                        q = shared.queued.wait(q).unwrap();
+                    }
+                } else if q.ops.is_empty() && !q.closing {
+                    q = shared.queued.wait_timeout(q, RETRY_EVERY).unwrap().0;
                 }
-                if q.ops.is_empty() {
+                if q.ops.is_empty() && backlog.is_empty() {
                     return;
                 }
-                (std::mem::take(&mut q.ops), q.enqueued)
+                (std::mem::take(&mut q.ops), q.enqueued, q.closing)
             };
-            let result = db.begin_write().map_err(redb_err).and_then(|tx| {
-                apply(&tx, &ops)?;
-                tx.commit().map_err(redb_err)
-            });
+            let from = *shared.committed.borrow();
+            backlog.extend(ops);
+            let result = Self::commit(shared, &backlog);
+            let mut behind = shared.behind.lock().unwrap();
+            let result = match result {
+                Ok(()) => {
+                    if let Some(was) = behind.take() {
+                        tracing::info!(
+                            ops = backlog.len(),
+                            error = %was,
+                            "the disk has room again: the writes held back are applied"
+                        );
+                    }
+                    backlog.clear();
+                    Ok(())
+                }
+                Err(e) if e.kind == StoreErrorKind::StorageFull => {
+                    if behind.is_none() {
+                        tracing::error!(error = %e, "disk full: holding writes back until it has room");
+                    }
+                    let e = StoreError {
+                        message: format!(
+                            "{} (the write is held back and applied in order once the disk has room)",
+                            e.message
+                        ),
+                        kind: StoreErrorKind::StorageFull,
+                    };
+                    *behind = Some(e.clone());
+                    Err(e)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store commit failed");
+                    backlog.clear();
+                    behind.take();
+                    Err(e)
+                }
+            };
+            drop(behind);
             if let Err(e) = result {
-                tracing::error!(error = %e, "store commit failed");
                 // recorded before the count moves: a future that sees `upto` sees its failure
-                let from = *shared.committed.borrow();
-                shared
-                    .queue
-                    .lock()
-                    .unwrap()
-                    .failures
-                    .push((from, upto, e.message));
+                if from < upto {
+                    shared.queue.lock().unwrap().failures.push((from, upto, e));
+                }
             }
             shared.committed.send_replace(upto);
+            if closing && !backlog.is_empty() {
+                // closed while the disk is full, after one last try: what is left is lost (its callers
+                // were told RESOURCE_EXHAUSTED, none that it was applied)
+                tracing::error!(
+                    ops = backlog.len(),
+                    "store closed while the disk was full: writes not applied"
+                );
+                return;
+            }
         }
+    }
+
+    /// Applies `ops` in one transaction; a failure closes the database, to be opened again for the next.
+    fn commit(shared: &Shared, ops: &[Op]) -> Result<(), StoreError> {
+        let mut db = shared.db.lock().unwrap();
+        let result = shared.database(&mut db).and_then(|db| {
+            let tx = db.begin_write().map_err(redb_err)?;
+            apply(&tx, ops)?;
+            tx.commit().map_err(redb_err)
+        });
+        if result.is_err() {
+            *db = None;
+        }
+        result
     }
 }
 
@@ -180,14 +278,23 @@ impl Store for RedbStore {
                 .iter()
                 .find(|(lo, hi, _)| *lo < seq && seq <= *hi)
             {
-                Some((_, _, e)) => Err(StoreError::new(e.clone())),
+                Some((_, _, e)) => Err(e.clone()),
                 None => Ok(()),
             }
         })
     }
 
+    fn behind(&self) -> Option<StoreError> {
+        self.shared.behind.lock().unwrap().clone()
+    }
+
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
+        let mut db = self.shared.db.lock().unwrap();
+        let tx = self
+            .shared
+            .database(&mut db)?
+            .begin_read()
+            .map_err(redb_err)?;
         let jobs = tx.open_table(JOBS).map_err(redb_err)?;
         let tasks = tx.open_table(TASKS).map_err(redb_err)?;
         let mut all = Vec::new();
@@ -238,15 +345,117 @@ mod tests {
         let mut old = serde_json::to_value(&tasks[0]).unwrap();
         let fields = old.as_object_mut().unwrap();
         assert!(fields.remove("permanent_error_workers").is_some());
-        let tx = store.db.begin_write().unwrap();
+        let db = store.shared.db.lock().unwrap();
+        let tx = db.as_ref().unwrap().begin_write().unwrap();
         tx.open_table(TASKS)
             .unwrap()
             .insert(("job-a", 0), serde_json::to_vec(&old).unwrap().as_slice())
             .unwrap();
         tx.commit().unwrap();
+        drop(db);
         let all = store.load().unwrap();
         assert_eq!(all[0].1, tasks);
         assert!(all[0].1[0].permanent_error_workers.is_empty());
+    }
+
+    /// A file whose disk fills up on demand: writes, resizes and syncs fail with ENOSPC while `full`.
+    #[derive(Debug)]
+    struct FillingDisk {
+        file: redb::backends::FileBackend,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FillingDisk {
+        fn check(&self) -> std::io::Result<()> {
+            match self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                true => Err(std::io::Error::from_raw_os_error(28)),
+                false => Ok(()),
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FillingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            self.file.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+    }
+
+    /// The disk fills up under the store: the write that does not fit and every one after it are told
+    /// RESOURCE_EXHAUSTED (StorageFull) and held back, `behind` says so; once there is room they are
+    /// applied in order, and nothing is lost (the file read again by a new store).
+    #[test]
+    fn writes_made_while_the_disk_is_full_are_held_back_and_applied_once_it_has_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener: Opener = {
+            let (path, full) = (path.clone(), full.clone());
+            Box::new(move || {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
+                redb::Builder::new().create_with_backend(FillingDisk {
+                    file: redb::backends::FileBackend::new(file)?,
+                    full: full.clone(),
+                })
+            })
+        };
+        let store = RedbStore::open_with(opener, "filling").unwrap();
+        let jobs: Vec<_> = (1..=4).map(|i| job(&format!("job-{i}"), i)).collect();
+        store.insert_job(&jobs[0].0, &jobs[0].1).unwrap();
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        for (meta, tasks) in &jobs[1..3] {
+            let e = store.insert_job(meta, tasks).unwrap_err();
+            assert_eq!(e.kind, StoreErrorKind::StorageFull, "{e}");
+            assert!(e.message.contains("held back"), "{e}");
+        }
+        // tried again (and reopened) every second, still full
+        std::thread::sleep(RETRY_EVERY * 2 + Duration::from_millis(500));
+        assert_eq!(
+            store.behind().map(|e| e.kind),
+            Some(StoreErrorKind::StorageFull)
+        );
+        full.store(false, std::sync::atomic::Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        while store.behind().is_some() {
+            assert!(started.elapsed() < Duration::from_secs(10), "never applied");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        store.insert_job(&jobs[3].0, &jobs[3].1).unwrap();
+        let ids = |all: Vec<(JobMeta, Vec<TaskRecord>)>| {
+            all.into_iter()
+                .map(|(j, t)| (j.id.to_string(), t.len()))
+                .collect::<Vec<_>>()
+        };
+        let expected: Vec<_> = jobs
+            .iter()
+            .map(|(j, t)| (j.id.to_string(), t.len()))
+            .collect();
+        assert_eq!(ids(store.load().unwrap()), expected);
+        drop(store);
+        assert_eq!(
+            ids(RedbStore::open(&path).unwrap().load().unwrap()),
+            expected
+        );
     }
 
     #[test]
