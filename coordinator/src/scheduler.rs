@@ -139,6 +139,47 @@ struct State {
     leases: HashMap<LeaseId, LeaseInfo>,
     next_seq: u64,
     next_id: u64,
+    /// Jobs and tasks by state, kept as they change ([`Scheduler::counts`]).
+    tally: Tally,
+}
+
+/// The number of jobs and tasks in each state, moved by every change of state ([`set_task_state`],
+/// [`set_job_state`]) and added to as jobs and tasks arrive, so that the metrics read them without walking
+/// every task the coordinator has ever had.
+#[derive(Default)]
+struct Tally {
+    tasks: BTreeMap<&'static str, usize>,
+    jobs: BTreeMap<&'static str, usize>,
+}
+
+impl Tally {
+    fn add_task(&mut self, state: TaskState) {
+        *self.tasks.entry(state.name()).or_default() += 1;
+    }
+
+    fn add_job(&mut self, state: JobState) {
+        *self.jobs.entry(state.name()).or_default() += 1;
+    }
+
+    fn remove(counts: &mut BTreeMap<&'static str, usize>, name: &'static str) {
+        if let Some(n) = counts.get_mut(name) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Moves `task` to state `to`, and the tally with it.
+fn set_task_state(tally: &mut Tally, task: &mut TaskRecord, to: TaskState) {
+    Tally::remove(&mut tally.tasks, task.state.name());
+    tally.add_task(to);
+    task.state = to;
+}
+
+/// Moves job `meta` to state `to`, and the tally with it.
+fn set_job_state(tally: &mut Tally, meta: &mut JobMeta, to: JobState) {
+    Tally::remove(&mut tally.jobs, meta.state.name());
+    tally.add_job(to);
+    meta.state = to;
 }
 
 /// One fewer unfinished job for `tenant`: one of its jobs reached a terminal state.
@@ -255,7 +296,9 @@ impl Scheduler {
                 if t.state == TaskState::Pending && !meta.state.is_terminal() {
                     state.queue.insert(queue_key(&meta, t.index));
                 }
+                state.tally.add_task(t.state);
             }
+            state.tally.add_job(meta.state);
             state.jobs.insert(
                 meta.id.clone(),
                 Job {
@@ -362,6 +405,10 @@ impl Scheduler {
             st.by_request.insert(request, id.clone());
         }
         *st.unfinished.entry(tenant.to_string()).or_default() += 1;
+        st.tally.add_job(meta.state);
+        for t in &tasks {
+            st.tally.add_task(t.state);
+        }
         st.jobs.insert(
             id.clone(),
             Job {
@@ -403,14 +450,14 @@ impl Scheduler {
         let deadline_ms = now + self.config.lease.as_millis() as i64;
         let job = st.jobs.get_mut(&job_id).expect("queued job exists");
         let task = &mut job.tasks[index as usize];
-        task.state = TaskState::Running;
+        set_task_state(&mut st.tally, task, TaskState::Running);
         task.attempts += 1;
         task.worker = worker.clone();
         // not written to the store: a restart sends running tasks back to the queue anyway, and the attempt
         // is recorded with the task's outcome (one fsync a task instead of two)
         let spec = task.spec.clone();
         if job.meta.state == JobState::Queued {
-            job.meta.state = JobState::Running;
+            set_job_state(&mut st.tally, &mut job.meta, JobState::Running);
             // no need to wait: "running" is for people, and a later write of the job supersedes it in order
             drop(self.store.write(vec![Op::Job(job.meta.clone())]));
         }
@@ -524,9 +571,13 @@ impl Scheduler {
         self.metrics
             .task_seconds
             .observe((now_ms() - lease.leased_ms).max(0) as f64 / 1000.0);
-        let job = st.jobs.get_mut(&lease.job_id).expect("leased job exists");
+        let state = &mut *st;
+        let job = state
+            .jobs
+            .get_mut(&lease.job_id)
+            .expect("leased job exists");
         let task = &mut job.tasks[lease.index as usize];
-        task.state = TaskState::Succeeded;
+        set_task_state(&mut state.tally, task, TaskState::Succeeded);
         task.result = Some(result.clone());
         task.error.clear();
         task.permanent_error_workers.clear();
@@ -534,15 +585,11 @@ impl Scheduler {
         let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
         // a job with stage work succeeds once it is done (finish_stage without a next stage), the others
         // with their last task
-        let mut ended = None;
         if all_tasks_done && !job.meta.spec.kind.has_stage_work() {
-            job.meta.state = JobState::Succeeded;
+            set_job_state(&mut state.tally, &mut job.meta, JobState::Succeeded);
             job.meta.finished_ms = now_ms();
             ops.push(Op::Job(job.meta.clone()));
-            ended = Some(job.meta.tenant.clone());
-        }
-        if let Some(tenant) = ended {
-            job_ended(&mut st.unfinished, &tenant);
+            job_ended(&mut state.unfinished, &job.meta.tenant);
         }
         let durable = self.store.write(ops);
         drop(st);
@@ -629,7 +676,7 @@ impl Scheduler {
             None
         };
         if let Some(reason) = reason {
-            task.state = TaskState::Failed;
+            set_task_state(&mut st.tally, task, TaskState::Failed);
             ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             let job_id = job.meta.id.clone();
             self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
@@ -638,7 +685,7 @@ impl Scheduler {
                 .config
                 .backoff
                 .saturating_mul(1 << (task.attempts.saturating_sub(1)).min(16));
-            task.state = TaskState::Pending;
+            set_task_state(&mut st.tally, task, TaskState::Pending);
             task.not_before_ms = now_ms() + backoff.min(self.config.max_backoff).as_millis() as i64;
             self.metrics.retry(match kind {
                 FailureKind::Retryable => "retryable",
@@ -670,7 +717,7 @@ impl Scheduler {
         if !job.meta.state.is_terminal() {
             job_ended(&mut st.unfinished, &job.meta.tenant);
         }
-        job.meta.state = state;
+        set_job_state(&mut st.tally, &mut job.meta, state);
         job.meta.error = error.to_string();
         job.meta.finished_ms = now_ms();
         for task in job
@@ -678,7 +725,7 @@ impl Scheduler {
             .iter_mut()
             .filter(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
         {
-            task.state = TaskState::Cancelled;
+            set_task_state(&mut st.tally, task, TaskState::Cancelled);
             ops.push(Op::Task(job_id.clone(), task.clone()));
             st.queue.remove(&queue_key(&job.meta, task.index));
         }
@@ -819,12 +866,13 @@ impl Scheduler {
                     let task = TaskRecord::pending(first + i as u32, spec);
                     ops.push(Op::Task(job_id.clone(), task.clone()));
                     st.queue.insert(queue_key(&job.meta, task.index));
+                    st.tally.add_task(task.state);
                     job.tasks.push(task);
                 }
             }
             None => {
                 job.meta.result = Some(image.clone());
-                job.meta.state = JobState::Succeeded;
+                set_job_state(&mut st.tally, &mut job.meta, JobState::Succeeded);
                 job.meta.finished_ms = now_ms();
                 job_ended(&mut st.unfinished, &job.meta.tenant);
             }
@@ -969,7 +1017,8 @@ impl Scheduler {
         &self.metrics
     }
 
-    /// The queue by priority, the tasks and the jobs by state, now.
+    /// The queue by priority (a walk of the pending tasks), the tasks and the jobs by state (kept as they
+    /// change: no walk of every task the coordinator has had).
     pub fn counts(&self) -> Counts {
         let st = self.state.lock().unwrap();
         let mut counts = Counts::default();
@@ -979,6 +1028,25 @@ impl Scheduler {
                 .entry(priority.to_string())
                 .or_default() += 1;
         }
+        let nonzero = |tally: &BTreeMap<&'static str, usize>| {
+            tally
+                .iter()
+                .filter(|(_, &n)| n > 0)
+                .map(|(&name, &n)| (name.to_string(), n))
+                .collect()
+        };
+        counts.tasks_by_state = nonzero(&st.tally.tasks);
+        counts.jobs_by_state = nonzero(&st.tally.jobs);
+        counts
+    }
+
+    /// [`Scheduler::counts`] by walking every job and task: what the tally must equal.
+    #[cfg(test)]
+    fn counts_walked(&self) -> Counts {
+        let mut counts = self.counts();
+        counts.tasks_by_state.clear();
+        counts.jobs_by_state.clear();
+        let st = self.state.lock().unwrap();
         for job in st.jobs.values() {
             *counts
                 .jobs_by_state
@@ -1369,6 +1437,94 @@ mod tests {
         assert_eq!(view.meta.state, JobState::Succeeded);
         assert_eq!(view.meta.result, Some(hash("final")));
         assert_eq!(view.meta.stage_results, [stitched, hash("final")]);
+    }
+
+    /// Random submits (batches and tiled jobs), leases, results, failures of every kind, expiries, stage
+    /// steps, cancels and restarts: after each, the counts kept as states change equal a walk of every
+    /// task and job.
+    #[test]
+    fn counts_kept_as_states_change_equal_a_walk_of_every_task() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            lease: Duration::from_millis(2),
+            backoff: Duration::ZERO,
+            default_max_attempts: 3,
+            ..Default::default()
+        };
+        let mut s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let tiled = JobSpec {
+            kind: JobKind::Tiled(Default::default()),
+            contents: vec![ImageHash::of(b"content")],
+            params: RenderParams {
+                size: 1024,
+                ..Default::default()
+            },
+            ..batch(1, 0)
+        };
+        // a fixed-seed xorshift: the same sequence every run
+        let mut seed = 0x5eed_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (mut jobs, mut leases) = (Vec::new(), Vec::new());
+        let kinds = [
+            FailureKind::Retryable,
+            FailureKind::Permanent,
+            FailureKind::OutOfMemory,
+        ];
+        for step in 0..400 {
+            match next(10) {
+                0 => jobs.push(s.submit(batch(1 + next(3) as u8, 0), "").unwrap().0),
+                1 => jobs.push(s.submit(tiled.clone(), "").unwrap().0),
+                2 | 3 => {
+                    if let Some(l) = s.lease(&w(&format!("w{}", next(3)))).unwrap() {
+                        leases.push(l.lease_id);
+                    }
+                }
+                4 | 5 if !leases.is_empty() => {
+                    let l = leases.swap_remove(next(leases.len() as u64) as usize);
+                    let _ = s.complete(&l, &hash("r")).unwrap();
+                }
+                6 if !leases.is_empty() => {
+                    let l = leases.swap_remove(next(leases.len() as u64) as usize);
+                    let kind = kinds[next(3) as usize];
+                    s.fail(&l, "boom", kind).unwrap();
+                }
+                7 => {
+                    std::thread::sleep(Duration::from_millis(3));
+                    s.expire().unwrap();
+                }
+                8 => {
+                    for job in s.jobs_awaiting_step() {
+                        let stage = s.get(&job).unwrap().meta.stage_results.len() as u32;
+                        let next_tiles = (stage == 0).then(|| {
+                            tiled
+                                .scale_tasks(800, 600, 1, &hash("stitched"), &[])
+                                .unwrap()
+                        });
+                        s.finish_stage(&job, stage, &hash("stitched"), next_tiles)
+                            .unwrap();
+                    }
+                }
+                _ if !jobs.is_empty() && next(4) == 0 => {
+                    s.cancel(&jobs[next(jobs.len() as u64) as usize]).unwrap();
+                }
+                _ if next(20) == 0 => {
+                    drop(s);
+                    s = Scheduler::new(config.clone(), store.clone()).unwrap();
+                    leases.clear();
+                }
+                _ => {}
+            }
+            assert_eq!(s.counts(), s.counts_walked(), "after step {step}");
+        }
+        let counts = s.counts();
+        for state in ["succeeded", "failed", "cancelled"] {
+            assert!(counts.jobs_by_state.contains_key(state), "{counts:?}");
+        }
     }
 
     #[test]
