@@ -275,6 +275,64 @@ async fn a_coordinator_killed_and_restarted_loses_nothing() {
     killed_and_restarted(Cluster::start(3.0, 0.3)).await;
 }
 
+/// A coordinator started with `--keep-finished-secs 2` deletes a finished job by itself (while an unfinished
+/// one stays), and the deletion is in its store: restarted, it does not have the job back.
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_jobs_past_the_keep_time_are_deleted_by_the_coordinator() {
+    let mut cluster = Cluster::new(3.0, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--keep-finished-secs".into(), "2".into()];
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let done = submit(&cluster, &tubingen_x_starry(48, 5));
+    wait_state(
+        &cluster,
+        &done,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let ended = Instant::now();
+    // no worker for this one: stopped first, the job stays queued
+    cluster.workers[0].kill();
+    let queued = submit(&cluster, &tubingen_x_starry(48, 5));
+    let mut client = cluster.client().await;
+    wait_for(
+        "the finished job to be deleted",
+        Duration::from_secs(20),
+        || {
+            let mut client = client.clone();
+            let id = done.clone();
+            async move {
+                match client.job(&id.into()).await {
+                    Err(stylefarm_client::ClientError::Status(s)) if s.code() == Code::NotFound => {
+                        Some(())
+                    }
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(ended.elapsed() >= Duration::from_secs(2), "kept 2 s first");
+    let coordinator = cluster.coordinator.as_ref().unwrap();
+    assert!(coordinator
+        .log_text()
+        .contains("finished jobs past their keep time deleted"));
+    assert!(is(&job(&mut client, &queued).await, pb::JobState::Queued));
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.start_coordinator();
+    let mut client = cluster.client().await;
+    let listed: Vec<_> = client
+        .list(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect();
+    assert_eq!(listed, [queued], "the deletion was stored");
+}
+
 /// The same on a Redis server: the jobs and tasks are there, not in the data dir, and a new coordinator
 /// process on that server carries the job on.
 #[tokio::test(flavor = "multi_thread")]

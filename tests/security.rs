@@ -109,10 +109,14 @@ async fn render_calls(
         Err(s) => s.code(),
     };
     out.push(("DownloadResult", downloaded));
-    // last: it ends the job for good
+    // last: they end the job for good, then forget it
     out.push((
         "CancelJob",
         code(rpc.cancel_job(pb::CancelJobRequest { job_id: id() }).await),
+    ));
+    out.push((
+        "DeleteJob",
+        code(rpc.delete_job(pb::DeleteJobRequest { job_id: id() }).await),
     ));
     out
 }
@@ -227,14 +231,14 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let image = spec.contents[0].clone();
 
     use Code::*;
-    let render_expected = |caller: &str| -> [Code; 7] {
+    let render_expected = |caller: &str| -> [Code; 8] {
         match caller {
-            "none" => [Unauthenticated; 7],
-            "worker" => [PermissionDenied; 7],
-            "alice" => [Ok; 7],
+            "none" => [Unauthenticated; 8],
+            "worker" => [PermissionDenied; 8],
+            "alice" => [Ok; 8],
             // another tenant: its own uploads and jobs; alice's job is not found, not even listed; images
             // are content-addressed, readable by any client that knows the hash
-            "bob" => [Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound],
+            "bob" => [Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound, NotFound],
             _ => unreachable!(),
         }
     };
@@ -248,7 +252,7 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     };
     let mut table = String::from("| caller | RPC | code |\n| --- | --- | --- |\n");
     let mut wrong = Vec::new();
-    // alice last among the render callers: her CancelJob ends the job
+    // alice last among the render callers: her CancelJob ends the job, her DeleteJob forgets it
     for (caller, t) in [
         ("none", None),
         ("worker", Some(WORKER)),
@@ -344,6 +348,17 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     );
     let (ok, _, err) = cluster.cli(&["status", &mine]);
     assert!(!ok && err.contains("not found"), "{err}");
+    let (ok, _, err) = cluster.cli(&["delete", &mine]);
+    assert!(
+        !ok && err.contains("not found"),
+        "bob cannot delete it: {err}"
+    );
+    cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), ALICE.into())];
+    let (ok, out, err) = cluster.cli(&["delete", &mine]);
+    assert!(ok && out.contains("deleted"), "{out} {err}");
+    let (ok, _, err) = cluster.cli(&["status", &mine]);
+    assert!(!ok && err.contains("not found"), "deleted: {err}");
+    cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), BOB.into())];
     // a worker with a client's token is refused and leaves, saying why
     cluster.add_worker_with_env("intruder", &[("STYLEFARM_TOKEN", ALICE)]);
     let intruder = cluster.workers.last_mut().unwrap();

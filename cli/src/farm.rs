@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, Credentials, FarmClient, JobFiles, JobId};
@@ -58,6 +58,10 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, env = "STYLEFARM_MAX_UNFINISHED_JOBS",
           default_value_t = stylefarm_coordinator::scheduler::DEFAULT_MAX_UNFINISHED_JOBS)]
     max_unfinished_jobs: usize,
+    /// Delete finished (succeeded, failed, cancelled) jobs this many seconds after they ended, as
+    /// `stylefarm delete` does (their images stay in the blob store); unset: keep them until deleted.
+    #[arg(long, env = "STYLEFARM_KEEP_FINISHED_SECS")]
+    keep_finished_secs: Option<f64>,
     /// A client token, TENANT:TOKEN (repeat, or comma-separated in the variable). Any token configured
     /// turns authentication on: every call then needs one, and a tenant sees only its own jobs.
     #[arg(
@@ -295,6 +299,17 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     )?;
     config.blobs = args.blobs;
     config.scheduler.max_unfinished_jobs = args.max_unfinished_jobs;
+    config.scheduler.keep_finished = args
+        .keep_finished_secs
+        .map(|secs| {
+            Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    anyhow!("--keep-finished-secs must be more than 0 seconds, got {secs}")
+                })
+        })
+        .transpose()?;
     let mut auth = match &args.auth_file {
         Some(file) => AuthConfig::load(file)?,
         None => AuthConfig::default(),
@@ -549,6 +564,15 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
         for path in client.fetch(&s, &args.output).await? {
             println!("{}", path.display());
         }
+        Ok(())
+    })
+}
+
+pub(crate) fn delete(args: JobRef) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&args.connect).await?;
+        client.delete(&args.job_id).await?;
+        println!("{}\tdeleted", args.job_id);
         Ok(())
     })
 }

@@ -141,6 +141,8 @@ enum Command {
     Fetch(farm::FetchArgs),
     /// Cancel a job.
     Cancel(farm::JobRef),
+    /// Delete a finished job: its record and its tasks' (its images stay in the blob store).
+    Delete(farm::JobRef),
     /// Measure how visible a tiled render's tile grid is (1.0: not at all).
     Seams(seams::SeamsArgs),
     /// Locate or convert VGG19 weights.
@@ -178,6 +180,7 @@ fn main() -> ExitCode {
         Command::List(args) => farm::list(args),
         Command::Fetch(args) => farm::fetch(args),
         Command::Cancel(args) => farm::cancel(args),
+        Command::Delete(args) => farm::delete(args),
         Command::Seams(args) => seams::run(args),
         Command::Weights(cmd) => weights::run(cmd),
     };

@@ -307,6 +307,17 @@ impl FarmClient {
         Ok(pb::JobState::try_from(reply.state).unwrap_or_default())
     }
 
+    /// Deletes a finished job (DeleteJob): its record and its tasks'; FAILED_PRECONDITION while it is
+    /// queued or running.
+    pub async fn delete(&mut self, job_id: &JobId) -> Result<()> {
+        self.rpc
+            .delete_job(pb::DeleteJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Follows a job: its status now, then one on every change, until it ends (the stream then ends).
     pub async fn watch(&mut self, job_id: &JobId) -> Result<StatusStream> {
         let job = job_id.clone();

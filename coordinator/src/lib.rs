@@ -39,6 +39,9 @@ pub enum Error {
     /// A limit was reached (the message names it): RESOURCE_EXHAUSTED on the wire.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The job's state does not allow the call (the message says why): FAILED_PRECONDITION on the wire.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The job store failed to load or commit: UNAVAILABLE on the wire when it could not be reached (a
     /// Redis server down), RESOURCE_EXHAUSTED when its disk is full, else INTERNAL.
     #[error(transparent)]
@@ -70,6 +73,7 @@ impl From<scheduler::SchedulerError> for Error {
             scheduler::SchedulerError::Invalid(e) => Error::Invalid(e),
             scheduler::SchedulerError::Store(e) => Error::Store(e),
             scheduler::SchedulerError::Limit(m) => Error::ResourceExhausted(m),
+            scheduler::SchedulerError::Precondition(m) => Error::FailedPrecondition(m),
         }
     }
 }
@@ -98,6 +102,7 @@ impl From<Error> for tonic::Status {
             Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
+            Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             Error::Rpc(status) => status,
             Error::Store(e) => match e.kind {
                 store::StoreErrorKind::Unavailable => tonic::Status::unavailable(e.to_string()),
@@ -390,8 +395,32 @@ pub async fn serve(
             let mut was_behind = false;
             let mut retried = tokio::time::Instant::now();
             let mut retrying: Option<tokio::task::JoinHandle<()>> = None;
+            let mut swept = tokio::time::Instant::now();
+            let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
+                // finished jobs past --keep-finished-secs, deleted now and then, off the async threads
+                if let Some(keep) = coordinator.scheduler.config().keep_finished {
+                    if sweeping.as_ref().is_none_or(|s| s.is_finished())
+                        && swept.elapsed() >= scheduler::KEEP_FINISHED_SWEEP.min(keep / 2)
+                    {
+                        swept = tokio::time::Instant::now();
+                        let coordinator = coordinator.clone();
+                        sweeping = Some(tokio::task::spawn_blocking(move || {
+                            let before = scheduler::now_ms()
+                                - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+                            match coordinator.scheduler.delete_finished_before(before) {
+                                Ok(ids) if !ids.is_empty() => tracing::info!(
+                                    jobs = ids.len(),
+                                    keep_secs = keep.as_secs(),
+                                    "finished jobs past their keep time deleted"
+                                ),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "deleting old finished jobs"),
+                            }
+                        }));
+                    }
+                }
                 if retrying.as_ref().is_none_or(|r| r.is_finished())
                     && retried.elapsed() >= STAGE_RETRY
                     && coordinator.stage_deferred.swap(false, Ordering::SeqCst)

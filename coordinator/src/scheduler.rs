@@ -34,7 +34,14 @@ pub struct SchedulerConfig {
     /// Unfinished (queued or running) jobs one tenant may have; a submit beyond it is refused
     /// ([`SchedulerError::Limit`], RESOURCE_EXHAUSTED on the wire).
     pub max_unfinished_jobs: usize,
+    /// How long a finished job is kept after it ended before the coordinator deletes it
+    /// ([`Scheduler::delete_finished_before`], swept every [`KEEP_FINISHED_SWEEP`], or every half of this
+    /// when shorter); `None`: kept until a client deletes it (DeleteJob).
+    pub keep_finished: Option<Duration>,
 }
+
+/// How often, at most, the coordinator looks for finished jobs past [`SchedulerConfig::keep_finished`].
+pub const KEEP_FINISHED_SWEEP: Duration = Duration::from_secs(60);
 
 /// [`SchedulerConfig::max_unfinished_jobs`] unless configured.
 pub const DEFAULT_MAX_UNFINISHED_JOBS: usize = 10_000;
@@ -49,6 +56,7 @@ impl Default for SchedulerConfig {
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             max_unfinished_jobs: DEFAULT_MAX_UNFINISHED_JOBS,
+            keep_finished: None,
         }
     }
 }
@@ -68,6 +76,9 @@ pub enum SchedulerError {
     /// A limit was reached; the message names it.
     #[error("{0}")]
     Limit(String),
+    /// The job is not in a state that allows the call (deleting a running job); the message says why.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 /// A task handed to a worker.
@@ -764,6 +775,83 @@ impl Scheduler {
             .collect()
     }
 
+    /// Forgets a finished (succeeded, failed or cancelled) job: its record and its tasks', in memory and in
+    /// the store; its client request id may be used again. [`SchedulerError::Precondition`] while it is
+    /// queued or running, or while a task of it is still being stopped (its worker not yet told). Its
+    /// images stay in the blob store (content-addressed: other jobs may share them).
+    pub fn delete(&self, job_id: &JobId) -> Result<(), SchedulerError> {
+        self.writable()?;
+        let mut st = self.state.lock().unwrap();
+        let job = st
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        if !job.meta.state.is_terminal() {
+            return Err(SchedulerError::Precondition(format!(
+                "job {job_id} is {}: cancel it first, or wait for it to end",
+                job.meta.state.name()
+            )));
+        }
+        if !job.leases.is_empty() {
+            return Err(SchedulerError::Precondition(format!(
+                "job {job_id}: {} task(s) are still being stopped; try again in a moment",
+                job.leases.len()
+            )));
+        }
+        Self::forget(&mut st, job_id);
+        let durable = self.store.write(vec![Op::Delete(job_id.clone())]);
+        drop(st);
+        store::wait(durable)?;
+        self.changed(job_id);
+        Ok(())
+    }
+
+    /// Deletes the finished jobs that ended before `before_ms` (Unix ms) and have no task still being
+    /// stopped, as [`Scheduler::delete`] does, in one write; returns their ids. Walks every job: for an
+    /// occasional sweep ([`SchedulerConfig::keep_finished`]), not a call per request.
+    pub fn delete_finished_before(&self, before_ms: i64) -> Result<Vec<JobId>, SchedulerError> {
+        self.writable()?;
+        let mut st = self.state.lock().unwrap();
+        let old: Vec<JobId> = st
+            .jobs
+            .values()
+            .filter(|j| j.meta.state.is_terminal() && j.meta.finished_ms < before_ms)
+            .filter(|j| j.leases.is_empty())
+            .map(|j| j.meta.id.clone())
+            .collect();
+        if old.is_empty() {
+            return Ok(old);
+        }
+        for id in &old {
+            Self::forget(&mut st, id);
+        }
+        let durable = self
+            .store
+            .write(old.iter().cloned().map(Op::Delete).collect());
+        drop(st);
+        store::wait(durable)?;
+        for id in &old {
+            self.changed(id);
+        }
+        Ok(old)
+    }
+
+    /// Removes a finished job from memory: its record, its tasks (and their tally), its request id.
+    fn forget(st: &mut State, job_id: &JobId) {
+        let Some(job) = st.jobs.remove(job_id) else {
+            return;
+        };
+        Tally::remove(&mut st.tally.jobs, job.meta.state.name());
+        for t in &job.tasks {
+            Tally::remove(&mut st.tally.tasks, t.state.name());
+            st.queue.remove(&queue_key(&job.meta, t.index));
+        }
+        let request = (job.meta.tenant.clone(), job.meta.client_request_id.clone());
+        if st.by_request.get(&request) == Some(job_id) {
+            st.by_request.remove(&request);
+        }
+    }
+
     /// Cancels a job; a finished job keeps its state.
     pub fn cancel(&self, job_id: &JobId) -> Result<JobState, SchedulerError> {
         self.writable()?;
@@ -1385,6 +1473,64 @@ mod tests {
         ));
     }
 
+    /// A job is deleted only once finished and with no task still being stopped; then it is gone from
+    /// memory, the counts and the store (a restart does not bring it back), and its request id is free.
+    #[test]
+    fn finished_jobs_are_deleted_for_good_and_running_ones_refused() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let (job, _) = s.submit(batch(2, 0), "req").unwrap();
+        let (kept, _) = s.submit(batch(1, 0), "").unwrap();
+        let refused = |e: SchedulerError, says: &str| match e {
+            SchedulerError::Precondition(m) => assert!(m.contains(says), "{m}"),
+            e => panic!("{e:?}"),
+        };
+        refused(s.delete(&job).unwrap_err(), "is queued: cancel it first");
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        refused(s.delete(&job).unwrap_err(), "is running");
+        s.cancel(&job).unwrap();
+        // cancelled, but its worker has not been told yet
+        refused(s.delete(&job).unwrap_err(), "still being stopped");
+        assert!(s.heartbeat(&l.lease_id, None).unwrap().cancel);
+        s.fail(&l.lease_id, "cancelled", FailureKind::Retryable)
+            .unwrap();
+        s.delete(&job).unwrap();
+        assert!(matches!(s.get(&job), Err(SchedulerError::JobNotFound(_))));
+        assert!(matches!(
+            s.delete(&job),
+            Err(SchedulerError::JobNotFound(_))
+        ));
+        assert_eq!(s.counts(), s.counts_walked());
+        assert_eq!(
+            s.counts().jobs_by_state,
+            BTreeMap::from([("queued".into(), 1)])
+        );
+        let (again, created) = s.submit(batch(1, 0), "req").unwrap();
+        assert!(created && again != job, "the request id is free again");
+        let restarted = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let ids: Vec<_> = restarted
+            .list("", &[], 10)
+            .into_iter()
+            .map(|v| v.meta.id)
+            .collect();
+        assert!(!ids.contains(&job) && ids.contains(&kept), "{ids:?}");
+
+        // the sweep: only jobs finished before the cutoff, never unfinished ones
+        let l = restarted.lease(&w("w")).unwrap().unwrap();
+        restarted.complete(&l.lease_id, &hash("r")).unwrap();
+        let finished: Vec<_> = restarted
+            .list("", &[JobState::Succeeded], 10)
+            .into_iter()
+            .map(|v| v.meta.id)
+            .collect();
+        assert_eq!(finished.len(), 1);
+        assert!(restarted.delete_finished_before(0).unwrap().is_empty());
+        let deleted = restarted.delete_finished_before(now_ms() + 1).unwrap();
+        assert_eq!(deleted, finished);
+        assert_eq!(restarted.counts(), restarted.counts_walked());
+        assert_eq!(store.load().unwrap().len(), 1, "one job left, unfinished");
+    }
+
     #[test]
     fn tiled_jobs_advance_scale_by_scale_and_survive_a_restart() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
@@ -1440,7 +1586,7 @@ mod tests {
     }
 
     /// Random submits (batches and tiled jobs), leases, results, failures of every kind, expiries, stage
-    /// steps, cancels and restarts: after each, the counts kept as states change equal a walk of every
+    /// steps, cancels, deletes and restarts: after each, the counts kept as states change equal a walk of every
     /// task and job.
     #[test]
     fn counts_kept_as_states_change_equal_a_walk_of_every_task() {
@@ -1469,7 +1615,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        let (mut jobs, mut leases) = (Vec::new(), Vec::new());
+        let (mut jobs, mut leases, mut deleted) = (Vec::new(), Vec::new(), 0);
         let kinds = [
             FailureKind::Retryable,
             FailureKind::Permanent,
@@ -1510,7 +1656,20 @@ mod tests {
                     }
                 }
                 _ if !jobs.is_empty() && next(4) == 0 => {
-                    s.cancel(&jobs[next(jobs.len() as u64) as usize]).unwrap();
+                    let job = &jobs[next(jobs.len() as u64) as usize];
+                    match s.cancel(job) {
+                        Ok(_) | Err(SchedulerError::JobNotFound(_)) => {}
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                _ if !jobs.is_empty() && next(4) == 0 => {
+                    let job = &jobs[next(jobs.len() as u64) as usize];
+                    match s.delete(job) {
+                        Ok(()) => deleted += 1,
+                        Err(SchedulerError::JobNotFound(_)) => {}
+                        Err(SchedulerError::Precondition(_)) => {}
+                        Err(e) => panic!("{e:?}"),
+                    }
                 }
                 _ if next(20) == 0 => {
                     drop(s);
@@ -1525,6 +1684,7 @@ mod tests {
         for state in ["succeeded", "failed", "cancelled"] {
             assert!(counts.jobs_by_state.contains_key(state), "{counts:?}");
         }
+        assert!(deleted > 0, "no job was deleted");
     }
 
     #[test]

@@ -365,6 +365,18 @@ impl RenderService for RenderApi {
         }))
     }
 
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let tenant = auth::tenant(&request);
+        let job_id = JobId::from(request.into_inner().job_id);
+        let coordinator = self.coordinator.clone();
+        // waits for the store's commit: off the async threads
+        blocking(move || coordinator.delete_own(&tenant, &job_id)).await?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+
     type DownloadResultStream = ChunkStream;
 
     async fn download_result(

@@ -732,6 +732,15 @@ impl Coordinator {
         Ok(state)
     }
 
+    /// Deletes `tenant`'s finished job `job_id`, as RenderService's DeleteJob: NOT_FOUND for another
+    /// tenant's ([`crate::scheduler::Scheduler::delete`]).
+    pub(crate) fn delete_own(&self, tenant: &Tenant, job_id: &JobId) -> Result<(), Error> {
+        self.check_own(tenant, job_id)?;
+        self.scheduler.delete(job_id)?;
+        tracing::info!(job_id = job_id.as_str(), "job deleted");
+        Ok(())
+    }
+
     /// Stored image `hash` as a PNG, its longer side at most `max` px (never enlarged); NOT_FOUND when
     /// it is not stored.
     fn thumbnail(&self, hash: &ImageHash, max: u32) -> Result<bytes::Bytes, Error> {

@@ -30,6 +30,7 @@ impl Store for MemoryStore {
                 }
                 Op::Job(job) => job.id.as_str(),
                 Op::Task(job_id, _) => job_id.as_str(),
+                Op::Delete(_) => continue,
             };
             if !jobs.contains_key(id) && !inserted.contains(id) {
                 return durable_now(Err(err(format!("no job {id}"))));
@@ -50,6 +51,9 @@ impl Store for MemoryStore {
                     if let Some(entry) = jobs.get_mut(&job_id) {
                         entry.1.insert(task.index, task);
                     }
+                }
+                Op::Delete(job_id) => {
+                    jobs.remove(&job_id);
                 }
             }
         }

@@ -80,6 +80,8 @@ pub enum Op {
     Job(JobMeta),
     /// A task of the job with this id.
     Task(JobId, TaskRecord),
+    /// Forgets the job with this id and all its tasks (nothing when there is none).
+    Delete(JobId),
 }
 
 /// Resolves when the writes it was returned for are durable, or with the error that made them fail. Opaque:
@@ -206,5 +208,15 @@ pub(crate) mod tests {
         assert!(
             store.update_task(&nope, &all[0].1[0]).is_err() || store.load().unwrap().len() == 2
         );
+
+        // a deleted job goes with all its tasks: stored again with one task, it has one
+        let (c, tc) = job("job-c", 3);
+        store.insert_job(&c, &tc).unwrap();
+        wait(store.write(vec![Op::Delete(c.id.clone())])).unwrap();
+        assert_eq!(store.load().unwrap(), all, "as before job-c");
+        store.insert_job(&c, &tc[..1]).unwrap();
+        assert_eq!(store.load().unwrap()[2], (c.clone(), tc[..1].to_vec()));
+        wait(store.write(vec![Op::Delete(c.id.clone()), Op::Delete(nope)])).unwrap();
+        assert_eq!(store.load().unwrap(), all);
     }
 }

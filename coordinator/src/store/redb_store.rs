@@ -109,6 +109,13 @@ fn apply(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), StoreError> {
                     .insert((job_id.as_str(), t.index), json(t)?.as_slice())
                     .map_err(redb_err)?;
             }
+            Op::Delete(job_id) => {
+                let id = job_id.as_str();
+                jobs.remove(id).map_err(redb_err)?;
+                tasks
+                    .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)
+                    .map_err(redb_err)?;
+            }
         }
     }
     Ok(())

@@ -152,6 +152,14 @@ fn commands(keys: &Keys, ops: &[Op]) -> Result<Vec<redis::Cmd>, StoreError> {
                 out.push(set);
             }
             Op::Task(job_id, t) => out.push(task(job_id.as_str(), t)?),
+            Op::Delete(job_id) => {
+                let id = job_id.as_str();
+                let mut del = redis::cmd("DEL");
+                del.arg(keys.job(id)).arg(keys.tasks(id));
+                let mut unlisted = redis::cmd("ZREM");
+                unlisted.arg(keys.jobs()).arg(id);
+                out.extend([del, unlisted]);
+            }
         }
     }
     Ok(out)
