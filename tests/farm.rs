@@ -285,14 +285,14 @@ async fn finished_jobs_past_the_keep_time_are_deleted_by_the_coordinator() {
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
     let done = submit(&cluster, &tubingen_x_starry(48, 5));
-    wait_state(
+    let finished = wait_state(
         &cluster,
         &done,
         pb::JobState::Succeeded,
         Duration::from_secs(60),
     )
-    .await;
-    let ended = Instant::now();
+    .await
+    .finished_ms;
     // no worker for this one: stopped first, the job stays queued
     cluster.workers[0].kill();
     let queued = submit(&cluster, &tubingen_x_starry(48, 5));
@@ -314,11 +314,20 @@ async fn finished_jobs_past_the_keep_time_are_deleted_by_the_coordinator() {
         },
     )
     .await;
-    assert!(ended.elapsed() >= Duration::from_secs(2), "kept 2 s first");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(now_ms - finished >= 2000, "kept 2 s first");
+    // logged once the deletion is stored, a moment after the job left the scheduler
     let coordinator = cluster.coordinator.as_ref().unwrap();
-    assert!(coordinator
-        .log_text()
-        .contains("finished jobs past their keep time deleted"));
+    wait_for("the sweep's log line", Duration::from_secs(10), || async {
+        coordinator
+            .log_text()
+            .contains("finished jobs past their keep time deleted")
+            .then_some(())
+    })
+    .await;
     assert!(is(&job(&mut client, &queued).await, pb::JobState::Queued));
     cluster.coordinator.as_mut().unwrap().kill();
     cluster.start_coordinator();

@@ -306,7 +306,9 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
                 .ok()
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| {
-                    anyhow!("--keep-finished-secs must be more than 0 seconds, got {secs}")
+                    anyhow!(
+                        "--keep-finished-secs must be a number of seconds more than 0, got {secs}"
+                    )
                 })
         })
         .transpose()?;

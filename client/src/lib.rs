@@ -204,7 +204,7 @@ impl FarmClient {
     /// Submits a job whose images are uploaded; returns its id. The spec is checked here as the coordinator
     /// will check it, so a bad one fails naming its field without a round trip.
     pub async fn submit(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<JobId> {
-        spec.tasks()?;
+        spec.check_new()?;
         self.send(spec, request_id).await
     }
 
@@ -259,7 +259,7 @@ impl FarmClient {
             priority: job.priority,
             max_attempts: 0,
         };
-        spec.tasks()?;
+        spec.check_new()?;
         for (path, hash) in &files {
             if self.upload_file(path).await? != *hash {
                 return Err(ClientError::Io {

@@ -237,12 +237,17 @@ impl S3Blobs {
 }
 
 /// An object_store error as an I/O error whose kind says what went wrong: `NotFound` for a missing
-/// object; `NotConnected` or `TimedOut` when the store was out of reach (no connection, a request that
-/// failed or timed out, after object_store's retries): the coordinator answers UNAVAILABLE, something to
-/// retry, not INTERNAL; `Other` otherwise.
+/// object; `NotConnected` or `TimedOut` when the store was out of reach after object_store's retries (no
+/// connection, a request that failed or timed out, or a server error, 5xx: a store restarting or
+/// overloaded, S3's 503 SlowDown): the coordinator answers UNAVAILABLE, something to retry, not INTERNAL;
+/// `Other` otherwise.
 fn io_error(e: object_store::Error) -> std::io::Error {
     use object_store::client::{HttpError, HttpErrorKind};
     use std::io::ErrorKind;
+    // object_store keeps a response's status in an error type of its own that it does not export; its text
+    // is "Server returned non-2xx status code: <status>..." (checked by the tests against a server that
+    // answers 503)
+    const SERVER_ERROR: &str = "Server returned non-2xx status code: 5";
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     let mut kind = match e {
         object_store::Error::NotFound { .. } => ErrorKind::NotFound,
@@ -257,6 +262,10 @@ fn io_error(e: object_store::Error) -> std::io::Error {
                 }
                 _ => kind,
             };
+            break;
+        }
+        if err.to_string().starts_with(SERVER_ERROR) {
+            kind = ErrorKind::NotConnected;
             break;
         }
         source = err.source();
@@ -518,6 +527,54 @@ pub(crate) mod tests {
         // back on the same port and objects: the same store answers again
         server.restart();
         assert_eq!(blobs.get(&hash).unwrap().unwrap(), b"hello");
+    }
+
+    /// A store that answers every request with 503 (a server restarting or overloaded) is out of reach
+    /// too, once the retries are spent: UNAVAILABLE, not INTERNAL.
+    #[test]
+    fn an_s3_store_answering_503_is_unavailable() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                // the request's head (HEAD and GET carry no body), then the answer
+                let mut head = Vec::new();
+                let mut byte = [0u8];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match std::io::Read::read(&mut stream, &mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => break,
+                    }
+                }
+                let _ = std::io::Write::write_all(
+                    &mut stream,
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        });
+        let retry = object_store::RetryConfig {
+            max_retries: 1,
+            retry_timeout: std::time::Duration::from_secs(5),
+            ..Default::default()
+        };
+        let config = [
+            ("aws_endpoint", endpoint.as_str()),
+            ("aws_access_key_id", super::S3_TEST_KEY),
+            ("aws_secret_access_key", super::S3_TEST_SECRET),
+            ("aws_region", "us-east-1"),
+            ("aws_allow_http", "true"),
+        ];
+        let blobs = super::S3Blobs::build("s3://farm", &config, retry).unwrap();
+        for e in [
+            blobs.contains(&ImageHash::of(b"x")).unwrap_err(),
+            blobs.get(&ImageHash::of(b"x")).unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), std::io::ErrorKind::NotConnected, "{e}");
+            let status = tonic::Status::from(crate::Error::Io(e));
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("503"), "{status:?}");
+        }
     }
 
     #[test]

@@ -409,7 +409,8 @@ pub async fn serve(
                         sweeping = Some(tokio::task::spawn_blocking(move || {
                             let before = scheduler::now_ms()
                                 - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
-                            match coordinator.scheduler.delete_finished_before(before) {
+                            let batch = scheduler::KEEP_FINISHED_BATCH;
+                            match coordinator.scheduler.delete_finished_before(before, batch) {
                                 Ok(ids) if !ids.is_empty() => tracing::info!(
                                     jobs = ids.len(),
                                     keep_secs = keep.as_secs(),

@@ -56,7 +56,9 @@ impl Coordinator {
     }
 
     /// A stage's work that failed: with a store out of reach the job waits at its stage, and the work is
-    /// tried again ([`Coordinator::stage_deferred`]); any other error fails the job, naming `what` failed.
+    /// tried again: for the blob store every [`crate::STAGE_RETRY`] ([`Coordinator::stage_deferred`]), for
+    /// the job store once it answers (`serve`'s loop steps the jobs awaiting a step then); any other error
+    /// fails the job, naming `what` failed.
     pub(crate) fn stage_failed(&self, job_id: &JobId, what: &str, e: Error) {
         if e.is_out_of_reach() {
             tracing::warn!(
@@ -64,8 +66,10 @@ impl Coordinator {
                 error = %e,
                 "{what}: a store is out of reach; the job waits and the work is tried again"
             );
-            self.stage_deferred
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+            if !matches!(e, Error::Store(_)) {
+                self.stage_deferred
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         } else {
             tracing::error!(job_id = job_id.as_str(), error = %e, "{what}");
             let _ = self.scheduler.fail_job(job_id, &format!("{what}: {e}"));

@@ -42,6 +42,8 @@ pub struct SchedulerConfig {
 
 /// How often, at most, the coordinator looks for finished jobs past [`SchedulerConfig::keep_finished`].
 pub const KEEP_FINISHED_SWEEP: Duration = Duration::from_secs(60);
+/// The most jobs one sweep deletes (one store transaction): a long history goes in several sweeps.
+pub const KEEP_FINISHED_BATCH: usize = 1000;
 
 /// [`SchedulerConfig::max_unfinished_jobs`] unless configured.
 pub const DEFAULT_MAX_UNFINISHED_JOBS: usize = 10_000;
@@ -806,10 +808,14 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Deletes the finished jobs that ended before `before_ms` (Unix ms) and have no task still being
-    /// stopped, as [`Scheduler::delete`] does, in one write; returns their ids. Walks every job: for an
-    /// occasional sweep ([`SchedulerConfig::keep_finished`]), not a call per request.
-    pub fn delete_finished_before(&self, before_ms: i64) -> Result<Vec<JobId>, SchedulerError> {
+    /// Deletes up to `limit` finished jobs that ended before `before_ms` (Unix ms) and have no task still
+    /// being stopped, as [`Scheduler::delete`] does, in one write; returns their ids. Walks every job: for
+    /// an occasional sweep ([`SchedulerConfig::keep_finished`]), not a call per request.
+    pub fn delete_finished_before(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<JobId>, SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
         let old: Vec<JobId> = st
@@ -817,6 +823,7 @@ impl Scheduler {
             .values()
             .filter(|j| j.meta.state.is_terminal() && j.meta.finished_ms < before_ms)
             .filter(|j| j.leases.is_empty())
+            .take(limit)
             .map(|j| j.meta.id.clone())
             .collect();
         if old.is_empty() {
@@ -1524,8 +1531,12 @@ mod tests {
             .map(|v| v.meta.id)
             .collect();
         assert_eq!(finished.len(), 1);
-        assert!(restarted.delete_finished_before(0).unwrap().is_empty());
-        let deleted = restarted.delete_finished_before(now_ms() + 1).unwrap();
+        assert!(restarted.delete_finished_before(0, 10).unwrap().is_empty());
+        assert!(restarted
+            .delete_finished_before(now_ms() + 1, 0)
+            .unwrap()
+            .is_empty());
+        let deleted = restarted.delete_finished_before(now_ms() + 1, 10).unwrap();
         assert_eq!(deleted, finished);
         assert_eq!(restarted.counts(), restarted.counts_walked());
         assert_eq!(store.load().unwrap().len(), 1, "one job left, unfinished");
@@ -1586,8 +1597,8 @@ mod tests {
     }
 
     /// Random submits (batches and tiled jobs), leases, results, failures of every kind, expiries, stage
-    /// steps, cancels, deletes and restarts: after each, the counts kept as states change equal a walk of every
-    /// task and job.
+    /// steps, cancels, deletes and restarts: after each, the counts kept as states change equal a walk of
+    /// every task and job.
     #[test]
     fn counts_kept_as_states_change_equal_a_walk_of_every_task() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());

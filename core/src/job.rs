@@ -483,10 +483,22 @@ impl JobSpec {
             .collect())
     }
 
-    /// Checks the spec and expands it into its tasks, once ([`ExpandedJob`]).
+    /// Checks the spec as a new job ([`JobSpec::check_new`]) and expands it into its tasks, once
+    /// ([`ExpandedJob`]).
     pub fn expand(self) -> Result<ExpandedJob, Error> {
-        let tasks = self.tasks()?;
+        let tasks = self.check_new()?;
         Ok(ExpandedJob { spec: self, tasks })
+    }
+
+    /// [`JobSpec::tasks`] with the limits on a new job, which may be narrower than a stored job's (a
+    /// tiled job's overlap and tile size: [`Tiling::validate`] rather than the planner's
+    /// [`Tiling::validate_stored`]); an error names the field.
+    pub fn check_new(&self) -> Result<Vec<TaskSpec>, Error> {
+        let tasks = self.tasks()?;
+        if let Some(tiling) = self.kind.tiling() {
+            tiling.validate()?;
+        }
+        Ok(tasks)
     }
 
     /// Checks that no task of the job would be too small for VGG19: [`ExpandedJob::check_sizes`] of the
@@ -766,6 +778,34 @@ mod tests {
         };
         assert_eq!((t.rect(), t.count()), (canvas, 1));
         assert_eq!(whole[0].params.iterations, 125);
+    }
+
+    /// A tiled job stored by an earlier version, whose limits were an 8-px overlap and 64-px tiles,
+    /// plans and cuts its scales on; the same spec as a new job is refused naming the field.
+    #[test]
+    fn a_stored_job_under_an_earlier_versions_limits_renders_on_but_a_new_one_is_refused() {
+        for (tile_size, overlap, field) in [(128, 32, "overlap"), (64, 16, "tile_size")] {
+            let old = JobSpec {
+                params: RenderParams {
+                    size: 512,
+                    ..Default::default()
+                },
+                ..spec(JobKind::Tiled(Tiling::new(Some(tile_size), overlap, false)))
+            };
+            assert_eq!(old.tasks().unwrap().len(), 1, "the first scale");
+            let tiles = old.scale_tasks(400, 300, 1, &h(3), &[]).unwrap();
+            assert!(tiles.len() > 1);
+            for t in &tiles {
+                let wire = stylefarm_proto::pb::TileTask::from(t.scale.as_ref().unwrap());
+                assert!(
+                    crate::job::ScaleTask::try_from(wire).is_ok(),
+                    "a worker takes it"
+                );
+            }
+            let err = old.clone().expand().unwrap_err().to_string();
+            assert!(err.starts_with(field), "{err}");
+            assert!(old.check_new().is_err());
+        }
     }
 
     #[test]

@@ -26,6 +26,11 @@ pub const DEFAULT_OVERLAP: u32 = 128;
 pub const MIN_OVERLAP: u32 = 64;
 /// Smallest tile size [`Tiling::validate`] accepts, in px: room for [`MIN_OVERLAP`] on both sides.
 pub const MIN_TILE_SIZE: u32 = 2 * MIN_OVERLAP;
+/// Least overlap of a job stored by an earlier version (whose limit was 8 px): [`Tiling::validate_stored`]
+/// accepts it, so that such a job renders on after an upgrade; new jobs get [`MIN_OVERLAP`].
+pub const STORED_MIN_OVERLAP: u32 = 8;
+/// Smallest tile size of a job stored by an earlier version, as [`STORED_MIN_OVERLAP`].
+pub const STORED_MIN_TILE_SIZE: u32 = 64;
 /// Largest tile size [`Tiling::validate`] accepts, in px; the planner grows tiles up to it (a scale that
 /// fits a device whole is one task, of any size).
 pub const MAX_TILE_SIZE: u32 = 4096;
@@ -98,23 +103,33 @@ impl Tiling {
         (self.sizing == TileSizing::Fixed).then_some(self.tile_size)
     }
 
-    /// Checks `tile_size` (in [`MIN_TILE_SIZE`]..=[`MAX_TILE_SIZE`]) and `overlap` ([`MIN_OVERLAP`] to
-    /// half the tile size); the error names the field.
+    /// Checks a new job's tiling: `tile_size` in [`MIN_TILE_SIZE`]..=[`MAX_TILE_SIZE`], `overlap` from
+    /// [`MIN_OVERLAP`] to half the tile size; the error names the field.
     pub fn validate(&self) -> Result<(), Error> {
-        if !(MIN_TILE_SIZE..=MAX_TILE_SIZE).contains(&self.tile_size) {
+        self.check(MIN_OVERLAP, MIN_TILE_SIZE)
+    }
+
+    /// Checks a stored job's tiling, which an earlier version may have accepted with narrower overlaps
+    /// and smaller tiles ([`STORED_MIN_OVERLAP`], [`STORED_MIN_TILE_SIZE`]): what the planner needs.
+    pub fn validate_stored(&self) -> Result<(), Error> {
+        self.check(STORED_MIN_OVERLAP, STORED_MIN_TILE_SIZE)
+    }
+
+    fn check(&self, min_overlap: u32, min_tile_size: u32) -> Result<(), Error> {
+        if !(min_tile_size..=MAX_TILE_SIZE).contains(&self.tile_size) {
             return Err(Error::invalid(
                 "tile_size",
                 format!(
-                    "must be between {MIN_TILE_SIZE} and {MAX_TILE_SIZE}, got {}",
+                    "must be between {min_tile_size} and {MAX_TILE_SIZE}, got {}",
                     self.tile_size
                 ),
             ));
         }
-        if self.overlap < MIN_OVERLAP || self.overlap > self.tile_size / 2 {
+        if self.overlap < min_overlap || self.overlap > self.tile_size / 2 {
             return Err(Error::invalid(
                 "overlap",
                 format!(
-                    "must be between {MIN_OVERLAP} and half the tile size ({}), got {}",
+                    "must be between {min_overlap} and half the tile size ({}), got {}",
                     self.tile_size / 2,
                     self.overlap
                 ),
@@ -495,7 +510,8 @@ pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
 /// `params` with the number of scales a tiled render uses: enough that the first scale's longest side is at
 /// most the tile size, and at least `params.scales`.
 pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderParams, Error> {
-    tiling.validate()?;
+    // a stored job's limits: a new job's tiling is checked (Tiling::validate) by JobSpec::expand
+    tiling.validate_stored()?;
     if params.size == 0 {
         return Err(Error::invalid("size", "must be at least 1, got 0"));
     }

@@ -10,7 +10,7 @@ use crate::job::{
 };
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
 use crate::progress::{LossTerms, TaskProgress};
-use crate::tiling::{Rect, Tiling, DEFAULT_OVERLAP, MIN_TILE_SIZE};
+use crate::tiling::{Rect, Tiling, DEFAULT_OVERLAP, STORED_MIN_TILE_SIZE};
 use crate::Error;
 
 fn hashes(field: &'static str, values: Vec<String>) -> Result<Vec<ImageHash>, Error> {
@@ -388,10 +388,14 @@ impl TryFrom<pb::TileTask> for ScaleTask {
             && t.height > 0
             && u64::from(t.x) + u64::from(t.width) <= u64::from(t.canvas_width)
             && u64::from(t.y) + u64::from(t.height) <= u64::from(t.canvas_height);
-        if t.tile_size < MIN_TILE_SIZE {
+        // a task of a job stored by an earlier version may have its smaller tiles
+        if t.tile_size < STORED_MIN_TILE_SIZE {
             return Err(Error::invalid(
                 "tile_size",
-                format!("must be at least {MIN_TILE_SIZE}, got {}", t.tile_size),
+                format!(
+                    "must be at least {STORED_MIN_TILE_SIZE}, got {}",
+                    t.tile_size
+                ),
             ));
         }
         if !inside || t.scale >= t.scales || t.tile >= t.tiles {

@@ -78,9 +78,10 @@ impl Shared {
 ///
 /// A full disk (ENOSPC, EDQUOT) fails no write for good: the batch is held back, in order, with every write
 /// queued after it, and tried again every second (`RETRY_EVERY`; the database reopened: redb refuses all
-/// writes after an I/O error) until there is room. Their callers are told RESOURCE_EXHAUSTED meanwhile and
-/// [`Store::behind`] says so, as the Redis store does while its server is out of reach. Any other failed
-/// commit fails its batch, and the database is reopened for the next.
+/// writes after an I/O error) until there is room, whatever error the tries meet meanwhile. Their callers
+/// are told RESOURCE_EXHAUSTED (or the later error) meanwhile and [`Store::behind`] says so, as the Redis
+/// store does while its server is out of reach. Any other failed commit, with nothing held back, fails its
+/// batch, and the database is reopened for the next.
 pub struct RedbStore {
     shared: Arc<Shared>,
     committer: Option<std::thread::JoinHandle<()>>,
@@ -193,16 +194,21 @@ impl RedbStore {
                     backlog.clear();
                     Ok(())
                 }
-                Err(e) if e.kind == StoreErrorKind::StorageFull => {
+                // a full disk holds the writes back; so does any error once some are held (reopening the
+                // database after the disk filled can fail otherwise): their callers were told they would
+                // be applied, and dropping them would leave later writes on a store that lacks them
+                Err(e) if e.kind == StoreErrorKind::StorageFull || behind.is_some() => {
                     if behind.is_none() {
                         tracing::error!(error = %e, "disk full: holding writes back until it has room");
+                    } else if e.kind != StoreErrorKind::StorageFull {
+                        tracing::error!(error = %e, "store commit failed while writes are held back");
                     }
                     let e = StoreError {
                         message: format!(
-                            "{} (the write is held back and applied in order once the disk has room)",
+                            "{} (the write is held back and applied in order once the store takes it)",
                             e.message
                         ),
-                        kind: StoreErrorKind::StorageFull,
+                        kind: e.kind,
                     };
                     *behind = Some(e.clone());
                     Err(e)
@@ -365,18 +371,19 @@ mod tests {
         assert!(all[0].1[0].permanent_error_workers.is_empty());
     }
 
-    /// A file whose disk fills up on demand: writes, resizes and syncs fail with ENOSPC while `full`.
+    /// A file whose disk fails on demand: writes, resizes and syncs fail with the OS error `errno` while it
+    /// is not 0 (28: ENOSPC, the disk full; 5: EIO).
     #[derive(Debug)]
     struct FillingDisk {
         file: redb::backends::FileBackend,
-        full: Arc<std::sync::atomic::AtomicBool>,
+        errno: Arc<std::sync::atomic::AtomicI32>,
     }
 
     impl FillingDisk {
         fn check(&self) -> std::io::Result<()> {
-            match self.full.load(std::sync::atomic::Ordering::SeqCst) {
-                true => Err(std::io::Error::from_raw_os_error(28)),
-                false => Ok(()),
+            match self.errno.load(std::sync::atomic::Ordering::SeqCst) {
+                0 => Ok(()),
+                errno => Err(std::io::Error::from_raw_os_error(errno)),
             }
         }
     }
@@ -403,15 +410,17 @@ mod tests {
     }
 
     /// The disk fills up under the store: the write that does not fit and every one after it are told
-    /// RESOURCE_EXHAUSTED (StorageFull) and held back, `behind` says so; once there is room they are
-    /// applied in order, and nothing is lost (the file read again by a new store).
+    /// RESOURCE_EXHAUSTED (StorageFull) and held back, `behind` says so, and stay held when a try meets
+    /// another error (EIO); once the disk takes them they are applied in order, and nothing is lost (the
+    /// file read again by a new store).
     #[test]
     fn writes_made_while_the_disk_is_full_are_held_back_and_applied_once_it_has_room() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let errno = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let set = |e: i32| errno.store(e, std::sync::atomic::Ordering::SeqCst);
         let opener: Opener = {
-            let (path, full) = (path.clone(), full.clone());
+            let (path, errno) = (path.clone(), errno.clone());
             Box::new(move || {
                 let file = std::fs::OpenOptions::new()
                     .read(true)
@@ -422,14 +431,14 @@ mod tests {
                     .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
                 redb::Builder::new().create_with_backend(FillingDisk {
                     file: redb::backends::FileBackend::new(file)?,
-                    full: full.clone(),
+                    errno: errno.clone(),
                 })
             })
         };
         let store = RedbStore::open_with(opener, "filling").unwrap();
         let jobs: Vec<_> = (1..=4).map(|i| job(&format!("job-{i}"), i)).collect();
         store.insert_job(&jobs[0].0, &jobs[0].1).unwrap();
-        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        set(28);
         for (meta, tasks) in &jobs[1..3] {
             let e = store.insert_job(meta, tasks).unwrap_err();
             assert_eq!(e.kind, StoreErrorKind::StorageFull, "{e}");
@@ -441,7 +450,12 @@ mod tests {
             store.behind().map(|e| e.kind),
             Some(StoreErrorKind::StorageFull)
         );
-        full.store(false, std::sync::atomic::Ordering::SeqCst);
+        // another error on the way: still held, not dropped
+        set(5);
+        std::thread::sleep(RETRY_EVERY * 2 + Duration::from_millis(500));
+        let held = store.behind().expect("still held back");
+        assert!(held.message.contains("held back"), "{held}");
+        set(0);
         let started = std::time::Instant::now();
         while store.behind().is_some() {
             assert!(started.elapsed() < Duration::from_secs(10), "never applied");
