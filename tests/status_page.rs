@@ -170,17 +170,41 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
         "{}",
         page.head
     );
+    // the login's cookie holds a session id, never the token; the id works until logout
     let form = format!("token={CLIENT_TOKEN}");
     let login = http(&addr, "POST", "/login", &[], &form).await;
     assert_eq!(login.code, 303, "{}", login.body);
+    let session = login
+        .head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: stylefarm_session="))
+        .unwrap_or_else(|| panic!("no session cookie: {}", login.head));
+    let (id, attributes) = session.split_once(';').unwrap();
     assert!(
-        login.head.contains(&format!(
-            "set-cookie: stylefarm_token={}; path=/; httponly; samesite=strict",
-            CLIENT_TOKEN.to_ascii_lowercase()
-        )),
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{session}"
+    );
+    assert_eq!(
+        attributes.trim(),
+        "path=/; httponly; samesite=strict; max-age=43200"
+    );
+    assert!(
+        !login.head.contains(&CLIENT_TOKEN.to_ascii_lowercase()),
         "{}",
         login.head
     );
+    let cookie = format!("Cookie: stylefarm_session={id}");
+    let answer = http(&addr, "GET", "/api/status", &[&cookie], "").await;
+    assert_eq!(answer.code, 200, "{}", answer.body);
+    let logout = http(&addr, "POST", "/logout", &[&cookie], "").await;
+    assert_eq!(logout.code, 303, "{}", logout.body);
+    assert!(
+        logout.head.contains("stylefarm_session=; path=/") && logout.head.contains("max-age=0"),
+        "{}",
+        logout.head
+    );
+    let answer = http(&addr, "GET", "/api/status", &[&cookie], "").await;
+    assert_eq!(answer.code, 401, "the session ended: {}", answer.body);
     let forged = http(
         &addr,
         "POST",

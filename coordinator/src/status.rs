@@ -8,7 +8,7 @@
 //! | `GET /api/status` | the same as JSON ([`Status`]): the caller's jobs, newest first (at most [`MAX_JOBS`]), and the workers |
 //! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px rounded up to one of [`THUMBNAIL_SIZES`] (`N` from 16 to 1024, default 256) |
 //! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
-//! | `POST /login`, `POST /logout` | the client token into (or out of) an HttpOnly, SameSite=Strict cookie |
+//! | `POST /login`, `POST /logout` | a session for a client token, its id in an HttpOnly, SameSite=Strict cookie (or the session ended) |
 //!
 //! With auth on, the page, its JSON, its images and the cancel need a client token, exactly as
 //! RenderService does (the same check, [`crate::auth`]): `Authorization: Bearer <token>` (scripts) or the
@@ -16,13 +16,16 @@
 //! the login form and the logout hold no data and are open. A tenant sees its own jobs, as through
 //! ListJobs, and every worker (the task a worker renders for another tenant is shown without its job).
 //! Images, as through DownloadResult, are served to any client that knows their sha256. The cookie holds
-//! the token itself: as any cookie, it goes to every port of the host, so serve the page over HTTPS (or on
-//! a host of its own) where the network is not trusted. Login and logout refuse requests that a browser
-//! marks as coming from another site (`Sec-Fetch-Site`).
+//! a session id (256 random bits), never the token: the coordinator keeps the token with it, checks it
+//! again at every request, and forgets it at logout or after [`SESSION_TTL`] (and when it restarts). As
+//! any cookie it goes to every port of the host: serve the page over HTTPS where the network is not
+//! trusted. Login and logout refuse requests that a browser marks as coming from another site
+//! (`Sec-Fetch-Site`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -56,8 +59,51 @@ pub const THUMBNAIL_SIZES: [u32; 5] = [64, 128, 256, 512, 1024];
 const THUMBNAIL_CACHE_BYTES: usize = 64 << 20;
 /// Thumbnails made at once (each decodes a stored image on the blocking pool).
 const THUMBNAIL_PERMITS: usize = 2;
-/// The cookie `POST /login` sets.
-const COOKIE: &str = "stylefarm_token";
+/// The cookie `POST /login` sets: a session id.
+const COOKIE: &str = "stylefarm_session";
+/// How long a login lasts: the session's life on the coordinator, and its cookie's `Max-Age`.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The most sessions kept at once; a login beyond them ends the oldest.
+const MAX_SESSIONS: usize = 10_000;
+
+/// The browsers logged in: each session id (a cookie's value) with the client token it logged in with
+/// and when, until logout or [`SESSION_TTL`].
+#[derive(Default)]
+struct Sessions(Mutex<HashMap<String, (String, Instant)>>);
+
+impl Sessions {
+    /// A new session for `token`; its id (64 hex digits of a CSPRNG's output).
+    fn open(&self, token: &str) -> String {
+        let id: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut sessions = self.0.lock().unwrap();
+        sessions.retain(|_, (_, at)| at.elapsed() < SESSION_TTL);
+        if sessions.len() >= MAX_SESSIONS {
+            let oldest = sessions
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                sessions.remove(&oldest);
+            }
+        }
+        sessions.insert(id.clone(), (token.to_string(), Instant::now()));
+        id
+    }
+
+    /// The token of a live session.
+    fn token(&self, id: &str) -> Option<String> {
+        let sessions = self.0.lock().unwrap();
+        let (token, at) = sessions.get(id)?;
+        (at.elapsed() < SESSION_TTL).then(|| token.clone())
+    }
+
+    fn close(&self, id: &str) {
+        self.0.lock().unwrap().remove(id);
+    }
+}
 /// The header that a state-changing request must carry: a page of another origin cannot send it without
 /// the coordinator's CORS consent, which it never gives.
 const CSRF_HEADER: &str = "x-stylefarm-csrf";
@@ -398,6 +444,7 @@ struct Page {
     /// Whether the page is served over HTTPS (its cookie is then `Secure`).
     https: bool,
     thumbnails: Arc<Thumbnails>,
+    sessions: Arc<Sessions>,
 }
 
 /// A thumbnail's key: the image and the longest side asked for.
@@ -471,18 +518,23 @@ fn http_status(code: tonic::Code) -> StatusCode {
     }
 }
 
-/// The token a request carries: its `Authorization: Bearer` header, else the login cookie.
-fn token_of(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        return v.to_str().ok().map(str::to_string);
-    }
+/// The session id in a request's login cookie.
+fn session_of(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
-        .map(|t| format!("Bearer {t}"))
+}
+
+/// The token a request carries: its `Authorization: Bearer` header, else its live session's.
+fn token_of(headers: &HeaderMap, sessions: &Sessions) -> Option<String> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        return v.to_str().ok().map(str::to_string);
+    }
+    let token = sessions.token(session_of(headers)?)?;
+    Some(format!("Bearer {token}"))
 }
 
 impl Page {
@@ -490,7 +542,7 @@ impl Page {
     /// PERMISSION_DENIED (403, a worker token) otherwise.
     fn tenant(&self, headers: &HeaderMap) -> Result<Tenant, Failure> {
         let mut request = tonic::Request::new(());
-        if let Some(value) = token_of(headers).and_then(|t| t.parse().ok()) {
+        if let Some(value) = token_of(headers, &self.sessions).and_then(|t| t.parse().ok()) {
             request
                 .metadata_mut()
                 .insert(stylefarm_proto::connect::AUTHORIZATION, value);
@@ -501,11 +553,11 @@ impl Page {
         Ok(crate::auth::tenant(&request))
     }
 
-    fn cookie(&self, token: &str, max_age: Option<u32>) -> HeaderValue {
+    /// The login cookie: session `id` for `max_age` seconds (0: ends it).
+    fn cookie(&self, id: &str, max_age: u64) -> HeaderValue {
         let secure = if self.https { "; Secure" } else { "" };
-        let age = max_age.map_or(String::new(), |s| format!("; Max-Age={s}"));
         HeaderValue::from_str(&format!(
-            "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}{age}"
+            "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict{secure}; Max-Age={max_age}"
         ))
         .unwrap_or_else(|_| HeaderValue::from_static(""))
     }
@@ -571,21 +623,15 @@ async fn login(State(page): State<Page>, headers: HeaderMap, Form(login): Form<L
     if let Ok(v) = format!("Bearer {token}").parse() {
         headers.insert(header::AUTHORIZATION, v);
     }
-    // a value a cookie cannot hold is no token of this coordinator's either
-    let cookie_safe = token
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && b != b';' && b != b',');
     match page.tenant(&headers) {
-        Ok(_) if cookie_safe => (
-            [(header::SET_COOKIE, page.cookie(token, None))],
-            Redirect::to("/"),
-        )
-            .into_response(),
-        Ok(_) => login_page(
-            StatusCode::BAD_REQUEST,
-            "token: it has characters a cookie cannot hold (spaces, ';' or ','): read the JSON \
-             with an 'Authorization: Bearer' header instead",
-        ),
+        Ok(_) => {
+            let id = page.sessions.open(token);
+            (
+                [(header::SET_COOKIE, page.cookie(&id, SESSION_TTL.as_secs()))],
+                Redirect::to("/"),
+            )
+                .into_response()
+        }
         Err(Failure(code, message)) => login_page(code, &message),
     }
 }
@@ -597,8 +643,11 @@ async fn logout(State(page): State<Page>, headers: HeaderMap) -> Response {
             "logout: refused from another site's page",
         );
     }
+    if let Some(id) = session_of(&headers) {
+        page.sessions.close(id);
+    }
     (
-        [(header::SET_COOKIE, page.cookie("", Some(0)))],
+        [(header::SET_COOKIE, page.cookie("", 0))],
         Redirect::to("/"),
     )
         .into_response()
@@ -778,6 +827,7 @@ pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
             cache: Mutex::default(),
             permits: tokio::sync::Semaphore::new(THUMBNAIL_PERMITS),
         }),
+        sessions: Arc::default(),
     };
     let asset = |content_type: &'static str, body: &'static str| {
         get(move || async move { (page_headers(content_type), body) })
@@ -870,26 +920,45 @@ mod tests {
     }
 
     #[test]
-    fn the_token_comes_from_the_header_else_the_cookie() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(token_of(&headers), None);
-        headers.insert(
-            header::COOKIE,
-            HeaderValue::from_static("theme=dark; stylefarm_token=abc123; other=1"),
+    fn the_token_comes_from_the_header_else_the_cookies_live_session() {
+        let sessions = Sessions::default();
+        let id = sessions.open("abc 123");
+        assert_eq!(id.len(), 64);
+        assert_ne!(sessions.open("abc 123"), id, "a new id each login");
+        let cookie = |value: String| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::COOKIE, HeaderValue::from_str(&value).unwrap());
+            headers
+        };
+        assert_eq!(token_of(&HeaderMap::new(), &sessions), None);
+        let mut headers = cookie(format!("theme=dark; {COOKIE}={id}; other=1"));
+        assert_eq!(
+            token_of(&headers, &sessions).as_deref(),
+            Some("Bearer abc 123")
         );
-        assert_eq!(token_of(&headers).as_deref(), Some("Bearer abc123"));
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer xyz"),
         );
-        assert_eq!(token_of(&headers).as_deref(), Some("Bearer xyz"));
-        // a cookie whose name only starts with ours is not ours
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::COOKIE,
-            HeaderValue::from_static("stylefarm_tokens=zzz"),
+        assert_eq!(token_of(&headers, &sessions).as_deref(), Some("Bearer xyz"));
+        // a cookie whose name only starts with ours is not ours; an unknown id is no session
+        assert_eq!(
+            token_of(&cookie(format!("{COOKIE}s={id}")), &sessions),
+            None
         );
-        assert_eq!(token_of(&headers), None);
+        assert_eq!(
+            token_of(&cookie(format!("{COOKIE}=abc123")), &sessions),
+            None
+        );
+        // logged out, or past its time: gone
+        sessions.close(&id);
+        assert_eq!(token_of(&cookie(format!("{COOKIE}={id}")), &sessions), None);
+        let old = sessions.open("t");
+        sessions.0.lock().unwrap().get_mut(&old).unwrap().1 -= SESSION_TTL;
+        assert_eq!(
+            token_of(&cookie(format!("{COOKIE}={old}")), &sessions),
+            None
+        );
     }
 
     #[test]
