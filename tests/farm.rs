@@ -9,7 +9,7 @@ use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
     is, iteration, job, path, shared_image, submit, tubingen_x_starry, wait_for, wait_iteration,
-    wait_registered, wait_state, Cluster,
+    wait_job, wait_registered, wait_state, Cluster,
 };
 use tonic::Code;
 
@@ -241,14 +241,12 @@ async fn cancel_stops_the_running_worker_within_a_heartbeat() {
         .unwrap()
         .into_inner();
     assert_eq!(reply.state, pb::JobState::Cancelled as i32);
-    wait_for(
+    wait_job(
+        &client,
+        &next,
         "the worker to take the next job",
         Duration::from_secs(30),
-        || {
-            let mut client = client.clone();
-            let next = next.clone();
-            async move { (job(&mut client, &next).await.tasks[0].attempts > 0).then_some(()) }
-        },
+        |s| s.tasks[0].attempts > 0,
     )
     .await;
     let stopped_after = cancelled_at.elapsed();
@@ -321,13 +319,12 @@ async fn finished_jobs_past_the_keep_time_are_deleted_by_the_coordinator() {
     assert!(now_ms - finished >= 2000, "kept 2 s first");
     // logged once the deletion is stored, a moment after the job left the scheduler
     let coordinator = cluster.coordinator.as_ref().unwrap();
-    wait_for("the sweep's log line", Duration::from_secs(10), || async {
-        coordinator
-            .log_text()
-            .contains("finished jobs past their keep time deleted")
-            .then_some(())
-    })
-    .await;
+    coordinator
+        .wait_logged(
+            "finished jobs past their keep time deleted",
+            Duration::from_secs(10),
+        )
+        .await;
     assert!(is(&job(&mut client, &queued).await, pb::JobState::Queued));
     cluster.coordinator.as_mut().unwrap().kill();
     cluster.start_coordinator();

@@ -14,7 +14,8 @@ use stylefarm_coordinator::blobs::S3Server;
 use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    binary, is, job, path, submit, wait_for, wait_iteration, wait_registered, wait_state, Cluster,
+    binary, is, job, path, submit, wait_for, wait_iteration, wait_job, wait_registered, wait_state,
+    Cluster,
 };
 use tonic::Code;
 
@@ -435,18 +436,12 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
     // reads are served meanwhile
     assert_eq!(job(&mut client, &first).await.job_id, first);
     // the worker finishes its render and its report is refused; it retries
-    let worker = &cluster.workers[0];
-    wait_for(
-        "the worker's report to be refused",
-        Duration::from_secs(60),
-        || async {
-            worker
-                .log_text()
-                .contains("reporting to the coordinator failed")
-                .then_some(())
-        },
-    )
-    .await;
+    cluster.workers[0]
+        .wait_logged(
+            "reporting to the coordinator failed",
+            Duration::from_secs(60),
+        )
+        .await;
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(outage.elapsed())).await;
     redis.restart();
 
@@ -515,17 +510,12 @@ async fn out_of_memory_retried_elsewhere(backend: Backend) {
     wait_registered(&cluster, 1).await;
     let id = submit_variant(&cluster, 0, "oom");
     let client = cluster.client().await;
-    wait_for(
+    wait_job(
+        &client,
+        &id,
         "the first attempt to run out of memory",
         Duration::from_secs(60),
-        || {
-            let mut client = client.clone();
-            let id = id.clone();
-            async move {
-                let s = job(&mut client, &id).await;
-                s.tasks[0].error.contains("out of memory").then_some(())
-            }
-        },
+        |s| s.tasks[0].error.contains("out of memory"),
     )
     .await;
     cluster.add_worker("big");
@@ -583,17 +573,9 @@ async fn submit_repeated_after_a_killed_client(backend: Backend) {
         .spawn()
         .unwrap();
     let coordinator = cluster.coordinator.as_ref().unwrap();
-    wait_for(
-        "the coordinator to store the job",
-        Duration::from_secs(30),
-        || async {
-            coordinator
-                .log_text()
-                .contains("job submitted")
-                .then_some(())
-        },
-    )
-    .await;
+    coordinator
+        .wait_logged("job submitted", Duration::from_secs(30))
+        .await;
     doomed.kill().unwrap();
     let status = doomed.wait().unwrap();
     assert!(!status.success(), "killed before the reply");
@@ -638,37 +620,28 @@ async fn a_stage_waits_while_s3_is_out_of_reach_and_completes_once_it_is_back() 
     args.extend(["--sweep".into(), "style_weight=10,1000".into()]);
     let id = submit(&cluster, &args);
     let mut client = cluster.client().await;
-    wait_for(
+    wait_job(
+        &client,
+        &id,
         "the sweep's tasks to succeed",
         Duration::from_secs(120),
-        || {
-            let mut client = client.clone();
-            let id = id.clone();
-            async move {
-                let s = job(&mut client, &id).await;
-                assert!(!is(&s, pb::JobState::Failed), "{}", s.error);
-                s.tasks
-                    .iter()
-                    .all(|t| t.state == pb::TaskState::Succeeded as i32)
-                    .then_some(())
-            }
+        |s| {
+            assert!(!is(s, pb::JobState::Failed), "{}", s.error);
+            s.tasks
+                .iter()
+                .all(|t| t.state == pb::TaskState::Succeeded as i32)
         },
     )
     .await;
     let s3 = services.s3.as_mut().unwrap();
     s3.stop();
     let coordinator = cluster.coordinator.as_ref().unwrap();
-    wait_for(
-        "the stage to be deferred",
-        Duration::from_secs(30),
-        || async {
-            coordinator
-                .log_text()
-                .contains("a store is out of reach; the job waits")
-                .then_some(())
-        },
-    )
-    .await;
+    coordinator
+        .wait_logged(
+            "a store is out of reach; the job waits",
+            Duration::from_secs(30),
+        )
+        .await;
     let waiting = job(&mut client, &id).await;
     assert!(is(&waiting, pb::JobState::Running), "{waiting:?}");
     assert!(waiting.contact_sheet.is_empty());

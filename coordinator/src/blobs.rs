@@ -339,6 +339,17 @@ pub const S3_TEST_KEY: &str = "stylefarm-test";
 /// The server's secret access key.
 pub const S3_TEST_SECRET: &str = "stylefarm-test-secret";
 
+/// The configuration of a store at `endpoint` (plain HTTP) with the test server's credentials.
+fn test_config(endpoint: &str) -> [(&str, &str); 5] {
+    [
+        ("aws_endpoint", endpoint),
+        ("aws_access_key_id", S3_TEST_KEY),
+        ("aws_secret_access_key", S3_TEST_SECRET),
+        ("aws_region", "us-east-1"),
+        ("aws_allow_http", "true"),
+    ]
+}
+
 impl S3Server {
     /// A server on a free port.
     pub fn start() -> S3Server {
@@ -415,16 +426,9 @@ impl S3Server {
 
     /// Blobs under `s3://farm/<prefix>` on this server.
     pub fn blobs(&self, prefix: &str) -> S3Blobs {
-        let endpoint = self.endpoint();
         S3Blobs::open_with(
             &format!("s3://farm/{prefix}"),
-            &[
-                ("aws_endpoint", &endpoint),
-                ("aws_access_key_id", S3_TEST_KEY),
-                ("aws_secret_access_key", S3_TEST_SECRET),
-                ("aws_region", "us-east-1"),
-                ("aws_allow_http", "true"),
-            ],
+            &test_config(&self.endpoint()),
         )
         .unwrap()
     }
@@ -486,25 +490,23 @@ pub(crate) mod tests {
         assert_eq!(objects, 1);
     }
 
+    /// Blobs of bucket `farm` at `endpoint` retried once (5 s at most), not as `S3Blobs::retry` says.
+    fn impatient(endpoint: &str) -> super::S3Blobs {
+        let retry = object_store::RetryConfig {
+            max_retries: 1,
+            retry_timeout: std::time::Duration::from_secs(5),
+            ..Default::default()
+        };
+        super::S3Blobs::build("s3://farm", &super::test_config(endpoint), retry).unwrap()
+    }
+
     /// A store that stops answering: every call fails with an error the coordinator answers as
     /// UNAVAILABLE (something to retry), naming the request; none hangs past the retry budget.
     #[test]
     fn an_s3_store_out_of_reach_is_unavailable() {
         let mut server = S3Server::start();
         let endpoint = server.endpoint();
-        let retry = object_store::RetryConfig {
-            max_retries: 1,
-            retry_timeout: std::time::Duration::from_secs(5),
-            ..Default::default()
-        };
-        let config = [
-            ("aws_endpoint", endpoint.as_str()),
-            ("aws_access_key_id", super::S3_TEST_KEY),
-            ("aws_secret_access_key", super::S3_TEST_SECRET),
-            ("aws_region", "us-east-1"),
-            ("aws_allow_http", "true"),
-        ];
-        let blobs = super::S3Blobs::build("s3://farm", &config, retry).unwrap();
+        let blobs = impatient(&endpoint);
         let hash = blobs.put(b"hello").unwrap();
         server.stop();
         let started = std::time::Instant::now();
@@ -553,19 +555,7 @@ pub(crate) mod tests {
                 );
             }
         });
-        let retry = object_store::RetryConfig {
-            max_retries: 1,
-            retry_timeout: std::time::Duration::from_secs(5),
-            ..Default::default()
-        };
-        let config = [
-            ("aws_endpoint", endpoint.as_str()),
-            ("aws_access_key_id", super::S3_TEST_KEY),
-            ("aws_secret_access_key", super::S3_TEST_SECRET),
-            ("aws_region", "us-east-1"),
-            ("aws_allow_http", "true"),
-        ];
-        let blobs = super::S3Blobs::build("s3://farm", &config, retry).unwrap();
+        let blobs = impatient(&endpoint);
         for e in [
             blobs.contains(&ImageHash::of(b"x")).unwrap_err(),
             blobs.get(&ImageHash::of(b"x")).unwrap_err(),

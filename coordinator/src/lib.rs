@@ -48,7 +48,7 @@ pub enum Error {
     Store(#[from] store::StoreError),
     /// A file system error: creating the data dir, or reading or writing the blob store; RESOURCE_EXHAUSTED
     /// on the wire when the disk is full (ENOSPC, EDQUOT), UNAVAILABLE when the blob store is out of reach
-    /// (S3 down: [`Error::is_out_of_reach`]), else INTERNAL.
+    /// (S3 down, after its retries), else INTERNAL.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     /// The coordinator's own failure (a blocking task that panicked, an image it stored and cannot read
@@ -82,16 +82,6 @@ impl Error {
     /// A bad value of a request's `field`: INVALID_ARGUMENT, the message starting with the field.
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Error {
         Error::Invalid(stylefarm_core::Error::invalid(field, message))
-    }
-
-    /// Whether a store across the network did not answer (the blob store or the job store): UNAVAILABLE,
-    /// worth trying again later rather than failing a job for.
-    pub fn is_out_of_reach(&self) -> bool {
-        match self {
-            Error::Io(e) => out_of_reach(e),
-            Error::Store(e) => e.kind == store::StoreErrorKind::Unavailable,
-            _ => false,
-        }
     }
 }
 
@@ -286,14 +276,46 @@ pub struct Coordinator {
     pub(crate) tls_files: Option<auth::TlsConfig>,
     /// The Prometheus registry.
     pub(crate) metrics: metrics::Metrics,
-    /// Set when a stage's work could not be done because a store was out of reach
-    /// ([`Error::is_out_of_reach`]): the job waits at that stage, and [`serve`]'s loop steps the jobs
-    /// awaiting a step again every [`STAGE_RETRY`] until it is done.
+    /// Set when a stage's work could not be done because the blob store was out of reach: the job waits
+    /// at that stage, and [`serve`]'s loop steps the jobs awaiting a step again every [`STAGE_RETRY`]
+    /// until it is done.
     pub(crate) stage_deferred: std::sync::atomic::AtomicBool,
 }
 
 /// How often stage work deferred for a store out of reach is tried again.
 pub const STAGE_RETRY: Duration = Duration::from_secs(2);
+
+/// Blocking work that `serve`'s loop starts now and then, on a thread of the blocking pool (the loop, and
+/// the lease expiry it runs, never wait on it), one run at a time.
+struct Chore {
+    started: tokio::time::Instant,
+    running: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Chore {
+    /// A chore whose first run is due `every` from now.
+    fn new() -> Chore {
+        Chore {
+            started: tokio::time::Instant::now(),
+            running: None,
+        }
+    }
+
+    /// Starts `work` when the last run has ended, `every` has passed since it started, and `wanted` says
+    /// so (asked last: it may consume a flag).
+    fn start(
+        &mut self,
+        every: Duration,
+        wanted: impl FnOnce() -> bool,
+        work: impl FnOnce() + Send + 'static,
+    ) {
+        let idle = self.running.as_ref().is_none_or(|r| r.is_finished());
+        if idle && self.started.elapsed() >= every && wanted() {
+            self.started = tokio::time::Instant::now();
+            self.running = Some(tokio::task::spawn_blocking(work));
+        }
+    }
+}
 
 impl Coordinator {
     /// Opens (or creates) the data dir; jobs left there resume.
@@ -330,14 +352,20 @@ impl Coordinator {
             metrics,
             stage_deferred: false.into(),
         });
-        for job_id in coordinator.scheduler.jobs_awaiting_step() {
-            coordinator.stage_done(&job_id);
-        }
+        coordinator.step_awaiting();
         Ok(coordinator)
     }
 }
 
 impl Coordinator {
+    /// Runs the stage work of every job whose stage has all its tasks done and is not yet stepped: those
+    /// left so by a restart, or by a store out of reach. Blocking: stitches and stores images.
+    pub(crate) fn step_awaiting(&self) {
+        for job_id in self.scheduler.jobs_awaiting_step() {
+            self.stage_done(&job_id);
+        }
+    }
+
     /// Its Prometheus metrics as text ([`metrics`] lists them), for an HTTP scrape.
     pub fn metrics_text(&self) -> String {
         self.metrics.text(self)
@@ -393,20 +421,17 @@ pub async fn serve(
         let coordinator = coordinator.clone();
         tokio::spawn(async move {
             let mut was_behind = false;
-            let mut retried = tokio::time::Instant::now();
-            let mut retrying: Option<tokio::task::JoinHandle<()>> = None;
-            let mut swept = tokio::time::Instant::now();
-            let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
+            let (mut retry, mut sweep) = (Chore::new(), Chore::new());
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                // finished jobs past --keep-finished-secs, deleted now and then, off the async threads
+                // finished jobs past --keep-finished-secs, deleted now and then
                 if let Some(keep) = coordinator.scheduler.config().keep_finished {
-                    if sweeping.as_ref().is_none_or(|s| s.is_finished())
-                        && swept.elapsed() >= scheduler::KEEP_FINISHED_SWEEP.min(keep / 2)
-                    {
-                        swept = tokio::time::Instant::now();
-                        let coordinator = coordinator.clone();
-                        sweeping = Some(tokio::task::spawn_blocking(move || {
+                    let every = scheduler::KEEP_FINISHED_SWEEP.min(keep / 2);
+                    let coordinator = coordinator.clone();
+                    sweep.start(
+                        every,
+                        || true,
+                        move || {
                             let before = scheduler::now_ms()
                                 - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
                             let batch = scheduler::KEEP_FINISHED_BATCH;
@@ -419,29 +444,22 @@ pub async fn serve(
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "deleting old finished jobs"),
                             }
-                        }));
-                    }
+                        },
+                    );
                 }
-                if retrying.as_ref().is_none_or(|r| r.is_finished())
-                    && retried.elapsed() >= STAGE_RETRY
-                    && coordinator.stage_deferred.swap(false, Ordering::SeqCst)
-                {
-                    retried = tokio::time::Instant::now();
-                    let coordinator = coordinator.clone();
-                    retrying = Some(tokio::task::spawn_blocking(move || {
-                        for job_id in coordinator.scheduler.jobs_awaiting_step() {
-                            coordinator.stage_done(&job_id);
-                        }
-                    }));
-                }
+                let deferred = &coordinator.stage_deferred;
+                let stepping = coordinator.clone();
+                retry.start(
+                    STAGE_RETRY,
+                    || deferred.swap(false, Ordering::SeqCst),
+                    move || stepping.step_awaiting(),
+                );
                 // expiring writes to the store and waits for the commit: on the blocking pool
                 let coordinator = coordinator.clone();
                 let step = tokio::task::spawn_blocking(move || {
                     let behind = coordinator.scheduler.store_behind();
                     if was_behind && !behind {
-                        for job_id in coordinator.scheduler.jobs_awaiting_step() {
-                            coordinator.stage_done(&job_id);
-                        }
+                        coordinator.step_awaiting();
                     }
                     (behind, coordinator.scheduler.expire())
                 });

@@ -60,13 +60,15 @@ impl Coordinator {
     /// the job store once it answers (`serve`'s loop steps the jobs awaiting a step then); any other error
     /// fails the job, naming `what` failed.
     pub(crate) fn stage_failed(&self, job_id: &JobId, what: &str, e: Error) {
-        if e.is_out_of_reach() {
+        let blobs_away = matches!(&e, Error::Io(io) if crate::out_of_reach(io));
+        let store_away = matches!(&e, Error::Store(s) if s.is_unavailable());
+        if blobs_away || store_away {
             tracing::warn!(
                 job_id = job_id.as_str(),
                 error = %e,
                 "{what}: a store is out of reach; the job waits and the work is tried again"
             );
-            if !matches!(e, Error::Store(_)) {
+            if blobs_away {
                 self.stage_deferred
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }

@@ -174,7 +174,15 @@ impl Tally {
         *self.jobs.entry(state.name()).or_default() += 1;
     }
 
-    fn remove(counts: &mut BTreeMap<&'static str, usize>, name: &'static str) {
+    fn remove_task(&mut self, state: TaskState) {
+        Self::decrement(&mut self.tasks, state.name());
+    }
+
+    fn remove_job(&mut self, state: JobState) {
+        Self::decrement(&mut self.jobs, state.name());
+    }
+
+    fn decrement(counts: &mut BTreeMap<&'static str, usize>, name: &'static str) {
         if let Some(n) = counts.get_mut(name) {
             *n = n.saturating_sub(1);
         }
@@ -183,14 +191,14 @@ impl Tally {
 
 /// Moves `task` to state `to`, and the tally with it.
 fn set_task_state(tally: &mut Tally, task: &mut TaskRecord, to: TaskState) {
-    Tally::remove(&mut tally.tasks, task.state.name());
+    tally.remove_task(task.state);
     tally.add_task(to);
     task.state = to;
 }
 
 /// Moves job `meta` to state `to`, and the tally with it.
 fn set_job_state(tally: &mut Tally, meta: &mut JobMeta, to: JobState) {
-    Tally::remove(&mut tally.jobs, meta.state.name());
+    tally.remove_job(meta.state);
     tally.add_job(to);
     meta.state = to;
 }
@@ -783,7 +791,7 @@ impl Scheduler {
     /// images stay in the blob store (content-addressed: other jobs may share them).
     pub fn delete(&self, job_id: &JobId) -> Result<(), SchedulerError> {
         self.writable()?;
-        let mut st = self.state.lock().unwrap();
+        let st = self.state.lock().unwrap();
         let job = st
             .jobs
             .get(job_id)
@@ -800,12 +808,7 @@ impl Scheduler {
                 job.leases.len()
             )));
         }
-        Self::forget(&mut st, job_id);
-        let durable = self.store.write(vec![Op::Delete(job_id.clone())]);
-        drop(st);
-        store::wait(durable)?;
-        self.changed(job_id);
-        Ok(())
+        self.forget(st, std::slice::from_ref(job_id))
     }
 
     /// Deletes up to `limit` finished jobs that ended before `before_ms` (Unix ms) and have no task still
@@ -817,7 +820,7 @@ impl Scheduler {
         limit: usize,
     ) -> Result<Vec<JobId>, SchedulerError> {
         self.writable()?;
-        let mut st = self.state.lock().unwrap();
+        let st = self.state.lock().unwrap();
         let old: Vec<JobId> = st
             .jobs
             .values()
@@ -826,37 +829,42 @@ impl Scheduler {
             .take(limit)
             .map(|j| j.meta.id.clone())
             .collect();
-        if old.is_empty() {
-            return Ok(old);
-        }
-        for id in &old {
-            Self::forget(&mut st, id);
-        }
-        let durable = self
-            .store
-            .write(old.iter().cloned().map(Op::Delete).collect());
-        drop(st);
-        store::wait(durable)?;
-        for id in &old {
-            self.changed(id);
+        if !old.is_empty() {
+            self.forget(st, &old)?;
         }
         Ok(old)
     }
 
-    /// Removes a finished job from memory: its record, its tasks (and their tally), its request id.
-    fn forget(st: &mut State, job_id: &JobId) {
-        let Some(job) = st.jobs.remove(job_id) else {
-            return;
-        };
-        Tally::remove(&mut st.tally.jobs, job.meta.state.name());
-        for t in &job.tasks {
-            Tally::remove(&mut st.tally.tasks, t.state.name());
-            st.queue.remove(&queue_key(&job.meta, t.index));
+    /// Removes finished jobs from memory (their records, their tasks and the tally of both, their
+    /// request ids) and from the store, and waits for the store; the state's lock `st` is released first.
+    fn forget(
+        &self,
+        mut st: std::sync::MutexGuard<'_, State>,
+        job_ids: &[JobId],
+    ) -> Result<(), SchedulerError> {
+        for job_id in job_ids {
+            let Some(job) = st.jobs.remove(job_id) else {
+                continue;
+            };
+            st.tally.remove_job(job.meta.state);
+            for t in &job.tasks {
+                st.tally.remove_task(t.state);
+                st.queue.remove(&queue_key(&job.meta, t.index));
+            }
+            let request = (job.meta.tenant.clone(), job.meta.client_request_id.clone());
+            if st.by_request.get(&request) == Some(job_id) {
+                st.by_request.remove(&request);
+            }
         }
-        let request = (job.meta.tenant.clone(), job.meta.client_request_id.clone());
-        if st.by_request.get(&request) == Some(job_id) {
-            st.by_request.remove(&request);
+        let durable = self
+            .store
+            .write(job_ids.iter().cloned().map(Op::Delete).collect());
+        drop(st);
+        store::wait(durable)?;
+        for job_id in job_ids {
+            self.changed(job_id);
         }
+        Ok(())
     }
 
     /// Cancels a job; a finished job keeps its state.
@@ -1183,6 +1191,19 @@ mod tests {
     }
 
     /// A stand-in for a result image's hash.
+    /// A tiled job of 1024 px in the default 512-px tiles: a whole first scale, then 3 x 2 tiles.
+    fn tiled_1024() -> JobSpec {
+        JobSpec {
+            kind: JobKind::Tiled(Default::default()),
+            contents: vec![ImageHash::of(b"content")],
+            params: RenderParams {
+                size: 1024,
+                ..Default::default()
+            },
+            ..batch(1, 0)
+        }
+    }
+
     fn hash(name: &str) -> ImageHash {
         ImageHash::of(name.as_bytes())
     }
@@ -1546,15 +1567,7 @@ mod tests {
     fn tiled_jobs_advance_scale_by_scale_and_survive_a_restart() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
-        let spec = JobSpec {
-            kind: JobKind::Tiled(Default::default()),
-            contents: vec![ImageHash::of(b"content")],
-            params: RenderParams {
-                size: 1024,
-                ..Default::default()
-            },
-            ..batch(1, 0)
-        };
+        let spec = tiled_1024();
         let (job, _) = s.submit(spec.clone(), "").unwrap();
         let l = s.lease(&w("w")).unwrap().unwrap();
         assert_eq!(l.task.spec.label, "scale 1/2");
@@ -1609,15 +1622,7 @@ mod tests {
             ..Default::default()
         };
         let mut s = Scheduler::new(config.clone(), store.clone()).unwrap();
-        let tiled = JobSpec {
-            kind: JobKind::Tiled(Default::default()),
-            contents: vec![ImageHash::of(b"content")],
-            params: RenderParams {
-                size: 1024,
-                ..Default::default()
-            },
-            ..batch(1, 0)
-        };
+        let tiled = tiled_1024();
         // a fixed-seed xorshift: the same sequence every run
         let mut seed = 0x5eed_u64;
         let mut next = move |n: u64| {

@@ -74,10 +74,7 @@ struct Sessions(Mutex<HashMap<String, (String, Instant)>>);
 impl Sessions {
     /// A new session for `token`; its id (64 hex digits of a CSPRNG's output).
     fn open(&self, token: &str) -> String {
-        let id: String = rand::random::<[u8; 32]>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let id = stylefarm_core::ids::hex(&rand::random::<[u8; 32]>());
         let mut sessions = self.0.lock().unwrap();
         sessions.retain(|_, (_, at)| at.elapsed() < SESSION_TTL);
         if sessions.len() >= MAX_SESSIONS {

@@ -71,6 +71,14 @@ impl Node {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits up to `timeout` until the process has logged `text` ([`wait_for`]).
+    pub async fn wait_logged(&self, text: &str, timeout: Duration) {
+        wait_for(&format!("the log to say {text:?}"), timeout, || async {
+            self.log_text().contains(text).then_some(())
+        })
+        .await
+    }
 }
 
 impl Drop for Node {
@@ -344,6 +352,22 @@ pub async fn wait_state(
     })
     .await;
     job(&mut client, job_id).await
+}
+
+/// Waits up to `timeout` for `until` to hold of job `job_id`'s status ([`wait_for`], `what` naming it).
+pub async fn wait_job(
+    client: &FarmClient,
+    job_id: &str,
+    what: &str,
+    timeout: Duration,
+    until: impl Fn(&pb::JobStatus) -> bool,
+) {
+    wait_for(what, timeout, || {
+        let mut client = client.clone();
+        let until = &until;
+        async move { until(&job(&mut client, job_id).await).then_some(()) }
+    })
+    .await
 }
 
 /// A task's latest iteration (0 before its worker reported any).
