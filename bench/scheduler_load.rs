@@ -46,6 +46,7 @@ async fn main() {
         data_dir: dir.path().to_path_buf(),
         store: Default::default(),
         blobs: Default::default(),
+        keep_unused_blobs: None,
         scheduler: SchedulerConfig::default(),
         auth: Default::default(),
         tls: None,

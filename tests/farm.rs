@@ -273,6 +273,137 @@ async fn a_coordinator_killed_and_restarted_loses_nothing() {
     killed_and_restarted(Cluster::start(3.0, 0.3)).await;
 }
 
+/// The blobs of a coordinator's disk blob store (`<data dir>/blobs/<2 hex digits>/<sha256>`), by sha256.
+fn blobs_on_disk(cluster: &Cluster) -> HashSet<String> {
+    let dir = cluster.data_dir.join("blobs");
+    let mut hashes = HashSet::new();
+    for shard in std::fs::read_dir(&dir).unwrap().map(Result::unwrap) {
+        if shard.file_name() != "tmp" {
+            for blob in std::fs::read_dir(shard.path()).unwrap().map(Result::unwrap) {
+                hashes.insert(blob.file_name().into_string().unwrap());
+            }
+        }
+    }
+    hashes
+}
+
+/// The images a finished job refers to: its inputs, its tasks' results, its contact sheet.
+fn job_images(status: &pb::JobStatus) -> HashSet<String> {
+    let spec = status.spec.as_ref().unwrap();
+    let results = status.tasks.iter().map(|t| &t.result);
+    spec.contents
+        .iter()
+        .chain(&spec.styles)
+        .chain(results)
+        .chain(Some(&status.contact_sheet))
+        .filter(|h| !h.is_empty())
+        .cloned()
+        .collect()
+}
+
+/// A coordinator started with `--keep-unused-blobs-secs 2` deletes the images that no job refers to: an
+/// upload never submitted, then a deleted job's content and result, while the images of a sweep it holds
+/// (one style shared with the deleted job) stay and are fetched whole; the deleted job's content can be
+/// submitted again.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_that_no_job_refers_to_are_collected() {
+    let mut cluster = Cluster::new(3.0, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--keep-unused-blobs-secs".into(), "2".into()];
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let mut sweep = tubingen_x_starry(48, 2);
+    sweep.extend(["--sweep".into(), "style_weight=10,1000".into()]);
+    let kept = submit(&cluster, &sweep);
+    let chelsea = [
+        "--content",
+        &path("chelsea.png"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--size",
+        "48",
+        "--iterations",
+        "2",
+    ];
+    let deleted = submit(&cluster, &chelsea);
+    let mut client = cluster.client().await;
+    let scream = std::fs::read(shared_image("the_scream.jpg")).unwrap();
+    let unsubmitted = client.upload(&scream, "the_scream.jpg").await.unwrap();
+    let mut held = HashSet::new();
+    for id in [&kept, &deleted] {
+        let status = wait_state(
+            &cluster,
+            id,
+            pb::JobState::Succeeded,
+            Duration::from_secs(120),
+        )
+        .await;
+        held.extend(job_images(&status));
+    }
+    let kept_images = job_images(&job(&mut client, &kept).await);
+    assert_eq!(
+        kept_images.len(),
+        5,
+        "content, style, 2 results, contact sheet"
+    );
+    let blobs = cluster.data_dir.clone();
+    let gone = |hash: String| {
+        let blob = blobs.join("blobs").join(&hash[..2]).join(hash);
+        move || {
+            let deleted = !blob.exists();
+            async move { deleted.then_some(()) }
+        }
+    };
+    wait_for(
+        "the upload no job refers to to be deleted",
+        Duration::from_secs(30),
+        gone(unsubmitted.to_string()),
+    )
+    .await;
+    assert_eq!(
+        blobs_on_disk(&cluster),
+        held,
+        "the images of the jobs held stay"
+    );
+    client.delete(&deleted.clone().into()).await.unwrap();
+    let content = std::fs::read(shared_image("chelsea.png")).unwrap();
+    let content = stylefarm_core::ids::ImageHash::of(&content).to_string();
+    wait_for(
+        "the deleted job's content to be deleted",
+        Duration::from_secs(30),
+        gone(content),
+    )
+    .await;
+    // its result, written later, may take another collection
+    wait_for(
+        "only the sweep's images to be left",
+        Duration::from_secs(30),
+        || {
+            let left = blobs_on_disk(&cluster) == kept_images;
+            async move { left.then_some(()) }
+        },
+    )
+    .await;
+    cluster
+        .coordinator
+        .as_ref()
+        .unwrap()
+        .wait_logged("unused blobs deleted", Duration::from_secs(1))
+        .await;
+    let out = tempfile::tempdir().unwrap();
+    let (ok, _, err) = cluster.cli(&["fetch", &kept, "-o", out.path().to_str().unwrap()]);
+    assert!(ok, "{err}");
+    // uploaded again, as the images of any new job
+    let again = submit(&cluster, &chelsea);
+    wait_state(
+        &cluster,
+        &again,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+}
+
 /// A coordinator started with `--keep-finished-secs 2` deletes a finished job by itself (while an unfinished
 /// one stays), and the deletion is in its store: restarted, it does not have the job back.
 #[tokio::test(flavor = "multi_thread")]

@@ -62,6 +62,11 @@ pub(crate) struct CoordinatorArgs {
     /// `stylefarm delete` does (their images stay in the blob store); unset: keep them until deleted.
     #[arg(long, env = "STYLEFARM_KEEP_FINISHED_SECS")]
     keep_finished_secs: Option<f64>,
+    /// Delete blobs (images) that no job refers to (those of deleted jobs, uploads never submitted) once
+    /// they have not been written or used for this many seconds, looking every half of it; unset: keep
+    /// them. Only for a blob store that no other farm shares.
+    #[arg(long, env = "STYLEFARM_KEEP_UNUSED_BLOBS_SECS")]
+    keep_unused_blobs_secs: Option<f64>,
     /// A client token, TENANT:TOKEN (repeat, or comma-separated in the variable). Any token configured
     /// turns authentication on: every call then needs one, and a tenant sees only its own jobs.
     #[arg(
@@ -271,6 +276,7 @@ pub(crate) fn coordinator_config(
         data_dir,
         store: StoreConfig::Embedded,
         blobs: BlobsConfig::Disk,
+        keep_unused_blobs: None,
         scheduler: stylefarm_coordinator::SchedulerConfig {
             lease,
             heartbeat_interval: heartbeat,
@@ -299,19 +305,20 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     )?;
     config.blobs = args.blobs;
     config.scheduler.max_unfinished_jobs = args.max_unfinished_jobs;
-    config.scheduler.keep_finished = args
-        .keep_finished_secs
-        .map(|secs| {
+    // a keep time: any number of seconds more than 0
+    let keep = |flag: &str, secs: Option<f64>| {
+        secs.map(|secs| {
             Duration::try_from_secs_f64(secs)
                 .ok()
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| {
-                    anyhow!(
-                        "--keep-finished-secs must be a number of seconds more than 0, got {secs}"
-                    )
+                    anyhow!("{flag} must be a number of seconds more than 0, got {secs}")
                 })
         })
-        .transpose()?;
+        .transpose()
+    };
+    config.scheduler.keep_finished = keep("--keep-finished-secs", args.keep_finished_secs)?;
+    config.keep_unused_blobs = keep("--keep-unused-blobs-secs", args.keep_unused_blobs_secs)?;
     let mut auth = match &args.auth_file {
         Some(file) => AuthConfig::load(file)?,
         None => AuthConfig::default(),

@@ -16,11 +16,23 @@ impl<T: BufRead + Seek + Send> BlobReader for T {}
 pub trait BlobStore: Send + Sync {
     /// Whether the blob is stored.
     fn contains(&self, hash: &ImageHash) -> std::io::Result<bool>;
+    /// Stores `bytes`, whose sha256 is `hash`, durably (a blob already there is kept).
+    fn put_as(&self, hash: &ImageHash, bytes: &[u8]) -> std::io::Result<()>;
     /// Stores `bytes` durably and returns their hash (a blob already there is kept).
-    fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash>;
+    fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash> {
+        let hash = ImageHash::of(bytes);
+        self.put_as(&hash, bytes)?;
+        Ok(hash)
+    }
     /// Bytes of the images stored, for the metrics: on disk, all of them (counted when opened, then kept
-    /// up to date); in S3, those this process stored (a bucket is not listed).
+    /// up to date); in S3, those found by the last listing ([`BlobStore::list`]) plus those this process
+    /// stored since, less those it deleted (before any listing: those it stored).
     fn stored_bytes(&self) -> u64;
+    /// Calls `visit` with every blob stored, in no particular order; other files or objects beside them
+    /// are left out.
+    fn list(&self, visit: &mut dyn FnMut(StoredBlob)) -> std::io::Result<()>;
+    /// Deletes a blob found by [`BlobStore::list`]; one already gone is no error.
+    fn delete(&self, blob: &StoredBlob) -> std::io::Result<()>;
     /// The blob opened for reading; `None` when there is no such blob.
     fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>>;
     /// The blob's bytes; `None` when there is no such blob.
@@ -32,6 +44,17 @@ pub trait BlobStore: Send + Sync {
         reader.read_to_end(&mut bytes)?;
         Ok(Some(bytes))
     }
+}
+
+/// A blob as [`BlobStore::list`] finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBlob {
+    /// Its name, the sha256 of its bytes.
+    pub hash: ImageHash,
+    /// Its size, in bytes.
+    pub bytes: u64,
+    /// When it was written (a file's modification time, an object's last-modified).
+    pub modified: std::time::SystemTime,
 }
 
 /// Blobs as files: `<dir>/<first two hex digits>/<sha256>`, written through `<dir>/tmp/`.
@@ -72,9 +95,8 @@ impl BlobStore for DiskBlobs {
         self.path(hash).try_exists()
     }
 
-    fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash> {
-        let hash = ImageHash::of(bytes);
-        let path = self.path(&hash);
+    fn put_as(&self, hash: &ImageHash, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.path(hash);
         if !path.exists() {
             std::fs::create_dir_all(path.parent().expect("blob path has a parent"))?;
             let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))?;
@@ -84,11 +106,56 @@ impl BlobStore for DiskBlobs {
             self.bytes
                 .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(hash)
+        Ok(())
     }
 
     fn stored_bytes(&self) -> u64 {
         self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn list(&self, visit: &mut dyn FnMut(StoredBlob)) -> std::io::Result<()> {
+        for shard in std::fs::read_dir(&self.dir)? {
+            let shard = shard?;
+            if shard.file_name() == "tmp" || !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for file in std::fs::read_dir(shard.path())? {
+                let file = file?;
+                let Some(hash) = file.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                    continue;
+                };
+                if self.path(&hash) != file.path() {
+                    continue;
+                }
+                let meta = match file.metadata() {
+                    Ok(meta) => meta,
+                    // deleted since the directory was read
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                visit(StoredBlob {
+                    hash,
+                    bytes: meta.len(),
+                    modified: meta.modified()?,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&self, blob: &StoredBlob) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(&blob.hash)) {
+            Ok(()) => {
+                let _ = self.bytes.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |b| Some(b.saturating_sub(blob.bytes)),
+                );
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>> {
@@ -119,8 +186,9 @@ pub struct S3Blobs {
     /// The runtime the store's futures run on: the trait is synchronous, and its callers may be async tasks
     /// of another runtime, so requests are spawned here and waited for.
     runtime: Option<tokio::runtime::Runtime>,
-    /// Bytes of the objects this process stored.
-    written: std::sync::atomic::AtomicU64,
+    /// Bytes of the objects found by the last listing, plus those this process stored since, less those
+    /// it deleted.
+    bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for S3Blobs {
@@ -189,7 +257,7 @@ impl S3Blobs {
             store,
             prefix: prefix.trim_matches('/').to_string(),
             runtime: Some(runtime),
-            written: 0.into(),
+            bytes: 0.into(),
         })
     }
 
@@ -284,13 +352,12 @@ impl BlobStore for S3Blobs {
         }
     }
 
-    fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash> {
+    fn put_as(&self, hash: &ImageHash, bytes: &[u8]) -> std::io::Result<()> {
         use object_store::ObjectStoreExt;
-        let hash = ImageHash::of(bytes);
-        if self.contains(&hash)? {
-            return Ok(hash);
+        if self.contains(hash)? {
+            return Ok(());
         }
-        let (store, path) = (self.store.clone(), self.path(&hash));
+        let (store, path) = (self.store.clone(), self.path(hash));
         let len = bytes.len() as u64;
         let bytes = bytes::Bytes::copy_from_slice(bytes);
         self.run(async move {
@@ -305,13 +372,68 @@ impl BlobStore for S3Blobs {
             }
             Ok(())
         })?;
-        self.written
+        self.bytes
             .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-        Ok(hash)
+        Ok(())
     }
 
     fn stored_bytes(&self) -> u64 {
-        self.written.load(std::sync::atomic::Ordering::Relaxed)
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn list(&self, visit: &mut dyn FnMut(StoredBlob)) -> std::io::Result<()> {
+        use object_store::ObjectStore;
+        use tokio_stream::StreamExt;
+        let prefix =
+            (!self.prefix.is_empty()).then(|| object_store::path::Path::from(&*self.prefix));
+        let mut listing = self.store.list(prefix.as_ref());
+        // the listing's pages come in on the store's runtime, one object at a time through a channel
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives until the store drops")
+            .spawn(async move {
+                while let Some(object) = listing.next().await {
+                    if tx.send(object).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        let mut total = 0;
+        while let Some(object) = futures_executor::block_on(rx.recv()) {
+            let object = object.map_err(io_error)?;
+            let Some(hash) = object.location.filename().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if self.path(&hash) != object.location {
+                continue;
+            }
+            total += object.size;
+            visit(StoredBlob {
+                hash,
+                bytes: object.size,
+                modified: object.last_modified.into(),
+            });
+        }
+        self.bytes
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn delete(&self, blob: &StoredBlob) -> std::io::Result<()> {
+        use object_store::ObjectStoreExt;
+        let (store, path) = (self.store.clone(), self.path(&blob.hash));
+        match self.run(async move { store.delete(&path).await }) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let _ = self.bytes.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |b| Some(b.saturating_sub(blob.bytes)),
+        );
+        Ok(())
     }
 
     fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>> {

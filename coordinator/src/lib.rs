@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod gc;
 pub mod metrics;
 pub mod model;
 mod pipeline;
@@ -251,6 +252,9 @@ pub struct CoordinatorConfig {
     pub store: StoreConfig,
     /// Where images are kept.
     pub blobs: BlobsConfig,
+    /// How long a blob that no job refers to is kept after it was last written or used, before a garbage
+    /// collection deletes it ([`gc`]); `None`: blobs are kept for good.
+    pub keep_unused_blobs: Option<Duration>,
     /// Lease length, heartbeat interval, attempts, blocklist threshold, retry backoff, limits.
     pub scheduler: SchedulerConfig,
     /// The client and worker tokens; none: auth is off (one machine, a trusted network).
@@ -263,8 +267,11 @@ pub struct CoordinatorConfig {
 pub struct Coordinator {
     /// Jobs, tasks and leases, written through to `state.redb` in the data dir.
     pub(crate) scheduler: Arc<scheduler::Scheduler>,
-    /// Images (inputs, task results, contact sheets, stitched scales) by the sha256 of their bytes.
-    pub(crate) blobs: Arc<dyn blobs::BlobStore>,
+    /// Images (inputs, task results, contact sheets, stitched scales) by the sha256 of their bytes, with
+    /// their uses tracked for the garbage collection.
+    pub(crate) blobs: gc::TrackedBlobs,
+    /// [`CoordinatorConfig::keep_unused_blobs`].
+    pub(crate) keep_unused_blobs: Option<Duration>,
     /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
     /// ones.
     pub(crate) workers: workers::Registry,
@@ -341,10 +348,12 @@ impl Coordinator {
             BlobsConfig::Disk => Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?),
             BlobsConfig::S3(url) => Arc::new(blobs::S3Blobs::open(url)?),
         };
-        let metrics = metrics::Metrics::new(scheduler.metrics());
+        let blobs = gc::TrackedBlobs::new(blobs);
+        let metrics = metrics::Metrics::new(scheduler.metrics(), &blobs);
         let coordinator = Arc::new(Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,
+            keep_unused_blobs: config.keep_unused_blobs,
             workers: workers::Registry::default(),
             gate,
             tls,
@@ -364,6 +373,24 @@ impl Coordinator {
         for job_id in self.scheduler.jobs_awaiting_step() {
             self.stage_done(&job_id);
         }
+    }
+
+    /// Deletes the blobs that no job refers to and that were not written or used within `keep`
+    /// ([`gc::TrackedBlobs::collect`]); deletes none while the job store holds writes back (memory may be
+    /// ahead of it), and stops once less than half of this coordinator's lease on a shared job store is
+    /// left (another may take over soon, with jobs this one has not seen; a deletion under way when it
+    /// does may still land).
+    pub(crate) fn collect_unused_blobs(&self, keep: Duration) -> std::io::Result<gc::Collected> {
+        let scheduler = &self.scheduler;
+        let held = || scheduler.store_hold().is_none_or(|h| h.left >= h.lease / 2);
+        if scheduler.store_behind() || !held() {
+            return Ok(gc::Collected::default());
+        }
+        self.blobs.collect(
+            keep,
+            || scheduler.images_in_use(),
+            || held() && !scheduler.store_behind(),
+        )
     }
 
     /// Its Prometheus metrics as text ([`metrics`] lists them), for an HTTP scrape.
@@ -421,7 +448,8 @@ pub async fn serve(
         let coordinator = coordinator.clone();
         tokio::spawn(async move {
             let mut was_behind = false;
-            let (mut retry, mut sweep) = (Chore::new(), Chore::new());
+            let (mut retry, mut sweep, mut collection) = (Chore::new(), Chore::new(), Chore::new());
+            let serving = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 // finished jobs past --keep-finished-secs, deleted now and then
@@ -444,6 +472,27 @@ pub async fn serve(
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "deleting old finished jobs"),
                             }
+                        },
+                    );
+                }
+                // blobs unused past --keep-unused-blobs-secs, collected every half of it, the first time
+                // once this coordinator has served that long (an upload before a restart, re-used just
+                // before it, is not in its memory)
+                if let Some(keep) = coordinator.keep_unused_blobs {
+                    let coordinator = coordinator.clone();
+                    collection.start(
+                        keep / 2,
+                        || serving.elapsed() >= keep,
+                        move || match coordinator.collect_unused_blobs(keep) {
+                            Ok(done) if done.deleted > 0 => tracing::info!(
+                                blobs = done.deleted,
+                                bytes = done.deleted_bytes,
+                                listed = done.listed,
+                                keep_secs = keep.as_secs_f64(),
+                                "unused blobs deleted"
+                            ),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "collecting unused blobs"),
                         },
                     );
                 }

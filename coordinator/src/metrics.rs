@@ -12,7 +12,9 @@
 //! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
 //! | `stylefarm_blocklist_events_total` | counter | | a worker reaching the strikes threshold on a job |
 //! | `stylefarm_task_seconds` | histogram | | lease to accepted result, s |
-//! | `stylefarm_blob_store_bytes` | gauge | | bytes of images stored (S3: stored by this process) |
+//! | `stylefarm_blob_store_bytes` | gauge | | bytes of images stored (S3: as [`crate::blobs::BlobStore::stored_bytes`] says) |
+//! | `stylefarm_blobs_collected_total` | counter | | blobs deleted by the garbage collection ([`crate::gc`]) |
+//! | `stylefarm_blob_bytes_collected_total` | counter | | their bytes |
 
 use std::collections::BTreeMap;
 
@@ -75,7 +77,7 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(scheduler: &SchedulerMetrics) -> Metrics {
+    pub(crate) fn new(scheduler: &SchedulerMetrics, blobs: &crate::gc::TrackedBlobs) -> Metrics {
         let mut registry = Registry::with_prefix("stylefarm");
         let metrics = Metrics {
             queue_depth: Family::default(),
@@ -123,8 +125,18 @@ impl Metrics {
         );
         registry.register(
             "blob_store_bytes",
-            "Bytes of images in the blob store (S3: stored by this process)",
+            "Bytes of images in the blob store (S3: at the last listing, and stored or deleted since)",
             metrics.blob_bytes.clone(),
+        );
+        registry.register(
+            "blobs_collected",
+            "Blobs deleted by the garbage collection: no job referred to them",
+            blobs.collected.clone(),
+        );
+        registry.register(
+            "blob_bytes_collected",
+            "Bytes of the blobs deleted by the garbage collection",
+            blobs.collected_bytes.clone(),
         );
         Metrics {
             registry,

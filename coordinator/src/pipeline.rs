@@ -37,9 +37,10 @@ impl Coordinator {
             .iter()
             .map(|(t, _)| Ok((self.result_image(t)?, t.spec.label.clone())))
             .collect();
+        let using = self.blobs.begin_use();
         let stored = tiles
             .and_then(|tiles| sheet::contact_sheet(&tiles))
-            .and_then(|png| Ok(self.blobs.put(&png)?));
+            .and_then(|png| Ok(using.put(&png)?));
         match stored {
             Ok(hash) => {
                 // the sweep's one stage: its contact sheet is the job's result

@@ -722,7 +722,8 @@ impl Scheduler {
     }
 
     /// Ends a job: pending tasks are cancelled, running ones told to stop at their next heartbeat. The writes
-    /// it needs go to `ops`.
+    /// it needs go to `ops`. A job that has ended keeps its state (and nothing is written: it may be being
+    /// deleted, [`Scheduler::forget`]).
     fn finish_job(
         &self,
         st: &mut State,
@@ -735,9 +736,10 @@ impl Scheduler {
             .jobs
             .get_mut(job_id)
             .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
-        if !job.meta.state.is_terminal() {
-            job_ended(&mut st.unfinished, &job.meta.tenant);
+        if job.meta.state.is_terminal() {
+            return Ok(());
         }
+        job_ended(&mut st.unfinished, &job.meta.tenant);
         set_job_state(&mut st.tally, &mut job.meta, state);
         job.meta.error = error.to_string();
         job.meta.finished_ms = now_ms();
@@ -759,12 +761,16 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made).
+    /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made); a job that
+    /// has ended keeps its state.
     pub fn fail_job(&self, job_id: &JobId, error: &str) -> Result<(), SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
         let mut ops = Vec::new();
         self.finish_job(&mut st, job_id, JobState::Failed, error, &mut ops)?;
+        if ops.is_empty() {
+            return Ok(());
+        }
         let durable = self.store.write(ops);
         drop(st);
         store::wait(durable)?;
@@ -788,7 +794,8 @@ impl Scheduler {
     /// Forgets a finished (succeeded, failed or cancelled) job: its record and its tasks', in memory and in
     /// the store; its client request id may be used again. [`SchedulerError::Precondition`] while it is
     /// queued or running, or while a task of it is still being stopped (its worker not yet told). Its
-    /// images stay in the blob store (content-addressed: other jobs may share them).
+    /// images stay in the blob store (content-addressed: other jobs may share them) until a garbage
+    /// collection finds them unused ([`crate::gc`]).
     pub fn delete(&self, job_id: &JobId) -> Result<(), SchedulerError> {
         self.writable()?;
         let st = self.state.lock().unwrap();
@@ -835,36 +842,82 @@ impl Scheduler {
         Ok(old)
     }
 
-    /// Removes finished jobs from memory (their records, their tasks and the tally of both, their
-    /// request ids) and from the store, and waits for the store; the state's lock `st` is released first.
+    /// Forgets finished jobs: from the store first and, once that is durable, from memory (their records,
+    /// their tasks and the tally of both), so that memory never lacks a job the store still holds (the blob
+    /// store's garbage collection keeps the images of the jobs in memory, [`Scheduler::images_in_use`]).
+    /// Their request ids are freed at once. The state's lock `st` is released while the write is waited
+    /// for; when it fails the jobs stay as they were.
     fn forget(
         &self,
         mut st: std::sync::MutexGuard<'_, State>,
         job_ids: &[JobId],
     ) -> Result<(), SchedulerError> {
+        let mut freed = Vec::new();
         for job_id in job_ids {
-            let Some(job) = st.jobs.remove(job_id) else {
+            let Some(job) = st.jobs.get(job_id) else {
                 continue;
             };
-            st.tally.remove_job(job.meta.state);
-            for t in &job.tasks {
-                st.tally.remove_task(t.state);
-                st.queue.remove(&queue_key(&job.meta, t.index));
-            }
             let request = (job.meta.tenant.clone(), job.meta.client_request_id.clone());
             if st.by_request.get(&request) == Some(job_id) {
                 st.by_request.remove(&request);
+                freed.push((request, job_id.clone()));
             }
         }
         let durable = self
             .store
             .write(job_ids.iter().cloned().map(Op::Delete).collect());
         drop(st);
-        store::wait(durable)?;
+        let written = store::wait(durable);
+        let mut st = self.state.lock().unwrap();
+        if let Err(e) = written {
+            for (request, job_id) in freed {
+                if st.jobs.contains_key(&job_id) {
+                    st.by_request.entry(request).or_insert(job_id);
+                }
+            }
+            return Err(e.into());
+        }
+        for job_id in job_ids {
+            let Some(job) = st.jobs.remove(job_id) else {
+                continue;
+            };
+            // a request id that a concurrent deletion of the job, failed, gave back to it
+            let request = (job.meta.tenant.clone(), job.meta.client_request_id.clone());
+            if st.by_request.get(&request) == Some(job_id) {
+                st.by_request.remove(&request);
+            }
+            st.tally.remove_job(job.meta.state);
+            for t in &job.tasks {
+                st.tally.remove_task(t.state);
+                st.queue.remove(&queue_key(&job.meta, t.index));
+            }
+        }
+        drop(st);
         for job_id in job_ids {
             self.changed(job_id);
         }
         Ok(())
+    }
+
+    /// The images the jobs in memory refer to, by sha256: their specs', their tasks' specs and results,
+    /// their stages' images. The mark of the blob store's garbage collection ([`crate::gc`]); memory holds
+    /// every job the store holds ([`Scheduler::delete`] takes a job out of memory only once its deletion is
+    /// durable). Walks every job and task under the scheduler's lock: for an occasional collection, not a
+    /// call per request.
+    pub fn images_in_use(&self) -> std::collections::HashSet<ImageHash> {
+        let st = self.state.lock().unwrap();
+        let mut images = std::collections::HashSet::new();
+        for job in st.jobs.values() {
+            let meta = &job.meta;
+            images.extend(meta.spec.images().cloned());
+            images.extend(meta.stage_results.iter().cloned());
+            images.extend(meta.result.iter().cloned());
+            for t in &job.tasks {
+                images.extend(t.spec.images().cloned());
+                images.extend(t.result.iter().cloned());
+            }
+        }
+        images
     }
 
     /// Cancels a job; a finished job keeps its state.
@@ -1007,6 +1060,11 @@ impl Scheduler {
     /// Why this coordinator may no longer write to its store ([`Store::lost`]), once that is so.
     pub fn store_lost(&self) -> Option<String> {
         self.store.lost()
+    }
+
+    /// This coordinator's hold on a store that several share ([`Store::hold`]); `None`: held for good.
+    pub fn store_hold(&self) -> Option<store::Hold> {
+        self.store.hold()
     }
 
     /// A job and its tasks, with live progress; [`SchedulerError::JobNotFound`] when there is no such job.
@@ -1175,6 +1233,7 @@ impl Scheduler {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+    use std::collections::HashSet;
     use stylefarm_core::job::ImageHash;
     use stylefarm_core::job::JobKind;
     use stylefarm_core::RenderParams;
@@ -1190,7 +1249,6 @@ mod tests {
         }
     }
 
-    /// A stand-in for a result image's hash.
     /// A tiled job of 1024 px in the default 512-px tiles: a whole first scale, then 3 x 2 tiles.
     fn tiled_1024() -> JobSpec {
         JobSpec {
@@ -1204,6 +1262,7 @@ mod tests {
         }
     }
 
+    /// A stand-in for an image's hash.
     fn hash(name: &str) -> ImageHash {
         ImageHash::of(name.as_bytes())
     }
@@ -1723,16 +1782,21 @@ mod tests {
         );
     }
 
-    /// A memory store that can be told it is holding writes back, as a Redis store out of reach is.
+    /// A memory store that can be told it is holding writes back, as a Redis store out of reach is, or
+    /// to fail its writes.
     #[derive(Default)]
     struct HeldBack {
         inner: MemoryStore,
         behind: Mutex<Option<StoreError>>,
+        failing: Mutex<Option<StoreError>>,
     }
 
     impl Store for HeldBack {
         fn write(&self, ops: Vec<Op>) -> store::Durable {
-            self.inner.write(ops)
+            match self.failing.lock().unwrap().clone() {
+                Some(e) => store::durable_now(Err(e)),
+                None => self.inner.write(ops),
+            }
         }
         fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
             self.inner.load()
@@ -1740,6 +1804,58 @@ mod tests {
         fn behind(&self) -> Option<StoreError> {
             self.behind.lock().unwrap().clone()
         }
+    }
+
+    /// The images in use are those of the jobs held: specs (init image included), results, stages'
+    /// images, the next scale's tiles. A deletion whose write fails leaves the job as it was, its images
+    /// in use and its request id taken: memory never lacks a job that the store holds.
+    #[test]
+    fn a_deletion_that_is_not_stored_leaves_the_job_and_its_images_in_use() {
+        let store = Arc::new(HeldBack::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let with_init = JobSpec {
+            params: RenderParams {
+                init: stylefarm_core::Init::Image(hash("init")),
+                ..Default::default()
+            },
+            ..batch(1, 0)
+        };
+        let (job, _) = s.submit(with_init, "req").unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        s.complete(&l.lease_id, &hash("result")).unwrap();
+        let (tiled, _) = s.submit(tiled_1024(), "").unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        s.complete(&l.lease_id, &hash("scale 0")).unwrap();
+        let next = tiled_1024()
+            .scale_tasks(1024, 768, 1, &hash("stitched"), &[])
+            .unwrap();
+        assert!(s
+            .finish_stage(&tiled, 0, &hash("stitched"), Some(next))
+            .unwrap());
+        let tiled_images = ["content", "style", "scale 0", "stitched"].map(hash);
+        let used: HashSet<_> = [ImageHash::of(&[0]), hash("init"), hash("result")]
+            .into_iter()
+            .chain(tiled_images.clone())
+            .collect();
+        assert_eq!(s.images_in_use(), used);
+        *store.failing.lock().unwrap() = Some(StoreError::new("disk on fire"));
+        assert!(matches!(s.delete(&job), Err(SchedulerError::Store(_))));
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Succeeded);
+        assert_eq!(s.images_in_use(), used);
+        assert_eq!(s.counts(), s.counts_walked());
+        // a job that has ended keeps its state: failing it (a stage's work failed late) writes nothing
+        // that could follow its deletion into the store
+        s.fail_job(&job, "late").unwrap();
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Succeeded);
+        *store.failing.lock().unwrap() = None;
+        assert_eq!(
+            s.submit(batch(1, 0), "req").unwrap(),
+            (job.clone(), false),
+            "its request id is still taken"
+        );
+        s.delete(&job).unwrap();
+        assert_eq!(s.images_in_use(), HashSet::from(tiled_images));
+        assert_eq!(s.counts(), s.counts_walked());
     }
 
     #[test]

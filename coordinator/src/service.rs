@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
+use stylefarm_core::imaging;
 use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind};
-use stylefarm_core::{imaging, Init};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_server::RenderService;
 use stylefarm_proto::pb::worker_service_server::WorkerService;
@@ -229,23 +229,26 @@ impl RenderService for RenderApi {
         // converted, checked and expanded into its tasks once, here
         let job = ExpandedJob::try_from(spec.ok_or_else(|| Error::invalid("spec", "missing"))?)
             .map_err(Error::from)?;
-        let spec = job.spec();
-        let images = spec
-            .contents
-            .iter()
-            .map(|h| ("contents", h))
-            .chain(spec.styles.iter().map(|h| ("styles", h)));
-        let init = match &spec.params.init {
-            Init::Image(hash) => Some(hash.clone()),
-            _ => None,
-        };
-        for (field, hash) in images.chain(init.iter().map(|h| ("init", h))) {
-            if !self.coordinator.blobs.contains(hash).map_err(Error::from)? {
-                return Err(Error::invalid(field, format!("image {hash} was not uploaded")).into());
-            }
-        }
         let coordinator = self.coordinator.clone();
+        // the blob store and the job store are waited for: off the async threads
         let (job_id, created) = blocking(move || {
+            let spec = job.spec();
+            let images = spec
+                .contents
+                .iter()
+                .map(|h| ("contents", h))
+                .chain(spec.styles.iter().map(|h| ("styles", h)));
+            let init = spec.params.init.image().map(|h| ("init", h));
+            // the images found here are spared by a garbage collection until the job is recorded
+            let using = coordinator.blobs.begin_use();
+            for (field, hash) in images.chain(init) {
+                if !using.contains(hash)? {
+                    return Err(Error::invalid(
+                        field,
+                        format!("image {hash} was not uploaded"),
+                    ));
+                }
+            }
             // no task may be too small for VGG19: sizes from the images' headers
             job.check_sizes(|hash| {
                 coordinator.dimensions(hash).map_err(|e| {
@@ -256,10 +259,12 @@ impl RenderService for RenderApi {
                 })
             })
             .map_err(Error::from)?;
-            coordinator
+            let submitted = coordinator
                 .scheduler
                 .submit_expanded(job, &tenant.0, &client_request_id)
-                .map_err(Error::from)
+                .map_err(Error::from);
+            drop(using);
+            submitted
         })
         .await?;
         tracing::info!(job_id = job_id.as_str(), created, "job submitted");
@@ -521,11 +526,13 @@ impl WorkerService for WorkerApi {
                     .unwrap_or(bytes),
                 _ => bytes,
             };
-            let hash = coordinator.blobs.put(&bytes).map_err(Error::from)?;
+            let using = coordinator.blobs.begin_use();
+            let hash = using.put(&bytes).map_err(Error::from)?;
             let completed = coordinator
                 .scheduler
                 .complete(&lease, &hash)
                 .map_err(Error::from)?;
+            drop(using);
             Ok((hash, completed))
         })
         .await?;

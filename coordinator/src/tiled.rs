@@ -158,7 +158,9 @@ impl Coordinator {
             Some(encoded) => encoded,
             None => png(&stitched)?,
         };
-        let hash = self.blobs.put(&encoded)?;
+        // spared by a garbage collection until it is recorded, with the next scale's tasks
+        let using = self.blobs.begin_use();
+        let hash = using.put(&encoded)?;
         drop(stitched);
         let next = if last {
             None
@@ -172,6 +174,7 @@ impl Coordinator {
             .and_then(|tasks| tasks.first()?.scale.as_ref())
             .map_or(0, |t| t.block());
         let advanced = self.scheduler.finish_stage(job_id, scale, &hash, next)?;
+        drop(using);
         tracing::info!(
             job_id = job_id.as_str(),
             scale = scale + 1,

@@ -267,6 +267,14 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
+    /// The images the task refers to, by sha256: its content, its styles and its init image (a tiled
+    /// scale's previous result). What a blob store's garbage collection keeps.
+    pub fn images(&self) -> impl Iterator<Item = &ImageHash> {
+        std::iter::once(&self.content)
+            .chain(&self.styles)
+            .chain(self.params.init.image())
+    }
+
     /// The 0-based scale of a tiled job's pyramid that the task renders: its `scale`'s, or 0 (the first
     /// scale, one untiled task, and every task of the other kinds).
     pub fn scale_index(&self) -> u32 {
@@ -284,6 +292,14 @@ pub struct Task {
 }
 
 impl JobSpec {
+    /// The images the spec refers to, by sha256: its contents, its styles and its init image.
+    pub fn images(&self) -> impl Iterator<Item = &ImageHash> {
+        self.contents
+            .iter()
+            .chain(&self.styles)
+            .chain(self.params.init.image())
+    }
+
     /// Checks the spec and expands it into its tasks, in a stable order; an error names the field.
     pub fn tasks(&self) -> Result<Vec<TaskSpec>, Error> {
         if self.contents.is_empty() {

@@ -67,6 +67,14 @@ impl Init {
     pub fn is_image(&self) -> bool {
         matches!(self, Init::File(_) | Init::Image(_))
     }
+
+    /// The uploaded image it names ([`Init::Image`]), if any.
+    pub fn image(&self) -> Option<&ImageHash> {
+        match self {
+            Init::Image(hash) => Some(hash),
+            _ => None,
+        }
+    }
 }
 
 macro_rules! keyword_enum {

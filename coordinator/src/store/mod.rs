@@ -99,6 +99,16 @@ pub fn wait(durable: Durable) -> Result<(), StoreError> {
     futures_executor::block_on(durable)
 }
 
+/// A coordinator's hold on a store that several share, as the active one: its leader lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    /// What is left of the lease, counted from when its last renewal was sent (zero once it lapsed or
+    /// another coordinator took over).
+    pub left: std::time::Duration,
+    /// The lease's length.
+    pub lease: std::time::Duration,
+}
+
 /// Where jobs and tasks are kept. Writes are ordered: a write is applied after every write returned before
 /// it. [`Store::write`] does not wait for durability; its [`Durable`] does, so many writers can share one
 /// commit (group commit).
@@ -121,6 +131,13 @@ pub trait Store: Send + Sync {
     /// Why this coordinator may no longer write, once that is so (another coordinator sharing the store
     /// took over): the coordinator then stops serving. `None` for a store of one coordinator.
     fn lost(&self) -> Option<String> {
+        None
+    }
+
+    /// This coordinator's hold on a store that several share: what is left of its leader lease. `None`
+    /// for a store of one coordinator (held for good). The blob store's garbage collection deletes only
+    /// while half a lease is left.
+    fn hold(&self) -> Option<Hold> {
         None
     }
 

@@ -214,6 +214,10 @@ struct Leadership {
     keys: Keys,
     /// Why the hold was lost, once it is: the writes fail from then on, and the coordinator stops.
     lost: Arc<Mutex<Option<String>>>,
+    /// When the last successful renewal (or the taking) of the leader key was sent: the hold lasts a lease
+    /// from then.
+    renewed: Arc<Mutex<std::time::Instant>>,
+    lease: Duration,
     stop: Arc<AtomicBool>,
     renewer: Option<std::thread::JoinHandle<()>>,
 }
@@ -237,7 +241,8 @@ impl Leadership {
         let lease_ms = lease.as_millis().max(1) as u64;
         let mut con = connect(client)?;
         let mut waiting = false;
-        loop {
+        let renewed = loop {
+            let sent = std::time::Instant::now();
             let taken: Option<String> = redis::cmd("SET")
                 .arg(keys.leader())
                 .arg(&node)
@@ -247,7 +252,7 @@ impl Leadership {
                 .query(&mut con)
                 .map_err(redis)?;
             if taken.is_some() {
-                break;
+                break Arc::new(Mutex::new(sent));
             }
             if !waiting {
                 tracing::info!(
@@ -257,7 +262,7 @@ impl Leadership {
                 waiting = true;
             }
             std::thread::sleep(lease / 4);
-        }
+        };
         let epoch: u64 = redis::cmd("INCR")
             .arg(keys.epoch())
             .query(&mut con)
@@ -268,10 +273,12 @@ impl Leadership {
         let renewer = {
             let (client, keys, lost, stop) =
                 (client.clone(), keys.clone(), lost.clone(), stop.clone());
-            let node = node.clone();
+            let (node, renewed) = (node.clone(), renewed.clone());
             std::thread::Builder::new()
                 .name("store-leader".into())
-                .spawn(move || Self::renew_loop(&client, &keys, &node, lease, &lost, &stop))
+                .spawn(move || {
+                    Self::renew_loop(&client, &keys, &node, lease, &renewed, &lost, &stop)
+                })
                 .map_err(err)?
         };
         Ok(Leadership {
@@ -280,6 +287,8 @@ impl Leadership {
             client: client.clone(),
             keys: keys.clone(),
             lost,
+            renewed,
+            lease,
             stop,
             renewer: Some(renewer),
         })
@@ -292,11 +301,12 @@ impl Leadership {
         keys: &Keys,
         node: &str,
         lease: Duration,
+        renewed: &Mutex<std::time::Instant>,
         lost: &Mutex<Option<String>>,
         stop: &AtomicBool,
     ) {
         let lease_ms = lease.as_millis().max(1) as u64;
-        let mut renewed = std::time::Instant::now();
+        let last_renewed = || *renewed.lock().unwrap_or_else(|p| p.into_inner());
         let mut con: Option<redis::Connection> = None;
         loop {
             // woken early by a stop (Drop unparks this thread); an early wake-up renews early
@@ -304,6 +314,7 @@ impl Leadership {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
+            let sent = std::time::Instant::now();
             let outcome = (|| -> Result<bool, StoreError> {
                 let c = match con.as_mut() {
                     Some(c) => c,
@@ -324,11 +335,11 @@ impl Leadership {
             })();
             let why = match outcome {
                 Ok(true) => {
-                    renewed = std::time::Instant::now();
+                    *renewed.lock().unwrap_or_else(|p| p.into_inner()) = sent;
                     continue;
                 }
                 Ok(false) => "another coordinator holds the leader lease".to_string(),
-                Err(e) if renewed.elapsed() < lease => {
+                Err(e) if last_renewed().elapsed() < lease => {
                     tracing::warn!(error = %e, "renewing the leader lease failed; retrying");
                     con = None;
                     continue;
@@ -569,6 +580,19 @@ impl Store for RedisStore {
             .and_then(|l| l.lost.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
+    fn hold(&self) -> Option<super::Hold> {
+        let l = self.leadership.as_ref()?;
+        let renewed = *l.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        let left = match self.lost() {
+            Some(_) => Duration::ZERO,
+            None => l.lease.saturating_sub(renewed.elapsed()),
+        };
+        Some(super::Hold {
+            left,
+            lease: l.lease,
+        })
+    }
+
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
         let keys = Keys {
             prefix: self.prefix.clone(),
@@ -775,6 +799,10 @@ mod tests {
         std::thread::sleep(lease * 3);
         assert!(!standby.is_finished(), "the active one renews its lease");
         assert!(a.lost().is_none());
+        // renewed every third of the lease: most of it is left
+        let hold = a.hold().unwrap();
+        assert_eq!(hold.lease, lease);
+        assert!(hold.left > lease / 4 && hold.left <= lease, "{hold:?}");
         let mut con = redis::Client::open(url.as_str())
             .unwrap()
             .get_connection()
@@ -789,6 +817,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(a.lost().unwrap().contains("another coordinator"));
+        assert_eq!(a.hold().unwrap().left, Duration::ZERO);
         job.error = "written by the new one".into();
         super::super::wait(b.write(vec![Op::Job(job.clone())])).unwrap();
         assert_eq!(b.load().unwrap(), vec![(job, tasks)]);

@@ -1,0 +1,387 @@
+//! Garbage collection of the blob store: images that no job refers to any more (their jobs deleted, or
+//! uploads never submitted) are deleted once unused for a keep time (`stylefarm coordinator
+//! --keep-unused-blobs-secs`). Mark and sweep, as a periodic chore of the coordinator's: the scheduler's
+//! jobs and tasks give the images in use ([`crate::scheduler::Scheduler::images_in_use`]), the blob store's
+//! listing the images stored ([`BlobStore::list`]).
+//!
+//! A blob is found or stored first and referred to after: a submit checks its images, then records the
+//! job; a worker's result is stored, then recorded; so is a stage's image. So that a collection never
+//! deletes a blob between the two steps, the coordinator reaches its blobs through [`TrackedBlobs`], which
+//! remembers when each blob was last stored or looked for, and which of those steps are under way
+//! ([`BlobUse`], held from the first step until the record is made). A collection spares every blob used
+//! since the oldest of the uses under way when it walked the jobs, and every blob used or written within
+//! the keep time; it deletes one blob at a time under the same lock that a use takes to say it used it, so
+//! a blob is either spared or gone before the use looks (and then stored again by it).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use stylefarm_core::job::ImageHash;
+
+use crate::blobs::{BlobReader, BlobStore, StoredBlob};
+
+/// A blob store as the coordinator uses it: each blob stored or looked for is remembered, so that
+/// [`TrackedBlobs::collect`] spares it.
+pub struct TrackedBlobs {
+    store: Arc<dyn BlobStore>,
+    tracking: Arc<Mutex<Tracking>>,
+    /// Blobs deleted by collections, and their bytes (metrics).
+    pub(crate) collected: Counter,
+    pub(crate) collected_bytes: Counter,
+}
+
+#[derive(Default)]
+struct Tracking {
+    /// When each blob was last stored or looked for by this process (entries older than a collection's
+    /// horizon are dropped by it).
+    used: HashMap<ImageHash, Instant>,
+    /// When each use under way began, by a number given in order: the first is the oldest.
+    uses: BTreeMap<u64, Instant>,
+    next_use: u64,
+}
+
+impl Tracking {
+    fn touch(&mut self, hash: &ImageHash) {
+        self.used.insert(hash.clone(), Instant::now());
+    }
+}
+
+/// What a collection did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    /// Blobs stored when it listed them.
+    pub listed: u64,
+    /// Of those, the blobs it deleted.
+    pub deleted: u64,
+    /// Their bytes.
+    pub deleted_bytes: u64,
+}
+
+/// Steps under way that find or store blobs and then record a reference to them (a submit, a result, a
+/// stage's image): while it lives, a collection spares every blob it used. Drop it once the reference
+/// is recorded (or given up).
+pub struct BlobUse {
+    store: Arc<dyn BlobStore>,
+    tracking: Arc<Mutex<Tracking>>,
+    id: u64,
+}
+
+impl BlobUse {
+    /// Whether the blob is stored ([`BlobStore::contains`]).
+    pub fn contains(&self, hash: &ImageHash) -> std::io::Result<bool> {
+        lock(&self.tracking).touch(hash);
+        self.store.contains(hash)
+    }
+
+    /// Stores `bytes` and returns their hash ([`BlobStore::put`]).
+    pub fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash> {
+        let hash = ImageHash::of(bytes);
+        lock(&self.tracking).touch(&hash);
+        self.store.put_as(&hash, bytes)?;
+        Ok(hash)
+    }
+}
+
+impl Drop for BlobUse {
+    fn drop(&mut self) {
+        lock(&self.tracking).uses.remove(&self.id);
+    }
+}
+
+fn lock(tracking: &Mutex<Tracking>) -> std::sync::MutexGuard<'_, Tracking> {
+    tracking.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TrackedBlobs {
+    /// `store`, tracked.
+    pub fn new(store: Arc<dyn BlobStore>) -> TrackedBlobs {
+        TrackedBlobs {
+            store,
+            tracking: Arc::default(),
+            collected: Counter::default(),
+            collected_bytes: Counter::default(),
+        }
+    }
+
+    /// Starts a step that finds or stores blobs and then records a reference to them ([`BlobUse`]).
+    pub fn begin_use(&self) -> BlobUse {
+        let mut t = lock(&self.tracking);
+        let id = t.next_use;
+        t.next_use += 1;
+        t.uses.insert(id, Instant::now());
+        BlobUse {
+            store: self.store.clone(),
+            tracking: self.tracking.clone(),
+            id,
+        }
+    }
+
+    /// Whether the blob is stored; remembered as a use.
+    pub fn contains(&self, hash: &ImageHash) -> std::io::Result<bool> {
+        lock(&self.tracking).touch(hash);
+        self.store.contains(hash)
+    }
+
+    /// Stores `bytes` and returns their hash; remembered as a use.
+    pub fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash> {
+        self.begin_use().put(bytes)
+    }
+
+    /// The blob's bytes; `None` when there is no such blob.
+    pub fn get(&self, hash: &ImageHash) -> std::io::Result<Option<Vec<u8>>> {
+        self.store.get(hash)
+    }
+
+    /// The blob opened for reading; `None` when there is no such blob.
+    pub fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>> {
+        self.store.open_blob(hash)
+    }
+
+    /// Bytes of the images stored ([`BlobStore::stored_bytes`]).
+    pub fn stored_bytes(&self) -> u64 {
+        self.store.stored_bytes()
+    }
+
+    /// Deletes the blobs that `in_use` (the mark: called once, after the collection took note of the uses
+    /// under way) does not name and that were neither written nor used (stored or looked for) within
+    /// `keep`; stops early, without error, when `may_delete` says no (it is asked before each deletion:
+    /// the coordinator's hold on a shared job store). An error of the blob store ends the collection.
+    pub fn collect(
+        &self,
+        keep: Duration,
+        in_use: impl FnOnce() -> HashSet<ImageHash>,
+        may_delete: impl Fn() -> bool,
+    ) -> std::io::Result<Collected> {
+        // blobs used since the oldest use under way are spared: its reference may come after the mark
+        let horizon = {
+            let t = lock(&self.tracking);
+            let now = Instant::now();
+            t.uses
+                .values()
+                .next()
+                .map_or(now, |began| (*began).min(now))
+        };
+        let in_use = in_use();
+        let Some(written_before) = SystemTime::now().checked_sub(keep) else {
+            return Ok(Collected::default());
+        };
+        let mut done = Collected::default();
+        let mut unused = Vec::new();
+        self.store.list(&mut |blob| {
+            done.listed += 1;
+            if blob.modified <= written_before && !in_use.contains(&blob.hash) {
+                unused.push(blob);
+            }
+        })?;
+        // used since the horizon, or within the keep time (every use, when the clock does not go back
+        // that far)
+        let spared = |used: Instant| {
+            used >= horizon || Instant::now().checked_sub(keep).is_none_or(|k| used >= k)
+        };
+        for blob in unused {
+            if !may_delete() {
+                break;
+            }
+            let mut t = lock(&self.tracking);
+            if t.used.get(&blob.hash).is_some_and(|used| spared(*used)) {
+                continue;
+            }
+            self.delete(&blob)?;
+            t.used.remove(&blob.hash);
+            done.deleted += 1;
+            done.deleted_bytes += blob.bytes;
+        }
+        // what no later collection needs: uses before this one's horizon and older than the keep time
+        lock(&self.tracking).used.retain(|_, used| spared(*used));
+        Ok(done)
+    }
+
+    fn delete(&self, blob: &StoredBlob) -> std::io::Result<()> {
+        self.store.delete(blob)?;
+        self.collected.inc();
+        self.collected_bytes.inc_by(blob.bytes);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blobs::DiskBlobs;
+
+    const KEEP: Duration = Duration::from_millis(300);
+
+    /// Sets a disk blob's modification time `ago` in the past, as if written then.
+    fn backdate(dir: &std::path::Path, hash: &ImageHash, ago: Duration) {
+        let h = hash.as_str();
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join(&h[..2]).join(h))
+            .unwrap()
+            .set_modified(SystemTime::now() - ago)
+            .unwrap();
+    }
+
+    fn disk() -> (tempfile::TempDir, TrackedBlobs) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskBlobs::open(dir.path()).unwrap());
+        (dir, TrackedBlobs::new(store))
+    }
+
+    /// The blobs of the store, by hash.
+    fn stored(blobs: &TrackedBlobs) -> HashSet<ImageHash> {
+        let mut hashes = HashSet::new();
+        blobs
+            .store
+            .list(&mut |b| {
+                hashes.insert(b.hash);
+            })
+            .unwrap();
+        hashes
+    }
+
+    #[test]
+    fn unused_blobs_older_than_the_keep_time_are_deleted_and_the_rest_kept() {
+        let (dir, blobs) = disk();
+        let keep = Duration::from_secs(3600);
+        // written two hours ago by an earlier process (this one has not used them)
+        let [referenced, unused, looked_for] =
+            [&b"referenced"[..], b"unused", b"looked for"].map(|bytes| {
+                let hash = blobs.store.put(bytes).unwrap();
+                backdate(dir.path(), &hash, 2 * keep);
+                hash
+            });
+        let fresh = blobs.put(b"fresh").unwrap();
+        // a client that finds an old blob there (and so does not upload it): kept for its submit
+        assert!(blobs.contains(&looked_for).unwrap());
+        let before = blobs.stored_bytes();
+        let in_use = HashSet::from([referenced.clone()]);
+        let done = blobs.collect(keep, || in_use.clone(), || true).unwrap();
+        assert_eq!(
+            done,
+            Collected {
+                listed: 4,
+                deleted: 1,
+                deleted_bytes: 6
+            }
+        );
+        assert_eq!(
+            stored(&blobs),
+            HashSet::from([referenced.clone(), looked_for.clone(), fresh.clone()])
+        );
+        assert!(!blobs.contains(&unused).unwrap());
+        assert_eq!(blobs.stored_bytes(), before - 6);
+        assert_eq!((blobs.collected.get(), blobs.collected_bytes.get()), (1, 6));
+        // with no keep time, the unused ones go however recently used: all but the referenced one
+        blobs
+            .collect(Duration::ZERO, || in_use.clone(), || true)
+            .unwrap();
+        assert_eq!(stored(&blobs), HashSet::from([referenced]));
+        assert_eq!(blobs.stored_bytes(), 10);
+    }
+
+    /// A step under way (a submit that checked its images, a result stored) when the jobs were walked
+    /// records its reference after the walk: every blob it used, however long ago, is spared, even one
+    /// that was stored long before, and so is one it uses after.
+    #[test]
+    fn blobs_of_a_use_under_way_during_the_mark_are_spared() {
+        let (_dir, blobs) = disk();
+        let old = blobs.put(b"old").unwrap();
+        let later = blobs.put(b"later").unwrap();
+        std::thread::sleep(KEEP + Duration::from_millis(50));
+        let submit = blobs.begin_use();
+        assert!(submit.contains(&old).unwrap());
+        // the keep time passes while the submit is under way (a slow header read, say)
+        std::thread::sleep(KEEP + Duration::from_millis(50));
+        let done = blobs
+            .collect(
+                KEEP,
+                || {
+                    // the walk: the submit's job is not recorded yet; it uses another blob meanwhile
+                    assert!(submit.contains(&later).unwrap());
+                    HashSet::new()
+                },
+                || true,
+            )
+            .unwrap();
+        assert_eq!(done.deleted, 0);
+        assert_eq!(stored(&blobs), HashSet::from([old.clone(), later.clone()]));
+        // the submit ended (its job recorded, or given up): its blobs are now up to the mark
+        drop(submit);
+        std::thread::sleep(KEEP + Duration::from_millis(50));
+        assert_eq!(
+            blobs
+                .collect(KEEP, || HashSet::from([old.clone()]), || true)
+                .unwrap()
+                .deleted,
+            1
+        );
+        assert_eq!(stored(&blobs), HashSet::from([old]));
+    }
+
+    /// A blob deleted by a collection is stored again by the next put of its bytes (a put that found it
+    /// there before does not count on it afterwards: it was spared).
+    #[test]
+    fn a_put_after_a_collection_stores_the_blob_again() {
+        let (_dir, blobs) = disk();
+        let hash = blobs.put(b"again").unwrap();
+        std::thread::sleep(KEEP + Duration::from_millis(50));
+        blobs.collect(KEEP, HashSet::new, || true).unwrap();
+        assert!(!blobs.contains(&hash).unwrap());
+        assert_eq!(blobs.put(b"again").unwrap(), hash);
+        assert_eq!(blobs.get(&hash).unwrap().unwrap(), b"again");
+    }
+
+    /// A collection stops deleting when told (the coordinator no longer surely holds its job store).
+    #[test]
+    fn a_collection_stops_when_it_may_no_longer_delete() {
+        let (_dir, blobs) = disk();
+        for i in 0..4u8 {
+            blobs.put(&[i]).unwrap();
+        }
+        std::thread::sleep(KEEP + Duration::from_millis(50));
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let done = blobs
+            .collect(KEEP, HashSet::new, || {
+                asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2
+            })
+            .unwrap();
+        assert_eq!((done.listed, done.deleted), (4, 2));
+        assert_eq!(stored(&blobs).len(), 2);
+    }
+
+    /// The S3 backend lists, deletes and counts as the disk one does; objects beside the blobs (another
+    /// prefix, a key that is no sha256) are left alone.
+    #[test]
+    fn s3_blobs_are_collected() {
+        let server = crate::blobs::S3Server::start();
+        let other = server.blobs("farm2");
+        let kept_elsewhere = other.put(b"another farm's").unwrap();
+        let store = Arc::new(server.blobs("farm"));
+        store.put_as(&ImageHash::of(b"x"), b"x").unwrap();
+        std::fs::write(server.bucket_dir().join("farm").join("notes.txt"), b"mine").unwrap();
+        let blobs = TrackedBlobs::new(store);
+        let referenced = blobs.put(b"referenced").unwrap();
+        let unused = blobs.put(b"unused").unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let done = blobs
+            .collect(
+                Duration::from_secs(1),
+                || HashSet::from([referenced.clone()]),
+                || true,
+            )
+            .unwrap();
+        assert_eq!((done.listed, done.deleted), (3, 2));
+        assert!(blobs.contains(&referenced).unwrap());
+        assert!(!blobs.contains(&unused).unwrap());
+        assert_eq!(
+            blobs.stored_bytes(),
+            10,
+            "the listing's total, less the deleted"
+        );
+        assert!(other.contains(&kept_elsewhere).unwrap());
+        assert!(server.bucket_dir().join("farm").join("notes.txt").exists());
+    }
+}
