@@ -14,8 +14,8 @@ use stylefarm_coordinator::blobs::S3Server;
 use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    binary, is, job, path, submit, wait_for, wait_iteration, wait_job, wait_registered, wait_state,
-    Cluster,
+    binary, is, job, path, shared_image, submit, wait_for, wait_iteration, wait_job,
+    wait_registered, wait_state, Cluster,
 };
 use tonic::Code;
 
@@ -600,6 +600,43 @@ async fn a_submit_repeated_after_its_client_was_killed_gives_one_job() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_submit_repeated_after_its_client_was_killed_gives_one_job_on_redis_and_s3() {
     submit_repeated_after_a_killed_client(Backend::RedisS3).await;
+}
+
+/// A slow blob store (each call held 2 s by the fail point `coordinator-blob-store`) holds up only the
+/// calls that need it: while 16 downloads wait on it, a list answers at once, on a coordinator of 2 async
+/// threads (blob store calls are made on the blocking pool, not on the threads that serve every call).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_blob_store_holds_up_only_the_calls_that_need_it() {
+    let mut cluster = Cluster::new(3.0, 0.3, "embedded");
+    cluster.coordinator_env.extend([
+        ("TOKIO_WORKER_THREADS".into(), "2".into()),
+        (
+            "FAILPOINTS".into(),
+            "coordinator-blob-store=sleep(2000)".into(),
+        ),
+    ]);
+    cluster.start_coordinator();
+    let mut client = cluster.client().await;
+    let png = std::fs::read(shared_image("chelsea.png")).unwrap();
+    let hash = client.upload(&png, "chelsea.png").await.unwrap();
+    let downloads: Vec<_> = (0..16)
+        .map(|_| {
+            let (mut client, hash) = (client.clone(), hash.clone());
+            tokio::spawn(async move { client.download_bytes(&hash).await })
+        })
+        .collect();
+    // the downloads are waiting on the store
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    client.list(10).await.unwrap();
+    let listed = started.elapsed();
+    for download in downloads {
+        assert_eq!(download.await.unwrap().unwrap(), png);
+    }
+    assert!(
+        listed < Duration::from_millis(1000),
+        "a list took {listed:?} behind the downloads"
+    );
 }
 
 /// S3 stopped just as a sweep's tasks are done (the stage's work held 3 s by the fail point

@@ -72,6 +72,7 @@ impl BlobUse {
     /// Whether the blob is stored ([`BlobStore::contains`]).
     pub fn contains(&self, hash: &ImageHash) -> std::io::Result<bool> {
         lock(&self.tracking).touch(hash);
+        store_call();
         self.store.contains(hash)
     }
 
@@ -79,6 +80,7 @@ impl BlobUse {
     pub fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash> {
         let hash = ImageHash::of(bytes);
         lock(&self.tracking).touch(&hash);
+        store_call();
         self.store.put_as(&hash, bytes)?;
         Ok(hash)
     }
@@ -88,6 +90,12 @@ impl Drop for BlobUse {
     fn drop(&mut self) {
         lock(&self.tracking).uses.remove(&self.id);
     }
+}
+
+/// Fault injection (tests): every call of the coordinator's to its blob store goes by the fail point
+/// `coordinator-blob-store` (e.g. `sleep(2000)`: a slow store).
+fn store_call() {
+    fail::fail_point!("coordinator-blob-store");
 }
 
 fn lock(tracking: &Mutex<Tracking>) -> std::sync::MutexGuard<'_, Tracking> {
@@ -121,6 +129,7 @@ impl TrackedBlobs {
     /// Whether the blob is stored; remembered as a use.
     pub fn contains(&self, hash: &ImageHash) -> std::io::Result<bool> {
         lock(&self.tracking).touch(hash);
+        store_call();
         self.store.contains(hash)
     }
 
@@ -131,11 +140,13 @@ impl TrackedBlobs {
 
     /// The blob's bytes; `None` when there is no such blob.
     pub fn get(&self, hash: &ImageHash) -> std::io::Result<Option<Vec<u8>>> {
+        store_call();
         self.store.get(hash)
     }
 
     /// The blob opened for reading; `None` when there is no such blob.
     pub fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>> {
+        store_call();
         self.store.open_blob(hash)
     }
 

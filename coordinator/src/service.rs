@@ -112,8 +112,9 @@ fn own_job(coordinator: &Coordinator, tenant: &Tenant, job_id: &JobId) -> Result
     Ok(coordinator.scheduler.get(job_id)?)
 }
 
-/// Runs `f` on the blocking pool: it may wait for the store's group commit, and many waiting together is
-/// what lets one fsync serve them all.
+/// Runs `f` on the blocking pool. Every call that may wait for a store runs there, never on the async
+/// threads that serve every call: the job store's commit (many waiting together is what lets one fsync
+/// serve them all), the blob store's file or S3 requests.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
@@ -128,13 +129,17 @@ fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Error> {
         .map_err(|_| Error::invalid(field, format!("'{value}' is not a sha256")))
 }
 
-/// Streams a blob in chunks.
-fn send_blob(coordinator: &Coordinator, sha256: &str) -> Result<ChunkStream, Error> {
-    let hash = hash_arg("sha256", sha256)?;
-    let bytes = coordinator
-        .blobs
-        .get(&hash)?
-        .ok_or_else(|| Error::NotFound(format!("image {hash} not found")))?;
+/// Streams a blob in chunks (read off the async threads: a disk read, an S3 request).
+async fn send_blob(coordinator: &Arc<Coordinator>, sha256: String) -> Result<ChunkStream, Error> {
+    let hash = hash_arg("sha256", &sha256)?;
+    let coordinator = coordinator.clone();
+    let bytes = blocking(move || {
+        coordinator
+            .blobs
+            .get(&hash)?
+            .ok_or_else(|| Error::NotFound(format!("image {hash} not found")))
+    })
+    .await?;
     let chunks: Vec<Result<pb::Chunk, Status>> = bytes
         .chunks(CHUNK_BYTES)
         .map(|c| Ok(pb::Chunk { data: c.to_vec() }))
@@ -202,7 +207,8 @@ impl RenderService for RenderApi {
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
         let img = decoded.map_err(Error::from)?;
-        let hash = self.coordinator.blobs.put(&bytes).map_err(Error::from)?;
+        let coordinator = self.coordinator.clone();
+        let hash = blocking(move || Ok(coordinator.blobs.put(&bytes)?)).await?;
         if let Some(expected) = expected.filter(|e| *e != hash) {
             return Err(Error::invalid(
                 "expected_sha256",
@@ -364,7 +370,9 @@ impl RenderService for RenderApi {
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let tenant = auth::tenant(&request);
         let job_id = JobId::from(request.into_inner().job_id);
-        let state = self.coordinator.cancel_own(&tenant, &job_id)?;
+        let coordinator = self.coordinator.clone();
+        // waits for the store's commit: off the async threads
+        let state = blocking(move || coordinator.cancel_own(&tenant, &job_id)).await?;
         Ok(Response::new(pb::CancelJobResponse {
             state: job_state(state) as i32,
         }))
@@ -388,10 +396,9 @@ impl RenderService for RenderApi {
         &self,
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        Ok(Response::new(send_blob(
-            &self.coordinator,
-            &request.into_inner().sha256,
-        )?))
+        Ok(Response::new(
+            send_blob(&self.coordinator, request.into_inner().sha256).await?,
+        ))
     }
 }
 
@@ -488,11 +495,9 @@ impl WorkerService for WorkerApi {
             .progress
             .map(TaskProgress::from)
             .filter(|p| p.iterations > 0);
-        let reply = self
-            .coordinator
-            .scheduler
-            .heartbeat(&lease_id, progress)
-            .map_err(Error::from)?;
+        // expiring the leases past their deadline may wait for the store's commit: off the async threads
+        let scheduler = self.coordinator.scheduler.clone();
+        let reply = blocking(move || Ok(scheduler.heartbeat(&lease_id, progress)?)).await?;
         Ok(Response::new(pb::HeartbeatResponse {
             cancel: reply.cancel,
             lease_deadline_ms: reply.deadline_ms,
@@ -586,9 +591,8 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        Ok(Response::new(send_blob(
-            &self.coordinator,
-            &request.into_inner().sha256,
-        )?))
+        Ok(Response::new(
+            send_blob(&self.coordinator, request.into_inner().sha256).await?,
+        ))
     }
 }
