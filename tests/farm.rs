@@ -757,14 +757,17 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
-    // one message above gRPC's 4 MiB: refused, naming the field, not a crash
+    // one message above gRPC's 4 MiB: refused as a unary call over it is, naming the field, not a crash
     let err = client
         .rpc()
         .upload_image(upload(vec![0u8; 5 << 20]))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().starts_with("data: "), "{err:?}");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().starts_with("data: ") && err.message().contains(&(4 << 20).to_string()),
+        "{err:?}"
+    );
 
     let ok = client
         .rpc()

@@ -147,19 +147,17 @@ async fn send_blob(coordinator: &Arc<Coordinator>, sha256: String) -> Result<Chu
     Ok(Box::pin(tokio_stream::iter(chunks)))
 }
 
-/// A message of a client stream that failed to decode: one over the message size limit is the sender's
-/// mistake (INVALID_ARGUMENT naming the field), not the transport's OUT_OF_RANGE.
+/// A message of a client stream that failed to decode: one over the message size limit answers
+/// RESOURCE_EXHAUSTED naming the field, as a unary call over it does (`message_limit_status`), not the
+/// transport's OUT_OF_RANGE.
 fn stream_message<T>(msg: Result<T, Status>) -> Result<T, Error> {
     msg.map_err(|s| {
         if s.code() == tonic::Code::OutOfRange {
-            Error::invalid(
-                "data",
-                format!(
-                    "{} (send images in chunks of at most {} MiB)",
-                    s.message(),
-                    CHUNK_BYTES >> 20
-                ),
-            )
+            Error::ResourceExhausted(format!(
+                "data: {} (send images in chunks of at most {} MiB)",
+                s.message(),
+                CHUNK_BYTES >> 20
+            ))
         } else {
             Error::Rpc(s)
         }
