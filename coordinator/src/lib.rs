@@ -287,6 +287,8 @@ pub struct Coordinator {
     /// at that stage, and [`serve`]'s loop steps the jobs awaiting a step again every [`STAGE_RETRY`]
     /// until it is done.
     pub(crate) stage_deferred: std::sync::atomic::AtomicBool,
+    /// Stage work, one run at a time per job ([`Coordinator::stage_done`]).
+    pub(crate) stepping: pipeline::OneAtATime<stylefarm_core::ids::JobId>,
 }
 
 /// How often stage work deferred for a store out of reach is tried again.
@@ -360,6 +362,7 @@ impl Coordinator {
             tls_files: config.tls.clone(),
             metrics,
             stage_deferred: false.into(),
+            stepping: Default::default(),
         });
         coordinator.step_awaiting();
         Ok(coordinator)

@@ -4,15 +4,67 @@
 //! scale's tiles (`tiled.rs`). The scheduler knows only whether a kind has such work
 //! ([`JobKind::has_stage_work`]); the gRPC services only call the hook.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+
 use stylefarm_core::ids::JobId;
 use stylefarm_core::job::JobKind;
 
 use crate::{sheet, Coordinator, Error};
 
+/// Work done one run at a time per key: a call while the key's work runs returns at once and has that
+/// work run once more after the run under way (calls meanwhile fold into that one run).
+pub(crate) struct OneAtATime<K> {
+    /// The keys whose work runs, each with whether it was asked for again meanwhile.
+    running: Mutex<HashMap<K, bool>>,
+}
+
+impl<K> Default for OneAtATime<K> {
+    fn default() -> Self {
+        OneAtATime {
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> OneAtATime<K> {
+    /// Runs `work` for `key` now, or has it run again by the call whose run is under way.
+    pub(crate) fn run(&self, key: &K, mut work: impl FnMut()) {
+        let lock = || self.running.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut running = lock();
+            if let Some(again) = running.get_mut(key) {
+                *again = true;
+                return;
+            }
+            running.insert(key.clone(), false);
+        }
+        loop {
+            work();
+            let mut running = lock();
+            match running.get_mut(key) {
+                Some(again) if *again => *again = false,
+                _ => {
+                    running.remove(key);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 impl Coordinator {
     /// The hook the scheduler's "every task of the job's stage succeeded" reaches (after a completion, and
-    /// for jobs left at that point by a restart): the job kind's stage work ([`JobKind::has_stage_work`]).
+    /// for jobs left at that point by a restart or a store out of reach): the job kind's stage work
+    /// ([`JobKind::has_stage_work`]). One run at a time per job: a call while one runs makes it run once
+    /// more after (it may have read the job before the stage's last task was done), not a second stitch
+    /// beside it.
     pub(crate) fn stage_done(&self, job_id: &JobId) {
+        self.stepping.run(job_id, || self.stage_work(job_id));
+    }
+
+    fn stage_work(&self, job_id: &JobId) {
         fail::fail_point!("coordinator-stage-work");
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
@@ -77,5 +129,61 @@ impl Coordinator {
             tracing::error!(job_id = job_id.as_str(), error = %e, "{what}");
             let _ = self.scheduler.fail_job(job_id, &format!("{what}: {e}"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::OneAtATime;
+
+    /// Calls while a key's work runs do not run it beside that run: they fold into one more run after it;
+    /// another key's work runs beside.
+    #[test]
+    fn work_runs_one_at_a_time_per_key_and_once_more_when_asked_meanwhile() {
+        let once = Arc::new(OneAtATime::default());
+        let (runs, running, most) = (
+            Arc::new(AtomicU32::new(0)),
+            Arc::new(AtomicU32::new(0)),
+            Arc::new(AtomicU32::new(0)),
+        );
+        let call = |key: &'static str| {
+            let (once, runs, running, most) =
+                (once.clone(), runs.clone(), running.clone(), most.clone());
+            std::thread::spawn(move || {
+                once.run(&key, || {
+                    let now = running.fetch_add(1, SeqCst) + 1;
+                    most.fetch_max(now, SeqCst);
+                    std::thread::sleep(Duration::from_millis(600));
+                    running.fetch_sub(1, SeqCst);
+                    runs.fetch_add(1, SeqCst);
+                })
+            })
+        };
+        let first = call("job-1");
+        std::thread::sleep(Duration::from_millis(100));
+        let others: Vec<_> = (0..3).map(|_| call("job-1")).collect();
+        for other in others {
+            other.join().unwrap();
+        }
+        assert_eq!(runs.load(SeqCst), 0, "the calls meanwhile returned at once");
+        let another = call("job-2");
+        first.join().unwrap();
+        another.join().unwrap();
+        assert_eq!(
+            runs.load(SeqCst),
+            3,
+            "job-1 twice (once more for the calls meanwhile), job-2 once"
+        );
+        assert_eq!(
+            most.load(SeqCst),
+            2,
+            "job-2 beside job-1, never job-1 beside itself"
+        );
+        call("job-1").join().unwrap();
+        assert_eq!(runs.load(SeqCst), 4, "a later call runs again");
     }
 }
