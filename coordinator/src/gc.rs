@@ -10,11 +10,12 @@
 //! remembers when each blob was last stored or looked for, and which of those steps are under way
 //! ([`BlobUse`], held from the first step until the record is made). A collection spares every blob used
 //! since the oldest of the uses under way when it walked the jobs, and every blob used or written within
-//! the keep time; it deletes one blob at a time under the same lock that a use takes to say it used it, so
-//! a blob is either spared or gone before the use looks (and then stored again by it).
+//! the keep time. It decides to delete a blob under the lock that a use takes to say it used it, and a use
+//! of a blob being deleted waits for the deletion to end: a blob is either spared or gone before the use
+//! looks (and then stored again by it). Uses of other blobs do not wait for a deletion.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -26,10 +27,17 @@ use crate::blobs::{BlobReader, BlobStore, StoredBlob};
 /// [`TrackedBlobs::collect`] spares it.
 pub struct TrackedBlobs {
     store: Arc<dyn BlobStore>,
-    tracking: Arc<Mutex<Tracking>>,
+    tracking: Arc<Shared>,
     /// Blobs deleted by collections, and their bytes (metrics).
     pub(crate) collected: Counter,
     pub(crate) collected_bytes: Counter,
+}
+
+/// The tracking, and the signal that a deletion ended.
+#[derive(Default)]
+struct Shared {
+    tracking: Mutex<Tracking>,
+    deleted: Condvar,
 }
 
 #[derive(Default)]
@@ -40,11 +48,22 @@ struct Tracking {
     /// When each use under way began, by a number given in order: the first is the oldest.
     uses: BTreeMap<u64, Instant>,
     next_use: u64,
+    /// The blob a collection is deleting, if any.
+    deleting: Option<ImageHash>,
 }
 
-impl Tracking {
-    fn touch(&mut self, hash: &ImageHash) {
-        self.used.insert(hash.clone(), Instant::now());
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracking> {
+        self.tracking.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers a use of `hash`, now; waits first while the blob is being deleted.
+    fn touch(&self, hash: &ImageHash) {
+        let mut t = self.lock();
+        while t.deleting.as_ref() == Some(hash) {
+            t = self.deleted.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        t.used.insert(hash.clone(), Instant::now());
     }
 }
 
@@ -64,14 +83,14 @@ pub struct Collected {
 /// is recorded (or given up).
 pub struct BlobUse {
     store: Arc<dyn BlobStore>,
-    tracking: Arc<Mutex<Tracking>>,
+    tracking: Arc<Shared>,
     id: u64,
 }
 
 impl BlobUse {
     /// Whether the blob is stored ([`BlobStore::contains`]).
     pub fn contains(&self, hash: &ImageHash) -> std::io::Result<bool> {
-        lock(&self.tracking).touch(hash);
+        self.tracking.touch(hash);
         store_call();
         self.store.contains(hash)
     }
@@ -79,7 +98,7 @@ impl BlobUse {
     /// Stores `bytes` and returns their hash ([`BlobStore::put`]).
     pub fn put(&self, bytes: &[u8]) -> std::io::Result<ImageHash> {
         let hash = ImageHash::of(bytes);
-        lock(&self.tracking).touch(&hash);
+        self.tracking.touch(&hash);
         store_call();
         self.store.put_as(&hash, bytes)?;
         Ok(hash)
@@ -88,7 +107,7 @@ impl BlobUse {
 
 impl Drop for BlobUse {
     fn drop(&mut self) {
-        lock(&self.tracking).uses.remove(&self.id);
+        self.tracking.lock().uses.remove(&self.id);
     }
 }
 
@@ -96,10 +115,6 @@ impl Drop for BlobUse {
 /// `coordinator-blob-store` (e.g. `sleep(2000)`: a slow store).
 fn store_call() {
     fail::fail_point!("coordinator-blob-store");
-}
-
-fn lock(tracking: &Mutex<Tracking>) -> std::sync::MutexGuard<'_, Tracking> {
-    tracking.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl TrackedBlobs {
@@ -115,7 +130,7 @@ impl TrackedBlobs {
 
     /// Starts a step that finds or stores blobs and then records a reference to them ([`BlobUse`]).
     pub fn begin_use(&self) -> BlobUse {
-        let mut t = lock(&self.tracking);
+        let mut t = self.tracking.lock();
         let id = t.next_use;
         t.next_use += 1;
         t.uses.insert(id, Instant::now());
@@ -128,9 +143,7 @@ impl TrackedBlobs {
 
     /// Whether the blob is stored; remembered as a use.
     pub fn contains(&self, hash: &ImageHash) -> std::io::Result<bool> {
-        lock(&self.tracking).touch(hash);
-        store_call();
-        self.store.contains(hash)
+        self.begin_use().contains(hash)
     }
 
     /// Stores `bytes` and returns their hash; remembered as a use.
@@ -167,7 +180,7 @@ impl TrackedBlobs {
     ) -> std::io::Result<Collected> {
         // blobs used since the oldest use under way are spared: its reference may come after the mark
         let horizon = {
-            let t = lock(&self.tracking);
+            let t = self.tracking.lock();
             let now = Instant::now();
             t.uses
                 .values()
@@ -195,17 +208,23 @@ impl TrackedBlobs {
             if !may_delete() {
                 break;
             }
-            let mut t = lock(&self.tracking);
-            if t.used.get(&blob.hash).is_some_and(|used| spared(*used)) {
-                continue;
+            {
+                let mut t = self.tracking.lock();
+                if t.used.get(&blob.hash).is_some_and(|used| spared(*used)) {
+                    continue;
+                }
+                t.used.remove(&blob.hash);
+                t.deleting = Some(blob.hash.clone());
             }
-            self.delete(&blob)?;
-            t.used.remove(&blob.hash);
+            let deleted = self.delete(&blob);
+            self.tracking.lock().deleting = None;
+            self.tracking.deleted.notify_all();
+            deleted?;
             done.deleted += 1;
             done.deleted_bytes += blob.bytes;
         }
         // what no later collection needs: uses before this one's horizon and older than the keep time
-        lock(&self.tracking).used.retain(|_, used| spared(*used));
+        self.tracking.lock().used.retain(|_, used| spared(*used));
         Ok(done)
     }
 
@@ -343,6 +362,68 @@ mod tests {
         assert!(!blobs.contains(&hash).unwrap());
         assert_eq!(blobs.put(b"again").unwrap(), hash);
         assert_eq!(blobs.get(&hash).unwrap().unwrap(), b"again");
+    }
+
+    /// A disk store whose deletions take 1.5 s, then say so.
+    struct SlowDeletes {
+        inner: DiskBlobs,
+        ended: std::sync::atomic::AtomicBool,
+    }
+
+    impl BlobStore for SlowDeletes {
+        fn contains(&self, hash: &ImageHash) -> std::io::Result<bool> {
+            self.inner.contains(hash)
+        }
+        fn put_as(&self, hash: &ImageHash, bytes: &[u8]) -> std::io::Result<()> {
+            self.inner.put_as(hash, bytes)
+        }
+        fn stored_bytes(&self) -> u64 {
+            self.inner.stored_bytes()
+        }
+        fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>> {
+            self.inner.open_blob(hash)
+        }
+        fn list(&self, visit: &mut dyn FnMut(StoredBlob)) -> std::io::Result<()> {
+            self.inner.list(visit)
+        }
+        fn delete(&self, blob: &StoredBlob) -> std::io::Result<()> {
+            std::thread::sleep(Duration::from_millis(1500));
+            self.inner.delete(blob)?;
+            self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// While a collection deletes a blob, a use of that blob waits for the deletion to end (and finds it
+    /// gone), and uses of other blobs do not wait.
+    #[test]
+    fn a_use_of_a_blob_being_deleted_waits_for_it_and_other_uses_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SlowDeletes {
+            inner: DiskBlobs::open(dir.path()).unwrap(),
+            ended: false.into(),
+        });
+        let old = store.put(b"old").unwrap();
+        backdate(dir.path(), &old, Duration::from_secs(7200));
+        let blobs = Arc::new(TrackedBlobs::new(store.clone()));
+        let collection = {
+            let blobs = blobs.clone();
+            std::thread::spawn(move || {
+                blobs
+                    .collect(Duration::from_secs(3600), HashSet::new, || true)
+                    .unwrap()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        blobs.put(b"another").unwrap();
+        assert!(blobs.contains(&ImageHash::of(b"another")).unwrap());
+        assert!(
+            !store.ended.load(std::sync::atomic::Ordering::SeqCst),
+            "another blob's uses did not wait for the deletion"
+        );
+        assert!(!blobs.contains(&old).unwrap(), "waited, and found it gone");
+        assert!(store.ended.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(collection.join().unwrap().deleted, 1);
     }
 
     /// A collection stops deleting when told (the coordinator no longer surely holds its job store).
