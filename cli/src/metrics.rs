@@ -25,7 +25,14 @@ pub(crate) async fn serve(
         "/metrics",
         axum::routing::get(move || {
             let text = text.clone();
-            async move { ([(http::header::CONTENT_TYPE, CONTENT_TYPE)], text()) }
+            async move {
+                // a worker's reads its device's memory (NVML), a coordinator's walks its queue: off the
+                // async threads
+                let body = tokio::task::spawn_blocking(move || text())
+                    .await
+                    .unwrap_or_else(|e| format!("# the metrics could not be read: {e}\n"));
+                ([(http::header::CONTENT_TYPE, CONTENT_TYPE)], body)
+            }
         }),
     );
     tracing::info!("metrics on http://{bound}/metrics");

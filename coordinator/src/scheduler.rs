@@ -450,6 +450,14 @@ impl Scheduler {
     pub fn lease(&self, worker: &WorkerId) -> Result<Option<Lease>, SchedulerError> {
         self.writable()?;
         self.expire()?;
+        self.lease_ready(worker)
+    }
+
+    /// [`Scheduler::lease`] without expiring the leases past their deadline first (which waits for the
+    /// store's commit): what [`Scheduler::lease_wait`] calls on an async thread; the coordinator's loop
+    /// expires leases every 250 ms and wakes the waiters when tasks come back.
+    fn lease_ready(&self, worker: &WorkerId) -> Result<Option<Lease>, SchedulerError> {
+        self.writable()?;
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
         let st = &mut *st;
@@ -506,7 +514,8 @@ impl Scheduler {
         }))
     }
 
-    /// Waits up to `wait` for a task for `worker`.
+    /// Waits up to `wait` for a task for `worker`. Never waits for the store (it runs on an async thread):
+    /// leases past their deadline are expired by the coordinator's loop, which wakes the waiters.
     pub async fn lease_wait(
         &self,
         worker: &WorkerId,
@@ -515,7 +524,7 @@ impl Scheduler {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.work.notified();
-            if let Some(lease) = self.lease(worker)? {
+            if let Some(lease) = self.lease_ready(worker)? {
                 return Ok(Some(lease));
             }
             // a backoff or a lease expiry can make work ready without a notification: poll at least every 250 ms
@@ -1789,13 +1798,22 @@ mod tests {
         inner: MemoryStore,
         behind: Mutex<Option<StoreError>>,
         failing: Mutex<Option<StoreError>>,
+        /// How long a write takes to be durable (a slow fsync), blocking whoever waits for it.
+        slow: Mutex<Option<Duration>>,
     }
 
     impl Store for HeldBack {
         fn write(&self, ops: Vec<Op>) -> store::Durable {
-            match self.failing.lock().unwrap().clone() {
+            let durable = match self.failing.lock().unwrap().clone() {
                 Some(e) => store::durable_now(Err(e)),
                 None => self.inner.write(ops),
+            };
+            match *self.slow.lock().unwrap() {
+                Some(slow) => Box::pin(async move {
+                    std::thread::sleep(slow);
+                    durable.await
+                }),
+                None => durable,
             }
         }
         fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
@@ -1856,6 +1874,41 @@ mod tests {
         s.delete(&job).unwrap();
         assert_eq!(s.images_in_use(), HashSet::from(tiled_images));
         assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// Waiting for a lease (on an async thread of the coordinator) never waits for the store's commit: a
+    /// lease past its deadline is not expired there (the coordinator's loop does it, on a blocking thread).
+    #[test]
+    fn waiting_for_a_lease_does_not_wait_for_the_store() {
+        let store = Arc::new(HeldBack::default());
+        let config = SchedulerConfig {
+            lease: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let s = Scheduler::new(config, store.clone()).unwrap();
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        s.lease(&w("w")).unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        *store.slow.lock().unwrap() = Some(Duration::from_millis(1500));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let leased = runtime.block_on(s.lease_wait(&w("w2"), Duration::ZERO));
+        assert!(
+            leased.unwrap().is_none(),
+            "the lapsed lease is not expired here"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(700),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(s.get(&job).unwrap().tasks[0].0.state, TaskState::Running);
+        // the loop's expiry sends the task back to the queue
+        s.expire().unwrap();
+        assert_eq!(s.get(&job).unwrap().tasks[0].0.state, TaskState::Pending);
     }
 
     #[test]

@@ -143,14 +143,19 @@ impl ImageCache {
             );
         }
         self.downloaded += bytes.len() as u64;
-        if ImageHash::of(&bytes) != *hash {
-            return Err(Failure::Transient(format!(
-                "downloading {hash}: the bytes do not match their hash"
-            )));
-        }
-        let img = Arc::new(
-            imaging::decode(&bytes, hash.as_str()).map_err(|e| Failure::Input(e.to_string()))?,
-        );
+        // hashing and decoding a large image take a while: off the async threads (heartbeats)
+        let expected = hash.clone();
+        let img = tokio::task::spawn_blocking(move || {
+            if ImageHash::of(&bytes) != expected {
+                return Err(Failure::Transient(format!(
+                    "downloading {expected}: the bytes do not match their hash"
+                )));
+            }
+            imaging::decode(&bytes, expected.as_str()).map_err(|e| Failure::Input(e.to_string()))
+        })
+        .await
+        .map_err(|e| Failure::Transient(format!("decoding {hash}: {e}")))??;
+        let img = Arc::new(img);
         self.insert(hash.clone(), img.clone());
         Ok(img)
     }
@@ -259,7 +264,17 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let engine = EngineThread::start(config.weights.clone(), config.device, config.engine)?;
+    // loading VGG19 and warming it up take seconds, probing the device's memory may too: off the async
+    // threads (a local farm's coordinator shares them)
+    let (weights, device, options) = (config.weights.clone(), config.device, config.engine);
+    let engine = tokio::task::spawn_blocking(move || EngineThread::start(weights, device, options))
+        .await
+        .unwrap_or_else(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(stylefarm_engine::Error::Device(format!(
+                "starting the engine: {e}"
+            ))),
+        })?;
     config.metrics.set_device(config.device);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_on_signal = stop.clone();
@@ -270,10 +285,14 @@ pub async fn run(
     });
     let mut cache = ImageCache::new(IMAGE_CACHE_BYTES);
     let memory_used = device::MemorySampler::start(config.device);
-    let memory_bytes = config
-        .device_memory
-        .or_else(|| device::total_memory(config.device))
-        .unwrap_or(0);
+    let memory_bytes = match config.device_memory {
+        Some(bytes) => bytes,
+        None => tokio::task::spawn_blocking(move || device::total_memory(device))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0),
+    };
     'connect: while !stop.load(Ordering::Relaxed) {
         let Some(mut client) = connect(&config.coordinator, &config.credentials, &stop).await
         else {
@@ -558,16 +577,34 @@ async fn report(
     lease_id: &LeaseId,
     outcome: Outcome,
 ) {
-    for attempt in 0..5u32 {
-        let sent = match &outcome {
-            Outcome::Done(img) => {
+    // a result encoded once, off the async threads (a large one takes seconds)
+    let report = match outcome {
+        Outcome::Done(img) => {
+            let encoded = tokio::task::spawn_blocking(move || {
                 let mut png = Vec::new();
-                if let Err(e) =
-                    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                {
+                img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .map(|()| png)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match encoded {
+                Ok(png) => Ok(png),
+                Err(e) => {
                     tracing::error!(error = %e, "encoding the result");
                     return;
                 }
+            }
+        }
+        Outcome::Failed(failure) => {
+            tracing::warn!(?failure, "task failed");
+            Err(failure)
+        }
+        Outcome::Cancelled => Err(Failure::Transient("cancelled".into())),
+    };
+    for attempt in 0..5u32 {
+        let sent = match &report {
+            Ok(png) => {
                 let mut parts = vec![pb::CompleteTaskRequest {
                     part: Some(pb::complete_task_request::Part::LeaseId(
                         lease_id.to_string(),
@@ -589,17 +626,10 @@ async fn report(
                         }
                     })
             }
-            Outcome::Failed(failure) => {
-                tracing::warn!(?failure, "task failed");
-                client
-                    .fail_task(failure.request(lease_id))
-                    .await
-                    .map(|_| ())
-            }
-            Outcome::Cancelled => {
-                let req = Failure::Transient("cancelled".into()).request(lease_id);
-                client.fail_task(req).await.map(|_| ())
-            }
+            Err(failure) => client
+                .fail_task(failure.request(lease_id))
+                .await
+                .map(|_| ()),
         };
         match sent {
             Ok(()) => return,
