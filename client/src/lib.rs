@@ -181,8 +181,10 @@ impl FarmClient {
     /// checks it); returns the hash. The image is decoded here first, so a broken file fails before any byte
     /// is sent, with `name` in the error.
     pub async fn upload(&mut self, bytes: &[u8], name: &str) -> Result<ImageHash> {
-        imaging::decode(bytes, name)?;
-        let hash = ImageHash::of(bytes);
+        let hash = off_async(|| -> Result<ImageHash> {
+            imaging::decode(bytes, name)?;
+            Ok(ImageHash::of(bytes))
+        })?;
         let mut parts = vec![pb::UploadImageRequest {
             part: Some(pb::upload_image_request::Part::ExpectedSha256(
                 hash.to_string(),
@@ -197,7 +199,7 @@ impl FarmClient {
 
     /// Uploads an image file; see [`FarmClient::upload`].
     pub async fn upload_file(&mut self, path: &Path) -> Result<ImageHash> {
-        let bytes = read_file(path)?;
+        let bytes = off_async(|| read_file(path))?;
         self.upload(&bytes, &path.display().to_string()).await
     }
 
@@ -237,7 +239,8 @@ impl FarmClient {
             .chain(init)
         {
             if !files.iter().any(|(p, _)| *p == path) {
-                files.push((path, ImageHash::of(&read_file(path)?)));
+                let hash = off_async(|| read_file(path).map(|bytes| ImageHash::of(&bytes)))?;
+                files.push((path, hash));
             }
         }
         let hash_of = |path: &Path| {
@@ -362,7 +365,7 @@ impl FarmClient {
         while let Some(chunk) = stream.next().await {
             bytes.extend(chunk?.data);
         }
-        if ImageHash::of(&bytes) != *hash {
+        if off_async(|| ImageHash::of(&bytes)) != *hash {
             return Err(ClientError::Corrupt(hash.clone()));
         }
         Ok(bytes)
@@ -371,7 +374,7 @@ impl FarmClient {
     /// Downloads a result image to `path`, re-encoded to the format of its extension (PNG as sent).
     pub async fn download(&mut self, hash: &ImageHash, path: &Path) -> Result<()> {
         let bytes = self.download_bytes(hash).await?;
-        imaging::save_encoded(&bytes, hash.as_str(), path)?;
+        off_async(|| imaging::save_encoded(&bytes, hash.as_str(), path))?;
         Ok(())
     }
 
@@ -446,6 +449,18 @@ impl FarmClient {
     }
 }
 
+/// Runs work that holds its thread for a while (decoding, hashing, reading or writing a large image) from
+/// an async caller: on a multi-thread runtime its other tasks move to other threads meanwhile (tokio's
+/// `block_in_place`; a local farm's coordinator and workers share the runtime); on another, it just runs.
+pub(crate) fn off_async<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| ClientError::Io {
         path: path.into(),
@@ -483,6 +498,40 @@ fn slug(label: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Work run through `off_async` on a multi-thread runtime does not hold up the runtime's other tasks,
+    /// even with one worker thread; on a current-thread runtime it just runs.
+    #[test]
+    fn work_off_async_lets_the_runtimes_other_tasks_run() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        // both tasks on the runtime's one worker thread (not on the thread that blocks on the runtime)
+        let ticks = runtime
+            .block_on(runtime.spawn(async {
+                let ticker = tokio::spawn(async {
+                    let mut ticks = 0u32;
+                    let started = std::time::Instant::now();
+                    while started.elapsed() < std::time::Duration::from_millis(600) {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        ticks += 1;
+                    }
+                    ticks
+                });
+                // let the ticker start, then hold this task's thread for 600 ms
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                off_async(|| std::thread::sleep(std::time::Duration::from_millis(600)));
+                ticker.await.unwrap()
+            }))
+            .unwrap();
+        assert!(ticks > 10, "the ticker ran {ticks} times meanwhile");
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(current.block_on(async { off_async(|| 7) }), 7);
+    }
 
     #[test]
     fn labels_become_file_names() {

@@ -55,7 +55,8 @@ impl LocalFarm {
         } else {
             None
         };
-        let state = Coordinator::open(coordinator)?;
+        // opening steps the stages left awaiting (stitches, contact sheets): off the async threads
+        let state = crate::off_async(|| Coordinator::open(coordinator))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io("binding 127.0.0.1"))?;
