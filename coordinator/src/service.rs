@@ -176,6 +176,9 @@ fn append(buf: &mut Vec<u8>, data: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// How often, at most, a WatchJob stream sends an event while its job changes.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
 pub(crate) struct RenderApi {
     pub coordinator: Arc<Coordinator>,
 }
@@ -353,6 +356,10 @@ impl RenderService for RenderApi {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     }
                 }
+                // the changes of the next moment (every worker's heartbeat is one) make one event: the
+                // job is copied under the scheduler's lock at most every WATCH_EVERY per watcher
+                tokio::time::sleep(WATCH_EVERY).await;
+                changes = changes.resubscribe();
                 match scheduler.get(&job_id) {
                     Ok(v) => view = v,
                     Err(_) => return,
