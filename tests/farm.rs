@@ -756,6 +756,17 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .rpc()
+        .list_jobs(pb::ListJobsRequest {
+            states: vec![],
+            limit: 0,
+            page_token: "next, please".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("page_token"), "{err:?}");
 
     // one message above gRPC's 4 MiB: refused as a unary call over it is, naming the field, not a crash
     let err = client
@@ -898,8 +909,8 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
     let listed = client
         .rpc()
         .list_jobs(pb::ListJobsRequest {
-            states: vec![],
             limit: 10,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -285,17 +285,26 @@ impl FarmClient {
             .into_inner())
     }
 
-    /// The newest `limit` jobs, newest first.
+    /// The newest `limit` jobs (0: all), newest first, fetched a page (ListJobs) at a time.
     pub async fn list(&mut self, limit: u32) -> Result<Vec<pb::JobStatus>> {
-        Ok(self
-            .rpc
-            .list_jobs(pb::ListJobsRequest {
-                states: vec![],
-                limit,
-            })
-            .await?
-            .into_inner()
-            .jobs)
+        let mut jobs = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .rpc
+                .list_jobs(pb::ListJobsRequest {
+                    states: vec![],
+                    limit: limit.saturating_sub(jobs.len() as u32),
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            jobs.extend(page.jobs);
+            if page.next_page_token.is_empty() || (limit > 0 && jobs.len() >= limit as usize) {
+                return Ok(jobs);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// Cancels a job; returns its state after the cancel (a job already ended keeps its state).

@@ -1107,10 +1107,18 @@ impl Scheduler {
         }
     }
 
-    /// `tenant`'s jobs, newest first, optionally only in `states`, at most `limit` (0: all).
-    pub fn list(&self, tenant: &str, states: &[JobState], limit: usize) -> Vec<JobView> {
+    /// `tenant`'s jobs, newest first, optionally only in `states` and submitted before the job of
+    /// submission number `before_seq` ([`JobMeta::seq`]; a page after one that ended there), at most
+    /// `limit` (0: all).
+    pub fn list(
+        &self,
+        tenant: &str,
+        states: &[JobState],
+        limit: usize,
+        before_seq: Option<u64>,
+    ) -> Vec<JobView> {
         let st = self.state.lock().unwrap();
-        Self::newest(&st, tenant, states, limit)
+        Self::newest(&st, tenant, states, limit, before_seq)
             .into_iter()
             .map(|j| Self::view(&st, j))
             .collect()
@@ -1126,7 +1134,7 @@ impl Scheduler {
         mut f: impl FnMut(&JobMeta, &[(&TaskRecord, Option<TaskProgress>)]) -> T,
     ) -> Vec<T> {
         let st = self.state.lock().unwrap();
-        Self::newest(&st, tenant, &[], limit)
+        Self::newest(&st, tenant, &[], limit, None)
             .into_iter()
             .map(|job| {
                 let tasks: Vec<_> = job
@@ -1139,12 +1147,19 @@ impl Scheduler {
             .collect()
     }
 
-    fn newest<'a>(st: &'a State, tenant: &str, states: &[JobState], limit: usize) -> Vec<&'a Job> {
+    fn newest<'a>(
+        st: &'a State,
+        tenant: &str,
+        states: &[JobState],
+        limit: usize,
+        before_seq: Option<u64>,
+    ) -> Vec<&'a Job> {
         let mut jobs: Vec<&Job> = st
             .jobs
             .values()
             .filter(|j| j.meta.tenant == tenant)
             .filter(|j| states.is_empty() || states.contains(&j.meta.state))
+            .filter(|j| before_seq.is_none_or(|before| j.meta.seq < before))
             .collect();
         // the newest `limit` first picked (linear), then only they sorted
         if limit > 0 && jobs.len() > limit {
@@ -1605,7 +1620,7 @@ mod tests {
         assert!(created && again != job, "the request id is free again");
         let restarted = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
         let ids: Vec<_> = restarted
-            .list("", &[], 10)
+            .list("", &[], 10, None)
             .into_iter()
             .map(|v| v.meta.id)
             .collect();
@@ -1615,7 +1630,7 @@ mod tests {
         let l = restarted.lease(&w("w")).unwrap().unwrap();
         restarted.complete(&l.lease_id, &hash("r")).unwrap();
         let finished: Vec<_> = restarted
-            .list("", &[JobState::Succeeded], 10)
+            .list("", &[JobState::Succeeded], 10, None)
             .into_iter()
             .map(|v| v.meta.id)
             .collect();

@@ -12,7 +12,7 @@ use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_server::RenderService;
 use stylefarm_proto::pb::worker_service_server::WorkerService;
-use stylefarm_proto::CHUNK_BYTES;
+use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -176,6 +176,32 @@ fn append(buf: &mut Vec<u8>, data: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The most jobs a ListJobs page holds.
+const MAX_LIST_PAGE: usize = 1000;
+
+/// The most bytes of job statuses a ListJobs page holds: the message limit, less room for the rest.
+const LIST_PAGE_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
+
+/// A ListJobs page of `views` (newest first; one more than `limit` when another page follows): the first
+/// `limit` jobs, fewer when their statuses would pass `max_bytes` (at least one), and the token of the
+/// page after when jobs are left: the submission number of its last job.
+fn list_page(views: &[JobView], limit: usize, max_bytes: usize) -> pb::ListJobsResponse {
+    let mut page = pb::ListJobsResponse::default();
+    let mut bytes = 0;
+    for (i, view) in views.iter().enumerate() {
+        let status = job_status(view);
+        // the field's tag and length prefix
+        let len = prost::Message::encoded_len(&status) + 6;
+        if i == limit || (i > 0 && bytes + len > max_bytes) {
+            page.next_page_token = views[i - 1].meta.seq.to_string();
+            break;
+        }
+        bytes += len;
+        page.jobs.push(status);
+    }
+    page
+}
+
 /// How often, at most, a WatchJob stream sends an event while its job changes.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 
@@ -312,14 +338,25 @@ impl RenderService for RenderApi {
                 _ => Err(Error::invalid("states", format!("{s} is not a job state"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let jobs = self
+        let before = match r.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<u64>().map_err(|_| {
+                Error::invalid(
+                    "page_token",
+                    format!("'{token}' is not a next_page_token of a ListJobs response"),
+                )
+            })?),
+        };
+        let limit = match r.limit as usize {
+            0 => MAX_LIST_PAGE,
+            n => n.min(MAX_LIST_PAGE),
+        };
+        // one more than the page holds: whether another page follows
+        let views = self
             .coordinator
             .scheduler
-            .list(&tenant.0, &states, r.limit as usize)
-            .iter()
-            .map(job_status)
-            .collect();
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+            .list(&tenant.0, &states, limit + 1, before);
+        Ok(Response::new(list_page(&views, limit, LIST_PAGE_BYTES)))
     }
 
     type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
@@ -599,5 +636,56 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(
             send_blob(&self.coordinator, request.into_inner().sha256).await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::Scheduler;
+    use crate::store::MemoryStore;
+
+    fn ids(views: &[impl std::borrow::Borrow<JobView>]) -> Vec<String> {
+        views
+            .iter()
+            .map(|v| v.borrow().meta.id.to_string())
+            .collect()
+    }
+
+    /// A page ends at its limit or where the next job would pass its byte budget (never empty), and its
+    /// token goes on after its last job.
+    #[test]
+    fn a_list_page_ends_at_its_limit_or_its_bytes_and_says_where_to_go_on() {
+        let s = Scheduler::new(Default::default(), Arc::new(MemoryStore::default())).unwrap();
+        let spec = stylefarm_core::job::JobSpec {
+            kind: JobKind::Batch,
+            contents: vec![ImageHash::of(b"content")],
+            styles: vec![ImageHash::of(b"style")],
+            params: Default::default(),
+            priority: 0,
+            max_attempts: 0,
+        };
+        for _ in 0..5 {
+            s.submit(spec.clone(), "").unwrap();
+        }
+        let all = s.list("", &[], 0, None);
+        // a limit of 2, with one more fetched: 2 jobs, and a token
+        let page = list_page(&all[..3], 2, usize::MAX);
+        let listed: Vec<_> = page.jobs.iter().map(|j| j.job_id.clone()).collect();
+        assert_eq!(listed, ids(&all[..2]));
+        assert_eq!(page.next_page_token, all[1].meta.seq.to_string());
+        let token: u64 = page.next_page_token.parse().unwrap();
+        let rest = s.list("", &[], 3, Some(token));
+        assert_eq!(ids(&rest), ids(&all[2..]));
+        assert!(list_page(&rest, 3, usize::MAX).next_page_token.is_empty());
+        // a budget of two and a half jobs holds two
+        let one = prost::Message::encoded_len(&job_status(&all[0])) + 6;
+        let page = list_page(&all, 10, one * 5 / 2);
+        assert_eq!(page.jobs.len(), 2);
+        assert_eq!(page.next_page_token, all[1].meta.seq.to_string());
+        // a budget below one job still holds one: the client goes on
+        let page = list_page(&all, 10, 1);
+        assert_eq!(page.jobs.len(), 1);
+        assert_eq!(page.next_page_token, all[0].meta.seq.to_string());
     }
 }
