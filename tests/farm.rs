@@ -9,7 +9,7 @@ use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
     is, iteration, job, path, shared_image, submit, tubingen_x_starry, wait_for, wait_iteration,
-    wait_job, wait_registered, wait_state, Cluster,
+    wait_job, wait_registered, wait_state, x_starry, Cluster,
 };
 use tonic::Code;
 
@@ -315,16 +315,7 @@ async fn images_that_no_job_refers_to_are_collected() {
     let mut sweep = tubingen_x_starry(48, 2);
     sweep.extend(["--sweep".into(), "style_weight=10,1000".into()]);
     let kept = submit(&cluster, &sweep);
-    let chelsea = [
-        "--content",
-        &path("chelsea.png"),
-        "--style",
-        &path("starry_night.jpg"),
-        "--size",
-        "48",
-        "--iterations",
-        "2",
-    ];
+    let chelsea = x_starry("chelsea.png", 48, 2);
     let deleted = submit(&cluster, &chelsea);
     let mut client = cluster.client().await;
     let scream = std::fs::read(shared_image("the_scream.jpg")).unwrap();

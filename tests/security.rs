@@ -7,7 +7,9 @@ use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
-use stylefarm_tests::{logged_addr, path, submit, tubingen_x_starry, wait_registered, Cluster};
+use stylefarm_tests::{
+    logged_addr, path, submit, tubingen_x_starry, wait_registered, x_starry, Cluster,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -321,19 +323,7 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     // end to end: the CLI with alice's token, a worker process with the worker token
     cluster.add_worker_with_env("w1", &[("STYLEFARM_TOKEN", WORKER)]);
     wait_registered(&cluster, 1).await;
-    let mine = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("chelsea.png"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--size",
-            "48",
-            "--iterations",
-            "5",
-        ],
-    );
+    let mine = submit(&cluster, &x_starry("chelsea.png", 48, 5));
     let mut client = stylefarm_client::FarmClient::connect_with(&url, &token(Some(ALICE)))
         .await
         .unwrap();

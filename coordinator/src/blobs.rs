@@ -57,6 +57,12 @@ pub struct StoredBlob {
     pub modified: std::time::SystemTime,
 }
 
+/// Takes `bytes` off a count of stored bytes (never below 0: a count that missed a blob stays sane).
+fn less(count: &std::sync::atomic::AtomicU64, bytes: u64) {
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let _ = count.fetch_update(relaxed, relaxed, |b| Some(b.saturating_sub(bytes)));
+}
+
 /// Blobs as files: `<dir>/<first two hex digits>/<sha256>`, written through `<dir>/tmp/`.
 pub struct DiskBlobs {
     dir: PathBuf,
@@ -67,21 +73,17 @@ impl DiskBlobs {
     /// Opens (or creates) the directory.
     pub fn open(dir: &Path) -> std::io::Result<DiskBlobs> {
         std::fs::create_dir_all(dir.join("tmp"))?;
-        // <dir>/<two hex digits>/<sha256>: the images' sizes
-        let mut bytes = 0;
-        for shard in std::fs::read_dir(dir)? {
-            let shard = shard?;
-            if shard.file_name() == "tmp" || !shard.file_type()?.is_dir() {
-                continue;
-            }
-            for blob in std::fs::read_dir(shard.path())? {
-                bytes += blob?.metadata()?.len();
-            }
-        }
-        Ok(DiskBlobs {
+        let blobs = DiskBlobs {
             dir: dir.to_path_buf(),
-            bytes: bytes.into(),
-        })
+            bytes: 0.into(),
+        };
+        // the images' sizes
+        let mut bytes = 0;
+        blobs.list(&mut |blob| bytes += blob.bytes)?;
+        blobs
+            .bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(blobs)
     }
 
     fn path(&self, hash: &ImageHash) -> PathBuf {
@@ -146,11 +148,7 @@ impl BlobStore for DiskBlobs {
     fn delete(&self, blob: &StoredBlob) -> std::io::Result<()> {
         match std::fs::remove_file(self.path(&blob.hash)) {
             Ok(()) => {
-                let _ = self.bytes.fetch_update(
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                    |b| Some(b.saturating_sub(blob.bytes)),
-                );
+                less(&self.bytes, blob.bytes);
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -428,11 +426,7 @@ impl BlobStore for S3Blobs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let _ = self.bytes.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |b| Some(b.saturating_sub(blob.bytes)),
-        );
+        less(&self.bytes, blob.bytes);
         Ok(())
     }
 

@@ -179,14 +179,8 @@ impl TrackedBlobs {
         may_delete: impl Fn() -> bool,
     ) -> std::io::Result<Collected> {
         // blobs used since the oldest use under way are spared: its reference may come after the mark
-        let horizon = {
-            let t = self.tracking.lock();
-            let now = Instant::now();
-            t.uses
-                .values()
-                .next()
-                .map_or(now, |began| (*began).min(now))
-        };
+        let horizon =
+            (self.tracking.lock().uses.values().next().copied()).unwrap_or_else(Instant::now);
         let in_use = in_use();
         let Some(written_before) = SystemTime::now().checked_sub(keep) else {
             return Ok(Collected::default());

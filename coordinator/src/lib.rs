@@ -385,15 +385,15 @@ impl Coordinator {
     /// does may still land).
     pub(crate) fn collect_unused_blobs(&self, keep: Duration) -> std::io::Result<gc::Collected> {
         let scheduler = &self.scheduler;
-        let held = || scheduler.store_hold().is_none_or(|h| h.left >= h.lease / 2);
-        if scheduler.store_behind() || !held() {
+        let may_delete = || {
+            !scheduler.store_behind()
+                && scheduler.store_hold().is_none_or(|h| h.left >= h.lease / 2)
+        };
+        if !may_delete() {
             return Ok(gc::Collected::default());
         }
-        self.blobs.collect(
-            keep,
-            || scheduler.images_in_use(),
-            || held() && !scheduler.store_behind(),
-        )
+        self.blobs
+            .collect(keep, || scheduler.images_in_use(), may_delete)
     }
 
     /// Its Prometheus metrics as text ([`metrics`] lists them), for an HTTP scrape.

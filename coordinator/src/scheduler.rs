@@ -138,6 +138,20 @@ struct Job {
     leases: HashMap<u32, LeaseId>,
 }
 
+/// The key of a job's client request id in [`State::by_request`]: (tenant, request id).
+fn request_key(meta: &JobMeta) -> (String, String) {
+    (meta.tenant.clone(), meta.client_request_id.clone())
+}
+
+/// Frees `request` when it names `job_id`; whether it did.
+fn release_request(st: &mut State, request: (String, String), job_id: &JobId) -> bool {
+    let names_job = st.by_request.get(&request) == Some(job_id);
+    if names_job {
+        st.by_request.remove(&request);
+    }
+    names_job
+}
+
 /// Queue key of a pending task: higher priority first, then submission order, then task index.
 type QueueKey = (Reverse<i32>, u64, u32, JobId);
 
@@ -448,7 +462,7 @@ impl Scheduler {
     /// Hands the next task to `worker`, if one is ready: the highest priority, oldest job first; not a task of
     /// a job that blocklisted the worker, nor one waiting out a retry backoff.
     pub fn lease(&self, worker: &WorkerId) -> Result<Option<Lease>, SchedulerError> {
-        self.writable()?;
+        // expire() does nothing while the store holds writes back; lease_ready then refuses
         self.expire()?;
         self.lease_ready(worker)
     }
@@ -866,9 +880,8 @@ impl Scheduler {
             let Some(job) = st.jobs.get(job_id) else {
                 continue;
             };
-            let request = (job.meta.tenant.clone(), job.meta.client_request_id.clone());
-            if st.by_request.get(&request) == Some(job_id) {
-                st.by_request.remove(&request);
+            let request = request_key(&job.meta);
+            if release_request(&mut st, request.clone(), job_id) {
                 freed.push((request, job_id.clone()));
             }
         }
@@ -891,10 +904,7 @@ impl Scheduler {
                 continue;
             };
             // a request id that a concurrent deletion of the job, failed, gave back to it
-            let request = (job.meta.tenant.clone(), job.meta.client_request_id.clone());
-            if st.by_request.get(&request) == Some(job_id) {
-                st.by_request.remove(&request);
-            }
+            release_request(&mut st, request_key(&job.meta), job_id);
             st.tally.remove_job(job.meta.state);
             for t in &job.tasks {
                 st.tally.remove_task(t.state);

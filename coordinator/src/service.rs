@@ -188,16 +188,19 @@ const LIST_PAGE_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
 fn list_page(views: &[JobView], limit: usize, max_bytes: usize) -> pb::ListJobsResponse {
     let mut page = pb::ListJobsResponse::default();
     let mut bytes = 0;
-    for (i, view) in views.iter().enumerate() {
+    for view in views.iter().take(limit) {
         let status = job_status(view);
         // the field's tag and length prefix
         let len = prost::Message::encoded_len(&status) + 6;
-        if i == limit || (i > 0 && bytes + len > max_bytes) {
-            page.next_page_token = views[i - 1].meta.seq.to_string();
+        if !page.jobs.is_empty() && bytes + len > max_bytes {
             break;
         }
         bytes += len;
         page.jobs.push(status);
+    }
+    let listed = &views[..page.jobs.len()];
+    if let Some(last) = listed.last().filter(|_| listed.len() < views.len()) {
+        page.next_page_token = last.meta.seq.to_string();
     }
     page
 }

@@ -393,9 +393,15 @@ pub async fn wait_iteration(cluster: &Cluster, job_id: &str, at_least: u32) {
 /// The arguments of a render of tubingen.jpg in the style of starry_night.jpg at `size` px for
 /// `iterations`.
 pub fn tubingen_x_starry(size: u32, iterations: u32) -> Vec<String> {
+    x_starry("tubingen.jpg", size, iterations)
+}
+
+/// The arguments of a render of the shared image `content` in the style of starry_night.jpg at `size` px
+/// for `iterations`.
+pub fn x_starry(content: &str, size: u32, iterations: u32) -> Vec<String> {
     [
         "--content".into(),
-        path("tubingen.jpg"),
+        path(content),
         "--style".into(),
         path("starry_night.jpg"),
         "--size".into(),
