@@ -69,10 +69,19 @@ pub struct DiskBlobs {
     bytes: std::sync::atomic::AtomicU64,
 }
 
+/// A file in `<dir>/tmp/` not written for this long is a crashed write's leftover (a blob's write takes
+/// seconds at most) and is deleted when the store is opened.
+pub const TMP_LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl DiskBlobs {
-    /// Opens (or creates) the directory.
+    /// Opens (or creates) the directory, deleting leftovers of writes that a crash cut short (files in
+    /// `tmp/` older than [`TMP_LEFTOVER_AGE`]; younger ones may be another process's writes under way).
     pub fn open(dir: &Path) -> std::io::Result<DiskBlobs> {
         std::fs::create_dir_all(dir.join("tmp"))?;
+        let removed = remove_leftovers(&dir.join("tmp"), TMP_LEFTOVER_AGE)?;
+        if removed > 0 {
+            tracing::info!(removed, "deleted the leftovers of interrupted blob writes");
+        }
         let blobs = DiskBlobs {
             dir: dir.to_path_buf(),
             bytes: 0.into(),
@@ -90,6 +99,27 @@ impl DiskBlobs {
         let h = hash.as_str();
         self.dir.join(&h[..2]).join(h)
     }
+}
+
+/// Deletes the files in `tmp` not modified for `age`; returns how many. One that goes meanwhile is no error.
+fn remove_leftovers(tmp: &Path, age: std::time::Duration) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for file in std::fs::read_dir(tmp)? {
+        let file = file?;
+        let old = match file.metadata() {
+            Ok(meta) => meta.is_file() && meta.modified()?.elapsed().is_ok_and(|a| a >= age),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        if old {
+            match std::fs::remove_file(file.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
 }
 
 impl BlobStore for DiskBlobs {
@@ -687,5 +717,32 @@ pub(crate) mod tests {
     fn disk_blobs() {
         let dir = tempfile::tempdir().unwrap();
         suite(&super::DiskBlobs::open(dir.path()).unwrap());
+    }
+
+    /// A crash in the middle of a write leaves its temporary file: the next open deletes it once it is older
+    /// than any write, and leaves a younger one (another process's write under way) and the blobs alone.
+    #[test]
+    fn disk_blobs_delete_the_leftovers_of_interrupted_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = super::DiskBlobs::open(dir.path())
+            .unwrap()
+            .put(b"kept")
+            .unwrap();
+        let tmp = dir.path().join("tmp");
+        let written = |name: &str, ago: std::time::Duration| {
+            let file = std::fs::File::create(tmp.join(name)).unwrap();
+            file.set_modified(std::time::SystemTime::now() - ago)
+                .unwrap();
+        };
+        written(
+            "crashed",
+            super::TMP_LEFTOVER_AGE + std::time::Duration::from_secs(60),
+        );
+        written("under-way", std::time::Duration::from_secs(5));
+        let blobs = super::DiskBlobs::open(dir.path()).unwrap();
+        assert!(!tmp.join("crashed").exists());
+        assert!(tmp.join("under-way").exists());
+        assert_eq!(blobs.get(&blob).unwrap().unwrap(), b"kept");
+        assert_eq!(blobs.stored_bytes(), 4);
     }
 }

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{self, Tenant};
 use crate::model::{JobState, TaskState};
-use crate::scheduler::{FailureKind, JobView};
+use crate::scheduler::{FailureKind, JobView, Scheduler};
 use crate::{Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
 
@@ -208,6 +208,48 @@ fn list_page(views: &[JobView], limit: usize, max_bytes: usize) -> pb::ListJobsR
 /// How often, at most, a WatchJob stream sends an event while its job changes.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 
+/// A WatchJob stream's events: `first`, then the job after each change (`changes`: the scheduler's,
+/// subscribed to before `first` was read), the changes of [`WATCH_EVERY`] coalesced into one event, until
+/// the job ends (its last event) or the client leaves.
+async fn watch(
+    scheduler: Arc<Scheduler>,
+    job_id: JobId,
+    first: JobView,
+    mut changes: tokio::sync::broadcast::Receiver<JobId>,
+    tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
+) {
+    let mut view = first;
+    loop {
+        let done = view.meta.state.is_terminal();
+        if tx
+            .send(Ok(pb::JobEvent {
+                status: Some(job_status(&view)),
+            }))
+            .await
+            .is_err()
+            || done
+        {
+            return; // the client left, or the job is over
+        }
+        loop {
+            match changes.recv().await {
+                Ok(id) if id == job_id => break,
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+        // the changes of the next moment (every worker's heartbeat is one) make one event: the job is
+        // copied under the scheduler's lock at most every WATCH_EVERY per watcher
+        tokio::time::sleep(WATCH_EVERY).await;
+        changes = changes.resubscribe();
+        match scheduler.get(&job_id) {
+            Ok(v) => view = v,
+            Err(_) => return,
+        }
+    }
+}
+
 pub(crate) struct RenderApi {
     pub coordinator: Arc<Coordinator>,
 }
@@ -371,41 +413,10 @@ impl RenderService for RenderApi {
         let tenant = auth::tenant(&request);
         let job_id = JobId::from(request.into_inner().job_id);
         let scheduler = self.coordinator.scheduler.clone();
-        let mut changes = scheduler.subscribe();
+        let changes = scheduler.subscribe();
         let first = own_job(&self.coordinator, &tenant, &job_id)?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut view = first;
-            loop {
-                let done = view.meta.state.is_terminal();
-                if tx
-                    .send(Ok(pb::JobEvent {
-                        status: Some(job_status(&view)),
-                    }))
-                    .await
-                    .is_err()
-                    || done
-                {
-                    return; // the client left, or the job is over
-                }
-                loop {
-                    match changes.recv().await {
-                        Ok(id) if id == job_id => break,
-                        Ok(_) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    }
-                }
-                // the changes of the next moment (every worker's heartbeat is one) make one event: the
-                // job is copied under the scheduler's lock at most every WATCH_EVERY per watcher
-                tokio::time::sleep(WATCH_EVERY).await;
-                changes = changes.resubscribe();
-                match scheduler.get(&job_id) {
-                    Ok(v) => view = v,
-                    Err(_) => return,
-                }
-            }
-        });
+        tokio::spawn(watch(scheduler, job_id, first, changes, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -645,8 +656,18 @@ impl WorkerService for WorkerApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::Scheduler;
     use crate::store::MemoryStore;
+
+    fn batch() -> stylefarm_core::job::JobSpec {
+        stylefarm_core::job::JobSpec {
+            kind: JobKind::Batch,
+            contents: vec![ImageHash::of(b"content")],
+            styles: vec![ImageHash::of(b"style")],
+            params: Default::default(),
+            priority: 0,
+            max_attempts: 0,
+        }
+    }
 
     fn ids(views: &[impl std::borrow::Borrow<JobView>]) -> Vec<String> {
         views
@@ -660,16 +681,8 @@ mod tests {
     #[test]
     fn a_list_page_ends_at_its_limit_or_its_bytes_and_says_where_to_go_on() {
         let s = Scheduler::new(Default::default(), Arc::new(MemoryStore::default())).unwrap();
-        let spec = stylefarm_core::job::JobSpec {
-            kind: JobKind::Batch,
-            contents: vec![ImageHash::of(b"content")],
-            styles: vec![ImageHash::of(b"style")],
-            params: Default::default(),
-            priority: 0,
-            max_attempts: 0,
-        };
         for _ in 0..5 {
-            s.submit(spec.clone(), "").unwrap();
+            s.submit(batch(), "").unwrap();
         }
         let all = s.list("", &[], 0, None);
         // a limit of 2, with one more fetched: 2 jobs, and a token
@@ -690,5 +703,47 @@ mod tests {
         let page = list_page(&all, 10, 1);
         assert_eq!(page.jobs.len(), 1);
         assert_eq!(page.next_page_token, all[0].meta.seq.to_string());
+    }
+
+    /// A job that changes every 2 ms (a busy farm's heartbeats) for a second makes a watcher an event per
+    /// WATCH_EVERY at most, not one per change, and its last event is the job's end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_sends_the_changes_of_a_moment_as_one_event() {
+        let s =
+            Arc::new(Scheduler::new(Default::default(), Arc::new(MemoryStore::default())).unwrap());
+        let (job, _) = s.submit(batch(), "").unwrap();
+        let lease = s.lease(&WorkerId::from("w")).unwrap().unwrap().lease_id;
+        let (tx, mut rx) = mpsc::channel(16);
+        let first = s.get(&job).unwrap();
+        tokio::spawn(watch(s.clone(), job.clone(), first, s.subscribe(), tx));
+        let started = std::time::Instant::now();
+        let changes = tokio::task::spawn_blocking({
+            let s = s.clone();
+            move || {
+                let mut changes = 0;
+                while started.elapsed() < Duration::from_secs(1) {
+                    s.heartbeat(&lease, None).unwrap();
+                    changes += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                s.complete(&lease, &ImageHash::of(b"result")).unwrap();
+                changes
+            }
+        });
+        let mut events = Vec::new();
+        while let Some(event) = rx.recv().await {
+            events.push(event.unwrap().status.unwrap());
+        }
+        let (changes, elapsed) = (changes.await.unwrap(), started.elapsed());
+        assert!(changes > 100, "{changes} changes");
+        // the first, one for each WATCH_EVERY of changes, and the end
+        let most = 2 + (elapsed.as_millis() / WATCH_EVERY.as_millis()) as usize;
+        assert!(
+            (3..=most).contains(&events.len()),
+            "{} events for {changes} changes in {elapsed:?}",
+            events.len()
+        );
+        assert_eq!(events[0].state, pb::JobState::Running as i32);
+        assert_eq!(events.last().unwrap().state, pb::JobState::Succeeded as i32);
     }
 }

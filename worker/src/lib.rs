@@ -499,57 +499,65 @@ async fn run_task(
     if cancelled() {
         return Outcome::Cancelled;
     }
-    let styles: Vec<RgbImage> = inputs[1..].iter().map(|i| (**i).clone()).collect();
     let mut style = StyleKey {
         styles: task.styles.clone(),
         block: None,
         tile_canvas: None,
     };
-    let params = task.params;
-    let job = match task.scale {
-        None => RenderJob::new(
-            (*inputs[0]).clone(),
-            styles,
-            init_image.map(|i| (*i).clone()),
-            params,
-        ),
-        Some(t) => {
-            // resampling is CPU work: off the async threads
-            let cut = tokio::task::spawn_blocking({
-                let (t, content, init) = (t.clone(), inputs[0].clone(), init_image.clone());
-                move || {
-                    stylefarm_engine::tile::tile_job(&content, styles, init.as_deref(), params, &t)
-                }
-            })
-            .await;
-            let prepared = match cut {
-                Ok(Ok(prepared)) => prepared,
-                Ok(Err(e)) => return permanent(e.to_string()),
-                Err(e) => {
-                    return Outcome::Failed(Failure::Transient(format!("cutting the tile: {e}")))
-                }
-            };
-            style.block = Some(prepared.target_block);
-            if let ScalePart::Whole { block } = t.part {
-                tracing::info!(block, "exact: the whole canvas, in blocks");
+    // copying the images into the job (a large content: tens of ms) and resampling a tile are CPU work:
+    // off the async threads
+    let scale = task.scale.clone();
+    let prepare = tokio::task::spawn_blocking({
+        let (inputs, init) = (inputs.clone(), init_image.clone());
+        move || {
+            let styles: Vec<RgbImage> = inputs[1..].iter().map(|i| (**i).clone()).collect();
+            match &scale {
+                None => Ok((
+                    RenderJob::new(
+                        (*inputs[0]).clone(),
+                        styles,
+                        init.map(|i| (*i).clone()),
+                        task.params,
+                    ),
+                    None,
+                )),
+                Some(t) => stylefarm_engine::tile::tile_job(
+                    &inputs[0],
+                    styles,
+                    init.as_deref(),
+                    task.params,
+                    t,
+                )
+                .map(|r| (r.job, Some((r.target_block, r.canvas)))),
             }
-            // the canvas' Gram matrices: computed (and the canvas resampled) once per worker and scale
-            if let Some((width, height)) = prepared.canvas {
-                style.tile_canvas = init_hash
-                    .zip(init_image)
-                    .map(|(init, previous)| TileCanvas {
-                        init,
-                        previous,
-                        width,
-                        height,
-                    });
-            }
-            if cancelled() {
-                return Outcome::Cancelled;
-            }
-            prepared.job
         }
+    })
+    .await;
+    let (job, tile) = match prepare {
+        Ok(Ok(prepared)) => prepared,
+        Ok(Err(e)) => return permanent(e.to_string()),
+        Err(e) => return Outcome::Failed(Failure::Transient(format!("preparing the task: {e}"))),
     };
+    if let (Some(t), Some((target_block, canvas))) = (&task.scale, tile) {
+        style.block = Some(target_block);
+        if let ScalePart::Whole { block } = t.part {
+            tracing::info!(block, "exact: the whole canvas, in blocks");
+        }
+        // the canvas' Gram matrices: computed (and the canvas resampled) once per worker and scale
+        if let Some((width, height)) = canvas {
+            style.tile_canvas = init_hash
+                .zip(init_image)
+                .map(|(init, previous)| TileCanvas {
+                    init,
+                    previous,
+                    width,
+                    height,
+                });
+        }
+    }
+    if cancelled() {
+        return Outcome::Cancelled;
+    }
     let done = engine.render(job, style, cancel.clone(), progress_tx).await;
     match done {
         Ok(Ok((img, stats))) => {
