@@ -61,7 +61,7 @@ pub struct Tiling {
     /// Exact mode: each later scale is ONE task that optimizes the whole canvas with the exact gradient of
     /// the whole image's objective, evaluated in blocks of `tile_size` px (ALGORITHM.md, "Exact distributed
     /// mode", on one worker per scale): no tiles to stitch, the style loss of an untiled render, the
-    /// network's memory bound by the tile size; about 3x the compute of an untiled scale, on one worker.
+    /// network's memory bound by the tile size; about 2x the compute of an untiled scale, on one worker.
     /// Otherwise tiles are independent tasks, spread over the workers and stitched with feathered weights.
     #[serde(default)]
     pub exact: bool,

@@ -1,6 +1,6 @@
 # The coordinator and the client commands: stylefarm built with the `client` feature, no libtorch.
 #   docker build -f deploy/docker/coordinator.Dockerfile -t stylefarm-coordinator .
-#   docker run -p 7700:7700 -p 9464:9464 stylefarm-coordinator --store redis://redis:6379 --blobs s3://bucket
+#   docker run -p 7700:7700 -p 9464:9464 stylefarm-coordinator coordinator --store redis://redis:6379 --blobs s3://bucket
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

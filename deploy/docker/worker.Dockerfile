@@ -3,7 +3,7 @@
 # time (deploy/setup.sh, sha256-pinned). The NVIDIA container toolkit supplies the driver at run time.
 #   docker build -f deploy/docker/worker.Dockerfile -t stylefarm-worker .
 #   docker build -f deploy/docker/worker.Dockerfile --build-arg TORCH=cpu -t stylefarm-worker:cpu .
-#   docker run --gpus all stylefarm-worker --coordinator http://coordinator:7700 --device cuda:0
+#   docker run --gpus all stylefarm-worker worker --coordinator http://coordinator:7700 --device cuda:0
 FROM rust:1.95-bookworm AS build
 ARG TORCH=cu130
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
