@@ -15,6 +15,53 @@ use tonic::Code;
 
 type RenderClient = stylefarm_client::FarmClient;
 
+/// A job submitted with --worker-tag goes only to the workers with that tag (a worker's tags from
+/// STYLEFARM_WORKER_TAGS); a folder given as --content is a batch of its images; a bad tag is refused,
+/// naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
+    let mut cluster = Cluster::start(10.0, 0.5);
+    cluster.add_worker("plain");
+    cluster.add_worker_with_env("big", &[("STYLEFARM_WORKER_TAGS", "gpu,a100")]);
+    wait_registered(&cluster, 2).await;
+    let photos = cluster.dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    for name in ["tubingen.jpg", "chelsea.png"] {
+        std::os::unix::fs::symlink(path(name), photos.join(name)).unwrap();
+    }
+    let submit = |tag: &str| {
+        cluster.cli(&[
+            "submit",
+            "--content",
+            photos.to_str().unwrap(),
+            "--style",
+            &path("starry_night.jpg"),
+            "--batch",
+            "--worker-tag",
+            tag,
+            "--size",
+            "32",
+            "--iterations",
+            "2",
+            "--wait",
+        ])
+    };
+    let (ok, stdout, err) = submit("gpu");
+    assert!(ok, "{err}");
+    let mut client = cluster.client().await;
+    let status = job(&mut client, stdout.lines().next().unwrap().trim()).await;
+    assert!(is(&status, pb::JobState::Succeeded), "{status:?}");
+    let labels: Vec<&str> = status.tasks.iter().map(|t| t.label.as_str()).collect();
+    assert_eq!(labels.len(), 2, "{labels:?}");
+    assert!(
+        status.tasks.iter().all(|t| t.worker_id.starts_with("big")),
+        "{:?}",
+        status.tasks
+    );
+    let (ok, _, err) = submit("no way");
+    assert!(!ok && err.contains("worker_tags"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_runs_on_two_workers_and_a_sweep_gets_its_contact_sheet() {
     let mut cluster = Cluster::start(10.0, 0.5);
@@ -771,6 +818,33 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         "{err:?}"
     );
 
+    // a worker with a malformed tag, registering or asking for work: refused naming its tags
+    let mut workers = stylefarm_proto::pb::worker_service_client::WorkerServiceClient::connect(
+        cluster.url.clone(),
+    )
+    .await
+    .unwrap();
+    let bad_tags = vec!["gpu".to_string(), "has space".to_string()];
+    let err = workers
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "tagged".into(),
+            tags: bad_tags.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("tags"), "{err:?}");
+    let err = workers
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id: "tagged#1".into(),
+            tags: bad_tags,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("tags"), "{err:?}");
+
     let ok = client
         .rpc()
         .submit_job(spec(pb::RenderParams {
@@ -907,6 +981,40 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
         .unwrap()
         .into_inner();
     assert!(listed.jobs.is_empty(), "no job was created");
+}
+
+/// A job that every live worker is blocklisted for fails, saying so, once it has waited
+/// `--no-worker-left-secs` for another, instead of waiting forever: here the only worker fails it three
+/// times (three strikes) while its task has attempts left (`--max-attempts 10`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_no_live_worker_may_take_fails_instead_of_waiting_forever() {
+    let mut cluster = Cluster::new(10.0, 0.3, "embedded");
+    cluster.coordinator_args = ["--max-attempts", "10", "--no-worker-left-secs", "2"]
+        .map(String::from)
+        .to_vec();
+    cluster.start_coordinator();
+    cluster.add_worker_with_env(
+        "only",
+        &[("FAILPOINTS", "engine-render=3*panic(poisoned render)")],
+    );
+    wait_registered(&cluster, 1).await;
+    let args = tubingen_x_starry(32, 2);
+    let common: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stranded = submit(&cluster, &common);
+    let failed = wait_state(
+        &cluster,
+        &stranded,
+        pb::JobState::Failed,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(failed.tasks[0].attempts, 3, "{failed:?}");
+    assert!(
+        failed.error.starts_with("no worker left to run it")
+            && failed.error.contains("only")
+            && failed.error.contains("poisoned render"),
+        "{failed:?}"
+    );
 }
 
 /// On a coordinator with ONE worker, a job whose renders panic on the engine thread (a fault injected with

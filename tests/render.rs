@@ -161,6 +161,57 @@ fn original_colors_keep_the_content_chroma() {
     );
 }
 
+/// Luminance-only transfer takes nothing from the style's colours: the style image and its own luminance (a
+/// grey image) give the same pixels, bit for bit on the CPU, where without it they differ; the result has
+/// the content's chroma.
+#[test]
+fn luminance_only_transfer_takes_the_styles_luminance_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let grey_style = dir.path().join("grey-starry.png");
+    let starry = image::open(shared_image("starry_night.jpg"))
+        .unwrap()
+        .to_rgb8();
+    stylefarm_core::imaging::luminance(&starry)
+        .save(&grey_style)
+        .unwrap();
+    let content = shared_image("tubingen.jpg");
+    let run = |style: &Path, extra: &[&str]| {
+        let output = dir.path().join("out.png");
+        let mut args = vec![
+            "render",
+            "--content",
+            content.to_str().unwrap(),
+            "--style",
+            style.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--size",
+            "64",
+            "--iterations",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        let out = stylefarm(&args);
+        assert!(out.status.success(), "render failed: {}", stderr(&out));
+        image::open(&output).unwrap().to_rgb8()
+    };
+    let colour = shared_image("starry_night.jpg");
+    let lum = ["--luminance-only"];
+    let (from_colour, from_grey) = (run(&colour, &lum), run(&grey_style, &lum));
+    assert!(
+        from_colour == from_grey,
+        "the style's colours changed the result"
+    );
+    assert!(
+        run(&colour, &[]) != run(&grey_style, &[]),
+        "without --luminance-only the colours count"
+    );
+    let content = image::open(&content).unwrap().to_rgb8();
+    let content = image::imageops::resize(&content, 64, 48, image::imageops::FilterType::Lanczos3);
+    let distance = mean_chroma_distance(&from_colour, &content);
+    assert!(distance < 3.0, "chroma distance: {distance}");
+}
+
 #[test]
 fn multi_scale_renders_coarse_to_fine_and_writes_jpeg() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,6 +242,11 @@ fn multi_scale_renders_coarse_to_fine_and_writes_jpeg() {
     assert_eq!(per_scale.first(), Some(&(1, 48, 0)));
     assert_eq!(per_scale.iter().filter(|s| s.0 == 1).count(), 5);
     assert_eq!(per_scale.last(), Some(&(2, 96, 3)));
+    // the time left: the end of the first scale still has the second's iterations ahead; the last report
+    // has none
+    let eta: Vec<f64> = lines.iter().map(|l| f(l, "eta_s")).collect();
+    assert!(eta.iter().all(|e| e.is_finite() && *e >= 0.0), "{eta:?}");
+    assert!(eta[4] > 0.0 && *eta.last().unwrap() == 0.0, "{eta:?}");
     let bytes = std::fs::read(&out).unwrap();
     assert_eq!(
         &bytes[..2],
@@ -420,4 +476,79 @@ fn a_transparent_content_keeps_its_cut_out_and_16_bits_are_written() {
     }
     // 16 bits from floats: not every value is an 8-bit one times 257
     assert!(img.pixels().any(|p| p.0[..3].iter().any(|v| v % 257 != 0)));
+}
+
+/// `src` (a safetensors file) written to `dst` with its metadata's `preprocessing` set to `convention`: the
+/// same tensors read in another input space.
+fn relabel_weights(src: &Path, dst: &Path, convention: &str) {
+    let bytes = std::fs::read(src).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header["__metadata__"]["preprocessing"] = Value::from(convention);
+    let mut json = serde_json::to_vec(&header).unwrap();
+    // the format allows trailing spaces: the tensors stay 8-byte aligned
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + len..]);
+    std::fs::write(dst, out).unwrap();
+}
+
+/// Adam's learning rate is in grey levels (0..255 units, ALGORITHM.md) whatever the weights' input space:
+/// its first step moves each pixel by about the rate (Adam's first step is the rate times the gradient's
+/// sign), with the Caffe weights (1 unit a grey level) and with the same weights read as torchvision's
+/// (1/57.6 of a grey level a unit, where an unscaled rate of 6 would move a pixel by 346 levels).
+#[test]
+fn adams_learning_rate_is_in_grey_levels_with_either_weights_convention() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([
+            (70 + x * 2) as u8,
+            (80 + y * 2) as u8,
+            (120 + (x + y) % 40) as u8,
+        ])
+    });
+    let content_path = dir.path().join("content.png");
+    content.save(&content_path).unwrap();
+    let caffe = stylefarm_tests::repo().join(".stylefarm/vgg19.safetensors");
+    let torchvision = dir.path().join("torchvision.safetensors");
+    relabel_weights(&caffe, &torchvision, "torchvision");
+    let style = shared_image("starry_night.jpg");
+    for weights in [&caffe, &torchvision] {
+        let output = dir.path().join("out.png");
+        let out = stylefarm(&[
+            "render",
+            "--content",
+            content_path.to_str().unwrap(),
+            "--style",
+            style.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--size",
+            "64",
+            "--optimizer",
+            "adam",
+            "--learning-rate",
+            "6",
+            "--iterations",
+            "1",
+        ]);
+        assert!(out.status.success(), "render failed: {}", stderr(&out));
+        let rendered = image::open(&output).unwrap().to_rgb8();
+        let mut moved: Vec<i32> = rendered
+            .as_raw()
+            .iter()
+            .zip(content.as_raw())
+            .map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs())
+            .collect();
+        moved.sort_unstable();
+        let (median, most) = (moved[moved.len() / 2], moved[moved.len() - 1]);
+        assert!(
+            median == 6 && most <= 7,
+            "{}: pixels moved by {median} grey levels (median), {most} at most",
+            weights.display()
+        );
+    }
 }

@@ -133,6 +133,7 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
             device: "cpu".into(),
             memory_bytes: 0,
             version: "test".into(),
+            tags: Vec::new(),
         })
         .await;
     out.push((
@@ -601,6 +602,7 @@ async fn tls_serves_clients_without_a_certificate_and_workers_only_with_one() {
                 device: "cpu".into(),
                 memory_bytes: 0,
                 version: "test".into(),
+                tags: Vec::new(),
             })
             .await
             .map(|_| ())

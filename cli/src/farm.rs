@@ -12,7 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, Credentials, FarmClient, JobFiles, JobId};
 use stylefarm_coordinator::auth::{AuthConfig, TlsConfig, WorkerToken};
 use stylefarm_coordinator::{BlobsConfig, StoreConfig};
-use stylefarm_core::job::{parse_sweep, JobKind};
+use stylefarm_core::job::{parse_sweep, JobKind, MAX_ATTEMPTS};
 use stylefarm_core::params::ParamArgs;
 use stylefarm_core::tiling::{self, Tiling};
 use stylefarm_proto::pb;
@@ -33,7 +33,8 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, env = "STYLEFARM_STORE", default_value = "embedded")]
     store: StoreConfig,
     /// With a Redis store, several coordinators can share it: one is active, the others wait as standbys.
-    /// Seconds the active one's hold lasts unless renewed: a standby takes over within this of its death.
+    /// Seconds the active one's hold lasts unless renewed (every third of it): a standby, looking every
+    /// quarter of it, takes over within about 1.25 times this of its death.
     #[arg(long, env = "STYLEFARM_LEADER_LEASE_SECS", default_value_t = stylefarm_coordinator::DEFAULT_LEADER_LEASE.as_secs_f64())]
     leader_lease_secs: f64,
     /// Where images are kept: `disk` (blobs/ in the data dir) or an S3 bucket, `s3://bucket[/prefix]`, that
@@ -51,7 +52,7 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, default_value_t = 2.0)]
     heartbeat_secs: f64,
     /// Attempts per task when a job does not say.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_ATTEMPTS)))]
     max_attempts: u32,
     /// Unfinished (queued or running) jobs one client (tenant) may have; a submit beyond is refused with
     /// RESOURCE_EXHAUSTED.
@@ -67,6 +68,11 @@ pub(crate) struct CoordinatorArgs {
     /// them. Only for a blob store that no other farm shares.
     #[arg(long, env = "STYLEFARM_KEEP_UNUSED_BLOBS_SECS")]
     keep_unused_blobs_secs: Option<f64>,
+    /// Seconds a job waits while every live worker is blocklisted for it (3 failures each on it) before it
+    /// fails with "no worker left to run it": time for other workers to come (0: at once).
+    #[arg(long, env = "STYLEFARM_NO_WORKER_LEFT_SECS",
+          default_value_t = stylefarm_coordinator::scheduler::DEFAULT_NO_WORKER_LEFT.as_secs_f64())]
+    no_worker_left_secs: f64,
     /// A client token, TENANT:TOKEN (repeat, or comma-separated in the variable). Any token configured
     /// turns authentication on: every call then needs one, and a tenant sees only its own jobs.
     #[arg(
@@ -169,11 +175,13 @@ pub(crate) struct SubmitArgs {
 /// What a job renders: shared by `submit` and `local`.
 #[derive(Args)]
 pub(crate) struct JobArgs {
-    /// Content image; repeat for a batch.
-    #[arg(long, required = true)]
+    /// Content images, e.g. `--content a.jpg b.png` or repeated; a directory stands for the images in it
+    /// (PNG, JPEG, WebP, TIFF, BMP, GIF by extension, sorted by name, not its subdirectories): a batch of a
+    /// folder.
+    #[arg(long, required = true, num_args = 1..)]
     content: Vec<PathBuf>,
-    /// Style image; repeat for several styles (blended, or each alone with --batch).
-    #[arg(long, required = true)]
+    /// Style images, as --content; several are blended, or each alone with --batch.
+    #[arg(long, required = true, num_args = 1..)]
     style: Vec<PathBuf>,
     /// Every content x every style, each style alone.
     #[arg(long, conflicts_with_all = ["sweep", "tiled"])]
@@ -192,8 +200,8 @@ pub(crate) struct JobArgs {
     /// Tiled, exact mode: each later scale is one task that optimizes the whole canvas with the exact
     /// gradient of its objective, evaluated in blocks of --tile-size px (default: the largest blocks that
     /// fit the workers' memory, the whole canvas where it fits): no tiles, no seams, the style loss
-    /// of an untiled render, memory still bound by the tile size; but one worker per scale and about 3x an
-    /// untiled scale's compute.
+    /// of an untiled render, memory still bound by the tile size; but one worker per scale and about 2x an
+    /// untiled scale's compute (BENCHMARKS.md, "Exact mode").
     #[arg(long, requires = "tiled")]
     exact: bool,
     /// A parameter grid, e.g. 'style_weight=10,100;seed=0,1' (style_blend values as 0.7:0.3).
@@ -202,6 +210,13 @@ pub(crate) struct JobArgs {
     /// Higher runs first.
     #[arg(long, default_value_t = 0)]
     priority: i32,
+    /// Attempts per task before the job fails (default: the coordinator's --max-attempts).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_ATTEMPTS)))]
+    max_attempts: Option<u32>,
+    /// Only workers with this tag take the job's tasks (repeat: with all of them), e.g. gpu; default: any
+    /// worker.
+    #[arg(long = "worker-tag")]
+    worker_tags: Vec<String>,
     /// Where results go: a file for a single render, else a directory.
     #[arg(long, short)]
     pub(crate) output: Option<PathBuf>,
@@ -319,6 +334,13 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     };
     config.scheduler.keep_finished = keep("--keep-finished-secs", args.keep_finished_secs)?;
     config.keep_unused_blobs = keep("--keep-unused-blobs-secs", args.keep_unused_blobs_secs)?;
+    config.scheduler.no_worker_left = Duration::try_from_secs_f64(args.no_worker_left_secs)
+        .map_err(|_| {
+            anyhow!(
+                "--no-worker-left-secs must be a number of seconds, 0 or more, got {}",
+                args.no_worker_left_secs
+            )
+        })?;
     let mut auth = match &args.auth_file {
         Some(file) => AuthConfig::load(file)?,
         None => AuthConfig::default(),
@@ -380,6 +402,8 @@ async fn connect(args: &ConnectArgs) -> anyhow::Result<FarmClient> {
 impl JobArgs {
     /// The job these options describe; its kind from the flags (--batch, --tiled, --sweep, else single).
     pub(crate) fn files(&self) -> anyhow::Result<JobFiles> {
+        // before any connection: a bad tag is the user's to fix, not the coordinator's to refuse
+        stylefarm_core::job::check_tags("worker_tags", &self.worker_tags)?;
         // clap keeps --batch, --tiled and --sweep apart
         let kind = if self.batch {
             JobKind::Batch
@@ -392,13 +416,48 @@ impl JobArgs {
         };
         Ok(JobFiles {
             kind,
-            contents: self.content.clone(),
-            styles: self.style.clone(),
+            contents: images_of("content", &self.content)?,
+            styles: images_of("style", &self.style)?,
             params: self.params.params()?,
             priority: self.priority,
+            max_attempts: self.max_attempts.unwrap_or(0),
+            worker_tags: self.worker_tags.clone(),
             request_id: self.request_id.clone(),
         })
     }
+}
+
+/// `paths` with each directory replaced by the images in it: the files whose extension names a format
+/// the image crate reads here (`ImageFormat::from_path`), sorted by name, without subdirectories. An
+/// error names `field` and the directory that cannot be read or holds no image.
+fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            out.push(path.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(path)
+            .and_then(|dir| {
+                dir.map(|e| e.map(|e| e.path()))
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .with_context(|| format!("{field}: reading the directory {}", path.display()))?;
+        let mut images: Vec<PathBuf> = entries
+            .into_iter()
+            .filter(|p| p.is_file())
+            .filter(|p| image::ImageFormat::from_path(p).is_ok_and(|f| f.reading_enabled()))
+            .collect();
+        if images.is_empty() {
+            bail!(
+                "{field}: the directory {} holds no image (PNG, JPEG, WebP, TIFF, BMP or GIF)",
+                path.display()
+            );
+        }
+        images.sort();
+        out.extend(images);
+    }
+    Ok(out)
 }
 
 /// Follows a job until it ends, with a progress bar per task (stderr); returns its final status.
@@ -452,7 +511,15 @@ async fn watch_job(
             let loss = progress.losses.map(|l| l.total).filter(|l| *l > 0.0);
             bar.set_message(match (state, loss) {
                 (pb::TaskState::Running, Some(l)) => {
-                    format!("scale {}/{} loss {l:.4e}", progress.scale, progress.scales)
+                    let left = Duration::try_from_secs_f64(progress.eta_seconds)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .map(|d| format!(", {} left", indicatif::HumanDuration(d)))
+                        .unwrap_or_default();
+                    format!(
+                        "scale {}/{} loss {l:.4e}{left}",
+                        progress.scale, progress.scales
+                    )
                 }
                 (pb::TaskState::Failed, _) => format!("failed: {}", t.error),
                 _ => task_state_name(t.state),
@@ -593,4 +660,56 @@ pub(crate) fn cancel(args: JobRef) -> anyhow::Result<()> {
         println!("{}\t{}", args.job_id, job_state_name(state as i32));
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::images_of;
+
+    /// A directory stands for its images, sorted by name: other files and subdirectories are left out, a
+    /// file given by name is kept as it is, and a directory without images is an error naming the field.
+    #[test]
+    fn a_directory_stands_for_the_images_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let photos = dir.path().join("photos");
+        std::fs::create_dir_all(photos.join("nested")).unwrap();
+        for name in ["b.jpg", "a.PNG", "c.webp", "notes.txt", "nested/d.png"] {
+            std::fs::write(photos.join(name), b"").unwrap();
+        }
+        let single = dir.path().join("single.tif");
+        let found = images_of("content", &[single.clone(), photos.clone()]).unwrap();
+        let names: Vec<_> = found
+            .iter()
+            .map(|p| {
+                p.strip_prefix(dir.path())
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "single.tif",
+                "photos/a.PNG",
+                "photos/b.jpg",
+                "photos/c.webp"
+            ]
+        );
+        assert_eq!(
+            images_of("style", &[photos.join("nested")]).unwrap(),
+            [photos.join("nested/d.png")]
+        );
+        std::fs::remove_file(photos.join("nested/d.png")).unwrap();
+        let err = images_of("style", &[photos.join("nested")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("style: the directory")
+                && err.contains("nested")
+                && err.contains("no image"),
+            "{err}"
+        );
+    }
 }

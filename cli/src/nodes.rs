@@ -28,6 +28,10 @@ pub(crate) struct WorkerArgs {
     /// Name shown by the coordinator (default: host name and process id).
     #[arg(long)]
     name: Option<String>,
+    /// A tag of this worker, e.g. gpu or a100 (repeat, or comma-separated in the variable): jobs submitted
+    /// with --worker-tag go only to workers with all their tags; jobs without, to any worker.
+    #[arg(long = "tag", env = "STYLEFARM_WORKER_TAGS", value_delimiter = ',')]
+    tags: Vec<String>,
     /// libtorch's CPU threads (default: one per core). With several CPU workers on one machine, give each
     /// its share of the cores: 2 workers on 2 cores oversubscribe with the default and run slower than 1.
     #[arg(long, env = "STYLEFARM_THREADS")]
@@ -66,7 +70,8 @@ fn set_threads(threads: u32) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub(crate) struct LocalArgs {
-    /// Worker processes' worth of engines to run in this process.
+    /// Worker processes' worth of engines to run in this process; with --device auto or cuda, on the GPUs
+    /// in turn (worker i on cuda:(i mod the number of GPUs)).
     #[arg(long, default_value_t = 1)]
     workers: u32,
     /// cpu, cuda, cuda:N or auto.
@@ -113,6 +118,7 @@ fn worker_config(
         lease_wait: Duration::from_secs(10),
         device_memory: memory.device_memory,
         engine: engine.options(),
+        tags: Vec::new(),
     })
 }
 
@@ -129,6 +135,9 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         &args.engine,
     )?;
     config.credentials = args.connect.credentials()?;
+    // checked here too, so that a bad tag stops the worker at once with the flag named
+    stylefarm_core::job::check_tags("tag", &args.tags)?;
+    config.tags = args.tags;
     // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -143,6 +152,20 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `local`'s job waits while every worker is blocklisted for it before it fails: its workers are
+/// all there will be, and this is time enough for a slow one to start.
+const LOCAL_NO_WORKER_LEFT: Duration = Duration::from_secs(30);
+
+/// The device of local worker `i` of a machine with `gpus` CUDA devices: with `auto` (when there is a GPU)
+/// or `cuda`, the GPUs in turn (`cuda:i mod gpus`), so that `--workers 4` on a 4-GPU machine uses all four;
+/// otherwise `device` as given (`cuda` without a GPU is then refused by [`stylefarm_engine::parse_device`]).
+fn local_device(device: &str, i: u32, gpus: usize) -> String {
+    match device {
+        "auto" | "cuda" | "gpu" if gpus > 0 => format!("cuda:{}", i as usize % gpus),
+        other => other.to_string(),
+    }
+}
+
 /// An embedded coordinator on 127.0.0.1 and `--workers` workers in this process, one job, its results.
 pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
     if args.workers == 0 || args.workers > 64 {
@@ -154,18 +177,27 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         .clone()
         .context("output: --output is needed")?;
     let job = args.job.files()?;
+    if !job.worker_tags.is_empty() {
+        bail!("worker_tags: the local workers have no tags (--worker-tag is for a farm's workers)");
+    }
     // the workers share this process, and libtorch's thread pool: split the cores between them
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
     set_threads((cores / args.workers).max(1))?;
     // an empty data dir: LocalFarm's temporary one
-    let config = coordinator_config(args.data_dir.clone().unwrap_or_default(), 10.0, 1.0, 3)?;
+    let mut config = coordinator_config(args.data_dir.clone().unwrap_or_default(), 10.0, 1.0, 3)?;
+    config.scheduler.no_worker_left = LOCAL_NO_WORKER_LEFT;
+    let gpus = if matches!(args.device.as_str(), "auto" | "cuda" | "gpu") {
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    };
     let workers = (0..args.workers)
         .map(|i| {
             worker_config(
                 String::new(),
-                &args.device,
+                &local_device(&args.device, i, gpus),
                 args.weights.clone(),
                 Some(format!("local-{i}")),
                 &args.memory,
@@ -189,4 +221,27 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         farm.shutdown().await;
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_device;
+
+    #[test]
+    fn local_workers_take_the_gpus_in_turn() {
+        let devices = |device, gpus| {
+            (0..5)
+                .map(|i| local_device(device, i, gpus))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            devices("auto", 2),
+            ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+        );
+        assert_eq!(devices("cuda", 4)[3], "cuda:3");
+        // as given: no GPU, a device named, the CPU
+        assert_eq!(devices("auto", 0), ["auto"; 5]);
+        assert_eq!(devices("cuda:1", 4), ["cuda:1"; 5]);
+        assert_eq!(devices("cpu", 4), ["cpu"; 5]);
+    }
 }

@@ -97,6 +97,7 @@ fn json_line(p: &Progress) -> String {
         "tv_loss": p.losses.tv,
         "total_loss": p.losses.total,
         "elapsed_s": p.elapsed,
+        "eta_s": p.eta,
     })
     .to_string()
 }
@@ -193,10 +194,8 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         ProgressMode::Bar => {
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} it  {msg}  [{elapsed_precise}, eta {eta}]",
-                )
-                .expect("template"),
+                ProgressStyle::with_template("{bar:30} {pos}/{len} it  {msg}  [{elapsed_precise}]")
+                    .expect("template"),
             );
             Some(bar)
         }
@@ -214,7 +213,7 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
                 let bar = bar.as_ref().expect("bar mode");
                 bar.set_position(done_before[p.scale as usize - 1] + u64::from(p.iteration));
                 bar.set_message(format!(
-                    "scale {}/{} {}x{}  loss {:.4e} (content {:.3e}, style {:.3e}, tv {:.3e})",
+                    "scale {}/{} {}x{}  loss {:.4e} (content {:.3e}, style {:.3e}, tv {:.3e})  {} left",
                     p.scale,
                     p.scales,
                     p.width,
@@ -222,7 +221,10 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
                     p.losses.total,
                     p.losses.content,
                     p.losses.style,
-                    p.losses.tv
+                    p.losses.tv,
+                    indicatif::HumanDuration(
+                        std::time::Duration::try_from_secs_f64(p.eta).unwrap_or_default()
+                    )
                 ));
             }
             ProgressMode::None => {}

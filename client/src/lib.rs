@@ -111,6 +111,11 @@ pub struct JobFiles {
     pub params: RenderParams,
     /// Higher runs first.
     pub priority: i32,
+    /// Attempts per task before the job fails (at most [`stylefarm_core::job::MAX_ATTEMPTS`]); 0: the
+    /// coordinator's default.
+    pub max_attempts: u32,
+    /// Only workers with all these tags take the job's tasks; none: any worker.
+    pub worker_tags: Vec<String>,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
 }
@@ -260,7 +265,8 @@ impl FarmClient {
             styles: job.styles.iter().map(|p| hash_of(p)).collect(),
             params,
             priority: job.priority,
-            max_attempts: 0,
+            max_attempts: job.max_attempts,
+            worker_tags: job.worker_tags.clone(),
         };
         spec.check_new()?;
         for (path, hash) in &files {

@@ -513,7 +513,13 @@ pub async fn serve(
                     if was_behind && !behind {
                         coordinator.step_awaiting();
                     }
-                    (behind, coordinator.scheduler.expire())
+                    let expired = coordinator.scheduler.expire();
+                    // a job that every live worker is blocklisted for fails instead of waiting forever
+                    let live = coordinator.workers.live();
+                    if let Err(e) = coordinator.scheduler.fail_stranded(&live) {
+                        tracing::error!(error = %e, "failing the jobs no live worker may take");
+                    }
+                    (behind, expired)
                 });
                 match step.await {
                     Ok((behind, expired)) => {

@@ -101,8 +101,8 @@ pub struct JobMeta {
     pub finished_ms: i64,
     /// Why the job failed (`cancelled` for a cancelled job); empty otherwise.
     pub error: String,
-    /// Strikes (retryable failures, lease expiries) per worker id; a worker at the blocklist threshold gets no
-    /// more of this job's tasks. Failures blamed on the input or on memory are not strikes.
+    /// Strikes (retryable failures, lease expiries) per worker name ([`WorkerId::by_name`]: a worker keeps
+    /// them when it registers again); a worker at the blocklist threshold gets no more of this job's tasks. Failures blamed on the input or on memory are not strikes.
     pub strikes: BTreeMap<WorkerId, u32>,
     /// A job with stage work ([`JobKind::has_stage_work`]): the image of each finished stage, in order (a
     /// tiled job's stitched scales, coarsest first; a sweep's contact sheet).
@@ -135,11 +135,11 @@ pub struct TaskRecord {
     pub error: String,
     /// Earliest time (unix ms) of the next attempt (retry backoff).
     pub not_before_ms: i64,
-    /// The distinct workers that reported `error` as non-retryable (the input's fault), in report order;
-    /// emptied when an attempt fails with another error.
+    /// The distinct workers (by name) that reported `error` as non-retryable (the input's fault), in report
+    /// order; emptied when an attempt fails with another error.
     #[serde(default)]
     pub permanent_error_workers: Vec<WorkerId>,
-    /// The workers whose device ran out of memory on this task: the task goes to another worker first
+    /// The workers (by name) whose device ran out of memory on this task: the task goes to another worker first
     /// (see [`crate::scheduler::FailureKind::OutOfMemory`]).
     #[serde(default)]
     pub out_of_memory_on: Vec<WorkerId>,
@@ -286,6 +286,7 @@ mod tests {
             },
             priority: 0,
             max_attempts: 0,
+            worker_tags: Vec::new(),
         }
     }
 

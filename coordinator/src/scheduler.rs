@@ -38,7 +38,14 @@ pub struct SchedulerConfig {
     /// ([`Scheduler::delete_finished_before`], swept every [`KEEP_FINISHED_SWEEP`], or every half of this
     /// when shorter); `None`: kept until a client deletes it (DeleteJob).
     pub keep_finished: Option<Duration>,
+    /// How long a job waits while every live worker is blocklisted for it (none may take its queued tasks)
+    /// before it fails ([`Scheduler::fail_stranded`]): time for other workers to come (a cluster scaling
+    /// up). `Duration::ZERO`: at once.
+    pub no_worker_left: Duration,
 }
+
+/// [`SchedulerConfig::no_worker_left`] unless configured: 10 minutes, time for a cluster to start GPU nodes.
+pub const DEFAULT_NO_WORKER_LEFT: Duration = Duration::from_secs(600);
 
 /// How often, at most, the coordinator looks for finished jobs past [`SchedulerConfig::keep_finished`].
 pub const KEEP_FINISHED_SWEEP: Duration = Duration::from_secs(60);
@@ -59,6 +66,7 @@ impl Default for SchedulerConfig {
             max_backoff: Duration::from_secs(30),
             max_unfinished_jobs: DEFAULT_MAX_UNFINISHED_JOBS,
             keep_finished: None,
+            no_worker_left: DEFAULT_NO_WORKER_LEFT,
         }
     }
 }
@@ -168,6 +176,10 @@ struct State {
     next_id: u64,
     /// Jobs and tasks by state, kept as they change ([`Scheduler::counts`]).
     tally: Tally,
+    /// Jobs that blocklisted a worker, unfinished when added: those [`Scheduler::fail_stranded`] looks at.
+    blocklisting: BTreeSet<JobId>,
+    /// Since when (ms since the Unix epoch) each job has been found with no live worker left to take it.
+    stranded_since: HashMap<JobId, i64>,
 }
 
 /// The number of jobs and tasks in each state, moved by every change of state ([`set_task_state`],
@@ -334,6 +346,11 @@ impl Scheduler {
                 state.tally.add_task(t.state);
             }
             state.tally.add_job(meta.state);
+            if !meta.state.is_terminal()
+                && meta.strikes.values().any(|&s| s >= config.blocklist_after)
+            {
+                state.blocklisting.insert(meta.id.clone());
+            }
             state.jobs.insert(
                 meta.id.clone(),
                 Job {
@@ -459,29 +476,46 @@ impl Scheduler {
         Ok((id, true))
     }
 
-    /// Hands the next task to `worker`, if one is ready: the highest priority, oldest job first; not a task of
-    /// a job that blocklisted the worker, nor one waiting out a retry backoff.
+    /// Hands the next task to `worker` (a worker without tags), if one is ready: [`Scheduler::lease_tagged`].
     pub fn lease(&self, worker: &WorkerId) -> Result<Option<Lease>, SchedulerError> {
+        self.lease_tagged(worker, &[])
+    }
+
+    /// Hands the next task to `worker`, whose tags are `tags`, if one is ready: the highest priority, oldest
+    /// job first; not a task of a job that blocklisted the worker or asks for a tag it lacks
+    /// ([`JobSpec::runs_on`]), nor one waiting out a retry backoff.
+    pub fn lease_tagged(
+        &self,
+        worker: &WorkerId,
+        tags: &[String],
+    ) -> Result<Option<Lease>, SchedulerError> {
         // expire() does nothing while the store holds writes back; lease_ready then refuses
         self.expire()?;
-        self.lease_ready(worker)
+        self.lease_ready(worker, tags)
     }
 
     /// [`Scheduler::lease`] without expiring the leases past their deadline first (which waits for the
     /// store's commit): what [`Scheduler::lease_wait`] calls on an async thread; the coordinator's loop
     /// expires leases every 250 ms and wakes the waiters when tasks come back.
-    fn lease_ready(&self, worker: &WorkerId) -> Result<Option<Lease>, SchedulerError> {
+    fn lease_ready(
+        &self,
+        worker: &WorkerId,
+        tags: &[String],
+    ) -> Result<Option<Lease>, SchedulerError> {
         self.writable()?;
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
         let st = &mut *st;
         let lease_ms = self.config.lease.as_millis() as i64;
+        // strikes and out-of-memory reports count by the worker's name (whichever registration it is)
+        let name = worker.by_name();
         let pick = st.queue.iter().find(|(_, _, index, job_id)| {
             let job = &st.jobs[job_id];
             let task = &job.tasks[*index as usize];
-            let ran_out_here = task.out_of_memory_on.contains(worker);
+            let ran_out_here = task.out_of_memory_on.contains(&name);
             task.not_before_ms + if ran_out_here { lease_ms } else { 0 } <= now
-                && job.meta.strikes.get(worker).copied().unwrap_or(0) < self.config.blocklist_after
+                && job.meta.strikes.get(&name).copied().unwrap_or(0) < self.config.blocklist_after
+                && job.meta.spec.runs_on(tags)
         });
         let Some(key) = pick.cloned() else {
             return Ok(None);
@@ -528,17 +562,19 @@ impl Scheduler {
         }))
     }
 
-    /// Waits up to `wait` for a task for `worker`. Never waits for the store (it runs on an async thread):
-    /// leases past their deadline are expired by the coordinator's loop, which wakes the waiters.
+    /// Waits up to `wait` for a task for `worker`, whose tags are `tags`. Never waits for the store (it runs
+    /// on an async thread): leases past their deadline are expired by the coordinator's loop, which wakes
+    /// the waiters.
     pub async fn lease_wait(
         &self,
         worker: &WorkerId,
+        tags: &[String],
         wait: Duration,
     ) -> Result<Option<Lease>, SchedulerError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.work.notified();
-            if let Some(lease) = self.lease_ready(worker)? {
+            if let Some(lease) = self.lease_ready(worker, tags)? {
                 return Ok(Some(lease));
             }
             // a backoff or a lease expiry can make work ready without a notification: poll at least every 250 ms
@@ -682,10 +718,11 @@ impl Scheduler {
             return Ok(());
         }
         if kind == FailureKind::Retryable {
-            let strikes = job.meta.strikes.entry(lease.worker.clone()).or_default();
+            let strikes = job.meta.strikes.entry(lease.worker.by_name()).or_default();
             *strikes += 1;
             if *strikes == self.config.blocklist_after {
                 self.metrics.blocklisted.inc();
+                st.blocklisting.insert(lease.job_id.clone());
             }
         }
         let max = if job.meta.spec.max_attempts > 0 {
@@ -698,11 +735,12 @@ impl Scheduler {
             task.error = error.to_string();
             task.permanent_error_workers.clear();
         }
-        if kind == FailureKind::Permanent && !task.permanent_error_workers.contains(&lease.worker) {
-            task.permanent_error_workers.push(lease.worker.clone());
+        let name = lease.worker.by_name();
+        if kind == FailureKind::Permanent && !task.permanent_error_workers.contains(&name) {
+            task.permanent_error_workers.push(name.clone());
         }
-        if kind == FailureKind::OutOfMemory && !task.out_of_memory_on.contains(&lease.worker) {
-            task.out_of_memory_on.push(lease.worker.clone());
+        if kind == FailureKind::OutOfMemory && !task.out_of_memory_on.contains(&name) {
+            task.out_of_memory_on.push(name);
         }
         let reason = if task.permanent_error_workers.len() >= PERMANENT_CONFIRMATIONS {
             Some(format!(
@@ -799,6 +837,89 @@ impl Scheduler {
         store::wait(durable)?;
         self.changed(job_id);
         Ok(())
+    }
+
+    /// Fails the unfinished jobs that no live worker may take any more, once they have been so for
+    /// [`SchedulerConfig::no_worker_left`]: tasks queued, none running, and every worker of `live` (those
+    /// heard from lately, with their tags) that the job may run on ([`JobSpec::runs_on`]) blocklisted for
+    /// it. With none that it may run on, it waits, as for workers that have not come yet. Such a job would otherwise wait forever, e.g. `stylefarm
+    /// local --workers 1` after three failures on different tasks (Flamenco fails a job with no worker left
+    /// to run it). With no live worker at all, jobs wait: workers may come (a cluster scaling up from zero).
+    /// Called every 250 ms by the coordinator; returns the jobs failed.
+    pub fn fail_stranded(
+        &self,
+        live: &[(WorkerId, Vec<String>)],
+    ) -> Result<Vec<JobId>, SchedulerError> {
+        if live.is_empty() || self.store.behind().is_some() {
+            self.state.lock().unwrap().stranded_since.clear();
+            return Ok(Vec::new());
+        }
+        self.writable()?;
+        let now = now_ms();
+        let grace = self.config.no_worker_left.as_millis() as i64;
+        let mut st = self.state.lock().unwrap();
+        let (mut failed, mut ops, mut stranded) = (Vec::new(), Vec::new(), HashMap::new());
+        for job_id in st.blocklisting.clone() {
+            let Some(job) = st.jobs.get(&job_id).filter(|j| !j.meta.state.is_terminal()) else {
+                st.blocklisting.remove(&job_id);
+                continue;
+            };
+            let blocked = |w: &WorkerId| {
+                job.meta.strikes.get(&w.by_name()).copied().unwrap_or(0)
+                    >= self.config.blocklist_after
+            };
+            let eligible: Vec<&WorkerId> = live
+                .iter()
+                .filter(|(_, tags)| job.meta.spec.runs_on(tags))
+                .map(|(id, _)| id)
+                .collect();
+            let queued = job.tasks.iter().find(|t| t.state == TaskState::Pending);
+            let no_worker_left = job.leases.is_empty()
+                && !eligible.is_empty()
+                && eligible.iter().all(|w| blocked(w));
+            let Some(task) = queued.filter(|_| no_worker_left) else {
+                continue;
+            };
+            let since = st.stranded_since.get(&job_id).copied().unwrap_or(now);
+            if now - since < grace {
+                stranded.insert(job_id, since);
+                continue;
+            }
+            let mut names: Vec<&str> = eligible.iter().take(5).map(|w| w.as_str()).collect();
+            if eligible.len() > names.len() {
+                names.push("...");
+            }
+            let reason = format!(
+                "no worker left to run it: every live worker ({}: {}) is blocklisted for this job ({} \
+                 failures on it), for {} s now; task {} ({}) last failed with: {}",
+                eligible.len(),
+                names.join(", "),
+                self.config.blocklist_after,
+                (now - since) / 1000,
+                task.index,
+                task.spec.label,
+                if task.error.is_empty() { "no error recorded" } else { &task.error },
+            );
+            self.finish_job(&mut st, &job_id, JobState::Failed, &reason, &mut ops)?;
+            st.blocklisting.remove(&job_id);
+            failed.push(job_id);
+        }
+        // a job that a worker may take again starts its wait over when next stranded
+        st.stranded_since = stranded;
+        if ops.is_empty() {
+            return Ok(failed);
+        }
+        let durable = self.store.write(ops);
+        drop(st);
+        store::wait(durable)?;
+        for job_id in &failed {
+            tracing::warn!(
+                job_id = job_id.as_str(),
+                "job failed: every live worker is blocklisted"
+            );
+            self.changed(job_id);
+        }
+        Ok(failed)
     }
 
     /// Sweeps and tiled jobs whose every task succeeded, waiting for the coordinator's step (a contact
@@ -1280,6 +1401,7 @@ mod tests {
             params: RenderParams::default(),
             priority,
             max_attempts: 0,
+            worker_tags: Vec::new(),
         }
     }
 
@@ -1398,6 +1520,7 @@ mod tests {
         });
         let spec = JobSpec {
             max_attempts: 10,
+            worker_tags: Vec::new(),
             ..batch(1, 0)
         };
         let (first, _) = s.submit(spec, "").unwrap();
@@ -1439,9 +1562,137 @@ mod tests {
         assert_eq!(s.get(&first).unwrap().meta.strikes["v"], 1);
         assert!(s.lease(&w("v")).unwrap().is_none(), "blocklisted");
         assert!(
+            s.lease(&w("v#2")).unwrap().is_none(),
+            "blocklisted when registered again: strikes count by name"
+        );
+        assert!(
             s.lease(&w("x")).unwrap().is_some(),
             "the task is ready for others"
         );
+    }
+
+    /// A job that asks for tags goes only to workers with all of them; one that asks for none, to any. Only
+    /// the workers it may run on count for [`Scheduler::fail_stranded`]: with none of them live it waits.
+    #[test]
+    fn a_job_with_worker_tags_goes_to_the_workers_with_them() {
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            blocklist_after: 1,
+            default_max_attempts: 10,
+            no_worker_left: Duration::ZERO,
+            ..Default::default()
+        });
+        let tags = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        let (gpu_job, _) = s
+            .submit(
+                JobSpec {
+                    worker_tags: tags(&["gpu"]),
+                    ..batch(1, 5)
+                },
+                "",
+            )
+            .unwrap();
+        assert!(
+            s.lease(&w("plain")).unwrap().is_none(),
+            "an untagged worker"
+        );
+        assert!(s
+            .lease_tagged(&w("cpu"), &tags(&["cpu"]))
+            .unwrap()
+            .is_none());
+        let big = tags(&["a100", "gpu"]);
+        let l = s.lease_tagged(&w("big"), &big).unwrap().unwrap();
+        assert_eq!(l.task.id.job, gpu_job);
+        // an untagged job: any worker, tagged or not
+        let (any_job, _) = s.submit(batch(1, 0), "").unwrap();
+        let l2 = s.lease_tagged(&w("cpu"), &tags(&["cpu"])).unwrap().unwrap();
+        assert_eq!(l2.task.id.job, any_job);
+        // the only gpu worker blocklisted: the cpu worker does not count, the job has no worker left
+        s.fail(&l.lease_id, "crash", FailureKind::Retryable)
+            .unwrap();
+        let live = vec![(w("cpu"), tags(&["cpu"]))];
+        assert!(
+            s.fail_stranded(&live).unwrap().is_empty(),
+            "none it may run on: wait"
+        );
+        let live = vec![(w("cpu"), tags(&["cpu"])), (w("big#2"), big)];
+        assert_eq!(s.fail_stranded(&live).unwrap(), vec![gpu_job.clone()]);
+        let error = s.get(&gpu_job).unwrap().meta.error;
+        assert!(error.contains("(1: big#2)"), "{error}");
+    }
+
+    /// Live workers without tags, for [`Scheduler::fail_stranded`].
+    fn untagged(ids: &[&str]) -> Vec<(WorkerId, Vec<String>)> {
+        ids.iter().map(|id| (w(id), Vec::new())).collect()
+    }
+
+    /// A job that every live worker is blocklisted for fails, naming them and the last error, once it has
+    /// waited `no_worker_left` for another, instead of waiting forever; not while another live worker may
+    /// take it, a task of it runs, or no worker is live; and the same after a restart (strikes are stored).
+    #[test]
+    fn a_job_no_live_worker_may_take_fails() {
+        let store = Arc::new(MemoryStore::default());
+        let grace = Duration::from_millis(200);
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            blocklist_after: 2,
+            default_max_attempts: 10,
+            no_worker_left: grace,
+            ..Default::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let (job, _) = s.submit(batch(3, 0), "").unwrap();
+        let (other, _) = s.submit(batch(1, -1), "").unwrap();
+        for error in ["crash 1", "crash 2"] {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            assert_eq!(l.task.id.job, job);
+            s.fail(&l.lease_id, error, FailureKind::Retryable).unwrap();
+        }
+        assert_eq!(s.get(&job).unwrap().meta.strikes["a"], 2);
+        // "b" may still take it; no live worker: wait for one
+        for live in [untagged(&["a", "b"]), vec![]] {
+            assert!(s.fail_stranded(&live).unwrap().is_empty());
+        }
+        // a task running on "b" may yet succeed; a wait that a live worker interrupts starts over
+        assert!(s.fail_stranded(&untagged(&["a"])).unwrap().is_empty());
+        std::thread::sleep(grace + Duration::from_millis(20));
+        let running = s.lease(&w("b")).unwrap().unwrap();
+        assert!(s.fail_stranded(&untagged(&["a"])).unwrap().is_empty());
+        s.fail(&running.lease_id, "crash 3", FailureKind::Retryable)
+            .unwrap();
+        let restarted = Scheduler::new(config, store).unwrap();
+        for s in [&s, &restarted] {
+            // no worker left ("a" registered again is still "a"): the job waits `no_worker_left` for one
+            // to come, then fails
+            let live = untagged(&["a#2"]);
+            assert!(
+                s.fail_stranded(&live).unwrap().is_empty(),
+                "the wait starts"
+            );
+            std::thread::sleep(grace / 2);
+            assert!(s.fail_stranded(&live).unwrap().is_empty(), "still waiting");
+            std::thread::sleep(grace / 2 + Duration::from_millis(20));
+            assert_eq!(s.fail_stranded(&live).unwrap(), vec![job.clone()]);
+            let view = s.get(&job).unwrap();
+            assert_eq!(view.meta.state, JobState::Failed);
+            assert!(
+                view.meta.error.starts_with("no worker left to run it")
+                    && view.meta.error.contains("(1: a#2)")
+                    && view.meta.error.contains("crash"),
+                "{}",
+                view.meta.error
+            );
+            assert!(view
+                .tasks
+                .iter()
+                .all(|(t, _)| t.state != TaskState::Pending));
+            // another job is not held by the blocklist
+            assert_eq!(s.get(&other).unwrap().meta.state, JobState::Queued);
+            assert!(
+                s.fail_stranded(&untagged(&["a"])).unwrap().is_empty(),
+                "once"
+            );
+        }
     }
 
     #[test]
@@ -1920,7 +2171,7 @@ mod tests {
             .build()
             .unwrap();
         let started = std::time::Instant::now();
-        let leased = runtime.block_on(s.lease_wait(&w("w2"), Duration::ZERO));
+        let leased = runtime.block_on(s.lease_wait(&w("w2"), &[], Duration::ZERO));
         assert!(
             leased.unwrap().is_none(),
             "the lapsed lease is not expired here"

@@ -473,6 +473,7 @@ impl WorkerService for WorkerApi {
         if r.name.is_empty() || r.name.len() > 200 {
             return Err(Error::invalid("name", "1 to 200 characters").into());
         }
+        stylefarm_core::job::check_tags("tags", &r.tags).map_err(Error::from)?;
         let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
         let worker_id = WorkerId::new(format!("{}#{n}", r.name));
         tracing::info!(
@@ -480,11 +481,12 @@ impl WorkerService for WorkerApi {
             device = r.device,
             memory_bytes = r.memory_bytes,
             version = r.version,
+            tags = r.tags.join(","),
             "worker registered"
         );
         self.coordinator
             .workers
-            .register(&worker_id, &r.device, r.memory_bytes);
+            .register(&worker_id, &r.device, r.memory_bytes, &r.tags);
         let config = self.coordinator.scheduler.config();
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: worker_id.into(),
@@ -501,17 +503,21 @@ impl WorkerService for WorkerApi {
             worker_id,
             wait_ms,
             memory_used_bytes,
+            tags,
         } = request.into_inner();
         let worker_id = WorkerId::from(worker_id);
         if worker_id.is_empty() {
             return Err(Error::invalid("worker_id", "missing").into());
         }
-        self.coordinator.workers.seen(&worker_id, memory_used_bytes);
+        stylefarm_core::job::check_tags("tags", &tags).map_err(Error::from)?;
+        self.coordinator
+            .workers
+            .seen(&worker_id, memory_used_bytes, Some(&tags));
         let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
         let lease = self
             .coordinator
             .scheduler
-            .lease_wait(&worker_id, wait)
+            .lease_wait(&worker_id, &tags, wait)
             .await
             .map_err(Error::from)?;
         let Some(lease) = lease else {
@@ -539,7 +545,7 @@ impl WorkerService for WorkerApi {
         if !worker_id.is_empty() {
             self.coordinator
                 .workers
-                .seen(&worker_id, r.memory_used_bytes);
+                .seen(&worker_id, r.memory_used_bytes, None);
         }
         if lease_id.is_empty() {
             return Ok(Response::new(pb::HeartbeatResponse {
@@ -666,6 +672,7 @@ mod tests {
             params: Default::default(),
             priority: 0,
             max_attempts: 0,
+            worker_tags: Vec::new(),
         }
     }
 

@@ -195,6 +195,8 @@ pub struct TaskRow {
     pub iterations: u32,
     /// The objective at `iteration`.
     pub loss: Option<f64>,
+    /// Seconds left, as its worker's engine estimates them, while it runs.
+    pub eta_s: Option<f64>,
     /// The result's sha256, once succeeded.
     pub result: String,
     /// The last failed attempt's error.
@@ -210,6 +212,8 @@ pub struct WorkerRow {
     pub id: String,
     /// "cpu", "cuda:0", ...; empty when unknown (a worker seen without its registration).
     pub device: String,
+    /// Its tags (jobs asking for tags go only to workers with all of them).
+    pub tags: Vec<String>,
     /// The device's memory, bytes; 0: unknown.
     pub memory_bytes: u64,
     /// The memory in use as last reported, bytes (the device's on a GPU, the process's on a CPU); 0:
@@ -251,6 +255,9 @@ fn task_row(t: &TaskRecord, p: Option<&TaskProgress>) -> TaskRow {
         iteration: p.map_or(0, |p| p.iteration),
         iterations: p.map_or(0, |p| p.iterations),
         loss: p.map(|p| p.losses.total),
+        eta_s: p
+            .filter(|p| t.state == TaskState::Running && p.eta_seconds > 0.0)
+            .map(|p| p.eta_seconds),
         result: t
             .result
             .as_ref()
@@ -405,6 +412,7 @@ impl Coordinator {
                 WorkerRow {
                     id: id.to_string(),
                     device: w.device,
+                    tags: w.tags,
                     memory_bytes: w.memory_bytes,
                     memory_used_bytes: w.memory_used_bytes,
                     last_seen_s: silent_for.as_secs_f64(),

@@ -28,6 +28,8 @@ pub struct WorkerInfo {
     pub memory_used_bytes: u64,
     /// When the worker last registered or called.
     pub last_seen: Instant,
+    /// Its tags, as it last said (registering or asking for a task).
+    pub tags: Vec<String>,
 }
 
 /// The workers by id.
@@ -45,7 +47,7 @@ impl Registry {
     }
 
     /// Records a worker's registration.
-    pub fn register(&self, id: &WorkerId, device: &str, memory_bytes: u64) {
+    pub fn register(&self, id: &WorkerId, device: &str, memory_bytes: u64, tags: &[String]) {
         let mut workers = self.workers();
         if workers.len() >= MAX_WORKERS {
             if let Some(cutoff) = Instant::now().checked_sub(LIVE_WINDOW) {
@@ -59,13 +61,14 @@ impl Registry {
                 memory_bytes,
                 memory_used_bytes: 0,
                 last_seen: Instant::now(),
+                tags: tags.to_vec(),
             },
         );
     }
 
     /// Records that a worker called (a lease poll, a heartbeat), with the memory in use it reported (0:
-    /// unknown, and the last known value is kept).
-    pub fn seen(&self, id: &WorkerId, memory_used_bytes: u64) {
+    /// unknown, and the last known value is kept) and its tags when the call carries them (a lease poll).
+    pub fn seen(&self, id: &WorkerId, memory_used_bytes: u64, tags: Option<&[String]>) {
         let mut workers = self.workers();
         let room = workers.len() < MAX_WORKERS;
         match workers.get_mut(id) {
@@ -73,6 +76,11 @@ impl Registry {
                 w.last_seen = Instant::now();
                 if memory_used_bytes > 0 {
                     w.memory_used_bytes = memory_used_bytes;
+                }
+                if let Some(tags) = tags {
+                    if w.tags != tags {
+                        w.tags = tags.to_vec();
+                    }
                 }
             }
             None if room => {
@@ -83,6 +91,7 @@ impl Registry {
                         memory_bytes: 0,
                         memory_used_bytes,
                         last_seen: Instant::now(),
+                        tags: tags.map(<[String]>::to_vec).unwrap_or_default(),
                     },
                 );
             }
@@ -97,6 +106,16 @@ impl Registry {
             .values()
             .filter(|w| cutoff.is_none_or(|c| w.last_seen > c))
             .map(|w| w.memory_bytes)
+            .collect()
+    }
+
+    /// The workers heard from within [`LIVE_WINDOW`], with their tags.
+    pub fn live(&self) -> Vec<(WorkerId, Vec<String>)> {
+        let cutoff = Instant::now().checked_sub(LIVE_WINDOW);
+        self.workers()
+            .iter()
+            .filter(|(_, w)| cutoff.is_none_or(|c| w.last_seen > c))
+            .map(|(id, w)| (id.clone(), w.tags.clone()))
             .collect()
     }
 
@@ -136,19 +155,24 @@ mod tests {
     #[test]
     fn live_workers_count_with_their_memory_unknown_ones_with_zero() {
         let r = Registry::default();
-        r.register(&w("gpu#1"), "cuda:0", 80 << 30);
-        r.seen(&w("old#7"), 0);
-        r.seen(&w("gpu#1"), 5 << 30);
+        r.register(&w("gpu#1"), "cuda:0", 80 << 30, &["gpu".to_string()]);
+        r.seen(&w("old#7"), 0, None);
+        r.seen(&w("gpu#1"), 5 << 30, None);
         let mut live = r.live_memory();
         live.sort();
         assert_eq!(live, [0, 80 << 30]);
         assert_eq!(r.get(&w("gpu#1")).unwrap().device, "cuda:0");
         assert_eq!(r.get(&w("gpu#1")).unwrap().memory_used_bytes, 5 << 30);
         // an unknown reading keeps the last known one
-        r.seen(&w("gpu#1"), 0);
+        r.seen(&w("gpu#1"), 0, None);
         assert_eq!(r.get(&w("gpu#1")).unwrap().memory_used_bytes, 5 << 30);
+        // tags: from the registration, then as a lease poll says (a heartbeat carries none)
+        assert_eq!(r.get(&w("gpu#1")).unwrap().tags, ["gpu"]);
+        r.seen(&w("old#7"), 0, Some(&["cpu".to_string()]));
         // silent past the window: no longer counted
         r.workers().get_mut("old#7").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
         assert_eq!(r.live_memory(), [80 << 30]);
+        assert_eq!(r.live(), [(w("gpu#1"), vec!["gpu".to_string()])]);
+        assert_eq!(r.get(&w("old#7")).unwrap().tags, ["cpu"]);
     }
 }

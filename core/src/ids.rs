@@ -123,6 +123,18 @@ string_id! {
     WorkerId
 }
 
+impl WorkerId {
+    /// The worker's name as an id: this id without its `#n` (the coordinator gives each registration of a
+    /// name an id of its own; an id without `#` is its own name). What a worker's strikes and reports on a
+    /// job count by, so that a worker that registers again, e.g. after losing its connection, keeps them.
+    pub fn by_name(&self) -> WorkerId {
+        match self.0.rsplit_once('#') {
+            Some((name, _)) => WorkerId::new(name),
+            None => self.clone(),
+        }
+    }
+}
+
 /// A task of a job: the job's id and the task's index in it, written `job/index`.
 #[derive(
     Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
@@ -161,6 +173,13 @@ mod tests {
         assert_eq!([LeaseId::new("a"), LeaseId::new("b")], ["a", "b"]);
         let task = TaskId { job: id, index: 3 };
         assert_eq!(task.to_string(), "job-1a/3");
+    }
+
+    #[test]
+    fn a_worker_id_without_its_registration_number_is_its_name() {
+        assert_eq!(WorkerId::new("gpu-3#17").by_name(), "gpu-3");
+        assert_eq!(WorkerId::new("a#b#2").by_name(), "a#b");
+        assert_eq!(WorkerId::new("w1").by_name(), "w1");
     }
 
     #[test]

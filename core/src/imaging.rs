@@ -666,6 +666,17 @@ fn from_ycbcr([y, cb, cr]: [f64; 3]) -> [f64; 3] {
     .map(|v| v.clamp(0.0, 255.0))
 }
 
+/// The luminance (Y of full-range BT.601 YCbCr, rounded) of `img` in all three channels: the grey image
+/// that luminance-only transfer optimizes and takes its style from (Gatys et al. 2016, "Preserving Color
+/// in Neural Artistic Style Transfer").
+pub fn luminance(img: &RgbImage) -> RgbImage {
+    RgbImage::from_fn(img.width(), img.height(), |x, y| {
+        let [luma, _, _] = to_ycbcr(img.get_pixel(x, y).0.map(f64::from));
+        let v = luma.round().clamp(0.0, 255.0) as u8;
+        Rgb([v, v, v])
+    })
+}
+
 /// The luminance of `stylized` (RGB, 0..255) with the chroma of `content`.
 fn luma_with_chroma(stylized: [f64; 3], content: [u8; 3]) -> [f64; 3] {
     let [luma, _, _] = to_ycbcr(stylized);

@@ -15,6 +15,36 @@ pub use crate::ids::{ImageHash, TaskId};
 pub const MAX_TASKS_PER_JOB: usize = 10_000;
 /// Most content or style images of one job.
 pub const MAX_IMAGES_PER_JOB: usize = 1_000;
+/// Most attempts per task a job may ask for (or a coordinator default to).
+pub const MAX_ATTEMPTS: u32 = 100;
+/// Most tags a worker may have, or a job ask for.
+pub const MAX_TAGS: usize = 16;
+/// Longest tag, in characters.
+pub const MAX_TAG_CHARS: usize = 64;
+
+/// Checks a list of worker tags (a worker's, or those a job asks for): at most [`MAX_TAGS`], each 1 to
+/// [`MAX_TAG_CHARS`] letters, digits, `-`, `_` or `.`; the error names `field`.
+pub fn check_tags(field: &'static str, tags: &[String]) -> Result<(), Error> {
+    if tags.len() > MAX_TAGS {
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_TAGS} tags, got {}", tags.len()),
+        ));
+    }
+    for tag in tags {
+        let ok = (1..=MAX_TAG_CHARS).contains(&tag.len())
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !ok {
+            return Err(Error::invalid(
+                field,
+                format!("tag {tag:?}: 1 to {MAX_TAG_CHARS} letters, digits, '-', '_' or '.'"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// What a job renders, with the parameters of its kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,8 +196,12 @@ pub struct JobSpec {
     pub params: RenderParams,
     /// Higher runs first; equal priorities in submission order.
     pub priority: i32,
-    /// Attempts per task before the job fails; 0: the coordinator's default.
+    /// Attempts per task before the job fails, at most [`MAX_ATTEMPTS`]; 0: the coordinator's default.
     pub max_attempts: u32,
+    /// Only workers with every one of these tags take the job's tasks (as Flamenco's worker tags: e.g.
+    /// `gpu` for a large tiled job in a farm with CPU workers too); none: any worker ([`check_tags`]).
+    #[serde(default)]
+    pub worker_tags: Vec<String>,
 }
 
 /// Where a task of a tiled job's later scale sits: its scale of the pyramid and its part of that scale's
@@ -298,6 +332,11 @@ impl JobSpec {
             .iter()
             .chain(&self.styles)
             .chain(self.params.init.image())
+    }
+
+    /// Whether a worker with `tags` may take the job's tasks: it has every tag the job asks for.
+    pub fn runs_on(&self, tags: &[String]) -> bool {
+        self.worker_tags.iter().all(|t| tags.contains(t))
     }
 
     /// Checks the spec and expands it into its tasks, in a stable order; an error names the field.
@@ -511,6 +550,13 @@ impl JobSpec {
     /// [`Tiling::validate_stored`]); an error names the field.
     pub fn check_new(&self) -> Result<Vec<TaskSpec>, Error> {
         let tasks = self.tasks()?;
+        check_tags("worker_tags", &self.worker_tags)?;
+        if self.max_attempts > MAX_ATTEMPTS {
+            return Err(Error::invalid(
+                "max_attempts",
+                format!("at most {MAX_ATTEMPTS}, got {}", self.max_attempts),
+            ));
+        }
         if let Some(tiling) = self.kind.tiling() {
             tiling.validate()?;
         }
@@ -688,6 +734,7 @@ mod tests {
             params: RenderParams::default(),
             priority: 0,
             max_attempts: 0,
+            worker_tags: Vec::new(),
         }
     }
 

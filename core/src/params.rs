@@ -276,6 +276,13 @@ macro_rules! render_options {
             style_scale: f64 = 1.0, Range::UpTo(MAX_STYLE_SCALE), sweep: true;
             /// Keep the content's colours (the output's luminance with the content's chroma).
             original_colors: bool = false, Range::Any, sweep: false;
+            /// Luminance-only transfer (Gatys et al. 2016): the style taken from the style images' luminance
+            /// alone, the content's luminance optimized, and the content's chroma put back.
+            luminance_only: bool = false, Range::Any, sweep: false;
+            /// Tiled jobs: each tile matches the style's Gram matrices alone, ALGORITHM.md's global targets,
+            /// instead of those plus the tile's own deviation from its canvas at the start of the scale (the
+            /// default, closer to an untiled render: BENCHMARKS.md, "Seams and style loss").
+            global_style_targets: bool = false, Range::Any, sweep: false;
             /// Number of scales: the first at size / 2^(scales-1), each next one twice as large.
             scales: u32 = 1, Range::Between(1, MAX_SCALES as u64), sweep: false;
         }

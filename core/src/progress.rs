@@ -46,4 +46,6 @@ pub struct TaskProgress {
     pub iterations: u32,
     /// The losses of the image at `iteration`.
     pub losses: LossTerms,
+    /// Seconds left in the task, as its engine estimates them from its rate so far (0: not known).
+    pub eta_seconds: f64,
 }

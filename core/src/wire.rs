@@ -223,6 +223,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
                 .and_then(RenderParams::try_from)?,
             priority: s.priority,
             max_attempts: s.max_attempts,
+            worker_tags: s.worker_tags,
         };
         spec.expand()
     }
@@ -262,6 +263,7 @@ impl From<&JobSpec> for pb::JobSpec {
             params: Some((&s.params).into()),
             priority: s.priority,
             max_attempts: s.max_attempts,
+            worker_tags: s.worker_tags.clone(),
         }
     }
 }
@@ -288,6 +290,9 @@ impl From<pb::Losses> for LossTerms {
     }
 }
 
+/// The longest ETA a progress report keeps (a year, in seconds): beyond it, an estimate says nothing.
+pub const MAX_ETA_SECONDS: f64 = 365.0 * 86_400.0;
+
 impl From<&TaskProgress> for pb::Progress {
     fn from(p: &TaskProgress) -> Self {
         pb::Progress {
@@ -296,12 +301,14 @@ impl From<&TaskProgress> for pb::Progress {
             iteration: p.iteration,
             iterations: p.iterations,
             losses: Some((&p.losses).into()),
+            eta_seconds: p.eta_seconds,
         }
     }
 }
 
 impl From<pb::Progress> for TaskProgress {
-    /// Unset losses are zeros.
+    /// Unset losses are zeros; an ETA that is negative or not a number is 0 (not known), one beyond
+    /// [`MAX_ETA_SECONDS`] that.
     fn from(p: pb::Progress) -> Self {
         TaskProgress {
             scale: p.scale,
@@ -309,6 +316,11 @@ impl From<pb::Progress> for TaskProgress {
             iteration: p.iteration,
             iterations: p.iterations,
             losses: p.losses.unwrap_or_default().into(),
+            eta_seconds: if p.eta_seconds >= 0.0 {
+                p.eta_seconds.min(MAX_ETA_SECONDS)
+            } else {
+                0.0
+            },
         }
     }
 }
@@ -470,6 +482,7 @@ mod tests {
             },
             priority: 3,
             max_attempts: 2,
+            worker_tags: Vec::new(),
         }
     }
 
@@ -519,6 +532,27 @@ mod tests {
                 assert_eq!(Task::try_from(pb::Task::from(&task)).unwrap(), task);
             }
         }
+    }
+
+    #[test]
+    fn a_progress_report_keeps_a_sane_eta() {
+        let eta = |eta_seconds: f64| {
+            TaskProgress::from(pb::Progress {
+                eta_seconds,
+                ..Default::default()
+            })
+            .eta_seconds
+        };
+        assert_eq!(eta(12.5), 12.5);
+        for bad in [-1.0, f64::NAN, f64::NEG_INFINITY] {
+            assert_eq!(eta(bad), 0.0, "{bad}");
+        }
+        assert_eq!(eta(f64::INFINITY), MAX_ETA_SECONDS);
+        let p = TaskProgress {
+            eta_seconds: 3.0,
+            ..Default::default()
+        };
+        assert_eq!(TaskProgress::from(pb::Progress::from(&p)), p);
     }
 
     #[test]

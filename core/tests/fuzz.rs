@@ -1381,7 +1381,9 @@ fn kind(styles: usize) -> BoxedStrategy<JobKind> {
 
 /// The fields a job's errors may name besides a parameter's (a job's kind and its parameters are one value
 /// now: no field names a tiling on a job of another kind).
-const JOB_ONLY_FIELDS: [&str; 7] = [
+const JOB_ONLY_FIELDS: [&str; 9] = [
+    "max_attempts",
+    "worker_tags",
     "contents",
     "styles",
     "tile_size",
@@ -1459,6 +1461,7 @@ fn fuzz_tiled_jobs() {
                 params,
                 priority: 0,
                 max_attempts: 0,
+                worker_tags: Vec::new(),
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -1716,6 +1719,7 @@ fn fuzz_sweep_jobs() {
                 params,
                 priority: 0,
                 max_attempts: 0,
+                worker_tags: Vec::new(),
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -2101,6 +2105,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
                 params: Some(params),
                 priority: 0,
                 max_attempts: 0,
+                worker_tags: Vec::new(),
             };
             for t in tweaks {
                 tweak_job(&mut wire, t);
@@ -2118,15 +2123,17 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
         prop_oneof![1 => Just(None), 12 => wire_params_for(1).prop_map(Some)],
         any::<i32>(),
         any::<u32>(),
+        prop::collection::vec("[a-z.#-]{0,3}", 0..=2),
     )
         .prop_map(
-            |(kind, contents, styles, params, priority, max_attempts)| pb::JobSpec {
+            |(kind, contents, styles, params, priority, max_attempts, worker_tags)| pb::JobSpec {
                 kind,
                 contents,
                 styles,
                 params,
                 priority,
                 max_attempts,
+                worker_tags,
             },
         )
         .boxed()

@@ -100,7 +100,12 @@ impl Engine {
         tch::no_grad(|| {
             let mut grams: Vec<Option<Tensor>> = params.style_layers.iter().map(|_| None).collect();
             for (img, w) in styles.iter().zip(params.blend_weights(styles.len())) {
-                let img = imaging::resize_longest(img, side);
+                // luminance-only: the style's luminance, then resized (so that a grey image of it is the
+                // same style, bit for bit)
+                let img = match params.luminance_only {
+                    true => imaging::resize_longest(&imaging::luminance(img), side),
+                    false => imaging::resize_longest(img, side),
+                };
                 let of_image: Vec<Tensor> = match block {
                     Some(b) if img.width().max(img.height()) > b => {
                         blocked::image_grams(self, &img, b, params)?

@@ -108,6 +108,10 @@ pub struct Progress {
     pub losses: LossTerms,
     /// Seconds since the render started.
     pub elapsed: f64,
+    /// Seconds left, estimated: this scale's iterations left at its mean rate so far (from the scale's
+    /// start, its style and content targets done), and each later scale's at that rate times its pixels over
+    /// this scale's (an iteration's cost follows the pixels). The later scales' targets are not counted.
+    pub eta: f64,
 }
 
 impl From<&Progress> for TaskProgress {
@@ -119,7 +123,18 @@ impl From<&Progress> for TaskProgress {
             iteration: p.iteration,
             iterations: p.iterations,
             losses: p.losses,
+            eta_seconds: p.eta,
         }
+    }
+}
+
+/// An input image as the optimization sees it: its luminance in luminance-only transfer
+/// ([`RenderParams::luminance_only`]; the content's chroma is put back on the result), else itself.
+pub(crate) fn optimized(img: RgbImage, params: &RenderParams) -> RgbImage {
+    if params.luminance_only {
+        imaging::luminance(&img)
+    } else {
+        img
     }
 }
 
@@ -141,11 +156,12 @@ impl Engine {
             ..job.params.clone()
         };
         check_inputs(&params, (w, h), &job.styles, None)?;
-        let content = imaging::resize(&job.content, w, h);
+        let content = optimized(imaging::resize(&job.content, w, h), &params);
         let grams =
             self.style_grams(&job.styles, params.style_side(w.max(h)), &params, job.block)?;
         let targets = self.scale_targets(&content, &grams, &params, job.block)?;
-        let x = self.vgg().preprocessing().preprocess(image, self.device());
+        let image = optimized(image.clone(), &params);
+        let x = self.vgg().preprocessing().preprocess(&image, self.device());
         self.scale_losses(&x, &targets, &params)
     }
 
@@ -164,7 +180,8 @@ impl Engine {
                 let img = job.init_image.as_ref().ok_or_else(|| {
                     stylefarm_core::Error::invalid("init", format!("{init}: init image not loaded"))
                 })?;
-                pre.preprocess(&imaging::resize(img, w, h), self.device())
+                let img = optimized(imaging::resize(img, w, h), &job.params);
+                pre.preprocess(&img, self.device())
             }
         })
     }
@@ -202,7 +219,7 @@ impl Engine {
     ) -> Result<RgbImage, Error> {
         let x = self.optimize(job, style_for, on_progress)?;
         let out = self.vgg().preprocessing().deprocess(&x)?;
-        Ok(if job.params.original_colors {
+        Ok(if job.params.original_colors || job.params.luminance_only {
             imaging::original_colors(&out, &job.content)
         } else {
             out
@@ -222,7 +239,7 @@ impl Engine {
             on_progress,
         )?;
         let out = self.vgg().preprocessing().deprocess_f32(&x)?;
-        Ok(if job.params.original_colors {
+        Ok(if job.params.original_colors || job.params.luminance_only {
             imaging::original_colors_f32(&out, &job.content)
         } else {
             out
@@ -244,7 +261,7 @@ impl Engine {
         let scales = sizes.len() as u32;
         let mut x: Option<Tensor> = None;
         for (s, (&longest, &n)) in sizes.iter().zip(&iterations).enumerate() {
-            let content = imaging::resize_longest(&job.content, longest);
+            let content = optimized(imaging::resize_longest(&job.content, longest), params);
             let (w, h) = content.dimensions();
             let style = style_for(
                 self,
@@ -258,7 +275,16 @@ impl Engine {
                 }),
             };
             let mut evaluations = 0u32;
+            // for the ETA: the later scales' iterations in this scale's iterations (their pixels' ratio)
+            let pixels = |longest: u32| f64::from(longest).powi(2);
+            let later: f64 = (s + 1..sizes.len())
+                .map(|k| f64::from(iterations[k]) * pixels(sizes[k]) / pixels(longest))
+                .sum();
+            let scale_started = Instant::now();
             let mut report = |iteration: u32, losses: LossTerms| -> Result<(), Error> {
+                // the report of `iteration` comes after iteration + 1 evaluations
+                let rate = scale_started.elapsed().as_secs_f64() / f64::from(iteration + 1);
+                let left = f64::from(n.saturating_sub(iteration)) + later;
                 let progress = Progress {
                     scale: s as u32 + 1,
                     scales,
@@ -268,6 +294,7 @@ impl Engine {
                     height: h,
                     losses,
                     elapsed: started.elapsed().as_secs_f64(),
+                    eta: rate * left,
                 };
                 match on_progress(&progress) {
                     ControlFlow::Continue(()) => Ok(()),
@@ -319,8 +346,10 @@ impl Engine {
                     };
                     lbfgs.minimize(&mut xs, n as usize, &mut f)?
                 }
+                // the learning rate is in 0..255 units (ALGORITHM.md), the image in the weights' space
                 Optimizer::Adam => {
-                    Adam::new(params.learning_rate).minimize(&mut xs, n as usize, &mut f)?
+                    Adam::new(params.learning_rate * self.vgg().preprocessing().per_255())
+                        .minimize(&mut xs, n as usize, &mut f)?
                 }
             } as u32;
             flush(&mut unread, &mut report)?;

@@ -29,7 +29,8 @@ pub struct ScaleRender {
     pub target_block: u32,
     /// For a tile smaller than its canvas, the canvas' width and height: the tile's style targets are offset
     /// by the canvas' Gram matrices at the start of the scale ([`Engine::canvas_grams`],
-    /// [`Engine::tile_style_grams`]). `None` for the whole canvas.
+    /// [`Engine::tile_style_grams`]). `None` for the whole canvas, and with
+    /// [`RenderParams::global_style_targets`] (the style's Grams alone).
     pub canvas: Option<(u32, u32)>,
 }
 
@@ -85,9 +86,10 @@ pub fn tile_job(
             canvas: None,
         },
         ScalePart::Tile { tile_size, .. } => ScaleRender {
+            canvas: ((r.width, r.height) != (cw, ch) && !job.params.global_style_targets)
+                .then_some((cw, ch)),
             job,
             target_block: target_block(tile_size),
-            canvas: ((r.width, r.height) != (cw, ch)).then_some((cw, ch)),
         },
     })
 }
@@ -132,5 +134,55 @@ impl Engine {
             None,
         )?;
         Ok(global.offset(&own, canvas))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stylefarm_core::tiling::Rect;
+
+    /// A tile's targets are offset by its canvas' Grams, unless the job asks for the global targets alone;
+    /// its inputs are its window of the canvas either way.
+    #[test]
+    fn a_tile_is_offset_by_its_canvas_unless_the_targets_are_global() {
+        let content = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+        let previous = RgbImage::from_pixel(32, 24, image::Rgb([120, 110, 100]));
+        let task = ScaleTask {
+            scale: 1,
+            scales: 2,
+            canvas_width: 64,
+            canvas_height: 48,
+            part: ScalePart::Tile {
+                index: 0,
+                tiles: 2,
+                rect: Rect {
+                    x: 0,
+                    y: 0,
+                    width: 40,
+                    height: 48,
+                },
+                tile_size: 40,
+            },
+        };
+        let cut = |global_style_targets| {
+            let params = RenderParams {
+                global_style_targets,
+                ..Default::default()
+            };
+            tile_job(
+                &content,
+                vec![previous.clone()],
+                Some(&previous),
+                params,
+                &task,
+            )
+            .unwrap()
+        };
+        let (offset, global) = (cut(false), cut(true));
+        assert_eq!(offset.canvas, Some((64, 48)));
+        assert_eq!(global.canvas, None);
+        assert_eq!(offset.job.content, global.job.content);
+        assert_eq!(global.job.content.dimensions(), (40, 48));
     }
 }

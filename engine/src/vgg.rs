@@ -96,12 +96,19 @@ impl Preprocessing {
             .ok_or_else(|| Error::Input(format!("a {w} x {h} image from {} bytes", 3 * w * h)))
     }
 
+    /// One 0..255 grey level in this space: 1 for Caffe; 1 / 255 / 0.226 for torchvision (0.226: the mean of
+    /// its three standard deviations). What the settings given in 0..255 units (the noise init's sigma,
+    /// Adam's learning rate) are multiplied by.
+    pub fn per_255(self) -> f64 {
+        match self {
+            Preprocessing::Caffe => 1.0,
+            Preprocessing::Torchvision => 1.0 / 255.0 / 0.226,
+        }
+    }
+
     /// Standard deviation of the noise init in this space (jcjohnson: 0.001 in 0..255-scale units).
     pub fn noise_sigma(self) -> f64 {
-        match self {
-            Preprocessing::Caffe => 0.001,
-            Preprocessing::Torchvision => 0.001 / 255.0 / 0.226,
-        }
+        0.001 * self.per_255()
     }
 }
 

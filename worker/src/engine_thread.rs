@@ -64,6 +64,8 @@ enum TargetKey {
         layers: Vec<Layer>,
         pooling: Pooling,
         block: Option<u32>,
+        /// Luminance-only transfer's Grams are those of the images' luminance.
+        luminance_only: bool,
     },
     /// A tile's canvas at the start of its scale ([`Engine::canvas_grams`]): the previous scale's hash.
     Canvas {
@@ -72,6 +74,7 @@ enum TargetKey {
         layers: Vec<Layer>,
         pooling: Pooling,
         block: Option<u32>,
+        luminance_only: bool,
     },
 }
 
@@ -263,12 +266,17 @@ impl Resident {
                     layers: params.style_layers.clone(),
                     pooling: params.pooling,
                     block: req.style.block,
+                    luminance_only: params.luminance_only,
                 },
                 || engine.style_grams(&req.job.styles, side, params, req.style.block),
             )?;
             let Some(canvas) = &req.style.tile_canvas else {
                 return Ok(global);
             };
+            // the canvas' targets cost the canvas (a minute on a CPU for a large one): not once cancelled
+            if req.cancel.load(Ordering::Relaxed) {
+                return Err(stylefarm_engine::Error::Cancelled);
+            }
             let size = (canvas.width, canvas.height);
             let whole = cache.get(
                 TargetKey::Canvas {
@@ -277,6 +285,7 @@ impl Resident {
                     layers: params.style_layers.clone(),
                     pooling: params.pooling,
                     block: req.style.block,
+                    luminance_only: params.luminance_only,
                 },
                 || engine.canvas_grams(&canvas.previous, size, params, req.style.block),
             )?;

@@ -66,6 +66,9 @@ pub struct WorkerConfig {
     pub device_memory: Option<u64>,
     /// How the engine runs on its device.
     pub engine: EngineOptions,
+    /// The worker's tags: jobs that ask for tags go only to workers with all of them (checked by the
+    /// coordinator: `stylefarm_core::job::check_tags`).
+    pub tags: Vec<String>,
 }
 
 /// Decoded input images by hash, bounded by their decoded bytes (a batch of large photos must not pile
@@ -304,6 +307,7 @@ pub async fn run(
                 device: format!("{:?}", config.device).to_lowercase(),
                 memory_bytes,
                 version: env!("CARGO_PKG_VERSION").into(),
+                tags: config.tags.clone(),
             })
             .await;
         let registered = match registered {
@@ -336,6 +340,7 @@ pub async fn run(
                     worker_id: worker_id.to_string(),
                     wait_ms,
                     memory_used_bytes: memory_used.bytes(),
+                    tags: config.tags.clone(),
                 })
                 .await;
             let leased = match leased {

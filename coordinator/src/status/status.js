@@ -24,6 +24,13 @@ function ago(seconds) {
   return `${Math.round(seconds / 3600)} h ago`;
 }
 
+// A duration in seconds for people: "40 s", "3 min", "2.5 h".
+function span(s) {
+  if (s < 120) return `${Math.round(s)} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
 function elapsed(job, now) {
   const end = job.finished_ms || now;
   const s = Math.max(0, (end - job.submitted_ms) / 1000);
@@ -66,7 +73,8 @@ function taskRows(job) {
   const rows = job.tasks
     .map((t) => {
       const progress = t.state === "running" && t.iterations
-        ? `${t.iteration}/${t.iterations}${t.loss != null ? ` · loss ${t.loss.toPrecision(4)}` : ""}`
+        ? `${t.iteration}/${t.iterations}${t.loss != null ? ` · loss ${t.loss.toPrecision(4)}` : ""}${
+          t.eta_s != null ? ` · ${span(t.eta_s)} left` : ""}`
         : "";
       const thumb = t.result ? `<img src="${image(t.result, 128)}" alt="task ${t.index}">` : "";
       return `<tr class="task ${esc(t.state)}"><td>${t.index}</td><td>${esc(t.label)}</td>
@@ -156,7 +164,8 @@ function workerRow(w) {
     ? `${w.job_id ? `<code>${esc(w.job_id)}</code> #${w.task}` : "another tenant's task"}
        <progress max="1" value="${w.progress}"></progress>`
     : "";
-  return `<tr class="worker ${esc(w.health)}"><td><code>${esc(w.id)}</code></td><td>${esc(w.device || "?")}</td>
+  const tags = w.tags.map((t) => ` <span class="tag">${esc(t)}</span>`).join("");
+  return `<tr class="worker ${esc(w.health)}"><td><code>${esc(w.id)}</code>${tags}</td><td>${esc(w.device || "?")}</td>
     <td>${memory}</td><td><span class="badge ${esc(w.health)}">${esc(w.health)}</span></td><td>${task}</td>
     <td>${ago(w.last_seen_s)}</td></tr>`;
 }

@@ -172,6 +172,7 @@ pub(crate) mod tests {
             params: RenderParams::default(),
             priority: 0,
             max_attempts: 0,
+            worker_tags: Vec::new(),
         };
         let tasks = spec
             .tasks()
