@@ -25,7 +25,8 @@ pub(crate) struct WorkerArgs {
     /// VGG19 weights (.safetensors); default: the file deploy/setup.sh converts.
     #[arg(long, env = "STYLEFARM_WEIGHTS")]
     weights: Option<PathBuf>,
-    /// Name shown by the coordinator (default: host name and process id).
+    /// Name shown by the coordinator (default: host name and process id). Give each worker its own: a
+    /// worker's failures on a job (its strikes) count by name.
     #[arg(long)]
     name: Option<String>,
     /// A tag of this worker, e.g. gpu or a100 (repeat, or comma-separated in the variable): jobs submitted

@@ -182,6 +182,33 @@ struct State {
     stranded_since: HashMap<JobId, i64>,
 }
 
+/// A job's per-worker records by worker name ([`WorkerId::by_name`]), as this version keeps them: records
+/// of an earlier version keyed them by id (`name#n`), and one worker's registrations then counted apart
+/// (its strikes summed here; its reports once).
+fn by_worker_name(meta: &mut JobMeta, tasks: &mut [TaskRecord]) {
+    if meta.strikes.keys().any(|w| w.by_name() != *w) {
+        let mut strikes = BTreeMap::new();
+        for (worker, n) in std::mem::take(&mut meta.strikes) {
+            *strikes.entry(worker.by_name()).or_insert(0u32) += n;
+        }
+        meta.strikes = strikes;
+    }
+    let names = |workers: &mut Vec<WorkerId>| {
+        let mut named: Vec<WorkerId> = Vec::with_capacity(workers.len());
+        for worker in workers.drain(..) {
+            let name = worker.by_name();
+            if !named.contains(&name) {
+                named.push(name);
+            }
+        }
+        *workers = named;
+    };
+    for task in tasks {
+        names(&mut task.permanent_error_workers);
+        names(&mut task.out_of_memory_on);
+    }
+}
+
 /// The number of jobs and tasks in each state, moved by every change of state ([`set_task_state`],
 /// [`set_job_state`]) and added to as jobs and tasks arrive, so that the metrics read them without walking
 /// every task the coordinator has ever had.
@@ -324,7 +351,8 @@ impl Scheduler {
     /// (their leases died with it; a late result under one is discarded).
     pub fn new(config: SchedulerConfig, store: Arc<dyn Store>) -> Result<Scheduler, StoreError> {
         let mut state = State::default();
-        for (meta, mut tasks) in store.load()? {
+        for (mut meta, mut tasks) in store.load()? {
+            by_worker_name(&mut meta, &mut tasks);
             state.next_seq = state.next_seq.max(meta.seq + 1);
             if !meta.client_request_id.is_empty() {
                 state.by_request.insert(
@@ -856,7 +884,7 @@ impl Scheduler {
         }
         self.writable()?;
         let now = now_ms();
-        let grace = self.config.no_worker_left.as_millis() as i64;
+        let grace = i64::try_from(self.config.no_worker_left.as_millis()).unwrap_or(i64::MAX);
         let mut st = self.state.lock().unwrap();
         let (mut failed, mut ops, mut stranded) = (Vec::new(), Vec::new(), HashMap::new());
         for job_id in st.blocklisting.clone() {
@@ -1619,6 +1647,29 @@ mod tests {
         assert_eq!(s.fail_stranded(&live).unwrap(), vec![gpu_job.clone()]);
         let error = s.get(&gpu_job).unwrap().meta.error;
         assert!(error.contains("(1: big#2)"), "{error}");
+    }
+
+    /// Records of a version that keyed strikes and reports by worker id (`name#n`) load by name: one
+    /// worker's registrations summed, its reports counted once.
+    #[test]
+    fn records_keyed_by_worker_id_load_by_worker_name() {
+        let store = Arc::new(MemoryStore::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        let view = s.get(&job).unwrap();
+        let mut meta = view.meta.clone();
+        meta.strikes = [(w("gpu#1"), 2), (w("gpu#4"), 1), (w("cpu#2"), 1)].into();
+        store.update_job(&meta).unwrap();
+        let mut task = view.tasks[0].0.clone();
+        task.permanent_error_workers = vec![w("gpu#1"), w("gpu#4")];
+        task.out_of_memory_on = vec![w("cpu#2")];
+        store.update_task(&job, &task).unwrap();
+        let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.strikes, [(w("cpu"), 1), (w("gpu"), 3)].into());
+        assert_eq!(view.tasks[0].0.permanent_error_workers, ["gpu"]);
+        assert_eq!(view.tasks[0].0.out_of_memory_on, ["cpu"]);
+        assert!(s.lease(&w("gpu#9")).unwrap().is_none(), "3 strikes by name");
     }
 
     /// Live workers without tags, for [`Scheduler::fail_stranded`].

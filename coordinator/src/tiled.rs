@@ -166,7 +166,9 @@ impl Coordinator {
             None
         } else {
             let (cw, ch) = self.dimensions(&spec.contents[0])?;
-            Some(spec.scale_tasks(cw, ch, scale + 1, &hash, &self.workers.live_memory())?)
+            // planned for the workers that may take the job's tasks (its worker tags)
+            let memory = self.workers.live_memory(|tags| spec.runs_on(tags));
+            Some(spec.scale_tasks(cw, ch, scale + 1, &hash, &memory)?)
         };
         let tiles = next.as_ref().map_or(0, Vec::len);
         let tile_size = next

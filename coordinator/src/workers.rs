@@ -99,12 +99,14 @@ impl Registry {
         }
     }
 
-    /// The device memory of each worker seen within [`LIVE_WINDOW`] (0 where unknown).
-    pub fn live_memory(&self) -> Vec<u64> {
+    /// The device memory of each worker seen within [`LIVE_WINDOW`] (0 where unknown) whose tags `runs_on`
+    /// accepts (a job's [`JobSpec::runs_on`](stylefarm_core::job::JobSpec::runs_on): the workers that may
+    /// take its tasks, which its tiles are planned for).
+    pub fn live_memory(&self, runs_on: impl Fn(&[String]) -> bool) -> Vec<u64> {
         let cutoff = Instant::now().checked_sub(LIVE_WINDOW);
         self.workers()
             .values()
-            .filter(|w| cutoff.is_none_or(|c| w.last_seen > c))
+            .filter(|w| cutoff.is_none_or(|c| w.last_seen > c) && runs_on(&w.tags))
             .map(|w| w.memory_bytes)
             .collect()
     }
@@ -158,7 +160,7 @@ mod tests {
         r.register(&w("gpu#1"), "cuda:0", 80 << 30, &["gpu".to_string()]);
         r.seen(&w("old#7"), 0, None);
         r.seen(&w("gpu#1"), 5 << 30, None);
-        let mut live = r.live_memory();
+        let mut live = r.live_memory(|_| true);
         live.sort();
         assert_eq!(live, [0, 80 << 30]);
         assert_eq!(r.get(&w("gpu#1")).unwrap().device, "cuda:0");
@@ -171,7 +173,10 @@ mod tests {
         r.seen(&w("old#7"), 0, Some(&["cpu".to_string()]));
         // silent past the window: no longer counted
         r.workers().get_mut("old#7").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
-        assert_eq!(r.live_memory(), [80 << 30]);
+        assert_eq!(r.live_memory(|_| true), [80 << 30]);
+        assert!(r
+            .live_memory(|tags| tags.contains(&"cpu".to_string()))
+            .is_empty());
         assert_eq!(r.live(), [(w("gpu#1"), vec!["gpu".to_string()])]);
         assert_eq!(r.get(&w("old#7")).unwrap().tags, ["cpu"]);
     }

@@ -37,9 +37,11 @@ pub fn check_tags(field: &'static str, tags: &[String]) -> Result<(), Error> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !ok {
+            // a hostile tag is echoed no longer than a tag may be
+            let shown: String = tag.chars().take(MAX_TAG_CHARS).collect();
             return Err(Error::invalid(
                 field,
-                format!("tag {tag:?}: 1 to {MAX_TAG_CHARS} letters, digits, '-', '_' or '.'"),
+                format!("tag {shown:?}: 1 to {MAX_TAG_CHARS} letters, digits, '-', '_' or '.'"),
             ));
         }
     }
@@ -724,6 +726,33 @@ mod tests {
 
     fn h(n: u8) -> ImageHash {
         ImageHash::of(&[n])
+    }
+
+    /// Tags: letters, digits, `-`, `_`, `.`; at most 16 of 1 to 64 characters; an error names the field and
+    /// echoes no more of a bad tag than a tag may hold; a job runs on workers with all its tags.
+    #[test]
+    fn tags_are_checked_and_a_job_runs_on_the_workers_with_all_of_them() {
+        let tags = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        check_tags("tags", &tags(&["gpu", "a100", "zone-1_b.2"])).unwrap();
+        check_tags("tags", &[]).unwrap();
+        let long = "x".repeat(10_000);
+        for bad in [
+            tags(&[""]),
+            tags(&["has space"]),
+            tags(&["é"]),
+            vec![long],
+            vec!["t".into(); 17],
+        ] {
+            let err = check_tags("worker_tags", &bad).unwrap_err().to_string();
+            assert!(err.starts_with("worker_tags") && err.len() < 200, "{err}");
+        }
+        let job = JobSpec {
+            worker_tags: tags(&["gpu", "a100"]),
+            ..spec(JobKind::Single)
+        };
+        assert!(job.runs_on(&tags(&["a100", "gpu", "eu"])));
+        assert!(!job.runs_on(&tags(&["gpu"])));
+        assert!(spec(JobKind::Single).runs_on(&[]));
     }
 
     fn spec(kind: JobKind) -> JobSpec {

@@ -172,9 +172,14 @@ impl Engine {
             Init::Content => pre.preprocess(content, self.device()),
             Init::Noise => {
                 tch::manual_seed(job.params.seed as i64);
-                Tensor::randn([1, 3, h as i64, w as i64], (Kind::Float, Device::Cpu))
+                let noise = Tensor::randn([1, 3, h as i64, w as i64], (Kind::Float, Device::Cpu))
                     .to_device(self.device())
-                    * pre.noise_sigma()
+                    * pre.noise_sigma();
+                if job.params.luminance_only {
+                    pre.luminance(&noise)
+                } else {
+                    noise
+                }
             }
             init @ (Init::File(_) | Init::Image(_)) => {
                 let img = job.init_image.as_ref().ok_or_else(|| {
@@ -271,7 +276,14 @@ impl Engine {
             let mut xs = match x.take() {
                 None => self.initial(job, &content)?,
                 Some(prev) => tch::no_grad(|| {
-                    prev.upsample_bilinear2d([h as i64, w as i64], false, None, None)
+                    let up = prev.upsample_bilinear2d([h as i64, w as i64], false, None, None);
+                    // luminance-only: the next scale starts from the luminance (as a tiled job's does,
+                    // from its stitched result), not from the colour the optimization let in
+                    if params.luminance_only {
+                        self.vgg().preprocessing().luminance(&up)
+                    } else {
+                        up
+                    }
                 }),
             };
             let mut evaluations = 0u32;
@@ -281,26 +293,27 @@ impl Engine {
                 .map(|k| f64::from(iterations[k]) * pixels(sizes[k]) / pixels(longest))
                 .sum();
             let scale_started = Instant::now();
-            let mut report = |iteration: u32, losses: LossTerms| -> Result<(), Error> {
-                // the report of `iteration` comes after iteration + 1 evaluations
-                let rate = scale_started.elapsed().as_secs_f64() / f64::from(iteration + 1);
-                let left = f64::from(n.saturating_sub(iteration)) + later;
-                let progress = Progress {
-                    scale: s as u32 + 1,
-                    scales,
-                    iteration,
-                    iterations: n,
-                    width: w,
-                    height: h,
-                    losses,
-                    elapsed: started.elapsed().as_secs_f64(),
-                    eta: rate * left,
+            // `evaluated`: the evaluations done when read (on a GPU, those of the whole batch read)
+            let mut report =
+                |iteration: u32, losses: LossTerms, evaluated: u32| -> Result<(), Error> {
+                    let rate = scale_started.elapsed().as_secs_f64() / f64::from(evaluated.max(1));
+                    let left = f64::from(n.saturating_sub(iteration)) + later;
+                    let progress = Progress {
+                        scale: s as u32 + 1,
+                        scales,
+                        iteration,
+                        iterations: n,
+                        width: w,
+                        height: h,
+                        losses,
+                        elapsed: started.elapsed().as_secs_f64(),
+                        eta: rate * left,
+                    };
+                    match on_progress(&progress) {
+                        ControlFlow::Continue(()) => Ok(()),
+                        ControlFlow::Break(()) => Err(Error::Cancelled),
+                    }
                 };
-                match on_progress(&progress) {
-                    ControlFlow::Continue(()) => Ok(()),
-                    ControlFlow::Break(()) => Err(Error::Cancelled),
-                }
-            };
             // the evaluations' terms not read yet: read (and reported) GPU_READ_INTERVAL at a time on a
             // GPU, one at a time on the CPU
             let read_interval = if self.device().is_cuda() {
@@ -310,11 +323,11 @@ impl Engine {
             };
             let mut unread: Vec<(u32, Tensor)> = Vec::new();
             let flush = |unread: &mut Vec<(u32, Tensor)>,
-                         report: &mut dyn FnMut(u32, LossTerms) -> Result<(), Error>|
+                         report: &mut dyn FnMut(u32, LossTerms, u32) -> Result<(), Error>|
              -> Result<(), Error> {
-                if unread.is_empty() {
+                let Some(last) = unread.last().map(|(iteration, _)| *iteration) else {
                     return Ok(());
-                }
+                };
                 let all = Tensor::f_stack(
                     &unread
                         .iter()
@@ -324,7 +337,7 @@ impl Engine {
                 )?;
                 let values = to_f64s(&all)?;
                 for ((iteration, _), v) in unread.drain(..).zip(values.chunks(4)) {
-                    report(iteration, LossTerms::from_values(v))?;
+                    report(iteration, LossTerms::from_values(v), last + 1)?;
                 }
                 Ok(())
             };
@@ -355,7 +368,7 @@ impl Engine {
             flush(&mut unread, &mut report)?;
             if steps == evaluations {
                 // the last step's image has not been evaluated yet
-                report(steps, self.scale_losses(&xs, &targets, params)?)?;
+                report(steps, self.scale_losses(&xs, &targets, params)?, steps + 1)?;
             }
             x = Some(xs);
         }

@@ -39,6 +39,20 @@ impl Preprocessing {
             .reshape([1, h as i64, w as i64, 3])
             .permute([0, 3, 1, 2])
             .to_kind(Kind::Float);
+        self.input_of_rgb(&rgb)
+    }
+
+    /// `x` (`1 x 3 x H x W`, this input space) made grey: its luminance (Y of full-range BT.601, as
+    /// `imaging::luminance`, unrounded) in all three channels, in this input space. No gradient.
+    pub fn luminance(self, x: &Tensor) -> Tensor {
+        let weights = Self::channel_tensor([0.299, 0.587, 0.114], x.device());
+        let y = (self.to_rgb(x) * weights).sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
+        self.input_of_rgb(&y.expand([-1, 3, -1, -1], false))
+    }
+
+    /// RGB floats, 0..255 (`1 x 3 x H x W`), in this convention's input space.
+    fn input_of_rgb(self, rgb: &Tensor) -> Tensor {
+        let device = rgb.device();
         match self {
             Preprocessing::Caffe => rgb.flip([1]) - Self::channel_tensor(CAFFE_MEAN_BGR, device),
             Preprocessing::Torchvision => {
@@ -309,6 +323,20 @@ mod tests {
                 img,
                 "{p:?}"
             );
+        }
+        // made grey in the input space: imaging::luminance's pixels (within its rounding)
+        for p in [Preprocessing::Caffe, Preprocessing::Torchvision] {
+            let grey = p
+                .deprocess(&p.luminance(&p.preprocess(&img, Device::Cpu)))
+                .unwrap();
+            let expected = stylefarm_core::imaging::luminance(&img);
+            let most = grey
+                .as_raw()
+                .iter()
+                .zip(expected.as_raw())
+                .map(|(&a, &b)| a.abs_diff(b))
+                .max();
+            assert!(most <= Some(1), "{p:?}: {most:?}");
         }
         // caffe: BGR minus the mean
         let x = Preprocessing::Caffe.preprocess(&img, Device::Cpu);
