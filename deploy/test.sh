@@ -41,6 +41,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 # the end-to-end tests (tests/) run the stylefarm binary of the same profile, with its fail points (fault
 # injection through FAILPOINTS; no-ops unless set)
-cargo build --locked -p stylefarm --features failpoints
+# the binary the end-to-end tests run, and the tests, in one build with one feature set: nextest then
+# compiles nothing again (a separate `-p stylefarm` build compiled the workspace twice, about 3 minutes)
+cargo build --locked --workspace --bins --tests --features stylefarm/failpoints,stylefarm-worker/failpoints
 cargo nextest run --locked --workspace --features stylefarm/failpoints,stylefarm-worker/failpoints \
     --no-fail-fast
