@@ -983,6 +983,19 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
     assert!(listed.jobs.is_empty(), "no job was created");
 }
 
+/// Adds the cluster's one worker, "only", whose first three renders panic (a fail point), and submits a
+/// small job (tubingen x starry night, 32 px, 2 iterations) once it has registered; the job's id.
+async fn submit_to_a_poisoned_worker(cluster: &mut Cluster) -> String {
+    cluster.add_worker_with_env(
+        "only",
+        &[("FAILPOINTS", "engine-render=3*panic(poisoned render)")],
+    );
+    wait_registered(cluster, 1).await;
+    let args = tubingen_x_starry(32, 2);
+    let common: Vec<&str> = args.iter().map(String::as_str).collect();
+    submit(cluster, &common)
+}
+
 /// A job that every live worker is blocklisted for fails, saying so, once it has waited
 /// `--no-worker-left-secs` for another, instead of waiting forever: here the only worker fails it three
 /// times (three strikes) while its task has attempts left (`--max-attempts 10`).
@@ -993,14 +1006,7 @@ async fn a_job_no_live_worker_may_take_fails_instead_of_waiting_forever() {
         .map(String::from)
         .to_vec();
     cluster.start_coordinator();
-    cluster.add_worker_with_env(
-        "only",
-        &[("FAILPOINTS", "engine-render=3*panic(poisoned render)")],
-    );
-    wait_registered(&cluster, 1).await;
-    let args = tubingen_x_starry(32, 2);
-    let common: Vec<&str> = args.iter().map(String::as_str).collect();
-    let stranded = submit(&cluster, &common);
+    let stranded = submit_to_a_poisoned_worker(&mut cluster).await;
     let failed = wait_state(
         &cluster,
         &stranded,
@@ -1023,14 +1029,9 @@ async fn a_job_no_live_worker_may_take_fails_instead_of_waiting_forever() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker() {
     let mut cluster = Cluster::start(10.0, 0.3);
-    cluster.add_worker_with_env(
-        "only",
-        &[("FAILPOINTS", "engine-render=3*panic(poisoned render)")],
-    );
-    wait_registered(&cluster, 1).await;
+    let poisoned = submit_to_a_poisoned_worker(&mut cluster).await;
     let args = tubingen_x_starry(32, 2);
     let common: Vec<&str> = args.iter().map(String::as_str).collect();
-    let poisoned = submit(&cluster, &common);
     let client = cluster.client().await;
     let failed = wait_for("the poisoned job to fail", Duration::from_secs(60), || {
         let mut client = client.clone();

@@ -176,24 +176,12 @@ fn luminance_only_transfer_takes_the_styles_luminance_alone() {
         .unwrap();
     let content = shared_image("tubingen.jpg");
     let run = |style: &Path, extra: &[&str]| {
-        let output = dir.path().join("out.png");
-        let mut args = vec![
-            "render",
-            "--content",
-            content.to_str().unwrap(),
-            "--style",
-            style.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--size",
-            "64",
-            "--iterations",
-            "10",
-        ];
-        args.extend_from_slice(extra);
-        let out = stylefarm(&args);
-        assert!(out.status.success(), "render failed: {}", stderr(&out));
-        image::open(&output).unwrap().to_rgb8()
+        render_64(
+            dir.path(),
+            &content,
+            style,
+            &[&["--iterations", "10"], extra].concat(),
+        )
     };
     let colour = shared_image("starry_night.jpg");
     // two scales: the second starts from the first's luminance (10 iterations: torch.optim.LBFGS without a
@@ -480,6 +468,26 @@ fn a_transparent_content_keeps_its_cut_out_and_16_bits_are_written() {
     assert!(img.pixels().any(|p| p.0[..3].iter().any(|v| v % 257 != 0)));
 }
 
+/// `content` rendered in the style of `style` at 64 px with `extra` options, written under `dir`; the image.
+fn render_64(dir: &Path, content: &Path, style: &Path, extra: &[&str]) -> RgbImage {
+    let output = dir.join("out.png");
+    let mut args = vec![
+        "render",
+        "--content",
+        content.to_str().unwrap(),
+        "--style",
+        style.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--size",
+        "64",
+    ];
+    args.extend_from_slice(extra);
+    let out = stylefarm(&args);
+    assert!(out.status.success(), "render failed: {}", stderr(&out));
+    image::open(&output).unwrap().to_rgb8()
+}
+
 /// `src` (a safetensors file) written to `dst` with its metadata's `preprocessing` set to `convention`: the
 /// same tensors read in another input space.
 fn relabel_weights(src: &Path, dst: &Path, convention: &str) {
@@ -517,28 +525,21 @@ fn adams_learning_rate_is_in_grey_levels_with_either_weights_convention() {
     relabel_weights(&caffe, &torchvision, "torchvision");
     let style = shared_image("starry_night.jpg");
     for weights in [&caffe, &torchvision] {
-        let output = dir.path().join("out.png");
-        let out = stylefarm(&[
-            "render",
-            "--content",
-            content_path.to_str().unwrap(),
-            "--style",
-            style.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--weights",
-            weights.to_str().unwrap(),
-            "--size",
-            "64",
-            "--optimizer",
-            "adam",
-            "--learning-rate",
-            "6",
-            "--iterations",
-            "1",
-        ]);
-        assert!(out.status.success(), "render failed: {}", stderr(&out));
-        let rendered = image::open(&output).unwrap().to_rgb8();
+        let rendered = render_64(
+            dir.path(),
+            &content_path,
+            &style,
+            &[
+                "--weights",
+                weights.to_str().unwrap(),
+                "--optimizer",
+                "adam",
+                "--learning-rate",
+                "6",
+                "--iterations",
+                "1",
+            ],
+        );
         let mut moved: Vec<i32> = rendered
             .as_raw()
             .iter()

@@ -52,7 +52,7 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, default_value_t = 2.0)]
     heartbeat_secs: f64,
     /// Attempts per task when a job does not say.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_ATTEMPTS)))]
+    #[arg(long, default_value_t = 3, value_parser = attempts_range())]
     max_attempts: u32,
     /// Unfinished (queued or running) jobs one client (tenant) may have; a submit beyond is refused with
     /// RESOURCE_EXHAUSTED.
@@ -172,6 +172,11 @@ pub(crate) struct SubmitArgs {
     wait: bool,
 }
 
+/// `--max-attempts`, the coordinator's default and a job's: 1 to [`MAX_ATTEMPTS`].
+fn attempts_range() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(MAX_ATTEMPTS))
+}
+
 /// What a job renders: shared by `submit` and `local`.
 #[derive(Args)]
 pub(crate) struct JobArgs {
@@ -211,7 +216,7 @@ pub(crate) struct JobArgs {
     #[arg(long, default_value_t = 0)]
     priority: i32,
     /// Attempts per task before the job fails (default: the coordinator's --max-attempts).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_ATTEMPTS)))]
+    #[arg(long, value_parser = attempts_range())]
     max_attempts: Option<u32>,
     /// Only workers with this tag take the job's tasks (repeat: with all of them), e.g. gpu; default: any
     /// worker.

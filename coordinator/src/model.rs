@@ -102,7 +102,8 @@ pub struct JobMeta {
     /// Why the job failed (`cancelled` for a cancelled job); empty otherwise.
     pub error: String,
     /// Strikes (retryable failures, lease expiries) per worker name ([`WorkerId::by_name`]: a worker keeps
-    /// them when it registers again); a worker at the blocklist threshold gets no more of this job's tasks. Failures blamed on the input or on memory are not strikes.
+    /// them when it registers again); a worker at the blocklist threshold gets no more of this job's tasks.
+    /// Failures blamed on the input or on memory are not strikes.
     pub strikes: BTreeMap<WorkerId, u32>,
     /// A job with stage work ([`JobKind::has_stage_work`]): the image of each finished stage, in order (a
     /// tiled job's stitched scales, coarsest first; a sweep's contact sheet).
@@ -139,8 +140,8 @@ pub struct TaskRecord {
     /// order; emptied when an attempt fails with another error.
     #[serde(default)]
     pub permanent_error_workers: Vec<WorkerId>,
-    /// The workers (by name) whose device ran out of memory on this task: the task goes to another worker first
-    /// (see [`crate::scheduler::FailureKind::OutOfMemory`]).
+    /// The workers (by name) whose device ran out of memory on this task: the task goes to another worker
+    /// first (see [`crate::scheduler::FailureKind::OutOfMemory`]).
     #[serde(default)]
     pub out_of_memory_on: Vec<WorkerId>,
 }

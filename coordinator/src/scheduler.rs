@@ -870,17 +870,22 @@ impl Scheduler {
     /// Fails the unfinished jobs that no live worker may take any more, once they have been so for
     /// [`SchedulerConfig::no_worker_left`]: tasks queued, none running, and every worker of `live` (those
     /// heard from lately, with their tags) that the job may run on ([`JobSpec::runs_on`]) blocklisted for
-    /// it. With none that it may run on, it waits, as for workers that have not come yet. Such a job would otherwise wait forever, e.g. `stylefarm
-    /// local --workers 1` after three failures on different tasks (Flamenco fails a job with no worker left
-    /// to run it). With no live worker at all, jobs wait: workers may come (a cluster scaling up from zero).
+    /// it. Such a job would otherwise wait forever, e.g. `stylefarm local --workers 1` after three failures
+    /// on different tasks (Flamenco fails a job with no worker left to run it). With no live worker at all,
+    /// or none that the job may run on, it waits: workers may come (a cluster scaling up from zero).
     /// Called every 250 ms by the coordinator; returns the jobs failed.
     pub fn fail_stranded(
         &self,
         live: &[(WorkerId, Vec<String>)],
     ) -> Result<Vec<JobId>, SchedulerError> {
-        if live.is_empty() || self.store.behind().is_some() {
-            self.state.lock().unwrap().stranded_since.clear();
-            return Ok(Vec::new());
+        let behind = self.store.behind().is_some();
+        {
+            // nothing to look at (the common case, every 250 ms): no scan, no writability check
+            let mut st = self.state.lock().unwrap();
+            if st.blocklisting.is_empty() || live.is_empty() || behind {
+                st.stranded_since.clear();
+                return Ok(Vec::new());
+            }
         }
         self.writable()?;
         let now = now_ms();

@@ -32,6 +32,19 @@ pub struct WorkerInfo {
     pub tags: Vec<String>,
 }
 
+/// The moment a worker must have been heard from since to be live: [`LIVE_WINDOW`] ago (`None` while the
+/// clock has not run that long: every worker is live).
+fn live_since() -> Option<Instant> {
+    Instant::now().checked_sub(LIVE_WINDOW)
+}
+
+impl WorkerInfo {
+    /// Whether it was heard from after `since` ([`live_since`]).
+    fn live(&self, since: Option<Instant>) -> bool {
+        since.is_none_or(|c| self.last_seen > c)
+    }
+}
+
 /// The workers by id.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -50,9 +63,8 @@ impl Registry {
     pub fn register(&self, id: &WorkerId, device: &str, memory_bytes: u64, tags: &[String]) {
         let mut workers = self.workers();
         if workers.len() >= MAX_WORKERS {
-            if let Some(cutoff) = Instant::now().checked_sub(LIVE_WINDOW) {
-                workers.retain(|_, w| w.last_seen > cutoff);
-            }
+            let since = live_since();
+            workers.retain(|_, w| w.live(since));
         }
         workers.insert(
             id.clone(),
@@ -103,32 +115,29 @@ impl Registry {
     /// accepts (a job's [`JobSpec::runs_on`](stylefarm_core::job::JobSpec::runs_on): the workers that may
     /// take its tasks, which its tiles are planned for).
     pub fn live_memory(&self, runs_on: impl Fn(&[String]) -> bool) -> Vec<u64> {
-        let cutoff = Instant::now().checked_sub(LIVE_WINDOW);
+        let since = live_since();
         self.workers()
             .values()
-            .filter(|w| cutoff.is_none_or(|c| w.last_seen > c) && runs_on(&w.tags))
+            .filter(|w| w.live(since) && runs_on(&w.tags))
             .map(|w| w.memory_bytes)
             .collect()
     }
 
     /// The workers heard from within [`LIVE_WINDOW`], with their tags.
     pub fn live(&self) -> Vec<(WorkerId, Vec<String>)> {
-        let cutoff = Instant::now().checked_sub(LIVE_WINDOW);
+        let since = live_since();
         self.workers()
             .iter()
-            .filter(|(_, w)| cutoff.is_none_or(|c| w.last_seen > c))
+            .filter(|(_, w)| w.live(since))
             .map(|(id, w)| (id.clone(), w.tags.clone()))
             .collect()
     }
 
     /// How many workers were heard from within [`LIVE_WINDOW`], and how many before it.
     pub fn live_and_silent(&self) -> (usize, usize) {
-        let cutoff = Instant::now().checked_sub(LIVE_WINDOW);
+        let since = live_since();
         let workers = self.workers();
-        let live = workers
-            .values()
-            .filter(|w| cutoff.is_none_or(|c| w.last_seen > c))
-            .count();
+        let live = workers.values().filter(|w| w.live(since)).count();
         (live, workers.len() - live)
     }
 

@@ -646,8 +646,12 @@ pub fn resize_longest(img: &RgbImage, longest: u32) -> RgbImage {
     resize(img, w, h)
 }
 
+/// The weights of R, G and B in luminance (Y of full-range BT.601 YCbCr).
+pub const LUMA_WEIGHTS: [f64; 3] = [0.299, 0.587, 0.114];
+
 fn to_ycbcr([r, g, b]: [f64; 3]) -> [f64; 3] {
-    let y = 0.299 * r + 0.587 * g + 0.114 * b;
+    let [wr, wg, wb] = LUMA_WEIGHTS;
+    let y = wr * r + wg * g + wb * b;
     [
         y,
         128.0 - 0.168_736 * r - 0.331_264 * g + 0.5 * b,

@@ -160,8 +160,14 @@ impl Engine {
         let grams =
             self.style_grams(&job.styles, params.style_side(w.max(h)), &params, job.block)?;
         let targets = self.scale_targets(&content, &grams, &params, job.block)?;
-        let image = optimized(image.clone(), &params);
-        let x = self.vgg().preprocessing().preprocess(&image, self.device());
+        let grey;
+        let image = if params.luminance_only {
+            grey = imaging::luminance(image);
+            &grey
+        } else {
+            image
+        };
+        let x = self.vgg().preprocessing().preprocess(image, self.device());
         self.scale_losses(&x, &targets, &params)
     }
 

@@ -45,7 +45,7 @@ impl Preprocessing {
     /// `x` (`1 x 3 x H x W`, this input space) made grey: its luminance (Y of full-range BT.601, as
     /// `imaging::luminance`, unrounded) in all three channels, in this input space. No gradient.
     pub fn luminance(self, x: &Tensor) -> Tensor {
-        let weights = Self::channel_tensor([0.299, 0.587, 0.114], x.device());
+        let weights = Self::channel_tensor(stylefarm_core::imaging::LUMA_WEIGHTS, x.device());
         let y = (self.to_rgb(x) * weights).sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
         self.input_of_rgb(&y.expand([-1, 3, -1, -1], false))
     }
