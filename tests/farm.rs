@@ -62,6 +62,92 @@ async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
     assert!(!ok && err.contains("worker_tags"), "{err}");
 }
 
+/// A video of 5 frames in chunks of 2 on two workers: the chunks' first frames render afresh, each other
+/// frame starts from the result of the frame before it (its previous frame on the wire), the job's result
+/// is the last frame, and the frames are written as frame-NNNNN.png; a bad chunk size names its field.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side() {
+    let mut cluster = Cluster::start(10.0, 0.5);
+    cluster.add_worker("w1");
+    cluster.add_worker("w2");
+    wait_registered(&cluster, 2).await;
+    let frames = cluster.dir.path().join("frames");
+    std::fs::create_dir(&frames).unwrap();
+    for (i, name) in [
+        "tubingen.jpg",
+        "tubingen.jpg",
+        "chelsea.png",
+        "chelsea.png",
+        "tubingen.jpg",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ext = name.rsplit('.').next().unwrap();
+        std::os::unix::fs::symlink(path(name), frames.join(format!("{i:05}.{ext}"))).unwrap();
+    }
+    let out = cluster.dir.path().join("video");
+    let video = |chunk: &str| {
+        cluster.cli(&[
+            "submit",
+            "--content",
+            frames.to_str().unwrap(),
+            "--style",
+            &path("starry_night.jpg"),
+            "--video",
+            "--chunk-frames",
+            chunk,
+            "--frame-iterations",
+            "2",
+            "--size",
+            "32",
+            "--iterations",
+            "4",
+            "--wait",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    let (ok, stdout, err) = video("2");
+    assert!(ok, "{err}");
+    let mut client = cluster.client().await;
+    let status = job(&mut client, stdout.lines().next().unwrap().trim()).await;
+    assert!(is(&status, pb::JobState::Succeeded), "{status:?}");
+    let contents = status.spec.as_ref().unwrap().contents.clone();
+    let frame_of = |i: u32| {
+        status
+            .tasks
+            .iter()
+            .find(|t| t.frame.as_ref().unwrap().index == i)
+            .unwrap_or_else(|| panic!("frame {i}: {:?}", status.tasks))
+    };
+    assert_eq!(status.tasks.len(), 5);
+    for i in 0..5 {
+        let f = frame_of(i).frame.as_ref().unwrap();
+        assert_eq!(f.frames, 5);
+        if i % 2 == 0 {
+            assert!(f.previous_result.is_empty(), "frame {i} starts its chunk");
+        } else {
+            assert_eq!(f.previous_result, frame_of(i - 1).result, "frame {i}");
+            assert_eq!(f.previous_content, contents[i as usize - 1]);
+        }
+    }
+    assert_eq!(status.result, frame_of(4).result);
+    let mut written: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        (1..=5)
+            .map(|i| format!("frame-{i:05}.png"))
+            .collect::<Vec<_>>()
+    );
+    let (ok, _, err) = video("5000");
+    assert!(!ok && err.contains("chunk_frames"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_runs_on_two_workers_and_a_sweep_gets_its_contact_sheet() {
     let mut cluster = Cluster::start(10.0, 0.5);

@@ -12,7 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, Credentials, FarmClient, JobFiles, JobId};
 use stylefarm_coordinator::auth::{AuthConfig, TlsConfig, WorkerToken};
 use stylefarm_coordinator::{BlobsConfig, StoreConfig};
-use stylefarm_core::job::{parse_sweep, JobKind, MAX_ATTEMPTS};
+use stylefarm_core::job::{parse_sweep, JobKind, Video, MAX_ATTEMPTS};
 use stylefarm_core::params::ParamArgs;
 use stylefarm_core::tiling::{self, Tiling};
 use stylefarm_proto::pb;
@@ -189,10 +189,23 @@ pub(crate) struct JobArgs {
     #[arg(long, required = true, num_args = 1..)]
     style: Vec<PathBuf>,
     /// Every content x every style, each style alone.
-    #[arg(long, conflicts_with_all = ["sweep", "tiled"])]
+    #[arg(long, conflicts_with_all = ["sweep", "tiled", "video"])]
     batch: bool,
+    /// The contents are a video's frames, in order (a directory: its images sorted by name, e.g. from
+    /// `ffmpeg -i in.mp4 frames/%05d.png`): where a frame's content did not change from the previous
+    /// frame's, it starts from the previous frame's result and is held to it (--temporal-weight; Ruder
+    /// et al. 2016). The output is a directory of frame-NNNNN.png.
+    #[arg(long, conflicts_with_all = ["sweep", "tiled"])]
+    video: bool,
+    /// Video: frames per chunk; the chunks render side by side on as many workers, each starting afresh
+    /// (the video may jump there). Default: one chunk, the frames one after the other.
+    #[arg(long, requires = "video")]
+    chunk_frames: Option<u32>,
+    /// Video: iterations of each frame after a chunk's first (default: half of --iterations).
+    #[arg(long, requires = "video")]
+    frame_iterations: Option<u32>,
     /// Render --size in overlapping tiles over a pyramid of scales (for outputs beyond one device).
-    #[arg(long, conflicts_with = "sweep")]
+    #[arg(long, conflicts_with_all = ["sweep", "video"])]
     tiled: bool,
     /// Tiled: tile size in pixels for every scale (and the first scale's longest side at most). Default:
     /// each scale planned for the workers present when it starts: whole where it fits their device
@@ -405,17 +418,25 @@ async fn connect(args: &ConnectArgs) -> anyhow::Result<FarmClient> {
 }
 
 impl JobArgs {
-    /// The job these options describe; its kind from the flags (--batch, --tiled, --sweep, else single).
+    /// The job these options describe; its kind from the flags (--batch, --tiled, --sweep, --video, else
+    /// single).
     pub(crate) fn files(&self) -> anyhow::Result<JobFiles> {
         // before any connection: a bad tag is the user's to fix, not the coordinator's to refuse
         stylefarm_core::job::check_tags("worker_tags", &self.worker_tags)?;
-        // clap keeps --batch, --tiled and --sweep apart
+        // clap keeps --batch, --tiled, --sweep and --video apart
         let kind = if self.batch {
             JobKind::Batch
         } else if self.tiled {
             JobKind::Tiled(Tiling::new(self.tile_size, self.overlap, self.exact))
         } else if let Some(sweep) = &self.sweep {
             JobKind::Sweep(parse_sweep(sweep)?)
+        } else if self.video {
+            let video = Video {
+                chunk_frames: self.chunk_frames.unwrap_or(0),
+                frame_iterations: self.frame_iterations.unwrap_or(0),
+            };
+            video.validate()?;
+            JobKind::Video(video)
         } else {
             JobKind::Single
         };

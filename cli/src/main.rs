@@ -121,7 +121,7 @@ enum Command {
     /// Render one stylized image on this machine.
     #[cfg(feature = "engine")]
     Render(Box<render::RenderArgs>),
-    /// Run a job (single, batch, sweep or tiled) on an embedded coordinator with local workers.
+    /// Run a job (single, batch, sweep, tiled or video) on an embedded coordinator with local workers.
     #[cfg(feature = "engine")]
     Local(Box<nodes::LocalArgs>),
     /// Start a coordinator.

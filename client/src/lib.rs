@@ -404,8 +404,9 @@ impl FarmClient {
 
     /// Writes a job's results; returns the files written. A single render or a tiled job's stitched image
     /// goes to `output` when it names an image file (`.png`, `.jpg`, `.tif`); otherwise `output` is a
-    /// directory that gets every task's result as `NNN_<label>.png`, a sweep's `contact-sheet.png`, or a
-    /// tiled job's `scale-K.png` and `result.png`.
+    /// directory that gets every task's result as `NNN_<label>.png`, a sweep's `contact-sheet.png`, a
+    /// tiled job's `scale-K.png` and `result.png`, or a video's frames rendered so far as
+    /// `frame-NNNNN.png` (1-based, for `ffmpeg -i frame-%05d.png`).
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),
@@ -420,6 +421,34 @@ impl FarmClient {
             return Err(missing("has no results"));
         }
         let mut written = Vec::new();
+        let video = matches!(
+            status.spec.as_ref().and_then(|s| s.kind.as_ref()),
+            Some(pb::job_spec::Kind::Video(_))
+        );
+        if video {
+            if imaging::output_format(output).is_ok() {
+                return Err(stylefarm_core::Error::invalid(
+                    "output",
+                    format!(
+                        "a video's frames go to a directory, not {}",
+                        output.display()
+                    ),
+                )
+                .into());
+            }
+            create_dir(output)?;
+            let mut frames: Vec<(u32, &pb::TaskStatus)> = done
+                .into_iter()
+                .map(|t| (t.frame.as_ref().map_or(t.index, |f| f.index), t))
+                .collect();
+            frames.sort_by_key(|(index, _)| *index);
+            for (index, t) in frames {
+                let path = output.join(format!("frame-{:05}.png", index + 1));
+                self.download_named(&t.result, &path).await?;
+                written.push(path);
+            }
+            return Ok(written);
+        }
         if !status.result.is_empty() || status.scales > 0 {
             // tiled: the stitched image; into a directory also every scale's
             if status.result.is_empty() {

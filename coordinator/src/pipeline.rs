@@ -1,7 +1,7 @@
 //! Job pipelines: the coordinator's own work between a job's stages, behind one hook,
 //! [`Coordinator::stage_done`], which runs once every task of a stage succeeded. A sweep's one stage ends
 //! with its contact sheet (`sheet.rs`); each scale of a tiled job ends with its stitch and the next
-//! scale's tiles (`tiled.rs`). The scheduler knows only whether a kind has such work
+//! scale's tiles (`tiled.rs`); each stage of a video job with its chunks' next frames. The scheduler knows only whether a kind has such work
 //! ([`JobKind::has_stage_work`]); the gRPC services only call the hook.
 
 use std::collections::HashMap;
@@ -72,7 +72,60 @@ impl Coordinator {
         match view.meta.spec.kind {
             JobKind::Sweep(_) => self.finish_sweep(job_id),
             JobKind::Tiled(_) => self.finish_tiled_scale(job_id),
+            JobKind::Video(_) => self.next_frames(job_id),
             _ => {}
+        }
+    }
+
+    /// When every frame task of a video job so far succeeded: queues the next frame of each chunk, started
+    /// from its previous frame's result ([`stylefarm_core::job::JobSpec::next_frames`]), or, once every
+    /// frame is rendered, completes the job with the last frame as its result.
+    fn next_frames(&self, job_id: &JobId) {
+        let Ok(view) = self.scheduler.get(job_id) else {
+            return;
+        };
+        let stage = view.meta.stage_results.len() as u32;
+        let mut done = Vec::with_capacity(view.tasks.len());
+        for (t, _) in &view.tasks {
+            match &t.result {
+                Some(result) => done.push((&t.spec, result)),
+                None => {
+                    let e = Error::Internal(format!("frame task {} has no result", t.index));
+                    return self.stage_failed(job_id, "next frames", e);
+                }
+            }
+        }
+        // the stage's image: the latest frame rendered (once every frame is, the video's last)
+        let Some(&(_, latest)) = done
+            .iter()
+            .max_by_key(|(t, _)| t.frame.as_ref().map_or(0, |f| f.index))
+        else {
+            return;
+        };
+        let latest = latest.clone();
+        let next = match view.meta.spec.next_frames(done) {
+            Ok(next) => next,
+            Err(e) => return self.stage_failed(job_id, "next frames", e.into()),
+        };
+        let frames = next.len();
+        match self.scheduler.finish_stage(
+            job_id,
+            stage,
+            &latest,
+            (!next.is_empty()).then_some(next),
+        ) {
+            Ok(true) => tracing::info!(
+                job_id = job_id.as_str(),
+                stage,
+                next_frames = frames,
+                "video frames rendered"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                job_id = job_id.as_str(),
+                error = %e,
+                "recording the video's frames"
+            ),
         }
     }
 

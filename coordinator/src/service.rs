@@ -58,6 +58,8 @@ fn text(hash: Option<&ImageHash>) -> String {
 pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
     let m = &view.meta;
     let tiled = m.spec.kind.tiling().is_some();
+    // a tiled job's final image and scales; a video's last frame and each stage's last frame
+    let staged = tiled || matches!(m.spec.kind, JobKind::Video(_));
     pb::JobStatus {
         job_id: m.id.to_string(),
         spec: Some((&m.spec).into()),
@@ -75,6 +77,7 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
                 result: text(t.result.as_ref()),
                 error: t.error.clone(),
                 tile: t.spec.scale.as_ref().map(Into::into),
+                frame: t.spec.frame.as_ref().map(Into::into),
             })
             .collect(),
         // a job's own images by its kind: a sweep's contact sheet, a tiled job's scales and final image
@@ -83,12 +86,12 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
         } else {
             String::new()
         },
-        result: if tiled {
+        result: if staged {
             text(m.result.as_ref())
         } else {
             String::new()
         },
-        scale_results: if tiled {
+        scale_results: if staged {
             m.stage_results.iter().map(ToString::to_string).collect()
         } else {
             Vec::new()

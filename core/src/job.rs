@@ -63,24 +63,111 @@ pub enum JobKind {
     /// into overlapping tiles of this tiling (one task each) and stitched by the coordinator before the next
     /// is created.
     Tiled(Tiling),
+    /// The contents are the frames of a video, in order, each rendered with the style set and, after the
+    /// first frame of its chunk, held where its content did not change to the previous frame's result
+    /// (Ruder et al. 2016): one task per frame, a chunk's frames one after the other ([`Video`]).
+    Video(Video),
+}
+
+/// The parameters of a video job ([`JobKind::Video`]). Every frame after the first of its chunk starts,
+/// where its content did not change, from the previous frame's result, and is held to it there by the
+/// temporal loss (`params.temporal_weight`; Ruder et al. 2016 without optical flow); where it changed, it
+/// starts as the first frame did (`params.init`). So a chunk's frames render one after the other, and the
+/// chunks side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Video {
+    /// Frames per chunk, at most [`MAX_IMAGES_PER_JOB`]: the frames are cut into chunks of this many
+    /// consecutive frames, rendered side by side on as many workers (a chunk's first frame starts afresh,
+    /// so the video may jump there); 0: one chunk of every frame (the most coherent, one worker at a time).
+    pub chunk_frames: u32,
+    /// Iterations of each frame after a chunk's first (which renders with `params.iterations` and
+    /// `params.scales`), one scale at the full size, from the previous frame's result; at most
+    /// [`crate::params::MAX_ITERATIONS`]; 0: half of `params.iterations`, rounded up (artistic-videos'
+    /// default is 2000 for the first frame and 1000 for the others).
+    pub frame_iterations: u32,
+}
+
+impl Video {
+    /// Checks the fields' ranges; an error names `chunk_frames` or `frame_iterations`.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.chunk_frames as usize > MAX_IMAGES_PER_JOB {
+            return Err(Error::invalid(
+                "chunk_frames",
+                format!(
+                    "at most {MAX_IMAGES_PER_JOB} (0: one chunk), got {}",
+                    self.chunk_frames
+                ),
+            ));
+        }
+        if self.frame_iterations > crate::params::MAX_ITERATIONS {
+            return Err(Error::invalid(
+                "frame_iterations",
+                format!(
+                    "at most {} (0: half of iterations), got {}",
+                    crate::params::MAX_ITERATIONS,
+                    self.frame_iterations
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The iterations of a frame after a chunk's first, for a job whose first frames run `iterations`.
+    pub fn iterations_after_first(&self, iterations: u32) -> u32 {
+        match self.frame_iterations {
+            0 => iterations.div_ceil(2).max(1),
+            n => n,
+        }
+    }
+
+    /// Whether frame `index` (0-based) starts a chunk: it renders afresh, with no frame before it.
+    pub fn starts_chunk(&self, index: u32) -> bool {
+        index.is_multiple_of(self.chunk_frames) // of 0: only 0
+    }
+}
+
+/// Where a task of a video job sits among the frames ([`JobKind::Video`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoFrame {
+    /// 0-based index of the frame among the job's contents.
+    pub index: u32,
+    /// Number of frames of the job.
+    pub frames: u32,
+    /// The frame before this one in its chunk, with its result: the temporal loss' target. None for the
+    /// first frame of a chunk.
+    pub previous: Option<PreviousFrame>,
+}
+
+/// The frame before a video frame: its content and its rendered result, by sha256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviousFrame {
+    /// The previous frame's content: where it equals this frame's, the temporal loss holds the result.
+    pub content: ImageHash,
+    /// The previous frame's result: the target of the temporal loss, and where the content did not change,
+    /// this frame's start.
+    pub result: ImageHash,
 }
 
 impl JobKind {
-    /// The kind's name as people read it: `single`, `batch`, `sweep` or `tiled`.
+    /// The kind's name as people read it: `single`, `batch`, `sweep`, `tiled` or `video`.
     pub fn name(&self) -> &'static str {
         match self {
             JobKind::Single => "single",
             JobKind::Batch => "batch",
             JobKind::Sweep(_) => "sweep",
             JobKind::Tiled(_) => "tiled",
+            JobKind::Video(_) => "video",
         }
     }
 
     /// Whether the coordinator has work of its own once every task of a stage succeeded: a sweep's contact
-    /// sheet, a tiled job's stitch of the scale (and its next scale's tiles). A job of such a kind succeeds
-    /// when that work is done, not with its last task.
+    /// sheet, a tiled job's stitch of the scale (and its next scale's tiles), a video's next frames. A job
+    /// of such a kind succeeds when that work is done, not with its last task.
     pub fn has_stage_work(&self) -> bool {
-        matches!(self, JobKind::Sweep(_) | JobKind::Tiled(_))
+        matches!(
+            self,
+            JobKind::Sweep(_) | JobKind::Tiled(_) | JobKind::Video(_)
+        )
     }
 
     /// A tiled job's tiling; `None` for other kinds.
@@ -300,15 +387,27 @@ pub struct TaskSpec {
     /// Set for the tasks of a tiled job's later scales: the scale and its part of the canvas.
     #[serde(default)]
     pub scale: Option<ScaleTask>,
+    /// Set for the tasks of a video job: the frame, and the frame before it in its chunk.
+    #[serde(default)]
+    pub frame: Option<VideoFrame>,
 }
 
 impl TaskSpec {
-    /// The images the task refers to, by sha256: its content, its styles and its init image (a tiled
-    /// scale's previous result). What a blob store's garbage collection keeps.
+    /// The images the task refers to, by sha256: its content, its styles, its init image (a tiled
+    /// scale's previous result) and a video frame's previous frame. What a blob store's garbage collection
+    /// keeps.
     pub fn images(&self) -> impl Iterator<Item = &ImageHash> {
+        let previous = self.previous_frame();
         std::iter::once(&self.content)
             .chain(&self.styles)
             .chain(self.params.init.image())
+            .chain(previous.map(|p| &p.content))
+            .chain(previous.map(|p| &p.result))
+    }
+
+    /// A video frame's previous frame ([`VideoFrame::previous`]), if any.
+    pub fn previous_frame(&self) -> Option<&PreviousFrame> {
+        self.frame.as_ref().and_then(|f| f.previous.as_ref())
     }
 
     /// The 0-based scale of a tiled job's pyramid that the task renders: its `scale`'s, or 0 (the first
@@ -363,7 +462,7 @@ impl JobSpec {
                 ));
             }
         }
-        if self.kind != JobKind::Batch && self.contents.len() != 1 {
+        if !matches!(self.kind, JobKind::Batch | JobKind::Video(_)) && self.contents.len() != 1 {
             return Err(Error::invalid(
                 "contents",
                 format!("a {} job takes one content image", self.kind.name()),
@@ -378,6 +477,7 @@ impl JobSpec {
                     params: self.params.clone(),
                     label: "render".into(),
                     scale: None,
+                    frame: None,
                 }]
             }
             JobKind::Tiled(tiling) => {
@@ -410,6 +510,7 @@ impl JobSpec {
                     },
                     label: format!("scale 1/{}", sizes.len()),
                     scale: None,
+                    frame: None,
                 }]
             }
             JobKind::Batch => {
@@ -434,14 +535,88 @@ impl JobSpec {
                             params: params.clone(),
                             label: format!("content {} x style {}", i + 1, j + 1),
                             scale: None,
+                            frame: None,
                         });
                     }
                 }
                 tasks
             }
             JobKind::Sweep(axes) => self.sweep_tasks(axes)?,
+            JobKind::Video(video) => {
+                video.validate()?;
+                self.params.validate(self.styles.len())?;
+                let frames = self.contents.len() as u32;
+                (0..frames)
+                    .filter(|&i| video.starts_chunk(i))
+                    .map(|i| TaskSpec {
+                        content: self.contents[i as usize].clone(),
+                        styles: self.styles.clone(),
+                        params: self.params.clone(),
+                        label: format!("frame {}/{frames}", i + 1),
+                        scale: None,
+                        frame: Some(VideoFrame {
+                            index: i,
+                            frames,
+                            previous: None,
+                        }),
+                    })
+                    .collect()
+            }
         };
         Ok(tasks)
+    }
+
+    /// The next frames of a video job, given its tasks so far with their results (every task succeeded):
+    /// for each frame rendered whose successor in its chunk has no task yet, that successor, with the frame
+    /// as its [`PreviousFrame`] (its unchanged pixels start from the frame's result and are held to it by
+    /// the temporal loss), one scale at the full size with [`Video::iterations_after_first`] iterations. Empty once every frame has its task. An
+    /// error names `kind` (not a video job) or a field of the spec (as [`Self::tasks`]).
+    pub fn next_frames<'a>(
+        &self,
+        done: impl IntoIterator<Item = (&'a TaskSpec, &'a ImageHash)>,
+    ) -> Result<Vec<TaskSpec>, Error> {
+        let JobKind::Video(video) = self.kind else {
+            return Err(Error::invalid(
+                "kind",
+                format!("a {} job has no frames", self.kind.name()),
+            ));
+        };
+        self.tasks()?;
+        let frames = self.contents.len() as u32;
+        let done: Vec<(&VideoFrame, &ImageHash)> = done
+            .into_iter()
+            .filter_map(|(t, result)| t.frame.as_ref().map(|f| (f, result)))
+            .collect();
+        let has_task = |i: u32| done.iter().any(|(f, _)| f.index == i);
+        let params = RenderParams {
+            iterations: video.iterations_after_first(self.params.iterations),
+            scale_iterations: Vec::new(),
+            scales: 1,
+            ..self.params.clone()
+        };
+        let mut next: Vec<TaskSpec> = done
+            .iter()
+            .map(|(f, result)| (f.index + 1, f.index, *result))
+            .filter(|&(i, _, _)| i < frames && !video.starts_chunk(i) && !has_task(i))
+            .map(|(i, before, result)| TaskSpec {
+                content: self.contents[i as usize].clone(),
+                styles: self.styles.clone(),
+                params: params.clone(),
+                label: format!("frame {}/{frames}", i + 1),
+                scale: None,
+                frame: Some(VideoFrame {
+                    index: i,
+                    frames,
+                    previous: Some(PreviousFrame {
+                        content: self.contents[before as usize].clone(),
+                        result: result.clone(),
+                    }),
+                }),
+            })
+            .collect();
+        next.sort_by_key(|t| t.frame.as_ref().map_or(0, |f| f.index));
+        next.dedup_by_key(|t| t.frame.as_ref().map_or(0, |f| f.index));
+        Ok(next)
     }
 
     /// A tiled job's parameters with the number of scales of its pyramid, checked. An error names `kind`
@@ -536,6 +711,7 @@ impl JobSpec {
                         }
                     },
                 }),
+                frame: None,
             })
             .collect())
     }
@@ -632,6 +808,7 @@ impl JobSpec {
                 params,
                 label: label.join(" "),
                 scale: None,
+                frame: None,
             });
         }
         Ok(tasks)
@@ -706,6 +883,18 @@ fn check_task_sizes(
             &spec.contents[0],
             &spec.styles,
         );
+    }
+    if let JobKind::Video(_) = spec.kind {
+        // every frame renders at the job's size: its first scale (the pyramid's smallest) is the one to check
+        for (i, content) in spec.contents.iter().enumerate() {
+            check(&spec.params, content, &spec.styles).map_err(|e| match e {
+                Error::Invalid { field, message } => {
+                    Error::invalid(field, format!("frame {}: {message}", i + 1))
+                }
+                other => other,
+            })?;
+        }
+        return Ok(());
     }
     let several = tasks.len() > 1;
     for task in tasks {
@@ -815,6 +1004,91 @@ mod tests {
             ))
         };
         assert_eq!(blend.tasks().unwrap()[0].params.style_blend, [0.7, 0.3]);
+    }
+
+    /// A video of 5 frames in chunks of 2: the chunks' first frames (1, 3, 5) first, afresh; then each
+    /// chunk's next frame, from its previous frame's result with that frame as its temporal target, one
+    /// scale at the full size, half the iterations; then nothing. A frame already queued is not queued
+    /// again, and only video jobs have frames.
+    #[test]
+    fn video_frames_start_each_chunk_afresh_then_follow_their_previous_frame() {
+        let video = JobSpec {
+            contents: (1..=5).map(h).collect(),
+            styles: vec![h(9)],
+            params: RenderParams {
+                iterations: 101,
+                scales: 2,
+                ..Default::default()
+            },
+            ..spec(JobKind::Video(Video {
+                chunk_frames: 2,
+                frame_iterations: 0,
+            }))
+        };
+        let first = video.tasks().unwrap();
+        let index = |t: &TaskSpec| t.frame.as_ref().unwrap().index;
+        assert_eq!(first.iter().map(index).collect::<Vec<_>>(), [0, 2, 4]);
+        assert_eq!(first[1].label, "frame 3/5");
+        assert!(first.iter().all(|t| t.previous_frame().is_none()));
+        assert_eq!(
+            (first[0].params.scales, first[0].content.clone()),
+            (2, h(1))
+        );
+        let results: Vec<ImageHash> = (11..=13).map(h).collect();
+        let next = video.next_frames(first.iter().zip(&results)).unwrap();
+        assert_eq!(next.iter().map(index).collect::<Vec<_>>(), [1, 3]);
+        let second = &next[1];
+        assert_eq!(second.content, h(4));
+        assert_eq!(
+            second.previous_frame(),
+            Some(&PreviousFrame {
+                content: h(3),
+                result: h(12)
+            })
+        );
+        assert_eq!(second.params.init, Init::Content);
+        assert_eq!(
+            (
+                second.params.scales,
+                second.params.iterations,
+                second.params.size
+            ),
+            (1, 51, 512)
+        );
+        assert!(
+            second.images().any(|i| *i == h(3)),
+            "the previous content is in use"
+        );
+        let all: Vec<TaskSpec> = first.iter().chain(&next).cloned().collect();
+        let results: Vec<ImageHash> = (11..=15).map(h).collect();
+        assert!(video
+            .next_frames(all.iter().zip(&results))
+            .unwrap()
+            .is_empty());
+        // one chunk: one frame at a time; a frame with its task already is not queued twice
+        let one = JobSpec {
+            kind: JobKind::Video(Video {
+                chunk_frames: 0,
+                frame_iterations: 7,
+            }),
+            ..video.clone()
+        };
+        let first = one.tasks().unwrap();
+        assert_eq!(first.len(), 1);
+        let next = one
+            .next_frames([(&first[0], &h(20)), (&first[0], &h(20))])
+            .unwrap();
+        assert_eq!((next.len(), next[0].params.iterations), (1, 7));
+        assert!(one
+            .next_frames([(&first[0], &h(20)), (&next[0], &h(21))])
+            .unwrap()
+            .iter()
+            .all(|t| index(t) == 2));
+        let err = spec(JobKind::Batch)
+            .next_frames([])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("kind"), "{err}");
     }
 
     #[test]
@@ -988,6 +1262,20 @@ mod tests {
                     ..spec(JobKind::Batch)
                 },
                 "iterations",
+            ),
+            (
+                spec(JobKind::Video(Video {
+                    chunk_frames: 1001,
+                    frame_iterations: 0,
+                })),
+                "chunk_frames",
+            ),
+            (
+                spec(JobKind::Video(Video {
+                    chunk_frames: 0,
+                    frame_iterations: 100_001,
+                })),
+                "frame_iterations",
             ),
         ];
         for (s, field) in cases {

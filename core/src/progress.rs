@@ -12,24 +12,35 @@ pub struct LossTerms {
     pub style: f64,
     /// Total-variation loss: `tv_weight * 0.5 * (sum of squared neighbour differences)`, preprocessed units.
     pub tv: f64,
-    /// The objective the optimizer minimizes: `content + style + tv`.
+    /// The objective the optimizer minimizes: `content + style + tv + temporal`.
     pub total: f64,
+    /// Temporal loss of a video frame after its chunk's first (Ruder et al. 2016):
+    /// `temporal_weight * mean(c * (x - w)^2)` over pixels and channels in 0..255 units, `w` the previous
+    /// frame's result and `c` 1 where the content did not change from the previous frame, else 0; 0 for
+    /// other renders.
+    #[serde(default)]
+    pub temporal: f64,
 }
 
 impl LossTerms {
-    /// The terms from their layout on the device, `[content, style, tv, total]` (at least 4 values).
+    /// How many values the terms' layout on the device has: `[content, style, tv, total, temporal]`.
+    pub const LEN: usize = 5;
+
+    /// The terms from their layout on the device, `[content, style, tv, total, temporal]` (at least
+    /// [`Self::LEN`] values).
     pub fn from_values(v: &[f64]) -> LossTerms {
         LossTerms {
             content: v[0],
             style: v[1],
             tv: v[2],
             total: v[3],
+            temporal: v[4],
         }
     }
 
     /// The terms in that layout.
-    pub fn values(&self) -> [f64; 4] {
-        [self.content, self.style, self.tv, self.total]
+    pub fn values(&self) -> [f64; Self::LEN] {
+        [self.content, self.style, self.tv, self.total, self.temporal]
     }
 }
 

@@ -5,8 +5,8 @@ use stylefarm_proto::pb;
 
 use crate::ids::JobId;
 use crate::job::{
-    ExpandedJob, ImageHash, JobKind, JobSpec, ScalePart, ScaleTask, SweepAxis, Task, TaskId,
-    TaskSpec,
+    ExpandedJob, ImageHash, JobKind, JobSpec, PreviousFrame, ScalePart, ScaleTask, SweepAxis, Task,
+    TaskId, TaskSpec, Video, VideoFrame,
 };
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
 use crate::progress::{LossTerms, TaskProgress};
@@ -197,6 +197,10 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
                     .collect::<Result<Vec<_>, Error>>()?,
             ),
             // 0: the planner's (tile size) or the default (overlap)
+            Some(Kind::Video(v)) => JobKind::Video(Video {
+                chunk_frames: v.chunk_frames,
+                frame_iterations: v.frame_iterations,
+            }),
             Some(Kind::Tiled(t)) => JobKind::Tiled(Tiling::new(
                 Some(t.tile_size).filter(|&size| size != 0),
                 if t.overlap == 0 {
@@ -209,7 +213,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             None => {
                 return Err(Error::invalid(
                     "kind",
-                    "missing (single, batch, sweep or tiled)",
+                    "missing (single, batch, sweep, tiled or video)",
                 ))
             }
         };
@@ -232,7 +236,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
 /// A job's kind on the wire: a tiled job's tile size 0 when the planner sizes it.
 impl From<&JobKind> for pb::job_spec::Kind {
     fn from(kind: &JobKind) -> Self {
-        use pb::job_spec::{Batch, Kind, Single, Sweep, Tiled};
+        use pb::job_spec::{Batch, Kind, Single, Sweep, Tiled, Video};
         match kind {
             JobKind::Single => Kind::Single(Single {}),
             JobKind::Batch => Kind::Batch(Batch {}),
@@ -249,6 +253,10 @@ impl From<&JobKind> for pb::job_spec::Kind {
                 tile_size: tiling.fixed_tile_size().unwrap_or(0),
                 overlap: tiling.overlap,
                 exact: tiling.exact,
+            }),
+            JobKind::Video(video) => Kind::Video(Video {
+                chunk_frames: video.chunk_frames,
+                frame_iterations: video.frame_iterations,
             }),
         }
     }
@@ -275,6 +283,7 @@ impl From<&LossTerms> for pb::Losses {
             style: l.style,
             tv: l.tv,
             total: l.total,
+            temporal: l.temporal,
         }
     }
 }
@@ -286,6 +295,7 @@ impl From<pb::Losses> for LossTerms {
             style: l.style,
             tv: l.tv,
             total: l.total,
+            temporal: l.temporal,
         }
     }
 }
@@ -336,7 +346,59 @@ impl From<&Task> for pb::Task {
             params: Some((&t.spec.params).into()),
             label: t.spec.label.clone(),
             tile: t.spec.scale.as_ref().map(Into::into),
+            frame: t.spec.frame.as_ref().map(Into::into),
         }
+    }
+}
+
+impl From<&VideoFrame> for pb::VideoFrame {
+    fn from(f: &VideoFrame) -> Self {
+        let (content, result) = f
+            .previous
+            .as_ref()
+            .map_or((String::new(), String::new()), |p| {
+                (p.content.to_string(), p.result.to_string())
+            });
+        pb::VideoFrame {
+            index: f.index,
+            frames: f.frames,
+            previous_content: content,
+            previous_result: result,
+        }
+    }
+}
+
+impl TryFrom<pb::VideoFrame> for VideoFrame {
+    type Error = Error;
+
+    /// Converts and checks: the index within the frames, the previous frame's two hashes both set (or both
+    /// empty, for a chunk's first frame), and no previous frame for frame 0. An error names `frame`,
+    /// `previous_content` or `previous_result`.
+    fn try_from(f: pb::VideoFrame) -> Result<Self, Error> {
+        if f.index >= f.frames {
+            return Err(Error::invalid(
+                "frame",
+                format!("frame index {} of {} frames", f.index, f.frames),
+            ));
+        }
+        let previous = match (f.previous_content.is_empty(), f.previous_result.is_empty()) {
+            (true, true) => None,
+            _ if f.index == 0 => {
+                return Err(Error::invalid(
+                    "frame",
+                    "the first frame has no previous frame",
+                ))
+            }
+            _ => Some(PreviousFrame {
+                content: hashes("previous_content", vec![f.previous_content])?.remove(0),
+                result: hashes("previous_result", vec![f.previous_result])?.remove(0),
+            }),
+        };
+        Ok(VideoFrame {
+            index: f.index,
+            frames: f.frames,
+            previous,
+        })
     }
 }
 
@@ -352,6 +414,12 @@ impl TryFrom<pb::Task> for Task {
         let content = hashes("content", vec![t.content])?.remove(0);
         let styles = hashes("styles", t.styles)?;
         let params = RenderParams::try_from(t.params.unwrap_or_default())?;
+        if t.tile.is_some() && t.frame.is_some() {
+            return Err(Error::invalid(
+                "frame",
+                "a task is a tile of a tiled job or a frame of a video, not both",
+            ));
+        }
         Ok(Task {
             id: TaskId {
                 job: JobId::new(t.job_id),
@@ -363,6 +431,7 @@ impl TryFrom<pb::Task> for Task {
                 params,
                 label: t.label,
                 scale: t.tile.map(ScaleTask::try_from).transpose()?,
+                frame: t.frame.map(VideoFrame::try_from).transpose()?,
             },
         })
     }
@@ -532,6 +601,77 @@ mod tests {
                 assert_eq!(Task::try_from(pb::Task::from(&task)).unwrap(), task);
             }
         }
+    }
+
+    /// A video job and its frames, the first and a later one, survive the wire; a frame outside the
+    /// video, a previous frame for the first frame, half a previous frame, or a frame that is also a tile
+    /// is refused naming its field.
+    #[test]
+    fn video_jobs_and_frames_round_trip_and_bad_frames_name_the_field() {
+        let s = JobSpec {
+            kind: JobKind::Video(crate::job::Video {
+                chunk_frames: 2,
+                frame_iterations: 30,
+            }),
+            contents: vec![ImageHash::of(b"f1"), ImageHash::of(b"f2")],
+            styles: vec![ImageHash::of(b"s1")],
+            params: RenderParams::default(),
+            ..spec()
+        };
+        let wire: pb::JobSpec = (&s).into();
+        assert_eq!(JobSpec::try_from(wire).unwrap(), s);
+        let first = s.tasks().unwrap();
+        let next = s.next_frames([(&first[0], &ImageHash::of(b"r1"))]).unwrap();
+        assert!(next[0].previous_frame().is_some());
+        let task = |spec: TaskSpec| Task {
+            id: TaskId {
+                job: JobId::new("job-1"),
+                index: 1,
+            },
+            spec,
+        };
+        for spec in [first[0].clone(), next[0].clone()] {
+            let t = task(spec);
+            assert_eq!(Task::try_from(pb::Task::from(&t)).unwrap(), t);
+        }
+        let bad = |f: &dyn Fn(&mut pb::Task), field: &str| {
+            let mut wire = pb::Task::from(&task(next[0].clone()));
+            f(&mut wire);
+            let err = Task::try_from(wire).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{field}: {err}");
+        };
+        bad(&|w| w.frame.as_mut().unwrap().index = 2, "frame");
+        bad(&|w| w.frame.as_mut().unwrap().index = 0, "frame");
+        bad(
+            &|w| w.frame.as_mut().unwrap().previous_result = String::new(),
+            "previous_result",
+        );
+        bad(
+            &|w| w.frame.as_mut().unwrap().previous_content = "x".into(),
+            "previous_content",
+        );
+        bad(
+            &|w| {
+                w.tile = a_tile_on_the_wire();
+            },
+            "frame",
+        );
+    }
+
+    /// A tile of some tiled job, on the wire.
+    fn a_tile_on_the_wire() -> Option<pb::TileTask> {
+        let tiled = JobSpec {
+            kind: JobKind::Tiled(Tiling::new(Some(128), 32, false)),
+            params: RenderParams {
+                size: 512,
+                ..Default::default()
+            },
+            ..spec()
+        };
+        let tasks = tiled
+            .scale_tasks(400, 300, 1, &ImageHash::of(b"p"), &[])
+            .unwrap();
+        tasks[0].scale.as_ref().map(Into::into)
     }
 
     #[test]

@@ -1375,14 +1375,22 @@ fn kind(styles: usize) -> BoxedStrategy<JobKind> {
         1 => Just(JobKind::Single),
         1 => Just(JobKind::Batch),
         1 => axes.prop_map(JobKind::Sweep),
+        1 => (0..=4u32, prop_oneof![Just(0u32), 1..=50u32]).prop_map(|(chunk_frames, frame_iterations)| {
+            JobKind::Video(stylefarm_core::job::Video {
+                chunk_frames,
+                frame_iterations,
+            })
+        }),
     ]
     .boxed()
 }
 
 /// The fields a job's errors may name besides a parameter's (a job's kind and its parameters are one value
 /// now: no field names a tiling on a job of another kind).
-const JOB_ONLY_FIELDS: [&str; 9] = [
+const JOB_ONLY_FIELDS: [&str; 11] = [
     "max_attempts",
+    "chunk_frames",
+    "frame_iterations",
     "worker_tags",
     "contents",
     "styles",
@@ -1997,6 +2005,16 @@ fn arbitrary_wire_kind() -> BoxedStrategy<Option<WireKind>> {
                 exact,
             }))
         }),
+        2 => (
+            prop_oneof![3 => 0..=8u32, 1 => any::<u32>()],
+            prop_oneof![3 => 0..=100u32, 1 => any::<u32>()]
+        )
+            .prop_map(|(chunk_frames, frame_iterations)| {
+                Some(WireKind::Video(pb::job_spec::Video {
+                    chunk_frames,
+                    frame_iterations,
+                }))
+            }),
     ]
     .boxed()
 }
@@ -2081,7 +2099,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
     let consistent = (1usize..=3)
         .prop_flat_map(|styles| (kind(styles), Just(styles)))
         .prop_flat_map(|(kind, styles)| {
-            let contents = if kind == JobKind::Batch {
+            let contents = if matches!(kind, JobKind::Batch | JobKind::Video(_)) {
                 1..=3usize
             } else {
                 1..=1
@@ -2246,6 +2264,13 @@ fn fuzz_wire_conversion() {
                     match (&kind, &spec.kind) {
                         (Some(WireKind::Single(_)), JobKind::Single)
                         | (Some(WireKind::Batch(_)), JobKind::Batch) => {}
+                        (Some(WireKind::Video(w)), JobKind::Video(v)) => {
+                            prop_assert_eq!(
+                                (v.chunk_frames, v.frame_iterations),
+                                (w.chunk_frames, w.frame_iterations)
+                            );
+                            prop_assert!(v.validate().is_ok());
+                        }
                         (Some(WireKind::Sweep(sweep)), JobKind::Sweep(axes)) => {
                             prop_assert!(!axes.is_empty(), "a sweep without axes accepted");
                             prop_assert!(axes.iter().all(|a: &SweepAxis| !a.values.is_empty()));

@@ -33,6 +33,21 @@ pub fn tv_loss(image: &Tensor, weight: f64) -> Tensor {
     (dx.square().sum(image.kind()) + dy.square().sum(image.kind())) * (0.5 * weight)
 }
 
+/// `weight * mean(mask * ((x - target) / per_255)^2)` over the `1 x 3 x H x W` elements of an image, `mask`
+/// (`1 x 1 x H x W`, 0 or 1) broadcast over the channels: the temporal loss of a video frame (Ruder et al.
+/// 2016, artistic-videos' `WeightedContentLoss` on the image with MSE), `target` the previous frame's
+/// result and `per_255` one 0..255 grey level in the image's units, so the weight means the same with either
+/// weights' preprocessing.
+pub fn temporal_loss(
+    x: &Tensor,
+    target: &Tensor,
+    mask: &Tensor,
+    weight: f64,
+    per_255: f64,
+) -> Tensor {
+    ((x - target).square() * mask).mean(x.kind()) * (weight / (per_255 * per_255))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +143,23 @@ mod tests {
     #[test]
     fn tv_loss_gradient() {
         check_gradient(&sample(&[1, 3, 4, 5], 8), |x| tv_loss(x, 1e-3));
+    }
+
+    /// The temporal loss: its definition (masked pixels count as zeros in the mean over every element)
+    /// and its gradient.
+    #[test]
+    fn temporal_loss_matches_its_definition_and_its_gradient() {
+        let (x, target) = (sample(&[1, 3, 2, 3], 10), sample(&[1, 3, 2, 3], 11));
+        let mask = Tensor::from_slice(&[1.0f64, 0.0, 1.0, 1.0, 0.0, 1.0]).reshape([1, 1, 2, 3]);
+        let (xs, ts, ms) = (f64s(&x), f64s(&target), f64s(&mask));
+        let sum: f64 = (0..18)
+            .map(|i| ms[i % 6] * ((xs[i] - ts[i]) / 0.5).powi(2))
+            .sum();
+        let value = temporal_loss(&x, &target, &mask, 1e3, 0.5).double_value(&[]);
+        assert!((value - 1e3 * sum / 18.0).abs() < 1e-9 * value, "{value}");
+        check_gradient(&sample(&[1, 3, 2, 3], 12), |x| {
+            temporal_loss(x, &target, &mask, 1e3, 0.5)
+        });
     }
 
     #[test]

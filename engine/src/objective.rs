@@ -10,7 +10,7 @@ use stylefarm_core::{Layer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::Engine;
-use crate::loss::{content_loss, gram, style_loss, tv_loss};
+use crate::loss::{content_loss, gram, style_loss, temporal_loss, tv_loss};
 use crate::Error;
 use blocked::BlockedTargets;
 
@@ -51,6 +51,18 @@ pub struct Targets {
     content: Vec<(usize, Tensor)>,
     /// (position in `layers`, blended Gram matrix)
     style: Vec<(usize, Tensor)>,
+    /// A video frame's temporal loss ([`Engine::temporal_target`]); None for other renders.
+    temporal: Option<Temporal>,
+}
+
+/// The temporal loss' inputs at one scale: the previous frame's result and where the content did not change.
+pub(crate) struct Temporal {
+    /// The previous frame's result at this scale's size, preprocessed (`1 x 3 x H x W`).
+    result: Tensor,
+    /// 1 where the content did not change from the previous frame, else 0 (`1 x 1 x H x W`).
+    mask: Tensor,
+    /// One 0..255 grey level in the preprocessed units.
+    per_255: f64,
 }
 
 /// The targets of one scale of a render: for the whole image at once, or block by block.
@@ -59,7 +71,40 @@ pub(crate) enum ScaleTargets {
     Blocked(BlockedTargets),
 }
 
-/// A float tensor of the 4 terms `[content, style, tv, total]`, read back.
+impl Temporal {
+    /// A video frame's start: the previous frame's result where the content did not change, `init` (the
+    /// start a first frame has) where it did. `init` is `1 x 3 x H x W`, preprocessed.
+    pub(crate) fn start(&self, init: &Tensor) -> Tensor {
+        tch::no_grad(|| &self.result * &self.mask + init * (1.0 - &self.mask))
+    }
+}
+
+impl ScaleTargets {
+    /// The temporal loss' inputs, for a video frame after its chunk's first.
+    pub(crate) fn temporal(&self) -> Option<&Temporal> {
+        match self {
+            ScaleTargets::Whole(t) => t.temporal.as_ref(),
+            ScaleTargets::Blocked(_) => None,
+        }
+    }
+
+    /// Adds a video frame's temporal loss to the targets; the blocked objective has none (an error: a video
+    /// frame renders whole).
+    pub(crate) fn set_temporal(&mut self, temporal: Temporal) -> Result<(), Error> {
+        match self {
+            ScaleTargets::Whole(t) => {
+                t.temporal = Some(temporal);
+                Ok(())
+            }
+            ScaleTargets::Blocked(_) => Err(Error::Core(stylefarm_core::Error::invalid(
+                "frame",
+                "a video frame renders whole, not in blocks",
+            ))),
+        }
+    }
+}
+
+/// A float tensor of the terms `[content, style, tv, total, temporal]`, read back.
 pub(crate) fn read_terms(terms: &Tensor) -> Result<LossTerms, Error> {
     Ok(LossTerms::from_values(&to_f64s(terms)?))
 }
@@ -181,17 +226,43 @@ impl Engine {
                 layers: layers.clone(),
                 content,
                 style,
+                temporal: None,
             })
         })
     }
 
-    /// The weighted terms `[content, style, tv, total]` at `x` (preprocessed, `1 x 3 x H x W`).
+    /// The temporal loss' inputs for a video frame whose working content (as the optimization sees it) is
+    /// `content`: the previous frame's `result`, resized to it, and where the previous frame's `content`,
+    /// resized to it, is unchanged ([`imaging::unchanged_pixels`] within [`imaging::TEMPORAL_TOLERANCE`]).
+    /// The inputs are made grey for luminance-only transfer, as the content is.
+    pub(crate) fn temporal_target(
+        &self,
+        content: &RgbImage,
+        previous_content: &RgbImage,
+        previous_result: &RgbImage,
+        params: &RenderParams,
+    ) -> Result<Temporal, Error> {
+        let (w, h) = content.dimensions();
+        let of = |img: &RgbImage| crate::render::optimized(imaging::resize(img, w, h), params);
+        let mask =
+            imaging::unchanged_pixels(content, &of(previous_content), imaging::TEMPORAL_TOLERANCE)?;
+        let pre = self.vgg().preprocessing();
+        Ok(Temporal {
+            result: pre.preprocess(&of(previous_result), self.device()),
+            mask: Tensor::from_slice(&mask)
+                .reshape([1, 1, i64::from(h), i64::from(w)])
+                .f_to_device(self.device())?,
+            per_255: pre.per_255(),
+        })
+    }
+
+    /// The weighted terms `[content, style, tv, total, temporal]` at `x` (preprocessed, `1 x 3 x H x W`).
     fn terms(
         &self,
         x: &Tensor,
         targets: &Targets,
         params: &RenderParams,
-    ) -> Result<[Tensor; 4], Error> {
+    ) -> Result<[Tensor; LossTerms::LEN], Error> {
         let features = self.vgg().features(x, params.pooling, &targets.layers)?;
         let zero = || Tensor::zeros([], (Kind::Float, self.device()));
         let content = targets
@@ -210,11 +281,15 @@ impl Engine {
         } else {
             zero()
         };
-        let total = &content + &style + &tv;
-        Ok([content, style, tv, total])
+        let temporal = match &targets.temporal {
+            Some(t) => temporal_loss(x, &t.result, &t.mask, params.temporal_weight, t.per_255),
+            None => zero(),
+        };
+        let total = &content + &style + &tv + &temporal;
+        Ok([content, style, tv, total, temporal])
     }
 
-    fn losses_of(terms: &[Tensor; 4]) -> Result<LossTerms, Error> {
+    fn losses_of(terms: &[Tensor; LossTerms::LEN]) -> Result<LossTerms, Error> {
         read_terms(&Tensor::f_stack(terms, 0)?.detach())
     }
 
@@ -229,7 +304,8 @@ impl Engine {
         Ok((read_terms(&terms)?, grad))
     }
 
-    /// The objective's weighted terms `[content, style, tv, total]` (a float tensor of 4) and its gradient
+    /// The objective's weighted terms `[content, style, tv, total, temporal]` (a float tensor of
+    /// [`LossTerms::LEN`]) and its gradient
     /// with respect to `x`, both left on the device: nothing is read back.
     fn objective_on_device(
         &self,
@@ -281,7 +357,7 @@ impl Engine {
         })
     }
 
-    /// The objective's terms (a float tensor of 4, on the device) and its gradient at `x`, for either kind
+    /// The objective's terms (a float tensor of [`LossTerms::LEN`], on the device) and its gradient at `x`, for either kind
     /// of targets (the blocked objective reads its terms block by block: they come from the host).
     pub(crate) fn scale_objective(
         &self,

@@ -32,6 +32,19 @@ pub struct RenderJob {
     /// Evaluate the objective in blocks of at most this many px a side, halos included (the exact
     /// gradient of the whole image, with memory bound by the block; [`Engine::objective_blocked`]).
     pub block: Option<u32>,
+    /// A video frame's previous frame: where its content equals this one's (within
+    /// [`imaging::TEMPORAL_TOLERANCE`]), the render starts from its result (elsewhere from `params.init`)
+    /// and the temporal loss (`params.temporal_weight`) holds it there. None for other renders.
+    pub previous: Option<PreviousFrameImages>,
+}
+
+/// The previous frame of a video frame, as images at any size (each scale resizes them to its own).
+#[derive(Debug, Clone)]
+pub struct PreviousFrameImages {
+    /// The previous frame's content.
+    pub content: RgbImage,
+    /// The previous frame's rendered result.
+    pub result: RgbImage,
 }
 
 impl RenderJob {
@@ -50,6 +63,7 @@ impl RenderJob {
             params,
             style_longest: None,
             block: None,
+            previous: None,
         }
     }
 }
@@ -58,6 +72,13 @@ impl RenderJob {
     /// Checks the parameters, and that every image reaches the deepest layer at every scale
     /// ([`RenderParams::check_sizes`]), before any tensor work.
     pub fn check(&self) -> Result<(), Error> {
+        if self.previous.is_some() && self.block.is_some() {
+            return Err(stylefarm_core::Error::invalid(
+                "frame",
+                "a video frame renders whole, not in blocks",
+            )
+            .into());
+        }
         check_inputs(
             &self.params,
             self.content.dimensions(),
@@ -159,7 +180,11 @@ impl Engine {
         let content = optimized(imaging::resize(&job.content, w, h), &params);
         let grams =
             self.style_grams(&job.styles, params.style_side(w.max(h)), &params, job.block)?;
-        let targets = self.scale_targets(&content, &grams, &params, job.block)?;
+        let mut targets = self.scale_targets(&content, &grams, &params, job.block)?;
+        if let Some(p) = &job.previous {
+            targets
+                .set_temporal(self.temporal_target(&content, &p.content, &p.result, &params)?)?;
+        }
         let grey;
         let image = if params.luminance_only {
             grey = imaging::luminance(image);
@@ -278,9 +303,18 @@ impl Engine {
                 self,
                 params.style_side(job.style_longest.unwrap_or(longest)),
             )?;
-            let targets = self.scale_targets(&content, &style, params, job.block)?;
+            let mut targets = self.scale_targets(&content, &style, params, job.block)?;
+            if let Some(p) = &job.previous {
+                targets
+                    .set_temporal(self.temporal_target(&content, &p.content, &p.result, params)?)?;
+            }
             let mut xs = match x.take() {
-                None => self.initial(job, &content)?,
+                // a video frame after its chunk's first: the previous frame's result where the content
+                // did not change
+                None => match targets.temporal() {
+                    Some(t) => t.start(&self.initial(job, &content)?),
+                    None => self.initial(job, &content)?,
+                },
                 Some(prev) => tch::no_grad(|| {
                     let up = prev.upsample_bilinear2d([h as i64, w as i64], false, None, None);
                     // luminance-only: the next scale starts from the luminance (as a tiled job's does,
@@ -342,7 +376,7 @@ impl Engine {
                     0,
                 )?;
                 let values = to_f64s(&all)?;
-                for ((iteration, _), v) in unread.drain(..).zip(values.chunks(4)) {
+                for ((iteration, _), v) in unread.drain(..).zip(values.chunks(LossTerms::LEN)) {
                     report(iteration, LossTerms::from_values(v), last + 1)?;
                 }
                 Ok(())

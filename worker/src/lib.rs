@@ -16,7 +16,7 @@ use stylefarm_core::ids::{LeaseId, WorkerId};
 use stylefarm_core::job::{ImageHash, ScalePart, Task};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::{imaging, Init};
-use stylefarm_engine::{Device, EngineOptions, Progress, RenderJob};
+use stylefarm_engine::{Device, EngineOptions, PreviousFrameImages, Progress, RenderJob};
 use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
@@ -501,6 +501,20 @@ async fn run_task(
         },
         _ => (None, None),
     };
+    // a video frame's previous frame: its content and result, for the temporal loss
+    let previous = match task.previous_frame() {
+        Some(p) => {
+            let mut images = Vec::with_capacity(2);
+            for hash in [&p.content, &p.result] {
+                match cache.get(client, hash).await {
+                    Ok(img) => images.push(img),
+                    Err(failure) => return Outcome::Failed(failure),
+                }
+            }
+            Some(images)
+        }
+        None => None,
+    };
     if cancelled() {
         return Outcome::Cancelled;
     }
@@ -518,12 +532,18 @@ async fn run_task(
             let styles: Vec<RgbImage> = inputs[1..].iter().map(|i| (**i).clone()).collect();
             match &scale {
                 None => Ok((
-                    RenderJob::new(
-                        (*inputs[0]).clone(),
-                        styles,
-                        init.map(|i| (*i).clone()),
-                        task.params,
-                    ),
+                    RenderJob {
+                        previous: previous.map(|p| PreviousFrameImages {
+                            content: (*p[0]).clone(),
+                            result: (*p[1]).clone(),
+                        }),
+                        ..RenderJob::new(
+                            (*inputs[0]).clone(),
+                            styles,
+                            init.map(|i| (*i).clone()),
+                            task.params,
+                        )
+                    },
                     None,
                 )),
                 Some(t) => stylefarm_engine::tile::tile_job(

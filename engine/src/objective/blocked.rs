@@ -391,6 +391,7 @@ impl Engine {
             style,
             tv,
             total: content + style + tv,
+            temporal: 0.0,
         };
         Ok((losses, grad))
     }
