@@ -58,7 +58,8 @@ def outputs(name):
         import glob
         return [load(p) for p in sorted(glob.glob(f"{tmp}/batch/*.png"))]
     return [load(f"{tmp}/{name}/frame-{i + 1:05d}.png") for i in range(frames)]
-print("| frames | unchanged pixels: mean abs difference to the previous output frame | changed pixels | wall |")
+print("| frames | unchanged pixels: mean abs difference to the previous output frame "
+      "| changed pixels | wall |")
 print("| --- | --- | --- | --- |")
 for name, label in [("batch", "`--batch` (each frame alone)"),
                     ("video-tw0", "`--video --temporal-weight 0`"),

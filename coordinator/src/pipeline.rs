@@ -1,8 +1,9 @@
 //! Job pipelines: the coordinator's own work between a job's stages, behind one hook,
 //! [`Coordinator::stage_done`], which runs once every task of a stage succeeded. A sweep's one stage ends
 //! with its contact sheet (`sheet.rs`); each scale of a tiled job ends with its stitch and the next
-//! scale's tiles (`tiled.rs`); each stage of a video job with its chunks' next frames. The scheduler knows only whether a kind has such work
-//! ([`JobKind::has_stage_work`]); the gRPC services only call the hook.
+//! scale's tiles (`tiled.rs`); each stage of a video job with its chunks' next frames. The scheduler
+//! knows only whether a kind has such work ([`JobKind::has_stage_work`]); the gRPC services only call the
+//! hook.
 
 use std::collections::HashMap;
 use std::hash::Hash;

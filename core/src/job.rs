@@ -569,8 +569,9 @@ impl JobSpec {
     /// The next frames of a video job, given its tasks so far with their results (every task succeeded):
     /// for each frame rendered whose successor in its chunk has no task yet, that successor, with the frame
     /// as its [`PreviousFrame`] (its unchanged pixels start from the frame's result and are held to it by
-    /// the temporal loss), one scale at the full size with [`Video::iterations_after_first`] iterations. Empty once every frame has its task. An
-    /// error names `kind` (not a video job) or a field of the spec (as [`Self::tasks`]).
+    /// the temporal loss), one scale at the full size with [`Video::iterations_after_first`] iterations.
+    /// Empty once every frame has its task. An error names `kind` (not a video job) or a field of the spec
+    /// (as [`Self::tasks`]).
     pub fn next_frames<'a>(
         &self,
         done: impl IntoIterator<Item = (&'a TaskSpec, &'a ImageHash)>,

@@ -260,8 +260,8 @@ macro_rules! render_options {
             style_weight: f64 = 100.0, Range::NonNegative, sweep: true;
             /// Weight of the total variation loss.
             tv_weight: f64 = 1e-3, Range::NonNegative, sweep: true;
-            /// Video jobs: weight of the temporal loss, which holds each frame where its content did not change
-            /// to the previous frame's result (Ruder et al. 2016; artistic-videos' default).
+            /// Video jobs: weight of the temporal loss, which holds each frame where its content did not
+            /// change to the previous frame's result (Ruder et al. 2016; artistic-videos' default).
             temporal_weight: f64 = 1e3, Range::NonNegative, sweep: true;
             /// Blend weights of the style images, e.g. 0.7,0.3 (normalized to sum 1; default equal).
             style_blend: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;

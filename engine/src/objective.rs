@@ -357,8 +357,9 @@ impl Engine {
         })
     }
 
-    /// The objective's terms (a float tensor of [`LossTerms::LEN`], on the device) and its gradient at `x`, for either kind
-    /// of targets (the blocked objective reads its terms block by block: they come from the host).
+    /// The objective's terms (a float tensor of [`LossTerms::LEN`], on the device) and its gradient at `x`,
+    /// for either kind of targets (the blocked objective reads its terms block by block: they come from the
+    /// host).
     pub(crate) fn scale_objective(
         &self,
         x: &Tensor,
