@@ -73,21 +73,22 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
     wait_registered(&cluster, 2).await;
     let frames = cluster.dir.path().join("frames");
     std::fs::create_dir(&frames).unwrap();
-    for (i, name) in [
-        "tubingen.jpg",
-        "tubingen.jpg",
-        "chelsea.png",
-        "chelsea.png",
-        "tubingen.jpg",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let ext = name.rsplit('.').next().unwrap();
-        std::os::unix::fs::symlink(path(name), frames.join(format!("{i:05}.{ext}"))).unwrap();
+    // a clip: tubingen at 64 x 48 with a dark square moving across it (frames 1 and 2 the same)
+    let still = stylefarm_core::imaging::resize_longest(
+        &stylefarm_core::imaging::load(&shared_image("tubingen.jpg")).unwrap(),
+        64,
+    );
+    for (i, x) in [0u32, 0, 12, 24, 36].into_iter().enumerate() {
+        let mut frame = still.clone();
+        for (px, py, p) in frame.enumerate_pixels_mut() {
+            if (x..x + 12).contains(&px) && (18..30).contains(&py) {
+                *p = image::Rgb([20, 20, 20]);
+            }
+        }
+        stylefarm_core::imaging::save(&frame, &frames.join(format!("{i:05}.png"))).unwrap();
     }
     let out = cluster.dir.path().join("video");
-    let video = |chunk: &str| {
+    let submit_video = |frames: &std::path::Path, chunk: &str, out: &std::path::Path| {
         cluster.cli(&[
             "submit",
             "--content",
@@ -108,6 +109,7 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
             out.to_str().unwrap(),
         ])
     };
+    let video = |chunk: &str| submit_video(&frames, chunk, &out);
     let (ok, stdout, err) = video("2");
     assert!(ok, "{err}");
     let mut client = cluster.client().await;
@@ -146,6 +148,20 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
     );
     let (ok, _, err) = video("5000");
     assert!(!ok && err.contains("chunk_frames"), "{err}");
+    // refused before anything renders: an image file as the output, frames of two sizes
+    let (ok, _, err) = submit_video(&frames, "2", &out.join("video.png"));
+    assert!(!ok && err.contains("output"), "{err}");
+    let mixed = cluster.dir.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    for (i, name) in ["tubingen.jpg", "chelsea.png"].iter().enumerate() {
+        let ext = name.rsplit('.').next().unwrap();
+        std::os::unix::fs::symlink(path(name), mixed.join(format!("{i:05}.{ext}"))).unwrap();
+    }
+    let (ok, _, err) = submit_video(&mixed, "0", &out);
+    assert!(
+        !ok && err.contains("contents") && err.contains("one size"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,7 @@
 //! A video frame after its chunk's first (Ruder et al. 2016, without optical flow:
-//! `imaging::unchanged_pixels` weights), on the real engine and weights: the temporal loss' value is the formula's; a frame starts from
-//! the previous frame's result and is held to it where its content did not change; where every pixel
-//! changed, it renders as a first frame.
+//! `imaging::unchanged_pixels` weights), on the real engine and weights: the temporal loss' value is the
+//! formula's; a frame starts from the previous frame's result and is held to it where its content did not
+//! change; where every pixel changed, it renders as a first frame.
 
 use std::process::Command;
 

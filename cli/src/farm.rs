@@ -436,6 +436,15 @@ impl JobArgs {
                 frame_iterations: self.frame_iterations.unwrap_or(0),
             };
             video.validate()?;
+            // refused before the render, not after it
+            if let Some(out) = self.output.as_deref() {
+                if stylefarm_core::imaging::output_format(out).is_ok() {
+                    bail!(
+                        "output: a video's frames go to a directory, not {}",
+                        out.display()
+                    );
+                }
+            }
             JobKind::Video(video)
         } else {
             JobKind::Single
@@ -608,12 +617,15 @@ pub(crate) fn watch(args: JobRef) -> anyhow::Result<()> {
 
 fn print_status(s: &pb::JobStatus) {
     let done = s.tasks.iter().filter(|t| !t.result.is_empty()).count();
+    // a video's frames are queued as they come: its count is its frames'
+    let (all, what) = match s.tasks.iter().find_map(|t| t.frame.as_ref()) {
+        Some(f) => (f.frames as usize, "frames"),
+        None => (s.tasks.len(), "tasks"),
+    };
     println!(
-        "{}\t{}\t{}/{} tasks\t{}",
+        "{}\t{}\t{done}/{all} {what}\t{}",
         s.job_id,
         job_state_name(s.state),
-        done,
-        s.tasks.len(),
         s.error
     );
 }

@@ -406,7 +406,8 @@ impl FarmClient {
     /// goes to `output` when it names an image file (`.png`, `.jpg`, `.tif`); otherwise `output` is a
     /// directory that gets every task's result as `NNN_<label>.png`, a sweep's `contact-sheet.png`, a
     /// tiled job's `scale-K.png` and `result.png`, or a video's frames rendered so far as
-    /// `frame-NNNNN.png` (1-based, for `ffmpeg -i frame-%05d.png`).
+    /// `frame-NNNNN.png` (1-based, for `ffmpeg -i frame-%05d.png`; a video not finished may leave gaps,
+    /// where ffmpeg's numbered input stops).
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),
@@ -437,9 +438,9 @@ impl FarmClient {
                 .into());
             }
             create_dir(output)?;
-            let mut frames: Vec<(u32, &pb::TaskStatus)> = done
+            let mut frames: Vec<(u64, &pb::TaskStatus)> = done
                 .into_iter()
-                .map(|t| (t.frame.as_ref().map_or(t.index, |f| f.index), t))
+                .map(|t| (u64::from(t.frame.as_ref().map_or(t.index, |f| f.index)), t))
                 .collect();
             frames.sort_by_key(|(index, _)| *index);
             for (index, t) in frames {

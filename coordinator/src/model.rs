@@ -106,11 +106,12 @@ pub struct JobMeta {
     /// Failures blamed on the input or on memory are not strikes.
     pub strikes: BTreeMap<WorkerId, u32>,
     /// A job with stage work ([`JobKind::has_stage_work`]): the image of each finished stage, in order (a
-    /// tiled job's stitched scales, coarsest first; a sweep's contact sheet).
+    /// tiled job's stitched scales, coarsest first; a sweep's contact sheet; a video's last frame, once
+    /// every frame is rendered).
     #[serde(default)]
     pub stage_results: Vec<ImageHash>,
     /// A job with stage work, once it succeeded: its own image, the last stage's (a tiled job's final
-    /// stitched image, a sweep's contact sheet).
+    /// stitched image, a sweep's contact sheet, a video's last frame).
     #[serde(default)]
     pub result: Option<ImageHash>,
 }

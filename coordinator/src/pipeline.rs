@@ -70,63 +70,62 @@ impl Coordinator {
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
         };
+        // a sweep's or a tiled scale's work once every task of the stage succeeded: a call at another
+        // time (a second call while a run queued the next scale's tiles) has nothing to do
+        let at_stage = view
+            .tasks
+            .iter()
+            .all(|(t, _)| t.state == crate::model::TaskState::Succeeded);
         match view.meta.spec.kind {
-            JobKind::Sweep(_) => self.finish_sweep(job_id),
-            JobKind::Tiled(_) => self.finish_tiled_scale(job_id),
+            JobKind::Sweep(_) if at_stage => self.finish_sweep(job_id),
+            JobKind::Tiled(_) if at_stage => self.finish_tiled_scale(job_id),
             JobKind::Video(_) => self.next_frames(job_id),
             _ => {}
         }
     }
 
-    /// When every frame task of a video job so far succeeded: queues the next frame of each chunk, started
-    /// from its previous frame's result ([`stylefarm_core::job::JobSpec::next_frames`]), or, once every
-    /// frame is rendered, completes the job with the last frame as its result.
+    /// After a frame of a video job succeeded: queues the next frame of each chunk whose frame is
+    /// rendered ([`stylefarm_core::job::JobSpec::next_frames`]: a chunk goes on without waiting for the
+    /// others), or, once every frame is rendered, completes the job with the last frame as its result.
     fn next_frames(&self, job_id: &JobId) {
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
         };
-        let stage = view.meta.stage_results.len() as u32;
-        let mut done = Vec::with_capacity(view.tasks.len());
-        for (t, _) in &view.tasks {
-            match &t.result {
-                Some(result) => done.push((&t.spec, result)),
-                None => {
-                    let e = Error::Internal(format!("frame task {} has no result", t.index));
-                    return self.stage_failed(job_id, "next frames", e);
-                }
-            }
-        }
-        // the stage's image: the latest frame rendered (once every frame is, the video's last)
-        let Some(&(_, latest)) = done
-            .iter()
-            .max_by_key(|(t, _)| t.frame.as_ref().map_or(0, |f| f.index))
-        else {
+        if view.meta.state.is_terminal() {
             return;
-        };
-        let latest = latest.clone();
-        let next = match view.meta.spec.next_frames(done) {
+        }
+        let tasks = view.tasks.iter().map(|(t, _)| (&t.spec, t.result.as_ref()));
+        let next = match view.meta.spec.next_frames(tasks) {
             Ok(next) => next,
             Err(e) => return self.stage_failed(job_id, "next frames", e.into()),
         };
-        let frames = next.len();
-        match self.scheduler.finish_stage(
-            job_id,
-            stage,
-            &latest,
-            (!next.is_empty()).then_some(next),
-        ) {
-            Ok(true) => tracing::info!(
-                job_id = job_id.as_str(),
-                stage,
-                next_frames = frames,
-                "video frames rendered"
-            ),
-            Ok(false) => {}
-            Err(e) => tracing::error!(
-                job_id = job_id.as_str(),
-                error = %e,
-                "recording the video's frames"
-            ),
+        if !next.is_empty() {
+            let frames: Vec<u32> = next
+                .iter()
+                .filter_map(|t| Some(t.frame.as_ref()?.index + 1))
+                .collect();
+            match self.scheduler.add_frames(job_id, next) {
+                Ok(added) if added > 0 => {
+                    tracing::info!(job_id = job_id.as_str(), ?frames, "video frames queued")
+                }
+                Ok(_) => {}
+                Err(e) => self.stage_failed(job_id, "queueing the next frames", e.into()),
+            }
+            return;
+        }
+        let all_done = view.tasks.iter().all(|(t, _)| t.result.is_some());
+        // the video's last frame: its result is the job's
+        let last = view
+            .tasks
+            .iter()
+            .max_by_key(|(t, _)| t.spec.frame.as_ref().map_or(0, |f| f.index))
+            .and_then(|(t, _)| t.result.clone());
+        if let (true, Some(last)) = (all_done, last) {
+            match self.scheduler.finish_stage(job_id, 0, &last, None) {
+                Ok(true) => tracing::info!(job_id = job_id.as_str(), "video rendered"),
+                Ok(false) => {}
+                Err(e) => self.stage_failed(job_id, "recording the video's end", e.into()),
+            }
         }
     }
 

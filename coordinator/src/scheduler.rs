@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
-use stylefarm_core::job::{ExpandedJob, JobSpec, Task, TaskId, TaskSpec};
+use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
 use tokio::sync::{broadcast, Notify};
 
@@ -287,6 +287,10 @@ pub struct Completed {
     pub job_id: JobId,
     /// This result was the job's last: the job has succeeded, or for a sweep, awaits its contact sheet.
     pub all_tasks_done: bool,
+    /// The coordinator's stage work ([`JobKind::has_stage_work`]) is to run now: every task of the job
+    /// succeeded, or a frame of a video did (its chunk's next frame follows at once, whatever the other
+    /// chunks' frames are doing).
+    pub stage_work: bool,
 }
 
 /// The scheduler's state in numbers ([`Scheduler::counts`]).
@@ -691,6 +695,8 @@ impl Scheduler {
         task.permanent_error_workers.clear();
         let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
         let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
+        let stage_work = job.meta.spec.kind.has_stage_work();
+        let per_task = matches!(job.meta.spec.kind, JobKind::Video(_));
         // a job with stage work succeeds once it is done (finish_stage without a next stage), the others
         // with their last task
         if all_tasks_done && !job.meta.spec.kind.has_stage_work() {
@@ -706,6 +712,7 @@ impl Scheduler {
         Ok(Some(Completed {
             job_id: lease.job_id,
             all_tasks_done,
+            stage_work: stage_work && (all_tasks_done || per_task),
         }))
     }
 
@@ -955,8 +962,8 @@ impl Scheduler {
         Ok(failed)
     }
 
-    /// Sweeps and tiled jobs whose every task succeeded, waiting for the coordinator's step (a contact
-    /// sheet, a stitch), e.g. after a restart.
+    /// Sweeps, tiled and video jobs whose every task succeeded, waiting for the coordinator's step (a
+    /// contact sheet, a stitch, the next frames or the video's end), e.g. after a restart.
     pub fn jobs_awaiting_step(&self) -> Vec<JobId> {
         let st = self.state.lock().unwrap();
         st.jobs
@@ -1162,9 +1169,52 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Queues more tasks of a running video job (its chunks' next frames, [`JobSpec::next_frames`]),
+    /// leaving out any whose frame has a task already. Returns how many were queued: none once the job has
+    /// ended (a cancel, a failure) or for another kind.
+    pub fn add_frames(
+        &self,
+        job_id: &JobId,
+        tasks: Vec<TaskSpec>,
+    ) -> Result<usize, SchedulerError> {
+        self.writable()?;
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let job = st
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        if job.meta.state.is_terminal() || !matches!(job.meta.spec.kind, JobKind::Video(_)) {
+            return Ok(0);
+        }
+        let frame = |t: &TaskSpec| t.frame.as_ref().map(|f| f.index);
+        let mut ops = Vec::new();
+        for spec in tasks {
+            if spec.frame.is_none() || job.tasks.iter().any(|t| frame(&t.spec) == frame(&spec)) {
+                continue;
+            }
+            let task = TaskRecord::pending(job.tasks.len() as u32, spec);
+            ops.push(Op::Task(job_id.clone(), task.clone()));
+            st.queue.insert(queue_key(&job.meta, task.index));
+            st.tally.add_task(task.state);
+            job.tasks.push(task);
+        }
+        let added = ops.len();
+        if added == 0 {
+            return Ok(0);
+        }
+        let durable = self.store.write(ops);
+        drop(guard);
+        store::wait(durable)?;
+        self.work.notify_waiters();
+        self.changed(job_id);
+        Ok(added)
+    }
+
     /// Records the image of stage `stage` of a job with stage work ([`stylefarm_core::job::JobKind::has_stage_work`]) whose
-    /// tasks all succeeded (a sweep's contact sheet; a tiled job's stitched scale), and either queues the
-    /// next stage's tasks (`next`) or, without one, completes the job with that image as its result.
+    /// tasks all succeeded (a sweep's contact sheet; a tiled job's stitched scale; a video's last frame,
+    /// its one stage), and either queues the next stage's tasks (`next`) or, without one, completes the
+    /// job with that image as its result.
     /// Returns false (and changes nothing) when the job is not at that point: finished, cancelled, or
     /// already past it.
     pub fn finish_stage(
@@ -2007,6 +2057,63 @@ mod tests {
         assert_eq!(view.meta.state, JobState::Succeeded);
         assert_eq!(view.meta.result, Some(hash("final")));
         assert_eq!(view.meta.stage_results, [stitched, hash("final")]);
+    }
+
+    /// A video job's frames: each completed frame asks for the stage work (its chunk's next frame), with
+    /// other frames still running; the next frames are queued behind the job's, a frame with a task
+    /// already is left out, and an ended job or another kind takes none; the job ends with finish_stage.
+    #[test]
+    fn video_frames_are_queued_as_their_chunks_go_on() {
+        let s = scheduler(SchedulerConfig::default());
+        let spec = JobSpec {
+            kind: JobKind::Video(stylefarm_core::job::Video {
+                chunk_frames: 2,
+                frame_iterations: 0,
+            }),
+            contents: vec![hash("f1"), hash("f2"), hash("f3"), hash("f4")],
+            styles: vec![hash("s")],
+            params: RenderParams::default(),
+            priority: 0,
+            max_attempts: 0,
+            worker_tags: Vec::new(),
+        };
+        let (job, _) = s.submit(spec.clone(), "").unwrap();
+        let (a, b) = (
+            s.lease(&w("a")).unwrap().unwrap(),
+            s.lease(&w("b")).unwrap().unwrap(),
+        );
+        let done = s.complete(&a.lease_id, &hash("r1")).unwrap().unwrap();
+        assert!(done.stage_work && !done.all_tasks_done, "{done:?}");
+        let view = s.get(&job).unwrap();
+        let tasks = view.tasks.iter().map(|(t, _)| (&t.spec, t.result.as_ref()));
+        let next = spec.next_frames(tasks).unwrap();
+        assert_eq!(
+            next.len(),
+            1,
+            "frame 2 follows frame 1; frame 4 waits for frame 3"
+        );
+        assert_eq!(s.add_frames(&job, next.clone()).unwrap(), 1);
+        assert_eq!(s.add_frames(&job, next).unwrap(), 0, "frame 2 has its task");
+        let c = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(c.task.spec.content, hash("f2"));
+        s.complete(&b.lease_id, &hash("r3")).unwrap();
+        let done = s.complete(&c.lease_id, &hash("r2")).unwrap().unwrap();
+        assert!(done.stage_work);
+        assert_eq!(s.add_frames(&batch_job(&s), Vec::new()).unwrap(), 0);
+        s.cancel(&job).unwrap();
+        let view = s.get(&job).unwrap();
+        let tasks = view.tasks.iter().map(|(t, _)| (&t.spec, t.result.as_ref()));
+        let last = spec.next_frames(tasks).unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(
+            s.add_frames(&job, last).unwrap(),
+            0,
+            "a cancelled job takes none"
+        );
+    }
+
+    fn batch_job(s: &Scheduler) -> JobId {
+        s.submit(batch(1, 0), "").unwrap().0
     }
 
     /// Random submits (batches and tiled jobs), leases, results, failures of every kind, expiries, stage

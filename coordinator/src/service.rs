@@ -58,7 +58,7 @@ fn text(hash: Option<&ImageHash>) -> String {
 pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
     let m = &view.meta;
     let tiled = m.spec.kind.tiling().is_some();
-    // a tiled job's final image and scales; a video's last frame and each stage's last frame
+    // a tiled job's final image (and its scales, below); a video's last frame
     let staged = tiled || matches!(m.spec.kind, JobKind::Video(_));
     pb::JobStatus {
         job_id: m.id.to_string(),
@@ -91,7 +91,7 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
         } else {
             String::new()
         },
-        scale_results: if staged {
+        scale_results: if tiled {
             m.stage_results.iter().map(ToString::to_string).collect()
         } else {
             Vec::new()
@@ -612,7 +612,7 @@ impl WorkerService for WorkerApi {
             result = %hash,
             "task result"
         );
-        if let Some(done) = completed.as_ref().filter(|c| c.all_tasks_done) {
+        if let Some(done) = completed.as_ref().filter(|c| c.stage_work) {
             let coordinator = self.coordinator.clone();
             let job_id = done.job_id.clone();
             tokio::task::spawn_blocking(move || coordinator.stage_done(&job_id));

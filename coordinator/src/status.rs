@@ -335,7 +335,14 @@ pub fn job_row(
         scale = 0;
         canvas = [0, 0];
         listed = all.iter().collect();
-        progress = fraction_of(listed.iter().copied());
+        progress = match m.spec.kind {
+            // a video's frames are queued as they come: the fraction is of all its frames
+            JobKind::Video(_) => {
+                fraction_of(listed.iter().copied()) * listed.len() as f64
+                    / m.spec.contents.len().max(1) as f64
+            }
+            _ => fraction_of(listed.iter().copied()),
+        };
         if let (JobKind::Sweep(_), Some(sheet)) = (&m.spec.kind, &m.result) {
             previews.push(Preview {
                 label: "contact sheet".into(),

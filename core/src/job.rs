@@ -566,15 +566,15 @@ impl JobSpec {
         Ok(tasks)
     }
 
-    /// The next frames of a video job, given its tasks so far with their results (every task succeeded):
-    /// for each frame rendered whose successor in its chunk has no task yet, that successor, with the frame
+    /// The next frames of a video job, given its tasks so far, each with its result once it succeeded: for
+    /// each frame rendered whose successor in its chunk has no task yet, that successor, with the frame
     /// as its [`PreviousFrame`] (its unchanged pixels start from the frame's result and are held to it by
     /// the temporal loss), one scale at the full size with [`Video::iterations_after_first`] iterations.
     /// Empty once every frame has its task. An error names `kind` (not a video job) or a field of the spec
     /// (as [`Self::tasks`]).
     pub fn next_frames<'a>(
         &self,
-        done: impl IntoIterator<Item = (&'a TaskSpec, &'a ImageHash)>,
+        tasks: impl IntoIterator<Item = (&'a TaskSpec, Option<&'a ImageHash>)>,
     ) -> Result<Vec<TaskSpec>, Error> {
         let JobKind::Video(video) = self.kind else {
             return Err(Error::invalid(
@@ -584,20 +584,20 @@ impl JobSpec {
         };
         self.tasks()?;
         let frames = self.contents.len() as u32;
-        let done: Vec<(&VideoFrame, &ImageHash)> = done
+        let tasks: Vec<(&VideoFrame, Option<&ImageHash>)> = tasks
             .into_iter()
             .filter_map(|(t, result)| t.frame.as_ref().map(|f| (f, result)))
             .collect();
-        let has_task = |i: u32| done.iter().any(|(f, _)| f.index == i);
+        let has_task = |i: u32| tasks.iter().any(|(f, _)| f.index == i);
         let params = RenderParams {
             iterations: video.iterations_after_first(self.params.iterations),
             scale_iterations: Vec::new(),
             scales: 1,
             ..self.params.clone()
         };
-        let mut next: Vec<TaskSpec> = done
+        let mut next: Vec<TaskSpec> = tasks
             .iter()
-            .map(|(f, result)| (f.index + 1, f.index, *result))
+            .filter_map(|(f, result)| Some((f.index.saturating_add(1), f.index, (*result)?)))
             .filter(|&(i, _, _)| i < frames && !video.starts_chunk(i) && !has_task(i))
             .map(|(i, before, result)| TaskSpec {
                 content: self.contents[i as usize].clone(),
@@ -886,6 +886,23 @@ fn check_task_sizes(
         );
     }
     if let JobKind::Video(_) = spec.kind {
+        // frames of one size (the temporal loss compares a frame with the one before, pixel by pixel; the
+        // output is one video)
+        let first = sizes[&spec.contents[0]];
+        for (i, content) in spec.contents.iter().enumerate() {
+            let (w, h) = sizes[content];
+            if (w, h) != first {
+                return Err(Error::invalid(
+                    "contents",
+                    format!(
+                        "frame {} is {w}x{h}, frame 1 is {}x{}: a video's frames share one size",
+                        i + 1,
+                        first.0,
+                        first.1
+                    ),
+                ));
+            }
+        }
         // every frame renders at the job's size: its first scale (the pyramid's smallest) is the one to check
         for (i, content) in spec.contents.iter().enumerate() {
             check(&spec.params, content, &spec.styles).map_err(|e| match e {
@@ -1036,8 +1053,15 @@ mod tests {
             (2, h(1))
         );
         let results: Vec<ImageHash> = (11..=13).map(h).collect();
-        let next = video.next_frames(first.iter().zip(&results)).unwrap();
+        let next = video
+            .next_frames(first.iter().zip(results.iter().map(Some)))
+            .unwrap();
         assert_eq!(next.iter().map(index).collect::<Vec<_>>(), [1, 3]);
+        // a chunk goes on as soon as its own frame is rendered, whatever the others' do
+        let one = video
+            .next_frames(first.iter().zip([None, Some(&results[1]), None]))
+            .unwrap();
+        assert_eq!(one.iter().map(index).collect::<Vec<_>>(), [3]);
         let second = &next[1];
         assert_eq!(second.content, h(4));
         assert_eq!(
@@ -1063,7 +1087,7 @@ mod tests {
         let all: Vec<TaskSpec> = first.iter().chain(&next).cloned().collect();
         let results: Vec<ImageHash> = (11..=15).map(h).collect();
         assert!(video
-            .next_frames(all.iter().zip(&results))
+            .next_frames(all.iter().zip(results.iter().map(Some)))
             .unwrap()
             .is_empty());
         // one chunk: one frame at a time; a frame with its task already is not queued twice
@@ -1076,12 +1100,18 @@ mod tests {
         };
         let first = one.tasks().unwrap();
         assert_eq!(first.len(), 1);
+        let (r20, r21) = (h(20), h(21));
         let next = one
-            .next_frames([(&first[0], &h(20)), (&first[0], &h(20))])
+            .next_frames([(&first[0], Some(&r20)), (&first[0], Some(&r20))])
             .unwrap();
         assert_eq!((next.len(), next[0].params.iterations), (1, 7));
+        // a frame queued and not rendered yet: its successor waits, and it is not queued twice
         assert!(one
-            .next_frames([(&first[0], &h(20)), (&next[0], &h(21))])
+            .next_frames([(&first[0], Some(&r20)), (&next[0], None)])
+            .unwrap()
+            .is_empty());
+        assert!(one
+            .next_frames([(&first[0], Some(&r20)), (&next[0], Some(&r21))])
             .unwrap()
             .iter()
             .all(|t| index(t) == 2));

@@ -262,7 +262,7 @@ macro_rules! render_options {
             tv_weight: f64 = 1e-3, Range::NonNegative, sweep: true;
             /// Video jobs: weight of the temporal loss, which holds each frame where its content did not
             /// change to the previous frame's result (Ruder et al. 2016; artistic-videos' default).
-            temporal_weight: f64 = 1e3, Range::NonNegative, sweep: true;
+            temporal_weight: f64 = 1e3, Range::NonNegative, sweep: false;
             /// Blend weights of the style images, e.g. 0.7,0.3 (normalized to sum 1; default equal).
             style_blend: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;
             /// Content layers, comma-separated.

@@ -621,7 +621,8 @@ mod tests {
         let wire: pb::JobSpec = (&s).into();
         assert_eq!(JobSpec::try_from(wire).unwrap(), s);
         let first = s.tasks().unwrap();
-        let next = s.next_frames([(&first[0], &ImageHash::of(b"r1"))]).unwrap();
+        let r1 = ImageHash::of(b"r1");
+        let next = s.next_frames([(&first[0], Some(&r1))]).unwrap();
         assert!(next[0].previous_frame().is_some());
         let task = |spec: TaskSpec| Task {
             id: TaskId {
