@@ -106,6 +106,12 @@ async fn the_metrics_follow_a_job_and_its_faults() {
         Some(1.0),
         "{running}"
     );
+    // queued and running, by the job's worker tags (none)
+    assert_eq!(
+        value(&running, "stylefarm_open_tasks{worker_tags=\"\"}"),
+        Some(2.0),
+        "{running}"
+    );
     assert_eq!(
         value(&running, "stylefarm_jobs{state=\"running\"}"),
         Some(1.0),

@@ -5,6 +5,7 @@
 //! | metric | type | labels | what |
 //! | --- | --- | --- | --- |
 //! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks (ready or backing off) |
+//! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued or running, by their job's worker tags |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state |
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
 //! | `stylefarm_workers` | gauge | `state` (`live`, `silent`) | workers heard from within a minute, or not |
@@ -70,6 +71,7 @@ impl SchedulerMetrics {
 pub(crate) struct Metrics {
     registry: Registry,
     queue_depth: Family<Labels, Gauge>,
+    open_tasks: Family<Labels, Gauge>,
     tasks: Family<Labels, Gauge>,
     jobs: Family<Labels, Gauge>,
     workers: Family<Labels, Gauge>,
@@ -81,6 +83,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("stylefarm");
         let metrics = Metrics {
             queue_depth: Family::default(),
+            open_tasks: Family::default(),
             tasks: Family::default(),
             jobs: Family::default(),
             workers: Family::default(),
@@ -91,6 +94,11 @@ impl Metrics {
             "queue_depth",
             "Pending tasks (ready or backing off), by job priority",
             metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "open_tasks",
+            "Tasks queued or running, by the worker tags their job asks for (empty: any worker)",
+            metrics.open_tasks.clone(),
         );
         registry.register(
             "tasks",
@@ -154,6 +162,7 @@ impl Metrics {
             }
         };
         set(&self.queue_depth, "priority", counts.queue_by_priority);
+        set(&self.open_tasks, "worker_tags", counts.open_by_worker_tags);
         set(&self.tasks, "state", counts.tasks_by_state);
         set(&self.jobs, "state", counts.jobs_by_state);
         let (live, silent) = coordinator.workers.live_and_silent();

@@ -302,6 +302,17 @@ pub struct Counts {
     pub tasks_by_state: BTreeMap<String, usize>,
     /// Jobs by state ([`JobState::name`]).
     pub jobs_by_state: BTreeMap<String, usize>,
+    /// Tasks queued or running, by the worker tags their job asks for ([`worker_tags_label`]): the work a
+    /// pool of workers with those tags (or more) may take.
+    pub open_by_worker_tags: BTreeMap<String, usize>,
+}
+
+/// A job's worker tags as one label value: sorted, comma-separated; empty for a job any worker may take.
+pub fn worker_tags_label(tags: &[String]) -> String {
+    let mut tags = tags.to_vec();
+    tags.sort();
+    tags.dedup();
+    tags.join(",")
 }
 
 /// What a heartbeat learns.
@@ -1421,10 +1432,25 @@ impl Scheduler {
     pub fn counts(&self) -> Counts {
         let st = self.state.lock().unwrap();
         let mut counts = Counts::default();
-        for (Reverse(priority), ..) in &st.queue {
+        let tags_of = |job_id: &JobId| {
+            st.jobs
+                .get(job_id)
+                .map_or_else(String::new, |j| worker_tags_label(&j.meta.spec.worker_tags))
+        };
+        for (Reverse(priority), _, _, job_id) in &st.queue {
             *counts
                 .queue_by_priority
                 .entry(priority.to_string())
+                .or_default() += 1;
+            *counts
+                .open_by_worker_tags
+                .entry(tags_of(job_id))
+                .or_default() += 1;
+        }
+        for lease in st.leases.values().filter(|l| !l.cancel) {
+            *counts
+                .open_by_worker_tags
+                .entry(tags_of(&lease.job_id))
                 .or_default() += 1;
         }
         let nonzero = |tally: &BTreeMap<&'static str, usize>| {
@@ -1683,13 +1709,26 @@ mod tests {
             .lease_tagged(&w("cpu"), &tags(&["cpu"]))
             .unwrap()
             .is_none());
+        // the work a pool of tagged workers scales on: queued or running, by the job's tags
+        let open = |s: &Scheduler| s.counts().open_by_worker_tags;
+        assert_eq!(open(&s), BTreeMap::from([("gpu".to_string(), 1)]));
         let big = tags(&["a100", "gpu"]);
         let l = s.lease_tagged(&w("big"), &big).unwrap().unwrap();
         assert_eq!(l.task.id.job, gpu_job);
+        assert_eq!(
+            open(&s),
+            BTreeMap::from([("gpu".to_string(), 1)]),
+            "running"
+        );
         // an untagged job: any worker, tagged or not
         let (any_job, _) = s.submit(batch(1, 0), "").unwrap();
+        assert_eq!(open(&s).get(""), Some(&1));
         let l2 = s.lease_tagged(&w("cpu"), &tags(&["cpu"])).unwrap().unwrap();
         assert_eq!(l2.task.id.job, any_job);
+        assert_eq!(
+            worker_tags_label(&tags(&["gpu", "a100", "gpu"])),
+            "a100,gpu"
+        );
         // the only gpu worker blocklisted: the cpu worker does not count, the job has no worker left
         s.fail(&l.lease_id, "crash", FailureKind::Retryable)
             .unwrap();
