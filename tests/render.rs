@@ -21,12 +21,9 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Renders tubingen x starry_night with `extra` options and JSON progress; returns the progress lines.
-fn render(output: &Path, extra: &[&str]) -> Vec<Value> {
-    let (content, style) = (
-        shared_image("tubingen.jpg"),
-        shared_image("starry_night.jpg"),
-    );
+/// `stylefarm render` of `content` in the style of `style` to `output` with `extra` options, which must
+/// succeed; its output.
+fn render_to(content: &Path, style: &Path, output: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "render",
         "--content",
@@ -35,12 +32,21 @@ fn render(output: &Path, extra: &[&str]) -> Vec<Value> {
         style.to_str().unwrap(),
         "--output",
         output.to_str().unwrap(),
-        "--progress",
-        "json",
     ];
     args.extend_from_slice(extra);
     let out = stylefarm(&args);
     assert!(out.status.success(), "render failed: {}", stderr(&out));
+    out
+}
+
+/// Renders tubingen x starry_night with `extra` options and JSON progress; returns the progress lines.
+fn render(output: &Path, extra: &[&str]) -> Vec<Value> {
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let args = [&["--progress", "json"], extra].concat();
+    let out = render_to(&content, &style, output, &args);
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -471,20 +477,12 @@ fn a_transparent_content_keeps_its_cut_out_and_16_bits_are_written() {
 /// `content` rendered in the style of `style` at 64 px with `extra` options, written under `dir`; the image.
 fn render_64(dir: &Path, content: &Path, style: &Path, extra: &[&str]) -> RgbImage {
     let output = dir.join("out.png");
-    let mut args = vec![
-        "render",
-        "--content",
-        content.to_str().unwrap(),
-        "--style",
-        style.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--size",
-        "64",
-    ];
-    args.extend_from_slice(extra);
-    let out = stylefarm(&args);
-    assert!(out.status.success(), "render failed: {}", stderr(&out));
+    render_to(
+        content,
+        style,
+        &output,
+        &[&["--size", "64"], extra].concat(),
+    );
     image::open(&output).unwrap().to_rgb8()
 }
 

@@ -2,25 +2,9 @@
 //! depends on the tile size) against the one-pass Gram matrices, on the real engine and weights. Measured
 //! here: relu1_1-relu4_1 agree to ~1e-7, relu5_1 to ~4e-5 (its receptive field reaches past the halo).
 
-use std::process::Command;
-
 use stylefarm_core::{imaging, RenderParams};
 use stylefarm_engine::{BlockedTargets, Device, Engine};
-use stylefarm_tests::{binary, shared_image};
-
-fn weights() -> std::path::PathBuf {
-    let out = Command::new(binary())
-        .args(["weights", "path"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8(out.stdout).unwrap();
-    line.split('\t').next().unwrap().trim().into()
-}
+use stylefarm_tests::{shared_image, weights};
 
 #[test]
 fn blocked_style_grams_match_the_one_pass_grams() {

@@ -3,26 +3,10 @@
 //! formula's; a frame starts from the previous frame's result and is held to it where its content did not
 //! change; where every pixel changed, it renders as a first frame.
 
-use std::process::Command;
-
 use image::RgbImage;
 use stylefarm_core::{imaging, RenderParams};
 use stylefarm_engine::{Device, Engine, Preprocessing, PreviousFrameImages, RenderJob};
-use stylefarm_tests::{binary, shared_image};
-
-fn weights() -> std::path::PathBuf {
-    let out = Command::new(binary())
-        .args(["weights", "path"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8(out.stdout).unwrap();
-    line.split('\t').next().unwrap().trim().into()
-}
+use stylefarm_tests::{shared_image, weights};
 
 fn mean_abs_difference(a: &RgbImage, b: &RgbImage) -> f64 {
     let sum: f64 = a

@@ -438,12 +438,7 @@ impl JobArgs {
             video.validate()?;
             // refused before the render, not after it
             if let Some(out) = self.output.as_deref() {
-                if stylefarm_core::imaging::output_format(out).is_ok() {
-                    bail!(
-                        "output: a video's frames go to a directory, not {}",
-                        out.display()
-                    );
-                }
+                stylefarm_client::check_video_output(out)?;
             }
             JobKind::Video(video)
         } else {

@@ -427,16 +427,7 @@ impl FarmClient {
             Some(pb::job_spec::Kind::Video(_))
         );
         if video {
-            if imaging::output_format(output).is_ok() {
-                return Err(stylefarm_core::Error::invalid(
-                    "output",
-                    format!(
-                        "a video's frames go to a directory, not {}",
-                        output.display()
-                    ),
-                )
-                .into());
-            }
+            check_video_output(output)?;
             create_dir(output)?;
             let mut frames: Vec<(u64, &pb::TaskStatus)> = done
                 .into_iter()
@@ -503,6 +494,21 @@ pub(crate) fn off_async<T>(work: impl FnOnce() -> T) -> T {
             tokio::task::block_in_place(work)
         }
         _ => work(),
+    }
+}
+
+/// Checks that `output` can take a video's frames: a directory, not an image file (by its extension); an
+/// error names `output`.
+pub fn check_video_output(output: &Path) -> std::result::Result<(), stylefarm_core::Error> {
+    match imaging::output_format(output) {
+        Ok(_) => Err(stylefarm_core::Error::invalid(
+            "output",
+            format!(
+                "a video's frames go to a directory, not {}",
+                output.display()
+            ),
+        )),
+        Err(_) => Ok(()),
     }
 }
 

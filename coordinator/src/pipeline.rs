@@ -102,7 +102,7 @@ impl Coordinator {
         if !next.is_empty() {
             let frames: Vec<u32> = next
                 .iter()
-                .filter_map(|t| Some(t.frame.as_ref()?.index + 1))
+                .filter_map(|t| Some(t.frame.as_ref()?.index.saturating_add(1)))
                 .collect();
             match self.scheduler.add_frames(job_id, next) {
                 Ok(added) if added > 0 => {

@@ -146,6 +146,24 @@ struct Job {
     leases: HashMap<u32, LeaseId>,
 }
 
+/// Appends `specs` to a held job as pending tasks, queued and tallied; the store's ops that record them.
+fn append_tasks(
+    queue: &mut BTreeSet<QueueKey>,
+    tally: &mut Tally,
+    job: &mut Job,
+    specs: impl IntoIterator<Item = TaskSpec>,
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for spec in specs {
+        let task = TaskRecord::pending(job.tasks.len() as u32, spec);
+        ops.push(Op::Task(job.meta.id.clone(), task.clone()));
+        queue.insert(queue_key(&job.meta, task.index));
+        tally.add_task(task.state);
+        job.tasks.push(task);
+    }
+    ops
+}
+
 /// The key of a job's client request id in [`State::by_request`]: (tenant, request id).
 fn request_key(meta: &JobMeta) -> (String, String) {
     (meta.tenant.clone(), meta.client_request_id.clone())
@@ -1199,17 +1217,11 @@ impl Scheduler {
             return Ok(0);
         }
         let frame = |t: &TaskSpec| t.frame.as_ref().map(|f| f.index);
-        let mut ops = Vec::new();
-        for spec in tasks {
-            if spec.frame.is_none() || job.tasks.iter().any(|t| frame(&t.spec) == frame(&spec)) {
-                continue;
-            }
-            let task = TaskRecord::pending(job.tasks.len() as u32, spec);
-            ops.push(Op::Task(job_id.clone(), task.clone()));
-            st.queue.insert(queue_key(&job.meta, task.index));
-            st.tally.add_task(task.state);
-            job.tasks.push(task);
-        }
+        let new: Vec<TaskSpec> = tasks
+            .into_iter()
+            .filter(|s| s.frame.is_some() && !job.tasks.iter().any(|t| frame(&t.spec) == frame(s)))
+            .collect();
+        let ops = append_tasks(&mut st.queue, &mut st.tally, job, new);
         let added = ops.len();
         if added == 0 {
             return Ok(0);
@@ -1250,16 +1262,7 @@ impl Scheduler {
         job.meta.stage_results.push(image.clone());
         let mut ops = Vec::new();
         match next {
-            Some(tasks) => {
-                let first = job.tasks.len() as u32;
-                for (i, spec) in tasks.into_iter().enumerate() {
-                    let task = TaskRecord::pending(first + i as u32, spec);
-                    ops.push(Op::Task(job_id.clone(), task.clone()));
-                    st.queue.insert(queue_key(&job.meta, task.index));
-                    st.tally.add_task(task.state);
-                    job.tasks.push(task);
-                }
-            }
+            Some(tasks) => ops = append_tasks(&mut st.queue, &mut st.tally, job, tasks),
             None => {
                 job.meta.result = Some(image.clone());
                 set_job_state(&mut st.tally, &mut job.meta, JobState::Succeeded);

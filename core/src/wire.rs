@@ -574,14 +574,7 @@ mod tests {
 
     #[test]
     fn tasks_round_trip() {
-        let s = JobSpec {
-            kind: JobKind::Tiled(Tiling::new(Some(128), 32, false)),
-            params: RenderParams {
-                size: 512,
-                ..Default::default()
-            },
-            ..spec()
-        };
+        let s = tiled_512();
         for exact in [false, true] {
             let s = JobSpec {
                 kind: JobKind::Tiled(Tiling::new(Some(128), 64, exact)),
@@ -659,17 +652,21 @@ mod tests {
         );
     }
 
-    /// A tile of some tiled job, on the wire.
-    fn a_tile_on_the_wire() -> Option<pb::TileTask> {
-        let tiled = JobSpec {
+    /// A tiled job of 512 px in 128-px tiles.
+    fn tiled_512() -> JobSpec {
+        JobSpec {
             kind: JobKind::Tiled(Tiling::new(Some(128), 32, false)),
             params: RenderParams {
                 size: 512,
                 ..Default::default()
             },
             ..spec()
-        };
-        let tasks = tiled
+        }
+    }
+
+    /// A tile of [`tiled_512`], on the wire.
+    fn a_tile_on_the_wire() -> Option<pb::TileTask> {
+        let tasks = tiled_512()
             .scale_tasks(400, 300, 1, &ImageHash::of(b"p"), &[])
             .unwrap();
         tasks[0].scale.as_ref().map(Into::into)

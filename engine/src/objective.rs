@@ -71,6 +71,14 @@ pub(crate) enum ScaleTargets {
     Blocked(BlockedTargets),
 }
 
+/// The error for a video frame with blocks: the temporal loss is the whole image's.
+pub(crate) fn whole_frames_only() -> Error {
+    Error::Core(stylefarm_core::Error::invalid(
+        "frame",
+        "a video frame renders whole, not in blocks",
+    ))
+}
+
 impl Temporal {
     /// A video frame's start: the previous frame's result where the content did not change, `init` (the
     /// start a first frame has) where it did. `init` is `1 x 3 x H x W`, preprocessed.
@@ -96,10 +104,7 @@ impl ScaleTargets {
                 t.temporal = Some(temporal);
                 Ok(())
             }
-            ScaleTargets::Blocked(_) => Err(Error::Core(stylefarm_core::Error::invalid(
-                "frame",
-                "a video frame renders whole, not in blocks",
-            ))),
+            ScaleTargets::Blocked(_) => Err(whole_frames_only()),
         }
     }
 }

@@ -73,11 +73,7 @@ impl RenderJob {
     /// ([`RenderParams::check_sizes`]), before any tensor work.
     pub fn check(&self) -> Result<(), Error> {
         if self.previous.is_some() && self.block.is_some() {
-            return Err(stylefarm_core::Error::invalid(
-                "frame",
-                "a video frame renders whole, not in blocks",
-            )
-            .into());
+            return Err(crate::objective::whole_frames_only());
         }
         check_inputs(
             &self.params,

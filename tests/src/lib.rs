@@ -33,6 +33,22 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The VGG19 weights the set-up installed (`stylefarm weights path`): for tests that load the engine
+/// themselves.
+pub fn weights() -> PathBuf {
+    let out = std::process::Command::new(binary())
+        .args(["weights", "path"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).unwrap();
+    line.split('\t').next().unwrap().trim().into()
+}
+
 /// The test image `name` in `../shared/data/images` beside the repository; panics when it is missing.
 pub fn shared_image(name: &str) -> PathBuf {
     let path = repo().join("../shared/data/images").join(name);
