@@ -8,16 +8,15 @@
 //! of each, their ratio and the relative difference of the gradients. Weights: $STYLEFARM_WEIGHTS, or the
 //! file deploy/setup.sh converts (`stylefarm weights path` prints it).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use stylefarm_core::{imaging, RenderParams};
 use stylefarm_engine::{BlockedTargets, Device, Engine};
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+#[path = "engine_bench.rs"]
+mod engine_bench;
+use engine_bench::{image, median, weights};
 
 fn main() {
     let args: Vec<u32> = std::env::args()
@@ -28,24 +27,9 @@ fn main() {
     let size = args.first().copied().unwrap_or(768);
     let block = args.get(1).copied().unwrap_or(256);
     let reps = args.get(2).copied().unwrap_or(5) as usize;
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let weights = std::env::var_os("STYLEFARM_WEIGHTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let out = std::process::Command::new(repo.join("target/release/stylefarm"))
-                .args(["weights", "path"])
-                .output()
-                .expect(
-                    "set STYLEFARM_WEIGHTS, or build the stylefarm binary (cargo build --release)",
-                );
-            let line = String::from_utf8_lossy(&out.stdout).into_owned();
-            PathBuf::from(line.split('\t').next().unwrap_or_default().trim())
-        });
-    let images = repo.join("../shared/data/images");
-    let engine = Engine::load(&weights, Device::Cpu).expect("weights");
-    let content =
-        imaging::resize_longest(&imaging::load(&images.join("tubingen.jpg")).unwrap(), size);
-    let style = imaging::load(&images.join("starry_night.jpg")).unwrap();
+    let engine = Engine::load(&weights(), Device::Cpu).expect("weights");
+    let content = imaging::resize_longest(&imaging::load(&image("tubingen.jpg")).unwrap(), size);
+    let style = imaging::load(&image("starry_night.jpg")).unwrap();
     let params = RenderParams::default();
     let grams = engine
         .style_grams(std::slice::from_ref(&style), size, &params, Some(block))

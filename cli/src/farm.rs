@@ -192,9 +192,9 @@ pub(crate) struct JobArgs {
     #[arg(long, conflicts_with_all = ["sweep", "tiled", "video"])]
     batch: bool,
     /// The contents are a video's frames, in order (a directory: its images sorted by name, e.g. from
-    /// `ffmpeg -i in.mp4 frames/%05d.png`): where a frame's content did not change from the previous
-    /// frame's, it starts from the previous frame's result and is held to it (--temporal-weight; Ruder
-    /// et al. 2016). The output is a directory of frame-NNNNN.png.
+    /// `ffmpeg -i in.mp4 frames/%05d.png`): where a frame's content matches the previous frame's
+    /// (followed along the optical flow: --optical-flow), it starts from the previous frame's result and is
+    /// held to it (--temporal-weight; Ruder et al. 2016). The output is a directory of frame-NNNNN.png.
     #[arg(long, conflicts_with_all = ["sweep", "tiled"])]
     video: bool,
     /// Video: frames per chunk; the chunks render side by side on as many workers, each starting afresh

@@ -671,42 +671,9 @@ fn from_ycbcr([y, cb, cr]: [f64; 3]) -> [f64; 3] {
 }
 
 /// How far (in 0..255 grey levels, any channel) a pixel of a video frame may differ from the previous
-/// frame's and still count as unchanged: the temporal loss holds only unchanged pixels
-/// ([`unchanged_pixels`]). Above the noise of a compressed video's static background, below a moving edge.
+/// frame's, at the place the motion between them takes it (in place without optical flow), and still be
+/// held by the temporal loss. Above the noise of a compressed video's static background, below a moving edge.
 pub const TEMPORAL_TOLERANCE: u8 = 12;
-
-/// Per pixel, row-major: 1 where `a` and `b` (the same size) differ by at most `tolerance` in every
-/// channel, else 0. The temporal loss' weights without optical flow: Ruder et al. (2016) weight each
-/// pixel by whether the flow between the frames is reliable there; with the frames compared in place (no
-/// flow), a pixel is reliable where the scene did not change. An error names `frame` for sizes that differ.
-pub fn unchanged_pixels(a: &RgbImage, b: &RgbImage, tolerance: u8) -> Result<Vec<f32>, Error> {
-    if a.dimensions() != b.dimensions() {
-        return Err(Error::invalid(
-            "frame",
-            format!(
-                "frames of {}x{} and {}x{} compared",
-                a.width(),
-                a.height(),
-                b.width(),
-                b.height()
-            ),
-        ));
-    }
-    Ok(a.pixels()
-        .zip(b.pixels())
-        .map(|(p, q)| {
-            let same =
-                p.0.iter()
-                    .zip(q.0)
-                    .all(|(&u, v)| u.abs_diff(v) <= tolerance);
-            if same {
-                1.0
-            } else {
-                0.0
-            }
-        })
-        .collect())
-}
 
 /// The luminance (Y of full-range BT.601 YCbCr, rounded) of `img` in all three channels: the grey image
 /// that luminance-only transfer optimizes and takes its style from (Gatys et al. 2016, "Preserving Color

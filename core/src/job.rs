@@ -64,16 +64,17 @@ pub enum JobKind {
     /// is created.
     Tiled(Tiling),
     /// The contents are the frames of a video, in order, each rendered with the style set and, after the
-    /// first frame of its chunk, held where its content did not change to the previous frame's result
+    /// first frame of its chunk, held where its content matches the previous frame's to that frame's result
     /// (Ruder et al. 2016): one task per frame, a chunk's frames one after the other ([`Video`]).
     Video(Video),
 }
 
 /// The parameters of a video job ([`JobKind::Video`]). Every frame after the first of its chunk starts,
-/// where its content did not change, from the previous frame's result, and is held to it there by the
-/// temporal loss (`params.temporal_weight`; Ruder et al. 2016 without optical flow); where it changed, it
-/// starts as the first frame did (`params.init`). So a chunk's frames render one after the other, and the
-/// chunks side by side.
+/// where its content matches the previous frame's, from the previous frame's result, and is held to it
+/// there by the temporal loss (`params.temporal_weight`; Ruder et al. 2016). With `params.optical_flow` (the
+/// default), the previous frame is followed along the optical flow, so a moving camera or object is
+/// held too; without, frames are compared in place. Elsewhere a frame starts as the first frame did
+/// (`params.init`). So a chunk's frames render one after the other, and the chunks side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Video {
     /// Frames per chunk, at most [`MAX_IMAGES_PER_JOB`]: the frames are cut into chunks of this many
@@ -141,10 +142,10 @@ pub struct VideoFrame {
 /// The frame before a video frame: its content and its rendered result, by sha256.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreviousFrame {
-    /// The previous frame's content: where it equals this frame's, the temporal loss holds the result.
+    /// The previous frame's content: where it matches this frame's, the temporal loss holds the result.
     pub content: ImageHash,
-    /// The previous frame's result: the target of the temporal loss, and where the content did not change,
-    /// this frame's start.
+    /// The previous frame's result: the target of the temporal loss, and where the content matches, this
+    /// frame's start (moved along the optical flow with `params.optical_flow`).
     pub result: ImageHash,
 }
 
@@ -568,9 +569,9 @@ impl JobSpec {
 
     /// The next frames of a video job, given its tasks so far, each with its result once it succeeded: for
     /// each frame rendered whose successor in its chunk has no task yet, that successor, with the frame
-    /// as its [`PreviousFrame`] (its unchanged pixels start from the frame's result and are held to it by
-    /// the temporal loss), one scale at the full size with [`Video::iterations_after_first`] iterations.
-    /// Empty once every frame has its task. An error names `kind` (not a video job) or a field of the spec
+    /// as its [`PreviousFrame`] (where their contents match, it starts from the frame's result and is held
+    /// to it by the temporal loss), one scale at the full size with [`Video::iterations_after_first`]
+    /// iterations. Empty once every frame has its task. An error names `kind` (not a video job) or a field of the spec
     /// (as [`Self::tasks`]).
     pub fn next_frames<'a>(
         &self,

@@ -263,6 +263,10 @@ macro_rules! render_options {
             /// Video jobs: weight of the temporal loss, which holds each frame where its content did not
             /// change to the previous frame's result (Ruder et al. 2016; artistic-videos' default).
             temporal_weight: f64 = 1e3, Range::NonNegative, sweep: false;
+            /// Video jobs: follow the motion between frames, as Ruder et al. (2016) do: the previous frame's
+            /// result is warped along the optical flow (Horn & Schunck, coarse to fine) and held where the
+            /// flow is reliable; false: frames are compared in place, for a static camera.
+            optical_flow: bool = true, Range::Any, sweep: false;
             /// Blend weights of the style images, e.g. 0.7,0.3 (normalized to sum 1; default equal).
             style_blend: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;
             /// Content layers, comma-separated.

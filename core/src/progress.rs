@@ -16,8 +16,8 @@ pub struct LossTerms {
     pub total: f64,
     /// Temporal loss of a video frame after its chunk's first (Ruder et al. 2016):
     /// `temporal_weight * mean(c * (x - w)^2)` over pixels and channels in 0..255 units, `w` the previous
-    /// frame's result and `c` 1 where the content did not change from the previous frame, else 0; 0 for
-    /// other renders.
+    /// frame's result (warped along the optical flow with `optical_flow`) and `c` 1 where the content
+    /// matches the previous frame's (and the flow is reliable), else 0; 0 for other renders.
     #[serde(default)]
     pub temporal: f64,
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod engine;
+pub mod flow;
 pub mod loss;
 pub mod objective;
 pub mod optim;

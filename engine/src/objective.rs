@@ -10,6 +10,7 @@ use stylefarm_core::{Layer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::Engine;
+use crate::flow;
 use crate::loss::{content_loss, gram, style_loss, temporal_loss, tv_loss};
 use crate::Error;
 use blocked::BlockedTargets;
@@ -55,11 +56,13 @@ pub struct Targets {
     temporal: Option<Temporal>,
 }
 
-/// The temporal loss' inputs at one scale: the previous frame's result and where the content did not change.
+/// The temporal loss' inputs at one scale: the previous frame's result and where it holds the frame.
 pub(crate) struct Temporal {
-    /// The previous frame's result at this scale's size, preprocessed (`1 x 3 x H x W`).
+    /// The previous frame's result at this scale's size, warped along the optical flow when the render
+    /// follows it, preprocessed (`1 x 3 x H x W`).
     result: Tensor,
-    /// 1 where the content did not change from the previous frame, else 0 (`1 x 1 x H x W`).
+    /// 1 where the content matches the previous frame's (and the flow is reliable), else 0
+    /// (`1 x 1 x H x W`).
     mask: Tensor,
     /// One 0..255 grey level in the preprocessed units.
     per_255: f64,
@@ -80,8 +83,8 @@ pub(crate) fn whole_frames_only() -> Error {
 }
 
 impl Temporal {
-    /// A video frame's start: the previous frame's result where the content did not change, `init` (the
-    /// start a first frame has) where it did. `init` is `1 x 3 x H x W`, preprocessed.
+    /// A video frame's start: the previous frame's result where the content matches, `init` (the
+    /// start a first frame has) elsewhere. `init` is `1 x 3 x H x W`, preprocessed.
     pub(crate) fn start(&self, init: &Tensor) -> Tensor {
         tch::no_grad(|| &self.result * &self.mask + init * (1.0 - &self.mask))
     }
@@ -237,8 +240,11 @@ impl Engine {
     }
 
     /// The temporal loss' inputs for a video frame whose working content (as the optimization sees it) is
-    /// `content`: the previous frame's `result`, resized to it, and where the previous frame's `content`,
-    /// resized to it, is unchanged ([`imaging::unchanged_pixels`] within [`imaging::TEMPORAL_TOLERANCE`]).
+    /// `content`, given the previous frame's `content` and `result` (each resized to it), after Ruder et al.
+    /// (2016). With `params.optical_flow`, the previous result and content are warped along the flow from
+    /// this frame to the previous one ([`crate::flow`]), and a pixel is held where the flow is reliable
+    /// ([`flow::reliable`]); without, they are compared in place. Either way a pixel is held only where the
+    /// (warped) previous content is within [`imaging::TEMPORAL_TOLERANCE`] of this one in every channel.
     /// The inputs are made grey for luminance-only transfer, as the content is.
     pub(crate) fn temporal_target(
         &self,
@@ -248,15 +254,46 @@ impl Engine {
         params: &RenderParams,
     ) -> Result<Temporal, Error> {
         let (w, h) = content.dimensions();
+        let device = self.device();
         let of = |img: &RgbImage| crate::render::optimized(imaging::resize(img, w, h), params);
-        let mask =
-            imaging::unchanged_pixels(content, &of(previous_content), imaging::TEMPORAL_TOLERANCE)?;
+        // 0..1, 1 x 3 x H x W
+        let unit = |img: &RgbImage| {
+            Tensor::from_slice(img.as_raw())
+                .to_device(device)
+                .reshape([1, i64::from(h), i64::from(w), 3])
+                .permute([0, 3, 1, 2])
+                .to_kind(Kind::Float)
+                / 255.0
+        };
         let pre = self.vgg().preprocessing();
+        let result = pre.preprocess(&of(previous_result), device);
+        let (now, before) = (unit(content), unit(&of(previous_content)));
+        let (result, before, reliable) = if params.optical_flow && w.min(h) >= 2 {
+            let backward = flow::flow(&now, &before);
+            let forward = flow::flow(&before, &now);
+            let reliable = flow::reliable(&backward, &forward);
+            (
+                tch::no_grad(|| flow::warp(&result, &backward)),
+                tch::no_grad(|| flow::warp(&before, &backward)),
+                Some(reliable),
+            )
+        } else {
+            (result, before, None)
+        };
+        // every channel within the tolerance (the half level absorbs the float rounding of k / 255)
+        let tolerance = (f64::from(imaging::TEMPORAL_TOLERANCE) + 0.5) / 255.0;
+        let same = (before - now)
+            .abs()
+            .amax([1i64].as_slice(), true)
+            .le(tolerance)
+            .to_kind(Kind::Float);
+        let mask = match reliable {
+            Some(r) => same * r,
+            None => same,
+        };
         Ok(Temporal {
-            result: pre.preprocess(&of(previous_result), self.device()),
-            mask: Tensor::from_slice(&mask)
-                .reshape([1, 1, i64::from(h), i64::from(w)])
-                .f_to_device(self.device())?,
+            result,
+            mask,
             per_255: pre.per_255(),
         })
     }

@@ -32,9 +32,10 @@ pub struct RenderJob {
     /// Evaluate the objective in blocks of at most this many px a side, halos included (the exact
     /// gradient of the whole image, with memory bound by the block; [`Engine::objective_blocked`]).
     pub block: Option<u32>,
-    /// A video frame's previous frame: where its content equals this one's (within
-    /// [`imaging::TEMPORAL_TOLERANCE`]), the render starts from its result (elsewhere from `params.init`)
-    /// and the temporal loss (`params.temporal_weight`) holds it there. None for other renders.
+    /// A video frame's previous frame: where its content matches this one's (within
+    /// [`imaging::TEMPORAL_TOLERANCE`], followed along the optical flow with `params.optical_flow`), the
+    /// render starts from its result (elsewhere from `params.init`) and the temporal loss
+    /// (`params.temporal_weight`) holds it there. None for other renders.
     pub previous: Option<PreviousFrameImages>,
 }
 
@@ -306,7 +307,7 @@ impl Engine {
             }
             let mut xs = match x.take() {
                 // a video frame after its chunk's first: the previous frame's result where the content
-                // did not change
+                // matches
                 None => match targets.temporal() {
                     Some(t) => t.start(&self.initial(job, &content)?),
                     None => self.initial(job, &content)?,
