@@ -17,7 +17,8 @@ type RenderClient = stylefarm_client::FarmClient;
 
 /// A job submitted with --worker-tag goes only to the workers with that tag (a worker's tags from
 /// STYLEFARM_WORKER_TAGS); a folder given as --content is a batch of its images; a bad tag is refused,
-/// naming the field.
+/// naming the field; a job whose tags no live worker has says why it waits (GetJob, `stylefarm status`
+/// and `list`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
     let mut cluster = Cluster::start(10.0, 0.5);
@@ -29,13 +30,14 @@ async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
     for name in ["tubingen.jpg", "chelsea.png"] {
         std::os::unix::fs::symlink(path(name), photos.join(name)).unwrap();
     }
-    let submit = |tag: &str| {
-        cluster.cli(&[
+    let submit = |tag: &str, wait: bool| {
+        let style = path("starry_night.jpg");
+        let mut args = vec![
             "submit",
             "--content",
             photos.to_str().unwrap(),
             "--style",
-            &path("starry_night.jpg"),
+            &style,
             "--batch",
             "--worker-tag",
             tag,
@@ -43,12 +45,39 @@ async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
             "32",
             "--iterations",
             "2",
-            "--wait",
-        ])
+        ];
+        if wait {
+            args.push("--wait");
+        }
+        cluster.cli(&args)
     };
-    let (ok, stdout, err) = submit("gpu");
+    // no live worker has tpu: the job waits, and says why
+    let (ok, stdout, err) = submit("tpu", false);
     assert!(ok, "{err}");
+    let waiting_id = stdout.trim().to_string();
     let mut client = cluster.client().await;
+    let status = job(&mut client, &waiting_id).await;
+    assert_eq!(
+        status.waiting,
+        "no live worker has the worker tags it asks for (tpu): the 2 live have tags a100,gpu; none; it \
+         waits for one that has"
+    );
+    let (ok, stdout, err) = cluster.cli(&["status", &waiting_id]);
+    assert!(
+        ok && stdout.contains("waiting: no live worker has the worker tags"),
+        "{stdout} {err}"
+    );
+    let (ok, stdout, err) = cluster.cli(&["list"]);
+    assert!(
+        ok && stdout.contains("waiting: no live worker"),
+        "{stdout} {err}"
+    );
+    let (ok, _, err) = cluster.cli(&["cancel", &waiting_id]);
+    assert!(ok, "{err}");
+    assert_eq!(job(&mut client, &waiting_id).await.waiting, "", "cancelled");
+
+    let (ok, stdout, err) = submit("gpu", true);
+    assert!(ok, "{err}");
     let status = job(&mut client, stdout.lines().next().unwrap().trim()).await;
     assert!(is(&status, pb::JobState::Succeeded), "{status:?}");
     let labels: Vec<&str> = status.tasks.iter().map(|t| t.label.as_str()).collect();
@@ -58,7 +87,7 @@ async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
         "{:?}",
         status.tasks
     );
-    let (ok, _, err) = submit("no way");
+    let (ok, _, err) = submit("no way", true);
     assert!(!ok && err.contains("worker_tags"), "{err}");
 }
 

@@ -505,9 +505,21 @@ async fn watch_job(
         .expect("template");
     let mut task_bars: Vec<ProgressBar> = Vec::new();
     let mut job_bar: Option<ProgressBar> = None;
-    let mut last = None;
+    let (mut last, mut waiting) = (None, String::new());
     while let Some(status) = stream.next().await {
         let status = status?;
+        // why it waits (no worker may take it), once each time that changes
+        if status.waiting != waiting {
+            if !status.waiting.is_empty() {
+                let line = format!("job {job_id} waiting: {}", status.waiting);
+                if bars {
+                    multi.println(line)?;
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+            waiting.clone_from(&status.waiting);
+        }
         if status.scales > 0 {
             // tiled: the scale being rendered and its tiles done
             let bar = job_bar.get_or_insert_with(|| {
@@ -617,11 +629,15 @@ fn print_status(s: &pb::JobStatus) {
         Some(f) => (f.frames as usize, "frames"),
         None => (s.tasks.len(), "tasks"),
     };
+    let note = if s.waiting.is_empty() {
+        s.error.clone()
+    } else {
+        format!("waiting: {}", s.waiting)
+    };
     println!(
-        "{}\t{}\t{done}/{all} {what}\t{}",
+        "{}\t{}\t{done}/{all} {what}\t{note}",
         s.job_id,
-        job_state_name(s.state),
-        s.error
+        job_state_name(s.state)
     );
 }
 

@@ -370,6 +370,14 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// What tells why a job waits, with the workers live now ([`scheduler::Waiting`]).
+    pub(crate) fn waiting(&self) -> scheduler::Waiting {
+        scheduler::Waiting {
+            live: self.workers.live(),
+            blocklist_after: self.scheduler.config().blocklist_after,
+        }
+    }
+
     /// Runs the stage work of every job whose stage has all its tasks done and is not yet stepped: those
     /// left so by a restart, or by a store out of reach. Blocking: stitches and stores images.
     pub(crate) fn step_awaiting(&self) {

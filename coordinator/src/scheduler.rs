@@ -333,6 +333,88 @@ pub fn worker_tags_label(tags: &[String]) -> String {
     tags.join(",")
 }
 
+/// The workers of `live` (heard from lately, with their tags) that a job of `spec` may run on
+/// ([`JobSpec::runs_on`]).
+fn eligible<'a>(spec: &JobSpec, live: &'a [(WorkerId, Vec<String>)]) -> Vec<&'a WorkerId> {
+    live.iter()
+        .filter(|(_, tags)| spec.runs_on(tags))
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Whether `worker` has `blocklist_after` strikes ([`SchedulerConfig::blocklist_after`]) on the job of
+/// `meta`: it is given none of the job's tasks.
+fn blocklisted(meta: &JobMeta, worker: &WorkerId, blocklist_after: u32) -> bool {
+    meta.strikes.get(&worker.by_name()).copied().unwrap_or(0) >= blocklist_after
+}
+
+/// What tells why a job waits ([`Waiting::reason`]): the workers live at one moment, and the blocklist.
+#[derive(Debug, Clone, Default)]
+pub struct Waiting {
+    /// The workers heard from lately, with their tags.
+    pub live: Vec<(WorkerId, Vec<String>)>,
+    /// Strikes that blocklist a worker for a job ([`SchedulerConfig::blocklist_after`]).
+    pub blocklist_after: u32,
+}
+
+impl Waiting {
+    /// Why a job has tasks queued and none running, for people (the status page, `stylefarm status`): no
+    /// live worker at all, none with the worker tags the job asks for, or every one that has them
+    /// blocklisted for it. Empty when the job is finished, has a task running or none queued, or a live
+    /// worker may take its tasks (they are busy with others, or about to ask). `tasks`: the job's tasks'
+    /// states.
+    pub fn reason(&self, meta: &JobMeta, tasks: impl IntoIterator<Item = TaskState>) -> String {
+        let (mut queued, mut running) = (false, false);
+        for t in tasks {
+            queued |= t == TaskState::Pending;
+            running |= t == TaskState::Running;
+        }
+        if meta.state.is_terminal() || !queued || running {
+            return String::new();
+        }
+        let live = &self.live;
+        if live.is_empty() {
+            return "no live worker: it waits for one to register".into();
+        }
+        let eligible = eligible(&meta.spec, live);
+        if eligible.is_empty() {
+            let mut have: Vec<String> = live
+                .iter()
+                .map(|(_, tags)| match worker_tags_label(tags) {
+                    t if t.is_empty() => "none".to_string(),
+                    t => t,
+                })
+                .collect();
+            have.sort();
+            have.dedup();
+            return format!(
+                "no live worker has the worker tags it asks for ({}): the {} live have tags {}; it \
+                 waits for one that has",
+                worker_tags_label(&meta.spec.worker_tags),
+                live.len(),
+                have.join("; ")
+            );
+        }
+        if eligible
+            .iter()
+            .all(|w| blocklisted(meta, w, self.blocklist_after))
+        {
+            return format!(
+                "every live worker it may run on ({}) is blocklisted for it (strikes: at least {}): it \
+                 fails unless another comes",
+                eligible.len(),
+                self.blocklist_after
+            );
+        }
+        String::new()
+    }
+
+    /// [`Waiting::reason`] for a job's view.
+    pub fn of(&self, view: &JobView) -> String {
+        self.reason(&view.meta, view.tasks.iter().map(|(t, _)| t.state))
+    }
+}
+
 /// What a heartbeat learns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatReply {
@@ -575,7 +657,7 @@ impl Scheduler {
             let task = &job.tasks[*index as usize];
             let ran_out_here = task.out_of_memory_on.contains(&name);
             task.not_before_ms + if ran_out_here { lease_ms } else { 0 } <= now
-                && job.meta.strikes.get(&name).copied().unwrap_or(0) < self.config.blocklist_after
+                && !blocklisted(&job.meta, worker, self.config.blocklist_after)
                 && job.meta.spec.runs_on(tags)
         });
         let Some(key) = pick.cloned() else {
@@ -933,15 +1015,8 @@ impl Scheduler {
                 st.blocklisting.remove(&job_id);
                 continue;
             };
-            let blocked = |w: &WorkerId| {
-                job.meta.strikes.get(&w.by_name()).copied().unwrap_or(0)
-                    >= self.config.blocklist_after
-            };
-            let eligible: Vec<&WorkerId> = live
-                .iter()
-                .filter(|(_, tags)| job.meta.spec.runs_on(tags))
-                .map(|(id, _)| id)
-                .collect();
+            let blocked = |w: &WorkerId| blocklisted(&job.meta, w, self.config.blocklist_after);
+            let eligible = eligible(&job.meta.spec, live);
             let queued = job.tasks.iter().find(|t| t.state == TaskState::Pending);
             let no_worker_left = job.leases.is_empty()
                 && !eligible.is_empty()
@@ -1712,12 +1787,35 @@ mod tests {
             .lease_tagged(&w("cpu"), &tags(&["cpu"]))
             .unwrap()
             .is_none());
+        // why it waits, for people: by the live workers
+        let waiting = |live: Vec<(WorkerId, Vec<String>)>| {
+            let waiting = Waiting {
+                live,
+                blocklist_after: 1,
+            };
+            waiting.of(&s.get(&gpu_job).unwrap())
+        };
+        assert_eq!(
+            waiting(vec![]),
+            "no live worker: it waits for one to register"
+        );
+        assert_eq!(
+            waiting(vec![(w("plain"), vec![]), (w("cpu"), tags(&["cpu"]))]),
+            "no live worker has the worker tags it asks for (gpu): the 2 live have tags cpu; none; it \
+             waits for one that has"
+        );
+        let big = tags(&["a100", "gpu"]);
+        assert_eq!(
+            waiting(vec![(w("big"), big.clone())]),
+            "",
+            "a worker may take it"
+        );
         // the work a pool of tagged workers scales on: queued or running, by the job's tags
         let open = |s: &Scheduler| s.counts().open_by_worker_tags;
         assert_eq!(open(&s), BTreeMap::from([("gpu".to_string(), 1)]));
-        let big = tags(&["a100", "gpu"]);
         let l = s.lease_tagged(&w("big"), &big).unwrap().unwrap();
         assert_eq!(l.task.id.job, gpu_job);
+        assert_eq!(waiting(vec![]), "", "running");
         assert_eq!(
             open(&s),
             BTreeMap::from([("gpu".to_string(), 1)]),
@@ -1741,7 +1839,13 @@ mod tests {
             "none it may run on: wait"
         );
         let live = vec![(w("cpu"), tags(&["cpu"])), (w("big#2"), big)];
+        assert_eq!(
+            waiting(live.clone()),
+            "every live worker it may run on (1) is blocklisted for it (strikes: at least 1): it \
+             fails unless another comes"
+        );
         assert_eq!(s.fail_stranded(&live).unwrap(), vec![gpu_job.clone()]);
+        assert_eq!(waiting(live), "", "failed");
         let error = s.get(&gpu_job).unwrap().meta.error;
         assert!(error.contains("(1: big#2)"), "{error}");
     }

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{self, Tenant};
 use crate::model::{JobState, TaskState};
-use crate::scheduler::{FailureKind, JobView, Scheduler};
+use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting};
 use crate::{Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
 
@@ -49,13 +49,13 @@ fn task_state(s: TaskState) -> pb::TaskState {
     }
 }
 
-/// The wire form of a job's status.
 /// An image's hash as the wire's text; empty for none.
 fn text(hash: Option<&ImageHash>) -> String {
     hash.map(ToString::to_string).unwrap_or_default()
 }
 
-pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
+/// The wire form of a job's status; `waiting`: why it waits, if it does ([`Waiting::reason`]).
+pub(crate) fn job_status(view: &JobView, waiting: String) -> pb::JobStatus {
     let m = &view.meta;
     let tiled = m.spec.kind.tiling().is_some();
     // a tiled job's final image (and its scales, below); a video's last frame
@@ -105,6 +105,7 @@ pub(crate) fn job_status(view: &JobView) -> pb::JobStatus {
         strikes: m.strikes.iter().map(|(w, n)| (w.to_string(), *n)).collect(),
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
+        waiting,
     }
 }
 
@@ -188,11 +189,16 @@ const LIST_PAGE_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
 /// A ListJobs page of `views` (newest first; one more than `limit` when another page follows): the first
 /// `limit` jobs, fewer when their statuses would pass `max_bytes` (at least one), and the token of the
 /// page after when jobs are left: the submission number of its last job.
-fn list_page(views: &[JobView], limit: usize, max_bytes: usize) -> pb::ListJobsResponse {
+fn list_page(
+    views: &[JobView],
+    waiting: &Waiting,
+    limit: usize,
+    max_bytes: usize,
+) -> pb::ListJobsResponse {
     let mut page = pb::ListJobsResponse::default();
     let mut bytes = 0;
     for view in views.iter().take(limit) {
-        let status = job_status(view);
+        let status = job_status(view, waiting.of(view));
         // the field's tag and length prefix
         let len = prost::Message::encoded_len(&status) + 6;
         if !page.jobs.is_empty() && bytes + len > max_bytes {
@@ -211,44 +217,73 @@ fn list_page(views: &[JobView], limit: usize, max_bytes: usize) -> pb::ListJobsR
 /// How often, at most, a WatchJob stream sends an event while its job changes.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 
+/// How often a WatchJob stream of a job that does not change looks again at why it waits (the workers
+/// come and go without the job changing).
+const WAITING_EVERY: Duration = Duration::from_secs(2);
+
 /// A WatchJob stream's events: `first`, then the job after each change (`changes`: the scheduler's,
 /// subscribed to before `first` was read), the changes of [`WATCH_EVERY`] coalesced into one event, until
-/// the job ends (its last event) or the client leaves.
+/// the job ends (its last event) or the client leaves. Each event says why the job waits, if it does
+/// (`waiting`, called for the workers live then); a change of that alone is an event too, looked for
+/// every [`WAITING_EVERY`].
 async fn watch(
     scheduler: Arc<Scheduler>,
+    waiting: impl Fn() -> Waiting + Send + 'static,
     job_id: JobId,
     first: JobView,
     mut changes: tokio::sync::broadcast::Receiver<JobId>,
     tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
 ) {
-    let mut view = first;
+    let (mut view, mut changed, mut sent) = (first, true, String::new());
     loop {
-        let done = view.meta.state.is_terminal();
-        if tx
-            .send(Ok(pb::JobEvent {
-                status: Some(job_status(&view)),
-            }))
-            .await
-            .is_err()
-            || done
-        {
-            return; // the client left, or the job is over
-        }
-        loop {
-            match changes.recv().await {
-                Ok(id) if id == job_id => break,
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        let reason = waiting().of(&view);
+        if changed || reason != sent {
+            let done = view.meta.state.is_terminal();
+            let status = job_status(&view, reason.clone());
+            if tx
+                .send(Ok(pb::JobEvent {
+                    status: Some(status),
+                }))
+                .await
+                .is_err()
+                || done
+            {
+                return; // the client left, or the job is over
             }
+            sent = reason;
+        }
+        match tokio::time::timeout(WAITING_EVERY, next_change(&mut changes, &job_id)).await {
+            // no change: look again at why it waits
+            Err(_) => {
+                changed = false;
+                continue;
+            }
+            Ok(false) => return,
+            Ok(true) => {}
         }
         // the changes of the next moment (every worker's heartbeat is one) make one event: the job is
         // copied under the scheduler's lock at most every WATCH_EVERY per watcher
         tokio::time::sleep(WATCH_EVERY).await;
         changes = changes.resubscribe();
         match scheduler.get(&job_id) {
-            Ok(v) => view = v,
+            Ok(v) => (view, changed) = (v, true),
             Err(_) => return,
+        }
+    }
+}
+
+/// Waits for a change of job `job_id` among the scheduler's `changes` (or for changes missed, which may
+/// hold one): true; false when the scheduler is gone.
+async fn next_change(
+    changes: &mut tokio::sync::broadcast::Receiver<JobId>,
+    job_id: &JobId,
+) -> bool {
+    loop {
+        match changes.recv().await {
+            Ok(id) if id == *job_id => return true,
+            Ok(_) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return true,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
         }
     }
 }
@@ -365,7 +400,10 @@ impl RenderService for RenderApi {
         let tenant = auth::tenant(&request);
         let job_id = JobId::from(request.into_inner().job_id);
         let view = own_job(&self.coordinator, &tenant, &job_id)?;
-        Ok(Response::new(job_status(&view)))
+        Ok(Response::new(job_status(
+            &view,
+            self.coordinator.waiting().of(&view),
+        )))
     }
 
     async fn list_jobs(
@@ -404,7 +442,13 @@ impl RenderService for RenderApi {
             .coordinator
             .scheduler
             .list(&tenant.0, &states, limit + 1, before);
-        Ok(Response::new(list_page(&views, limit, LIST_PAGE_BYTES)))
+        let waiting = self.coordinator.waiting();
+        Ok(Response::new(list_page(
+            &views,
+            &waiting,
+            limit,
+            LIST_PAGE_BYTES,
+        )))
     }
 
     type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
@@ -419,7 +463,9 @@ impl RenderService for RenderApi {
         let changes = scheduler.subscribe();
         let first = own_job(&self.coordinator, &tenant, &job_id)?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(watch(scheduler, job_id, first, changes, tx));
+        let coordinator = self.coordinator.clone();
+        let waiting = move || coordinator.waiting();
+        tokio::spawn(watch(scheduler, waiting, job_id, first, changes, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -696,21 +742,24 @@ mod tests {
         }
         let all = s.list("", &[], 0, None);
         // a limit of 2, with one more fetched: 2 jobs, and a token
-        let page = list_page(&all[..3], 2, usize::MAX);
+        let none = Waiting::default();
+        let page = list_page(&all[..3], &none, 2, usize::MAX);
         let listed: Vec<_> = page.jobs.iter().map(|j| j.job_id.clone()).collect();
         assert_eq!(listed, ids(&all[..2]));
         assert_eq!(page.next_page_token, all[1].meta.seq.to_string());
         let token: u64 = page.next_page_token.parse().unwrap();
         let rest = s.list("", &[], 3, Some(token));
         assert_eq!(ids(&rest), ids(&all[2..]));
-        assert!(list_page(&rest, 3, usize::MAX).next_page_token.is_empty());
+        assert!(list_page(&rest, &none, 3, usize::MAX)
+            .next_page_token
+            .is_empty());
         // a budget of two and a half jobs holds two
-        let one = prost::Message::encoded_len(&job_status(&all[0])) + 6;
-        let page = list_page(&all, 10, one * 5 / 2);
+        let one = prost::Message::encoded_len(&job_status(&all[0], none.of(&all[0]))) + 6;
+        let page = list_page(&all, &none, 10, one * 5 / 2);
         assert_eq!(page.jobs.len(), 2);
         assert_eq!(page.next_page_token, all[1].meta.seq.to_string());
         // a budget below one job still holds one: the client goes on
-        let page = list_page(&all, 10, 1);
+        let page = list_page(&all, &none, 10, 1);
         assert_eq!(page.jobs.len(), 1);
         assert_eq!(page.next_page_token, all[0].meta.seq.to_string());
     }
@@ -725,7 +774,14 @@ mod tests {
         let lease = s.lease(&WorkerId::from("w")).unwrap().unwrap().lease_id;
         let (tx, mut rx) = mpsc::channel(16);
         let first = s.get(&job).unwrap();
-        tokio::spawn(watch(s.clone(), job.clone(), first, s.subscribe(), tx));
+        tokio::spawn(watch(
+            s.clone(),
+            Waiting::default,
+            job.clone(),
+            first,
+            s.subscribe(),
+            tx,
+        ));
         let started = std::time::Instant::now();
         let changes = tokio::task::spawn_blocking({
             let s = s.clone();

@@ -40,6 +40,7 @@ use stylefarm_core::{imaging, job::ScalePart};
 
 use crate::auth::Tenant;
 use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
+use crate::scheduler::Waiting;
 use crate::workers::LIVE_WINDOW;
 use crate::{Coordinator, Error};
 
@@ -144,6 +145,9 @@ pub struct JobRow {
     pub finished_ms: i64,
     /// Why it failed; "cancelled" when cancelled; empty otherwise.
     pub error: String,
+    /// Why it has tasks queued and none running, when no live worker may take them
+    /// ([`Waiting::reason`]); empty otherwise.
+    pub waiting: String,
     /// How much is done, 0 to 1: the mean of the tasks' fractions (a tiled job: of its scales', each the
     /// mean of its tiles').
     pub progress: f64,
@@ -284,10 +288,11 @@ fn fraction_of<'a>(tasks: impl Iterator<Item = &'a (&'a TaskRecord, Option<TaskP
 }
 
 /// A job as the page shows it, from its record and its tasks with their live progress, listing at most
-/// `max_tasks` of them.
+/// `max_tasks` of them; `waiting` tells why it waits, if it does.
 pub fn job_row(
     m: &JobMeta,
     all: &[(&TaskRecord, Option<TaskProgress>)],
+    waiting: &Waiting,
     max_tasks: usize,
 ) -> JobRow {
     let max_tasks = max_tasks.min(MAX_TASKS_SHOWN);
@@ -374,6 +379,7 @@ pub fn job_row(
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
         error: m.error.clone(),
+        waiting: waiting.reason(m, all.iter().map(|(t, _)| t.state)),
         progress,
         counts,
         scales,
@@ -389,10 +395,11 @@ impl Coordinator {
     /// The page's JSON for `tenant`.
     pub fn status(&self, tenant: &Tenant) -> Status {
         let mut budget = MAX_TASKS_SHOWN_IN_ALL;
+        let waiting = self.waiting();
         let jobs = self
             .scheduler
             .list_with(&tenant.0, MAX_JOBS, |meta, tasks| {
-                let row = job_row(meta, tasks, budget);
+                let row = job_row(meta, tasks, &waiting, budget);
                 budget -= row.tasks.len();
                 row
             });

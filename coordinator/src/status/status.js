@@ -105,6 +105,7 @@ function bodyHtml(job) {
     .join("");
   const live = job.kind === "tiled" && !job.finished && job.canvas[0] > 0 ? mosaic(job) : "";
   return `${job.error ? `<p class="err">${esc(job.error)}</p>` : ""}
+    ${job.waiting ? `<p class="waiting">waiting: ${esc(job.waiting)}</p>` : ""}
     <div class="previews">${previews}${live}</div>${taskRows(job)}`;
 }
 
