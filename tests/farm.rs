@@ -59,8 +59,8 @@ async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
     let status = job(&mut client, &waiting_id).await;
     assert_eq!(
         status.waiting,
-        "no live worker has the worker tags it asks for (tpu): the 2 live have tags a100,gpu; none; it \
-         waits for one that has"
+        "no live worker has the worker tags it asks for (tpu): the live ones have tags a100,gpu; none; \
+         it waits for one that has"
     );
     let (ok, stdout, err) = cluster.cli(&["status", &waiting_id]);
     assert!(

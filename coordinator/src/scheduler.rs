@@ -345,16 +345,34 @@ fn eligible<'a>(spec: &JobSpec, live: &'a [(WorkerId, Vec<String>)]) -> Vec<&'a 
 /// Whether `worker` has `blocklist_after` strikes ([`SchedulerConfig::blocklist_after`]) on the job of
 /// `meta`: it is given none of the job's tasks.
 fn blocklisted(meta: &JobMeta, worker: &WorkerId, blocklist_after: u32) -> bool {
-    meta.strikes.get(&worker.by_name()).copied().unwrap_or(0) >= blocklist_after
+    name_blocklisted(meta, &worker.by_name(), blocklist_after)
 }
 
+/// [`blocklisted`] for a worker's name ([`WorkerId::by_name`], taken once).
+fn name_blocklisted(meta: &JobMeta, name: &WorkerId, blocklist_after: u32) -> bool {
+    meta.strikes.get(name).copied().unwrap_or(0) >= blocklist_after
+}
+
+/// At most this many of the live workers' tag sets are named in a [`Waiting::reason`].
+const TAG_SETS_NAMED: usize = 5;
+
 /// What tells why a job waits ([`Waiting::reason`]): the workers live at one moment, and the blocklist.
-#[derive(Debug, Clone, Default)]
+/// Its default: no live worker, the default blocklist.
+#[derive(Debug, Clone)]
 pub struct Waiting {
     /// The workers heard from lately, with their tags.
     pub live: Vec<(WorkerId, Vec<String>)>,
     /// Strikes that blocklist a worker for a job ([`SchedulerConfig::blocklist_after`]).
     pub blocklist_after: u32,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Waiting {
+            live: Vec::new(),
+            blocklist_after: SchedulerConfig::default().blocklist_after,
+        }
+    }
 }
 
 impl Waiting {
@@ -387,11 +405,15 @@ impl Waiting {
                 .collect();
             have.sort();
             have.dedup();
+            if have.len() > TAG_SETS_NAMED {
+                have.truncate(TAG_SETS_NAMED);
+                have.push("...".into());
+            }
+            // no worker count: the text changes only when the tags present do (a watch sends each change)
             return format!(
-                "no live worker has the worker tags it asks for ({}): the {} live have tags {}; it \
+                "no live worker has the worker tags it asks for ({}): the live ones have tags {}; it \
                  waits for one that has",
                 worker_tags_label(&meta.spec.worker_tags),
-                live.len(),
                 have.join("; ")
             );
         }
@@ -657,7 +679,7 @@ impl Scheduler {
             let task = &job.tasks[*index as usize];
             let ran_out_here = task.out_of_memory_on.contains(&name);
             task.not_before_ms + if ran_out_here { lease_ms } else { 0 } <= now
-                && !blocklisted(&job.meta, worker, self.config.blocklist_after)
+                && !name_blocklisted(&job.meta, &name, self.config.blocklist_after)
                 && job.meta.spec.runs_on(tags)
         });
         let Some(key) = pick.cloned() else {
@@ -1801,8 +1823,8 @@ mod tests {
         );
         assert_eq!(
             waiting(vec![(w("plain"), vec![]), (w("cpu"), tags(&["cpu"]))]),
-            "no live worker has the worker tags it asks for (gpu): the 2 live have tags cpu; none; it \
-             waits for one that has"
+            "no live worker has the worker tags it asks for (gpu): the live ones have tags cpu; none; \
+             it waits for one that has"
         );
         let big = tags(&["a100", "gpu"]);
         assert_eq!(

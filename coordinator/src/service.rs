@@ -253,8 +253,11 @@ async fn watch(
             sent = reason;
         }
         match tokio::time::timeout(WAITING_EVERY, next_change(&mut changes, &job_id)).await {
-            // no change: look again at why it waits
+            // no change: look again at why it waits (and whether the client is still there)
             Err(_) => {
+                if tx.is_closed() {
+                    return;
+                }
                 changed = false;
                 continue;
             }
@@ -811,5 +814,48 @@ mod tests {
         );
         assert_eq!(events[0].state, pb::JobState::Running as i32);
         assert_eq!(events.last().unwrap().state, pb::JobState::Succeeded as i32);
+    }
+
+    /// A job that does not change is sent again when why it waits does (a worker came), within
+    /// WAITING_EVERY, and not otherwise; a client that left ends the watch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_sends_a_change_of_why_the_job_waits() {
+        let s =
+            Arc::new(Scheduler::new(Default::default(), Arc::new(MemoryStore::default())).unwrap());
+        let (job, _) = s.submit(batch(), "").unwrap();
+        let live = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let waiting = {
+            let live = live.clone();
+            move || Waiting {
+                live: live.lock().unwrap().clone(),
+                ..Default::default()
+            }
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let first = s.get(&job).unwrap();
+        let watching = tokio::spawn(watch(s.clone(), waiting, job, first, s.subscribe(), tx));
+        let next = |rx: &mut mpsc::Receiver<_>| {
+            let event = rx
+                .try_recv()
+                .map(|e: Result<pb::JobEvent, Status>| e.unwrap());
+            event.ok().and_then(|e| e.status).map(|s| s.waiting)
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            next(&mut rx).as_deref(),
+            Some("no live worker: it waits for one to register")
+        );
+        // nothing changed for longer than WAITING_EVERY: no event
+        tokio::time::sleep(WAITING_EVERY + Duration::from_millis(500)).await;
+        assert_eq!(next(&mut rx), None);
+        // a worker came: the job is sent again, not waiting
+        live.lock().unwrap().push((WorkerId::from("w"), Vec::new()));
+        tokio::time::sleep(WAITING_EVERY + Duration::from_millis(500)).await;
+        assert_eq!(next(&mut rx).as_deref(), Some(""));
+        drop(rx);
+        tokio::time::timeout(WAITING_EVERY * 2, watching)
+            .await
+            .expect("the watch ends once its client left")
+            .unwrap();
     }
 }
