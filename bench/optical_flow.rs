@@ -36,14 +36,7 @@ fn main() {
     let photo = imaging::load(&image("tubingen.jpg")).unwrap();
     let big = imaging::resize_longest(&photo, (size + dx.abs()) as u32);
     let (w, h) = (size, i64::from(big.height()) - dy.abs());
-    let unit = |img: &image::RgbImage| {
-        Tensor::from_slice(img.as_raw())
-            .reshape([1, i64::from(img.height()), i64::from(img.width()), 3])
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float)
-            / 255.0
-    };
-    let whole = unit(&big);
+    let whole = flow::unit_image(&big, Device::Cpu);
     // this frame's pixel p is the previous frame's p + (dx, dy)
     let window = |x: i64, y: i64| whole.narrow(2, y, h).narrow(3, x, w);
     let (x0, y0) = ((-dx).max(0), (-dy).max(0));

@@ -18,6 +18,23 @@ fn mean_abs_difference(a: &RgbImage, b: &RgbImage) -> f64 {
     sum / a.as_raw().len() as f64
 }
 
+/// A video frame of `content` after the frame of `previous_content` rendered as `previous`.
+fn frame_job(
+    content: &RgbImage,
+    previous_content: &RgbImage,
+    previous: &RgbImage,
+    style: &RgbImage,
+    params: RenderParams,
+) -> RenderJob {
+    RenderJob {
+        previous: Some(PreviousFrameImages {
+            content: previous_content.clone(),
+            result: previous.clone(),
+        }),
+        ..RenderJob::new(content.clone(), vec![style.clone()], None, params)
+    }
+}
+
 #[test]
 fn the_temporal_loss_holds_unchanged_pixels_to_the_previous_result_and_no_others() {
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
@@ -35,21 +52,13 @@ fn the_temporal_loss_holds_unchanged_pixels_to_the_previous_result_and_no_others
     let first = RenderJob::new(content.clone(), vec![style.clone()], None, params.clone());
     let previous = engine.render(&first, &mut quiet).unwrap();
     // frames compared in place (no optical flow), so that "unchanged" is exact
-    let frame = |previous_content: &RgbImage, temporal_weight: f64| RenderJob {
-        previous: Some(PreviousFrameImages {
-            content: previous_content.clone(),
-            result: previous.clone(),
-        }),
-        ..RenderJob::new(
-            content.clone(),
-            vec![style.clone()],
-            None,
-            RenderParams {
-                temporal_weight,
-                optical_flow: false,
-                ..params.clone()
-            },
-        )
+    let frame = |previous_content: &RgbImage, temporal_weight: f64| {
+        let params = RenderParams {
+            temporal_weight,
+            optical_flow: false,
+            ..params.clone()
+        };
+        frame_job(&content, previous_content, &previous, &style, params)
     };
 
     // the term's value: weight * mean over pixels and channels of (x - previous)^2 where unchanged, in
@@ -121,21 +130,13 @@ fn a_panning_frame_is_held_to_the_previous_result_moved_with_the_pan() {
         params.clone(),
     );
     let previous = engine.render(&first, &mut quiet).unwrap();
-    let frame = |optical_flow: bool, temporal_weight: f64| RenderJob {
-        previous: Some(PreviousFrameImages {
-            content: previous_content.clone(),
-            result: previous.clone(),
-        }),
-        ..RenderJob::new(
-            content.clone(),
-            vec![style.clone()],
-            None,
-            RenderParams {
-                optical_flow,
-                temporal_weight,
-                ..params.clone()
-            },
-        )
+    let frame = |optical_flow: bool, temporal_weight: f64| {
+        let params = RenderParams {
+            optical_flow,
+            temporal_weight,
+            ..params.clone()
+        };
+        frame_job(&content, &previous_content, &previous, &style, params)
     };
     // the previous result moved with the pan (its last 4 columns, which enter the frame, repeated)
     let moved = RgbImage::from_fn(w, previous.height(), |x, y| {

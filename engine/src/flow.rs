@@ -96,33 +96,39 @@ pub fn flow(to: &Tensor, from: &Tensor) -> Tensor {
         if moving.size()[2] < 2 || moving.size()[3] < 2 {
             return moving;
         }
-        let cost = |w: &Tensor| {
-            (warp(from, w) - to)
-                .abs()
-                .mean_dim([1i64].as_slice(), true, Kind::Float)
-                .avg_pool2d(
-                    [FUSION_WINDOW, FUSION_WINDOW],
-                    [1, 1],
-                    [FUSION_WINDOW / 2, FUSION_WINDOW / 2],
-                    false,
-                    false,
-                    None,
-                )
-        };
-        let still = (from - to)
-            .abs()
-            .mean_dim([1i64].as_slice(), true, Kind::Float)
-            .avg_pool2d(
-                [FUSION_WINDOW, FUSION_WINDOW],
-                [1, 1],
-                [FUSION_WINDOW / 2, FUSION_WINDOW / 2],
-                false,
-                false,
-                None,
-            );
-        let keep = cost(&moving).lt_tensor(&still).to_kind(Kind::Float);
+        let still = window_difference(from, to);
+        let keep = window_difference(&warp(from, &moving), to)
+            .lt_tensor(&still)
+            .to_kind(Kind::Float);
         moving * keep
     })
+}
+
+/// The mean absolute difference of `a` and `b` (`1 x C x H x W`) over channels and the
+/// [`FUSION_WINDOW`]-px window around each pixel (`1 x 1 x H x W`).
+fn window_difference(a: &Tensor, b: &Tensor) -> Tensor {
+    (a - b)
+        .abs()
+        .mean_dim([1i64].as_slice(), true, Kind::Float)
+        .avg_pool2d(
+            [FUSION_WINDOW, FUSION_WINDOW],
+            [1, 1],
+            [FUSION_WINDOW / 2, FUSION_WINDOW / 2],
+            false,
+            false,
+            None,
+        )
+}
+
+/// `img` as the flow takes it: `1 x 3 x H x W` floats in 0..1 on `device`.
+pub fn unit_image(img: &image::RgbImage, device: Device) -> Tensor {
+    let (w, h) = img.dimensions();
+    Tensor::from_slice(img.as_raw())
+        .to_device(device)
+        .reshape([1, i64::from(h), i64::from(w), 3])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        / 255.0
 }
 
 /// Horn & Schunck's flow alone (see [`flow`]).

@@ -256,17 +256,9 @@ impl Engine {
         let (w, h) = content.dimensions();
         let device = self.device();
         let of = |img: &RgbImage| crate::render::optimized(imaging::resize(img, w, h), params);
-        // 0..1, 1 x 3 x H x W
-        let unit = |img: &RgbImage| {
-            Tensor::from_slice(img.as_raw())
-                .to_device(device)
-                .reshape([1, i64::from(h), i64::from(w), 3])
-                .permute([0, 3, 1, 2])
-                .to_kind(Kind::Float)
-                / 255.0
-        };
         let pre = self.vgg().preprocessing();
         let result = pre.preprocess(&of(previous_result), device);
+        let unit = |img: &RgbImage| flow::unit_image(img, device);
         let (now, before) = (unit(content), unit(&of(previous_content)));
         let (result, before, reliable) = if params.optical_flow && w.min(h) >= 2 {
             let backward = flow::flow(&now, &before);
