@@ -8,8 +8,8 @@ use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
-    is, iteration, job, path, shared_image, submit, tubingen_x_starry, wait_for, wait_iteration,
-    wait_job, wait_registered, wait_state, x_starry, Cluster,
+    is, iteration, job, path, pixel_difference, shared_image, submit, tubingen_x_starry, wait_for,
+    wait_iteration, wait_job, wait_registered, wait_state, x_starry, Cluster,
 };
 use tonic::Code;
 
@@ -1615,5 +1615,166 @@ async fn an_exact_tiled_render_reaches_the_style_loss_of_an_untiled_one() {
     assert!(
         tiled.0 <= 1.10 * whole.0 && tiled.1 <= 1.10 * whole.1,
         "exact tiled {tiled:.4?} vs untiled {whole:.4?}"
+    );
+}
+
+/// Exact mode over two workers: with Adam, a later scale is cut into two shards (bands of block rows) that
+/// the workers optimize together, adding up each evaluation's Gram matrices and shared gradient rows
+/// through the coordinator; the pasted bands are what one worker's exact render of the same job gives.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
+    let mut cluster = Cluster::start(3.0, 0.3);
+    cluster.add_worker_with_env("w1", &[("STYLEFARM_WORKER_TAGS", "solo")]);
+    cluster.add_worker("w2");
+    wait_registered(&cluster, 2).await;
+    let render = |name: &str, tags: &[&str]| {
+        let out = cluster.dir.path().join(name);
+        let (ok, stdout, err) = cluster.cli(
+            &[
+                &["submit", "--content", &path("tubingen.jpg")][..],
+                &["--style", &path("starry_night.jpg"), "--size", "256"],
+                &["--scale-iterations", "10,6", "--optimizer", "adam"],
+                &[
+                    "--tiled",
+                    "--exact",
+                    "--tile-size",
+                    "128",
+                    "--overlap",
+                    "64",
+                ],
+                tags,
+                &["--wait", "-o", out.to_str().unwrap()],
+            ]
+            .concat(),
+        );
+        assert!(ok, "{err}");
+        (
+            stdout.trim().to_string(),
+            image::open(&out).unwrap().to_rgb8(),
+        )
+    };
+    // both workers may take it: scale 2 (256 x 192 in 128-px blocks) is two shards
+    let (sharded_id, sharded) = render("sharded.png", &[]);
+    let status = job(&mut cluster.client().await, &sharded_id).await;
+    assert_eq!(
+        status.tasks.len(),
+        3,
+        "scale 1 whole, scale 2 in two shards"
+    );
+    let shards: Vec<_> = status.tasks[1..]
+        .iter()
+        .map(|t| t.tile.expect("a shard"))
+        .collect();
+    for (i, s) in shards.iter().enumerate() {
+        assert!(s.exact && s.tiles == 2 && s.tile == i as u32, "{s:?}");
+        assert_eq!((s.x, s.width), (0, 256));
+    }
+    // 64-px block rows (128-px blocks, 32 px of halo): 1 and 2 of the 3
+    assert_eq!((shards[0].y, shards[0].height, shards[1].y), (0, 64, 64));
+    let workers: HashSet<_> = status.tasks[1..]
+        .iter()
+        .map(|t| t.worker_id.clone())
+        .collect();
+    assert_eq!(workers.len(), 2, "each worker renders a shard: {workers:?}");
+    for w in &cluster.workers {
+        assert!(w.log_text().contains("exact: a shard of the canvas"));
+    }
+    // only w1 may take it: scale 2 is one task, the whole canvas in blocks
+    let (solo_id, solo) = render("solo.png", &["--worker-tag", "solo"]);
+    let status = job(&mut cluster.client().await, &solo_id).await;
+    assert_eq!(status.tasks.len(), 2);
+    assert_eq!(status.tasks[1].tile.as_ref().map(|t| t.tiles), Some(1));
+    let (max, mean) = pixel_difference(sharded.as_raw(), solo.as_raw());
+    eprintln!("two shards against one worker: max {max}, mean {mean:.4} levels");
+    assert!(max <= 2 && mean < 0.01, "max {max}, mean {mean}");
+}
+
+/// A shard's worker killed mid-scale: the other shard's exchange fails once the lost lease ends (a group
+/// failure: no strike against its worker), both shards start again on the workers left, and the job
+/// succeeds with the scale's shards rendered whole again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_whose_worker_is_killed_restarts_its_group() {
+    let mut cluster = Cluster::start(2.0, 0.3);
+    cluster.add_worker("w1");
+    cluster.add_worker("w2");
+    wait_registered(&cluster, 2).await;
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "256",
+            "--scale-iterations",
+            "4,30",
+            "--optimizer",
+            "adam",
+            "--tiled",
+            "--exact",
+            "--tile-size",
+            "128",
+            "--overlap",
+            "64",
+        ],
+    );
+    // both shards of scale 2 running, past their first iterations
+    let client = cluster.client().await;
+    let status = wait_for(
+        "the shards to be rendering",
+        Duration::from_secs(120),
+        || {
+            let mut client = client.clone();
+            let id = id.clone();
+            async move {
+                let s = job(&mut client, &id).await;
+                (s.tasks.len() == 3
+                    && s.tasks[1..]
+                        .iter()
+                        .all(|t| t.state == pb::TaskState::Running as i32 && iteration(t) >= 3))
+                .then_some(s)
+            }
+        },
+    )
+    .await;
+    // a spare worker joins (the scale's shards are planned already), then shard 0's worker dies
+    cluster.add_worker("w3");
+    let doomed = status.tasks[1].worker_id.clone();
+    let index = if doomed.starts_with("w1") { 0 } else { 1 };
+    cluster.workers[index].kill();
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    for t in &done.tasks[1..] {
+        assert!(
+            t.attempts >= 2,
+            "shard {}: {} attempt(s)",
+            t.index,
+            t.attempts
+        );
+        assert!(
+            !t.worker_id.starts_with(&doomed[..2]),
+            "{} on {}",
+            t.index,
+            t.worker_id
+        );
+    }
+    // the survivor's shard failed as a group failure, not a strike
+    let survivor = &cluster.workers[1 - index];
+    let log = survivor.log_text();
+    assert!(
+        log.contains("failure=Group(") && log.contains("lease ended"),
+        "{log}"
+    );
+    let name = |id: &str| id.split('#').next().unwrap_or_default().to_string();
+    assert_eq!(
+        done.strikes.keys().cloned().collect::<Vec<_>>(),
+        vec![name(&doomed)],
+        "only the lost lease is a strike"
     );
 }

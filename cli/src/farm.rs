@@ -215,11 +215,12 @@ pub(crate) struct JobArgs {
     /// Tiled: minimum overlap of neighbouring tiles in pixels, blended with feathered weights.
     #[arg(long, default_value_t = tiling::DEFAULT_OVERLAP, requires = "tiled")]
     overlap: u32,
-    /// Tiled, exact mode: each later scale is one task that optimizes the whole canvas with the exact
-    /// gradient of its objective, evaluated in blocks of --tile-size px (default: the largest blocks that
-    /// fit the workers' memory, the whole canvas where it fits): no tiles, no seams, the style loss
-    /// of an untiled render, memory still bound by the tile size; but one worker per scale and about 2x an
-    /// untiled scale's compute (BENCHMARKS.md, "Exact mode").
+    /// Tiled, exact mode: each later scale optimizes the whole canvas with the exact gradient of its
+    /// objective, evaluated in blocks of --tile-size px (default: the largest blocks that fit the workers'
+    /// memory, the whole canvas where it fits): no tiles, no seams, the style loss of an untiled render,
+    /// memory still bound by the tile size, about 2x an untiled scale's compute (BENCHMARKS.md, "Exact
+    /// mode"). With --optimizer adam, the scale is shared by the workers present (one shard, a band of
+    /// block rows, each; they run together); with L-BFGS it is one task.
     #[arg(long, requires = "tiled")]
     exact: bool,
     /// A parameter grid, e.g. 'style_weight=10,100;seed=0,1' (style_blend values as 0.7:0.3).

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod exchange;
 pub mod gc;
 pub mod metrics;
 pub mod model;
@@ -275,6 +276,8 @@ pub struct Coordinator {
     /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
     /// ones.
     pub(crate) workers: workers::Registry,
+    /// The shards of exact-mode scales adding up their parts.
+    pub(crate) exchanges: exchange::Exchanges,
     /// The services' token checks.
     pub(crate) gate: auth::Gate,
     /// The listener's TLS, checked when opened.
@@ -357,6 +360,7 @@ impl Coordinator {
             blobs,
             keep_unused_blobs: config.keep_unused_blobs,
             workers: workers::Registry::default(),
+            exchanges: exchange::Exchanges::default(),
             gate,
             tls,
             tls_files: config.tls.clone(),

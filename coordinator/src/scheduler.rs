@@ -462,6 +462,9 @@ pub enum FailureKind {
     /// that ran out gets it again only once it has waited a lease period ([`SchedulerConfig::lease`])
     /// past its backoff with nobody else taking it (a farm of one worker, or of equal devices).
     OutOfMemory,
+    /// Another task of its group failed or started again (a shard of an exact-mode scale, whose shards run
+    /// together and wait for each other): retried, the attempt counted, not a strike.
+    Group,
 }
 
 /// Distinct workers that must report the same [`FailureKind::Permanent`] error before a task fails without
@@ -790,6 +793,18 @@ impl Scheduler {
         Some((task.spec.clone(), job.meta.spec.kind.tiling().is_some()))
     }
 
+    /// The job, task index and task under a live lease that is not being cancelled; `None` otherwise.
+    pub fn leased(&self, lease_id: &LeaseId) -> Option<(JobId, u32, TaskSpec)> {
+        let st = self.state.lock().unwrap();
+        let lease = st.leases.get(lease_id).filter(|l| !l.cancel)?;
+        let task = st
+            .jobs
+            .get(&lease.job_id)?
+            .tasks
+            .get(lease.index as usize)?;
+        Some((lease.job_id.clone(), lease.index, task.spec.clone()))
+    }
+
     /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
     fn take_lease(st: &mut State, lease_id: &LeaseId) -> Option<LeaseInfo> {
         let lease = st.leases.remove(lease_id)?;
@@ -941,6 +956,7 @@ impl Scheduler {
                 FailureKind::Retryable => "retryable",
                 FailureKind::Permanent => "permanent",
                 FailureKind::OutOfMemory => "out_of_memory",
+                FailureKind::Group => "group",
             });
             ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             ops.push(Op::Job(job.meta.clone()));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
 use stylefarm_core::imaging;
-use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind};
+use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind, ScalePart};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_server::RenderService;
 use stylefarm_proto::pb::worker_service_server::WorkerService;
@@ -19,10 +19,12 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{self, Tenant};
+use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES};
 use crate::model::{JobState, TaskState};
 use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting};
 use crate::{Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
+use stylefarm_proto::exchange::Parts;
 
 /// Largest image a client may upload or a worker return.
 pub(crate) const MAX_IMAGE_UPLOAD: usize = 512 << 20;
@@ -680,6 +682,7 @@ impl WorkerService for WorkerApi {
         let kind = match pb::FailureKind::try_from(r.kind) {
             Ok(pb::FailureKind::Input) => FailureKind::Permanent,
             Ok(pb::FailureKind::OutOfMemory) => FailureKind::OutOfMemory,
+            Ok(pb::FailureKind::Group) => FailureKind::Group,
             // unspecified, or a kind this build does not know: retried
             _ => FailureKind::Retryable,
         };
@@ -697,6 +700,83 @@ impl WorkerService for WorkerApi {
         })
         .await?;
         Ok(Response::new(pb::FailTaskResponse {}))
+    }
+
+    type ExchangeStream = Pin<Box<dyn Stream<Item = Result<pb::ExchangeReply, Status>> + Send>>;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<pb::ExchangeRequest>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let mut stream = request.into_inner();
+        let (mut header, mut parts, mut bytes) = (None, Parts::new(), 0usize);
+        while let Some(msg) = stream.next().await {
+            match stream_message(msg)?.part {
+                Some(pb::exchange_request::Part::Header(h)) => header = Some(h),
+                Some(pb::exchange_request::Part::Data(d)) => {
+                    bytes += d.values.len();
+                    if bytes > MAX_EXCHANGE_BYTES || d.values.len() % 4 != 0 {
+                        return Err(Error::invalid(
+                            "values",
+                            format!(
+                                "float32 values of at most {} MiB a call",
+                                MAX_EXCHANGE_BYTES >> 20
+                            ),
+                        )
+                        .into());
+                    }
+                    stylefarm_proto::exchange::append(&mut parts, d.key, &d.values);
+                }
+                None => {}
+            }
+        }
+        let header = header.ok_or_else(|| Error::invalid("header", "missing"))?;
+        let lease = LeaseId::from(header.lease_id);
+        let scheduler = self.coordinator.scheduler.clone();
+        let of = match scheduler.leased(&lease) {
+            Some((job, _, spec)) => match spec.scale.map(|t| (t.scale, t.part)) {
+                Some((scale, ScalePart::Shard { index, shards, .. })) => ShardOf {
+                    job,
+                    scale,
+                    index,
+                    shards,
+                },
+                _ => {
+                    return Err(Status::failed_precondition(
+                        "the lease's task is not a shard of an exact-mode scale",
+                    ))
+                }
+            },
+            None => {
+                return Err(Status::failed_precondition(
+                    "no live lease with that id (it ended, or its job was cancelled)",
+                ))
+            }
+        };
+        let sums = self
+            .coordinator
+            .exchanges
+            .exchange(&of, &lease, header.call, parts, |l| {
+                scheduler.leased(l).is_some()
+            })
+            .await
+            .map_err(|e| match e {
+                ExchangeError::Restart(m) => Status::aborted(m),
+                ExchangeError::Invalid(m) => Status::invalid_argument(m),
+            })?;
+        let replies: Vec<Result<pb::ExchangeReply, Status>> = sums
+            .into_iter()
+            .flat_map(|(key, values)| {
+                stylefarm_proto::exchange::chunks(&values)
+                    .into_iter()
+                    .map(move |values| {
+                        Ok(pb::ExchangeReply {
+                            part: Some(pb::ExchangePart { key, values }),
+                        })
+                    })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(replies))))
     }
 
     type DownloadImageStream = ChunkStream;

@@ -269,7 +269,9 @@ fn task_row(t: &TaskRecord, p: Option<&TaskProgress>) -> TaskRow {
             .unwrap_or_default(),
         error: t.error.clone(),
         rect: t.spec.scale.as_ref().and_then(|s| match s.part {
-            ScalePart::Tile { rect, .. } => Some([rect.x, rect.y, rect.width, rect.height]),
+            ScalePart::Tile { rect, .. } | ScalePart::Shard { rect, .. } => {
+                Some([rect.x, rect.y, rect.width, rect.height])
+            }
             ScalePart::Whole { .. } => None,
         }),
     }

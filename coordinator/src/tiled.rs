@@ -10,7 +10,7 @@ use std::io::Cursor;
 use image::{GrayImage, RgbImage};
 use stylefarm_core::ids::JobId;
 use stylefarm_core::imaging;
-use stylefarm_core::job::ImageHash;
+use stylefarm_core::job::{ImageHash, ScalePart, ScaleTask};
 
 use crate::blobs::BlobReader;
 use crate::model::TaskRecord;
@@ -107,6 +107,40 @@ impl Coordinator {
             None => {
                 let pyramid = spec.pyramid_params()?;
                 (self.result_image(tasks[0])?, pyramid.scales)
+            }
+            // exact mode's shards: bands of the canvas' rows, pasted in place
+            Some(first) if matches!(first.part, ScalePart::Shard { .. }) => {
+                let (w, h) = (first.canvas_width, first.canvas_height);
+                let mut canvas = RgbImage::new(w, h);
+                let mut rows = 0u32;
+                for task in &tasks {
+                    let rect = task
+                        .spec
+                        .scale
+                        .as_ref()
+                        .map(ScaleTask::rect)
+                        .ok_or_else(|| Error::Internal("a shard without its rows".into()))?;
+                    let img = self.result_image(task)?;
+                    if img.dimensions() != (rect.width, rect.height) || rect.width != w {
+                        return Err(Error::Internal(format!(
+                            "shard {}: {}x{}, its rows are {}x{}",
+                            task.index,
+                            img.width(),
+                            img.height(),
+                            rect.width,
+                            rect.height
+                        )));
+                    }
+                    image::imageops::replace(&mut canvas, &img, 0, i64::from(rect.y));
+                    rows += rect.height;
+                }
+                if rows != h {
+                    return Err(Error::Internal(format!(
+                        "scale {}: the shards cover {rows} of {h} rows",
+                        scale + 1
+                    )));
+                }
+                (canvas, first.scales)
             }
             Some(first) => {
                 // the tile size the planner chose for this scale

@@ -321,6 +321,20 @@ pub enum ScalePart {
         /// Side of the blocks, in px.
         block: u32,
     },
+    /// Exact mode over several workers: one shard of the canvas, a band of whole block rows
+    /// ([`crate::tiling::shard_rows`]) that one worker optimizes with Adam while the shards add up each
+    /// evaluation's Gram matrices and shared gradient rows through the coordinator; the bands are pasted
+    /// together, nothing is blended.
+    Shard {
+        /// Side of the blocks, in px.
+        block: u32,
+        /// Index of the shard, top to bottom.
+        index: u32,
+        /// Number of shards of the scale.
+        shards: u32,
+        /// The shard's rows of the canvas (the canvas' whole width), in canvas px.
+        rect: Rect,
+    },
     /// One tile of the scale's grid, stitched with the others by the coordinator.
     Tile {
         /// Row-major index of the tile in the grid.
@@ -344,7 +358,7 @@ impl ScaleTask {
                 width: self.canvas_width,
                 height: self.canvas_height,
             },
-            ScalePart::Tile { rect, .. } => rect,
+            ScalePart::Tile { rect, .. } | ScalePart::Shard { rect, .. } => rect,
         }
     }
 
@@ -352,7 +366,7 @@ impl ScaleTask {
     pub fn index(&self) -> u32 {
         match self.part {
             ScalePart::Whole { .. } => 0,
-            ScalePart::Tile { index, .. } => index,
+            ScalePart::Tile { index, .. } | ScalePart::Shard { index, .. } => index,
         }
     }
 
@@ -361,6 +375,7 @@ impl ScaleTask {
         match self.part {
             ScalePart::Whole { .. } => 1,
             ScalePart::Tile { tiles, .. } => tiles,
+            ScalePart::Shard { shards, .. } => shards,
         }
     }
 
@@ -368,7 +383,7 @@ impl ScaleTask {
     /// computed in, in px: the job's tile size.
     pub fn block(&self) -> u32 {
         match self.part {
-            ScalePart::Whole { block } => block,
+            ScalePart::Whole { block } | ScalePart::Shard { block, .. } => block,
             ScalePart::Tile { tile_size, .. } => tile_size,
         }
     }
@@ -677,43 +692,78 @@ impl JobSpec {
             tile_size: job_tiling.scale_tile_size(plan.width, plan.height, &params, workers),
             ..job_tiling
         };
-        let grid = tiling.grid(plan.width, plan.height);
-        Ok(grid
-            .tiles()
-            .enumerate()
-            .map(|(i, rect)| TaskSpec {
-                content: self.contents[0].clone(),
-                styles: self.styles.clone(),
-                params: params.clone(),
-                label: format!(
-                    "scale {}/{scales} tile {}/{} ({}x{} at {},{})",
-                    scale + 1,
-                    i + 1,
-                    grid.len(),
-                    rect.width,
-                    rect.height,
-                    rect.x,
-                    rect.y
-                ),
-                scale: Some(ScaleTask {
+        let block = tiling.tile_size;
+        let parts: Vec<(&str, ScalePart)> = if tiling.exact {
+            let (block, bands) = tiling.exact_shards(plan.height, &params, workers.len(), block);
+            let shards = bands.len() as u32;
+            bands
+                .into_iter()
+                .enumerate()
+                .map(|(i, (y0, y1))| {
+                    let rect = Rect {
+                        x: 0,
+                        y: y0,
+                        width: plan.width,
+                        height: y1 - y0,
+                    };
+                    match shards {
+                        1 => ("tile", ScalePart::Whole { block }),
+                        _ => (
+                            "shard",
+                            ScalePart::Shard {
+                                block,
+                                index: i as u32,
+                                shards,
+                                rect,
+                            },
+                        ),
+                    }
+                })
+                .collect()
+        } else {
+            let grid = tiling.grid(plan.width, plan.height);
+            let tiles = grid.len() as u32;
+            grid.tiles()
+                .enumerate()
+                .map(|(i, rect)| {
+                    let part = ScalePart::Tile {
+                        index: i as u32,
+                        tiles,
+                        rect,
+                        tile_size: block,
+                    };
+                    ("tile", part)
+                })
+                .collect()
+        };
+        Ok(parts
+            .into_iter()
+            .map(|(name, part)| {
+                let task = ScaleTask {
                     scale,
                     scales,
                     canvas_width: plan.width,
                     canvas_height: plan.height,
-                    part: if tiling.exact {
-                        ScalePart::Whole {
-                            block: tiling.tile_size,
-                        }
-                    } else {
-                        ScalePart::Tile {
-                            index: i as u32,
-                            tiles: grid.len() as u32,
-                            rect,
-                            tile_size: tiling.tile_size,
-                        }
-                    },
-                }),
-                frame: None,
+                    part,
+                };
+                let rect = task.rect();
+                TaskSpec {
+                    content: self.contents[0].clone(),
+                    styles: self.styles.clone(),
+                    params: params.clone(),
+                    label: format!(
+                        "scale {}/{scales} {name} {}/{} ({}x{} at {},{})",
+                        scale + 1,
+                        task.index() + 1,
+                        task.count(),
+                        rect.width,
+                        rect.height,
+                        rect.x,
+                        rect.y
+                    ),
+                    scale: Some(task),
+                    frame: None,
+                }
             })
             .collect())
     }

@@ -10,7 +10,7 @@ use crate::job::{
 };
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
 use crate::progress::{LossTerms, TaskProgress};
-use crate::tiling::{Rect, Tiling, DEFAULT_OVERLAP, STORED_MIN_TILE_SIZE};
+use crate::tiling::{shard_rows, Rect, Tiling, DEFAULT_OVERLAP, STORED_MIN_TILE_SIZE};
 use crate::Error;
 
 fn hashes(field: &'static str, values: Vec<String>) -> Result<Vec<ImageHash>, Error> {
@@ -438,7 +438,8 @@ impl TryFrom<pb::Task> for Task {
 }
 
 /// The flat wire form of a scale task: its region as a rectangle (the whole canvas in exact mode), its
-/// index and count (0 and 1 for the whole canvas), its block or tile size, and `exact`.
+/// index and count (0 and 1 for the whole canvas; the shard and shards of an exact scale over several
+/// workers), its block or tile size, and `exact`.
 impl From<&ScaleTask> for pb::TileTask {
     fn from(t: &ScaleTask) -> Self {
         let rect = t.rect();
@@ -454,7 +455,7 @@ impl From<&ScaleTask> for pb::TileTask {
             width: rect.width,
             height: rect.height,
             tile_size: t.block(),
-            exact: matches!(t.part, ScalePart::Whole { .. }),
+            exact: matches!(t.part, ScalePart::Whole { .. } | ScalePart::Shard { .. }),
         }
     }
 }
@@ -503,7 +504,31 @@ impl TryFrom<pb::TileTask> for ScaleTask {
             width: t.width,
             height: t.height,
         };
-        let part = if t.exact {
+        let part = if t.exact && t.tiles > 1 {
+            // a shard: the band the planner cuts for that many shards (shard_rows), no other rows
+            let bands = shard_rows(t.canvas_height, t.tile_size, t.tiles);
+            let band = bands.get(t.tile as usize).copied();
+            let planned = bands.len() == t.tiles as usize
+                && band == Some((t.y, t.y + t.height))
+                && (t.x, t.width) == (0, t.canvas_width);
+            if !planned {
+                return Err(Error::invalid(
+                    "tile",
+                    format!(
+                        "shard {}/{} of a {}x{} canvas in {}-px blocks is not {}x{} at {},{}: the shards \
+                         are {bands:?}",
+                        t.tile, t.tiles, t.canvas_width, t.canvas_height, t.tile_size, t.width,
+                        t.height, t.x, t.y
+                    ),
+                ));
+            }
+            ScalePart::Shard {
+                block: t.tile_size,
+                index: t.tile,
+                shards: t.tiles,
+                rect,
+            }
+        } else if t.exact {
             let whole = (t.x, t.y, t.width, t.height, t.tiles)
                 == (0, 0, t.canvas_width, t.canvas_height, 1);
             if !whole {

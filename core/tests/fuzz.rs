@@ -1550,7 +1550,28 @@ fn fuzz_tiled_jobs() {
                 Ok(tiles) => {
                     prop_assert!(scale >= 1 && (scale as usize) < plans.len());
                     let plan = &plans[scale as usize];
-                    if tiling.sizing == TileSizing::Fixed || workers.iter().all(|&m| m == 0) {
+                    let shards: Vec<_> = tiles
+                        .iter()
+                        .filter_map(|t| match t.scale.as_ref()?.part {
+                            ScalePart::Shard { rect, .. } => Some(rect),
+                            _ => None,
+                        })
+                        .collect();
+                    if !shards.is_empty() {
+                        // exact mode over several workers: Adam, at most a shard a worker, every task a
+                        // shard, the bands covering the canvas top to bottom
+                        prop_assert!(tiling.exact && spec.params.optimizer == Optimizer::Adam);
+                        prop_assert!(shards.len() == tiles.len() && shards.len() <= workers.len());
+                        prop_assert_eq!(shards[0].y, 0);
+                        prop_assert_eq!(
+                            shards[shards.len() - 1].y + shards[shards.len() - 1].height,
+                            plan.height
+                        );
+                        for w in shards.windows(2) {
+                            prop_assert_eq!(w[0].y + w[0].height, w[1].y);
+                        }
+                    } else if tiling.sizing == TileSizing::Fixed || workers.iter().all(|&m| m == 0)
+                    {
                         prop_assert_eq!(tiles.len(), plan.tasks());
                     } else {
                         // planned tiles are never smaller than the job's tile size: no more of them
@@ -1580,6 +1601,10 @@ fn fuzz_tiled_jobs() {
                             }
                             ScalePart::Tile { .. } => {
                                 prop_assert!(!tiling.exact, "a tile of an exact job")
+                            }
+                            ScalePart::Shard { rect, .. } => {
+                                prop_assert!(tiling.exact, "a shard of a job not exact");
+                                prop_assert_eq!((rect.x, rect.width), (0, plan.width));
                             }
                         }
                         prop_assert!(t.block() >= tiling.tile_size);
@@ -2339,9 +2364,21 @@ fn fuzz_wire_conversion() {
                     );
                     prop_assert!(t.scale < t.scales && t.index() < t.count());
                     prop_assert!(t.block() >= STORED_MIN_TILE_SIZE);
-                    // an exact task is the whole canvas, tile 0 of 1
-                    prop_assert_eq!(matches!(t.part, ScalePart::Whole { .. }), tile.exact);
-                    if tile.exact {
+                    // an exact task is the whole canvas, tile 0 of 1, or a shard of it
+                    prop_assert_eq!(
+                        matches!(t.part, ScalePart::Whole { .. } | ScalePart::Shard { .. }),
+                        tile.exact
+                    );
+                    if let ScalePart::Shard {
+                        block,
+                        index,
+                        shards,
+                        rect,
+                    } = t.part
+                    {
+                        let bands = tiling::shard_rows(t.canvas_height, block, shards);
+                        prop_assert_eq!(bands[index as usize], (rect.y, rect.y + rect.height));
+                    } else if tile.exact {
                         prop_assert_eq!(
                             (
                                 rect.x,

@@ -6,6 +6,7 @@ pub mod loss;
 pub mod objective;
 pub mod optim;
 pub mod render;
+pub mod shard;
 pub mod tile;
 pub mod vgg;
 
@@ -43,6 +44,11 @@ pub enum Error {
     /// The progress callback asked to stop.
     #[error("cancelled")]
     Cancelled,
+    /// The shards of an exact-mode scale could not add up their parts ([`shard::Exchange`]): another shard
+    /// failed or started again, or the coordinator is out of reach. Not the input's fault, nor the
+    /// worker's.
+    #[error("shard exchange: {0}")]
+    Exchange(String),
 }
 
 impl Error {

@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::Engine;
 use crate::flow;
 use crate::loss::{content_loss, gram, style_loss, temporal_loss, tv_loss};
+use crate::shard::Shard;
 use crate::Error;
 use blocked::BlockedTargets;
 
@@ -366,26 +367,32 @@ impl Engine {
         tch::no_grad(|| Self::losses_of(&self.terms(x, targets, params)?))
     }
 
-    /// The targets of a working content image: block by block when it is larger than `block`.
+    /// The targets of a working content image: block by block when it is larger than `block`, and always
+    /// for a shard (whose `content` is its region).
     pub(crate) fn scale_targets(
         &self,
         content: &RgbImage,
         style: &StyleGrams,
         params: &RenderParams,
         block: Option<u32>,
+        shard: Option<&Shard>,
     ) -> Result<ScaleTargets, Error> {
-        Ok(match block {
-            Some(b) if content.width().max(content.height()) > b => {
-                ScaleTargets::Blocked(BlockedTargets::new(
-                    self,
-                    &self
-                        .vgg()
-                        .preprocessing()
-                        .preprocess(content, self.device()),
-                    style,
-                    params,
-                    b,
-                )?)
+        let pre = || {
+            self.vgg()
+                .preprocessing()
+                .preprocess(content, self.device())
+        };
+        Ok(match (block, shard) {
+            (Some(b), Some(shard)) => ScaleTargets::Blocked(BlockedTargets::shard(
+                self,
+                &pre(),
+                style,
+                params,
+                b,
+                shard,
+            )?),
+            (Some(b), None) if content.width().max(content.height()) > b => {
+                ScaleTargets::Blocked(BlockedTargets::new(self, &pre(), style, params, b)?)
             }
             _ => ScaleTargets::Whole(self.targets_with(content, style, params)?),
         })

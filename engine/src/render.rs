@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::Engine;
 use crate::objective::{to_f64s, LossTerms, StyleGrams};
 use crate::optim::{Adam, Lbfgs};
+use crate::shard::Shard;
 use crate::Error;
 use stylefarm_core::progress::TaskProgress;
 
@@ -37,6 +38,10 @@ pub struct RenderJob {
     /// render starts from its result (elsewhere from `params.init`) and the temporal loss
     /// (`params.temporal_weight`) holds it there. None for other renders.
     pub previous: Option<PreviousFrameImages>,
+    /// Exact mode over several workers: the shard of the canvas this render optimizes ([`crate::shard`]);
+    /// `content` and `init_image` are its region, the result its own rows. Needs `block`, one scale and
+    /// Adam. None for other renders.
+    pub shard: Option<Shard>,
 }
 
 /// The previous frame of a video frame, as images at any size (each scale resizes them to its own).
@@ -65,6 +70,7 @@ impl RenderJob {
             style_longest: None,
             block: None,
             previous: None,
+            shard: None,
         }
     }
 }
@@ -75,6 +81,37 @@ impl RenderJob {
     pub fn check(&self) -> Result<(), Error> {
         if self.previous.is_some() && self.block.is_some() {
             return Err(crate::objective::whole_frames_only());
+        }
+        if let Some(shard) = &self.shard {
+            let invalid = |field: &'static str, message: &str| {
+                Err(Error::Core(stylefarm_core::Error::invalid(field, message)))
+            };
+            if self.params.optimizer != Optimizer::Adam {
+                return invalid(
+                    "optimizer",
+                    "a shard of an exact-mode scale optimizes with adam (L-BFGS' line of steps is \
+                     the whole image's)",
+                );
+            }
+            if self.params.scales != 1 || self.previous.is_some() {
+                return invalid("shard", "a shard renders one scale of a tiled job");
+            }
+            let Some(block) = self.block else {
+                return invalid("shard", "a shard is evaluated in blocks");
+            };
+            let (y0, y1) = shard.region(block);
+            if self.content.dimensions() != (shard.canvas.0, y1 - y0) {
+                return invalid(
+                    "shard",
+                    &format!(
+                        "the content is {}x{}, the shard's region {}x{}",
+                        self.content.width(),
+                        self.content.height(),
+                        shard.canvas.0,
+                        y1 - y0
+                    ),
+                );
+            }
         }
         check_inputs(
             &self.params,
@@ -177,7 +214,7 @@ impl Engine {
         let content = optimized(imaging::resize(&job.content, w, h), &params);
         let grams =
             self.style_grams(&job.styles, params.style_side(w.max(h)), &params, job.block)?;
-        let mut targets = self.scale_targets(&content, &grams, &params, job.block)?;
+        let mut targets = self.scale_targets(&content, &grams, &params, job.block, None)?;
         if let Some(p) = &job.previous {
             targets
                 .set_temporal(self.temporal_target(&content, &p.content, &p.result, &params)?)?;
@@ -252,10 +289,19 @@ impl Engine {
     ) -> Result<RgbImage, Error> {
         let x = self.optimize(job, style_for, on_progress)?;
         let out = self.vgg().preprocessing().deprocess(&x)?;
-        Ok(if job.params.original_colors || job.params.luminance_only {
+        let out = if job.params.original_colors || job.params.luminance_only {
             imaging::original_colors(&out, &job.content)
         } else {
             out
+        };
+        Ok(match (&job.shard, job.block) {
+            // a shard's result is its own rows of the region it optimized
+            (Some(shard), Some(block)) => {
+                let top = shard.rows.0 - shard.region(block).0;
+                let (w, rows) = (out.width(), shard.rows.1 - shard.rows.0);
+                image::imageops::crop_imm(&out, 0, top, w, rows).to_image()
+            }
+            _ => out,
         })
     }
 
@@ -266,6 +312,12 @@ impl Engine {
         job: &RenderJob,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<Rgb32FImage, Error> {
+        if job.shard.is_some() {
+            return Err(Error::Core(stylefarm_core::Error::invalid(
+                "shard",
+                "a shard renders 8 bits per channel",
+            )));
+        }
         let x = self.optimize(
             job,
             &mut |engine, side| engine.own_style_grams(job, side),
@@ -300,7 +352,8 @@ impl Engine {
                 self,
                 params.style_side(job.style_longest.unwrap_or(longest)),
             )?;
-            let mut targets = self.scale_targets(&content, &style, params, job.block)?;
+            let mut targets =
+                self.scale_targets(&content, &style, params, job.block, job.shard.as_ref())?;
             if let Some(p) = &job.previous {
                 targets
                     .set_temporal(self.temporal_target(&content, &p.content, &p.result, params)?)?;

@@ -17,6 +17,7 @@ use crate::engine::Engine;
 use crate::objective::blocked::target_block;
 use crate::objective::StyleGrams;
 use crate::render::RenderJob;
+use crate::shard::{Shard, SharedExchange};
 use crate::Error;
 
 /// A task of a tiled job's later scale, prepared for the engine.
@@ -35,15 +36,17 @@ pub struct ScaleRender {
 }
 
 /// The render of one task of a canvas: `content` and `init` (the previous scale's result) resampled to the
-/// canvas over the task's window; one scale of the window's size; the style targets those of the whole
-/// canvas (`style_longest`). An error names `tile` (a canvas that is not the content's at that size) or
-/// `init` (none given).
+/// canvas over the task's window (a shard's: its region, [`Shard::region`]); one scale of the window's size;
+/// the style targets those of the whole canvas (`style_longest`). A shard adds up its evaluations with the
+/// other shards through `exchange`. An error names `tile` (a canvas that is not the content's at that size),
+/// `init` (none given) or `shard` (a shard without an exchange).
 pub fn tile_job(
     content: &RgbImage,
     styles: Vec<RgbImage>,
     init: Option<&RgbImage>,
     mut params: RenderParams,
     tile: &ScaleTask,
+    exchange: Option<SharedExchange>,
 ) -> Result<ScaleRender, stylefarm_core::Error> {
     let (cw, ch) = (tile.canvas_width, tile.canvas_height);
     let (w, h) = imaging::working_size(content.width(), content.height(), cw.max(ch));
@@ -63,7 +66,29 @@ pub fn tile_job(
         )
     })?;
     let r = tile.rect();
-    let window = (r.x, r.y, r.width, r.height);
+    let shard = match tile.part {
+        ScalePart::Shard { .. } => Some(Shard {
+            canvas: (cw, ch),
+            rows: (r.y, r.y + r.height),
+            exchange: exchange.ok_or_else(|| {
+                stylefarm_core::Error::invalid("shard", "a shard needs an exchange with the others")
+            })?,
+        }),
+        _ => None,
+    };
+    let window = match &shard {
+        Some(s) => {
+            let (y0, y1) = s.region(tile.block());
+            (0, y0, cw, y1 - y0)
+        }
+        None => (r.x, r.y, r.width, r.height),
+    };
+    let r = stylefarm_core::tiling::Rect {
+        x: window.0,
+        y: window.1,
+        width: window.2,
+        height: window.3,
+    };
     params.size = r.width.max(r.height);
     params.scales = 1;
     params.scale_iterations.clear();
@@ -77,9 +102,10 @@ pub fn tile_job(
         )
     };
     Ok(match tile.part {
-        ScalePart::Whole { block } => ScaleRender {
+        ScalePart::Whole { block } | ScalePart::Shard { block, .. } => ScaleRender {
             job: RenderJob {
                 block: Some(block),
+                shard,
                 ..job
             },
             target_block: target_block(block),
@@ -176,6 +202,7 @@ mod tests {
                 Some(&previous),
                 params,
                 &task,
+                None,
             )
             .unwrap()
         };

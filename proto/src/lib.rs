@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod connect;
+pub mod exchange;
 
 /// The generated messages, clients and servers of `stylefarm.v1`.
 #[rustfmt::skip]

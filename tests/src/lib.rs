@@ -49,6 +49,16 @@ pub fn weights() -> PathBuf {
     line.split('\t').next().unwrap().trim().into()
 }
 
+/// How far two 8-bit images of the same size (their raw samples) are apart, in levels of 255: the largest
+/// difference of a sample, and the mean.
+pub fn pixel_difference(a: &[u8], b: &[u8]) -> (u8, f64) {
+    assert_eq!(a.len(), b.len());
+    let diffs: Vec<u8> = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).collect();
+    let max = diffs.iter().max().copied().unwrap_or(0);
+    let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len().max(1) as f64;
+    (max, mean)
+}
+
 /// The test image `name` in `../shared/data/images` beside the repository; panics when it is missing.
 pub fn shared_image(name: &str) -> PathBuf {
     let path = repo().join("../shared/data/images").join(name);

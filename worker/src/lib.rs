@@ -2,6 +2,7 @@
 
 mod device;
 mod engine_thread;
+mod exchange;
 pub mod metrics;
 
 use std::collections::VecDeque;
@@ -229,6 +230,8 @@ enum Failure {
     Transient(String),
     /// The device ran out of memory: another worker may have more.
     OutOfMemory(String),
+    /// Another shard of the task's exact-mode scale failed or started again: the shards start again.
+    Group(String),
 }
 
 impl Failure {
@@ -236,6 +239,9 @@ impl Failure {
         match e {
             RenderError::Engine(e) if e.is_input_fault() => Failure::Input(e.to_string()),
             RenderError::Engine(e) if e.is_out_of_memory() => Failure::OutOfMemory(e.to_string()),
+            RenderError::Engine(e @ stylefarm_engine::Error::Exchange(_)) => {
+                Failure::Group(e.to_string())
+            }
             other => Failure::Transient(other.to_string()),
         }
     }
@@ -246,6 +252,7 @@ impl Failure {
             Failure::Input(e) => (e, pb::FailureKind::Input),
             Failure::Transient(e) => (e, pb::FailureKind::Transient),
             Failure::OutOfMemory(e) => (e, pb::FailureKind::OutOfMemory),
+            Failure::Group(e) => (e, pb::FailureKind::Group),
         };
         pb::FailTaskRequest {
             lease_id: lease_id.to_string(),
@@ -379,7 +386,10 @@ pub async fn run(
                     &engine,
                     &mut client,
                     &mut cache,
-                    task,
+                    Leased {
+                        lease_id: &lease_id,
+                        task,
+                    },
                     cancel,
                     progress_tx,
                     &config.metrics,
@@ -468,13 +478,19 @@ impl Drop for Heartbeat {
     }
 }
 
+/// A task as leased: the lease it is held under, and the task.
+struct Leased<'a> {
+    lease_id: &'a LeaseId,
+    task: pb::Task,
+}
+
 /// Fetches the inputs, prepares a tile, renders on the engine thread, and says what became of it. The
 /// caller's [`Heartbeat`] keeps the lease and may set `cancel`; the render's progress goes to `progress_tx`.
 async fn run_task(
     engine: &EngineThread,
     client: &mut WorkerServiceClient<AuthChannel>,
     cache: &mut ImageCache,
-    task: pb::Task,
+    Leased { lease_id, task }: Leased<'_>,
     cancel: Arc<AtomicBool>,
     progress_tx: tokio::sync::watch::Sender<Option<Progress>>,
     metrics: &metrics::WorkerMetrics,
@@ -526,6 +542,18 @@ async fn run_task(
     // copying the images into the job (a large content: tens of ms) and resampling a tile are CPU work:
     // off the async threads
     let scale = task.scale.clone();
+    // a shard of an exact-mode scale adds up its evaluations with the others through the coordinator
+    let exchange = scale
+        .as_ref()
+        .filter(|t| matches!(t.part, ScalePart::Shard { .. }))
+        .map(|_| {
+            let remote = exchange::RemoteExchange::new(
+                tokio::runtime::Handle::current(),
+                client.clone(),
+                lease_id.clone(),
+            );
+            Arc::new(std::sync::Mutex::new(remote)) as stylefarm_engine::shard::SharedExchange
+        });
     let prepare = tokio::task::spawn_blocking({
         let (inputs, init) = (inputs.clone(), init_image.clone());
         move || {
@@ -552,6 +580,7 @@ async fn run_task(
                     init.as_deref(),
                     task.params,
                     t,
+                    exchange,
                 )
                 .map(|r| (r.job, Some((r.target_block, r.canvas)))),
             }
@@ -565,8 +594,22 @@ async fn run_task(
     };
     if let (Some(t), Some((target_block, canvas))) = (&task.scale, tile) {
         style.block = Some(target_block);
-        if let ScalePart::Whole { block } = t.part {
-            tracing::info!(block, "exact: the whole canvas, in blocks");
+        match t.part {
+            ScalePart::Whole { block } => {
+                tracing::info!(block, "exact: the whole canvas, in blocks")
+            }
+            ScalePart::Shard {
+                block,
+                index,
+                shards,
+                ..
+            } => tracing::info!(
+                block,
+                index,
+                shards,
+                "exact: a shard of the canvas, in blocks"
+            ),
+            ScalePart::Tile { .. } => {}
         }
         // the canvas' Gram matrices: computed (and the canvas resampled) once per worker and scale
         if let Some((width, height)) = canvas {
@@ -599,6 +642,10 @@ async fn run_task(
             Outcome::Done(img)
         }
         Ok(Err(RenderError::Engine(stylefarm_engine::Error::Cancelled))) => Outcome::Cancelled,
+        // a cancelled job's shards find their exchange ended
+        Ok(Err(RenderError::Engine(stylefarm_engine::Error::Exchange(_)))) if cancelled() => {
+            Outcome::Cancelled
+        }
         Ok(Err(e)) => Outcome::Failed(Failure::of_render(&e)),
         Err(_) => Outcome::Failed(Failure::Transient("the engine thread stopped".into())),
     }

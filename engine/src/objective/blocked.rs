@@ -14,16 +14,14 @@
 //! 32-px halos, relu5_1's Gram matrix is a few percent off, the gradient within 1e-4 (BENCHMARKS.md).
 
 use image::RgbImage;
+use stylefarm_core::tiling::{block_step, objective_halo, BLOCK_ALIGN as ALIGN};
 use stylefarm_core::{Layer, RenderParams};
 use tch::{Kind, Tensor};
 
 use super::{LossTerms, StyleGrams};
 use crate::engine::Engine;
-use crate::loss::tv_loss;
+use crate::shard::{Shard, SharedExchange};
 use crate::Error;
-
-/// Alignment of block corners: the stride of the deepest pooling.
-const ALIGN: u32 = 16;
 
 /// One block: the region run through the network (block and halo) and the block's own rectangle, both
 /// `[x0, x1) x [y0, y1)` in image pixels.
@@ -56,19 +54,15 @@ impl Block {
         (nx > 0 && ny > 0).then(|| f.narrow(3, fx, nx).narrow(2, fy, ny).reshape([c, nx * ny]))
     }
 
-    /// The block's region of `x` (`1 x 3 x H x W`).
-    fn cut(&self, x: &Tensor) -> Tensor {
+    /// The block's region of `x` (`1 x 3 x h x W`), whose first row is the canvas' row `row0`.
+    fn cut(&self, x: &Tensor, row0: u32) -> Tensor {
         let [x0, x1, y0, y1] = self.region;
-        x.narrow(3, i64::from(x0), i64::from(x1 - x0))
-            .narrow(2, i64::from(y0), i64::from(y1 - y0))
+        x.narrow(3, i64::from(x0), i64::from(x1 - x0)).narrow(
+            2,
+            i64::from(y0 - row0),
+            i64::from(y1 - y0),
+        )
     }
-}
-
-/// The halo of the blocks of an objective evaluation, for blocks of at most `block` px: an eighth of it, at
-/// least 32 px. (Measured on a 330 x 250 image: 16 px of halo leave a 5e-2 relative error in the gradient,
-/// 32 px 8e-5.)
-pub(crate) fn objective_halo(block: u32) -> u32 {
-    (block / 8 / ALIGN * ALIGN).max(2 * ALIGN)
 }
 
 /// The halo of the blocks of style targets, computed once per scale: a quarter of the block, at least 16
@@ -99,7 +93,7 @@ pub const MIN_TARGET_BLOCK: u32 = 1024;
 /// The blocks of a `width` x `height` image such that no region (block and `halo` on each side) exceeds
 /// `block` px a side, unless the block is too small to hold a 16-px block and its halo.
 pub(crate) fn blocks(width: u32, height: u32, block: u32, halo: u32) -> Vec<Block> {
-    let own = ((block.saturating_sub(2 * halo)) / ALIGN * ALIGN).max(ALIGN);
+    let own = block_step(block, halo);
     let mut out = Vec::new();
     for y0 in (0..height).step_by(own as usize) {
         for x0 in (0..width).step_by(own as usize) {
@@ -118,25 +112,23 @@ pub(crate) fn blocks(width: u32, height: u32, block: u32, halo: u32) -> Vec<Bloc
     out
 }
 
-/// Sums `F F^T` of the blocks' own positions over all blocks, for each of `layers`, and divides by the
-/// whole image's `C * positions`: the Gram matrices of the whole `width` x `height` image, each with that
-/// divisor. `region(block)` gives a block's region, preprocessed (`1 x 3 x h x w`); no gradient.
-pub(crate) fn grams(
+/// Sums `F F^T` of the blocks' own positions over all blocks, for each of `layers` (`C x C`; `None` at a
+/// layer where no block has a position): the Gram matrices of the whole `width` x `height` image times
+/// `C * positions`. `region(block)` gives a block's region, preprocessed (`1 x 3 x h x w`); no gradient.
+pub(crate) fn gram_sums(
     engine: &Engine,
     (width, height): (u32, u32),
     region: impl Fn(&Block) -> Tensor,
     blocks: &[Block],
     params: &RenderParams,
     layers: &[Layer],
-) -> Result<Vec<(Tensor, f64)>, Error> {
+) -> Result<Vec<Option<Tensor>>, Error> {
     tch::no_grad(|| {
         let mut sums: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
-        let mut counts = vec![0i64; layers.len()];
         for b in blocks {
             let features = engine.vgg().features(&region(b), params.pooling, layers)?;
             for (k, (layer, f)) in layers.iter().zip(features).enumerate() {
                 if let Some(part) = b.own_features(&f, *layer, width, height) {
-                    counts[k] += part.numel() as i64;
                     let outer = part.matmul(&part.tr());
                     sums[k] = Some(match sums[k].take() {
                         Some(s) => s + outer,
@@ -145,18 +137,7 @@ pub(crate) fn grams(
                 }
             }
         }
-        sums.into_iter()
-            .zip(counts)
-            .zip(layers)
-            .map(|((s, n), layer)| {
-                let s = s.ok_or_else(|| {
-                    Error::Input(format!(
-                        "a {width} x {height} px image has no position at {layer}"
-                    ))
-                })?;
-                Ok((s / (n as f64), n as f64))
-            })
-            .collect()
+        Ok(sums)
     })
 }
 
@@ -176,7 +157,7 @@ pub(crate) fn image_grams(
         pre.preprocess(&crop, engine.device())
     };
     let blocks = blocks(w, h, block, target_halo(block));
-    Ok(grams(
+    gram_sums(
         engine,
         (w, h),
         region,
@@ -185,8 +166,27 @@ pub(crate) fn image_grams(
         &params.style_layers,
     )?
     .into_iter()
-    .map(|(g, _)| g)
-    .collect())
+    .zip(&params.style_layers)
+    .map(|(s, layer)| {
+        let s = s.ok_or_else(|| no_position(w, h, *layer))?;
+        let n = s.size()[0] as f64 * positions(*layer, (w, h));
+        Ok(s / n)
+    })
+    .collect()
+}
+
+/// The error for an image too small to have a position at `layer`.
+fn no_position(width: u32, height: u32, layer: Layer) -> Error {
+    Error::Input(format!(
+        "a {width} x {height} px image has no position at {layer}"
+    ))
+}
+
+/// The positions of a `width` x `height` image's feature map at `layer` (VGG19's pooling floors each
+/// side): what the blocks' own positions add up to.
+fn positions(layer: Layer, (width, height): (u32, u32)) -> f64 {
+    let shift = layer.block - 1;
+    f64::from(width >> shift) * f64::from(height >> shift)
 }
 
 /// A content target of one block: the index of its layer in `params.content_layers` and the feature map
@@ -194,6 +194,49 @@ pub(crate) fn image_grams(
 struct ContentPart {
     layer: usize,
     target: Tensor,
+}
+
+/// The part of the canvas a blocked evaluation covers: the whole canvas, or one shard's rows
+/// ([`crate::shard`]) and how it adds up with the other shards.
+struct Part {
+    /// The canvas' width and height.
+    canvas: (u32, u32),
+    /// The canvas rows `[y0, y1)` whose positions (and total-variation pairs) this part owns.
+    rows: (u32, u32),
+    /// The canvas row of the evaluated image's first row.
+    row0: u32,
+    /// The objective's halo: how far a block's gradient reaches past its own rows.
+    halo: u32,
+    /// A shard's exchange; `None` for the whole canvas.
+    exchange: Option<SharedExchange>,
+}
+
+impl Part {
+    /// The sums over the shards of `parts` (the parts themselves for the whole canvas).
+    fn sum(&self, parts: Vec<(u64, Tensor)>) -> Result<Vec<Tensor>, Error> {
+        match &self.exchange {
+            None => Ok(parts.into_iter().map(|(_, t)| t).collect()),
+            Some(ex) => ex
+                .lock()
+                .map_err(|_| Error::Exchange("a shard's exchange failed before".into()))?
+                .sum(parts),
+        }
+    }
+
+    /// The rows this part shares with a neighbouring shard, in the evaluated image's rows, each under the
+    /// key of the band boundary it straddles (its canvas row + 1; key 0 is for the sums every shard gives).
+    fn shared_rows(&self) -> Vec<(u64, i64, i64)> {
+        let height = self.canvas.1;
+        let (top, bottom) = self.rows;
+        [top, bottom]
+            .into_iter()
+            .filter(|&b| b > 0 && b < height)
+            .map(|b| {
+                let (a, z) = (b.saturating_sub(self.halo), (b + self.halo).min(height));
+                (u64::from(b) + 1, i64::from(a - self.row0), i64::from(z - a))
+            })
+            .collect()
+    }
 }
 
 /// The targets of a blocked evaluation: the blocks, the content features of each block's own positions and
@@ -206,6 +249,7 @@ pub struct BlockedTargets {
     content_sizes: Vec<f64>,
     /// The style Gram matrices, in `params.style_layers` order.
     style: Vec<Tensor>,
+    part: Part,
 }
 
 impl BlockedTargets {
@@ -219,14 +263,80 @@ impl BlockedTargets {
         block: u32,
     ) -> Result<BlockedTargets, Error> {
         let (width, height) = (content.size()[3] as u32, content.size()[2] as u32);
-        let blocks = blocks(width, height, block, objective_halo(block));
+        let part = Part {
+            canvas: (width, height),
+            rows: (0, height),
+            row0: 0,
+            halo: objective_halo(block),
+            exchange: None,
+        };
+        Self::of_part(engine, content, style, params, block, part)
+    }
+
+    /// Targets for one shard of a canvas: `content` (`1 x 3 x h x W`, preprocessed) is the canvas' rows
+    /// [`Shard::region`], and the shard evaluates its own blocks, adding up with the other shards through
+    /// its exchange. An error names `shard` for rows that are not whole rows of blocks.
+    pub fn shard(
+        engine: &Engine,
+        content: &Tensor,
+        style: &StyleGrams,
+        params: &RenderParams,
+        block: u32,
+        shard: &Shard,
+    ) -> Result<BlockedTargets, Error> {
+        let (row0, row1) = shard.region(block);
+        let (w, h) = (content.size()[3] as u32, content.size()[2] as u32);
+        if (w, h) != (shard.canvas.0, row1 - row0) {
+            return Err(Error::Input(format!(
+                "a shard's content is {w} x {h} px, its region of the {} x {} canvas {} x {}",
+                shard.canvas.0,
+                shard.canvas.1,
+                shard.canvas.0,
+                row1 - row0
+            )));
+        }
+        let part = Part {
+            canvas: shard.canvas,
+            rows: shard.rows,
+            row0,
+            halo: objective_halo(block),
+            exchange: Some(shard.exchange.clone()),
+        };
+        Self::of_part(engine, content, style, params, block, part)
+    }
+
+    fn of_part(
+        engine: &Engine,
+        content: &Tensor,
+        style: &StyleGrams,
+        params: &RenderParams,
+        block: u32,
+        part: Part,
+    ) -> Result<BlockedTargets, Error> {
+        let (width, height) = part.canvas;
+        let (top, bottom) = part.rows;
+        let blocks: Vec<Block> = blocks(width, height, block, part.halo)
+            .into_iter()
+            .filter(|b| (top..bottom).contains(&b.own[2]))
+            .collect();
+        if blocks.first().map(|b| b.own[2]) != Some(top)
+            || blocks.last().map(|b| b.own[3]) != Some(bottom)
+        {
+            return Err(Error::Core(stylefarm_core::Error::invalid(
+                "shard",
+                format!(
+                    "rows {top}..{bottom} of a {width} x {height} canvas are not whole rows of \
+                     {block}-px blocks"
+                ),
+            )));
+        }
         let mut content_sizes = vec![0.0; params.content_layers.len()];
         let parts = tch::no_grad(|| {
             blocks
                 .iter()
                 .map(|b| {
                     let features = engine.vgg().features(
-                        &b.cut(content),
+                        &b.cut(content, part.row0),
                         params.pooling,
                         &params.content_layers,
                     )?;
@@ -236,8 +346,8 @@ impl BlockedTargets {
                         .zip(features)
                         .enumerate()
                         .filter_map(|(k, (layer, f))| {
+                            content_sizes[k] = f.size()[1] as f64 * positions(*layer, part.canvas);
                             let own = b.own_features(&f, *layer, width, height)?;
-                            content_sizes[k] += own.numel() as f64;
                             Some(ContentPart {
                                 layer: k,
                                 target: own.copy(),
@@ -252,6 +362,7 @@ impl BlockedTargets {
             content: parts,
             content_sizes,
             style: style.grams().iter().map(Tensor::shallow_clone).collect(),
+            part,
         })
     }
 
@@ -273,10 +384,26 @@ fn only_gradient(output: &Tensor, input: &Tensor) -> Result<Tensor, Error> {
         .ok_or_else(|| Error::Torch(tch::TchError::Torch("backward gave no gradient".into())))
 }
 
+/// The total-variation loss of the pairs of neighbouring pixels whose first pixel is in the canvas rows
+/// `rows` (horizontal pairs on those rows, vertical pairs down from them), `x` holding the canvas' rows
+/// from `row0` on: [`crate::loss::tv_loss`] of the whole image when `rows` are all of its rows.
+fn tv_of_rows(x: &Tensor, row0: u32, rows: (u32, u32), height: u32, weight: f64) -> Tensor {
+    let w = x.size()[3];
+    let first = i64::from(rows.0 - row0);
+    let own = x.narrow(2, first, i64::from(rows.1 - rows.0));
+    let down = x.narrow(2, first, i64::from(rows.1.min(height - 1) + 1 - rows.0));
+    let h = down.size()[2];
+    let dx = own.narrow(3, 1, w - 1) - own.narrow(3, 0, w - 1);
+    let dy = down.narrow(2, 1, h - 1) - down.narrow(2, 0, h - 1);
+    (dx.square().sum(x.kind()) + dy.square().sum(x.kind())) * (0.5 * weight)
+}
+
 impl Engine {
     /// The objective at `x` (preprocessed, `1 x 3 x H x W`) evaluated block by block, and its gradient with
     /// respect to `x`. Every block runs through the network up to the deepest style layer without gradients
-    /// (pass 1), and once more for its content loss and its share of the gradient (pass 2).
+    /// (pass 1), and once more for its content loss and its share of the gradient (pass 2). For a shard's
+    /// targets ([`BlockedTargets::shard`]), `x` is the shard's region and the losses and gradient are the
+    /// whole canvas' there.
     pub fn objective_blocked(
         &self,
         x: &Tensor,
@@ -304,35 +431,58 @@ impl Engine {
         params: &RenderParams,
         gradient: bool,
     ) -> Result<(LossTerms, Option<Tensor>), Error> {
-        let (width, height) = (x.size()[3] as u32, x.size()[2] as u32);
+        let part = &targets.part;
+        let (width, height) = part.canvas;
+        let row0 = part.row0;
         let x = x.detach();
-        // pass 1: the whole image's Gram matrices, the style loss and D = dL/dG per style layer
-        let grams = grams(
+        // pass 1: the whole image's Gram matrices (the shards' sums added up), the style loss and D = dL/dG
+        // per style layer
+        let sums = gram_sums(
             self,
-            (width, height),
-            |b| b.cut(&x),
+            part.canvas,
+            |b| b.cut(&x, row0),
             &targets.blocks,
             params,
             &params.style_layers,
         )?;
+        let sums = sums
+            .into_iter()
+            .zip(&params.style_layers)
+            .map(|(s, layer)| s.ok_or_else(|| no_position(width, height, *layer)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sizes: Vec<i64> = sums.iter().map(|s| s.size()[0]).collect();
+        let flat = Tensor::f_cat(
+            &sums.iter().map(|s| s.flatten(0, -1)).collect::<Vec<_>>(),
+            0,
+        )?;
+        let flat = part.sum(vec![(0, flat)])?.remove(0);
         let mut style = 0.0;
-        let mut d_grams = Vec::with_capacity(grams.len());
-        for ((g, _), a) in grams.iter().zip(&targets.style) {
+        let mut d_grams = Vec::with_capacity(sums.len());
+        let mut norms = Vec::with_capacity(sums.len());
+        let mut at = 0;
+        for ((&c, a), layer) in sizes.iter().zip(&targets.style).zip(&params.style_layers) {
+            let norm = c as f64 * positions(*layer, part.canvas);
+            let g = flat.narrow(0, at, c * c).reshape([c, c]) / norm;
+            at += c * c;
             // style_loss is weight * mean((G - A)^2) over the C x C entries
             let entries = g.numel() as f64;
             let diff = g - a;
             style +=
                 params.style_weight * diff.square().sum(Kind::Double).double_value(&[]) / entries;
             d_grams.push(diff * (2.0 * params.style_weight / entries));
+            norms.push(norm);
         }
-        // TV over the whole image (three channels: cheap)
+        // TV of the part's rows (three channels: cheap)
         let (tv, mut grad) = if params.tv_weight > 0.0 {
             let xg = x.detach().set_requires_grad(true);
-            let t = tv_loss(&xg, params.tv_weight);
+            let t = tv_of_rows(&xg, row0, part.rows, height, params.tv_weight);
             let g = gradient.then(|| only_gradient(&t, &xg)).transpose()?;
-            (t.double_value(&[]), g)
+            (t.detach(), g)
         } else {
-            (0.0, gradient.then(|| x.zeros_like()))
+            (
+                Tensor::zeros([], (Kind::Float, x.device())),
+                gradient.then(|| x.zeros_like()),
+            )
         };
         // pass 2: per block, its content loss + <D, F F^T> / (C N) at its own positions, back-propagated;
         // the gradients of the blocks' regions add up to the whole image's
@@ -346,7 +496,7 @@ impl Engine {
             if !gradient && parts.is_empty() {
                 continue;
             }
-            let xb = b.cut(&x).set_requires_grad(gradient);
+            let xb = b.cut(&x, row0).set_requires_grad(gradient);
             let features = self.vgg().features(&xb, params.pooling, &layers)?;
             let mut total = Tensor::zeros([], (Kind::Float, x.device()));
             for part in parts {
@@ -364,11 +514,11 @@ impl Engine {
                 continue;
             };
             let style_features = &features[params.content_layers.len()..];
-            for (((f, layer), d), (_, norm)) in style_features
+            for (((f, layer), d), norm) in style_features
                 .iter()
                 .zip(&params.style_layers)
                 .zip(&d_grams)
-                .zip(&grams)
+                .zip(&norms)
             {
                 if let Some(own) = b.own_features(f, *layer, width, height) {
                     total += (d * own.matmul(&own.tr())).sum(Kind::Float) / *norm;
@@ -382,10 +532,32 @@ impl Engine {
             let [x0, x1, y0, y1] = b.region;
             let _ = grad
                 .narrow(3, i64::from(x0), i64::from(x1 - x0))
-                .narrow(2, i64::from(y0), i64::from(y1 - y0))
+                .narrow(2, i64::from(y0 - row0), i64::from(y1 - y0))
                 .g_add_(&gb);
         }
-        let content = content.double_value(&[]);
+        // the content and TV losses of every shard, and the gradient of the rows shared with a
+        // neighbouring shard, added up
+        let mut parts = vec![(0, Tensor::stack(&[content, tv.to_kind(Kind::Float)], 0))];
+        let shared = match &grad {
+            Some(_) => part.shared_rows(),
+            None => Vec::new(),
+        };
+        if let Some(g) = &grad {
+            for &(key, first, rows) in &shared {
+                parts.push((key, g.narrow(2, first, rows).copy()));
+            }
+        }
+        let mut sums = part.sum(parts)?.into_iter();
+        let terms = sums
+            .next()
+            .ok_or_else(|| Error::Exchange("no sum of the losses".into()))?;
+        if let Some(g) = grad.as_mut() {
+            for ((_, first, rows), sum) in shared.iter().zip(sums) {
+                g.narrow(2, *first, *rows).copy_(&sum);
+            }
+        }
+        let terms = crate::objective::to_f64s(&terms)?;
+        let (content, tv) = (terms[0], terms[1]);
         let losses = LossTerms {
             content,
             style,

@@ -1,0 +1,180 @@
+//! Exact mode over several workers (ALGORITHM.md, "Exact distributed mode"): the canvas of a scale is cut
+//! into shards, bands of whole block rows ([`stylefarm_core::tiling::shard_rows`]), each optimized by one
+//! worker with Adam, and every evaluation of the objective is the whole image's:
+//!
+//! - pass 1: each shard sums `F F^T` over its blocks' own positions; the shards add up those partial Gram
+//!   matrices ([`Exchange::sum`], key 0), so that each holds the whole image's Gram matrices, its style
+//!   loss and `D = dL/dG`;
+//! - pass 2: each shard back-propagates its blocks' share of the objective; the rows that two shards'
+//!   regions (band and halo) share get both shards' gradients, summed by the exchange (keyed by the band
+//!   boundary they straddle), along with the content and total-variation losses (key 0).
+//!
+//! A shard optimizes its whole region with Adam, which is element-wise: the rows it shares with a
+//! neighbour get the same gradient there, so both hold the same pixels without sending any. The shard's
+//! result is its band. Gradients and results match one worker's exact mode up to float rounding (the order
+//! in which the Gram sums are added).
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use tch::Tensor;
+
+use crate::Error;
+
+/// How the shards of one scale add up their parts of each evaluation.
+pub trait Exchange: Send {
+    /// Adds up, over the shards of the group, each part `(key, values)` with the parts of the same key that
+    /// the other shards give in their same call; returns the sums, in `parts` order, on the device of the
+    /// values. Every shard gives key 0; the two shards around a band boundary give the rows around it under
+    /// the same key. Every shard makes the same sequence of calls, two per evaluation of the objective. An
+    /// error (another shard failed or restarted, the coordinator is away) ends the render with
+    /// [`Error::Exchange`].
+    fn sum(&mut self, parts: Vec<(u64, Tensor)>) -> Result<Vec<Tensor>, Error>;
+}
+
+/// An [`Exchange`] shared by a render's objective evaluations.
+pub type SharedExchange = Arc<Mutex<dyn Exchange>>;
+
+/// One shard of an exact-mode scale, as a render sees it: its job's content and init are the shard's
+/// region of the canvas (its rows and the objective's halo above and below, [`Shard::region`]).
+#[derive(Clone)]
+pub struct Shard {
+    /// The canvas' width and height, in px.
+    pub canvas: (u32, u32),
+    /// The rows `[y0, y1)` of the canvas the shard owns: its result.
+    pub rows: (u32, u32),
+    /// How it adds up its parts with the other shards.
+    pub exchange: SharedExchange,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("canvas", &self.canvas)
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// The rows `[y0, y1)` of the canvas that the shard's render holds, for blocks of `block` px: its own
+    /// rows and the objective's halo ([`stylefarm_core::tiling::objective_halo`]) on either side.
+    pub fn region(&self, block: u32) -> (u32, u32) {
+        region(self.canvas.1, self.rows, block)
+    }
+}
+
+/// [`Shard::region`] of the rows `rows` of a canvas `height` px tall.
+pub fn region(height: u32, rows: (u32, u32), block: u32) -> (u32, u32) {
+    let halo = stylefarm_core::tiling::objective_halo(block);
+    (rows.0.saturating_sub(halo), (rows.1 + halo).min(height))
+}
+
+/// The shared state of an in-process group.
+struct Round {
+    /// Each shard's parts of the current call, once given.
+    given: Vec<Option<Vec<(u64, Tensor)>>>,
+    /// The sums of the current call, per key, once every shard gave its parts.
+    sums: Option<Vec<(u64, Tensor)>>,
+    /// Shards that have taken the sums of the current call.
+    taken: usize,
+    /// Set when a shard left: every call fails from then on.
+    broken: bool,
+}
+
+/// One shard's end of an in-process group: the shards of a scale run in threads of one process (tests and
+/// benchmarks; a farm's shards exchange through the coordinator). The sums are added in shard order.
+pub struct LocalExchange {
+    shard: usize,
+    state: Arc<(Mutex<Round>, Condvar)>,
+}
+
+/// The [`Exchange`]s of an in-process group of `shards` shards, in shard order.
+pub fn local_group(shards: usize) -> Vec<LocalExchange> {
+    let state = Arc::new((
+        Mutex::new(Round {
+            given: (0..shards).map(|_| None).collect(),
+            sums: None,
+            taken: 0,
+            broken: false,
+        }),
+        Condvar::new(),
+    ));
+    (0..shards)
+        .map(|shard| LocalExchange {
+            shard,
+            state: state.clone(),
+        })
+        .collect()
+}
+
+/// The sum of each key's parts, in the order the parts are given.
+pub fn add_up(given: impl IntoIterator<Item = (u64, Tensor)>) -> Vec<(u64, Tensor)> {
+    let mut sums: Vec<(u64, Tensor)> = Vec::new();
+    for (key, t) in given {
+        match sums.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, s)) => *s = &*s + t,
+            None => sums.push((key, t)),
+        }
+    }
+    sums
+}
+
+impl Drop for LocalExchange {
+    fn drop(&mut self) {
+        // a shard that stops (done or failed) ends the group's calls: the others must not wait for it
+        let (lock, cvar) = &*self.state;
+        if let Ok(mut r) = lock.lock() {
+            r.broken = r.broken || r.given.iter().any(Option::is_some) || r.sums.is_some();
+        }
+        cvar.notify_all();
+    }
+}
+
+impl Exchange for LocalExchange {
+    fn sum(&mut self, parts: Vec<(u64, Tensor)>) -> Result<Vec<Tensor>, Error> {
+        let broken = || Error::Exchange("another shard of the group stopped".into());
+        let (lock, cvar) = &*self.state;
+        let mut r = lock.lock().map_err(|_| broken())?;
+        // a call starts once every shard took the previous call's sums
+        while r.sums.is_some() && !r.broken {
+            r = cvar.wait(r).map_err(|_| broken())?;
+        }
+        if r.broken {
+            return Err(broken());
+        }
+        let keys: Vec<u64> = parts.iter().map(|(k, _)| *k).collect();
+        r.given[self.shard] = Some(parts);
+        if r.given.iter().all(Option::is_some) {
+            let given: Vec<_> = r
+                .given
+                .iter_mut()
+                .filter_map(Option::take)
+                .flatten()
+                .collect();
+            r.sums = Some(tch::no_grad(|| add_up(given)));
+            cvar.notify_all();
+        }
+        while r.sums.is_none() && !r.broken {
+            r = cvar.wait(r).map_err(|_| broken())?;
+        }
+        let Some(sums) = r.sums.as_ref() else {
+            return Err(broken());
+        };
+        let mine = keys
+            .iter()
+            .map(|k| {
+                sums.iter()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, t)| t.copy())
+                    .ok_or_else(broken)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        r.taken += 1;
+        if r.taken == r.given.len() {
+            r.sums = None;
+            r.taken = 0;
+            cvar.notify_all();
+        }
+        Ok(mine)
+    }
+}

@@ -1,0 +1,107 @@
+//! A shard's end of an exact-mode exchange over the network: the engine's
+//! [`stylefarm_engine::shard::Exchange`] as calls of WorkerService.Exchange on the coordinator, which adds
+//! up the parts of the scale's shards.
+
+use stylefarm_core::ids::LeaseId;
+use stylefarm_engine::shard::Exchange;
+use stylefarm_proto::connect::AuthChannel;
+use stylefarm_proto::exchange;
+use stylefarm_proto::pb;
+use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
+use tch::{Device, Kind, Tensor};
+use tokio_stream::StreamExt;
+
+/// One shard task's exchange: its lease, and the number of its next call.
+pub(crate) struct RemoteExchange {
+    runtime: tokio::runtime::Handle,
+    client: WorkerServiceClient<AuthChannel>,
+    lease: LeaseId,
+    call: u64,
+}
+
+impl RemoteExchange {
+    /// The exchange of the shard task under `lease`, its calls made on `runtime` (from the engine thread,
+    /// which is not one of the runtime's).
+    pub(crate) fn new(
+        runtime: tokio::runtime::Handle,
+        client: WorkerServiceClient<AuthChannel>,
+        lease: LeaseId,
+    ) -> RemoteExchange {
+        RemoteExchange {
+            runtime,
+            client,
+            lease,
+            call: 0,
+        }
+    }
+}
+
+fn error(message: impl std::fmt::Display) -> stylefarm_engine::Error {
+    stylefarm_engine::Error::Exchange(message.to_string())
+}
+
+impl Exchange for RemoteExchange {
+    fn sum(&mut self, parts: Vec<(u64, Tensor)>) -> Result<Vec<Tensor>, stylefarm_engine::Error> {
+        let device = parts.first().map_or(Device::Cpu, |(_, t)| t.device());
+        let shapes: Vec<(u64, Vec<i64>)> = parts.iter().map(|(k, t)| (*k, t.size())).collect();
+        let mut messages = vec![pb::ExchangeRequest {
+            part: Some(pb::exchange_request::Part::Header(pb::ExchangeHeader {
+                lease_id: self.lease.to_string(),
+                call: self.call,
+            })),
+        }];
+        for (key, t) in &parts {
+            let values = Vec::<f32>::try_from(
+                &t.f_to_device(Device::Cpu)?
+                    .f_to_kind(Kind::Float)?
+                    .f_flatten(0, -1)?,
+            )?;
+            for chunk in exchange::chunks(&values) {
+                messages.push(pb::ExchangeRequest {
+                    part: Some(pb::exchange_request::Part::Data(pb::ExchangePart {
+                        key: *key,
+                        values: chunk,
+                    })),
+                });
+            }
+        }
+        let mut client = self.client.clone();
+        let sums: exchange::Parts = self.runtime.block_on(async move {
+            let mut replies = client
+                .exchange(tokio_stream::iter(messages))
+                .await
+                .map_err(|s| error(s.message()))?
+                .into_inner();
+            let mut sums = exchange::Parts::new();
+            while let Some(reply) = replies.next().await {
+                let part = reply
+                    .map_err(|s| error(s.message()))?
+                    .part
+                    .unwrap_or_default();
+                exchange::append(&mut sums, part.key, &part.values);
+            }
+            Ok::<_, stylefarm_engine::Error>(sums)
+        })?;
+        self.call += 1;
+        shapes
+            .iter()
+            .map(|(key, shape)| {
+                let values = sums
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| error(format!("the coordinator sent no sum of key {key}")))?;
+                let n: i64 = shape.iter().product();
+                if values.len() as i64 != n {
+                    return Err(error(format!(
+                        "the sum of key {key} has {} values, the part {n}",
+                        values.len()
+                    )));
+                }
+                Ok(Tensor::f_from_slice(values)?
+                    .f_reshape(shape.as_slice())?
+                    .f_to_device(device)?)
+            })
+            .collect()
+    }
+}
