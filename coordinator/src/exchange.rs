@@ -4,10 +4,11 @@
 //! The shards of a scale form a group. Each shard task's attempt calls 0, 1, 2, ... in step with the others:
 //! a call answers once every shard gave its parts of that call, with the sums, over the shards that gave
 //! them, of each of the caller's keys (added in shard order, so every shard gets the same bits). Call 0
-//! joins: a shard's new attempt (another lease) drops whatever the group had going, and the other shards'
-//! waiting calls fail, so that they start again with it. A call fails as soon as a member's lease ended
-//! (its worker failed, left or was cancelled): the shards fail their tasks as a group failure, and every
-//! shard is retried.
+//! joins: a shard's new attempt (another lease) in a group that has started makes it start again: every
+//! later call fails, and only the shards waiting in call 0 stay members; the others join again with their
+//! next attempts. A waiting call after 0 fails as soon as a member's lease ended (its worker failed, left
+//! or was cancelled; looked at every second): the shards fail their tasks as a group failure, and every
+//! shard is retried. A shard waiting in call 0 waits for the lost shard's next attempt.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -17,13 +18,17 @@ use stylefarm_core::ids::{JobId, LeaseId};
 use tokio::sync::watch;
 
 /// How long a shard's call 0 waits for the other shards of its group to join (be leased and start) before
-/// it fails: they may be queued behind other work, or waiting out a retry's backoff.
+/// it fails: they may be queued behind other work, or waiting out a retry's backoff. A group that no live
+/// shard holds is dropped once nobody called it for as long.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The most bytes of values one call may give: the Gram sums (2.4 MB with the default style layers) and
-/// two bands of gradient rows (3 channels x twice the halo x the canvas' width, float32: 100 MB for a
-/// 16384-px-wide canvas in 4096-px blocks), with room to spare.
-pub const MAX_EXCHANGE_BYTES: usize = 512 << 20;
+/// two bands of gradient rows (3 channels x twice the halo x the canvas' width, float32 each: 201 MB for
+/// a 16384-px-wide canvas in 4096-px blocks, whose halo is 512 px), with room to spare.
+pub const MAX_EXCHANGE_BYTES: usize = 1 << 30;
+
+/// The most parts one call may give: key 0 and the gradient rows around at most two band boundaries.
+pub const MAX_EXCHANGE_PARTS: usize = 3;
 
 /// How often a waiting call looks whether the group's other shards still hold their leases.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
@@ -125,6 +130,59 @@ fn add_up(given: &BTreeMap<u32, Parts>) -> Result<Parts, ExchangeError> {
     Ok(sums)
 }
 
+impl Group {
+    /// A new attempt of shard `index` under `lease` joins (its call 0). A group that has not started (no
+    /// call answered, no shard's attempt replaced) just takes it in. Otherwise the group starts again:
+    /// every call after 0 fails, and of the other shards only those waiting in call 0 under their current
+    /// lease stay members (with their parts); the others' next call fails, and they join again.
+    fn join(&mut self, index: u32, lease: &LeaseId) {
+        let started = self.members.contains_key(&index)
+            || self.calls.keys().any(|&n| n > 0)
+            || self.calls.get(&0).is_some_and(|c| c.sums.is_some());
+        if started {
+            let error = ExchangeError::Restart(format!("shard {index} started again"));
+            self.fail_all(&error);
+            let waiting: BTreeMap<u32, Parts> = self
+                .calls
+                .remove(&0)
+                .filter(|c| c.sums.is_none())
+                .map(|c| c.given)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(shard, _)| *shard != index)
+                .collect();
+            self.members.retain(|shard, _| waiting.contains_key(shard));
+            self.calls.clear();
+            self.calls.insert(
+                0,
+                Call {
+                    given: waiting,
+                    ..Call::default()
+                },
+            );
+        }
+        self.members.insert(index, lease.clone());
+        self.notify();
+    }
+
+    /// Shard `index`'s lease ended: it is no member until another attempt joins; its part of a call 0 in
+    /// progress is dropped, and every later call fails (it cannot complete without it).
+    fn left(&mut self, index: u32) {
+        self.members.remove(&index);
+        let error = ExchangeError::Restart(format!(
+            "shard {index}'s lease ended (its task failed, its worker left, or the job was cancelled)"
+        ));
+        for (&n, call) in self.calls.iter_mut() {
+            if n == 0 && call.sums.is_none() {
+                call.given.remove(&index);
+            } else {
+                call.failed.get_or_insert_with(|| error.clone());
+            }
+        }
+        self.notify();
+    }
+}
+
 impl Exchanges {
     /// Gives `parts` as shard `of`'s call `call` under `lease`, and waits for the sums of its keys;
     /// `live(lease)` says whether a shard's lease still holds.
@@ -140,8 +198,9 @@ impl Exchanges {
         let keys: Vec<u64> = parts.iter().map(|(k, _)| *k).collect();
         let mut changed = {
             let mut groups = self.groups.lock().unwrap();
-            // groups nobody called for a while are done (or abandoned)
-            groups.retain(|_, g| g.touched.elapsed() < 2 * JOIN_TIMEOUT);
+            // groups that no live shard holds and nobody called for a while are done (or abandoned)
+            groups
+                .retain(|_, g| g.touched.elapsed() < JOIN_TIMEOUT || g.members.values().any(&live));
             let group = groups
                 .entry(key.clone())
                 .or_insert_with(|| Group::new(of.shards));
@@ -151,21 +210,17 @@ impl Exchanges {
             group.touched = Instant::now();
             if group.members.get(&of.index) != Some(lease) {
                 if call != 0 {
-                    return Err(ExchangeError::Invalid(format!(
-                        "call {call} of shard {} under a lease that is not its current attempt's",
+                    return Err(ExchangeError::Restart(format!(
+                        "shard {} must join again: the group started again without it",
                         of.index
                     )));
                 }
-                // a new attempt of this shard: whatever the group had going starts again
-                if group.members.insert(of.index, lease.clone()).is_some() {
-                    let error = ExchangeError::Restart(format!("shard {} started again", of.index));
-                    group.fail_all(&error);
-                    group.calls.retain(|&n, _| n == 0);
-                    if let Some(first) = group.calls.get_mut(&0) {
-                        first.given.remove(&of.index);
-                        first.failed = None;
-                    }
-                }
+                group.join(of.index, lease);
+            }
+            if call > 0 && (group.members.len() as u32) < group.shards {
+                return Err(ExchangeError::Restart(
+                    "a shard of the group left, and has not joined again".into(),
+                ));
             }
             let entry = group.calls.entry(call).or_default();
             if entry.given.insert(of.index, parts).is_some() {
@@ -191,9 +246,10 @@ impl Exchanges {
                 let Some(group) = groups.get_mut(&key) else {
                     return Err(ExchangeError::Restart("the group was dropped".into()));
                 };
+                group.touched = Instant::now();
                 if group.members.get(&of.index) != Some(lease) {
                     return Err(ExchangeError::Restart(format!(
-                        "another attempt of shard {} joined",
+                        "shard {} must join again: the group started again without it",
                         of.index
                     )));
                 }
@@ -227,7 +283,7 @@ impl Exchanges {
                         shards,
                         JOIN_TIMEOUT.as_secs()
                     ));
-                    entry.given.remove(&of.index);
+                    group.left(of.index);
                     return Err(error);
                 }
                 changed.borrow_and_update();
@@ -239,21 +295,14 @@ impl Exchanges {
                 // quiet for a while: does every member still hold its lease?
                 let mut groups = self.groups.lock().unwrap();
                 if let Some(group) = groups.get_mut(&key) {
-                    let gone = group
+                    let gone: Vec<u32> = group
                         .members
                         .iter()
-                        .find(|(_, l)| !live(l))
-                        .map(|(shard, _)| *shard);
-                    if let Some(shard) = gone {
-                        group.members.remove(&shard);
-                        let error = ExchangeError::Restart(format!(
-                            "shard {shard}'s lease ended (its task failed, its worker left, or the \
-                             job was cancelled)"
-                        ));
-                        group.fail_all(&error);
-                        if shard == of.index {
-                            return Err(error);
-                        }
+                        .filter(|(_, l)| !live(l))
+                        .map(|(shard, _)| *shard)
+                        .collect();
+                    for shard in gone {
+                        group.left(shard);
                     }
                 }
             }
@@ -319,63 +368,60 @@ mod tests {
             .all(|g| g.calls.is_empty()));
     }
 
-    /// A waiting call fails when another shard's lease ends, and when another attempt of a shard joins;
-    /// parts that disagree in length fail the call.
+    /// A waiting call fails when another shard's lease ends, or when another attempt of a shard joins;
+    /// the shards' next attempts then meet in call 0. A shard waiting in call 0 keeps waiting for a lost
+    /// shard's next attempt. Parts that disagree in length fail the call.
     #[tokio::test]
     async fn a_call_fails_when_another_shard_is_gone_or_starts_again() {
-        let ex = Arc::new(Exchanges::default());
-        let e = ex.clone();
-        // shard 1 joined with lease "b", whose lease then ended
-        let waiting = tokio::spawn(async move {
-            e.exchange(&of(0, 2), &lease("a"), 0, vec![(0, vec![1.0])], |l| {
-                l.as_str() != "b"
-            })
-            .await
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        ex.groups
-            .lock()
-            .unwrap()
-            .get_mut(&(of(0, 2).job, 1))
-            .map(|g| g.members.insert(1, lease("b")));
-        let error = waiting.await.unwrap().unwrap_err();
-        assert!(
-            matches!(&error, ExchangeError::Restart(m) if m.contains("shard 1")),
-            "{error}"
-        );
-
-        let ex = Arc::new(Exchanges::default());
-        let (a, b) = (ex.clone(), ex.clone());
-        let done = tokio::spawn(async move {
-            let one = [(0u64, vec![1.0f32])];
-            a.exchange(&of(0, 2), &lease("a"), 0, one.to_vec(), |_| true)
-                .await?;
-            a.exchange(&of(0, 2), &lease("a"), 1, one.to_vec(), |_| true)
+        let one = || vec![(0u64, vec![1.0f32])];
+        for restart in [false, true] {
+            let ex = Arc::new(Exchanges::default());
+            let (a, b) = (ex.clone(), ex.clone());
+            let first = tokio::spawn(async move {
+                a.exchange(&of(0, 2), &lease("a"), 0, one(), |_| true)
+                    .await?;
+                // in call 1, shard 1's first lease is gone (restart: its second attempt joins instead)
+                a.exchange(&of(0, 2), &lease("a"), 1, one(), |l| {
+                    restart || l.as_str() != "b"
+                })
                 .await
-        });
-        b.exchange(&of(1, 2), &lease("b"), 0, vec![(0, vec![1.0])], |_| true)
-            .await
-            .unwrap();
-        // shard 1 starts again (a new lease) while shard 0 waits in call 1
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let again = ex.clone();
-        let rejoined = tokio::spawn(async move {
-            again
-                .exchange(&of(1, 2), &lease("b2"), 0, vec![(0, vec![1.0])], |_| true)
+            });
+            b.exchange(&of(1, 2), &lease("b"), 0, one(), |_| true)
                 .await
-        });
-        let error = done.await.unwrap().unwrap_err();
-        assert!(
-            matches!(&error, ExchangeError::Restart(m) if m.contains("started again")),
-            "{error}"
-        );
-        // shard 0's new attempt joins the new one of shard 1
-        let sums = ex
-            .exchange(&of(0, 2), &lease("a2"), 0, vec![(0, vec![2.0])], |_| true)
-            .await
-            .unwrap();
-        assert_eq!(sums, vec![(0, vec![3.0])]);
-        assert_eq!(rejoined.await.unwrap().unwrap(), sums);
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let again = ex.clone();
+            let rejoined = tokio::spawn(async move {
+                if restart {
+                    again
+                        .exchange(&of(1, 2), &lease("b2"), 0, one(), |_| true)
+                        .await
+                } else {
+                    // shard 1 comes back once shard 0 found its lease gone
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    again
+                        .exchange(&of(1, 2), &lease("b2"), 0, one(), |_| true)
+                        .await
+                }
+            });
+            let error = first.await.unwrap().unwrap_err();
+            let expected = if restart {
+                "join again"
+            } else {
+                "shard 1's lease ended"
+            };
+            assert!(
+                matches!(&error, ExchangeError::Restart(m) if m.contains(expected)),
+                "{error}"
+            );
+            // shard 0's next attempt meets shard 1's
+            let sums = ex
+                .exchange(&of(0, 2), &lease("a2"), 0, vec![(0, vec![2.0])], |_| true)
+                .await
+                .unwrap();
+            assert_eq!(sums, vec![(0, vec![3.0])]);
+            assert_eq!(rejoined.await.unwrap().unwrap(), sums);
+        }
 
         let ex = Arc::new(Exchanges::default());
         let e = ex.clone();

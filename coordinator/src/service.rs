@@ -19,7 +19,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{self, Tenant};
-use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES};
+use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES, MAX_EXCHANGE_PARTS};
 use crate::model::{JobState, TaskState};
 use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting};
 use crate::{Coordinator, Error};
@@ -709,28 +709,14 @@ impl WorkerService for WorkerApi {
         request: Request<Streaming<pb::ExchangeRequest>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
         let mut stream = request.into_inner();
-        let (mut header, mut parts, mut bytes) = (None, Parts::new(), 0usize);
-        while let Some(msg) = stream.next().await {
-            match stream_message(msg)?.part {
-                Some(pb::exchange_request::Part::Header(h)) => header = Some(h),
-                Some(pb::exchange_request::Part::Data(d)) => {
-                    bytes += d.values.len();
-                    if bytes > MAX_EXCHANGE_BYTES || d.values.len() % 4 != 0 {
-                        return Err(Error::invalid(
-                            "values",
-                            format!(
-                                "float32 values of at most {} MiB a call",
-                                MAX_EXCHANGE_BYTES >> 20
-                            ),
-                        )
-                        .into());
-                    }
-                    stylefarm_proto::exchange::append(&mut parts, d.key, &d.values);
-                }
-                None => {}
-            }
-        }
-        let header = header.ok_or_else(|| Error::invalid("header", "missing"))?;
+        // the header first: the lease is checked before any value is buffered
+        let header = match stream.next().await {
+            Some(msg) => match stream_message(msg)?.part {
+                Some(pb::exchange_request::Part::Header(h)) => h,
+                _ => return Err(Error::invalid("header", "must come first").into()),
+            },
+            None => return Err(Error::invalid("header", "missing").into()),
+        };
         let lease = LeaseId::from(header.lease_id);
         let scheduler = self.coordinator.scheduler.clone();
         let of = match scheduler.leased(&lease) {
@@ -753,6 +739,35 @@ impl WorkerService for WorkerApi {
                 ))
             }
         };
+        let (mut parts, mut bytes) = (Parts::new(), 0usize);
+        while let Some(msg) = stream.next().await {
+            let Some(pb::exchange_request::Part::Data(d)) = stream_message(msg)?.part else {
+                return Err(Error::invalid("header", "given twice").into());
+            };
+            bytes += d.values.len();
+            if bytes > MAX_EXCHANGE_BYTES || d.values.len() % 4 != 0 {
+                return Err(Error::invalid(
+                    "values",
+                    format!(
+                        "float32 values of at most {} MiB a call",
+                        MAX_EXCHANGE_BYTES >> 20
+                    ),
+                )
+                .into());
+            }
+            let new_key = parts.last().is_none_or(|(key, _)| *key != d.key);
+            if new_key && parts.iter().any(|(key, _)| *key == d.key) {
+                return Err(Error::invalid("key", format!("part {} given twice", d.key)).into());
+            }
+            if new_key && parts.len() == MAX_EXCHANGE_PARTS {
+                return Err(Error::invalid(
+                    "key",
+                    format!("at most {MAX_EXCHANGE_PARTS} parts a call"),
+                )
+                .into());
+            }
+            stylefarm_proto::exchange::append(&mut parts, d.key, &d.values);
+        }
         let sums = self
             .coordinator
             .exchanges

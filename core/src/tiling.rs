@@ -56,16 +56,19 @@ pub fn block_step(block: u32, halo: u32) -> u32 {
     (block.saturating_sub(2 * halo) / BLOCK_ALIGN * BLOCK_ALIGN).max(BLOCK_ALIGN)
 }
 
+/// The most shards an exact scale is cut into (one per worker).
+pub const MAX_SHARDS: u32 = 64;
+
 /// Exact mode over several workers: the rows `[y0, y1)` of each shard of a `height`-px canvas whose
-/// objective is evaluated in blocks of `block` px, at most `shards` of them. A shard is a band of whole
-/// rows of blocks, the bands as even as the block rows allow, and each at least twice the objective's halo
-/// tall, so that a canvas row lies in the regions (band and halo) of at most two shards; fewer shards
-/// where that cannot be. One shard: the whole canvas.
+/// objective is evaluated in blocks of `block` px, at most `shards` (and [`MAX_SHARDS`]) of them. A shard
+/// is a band of whole rows of blocks, the bands as even as the block rows allow, and each at least twice
+/// the objective's halo tall, so that a canvas row lies in the regions (band and halo) of at most two
+/// shards; fewer shards where that cannot be. One shard: the whole canvas.
 pub fn shard_rows(height: u32, block: u32, shards: u32) -> Vec<(u32, u32)> {
     let halo = objective_halo(block);
     let step = block_step(block, halo);
     let block_rows = height.div_ceil(step).max(1);
-    let mut n = shards.clamp(1, block_rows);
+    let mut n = shards.clamp(1, block_rows.min(MAX_SHARDS));
     loop {
         let bound = |i: u32| {
             if i == n {
@@ -243,7 +246,7 @@ impl Tiling {
     /// size and the rows of each shard ([`shard_rows`]). Several shards only with Adam (whose steps are
     /// element-wise; L-BFGS' are not) and more than one worker: as many as the workers where the canvas
     /// allows, the planned `block` made smaller for that (to the job's tile size at least); else one, the
-    /// whole canvas.
+    /// whole canvas, in `block`.
     pub fn exact_shards(
         &self,
         height: u32,
@@ -255,15 +258,24 @@ impl Tiling {
         if !self.exact || params.optimizer != Optimizer::Adam || n < 2 {
             return (block, vec![(0, height)]);
         }
-        let mut block = block;
+        // a planned block: the largest that gives the most shards (down to the job's tile size)
+        let mut best = (block, shard_rows(height, block, n));
         if self.sizing == TileSizing::Planned {
             let step = 64;
-            while (shard_rows(height, block, n).len() as u32) < n && block >= self.tile_size + step
-            {
-                block -= step;
+            let mut smaller = block;
+            while best.1.len() < n.min(MAX_SHARDS) as usize && smaller >= self.tile_size + step {
+                smaller -= step;
+                let bands = shard_rows(height, smaller, n);
+                if bands.len() > best.1.len() {
+                    best = (smaller, bands);
+                }
             }
         }
-        (block, shard_rows(height, block, n))
+        if best.1.len() == 1 {
+            // one shard: the whole canvas, in the planned block
+            return (block, vec![(0, height)]);
+        }
+        best
     }
 
     /// The tiles of a later scale's `width` x `height` canvas: the grid, or in exact mode one tile that is

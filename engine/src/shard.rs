@@ -66,7 +66,10 @@ impl Shard {
 /// [`Shard::region`] of the rows `rows` of a canvas `height` px tall.
 pub fn region(height: u32, rows: (u32, u32), block: u32) -> (u32, u32) {
     let halo = stylefarm_core::tiling::objective_halo(block);
-    (rows.0.saturating_sub(halo), (rows.1 + halo).min(height))
+    (
+        rows.0.saturating_sub(halo),
+        rows.1.saturating_add(halo).min(height),
+    )
 }
 
 /// The shared state of an in-process group.

@@ -2,6 +2,10 @@
 //! [`stylefarm_engine::shard::Exchange`] as calls of WorkerService.Exchange on the coordinator, which adds
 //! up the parts of the scale's shards.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use stylefarm_core::ids::LeaseId;
 use stylefarm_engine::shard::Exchange;
 use stylefarm_proto::connect::AuthChannel;
@@ -11,26 +15,33 @@ use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
 use tch::{Device, Kind, Tensor};
 use tokio_stream::StreamExt;
 
-/// One shard task's exchange: its lease, and the number of its next call.
+/// One shard task's exchange: its lease, the task's cancel flag, and the number of its next call.
 pub(crate) struct RemoteExchange {
     runtime: tokio::runtime::Handle,
     client: WorkerServiceClient<AuthChannel>,
     lease: LeaseId,
+    cancel: Arc<AtomicBool>,
     call: u64,
 }
 
+/// How often a call waiting on the coordinator looks at the task's cancel flag (set when the job is
+/// cancelled or the lease is lost, e.g. the coordinator went silent).
+const CANCEL_CHECK: Duration = Duration::from_millis(500);
+
 impl RemoteExchange {
     /// The exchange of the shard task under `lease`, its calls made on `runtime` (from the engine thread,
-    /// which is not one of the runtime's).
+    /// which is not one of the runtime's); a call gives up once `cancel` is set.
     pub(crate) fn new(
         runtime: tokio::runtime::Handle,
         client: WorkerServiceClient<AuthChannel>,
         lease: LeaseId,
+        cancel: Arc<AtomicBool>,
     ) -> RemoteExchange {
         RemoteExchange {
             runtime,
             client,
             lease,
+            cancel,
             call: 0,
         }
     }
@@ -66,7 +77,13 @@ impl Exchange for RemoteExchange {
             }
         }
         let mut client = self.client.clone();
-        let sums: exchange::Parts = self.runtime.block_on(async move {
+        let cancel = self.cancel.clone();
+        let stopped = async move {
+            while !cancel.load(Ordering::Relaxed) {
+                tokio::time::sleep(CANCEL_CHECK).await;
+            }
+        };
+        let call = async move {
             let mut replies = client
                 .exchange(tokio_stream::iter(messages))
                 .await
@@ -81,6 +98,12 @@ impl Exchange for RemoteExchange {
                 exchange::append(&mut sums, part.key, &part.values);
             }
             Ok::<_, stylefarm_engine::Error>(sums)
+        };
+        let sums: exchange::Parts = self.runtime.block_on(async move {
+            tokio::select! {
+                sums = call => sums,
+                () = stopped => Err(error("the task was cancelled, or its lease is gone")),
+            }
         })?;
         self.call += 1;
         shapes

@@ -551,6 +551,7 @@ async fn run_task(
                 tokio::runtime::Handle::current(),
                 client.clone(),
                 lease_id.clone(),
+                cancel.clone(),
             );
             Arc::new(std::sync::Mutex::new(remote)) as stylefarm_engine::shard::SharedExchange
         });
