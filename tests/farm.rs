@@ -1689,6 +1689,110 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
     assert!(max <= 2 && mean < 0.01, "max {max}, mean {mean}");
 }
 
+/// A shard's worker killed for good, with no worker to take its place: once its lease has expired and a
+/// lease period passed without it, the coordinator plans the scale again for the one worker left (one
+/// task: the whole canvas in blocks). The shards are cancelled as replaced, saying why, and the job
+/// succeeds on the worker left, with no strike against it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_workers_left() {
+    let mut cluster = Cluster::start(2.0, 0.3);
+    cluster.add_worker("w1");
+    cluster.add_worker("w2");
+    wait_registered(&cluster, 2).await;
+    let id = submit(
+        &cluster,
+        &[
+            &[
+                "--content",
+                &path("tubingen.jpg"),
+                "--style",
+                &path("starry_night.jpg"),
+            ][..],
+            // 12 iterations of the whole 256 x 192 canvas in 128-px blocks: about 30 s on one core
+            &[
+                "--size",
+                "256",
+                "--scale-iterations",
+                "4,12",
+                "--optimizer",
+                "adam",
+            ],
+            &[
+                "--tiled",
+                "--exact",
+                "--tile-size",
+                "128",
+                "--overlap",
+                "64",
+            ],
+        ]
+        .concat(),
+    );
+    let client = cluster.client().await;
+    let status = wait_for(
+        "the shards to be rendering",
+        Duration::from_secs(120),
+        || {
+            let mut client = client.clone();
+            let id = id.clone();
+            async move {
+                let s = job(&mut client, &id).await;
+                (s.tasks.len() == 3
+                    && s.tasks[1..]
+                        .iter()
+                        .all(|t| t.state == pb::TaskState::Running as i32 && iteration(t) >= 3))
+                .then_some(s)
+            }
+        },
+    )
+    .await;
+    let doomed = status.tasks[1].worker_id.clone();
+    let index = if doomed.starts_with("w1") { 0 } else { 1 };
+    cluster.workers[index].kill();
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(done.tasks.len(), 4, "scale 1, two shards, then one task");
+    for t in &done.tasks[1..3] {
+        assert_eq!(t.state, pb::TaskState::Cancelled as i32, "{t:?}");
+        assert!(t.replaced, "{t:?}");
+        assert!(
+            t.error
+                .contains("planned again for the 1 worker(s) left of the 2"),
+            "{}",
+            t.error
+        );
+    }
+    let whole = &done.tasks[3];
+    assert_eq!(whole.state, pb::TaskState::Succeeded as i32);
+    assert!(!whole.replaced);
+    let tile = whole.tile.expect("a task of scale 2");
+    assert!(
+        tile.exact && tile.tiles == 1 && (tile.width, tile.height) == (256, 192),
+        "{tile:?}"
+    );
+    assert!(
+        !whole.worker_id.starts_with(&doomed[..2]),
+        "{}",
+        whole.worker_id
+    );
+    let name = |id: &str| id.split('#').next().unwrap_or_default().to_string();
+    assert!(
+        done.strikes.keys().all(|w| *w == name(&doomed)),
+        "only the lost lease is a strike: {:?}",
+        done.strikes
+    );
+    let log = cluster.coordinator.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("scale planned again for the workers left"),
+        "{log}"
+    );
+}
+
 /// A shard's worker killed mid-scale: the other shard's exchange fails once the lost lease ends (a group
 /// failure: no strike against its worker), both shards start again on the workers left, and the job
 /// succeeds with the scale's shards rendered whole again.

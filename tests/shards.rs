@@ -56,6 +56,19 @@ fn shards_evaluate_the_whole_canvas_objective_and_gradient() {
     let x = &x0 + Tensor::randn_like(&x0) * 20.0;
     let whole = BlockedTargets::new(&engine, &x0, &grams, &params, BLOCK).unwrap();
     let (expected, grad) = engine.objective_blocked(&x, &whole, &params).unwrap();
+    // rows that are no band of the canvas: an error naming the shard, not a panic
+    for rows in [(h + 500, h + 600), (100, 50), (0, h + 1)] {
+        let exchange = exchanges(1).remove(0);
+        let bad = Shard {
+            canvas: (w, h),
+            rows,
+            exchange,
+        };
+        let e = BlockedTargets::shard(&engine, &x0, &grams, &params, BLOCK, &bad)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("shard"), "{rows:?}: {e}");
+    }
     for n in [2, 3] {
         let bands = shard_rows(h, BLOCK, n);
         assert_eq!(bands.len(), n as usize);

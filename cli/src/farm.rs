@@ -530,7 +530,7 @@ async fn watch_job(
             let of_scale: Vec<&pb::TaskStatus> = status
                 .tasks
                 .iter()
-                .filter(|t| t.tile.as_ref().map_or(0, |x| x.scale) as usize == scale)
+                .filter(|t| t.tile.as_ref().map_or(0, |x| x.scale) as usize == scale && !t.replaced)
                 .collect();
             let done = of_scale.iter().filter(|t| !t.result.is_empty()).count();
             bar.set_prefix(format!("scale {}/{}", scale + 1, status.scales));
@@ -628,7 +628,8 @@ fn print_status(s: &pb::JobStatus) {
     // a video's frames are queued as they come: its count is its frames'
     let (all, what) = match s.tasks.iter().find_map(|t| t.frame.as_ref()) {
         Some(f) => (f.frames as usize, "frames"),
-        None => (s.tasks.len(), "tasks"),
+        // less the tasks a new plan replaced
+        None => (s.tasks.iter().filter(|t| !t.replaced).count(), "tasks"),
     };
     let note = if s.waiting.is_empty() {
         s.error.clone()

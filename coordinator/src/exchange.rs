@@ -8,7 +8,8 @@
 //! later call fails, and only the shards waiting in call 0 stay members; the others join again with their
 //! next attempts. A waiting call after 0 fails as soon as a member's lease ended (its worker failed, left
 //! or was cancelled; looked at every second): the shards fail their tasks as a group failure, and every
-//! shard is retried. A shard waiting in call 0 waits for the lost shard's next attempt.
+//! shard is retried. A shard waiting in call 0 waits for the lost shard's next attempt, or for the
+//! scale to be planned again for fewer workers (`Coordinator::replan_shards`), which ends its lease.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -101,10 +102,11 @@ impl Group {
     }
 }
 
-/// The exchanges of every sharded scale in progress.
+/// The exchanges of every sharded scale in progress, by job, scale and number of shards (a scale planned
+/// again for fewer workers is a group of its own: a late call of a replaced shard cannot disturb it).
 #[derive(Default)]
 pub struct Exchanges {
-    groups: Mutex<HashMap<(JobId, u32), Group>>,
+    groups: Mutex<HashMap<(JobId, u32, u32), Group>>,
 }
 
 /// The sums of each key's parts, over the given parts in shard order.
@@ -194,7 +196,7 @@ impl Exchanges {
         parts: Parts,
         live: impl Fn(&LeaseId) -> bool,
     ) -> Result<Parts, ExchangeError> {
-        let key = (of.job.clone(), of.scale);
+        let key = (of.job.clone(), of.scale, of.shards);
         let keys: Vec<u64> = parts.iter().map(|(k, _)| *k).collect();
         let mut changed = {
             let mut groups = self.groups.lock().unwrap();
@@ -204,9 +206,6 @@ impl Exchanges {
             let group = groups
                 .entry(key.clone())
                 .or_insert_with(|| Group::new(of.shards));
-            if group.shards != of.shards {
-                *group = Group::new(of.shards);
-            }
             group.touched = Instant::now();
             if group.members.get(&of.index) != Some(lease) {
                 if call != 0 {

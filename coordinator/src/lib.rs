@@ -278,6 +278,11 @@ pub struct Coordinator {
     pub(crate) workers: workers::Registry,
     /// The shards of exact-mode scales adding up their parts.
     pub(crate) exchanges: exchange::Exchanges,
+    /// Since when each exact-mode scale (job, scale) has had more shards than workers left
+    /// ([`Coordinator::replan_shards`]).
+    pub(crate) short_of_workers: std::sync::Mutex<
+        std::collections::HashMap<(stylefarm_core::ids::JobId, u32), std::time::Instant>,
+    >,
     /// The services' token checks.
     pub(crate) gate: auth::Gate,
     /// The listener's TLS, checked when opened.
@@ -361,6 +366,7 @@ impl Coordinator {
             keep_unused_blobs: config.keep_unused_blobs,
             workers: workers::Registry::default(),
             exchanges: exchange::Exchanges::default(),
+            short_of_workers: Default::default(),
             gate,
             tls,
             tls_files: config.tls.clone(),
@@ -526,6 +532,12 @@ pub async fn serve(
                         coordinator.step_awaiting();
                     }
                     let expired = coordinator.scheduler.expire();
+                    // a worker whose lease expired counts as gone until it calls again: an exact-mode
+                    // scale with more shards than workers left is planned again
+                    for (worker, ran_out) in coordinator.scheduler.take_lost() {
+                        coordinator.workers.lost(&worker, ran_out);
+                    }
+                    coordinator.replan_shards();
                     // a job that every live worker is blocklisted for fails instead of waiting forever
                     let live = coordinator.workers.live();
                     if let Err(e) = coordinator.scheduler.fail_stranded(&live) {

@@ -8,7 +8,7 @@
 //! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued or running, by their job's worker tags |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state |
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
-//! | `stylefarm_workers` | gauge | `state` (`live`, `silent`) | workers heard from within a minute, or not |
+//! | `stylefarm_workers` | gauge | `state` (`live`, `silent`) | workers heard from within a minute (and not lost since: a lease of theirs ran out), or not |
 //! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
 //! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
 //! | `stylefarm_blocklist_events_total` | counter | | a worker reaching the strikes threshold on a job |
@@ -108,7 +108,7 @@ impl Metrics {
         registry.register("jobs", "Jobs held, by state", metrics.jobs.clone());
         registry.register(
             "workers",
-            "Workers heard from within a minute (live) or not (silent)",
+            "Workers heard from within a minute and not lost since (live), or not (silent)",
             metrics.workers.clone(),
         );
         registry.register(

@@ -64,6 +64,13 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// Whether a task in this state leaves nothing for its job to wait for: it succeeded, or it was
+    /// cancelled. In a job that has not ended, a cancelled task is one that a new plan replaced (an
+    /// exact-mode scale's shards planned again for fewer workers, [`crate::scheduler::Scheduler::replan`]).
+    pub fn settled(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Cancelled)
+    }
+
     /// Its name for people and metrics: `pending`, `running`, `succeeded`, `failed`, `cancelled`.
     pub fn name(self) -> &'static str {
         match self {
@@ -145,6 +152,27 @@ pub struct TaskRecord {
     /// first (see [`crate::scheduler::FailureKind::OutOfMemory`]).
     #[serde(default)]
     pub out_of_memory_on: Vec<WorkerId>,
+}
+
+/// The indices of the tasks that a new plan replaced, of a job's `tasks` in index order: shards of an
+/// exact-mode scale, cancelled, with a later task of the same scale planned otherwise (not a shard of as
+/// many: only [`crate::scheduler::Scheduler::replan`] adds such tasks after cancelling some). They are
+/// not the job's work: counts and progress leave them out.
+pub fn replaced_tasks<'a>(
+    tasks: impl DoubleEndedIterator<Item = &'a TaskRecord>,
+) -> std::collections::BTreeSet<u32> {
+    // (scale, shards) of the tasks after the one looked at
+    let mut later = std::collections::BTreeSet::new();
+    let mut replaced = std::collections::BTreeSet::new();
+    for t in tasks.rev() {
+        let (scale, shards) = (t.spec.scale_index(), t.spec.shards());
+        let replanned = || later.iter().any(|&(s, n)| s == scale && n != shards);
+        if t.state == TaskState::Cancelled && shards.is_some() && replanned() {
+            replaced.insert(t.index);
+        }
+        later.insert((scale, shards));
+    }
+    replaced
 }
 
 impl TaskRecord {

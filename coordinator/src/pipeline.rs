@@ -70,12 +70,11 @@ impl Coordinator {
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
         };
-        // a sweep's or a tiled scale's work once every task of the stage succeeded: a call at another
-        // time (a second call while a run queued the next scale's tiles) has nothing to do
-        let at_stage = view
-            .tasks
-            .iter()
-            .all(|(t, _)| t.state == crate::model::TaskState::Succeeded);
+        // a sweep's or a tiled scale's work once every task of the stage succeeded (or was replaced by a new
+        // plan, TaskState::settled) in a job that goes on: a call at another time (a second call while a
+        // run queued the next scale's tiles, or after the job ended) has nothing to do
+        let at_stage =
+            !view.meta.state.is_terminal() && view.tasks.iter().all(|(t, _)| t.state.settled());
         match view.meta.spec.kind {
             JobKind::Sweep(_) if at_stage => self.finish_sweep(job_id),
             JobKind::Tiled(_) if at_stage => self.finish_tiled_scale(job_id),

@@ -198,6 +198,12 @@ struct State {
     blocklisting: BTreeSet<JobId>,
     /// Since when (ms since the Unix epoch) each job has been found with no live worker left to take it.
     stranded_since: HashMap<JobId, i64>,
+    /// Jobs that were given shards of an exact-mode scale, unfinished when added: those
+    /// [`Scheduler::sharded_scales`] looks at.
+    sharded: BTreeSet<JobId>,
+    /// Workers whose lease expired since [`Scheduler::take_lost`] last took them, with the moment their
+    /// lease ran out.
+    lost: Vec<(WorkerId, std::time::Instant)>,
 }
 
 /// A job's per-worker records by worker name ([`WorkerId::by_name`]), as this version keeps them: records
@@ -518,6 +524,9 @@ impl Scheduler {
                 && meta.strikes.values().any(|&s| s >= config.blocklist_after)
             {
                 state.blocklisting.insert(meta.id.clone());
+            }
+            if !meta.state.is_terminal() && tasks.iter().any(|t| t.spec.shards().is_some()) {
+                state.sharded.insert(meta.id.clone());
             }
             state.jobs.insert(
                 meta.id.clone(),
@@ -842,7 +851,7 @@ impl Scheduler {
         task.error.clear();
         task.permanent_error_workers.clear();
         let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
-        let all_tasks_done = job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
+        let all_tasks_done = job.tasks.iter().all(|t| t.state.settled());
         let stage_work = job.meta.spec.kind.has_stage_work();
         let per_task = matches!(job.meta.spec.kind, JobKind::Video(_));
         // a job with stage work succeeds once it is done (finish_stage without a next stage), the others
@@ -959,9 +968,24 @@ impl Scheduler {
                 FailureKind::Group => "group",
             });
             ops.push(Op::Task(job.meta.id.clone(), task.clone()));
+            let scale = task.spec.scale_index();
+            if task.spec.shards().is_some() {
+                // the shards of a scale run together: one that succeeded cannot be stepped alone once
+                // another has to run again, so it runs again with it
+                for other in job.tasks.iter_mut().filter(|t| {
+                    t.state == TaskState::Succeeded
+                        && t.spec.shards().is_some()
+                        && t.spec.scale_index() == scale
+                }) {
+                    set_task_state(&mut st.tally, other, TaskState::Pending);
+                    other.result = None;
+                    other.error = format!("run again with shard task {}", lease.index);
+                    ops.push(Op::Task(job.meta.id.clone(), other.clone()));
+                    st.queue.insert(queue_key(&job.meta, other.index));
+                }
+            }
             ops.push(Op::Job(job.meta.clone()));
-            let key = queue_key(&job.meta, lease.index);
-            st.queue.insert(key);
+            st.queue.insert(queue_key(&job.meta, lease.index));
         }
         Ok(())
     }
@@ -1104,17 +1128,128 @@ impl Scheduler {
         Ok(failed)
     }
 
-    /// Sweeps, tiled and video jobs whose every task succeeded, waiting for the coordinator's step (a
-    /// contact sheet, a stitch, the next frames or the video's end), e.g. after a restart.
+    /// Sweeps, tiled and video jobs whose every task succeeded (or was replaced), waiting for the
+    /// coordinator's step (a contact sheet, a stitch, the next frames or the video's end), e.g. after a
+    /// restart.
     pub fn jobs_awaiting_step(&self) -> Vec<JobId> {
         let st = self.state.lock().unwrap();
         st.jobs
             .values()
             .filter(|j| j.meta.spec.kind.has_stage_work())
             .filter(|j| !j.meta.state.is_terminal())
-            .filter(|j| j.tasks.iter().all(|t| t.state == TaskState::Succeeded))
+            .filter(|j| j.tasks.iter().all(|t| t.state.settled()))
             .map(|j| j.meta.id.clone())
             .collect()
+    }
+
+    /// The unfinished jobs whose current scale is cut into shards ([`ScalePart::Shard`]) not all
+    /// succeeded yet, as (the job's record, scale, number of shards): those the coordinator plans again
+    /// when fewer workers are left than the shards ([`Scheduler::replan`]).
+    ///
+    /// [`ScalePart::Shard`]: stylefarm_core::job::ScalePart::Shard
+    pub fn sharded_scales(&self) -> Vec<(JobMeta, u32, u32)> {
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let mut found = Vec::new();
+        let jobs = &st.jobs;
+        st.sharded.retain(|id| {
+            let Some(job) = jobs.get(id).filter(|j| !j.meta.state.is_terminal()) else {
+                return false;
+            };
+            // the current scale's tasks are the last ones
+            let Some((scale, shards)) = job
+                .tasks
+                .last()
+                .and_then(|t| Some((t.spec.scale_index(), t.spec.shards()?)))
+            else {
+                return false;
+            };
+            let running = job.tasks.iter().any(|t| {
+                t.spec.scale_index() == scale
+                    && t.spec.shards() == Some(shards)
+                    && matches!(t.state, TaskState::Pending | TaskState::Running)
+            });
+            if running {
+                found.push((job.meta.clone(), scale, shards));
+            }
+            true
+        });
+        found
+    }
+
+    /// Plans scale `scale` of job `job_id` again: its `shards` shards are replaced by `tasks`, fewer of
+    /// them (the scale planned for the workers left). The shards are cancelled with `reason` as their
+    /// error, succeeded ones included (a scale's shards run together); a running shard's lease ends (its
+    /// worker's next heartbeat tells it to stop, and its outcome is discarded). Returns false, changing
+    /// nothing, when the job is not at that point (it ended, moved past the scale, or its shards were
+    /// replaced already) or `tasks` are none, not fewer than the shards, or not of that scale.
+    pub fn replan(
+        &self,
+        job_id: &JobId,
+        scale: u32,
+        shards: u32,
+        tasks: Vec<TaskSpec>,
+        reason: &str,
+    ) -> Result<bool, SchedulerError> {
+        self.writable()?;
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let Some(job) = st.jobs.get_mut(job_id) else {
+            return Ok(false);
+        };
+        let current: Vec<u32> = job
+            .tasks
+            .iter()
+            .filter(|t| {
+                t.spec.scale_index() == scale
+                    && t.spec.shards() == Some(shards)
+                    && t.state != TaskState::Cancelled
+            })
+            .map(|t| t.index)
+            .collect();
+        if job.meta.state.is_terminal()
+            || job.meta.stage_results.len() as u32 != scale
+            || current.len() as u32 != shards
+            || current
+                .iter()
+                .all(|&i| job.tasks[i as usize].state == TaskState::Succeeded)
+            || tasks.is_empty()
+            || tasks.len() >= shards as usize
+            || tasks.iter().any(|t| t.scale_index() != scale)
+        {
+            return Ok(false);
+        }
+        let mut ops = Vec::new();
+        for index in current {
+            if let Some(lease_id) = job.leases.remove(&index) {
+                st.leases.remove(&lease_id);
+            }
+            st.queue.remove(&queue_key(&job.meta, index));
+            let task = &mut job.tasks[index as usize];
+            set_task_state(&mut st.tally, task, TaskState::Cancelled);
+            task.result = None;
+            task.error = reason.to_string();
+            ops.push(Op::Task(job_id.clone(), task.clone()));
+        }
+        ops.extend(append_tasks(&mut st.queue, &mut st.tally, job, tasks));
+        let durable = self.store.write(ops);
+        drop(guard);
+        store::wait(durable)?;
+        self.work.notify_waiters();
+        self.changed(job_id);
+        Ok(true)
+    }
+
+    /// The workers whose lease expired since the last call, with the moment each lease ran out: lost, as
+    /// far as the scheduler can tell, unless they called after that moment.
+    pub fn take_lost(&self) -> Vec<(WorkerId, std::time::Instant)> {
+        std::mem::take(&mut self.state.lock().unwrap().lost)
+    }
+
+    /// Whether `worker` is blocklisted for the job of `meta` ([`SchedulerConfig::blocklist_after`]
+    /// strikes on it): it is given none of its tasks.
+    pub fn blocklists(&self, meta: &JobMeta, worker: &WorkerId) -> bool {
+        blocklisted(meta, worker, self.config.blocklist_after)
     }
 
     /// Forgets a finished (succeeded, failed or cancelled) job: its record and its tasks', in memory and in
@@ -1292,6 +1427,14 @@ impl Scheduler {
                 "lease expired"
             );
             self.metrics.lease_expiries.inc();
+            let overdue = Duration::from_millis((now - lease.deadline_ms).max(0) as u64);
+            let ran_out = std::time::Instant::now()
+                .checked_sub(overdue)
+                .unwrap_or_else(std::time::Instant::now);
+            match st.lost.iter_mut().find(|(w, _)| *w == lease.worker) {
+                Some((_, at)) => *at = (*at).max(ran_out),
+                None => st.lost.push((lease.worker.clone(), ran_out)),
+            }
             self.fail_task(
                 &mut st,
                 &lease,
@@ -1368,14 +1511,19 @@ impl Scheduler {
             .get_mut(job_id)
             .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
         let at_stage = job.meta.stage_results.len() as u32 == stage
-            && job.tasks.iter().all(|t| t.state == TaskState::Succeeded);
+            && job.tasks.iter().all(|t| t.state.settled());
         if job.meta.state.is_terminal() || !job.meta.spec.kind.has_stage_work() || !at_stage {
             return Ok(false);
         }
         job.meta.stage_results.push(image.clone());
         let mut ops = Vec::new();
         match next {
-            Some(tasks) => ops = append_tasks(&mut st.queue, &mut st.tally, job, tasks),
+            Some(tasks) => {
+                if tasks.iter().any(|t| t.shards().is_some()) {
+                    st.sharded.insert(job_id.clone());
+                }
+                ops = append_tasks(&mut st.queue, &mut st.tally, job, tasks);
+            }
             None => {
                 job.meta.result = Some(image.clone());
                 set_job_state(&mut st.tally, &mut job.meta, JobState::Succeeded);
@@ -2241,6 +2389,161 @@ mod tests {
         assert_eq!(view.meta.state, JobState::Succeeded);
         assert_eq!(view.meta.result, Some(hash("final")));
         assert_eq!(view.meta.stage_results, [stitched, hash("final")]);
+    }
+
+    /// An exact-mode tiled job (Adam; a 768 x 1024 content) at its second scale, cut into `workers`
+    /// shards (at most 3: 1024 px tall in 512-px blocks); its scheduler
+    /// with the job, in `store`, and the shards' specs.
+    fn sharded_job(store: Arc<dyn Store>, workers: usize) -> (Scheduler, JobId, JobSpec) {
+        let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        let spec = JobSpec {
+            kind: JobKind::Tiled(stylefarm_core::tiling::Tiling {
+                exact: true,
+                ..Default::default()
+            }),
+            params: RenderParams {
+                optimizer: stylefarm_core::Optimizer::Adam,
+                ..tiled_1024().params
+            },
+            ..tiled_1024()
+        };
+        let (job, _) = s.submit(spec.clone(), "").unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        s.complete(&l.lease_id, &hash("scale 0")).unwrap();
+        let shards = spec
+            .scale_tasks(768, 1024, 1, &hash("stitched"), &vec![0; workers])
+            .unwrap();
+        assert_eq!(shards.len(), workers);
+        assert!(shards.iter().all(|t| t.shards() == Some(workers as u32)));
+        assert!(s
+            .finish_stage(&job, 0, &hash("stitched"), Some(shards))
+            .unwrap());
+        (s, job, spec)
+    }
+
+    /// [`Scheduler::sharded_scales`] by job id.
+    fn sharded(s: &Scheduler) -> Vec<(JobId, u32, u32)> {
+        s.sharded_scales()
+            .into_iter()
+            .map(|(meta, scale, shards)| (meta.id, scale, shards))
+            .collect()
+    }
+
+    /// A scale's shards run together: when one has to run again after another succeeded, the succeeded
+    /// one runs again too (its result alone cannot be stitched), without an attempt or a strike.
+    #[test]
+    fn a_shard_that_fails_takes_the_succeeded_shards_of_its_scale_back_with_it() {
+        let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+        let a = s.lease(&w("a")).unwrap().unwrap();
+        let b = s.lease(&w("b")).unwrap().unwrap();
+        s.complete(&a.lease_id, &hash("band 0")).unwrap().unwrap();
+        assert_eq!(sharded(&s), [(job.clone(), 1, 2)]);
+        s.fail(
+            &b.lease_id,
+            "worker lost mid-upload",
+            FailureKind::Retryable,
+        )
+        .unwrap();
+        let view = s.get(&job).unwrap();
+        let shards: Vec<_> = view.tasks[1..].iter().map(|(t, _)| t).collect();
+        assert!(shards.iter().all(|t| t.state == TaskState::Pending));
+        assert_eq!(shards[0].result, None);
+        assert_eq!(shards[0].error, "run again with shard task 2");
+        assert_eq!(view.meta.strikes.get(&w("a")), None);
+        assert!(s.jobs_awaiting_step().is_empty());
+        assert_eq!(s.counts(), s.counts_walked());
+        // shards cancelled with their job were not replaced
+        s.cancel(&job).unwrap();
+        let view = s.get(&job).unwrap();
+        assert!(crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t)).is_empty());
+    }
+
+    /// Fewer workers left than a scale's shards: the scale is planned again. Its shards are cancelled (a
+    /// running one's lease ends: its heartbeat says cancel, its result is discarded), the new tasks are
+    /// queued and, once done, the scale is stitched as usual; a restart keeps it so.
+    #[test]
+    fn a_scale_planned_again_replaces_its_shards_with_fewer_tasks() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let (s, job, spec) = sharded_job(store.clone(), 3);
+        let a = s.lease(&w("a")).unwrap().unwrap();
+        let b = s.lease(&w("b")).unwrap().unwrap();
+        s.complete(&b.lease_id, &hash("band 1")).unwrap().unwrap();
+        assert_eq!(sharded(&s), [(job.clone(), 1, 3)]);
+        let two = spec
+            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0, 0])
+            .unwrap();
+        let one = spec
+            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0])
+            .unwrap();
+        assert_eq!((two.len(), one.len()), (2, 1));
+        // not fewer, the wrong scale or the wrong count of shards: nothing changes
+        let three = spec
+            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0, 0, 0])
+            .unwrap();
+        assert!(!s.replan(&job, 1, 3, three, "no").unwrap());
+        assert!(!s.replan(&job, 0, 3, two.clone(), "no").unwrap());
+        assert!(!s.replan(&job, 1, 4, two.clone(), "no").unwrap());
+        assert!(!s.replan(&job, 1, 3, Vec::new(), "no").unwrap());
+        assert!(s.replan(&job, 1, 3, two, "fewer workers").unwrap());
+        // the shards are replaced once: their count is 2 now
+        assert!(!s.replan(&job, 1, 3, one.clone(), "again").unwrap());
+        assert_eq!(sharded(&s), [(job.clone(), 1, 2)]);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.tasks.len(), 1 + 3 + 2);
+        for (t, _) in &view.tasks[1..4] {
+            assert_eq!(
+                (t.state, t.error.as_str()),
+                (TaskState::Cancelled, "fewer workers")
+            );
+            assert_eq!(t.result, None);
+        }
+        assert!(s.heartbeat(&a.lease_id, None).unwrap().cancel);
+        assert_eq!(s.complete(&a.lease_id, &hash("late")).unwrap(), None);
+        s.fail(&a.lease_id, "late", FailureKind::Retryable).unwrap();
+        assert_eq!(s.get(&job).unwrap().tasks[1].0.state, TaskState::Cancelled);
+        assert_eq!(s.queue_depth(), 2);
+        assert_eq!(s.counts(), s.counts_walked());
+        // 2 -> 1: one task on one worker, no shard left to look at
+        assert!(s.replan(&job, 1, 2, one, "one worker left").unwrap());
+        assert!(sharded(&s).is_empty());
+        assert_eq!(s.queue_depth(), 1);
+        let view = s.get(&job).unwrap();
+        let replaced = crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t));
+        assert_eq!(replaced.into_iter().collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        // a restart has the plan as it was left
+        let again = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        assert_eq!(again.queue_depth(), 1);
+        let l = again.lease(&w("c")).unwrap().unwrap();
+        assert_eq!(l.task.id.index, 6);
+        assert_eq!(l.task.spec.shards(), None);
+        let done = again
+            .complete(&l.lease_id, &hash("whole"))
+            .unwrap()
+            .unwrap();
+        assert!(done.all_tasks_done && done.stage_work);
+        assert_eq!(again.jobs_awaiting_step(), std::slice::from_ref(&job));
+        assert!(again.finish_stage(&job, 1, &hash("final"), None).unwrap());
+        assert_eq!(again.get(&job).unwrap().meta.state, JobState::Succeeded);
+        assert_eq!(again.counts(), again.counts_walked());
+    }
+
+    /// A lease that expires names its worker once, for the coordinator to count it out of the live ones.
+    #[test]
+    fn an_expired_lease_reports_its_worker_lost_once() {
+        let s = scheduler(SchedulerConfig {
+            lease: Duration::from_millis(1),
+            ..SchedulerConfig::default()
+        });
+        s.submit(batch(2, 0), "").unwrap();
+        s.lease(&w("a")).unwrap().unwrap();
+        s.lease(&w("a")).unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        s.expire().unwrap();
+        let lost = s.take_lost();
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].0, w("a"));
+        assert!(lost[0].1 < std::time::Instant::now());
+        assert!(s.take_lost().is_empty());
     }
 
     /// A video job's frames: each completed frame asks for the stage work (its chunk's next frame), with

@@ -62,6 +62,7 @@ pub(crate) fn job_status(view: &JobView, waiting: String) -> pb::JobStatus {
     let tiled = m.spec.kind.tiling().is_some();
     // a tiled job's final image (and its scales, below); a video's last frame
     let staged = tiled || matches!(m.spec.kind, JobKind::Video(_));
+    let replaced = crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t));
     pb::JobStatus {
         job_id: m.id.to_string(),
         spec: Some((&m.spec).into()),
@@ -80,6 +81,7 @@ pub(crate) fn job_status(view: &JobView, waiting: String) -> pb::JobStatus {
                 error: t.error.clone(),
                 tile: t.spec.scale.as_ref().map(Into::into),
                 frame: t.spec.frame.as_ref().map(Into::into),
+                replaced: replaced.contains(&t.index),
             })
             .collect(),
         // a job's own images by its kind: a sweep's contact sheet, a tiled job's scales and final image

@@ -226,7 +226,7 @@ pub struct WorkerRow {
     /// Seconds since it last called.
     pub last_seen_s: f64,
     /// `busy` (it holds a lease), `idle` (it asks for work), `silent` (not heard from for
-    /// [`LIVE_WINDOW`], or for a lease period while holding one).
+    /// [`LIVE_WINDOW`], or for a lease period while holding one, or since a lease of it expired).
     pub health: &'static str,
     /// The job of the task it renders when the job is the caller's, else empty.
     pub job_id: String,
@@ -298,9 +298,15 @@ pub fn job_row(
     max_tasks: usize,
 ) -> JobRow {
     let max_tasks = max_tasks.min(MAX_TASKS_SHOWN);
+    let replaced = crate::model::replaced_tasks(all.iter().map(|(t, _)| *t));
     let mut counts = BTreeMap::new();
     for (t, _) in all {
-        *counts.entry(t.state.name()).or_insert(0) += 1;
+        let name = if replaced.contains(&t.index) {
+            "replaced"
+        } else {
+            t.state.name()
+        };
+        *counts.entry(name).or_insert(0) += 1;
     }
     let scales = match m.spec.kind {
         JobKind::Tiled(_) => m.spec.pyramid_params().map_or(1, |p| p.scales.max(1)),
@@ -312,9 +318,10 @@ pub fn job_row(
     if scales > 0 {
         // the scale being rendered (0-based): the first not stitched yet
         let current = (m.stage_results.len() as u32).min(scales - 1);
+        // less the tasks a new plan replaced
         listed = all
             .iter()
-            .filter(|(t, _)| t.spec.scale_index() == current)
+            .filter(|(t, _)| t.spec.scale_index() == current && !replaced.contains(&t.index))
             .collect();
         let stitched = m.stage_results.len() as u32;
         let current_fraction = if stitched >= scales {
@@ -421,7 +428,7 @@ impl Coordinator {
                 let lease = leases.get(&id);
                 let health = match lease {
                     Some(_) if silent_for <= lease_period => "busy",
-                    None if silent_for <= LIVE_WINDOW => "idle",
+                    None if silent_for <= LIVE_WINDOW && !w.lost => "idle",
                     _ => "silent",
                 };
                 let own = lease.filter(|l| l.tenant == tenant.0);

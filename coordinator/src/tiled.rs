@@ -5,7 +5,9 @@
 //! Stitching holds the canvas of the scale, one decoded tile and one band of tile rows in floats: never a
 //! copy of the canvas per tile.
 
+use std::collections::HashMap;
 use std::io::Cursor;
+use std::time::Instant;
 
 use image::{GrayImage, RgbImage};
 use stylefarm_core::ids::JobId;
@@ -13,7 +15,7 @@ use stylefarm_core::imaging;
 use stylefarm_core::job::{ImageHash, ScalePart, ScaleTask};
 
 use crate::blobs::BlobReader;
-use crate::model::TaskRecord;
+use crate::model::{JobMeta, TaskRecord, TaskState};
 use crate::{Coordinator, Error};
 
 fn png(img: &RgbImage) -> Result<Vec<u8>, Error> {
@@ -96,7 +98,8 @@ impl Coordinator {
             .tasks
             .iter()
             .map(|(t, _)| t)
-            .filter(|t| t.spec.scale_index() == scale)
+            // less the shards a new plan replaced
+            .filter(|t| t.spec.scale_index() == scale && t.state != TaskState::Cancelled)
             .collect();
         if tasks.is_empty() {
             return Ok(()); // already moved on
@@ -200,8 +203,7 @@ impl Coordinator {
             None
         } else {
             let (cw, ch) = self.dimensions(&spec.contents[0])?;
-            // planned for the workers that may take the job's tasks (its worker tags)
-            let memory = self.workers.live_memory(|tags| spec.runs_on(tags));
+            let memory = self.planning_memory(&view.meta);
             Some(spec.scale_tasks(cw, ch, scale + 1, &hash, &memory)?)
         };
         let tiles = next.as_ref().map_or(0, Vec::len);
@@ -225,5 +227,88 @@ impl Coordinator {
             "scale stitched"
         );
         Ok(())
+    }
+
+    /// The device memory of each worker that may take the tasks of the job of `meta` now: live, with the
+    /// tags it asks for, not blocklisted by it; one per worker name. What its scales are planned for.
+    pub(crate) fn planning_memory(&self, meta: &JobMeta) -> Vec<u64> {
+        self.workers
+            .live_memory(|id, tags| meta.spec.runs_on(tags) && !self.scheduler.blocklists(meta, id))
+    }
+
+    /// Plans again each exact-mode scale in progress that has had more shards than workers left to take
+    /// them (one left for good, or was blocklisted by the job) for a lease period
+    /// ([`SchedulerConfig::lease`](crate::scheduler::SchedulerConfig::lease): the time a worker has to
+    /// be heard from, e.g. after a restart of the coordinator or a short break in the network): its
+    /// shards would wait for each other until their call 0 gave up, and then again with every attempt.
+    /// The scale is planned for the workers left
+    /// ([`Scheduler::replan`](crate::scheduler::Scheduler::replan)): fewer shards, or one task on one
+    /// worker. With no worker left at all, it waits for one. Called by the coordinator's loop.
+    pub(crate) fn replan_shards(&self) {
+        if self.scheduler.store_behind() {
+            return; // nothing could be written
+        }
+        let grace = self.scheduler.config().lease;
+        let mut short_since = self.short_of_workers.lock().unwrap();
+        let mut still_short = HashMap::new();
+        for (meta, scale, shards) in self.scheduler.sharded_scales() {
+            let memory = self.planning_memory(&meta);
+            if memory.is_empty() || memory.len() >= shards as usize {
+                continue;
+            }
+            let key = (meta.id.clone(), scale);
+            let since = short_since.get(&key).copied().unwrap_or_else(Instant::now);
+            if since.elapsed() < grace {
+                still_short.insert(key, since);
+                continue;
+            }
+            let job_id = &meta.id;
+            match self.replan_scale(&meta, scale, shards, &memory) {
+                Ok(Some(tasks)) => tracing::warn!(
+                    job_id = job_id.as_str(),
+                    scale = scale + 1,
+                    shards,
+                    tasks,
+                    "scale planned again for the workers left"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(
+                    job_id = job_id.as_str(),
+                    scale = scale + 1,
+                    error = %e,
+                    "planning a scale again for the workers left"
+                ),
+            }
+        }
+        // a scale that has its workers again (or moved on) starts its wait over when next short
+        *short_since = still_short;
+    }
+
+    /// [`Coordinator::replan_shards`] for one scale of the job of `meta`, for workers with `memory`: the
+    /// number of its new tasks, or `None` when it keeps its shards.
+    fn replan_scale(
+        &self,
+        meta: &JobMeta,
+        scale: u32,
+        shards: u32,
+        memory: &[u64],
+    ) -> Result<Option<usize>, Error> {
+        let spec = &meta.spec;
+        let previous = meta
+            .stage_results
+            .last()
+            .ok_or_else(|| Error::Internal("a sharded scale without the scale before".into()))?;
+        let (cw, ch) = self.dimensions(&spec.contents[0])?;
+        let tasks = spec.scale_tasks(cw, ch, scale, previous, memory)?;
+        let count = tasks.len();
+        let reason = format!(
+            "replaced: the scale was planned again for the {} worker(s) left of the {shards} its shards \
+             were planned for",
+            memory.len()
+        );
+        Ok(self
+            .scheduler
+            .replan(&meta.id, scale, shards, tasks, &reason)?
+            .then_some(count))
     }
 }

@@ -30,6 +30,9 @@ pub struct WorkerInfo {
     pub last_seen: Instant,
     /// Its tags, as it last said (registering or asking for a task).
     pub tags: Vec<String>,
+    /// A lease of it expired since it last called ([`Registry::lost`]): it is not live until it calls
+    /// again.
+    pub lost: bool,
 }
 
 /// The moment a worker must have been heard from since to be live: [`LIVE_WINDOW`] ago (`None` while the
@@ -41,7 +44,7 @@ fn live_since() -> Option<Instant> {
 impl WorkerInfo {
     /// Whether it was heard from after `since` ([`live_since`]).
     fn live(&self, since: Option<Instant>) -> bool {
-        since.is_none_or(|c| self.last_seen > c)
+        !self.lost && since.is_none_or(|c| self.last_seen > c)
     }
 }
 
@@ -74,6 +77,7 @@ impl Registry {
                 memory_used_bytes: 0,
                 last_seen: Instant::now(),
                 tags: tags.to_vec(),
+                lost: false,
             },
         );
     }
@@ -86,6 +90,7 @@ impl Registry {
         match workers.get_mut(id) {
             Some(w) => {
                 w.last_seen = Instant::now();
+                w.lost = false;
                 if memory_used_bytes > 0 {
                     w.memory_used_bytes = memory_used_bytes;
                 }
@@ -104,6 +109,7 @@ impl Registry {
                         memory_used_bytes,
                         last_seen: Instant::now(),
                         tags: tags.map(<[String]>::to_vec).unwrap_or_default(),
+                        lost: false,
                     },
                 );
             }
@@ -111,19 +117,37 @@ impl Registry {
         }
     }
 
-    /// The device memory of each worker seen within [`LIVE_WINDOW`] (0 where unknown) whose tags `runs_on`
-    /// accepts (a job's [`JobSpec::runs_on`](stylefarm_core::job::JobSpec::runs_on): the workers that may
-    /// take its tasks, which its tiles are planned for).
-    pub fn live_memory(&self, runs_on: impl Fn(&[String]) -> bool) -> Vec<u64> {
-        let since = live_since();
-        self.workers()
-            .values()
-            .filter(|w| w.live(since) && runs_on(&w.tags))
-            .map(|w| w.memory_bytes)
-            .collect()
+    /// Records that a lease of worker `id` ran out at `ran_out` (it stopped heartbeating): unless it called
+    /// since, it is not live until it calls again, so that what is planned for the workers live (an
+    /// exact-mode scale's shards) need not wait out [`LIVE_WINDOW`] to leave it out.
+    pub fn lost(&self, id: &WorkerId, ran_out: Instant) {
+        if let Some(w) = self
+            .workers()
+            .get_mut(id)
+            .filter(|w| w.last_seen <= ran_out)
+        {
+            w.lost = true;
+        }
     }
 
-    /// The workers heard from within [`LIVE_WINDOW`], with their tags.
+    /// The device memory (0 where unknown) of each live worker that `may_take` accepts, given its id and
+    /// tags (for a job: its [`JobSpec::runs_on`](stylefarm_core::job::JobSpec::runs_on), and no blocklist):
+    /// what a tiled job's scales are planned for. One entry per worker name
+    /// ([`WorkerId::by_name`]): a worker that registered again is one worker (its largest memory).
+    pub fn live_memory(&self, may_take: impl Fn(&WorkerId, &[String]) -> bool) -> Vec<u64> {
+        let since = live_since();
+        let mut by_name: HashMap<WorkerId, u64> = HashMap::new();
+        for (id, w) in self.workers().iter() {
+            if w.live(since) && may_take(id, &w.tags) {
+                let memory = by_name.entry(id.by_name()).or_default();
+                *memory = (*memory).max(w.memory_bytes);
+            }
+        }
+        by_name.into_values().collect()
+    }
+
+    /// The workers heard from within [`LIVE_WINDOW`] (and not lost since, [`Registry::lost`]), with their
+    /// tags.
     pub fn live(&self) -> Vec<(WorkerId, Vec<String>)> {
         let since = live_since();
         self.workers()
@@ -133,7 +157,7 @@ impl Registry {
             .collect()
     }
 
-    /// How many workers were heard from within [`LIVE_WINDOW`], and how many before it.
+    /// How many workers are live (as [`Registry::live`]), and how many are not.
     pub fn live_and_silent(&self) -> (usize, usize) {
         let since = live_since();
         let workers = self.workers();
@@ -169,7 +193,7 @@ mod tests {
         r.register(&w("gpu#1"), "cuda:0", 80 << 30, &["gpu".to_string()]);
         r.seen(&w("old#7"), 0, None);
         r.seen(&w("gpu#1"), 5 << 30, None);
-        let mut live = r.live_memory(|_| true);
+        let mut live = r.live_memory(|_, _| true);
         live.sort();
         assert_eq!(live, [0, 80 << 30]);
         assert_eq!(r.get(&w("gpu#1")).unwrap().device, "cuda:0");
@@ -182,11 +206,37 @@ mod tests {
         r.seen(&w("old#7"), 0, Some(&["cpu".to_string()]));
         // silent past the window: no longer counted
         r.workers().get_mut("old#7").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
-        assert_eq!(r.live_memory(|_| true), [80 << 30]);
+        assert_eq!(r.live_memory(|_, _| true), [80 << 30]);
         assert!(r
-            .live_memory(|tags| tags.contains(&"cpu".to_string()))
+            .live_memory(|_, tags| tags.contains(&"cpu".to_string()))
             .is_empty());
         assert_eq!(r.live(), [(w("gpu#1"), vec!["gpu".to_string()])]);
         assert_eq!(r.get(&w("old#7")).unwrap().tags, ["cpu"]);
+        // a name registered twice is one worker; one that is left out is not counted
+        r.register(&w("gpu#2"), "cuda:0", 40 << 30, &[]);
+        r.register(&w("cpu#1"), "cpu", 0, &[]);
+        let mut live = r.live_memory(|_, _| true);
+        live.sort();
+        assert_eq!(live, [0, 80 << 30]);
+        assert_eq!(r.live_memory(|id, _| id.by_name() != w("gpu")), [0]);
+    }
+
+    #[test]
+    fn a_worker_whose_lease_expired_is_not_live_until_it_calls_again() {
+        let r = Registry::default();
+        r.register(&w("a#1"), "cpu", 0, &[]);
+        r.register(&w("b#1"), "cpu", 0, &[]);
+        // a worker heard from after its lease ran out is alive
+        r.lost(&w("a#1"), Instant::now() - Duration::from_secs(1));
+        assert_eq!(r.live_memory(|_, _| true).len(), 2);
+        r.lost(&w("a#1"), Instant::now());
+        assert_eq!(r.live_memory(|_, _| true).len(), 1);
+        assert_eq!(r.live().len(), 1);
+        assert_eq!(r.live_and_silent(), (1, 1));
+        r.seen(&w("a#1"), 0, None);
+        assert_eq!(r.live_memory(|_, _| true).len(), 2);
+        // an unknown worker is nothing to forget
+        r.lost(&w("c#1"), Instant::now());
+        assert_eq!(r.live().len(), 2);
     }
 }

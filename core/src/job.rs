@@ -431,6 +431,15 @@ impl TaskSpec {
     pub fn scale_index(&self) -> u32 {
         self.scale.as_ref().map_or(0, |s| s.scale)
     }
+
+    /// The number of shards of the exact-mode scale whose shard the task renders
+    /// ([`ScalePart::Shard`]); `None` for any other task.
+    pub fn shards(&self) -> Option<u32> {
+        match self.scale.as_ref()?.part {
+            ScalePart::Shard { shards, .. } => Some(shards),
+            _ => None,
+        }
+    }
 }
 
 /// A task as a worker receives it under a lease: which task, and what to render.

@@ -83,6 +83,7 @@ impl RenderJob {
             return Err(crate::objective::whole_frames_only());
         }
         if let Some(shard) = &self.shard {
+            shard.check()?;
             let invalid = |field: &'static str, message: &str| {
                 Err(Error::Core(stylefarm_core::Error::invalid(field, message)))
             };

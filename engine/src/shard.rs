@@ -56,6 +56,18 @@ impl std::fmt::Debug for Shard {
 }
 
 impl Shard {
+    /// An error naming `shard` unless its rows are a band of its canvas (`y0 < y1 <= height`).
+    pub fn check(&self) -> Result<(), Error> {
+        let ((w, h), (y0, y1)) = (self.canvas, self.rows);
+        if w == 0 || y0 >= y1 || y1 > h {
+            return Err(Error::Core(stylefarm_core::Error::invalid(
+                "shard",
+                format!("rows {y0}..{y1} are not a band of the {w} x {h} canvas"),
+            )));
+        }
+        Ok(())
+    }
+
     /// The rows `[y0, y1)` of the canvas that the shard's render holds, for blocks of `block` px: its own
     /// rows and the objective's halo ([`stylefarm_core::tiling::objective_halo`]) on either side.
     pub fn region(&self, block: u32) -> (u32, u32) {

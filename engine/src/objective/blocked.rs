@@ -275,7 +275,8 @@ impl BlockedTargets {
 
     /// Targets for one shard of a canvas: `content` (`1 x 3 x h x W`, preprocessed) is the canvas' rows
     /// [`Shard::region`], and the shard evaluates its own blocks, adding up with the other shards through
-    /// its exchange. An error names `shard` for rows that are not whole rows of blocks.
+    /// its exchange. An error names `shard` for rows that are not a band of the canvas or not whole rows
+    /// of blocks.
     pub fn shard(
         engine: &Engine,
         content: &Tensor,
@@ -284,6 +285,7 @@ impl BlockedTargets {
         block: u32,
         shard: &Shard,
     ) -> Result<BlockedTargets, Error> {
+        shard.check()?;
         let (row0, row1) = shard.region(block);
         let (w, h) = (content.size()[3] as u32, content.size()[2] as u32);
         if (w, h) != (shard.canvas.0, row1 - row0) {
