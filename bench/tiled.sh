@@ -6,7 +6,7 @@
 #       [OVERLAP] [OUT.png]
 #   e.g. bash bench/tiled.sh 2048 2 100,40,20          (needs a release build)
 # EXACT=1 submits with --exact (one task per scale, its objective evaluated in tile-sized blocks; with
-# OPTIMIZER=adam and WORKERS > 1, each exact scale is cut into shards that the workers optimize together);
+# WORKERS > 1, each exact scale is cut into shards that the workers optimize together);
 # OPTIMIZER=adam|lbfgs picks the optimizer (default: the job's, L-BFGS);
 # DEVICE=cuda runs the workers on the GPU (default cpu); THREADS=N gives each worker N libtorch threads
 # (default: the cores shared out).

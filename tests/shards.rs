@@ -133,13 +133,28 @@ fn shards_evaluate_the_whole_canvas_objective_and_gradient() {
 /// blocks) and by two shards in threads (tile_job's shards, as workers prepare them): the stitched
 /// shards are the whole canvas' render, up to rounding.
 #[test]
-fn two_shards_render_what_one_worker_renders() {
+fn two_shards_render_what_one_worker_renders_with_adam() {
+    two_shards_render_what_one_worker_renders(Optimizer::Adam);
+}
+
+/// [`two_shards_render_what_one_worker_renders_with_adam`] with L-BFGS: the shards add up its dot
+/// products each iteration and take the same steps. L-BFGS carries rounding further than Adam: measured
+/// after 4 iterations, the shards differ from one worker by max 2, mean 0.056 levels, where noise of 1e-7
+/// of each gradient element moves one worker's own render by max 2, mean 0.027 (the shards' gradient
+/// differs from one worker's by 1e-7 in norm), and dot products counted over the regions rather than the
+/// own rows (a bug) by max 52, mean 4.9.
+#[test]
+fn two_shards_render_what_one_worker_renders_with_lbfgs() {
+    two_shards_render_what_one_worker_renders(Optimizer::Lbfgs);
+}
+
+fn two_shards_render_what_one_worker_renders(optimizer: Optimizer) {
     let (content, style) = images();
     let (w, h) = content.dimensions();
     // the previous scale's result: the content, a little blurred
     let init = image::imageops::blur(&content, 2.0);
     let params = RenderParams {
-        optimizer: Optimizer::Adam,
+        optimizer,
         iterations: 4,
         ..RenderParams::default()
     };
@@ -196,7 +211,7 @@ fn two_shards_render_what_one_worker_renders() {
         image::imageops::replace(&mut stitched, img, 0, i64::from(y0));
     }
     let (max, mean) = pixel_difference(whole.as_raw(), stitched.as_raw());
-    eprintln!("2 shards against one worker: max {max}, mean {mean:.4} levels");
+    eprintln!("{optimizer:?}, 2 shards against one worker: max {max}, mean {mean:.4} levels");
     let moved = whole
         .as_raw()
         .iter()
@@ -207,5 +222,12 @@ fn two_shards_render_what_one_worker_renders() {
         moved > whole.as_raw().len() / 10,
         "the render hardly changed its init"
     );
-    assert!(max <= 2 && mean < 0.01, "max {max}, mean {mean}");
+    let (max_at_most, mean_under) = match optimizer {
+        Optimizer::Adam => (2, 0.01),
+        Optimizer::Lbfgs => (4, 0.15),
+    };
+    assert!(
+        max <= max_at_most && mean < mean_under,
+        "max {max}, mean {mean}"
+    );
 }

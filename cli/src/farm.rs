@@ -219,8 +219,8 @@ pub(crate) struct JobArgs {
     /// objective, evaluated in blocks of --tile-size px (default: the largest blocks that fit the workers'
     /// memory, the whole canvas where it fits): no tiles, no seams, the style loss of an untiled render,
     /// memory still bound by the tile size, about 2x an untiled scale's compute (BENCHMARKS.md, "Exact
-    /// mode"). With --optimizer adam, the scale is shared by the workers present (one shard, a band of
-    /// block rows, each; they run together); with L-BFGS it is one task.
+    /// mode"). The scale is shared by the workers present (one shard, a band of block rows, each; they
+    /// run together, adding up each evaluation's sums through the coordinator).
     #[arg(long, requires = "tiled")]
     exact: bool,
     /// A parameter grid, e.g. 'style_weight=10,100;seed=0,1' (style_blend values as 0.7:0.3).

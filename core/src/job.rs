@@ -322,9 +322,9 @@ pub enum ScalePart {
         block: u32,
     },
     /// Exact mode over several workers: one shard of the canvas, a band of whole block rows
-    /// ([`crate::tiling::shard_rows`]) that one worker optimizes with Adam while the shards add up each
-    /// evaluation's Gram matrices and shared gradient rows through the coordinator; the bands are pasted
-    /// together, nothing is blended.
+    /// ([`crate::tiling::shard_rows`]) that one worker optimizes while the shards add up each
+    /// evaluation's Gram matrices and shared gradient rows (and, with L-BFGS, each iteration's dot
+    /// products) through the coordinator; the bands are pasted together, nothing is blended.
     Shard {
         /// Side of the blocks, in px.
         block: u32,
@@ -703,7 +703,7 @@ impl JobSpec {
         };
         let block = tiling.tile_size;
         let parts: Vec<(&str, ScalePart)> = if tiling.exact {
-            let (block, bands) = tiling.exact_shards(plan.height, &params, workers.len(), block);
+            let (block, bands) = tiling.exact_shards(plan.height, workers.len(), block);
             let shards = bands.len() as u32;
             bands
                 .into_iter()

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::imaging;
 use crate::memory;
-use crate::params::{Optimizer, RenderParams, MAX_SCALES};
+use crate::params::{RenderParams, MAX_SCALES};
 use crate::Error;
 
 /// Default tile size, in px (ALGORITHM.md's `tile_size` default).
@@ -243,19 +243,13 @@ impl Tiling {
     }
 
     /// Exact mode's shards of a later scale's canvas, `height` px tall, for `workers` workers: the block
-    /// size and the rows of each shard ([`shard_rows`]). Several shards only with Adam (whose steps are
-    /// element-wise; L-BFGS' are not) and more than one worker: as many as the workers where the canvas
-    /// allows, the planned `block` made smaller for that (to the job's tile size at least); else one, the
-    /// whole canvas, in `block`.
-    pub fn exact_shards(
-        &self,
-        height: u32,
-        params: &RenderParams,
-        workers: usize,
-        block: u32,
-    ) -> (u32, Vec<(u32, u32)>) {
+    /// size and the rows of each shard ([`shard_rows`]). Several shards with more than one worker (and
+    /// either optimizer: Adam's steps are element-wise, L-BFGS' are once the shards added up its dot
+    /// products): as many as the workers where the canvas allows, the planned `block` made smaller for
+    /// that (to the job's tile size at least); else one, the whole canvas, in `block`.
+    pub fn exact_shards(&self, height: u32, workers: usize, block: u32) -> (u32, Vec<(u32, u32)>) {
         let n = u32::try_from(workers).unwrap_or(u32::MAX);
-        if !self.exact || params.optimizer != Optimizer::Adam || n < 2 {
+        if !self.exact || n < 2 {
             return (block, vec![(0, height)]);
         }
         // a planned block: the largest that gives the most shards (down to the job's tile size)
@@ -720,27 +714,21 @@ mod tests {
         assert!(shard_rows(250, 128, 4).len() < 4);
     }
 
-    /// Exact scales are sharded only with Adam and several workers; a planned block is made smaller until
-    /// every worker gets a shard (not below the job's tile size); a fixed one is kept.
+    /// Exact scales are sharded with several workers, with either optimizer; a planned block is made
+    /// smaller until every worker gets a shard (not below the job's tile size); a fixed one is kept.
     #[test]
-    fn exact_scales_are_shared_by_the_workers_with_adam_only() {
-        let adam = RenderParams {
-            optimizer: Optimizer::Adam,
-            ..RenderParams::default()
-        };
-        let lbfgs = RenderParams::default();
+    fn exact_scales_are_shared_by_the_workers() {
         let fixed = Tiling::new(Some(128), 64, true);
         assert_eq!(
-            fixed.exact_shards(192, &adam, 2, 128),
+            fixed.exact_shards(192, 2, 128),
             (128, vec![(0, 64), (64, 192)])
         );
-        assert_eq!(fixed.exact_shards(192, &adam, 1, 128).1, vec![(0, 192)]);
-        assert_eq!(fixed.exact_shards(192, &lbfgs, 2, 128).1, vec![(0, 192)]);
+        assert_eq!(fixed.exact_shards(192, 1, 128).1, vec![(0, 192)]);
         let not_exact = Tiling::new(Some(128), 64, false);
-        assert_eq!(not_exact.exact_shards(192, &adam, 2, 128).1, vec![(0, 192)]);
+        assert_eq!(not_exact.exact_shards(192, 2, 128).1, vec![(0, 192)]);
         // planned: a 3072-px canvas that fits one device whole (block 4096) over 4 workers
         let planned = Tiling::new(None, 128, true);
-        let (block, bands) = planned.exact_shards(3072, &adam, 4, 4096);
+        let (block, bands) = planned.exact_shards(3072, 4, 4096);
         assert_eq!(bands.len(), 4, "block {block}: {bands:?}");
         assert!(block < 4096 && block >= planned.tile_size);
     }
@@ -806,7 +794,7 @@ mod tests {
         assert_eq!(size(4096, 3072, &[3 * GIB]), 512);
         // Adam needs less than L-BFGS's history: larger tiles on the same device
         let adam = RenderParams {
-            optimizer: Optimizer::Adam,
+            optimizer: crate::Optimizer::Adam,
             ..params.clone()
         };
         assert!(planned.scale_tile_size(4096, 3072, &adam, &[16 * GIB]) > small);

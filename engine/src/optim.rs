@@ -56,6 +56,55 @@ struct History {
     capacity: usize,
 }
 
+/// The products an iteration needs, of the new pair `(s, y)` and gradient `g` with themselves and with the
+/// stored rows (`m` each, by buffer row; rows not in use give zeros or are ignored): one vector, so that a
+/// shard adds them up with the others' in one call ([`Reduction`]).
+struct Products {
+    ys: Tensor,
+    yy: Tensor,
+    sg: Tensor,
+    yg: Tensor,
+    gg: Tensor,
+    /// `s_i^T y`, `y_i^T s`, `y_i^T y`, `s_i^T g`, `y_i^T g` over the stored rows.
+    rows: [Tensor; 5],
+}
+
+impl Products {
+    const SCALARS: i64 = 5;
+
+    /// The products as one vector, each over `own` (the elements a shard owns).
+    fn partial(s: &Tensor, y: &Tensor, g: &Tensor, history: &History, own: &Tensor) -> Tensor {
+        let (sm, ym, gm) = (s * own, y * own, g * own);
+        Tensor::cat(
+            &[
+                Tensor::stack(&[ym.dot(s), ym.dot(y), sm.dot(g), ym.dot(g), gm.dot(g)], 0),
+                history.s.mv(&ym),
+                history.y.mv(&sm),
+                history.y.mv(&ym),
+                history.s.mv(&gm),
+                history.y.mv(&gm),
+            ],
+            0,
+        )
+    }
+
+    /// The products in `v` (as [`Products::partial`] lays them out), in float64.
+    fn of(v: &Tensor) -> Products {
+        let v = v.to_kind(Kind::Double);
+        let at = |i: i64| v.get(i);
+        let m = (v.size()[0] - Self::SCALARS) / 5;
+        let row = |k: i64| v.narrow(0, Self::SCALARS + k * m, m);
+        Products {
+            ys: at(0),
+            yy: at(1),
+            sg: at(2),
+            yg: at(3),
+            gg: at(4),
+            rows: [row(0), row(1), row(2), row(3), row(4)],
+        }
+    }
+}
+
 impl History {
     fn new(capacity: usize, like: &Tensor) -> History {
         let n = like.size()[0];
@@ -71,8 +120,8 @@ impl History {
         }
     }
 
-    /// Stores a pair, replacing the oldest when full.
-    fn push(&mut self, s: &Tensor, y: &Tensor) {
+    /// Stores a pair in the ring, replacing the oldest when full; returns its buffer row.
+    fn store(&mut self, s: &Tensor, y: &Tensor) -> i64 {
         let row = if self.order.len() < self.capacity {
             self.order.len() as i64
         } else {
@@ -81,6 +130,12 @@ impl History {
         self.order.push(row);
         self.s.get(row).copy_(s);
         self.y.get(row).copy_(y);
+        row
+    }
+
+    /// Stores a pair, with its products with every stored row computed here (the whole vector's).
+    fn push(&mut self, s: &Tensor, y: &Tensor) {
+        let row = self.store(s, y);
         // the new row's products with every row (rows not in use hold zeros or are ignored)
         let s_y = self.s.mv(y).to_kind(Kind::Double); // s_i^T y_new
         let y_s = self.y.mv(s).to_kind(Kind::Double); // y_j^T s_new = s_new^T y_j
@@ -91,10 +146,29 @@ impl History {
         self.yy.select(0, row).copy_(&y_y);
     }
 
+    /// Stores a pair with its products `p` (a shard's, added up over the shards: with itself, with the rows
+    /// stored before, and the gradient's); returns `S^T g` and `Y^T g` over the rows stored now.
+    fn push_reduced(&mut self, s: &Tensor, y: &Tensor, p: &Products) -> (Tensor, Tensor) {
+        let row = self.store(s, y);
+        // the new row's products with every row: at its own row, with itself (the products there were
+        // the replaced pair's); made on the device (a copy from the host would wait for its queue)
+        let at = Tensor::arange_start(row, row + 1, (Kind::Int64, self.sy.device()));
+        let with = |v: &Tensor, own: &Tensor| v.index_copy(0, &at, &own.reshape([1]));
+        let [s_y, y_s, y_y, s_g, y_g] = &p.rows;
+        self.sy.select(1, row).copy_(&with(s_y, &p.ys)); // s_i^T y_new
+        self.sy.select(0, row).copy_(&with(y_s, &p.ys)); // s_new^T y_j
+        let y_y = with(y_y, &p.yy);
+        self.yy.select(1, row).copy_(&y_y);
+        self.yy.select(0, row).copy_(&y_y);
+        (with(s_g, &p.sg), with(y_g, &p.yg))
+    }
+
     /// `H g` for `H = gamma I + [S, gamma Y] M [S^T; gamma Y^T]` (Byrd, Nocedal & Schnabel, eq. 3.5), with
     /// `S`, `Y` the stored pairs in age order, `R` the upper triangle of `S^T Y`, `D` its diagonal and
-    /// `M = [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]]`; `gamma` is a 0-dim tensor.
-    fn times(&self, g: &Tensor, gamma: &Tensor) -> Tensor {
+    /// `M = [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]]`; `gamma` is a 0-dim tensor, `s_g = S^T g`
+    /// and `y_g = Y^T g` by buffer row (float64). With it, `g^T H g - gamma g^T g` (float64): the
+    /// directional derivative from the products alone.
+    fn times(&self, g: &Tensor, gamma: &Tensor, s_g: &Tensor, y_g: &Tensor) -> (Tensor, Tensor) {
         let device = g.device();
         // the rows in age order are consecutive modulo the capacity from the oldest: made on the device
         // (a copy from the host would wait for the device's queue)
@@ -106,8 +180,8 @@ impl History {
         let d = sy.diagonal(0, 0, 1).diag_embed(0, -2, -1);
         let gamma64 = gamma.to_kind(Kind::Double);
         // a = S^T g, b = Y^T g, in age order
-        let a = self.s.mv(g).to_kind(Kind::Double).index_select(0, &idx);
-        let b = self.y.mv(g).to_kind(Kind::Double).index_select(0, &idx);
+        let a = s_g.index_select(0, &idx);
+        let b = y_g.index_select(0, &idx);
         let col = |v: &Tensor| v.unsqueeze(1);
         // u = R^-1 a;  p = R^-T ((D + gamma Y^T Y) u - gamma b)
         let u = r
@@ -118,16 +192,28 @@ impl History {
             .tr()
             .linalg_solve_triangular(&col(&rhs), false, true, false)
             .squeeze_dim(1);
+        // g^T H g = gamma g^T g + a^T p - gamma b^T u
+        let correction = a.dot(&p) - b.dot(&u) * &gamma64;
         // back to buffer rows (rows not in use: zero weight)
-        let rows = self.s.size()[0];
         let scatter = |v: &Tensor| {
             Tensor::zeros([rows], (Kind::Double, device))
                 .index_copy(0, &idx, v)
                 .to_kind(g.kind())
         };
         let gamma = gamma.to_kind(g.kind());
-        g * &gamma + self.s.tr().mv(&scatter(&p)) - self.y.tr().mv(&scatter(&u)) * &gamma
+        let hg = g * &gamma + self.s.tr().mv(&scatter(&p)) - self.y.tr().mv(&scatter(&u)) * &gamma;
+        (hg, correction)
     }
+}
+
+/// A vector that several shards hold parts of ([`crate::shard`]): a shard's `x` is its region, whose rows
+/// it shares with its neighbours, and L-BFGS' dot products are the whole vector's, each element counted
+/// once: the sum over the shards of their products over the elements they own.
+pub struct Reduction<'a, E> {
+    /// 1 on the elements of `x` the shard owns, 0 on the others (the kind and size of `x`, flat).
+    pub own: Tensor,
+    /// Adds up a vector of partial sums with the other shards' (their same call), elementwise.
+    pub sum: &'a mut dyn FnMut(Tensor) -> Result<Tensor, E>,
 }
 
 impl Lbfgs {
@@ -145,15 +231,43 @@ impl Lbfgs {
         &self,
         x: &mut Tensor,
         max_iter: usize,
+        f: impl FnMut(&Tensor) -> Result<(Tensor, Tensor), E>,
+    ) -> Result<usize, E> {
+        self.minimize_shard(x, max_iter, f, None)
+    }
+
+    /// [`Lbfgs::minimize`] of one shard's part of a vector, its dot products added up with the other
+    /// shards' through `shard` (one call per iteration; the other shards run the same iterations): every
+    /// shard takes the same steps, so the elements that shards share stay equal. Without `shard`, the
+    /// whole vector's minimization. A shard checks neither `tolerance_grad` nor the step's size (its own
+    /// values could stop it alone); the descent check and the change of the objective (`f`'s value, the
+    /// whole objective's in every shard) it does.
+    pub fn minimize_shard<E>(
+        &self,
+        x: &mut Tensor,
+        max_iter: usize,
         mut f: impl FnMut(&Tensor) -> Result<(Tensor, Tensor), E>,
+        mut shard: Option<Reduction<'_, E>>,
     ) -> Result<usize, E> {
         let mut xf = x.view([-1]);
         let flat = |g: Tensor| g.contiguous().view([-1]);
+        let own = shard.as_ref().map(|r| r.own.shallow_clone());
+        // the checks of a shard's own values could stop it alone, and the others would wait for it: none
+        // (the descent check and the change of the objective are the whole vector's)
+        let (tolerance_grad, step_tolerance) = match own {
+            Some(_) => (-1.0, -1.0),
+            None => (self.tolerance_grad, self.tolerance_change),
+        };
+        let mut reduce = |partial: Tensor| -> Result<Tensor, E> {
+            match shard.as_mut() {
+                Some(r) => (r.sum)(partial),
+                None => Ok(partial),
+            }
+        };
         let (mut loss, g) = f(x)?;
         let mut g = flat(g);
         // with a negative tolerance a check can never pass: skip it (and its device sync)
-        let grad_converged =
-            |g: &Tensor| self.tolerance_grad >= 0.0 && abs_max(g) <= self.tolerance_grad;
+        let grad_converged = |g: &Tensor| tolerance_grad >= 0.0 && abs_max(g) <= tolerance_grad;
         if grad_converged(&g) {
             return Ok(0);
         }
@@ -170,12 +284,45 @@ impl Lbfgs {
         let mut skipped: Option<Tensor> = None;
         let mut steps = 0;
         for n_iter in 1..=max_iter {
+            // g^T d, the directional derivative
+            let g_d;
             if n_iter == 1 {
                 d = -&g;
+                match &own {
+                    None => {
+                        g_d = g.dot(&d);
+                        // min(1, 1 / sum|g|) * lr, on the device
+                        t = g
+                            .abs()
+                            .sum(Kind::Float)
+                            .reciprocal()
+                            .clamp_max(1.0)
+                            .g_mul(&lr);
+                    }
+                    Some(own) => {
+                        // g^T g and sum |g|, the whole vector's
+                        let gm = &g * own;
+                        let sums = reduce(Tensor::stack(&[gm.dot(&g), gm.abs().sum(g.kind())], 0))?;
+                        g_d = -sums.get(0);
+                        t = sums.get(1).reciprocal().clamp_max(1.0).g_mul(&lr);
+                    }
+                }
             } else {
                 let y = &g - prev_g.as_ref().expect("previous gradient");
                 let s = &d * &t;
-                let ys = y.dot(&s);
+                // a shard's products, added up with the other shards' in one call; the whole vector's are
+                // computed where they are needed
+                let p = match &own {
+                    Some(own) => {
+                        let h = history.get_or_insert_with(|| History::new(self.history_size, &g));
+                        let partial = Products::partial(&s, &y, &g, h, own);
+                        Some(Products::of(&reduce(partial)?))
+                    }
+                    None => None,
+                };
+                let ys = p
+                    .as_ref()
+                    .map_or_else(|| y.dot(&s), |p| p.ys.shallow_clone());
                 let read = Tensor::stack(
                     &[
                         ys.to_kind(Kind::Double),
@@ -189,30 +336,52 @@ impl Lbfgs {
                     steps -= 1;
                     break;
                 }
+                // S^T g and Y^T g by buffer row, a shard's from its products
+                let mut rows_g = p
+                    .as_ref()
+                    .map(|p| (p.rows[3].shallow_clone(), p.rows[4].shallow_clone()));
                 if read[0] > 1e-10 {
-                    h_diag = &ys / y.dot(&y);
-                    history
-                        .get_or_insert_with(|| History::new(self.history_size, &g))
-                        .push(&s, &y);
+                    let h = history.get_or_insert_with(|| History::new(self.history_size, &g));
+                    match &p {
+                        Some(p) => {
+                            h_diag = (&p.ys / &p.yy).to_kind(g.kind());
+                            rows_g = Some(h.push_reduced(&s, &y, p));
+                        }
+                        None => {
+                            h_diag = &ys / y.dot(&y);
+                            h.push(&s, &y);
+                        }
+                    }
                 }
-                d = match &history {
-                    Some(h) => -h.times(&g, &h_diag),
-                    None => -&g * &h_diag,
+                let gg = p.as_ref().map(|p| &p.gg);
+                (d, g_d) = match history.as_ref().filter(|h| !h.order.is_empty()) {
+                    None => {
+                        let d = -&g * &h_diag;
+                        let g_d = match gg {
+                            Some(gg) => -(h_diag.to_kind(Kind::Double) * gg),
+                            None => g.dot(&d),
+                        };
+                        (d, g_d)
+                    }
+                    Some(h) => match (gg, rows_g) {
+                        (Some(gg), Some((s_g, y_g))) => {
+                            let (hg, correction) = h.times(&g, &h_diag, &s_g, &y_g);
+                            (-hg, -(h_diag.to_kind(Kind::Double) * gg + correction))
+                        }
+                        _ => {
+                            let double = |v: Tensor| v.to_kind(Kind::Double);
+                            let (s_g, y_g) = (double(h.s.mv(&g)), double(h.y.mv(&g)));
+                            let d = -h.times(&g, &h_diag, &s_g, &y_g).0;
+                            let g_d = g.dot(&d);
+                            (d, g_d)
+                        }
+                    },
                 };
+                t = lr.shallow_clone();
             }
             prev_g = Some(g.shallow_clone());
             let prev_loss = loss.shallow_clone();
-            t = if n_iter == 1 {
-                // min(1, 1 / sum|g|) * lr, on the device
-                g.abs()
-                    .sum(Kind::Float)
-                    .reciprocal()
-                    .clamp_max(1.0)
-                    .g_mul(&lr)
-            } else {
-                lr.shallow_clone()
-            };
-            let descends = g.dot(&d).le(-self.tolerance_change);
+            let descends = g_d.le(-self.tolerance_change);
             tch::no_grad(|| {
                 let _ = xf.addcmul_(&d, &t.where_self(&descends, &zero));
             });
@@ -228,7 +397,7 @@ impl Lbfgs {
                 break;
             }
             if self.tolerance_change >= 0.0 {
-                if abs_max(&(&d * &t)) <= self.tolerance_change {
+                if step_tolerance >= 0.0 && abs_max(&(&d * &t)) <= step_tolerance {
                     break;
                 }
                 if (loss.double_value(&[]) - prev_loss.double_value(&[])).abs()
@@ -369,6 +538,81 @@ mod tests {
             (v[0] - 1.0).abs() < 1e-3 && (v[1] - 1.0).abs() < 1e-3,
             "{v:?}"
         );
+    }
+
+    /// L-BFGS over two shards of a vector (regions overlapping in 4 elements, each owning its half), their
+    /// dot products added up through an in-process exchange: each shard's own elements follow the whole
+    /// vector's minimization (within 1e-5: the sums are added in another order, in float32), and the
+    /// elements they share stay equal on both (the same operations on the same values: the same bits on
+    /// one machine). The objective is separable, so a shard evaluates its region's gradient exactly; a
+    /// history of 3 wraps around. The algorithm itself (`push`, `times`) is checked against torch by
+    /// `lbfgs_follows_torch_trajectory`, whose history wraps too.
+    #[test]
+    fn lbfgs_over_shards_follows_the_whole_vector() {
+        let n = 10i64;
+        // the gradient of sum w_i (x_i - c_i)^2 + 0.1 x_i^4 over elements from..from + len
+        let grad = |x: &Tensor, from: i64| {
+            let i = Tensor::arange_start(from, from + x.size()[0], (Kind::Float, Device::Cpu));
+            let (w, c) = (0.5 + 0.25 * &i, -2.0 + 0.35 * &i);
+            2 * &w * (x - &c) + 0.4 * x.pow_tensor_scalar(3)
+        };
+        let lbfgs = Lbfgs {
+            history_size: 3,
+            ..Default::default()
+        };
+        let start: Vec<f32> = (0..n).map(|i| 1.0 - 0.2 * i as f32).collect();
+        let mut whole = Tensor::from_slice(&start);
+        lbfgs
+            .minimize(&mut whole, 15, |x| {
+                Ok::<_, crate::Error>((Tensor::from(0.0f32), grad(x, 0)))
+            })
+            .unwrap();
+        // (region, own elements in it)
+        let shards = [(0i64, 7i64, 0i64, 5i64), (3, 7, 2, 5)];
+        let results: Vec<Vec<f64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = shards
+                .iter()
+                .zip(crate::shard::local_group(2))
+                .map(|(&(from, len, own_from, own_len), mut exchange)| {
+                    let (start, lbfgs, grad) = (&start, &lbfgs, &grad);
+                    scope.spawn(move || {
+                        let mut x =
+                            Tensor::from_slice(&start[from as usize..(from + len) as usize]);
+                        let own = x.zeros_like();
+                        let _ = own.narrow(0, own_from, own_len).fill_(1.0);
+                        let sum = &mut |partial: Tensor| -> Result<Tensor, crate::Error> {
+                            use crate::shard::Exchange;
+                            Ok(exchange.sum(vec![(0, partial)])?.remove(0))
+                        };
+                        lbfgs
+                            .minimize_shard(
+                                &mut x,
+                                15,
+                                |x| Ok((Tensor::from(0.0f32), grad(x, from))),
+                                Some(Reduction { own, sum }),
+                            )
+                            .unwrap();
+                        values(&x)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let whole = values(&whole);
+        let sharded: Vec<f64> = results[0][..5]
+            .iter()
+            .chain(&results[1][2..])
+            .copied()
+            .collect();
+        for (a, b) in sharded.iter().zip(&whole) {
+            assert!((a - b).abs() < 1e-5, "{sharded:?} vs {whole:?}");
+        }
+        assert!(whole
+            .iter()
+            .zip(&start)
+            .all(|(a, &b)| (a - f64::from(b)).abs() > 1e-3));
+        // elements 3..7, held by both shards: the same bits
+        assert_eq!(results[0][3..7], results[1][..4]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::Engine;
 use crate::objective::{to_f64s, LossTerms, StyleGrams};
-use crate::optim::{Adam, Lbfgs};
+use crate::optim::{Adam, Lbfgs, Reduction};
 use crate::shard::Shard;
 use crate::Error;
 use stylefarm_core::progress::TaskProgress;
@@ -39,8 +39,8 @@ pub struct RenderJob {
     /// (`params.temporal_weight`) holds it there. None for other renders.
     pub previous: Option<PreviousFrameImages>,
     /// Exact mode over several workers: the shard of the canvas this render optimizes ([`crate::shard`]);
-    /// `content` and `init_image` are its region, the result its own rows. Needs `block`, one scale and
-    /// Adam. None for other renders.
+    /// `content` and `init_image` are its region, the result its own rows. Needs `block` and one scale.
+    /// None for other renders.
     pub shard: Option<Shard>,
 }
 
@@ -87,13 +87,6 @@ impl RenderJob {
             let invalid = |field: &'static str, message: &str| {
                 Err(Error::Core(stylefarm_core::Error::invalid(field, message)))
             };
-            if self.params.optimizer != Optimizer::Adam {
-                return invalid(
-                    "optimizer",
-                    "a shard of an exact-mode scale optimizes with adam (L-BFGS' line of steps is \
-                     the whole image's)",
-                );
-            }
             if self.params.scales != 1 || self.previous.is_some() {
                 return invalid("shard", "a shard renders one scale of a tiled job");
             }
@@ -448,7 +441,16 @@ impl Engine {
                         history_size: params.history_size as usize,
                         ..Lbfgs::default()
                     };
-                    lbfgs.minimize(&mut xs, n as usize, &mut f)?
+                    match (&job.shard, job.block) {
+                        // a shard: the dot products over its own rows, added up with the other shards'
+                        (Some(shard), Some(block)) => {
+                            let own = shard.own_rows(block, &xs);
+                            let sum = &mut |partial| shard.sum(partial);
+                            let reduction = Reduction { own, sum };
+                            lbfgs.minimize_shard(&mut xs, n as usize, &mut f, Some(reduction))?
+                        }
+                        _ => lbfgs.minimize(&mut xs, n as usize, &mut f)?,
+                    }
                 }
                 // the learning rate is in 0..255 units (ALGORITHM.md), the image in the weights' space
                 Optimizer::Adam => {

@@ -1,6 +1,6 @@
 //! Exact mode over several workers (ALGORITHM.md, "Exact distributed mode"): the canvas of a scale is cut
 //! into shards, bands of whole block rows ([`stylefarm_core::tiling::shard_rows`]), each optimized by one
-//! worker with Adam, and every evaluation of the objective is the whole image's:
+//! worker, and every evaluation of the objective is the whole image's:
 //!
 //! - pass 1: each shard sums `F F^T` over its blocks' own positions; the shards add up those partial Gram
 //!   matrices ([`Exchange::sum`], key 0), so that each holds the whole image's Gram matrices, its style
@@ -9,10 +9,12 @@
 //!   regions (band and halo) share get both shards' gradients, summed by the exchange (keyed by the band
 //!   boundary they straddle), along with the content and total-variation losses (key 0).
 //!
-//! A shard optimizes its whole region with Adam, which is element-wise: the rows it shares with a
-//! neighbour get the same gradient there, so both hold the same pixels without sending any. The shard's
-//! result is its band. Gradients and results match one worker's exact mode up to float rounding (the order
-//! in which the Gram sums are added).
+//! A shard optimizes its whole region, and the rows it shares with a neighbour get the same gradient
+//! there. Adam's steps are element-wise, so both shards hold the same pixels without sending any. L-BFGS'
+//! steps are element-wise too once its dot products are known: each iteration, the shards add up their
+//! products over their own rows ([`crate::optim::Reduction`]: one more call, `5 + 5 m` values for a
+//! history of `m`), and every shard takes the same step. The shard's result is its band. Gradients and
+//! results match one worker's exact mode up to float rounding (the order in which the sums are added).
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -25,7 +27,8 @@ pub trait Exchange: Send {
     /// Adds up, over the shards of the group, each part `(key, values)` with the parts of the same key that
     /// the other shards give in their same call; returns the sums, in `parts` order, on the device of the
     /// values. Every shard gives key 0; the two shards around a band boundary give the rows around it under
-    /// the same key. Every shard makes the same sequence of calls, two per evaluation of the objective. An
+    /// the same key. Every shard makes the same sequence of calls: two per evaluation of the objective, and
+    /// with L-BFGS one more per iteration (its dot products, [`crate::optim::Reduction`]). An
     /// error (another shard failed or restarted, the coordinator is away) ends the render with
     /// [`Error::Exchange`].
     fn sum(&mut self, parts: Vec<(u64, Tensor)>) -> Result<Vec<Tensor>, Error>;
@@ -66,6 +69,28 @@ impl Shard {
             )));
         }
         Ok(())
+    }
+
+    /// The sum over the shards of `partial` (a vector of as many values in each shard), under key 0 of a
+    /// call of its exchange.
+    pub fn sum(&self, partial: Tensor) -> Result<Tensor, Error> {
+        self.exchange
+            .lock()
+            .map_err(|_| Error::Exchange("a shard's exchange failed before".into()))?
+            .sum(vec![(0, partial)])?
+            .pop()
+            .ok_or_else(|| Error::Exchange("the exchange gave no sum back".into()))
+    }
+
+    /// 1 on the elements of `x` (the shard's region, `1 x C x h x W`, [`Shard::region`]) in the shard's own
+    /// rows, 0 on the others; flat, of the kind of `x`: what L-BFGS' dot products count
+    /// ([`crate::optim::Reduction`]).
+    pub fn own_rows(&self, block: u32, x: &Tensor) -> Tensor {
+        let top = i64::from(self.rows.0 - self.region(block).0);
+        let rows = i64::from(self.rows.1 - self.rows.0);
+        let own = x.zeros_like();
+        let _ = own.narrow(2, top, rows).fill_(1.0);
+        own.view([-1])
     }
 
     /// The rows `[y0, y1)` of the canvas that the shard's render holds, for blocks of `block` px: its own
