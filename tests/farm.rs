@@ -1705,12 +1705,10 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
     assert_eq!(workers.len(), 2, "each worker renders a shard: {workers:?}");
 }
 
-/// A shard's worker killed for good, with no worker to take its place: once its lease has expired and a
-/// lease period passed without it, the coordinator plans the scale again for the one worker left (one
-/// task: the whole canvas in blocks). The shards are cancelled as replaced, saying why, and the job
-/// succeeds on the worker left, with no strike against it.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_workers_left() {
+/// Two workers, and an exact-mode Adam job (256 px, 128-px blocks) whose scale 2 is two shards, both
+/// running past their first iterations; `scale_iterations` as `--scale-iterations` says. The cluster, the
+/// job's id and its status then.
+async fn two_shards_rendering(scale_iterations: &str) -> (Cluster, String, pb::JobStatus) {
     let mut cluster = Cluster::start(2.0, 0.3);
     cluster.add_worker("w1");
     cluster.add_worker("w2");
@@ -1724,12 +1722,11 @@ async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_wo
                 "--style",
                 &path("starry_night.jpg"),
             ][..],
-            // 12 iterations of the whole 256 x 192 canvas in 128-px blocks: about 30 s on one core
             &[
                 "--size",
                 "256",
                 "--scale-iterations",
-                "4,12",
+                scale_iterations,
                 "--optimizer",
                 "adam",
             ],
@@ -1762,6 +1759,17 @@ async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_wo
         },
     )
     .await;
+    (cluster, id, status)
+}
+
+/// A shard's worker killed for good, with no worker to take its place: once its lease has expired and a
+/// lease period passed without it, the coordinator plans the scale again for the one worker left (one
+/// task: the whole canvas in blocks). The shards are cancelled as replaced, saying why, and the job
+/// succeeds on the worker left, with no strike against it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_workers_left() {
+    // 12 iterations of the whole 256 x 192 canvas in 128-px blocks: about 30 s on one core
+    let (mut cluster, id, status) = two_shards_rendering("4,12").await;
     let doomed = status.tasks[1].worker_id.clone();
     let index = if doomed.starts_with("w1") { 0 } else { 1 };
     cluster.workers[index].kill();
@@ -1814,50 +1822,7 @@ async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_wo
 /// succeeds with the scale's shards rendered whole again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_whose_worker_is_killed_restarts_its_group() {
-    let mut cluster = Cluster::start(2.0, 0.3);
-    cluster.add_worker("w1");
-    cluster.add_worker("w2");
-    wait_registered(&cluster, 2).await;
-    let id = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--size",
-            "256",
-            "--scale-iterations",
-            "4,30",
-            "--optimizer",
-            "adam",
-            "--tiled",
-            "--exact",
-            "--tile-size",
-            "128",
-            "--overlap",
-            "64",
-        ],
-    );
-    // both shards of scale 2 running, past their first iterations
-    let client = cluster.client().await;
-    let status = wait_for(
-        "the shards to be rendering",
-        Duration::from_secs(120),
-        || {
-            let mut client = client.clone();
-            let id = id.clone();
-            async move {
-                let s = job(&mut client, &id).await;
-                (s.tasks.len() == 3
-                    && s.tasks[1..]
-                        .iter()
-                        .all(|t| t.state == pb::TaskState::Running as i32 && iteration(t) >= 3))
-                .then_some(s)
-            }
-        },
-    )
-    .await;
+    let (mut cluster, id, status) = two_shards_rendering("4,30").await;
     // a spare worker joins (the scale's shards are planned already), then shard 0's worker dies
     cluster.add_worker("w3");
     let doomed = status.tasks[1].worker_id.clone();
