@@ -204,6 +204,9 @@ struct State {
     /// Workers whose lease expired since [`Scheduler::take_lost`] last took them, with the moment their
     /// lease ran out.
     lost: Vec<(WorkerId, std::time::Instant)>,
+    /// The workers free now, asking for a task ([`Scheduler::idle`]), by name: their tags and how many of
+    /// their calls wait. The shards of a scale start only on as many of them at once.
+    idle: HashMap<WorkerId, (Vec<String>, usize)>,
 }
 
 /// A job's per-worker records by worker name ([`WorkerId::by_name`]), as this version keeps them: records
@@ -354,6 +357,18 @@ fn blocklisted(meta: &JobMeta, worker: &WorkerId, blocklist_after: u32) -> bool 
     name_blocklisted(meta, &worker.by_name(), blocklist_after)
 }
 
+/// The tasks that run together with `task` when it is a shard of an exact-mode scale (its scale's shards, as
+/// many as its own count, not replaced), itself included; none when it is no shard.
+fn shard_group<'a>(job: &'a Job, task: &TaskRecord) -> impl Iterator<Item = &'a TaskRecord> {
+    let (scale, shards) = (task.spec.scale_index(), task.spec.shards());
+    job.tasks.iter().filter(move |t| {
+        shards.is_some()
+            && t.spec.shards() == shards
+            && t.spec.scale_index() == scale
+            && t.state != TaskState::Cancelled
+    })
+}
+
 /// [`blocklisted`] for a worker's name ([`WorkerId::by_name`], taken once).
 fn name_blocklisted(meta: &JobMeta, name: &WorkerId, blocklist_after: u32) -> bool {
     meta.strikes.get(name).copied().unwrap_or(0) >= blocklist_after
@@ -385,13 +400,20 @@ impl Waiting {
     /// Why a job has tasks queued and none running, for people (the status page, `stylefarm status`): no
     /// live worker at all, none with the worker tags the job asks for, or every one that has them
     /// blocklisted for it. Empty when the job is finished, has a task running or none queued, or a live
-    /// worker may take its tasks (they are busy with others, or about to ask). `tasks`: the job's tasks'
-    /// states.
-    pub fn reason(&self, meta: &JobMeta, tasks: impl IntoIterator<Item = TaskState>) -> String {
-        let (mut queued, mut running) = (false, false);
+    /// worker may take its tasks (they are busy with others, or about to ask); for the shards of an
+    /// exact-mode scale, that they start together on as many free workers. `tasks`: the job's tasks.
+    pub fn reason<'a>(
+        &self,
+        meta: &JobMeta,
+        tasks: impl IntoIterator<Item = &'a TaskRecord>,
+    ) -> String {
+        let (mut queued, mut running, mut shards) = (false, false, None);
         for t in tasks {
-            queued |= t == TaskState::Pending;
-            running |= t == TaskState::Running;
+            queued |= t.state == TaskState::Pending;
+            running |= t.state == TaskState::Running;
+            if t.state == TaskState::Pending {
+                shards = shards.or(t.spec.shards());
+            }
         }
         if meta.state.is_terminal() || !queued || running {
             return String::new();
@@ -434,12 +456,19 @@ impl Waiting {
                 self.blocklist_after
             );
         }
+        if let Some(n) = shards {
+            // no worker count here either: the text changes when the plan does
+            return format!(
+                "its {n} shards start together, when {n} workers that may take them are free at once \
+                 (planned again for fewer if fewer are left)"
+            );
+        }
         String::new()
     }
 
     /// [`Waiting::reason`] for a job's view.
     pub fn of(&self, view: &JobView) -> String {
-        self.reason(&view.meta, view.tasks.iter().map(|(t, _)| t.state))
+        self.reason(&view.meta, view.tasks.iter().map(|(t, _)| t))
     }
 }
 
@@ -476,6 +505,27 @@ pub enum FailureKind {
 /// Distinct workers that must report the same [`FailureKind::Permanent`] error before a task fails without
 /// waiting for its attempts to run out.
 pub const PERMANENT_CONFIRMATIONS: usize = 2;
+
+/// A worker counted free while this lives ([`Scheduler::idle`]).
+pub struct Idle<'a> {
+    scheduler: &'a Scheduler,
+    name: WorkerId,
+}
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        // not unwrap: a panic while another panic unwinds would abort the coordinator
+        let Ok(mut st) = self.scheduler.state.lock() else {
+            return;
+        };
+        if let Some(entry) = st.idle.get_mut(&self.name) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                st.idle.remove(&self.name);
+            }
+        }
+    }
+}
 
 /// The farm's scheduler: jobs, their task queue and leases in memory behind one lock, written through to the
 /// [`Store`]. Calls that record an outcome (submit, complete, fail, cancel, expire, ...) block until the
@@ -686,16 +736,80 @@ impl Scheduler {
         let lease_ms = self.config.lease.as_millis() as i64;
         // strikes and out-of-memory reports count by the worker's name (whichever registration it is)
         let name = worker.by_name();
-        let pick = st.queue.iter().find(|(_, _, index, job_id)| {
-            let job = &st.jobs[job_id];
-            let task = &job.tasks[*index as usize];
+        let takes = |meta: &JobMeta| {
+            !name_blocklisted(meta, &name, self.config.blocklist_after) && meta.spec.runs_on(tags)
+        };
+        let ready = |task: &TaskRecord| {
             let ran_out_here = task.out_of_memory_on.contains(&name);
             task.not_before_ms + if ran_out_here { lease_ms } else { 0 } <= now
-                && !name_blocklisted(&job.meta, &name, self.config.blocklist_after)
-                && job.meta.spec.runs_on(tags)
-        });
-        let Some(key) = pick.cloned() else {
+        };
+        // the shards of a scale run together, each waiting for the others at every step: a shard whose
+        // siblings run already comes before any other task (else two scales started at once on a farm of
+        // two workers would each hold one and wait for the other's, and neither ends)
+        let started = st
+            .sharded
+            .iter()
+            .filter_map(|id| st.jobs.get(id))
+            .filter(|job| !job.meta.state.is_terminal() && takes(&job.meta))
+            .flat_map(|job| {
+                let running =
+                    |t: &TaskRecord| shard_group(job, t).any(|s| s.state == TaskState::Running);
+                job.tasks
+                    .iter()
+                    .filter(move |t| t.state == TaskState::Pending && t.spec.shards().is_some())
+                    .filter(move |t| ready(t) && running(t))
+                    .map(|t| queue_key(&job.meta, t.index))
+            })
+            .min();
+        let mut pick = started;
+        if pick.is_none() {
+            for key in &st.queue {
+                let job = &st.jobs[&key.3];
+                let task = &job.tasks[key.2 as usize];
+                if !takes(&job.meta) {
+                    continue;
+                }
+                if task.spec.shards().is_none() {
+                    if ready(task) {
+                        pick = Some(key.clone());
+                        break;
+                    }
+                    continue;
+                }
+                // a scale's shards start together, on as many free workers: when fewer are free, this one
+                // waits for the others rather than taking a task behind them (which could keep them from ever
+                // being free at once)
+                let pending: Vec<&TaskRecord> = shard_group(job, task)
+                    .filter(|t| t.state == TaskState::Pending)
+                    .collect();
+                if !pending.iter().all(|t| ready(t)) {
+                    continue;
+                }
+                let free = st
+                    .idle
+                    .iter()
+                    .filter(|(other, _)| **other != name)
+                    .filter(|(other, (tags, _))| {
+                        !name_blocklisted(&job.meta, other, self.config.blocklist_after)
+                            && job.meta.spec.runs_on(tags)
+                    })
+                    .count()
+                    + 1;
+                if free < pending.len() {
+                    break;
+                }
+                pick = Some(key.clone());
+                break;
+            }
+        }
+        let Some(key) = pick else {
             return Ok(None);
+        };
+        let starts_group = {
+            let job = &st.jobs[&key.3];
+            let task = &job.tasks[key.2 as usize];
+            task.spec.shards().is_some()
+                && !shard_group(job, task).any(|t| t.state == TaskState::Running)
         };
         st.queue.remove(&key);
         let (_, _, index, job_id) = key;
@@ -728,6 +842,10 @@ impl Scheduler {
                 progress: None,
             },
         );
+        if starts_group {
+            // the other free workers take the scale's other shards now, not at their next poll
+            self.work.notify_waiters();
+        }
         self.changed(&job_id);
         Ok(Some(Lease {
             lease_id,
@@ -749,6 +867,7 @@ impl Scheduler {
         wait: Duration,
     ) -> Result<Option<Lease>, SchedulerError> {
         let deadline = tokio::time::Instant::now() + wait;
+        let _idle = self.idle(worker, tags);
         loop {
             let notified = self.work.notified();
             if let Some(lease) = self.lease_ready(worker, tags)? {
@@ -761,6 +880,22 @@ impl Scheduler {
             {
                 return Ok(None);
             }
+        }
+    }
+
+    /// Counts `worker`, whose tags are `tags`, as free until the guard is dropped: it is asking for a task
+    /// ([`Scheduler::lease_wait`] holds one while it waits). The shards of an exact-mode scale start only
+    /// when as many workers that may take them are free at once (the one asking included); until then
+    /// the free ones wait for the others instead of taking a task queued behind the shards.
+    pub fn idle(&self, worker: &WorkerId, tags: &[String]) -> Idle<'_> {
+        let name = worker.by_name();
+        let mut st = self.state.lock().unwrap();
+        let entry = st.idle.entry(name.clone()).or_default();
+        entry.0 = tags.to_vec();
+        entry.1 += 1;
+        Idle {
+            scheduler: self,
+            name,
         }
     }
 
@@ -2434,6 +2569,7 @@ mod tests {
     #[test]
     fn a_shard_that_fails_takes_the_succeeded_shards_of_its_scale_back_with_it() {
         let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+        let _free = s.idle(&w("b"), &[]);
         let a = s.lease(&w("a")).unwrap().unwrap();
         let b = s.lease(&w("b")).unwrap().unwrap();
         s.complete(&a.lease_id, &hash("band 0")).unwrap().unwrap();
@@ -2458,6 +2594,87 @@ mod tests {
         assert!(crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t)).is_empty());
     }
 
+    /// A scale's shards start together, on as many free workers, and once one runs the others come before
+    /// any other task: else two scales started at once on a farm of two workers could each hold one worker
+    /// and wait for the other's, and neither would end.
+    #[test]
+    fn a_scale_s_shards_start_together_and_before_anything_else() {
+        let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+        let (behind, _) = s.submit(batch(1, 0), "").unwrap();
+        // one worker free: it waits for a second, taking neither a shard nor the task queued behind them
+        assert!(s.lease(&w("a")).unwrap().is_none());
+        let waiting = Waiting {
+            live: untagged(&["a", "b"]),
+            ..Default::default()
+        };
+        assert_eq!(
+            waiting.of(&s.get(&job).unwrap()),
+            "its 2 shards start together, when 2 workers that may take them are free at once (planned \
+             again for fewer if fewer are left)"
+        );
+        // a free worker counts once by its name, and not when it may not take the job's tasks
+        let _a = [s.idle(&w("a#2"), &[]), s.idle(&w("a"), &[])];
+        assert!(s.lease(&w("a")).unwrap().is_none());
+        {
+            let mut st = s.state.lock().unwrap();
+            let strikes = s.config.blocklist_after;
+            let job = st.jobs.get_mut(&job).unwrap();
+            job.meta.strikes.insert(w("b"), strikes);
+        }
+        let b = s.idle(&w("b"), &[]);
+        assert!(s.lease(&w("a")).unwrap().is_none());
+        let c = s.idle(&w("c"), &[]);
+        let first = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(first.task.spec.shards(), Some(2));
+        drop((b, c));
+        // a higher priority job submitted now comes after the other shard of the scale that started
+        let (urgent, _) = s.submit(batch(1, 9), "").unwrap();
+        let second = s.lease(&w("c")).unwrap().unwrap();
+        assert_eq!(
+            (second.task.id.job.clone(), second.task.spec.shards()),
+            (job.clone(), Some(2))
+        );
+        assert_eq!(s.lease(&w("b")).unwrap().unwrap().task.id.job, urgent);
+        // shards waiting out a retry's backoff: a free worker takes the task behind them meanwhile
+        s.fail(&second.lease_id, "lost", FailureKind::Retryable)
+            .unwrap();
+        s.fail(&first.lease_id, "its shard failed", FailureKind::Group)
+            .unwrap();
+        let _d = s.idle(&w("d"), &[]);
+        assert_eq!(s.lease(&w("a")).unwrap().unwrap().task.id.job, behind);
+        assert!(s.lease(&w("d")).unwrap().is_none());
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// Workers asking for a task count as free while they wait ([`Scheduler::lease_wait`]): two of them
+    /// take a scale's two shards, where one alone waits in vain, and once it stops waiting it counts no
+    /// more.
+    #[test]
+    fn workers_waiting_for_a_task_take_a_scale_s_shards_together() {
+        let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let wait = Duration::from_millis(300);
+        assert!(runtime
+            .block_on(s.lease_wait(&w("a"), &[], wait))
+            .unwrap()
+            .is_none());
+        assert!(s.state.lock().unwrap().idle.is_empty());
+        let (a, b) = (w("a"), w("b"));
+        let (a, b) = runtime.block_on(async {
+            tokio::join!(
+                s.lease_wait(&a, &[], Duration::from_secs(5)),
+                s.lease_wait(&b, &[], Duration::from_secs(5))
+            )
+        });
+        let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
+        assert_eq!((&a.task.id.job, &b.task.id.job), (&job, &job));
+        assert_ne!(a.task.id.index, b.task.id.index);
+        assert!(s.state.lock().unwrap().idle.is_empty());
+    }
+
     /// Fewer workers left than a scale's shards: the scale is planned again. Its shards are cancelled (a
     /// running one's lease ends: its heartbeat says cancel, its result is discarded), the new tasks are
     /// queued and, once done, the scale is stitched as usual; a restart keeps it so.
@@ -2465,6 +2682,7 @@ mod tests {
     fn a_scale_planned_again_replaces_its_shards_with_fewer_tasks() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let (s, job, spec) = sharded_job(store.clone(), 3);
+        let _free = [s.idle(&w("b"), &[]), s.idle(&w("c"), &[])];
         let a = s.lease(&w("a")).unwrap().unwrap();
         let b = s.lease(&w("b")).unwrap().unwrap();
         s.complete(&b.lease_id, &hash("band 1")).unwrap().unwrap();

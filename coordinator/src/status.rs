@@ -388,7 +388,7 @@ pub fn job_row(
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
         error: m.error.clone(),
-        waiting: waiting.reason(m, all.iter().map(|(t, _)| t.state)),
+        waiting: waiting.reason(m, all.iter().map(|(t, _)| *t)),
         progress,
         counts,
         scales,
