@@ -27,6 +27,12 @@ tiled_iterations=${TILED_ITERATIONS:-}
 tiled_timeout=${TILED_TIMEOUT:-300}
 py=${PYTHON:-python3}
 mkdir -p "$out"
+for f in vgg19-fp16.safetensors.gz tubingen.jpg starry_night.jpg; do
+    if [ ! -f "$kit/$f" ]; then
+        echo "gpu.sh: $kit/$f is missing: run bash bench/gpu-kit.sh first (here, before the GPU machine)" >&2
+        exit 2
+    fi
+done
 
 if [ "$device" != cpu ]; then
     torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')

@@ -161,10 +161,13 @@ pub fn add_up(given: impl IntoIterator<Item = (u64, Tensor)>) -> Vec<(u64, Tenso
 
 impl Drop for LocalExchange {
     fn drop(&mut self) {
-        // a shard that stops (done or failed) ends the group's calls: the others must not wait for it
+        // a shard that stops (done, failed or panicking, before its first call too) ends the group's
+        // calls: the others must not wait for it. A shard that is done made its last call, whose sums the
+        // others still take: only a call after that fails, and every shard makes the same calls.
         let (lock, cvar) = &*self.state;
-        if let Ok(mut r) = lock.lock() {
-            r.broken = r.broken || r.given.iter().any(Option::is_some) || r.sums.is_some();
+        match lock.lock() {
+            Ok(mut r) => r.broken = true,
+            Err(poisoned) => poisoned.into_inner().broken = true,
         }
         cvar.notify_all();
     }
@@ -216,5 +219,50 @@ impl Exchange for LocalExchange {
             cvar.notify_all();
         }
         Ok(mine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three shards adding up in threads; one stops (here: its end dropped) before its first call, another
+    /// after two: the others' next calls fail instead of waiting for it for good, and sums already made
+    /// are still taken.
+    #[test]
+    fn a_shard_that_stops_ends_the_others_calls() {
+        let value = |v: f32| Tensor::from_slice(&[v]);
+        for stop_after in [0, 2] {
+            let mut group = local_group(3);
+            let mut stopper = group.pop().unwrap();
+            let others: Vec<_> = group
+                .into_iter()
+                .map(|mut e| {
+                    std::thread::spawn(move || {
+                        let mut sums = Vec::new();
+                        for call in 0..4 {
+                            match e.sum(vec![(0, value(call as f32))]) {
+                                Ok(s) => sums.push(s[0].double_value(&[0])),
+                                Err(e) => return (sums, Some(e.to_string())),
+                            }
+                        }
+                        (sums, None)
+                    })
+                })
+                .collect();
+            for call in 0..stop_after {
+                stopper.sum(vec![(0, value(call as f32))]).unwrap();
+            }
+            drop(stopper);
+            for other in others {
+                let (sums, error) = other.join().unwrap();
+                let expected: Vec<f64> = (0..stop_after).map(|c| 3.0 * f64::from(c)).collect();
+                assert_eq!(sums, expected, "stopped after {stop_after}");
+                assert!(
+                    error.unwrap().contains("another shard"),
+                    "stopped after {stop_after}"
+                );
+            }
+        }
     }
 }
