@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use image::RgbImage;
 use serde_json::Value;
 
-use stylefarm_tests::shared_image;
+use stylefarm_tests::{pixel_difference, shared_image};
 
 fn stylefarm(args: &[&str]) -> Output {
     Command::new(stylefarm_tests::binary())
@@ -197,6 +197,26 @@ fn luminance_only_transfer_takes_the_styles_luminance_alone() {
     assert!(
         from_colour == from_grey,
         "the style's colours changed the result"
+    );
+    // the style's luminance is matched to the content's first: a darker, flatter style (its levels
+    // L -> 0.4 L + 20) renders as the style does, up to the rounding of its levels
+    let dim_style = dir.path().join("dim-starry.png");
+    image::RgbImage::from_fn(starry.width(), starry.height(), |x, y| {
+        image::Rgb(
+            starry
+                .get_pixel(x, y)
+                .0
+                .map(|v| (f64::from(v) * 0.4 + 20.0).round() as u8),
+        )
+    })
+    .save(&dim_style)
+    .unwrap();
+    let from_dim = run(&dim_style, &lum);
+    let (max, mean) = pixel_difference(from_colour.as_raw(), from_dim.as_raw());
+    // measured: mean 3.9 (max 49) levels matched; 14.4 (max 112) with the style's own luminance
+    assert!(
+        mean < 8.0,
+        "the style's brightness changed the result: max {max}, mean {mean:.3}"
     );
     assert!(
         run(&colour, &[]) != run(&grey_style, &[]),

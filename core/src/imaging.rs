@@ -686,6 +686,55 @@ pub fn luminance(img: &RgbImage) -> RgbImage {
     })
 }
 
+/// How many pixels of `img` have each luminance level ([`luminance`]'s, rounded).
+fn luminance_histogram(img: &RgbImage) -> [u64; 256] {
+    let mut histogram = [0u64; 256];
+    for p in img.pixels() {
+        let [luma, _, _] = to_ycbcr(p.0.map(f64::from));
+        histogram[luma.round().clamp(0.0, 255.0) as usize] += 1;
+    }
+    histogram
+}
+
+/// The mean and standard deviation (population) of the levels counted in `histogram`; (0, 0) for none.
+fn mean_and_deviation(histogram: &[u64; 256]) -> (f64, f64) {
+    let n: u64 = histogram.iter().sum();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let levels = || {
+        histogram
+            .iter()
+            .enumerate()
+            .map(|(v, &c)| (v as f64, c as f64))
+    };
+    let mean = levels().map(|(v, c)| v * c).sum::<f64>() / n as f64;
+    let variance = levels().map(|(v, c)| (v - mean).powi(2) * c).sum::<f64>() / n as f64;
+    (mean, variance.sqrt())
+}
+
+/// Luminance-only transfer's style image (Gatys et al. 2016, "Preserving Color in Neural Artistic Style
+/// Transfer", luminance-only transfer): the luminance of `style` ([`luminance`]) with its mean and standard
+/// deviation matched to those of `content`'s luminance, `L' = sigma_C / sigma_S (L - mu_S) + mu_C`, rounded
+/// and clamped to 0..255, so that the style gives its texture and not its brightness or contrast. A style of
+/// one level becomes the content's mean. A grey image of the style's luminance gives the same image.
+pub fn matched_luminance(style: &RgbImage, content: &RgbImage) -> RgbImage {
+    let (mu_s, sigma_s) = mean_and_deviation(&luminance_histogram(style));
+    let (mu_c, sigma_c) = mean_and_deviation(&luminance_histogram(content));
+    let gain = if sigma_s > 0.0 {
+        sigma_c / sigma_s
+    } else {
+        0.0
+    };
+    let level: [u8; 256] =
+        std::array::from_fn(|v| (gain * (v as f64 - mu_s) + mu_c).round().clamp(0.0, 255.0) as u8);
+    let mut out = luminance(style);
+    for p in out.pixels_mut() {
+        *p = Rgb([level[p.0[0] as usize]; 3]);
+    }
+    out
+}
+
 /// The luminance of `stylized` (RGB, 0..255) with the chroma of `content`.
 fn luma_with_chroma(stylized: [f64; 3], content: [u8; 3]) -> [f64; 3] {
     let [luma, _, _] = to_ycbcr(stylized);
@@ -765,6 +814,52 @@ mod tests {
             .to_string()
             .starts_with("output"));
         assert!(load(&dir.path().join("missing.png")).is_err());
+    }
+
+    /// The style's luminance takes the content's mean and deviation; a linear change of the style's
+    /// brightness and contrast changes nothing beyond rounding, its grey image nothing at all.
+    #[test]
+    fn matched_luminance_takes_the_content_s_mean_and_deviation() {
+        let style = RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8])
+        });
+        let content = RgbImage::from_fn(50, 20, |x, y| {
+            image::Rgb([100 + (x * 2) as u8, 120 + y as u8, 90 + (x % 7) as u8 * 5])
+        });
+        let stats = |img: &RgbImage| mean_and_deviation(&luminance_histogram(img));
+        let matched = matched_luminance(&style, &content);
+        assert!(matched
+            .pixels()
+            .all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]));
+        let ((m, d), (mc, dc)) = (stats(&matched), stats(&content));
+        assert!(
+            (m - mc).abs() < 0.5 && (d - dc).abs() < 0.5,
+            "{m} {d} vs {mc} {dc}"
+        );
+        assert_eq!(matched_luminance(&luminance(&style), &content), matched);
+        // the style darkened and flattened: the same image within rounding
+        let dim = RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb(
+                style
+                    .get_pixel(x, y)
+                    .0
+                    .map(|v| (f64::from(v) * 0.4 + 20.0).round() as u8),
+            )
+        });
+        let from_dim = matched_luminance(&dim, &content);
+        let worst = from_dim
+            .pixels()
+            .zip(matched.pixels())
+            .map(|(a, b)| a.0[0].abs_diff(b.0[0]))
+            .max();
+        assert!(worst <= Some(3), "{worst:?}");
+        assert!(stats(&dim).0 < stats(&style).0 - 20.0);
+        // one level: the content's mean
+        let flat = RgbImage::from_pixel(4, 4, image::Rgb([9, 9, 9]));
+        let mean = mc.round() as u8;
+        assert!(matched_luminance(&flat, &content)
+            .pixels()
+            .all(|p| p.0 == [mean; 3]));
     }
 
     #[test]

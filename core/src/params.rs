@@ -284,8 +284,8 @@ macro_rules! render_options {
             /// Keep the content's colours (the output's luminance with the content's chroma).
             original_colors: bool = false, Range::Any, sweep: false;
             /// Luminance-only transfer (Gatys et al. 2016): content, style and init enter as their luminance
-            /// (each scale starts from the luminance of the one before), and the result's luminance gets the
-            /// content's chroma back.
+            /// (each scale starts from the luminance of the one before; the style's matched to the content's
+            /// mean and deviation), and the result's luminance gets the content's chroma back.
             luminance_only: bool = false, Range::Any, sweep: false;
             /// Tiled jobs: each tile matches the style's Gram matrices alone, ALGORITHM.md's global targets,
             /// instead of those plus the tile's own deviation from its canvas at the start of the scale (the

@@ -155,7 +155,8 @@ impl Engine {
             let mut grams: Vec<Option<Tensor>> = params.style_layers.iter().map(|_| None).collect();
             for (img, w) in styles.iter().zip(params.blend_weights(styles.len())) {
                 // luminance-only: the style's luminance, then resized (so that a grey image of it is the
-                // same style, bit for bit)
+                // same style, bit for bit); a render's styles are that luminance matched to its content's
+                // already ([`RenderJob::new`]: the luminance of a grey image is itself)
                 let img = match params.luminance_only {
                     true => imaging::resize_longest(&imaging::luminance(img), side),
                     false => imaging::resize_longest(img, side),

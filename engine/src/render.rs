@@ -55,8 +55,22 @@ pub struct PreviousFrameImages {
 
 impl RenderJob {
     /// A render of `content` in the style of `styles`, its style targets sized for each scale's working size
-    /// (`style_longest: None`) and its objective evaluated on the whole image (`block: None`).
+    /// (`style_longest: None`) and its objective evaluated on the whole image (`block: None`). With
+    /// luminance-only transfer, the styles are their luminance matched to the content's
+    /// ([`imaging::matched_luminance`]).
     pub fn new(
+        content: RgbImage,
+        styles: Vec<RgbImage>,
+        init_image: Option<RgbImage>,
+        params: RenderParams,
+    ) -> RenderJob {
+        let styles = styles_for(styles, &content, &params);
+        RenderJob::with_styles(content, styles, init_image, params)
+    }
+
+    /// [`RenderJob::new`] with `styles` as they are: already those of [`styles_for`] (a tile's, matched to
+    /// the whole content and not to its window).
+    pub(crate) fn with_styles(
         content: RgbImage,
         styles: Vec<RgbImage>,
         init_image: Option<RgbImage>,
@@ -73,6 +87,23 @@ impl RenderJob {
             shard: None,
         }
     }
+}
+
+/// The style images as a render of `content` takes them: as given or, with luminance-only transfer
+/// ([`RenderParams::luminance_only`]), each one's luminance matched to the content's
+/// ([`imaging::matched_luminance`], Gatys et al. 2016).
+pub(crate) fn styles_for(
+    styles: Vec<RgbImage>,
+    content: &RgbImage,
+    params: &RenderParams,
+) -> Vec<RgbImage> {
+    if !params.luminance_only {
+        return styles;
+    }
+    styles
+        .iter()
+        .map(|style| imaging::matched_luminance(style, content))
+        .collect()
 }
 
 impl RenderJob {

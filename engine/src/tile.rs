@@ -92,9 +92,11 @@ pub fn tile_job(
     params.size = r.width.max(r.height);
     params.scales = 1;
     params.scale_iterations.clear();
+    // luminance-only: the styles matched to the whole content, as an untiled render's are
+    let styles = crate::render::styles_for(styles, content, &params);
     let job = RenderJob {
         style_longest: Some(cw.max(ch)),
-        ..RenderJob::new(
+        ..RenderJob::with_styles(
             imaging::resize_window(content, (cw, ch), window)?,
             styles,
             Some(imaging::resize_window(init, (cw, ch), window)?),

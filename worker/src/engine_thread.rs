@@ -35,6 +35,10 @@ pub struct StyleKey {
     pub block: Option<u32>,
     /// A tile's canvas, whose Gram matrices its targets are offset by.
     pub tile_canvas: Option<TileCanvas>,
+    /// The content's sha256, with luminance-only transfer: the styles' luminance is matched to the
+    /// content's ([`stylefarm_core::imaging::matched_luminance`]), so their targets depend on it. `None`
+    /// otherwise.
+    pub luminance_of: Option<ImageHash>,
 }
 
 /// The canvas of a tile at the start of its scale: the previous scale's result (`init`, its hash) resampled
@@ -64,8 +68,10 @@ enum TargetKey {
         layers: Vec<Layer>,
         pooling: Pooling,
         block: Option<u32>,
-        /// Luminance-only transfer's Grams are those of the images' luminance.
+        /// Luminance-only transfer's Grams are those of the images' luminance, matched to the content's
+        /// ([`StyleKey::luminance_of`]).
         luminance_only: bool,
+        luminance_of: Option<ImageHash>,
     },
     /// A tile's canvas at the start of its scale ([`Engine::canvas_grams`]): the previous scale's hash.
     Canvas {
@@ -267,6 +273,7 @@ impl Resident {
                     pooling: params.pooling,
                     block: req.style.block,
                     luminance_only: params.luminance_only,
+                    luminance_of: req.style.luminance_of.clone(),
                 },
                 || engine.style_grams(&req.job.styles, side, params, req.style.block),
             )?;
@@ -445,6 +452,7 @@ mod tests {
             styles: vec![ImageHash::of(style_key.as_bytes())],
             block: None,
             tile_canvas: None,
+            luminance_of: None,
         };
         let (progress, _) = watch::channel(None);
         engine

@@ -538,6 +538,7 @@ async fn run_task(
         styles: task.styles.clone(),
         block: None,
         tile_canvas: None,
+        luminance_of: task.params.luminance_only.then(|| task.content.clone()),
     };
     // copying the images into the job (a large content: tens of ms) and resampling a tile are CPU work:
     // off the async threads
