@@ -680,18 +680,21 @@ pub const TEMPORAL_TOLERANCE: u8 = 12;
 /// in Neural Artistic Style Transfer").
 pub fn luminance(img: &RgbImage) -> RgbImage {
     RgbImage::from_fn(img.width(), img.height(), |x, y| {
-        let [luma, _, _] = to_ycbcr(img.get_pixel(x, y).0.map(f64::from));
-        let v = luma.round().clamp(0.0, 255.0) as u8;
-        Rgb([v, v, v])
+        Rgb([luma_level(img.get_pixel(x, y).0); 3])
     })
+}
+
+/// A pixel's luminance level: Y of full-range BT.601 YCbCr, rounded.
+fn luma_level(rgb: [u8; 3]) -> u8 {
+    let [luma, _, _] = to_ycbcr(rgb.map(f64::from));
+    luma.round().clamp(0.0, 255.0) as u8
 }
 
 /// How many pixels of `img` have each luminance level ([`luminance`]'s, rounded).
 fn luminance_histogram(img: &RgbImage) -> [u64; 256] {
     let mut histogram = [0u64; 256];
     for p in img.pixels() {
-        let [luma, _, _] = to_ycbcr(p.0.map(f64::from));
-        histogram[luma.round().clamp(0.0, 255.0) as usize] += 1;
+        histogram[usize::from(luma_level(p.0))] += 1;
     }
     histogram
 }
@@ -719,7 +722,9 @@ fn mean_and_deviation(histogram: &[u64; 256]) -> (f64, f64) {
 /// and clamped to 0..255, so that the style gives its texture and not its brightness or contrast. A style of
 /// one level becomes the content's mean. A grey image of the style's luminance gives the same image.
 pub fn matched_luminance(style: &RgbImage, content: &RgbImage) -> RgbImage {
-    let (mu_s, sigma_s) = mean_and_deviation(&luminance_histogram(style));
+    let mut out = luminance(style);
+    // out is grey: its levels are the style's luminance levels
+    let (mu_s, sigma_s) = mean_and_deviation(&luminance_histogram(&out));
     let (mu_c, sigma_c) = mean_and_deviation(&luminance_histogram(content));
     let gain = if sigma_s > 0.0 {
         sigma_c / sigma_s
@@ -728,7 +733,6 @@ pub fn matched_luminance(style: &RgbImage, content: &RgbImage) -> RgbImage {
     };
     let level: [u8; 256] =
         std::array::from_fn(|v| (gain * (v as f64 - mu_s) + mu_c).round().clamp(0.0, 255.0) as u8);
-    let mut out = luminance(style);
     for p in out.pixels_mut() {
         *p = Rgb([level[p.0[0] as usize]; 3]);
     }
