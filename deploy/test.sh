@@ -3,11 +3,17 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+# each step's wall time, on stderr when it ends (where CI's time goes)
+step_start=$SECONDS
+took() { echo "test.sh: $1 took $((SECONDS - step_start)) s" >&2; step_start=$SECONDS; }
 bash deploy/setup.sh
+took set-up
 cargo fmt --all --check
 cargo clippy --locked --all-targets -- -D warnings
+took clippy
 # the API docs, links checked
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
+took rustdoc
 # the build for machines that only submit (and the coordinator's): no libtorch anywhere in its graph
 cargo clippy --locked -p stylefarm --no-default-features --features client -- -D warnings
 if cargo tree --locked -p stylefarm --no-default-features --features client -e normal,build \
@@ -15,6 +21,7 @@ if cargo tree --locked -p stylefarm --no-default-features --features client -e n
     echo "stylefarm --features client depends on libtorch" >&2
     exit 1
 fi
+took "client-only clippy"
 # Debian's packages the tests run: redis-server (the Redis store's tests start servers of their own),
 # chromium and chromium-driver (the status page's browser test)
 missing=()
@@ -34,8 +41,10 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 if ! command -v s3s-fs >/dev/null; then
     cargo install --locked s3s-fs@0.14.1 --features binary
 fi
+took "apt and s3s-fs"
 # the deployment files: rendered and checked against their schemas, offline
 bash deploy/check-deploy.sh
+took "deploy checks"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
@@ -44,5 +53,7 @@ fi
 # the binary the end-to-end tests run, and the tests, in one build with one feature set: nextest then
 # compiles nothing again (a separate `-p stylefarm` build compiled the workspace twice, about 3 minutes)
 cargo build --locked --workspace --bins --tests --features stylefarm/failpoints,stylefarm-worker/failpoints
+took "build of the tests"
 cargo nextest run --locked --workspace --features stylefarm/failpoints,stylefarm-worker/failpoints \
     --no-fail-fast
+took tests
