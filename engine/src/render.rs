@@ -68,9 +68,9 @@ impl RenderJob {
         RenderJob::with_styles(content, styles, init_image, params)
     }
 
-    /// [`RenderJob::new`] with `styles` as they are: already those of [`styles_for`] (a tile's, matched to
-    /// the whole content and not to its window).
-    pub(crate) fn with_styles(
+    /// [`RenderJob::new`] with `styles` as they are: already those of [`styles_for`] (a worker's, matched
+    /// once for all the tasks of a content; a tile's, matched to the whole content and not to its window).
+    pub fn with_styles(
         content: RgbImage,
         styles: Vec<RgbImage>,
         init_image: Option<RgbImage>,
@@ -92,7 +92,7 @@ impl RenderJob {
 /// The style images as a render of `content` takes them: as given or, with luminance-only transfer
 /// ([`RenderParams::luminance_only`]), each one's luminance matched to the content's
 /// ([`imaging::matched_luminance`], Gatys et al. 2016).
-pub(crate) fn styles_for(
+pub fn styles_for(
     styles: Vec<RgbImage>,
     content: &RgbImage,
     params: &RenderParams,

@@ -163,6 +163,41 @@ impl ImageCache {
         self.insert(hash.clone(), img.clone());
         Ok(img)
     }
+
+    /// The style images as a render of `content` takes them ([`stylefarm_engine::render::styles_for`]):
+    /// with luminance-only transfer each style's luminance matched to the content's, computed (O(content +
+    /// style pixels)) once per worker and kept here under a key of its own, so a tiled job's tiles do not
+    /// each pay for the whole content.
+    async fn styles_for(
+        &mut self,
+        styles: &[(ImageHash, Arc<RgbImage>)],
+        (content_hash, content): (&ImageHash, &Arc<RgbImage>),
+        params: &stylefarm_core::RenderParams,
+    ) -> Result<Vec<Arc<RgbImage>>, Failure> {
+        if !params.luminance_only {
+            return Ok(styles.iter().map(|(_, img)| img.clone()).collect());
+        }
+        let mut matched = Vec::with_capacity(styles.len());
+        for (hash, style) in styles {
+            let key =
+                ImageHash::of(format!("luminance of {hash} matched to {content_hash}").as_bytes());
+            if let Some(img) = self.lookup(&key) {
+                matched.push(img);
+                continue;
+            }
+            let (style, content, params) = (style.clone(), content.clone(), params.clone());
+            let img = tokio::task::spawn_blocking(move || {
+                let styles = vec![(*style).clone()];
+                stylefarm_engine::render::styles_for(styles, &content, &params).remove(0)
+            })
+            .await
+            .map_err(|e| Failure::Transient(format!("matching the style's luminance: {e}")))?;
+            let img = Arc::new(img);
+            self.insert(key, img.clone());
+            matched.push(img);
+        }
+        Ok(matched)
+    }
 }
 
 /// Connects to the first of `urls` (comma-separated: an active coordinator and its standbys, which listen
@@ -506,10 +541,18 @@ async fn run_task(
     let mut inputs = Vec::new();
     for hash in std::iter::once(&task.content).chain(&task.styles) {
         match cache.get(client, hash).await {
-            Ok(img) => inputs.push(img),
+            Ok(img) => inputs.push((hash.clone(), img)),
             Err(failure) => return Outcome::Failed(failure),
         }
     }
+    let content = inputs[0].1.clone();
+    let styles = match cache
+        .styles_for(&inputs[1..], (&task.content, &content), &task.params)
+        .await
+    {
+        Ok(styles) => styles,
+        Err(failure) => return Outcome::Failed(failure),
+    };
     let (init_hash, init_image) = match &task.params.init {
         Init::Image(hash) => match cache.get(client, hash).await {
             Ok(img) => (Some(hash.clone()), Some(img)),
@@ -557,9 +600,9 @@ async fn run_task(
             Arc::new(std::sync::Mutex::new(remote)) as stylefarm_engine::shard::SharedExchange
         });
     let prepare = tokio::task::spawn_blocking({
-        let (inputs, init) = (inputs.clone(), init_image.clone());
+        let init = init_image.clone();
         move || {
-            let styles: Vec<RgbImage> = inputs[1..].iter().map(|i| (**i).clone()).collect();
+            let styles: Vec<RgbImage> = styles.iter().map(|i| (**i).clone()).collect();
             match &scale {
                 None => Ok((
                     RenderJob {
@@ -567,8 +610,8 @@ async fn run_task(
                             content: (*p[0]).clone(),
                             result: (*p[1]).clone(),
                         }),
-                        ..RenderJob::new(
-                            (*inputs[0]).clone(),
+                        ..RenderJob::with_styles(
+                            (*content).clone(),
                             styles,
                             init.map(|i| (*i).clone()),
                             task.params,
@@ -577,7 +620,7 @@ async fn run_task(
                     None,
                 )),
                 Some(t) => stylefarm_engine::tile::tile_job(
-                    &inputs[0],
+                    &content,
                     styles,
                     init.as_deref(),
                     task.params,
@@ -752,5 +795,51 @@ mod tests {
         // one image larger than the budget still stays, alone
         cache.insert(ImageHash::of(b"big"), Arc::new(RgbImage::new(200, 200)));
         assert_eq!(cache.images.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn luminance_matched_styles_are_computed_once_per_content() {
+        let mut cache = ImageCache::new(1 << 20);
+        let image = |k: u32| {
+            Arc::new(RgbImage::from_fn(16, 12, |x, y| {
+                image::Rgb([(x * k) as u8, (y * 2 * k) as u8, ((x + y) * k) as u8])
+            }))
+        };
+        let (content, other, style) = (image(9), image(3), image(5));
+        let (content_hash, other_hash) = (ImageHash::of(b"content"), ImageHash::of(b"other"));
+        let styles = [(ImageHash::of(b"style"), style.clone())];
+        let params = stylefarm_core::RenderParams {
+            luminance_only: true,
+            ..Default::default()
+        };
+        let first = cache
+            .styles_for(&styles, (&content_hash, &content), &params)
+            .await
+            .unwrap();
+        assert_eq!(*first[0], imaging::matched_luminance(&style, &content));
+        assert_ne!(
+            *first[0],
+            imaging::luminance(&style),
+            "matched, not the style's own"
+        );
+        // the next task of the same content takes the same image, not a new match
+        let again = cache
+            .styles_for(&styles, (&content_hash, &content), &params)
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&first[0], &again[0]));
+        // another content: its own match
+        let for_other = cache
+            .styles_for(&styles, (&other_hash, &other), &params)
+            .await
+            .unwrap();
+        assert_eq!(*for_other[0], imaging::matched_luminance(&style, &other));
+        assert_ne!(*for_other[0], *first[0]);
+        // without luminance-only: the style itself
+        let plain = cache
+            .styles_for(&styles, (&content_hash, &content), &Default::default())
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&plain[0], &style));
     }
 }
