@@ -1822,7 +1822,9 @@ async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_wo
 /// succeeds with the scale's shards rendered whole again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_whose_worker_is_killed_restarts_its_group() {
-    let (mut cluster, id, status) = two_shards_rendering("4,30").await;
+    // 12 iterations: a shard waits at its next exchange for its group's sums, so the survivor cannot run
+    // ahead of the killed shard; more iterations only lengthen the restarted group's render
+    let (mut cluster, id, status) = two_shards_rendering("4,12").await;
     // a spare worker joins (the scale's shards are planned already), then shard 0's worker dies
     cluster.add_worker("w3");
     let doomed = status.tasks[1].worker_id.clone();
