@@ -699,7 +699,7 @@ async fn a_standby_coordinator_takes_over_when_the_active_one_is_killed() {
         .and_then(|l| l.local_addr())
         .unwrap();
     let standby_log = cluster.dir.path().join("standby.log");
-    let mut standby = std::process::Command::new(stylefarm_tests::binary())
+    let mut standby = stylefarm_tests::stylefarm()
         .args([
             "coordinator",
             "--listen",

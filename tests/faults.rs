@@ -14,7 +14,7 @@ use stylefarm_coordinator::blobs::S3Server;
 use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    binary, is, job, path, shared_image, submit, wait_for, wait_iteration, wait_job,
+    is, job, path, shared_image, stylefarm, submit, wait_for, wait_iteration, wait_job,
     wait_registered, wait_state, Cluster,
 };
 use tonic::Code;
@@ -563,7 +563,7 @@ async fn submit_repeated_after_a_killed_client(backend: Backend) {
     ));
     cluster.start_coordinator();
     let args = spec_args(1);
-    let mut doomed = Command::new(binary())
+    let mut doomed = stylefarm()
         .arg("submit")
         .args(&args)
         .args(["--request-id", "killed-client"])

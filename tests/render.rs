@@ -10,7 +10,7 @@ use serde_json::Value;
 use stylefarm_tests::{pixel_difference, shared_image};
 
 fn stylefarm(args: &[&str]) -> Output {
-    Command::new(stylefarm_tests::binary())
+    stylefarm_tests::stylefarm()
         .args(args)
         .env("STYLEFARM_DEVICE", "cpu")
         .output()

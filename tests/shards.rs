@@ -38,6 +38,7 @@ fn exchanges(n: usize) -> Vec<SharedExchange> {
 /// each shard's own rows, the same gradient, up to the order the Gram sums are added in.
 #[test]
 fn shards_evaluate_the_whole_canvas_objective_and_gradient() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     let (content, style) = images();
     let (w, h) = content.dimensions();
@@ -134,6 +135,7 @@ fn shards_evaluate_the_whole_canvas_objective_and_gradient() {
 /// shards are the whole canvas' render, up to rounding.
 #[test]
 fn two_shards_render_what_one_worker_renders_with_adam() {
+    stylefarm_tests::one_libtorch_thread();
     two_shards_render_what_one_worker_renders(Optimizer::Adam);
 }
 
@@ -145,6 +147,7 @@ fn two_shards_render_what_one_worker_renders_with_adam() {
 /// own rows (a bug) by max 52, mean 4.9.
 #[test]
 fn two_shards_render_what_one_worker_renders_with_lbfgs() {
+    stylefarm_tests::one_libtorch_thread();
     two_shards_render_what_one_worker_renders(Optimizer::Lbfgs);
 }
 

@@ -8,6 +8,7 @@ use stylefarm_tests::{shared_image, weights};
 
 #[test]
 fn blocked_style_grams_match_the_one_pass_grams() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     let style = imaging::load(&shared_image("starry_night.jpg")).unwrap();
     let params = RenderParams::default();
@@ -44,6 +45,7 @@ fn blocked_style_grams_match_the_one_pass_grams() {
 /// gradient, 4e-8 in the style loss; blocks of 128 px (24 blocks, 32 px of halo) 3e-4, 8e-5 and 1e-6.
 #[test]
 fn blocked_objective_and_gradient_match_the_one_pass_ones() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     let content = imaging::resize(
         &imaging::load(&shared_image("tubingen.jpg")).unwrap(),
@@ -91,6 +93,7 @@ fn blocked_objective_and_gradient_match_the_one_pass_ones() {
 /// objective: its losses and gradient against the default layout's, after a warm-up in both.
 #[test]
 fn the_channels_last_layout_gives_the_same_objective() {
+    stylefarm_tests::one_libtorch_thread();
     use stylefarm_engine::EngineOptions;
     let content = imaging::resize(
         &imaging::load(&shared_image("tubingen.jpg")).unwrap(),

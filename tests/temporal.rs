@@ -37,6 +37,7 @@ fn frame_job(
 
 #[test]
 fn the_temporal_loss_holds_unchanged_pixels_to_the_previous_result_and_no_others() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     assert_eq!(engine.vgg().preprocessing(), Preprocessing::Caffe);
     let content =
@@ -111,6 +112,7 @@ fn columns(img: &RgbImage, x: u32, width: u32) -> RgbImage {
 
 #[test]
 fn a_panning_frame_is_held_to_the_previous_result_moved_with_the_pan() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     // the camera pans 4 px right: this frame's pixel (x, y) is the previous frame's (x + 4, y)
     let wide = imaging::resize_longest(&imaging::load(&shared_image("tubingen.jpg")).unwrap(), 68);

@@ -28,6 +28,26 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// libtorch's CPU threads in a test's processes: one. nextest runs two tests at a time on CI's two cores,
+/// and a process per node, so each engine with a thread per core oversubscribed them: measured with
+/// tests/shards.rs (3 tests, 2 at a time, 2 cores), 297 s of CPU and 155 s wall with a thread per core,
+/// 194 s and 104 s with one.
+pub const LIBTORCH_THREADS: i32 = 1;
+
+/// A command running the `stylefarm` binary under test with [`LIBTORCH_THREADS`] (through
+/// `OMP_NUM_THREADS`, which libtorch reads for its default; a worker's `--threads` or `local` overrides it).
+pub fn stylefarm() -> Command {
+    let mut command = Command::new(binary());
+    command.env("OMP_NUM_THREADS", LIBTORCH_THREADS.to_string());
+    command
+}
+
+/// Sets this test process' libtorch CPU threads to [`LIBTORCH_THREADS`]: for tests that run the engine
+/// in-process (each thread that calls into libtorch takes it up).
+pub fn one_libtorch_thread() {
+    tch::set_num_threads(LIBTORCH_THREADS);
+}
+
 /// The repository's root.
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -36,10 +56,7 @@ pub fn repo() -> PathBuf {
 /// The VGG19 weights the set-up installed (`stylefarm weights path`): for tests that load the engine
 /// themselves.
 pub fn weights() -> PathBuf {
-    let out = std::process::Command::new(binary())
-        .args(["weights", "path"])
-        .output()
-        .unwrap();
+    let out = stylefarm().args(["weights", "path"]).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -191,10 +208,12 @@ impl Cluster {
         let mut command = match self.coordinator_wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(binary());
+                c.args(args)
+                    .arg(binary())
+                    .env("OMP_NUM_THREADS", LIBTORCH_THREADS.to_string());
                 c
             }
-            None => Command::new(binary()),
+            None => stylefarm(),
         };
         let mut child = command
             .args(["coordinator", "--listen", &self.addr, "--data-dir"])
@@ -226,7 +245,7 @@ impl Cluster {
         self.coordinator = Some(Node { child, log });
     }
 
-    /// Starts a CPU worker named `name` (one libtorch thread) against the coordinator.
+    /// Starts a CPU worker named `name` against the coordinator.
     pub fn add_worker(&mut self, name: &str) {
         self.add_worker_with_env(name, &[]);
     }
@@ -235,7 +254,7 @@ impl Cluster {
     /// built with the `failpoints` feature: deploy/test.sh).
     pub fn add_worker_with_env(&mut self, name: &str, env: &[(&str, &str)]) {
         let log = self.dir.path().join(format!("{name}.log"));
-        let child = Command::new(binary())
+        let child = stylefarm()
             .envs(env.iter().copied())
             .args([
                 "worker",
@@ -245,9 +264,6 @@ impl Cluster {
                 "cpu",
                 "--name",
                 name,
-                // one libtorch thread each: tests run side by side on few cores
-                "--threads",
-                "1",
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -270,7 +286,7 @@ impl Cluster {
 
     /// Runs the CLI against this cluster; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(binary())
+        let out = stylefarm()
             .args(args)
             .env("STYLEFARM_COORDINATOR", &self.url)
             .envs(self.cli_env.iter().map(|(k, v)| (k, v)))
