@@ -1630,13 +1630,13 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
     cluster.add_worker_with_env("w1", &[("STYLEFARM_WORKER_TAGS", "solo")]);
     cluster.add_worker("w2");
     wait_registered(&cluster, 2).await;
-    let render = |name: &str, extra: &[&str]| {
+    let render = |name: &str, scale_iterations: &str, extra: &[&str]| {
         let out = cluster.dir.path().join(name);
         let (ok, stdout, err) = cluster.cli(
             &[
                 &["submit", "--content", &path("tubingen.jpg")][..],
                 &["--style", &path("starry_night.jpg"), "--size", "256"],
-                &["--scale-iterations", "10,6"],
+                &["--scale-iterations", scale_iterations],
                 &[
                     "--tiled",
                     "--exact",
@@ -1657,7 +1657,7 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
         )
     };
     // both workers may take it: scale 2 (256 x 192 in 128-px blocks) is two shards
-    let (sharded_id, sharded) = render("sharded.png", &["--optimizer", "adam"]);
+    let (sharded_id, sharded) = render("sharded.png", "10,6", &["--optimizer", "adam"]);
     let status = job(&mut cluster.client().await, &sharded_id).await;
     assert_eq!(
         status.tasks.len(),
@@ -1683,15 +1683,19 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
         assert!(w.log_text().contains("exact: a shard of the canvas"));
     }
     // only w1 may take it: scale 2 is one task, the whole canvas in blocks
-    let (solo_id, solo) = render("solo.png", &["--optimizer", "adam", "--worker-tag", "solo"]);
+    let (solo_id, solo) = render(
+        "solo.png",
+        "10,6",
+        &["--optimizer", "adam", "--worker-tag", "solo"],
+    );
     let status = job(&mut cluster.client().await, &solo_id).await;
     assert_eq!(status.tasks.len(), 2);
     assert_eq!(status.tasks[1].tile.as_ref().map(|t| t.tiles), Some(1));
     let (max, mean) = pixel_difference(sharded.as_raw(), solo.as_raw());
     eprintln!("two shards against one worker: max {max}, mean {mean:.4} levels");
     assert!(max <= 2 && mean < 0.01, "max {max}, mean {mean}");
-    // L-BFGS (the default): two shards again, one a worker
-    let (lbfgs_id, _) = render("lbfgs.png", &[]);
+    // L-BFGS (the default): two shards again, one a worker; two iterations exchange its dot products
+    let (lbfgs_id, _) = render("lbfgs.png", "4,2", &[]);
     let status = job(&mut cluster.client().await, &lbfgs_id).await;
     assert_eq!(
         status.tasks.len(),
@@ -1768,8 +1772,9 @@ async fn two_shards_rendering(scale_iterations: &str) -> (Cluster, String, pb::J
 /// succeeds on the worker left, with no strike against it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_workers_left() {
-    // 12 iterations of the whole 256 x 192 canvas in 128-px blocks: about 30 s on one core
-    let (mut cluster, id, status) = two_shards_rendering("4,12").await;
+    // 6 iterations: the shards are killed past their third, and the whole 256 x 192 canvas in 128-px
+    // blocks then takes about 15 s on one core
+    let (mut cluster, id, status) = two_shards_rendering("4,6").await;
     let doomed = status.tasks[1].worker_id.clone();
     let index = if doomed.starts_with("w1") { 0 } else { 1 };
     cluster.workers[index].kill();
@@ -1822,9 +1827,10 @@ async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_wo
 /// succeeds with the scale's shards rendered whole again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_whose_worker_is_killed_restarts_its_group() {
-    // 12 iterations: a shard waits at its next exchange for its group's sums, so the survivor cannot run
-    // ahead of the killed shard; more iterations only lengthen the restarted group's render
-    let (mut cluster, id, status) = two_shards_rendering("4,12").await;
+    // 6 iterations, the shards killed past their third: a shard waits at its next exchange for its
+    // group's sums, so the survivor cannot run ahead of the killed shard; more iterations only lengthen
+    // the restarted group's render
+    let (mut cluster, id, status) = two_shards_rendering("4,6").await;
     // a spare worker joins (the scale's shards are planned already), then shard 0's worker dies
     cluster.add_worker("w3");
     let doomed = status.tasks[1].worker_id.clone();
