@@ -1668,7 +1668,8 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
         )
     };
     // both workers may take it: scale 2 (256 x 192 in 128-px blocks) is two shards
-    let (sharded_id, sharded) = render("sharded.png", "10,6", &["--optimizer", "adam"]);
+    let adam = "6,3";
+    let (sharded_id, sharded) = render("sharded.png", adam, &["--optimizer", "adam"]);
     let status = job(&mut cluster.client().await, &sharded_id).await;
     assert_eq!(
         status.tasks.len(),
@@ -1696,7 +1697,7 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
     // only w1 may take it: scale 2 is one task, the whole canvas in blocks
     let (solo_id, solo) = render(
         "solo.png",
-        "10,6",
+        adam,
         &["--optimizer", "adam", "--worker-tag", "solo"],
     );
     let status = job(&mut cluster.client().await, &solo_id).await;

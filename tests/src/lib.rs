@@ -22,7 +22,8 @@ pub fn binary() -> PathBuf {
         .join("stylefarm");
     assert!(
         bin.exists(),
-        "{} missing: build it first (cargo build -p stylefarm, as deploy/test.sh does) or set STYLEFARM_BIN",
+        "{} missing: build it first (cargo build --workspace --bins --tests --features \
+         stylefarm/failpoints,stylefarm-worker/failpoints, as deploy/test.sh does) or set STYLEFARM_BIN",
         bin.display()
     );
     bin
