@@ -139,7 +139,6 @@ fn shards_evaluate_the_whole_canvas_objective_and_gradient() {
 /// shards are the whole canvas' render, up to rounding.
 #[test]
 fn two_shards_render_what_one_worker_renders_with_adam() {
-    stylefarm_tests::one_libtorch_thread();
     two_shards_render_what_one_worker_renders(Optimizer::Adam);
 }
 
@@ -152,11 +151,11 @@ fn two_shards_render_what_one_worker_renders_with_adam() {
 /// 4.9.
 #[test]
 fn two_shards_render_what_one_worker_renders_with_lbfgs() {
-    stylefarm_tests::one_libtorch_thread();
     two_shards_render_what_one_worker_renders(Optimizer::Lbfgs);
 }
 
 fn two_shards_render_what_one_worker_renders(optimizer: Optimizer) {
+    stylefarm_tests::one_libtorch_thread();
     let (content, style) = images();
     let (w, h) = content.dimensions();
     // the previous scale's result: the content, a little blurred

@@ -35,12 +35,17 @@ pub fn binary() -> PathBuf {
 /// 194 s and 104 s with one.
 pub const LIBTORCH_THREADS: i32 = 1;
 
-/// A command running the `stylefarm` binary under test with [`LIBTORCH_THREADS`] (through
-/// `OMP_NUM_THREADS`, which libtorch reads for its default; a worker's `--threads` or `local` overrides it).
+/// A command running the `stylefarm` binary under test with [`LIBTORCH_THREADS`].
 pub fn stylefarm() -> Command {
     let mut command = Command::new(binary());
-    command.env("OMP_NUM_THREADS", LIBTORCH_THREADS.to_string());
+    with_libtorch_threads(&mut command);
     command
+}
+
+/// Gives `command`'s process [`LIBTORCH_THREADS`] through `OMP_NUM_THREADS`, which libtorch reads for its
+/// default (a worker's `--threads` or `local` overrides it).
+fn with_libtorch_threads(command: &mut Command) -> &mut Command {
+    command.env("OMP_NUM_THREADS", LIBTORCH_THREADS.to_string())
 }
 
 /// Sets this test process' libtorch CPU threads to [`LIBTORCH_THREADS`]: for tests that run the engine
@@ -209,9 +214,7 @@ impl Cluster {
         let mut command = match self.coordinator_wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args)
-                    .arg(binary())
-                    .env("OMP_NUM_THREADS", LIBTORCH_THREADS.to_string());
+                with_libtorch_threads(c.args(args).arg(binary()));
                 c
             }
             None => stylefarm(),
