@@ -1835,8 +1835,8 @@ async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_wo
 }
 
 /// A shard's worker killed mid-scale: the other shard's exchange fails once the lost lease ends (a group
-/// failure: no strike against its worker), both shards start again on the workers left, and the job
-/// succeeds with the scale's shards rendered whole again.
+/// failure: no strike against its worker, and no attempt), both shards start again on the workers left,
+/// and the job succeeds with the scale's shards rendered whole again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_whose_worker_is_killed_restarts_its_group() {
     // 6 iterations, the shards killed past their third: a shard waits at its next exchange for its
@@ -1855,13 +1855,10 @@ async fn a_shard_whose_worker_is_killed_restarts_its_group() {
         Duration::from_secs(180),
     )
     .await;
+    // the killed shard's lost lease counts an attempt; the survivor's group failure gave its back
+    let attempts: Vec<u32> = done.tasks[1..].iter().map(|t| t.attempts).collect();
+    assert_eq!(attempts, [2, 1], "{done:?}");
     for t in &done.tasks[1..] {
-        assert!(
-            t.attempts >= 2,
-            "shard {}: {} attempt(s)",
-            t.index,
-            t.attempts
-        );
         assert!(
             !t.worker_id.starts_with(&doomed[..2]),
             "{} on {}",

@@ -133,8 +133,9 @@ pub struct TaskRecord {
     pub spec: TaskSpec,
     /// Where the task stands.
     pub state: TaskState,
-    /// Attempts so far: each lease counts one, when it is handed out; bounded by the job's max attempts (or
-    /// the scheduler's default).
+    /// Attempts so far: each lease counts one, when it is handed out, and gives it back when it fails only
+    /// because another shard's counted failure ended its group ([`crate::scheduler::FailureKind::Group`]);
+    /// bounded by the job's max attempts (or the scheduler's default).
     pub attempts: u32,
     /// The worker of the current or last attempt.
     pub worker: WorkerId,

@@ -137,6 +137,9 @@ struct LeaseInfo {
     deadline_ms: i64,
     cancel: bool,
     progress: Option<TaskProgress>,
+    /// A shard's lease whose group another shard's counted failure ended: its own failure as
+    /// [`FailureKind::Group`] costs no attempt (the other shard's failure was counted).
+    group_failure_owed: bool,
 }
 
 struct Job {
@@ -498,7 +501,11 @@ pub enum FailureKind {
     /// past its backoff with nobody else taking it (a farm of one worker, or of equal devices).
     OutOfMemory,
     /// Another task of its group failed or started again (a shard of an exact-mode scale, whose shards run
-    /// together and wait for each other): retried, the attempt counted, not a strike.
+    /// together and wait for each other): retried, not a strike. The attempt is not counted when another
+    /// shard's counted failure ended the group while this lease ran (at most once a lease): a farm that
+    /// loses a worker now and then loses each shard's attempts only for its own failures. Otherwise (a
+    /// group that did not form within [`crate::exchange::JOIN_TIMEOUT`], an exchange the coordinator
+    /// could not serve) it is counted, so that a group that cannot complete still runs out of attempts.
     Group,
 }
 
@@ -840,6 +847,7 @@ impl Scheduler {
                 deadline_ms,
                 cancel: false,
                 progress: None,
+                group_failure_owed: false,
             },
         );
         if starts_group {
@@ -1057,6 +1065,21 @@ impl Scheduler {
         } else {
             self.config.default_max_attempts
         };
+        if kind == FailureKind::Group && lease.group_failure_owed {
+            let task = &mut job.tasks[lease.index as usize];
+            task.attempts = task.attempts.saturating_sub(1);
+        } else if let Some(task) = job.tasks.get(lease.index as usize) {
+            // a counted failure of a shard: the others running now fail with the group, at no attempt
+            let shards: Vec<u32> = shard_group(job, task)
+                .filter(|t| t.index != lease.index && t.state == TaskState::Running)
+                .map(|t| t.index)
+                .collect();
+            for index in shards {
+                if let Some(other) = job.leases.get(&index).and_then(|id| st.leases.get_mut(id)) {
+                    other.group_failure_owed = true;
+                }
+            }
+        }
         let task = &mut job.tasks[lease.index as usize];
         if task.error != error {
             task.error = error.to_string();
@@ -2530,7 +2553,16 @@ mod tests {
     /// shards (at most 3: 1024 px tall in 512-px blocks); its scheduler
     /// with the job, in `store`, and the shards' specs.
     fn sharded_job(store: Arc<dyn Store>, workers: usize) -> (Scheduler, JobId, JobSpec) {
-        let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        sharded_job_with(SchedulerConfig::default(), store, workers)
+    }
+
+    /// [`sharded_job`] under `config`.
+    fn sharded_job_with(
+        config: SchedulerConfig,
+        store: Arc<dyn Store>,
+        workers: usize,
+    ) -> (Scheduler, JobId, JobSpec) {
+        let s = Scheduler::new(config, store).unwrap();
         let spec = JobSpec {
             kind: JobKind::Tiled(stylefarm_core::tiling::Tiling {
                 exact: true,
@@ -2592,6 +2624,70 @@ mod tests {
         s.cancel(&job).unwrap();
         let view = s.get(&job).unwrap();
         assert!(crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t)).is_empty());
+    }
+
+    /// Each shard's attempts count its own failures. A shard that fails with its group because another
+    /// shard's worker was lost keeps its attempt: with 3 attempts a task, a scale whose workers are lost
+    /// three times, alternately under each shard, still runs (before, the third loss failed the job). A
+    /// group failure that no counted failure explains (a group that did not form) is counted.
+    #[test]
+    fn a_shard_that_fails_with_its_group_keeps_its_attempt() {
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..Default::default()
+        };
+        let (s, job, _) = sharded_job_with(config, Arc::new(MemoryStore::default()), 2);
+        let (a, b) = (w("a"), w("b"));
+        let both = || {
+            let _free = s.idle(&b, &[]);
+            let first = s.lease(&a).unwrap().unwrap();
+            let second = s.lease(&b).unwrap().unwrap();
+            (first, second)
+        };
+        let attempts = || -> Vec<u32> {
+            let view = s.get(&job).unwrap();
+            view.tasks[1..].iter().map(|(t, _)| t.attempts).collect()
+        };
+        for round in 0..3 {
+            let (first, second) = both();
+            let (lost, with_it) = if round % 2 == 0 {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            s.fail(
+                &lost.lease_id,
+                "lease expired (worker lost)",
+                FailureKind::Retryable,
+            )
+            .unwrap();
+            s.fail(
+                &with_it.lease_id,
+                "the group starts again",
+                FailureKind::Group,
+            )
+            .unwrap();
+        }
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Running);
+        assert_eq!(attempts(), [2, 1], "shard 1 was lost twice, shard 2 once");
+        // no counted failure behind it: a group failure is counted (the third attempt of shard 1: the job
+        // fails)
+        let (first, _) = both();
+        assert_eq!(attempts(), [3, 2]);
+        s.fail(
+            &first.lease_id,
+            "1 of 2 shards joined within 600 s",
+            FailureKind::Group,
+        )
+        .unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert!(
+            view.meta.error.contains("after 3 attempt(s): 1 of 2"),
+            "{}",
+            view.meta.error
+        );
+        assert_eq!(s.counts(), s.counts_walked());
     }
 
     /// A scale's shards start together, on as many free workers, and once one runs the others come before
