@@ -136,14 +136,21 @@ impl Coordinator {
         if !matches!(view.meta.spec.kind, JobKind::Sweep(_)) {
             return;
         }
-        let tiles: Result<Vec<_>, Error> = view
-            .tasks
-            .iter()
-            .map(|(t, _)| Ok((self.result_image(t)?, t.spec.label.clone())))
-            .collect();
+        // the results' sizes from their headers; then each decoded in turn, as the sheet takes it
+        let cells: Result<Vec<_>, Error> =
+            view.tasks
+                .iter()
+                .map(|(t, _)| {
+                    let hash = t.result.as_ref().ok_or_else(|| {
+                        Error::Internal(format!("task {} has no result", t.index))
+                    })?;
+                    let (w, h) = self.dimensions(hash)?;
+                    Ok((w, h, t.spec.label.clone()))
+                })
+                .collect();
         let using = self.blobs.begin_use();
-        let stored = tiles
-            .and_then(|tiles| sheet::contact_sheet(&tiles))
+        let stored = cells
+            .and_then(|cells| sheet::contact_sheet(&cells, |i| self.result_image(&view.tasks[i].0)))
             .and_then(|png| Ok(using.put(&png)?));
         match stored {
             Ok(hash) => {

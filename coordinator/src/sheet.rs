@@ -87,59 +87,120 @@ fn draw_text(img: &mut RgbImage, text: &str, x: u32, y: u32, color: Rgb<u8>) {
     }
 }
 
-/// Splits a label into lines that fit `width` pixels, at spaces.
+/// The longest side of a contact sheet, in pixels (RGB: 201 MB at most). A sweep of many points gets
+/// smaller cells: its thumbnails are scaled down (aspect kept) and its labels wrap sooner. A sheet of 9
+/// points of 512 px is 1568 px wide; one of 10,000 points ([`stylefarm_core::job::MAX_TASKS_PER_JOB`])
+/// has 100 x 100 cells 73 px wide.
+pub(crate) const MAX_SHEET_SIDE: u32 = 8192;
+
+/// Most lines of a label under its thumbnail: a longer label ends in `..`.
+const MAX_LABEL_LINES: usize = 4;
+
+/// Splits a label into lines of `width` pixels at most: at spaces, and a word longer than a line in
+/// pieces; at most [`MAX_LABEL_LINES`], the last ending in `..` when the label goes on.
 fn wrap(label: &str, width: u32) -> Vec<String> {
     let per_line = (width / GLYPH_W).max(1) as usize;
     let mut lines: Vec<String> = Vec::new();
-    for word in label.split(' ') {
+    let pieces = label.split(' ').flat_map(|word| {
+        let chars: Vec<char> = word.chars().collect();
+        let pieces: Vec<String> = chars.chunks(per_line).map(|c| c.iter().collect()).collect();
+        pieces
+    });
+    for piece in pieces {
+        let len = piece.chars().count();
         match lines.last_mut() {
-            Some(line) if line.len() + 1 + word.len() <= per_line => {
+            Some(line) if line.chars().count() + 1 + len <= per_line => {
                 line.push(' ');
-                line.push_str(word);
+                line.push_str(&piece);
             }
-            _ => lines.push(word.to_string()),
+            _ => lines.push(piece),
         }
+    }
+    if lines.len() > MAX_LABEL_LINES {
+        lines.truncate(MAX_LABEL_LINES);
+        let last = &mut lines[MAX_LABEL_LINES - 1];
+        let keep = per_line.saturating_sub(2).min(last.chars().count());
+        *last = last
+            .chars()
+            .take(keep)
+            .chain("..".chars())
+            .take(per_line)
+            .collect();
     }
     lines
 }
 
-/// The grid of `tiles` (about square), each with its label under it, as PNG bytes.
-pub(crate) fn contact_sheet(tiles: &[(RgbImage, String)]) -> Result<Vec<u8>, Error> {
-    if tiles.is_empty() {
+/// The grid of a sweep's results (about square), each with its label under it, as PNG bytes; no side
+/// longer than [`MAX_SHEET_SIDE`]. `cells` gives each result's width, height and label; `image(i)` decodes
+/// result `i` (once, in order: one result is in memory at a time, besides the sheet).
+pub(crate) fn contact_sheet(
+    cells: &[(u32, u32, String)],
+    image: impl FnMut(usize) -> Result<RgbImage, Error>,
+) -> Result<Vec<u8>, Error> {
+    sheet_within(MAX_SHEET_SIDE, cells, image)
+}
+
+/// [`contact_sheet`] with no side longer than `max_side` px.
+fn sheet_within(
+    max_side: u32,
+    cells: &[(u32, u32, String)],
+    mut image: impl FnMut(usize) -> Result<RgbImage, Error>,
+) -> Result<Vec<u8>, Error> {
+    if cells.is_empty() {
         return Err(Error::Internal("a contact sheet of no tiles".into()));
     }
-    let cols = (tiles.len() as f64).sqrt().ceil() as u32;
-    let rows = (tiles.len() as u32).div_ceil(cols);
-    // wide enough for the tiles and for the longest word of any label (labels wrap only at spaces)
-    let longest_word = tiles
+    let n = u32::try_from(cells.len())
+        .map_err(|_| Error::Internal(format!("a contact sheet of {} tiles", cells.len())))?;
+    let cols = (f64::from(n)).sqrt().ceil() as u32;
+    let rows = n.div_ceil(cols);
+    // wide enough for the results and for the longest word of any label, as the sheet's side allows
+    let longest_word = cells
         .iter()
-        .flat_map(|(_, l)| l.split(' '))
-        .map(|w| w.chars().count() as u32)
-        .max();
-    let cell_w = tiles
-        .iter()
-        .map(|(t, _)| t.width())
+        .flat_map(|(_, _, l)| l.split(' '))
+        .map(|w| u32::try_from(w.chars().count()).unwrap_or(u32::MAX))
         .max()
-        .unwrap_or(1)
-        .max(GLYPH_W * longest_word.unwrap_or(0).max(8));
-    let label_lines = tiles
+        .unwrap_or(0);
+    let widest = cells.iter().map(|c| c.0).max().unwrap_or(1);
+    let cell_w = widest
+        .max(GLYPH_W.saturating_mul(longest_word.max(8)))
+        .min(((max_side - PAD) / cols).saturating_sub(PAD))
+        .max(1);
+    let label_lines = cells
         .iter()
-        .map(|(_, l)| wrap(l, cell_w).len() as u32)
+        .map(|(_, _, l)| wrap(l, cell_w).len() as u32)
         .max()
         .unwrap_or(1);
-    let cell_h =
-        tiles.iter().map(|(t, _)| t.height()).max().unwrap_or(1) + PAD + label_lines * LINE_H;
-    let mut sheet = RgbImage::from_pixel(
-        cols * (cell_w + PAD) + PAD,
-        rows * (cell_h + PAD) + PAD,
-        Rgb([255, 255, 255]),
+    let under = PAD + label_lines * LINE_H;
+    let tallest = cells.iter().map(|c| c.1).max().unwrap_or(1);
+    let thumb_h = tallest
+        .min(((max_side - PAD) / rows).saturating_sub(PAD + under))
+        .max(1);
+    let cell_h = thumb_h + under;
+    let (width, height) = (
+        u64::from(cols) * u64::from(cell_w + PAD) + u64::from(PAD),
+        u64::from(rows) * u64::from(cell_h + PAD) + u64::from(PAD),
     );
-    for (i, (tile, label)) in tiles.iter().enumerate() {
+    if width.max(height) > u64::from(max_side) {
+        return Err(Error::Internal(format!(
+            "a contact sheet of {n} tiles would be {width}x{height} px: more than {max_side}"
+        )));
+    }
+    let mut sheet = RgbImage::from_pixel(width as u32, height as u32, Rgb([255, 255, 255]));
+    for (i, (_, _, label)) in cells.iter().enumerate() {
         let (x, y) = (
             PAD + (i as u32 % cols) * (cell_w + PAD),
             PAD + (i as u32 / cols) * (cell_h + PAD),
         );
-        image::imageops::overlay(&mut sheet, tile, i64::from(x), i64::from(y));
+        let mut tile = image(i)?;
+        if tile.width() > cell_w || tile.height() > thumb_h {
+            // scaled to fit its cell, its aspect kept
+            let scale = (f64::from(cell_w) / f64::from(tile.width()))
+                .min(f64::from(thumb_h) / f64::from(tile.height()));
+            let w = ((f64::from(tile.width()) * scale).round() as u32).clamp(1, cell_w);
+            let h = ((f64::from(tile.height()) * scale).round() as u32).clamp(1, thumb_h);
+            tile = image::imageops::thumbnail(&tile, w, h);
+        }
+        image::imageops::overlay(&mut sheet, &tile, i64::from(x), i64::from(y));
         for (n, line) in wrap(label, cell_w).iter().enumerate() {
             draw_text(
                 &mut sheet,
@@ -165,12 +226,10 @@ mod tests {
     fn sheet_places_every_tile_and_draws_labels() {
         let red = RgbImage::from_pixel(40, 30, Rgb([255, 0, 0]));
         let blue = RgbImage::from_pixel(40, 30, Rgb([0, 0, 255]));
-        let tiles = vec![
-            (red, "style_weight=10".to_string()),
-            (blue.clone(), "seed=1".into()),
-            (blue, "seed=2".into()),
-        ];
-        let png = contact_sheet(&tiles).unwrap();
+        let tiles = [red, blue.clone(), blue];
+        let labels = ["style_weight=10", "seed=1", "seed=2"];
+        let cells: Vec<_> = labels.iter().map(|l| (40, 30, l.to_string())).collect();
+        let png = contact_sheet(&cells, |i| Ok(tiles[i].clone())).unwrap();
         let sheet = image::load_from_memory(&png).unwrap().to_rgb8();
         let cell_w = GLYPH_W * 15; // the width of "style_weight=10"
         assert_eq!(
@@ -185,15 +244,55 @@ mod tests {
         );
         let dark = sheet.pixels().filter(|p| p.0 == [0, 0, 0]).count();
         assert!(dark > 100, "labels are drawn ({dark} black pixels)");
-        assert!(contact_sheet(&[]).is_err());
+        assert!(contact_sheet(&[], |_| unreachable!()).is_err());
+    }
+
+    /// A sweep's sheet stays within its bound ([`MAX_SHEET_SIDE`]; 1024 px here, for a quick test),
+    /// whatever its results' sizes, their number and their labels' length: its results are scaled down
+    /// (aspect kept) and long labels cut.
+    #[test]
+    fn sheet_of_many_large_results_with_long_labels_keeps_its_bounds() {
+        let long = format!("seed={}1", "0".repeat(100_000));
+        let mut cells = vec![(400, 200, long); 3];
+        cells.extend((0..13).map(|i| (400, 200, format!("style_weight={i}"))));
+        let result = RgbImage::from_pixel(400, 200, Rgb([0, 128, 0]));
+        let mut decoded = Vec::new();
+        let png = sheet_within(1024, &cells, |i| {
+            decoded.push(i);
+            Ok(result.clone())
+        })
+        .unwrap();
+        assert_eq!(
+            decoded,
+            (0..16).collect::<Vec<_>>(),
+            "each decoded once, in order"
+        );
+        let sheet = image::load_from_memory(&png).unwrap().to_rgb8();
+        // 4 x 4 cells of 246 px, under each result 4 lines of label: each result scaled to 246 x 123
+        let cell_w = (1024 - PAD) / 4 - PAD;
+        assert_eq!(cell_w, 246);
+        assert_eq!(sheet.width(), 4 * (cell_w + PAD) + PAD);
+        assert!(sheet.height() <= 1024, "{}", sheet.height());
+        let green = |x: u32, y: u32| *sheet.get_pixel(x, y) == Rgb([0, 128, 0]);
+        assert!(green(PAD, PAD) && green(PAD + 245, PAD + 122));
+        assert!(!green(PAD + 246, PAD) && !green(PAD, PAD + 124));
     }
 
     #[test]
-    fn labels_wrap_at_spaces() {
+    fn labels_wrap_at_spaces_and_long_words_in_pieces() {
         assert_eq!(
             wrap("style_weight=10 seed=1", GLYPH_W * 16),
             ["style_weight=10", "seed=1"]
         );
         assert_eq!(wrap("a b", GLYPH_W * 16), ["a b"]);
+        // a word longer than a line is cut in pieces; a label longer than 4 lines ends in ".."
+        assert_eq!(
+            wrap("seed=12345678", GLYPH_W * 5),
+            ["seed=", "12345", "678"]
+        );
+        assert_eq!(
+            wrap(&"x".repeat(100), GLYPH_W * 5),
+            ["xxxxx", "xxxxx", "xxxxx", "xxx.."]
+        );
     }
 }

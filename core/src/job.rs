@@ -15,6 +15,9 @@ pub use crate::ids::{ImageHash, TaskId};
 pub const MAX_TASKS_PER_JOB: usize = 10_000;
 /// Most content or style images of one job.
 pub const MAX_IMAGES_PER_JOB: usize = 1_000;
+/// Longest value of a sweep's axis, in characters (a blend of 100 styles' weights, `0.01:0.01:...`, is
+/// 500): it is the task's label too.
+pub const MAX_SWEEP_VALUE_CHARS: usize = 1024;
 /// Most attempts per task a job may ask for (or a coordinator default to).
 pub const MAX_ATTEMPTS: u32 = 100;
 /// Most tags a worker may have, or a job ask for.
@@ -828,6 +831,20 @@ impl JobSpec {
                     format!("{}: no values", axis.parameter.name()),
                 ));
             }
+            if let Some(long) = axis
+                .values
+                .iter()
+                .find(|v| v.chars().count() > MAX_SWEEP_VALUE_CHARS)
+            {
+                return Err(Error::invalid(
+                    "sweep",
+                    format!(
+                        "{}: a value of {} characters: at most {MAX_SWEEP_VALUE_CHARS}",
+                        axis.parameter.name(),
+                        long.chars().count()
+                    ),
+                ));
+            }
             if axes
                 .iter()
                 .filter(|a| a.parameter == axis.parameter)
@@ -1082,6 +1099,17 @@ mod tests {
             ))
         };
         assert_eq!(blend.tasks().unwrap()[0].params.style_blend, [0.7, 0.3]);
+
+        // a value is a label too: "seed=000...01" (seed 1) is refused, naming the axis
+        let long = format!("seed={}1", "0".repeat(MAX_SWEEP_VALUE_CHARS));
+        let error = spec(JobKind::Sweep(parse_sweep(&long).unwrap()))
+            .tasks()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("sweep") && error.contains("seed: a value of 1025 characters"),
+            "{error}"
+        );
     }
 
     /// A video of 5 frames in chunks of 2: the chunks' first frames (1, 3, 5) first, afresh; then each
