@@ -975,6 +975,33 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .await
         .unwrap_err();
     assert!(err.message().starts_with("tags"), "{err:?}");
+    // a device text or a worker id longer than the registry keeps: refused naming the field
+    let err = workers
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "chatty".into(),
+            device: "x".repeat(1 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("device"), "{err:?}");
+    let err = workers
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id: "w".repeat(1 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("worker_id"), "{err:?}");
+    let err = workers
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: "w".repeat(1 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("worker_id"), "{err:?}");
 
     let ok = client
         .rpc()

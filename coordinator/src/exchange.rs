@@ -3,7 +3,9 @@
 //!
 //! The shards of a scale form a group. Each shard task's attempt calls 0, 1, 2, ... in step with the others:
 //! a call answers once every shard gave its parts of that call, with the sums, over the shards that gave
-//! them, of each of the caller's keys (added in shard order, so every shard gets the same bits). Call 0
+//! them, of each of the caller's keys (added in shard order, so every shard gets the same bits). A shard
+//! gives its calls in order, each once its previous call has its sums (else the call is refused), so a
+//! group holds the parts of two calls at most ([`MAX_EXCHANGE_BYTES`] a shard each). Call 0
 //! joins: a shard's new attempt (another lease) in a group that has started makes it start again: every
 //! later call fails, and only the shards waiting in call 0 stay members; the others join again with their
 //! next attempts. A waiting call after 0 fails as soon as a member's lease ended (its worker failed, left
@@ -73,6 +75,9 @@ struct Group {
     shards: u32,
     /// Each shard's current attempt.
     members: BTreeMap<u32, LeaseId>,
+    /// The call each member gives next: calls come in order, one at a time (a shard gives call `n + 1`
+    /// once call `n` has its sums), so that a group holds at most two calls' parts.
+    next: BTreeMap<u32, u64>,
     calls: BTreeMap<u64, Call>,
     changed: watch::Sender<u64>,
     touched: Instant,
@@ -83,6 +88,7 @@ impl Group {
         Group {
             shards,
             members: BTreeMap::new(),
+            next: BTreeMap::new(),
             calls: BTreeMap::new(),
             changed: watch::channel(0).0,
             touched: Instant::now(),
@@ -154,6 +160,7 @@ impl Group {
                 .filter(|(shard, _)| *shard != index)
                 .collect();
             self.members.retain(|shard, _| waiting.contains_key(shard));
+            self.next.retain(|shard, _| waiting.contains_key(shard));
             self.calls.clear();
             self.calls.insert(
                 0,
@@ -164,6 +171,7 @@ impl Group {
             );
         }
         self.members.insert(index, lease.clone());
+        self.next.insert(index, 0);
         self.notify();
     }
 
@@ -171,6 +179,7 @@ impl Group {
     /// progress is dropped, and every later call fails (it cannot complete without it).
     fn left(&mut self, index: u32) {
         self.members.remove(&index);
+        self.next.remove(&index);
         let error = ExchangeError::Restart(format!(
             "shard {index}'s lease ended (its task failed, its worker left, or the job was cancelled)"
         ));
@@ -221,13 +230,27 @@ impl Exchanges {
                     "a shard of the group left, and has not joined again".into(),
                 ));
             }
-            let entry = group.calls.entry(call).or_default();
-            if entry.given.insert(of.index, parts).is_some() {
+            let next = group.next.get(&of.index).copied().unwrap_or(0);
+            if call != next {
                 return Err(ExchangeError::Invalid(format!(
-                    "shard {} gave call {call} twice",
+                    "shard {} gave call {call}: its next call is {next} (calls come in order, once each)",
                     of.index
                 )));
             }
+            let previous_pending = call
+                .checked_sub(1)
+                .and_then(|p| group.calls.get(&p))
+                .is_some_and(|p| p.sums.is_none() && p.failed.is_none());
+            if previous_pending {
+                return Err(ExchangeError::Invalid(format!(
+                    "shard {} gave call {call} before call {} had its sums",
+                    of.index,
+                    call - 1
+                )));
+            }
+            group.next.insert(of.index, call + 1);
+            let entry = group.calls.entry(call).or_default();
+            entry.given.insert(of.index, parts);
             if entry.given.len() as u32 == group.shards {
                 match add_up(&entry.given) {
                     Ok(sums) => entry.sums = Some(sums),
@@ -435,5 +458,49 @@ mod tests {
             .await;
         assert!(matches!(long, Err(ExchangeError::Invalid(m)) if m.contains("values under key 0")));
         assert!(short.await.unwrap().is_err());
+    }
+
+    /// A shard's calls come in order, one at a time: one that gives calls without waiting for their sums
+    /// (its streams cancelled) is refused, and the group holds one call's parts, not one per call number.
+    #[tokio::test]
+    async fn calls_come_in_order_one_at_a_time() {
+        let ex = Arc::new(Exchanges::default());
+        let one = || vec![(0u64, vec![1.0f32])];
+        let call = |shard: u32, call: u64| {
+            let ex = ex.clone();
+            let name = ["a", "b"][shard as usize];
+            tokio::spawn(async move {
+                ex.exchange(&of(shard, 2), &lease(name), call, one(), |_| true)
+                    .await
+            })
+        };
+        let (a, b) = (call(0, 0), call(1, 0));
+        assert_eq!(a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        // shard 0 gives call 1 and leaves it (its stream cancelled) before shard 1 gives it
+        let left = call(0, 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left.abort();
+        for (n, expected) in [
+            (1, "gave call 1: its next call is 2"),
+            (7, "gave call 7: its next call is 2"),
+            (2, "gave call 2 before call 1 had its sums"),
+        ] {
+            match call(0, n).await.unwrap() {
+                Err(ExchangeError::Invalid(m)) => assert!(m.contains(expected), "{m}"),
+                other => panic!("call {n}: {other:?}"),
+            }
+        }
+        let held: usize = ex
+            .groups
+            .lock()
+            .unwrap()
+            .values()
+            .map(|g| g.calls.len())
+            .sum();
+        assert_eq!(held, 1, "call 1's parts only");
+        // shard 1's call 1 completes it, and both go on
+        assert_eq!(call(1, 1).await.unwrap().unwrap(), [(0, vec![2.0])]);
+        let (a, b) = (call(0, 2), call(1, 2));
+        assert_eq!(a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
     }
 }

@@ -555,6 +555,20 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig, store: Arc<dyn Store>) -> Result<Scheduler, StoreError> {
         let mut state = State::default();
         for (mut meta, mut tasks) in store.load()? {
+            // a job's tasks are found by index: a record out of place is a corrupt store, refused as an
+            // undecodable record is (not an index past the end at the first lease)
+            if let Some((at, t)) = tasks
+                .iter()
+                .enumerate()
+                .find(|(at, t)| t.index as usize != *at)
+            {
+                return Err(StoreError::new(format!(
+                    "job {}: its task record {at} of {} says index {}",
+                    meta.id,
+                    tasks.len(),
+                    t.index
+                )));
+            }
             by_worker_name(&mut meta, &mut tasks);
             state.next_seq = state.next_seq.max(meta.seq + 1);
             if !meta.client_request_id.is_empty() {
@@ -2624,6 +2638,25 @@ mod tests {
         s.cancel(&job).unwrap();
         let view = s.get(&job).unwrap();
         assert!(crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t)).is_empty());
+    }
+
+    /// A stored job whose task records are not its tasks in order (a corrupt or hostile store) is refused
+    /// at load, naming the job, where it would panic at the first lease.
+    #[test]
+    fn a_stored_task_out_of_place_is_refused_at_load() {
+        let store = Arc::new(MemoryStore::default());
+        let (meta, mut tasks) = crate::store::tests::job("job-1", 1);
+        tasks[1].index = 7;
+        store.insert_job(&meta, &tasks).unwrap();
+        let error = Scheduler::new(SchedulerConfig::default(), store)
+            .err()
+            .expect("refused");
+        assert!(
+            error
+                .to_string()
+                .contains("job job-1: its task record 1 of 2 says index 7"),
+            "{error}"
+        );
     }
 
     /// Each shard's attempts count its own failures. A shard that fails with its group because another

@@ -22,6 +22,7 @@ use crate::auth::{self, Tenant};
 use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES, MAX_EXCHANGE_PARTS};
 use crate::model::{JobState, TaskState};
 use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting};
+use crate::workers::{MAX_WORKER_ID, MAX_WORKER_TEXT};
 use crate::{Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_proto::exchange::Parts;
@@ -129,6 +130,17 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+/// A worker id no longer than [`MAX_WORKER_ID`] (an id the coordinator gave out always is): the worker
+/// registry holds the ids it hears of.
+fn check_worker_id(id: &WorkerId) -> Result<(), Error> {
+    let len = id.as_str().len();
+    if len > MAX_WORKER_ID {
+        let message = format!("{len} bytes: at most {MAX_WORKER_ID}");
+        return Err(Error::invalid("worker_id", message));
+    }
+    Ok(())
 }
 
 fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Error> {
@@ -526,8 +538,14 @@ impl WorkerService for WorkerApi {
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let r = request.into_inner();
-        if r.name.is_empty() || r.name.len() > 200 {
-            return Err(Error::invalid("name", "1 to 200 characters").into());
+        if r.name.is_empty() || r.name.len() > MAX_WORKER_TEXT {
+            return Err(Error::invalid("name", format!("1 to {MAX_WORKER_TEXT} bytes")).into());
+        }
+        for (field, text) in [("device", &r.device), ("version", &r.version)] {
+            if text.len() > MAX_WORKER_TEXT {
+                let message = format!("{} bytes: at most {MAX_WORKER_TEXT}", text.len());
+                return Err(Error::invalid(field, message).into());
+            }
         }
         stylefarm_core::job::check_tags("tags", &r.tags).map_err(Error::from)?;
         let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
@@ -565,6 +583,7 @@ impl WorkerService for WorkerApi {
         if worker_id.is_empty() {
             return Err(Error::invalid("worker_id", "missing").into());
         }
+        check_worker_id(&worker_id)?;
         stylefarm_core::job::check_tags("tags", &tags).map_err(Error::from)?;
         self.coordinator
             .workers
@@ -598,6 +617,7 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = request.into_inner();
         let (worker_id, lease_id) = (WorkerId::from(r.worker_id), LeaseId::from(r.lease_id));
+        check_worker_id(&worker_id)?;
         if !worker_id.is_empty() {
             self.coordinator
                 .workers

@@ -15,6 +15,12 @@ pub const LIVE_WINDOW: Duration = Duration::from_secs(60);
 /// How many workers the registry remembers; the longest silent go first beyond it.
 const MAX_WORKERS: usize = 100_000;
 
+/// Longest worker name, and longest device or version text a worker registers with, in bytes.
+pub const MAX_WORKER_TEXT: usize = 200;
+
+/// Longest worker id: its name, `#` and the registration's number.
+pub const MAX_WORKER_ID: usize = MAX_WORKER_TEXT + 1 + 20;
+
 /// What a worker said about itself.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerInfo {
