@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod decoding;
 pub mod exchange;
 pub mod gc;
 pub mod metrics;
@@ -278,6 +279,8 @@ pub struct Coordinator {
     pub(crate) workers: workers::Registry,
     /// The shards of exact-mode scales adding up their parts.
     pub(crate) exchanges: exchange::Exchanges,
+    /// The memory that decodes of uploads and task results may hold at once.
+    pub(crate) decoding: decoding::DecodeBudget,
     /// Since when each exact-mode scale (job, scale) has had more shards than workers left
     /// ([`Coordinator::replan_shards`]).
     pub(crate) short_of_workers: std::sync::Mutex<
@@ -366,6 +369,7 @@ impl Coordinator {
             keep_unused_blobs: config.keep_unused_blobs,
             workers: workers::Registry::default(),
             exchanges: exchange::Exchanges::default(),
+            decoding: decoding::DecodeBudget::default(),
             short_of_workers: Default::default(),
             gate,
             tls,

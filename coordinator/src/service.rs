@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
-use stylefarm_core::imaging;
 use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind, ScalePart};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_server::RenderService;
@@ -328,14 +327,7 @@ impl RenderService for RenderApi {
                 None => {}
             }
         }
-        // decoding a large image takes a while: off the async threads, and the bytes come back
-        let (bytes, decoded) = tokio::task::spawn_blocking(move || {
-            let decoded = imaging::decode(&bytes, "image");
-            (bytes, decoded)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
-        let img = decoded.map_err(Error::from)?;
+        let (bytes, img) = self.coordinator.decoding.decode(bytes, "image").await?;
         let coordinator = self.coordinator.clone();
         let hash = blocking(move || Ok(coordinator.blobs.put(&bytes)?)).await?;
         if let Some(expected) = expected.filter(|e| *e != hash) {
@@ -658,10 +650,10 @@ impl WorkerService for WorkerApi {
         if lease_id.is_empty() {
             return Err(Error::invalid("lease_id", "missing").into());
         }
+        let (bytes, img) = self.coordinator.decoding.decode(bytes, "result").await?;
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
-            let img = imaging::decode(&bytes, "result")?;
             // a whole image's result gets its content's alpha (a tiled job's, once stitched)
             let bytes = match coordinator.scheduler.leased_task(&lease) {
                 Some((task, tiled)) if !tiled && task.scale.is_none() => coordinator
