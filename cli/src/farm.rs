@@ -491,6 +491,12 @@ fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// A tiled scale's time left: `left` tiles at the pace of the `done` ones that took `elapsed`; `None`
+/// before the first is done, or once none is left.
+fn scale_time_left(elapsed: Duration, done: usize, left: usize) -> Option<Duration> {
+    (done > 0 && left > 0).then(|| elapsed.mul_f64(left as f64 / done as f64))
+}
+
 /// Follows a job until it ends, with a progress bar per task (stderr); returns its final status.
 async fn watch_job(
     client: &mut FarmClient,
@@ -506,6 +512,8 @@ async fn watch_job(
         .expect("template");
     let mut task_bars: Vec<ProgressBar> = Vec::new();
     let mut job_bar: Option<ProgressBar> = None;
+    // the scale the job bar shows, when this watch first saw it and its tiles done then
+    let mut scale_seen: Option<(usize, std::time::Instant, usize)> = None;
     let (mut last, mut waiting) = (None, String::new());
     while let Some(status) = stream.next().await {
         let status = status?;
@@ -536,7 +544,19 @@ async fn watch_job(
             bar.set_prefix(format!("scale {}/{}", scale + 1, status.scales));
             bar.set_length(of_scale.len().max(1) as u64);
             bar.set_position(done as u64);
-            bar.set_message(format!("tiles of scale {} done", scale + 1));
+            if scale_seen.is_none_or(|(seen, _, _)| seen != scale) {
+                scale_seen = Some((scale, std::time::Instant::now(), done));
+            }
+            let (_, since, done_then) = scale_seen.expect("set above");
+            // the scale's time left at the pace of the tiles done since this watch saw it start
+            let left = scale_time_left(
+                since.elapsed(),
+                done.saturating_sub(done_then),
+                of_scale.len().saturating_sub(done),
+            )
+            .map(|d| format!(", about {} left", indicatif::HumanDuration(d)))
+            .unwrap_or_default();
+            bar.set_message(format!("tiles of scale {} done{left}", scale + 1));
         }
         for t in &status.tasks {
             while task_bars.len() <= t.index as usize {
@@ -715,7 +735,17 @@ pub(crate) fn cancel(args: JobRef) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::images_of;
+    use super::{images_of, scale_time_left};
+    use std::time::Duration;
+
+    /// 3 of a scale's tiles done in 30 s since the watch saw it start, 5 left: about 50 s.
+    #[test]
+    fn a_scale_s_time_left_follows_the_pace_of_its_tiles() {
+        let s = Duration::from_secs;
+        assert_eq!(scale_time_left(s(30), 3, 5), Some(s(50)));
+        assert_eq!(scale_time_left(s(30), 0, 5), None, "no tile done yet");
+        assert_eq!(scale_time_left(s(30), 3, 0), None, "none left");
+    }
 
     /// A directory stands for its images, sorted by name: other files and subdirectories are left out, a
     /// file given by name is kept as it is, and a directory without images is an error naming the field.
