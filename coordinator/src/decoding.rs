@@ -5,6 +5,7 @@
 //! at a time, the largest one at a time.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use image::RgbImage;
 use stylefarm_core::imaging::{self, MAX_IMAGE_PIXELS};
@@ -24,7 +25,7 @@ const MIB: u64 = 1 << 20;
 
 /// The decode budget: permits of a MiB.
 pub(crate) struct DecodeBudget {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     total_mib: u32,
 }
 
@@ -39,7 +40,7 @@ impl DecodeBudget {
     pub(crate) fn new(bytes: u64) -> DecodeBudget {
         let total_mib = u32::try_from(bytes.div_ceil(MIB).max(1)).unwrap_or(u32::MAX >> 3);
         DecodeBudget {
-            permits: Semaphore::new(total_mib as usize),
+            permits: Arc::new(Semaphore::new(total_mib as usize)),
             total_mib,
         }
     }
@@ -66,13 +67,17 @@ impl DecodeBudget {
         })
         .await?;
         let (width, height) = size?;
-        let _share = self
+        let share = self
             .permits
-            .acquire_many(self.weight(u64::from(width) * u64::from(height)))
+            .clone()
+            .acquire_many_owned(self.weight(u64::from(width) * u64::from(height)))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?;
+        // the share goes with the decode: a request cancelled meanwhile does not give it back before the
+        // decode (which cannot be stopped) ends
         let (bytes, decoded) = blocking(move || {
             let decoded = imaging::decode(&bytes, name);
+            drop(share);
             (bytes, decoded)
         })
         .await?;
@@ -103,7 +108,7 @@ mod tests {
     /// takes all of it, a small one a MiB.
     #[tokio::test]
     async fn a_decode_waits_for_its_share_of_the_budget() {
-        let budget = std::sync::Arc::new(DecodeBudget::default());
+        let budget = Arc::new(DecodeBudget::default());
         assert_eq!(budget.total_mib, 4096);
         assert_eq!(budget.weight(MAX_IMAGE_PIXELS), 4096);
         assert_eq!(budget.weight(u64::MAX), 4096);

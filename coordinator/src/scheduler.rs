@@ -506,6 +506,8 @@ pub enum FailureKind {
     /// loses a worker now and then loses each shard's attempts only for its own failures. Otherwise (a
     /// group that did not form within [`crate::exchange::JOIN_TIMEOUT`], an exchange the coordinator
     /// could not serve) it is counted, so that a group that cannot complete still runs out of attempts.
+    /// (A shard waiting in call 0 when another failed does not fail, and keeps the right for its lease:
+    /// one later group failure of that lease is free, whatever its cause.)
     Group,
 }
 
@@ -1082,7 +1084,11 @@ impl Scheduler {
         if kind == FailureKind::Group && lease.group_failure_owed {
             let task = &mut job.tasks[lease.index as usize];
             task.attempts = task.attempts.saturating_sub(1);
-        } else if let Some(task) = job.tasks.get(lease.index as usize) {
+        } else if let Some(task) = job
+            .tasks
+            .get(lease.index as usize)
+            .filter(|t| t.spec.shards().is_some())
+        {
             // a counted failure of a shard: the others running now fail with the group, at no attempt
             let shards: Vec<u32> = shard_group(job, task)
                 .filter(|t| t.index != lease.index && t.state == TaskState::Running)

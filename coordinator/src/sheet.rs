@@ -97,9 +97,10 @@ pub(crate) const MAX_SHEET_SIDE: u32 = 8192;
 const MAX_LABEL_LINES: usize = 4;
 
 /// Splits a label into lines of `width` pixels at most: at spaces, and a word longer than a line in
-/// pieces; at most [`MAX_LABEL_LINES`], the last ending in `..` when the label goes on.
-fn wrap(label: &str, width: u32) -> Vec<String> {
+/// pieces; at most `max_lines` (at least one), the last ending in `..` when the label goes on.
+fn wrap(label: &str, width: u32, max_lines: usize) -> Vec<String> {
     let per_line = (width / GLYPH_W).max(1) as usize;
+    let max_lines = max_lines.max(1);
     let mut lines: Vec<String> = Vec::new();
     let pieces = label.split(' ').flat_map(|word| {
         let chars: Vec<char> = word.chars().collect();
@@ -116,9 +117,9 @@ fn wrap(label: &str, width: u32) -> Vec<String> {
             _ => lines.push(piece),
         }
     }
-    if lines.len() > MAX_LABEL_LINES {
-        lines.truncate(MAX_LABEL_LINES);
-        let last = &mut lines[MAX_LABEL_LINES - 1];
+    if lines.len() > max_lines {
+        lines.truncate(max_lines);
+        let last = &mut lines[max_lines - 1];
         let keep = per_line.saturating_sub(2).min(last.chars().count());
         *last = last
             .chars()
@@ -128,6 +129,74 @@ fn wrap(label: &str, width: u32) -> Vec<String> {
             .collect();
     }
     lines
+}
+
+/// Where a contact sheet's cells go: `cols` x `rows` cells of `cell_w` px, each a result of at most
+/// `cell_w` x `thumb_h` px above at most `lines` lines of label.
+#[derive(Debug, PartialEq)]
+struct Layout {
+    cols: u32,
+    rows: u32,
+    cell_w: u32,
+    thumb_h: u32,
+    lines: usize,
+    width: u32,
+    height: u32,
+}
+
+impl Layout {
+    /// The layout of `cells` (each result's width, height and label) with no side over `max_side` px:
+    /// cells as wide as the widest result and the longest word of a label, and results as tall as the
+    /// tallest, as far as the side allows; labels take as many lines as they need up to
+    /// [`MAX_LABEL_LINES`], as far as a row leaves room for a result at least 1 px tall.
+    fn of(max_side: u32, cells: &[(u32, u32, String)]) -> Result<Layout, Error> {
+        let n = u32::try_from(cells.len())
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| Error::Internal(format!("a contact sheet of {} tiles", cells.len())))?;
+        let cols = (f64::from(n)).sqrt().ceil() as u32;
+        let rows = n.div_ceil(cols);
+        let longest_word = cells
+            .iter()
+            .flat_map(|(_, _, l)| l.split(' '))
+            .map(|w| u32::try_from(w.chars().count()).unwrap_or(u32::MAX))
+            .max()
+            .unwrap_or(0);
+        let widest = cells.iter().map(|c| c.0).max().unwrap_or(1);
+        let cell_w = widest
+            .max(GLYPH_W.saturating_mul(longest_word.max(8)))
+            .min((max_side.saturating_sub(PAD) / cols).saturating_sub(PAD))
+            .max(1);
+        // a row: its result, PAD, its lines of label, PAD below
+        let row_h = max_side.saturating_sub(PAD) / rows;
+        let room = (row_h.saturating_sub(2 * PAD + 1) / LINE_H) as usize;
+        let lines = cells
+            .iter()
+            .map(|(_, _, l)| wrap(l, cell_w, room.min(MAX_LABEL_LINES)).len())
+            .max()
+            .unwrap_or(1);
+        let under = PAD + lines as u32 * LINE_H;
+        let tallest = cells.iter().map(|c| c.1).max().unwrap_or(1);
+        let thumb_h = tallest.min(row_h.saturating_sub(PAD + under)).max(1);
+        let (width, height) = (
+            u64::from(cols) * u64::from(cell_w + PAD) + u64::from(PAD),
+            u64::from(rows) * u64::from(thumb_h + under + PAD) + u64::from(PAD),
+        );
+        if width.max(height) > u64::from(max_side) {
+            return Err(Error::Internal(format!(
+                "a contact sheet of {n} tiles would be {width}x{height} px: more than {max_side}"
+            )));
+        }
+        Ok(Layout {
+            cols,
+            rows,
+            cell_w,
+            thumb_h,
+            lines,
+            width: width as u32,
+            height: height as u32,
+        })
+    }
 }
 
 /// The grid of a sweep's results (about square), each with its label under it, as PNG bytes; no side
@@ -146,46 +215,17 @@ fn sheet_within(
     cells: &[(u32, u32, String)],
     mut image: impl FnMut(usize) -> Result<RgbImage, Error>,
 ) -> Result<Vec<u8>, Error> {
-    if cells.is_empty() {
-        return Err(Error::Internal("a contact sheet of no tiles".into()));
-    }
-    let n = u32::try_from(cells.len())
-        .map_err(|_| Error::Internal(format!("a contact sheet of {} tiles", cells.len())))?;
-    let cols = (f64::from(n)).sqrt().ceil() as u32;
-    let rows = n.div_ceil(cols);
-    // wide enough for the results and for the longest word of any label, as the sheet's side allows
-    let longest_word = cells
-        .iter()
-        .flat_map(|(_, _, l)| l.split(' '))
-        .map(|w| u32::try_from(w.chars().count()).unwrap_or(u32::MAX))
-        .max()
-        .unwrap_or(0);
-    let widest = cells.iter().map(|c| c.0).max().unwrap_or(1);
-    let cell_w = widest
-        .max(GLYPH_W.saturating_mul(longest_word.max(8)))
-        .min(((max_side - PAD) / cols).saturating_sub(PAD))
-        .max(1);
-    let label_lines = cells
-        .iter()
-        .map(|(_, _, l)| wrap(l, cell_w).len() as u32)
-        .max()
-        .unwrap_or(1);
-    let under = PAD + label_lines * LINE_H;
-    let tallest = cells.iter().map(|c| c.1).max().unwrap_or(1);
-    let thumb_h = tallest
-        .min(((max_side - PAD) / rows).saturating_sub(PAD + under))
-        .max(1);
-    let cell_h = thumb_h + under;
-    let (width, height) = (
-        u64::from(cols) * u64::from(cell_w + PAD) + u64::from(PAD),
-        u64::from(rows) * u64::from(cell_h + PAD) + u64::from(PAD),
-    );
-    if width.max(height) > u64::from(max_side) {
-        return Err(Error::Internal(format!(
-            "a contact sheet of {n} tiles would be {width}x{height} px: more than {max_side}"
-        )));
-    }
-    let mut sheet = RgbImage::from_pixel(width as u32, height as u32, Rgb([255, 255, 255]));
+    let Layout {
+        cols,
+        cell_w,
+        thumb_h,
+        lines,
+        width,
+        height,
+        ..
+    } = Layout::of(max_side, cells)?;
+    let cell_h = thumb_h + PAD + lines as u32 * LINE_H;
+    let mut sheet = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
     for (i, (_, _, label)) in cells.iter().enumerate() {
         let (x, y) = (
             PAD + (i as u32 % cols) * (cell_w + PAD),
@@ -201,7 +241,7 @@ fn sheet_within(
             tile = image::imageops::thumbnail(&tile, w, h);
         }
         image::imageops::overlay(&mut sheet, &tile, i64::from(x), i64::from(y));
-        for (n, line) in wrap(label, cell_w).iter().enumerate() {
+        for (n, line) in wrap(label, cell_w, lines).iter().enumerate() {
             draw_text(
                 &mut sheet,
                 line,
@@ -278,20 +318,45 @@ mod tests {
         assert!(!green(PAD + 246, PAD) && !green(PAD, PAD + 124));
     }
 
+    /// The largest sweep (10,000 points, 100 x 100 cells 73 px wide) fits the side: its labels get the
+    /// lines a row leaves room for (3 of 18 px, under results 11 px tall: 8108 x 8108 px), where 4 lines
+    /// made it 8908 px tall and the sweep failed at its contact sheet.
+    #[test]
+    fn the_largest_sweep_s_sheet_fits_its_side() {
+        let cells = vec![(512, 512, "style_weight=100 seed=2".to_string()); 10_000];
+        let layout = Layout::of(MAX_SHEET_SIDE, &cells).unwrap();
+        assert_eq!(
+            layout,
+            Layout {
+                cols: 100,
+                rows: 100,
+                cell_w: 73,
+                thumb_h: 11,
+                lines: 3,
+                width: 8108,
+                height: 8108,
+            }
+        );
+        // fewer points: wider cells (12 characters a line: 2 lines) and taller results
+        let layout = Layout::of(MAX_SHEET_SIDE, &cells[..2_500]).unwrap();
+        assert_eq!((layout.cell_w, layout.lines, layout.thumb_h), (155, 2, 111));
+        assert!(layout.height <= MAX_SHEET_SIDE);
+    }
+
     #[test]
     fn labels_wrap_at_spaces_and_long_words_in_pieces() {
         assert_eq!(
-            wrap("style_weight=10 seed=1", GLYPH_W * 16),
+            wrap("style_weight=10 seed=1", GLYPH_W * 16, MAX_LABEL_LINES),
             ["style_weight=10", "seed=1"]
         );
-        assert_eq!(wrap("a b", GLYPH_W * 16), ["a b"]);
+        assert_eq!(wrap("a b", GLYPH_W * 16, MAX_LABEL_LINES), ["a b"]);
         // a word longer than a line is cut in pieces; a label longer than 4 lines ends in ".."
         assert_eq!(
-            wrap("seed=12345678", GLYPH_W * 5),
+            wrap("seed=12345678", GLYPH_W * 5, MAX_LABEL_LINES),
             ["seed=", "12345", "678"]
         );
         assert_eq!(
-            wrap(&"x".repeat(100), GLYPH_W * 5),
+            wrap(&"x".repeat(100), GLYPH_W * 5, MAX_LABEL_LINES),
             ["xxxxx", "xxxxx", "xxxxx", "xxx.."]
         );
     }
