@@ -650,6 +650,16 @@ impl WorkerService for WorkerApi {
         if lease_id.is_empty() {
             return Err(Error::invalid("lease_id", "missing").into());
         }
+        if self.coordinator.scheduler.leased(&lease_id).is_none() {
+            // its lease expired, or its job was cancelled or planned again: the result would be
+            // discarded, so it is neither decoded nor stored
+            tracing::info!(
+                lease_id = lease_id.as_str(),
+                accepted = false,
+                "task result of a lease no longer held"
+            );
+            return Ok(Response::new(pb::CompleteTaskResponse { accepted: false }));
+        }
         let (bytes, img) = self.coordinator.decoding.decode(bytes, "result").await?;
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
