@@ -11,7 +11,7 @@ use image::RgbImage;
 use stylefarm_core::imaging::{self, MAX_IMAGE_PIXELS};
 use tokio::sync::Semaphore;
 
-use crate::Error;
+use crate::{blocking, Error};
 
 /// Bytes a decode may hold a pixel: a 16-bit RGBA buffer (8), the 8-bit RGB image (3), its alpha (1) and
 /// an oriented copy (3), rounded up.
@@ -63,7 +63,7 @@ impl DecodeBudget {
     ) -> Result<(Vec<u8>, RgbImage), Error> {
         let (bytes, size) = blocking(move || {
             let size = imaging::dimensions(Cursor::new(&bytes), name);
-            (bytes, size)
+            Ok((bytes, size))
         })
         .await?;
         let (width, height) = size?;
@@ -78,17 +78,11 @@ impl DecodeBudget {
         let (bytes, decoded) = blocking(move || {
             let decoded = imaging::decode(&bytes, name);
             drop(share);
-            (bytes, decoded)
+            Ok((bytes, decoded))
         })
         .await?;
         Ok((bytes, decoded?))
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))
 }
 
 #[cfg(test)]

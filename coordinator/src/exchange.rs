@@ -71,13 +71,18 @@ struct Call {
     failed: Option<ExchangeError>,
 }
 
+/// A shard's current attempt in its group.
+struct Member {
+    lease: LeaseId,
+    /// The call it gives next: calls come in order, one at a time (a shard gives call `n + 1` once call
+    /// `n` has its sums), so that a group holds at most two calls' parts.
+    next: u64,
+}
+
 struct Group {
     shards: u32,
     /// Each shard's current attempt.
-    members: BTreeMap<u32, LeaseId>,
-    /// The call each member gives next: calls come in order, one at a time (a shard gives call `n + 1`
-    /// once call `n` has its sums), so that a group holds at most two calls' parts.
-    next: BTreeMap<u32, u64>,
+    members: BTreeMap<u32, Member>,
     calls: BTreeMap<u64, Call>,
     changed: watch::Sender<u64>,
     touched: Instant,
@@ -88,7 +93,6 @@ impl Group {
         Group {
             shards,
             members: BTreeMap::new(),
-            next: BTreeMap::new(),
             calls: BTreeMap::new(),
             changed: watch::channel(0).0,
             touched: Instant::now(),
@@ -160,7 +164,6 @@ impl Group {
                 .filter(|(shard, _)| *shard != index)
                 .collect();
             self.members.retain(|shard, _| waiting.contains_key(shard));
-            self.next.retain(|shard, _| waiting.contains_key(shard));
             self.calls.clear();
             self.calls.insert(
                 0,
@@ -170,8 +173,13 @@ impl Group {
                 },
             );
         }
-        self.members.insert(index, lease.clone());
-        self.next.insert(index, 0);
+        self.members.insert(
+            index,
+            Member {
+                lease: lease.clone(),
+                next: 0,
+            },
+        );
         self.notify();
     }
 
@@ -179,7 +187,6 @@ impl Group {
     /// progress is dropped, and every later call fails (it cannot complete without it).
     fn left(&mut self, index: u32) {
         self.members.remove(&index);
-        self.next.remove(&index);
         let error = ExchangeError::Restart(format!(
             "shard {index}'s lease ended (its task failed, its worker left, or the job was cancelled)"
         ));
@@ -210,13 +217,14 @@ impl Exchanges {
         let mut changed = {
             let mut groups = self.groups.lock().unwrap();
             // groups that no live shard holds and nobody called for a while are done (or abandoned)
-            groups
-                .retain(|_, g| g.touched.elapsed() < JOIN_TIMEOUT || g.members.values().any(&live));
+            groups.retain(|_, g| {
+                g.touched.elapsed() < JOIN_TIMEOUT || g.members.values().any(|m| live(&m.lease))
+            });
             let group = groups
                 .entry(key.clone())
                 .or_insert_with(|| Group::new(of.shards));
             group.touched = Instant::now();
-            if group.members.get(&of.index) != Some(lease) {
+            if group.members.get(&of.index).map(|m| &m.lease) != Some(lease) {
                 if call != 0 {
                     return Err(ExchangeError::Restart(format!(
                         "shard {} must join again: the group started again without it",
@@ -230,7 +238,7 @@ impl Exchanges {
                     "a shard of the group left, and has not joined again".into(),
                 ));
             }
-            let next = group.next.get(&of.index).copied().unwrap_or(0);
+            let next = group.members.get(&of.index).map_or(0, |m| m.next);
             if call != next {
                 return Err(ExchangeError::Invalid(format!(
                     "shard {} gave call {call}: its next call is {next} (calls come in order, once each)",
@@ -248,7 +256,9 @@ impl Exchanges {
                     call - 1
                 )));
             }
-            group.next.insert(of.index, call + 1);
+            if let Some(member) = group.members.get_mut(&of.index) {
+                member.next = call + 1;
+            }
             let entry = group.calls.entry(call).or_default();
             entry.given.insert(of.index, parts);
             if entry.given.len() as u32 == group.shards {
@@ -269,7 +279,7 @@ impl Exchanges {
                     return Err(ExchangeError::Restart("the group was dropped".into()));
                 };
                 group.touched = Instant::now();
-                if group.members.get(&of.index) != Some(lease) {
+                if group.members.get(&of.index).map(|m| &m.lease) != Some(lease) {
                     return Err(ExchangeError::Restart(format!(
                         "shard {} must join again: the group started again without it",
                         of.index
@@ -320,7 +330,7 @@ impl Exchanges {
                     let gone: Vec<u32> = group
                         .members
                         .iter()
-                        .filter(|(_, l)| !live(l))
+                        .filter(|(_, m)| !live(&m.lease))
                         .map(|(shard, _)| *shard)
                         .collect();
                     for shard in gone {

@@ -265,6 +265,17 @@ pub struct CoordinatorConfig {
     pub tls: Option<auth::TlsConfig>,
 }
 
+/// Runs `f` on the blocking pool. Every call that may wait for a store runs there, never on the async
+/// threads that serve every call: the job store's commit (many waiting together is what lets one fsync
+/// serve them all), the blob store's file or S3 requests, and image decodes.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+}
+
 /// The coordinator's state: scheduler and blobs.
 pub struct Coordinator {
     /// Jobs, tasks and leases, written through to `state.redb` in the data dir.

@@ -951,11 +951,11 @@ impl Scheduler {
         Ok(reply)
     }
 
-    /// The task under a live lease and whether its job is tiled; `None` when the lease expired or never
-    /// existed.
+    /// The task under a live lease that is not being cancelled, and whether its job is tiled; `None` when
+    /// the lease expired, never existed or is being cancelled.
     pub fn leased_task(&self, lease_id: &LeaseId) -> Option<(TaskSpec, bool)> {
         let st = self.state.lock().unwrap();
-        let lease = st.leases.get(lease_id)?;
+        let lease = st.leases.get(lease_id).filter(|l| !l.cancel)?;
         let job = st.jobs.get(&lease.job_id)?;
         let task = job.tasks.get(lease.index as usize)?;
         Some((task.spec.clone(), job.meta.spec.kind.tiling().is_some()))

@@ -22,7 +22,7 @@ use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES, MAX_EXCHANGE_P
 use crate::model::{JobState, TaskState};
 use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting};
 use crate::workers::{MAX_WORKER_ID, MAX_WORKER_TEXT};
-use crate::{Coordinator, Error};
+use crate::{blocking, Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_proto::exchange::Parts;
 
@@ -118,17 +118,6 @@ pub(crate) fn job_status(view: &JobView, waiting: String) -> pb::JobStatus {
 fn own_job(coordinator: &Coordinator, tenant: &Tenant, job_id: &JobId) -> Result<JobView, Error> {
     coordinator.check_own(tenant, job_id)?;
     Ok(coordinator.scheduler.get(job_id)?)
-}
-
-/// Runs `f` on the blocking pool. Every call that may wait for a store runs there, never on the async
-/// threads that serve every call: the job store's commit (many waiting together is what lets one fsync
-/// serve them all), the blob store's file or S3 requests.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
 }
 
 /// A worker id no longer than [`MAX_WORKER_ID`] (an id the coordinator gave out always is): the worker
@@ -650,7 +639,7 @@ impl WorkerService for WorkerApi {
         if lease_id.is_empty() {
             return Err(Error::invalid("lease_id", "missing").into());
         }
-        if self.coordinator.scheduler.leased(&lease_id).is_none() {
+        let Some((task, tiled)) = self.coordinator.scheduler.leased_task(&lease_id) else {
             // its lease expired, or its job was cancelled or planned again: the result would be
             // discarded, so it is neither decoded nor stored
             tracing::info!(
@@ -659,17 +648,18 @@ impl WorkerService for WorkerApi {
                 "task result of a lease no longer held"
             );
             return Ok(Response::new(pb::CompleteTaskResponse { accepted: false }));
-        }
+        };
         let (bytes, img) = self.coordinator.decoding.decode(bytes, "result").await?;
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
             // a whole image's result gets its content's alpha (a tiled job's, once stitched)
-            let bytes = match coordinator.scheduler.leased_task(&lease) {
-                Some((task, tiled)) if !tiled && task.scale.is_none() => coordinator
+            let bytes = if !tiled && task.scale.is_none() {
+                coordinator
                     .with_content_alpha(&img, &task.content)?
-                    .unwrap_or(bytes),
-                _ => bytes,
+                    .unwrap_or(bytes)
+            } else {
+                bytes
             };
             let using = coordinator.blobs.begin_use();
             let hash = using.put(&bytes).map_err(Error::from)?;
