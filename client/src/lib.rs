@@ -22,6 +22,9 @@ pub use local::{LocalFarm, LocalFarmError};
 /// How long [`FarmClient::connect`] waits for the coordinator's TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many times an upload answered UNAVAILABLE is sent again ([`FarmClient::upload`]).
+pub const UPLOAD_RETRIES: u32 = 5;
+
 /// What can go wrong talking to a coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -184,21 +187,35 @@ impl FarmClient {
 
     /// Uploads an encoded image in [`CHUNK_BYTES`] chunks, declaring its sha256 first (the coordinator
     /// checks it); returns the hash. The image is decoded here first, so a broken file fails before any byte
-    /// is sent, with `name` in the error.
+    /// is sent, with `name` in the error. An upload the coordinator answers UNAVAILABLE (busy receiving
+    /// others, or its blob store out of reach) is sent again after 0.5, 1, 2, 4 and 8 s
+    /// ([`UPLOAD_RETRIES`]).
     pub async fn upload(&mut self, bytes: &[u8], name: &str) -> Result<ImageHash> {
         let hash = off_async(|| -> Result<ImageHash> {
             imaging::decode(bytes, name)?;
             Ok(ImageHash::of(bytes))
         })?;
-        let mut parts = vec![pb::UploadImageRequest {
-            part: Some(pb::upload_image_request::Part::ExpectedSha256(
-                hash.to_string(),
-            )),
-        }];
-        parts.extend(bytes.chunks(CHUNK_BYTES).map(|c| pb::UploadImageRequest {
-            part: Some(pb::upload_image_request::Part::Data(c.to_vec())),
-        }));
-        self.rpc.upload_image(tokio_stream::iter(parts)).await?;
+        let mut backoff = Duration::from_millis(500);
+        for retry in 0.. {
+            let mut parts = vec![pb::UploadImageRequest {
+                part: Some(pb::upload_image_request::Part::ExpectedSha256(
+                    hash.to_string(),
+                )),
+            }];
+            parts.extend(bytes.chunks(CHUNK_BYTES).map(|c| pb::UploadImageRequest {
+                part: Some(pb::upload_image_request::Part::Data(c.to_vec())),
+            }));
+            match self.rpc.upload_image(tokio_stream::iter(parts)).await {
+                Err(s) if s.code() == tonic::Code::Unavailable && retry < UPLOAD_RETRIES => {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                sent => {
+                    sent?;
+                    break;
+                }
+            }
+        }
         Ok(hash)
     }
 

@@ -42,6 +42,10 @@ pub enum Error {
     /// A limit was reached (the message names it): RESOURCE_EXHAUSTED on the wire.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The coordinator holds as much of a kind of work as it takes at once (the message names the limit):
+    /// UNAVAILABLE on the wire, for the caller to try again with backoff.
+    #[error("{0}")]
+    Busy(String),
     /// The job's state does not allow the call (the message says why): FAILED_PRECONDITION on the wire.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -95,6 +99,7 @@ impl From<Error> for tonic::Status {
             Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
+            Error::Busy(m) => tonic::Status::unavailable(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             Error::Rpc(status) => status,
             Error::Store(e) => match e.kind {
@@ -290,6 +295,8 @@ pub struct Coordinator {
     pub(crate) workers: workers::Registry,
     /// The shards of exact-mode scales adding up their parts.
     pub(crate) exchanges: exchange::Exchanges,
+    /// The encoded bytes that uploads and task results being received may hold at once.
+    pub(crate) receiving: decoding::Receiving,
     /// The memory that decodes of uploads and task results may hold at once.
     pub(crate) decoding: decoding::DecodeBudget,
     /// Since when each exact-mode scale (job, scale) has had more shards than workers left
@@ -380,6 +387,7 @@ impl Coordinator {
             keep_unused_blobs: config.keep_unused_blobs,
             workers: workers::Registry::default(),
             exchanges: exchange::Exchanges::default(),
+            receiving: decoding::Receiving::default(),
             decoding: decoding::DecodeBudget::default(),
             short_of_workers: Default::default(),
             gate,

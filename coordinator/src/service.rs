@@ -26,9 +26,6 @@ use crate::{blocking, Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_proto::exchange::Parts;
 
-/// Largest image a client may upload or a worker return.
-pub(crate) const MAX_IMAGE_UPLOAD: usize = 512 << 20;
-
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
 
 fn job_state(s: JobState) -> pb::JobState {
@@ -158,7 +155,7 @@ async fn send_blob(coordinator: &Arc<Coordinator>, sha256: String) -> Result<Chu
 /// A message of a client stream that failed to decode: one over the message size limit answers
 /// RESOURCE_EXHAUSTED naming the field, as a unary call over it does (`message_limit_status`), not the
 /// transport's OUT_OF_RANGE.
-fn stream_message<T>(msg: Result<T, Status>) -> Result<T, Error> {
+pub(crate) fn stream_message<T>(msg: Result<T, Status>) -> Result<T, Error> {
     msg.map_err(|s| {
         if s.code() == tonic::Code::OutOfRange {
             Error::ResourceExhausted(format!(
@@ -170,18 +167,6 @@ fn stream_message<T>(msg: Result<T, Status>) -> Result<T, Error> {
             Error::Rpc(s)
         }
     })
-}
-
-/// Appends a stream's bytes to `buf`, refusing more than MAX_IMAGE_UPLOAD.
-fn append(buf: &mut Vec<u8>, data: &[u8]) -> Result<(), Error> {
-    if buf.len() + data.len() > MAX_IMAGE_UPLOAD {
-        return Err(Error::invalid(
-            "image",
-            format!("larger than {} MiB", MAX_IMAGE_UPLOAD >> 20),
-        ));
-    }
-    buf.extend_from_slice(data);
-    Ok(())
 }
 
 /// The most jobs a ListJobs page holds.
@@ -305,20 +290,26 @@ impl RenderService for RenderApi {
         &self,
         request: Request<Streaming<pb::UploadImageRequest>>,
     ) -> Result<Response<pb::UploadImageResponse>, Status> {
-        let mut stream = request.into_inner();
-        let (mut expected, mut bytes) = (None, Vec::new());
-        while let Some(msg) = stream.next().await {
-            match stream_message(msg)?.part {
-                Some(pb::upload_image_request::Part::ExpectedSha256(h)) => {
-                    expected = Some(hash_arg("expected_sha256", &h)?)
-                }
-                Some(pb::upload_image_request::Part::Data(d)) => append(&mut bytes, &d)?,
-                None => {}
-            }
-        }
-        let (bytes, img) = self.coordinator.decoding.decode(bytes, "image").await?;
+        let mut expected = None;
+        let mut received = self.coordinator.receiving.uploads.buffer("image");
+        received
+            .receive(
+                request.into_inner(),
+                |received, msg: pb::UploadImageRequest| {
+                    match msg.part {
+                        Some(pb::upload_image_request::Part::ExpectedSha256(h)) => {
+                            expected = Some(hash_arg("expected_sha256", &h)?)
+                        }
+                        Some(pb::upload_image_request::Part::Data(d)) => received.append(&d)?,
+                        None => {}
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        let (received, img) = self.coordinator.decoding.decode(received).await?;
         let coordinator = self.coordinator.clone();
-        let hash = blocking(move || Ok(coordinator.blobs.put(&bytes)?)).await?;
+        let hash = blocking(move || Ok(coordinator.blobs.put(received.bytes())?)).await?;
         if let Some(expected) = expected.filter(|e| *e != hash) {
             return Err(Error::invalid(
                 "expected_sha256",
@@ -627,15 +618,21 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<Streaming<pb::CompleteTaskRequest>>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let mut stream = request.into_inner();
-        let (mut lease_id, mut bytes) = (LeaseId::default(), Vec::new());
-        while let Some(msg) = stream.next().await {
-            match stream_message(msg)?.part {
-                Some(pb::complete_task_request::Part::LeaseId(id)) => lease_id = id.into(),
-                Some(pb::complete_task_request::Part::Data(d)) => append(&mut bytes, &d)?,
-                None => {}
-            }
-        }
+        let mut lease_id = LeaseId::default();
+        let mut received = self.coordinator.receiving.results.buffer("result");
+        received
+            .receive(
+                request.into_inner(),
+                |received, msg: pb::CompleteTaskRequest| {
+                    match msg.part {
+                        Some(pb::complete_task_request::Part::LeaseId(id)) => lease_id = id.into(),
+                        Some(pb::complete_task_request::Part::Data(d)) => received.append(&d)?,
+                        None => {}
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
         if lease_id.is_empty() {
             return Err(Error::invalid("lease_id", "missing").into());
         }
@@ -649,20 +646,20 @@ impl WorkerService for WorkerApi {
             );
             return Ok(Response::new(pb::CompleteTaskResponse { accepted: false }));
         };
-        let (bytes, img) = self.coordinator.decoding.decode(bytes, "result").await?;
+        let (received, img) = self.coordinator.decoding.decode(received).await?;
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
             // a whole image's result gets its content's alpha (a tiled job's, once stitched)
-            let bytes = if !tiled && task.scale.is_none() {
-                coordinator
-                    .with_content_alpha(&img, &task.content)?
-                    .unwrap_or(bytes)
+            let with_alpha = if !tiled && task.scale.is_none() {
+                coordinator.with_content_alpha(&img, &task.content)?
             } else {
-                bytes
+                None
             };
             let using = coordinator.blobs.begin_use();
-            let hash = using.put(&bytes).map_err(Error::from)?;
+            let hash = using
+                .put(with_alpha.as_deref().unwrap_or(received.bytes()))
+                .map_err(Error::from)?;
             let completed = coordinator
                 .scheduler
                 .complete(&lease, &hash)
