@@ -152,6 +152,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    stylefarm_coordinator::install_crypto_provider();
     // servers log their work by default; the user's commands only warnings (STYLEFARM_LOG overrides both)
     let (default, service) = match cli.command {
         Command::Coordinator(_) => ("info", "stylefarm-coordinator"),

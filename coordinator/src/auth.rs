@@ -207,9 +207,9 @@ impl TlsConfig {
             .map_err(|e| Error::invalid("tls_cert", format!("{}: {e}", self.cert.display())))?;
         let key = PrivateKeyDer::from_pem_file(&self.key)
             .map_err(|e| Error::invalid("tls_key", format!("{}: {e}", self.key.display())))?;
-        // the provider named: rustls has more than one compiled in here, and no process default
+        // the provider named, not the process default that a library's user may not have installed
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
+            rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::invalid("tls_cert", e.to_string()))?

@@ -264,6 +264,7 @@ impl S3Blobs {
         if bucket.is_empty() {
             return Err(invalid(format!("blobs '{url}': no bucket")));
         }
+        crate::install_crypto_provider();
         let mut builder = object_store::aws::AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_retry(retry);

@@ -176,6 +176,14 @@ pub(crate) fn out_of_reach(e: &std::io::Error) -> bool {
     )
 }
 
+/// Installs ring as rustls' crypto provider for the process, once (later calls do nothing). reqwest, which
+/// carries the S3 blob store's requests and the OTLP exporter's spans, is built without a provider of its
+/// own and takes this one; the gRPC and HTTPS servers name theirs.
+pub fn install_crypto_provider() {
+    // an error only says that a provider is installed already
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// How long an active coordinator's hold on a shared store lasts unless renewed, by default.
 pub const DEFAULT_LEADER_LEASE: Duration = Duration::from_secs(10);
 
