@@ -1002,6 +1002,25 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .await
         .unwrap_err();
     assert!(err.message().starts_with("worker_id"), "{err:?}");
+    // a result for a lease that is no one's: answered 'not accepted' at once, its 64 MiB unread; a
+    // result whose data comes before its lease: refused naming lease_id
+    let result = |lease: Option<&str>, chunks: usize| {
+        let lease = lease.map(|id| pb::CompleteTaskRequest {
+            part: Some(pb::complete_task_request::Part::LeaseId(id.into())),
+        });
+        let data = (0..chunks).map(|_| pb::CompleteTaskRequest {
+            part: Some(pb::complete_task_request::Part::Data(vec![0u8; 1 << 20])),
+        });
+        tokio_stream::iter(lease.into_iter().chain(data).collect::<Vec<_>>())
+    };
+    let reply = workers
+        .complete_task(result(Some("lease-of-no-one"), 64))
+        .await
+        .unwrap();
+    assert!(!reply.get_ref().accepted);
+    let err = workers.complete_task(result(None, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("lease_id"), "{err:?}");
 
     let ok = client
         .rpc()

@@ -22,8 +22,8 @@ pub use local::{LocalFarm, LocalFarmError};
 /// How long [`FarmClient::connect`] waits for the coordinator's TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How many times an upload answered UNAVAILABLE is sent again ([`FarmClient::upload`]).
-pub const UPLOAD_RETRIES: u32 = 5;
+/// How long an upload that the coordinator asks to be sent again is sent again ([`FarmClient::upload`]).
+pub const UPLOAD_RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// What can go wrong talking to a coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -187,16 +187,16 @@ impl FarmClient {
 
     /// Uploads an encoded image in [`CHUNK_BYTES`] chunks, declaring its sha256 first (the coordinator
     /// checks it); returns the hash. The image is decoded here first, so a broken file fails before any byte
-    /// is sent, with `name` in the error. An upload the coordinator answers UNAVAILABLE (busy receiving
-    /// others, or its blob store out of reach) is sent again after 0.5, 1, 2, 4 and 8 s
-    /// ([`UPLOAD_RETRIES`]).
+    /// is sent, with `name` in the error. An upload that the coordinator asks to be sent again (busy
+    /// receiving others: UNAVAILABLE with a `RetryInfo`, [`stylefarm_proto::retry_delay`]) is, after the
+    /// delay it asks for or longer (backing off up to 8 s), for up to [`UPLOAD_RETRY_FOR`].
     pub async fn upload(&mut self, bytes: &[u8], name: &str) -> Result<ImageHash> {
         let hash = off_async(|| -> Result<ImageHash> {
             imaging::decode(bytes, name)?;
             Ok(ImageHash::of(bytes))
         })?;
-        let mut backoff = Duration::from_millis(500);
-        for retry in 0.. {
+        let (start, mut backoff) = (std::time::Instant::now(), Duration::from_millis(500));
+        loop {
             let mut parts = vec![pb::UploadImageRequest {
                 part: Some(pb::upload_image_request::Part::ExpectedSha256(
                     hash.to_string(),
@@ -206,9 +206,12 @@ impl FarmClient {
                 part: Some(pb::upload_image_request::Part::Data(c.to_vec())),
             }));
             match self.rpc.upload_image(tokio_stream::iter(parts)).await {
-                Err(s) if s.code() == tonic::Code::Unavailable && retry < UPLOAD_RETRIES => {
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                Err(s) if start.elapsed() < UPLOAD_RETRY_FOR => {
+                    let Some(delay) = stylefarm_proto::retry_delay(&s) else {
+                        return Err(s.into());
+                    };
+                    tokio::time::sleep(delay.max(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(8));
                 }
                 sent => {
                     sent?;

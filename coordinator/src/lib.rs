@@ -43,7 +43,8 @@ pub enum Error {
     #[error("{0}")]
     ResourceExhausted(String),
     /// The coordinator holds as much of a kind of work as it takes at once (the message names the limit):
-    /// UNAVAILABLE on the wire, for the caller to try again with backoff.
+    /// UNAVAILABLE on the wire, with a `RetryInfo` of [`BUSY_RETRY_DELAY`]
+    /// ([`stylefarm_proto::retry_later`]): the client and the worker send the request again.
     #[error("{0}")]
     Busy(String),
     /// The job's state does not allow the call (the message says why): FAILED_PRECONDITION on the wire.
@@ -92,6 +93,13 @@ impl Error {
     }
 }
 
+/// The most calls (HTTP/2 streams) one connection has open at once: hyper's default, which tonic's server
+/// otherwise lifts. Each may hold a message of up to [`MAX_MESSAGE_BYTES`] being received.
+pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+
+/// How long a caller answered [`Error::Busy`] is asked to wait before it sends the request again.
+pub const BUSY_RETRY_DELAY: Duration = Duration::from_secs(1);
+
 /// The one mapping from the coordinator's errors to gRPC codes.
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
@@ -99,7 +107,7 @@ impl From<Error> for tonic::Status {
             Error::Invalid(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
-            Error::Busy(m) => tonic::Status::unavailable(m),
+            Error::Busy(m) => stylefarm_proto::retry_later(m, BUSY_RETRY_DELAY),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             Error::Rpc(status) => status,
             Error::Store(e) => match e.kind {
@@ -176,9 +184,10 @@ pub(crate) fn out_of_reach(e: &std::io::Error) -> bool {
     )
 }
 
-/// Installs ring as rustls' crypto provider for the process, once (later calls do nothing). reqwest, which
-/// carries the S3 blob store's requests and the OTLP exporter's spans, is built without a provider of its
-/// own and takes this one; the gRPC and HTTPS servers name theirs.
+/// Installs ring as rustls' crypto provider for the process, once (later calls do nothing; a provider
+/// installed before stays). reqwest, which carries the S3 blob store's requests and the OTLP exporter's
+/// spans, is built without a provider of its own, and tonic's TLS server takes the process's: both take
+/// this one. The status page's HTTPS names its provider.
 pub fn install_crypto_provider() {
     // an error only says that a provider is installed already
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -616,9 +625,12 @@ pub async fn serve(
         }
     };
     let mut server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .trace_fn(rpc_span)
         .layer(tower::util::MapResponseLayer::new(message_limit_status));
     if let Some(tls) = &coordinator.tls {
+        // tonic's TLS takes the process's rustls provider
+        install_crypto_provider();
         server = server
             .tls_config(tls.clone())
             .map_err(|e| Error::Transport(format!("tls: {e}")))?;

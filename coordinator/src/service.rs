@@ -1,6 +1,7 @@
 //! The gRPC services: RenderService for clients, WorkerService for workers. Handlers convert at the edge
 //! (stylefarm-core's `wire`), call the scheduler and the blob store, and map errors to status codes.
 
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -303,11 +304,13 @@ impl RenderService for RenderApi {
                         Some(pb::upload_image_request::Part::Data(d)) => received.append(&d)?,
                         None => {}
                     }
-                    Ok(())
+                    Ok(ControlFlow::Continue(()))
                 },
             )
             .await?;
         let (received, img) = self.coordinator.decoding.decode(received).await?;
+        let (width, height) = img.dimensions();
+        drop(img);
         let coordinator = self.coordinator.clone();
         let hash = blocking(move || Ok(coordinator.blobs.put(received.bytes())?)).await?;
         if let Some(expected) = expected.filter(|e| *e != hash) {
@@ -319,8 +322,8 @@ impl RenderService for RenderApi {
         }
         Ok(Response::new(pb::UploadImageResponse {
             sha256: hash.to_string(),
-            width: img.width(),
-            height: img.height(),
+            width,
+            height,
         }))
     }
 
@@ -620,22 +623,33 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let mut lease_id = LeaseId::default();
         let mut received = self.coordinator.receiving.results.buffer("result");
+        let scheduler = &self.coordinator.scheduler;
         received
             .receive(
                 request.into_inner(),
                 |received, msg: pb::CompleteTaskRequest| {
                     match msg.part {
-                        Some(pb::complete_task_request::Part::LeaseId(id)) => lease_id = id.into(),
+                        Some(pb::complete_task_request::Part::LeaseId(id)) => {
+                            lease_id = id.into();
+                            // the result of a lease no longer held is answered at once, unread
+                            if scheduler.leased_task(&lease_id).is_none() {
+                                return Ok(ControlFlow::Break(()));
+                            }
+                        }
+                        Some(pb::complete_task_request::Part::Data(_)) if lease_id.is_empty() => {
+                            return Err(Error::invalid("lease_id", "missing before the data"));
+                        }
                         Some(pb::complete_task_request::Part::Data(d)) => received.append(&d)?,
                         None => {}
                     }
-                    Ok(())
+                    Ok(ControlFlow::Continue(()))
                 },
             )
             .await?;
         if lease_id.is_empty() {
             return Err(Error::invalid("lease_id", "missing").into());
         }
+        // looked up again: the lease may have ended while the result came
         let Some((task, tiled)) = self.coordinator.scheduler.leased_task(&lease_id) else {
             // its lease expired, or its job was cancelled or planned again: the result would be
             // discarded, so it is neither decoded nor stored

@@ -696,7 +696,9 @@ async fn run_task(
     }
 }
 
-/// Sends the outcome to the coordinator, retrying a few times while it is away.
+/// Sends the outcome to the coordinator, retrying a few times while it is away, and for as long as it asks
+/// to be sent again (busy: [`stylefarm_proto::retry_delay`]; the caller bounds the whole report by
+/// `REPORT_TIMEOUT`, and the heartbeat keeps the lease meanwhile).
 async fn report(
     client: &mut WorkerServiceClient<AuthChannel>,
     lease_id: &LeaseId,
@@ -727,7 +729,8 @@ async fn report(
         }
         Outcome::Cancelled => Err(Failure::Transient("cancelled".into())),
     };
-    for attempt in 0..5u32 {
+    let (mut attempt, mut busy_backoff) = (0u32, Duration::from_millis(500));
+    while attempt < 5 {
         let sent = match &report {
             Ok(png) => {
                 let mut parts = vec![pb::CompleteTaskRequest {
@@ -759,12 +762,22 @@ async fn report(
         match sent {
             Ok(()) => return,
             Err(s) => {
+                if let Some(delay) = stylefarm_proto::retry_delay(&s) {
+                    tracing::info!(
+                        error = s.message(),
+                        "the coordinator is busy; sending again"
+                    );
+                    tokio::time::sleep(delay.max(busy_backoff)).await;
+                    busy_backoff = (busy_backoff * 2).min(Duration::from_secs(8));
+                    continue;
+                }
                 tracing::warn!(
                     error = s.message(),
                     attempt,
                     "reporting to the coordinator failed; retrying"
                 );
                 tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                attempt += 1;
             }
         }
     }
