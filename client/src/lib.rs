@@ -188,14 +188,17 @@ impl FarmClient {
     /// Uploads an encoded image in [`CHUNK_BYTES`] chunks, declaring its sha256 first (the coordinator
     /// checks it); returns the hash. The image is decoded here first, so a broken file fails before any byte
     /// is sent, with `name` in the error. An upload that the coordinator asks to be sent again (busy
-    /// receiving others: UNAVAILABLE with a `RetryInfo`, [`stylefarm_proto::retry_delay`]) is, after the
-    /// delay it asks for or longer (backing off up to 8 s), for up to [`UPLOAD_RETRY_FOR`].
+    /// receiving others: UNAVAILABLE with a `RetryInfo`) is, after the delay it asks for or longer
+    /// ([`BusyBackoff`](stylefarm_proto::BusyBackoff)), for up to [`UPLOAD_RETRY_FOR`].
     pub async fn upload(&mut self, bytes: &[u8], name: &str) -> Result<ImageHash> {
         let hash = off_async(|| -> Result<ImageHash> {
             imaging::decode(bytes, name)?;
             Ok(ImageHash::of(bytes))
         })?;
-        let (start, mut backoff) = (std::time::Instant::now(), Duration::from_millis(500));
+        let (start, mut busy) = (
+            std::time::Instant::now(),
+            stylefarm_proto::BusyBackoff::default(),
+        );
         loop {
             let mut parts = vec![pb::UploadImageRequest {
                 part: Some(pb::upload_image_request::Part::ExpectedSha256(
@@ -207,11 +210,10 @@ impl FarmClient {
             }));
             match self.rpc.upload_image(tokio_stream::iter(parts)).await {
                 Err(s) if start.elapsed() < UPLOAD_RETRY_FOR => {
-                    let Some(delay) = stylefarm_proto::retry_delay(&s) else {
+                    let Some(wait) = busy.wait(&s) else {
                         return Err(s.into());
                     };
-                    tokio::time::sleep(delay.max(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(8));
+                    tokio::time::sleep(wait).await;
                 }
                 sent => {
                     sent?;

@@ -5,7 +5,7 @@
 //!   results each have their own budget, so clients cannot crowd out workers). A request whose next chunk
 //!   finds the budget spent fails at once with UNAVAILABLE, naming the limit, and holds nothing more: it
 //!   is retried with backoff (the client and the worker do), and no two half-received images wait on each
-//!   other. A stream that sends nothing for [`RECEIVE_IDLE_TIMEOUT`] fails with DEADLINE_EXCEEDED, so a
+//!   other. A stream that adds no data for [`RECEIVE_IDLE_TIMEOUT`] fails with DEADLINE_EXCEEDED, so a
 //!   stalled sender does not hold its share.
 //! - **Decoding** (`DecodeBudget`): a header may declare 16,384 x 16,384 pixels in a hundred bytes, and
 //!   decoding such an image takes gigabytes: without a budget, a few such uploads at once would take the
@@ -102,7 +102,7 @@ pub const MAX_IMAGE_UPLOAD: usize = 512 << 20;
 /// of the largest ([`MAX_IMAGE_UPLOAD`]), 2 GiB each.
 pub const RECEIVE_BUDGET_BYTES: usize = 4 * MAX_IMAGE_UPLOAD;
 
-/// How long a request's stream may send nothing before it fails (DEADLINE_EXCEEDED): a MiB chunk takes
+/// How long a request's stream may add no data before it fails (DEADLINE_EXCEEDED): a MiB chunk takes
 /// this at 140 kbit/s.
 pub const RECEIVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 

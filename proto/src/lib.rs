@@ -36,6 +36,34 @@ pub fn retry_delay(status: &tonic::Status) -> Option<std::time::Duration> {
     status.get_details_retry_info()?.retry_delay
 }
 
+/// A caller's waits before it sends again a request answered [`retry_later`]: the delay asked for, or its
+/// own backoff when longer, which starts at 0.5 s and doubles with each wait up to 8 s.
+#[derive(Debug, Clone)]
+pub struct BusyBackoff {
+    next: std::time::Duration,
+}
+
+impl Default for BusyBackoff {
+    fn default() -> BusyBackoff {
+        BusyBackoff {
+            next: std::time::Duration::from_millis(500),
+        }
+    }
+}
+
+impl BusyBackoff {
+    /// The longest of the backoff's waits.
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(8);
+
+    /// How long to wait before sending the request that got `status` again; `None` when the status does
+    /// not ask for it to be sent again (a failure for the caller to handle).
+    pub fn wait(&mut self, status: &tonic::Status) -> Option<std::time::Duration> {
+        let wait = retry_delay(status)?.max(self.next);
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(wait)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +79,21 @@ mod tests {
         );
         assert_eq!(retry_delay(&busy), Some(Duration::from_millis(1500)));
         assert_eq!(retry_delay(&tonic::Status::unavailable("down")), None);
+    }
+
+    /// The backoff waits the delay asked for or its own, doubling up to 8 s; a status that does not ask
+    /// gets no wait.
+    #[test]
+    fn the_busy_backoff_doubles_up_to_its_longest() {
+        let mut backoff = BusyBackoff::default();
+        let busy = retry_later("busy", Duration::from_secs(1));
+        let waits: Vec<_> = (0..6).map(|_| backoff.wait(&busy).unwrap()).collect();
+        let secs = |s: &[f64]| {
+            s.iter()
+                .map(|&s| Duration::from_secs_f64(s))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(waits, secs(&[1.0, 1.0, 2.0, 4.0, 8.0, 8.0]));
+        assert_eq!(backoff.wait(&tonic::Status::unavailable("down")), None);
     }
 }

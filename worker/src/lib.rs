@@ -697,7 +697,7 @@ async fn run_task(
 }
 
 /// Sends the outcome to the coordinator, retrying a few times while it is away, and for as long as it asks
-/// to be sent again (busy: [`stylefarm_proto::retry_delay`]; the caller bounds the whole report by
+/// to be sent again (busy: [`stylefarm_proto::BusyBackoff`]; the caller bounds the whole report by
 /// `REPORT_TIMEOUT`, and the heartbeat keeps the lease meanwhile).
 async fn report(
     client: &mut WorkerServiceClient<AuthChannel>,
@@ -729,7 +729,7 @@ async fn report(
         }
         Outcome::Cancelled => Err(Failure::Transient("cancelled".into())),
     };
-    let (mut attempt, mut busy_backoff) = (0u32, Duration::from_millis(500));
+    let (mut attempt, mut busy) = (0u32, stylefarm_proto::BusyBackoff::default());
     while attempt < 5 {
         let sent = match &report {
             Ok(png) => {
@@ -762,13 +762,12 @@ async fn report(
         match sent {
             Ok(()) => return,
             Err(s) => {
-                if let Some(delay) = stylefarm_proto::retry_delay(&s) {
+                if let Some(wait) = busy.wait(&s) {
                     tracing::info!(
                         error = s.message(),
                         "the coordinator is busy; sending again"
                     );
-                    tokio::time::sleep(delay.max(busy_backoff)).await;
-                    busy_backoff = (busy_backoff * 2).min(Duration::from_secs(8));
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
                 tracing::warn!(
