@@ -207,7 +207,8 @@ impl BlobStore for DiskBlobs {
 /// AWS tools, from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
 /// `AWS_ENDPOINT_URL` for a store other than AWS, `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint), through
 /// the `object_store` crate. A blob larger than [`MULTIPART_PART_BYTES`] is uploaded in parts (multipart
-/// upload); an object appears whole when its upload completes, so a blob is whole or absent.
+/// upload, a few parts at once, each copied as it goes); an object appears whole when its upload
+/// completes, so a blob is whole or absent.
 pub struct S3Blobs {
     store: object_store::aws::AmazonS3,
     prefix: String,
@@ -230,6 +231,9 @@ impl Drop for S3Blobs {
 
 /// The part size of a multipart upload, and the size above which a blob is uploaded in parts.
 pub const MULTIPART_PART_BYTES: usize = 8 << 20;
+
+/// The parts of a multipart upload sent at once.
+const MULTIPART_PARTS_IN_FLIGHT: usize = 4;
 
 impl S3Blobs {
     /// Blobs under `url`, `s3://<bucket>[/<prefix>]`, with the endpoint and credentials from the
@@ -388,19 +392,28 @@ impl BlobStore for S3Blobs {
         }
         let (store, path) = (self.store.clone(), self.path(hash));
         let len = bytes.len() as u64;
-        let bytes = bytes::Bytes::copy_from_slice(bytes);
-        self.run(async move {
-            if bytes.len() <= MULTIPART_PART_BYTES {
-                store.put(&path, bytes.into()).await?;
-            } else {
-                let upload = store.put_multipart(&path).await?;
-                let mut parts =
-                    object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_BYTES);
-                parts.put(bytes);
-                parts.finish().await?;
+        if bytes.len() <= MULTIPART_PART_BYTES {
+            let bytes = bytes::Bytes::copy_from_slice(bytes);
+            self.run(async move { store.put(&path, bytes.into()).await })?;
+        } else {
+            let upload = self.run(async move { store.put_multipart(&path).await })?;
+            let mut parts =
+                object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_BYTES);
+            // copied a part at a time, as parts go: the copies (the requests need owned bytes) hold at
+            // most MULTIPART_PARTS_IN_FLIGHT parts, not the whole blob again
+            for chunk in bytes.chunks(MULTIPART_PART_BYTES) {
+                let part = bytes::Bytes::copy_from_slice(chunk);
+                parts = self.run(async move {
+                    if let Err(e) = parts.wait_for_capacity(MULTIPART_PARTS_IN_FLIGHT).await {
+                        parts.abort().await?;
+                        return Err(e);
+                    }
+                    parts.put(part);
+                    Ok(parts)
+                })?;
             }
-            Ok(())
-        })?;
+            self.run(async move { parts.finish().await })?;
+        }
         self.bytes
             .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -618,12 +631,14 @@ pub(crate) mod tests {
         assert!(!other.contains(&ImageHash::of(b"hello")).unwrap());
     }
 
-    /// A blob over the part size goes up in parts (a multipart upload) and comes back whole.
+    /// A blob over the part size goes up in parts (a multipart upload; more parts than go at once, and a
+    /// short last one) and comes back whole.
     #[test]
     fn large_s3_blobs_are_uploaded_in_parts() {
         let server = S3Server::start();
         let blobs = server.blobs("");
-        let big: Vec<u8> = (0..super::MULTIPART_PART_BYTES * 2 + 12345)
+        let parts = super::MULTIPART_PARTS_IN_FLIGHT + 2;
+        let big: Vec<u8> = (0..super::MULTIPART_PART_BYTES * parts + 12345)
             .map(|i| (i * 31 % 251) as u8)
             .collect();
         let hash = blobs.put(&big).unwrap();
