@@ -5,11 +5,13 @@
 //! with a data dir of its own. Prints how the calls ended (gRPC
 //! codes) and the coordinator's resident memory before and at its peak (VmHWM, /proc).
 //!
-//!     cargo bench -p stylefarm-coordinator --bench receive_budget -- [STREAMS] [MIB]
+//!     cargo bench -p stylefarm-coordinator --bench receive_budget -- [STREAMS] [MIB] [--declare-size]
 //!
-//! Defaults: 8 streams of 400 MiB. With the receive budget (2 GiB of uploads), the calls past it are
-//! answered UNAVAILABLE with a RetryInfo and the peak stays near the budget; without one, the peak grows
-//! with STREAMS x MIB.
+//! Defaults: 8 streams of 400 MiB, their sizes not declared. With the receive budget (2 GiB of uploads,
+//! 1.5 GiB of them one tenant's), the undeclared calls past it are answered UNAVAILABLE with a RetryInfo
+//! and the peak stays near the budget; without one, the peak grows with STREAMS x MIB. With
+//! `--declare-size` each call declares its size first (`size_bytes`, as `FarmClient::upload` does) and
+//! waits its turn for its bytes (up to 60 s) rather than being refused part-way.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -35,6 +37,7 @@ async fn main() {
         .collect();
     let streams = args.first().copied().unwrap_or(8);
     let mib = args.get(1).copied().unwrap_or(400);
+    let declare = std::env::args().any(|a| a == "--declare-size");
     // a relative path from the workspace's root (cargo runs benches in the package's directory)
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = root
@@ -68,13 +71,19 @@ async fn main() {
         .map(|s| {
             let mut client = client.clone();
             tokio::spawn(async move {
+                let size = declare.then_some(pb::UploadImageRequest {
+                    part: Some(pb::upload_image_request::Part::SizeBytes(
+                        (mib << 20) as u64,
+                    )),
+                });
                 let chunks = (0..mib).map(move |i| pb::UploadImageRequest {
                     part: Some(pb::upload_image_request::Part::Data(vec![
                         (s * 31 + i) as u8;
                         1 << 20
                     ])),
                 });
-                let ended = client.upload_image(tokio_stream::iter(chunks)).await;
+                let parts = size.into_iter().chain(chunks);
+                let ended = client.upload_image(tokio_stream::iter(parts)).await;
                 match ended {
                     Ok(_) => tonic::Code::Ok,
                     Err(s) => s.code(),
@@ -93,9 +102,10 @@ async fn main() {
     coordinator.kill().ok();
     coordinator.wait().ok();
     println!(
-        "{streams} uploads of {mib} MiB at once ({} MiB in all): ended {ended:?} in {:.1} s; coordinator \
-         resident memory {} MiB before, {} MiB at its peak",
+        "{streams} uploads of {mib} MiB at once ({} MiB in all{}): ended {ended:?} in {:.1} s; \
+         coordinator resident memory {} MiB before, {} MiB at its peak",
         streams * mib,
+        if declare { ", sizes declared" } else { "" },
         wall.as_secs_f64(),
         before >> 10,
         peak >> 10

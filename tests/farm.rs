@@ -822,6 +822,32 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("image"), "{}", err.message());
+    // a declared size past the largest image is refused before its data; data that do not add up to
+    // the size declared are refused
+    let declared = |size: u64, data: Vec<u8>| {
+        use pb::upload_image_request::Part;
+        let parts = [Part::SizeBytes(size), Part::Data(data)];
+        tokio_stream::iter(parts.map(|part| pb::UploadImageRequest { part: Some(part) }))
+    };
+    for (size, data, message) in [
+        (
+            1 << 40,
+            1 << 20,
+            "size_bytes: 1099511627776: larger than 512 MiB",
+        ),
+        (10, 20, "size_bytes: 10 declared, and more data sent"),
+        (30, 20, "size_bytes: 30 declared, 20 received"),
+    ] {
+        let err = client
+            .rpc()
+            .upload_image(declared(size, vec![0u8; data]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::InvalidArgument, message)
+        );
+    }
 
     let png = std::fs::read(shared_image("chelsea.png")).unwrap();
     let hash = client

@@ -185,8 +185,8 @@ impl FarmClient {
         RenderServiceClient::new(self.channel.clone())
     }
 
-    /// Uploads an encoded image in [`CHUNK_BYTES`] chunks, declaring its sha256 first (the coordinator
-    /// checks it); returns the hash. The image is decoded here first, so a broken file fails before any byte
+    /// Uploads an encoded image in [`CHUNK_BYTES`] chunks, declaring its sha256 (the coordinator checks
+    /// it) and its size (which the coordinator sets aside before any data comes) first; returns the hash. The image is decoded here first, so a broken file fails before any byte
     /// is sent, with `name` in the error. An upload that the coordinator asks to be sent again (busy
     /// receiving others: UNAVAILABLE with a `RetryInfo`) is, after the delay it asks for or longer
     /// ([`BusyBackoff`](stylefarm_proto::BusyBackoff)), for up to [`UPLOAD_RETRY_FOR`].
@@ -200,11 +200,16 @@ impl FarmClient {
             stylefarm_proto::BusyBackoff::default(),
         );
         loop {
-            let mut parts = vec![pb::UploadImageRequest {
-                part: Some(pb::upload_image_request::Part::ExpectedSha256(
-                    hash.to_string(),
-                )),
-            }];
+            let mut parts = vec![
+                pb::UploadImageRequest {
+                    part: Some(pb::upload_image_request::Part::ExpectedSha256(
+                        hash.to_string(),
+                    )),
+                },
+                pb::UploadImageRequest {
+                    part: Some(pb::upload_image_request::Part::SizeBytes(bytes.len() as u64)),
+                },
+            ];
             parts.extend(bytes.chunks(CHUNK_BYTES).map(|c| pb::UploadImageRequest {
                 part: Some(pb::upload_image_request::Part::Data(c.to_vec())),
             }));

@@ -1,7 +1,6 @@
 //! The gRPC services: RenderService for clients, WorkerService for workers. Handlers convert at the edge
 //! (stylefarm-core's `wire`), call the scheduler and the blob store, and map errors to status codes.
 
-use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,6 +18,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{self, Tenant};
+use crate::decoding::Incoming;
 use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES, MAX_EXCHANGE_PARTS};
 use crate::model::{JobState, TaskState};
 use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting};
@@ -292,21 +292,20 @@ impl RenderService for RenderApi {
         request: Request<Streaming<pb::UploadImageRequest>>,
     ) -> Result<Response<pb::UploadImageResponse>, Status> {
         let mut expected = None;
-        let mut received = self.coordinator.receiving.uploads.buffer("image");
+        let mut received = self.coordinator.receiving.upload(&auth::tenant(&request));
         received
-            .receive(
-                request.into_inner(),
-                |received, msg: pb::UploadImageRequest| {
-                    match msg.part {
-                        Some(pb::upload_image_request::Part::ExpectedSha256(h)) => {
-                            expected = Some(hash_arg("expected_sha256", &h)?)
-                        }
-                        Some(pb::upload_image_request::Part::Data(d)) => received.append(&d)?,
-                        None => {}
+            .receive(request.into_inner(), |msg: pb::UploadImageRequest| {
+                use pb::upload_image_request::Part;
+                Ok(match msg.part {
+                    Some(Part::ExpectedSha256(h)) => {
+                        expected = Some(hash_arg("expected_sha256", &h)?);
+                        Incoming::Nothing
                     }
-                    Ok(ControlFlow::Continue(()))
-                },
-            )
+                    Some(Part::SizeBytes(size)) => Incoming::Size(size),
+                    Some(Part::Data(d)) => Incoming::Data(d),
+                    None => Incoming::Nothing,
+                })
+            })
             .await?;
         let (received, img) = self.coordinator.decoding.decode(received).await?;
         let (width, height) = img.dimensions();
@@ -622,29 +621,28 @@ impl WorkerService for WorkerApi {
         request: Request<Streaming<pb::CompleteTaskRequest>>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let mut lease_id = LeaseId::default();
-        let mut received = self.coordinator.receiving.results.buffer("result");
+        let mut received = self.coordinator.receiving.result();
         let scheduler = &self.coordinator.scheduler;
         received
-            .receive(
-                request.into_inner(),
-                |received, msg: pb::CompleteTaskRequest| {
-                    match msg.part {
-                        Some(pb::complete_task_request::Part::LeaseId(id)) => {
-                            lease_id = id.into();
-                            // the result of a lease no longer held is answered at once, unread
-                            if scheduler.leased_task(&lease_id).is_none() {
-                                return Ok(ControlFlow::Break(()));
-                            }
+            .receive(request.into_inner(), |msg: pb::CompleteTaskRequest| {
+                use pb::complete_task_request::Part;
+                Ok(match msg.part {
+                    Some(Part::LeaseId(id)) => {
+                        lease_id = id.into();
+                        // the result of a lease no longer held is answered at once, unread
+                        match scheduler.leased_task(&lease_id) {
+                            None => Incoming::Stop,
+                            Some(_) => Incoming::Nothing,
                         }
-                        Some(pb::complete_task_request::Part::Data(_)) if lease_id.is_empty() => {
-                            return Err(Error::invalid("lease_id", "missing before the data"));
-                        }
-                        Some(pb::complete_task_request::Part::Data(d)) => received.append(&d)?,
-                        None => {}
                     }
-                    Ok(ControlFlow::Continue(()))
-                },
-            )
+                    Some(Part::SizeBytes(_) | Part::Data(_)) if lease_id.is_empty() => {
+                        return Err(Error::invalid("lease_id", "missing before the result"));
+                    }
+                    Some(Part::SizeBytes(size)) => Incoming::Size(size),
+                    Some(Part::Data(d)) => Incoming::Data(d),
+                    None => Incoming::Nothing,
+                })
+            })
             .await?;
         if lease_id.is_empty() {
             return Err(Error::invalid("lease_id", "missing").into());
@@ -661,15 +659,20 @@ impl WorkerService for WorkerApi {
             return Ok(Response::new(pb::CompleteTaskResponse { accepted: false }));
         };
         let (received, img) = self.coordinator.decoding.decode(received).await?;
+        // a whole image's result gets its content's alpha (a tiled job's, once stitched)
+        let alpha = if !tiled && task.scale.is_none() {
+            self.coordinator
+                .content_alpha_in_budget(&task.content)
+                .await?
+        } else {
+            None
+        };
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
-            // a whole image's result gets its content's alpha (a tiled job's, once stitched)
-            let with_alpha = if !tiled && task.scale.is_none() {
-                coordinator.with_content_alpha(&img, &task.content)?
-            } else {
-                None
-            };
+            let with_alpha = alpha
+                .map(|alpha| Coordinator::with_alpha(&img, &alpha))
+                .transpose()?;
             let using = coordinator.blobs.begin_use();
             let hash = using
                 .put(with_alpha.as_deref().unwrap_or(received.bytes()))

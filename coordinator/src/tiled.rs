@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::Arc;
 use std::time::Instant;
 
 use image::{GrayImage, RgbImage};
@@ -16,7 +17,7 @@ use stylefarm_core::job::{ImageHash, ScalePart, ScaleTask};
 
 use crate::blobs::BlobReader;
 use crate::model::{JobMeta, TaskRecord, TaskState};
-use crate::{Coordinator, Error};
+use crate::{blocking, Coordinator, Error};
 
 fn png(img: &RgbImage) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();
@@ -69,17 +70,36 @@ impl Coordinator {
         Ok(imaging::decode_full(&self.blob(hash)?, hash.as_str())?.alpha)
     }
 
-    /// A final result given its content's alpha, as an RGBA PNG, when the content has one (a stylized logo
-    /// keeps its cut-out); `None` when it has none.
-    pub(crate) fn with_content_alpha(
-        &self,
-        img: &RgbImage,
-        content: &ImageHash,
-    ) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self
-            .content_alpha(content)?
-            .map(|alpha| imaging::png_with_alpha(img, &alpha))
-            .transpose()?)
+    /// [`Coordinator::content_alpha`] on the blocking pool, its decode within the decode budget (the
+    /// content may have many more pixels than the result it goes with).
+    pub(crate) async fn content_alpha_in_budget(
+        self: &Arc<Self>,
+        hash: &ImageHash,
+    ) -> Result<Option<GrayImage>, Error> {
+        let (coordinator, content) = (self.clone(), hash.clone());
+        let size = blocking(move || {
+            if !imaging::has_alpha(coordinator.stored(&content)?, content.as_str())? {
+                return Ok(None);
+            }
+            coordinator.dimensions(&content).map(Some)
+        })
+        .await?;
+        let Some((width, height)) = size else {
+            return Ok(None);
+        };
+        let share = self.decoding.share(width, height).await?;
+        let (coordinator, content) = (self.clone(), hash.clone());
+        blocking(move || {
+            let alpha = coordinator.content_alpha(&content);
+            drop(share);
+            alpha
+        })
+        .await
+    }
+
+    /// A final result given its content's `alpha`, as an RGBA PNG (a stylized logo keeps its cut-out).
+    pub(crate) fn with_alpha(img: &RgbImage, alpha: &GrayImage) -> Result<Vec<u8>, Error> {
+        Ok(imaging::png_with_alpha(img, alpha)?)
     }
 
     /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job, unless
@@ -105,6 +125,19 @@ impl Coordinator {
             return Ok(()); // already moved on
         }
         let started = std::time::Instant::now();
+        // a stitch holds about what a decode of its canvas does: it waits for that share of the decode
+        // budget, so that stitches of many jobs at once do not take the coordinator's memory
+        let (width, height) = match (&tasks[0].spec.scale, &tasks[0].result) {
+            (Some(first), _) => (first.canvas_width, first.canvas_height),
+            (None, Some(result)) => self.dimensions(result)?,
+            (None, None) => {
+                return Err(Error::Internal(format!(
+                    "task {} has no result",
+                    tasks[0].index
+                )))
+            }
+        };
+        let share = self.decoding.share_blocking(width, height)?;
         let (stitched, scales) = match &tasks[0].spec.scale {
             // the first scale is one untiled task: its result is the scale's image
             None => {
@@ -185,9 +218,10 @@ impl Coordinator {
         } else {
             stitched
         };
-        let (width, height) = stitched.dimensions();
         let with_alpha = if last {
-            self.with_content_alpha(&stitched, &spec.contents[0])?
+            self.content_alpha(&spec.contents[0])?
+                .map(|alpha| Coordinator::with_alpha(&stitched, &alpha))
+                .transpose()?
         } else {
             None
         };
@@ -211,6 +245,7 @@ impl Coordinator {
             .as_ref()
             .and_then(|tasks| tasks.first()?.scale.as_ref())
             .map_or(0, |t| t.block());
+        drop(share);
         let advanced = self.scheduler.finish_stage(job_id, scale, &hash, next)?;
         drop(using);
         tracing::info!(

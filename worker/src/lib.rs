@@ -733,11 +733,17 @@ async fn report(
     while attempt < 5 {
         let sent = match &report {
             Ok(png) => {
-                let mut parts = vec![pb::CompleteTaskRequest {
-                    part: Some(pb::complete_task_request::Part::LeaseId(
-                        lease_id.to_string(),
-                    )),
-                }];
+                // the size declared first: the coordinator sets it aside before any data comes
+                let mut parts = vec![
+                    pb::CompleteTaskRequest {
+                        part: Some(pb::complete_task_request::Part::LeaseId(
+                            lease_id.to_string(),
+                        )),
+                    },
+                    pb::CompleteTaskRequest {
+                        part: Some(pb::complete_task_request::Part::SizeBytes(png.len() as u64)),
+                    },
+                ];
                 parts.extend(png.chunks(CHUNK_BYTES).map(|c| pb::CompleteTaskRequest {
                     part: Some(pb::complete_task_request::Part::Data(c.to_vec())),
                 }));
