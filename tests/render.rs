@@ -271,6 +271,52 @@ fn multi_scale_renders_coarse_to_fine_and_writes_jpeg() {
     );
 }
 
+/// `--save-every N` writes the image every N iterations of each scale beside the output, at the scale's
+/// size; the image of a scale's last iteration is that scale's result (of the last scale: the output,
+/// pixel for pixel).
+#[test]
+fn snapshots_are_written_every_n_iterations_and_the_last_is_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let out = dir.path().join("out.png");
+    render(
+        &out,
+        &["--size", "64", "--iterations", "4", "--save-every", "2"],
+    );
+    assert_eq!(names(dir.path()), ["out.png", "out_2.png", "out_4.png"]);
+    let output = image::open(&out).unwrap().to_rgb8();
+    let last = image::open(dir.path().join("out_4.png")).unwrap().to_rgb8();
+    assert_eq!(last, output, "iteration 4 of 4 is the result");
+    let second = image::open(dir.path().join("out_2.png")).unwrap().to_rgb8();
+    assert_eq!(second.dimensions(), output.dimensions());
+    assert!(
+        pixel_difference(&second, &output).1 > 0.0,
+        "a snapshot of an earlier image"
+    );
+
+    // two scales, Adam (its last step's image is evaluated after the loop): each scale's own
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jpg");
+    let args = ["--size", "64", "--scales", "2", "--scale-iterations", "4,3"];
+    render(
+        &out,
+        &[&args[..], &["--optimizer", "adam", "--save-every", "2"]].concat(),
+    );
+    assert_eq!(
+        names(dir.path()),
+        ["out.jpg", "out_s1_2.jpg", "out_s1_4.jpg", "out_s2_2.jpg"]
+    );
+    let size = |name: &str| image::image_dimensions(dir.path().join(name)).unwrap();
+    assert_eq!((size("out_s1_4.jpg").0, size("out_s2_2.jpg").0), (32, 64));
+}
+
 /// Every bad input: a non-zero exit and one line on stderr that names the culprit.
 #[test]
 fn bad_input_gets_a_clear_one_line_error() {
@@ -322,6 +368,7 @@ fn bad_input_gets_a_clear_one_line_error() {
         (vec!["--content-weight", "-1"], "content_weight"),
         (vec!["--tv-weight", "inf"], "tv_weight"),
         (vec!["--iterations", "0"], "iterations"),
+        (vec!["--save-every", "0"], "save_every"),
         (vec!["--size", "0"], "size"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),
         (vec!["--init", &missing], "missing.jpg"),

@@ -1,8 +1,9 @@
 //! `stylefarm render`: one stylized image on this machine.
 
 use std::io::Write;
+use std::num::NonZeroU32;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -11,7 +12,7 @@ use stylefarm_core::imaging::{Decoded, OutputDepth};
 use stylefarm_core::params::ParamArgs;
 use stylefarm_core::{imaging, tiling, ImageSize, Init};
 
-use stylefarm_engine::{Engine, Progress, RenderJob};
+use stylefarm_engine::{Engine, Progress, RenderJob, Snapshots};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum ProgressMode {
@@ -40,6 +41,11 @@ pub(crate) struct RenderArgs {
     /// Bits per channel of the output: 8, or 16 (PNG and TIFF), from the optimized image's floats.
     #[arg(long, default_value = "8")]
     output_depth: OutputDepth,
+    /// Also write the image every N iterations of each scale, as jcjohnson/neural-style's `-save_iter`
+    /// does: beside the output, `<stem>_<iteration>.<ext>` (`<stem>_s<scale>_<iteration>.<ext>` with
+    /// several scales), in the output's format and depth, at the scale's size.
+    #[arg(long, value_name = "N")]
+    save_every: Option<u32>,
     /// Instead of rendering, print the objective (weighted content, style, tv terms and total, JSON) of this
     /// image against the content and styles at the image's own size: e.g. to compare a tiled output with an
     /// untiled one.
@@ -105,6 +111,13 @@ fn json_line(p: &Progress) -> String {
 pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     let params = args.params.params()?;
     params.validate(args.style.len())?;
+    let save_every =
+        match args.save_every {
+            Some(n) => Some(NonZeroU32::new(n).ok_or_else(|| {
+                anyhow::anyhow!("save_every: 0: an image every N >= 1 iterations")
+            })?),
+            None => None,
+        };
     if let Some(output) = &args.output {
         if imaging::output_format(output)? == image::ImageFormat::Jpeg
             && args.output_depth == OutputDepth::Sixteen
@@ -235,8 +248,18 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         block: args.block,
         ..RenderJob::new(content, styles, init_image, params)
     };
+    let mut save = |scale: u32, iteration: u32, image: image::Rgb32FImage| {
+        let path = snapshot_path(output, (scale, job.params.scales), iteration);
+        imaging::save_output(&image, alpha.as_ref(), args.output_depth, &path)?;
+        tracing::info!(path = %path.display(), scale, iteration, "snapshot written");
+        Ok(())
+    };
+    let snapshots = save_every.map(|every| Snapshots {
+        every,
+        save: &mut save,
+    });
     let image = engine
-        .render_f32(&job, &mut on_progress)
+        .render_f32(&job, &mut on_progress, snapshots)
         .context("render failed")?;
     if let Some(bar) = bar {
         bar.finish();
@@ -249,4 +272,19 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         image.height()
     );
     Ok(())
+}
+
+/// Where `render --save-every` writes the image of `iteration` at `scale` of `scales`: beside `output`,
+/// `<stem>_<iteration>.<ext>`, or `<stem>_s<scale>_<iteration>.<ext>` with several scales.
+fn snapshot_path(output: &Path, (scale, scales): (u32, u32), iteration: u32) -> PathBuf {
+    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match scales {
+        1 => format!("{stem}_{iteration}"),
+        _ => format!("{stem}_s{scale}_{iteration}"),
+    };
+    let mut path = output.with_file_name(name);
+    if let Some(ext) = output.extension() {
+        path.set_extension(ext);
+    }
+    path
 }

@@ -13,7 +13,7 @@ pub mod vgg;
 pub use engine::{Engine, EngineOptions};
 pub use objective::blocked::BlockedTargets;
 pub use objective::{LossTerms, StyleGrams, Targets};
-pub use render::{PreviousFrameImages, Progress, RenderJob};
+pub use render::{PreviousFrameImages, Progress, RenderJob, Snapshots};
 pub use tch::Device;
 pub use vgg::{Preprocessing, Vgg19};
 

@@ -218,6 +218,19 @@ pub(crate) fn optimized(img: RgbImage, params: &RenderParams) -> RgbImage {
     }
 }
 
+/// Images of a render as it goes: jcjohnson/neural-style's `-save_iter` (`render --save-every N`). Every
+/// `every` iterations of each scale, and at a scale's end when its iterations are a multiple of `every`,
+/// `save` gets the scale (1-based), the iteration (the image after that many steps of the scale) and the
+/// image as the render's result would be at that point: deprocessed, with the content's colours where
+/// asked ([`RenderParams::original_colors`], [`RenderParams::luminance_only`]), in floats (0..255), at
+/// the scale's size. Each costs a read of the image from the device.
+pub struct Snapshots<'a> {
+    /// Iterations between two images.
+    pub every: std::num::NonZeroU32,
+    /// Gets each image; its error ends the render.
+    pub save: &'a mut dyn FnMut(u32, u32, Rgb32FImage) -> Result<(), Error>,
+}
+
 /// How many evaluations' losses a render on a GPU reads back at once (progress, cancellation): a read
 /// waits for the device to finish its queue, and a queue that runs empty idles the device while the host
 /// launches the next kernels. On the CPU each evaluation's losses are read as they come (nothing to wait
@@ -312,7 +325,7 @@ impl Engine {
         style_for: &mut StyleSource<'_>,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<RgbImage, Error> {
-        let x = self.optimize(job, style_for, on_progress)?;
+        let x = self.optimize(job, style_for, on_progress, None)?;
         let out = self.vgg().preprocessing().deprocess(&x)?;
         let out = if job.params.original_colors || job.params.luminance_only {
             imaging::original_colors(&out, &job.content)
@@ -336,6 +349,7 @@ impl Engine {
         &self,
         job: &RenderJob,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+        snapshots: Option<Snapshots<'_>>,
     ) -> Result<Rgb32FImage, Error> {
         if job.shard.is_some() {
             return Err(Error::Core(stylefarm_core::Error::invalid(
@@ -347,8 +361,15 @@ impl Engine {
             job,
             &mut |engine, side| engine.own_style_grams(job, side),
             on_progress,
+            snapshots,
         )?;
-        let out = self.vgg().preprocessing().deprocess_f32(&x)?;
+        self.result_f32(job, &x)
+    }
+
+    /// The result image of `x` (preprocessed, `1 x 3 x H x W`) in floats: deprocessed, with the content's
+    /// colours where asked.
+    fn result_f32(&self, job: &RenderJob, x: &Tensor) -> Result<Rgb32FImage, Error> {
+        let out = self.vgg().preprocessing().deprocess_f32(x)?;
         Ok(if job.params.original_colors || job.params.luminance_only {
             imaging::original_colors_f32(&out, &job.content)
         } else {
@@ -362,6 +383,7 @@ impl Engine {
         job: &RenderJob,
         style_for: &mut StyleSource<'_>,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+        mut snapshots: Option<Snapshots<'_>>,
     ) -> Result<Tensor, Error> {
         job.check()?;
         let params = &job.params;
@@ -456,7 +478,23 @@ impl Engine {
                 }
                 Ok(())
             };
+            // the iteration of this scale last saved as a snapshot
+            let mut saved = None;
+            let mut snapshot = |iteration: u32, x: &Tensor| -> Result<(), Error> {
+                match snapshots.as_mut() {
+                    Some(snapshots)
+                        if iteration > 0
+                            && iteration.is_multiple_of(snapshots.every.get())
+                            && saved != Some(iteration) =>
+                    {
+                        saved = Some(iteration);
+                        (snapshots.save)(s as u32 + 1, iteration, self.result_f32(job, x)?)
+                    }
+                    _ => Ok(()),
+                }
+            };
             let mut f = |x: &Tensor| -> Result<(Tensor, Tensor), Error> {
+                snapshot(evaluations, x)?;
                 let (terms, grad) = self.scale_objective(x, &targets, params)?;
                 let total = terms.f_get(3)?;
                 unread.push((evaluations, terms));
@@ -490,6 +528,7 @@ impl Engine {
                 }
             } as u32;
             flush(&mut unread, &mut report)?;
+            snapshot(steps, &xs)?;
             if steps == evaluations {
                 // the last step's image has not been evaluated yet
                 report(steps, self.scale_losses(&xs, &targets, params)?, steps + 1)?;
