@@ -10,8 +10,8 @@
 //! Defaults: 8 streams of 400 MiB, their sizes not declared. With the receive budget (2 GiB of uploads,
 //! 1.5 GiB of them one tenant's), the undeclared calls past it are answered UNAVAILABLE with a RetryInfo
 //! and the peak stays near the budget; without one, the peak grows with STREAMS x MIB. With
-//! `--declare-size` each call declares its size first (`size_bytes`, as `FarmClient::upload` does) and
-//! waits its turn for its bytes (up to 60 s) rather than being refused part-way.
+//! `--declare-size` each call declares its size first (`size_bytes`, as `FarmClient::upload` does): its
+//! bytes are set aside at once, or it is refused before its data are read, never part-way.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

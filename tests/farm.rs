@@ -833,7 +833,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         (
             1 << 40,
             1 << 20,
-            "size_bytes: 1099511627776: larger than 512 MiB",
+            "image: 1099511627776 bytes (size_bytes): larger than 512 MiB",
         ),
         (10, 20, "size_bytes: 10 declared, and more data sent"),
         (30, 20, "size_bytes: 30 declared, 20 received"),

@@ -186,8 +186,9 @@ impl FarmClient {
     }
 
     /// Uploads an encoded image in [`CHUNK_BYTES`] chunks, declaring its sha256 (the coordinator checks
-    /// it) and its size (which the coordinator sets aside before any data comes) first; returns the hash. The image is decoded here first, so a broken file fails before any byte
-    /// is sent, with `name` in the error. An upload that the coordinator asks to be sent again (busy
+    /// it) and its size (which the coordinator sets aside before any data comes) first; returns the hash.
+    /// The image is decoded here first, so a broken file fails before any byte is sent, with `name` in
+    /// the error. An upload that the coordinator asks to be sent again (busy
     /// receiving others: UNAVAILABLE with a `RetryInfo`) is, after the delay it asks for or longer
     /// ([`BusyBackoff`](stylefarm_proto::BusyBackoff)), for up to [`UPLOAD_RETRY_FOR`].
     pub async fn upload(&mut self, bytes: &[u8], name: &str) -> Result<ImageHash> {

@@ -318,7 +318,9 @@ impl S3Blobs {
             .as_ref()
             .expect("the runtime lives until the store drops");
         let handle = runtime.spawn(request);
-        match futures_executor::block_on(handle) {
+        // outside tokio's cooperative budget: a caller inside a tokio task (the start-up's stage work runs
+        // in a block_on) would otherwise, once its task's budget is spent, poll a pending handle for good
+        match futures_executor::block_on(tokio::task::unconstrained(handle)) {
             Ok(result) => result.map_err(io_error),
             Err(e) => Err(std::io::Error::other(format!("blob store request: {e}"))),
         }
@@ -405,7 +407,9 @@ impl BlobStore for S3Blobs {
                 let part = bytes::Bytes::copy_from_slice(chunk);
                 parts = self.run(async move {
                     if let Err(e) = parts.wait_for_capacity(MULTIPART_PARTS_IN_FLIGHT).await {
-                        parts.abort().await?;
+                        if let Err(abort) = parts.abort().await {
+                            tracing::warn!(error = %abort, "aborting a failed multipart upload");
+                        }
                         return Err(e);
                     }
                     parts.put(part);

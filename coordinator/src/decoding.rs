@@ -2,8 +2,8 @@
 //!
 //! - **Receiving** (`Receiving`): an image arrives in chunks of a MiB and is held whole until it is
 //!   stored, within [`RECEIVE_BUDGET_BYTES`] (uploads and results each have their own budget, so clients
-//!   cannot crowd out workers; one tenant's uploads hold at most [`TENANT_RECEIVE_BYTES`], so another
-//!   tenant's largest image always finds room).
+//!   cannot crowd out workers; one tenant's uploads hold at most [`TENANT_RECEIVE_BYTES`], so no one
+//!   tenant takes it all).
 //!   - A request that declares its image's size before the data (`size_bytes`, as the client and the
 //!     worker do) has exactly that many bytes set aside at once, or is refused before any data is read:
 //!     it is never refused part-way, so a refused image is not sent whole only to be sent again.
@@ -13,8 +13,9 @@
 //!     window, and would stall the other images on that connection. So no two half-received images wait
 //!     on each other either.
 //!   - A refusal is UNAVAILABLE, naming the limit, with a RetryInfo: the client and the worker send the
-//!     image again after the delay. A stream that adds no data for [`RECEIVE_IDLE_TIMEOUT`] fails with
-//!     DEADLINE_EXCEEDED, so a stalled sender does not hold its share.
+//!     image again after the delay. A stream that adds no data for [`RECEIVE_IDLE_TIMEOUT`], or whose
+//!     bytes fall behind [`RECEIVE_MIN_BYTES_PER_SEC`] after that grace, fails with DEADLINE_EXCEEDED, so
+//!     a stalled or trickling sender does not hold its share.
 //! - **Decoding** (`DecodeBudget`): a header may declare 16,384 x 16,384 pixels in a hundred bytes, and
 //!   decoding such an image takes gigabytes: without a budget, a few such uploads at once would take the
 //!   coordinator's memory. Each decode first reads its image's header and waits for its share of
@@ -76,28 +77,22 @@ impl DecodeBudget {
             .clamp(1, self.total_mib)
     }
 
-    /// Waits for the share of the budget that decoding an image of `width` x `height` pixels takes; the
-    /// decode holds it until it ends.
-    pub(crate) async fn share(
-        &self,
-        width: u32,
-        height: u32,
-    ) -> Result<OwnedSemaphorePermit, Error> {
+    /// Waits for the share of the budget that decoding `pixels` pixels takes; the decode holds it until
+    /// it ends.
+    pub(crate) async fn share(&self, pixels: u64) -> Result<OwnedSemaphorePermit, Error> {
         self.permits
             .clone()
-            .acquire_many_owned(self.weight(u64::from(width) * u64::from(height)))
+            .acquire_many_owned(self.weight(pixels))
             .await
             .map_err(|e| Error::Internal(e.to_string()))
     }
 
-    /// [`DecodeBudget::share`] for work on the blocking pool (a stitch): it blocks the thread while it
-    /// waits, so it must not run on an async one.
-    pub(crate) fn share_blocking(
-        &self,
-        width: u32,
-        height: u32,
-    ) -> Result<OwnedSemaphorePermit, Error> {
-        futures_executor::block_on(self.share(width, height))
+    /// [`DecodeBudget::share`] for work that blocks its thread (a stitch, on the blocking pool, or at
+    /// start-up). Run outside tokio's cooperative budget: the start-up's stitches run inside a
+    /// `block_on`, whose task's budget, once spent by many acquires, would make each next one return
+    /// pending and wake itself at once, for good.
+    pub(crate) fn share_blocking(&self, pixels: u64) -> Result<OwnedSemaphorePermit, Error> {
+        futures_executor::block_on(tokio::task::unconstrained(self.share(pixels)))
     }
 
     /// Decodes the bytes received ([`imaging::decode`], on the blocking pool) once its share of the budget
@@ -111,7 +106,7 @@ impl DecodeBudget {
         })
         .await?;
         let (width, height) = size?;
-        let share = self.share(width, height).await?;
+        let share = self.share(u64::from(width) * u64::from(height)).await?;
         // the share goes with the decode: a request cancelled meanwhile does not give it back before the
         // decode (which cannot be stopped) ends
         let (received, decoded) = blocking(move || {
@@ -132,12 +127,19 @@ pub const MAX_IMAGE_UPLOAD: usize = 512 << 20;
 pub const RECEIVE_BUDGET_BYTES: usize = 4 * MAX_IMAGE_UPLOAD;
 
 /// Encoded bytes that one tenant's uploads hold at once: the upload budget less one of the largest
-/// images, so that another tenant's largest image always finds room (1.5 GiB).
+/// images (1.5 GiB), so that no one tenant takes it all: while one holds its share, another's largest
+/// image still fits.
 pub const TENANT_RECEIVE_BYTES: usize = RECEIVE_BUDGET_BYTES - MAX_IMAGE_UPLOAD;
 
 /// How long a request's stream may add no data before it fails (DEADLINE_EXCEEDED): a MiB chunk takes
 /// this at 140 kbit/s.
 pub const RECEIVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The slowest an image may come (2 Mbit/s): past [`RECEIVE_IDLE_TIMEOUT`]'s grace, a stream whose bytes
+/// fall behind this many a second on average since it began fails (DEADLINE_EXCEEDED). A sender holds its
+/// share of the budget (a declared size, or a buffer doubled) only as long as its bytes take at this rate,
+/// and must keep sending to hold it.
+pub const RECEIVE_MIN_BYTES_PER_SEC: usize = 256 << 10;
 
 /// The receive budgets: one for uploads, shared out among tenants, one for task results.
 pub(crate) struct Receiving {
@@ -340,9 +342,12 @@ impl Received {
             Ok(0) => return refuse("0: an image has bytes".into()),
             Ok(size) if size <= MAX_IMAGE_UPLOAD => size,
             _ => {
-                return refuse(format!(
-                    "{size}: larger than {} MiB",
-                    MAX_IMAGE_UPLOAD >> 20
+                return Err(Error::invalid(
+                    self.name,
+                    format!(
+                        "{size} bytes (size_bytes): larger than {} MiB",
+                        MAX_IMAGE_UPLOAD >> 20
+                    ),
                 ))
             }
         };
@@ -355,23 +360,41 @@ impl Received {
     /// Receives a request's stream: each message goes to `part`, which says what it brings, until the
     /// stream ends or `part` stops it; then the buffer is cut to its bytes and the rest of its share given
     /// back. Errors: `part`'s; a stream error ([`stream_message`]); no bytes added for
-    /// [`RECEIVE_IDLE_TIMEOUT`] (messages without data do not count); a declared size refused
+    /// [`RECEIVE_IDLE_TIMEOUT`] (messages without data do not count), or the bytes behind
+    /// [`RECEIVE_MIN_BYTES_PER_SEC`] past that grace (DEADLINE_EXCEEDED); a declared size refused
     /// ([`Received::declare`]); fewer bytes than declared (INVALID_ARGUMENT naming `size_bytes`).
     pub(crate) async fn receive<M>(
         &mut self,
         mut stream: impl Stream<Item = Result<M, tonic::Status>> + Unpin,
         mut part: impl FnMut(M) -> Result<Incoming, Error>,
     ) -> Result<(), Error> {
-        let mut deadline = tokio::time::Instant::now() + RECEIVE_IDLE_TIMEOUT;
+        let started = tokio::time::Instant::now();
+        let mut idle = started + RECEIVE_IDLE_TIMEOUT;
         loop {
-            let next = tokio::time::timeout_at(deadline, stream.next())
+            // when the bytes so far stop keeping up with the slowest rate, after the idle timeout's grace
+            let behind = started
+                + RECEIVE_IDLE_TIMEOUT
+                + Duration::from_secs_f64(
+                    self.bytes.len() as f64 / RECEIVE_MIN_BYTES_PER_SEC as f64,
+                );
+            let next = tokio::time::timeout_at(idle.min(behind), stream.next())
                 .await
                 .map_err(|_| {
-                    Error::Rpc(tonic::Status::deadline_exceeded(format!(
-                        "{}: no data received for {} s",
-                        self.name,
-                        RECEIVE_IDLE_TIMEOUT.as_secs()
-                    )))
+                    Error::Rpc(tonic::Status::deadline_exceeded(if idle <= behind {
+                        format!(
+                            "{}: no data received for {} s",
+                            self.name,
+                            RECEIVE_IDLE_TIMEOUT.as_secs()
+                        )
+                    } else {
+                        format!(
+                            "{}: {} bytes in {:.0} s, slower than {} KiB/s",
+                            self.name,
+                            self.bytes.len(),
+                            started.elapsed().as_secs_f64(),
+                            RECEIVE_MIN_BYTES_PER_SEC >> 10
+                        )
+                    }))
                 })?;
             let Some(message) = next else {
                 break;
@@ -379,7 +402,7 @@ impl Received {
             match part(stream_message(message)?)? {
                 Incoming::Data(data) if !data.is_empty() => {
                     self.append(&data)?;
-                    deadline = tokio::time::Instant::now() + RECEIVE_IDLE_TIMEOUT;
+                    idle = tokio::time::Instant::now() + RECEIVE_IDLE_TIMEOUT;
                 }
                 Incoming::Size(size) => self.declare(size)?,
                 Incoming::Data(_) | Incoming::Nothing => {}
@@ -491,7 +514,7 @@ mod tests {
         let held = budget.permits.clone().acquire_many_owned(1).await.unwrap();
         let b = budget.clone();
         let stitch = tokio::task::spawn_blocking(move || {
-            b.share_blocking(16_384, 16_384).map(|s| s.num_permits())
+            b.share_blocking(16_384 * 16_384).map(|s| s.num_permits())
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!stitch.is_finished(), "it waits for the whole budget");
@@ -654,7 +677,7 @@ mod tests {
             (vec![size(0)], "size_bytes: 0: an image has bytes"),
             (
                 vec![size(MAX_IMAGE_UPLOAD + 1)],
-                "size_bytes: 536870913: larger than 512 MiB",
+                "result: 536870913 bytes (size_bytes): larger than 512 MiB",
             ),
             (
                 vec![size(2), data(3)],
@@ -707,15 +730,38 @@ mod tests {
         drop(received);
         assert_eq!(budget.held(), 0);
 
-        // three chunks 40 s apart, and the end 40 s after the last: 120 s in all, never 60 s without data
+        // three chunks of 16 MiB 40 s apart, and the end 40 s after the last: 120 s in all, never 60 s
+        // without data, and never behind 256 KiB/s after the first 60 s
         let start = tokio::time::Instant::now();
-        let slow = chunks()
-            .chain(tokio_stream::iter([Ok(vec![3u8])]))
-            .throttle(Duration::from_secs(40));
+        let big = || tokio_stream::iter((1..=3u8).map(|i| Ok(vec![i; 16 << 20])));
+        let slow = big().throttle(Duration::from_secs(40));
         let mut received = receiving.result();
         received.receive(Box::pin(slow), append).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(120));
-        assert_eq!(received.bytes(), [1, 1, 1, 2, 2, 3]);
+        assert_eq!(received.bytes().len(), 48 << 20);
+        drop(received);
+
+        // the same bytes in chunks of 100 KiB 50 s apart are never 60 s without data, but fall behind
+        // 256 KiB/s: 200 KiB by 60.78 s
+        let start = tokio::time::Instant::now();
+        let trickle = tokio_stream::iter(std::iter::repeat_with(|| Ok(vec![1u8; 100 << 10])))
+            .throttle(Duration::from_secs(50));
+        let mut received = receiving.result();
+        let error = received
+            .receive(Box::pin(trickle), append)
+            .await
+            .unwrap_err();
+        // (within the timer's millisecond)
+        let late = start.elapsed().as_secs_f64() - (60.0 + 200.0 / 256.0);
+        assert!((0.0..0.002).contains(&late), "{late}");
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            status.message(),
+            "result: 204800 bytes in 61 s, slower than 256 KiB/s"
+        );
+        drop(received);
+        assert_eq!(budget.held(), 0);
 
         // the closure's stop ends the receiving; the rest is not read
         let mut received = receiving.result();

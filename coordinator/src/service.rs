@@ -658,8 +658,8 @@ impl WorkerService for WorkerApi {
             );
             return Ok(Response::new(pb::CompleteTaskResponse { accepted: false }));
         };
-        let (received, img) = self.coordinator.decoding.decode(received).await?;
-        // a whole image's result gets its content's alpha (a tiled job's, once stitched)
+        // a whole image's result gets its content's alpha (a tiled job's, once stitched); the alpha first,
+        // so that the decoded result is not held while the content's decode waits for the budget
         let alpha = if !tiled && task.scale.is_none() {
             self.coordinator
                 .content_alpha_in_budget(&task.content)
@@ -667,6 +667,7 @@ impl WorkerService for WorkerApi {
         } else {
             None
         };
+        let (received, img) = self.coordinator.decoding.decode(received).await?;
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {

@@ -67,6 +67,11 @@ impl Coordinator {
         if !imaging::has_alpha(self.stored(hash)?, hash.as_str())? {
             return Ok(None);
         }
+        self.decode_alpha(hash)
+    }
+
+    /// The alpha channel of a stored image, decoded; `None` when it is opaque.
+    fn decode_alpha(&self, hash: &ImageHash) -> Result<Option<GrayImage>, Error> {
         Ok(imaging::decode_full(&self.blob(hash)?, hash.as_str())?.alpha)
     }
 
@@ -87,10 +92,13 @@ impl Coordinator {
         let Some((width, height)) = size else {
             return Ok(None);
         };
-        let share = self.decoding.share(width, height).await?;
+        let share = self
+            .decoding
+            .share(u64::from(width) * u64::from(height))
+            .await?;
         let (coordinator, content) = (self.clone(), hash.clone());
         blocking(move || {
-            let alpha = coordinator.content_alpha(&content);
+            let alpha = coordinator.decode_alpha(&content);
             drop(share);
             alpha
         })
@@ -125,11 +133,15 @@ impl Coordinator {
             return Ok(()); // already moved on
         }
         let started = std::time::Instant::now();
-        // a stitch holds about what a decode of its canvas does: it waits for that share of the decode
-        // budget, so that stitches of many jobs at once do not take the coordinator's memory
-        let (width, height) = match (&tasks[0].spec.scale, &tasks[0].result) {
-            (Some(first), _) => (first.canvas_width, first.canvas_height),
-            (None, Some(result)) => self.dimensions(result)?,
+        // a stitch holds about what a decode of its canvas does, and the last one also decodes the content
+        // (its colours, its alpha): it waits for that share of the decode budget, so that stitches of many
+        // jobs at once do not take the coordinator's memory
+        let (width, height, scales) = match (&tasks[0].spec.scale, &tasks[0].result) {
+            (Some(first), _) => (first.canvas_width, first.canvas_height, first.scales),
+            (None, Some(result)) => {
+                let (width, height) = self.dimensions(result)?;
+                (width, height, spec.pyramid_params()?.scales)
+            }
             (None, None) => {
                 return Err(Error::Internal(format!(
                     "task {} has no result",
@@ -137,13 +149,19 @@ impl Coordinator {
                 )))
             }
         };
-        let share = self.decoding.share_blocking(width, height)?;
-        let (stitched, scales) = match &tasks[0].spec.scale {
+        let last = scale + 1 == scales;
+        let pixels = |(w, h): (u32, u32)| u64::from(w) * u64::from(h);
+        let content_pixels = if last {
+            pixels(self.dimensions(&spec.contents[0])?)
+        } else {
+            0
+        };
+        let share = self
+            .decoding
+            .share_blocking(pixels((width, height)) + content_pixels)?;
+        let stitched = match &tasks[0].spec.scale {
             // the first scale is one untiled task: its result is the scale's image
-            None => {
-                let pyramid = spec.pyramid_params()?;
-                (self.result_image(tasks[0])?, pyramid.scales)
-            }
+            None => self.result_image(tasks[0])?,
             // exact mode's shards: bands of the canvas' rows, pasted in place
             Some(first) if matches!(first.part, ScalePart::Shard { .. }) => {
                 let (w, h) = (first.canvas_width, first.canvas_height);
@@ -176,7 +194,7 @@ impl Coordinator {
                         scale + 1
                     )));
                 }
-                (canvas, first.scales)
+                canvas
             }
             Some(first) => {
                 // the tile size the planner chose for this scale
@@ -197,7 +215,7 @@ impl Coordinator {
                     )));
                 }
                 // the tiles' own errors travel through the stitcher's messages
-                let img = grid.stitch(|i| {
+                grid.stitch(|i| {
                     let task = tasks
                         .iter()
                         .find(|t| {
@@ -208,11 +226,9 @@ impl Coordinator {
                         })
                         .ok_or_else(|| Error::Internal(format!("tile {i} missing")))?;
                     self.result_image(task)
-                })?;
-                (img, first.scales)
+                })?
             }
         };
-        let last = scale + 1 == scales;
         let stitched = if last && spec.params.original_colors {
             imaging::original_colors(&stitched, &self.image(&spec.contents[0])?)
         } else {
