@@ -335,7 +335,16 @@ pub struct Coordinator {
     pub(crate) stage_deferred: std::sync::atomic::AtomicBool,
     /// Stage work, one run at a time per job ([`Coordinator::stage_done`]).
     pub(crate) stepping: pipeline::OneAtATime<stylefarm_core::ids::JobId>,
+    /// The stage work that task results start: [`STAGE_WORK_AT_ONCE`] runs at a time.
+    pub(crate) stage_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Stage work (a tiled scale's stitch, a sweep's contact sheet, a video's next frames) that task results
+/// start runs on at most this many threads of the blocking pool at once; the rest wait for a slot without
+/// holding a thread. Many jobs finishing a stage together would otherwise fill the pool, and a stitch that
+/// waits there for its share of the decode budget would hold a thread that the decodes holding that budget
+/// need to finish.
+pub const STAGE_WORK_AT_ONCE: usize = 4;
 
 /// How often stage work deferred for a store out of reach is tried again.
 pub const STAGE_RETRY: Duration = Duration::from_secs(2);
@@ -413,6 +422,7 @@ impl Coordinator {
             metrics,
             stage_deferred: false.into(),
             stepping: Default::default(),
+            stage_slots: Arc::new(tokio::sync::Semaphore::new(STAGE_WORK_AT_ONCE)),
         });
         coordinator.step_awaiting();
         Ok(coordinator)

@@ -695,7 +695,16 @@ impl WorkerService for WorkerApi {
         if let Some(done) = completed.as_ref().filter(|c| c.stage_work) {
             let coordinator = self.coordinator.clone();
             let job_id = done.job_id.clone();
-            tokio::task::spawn_blocking(move || coordinator.stage_done(&job_id));
+            // a slot first, waited for without holding a blocking thread
+            tokio::spawn(async move {
+                let Ok(slot) = coordinator.stage_slots.clone().acquire_owned().await else {
+                    return;
+                };
+                tokio::task::spawn_blocking(move || {
+                    coordinator.stage_done(&job_id);
+                    drop(slot);
+                });
+            });
         }
         Ok(Response::new(pb::CompleteTaskResponse {
             accepted: completed.is_some(),
