@@ -309,10 +309,7 @@ impl Received {
             ));
         }
         if needed > MAX_IMAGE_UPLOAD {
-            return Err(Error::invalid(
-                self.name,
-                format!("larger than {} MiB", MAX_IMAGE_UPLOAD >> 20),
-            ));
+            return Err(self.too_large(""));
         }
         if needed > self.held {
             let grown = needed.max(self.held * 2).min(MAX_IMAGE_UPLOAD);
@@ -323,9 +320,17 @@ impl Received {
         Ok(())
     }
 
+    /// The refusal of an image past [`MAX_IMAGE_UPLOAD`] (INVALID_ARGUMENT naming it), `what` said of it.
+    fn too_large(&self, what: &str) -> Error {
+        Error::invalid(
+            self.name,
+            format!("{what}larger than {} MiB", MAX_IMAGE_UPLOAD >> 20),
+        )
+    }
+
     /// Sets aside the bytes of an image of `size` bytes, declared before its data, at once. Errors:
-    /// INVALID_ARGUMENT naming `size_bytes` (after data, twice, 0 or past [`MAX_IMAGE_UPLOAD`]); a budget
-    /// spent, [`Error::Busy`].
+    /// INVALID_ARGUMENT naming `size_bytes` (after data, twice, 0), or the image (past
+    /// [`MAX_IMAGE_UPLOAD`]); a budget spent, [`Error::Busy`].
     ///
     /// It does not wait for the bytes: a stream whose data are not read holds its HTTP/2 flow-control
     /// window, which its connection's other streams share, so a wait here would stall the images of the
@@ -341,15 +346,7 @@ impl Received {
         let size = match usize::try_from(size) {
             Ok(0) => return refuse("0: an image has bytes".into()),
             Ok(size) if size <= MAX_IMAGE_UPLOAD => size,
-            _ => {
-                return Err(Error::invalid(
-                    self.name,
-                    format!(
-                        "{size} bytes (size_bytes): larger than {} MiB",
-                        MAX_IMAGE_UPLOAD >> 20
-                    ),
-                ))
-            }
+            _ => return Err(self.too_large(&format!("{size} bytes (size_bytes): "))),
         };
         self.try_hold(size)?;
         self.bytes.reserve_exact(size);

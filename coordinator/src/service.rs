@@ -672,7 +672,7 @@ impl WorkerService for WorkerApi {
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
             let with_alpha = alpha
-                .map(|alpha| Coordinator::with_alpha(&img, &alpha))
+                .map(|alpha| stylefarm_core::imaging::png_with_alpha(&img, &alpha))
                 .transpose()?;
             let using = coordinator.blobs.begin_use();
             let hash = using

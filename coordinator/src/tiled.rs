@@ -64,10 +64,15 @@ impl Coordinator {
     /// The alpha channel of a stored content image, oriented as its pixels; `None` when it has none or is
     /// opaque (the header says whether to decode at all).
     pub(crate) fn content_alpha(&self, hash: &ImageHash) -> Result<Option<GrayImage>, Error> {
-        if !imaging::has_alpha(self.stored(hash)?, hash.as_str())? {
+        if !self.has_alpha(hash)? {
             return Ok(None);
         }
         self.decode_alpha(hash)
+    }
+
+    /// Whether a stored image has an alpha channel, from its header.
+    fn has_alpha(&self, hash: &ImageHash) -> Result<bool, Error> {
+        Ok(imaging::has_alpha(self.stored(hash)?, hash.as_str())?)
     }
 
     /// The alpha channel of a stored image, decoded; `None` when it is opaque.
@@ -83,7 +88,7 @@ impl Coordinator {
     ) -> Result<Option<GrayImage>, Error> {
         let (coordinator, content) = (self.clone(), hash.clone());
         let size = blocking(move || {
-            if !imaging::has_alpha(coordinator.stored(&content)?, content.as_str())? {
+            if !coordinator.has_alpha(&content)? {
                 return Ok(None);
             }
             coordinator.dimensions(&content).map(Some)
@@ -103,11 +108,6 @@ impl Coordinator {
             alpha
         })
         .await
-    }
-
-    /// A final result given its content's `alpha`, as an RGBA PNG (a stylized logo keeps its cut-out).
-    pub(crate) fn with_alpha(img: &RgbImage, alpha: &GrayImage) -> Result<Vec<u8>, Error> {
-        Ok(imaging::png_with_alpha(img, alpha)?)
     }
 
     /// Stitches the finished scale of tiled job `job_id` and moves it on; a failure fails the job, unless
@@ -236,7 +236,7 @@ impl Coordinator {
         };
         let with_alpha = if last {
             self.content_alpha(&spec.contents[0])?
-                .map(|alpha| Coordinator::with_alpha(&stitched, &alpha))
+                .map(|alpha| imaging::png_with_alpha(&stitched, &alpha))
                 .transpose()?
         } else {
             None
