@@ -158,7 +158,7 @@ impl Coordinator {
         };
         let share = self
             .decoding
-            .share_blocking(pixels((width, height)) + content_pixels)?;
+            .share_blocking(pixels((width, height)).saturating_add(content_pixels))?;
         let stitched = match &tasks[0].spec.scale {
             // the first scale is one untiled task: its result is the scale's image
             None => self.result_image(tasks[0])?,
