@@ -1228,7 +1228,8 @@ async fn a_job_no_live_worker_may_take_fails_instead_of_waiting_forever() {
 
 /// On a coordinator with ONE worker, a job whose renders panic on the engine thread (a fault injected with
 /// fail points: the first three renders) fails alone; the worker survives, and the good job after it
-/// renders on that same worker.
+/// renders on that same worker. With the fault gone, `stylefarm retry` runs the failed job again and it
+/// renders.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker() {
     let mut cluster = Cluster::start(10.0, 0.3);
@@ -1304,6 +1305,33 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
             assert_eq!(p.0[3], 255, "alpha at x = {x}");
         }
     }
+
+    // the fault is gone (the fail point fired its three times): the failed job, run again, renders on
+    // the same worker with its attempts and errors cleared; a job that succeeded has nothing to run again
+    let (ok, out, err) = cluster.cli(&["retry", &poisoned]);
+    assert!(
+        ok && out.contains("queued") && out.contains("1 task(s) queued again"),
+        "{out} {err}"
+    );
+    let retried = wait_state(
+        &cluster,
+        &poisoned,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(retried.error.is_empty(), "{retried:?}");
+    assert_eq!(retried.tasks[0].attempts, 1, "{retried:?}");
+    assert!(retried.tasks[0].error.is_empty(), "{retried:?}");
+    assert!(
+        retried.tasks[0].worker_id.starts_with("only"),
+        "{retried:?}"
+    );
+    let (ok, _, err) = cluster.cli(&["retry", &good]);
+    assert!(
+        !ok && err.contains("succeeded: there is nothing to run again"),
+        "{err}"
+    );
 }
 
 /// A worker whose engine cannot be had again (a render panics, the device probe fails, and the weights are

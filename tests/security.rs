@@ -111,6 +111,11 @@ async fn render_calls(
         Err(s) => s.code(),
     };
     out.push(("DownloadResult", downloaded));
+    // alice's job is queued: running it again leaves it so
+    out.push((
+        "RetryJob",
+        code(rpc.retry_job(pb::RetryJobRequest { job_id: id() }).await),
+    ));
     // last: they end the job for good, then forget it
     out.push((
         "CancelJob",
@@ -234,14 +239,16 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let image = spec.contents[0].clone();
 
     use Code::*;
-    let render_expected = |caller: &str| -> [Code; 8] {
+    let render_expected = |caller: &str| -> [Code; 9] {
         match caller {
-            "none" => [Unauthenticated; 8],
-            "worker" => [PermissionDenied; 8],
-            "alice" => [Ok; 8],
+            "none" => [Unauthenticated; 9],
+            "worker" => [PermissionDenied; 9],
+            "alice" => [Ok; 9],
             // another tenant: its own uploads and jobs; alice's job is not found, not even listed; images
             // are content-addressed, readable by any client that knows the hash
-            "bob" => [Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound, NotFound],
+            "bob" => [
+                Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound, NotFound, NotFound,
+            ],
             _ => unreachable!(),
         }
     };

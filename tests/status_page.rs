@@ -123,7 +123,7 @@ async fn eval(browser: &Client, script: &str) -> serde_json::Value {
 /// logged in, it shows the job running with the first scale's stitched preview and
 /// the second scale's tiles arriving over it, and both workers with their device, memory and health
 /// (screenshot taken then); the job's cancel button cancels it, and the page and the
-/// API both say cancelled.
+/// API both say cancelled; its retry button runs it again, keeping the tiles that had succeeded.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     let mut cluster = Cluster::new(10.0, 0.5, "embedded");
@@ -365,5 +365,50 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
         .await,
         true
     );
+
+    // its retry button runs it again (refused, and shown so, while its workers are still stopping its
+    // tasks); it keeps the tiles that had succeeded
+    let succeeded = job["counts"]["succeeded"].as_u64().unwrap_or(0);
+    let retry = format!("{card} button.retry");
+    wait_for(
+        "the page to run the job again",
+        Duration::from_secs(30),
+        || async {
+            let state = eval(
+                &browser,
+                &format!("return document.querySelector('{card} .badge').textContent;"),
+            )
+            .await;
+            if state != "cancelled" {
+                return Some(());
+            }
+            let button = browser.find(Locator::Css(&retry)).await.unwrap();
+            if button.is_enabled().await.unwrap() && button.is_displayed().await.unwrap() {
+                button.click().await.unwrap();
+            }
+            None
+        },
+    )
+    .await;
+    let answer = http(&addr, "GET", "/api/status", &[&client_auth], "").await;
+    let status: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let job = &status["jobs"][0];
+    assert!(
+        job["state"] == "queued" || job["state"] == "running",
+        "{job}"
+    );
+    assert!(
+        job["counts"]["succeeded"].as_u64().unwrap_or(0) >= succeeded,
+        "{job}"
+    );
+    assert_eq!(job["counts"].get("cancelled"), None, "{job}");
+    let hidden =
+        |button: &str| format!("return document.querySelector('{card} button.{button}').hidden;");
+    wait_for("the buttons to follow", Duration::from_secs(10), || async {
+        let cancel_shown = eval(&browser, &hidden("cancel")).await == false;
+        let retry_hidden = eval(&browser, &hidden("retry")).await == true;
+        (cancel_shown && retry_hidden).then_some(())
+    })
+    .await;
     browser.close().await.unwrap();
 }

@@ -1,6 +1,6 @@
 //! The farm's commands that need no engine: `coordinator`, and the client's `submit`, `watch`, `status`,
-//! `list`, `fetch`, `cancel` (arguments and printing; the calls are stylefarm-client's). `worker` and
-//! `local` are in `nodes`.
+//! `list`, `fetch`, `cancel`, `retry` (arguments and printing; the calls are stylefarm-client's). `worker`
+//! and `local` are in `nodes`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -720,6 +720,19 @@ pub(crate) fn delete(args: JobRef) -> anyhow::Result<()> {
         let mut client = connect(&args.connect).await?;
         client.delete(&args.job_id).await?;
         println!("{}\tdeleted", args.job_id);
+        Ok(())
+    })
+}
+
+pub(crate) fn retry(args: JobRef) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&args.connect).await?;
+        let (state, requeued) = client.retry(&args.job_id).await?;
+        println!(
+            "{}\t{}\t{requeued} task(s) queued again",
+            args.job_id,
+            job_state_name(state as i32)
+        );
         Ok(())
     })
 }

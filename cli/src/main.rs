@@ -141,6 +141,9 @@ enum Command {
     Fetch(farm::FetchArgs),
     /// Cancel a job.
     Cancel(farm::JobRef),
+    /// Run a failed or cancelled job again: its failed and cancelled tasks (its succeeded ones keep
+    /// their results).
+    Retry(farm::JobRef),
     /// Delete a finished job: its record and its tasks' (its images stay in the blob store).
     Delete(farm::JobRef),
     /// Measure how visible a tiled render's tile grid is (1.0: not at all).
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
         Command::List(args) => farm::list(args),
         Command::Fetch(args) => farm::fetch(args),
         Command::Cancel(args) => farm::cancel(args),
+        Command::Retry(args) => farm::retry(args),
         Command::Delete(args) => farm::delete(args),
         Command::Seams(args) => seams::run(args),
         Command::Weights(cmd) => weights::run(cmd),

@@ -353,6 +353,21 @@ impl FarmClient {
         Ok(pb::JobState::try_from(reply.state).unwrap_or_default())
     }
 
+    /// Runs a failed or cancelled job again (RetryJob): its failed and cancelled tasks are queued again,
+    /// its succeeded ones keep their results. Returns the job's state after it and how many tasks were
+    /// queued again; a queued or running job is left as it is, a succeeded one is FAILED_PRECONDITION.
+    pub async fn retry(&mut self, job_id: &JobId) -> Result<(pb::JobState, u32)> {
+        let reply = self
+            .rpc
+            .retry_job(pb::RetryJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await?
+            .into_inner();
+        let state = pb::JobState::try_from(reply.state).unwrap_or_default();
+        Ok((state, reply.tasks_requeued))
+    }
+
     /// Deletes a finished job (DeleteJob): its record and its tasks'; FAILED_PRECONDITION while it is
     /// queued or running.
     pub async fn delete(&mut self, job_id: &JobId) -> Result<()> {

@@ -430,6 +430,22 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// Runs a job's stage work ([`Coordinator::stage_done`]) on the blocking pool once one of the
+    /// [`STAGE_WORK_AT_ONCE`] slots is free, waiting for it without holding a thread. Needs a Tokio runtime
+    /// (an async task, or a thread of its blocking pool).
+    pub(crate) fn spawn_stage_work(self: &Arc<Self>, job_id: stylefarm_core::ids::JobId) {
+        let coordinator = self.clone();
+        tokio::spawn(async move {
+            let Ok(slot) = coordinator.stage_slots.clone().acquire_owned().await else {
+                return;
+            };
+            tokio::task::spawn_blocking(move || {
+                coordinator.stage_done(&job_id);
+                drop(slot);
+            });
+        });
+    }
+
     /// What tells why a job waits, with the workers live now ([`scheduler::Waiting`]).
     pub(crate) fn waiting(&self) -> scheduler::Waiting {
         scheduler::Waiting {

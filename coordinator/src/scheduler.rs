@@ -3,7 +3,7 @@
 //! path, and every change that matters is written through to the [`Store`] before it is acknowledged.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -207,6 +207,8 @@ struct State {
     /// Workers whose lease expired since [`Scheduler::take_lost`] last took them, with the moment their
     /// lease ran out.
     lost: Vec<(WorkerId, std::time::Instant)>,
+    /// Jobs whose deletion is being written ([`Scheduler::forget`]): not run again meanwhile.
+    deleting: HashSet<JobId>,
     /// The workers free now, asking for a task ([`Scheduler::idle`]), by name: their tags and how many of
     /// their calls wait. The shards of a scale start only on as many of them at once.
     idle: HashMap<WorkerId, (Vec<String>, usize)>,
@@ -286,6 +288,19 @@ fn set_job_state(tally: &mut Tally, meta: &mut JobMeta, to: JobState) {
     meta.state = to;
 }
 
+/// Refuses to delete or run again a job whose tasks are still being stopped (told to stop at their next
+/// heartbeat): their leases would otherwise outlive the job's end.
+fn being_stopped(job: &Job) -> Result<(), SchedulerError> {
+    if job.leases.is_empty() {
+        return Ok(());
+    }
+    Err(SchedulerError::Precondition(format!(
+        "job {}: {} task(s) are still being stopped; try again in a moment",
+        job.meta.id,
+        job.leases.len()
+    )))
+}
+
 /// One fewer unfinished job for `tenant`: one of its jobs reached a terminal state.
 fn job_ended(unfinished: &mut HashMap<String, usize>, tenant: &str) {
     if let Some(n) = unfinished.get_mut(tenant) {
@@ -320,6 +335,19 @@ pub struct Completed {
     /// The coordinator's stage work ([`JobKind::has_stage_work`]) is to run now: every task of the job
     /// succeeded, or a frame of a video did (its chunk's next frame follows at once, whatever the other
     /// chunks' frames are doing).
+    pub stage_work: bool,
+}
+
+/// What [`Scheduler::retry`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retried {
+    /// The job's state now: queued, or running when nothing was queued again (a job that is only waiting
+    /// for the coordinator's stage work, or one that had not ended).
+    pub state: JobState,
+    /// How many of its tasks went back to the queue.
+    pub requeued: usize,
+    /// Every task of the job's stage has succeeded: the coordinator's stage work
+    /// ([`JobKind::has_stage_work`]) is to run now (the step that failed the job, e.g. a stitch).
     pub stage_work: bool,
 }
 
@@ -666,16 +694,16 @@ impl Scheduler {
         {
             return Ok((id.clone(), false));
         }
-        let unfinished = st.unfinished.get(tenant).copied().unwrap_or(0);
-        if unfinished >= self.config.max_unfinished_jobs {
-            return Err(SchedulerError::Limit(format!(
-                "max_unfinished_jobs: {unfinished} jobs of this client are queued or running, the \
-                 limit is {} (wait for some to finish, or cancel some)",
-                self.config.max_unfinished_jobs
-            )));
-        }
-        st.next_id += 1;
-        let id = JobId::new(format!("job-{:x}{:04x}", now_ms(), st.next_id & 0xffff));
+        self.room_for_a_job(&st, tenant)?;
+        // unique among the jobs held, even when a restart (its counter from 0) lands in the millisecond of
+        // the last job before it
+        let id = loop {
+            st.next_id += 1;
+            let id = JobId::new(format!("job-{:x}{:04x}", now_ms(), st.next_id & 0xffff));
+            if !st.jobs.contains_key(&id) {
+                break id;
+            }
+        };
         let seq = st.next_seq;
         st.next_seq += 1;
         let meta = JobMeta {
@@ -724,6 +752,19 @@ impl Scheduler {
         self.work.notify_waiters();
         self.changed(&id);
         Ok((id, true))
+    }
+
+    /// Refuses one more unfinished job of `tenant` when it has [`SchedulerConfig::max_unfinished_jobs`].
+    fn room_for_a_job(&self, st: &State, tenant: &str) -> Result<(), SchedulerError> {
+        let unfinished = st.unfinished.get(tenant).copied().unwrap_or(0);
+        if unfinished >= self.config.max_unfinished_jobs {
+            return Err(SchedulerError::Limit(format!(
+                "max_unfinished_jobs: {unfinished} jobs of this client are queued or running, the \
+                 limit is {} (wait for some to finish, or cancel some)",
+                self.config.max_unfinished_jobs
+            )));
+        }
+        Ok(())
     }
 
     /// Hands the next task to `worker` (a worker without tags), if one is ready: [`Scheduler::lease_tagged`].
@@ -1448,12 +1489,7 @@ impl Scheduler {
                 job.meta.state.name()
             )));
         }
-        if !job.leases.is_empty() {
-            return Err(SchedulerError::Precondition(format!(
-                "job {job_id}: {} task(s) are still being stopped; try again in a moment",
-                job.leases.len()
-            )));
-        }
+        being_stopped(job)?;
         self.forget(st, std::slice::from_ref(job_id))
     }
 
@@ -1504,9 +1540,13 @@ impl Scheduler {
         let durable = self
             .store
             .write(job_ids.iter().cloned().map(Op::Delete).collect());
+        st.deleting.extend(job_ids.iter().cloned());
         drop(st);
         let written = store::wait(durable);
         let mut st = self.state.lock().unwrap();
+        for job_id in job_ids {
+            st.deleting.remove(job_id);
+        }
         if let Err(e) = written {
             for (request, job_id) in freed {
                 if st.jobs.contains_key(&job_id) {
@@ -1575,6 +1615,113 @@ impl Scheduler {
         store::wait(durable)?;
         self.changed(job_id);
         Ok(JobState::Cancelled)
+    }
+
+    /// Runs a failed or cancelled job again (Flamenco's requeue, OpenCue's retry of dead frames). Its failed
+    /// and cancelled tasks go back to the queue with their attempts, errors and out-of-memory marks
+    /// cleared, and the job's strikes with them (the blocklist starts over). Its succeeded tasks keep their
+    /// results, except the shards of an exact-mode scale that has a shard to run again: a scale's shards
+    /// run together. Tasks that a new plan replaced stay as they are ([`crate::model::replaced_tasks`]). A
+    /// job whose every task of its stage had succeeded (it failed in the coordinator's own step, a stitch
+    /// or a contact sheet) queues nothing and has that step run again ([`Retried::stage_work`]).
+    ///
+    /// A queued or running job is left as it is (its state is returned, nothing requeued). Refused
+    /// ([`SchedulerError::Precondition`]) for a job that succeeded, one whose tasks are still being
+    /// stopped or that is being deleted; and ([`SchedulerError::Limit`]) as a submission is, when its tenant
+    /// has [`SchedulerConfig::max_unfinished_jobs`] unfinished jobs.
+    pub fn retry(&self, job_id: &JobId) -> Result<Retried, SchedulerError> {
+        self.writable()?;
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let job = st
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        let refused = |why: &str| {
+            Err(SchedulerError::Precondition(format!(
+                "job {job_id} {why}: there is nothing to run again"
+            )))
+        };
+        match job.meta.state {
+            JobState::Queued | JobState::Running => {
+                return Ok(Retried {
+                    state: job.meta.state,
+                    requeued: 0,
+                    stage_work: false,
+                })
+            }
+            JobState::Succeeded => return refused("succeeded"),
+            JobState::Failed | JobState::Cancelled => {}
+        }
+        if st.deleting.contains(job_id) {
+            return refused("is being deleted");
+        }
+        being_stopped(job)?;
+        self.room_for_a_job(st, &job.meta.tenant)?;
+        let replaced = crate::model::replaced_tasks(job.tasks.iter());
+        let ended = |t: &TaskRecord| {
+            matches!(t.state, TaskState::Failed | TaskState::Cancelled)
+                && !replaced.contains(&t.index)
+        };
+        let sharded_scales: BTreeSet<u32> = job
+            .tasks
+            .iter()
+            .filter(|t| ended(t) && t.spec.shards().is_some())
+            .map(|t| t.spec.scale_index())
+            .collect();
+        let again: Vec<u32> = job
+            .tasks
+            .iter()
+            .filter(|t| {
+                ended(t)
+                    || (t.state == TaskState::Succeeded
+                        && t.spec.shards().is_some()
+                        && sharded_scales.contains(&t.spec.scale_index()))
+            })
+            .map(|t| t.index)
+            .collect();
+        let stage_work = again.is_empty() && job.meta.spec.kind.has_stage_work();
+        if again.is_empty() && !stage_work {
+            return refused("has no failed or cancelled task");
+        }
+        let job = st.jobs.get_mut(job_id).expect("looked up above");
+        let mut ops = Vec::new();
+        for &index in &again {
+            let task = &mut job.tasks[index as usize];
+            set_task_state(&mut st.tally, task, TaskState::Pending);
+            task.attempts = 0;
+            task.result = None;
+            task.error.clear();
+            task.not_before_ms = 0;
+            task.permanent_error_workers.clear();
+            task.out_of_memory_on.clear();
+            ops.push(Op::Task(job_id.clone(), task.clone()));
+            st.queue.insert(queue_key(&job.meta, index));
+        }
+        if !sharded_scales.is_empty() {
+            st.sharded.insert(job_id.clone());
+        }
+        let state = if again.is_empty() {
+            JobState::Running
+        } else {
+            JobState::Queued
+        };
+        set_job_state(&mut st.tally, &mut job.meta, state);
+        job.meta.error.clear();
+        job.meta.finished_ms = 0;
+        job.meta.strikes.clear();
+        *st.unfinished.entry(job.meta.tenant.clone()).or_default() += 1;
+        ops.push(Op::Job(job.meta.clone()));
+        let durable = self.store.write(ops);
+        drop(guard);
+        store::wait(durable)?;
+        self.work.notify_waiters();
+        self.changed(job_id);
+        Ok(Retried {
+            state,
+            requeued: again.len(),
+            stage_work,
+        })
     }
 
     /// Returns expired leases' tasks to the queue (a strike against their worker).
@@ -2646,6 +2793,136 @@ mod tests {
         assert!(crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t)).is_empty());
     }
 
+    /// A failed job runs again: its failed and cancelled tasks are queued with their attempts, errors and
+    /// the job's strikes cleared, its succeeded task keeps its result, and a restart finds it so. A job that
+    /// has not ended is left as it is; one that succeeded is refused, and so is the tenant's job past its
+    /// limit of unfinished jobs.
+    #[test]
+    fn a_failed_job_runs_again_keeping_its_succeeded_tasks() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            blocklist_after: 1,
+            max_unfinished_jobs: 1,
+            ..Default::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let spec = JobSpec {
+            max_attempts: 1,
+            ..batch(3, 0)
+        };
+        let (job, _) = s.submit(spec, "").unwrap();
+        let first = s.lease(&w("a")).unwrap().unwrap();
+        s.complete(&first.lease_id, &hash("kept")).unwrap().unwrap();
+        assert_eq!(
+            s.retry(&job).unwrap().state,
+            JobState::Running,
+            "a running job"
+        );
+        let second = s.lease(&w("a")).unwrap().unwrap();
+        s.fail(&second.lease_id, "boom", FailureKind::Retryable)
+            .unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(view.meta.strikes.get(&w("a")), Some(&1));
+        // another job of the tenant takes its one unfinished place
+        let (other, _) = s.submit(batch(1, 0), "").unwrap();
+        match s.retry(&job) {
+            Err(SchedulerError::Limit(m)) => assert!(m.contains("max_unfinished_jobs"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        s.cancel(&other).unwrap();
+        let retried = s.retry(&job).unwrap();
+        assert_eq!(
+            retried,
+            Retried {
+                state: JobState::Queued,
+                requeued: 2,
+                stage_work: false,
+            }
+        );
+        assert_eq!(s.counts(), s.counts_walked());
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Queued);
+        assert!(view.meta.error.is_empty() && view.meta.strikes.is_empty());
+        assert_eq!(view.meta.finished_ms, 0);
+        let tasks: Vec<&TaskRecord> = view.tasks.iter().map(|(t, _)| t).collect();
+        assert_eq!(tasks[0].state, TaskState::Succeeded);
+        assert_eq!(tasks[0].result, Some(hash("kept")));
+        for t in &tasks[1..] {
+            assert_eq!(
+                (t.state, t.attempts, t.error.as_str()),
+                (TaskState::Pending, 0, "")
+            );
+        }
+        // worker a, blocklisted before, takes the two tasks again; the job succeeds with them
+        for _ in 0..2 {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            assert_ne!(l.task.id.index, 0);
+            s.complete(&l.lease_id, &hash("again")).unwrap().unwrap();
+        }
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Succeeded);
+        match s.retry(&job) {
+            Err(SchedulerError::Precondition(m)) => assert!(m.contains("succeeded"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// A cancelled job runs again only once its running tasks have stopped; a cancelled exact-mode scale
+    /// runs again with the shard that had succeeded (the shards of a scale run together), and a job that
+    /// failed in its stage work queues nothing and has that work run again.
+    #[test]
+    fn a_cancelled_job_runs_again_once_stopped_with_its_scale_s_shards() {
+        let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+        let _free = s.idle(&w("b"), &[]);
+        let a = s.lease(&w("a")).unwrap().unwrap();
+        let b = s.lease(&w("b")).unwrap().unwrap();
+        s.complete(&a.lease_id, &hash("band 0")).unwrap().unwrap();
+        s.cancel(&job).unwrap();
+        match s.retry(&job) {
+            Err(SchedulerError::Precondition(m)) => assert!(m.contains("being stopped"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // the worker stops: its result is discarded
+        assert_eq!(s.complete(&b.lease_id, &hash("band 1")).unwrap(), None);
+        let retried = s.retry(&job).unwrap();
+        assert_eq!((retried.state, retried.requeued), (JobState::Queued, 2));
+        let view = s.get(&job).unwrap();
+        assert_eq!(
+            view.tasks[0].0.result,
+            Some(hash("scale 0")),
+            "the first scale is kept"
+        );
+        assert!(view.tasks[1..]
+            .iter()
+            .all(|(t, _)| t.state == TaskState::Pending));
+        assert_eq!(sharded(&s), [(job.clone(), 1, 2)]);
+        let a = s.lease(&w("a")).unwrap().unwrap();
+        let b = s.lease(&w("b")).unwrap().unwrap();
+        s.complete(&a.lease_id, &hash("band 0")).unwrap().unwrap();
+        s.complete(&b.lease_id, &hash("band 1")).unwrap().unwrap();
+        assert_eq!(s.jobs_awaiting_step(), std::slice::from_ref(&job));
+        // the stitch fails: running the job again runs its stitch again
+        s.fail_job(&job, "stitching scale 1: out of disk").unwrap();
+        assert!(s.jobs_awaiting_step().is_empty());
+        let retried = s.retry(&job).unwrap();
+        assert_eq!(
+            retried,
+            Retried {
+                state: JobState::Running,
+                requeued: 0,
+                stage_work: true,
+            }
+        );
+        assert_eq!(s.jobs_awaiting_step(), std::slice::from_ref(&job));
+        assert!(s.finish_stage(&job, 1, &hash("final"), None).unwrap());
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Succeeded);
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
     /// A stored job whose task records are not its tasks in order (a corrupt or hostile store) is refused
     /// at load, naming the job, where it would panic at the first lease.
     #[test]
@@ -2957,8 +3234,8 @@ mod tests {
     }
 
     /// Random submits (batches and tiled jobs), leases, results, failures of every kind, expiries, stage
-    /// steps, cancels, deletes and restarts: after each, the counts kept as states change equal a walk of
-    /// every task and job.
+    /// steps, cancels, retries, deletes and restarts: after each, the counts kept as states change equal a
+    /// walk of every task and job.
     #[test]
     fn counts_kept_as_states_change_equal_a_walk_of_every_task() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
@@ -2978,7 +3255,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        let (mut jobs, mut leases, mut deleted) = (Vec::new(), Vec::new(), 0);
+        let (mut jobs, mut leases, mut deleted, mut retried) = (Vec::new(), Vec::new(), 0, 0);
         let kinds = [
             FailureKind::Retryable,
             FailureKind::Permanent,
@@ -3027,6 +3304,14 @@ mod tests {
                 }
                 _ if !jobs.is_empty() && next(4) == 0 => {
                     let job = &jobs[next(jobs.len() as u64) as usize];
+                    match s.retry(job) {
+                        Ok(r) => retried += usize::from(r.requeued > 0 || r.stage_work),
+                        Err(SchedulerError::JobNotFound(_) | SchedulerError::Precondition(_)) => {}
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                _ if !jobs.is_empty() && next(4) == 0 => {
+                    let job = &jobs[next(jobs.len() as u64) as usize];
                     match s.delete(job) {
                         Ok(()) => deleted += 1,
                         Err(SchedulerError::JobNotFound(_)) => {}
@@ -3048,6 +3333,7 @@ mod tests {
             assert!(counts.jobs_by_state.contains_key(state), "{counts:?}");
         }
         assert!(deleted > 0, "no job was deleted");
+        assert!(retried > 0, "no job was run again");
     }
 
     #[test]

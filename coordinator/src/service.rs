@@ -476,6 +476,21 @@ impl RenderService for RenderApi {
         }))
     }
 
+    async fn retry_job(
+        &self,
+        request: Request<pb::RetryJobRequest>,
+    ) -> Result<Response<pb::RetryJobResponse>, Status> {
+        let tenant = auth::tenant(&request);
+        let job_id = JobId::from(request.into_inner().job_id);
+        let coordinator = self.coordinator.clone();
+        // waits for the store's commit: off the async threads
+        let retried = blocking(move || coordinator.retry_own(&tenant, &job_id)).await?;
+        Ok(Response::new(pb::RetryJobResponse {
+            state: job_state(retried.state) as i32,
+            tasks_requeued: u32::try_from(retried.requeued).unwrap_or(u32::MAX),
+        }))
+    }
+
     async fn delete_job(
         &self,
         request: Request<pb::DeleteJobRequest>,
@@ -693,18 +708,7 @@ impl WorkerService for WorkerApi {
             "task result"
         );
         if let Some(done) = completed.as_ref().filter(|c| c.stage_work) {
-            let coordinator = self.coordinator.clone();
-            let job_id = done.job_id.clone();
-            // a slot first, waited for without holding a blocking thread
-            tokio::spawn(async move {
-                let Ok(slot) = coordinator.stage_slots.clone().acquire_owned().await else {
-                    return;
-                };
-                tokio::task::spawn_blocking(move || {
-                    coordinator.stage_done(&job_id);
-                    drop(slot);
-                });
-            });
+            self.coordinator.spawn_stage_work(done.job_id.clone());
         }
         Ok(Response::new(pb::CompleteTaskResponse {
             accepted: completed.is_some(),

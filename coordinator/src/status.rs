@@ -4,13 +4,14 @@
 //!
 //! | route | what |
 //! | --- | --- |
-//! | `GET /` | the page: jobs with their progress, each scale's preview (a tiled job's stitched scales, and its current scale's tiles as they finish, over the previous scale), thumbnails of results, cancel buttons; workers with device, memory and health. It polls `/api/status` every second. |
+//! | `GET /` | the page: jobs with their progress, each scale's preview (a tiled job's stitched scales, and its current scale's tiles as they finish, over the previous scale), thumbnails of results, cancel and retry buttons; workers with device, memory and health. It polls `/api/status` every second. |
 //! | `GET /api/status` | the same as JSON ([`Status`]): the caller's jobs, newest first (at most [`MAX_JOBS`]), and the workers |
 //! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px rounded up to one of [`THUMBNAIL_SIZES`] (`N` from 16 to 1024, default 256) |
 //! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
+//! | `POST /api/jobs/{job_id}/retry` | runs a failed or cancelled job again, as RenderService's RetryJob does; the same header |
 //! | `POST /login`, `POST /logout` | a session for a client token, its id in an HttpOnly, SameSite=Strict cookie (or the session ended) |
 //!
-//! With auth on, the page, its JSON, its images and the cancel need a client token, exactly as
+//! With auth on, the page, its JSON, its images, the cancel and the retry need a client token, exactly as
 //! RenderService does (the same check, [`crate::auth`]): `Authorization: Bearer <token>` (scripts) or the
 //! cookie that `POST /login` sets (browsers; the page shows a token form). The script, the style sheet,
 //! the login form and the logout hold no data and are open. A tenant sees its own jobs, as through
@@ -695,7 +696,38 @@ async fn cancel(
     Path(job_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
-    let tenant = page.tenant(&headers)?;
+    let state = job_action(&page, &headers, job_id, |coordinator, tenant, job_id| {
+        coordinator.cancel_own(tenant, job_id)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({ "state": state.name() })).into_response())
+}
+
+async fn retry(
+    State(page): State<Page>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let retried = job_action(&page, &headers, job_id, |coordinator, tenant, job_id| {
+        coordinator.retry_own(tenant, job_id)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({
+        "state": retried.state.name(),
+        "requeued": retried.requeued,
+    }))
+    .into_response())
+}
+
+/// A button's POST on one of the caller's jobs: its tenant and the page's CSRF header checked, then
+/// `action` on the blocking pool (it waits for the store).
+async fn job_action<T: Send + 'static>(
+    page: &Page,
+    headers: &HeaderMap,
+    job_id: String,
+    action: impl FnOnce(&Arc<Coordinator>, &Tenant, &JobId) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Failure> {
+    let tenant = page.tenant(headers)?;
     if headers.get(CSRF_HEADER).is_none() {
         return Err(Failure(
             StatusCode::FORBIDDEN,
@@ -704,10 +736,11 @@ async fn cancel(
     }
     let coordinator = page.coordinator.clone();
     let job_id = JobId::from(job_id);
-    let state = tokio::task::spawn_blocking(move || coordinator.cancel_own(&tenant, &job_id))
-        .await
-        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(Json(serde_json::json!({ "state": state.name() })).into_response())
+    Ok(
+        tokio::task::spawn_blocking(move || action(&coordinator, &tenant, &job_id))
+            .await
+            .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??,
+    )
 }
 
 #[derive(Deserialize)]
@@ -809,6 +842,29 @@ impl Coordinator {
         Ok(state)
     }
 
+    /// Runs `tenant`'s failed or cancelled job `job_id` again, as RenderService's RetryJob
+    /// ([`crate::scheduler::Scheduler::retry`]), and starts its stage work when that is what failed:
+    /// NOT_FOUND for another tenant's. Blocking (the store's write); needs a Tokio runtime.
+    pub(crate) fn retry_own(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        job_id: &JobId,
+    ) -> Result<crate::scheduler::Retried, Error> {
+        self.check_own(tenant, job_id)?;
+        let retried = self.scheduler.retry(job_id)?;
+        tracing::info!(
+            job_id = job_id.as_str(),
+            state = retried.state.name(),
+            requeued = retried.requeued,
+            stage_work = retried.stage_work,
+            "job retry"
+        );
+        if retried.stage_work {
+            self.spawn_stage_work(job_id.clone());
+        }
+        Ok(retried)
+    }
+
     /// Deletes `tenant`'s finished job `job_id`, as RenderService's DeleteJob: NOT_FOUND for another
     /// tenant's ([`crate::scheduler::Scheduler::delete`]).
     pub(crate) fn delete_own(&self, tenant: &Tenant, job_id: &JobId) -> Result<(), Error> {
@@ -872,6 +928,7 @@ pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
         .route("/api/status", get(status_json))
         .route("/api/images/{sha256}", get(thumbnail))
         .route("/api/jobs/{job_id}/cancel", post(cancel))
+        .route("/api/jobs/{job_id}/retry", post(retry))
         .with_state(page)
 }
 

@@ -1,5 +1,6 @@
 // The status page's script: polls /api/status every second and draws the jobs and the workers; the
-// cancel buttons POST /api/jobs/{id}/cancel. No framework: the page is one table and a list of cards.
+// cancel and retry buttons POST /api/jobs/{id}/cancel and /retry. No framework: the page is one table and
+// a list of cards.
 "use strict";
 
 const POLL_MS = 1000;
@@ -109,7 +110,17 @@ function bodyHtml(job) {
     <div class="previews">${previews}${live}</div>${taskRows(job)}`;
 }
 
-const cards = new Map(); // job id -> { card, head, body, cancel }
+const cards = new Map(); // job id -> { card, head, body, cancel, retry }
+
+// A job's action: a button that POSTs /api/jobs/{id}/{action}, labelled with the action.
+function actionButton(job, action) {
+  const button = document.createElement("button");
+  button.className = `action ${action}`;
+  button.dataset.job = job.id;
+  button.dataset.action = action;
+  button.textContent = action;
+  return button;
+}
 
 function card(job) {
   let c = cards.get(job.id);
@@ -117,12 +128,11 @@ function card(job) {
     const article = document.createElement("article");
     article.id = `job-${job.id}`;
     article.innerHTML = `<div class="head"><span class="info"></span></div><div class="body"></div>`;
-    const cancel = document.createElement("button");
-    cancel.className = "cancel";
-    cancel.dataset.job = job.id;
-    cancel.textContent = "cancel";
-    article.querySelector(".head").appendChild(cancel);
-    c = { article, head: article.querySelector(".info"), body: article.querySelector(".body"), cancel, shown: {} };
+    const cancel = actionButton(job, "cancel");
+    const retry = actionButton(job, "retry");
+    article.querySelector(".head").append(cancel, retry);
+    const [head, body] = [article.querySelector(".info"), article.querySelector(".body")];
+    c = { article, head, body, cancel, retry, shown: {} };
     cards.set(job.id, c);
   }
   return c;
@@ -151,6 +161,8 @@ function drawJobs(status) {
     update(c.head, "head", headHtml(job, status.now_ms), c.shown);
     update(c.body, "body", bodyHtml(job), c.shown);
     c.cancel.hidden = job.finished;
+    // a failed or cancelled job runs again: its failed and cancelled tasks, its results kept
+    c.retry.hidden = job.state !== "failed" && job.state !== "cancelled";
     // newest first: moved only when out of place
     const want = previous ? previous.nextSibling : list.firstChild;
     if (want !== c.article) list.insertBefore(c.article, want);
@@ -209,12 +221,13 @@ async function refresh() {
 }
 
 document.addEventListener("click", async (event) => {
-  const button = event.target.closest("button.cancel");
+  const button = event.target.closest("button.action");
   if (!button) return;
+  const action = button.dataset.action;
   button.disabled = true;
-  button.textContent = "cancelling…";
+  button.textContent = `${action}…`;
   try {
-    const response = await fetch(`/api/jobs/${encodeURIComponent(button.dataset.job)}/cancel`, {
+    const response = await fetch(`/api/jobs/${encodeURIComponent(button.dataset.job)}/${action}`, {
       method: "POST",
       credentials: "same-origin",
       headers: { "X-Stylefarm-Csrf": "1" },
@@ -222,10 +235,10 @@ document.addEventListener("click", async (event) => {
     if (!response.ok) throw new Error(`${response.status}: ${await response.text()}`);
     showError("");
   } catch (e) {
-    showError(`cancel failed: ${e.message}`);
-    button.disabled = false;
-    button.textContent = "cancel";
+    showError(`${action} failed: ${e.message}`);
   }
+  button.disabled = false;
+  button.textContent = action;
   refresh();
 });
 
