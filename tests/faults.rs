@@ -710,6 +710,58 @@ async fn a_stage_waits_while_s3_is_out_of_reach_and_completes_once_it_is_back() 
     assert!(sheet.width() > 48, "a contact sheet of the two variants");
 }
 
+/// A panic in a job's stage work (the fail point `coordinator-stage-work`, once) fails that job, naming the
+/// panic, and the coordinator goes on; `stylefarm retry` runs the stage work again without rendering the
+/// job's tasks again, and the sweep succeeds with its contact sheet.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_that_panics_fails_its_job_and_a_retry_runs_the_stage_again() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 1.5, 0.3);
+    cluster.coordinator_env.push((
+        "FAILPOINTS".into(),
+        "coordinator-stage-work=1*panic(a contact sheet bug)".into(),
+    ));
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let mut args = spec_args(0);
+    args.extend(["--sweep".into(), "style_weight=10,1000".into()]);
+    let id = submit(&cluster, &args);
+    let failed = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Failed,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        failed.error, "stage work: panicked: a contact sheet bug",
+        "{failed:?}"
+    );
+    let rendered = |s: &pb::JobStatus| {
+        s.tasks
+            .iter()
+            .all(|t| t.state == pb::TaskState::Succeeded as i32 && t.attempts == 1)
+    };
+    assert!(rendered(&failed), "{failed:?}");
+    let (ok, out, err) = cluster.cli(&["retry", &id]);
+    assert!(
+        ok && out.contains("running") && out.contains("0 task(s) queued again"),
+        "{out} {err}"
+    );
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(!done.contact_sheet.is_empty(), "{done:?}");
+    assert!(
+        rendered(&done),
+        "the tasks are not rendered again: {done:?}"
+    );
+}
+
 /// The coordinator's data dir on a small file system of its own (a 24 MiB tmpfs in a mount namespace,
 /// `unshare`), filled by uploads: the upload that does not fit fails RESOURCE_EXHAUSTED naming the full
 /// storage, leaves no partial file, and everything stored before (images, a job) reads back unchanged; the

@@ -123,7 +123,8 @@ async fn eval(browser: &Client, script: &str) -> serde_json::Value {
 /// logged in, it shows the job running with the first scale's stitched preview and
 /// the second scale's tiles arriving over it, and both workers with their device, memory and health
 /// (screenshot taken then); the job's cancel button cancels it, and the page and the
-/// API both say cancelled; its retry button runs it again, keeping the tiles that had succeeded.
+/// API both say cancelled; its retry button runs it again, keeping the tiles that had succeeded. The
+/// running tiles show their workers' previews (`--preview-secs 0.5`), also served to the API.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     let mut cluster = Cluster::new(10.0, 0.5, "embedded");
@@ -136,6 +137,8 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
         &format!("other:{OTHER_TOKEN}"),
         "--worker-token",
         WORKER_TOKEN,
+        "--preview-secs",
+        "0.5",
     ]
     .map(String::from)
     .into();
@@ -285,6 +288,8 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
                        preview: [...card.querySelectorAll('figure:not(.mosaic) img')]
                            .some(i => i.complete && i.naturalWidth > 0),
                        done: card.querySelectorAll('.mosaic .tile.succeeded img').length,
+                       live: [...card.querySelectorAll('.mosaic .tile.running img.live')]
+                           .filter(i => i.complete && i.naturalWidth > 0).length,
                        loaded: loaded.length,
                        tiles: card.querySelectorAll('.mosaic .tile').length,
                      }};"
@@ -299,11 +304,48 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
             (seen["state"] == "running"
                 && seen["preview"] == true
                 && seen["done"].as_u64() >= Some(1)
+                && seen["live"].as_u64() >= Some(1)
                 && seen["tiles"].as_u64() >= Some(4))
             .then_some(seen)
         },
     )
     .await;
+    // a running tile's latest preview from its worker, through the API: a PNG of the tile's window
+    let preview = wait_for(
+        "a running tile's preview",
+        Duration::from_secs(30),
+        || async {
+            let answer = http(&addr, "GET", "/api/status", &[&client_auth], "").await;
+            let status: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+            let tasks = status["jobs"][0]["tasks"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let running = tasks
+                .iter()
+                .find(|t| t["state"] == "running" && t["preview_ms"].as_i64() > Some(0))?;
+            let target = format!("/api/jobs/{id}/tasks/{}/preview", running["index"]);
+            let answer = http(&addr, "GET", &target, &[&client_auth], "").await;
+            (answer.code == 200).then_some(answer)
+        },
+    )
+    .await;
+    assert!(
+        preview.head.contains("content-type: image/png"),
+        "{}",
+        preview.head
+    );
+    assert!(preview.body.contains("PNG") && preview.body.contains("IHDR"));
+    let answer = http(
+        &addr,
+        "GET",
+        &format!("/api/jobs/{id}/tasks/0/preview"),
+        &[&other_auth],
+        "",
+    )
+    .await;
+    assert_eq!(answer.code, 404, "another tenant's: {}", answer.body);
+
     // the workers: both, with their device, memory and health
     let workers = browser
         .find(Locator::Css("#workers tbody"))

@@ -73,6 +73,11 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, env = "STYLEFARM_NO_WORKER_LEFT_SECS",
           default_value_t = stylefarm_coordinator::scheduler::DEFAULT_NO_WORKER_LEFT.as_secs_f64())]
     no_worker_left_secs: f64,
+    /// Seconds between two previews of a running task's image that workers send (a PNG of at most 256 px,
+    /// shown on the status page); 0: none.
+    #[arg(long, env = "STYLEFARM_PREVIEW_SECS",
+          default_value_t = stylefarm_coordinator::scheduler::DEFAULT_PREVIEW_INTERVAL.as_secs_f64())]
+    preview_secs: f64,
     /// A client token, TENANT:TOKEN (repeat, or comma-separated in the variable). Any token configured
     /// turns authentication on: every call then needs one, and a tenant sees only its own jobs.
     #[arg(
@@ -353,13 +358,13 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     };
     config.scheduler.keep_finished = keep("--keep-finished-secs", args.keep_finished_secs)?;
     config.keep_unused_blobs = keep("--keep-unused-blobs-secs", args.keep_unused_blobs_secs)?;
-    config.scheduler.no_worker_left = Duration::try_from_secs_f64(args.no_worker_left_secs)
-        .map_err(|_| {
-            anyhow!(
-                "--no-worker-left-secs must be a number of seconds, 0 or more, got {}",
-                args.no_worker_left_secs
-            )
-        })?;
+    // a wait: any number of seconds, 0 or more
+    let wait = |flag: &str, secs: f64| {
+        Duration::try_from_secs_f64(secs)
+            .map_err(|_| anyhow!("{flag} must be a number of seconds, 0 or more, got {secs}"))
+    };
+    config.scheduler.no_worker_left = wait("--no-worker-left-secs", args.no_worker_left_secs)?;
+    config.scheduler.preview_interval = wait("--preview-secs", args.preview_secs)?;
     let mut auth = match &args.auth_file {
         Some(file) => AuthConfig::load(file)?,
         None => AuthConfig::default(),

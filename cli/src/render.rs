@@ -254,8 +254,10 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         tracing::info!(path = %path.display(), scale, iteration, "snapshot written");
         Ok(())
     };
-    let snapshots = save_every.map(|every| Snapshots {
-        every,
+    let mut every =
+        |_scale, iteration: u32| save_every.is_some_and(|n| iteration.is_multiple_of(n.get()));
+    let snapshots = save_every.map(|_| Snapshots {
+        due: &mut every,
         save: &mut save,
     });
     let image = engine

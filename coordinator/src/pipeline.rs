@@ -61,8 +61,17 @@ impl Coordinator {
     /// ([`JobKind::has_stage_work`]). One run at a time per job: a call while one runs makes it run once
     /// more after (it may have read the job before the stage's last task was done), not a second stitch
     /// beside it.
+    /// A panic in the work fails the job, naming it, rather than leaving the job running with no step
+    /// to come (and this job's later calls folded into a run that ended).
     pub(crate) fn stage_done(&self, job_id: &JobId) {
-        self.stepping.run(job_id, || self.stage_work(job_id));
+        self.stepping.run(job_id, || {
+            let work = std::panic::AssertUnwindSafe(|| self.stage_work(job_id));
+            if let Err(payload) = std::panic::catch_unwind(work) {
+                let message = stylefarm_core::panic_message(payload.as_ref());
+                let e = Error::Internal(format!("panicked: {message}"));
+                self.stage_failed(job_id, "stage work", e);
+            }
+        });
     }
 
     fn stage_work(&self, job_id: &JobId) {

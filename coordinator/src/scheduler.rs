@@ -42,7 +42,20 @@ pub struct SchedulerConfig {
     /// before it fails ([`Scheduler::fail_stranded`]): time for other workers to come (a cluster scaling
     /// up). `Duration::ZERO`: at once.
     pub no_worker_left: Duration,
+    /// How often, at most, workers send a preview of the image they render (for the status page);
+    /// `Duration::ZERO`: never.
+    pub preview_interval: Duration,
 }
+
+/// [`SchedulerConfig::preview_interval`] unless configured.
+pub const DEFAULT_PREVIEW_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The largest preview kept (HeartbeatRequest.preview_png): 4 bytes a pixel of a square of
+/// [`PREVIEW_SIDE`], more than an 8-bit RGB PNG of it takes.
+///
+/// [`PREVIEW_SIDE`]: stylefarm_core::imaging::PREVIEW_SIDE
+pub const MAX_PREVIEW_BYTES: usize =
+    4 * (stylefarm_core::imaging::PREVIEW_SIDE * stylefarm_core::imaging::PREVIEW_SIDE) as usize;
 
 /// [`SchedulerConfig::no_worker_left`] unless configured: 10 minutes, time for a cluster to start GPU nodes.
 pub const DEFAULT_NO_WORKER_LEFT: Duration = Duration::from_secs(600);
@@ -67,6 +80,7 @@ impl Default for SchedulerConfig {
             max_unfinished_jobs: DEFAULT_MAX_UNFINISHED_JOBS,
             keep_finished: None,
             no_worker_left: DEFAULT_NO_WORKER_LEFT,
+            preview_interval: DEFAULT_PREVIEW_INTERVAL,
         }
     }
 }
@@ -126,6 +140,17 @@ pub struct LeaseView {
     pub index: u32,
     /// The task's latest progress, once its worker reported some.
     pub progress: Option<TaskProgress>,
+    /// When its worker's latest preview came (ms since the Unix epoch); 0: none yet.
+    pub preview_ms: i64,
+}
+
+/// A preview of a running task's image, as its worker last sent it ([`Scheduler::heartbeat`]).
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// A PNG, at most [`MAX_PREVIEW_BYTES`].
+    pub png: bytes::Bytes,
+    /// When it came, in ms since the Unix epoch.
+    pub at_ms: i64,
 }
 
 struct LeaseInfo {
@@ -137,6 +162,7 @@ struct LeaseInfo {
     deadline_ms: i64,
     cancel: bool,
     progress: Option<TaskProgress>,
+    preview: Option<Preview>,
     /// A shard's lease whose group another shard's counted failure ended: its own failure as
     /// [`FailureKind::Group`] costs no attempt (the other shard's failure was counted).
     group_failure_owed: bool,
@@ -904,6 +930,7 @@ impl Scheduler {
                 deadline_ms,
                 cancel: false,
                 progress: None,
+                preview: None,
                 group_failure_owed: false,
             },
         );
@@ -964,11 +991,13 @@ impl Scheduler {
         }
     }
 
-    /// Extends a lease and records progress. An unknown or expired lease answers `cancel`.
+    /// Extends a lease and records its progress and its worker's preview, each when given (the latest
+    /// kept). An unknown or expired lease answers `cancel`.
     pub fn heartbeat(
         &self,
         lease_id: &LeaseId,
         progress: Option<TaskProgress>,
+        preview: Option<bytes::Bytes>,
     ) -> Result<HeartbeatReply, SchedulerError> {
         self.expire()?;
         let mut st = self.state.lock().unwrap();
@@ -981,6 +1010,10 @@ impl Scheduler {
         lease.deadline_ms = now_ms() + self.config.lease.as_millis() as i64;
         if progress.is_some() {
             lease.progress = progress;
+        }
+        if let Some(png) = preview {
+            let at_ms = now_ms();
+            lease.preview = Some(Preview { png, at_ms });
         }
         let reply = HeartbeatReply {
             cancel: lease.cancel,
@@ -2007,8 +2040,16 @@ impl Scheduler {
                     .map(|j| j.meta.tenant.clone())
                     .unwrap_or_default(),
                 progress: l.progress,
+                preview_ms: l.preview.as_ref().map_or(0, |p| p.at_ms),
             })
             .collect()
+    }
+
+    /// The latest preview of task `index` of job `job_id` while it runs ([`Scheduler::heartbeat`]).
+    pub fn preview(&self, job_id: &JobId, index: u32) -> Option<Preview> {
+        let st = self.state.lock().unwrap();
+        let lease = st.jobs.get(job_id)?.leases.get(&index)?;
+        st.leases.get(lease)?.preview.clone()
     }
 
     /// What the scheduler counts as it happens, for the metrics.
@@ -2589,14 +2630,33 @@ mod tests {
         assert_eq!(s.queue_depth(), 1);
     }
 
+    /// A running task's latest preview is kept (a heartbeat without one keeps it) and goes with its lease.
+    #[test]
+    fn a_running_task_keeps_its_latest_preview_until_it_ends() {
+        let s = scheduler(SchedulerConfig::default());
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        assert!(s.preview(&job, 0).is_none());
+        assert_eq!(s.leases()[0].preview_ms, 0);
+        for png in [Some("first"), Some("second"), None] {
+            let png = png.map(|p| bytes::Bytes::from_static(p.as_bytes()));
+            s.heartbeat(&l.lease_id, None, png).unwrap();
+        }
+        let preview = s.preview(&job, 0).unwrap();
+        assert_eq!(&preview.png[..], b"second");
+        assert_eq!(s.leases()[0].preview_ms, preview.at_ms);
+        s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
+        assert!(s.preview(&job, 0).is_none());
+    }
+
     #[test]
     fn cancel_reaches_the_heartbeat() {
         let s = scheduler(SchedulerConfig::default());
         let (job, _) = s.submit(batch(2, 0), "").unwrap();
         let l = s.lease(&w("w")).unwrap().unwrap();
-        assert!(!s.heartbeat(&l.lease_id, None).unwrap().cancel);
+        assert!(!s.heartbeat(&l.lease_id, None, None).unwrap().cancel);
         assert_eq!(s.cancel(&job).unwrap(), JobState::Cancelled);
-        assert!(s.heartbeat(&l.lease_id, None).unwrap().cancel);
+        assert!(s.heartbeat(&l.lease_id, None, None).unwrap().cancel);
         assert!(
             s.lease(&w("w")).unwrap().is_none(),
             "the pending task was cancelled"
@@ -2626,7 +2686,7 @@ mod tests {
         s.cancel(&job).unwrap();
         // cancelled, but its worker has not been told yet
         refused(s.delete(&job).unwrap_err(), "still being stopped");
-        assert!(s.heartbeat(&l.lease_id, None).unwrap().cancel);
+        assert!(s.heartbeat(&l.lease_id, None, None).unwrap().cancel);
         s.fail(&l.lease_id, "cancelled", FailureKind::Retryable)
             .unwrap();
         s.delete(&job).unwrap();
@@ -3127,7 +3187,7 @@ mod tests {
             );
             assert_eq!(t.result, None);
         }
-        assert!(s.heartbeat(&a.lease_id, None).unwrap().cancel);
+        assert!(s.heartbeat(&a.lease_id, None, None).unwrap().cancel);
         assert_eq!(s.complete(&a.lease_id, &hash("late")).unwrap(), None);
         s.fail(&a.lease_id, "late", FailureKind::Retryable).unwrap();
         assert_eq!(s.get(&job).unwrap().tasks[1].0.state, TaskState::Cancelled);
@@ -3502,7 +3562,7 @@ mod tests {
         assert!(unavailable(s.cancel(&job).map(|_| ())));
         // the lease is past its deadline, but nothing expires while outcomes cannot be recorded
         s.expire().unwrap();
-        assert!(!s.heartbeat(&l.lease_id, None).unwrap().cancel);
+        assert!(!s.heartbeat(&l.lease_id, None, None).unwrap().cancel);
         assert_eq!(s.get(&job).unwrap().meta.state, JobState::Running);
         // the store answers again: the result the worker retries is taken
         *store.behind.lock().unwrap() = None;

@@ -21,7 +21,7 @@ use crate::auth::{self, Tenant};
 use crate::decoding::Incoming;
 use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES, MAX_EXCHANGE_PARTS};
 use crate::model::{JobState, TaskState};
-use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting};
+use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting, MAX_PREVIEW_BYTES};
 use crate::workers::{MAX_WORKER_ID, MAX_WORKER_TEXT};
 use crate::{blocking, Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
@@ -210,6 +210,25 @@ const WATCH_EVERY: Duration = Duration::from_millis(200);
 /// How often a WatchJob stream of a job that does not change looks again at why it waits (the workers
 /// come and go without the job changing).
 const WAITING_EVERY: Duration = Duration::from_secs(2);
+
+/// A heartbeat's preview as the scheduler keeps it: `None` when there is none, and when it is over
+/// [`MAX_PREVIEW_BYTES`] or not a PNG (logged: a worker of another version; its heartbeat is answered as
+/// usual).
+fn checked_preview(png: Vec<u8>, lease_id: &LeaseId) -> Option<bytes::Bytes> {
+    const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if png.is_empty() {
+        return None;
+    }
+    if png.len() > MAX_PREVIEW_BYTES || !png.starts_with(PNG_SIGNATURE) {
+        tracing::warn!(
+            lease_id = lease_id.as_str(),
+            bytes = png.len(),
+            "preview_png: not a PNG of at most {MAX_PREVIEW_BYTES} bytes; left out"
+        );
+        return None;
+    }
+    Some(png.into())
+}
 
 /// A WatchJob stream's events: `first`, then the job after each change (`changes`: the scheduler's,
 /// subscribed to before `first` was read), the changes of [`WATCH_EVERY`] coalesced into one event, until
@@ -555,6 +574,8 @@ impl WorkerService for WorkerApi {
             worker_id: worker_id.into(),
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
             lease_ms: config.lease.as_millis() as u32,
+            preview_interval_ms: u32::try_from(config.preview_interval.as_millis())
+                .unwrap_or(u32::MAX),
         }))
     }
 
@@ -622,9 +643,11 @@ impl WorkerService for WorkerApi {
             .progress
             .map(TaskProgress::from)
             .filter(|p| p.iterations > 0);
+        let preview = checked_preview(r.preview_png, &lease_id);
         // expiring the leases past their deadline may wait for the store's commit: off the async threads
         let scheduler = self.coordinator.scheduler.clone();
-        let reply = blocking(move || Ok(scheduler.heartbeat(&lease_id, progress)?)).await?;
+        let reply =
+            blocking(move || Ok(scheduler.heartbeat(&lease_id, progress, preview)?)).await?;
         Ok(Response::new(pb::HeartbeatResponse {
             cancel: reply.cancel,
             lease_deadline_ms: reply.deadline_ms,
@@ -928,7 +951,7 @@ mod tests {
             move || {
                 let mut changes = 0;
                 while started.elapsed() < Duration::from_secs(1) {
-                    s.heartbeat(&lease, None).unwrap();
+                    s.heartbeat(&lease, None, None).unwrap();
                     changes += 1;
                     std::thread::sleep(Duration::from_millis(2));
                 }

@@ -6,6 +6,7 @@
 //! | --- | --- |
 //! | `GET /` | the page: jobs with their progress, each scale's preview (a tiled job's stitched scales, and its current scale's tiles as they finish, over the previous scale), thumbnails of results, cancel and retry buttons; workers with device, memory and health. It polls `/api/status` every second. |
 //! | `GET /api/status` | the same as JSON ([`Status`]): the caller's jobs, newest first (at most [`MAX_JOBS`]), and the workers |
+//! | `GET /api/jobs/{job_id}/tasks/{index}/preview` | a running task's latest preview, as its worker sent it (every few seconds: `--preview-secs`), a PNG of at most 256 px |
 //! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px rounded up to one of [`THUMBNAIL_SIZES`] (`N` from 16 to 1024, default 256) |
 //! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
 //! | `POST /api/jobs/{job_id}/retry` | runs a failed or cancelled job again, as RenderService's RetryJob does; the same header |
@@ -208,6 +209,9 @@ pub struct TaskRow {
     pub error: String,
     /// A tile: its rectangle in the canvas, px (x, y, width, height).
     pub rect: Option<[u32; 4]>,
+    /// While it runs: when its worker's latest preview of the image came (ms since the Unix epoch), served
+    /// at `/api/jobs/{job}/tasks/{index}/preview`; 0: none yet.
+    pub preview_ms: i64,
 }
 
 /// A worker on the page.
@@ -275,6 +279,7 @@ fn task_row(t: &TaskRecord, p: Option<&TaskProgress>) -> TaskRow {
             }
             ScalePart::Whole { .. } => None,
         }),
+        preview_ms: 0,
     }
 }
 
@@ -406,7 +411,7 @@ impl Coordinator {
     pub fn status(&self, tenant: &Tenant) -> Status {
         let mut budget = MAX_TASKS_SHOWN_IN_ALL;
         let waiting = self.waiting();
-        let jobs = self
+        let mut jobs = self
             .scheduler
             .list_with(&tenant.0, MAX_JOBS, |meta, tasks| {
                 let row = job_row(meta, tasks, &waiting, budget);
@@ -419,6 +424,18 @@ impl Coordinator {
             .into_iter()
             .map(|l| (l.worker.clone(), l))
             .collect();
+        let previews: HashMap<(&str, u32), i64> = leases
+            .values()
+            .filter(|l| l.preview_ms > 0)
+            .map(|l| ((l.job_id.as_str(), l.index), l.preview_ms))
+            .collect();
+        for job in &mut jobs {
+            for task in &mut job.tasks {
+                if let Some(&at) = previews.get(&(job.id.as_str(), task.index)) {
+                    task.preview_ms = at;
+                }
+            }
+        }
         let lease_period = self.scheduler.config().lease;
         let mut workers: Vec<WorkerRow> = self
             .workers
@@ -743,6 +760,35 @@ async fn job_action<T: Send + 'static>(
     )
 }
 
+/// The latest preview of a running task of the caller's job, as its worker sent it (a PNG of at most 256
+/// px); NOT_FOUND once the task no longer runs, or before its first preview.
+async fn preview(
+    State(page): State<Page>,
+    Path((job_id, index)): Path<(String, u32)>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let tenant = page.tenant(&headers)?;
+    let job_id = JobId::from(job_id);
+    page.coordinator.check_own(&tenant, &job_id)?;
+    let preview = page
+        .coordinator
+        .scheduler
+        .preview(&job_id, index)
+        .ok_or_else(|| {
+            Failure(
+                StatusCode::NOT_FOUND,
+                format!("job {job_id} task {index}: no preview (not running, or none sent yet)"),
+            )
+        })?;
+    let headers = [
+        (header::CONTENT_TYPE, "image/png"),
+        // the page asks with `?v=` the preview's time: an address keeps its image
+        (header::CACHE_CONTROL, "private, max-age=300"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    Ok((headers, preview.png).into_response())
+}
+
 #[derive(Deserialize)]
 struct ThumbnailQuery {
     max: Option<u32>,
@@ -882,22 +928,7 @@ impl Coordinator {
             .get(hash)?
             .ok_or_else(|| Error::NotFound(format!("sha256: image {hash} is not stored")))?;
         let img = imaging::decode(&bytes, hash.as_str())?;
-        let (w, h) = img.dimensions();
-        let scale = (f64::from(max) / f64::from(w.max(h))).min(1.0);
-        let (tw, th) = (
-            ((f64::from(w) * scale).round() as u32).max(1),
-            ((f64::from(h) * scale).round() as u32).max(1),
-        );
-        let small = if (tw, th) == (w, h) {
-            img
-        } else {
-            image::imageops::thumbnail(&img, tw, th)
-        };
-        let mut out = Vec::new();
-        small
-            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .map_err(|e| Error::Internal(format!("encoding a thumbnail: {e}")))?;
-        Ok(out.into())
+        Ok(imaging::thumbnail_png(&img, max, hash.as_str())?.into())
     }
 }
 
@@ -929,6 +960,7 @@ pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
         .route("/api/images/{sha256}", get(thumbnail))
         .route("/api/jobs/{job_id}/cancel", post(cancel))
         .route("/api/jobs/{job_id}/retry", post(retry))
+        .route("/api/jobs/{job_id}/tasks/{index}/preview", get(preview))
         .with_state(page)
 }
 

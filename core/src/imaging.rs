@@ -513,6 +513,38 @@ pub fn png_with_alpha(rgb: &RgbImage, alpha: &GrayImage) -> Result<Vec<u8>, Erro
     )
 }
 
+/// The longer side of a worker's previews of the image it renders, px ([`thumbnail_png`]).
+pub const PREVIEW_SIDE: u32 = 256;
+
+/// The engine's image (values in 0..255 as floats) in 8 bits, each value clamped and rounded as an 8-bit
+/// output's are ([`encode_output`]).
+pub fn eight_bit(rgb: &Rgb32FImage) -> RgbImage {
+    let (width, height) = rgb.dimensions();
+    RgbImage::from_fn(width, height, |x, y| Rgb(rgb.get_pixel(x, y).0.map(to_u8)))
+}
+
+/// An 8-bit PNG of `img` whose longer side is at most `max` px (at least 1), never enlarged, resampled by
+/// `image::imageops::thumbnail` (an area average): the status page's thumbnails and a worker's previews.
+///
+/// # Errors
+/// [`Error::Image`] naming `name` when encoding fails.
+pub fn thumbnail_png(img: &RgbImage, max: u32, name: &str) -> Result<Vec<u8>, Error> {
+    let (w, h) = img.dimensions();
+    let scale = (f64::from(max.max(1)) / f64::from(w.max(h).max(1))).min(1.0);
+    let (tw, th) = (
+        ((f64::from(w) * scale).round() as u32).max(1),
+        ((f64::from(h) * scale).round() as u32).max(1),
+    );
+    let mut out = std::io::Cursor::new(Vec::new());
+    let written = if (tw, th) == (w, h) {
+        img.write_to(&mut out, ImageFormat::Png)
+    } else {
+        image::imageops::thumbnail(img, tw, th).write_to(&mut out, ImageFormat::Png)
+    };
+    written.map_err(|e| Error::image(name, format!("cannot encode a thumbnail: {e}")))?;
+    Ok(out.into_inner())
+}
+
 /// Whether the image in `reader` has an alpha channel (palette transparency included), from its header.
 ///
 /// # Errors

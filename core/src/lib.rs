@@ -11,6 +11,16 @@ pub mod wire;
 
 pub use params::{ImageSize, Init, Layer, Optimizer, Pooling, RenderParams};
 
+/// The message of a caught panic (`std::panic::catch_unwind`'s payload): its `String` or `&str`, else a
+/// phrase saying it had none.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Errors of the domain: a bad value (naming its field) or an unusable image (naming its file).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

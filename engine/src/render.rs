@@ -218,15 +218,17 @@ pub(crate) fn optimized(img: RgbImage, params: &RenderParams) -> RgbImage {
     }
 }
 
-/// Images of a render as it goes: jcjohnson/neural-style's `-save_iter` (`render --save-every N`). Every
-/// `every` iterations of each scale, and at a scale's end when its iterations are a multiple of `every`,
-/// `save` gets the scale (1-based), the iteration (the image after that many steps of the scale) and the
-/// image as the render's result would be at that point: deprocessed, with the content's colours where
-/// asked ([`RenderParams::original_colors`], [`RenderParams::luminance_only`]), in floats (0..255), at
-/// the scale's size. Each costs a read of the image from the device.
+/// Images of a render as it goes: jcjohnson/neural-style's `-save_iter` (`render --save-every N`, every N
+/// iterations) and a worker's previews (every few seconds). `due` is asked, with the scale (1-based) and
+/// the iteration (the image after that many steps of the scale), before each evaluation from the scale's
+/// first step on and once more at the scale's end (an iteration is asked about once); when it says yes,
+/// `save` gets them with the image as the render's result would be at that point: deprocessed, with the
+/// content's colours where asked ([`RenderParams::original_colors`], [`RenderParams::luminance_only`]),
+/// in floats (0..255), at the scale's size (a tile's or a shard's: its window). Only an image saved is
+/// read from the device.
 pub struct Snapshots<'a> {
-    /// Iterations between two images.
-    pub every: std::num::NonZeroU32,
+    /// Whether the image of (scale, iteration) is wanted.
+    pub due: &'a mut dyn FnMut(u32, u32) -> bool,
     /// Gets each image; its error ends the render.
     pub save: &'a mut dyn FnMut(u32, u32, Rgb32FImage) -> Result<(), Error>,
 }
@@ -304,6 +306,7 @@ impl Engine {
             job,
             &mut |engine, side| engine.own_style_grams(job, side),
             on_progress,
+            None,
         )
     }
 
@@ -324,8 +327,9 @@ impl Engine {
         job: &RenderJob,
         style_for: &mut StyleSource<'_>,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+        snapshots: Option<Snapshots<'_>>,
     ) -> Result<RgbImage, Error> {
-        let x = self.optimize(job, style_for, on_progress, None)?;
+        let x = self.optimize(job, style_for, on_progress, snapshots)?;
         let out = self.vgg().preprocessing().deprocess(&x)?;
         let out = if job.params.original_colors || job.params.luminance_only {
             imaging::original_colors(&out, &job.content)
@@ -478,17 +482,17 @@ impl Engine {
                 }
                 Ok(())
             };
-            // the iteration of this scale last saved as a snapshot
-            let mut saved = None;
+            // the iteration of this scale last asked about
+            let mut asked = None;
+            let scale = s as u32 + 1;
             let mut snapshot = |iteration: u32, x: &Tensor| -> Result<(), Error> {
                 match snapshots.as_mut() {
-                    Some(snapshots)
-                        if iteration > 0
-                            && iteration.is_multiple_of(snapshots.every.get())
-                            && saved != Some(iteration) =>
-                    {
-                        saved = Some(iteration);
-                        (snapshots.save)(s as u32 + 1, iteration, self.result_f32(job, x)?)
+                    Some(snapshots) if iteration > 0 && asked != Some(iteration) => {
+                        asked = Some(iteration);
+                        if (snapshots.due)(scale, iteration) {
+                            (snapshots.save)(scale, iteration, self.result_f32(job, x)?)?;
+                        }
+                        Ok(())
                     }
                     _ => Ok(()),
                 }

@@ -13,12 +13,12 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use image::RgbImage;
+use image::{Rgb32FImage, RgbImage};
 use stylefarm_core::job::ImageHash;
-use stylefarm_core::{Layer, Pooling};
-use stylefarm_engine::{Device, Engine, EngineOptions, Progress, RenderJob, StyleGrams};
+use stylefarm_core::{imaging, Layer, Pooling};
+use stylefarm_engine::{Device, Engine, EngineOptions, Progress, RenderJob, Snapshots, StyleGrams};
 use tokio::sync::{oneshot, watch};
 
 /// Style targets kept on the engine thread.
@@ -141,8 +141,23 @@ struct Request {
     job: RenderJob,
     style: StyleKey,
     cancel: Arc<AtomicBool>,
-    progress: watch::Sender<Option<Progress>>,
+    live: Live,
     reply: oneshot::Sender<Reply>,
+}
+
+/// A preview of a render's image: a PNG whose longer side is at most [`imaging::PREVIEW_SIDE`] px, of the
+/// scale being rendered (a tile's or a shard's window).
+pub type PreviewPng = Arc<Vec<u8>>;
+
+/// Where a render says how it goes: its progress at every evaluation, and now and then a preview of its
+/// image.
+pub struct Live {
+    /// The latest progress.
+    pub progress: watch::Sender<Option<Progress>>,
+    /// The latest preview, the first one `preview_every` after the render starts.
+    pub preview: watch::Sender<Option<PreviewPng>>,
+    /// The time between two previews; `None`: none (no image is read for them).
+    pub preview_every: Option<Duration>,
 }
 
 /// A handle to the engine thread; dropping it ends the thread.
@@ -152,14 +167,7 @@ pub struct EngineThread {
     lost: Arc<Mutex<Option<Unhealthy>>>,
 }
 
-/// The message of a caught panic.
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic without a message".into())
-}
+pub use stylefarm_core::panic_message;
 
 /// Why the engine does not render, or cannot be had again.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -251,7 +259,7 @@ impl Resident {
         ));
         let cache = &mut self.cache;
         let mut on_progress = |p: &Progress| {
-            let _ = req.progress.send(Some(*p));
+            let _ = req.live.progress.send(Some(*p));
             if req.cancel.load(Ordering::Relaxed) {
                 ControlFlow::Break(())
             } else {
@@ -303,8 +311,28 @@ impl Resident {
                 engine.tile_style_grams(&global, &whole, tile, params)?,
             ))
         };
+        // a preview reads the image from the device: when one is due, not at every iteration
+        let last = std::cell::Cell::new(Instant::now());
+        let mut due = |_scale, _iteration| {
+            req.live
+                .preview_every
+                .is_some_and(|every| last.get().elapsed() >= every)
+        };
+        let mut save = |_scale, _iteration, image: Rgb32FImage| {
+            last.set(Instant::now());
+            let eight = imaging::eight_bit(&image);
+            match imaging::thumbnail_png(&eight, imaging::PREVIEW_SIDE, "preview") {
+                Ok(png) => drop(req.live.preview.send(Some(Arc::new(png)))),
+                Err(e) => tracing::warn!(error = %e, "preview"),
+            }
+            Ok(())
+        };
+        let snapshots = req.live.preview_every.map(|_| Snapshots {
+            due: &mut due,
+            save: &mut save,
+        });
         self.engine
-            .render_with(&req.job, &mut style_for, &mut on_progress)
+            .render_with(&req.job, &mut style_for, &mut on_progress, snapshots)
     }
 }
 
@@ -417,14 +445,14 @@ impl EngineThread {
         job: RenderJob,
         style: StyleKey,
         cancel: Arc<AtomicBool>,
-        progress: watch::Sender<Option<Progress>>,
+        live: Live,
     ) -> oneshot::Receiver<Reply> {
         let (reply, rx) = oneshot::channel();
         if let Err(std::sync::mpsc::SendError(req)) = self.requests.send(Request {
             job,
             style,
             cancel,
-            progress,
+            live,
             reply,
         }) {
             let why = self.lost().unwrap_or(Unhealthy::Stopped);
@@ -445,6 +473,22 @@ mod tests {
         style_key: &str,
         params: RenderParams,
     ) -> Result<(RgbImage, RenderStats), RenderError> {
+        let (progress, _) = watch::channel(None);
+        let (preview, _) = watch::channel(None);
+        let live = Live {
+            progress,
+            preview,
+            preview_every: None,
+        };
+        request_live(engine, style_key, params, live)
+    }
+
+    fn request_live(
+        engine: &EngineThread,
+        style_key: &str,
+        params: RenderParams,
+        live: Live,
+    ) -> Result<(RgbImage, RenderStats), RenderError> {
         let img =
             |v: u8| RgbImage::from_fn(32, 24, |x, y| image::Rgb([v, x as u8 * 7, y as u8 * 9]));
         let job = RenderJob::new(img(10), vec![img(200)], None, params);
@@ -454,11 +498,52 @@ mod tests {
             tile_canvas: None,
             luminance_of: None,
         };
-        let (progress, _) = watch::channel(None);
         engine
-            .render(job, style, Arc::new(AtomicBool::new(false)), progress)
+            .render(job, style, Arc::new(AtomicBool::new(false)), live)
             .blocking_recv()
             .expect("a reply")
+    }
+
+    fn engine_thread() -> EngineThread {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let weights = repo.join(".stylefarm/vgg19.safetensors");
+        EngineThread::start(weights, Device::Cpu, EngineOptions::default()).unwrap()
+    }
+
+    /// Previews come as the render goes, when due (here at every iteration): PNGs of the image at most
+    /// PREVIEW_SIDE px a side, the last one the result itself; none at all without an interval.
+    #[test]
+    fn previews_come_when_due_and_the_last_is_the_result() {
+        let engine = engine_thread();
+        let params = RenderParams {
+            size: 32,
+            iterations: 3,
+            ..Default::default()
+        };
+        let (progress, _) = watch::channel(None);
+        let (preview, mut previews) = watch::channel(None);
+        let live = Live {
+            progress,
+            preview,
+            preview_every: Some(Duration::ZERO),
+        };
+        let (result, _) = request_live(&engine, "good", params.clone(), live).unwrap();
+        let png = previews.borrow_and_update().clone().expect("a preview");
+        let last = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(last, result, "the last preview is the result");
+
+        let (progress, _) = watch::channel(None);
+        let (preview, previews) = watch::channel(None);
+        let live = Live {
+            progress,
+            preview,
+            preview_every: None,
+        };
+        request_live(&engine, "good", params, live).unwrap();
+        assert!(
+            previews.borrow().is_none(),
+            "no preview without an interval"
+        );
     }
 
     /// One bad task fails alone: a panic inside a render and a render refused for its input each fail that

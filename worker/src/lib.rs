@@ -27,7 +27,8 @@ use tonic::Code;
 use tracing::Instrument;
 
 pub use engine_thread::{
-    panic_message, EngineThread, RenderError, RenderStats, StyleKey, TileCanvas, Unhealthy,
+    panic_message, EngineThread, Live, PreviewPng, RenderError, RenderStats, StyleKey, TileCanvas,
+    Unhealthy,
 };
 
 /// Errors that stop a worker.
@@ -370,6 +371,10 @@ pub async fn run(
         };
         let worker_id = WorkerId::new(registered.worker_id);
         let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
+        // previews as often as the coordinator asks, at most one a heartbeat (0: none)
+        let preview_every = (registered.preview_interval_ms > 0).then(|| {
+            Duration::from_millis(u64::from(registered.preview_interval_ms)).max(heartbeat)
+        });
         tracing::info!(worker_id = worker_id.as_str(), memory_bytes, "registered");
         while !stop.load(Ordering::Relaxed) {
             if let Some(why) = engine.lost() {
@@ -407,15 +412,21 @@ pub async fn run(
                 // one heartbeat for the whole task: preparation, render and report
                 let cancel = Arc::new(AtomicBool::new(false));
                 let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
+                let (preview_tx, preview_rx) = tokio::sync::watch::channel(None);
                 let beating = Heartbeat::start(
                     client.clone(),
                     worker_id.clone(),
                     lease_id.clone(),
                     heartbeat,
-                    progress_rx,
+                    (progress_rx, preview_rx),
                     cancel.clone(),
                     memory_used.clone(),
                 );
+                let live = Live {
+                    progress: progress_tx,
+                    preview: preview_tx,
+                    preview_every,
+                };
                 let downloaded_before = cache.downloaded;
                 let outcome = run_task(
                     &engine,
@@ -426,7 +437,7 @@ pub async fn run(
                         task,
                     },
                     cancel,
-                    progress_tx,
+                    live,
                     &config.metrics,
                 )
                 .await;
@@ -460,8 +471,9 @@ pub async fn run(
 }
 
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
-/// carrying the render's latest progress; when the coordinator answers that the task is cancelled, sets
-/// `cancel`, which the preparation checks and the engine honours at its next iteration.
+/// carrying the render's latest progress and its preview when a new one came; when the coordinator answers
+/// that the task is cancelled, sets `cancel`, which the preparation checks and the engine honours at its
+/// next iteration.
 struct Heartbeat(tokio::task::JoinHandle<()>);
 
 impl Heartbeat {
@@ -470,7 +482,10 @@ impl Heartbeat {
         worker_id: WorkerId,
         lease_id: LeaseId,
         interval: Duration,
-        mut progress: tokio::sync::watch::Receiver<Option<Progress>>,
+        (mut progress, mut preview): (
+            tokio::sync::watch::Receiver<Option<Progress>>,
+            tokio::sync::watch::Receiver<Option<PreviewPng>>,
+        ),
         cancel: Arc<AtomicBool>,
         memory_used: device::MemorySampler,
     ) -> Heartbeat {
@@ -488,6 +503,14 @@ impl Heartbeat {
                             .as_ref()
                             .map(|p| (&TaskProgress::from(p)).into()),
                         memory_used_bytes: memory_used.bytes(),
+                        // a preview once: the next heartbeats carry none until another comes
+                        preview_png: match preview.has_changed() {
+                            Ok(true) => preview
+                                .borrow_and_update()
+                                .as_ref()
+                                .map_or_else(Vec::new, |png| png.to_vec()),
+                            _ => Vec::new(),
+                        },
                     };
                     // a beat that hangs must not hold up the next ones
                     match tokio::time::timeout(interval, client.heartbeat(beat)).await {
@@ -520,18 +543,19 @@ struct Leased<'a> {
 }
 
 /// Fetches the inputs, prepares a tile, renders on the engine thread, and says what became of it. The
-/// caller's [`Heartbeat`] keeps the lease and may set `cancel`; the render's progress goes to `progress_tx`.
+/// caller's [`Heartbeat`] keeps the lease and may set `cancel`; the render's progress and previews go to
+/// `live`.
 async fn run_task(
     engine: &EngineThread,
     client: &mut WorkerServiceClient<AuthChannel>,
     cache: &mut ImageCache,
     Leased { lease_id, task }: Leased<'_>,
     cancel: Arc<AtomicBool>,
-    progress_tx: tokio::sync::watch::Sender<Option<Progress>>,
+    live: Live,
     metrics: &metrics::WorkerMetrics,
 ) -> Outcome {
     let permanent = |error: String| Outcome::Failed(Failure::Input(error));
-    let progress_rx = progress_tx.subscribe();
+    let progress_rx = live.progress.subscribe();
     let cancelled = || cancel.load(Ordering::Relaxed);
     // the task decoded and checked once: a malformed one fails alone, naming its field
     let Task { spec: task, .. } = match Task::try_from(task) {
@@ -671,7 +695,7 @@ async fn run_task(
     if cancelled() {
         return Outcome::Cancelled;
     }
-    let done = engine.render(job, style, cancel.clone(), progress_tx).await;
+    let done = engine.render(job, style, cancel.clone(), live).await;
     match done {
         Ok(Ok((img, stats))) => {
             let last = *progress_rx.borrow();

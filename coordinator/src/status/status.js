@@ -8,6 +8,9 @@ const POLL_MS = 1000;
 const esc = (s) =>
   String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const image = (hash, max) => `/api/images/${encodeURIComponent(hash)}?max=${max}`;
+// a running task's latest preview from its worker; `v` changes with each new one
+const livePreview = (job, t) =>
+  `/api/jobs/${encodeURIComponent(job.id)}/tasks/${t.index}/preview?v=${t.preview_ms}`;
 const percent = (f) => `${Math.floor(100 * f)}%`;
 
 function bytes(n) {
@@ -55,10 +58,13 @@ function mosaic(job) {
     .map((t) => {
       const [x, y, tw, th] = t.rect;
       const style = `left:${(100 * x) / w}%;top:${(100 * y) / h}%;width:${(100 * tw) / w}%;height:${(100 * th) / h}%`;
+      const live = t.state === "running" && t.preview_ms
+        ? `<img class="live" src="${livePreview(job, t)}" alt="tile ${t.index} rendering">`
+        : "";
       const inner = t.result
         ? `<img src="${image(t.result, 128)}" alt="tile ${t.index}">`
         : t.state === "running"
-          ? `<div class="bar" style="width:${percent(t.progress)}"></div>`
+          ? `${live}<div class="bar" style="width:${percent(t.progress)}"></div>`
           : "";
       return `<div class="tile ${esc(t.state)}" style="${style}" title="tile ${t.index}: ${esc(t.state)}">${inner}</div>`;
     })
@@ -77,7 +83,11 @@ function taskRows(job) {
         ? `${t.iteration}/${t.iterations}${t.loss != null ? ` · loss ${t.loss.toPrecision(4)}` : ""}${
           t.eta_s != null ? ` · ${span(t.eta_s)} left` : ""}`
         : "";
-      const thumb = t.result ? `<img src="${image(t.result, 128)}" alt="task ${t.index}">` : "";
+      const thumb = t.result
+        ? `<img src="${image(t.result, 128)}" alt="task ${t.index}">`
+        : t.state === "running" && t.preview_ms
+          ? `<img class="live" src="${livePreview(job, t)}" alt="task ${t.index} rendering">`
+          : "";
       return `<tr class="task ${esc(t.state)}"><td>${t.index}</td><td>${esc(t.label)}</td>
         <td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td><td>${esc(t.worker)}</td>
         <td><progress max="1" value="${t.progress}"></progress> ${progress}</td><td>${thumb}</td>
