@@ -369,6 +369,48 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
     );
 }
 
+/// A paused job waits, saying so, while a worker is free: nothing of it is leased (its priority changed
+/// meanwhile); resumed, it renders.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    let id = submit(&cluster, &tubingen_x_starry(32, 2));
+    let (ok, out, err) = cluster.cli(&["pause", &id]);
+    assert!(ok && out.contains("queued\tpaused"), "{out} {err}");
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut client = cluster.client().await;
+    let paused = job(&mut client, &id).await;
+    assert!(
+        paused.paused && is(&paused, pb::JobState::Queued),
+        "{paused:?}"
+    );
+    assert_eq!(paused.tasks[0].attempts, 0, "nothing leased while paused");
+    let (ok, out, _) = cluster.cli(&["status", &id]);
+    assert!(ok && out.contains("waiting: paused"), "{out}");
+    // its priority changed meanwhile (a negative one parses as a number)
+    for priority in ["-3", "5"] {
+        let (ok, out, err) = cluster.cli(&["priority", &id, priority]);
+        assert!(
+            ok && out.ends_with(&format!("priority {priority}\n")),
+            "{out} {err}"
+        );
+    }
+    let spec = job(&mut client, &id).await.spec.unwrap();
+    assert_eq!(spec.priority, 5);
+    let (ok, out, err) = cluster.cli(&["resume", &id]);
+    assert!(ok && out.contains("resumed"), "{out} {err}");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(!done.paused && done.tasks[0].attempts == 1, "{done:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_the_running_worker_within_a_heartbeat() {
     let heartbeat = 0.3;

@@ -111,6 +111,25 @@ async fn render_calls(
         Err(s) => s.code(),
     };
     out.push(("DownloadResult", downloaded));
+    // pausing and resuming leave it queued
+    out.push((
+        "PauseJob",
+        code(rpc.pause_job(pb::PauseJobRequest { job_id: id() }).await),
+    ));
+    out.push((
+        "ResumeJob",
+        code(rpc.resume_job(pb::ResumeJobRequest { job_id: id() }).await),
+    ));
+    out.push((
+        "SetJobPriority",
+        code(
+            rpc.set_job_priority(pb::SetJobPriorityRequest {
+                job_id: id(),
+                priority: 1,
+            })
+            .await,
+        ),
+    ));
     // alice's job is queued: running it again leaves it so
     out.push((
         "RetryJob",
@@ -239,15 +258,16 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let image = spec.contents[0].clone();
 
     use Code::*;
-    let render_expected = |caller: &str| -> [Code; 9] {
+    let render_expected = |caller: &str| -> [Code; 12] {
         match caller {
-            "none" => [Unauthenticated; 9],
-            "worker" => [PermissionDenied; 9],
-            "alice" => [Ok; 9],
+            "none" => [Unauthenticated; 12],
+            "worker" => [PermissionDenied; 12],
+            "alice" => [Ok; 12],
             // another tenant: its own uploads and jobs; alice's job is not found, not even listed; images
             // are content-addressed, readable by any client that knows the hash
             "bob" => [
-                Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound, NotFound, NotFound,
+                Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound, NotFound, NotFound, NotFound,
+                NotFound, NotFound,
             ],
             _ => unreachable!(),
         }

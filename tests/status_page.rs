@@ -116,15 +116,15 @@ async fn eval(browser: &Client, script: &str) -> serde_json::Value {
     browser.execute(script, Vec::new()).await.unwrap()
 }
 
-/// A tiled job on two workers behind client tokens, watched in headless Chromium: the page first asks for
-/// the token (the API answers 401 without one and 403 to a worker's token; the login sets an HttpOnly,
+/// A tiled job on two workers behind client tokens, watched in headless Chromium: the page first asks for the
+/// token (the API answers 401 without one and 403 to a worker's token; the login sets an HttpOnly,
 /// SameSite=Strict cookie and is refused from another site's page; the page has its Content-Security-Policy;
 /// a cancel without the page's CSRF header is refused; another tenant neither sees nor cancels the job);
-/// logged in, it shows the job running with the first scale's stitched preview and
-/// the second scale's tiles arriving over it, and both workers with their device, memory and health
-/// (screenshot taken then); the job's cancel button cancels it, and the page and the
-/// API both say cancelled; its retry button runs it again, keeping the tiles that had succeeded. The
-/// running tiles show their workers' previews (`--preview-secs 0.5`), also served to the API.
+/// logged in, it shows the job running with the first scale's stitched preview and the second scale's tiles
+/// arriving over it, and both workers with their device, memory and health (screenshot taken then); the job's
+/// cancel button cancels it, and the page and the API both say cancelled (paused and resumed from its buttons
+/// before); its retry button runs it again, keeping the tiles that had succeeded. The running tiles show
+/// their workers' previews (`--preview-secs 0.5`), also served to the API.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     let mut cluster = Cluster::new(10.0, 0.5, "embedded");
@@ -368,6 +368,22 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     let shot = image::load_from_memory(&screenshot).unwrap();
     assert_eq!(shot.width(), 1280);
     assert!(shot.height() >= 600, "{}", shot.height());
+
+    // pause and resume from the page: a paused badge while paused
+    let paused_badge = format!("return !!document.querySelector('{card} .badge.paused');");
+    for (action, paused) in [("pause", true), ("resume", false)] {
+        browser
+            .find(Locator::Css(&format!("{card} button.{action}")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(action, Duration::from_secs(10), || async {
+            (eval(&browser, &paused_badge).await == paused).then_some(())
+        })
+        .await;
+    }
 
     // cancel from the page
     browser

@@ -1,6 +1,6 @@
 //! The farm's commands that need no engine: `coordinator`, and the client's `submit`, `watch`, `status`,
-//! `list`, `fetch`, `cancel`, `retry` (arguments and printing; the calls are stylefarm-client's). `worker`
-//! and `local` are in `nodes`.
+//! `list`, `fetch`, `pause`, `resume`, `priority`, `cancel`, `retry` (arguments and printing; the calls are
+//! stylefarm-client's). `worker` and `local` are in `nodes`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -256,6 +256,15 @@ pub(crate) struct JobRef {
     #[command(flatten)]
     connect: ConnectArgs,
     job_id: JobId,
+}
+
+#[derive(Args)]
+pub(crate) struct PriorityArgs {
+    #[command(flatten)]
+    job: JobRef,
+    /// The job's new priority: higher runs first (submit's `--priority`).
+    #[arg(allow_negative_numbers = true)]
+    priority: i32,
 }
 
 #[derive(Args)]
@@ -656,10 +665,12 @@ fn print_status(s: &pb::JobStatus) {
         // less the tasks a new plan replaced
         None => (s.tasks.iter().filter(|t| !t.replaced).count(), "tasks"),
     };
-    let note = if s.waiting.is_empty() {
-        s.error.clone()
-    } else {
+    let note = if !s.waiting.is_empty() {
         format!("waiting: {}", s.waiting)
+    } else if s.paused && s.error.is_empty() {
+        "paused".to_string()
+    } else {
+        s.error.clone()
     };
     println!(
         "{}\t{}\t{done}/{all} {what}\t{note}",
@@ -725,6 +736,38 @@ pub(crate) fn delete(args: JobRef) -> anyhow::Result<()> {
         let mut client = connect(&args.connect).await?;
         client.delete(&args.job_id).await?;
         println!("{}\tdeleted", args.job_id);
+        Ok(())
+    })
+}
+
+/// `stylefarm pause` (`paused`) and `stylefarm resume`.
+pub(crate) fn pause(args: JobRef, paused: bool) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&args.connect).await?;
+        let state = if paused {
+            client.pause(&args.job_id).await?
+        } else {
+            client.resume(&args.job_id).await?
+        };
+        use pb::JobState::{Cancelled, Failed, Succeeded};
+        let finished = matches!(state, Succeeded | Failed | Cancelled);
+        let state = job_state_name(state as i32);
+        let now = match (finished, paused) {
+            (true, _) => "finished: left as it is",
+            (false, true) => "paused",
+            (false, false) => "resumed",
+        };
+        println!("{}\t{state}\t{now}", args.job_id);
+        Ok(())
+    })
+}
+
+pub(crate) fn priority(args: PriorityArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&args.job.connect).await?;
+        let state = client.set_priority(&args.job.job_id, args.priority).await?;
+        let state = job_state_name(state as i32);
+        println!("{}\t{state}\tpriority {}", args.job.job_id, args.priority);
         Ok(())
     })
 }

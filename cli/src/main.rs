@@ -139,6 +139,12 @@ enum Command {
     List(farm::ListArgs),
     /// Download a finished job's results.
     Fetch(farm::FetchArgs),
+    /// Pause a job: its queued tasks wait until it is resumed; its running ones go on.
+    Pause(farm::JobRef),
+    /// Resume a paused job.
+    Resume(farm::JobRef),
+    /// Change a job's priority (higher runs first): its queued tasks take their places by it.
+    Priority(farm::PriorityArgs),
     /// Cancel a job.
     Cancel(farm::JobRef),
     /// Run a failed or cancelled job again: its failed and cancelled tasks (its succeeded ones keep
@@ -183,6 +189,9 @@ fn main() -> ExitCode {
         Command::Status(args) => farm::status(args),
         Command::List(args) => farm::list(args),
         Command::Fetch(args) => farm::fetch(args),
+        Command::Pause(args) => farm::pause(args, true),
+        Command::Resume(args) => farm::pause(args, false),
+        Command::Priority(args) => farm::priority(args),
         Command::Cancel(args) => farm::cancel(args),
         Command::Retry(args) => farm::retry(args),
         Command::Delete(args) => farm::delete(args),

@@ -353,6 +353,45 @@ impl FarmClient {
         Ok(pb::JobState::try_from(reply.state).unwrap_or_default())
     }
 
+    /// Pauses a job (PauseJob): its queued tasks are not leased until it is resumed, its running ones go on.
+    /// Returns its state (a finished job is left as it is).
+    pub async fn pause(&mut self, job_id: &JobId) -> Result<pb::JobState> {
+        let reply = self
+            .rpc
+            .pause_job(pb::PauseJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(pb::JobState::try_from(reply.state).unwrap_or_default())
+    }
+
+    /// Sets a job's priority (SetJobPriority; higher runs first): its queued tasks take their places by
+    /// it. Returns its state (a finished job is left as it is).
+    pub async fn set_priority(&mut self, job_id: &JobId, priority: i32) -> Result<pb::JobState> {
+        let reply = self
+            .rpc
+            .set_job_priority(pb::SetJobPriorityRequest {
+                job_id: job_id.to_string(),
+                priority,
+            })
+            .await?
+            .into_inner();
+        Ok(pb::JobState::try_from(reply.state).unwrap_or_default())
+    }
+
+    /// Resumes a paused job (ResumeJob); returns its state.
+    pub async fn resume(&mut self, job_id: &JobId) -> Result<pb::JobState> {
+        let reply = self
+            .rpc
+            .resume_job(pb::ResumeJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(pb::JobState::try_from(reply.state).unwrap_or_default())
+    }
+
     /// Runs a failed or cancelled job again (RetryJob): its failed and cancelled tasks are queued again,
     /// its succeeded ones keep their results. Returns the job's state after it and how many tasks were
     /// queued again; a queued or running job is left as it is, a succeeded one is FAILED_PRECONDITION.

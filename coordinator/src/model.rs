@@ -121,6 +121,10 @@ pub struct JobMeta {
     /// stitched image, a sweep's contact sheet, a video's last frame).
     #[serde(default)]
     pub result: Option<ImageHash>,
+    /// Paused by its client ([`crate::scheduler::Scheduler::set_paused`]): its queued tasks are not leased
+    /// until it is resumed; its running ones go on. Cleared when the job ends.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// One task of a job.
@@ -369,6 +373,7 @@ mod tests {
             strikes: BTreeMap::new(),
             stage_results: vec![h("scale1")],
             result: None,
+            paused: true,
         };
         let bytes = serde_json::to_vec(&job).unwrap();
         assert_eq!(job_from_json(&bytes).unwrap(), job);

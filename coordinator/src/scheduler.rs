@@ -307,11 +307,12 @@ fn set_task_state(tally: &mut Tally, task: &mut TaskRecord, to: TaskState) {
     task.state = to;
 }
 
-/// Moves job `meta` to state `to`, and the tally with it.
+/// Moves job `meta` to state `to`, and the tally with it; a job that ends is no longer paused.
 fn set_job_state(tally: &mut Tally, meta: &mut JobMeta, to: JobState) {
     tally.remove_job(meta.state);
     tally.add_job(to);
     meta.state = to;
+    meta.paused &= !to.is_terminal();
 }
 
 /// Refuses to delete or run again a job whose tasks are still being stopped (told to stop at their next
@@ -471,6 +472,9 @@ impl Waiting {
             if t.state == TaskState::Pending {
                 shards = shards.or(t.spec.shards());
             }
+        }
+        if meta.paused && queued && !meta.state.is_terminal() {
+            return "paused: its queued tasks start once it is resumed".into();
         }
         if meta.state.is_terminal() || !queued || running {
             return String::new();
@@ -745,6 +749,7 @@ impl Scheduler {
             strikes: Default::default(),
             stage_results: Vec::new(),
             result: None,
+            paused: false,
         };
         let tasks: Vec<TaskRecord> = tasks
             .into_iter()
@@ -856,7 +861,8 @@ impl Scheduler {
             for key in &st.queue {
                 let job = &st.jobs[&key.3];
                 let task = &job.tasks[key.2 as usize];
-                if !takes(&job.meta) {
+                // a paused job starts nothing (a shard whose siblings run, above, still starts)
+                if job.meta.paused || !takes(&job.meta) {
                     continue;
                 }
                 if task.spec.shards().is_none() {
@@ -1329,6 +1335,10 @@ impl Scheduler {
                 st.blocklisting.remove(&job_id);
                 continue;
             };
+            if job.meta.paused {
+                // it waits for its client, not for a worker
+                continue;
+            }
             let blocked = |w: &WorkerId| blocklisted(&job.meta, w, self.config.blocklist_after);
             let eligible = eligible(&job.meta.spec, live);
             let queued = job.tasks.iter().find(|t| t.state == TaskState::Pending);
@@ -1626,6 +1636,66 @@ impl Scheduler {
             }
         }
         images
+    }
+
+    /// Pauses a job (`paused`, OpenCue's and Flamenco's pause) or resumes it. A paused job's queued tasks
+    /// are not leased; its running tasks go on, and its stage work (a stitch, the next scale's tiles), whose
+    /// tasks wait in turn. The shards of an exact-mode scale whose siblings already run still start: they
+    /// wait for one another at every step. A paused job is not failed for want of a worker
+    /// ([`Scheduler::fail_stranded`]). A finished job is left as it is. Returns the job's state.
+    pub fn set_paused(&self, job_id: &JobId, paused: bool) -> Result<JobState, SchedulerError> {
+        self.change_unfinished(job_id, |job, _| {
+            let changed = job.meta.paused != paused;
+            job.meta.paused = paused;
+            changed
+        })
+    }
+
+    /// Changes a job's priority (OpenCue's and Flamenco's set priority): its queued tasks take their
+    /// places in the queue by it (higher first, then submission order), its running ones go on. A
+    /// finished job is left as it is. Returns the job's state.
+    pub fn set_priority(&self, job_id: &JobId, priority: i32) -> Result<JobState, SchedulerError> {
+        self.change_unfinished(job_id, |job, queue| {
+            if job.meta.spec.priority == priority {
+                return false;
+            }
+            let queued: Vec<u32> = job
+                .tasks
+                .iter()
+                .filter(|t| queue.remove(&queue_key(&job.meta, t.index)))
+                .map(|t| t.index)
+                .collect();
+            job.meta.spec.priority = priority;
+            queue.extend(queued.into_iter().map(|index| queue_key(&job.meta, index)));
+            true
+        })
+    }
+
+    /// Changes an unfinished job's record by `change` (given the job and the queue; it says whether it
+    /// changed anything), writes it and wakes the calls waiting for a task. A finished job is left as it
+    /// is. Returns the job's state.
+    fn change_unfinished(
+        &self,
+        job_id: &JobId,
+        change: impl FnOnce(&mut Job, &mut BTreeSet<QueueKey>) -> bool,
+    ) -> Result<JobState, SchedulerError> {
+        self.writable()?;
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let job = st
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        let state = job.meta.state;
+        if state.is_terminal() || !change(job, &mut st.queue) {
+            return Ok(state);
+        }
+        let durable = self.store.write(vec![Op::Job(job.meta.clone())]);
+        drop(guard);
+        store::wait(durable)?;
+        self.work.notify_waiters();
+        self.changed(job_id);
+        Ok(state)
     }
 
     /// Cancels a job; a finished job keeps its state.
@@ -2182,6 +2252,32 @@ mod tests {
         assert_eq!(order, [(high, 0), (low.clone(), 0), (low, 1), (low2, 0)]);
     }
 
+    /// A priority changed after submission reorders the job's queued tasks, and a restart keeps it; a
+    /// finished job keeps its own.
+    #[test]
+    fn a_priority_changed_reorders_the_job_s_queued_tasks() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let (first, _) = s.submit(batch(2, 0), "").unwrap();
+        let (second, _) = s.submit(batch(1, 0), "").unwrap();
+        let running = s.lease(&w("w")).unwrap().unwrap();
+        assert_eq!(running.task.id.job, first);
+        assert_eq!(s.set_priority(&second, 7).unwrap(), JobState::Queued);
+        assert_eq!(s.counts().queue_by_priority.get("7"), Some(&1));
+        drop(s);
+        let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        let order: Vec<JobId> = std::iter::from_fn(|| s.lease(&w("w")).unwrap())
+            .map(|l| l.task.id.job)
+            .collect();
+        // the first job's task that ran went back to the queue at the restart
+        assert_eq!(order, [second.clone(), first.clone(), first]);
+        let (done, _) = s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
+        assert_eq!(s.set_priority(&done, 9).unwrap(), JobState::Succeeded);
+        assert_eq!(s.get(&done).unwrap().meta.spec.priority, 0);
+    }
+
     #[test]
     fn submit_is_idempotent_by_request_id() {
         let s = scheduler(SchedulerConfig::default());
@@ -2628,6 +2724,83 @@ mod tests {
             "waiting out the backoff"
         );
         assert_eq!(s.queue_depth(), 1);
+    }
+
+    /// A paused job starts nothing while its running task goes on, waits saying so (and is not failed for
+    /// want of a worker), stays paused across a restart, and goes on once resumed; a finished job is left
+    /// as it is.
+    #[test]
+    fn a_paused_job_starts_nothing_until_resumed() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            no_worker_left: Duration::ZERO,
+            blocklist_after: 1,
+            backoff: Duration::ZERO,
+            ..Default::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let (job, _) = s.submit(batch(3, 0), "").unwrap();
+        let first = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(s.set_paused(&job, true).unwrap(), JobState::Running);
+        assert!(s.lease(&w("a")).unwrap().is_none(), "paused");
+        s.complete(&first.lease_id, &hash("done")).unwrap().unwrap();
+        // a failure blocklists the only worker: a paused job waits for its client, not for a worker
+        s.set_paused(&job, false).unwrap();
+        let second = s.lease(&w("a")).unwrap().unwrap();
+        s.set_paused(&job, true).unwrap();
+        s.fail(&second.lease_id, "boom", FailureKind::Retryable)
+            .unwrap();
+        let live = untagged(&["a"]);
+        assert!(s.fail_stranded(&live).unwrap().is_empty());
+        let view = s.get(&job).unwrap();
+        let waiting = Waiting {
+            live,
+            blocklist_after: 1,
+        };
+        assert_eq!(
+            waiting.reason(&view.meta, view.tasks.iter().map(|(t, _)| t)),
+            "paused: its queued tasks start once it is resumed"
+        );
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        assert!(s.get(&job).unwrap().meta.paused, "paused across a restart");
+        assert!(s.lease(&w("b")).unwrap().is_none());
+        s.set_paused(&job, false).unwrap();
+        for _ in 0..2 {
+            let l = s.lease(&w("b")).unwrap().unwrap();
+            s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
+        }
+        assert_eq!(s.set_paused(&job, true).unwrap(), JobState::Succeeded);
+        assert!(
+            !s.get(&job).unwrap().meta.paused,
+            "a finished job is left as it is"
+        );
+        // a job paused when it ends is no longer paused (a retry runs it)
+        let (other, _) = s.submit(batch(1, 0), "").unwrap();
+        s.set_paused(&other, true).unwrap();
+        s.cancel(&other).unwrap();
+        assert!(!s.get(&other).unwrap().meta.paused);
+    }
+
+    /// A shard whose siblings run starts even when its job is paused (they wait for it at every step); a
+    /// scale's first shard does not.
+    #[test]
+    fn a_paused_job_s_running_scale_takes_its_other_shards() {
+        let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+        let _free = s.idle(&w("b"), &[]);
+        s.set_paused(&job, true).unwrap();
+        assert!(
+            s.lease(&w("a")).unwrap().is_none(),
+            "no group starts while paused"
+        );
+        s.set_paused(&job, false).unwrap();
+        s.lease(&w("a")).unwrap().unwrap();
+        s.set_paused(&job, true).unwrap();
+        let sibling = s
+            .lease(&w("b"))
+            .unwrap()
+            .expect("the running group's other shard");
+        assert!(sibling.task.spec.shards().is_some());
     }
 
     /// A running task's latest preview is kept (a heartbeat without one keeps it) and goes with its lease.

@@ -108,6 +108,7 @@ pub(crate) fn job_status(view: &JobView, waiting: String) -> pb::JobStatus {
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
         waiting,
+        paused: m.paused,
     }
 }
 
@@ -491,6 +492,53 @@ impl RenderService for RenderApi {
         // waits for the store's commit: off the async threads
         let state = blocking(move || coordinator.cancel_own(&tenant, &job_id)).await?;
         Ok(Response::new(pb::CancelJobResponse {
+            state: job_state(state) as i32,
+        }))
+    }
+
+    async fn pause_job(
+        &self,
+        request: Request<pb::PauseJobRequest>,
+    ) -> Result<Response<pb::PauseJobResponse>, Status> {
+        let tenant = auth::tenant(&request);
+        let job_id = JobId::from(request.into_inner().job_id);
+        let coordinator = self.coordinator.clone();
+        // waits for the store's commit: off the async threads
+        let state = blocking(move || coordinator.pause_own(&tenant, &job_id, true)).await?;
+        Ok(Response::new(pb::PauseJobResponse {
+            state: job_state(state) as i32,
+        }))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<pb::ResumeJobRequest>,
+    ) -> Result<Response<pb::ResumeJobResponse>, Status> {
+        let tenant = auth::tenant(&request);
+        let job_id = JobId::from(request.into_inner().job_id);
+        let coordinator = self.coordinator.clone();
+        let state = blocking(move || coordinator.pause_own(&tenant, &job_id, false)).await?;
+        Ok(Response::new(pb::ResumeJobResponse {
+            state: job_state(state) as i32,
+        }))
+    }
+
+    async fn set_job_priority(
+        &self,
+        request: Request<pb::SetJobPriorityRequest>,
+    ) -> Result<Response<pb::SetJobPriorityResponse>, Status> {
+        let tenant = auth::tenant(&request);
+        let r = request.into_inner();
+        let (job_id, priority) = (JobId::from(r.job_id), r.priority);
+        let coordinator = self.coordinator.clone();
+        let state = blocking(move || {
+            coordinator.check_own(&tenant, &job_id)?;
+            let state = coordinator.scheduler.set_priority(&job_id, priority)?;
+            tracing::info!(job_id = job_id.as_str(), priority, "job priority set");
+            Ok(state)
+        })
+        .await?;
+        Ok(Response::new(pb::SetJobPriorityResponse {
             state: job_state(state) as i32,
         }))
     }

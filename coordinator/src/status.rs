@@ -4,15 +4,16 @@
 //!
 //! | route | what |
 //! | --- | --- |
-//! | `GET /` | the page: jobs with their progress, each scale's preview (a tiled job's stitched scales, and its current scale's tiles as they finish, over the previous scale), thumbnails of results, cancel and retry buttons; workers with device, memory and health. It polls `/api/status` every second. |
+//! | `GET /` | the page: jobs with their progress, each scale's preview (a tiled job's stitched scales, and its current scale's tiles as they finish, over the previous scale), thumbnails of results, cancel, pause, resume and retry buttons; workers with device, memory and health. It polls `/api/status` every second. |
 //! | `GET /api/status` | the same as JSON ([`Status`]): the caller's jobs, newest first (at most [`MAX_JOBS`]), and the workers |
 //! | `GET /api/jobs/{job_id}/tasks/{index}/preview` | a running task's latest preview, as its worker sent it (every few seconds: `--preview-secs`), a PNG of at most 256 px |
 //! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px rounded up to one of [`THUMBNAIL_SIZES`] (`N` from 16 to 1024, default 256) |
 //! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
 //! | `POST /api/jobs/{job_id}/retry` | runs a failed or cancelled job again, as RenderService's RetryJob does; the same header |
+//! | `POST /api/jobs/{job_id}/pause`, `.../resume` | pauses or resumes a job, as RenderService's PauseJob and ResumeJob do; the same header |
 //! | `POST /login`, `POST /logout` | a session for a client token, its id in an HttpOnly, SameSite=Strict cookie (or the session ended) |
 //!
-//! With auth on, the page, its JSON, its images, the cancel and the retry need a client token, exactly as
+//! With auth on, the page, its JSON, its images and its buttons' calls need a client token, exactly as
 //! RenderService does (the same check, [`crate::auth`]): `Authorization: Bearer <token>` (scripts) or the
 //! cookie that `POST /login` sets (browsers; the page shows a token form). The script, the style sheet,
 //! the login form and the logout hold no data and are open. A tenant sees its own jobs, as through
@@ -139,6 +140,8 @@ pub struct JobRow {
     pub state: &'static str,
     /// Whether that state is final (succeeded, failed or cancelled): no cancel button then.
     pub finished: bool,
+    /// Paused by its client: its queued tasks wait until it is resumed.
+    pub paused: bool,
     /// Its priority (higher runs first).
     pub priority: i32,
     /// When it was submitted, Unix ms.
@@ -390,6 +393,7 @@ pub fn job_row(
         kind: m.spec.kind.name(),
         state: m.state.name(),
         finished: m.state.is_terminal(),
+        paused: m.paused,
         priority: m.spec.priority,
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
@@ -720,6 +724,38 @@ async fn cancel(
     Ok(Json(serde_json::json!({ "state": state.name() })).into_response())
 }
 
+async fn pause(
+    State(page): State<Page>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    pause_or_resume(page, job_id, headers, true).await
+}
+
+async fn resume(
+    State(page): State<Page>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    pause_or_resume(page, job_id, headers, false).await
+}
+
+async fn pause_or_resume(
+    page: Page,
+    job_id: String,
+    headers: HeaderMap,
+    paused: bool,
+) -> Result<Response, Failure> {
+    let state = job_action(
+        &page,
+        &headers,
+        job_id,
+        move |coordinator, tenant, job_id| coordinator.pause_own(tenant, job_id, paused),
+    )
+    .await?;
+    Ok(Json(serde_json::json!({ "state": state.name(), "paused": paused })).into_response())
+}
+
 async fn retry(
     State(page): State<Page>,
     Path(job_id): Path<String>,
@@ -888,6 +924,20 @@ impl Coordinator {
         Ok(state)
     }
 
+    /// Pauses (`paused`) or resumes `tenant`'s job `job_id`, as RenderService's PauseJob and ResumeJob
+    /// ([`crate::scheduler::Scheduler::set_paused`]): NOT_FOUND for another tenant's.
+    pub(crate) fn pause_own(
+        &self,
+        tenant: &Tenant,
+        job_id: &JobId,
+        paused: bool,
+    ) -> Result<JobState, Error> {
+        self.check_own(tenant, job_id)?;
+        let state = self.scheduler.set_paused(job_id, paused)?;
+        tracing::info!(job_id = job_id.as_str(), paused, "job paused or resumed");
+        Ok(state)
+    }
+
     /// Runs `tenant`'s failed or cancelled job `job_id` again, as RenderService's RetryJob
     /// ([`crate::scheduler::Scheduler::retry`]), and starts its stage work when that is what failed:
     /// NOT_FOUND for another tenant's. Blocking (the store's write); needs a Tokio runtime.
@@ -960,6 +1010,8 @@ pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
         .route("/api/images/{sha256}", get(thumbnail))
         .route("/api/jobs/{job_id}/cancel", post(cancel))
         .route("/api/jobs/{job_id}/retry", post(retry))
+        .route("/api/jobs/{job_id}/pause", post(pause))
+        .route("/api/jobs/{job_id}/resume", post(resume))
         .route("/api/jobs/{job_id}/tasks/{index}/preview", get(preview))
         .with_state(page)
 }

@@ -1,5 +1,5 @@
 // The status page's script: polls /api/status every second and draws the jobs and the workers; the
-// cancel and retry buttons POST /api/jobs/{id}/cancel and /retry. No framework: the page is one table and
+// buttons POST /api/jobs/{id}/{pause,resume,cancel,retry}. No framework: the page is one table and
 // a list of cards.
 "use strict";
 
@@ -105,7 +105,8 @@ function taskRows(job) {
 function headHtml(job, now) {
   const scale = job.scales ? `<span>scale ${job.scale} of ${job.scales}</span>` : "";
   return `<code>${esc(job.id)}</code> <span class="kind">${esc(job.kind)}</span>
-    <span class="badge ${esc(job.state)}">${esc(job.state)}</span>
+    <span class="badge ${esc(job.state)}">${esc(job.state)}</span>${
+      job.paused && !job.finished ? ` <span class="badge paused">paused</span>` : ""}
     <progress max="1" value="${job.progress}"></progress><span class="percent">${percent(job.progress)}</span>
     ${scale} <span class="counts">${counts(job.counts)}</span> <span class="time">${elapsed(job, now)}</span>`;
 }
@@ -120,7 +121,7 @@ function bodyHtml(job) {
     <div class="previews">${previews}${live}</div>${taskRows(job)}`;
 }
 
-const cards = new Map(); // job id -> { card, head, body, cancel, retry }
+const cards = new Map(); // job id -> { card, head, body, and a button per action }
 
 // A job's action: a button that POSTs /api/jobs/{id}/{action}, labelled with the action.
 function actionButton(job, action) {
@@ -138,11 +139,11 @@ function card(job) {
     const article = document.createElement("article");
     article.id = `job-${job.id}`;
     article.innerHTML = `<div class="head"><span class="info"></span></div><div class="body"></div>`;
-    const cancel = actionButton(job, "cancel");
-    const retry = actionButton(job, "retry");
-    article.querySelector(".head").append(cancel, retry);
+    const actions = ["pause", "resume", "cancel", "retry"];
+    const [pause, resume, cancel, retry] = actions.map((action) => actionButton(job, action));
+    article.querySelector(".head").append(pause, resume, cancel, retry);
     const [head, body] = [article.querySelector(".info"), article.querySelector(".body")];
-    c = { article, head, body, cancel, retry, shown: {} };
+    c = { article, head, body, pause, resume, cancel, retry, shown: {} };
     cards.set(job.id, c);
   }
   return c;
@@ -171,6 +172,8 @@ function drawJobs(status) {
     update(c.head, "head", headHtml(job, status.now_ms), c.shown);
     update(c.body, "body", bodyHtml(job), c.shown);
     c.cancel.hidden = job.finished;
+    c.pause.hidden = job.finished || job.paused;
+    c.resume.hidden = job.finished || !job.paused;
     // a failed or cancelled job runs again: its failed and cancelled tasks, its results kept
     c.retry.hidden = job.state !== "failed" && job.state !== "cancelled";
     // newest first: moved only when out of place

@@ -194,6 +194,7 @@ pub(crate) mod tests {
             strikes: BTreeMap::new(),
             stage_results: Vec::new(),
             result: None,
+            paused: false,
         };
         (meta, tasks)
     }
