@@ -672,7 +672,7 @@ async fn finished_jobs_past_the_keep_time_are_deleted_by_the_coordinator() {
     cluster.start_coordinator();
     let mut client = cluster.client().await;
     let listed: Vec<_> = client
-        .list(100)
+        .list(&[], 100)
         .await
         .unwrap()
         .into_iter()
@@ -1348,6 +1348,12 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
         }
     }
 
+    // the failed jobs, listed by their state
+    let (ok, out, err) = cluster.cli(&["list", "--state", "failed", "--state", "cancelled"]);
+    assert!(
+        ok && out.contains(&poisoned) && !out.contains(&good),
+        "{out} {err}"
+    );
     // the fault is gone (the fail point fired its three times): the failed job, run again, renders on
     // the same worker with its attempts and errors cleared; a job that succeeded has nothing to run again
     let (ok, out, err) = cluster.cli(&["retry", &poisoned]);

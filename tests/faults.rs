@@ -489,7 +489,7 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
     old.child.wait().unwrap();
     cluster.start_coordinator();
     let mut client = cluster.client().await;
-    let jobs = client.list(100).await.unwrap();
+    let jobs = client.list(&[], 100).await.unwrap();
     assert_eq!(jobs.len(), 2, "{jobs:?}");
     for j in jobs {
         assert!(is(&j, pb::JobState::Succeeded), "{j:?}");
@@ -584,7 +584,7 @@ async fn submit_repeated_after_a_killed_client(backend: Backend) {
     let id = submit(&cluster, &repeat);
     assert_eq!(submit(&cluster, &repeat), id);
     let mut client = cluster.client().await;
-    let jobs = client.list(100).await.unwrap();
+    let jobs = client.list(&[], 100).await.unwrap();
     assert_eq!(
         jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(),
         [id.as_str()],
@@ -628,7 +628,7 @@ async fn a_slow_blob_store_holds_up_only_the_calls_that_need_it() {
     // the downloads are waiting on the store
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    client.list(10).await.unwrap();
+    client.list(&[], 10).await.unwrap();
     let listed = started.elapsed();
     for download in downloads {
         assert_eq!(download.await.unwrap().unwrap(), png);

@@ -283,6 +283,32 @@ pub(crate) struct ListArgs {
     /// Most jobs to show, newest first.
     #[arg(long, default_value_t = 20)]
     limit: u32,
+    /// Only jobs in this state (repeat for several; all when none), e.g. `--state failed` to find those
+    /// to run again.
+    #[arg(long = "state", value_enum)]
+    states: Vec<StateArg>,
+}
+
+/// A job state as `list --state` takes it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StateArg {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<StateArg> for pb::JobState {
+    fn from(s: StateArg) -> pb::JobState {
+        match s {
+            StateArg::Queued => pb::JobState::Queued,
+            StateArg::Running => pb::JobState::Running,
+            StateArg::Succeeded => pb::JobState::Succeeded,
+            StateArg::Failed => pb::JobState::Failed,
+            StateArg::Cancelled => pb::JobState::Cancelled,
+        }
+    }
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -713,7 +739,8 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
 pub(crate) fn list(args: ListArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
-        for s in &client.list(args.limit).await? {
+        let states: Vec<pb::JobState> = args.states.into_iter().map(Into::into).collect();
+        for s in &client.list(&states, args.limit).await? {
             print_status(s);
         }
         Ok(())

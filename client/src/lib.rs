@@ -319,15 +319,20 @@ impl FarmClient {
             .into_inner())
     }
 
-    /// The newest `limit` jobs (0: all), newest first, fetched a page (ListJobs) at a time.
-    pub async fn list(&mut self, limit: u32) -> Result<Vec<pb::JobStatus>> {
+    /// The newest `limit` jobs (0: all) in `states` (all when empty), newest first, fetched a page
+    /// (ListJobs) at a time.
+    pub async fn list(
+        &mut self,
+        states: &[pb::JobState],
+        limit: u32,
+    ) -> Result<Vec<pb::JobStatus>> {
         let mut jobs = Vec::new();
         let mut page_token = String::new();
         loop {
             let page = self
                 .rpc
                 .list_jobs(pb::ListJobsRequest {
-                    states: vec![],
+                    states: states.iter().map(|&s| s as i32).collect(),
                     limit: limit.saturating_sub(jobs.len() as u32),
                     page_token,
                 })
