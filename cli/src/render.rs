@@ -248,7 +248,8 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         block: args.block,
         ..RenderJob::new(content, styles, init_image, params)
     };
-    let mut save = |scale: u32, iteration: u32, image: image::Rgb32FImage| {
+    let mut save = |scale: u32, iteration: u32, image: Result<image::Rgb32FImage, _>| {
+        let image = image?;
         let path = snapshot_path(output, (scale, job.params.scales), iteration);
         imaging::save_output(&image, alpha.as_ref(), args.output_depth, &path)?;
         tracing::info!(path = %path.display(), scale, iteration, "snapshot written");
@@ -258,6 +259,7 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         |_scale, iteration: u32| save_every.is_some_and(|n| iteration.is_multiple_of(n.get()));
     let snapshots = save_every.map(|_| Snapshots {
         due: &mut every,
+        longest: None,
         save: &mut save,
     });
     let image = engine

@@ -233,7 +233,8 @@ struct State {
     /// Workers whose lease expired since [`Scheduler::take_lost`] last took them, with the moment their
     /// lease ran out.
     lost: Vec<(WorkerId, std::time::Instant)>,
-    /// Jobs whose deletion is being written ([`Scheduler::forget`]): not run again meanwhile.
+    /// Jobs whose deletion is being written ([`Scheduler::forget`]): neither deleted again (one deletion
+    /// at a time, so that its end clears the mark) nor run again meanwhile.
     deleting: HashSet<JobId>,
     /// The workers free now, asking for a task ([`Scheduler::idle`]), by name: their tags and how many of
     /// their calls wait. The shards of a scale start only on as many of them at once.
@@ -998,10 +999,11 @@ impl Scheduler {
     }
 
     /// Extends a lease and records its progress and its worker's preview, each when given (the latest
-    /// kept). An unknown or expired lease answers `cancel`.
+    /// kept) by the lease's worker (`worker`). An unknown or expired lease answers `cancel`.
     pub fn heartbeat(
         &self,
         lease_id: &LeaseId,
+        worker: &WorkerId,
         progress: Option<TaskProgress>,
         preview: Option<bytes::Bytes>,
     ) -> Result<HeartbeatReply, SchedulerError> {
@@ -1014,10 +1016,13 @@ impl Scheduler {
             });
         };
         lease.deadline_ms = now_ms() + self.config.lease.as_millis() as i64;
-        if progress.is_some() {
+        // what the task looks like comes from the worker that renders it (by name: a worker that
+        // registered again is the same one), not from another that knows the lease's id
+        let own = lease.worker.by_name() == worker.by_name();
+        if progress.is_some() && own {
             lease.progress = progress;
         }
-        if let Some(png) = preview {
+        if let Some(png) = preview.filter(|_| own) {
             let at_ms = now_ms();
             lease.preview = Some(Preview { png, at_ms });
         }
@@ -1533,6 +1538,11 @@ impl Scheduler {
             )));
         }
         being_stopped(job)?;
+        if st.deleting.contains(job_id) {
+            return Err(SchedulerError::Precondition(format!(
+                "job {job_id} is being deleted; try again in a moment"
+            )));
+        }
         self.forget(st, std::slice::from_ref(job_id))
     }
 
@@ -1550,7 +1560,7 @@ impl Scheduler {
             .jobs
             .values()
             .filter(|j| j.meta.state.is_terminal() && j.meta.finished_ms < before_ms)
-            .filter(|j| j.leases.is_empty())
+            .filter(|j| j.leases.is_empty() && !st.deleting.contains(&j.meta.id))
             .take(limit)
             .map(|j| j.meta.id.clone())
             .collect();
@@ -2803,7 +2813,8 @@ mod tests {
         assert!(sibling.task.spec.shards().is_some());
     }
 
-    /// A running task's latest preview is kept (a heartbeat without one keeps it) and goes with its lease.
+    /// A running task's latest preview is kept (a heartbeat without one keeps it; another worker's is left
+    /// out) and goes with its lease.
     #[test]
     fn a_running_task_keeps_its_latest_preview_until_it_ends() {
         let s = scheduler(SchedulerConfig::default());
@@ -2811,9 +2822,14 @@ mod tests {
         let l = s.lease(&w("w")).unwrap().unwrap();
         assert!(s.preview(&job, 0).is_none());
         assert_eq!(s.leases()[0].preview_ms, 0);
-        for png in [Some("first"), Some("second"), None] {
+        for (worker, png) in [
+            ("w", Some("first")),
+            ("w", Some("second")),
+            ("w", None),
+            ("x", Some("x")),
+        ] {
             let png = png.map(|p| bytes::Bytes::from_static(p.as_bytes()));
-            s.heartbeat(&l.lease_id, None, png).unwrap();
+            s.heartbeat(&l.lease_id, &w(worker), None, png).unwrap();
         }
         let preview = s.preview(&job, 0).unwrap();
         assert_eq!(&preview.png[..], b"second");
@@ -2827,9 +2843,17 @@ mod tests {
         let s = scheduler(SchedulerConfig::default());
         let (job, _) = s.submit(batch(2, 0), "").unwrap();
         let l = s.lease(&w("w")).unwrap().unwrap();
-        assert!(!s.heartbeat(&l.lease_id, None, None).unwrap().cancel);
+        assert!(
+            !s.heartbeat(&l.lease_id, &w("w"), None, None)
+                .unwrap()
+                .cancel
+        );
         assert_eq!(s.cancel(&job).unwrap(), JobState::Cancelled);
-        assert!(s.heartbeat(&l.lease_id, None, None).unwrap().cancel);
+        assert!(
+            s.heartbeat(&l.lease_id, &w("w"), None, None)
+                .unwrap()
+                .cancel
+        );
         assert!(
             s.lease(&w("w")).unwrap().is_none(),
             "the pending task was cancelled"
@@ -2859,7 +2883,11 @@ mod tests {
         s.cancel(&job).unwrap();
         // cancelled, but its worker has not been told yet
         refused(s.delete(&job).unwrap_err(), "still being stopped");
-        assert!(s.heartbeat(&l.lease_id, None, None).unwrap().cancel);
+        assert!(
+            s.heartbeat(&l.lease_id, &w("w"), None, None)
+                .unwrap()
+                .cancel
+        );
         s.fail(&l.lease_id, "cancelled", FailureKind::Retryable)
             .unwrap();
         s.delete(&job).unwrap();
@@ -3360,7 +3388,11 @@ mod tests {
             );
             assert_eq!(t.result, None);
         }
-        assert!(s.heartbeat(&a.lease_id, None, None).unwrap().cancel);
+        assert!(
+            s.heartbeat(&a.lease_id, &w("a"), None, None)
+                .unwrap()
+                .cancel
+        );
         assert_eq!(s.complete(&a.lease_id, &hash("late")).unwrap(), None);
         s.fail(&a.lease_id, "late", FailureKind::Retryable).unwrap();
         assert_eq!(s.get(&job).unwrap().tasks[1].0.state, TaskState::Cancelled);
@@ -3735,7 +3767,11 @@ mod tests {
         assert!(unavailable(s.cancel(&job).map(|_| ())));
         // the lease is past its deadline, but nothing expires while outcomes cannot be recorded
         s.expire().unwrap();
-        assert!(!s.heartbeat(&l.lease_id, None, None).unwrap().cancel);
+        assert!(
+            !s.heartbeat(&l.lease_id, &w("w"), None, None)
+                .unwrap()
+                .cancel
+        );
         assert_eq!(s.get(&job).unwrap().meta.state, JobState::Running);
         // the store answers again: the result the worker retries is taken
         *store.behind.lock().unwrap() = None;

@@ -622,8 +622,10 @@ impl WorkerService for WorkerApi {
             worker_id: worker_id.into(),
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
             lease_ms: config.lease.as_millis() as u32,
+            // at least 1 ms when on: 0 says none
             preview_interval_ms: u32::try_from(config.preview_interval.as_millis())
-                .unwrap_or(u32::MAX),
+                .unwrap_or(u32::MAX)
+                .max(u32::from(!config.preview_interval.is_zero())),
         }))
     }
 
@@ -695,7 +697,8 @@ impl WorkerService for WorkerApi {
         // expiring the leases past their deadline may wait for the store's commit: off the async threads
         let scheduler = self.coordinator.scheduler.clone();
         let reply =
-            blocking(move || Ok(scheduler.heartbeat(&lease_id, progress, preview)?)).await?;
+            blocking(move || Ok(scheduler.heartbeat(&lease_id, &worker_id, progress, preview)?))
+                .await?;
         Ok(Response::new(pb::HeartbeatResponse {
             cancel: reply.cancel,
             lease_deadline_ms: reply.deadline_ms,
@@ -999,7 +1002,8 @@ mod tests {
             move || {
                 let mut changes = 0;
                 while started.elapsed() < Duration::from_secs(1) {
-                    s.heartbeat(&lease, None, None).unwrap();
+                    s.heartbeat(&lease, &WorkerId::from("w"), None, None)
+                        .unwrap();
                     changes += 1;
                     std::thread::sleep(Duration::from_millis(2));
                 }

@@ -753,7 +753,7 @@ async fn pause_or_resume(
         move |coordinator, tenant, job_id| coordinator.pause_own(tenant, job_id, paused),
     )
     .await?;
-    Ok(Json(serde_json::json!({ "state": state.name(), "paused": paused })).into_response())
+    Ok(Json(serde_json::json!({ "state": state.name() })).into_response())
 }
 
 async fn retry(

@@ -224,13 +224,17 @@ pub(crate) fn optimized(img: RgbImage, params: &RenderParams) -> RgbImage {
 /// first step on and once more at the scale's end (an iteration is asked about once); when it says yes,
 /// `save` gets them with the image as the render's result would be at that point: deprocessed, with the
 /// content's colours where asked ([`RenderParams::original_colors`], [`RenderParams::luminance_only`]),
-/// in floats (0..255), at the scale's size (a tile's or a shard's: its window). Only an image saved is
-/// read from the device.
+/// in floats (0..255), at the scale's size (a tile's or a shard's: its window), or shrunk to `longest`.
+/// Only an image saved is read from the device.
 pub struct Snapshots<'a> {
     /// Whether the image of (scale, iteration) is wanted.
     pub due: &'a mut dyn FnMut(u32, u32) -> bool,
-    /// Gets each image; its error ends the render.
-    pub save: &'a mut dyn FnMut(u32, u32, Rgb32FImage) -> Result<(), Error>,
+    /// The image's longer side at most this, px: shrunk on the device (an area average,
+    /// `adaptive_avg_pool2d`) before it is read and its colours are transferred. `None`: the scale's size.
+    pub longest: Option<u32>,
+    /// Gets each image, or the error that reading it met (a panic in libtorch included: the render goes
+    /// on unless `save` passes the error on); its own error ends the render.
+    pub save: &'a mut dyn FnMut(u32, u32, Result<Rgb32FImage, Error>) -> Result<(), Error>,
 }
 
 /// How many evaluations' losses a render on a GPU reads back at once (progress, cancellation): a read
@@ -381,6 +385,35 @@ impl Engine {
         })
     }
 
+    /// [`Self::result_f32`] of `x` for a [`Snapshots`], shrunk first on the device to `longest` px when
+    /// larger. A panic in libtorch while it is read is an error, so that a snapshot that fails need not
+    /// fail the render.
+    fn snapshot(
+        &self,
+        job: &RenderJob,
+        x: &Tensor,
+        longest: Option<u32>,
+    ) -> Result<Rgb32FImage, Error> {
+        let read = || {
+            let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
+            let small = match longest {
+                Some(longest) if w.max(h) > longest => {
+                    let (sw, sh) = imaging::working_size(w, h, longest);
+                    x.f_adaptive_avg_pool2d([i64::from(sh), i64::from(sw)])?
+                }
+                _ => x.shallow_clone(),
+            };
+            self.result_f32(job, &small)
+        };
+        tch::no_grad(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)))
+            .unwrap_or_else(|payload| {
+                let message = stylefarm_core::panic_message(payload.as_ref());
+                Err(Error::Torch(tch::TchError::Torch(format!(
+                    "panicked: {message}"
+                ))))
+            })
+    }
+
     /// Every scale's optimization; the optimized image, preprocessed (`1 x 3 x H x W`).
     fn optimize(
         &self,
@@ -490,7 +523,8 @@ impl Engine {
                     Some(snapshots) if iteration > 0 && asked != Some(iteration) => {
                         asked = Some(iteration);
                         if (snapshots.due)(scale, iteration) {
-                            (snapshots.save)(scale, iteration, self.result_f32(job, x)?)?;
+                            let image = self.snapshot(job, x, snapshots.longest);
+                            (snapshots.save)(scale, iteration, image)?;
                         }
                         Ok(())
                     }

@@ -318,17 +318,23 @@ impl Resident {
                 .preview_every
                 .is_some_and(|every| last.get().elapsed() >= every)
         };
-        let mut save = |_scale, _iteration, image: Rgb32FImage| {
+        // a preview that fails is left out: the render goes on
+        let mut save = |_scale, _iteration, image: Result<Rgb32FImage, stylefarm_engine::Error>| {
             last.set(Instant::now());
-            let eight = imaging::eight_bit(&image);
-            match imaging::thumbnail_png(&eight, imaging::PREVIEW_SIDE, "preview") {
+            let png = image.map_err(|e| e.to_string()).and_then(|image| {
+                let eight = imaging::eight_bit(&image);
+                imaging::thumbnail_png(&eight, imaging::PREVIEW_SIDE, "preview")
+                    .map_err(|e| e.to_string())
+            });
+            match png {
                 Ok(png) => drop(req.live.preview.send(Some(Arc::new(png)))),
-                Err(e) => tracing::warn!(error = %e, "preview"),
+                Err(e) => tracing::warn!(error = %e, "preview left out"),
             }
             Ok(())
         };
         let snapshots = req.live.preview_every.map(|_| Snapshots {
             due: &mut due,
+            longest: Some(imaging::PREVIEW_SIDE),
             save: &mut save,
         });
         self.engine
