@@ -184,6 +184,7 @@ async fn the_metrics_follow_a_job_and_its_faults() {
         "the results are stored"
     );
     assert_eq!(value(&done, "stylefarm_blocklist_events_total"), Some(0.0));
+    assert_eq!(value(&done, "stylefarm_job_retries_total"), Some(0.0));
 
     // the worker counts a task once its report is answered, just after the coordinator took it
     let w = wait_for(

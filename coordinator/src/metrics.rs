@@ -12,6 +12,7 @@
 //! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
 //! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
 //! | `stylefarm_blocklist_events_total` | counter | | a worker reaching the strikes threshold on a job |
+//! | `stylefarm_job_retries_total` | counter | | failed or cancelled jobs run again by their clients (RetryJob) |
 //! | `stylefarm_task_seconds` | histogram | | lease to accepted result, s |
 //! | `stylefarm_blob_store_bytes` | gauge | | bytes of images stored (S3: as [`crate::blobs::BlobStore::stored_bytes`] says) |
 //! | `stylefarm_blobs_collected_total` | counter | | blobs deleted by the garbage collection ([`crate::gc`]) |
@@ -44,6 +45,8 @@ pub struct SchedulerMetrics {
     pub retries: Family<Labels, Counter>,
     /// A worker reaching [`crate::SchedulerConfig::blocklist_after`] strikes on a job.
     pub blocklisted: Counter,
+    /// Failed or cancelled jobs run again ([`crate::scheduler::Scheduler::retry`]).
+    pub job_retries: Counter,
     /// Lease to accepted result, in seconds.
     pub task_seconds: Histogram,
 }
@@ -54,6 +57,7 @@ impl Default for SchedulerMetrics {
             lease_expiries: Counter::default(),
             retries: Family::default(),
             blocklisted: Counter::default(),
+            job_retries: Counter::default(),
             // 0.1 s to about 14 min
             task_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
         }
@@ -125,6 +129,11 @@ impl Metrics {
             "blocklist_events",
             "Workers reaching the strikes threshold on a job",
             scheduler.blocklisted.clone(),
+        );
+        registry.register(
+            "job_retries",
+            "Failed or cancelled jobs run again by their clients (RetryJob)",
+            scheduler.job_retries.clone(),
         );
         registry.register(
             "task_seconds",

@@ -329,6 +329,13 @@ fn being_stopped(job: &Job) -> Result<(), SchedulerError> {
     )))
 }
 
+/// A job with stage work, unfinished, every task of its stage settled: the coordinator's step is next.
+fn awaits_step(job: &Job) -> bool {
+    job.meta.spec.kind.has_stage_work()
+        && !job.meta.state.is_terminal()
+        && job.tasks.iter().all(|t| t.state.settled())
+}
+
 /// One fewer unfinished job for `tenant`: one of its jobs reached a terminal state.
 fn job_ended(unfinished: &mut HashMap<String, usize>, tenant: &str) {
     if let Some(n) = unfinished.get_mut(tenant) {
@@ -1402,11 +1409,15 @@ impl Scheduler {
         let st = self.state.lock().unwrap();
         st.jobs
             .values()
-            .filter(|j| j.meta.spec.kind.has_stage_work())
-            .filter(|j| !j.meta.state.is_terminal())
-            .filter(|j| j.tasks.iter().all(|t| t.state.settled()))
+            .filter(|j| awaits_step(j))
             .map(|j| j.meta.id.clone())
             .collect()
+    }
+
+    /// Whether job `job_id` is one of [`Scheduler::jobs_awaiting_step`].
+    pub fn awaits_step(&self, job_id: &JobId) -> bool {
+        let st = self.state.lock().unwrap();
+        st.jobs.get(job_id).is_some_and(awaits_step)
     }
 
     /// The unfinished jobs whose current scale is cut into shards ([`ScalePart::Shard`]) not all
@@ -1828,6 +1839,7 @@ impl Scheduler {
         let durable = self.store.write(ops);
         drop(guard);
         store::wait(durable)?;
+        self.metrics.job_retries.inc();
         self.work.notify_waiters();
         self.changed(job_id);
         Ok(Retried {
@@ -3102,6 +3114,7 @@ mod tests {
                 stage_work: false,
             }
         );
+        assert_eq!(s.metrics().job_retries.get(), 1);
         assert_eq!(s.counts(), s.counts_walked());
         drop(s);
         let s = Scheduler::new(config, store).unwrap();

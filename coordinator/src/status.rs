@@ -947,7 +947,13 @@ impl Coordinator {
         job_id: &JobId,
     ) -> Result<crate::scheduler::Retried, Error> {
         self.check_own(tenant, job_id)?;
-        let retried = self.scheduler.retry(job_id)?;
+        let retried = self.scheduler.retry(job_id).inspect_err(|_| {
+            // a write that failed after the job changed in memory: its step still runs (a restart, or
+            // the store back in reach, would start it too)
+            if self.scheduler.awaits_step(job_id) {
+                self.spawn_stage_work(job_id.clone());
+            }
+        })?;
         tracing::info!(
             job_id = job_id.as_str(),
             state = retried.state.name(),
