@@ -369,14 +369,19 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
     );
 }
 
-/// A paused job waits, saying so, while a worker is free: nothing of it is leased (its priority changed
-/// meanwhile); resumed, it renders.
+/// Paused jobs wait, saying so, while a worker is free: nothing of them is leased (a priority changed
+/// meanwhile); resumed, they render. The commands take several jobs at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
     let mut cluster = Cluster::start(10.0, 0.3);
     let id = submit(&cluster, &tubingen_x_starry(32, 2));
-    let (ok, out, err) = cluster.cli(&["pause", &id]);
-    assert!(ok && out.contains("queued\tpaused"), "{out} {err}");
+    let other = submit(&cluster, &x_starry("chelsea.png", 32, 2));
+    // two jobs paused in one command, a line each
+    let (ok, out, err) = cluster.cli(&["pause", &id, &other]);
+    assert!(
+        ok && out.matches("queued\tpaused").count() == 2,
+        "{out} {err}"
+    );
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -399,16 +404,26 @@ async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
     }
     let spec = job(&mut client, &id).await.spec.unwrap();
     assert_eq!(spec.priority, 5);
-    let (ok, out, err) = cluster.cli(&["resume", &id]);
-    assert!(ok && out.contains("resumed"), "{out} {err}");
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert!(!done.paused && done.tasks[0].attempts == 1, "{done:?}");
+    let (ok, out, err) = cluster.cli(&["resume", &id, &other]);
+    assert!(ok && out.matches("resumed").count() == 2, "{out} {err}");
+    for job_id in [&id, &other] {
+        let done = wait_state(
+            &cluster,
+            job_id,
+            pb::JobState::Succeeded,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(!done.paused && done.tasks[0].attempts == 1, "{done:?}");
+    }
+    // one unknown job among several: the others are done, the command fails saying how many did not
+    let (ok, out, err) = cluster.cli(&["cancel", &id, "job-unknown", &other]);
+    assert!(!ok && out.matches("succeeded").count() == 2, "{out}");
+    assert!(
+        err.contains("job-unknown: job job-unknown not found")
+            && err.contains("1 of 3 jobs failed"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -267,6 +267,16 @@ pub(crate) struct PriorityArgs {
     priority: i32,
 }
 
+/// One or more jobs, for the commands that act on each in turn.
+#[derive(Args)]
+pub(crate) struct JobRefs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The jobs' ids (e.g. `$(stylefarm list --state failed | cut -f1)`).
+    #[arg(required = true)]
+    job_ids: Vec<JobId>,
+}
+
 #[derive(Args)]
 pub(crate) struct FetchArgs {
     #[command(flatten)]
@@ -758,34 +768,56 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     })
 }
 
-pub(crate) fn delete(args: JobRef) -> anyhow::Result<()> {
+/// Runs `act` on each job of `args` in turn (one connection), printing `<job>\t<what act says>`. With one
+/// job its error is the command's; with several, a job's error is printed and the others go on, and the
+/// command fails at the end saying how many did.
+fn each_job(
+    args: JobRefs,
+    mut act: impl AsyncFnMut(&mut FarmClient, &JobId) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
-        client.delete(&args.job_id).await?;
-        println!("{}\tdeleted", args.job_id);
+        let mut failed = 0;
+        for job_id in &args.job_ids {
+            match act(&mut client, job_id).await {
+                Ok(line) => println!("{job_id}\t{line}"),
+                Err(e) if args.job_ids.len() == 1 => return Err(e),
+                Err(e) => {
+                    eprintln!("error: {job_id}: {e:#}");
+                    failed += 1;
+                }
+            }
+        }
+        if failed > 0 {
+            bail!("{failed} of {} jobs failed", args.job_ids.len());
+        }
         Ok(())
     })
 }
 
+pub(crate) fn delete(args: JobRefs) -> anyhow::Result<()> {
+    each_job(args, async |client, job_id| {
+        client.delete(job_id).await?;
+        Ok("deleted".into())
+    })
+}
+
 /// `stylefarm pause` (`paused`) and `stylefarm resume`.
-pub(crate) fn pause(args: JobRef, paused: bool) -> anyhow::Result<()> {
-    runtime()?.block_on(async move {
-        let mut client = connect(&args.connect).await?;
+pub(crate) fn pause(args: JobRefs, paused: bool) -> anyhow::Result<()> {
+    each_job(args, async |client, job_id| {
         let state = if paused {
-            client.pause(&args.job_id).await?
+            client.pause(job_id).await?
         } else {
-            client.resume(&args.job_id).await?
+            client.resume(job_id).await?
         };
         use pb::JobState::{Cancelled, Failed, Succeeded};
         let finished = matches!(state, Succeeded | Failed | Cancelled);
-        let state = job_state_name(state as i32);
         let now = match (finished, paused) {
             (true, _) => "finished: left as it is",
             (false, true) => "paused",
             (false, false) => "resumed",
         };
-        println!("{}\t{state}\t{now}", args.job_id);
-        Ok(())
+        Ok(format!("{}\t{now}", job_state_name(state as i32)))
     })
 }
 
@@ -799,25 +831,17 @@ pub(crate) fn priority(args: PriorityArgs) -> anyhow::Result<()> {
     })
 }
 
-pub(crate) fn retry(args: JobRef) -> anyhow::Result<()> {
-    runtime()?.block_on(async move {
-        let mut client = connect(&args.connect).await?;
-        let (state, requeued) = client.retry(&args.job_id).await?;
-        println!(
-            "{}\t{}\t{requeued} task(s) queued again",
-            args.job_id,
-            job_state_name(state as i32)
-        );
-        Ok(())
+pub(crate) fn retry(args: JobRefs) -> anyhow::Result<()> {
+    each_job(args, async |client, job_id| {
+        let (state, requeued) = client.retry(job_id).await?;
+        let state = job_state_name(state as i32);
+        Ok(format!("{state}\t{requeued} task(s) queued again"))
     })
 }
 
-pub(crate) fn cancel(args: JobRef) -> anyhow::Result<()> {
-    runtime()?.block_on(async move {
-        let mut client = connect(&args.connect).await?;
-        let state = client.cancel(&args.job_id).await?;
-        println!("{}\t{}", args.job_id, job_state_name(state as i32));
-        Ok(())
+pub(crate) fn cancel(args: JobRefs) -> anyhow::Result<()> {
+    each_job(args, async |client, job_id| {
+        Ok(job_state_name(client.cancel(job_id).await? as i32))
     })
 }
 

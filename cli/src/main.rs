@@ -139,19 +139,19 @@ enum Command {
     List(farm::ListArgs),
     /// Download a finished job's results.
     Fetch(farm::FetchArgs),
-    /// Pause a job: its queued tasks wait until it is resumed; its running ones go on.
-    Pause(farm::JobRef),
-    /// Resume a paused job.
-    Resume(farm::JobRef),
+    /// Pause jobs: their queued tasks wait until they are resumed; their running ones go on.
+    Pause(farm::JobRefs),
+    /// Resume paused jobs.
+    Resume(farm::JobRefs),
     /// Change a job's priority (higher runs first): its queued tasks take their places by it.
     Priority(farm::PriorityArgs),
-    /// Cancel a job.
-    Cancel(farm::JobRef),
-    /// Run a failed or cancelled job again: its failed and cancelled tasks (its succeeded ones keep
+    /// Cancel jobs.
+    Cancel(farm::JobRefs),
+    /// Run failed or cancelled jobs again: their failed and cancelled tasks (their succeeded ones keep
     /// their results).
-    Retry(farm::JobRef),
-    /// Delete a finished job: its record and its tasks' (its images stay in the blob store).
-    Delete(farm::JobRef),
+    Retry(farm::JobRefs),
+    /// Delete finished jobs: their records and their tasks' (their images stay in the blob store).
+    Delete(farm::JobRefs),
     /// Measure how visible a tiled render's tile grid is (1.0: not at all).
     Seams(seams::SeamsArgs),
     /// Locate or convert VGG19 weights.
