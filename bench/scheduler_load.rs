@@ -98,6 +98,7 @@ async fn main() {
         .submit_job(pb::SubmitJobRequest {
             spec: Some(spec),
             client_request_id: String::new(),
+            paused: false,
         })
         .await
         .unwrap()

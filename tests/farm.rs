@@ -370,13 +370,18 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
 }
 
 /// Paused jobs wait, saying so, while a worker is free: nothing of them is leased (a priority changed
-/// meanwhile); resumed, they render. The commands take several jobs at once.
+/// meanwhile; one submitted paused); resumed, they render. The commands take several jobs at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
     let mut cluster = Cluster::start(10.0, 0.3);
     let id = submit(&cluster, &tubingen_x_starry(32, 2));
-    let other = submit(&cluster, &x_starry("chelsea.png", 32, 2));
-    // two jobs paused in one command, a line each
+    // a job submitted paused; then both paused in one command (the other already is), a line each
+    let other = submit(
+        &cluster,
+        &[x_starry("chelsea.png", 32, 2), vec!["--paused".into()]].concat(),
+    );
+    let mut client = cluster.client().await;
+    assert!(job(&mut client, &other).await.paused);
     let (ok, out, err) = cluster.cli(&["pause", &id, &other]);
     assert!(
         ok && out.matches("queued\tpaused").count() == 2,
@@ -385,7 +390,6 @@ async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut client = cluster.client().await;
     let paused = job(&mut client, &id).await;
     assert!(
         paused.paused && is(&paused, pb::JobState::Queued),
@@ -923,6 +927,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
             ..Default::default()
         }),
         client_request_id: String::new(),
+        paused: false,
     };
     let cases = [
         (
@@ -1219,6 +1224,7 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
             .submit_job(pb::SubmitJobRequest {
                 spec: Some(spec),
                 client_request_id: String::new(),
+                paused: false,
             })
             .await
             .unwrap_err();

@@ -72,6 +72,7 @@ async fn submit_spec(
         .submit_job(pb::SubmitJobRequest {
             spec: Some(spec.clone()),
             client_request_id: request_id.into(),
+            paused: false,
         })
         .await?;
     Ok(reply.into_inner().job_id)

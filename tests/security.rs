@@ -74,6 +74,7 @@ async fn render_calls(
             rpc.submit_job(pb::SubmitJobRequest {
                 spec: Some(spec.clone()),
                 client_request_id: String::new(),
+                paused: false,
             })
             .await,
         ),
@@ -340,6 +341,7 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
         let request = pb::SubmitJobRequest {
             spec: Some(spec.clone()),
             client_request_id: rid.into(),
+            paused: false,
         };
         async move { rpc.submit_job(request).await.map(|r| r.into_inner().job_id) }
     };
@@ -453,6 +455,7 @@ async fn a_tenant_past_its_unfinished_jobs_limit_is_refused_naming_it() {
         .submit_job(pb::SubmitJobRequest {
             spec: None,
             client_request_id: "x".repeat(5 << 20),
+            paused: false,
         })
         .await
         .unwrap_err();

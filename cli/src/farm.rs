@@ -175,6 +175,9 @@ pub(crate) struct SubmitArgs {
     /// Wait for the job, showing progress, and fetch its results.
     #[arg(long)]
     wait: bool,
+    /// Submit it paused: nothing of it runs until `stylefarm resume`.
+    #[arg(long)]
+    paused: bool,
 }
 
 /// `--max-attempts`, the coordinator's default and a job's: 1 to [`MAX_ATTEMPTS`].
@@ -504,6 +507,7 @@ impl JobArgs {
             max_attempts: self.max_attempts.unwrap_or(0),
             worker_tags: self.worker_tags.clone(),
             request_id: self.request_id.clone(),
+            paused: false,
         })
     }
 }
@@ -672,7 +676,10 @@ pub(crate) async fn wait_and_fetch(
 }
 
 pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
-    let job = args.job.files()?;
+    let job = JobFiles {
+        paused: args.paused,
+        ..args.job.files()?
+    };
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
         let job_id = client.submit_files(&job).await?;

@@ -121,6 +121,8 @@ pub struct JobFiles {
     pub worker_tags: Vec<String>,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
+    /// Submitted paused ([`FarmClient::pause`]): nothing of it runs until it is resumed.
+    pub paused: bool,
 }
 
 /// A connection to a coordinator. Cheap to clone: clones share the connection.
@@ -240,16 +242,22 @@ impl FarmClient {
     /// will check it, so a bad one fails naming its field without a round trip.
     pub async fn submit(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<JobId> {
         spec.check_new()?;
-        self.send(spec, request_id).await
+        self.send(spec, request_id, false).await
     }
 
     /// The SubmitJob call of a checked spec.
-    async fn send(&mut self, spec: &JobSpec, request_id: Option<&str>) -> Result<JobId> {
+    async fn send(
+        &mut self,
+        spec: &JobSpec,
+        request_id: Option<&str>,
+        paused: bool,
+    ) -> Result<JobId> {
         let reply = self
             .rpc
             .submit_job(pb::SubmitJobRequest {
                 spec: Some(spec.into()),
                 client_request_id: request_id.unwrap_or_default().to_string(),
+                paused,
             })
             .await?
             .into_inner();
@@ -305,7 +313,8 @@ impl FarmClient {
                 });
             }
         }
-        self.send(&spec, job.request_id.as_deref()).await
+        self.send(&spec, job.request_id.as_deref(), job.paused)
+            .await
     }
 
     /// A job's status now.

@@ -709,17 +709,18 @@ impl Scheduler {
         spec: JobSpec,
         client_request_id: &str,
     ) -> Result<(JobId, bool), SchedulerError> {
-        self.submit_expanded(spec.expand()?, "", client_request_id)
+        self.submit_expanded(spec.expand()?, "", client_request_id, false)
     }
 
     /// [`Scheduler::submit`] of a job already expanded into its tasks (as the gRPC edge does, once), for
-    /// `tenant` (its request ids are its own); refused when the tenant has
-    /// [`SchedulerConfig::max_unfinished_jobs`] unfinished jobs.
+    /// `tenant` (its request ids are its own), `paused` or not ([`Scheduler::set_paused`]); refused when
+    /// the tenant has [`SchedulerConfig::max_unfinished_jobs`] unfinished jobs.
     pub fn submit_expanded(
         &self,
         job: ExpandedJob,
         tenant: &str,
         client_request_id: &str,
+        paused: bool,
     ) -> Result<(JobId, bool), SchedulerError> {
         self.writable()?;
         let (spec, tasks) = job.into_parts();
@@ -757,7 +758,7 @@ impl Scheduler {
             strikes: Default::default(),
             stage_results: Vec::new(),
             result: None,
-            paused: false,
+            paused,
         };
         let tasks: Vec<TaskRecord> = tasks
             .into_iter()

@@ -354,6 +354,7 @@ impl RenderService for RenderApi {
         let pb::SubmitJobRequest {
             spec,
             client_request_id,
+            paused,
         } = request.into_inner();
         // converted, checked and expanded into its tasks once, here
         let job = ExpandedJob::try_from(spec.ok_or_else(|| Error::invalid("spec", "missing"))?)
@@ -390,7 +391,7 @@ impl RenderService for RenderApi {
             .map_err(Error::from)?;
             let submitted = coordinator
                 .scheduler
-                .submit_expanded(job, &tenant.0, &client_request_id)
+                .submit_expanded(job, &tenant.0, &client_request_id, paused)
                 .map_err(Error::from);
             drop(using);
             submitted
