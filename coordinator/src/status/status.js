@@ -100,8 +100,8 @@ function taskRows(job) {
 }
 
 // A job's card: a head (id, state, progress, counts, time) and a body (previews, tiles, tasks), each
-// redrawn only when its markup changes, and a cancel button made once: a redraw never takes the button
-// from under a click.
+// redrawn only when its markup changes, and its action buttons made once (shown or hidden by its state): a
+// redraw never takes a button from under a click.
 function headHtml(job, now) {
   const scale = job.scales ? `<span>scale ${job.scale} of ${job.scales}</span>` : "";
   return `<code>${esc(job.id)}</code> <span class="kind">${esc(job.kind)}</span>
