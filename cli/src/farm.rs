@@ -297,31 +297,21 @@ pub(crate) struct ListArgs {
     #[arg(long, default_value_t = 20)]
     limit: u32,
     /// Only jobs in this state (repeat for several; all when none), e.g. `--state failed` to find those
-    /// to run again.
-    #[arg(long = "state", value_enum)]
-    states: Vec<StateArg>,
+    /// to run again (a state as `list` prints it).
+    #[arg(long = "state", value_name = "STATE", value_parser = job_state)]
+    states: Vec<pb::JobState>,
 }
 
-/// A job state as `list --state` takes it.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum StateArg {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl From<StateArg> for pb::JobState {
-    fn from(s: StateArg) -> pb::JobState {
-        match s {
-            StateArg::Queued => pb::JobState::Queued,
-            StateArg::Running => pb::JobState::Running,
-            StateArg::Succeeded => pb::JobState::Succeeded,
-            StateArg::Failed => pb::JobState::Failed,
-            StateArg::Cancelled => pb::JobState::Cancelled,
-        }
-    }
+/// A job state by the name the CLI prints for it ([`job_state_name`]); an error lists the names.
+fn job_state(name: &str) -> Result<pb::JobState, String> {
+    let states = (1..).map_while(|n| pb::JobState::try_from(n).ok());
+    states
+        .clone()
+        .find(|&s| job_state_name(s as i32) == name)
+        .ok_or_else(|| {
+            let names: Vec<String> = states.map(|s| job_state_name(s as i32)).collect();
+            format!("'{name}' is not a job state ({})", names.join(", "))
+        })
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -756,8 +746,7 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
 pub(crate) fn list(args: ListArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
-        let states: Vec<pb::JobState> = args.states.into_iter().map(Into::into).collect();
-        for s in &client.list(&states, args.limit).await? {
+        for s in &client.list(&args.states, args.limit).await? {
             print_status(s);
         }
         Ok(())

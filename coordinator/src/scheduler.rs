@@ -316,16 +316,20 @@ fn set_job_state(tally: &mut Tally, meta: &mut JobMeta, to: JobState) {
     meta.paused &= !to.is_terminal();
 }
 
-/// Refuses to delete or run again a job whose tasks are still being stopped (told to stop at their next
-/// heartbeat): their leases would otherwise outlive the job's end.
-fn being_stopped(job: &Job) -> Result<(), SchedulerError> {
-    if job.leases.is_empty() {
+/// Refuses to delete or run again a finished job while it is still ending: its tasks are being stopped
+/// (told to stop at their next heartbeat; their leases would otherwise outlive the job's end), or its
+/// deletion is being written ([`Scheduler::forget`]; one at a time, so that its end clears the mark).
+fn still_ending(st: &State, job: &Job) -> Result<(), SchedulerError> {
+    let id = &job.meta.id;
+    let why = if !job.leases.is_empty() {
+        format!("{} task(s) are still being stopped", job.leases.len())
+    } else if st.deleting.contains(id) {
+        "it is being deleted".to_string()
+    } else {
         return Ok(());
-    }
+    };
     Err(SchedulerError::Precondition(format!(
-        "job {}: {} task(s) are still being stopped; try again in a moment",
-        job.meta.id,
-        job.leases.len()
+        "job {id}: {why}; try again in a moment"
     )))
 }
 
@@ -1549,12 +1553,7 @@ impl Scheduler {
                 job.meta.state.name()
             )));
         }
-        being_stopped(job)?;
-        if st.deleting.contains(job_id) {
-            return Err(SchedulerError::Precondition(format!(
-                "job {job_id} is being deleted; try again in a moment"
-            )));
-        }
+        still_ending(&st, job)?;
         self.forget(st, std::slice::from_ref(job_id))
     }
 
@@ -1572,7 +1571,7 @@ impl Scheduler {
             .jobs
             .values()
             .filter(|j| j.meta.state.is_terminal() && j.meta.finished_ms < before_ms)
-            .filter(|j| j.leases.is_empty() && !st.deleting.contains(&j.meta.id))
+            .filter(|j| still_ending(&st, j).is_ok())
             .take(limit)
             .map(|j| j.meta.id.clone())
             .collect();
@@ -1778,10 +1777,7 @@ impl Scheduler {
             JobState::Succeeded => return refused("succeeded"),
             JobState::Failed | JobState::Cancelled => {}
         }
-        if st.deleting.contains(job_id) {
-            return refused("is being deleted");
-        }
-        being_stopped(job)?;
+        still_ending(st, job)?;
         self.room_for_a_job(st, &job.meta.tenant)?;
         let replaced = crate::model::replaced_tasks(job.tasks.iter());
         let ended = |t: &TaskRecord| {
@@ -1813,13 +1809,9 @@ impl Scheduler {
         let mut ops = Vec::new();
         for &index in &again {
             let task = &mut job.tasks[index as usize];
+            // a new task, as at submission
             set_task_state(&mut st.tally, task, TaskState::Pending);
-            task.attempts = 0;
-            task.result = None;
-            task.error.clear();
-            task.not_before_ms = 0;
-            task.permanent_error_workers.clear();
-            task.out_of_memory_on.clear();
+            *task = TaskRecord::pending(index, task.spec.clone());
             ops.push(Op::Task(job_id.clone(), task.clone()));
             st.queue.insert(queue_key(&job.meta, index));
         }
