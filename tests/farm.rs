@@ -1403,6 +1403,80 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
     );
 }
 
+/// A keep-going batch (`submit --batch --keep-going`) renders around a task that fails for good: content 1's
+/// input cannot be rendered (a fail point on the one worker, firing once: the tasks are leased in order) and
+/// the job allows one attempt. Its other tasks render; the job fails naming that task; `--wait --output`
+/// still writes the two results; and `retry`, while the job's results stay, runs only that task, which (the
+/// fault gone) renders.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_that() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker_with_env(
+        "only",
+        &[("FAILPOINTS", "task-input=1*return(content 1 x)")],
+    );
+    wait_registered(&cluster, 1).await;
+    let output = cluster.dir.path().join("out");
+    let (contents, style) = (
+        ["tubingen.jpg", "chelsea.png", "coffee.png"],
+        "starry_night.jpg",
+    );
+    let mut args: Vec<String> = ["submit", "--batch", "--keep-going", "--max-attempts", "1"]
+        .map(String::from)
+        .to_vec();
+    for content in contents {
+        args.extend(["--content".into(), path(content)]);
+    }
+    args.extend(["--style".into(), path(style)]);
+    args.extend(["--size", "32", "--iterations", "2", "--wait", "--output"].map(String::from));
+    args.push(output.display().to_string());
+    let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !ok && err.contains(" failed: 1 of 3 tasks failed (2 rendered")
+            && err
+                .contains("task 0 (content 1 x style 1): content: content 1 x cannot be rendered"),
+        "{out} {err}"
+    );
+    let job_id = out.trim();
+    let mut written: Vec<String> = std::fs::read_dir(&output)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        ["001_content_2_x_style_1.png", "002_content_3_x_style_1.png"]
+    );
+    let mut client = cluster.client().await;
+    let failed = job(&mut client, job_id).await;
+    let states: Vec<i32> = failed.tasks.iter().map(|t| t.state).collect();
+    use pb::TaskState::{Failed, Succeeded};
+    assert_eq!(
+        states,
+        [Failed as i32, Succeeded as i32, Succeeded as i32],
+        "{failed:?}"
+    );
+    let (ok, out, err) = cluster.cli(&["status", job_id]);
+    assert!(
+        ok && out.contains("failed\t2/3 tasks, 1 failed\t1 of 3"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cluster.cli(&["retry", job_id]);
+    assert!(ok && out.contains("1 task(s) queued again"), "{out} {err}");
+    let retried = wait_state(
+        &cluster,
+        job_id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    for i in [1, 2] {
+        assert_eq!(retried.tasks[i].result, failed.tasks[i].result, "kept");
+        assert_eq!(retried.tasks[i].attempts, 1, "not run again");
+    }
+    assert!(!retried.tasks[0].result.is_empty() && retried.tasks[0].error.is_empty());
+}
+
 /// A worker whose engine cannot be had again (a render panics, the device probe fails, and the weights are
 /// gone when it reloads) stops leasing and exits non-zero with the reason; its task goes back to the queue.
 #[tokio::test(flavor = "multi_thread")]

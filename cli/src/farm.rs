@@ -244,6 +244,11 @@ pub(crate) struct JobArgs {
     /// worker.
     #[arg(long = "worker-tag")]
     worker_tags: Vec<String>,
+    /// Batch: a task that fails for good fails alone and the others render (make's -k); the job then
+    /// ends failed, naming the failed tasks, with the others' results fetched, and `retry` runs the
+    /// failed ones again. Default: the first such task fails the job and cancels the rest.
+    #[arg(long, requires = "batch")]
+    keep_going: bool,
     /// Where results go: a file for a single render, else a directory.
     #[arg(long, short)]
     pub(crate) output: Option<PathBuf>,
@@ -496,6 +501,7 @@ impl JobArgs {
             priority: self.priority,
             max_attempts: self.max_attempts.unwrap_or(0),
             worker_tags: self.worker_tags.clone(),
+            keep_going: self.keep_going,
             request_id: self.request_id.clone(),
             paused: false,
         })
@@ -644,23 +650,32 @@ async fn watch_job(
 }
 
 /// Waits for the job, fetches its results when `output` is given, and fails when the job did not succeed.
+/// A keep-going batch that failed has its rendered tasks' results fetched before the error.
 pub(crate) async fn wait_and_fetch(
     client: &mut FarmClient,
     job_id: &JobId,
     output: Option<&Path>,
 ) -> anyhow::Result<()> {
     let status = watch_job(client, job_id, true).await?;
-    if status.state() != pb::JobState::Succeeded {
+    let succeeded = status.state() == pb::JobState::Succeeded;
+    let kept_going = status.spec.as_ref().is_some_and(|s| s.keep_going)
+        && status.tasks.iter().any(|t| !t.result.is_empty());
+    if let Some(output) = output.filter(|_| succeeded || kept_going) {
+        match client.fetch(&status, output).await {
+            Ok(paths) => paths
+                .iter()
+                .for_each(|path| eprintln!("wrote {}", path.display())),
+            // the job's own error comes after, not in place of, this one
+            Err(e) if !succeeded => eprintln!("fetching the rendered results: {e}"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !succeeded {
         bail!(
             "job {job_id} {}: {}",
             job_state_name(status.state),
             status.error
         );
-    }
-    if let Some(output) = output {
-        for path in client.fetch(&status, output).await? {
-            eprintln!("wrote {}", path.display());
-        }
     }
     Ok(())
 }
@@ -698,6 +713,17 @@ fn print_status(s: &pb::JobStatus) {
         // less the tasks a new plan replaced
         None => (s.tasks.iter().filter(|t| !t.replaced).count(), "tasks"),
     };
+    // a keep-going batch's tasks that failed alone, while it runs on
+    let failed = s
+        .tasks
+        .iter()
+        .filter(|t| t.state == pb::TaskState::Failed as i32)
+        .count();
+    let failed = if failed > 0 {
+        format!(", {failed} failed")
+    } else {
+        String::new()
+    };
     let note = if !s.waiting.is_empty() {
         format!("waiting: {}", s.waiting)
     } else if s.paused && s.error.is_empty() {
@@ -706,7 +732,7 @@ fn print_status(s: &pb::JobStatus) {
         s.error.clone()
     };
     println!(
-        "{}\t{}\t{done}/{all} {what}\t{note}",
+        "{}\t{}\t{done}/{all} {what}{failed}\t{note}",
         s.job_id,
         job_state_name(s.state)
     );

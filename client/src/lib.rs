@@ -119,6 +119,8 @@ pub struct JobFiles {
     pub max_attempts: u32,
     /// Only workers with all these tags take the job's tasks; none: any worker.
     pub worker_tags: Vec<String>,
+    /// A batch's task that fails for good fails alone, the others render ([`JobSpec::keep_going`]).
+    pub keep_going: bool,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
     /// Submitted paused ([`FarmClient::pause`]): nothing of it runs until it is resumed.
@@ -303,6 +305,7 @@ impl FarmClient {
             priority: job.priority,
             max_attempts: job.max_attempts,
             worker_tags: job.worker_tags.clone(),
+            keep_going: job.keep_going,
         };
         spec.check_new()?;
         for (path, hash) in &files {

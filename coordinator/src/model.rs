@@ -57,7 +57,8 @@ pub enum TaskState {
     /// Its result was accepted: `result` holds the image's sha256.
     Succeeded,
     /// Out of attempts, or its permanent error confirmed by [`crate::scheduler::PERMANENT_CONFIRMATIONS`]
-    /// workers: its job failed with it.
+    /// workers: its job failed with it, or, in a keep-going batch
+    /// ([`stylefarm_core::job::JobSpec::keep_going`]), goes on without it.
     Failed,
     /// Its job ended (cancelled, or failed by another task) before the task could finish.
     Cancelled,
@@ -157,6 +158,11 @@ pub struct TaskRecord {
     /// first (see [`crate::scheduler::FailureKind::OutOfMemory`]).
     #[serde(default)]
     pub out_of_memory_on: Vec<WorkerId>,
+    /// In a keep-going batch ([`stylefarm_core::job::JobSpec::keep_going`]): the workers (by name, once a
+    /// strike) whose retryable failures of this task were strikes against them, taken back if the task
+    /// fails for good.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub struck: Vec<WorkerId>,
 }
 
 /// The indices of the tasks that a new plan replaced, of a job's `tasks` in index order: shards of an
@@ -194,6 +200,7 @@ impl TaskRecord {
             not_before_ms: 0,
             permanent_error_workers: Vec::new(),
             out_of_memory_on: Vec::new(),
+            struck: Vec::new(),
         }
     }
 }
@@ -322,6 +329,7 @@ mod tests {
             priority: 0,
             max_attempts: 0,
             worker_tags: Vec::new(),
+            keep_going: false,
         }
     }
 

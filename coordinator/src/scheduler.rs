@@ -340,6 +340,43 @@ fn awaits_step(job: &Job) -> bool {
         && job.tasks.iter().all(|t| t.state.settled())
 }
 
+/// How many of a keep-going batch's tasks failed, naming the first few, once none is left to run (none
+/// queued or running) and one failed ([`JobSpec::keep_going`]): the job's error as it fails. `None` for a
+/// job that is not keep-going, has a task still to run or has none failed.
+fn kept_going_failure(job: &Job) -> Option<String> {
+    const NAMED: usize = 3;
+    let tasks = &job.tasks;
+    if !job.meta.spec.keep_going
+        || tasks
+            .iter()
+            .any(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
+    {
+        return None;
+    }
+    let failed: Vec<&TaskRecord> = tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Failed)
+        .collect();
+    if failed.is_empty() {
+        return None;
+    }
+    let mut named: Vec<String> = failed
+        .iter()
+        .take(NAMED)
+        .map(|t| format!("task {} ({}): {}", t.index, t.spec.label, t.error))
+        .collect();
+    if failed.len() > NAMED {
+        named.push(format!("and {} more", failed.len() - NAMED));
+    }
+    let (n, of) = (failed.len(), tasks.len());
+    let kept = of - n;
+    Some(format!(
+        "{n} of {of} tasks failed ({kept} rendered, their results kept; `retry` runs the failed ones \
+         again): {}",
+        named.join("; ")
+    ))
+}
+
 /// One fewer unfinished job for `tenant`: one of its jobs reached a terminal state.
 fn job_ended(unfinished: &mut HashMap<String, usize>, tenant: &str) {
     if let Some(n) = unfinished.get_mut(tenant) {
@@ -381,7 +418,7 @@ pub struct Completed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retried {
     /// The job's state now: queued, or running when nothing was queued again (a job that is only waiting
-    /// for the coordinator's stage work, or one that had not ended).
+    /// for the coordinator's stage work); a job that had not ended keeps its own.
     pub state: JobState,
     /// How many of its tasks went back to the queue.
     pub requeued: usize,
@@ -555,12 +592,14 @@ pub struct HeartbeatReply {
 }
 
 /// How a task failed, as its worker reports it. A failed task is retried after a backoff; it fails, and its job
-/// with it, when it is out of attempts, or sooner when its permanent error is confirmed.
+/// with it (a keep-going batch goes on without it: [`JobSpec::keep_going`]), when it is out of attempts, or
+/// sooner when its permanent error is confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     /// The worker's fault, or chance (a crash, a lost connection, an expired lease): another attempt may
     /// succeed. A strike against the worker: after [`SchedulerConfig::blocklist_after`] strikes on a job it
-    /// gets no more of that job's tasks.
+    /// gets no more of that job's tasks (in a keep-going batch, a task that fails for good takes its
+    /// strikes back: it was the task's fault).
     Retryable,
     /// The worker blames the input (e.g. a corrupt image): retrying cannot help. Not a strike, and one
     /// worker's word does not end the task: it is retried, and fails at once, with its job, when
@@ -1106,17 +1145,20 @@ impl Scheduler {
         task.result = Some(result.clone());
         task.error.clear();
         task.permanent_error_workers.clear();
+        task.struck.clear();
         let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
         let all_tasks_done = job.tasks.iter().all(|t| t.state.settled());
         let stage_work = job.meta.spec.kind.has_stage_work();
         let per_task = matches!(job.meta.spec.kind, JobKind::Video(_));
         // a job with stage work succeeds once it is done (finish_stage without a next stage), the others
-        // with their last task
+        // with their last task; a keep-going batch with a failed task fails with its last
         if all_tasks_done && !job.meta.spec.kind.has_stage_work() {
             set_job_state(&mut state.tally, &mut job.meta, JobState::Succeeded);
             job.meta.finished_ms = now_ms();
             ops.push(Op::Job(job.meta.clone()));
             job_ended(&mut state.unfinished, &job.meta.tenant);
+        } else if let Some(reason) = kept_going_failure(job) {
+            self.finish_job(state, &lease.job_id, JobState::Failed, &reason, &mut ops)?;
         }
         let durable = self.store.write(ops);
         drop(st);
@@ -1130,7 +1172,8 @@ impl Scheduler {
     }
 
     /// Records a failure: a retry after a backoff, or the job's failure when the task is out of attempts or
-    /// its permanent error is confirmed (see [`FailureKind`]).
+    /// its permanent error is confirmed (see [`FailureKind`]); in a keep-going batch, the task's failure
+    /// alone, and the job's once none of its tasks is left to run.
     pub fn fail(
         &self,
         lease_id: &LeaseId,
@@ -1164,14 +1207,6 @@ impl Scheduler {
         let job = st.jobs.get_mut(&lease.job_id).expect("leased job exists");
         if job.meta.state.is_terminal() {
             return Ok(());
-        }
-        if kind == FailureKind::Retryable {
-            let strikes = job.meta.strikes.entry(lease.worker.by_name()).or_default();
-            *strikes += 1;
-            if *strikes == self.config.blocklist_after {
-                self.metrics.blocklisted.inc();
-                st.blocklisting.insert(lease.job_id.clone());
-            }
         }
         let max = if job.meta.spec.max_attempts > 0 {
             job.meta.spec.max_attempts
@@ -1224,11 +1259,41 @@ impl Scheduler {
         } else {
             None
         };
+        let keep_going = job.meta.spec.keep_going;
+        if kind == FailureKind::Retryable && reason.is_some() && keep_going {
+            // a keep-going task that failed everywhere was its own fault, not its workers': the strikes
+            // it caused are taken back (else a bad photo or two would blocklist a small farm, and the job
+            // fail for want of a worker)
+            for name in std::mem::take(&mut task.struck) {
+                if let Some(strikes) = job.meta.strikes.get_mut(&name) {
+                    *strikes = strikes.saturating_sub(1);
+                }
+            }
+            job.meta.strikes.retain(|_, strikes| *strikes > 0);
+        } else if kind == FailureKind::Retryable {
+            let name = lease.worker.by_name();
+            let strikes = job.meta.strikes.entry(name.clone()).or_default();
+            *strikes += 1;
+            if *strikes == self.config.blocklist_after {
+                self.metrics.blocklisted.inc();
+                st.blocklisting.insert(lease.job_id.clone());
+            }
+            if keep_going {
+                task.struck.push(name);
+            }
+        }
         if let Some(reason) = reason {
             set_task_state(&mut st.tally, task, TaskState::Failed);
             ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             let job_id = job.meta.id.clone();
-            self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
+            if !job.meta.spec.keep_going {
+                self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
+            } else if let Some(reason) = kept_going_failure(job) {
+                self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
+            } else {
+                // the task fails alone: the job's other tasks go on
+                ops.push(Op::Job(job.meta.clone()));
+            }
         } else {
             let backoff = self
                 .config
@@ -1749,7 +1814,8 @@ impl Scheduler {
     /// job whose every task of its stage had succeeded (it failed in the coordinator's own step, a stitch
     /// or a contact sheet) queues nothing and has that step run again ([`Retried::stage_work`]).
     ///
-    /// A queued or running job is left as it is (its state is returned, nothing requeued). Refused
+    /// A queued or running job keeps its state (returned): only a keep-going batch's tasks that failed
+    /// alone ([`JobSpec::keep_going`]) run again, nothing else is requeued. Refused
     /// ([`SchedulerError::Precondition`]) for a job that succeeded, one whose tasks are still being
     /// stopped or that is being deleted; and ([`SchedulerError::Limit`]) as a submission is, when its tenant
     /// has [`SchedulerConfig::max_unfinished_jobs`] unfinished jobs.
@@ -1766,22 +1832,19 @@ impl Scheduler {
                 "job {job_id} {why}: there is nothing to run again"
             )))
         };
-        match job.meta.state {
-            JobState::Queued | JobState::Running => {
-                return Ok(Retried {
-                    state: job.meta.state,
-                    requeued: 0,
-                    stage_work: false,
-                })
-            }
+        // a keep-going batch that still runs may have tasks that failed alone: those run again
+        let running = match job.meta.state {
+            JobState::Queued | JobState::Running => true,
             JobState::Succeeded => return refused("succeeded"),
-            JobState::Failed | JobState::Cancelled => {}
+            JobState::Failed | JobState::Cancelled => false,
+        };
+        if !running {
+            still_ending(st, job)?;
+            self.room_for_a_job(st, &job.meta.tenant)?;
         }
-        still_ending(st, job)?;
-        self.room_for_a_job(st, &job.meta.tenant)?;
         let replaced = crate::model::replaced_tasks(job.tasks.iter());
         let ended = |t: &TaskRecord| {
-            matches!(t.state, TaskState::Failed | TaskState::Cancelled)
+            (t.state == TaskState::Failed || (t.state == TaskState::Cancelled && !running))
                 && !replaced.contains(&t.index)
         };
         let sharded_scales: BTreeSet<u32> = job
@@ -1801,6 +1864,13 @@ impl Scheduler {
             })
             .map(|t| t.index)
             .collect();
+        if running && again.is_empty() {
+            return Ok(Retried {
+                state: job.meta.state,
+                requeued: 0,
+                stage_work: false,
+            });
+        }
         let stage_work = again.is_empty() && job.meta.spec.kind.has_stage_work();
         if again.is_empty() && !stage_work {
             return refused("has no failed or cancelled task");
@@ -1818,16 +1888,20 @@ impl Scheduler {
         if !sharded_scales.is_empty() {
             st.sharded.insert(job_id.clone());
         }
-        let state = if again.is_empty() {
+        let state = if running {
+            job.meta.state
+        } else if again.is_empty() {
             JobState::Running
         } else {
             JobState::Queued
         };
-        set_job_state(&mut st.tally, &mut job.meta, state);
-        job.meta.error.clear();
-        job.meta.finished_ms = 0;
+        if !running {
+            set_job_state(&mut st.tally, &mut job.meta, state);
+            job.meta.error.clear();
+            job.meta.finished_ms = 0;
+            *st.unfinished.entry(job.meta.tenant.clone()).or_default() += 1;
+        }
         job.meta.strikes.clear();
-        *st.unfinished.entry(job.meta.tenant.clone()).or_default() += 1;
         ops.push(Op::Job(job.meta.clone()));
         let durable = self.store.write(ops);
         drop(guard);
@@ -2226,6 +2300,7 @@ mod tests {
             priority,
             max_attempts: 0,
             worker_tags: Vec::new(),
+            keep_going: false,
         }
     }
 
@@ -3138,6 +3213,182 @@ mod tests {
         assert_eq!(s.counts(), s.counts_walked());
     }
 
+    /// A keep-going batch's task that fails for good fails alone: the job runs on, its other tasks
+    /// leased and completed; `retry` while it runs queues only the failed task again (the job keeps its
+    /// state); once none is left to run, the job fails naming its failed tasks, their number and the
+    /// results kept, and a restart reads it so. A batch without keep-going fails with its first.
+    #[test]
+    fn a_keep_going_batch_s_failed_task_fails_alone() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..Default::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let (job, _) = s
+            .submit(
+                JobSpec {
+                    max_attempts: 1,
+                    keep_going: true,
+                    ..batch(4, 0)
+                },
+                "",
+            )
+            .unwrap();
+        let state = |s: &Scheduler| s.get(&job).unwrap().meta.state;
+        let task_states = |s: &Scheduler| -> Vec<TaskState> {
+            s.get(&job)
+                .unwrap()
+                .tasks
+                .iter()
+                .map(|(t, _)| t.state)
+                .collect()
+        };
+        let lease = |s: &Scheduler, index| {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            assert_eq!(l.task.id.index, index);
+            l.lease_id
+        };
+        s.fail(&lease(&s, 0), "boom", FailureKind::Retryable)
+            .unwrap();
+        assert_eq!(state(&s), JobState::Running);
+        s.complete(&lease(&s, 1), &hash("one")).unwrap().unwrap();
+        // run again while the job runs: the failed task only, at its place in the queue
+        let retried = s.retry(&job).unwrap();
+        assert_eq!(
+            retried,
+            Retried {
+                state: JobState::Running,
+                requeued: 1,
+                stage_work: false,
+            }
+        );
+        assert_eq!(
+            task_states(&s),
+            [
+                TaskState::Pending,
+                TaskState::Succeeded,
+                TaskState::Pending,
+                TaskState::Pending
+            ]
+        );
+        s.fail(&lease(&s, 0), "boom again", FailureKind::Retryable)
+            .unwrap();
+        s.fail(&lease(&s, 2), "bad input", FailureKind::Permanent)
+            .unwrap();
+        assert_eq!(state(&s), JobState::Running);
+        assert_eq!(s.counts(), s.counts_walked());
+        s.complete(&lease(&s, 3), &hash("three")).unwrap().unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(
+            view.meta.error,
+            "2 of 4 tasks failed (2 rendered, their results kept; `retry` runs the failed ones again): \
+             task 0 (content 1 x style 1): boom again; task 2 (content 3 x style 1): bad input"
+        );
+        assert_eq!(s.counts(), s.counts_walked());
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        assert_eq!(
+            task_states(&s),
+            [
+                TaskState::Failed,
+                TaskState::Succeeded,
+                TaskState::Failed,
+                TaskState::Succeeded
+            ]
+        );
+        assert_eq!(s.get(&job).unwrap().tasks[3].0.result, Some(hash("three")));
+        // the last task to end may be the failed one; more than three are counted, not named
+        let (many, _) = s
+            .submit(
+                JobSpec {
+                    max_attempts: 1,
+                    keep_going: true,
+                    ..batch(5, 0)
+                },
+                "",
+            )
+            .unwrap();
+        for _ in 0..5 {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            s.fail(&l.lease_id, "x", FailureKind::Permanent).unwrap();
+        }
+        let error = s.get(&many).unwrap().meta.error;
+        assert!(
+            error.starts_with("5 of 5 tasks failed (0 rendered")
+                && error.ends_with("task 2 (content 3 x style 1): x; and 2 more"),
+            "{error}"
+        );
+        // without keep-going, the first task failed for good fails the job and cancels the others
+        let (fail_fast, _) = s
+            .submit(
+                JobSpec {
+                    max_attempts: 1,
+                    ..batch(2, 0)
+                },
+                "",
+            )
+            .unwrap();
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        s.fail(&l.lease_id, "boom", FailureKind::Permanent).unwrap();
+        let view = s.get(&fail_fast).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(view.tasks[1].0.state, TaskState::Cancelled);
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// In a keep-going batch, a task that fails everywhere (out of attempts on retryable errors) takes
+    /// back the strikes it put on its workers: worker a, alone, is not blocklisted by one bad task and
+    /// renders the others; a task that a retry then renders elsewhere leaves its strike standing.
+    #[test]
+    fn a_keep_going_task_failed_everywhere_takes_its_strikes_back() {
+        let s = Scheduler::new(
+            SchedulerConfig {
+                backoff: Duration::ZERO,
+                blocklist_after: 3,
+                ..Default::default()
+            },
+            Arc::new(MemoryStore::default()),
+        )
+        .unwrap();
+        let spec = JobSpec {
+            max_attempts: 3,
+            keep_going: true,
+            ..batch(3, 0)
+        };
+        let (job, _) = s.submit(spec, "").unwrap();
+        let strikes = |s: &Scheduler| s.get(&job).unwrap().meta.strikes;
+        for attempt in 1..=3 {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            assert_eq!(l.task.id.index, 0);
+            s.fail(&l.lease_id, "engine panicked", FailureKind::Retryable)
+                .unwrap();
+            let expected = if attempt < 3 { attempt } else { 0 };
+            assert_eq!(strikes(&s).get(&w("a")).copied().unwrap_or(0), expected);
+        }
+        assert_eq!(s.get(&job).unwrap().tasks[0].0.state, TaskState::Failed);
+        assert_eq!(s.metrics().blocklisted.get(), 0);
+        // task 1 fails once on a, then renders on b: a's strike stands
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(l.task.id.index, 1);
+        s.fail(&l.lease_id, "lost", FailureKind::Retryable).unwrap();
+        let l = s.lease(&w("b")).unwrap().unwrap();
+        assert_eq!(l.task.id.index, 1);
+        s.complete(&l.lease_id, &hash("one")).unwrap().unwrap();
+        assert!(s.get(&job).unwrap().tasks[1].0.struck.is_empty());
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        s.complete(&l.lease_id, &hash("two")).unwrap().unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(view.meta.strikes.get(&w("a")), Some(&1));
+        assert!(
+            view.meta.error.starts_with("1 of 3 tasks failed"),
+            "{}",
+            view.meta.error
+        );
+    }
+
     /// A cancelled job runs again only once its running tasks have stopped; a cancelled exact-mode scale
     /// runs again with the shard that had succeeded (the shards of a scale run together), and a job that
     /// failed in its stage work queues nothing and has that work run again.
@@ -3464,6 +3715,7 @@ mod tests {
             priority: 0,
             max_attempts: 0,
             worker_tags: Vec::new(),
+            keep_going: false,
         };
         let (job, _) = s.submit(spec.clone(), "").unwrap();
         let (a, b) = (

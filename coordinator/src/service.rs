@@ -937,6 +937,7 @@ mod tests {
             priority: 0,
             max_attempts: 0,
             worker_tags: Vec::new(),
+            keep_going: false,
         }
     }
 

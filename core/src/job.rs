@@ -295,6 +295,13 @@ pub struct JobSpec {
     /// `gpu` for a large tiled job in a farm with CPU workers too); none: any worker ([`check_tags`]).
     #[serde(default)]
     pub worker_tags: Vec<String>,
+    /// A batch's tasks are independent: with `keep_going`, a task that fails for good (out of attempts,
+    /// or its non-retryable error confirmed) fails alone and the others render, as `make -k` goes on
+    /// (OpenCue's dead frames); the job then ends failed, naming its failed tasks, with the others'
+    /// results kept. Without (the default), the first such task fails the job and cancels the rest, which
+    /// spares a farm a systemic fault (a bad style, say) failing every task in turn. Batch jobs only.
+    #[serde(default)]
+    pub keep_going: bool,
 }
 
 /// Where a task of a tiled job's later scale sits: its scale of the pyramid and its part of that scale's
@@ -799,6 +806,15 @@ impl JobSpec {
                 format!("at most {MAX_ATTEMPTS}, got {}", self.max_attempts),
             ));
         }
+        if self.keep_going && self.kind != JobKind::Batch {
+            return Err(Error::invalid(
+                "keep_going",
+                format!(
+                    "for batch jobs only, whose tasks are independent; this is a {} job",
+                    self.kind.name()
+                ),
+            ));
+        }
         if let Some(tiling) = self.kind.tiling() {
             tiling.validate()?;
         }
@@ -1039,6 +1055,30 @@ mod tests {
         assert!(spec(JobKind::Single).runs_on(&[]));
     }
 
+    /// Keep-going is for batches, whose tasks are independent: another kind is refused, naming the field
+    /// and the kind.
+    #[test]
+    fn keep_going_is_for_batches_only() {
+        let keep_going = |kind| JobSpec {
+            keep_going: true,
+            ..spec(kind)
+        };
+        assert!(keep_going(JobKind::Batch).check_new().is_ok());
+        for kind in [
+            JobKind::Single,
+            JobKind::Tiled(Tiling::new(None, tiling::DEFAULT_OVERLAP, false)),
+        ] {
+            let name = kind.name();
+            let err = keep_going(kind).check_new().unwrap_err().to_string();
+            assert!(
+                err.starts_with("keep_going")
+                    && err.contains("for batch jobs only")
+                    && err.ends_with(&format!("this is a {name} job")),
+                "{err}"
+            );
+        }
+    }
+
     fn spec(kind: JobKind) -> JobSpec {
         JobSpec {
             kind,
@@ -1048,6 +1088,7 @@ mod tests {
             priority: 0,
             max_attempts: 0,
             worker_tags: Vec::new(),
+            keep_going: false,
         }
     }
 

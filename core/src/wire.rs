@@ -228,6 +228,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             priority: s.priority,
             max_attempts: s.max_attempts,
             worker_tags: s.worker_tags,
+            keep_going: s.keep_going,
         };
         spec.expand()
     }
@@ -272,6 +273,7 @@ impl From<&JobSpec> for pb::JobSpec {
             priority: s.priority,
             max_attempts: s.max_attempts,
             worker_tags: s.worker_tags.clone(),
+            keep_going: s.keep_going,
         }
     }
 }
@@ -577,6 +579,7 @@ mod tests {
             priority: 3,
             max_attempts: 2,
             worker_tags: Vec::new(),
+            keep_going: false,
         }
     }
 

@@ -1387,8 +1387,9 @@ fn kind(styles: usize) -> BoxedStrategy<JobKind> {
 
 /// The fields a job's errors may name besides a parameter's (a job's kind and its parameters are one value
 /// now: no field names a tiling on a job of another kind).
-const JOB_ONLY_FIELDS: [&str; 11] = [
+const JOB_ONLY_FIELDS: [&str; 12] = [
     "max_attempts",
+    "keep_going",
     "chunk_frames",
     "frame_iterations",
     "worker_tags",
@@ -1470,6 +1471,7 @@ fn fuzz_tiled_jobs() {
                 priority: 0,
                 max_attempts: 0,
                 worker_tags: Vec::new(),
+                keep_going: false,
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -1753,6 +1755,7 @@ fn fuzz_sweep_jobs() {
                 priority: 0,
                 max_attempts: 0,
                 worker_tags: Vec::new(),
+                keep_going: false,
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -2149,6 +2152,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
                 priority: 0,
                 max_attempts: 0,
                 worker_tags: Vec::new(),
+                keep_going: false,
             };
             for t in tweaks {
                 tweak_job(&mut wire, t);
@@ -2167,16 +2171,20 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
         any::<i32>(),
         any::<u32>(),
         prop::collection::vec("[a-z.#-]{0,3}", 0..=2),
+        any::<bool>(),
     )
         .prop_map(
-            |(kind, contents, styles, params, priority, max_attempts, worker_tags)| pb::JobSpec {
-                kind,
-                contents,
-                styles,
-                params,
-                priority,
-                max_attempts,
-                worker_tags,
+            |(kind, contents, styles, params, priority, max_attempts, worker_tags, keep_going)| {
+                pb::JobSpec {
+                    kind,
+                    contents,
+                    styles,
+                    params,
+                    priority,
+                    max_attempts,
+                    worker_tags,
+                    keep_going,
+                }
             },
         )
         .boxed()

@@ -174,8 +174,9 @@ function drawJobs(status) {
     c.cancel.hidden = job.finished;
     c.pause.hidden = job.finished || job.paused;
     c.resume.hidden = job.finished || !job.paused;
-    // a failed or cancelled job runs again: its failed and cancelled tasks, its results kept
-    c.retry.hidden = job.state !== "failed" && job.state !== "cancelled";
+    // a failed or cancelled job runs again: its failed and cancelled tasks, its results kept; so do a
+    // keep-going batch's tasks that failed while it runs
+    c.retry.hidden = !job.finished ? !job.counts.failed : job.state === "succeeded";
     // newest first: moved only when out of place
     const want = previous ? previous.nextSibling : list.firstChild;
     if (want !== c.article) list.insertBefore(c.article, want);

@@ -173,6 +173,7 @@ pub(crate) mod tests {
             priority: 0,
             max_attempts: 0,
             worker_tags: Vec::new(),
+            keep_going: false,
         };
         let tasks = spec
             .tasks()
