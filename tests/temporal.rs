@@ -81,16 +81,16 @@ fn the_temporal_loss_holds_unchanged_pixels_to_the_previous_result_and_no_others
     assert!((terms.total - sum).abs() <= 1e-4 * sum, "{terms:?}");
 
     // rendered: started from the previous result and held to it where the content did not change (here
-    // everywhere). The previous result is
-    // 10 iterations from the content, far from converged (its style loss halves in 10 more), so the
-    // style term's pull outweighs the default weight's; 1e5 shows the hold
+    // everywhere). The previous result is 10 iterations from the content, far from converged (its style
+    // loss halves in 10 more), so the style term's pull outweighs the default weight's; 1e6 shows the hold
+    // with a margin on every CPU (1e5 only halved the distance on an AMD EPYC: 5.35 against 10.53)
     let free = engine.render(&frame(&content, 0.0), &mut quiet).unwrap();
-    let kept = engine.render(&frame(&content, 1e5), &mut quiet).unwrap();
+    let kept = engine.render(&frame(&content, 1e6), &mut quiet).unwrap();
     let (d_free, d_kept) = (
         mean_abs_difference(&free, &previous),
         mean_abs_difference(&kept, &previous),
     );
-    eprintln!("mean |result - previous|: weight 0 {d_free:.3}, weight 1e5 {d_kept:.3}");
+    eprintln!("mean |result - previous|: weight 0 {d_free:.3}, weight 1e6 {d_kept:.3}");
     assert!(d_kept < 0.5 * d_free, "{d_kept} vs {d_free}");
 
     // every pixel changed (each channel 128 levels away): the frame starts from its content and nothing
