@@ -2,14 +2,19 @@
 //! task at once with a 1x1 PNG, over real gRPC, against a real coordinator (in this process, on 127.0.0.1:0,
 //! with its persistent redb store in a temporary directory).
 //!
-//!     cargo bench -p stylefarm-coordinator --bench scheduler_load -- [TASKS] [WORKERS]
+//!     cargo bench -p stylefarm-coordinator --bench scheduler_load -- [TASKS] [WORKERS] [TENANTS]
 //!
-//! Defaults: 10,000 tasks (one batch job of 100 contents x 100 styles), 50 workers. Prints completions per
-//! second (first lease to last completion) and the median and p99 latency of LeaseTask calls that got a task.
+//! Defaults: 10,000 tasks (one batch job of 100 contents x 100 styles), 50 workers, 1 tenant. Prints
+//! completions per second (first lease to last completion) and the median and p99 latency of LeaseTask
+//! calls that got a task. With TENANTS > 1, the coordinator has a client token per tenant, each tenant
+//! submits a batch of TASKS / TENANTS, one after the other, before the workers start, and each job's last
+//! completion is printed: the fair share between tenants at equal priority finishes them together, where
+//! a FIFO queue would finish them one after the other.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use stylefarm_coordinator::auth::{AuthConfig, WorkerToken};
 use stylefarm_coordinator::{Coordinator, CoordinatorConfig, SchedulerConfig};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
@@ -39,7 +44,25 @@ async fn main() {
         .collect();
     let tasks = args.first().copied().unwrap_or(10_000);
     let workers = args.get(1).copied().unwrap_or(50);
-    let side = (tasks as f64).sqrt().ceil() as usize;
+    let tenants = args.get(2).copied().unwrap_or(1).clamp(1, tasks.max(1));
+    let per_tenant = tasks / tenants;
+    let side = (per_tenant as f64).sqrt().ceil() as usize;
+    // tokens only with several tenants: one tenant runs as before, without auth
+    let token = |tenant: usize| format!("tenant-{tenant}-token-0123456789");
+    let worker_token = "worker-token-0123456789".to_string();
+    let auth = if tenants > 1 {
+        AuthConfig {
+            clients: (0..tenants)
+                .map(|t| AuthConfig::parse_client(&format!("t{t}:{}", token(t))).unwrap())
+                .collect(),
+            workers: vec![WorkerToken {
+                token: Some(worker_token.clone()),
+                token_file: None,
+            }],
+        }
+    } else {
+        AuthConfig::default()
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let config = CoordinatorConfig {
@@ -48,7 +71,7 @@ async fn main() {
         blobs: Default::default(),
         keep_unused_blobs: None,
         scheduler: SchedulerConfig::default(),
-        auth: Default::default(),
+        auth,
         tls: None,
     };
     let coordinator = Coordinator::open(config).unwrap();
@@ -60,19 +83,30 @@ async fn main() {
         std::future::pending(),
     ));
 
-    let mut client = loop {
-        match RenderServiceClient::connect(url.clone()).await {
+    let channel = loop {
+        match tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
             Ok(c) => break c,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
+    let clients: Vec<_> = (0..tenants)
+        .map(|t| {
+            let token = (tenants > 1).then(|| token(t));
+            RenderServiceClient::with_interceptor(channel.clone(), bearer(token))
+        })
+        .collect();
     let mut hashes = Vec::new();
     for i in 0..2 * side {
         let part = pb::UploadImageRequest {
             part: Some(pb::upload_image_request::Part::Data(tiny_png(i as u32))),
         };
         hashes.push(
-            client
+            clients[0]
+                .clone()
                 .upload_image(tokio_stream::iter(vec![part]))
                 .await
                 .unwrap()
@@ -81,8 +115,8 @@ async fn main() {
         );
     }
     let (contents, styles) = hashes.split_at(side);
-    let contents = &contents[..tasks.div_ceil(side)];
-    let total = contents.len() * styles.len();
+    let contents = &contents[..per_tenant.div_ceil(side)];
+    let total = contents.len() * styles.len() * tenants;
     let spec = pb::JobSpec {
         kind: Some(pb::job_spec::Kind::Batch(pb::job_spec::Batch {})),
         contents: contents.to_vec(),
@@ -94,25 +128,30 @@ async fn main() {
         }),
         ..Default::default()
     };
-    let job_id = client
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(spec),
-            client_request_id: String::new(),
-            paused: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let mut job_ids = Vec::new();
+    for client in &clients {
+        let job_id = client
+            .clone()
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(spec.clone()),
+                client_request_id: String::new(),
+                paused: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        job_ids.push(job_id);
+    }
 
     let result = Arc::new(tiny_png(0));
     let started = Instant::now();
     let mut handles = Vec::new();
     for w in 0..workers {
-        let url = url.clone();
         let result = result.clone();
+        let token = (tenants > 1).then(|| worker_token.clone());
+        let mut c = WorkerServiceClient::with_interceptor(channel.clone(), bearer(token));
         handles.push(tokio::spawn(async move {
-            let mut c = WorkerServiceClient::connect(url).await.unwrap();
             let id = c
                 .register_worker(pb::RegisterWorkerRequest {
                     name: format!("fake-{w}"),
@@ -122,7 +161,7 @@ async fn main() {
                 .unwrap()
                 .into_inner()
                 .worker_id;
-            let mut latencies = Vec::new();
+            let (mut latencies, mut completions) = (Vec::new(), Vec::new());
             loop {
                 let t = Instant::now();
                 let lease = c
@@ -134,9 +173,9 @@ async fn main() {
                     .await
                     .unwrap();
                 let lease = lease.into_inner();
-                if lease.task.is_none() {
-                    return latencies;
-                }
+                let Some(task) = lease.task else {
+                    return (latencies, completions);
+                };
                 latencies.push(t.elapsed());
                 let parts = vec![
                     pb::CompleteTaskRequest {
@@ -153,31 +192,72 @@ async fn main() {
                         .into_inner()
                         .accepted
                 );
+                completions.push((task.job_id, Instant::now()));
             }
         }));
     }
-    let mut latencies = Vec::new();
+    let (mut latencies, mut completions) = (Vec::new(), Vec::new());
     for h in handles {
-        latencies.extend(h.await.unwrap());
+        let (l, c) = h.await.unwrap();
+        latencies.extend(l);
+        completions.extend(c);
     }
     let elapsed = started.elapsed();
-    let status = client
-        .get_job(pb::GetJobRequest { job_id })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        status.state,
-        pb::JobState::Succeeded as i32,
-        "every task completed"
-    );
+    for (client, job_id) in clients.iter().zip(&job_ids) {
+        let status = client
+            .clone()
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            status.state,
+            pb::JobState::Succeeded as i32,
+            "every task completed"
+        );
+    }
     latencies.sort();
     // the last 200 ms is each worker's final empty long-poll, not counted in `latencies`
     println!(
-        "tasks {total}, workers {workers}: {:.0} completions/s ({:.2} s); LeaseTask latency median {:.2} ms, p99 {:.2} ms",
+        "tasks {total}, workers {workers}, tenants {tenants}: {:.0} completions/s ({:.2} s); LeaseTask \
+         latency median {:.2} ms, p99 {:.2} ms",
         total as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64(),
         percentile(&latencies, 0.5).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
     );
+    if tenants > 1 {
+        // when each tenant's job had its last task completed, in submission order
+        let done: Vec<String> = job_ids
+            .iter()
+            .map(|job_id| {
+                let last = completions
+                    .iter()
+                    .filter(|(job, _)| job == job_id)
+                    .map(|(_, at)| *at)
+                    .max()
+                    .expect("a completion");
+                format!("{:.2} s", (last - started).as_secs_f64())
+            })
+            .collect();
+        println!("jobs done at (submission order): {}", done.join(", "));
+    }
+}
+
+/// An interceptor that sends `token` as a bearer token, when there is one.
+fn bearer(
+    token: Option<String>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    let value: Option<tonic::metadata::MetadataValue<_>> =
+        token.map(|t| format!("Bearer {t}").parse().unwrap());
+    move |mut request: tonic::Request<()>| {
+        if let Some(value) = &value {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }

@@ -234,7 +234,7 @@ pub(crate) struct JobArgs {
     /// A parameter grid, e.g. 'style_weight=10,100;seed=0,1' (style_blend values as 0.7:0.3).
     #[arg(long)]
     sweep: Option<String>,
-    /// Higher runs first.
+    /// Higher runs first (at equal priorities, the client with the fewest tasks running).
     #[arg(long, default_value_t = 0)]
     priority: i32,
     /// Attempts per task before the job fails (default: the coordinator's --max-attempts).

@@ -177,7 +177,7 @@ struct Job {
 
 /// Appends `specs` to a held job as pending tasks, queued and tallied; the store's ops that record them.
 fn append_tasks(
-    queue: &mut BTreeSet<QueueKey>,
+    queue: &mut TaskQueue,
     tally: &mut Tally,
     job: &mut Job,
     specs: impl IntoIterator<Item = TaskSpec>,
@@ -186,7 +186,7 @@ fn append_tasks(
     for spec in specs {
         let task = TaskRecord::pending(job.tasks.len() as u32, spec);
         ops.push(Op::Task(job.meta.id.clone(), task.clone()));
-        queue.insert(queue_key(&job.meta, task.index));
+        queue.insert(&job.meta, task.index);
         tally.add_task(task.state);
         job.tasks.push(task);
     }
@@ -210,6 +210,141 @@ fn release_request(st: &mut State, request: (String, String), job_id: &JobId) ->
 /// Queue key of a pending task: higher priority first, then submission order, then task index.
 type QueueKey = (Reverse<i32>, u64, u32, JobId);
 
+/// The pending tasks, each tenant's in queue order ([`QueueKey`]), for the fair share between tenants
+/// ([`fair_share`]).
+#[derive(Default)]
+struct TaskQueue {
+    by_tenant: HashMap<String, BTreeSet<QueueKey>>,
+    len: usize,
+}
+
+impl TaskQueue {
+    /// Queues task `index` of the job of `meta`; whether it was not queued already.
+    fn insert(&mut self, meta: &JobMeta, index: u32) -> bool {
+        let tenant = match self.by_tenant.get_mut(&meta.tenant) {
+            Some(keys) => keys,
+            None => self.by_tenant.entry(meta.tenant.clone()).or_default(),
+        };
+        let new = tenant.insert(queue_key(meta, index));
+        self.len += usize::from(new);
+        new
+    }
+
+    /// Takes task `index` of the job of `meta` out of the queue; whether it was queued.
+    fn remove(&mut self, meta: &JobMeta, index: u32) -> bool {
+        let Some(keys) = self.by_tenant.get_mut(&meta.tenant) else {
+            return false;
+        };
+        let queued = keys.remove(&queue_key(meta, index));
+        if keys.is_empty() {
+            self.by_tenant.remove(&meta.tenant);
+        }
+        self.len -= usize::from(queued);
+        queued
+    }
+
+    /// Every queued task, tenant by tenant.
+    fn iter(&self) -> impl Iterator<Item = &QueueKey> {
+        self.by_tenant.values().flatten()
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// What a worker does with a queued task ([`fair_share`]).
+enum Take {
+    /// Takes it.
+    Yes,
+    /// Passes it by (a backoff).
+    Skip,
+    /// Passes every task of its job by (a paused job, a blocklist, a tag): the scan goes on past them at
+    /// once.
+    SkipJob,
+    /// Takes nothing queued behind it (a scale's shards waiting for as many free workers).
+    Wait,
+}
+
+/// The queued task a worker takes, of those `take` lets it: the highest priority first; among equal
+/// priorities, the fair share between tenants (OpenCue's balance between shows): the tenant with the fewest
+/// tasks running, then queue order (submission). The shards of an exact-mode scale keep their place in
+/// queue order: the first that is not skipped is a barrier, taken when nothing the worker may take is queued
+/// before it, and nothing queued behind it is taken (they wait for as many free workers, [`Take::Wait`],
+/// and must not lose them to tasks behind them). Each tenant's queue is scanned to its first task the worker
+/// may take (before the barrier), which stands for the tenant. So one tenant's large batch does not hold a
+/// shared farm while another's job waits; with one tenant, the task taken is the first the worker may take,
+/// as in a plain queue. A lease scans the queued shards and, per tenant with tasks queued, the tasks it
+/// skips before its first (a job it may not take at all is passed in one step).
+fn fair_share(st: &State, take: impl Fn(&QueueKey) -> Take) -> Option<QueueKey> {
+    let mut shards: Vec<QueueKey> = st
+        .sharded
+        .iter()
+        .filter_map(|id| st.jobs.get(id))
+        .filter(|job| !job.meta.state.is_terminal())
+        .flat_map(|job| {
+            job.tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Pending && t.spec.shards().is_some())
+                .map(|t| queue_key(&job.meta, t.index))
+        })
+        .collect();
+    shards.sort();
+    let mut barrier = shards.iter().find_map(|key| match take(key) {
+        Take::Skip | Take::SkipJob => None,
+        Take::Yes => Some((key, true)),
+        Take::Wait => Some((key, false)),
+    });
+    let is_shard = |key: &QueueKey| {
+        st.jobs[&key.3].tasks[key.2 as usize]
+            .spec
+            .shards()
+            .is_some()
+    };
+    let mut candidates: Vec<(&str, &QueueKey)> = Vec::new();
+    for (tenant, keys) in &st.queue.by_tenant {
+        // the tenant's first task the worker may take before the barrier; a shard found on the way (that
+        // the worker may start, or that waits) is a barrier too
+        let mut scan = keys.range::<QueueKey, _>(..);
+        while let Some(key) = scan.next() {
+            if barrier.is_some_and(|(b, _)| key >= b) {
+                break;
+            }
+            match take(key) {
+                Take::Skip => continue,
+                Take::SkipJob => {
+                    // past the job's tasks: its keys are (priority, seq, index, id), its seq its own
+                    let (priority, seq, _, _) = key;
+                    scan = keys.range((*priority, seq + 1, 0, JobId::default())..);
+                    continue;
+                }
+                Take::Yes if !is_shard(key) => candidates.push((tenant.as_str(), key)),
+                Take::Yes => barrier = Some((key, true)),
+                Take::Wait => barrier = Some((key, false)),
+            }
+            break;
+        }
+    }
+    candidates.retain(|(_, key)| barrier.is_none_or(|(b, _)| *key < b));
+    let Some(top) = candidates.iter().map(|(_, key)| key.0).min() else {
+        return barrier.filter(|(_, yes)| *yes).map(|(key, _)| key.clone());
+    };
+    candidates.retain(|(_, key)| key.0 == top);
+    if candidates.len() == 1 {
+        return Some(candidates[0].1.clone());
+    }
+    let mut running: HashMap<&str, usize> = HashMap::new();
+    for lease in st.leases.values() {
+        if let Some(job) = st.jobs.get(&lease.job_id) {
+            *running.entry(job.meta.tenant.as_str()).or_default() += 1;
+        }
+    }
+    candidates
+        .into_iter()
+        .min_by_key(|(tenant, key)| (running.get(tenant).copied().unwrap_or(0), *key))
+        .map(|(_, key)| key.clone())
+}
+
 #[derive(Default)]
 struct State {
     jobs: HashMap<JobId, Job>,
@@ -217,7 +352,7 @@ struct State {
     by_request: HashMap<(String, String), JobId>,
     /// Unfinished jobs by tenant.
     unfinished: HashMap<String, usize>,
-    queue: BTreeSet<QueueKey>,
+    queue: TaskQueue,
     leases: HashMap<LeaseId, LeaseInfo>,
     next_seq: u64,
     next_id: u64,
@@ -697,7 +832,7 @@ impl Scheduler {
                     store.update_task(&meta.id, t)?;
                 }
                 if t.state == TaskState::Pending && !meta.state.is_terminal() {
-                    state.queue.insert(queue_key(&meta, t.index));
+                    state.queue.insert(&meta, t.index);
                 }
                 state.tally.add_task(t.state);
             }
@@ -812,7 +947,7 @@ impl Scheduler {
             .store
             .write(vec![Op::Insert(meta.clone(), tasks.clone())]);
         for t in &tasks {
-            st.queue.insert(queue_key(&meta, t.index));
+            st.queue.insert(&meta, t.index);
         }
         if !client_request_id.is_empty() {
             st.by_request.insert(request, id.clone());
@@ -855,9 +990,10 @@ impl Scheduler {
         self.lease_tagged(worker, &[])
     }
 
-    /// Hands the next task to `worker`, whose tags are `tags`, if one is ready: the highest priority, oldest
-    /// job first; not a task of a job that blocklisted the worker or asks for a tag it lacks
-    /// ([`JobSpec::runs_on`]), nor one waiting out a retry backoff.
+    /// Hands the next task to `worker`, whose tags are `tags`, if one is ready: the highest priority first;
+    /// at equal priorities, the tenant with the fewest tasks running (a fair share), then the oldest job;
+    /// not a task of a job that blocklisted the worker or asks for a tag it lacks ([`JobSpec::runs_on`]),
+    /// nor one waiting out a retry backoff.
     pub fn lease_tagged(
         &self,
         worker: &WorkerId,
@@ -908,48 +1044,43 @@ impl Scheduler {
                     .map(|t| queue_key(&job.meta, t.index))
             })
             .min();
-        let mut pick = started;
-        if pick.is_none() {
-            for key in &st.queue {
-                let job = &st.jobs[&key.3];
-                let task = &job.tasks[key.2 as usize];
-                // a paused job starts nothing (a shard whose siblings run, above, still starts)
-                if job.meta.paused || !takes(&job.meta) {
-                    continue;
-                }
-                if task.spec.shards().is_none() {
-                    if ready(task) {
-                        pick = Some(key.clone());
-                        break;
-                    }
-                    continue;
-                }
-                // a scale's shards start together, on as many free workers: when fewer are free, this one
-                // waits for the others rather than taking a task behind them (which could keep them from ever
-                // being free at once)
-                let pending: Vec<&TaskRecord> = shard_group(job, task)
-                    .filter(|t| t.state == TaskState::Pending)
-                    .collect();
-                if !pending.iter().all(|t| ready(t)) {
-                    continue;
-                }
-                let free = st
-                    .idle
-                    .iter()
-                    .filter(|(other, _)| **other != name)
-                    .filter(|(other, (tags, _))| {
-                        !name_blocklisted(&job.meta, other, self.config.blocklist_after)
-                            && job.meta.spec.runs_on(tags)
-                    })
-                    .count()
-                    + 1;
-                if free < pending.len() {
-                    break;
-                }
-                pick = Some(key.clone());
-                break;
+        // whether the worker takes the task of `key`, skips it, or waits (takes nothing behind it)
+        let take = |key: &QueueKey| {
+            let job = &st.jobs[&key.3];
+            let task = &job.tasks[key.2 as usize];
+            // a paused job starts nothing (a shard whose siblings run, above, still starts)
+            if job.meta.paused || !takes(&job.meta) {
+                return Take::SkipJob;
             }
-        }
+            if task.spec.shards().is_none() {
+                return if ready(task) { Take::Yes } else { Take::Skip };
+            }
+            // a scale's shards start together, on as many free workers: when fewer are free, this one
+            // waits for the others rather than taking a task behind them (which could keep them from ever
+            // being free at once)
+            let pending: Vec<&TaskRecord> = shard_group(job, task)
+                .filter(|t| t.state == TaskState::Pending)
+                .collect();
+            if !pending.iter().all(|t| ready(t)) {
+                return Take::Skip;
+            }
+            let free = st
+                .idle
+                .iter()
+                .filter(|(other, _)| **other != name)
+                .filter(|(other, (tags, _))| {
+                    !name_blocklisted(&job.meta, other, self.config.blocklist_after)
+                        && job.meta.spec.runs_on(tags)
+                })
+                .count()
+                + 1;
+            if free < pending.len() {
+                Take::Wait
+            } else {
+                Take::Yes
+            }
+        };
+        let pick = started.or_else(|| fair_share(st, take));
         let Some(key) = pick else {
             return Ok(None);
         };
@@ -959,7 +1090,7 @@ impl Scheduler {
             task.spec.shards().is_some()
                 && !shard_group(job, task).any(|t| t.state == TaskState::Running)
         };
-        st.queue.remove(&key);
+        st.queue.remove(&st.jobs[&key.3].meta, key.2);
         let (_, _, index, job_id) = key;
         st.next_id += 1;
         let lease_id = LeaseId::new(format!("lease-{:x}-{}", now, st.next_id));
@@ -1321,11 +1452,11 @@ impl Scheduler {
                     other.result = None;
                     other.error = format!("run again with shard task {}", lease.index);
                     ops.push(Op::Task(job.meta.id.clone(), other.clone()));
-                    st.queue.insert(queue_key(&job.meta, other.index));
+                    st.queue.insert(&job.meta, other.index);
                 }
             }
             ops.push(Op::Job(job.meta.clone()));
-            st.queue.insert(queue_key(&job.meta, lease.index));
+            st.queue.insert(&job.meta, lease.index);
         }
         Ok(())
     }
@@ -1359,7 +1490,7 @@ impl Scheduler {
         {
             set_task_state(&mut st.tally, task, TaskState::Cancelled);
             ops.push(Op::Task(job_id.clone(), task.clone()));
-            st.queue.remove(&queue_key(&job.meta, task.index));
+            st.queue.remove(&job.meta, task.index);
         }
         ops.push(Op::Job(job.meta.clone()));
         for lease_id in job.leases.values() {
@@ -1572,7 +1703,7 @@ impl Scheduler {
             if let Some(lease_id) = job.leases.remove(&index) {
                 st.leases.remove(&lease_id);
             }
-            st.queue.remove(&queue_key(&job.meta, index));
+            st.queue.remove(&job.meta, index);
             let task = &mut job.tasks[index as usize];
             set_task_state(&mut st.tally, task, TaskState::Cancelled);
             task.result = None;
@@ -1693,7 +1824,7 @@ impl Scheduler {
             st.tally.remove_job(job.meta.state);
             for t in &job.tasks {
                 st.tally.remove_task(t.state);
-                st.queue.remove(&queue_key(&job.meta, t.index));
+                st.queue.remove(&job.meta, t.index);
             }
         }
         drop(st);
@@ -1748,11 +1879,13 @@ impl Scheduler {
             let queued: Vec<u32> = job
                 .tasks
                 .iter()
-                .filter(|t| queue.remove(&queue_key(&job.meta, t.index)))
+                .filter(|t| queue.remove(&job.meta, t.index))
                 .map(|t| t.index)
                 .collect();
             job.meta.spec.priority = priority;
-            queue.extend(queued.into_iter().map(|index| queue_key(&job.meta, index)));
+            for index in queued {
+                queue.insert(&job.meta, index);
+            }
             true
         })
     }
@@ -1763,7 +1896,7 @@ impl Scheduler {
     fn change_unfinished(
         &self,
         job_id: &JobId,
-        change: impl FnOnce(&mut Job, &mut BTreeSet<QueueKey>) -> bool,
+        change: impl FnOnce(&mut Job, &mut TaskQueue) -> bool,
     ) -> Result<JobState, SchedulerError> {
         self.writable()?;
         let mut guard = self.state.lock().unwrap();
@@ -1883,7 +2016,7 @@ impl Scheduler {
             set_task_state(&mut st.tally, task, TaskState::Pending);
             *task = TaskRecord::pending(index, task.spec.clone());
             ops.push(Op::Task(job_id.clone(), task.clone()));
-            st.queue.insert(queue_key(&job.meta, index));
+            st.queue.insert(&job.meta, index);
         }
         if !sharded_scales.is_empty() {
             st.sharded.insert(job_id.clone());
@@ -2226,7 +2359,7 @@ impl Scheduler {
                 .get(job_id)
                 .map_or_else(String::new, |j| worker_tags_label(&j.meta.spec.worker_tags))
         };
-        for (Reverse(priority), _, _, job_id) in &st.queue {
+        for (Reverse(priority), _, _, job_id) in st.queue.iter() {
             *counts
                 .queue_by_priority
                 .entry(priority.to_string())
@@ -3389,6 +3522,45 @@ mod tests {
         );
     }
 
+    /// At equal priority, the tenant with the fewest tasks running goes first, then submission order: a
+    /// tenant's batch submitted behind another's gets every other free worker; once it has nothing queued
+    /// the other's tasks go in order; a higher priority goes first whatever its tenant runs.
+    #[test]
+    fn tenants_share_the_farm_at_equal_priority() {
+        let s =
+            Scheduler::new(SchedulerConfig::default(), Arc::new(MemoryStore::default())).unwrap();
+        let submit = |tenant: &str, spec: JobSpec| {
+            s.submit_expanded(spec.expand().unwrap(), tenant, "", false)
+                .unwrap()
+                .0
+        };
+        let big = submit("studio", batch(6, 0));
+        let small = submit("indie", batch(2, 0));
+        let mut leased = Vec::new();
+        for i in 0..5 {
+            let lease = s.lease(&w(&format!("w{i}"))).unwrap().unwrap();
+            leased.push((lease.task.id.job, lease.task.id.index));
+        }
+        // studio first (none running either side, submitted first), indie (0 running against 1), studio
+        // (1 against 1: submission order), indie (1 against 2), then studio's alone
+        assert_eq!(
+            leased,
+            [
+                (big.clone(), 0),
+                (small.clone(), 0),
+                (big.clone(), 1),
+                (small.clone(), 1),
+                (big.clone(), 2)
+            ]
+        );
+        // studio runs 3 tasks against indie's 2: its higher priority goes first all the same
+        let later = submit("indie", batch(1, 0));
+        let urgent = submit("studio", batch(1, 5));
+        assert_eq!(s.lease(&w("w5")).unwrap().unwrap().task.id.job, urgent);
+        assert_eq!(s.lease(&w("w6")).unwrap().unwrap().task.id.job, later);
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
     /// A cancelled job runs again only once its running tasks have stopped; a cancelled exact-mode scale
     /// runs again with the shard that had succeeded (the shards of a scale run together), and a job that
     /// failed in its stage work queues nothing and has that work run again.
@@ -3573,6 +3745,61 @@ mod tests {
         let _d = s.idle(&w("d"), &[]);
         assert_eq!(s.lease(&w("a")).unwrap().unwrap().task.id.job, behind);
         assert!(s.lease(&w("d")).unwrap().is_none());
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// A job the worker may not take at all (paused, or asking for a tag it lacks) is passed in one step:
+    /// the task taken is the first of the next job, which a tagged worker takes after the tagged job.
+    #[test]
+    fn a_job_the_worker_may_not_take_is_passed_whole() {
+        let s = Scheduler::new(
+            SchedulerConfig::default(),
+            Arc::new(MemoryStore::default()),
+        )
+        .unwrap();
+        let (paused, _) = s.submit(batch(3, 0), "").unwrap();
+        s.set_paused(&paused, true).unwrap();
+        let gpu = vec!["gpu".to_string()];
+        let (tagged, _) = s
+            .submit(
+                JobSpec {
+                    worker_tags: gpu.clone(),
+                    ..batch(2, 0)
+                },
+                "",
+            )
+            .unwrap();
+        let (next, _) = s.submit(batch(2, 0), "").unwrap();
+        let l = s.lease(&w("cpu")).unwrap().unwrap();
+        assert_eq!((l.task.id.job, l.task.id.index), (next.clone(), 0));
+        let l = s.lease_tagged(&w("gpu"), &gpu).unwrap().unwrap();
+        assert_eq!((l.task.id.job, l.task.id.index), (tagged, 0));
+        s.set_paused(&paused, false).unwrap();
+        let l = s.lease(&w("cpu")).unwrap().unwrap();
+        assert_eq!((l.task.id.job, l.task.id.index), (paused, 0));
+    }
+
+    /// Another tenant's tasks queued behind a scale's shards wait with them, however few that tenant runs:
+    /// one free worker takes nothing while the shards wait for a second, and the two free workers take
+    /// the shards before the other tenant's task, though the shards' tenant runs a task already.
+    #[test]
+    fn another_tenant_s_tasks_wait_behind_a_scale_s_shards() {
+        let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+        let (running, _) = s.submit(batch(1, 9), "").unwrap();
+        assert_eq!(s.lease(&w("x")).unwrap().unwrap().task.id.job, running);
+        let (indie, _) = s
+            .submit_expanded(batch(2, 0).expand().unwrap(), "indie", "", false)
+            .unwrap();
+        assert!(s.lease(&w("a")).unwrap().is_none());
+        let _b = s.idle(&w("b"), &[]);
+        for worker in ["a", "b"] {
+            let lease = s.lease(&w(worker)).unwrap().unwrap();
+            assert_eq!(
+                (lease.task.id.job, lease.task.spec.shards()),
+                (job.clone(), Some(2))
+            );
+        }
+        assert_eq!(s.lease(&w("c")).unwrap().unwrap().task.id.job, indie);
         assert_eq!(s.counts(), s.counts_walked());
     }
 

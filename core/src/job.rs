@@ -287,7 +287,8 @@ pub struct JobSpec {
     pub styles: Vec<ImageHash>,
     /// The render parameters every task starts from (a sweep varies some; a tiled job sets its pyramid's).
     pub params: RenderParams,
-    /// Higher runs first; equal priorities in submission order.
+    /// Higher runs first; at equal priorities, the tenant with the fewest tasks running, then submission
+    /// order (the coordinator's fair share).
     pub priority: i32,
     /// Attempts per task before the job fails, at most [`MAX_ATTEMPTS`]; 0: the coordinator's default.
     pub max_attempts: u32,
