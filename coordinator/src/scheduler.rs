@@ -3752,11 +3752,8 @@ mod tests {
     /// the task taken is the first of the next job, which a tagged worker takes after the tagged job.
     #[test]
     fn a_job_the_worker_may_not_take_is_passed_whole() {
-        let s = Scheduler::new(
-            SchedulerConfig::default(),
-            Arc::new(MemoryStore::default()),
-        )
-        .unwrap();
+        let s =
+            Scheduler::new(SchedulerConfig::default(), Arc::new(MemoryStore::default())).unwrap();
         let (paused, _) = s.submit(batch(3, 0), "").unwrap();
         s.set_paused(&paused, true).unwrap();
         let gpu = vec!["gpu".to_string()];
