@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use stylefarm_coordinator::auth::{AuthConfig, WorkerToken};
 use stylefarm_coordinator::{Coordinator, CoordinatorConfig, SchedulerConfig};
+use stylefarm_proto::connect::Credentials;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
@@ -246,18 +247,12 @@ async fn main() {
     }
 }
 
-/// An interceptor that sends `token` as a bearer token, when there is one.
-fn bearer(
-    token: Option<String>,
-) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    let value: Option<tonic::metadata::MetadataValue<_>> =
-        token.map(|t| format!("Bearer {t}").parse().unwrap());
-    move |mut request: tonic::Request<()>| {
-        if let Some(value) = &value {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
+/// The project's interceptor for `token` (none without one), as the client and the worker send it.
+fn bearer(token: Option<String>) -> stylefarm_proto::connect::Bearer {
+    Credentials {
+        token,
+        ..Default::default()
     }
+    .bearer()
+    .unwrap()
 }

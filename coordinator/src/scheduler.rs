@@ -1417,13 +1417,16 @@ impl Scheduler {
             set_task_state(&mut st.tally, task, TaskState::Failed);
             ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             let job_id = job.meta.id.clone();
-            if !job.meta.spec.keep_going {
-                self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
-            } else if let Some(reason) = kept_going_failure(job) {
-                self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
+            // a keep-going batch ends only once none of its tasks is left to run
+            let ends = if keep_going {
+                kept_going_failure(job)
             } else {
+                Some(reason)
+            };
+            match ends {
+                Some(reason) => self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?,
                 // the task fails alone: the job's other tasks go on
-                ops.push(Op::Job(job.meta.clone()));
+                None => ops.push(Op::Job(job.meta.clone())),
             }
         } else {
             let backoff = self
