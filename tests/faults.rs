@@ -498,6 +498,58 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
     }
 }
 
+/// A bug in the scheduler: the first lease panics while the scheduler's state is held (fail point
+/// `coordinator-lease-locked`), which poisons its lock. The coordinator does not go on serving nothing
+/// (every later call would panic, while it kept a leader lease): it stops within a second, exits non-zero
+/// and says why. Started again on the same store, it loads the job from there, and the job succeeds.
+async fn scheduler_panic_stops_the_coordinator(backend: Backend) {
+    let (mut cluster, _services) = cluster_on(backend, 1.5, 0.3);
+    let bug = (
+        "FAILPOINTS".to_string(),
+        "coordinator-lease-locked=1*panic(a scheduler bug)".to_string(),
+    );
+    cluster.coordinator_env.push(bug.clone());
+    cluster.start_coordinator();
+    let id = submit_variant(&cluster, 0, "before-the-bug");
+    cluster.add_worker("w1");
+    let coordinator = cluster.coordinator.as_mut().unwrap();
+    let exited = wait_for("the coordinator to stop", Duration::from_secs(30), || {
+        let status = coordinator.child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(!exited.success(), "{exited:?}");
+    let log = coordinator.log_text();
+    assert!(log.contains("a scheduler bug"), "{log}");
+    assert!(
+        log.contains(
+            "left its state in doubt; stopping, so that a restart loads the jobs from the store"
+        ),
+        "{log}"
+    );
+    cluster.coordinator_env.retain(|e| *e != bug);
+    cluster.start_coordinator();
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(!done.tasks[0].result.is_empty(), "{done:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_in_the_scheduler_stops_the_coordinator_and_a_restart_carries_the_job_on() {
+    scheduler_panic_stops_the_coordinator(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_in_the_scheduler_stops_the_coordinator_and_a_restart_carries_the_job_on_on_redis_and_s3(
+) {
+    scheduler_panic_stops_the_coordinator(Backend::RedisS3).await;
+}
+
 /// A worker whose device runs out of memory on every render (fail point `engine-render-oom`): its failure
 /// is no strike, the task goes to the other worker as soon as there is one, the job succeeds there, and the
 /// worker that ran out is still in the farm.

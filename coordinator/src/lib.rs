@@ -632,13 +632,14 @@ pub async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    // a coordinator that another has taken over from (a shared store's leader lease lost) stops serving
+    // a coordinator that another has taken over from (a shared store's leader lease lost), or whose
+    // scheduler a panic left in doubt, stops serving
     let lost = {
         let scheduler = coordinator.scheduler.clone();
         async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                if let Some(why) = scheduler.store_lost() {
+                if let Some(why) = stopped(&scheduler) {
                     return why;
                 }
             }
@@ -647,7 +648,7 @@ pub async fn serve(
     let stop = async {
         tokio::select! {
             () = shutdown => {}
-            why = lost => tracing::error!(reason = why, "no longer the active coordinator: stopping"),
+            why = lost => tracing::error!(reason = %why, "stopping"),
         }
     };
     let mut server = tonic::transport::Server::builder()
@@ -671,10 +672,21 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Transport(e.to_string()));
     expiry.abort();
-    match coordinator.scheduler.store_lost() {
-        Some(why) => Err(Error::Store(store::StoreError::new(why))),
+    match stopped(&coordinator.scheduler) {
+        Some(why) => Err(why),
         None => result,
     }
+}
+
+/// Why a coordinator must stop serving: another coordinator took over its store
+/// ([`scheduler::Scheduler::store_lost`]), or a panic left its scheduler's state in doubt ([`scheduler::Scheduler::poisoned`]).
+fn stopped(scheduler: &scheduler::Scheduler) -> Option<Error> {
+    if let Some(why) = scheduler.store_lost() {
+        return Some(Error::Store(store::StoreError::new(format!(
+            "no longer the active coordinator: {why}"
+        ))));
+    }
+    scheduler.poisoned().map(Error::Internal)
 }
 
 #[cfg(test)]

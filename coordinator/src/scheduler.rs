@@ -1015,6 +1015,8 @@ impl Scheduler {
         self.writable()?;
         let now = now_ms();
         let mut st = self.state.lock().unwrap();
+        // a scheduler bug, injected by the tests (a panic while the state is held)
+        fail::fail_point!("coordinator-lease-locked");
         let st = &mut *st;
         let lease_ms = self.config.lease.as_millis() as i64;
         // strikes and out-of-memory reports count by the worker's name (whichever registration it is)
@@ -2211,6 +2213,19 @@ impl Scheduler {
     /// Why this coordinator may no longer write to its store ([`Store::lost`]), once that is so.
     pub fn store_lost(&self) -> Option<String> {
         self.store.lost()
+    }
+
+    /// Why this scheduler's state can no longer be trusted: a panic while a call held it (a bug) poisoned
+    /// its lock, and the call's changes may be half made, in memory ahead of or behind the store. Every
+    /// later call that takes the lock panics; the coordinator stops instead of serving nothing while it
+    /// holds a leader lease, so that a supervisor's restart (or a standby) loads the jobs from the store.
+    /// `None`: sound.
+    pub fn poisoned(&self) -> Option<String> {
+        self.state.is_poisoned().then(|| {
+            "a panic in the scheduler (a bug: see the log above) left its state in doubt; stopping, so that \
+             a restart loads the jobs from the store"
+                .to_string()
+        })
     }
 
     /// This coordinator's hold on a store that several share ([`Store::hold`]); `None`: held for good.
