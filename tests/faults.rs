@@ -595,6 +595,80 @@ async fn out_of_memory_retried_elsewhere(backend: Backend) {
     );
 }
 
+/// A tiled job's later scale planned whole for a worker that declares 16 GiB of device memory (640 x 480
+/// px fits it), on a device that runs out of memory from 600 px a side (fail point
+/// `engine-render-oom=return(600)`): the coordinator plans the scale again in tiles of at most three
+/// quarters of that side (480 px), raised to the job's smallest tiles (512 px), which render, and the job
+/// succeeds; the whole-canvas task is replaced, not failed, and no strike is taken. (Adam: one evaluation
+/// an iteration, for time.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tile_that_runs_out_of_memory_has_its_scale_planned_again_in_smaller_tiles() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 1.5, 0.3);
+    cluster.start_coordinator();
+    cluster.add_worker_with_env(
+        "w1",
+        &[
+            ("FAILPOINTS", "engine-render-oom=return(600)"),
+            ("STYLEFARM_DEVICE_MEMORY", "16GiB"),
+        ],
+    );
+    wait_registered(&cluster, 1).await;
+    let args = [
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--tiled",
+        "--size",
+        "640",
+        "--scales",
+        "2",
+        "--iterations",
+        "2",
+        "--optimizer",
+        "adam",
+    ];
+    let id = submit(&cluster, &args);
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(300),
+    )
+    .await;
+    let later: Vec<&pb::TaskStatus> = done
+        .tasks
+        .iter()
+        .filter(|t| t.tile.as_ref().is_some_and(|p| p.scale == 1))
+        .collect();
+    let (replaced, tiles): (Vec<&pb::TaskStatus>, Vec<_>) =
+        later.into_iter().partition(|t| t.replaced);
+    assert_eq!(replaced.len(), 1, "the whole canvas, replaced: {done:?}");
+    assert_eq!(replaced[0].state, pb::TaskState::Cancelled as i32);
+    assert!(
+        replaced[0].error.starts_with("replaced: scale 2/2 tile 1/1 (640x480 at 0,0) ran out of a device's memory on w1; the scale was planned again in tiles of at most 512 px"),
+        "{:?}",
+        replaced[0]
+    );
+    assert!(tiles.len() > 1, "{done:?}");
+    for t in &tiles {
+        assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{t:?}");
+        let rect = t.tile.as_ref().unwrap();
+        assert!(rect.width.max(rect.height) <= 512, "{t:?}");
+    }
+    assert!(
+        done.strikes.is_empty(),
+        "out of memory is no strike: {:?}",
+        done.strikes
+    );
+    assert!(!done.result.is_empty(), "{done:?}");
+    let (ok, out, err) = cluster.cli(&["status", &id]);
+    let replaced_line = out
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("replaced"));
+    assert!(ok && replaced_line.is_some(), "{out} {err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_memory_is_retried_on_another_worker_and_is_no_strike() {
     out_of_memory_retried_elsewhere(Backend::Embedded).await;

@@ -635,6 +635,8 @@ async fn watch_job(
                     )
                 }
                 (pb::TaskState::Failed, _) => format!("failed: {}", t.error),
+                // cancelled for a new plan of its scale
+                _ if t.replaced => "replaced".to_string(),
                 _ => task_state_name(t.state),
             });
             if state == pb::TaskState::Succeeded {
@@ -759,7 +761,12 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
             println!(
                 "  {:>3} {:<10} {:<32} attempts {} {}",
                 t.index,
-                task_state_name(t.state),
+                // cancelled for a new plan of its scale (the error says why): not the job's work
+                if t.replaced {
+                    "replaced".to_string()
+                } else {
+                    task_state_name(t.state)
+                },
                 t.label,
                 t.attempts,
                 t.error

@@ -604,6 +604,7 @@ pub async fn serve(
                         coordinator.workers.lost(&worker, ran_out);
                     }
                     coordinator.replan_shards();
+                    coordinator.replan_out_of_memory();
                     // a job that every live worker is blocklisted for fails instead of waiting forever
                     let live = coordinator.workers.live();
                     if let Err(e) = coordinator.scheduler.fail_stranded(&live) {

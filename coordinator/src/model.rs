@@ -67,7 +67,8 @@ pub enum TaskState {
 impl TaskState {
     /// Whether a task in this state leaves nothing for its job to wait for: it succeeded, or it was
     /// cancelled. In a job that has not ended, a cancelled task is one that a new plan replaced (an
-    /// exact-mode scale's shards planned again for fewer workers, [`crate::scheduler::Scheduler::replan`]).
+    /// exact-mode scale's shards planned again for fewer workers, [`crate::scheduler::Scheduler::replan`];
+    /// a scale planned again in smaller tiles, [`crate::scheduler::Scheduler::replan_smaller`]).
     pub fn settled(self) -> bool {
         matches!(self, TaskState::Succeeded | TaskState::Cancelled)
     }
@@ -126,6 +127,11 @@ pub struct JobMeta {
     /// until it is resumed; its running ones go on. Cleared when the job ends.
     #[serde(default)]
     pub paused: bool,
+    /// A tiled job whose tile (or block) ran out of a device's memory: the largest tile side, in px, that
+    /// its scales are planned with from then on (the scale that ran out planned again with it:
+    /// [`crate::scheduler::Scheduler::replan_smaller`]); `None`: as large as the workers' memory allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tile_size: Option<u32>,
 }
 
 /// One task of a job.
@@ -165,23 +171,31 @@ pub struct TaskRecord {
     pub struck: Vec<WorkerId>,
 }
 
-/// The indices of the tasks that a new plan replaced, of a job's `tasks` in index order: shards of an
-/// exact-mode scale, cancelled, with a later task of the same scale planned otherwise (not a shard of as
-/// many: only [`crate::scheduler::Scheduler::replan`] adds such tasks after cancelling some). They are
-/// not the job's work: counts and progress leave them out.
+/// The indices of the tasks that a new plan replaced, of a job's `tasks` in index order: tasks of a
+/// tiled job's scale (shards, tiles), cancelled, with a later task of the same scale planned otherwise
+/// (another number of shards, or another tile size: only [`crate::scheduler::Scheduler::replan`] and
+/// [`crate::scheduler::Scheduler::replan_smaller`] add such tasks after cancelling some). They are not
+/// the job's work: counts and progress leave them out.
 pub fn replaced_tasks<'a>(
     tasks: impl DoubleEndedIterator<Item = &'a TaskRecord>,
 ) -> std::collections::BTreeSet<u32> {
-    // (scale, shards) of the tasks after the one looked at
+    // (scale, shards, tile size) of the tasks after the one looked at: the plan each is of
     let mut later = std::collections::BTreeSet::new();
     let mut replaced = std::collections::BTreeSet::new();
     for t in tasks.rev() {
-        let (scale, shards) = (t.spec.scale_index(), t.spec.shards());
-        let replanned = || later.iter().any(|&(s, n)| s == scale && n != shards);
-        if t.state == TaskState::Cancelled && shards.is_some() && replanned() {
+        let Some(scale) = &t.spec.scale else {
+            continue;
+        };
+        let plan = (scale.scale, t.spec.shards(), scale.block());
+        let replanned = || {
+            later
+                .iter()
+                .any(|&(s, n, b)| s == plan.0 && (n, b) != (plan.1, plan.2))
+        };
+        if t.state == TaskState::Cancelled && replanned() {
             replaced.insert(t.index);
         }
-        later.insert((scale, shards));
+        later.insert(plan);
     }
     replaced
 }
@@ -356,7 +370,9 @@ mod tests {
             assert_eq!(job.stage_results, [h("scale1"), h("scale2")]);
             assert_eq!(job.result, Some(h("scale2")));
             let task = task_from_json(lines[at + 1]).unwrap();
-            let tiles = tiled.scale_tasks(800, 600, 1, &h("scale1"), &[]).unwrap();
+            let tiles = tiled
+                .scale_tasks(800, 600, 1, &h("scale1"), &[], None)
+                .unwrap();
             assert_eq!(task, TaskRecord::pending(1, tiles[tiles.len() - 1].clone()));
         }
 
@@ -382,12 +398,16 @@ mod tests {
             stage_results: vec![h("scale1")],
             result: None,
             paused: true,
+            max_tile_size: Some(768),
         };
         let bytes = serde_json::to_vec(&job).unwrap();
         assert_eq!(job_from_json(&bytes).unwrap(), job);
         let task = TaskRecord::pending(
             1,
-            tiled.scale_tasks(800, 600, 1, &h("scale1"), &[]).unwrap()[0].clone(),
+            tiled
+                .scale_tasks(800, 600, 1, &h("scale1"), &[], None)
+                .unwrap()[0]
+                .clone(),
         );
         let bytes = serde_json::to_vec(&task).unwrap();
         assert_eq!(task_from_json(&bytes).unwrap(), task);

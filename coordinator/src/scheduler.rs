@@ -193,6 +193,41 @@ fn append_tasks(
     ops
 }
 
+/// Whether a task is still to be done: queued or running.
+fn to_do(task: &TaskRecord) -> bool {
+    matches!(task.state, TaskState::Pending | TaskState::Running)
+}
+
+/// Replaces the tasks `current` of job `job_id` (of one scale) by new ones, `tasks`, planned otherwise: each
+/// is cancelled with `reason` as its error (its lease ended: the worker's next heartbeat tells it to stop,
+/// and its outcome is discarded), and `tasks` are queued after the job's last. Returns the writes.
+fn replace_tasks(
+    st: &mut State,
+    job_id: &JobId,
+    current: &[u32],
+    tasks: Vec<TaskSpec>,
+    reason: &str,
+) -> Vec<Op> {
+    let job = st
+        .jobs
+        .get_mut(job_id)
+        .expect("a job being planned again exists");
+    let mut ops = Vec::new();
+    for &index in current {
+        if let Some(lease_id) = job.leases.remove(&index) {
+            st.leases.remove(&lease_id);
+        }
+        st.queue.remove(&job.meta, index);
+        let task = &mut job.tasks[index as usize];
+        set_task_state(&mut st.tally, task, TaskState::Cancelled);
+        task.result = None;
+        task.error = reason.to_string();
+        ops.push(Op::Task(job_id.clone(), task.clone()));
+    }
+    ops.extend(append_tasks(&mut st.queue, &mut st.tally, job, tasks));
+    ops
+}
+
 /// The key of a job's client request id in [`State::by_request`]: (tenant, request id).
 fn request_key(meta: &JobMeta) -> (String, String) {
     (meta.tenant.clone(), meta.client_request_id.clone())
@@ -368,6 +403,9 @@ struct State {
     /// Workers whose lease expired since [`Scheduler::take_lost`] last took them, with the moment their
     /// lease ran out.
     lost: Vec<(WorkerId, std::time::Instant)>,
+    /// The tiles (or exact-mode wholes) of tiled jobs' later scales that ran out of memory since
+    /// [`Scheduler::take_ran_out`] last took them: (job, task index).
+    ran_out: Vec<(JobId, u32)>,
     /// Jobs whose deletion is being written ([`Scheduler::forget`]): neither deleted again (one deletion
     /// at a time, so that its end clears the mark) nor run again meanwhile.
     deleting: HashSet<JobId>,
@@ -742,7 +780,9 @@ pub enum FailureKind {
     Permanent,
     /// The device ran out of memory: not a strike. The task is offered to other workers first: the worker
     /// that ran out gets it again only once it has waited a lease period ([`SchedulerConfig::lease`])
-    /// past its backoff with nobody else taking it (a farm of one worker, or of equal devices).
+    /// past its backoff with nobody else taking it (a farm of one worker, or of equal devices). A tile of
+    /// a tiled job's later scale (not a shard) is also handed to the coordinator
+    /// ([`Scheduler::take_ran_out`]), which plans its scale again in smaller tiles where it can.
     OutOfMemory,
     /// Another task of its group failed or started again (a shard of an exact-mode scale, whose shards run
     /// together and wait for each other): retried, not a strike. The attempt is not counted when another
@@ -937,6 +977,7 @@ impl Scheduler {
             stage_results: Vec::new(),
             result: None,
             paused,
+            max_tile_size: None,
         };
         let tasks: Vec<TaskRecord> = tasks
             .into_iter()
@@ -1377,6 +1418,13 @@ impl Scheduler {
         if kind == FailureKind::OutOfMemory && !task.out_of_memory_on.contains(&name) {
             task.out_of_memory_on.push(name);
         }
+        // a tile of a later scale (not a shard: its scale plans again with its workers) may be made smaller
+        if kind == FailureKind::OutOfMemory
+            && task.spec.scale_index() >= 1
+            && task.spec.shards().is_none()
+        {
+            st.ran_out.push((lease.job_id.clone(), lease.index));
+        }
         let reason = if task.permanent_error_workers.len() >= PERMANENT_CONFIRMATIONS {
             Some(format!(
                 "task {} ({}) failed with the same non-retryable error on workers {}: {error}",
@@ -1703,25 +1751,100 @@ impl Scheduler {
         {
             return Ok(false);
         }
-        let mut ops = Vec::new();
-        for index in current {
-            if let Some(lease_id) = job.leases.remove(&index) {
-                st.leases.remove(&lease_id);
-            }
-            st.queue.remove(&job.meta, index);
-            let task = &mut job.tasks[index as usize];
-            set_task_state(&mut st.tally, task, TaskState::Cancelled);
-            task.result = None;
-            task.error = reason.to_string();
-            ops.push(Op::Task(job_id.clone(), task.clone()));
-        }
-        ops.extend(append_tasks(&mut st.queue, &mut st.tally, job, tasks));
+        let ops = replace_tasks(st, job_id, &current, tasks, reason);
         let durable = self.store.write(ops);
         drop(guard);
         store::wait(durable)?;
         self.work.notify_waiters();
         self.changed(job_id);
         Ok(true)
+    }
+
+    /// The tiles of tiled jobs' later scales that ran out of a device's memory since the last call, each
+    /// with its job's record, while its job is still at that scale and the task still to do (queued again
+    /// or running: not replaced, not succeeded elsewhere since): what the coordinator may plan again in
+    /// smaller tiles ([`Scheduler::replan_smaller`]). Taken only while the store takes writes (else left
+    /// for a later call).
+    pub fn take_ran_out(&self) -> Vec<(JobMeta, TaskRecord)> {
+        if self.store_behind() {
+            return Vec::new();
+        }
+        let mut st = self.state.lock().unwrap();
+        let ran_out = std::mem::take(&mut st.ran_out);
+        ran_out
+            .into_iter()
+            .filter_map(|(job_id, index)| {
+                let job = st.jobs.get(&job_id)?;
+                let task = job.tasks.get(index as usize)?;
+                let at_its_scale = job.meta.stage_results.len() as u32 == task.spec.scale_index();
+                // a task that succeeded since (on another worker) leaves its scale as planned
+                (!job.meta.state.is_terminal() && at_its_scale && to_do(task))
+                    .then(|| (job.meta.clone(), task.clone()))
+            })
+            .collect()
+    }
+
+    /// Plans scale `scale` of tiled job `job_id` again in smaller tiles, since its task `ran_out` ran out
+    /// of a device's memory: every task of the scale (succeeded ones included: the grid changes) is
+    /// cancelled with `reason` as its error and replaced by `tasks`, planned with tiles of at most
+    /// `max_tile_size` px, which the job keeps for its later scales ([`JobMeta::max_tile_size`]). A
+    /// running task's lease ends (its worker's next heartbeat tells it to stop; its outcome is
+    /// discarded). Returns false, changing nothing, when the job is not at that point any more (it
+    /// ended, moved past the scale, or `ran_out` was replaced or succeeded since) or `tasks` are none or
+    /// not of that scale.
+    pub fn replan_smaller(
+        &self,
+        job_id: &JobId,
+        scale: u32,
+        ran_out: u32,
+        tasks: Vec<TaskSpec>,
+        max_tile_size: u32,
+        reason: &str,
+    ) -> Result<bool, SchedulerError> {
+        self.writable()?;
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let Some(job) = st.jobs.get_mut(job_id) else {
+            return Ok(false);
+        };
+        let current: Vec<u32> = job
+            .tasks
+            .iter()
+            .filter(|t| t.spec.scale_index() == scale && t.state != TaskState::Cancelled)
+            .map(|t| t.index)
+            .collect();
+        if job.meta.state.is_terminal()
+            || job.meta.stage_results.len() as u32 != scale
+            || !current.contains(&ran_out)
+            || !to_do(&job.tasks[ran_out as usize])
+            || tasks.is_empty()
+            || tasks.iter().any(|t| t.scale_index() != scale)
+        {
+            return Ok(false);
+        }
+        job.meta.max_tile_size = Some(max_tile_size);
+        let mut ops = vec![Op::Job(job.meta.clone())];
+        // an exact-mode canvas planned again may be shards now (more workers than when it was planned)
+        if tasks.iter().any(|t| t.shards().is_some()) {
+            st.sharded.insert(job_id.clone());
+        }
+        ops.extend(replace_tasks(st, job_id, &current, tasks, reason));
+        let durable = self.store.write(ops);
+        drop(guard);
+        store::wait(durable)?;
+        self.work.notify_waiters();
+        self.changed(job_id);
+        Ok(true)
+    }
+
+    /// Hands back a tile that ran out of memory ([`Scheduler::take_ran_out`]) that the coordinator could
+    /// not plan again now (no worker to plan for, a store out of reach): the next call takes it again.
+    pub fn hand_back_ran_out(&self, job_id: &JobId, index: u32) {
+        self.state
+            .lock()
+            .unwrap()
+            .ran_out
+            .push((job_id.clone(), index));
     }
 
     /// The workers whose lease expired since the last call, with the moment each lease ran out: lost, as
@@ -3179,7 +3302,7 @@ mod tests {
         );
         assert_eq!(s.jobs_awaiting_step(), vec![job.clone()]);
         let stitched = ImageHash::of(b"stitched 1");
-        let tiles = spec.scale_tasks(800, 600, 1, &stitched, &[]).unwrap();
+        let tiles = spec.scale_tasks(800, 600, 1, &stitched, &[], None).unwrap();
         assert_eq!(tiles.len(), 6, "1024 x 768 in 512-px tiles: 3 x 2");
         // a wrong scale, or the same scale twice, changes nothing
         assert!(!s.finish_stage(&job, 1, &hash("x"), None).unwrap());
@@ -3237,7 +3360,7 @@ mod tests {
         let l = s.lease(&w("w")).unwrap().unwrap();
         s.complete(&l.lease_id, &hash("scale 0")).unwrap();
         let shards = spec
-            .scale_tasks(768, 1024, 1, &hash("stitched"), &vec![0; workers])
+            .scale_tasks(768, 1024, 1, &hash("stitched"), &vec![0; workers], None)
             .unwrap();
         assert_eq!(shards.len(), workers);
         assert!(shards.iter().all(|t| t.shards() == Some(workers as u32)));
@@ -3860,15 +3983,15 @@ mod tests {
         s.complete(&b.lease_id, &hash("band 1")).unwrap().unwrap();
         assert_eq!(sharded(&s), [(job.clone(), 1, 3)]);
         let two = spec
-            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0, 0])
+            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0, 0], None)
             .unwrap();
         let one = spec
-            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0])
+            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0], None)
             .unwrap();
         assert_eq!((two.len(), one.len()), (2, 1));
         // not fewer, the wrong scale or the wrong count of shards: nothing changes
         let three = spec
-            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0, 0, 0])
+            .scale_tasks(768, 1024, 1, &hash("stitched"), &[0, 0, 0], None)
             .unwrap();
         assert!(!s.replan(&job, 1, 3, three, "no").unwrap());
         assert!(!s.replan(&job, 0, 3, two.clone(), "no").unwrap());
@@ -3918,6 +4041,116 @@ mod tests {
         assert_eq!(again.jobs_awaiting_step(), std::slice::from_ref(&job));
         assert!(again.finish_stage(&job, 1, &hash("final"), None).unwrap());
         assert_eq!(again.get(&job).unwrap().meta.state, JobState::Succeeded);
+        assert_eq!(again.counts(), again.counts_walked());
+    }
+
+    /// A tile of a later scale that runs out of memory is handed to the coordinator once, while its job is
+    /// at that scale; the scale planned again in smaller tiles replaces every task of it (one that
+    /// succeeded included: the grid changed), the job keeps the smaller size for its later scales, and a
+    /// restart keeps both. A plan that is stale (the task replaced already, another scale, no tasks)
+    /// changes nothing.
+    #[test]
+    fn a_scale_whose_tile_ran_out_of_memory_is_planned_again_in_smaller_tiles() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let spec = tiled_1024();
+        let (job, _) = s.submit(spec.clone(), "").unwrap();
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        // the first scale is not planned from memory: it is never made smaller
+        s.fail(&l.lease_id, "CUDA out of memory", FailureKind::OutOfMemory)
+            .unwrap();
+        assert!(s.take_ran_out().is_empty());
+        let l = s.lease(&w("b")).unwrap().unwrap();
+        s.complete(&l.lease_id, &hash("scale 0")).unwrap();
+        let memory = [80 << 30];
+        let plan = |max| {
+            spec.scale_tasks(768, 1024, 1, &hash("stitched"), &memory, max)
+                .unwrap()
+        };
+        let (large, small) = (plan(Some(640)), plan(Some(512)));
+        assert!(large.len() > 2 && small.len() > large.len());
+        assert!(s
+            .finish_stage(&job, 0, &hash("stitched"), Some(large.clone()))
+            .unwrap());
+        // a tile that ran out and then succeeded on another worker leaves its scale as planned
+        let first = s.lease(&w("a")).unwrap().unwrap();
+        s.fail(
+            &first.lease_id,
+            "CUDA out of memory",
+            FailureKind::OutOfMemory,
+        )
+        .unwrap();
+        let elsewhere = s.lease(&w("b")).unwrap().unwrap();
+        assert_eq!(elsewhere.task.id.index, first.task.id.index);
+        s.complete(&elsewhere.lease_id, &hash("tile 0")).unwrap();
+        assert!(s.take_ran_out().is_empty(), "succeeded since");
+        let index = first.task.id.index;
+        assert!(!s
+            .replan_smaller(&job, 1, index, small.clone(), 512, "no")
+            .unwrap());
+        let second = s.lease(&w("a")).unwrap().unwrap();
+        let third = s.lease(&w("b")).unwrap().unwrap();
+        s.fail(
+            &second.lease_id,
+            "CUDA out of memory",
+            FailureKind::OutOfMemory,
+        )
+        .unwrap();
+        let ran_out = s.take_ran_out();
+        assert_eq!(ran_out.len(), 1);
+        let (meta, task) = &ran_out[0];
+        assert_eq!((&meta.id, task.index), (&job, second.task.id.index));
+        assert_eq!(task.out_of_memory_on, [w("a")]);
+        assert!(s.take_ran_out().is_empty(), "handed over once");
+        // handed back (nothing to plan for yet): taken again
+        s.hand_back_ran_out(&job, task.index);
+        assert_eq!(s.take_ran_out().len(), 1);
+        let index = task.index;
+        assert!(!s
+            .replan_smaller(&job, 0, index, small.clone(), 512, "no")
+            .unwrap());
+        assert!(!s
+            .replan_smaller(&job, 1, index, Vec::new(), 512, "no")
+            .unwrap());
+        assert!(s
+            .replan_smaller(&job, 1, index, small.clone(), 512, "smaller")
+            .unwrap());
+        assert!(!s
+            .replan_smaller(&job, 1, index, small.clone(), 512, "again")
+            .unwrap());
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.max_tile_size, Some(512));
+        assert_eq!(view.tasks.len(), 1 + large.len() + small.len());
+        for (t, _) in &view.tasks[1..=large.len()] {
+            assert_eq!(
+                (t.state, t.error.as_str()),
+                (TaskState::Cancelled, "smaller")
+            );
+            assert_eq!(t.result, None);
+        }
+        let replaced = crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t));
+        assert_eq!(
+            replaced.into_iter().collect::<Vec<_>>(),
+            (1..=large.len() as u32).collect::<Vec<_>>()
+        );
+        // the running tile's worker is told to stop; its late result is discarded
+        assert!(
+            s.heartbeat(&third.lease_id, &w("b"), None, None)
+                .unwrap()
+                .cancel
+        );
+        assert_eq!(s.complete(&third.lease_id, &hash("late")).unwrap(), None);
+        assert_eq!(s.queue_depth(), small.len());
+        assert_eq!(s.counts(), s.counts_walked());
+        // another out-of-memory report of the old plan's tile is not handed over
+        assert!(s.take_ran_out().is_empty());
+        let again = Scheduler::new(config, store).unwrap();
+        assert_eq!(again.queue_depth(), small.len());
+        assert_eq!(again.get(&job).unwrap().meta.max_tile_size, Some(512));
         assert_eq!(again.counts(), again.counts_walked());
     }
 
@@ -4053,7 +4286,7 @@ mod tests {
                         let stage = s.get(&job).unwrap().meta.stage_results.len() as u32;
                         let next_tiles = (stage == 0).then(|| {
                             tiled
-                                .scale_tasks(800, 600, 1, &hash("stitched"), &[])
+                                .scale_tasks(800, 600, 1, &hash("stitched"), &[], None)
                                 .unwrap()
                         });
                         s.finish_stage(&job, stage, &hash("stitched"), next_tiles)
@@ -4175,7 +4408,7 @@ mod tests {
         let l = s.lease(&w("w")).unwrap().unwrap();
         s.complete(&l.lease_id, &hash("scale 0")).unwrap();
         let next = tiled_1024()
-            .scale_tasks(1024, 768, 1, &hash("stitched"), &[])
+            .scale_tasks(1024, 768, 1, &hash("stitched"), &[], None)
             .unwrap();
         assert!(s
             .finish_stage(&tiled, 0, &hash("stitched"), Some(next))

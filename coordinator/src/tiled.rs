@@ -14,6 +14,7 @@ use image::{GrayImage, RgbImage};
 use stylefarm_core::ids::JobId;
 use stylefarm_core::imaging;
 use stylefarm_core::job::{ImageHash, ScalePart, ScaleTask};
+use stylefarm_core::tiling::{self, TileSizing};
 
 use crate::blobs::BlobReader;
 use crate::model::{JobMeta, TaskRecord, TaskState};
@@ -24,6 +25,16 @@ fn png(img: &RgbImage) -> Result<Vec<u8>, Error> {
     img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
         .map_err(|e| Error::Internal(format!("encoding a PNG: {e}")))?;
     Ok(out)
+}
+
+/// What became of a scale whose tile ran out of memory ([`Coordinator::replan_out_of_memory`]).
+enum Replan {
+    /// Planned again: the number of its new tasks and their largest tile size.
+    Planned(usize, u32),
+    /// Kept as planned: its tiles fixed by the user or the smallest already, or the job moved on.
+    Kept,
+    /// To be planned once it can be: no worker to plan for now.
+    Later,
 }
 
 impl Coordinator {
@@ -126,11 +137,14 @@ impl Coordinator {
             .tasks
             .iter()
             .map(|(t, _)| t)
-            // less the shards a new plan replaced
+            // less the tasks a new plan replaced
             .filter(|t| t.spec.scale_index() == scale && t.state != TaskState::Cancelled)
             .collect();
         if tasks.is_empty() {
             return Ok(()); // already moved on
+        }
+        if tasks.iter().any(|t| !t.state.settled()) {
+            return Ok(()); // planned again since: stitched once its new tiles are done
         }
         let started = std::time::Instant::now();
         // a stitch holds about what a decode of its canvas does, and the last one also decodes the content
@@ -254,7 +268,7 @@ impl Coordinator {
         } else {
             let (cw, ch) = self.dimensions(&spec.contents[0])?;
             let memory = self.planning_memory(&view.meta);
-            Some(spec.scale_tasks(cw, ch, scale + 1, &hash, &memory)?)
+            Some(spec.scale_tasks(cw, ch, scale + 1, &hash, &memory, view.meta.max_tile_size)?)
         };
         let tiles = next.as_ref().map_or(0, Vec::len);
         let tile_size = next
@@ -335,6 +349,95 @@ impl Coordinator {
         *short_since = still_short;
     }
 
+    /// Plans again, in smaller tiles, each scale of a tiled job whose tile (or exact-mode block) ran out
+    /// of a device's memory: the planner's estimate of its render did not hold on that device (the
+    /// device shared with other work, a driver's own reserve, an estimate too low). The job's tiles are
+    /// then at most three quarters of the side that ran out, this scale's and its later scales'
+    /// ([`tiling::max_tile_after_out_of_memory`]). A job whose tile size the user fixed (`--tile-size`),
+    /// or whose tiles are already the smallest the planner cuts, keeps its plan: its task is retried as
+    /// any out-of-memory failure is (on another worker first). OpenCue retries a frame that ran out of
+    /// memory with more; a tile can be made smaller instead. Called by the coordinator's loop.
+    pub(crate) fn replan_out_of_memory(&self) {
+        for (meta, task) in self.scheduler.take_ran_out() {
+            let job_id = meta.id.as_str();
+            let scale = task.spec.scale_index();
+            match self.replan_smaller(&meta, &task) {
+                Ok(Replan::Planned(tasks, max_tile_size)) => tracing::warn!(
+                    job_id,
+                    scale = scale + 1,
+                    task = task.index,
+                    tasks,
+                    max_tile_size,
+                    "a tile ran out of memory: its scale planned again in smaller tiles"
+                ),
+                Ok(Replan::Kept) => {}
+                Ok(Replan::Later) => self.scheduler.hand_back_ran_out(&meta.id, task.index),
+                Err(e) => {
+                    tracing::error!(
+                        job_id,
+                        scale = scale + 1,
+                        error = %e,
+                        "planning a scale again in smaller tiles: tried again"
+                    );
+                    self.scheduler.hand_back_ran_out(&meta.id, task.index);
+                }
+            }
+        }
+    }
+
+    /// [`Coordinator::replan_out_of_memory`] for the scale of `ran_out`, a task of the job of `meta`.
+    fn replan_smaller(&self, meta: &JobMeta, ran_out: &TaskRecord) -> Result<Replan, Error> {
+        let spec = &meta.spec;
+        let (Some(tiling), Some(part)) = (spec.kind.tiling(), ran_out.spec.scale.as_ref()) else {
+            return Ok(Replan::Kept);
+        };
+        if tiling.sizing != TileSizing::Planned {
+            return Ok(Replan::Kept);
+        }
+        let memory = self.planning_memory(meta);
+        if memory.is_empty() {
+            // no worker that may take it now: planned for those that come (the planner would cut its
+            // smallest tiles, for good)
+            return Ok(Replan::Later);
+        }
+        let scale = part.scale;
+        let previous = meta
+            .stage_results
+            .last()
+            .ok_or_else(|| Error::Internal("a later scale without the scale before".into()))?;
+        let max_tile_size = tiling::max_tile_after_out_of_memory(part.block());
+        let (cw, ch) = self.dimensions(&spec.contents[0])?;
+        let tasks = spec.scale_tasks(cw, ch, scale, previous, &memory, Some(max_tile_size))?;
+        let planned = tasks
+            .iter()
+            .filter_map(|t| Some(t.scale.as_ref()?.block()))
+            .max()
+            .unwrap_or(0);
+        if planned >= part.block() {
+            return Ok(Replan::Kept); // the smallest tiles already
+        }
+        let reason = format!(
+            "replaced: {} ran out of a device's memory on {}; the scale was planned again in tiles of at \
+             most {planned} px",
+            ran_out.spec.label,
+            ran_out.out_of_memory_on.join(", "),
+        );
+        let count = tasks.len();
+        let replanned = self.scheduler.replan_smaller(
+            &meta.id,
+            scale,
+            ran_out.index,
+            tasks,
+            planned,
+            &reason,
+        )?;
+        Ok(if replanned {
+            Replan::Planned(count, planned)
+        } else {
+            Replan::Kept
+        })
+    }
+
     /// [`Coordinator::replan_shards`] for one scale of the job of `meta`, for workers with `memory`: the
     /// number of its new tasks, or `None` when it keeps its shards.
     fn replan_scale(
@@ -350,7 +453,7 @@ impl Coordinator {
             .last()
             .ok_or_else(|| Error::Internal("a sharded scale without the scale before".into()))?;
         let (cw, ch) = self.dimensions(&spec.contents[0])?;
-        let tasks = spec.scale_tasks(cw, ch, scale, previous, memory)?;
+        let tasks = spec.scale_tasks(cw, ch, scale, previous, memory, meta.max_tile_size)?;
         let count = tasks.len();
         let reason = format!(
             "replaced: the scale was planned again for the {} worker(s) left of the {shards} its shards \

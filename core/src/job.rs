@@ -680,8 +680,9 @@ impl JobSpec {
 
     /// The tasks of scale `scale` (>= 1) of a tiled job whose content image is `content_width` x
     /// `content_height`, given the stitched result of the scale before, its tiles sized for workers with
-    /// `workers` bytes of device memory each ([`Tiling::scale_tile_size`]; 0 where unknown). An error names
-    /// `kind` (not a tiled job), a field of the spec (as [`Self::tasks`]) or `scale` (no such scale).
+    /// `workers` bytes of device memory each and at most `max_tile` px ([`Tiling::scale_tile_size`]; 0
+    /// where unknown). An error names `kind` (not a tiled job), a field of the spec (as [`Self::tasks`])
+    /// or `scale` (no such scale).
     pub fn scale_tasks(
         &self,
         content_width: u32,
@@ -689,6 +690,7 @@ impl JobSpec {
         scale: u32,
         previous: &ImageHash,
         workers: &[u64],
+        max_tile: Option<u32>,
     ) -> Result<Vec<TaskSpec>, Error> {
         let job_tiling = self.tiling()?;
         // the spec checked as at submission: one content image, valid parameters and tiling
@@ -709,7 +711,13 @@ impl JobSpec {
             ..self.params.clone()
         };
         let tiling = Tiling {
-            tile_size: job_tiling.scale_tile_size(plan.width, plan.height, &params, workers),
+            tile_size: job_tiling.scale_tile_size(
+                plan.width,
+                plan.height,
+                &params,
+                workers,
+                max_tile,
+            ),
             ..job_tiling
         };
         let block = tiling.tile_size;
@@ -1272,7 +1280,7 @@ mod tests {
         assert_eq!((first[0].params.size, first[0].params.scales), (256, 1));
         assert_eq!(first[0].params.iterations, 500);
         assert_eq!(first[0].label, "scale 1/3");
-        let tiles = s.scale_tasks(800, 600, 2, &h(9), &[]).unwrap();
+        let tiles = s.scale_tasks(800, 600, 2, &h(9), &[], None).unwrap();
         // 1024 x 768 in 256-px tiles, overlap >= 64: 5 x 4
         assert_eq!(tiles.len(), 20);
         let t = tiles[6].scale.as_ref().unwrap();
@@ -1283,7 +1291,7 @@ mod tests {
         assert_eq!((t.rect().width, t.rect().height), (256, 256));
         assert_eq!(tiles[6].params.init, Init::Image(h(9)));
         assert_eq!(tiles[6].params.iterations, 125);
-        assert!(s.scale_tasks(800, 600, 3, &h(9), &[]).is_err());
+        assert!(s.scale_tasks(800, 600, 3, &h(9), &[], None).is_err());
         // exact mode: the same pyramid, one task per scale that is the whole canvas
         let exact = JobSpec {
             kind: JobKind::Tiled(Tiling {
@@ -1293,7 +1301,7 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(exact.tasks().unwrap(), first);
-        let whole = exact.scale_tasks(800, 600, 2, &h(9), &[]).unwrap();
+        let whole = exact.scale_tasks(800, 600, 2, &h(9), &[], None).unwrap();
         assert_eq!(whole.len(), 1);
         let t = whole[0].scale.as_ref().unwrap();
         assert!(t.part == ScalePart::Whole { block: 256 } && t.block() == 256);
@@ -1320,7 +1328,7 @@ mod tests {
                 ..spec(JobKind::Tiled(Tiling::new(Some(tile_size), overlap, false)))
             };
             assert_eq!(old.tasks().unwrap().len(), 1, "the first scale");
-            let tiles = old.scale_tasks(400, 300, 1, &h(3), &[]).unwrap();
+            let tiles = old.scale_tasks(400, 300, 1, &h(3), &[], None).unwrap();
             assert!(tiles.len() > 1);
             for t in &tiles {
                 let wire = stylefarm_proto::pb::TileTask::from(t.scale.as_ref().unwrap());
@@ -1369,10 +1377,10 @@ mod tests {
         // both once indexed contents[0] of an unchecked spec
         let err = none.check_sizes(|_| Ok((512, 512))).unwrap_err();
         assert!(err.to_string().starts_with("contents"), "{err}");
-        let err = none.scale_tasks(512, 512, 1, &h(9), &[]).unwrap_err();
+        let err = none.scale_tasks(512, 512, 1, &h(9), &[], None).unwrap_err();
         assert!(err.to_string().starts_with("contents"), "{err}");
         let err = spec(JobKind::Single)
-            .scale_tasks(512, 512, 1, &h(9), &[])
+            .scale_tasks(512, 512, 1, &h(9), &[], None)
             .unwrap_err();
         assert!(err.to_string().starts_with("kind"), "{err}");
     }

@@ -129,6 +129,14 @@ impl Default for Tiling {
     }
 }
 
+/// The largest tile (or block) side to plan a tiled job's scales with once a tile (or block) of `ran_out`
+/// px ran out of a device's memory: three quarters of it (about half its pixels, and so about half the
+/// memory of its render), rounded down to a multiple of 64 px. The planner still cuts tiles of the job's
+/// `tile_size` at least ([`Tiling::scale_tile_size`]): a tile that small has nothing smaller to go to.
+pub fn max_tile_after_out_of_memory(ran_out: u32) -> u32 {
+    ran_out / 4 * 3 / 64 * 64
+}
+
 impl Tiling {
     /// A tiled job's tiling: `tile_size` fixes every scale's tiles ([`TileSizing::Fixed`]); none leaves
     /// them to the planner ([`TileSizing::Planned`], from [`DEFAULT_TILE_SIZE`] up). Unchecked: see
@@ -193,13 +201,16 @@ impl Tiling {
     /// render fits the smallest device ([`memory::render_bytes`]), as a one-pass render would; else the
     /// largest multiple of 64 px (from `tile_size` to [`MAX_TILE_SIZE`]) whose tile fits it, made smaller
     /// while that leaves fewer tiles than workers (a few large tiles across N devices, not many small
-    /// ones); in exact mode, the largest block that fits beside the canvas' optimizer state.
+    /// ones); in exact mode, the largest block that fits beside the canvas' optimizer state. `max_tile`:
+    /// no tile (or block) larger than this, the whole canvas included, but `tile_size` at least (the
+    /// tiles that ran out of memory made smaller: [`max_tile_after_out_of_memory`]).
     pub fn scale_tile_size(
         &self,
         width: u32,
         height: u32,
         params: &RenderParams,
         workers: &[u64],
+        max_tile: Option<u32>,
     ) -> u32 {
         let known = workers.iter().copied().filter(|&m| m > 0);
         let (TileSizing::Planned, Some(smallest)) = (self.sizing, known.min()) else {
@@ -207,7 +218,8 @@ impl Tiling {
         };
         let budget = memory::usable_bytes(smallest);
         let longest = width.max(height);
-        if memory::render_bytes(width, height, params) <= budget {
+        let max_tile = max_tile.unwrap_or(MAX_TILE_SIZE);
+        if longest <= max_tile && memory::render_bytes(width, height, params) <= budget {
             return longest.max(self.tile_size);
         }
         let fits = |t: u32| {
@@ -220,7 +232,7 @@ impl Tiling {
         };
         let step = 64;
         let mut t = self.tile_size;
-        while t + step <= MAX_TILE_SIZE.min(longest) && fits(t + step) {
+        while t + step <= MAX_TILE_SIZE.min(longest).min(max_tile) && fits(t + step) {
             t += step;
         }
         if !self.exact {
@@ -738,7 +750,7 @@ mod tests {
         let params = RenderParams::default(); // L-BFGS, history 100: 4.9 KB a pixel
         let planned = Tiling::default();
         assert_eq!(planned.sizing, TileSizing::Planned);
-        let size = |w, h, workers: &[u64]| planned.scale_tile_size(w, h, &params, workers);
+        let size = |w, h, workers: &[u64]| planned.scale_tile_size(w, h, &params, workers, None);
         // no worker said how much memory it has: the job's tile size
         assert_eq!(size(4096, 3072, &[]), 512);
         assert_eq!(size(4096, 3072, &[0, 0]), 512);
@@ -797,14 +809,17 @@ mod tests {
             optimizer: crate::Optimizer::Adam,
             ..params.clone()
         };
-        assert!(planned.scale_tile_size(4096, 3072, &adam, &[16 * GIB]) > small);
+        assert!(planned.scale_tile_size(4096, 3072, &adam, &[16 * GIB], None) > small);
         // --tile-size fixes it
         let fixed = Tiling {
             tile_size: 256,
             sizing: TileSizing::Fixed,
             ..planned
         };
-        assert_eq!(fixed.scale_tile_size(4096, 3072, &params, &[h200]), 256);
+        assert_eq!(
+            fixed.scale_tile_size(4096, 3072, &params, &[h200], None),
+            256
+        );
     }
 
     #[test]
@@ -816,15 +831,49 @@ mod tests {
         };
         // fits: the whole canvas in one block
         assert_eq!(
-            exact.scale_tile_size(2048, 1536, &params, &[143 * GIB]),
+            exact.scale_tile_size(2048, 1536, &params, &[143 * GIB], None),
             2048
         );
         // does not: the largest block beside the canvas' optimizer state (2.4 KB a pixel here)
-        let b = exact.scale_tile_size(4096, 3072, &params, &[48 * GIB]);
+        let b = exact.scale_tile_size(4096, 3072, &params, &[48 * GIB], None);
         assert!(b > 512 && b < 4096, "{b}");
         let budget = memory::usable_bytes(48 * GIB);
         assert!(memory::blocked_render_bytes(4096, 3072, b, &params) <= budget);
         assert!(memory::blocked_render_bytes(4096, 3072, b + 64, &params) > budget);
+    }
+
+    #[test]
+    fn tiles_that_ran_out_of_memory_are_planned_smaller_down_to_the_job_s_tile_size() {
+        // three quarters of the side, a multiple of 64 px
+        assert_eq!(max_tile_after_out_of_memory(4096), 3072);
+        assert_eq!(max_tile_after_out_of_memory(768), 576);
+        assert_eq!(max_tile_after_out_of_memory(600), 448);
+        let params = RenderParams::default();
+        let h200 = 143_000_000_000;
+        for exact in [false, true] {
+            let planned = Tiling {
+                exact,
+                ..Tiling::default()
+            };
+            let size = |max| planned.scale_tile_size(4096, 3072, &params, &[h200], max);
+            // the whole canvas fits the device, not the tile that ran out
+            assert_eq!(size(None), 4096);
+            assert_eq!(size(Some(3072)), 3072);
+            assert_eq!(size(Some(1000)), 960);
+            // never below the job's tile size
+            assert_eq!(size(Some(100)), planned.tile_size);
+        }
+        // a smaller canvas than the limit: whole, as before
+        assert_eq!(
+            Tiling::default().scale_tile_size(768, 576, &params, &[h200], Some(3072)),
+            768
+        );
+        // a fixed tile size is the user's: kept
+        let fixed = Tiling::new(Some(1024), 128, false);
+        assert_eq!(
+            fixed.scale_tile_size(4096, 3072, &params, &[h200], Some(512)),
+            1024
+        );
     }
 
     fn check_axis(len: u32, tile: u32, overlap: u32) {

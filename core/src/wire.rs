@@ -609,7 +609,7 @@ mod tests {
                 ..s.clone()
             };
             for spec in s
-                .scale_tasks(400, 300, 1, &ImageHash::of(b"p"), &[])
+                .scale_tasks(400, 300, 1, &ImageHash::of(b"p"), &[], None)
                 .unwrap()
             {
                 let task = Task {
@@ -695,7 +695,7 @@ mod tests {
     /// A tile of [`tiled_512`], on the wire.
     fn a_tile_on_the_wire() -> Option<pb::TileTask> {
         let tasks = tiled_512()
-            .scale_tasks(400, 300, 1, &ImageHash::of(b"p"), &[])
+            .scale_tasks(400, 300, 1, &ImageHash::of(b"p"), &[], None)
             .unwrap();
         tasks[0].scale.as_ref().map(Into::into)
     }

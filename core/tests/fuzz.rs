@@ -1504,7 +1504,7 @@ fn fuzz_tiled_jobs() {
                 check_field(&err, &["kind"])?;
                 let content = image_sizes[0];
                 let err = spec
-                    .scale_tasks(content.0, content.1, 1, &previous, &workers)
+                    .scale_tasks(content.0, content.1, 1, &previous, &workers, None)
                     .expect_err("scale tasks of a job not tiled");
                 check_field(&err, &["kind"])?;
                 return Ok(());
@@ -1544,7 +1544,7 @@ fn fuzz_tiled_jobs() {
                 Ok(i) => 1 + i.index(plans.len().max(2) - 1) as u32,
                 Err(any) => any,
             };
-            match spec.scale_tasks(content.0, content.1, scale, &previous, &workers) {
+            match spec.scale_tasks(content.0, content.1, scale, &previous, &workers, None) {
                 Err(e) => {
                     prop_assert!(scale == 0 || scale as usize >= plans.len(), "{e}");
                     check_field(&e, &["scale"])?;

@@ -252,11 +252,16 @@ impl Resident {
     /// Renders one request, its style targets from (and into) the cache.
     fn render(&mut self, req: &Request) -> Result<RgbImage, stylefarm_engine::Error> {
         fail::fail_point!("engine-render");
-        fail::fail_point!("engine-render-oom", |_| Err(
-            stylefarm_engine::Error::Torch(tch::TchError::Torch(
-                "CUDA out of memory. Tried to allocate 2.00 GiB (injected)".into()
-            ))
-        ));
+        // every render runs out of memory (`return`), or those of at least N px a side (`return(N)`)
+        #[cfg(feature = "failpoints")]
+        if let Some(true) = fail::eval("engine-render-oom", |from| {
+            let from = from.and_then(|px| px.parse::<u32>().ok()).unwrap_or(0);
+            req.job.params.size >= from
+        }) {
+            return Err(stylefarm_engine::Error::Torch(tch::TchError::Torch(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected)".into(),
+            )));
+        }
         let cache = &mut self.cache;
         let mut on_progress = |p: &Progress| {
             let _ = req.live.progress.send(Some(*p));

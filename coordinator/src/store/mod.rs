@@ -196,6 +196,7 @@ pub(crate) mod tests {
             stage_results: Vec::new(),
             result: None,
             paused: false,
+            max_tile_size: None,
         };
         (meta, tasks)
     }
