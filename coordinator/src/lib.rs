@@ -680,7 +680,8 @@ pub async fn serve(
 }
 
 /// Why a coordinator must stop serving: another coordinator took over its store
-/// ([`scheduler::Scheduler::store_lost`]), or a panic left its scheduler's state in doubt ([`scheduler::Scheduler::poisoned`]).
+/// ([`scheduler::Scheduler::store_lost`]), or a panic left its scheduler's state in doubt
+/// ([`scheduler::Scheduler::poisoned`]).
 fn stopped(scheduler: &scheduler::Scheduler) -> Option<Error> {
     if let Some(why) = scheduler.store_lost() {
         return Some(Error::Store(store::StoreError::new(format!(
