@@ -93,7 +93,10 @@ def main():
     p.add_argument("--pooling", default="max")
     p.add_argument("--weights", required=True)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tf32", choices=["true", "false"], default="true",
+                   help="torch.backends.cudnn.allow_tf32 (PyTorch's default: true), as stylefarm's --tf32")
     a = p.parse_args()
+    torch.backends.cudnn.allow_tf32 = a.tf32 == "true"
 
     started = time.perf_counter()
     dev = torch.device(a.device)

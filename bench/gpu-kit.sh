@@ -5,7 +5,8 @@
 # (conv5_2..conv5_4) zeroed, gzipped (widened back to float32 there), and the two benchmark images.
 #
 #   bash bench/gpu-kit.sh        # then, on the GPU machine, from the repository root: bash bench/gpu.sh
-#                                # (and bench/gpu-lbfgs.sh)
+#                                # (and bench/gpu-lbfgs.sh; or both at once, timed for a short
+#                                # loan: bash bench/gpu-all.sh)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"

@@ -5,7 +5,8 @@
 #   - ms per iteration at 512 px, L-BFGS and Adam: stylefarm render against bench/gatys_torch.py (PyTorch
 #     eager, the same objective) on the same GPU, medians after two warm-up iterations;
 #   - `render` wall time for 500 L-BFGS iterations at 512 px, start-up included;
-#   - L-BFGS again with --channels-last (an engine option whose default is to be chosen by this figure);
+#   - L-BFGS and Adam again with --channels-last, then with --tf32 false (engine options whose defaults are
+#     chosen by these figures);
 #   - the tiled job `local --workers 1 --tiled --size $TILED_SIZE`, its scales planned for the GPU's memory:
 #     wall time, GPU utilization and memory (nvidia-smi, every 200 ms), the plan (tile size per scale), per
 #     task `task_s - engine_s` from the worker's log; and the one-pass `render --size $TILED_SIZE --scales N`
@@ -14,7 +15,7 @@
 #
 #   bash bench/gpu.sh                       # on the GPU machine, from the repository root
 #   PARTS=tiled bash bench/gpu.sh           # only the tiled job (PARTS: engine, tiled, memory)
-#   DEVICE=cpu SIZE=64 ITERATIONS=6 TILED_SIZE=600 TILED_ITERATIONS=2,1 bash bench/gpu.sh   # a dry run
+#   DEVICE=cpu SIZE=64 ITERATIONS=15 TILED_SIZE=600 TILED_ITERATIONS=2,1 bash bench/gpu.sh   # a dry run
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 kit=${KIT:-$repo/bench/gpu-kit}
@@ -50,12 +51,14 @@ content="$kit/tubingen.jpg"
 style="$kit/starry_night.jpg"
 export STYLEFARM_WEIGHTS="$weights" STYLEFARM_DEVICE="$device"
 
-# median ms per iteration of JSON progress lines (elapsed_s), the first two evaluations dropped
+# median ms per iteration of JSON progress lines (elapsed_s), over spans of 10 evaluations (on a GPU the
+# engine reads the losses 10 evaluations at a time, so a line's elapsed_s is its batch's), the first two
+# evaluations dropped
 ms_per_iteration() {
     "$py" -c '
 import json, statistics, sys
 t = [json.loads(l)["elapsed_s"] for l in open(sys.argv[1]) if l.startswith("{")]
-d = [b - a for a, b in zip(t[2:], t[3:])]
+d = [(t[i + 10] - t[i]) / 10 for i in range(2, len(t) - 10)]
 print(f"{1000 * statistics.median(d):.2f}" if d else "n/a")' "$1"
 }
 
@@ -64,14 +67,20 @@ row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3"; }
 echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py) |"
 echo "| --- | --- | --- |"
 parts=" ${PARTS:-engine tiled memory} "
-[[ $parts == *" engine "* ]] && for opt in lbfgs adam lbfgs-cl; do
+# the engine's defaults, then each with one option changed (to choose the defaults by these figures)
+[[ $parts == *" engine "* ]] && for opt in lbfgs adam lbfgs-cl adam-cl lbfgs-fp32 adam-fp32; do
+    case $opt in
+        *-cl) variant=--channels-last ;;
+        *-fp32) variant="--tf32 false" ;;
+        *) variant= ;;
+    esac
     t0=$(date +%s.%N)
     "$sf" render --content "$content" --style "$style" --size "$size" --iterations "$iterations" \
-        --optimizer "${opt%-cl}" $([ "$opt" = lbfgs-cl ] && echo --channels-last) \
+        --optimizer "${opt%-*}" $variant \
         --progress json -o "$out/render-$opt.png" > "$out/sf-$opt.jsonl" 2> "$out/sf-$opt.err"
     rc=$?
-    if [ "$opt" = lbfgs-cl ]; then
-        row "lbfgs with --channels-last: ms per iteration" "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" ""
+    if [ -n "$variant" ]; then
+        row "${opt%-*} with $variant: ms per iteration" "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" ""
         continue
     fi
     wall=$("$py" -c "print($(date +%s.%N) - $t0)")

@@ -90,9 +90,10 @@ fn blocked_objective_and_gradient_match_the_one_pass_ones() {
 }
 
 /// The channels-last layout (an engine option for GPUs) changes where the numbers sit in memory, not the
-/// objective: its losses and gradient against the default layout's, after a warm-up in both.
+/// objective: its losses and gradient against the default layout's, after a warm-up in both. The TF32
+/// option reaches the network and, on a CPU (which has no TF32), leaves every number as it is.
 #[test]
-fn the_channels_last_layout_gives_the_same_objective() {
+fn the_channels_last_layout_and_the_tf32_option_give_the_same_objective() {
     stylefarm_tests::one_libtorch_thread();
     use stylefarm_engine::EngineOptions;
     let content = imaging::resize(
@@ -102,10 +103,9 @@ fn the_channels_last_layout_gives_the_same_objective() {
     );
     let style = imaging::load(&shared_image("starry_night.jpg")).unwrap();
     let params = RenderParams::default();
-    let run = |channels_last: bool| {
-        let engine =
-            Engine::load_with(&weights(), Device::Cpu, EngineOptions { channels_last }).unwrap();
-        assert_eq!(engine.options().channels_last, channels_last);
+    let run = |options: EngineOptions| {
+        let engine = Engine::load_with(&weights(), Device::Cpu, options).unwrap();
+        assert_eq!(engine.options(), options);
         engine.warm_up().unwrap();
         let grams = engine
             .style_grams(std::slice::from_ref(&style), 96, &params, None)
@@ -119,7 +119,20 @@ fn the_channels_last_layout_gives_the_same_objective() {
         let x = &x0 + tch::Tensor::randn_like(&x0) * 20.0;
         engine.objective(&x, &targets, &params).unwrap()
     };
-    let ((a, ga), (b, gb)) = (run(false), run(true));
+    let default = EngineOptions::default();
+    let ((a, ga), (b, gb)) = (
+        run(default),
+        run(EngineOptions {
+            channels_last: true,
+            ..default
+        }),
+    );
+    let (c, gc) = run(EngineOptions {
+        tf32: !default.tf32,
+        ..default
+    });
+    assert_eq!(c, a);
+    assert!(gc.equal(&ga));
     let rel = |x: f64, y: f64| (x - y).abs() / y.abs();
     let grad_rel = (&ga - &gb).norm().double_value(&[]) / ga.norm().double_value(&[]);
     eprintln!(

@@ -79,12 +79,18 @@ pub(crate) struct EngineArgs {
     /// convolutions prefer; the objective is the same within float rounding.
     #[arg(long, env = "STYLEFARM_CHANNELS_LAST")]
     channels_last: bool,
+    /// Let cuDNN run the convolutions in TensorFloat-32 on GPUs that have it (PyTorch's
+    /// torch.backends.cudnn.allow_tf32); false holds them to float32. CPUs compute float32 either way.
+    #[arg(long, env = "STYLEFARM_TF32", value_name = "BOOL", action = clap::ArgAction::Set,
+          default_value_t = stylefarm_engine::EngineOptions::default().tf32)]
+    tf32: bool,
 }
 
 impl EngineArgs {
     pub(crate) fn options(&self) -> stylefarm_engine::EngineOptions {
         stylefarm_engine::EngineOptions {
             channels_last: self.channels_last,
+            tf32: self.tf32,
         }
     }
 }

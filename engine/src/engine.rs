@@ -19,10 +19,23 @@ pub struct Engine {
 
 /// How an engine runs on its device: choices of speed that leave the objective as it is (within float
 /// rounding).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
     /// Activations and weights in the channels-last (NHWC) layout ([`Vgg19::set_channels_last`]).
     pub channels_last: bool,
+    /// Convolutions in TensorFloat-32 on GPUs that have it ([`Vgg19::set_tf32`]).
+    pub tf32: bool,
+}
+
+impl Default for EngineOptions {
+    /// Row-major (NCHW) layout, TF32 convolutions: PyTorch's defaults, and those of every GPU figure in
+    /// BENCHMARKS.md so far. `bench/gpu.sh` times each option against them, to choose by measurement.
+    fn default() -> EngineOptions {
+        EngineOptions {
+            channels_last: false,
+            tf32: true,
+        }
+    }
 }
 
 impl Engine {
@@ -42,6 +55,7 @@ impl Engine {
         }
         let mut vgg = Vgg19::load(weights, device)?;
         vgg.set_channels_last(options.channels_last)?;
+        vgg.set_tf32(options.tf32);
         Ok(Engine { vgg, device })
     }
 
@@ -49,6 +63,7 @@ impl Engine {
     pub fn options(&self) -> EngineOptions {
         EngineOptions {
             channels_last: self.vgg.channels_last(),
+            tf32: self.vgg.tf32(),
         }
     }
 

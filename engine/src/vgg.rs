@@ -133,6 +133,10 @@ pub struct Vgg19 {
     /// Activations and weights in the channels-last layout (NHWC strides for NCHW shapes, what
     /// `torch.channels_last` makes): the layout cuDNN's tensor-core convolutions prefer.
     channels_last: bool,
+    /// Whether cuDNN may run the convolutions in TensorFloat-32 (`torch.backends.cudnn.allow_tf32`, on by
+    /// default in PyTorch): 10-bit mantissas in the products, float32 sums. Only NVIDIA GPUs from Ampere on
+    /// read it; elsewhere the convolutions are float32 either way.
+    tf32: bool,
 }
 
 /// `t` (`N x C x H x W`) with channels-last strides: the same values and shape, NHWC in memory (PyTorch's
@@ -226,6 +230,7 @@ impl Vgg19 {
             convs,
             preprocessing,
             channels_last: false,
+            tf32: true,
         })
     }
 
@@ -247,6 +252,17 @@ impl Vgg19 {
     /// Whether the weights and inputs are in the channels-last (NHWC) layout ([`Self::set_channels_last`]).
     pub fn channels_last(&self) -> bool {
         self.channels_last
+    }
+
+    /// Lets cuDNN run the convolutions in TensorFloat-32 (the default, as PyTorch's
+    /// `torch.backends.cudnn.allow_tf32`), or holds them to float32.
+    pub fn set_tf32(&mut self, on: bool) {
+        self.tf32 = on;
+    }
+
+    /// Whether cuDNN may run the convolutions in TensorFloat-32 ([`Self::set_tf32`]).
+    pub fn tf32(&self) -> bool {
+        self.tf32
     }
 
     /// The input convention of the loaded weights, read from the file's metadata: how images enter the
@@ -288,9 +304,27 @@ impl Vgg19 {
         } else {
             x.shallow_clone()
         };
+        // cuDNN's autotuner (`torch.backends.cudnn.benchmark`) on the GPU; the rest are `torch.conv2d`'s
+        // defaults, except TF32 as set.
+        let benchmark = x.device().is_cuda();
         for (i, (w, b)) in self.convs.iter().enumerate().take(deepest + 1) {
+            // at::_convolution, which torch.conv2d calls with the global cuDNN flags: stride 1, padding 1,
+            // dilation 1, not transposed, one group; not deterministic, cuDNN enabled.
             h = h
-                .f_conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1)?
+                .f_internal_convolution(
+                    w,
+                    Some(b),
+                    [1, 1],
+                    [1, 1],
+                    [1, 1],
+                    false,
+                    [0, 0],
+                    1,
+                    benchmark,
+                    false,
+                    true,
+                    self.tf32,
+                )?
                 .f_relu_()?;
             for (slot, layer) in out.iter_mut().zip(layers) {
                 if layer.index() == i {

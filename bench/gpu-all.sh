@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 10's GPU figures in one call of a lent GPU machine (its time is short: about 15 minutes in all,
+# start-up included), with the kit of bench/gpu-kit.sh: bench/gpu.sh's engine and tiled parts, then
+# bench/gpu-lbfgs.sh, then gpu.sh's memory part, each under a time limit so that the whole stays under
+# 10 minutes and what finished still comes back. Text results go to $OUT (what the device tool returns),
+# bulky ones (images, weights) stay in /tmp/gpuwork.
+#
+#   bash bench/gpu-kit.sh                                        # here, first
+#   bash bench/gpu-all.sh                                        # there, from the repository root
+#   (device tool: carry bench/gpu-kit, timeout 600 s)
+set -u
+res=${OUT:-/tmp/gpu-results}
+work=/tmp/gpuwork
+mkdir -p "$res" "$work"
+nvidia-smi > "$res/nvidia-smi.txt" 2>&1
+python3 -c 'import torch, PIL; print(torch.__version__, torch.cuda.get_device_name(0))' > "$res/env.txt" 2>&1
+t0=$(date +%s)
+stage() { echo "== $1 at $(($(date +%s) - t0)) s" | tee -a "$res/stages.txt"; }
+stage "engine and tiled"
+OUT=$work/main TILED_TIMEOUT=${TILED_TIMEOUT:-120} PARTS="engine tiled" timeout 320 bash bench/gpu.sh \
+    > "$res/gpu-main.md" 2> "$res/gpu-main.err"
+stage lbfgs
+OUT=$work/lbfgs timeout 75 bash bench/gpu-lbfgs.sh > "$res/gpu-lbfgs.txt" 2> "$res/gpu-lbfgs.err"
+stage memory
+OUT=$work/mem TILED_TIMEOUT=${MEMORY_TIMEOUT:-55} PARTS=memory timeout 170 bash bench/gpu.sh \
+    > "$res/gpu-memory.md" 2> "$res/gpu-memory.err"
+stage done
+for d in main lbfgs mem; do
+    mkdir -p "$res/$d"
+    find "$work/$d" -maxdepth 1 -type f -size -3M \
+        \( -name '*.err' -o -name '*.out' -o -name '*.jsonl' -o -name '*.csv' \) -exec cp {} "$res/$d/" \;
+done
+cat "$res/stages.txt" "$res/gpu-main.md" "$res/gpu-lbfgs.txt" "$res/gpu-memory.md"
