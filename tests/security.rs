@@ -409,6 +409,36 @@ async fn wait_state_as(client: &mut stylefarm_client::FarmClient, job: &str) {
     assert_eq!(status.state, pb::JobState::Succeeded as i32, "{status:?}");
 }
 
+/// A tenant share the coordinator cannot read (`--tenant-share`, TENANT=SHARE) stops it before it serves,
+/// with an error naming the flag and the entry.
+#[test]
+fn a_bad_tenant_share_stops_the_coordinator_naming_it() {
+    let data = tempfile::tempdir().unwrap();
+    for (share, says) in [
+        ("alice=0", "the share must be a whole number from 1 to 1000"),
+        ("alice", "expected TENANT=SHARE"),
+        ("alice=2,alice=3", "'alice' is given twice"),
+    ] {
+        let out = stylefarm_tests::stylefarm()
+            .args([
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--tenant-share",
+                share,
+            ])
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("--tenant-share") && err.contains(says),
+            "{share}: {err}"
+        );
+    }
+}
+
 /// `--max-unfinished-jobs 2`: a tenant's third unfinished job is refused with RESOURCE_EXHAUSTED naming the
 /// limit; another tenant is not held by it; cancelling a job frees a place. A message over the size limit
 /// is RESOURCE_EXHAUSTED too, naming the limit.

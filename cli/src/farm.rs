@@ -59,6 +59,16 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, env = "STYLEFARM_MAX_UNFINISHED_JOBS",
           default_value_t = stylefarm_coordinator::scheduler::DEFAULT_MAX_UNFINISHED_JOBS)]
     max_unfinished_jobs: usize,
+    /// A tenant's share of the farm, TENANT=SHARE (repeat, or comma-separated in the variable): at equal
+    /// priority, a tenant of share 3 gets 3 tasks running for each of a tenant of share 1. Tenants not
+    /// named have share 1.
+    #[arg(
+        long = "tenant-share",
+        env = "STYLEFARM_TENANT_SHARES",
+        value_delimiter = ',',
+        value_name = "TENANT=SHARE"
+    )]
+    tenant_shares: Vec<String>,
     /// Delete finished (succeeded, failed, cancelled) jobs this many seconds after they ended, as
     /// `stylefarm delete` does (their images stay in the blob store); unset: keep them until deleted.
     #[arg(long, env = "STYLEFARM_KEEP_FINISHED_SECS")]
@@ -387,6 +397,9 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     )?;
     config.blobs = args.blobs;
     config.scheduler.max_unfinished_jobs = args.max_unfinished_jobs;
+    config.scheduler.tenant_shares =
+        stylefarm_coordinator::scheduler::parse_tenant_shares(&args.tenant_shares)
+            .map_err(|e| anyhow!("--tenant-share: {e}"))?;
     // a keep time: any number of seconds more than 0
     let keep = |flag: &str, secs: Option<f64>| {
         secs.map(|secs| {

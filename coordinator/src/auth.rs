@@ -25,6 +25,19 @@ use crate::Error;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Tenant(pub String);
 
+impl Tenant {
+    /// What a tenant's name may be, as errors say it.
+    pub const NAME_RULE: &'static str = "1 to 64 letters, digits, '-', '_' or '.'";
+
+    /// Whether `name` may name a tenant ([`Self::NAME_RULE`]).
+    pub fn valid_name(name: &str) -> bool {
+        (1..=64).contains(&name.len())
+            && name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+    }
+}
+
 /// The tokens the coordinator accepts: from flags, their variables, or a TOML file ([`AuthConfig::load`]).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,17 +138,10 @@ impl AuthConfig {
             }
         };
         for (i, c) in self.clients.iter().enumerate() {
-            let ok = (1..=64).contains(&c.tenant.len())
-                && c.tenant
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
-            if !ok {
+            if !Tenant::valid_name(&c.tenant) {
                 return Err(Error::invalid(
                     "auth",
-                    format!(
-                        "client {i}: tenant '{}': 1 to 64 letters, digits, '-', '_' or '.'",
-                        c.tenant
-                    ),
+                    format!("client {i}: tenant '{}': {}", c.tenant, Tenant::NAME_RULE),
                 ));
             }
             let token = token_of(

@@ -45,6 +45,48 @@ pub struct SchedulerConfig {
     /// How often, at most, workers send a preview of the image they render (for the status page);
     /// `Duration::ZERO`: never.
     pub preview_interval: Duration,
+    /// Each tenant's share of the farm at equal priority ([`Scheduler::lease_tagged`]): with tasks of both
+    /// queued, a tenant of share 3 gets 3 tasks running for each of a tenant of share 1 (OpenCue's
+    /// subscriptions, as weights). A tenant not named has [`DEFAULT_TENANT_SHARE`].
+    /// [`parse_tenant_shares`] reads them.
+    pub tenant_shares: HashMap<String, u32>,
+}
+
+/// A tenant's share ([`SchedulerConfig::tenant_shares`]) unless configured.
+pub const DEFAULT_TENANT_SHARE: u32 = 1;
+
+/// The largest share a tenant may be given ([`SchedulerConfig::tenant_shares`]).
+pub const MAX_TENANT_SHARE: u32 = 1000;
+
+/// Reads tenant shares, each `TENANT=SHARE` (a tenant's name as its client token names it, a share from 1
+/// to [`MAX_TENANT_SHARE`]); an error names the entry that is wrong, and a tenant given twice.
+pub fn parse_tenant_shares(entries: &[String]) -> Result<HashMap<String, u32>, String> {
+    let mut shares = HashMap::new();
+    for entry in entries {
+        let (tenant, share) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("tenant share '{entry}': expected TENANT=SHARE"))?;
+        if !crate::auth::Tenant::valid_name(tenant) {
+            return Err(format!(
+                "tenant share '{entry}': the tenant must be {}",
+                crate::auth::Tenant::NAME_RULE
+            ));
+        }
+        let share = share
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_TENANT_SHARE).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "tenant share '{entry}': the share must be a whole number from 1 to \
+                     {MAX_TENANT_SHARE}"
+                )
+            })?;
+        if shares.insert(tenant.to_string(), share).is_some() {
+            return Err(format!("tenant share: tenant '{tenant}' is given twice"));
+        }
+    }
+    Ok(shares)
 }
 
 /// [`SchedulerConfig::preview_interval`] unless configured.
@@ -81,6 +123,7 @@ impl Default for SchedulerConfig {
             keep_finished: None,
             no_worker_left: DEFAULT_NO_WORKER_LEFT,
             preview_interval: DEFAULT_PREVIEW_INTERVAL,
+            tenant_shares: HashMap::new(),
         }
     }
 }
@@ -303,7 +346,8 @@ enum Take {
 
 /// The queued task a worker takes, of those `take` lets it: the highest priority first; among equal
 /// priorities, the fair share between tenants (OpenCue's balance between shows): the tenant with the fewest
-/// tasks running, then queue order (submission). The shards of an exact-mode scale keep their place in
+/// tasks running for its share (`shares`, [`SchedulerConfig::tenant_shares`]), then queue order
+/// (submission). The shards of an exact-mode scale keep their place in
 /// queue order: the first that is not skipped is a barrier, taken when nothing the worker may take is queued
 /// before it, and nothing queued behind it is taken (they wait for as many free workers, [`Take::Wait`],
 /// and must not lose them to tasks behind them). Each tenant's queue is scanned to its first task the worker
@@ -311,7 +355,11 @@ enum Take {
 /// shared farm while another's job waits; with one tenant, the task taken is the first the worker may take,
 /// as in a plain queue. A lease scans the queued shards and, per tenant with tasks queued, the tasks it
 /// skips before its first (a job it may not take at all is passed in one step).
-fn fair_share(st: &State, take: impl Fn(&QueueKey) -> Take) -> Option<QueueKey> {
+fn fair_share(
+    st: &State,
+    shares: &HashMap<String, u32>,
+    take: impl Fn(&QueueKey) -> Take,
+) -> Option<QueueKey> {
     let mut shards: Vec<QueueKey> = st
         .sharded
         .iter()
@@ -368,15 +416,30 @@ fn fair_share(st: &State, take: impl Fn(&QueueKey) -> Take) -> Option<QueueKey> 
     if candidates.len() == 1 {
         return Some(candidates[0].1.clone());
     }
-    let mut running: HashMap<&str, usize> = HashMap::new();
+    let mut running: HashMap<&str, u64> = HashMap::new();
     for lease in st.leases.values() {
         if let Some(job) = st.jobs.get(&lease.job_id) {
             *running.entry(job.meta.tenant.as_str()).or_default() += 1;
         }
     }
+    let running = |tenant: &str| running.get(tenant).copied().unwrap_or(0);
+    let share = |tenant: &str| {
+        u64::from(
+            shares
+                .get(tenant)
+                .copied()
+                .unwrap_or(DEFAULT_TENANT_SHARE)
+                .max(1),
+        )
+    };
+    // running / share, compared without division: a / b < c / d when a * d < c * b (shares are positive)
     candidates
         .into_iter()
-        .min_by_key(|(tenant, key)| (running.get(tenant).copied().unwrap_or(0), *key))
+        .min_by(|(a, key_a), (b, key_b)| {
+            (running(a) * share(b))
+                .cmp(&(running(b) * share(a)))
+                .then_with(|| key_a.cmp(key_b))
+        })
         .map(|(_, key)| key.clone())
 }
 
@@ -1032,7 +1095,8 @@ impl Scheduler {
     }
 
     /// Hands the next task to `worker`, whose tags are `tags`, if one is ready: the highest priority first;
-    /// at equal priorities, the tenant with the fewest tasks running (a fair share), then the oldest job;
+    /// at equal priorities, the tenant with the fewest tasks running for its share (a fair share,
+    /// [`SchedulerConfig::tenant_shares`]), then the oldest job;
     /// not a task of a job that blocklisted the worker or asks for a tag it lacks ([`JobSpec::runs_on`]),
     /// nor one waiting out a retry backoff.
     pub fn lease_tagged(
@@ -1123,7 +1187,7 @@ impl Scheduler {
                 Take::Yes
             }
         };
-        let pick = started.or_else(|| fair_share(st, take));
+        let pick = started.or_else(|| fair_share(st, &self.config.tenant_shares, take));
         let Some(key) = pick else {
             return Ok(None);
         };
@@ -3700,6 +3764,69 @@ mod tests {
         assert_eq!(s.lease(&w("w5")).unwrap().unwrap().task.id.job, urgent);
         assert_eq!(s.lease(&w("w6")).unwrap().unwrap().task.id.job, later);
         assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// A tenant of share 3 gets three tasks running for each of a tenant of share 1 (not named: the
+    /// default share), whichever submitted first; once it has nothing queued, the other takes the rest.
+    #[test]
+    fn tenant_shares_weight_the_fair_share() {
+        let config = SchedulerConfig {
+            tenant_shares: parse_tenant_shares(&["studio=3".to_string()]).unwrap(),
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(config, Arc::new(MemoryStore::default())).unwrap();
+        let submit = |tenant: &str, spec: JobSpec| {
+            s.submit_expanded(spec.expand().unwrap(), tenant, "", false)
+                .unwrap()
+                .0
+        };
+        let indie = submit("indie", batch(10, 0));
+        let studio = submit("studio", batch(7, 0));
+        let mut leased = Vec::new();
+        for i in 0..8 {
+            leased.push(s.lease(&w(&format!("w{i}"))).unwrap().unwrap().task.id.job);
+        }
+        let count = |job: &JobId| leased.iter().filter(|j| *j == job).count();
+        assert_eq!((count(&studio), count(&indie)), (6, 2), "{leased:?}");
+        // indie first (none running either side, submitted first), then studio until it runs 3 for indie's 1
+        assert_eq!(
+            leased[..5],
+            [&indie, &studio, &studio, &studio, &indie].map(Clone::clone)
+        );
+        // 6 for 3 against 2 for 1 is even: indie (submitted first), then studio's last queued task, then
+        // indie's alone
+        let more: Vec<JobId> = (8..11)
+            .map(|i| s.lease(&w(&format!("w{i}"))).unwrap().unwrap().task.id.job)
+            .collect();
+        assert_eq!(more, [indie.clone(), studio.clone(), indie.clone()]);
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// Tenant shares: `TENANT=SHARE`, a share from 1 to MAX_TENANT_SHARE, each tenant once; an error
+    /// names the entry.
+    #[test]
+    fn tenant_shares_are_read_and_bad_ones_named() {
+        let read = |entries: &[&str]| {
+            parse_tenant_shares(&entries.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            read(&["studio=3", "indie.b=1"]).unwrap(),
+            HashMap::from([("studio".to_string(), 3), ("indie.b".to_string(), 1)])
+        );
+        for (bad, says) in [
+            ("studio", "expected TENANT=SHARE"),
+            ("=3", "the tenant must be"),
+            ("a b=3", "the tenant must be"),
+            ("studio=0", "from 1 to 1000"),
+            ("studio=1001", "from 1 to 1000"),
+            ("studio=-1", "from 1 to 1000"),
+            ("studio=x", "from 1 to 1000"),
+        ] {
+            let e = read(&[bad]).unwrap_err();
+            assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
+        }
+        let e = read(&["studio=3", "studio=2"]).unwrap_err();
+        assert!(e.contains("'studio' is given twice"), "{e}");
     }
 
     /// A cancelled job runs again only once its running tasks have stopped; a cancelled exact-mode scale
