@@ -74,6 +74,7 @@ async fn main() {
         scheduler: SchedulerConfig::default(),
         auth,
         tls: None,
+        max_connections: stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS,
     };
     let coordinator = Coordinator::open(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

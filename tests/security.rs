@@ -409,6 +409,56 @@ async fn wait_state_as(client: &mut stylefarm_client::FarmClient, job: &str) {
     assert_eq!(status.state, pb::JobState::Succeeded as i32, "{status:?}");
 }
 
+/// `--max-connections 2`: with two connections open, a third is closed as it comes (its call fails
+/// within seconds rather than waiting, and the coordinator warns naming the flag); the two open ones are
+/// still served, and once one closes, a new client is served again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_past_max_connections_is_closed_and_the_coordinator_keeps_serving() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = ["--max-connections", "2"].map(String::from).to_vec();
+    cluster.start_coordinator();
+    let list = |c: AuthChannel| async move {
+        let mut rpc = RenderServiceClient::new(c);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            rpc.list_jobs(pb::ListJobsRequest::default()),
+        )
+        .await
+        .map_err(|_| "no answer in 10 s".to_string())?
+        .map(|_| ())
+        .map_err(|s| format!("{s:?}"))
+    };
+    let first = channel(&cluster.url, &token(None)).await.unwrap();
+    let second = channel(&cluster.url, &token(None)).await.unwrap();
+    list(first.clone()).await.unwrap();
+    list(second.clone()).await.unwrap();
+    let third = match channel(&cluster.url, &token(None)).await {
+        Ok(c) => list(c).await,
+        Err(e) => Err(e),
+    };
+    let e = third.expect_err("a third connection past --max-connections 2 is not served");
+    assert!(!e.contains("no answer"), "it fails at once: {e}");
+    list(second.clone()).await.unwrap();
+    let log = cluster.coordinator.as_ref().unwrap().log_text();
+    assert!(log.contains("--max-connections"), "{log}");
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = match channel(&cluster.url, &token(None)).await {
+            Ok(c) => list(c).await,
+            Err(e) => Err(e),
+        };
+        match again {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("a place freed by a closed connection is not served again: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    list(second).await.unwrap();
+}
+
 /// A tenant share the coordinator cannot read (`--tenant-share`, TENANT=SHARE) stops it before it serves,
 /// with an error naming the flag and the entry.
 #[test]

@@ -69,6 +69,13 @@ pub(crate) struct CoordinatorArgs {
         value_name = "TENANT=SHARE"
     )]
     tenant_shares: Vec<String>,
+    /// The most gRPC connections (workers and clients) served at once; one more is closed as it comes, so
+    /// that its client fails fast. Lowered to fit the open-files limit (ulimit -n), which the coordinator
+    /// raises to its hard limit first.
+    #[arg(long, env = "STYLEFARM_MAX_CONNECTIONS",
+          default_value_t = stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// Delete finished (succeeded, failed, cancelled) jobs this many seconds after they ended, as
     /// `stylefarm delete` does (their images stay in the blob store); unset: keep them until deleted.
     #[arg(long, env = "STYLEFARM_KEEP_FINISHED_SECS")]
@@ -377,6 +384,7 @@ pub(crate) fn coordinator_config(
         },
         auth: Default::default(),
         tls: None,
+        max_connections: stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS,
     })
 }
 
@@ -397,6 +405,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     )?;
     config.blobs = args.blobs;
     config.scheduler.max_unfinished_jobs = args.max_unfinished_jobs;
+    config.max_connections = args.max_connections as usize;
     config.scheduler.tenant_shares =
         stylefarm_coordinator::scheduler::parse_tenant_shares(&args.tenant_shares)
             .map_err(|e| anyhow!("--tenant-share: {e}"))?;

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod connections;
 pub mod decoding;
 pub mod exchange;
 pub mod gc;
@@ -26,7 +27,6 @@ use stylefarm_proto::pb::render_service_server::RenderServiceServer;
 use stylefarm_proto::pb::worker_service_server::WorkerServiceServer;
 use stylefarm_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 
 pub use scheduler::SchedulerConfig;
 
@@ -285,6 +285,9 @@ pub struct CoordinatorConfig {
     pub auth: auth::AuthConfig,
     /// The listener's TLS; `None`: plain HTTP/2.
     pub tls: Option<auth::TlsConfig>,
+    /// The most gRPC connections open at once (more are closed as they come: [`connections`]);
+    /// [`connections::DEFAULT_MAX_CONNECTIONS`] unless configured.
+    pub max_connections: usize,
 }
 
 /// Runs `f` on the blocking pool. Every call that may wait for a store runs there, never on the async
@@ -307,6 +310,8 @@ pub struct Coordinator {
     pub(crate) blobs: gc::TrackedBlobs,
     /// [`CoordinatorConfig::keep_unused_blobs`].
     pub(crate) keep_unused_blobs: Option<Duration>,
+    /// [`CoordinatorConfig::max_connections`].
+    pub(crate) max_connections: usize,
     /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
     /// ones.
     pub(crate) workers: workers::Registry,
@@ -411,6 +416,7 @@ impl Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,
             keep_unused_blobs: config.keep_unused_blobs,
+            max_connections: config.max_connections,
             workers: workers::Registry::default(),
             exchanges: exchange::Exchanges::default(),
             receiving: decoding::Receiving::default(),
@@ -669,7 +675,13 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(render)
         .add_service(worker)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
+        .serve_with_incoming_shutdown(
+            connections::incoming(
+                listener,
+                connections::connection_limit(coordinator.max_connections),
+            ),
+            stop,
+        )
         .await
         .map_err(|e| Error::Transport(e.to_string()));
     expiry.abort();
