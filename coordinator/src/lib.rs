@@ -91,6 +91,18 @@ impl Error {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Error {
         Error::Invalid(stylefarm_core::Error::invalid(field, message))
     }
+
+    /// Whether the blob store is out of reach ([`out_of_reach`]): work that failed with it may be tried
+    /// again later.
+    pub(crate) fn blobs_away(&self) -> bool {
+        matches!(self, Error::Io(io) if out_of_reach(io))
+    }
+
+    /// Whether the job store is out of reach ([`store::StoreError::is_unavailable`]): work that failed with
+    /// it may be tried again once it answers.
+    pub(crate) fn store_away(&self) -> bool {
+        matches!(self, Error::Store(s) if s.is_unavailable())
+    }
 }
 
 /// The most calls (HTTP/2 streams) one connection has open at once: hyper's default, which tonic's server

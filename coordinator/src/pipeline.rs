@@ -181,8 +181,7 @@ impl Coordinator {
     /// the job store once it answers (`serve`'s loop steps the jobs awaiting a step then); any other error
     /// fails the job, naming `what` failed.
     pub(crate) fn stage_failed(&self, job_id: &JobId, what: &str, e: Error) {
-        let blobs_away = matches!(&e, Error::Io(io) if crate::out_of_reach(io));
-        let store_away = matches!(&e, Error::Store(s) if s.is_unavailable());
+        let (blobs_away, store_away) = (e.blobs_away(), e.store_away());
         if blobs_away || store_away {
             tracing::warn!(
                 job_id = job_id.as_str(),

@@ -266,9 +266,9 @@ impl Coordinator {
         let next = if last {
             None
         } else {
-            let (cw, ch) = self.dimensions(&spec.contents[0])?;
             let memory = self.planning_memory(&view.meta);
-            Some(spec.scale_tasks(cw, ch, scale + 1, &hash, &memory, view.meta.max_tile_size)?)
+            let max_tile = view.meta.max_tile_size;
+            Some(self.plan_scale(&view.meta, scale + 1, &hash, &memory, max_tile)?)
         };
         let tiles = next.as_ref().map_or(0, Vec::len);
         let tile_size = next
@@ -349,6 +349,30 @@ impl Coordinator {
         *short_since = still_short;
     }
 
+    /// The tasks of `scale` of the tiled job of `meta`, from `previous` (the scale before, stitched),
+    /// planned for `memory` (the device memory of the workers that may take them) with tiles of at most
+    /// `max_tile` px ([`stylefarm_core::job::JobSpec::scale_tasks`]).
+    fn plan_scale(
+        &self,
+        meta: &JobMeta,
+        scale: u32,
+        previous: &ImageHash,
+        memory: &[u64],
+        max_tile: Option<u32>,
+    ) -> Result<Vec<stylefarm_core::job::TaskSpec>, Error> {
+        let (cw, ch) = self.dimensions(&meta.spec.contents[0])?;
+        Ok(meta
+            .spec
+            .scale_tasks(cw, ch, scale, previous, memory, max_tile)?)
+    }
+
+    /// The stitched image of the scale a tiled job of `meta` last finished: the init of the scale it is at.
+    fn scale_before<'a>(&self, meta: &'a JobMeta) -> Result<&'a ImageHash, Error> {
+        meta.stage_results
+            .last()
+            .ok_or_else(|| Error::Internal("a later scale without the scale before".into()))
+    }
+
     /// Plans again, in smaller tiles, each scale of a tiled job whose tile (or exact-mode block) ran out
     /// of a device's memory: the planner's estimate of its render did not hold on that device (the
     /// device shared with other work, a driver's own reserve, an estimate too low). The job's tiles are
@@ -372,15 +396,23 @@ impl Coordinator {
                 ),
                 Ok(Replan::Kept) => {}
                 Ok(Replan::Later) => self.scheduler.hand_back_ran_out(&meta.id, task.index),
-                Err(e) => {
-                    tracing::error!(
+                Err(e) if e.blobs_away() || e.store_away() => {
+                    tracing::warn!(
                         job_id,
                         scale = scale + 1,
                         error = %e,
-                        "planning a scale again in smaller tiles: tried again"
+                        "planning a scale again in smaller tiles: a store is out of reach; tried again"
                     );
                     self.scheduler.hand_back_ran_out(&meta.id, task.index);
                 }
+                // not worth trying again every turn of the loop: the task is retried at its size, as any
+                // out-of-memory failure is
+                Err(e) => tracing::error!(
+                    job_id,
+                    scale = scale + 1,
+                    error = %e,
+                    "planning a scale again in smaller tiles failed; the tile is retried at its size"
+                ),
             }
         }
     }
@@ -401,13 +433,9 @@ impl Coordinator {
             return Ok(Replan::Later);
         }
         let scale = part.scale;
-        let previous = meta
-            .stage_results
-            .last()
-            .ok_or_else(|| Error::Internal("a later scale without the scale before".into()))?;
         let max_tile_size = tiling::max_tile_after_out_of_memory(part.block());
-        let (cw, ch) = self.dimensions(&spec.contents[0])?;
-        let tasks = spec.scale_tasks(cw, ch, scale, previous, &memory, Some(max_tile_size))?;
+        let previous = self.scale_before(meta)?;
+        let tasks = self.plan_scale(meta, scale, previous, &memory, Some(max_tile_size))?;
         let planned = tasks
             .iter()
             .filter_map(|t| Some(t.scale.as_ref()?.block()))
@@ -447,13 +475,8 @@ impl Coordinator {
         shards: u32,
         memory: &[u64],
     ) -> Result<Option<usize>, Error> {
-        let spec = &meta.spec;
-        let previous = meta
-            .stage_results
-            .last()
-            .ok_or_else(|| Error::Internal("a sharded scale without the scale before".into()))?;
-        let (cw, ch) = self.dimensions(&spec.contents[0])?;
-        let tasks = spec.scale_tasks(cw, ch, scale, previous, memory, meta.max_tile_size)?;
+        let previous = self.scale_before(meta)?;
+        let tasks = self.plan_scale(meta, scale, previous, memory, meta.max_tile_size)?;
         let count = tasks.len();
         let reason = format!(
             "replaced: the scale was planned again for the {} worker(s) left of the {shards} its shards \
