@@ -5,40 +5,10 @@ use std::time::Duration;
 
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    logged_addr, path, submit, tubingen_x_starry, wait_for, wait_iteration, wait_registered,
-    wait_state, Cluster, Node,
+    metric_value as value, metrics_addr, path, scrape, submit, tubingen_x_starry, wait_for,
+    wait_iteration, wait_registered, wait_state, Cluster, Node,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The address a node logged for its metrics ("metrics on http://ADDR/metrics").
-async fn metrics_addr(node: &Node) -> String {
-    logged_addr(node, "metrics").await
-}
-
-/// `GET /metrics` over HTTP/1.1: the status line must say 200; returns the body.
-async fn scrape(addr: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("application/openmetrics-text"), "{head}");
-    body.to_string()
-}
-
-/// The value of the sample `series` (a name with its labels, as written), if the text has it.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-}
 
 /// A coordinator and workers with `--metrics-listen` (via STYLEFARM_METRICS_LISTEN), a batch of two
 /// tasks, its first worker SIGKILLed mid-task and another added: the coordinator's queue, task and job

@@ -8,7 +8,8 @@ use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
 use stylefarm_tests::{
-    logged_addr, path, submit, tubingen_x_starry, wait_registered, x_starry, Cluster,
+    logged_addr, metric_value, metrics_addr, path, scrape, submit, tubingen_x_starry,
+    wait_registered, x_starry, Cluster,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
@@ -410,13 +411,17 @@ async fn wait_state_as(client: &mut stylefarm_client::FarmClient, job: &str) {
 }
 
 /// `--max-connections 2`: with two connections open, a third is closed as it comes (its call fails
-/// within seconds rather than waiting, and the coordinator warns naming the flag); the two open ones are
-/// still served, and once one closes, a new client is served again.
+/// within seconds rather than waiting, the coordinator warns naming the flag, and its metrics count two
+/// open and the refusal); the two open ones are still served, and once one closes, a new client is served
+/// again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_past_max_connections_is_closed_and_the_coordinator_keeps_serving() {
     let mut cluster = Cluster::new(1.5, 0.3, "embedded");
-    cluster.coordinator_args = ["--max-connections", "2"].map(String::from).to_vec();
+    cluster.coordinator_args = ["--max-connections", "2", "--metrics-listen", "127.0.0.1:0"]
+        .map(String::from)
+        .to_vec();
     cluster.start_coordinator();
+    let metrics = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
     let list = |c: AuthChannel| async move {
         let mut rpc = RenderServiceClient::new(c);
         tokio::time::timeout(
@@ -441,6 +446,16 @@ async fn a_connection_past_max_connections_is_closed_and_the_coordinator_keeps_s
     list(second.clone()).await.unwrap();
     let log = cluster.coordinator.as_ref().unwrap().log_text();
     assert!(log.contains("--max-connections"), "{log}");
+    let text = scrape(&metrics).await;
+    assert_eq!(
+        metric_value(&text, "stylefarm_connections_open"),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "stylefarm_connections_refused_total").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
     drop(first);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {

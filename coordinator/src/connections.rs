@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -58,11 +60,27 @@ pub fn connection_limit(wanted: usize) -> usize {
     }
 }
 
+/// The connections' metrics ([`crate::metrics`]): those open now, and those refused.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    /// gRPC connections served now.
+    pub open: Gauge,
+    /// Connections closed as they came, past the bound.
+    pub refused: Counter,
+}
+
 /// A served connection: the TCP stream and its place among the [`connection_limit`] ones, given back
 /// when the connection is dropped (closed by either side).
 pub struct Connection {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 impl Connected for Connection {
@@ -126,10 +144,11 @@ fn one_connection_s(e: &io::Error) -> bool {
 }
 
 /// The connections `listener` accepts, at most `limit` of them open at once (see the module's doc), for
-/// tonic's `serve_with_incoming`. Accepting stops when the stream is dropped.
+/// tonic's `serve_with_incoming`, counted in `metrics`. Accepting stops when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     limit: usize,
+    metrics: ConnectionMetrics,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Connection>> {
     let (tx, rx) = mpsc::channel(1);
     let places = Arc::new(Semaphore::new(limit));
@@ -157,6 +176,7 @@ pub fn incoming(
             let Ok(place) = places.clone().try_acquire_owned() else {
                 // closed at once (dropped): its client sees the connection reset and fails fast
                 refused += 1;
+                metrics.refused.inc();
                 if warned.is_none_or(|at| at.elapsed() >= REFUSED_LOG_INTERVAL) {
                     tracing::warn!(
                         refused,
@@ -170,9 +190,11 @@ pub fn incoming(
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            metrics.open.inc();
             let connection = Connection {
                 stream,
                 _place: place,
+                open: metrics.open.clone(),
             };
             if tx.send(Ok(connection)).await.is_err() {
                 return;

@@ -324,6 +324,8 @@ pub struct Coordinator {
     pub(crate) keep_unused_blobs: Option<Duration>,
     /// [`CoordinatorConfig::max_connections`].
     pub(crate) max_connections: usize,
+    /// The connections served and refused, for [`metrics`].
+    pub(crate) connection_metrics: connections::ConnectionMetrics,
     /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
     /// ones.
     pub(crate) workers: workers::Registry,
@@ -423,12 +425,14 @@ impl Coordinator {
             BlobsConfig::S3(url) => Arc::new(blobs::S3Blobs::open(url)?),
         };
         let blobs = gc::TrackedBlobs::new(blobs);
-        let metrics = metrics::Metrics::new(scheduler.metrics(), &blobs);
+        let connection_metrics = connections::ConnectionMetrics::default();
+        let metrics = metrics::Metrics::new(scheduler.metrics(), &blobs, &connection_metrics);
         let coordinator = Arc::new(Coordinator {
             scheduler: Arc::new(scheduler),
             blobs,
             keep_unused_blobs: config.keep_unused_blobs,
             max_connections: config.max_connections,
+            connection_metrics,
             workers: workers::Registry::default(),
             exchanges: exchange::Exchanges::default(),
             receiving: decoding::Receiving::default(),
@@ -691,6 +695,7 @@ pub async fn serve(
             connections::incoming(
                 listener,
                 connections::connection_limit(coordinator.max_connections),
+                coordinator.connection_metrics.clone(),
             ),
             stop,
         )

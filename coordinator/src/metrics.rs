@@ -17,6 +17,8 @@
 //! | `stylefarm_blob_store_bytes` | gauge | | bytes of images stored (S3: as [`crate::blobs::BlobStore::stored_bytes`] says) |
 //! | `stylefarm_blobs_collected_total` | counter | | blobs deleted by the garbage collection ([`crate::gc`]) |
 //! | `stylefarm_blob_bytes_collected_total` | counter | | their bytes |
+//! | `stylefarm_connections_open` | gauge | | gRPC connections served now ([`crate::connections`]) |
+//! | `stylefarm_connections_refused_total` | counter | | connections closed as they came: as many were open as `--max-connections` allows |
 
 use std::collections::BTreeMap;
 
@@ -83,7 +85,11 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(scheduler: &SchedulerMetrics, blobs: &crate::gc::TrackedBlobs) -> Metrics {
+    pub(crate) fn new(
+        scheduler: &SchedulerMetrics,
+        blobs: &crate::gc::TrackedBlobs,
+        connections: &crate::connections::ConnectionMetrics,
+    ) -> Metrics {
         let mut registry = Registry::with_prefix("stylefarm");
         let metrics = Metrics {
             queue_depth: Family::default(),
@@ -154,6 +160,16 @@ impl Metrics {
             "blob_bytes_collected",
             "Bytes of the blobs deleted by the garbage collection",
             blobs.collected_bytes.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "gRPC connections served now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed as they came: as many were open as --max-connections allows",
+            connections.refused.clone(),
         );
         Metrics {
             registry,
