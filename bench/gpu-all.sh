@@ -15,14 +15,18 @@ mkdir -p "$res" "$work"
 nvidia-smi > "$res/nvidia-smi.txt" 2>&1
 python3 -c 'import torch, PIL; print(torch.__version__, torch.cuda.get_device_name(0))' > "$res/env.txt" 2>&1
 t0=$(date +%s)
-stage() { echo "== $1 at $(($(date +%s) - t0)) s" | tee -a "$res/stages.txt"; }
+# a stage's leftovers (a job past its stage's limit) must not run into the next stage's figures
+stage() {
+    pkill -f 'gpu-kit/stylefarm|gatys_torch.py|nvidia-smi --query-gpu' 2>/dev/null && sleep 2
+    echo "== $1 at $(($(date +%s) - t0)) s" | tee -a "$res/stages.txt"
+}
 stage "engine and tiled"
-OUT=$work/main TILED_TIMEOUT=${TILED_TIMEOUT:-120} PARTS="engine tiled" timeout 320 bash bench/gpu.sh \
+OUT=$work/main TILED_TIMEOUT=${TILED_TIMEOUT:-125} PARTS="engine tiled" timeout 340 bash bench/gpu.sh \
     > "$res/gpu-main.md" 2> "$res/gpu-main.err"
 stage lbfgs
-OUT=$work/lbfgs timeout 75 bash bench/gpu-lbfgs.sh > "$res/gpu-lbfgs.txt" 2> "$res/gpu-lbfgs.err"
+OUT=$work/lbfgs timeout 70 bash bench/gpu-lbfgs.sh > "$res/gpu-lbfgs.txt" 2> "$res/gpu-lbfgs.err"
 stage memory
-OUT=$work/mem TILED_TIMEOUT=${MEMORY_TIMEOUT:-55} PARTS=memory timeout 170 bash bench/gpu.sh \
+OUT=$work/mem TILED_TIMEOUT=${MEMORY_TIMEOUT:-45} PARTS=memory timeout 160 bash bench/gpu.sh \
     > "$res/gpu-memory.md" 2> "$res/gpu-memory.err"
 stage done
 for d in main lbfgs mem; do

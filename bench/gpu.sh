@@ -3,7 +3,7 @@
 # python3 has torch 2.11 with CUDA (its libraries serve the CPU-built stylefarm: LD_LIBRARY_PATH and
 # LD_PRELOAD of libtorch_cuda.so). Prints, side by side in one run on tubingen.jpg x starry_night.jpg:
 #   - ms per iteration at 512 px, L-BFGS and Adam: stylefarm render against bench/gatys_torch.py (PyTorch
-#     eager, the same objective) on the same GPU, medians after two warm-up iterations;
+#     eager, the same objective) on the same GPU, medians over spans of 10 iterations after the first two;
 #   - `render` wall time for 500 L-BFGS iterations at 512 px, start-up included;
 #   - L-BFGS and Adam again with --channels-last, then with --tf32 false (engine options whose defaults are
 #     chosen by these figures);
@@ -80,7 +80,8 @@ parts=" ${PARTS:-engine tiled memory} "
         --progress json -o "$out/render-$opt.png" > "$out/sf-$opt.jsonl" 2> "$out/sf-$opt.err"
     rc=$?
     if [ -n "$variant" ]; then
-        row "${opt%-*} with $variant: ms per iteration" "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" ""
+        row "${opt%-*} with $variant: ms per iteration" \
+            "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" ""
         continue
     fi
     wall=$("$py" -c "print($(date +%s.%N) - $t0)")
@@ -107,7 +108,8 @@ farm_job() {
         smi=$!
     fi
     t0=$(date +%s.%N)
-    STYLEFARM_LOG=info timeout "$tiled_timeout" "$sf" local --workers 1 --content "$content" --style "$style" \
+    STYLEFARM_LOG=info timeout --foreground "$tiled_timeout" "$sf" local --workers 1 \
+        --content "$content" --style "$style" \
         -o "$out/$name.png" "$@" > "$out/$name.out" 2> "$out/$name.err"
     rc=$?
     wall=$("$py" -c "print($(date +%s.%N) - $t0)")
@@ -148,7 +150,8 @@ if [[ $parts == *" tiled "* ]]; then
     scales=1
     while [ $(( (tiled_size + (1 << (scales - 1)) - 1) >> (scales - 1) )) -gt 512 ]; do scales=$((scales + 1)); done
     t0=$(date +%s.%N)
-    timeout "$tiled_timeout" "$sf" render --content "$content" --style "$style" --size "$tiled_size" \
+    timeout --foreground "$tiled_timeout" "$sf" render --content "$content" --style "$style" \
+        --size "$tiled_size" \
         --scales "$scales" ${tiled_iterations:+--scale-iterations "$tiled_iterations"} --progress none \
         -o "$out/onepass.png" 2> "$out/onepass.err"
     rc=$?

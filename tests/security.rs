@@ -8,7 +8,7 @@ use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
 use stylefarm_tests::{
-    logged_addr, metric_value, metrics_addr, path, scrape, submit, tubingen_x_starry,
+    logged_addr, metric_value, metrics_addr, path, scrape, submit, tubingen_x_starry, wait_for,
     wait_registered, x_starry, Cluster,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -471,7 +471,13 @@ async fn a_connection_past_max_connections_is_closed_and_the_coordinator_keeps_s
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-    list(second).await.unwrap();
+    list(second.clone()).await.unwrap();
+    // the places of the closed connections are given back: only `second` is open
+    wait_for("one connection open", Duration::from_secs(10), || async {
+        (metric_value(&scrape(&metrics).await, "stylefarm_connections_open") == Some(1.0))
+            .then_some(())
+    })
+    .await;
 }
 
 /// A tenant share the coordinator cannot read (`--tenant-share`, TENANT=SHARE) stops it before it serves,
@@ -484,7 +490,10 @@ fn a_bad_tenant_share_stops_the_coordinator_naming_it() {
         ("alice", "expected TENANT=SHARE"),
         ("alice=2,alice=3", "'alice' is given twice"),
     ] {
-        let out = stylefarm_tests::stylefarm()
+        // under `timeout`: a coordinator that took the entry would serve until killed
+        let out = std::process::Command::new("timeout")
+            .arg("60")
+            .arg(stylefarm_tests::binary())
             .args([
                 "coordinator",
                 "--listen",

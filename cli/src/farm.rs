@@ -71,7 +71,7 @@ pub(crate) struct CoordinatorArgs {
     tenant_shares: Vec<String>,
     /// The most gRPC connections (workers and clients) served at once; one more is closed as it comes, so
     /// that its client fails fast. Lowered to fit the open-files limit (ulimit -n), which the coordinator
-    /// raises to its hard limit first.
+    /// first raises as far as this needs, up to the hard limit.
     #[arg(long, env = "STYLEFARM_MAX_CONNECTIONS",
           default_value_t = stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS as u32,
           value_parser = clap::value_parser!(u32).range(1..))]

@@ -161,6 +161,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // before any thread starts (the environment is the process's)
+    #[cfg(feature = "engine")]
+    match &cli.command {
+        Command::Render(args) => args.engine.prepare_process(),
+        Command::Local(args) => args.engine.prepare_process(),
+        Command::Worker(args) => args.engine.prepare_process(),
+        _ => {}
+    }
     stylefarm_coordinator::install_crypto_provider();
     // servers log their work by default; the user's commands only warnings (STYLEFARM_LOG overrides both)
     let (default, service) = match cli.command {

@@ -40,7 +40,7 @@ pub(crate) struct WorkerArgs {
     #[command(flatten)]
     memory: DeviceMemoryArg,
     #[command(flatten)]
-    engine: EngineArgs,
+    pub(crate) engine: EngineArgs,
 }
 
 /// The device memory a worker reports.
@@ -89,7 +89,7 @@ pub(crate) struct LocalArgs {
     #[command(flatten)]
     memory: DeviceMemoryArg,
     #[command(flatten)]
-    engine: EngineArgs,
+    pub(crate) engine: EngineArgs,
     #[command(flatten)]
     job: JobArgs,
 }

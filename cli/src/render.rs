@@ -68,7 +68,7 @@ pub(crate) struct RenderArgs {
     #[arg(long, value_enum, default_value = "bar")]
     progress: ProgressMode,
     #[command(flatten)]
-    engine: EngineArgs,
+    pub(crate) engine: EngineArgs,
 }
 
 /// How the engine runs on its device (`stylefarm_engine::EngineOptions`): shared by `render`, `worker`
@@ -80,13 +80,24 @@ pub(crate) struct EngineArgs {
     #[arg(long, env = "STYLEFARM_CHANNELS_LAST")]
     channels_last: bool,
     /// Let cuDNN run the convolutions in TensorFloat-32 on GPUs that have it (PyTorch's
-    /// torch.backends.cudnn.allow_tf32); false holds them to float32. CPUs compute float32 either way.
+    /// torch.backends.cudnn.allow_tf32); false holds them, forward and backward, to float32 (the backward
+    /// by NVIDIA_TF32_OVERRIDE=0, set for the process). CPUs compute float32 either way.
     #[arg(long, env = "STYLEFARM_TF32", value_name = "BOOL", action = clap::ArgAction::Set,
           default_value_t = stylefarm_engine::EngineOptions::default().tf32)]
     tf32: bool,
 }
 
 impl EngineArgs {
+    /// What the options need of the process, set before it starts a thread: with `--tf32 false`,
+    /// NVIDIA_TF32_OVERRIDE=0, NVIDIA's switch that holds cuDNN and cuBLAS to float32 when they start.
+    /// The engine passes its TF32 choice to each forward convolution (at::_convolution), but their
+    /// backward (at::convolution_backward) reads libtorch's global cuDNN flag, which tch cannot set.
+    pub(crate) fn prepare_process(&self) {
+        if !self.tf32 {
+            std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+        }
+    }
+
     pub(crate) fn options(&self) -> stylefarm_engine::EngineOptions {
         stylefarm_engine::EngineOptions {
             channels_last: self.channels_last,

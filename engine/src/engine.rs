@@ -23,7 +23,9 @@ pub struct Engine {
 pub struct EngineOptions {
     /// Activations and weights in the channels-last (NHWC) layout ([`Vgg19::set_channels_last`]).
     pub channels_last: bool,
-    /// Convolutions in TensorFloat-32 on GPUs that have it ([`Vgg19::set_tf32`]).
+    /// Convolutions in TensorFloat-32 on GPUs that have it ([`Vgg19::set_tf32`]). `false` holds the
+    /// forward convolutions to float32; their backward follows libtorch's global cuDNN flag (TF32 unless
+    /// the process has NVIDIA_TF32_OVERRIDE=0, which the CLI sets for `--tf32 false`).
     pub tf32: bool,
 }
 

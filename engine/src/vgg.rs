@@ -255,7 +255,8 @@ impl Vgg19 {
     }
 
     /// Lets cuDNN run the convolutions in TensorFloat-32 (the default, as PyTorch's
-    /// `torch.backends.cudnn.allow_tf32`), or holds them to float32.
+    /// `torch.backends.cudnn.allow_tf32`), or holds them to float32: the forward ones; autograd's
+    /// backward (at::convolution_backward) reads libtorch's global flag instead.
     pub fn set_tf32(&mut self, on: bool) {
         self.tf32 = on;
     }
