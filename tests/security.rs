@@ -413,7 +413,7 @@ async fn wait_state_as(client: &mut stylefarm_client::FarmClient, job: &str) {
 /// `--max-connections 2`: with two connections open, a third is closed as it comes (its call fails
 /// within seconds rather than waiting, the coordinator warns naming the flag, and its metrics count two
 /// open and the refusal); the two open ones are still served, and once one closes, a new client is served
-/// again.
+/// again. A client that connects and sends nothing is closed after 10 s, its place given back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_past_max_connections_is_closed_and_the_coordinator_keeps_serving() {
     let mut cluster = Cluster::new(1.5, 0.3, "embedded");
@@ -473,11 +473,38 @@ async fn a_connection_past_max_connections_is_closed_and_the_coordinator_keeps_s
     }
     list(second.clone()).await.unwrap();
     // the places of the closed connections are given back: only `second` is open
-    wait_for("one connection open", Duration::from_secs(10), || async {
-        (metric_value(&scrape(&metrics).await, "stylefarm_connections_open") == Some(1.0))
-            .then_some(())
+    let open = |n: f64| {
+        let metrics = metrics.clone();
+        async move {
+            (metric_value(&scrape(&metrics).await, "stylefarm_connections_open") == Some(n))
+                .then_some(())
+        }
+    };
+    wait_for("one connection open", Duration::from_secs(10), || open(1.0)).await;
+    // a client that connects and sends nothing holds its place for FIRST_BYTES_TIMEOUT (10 s), no longer
+    let mut silent = tokio::net::TcpStream::connect(&cluster.addr).await.unwrap();
+    wait_for(
+        "the silent connection served",
+        Duration::from_secs(10),
+        || open(2.0),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    // (the coordinator's own HTTP/2 settings come first; then the end of the stream)
+    let mut received = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(30), silent.read_to_end(&mut received)).await;
+    assert!(closed.is_ok(), "closed by the coordinator within 30 s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_for("its place given back", Duration::from_secs(10), || {
+        open(1.0)
     })
     .await;
+    list(second).await.unwrap();
 }
 
 /// A tenant share the coordinator cannot read (`--tenant-share`, TENANT=SHARE) stops it before it serves,

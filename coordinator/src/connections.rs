@@ -8,8 +8,10 @@
 //! is accepted and closed at once, so that its client fails fast (gRPC UNAVAILABLE) rather than waiting, and
 //! a warning says so (at most one every [`REFUSED_LOG_INTERVAL`], with the count). An error of `accept` that
 //! is not the one connection's (out of descriptors, say) pauses accepting for [`ACCEPT_ERROR_PAUSE`] instead
-//! of retrying in a busy loop.
+//! of retrying in a busy loop. A connection whose client sends nothing within [`FIRST_BYTES_TIMEOUT`] is
+//! closed, so that silent sockets do not hold the places.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -69,12 +71,18 @@ pub struct ConnectionMetrics {
     pub refused: Counter,
 }
 
+/// How long a new connection may stay silent: one whose client sends nothing (not the HTTP/2 preface,
+/// not a TLS hello) within it is closed, and its place given back.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A served connection: the TCP stream and its place among the [`connection_limit`] ones, given back
-/// when the connection is dropped (closed by either side).
+/// when the connection is dropped (closed by either side, or silent past [`FIRST_BYTES_TIMEOUT`]).
 pub struct Connection {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
     open: Gauge,
+    /// Until the client's first bytes: when the connection is closed if they have not come.
+    first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Drop for Connection {
@@ -97,7 +105,22 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some(deadline) = this.first_bytes.as_mut() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_bytes = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client sent nothing within {FIRST_BYTES_TIMEOUT:?}"),
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 
@@ -195,6 +218,7 @@ pub fn incoming(
                 stream,
                 _place: place,
                 open: metrics.open.clone(),
+                first_bytes: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
             };
             if tx.send(Ok(connection)).await.is_err() {
                 return;
