@@ -541,7 +541,8 @@ fn a_bad_tenant_share_stops_the_coordinator_naming_it() {
 }
 
 /// `--max-unfinished-jobs 2`: a tenant's third unfinished job is refused with RESOURCE_EXHAUSTED naming the
-/// limit; another tenant is not held by it; cancelling a job frees a place. A message over the size limit
+/// limit; another tenant is not held by it; cancelling a job frees a place. (A `--tenant-share` for a
+/// tenant without a token is warned about at the start.) A message over the size limit
 /// is RESOURCE_EXHAUSTED too, naming the limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenant_past_its_unfinished_jobs_limit_is_refused_naming_it() {
@@ -553,10 +554,19 @@ async fn a_tenant_past_its_unfinished_jobs_limit_is_refused_naming_it() {
         &format!("bob:{BOB}"),
         "--max-unfinished-jobs",
         "2",
+        "--tenant-share",
+        "carol=2",
     ]
     .map(String::from)
     .to_vec();
     cluster.start_coordinator();
+    // a share for a tenant no token names is said to apply to no job
+    let log = cluster.coordinator.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("--tenant-share names a tenant that no client token has")
+            && log.contains("carol"),
+        "{log}"
+    );
     let args = [
         "submit",
         "--content",

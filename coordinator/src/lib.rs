@@ -405,6 +405,16 @@ impl Coordinator {
     pub fn open(config: CoordinatorConfig) -> Result<Arc<Coordinator>, Error> {
         // the auth and TLS settings first: a mistake there is found before anything is opened
         let gate = auth::Gate::new(&config.auth, config.tls.as_ref())?;
+        // a share for a tenant no token names weighs nothing: said once, at the start
+        for tenant in config.scheduler.tenant_shares.keys() {
+            if !config.auth.clients.iter().any(|c| &c.tenant == tenant) {
+                tracing::warn!(
+                    tenant,
+                    "--tenant-share names a tenant that no client token has (with no tokens, every \
+                     client is one unnamed tenant): its share applies to no job"
+                );
+            }
+        }
         let tls = config
             .tls
             .as_ref()
