@@ -8,6 +8,7 @@
 set -u
 kit=${KIT:-bench/gpu-kit}
 out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
 torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 w=$(mktemp -d)
 gunzip -c "$kit/vgg19-fp16.safetensors.gz" > "$w/w16.safetensors"

@@ -5,13 +5,15 @@
 #   - ms per iteration at 512 px, L-BFGS and Adam: stylefarm render against bench/gatys_torch.py (PyTorch
 #     eager, the same objective) on the same GPU, medians over spans of 10 iterations after the first two;
 #   - `render` wall time for 500 L-BFGS iterations at 512 px, start-up included;
-#   - L-BFGS and Adam again with --channels-last, then with --tf32 false (engine options whose defaults are
-#     chosen by these figures);
+#   - L-BFGS and Adam again with one engine option changed from its default (--channels-last false,
+#     --tf32 false, --cudnn-benchmark false), the defaults being chosen by these figures; with cuDNN's
+#     autotuner off, the wall time too (the autotuner's timing runs are part of the start-up);
 #   - the tiled job `local --workers 1 --tiled --size $TILED_SIZE`, its scales planned for the GPU's memory:
 #     wall time, GPU utilization and memory (nvidia-smi, every 200 ms), the plan (tile size per scale), per
 #     task `task_s - engine_s` from the worker's log; and the one-pass `render --size $TILED_SIZE --scales N`
 #     with the same schedule, for the ratio;
-#   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES).
+#   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES), and of
+#     the first of them again with --cudnn-benchmark false.
 #
 #   bash bench/gpu.sh                       # on the GPU machine, from the repository root
 #   PARTS=tiled bash bench/gpu.sh           # only the tiled job (PARTS: engine, tiled, memory)
@@ -68,10 +70,12 @@ echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py) |"
 echo "| --- | --- | --- |"
 parts=" ${PARTS:-engine tiled memory} "
 # the engine's defaults, then each with one option changed (to choose the defaults by these figures)
-[[ $parts == *" engine "* ]] && for opt in lbfgs adam lbfgs-cl adam-cl lbfgs-fp32 adam-fp32; do
+[[ $parts == *" engine "* ]] && for opt in lbfgs adam lbfgs-nchw adam-nchw lbfgs-fp32 adam-fp32 \
+    lbfgs-nobench adam-nobench; do
     case $opt in
-        *-cl) variant=--channels-last ;;
+        *-nchw) variant="--channels-last false" ;;
         *-fp32) variant="--tf32 false" ;;
+        *-nobench) variant="--cudnn-benchmark false" ;;
         *) variant= ;;
     esac
     t0=$(date +%s.%N)
@@ -79,12 +83,14 @@ parts=" ${PARTS:-engine tiled memory} "
         --optimizer "${opt%-*}" $variant \
         --progress json -o "$out/render-$opt.png" > "$out/sf-$opt.jsonl" 2> "$out/sf-$opt.err"
     rc=$?
+    wall=$("$py" -c "print($(date +%s.%N) - $t0)")
     if [ -n "$variant" ]; then
         row "${opt%-*} with $variant: ms per iteration" \
             "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" ""
+        [[ $opt == *-nobench ]] && row "${opt%-*} with $variant: \`render\` wall time" \
+            "$(printf '%.1f' "$wall") s" ""
         continue
     fi
-    wall=$("$py" -c "print($(date +%s.%N) - $t0)")
     if "$py" -c 'import PIL' 2>/dev/null; then
         "$py" "$kit/gatys_torch.py" --content "$content" --style "$style" --size "$size" \
             --iterations "$iterations" --optimizer "$opt" --weights "$weights" --device "$device" \
@@ -103,8 +109,9 @@ farm_job() {
     local name=$1
     shift
     if [ "$device" != cpu ]; then
-        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 \
-            > "$out/smi-$name.csv" 2>/dev/null &
+        # timestamps in UTC, as the farm's log lines, to split the samples by scale
+        TZ=UTC nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits \
+            -lms 200 > "$out/smi-$name.csv" 2>/dev/null &
         smi=$!
     fi
     t0=$(date +%s.%N)
@@ -115,7 +122,7 @@ farm_job() {
     wall=$("$py" -c "print($(date +%s.%N) - $t0)")
     [ -n "${smi:-}" ] && kill "$smi" 2>/dev/null
     "$py" - "$out/$name.err" "$out/smi-$name.csv" "$name" "$wall" "$rc" <<'PY'
-import re, statistics, sys
+import datetime, re, statistics, sys
 log, smi, name, wall, rc = sys.argv[1:]
 log = re.sub(r"\x1b\[[0-9;]*m", "", open(log, errors="replace").read())
 print(f"| {name}: wall time | {float(wall):.1f} s (exit {rc}) | |")
@@ -132,14 +139,34 @@ over = [t - e for t, e in zip(task, engine)]
 if over:
     print(f"| {name}: per task task_s - engine_s (median, max; {len(over)} tasks); engine sum | "
           f"{statistics.median(over):.3f} s, {max(over):.3f} s; {sum(engine):.1f} s | |")
+def utc(stamp, form):
+    return datetime.datetime.strptime(stamp, form).timestamp()
+rows = []
 try:
-    rows = [tuple(map(float, l.split(","))) for l in open(smi) if l.strip()]
+    for line in open(smi):
+        stamp, util, used = line.rsplit(",", 2)
+        rows.append((utc(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f"), float(util), float(used)))
 except (OSError, ValueError):
-    rows = []
+    pass
 if rows:
-    util = [u for u, _ in rows]
+    util = [u for _, u, _ in rows]
     print(f"| {name}: GPU utilization (mean over the run), memory in use (peak) | "
-          f"{statistics.mean(util):.0f} %, {max(m for _, m in rows) / 1024:.1f} GiB | |")
+          f"{statistics.mean(util):.0f} %, {max(m for _, _, m in rows) / 1024:.1f} GiB | |")
+    # per scale: from the first lease (scale 1) or the previous scale's stitch to this scale's stitch,
+    # so the process start-up and the weights' loading are left out
+    stamp = r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6})\d*Z"
+    leased = re.search(stamp + r".*task leased", log, re.M)
+    stitched = re.findall(stamp + r".*scale stitched.*?scale=(\d+)", log, re.M)
+    if leased and stitched:
+        form = "%Y-%m-%dT%H:%M:%S.%f"
+        start, per_scale = utc(leased.group(1), form), []
+        for end_stamp, scale in stitched:
+            end = utc(end_stamp, form)
+            window = [u for t, u, _ in rows if start <= t <= end]
+            if window:
+                per_scale.append(f"{scale}: {statistics.mean(window):.0f} % over {end - start:.1f} s")
+            start = end
+        print(f"| {name}: GPU utilization per scale (first lease to stitch) | {', '.join(per_scale)} | |")
 PY
 }
 
@@ -159,8 +186,13 @@ if [[ $parts == *" tiled "* ]]; then
         "$(printf '%.1f' "$("$py" -c "print($(date +%s.%N) - $t0)")") s (exit $rc)" ""
 fi
 if [[ $parts == *" memory "* ]]; then
-    for t in ${TILE_SIZES:-512 1024 2048}; do
-        farm_job "tiles-$t" --tiled --size "$tiled_size" --tile-size "$t" --iterations "${MEMORY_ITERATIONS:-20}"
+    tile_sizes=(${TILE_SIZES:-512 1024 2048})
+    for t in "${tile_sizes[@]}"; do
+        farm_job "tiles-$t" --tiled --size "$tiled_size" --tile-size "$t" \
+            --iterations "${MEMORY_ITERATIONS:-20}"
     done
+    # cuDNN's autotuner tries algorithms in a workspace PyTorch sizes by the device's free memory
+    farm_job "tiles-${tile_sizes[0]}-nobench" --tiled --size "$tiled_size" --tile-size "${tile_sizes[0]}" \
+        --iterations "${MEMORY_ITERATIONS:-20}" --cudnn-benchmark false
 fi
 echo "(outputs in $out)"

@@ -91,7 +91,8 @@ fn blocked_objective_and_gradient_match_the_one_pass_ones() {
 
 /// The channels-last layout (an engine option for GPUs) changes where the numbers sit in memory, not the
 /// objective: its losses and gradient against the default layout's, after a warm-up in both. The TF32
-/// option reaches the network and, on a CPU (which has no TF32), leaves every number as it is.
+/// and cuDNN-autotuner options reach the network and, on a CPU (which has neither), leave every number as
+/// it is.
 #[test]
 fn the_channels_last_layout_and_the_tf32_option_give_the_same_objective() {
     stylefarm_tests::one_libtorch_thread();
@@ -123,7 +124,7 @@ fn the_channels_last_layout_and_the_tf32_option_give_the_same_objective() {
     let ((a, ga), (b, gb)) = (
         run(default),
         run(EngineOptions {
-            channels_last: true,
+            channels_last: !default.channels_last,
             ..default
         }),
     );
@@ -133,10 +134,16 @@ fn the_channels_last_layout_and_the_tf32_option_give_the_same_objective() {
     });
     assert_eq!(c, a);
     assert!(gc.equal(&ga));
+    let (d, gd) = run(EngineOptions {
+        cudnn_benchmark: !default.cudnn_benchmark,
+        ..default
+    });
+    assert_eq!(d, a);
+    assert!(gd.equal(&ga));
     let rel = |x: f64, y: f64| (x - y).abs() / y.abs();
     let grad_rel = (&ga - &gb).norm().double_value(&[]) / ga.norm().double_value(&[]);
     eprintln!(
-        "channels-last vs default: content {:.1e} style {:.1e} gradient {grad_rel:.1e}",
+        "channels-last against row-major (NCHW): content {:.1e} style {:.1e} gradient {grad_rel:.1e}",
         rel(b.content, a.content),
         rel(b.style, a.style)
     );

@@ -76,8 +76,11 @@ pub(crate) struct RenderArgs {
 #[derive(Args, Clone)]
 pub(crate) struct EngineArgs {
     /// Keep activations and weights in the channels-last (NHWC) layout, which cuDNN's tensor-core
-    /// convolutions prefer; the objective is the same within float rounding.
-    #[arg(long, env = "STYLEFARM_CHANNELS_LAST")]
+    /// convolutions and oneDNN's CPU ones prefer; false keeps PyTorch's default (NCHW). The objective is the
+    /// same within float rounding. `--channels-last` alone means true.
+    #[arg(long, env = "STYLEFARM_CHANNELS_LAST", value_name = "BOOL", action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true",
+          default_value_t = stylefarm_engine::EngineOptions::default().channels_last)]
     channels_last: bool,
     /// Let cuDNN run the convolutions in TensorFloat-32 on GPUs that have it (PyTorch's
     /// torch.backends.cudnn.allow_tf32); false holds them, forward and backward, to float32 (the backward
@@ -85,6 +88,12 @@ pub(crate) struct EngineArgs {
     #[arg(long, env = "STYLEFARM_TF32", value_name = "BOOL", action = clap::ArgAction::Set,
           default_value_t = stylefarm_engine::EngineOptions::default().tf32)]
     tf32: bool,
+    /// Let cuDNN time its algorithms for each new input shape and keep the fastest (PyTorch's
+    /// torch.backends.cudnn.benchmark); false takes cuDNN's heuristic choice at once, without the timing
+    /// runs or their workspace. GPUs only.
+    #[arg(long, env = "STYLEFARM_CUDNN_BENCHMARK", value_name = "BOOL", action = clap::ArgAction::Set,
+          default_value_t = stylefarm_engine::EngineOptions::default().cudnn_benchmark)]
+    cudnn_benchmark: bool,
 }
 
 impl EngineArgs {
@@ -102,6 +111,7 @@ impl EngineArgs {
         stylefarm_engine::EngineOptions {
             channels_last: self.channels_last,
             tf32: self.tf32,
+            cudnn_benchmark: self.cudnn_benchmark,
         }
     }
 }

@@ -27,15 +27,25 @@ pub struct EngineOptions {
     /// forward convolutions to float32; their backward follows libtorch's global cuDNN flag (TF32 unless
     /// the process has NVIDIA_TF32_OVERRIDE=0, which the CLI sets for `--tf32 false`).
     pub tf32: bool,
+    /// Whether cuDNN times its algorithms for each new input shape and keeps the fastest
+    /// (`torch.backends.cudnn.benchmark`), or takes its heuristics' choice at once
+    /// ([`Vgg19::set_cudnn_benchmark`]).
+    /// The timing costs start-up time per shape, and the workspace PyTorch offers the trial algorithms is
+    /// sized by the device's free memory, which its caching allocator then keeps. No effect on a CPU.
+    pub cudnn_benchmark: bool,
 }
 
 impl Default for EngineOptions {
-    /// Row-major (NCHW) layout, TF32 convolutions: PyTorch's defaults, and those of every GPU figure in
-    /// BENCHMARKS.md so far. `bench/gpu.sh` times each option against them, to choose by measurement.
+    /// Chosen by measurement (BENCHMARKS.md, "Issue 10's figures on the H200"): the channels-last layout
+    /// (on an H200, 4.8 against 5.6 ms an Adam iteration and 6.6 against 6.9 for L-BFGS at 512 px; on
+    /// this project's 2-core CPU, 0.90x the time of a 256-px render), TF32 convolutions (half the time of
+    /// float32 on the H200, the iteration-0 objective within 1e-5 of float32's) and cuDNN's autotuner on.
+    /// `bench/gpu.sh` times each option against these.
     fn default() -> EngineOptions {
         EngineOptions {
-            channels_last: false,
+            channels_last: true,
             tf32: true,
+            cudnn_benchmark: true,
         }
     }
 }
@@ -53,11 +63,13 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Engine, Error> {
         if let Device::Cuda(_) = device {
-            tch::Cuda::cudnn_set_benchmark(true);
+            // the global flag, which the convolutions' backward (at::convolution_backward) reads
+            tch::Cuda::cudnn_set_benchmark(options.cudnn_benchmark);
         }
         let mut vgg = Vgg19::load(weights, device)?;
         vgg.set_channels_last(options.channels_last)?;
         vgg.set_tf32(options.tf32);
+        vgg.set_cudnn_benchmark(options.cudnn_benchmark);
         Ok(Engine { vgg, device })
     }
 
@@ -66,6 +78,7 @@ impl Engine {
         EngineOptions {
             channels_last: self.vgg.channels_last(),
             tf32: self.vgg.tf32(),
+            cudnn_benchmark: self.vgg.cudnn_benchmark(),
         }
     }
 

@@ -137,6 +137,8 @@ pub struct Vgg19 {
     /// default in PyTorch): 10-bit mantissas in the products, float32 sums. Only NVIDIA GPUs from Ampere on
     /// read it; elsewhere the convolutions are float32 either way.
     tf32: bool,
+    /// Whether cuDNN times its algorithms per input shape (`torch.backends.cudnn.benchmark`) on a GPU.
+    cudnn_benchmark: bool,
 }
 
 /// `t` (`N x C x H x W`) with channels-last strides: the same values and shape, NHWC in memory (PyTorch's
@@ -231,6 +233,7 @@ impl Vgg19 {
             preprocessing,
             channels_last: false,
             tf32: true,
+            cudnn_benchmark: true,
         })
     }
 
@@ -264,6 +267,19 @@ impl Vgg19 {
     /// Whether cuDNN may run the convolutions in TensorFloat-32 ([`Self::set_tf32`]).
     pub fn tf32(&self) -> bool {
         self.tf32
+    }
+
+    /// Lets cuDNN time its algorithms for each new input shape and keep the fastest (the default, as
+    /// `torch.backends.cudnn.benchmark = True`), or take its heuristics' first choice: the forward
+    /// convolutions; autograd's backward reads libtorch's global flag, which [`crate::Engine::load_with`]
+    /// sets.
+    pub fn set_cudnn_benchmark(&mut self, on: bool) {
+        self.cudnn_benchmark = on;
+    }
+
+    /// Whether cuDNN times its algorithms per input shape ([`Self::set_cudnn_benchmark`]).
+    pub fn cudnn_benchmark(&self) -> bool {
+        self.cudnn_benchmark
     }
 
     /// The input convention of the loaded weights, read from the file's metadata: how images enter the
@@ -305,9 +321,9 @@ impl Vgg19 {
         } else {
             x.shallow_clone()
         };
-        // cuDNN's autotuner (`torch.backends.cudnn.benchmark`) on the GPU; the rest are `torch.conv2d`'s
-        // defaults, except TF32 as set.
-        let benchmark = x.device().is_cuda();
+        // cuDNN's autotuner (`torch.backends.cudnn.benchmark`) on the GPU as set; the rest are
+        // `torch.conv2d`'s defaults, except TF32 as set.
+        let benchmark = x.device().is_cuda() && self.cudnn_benchmark;
         for (i, (w, b)) in self.convs.iter().enumerate().take(deepest + 1) {
             // at::_convolution, which torch.conv2d calls with the global cuDNN flags: stride 1, padding 1,
             // dilation 1, not transposed, one group; not deterministic, cuDNN enabled.
