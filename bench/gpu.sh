@@ -66,6 +66,26 @@ print(f"{1000 * statistics.median(d):.2f}" if d else "n/a")' "$1"
 
 row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3"; }
 
+# where a render's wall time (WALL s) went, from its log (render's "render timed" line) and its first
+# progress line: ERR JSONL WALL
+phases() {
+    "$py" - "$@" <<'PY'
+import json, re, sys
+err, jsonl, wall = sys.argv[1], sys.argv[2], float(sys.argv[3])
+log = re.sub(r"\x1b\[[0-9;]*m", "", open(err, errors="replace").read())
+phases = ("inputs", "load", "render", "write")
+m = re.search("render timed " + " ".join(rf"{p}_s=([0-9.e-]+)" for p in phases), log)
+if not m:
+    print("n/a (no \"render timed\" line)")
+    sys.exit()
+inputs, load, render, write = map(float, m.groups())
+first = [json.loads(l)["elapsed_s"] for l in open(jsonl) if l.startswith("{")][:1]
+print(f"inputs {inputs:.2f} s, engine load {load:.2f} s, render {render:.2f} s"
+      + (f" (first progress at {first[0]:.2f} s)" if first else "")
+      + f", output {write:.2f} s; process start and exit {wall - inputs - load - render - write:.2f} s")
+PY
+}
+
 echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py) |"
 echo "| --- | --- | --- |"
 parts=" ${PARTS:-engine tiled memory} "
@@ -79,7 +99,8 @@ parts=" ${PARTS:-engine tiled memory} "
         *) variant= ;;
     esac
     t0=$(date +%s.%N)
-    "$sf" render --content "$content" --style "$style" --size "$size" --iterations "$iterations" \
+    STYLEFARM_LOG=info "$sf" render --content "$content" --style "$style" --size "$size" \
+        --iterations "$iterations" \
         --optimizer "${opt%-*}" $variant \
         --progress json -o "$out/render-$opt.png" > "$out/sf-$opt.jsonl" 2> "$out/sf-$opt.err"
     rc=$?
@@ -88,7 +109,7 @@ parts=" ${PARTS:-engine tiled memory} "
         row "${opt%-*} with $variant: ms per iteration" \
             "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" ""
         [[ $opt == *-nobench ]] && row "${opt%-*} with $variant: \`render\` wall time" \
-            "$(printf '%.1f' "$wall") s" ""
+            "$(printf '%.1f' "$wall") s: $(phases "$out/sf-$opt.err" "$out/sf-$opt.jsonl" "$wall")" ""
         continue
     fi
     if "$py" -c 'import PIL' 2>/dev/null; then
@@ -101,7 +122,8 @@ parts=" ${PARTS:-engine tiled memory} "
     fi
     row "$opt, $iterations iterations at $size px: ms per iteration" \
         "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" "$pt"
-    row "$opt: \`render\` wall time, start-up included" "$(printf '%.1f' "$wall") s" ""
+    row "$opt: \`render\` wall time, start-up included" \
+        "$(printf '%.1f' "$wall") s: $(phases "$out/sf-$opt.err" "$out/sf-$opt.jsonl" "$wall")" ""
 done
 
 # a farm job with the GPU sampled meanwhile: NAME, then the arguments of `stylefarm local`

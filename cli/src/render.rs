@@ -136,6 +136,7 @@ fn json_line(p: &Progress) -> String {
 }
 
 pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let params = args.params.params()?;
     params.validate(args.style.len())?;
     let save_every =
@@ -190,13 +191,16 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             None,
         )?;
     }
+    let inputs_s = started.elapsed().as_secs_f64();
     let device = stylefarm_engine::parse_device(&args.device)?;
     let weights = args
         .weights
         .clone()
         .unwrap_or_else(crate::weights::default_weights);
     let engine = Engine::load_with(&weights, device, args.engine.options())?;
-    tracing::info!(?device, weights = %weights.display(), "engine loaded");
+    // on a GPU the first load also starts CUDA's context
+    let load_s = started.elapsed().as_secs_f64() - inputs_s;
+    tracing::info!(?device, weights = %weights.display(), load_s, "engine loaded");
     if let Some(path) = &args.evaluate {
         let image = imaging::load(path)?;
         let job = RenderJob {
@@ -289,13 +293,24 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         longest: None,
         save: &mut save,
     });
+    let rendering = std::time::Instant::now();
     let image = engine
         .render_f32(&job, &mut on_progress, snapshots)
         .context("render failed")?;
     if let Some(bar) = bar {
         bar.finish();
     }
+    let render_s = rendering.elapsed().as_secs_f64();
     imaging::save_output(&image, alpha.as_ref(), args.output_depth, output)?;
+    // where a render's wall time goes, for start-up figures (bench/gpu.sh): decoding and checking the
+    // inputs, loading the engine, rendering, writing the output (the rest is the process's start and exit)
+    tracing::info!(
+        inputs_s,
+        load_s,
+        render_s,
+        write_s = started.elapsed().as_secs_f64() - inputs_s - load_s - render_s,
+        "render timed"
+    );
     eprintln!(
         "wrote {} ({}x{})",
         output.display(),
