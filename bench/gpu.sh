@@ -5,13 +5,15 @@
 #   - ms per iteration at 512 px, L-BFGS and Adam: stylefarm render against bench/gatys_torch.py (PyTorch
 #     eager, the same objective) on the same GPU, medians over spans of 10 iterations after the first two;
 #   - `render` wall time for 500 L-BFGS iterations at 512 px, start-up included;
-#   - L-BFGS and Adam again with one engine option changed from its default (--channels-last false,
-#     --tf32 false, --cudnn-benchmark false), the defaults being chosen by these figures; with cuDNN's
-#     autotuner off, the wall time too (the autotuner's timing runs are part of the start-up);
+#   - L-BFGS and Adam again with one engine option changed from its default (VARIANTS: nchw for
+#     --channels-last false and nobench for --cudnn-benchmark false by default, fp32 for --tf32 false),
+#     the defaults being chosen by these figures; with cuDNN's autotuner off, the wall time too (the
+#     autotuner's timing runs are part of the start-up);
 #   - the tiled job `local --workers 1 --tiled --size $TILED_SIZE`, its scales planned for the GPU's memory:
 #     wall time, GPU utilization and memory (nvidia-smi, every 200 ms), the plan (tile size per scale), per
-#     task `task_s - engine_s` from the worker's log; and the one-pass `render --size $TILED_SIZE --scales N`
-#     with the same schedule, for the ratio;
+#     task `task_s - engine_s` from the worker's log; again with --cudnn-benchmark false (TILED_NOBENCH=
+#     for none); and the one-pass `render --size $TILED_SIZE --scales N` with the same schedule, for the
+#     ratio;
 #   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES), and of
 #     the first of them again with --cudnn-benchmark false.
 #
@@ -89,9 +91,10 @@ PY
 echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py) |"
 echo "| --- | --- | --- |"
 parts=" ${PARTS:-engine tiled memory} "
-# the engine's defaults, then each with one option changed (to choose the defaults by these figures)
-[[ $parts == *" engine "* ]] && for opt in lbfgs adam lbfgs-nchw adam-nchw lbfgs-fp32 adam-fp32 \
-    lbfgs-nobench adam-nobench; do
+# the engine's defaults, then each with one option changed (to choose the defaults by these figures):
+# VARIANTS of nchw, fp32 and nobench (fp32's figures are in BENCHMARKS.md, and gpu-lbfgs.sh checks it)
+variants=(${VARIANTS:-nchw nobench})
+[[ $parts == *" engine "* ]] && for opt in lbfgs adam "${variants[@]/#/lbfgs-}" "${variants[@]/#/adam-}"; do
     case $opt in
         *-nchw) variant="--channels-last false" ;;
         *-fp32) variant="--tf32 false" ;;
@@ -206,6 +209,9 @@ if [[ $parts == *" tiled "* ]]; then
     rc=$?
     row "one-pass \`render --size $tiled_size --scales $scales\`: wall time" \
         "$(printf '%.1f' "$("$py" -c "print($(date +%s.%N) - $t0)")") s (exit $rc)" ""
+    # the tiled job again with cuDNN's autotuner off: its timing runs per new shape, its workspace
+    [ -n "${TILED_NOBENCH-1}" ] && farm_job "tiled-$tiled_size-nobench" --tiled --size "$tiled_size" \
+        ${tiled_iterations:+--scale-iterations "$tiled_iterations"} --cudnn-benchmark false
 fi
 if [[ $parts == *" memory "* ]]; then
     tile_sizes=(${TILE_SIZES:-512 1024 2048})
