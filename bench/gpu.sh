@@ -94,11 +94,14 @@ parts=" ${PARTS:-engine tiled memory} "
 # the engine's defaults, then each with one option changed (to choose the defaults by these figures):
 # VARIANTS of nchw, fp32 and nobench (fp32's figures are in BENCHMARKS.md, and gpu-lbfgs.sh checks it)
 variants=(${VARIANTS:-nchw nobench})
-[[ $parts == *" engine "* ]] && for opt in lbfgs adam "${variants[@]/#/lbfgs-}" "${variants[@]/#/adam-}"; do
+opts=(lbfgs adam)
+[ ${#variants[@]} -gt 0 ] && opts+=("${variants[@]/#/lbfgs-}" "${variants[@]/#/adam-}")
+[[ $parts == *" engine "* ]] && for opt in "${opts[@]}"; do
     case $opt in
         *-nchw) variant="--channels-last false" ;;
         *-fp32) variant="--tf32 false" ;;
         *-nobench) variant="--cudnn-benchmark false" ;;
+        *-*) echo "VARIANTS: unknown variant ${opt#*-} (nchw, fp32 or nobench)" >&2; continue ;;
         *) variant= ;;
     esac
     t0=$(date +%s.%N)
@@ -165,7 +168,8 @@ if over:
     print(f"| {name}: per task task_s - engine_s (median, max; {len(over)} tasks); engine sum | "
           f"{statistics.median(over):.3f} s, {max(over):.3f} s; {sum(engine):.1f} s | |")
 def utc(stamp, form):
-    return datetime.datetime.strptime(stamp, form).timestamp()
+    when = datetime.datetime.strptime(stamp, form)
+    return when.replace(tzinfo=datetime.timezone.utc).timestamp()
 rows = []
 try:
     for line in open(smi):
@@ -215,12 +219,13 @@ if [[ $parts == *" tiled "* ]]; then
 fi
 if [[ $parts == *" memory "* ]]; then
     tile_sizes=(${TILE_SIZES:-512 1024 2048})
+    # first (the figure still missing): the smallest tiles with cuDNN's autotuner off, whose trial runs
+    # PyTorch gives a workspace sized by the device's free memory
+    [ ${#tile_sizes[@]} -gt 0 ] && farm_job "tiles-${tile_sizes[0]}-nobench" --tiled --size "$tiled_size" \
+        --tile-size "${tile_sizes[0]}" --iterations "${MEMORY_ITERATIONS:-20}" --cudnn-benchmark false
     for t in "${tile_sizes[@]}"; do
         farm_job "tiles-$t" --tiled --size "$tiled_size" --tile-size "$t" \
             --iterations "${MEMORY_ITERATIONS:-20}"
     done
-    # cuDNN's autotuner tries algorithms in a workspace PyTorch sizes by the device's free memory
-    farm_job "tiles-${tile_sizes[0]}-nobench" --tiled --size "$tiled_size" --tile-size "${tile_sizes[0]}" \
-        --iterations "${MEMORY_ITERATIONS:-20}" --cudnn-benchmark false
 fi
 echo "(outputs in $out)"

@@ -89,12 +89,12 @@ fn blocked_objective_and_gradient_match_the_one_pass_ones() {
     }
 }
 
-/// The channels-last layout (an engine option for GPUs) changes where the numbers sit in memory, not the
-/// objective: its losses and gradient against the default layout's, after a warm-up in both. The TF32
+/// The channels-last layout (an engine option) changes where the numbers sit in memory, not the
+/// objective: its losses and gradient against the NCHW layout's, after a warm-up in both. The TF32
 /// and cuDNN-autotuner options reach the network and, on a CPU (which has neither), leave every number as
 /// it is.
 #[test]
-fn the_channels_last_layout_and_the_tf32_option_give_the_same_objective() {
+fn the_engine_options_give_the_same_objective() {
     stylefarm_tests::one_libtorch_thread();
     use stylefarm_engine::EngineOptions;
     let content = imaging::resize(

@@ -303,7 +303,8 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     let render_s = rendering.elapsed().as_secs_f64();
     imaging::save_output(&image, alpha.as_ref(), args.output_depth, output)?;
     // where a render's wall time goes, for start-up figures (bench/gpu.sh): decoding and checking the
-    // inputs, loading the engine, rendering, writing the output (the rest is the process's start and exit)
+    // inputs, loading the engine, rendering (with --save-every's snapshots), writing the output (the rest
+    // is the process's start and exit)
     tracing::info!(
         inputs_s,
         load_s,

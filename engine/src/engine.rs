@@ -36,11 +36,10 @@ pub struct EngineOptions {
 }
 
 impl Default for EngineOptions {
-    /// Chosen by measurement (BENCHMARKS.md, "Issue 10's figures on the H200"): the channels-last layout
-    /// (on an H200, 4.8 against 5.6 ms an Adam iteration and 6.6 against 6.9 for L-BFGS at 512 px; on
-    /// this project's 2-core CPU, 0.90x the time of a 256-px render), TF32 convolutions (half the time of
-    /// float32 on the H200, the iteration-0 objective within 1e-5 of float32's) and cuDNN's autotuner on.
-    /// `bench/gpu.sh` times each option against these.
+    /// The channels-last layout and TF32 convolutions, each chosen by measurement on an H200 and on this
+    /// project's CPU (BENCHMARKS.md, "Issue 10's figures on the H200"); cuDNN's autotuner on, as before
+    /// those figures, until `bench/gpu.sh`'s run with it off decides. gpu.sh times each option against
+    /// these.
     fn default() -> EngineOptions {
         EngineOptions {
             channels_last: true,
@@ -84,8 +83,9 @@ impl Engine {
 
     /// Runs the objective's work once on a small image (forward through every layer to relu5_4, Gram matrices, backward) so
     /// that the device's one-time costs (CUDA context, cuDNN and cuBLAS handles, the allocator's first
-    /// blocks) are paid before the first task rather than inside it. cuDNN still tunes each new input
-    /// shape once, on first use, and keeps the choice for the process.
+    /// blocks) are paid before the first task rather than inside it. With the autotuner on
+    /// ([`EngineOptions::cudnn_benchmark`]), cuDNN still tunes each new input shape once, on first use, and
+    /// keeps the choice for the process.
     pub fn warm_up(&self) -> Result<(), Error> {
         let layers: Vec<Layer> = Layer::all().collect();
         let x =

@@ -257,7 +257,7 @@ impl Vgg19 {
         self.channels_last
     }
 
-    /// Lets cuDNN run the convolutions in TensorFloat-32 (the default, as PyTorch's
+    /// Lets cuDNN run the convolutions in TensorFloat-32 (on as loaded, as PyTorch's
     /// `torch.backends.cudnn.allow_tf32`), or holds them to float32: the forward ones; autograd's
     /// backward (at::convolution_backward) reads libtorch's global flag instead.
     pub fn set_tf32(&mut self, on: bool) {
@@ -269,10 +269,10 @@ impl Vgg19 {
         self.tf32
     }
 
-    /// Lets cuDNN time its algorithms for each new input shape and keep the fastest (the default, as
-    /// `torch.backends.cudnn.benchmark = True`), or take its heuristics' first choice: the forward
-    /// convolutions; autograd's backward reads libtorch's global flag, which [`crate::Engine::load_with`]
-    /// sets.
+    /// Lets cuDNN time its algorithms for each new input shape and keep the fastest (as
+    /// `torch.backends.cudnn.benchmark = True`; on as loaded), or take its heuristics' first choice: the
+    /// forward convolutions; autograd's backward reads libtorch's global flag, which
+    /// [`crate::Engine::load_with`] sets.
     pub fn set_cudnn_benchmark(&mut self, on: bool) {
         self.cudnn_benchmark = on;
     }
