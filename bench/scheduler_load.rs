@@ -75,6 +75,7 @@ async fn main() {
         auth,
         tls: None,
         max_connections: stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_source: None,
     };
     let coordinator = Coordinator::open(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

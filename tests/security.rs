@@ -21,9 +21,35 @@ const WORKER: &str = "worker-token-0123456789";
 
 /// A channel to `url` presenting `credentials`.
 async fn channel(url: &str, credentials: &Credentials) -> Result<AuthChannel, String> {
-    let endpoint = credentials.endpoint(url).map_err(|e| e.to_string())?;
+    channel_from(url, credentials, None).await
+}
+
+/// A channel to `url` presenting `credentials`, from the local address `from` (any of 127.0.0.0/8 for a
+/// coordinator on the loopback: another source address on this machine).
+async fn channel_from(
+    url: &str,
+    credentials: &Credentials,
+    from: Option<std::net::IpAddr>,
+) -> Result<AuthChannel, String> {
+    let endpoint = credentials
+        .endpoint(url)
+        .map_err(|e| e.to_string())?
+        .local_address(from);
     let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
     credentials.authorize(channel).map_err(|e| e.to_string())
+}
+
+/// ListJobs over `c`, within 10 s: the call's error otherwise.
+async fn list_within_10_s(c: AuthChannel) -> Result<(), String> {
+    let mut rpc = RenderServiceClient::new(c);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rpc.list_jobs(pb::ListJobsRequest::default()),
+    )
+    .await
+    .map_err(|_| "no answer in 10 s".to_string())?
+    .map(|_| ())
+    .map_err(|s| format!("{s:?}"))
 }
 
 fn token(t: Option<&str>) -> Credentials {
@@ -410,6 +436,53 @@ async fn wait_state_as(client: &mut stylefarm_client::FarmClient, job: &str) {
     assert_eq!(status.state, pb::JobState::Succeeded as i32, "{status:?}");
 }
 
+/// `--max-connections-per-source 2`: with two connections open from 127.0.0.1, a third from it is closed
+/// as it comes (its call fails at once, the warning names the flag), while 127.0.0.2 is served; once one
+/// of the two closes, 127.0.0.1 is served again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_past_max_connections_per_source_is_closed_and_other_hosts_are_served() {
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = [
+        "--max-connections",
+        "10",
+        "--max-connections-per-source",
+        "2",
+    ]
+    .map(String::from)
+    .to_vec();
+    cluster.start_coordinator();
+    let url = cluster.url.clone();
+    let from = |ip: &str| {
+        let (url, ip) = (url.clone(), ip.parse().unwrap());
+        async move {
+            match channel_from(&url, &token(None), Some(ip)).await {
+                Ok(c) => list_within_10_s(c.clone()).await.map(|()| c),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let first = from("127.0.0.1").await.unwrap();
+    let second = from("127.0.0.1").await.unwrap();
+    let e = from("127.0.0.1")
+        .await
+        .expect_err("a third connection from one address past --max-connections-per-source 2");
+    assert!(!e.contains("no answer"), "it fails at once: {e}");
+    let other = from("127.0.0.2").await.expect("another address is served");
+    list_within_10_s(second.clone()).await.unwrap();
+    let log = cluster.coordinator.as_ref().unwrap().log_text();
+    assert!(log.contains("--max-connections-per-source 2"), "{log}");
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = from("127.0.0.1").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a place freed by a closed connection is not its address's again: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    list_within_10_s(other).await.unwrap();
+}
+
 /// `--max-connections 2`: with two connections open, a third is closed as it comes (its call fails
 /// within seconds rather than waiting, the coordinator warns naming the flag, and its metrics count two
 /// open and the refusal); the two open ones are still served, and once one closes, a new client is served
@@ -422,17 +495,7 @@ async fn a_connection_past_max_connections_is_closed_and_the_coordinator_keeps_s
         .to_vec();
     cluster.start_coordinator();
     let metrics = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
-    let list = |c: AuthChannel| async move {
-        let mut rpc = RenderServiceClient::new(c);
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            rpc.list_jobs(pb::ListJobsRequest::default()),
-        )
-        .await
-        .map_err(|_| "no answer in 10 s".to_string())?
-        .map(|_| ())
-        .map_err(|s| format!("{s:?}"))
-    };
+    let list = list_within_10_s;
     let first = channel(&cluster.url, &token(None)).await.unwrap();
     let second = channel(&cluster.url, &token(None)).await.unwrap();
     list(first.clone()).await.unwrap();

@@ -76,6 +76,12 @@ pub(crate) struct CoordinatorArgs {
           default_value_t = stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// The most of those connections from one IP address; more from it are closed as they come, while
+    /// other hosts are still served. Unset: no bound per address but --max-connections (clients behind
+    /// one NAT or proxy share an address).
+    #[arg(long, env = "STYLEFARM_MAX_CONNECTIONS_PER_SOURCE",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_source: Option<u32>,
     /// Delete finished (succeeded, failed, cancelled) jobs this many seconds after they ended, as
     /// `stylefarm delete` does (their images stay in the blob store); unset: keep them until deleted.
     #[arg(long, env = "STYLEFARM_KEEP_FINISHED_SECS")]
@@ -385,6 +391,7 @@ pub(crate) fn coordinator_config(
         auth: Default::default(),
         tls: None,
         max_connections: stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_source: None,
     })
 }
 
@@ -406,6 +413,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.blobs = args.blobs;
     config.scheduler.max_unfinished_jobs = args.max_unfinished_jobs;
     config.max_connections = args.max_connections as usize;
+    config.max_connections_per_source = args.max_connections_per_source.map(|n| n as usize);
     config.scheduler.tenant_shares =
         stylefarm_coordinator::scheduler::parse_tenant_shares(&args.tenant_shares)
             .map_err(|e| anyhow!("--tenant-share: {e}"))?;

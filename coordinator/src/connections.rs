@@ -9,12 +9,17 @@
 //! a warning says so (at most one every [`REFUSED_LOG_INTERVAL`], with the count). An error of `accept` that
 //! is not the one connection's (out of descriptors, say) pauses accepting for [`ACCEPT_ERROR_PAUSE`] instead
 //! of retrying in a busy loop. A connection whose client sends nothing within [`FIRST_BYTES_TIMEOUT`] is
-//! closed, so that silent sockets do not hold the places.
+//! closed, so that silent sockets do not hold the places. With
+//! [`CoordinatorConfig::max_connections_per_source`](crate::CoordinatorConfig::max_connections_per_source),
+//! one IP address holds at most that many of the places: more from it are closed the same way, while other
+//! hosts are still served.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -80,6 +85,8 @@ pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Connection {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
+    /// Its place among its address's, under a bound per source.
+    _source: Option<SourcePlace>,
     open: Gauge,
     /// Until the client's first bytes: when the connection is closed if they have not come.
     first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -154,6 +161,72 @@ impl AsyncWrite for Connection {
     }
 }
 
+/// The connections open per IP address, under a bound per source.
+type Sources = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One of an address's places under a bound per source, given back when dropped.
+struct SourcePlace {
+    sources: Sources,
+    ip: IpAddr,
+}
+
+impl SourcePlace {
+    /// A place for `ip` when it holds fewer than `bound`.
+    fn take(sources: &Sources, ip: IpAddr, bound: usize) -> Option<SourcePlace> {
+        let mut open = sources.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= bound {
+            return None;
+        }
+        *n += 1;
+        Some(SourcePlace {
+            sources: sources.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourcePlace {
+    fn drop(&mut self) {
+        let mut open = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The refused connections since the last warning, which comes at most every [`REFUSED_LOG_INTERVAL`].
+#[derive(Default)]
+struct Refusals {
+    since_warned: u64,
+    warned: Option<Instant>,
+}
+
+impl Refusals {
+    /// Counts a connection from `peer` closed as it came, past `bound` (the flag's name and value), and
+    /// warns when it is time.
+    fn refused(&mut self, metrics: &ConnectionMetrics, peer: IpAddr, bound: (&str, usize)) {
+        self.since_warned += 1;
+        metrics.refused.inc();
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= REFUSED_LOG_INTERVAL)
+        {
+            let (flag, value) = bound;
+            tracing::warn!(
+                refused = self.since_warned,
+                %peer,
+                "connections refused: as many are open as {flag} {value} allows"
+            );
+            self.warned = Some(Instant::now());
+            self.since_warned = 0;
+        }
+    }
+}
+
 /// Whether an error of `accept` concerns only the connection being accepted (it went away first), so
 /// that the next may be accepted at once.
 fn one_connection_s(e: &io::Error) -> bool {
@@ -166,25 +239,27 @@ fn one_connection_s(e: &io::Error) -> bool {
     )
 }
 
-/// The connections `listener` accepts, at most `limit` of them open at once (see the module's doc), for
-/// tonic's `serve_with_incoming`, counted in `metrics`. Accepting stops when the stream is dropped.
+/// The connections `listener` accepts, at most `limit` of them open at once and, with `per_source`, at
+/// most that many from one IP address (see the module's doc), for tonic's `serve_with_incoming`, counted
+/// in `metrics`. Accepting stops when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     limit: usize,
+    per_source: Option<usize>,
     metrics: ConnectionMetrics,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Connection>> {
     let (tx, rx) = mpsc::channel(1);
     let places = Arc::new(Semaphore::new(limit));
+    let sources = Sources::default();
     tokio::spawn(async move {
-        let mut refused = 0u64;
-        let mut warned: Option<Instant> = None;
+        let mut refusals = Refusals::default();
         loop {
             let accepted = tokio::select! {
                 () = tx.closed() => return,
                 accepted = listener.accept() => accepted,
             };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match accepted {
+                Ok((stream, peer)) => (stream, peer.ip().to_canonical()),
                 Err(e) if one_connection_s(&e) => continue,
                 Err(e) => {
                     tracing::warn!(
@@ -196,20 +271,19 @@ pub fn incoming(
                     continue;
                 }
             };
+            // a refused connection is closed at once (dropped): its client sees it reset and fails fast
+            let source = match per_source {
+                Some(bound) => match SourcePlace::take(&sources, peer, bound) {
+                    Some(place) => Some(place),
+                    None => {
+                        refusals.refused(&metrics, peer, ("--max-connections-per-source", bound));
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let Ok(place) = places.clone().try_acquire_owned() else {
-                // closed at once (dropped): its client sees the connection reset and fails fast
-                refused += 1;
-                metrics.refused.inc();
-                if warned.is_none_or(|at| at.elapsed() >= REFUSED_LOG_INTERVAL) {
-                    tracing::warn!(
-                        refused,
-                        max_connections = limit,
-                        peer = ?stream.peer_addr().ok(),
-                        "connections refused: as many are open as --max-connections allows"
-                    );
-                    warned = Some(Instant::now());
-                    refused = 0;
-                }
+                refusals.refused(&metrics, peer, ("--max-connections", limit));
                 continue;
             };
             let _ = stream.set_nodelay(true);
@@ -217,6 +291,7 @@ pub fn incoming(
             let connection = Connection {
                 stream,
                 _place: place,
+                _source: source,
                 open: metrics.open.clone(),
                 first_bytes: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
             };
@@ -231,6 +306,22 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An address holds at most its bound of places; one given back is its again, and an address with
+    /// none open is not kept.
+    #[test]
+    fn a_source_holds_at_most_its_bound_of_places() {
+        let sources = Sources::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = SourcePlace::take(&sources, a, 2).unwrap();
+        let second = SourcePlace::take(&sources, a, 2).unwrap();
+        assert!(SourcePlace::take(&sources, a, 2).is_none());
+        let other = SourcePlace::take(&sources, b, 2).unwrap();
+        drop(first);
+        let third = SourcePlace::take(&sources, a, 2).unwrap();
+        drop((second, third, other));
+        assert!(sources.lock().unwrap().is_empty());
+    }
 
     /// A bound that fits the open-files limit is kept; one that does not is lowered to the limit (raised
     /// first as far as it may go) less the descriptors kept for the coordinator's own use.

@@ -300,6 +300,9 @@ pub struct CoordinatorConfig {
     /// The most gRPC connections open at once (more are closed as they come: [`connections`]);
     /// [`connections::DEFAULT_MAX_CONNECTIONS`] unless configured.
     pub max_connections: usize,
+    /// The most of those from one IP address (more from it are closed as they come, while others are
+    /// served); `None`: no bound per source but `max_connections`.
+    pub max_connections_per_source: Option<usize>,
 }
 
 /// Runs `f` on the blocking pool. Every call that may wait for a store runs there, never on the async
@@ -324,6 +327,8 @@ pub struct Coordinator {
     pub(crate) keep_unused_blobs: Option<Duration>,
     /// [`CoordinatorConfig::max_connections`].
     pub(crate) max_connections: usize,
+    /// [`CoordinatorConfig::max_connections_per_source`].
+    pub(crate) max_connections_per_source: Option<usize>,
     /// The connections served and refused, for [`metrics`].
     pub(crate) connection_metrics: connections::ConnectionMetrics,
     /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
@@ -442,6 +447,7 @@ impl Coordinator {
             blobs,
             keep_unused_blobs: config.keep_unused_blobs,
             max_connections: config.max_connections,
+            max_connections_per_source: config.max_connections_per_source,
             connection_metrics,
             workers: workers::Registry::default(),
             exchanges: exchange::Exchanges::default(),
@@ -705,6 +711,7 @@ pub async fn serve(
             connections::incoming(
                 listener,
                 connections::connection_limit(coordinator.max_connections),
+                coordinator.max_connections_per_source,
                 coordinator.connection_metrics.clone(),
             ),
             stop,
