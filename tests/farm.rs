@@ -1477,6 +1477,84 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
     assert!(!retried.tasks[0].result.is_empty() && retried.tasks[0].error.is_empty());
 }
 
+/// A keep-going sweep (`submit --sweep --keep-going`) makes its contact sheet around a variant that fails for
+/// good (seed=3's, by a fail point on the one worker; the job allows one attempt). The variants are leased
+/// in order, so the failure is the last task to end: its report is what starts the sheet. `--wait --output`
+/// writes the two rendered variants and the sheet, whose failed cell is grey, and fails naming the failed
+/// variant; `retry` runs only that variant (failing again here), keeps the others' results and makes the
+/// sheet again. (The retried variant rendering and the job succeeding: the scheduler's unit test.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_going_sweep_makes_its_sheet_around_a_failed_variant() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker_with_env("only", &[("FAILPOINTS", "task-input=return(seed=3)")]);
+    wait_registered(&cluster, 1).await;
+    let output = cluster.dir.path().join("out");
+    let mut args: Vec<String> = ["submit", "--sweep", "seed=1,2,3", "--keep-going"]
+        .map(String::from)
+        .to_vec();
+    args.extend(tubingen_x_starry(32, 2));
+    args.extend(["--max-attempts", "1", "--wait", "--output"].map(String::from));
+    args.push(output.display().to_string());
+    let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !ok && err.contains(" failed: 1 of 3 tasks failed (2 rendered")
+            && err.contains("task 2 (seed=3): content: seed=3 cannot be rendered"),
+        "{out} {err}"
+    );
+    let job_id = out.trim();
+    let mut written: Vec<String> = std::fs::read_dir(&output)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        ["000_seed=1.png", "001_seed=2.png", "contact-sheet.png"]
+    );
+    // the failed variant's cell: grey, the size of a rendered one
+    let sheet = image::open(output.join("contact-sheet.png"))
+        .unwrap()
+        .to_rgb8();
+    let cell = image::open(output.join("000_seed=1.png")).unwrap();
+    let grey = sheet.pixels().filter(|p| p.0 == [128, 128, 128]).count() as u32;
+    assert!(
+        grey >= cell.width() * cell.height() / 2,
+        "{grey} grey pixels in a {}x{} sheet of {}x{} cells",
+        sheet.width(),
+        sheet.height(),
+        cell.width(),
+        cell.height()
+    );
+    let mut client = cluster.client().await;
+    let failed = job(&mut client, job_id).await;
+    assert!(!failed.contact_sheet.is_empty());
+    let (ok, out, err) = cluster.cli(&["retry", job_id]);
+    assert!(ok && out.contains("1 task(s) queued again"), "{out} {err}");
+    let injected = |n: usize| {
+        let log = cluster.workers[0].log_text();
+        async move { (log.matches("seed=3 cannot be rendered").count() >= n).then_some(()) }
+    };
+    wait_for(
+        "the variant's second failure",
+        Duration::from_secs(60),
+        || injected(2),
+    )
+    .await;
+    let again = wait_state(
+        &cluster,
+        job_id,
+        pb::JobState::Failed,
+        Duration::from_secs(60),
+    )
+    .await;
+    for i in [0, 1] {
+        assert_eq!(again.tasks[i].result, failed.tasks[i].result, "kept");
+        assert_eq!(again.tasks[i].attempts, 1, "not run again");
+    }
+    assert_eq!(again.tasks[2].attempts, 1, "run again, from no attempts");
+    assert!(!again.contact_sheet.is_empty(), "the sheet made again");
+}
+
 /// A worker whose engine cannot be had again (a render panics, the device probe fails, and the weights are
 /// gone when it reloads) stops leasing and exits non-zero with the reason; its task goes back to the queue.
 #[tokio::test(flavor = "multi_thread")]

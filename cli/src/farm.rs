@@ -267,10 +267,11 @@ pub(crate) struct JobArgs {
     /// worker.
     #[arg(long = "worker-tag")]
     worker_tags: Vec<String>,
-    /// Batch: a task that fails for good fails alone and the others render (make's -k); the job then
-    /// ends failed, naming the failed tasks, with the others' results fetched, and `retry` runs the
-    /// failed ones again. Default: the first such task fails the job and cancels the rest.
-    #[arg(long, requires = "batch")]
+    /// Batch or sweep: a task that fails for good fails alone and the others render (make's -k); the job
+    /// then ends failed, naming the failed tasks, with the others' results fetched (a sweep's contact
+    /// sheet too, its failed variants' cells grey), and `retry` runs the failed ones again. Default: the
+    /// first such task fails the job and cancels the rest.
+    #[arg(long)]
     keep_going: bool,
     /// Where results go: a file for a single render, else a directory.
     #[arg(long, short)]
@@ -682,7 +683,8 @@ async fn watch_job(
 }
 
 /// Waits for the job, fetches its results when `output` is given, and fails when the job did not succeed.
-/// A keep-going batch that failed has its rendered tasks' results fetched before the error.
+/// A keep-going batch or sweep that failed has its rendered tasks' results (and a sweep's contact sheet)
+/// fetched before the error.
 pub(crate) async fn wait_and_fetch(
     client: &mut FarmClient,
     job_id: &JobId,
@@ -745,7 +747,7 @@ fn print_status(s: &pb::JobStatus) {
         // less the tasks a new plan replaced
         None => (s.tasks.iter().filter(|t| !t.replaced).count(), "tasks"),
     };
-    // a keep-going batch's tasks that failed alone, while it runs on
+    // a keep-going batch's or sweep's tasks that failed alone, while it runs on
     let failed = s
         .tasks
         .iter()

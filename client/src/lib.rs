@@ -119,7 +119,8 @@ pub struct JobFiles {
     pub max_attempts: u32,
     /// Only workers with all these tags take the job's tasks; none: any worker.
     pub worker_tags: Vec<String>,
-    /// A batch's task that fails for good fails alone, the others render ([`JobSpec::keep_going`]).
+    /// A batch's or sweep's task that fails for good fails alone, the others render
+    /// ([`JobSpec::keep_going`]).
     pub keep_going: bool,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,

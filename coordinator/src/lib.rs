@@ -636,6 +636,10 @@ pub async fn serve(
                         coordinator.step_awaiting();
                     }
                     let expired = coordinator.scheduler.expire();
+                    // a keep-going sweep whose last variant failed (its lease expired, say)
+                    for job_id in coordinator.scheduler.take_stage_due() {
+                        coordinator.spawn_stage_work(job_id);
+                    }
                     // a worker whose lease expired counts as gone until it calls again: an exact-mode
                     // scale with more shards than workers left is planned again
                     for (worker, ran_out) in coordinator.scheduler.take_lost() {

@@ -12,7 +12,7 @@
 //! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
 //! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
 //! | `stylefarm_blocklist_events_total` | counter | | a worker reaching the strikes threshold on a job |
-//! | `stylefarm_job_retries_total` | counter | | failed or cancelled jobs run again by their clients (RetryJob), and running keep-going batches whose failed tasks they queued again |
+//! | `stylefarm_job_retries_total` | counter | | failed or cancelled jobs run again by their clients (RetryJob), and running keep-going batches or sweeps whose failed tasks they queued again |
 //! | `stylefarm_task_seconds` | histogram | | lease to accepted result, s |
 //! | `stylefarm_blob_store_bytes` | gauge | | bytes of images stored (S3: as [`crate::blobs::BlobStore::stored_bytes`] says) |
 //! | `stylefarm_blobs_collected_total` | counter | | blobs deleted by the garbage collection ([`crate::gc`]) |
@@ -138,7 +138,7 @@ impl Metrics {
         );
         registry.register(
             "job_retries",
-            "Jobs run again by their clients (RetryJob), or their failed tasks (keep-going batches)",
+            "Jobs run again by their clients (RetryJob), or their failed tasks (keep-going batches, sweeps)",
             scheduler.job_retries.clone(),
         );
         registry.register(

@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use stylefarm_core::ids::{ImageHash, JobId, WorkerId};
-#[cfg(doc)]
-use stylefarm_core::job::JobKind;
-use stylefarm_core::job::{JobSpec, TaskSpec};
+use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
 
 /// Job states, as on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +55,7 @@ pub enum TaskState {
     /// Its result was accepted: `result` holds the image's sha256.
     Succeeded,
     /// Out of attempts, or its permanent error confirmed by [`crate::scheduler::PERMANENT_CONFIRMATIONS`]
-    /// workers: its job failed with it, or, in a keep-going batch
+    /// workers: its job failed with it, or, in a keep-going batch or sweep
     /// ([`stylefarm_core::job::JobSpec::keep_going`]), goes on without it.
     Failed,
     /// Its job ended (cancelled, or failed by another task) before the task could finish.
@@ -71,6 +69,22 @@ impl TaskState {
     /// a scale planned again in smaller tiles, [`crate::scheduler::Scheduler::replan_smaller`]).
     pub fn settled(self) -> bool {
         matches!(self, TaskState::Succeeded | TaskState::Cancelled)
+    }
+
+    /// Whether a job's stage with tasks in `states` is done, for the coordinator's step
+    /// ([`JobKind::has_stage_work`]: a contact sheet, a stitch): every task settled; in a keep-going sweep
+    /// ([`JobSpec::keep_going`]), every task settled or failed for good, one of them rendered (one whose
+    /// every variant failed has no sheet to make, and fails as a batch does).
+    pub fn stage_done(spec: &JobSpec, states: impl IntoIterator<Item = TaskState>) -> bool {
+        let kept_going = spec.keep_going && matches!(spec.kind, JobKind::Sweep(_));
+        let mut rendered = false;
+        for state in states {
+            rendered |= state == TaskState::Succeeded;
+            if !(state.settled() || (kept_going && state == TaskState::Failed)) {
+                return false;
+            }
+        }
+        rendered || !kept_going
     }
 
     /// Its name for people and metrics: `pending`, `running`, `succeeded`, `failed`, `cancelled`.
@@ -164,8 +178,8 @@ pub struct TaskRecord {
     /// first (see [`crate::scheduler::FailureKind::OutOfMemory`]).
     #[serde(default)]
     pub out_of_memory_on: Vec<WorkerId>,
-    /// In a keep-going batch ([`stylefarm_core::job::JobSpec::keep_going`]): the workers (by name, once a
-    /// strike) whose retryable failures of this task were strikes against them, taken back if the task
+    /// In a keep-going batch or sweep ([`stylefarm_core::job::JobSpec::keep_going`]): the workers (by name,
+    /// once a strike) whose retryable failures of this task were strikes against them, taken back if the task
     /// fails for good.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub struck: Vec<WorkerId>,

@@ -12,7 +12,18 @@ use std::sync::Mutex;
 use stylefarm_core::ids::JobId;
 use stylefarm_core::job::JobKind;
 
+use crate::model::TaskState;
 use crate::{sheet, Coordinator, Error};
+
+/// Whether a job's step is to run: it has not ended, and its stage's tasks are done
+/// ([`TaskState::stage_done`]).
+fn at_stage(view: &crate::scheduler::JobView) -> bool {
+    !view.meta.state.is_terminal()
+        && TaskState::stage_done(&view.meta.spec, view.tasks.iter().map(|(t, _)| t.state))
+}
+
+/// The colour of a failed variant's cell in a keep-going sweep's contact sheet: a mid grey.
+const FAILED_CELL: [u8; 3] = [128, 128, 128];
 
 /// Work done one run at a time per key: a call while the key's work runs returns at once and has that
 /// work run once more after the run under way (calls meanwhile fold into that one run).
@@ -82,8 +93,7 @@ impl Coordinator {
         // a sweep's or a tiled scale's work once every task of the stage succeeded (or was replaced by a new
         // plan, TaskState::settled) in a job that goes on: a call at another time (a second call while a
         // run queued the next scale's tiles, or after the job ended) has nothing to do
-        let at_stage =
-            !view.meta.state.is_terminal() && view.tasks.iter().all(|(t, _)| t.state.settled());
+        let at_stage = at_stage(&view);
         match view.meta.spec.kind {
             JobKind::Sweep(_) if at_stage => self.finish_sweep(job_id),
             JobKind::Tiled(_) if at_stage => self.finish_tiled_scale(job_id),
@@ -137,29 +147,55 @@ impl Coordinator {
         }
     }
 
-    /// When a sweep job has succeeded: composes its contact sheet, stores it and records it on the job.
+    /// When a sweep job's variants have rendered: composes its contact sheet, stores it and records it on
+    /// the job, which succeeds; in a keep-going sweep with failed variants, their cells are grey, labelled
+    /// failed, and the job fails with the sheet kept ([`Scheduler::finish_stage`]).
+    ///
+    /// [`Scheduler::finish_stage`]: crate::scheduler::Scheduler::finish_stage
     fn finish_sweep(&self, job_id: &JobId) {
         let Ok(view) = self.scheduler.get(job_id) else {
             return;
         };
-        if !matches!(view.meta.spec.kind, JobKind::Sweep(_)) {
+        // read again: the stage may have moved on since the step began
+        if !matches!(view.meta.spec.kind, JobKind::Sweep(_)) || !at_stage(&view) {
             return;
         }
-        // the results' sizes from their headers; then each decoded in turn, as the sheet takes it
-        let cells: Result<Vec<_>, Error> =
-            view.tasks
+        // the results' sizes from their headers; then each decoded in turn, as the sheet takes it. A
+        // failed variant's cell is the size of the first rendered one's.
+        let sizes: Result<Vec<Option<(u32, u32)>>, Error> = view
+            .tasks
+            .iter()
+            .map(|(t, _)| match (&t.result, t.state) {
+                (Some(hash), _) => Ok(Some(self.dimensions(hash)?)),
+                (None, TaskState::Failed) => Ok(None),
+                (None, _) => Err(Error::Internal(format!("task {} has no result", t.index))),
+            })
+            .collect();
+        let cells = sizes.and_then(|sizes| {
+            let rendered = sizes.iter().flatten().next().copied().ok_or_else(|| {
+                Error::Internal("no variant rendered: there is no contact sheet to make".into())
+            })?;
+            Ok(view
+                .tasks
                 .iter()
-                .map(|(t, _)| {
-                    let hash = t.result.as_ref().ok_or_else(|| {
-                        Error::Internal(format!("task {} has no result", t.index))
-                    })?;
-                    let (w, h) = self.dimensions(hash)?;
-                    Ok((w, h, t.spec.label.clone()))
+                .zip(sizes)
+                .map(|((t, _), size)| match size {
+                    Some((w, h)) => (w, h, t.spec.label.clone()),
+                    None => (rendered.0, rendered.1, format!("{} (failed)", t.spec.label)),
                 })
-                .collect();
+                .collect::<Vec<_>>())
+        });
         let using = self.blobs.begin_use();
         let stored = cells
-            .and_then(|cells| sheet::contact_sheet(&cells, |i| self.result_image(&view.tasks[i].0)))
+            .and_then(|cells| {
+                sheet::contact_sheet(&cells, |i| match &view.tasks[i].0 {
+                    t if t.result.is_none() => {
+                        let (w, h, _) = cells[i];
+                        Ok(image::RgbImage::from_pixel(w, h, image::Rgb(FAILED_CELL)))
+                    }
+                    t => self.result_image(t),
+                })
+            })
             .and_then(|png| Ok(using.put(&png)?));
         match stored {
             Ok(hash) => {

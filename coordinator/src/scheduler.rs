@@ -466,6 +466,9 @@ struct State {
     /// Workers whose lease expired since [`Scheduler::take_lost`] last took them, with the moment their
     /// lease ran out.
     lost: Vec<(WorkerId, std::time::Instant)>,
+    /// Jobs whose stage a task's failure left done ([`TaskState::stage_done`]: a keep-going sweep's last
+    /// variant failed) since [`Scheduler::take_stage_due`] last took them: their step is to run.
+    stage_due: Vec<JobId>,
     /// The tiles (or exact-mode wholes) of tiled jobs' later scales that ran out of memory since
     /// [`Scheduler::take_ran_out`] last took them: (job, task index).
     ran_out: Vec<(JobId, u32)>,
@@ -571,14 +574,17 @@ fn still_ending(st: &State, job: &Job) -> Result<(), SchedulerError> {
 
 /// A job with stage work, unfinished, every task of its stage settled: the coordinator's step is next.
 fn awaits_step(job: &Job) -> bool {
-    job.meta.spec.kind.has_stage_work()
-        && !job.meta.state.is_terminal()
-        && job.tasks.iter().all(|t| t.state.settled())
+    job.meta.spec.kind.has_stage_work() && !job.meta.state.is_terminal() && stage_done(job)
 }
 
-/// How many of a keep-going batch's tasks failed, naming the first few, once none is left to run (none
-/// queued or running) and one failed ([`JobSpec::keep_going`]): the job's error as it fails. `None` for a
-/// job that is not keep-going, has a task still to run or has none failed.
+/// Whether the job's current stage is done ([`TaskState::stage_done`]).
+fn stage_done(job: &Job) -> bool {
+    TaskState::stage_done(&job.meta.spec, job.tasks.iter().map(|t| t.state))
+}
+
+/// How many of a keep-going batch's (or sweep's) tasks failed, naming the first few, once none is left to run
+/// (none queued or running) and one failed ([`JobSpec::keep_going`]): the job's error as it fails. `None` for
+/// a job that is not keep-going, has a task still to run or has none failed.
 fn kept_going_failure(job: &Job) -> Option<String> {
     const NAMED: usize = 3;
     let tasks = &job.tasks;
@@ -827,14 +833,14 @@ pub struct HeartbeatReply {
     pub deadline_ms: i64,
 }
 
-/// How a task failed, as its worker reports it. A failed task is retried after a backoff; it fails, and its job
-/// with it (a keep-going batch goes on without it: [`JobSpec::keep_going`]), when it is out of attempts, or
-/// sooner when its permanent error is confirmed.
+/// How a task failed, as its worker reports it. A failed task is retried after a backoff; it fails, and its
+/// job with it (a keep-going batch or sweep goes on without it: [`JobSpec::keep_going`]), when it is out of
+/// attempts, or sooner when its permanent error is confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     /// The worker's fault, or chance (a crash, a lost connection, an expired lease): another attempt may
     /// succeed. A strike against the worker: after [`SchedulerConfig::blocklist_after`] strikes on a job it
-    /// gets no more of that job's tasks (in a keep-going batch, a task that fails for good takes its
+    /// gets no more of that job's tasks (in a keep-going batch or sweep, a task that fails for good takes its
     /// strikes back: it was the task's fault).
     Retryable,
     /// The worker blames the input (e.g. a corrupt image): retrying cannot help. Not a strike, and one
@@ -1385,17 +1391,18 @@ impl Scheduler {
         task.permanent_error_workers.clear();
         task.struck.clear();
         let mut ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
-        let all_tasks_done = job.tasks.iter().all(|t| t.state.settled());
+        let all_tasks_done = stage_done(job);
         let stage_work = job.meta.spec.kind.has_stage_work();
         let per_task = matches!(job.meta.spec.kind, JobKind::Video(_));
-        // a job with stage work succeeds once it is done (finish_stage without a next stage), the others
-        // with their last task; a keep-going batch with a failed task fails with its last
+        // a job with stage work ends once it is done (finish_stage without a next stage), the others with
+        // their last task; a keep-going batch with a failed task fails with its last (a keep-going sweep
+        // with one fails once its contact sheet is made)
         if all_tasks_done && !job.meta.spec.kind.has_stage_work() {
             set_job_state(&mut state.tally, &mut job.meta, JobState::Succeeded);
             job.meta.finished_ms = now_ms();
             ops.push(Op::Job(job.meta.clone()));
             job_ended(&mut state.unfinished, &job.meta.tenant);
-        } else if let Some(reason) = kept_going_failure(job) {
+        } else if let Some(reason) = kept_going_failure(job).filter(|_| !all_tasks_done) {
             self.finish_job(state, &lease.job_id, JobState::Failed, &reason, &mut ops)?;
         }
         let durable = self.store.write(ops);
@@ -1410,8 +1417,8 @@ impl Scheduler {
     }
 
     /// Records a failure: a retry after a backoff, or the job's failure when the task is out of attempts or
-    /// its permanent error is confirmed (see [`FailureKind`]); in a keep-going batch, the task's failure
-    /// alone, and the job's once none of its tasks is left to run.
+    /// its permanent error is confirmed (see [`FailureKind`]); in a keep-going batch or sweep, the task's
+    /// failure alone, and the job's once none of its tasks is left to run.
     pub fn fail(
         &self,
         lease_id: &LeaseId,
@@ -1531,8 +1538,13 @@ impl Scheduler {
             set_task_state(&mut st.tally, task, TaskState::Failed);
             ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             let job_id = job.meta.id.clone();
-            // a keep-going batch ends only once none of its tasks is left to run
-            let ends = if keep_going {
+            // a keep-going batch ends only once none of its tasks is left to run; a keep-going sweep then
+            // has its contact sheet made first, of the variants that rendered (the coordinator's step,
+            // which ends it)
+            let due = keep_going && job.meta.spec.kind.has_stage_work() && stage_done(job);
+            let ends = if due {
+                None
+            } else if keep_going {
                 kept_going_failure(job)
             } else {
                 Some(reason)
@@ -1541,6 +1553,9 @@ impl Scheduler {
                 Some(reason) => self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?,
                 // the task fails alone: the job's other tasks go on
                 None => ops.push(Op::Job(job.meta.clone())),
+            }
+            if due {
+                st.stage_due.push(job_id);
             }
         } else {
             let backoff = self
@@ -1911,6 +1926,12 @@ impl Scheduler {
             .push((job_id.clone(), index));
     }
 
+    /// The jobs whose stage was left done by a task's failure since the last call (a keep-going sweep whose
+    /// last variant to end failed): the coordinator runs their step (its contact sheet).
+    pub fn take_stage_due(&self) -> Vec<JobId> {
+        std::mem::take(&mut self.state.lock().unwrap().stage_due)
+    }
+
     /// The workers whose lease expired since the last call, with the moment each lease ran out: lost, as
     /// far as the scheduler can tell, unless they called after that moment.
     pub fn take_lost(&self) -> Vec<(WorkerId, std::time::Instant)> {
@@ -2139,11 +2160,11 @@ impl Scheduler {
     /// job whose every task of its stage had succeeded (it failed in the coordinator's own step, a stitch
     /// or a contact sheet) queues nothing and has that step run again ([`Retried::stage_work`]).
     ///
-    /// A queued or running job keeps its state (returned): only a keep-going batch's tasks that failed
-    /// alone ([`JobSpec::keep_going`]) run again, nothing else is requeued. Refused
-    /// ([`SchedulerError::Precondition`]) for a job that succeeded, one whose tasks are still being
-    /// stopped or that is being deleted; and ([`SchedulerError::Limit`]) as a submission is, when its tenant
-    /// has [`SchedulerConfig::max_unfinished_jobs`] unfinished jobs.
+    /// A queued or running job keeps its state (returned): only a keep-going batch's or sweep's tasks that
+    /// failed alone ([`JobSpec::keep_going`]) run again, nothing else is requeued. Refused
+    /// ([`SchedulerError::Precondition`]) for a job that succeeded, one whose tasks are still being stopped
+    /// or that is being deleted; and ([`SchedulerError::Limit`]) as a submission is, when its tenant has
+    /// [`SchedulerConfig::max_unfinished_jobs`] unfinished jobs.
     pub fn retry(&self, job_id: &JobId) -> Result<Retried, SchedulerError> {
         self.writable()?;
         let mut guard = self.state.lock().unwrap();
@@ -2157,12 +2178,19 @@ impl Scheduler {
                 "job {job_id} {why}: there is nothing to run again"
             )))
         };
-        // a keep-going batch that still runs may have tasks that failed alone: those run again
+        // a keep-going batch or sweep that still runs may have tasks that failed alone: those run again
         let running = match job.meta.state {
             JobState::Queued | JobState::Running => true,
             JobState::Succeeded => return refused("succeeded"),
             JobState::Failed | JobState::Cancelled => false,
         };
+        if running && awaits_step(job) {
+            // a keep-going sweep's contact sheet is being made of the variants that rendered: a variant
+            // run again now could render before the sheet is recorded, which would show it failed
+            return Err(SchedulerError::Precondition(format!(
+                "job {job_id}'s contact sheet is being made; retry it once it has ended"
+            )));
+        }
         if !running {
             still_ending(st, job)?;
             self.room_for_a_job(st, &job.meta.tenant)?;
@@ -2212,6 +2240,11 @@ impl Scheduler {
         }
         if !sharded_scales.is_empty() {
             st.sharded.insert(job_id.clone());
+        }
+        if matches!(job.meta.spec.kind, JobKind::Sweep(_)) && !again.is_empty() {
+            // a keep-going sweep's contact sheet is made again, with the variants that render now
+            job.meta.stage_results.clear();
+            job.meta.result = None;
         }
         let state = if running {
             job.meta.state
@@ -2352,8 +2385,7 @@ impl Scheduler {
             .jobs
             .get_mut(job_id)
             .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
-        let at_stage = job.meta.stage_results.len() as u32 == stage
-            && job.tasks.iter().all(|t| t.state.settled());
+        let at_stage = job.meta.stage_results.len() as u32 == stage && stage_done(job);
         if job.meta.state.is_terminal() || !job.meta.spec.kind.has_stage_work() || !at_stage {
             return Ok(false);
         }
@@ -2368,7 +2400,14 @@ impl Scheduler {
             }
             None => {
                 job.meta.result = Some(image.clone());
-                set_job_state(&mut st.tally, &mut job.meta, JobState::Succeeded);
+                // a keep-going sweep with failed variants fails, its contact sheet kept
+                match kept_going_failure(job) {
+                    Some(reason) => {
+                        set_job_state(&mut st.tally, &mut job.meta, JobState::Failed);
+                        job.meta.error = reason;
+                    }
+                    None => set_job_state(&mut st.tally, &mut job.meta, JobState::Succeeded),
+                }
                 job.meta.finished_ms = now_ms();
                 job_ended(&mut st.unfinished, &job.meta.tenant);
             }
@@ -3673,6 +3712,86 @@ mod tests {
         let view = s.get(&fail_fast).unwrap();
         assert_eq!(view.meta.state, JobState::Failed);
         assert_eq!(view.tasks[1].0.state, TaskState::Cancelled);
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// A keep-going sweep renders around a failed variant: once none is left to run, the job waits for its
+    /// contact sheet whether its last task to end rendered or failed (the failure leaves it due:
+    /// [`Scheduler::take_stage_due`]), and recording the sheet fails the job, naming the failed variant,
+    /// with the sheet as its result. `retry` runs only that variant and drops the sheet; the next sheet
+    /// ends the job succeeded; while a sheet is being made, `retry` is refused. One whose every variant
+    /// failed has no sheet to wait for: it fails.
+    #[test]
+    fn a_keep_going_sweep_makes_its_sheet_around_a_failed_variant() {
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..Default::default()
+        });
+        let sweep = JobSpec {
+            kind: JobKind::Sweep(stylefarm_core::job::parse_sweep("seed=1,2,3").unwrap()),
+            max_attempts: 1,
+            keep_going: true,
+            ..batch(1, 0)
+        };
+        let (job, _) = s.submit(sweep.clone(), "").unwrap();
+        let lease = |index| {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            assert_eq!(l.task.id.index, index);
+            l.lease_id
+        };
+        let (l0, l1, l2) = (lease(0), lease(1), lease(2));
+        let done = s.complete(&l0, &hash("zero")).unwrap().unwrap();
+        assert!(!done.stage_work && !s.awaits_step(&job));
+        s.fail(&l1, "bad variant", FailureKind::Permanent).unwrap();
+        assert!(s.take_stage_due().is_empty(), "a variant is still running");
+        let done = s.complete(&l2, &hash("two")).unwrap().unwrap();
+        assert!(done.stage_work && done.all_tasks_done);
+        assert!(s.awaits_step(&job));
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Running);
+        assert!(s.finish_stage(&job, 0, &hash("sheet"), None).unwrap());
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(view.meta.result, Some(hash("sheet")));
+        assert!(
+            view.meta
+                .error
+                .starts_with("1 of 3 tasks failed (2 rendered")
+                && view.meta.error.ends_with("bad variant"),
+            "{}",
+            view.meta.error
+        );
+        assert_eq!(s.counts(), s.counts_walked());
+        // retry: the failed variant only, and a new sheet after it
+        let retried = s.retry(&job).unwrap();
+        assert_eq!((retried.state, retried.requeued), (JobState::Queued, 1));
+        let view = s.get(&job).unwrap();
+        assert!(view.meta.result.is_none() && view.meta.stage_results.is_empty());
+        // this time the failure is the last to end: the job is due for its sheet, and not run again
+        // while that is being made (a variant rendered meanwhile would show failed on it)
+        s.fail(&lease(1), "bad again", FailureKind::Permanent)
+            .unwrap();
+        assert_eq!(s.take_stage_due(), std::slice::from_ref(&job));
+        assert!(s.awaits_step(&job));
+        let refused = s.retry(&job).unwrap_err().to_string();
+        assert!(refused.contains("contact sheet is being made"), "{refused}");
+        assert!(s.finish_stage(&job, 0, &hash("sheet 1b"), None).unwrap());
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Failed);
+        s.retry(&job).unwrap();
+        s.complete(&lease(1), &hash("one")).unwrap().unwrap();
+        assert!(s.finish_stage(&job, 0, &hash("sheet 2"), None).unwrap());
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Succeeded);
+        assert_eq!(view.meta.result, Some(hash("sheet 2")));
+        // every variant failed: no sheet, the job fails
+        let (all_failed, _) = s.submit(sweep, "").unwrap();
+        for index in 0..3 {
+            s.fail(&lease(index), "bad", FailureKind::Permanent)
+                .unwrap();
+        }
+        assert!(s.take_stage_due().is_empty() && !s.awaits_step(&all_failed));
+        let view = s.get(&all_failed).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert!(view.meta.result.is_none());
         assert_eq!(s.counts(), s.counts_walked());
     }
 

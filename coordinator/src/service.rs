@@ -816,6 +816,10 @@ impl WorkerService for WorkerApi {
                 .map_err(Error::from)
         })
         .await?;
+        // a keep-going sweep whose last variant failed: its contact sheet, of the others, is made now
+        for job_id in self.coordinator.scheduler.take_stage_due() {
+            self.coordinator.spawn_stage_work(job_id);
+        }
         Ok(Response::new(pb::FailTaskResponse {}))
     }
 

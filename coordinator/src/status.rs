@@ -9,7 +9,7 @@
 //! | `GET /api/jobs/{job_id}/tasks/{index}/preview` | a running task's latest preview, as its worker sent it (every few seconds: `--preview-secs`), a PNG of at most 256 px |
 //! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px rounded up to one of [`THUMBNAIL_SIZES`] (`N` from 16 to 1024, default 256) |
 //! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
-//! | `POST /api/jobs/{job_id}/retry` | runs a failed or cancelled job again (or a keep-going batch's failed tasks while it runs), as RenderService's RetryJob does; the same header |
+//! | `POST /api/jobs/{job_id}/retry` | runs a failed or cancelled job again (or a keep-going batch's or sweep's failed tasks while it runs), as RenderService's RetryJob does; the same header |
 //! | `POST /api/jobs/{job_id}/pause`, `.../resume` | pauses or resumes a job, as RenderService's PauseJob and ResumeJob do; the same header |
 //! | `POST /login`, `POST /logout` | a session for a client token, its id in an HttpOnly, SameSite=Strict cookie (or the session ended) |
 //!

@@ -296,11 +296,12 @@ pub struct JobSpec {
     /// `gpu` for a large tiled job in a farm with CPU workers too); none: any worker ([`check_tags`]).
     #[serde(default)]
     pub worker_tags: Vec<String>,
-    /// A batch's tasks are independent: with `keep_going`, a task that fails for good (out of attempts,
-    /// or its non-retryable error confirmed) fails alone and the others render, as `make -k` goes on
-    /// (OpenCue's dead frames); the job then ends failed, naming its failed tasks, with the others'
-    /// results kept. Without (the default), the first such task fails the job and cancels the rest, which
-    /// spares a farm a systemic fault (a bad style, say) failing every task in turn. Batch jobs only.
+    /// A batch's tasks, and a sweep's variants, are independent: with `keep_going`, a task that fails for
+    /// good (out of attempts, or its non-retryable error confirmed) fails alone and the others render, as
+    /// `make -k` goes on (OpenCue's dead frames); the job then ends failed, naming its failed tasks, with
+    /// the others' results kept (a sweep's contact sheet made of them, its failed variants' cells marked).
+    /// Without (the default), the first such task fails the job and cancels the rest, which spares a farm
+    /// a systemic fault (a bad style, say) failing every task in turn. Batch and sweep jobs only.
     #[serde(default)]
     pub keep_going: bool,
 }
@@ -815,11 +816,11 @@ impl JobSpec {
                 format!("at most {MAX_ATTEMPTS}, got {}", self.max_attempts),
             ));
         }
-        if self.keep_going && self.kind != JobKind::Batch {
+        if self.keep_going && !matches!(self.kind, JobKind::Batch | JobKind::Sweep(_)) {
             return Err(Error::invalid(
                 "keep_going",
                 format!(
-                    "for batch jobs only, whose tasks are independent; this is a {} job",
+                    "for batch and sweep jobs only, whose tasks are independent; this is a {} job",
                     self.kind.name()
                 ),
             ));
@@ -1064,15 +1065,17 @@ mod tests {
         assert!(spec(JobKind::Single).runs_on(&[]));
     }
 
-    /// Keep-going is for batches, whose tasks are independent: another kind is refused, naming the field
-    /// and the kind.
+    /// Keep-going is for batches and sweeps, whose tasks are independent: another kind is refused, naming
+    /// the field and the kind.
     #[test]
-    fn keep_going_is_for_batches_only() {
+    fn keep_going_is_for_batches_and_sweeps_only() {
         let keep_going = |kind| JobSpec {
             keep_going: true,
             ..spec(kind)
         };
         assert!(keep_going(JobKind::Batch).check_new().is_ok());
+        let sweep = JobKind::Sweep(parse_sweep("seed=1,2").unwrap());
+        assert!(keep_going(sweep).check_new().is_ok());
         for kind in [
             JobKind::Single,
             JobKind::Tiled(Tiling::new(None, tiling::DEFAULT_OVERLAP, false)),
@@ -1081,7 +1084,7 @@ mod tests {
             let err = keep_going(kind).check_new().unwrap_err().to_string();
             assert!(
                 err.starts_with("keep_going")
-                    && err.contains("for batch jobs only")
+                    && err.contains("for batch and sweep jobs only")
                     && err.ends_with(&format!("this is a {name} job")),
                 "{err}"
             );
