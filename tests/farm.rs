@@ -8,8 +8,9 @@ use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
-    is, iteration, job, path, pixel_difference, shared_image, submit, tubingen_x_starry, wait_for,
-    wait_iteration, wait_job, wait_registered, wait_state, x_starry, Cluster,
+    file_names, is, iteration, job, path, pixel_difference, shared_image, submit,
+    tubingen_x_starry, wait_for, wait_iteration, wait_job, wait_registered, wait_state, x_starry,
+    Cluster,
 };
 use tonic::Code;
 
@@ -164,11 +165,7 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
         }
     }
     assert_eq!(status.result, frame_of(4).result);
-    let mut written: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    written.sort();
+    let written = file_names(&out);
     assert_eq!(
         written,
         (1..=5)
@@ -1438,11 +1435,7 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
         "{out} {err}"
     );
     let job_id = out.trim();
-    let mut written: Vec<String> = std::fs::read_dir(&output)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    written.sort();
+    let written = file_names(&output);
     assert_eq!(
         written,
         ["001_content_2_x_style_1.png", "002_content_3_x_style_1.png"]
@@ -1502,11 +1495,7 @@ async fn a_keep_going_sweep_makes_its_sheet_around_a_failed_variant() {
         "{out} {err}"
     );
     let job_id = out.trim();
-    let mut written: Vec<String> = std::fs::read_dir(&output)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    written.sort();
+    let written = file_names(&output);
     assert_eq!(
         written,
         ["000_seed=1.png", "001_seed=2.png", "contact-sheet.png"]

@@ -277,14 +277,7 @@ fn multi_scale_renders_coarse_to_fine_and_writes_jpeg() {
 #[test]
 fn snapshots_are_written_every_n_iterations_and_the_last_is_the_output() {
     let dir = tempfile::tempdir().unwrap();
-    let names = |dir: &Path| {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
+    let names = stylefarm_tests::file_names;
     let out = dir.path().join("out.png");
     render(
         &out,

@@ -18,7 +18,7 @@
 //! | `stylefarm_blobs_collected_total` | counter | | blobs deleted by the garbage collection ([`crate::gc`]) |
 //! | `stylefarm_blob_bytes_collected_total` | counter | | their bytes |
 //! | `stylefarm_connections_open` | gauge | | gRPC connections served now ([`crate::connections`]) |
-//! | `stylefarm_connections_refused_total` | counter | | connections closed as they came: as many were open as `--max-connections` allows |
+//! | `stylefarm_connections_refused_total` | counter | | connections closed as they came: as many were open as `--max-connections` (or, from their address, `--max-connections-per-source`) allows |
 
 use std::collections::BTreeMap;
 
@@ -168,7 +168,8 @@ impl Metrics {
         );
         registry.register(
             "connections_refused",
-            "Connections closed as they came: as many were open as --max-connections allows",
+            "Connections closed as they came: as many were open as --max-connections (or, from their \
+             address, --max-connections-per-source) allows",
             connections.refused.clone(),
         );
         Metrics {

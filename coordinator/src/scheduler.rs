@@ -572,7 +572,8 @@ fn still_ending(st: &State, job: &Job) -> Result<(), SchedulerError> {
     )))
 }
 
-/// A job with stage work, unfinished, every task of its stage settled: the coordinator's step is next.
+/// A job with stage work, unfinished, its stage done ([`TaskState::stage_done`]): the coordinator's step is
+/// next.
 fn awaits_step(job: &Job) -> bool {
     job.meta.spec.kind.has_stage_work() && !job.meta.state.is_terminal() && stage_done(job)
 }
@@ -2694,6 +2695,13 @@ mod tests {
         }
     }
 
+    /// Submits `spec` as `tenant`'s job.
+    fn submit_as(s: &Scheduler, tenant: &str, spec: JobSpec) -> JobId {
+        s.submit_expanded(spec.expand().unwrap(), tenant, "", false)
+            .unwrap()
+            .0
+    }
+
     /// A stand-in for an image's hash.
     fn hash(name: &str) -> ImageHash {
         ImageHash::of(name.as_bytes())
@@ -3853,11 +3861,7 @@ mod tests {
     fn tenants_share_the_farm_at_equal_priority() {
         let s =
             Scheduler::new(SchedulerConfig::default(), Arc::new(MemoryStore::default())).unwrap();
-        let submit = |tenant: &str, spec: JobSpec| {
-            s.submit_expanded(spec.expand().unwrap(), tenant, "", false)
-                .unwrap()
-                .0
-        };
+        let submit = |tenant: &str, spec: JobSpec| submit_as(&s, tenant, spec);
         let big = submit("studio", batch(6, 0));
         let small = submit("indie", batch(2, 0));
         let mut leased = Vec::new();
@@ -3894,11 +3898,7 @@ mod tests {
             ..SchedulerConfig::default()
         };
         let s = Scheduler::new(config, Arc::new(MemoryStore::default())).unwrap();
-        let submit = |tenant: &str, spec: JobSpec| {
-            s.submit_expanded(spec.expand().unwrap(), tenant, "", false)
-                .unwrap()
-                .0
-        };
+        let submit = |tenant: &str, spec: JobSpec| submit_as(&s, tenant, spec);
         let indie = submit("indie", batch(10, 0));
         let studio = submit("studio", batch(7, 0));
         let mut leased = Vec::new();

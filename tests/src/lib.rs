@@ -93,6 +93,16 @@ pub fn shared_image(name: &str) -> PathBuf {
     path
 }
 
+/// The names of the files in `dir`, sorted (what a command wrote there).
+pub fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// A child process killed when the handle drops.
 pub struct Node {
     /// The `stylefarm` process.
