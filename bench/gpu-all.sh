@@ -27,7 +27,7 @@ OUT=$work/main TILED_TIMEOUT=${TILED_TIMEOUT:-125} PARTS="engine tiled" timeout 
 stage lbfgs
 OUT=$work/lbfgs timeout 65 bash bench/gpu-lbfgs.sh > "$res/gpu-lbfgs.txt" 2> "$work/logs/gpu-lbfgs.err"
 stage memory
-OUT=$work/mem TILED_TIMEOUT=${MEMORY_TIMEOUT:-45} PARTS=memory timeout 165 bash bench/gpu.sh \
+OUT=$work/mem TILED_TIMEOUT=${MEMORY_TIMEOUT:-45} PARTS=memory timeout 200 bash bench/gpu.sh \
     > "$res/gpu-memory.md" 2> "$work/logs/gpu-memory.err"
 stage done
 for d in main lbfgs mem; do

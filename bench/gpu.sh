@@ -14,8 +14,9 @@
 #     task `task_s - engine_s` from the worker's log; again with --cudnn-benchmark false (TILED_NOBENCH=
 #     for none); and the one-pass `render --size $TILED_SIZE --scales N` with the same schedule, for the
 #     ratio;
-#   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES), and of
-#     the first of them again with --cudnn-benchmark false.
+#   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES), the first
+#     of them again with --cudnn-benchmark false, and again with the worker held to --device-memory $CAP
+#     (16GiB: the cap that lets workers share a GPU), before the larger tiles.
 #
 #   bash bench/gpu.sh                       # on the GPU machine, from the repository root
 #   PARTS=tiled bash bench/gpu.sh           # only the tiled job (PARTS: engine, tiled, memory)
@@ -161,6 +162,9 @@ if plan:
 mem = re.findall(r"registered.*?memory_bytes=(\d+)", log)
 if mem:
     print(f"| {name}: device memory the worker reported | {int(mem[0]) / 2**30:.1f} GiB | |")
+held = re.search(r"device memory held to (\S+)", log)
+if held:
+    print(f"| {name}: share of the GPU's memory the process is held to | {held.group(1)} | |")
 engine = [float(x) for x in re.findall(r"engine_s=([0-9.]+)", log)]
 task = [float(x) for x in re.findall(r"task_s=([0-9.]+)", log)]
 over = [t - e for t, e in zip(task, engine)]
@@ -219,13 +223,22 @@ if [[ $parts == *" tiled "* ]]; then
 fi
 if [[ $parts == *" memory "* ]]; then
     tile_sizes=(${TILE_SIZES:-512 1024 2048})
-    # first (the figure still missing): the smallest tiles with cuDNN's autotuner off, whose trial runs
-    # PyTorch gives a workspace sized by the device's free memory
-    [ ${#tile_sizes[@]} -gt 0 ] && farm_job "tiles-${tile_sizes[0]}-nobench" --tiled --size "$tiled_size" \
-        --tile-size "${tile_sizes[0]}" --iterations "${MEMORY_ITERATIONS:-20}" --cudnn-benchmark false
-    for t in "${tile_sizes[@]}"; do
-        farm_job "tiles-$t" --tiled --size "$tiled_size" --tile-size "$t" \
-            --iterations "${MEMORY_ITERATIONS:-20}"
+    cap=${CAP:-16GiB}
+    tiles() {
+        farm_job "$1" --tiled --size "$tiled_size" --tile-size "$2" \
+            --iterations "${MEMORY_ITERATIONS:-20}" "${@:3}"
+    }
+    # the figures still missing first: the smallest tiles as they are (131 GiB peaks on an H200 before),
+    # with cuDNN's autotuner off (PyTorch gives its trial runs a workspace as large as the free memory
+    # allows), and held to $cap by PyTorch's allocator (--device-memory on a GPU)
+    if [ ${#tile_sizes[@]} -gt 0 ]; then
+        first=${tile_sizes[0]}
+        tiles "tiles-$first" "$first"
+        tiles "tiles-$first-nobench" "$first" --cudnn-benchmark false
+        tiles "tiles-$first-held-$cap" "$first" --device-memory "$cap"
+    fi
+    for t in "${tile_sizes[@]:1}"; do
+        tiles "tiles-$t" "$t"
     done
 fi
 echo "(outputs in $out)"

@@ -409,6 +409,81 @@ fn bad_input_gets_a_clear_one_line_error() {
     );
 }
 
+/// `--device-memory` on a GPU caps libtorch's allocator, which needs the GPU's total memory: where the NVIDIA
+/// driver does not tell it (no driver, no such GPU), a worker or local farm on CUDA is refused at once,
+/// naming the field, before it connects or loads anything; on the CPU (or auto without a GPU) the memory is
+/// only reported, and 0 bytes are refused.
+#[test]
+fn device_memory_on_a_gpu_the_driver_cannot_read_is_refused_at_once() {
+    if stylefarm_worker::gpu_total_memories().is_ok_and(|gpus| !gpus.is_empty()) {
+        eprintln!("skipped: this machine has a GPU");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png").display().to_string();
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let (content, style) = (content.to_str().unwrap(), style.to_str().unwrap());
+    for args in [
+        vec![
+            "worker",
+            "--device",
+            "cuda:1",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ],
+        vec![
+            "local",
+            "--device",
+            "cuda",
+            "--content",
+            content,
+            "--style",
+            style,
+            "-o",
+            &out,
+        ],
+    ] {
+        let result = stylefarm(&[&args[..], &["--device-memory", "8GiB"]].concat());
+        let err = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: device_memory: ")
+                && err.contains("GPU")
+                && err.trim_end().lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+    let result = stylefarm(&["worker", "--device", "cpu", "--device-memory", "0GiB"]);
+    let err = stderr(&result);
+    assert!(
+        !result.status.success() && err.contains("device-memory") && err.contains("more than 0"),
+        "{err}"
+    );
+    // auto without a GPU renders on the CPU, the memory reported only
+    let result = stylefarm(&[
+        "local",
+        "--device",
+        "auto",
+        "--device-memory",
+        "8GiB",
+        "--content",
+        content,
+        "--style",
+        style,
+        "--size",
+        "32",
+        "--iterations",
+        "1",
+        "-o",
+        &out,
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(Path::new(&out).exists());
+}
+
 /// Iteration 0 of `stylefarm render` against tests/objective_numpy.py, ALGORITHM.md's objective written
 /// again in numpy (float64), on images already at the working size: within 1e-3 relative.
 #[test]

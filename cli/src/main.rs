@@ -163,12 +163,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // before any thread starts (the environment is the process's)
     #[cfg(feature = "engine")]
-    match &cli.command {
-        Command::Render(args) => args.engine.prepare_process(),
-        Command::Local(args) => args.engine.prepare_process(),
-        Command::Worker(args) => args.engine.prepare_process(),
-        _ => {}
-    }
+    let memory_limit = match &cli.command {
+        Command::Render(args) => {
+            args.engine.prepare_process();
+            Ok(None)
+        }
+        Command::Local(args) => {
+            args.engine.prepare_process();
+            args.memory.prepare_process(&args.device, args.workers)
+        }
+        Command::Worker(args) => {
+            args.engine.prepare_process();
+            args.memory.prepare_process(&args.device, 1)
+        }
+        _ => Ok(None),
+    };
+    #[cfg(feature = "engine")]
+    let memory_limit = match memory_limit {
+        Ok(limit) => limit,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     stylefarm_coordinator::install_crypto_provider();
     // servers log their work by default; the user's commands only warnings (STYLEFARM_LOG overrides both)
     let (default, service) = match cli.command {
@@ -184,6 +201,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(feature = "engine")]
+    match memory_limit {
+        Some(nodes::MemoryNote::Held(note)) => tracing::info!("device memory held to {note}"),
+        Some(nodes::MemoryNote::NotHeld(note)) => tracing::warn!("{note}"),
+        None => {}
+    }
     let result = match cli.command {
         #[cfg(feature = "engine")]
         Command::Render(args) => contain_panics(|| render::run(*args)),

@@ -21,7 +21,7 @@ pub(crate) struct WorkerArgs {
     metrics_listen: Option<std::net::SocketAddr>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
-    device: String,
+    pub(crate) device: String,
     /// VGG19 weights (.safetensors); default: the file deploy/setup.sh converts.
     #[arg(long, env = "STYLEFARM_WEIGHTS")]
     weights: Option<PathBuf>,
@@ -38,26 +38,126 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = "STYLEFARM_THREADS")]
     threads: Option<u32>,
     #[command(flatten)]
-    memory: DeviceMemoryArg,
+    pub(crate) memory: DeviceMemoryArg,
     #[command(flatten)]
     pub(crate) engine: EngineArgs,
 }
 
-/// The device memory a worker reports.
+/// The device memory a worker reports, and on a GPU keeps to.
 #[derive(Args, Clone)]
 pub(crate) struct DeviceMemoryArg {
-    /// Device memory to report to the coordinator, which sizes tiled jobs' tiles for it, e.g. 24GiB or
-    /// 16GB (default: the GPU's total memory, or the machine's or container's for the CPU). Lower it to
-    /// leave room for other processes on the device.
+    /// Device memory of a worker, e.g. 24GiB or 16GB (default: the GPU's total memory, or the machine's or
+    /// container's for the CPU). It is reported to the coordinator, which sizes tiled jobs' tiles for it,
+    /// and on a GPU the worker keeps to it: libtorch's allocator is capped there (PyTorch's
+    /// per_process_memory_fraction), so several workers can share one GPU, and an allocation past it fails
+    /// that task as out of memory. A CPU worker only reports it.
     #[arg(long, env = "STYLEFARM_DEVICE_MEMORY", value_parser = parse_bytes)]
     device_memory: Option<u64>,
 }
 
-/// A size in bytes, with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB) or without (bytes).
+/// What each engine of this process gets of its GPU once `--device-memory` holds the process to it, by GPU
+/// index ([`stylefarm_worker::CudaMemoryLimit::per_engine`]): what the workers report. Set once, by
+/// [`DeviceMemoryArg::prepare_process`].
+static HELD_PER_ENGINE: std::sync::OnceLock<std::collections::BTreeMap<usize, u64>> =
+    std::sync::OnceLock::new();
+
+/// What `--device-memory` did to the process, to be logged once logging starts.
+pub(crate) enum MemoryNote {
+    /// The process is held to it (info).
+    Held(String),
+    /// It could not be, and the engines may take the whole device (a warning).
+    NotHeld(String),
+}
+
+impl DeviceMemoryArg {
+    /// What `--device-memory` needs of the process, set before it starts a thread or libtorch touches
+    /// CUDA: for `workers` engines on `device` (as [`local_device`] spreads them over the GPUs), the
+    /// setting of PyTorch's CUDA allocator that holds each GPU to its engines' memory
+    /// ([`stylefarm_worker::cuda_memory_limit`]).
+    pub(crate) fn prepare_process(
+        &self,
+        device: &str,
+        workers: u32,
+    ) -> anyhow::Result<Option<MemoryNote>> {
+        let Some(bytes) = self.device_memory else {
+            return Ok(None);
+        };
+        let on_gpu = matches!(device, "auto" | "cuda" | "gpu")
+            || device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !on_gpu || workers == 0 || workers > MAX_LOCAL_WORKERS {
+            // the CPU; or a device name, or a number of workers, that the command refuses, naming it
+            return Ok(None);
+        }
+        let totals = match stylefarm_worker::gpu_total_memories() {
+            Ok(totals) => totals,
+            Err(e) if device == "auto" => {
+                return Ok(Some(MemoryNote::NotHeld(format!(
+                    "device_memory: cannot read the GPU's memory ({e}): a GPU that libtorch finds \
+                     anyway is not held to {}",
+                    bytesize::ByteSize(bytes)
+                ))))
+            }
+            Err(e) => bail!(
+                "device_memory: cannot read the GPU's memory to hold {device} to {}: {e}",
+                bytesize::ByteSize(bytes)
+            ),
+        };
+        if totals.is_empty() && device == "auto" {
+            // no GPU: auto runs on the CPU, which only reports the memory
+            return Ok(None);
+        }
+        let engines: Vec<usize> = (0..workers)
+            .filter_map(|i| match local_device(device, i, totals.len()).as_str() {
+                "cuda" | "gpu" => Some(0),
+                named => named.strip_prefix("cuda:")?.parse().ok(),
+            })
+            .collect();
+        let limit = stylefarm_worker::cuda_memory_limit(bytes, &engines, &totals, |name| {
+            std::env::var(name).ok()
+        })
+        .map_err(anyhow::Error::msg)?;
+        let Some(limit) = limit else {
+            return Ok(None);
+        };
+        std::env::set_var(limit.variable, &limit.value);
+        let each = limit
+            .per_engine
+            .iter()
+            .map(|(gpu, bytes)| format!("cuda:{gpu} {}", bytesize::ByteSize(*bytes)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let note = format!(
+            "{} of each GPU's memory for --device-memory {} (each worker: {each}): {}={}",
+            limit.fraction,
+            bytesize::ByteSize(bytes),
+            limit.variable,
+            limit.value
+        );
+        let _ = HELD_PER_ENGINE.set(limit.per_engine);
+        Ok(Some(MemoryNote::Held(note)))
+    }
+
+    /// The memory a worker on `device` reports: `--device-memory`, or what it gets of its GPU when
+    /// engines sharing it get less ([`HELD_PER_ENGINE`]); `None`: the device's own.
+    fn reported(&self, device: stylefarm_engine::Device) -> Option<u64> {
+        let held = match device {
+            stylefarm_engine::Device::Cuda(index) => HELD_PER_ENGINE.get()?.get(&index).copied(),
+            _ => None,
+        };
+        self.device_memory
+            .map(|bytes| held.map_or(bytes, |h| h.min(bytes)))
+    }
+}
+
+/// A size in bytes, more than 0, with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB) or without (bytes).
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("'{s}': {e} (e.g. 24GiB, 16GB, 512MiB)"))
+    match s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()) {
+        Ok(0) => Err(format!("'{s}': must be more than 0 bytes")),
+        Ok(bytes) => Ok(bytes),
+        Err(e) => Err(format!("'{s}': {e} (e.g. 24GiB, 16GB, 512MiB)")),
+    }
 }
 
 /// Sets libtorch's intra-op thread count for this process.
@@ -74,10 +174,10 @@ pub(crate) struct LocalArgs {
     /// Worker processes' worth of engines to run in this process; with --device auto or cuda, on the GPUs
     /// in turn (worker i on cuda:(i mod the number of GPUs)).
     #[arg(long, default_value_t = 1)]
-    workers: u32,
+    pub(crate) workers: u32,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
-    device: String,
+    pub(crate) device: String,
     #[arg(long, env = "STYLEFARM_WEIGHTS")]
     weights: Option<PathBuf>,
     /// Coordinator state (default: a temporary directory).
@@ -87,7 +187,7 @@ pub(crate) struct LocalArgs {
     #[arg(long, env = "STYLEFARM_STATUS_LISTEN")]
     status_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
-    memory: DeviceMemoryArg,
+    pub(crate) memory: DeviceMemoryArg,
     #[command(flatten)]
     pub(crate) engine: EngineArgs,
     #[command(flatten)]
@@ -117,7 +217,7 @@ fn worker_config(
         device,
         weights: weights.unwrap_or_else(crate::weights::default_weights),
         lease_wait: Duration::from_secs(10),
-        device_memory: memory.device_memory,
+        device_memory: memory.reported(device),
         engine: engine.options(),
         tags: Vec::new(),
     })
@@ -167,10 +267,16 @@ fn local_device(device: &str, i: u32, gpus: usize) -> String {
     }
 }
 
+/// The most workers `local` runs in its process.
+const MAX_LOCAL_WORKERS: u32 = 64;
+
 /// An embedded coordinator on 127.0.0.1 and `--workers` workers in this process, one job, its results.
 pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
-    if args.workers == 0 || args.workers > 64 {
-        bail!("workers: must be between 1 and 64, got {}", args.workers);
+    if args.workers == 0 || args.workers > MAX_LOCAL_WORKERS {
+        bail!(
+            "workers: must be between 1 and {MAX_LOCAL_WORKERS}, got {}",
+            args.workers
+        );
     }
     let output = args
         .job

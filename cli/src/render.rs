@@ -89,8 +89,9 @@ pub(crate) struct EngineArgs {
           default_value_t = stylefarm_engine::EngineOptions::default().tf32)]
     tf32: bool,
     /// Let cuDNN time its algorithms for each new input shape and keep the fastest (PyTorch's
-    /// torch.backends.cudnn.benchmark); false takes cuDNN's heuristic choice at once, without the timing
-    /// runs or their workspace. GPUs only.
+    /// torch.backends.cudnn.benchmark): its trial runs take time at each new shape, and a workspace as
+    /// large as the GPU's free memory (or a worker's --device-memory) allows. false takes cuDNN's heuristic
+    /// choice at once, as PyTorch does by default. GPUs only.
     #[arg(long, env = "STYLEFARM_CUDNN_BENCHMARK", value_name = "BOOL", action = clap::ArgAction::Set,
           default_value_t = stylefarm_engine::EngineOptions::default().cudnn_benchmark)]
     cudnn_benchmark: bool,

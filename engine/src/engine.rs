@@ -30,16 +30,17 @@ pub struct EngineOptions {
     /// Whether cuDNN times its algorithms for each new input shape and keeps the fastest
     /// (`torch.backends.cudnn.benchmark`), or takes its heuristics' choice at once
     /// ([`Vgg19::set_cudnn_benchmark`]).
-    /// The timing costs start-up time per shape, and the workspace PyTorch offers the trial algorithms is
-    /// sized by the device's free memory, which its caching allocator then keeps. No effect on a CPU.
+    /// The timing costs start-up time per shape, and PyTorch gives the trial algorithms a workspace as
+    /// large as the device's free memory allows (aten/src/ATen/native/cudnn/Conv_v8.cpp,
+    /// `get_available_workspace`). No effect on a CPU.
     pub cudnn_benchmark: bool,
 }
 
 impl Default for EngineOptions {
     /// The channels-last layout and TF32 convolutions, each chosen by measurement on an H200 and on this
-    /// project's CPU (BENCHMARKS.md, "Issue 10's figures on the H200"); cuDNN's autotuner on, as before
-    /// those figures, until `bench/gpu.sh`'s run with it off decides. gpu.sh times each option against
-    /// these.
+    /// project's CPU (BENCHMARKS.md, "Issue 10's figures on the H200"); cuDNN's autotuner on, as since the
+    /// engine's first version, until `bench/gpu.sh`'s run with it off decides. gpu.sh times each option
+    /// against these.
     fn default() -> EngineOptions {
         EngineOptions {
             channels_last: true,
@@ -81,11 +82,11 @@ impl Engine {
         }
     }
 
-    /// Runs the objective's work once on a small image (forward through every layer to relu5_4, Gram matrices, backward) so
-    /// that the device's one-time costs (CUDA context, cuDNN and cuBLAS handles, the allocator's first
-    /// blocks) are paid before the first task rather than inside it. With the autotuner on
-    /// ([`EngineOptions::cudnn_benchmark`]), cuDNN still tunes each new input shape once, on first use, and
-    /// keeps the choice for the process.
+    /// Runs the objective's work once on a small image (forward through every layer to relu5_4, Gram
+    /// matrices, backward) so that the device's one-time costs (CUDA context, cuDNN and cuBLAS handles,
+    /// the allocator's first blocks) are paid before the first task rather than inside it. With the
+    /// autotuner on ([`EngineOptions::cudnn_benchmark`]), cuDNN still tunes each new input shape once, on
+    /// first use, and keeps the choice for the process.
     pub fn warm_up(&self) -> Result<(), Error> {
         let layers: Vec<Layer> = Layer::all().collect();
         let x =

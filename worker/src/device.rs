@@ -154,7 +154,24 @@ fn cpu_memory() -> Option<u64> {
 type CuResult = std::os::raw::c_int;
 
 fn cuda_total_memory(index: usize) -> Result<u64, String> {
-    let ordinal = std::os::raw::c_int::try_from(index).map_err(|e| e.to_string())?;
+    let totals = gpu_total_memories()?;
+    totals.get(index).copied().ok_or_else(|| {
+        format!(
+            "cuda:{index} is not among the {} GPU(s) the driver sees",
+            totals.len()
+        )
+    })
+}
+
+/// `CUDA_ERROR_NO_DEVICE`: the driver is there, no GPU is (or none is visible).
+const CUDA_ERROR_NO_DEVICE: CuResult = 100;
+
+/// The total memory of each GPU the NVIDIA driver sees (`CUDA_VISIBLE_DEVICES` applies, as for libtorch), in
+/// bytes, in the driver's order (`cuda:0` first); empty without a driver or a GPU. It asks the driver API
+/// (libcuda.so.1, loaded at run time and kept loaded), which makes no CUDA context and leaves libtorch's
+/// allocator unstarted, so it may run before [`cuda_memory_limit`]'s setting is made. An error says what
+/// failed in a driver that is there.
+pub fn gpu_total_memories() -> Result<Vec<u64>, String> {
     let check = |what: &str, r: CuResult| {
         if r == 0 {
             Ok(())
@@ -162,14 +179,20 @@ fn cuda_total_memory(index: usize) -> Result<u64, String> {
             Err(format!("{what} returned CUresult {r}"))
         }
     };
-    // SAFETY: libcuda.so.1 is NVIDIA's driver library; the three symbols have these C signatures in every
-    // driver since CUDA 3.2 (cuda.h: CUresult cuInit(unsigned int), cuDeviceGet(CUdevice*, int),
-    // cuDeviceTotalMem_v2(size_t*, CUdevice) with CUdevice an int); the library stays loaded while they
-    // are called.
+    // SAFETY: libcuda.so.1 is NVIDIA's driver library; the four symbols have these C signatures in every
+    // driver since CUDA 3.2 (cuda.h: CUresult cuInit(unsigned int), cuDeviceGetCount(int*),
+    // cuDeviceGet(CUdevice*, int), cuDeviceTotalMem_v2(size_t*, CUdevice) with CUdevice an int); the
+    // library is never unloaded (below), so it stays loaded while they are called and after.
     unsafe {
-        let lib = libloading::Library::new("libcuda.so.1").map_err(|e| e.to_string())?;
+        let Ok(lib) = libloading::Library::new("libcuda.so.1") else {
+            return Ok(Vec::new());
+        };
         let init: libloading::Symbol<'_, unsafe extern "C" fn(std::os::raw::c_uint) -> CuResult> =
             lib.get(b"cuInit\0").map_err(|e| e.to_string())?;
+        let device_count: libloading::Symbol<
+            '_,
+            unsafe extern "C" fn(*mut std::os::raw::c_int) -> CuResult,
+        > = lib.get(b"cuDeviceGetCount\0").map_err(|e| e.to_string())?;
         let device_get: libloading::Symbol<
             '_,
             unsafe extern "C" fn(*mut std::os::raw::c_int, std::os::raw::c_int) -> CuResult,
@@ -180,13 +203,134 @@ fn cuda_total_memory(index: usize) -> Result<u64, String> {
         > = lib
             .get(b"cuDeviceTotalMem_v2\0")
             .map_err(|e| e.to_string())?;
-        check("cuInit", init(0))?;
-        let mut device: std::os::raw::c_int = 0;
-        check("cuDeviceGet", device_get(&mut device, ordinal))?;
-        let mut bytes: usize = 0;
-        check("cuDeviceTotalMem_v2", total_mem(&mut bytes, device))?;
-        Ok(bytes as u64)
+        let totals = match init(0) {
+            CUDA_ERROR_NO_DEVICE => Ok(Vec::new()),
+            r => check("cuInit", r).and_then(|()| {
+                let mut count: std::os::raw::c_int = 0;
+                check("cuDeviceGetCount", device_count(&mut count))?;
+                (0..count)
+                    .map(|ordinal| {
+                        let mut device: std::os::raw::c_int = 0;
+                        check("cuDeviceGet", device_get(&mut device, ordinal))?;
+                        let mut bytes: usize = 0;
+                        check("cuDeviceTotalMem_v2", total_mem(&mut bytes, device))?;
+                        Ok(bytes as u64)
+                    })
+                    .collect()
+            }),
+        };
+        // an initialized driver unloaded before libtorch loads it again would be initialized twice
+        std::mem::forget(lib);
+        totals
     }
+}
+
+/// The key of PyTorch's CUDA caching allocator setting that caps a process's device memory at a fraction of
+/// each device's total (`torch.cuda.set_per_process_memory_fraction` in Python; the pinned PyTorch 2.11
+/// reads it from the environment).
+const MEMORY_FRACTION_KEY: &str = "per_process_memory_fraction";
+
+/// An environment variable to set, before libtorch first allocates on a GPU, so that its caching allocator
+/// holds the process to the device memory its workers report: [`cuda_memory_limit`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaMemoryLimit {
+    /// `PYTORCH_ALLOC_CONF` (PyTorch's name since 2.8), or `PYTORCH_CUDA_ALLOC_CONF` when that one is
+    /// set: libtorch's CUDA allocator reads the latter first.
+    pub variable: &'static str,
+    /// The variable's value: what it held, with `per_process_memory_fraction:F` added.
+    pub value: String,
+    /// F: the share of each device's total memory the process may hold, in (0, 1).
+    pub fraction: f64,
+    /// What each engine gets of its GPU, in bytes, by GPU index: F x the GPU's total / its engines, at
+    /// most the bytes asked for (less on a GPU whose engines' share is cut to the smallest F).
+    pub per_engine: std::collections::BTreeMap<usize, u64>,
+}
+
+/// How to hold a process whose engines run on the GPUs `engines` lists (one index per engine, e.g. `[0]`
+/// for a worker on cuda:0, `[0, 1, 0]` for three local workers on two GPUs) to `bytes` of device memory per
+/// engine, given each GPU's total memory (`totals`, [`gpu_total_memories`]) and the process's environment
+/// (`env`: a variable's value, if set).
+///
+/// PyTorch's caching allocator takes one fraction of each device's total for the whole process, so engines
+/// sharing a GPU share its allowance, and the fraction is the smallest of the devices' (allowance / total):
+/// no device is allowed more than its engines' bytes ([`CudaMemoryLimit::per_engine`] says what each
+/// gets). An allocation past it fails as out of memory (a task then fails alone, as on a full device), and
+/// cuDNN's autotuner (when on) halves the workspace it tries until it fits, as it does on a full device
+/// (aten/src/ATen/native/cudnn/Conv_v8.cpp). `None` when there is nothing to hold: no engine on a GPU, or
+/// an allowance of a whole device or more.
+///
+/// Errors (naming `device_memory`): no bytes, an engine on a GPU the driver does not see, a variable that
+/// already sets `per_process_memory_fraction`, or one that selects the `cudaMallocAsync` backend (whose
+/// pool this setting does not bound).
+pub fn cuda_memory_limit(
+    bytes: u64,
+    engines: &[usize],
+    totals: &[u64],
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<CudaMemoryLimit>, String> {
+    if bytes == 0 {
+        return Err("device_memory: must be more than 0 bytes".into());
+    }
+    let mut per_device = std::collections::BTreeMap::<usize, (u64, u64)>::new();
+    for &index in engines {
+        let total = *totals.get(index).ok_or_else(|| {
+            format!(
+                "device_memory: cuda:{index} is not among the {} GPU(s) the NVIDIA driver sees",
+                totals.len()
+            )
+        })?;
+        per_device.entry(index).or_insert((total, 0)).1 += 1;
+    }
+    let fraction = per_device
+        .values()
+        .filter(|(total, _)| *total > 0)
+        .map(|&(total, count)| bytes.saturating_mul(count) as f64 / total as f64)
+        .fold(1.0f64, f64::min);
+    if per_device.is_empty() || fraction >= 1.0 {
+        return Ok(None);
+    }
+    // rounded down, so that no device's share passes its allowance; at least what the setting can say
+    let fraction = ((fraction * 1e9).floor() / 1e9).max(1e-9);
+    let (variable, current) = match (env("PYTORCH_CUDA_ALLOC_CONF"), env("PYTORCH_ALLOC_CONF")) {
+        (Some(v), _) => ("PYTORCH_CUDA_ALLOC_CONF", v),
+        (None, v) => ("PYTORCH_ALLOC_CONF", v.unwrap_or_default()),
+    };
+    let current = current.trim().trim_end_matches(',');
+    for setting in current.split(',') {
+        let (key, value) = setting.split_once(':').unwrap_or((setting, ""));
+        let (key, value) = (key.trim(), value.trim());
+        if key == MEMORY_FRACTION_KEY {
+            return Err(format!(
+                "device_memory: {variable} already sets {MEMORY_FRACTION_KEY}; give that or \
+                 --device-memory, not both"
+            ));
+        }
+        if key == "backend" && value == "cudaMallocAsync" {
+            return Err(format!(
+                "device_memory: {variable} selects backend:cudaMallocAsync, whose memory \
+                 {MEMORY_FRACTION_KEY} does not bound; drop one or the other"
+            ));
+        }
+    }
+    let setting = format!("{MEMORY_FRACTION_KEY}:{fraction:.9}");
+    let value = if current.is_empty() {
+        setting
+    } else {
+        format!("{current},{setting}")
+    };
+    let per_engine = per_device
+        .into_iter()
+        .map(|(index, (total, count))| {
+            let share = (fraction * total as f64 / count as f64) as u64;
+            (index, share.min(bytes))
+        })
+        .collect();
+    Ok(Some(CudaMemoryLimit {
+        variable,
+        value,
+        fraction,
+        per_engine,
+    }))
 }
 
 #[cfg(test)]
@@ -211,10 +355,108 @@ mod tests {
     }
 
     #[test]
+    fn the_device_memory_limit_is_a_share_of_each_gpu() {
+        const GIB: u64 = 1 << 30;
+        let none = |_: &str| None;
+        // one worker on an 80-GiB GPU held to 20 GiB
+        let limit = cuda_memory_limit(20 * GIB, &[0], &[80 * GIB], none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(limit.variable, "PYTORCH_ALLOC_CONF");
+        assert_eq!(limit.value, "per_process_memory_fraction:0.250000000");
+        assert_eq!(limit.fraction, 0.25);
+        assert_eq!(limit.per_engine, [(0, 20 * GIB)].into());
+        // three engines on two GPUs of different sizes: cuda:0 holds two (2 x 10 of 80 GiB), cuda:1 one
+        // (10 of 40): the smaller share for both, so that neither passes its engines' bytes; cuda:0's
+        // engines get 10 GiB each, cuda:1's 10
+        let limit = cuda_memory_limit(10 * GIB, &[0, 1, 0], &[80 * GIB, 40 * GIB], none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(limit.fraction, 0.25);
+        assert_eq!(limit.per_engine, [(0, 10 * GIB), (1, 10 * GIB)].into());
+        // three engines on two 80-GiB GPUs, 30 GiB each: cuda:0's two need 60 of 80 (0.75), cuda:1's
+        // one 30 (0.375); held to 0.375 everywhere, cuda:0's engines get 15 GiB each, not the 30 asked
+        let limit = cuda_memory_limit(30 * GIB, &[0, 1, 0], &[80 * GIB, 80 * GIB], none)
+            .unwrap()
+            .unwrap();
+        assert_eq!(limit.fraction, 0.375);
+        assert_eq!(limit.per_engine, [(0, 15 * GIB), (1, 30 * GIB)].into());
+        // rounded down: a third of the device is never more than the bytes asked for
+        let limit = cuda_memory_limit(GIB, &[0], &[3 * GIB], none)
+            .unwrap()
+            .unwrap();
+        assert!(limit.fraction * (3 * GIB) as f64 <= GIB as f64, "{limit:?}");
+        assert!(limit.fraction > 0.333_333, "{limit:?}");
+        assert!(limit.per_engine[&0] <= GIB && limit.per_engine[&0] > GIB - (1 << 20));
+        // nothing to hold: the whole device or more, or no engine on a GPU
+        assert_eq!(
+            cuda_memory_limit(80 * GIB, &[0], &[80 * GIB], none),
+            Ok(None)
+        );
+        assert_eq!(
+            cuda_memory_limit(50 * GIB, &[0, 0], &[80 * GIB], none),
+            Ok(None)
+        );
+        assert_eq!(cuda_memory_limit(GIB, &[], &[], none), Ok(None));
+        // no bytes, a GPU the driver does not see
+        let e = cuda_memory_limit(0, &[0], &[80 * GIB], none).unwrap_err();
+        assert!(e.contains("device_memory"), "{e}");
+        let e = cuda_memory_limit(GIB, &[2], &[80 * GIB, 80 * GIB], none).unwrap_err();
+        assert!(e.contains("device_memory") && e.contains("cuda:2"), "{e}");
+    }
+
+    #[test]
+    fn the_device_memory_limit_keeps_the_allocator_settings_already_given() {
+        const GIB: u64 = 1 << 30;
+        let env = |cuda: Option<&'static str>, generic: Option<&'static str>| {
+            move |name: &str| match name {
+                "PYTORCH_CUDA_ALLOC_CONF" => cuda.map(String::from),
+                "PYTORCH_ALLOC_CONF" => generic.map(String::from),
+                _ => None,
+            }
+        };
+        let limit = |cuda, generic| cuda_memory_limit(GIB, &[0], &[4 * GIB], env(cuda, generic));
+        // added to the variable libtorch's CUDA allocator reads: PYTORCH_CUDA_ALLOC_CONF first
+        let l = limit(
+            Some("expandable_segments:True,"),
+            Some("max_split_size_mb:64"),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(l.variable, "PYTORCH_CUDA_ALLOC_CONF");
+        assert_eq!(
+            l.value,
+            "expandable_segments:True,per_process_memory_fraction:0.250000000"
+        );
+        let l = limit(None, Some(" max_split_size_mb:64 "))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.variable, "PYTORCH_ALLOC_CONF");
+        assert_eq!(
+            l.value,
+            "max_split_size_mb:64,per_process_memory_fraction:0.250000000"
+        );
+        // a fraction given there already is not overridden in silence, nor an allocator it does not bound
+        let e = limit(Some("per_process_memory_fraction: 0.5"), None).unwrap_err();
+        assert!(
+            e.contains("device_memory") && e.contains("PYTORCH_CUDA_ALLOC_CONF"),
+            "{e}"
+        );
+        let e = limit(None, Some("backend: cudaMallocAsync")).unwrap_err();
+        assert!(
+            e.contains("device_memory") && e.contains("cudaMallocAsync"),
+            "{e}"
+        );
+        // the native backend named is fine
+        assert!(limit(None, Some("backend:native")).unwrap().is_some());
+    }
+
+    #[test]
     fn a_missing_gpu_is_unknown_not_a_crash() {
         // SAFETY: loading NVIDIA's driver library only to see whether this machine has one
         if unsafe { libloading::Library::new("libcuda.so.1") }.is_err() {
             assert_eq!(total_memory(Device::Cuda(0)), None);
+            assert_eq!(gpu_total_memories(), Ok(Vec::new()));
         }
         // SAFETY: as above, NVIDIA's management library
         if unsafe { libloading::Library::new("libnvidia-ml.so.1") }.is_err() {

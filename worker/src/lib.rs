@@ -26,6 +26,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tracing::Instrument;
 
+pub use device::{cuda_memory_limit, gpu_total_memories, CudaMemoryLimit};
 pub use engine_thread::{
     panic_message, EngineThread, Live, PreviewPng, RenderError, RenderStats, StyleKey, TileCanvas,
     Unhealthy,
