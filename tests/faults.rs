@@ -381,6 +381,71 @@ async fn failing_every_task(backend: Backend) {
     );
 }
 
+/// A worker whose engine hangs while its heartbeats go on (a fail point sleeps its first render for a
+/// minute): with --task-stall-secs 3 the coordinator takes the task back after 3 s without progress, a
+/// strike against that worker, which is told to cancel, and the task renders on another worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 5.0, 0.3);
+    cluster
+        .coordinator_args
+        .extend(["--task-stall-secs".into(), "3".into()]);
+    cluster.start_coordinator();
+    cluster.add_worker_with_env("hung", &[("FAILPOINTS", "engine-render=1*sleep(60000)")]);
+    wait_registered(&cluster, 1).await;
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "48",
+            "--iterations",
+            "5",
+        ],
+    );
+    let coordinator = cluster.coordinator.as_ref().unwrap();
+    wait_for("the stall", Duration::from_secs(30), || async {
+        coordinator
+            .log_text()
+            .contains("task stalled")
+            .then_some(())
+    })
+    .await;
+    wait_for(
+        "the hung worker told to cancel",
+        Duration::from_secs(10),
+        || async {
+            cluster.workers[0]
+                .log_text()
+                .contains("cancelled by the coordinator")
+                .then_some(())
+        },
+    )
+    .await;
+    cluster.add_worker("good");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        done.tasks[0].worker_id.starts_with("good"),
+        "{:?}",
+        done.tasks[0]
+    );
+    assert_eq!(done.tasks[0].attempts, 2, "{:?}", done.tasks[0]);
+    let strikes: Vec<(&String, &u32)> = done.strikes.iter().collect();
+    assert!(
+        strikes.len() == 1 && strikes[0].0.starts_with("hung") && *strikes[0].1 == 1,
+        "{strikes:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarded() {
     frozen_past_its_lease(Backend::Embedded).await;

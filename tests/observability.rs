@@ -37,6 +37,11 @@ async fn the_metrics_follow_a_job_and_its_faults() {
         "{idle}"
     );
     assert_eq!(
+        value(&idle, "stylefarm_task_stalls_total"),
+        Some(0.0),
+        "{idle}"
+    );
+    assert_eq!(
         value(&idle, "stylefarm_task_seconds_count"),
         Some(0.0),
         "{idle}"

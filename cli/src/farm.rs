@@ -91,6 +91,13 @@ pub(crate) struct CoordinatorArgs {
     /// them. Only for a blob store that no other farm shares.
     #[arg(long, env = "STYLEFARM_KEEP_UNUSED_BLOBS_SECS")]
     keep_unused_blobs_secs: Option<f64>,
+    /// Seconds a running task may go without its progress moving (its scale or iteration, as the worker's
+    /// heartbeats report it) before the coordinator takes its lease back: the task is retried, a strike
+    /// against the worker, which is told to cancel it (for an engine that hangs while its worker still
+    /// heartbeats). Counted from the lease until the first progress, so it must outlast a task's slowest
+    /// iteration and its style and content targets (minutes for a large tile on a CPU). Unset: never.
+    #[arg(long, env = "STYLEFARM_TASK_STALL_SECS")]
+    task_stall_secs: Option<f64>,
     /// Seconds a job waits while every live worker is blocklisted for it (3 failures each on it) before it
     /// fails with "no worker left to run it": time for other workers to come (0: at once).
     #[arg(long, env = "STYLEFARM_NO_WORKER_LEFT_SECS",
@@ -431,6 +438,19 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .transpose()
     };
     config.scheduler.keep_finished = keep("--keep-finished-secs", args.keep_finished_secs)?;
+    config.scheduler.task_stall = keep("--task-stall-secs", args.task_stall_secs)?;
+    if let Some(stall) = config.scheduler.task_stall {
+        // progress comes with the heartbeats: a stall shorter than two of them would take back tasks
+        // that move
+        let least = 2 * config.scheduler.heartbeat_interval;
+        if stall < least {
+            bail!(
+                "--task-stall-secs must be at least twice --heartbeat-secs ({} s), got {}",
+                least.as_secs_f64(),
+                stall.as_secs_f64()
+            );
+        }
+    }
     config.keep_unused_blobs = keep("--keep-unused-blobs-secs", args.keep_unused_blobs_secs)?;
     // a wait: any number of seconds, 0 or more
     let wait = |flag: &str, secs: f64| {

@@ -10,6 +10,7 @@
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
 //! | `stylefarm_workers` | gauge | `state` (`live`, `silent`) | workers heard from within a minute (and not lost since: a lease of theirs ran out), or not |
 //! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
+//! | `stylefarm_task_stalls_total` | counter | | leases taken back from a task whose progress did not move for `--task-stall-secs` |
 //! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
 //! | `stylefarm_blocklist_events_total` | counter | | a worker reaching the strikes threshold on a job |
 //! | `stylefarm_job_retries_total` | counter | | failed or cancelled jobs run again by their clients (RetryJob), and running keep-going batches or sweeps whose failed tasks they queued again |
@@ -43,6 +44,8 @@ fn label(name: &str, value: impl ToString) -> Labels {
 pub struct SchedulerMetrics {
     /// Leases that lapsed without a heartbeat.
     pub lease_expiries: Counter,
+    /// Leases taken back from a task whose progress stalled ([`crate::SchedulerConfig::task_stall`]).
+    pub task_stalls: Counter,
     /// Failed attempts sent back to the queue, by failure kind.
     pub retries: Family<Labels, Counter>,
     /// A worker reaching [`crate::SchedulerConfig::blocklist_after`] strikes on a job.
@@ -57,6 +60,7 @@ impl Default for SchedulerMetrics {
     fn default() -> Self {
         SchedulerMetrics {
             lease_expiries: Counter::default(),
+            task_stalls: Counter::default(),
             retries: Family::default(),
             blocklisted: Counter::default(),
             job_retries: Counter::default(),
@@ -125,6 +129,11 @@ impl Metrics {
             "lease_expiries",
             "Leases that lapsed without a heartbeat",
             scheduler.lease_expiries.clone(),
+        );
+        registry.register(
+            "task_stalls",
+            "Leases taken back from a task whose progress did not move for --task-stall-secs",
+            scheduler.task_stalls.clone(),
         );
         registry.register(
             "task_retries",

@@ -50,6 +50,12 @@ pub struct SchedulerConfig {
     /// subscriptions, as weights). A tenant not named has [`DEFAULT_TENANT_SHARE`].
     /// [`parse_tenant_shares`] reads them.
     pub tenant_shares: HashMap<String, u32>,
+    /// How long a running task may go without its progress moving (its scale or iteration, as its worker's
+    /// heartbeats report it) before its lease is taken back, as if it had expired: the task is retried
+    /// (a strike against the worker) and the worker told to cancel it (Flamenco's task timeout, for an
+    /// engine that hangs while its heartbeats go on). Counted from the lease until the first progress: it
+    /// must outlast a task's slowest iteration, and its style and content targets. `None`: never.
+    pub task_stall: Option<Duration>,
 }
 
 /// A tenant's share ([`SchedulerConfig::tenant_shares`]) unless configured.
@@ -124,6 +130,7 @@ impl Default for SchedulerConfig {
             no_worker_left: DEFAULT_NO_WORKER_LEFT,
             preview_interval: DEFAULT_PREVIEW_INTERVAL,
             tenant_shares: HashMap::new(),
+            task_stall: None,
         }
     }
 }
@@ -202,6 +209,9 @@ struct LeaseInfo {
     worker: WorkerId,
     /// When it was handed out, in ms since the Unix epoch.
     leased_ms: i64,
+    /// When its progress last moved (its scale or iteration), or it was handed out, in ms since the Unix
+    /// epoch ([`SchedulerConfig::task_stall`]).
+    progressed_ms: i64,
     deadline_ms: i64,
     cancel: bool,
     progress: Option<TaskProgress>,
@@ -1230,6 +1240,7 @@ impl Scheduler {
                 index,
                 worker: worker.clone(),
                 leased_ms: now,
+                progressed_ms: now,
                 deadline_ms,
                 cancel: false,
                 progress: None,
@@ -1315,8 +1326,12 @@ impl Scheduler {
         // what the task looks like comes from the worker that renders it (by name: a worker that
         // registered again is the same one), not from another that knows the lease's id
         let own = lease.worker.by_name() == worker.by_name();
-        if progress.is_some() && own {
-            lease.progress = progress;
+        if let Some(p) = progress.filter(|_| own) {
+            let at = |p: &TaskProgress| (p.scale, p.iteration);
+            if lease.progress.as_ref().map(at) != Some(at(&p)) {
+                lease.progressed_ms = now_ms();
+            }
+            lease.progress = Some(p);
         }
         if let Some(png) = preview.filter(|_| own) {
             let at_ms = now_ms();
@@ -2275,7 +2290,8 @@ impl Scheduler {
         })
     }
 
-    /// Returns expired leases' tasks to the queue (a strike against their worker).
+    /// Returns expired leases' tasks to the queue (a strike against their worker), and those of leases whose
+    /// task made no progress for [`SchedulerConfig::task_stall`] (their worker is told to cancel).
     pub fn expire(&self) -> Result<(), SchedulerError> {
         if self.store.behind().is_some() {
             // nothing expires while the store holds writes back: the workers' heartbeats still renew
@@ -2283,41 +2299,55 @@ impl Scheduler {
             return Ok(());
         }
         let now = now_ms();
+        let stall_ms = self.config.task_stall.map(|d| d.as_millis() as i64);
         let mut st = self.state.lock().unwrap();
-        let expired: Vec<LeaseId> = st
+        // (lease, whether it expired; else it stalled)
+        let ended: Vec<(LeaseId, bool)> = st
             .leases
             .iter()
-            .filter(|(_, l)| l.deadline_ms < now)
-            .map(|(id, _)| id.clone())
+            .filter_map(|(id, l)| {
+                let stalled = !l.cancel && stall_ms.is_some_and(|ms| now - l.progressed_ms > ms);
+                (l.deadline_ms < now || stalled).then(|| (id.clone(), l.deadline_ms < now))
+            })
             .collect();
-        if expired.is_empty() {
+        if ended.is_empty() {
             return Ok(());
         }
         let (mut jobs, mut ops) = (Vec::new(), Vec::new());
-        for lease_id in expired {
+        for (lease_id, expired) in ended {
             let lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
-            tracing::warn!(
-                lease_id = lease_id.as_str(),
-                job_id = lease.job_id.as_str(),
-                worker_id = lease.worker.as_str(),
-                "lease expired"
-            );
-            self.metrics.lease_expiries.inc();
-            let overdue = Duration::from_millis((now - lease.deadline_ms).max(0) as u64);
-            let ran_out = std::time::Instant::now()
-                .checked_sub(overdue)
-                .unwrap_or_else(std::time::Instant::now);
-            match st.lost.iter_mut().find(|(w, _)| *w == lease.worker) {
-                Some((_, at)) => *at = (*at).max(ran_out),
-                None => st.lost.push((lease.worker.clone(), ran_out)),
-            }
-            self.fail_task(
-                &mut st,
-                &lease,
-                "lease expired (worker lost)",
-                FailureKind::Retryable,
-                &mut ops,
-            )?;
+            let reason = if expired {
+                tracing::warn!(
+                    lease_id = lease_id.as_str(),
+                    job_id = lease.job_id.as_str(),
+                    worker_id = lease.worker.as_str(),
+                    "lease expired"
+                );
+                self.metrics.lease_expiries.inc();
+                let overdue = Duration::from_millis((now - lease.deadline_ms).max(0) as u64);
+                let ran_out = std::time::Instant::now()
+                    .checked_sub(overdue)
+                    .unwrap_or_else(std::time::Instant::now);
+                match st.lost.iter_mut().find(|(w, _)| *w == lease.worker) {
+                    Some((_, at)) => *at = (*at).max(ran_out),
+                    None => st.lost.push((lease.worker.clone(), ran_out)),
+                }
+                "lease expired (worker lost)".to_string()
+            } else {
+                let secs = (now - lease.progressed_ms) as f64 / 1000.0;
+                tracing::warn!(
+                    lease_id = lease_id.as_str(),
+                    job_id = lease.job_id.as_str(),
+                    worker_id = lease.worker.as_str(),
+                    no_progress_s = secs,
+                    "task stalled: lease taken back"
+                );
+                self.metrics.task_stalls.inc();
+                format!(
+                    "no progress for {secs:.0} s on its worker (the coordinator's --task-stall-secs)"
+                )
+            };
+            self.fail_task(&mut st, &lease, &reason, FailureKind::Retryable, &mut ops)?;
             jobs.push(lease.job_id);
         }
         let durable = self.store.write(ops);
@@ -4398,6 +4428,89 @@ mod tests {
         assert_eq!(again.queue_depth(), small.len());
         assert_eq!(again.get(&job).unwrap().meta.max_tile_size, Some(512));
         assert_eq!(again.counts(), again.counts_walked());
+    }
+
+    /// A task whose progress does not move for `task_stall` loses its lease as an expired one would: it is
+    /// retried, a strike against its worker, which is told to cancel it, and the worker is not counted lost
+    /// (it still heartbeats). Progress that moves, heartbeats or not, keeps the lease; so does a lease
+    /// being cancelled.
+    #[test]
+    fn a_task_whose_progress_stalls_is_taken_back_and_retried() {
+        // long beside the sleeps that must stay under it (a third, a half), so that a slow machine's
+        // longer sleeps cannot pass it
+        let stall = Duration::from_secs(1);
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            task_stall: Some(stall),
+            ..Default::default()
+        });
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        let at = |iteration| {
+            Some(TaskProgress {
+                scale: 1,
+                scales: 1,
+                iteration,
+                iterations: 100,
+                ..Default::default()
+            })
+        };
+        // moving: iterations 1, 2, 3 a third of the stall apart; the same iteration again does not count
+        for iteration in 1..=3 {
+            std::thread::sleep(stall / 3);
+            let beat = s
+                .heartbeat(&l.lease_id, &w("a"), at(iteration), None)
+                .unwrap();
+            assert!(!beat.cancel, "iteration {iteration}");
+        }
+        std::thread::sleep(stall / 2);
+        assert!(
+            !s.heartbeat(&l.lease_id, &w("a"), at(3), None)
+                .unwrap()
+                .cancel
+        );
+        std::thread::sleep(stall * 3 / 4);
+        // stalled: more than the stall since iteration 3 came, heartbeats meanwhile
+        s.expire().unwrap();
+        let view = s.get(&job).unwrap();
+        let task = &view.tasks[0].0;
+        assert_eq!(task.state, TaskState::Pending);
+        assert!(task.error.contains("no progress for"), "{}", task.error);
+        assert!(task.error.contains("--task-stall-secs"), "{}", task.error);
+        assert_eq!(view.meta.strikes.get(&w("a")), Some(&1));
+        assert!(
+            s.heartbeat(&l.lease_id, &w("a"), at(4), None)
+                .unwrap()
+                .cancel
+        );
+        assert!(
+            s.take_lost().is_empty(),
+            "a stalled worker still heartbeats"
+        );
+        assert_eq!(s.metrics.task_stalls.get(), 1);
+        // the next attempt, on another worker: its stall counts from its lease until the first progress
+        let l = s.lease(&w("b")).unwrap().unwrap();
+        std::thread::sleep(stall / 2);
+        s.expire().unwrap();
+        assert!(
+            !s.heartbeat(&l.lease_id, &w("b"), None, None)
+                .unwrap()
+                .cancel
+        );
+        std::thread::sleep(stall * 3 / 4);
+        s.expire().unwrap();
+        assert!(
+            s.heartbeat(&l.lease_id, &w("b"), None, None)
+                .unwrap()
+                .cancel
+        );
+        // a lease being cancelled (its job cancelled) is left to its worker
+        let l = s.lease(&w("c")).unwrap().unwrap();
+        s.cancel(&job).unwrap();
+        std::thread::sleep(stall * 5 / 4);
+        s.expire().unwrap();
+        assert_eq!(s.metrics.task_stalls.get(), 2);
+        assert!(s.leases().iter().any(|v| v.worker == w("c")), "{l:?}");
     }
 
     /// A lease that expires names its worker once, for the coordinator to count it out of the live ones.
