@@ -383,7 +383,9 @@ async fn failing_every_task(backend: Backend) {
 
 /// A worker whose engine hangs while its heartbeats go on (a fail point sleeps its first render for a
 /// minute): with --task-stall-secs 3 the coordinator takes the task back after 3 s without progress, a
-/// strike against that worker, which is told to cancel, and the task renders on another worker.
+/// strike against that worker, which is told to cancel, and the task renders on another worker. The hung
+/// worker's engine ignores the cancel: after its --cancel-grace-secs (2 s) the worker leaves with an error,
+/// for its supervisor to start it again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
     let (mut cluster, _services) = cluster_on(Backend::Embedded, 5.0, 0.3);
@@ -391,7 +393,13 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
         .coordinator_args
         .extend(["--task-stall-secs".into(), "3".into()]);
     cluster.start_coordinator();
-    cluster.add_worker_with_env("hung", &[("FAILPOINTS", "engine-render=1*sleep(60000)")]);
+    cluster.add_worker_with_env(
+        "hung",
+        &[
+            ("FAILPOINTS", "engine-render=1*sleep(60000)"),
+            ("STYLEFARM_CANCEL_GRACE_SECS", "2"),
+        ],
+    );
     wait_registered(&cluster, 1).await;
     let id = submit(
         &cluster,
@@ -433,6 +441,18 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
         Duration::from_secs(60),
     )
     .await;
+    let hung = &mut cluster.workers[0];
+    let status = wait_for("the hung worker to leave", Duration::from_secs(20), || {
+        let exited = hung.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(!status.success(), "{status:?}");
+    let log = hung.log_text();
+    assert!(
+        log.contains("the engine did not stop within 2 s of its task's cancel"),
+        "{log}"
+    );
     assert!(
         done.tasks[0].worker_id.starts_with("good"),
         "{:?}",

@@ -33,6 +33,13 @@ pub(crate) struct WorkerArgs {
     /// with --worker-tag go only to workers with all their tags; jobs without, to any worker.
     #[arg(long = "tag", env = "STYLEFARM_WORKER_TAGS", value_delimiter = ',')]
     tags: Vec<String>,
+    /// Seconds the engine may take to stop a render once its task is cancelled (by a client, or by the
+    /// coordinator for a lease it took back: --task-stall-secs) before the worker leaves with an error, for
+    /// its supervisor to start it again: an engine that ignores a cancel hangs, and would render nothing
+    /// more. More than the slowest iteration a task of this worker takes.
+    #[arg(long, env = "STYLEFARM_CANCEL_GRACE_SECS",
+          default_value_t = stylefarm_worker::DEFAULT_CANCEL_GRACE.as_secs_f64())]
+    cancel_grace_secs: f64,
     /// libtorch's CPU threads (default: one per core). With several CPU workers on one machine, give each
     /// its share of the cores: 2 workers on 2 cores oversubscribe with the default and run slower than 1.
     #[arg(long, env = "STYLEFARM_THREADS")]
@@ -220,6 +227,7 @@ fn worker_config(
         device_memory: memory.reported(device),
         engine: engine.options(),
         tags: Vec::new(),
+        cancel_grace: stylefarm_worker::DEFAULT_CANCEL_GRACE,
     })
 }
 
@@ -239,6 +247,15 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     // checked here too, so that a bad tag stops the worker at once with the flag named
     stylefarm_core::job::check_tags("tag", &args.tags)?;
     config.tags = args.tags;
+    config.cancel_grace = Duration::try_from_secs_f64(args.cancel_grace_secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "cancel_grace_secs: must be a number of seconds more than 0, got {}",
+                args.cancel_grace_secs
+            )
+        })?;
     // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

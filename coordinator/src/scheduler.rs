@@ -54,7 +54,8 @@ pub struct SchedulerConfig {
     /// heartbeats report it) before its lease is taken back, as if it had expired: the task is retried
     /// (a strike against the worker) and the worker told to cancel it (Flamenco's task timeout, for an
     /// engine that hangs while its heartbeats go on). Counted from the lease until the first progress: it
-    /// must outlast a task's slowest iteration, and its style and content targets. `None`: never.
+    /// must outlast a task's slowest iteration, its style and content targets, and an exact-mode shard's
+    /// wait for its group ([`crate::exchange::JOIN_TIMEOUT`]). `None`: never.
     pub task_stall: Option<Duration>,
 }
 

@@ -45,7 +45,18 @@ pub enum Error {
     /// leasing rather than fail every task it would take.
     #[error("cannot render any more: {0}")]
     EngineLost(engine_thread::Unhealthy),
+    /// The engine did not stop a cancelled render within [`WorkerConfig::cancel_grace`]: it hangs, and the
+    /// worker leaves so that its supervisor starts it again.
+    #[error(
+        "the engine did not stop within {} s of its task's cancel: it hangs; leaving",
+        .0.as_secs_f64()
+    )]
+    EngineStuck(Duration),
 }
+
+/// [`WorkerConfig::cancel_grace`] unless configured: longer than the slowest iteration of a large tile on a
+/// CPU, where the engine looks at the cancel.
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(300);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -72,6 +83,11 @@ pub struct WorkerConfig {
     /// The worker's tags: jobs that ask for tags go only to workers with all of them (checked by the
     /// coordinator: `stylefarm_core::job::check_tags`).
     pub tags: Vec<String>,
+    /// How long the engine may take to stop a render once its task is cancelled (by a client, or by the
+    /// coordinator for a lease it took back) before the worker gives up on it and leaves with
+    /// [`Error::EngineStuck`]: an engine that ignores a cancel would render nothing more while the worker
+    /// still heartbeats ([`DEFAULT_CANCEL_GRACE`]).
+    pub cancel_grace: Duration,
 }
 
 /// Decoded input images by hash, bounded by their decoded bytes (a batch of large photos must not pile
@@ -429,7 +445,7 @@ pub async fn run(
                     preview_every,
                 };
                 let downloaded_before = cache.downloaded;
-                let outcome = run_task(
+                let task = run_task(
                     &engine,
                     &mut client,
                     &mut cache,
@@ -437,11 +453,21 @@ pub async fn run(
                         lease_id: &lease_id,
                         task,
                     },
-                    cancel,
+                    cancel.clone(),
                     live,
                     &config.metrics,
-                )
-                .await;
+                );
+                let outcome = tokio::select! {
+                    outcome = task => outcome,
+                    () = cancel_ignored(&cancel, config.cancel_grace) => {
+                        tracing::error!(
+                            grace_s = config.cancel_grace.as_secs_f64(),
+                            "the engine did not stop its cancelled render: leaving, for a supervisor \
+                             to start the worker again"
+                        );
+                        return Err(Error::EngineStuck(config.cancel_grace));
+                    }
+                };
                 let downloaded = cache.downloaded - downloaded_before;
                 let outcome_name = match &outcome {
                     Outcome::Done(_) => "succeeded",
@@ -463,12 +489,22 @@ pub async fn run(
                 let task_s = leased_at.elapsed().as_secs_f64();
                 config.metrics.task(outcome_name, task_s, downloaded);
                 tracing::info!(task_s, downloaded, "task over");
+                Ok::<(), Error>(())
             }
             .instrument(span)
-            .await;
+            .await?;
         }
     }
     Ok(())
+}
+
+/// Resolves once `cancel` has been set for `grace` (looked at every second): a render still running then
+/// ignores its cancel.
+async fn cancel_ignored(cancel: &AtomicBool, grace: Duration) {
+    while !cancel.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(grace).await;
 }
 
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
