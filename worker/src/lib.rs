@@ -54,9 +54,11 @@ pub enum Error {
     EngineStuck(Duration),
 }
 
-/// [`WorkerConfig::cancel_grace`] unless configured: longer than the slowest iteration of a large tile on a
-/// CPU, where the engine looks at the cancel.
-pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(300);
+/// [`WorkerConfig::cancel_grace`] unless configured: longer than the longest a render goes without looking
+/// at its cancel, which it does at each evaluation and between its targets' phases: on a CPU, one phase of
+/// a large tile's targets can take many minutes (the first tile of an 8192-px canvas took 22 on this
+/// project's 2-core machine, BENCHMARKS.md). GPU workers can take far less.
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(1800);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
