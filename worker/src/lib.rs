@@ -55,9 +55,10 @@ pub enum Error {
 }
 
 /// [`WorkerConfig::cancel_grace`] unless configured: longer than the longest a render goes without looking
-/// at its cancel, which it does at each evaluation and between its targets' phases: on a CPU, one phase of
-/// a large tile's targets can take many minutes (the first tile of an 8192-px canvas took 22 on this
-/// project's 2-core machine, BENCHMARKS.md). GPU workers can take far less.
+/// at its cancel, which it does at each evaluation and between its targets' phases: on a CPU, a large
+/// tile's targets can take many minutes (the first 1-iteration tile of an 8192-px canvas spent 22 in the
+/// engine, nearly all of it on its targets, on this project's 2-core machine: BENCHMARKS.md). GPU workers
+/// can take far less.
 pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(1800);
 
 /// How a worker runs.
