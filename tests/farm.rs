@@ -235,14 +235,14 @@ async fn a_batch_runs_on_two_workers_and_a_sweep_gets_its_contact_sheet() {
     assert_eq!(workers.len(), 2, "both workers rendered: {workers:?}");
 
     let sweep = cluster.dir.path().join("sweep");
-    let (ok, _, err) = cluster.cli(&[
+    let (ok, stdout, err) = cluster.cli(&[
         "submit",
         "--content",
         &content_a,
         "--style",
         &style_a,
         "--sweep",
-        "style_weight=10,1000;seed=0,1",
+        "style_weight=10,1000;optimizer=lbfgs,adam;pooling=avg;style_layers=relu1_1:relu3_1",
         "--size",
         "32",
         "--iterations",
@@ -252,6 +252,12 @@ async fn a_batch_runs_on_two_workers_and_a_sweep_gets_its_contact_sheet() {
         sweep.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    let status = job(&mut client, stdout.trim()).await;
+    let labels: Vec<&str> = status.tasks.iter().map(|t| t.label.as_str()).collect();
+    assert_eq!(
+        labels[3], "style_weight=1000 optimizer=adam pooling=avg style_layers=relu1_1:relu3_1",
+        "{labels:?}"
+    );
     let sheet = image::open(sweep.join("contact-sheet.png")).unwrap();
     assert!(sheet.width() > 2 * 32 && sheet.height() > 2 * 32);
     assert_eq!(

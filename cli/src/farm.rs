@@ -262,7 +262,9 @@ pub(crate) struct JobArgs {
     /// run together, adding up each evaluation's sums through the coordinator).
     #[arg(long, requires = "tiled")]
     exact: bool,
-    /// A parameter grid, e.g. 'style_weight=10,100;seed=0,1' (style_blend values as 0.7:0.3).
+    /// A parameter grid, e.g. 'style_weight=10,100;optimizer=lbfgs,adam': any render option but --size,
+    /// --init and those of videos and tiled jobs; a list's items separated by ':' (style_blend=0.7:0.3,
+    /// style_layers=relu1_1:relu2_1).
     #[arg(long)]
     sweep: Option<String>,
     /// Higher runs first (at equal priorities, the client with the fewest tasks running).

@@ -905,12 +905,19 @@ impl JobSpec {
                 axis.apply(&axis.values[c], &mut params)?;
                 label.push(format!("{}={}", axis.parameter.name(), axis.values[c]));
             }
-            params.validate(self.styles.len())?;
+            let label = label.join(" ");
+            // the field named, and the point whose values it came from
+            params.validate(self.styles.len()).map_err(|e| match e {
+                Error::Invalid { field, message } => {
+                    Error::invalid(field, format!("{message} (sweep point {label})"))
+                }
+                other => other,
+            })?;
             tasks.push(TaskSpec {
                 content: self.contents[0].clone(),
                 styles: self.styles.clone(),
                 params,
-                label: label.join(" "),
+                label,
                 scale: None,
                 frame: None,
             });
@@ -1152,6 +1159,47 @@ mod tests {
             ))
         };
         assert_eq!(blend.tasks().unwrap()[0].params.style_blend, [0.7, 0.3]);
+
+        // the optimizer, layer lists (items separated by `:`), pooling, a switch: jcjohnson/neural-style's
+        // usual comparisons
+        let s = spec(JobKind::Sweep(
+            parse_sweep(
+                "optimizer=lbfgs,adam;style_layers=relu1_1:relu2_1,relu3_1:relu4_1:relu5_1;\
+                 pooling=avg;luminance_only=true,false",
+            )
+            .unwrap(),
+        ));
+        let tasks = s.tasks().unwrap();
+        assert_eq!(tasks.len(), 8);
+        assert_eq!(
+            tasks[2].label,
+            "optimizer=lbfgs style_layers=relu3_1:relu4_1:relu5_1 pooling=avg luminance_only=true"
+        );
+        let p = &tasks[5].params;
+        assert_eq!(p.optimizer, crate::Optimizer::Adam);
+        assert_eq!(
+            p.style_layers,
+            [crate::Layer::new(1, 1), crate::Layer::new(2, 1)]
+        );
+        assert_eq!((p.pooling, p.luminance_only), (crate::Pooling::Avg, false));
+        // a bad value is refused at submission, naming the axis
+        for (grid, names) in [
+            ("pooling=max,min", "pooling"),
+            ("style_layers=relu1_1:relu9_9", "relu9_9"),
+            ("iterations=0", "iterations"),
+        ] {
+            let error = spec(JobKind::Sweep(parse_sweep(grid).unwrap()))
+                .tasks()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("sweep") && error.contains(names),
+                "{grid}: {error}"
+            );
+        }
+        // nor the output's size
+        let error = parse_sweep("size=256,512").unwrap_err().to_string();
+        assert!(error.contains("unknown parameter 'size'"), "{error}");
 
         // a value is a label too: "seed=000...01" (seed 1) is refused, naming the axis
         let long = format!("seed={}1", "0".repeat(MAX_SWEEP_VALUE_CHARS));

@@ -245,15 +245,15 @@ macro_rules! render_options {
             /// Longest side of the output, in pixels.
             size: u32 = 512, Range::Between(1, MAX_SIZE as u64), sweep: false;
             /// Iterations (L-BFGS function evaluations or Adam steps); with several scales, those of the first.
-            iterations: u32 = 500, Range::Between(1, MAX_ITERATIONS as u64), sweep: false;
+            iterations: u32 = 500, Range::Between(1, MAX_ITERATIONS as u64), sweep: true;
             /// Iterations per scale, coarsest first, e.g. 300,150 (default: iterations halved at each scale).
             scale_iterations: Vec<u32> = Vec::new(), Range::Between(1, MAX_ITERATIONS as u64), sweep: false;
             /// lbfgs (torch.optim.LBFGS, no line search) or adam (torch.optim.Adam, betas 0.9/0.999).
-            optimizer: Optimizer = Optimizer::Lbfgs, Range::Any, sweep: false;
+            optimizer: Optimizer = Optimizer::Lbfgs, Range::Any, sweep: true;
             /// Adam's learning rate, in 0..255 units.
-            learning_rate: f64 = 10.0, Range::Positive, sweep: false;
+            learning_rate: f64 = 10.0, Range::Positive, sweep: true;
             /// L-BFGS history size.
-            history_size: u32 = 100, Range::Between(1, MAX_HISTORY_SIZE as u64), sweep: false;
+            history_size: u32 = 100, Range::Between(1, MAX_HISTORY_SIZE as u64), sweep: true;
             /// Weight of the content loss.
             content_weight: f64 = 5.0, Range::NonNegative, sweep: true;
             /// Weight of the style loss.
@@ -270,11 +270,11 @@ macro_rules! render_options {
             /// Blend weights of the style images, e.g. 0.7,0.3 (normalized to sum 1; default equal).
             style_blend: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;
             /// Content layers, comma-separated.
-            content_layers: Vec<Layer> = DEFAULT_CONTENT_LAYERS.to_vec(), Range::Any, sweep: false;
+            content_layers: Vec<Layer> = DEFAULT_CONTENT_LAYERS.to_vec(), Range::Any, sweep: true;
             /// Style layers, comma-separated.
-            style_layers: Vec<Layer> = DEFAULT_STYLE_LAYERS.to_vec(), Range::Any, sweep: false;
+            style_layers: Vec<Layer> = DEFAULT_STYLE_LAYERS.to_vec(), Range::Any, sweep: true;
             /// VGG19's pooling: max or avg.
-            pooling: Pooling = Pooling::Max, Range::Any, sweep: false;
+            pooling: Pooling = Pooling::Max, Range::Any, sweep: true;
             /// Where the image starts: content, noise, or an image file (on the farm: an uploaded image).
             init: Init = Init::Content, Range::Any, sweep: false;
             /// Seed of the noise init; a CPU run with the same seed repeats bit for bit.
@@ -282,17 +282,17 @@ macro_rules! render_options {
             /// Style images are resized to a longest side of size * style_scale.
             style_scale: f64 = 1.0, Range::UpTo(MAX_STYLE_SCALE), sweep: true;
             /// Keep the content's colours (the output's luminance with the content's chroma).
-            original_colors: bool = false, Range::Any, sweep: false;
+            original_colors: bool = false, Range::Any, sweep: true;
             /// Luminance-only transfer (Gatys et al. 2016): content, style and init enter as their luminance
             /// (each scale starts from the luminance of the one before; the style's matched to the content's
             /// mean and deviation), and the result's luminance gets the content's chroma back.
-            luminance_only: bool = false, Range::Any, sweep: false;
+            luminance_only: bool = false, Range::Any, sweep: true;
             /// Tiled jobs: each tile matches the style's Gram matrices alone, ALGORITHM.md's global targets,
             /// instead of those plus the tile's own deviation from its canvas at the start of the scale (the
             /// default, closer to an untiled render: BENCHMARKS.md, "Seams and style loss").
             global_style_targets: bool = false, Range::Any, sweep: false;
             /// Number of scales: the first at size / 2^(scales-1), each next one twice as large.
-            scales: u32 = 1, Range::Between(1, MAX_SCALES as u64), sweep: false;
+            scales: u32 = 1, Range::Between(1, MAX_SCALES as u64), sweep: true;
         }
     };
 }
@@ -955,16 +955,35 @@ mod tests {
         }
         let sweepable: Vec<&str> = RenderParams::sweepable().collect();
         for name in [
+            "iterations",
+            "optimizer",
+            "learning_rate",
             "content_weight",
             "style_weight",
             "tv_weight",
             "style_blend",
+            "content_layers",
+            "style_layers",
+            "pooling",
             "seed",
             "style_scale",
+            "original_colors",
+            "luminance_only",
+            "scales",
         ] {
             assert!(sweepable.contains(&name), "{name}");
         }
-        assert!(!sweepable.contains(&"size"), "not every option");
+        // not the output's size (a contact sheet's cells share one), nor what only videos or tiled jobs
+        // read, nor an init image (uploaded with the job, not named in a grid)
+        for name in [
+            "size",
+            "temporal_weight",
+            "optical_flow",
+            "global_style_targets",
+            "init",
+        ] {
+            assert!(!sweepable.contains(&name), "{name}");
+        }
         assert!(sweepable.iter().all(|n| RenderParams::OPTIONS.contains(n)));
         let err = RenderParams::default().set("colour", "1").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
