@@ -190,6 +190,85 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
     );
 }
 
+/// `submit --max-workers 1`: a batch of two on two idle workers runs one task at a time, the second
+/// queued while the first renders, and the job keeps its limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_with_max_workers_runs_no_more_tasks_at_once() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker("w1");
+    cluster.add_worker("w2");
+    wait_registered(&cluster, 2).await;
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--content",
+            &path("chelsea.png"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--batch",
+            "--max-workers",
+            "1",
+            "--size",
+            "64",
+            "--iterations",
+            "40",
+        ],
+    );
+    let client = cluster.client().await;
+    let running = |s: &pb::JobStatus, state: pb::TaskState| {
+        s.tasks.iter().filter(|t| t.state == state as i32).count()
+    };
+    // one renders, past a few iterations, while the other stays queued with a worker idle
+    wait_job(
+        &client,
+        &id,
+        "a task rendering",
+        Duration::from_secs(60),
+        |s| s.tasks.iter().any(|t| iteration(t) >= 3),
+    )
+    .await;
+    let status = job(&mut client.clone(), &id).await;
+    assert_eq!(
+        running(&status, pb::TaskState::Running),
+        1,
+        "{:?}",
+        status.tasks
+    );
+    assert_eq!(
+        running(&status, pb::TaskState::Pending),
+        1,
+        "{:?}",
+        status.tasks
+    );
+    assert_eq!(status.spec.as_ref().unwrap().max_workers, 1);
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(running(&done, pb::TaskState::Succeeded), 2);
+    // refused with exact mode, naming the field
+    let (ok, _, err) = cluster.cli(&[
+        "submit",
+        "--content",
+        &path("tubingen.jpg"),
+        "--style",
+        &path("starry_night.jpg"),
+        "--tiled",
+        "--exact",
+        "--max-workers",
+        "2",
+    ]);
+    assert!(
+        !ok && err.contains("max_workers: not with exact mode"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_runs_on_two_workers_and_a_sweep_gets_its_contact_sheet() {
     let mut cluster = Cluster::start(10.0, 0.5);

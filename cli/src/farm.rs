@@ -283,6 +283,10 @@ pub(crate) struct JobArgs {
     /// first such task fails the job and cancels the rest.
     #[arg(long)]
     keep_going: bool,
+    /// The most of the job's tasks that run at once, each on its own worker (Deadline's machine limit), so
+    /// that a large job leaves workers to the others; default: no limit. Not with --exact.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_workers: Option<u32>,
     /// Where results go: a file for a single render, else a directory.
     #[arg(long, short)]
     pub(crate) output: Option<PathBuf>,
@@ -556,6 +560,7 @@ impl JobArgs {
             max_attempts: self.max_attempts.unwrap_or(0),
             worker_tags: self.worker_tags.clone(),
             keep_going: self.keep_going,
+            max_workers: self.max_workers.unwrap_or(0),
             request_id: self.request_id.clone(),
             paused: false,
         })

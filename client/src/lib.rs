@@ -122,6 +122,8 @@ pub struct JobFiles {
     /// A batch's or sweep's task that fails for good fails alone, the others render
     /// ([`JobSpec::keep_going`]).
     pub keep_going: bool,
+    /// The most of the job's tasks that run at once ([`JobSpec::max_workers`]); 0: no limit.
+    pub max_workers: u32,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
     /// Submitted paused ([`FarmClient::pause`]): nothing of it runs until it is resumed.
@@ -307,6 +309,7 @@ impl FarmClient {
             max_attempts: job.max_attempts,
             worker_tags: job.worker_tags.clone(),
             keep_going: job.keep_going,
+            max_workers: job.max_workers,
         };
         spec.check_new()?;
         for (path, hash) in &files {

@@ -358,6 +358,7 @@ mod tests {
             max_attempts: 0,
             worker_tags: Vec::new(),
             keep_going: false,
+            max_workers: 0,
         }
     }
 

@@ -1173,8 +1173,13 @@ impl Scheduler {
         let take = |key: &QueueKey| {
             let job = &st.jobs[&key.3];
             let task = &job.tasks[key.2 as usize];
-            // a paused job starts nothing (a shard whose siblings run, above, still starts)
-            if job.meta.paused || !takes(&job.meta) {
+            // a paused job starts nothing (a shard whose siblings run, above, still starts), nor one with
+            // as many tasks running as its limit
+            let max_workers = job.meta.spec.max_workers as usize;
+            if job.meta.paused
+                || !takes(&job.meta)
+                || (max_workers > 0 && job.leases.len() >= max_workers)
+            {
                 return Take::SkipJob;
             }
             if task.spec.shards().is_none() {
@@ -2710,6 +2715,7 @@ mod tests {
             max_attempts: 0,
             worker_tags: Vec::new(),
             keep_going: false,
+            max_workers: 0,
         }
     }
 
@@ -4514,6 +4520,41 @@ mod tests {
         assert!(s.leases().iter().any(|v| v.worker == w("c")), "{l:?}");
     }
 
+    /// A job with `max_workers` runs at most that many tasks at once: a worker that comes while it is at its
+    /// limit takes the next job's task instead (or nothing), and the job's next task goes as soon as one of
+    /// its own ends.
+    #[test]
+    fn a_job_runs_at_most_its_max_workers_tasks_at_once() {
+        let s = scheduler(SchedulerConfig::default());
+        let limited = submit_as(
+            &s,
+            "",
+            JobSpec {
+                max_workers: 2,
+                ..batch(4, 5)
+            },
+        );
+        let a = s.lease(&w("a")).unwrap().unwrap();
+        let b = s.lease(&w("b")).unwrap().unwrap();
+        assert_eq!((&a.task.id.job, &b.task.id.job), (&limited, &limited));
+        assert!(
+            s.lease(&w("c")).unwrap().is_none(),
+            "at its limit: nothing else queued"
+        );
+        // a lower-priority job's task goes to the third worker meanwhile
+        let other = submit_as(&s, "", batch(1, 0));
+        let c = s.lease(&w("c")).unwrap().unwrap();
+        assert_eq!(c.task.id.job, other);
+        s.complete(&a.lease_id, &hash("a")).unwrap();
+        let d = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(d.task.id.job, limited);
+        assert!(s.lease(&w("d")).unwrap().is_none());
+        // a failure frees its place too
+        s.fail(&b.lease_id, "boom", FailureKind::Retryable).unwrap();
+        assert_eq!(s.lease(&w("d")).unwrap().unwrap().task.id.job, limited);
+        assert_eq!(s.leases().iter().filter(|l| l.job_id == limited).count(), 2);
+    }
+
     /// A lease that expires names its worker once, for the coordinator to count it out of the live ones.
     #[test]
     fn an_expired_lease_reports_its_worker_lost_once() {
@@ -4551,6 +4592,7 @@ mod tests {
             max_attempts: 0,
             worker_tags: Vec::new(),
             keep_going: false,
+            max_workers: 0,
         };
         let (job, _) = s.submit(spec.clone(), "").unwrap();
         let (a, b) = (

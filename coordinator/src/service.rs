@@ -942,6 +942,7 @@ mod tests {
             max_attempts: 0,
             worker_tags: Vec::new(),
             keep_going: false,
+            max_workers: 0,
         }
     }
 

@@ -304,6 +304,11 @@ pub struct JobSpec {
     /// a systemic fault (a bad style, say) failing every task in turn. Batch and sweep jobs only.
     #[serde(default)]
     pub keep_going: bool,
+    /// The most of the job's tasks that run at once, each on its own worker (Deadline's machine limit,
+    /// OpenCue's job max cores), so that one large job leaves workers to the others; 0: no limit. Not for
+    /// exact mode, whose shards run together on as many workers as are present.
+    #[serde(default)]
+    pub max_workers: u32,
 }
 
 /// Where a task of a tiled job's later scale sits: its scale of the pyramid and its part of that scale's
@@ -827,6 +832,12 @@ impl JobSpec {
         }
         if let Some(tiling) = self.kind.tiling() {
             tiling.validate()?;
+            if tiling.exact && self.max_workers > 0 {
+                return Err(Error::invalid(
+                    "max_workers",
+                    "not with exact mode, whose shards run together on as many workers as are present",
+                ));
+            }
         }
         Ok(tasks)
     }
@@ -1072,6 +1083,30 @@ mod tests {
         assert!(spec(JobKind::Single).runs_on(&[]));
     }
 
+    /// A limit on the workers a job runs on is refused for exact mode, whose shards must run together on
+    /// as many workers as are present; any other kind takes it.
+    #[test]
+    fn max_workers_is_refused_for_exact_mode_only() {
+        let limited = |kind| JobSpec {
+            max_workers: 1,
+            ..spec(kind)
+        };
+        let exact = JobKind::Tiled(Tiling {
+            exact: true,
+            ..Default::default()
+        });
+        let err = limited(exact).check_new().unwrap_err().to_string();
+        assert!(err.starts_with("max_workers: not with exact mode"), "{err}");
+        for kind in [
+            JobKind::Batch,
+            JobKind::Single,
+            JobKind::Tiled(Default::default()),
+            JobKind::Sweep(parse_sweep("seed=1,2").unwrap()),
+        ] {
+            assert!(limited(kind).check_new().is_ok());
+        }
+    }
+
     /// Keep-going is for batches and sweeps, whose tasks are independent: another kind is refused, naming
     /// the field and the kind.
     #[test]
@@ -1108,6 +1143,7 @@ mod tests {
             max_attempts: 0,
             worker_tags: Vec::new(),
             keep_going: false,
+            max_workers: 0,
         }
     }
 

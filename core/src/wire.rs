@@ -229,6 +229,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             max_attempts: s.max_attempts,
             worker_tags: s.worker_tags,
             keep_going: s.keep_going,
+            max_workers: s.max_workers,
         };
         spec.expand()
     }
@@ -274,6 +275,7 @@ impl From<&JobSpec> for pb::JobSpec {
             max_attempts: s.max_attempts,
             worker_tags: s.worker_tags.clone(),
             keep_going: s.keep_going,
+            max_workers: s.max_workers,
         }
     }
 }
@@ -580,6 +582,7 @@ mod tests {
             max_attempts: 2,
             worker_tags: Vec::new(),
             keep_going: false,
+            max_workers: 4,
         }
     }
 

@@ -1472,6 +1472,7 @@ fn fuzz_tiled_jobs() {
                 max_attempts: 0,
                 worker_tags: Vec::new(),
                 keep_going: false,
+                max_workers: 0,
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -1756,6 +1757,7 @@ fn fuzz_sweep_jobs() {
                 max_attempts: 0,
                 worker_tags: Vec::new(),
                 keep_going: false,
+                max_workers: 0,
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -2153,6 +2155,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
                 max_attempts: 0,
                 worker_tags: Vec::new(),
                 keep_going: false,
+                max_workers: 0,
             };
             for t in tweaks {
                 tweak_job(&mut wire, t);
@@ -2172,9 +2175,20 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
         any::<u32>(),
         prop::collection::vec("[a-z.#-]{0,3}", 0..=2),
         any::<bool>(),
+        prop_oneof![3 => Just(0u32), 1 => any::<u32>()],
     )
         .prop_map(
-            |(kind, contents, styles, params, priority, max_attempts, worker_tags, keep_going)| {
+            |(
+                kind,
+                contents,
+                styles,
+                params,
+                priority,
+                max_attempts,
+                worker_tags,
+                keep_going,
+                max_workers,
+            )| {
                 pb::JobSpec {
                     kind,
                     contents,
@@ -2184,6 +2198,7 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
                     max_attempts,
                     worker_tags,
                     keep_going,
+                    max_workers,
                 }
             },
         )

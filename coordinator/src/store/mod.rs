@@ -174,6 +174,7 @@ pub(crate) mod tests {
             max_attempts: 0,
             worker_tags: Vec::new(),
             keep_going: false,
+            max_workers: 0,
         };
         let tasks = spec
             .tasks()
