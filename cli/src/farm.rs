@@ -263,8 +263,8 @@ pub(crate) struct JobArgs {
     #[arg(long, requires = "tiled")]
     exact: bool,
     /// A parameter grid, e.g. 'style_weight=10,100;optimizer=lbfgs,adam': any render option but --size,
-    /// --init and those of videos and tiled jobs; a list's items separated by ':' (style_blend=0.7:0.3,
-    /// style_layers=relu1_1:relu2_1).
+    /// --scale-iterations, --init and those of videos and tiled jobs; a list's items separated by ':'
+    /// (style_blend=0.7:0.3, style_layers=relu1_1:relu2_1).
     #[arg(long)]
     sweep: Option<String>,
     /// Higher runs first (at equal priorities, the client with the fewest tasks running).
@@ -411,7 +411,7 @@ pub(crate) fn coordinator_config(
 }
 
 /// A duration given in seconds on the command line: more than 0 and at most a day; an error names `name`.
-fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+pub(crate) fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
     if !(value > 0.0 && value <= 86_400.0) {
         bail!("{name} must be more than 0 and at most 86400 (a day), got {value}");
     }
@@ -445,7 +445,10 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .transpose()
     };
     config.scheduler.keep_finished = keep("--keep-finished-secs", args.keep_finished_secs)?;
-    config.scheduler.task_stall = keep("--task-stall-secs", args.task_stall_secs)?;
+    config.scheduler.task_stall = args
+        .task_stall_secs
+        .map(|secs| seconds("--task-stall-secs", secs))
+        .transpose()?;
     if let Some(stall) = config.scheduler.task_stall {
         // progress comes with the heartbeats: a stall shorter than two of them would take back tasks
         // that move

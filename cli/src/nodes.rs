@@ -248,15 +248,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     // checked here too, so that a bad tag stops the worker at once with the flag named
     stylefarm_core::job::check_tags("tag", &args.tags)?;
     config.tags = args.tags;
-    config.cancel_grace = Duration::try_from_secs_f64(args.cancel_grace_secs)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .with_context(|| {
-            format!(
-                "cancel_grace_secs: must be a number of seconds more than 0, got {}",
-                args.cancel_grace_secs
-            )
-        })?;
+    config.cancel_grace = crate::farm::seconds("--cancel-grace-secs", args.cancel_grace_secs)?;
     // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

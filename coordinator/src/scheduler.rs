@@ -54,8 +54,8 @@ pub struct SchedulerConfig {
     /// heartbeats report it) before its lease is taken back, as if it had expired: the task is retried
     /// (a strike against the worker) and the worker told to cancel it (Flamenco's task timeout, for an
     /// engine that hangs while its heartbeats go on). Counted from the lease until the first progress: it
-    /// must outlast a task's slowest iteration, its style and content targets, and an exact-mode shard's
-    /// wait for its group ([`crate::exchange::JOIN_TIMEOUT`]). `None`: never.
+    /// must outlast a task's slowest iteration and its style and content targets. Exact-mode shards are
+    /// left to their group's own timeouts. `None`: never.
     pub task_stall: Option<Duration>,
 }
 
@@ -1320,6 +1320,21 @@ impl Scheduler {
         progress: Option<TaskProgress>,
         preview: Option<bytes::Bytes>,
     ) -> Result<HeartbeatReply, SchedulerError> {
+        // what the task looks like comes from the worker that renders it (by name: a worker that
+        // registered again is the same one), not from another that knows the lease's id
+        let own = |lease: &LeaseInfo| lease.worker.by_name() == worker.by_name();
+        // its progress before the expiry, so that a task that moved in this beat is not taken back as
+        // stalled ([`SchedulerConfig::task_stall`])
+        if let Some(p) = progress {
+            let mut st = self.state.lock().unwrap();
+            if let Some(lease) = st.leases.get_mut(lease_id).filter(|l| own(l)) {
+                let at = |p: &TaskProgress| (p.scale, p.iteration);
+                if lease.progress.as_ref().map(at) != Some(at(&p)) {
+                    lease.progressed_ms = now_ms();
+                }
+                lease.progress = Some(p);
+            }
+        }
         self.expire()?;
         let mut st = self.state.lock().unwrap();
         let Some(lease) = st.leases.get_mut(lease_id) else {
@@ -1329,16 +1344,7 @@ impl Scheduler {
             });
         };
         lease.deadline_ms = now_ms() + self.config.lease.as_millis() as i64;
-        // what the task looks like comes from the worker that renders it (by name: a worker that
-        // registered again is the same one), not from another that knows the lease's id
-        let own = lease.worker.by_name() == worker.by_name();
-        if let Some(p) = progress.filter(|_| own) {
-            let at = |p: &TaskProgress| (p.scale, p.iteration);
-            if lease.progress.as_ref().map(at) != Some(at(&p)) {
-                lease.progressed_ms = now_ms();
-            }
-            lease.progress = Some(p);
-        }
+        let own = own(lease);
         if let Some(png) = preview.filter(|_| own) {
             let at_ms = now_ms();
             lease.preview = Some(Preview { png, at_ms });
@@ -2307,12 +2313,22 @@ impl Scheduler {
         let now = now_ms();
         let stall_ms = self.config.task_stall.map(|d| d.as_millis() as i64);
         let mut st = self.state.lock().unwrap();
+        // exact-mode shards wait for each other at every evaluation: one that hangs stalls its group, and
+        // the group's own timeouts end it (the exchange's JOIN_TIMEOUT, a lost lease), blaming the shard
+        // at fault rather than the first to pass the stall
+        let shard = |l: &LeaseInfo| {
+            st.jobs
+                .get(&l.job_id)
+                .and_then(|j| j.tasks.get(l.index as usize))
+                .is_some_and(|t| t.spec.shards().is_some())
+        };
         // (lease, whether it expired; else it stalled)
         let ended: Vec<(LeaseId, bool)> = st
             .leases
             .iter()
             .filter_map(|(id, l)| {
-                let stalled = !l.cancel && stall_ms.is_some_and(|ms| now - l.progressed_ms > ms);
+                let stalled =
+                    !l.cancel && stall_ms.is_some_and(|ms| now - l.progressed_ms > ms) && !shard(l);
                 (l.deadline_ms < now || stalled).then(|| (id.clone(), l.deadline_ms < now))
             })
             .collect();
@@ -2321,6 +2337,12 @@ impl Scheduler {
         }
         let (mut jobs, mut ops) = (Vec::new(), Vec::new());
         for (lease_id, expired) in ended {
+            let cancelled = st.leases.get(&lease_id).is_some_and(|l| l.cancel);
+            if !expired && cancelled {
+                // its job ended meanwhile (another lease of it taken back failed it): left to its worker,
+                // as any lease being cancelled
+                continue;
+            }
             let lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
             let reason = if expired {
                 tracing::warn!(
@@ -4439,8 +4461,8 @@ mod tests {
 
     /// A task whose progress does not move for `task_stall` loses its lease as an expired one would: it is
     /// retried, a strike against its worker, which is told to cancel it, and the worker is not counted lost
-    /// (it still heartbeats). Progress that moves, heartbeats or not, keeps the lease; so does a lease
-    /// being cancelled.
+    /// (it still heartbeats). Progress that moves keeps the lease, not heartbeats alone nor another
+    /// worker's progress; a lease being cancelled is left to its worker.
     #[test]
     fn a_task_whose_progress_stalls_is_taken_back_and_retried() {
         // long beside the sleeps that must stay under it (a third, a half), so that a slow machine's
@@ -4501,6 +4523,12 @@ mod tests {
         s.expire().unwrap();
         assert!(
             !s.heartbeat(&l.lease_id, &w("b"), None, None)
+                .unwrap()
+                .cancel
+        );
+        // progress from another worker, which knows the lease's id, does not count
+        assert!(
+            !s.heartbeat(&l.lease_id, &w("x"), at(7), None)
                 .unwrap()
                 .cancel
         );

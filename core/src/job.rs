@@ -933,6 +933,29 @@ impl JobSpec {
                 frame: None,
             });
         }
+        // an axis that no point reads would label copies of one image as different
+        let ignored = |name: &str, reads: &dyn Fn(&RenderParams) -> bool, why: &str| {
+            let swept = axes.iter().any(|a| a.parameter.name() == name);
+            if swept && !tasks.iter().any(|t| reads(&t.params)) {
+                return Err(Error::invalid("sweep", format!("{name}: {why}")));
+            }
+            Ok(())
+        };
+        ignored(
+            "iterations",
+            &|p| p.scale_iterations.is_empty(),
+            "scale_iterations is set, and it gives every scale's iterations",
+        )?;
+        ignored(
+            "learning_rate",
+            &|p| p.optimizer == crate::Optimizer::Adam,
+            "Adam's alone, and no point uses adam",
+        )?;
+        ignored(
+            "history_size",
+            &|p| p.optimizer == crate::Optimizer::Lbfgs,
+            "L-BFGS's alone, and no point uses lbfgs",
+        )?;
         Ok(tasks)
     }
 }
@@ -1233,6 +1256,49 @@ mod tests {
                 "{grid}: {error}"
             );
         }
+        // nor an axis that no point reads: its images would be copies
+        let reads_nothing = |grid: &str, params: RenderParams| {
+            JobSpec {
+                params,
+                ..spec(JobKind::Sweep(parse_sweep(grid).unwrap()))
+            }
+            .tasks()
+            .map(|t| t.len())
+            .map_err(|e| e.to_string())
+        };
+        let default = RenderParams::default;
+        let with_scales = RenderParams {
+            scales: 2,
+            scale_iterations: vec![10, 5],
+            ..default()
+        };
+        for (grid, params, refused) in [
+            (
+                "learning_rate=1,10",
+                default(),
+                "learning_rate: Adam's alone",
+            ),
+            (
+                "history_size=5,50;optimizer=adam",
+                default(),
+                "history_size: L-BFGS's",
+            ),
+            (
+                "iterations=10,20",
+                with_scales,
+                "iterations: scale_iterations is set",
+            ),
+        ] {
+            let error = reads_nothing(grid, params).unwrap_err();
+            assert!(
+                error.starts_with("sweep: ") && error.contains(refused),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            reads_nothing("learning_rate=1,10;optimizer=lbfgs,adam", default()),
+            Ok(4)
+        );
         // nor the output's size
         let error = parse_sweep("size=256,512").unwrap_err().to_string();
         assert!(error.contains("unknown parameter 'size'"), "{error}");

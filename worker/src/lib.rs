@@ -57,9 +57,9 @@ pub enum Error {
 /// [`WorkerConfig::cancel_grace`] unless configured: longer than the longest a render goes without looking
 /// at its cancel, which it does at each evaluation and between its targets' phases: on a CPU, a large
 /// tile's targets can take many minutes (the first 1-iteration tile of an 8192-px canvas spent 22 in the
-/// engine, nearly all of it on its targets, on this project's 2-core machine: BENCHMARKS.md). GPU workers
-/// can take far less.
-pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(1800);
+/// engine, nearly all of it on its targets, on this project's 2-core machine: BENCHMARKS.md; slower on a
+/// worker given a share of the cores). GPU workers can take far less.
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(3600);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -323,6 +323,8 @@ enum Outcome {
     Done(RgbImage),
     Failed(Failure),
     Cancelled,
+    /// Cancelled, and the engine's render still running [`WorkerConfig::cancel_grace`] later: it hangs.
+    EngineStuck,
 }
 
 /// Runs a worker until `shutdown` resolves (then drains: the current task finishes first).
@@ -448,7 +450,7 @@ pub async fn run(
                     preview_every,
                 };
                 let downloaded_before = cache.downloaded;
-                let task = run_task(
+                let outcome = run_task(
                     &engine,
                     &mut client,
                     &mut cache,
@@ -456,26 +458,24 @@ pub async fn run(
                         lease_id: &lease_id,
                         task,
                     },
-                    cancel.clone(),
+                    cancel,
                     live,
-                    &config.metrics,
-                );
-                let outcome = tokio::select! {
-                    outcome = task => outcome,
-                    () = cancel_ignored(&cancel, config.cancel_grace) => {
-                        tracing::error!(
-                            grace_s = config.cancel_grace.as_secs_f64(),
-                            "the engine did not stop its cancelled render: leaving, for a supervisor \
-                             to start the worker again"
-                        );
-                        return Err(Error::EngineStuck(config.cancel_grace));
-                    }
-                };
+                    &config,
+                )
+                .await;
+                if let Outcome::EngineStuck = outcome {
+                    tracing::error!(
+                        grace_s = config.cancel_grace.as_secs_f64(),
+                        "the engine did not stop its cancelled render: leaving, for a supervisor to \
+                         start the worker again"
+                    );
+                    return Err(Error::EngineStuck(config.cancel_grace));
+                }
                 let downloaded = cache.downloaded - downloaded_before;
                 let outcome_name = match &outcome {
                     Outcome::Done(_) => "succeeded",
                     Outcome::Failed(_) => "failed",
-                    Outcome::Cancelled => "cancelled",
+                    Outcome::Cancelled | Outcome::EngineStuck => "cancelled",
                 };
                 // a report that hangs must not keep the lease alive forever: give up, let it lapse
                 if tokio::time::timeout(REPORT_TIMEOUT, report(&mut client, &lease_id, outcome))
@@ -592,8 +592,9 @@ async fn run_task(
     Leased { lease_id, task }: Leased<'_>,
     cancel: Arc<AtomicBool>,
     live: Live,
-    metrics: &metrics::WorkerMetrics,
+    config: &WorkerConfig,
 ) -> Outcome {
+    let metrics = &config.metrics;
     let permanent = |error: String| Outcome::Failed(Failure::Input(error));
     let progress_rx = live.progress.subscribe();
     let cancelled = || cancel.load(Ordering::Relaxed);
@@ -743,7 +744,12 @@ async fn run_task(
     if cancelled() {
         return Outcome::Cancelled;
     }
-    let done = engine.render(job, style, cancel.clone(), live).await;
+    // the cancel's grace runs while the engine renders (preparation and downloads look at the cancel
+    // themselves)
+    let done = tokio::select! {
+        done = engine.render(job, style, cancel.clone(), live) => done,
+        () = cancel_ignored(&cancel, config.cancel_grace) => return Outcome::EngineStuck,
+    };
     match done {
         Ok(Ok((img, stats))) => {
             let last = *progress_rx.borrow();
@@ -799,7 +805,7 @@ async fn report(
             tracing::warn!(?failure, "task failed");
             Err(failure)
         }
-        Outcome::Cancelled => Err(Failure::Transient("cancelled".into())),
+        Outcome::Cancelled | Outcome::EngineStuck => Err(Failure::Transient("cancelled".into())),
     };
     let (mut attempt, mut busy) = (0u32, stylefarm_proto::BusyBackoff::default());
     while attempt < 5 {
