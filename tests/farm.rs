@@ -190,6 +190,30 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
     );
 }
 
+/// `stylefarm watch JOB --preview-dir D` (WatchJob with previews): the running task's previews, which its
+/// worker sends every --preview-secs, land in D as task-0.png while the job runs, a PNG of at most 256 px a
+/// side; the watch ends with the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_writes_the_running_tasks_previews() {
+    let mut cluster = Cluster::new(10.0, 0.3, "embedded");
+    cluster.coordinator_args = ["--preview-secs", "0.3"].map(String::from).into();
+    cluster.start_coordinator();
+    cluster.add_worker("w");
+    wait_registered(&cluster, 1).await;
+    let id = submit(&cluster, &tubingen_x_starry(96, 80));
+    let dir = cluster.dir.path().join("previews");
+    let (ok, _, err) = cluster.cli(&["watch", &id, "--preview-dir", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(err.contains("succeeded"), "{err}");
+    assert_eq!(file_names(&dir), ["task-0.png"]);
+    let preview = image::open(dir.join("task-0.png")).unwrap();
+    assert!(
+        preview.width() <= 256 && preview.height() <= 256 && preview.width() > 16,
+        "{:?}",
+        (preview.width(), preview.height())
+    );
+}
+
 /// `submit --max-workers 1`: a batch of two on two idle workers runs one task at a time, the second
 /// queued while the first renders, and the job keeps its limit.
 #[tokio::test(flavor = "multi_thread")]

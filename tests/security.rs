@@ -124,7 +124,13 @@ async fn render_calls(
             Err(s) => s.code(),
         },
     ));
-    let watched = match rpc.watch_job(pb::WatchJobRequest { job_id: id() }).await {
+    let watched = match rpc
+        .watch_job(pb::WatchJobRequest {
+            job_id: id(),
+            previews: true,
+        })
+        .await
+    {
         Ok(stream) => code(stream.into_inner().next().await.unwrap()),
         Err(s) => s.code(),
     };

@@ -305,6 +305,16 @@ pub(crate) struct JobRef {
 }
 
 #[derive(Args)]
+pub(crate) struct WatchArgs {
+    #[command(flatten)]
+    job: JobRef,
+    /// Write the running tasks' previews here as they come: task-N.png for task N, a PNG of at most 256 px
+    /// a side, as often as the coordinator's --preview-secs has workers send them.
+    #[arg(long)]
+    preview_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub(crate) struct PriorityArgs {
     #[command(flatten)]
     job: JobRef,
@@ -614,8 +624,9 @@ async fn watch_job(
     client: &mut FarmClient,
     job_id: &JobId,
     bars: bool,
+    preview_dir: Option<&Path>,
 ) -> anyhow::Result<pb::JobStatus> {
-    let mut stream = client.watch(job_id).await?;
+    let mut stream = client.watch_events(job_id, preview_dir.is_some()).await?;
     let multi = MultiProgress::new();
     if !bars {
         multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -627,8 +638,11 @@ async fn watch_job(
     // the scale the job bar shows, when this watch first saw it and its tiles done then
     let mut scale_seen: Option<(usize, std::time::Instant, usize)> = None;
     let (mut last, mut waiting) = (None, String::new());
-    while let Some(status) = stream.next().await {
-        let status = status?;
+    while let Some(event) = stream.next().await {
+        let (status, previews) = event?;
+        if let Some(dir) = preview_dir {
+            write_previews(dir, &previews)?;
+        }
         // why it waits (no worker may take it), once each time that changes
         if status.waiting != waiting {
             if !status.waiting.is_empty() {
@@ -721,7 +735,7 @@ pub(crate) async fn wait_and_fetch(
     job_id: &JobId,
     output: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let status = watch_job(client, job_id, true).await?;
+    let status = watch_job(client, job_id, true, None).await?;
     let succeeded = status.state() == pb::JobState::Succeeded;
     let kept_going = status.spec.as_ref().is_some_and(|s| s.keep_going)
         && status.tasks.iter().any(|t| !t.result.is_empty());
@@ -761,10 +775,31 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     })
 }
 
-pub(crate) fn watch(args: JobRef) -> anyhow::Result<()> {
+/// Writes each preview to `dir` as `task-<index>.png` (the task's latest replaces the one before; written
+/// aside and renamed, so that a viewer never reads half a file).
+fn write_previews(dir: &Path, previews: &[pb::TaskPreview]) -> anyhow::Result<()> {
+    for preview in previews {
+        let path = dir.join(format!("task-{}.png", preview.task_index));
+        let aside = dir.join(format!(".task-{}.png.part", preview.task_index));
+        std::fs::write(&aside, &preview.png)
+            .and_then(|()| std::fs::rename(&aside, &path))
+            .with_context(|| format!("preview_dir: writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let WatchArgs {
+        job: args,
+        preview_dir,
+    } = args;
+    if let Some(dir) = &preview_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("preview_dir: creating {}", dir.display()))?;
+    }
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
-        let status = watch_job(&mut client, &args.job_id, true).await?;
+        let status = watch_job(&mut client, &args.job_id, true, preview_dir.as_deref()).await?;
         eprintln!("job {} {}", status.job_id, job_state_name(status.state));
         Ok(())
     })

@@ -132,7 +132,7 @@ enum Command {
     /// Submit a job to a coordinator; prints its id.
     Submit(Box<farm::SubmitArgs>),
     /// Follow a job's progress until it ends.
-    Watch(farm::JobRef),
+    Watch(farm::WatchArgs),
     /// Show a job and its tasks.
     Status(farm::JobRef),
     /// List jobs, newest first.

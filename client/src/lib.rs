@@ -77,6 +77,10 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 /// The statuses of one job, from [`FarmClient::watch`]: one now, one on every change, ending with the job.
 pub type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus>> + Send>>;
 
+/// A job's statuses with the previews that came with each ([`FarmClient::watch_events`]).
+pub type EventStream =
+    Pin<Box<dyn Stream<Item = Result<(pb::JobStatus, Vec<pb::TaskPreview>)>> + Send>>;
+
 /// A proto enum value's name without its prefix, lowercased: `JOB_STATE_SUCCEEDED` -> `succeeded`.
 fn short_name(name: &str, prefix: &str) -> String {
     name.trim_start_matches(prefix).to_lowercase()
@@ -441,19 +445,31 @@ impl FarmClient {
 
     /// Follows a job: its status now, then one on every change, until it ends (the stream then ends).
     pub async fn watch(&mut self, job_id: &JobId) -> Result<StatusStream> {
+        let events = self.watch_events(job_id, false).await?;
+        Ok(Box::pin(
+            events.map(|event| event.map(|(status, _)| status)),
+        ))
+    }
+
+    /// [`Self::watch`] with each event's previews (WatchJobRequest.previews): the running tasks' images
+    /// that came since the event before, when `previews`.
+    pub async fn watch_events(&mut self, job_id: &JobId, previews: bool) -> Result<EventStream> {
         let job = job_id.clone();
         let stream = self
             .rpc
             .watch_job(pb::WatchJobRequest {
                 job_id: job_id.to_string(),
+                previews,
             })
             .await?
             .into_inner();
         Ok(Box::pin(stream.map(move |event| {
-            event?.status.ok_or_else(|| ClientError::Job {
+            let event = event?;
+            let status = event.status.ok_or_else(|| ClientError::Job {
                 job_id: job.clone(),
                 message: "an event without a status".into(),
-            })
+            })?;
+            Ok((status, event.previews))
         })))
     }
 

@@ -1,6 +1,7 @@
 //! The gRPC services: RenderService for clients, WorkerService for workers. Handlers convert at the edge
 //! (stylefarm-core's `wire`), call the scheduler and the blob store, and map errors to status codes.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -231,28 +232,75 @@ fn checked_preview(png: Vec<u8>, lease_id: &LeaseId) -> Option<bytes::Bytes> {
     Some(png.into())
 }
 
+/// The most bytes of previews one WatchJob event carries (the rest come with the next): eight of the
+/// largest, well under the 4-MiB message limit with the job's status.
+const PREVIEW_EVENT_BYTES: usize = 8 * crate::scheduler::MAX_PREVIEW_BYTES;
+
+/// The previews of `view`'s running tasks that came after those `sent` (task index -> when the one sent
+/// came), at most [`PREVIEW_EVENT_BYTES`] of them; `sent` updated.
+fn new_previews(
+    scheduler: &Scheduler,
+    view: &JobView,
+    sent: &mut HashMap<u32, i64>,
+) -> Vec<pb::TaskPreview> {
+    let mut bytes = 0;
+    let mut previews = Vec::new();
+    for (task, _) in view
+        .tasks
+        .iter()
+        .filter(|(t, _)| t.state == TaskState::Running)
+    {
+        let Some(preview) = scheduler.preview(&view.meta.id, task.index) else {
+            continue;
+        };
+        if sent.get(&task.index).is_some_and(|at| *at >= preview.at_ms) {
+            continue;
+        }
+        if bytes + preview.png.len() > PREVIEW_EVENT_BYTES {
+            break;
+        }
+        bytes += preview.png.len();
+        sent.insert(task.index, preview.at_ms);
+        previews.push(pb::TaskPreview {
+            task_index: task.index,
+            png: preview.png.to_vec(),
+            at_ms: preview.at_ms,
+        });
+    }
+    previews
+}
+
 /// A WatchJob stream's events: `first`, then the job after each change (`changes`: the scheduler's,
 /// subscribed to before `first` was read), the changes of [`WATCH_EVERY`] coalesced into one event, until
 /// the job ends (its last event) or the client leaves. Each event says why the job waits, if it does
 /// (`waiting`, called for the workers live then); a change of that alone is an event too, looked for
-/// every [`WAITING_EVERY`].
+/// every [`WAITING_EVERY`]. With `previews`, an event carries the running tasks' previews that came since
+/// the last ([`new_previews`]).
 async fn watch(
     scheduler: Arc<Scheduler>,
     waiting: impl Fn() -> Waiting + Send + 'static,
     job_id: JobId,
     first: JobView,
+    previews: bool,
     mut changes: tokio::sync::broadcast::Receiver<JobId>,
     tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
 ) {
     let (mut view, mut changed, mut sent) = (first, true, String::new());
+    let mut previews_sent = HashMap::new();
     loop {
         let reason = waiting().of(&view);
         if changed || reason != sent {
             let done = view.meta.state.is_terminal();
             let status = job_status(&view, reason.clone());
+            let previews = if previews {
+                new_previews(&scheduler, &view, &mut previews_sent)
+            } else {
+                Vec::new()
+            };
             if tx
                 .send(Ok(pb::JobEvent {
                     status: Some(status),
+                    previews,
                 }))
                 .await
                 .is_err()
@@ -472,14 +520,23 @@ impl RenderService for RenderApi {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let tenant = auth::tenant(&request);
-        let job_id = JobId::from(request.into_inner().job_id);
+        let request = request.into_inner();
+        let job_id = JobId::from(request.job_id);
         let scheduler = self.coordinator.scheduler.clone();
         let changes = scheduler.subscribe();
         let first = own_job(&self.coordinator, &tenant, &job_id)?;
         let (tx, rx) = mpsc::channel(16);
         let coordinator = self.coordinator.clone();
         let waiting = move || coordinator.waiting();
-        tokio::spawn(watch(scheduler, waiting, job_id, first, changes, tx));
+        tokio::spawn(watch(
+            scheduler,
+            waiting,
+            job_id,
+            first,
+            request.previews,
+            changes,
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -1000,6 +1057,7 @@ mod tests {
             Waiting::default,
             job.clone(),
             first,
+            false,
             s.subscribe(),
             tx,
         ));
@@ -1035,6 +1093,56 @@ mod tests {
         assert_eq!(events.last().unwrap().state, pb::JobState::Succeeded as i32);
     }
 
+    /// A watch that asks for previews gets each running task's preview once, as it comes (an event with
+    /// none while none is new); one that does not ask gets none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_with_previews_sends_each_new_preview_once() {
+        let s =
+            Arc::new(Scheduler::new(Default::default(), Arc::new(MemoryStore::default())).unwrap());
+        let (job, _) = s.submit(batch(), "").unwrap();
+        let w = WorkerId::from("w");
+        let lease = s.lease(&w).unwrap().unwrap().lease_id;
+        let watch_with = |previews| {
+            let (tx, rx) = mpsc::channel(16);
+            let first = s.get(&job).unwrap();
+            let s = s.clone();
+            let job = job.clone();
+            tokio::spawn(async move {
+                let changes = s.subscribe();
+                watch(s, Waiting::default, job, first, previews, changes, tx).await
+            });
+            rx
+        };
+        let (mut with, mut without) = (watch_with(true), watch_with(false));
+        let png = |n: u8| bytes::Bytes::from([b"\x89PNG\r\n\x1a\n".as_slice(), &[n]].concat());
+        let beat = |preview: Option<bytes::Bytes>| {
+            s.heartbeat(&lease, &w, None, preview).unwrap();
+        };
+        // every event of a watch: (previews' last bytes) each, once the changes of a moment are sent
+        let drain = |rx: &mut mpsc::Receiver<Result<pb::JobEvent, Status>>| {
+            let mut events = Vec::new();
+            while let Ok(e) = rx.try_recv() {
+                let e = e.unwrap();
+                assert!(e.previews.iter().all(|p| p.task_index == 0 && p.at_ms > 0));
+                events.push(e.previews.iter().map(|p| *p.png.last().unwrap()).collect());
+            }
+            events
+        };
+        let settle = || tokio::time::sleep(WATCH_EVERY * 3);
+        settle().await;
+        beat(Some(png(1)));
+        settle().await;
+        beat(None);
+        settle().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        beat(Some(png(2)));
+        settle().await;
+        let events: Vec<Vec<u8>> = drain(&mut with);
+        assert_eq!(events.concat(), [1, 2], "{events:?}");
+        assert!(events.len() >= 4, "{events:?}");
+        assert!(drain(&mut without).iter().all(Vec::is_empty));
+    }
+
     /// A job that does not change is sent again when why it waits does (a worker came), within
     /// WAITING_EVERY, and not otherwise; a client that left ends the watch.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1052,7 +1160,15 @@ mod tests {
         };
         let (tx, mut rx) = mpsc::channel(16);
         let first = s.get(&job).unwrap();
-        let watching = tokio::spawn(watch(s.clone(), waiting, job, first, s.subscribe(), tx));
+        let watching = tokio::spawn(watch(
+            s.clone(),
+            waiting,
+            job,
+            first,
+            false,
+            s.subscribe(),
+            tx,
+        ));
         let next = |rx: &mut mpsc::Receiver<_>| {
             let event = rx
                 .try_recv()
