@@ -14,8 +14,8 @@ use stylefarm_coordinator::blobs::S3Server;
 use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    is, job, path, shared_image, stylefarm, submit, wait_for, wait_iteration, wait_job,
-    wait_registered, wait_state, Cluster,
+    is, job, path, shared_image, stylefarm, submit, tubingen_x_starry, wait_for, wait_iteration,
+    wait_job, wait_registered, wait_state, Cluster,
 };
 use tonic::Code;
 
@@ -401,19 +401,7 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
         ],
     );
     wait_registered(&cluster, 1).await;
-    let id = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--size",
-            "48",
-            "--iterations",
-            "5",
-        ],
-    );
+    let id = submit(&cluster, &tubingen_x_starry(48, 5));
     let coordinator = cluster.coordinator.as_ref().unwrap();
     wait_for("the stall", Duration::from_secs(30), || async {
         coordinator

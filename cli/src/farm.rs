@@ -641,7 +641,7 @@ async fn watch_job(
     while let Some(event) = stream.next().await {
         let (status, previews) = event?;
         if let Some(dir) = preview_dir {
-            write_previews(dir, &previews)?;
+            write_previews(dir, &previews);
         }
         // why it waits (no worker may take it), once each time that changes
         if status.waiting != waiting {
@@ -776,16 +776,21 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 }
 
 /// Writes each preview to `dir` as `task-<index>.png` (the task's latest replaces the one before; written
-/// aside and renamed, so that a viewer never reads half a file).
-fn write_previews(dir: &Path, previews: &[pb::TaskPreview]) -> anyhow::Result<()> {
+/// to a temporary file of its own there and renamed, so that a viewer, or another watch writing there,
+/// never reads half a file). A preview that cannot be written is left out with a warning: the watch goes
+/// on.
+fn write_previews(dir: &Path, previews: &[pb::TaskPreview]) {
     for preview in previews {
         let path = dir.join(format!("task-{}.png", preview.task_index));
-        let aside = dir.join(format!(".task-{}.png.part", preview.task_index));
-        std::fs::write(&aside, &preview.png)
-            .and_then(|()| std::fs::rename(&aside, &path))
-            .with_context(|| format!("preview_dir: writing {}", path.display()))?;
+        let written = tempfile::NamedTempFile::new_in(dir).and_then(|mut file| {
+            std::io::Write::write_all(&mut file, &preview.png)?;
+            file.persist(&path).map_err(|e| e.error)?;
+            Ok(())
+        });
+        if let Err(e) = written {
+            eprintln!("warning: preview_dir: writing {}: {e}", path.display());
+        }
     }
-    Ok(())
 }
 
 pub(crate) fn watch(args: WatchArgs) -> anyhow::Result<()> {

@@ -1433,9 +1433,17 @@ impl Scheduler {
         } else if let Some(reason) = kept_going_failure(job).filter(|_| !all_tasks_done) {
             self.finish_job(state, &lease.job_id, JobState::Failed, &reason, &mut ops)?;
         }
+        // a job at its limit of workers has a place again: an idle worker may take its next task now
+        let limited = state
+            .jobs
+            .get(&lease.job_id)
+            .is_some_and(|j| j.meta.spec.max_workers > 0 && !j.meta.state.is_terminal());
         let durable = self.store.write(ops);
         drop(st);
         store::wait(durable)?;
+        if limited {
+            self.work.notify_waiters();
+        }
         self.changed(&lease.job_id);
         Ok(Some(Completed {
             job_id: lease.job_id,

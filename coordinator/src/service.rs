@@ -233,36 +233,35 @@ fn checked_preview(png: Vec<u8>, lease_id: &LeaseId) -> Option<bytes::Bytes> {
 }
 
 /// The most bytes of previews one WatchJob event carries (the rest come with the next): eight of the
-/// largest, well under the 4-MiB message limit with the job's status.
+/// largest, fewer when the job's status leaves less of the 4-MiB message limit.
 const PREVIEW_EVENT_BYTES: usize = 8 * crate::scheduler::MAX_PREVIEW_BYTES;
 
-/// The previews of `view`'s running tasks that came after those `sent` (task index -> when the one sent
-/// came), at most [`PREVIEW_EVENT_BYTES`] of them; `sent` updated.
+/// The previews of `view`'s running tasks that are not those `sent` (task index -> when the one sent came),
+/// at most `budget` bytes of them, the tasks not sent the longest first; `sent` updated.
 fn new_previews(
     scheduler: &Scheduler,
     view: &JobView,
     sent: &mut HashMap<u32, i64>,
+    budget: usize,
 ) -> Vec<pb::TaskPreview> {
-    let mut bytes = 0;
-    let mut previews = Vec::new();
-    for (task, _) in view
+    let mut due: Vec<(u32, crate::scheduler::Preview)> = view
         .tasks
         .iter()
         .filter(|(t, _)| t.state == TaskState::Running)
-    {
-        let Some(preview) = scheduler.preview(&view.meta.id, task.index) else {
+        .filter_map(|(t, _)| Some((t.index, scheduler.preview(&view.meta.id, t.index)?)))
+        .filter(|(index, p)| sent.get(index) != Some(&p.at_ms))
+        .collect();
+    due.sort_by_key(|(index, _)| sent.get(index).copied().unwrap_or(i64::MIN));
+    let mut bytes = 0;
+    let mut previews = Vec::new();
+    for (index, preview) in due {
+        if bytes + preview.png.len() > budget {
             continue;
-        };
-        if sent.get(&task.index).is_some_and(|at| *at >= preview.at_ms) {
-            continue;
-        }
-        if bytes + preview.png.len() > PREVIEW_EVENT_BYTES {
-            break;
         }
         bytes += preview.png.len();
-        sent.insert(task.index, preview.at_ms);
+        sent.insert(index, preview.at_ms);
         previews.push(pb::TaskPreview {
-            task_index: task.index,
+            task_index: index,
             png: preview.png.to_vec(),
             at_ms: preview.at_ms,
         });
@@ -293,7 +292,11 @@ async fn watch(
             let done = view.meta.state.is_terminal();
             let status = job_status(&view, reason.clone());
             let previews = if previews {
-                new_previews(&scheduler, &view, &mut previews_sent)
+                // room left in the message beside the status (a large batch's is large)
+                let status_bytes = prost::Message::encoded_len(&status);
+                let budget = PREVIEW_EVENT_BYTES
+                    .min(MAX_MESSAGE_BYTES.saturating_sub(status_bytes + (64 << 10)));
+                new_previews(&scheduler, &view, &mut previews_sent, budget)
             } else {
                 Vec::new()
             };
@@ -525,7 +528,8 @@ impl RenderService for RenderApi {
         let scheduler = self.coordinator.scheduler.clone();
         let changes = scheduler.subscribe();
         let first = own_job(&self.coordinator, &tenant, &job_id)?;
-        let (tx, rx) = mpsc::channel(16);
+        // events held for a slow client: fewer when each may carry 2 MiB of previews
+        let (tx, rx) = mpsc::channel(if request.previews { 4 } else { 16 });
         let coordinator = self.coordinator.clone();
         let waiting = move || coordinator.waiting();
         tokio::spawn(watch(

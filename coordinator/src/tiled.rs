@@ -295,10 +295,13 @@ impl Coordinator {
     }
 
     /// The device memory of each worker that may take the tasks of the job of `meta` now: live, with the
-    /// tags it asks for, not blocklisted by it; one per worker name. What its scales are planned for.
+    /// tags it asks for, not blocklisted by it; one per worker name, as many as the job may run on at once
+    /// ([`for_max_workers`]). What its scales are planned for.
     pub(crate) fn planning_memory(&self, meta: &JobMeta) -> Vec<u64> {
-        self.workers
-            .live_memory(|id, tags| meta.spec.runs_on(tags) && !self.scheduler.blocklists(meta, id))
+        let memory = self.workers.live_memory(|id, tags| {
+            meta.spec.runs_on(tags) && !self.scheduler.blocklists(meta, id)
+        });
+        for_max_workers(memory, meta.spec.max_workers)
     }
 
     /// Plans again each exact-mode scale in progress that has had more shards than workers left to take
@@ -487,5 +490,33 @@ impl Coordinator {
             .scheduler
             .replan(&meta.id, scale, shards, tasks, &reason)?
             .then_some(count))
+    }
+}
+
+/// The workers' `memory` a job with `max_workers` (0: no limit) is planned for: at most that many, so that
+/// its tiles are not cut smaller for workers it will not run on at once; the smallest known memory among
+/// them kept, as any of them may take a tile (unknown memory, 0, last).
+fn for_max_workers(mut memory: Vec<u64>, max_workers: u32) -> Vec<u64> {
+    let limit = max_workers as usize;
+    if limit > 0 && memory.len() > limit {
+        memory.sort_unstable_by_key(|&m| (m == 0, m));
+        memory.truncate(limit);
+    }
+    memory
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_max_workers;
+
+    #[test]
+    fn a_job_with_max_workers_is_planned_for_that_many_keeping_the_smallest_device() {
+        const GIB: u64 = 1 << 30;
+        let farm = vec![80 * GIB, 0, 24 * GIB, 40 * GIB];
+        assert_eq!(for_max_workers(farm.clone(), 0), farm);
+        assert_eq!(for_max_workers(farm.clone(), 4), farm);
+        assert_eq!(for_max_workers(farm.clone(), 2), [24 * GIB, 40 * GIB]);
+        assert_eq!(for_max_workers(farm, 1), [24 * GIB]);
+        assert_eq!(for_max_workers(vec![0, 0], 1), [0]);
     }
 }
