@@ -16,7 +16,8 @@
 #     ratio;
 #   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES), the first
 #     of them again with --cudnn-benchmark false, and again with the worker held to --device-memory $CAP
-#     (16GiB: the cap that lets workers share a GPU), before the larger tiles.
+#     (16GiB: the cap that lets workers share a GPU), then the planned job on two workers sharing the GPU
+#     (half of its memory each), before the larger tiles.
 #
 #   bash bench/gpu.sh                       # on the GPU machine, from the repository root
 #   PARTS=tiled bash bench/gpu.sh           # only the tiled job (PARTS: engine, tiled, memory)
@@ -144,7 +145,7 @@ farm_job() {
         smi=$!
     fi
     t0=$(date +%s.%N)
-    STYLEFARM_LOG=info timeout --foreground "$tiled_timeout" "$sf" local --workers 1 \
+    STYLEFARM_LOG=info timeout --foreground "$tiled_timeout" "$sf" local --workers "${farm_workers:-1}" \
         --content "$content" --style "$style" \
         -o "$out/$name.png" "$@" > "$out/$name.out" 2> "$out/$name.err"
     rc=$?
@@ -237,6 +238,13 @@ if [[ $parts == *" memory "* ]]; then
         tiles "tiles-$first-nobench" "$first" --cudnn-benchmark false
         tiles "tiles-$first-held-$cap" "$first" --device-memory "$cap"
     fi
+    # two workers sharing the GPU, each held to its half (--device-memory): a scale whose render fits a
+    # half stays whole, a larger one is cut into tiles for both, whose kernels then run while the other
+    # worker's host side prepares its next (the GPU utilization per scale against the one-worker job's)
+    total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+    half=$(( ${total_mib:-32768} / 2048 ))GiB
+    farm_workers=2 farm_job "tiled-$tiled_size-2workers-$half" --tiled --size "$tiled_size" \
+        --iterations "${MEMORY_ITERATIONS:-20}" --device-memory "$half"
     for t in "${tile_sizes[@]:1}"; do
         tiles "tiles-$t" "$t"
     done
