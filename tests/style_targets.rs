@@ -39,6 +39,32 @@ fn blocked_style_grams_match_the_one_pass_grams() {
     }
 }
 
+/// Blocked style targets look at the render's cancel block by block (a large tile's take minutes on a
+/// CPU): with the cancel set they stop with Error::Cancelled; with it clear, or without one, they are the
+/// same Gram matrices.
+#[test]
+fn blocked_targets_stop_at_a_cancel() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use stylefarm_engine::cancel::with_cancel;
+    stylefarm_tests::one_libtorch_thread();
+    let engine = Engine::load(&weights(), Device::Cpu).unwrap();
+    let style = imaging::load(&shared_image("starry_night.jpg")).unwrap();
+    let params = RenderParams::default();
+    let grams = || engine.style_grams(std::slice::from_ref(&style), 300, &params, Some(128));
+    let flag = Arc::new(AtomicBool::new(false));
+    let clear = with_cancel(flag.clone(), grams).unwrap();
+    let without = grams().unwrap();
+    assert!(clear.grams()[0].equal(&without.grams()[0]));
+    flag.store(true, Ordering::Relaxed);
+    let cancelled = with_cancel(flag, grams);
+    assert!(
+        matches!(cancelled, Err(stylefarm_engine::Error::Cancelled)),
+        "{:?}",
+        cancelled.err()
+    );
+}
+
 /// The objective and gradient of a whole image evaluated block by block (the exact tiled mode) against the
 /// one-pass evaluation, at an image that is neither a multiple of the block nor of 16 px. Measured here,
 /// relative differences: blocks of 256 px (4 blocks, 32 px of halo) 3e-5 in the content loss and the

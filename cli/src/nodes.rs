@@ -36,8 +36,8 @@ pub(crate) struct WorkerArgs {
     /// Seconds the engine may take to stop a render once its task is cancelled (by a client, or by the
     /// coordinator for a lease it took back: --task-stall-secs) before the worker leaves with an error, for
     /// its supervisor to start it again: an engine that ignores a cancel hangs, and would render nothing
-    /// more. More than the longest a render goes without looking at its cancel: an iteration, or a phase of
-    /// its targets (many minutes for a large tile on a CPU; seconds on a GPU).
+    /// more. More than the longest a render goes without looking at its cancel: an iteration, or a block
+    /// of its targets (a minute or so for a large tile on a CPU; far less on a GPU).
     #[arg(long, env = "STYLEFARM_CANCEL_GRACE_SECS",
           default_value_t = stylefarm_worker::DEFAULT_CANCEL_GRACE.as_secs_f64())]
     cancel_grace_secs: f64,

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod cancel;
 mod engine;
 pub mod flow;
 pub mod loss;

@@ -342,8 +342,11 @@ impl Resident {
             longest: Some(imaging::PREVIEW_SIDE),
             save: &mut save,
         });
-        self.engine
-            .render_with(&req.job, &mut style_for, &mut on_progress, snapshots)
+        // the targets of a large canvas look at the cancel block by block, not only between phases
+        stylefarm_engine::cancel::with_cancel(req.cancel.clone(), || {
+            self.engine
+                .render_with(&req.job, &mut style_for, &mut on_progress, snapshots)
+        })
     }
 }
 

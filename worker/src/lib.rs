@@ -55,11 +55,11 @@ pub enum Error {
 }
 
 /// [`WorkerConfig::cancel_grace`] unless configured: longer than the longest a render goes without looking
-/// at its cancel, which it does at each evaluation and between its targets' phases: on a CPU, a large
-/// tile's targets can take many minutes (the first 1-iteration tile of an 8192-px canvas spent 22 in the
-/// engine, nearly all of it on its targets, on this project's 2-core machine: BENCHMARKS.md; slower on a
-/// worker given a share of the cores). GPU workers can take far less.
-pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(3600);
+/// at its cancel, which it does at each evaluation and at each block of a large canvas' targets
+/// ([`stylefarm_engine::cancel`]): one iteration, or one block's forward pass, of a large tile on a CPU
+/// (a 512-px iteration takes 1.9 s on this project's 2-core machine; a 2048-px tile's about 16 times
+/// that).
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(600);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]

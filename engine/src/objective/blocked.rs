@@ -126,6 +126,7 @@ pub(crate) fn gram_sums(
     tch::no_grad(|| {
         let mut sums: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
         for b in blocks {
+            crate::cancel::check()?;
             let features = engine.vgg().features(&region(b), params.pooling, layers)?;
             for (k, (layer, f)) in layers.iter().zip(features).enumerate() {
                 if let Some(part) = b.own_features(&f, *layer, width, height) {
@@ -337,6 +338,7 @@ impl BlockedTargets {
             blocks
                 .iter()
                 .map(|b| {
+                    crate::cancel::check()?;
                     let features = engine.vgg().features(
                         &b.cut(content, part.row0),
                         params.pooling,
