@@ -90,10 +90,7 @@ impl DeviceMemoryArg {
         let Some(bytes) = self.device_memory else {
             return Ok(None);
         };
-        let on_gpu = matches!(device, "auto" | "cuda" | "gpu")
-            || device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok());
+        let on_gpu = device == "auto" || stylefarm_engine::named_cuda_index(device).is_some();
         if !on_gpu || workers == 0 || workers > MAX_LOCAL_WORKERS {
             // the CPU; or a device name, or a number of workers, that the command refuses, naming it
             return Ok(None);
@@ -117,9 +114,8 @@ impl DeviceMemoryArg {
             return Ok(None);
         }
         let engines: Vec<usize> = (0..workers)
-            .filter_map(|i| match local_device(device, i, totals.len()).as_str() {
-                "cuda" | "gpu" => Some(0),
-                named => named.strip_prefix("cuda:")?.parse().ok(),
+            .filter_map(|i| {
+                stylefarm_engine::named_cuda_index(&local_device(device, i, totals.len()))
             })
             .collect();
         let limit = stylefarm_worker::cuda_memory_limit(bytes, &engines, &totals, |name| {

@@ -2655,6 +2655,19 @@ impl Scheduler {
         st.leases.get(lease)?.preview.clone()
     }
 
+    /// The latest preview of each running task of job `job_id` that has one, by task index: [`Self::preview`]
+    /// of them all, under one lock.
+    pub fn previews(&self, job_id: &JobId) -> Vec<(u32, Preview)> {
+        let st = self.state.lock().unwrap();
+        let Some(job) = st.jobs.get(job_id) else {
+            return Vec::new();
+        };
+        job.leases
+            .iter()
+            .filter_map(|(&index, lease)| Some((index, st.leases.get(lease)?.preview.clone()?)))
+            .collect()
+    }
+
     /// What the scheduler counts as it happens, for the metrics.
     pub fn metrics(&self) -> &SchedulerMetrics {
         &self.metrics

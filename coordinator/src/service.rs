@@ -236,19 +236,17 @@ fn checked_preview(png: Vec<u8>, lease_id: &LeaseId) -> Option<bytes::Bytes> {
 /// largest, fewer when the job's status leaves less of the 4-MiB message limit.
 const PREVIEW_EVENT_BYTES: usize = 8 * crate::scheduler::MAX_PREVIEW_BYTES;
 
-/// The previews of `view`'s running tasks that are not those `sent` (task index -> when the one sent came),
-/// at most `budget` bytes of them, the tasks not sent the longest first; `sent` updated.
+/// The previews of job `job_id`'s running tasks that are not those `sent` (task index -> when the one sent
+/// came), at most `budget` bytes of them, the tasks not sent the longest first; `sent` updated.
 fn new_previews(
     scheduler: &Scheduler,
-    view: &JobView,
+    job_id: &JobId,
     sent: &mut HashMap<u32, i64>,
     budget: usize,
 ) -> Vec<pb::TaskPreview> {
-    let mut due: Vec<(u32, crate::scheduler::Preview)> = view
-        .tasks
-        .iter()
-        .filter(|(t, _)| t.state == TaskState::Running)
-        .filter_map(|(t, _)| Some((t.index, scheduler.preview(&view.meta.id, t.index)?)))
+    let mut due: Vec<(u32, crate::scheduler::Preview)> = scheduler
+        .previews(job_id)
+        .into_iter()
         .filter(|(index, p)| sent.get(index) != Some(&p.at_ms))
         .collect();
     due.sort_by_key(|(index, _)| sent.get(index).copied().unwrap_or(i64::MIN));
@@ -296,7 +294,7 @@ async fn watch(
                 let status_bytes = prost::Message::encoded_len(&status);
                 let budget = PREVIEW_EVENT_BYTES
                     .min(MAX_MESSAGE_BYTES.saturating_sub(status_bytes + (64 << 10)));
-                new_previews(&scheduler, &view, &mut previews_sent, budget)
+                new_previews(&scheduler, &job_id, &mut previews_sent, budget)
             } else {
                 Vec::new()
             };

@@ -70,24 +70,28 @@ impl Error {
     }
 }
 
+/// The CUDA device a device name asks for, read without libtorch (so before CUDA starts): `cuda` and `gpu`
+/// are `cuda:0`, `cuda:N` is N; `None` for any other name (`cpu`, `auto`, a wrong one).
+pub fn named_cuda_index(s: &str) -> Option<usize> {
+    match s {
+        "cuda" | "gpu" => Some(0),
+        other => other.strip_prefix("cuda:")?.parse().ok(),
+    }
+}
+
 /// Parses `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU when libtorch sees one, else the CPU), and checks
 /// that the device exists.
 pub fn parse_device(s: &str) -> Result<Device, Error> {
-    let cuda_count = || tch::Cuda::device_count() as usize;
     let device = match s {
         "cpu" => return Ok(Device::Cpu),
         "auto" => return Ok(Device::cuda_if_available()),
-        "cuda" | "gpu" => 0,
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => {
-                return Err(Error::Device(format!(
-                    "unknown device '{s}' (expected cpu, cuda, cuda:N or auto)"
-                )))
-            }
-        },
+        other => named_cuda_index(other).ok_or_else(|| {
+            Error::Device(format!(
+                "unknown device '{s}' (expected cpu, cuda, cuda:N or auto)"
+            ))
+        })?,
     };
-    let count = cuda_count();
+    let count = tch::Cuda::device_count() as usize;
     if device >= count {
         return Err(Error::Device(format!(
             "{s} requested but libtorch sees {count} CUDA device(s) (CPU build of libtorch, or no GPU)"
@@ -107,6 +111,10 @@ mod tests {
             assert!(super::parse_device("cuda:0").is_err());
             assert_eq!(super::parse_device("auto").unwrap(), tch::Device::Cpu);
         }
+        let named: Vec<_> = ["cuda", "gpu", "cuda:3", "cpu", "auto", "cuda:x", "cuda:"]
+            .map(super::named_cuda_index)
+            .into();
+        assert_eq!(named, [Some(0), Some(0), Some(3), None, None, None, None]);
     }
 
     #[test]
