@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """ALGORITHM.md's objective, written again with numpy alone (float64), for the cross-check test.
 
-    objective_numpy.py WEIGHTS.safetensors CONTENT.png STYLE.png X.png CONTENT_W STYLE_W TV_W
+    objective_numpy.py WEIGHTS.safetensors CONTENT.png STYLE.png X.png CONTENT_W STYLE_W TV_W [LAYER_W,...]
 
 All images must already be at the working size (no resampling here). Prints one JSON object with the weighted
 terms at image X: content_loss, style_loss, tv_loss, total_loss. Max pooling, content layer relu4_2, style
-layers relu1_1 .. relu5_1, Caffe preprocessing. Shares no code with the engine.
+layers relu1_1 .. relu5_1 with their layer weights LAYER_W (default 1 each), Caffe preprocessing. Shares no
+code with the engine.
 """
 import json
 import struct
@@ -80,13 +81,16 @@ def preprocess(path):
 def main(argv):
     weights_path, content, style, x_path = argv[1:5]
     cw, sw, tvw = map(float, argv[5:8])
+    layer_w = [float(w) for w in argv[8].split(",")] if len(argv) > 8 else [1.0] * len(STYLE)
+    if len(layer_w) != len(STYLE):
+        raise SystemExit(f"{len(layer_w)} layer weights for {len(STYLE)} style layers")
     weights = read_safetensors(weights_path)
     p = features(weights, preprocess(content), CONTENT)
     a = {k: gram(v) for k, v in features(weights, preprocess(style), STYLE).items()}
     x = preprocess(x_path)
     f = features(weights, x, CONTENT + STYLE)
     content_loss = sum(cw * np.mean((f[n] - p[n]) ** 2) for n in CONTENT)
-    style_loss = sum(sw * np.mean((gram(f[n]) - a[n]) ** 2) for n in STYLE)
+    style_loss = sum(sw * w * np.mean((gram(f[n]) - a[n]) ** 2) for n, w in zip(STYLE, layer_w))
     tv = tvw * 0.5 * (np.sum((x[:, :, 1:] - x[:, :, :-1]) ** 2) + np.sum((x[:, 1:, :] - x[:, :-1, :]) ** 2))
     print(json.dumps({"content_loss": content_loss, "style_loss": style_loss, "tv_loss": tv,
                       "total_loss": content_loss + style_loss + tv}))

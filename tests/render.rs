@@ -364,6 +364,11 @@ fn bad_input_gets_a_clear_one_line_error() {
         (vec!["--save-every", "0"], "save_every"),
         (vec!["--size", "0"], "size"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),
+        (vec!["--style-layer-weights", "1,2"], "style_layer_weights"),
+        (
+            vec!["--style-layer-weights", "1,-2,1,1,1"],
+            "style_layer_weights",
+        ),
         (vec!["--init", &missing], "missing.jpg"),
         (vec!["--style-layers", "relu9_9"], "relu9_9"),
         (vec!["--device", "tpu"], "device"),
@@ -485,7 +490,8 @@ fn device_memory_on_a_gpu_the_driver_cannot_read_is_refused_at_once() {
 }
 
 /// Iteration 0 of `stylefarm render` against tests/objective_numpy.py, ALGORITHM.md's objective written
-/// again in numpy (float64), on images already at the working size: within 1e-3 relative.
+/// again in numpy (float64), on images already at the working size: within 1e-3 relative, with the default
+/// style layer weights and with uneven ones.
 #[test]
 fn iteration_zero_matches_an_independent_numpy_objective() {
     let repo = stylefarm_tests::repo();
@@ -508,52 +514,62 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
     let style = prepare("starry_night.jpg", 128, 80);
     let init = prepare("shipwreck.jpg", 128, 96);
     let out = dir.path().join("out.png");
-    let args: Vec<&str> = vec![
-        "render",
-        "--content",
-        content.to_str().unwrap(),
-        "--style",
-        style.to_str().unwrap(),
-        "--init",
-        init.to_str().unwrap(),
-        "--size",
-        "128",
-        "--iterations",
-        "1",
-        "--optimizer",
-        "adam",
-        "--tv-weight",
-        "0.01",
-        "--output",
-        out.to_str().unwrap(),
-        "--progress",
-        "json",
-    ];
-    let result = stylefarm(&args);
-    assert!(result.status.success(), "{}", stderr(&result));
-    let ours: Value = serde_json::from_str(
-        String::from_utf8(result.stdout)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap(),
-    )
-    .unwrap();
     let weights = repo.join(".stylefarm/vgg19.safetensors");
-    let numpy = Command::new(&python)
-        .arg(repo.join("tests/objective_numpy.py"))
-        .args([&weights, &content, &style, &init])
-        .args(["5", "100", "0.01"])
-        .output()
-        .unwrap();
-    assert!(numpy.status.success(), "{}", stderr(&numpy));
-    let theirs: Value = serde_json::from_slice(&numpy.stdout).unwrap();
-    for key in ["content_loss", "style_loss", "tv_loss", "total_loss"] {
-        let (a, b) = (f(&ours, key), f(&theirs, key));
-        assert!(
-            b > 0.0 && (a - b).abs() <= 1e-3 * b,
-            "{key}: stylefarm {a} vs numpy {b}"
+    // ALGORITHM.md's layer weights: 1 each, then uneven ones (a zero among them)
+    for layer_weights in [None, Some("3,0.5,2,0,1.5")] {
+        let mut args: Vec<&str> = vec![
+            "render",
+            "--content",
+            content.to_str().unwrap(),
+            "--style",
+            style.to_str().unwrap(),
+            "--init",
+            init.to_str().unwrap(),
+            "--size",
+            "128",
+            "--iterations",
+            "1",
+            "--optimizer",
+            "adam",
+            "--tv-weight",
+            "0.01",
+            "--output",
+            out.to_str().unwrap(),
+            "--progress",
+            "json",
+        ];
+        args.extend(
+            layer_weights
+                .map(|w| ["--style-layer-weights", w])
+                .iter()
+                .flatten(),
         );
+        let result = stylefarm(&args);
+        assert!(result.status.success(), "{}", stderr(&result));
+        let ours: Value = serde_json::from_str(
+            String::from_utf8(result.stdout)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        let numpy = Command::new(&python)
+            .arg(repo.join("tests/objective_numpy.py"))
+            .args([&weights, &content, &style, &init])
+            .args(["5", "100", "0.01"])
+            .args(layer_weights)
+            .output()
+            .unwrap();
+        assert!(numpy.status.success(), "{}", stderr(&numpy));
+        let theirs: Value = serde_json::from_slice(&numpy.stdout).unwrap();
+        for key in ["content_loss", "style_loss", "tv_loss", "total_loss"] {
+            let (a, b) = (f(&ours, key), f(&theirs, key));
+            assert!(
+                b > 0.0 && (a - b).abs() <= 1e-3 * b,
+                "{key} (layer weights {layer_weights:?}): stylefarm {a} vs numpy {b}"
+            );
+        }
     }
 }
 

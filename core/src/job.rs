@@ -1241,11 +1241,26 @@ mod tests {
             [crate::Layer::new(1, 1), crate::Layer::new(2, 1)]
         );
         assert_eq!((p.pooling, p.luminance_only), (crate::Pooling::Avg, false));
+        // per-layer style weights, crowsonkb/style-transfer-pytorch's against ALGORITHM.md's
+        let s = spec(JobKind::Sweep(
+            parse_sweep("style_layer_weights=1:1:1:1:1,256:64:16:4:1").unwrap(),
+        ));
+        let tasks = s.tasks().unwrap();
+        assert_eq!(tasks[1].label, "style_layer_weights=256:64:16:4:1");
+        assert_eq!(
+            tasks[1].params.style_layer_weights,
+            [256.0, 64.0, 16.0, 4.0, 1.0]
+        );
         // a bad value is refused at submission, naming the axis
         for (grid, names) in [
             ("pooling=max,min", "pooling"),
             ("style_layers=relu1_1:relu9_9", "relu9_9"),
             ("iterations=0", "iterations"),
+            // as many weights as style layers at every point
+            (
+                "style_layers=relu1_1:relu2_1,relu3_1;style_layer_weights=1:2",
+                "style_layer_weights",
+            ),
         ] {
             let error = spec(JobKind::Sweep(parse_sweep(grid).unwrap()))
                 .tasks()

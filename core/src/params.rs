@@ -273,6 +273,10 @@ macro_rules! render_options {
             content_layers: Vec<Layer> = DEFAULT_CONTENT_LAYERS.to_vec(), Range::Any, sweep: true;
             /// Style layers, comma-separated.
             style_layers: Vec<Layer> = DEFAULT_STYLE_LAYERS.to_vec(), Range::Any, sweep: true;
+            /// Weights of the style layers, one per style layer in its order, e.g. 256,64,16,4,1: a layer's
+            /// style loss is style_weight x its weight (ALGORITHM.md's layer_weight; not normalized; default 1
+            /// each).
+            style_layer_weights: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;
             /// VGG19's pooling: max or avg.
             pooling: Pooling = Pooling::Max, Range::Any, sweep: true;
             /// Where the image starts: content, noise, or an image file (on the farm: an uploaded image).
@@ -647,7 +651,33 @@ impl RenderParams {
                 "at least one layer is needed",
             ));
         }
+        if !self.style_layer_weights.is_empty() {
+            let (weights, layers) = (self.style_layer_weights.len(), self.style_layers.len());
+            if weights != layers {
+                return Err(Error::invalid(
+                    "style_layer_weights",
+                    format!("has {weights} weights for {layers} style layers"),
+                ));
+            }
+        }
+        // each finite, but a product past f64::MAX would make the style loss infinite
+        if self
+            .layer_weights()
+            .any(|w| !(self.style_weight * w).is_finite())
+        {
+            return Err(Error::invalid(
+                "style_layer_weights",
+                "style_weight x a layer's weight is more than the largest number; scale them down",
+            ));
+        }
         Ok(())
+    }
+
+    /// The weight of each style layer, in `style_layers` order: `style_layer_weights`, or 1 each when it is
+    /// empty (ALGORITHM.md's `layer_weight`). A layer's style loss is `style_weight` times its weight.
+    pub fn layer_weights(&self) -> impl Iterator<Item = f64> + '_ {
+        (0..self.style_layers.len())
+            .map(|i| self.style_layer_weights.get(i).copied().unwrap_or(1.0))
     }
 
     /// The deepest of `layers` (`relu1_1` when empty).
@@ -857,6 +887,18 @@ mod tests {
             (Box::new(|p| p.learning_rate = 0.0), "learning_rate"),
             (Box::new(|p| p.style_scale = -2.0), "style_scale"),
             (Box::new(|p| p.style_blend = vec![1.0, 2.0]), "style_blend"),
+            (
+                Box::new(|p| p.style_layer_weights = vec![1.0, 2.0]),
+                "style_layer_weights",
+            ),
+            (
+                Box::new(|p| p.style_layer_weights = vec![1.0, f64::NAN, 1.0, 1.0, 1.0]),
+                "style_layer_weights",
+            ),
+            (
+                Box::new(|p| (p.style_weight, p.style_layer_weights) = (1e300, vec![1e10; 5])),
+                "style_layer_weights",
+            ),
             (Box::new(|p| p.scales = 9), "scales"),
             (Box::new(|p| (p.size, p.scales) = (64, 4)), "scales"),
             (
@@ -896,6 +938,19 @@ mod tests {
         p.validate(3).unwrap();
         assert_eq!(p.blend_weights(3), vec![0.25, 0.25, 0.5]);
         assert_eq!(RenderParams::default().blend_weights(4), vec![0.25; 4]);
+    }
+
+    #[test]
+    fn layer_weights_are_one_each_unless_given() {
+        let p = RenderParams::default();
+        assert_eq!(p.layer_weights().collect::<Vec<_>>(), [1.0; 5]);
+        let p = RenderParams {
+            style_layers: vec![Layer::new(1, 1), Layer::new(3, 1)],
+            style_layer_weights: vec![256.0, 0.0],
+            ..Default::default()
+        };
+        p.validate(1).unwrap();
+        assert_eq!(p.layer_weights().collect::<Vec<_>>(), [256.0, 0.0]);
     }
 
     #[test]

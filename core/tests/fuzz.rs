@@ -770,6 +770,7 @@ enum Corruption {
     StyleBlend(Vec<f64>),
     ContentLayers(Vec<Layer>),
     StyleLayers(Vec<Layer>),
+    StyleLayerWeights(Vec<f64>),
 }
 
 fn corruption() -> BoxedStrategy<Corruption> {
@@ -813,6 +814,8 @@ fn corruption() -> BoxedStrategy<Corruption> {
         Just(Corruption::ContentLayers(Vec::new())),
         Just(Corruption::StyleLayers(Vec::new())),
         layers().prop_map(Corruption::StyleLayers),
+        prop::collection::vec(prop_oneof![weight(), bad_weight(), Just(f64::MAX)], 0..=6)
+            .prop_map(Corruption::StyleLayerWeights),
     ]
     .boxed()
 }
@@ -832,6 +835,7 @@ fn corrupt(p: &mut RenderParams, c: Corruption) {
         Corruption::StyleBlend(v) => p.style_blend = v,
         Corruption::ContentLayers(v) => p.content_layers = v,
         Corruption::StyleLayers(v) => p.style_layers = v,
+        Corruption::StyleLayerWeights(v) => p.style_layer_weights = v,
     }
 }
 
@@ -981,7 +985,7 @@ fn image_size() -> impl Strategy<Value = (u32, u32)> {
     ]
 }
 
-const PARAM_FIELDS: [&str; 14] = [
+const PARAM_FIELDS: [&str; 15] = [
     "size",
     "iterations",
     "scales",
@@ -996,6 +1000,7 @@ const PARAM_FIELDS: [&str; 14] = [
     "style_blend",
     "content_layers",
     "style_layers",
+    "style_layer_weights",
 ];
 
 /// What `validate` promises when it passes, written out independently.
@@ -1016,6 +1021,14 @@ fn check_valid(p: &RenderParams, styles: usize) -> Result<(), TestCaseError> {
     prop_assert!(p.style_scale > 0.0 && p.style_scale <= 8.0);
     prop_assert!(styles >= 1);
     prop_assert!(!p.content_layers.is_empty() && !p.style_layers.is_empty());
+    let layer_weights: Vec<f64> = p.layer_weights().collect();
+    prop_assert_eq!(layer_weights.len(), p.style_layers.len());
+    prop_assert!(
+        layer_weights
+            .iter()
+            .all(|w| *w >= 0.0 && (w * p.style_weight).is_finite()),
+        "{layer_weights:?}"
+    );
     // the derived values every renderer relies on
     let sizes = p.sizes_per_scale();
     prop_assert_eq!(sizes.len(), p.scales as usize);

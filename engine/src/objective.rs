@@ -306,11 +306,12 @@ impl Engine {
             .iter()
             .map(|(i, p)| content_loss(&features[*i], p, params.content_weight))
             .fold(zero(), |a, b| a + b);
-        // layer_weight is 1 for every style layer (ALGORITHM.md)
+        // in style_layers order, as their weights
         let style = targets
             .style
             .iter()
-            .map(|(i, a)| style_loss(&features[*i], a, params.style_weight))
+            .zip(params.layer_weights())
+            .map(|((i, a), w)| style_loss(&features[*i], a, params.style_weight * w))
             .fold(zero(), |a, b| a + b);
         let tv = if params.tv_weight > 0.0 {
             tv_loss(x, params.tv_weight)

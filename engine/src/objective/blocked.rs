@@ -464,16 +464,17 @@ impl Engine {
         let mut d_grams = Vec::with_capacity(sums.len());
         let mut norms = Vec::with_capacity(sums.len());
         let mut at = 0;
-        for ((&c, a), layer) in sizes.iter().zip(&targets.style).zip(&params.style_layers) {
+        let layers = sizes.iter().zip(&targets.style).zip(&params.style_layers);
+        for (((&c, a), layer), w) in layers.zip(params.layer_weights()) {
             let norm = c as f64 * positions(*layer, part.canvas);
             let g = flat.narrow(0, at, c * c).reshape([c, c]) / norm;
             at += c * c;
             // style_loss is weight * mean((G - A)^2) over the C x C entries
             let entries = g.numel() as f64;
             let diff = g - a;
-            style +=
-                params.style_weight * diff.square().sum(Kind::Double).double_value(&[]) / entries;
-            d_grams.push(diff * (2.0 * params.style_weight / entries));
+            let weight = params.style_weight * w;
+            style += weight * diff.square().sum(Kind::Double).double_value(&[]) / entries;
+            d_grams.push(diff * (2.0 * weight / entries));
             norms.push(norm);
         }
         // TV of the part's rows (three channels: cheap)
