@@ -536,6 +536,138 @@ async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
     );
 }
 
+/// Two passes chained as jcjohnson/neural-style's multi-resolution scripts chain runs: a coarse render,
+/// then a larger one with another style weight that starts from its result (`--init job:ID`), and a job
+/// after the second (`--after`). Each waits, saying so, until the one before has succeeded (not for a
+/// worker), and the second's spec then names the first's result as its init. A job after one that is
+/// cancelled fails, naming it; a new job after that one, or after a bad id, is refused naming `after`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_starts_from_the_result_of_the_job_it_is_after() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    let first = submit(&cluster, &tubingen_x_starry(32, 3));
+    let second = submit(
+        &cluster,
+        &[
+            tubingen_x_starry(64, 2),
+            vec![
+                "--init".into(),
+                format!("job:{first}"),
+                "--style-weight".into(),
+                "1000".into(),
+            ],
+        ]
+        .concat(),
+    );
+    let after_second = [
+        x_starry("chelsea.png", 32, 2),
+        vec!["--after".into(), second.clone()],
+    ]
+    .concat();
+    let third = submit(&cluster, &after_second);
+    let mut client = cluster.client().await;
+    assert_eq!(job(&mut client, &second).await.waiting_on, [first.as_str()]);
+    assert_eq!(job(&mut client, &third).await.waiting_on, [second.as_str()]);
+    let (ok, out, _) = cluster.cli(&["status", &second]);
+    assert!(
+        ok && out.contains(&format!("waiting: waiting for job {first} to succeed")),
+        "{out}"
+    );
+    cluster.add_worker("w1");
+    let done = wait_state(
+        &cluster,
+        &first,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let result = &done.tasks[0].result;
+    let second_done = wait_state(
+        &cluster,
+        &second,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let init = second_done.spec.unwrap().params.unwrap().init;
+    assert_eq!(init, Some(format!("image:{result}")));
+    assert!(second_done.waiting_on.is_empty());
+    wait_state(
+        &cluster,
+        &third,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let paused = submit(
+        &cluster,
+        &[tubingen_x_starry(32, 2), vec!["--paused".into()]].concat(),
+    );
+    let after_paused = [
+        x_starry("chelsea.png", 32, 2),
+        vec!["--after".into(), paused.clone()],
+    ]
+    .concat();
+    let orphan = submit(&cluster, &after_paused);
+    let (ok, _, err) = cluster.cli(&["cancel", &paused]);
+    assert!(ok, "{err}");
+    let failed = wait_state(
+        &cluster,
+        &orphan,
+        pb::JobState::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        failed.error,
+        format!("after: job {paused}, which it waits for, was cancelled")
+    );
+    let refused = |args: &[String]| {
+        let args: Vec<&str> = std::iter::once("submit")
+            .chain(args.iter().map(String::as_str))
+            .collect();
+        let (ok, _, err) = cluster.cli(&args);
+        assert!(!ok);
+        err
+    };
+    let err = refused(&after_paused);
+    assert!(
+        err.contains(&format!("after: job {paused} was cancelled")),
+        "{err}"
+    );
+    let err = refused(
+        &[
+            x_starry("chelsea.png", 32, 2),
+            vec!["--after".into(), "job 1".into()],
+        ]
+        .concat(),
+    );
+    assert!(err.contains("'job 1' is no job id"), "{err}");
+    // `local` starts an empty farm: nothing to wait for, refused before it starts
+    for (flag, value, field) in [
+        ("--after", "job-1", "after"),
+        ("--init", "job:job-1", "init"),
+    ] {
+        let out = stylefarm_tests::stylefarm()
+            .args(["local", "--content", &path("tubingen.jpg")])
+            .args([
+                "--style",
+                &path("starry_night.jpg"),
+                "-o",
+                "unused.png",
+                flag,
+                value,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("{field}: a local farm")),
+            "{err}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_the_running_worker_within_a_heartbeat() {
     let heartbeat = 0.3;

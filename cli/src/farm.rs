@@ -287,6 +287,11 @@ pub(crate) struct JobArgs {
     /// that a large job leaves workers to the others; default: no limit. Not with --exact.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_workers: Option<u32>,
+    /// Start only once this job has succeeded (repeat: once all of them have; OpenCue's and Deadline's job
+    /// dependencies); if one fails or is cancelled, this job fails, naming it. `--init job:ID` starts from
+    /// that job's result and waits for it too.
+    #[arg(long = "after", value_name = "JOB_ID", value_parser = job_id_arg)]
+    after: Vec<JobId>,
     /// Where results go: a file for a single render, else a directory.
     #[arg(long, short)]
     pub(crate) output: Option<PathBuf>,
@@ -574,10 +579,16 @@ impl JobArgs {
             worker_tags: self.worker_tags.clone(),
             keep_going: self.keep_going,
             max_workers: self.max_workers.unwrap_or(0),
+            after: self.after.clone(),
             request_id: self.request_id.clone(),
             paused: false,
         })
     }
+}
+
+/// A job id on the command line ([`JobId::checked`]).
+fn job_id_arg(text: &str) -> Result<JobId, String> {
+    JobId::checked("after", text).map_err(|e| e.to_string())
 }
 
 /// `paths` with each directory replaced by the images in it: the files whose extension names a format

@@ -293,6 +293,13 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
     if !job.worker_tags.is_empty() {
         bail!("worker_tags: the local workers have no tags (--worker-tag is for a farm's workers)");
     }
+    // its coordinator starts empty: no other job to wait for
+    if !job.after.is_empty() {
+        bail!("after: a local farm runs this job alone (--after is for a farm's submit)");
+    }
+    if let Some(id) = job.params.init.job() {
+        bail!("init: a local farm runs this job alone, with no job:{id} to start from (give an image file)");
+    }
     // the workers share this process, and libtorch's thread pool: split the cores between them
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)

@@ -175,6 +175,16 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             )
             .into())
         }
+        Init::Job(id) => {
+            return Err(stylefarm_core::Error::invalid(
+                "init",
+                format!(
+                    "job:{id} names a farm job's result (stylefarm submit --init job:ID); give a file's \
+                     path (./job:... for a file so named)"
+                ),
+            )
+            .into())
+        }
         _ => None,
     };
     if args.evaluate.is_none() {

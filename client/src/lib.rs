@@ -128,6 +128,8 @@ pub struct JobFiles {
     pub keep_going: bool,
     /// The most of the job's tasks that run at once ([`JobSpec::max_workers`]); 0: no limit.
     pub max_workers: u32,
+    /// Jobs that must succeed before this one starts ([`JobSpec::after`]).
+    pub after: Vec<JobId>,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
     /// Submitted paused ([`FarmClient::pause`]): nothing of it runs until it is resumed.
@@ -314,6 +316,7 @@ impl FarmClient {
             worker_tags: job.worker_tags.clone(),
             keep_going: job.keep_going,
             max_workers: job.max_workers,
+            after: job.after.clone(),
         };
         spec.check_new()?;
         for (path, hash) in &files {

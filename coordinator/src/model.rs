@@ -146,6 +146,11 @@ pub struct JobMeta {
     /// [`crate::scheduler::Scheduler::replan_smaller`]); `None`: as large as the workers' memory allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tile_size: Option<u32>,
+    /// The jobs it still waits for: those of its [`JobSpec::dependencies`] that have not succeeded yet. Its
+    /// tasks are not leased until none is left ([`crate::scheduler::Scheduler`] settles it as each ends).
+    /// A job that ends keeps them: run again, it waits for those that have not succeeded since.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_on: Vec<JobId>,
 }
 
 /// One task of a job.
@@ -359,6 +364,7 @@ mod tests {
             worker_tags: Vec::new(),
             keep_going: false,
             max_workers: 0,
+            after: Vec::new(),
         }
     }
 
@@ -414,6 +420,7 @@ mod tests {
             result: None,
             paused: true,
             max_tile_size: Some(768),
+            waiting_on: vec!["job-0".into()],
         };
         let bytes = serde_json::to_vec(&job).unwrap();
         assert_eq!(job_from_json(&bytes).unwrap(), job);

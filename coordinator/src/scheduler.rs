@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
+use stylefarm_core::Init;
 use tokio::sync::{broadcast, Notify};
 
 use crate::metrics::SchedulerMetrics;
@@ -489,6 +490,8 @@ struct State {
     /// The workers free now, asking for a task ([`Scheduler::idle`]), by name: their tags and how many of
     /// their calls wait. The shards of a scale start only on as many of them at once.
     idle: HashMap<WorkerId, (Vec<String>, usize)>,
+    /// Unfinished jobs that wait for others ([`JobMeta::waiting_on`]): those [`settle_dependents`] looks at.
+    waiting: BTreeSet<JobId>,
 }
 
 /// A job's per-worker records by worker name ([`WorkerId::by_name`]), as this version keeps them: records
@@ -581,6 +584,207 @@ fn still_ending(st: &State, job: &Job) -> Result<(), SchedulerError> {
     Err(SchedulerError::Precondition(format!(
         "job {id}: {why}; try again in a moment"
     )))
+}
+
+/// Ends a job: pending tasks are cancelled, running ones told to stop at their next heartbeat; the writes
+/// go to `ops`. Returns whether it ended now: a job that had ended keeps its state (and nothing is written:
+/// it may be being deleted, [`Scheduler::forget`]). The jobs waiting for it are left to
+/// [`settle_dependents`].
+fn end_job(
+    st: &mut State,
+    job_id: &JobId,
+    state: JobState,
+    error: &str,
+    ops: &mut Vec<Op>,
+) -> Result<bool, SchedulerError> {
+    let job = st
+        .jobs
+        .get_mut(job_id)
+        .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+    if job.meta.state.is_terminal() {
+        return Ok(false);
+    }
+    job_ended(&mut st.unfinished, &job.meta.tenant);
+    set_job_state(&mut st.tally, &mut job.meta, state);
+    job.meta.error = error.to_string();
+    job.meta.finished_ms = now_ms();
+    // it waits no more (its `waiting_on` is kept: a retry waits for those again)
+    st.waiting.remove(job_id);
+    for task in job
+        .tasks
+        .iter_mut()
+        .filter(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
+    {
+        set_task_state(&mut st.tally, task, TaskState::Cancelled);
+        ops.push(Op::Task(job_id.clone(), task.clone()));
+        st.queue.remove(&job.meta, task.index);
+    }
+    ops.push(Op::Job(job.meta.clone()));
+    for lease_id in job.leases.values() {
+        if let Some(lease) = st.leases.get_mut(lease_id) {
+            lease.cancel = true;
+        }
+    }
+    Ok(true)
+}
+
+/// The image a succeeded job hands to a job that starts from its result ([`Init::Job`]): a single job's
+/// render or a tiled job's stitched image; `None` for the other kinds, whose results are many (a batch, a
+/// sweep's variants, a video's frames).
+fn result_image(job: &Job) -> Option<&ImageHash> {
+    match job.meta.spec.kind {
+        JobKind::Single => job.tasks.first().and_then(|t| t.result.as_ref()),
+        JobKind::Tiled(_) => job.meta.result.as_ref(),
+        _ => None,
+    }
+}
+
+/// What a job of `tenant`, `spec`, waits for among `jobs` (a new job's [`JobSpec::dependencies`]; a job run
+/// again, those it waited for when it ended): those that have not succeeded yet, and the image of the job
+/// its init is the result of ([`Init::Job`]) when that one has. Refused, naming `after` (`init` for the
+/// init's job): a job the tenant does not have (or one being deleted), one that failed or was cancelled
+/// (to be run again first), and as init a job whose result is not one image ([`result_image`]).
+fn unmet_dependencies(
+    st: &State,
+    spec: &JobSpec,
+    jobs: Vec<JobId>,
+    tenant: &str,
+) -> Result<(Vec<JobId>, Option<ImageHash>), stylefarm_core::Error> {
+    let init_job = spec.params.init.job();
+    let (mut waiting, mut image) = (Vec::new(), None);
+    for id in jobs {
+        let is_init = init_job == Some(&id);
+        let field = dependency_field(spec, &id);
+        let invalid = |why: String| stylefarm_core::Error::invalid(field, why);
+        let job = st
+            .jobs
+            .get(&id)
+            .filter(|j| j.meta.tenant == tenant && !st.deleting.contains(&id))
+            .ok_or_else(|| invalid(format!("job {id} not found")))?;
+        if is_init && !matches!(job.meta.spec.kind, JobKind::Single | JobKind::Tiled(_)) {
+            return Err(invalid(format!(
+                "job {id} is a {} job: only a single or tiled job's result is one image to start from",
+                job.meta.spec.kind.name()
+            )));
+        }
+        match job.meta.state {
+            JobState::Succeeded if is_init => image = result_image(job).cloned(),
+            JobState::Succeeded => {}
+            JobState::Failed | JobState::Cancelled => {
+                return Err(invalid(format!(
+                    "job {id} {}; run it again first (stylefarm retry)",
+                    if job.meta.state == JobState::Failed {
+                        "failed"
+                    } else {
+                        "was cancelled"
+                    }
+                )))
+            }
+            JobState::Queued | JobState::Running => waiting.push(id),
+        }
+    }
+    Ok((waiting, image))
+}
+
+/// The option that makes a job of `spec` wait for job `id`, which errors about it name: `init` when it
+/// starts from that job's result ([`Init::Job`]), else `after`.
+fn dependency_field(spec: &JobSpec, id: &JobId) -> &'static str {
+    if spec.params.init.job() == Some(id) {
+        "init"
+    } else {
+        "after"
+    }
+}
+
+/// Sets `init` to `image` where it is the result of job `from` ([`Init::Job`]); whether it did.
+fn start_from(init: &mut Init, from: &JobId, image: &ImageHash) -> bool {
+    let of_it = init.job() == Some(from);
+    if of_it {
+        *init = Init::Image(image.clone());
+    }
+    of_it
+}
+
+/// What [`settle_dependents`] did.
+#[derive(Default)]
+struct Settled {
+    /// The jobs it changed.
+    changed: Vec<JobId>,
+    /// Whether a job waits for none any more: its tasks may be leased now.
+    released: bool,
+}
+
+/// Moves on the jobs waiting for `ended`, a job that just ended (or that is gone): once it succeeded each
+/// stops waiting for it, and one that starts from its result ([`Init::Job`]) gets that image, in its spec
+/// and in its tasks; when it failed, was cancelled or is gone, each fails, naming it, and so fails those
+/// waiting for it in turn. The writes go to `ops`.
+fn settle_dependents(st: &mut State, ended: &JobId, ops: &mut Vec<Op>) -> Settled {
+    let mut settled = Settled::default();
+    let mut ended_now = vec![ended.clone()];
+    while let Some(ended) = ended_now.pop() {
+        let waiting: Vec<JobId> = st
+            .waiting
+            .iter()
+            .filter(|id| {
+                st.jobs.get(*id).is_some_and(|j| {
+                    !j.meta.state.is_terminal() && j.meta.waiting_on.contains(&ended)
+                })
+            })
+            .cloned()
+            .collect();
+        if waiting.is_empty() {
+            continue;
+        }
+        let outcome = match st.jobs.get(&ended) {
+            Some(job) if job.meta.state == JobState::Succeeded => Ok(result_image(job).cloned()),
+            Some(job) if job.meta.state == JobState::Failed => Err(format!(
+                "job {ended}, which it waits for, failed: {}",
+                job.meta.error
+            )),
+            Some(job) if job.meta.state == JobState::Cancelled => {
+                Err(format!("job {ended}, which it waits for, was cancelled"))
+            }
+            Some(_) => continue,
+            None => Err(format!("job {ended}, which it waits for, is gone")),
+        };
+        for id in waiting {
+            let field = dependency_field(&st.jobs[&id].meta.spec, &ended);
+            let outcome = match &outcome {
+                // a succeeded job of another kind is refused as an init at submission; a result lost
+                // is said so, not left for the engine to refuse
+                Ok(None) if field == "init" => Err(format!("job {ended} has no result image")),
+                other => other.clone(),
+            };
+            match &outcome {
+                Ok(image) => {
+                    let job = st.jobs.get_mut(&id).expect("a waiting job is held");
+                    job.meta.waiting_on.retain(|j| *j != ended);
+                    if let Some(image) = image {
+                        if start_from(&mut job.meta.spec.params.init, &ended, image) {
+                            for task in &mut job.tasks {
+                                if start_from(&mut task.spec.params.init, &ended, image) {
+                                    ops.push(Op::Task(id.clone(), task.clone()));
+                                }
+                            }
+                        }
+                    }
+                    ops.push(Op::Job(job.meta.clone()));
+                    if job.meta.waiting_on.is_empty() {
+                        st.waiting.remove(&id);
+                        settled.released = true;
+                    }
+                }
+                Err(why) => {
+                    let error = format!("{field}: {why}");
+                    if end_job(st, &id, JobState::Failed, &error, ops).unwrap_or(false) {
+                        ended_now.push(id.clone());
+                    }
+                }
+            }
+            settled.changed.push(id);
+        }
+    }
+    settled
 }
 
 /// A job with stage work, unfinished, its stage done ([`TaskState::stage_done`]): the coordinator's step is
@@ -776,6 +980,10 @@ impl Waiting {
                 shards = shards.or(t.spec.shards());
             }
         }
+        if !meta.waiting_on.is_empty() && !meta.state.is_terminal() {
+            let jobs: Vec<&str> = meta.waiting_on.iter().map(JobId::as_str).collect();
+            return format!("waiting for job {} to succeed", jobs.join(", "));
+        }
         if meta.paused && queued && !meta.state.is_terminal() {
             return "paused: its queued tasks start once it is resumed".into();
         }
@@ -966,6 +1174,9 @@ impl Scheduler {
             if !meta.state.is_terminal() && tasks.iter().any(|t| t.spec.shards().is_some()) {
                 state.sharded.insert(meta.id.clone());
             }
+            if !meta.state.is_terminal() && !meta.waiting_on.is_empty() {
+                state.waiting.insert(meta.id.clone());
+            }
             state.jobs.insert(
                 meta.id.clone(),
                 Job {
@@ -974,6 +1185,27 @@ impl Scheduler {
                     leases: HashMap::new(),
                 },
             );
+        }
+        // a job that ended (or was deleted) before the writes settling those waiting for it were made: they
+        // are settled now
+        let ended: BTreeSet<JobId> = state
+            .waiting
+            .iter()
+            .flat_map(|id| &state.jobs[id].meta.waiting_on)
+            .filter(|dep| {
+                state
+                    .jobs
+                    .get(*dep)
+                    .is_none_or(|d| d.meta.state.is_terminal())
+            })
+            .cloned()
+            .collect();
+        let mut ops = Vec::new();
+        for dep in ended {
+            settle_dependents(&mut state, &dep, &mut ops);
+        }
+        if !ops.is_empty() {
+            store::wait(store.write(ops))?;
         }
         let (changes, _) = broadcast::channel(1024);
         Ok(Scheduler {
@@ -1022,7 +1254,7 @@ impl Scheduler {
         paused: bool,
     ) -> Result<(JobId, bool), SchedulerError> {
         self.writable()?;
-        let (spec, tasks) = job.into_parts();
+        let (mut spec, mut tasks) = job.into_parts();
         let mut st = self.state.lock().unwrap();
         let request = (tenant.to_string(), client_request_id.to_string());
         if let Some(id) = st
@@ -1033,6 +1265,14 @@ impl Scheduler {
             return Ok((id.clone(), false));
         }
         self.room_for_a_job(&st, tenant)?;
+        let (waiting_on, init_image) = unmet_dependencies(&st, &spec, spec.dependencies(), tenant)?;
+        if let (Some(from), Some(image)) = (spec.params.init.job().cloned(), init_image) {
+            // its init's job has succeeded already: its tasks start from that image
+            start_from(&mut spec.params.init, &from, &image);
+            for task in &mut tasks {
+                start_from(&mut task.params.init, &from, &image);
+            }
+        }
         // unique among the jobs held, even when a restart (its counter from 0) lands in the millisecond of
         // the last job before it
         let id = loop {
@@ -1059,6 +1299,7 @@ impl Scheduler {
             result: None,
             paused,
             max_tile_size: None,
+            waiting_on,
         };
         let tasks: Vec<TaskRecord> = tasks
             .into_iter()
@@ -1078,6 +1319,9 @@ impl Scheduler {
         st.tally.add_job(meta.state);
         for t in &tasks {
             st.tally.add_task(t.state);
+        }
+        if !meta.waiting_on.is_empty() {
+            st.waiting.insert(id.clone());
         }
         st.jobs.insert(
             id.clone(),
@@ -1173,10 +1417,11 @@ impl Scheduler {
         let take = |key: &QueueKey| {
             let job = &st.jobs[&key.3];
             let task = &job.tasks[key.2 as usize];
-            // a paused job starts nothing (a shard whose siblings run, above, still starts), nor one with
-            // as many tasks running as its limit
+            // a paused job starts nothing (a shard whose siblings run, above, still starts), nor one that
+            // waits for others, nor one with as many tasks running as its limit
             let max_workers = job.meta.spec.max_workers as usize;
             if job.meta.paused
+                || !job.meta.waiting_on.is_empty()
                 || !takes(&job.meta)
                 || (max_workers > 0 && job.leases.len() >= max_workers)
             {
@@ -1430,6 +1675,7 @@ impl Scheduler {
             job.meta.finished_ms = now_ms();
             ops.push(Op::Job(job.meta.clone()));
             job_ended(&mut state.unfinished, &job.meta.tenant);
+            self.settle(state, &lease.job_id, &mut ops);
         } else if let Some(reason) = kept_going_failure(job).filter(|_| !all_tasks_done) {
             self.finish_job(state, &lease.job_id, JobState::Failed, &reason, &mut ops)?;
         }
@@ -1629,8 +1875,8 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Ends a job: pending tasks are cancelled, running ones told to stop at their next heartbeat. The writes
-    /// it needs go to `ops`. A job that has ended keeps its state (and nothing is written: it may be being
+    /// Ends a job ([`end_job`]) and settles the jobs waiting for it ([`Scheduler::settle`]). The writes it
+    /// needs go to `ops`. A job that has ended keeps its state (and nothing is written: it may be being
     /// deleted, [`Scheduler::forget`]).
     fn finish_job(
         &self,
@@ -1640,33 +1886,23 @@ impl Scheduler {
         error: &str,
         ops: &mut Vec<Op>,
     ) -> Result<(), SchedulerError> {
-        let job = st
-            .jobs
-            .get_mut(job_id)
-            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
-        if job.meta.state.is_terminal() {
-            return Ok(());
-        }
-        job_ended(&mut st.unfinished, &job.meta.tenant);
-        set_job_state(&mut st.tally, &mut job.meta, state);
-        job.meta.error = error.to_string();
-        job.meta.finished_ms = now_ms();
-        for task in job
-            .tasks
-            .iter_mut()
-            .filter(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
-        {
-            set_task_state(&mut st.tally, task, TaskState::Cancelled);
-            ops.push(Op::Task(job_id.clone(), task.clone()));
-            st.queue.remove(&job.meta, task.index);
-        }
-        ops.push(Op::Job(job.meta.clone()));
-        for lease_id in job.leases.values() {
-            if let Some(lease) = st.leases.get_mut(lease_id) {
-                lease.cancel = true;
-            }
+        if end_job(st, job_id, state, error, ops)? {
+            self.settle(st, job_id, ops);
         }
         Ok(())
+    }
+
+    /// [`settle_dependents`] of `ended`, a job that just ended, announcing the jobs it changed and waking the
+    /// workers when one of them may start. The announcements go out before the caller's writes are
+    /// durable: a watcher may see a job's new state a moment early, as a status read then would.
+    fn settle(&self, st: &mut State, ended: &JobId, ops: &mut Vec<Op>) {
+        let settled = settle_dependents(st, ended, ops);
+        for id in &settled.changed {
+            self.changed(id);
+        }
+        if settled.released {
+            self.work.notify_waiters();
+        }
     }
 
     /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made); a job that
@@ -1716,8 +1952,8 @@ impl Scheduler {
                 st.blocklisting.remove(&job_id);
                 continue;
             };
-            if job.meta.paused {
-                // it waits for its client, not for a worker
+            if job.meta.paused || !job.meta.waiting_on.is_empty() {
+                // it waits for its client, or for other jobs, not for a worker
                 continue;
             }
             let blocked = |w: &WorkerId| blocklisted(&job.meta, w, self.config.blocklist_after);
@@ -2227,10 +2463,17 @@ impl Scheduler {
                 "job {job_id}'s contact sheet is being made; retry it once it has ended"
             )));
         }
-        if !running {
+        // a job that ended waits again for those it waited for then and that have not succeeded since
+        // (one that failed refuses: it runs again first); those that had succeeded may be gone
+        let (waiting_on, init_image) = if running {
+            (job.meta.waiting_on.clone(), None)
+        } else {
             still_ending(st, job)?;
             self.room_for_a_job(st, &job.meta.tenant)?;
-        }
+            let waited = job.meta.waiting_on.clone();
+            unmet_dependencies(st, &job.meta.spec, waited, &job.meta.tenant)
+                .map_err(|e| SchedulerError::Precondition(format!("job {job_id}: {e}")))?
+        };
         let replaced = crate::model::replaced_tasks(job.tasks.iter());
         let ended = |t: &TaskRecord| {
             (t.state == TaskState::Failed || (t.state == TaskState::Cancelled && !running))
@@ -2294,6 +2537,20 @@ impl Scheduler {
             job.meta.error.clear();
             job.meta.finished_ms = 0;
             *st.unfinished.entry(job.meta.tenant.clone()).or_default() += 1;
+            if let (Some(from), Some(image)) =
+                (job.meta.spec.params.init.job().cloned(), init_image)
+            {
+                start_from(&mut job.meta.spec.params.init, &from, &image);
+                for task in &mut job.tasks {
+                    if start_from(&mut task.spec.params.init, &from, &image) {
+                        ops.push(Op::Task(job_id.clone(), task.clone()));
+                    }
+                }
+            }
+            if !waiting_on.is_empty() {
+                st.waiting.insert(job_id.clone());
+            }
+            job.meta.waiting_on = waiting_on;
         }
         job.meta.strikes.clear();
         ops.push(Op::Job(job.meta.clone()));
@@ -2480,6 +2737,9 @@ impl Scheduler {
             }
         }
         ops.push(Op::Job(job.meta.clone()));
+        if job.meta.state.is_terminal() {
+            self.settle(st, job_id, &mut ops);
+        }
         let durable = self.store.write(ops);
         drop(guard);
         store::wait(durable)?;
@@ -2759,6 +3019,7 @@ mod tests {
             worker_tags: Vec::new(),
             keep_going: false,
             max_workers: 0,
+            after: Vec::new(),
         }
     }
 
@@ -4642,6 +4903,7 @@ mod tests {
             worker_tags: Vec::new(),
             keep_going: false,
             max_workers: 0,
+            after: Vec::new(),
         };
         let (job, _) = s.submit(spec.clone(), "").unwrap();
         let (a, b) = (
@@ -4961,5 +5223,205 @@ mod tests {
         *store.behind.lock().unwrap() = None;
         assert!(s.complete(&l.lease_id, &hash("r")).unwrap().is_some());
         assert_eq!(s.submit(batch(1, 0), "r1").unwrap(), (job, false));
+    }
+
+    /// A single job's spec, of content `content`.
+    fn single(content: &str) -> JobSpec {
+        JobSpec {
+            kind: JobKind::Single,
+            contents: vec![hash(content)],
+            ..batch(1, 0)
+        }
+    }
+
+    /// A job after others (`--after`) is not leased until they succeeded; one that starts from another
+    /// job's result (`--init job:ID`) waits for it too and then starts from its image, in its spec and its
+    /// tasks; both wait across a restart, saying what for. Refused: a job the tenant does not have, and a
+    /// job whose result is not one image as an init.
+    #[test]
+    fn a_job_waits_for_the_jobs_it_is_after_and_starts_from_a_result() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let a = submit_as(&s, "t", single("a"));
+        let after = submit_as(
+            &s,
+            "t",
+            JobSpec {
+                after: vec![a.clone()],
+                ..batch(2, 9)
+            },
+        );
+        let mut from_a = single("b");
+        from_a.params.init = Init::Job(a.clone());
+        let from_a = submit_as(&s, "t", from_a);
+        for id in [&after, &from_a] {
+            let meta = s.get(id).unwrap().meta;
+            assert_eq!(meta.waiting_on, std::slice::from_ref(&a));
+            assert_eq!(
+                Waiting::default().reason(&meta, s.get(id).unwrap().tasks.iter().map(|(t, _)| t)),
+                format!("waiting for job {a} to succeed")
+            );
+        }
+        // the higher-priority batch waits: A's task comes first, and nothing else
+        let l = s.lease(&w("w1")).unwrap().unwrap();
+        assert_eq!(l.task.id.job, a);
+        assert!(s.lease(&w("w2")).unwrap().is_none());
+        // across a restart: A's task runs again, the others still wait
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let l = s.lease(&w("w1")).unwrap().unwrap();
+        assert_eq!(l.task.id.job, a);
+        assert!(s.lease(&w("w2")).unwrap().is_none());
+        s.complete(&l.lease_id, &hash("a result")).unwrap().unwrap();
+        assert_eq!(s.get(&a).unwrap().meta.state, JobState::Succeeded);
+        let started = s.get(&from_a).unwrap();
+        assert!(started.meta.waiting_on.is_empty());
+        assert_eq!(started.meta.spec.params.init, Init::Image(hash("a result")));
+        assert_eq!(
+            started.tasks[0].0.spec.params.init,
+            Init::Image(hash("a result"))
+        );
+        let leased: Vec<Lease> = std::iter::from_fn(|| s.lease(&w("w1")).unwrap()).collect();
+        assert_eq!(
+            leased.len(),
+            3,
+            "the batch's 2 tasks and the render from A's result"
+        );
+        assert_eq!(leased[0].task.id.job, after, "the higher priority first");
+        // a job after one that succeeded already starts at once, from its result
+        let mut later = single("c");
+        later.params.init = Init::Job(a.clone());
+        let later = submit_as(&s, "t", later);
+        let view = s.get(&later).unwrap();
+        assert!(view.meta.waiting_on.is_empty());
+        assert_eq!(
+            view.tasks[0].0.spec.params.init,
+            Init::Image(hash("a result"))
+        );
+        // the image they start from stays in use (kept from the blob store's collection) once A is gone
+        s.delete(&a).unwrap();
+        assert!(s.images_in_use().contains(&hash("a result")));
+        // refused, naming the field: another tenant's job, an unknown one, a batch's results as an init
+        let refused = |tenant: &str, spec: JobSpec| {
+            s.submit_expanded(spec.expand().unwrap(), tenant, "", false)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let other = JobSpec {
+            after: vec![a.clone()],
+            ..single("d")
+        };
+        let d = submit_as(&s, "t", single("d"));
+        assert_eq!(
+            refused(
+                "u",
+                JobSpec {
+                    after: vec![d.clone()],
+                    ..other
+                }
+            ),
+            format!("after: job {d} not found")
+        );
+        let unknown = JobSpec {
+            after: vec![JobId::new("job-0")],
+            ..single("d")
+        };
+        assert_eq!(refused("t", unknown), "after: job job-0 not found");
+        let mut of_batch = single("d");
+        of_batch.params.init = Init::Job(after.clone());
+        assert!(
+            refused("t", of_batch).starts_with(&format!("init: job {after} is a batch job")),
+            "a batch's results are many"
+        );
+    }
+
+    /// A job whose dependency fails or is cancelled fails, naming it, and so do the jobs after it in turn;
+    /// a new job after a failed one is refused, and so is running again a job whose dependency failed,
+    /// until that one runs again. A restart settles what its writes had not: a job after one that
+    /// succeeded starts, one after a job that is gone fails.
+    #[test]
+    fn a_job_after_one_that_fails_fails_and_a_restart_settles_the_rest() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let a = submit_as(&s, "", single("a"));
+        let after = |job: &JobId, content: &str| JobSpec {
+            after: vec![job.clone()],
+            ..single(content)
+        };
+        let b = submit_as(&s, "", after(&a, "b"));
+        let c = submit_as(&s, "", after(&b, "c"));
+        assert_eq!(s.cancel(&a).unwrap(), JobState::Cancelled);
+        let (vb, vc) = (s.get(&b).unwrap().meta, s.get(&c).unwrap().meta);
+        assert_eq!((vb.state, vc.state), (JobState::Failed, JobState::Failed));
+        assert_eq!(
+            vb.error,
+            format!("after: job {a}, which it waits for, was cancelled")
+        );
+        assert!(
+            vc.error.starts_with(&format!(
+                "after: job {b}, which it waits for, failed: after:"
+            )),
+            "{}",
+            vc.error
+        );
+        let err = s.submit(after(&a, "d"), "").unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("after: job {a} was cancelled")),
+            "{err}"
+        );
+        let err = s.retry(&b).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("after: job {a} was cancelled")),
+            "{err}"
+        );
+        // A runs again: B, run again too, waits for it, and starts once it succeeded
+        s.retry(&a).unwrap();
+        assert_eq!(s.retry(&b).unwrap().state, JobState::Queued);
+        assert_eq!(s.get(&b).unwrap().meta.waiting_on, std::slice::from_ref(&a));
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        assert_eq!(l.task.id.job, a);
+        assert!(s.lease(&w("w")).unwrap().is_none());
+        // a job cancelled while it waits is left as it is when the job it waits for succeeds
+        let mut from_a = single("x");
+        from_a.params.init = Init::Job(a.clone());
+        let from_a = submit_as(&s, "", from_a);
+        s.cancel(&from_a).unwrap();
+        s.complete(&l.lease_id, &hash("a result")).unwrap().unwrap();
+        let left = s.get(&from_a).unwrap().meta;
+        assert_eq!(left.state, JobState::Cancelled);
+        assert_eq!(left.spec.params.init, Init::Job(a.clone()));
+        let lb = s.lease(&w("w")).unwrap().unwrap();
+        assert_eq!(lb.task.id.job, b);
+        // B fails in its own right once A is gone: run again, it waits for nothing (A had succeeded)
+        s.delete(&a).unwrap();
+        s.fail(&lb.lease_id, "boom", FailureKind::Permanent)
+            .unwrap();
+        s.fail_job(&b, "its step failed").unwrap();
+        assert_eq!(s.get(&b).unwrap().meta.state, JobState::Failed);
+        assert_eq!(s.retry(&b).unwrap().state, JobState::Queued);
+        assert!(s.get(&b).unwrap().meta.waiting_on.is_empty());
+        assert_eq!(s.lease(&w("w")).unwrap().unwrap().task.id.job, b);
+
+        // writes a restart finds unsettled: E after D, which the store holds as succeeded; G after F,
+        // which it no longer holds
+        let d = submit_as(&s, "", single("d"));
+        let e = submit_as(&s, "", after(&d, "e"));
+        let f = submit_as(&s, "", single("f"));
+        let g = submit_as(&s, "", after(&f, "g"));
+        let mut done = s.get(&d).unwrap().meta;
+        done.state = JobState::Succeeded;
+        store::wait(store.write(vec![Op::Job(done), Op::Delete(f.clone())])).unwrap();
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        assert!(s.get(&e).unwrap().meta.waiting_on.is_empty());
+        let vg = s.get(&g).unwrap().meta;
+        assert_eq!(vg.state, JobState::Failed);
+        assert_eq!(
+            vg.error,
+            format!("after: job {f}, which it waits for, is gone")
+        );
+        // and the store holds what it settled
+        let again = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        assert_eq!(again.get(&g).unwrap().meta.state, JobState::Failed);
+        assert!(again.get(&e).unwrap().meta.waiting_on.is_empty());
     }
 }

@@ -110,6 +110,12 @@ pub(crate) fn job_status(view: &JobView, waiting: String) -> pb::JobStatus {
         finished_ms: m.finished_ms,
         waiting,
         paused: m.paused,
+        // an ended job keeps them for a retry, but waits for nothing
+        waiting_on: if m.state.is_terminal() {
+            Vec::new()
+        } else {
+            m.waiting_on.iter().map(ToString::to_string).collect()
+        },
     }
 }
 
@@ -1002,6 +1008,7 @@ mod tests {
             worker_tags: Vec::new(),
             keep_going: false,
             max_workers: 0,
+            after: Vec::new(),
         }
     }
 

@@ -111,6 +111,28 @@ string_id! {
     JobId
 }
 
+/// The longest job id a client may name ([`JobId::checked`]); the coordinator's are `job-` and at most 16
+/// hex digits.
+pub const MAX_JOB_ID_CHARS: usize = 64;
+
+impl JobId {
+    /// The id a client names, e.g. another job's in [`crate::job::JobSpec::after`]: 1 to
+    /// [`MAX_JOB_ID_CHARS`] letters, digits, `-` or `_`; else an error naming `field`.
+    pub fn checked(field: &'static str, text: &str) -> Result<JobId, crate::Error> {
+        let fine = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if text.is_empty() || text.len() > MAX_JOB_ID_CHARS || !text.chars().all(fine) {
+            let shown: String = text.chars().take(MAX_JOB_ID_CHARS).collect();
+            return Err(crate::Error::invalid(
+                field,
+                format!(
+                    "'{shown}' is no job id (1 to {MAX_JOB_ID_CHARS} letters, digits, '-' or '_')"
+                ),
+            ));
+        }
+        Ok(JobId::new(text))
+    }
+}
+
 string_id! {
     /// A lease's id: the fencing token a worker names in its heartbeats, its result and its failure. Once the
     /// lease has expired or its task been reported, whatever names it is discarded.

@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::JobId;
 use crate::params::{ImageSize, Init, RenderParams};
 use crate::tiling::{self, Rect, Tiling};
 use crate::Error;
@@ -20,6 +21,8 @@ pub const MAX_IMAGES_PER_JOB: usize = 1_000;
 pub const MAX_SWEEP_VALUE_CHARS: usize = 1024;
 /// Most attempts per task a job may ask for (or a coordinator default to).
 pub const MAX_ATTEMPTS: u32 = 100;
+/// The most jobs a job may wait for ([`JobSpec::after`]).
+pub const MAX_AFTER: usize = 16;
 /// Most tags a worker may have, or a job ask for.
 pub const MAX_TAGS: usize = 16;
 /// Longest tag, in characters.
@@ -309,6 +312,11 @@ pub struct JobSpec {
     /// exact mode, whose shards run together on as many workers as are present.
     #[serde(default)]
     pub max_workers: u32,
+    /// Jobs that must succeed before this one starts (OpenCue's and Deadline's job dependencies), at most
+    /// [`MAX_AFTER`]; a job whose init is another job's result ([`Init::Job`]) waits for that one too
+    /// ([`JobSpec::dependencies`]). One that fails or is cancelled fails this one, naming it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobId>,
 }
 
 /// Where a task of a tiled job's later scale sits: its scale of the pyramid and its part of that scale's
@@ -475,6 +483,16 @@ impl JobSpec {
             .iter()
             .chain(&self.styles)
             .chain(self.params.init.image())
+    }
+
+    /// The jobs it waits for, each once, in order: [`JobSpec::after`], then the job whose result is its
+    /// init ([`Init::Job`]).
+    pub fn dependencies(&self) -> Vec<JobId> {
+        let mut jobs = self.after.clone();
+        jobs.extend(self.params.init.job().cloned());
+        let mut seen = std::collections::HashSet::new();
+        jobs.retain(|id| seen.insert(id.clone()));
+        jobs
     }
 
     /// Whether a worker with `tags` may take the job's tasks: it has every tag the job asks for.
@@ -830,6 +848,15 @@ impl JobSpec {
                 ),
             ));
         }
+        if self.after.len() > MAX_AFTER {
+            return Err(Error::invalid(
+                "after",
+                format!("at most {MAX_AFTER} jobs, got {}", self.after.len()),
+            ));
+        }
+        for id in &self.after {
+            JobId::checked("after", id.as_ref())?;
+        }
         if let Some(tiling) = self.kind.tiling() {
             tiling.validate()?;
             if tiling.exact && self.max_workers > 0 {
@@ -1167,6 +1194,7 @@ mod tests {
             worker_tags: Vec::new(),
             keep_going: false,
             max_workers: 0,
+            after: Vec::new(),
         }
     }
 

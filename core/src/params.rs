@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::ImageHash;
+use crate::ids::{ImageHash, JobId};
 use crate::{imaging, Error};
 
 /// Largest output side a render accepts (a single untiled pass; the tiled path of the farm goes further).
@@ -60,12 +60,24 @@ pub enum Init {
     /// An image uploaded to the farm, by its sha256, resized to the working size: what a farm job and its
     /// tasks carry (written `image:<sha256>`).
     Image(ImageHash),
+    /// The result of another farm job, resized to the working size (written `job:<id>`): the job waits for
+    /// that one to succeed, and the coordinator then hands its tasks that image ([`Init::Image`]), as
+    /// jcjohnson/neural-style's multi-resolution scripts pass one run's output to the next as `-init_image`.
+    Job(JobId),
 }
 
 impl Init {
-    /// Whether the render starts from a given image ([`Init::File`] or [`Init::Image`]).
+    /// Whether the render starts from a given image ([`Init::File`], [`Init::Image`] or [`Init::Job`]).
     pub fn is_image(&self) -> bool {
-        matches!(self, Init::File(_) | Init::Image(_))
+        matches!(self, Init::File(_) | Init::Image(_) | Init::Job(_))
+    }
+
+    /// The farm job whose result it starts from ([`Init::Job`]), if any.
+    pub fn job(&self) -> Option<&JobId> {
+        match self {
+            Init::Job(id) => Some(id),
+            _ => None,
+        }
     }
 
     /// The uploaded image it names ([`Init::Image`]), if any.
@@ -102,24 +114,28 @@ keyword_enum!(Optimizer, "optimizer", "lbfgs" => Optimizer::Lbfgs, "adam" => Opt
 keyword_enum!(Pooling, "pooling", "max" => Pooling::Max, "avg" => Pooling::Avg);
 
 impl fmt::Display for Init {
-    /// The text [`Init::from_str`] reads: `content`, `noise`, the file's path or `image:<sha256>`.
+    /// The text [`Init::from_str`] reads: `content`, `noise`, the file's path, `image:<sha256>` or
+    /// `job:<id>`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Init::Content => f.write_str("content"),
             Init::Noise => f.write_str("noise"),
             Init::File(path) => write!(f, "{}", path.display()),
             Init::Image(hash) => write!(f, "{IMAGE_PREFIX}{hash}"),
+            Init::Job(id) => write!(f, "{JOB_PREFIX}{id}"),
         }
     }
 }
 
 /// How the text of an [`Init::Image`] starts: `image:<sha256>`.
 const IMAGE_PREFIX: &str = "image:";
+/// How the text of an [`Init::Job`] starts: `job:<id>`.
+const JOB_PREFIX: &str = "job:";
 
 impl FromStr for Init {
     type Err = Error;
-    /// `content`, `noise` (or `random`), `image:<sha256>` of an uploaded image, or any other text as a
-    /// file's path. An error names `init`.
+    /// `content`, `noise` (or `random`), `image:<sha256>` of an uploaded image, `job:<id>` of a farm job,
+    /// or any other text as a file's path (`./job:x` for a file so named). An error names `init`.
     fn from_str(s: &str) -> Result<Self, Error> {
         match s {
             "content" => Ok(Init::Content),
@@ -128,17 +144,23 @@ impl FromStr for Init {
                 "init",
                 "empty value (expected content, noise or an image path)",
             )),
-            text => match text.strip_prefix(IMAGE_PREFIX) {
-                Some(hash) => hash.parse().map(Init::Image).map_err(|_| {
+            text => {
+                let bad = || {
                     Error::invalid(
                         "init",
                         format!(
-                            "'{text}': expected content, noise, image:<sha256> or a file's path"
+                            "'{text}': expected content, noise, image:<sha256>, job:<id> or a file's path"
                         ),
                     )
-                }),
-                None => Ok(Init::File(PathBuf::from(text))),
-            },
+                };
+                if let Some(hash) = text.strip_prefix(IMAGE_PREFIX) {
+                    return hash.parse().map(Init::Image).map_err(|_| bad());
+                }
+                if let Some(id) = text.strip_prefix(JOB_PREFIX) {
+                    return JobId::checked("init", id).map(Init::Job).map_err(|_| bad());
+                }
+                Ok(Init::File(PathBuf::from(text)))
+            }
         }
     }
 }
@@ -279,7 +301,8 @@ macro_rules! render_options {
             style_layer_weights: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;
             /// VGG19's pooling: max or avg.
             pooling: Pooling = Pooling::Max, Range::Any, sweep: true;
-            /// Where the image starts: content, noise, or an image file (on the farm: an uploaded image).
+            /// Where the image starts: content, noise, or an image file (on the farm: an uploaded image, or
+            /// job:ID, another job's result, which the job waits for).
             init: Init = Init::Content, Range::Any, sweep: false;
             /// Seed of the noise init; a CPU run with the same seed repeats bit for bit.
             seed: u64 = 0, Range::Any, sweep: true;
@@ -1094,6 +1117,26 @@ mod tests {
         assert_eq!("adam".parse::<Optimizer>().unwrap(), Optimizer::Adam);
         assert_eq!("avg".parse::<Pooling>().unwrap(), Pooling::Avg);
         assert_eq!("x.png".parse::<Init>().unwrap(), Init::File("x.png".into()));
+        // a farm job's result, its text read back; a bad id named
+        let init: Init = "job:job-19a2b3c0001".parse().unwrap();
+        assert_eq!(init, Init::Job(JobId::new("job-19a2b3c0001")));
+        assert_eq!(init.to_string().parse::<Init>().unwrap(), init);
+        assert_eq!(
+            "./job:x.png".parse::<Init>().unwrap(),
+            Init::File("./job:x.png".into())
+        );
+        for bad in [
+            "job:",
+            "job:a b",
+            "job:../x",
+            &format!("job:{}", "a".repeat(65)),
+        ] {
+            let err = bad.parse::<Init>().unwrap_err().to_string();
+            assert!(
+                err.starts_with("init") && err.contains("job:<id>"),
+                "{bad}: {err}"
+            );
+        }
         let err = "sgd".parse::<Optimizer>().unwrap_err().to_string();
         assert!(
             err.contains("optimizer") && err.contains("sgd") && err.contains("lbfgs"),

@@ -113,9 +113,9 @@ macro_rules! proto_enum {
 proto_enum!(Optimizer, pb::Optimizer, Lbfgs, Adam);
 proto_enum!(Pooling, pb::Pooling, Max, Avg);
 
-/// The init of a farm job: `content`, `noise`, or `image:<sha256>` of an uploaded image ([`Init::Image`]). A
-/// file's path ([`Init::File`]) names nothing on the farm: a client uploads the file and sends its hash, and
-/// the coordinator refuses a path.
+/// The init of a farm job: `content`, `noise`, `image:<sha256>` of an uploaded image ([`Init::Image`]) or
+/// `job:<id>`, another job's result ([`Init::Job`]). A file's path ([`Init::File`]) names nothing on the
+/// farm: a client uploads the file and sends its hash, and the coordinator refuses a path.
 impl WireValue for Init {
     type Wire = Option<String>;
     fn from_wire(field: &'static str, wire: Option<String>, default: Init) -> Result<Init, Error> {
@@ -127,7 +127,7 @@ impl WireValue for Init {
             Ok(init) if !matches!(init, Init::File(_)) && init.to_string() == text => Ok(init),
             _ => Err(Error::invalid(
                 field,
-                format!("'{text}': expected content, noise or image:<sha256>"),
+                format!("'{text}': expected content, noise, image:<sha256> or job:<id>"),
             )),
         }
     }
@@ -230,6 +230,11 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             worker_tags: s.worker_tags,
             keep_going: s.keep_going,
             max_workers: s.max_workers,
+            after: s
+                .after
+                .iter()
+                .map(|id| JobId::checked("after", id))
+                .collect::<Result<_, _>>()?,
         };
         spec.expand()
     }
@@ -276,6 +281,7 @@ impl From<&JobSpec> for pb::JobSpec {
             worker_tags: s.worker_tags.clone(),
             keep_going: s.keep_going,
             max_workers: s.max_workers,
+            after: s.after.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -583,6 +589,7 @@ mod tests {
             worker_tags: Vec::new(),
             keep_going: false,
             max_workers: 4,
+            after: vec![JobId::new("job-19a2b3c0001")],
         }
     }
 
@@ -591,6 +598,20 @@ mod tests {
         let s = spec();
         let wire: pb::JobSpec = (&s).into();
         assert_eq!(JobSpec::try_from(wire).unwrap(), s);
+        // another job's result as the init, and a bad job id named
+        let from_job = JobSpec {
+            params: RenderParams {
+                init: Init::Job(JobId::new("job-1")),
+                ..s.params.clone()
+            },
+            ..s.clone()
+        };
+        let wire: pb::JobSpec = (&from_job).into();
+        assert_eq!(JobSpec::try_from(wire).unwrap(), from_job);
+        let mut wire: pb::JobSpec = (&s).into();
+        wire.after.push("job 2".into());
+        let err = JobSpec::try_from(wire).unwrap_err().to_string();
+        assert!(err.starts_with("after: 'job 2' is no job id"), "{err}");
     }
 
     /// The edge's one expansion gives the spec and the tasks that expanding the spec gives.

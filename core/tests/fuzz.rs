@@ -1400,8 +1400,9 @@ fn kind(styles: usize) -> BoxedStrategy<JobKind> {
 
 /// The fields a job's errors may name besides a parameter's (a job's kind and its parameters are one value
 /// now: no field names a tiling on a job of another kind).
-const JOB_ONLY_FIELDS: [&str; 12] = [
+const JOB_ONLY_FIELDS: [&str; 13] = [
     "max_attempts",
+    "after",
     "keep_going",
     "chunk_frames",
     "frame_iterations",
@@ -1486,6 +1487,7 @@ fn fuzz_tiled_jobs() {
                 worker_tags: Vec::new(),
                 keep_going: false,
                 max_workers: 0,
+                after: Vec::new(),
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -1771,6 +1773,7 @@ fn fuzz_sweep_jobs() {
                 worker_tags: Vec::new(),
                 keep_going: false,
                 max_workers: 0,
+                after: Vec::new(),
             };
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
@@ -2169,6 +2172,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
                 worker_tags: Vec::new(),
                 keep_going: false,
                 max_workers: 0,
+                after: Vec::new(),
             };
             for t in tweaks {
                 tweak_job(&mut wire, t);
@@ -2189,6 +2193,11 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
         prop::collection::vec("[a-z.#-]{0,3}", 0..=2),
         any::<bool>(),
         prop_oneof![3 => Just(0u32), 1 => any::<u32>()],
+        prop_oneof![
+            4 => prop::collection::vec("[a-z0-9 _:-]{0,8}", 0..=3),
+            // around the limit on the jobs waited for
+            1 => prop::collection::vec("job-[0-9]{1,3}", 15..=18),
+        ],
     )
         .prop_map(
             |(
@@ -2201,6 +2210,7 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
                 worker_tags,
                 keep_going,
                 max_workers,
+                after,
             )| {
                 pb::JobSpec {
                     kind,
@@ -2212,6 +2222,7 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
                     worker_tags,
                     keep_going,
                     max_workers,
+                    after,
                 }
             },
         )

@@ -297,6 +297,15 @@ impl Engine {
                 let img = optimized(imaging::resize(img, w, h), &job.params);
                 pre.preprocess(&img, self.device())
             }
+            Init::Job(id) => {
+                return Err(stylefarm_core::Error::invalid(
+                    "init",
+                    format!(
+                        "job:{id} is a farm job's result, which its coordinator hands over first"
+                    ),
+                )
+                .into())
+            }
         })
     }
 

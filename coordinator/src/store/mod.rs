@@ -175,6 +175,7 @@ pub(crate) mod tests {
             worker_tags: Vec::new(),
             keep_going: false,
             max_workers: 0,
+            after: Vec::new(),
         };
         let tasks = spec
             .tasks()
@@ -198,6 +199,7 @@ pub(crate) mod tests {
             result: None,
             paused: false,
             max_tile_size: None,
+            waiting_on: Vec::new(),
         };
         (meta, tasks)
     }
