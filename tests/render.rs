@@ -573,6 +573,72 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
     }
 }
 
+/// Colour histogram matching (`--match-colors`): the render's style targets are those of the style image
+/// with the content's colours (`imaging::matched_colors` of the images as given), so that iteration 0's
+/// style loss equals that of a plain render of the matched style written out, bit for bit, and differs from
+/// the plain render of the style as it is.
+#[test]
+fn match_colors_renders_against_the_style_with_the_content_s_colours() {
+    let dir = tempfile::tempdir().unwrap();
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let matched = dir.path().join("matched.png");
+    stylefarm_core::imaging::matched_colors(
+        &image::open(&style).unwrap().to_rgb8(),
+        &image::open(&content).unwrap().to_rgb8(),
+    )
+    .save(&matched)
+    .unwrap();
+    let out = dir.path().join("out.png");
+    let style_loss = |style: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "render",
+            "--content",
+            content.to_str().unwrap(),
+            "--style",
+            style.to_str().unwrap(),
+            "--size",
+            "64",
+            "--iterations",
+            "1",
+            "--progress",
+            "json",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let result = stylefarm(&args);
+        assert!(result.status.success(), "{}", stderr(&result));
+        let first = String::from_utf8(result.stdout).unwrap();
+        let first: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+        f(&first, "style_loss")
+    };
+    let with_flag = style_loss(&style, &["--match-colors"]);
+    let of_matched = style_loss(&matched, &[]);
+    let plain = style_loss(&style, &[]);
+    assert_eq!(with_flag, of_matched);
+    assert!(
+        (with_flag - plain).abs() > 1e-3 * plain,
+        "{with_flag} vs {plain}"
+    );
+    // not with luminance-only transfer, whose styles are their luminance alone
+    let refused = stylefarm(&[
+        "render",
+        "--content",
+        content.to_str().unwrap(),
+        "--style",
+        style.to_str().unwrap(),
+        "--match-colors",
+        "--luminance-only",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("match_colors: not with luminance_only"));
+}
+
 /// A cut-out logo as people have them: an RGBA PNG whose transparent half hides magenta. The engine sees it
 /// over white (no magenta in the render), the output carries the content's alpha, in 16 bits when asked.
 #[test]

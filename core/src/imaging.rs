@@ -771,6 +771,57 @@ pub fn matched_luminance(style: &RgbImage, content: &RgbImage) -> RgbImage {
     out
 }
 
+/// Colour histogram matching of a style image (Gatys et al. 2016, "Preserving Color in Neural Artistic Style
+/// Transfer", section 2): `style`'s RGB values moved by the linear map `x' = A (x - mu_S) + mu_C` that gives
+/// them the mean and covariance of `content`'s, with `A = Sigma_C^(1/2) Sigma_S^(-1/2)` (the paper's Image
+/// Analogies variant, symmetric square roots of the 3 x 3 covariances), rounded and clamped to 0..255. The
+/// covariances are in 0..1 units with [`COLOR_MATCH_EPS`] added to their diagonals, as ProGamerGov's
+/// linear-color-transfer does, so that a style of one colour (a singular covariance) becomes the content's
+/// mean. The style gives its texture and the content its palette, in every channel (where
+/// [`original_colors`] keeps only the content's chroma, after the render).
+pub fn matched_colors(style: &RgbImage, content: &RgbImage) -> RgbImage {
+    let (mu_s, cov_s) = color_statistics(style);
+    let (mu_c, cov_c) = color_statistics(content);
+    let a = symmetric_power(cov_c, 0.5) * symmetric_power(cov_s, -0.5);
+    let mut out = style.clone();
+    for p in out.pixels_mut() {
+        let x = nalgebra::Vector3::from(p.0.map(|v| f64::from(v) / 255.0));
+        let y = a * (x - mu_s) + mu_c;
+        p.0 = [0, 1, 2].map(|i| (y[i] * 255.0).round().clamp(0.0, 255.0) as u8);
+    }
+    out
+}
+
+/// What [`matched_colors`] adds to the diagonal of each colour covariance (in 0..1 units): ProGamerGov's
+/// linear-color-transfer's.
+pub const COLOR_MATCH_EPS: f64 = 1e-5;
+
+/// The mean and the covariance (plus [`COLOR_MATCH_EPS`] on its diagonal) of an image's RGB values, in 0..1
+/// units.
+fn color_statistics(img: &RgbImage) -> (nalgebra::Vector3<f64>, nalgebra::Matrix3<f64>) {
+    let n = (img.width() as f64 * img.height() as f64).max(1.0);
+    let mut sum = nalgebra::Vector3::zeros();
+    let mut outer = nalgebra::Matrix3::zeros();
+    for p in img.pixels() {
+        let x = nalgebra::Vector3::from(p.0.map(|v| f64::from(v) / 255.0));
+        sum += x;
+        outer += x * x.transpose();
+    }
+    let mean = sum / n;
+    let cov = outer / n - mean * mean.transpose() + nalgebra::Matrix3::identity() * COLOR_MATCH_EPS;
+    (mean, cov)
+}
+
+/// `m^power` of a symmetric positive definite 3 x 3 matrix, by its eigendecomposition (eigenvalues below
+/// [`COLOR_MATCH_EPS`], from rounding, taken as that).
+fn symmetric_power(m: nalgebra::Matrix3<f64>, power: f64) -> nalgebra::Matrix3<f64> {
+    let eigen = nalgebra::SymmetricEigen::new(m);
+    let values = eigen
+        .eigenvalues
+        .map(|v| v.max(COLOR_MATCH_EPS).powf(power));
+    eigen.eigenvectors * nalgebra::Matrix3::from_diagonal(&values) * eigen.eigenvectors.transpose()
+}
+
 /// The luminance of `stylized` (RGB, 0..255) with the chroma of `content`.
 fn luma_with_chroma(stylized: [f64; 3], content: [u8; 3]) -> [f64; 3] {
     let [luma, _, _] = to_ycbcr(stylized);
@@ -850,6 +901,62 @@ mod tests {
             .to_string()
             .starts_with("output"));
         assert!(load(&dir.path().join("missing.png")).is_err());
+    }
+
+    /// The style's colours take the content's mean and covariance (within 8-bit rounding), in every
+    /// channel and across channels; the content matched to itself is itself, and so is a darkened and
+    /// flattened copy of it; a style of one colour becomes the content's mean.
+    #[test]
+    fn matched_colors_take_the_content_s_mean_and_covariance() {
+        // correlated channels in both, of different sizes
+        let style = RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 8 + x) as u8, ((x + y) * 3) as u8])
+        });
+        let content = RgbImage::from_fn(50, 20, |x, y| {
+            image::Rgb([
+                100 + (x * 2) as u8,
+                120 + y as u8 + x as u8,
+                90 + (x % 7) as u8 * 5,
+            ])
+        });
+        let matched = matched_colors(&style, &content);
+        assert_eq!(matched.dimensions(), style.dimensions());
+        let eps = nalgebra::Matrix3::identity() * COLOR_MATCH_EPS;
+        let (mu, cov) = color_statistics(&matched);
+        let (mu_c, cov_c) = color_statistics(&content);
+        // in 0..255 units: the means within half a level, the covariances within a level squared
+        assert!((mu - mu_c).abs().max() * 255.0 < 0.5, "{mu} vs {mu_c}");
+        let off = ((cov - eps) - (cov_c - eps)).abs().max() * 255.0 * 255.0;
+        assert!(off < 1.0, "covariances differ by {off}: {cov} vs {cov_c}");
+        let (_, cov_s) = color_statistics(&style);
+        assert!(
+            ((cov_s - cov_c).abs().max() * 65025.0) > 100.0,
+            "the test's images differ"
+        );
+        // itself: unchanged
+        let same = matched_colors(&content, &content);
+        let worst = same
+            .pixels()
+            .zip(content.pixels())
+            .flat_map(|(a, b)| (0..3).map(move |i| a.0[i].abs_diff(b.0[i])));
+        assert_eq!(worst.max(), Some(0));
+        // a style that is the content darkened and flattened (every channel alike) maps back onto it,
+        // within the rounding of the darkening
+        let scaled = RgbImage::from_fn(50, 20, |x, y| {
+            image::Rgb(content.get_pixel(x, y).0.map(|v| v / 2 + 10))
+        });
+        let back = matched_colors(&scaled, &content);
+        let worst = back
+            .pixels()
+            .zip(content.pixels())
+            .flat_map(|(a, b)| (0..3).map(move |i| a.0[i].abs_diff(b.0[i])));
+        assert!(worst.max() <= Some(2));
+        // one colour: the content's mean
+        let flat = RgbImage::from_pixel(4, 4, image::Rgb([9, 200, 9]));
+        let mean = [0, 1, 2].map(|i| (mu_c[i] * 255.0).round() as u8);
+        assert!(matched_colors(&flat, &content)
+            .pixels()
+            .all(|p| p.0 == mean));
     }
 
     /// The style's luminance takes the content's mean and deviation; a linear change of the style's

@@ -314,6 +314,10 @@ macro_rules! render_options {
             /// (each scale starts from the luminance of the one before; the style's matched to the content's
             /// mean and deviation), and the result's luminance gets the content's chroma back.
             luminance_only: bool = false, Range::Any, sweep: true;
+            /// Colour histogram matching (Gatys et al. 2016): each style image's colours are moved to the
+            /// content's mean and covariance before its Gram matrices, so the result keeps the content's
+            /// palette with the style's texture. Not with luminance_only.
+            match_colors: bool = false, Range::Any, sweep: true;
             /// Tiled jobs: each tile matches the style's Gram matrices alone, ALGORITHM.md's global targets,
             /// instead of those plus the tile's own deviation from its canvas at the start of the scale (the
             /// default, closer to an untiled render: BENCHMARKS.md, "Seams and style loss").
@@ -674,6 +678,12 @@ impl RenderParams {
                 "at least one layer is needed",
             ));
         }
+        if self.match_colors && self.luminance_only {
+            return Err(Error::invalid(
+                "match_colors",
+                "not with luminance_only, whose styles are their luminance alone",
+            ));
+        }
         if !self.style_layer_weights.is_empty() {
             let (weights, layers) = (self.style_layer_weights.len(), self.style_layers.len());
             if weights != layers {
@@ -915,6 +925,10 @@ mod tests {
                 "style_layer_weights",
             ),
             (
+                Box::new(|p| (p.match_colors, p.luminance_only) = (true, true)),
+                "match_colors",
+            ),
+            (
                 Box::new(|p| p.style_layer_weights = vec![1.0, f64::NAN, 1.0, 1.0, 1.0]),
                 "style_layer_weights",
             ),
@@ -1047,6 +1061,7 @@ mod tests {
             "style_scale",
             "original_colors",
             "luminance_only",
+            "match_colors",
             "scales",
         ] {
             assert!(sweepable.contains(&name), "{name}");

@@ -55,9 +55,8 @@ pub struct PreviousFrameImages {
 
 impl RenderJob {
     /// A render of `content` in the style of `styles`, its style targets sized for each scale's working size
-    /// (`style_longest: None`) and its objective evaluated on the whole image (`block: None`). With
-    /// luminance-only transfer, the styles are their luminance matched to the content's
-    /// ([`imaging::matched_luminance`]).
+    /// (`style_longest: None`) and its objective evaluated on the whole image (`block: None`); the styles
+    /// as [`styles_for`] matches them to the content (luminance-only transfer, colour matching).
     pub fn new(
         content: RgbImage,
         styles: Vec<RgbImage>,
@@ -89,21 +88,28 @@ impl RenderJob {
     }
 }
 
-/// The style images as a render of `content` takes them: as given or, with luminance-only transfer
-/// ([`RenderParams::luminance_only`]), each one's luminance matched to the content's
-/// ([`imaging::matched_luminance`], Gatys et al. 2016).
+/// The style images as a render of `content` takes them: as given or, after Gatys et al. (2016), matched to
+/// the content: with luminance-only transfer ([`RenderParams::luminance_only`]) each one's luminance to the
+/// content's ([`imaging::matched_luminance`]), with colour histogram matching
+/// ([`RenderParams::match_colors`]) each one's colours to the content's ([`imaging::matched_colors`]).
 pub fn styles_for(
     styles: Vec<RgbImage>,
     content: &RgbImage,
     params: &RenderParams,
 ) -> Vec<RgbImage> {
-    if !params.luminance_only {
+    let matched = if params.luminance_only {
+        imaging::matched_luminance
+    } else if params.match_colors {
+        imaging::matched_colors
+    } else {
         return styles;
-    }
-    styles
-        .iter()
-        .map(|style| imaging::matched_luminance(style, content))
-        .collect()
+    };
+    styles.iter().map(|style| matched(style, content)).collect()
+}
+
+/// Whether [`styles_for`] matches the styles to the content (so that they depend on it).
+pub fn styles_matched(params: &RenderParams) -> bool {
+    params.luminance_only || params.match_colors
 }
 
 impl RenderJob {

@@ -38,9 +38,9 @@ pub struct ScaleRender {
 /// The render of one task of a canvas: `content` and `init` (the previous scale's result) resampled to the
 /// canvas over the task's window (a shard's: its region, [`Shard::region`]); one scale of the window's size;
 /// the style targets those of the whole canvas (`style_longest`), `styles` as the render takes them
-/// ([`crate::render::styles_for`] of the whole content: luminance-only transfer matches them to the whole
-/// content, not to the window; a worker does that once per content). A shard adds up its evaluations with the
-/// other shards through `exchange`. An error names `tile` (a canvas that is not the content's at that size),
+/// ([`crate::render::styles_for`] of the whole content: luminance-only transfer and colour matching match
+/// them to the whole content, not to the window; a worker does that once per content). A shard adds up its
+/// evaluations with the other shards through `exchange`. An error names `tile` (a canvas that is not the content's at that size),
 /// `init` (none given) or `shard` (a shard without an exchange).
 pub fn tile_job(
     content: &RgbImage,

@@ -35,10 +35,9 @@ pub struct StyleKey {
     pub block: Option<u32>,
     /// A tile's canvas, whose Gram matrices its targets are offset by.
     pub tile_canvas: Option<TileCanvas>,
-    /// The content's sha256, with luminance-only transfer: the styles' luminance is matched to the
-    /// content's ([`stylefarm_core::imaging::matched_luminance`]), so their targets depend on it. `None`
-    /// otherwise.
-    pub luminance_of: Option<ImageHash>,
+    /// The content's sha256 when the styles are matched to it ([`stylefarm_engine::render::styles_matched`]:
+    /// luminance-only transfer, colour matching), so that their targets depend on it. `None` otherwise.
+    pub matched_to: Option<ImageHash>,
 }
 
 /// The canvas of a tile at the start of its scale: the previous scale's result (`init`, its hash) resampled
@@ -69,9 +68,10 @@ enum TargetKey {
         pooling: Pooling,
         block: Option<u32>,
         /// Luminance-only transfer's Grams are those of the images' luminance, matched to the content's
-        /// ([`StyleKey::luminance_of`]).
+        /// ([`StyleKey::matched_to`]); colour matching's, those of the images with the content's colours.
         luminance_only: bool,
-        luminance_of: Option<ImageHash>,
+        match_colors: bool,
+        matched_to: Option<ImageHash>,
     },
     /// A tile's canvas at the start of its scale ([`Engine::canvas_grams`]): the previous scale's hash.
     Canvas {
@@ -286,7 +286,8 @@ impl Resident {
                     pooling: params.pooling,
                     block: req.style.block,
                     luminance_only: params.luminance_only,
-                    luminance_of: req.style.luminance_of.clone(),
+                    match_colors: params.match_colors,
+                    matched_to: req.style.matched_to.clone(),
                 },
                 || engine.style_grams(&req.job.styles, side, params, req.style.block),
             )?;
@@ -510,7 +511,7 @@ mod tests {
             styles: vec![ImageHash::of(style_key.as_bytes())],
             block: None,
             tile_canvas: None,
-            luminance_of: None,
+            matched_to: None,
         };
         engine
             .render(job, style, Arc::new(AtomicBool::new(false)), live)

@@ -17,6 +17,7 @@ use stylefarm_core::ids::{LeaseId, WorkerId};
 use stylefarm_core::job::{ImageHash, ScalePart, Task};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::{imaging, Init};
+use stylefarm_engine::render::styles_matched;
 use stylefarm_engine::{Device, EngineOptions, PreviousFrameImages, Progress, RenderJob};
 use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
@@ -186,7 +187,7 @@ impl ImageCache {
     }
 
     /// The style images as a render of `content` takes them ([`stylefarm_engine::render::styles_for`]):
-    /// with luminance-only transfer each style's luminance matched to the content's, computed (O(content +
+    /// matched to the content (luminance-only transfer, colour matching) where asked, computed (O(content +
     /// style pixels)) once per worker and kept here under a key of its own, so a tiled job's tiles do not
     /// each pay for the whole content.
     async fn styles_for(
@@ -195,13 +196,18 @@ impl ImageCache {
         (content_hash, content): (&ImageHash, &Arc<RgbImage>),
         params: &stylefarm_core::RenderParams,
     ) -> Result<Vec<Arc<RgbImage>>, Failure> {
-        if !params.luminance_only {
+        if !styles_matched(params) {
             return Ok(styles.iter().map(|(_, img)| img.clone()).collect());
         }
+        let what = if params.luminance_only {
+            "luminance"
+        } else {
+            "colours"
+        };
         let mut matched = Vec::with_capacity(styles.len());
         for (hash, style) in styles {
             let key =
-                ImageHash::of(format!("luminance of {hash} matched to {content_hash}").as_bytes());
+                ImageHash::of(format!("{what} of {hash} matched to {content_hash}").as_bytes());
             if let Some(img) = self.lookup(&key) {
                 matched.push(img);
                 continue;
@@ -212,7 +218,7 @@ impl ImageCache {
                 stylefarm_engine::render::styles_for(styles, &content, &params).remove(0)
             })
             .await
-            .map_err(|e| Failure::Transient(format!("matching the style's luminance: {e}")))?;
+            .map_err(|e| Failure::Transient(format!("matching the style's {what}: {e}")))?;
             let img = Arc::new(img);
             self.insert(key, img.clone());
             matched.push(img);
@@ -654,7 +660,7 @@ async fn run_task(
         styles: task.styles.clone(),
         block: None,
         tile_canvas: None,
-        luminance_of: task.params.luminance_only.then(|| task.content.clone()),
+        matched_to: styles_matched(&task.params).then(|| task.content.clone()),
     };
     // copying the images into the job (a large content: tens of ms) and resampling a tile are CPU work:
     // off the async threads
@@ -894,7 +900,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn luminance_matched_styles_are_computed_once_per_content() {
+    async fn matched_styles_are_computed_once_per_content() {
         let mut cache = ImageCache::new(1 << 20);
         let image = |k: u32| {
             Arc::new(RgbImage::from_fn(16, 12, |x, y| {
@@ -937,5 +943,21 @@ mod tests {
             .await
             .unwrap();
         assert!(Arc::ptr_eq(&plain[0], &style));
+        // colour matching: the style with the content's colours, kept apart from its luminance match
+        let colours = stylefarm_core::RenderParams {
+            match_colors: true,
+            ..Default::default()
+        };
+        let matched = cache
+            .styles_for(&styles, (&content_hash, &content), &colours)
+            .await
+            .unwrap();
+        assert_eq!(*matched[0], imaging::matched_colors(&style, &content));
+        assert_ne!(*matched[0], *first[0]);
+        let again = cache
+            .styles_for(&styles, (&content_hash, &content), &colours)
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&matched[0], &again[0]));
     }
 }
