@@ -183,6 +183,11 @@ pub struct TaskRecord {
     /// first (see [`crate::scheduler::FailureKind::OutOfMemory`]).
     #[serde(default)]
     pub out_of_memory_on: Vec<WorkerId>,
+    /// The most device memory, in bytes, of the workers that ran out on this task (0: none, or not
+    /// known): a worker with no more than that takes it only a lease period later, one with more at once
+    /// (OpenCue's out-of-memory retries with more memory).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub out_of_memory_bytes: u64,
     /// In a keep-going batch or sweep ([`stylefarm_core::job::JobSpec::keep_going`]): the workers (by name,
     /// once a strike) whose retryable failures of this task were strikes against them, taken back if the task
     /// fails for good.
@@ -233,9 +238,15 @@ impl TaskRecord {
             not_before_ms: 0,
             permanent_error_workers: Vec::new(),
             out_of_memory_on: Vec::new(),
+            out_of_memory_bytes: 0,
             struck: Vec::new(),
         }
     }
+}
+
+/// Whether a count is 0 (serde leaves such fields out of a record).
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A stored job record, from its JSON, written by this version or an earlier one ([`upgrade_job`]).

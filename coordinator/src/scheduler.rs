@@ -221,6 +221,8 @@ struct LeaseInfo {
     /// A shard's lease whose group another shard's counted failure ended: its own failure as
     /// [`FailureKind::Group`] costs no attempt (the other shard's failure was counted).
     group_failure_owed: bool,
+    /// The device memory of its worker when it asked, in bytes (0: unknown).
+    memory_bytes: u64,
 }
 
 struct Job {
@@ -1366,9 +1368,21 @@ impl Scheduler {
         worker: &WorkerId,
         tags: &[String],
     ) -> Result<Option<Lease>, SchedulerError> {
+        self.lease_as(worker, tags, 0)
+    }
+
+    /// [`Scheduler::lease_tagged`] for a worker whose device has `memory_bytes` of memory (0: unknown): a
+    /// task that ran out of memory on a device that large or larger waits a lease period before it goes to
+    /// it, and goes at once to a worker with more (OpenCue's out-of-memory retries with more memory).
+    pub fn lease_as(
+        &self,
+        worker: &WorkerId,
+        tags: &[String],
+        memory_bytes: u64,
+    ) -> Result<Option<Lease>, SchedulerError> {
         // expire() does nothing while the store holds writes back; lease_ready then refuses
         self.expire()?;
-        self.lease_ready(worker, tags)
+        self.lease_ready(worker, tags, memory_bytes)
     }
 
     /// [`Scheduler::lease`] without expiring the leases past their deadline first (which waits for the
@@ -1378,6 +1392,7 @@ impl Scheduler {
         &self,
         worker: &WorkerId,
         tags: &[String],
+        memory_bytes: u64,
     ) -> Result<Option<Lease>, SchedulerError> {
         self.writable()?;
         let now = now_ms();
@@ -1391,8 +1406,11 @@ impl Scheduler {
         let takes = |meta: &JobMeta| {
             !name_blocklisted(meta, &name, self.config.blocklist_after) && meta.spec.runs_on(tags)
         };
+        // a task that ran out of memory goes first to other workers with more of it: this one, or one
+        // with no more than the largest device it ran out on, takes it only a lease period later
         let ready = |task: &TaskRecord| {
-            let ran_out_here = task.out_of_memory_on.contains(&name);
+            let no_larger = memory_bytes > 0 && memory_bytes <= task.out_of_memory_bytes;
+            let ran_out_here = task.out_of_memory_on.contains(&name) || no_larger;
             task.not_before_ms + if ran_out_here { lease_ms } else { 0 } <= now
         };
         // the shards of a scale run together, each waiting for the others at every step: a shard whose
@@ -1497,6 +1515,7 @@ impl Scheduler {
                 progress: None,
                 preview: None,
                 group_failure_owed: false,
+                memory_bytes,
             },
         );
         if starts_group {
@@ -1514,20 +1533,22 @@ impl Scheduler {
         }))
     }
 
-    /// Waits up to `wait` for a task for `worker`, whose tags are `tags`. Never waits for the store (it runs
+    /// Waits up to `wait` for a task for `worker`, whose tags are `tags` and device memory `memory_bytes`
+    /// ([`Scheduler::lease_as`]). Never waits for the store (it runs
     /// on an async thread): leases past their deadline are expired by the coordinator's loop, which wakes
     /// the waiters.
     pub async fn lease_wait(
         &self,
         worker: &WorkerId,
         tags: &[String],
+        memory_bytes: u64,
         wait: Duration,
     ) -> Result<Option<Lease>, SchedulerError> {
         let deadline = tokio::time::Instant::now() + wait;
         let _idle = self.idle(worker, tags);
         loop {
             let notified = self.work.notified();
-            if let Some(lease) = self.lease_ready(worker, tags)? {
+            if let Some(lease) = self.lease_ready(worker, tags, memory_bytes)? {
                 return Ok(Some(lease));
             }
             // a backoff or a lease expiry can make work ready without a notification: poll at least every 250 ms
@@ -1770,6 +1791,9 @@ impl Scheduler {
         }
         if kind == FailureKind::OutOfMemory && !task.out_of_memory_on.contains(&name) {
             task.out_of_memory_on.push(name);
+        }
+        if kind == FailureKind::OutOfMemory {
+            task.out_of_memory_bytes = task.out_of_memory_bytes.max(lease.memory_bytes);
         }
         // a tile of a later scale (not a shard: its scale plans again with its workers) may be made smaller
         if kind == FailureKind::OutOfMemory
@@ -3429,6 +3453,64 @@ mod tests {
         assert_eq!(again.task.id, l.task.id);
     }
 
+    /// A task that ran out of memory on a 24 GiB device goes at once to a worker with more (OpenCue's
+    /// out-of-memory retries with more memory); another 24 GiB one, or a smaller one, takes it only a lease
+    /// period later, as the one that ran out does; a worker whose memory is not known is not held back. The
+    /// largest device it ran out on is kept with the task, across a restart.
+    #[test]
+    fn a_task_out_of_memory_goes_to_a_larger_device_first() {
+        const GIB: u64 = 1 << 30;
+        let lease = Duration::from_millis(150);
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            lease,
+            ..Default::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let attempts = JobSpec {
+            max_attempts: 10,
+            ..batch(1, 0)
+        };
+        s.submit(attempts, "").unwrap();
+        let l = s.lease_as(&w("small-1"), &[], 24 * GIB).unwrap().unwrap();
+        s.fail(&l.lease_id, "CUDA out of memory", FailureKind::OutOfMemory)
+            .unwrap();
+        let s = Scheduler::new(config, store).unwrap();
+        for (worker, memory) in [
+            ("small-2", 24 * GIB),
+            ("smaller", 16 * GIB),
+            ("small-1", 24 * GIB),
+        ] {
+            assert!(
+                s.lease_as(&w(worker), &[], memory).unwrap().is_none(),
+                "{worker}"
+            );
+        }
+        let large = s.lease_as(&w("large"), &[], 80 * GIB).unwrap().unwrap();
+        assert_eq!(large.task.id, l.task.id);
+        s.fail(
+            &large.lease_id,
+            "CUDA out of memory",
+            FailureKind::OutOfMemory,
+        )
+        .unwrap();
+        // it ran out on 80 GiB too: the 24 GiB workers wait as well; one of unknown memory may take it
+        assert!(s.lease_as(&w("small-2"), &[], 24 * GIB).unwrap().is_none());
+        let unknown = s.lease_as(&w("unknown"), &[], 0).unwrap().unwrap();
+        assert_eq!(unknown.task.id, l.task.id);
+        s.fail(
+            &unknown.lease_id,
+            "CUDA out of memory",
+            FailureKind::OutOfMemory,
+        )
+        .unwrap();
+        // a lease period later, a smaller device may try it again (nobody larger took it)
+        std::thread::sleep(lease + Duration::from_millis(30));
+        let again = s.lease_as(&w("small-2"), &[], 24 * GIB).unwrap().unwrap();
+        assert_eq!(again.task.id, l.task.id);
+    }
+
     /// A job of one task with `max_attempts` attempts, and the scheduler without retry delays.
     fn one_task(max_attempts: u32) -> (Scheduler, JobId) {
         let s = scheduler(SchedulerConfig {
@@ -4540,15 +4622,15 @@ mod tests {
             .unwrap();
         let wait = Duration::from_millis(300);
         assert!(runtime
-            .block_on(s.lease_wait(&w("a"), &[], wait))
+            .block_on(s.lease_wait(&w("a"), &[], 0, wait))
             .unwrap()
             .is_none());
         assert!(s.state.lock().unwrap().idle.is_empty());
         let (a, b) = (w("a"), w("b"));
         let (a, b) = runtime.block_on(async {
             tokio::join!(
-                s.lease_wait(&a, &[], Duration::from_secs(5)),
-                s.lease_wait(&b, &[], Duration::from_secs(5))
+                s.lease_wait(&a, &[], 0, Duration::from_secs(5)),
+                s.lease_wait(&b, &[], 0, Duration::from_secs(5))
             )
         });
         let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
@@ -5171,7 +5253,7 @@ mod tests {
             .build()
             .unwrap();
         let started = std::time::Instant::now();
-        let leased = runtime.block_on(s.lease_wait(&w("w2"), &[], Duration::ZERO));
+        let leased = runtime.block_on(s.lease_wait(&w("w2"), &[], 0, Duration::ZERO));
         assert!(
             leased.unwrap().is_none(),
             "the lapsed lease is not expired here"

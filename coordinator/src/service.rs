@@ -715,10 +715,16 @@ impl WorkerService for WorkerApi {
             .workers
             .seen(&worker_id, memory_used_bytes, Some(&tags));
         let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
+        // the device memory it registered with (0 when it leases without having registered here)
+        let memory = self
+            .coordinator
+            .workers
+            .get(&worker_id)
+            .map_or(0, |w| w.memory_bytes);
         let lease = self
             .coordinator
             .scheduler
-            .lease_wait(&worker_id, &tags, wait)
+            .lease_wait(&worker_id, &tags, memory, wait)
             .await
             .map_err(Error::from)?;
         let Some(lease) = lease else {
