@@ -624,15 +624,21 @@ async fn a_panic_in_the_scheduler_stops_the_coordinator_and_a_restart_carries_th
 }
 
 /// A worker whose device runs out of memory on every render (fail point `engine-render-oom`): its failure
-/// is no strike, the task goes to the other worker as soon as there is one, the job succeeds there, and the
-/// worker that ran out is still in the farm.
+/// is no strike, the task goes to the other worker, with a larger device, as soon as there is one, the job
+/// succeeds there, and the worker that ran out is still in the farm.
 async fn out_of_memory_retried_elsewhere(backend: Backend) {
     let (mut cluster, _services) = cluster_on(backend, 1.5, 0.3);
     cluster
         .coordinator_args
         .extend(["--max-attempts".into(), "6".into()]);
     cluster.start_coordinator();
-    cluster.add_worker_with_env("small", &[("FAILPOINTS", "engine-render-oom=return")]);
+    // devices of 8 and 64 GiB as they declare them: once the larger one is live, the smaller one that ran
+    // out is held back a lease period at each try
+    let small = [
+        ("FAILPOINTS", "engine-render-oom=return"),
+        ("STYLEFARM_DEVICE_MEMORY", "8GiB"),
+    ];
+    cluster.add_worker_with_env("small", &small);
     wait_registered(&cluster, 1).await;
     let id = submit_variant(&cluster, 0, "oom");
     let client = cluster.client().await;
@@ -644,7 +650,7 @@ async fn out_of_memory_retried_elsewhere(backend: Backend) {
         |s| s.tasks[0].error.contains("out of memory"),
     )
     .await;
-    cluster.add_worker("big");
+    cluster.add_worker_with_env("big", &[("STYLEFARM_DEVICE_MEMORY", "64GiB")]);
     let done = wait_state(
         &cluster,
         &id,

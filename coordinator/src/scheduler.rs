@@ -157,6 +157,15 @@ pub enum SchedulerError {
     Precondition(String),
 }
 
+/// The device memory of a worker asking for a task ([`Scheduler::lease_as`]), in bytes; 0 where not known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// The asking worker's.
+    pub own: u64,
+    /// The largest of the live workers'.
+    pub largest_live: u64,
+}
+
 /// A task handed to a worker.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -1368,21 +1377,23 @@ impl Scheduler {
         worker: &WorkerId,
         tags: &[String],
     ) -> Result<Option<Lease>, SchedulerError> {
-        self.lease_as(worker, tags, 0)
+        self.lease_as(worker, tags, DeviceMemory::default())
     }
 
-    /// [`Scheduler::lease_tagged`] for a worker whose device has `memory_bytes` of memory (0: unknown): a
-    /// task that ran out of memory on a device that large or larger waits a lease period before it goes to
-    /// it, and goes at once to a worker with more (OpenCue's out-of-memory retries with more memory).
+    /// [`Scheduler::lease_tagged`] for a worker whose device memory is `memory` (OpenCue's out-of-memory
+    /// retries with more memory): while a live worker has a larger device than any a task ran out of
+    /// memory on, the task goes at once to such a worker, and waits a lease period before it goes to one
+    /// with no more memory than that (as it does for the workers it ran out on). A worker whose memory is
+    /// not known is not held back. Not for the shards of an exact-mode scale, which start together.
     pub fn lease_as(
         &self,
         worker: &WorkerId,
         tags: &[String],
-        memory_bytes: u64,
+        memory: DeviceMemory,
     ) -> Result<Option<Lease>, SchedulerError> {
         // expire() does nothing while the store holds writes back; lease_ready then refuses
         self.expire()?;
-        self.lease_ready(worker, tags, memory_bytes)
+        self.lease_ready(worker, tags, memory)
     }
 
     /// [`Scheduler::lease`] without expiring the leases past their deadline first (which waits for the
@@ -1392,7 +1403,7 @@ impl Scheduler {
         &self,
         worker: &WorkerId,
         tags: &[String],
-        memory_bytes: u64,
+        memory: DeviceMemory,
     ) -> Result<Option<Lease>, SchedulerError> {
         self.writable()?;
         let now = now_ms();
@@ -1406,10 +1417,15 @@ impl Scheduler {
         let takes = |meta: &JobMeta| {
             !name_blocklisted(meta, &name, self.config.blocklist_after) && meta.spec.runs_on(tags)
         };
-        // a task that ran out of memory goes first to other workers with more of it: this one, or one
-        // with no more than the largest device it ran out on, takes it only a lease period later
+        // a task that ran out of memory goes first to other workers, and to a larger device when one is
+        // live: this worker, or one with no more than the largest device it ran out on, takes it only a
+        // lease period later (a shard, whose group starts together, only the first)
         let ready = |task: &TaskRecord| {
-            let no_larger = memory_bytes > 0 && memory_bytes <= task.out_of_memory_bytes;
+            let ran_out = task.out_of_memory_bytes;
+            let no_larger = memory.own > 0
+                && memory.own <= ran_out
+                && memory.largest_live > ran_out
+                && task.spec.shards().is_none();
             let ran_out_here = task.out_of_memory_on.contains(&name) || no_larger;
             task.not_before_ms + if ran_out_here { lease_ms } else { 0 } <= now
         };
@@ -1515,7 +1531,7 @@ impl Scheduler {
                 progress: None,
                 preview: None,
                 group_failure_owed: false,
-                memory_bytes,
+                memory_bytes: memory.own,
             },
         );
         if starts_group {
@@ -1533,7 +1549,7 @@ impl Scheduler {
         }))
     }
 
-    /// Waits up to `wait` for a task for `worker`, whose tags are `tags` and device memory `memory_bytes`
+    /// Waits up to `wait` for a task for `worker`, whose tags are `tags` and device memory `memory`
     /// ([`Scheduler::lease_as`]). Never waits for the store (it runs
     /// on an async thread): leases past their deadline are expired by the coordinator's loop, which wakes
     /// the waiters.
@@ -1541,14 +1557,14 @@ impl Scheduler {
         &self,
         worker: &WorkerId,
         tags: &[String],
-        memory_bytes: u64,
+        memory: DeviceMemory,
         wait: Duration,
     ) -> Result<Option<Lease>, SchedulerError> {
         let deadline = tokio::time::Instant::now() + wait;
         let _idle = self.idle(worker, tags);
         loop {
             let notified = self.work.notified();
-            if let Some(lease) = self.lease_ready(worker, tags, memory_bytes)? {
+            if let Some(lease) = self.lease_ready(worker, tags, memory)? {
                 return Ok(Some(lease));
             }
             // a backoff or a lease expiry can make work ready without a notification: poll at least every 250 ms
@@ -3455,7 +3471,8 @@ mod tests {
 
     /// A task that ran out of memory on a 24 GiB device goes at once to a worker with more (OpenCue's
     /// out-of-memory retries with more memory); another 24 GiB one, or a smaller one, takes it only a lease
-    /// period later, as the one that ran out does; a worker whose memory is not known is not held back. The
+    /// period later, as the one that ran out does, while a larger device is live; once it ran out on the
+    /// largest, a like one takes it at once; a worker whose memory is not known is not held back. The
     /// largest device it ran out on is kept with the task, across a restart.
     #[test]
     fn a_task_out_of_memory_goes_to_a_larger_device_first() {
@@ -3473,21 +3490,20 @@ mod tests {
             ..batch(1, 0)
         };
         s.submit(attempts, "").unwrap();
-        let l = s.lease_as(&w("small-1"), &[], 24 * GIB).unwrap().unwrap();
+        // a farm of 16, 24 and 80 GiB devices
+        let farm = |own: u64| DeviceMemory {
+            own: own * GIB,
+            largest_live: 80 * GIB,
+        };
+        let l = s.lease_as(&w("small-1"), &[], farm(24)).unwrap().unwrap();
         s.fail(&l.lease_id, "CUDA out of memory", FailureKind::OutOfMemory)
             .unwrap();
         let s = Scheduler::new(config, store).unwrap();
-        for (worker, memory) in [
-            ("small-2", 24 * GIB),
-            ("smaller", 16 * GIB),
-            ("small-1", 24 * GIB),
-        ] {
-            assert!(
-                s.lease_as(&w(worker), &[], memory).unwrap().is_none(),
-                "{worker}"
-            );
+        for (worker, memory) in [("small-2", 24), ("smaller", 16), ("small-1", 24)] {
+            let leased = s.lease_as(&w(worker), &[], farm(memory)).unwrap();
+            assert!(leased.is_none(), "{worker}");
         }
-        let large = s.lease_as(&w("large"), &[], 80 * GIB).unwrap().unwrap();
+        let large = s.lease_as(&w("large"), &[], farm(80)).unwrap().unwrap();
         assert_eq!(large.task.id, l.task.id);
         s.fail(
             &large.lease_id,
@@ -3495,9 +3511,21 @@ mod tests {
             FailureKind::OutOfMemory,
         )
         .unwrap();
-        // it ran out on 80 GiB too: the 24 GiB workers wait as well; one of unknown memory may take it
-        assert!(s.lease_as(&w("small-2"), &[], 24 * GIB).unwrap().is_none());
-        let unknown = s.lease_as(&w("unknown"), &[], 0).unwrap().unwrap();
+        // it ran out on the largest device too: none is larger, so another of the same size (as on a farm
+        // of like GPUs) takes it at once, as does one of unknown memory
+        let twin = s.lease_as(&w("large-2"), &[], farm(80)).unwrap().unwrap();
+        assert_eq!(twin.task.id, l.task.id);
+        s.fail(
+            &twin.lease_id,
+            "CUDA out of memory",
+            FailureKind::OutOfMemory,
+        )
+        .unwrap();
+        let unknown = DeviceMemory {
+            own: 0,
+            largest_live: 80 * GIB,
+        };
+        let unknown = s.lease_as(&w("unknown"), &[], unknown).unwrap().unwrap();
         assert_eq!(unknown.task.id, l.task.id);
         s.fail(
             &unknown.lease_id,
@@ -3505,9 +3533,10 @@ mod tests {
             FailureKind::OutOfMemory,
         )
         .unwrap();
-        // a lease period later, a smaller device may try it again (nobody larger took it)
+        // a lease period later, the workers it ran out on may try it again
+        assert!(s.lease_as(&w("small-1"), &[], farm(24)).unwrap().is_none());
         std::thread::sleep(lease + Duration::from_millis(30));
-        let again = s.lease_as(&w("small-2"), &[], 24 * GIB).unwrap().unwrap();
+        let again = s.lease_as(&w("small-1"), &[], farm(24)).unwrap().unwrap();
         assert_eq!(again.task.id, l.task.id);
     }
 
@@ -4622,15 +4651,15 @@ mod tests {
             .unwrap();
         let wait = Duration::from_millis(300);
         assert!(runtime
-            .block_on(s.lease_wait(&w("a"), &[], 0, wait))
+            .block_on(s.lease_wait(&w("a"), &[], DeviceMemory::default(), wait))
             .unwrap()
             .is_none());
         assert!(s.state.lock().unwrap().idle.is_empty());
         let (a, b) = (w("a"), w("b"));
         let (a, b) = runtime.block_on(async {
             tokio::join!(
-                s.lease_wait(&a, &[], 0, Duration::from_secs(5)),
-                s.lease_wait(&b, &[], 0, Duration::from_secs(5))
+                s.lease_wait(&a, &[], DeviceMemory::default(), Duration::from_secs(5)),
+                s.lease_wait(&b, &[], DeviceMemory::default(), Duration::from_secs(5))
             )
         });
         let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
@@ -5253,7 +5282,8 @@ mod tests {
             .build()
             .unwrap();
         let started = std::time::Instant::now();
-        let leased = runtime.block_on(s.lease_wait(&w("w2"), &[], 0, Duration::ZERO));
+        let leased =
+            runtime.block_on(s.lease_wait(&w("w2"), &[], DeviceMemory::default(), Duration::ZERO));
         assert!(
             leased.unwrap().is_none(),
             "the lapsed lease is not expired here"

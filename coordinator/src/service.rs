@@ -22,7 +22,7 @@ use crate::auth::{self, Tenant};
 use crate::decoding::Incoming;
 use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES, MAX_EXCHANGE_PARTS};
 use crate::model::{JobState, TaskState};
-use crate::scheduler::{FailureKind, JobView, Scheduler, Waiting, MAX_PREVIEW_BYTES};
+use crate::scheduler::{DeviceMemory, FailureKind, JobView, Scheduler, Waiting, MAX_PREVIEW_BYTES};
 use crate::workers::{MAX_WORKER_ID, MAX_WORKER_TEXT};
 use crate::{blocking, Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
@@ -715,12 +715,17 @@ impl WorkerService for WorkerApi {
             .workers
             .seen(&worker_id, memory_used_bytes, Some(&tags));
         let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
-        // the device memory it registered with (0 when it leases without having registered here)
-        let memory = self
-            .coordinator
-            .workers
-            .get(&worker_id)
-            .map_or(0, |w| w.memory_bytes);
+        // the device memory it registered with (0 when it leases without having registered here), and the
+        // farm's largest: a task that ran out of memory goes to a larger device first
+        let workers = &self.coordinator.workers;
+        let memory = DeviceMemory {
+            own: workers.get(&worker_id).map_or(0, |w| w.memory_bytes),
+            largest_live: workers
+                .live_memory(|_, _| true)
+                .into_iter()
+                .max()
+                .unwrap_or(0),
+        };
         let lease = self
             .coordinator
             .scheduler

@@ -693,14 +693,16 @@ impl RenderParams {
                 ));
             }
         }
-        // each finite, but a product past f64::MAX would make the style loss infinite
-        if self
-            .layer_weights()
-            .any(|w| !(self.style_weight * w).is_finite())
-        {
+        // each finite, but a product past f32::MAX (the losses' precision) would make the style loss
+        // infinite
+        let past_f32 = |w: f64| !((self.style_weight * w) as f32).is_finite();
+        if !self.style_layer_weights.is_empty() && self.layer_weights().any(past_f32) {
             return Err(Error::invalid(
                 "style_layer_weights",
-                "style_weight x a layer's weight is more than the largest number; scale them down",
+                format!(
+                    "style_weight x a layer's weight is more than {:e}; scale them down",
+                    f32::MAX
+                ),
             ));
         }
         Ok(())
@@ -933,7 +935,7 @@ mod tests {
                 "style_layer_weights",
             ),
             (
-                Box::new(|p| (p.style_weight, p.style_layer_weights) = (1e300, vec![1e10; 5])),
+                Box::new(|p| (p.style_weight, p.style_layer_weights) = (1e20, vec![1e20; 5])),
                 "style_layer_weights",
             ),
             (Box::new(|p| p.scales = 9), "scales"),

@@ -1024,9 +1024,8 @@ fn check_valid(p: &RenderParams, styles: usize) -> Result<(), TestCaseError> {
     let layer_weights: Vec<f64> = p.layer_weights().collect();
     prop_assert_eq!(layer_weights.len(), p.style_layers.len());
     prop_assert!(
-        layer_weights
-            .iter()
-            .all(|w| *w >= 0.0 && (w * p.style_weight).is_finite()),
+        layer_weights.iter().all(|w| *w >= 0.0
+            && (p.style_layer_weights.is_empty() || ((w * p.style_weight) as f32).is_finite())),
         "{layer_weights:?}"
     );
     // the derived values every renderer relies on
