@@ -54,6 +54,18 @@ fn render(output: &Path, extra: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// [`render_to`] with JSON progress; the first progress line: iteration 0's losses.
+fn first_progress(content: &Path, style: &Path, output: &Path, extra: &[&str]) -> Value {
+    let out = render_to(
+        content,
+        style,
+        output,
+        &[&["--progress", "json"], extra].concat(),
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().next().expect("a progress line")).unwrap()
+}
+
 fn f(v: &Value, key: &str) -> f64 {
     v[key]
         .as_f64()
@@ -517,12 +529,7 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
     let weights = repo.join(".stylefarm/vgg19.safetensors");
     // ALGORITHM.md's layer weights: 1 each, then uneven ones (a zero among them)
     for layer_weights in [None, Some("3,0.5,2,0,1.5")] {
-        let mut args: Vec<&str> = vec![
-            "render",
-            "--content",
-            content.to_str().unwrap(),
-            "--style",
-            style.to_str().unwrap(),
+        let mut args = vec![
             "--init",
             init.to_str().unwrap(),
             "--size",
@@ -533,10 +540,6 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
             "adam",
             "--tv-weight",
             "0.01",
-            "--output",
-            out.to_str().unwrap(),
-            "--progress",
-            "json",
         ];
         args.extend(
             layer_weights
@@ -544,16 +547,7 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
                 .iter()
                 .flatten(),
         );
-        let result = stylefarm(&args);
-        assert!(result.status.success(), "{}", stderr(&result));
-        let ours: Value = serde_json::from_str(
-            String::from_utf8(result.stdout)
-                .unwrap()
-                .lines()
-                .next()
-                .unwrap(),
-        )
-        .unwrap();
+        let ours = first_progress(&content, &style, &out, &args);
         let numpy = Command::new(&python)
             .arg(repo.join("tests/objective_numpy.py"))
             .args([&weights, &content, &style, &init])
@@ -593,27 +587,8 @@ fn match_colors_renders_against_the_style_with_the_content_s_colours() {
     .unwrap();
     let out = dir.path().join("out.png");
     let style_loss = |style: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "render",
-            "--content",
-            content.to_str().unwrap(),
-            "--style",
-            style.to_str().unwrap(),
-            "--size",
-            "64",
-            "--iterations",
-            "1",
-            "--progress",
-            "json",
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        let result = stylefarm(&args);
-        assert!(result.status.success(), "{}", stderr(&result));
-        let first = String::from_utf8(result.stdout).unwrap();
-        let first: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
-        f(&first, "style_loss")
+        let args = [&["--size", "64", "--iterations", "1"], extra].concat();
+        f(&first_progress(&content, style, &out, &args), "style_loss")
     };
     let with_flag = style_loss(&style, &["--match-colors"]);
     let of_matched = style_loss(&matched, &[]);
