@@ -716,6 +716,18 @@ fn start_from(init: &mut Init, from: &JobId, image: &ImageHash) -> bool {
     of_it
 }
 
+/// Starts a held job from `image`, the result of job `from`, where its init is that job's
+/// ([`start_from`]): its spec's and its tasks' (those written to `ops`).
+fn start_job_from(job: &mut Job, from: &JobId, image: &ImageHash, ops: &mut Vec<Op>) {
+    if start_from(&mut job.meta.spec.params.init, from, image) {
+        for task in &mut job.tasks {
+            if start_from(&mut task.spec.params.init, from, image) {
+                ops.push(Op::Task(job.meta.id.clone(), task.clone()));
+            }
+        }
+    }
+}
+
 /// What [`settle_dependents`] did.
 #[derive(Default)]
 struct Settled {
@@ -771,13 +783,7 @@ fn settle_dependents(st: &mut State, ended: &JobId, ops: &mut Vec<Op>) -> Settle
                     let job = st.jobs.get_mut(&id).expect("a waiting job is held");
                     job.meta.waiting_on.retain(|j| *j != ended);
                     if let Some(image) = image {
-                        if start_from(&mut job.meta.spec.params.init, &ended, image) {
-                            for task in &mut job.tasks {
-                                if start_from(&mut task.spec.params.init, &ended, image) {
-                                    ops.push(Op::Task(id.clone(), task.clone()));
-                                }
-                            }
-                        }
+                        start_job_from(job, &ended, image, ops);
                     }
                     ops.push(Op::Job(job.meta.clone()));
                     if job.meta.waiting_on.is_empty() {
@@ -1805,10 +1811,10 @@ impl Scheduler {
         if kind == FailureKind::Permanent && !task.permanent_error_workers.contains(&name) {
             task.permanent_error_workers.push(name.clone());
         }
-        if kind == FailureKind::OutOfMemory && !task.out_of_memory_on.contains(&name) {
-            task.out_of_memory_on.push(name);
-        }
         if kind == FailureKind::OutOfMemory {
+            if !task.out_of_memory_on.contains(&name) {
+                task.out_of_memory_on.push(name);
+            }
             task.out_of_memory_bytes = task.out_of_memory_bytes.max(lease.memory_bytes);
         }
         // a tile of a later scale (not a shard: its scale plans again with its workers) may be made smaller
@@ -2580,12 +2586,7 @@ impl Scheduler {
             if let (Some(from), Some(image)) =
                 (job.meta.spec.params.init.job().cloned(), init_image)
             {
-                start_from(&mut job.meta.spec.params.init, &from, &image);
-                for task in &mut job.tasks {
-                    if start_from(&mut task.spec.params.init, &from, &image) {
-                        ops.push(Op::Task(job_id.clone(), task.clone()));
-                    }
-                }
+                start_job_from(job, &from, &image, &mut ops);
             }
             if !waiting_on.is_empty() {
                 st.waiting.insert(job_id.clone());
@@ -3495,9 +3496,16 @@ mod tests {
             own: own * GIB,
             largest_live: 80 * GIB,
         };
-        let l = s.lease_as(&w("small-1"), &[], farm(24)).unwrap().unwrap();
-        s.fail(&l.lease_id, "CUDA out of memory", FailureKind::OutOfMemory)
+        let run_out = |s: &Scheduler, lease: &Lease| {
+            s.fail(
+                &lease.lease_id,
+                "CUDA out of memory",
+                FailureKind::OutOfMemory,
+            )
             .unwrap();
+        };
+        let l = s.lease_as(&w("small-1"), &[], farm(24)).unwrap().unwrap();
+        run_out(&s, &l);
         let s = Scheduler::new(config, store).unwrap();
         for (worker, memory) in [("small-2", 24), ("smaller", 16), ("small-1", 24)] {
             let leased = s.lease_as(&w(worker), &[], farm(memory)).unwrap();
@@ -3505,34 +3513,19 @@ mod tests {
         }
         let large = s.lease_as(&w("large"), &[], farm(80)).unwrap().unwrap();
         assert_eq!(large.task.id, l.task.id);
-        s.fail(
-            &large.lease_id,
-            "CUDA out of memory",
-            FailureKind::OutOfMemory,
-        )
-        .unwrap();
+        run_out(&s, &large);
         // it ran out on the largest device too: none is larger, so another of the same size (as on a farm
         // of like GPUs) takes it at once, as does one of unknown memory
         let twin = s.lease_as(&w("large-2"), &[], farm(80)).unwrap().unwrap();
         assert_eq!(twin.task.id, l.task.id);
-        s.fail(
-            &twin.lease_id,
-            "CUDA out of memory",
-            FailureKind::OutOfMemory,
-        )
-        .unwrap();
+        run_out(&s, &twin);
         let unknown = DeviceMemory {
             own: 0,
             largest_live: 80 * GIB,
         };
         let unknown = s.lease_as(&w("unknown"), &[], unknown).unwrap().unwrap();
         assert_eq!(unknown.task.id, l.task.id);
-        s.fail(
-            &unknown.lease_id,
-            "CUDA out of memory",
-            FailureKind::OutOfMemory,
-        )
-        .unwrap();
+        run_out(&s, &unknown);
         // a lease period later, the workers it ran out on may try it again
         assert!(s.lease_as(&w("small-1"), &[], farm(24)).unwrap().is_none());
         std::thread::sleep(lease + Duration::from_millis(30));

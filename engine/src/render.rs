@@ -88,28 +88,57 @@ impl RenderJob {
     }
 }
 
-/// The style images as a render of `content` takes them: as given or, after Gatys et al. (2016), matched to
-/// the content: with luminance-only transfer ([`RenderParams::luminance_only`]) each one's luminance to the
-/// content's ([`imaging::matched_luminance`]), with colour histogram matching
-/// ([`RenderParams::match_colors`]) each one's colours to the content's ([`imaging::matched_colors`]).
+/// How a render's style images are matched to its content, after Gatys et al. (2016) ([`styles_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StyleMatch {
+    /// Luminance-only transfer ([`RenderParams::luminance_only`]): each style's luminance matched to the
+    /// content's ([`imaging::matched_luminance`]).
+    Luminance,
+    /// Colour histogram matching ([`RenderParams::match_colors`]): each style's colours moved to the
+    /// content's ([`imaging::matched_colors`]).
+    Colors,
+}
+
+impl StyleMatch {
+    /// The match `params` ask for; `None`: the styles as given.
+    pub fn of(params: &RenderParams) -> Option<StyleMatch> {
+        if params.luminance_only {
+            Some(StyleMatch::Luminance)
+        } else if params.match_colors {
+            Some(StyleMatch::Colors)
+        } else {
+            None
+        }
+    }
+
+    /// What it matches, for people and cache keys: `luminance` or `colours`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StyleMatch::Luminance => "luminance",
+            StyleMatch::Colors => "colours",
+        }
+    }
+
+    /// `style` matched to `content`.
+    pub fn apply(self, style: &RgbImage, content: &RgbImage) -> RgbImage {
+        match self {
+            StyleMatch::Luminance => imaging::matched_luminance(style, content),
+            StyleMatch::Colors => imaging::matched_colors(style, content),
+        }
+    }
+}
+
+/// The style images as a render of `content` takes them: as given, or matched to the content as `params`
+/// ask ([`StyleMatch`]).
 pub fn styles_for(
     styles: Vec<RgbImage>,
     content: &RgbImage,
     params: &RenderParams,
 ) -> Vec<RgbImage> {
-    let matched = if params.luminance_only {
-        imaging::matched_luminance
-    } else if params.match_colors {
-        imaging::matched_colors
-    } else {
-        return styles;
-    };
-    styles.iter().map(|style| matched(style, content)).collect()
-}
-
-/// Whether [`styles_for`] matches the styles to the content (so that they depend on it).
-pub fn styles_matched(params: &RenderParams) -> bool {
-    params.luminance_only || params.match_colors
+    match StyleMatch::of(params) {
+        None => styles,
+        Some(m) => styles.iter().map(|style| m.apply(style, content)).collect(),
+    }
 }
 
 impl RenderJob {

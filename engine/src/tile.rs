@@ -40,7 +40,8 @@ pub struct ScaleRender {
 /// the style targets those of the whole canvas (`style_longest`), `styles` as the render takes them
 /// ([`crate::render::styles_for`] of the whole content: luminance-only transfer and colour matching match
 /// them to the whole content, not to the window; a worker does that once per content). A shard adds up its
-/// evaluations with the other shards through `exchange`. An error names `tile` (a canvas that is not the content's at that size),
+/// evaluations with the other shards through `exchange`. An error names `tile` (a canvas that is not the
+/// content's at that size),
 /// `init` (none given) or `shard` (a shard without an exchange).
 pub fn tile_job(
     content: &RgbImage,

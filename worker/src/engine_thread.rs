@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use image::{Rgb32FImage, RgbImage};
 use stylefarm_core::job::ImageHash;
 use stylefarm_core::{imaging, Layer, Pooling};
+use stylefarm_engine::render::StyleMatch;
 use stylefarm_engine::{Device, Engine, EngineOptions, Progress, RenderJob, Snapshots, StyleGrams};
 use tokio::sync::{oneshot, watch};
 
@@ -35,7 +36,7 @@ pub struct StyleKey {
     pub block: Option<u32>,
     /// A tile's canvas, whose Gram matrices its targets are offset by.
     pub tile_canvas: Option<TileCanvas>,
-    /// The content's sha256 when the styles are matched to it ([`stylefarm_engine::render::styles_matched`]:
+    /// The content's sha256 when the styles are matched to it ([`stylefarm_engine::render::StyleMatch`]:
     /// luminance-only transfer, colour matching), so that their targets depend on it. `None` otherwise.
     pub matched_to: Option<ImageHash>,
 }
@@ -67,10 +68,10 @@ enum TargetKey {
         layers: Vec<Layer>,
         pooling: Pooling,
         block: Option<u32>,
-        /// Luminance-only transfer's Grams are those of the images' luminance, matched to the content's
-        /// ([`StyleKey::matched_to`]); colour matching's, those of the images with the content's colours.
-        luminance_only: bool,
-        match_colors: bool,
+        /// Matched to the content ([`StyleKey::matched_to`]): luminance-only transfer's Grams are those of
+        /// the images' luminance matched to the content's, colour matching's those of the images with the
+        /// content's colours.
+        matched: Option<StyleMatch>,
         matched_to: Option<ImageHash>,
     },
     /// A tile's canvas at the start of its scale ([`Engine::canvas_grams`]): the previous scale's hash.
@@ -285,8 +286,7 @@ impl Resident {
                     layers: params.style_layers.clone(),
                     pooling: params.pooling,
                     block: req.style.block,
-                    luminance_only: params.luminance_only,
-                    match_colors: params.match_colors,
+                    matched: StyleMatch::of(params),
                     matched_to: req.style.matched_to.clone(),
                 },
                 || engine.style_grams(&req.job.styles, side, params, req.style.block),

@@ -17,7 +17,7 @@ use stylefarm_core::ids::{LeaseId, WorkerId};
 use stylefarm_core::job::{ImageHash, ScalePart, Task};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::{imaging, Init};
-use stylefarm_engine::render::styles_matched;
+use stylefarm_engine::render::StyleMatch;
 use stylefarm_engine::{Device, EngineOptions, PreviousFrameImages, Progress, RenderJob};
 use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
@@ -196,14 +196,10 @@ impl ImageCache {
         (content_hash, content): (&ImageHash, &Arc<RgbImage>),
         params: &stylefarm_core::RenderParams,
     ) -> Result<Vec<Arc<RgbImage>>, Failure> {
-        if !styles_matched(params) {
+        let Some(matched) = StyleMatch::of(params) else {
             return Ok(styles.iter().map(|(_, img)| img.clone()).collect());
-        }
-        let what = if params.luminance_only {
-            "luminance"
-        } else {
-            "colours"
         };
+        let what = matched.name();
         let mut matched = Vec::with_capacity(styles.len());
         for (hash, style) in styles {
             let key =
@@ -660,7 +656,7 @@ async fn run_task(
         styles: task.styles.clone(),
         block: None,
         tile_canvas: None,
-        matched_to: styles_matched(&task.params).then(|| task.content.clone()),
+        matched_to: StyleMatch::of(&task.params).map(|_| task.content.clone()),
     };
     // copying the images into the job (a large content: tens of ms) and resampling a tile are CPU work:
     // off the async threads
