@@ -4,8 +4,9 @@
 //!
 //! | metric | type | labels | what |
 //! | --- | --- | --- | --- |
-//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks (ready or backing off) |
-//! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued or running, by their job's worker tags |
+//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off) |
+//! | `stylefarm_held_tasks` | gauge | `reason` (`paused`, `waiting`) | pending tasks of jobs paused, or waiting for the jobs they are after: no worker starts them |
+//! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state |
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
 //! | `stylefarm_workers` | gauge | `state` (`live`, `silent`) | workers heard from within a minute (and not lost since: a lease of theirs ran out), or not |
@@ -81,6 +82,7 @@ impl SchedulerMetrics {
 pub(crate) struct Metrics {
     registry: Registry,
     queue_depth: Family<Labels, Gauge>,
+    held_tasks: Family<Labels, Gauge>,
     open_tasks: Family<Labels, Gauge>,
     tasks: Family<Labels, Gauge>,
     jobs: Family<Labels, Gauge>,
@@ -97,6 +99,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("stylefarm");
         let metrics = Metrics {
             queue_depth: Family::default(),
+            held_tasks: Family::default(),
             open_tasks: Family::default(),
             tasks: Family::default(),
             jobs: Family::default(),
@@ -106,12 +109,17 @@ impl Metrics {
         };
         registry.register(
             "queue_depth",
-            "Pending tasks (ready or backing off), by job priority",
+            "Pending tasks a worker may start (ready or backing off), by job priority",
             metrics.queue_depth.clone(),
         );
         registry.register(
+            "held_tasks",
+            "Pending tasks no worker starts: their job is paused, or waits for the jobs it is after",
+            metrics.held_tasks.clone(),
+        );
+        registry.register(
             "open_tasks",
-            "Tasks queued or running, by the worker tags their job asks for (empty: any worker)",
+            "Tasks queued (not held) or running, by the worker tags their job asks for (empty: any worker)",
             metrics.open_tasks.clone(),
         );
         registry.register(
@@ -197,6 +205,7 @@ impl Metrics {
             }
         };
         set(&self.queue_depth, "priority", counts.queue_by_priority);
+        set(&self.held_tasks, "reason", counts.held_by_reason);
         set(&self.open_tasks, "worker_tags", counts.open_by_worker_tags);
         set(&self.tasks, "state", counts.tasks_by_state);
         set(&self.jobs, "state", counts.jobs_by_state);

@@ -905,14 +905,17 @@ pub struct Retried {
 /// The scheduler's state in numbers ([`Scheduler::counts`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
-    /// Pending tasks by their job's priority.
+    /// Pending tasks a worker may start, by their job's priority (not those of [`Counts::held_by_reason`]).
     pub queue_by_priority: BTreeMap<String, usize>,
+    /// Pending tasks that no worker may start until their job's client or another job moves them on, by
+    /// why ([`held_reason`]: `paused`, `waiting`): work that more workers would not run.
+    pub held_by_reason: BTreeMap<String, usize>,
     /// Tasks by state ([`TaskState::name`]).
     pub tasks_by_state: BTreeMap<String, usize>,
     /// Jobs by state ([`JobState::name`]).
     pub jobs_by_state: BTreeMap<String, usize>,
-    /// Tasks queued or running, by the worker tags their job asks for ([`worker_tags_label`]): the work a
-    /// pool of workers with those tags (or more) may take.
+    /// Tasks queued (and not held) or running, by the worker tags their job asks for
+    /// ([`worker_tags_label`]): the work a pool of workers with those tags (or more) may take.
     pub open_by_worker_tags: BTreeMap<String, usize>,
 }
 
@@ -922,6 +925,20 @@ pub fn worker_tags_label(tags: &[String]) -> String {
     tags.sort();
     tags.dedup();
     tags.join(",")
+}
+
+/// Why no worker may start `task`, pending in `job`: `paused` (its client paused the job; a shard whose
+/// siblings run still starts, as [`Scheduler::lease`] does), `waiting` (for the jobs it is after), or none.
+fn held_reason(job: &Job, task: &TaskRecord) -> Option<&'static str> {
+    if job.meta.state.is_terminal() {
+        None
+    } else if !job.meta.waiting_on.is_empty() {
+        Some("waiting")
+    } else if job.meta.paused && !shard_group(job, task).any(|t| t.state == TaskState::Running) {
+        Some("paused")
+    } else {
+        None
+    }
 }
 
 /// The workers of `live` (heard from lately, with their tags) that a job of `spec` may run on
@@ -2974,8 +2991,8 @@ impl Scheduler {
         &self.metrics
     }
 
-    /// The queue by priority (a walk of the pending tasks), the tasks and the jobs by state (kept as they
-    /// change: no walk of every task the coordinator has had).
+    /// The queue by priority and the tasks held (a walk of the pending tasks), the tasks and the jobs by
+    /// state (kept as they change: no walk of every task the coordinator has had).
     pub fn counts(&self) -> Counts {
         let st = self.state.lock().unwrap();
         let mut counts = Counts::default();
@@ -2984,7 +3001,16 @@ impl Scheduler {
                 .get(job_id)
                 .map_or_else(String::new, |j| worker_tags_label(&j.meta.spec.worker_tags))
         };
-        for (Reverse(priority), _, _, job_id) in st.queue.iter() {
+        for (Reverse(priority), _, index, job_id) in st.queue.iter() {
+            let held = st.jobs.get(job_id).and_then(|job| {
+                job.tasks
+                    .get(*index as usize)
+                    .and_then(|task| held_reason(job, task))
+            });
+            if let Some(reason) = held {
+                *counts.held_by_reason.entry(reason.into()).or_default() += 1;
+                continue;
+            }
             *counts
                 .queue_by_priority
                 .entry(priority.to_string())
@@ -3034,7 +3060,7 @@ impl Scheduler {
         counts
     }
 
-    /// Pending tasks (ready or backing off), for metrics and tests.
+    /// Pending tasks (ready, backing off or held), for tests.
     pub fn queue_depth(&self) -> usize {
         self.state.lock().unwrap().queue.len()
     }
@@ -3663,6 +3689,14 @@ mod tests {
         let first = s.lease(&w("a")).unwrap().unwrap();
         assert_eq!(s.set_paused(&job, true).unwrap(), JobState::Running);
         assert!(s.lease(&w("a")).unwrap().is_none(), "paused");
+        // its queued tasks are held, not queued for a worker; the running one is still open
+        let counts = s.counts();
+        assert_eq!(
+            counts.held_by_reason,
+            BTreeMap::from([("paused".into(), 2)])
+        );
+        assert!(counts.queue_by_priority.is_empty(), "{counts:?}");
+        assert_eq!(counts.open_by_worker_tags, BTreeMap::from([("".into(), 1)]));
         s.complete(&first.lease_id, &hash("done")).unwrap().unwrap();
         // a failure blocklists the only worker: a paused job waits for its client, not for a worker
         s.set_paused(&job, false).unwrap();
@@ -3716,6 +3750,9 @@ mod tests {
         s.set_paused(&job, false).unwrap();
         s.lease(&w("a")).unwrap().unwrap();
         s.set_paused(&job, true).unwrap();
+        // the sibling counts as queued for a worker, not held
+        let queued: usize = s.counts().queue_by_priority.values().sum();
+        assert_eq!(queued, 1, "{:?}", s.counts());
         let sibling = s
             .lease(&w("b"))
             .unwrap()
@@ -5367,6 +5404,14 @@ mod tests {
                 format!("waiting for job {a} to succeed")
             );
         }
+        // the waiting tasks are held: no more workers would run them (what an autoscaler reads)
+        let counts = s.counts();
+        assert_eq!(
+            counts.held_by_reason,
+            BTreeMap::from([("waiting".into(), 3)])
+        );
+        assert_eq!(counts.queue_by_priority, BTreeMap::from([("0".into(), 1)]));
+        assert_eq!(counts.open_by_worker_tags, BTreeMap::from([("".into(), 1)]));
         // the higher-priority batch waits: A's task comes first, and nothing else
         let l = s.lease(&w("w1")).unwrap().unwrap();
         assert_eq!(l.task.id.job, a);
