@@ -158,6 +158,7 @@ async fn main() {
             let id = c
                 .register_worker(pb::RegisterWorkerRequest {
                     name: format!("fake-{w}"),
+                    protocol: stylefarm_proto::PROTOCOL,
                     ..Default::default()
                 })
                 .await
@@ -171,6 +172,7 @@ async fn main() {
                     .lease_task(pb::LeaseTaskRequest {
                         worker_id: id.clone(),
                         wait_ms: 200,
+                        protocol: stylefarm_proto::PROTOCOL,
                         ..Default::default()
                     })
                     .await

@@ -1301,6 +1301,39 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .await
         .unwrap_err();
     assert!(err.message().starts_with("tags"), "{err:?}");
+    // a worker that speaks an older render protocol (here one that predates the field), registering or
+    // asking for work: refused naming the protocol, as it would render tasks' new options as absent
+    let err = workers
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "old".into(),
+            protocol: stylefarm_proto::PROTOCOL - 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().starts_with("protocol") && err.message().contains("upgrade the worker"),
+        "{err:?}"
+    );
+    let err = workers
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id: "old#1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().starts_with("protocol"), "{err:?}");
+    // one newer than the coordinator reads every field it sends: taken
+    workers
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "new".into(),
+            protocol: stylefarm_proto::PROTOCOL + 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     // a device text or a worker id longer than the registry keeps: refused naming the field
     let err = workers
         .register_worker(pb::RegisterWorkerRequest {

@@ -192,6 +192,7 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
             memory_bytes: 0,
             version: "test".into(),
             tags: Vec::new(),
+            protocol: stylefarm_proto::PROTOCOL,
         })
         .await;
     out.push((
@@ -205,6 +206,7 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
             rpc.lease_task(pb::LeaseTaskRequest {
                 worker_id: worker_id.clone(),
                 wait_ms: 0,
+                protocol: stylefarm_proto::PROTOCOL,
                 ..Default::default()
             })
             .await,
@@ -843,6 +845,7 @@ async fn tls_serves_clients_without_a_certificate_and_workers_only_with_one() {
                 memory_bytes: 0,
                 version: "test".into(),
                 tags: Vec::new(),
+                protocol: stylefarm_proto::PROTOCOL,
             })
             .await
             .map(|_| ())

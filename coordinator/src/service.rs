@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind, ScalePart};
-use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_server::RenderService;
 use stylefarm_proto::pb::worker_service_server::WorkerService;
+use stylefarm_proto::{pb, PROTOCOL};
 use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -135,6 +135,18 @@ fn check_worker_id(id: &WorkerId) -> Result<(), Error> {
         return Err(Error::invalid("worker_id", message));
     }
     Ok(())
+}
+
+/// Refuses a worker that speaks an older render protocol than this coordinator ([`PROTOCOL`]): it would
+/// render the tasks' new fields as if they were absent.
+fn check_protocol(protocol: u32) -> Result<(), Status> {
+    if protocol >= PROTOCOL {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "protocol: this worker speaks render protocol {protocol} and the coordinator {PROTOCOL}: upgrade \
+         the worker (one older than its coordinator would ignore render options it does not know)"
+    )))
 }
 
 fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Error> {
@@ -670,6 +682,7 @@ impl WorkerService for WorkerApi {
             }
         }
         stylefarm_core::job::check_tags("tags", &r.tags).map_err(Error::from)?;
+        check_protocol(r.protocol)?;
         let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
         let worker_id = WorkerId::new(format!("{}#{n}", r.name));
         tracing::info!(
@@ -704,6 +717,7 @@ impl WorkerService for WorkerApi {
             wait_ms,
             memory_used_bytes,
             tags,
+            protocol,
         } = request.into_inner();
         let worker_id = WorkerId::from(worker_id);
         if worker_id.is_empty() {
@@ -711,6 +725,7 @@ impl WorkerService for WorkerApi {
         }
         check_worker_id(&worker_id)?;
         stylefarm_core::job::check_tags("tags", &tags).map_err(Error::from)?;
+        check_protocol(protocol)?;
         self.coordinator
             .workers
             .seen(&worker_id, memory_used_bytes, Some(&tags));

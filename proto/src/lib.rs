@@ -13,6 +13,18 @@ pub mod pb {
 /// The encoded file descriptor set of `stylefarm.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stylefarm_descriptor");
 
+/// The revision of the render protocol this build speaks: what a coordinator can tell its workers, counted
+/// from this file's descriptor by build.rs (the field numbers, used or reserved, and the enum values of
+/// every message that WorkerService's answers hold, nested ones included). Adding a field there (a render
+/// option, a part of a task's spec) raises it, so a coordinator refuses workers older than itself
+/// (RegisterWorkerRequest.protocol) rather than lease them tasks whose new fields they would drop without an
+/// error (protobuf skips unknown fields). Workers newer than their coordinator are taken: they read every
+/// field it sends. So a farm is upgraded workers first.
+pub mod protocol {
+    include!(concat!(env!("OUT_DIR"), "/protocol.rs"));
+}
+pub use protocol::PROTOCOL;
+
 /// Largest gRPC message the project sends or accepts: above every chunk and status, below gRPC's default.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Size of the chunks of image streams.

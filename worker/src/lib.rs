@@ -375,12 +375,19 @@ pub async fn run(
                 memory_bytes,
                 version: env!("CARGO_PKG_VERSION").into(),
                 tags: config.tags.clone(),
+                protocol: stylefarm_proto::PROTOCOL,
             })
             .await;
         let registered = match registered {
             Ok(r) => r.into_inner(),
-            // a refused token or certificate will be refused again: leave, saying why
-            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+            // a refused token or certificate, or a coordinator newer than this worker's render protocol,
+            // will be refused again: leave, saying why
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition
+                ) =>
+            {
                 tracing::error!(error = s.message(), "the coordinator refused this worker");
                 return Err(Error::Coordinator(format!(
                     "refused the worker: {}",
@@ -412,6 +419,7 @@ pub async fn run(
                     wait_ms,
                     memory_used_bytes: memory_used.bytes(),
                     tags: config.tags.clone(),
+                    protocol: stylefarm_proto::PROTOCOL,
                 })
                 .await;
             let leased = match leased {
