@@ -636,10 +636,6 @@ pub async fn serve(
                         coordinator.step_awaiting();
                     }
                     let expired = coordinator.scheduler.expire();
-                    // a keep-going sweep whose last variant failed (its lease expired, say)
-                    for job_id in coordinator.scheduler.take_stage_due() {
-                        coordinator.spawn_stage_work(job_id);
-                    }
                     // a worker whose lease expired counts as gone until it calls again: an exact-mode
                     // scale with more shards than workers left is planned again
                     for (worker, ran_out) in coordinator.scheduler.take_lost() {
@@ -651,6 +647,11 @@ pub async fn serve(
                     let live = coordinator.workers.live();
                     if let Err(e) = coordinator.scheduler.fail_stranded(&live) {
                         tracing::error!(error = %e, "failing the jobs no live worker may take");
+                    }
+                    // a keep-going sweep whose last variant failed (its lease expired, or no worker is
+                    // left for it, say)
+                    for job_id in coordinator.scheduler.take_stage_due() {
+                        coordinator.spawn_stage_work(job_id);
                     }
                     (behind, expired)
                 });

@@ -1968,6 +1968,41 @@ impl Scheduler {
         }
     }
 
+    /// Fails the queued tasks of keep-going job `job_id` with `error` ([`JobSpec::keep_going`]), none being
+    /// left to run them, and ends the job as [`Scheduler::fail`] does when its last task fails: a sweep with
+    /// a variant rendered is due for its contact sheet ([`Scheduler::take_stage_due`]); otherwise the job
+    /// fails naming its failed tasks. Returns whether the job ended (not when its sheet is due).
+    fn fail_queued_tasks(
+        &self,
+        st: &mut State,
+        job_id: &JobId,
+        error: &str,
+        ops: &mut Vec<Op>,
+    ) -> Result<bool, SchedulerError> {
+        let job = st
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        for task in job
+            .tasks
+            .iter_mut()
+            .filter(|t| t.state == TaskState::Pending)
+        {
+            set_task_state(&mut st.tally, task, TaskState::Failed);
+            task.error = error.to_string();
+            st.queue.remove(&job.meta, task.index);
+            ops.push(Op::Task(job_id.clone(), task.clone()));
+        }
+        if job.meta.spec.kind.has_stage_work() && stage_done(job) {
+            ops.push(Op::Job(job.meta.clone()));
+            st.stage_due.push(job_id.clone());
+            return Ok(false);
+        }
+        let reason = kept_going_failure(job).unwrap_or_else(|| error.to_string());
+        self.finish_job(st, job_id, JobState::Failed, &reason, ops)?;
+        Ok(true)
+    }
+
     /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made); a job that
     /// has ended keeps its state.
     pub fn fail_job(&self, job_id: &JobId, error: &str) -> Result<(), SchedulerError> {
@@ -1990,7 +2025,9 @@ impl Scheduler {
     /// heard from lately, with their tags) that the job may run on ([`JobSpec::runs_on`]) blocklisted for
     /// it. Such a job would otherwise wait forever, e.g. `stylefarm local --workers 1` after three failures
     /// on different tasks (Flamenco fails a job with no worker left to run it). With no live worker at all,
-    /// or none that the job may run on, it waits: workers may come (a cluster scaling up from zero).
+    /// or none that the job may run on, it waits: workers may come (a cluster scaling up from zero). A
+    /// keep-going job fails its queued tasks instead, and ends as when its last task fails: a sweep that
+    /// rendered a variant is due for its contact sheet, not failed yet ([`Scheduler::fail_queued_tasks`]).
     /// Called every 250 ms by the coordinator; returns the jobs failed.
     pub fn fail_stranded(
         &self,
@@ -2010,6 +2047,7 @@ impl Scheduler {
         let grace = i64::try_from(self.config.no_worker_left.as_millis()).unwrap_or(i64::MAX);
         let mut st = self.state.lock().unwrap();
         let (mut failed, mut ops, mut stranded) = (Vec::new(), Vec::new(), HashMap::new());
+        let mut sheet_due = Vec::new();
         for job_id in st.blocklisting.clone() {
             let Some(job) = st.jobs.get(&job_id).filter(|j| !j.meta.state.is_terminal()) else {
                 st.blocklisting.remove(&job_id);
@@ -2037,16 +2075,34 @@ impl Scheduler {
             if eligible.len() > names.len() {
                 names.push("...");
             }
-            let reason = format!(
+            let why = format!(
                 "no worker left to run it: every live worker ({}: {}) is blocklisted for this job ({} \
-                 failures on it), for {} s now; task {} ({}) last failed with: {}",
+                 failures on it), for {} s now",
                 eligible.len(),
                 names.join(", "),
                 self.config.blocklist_after,
                 (now - since) / 1000,
+            );
+            if job.meta.spec.keep_going {
+                st.blocklisting.remove(&job_id);
+                // a keep-going job fails its queued tasks alone and ends as when its last task failed
+                // (a sweep has its contact sheet made of the variants that rendered)
+                if self.fail_queued_tasks(&mut st, &job_id, &why, &mut ops)? {
+                    failed.push(job_id);
+                } else {
+                    sheet_due.push(job_id);
+                }
+                continue;
+            }
+            let reason = format!(
+                "{why}; task {} ({}) last failed with: {}",
                 task.index,
                 task.spec.label,
-                if task.error.is_empty() { "no error recorded" } else { &task.error },
+                if task.error.is_empty() {
+                    "no error recorded"
+                } else {
+                    &task.error
+                },
             );
             self.finish_job(&mut st, &job_id, JobState::Failed, &reason, &mut ops)?;
             st.blocklisting.remove(&job_id);
@@ -2064,6 +2120,13 @@ impl Scheduler {
             tracing::warn!(
                 job_id = job_id.as_str(),
                 "job failed: every live worker is blocklisted"
+            );
+            self.changed(job_id);
+        }
+        for job_id in &sheet_due {
+            tracing::warn!(
+                job_id = job_id.as_str(),
+                "variants failed: every live worker is blocklisted; the contact sheet is made of the rest"
             );
             self.changed(job_id);
         }
@@ -4334,6 +4397,92 @@ mod tests {
             "{}",
             view.meta.error
         );
+    }
+
+    /// A keep-going job that no live worker is left for fails its queued tasks alone rather than the whole
+    /// job: a batch fails naming them, its rendered task kept, and `retry` runs the failed ones; a sweep
+    /// that rendered a variant is due for its contact sheet, which ends it.
+    #[test]
+    fn a_keep_going_job_with_no_worker_left_fails_its_queued_tasks_and_keeps_what_rendered() {
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            blocklist_after: 2,
+            no_worker_left: Duration::ZERO,
+            ..Default::default()
+        });
+        let live = untagged(&["a"]);
+        // the first task renders, the second fails twice on a: a is blocklisted, the only worker
+        let strand = |job: &JobId| {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            s.complete(&l.lease_id, &hash("rendered")).unwrap().unwrap();
+            for _ in 0..2 {
+                let l = s.lease(&w("a")).unwrap().unwrap();
+                assert_eq!(&l.task.id.job, job);
+                s.fail(&l.lease_id, "flaky", FailureKind::Retryable)
+                    .unwrap();
+            }
+            assert!(s.lease(&w("a")).unwrap().is_none(), "blocklisted");
+        };
+        let (batch_job, _) = s
+            .submit(
+                JobSpec {
+                    max_attempts: 5,
+                    keep_going: true,
+                    ..batch(3, 0)
+                },
+                "",
+            )
+            .unwrap();
+        strand(&batch_job);
+        assert_eq!(s.fail_stranded(&live).unwrap(), vec![batch_job.clone()]);
+        let view = s.get(&batch_job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert!(
+            view.meta
+                .error
+                .starts_with("2 of 3 tasks failed (1 rendered")
+                && view.meta.error.contains("no worker left to run it"),
+            "{}",
+            view.meta.error
+        );
+        let states: Vec<TaskState> = view.tasks.iter().map(|(t, _)| t.state).collect();
+        assert_eq!(
+            states,
+            [TaskState::Succeeded, TaskState::Failed, TaskState::Failed]
+        );
+        assert_eq!(s.counts(), s.counts_walked());
+        // retry: the blocklist starts over and the failed tasks run again
+        assert_eq!(s.retry(&batch_job).unwrap().requeued, 2);
+        assert!(s.lease(&w("a")).unwrap().is_some());
+        s.cancel(&batch_job).unwrap();
+
+        let (sweep, _) = s
+            .submit(
+                JobSpec {
+                    kind: JobKind::Sweep(stylefarm_core::job::parse_sweep("seed=1,2,3").unwrap()),
+                    max_attempts: 5,
+                    keep_going: true,
+                    ..batch(1, 0)
+                },
+                "",
+            )
+            .unwrap();
+        strand(&sweep);
+        assert!(s.fail_stranded(&live).unwrap().is_empty(), "not failed yet");
+        assert_eq!(s.take_stage_due(), std::slice::from_ref(&sweep));
+        assert!(s.awaits_step(&sweep));
+        assert!(s.finish_stage(&sweep, 0, &hash("sheet"), None).unwrap());
+        let view = s.get(&sweep).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(view.meta.result, Some(hash("sheet")));
+        assert!(
+            view.meta
+                .error
+                .starts_with("2 of 3 tasks failed (1 rendered"),
+            "{}",
+            view.meta.error
+        );
+        assert_eq!(s.counts(), s.counts_walked());
     }
 
     /// At equal priority, the tenant with the fewest tasks running goes first, then submission order: a
