@@ -5,7 +5,7 @@
 //! | metric | type | labels | what |
 //! | --- | --- | --- | --- |
 //! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off) |
-//! | `stylefarm_held_tasks` | gauge | `reason` (`paused`, `waiting`) | pending tasks of jobs paused, or waiting for the jobs they are after: no worker starts them |
+//! | `stylefarm_held_tasks` | gauge | `reason` (`paused`, `waiting`, `max_workers`) | pending tasks of jobs paused, waiting for the jobs they are after, or past their job's `--max-workers`: no worker starts them now |
 //! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state |
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
@@ -114,7 +114,8 @@ impl Metrics {
         );
         registry.register(
             "held_tasks",
-            "Pending tasks no worker starts: their job is paused, or waits for the jobs it is after",
+            "Pending tasks no worker starts now: their job is paused, waits for the jobs it is after, or runs \
+             as many tasks as its max_workers",
             metrics.held_tasks.clone(),
         );
         registry.register(

@@ -908,7 +908,8 @@ pub struct Counts {
     /// Pending tasks a worker may start, by their job's priority (not those of [`Counts::held_by_reason`]).
     pub queue_by_priority: BTreeMap<String, usize>,
     /// Pending tasks that no worker may start until their job's client or another job moves them on, by
-    /// why ([`held_reason`]: `paused`, `waiting`): work that more workers would not run.
+    /// why ([`held_reason`]: `paused`, `waiting`; `max_workers`: those past what their job's
+    /// [`JobSpec::max_workers`] lets start beside its running ones): work that more workers would not run.
     pub held_by_reason: BTreeMap<String, usize>,
     /// Tasks by state ([`TaskState::name`]).
     pub tasks_by_state: BTreeMap<String, usize>,
@@ -934,7 +935,10 @@ fn held_reason(job: &Job, task: &TaskRecord) -> Option<&'static str> {
         None
     } else if !job.meta.waiting_on.is_empty() {
         Some("waiting")
-    } else if job.meta.paused && !shard_group(job, task).any(|t| t.state == TaskState::Running) {
+    } else if job.meta.paused
+        && !(task.spec.shards().is_some()
+            && shard_group(job, task).any(|t| t.state == TaskState::Running))
+    {
         Some("paused")
     } else {
         None
@@ -3064,11 +3068,23 @@ impl Scheduler {
                 .get(job_id)
                 .map_or_else(String::new, |j| worker_tags_label(&j.meta.spec.worker_tags))
         };
+        // how many more of a job's queued tasks may start under its max_workers
+        let mut startable: HashMap<&JobId, usize> = HashMap::new();
         for (Reverse(priority), _, index, job_id) in st.queue.iter() {
             let held = st.jobs.get(job_id).and_then(|job| {
-                job.tasks
-                    .get(*index as usize)
-                    .and_then(|task| held_reason(job, task))
+                let task = job.tasks.get(*index as usize)?;
+                held_reason(job, task).or_else(|| {
+                    let max = job.meta.spec.max_workers as usize;
+                    if max == 0 {
+                        return None;
+                    }
+                    let left = startable
+                        .entry(job_id)
+                        .or_insert_with(|| max.saturating_sub(job.leases.len()));
+                    let over = *left == 0;
+                    *left = left.saturating_sub(1);
+                    over.then_some("max_workers")
+                })
             });
             if let Some(reason) = held {
                 *counts.held_by_reason.entry(reason.into()).or_default() += 1;
@@ -5134,9 +5150,22 @@ mod tests {
                 ..batch(4, 5)
             },
         );
+        // before any runs, two of its queued tasks may start, the other two are held (no use adding
+        // workers for them)
+        let counts = s.counts();
+        assert_eq!(counts.queue_by_priority, BTreeMap::from([("5".into(), 2)]));
+        assert_eq!(
+            counts.held_by_reason,
+            BTreeMap::from([("max_workers".into(), 2)])
+        );
         let a = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(s.counts().held_by_reason.get("max_workers"), Some(&2));
         let b = s.lease(&w("b")).unwrap().unwrap();
         assert_eq!((&a.task.id.job, &b.task.id.job), (&limited, &limited));
+        // at its limit: its two queued tasks are held, the running two open
+        let counts = s.counts();
+        assert!(counts.queue_by_priority.is_empty(), "{counts:?}");
+        assert_eq!(counts.open_by_worker_tags, BTreeMap::from([("".into(), 2)]));
         assert!(
             s.lease(&w("c")).unwrap().is_none(),
             "at its limit: nothing else queued"
