@@ -1,6 +1,7 @@
 //! Generates the stylefarm.v1 code with tonic-prost-build, using the protoc binary vendored by the
 //! protoc-bin-vendored crate (no system protoc needed), writes the file descriptor set for reflection, and
-//! counts the render protocol's revision from it (`PROTOCOL`, in `protocol.rs`).
+//! counts the render protocol's revision (`PROTOCOL`, in `protocol.rs`) from `protocol.lock`, which it
+//! checks against the descriptor.
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
@@ -9,6 +10,9 @@ use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorSet};
 
 /// The service whose answers are what a coordinator tells its workers.
 const WORKER_SERVICE: &str = "WorkerService";
+/// Every field and enum value a coordinator has ever sent its workers, one a line, added to and never
+/// taken from: its line count is the render protocol's revision.
+const LOCK: &str = "protocol.lock";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["stylefarm/v1/stylefarm.proto"];
@@ -22,8 +26,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor)
         .compile_protos(&protos, &["."])?;
+    println!("cargo:rerun-if-changed={LOCK}");
     let set = FileDescriptorSet::decode(std::fs::read(&descriptor)?.as_slice())?;
-    let protocol = protocol(&set)?;
+    let lock = std::fs::read_to_string(LOCK)?;
+    let locked: BTreeSet<&str> = lock
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let missing: Vec<String> = sent_to_workers(&set)?
+        .into_iter()
+        .filter(|line| !locked.contains(line.as_str()))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "{LOCK} lacks what a coordinator now sends its workers; append these lines to it (that raises \
+             stylefarm_proto::PROTOCOL, so that coordinators refuse the workers built before them, which \
+             would drop these fields without an error):\n{}",
+            missing.join("\n")
+        )
+        .into());
+    }
+    let protocol = locked.len();
     std::fs::write(
         out.join("protocol.rs"),
         format!(
@@ -34,10 +58,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The field numbers (fields and reserved ones) and enum values, summed over the messages and enums that
-/// the worker service's answers hold, directly or nested: adding a field or a value there raises it, and
-/// reserving a removed one keeps it (protobuf's rules for changing a message).
-fn protocol(set: &FileDescriptorSet) -> Result<u32, String> {
+/// A line for each field and enum value of the messages and enums that the worker service's answers hold,
+/// directly or nested: `<type> <number> <name>`, e.g. `.stylefarm.v1.RenderParams 26 match_colors`. Types
+/// of other packages (google.protobuf's) are left out.
+fn sent_to_workers(set: &FileDescriptorSet) -> Result<Vec<String>, String> {
     let mut messages: HashMap<String, &DescriptorProto> = HashMap::new();
     let mut enums: HashMap<String, &EnumDescriptorProto> = HashMap::new();
     fn index<'a>(
@@ -56,7 +80,7 @@ fn protocol(set: &FileDescriptorSet) -> Result<u32, String> {
         messages.insert(name, message);
     }
     let mut roots = Vec::new();
-    for file in &set.file {
+    for file in set.file.iter().filter(|f| f.package() == "stylefarm.v1") {
         let scope = format!(".{}", file.package());
         for message in &file.message_type {
             index(&scope, message, &mut messages, &mut enums);
@@ -71,26 +95,30 @@ fn protocol(set: &FileDescriptorSet) -> Result<u32, String> {
     if roots.is_empty() {
         return Err(format!("no service {WORKER_SERVICE} in the descriptor set"));
     }
-    let (mut seen, mut count) = (BTreeSet::new(), 0u64);
+    let (mut seen, mut lines) = (BTreeSet::new(), BTreeSet::new());
     while let Some(name) = roots.pop() {
         if !seen.insert(name.clone()) {
             continue;
         }
         if let Some(e) = enums.get(&name) {
-            count += e.value.len() as u64;
-            continue;
+            lines.extend(
+                e.value
+                    .iter()
+                    .map(|v| (name.clone(), v.number(), v.name().to_string())),
+            );
+        } else if let Some(message) = messages.get(&name) {
+            lines.extend(
+                message
+                    .field
+                    .iter()
+                    .map(|f| (name.clone(), f.number(), f.name().to_string())),
+            );
+            roots.extend(message.field.iter().filter_map(|f| f.type_name.clone()));
         }
-        // a type of another package (google.protobuf's) is not ours to count
-        let Some(message) = messages.get(&name) else {
-            continue;
-        };
-        let mut numbers: BTreeSet<i32> = message.field.iter().map(|f| f.number()).collect();
-        for range in &message.reserved_range {
-            // end is exclusive; `to max` would be half a billion numbers: a removed field counts once
-            numbers.extend((range.start()..range.end()).take(1000));
-        }
-        count += numbers.len() as u64;
-        roots.extend(message.field.iter().filter_map(|f| f.type_name.clone()));
     }
-    u32::try_from(count).map_err(|_| format!("{count} field numbers"))
+    // by type, then number
+    Ok(lines
+        .into_iter()
+        .map(|(name, number, field)| format!("{name} {number} {field}"))
+        .collect())
 }

@@ -114,8 +114,8 @@ impl Metrics {
         );
         registry.register(
             "held_tasks",
-            "Pending tasks no worker starts now: their job is paused, waits for the jobs it is after, or runs \
-             as many tasks as its max_workers",
+            "Pending tasks no worker starts now: their job is paused, waits for the jobs it is after, or \
+             runs as many tasks as its max_workers",
             metrics.held_tasks.clone(),
         );
         registry.register(

@@ -908,7 +908,7 @@ pub struct Counts {
     /// Pending tasks a worker may start, by their job's priority (not those of [`Counts::held_by_reason`]).
     pub queue_by_priority: BTreeMap<String, usize>,
     /// Pending tasks that no worker may start until their job's client or another job moves them on, by
-    /// why ([`held_reason`]: `paused`, `waiting`; `max_workers`: those past what their job's
+    /// why (`paused`, `waiting`; `max_workers`: those past what their job's
     /// [`JobSpec::max_workers`] lets start beside its running ones): work that more workers would not run.
     pub held_by_reason: BTreeMap<String, usize>,
     /// Tasks by state ([`TaskState::name`]).
@@ -2031,7 +2031,7 @@ impl Scheduler {
     /// on different tasks (Flamenco fails a job with no worker left to run it). With no live worker at all,
     /// or none that the job may run on, it waits: workers may come (a cluster scaling up from zero). A
     /// keep-going job fails its queued tasks instead, and ends as when its last task fails: a sweep that
-    /// rendered a variant is due for its contact sheet, not failed yet ([`Scheduler::fail_queued_tasks`]).
+    /// rendered a variant is due for its contact sheet, not failed yet.
     /// Called every 250 ms by the coordinator; returns the jobs failed.
     pub fn fail_stranded(
         &self,

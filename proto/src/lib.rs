@@ -13,13 +13,15 @@ pub mod pb {
 /// The encoded file descriptor set of `stylefarm.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stylefarm_descriptor");
 
-/// The revision of the render protocol this build speaks: what a coordinator can tell its workers, counted
-/// from this file's descriptor by build.rs (the field numbers, used or reserved, and the enum values of
-/// every message that WorkerService's answers hold, nested ones included). Adding a field there (a render
-/// option, a part of a task's spec) raises it, so a coordinator refuses workers older than itself
-/// (RegisterWorkerRequest.protocol) rather than lease them tasks whose new fields they would drop without an
-/// error (protobuf skips unknown fields). Workers newer than their coordinator are taken: they read every
-/// field it sends. So a farm is upgraded workers first.
+/// The revision of the render protocol this build speaks: the number of lines of `proto/protocol.lock`,
+/// which lists every field and enum value a coordinator has ever sent its workers (those of the messages
+/// that WorkerService answers with, nested ones included), added to and never taken from. build.rs refuses
+/// to build while the proto file has one that the lock lacks, and names the lines to append; so adding such
+/// a field (a render option, a part of a task's spec) raises the revision, and a coordinator refuses workers
+/// older than itself (RegisterWorkerRequest.protocol) rather than lease them tasks whose new fields they
+/// would drop without an error (protobuf skips unknown fields). Workers newer than their coordinator are
+/// taken: they read every field it sends. So a farm is upgraded workers first. Revisions are one line of
+/// history: two branches that each add a field are not told apart by it.
 pub mod protocol {
     include!(concat!(env!("OUT_DIR"), "/protocol.rs"));
 }
