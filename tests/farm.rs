@@ -2464,3 +2464,59 @@ async fn a_shard_whose_worker_is_killed_restarts_its_group() {
         "only the lost lease is a strike"
     );
 }
+
+/// A client newer than its coordinator: a submit that sets an option the coordinator's descriptors lack is
+/// refused before any byte is sent, naming the field, where an older coordinator would drop it and render
+/// the job without it. The stand-in coordinator serves only server reflection, with stylefarm.v1 less
+/// RenderParams.match_colors: without the option the CLI goes on to upload (which it does not serve).
+#[tokio::test]
+async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it() {
+    use prost::Message;
+    let mut set =
+        prost_types::FileDescriptorSet::decode(stylefarm_proto::FILE_DESCRIPTOR_SET).unwrap();
+    for message in set.file.iter_mut().flat_map(|f| &mut f.message_type) {
+        if message.name() == "RenderParams" {
+            message.field.retain(|f| f.name() != "match_colors");
+        }
+    }
+    let older: &'static [u8] = Box::leak(set.encode_to_vec().into_boxed_slice());
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(older)
+        .build_v1()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(reflection)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let submit = move |extra: &[&str]| {
+        let out = stylefarm_tests::stylefarm()
+            .args(["submit", "--coordinator", &url])
+            .args(x_starry("chelsea.png", 32, 2))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let ((refused, err), (plain, plain_err)) =
+        tokio::task::spawn_blocking(move || (submit(&["--match-colors"]), submit(&[])))
+            .await
+            .unwrap();
+    assert!(!refused, "{err}");
+    assert!(
+        err.contains("the coordinator does not know RenderParams.match_colors (26)")
+            && err.contains("upgrade the coordinator"),
+        "{err}"
+    );
+    // the check passed: the upload is what the stand-in does not serve
+    assert!(!plain, "{plain_err}");
+    assert!(
+        !plain_err.contains("does not know") && plain_err.contains("Unimplemented"),
+        "{plain_err}"
+    );
+}

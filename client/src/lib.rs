@@ -2,11 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message;
 pub use stylefarm_core::ids::JobId;
 use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
 use stylefarm_core::{imaging, Init, RenderParams};
+use stylefarm_proto::compat::{self, DescriptorPool};
 use stylefarm_proto::connect::AuthChannel;
 pub use stylefarm_proto::connect::Credentials;
 use stylefarm_proto::pb;
@@ -61,6 +64,14 @@ pub enum ClientError {
     /// A downloaded file's bytes do not hash to the name it was asked by.
     #[error("downloading {0}: the bytes do not match their hash")]
     Corrupt(ImageHash),
+    /// The coordinator is older than this client: it does not know these fields of the request
+    /// (`Message.field (number)`), and would drop them without an error, rendering the job without them.
+    #[error(
+        "the coordinator does not know {}: it is older than this client and would render the job without \
+         them; upgrade the coordinator, or leave those options out",
+        .0.join(", ")
+    )]
+    Unsupported(Vec<String>),
     /// A job ended, or a stream stopped, without what the call needs.
     #[error("job {job_id}: {message}")]
     Job {
@@ -141,6 +152,9 @@ pub struct JobFiles {
 pub struct FarmClient {
     channel: AuthChannel,
     rpc: RenderServiceClient<AuthChannel>,
+    /// The coordinator's descriptors, read by server reflection before the first submit (`None`: it did
+    /// not answer with them); shared by the clones.
+    coordinator_descriptors: Arc<tokio::sync::OnceCell<Option<DescriptorPool>>>,
 }
 
 impl FarmClient {
@@ -188,6 +202,7 @@ impl FarmClient {
             rpc: RenderServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            coordinator_descriptors: Arc::default(),
         })
     }
 
@@ -263,16 +278,35 @@ impl FarmClient {
         request_id: Option<&str>,
         paused: bool,
     ) -> Result<JobId> {
-        let reply = self
-            .rpc
-            .submit_job(pb::SubmitJobRequest {
-                spec: Some(spec.into()),
-                client_request_id: request_id.unwrap_or_default().to_string(),
-                paused,
-            })
-            .await?
-            .into_inner();
+        let request = submit_request(spec, request_id, paused);
+        self.check_known(&request).await?;
+        let reply = self.rpc.submit_job(request).await?.into_inner();
         Ok(JobId::new(reply.job_id))
+    }
+
+    /// Refuses a submit that sets fields the coordinator does not know ([`compat::unknown_to`]): one older
+    /// than this client would drop them without an error and render the job without them (a new render
+    /// option, say). The coordinator's descriptors are read once, by gRPC server reflection; one that does
+    /// not answer with them is not checked.
+    async fn check_known(&self, request: &pb::SubmitJobRequest) -> Result<()> {
+        let channel = self.channel.clone();
+        let theirs = self
+            .coordinator_descriptors
+            .get_or_init(|| coordinator_descriptors(channel))
+            .await;
+        let Some(theirs) = theirs else {
+            return Ok(());
+        };
+        // options left at their defaults: the coordinator's behaviour without them
+        let defaults = [(
+            "stylefarm.v1.RenderParams",
+            pb::RenderParams::from(&RenderParams::default()).encode_to_vec(),
+        )];
+        match compat::unknown_to(theirs, "stylefarm.v1.SubmitJobRequest", request, &defaults) {
+            Ok(unknown) if !unknown.is_empty() => Err(ClientError::Unsupported(unknown)),
+            // known, or a coordinator without the message at all (not stylefarm's: its answer says)
+            _ => Ok(()),
+        }
     }
 
     /// Uploads a job's images (each file once) and submits it; returns its id. The job is checked as
@@ -319,6 +353,10 @@ impl FarmClient {
             after: job.after.clone(),
         };
         spec.check_new()?;
+        // before any byte is sent: a coordinator that would drop an option is told of no upload either
+        let (request_id, paused) = (job.request_id.as_deref(), job.paused);
+        self.check_known(&submit_request(&spec, request_id, paused))
+            .await?;
         for (path, hash) in &files {
             if self.upload_file(path).await? != *hash {
                 return Err(ClientError::Io {
@@ -327,8 +365,7 @@ impl FarmClient {
                 });
             }
         }
-        self.send(&spec, job.request_id.as_deref(), job.paused)
-            .await
+        self.send(&spec, request_id, paused).await
     }
 
     /// A job's status now.
@@ -666,6 +703,42 @@ fn slug(label: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("_")
+}
+
+/// The SubmitJob request of `spec`.
+fn submit_request(spec: &JobSpec, request_id: Option<&str>, paused: bool) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        spec: Some(spec.into()),
+        client_request_id: request_id.unwrap_or_default().to_string(),
+        paused,
+    }
+}
+
+/// The descriptors of the coordinator behind `channel`, as its gRPC server reflection (v1) gives the file of
+/// `stylefarm.v1.RenderService`; `None` when it does not.
+async fn coordinator_descriptors(channel: AuthChannel) -> Option<DescriptorPool> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "stylefarm.v1.RenderService".into(),
+        )),
+    };
+    let mut replies = ServerReflectionClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .ok()?
+        .into_inner();
+    match replies.message().await.ok()??.message_response? {
+        MessageResponse::FileDescriptorResponse(files) => {
+            compat::pool_of(&files.file_descriptor_proto).ok()
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

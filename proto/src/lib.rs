@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod compat;
 pub mod connect;
 pub mod exchange;
 
