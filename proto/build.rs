@@ -31,9 +31,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lock = std::fs::read_to_string(LOCK)?;
     let locked: BTreeSet<&str> = lock
         .lines()
-        .map(str::trim)
+        .map(|l| l.trim().trim_start_matches('\u{feff}'))
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
+    // every line counts, so each must be one a build wrote: `<.type> <number> <name>`, single spaces
+    for line in &locked {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let name =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let well_formed = matches!(parts[..], [ty, number, field]
+            if ty.starts_with('.') && ty[1..].split('.').all(name)
+                && number.parse::<i32>().is_ok() && name(field));
+        if !well_formed {
+            return Err(
+                format!("{LOCK}: '{line}' is not `<.package.Type> <number> <name>`").into(),
+            );
+        }
+    }
     let missing: Vec<String> = sent_to_workers(&set)?
         .into_iter()
         .filter(|line| !locked.contains(line.as_str()))

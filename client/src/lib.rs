@@ -152,9 +152,9 @@ pub struct JobFiles {
 pub struct FarmClient {
     channel: AuthChannel,
     rpc: RenderServiceClient<AuthChannel>,
-    /// The coordinator's descriptors, read by server reflection before the first submit (`None`: it did
-    /// not answer with them); shared by the clones.
-    coordinator_descriptors: Arc<tokio::sync::OnceCell<Option<DescriptorPool>>>,
+    /// The coordinator's descriptors as its server reflection last answered ([`Descriptors`]), kept once
+    /// the answer is definite; shared by the clones.
+    coordinator_descriptors: Arc<std::sync::Mutex<Option<Descriptors>>>,
 }
 
 impl FarmClient {
@@ -284,29 +284,37 @@ impl FarmClient {
         Ok(JobId::new(reply.job_id))
     }
 
-    /// Refuses a submit that sets fields the coordinator does not know ([`compat::unknown_to`]): one older
-    /// than this client would drop them without an error and render the job without them (a new render
-    /// option, say). The coordinator's descriptors are read once, by gRPC server reflection; one that does
-    /// not answer with them is not checked.
+    /// Refuses a submit that sets fields the coordinator does not know ([`compat::unknown_to`]) to other
+    /// than their defaults: one older than this client would drop them without an error and render the job
+    /// without them (a new render option, say). The coordinator's descriptors are read by gRPC server
+    /// reflection, within [`REFLECTION_TIMEOUT`], and kept once it answers definitely; a refusal reads them
+    /// again first (the coordinator may have been upgraded since). A coordinator that does not answer with
+    /// them is not checked (logged).
     async fn check_known(&self, request: &pb::SubmitJobRequest) -> Result<()> {
-        let channel = self.channel.clone();
-        let theirs = self
-            .coordinator_descriptors
-            .get_or_init(|| coordinator_descriptors(channel))
-            .await;
-        let Some(theirs) = theirs else {
-            return Ok(());
+        let kept = self.coordinator_descriptors.lock().unwrap().clone();
+        let unknown = match kept {
+            Some(descriptors) => match descriptors.unknown(request) {
+                // read them again: what was kept may be of the coordinator before an upgrade
+                Some(unknown) if !unknown.is_empty() => {
+                    self.read_descriptors().await.unknown(request)
+                }
+                unknown => unknown,
+            },
+            None => self.read_descriptors().await.unknown(request),
         };
-        // options left at their defaults: the coordinator's behaviour without them
-        let defaults = [(
-            "stylefarm.v1.RenderParams",
-            pb::RenderParams::from(&RenderParams::default()).encode_to_vec(),
-        )];
-        match compat::unknown_to(theirs, "stylefarm.v1.SubmitJobRequest", request, &defaults) {
-            Ok(unknown) if !unknown.is_empty() => Err(ClientError::Unsupported(unknown)),
-            // known, or a coordinator without the message at all (not stylefarm's: its answer says)
+        match unknown {
+            Some(unknown) if !unknown.is_empty() => Err(ClientError::Unsupported(unknown)),
             _ => Ok(()),
         }
+    }
+
+    /// The coordinator's descriptors read now, kept when the answer is definite.
+    async fn read_descriptors(&self) -> Descriptors {
+        let read = coordinator_descriptors(self.channel.clone()).await;
+        if !matches!(read, Descriptors::Unread(_)) {
+            *self.coordinator_descriptors.lock().unwrap() = Some(read.clone());
+        }
+        read
     }
 
     /// Uploads a job's images (each file once) and submits it; returns its id. The job is checked as
@@ -714,9 +722,54 @@ fn submit_request(spec: &JobSpec, request_id: Option<&str>, paused: bool) -> pb:
     }
 }
 
+/// How long a client waits for the coordinator's server reflection before a submit (which checks that the
+/// coordinator knows the job's fields): past it the submit goes on unchecked.
+pub const REFLECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a coordinator's server reflection answered.
+#[derive(Clone)]
+enum Descriptors {
+    /// Its stylefarm.v1 descriptors.
+    Read(DescriptorPool),
+    /// A definite answer without them (no reflection service, no such symbol, a file that does not
+    /// decode): submits to it are not checked.
+    None(String),
+    /// No answer this time (unreachable, busy, too slow): read again at the next submit.
+    Unread(String),
+}
+
+impl Descriptors {
+    /// The fields of `request` the coordinator lacks ([`compat::unknown_to`]), its options left at their
+    /// defaults aside (the coordinator's behaviour without them); `None` when it cannot be told (logged).
+    fn unknown(&self, request: &pb::SubmitJobRequest) -> Option<Vec<String>> {
+        let theirs = match self {
+            Descriptors::Read(theirs) => theirs,
+            Descriptors::None(why) | Descriptors::Unread(why) => {
+                tracing::warn!(
+                    reason = why.as_str(),
+                    "the job's fields not checked against the coordinator's"
+                );
+                return None;
+            }
+        };
+        let defaults = [(
+            "stylefarm.v1.RenderParams",
+            pb::RenderParams::from(&RenderParams::default()).encode_to_vec(),
+        )];
+        compat::unknown_to(theirs, "stylefarm.v1.SubmitJobRequest", request, &defaults)
+            .inspect_err(|why| {
+                tracing::warn!(
+                    reason = why.as_str(),
+                    "the job's fields not checked against the coordinator's"
+                )
+            })
+            .ok()
+    }
+}
+
 /// The descriptors of the coordinator behind `channel`, as its gRPC server reflection (v1) gives the file of
-/// `stylefarm.v1.RenderService`; `None` when it does not.
-async fn coordinator_descriptors(channel: AuthChannel) -> Option<DescriptorPool> {
+/// `stylefarm.v1.RenderService` (stylefarm.v1 imports no other file), within [`REFLECTION_TIMEOUT`].
+async fn coordinator_descriptors(channel: AuthChannel) -> Descriptors {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
@@ -727,17 +780,38 @@ async fn coordinator_descriptors(channel: AuthChannel) -> Option<DescriptorPool>
             "stylefarm.v1.RenderService".into(),
         )),
     };
-    let mut replies = ServerReflectionClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .ok()?
-        .into_inner();
-    match replies.message().await.ok()??.message_response? {
-        MessageResponse::FileDescriptorResponse(files) => {
-            compat::pool_of(&files.file_descriptor_proto).ok()
+    let call = async {
+        let mut replies = ServerReflectionClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .server_reflection_info(tokio_stream::once(request))
+            .await?
+            .into_inner();
+        replies.message().await
+    };
+    let reply = match tokio::time::timeout(REFLECTION_TIMEOUT, call).await {
+        Err(_) => return Descriptors::Unread("server reflection did not answer in time".into()),
+        Ok(Err(status))
+            if matches!(
+                status.code(),
+                tonic::Code::Unimplemented | tonic::Code::NotFound | tonic::Code::PermissionDenied
+            ) =>
+        {
+            return Descriptors::None(format!("server reflection: {}", status.message()));
         }
-        _ => None,
+        Ok(Err(status)) => return Descriptors::Unread(format!("server reflection: {status}")),
+        Ok(Ok(reply)) => reply,
+    };
+    match reply.and_then(|r| r.message_response) {
+        Some(MessageResponse::FileDescriptorResponse(files)) => {
+            match compat::pool_of(&files.file_descriptor_proto) {
+                Ok(pool) => Descriptors::Read(pool),
+                Err(why) => Descriptors::None(why),
+            }
+        }
+        Some(MessageResponse::ErrorResponse(e)) => {
+            Descriptors::None(format!("server reflection: {}", e.error_message))
+        }
+        _ => Descriptors::None("server reflection answered without the file".into()),
     }
 }
 
