@@ -1866,6 +1866,42 @@ async fn a_worker_that_cannot_render_any_more_leaves_with_the_reason() {
     assert!(s.tasks[0].error.contains("panicked"), "{s:?}");
 }
 
+/// `local` whose only worker cannot render any more (a render panics, the device probe and the reload
+/// fail) exits non-zero with the worker's reason, instead of waiting for a worker forever.
+#[test]
+fn local_exits_with_the_reason_once_every_worker_has_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut local = stylefarm_tests::stylefarm()
+        .args(["local", "--workers", "1", "-o"])
+        .arg(dir.path().join("out.png"))
+        .args(x_starry("chelsea.png", 32, 2))
+        .env(
+            "FAILPOINTS",
+            "engine-render=panic;engine-probe=return;engine-reload=return",
+        )
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // it used to wait for a worker for good: a bound, far above the few seconds it takes, kills it
+    let started = Instant::now();
+    while local.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(300) {
+            local.kill().unwrap();
+            panic!("local still waits after 300 s with no worker left");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = local.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("every worker left the farm, the job unfinished: cannot render any more")
+            && err.contains("reloading failed: device: the weights are gone (injected)"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out.png").exists());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_says_serving_and_reflection_lists_the_services() {
     let cluster = Cluster::start(10.0, 0.5);

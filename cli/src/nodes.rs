@@ -278,6 +278,9 @@ const MAX_LOCAL_WORKERS: u32 = 64;
 
 /// An embedded coordinator on 127.0.0.1 and `--workers` workers in this process, one job, its results.
 pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
+    // fault injection for the end-to-end tests, as for `worker`
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     if args.workers == 0 || args.workers > MAX_LOCAL_WORKERS {
         bail!(
             "workers: must be between 1 and {MAX_LOCAL_WORKERS}, got {}",
@@ -326,18 +329,25 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     runtime()?.block_on(async move {
-        let farm = LocalFarm::start(config, workers).await?;
+        let mut farm = LocalFarm::start(config, workers).await?;
         if let Some(addr) = args.status_listen {
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("status_listen: binding {addr}"))?;
             farm.serve_status(listener).await?;
         }
         let mut client = farm.client().await?;
-        let result = async {
+        let render = async {
             let job_id = client.submit_files(&job).await?;
             wait_and_fetch(&mut client, &job_id, Some(&output)).await
-        }
-        .await;
+        };
+        // with no worker left the job would wait for one forever: this farm gets none
+        let result = tokio::select! {
+            result = render => result,
+            reasons = farm.workers_gone() => Err(anyhow::anyhow!(
+                "every worker left the farm, the job unfinished: {}",
+                reasons.join("; ")
+            )),
+        };
         farm.shutdown().await;
         result
     })

@@ -109,6 +109,21 @@ impl LocalFarm {
         FarmClient::connect(&self.url).await
     }
 
+    /// Waits until every worker has stopped, and says why each did (a worker whose engine cannot render
+    /// any more leaves the farm: stylefarm_worker's `Error::EngineLost`). A job of a farm whose workers
+    /// have all left would wait for a worker forever: race this against it.
+    pub async fn workers_gone(&mut self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        for worker in &mut self.workers {
+            reasons.push(match worker.await {
+                Ok(Ok(())) => "it stopped".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("it stopped: {e}"),
+            });
+        }
+        reasons
+    }
+
     /// Stops the workers (a task in progress is abandoned) and the coordinator, and waits for the server.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

@@ -227,6 +227,12 @@ impl Resident {
         tracing::error!(reason = %why, "the engine does not render; reloading VGG19");
         self.cache = StyleCache::default();
         let device = self.engine.device();
+        fail::fail_point!("engine-reload", |_| Err(Unhealthy::ReloadFailed {
+            why: Box::new(why.clone()),
+            reload: Arc::new(stylefarm_engine::Error::Device(
+                "the weights are gone (injected)".into()
+            )),
+        }));
         let engine =
             Engine::load_with(&self.weights, device, self.engine.options()).map_err(|e| {
                 Unhealthy::ReloadFailed {
