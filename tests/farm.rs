@@ -1866,6 +1866,50 @@ async fn a_worker_that_cannot_render_any_more_leaves_with_the_reason() {
     assert!(s.tasks[0].error.contains("panicked"), "{s:?}");
 }
 
+/// `stylefarm workers` lists the workers: the busy one with its device and the task it renders (the job is
+/// this client's), the idle one with its tags; a worker killed goes silent once its lease lapses.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_lists_each_worker_with_its_health_and_task() {
+    let mut cluster = Cluster::start(2.0, 0.3);
+    cluster.add_worker("plain");
+    cluster.add_worker_with_env("big", &[("STYLEFARM_WORKER_TAGS", "gpu,a100")]);
+    wait_registered(&cluster, 2).await;
+    let job_id = submit(&cluster, &tubingen_x_starry(48, 200));
+    wait_iteration(&cluster, &job_id, 2).await;
+    let (ok, out, err) = cluster.cli(&["workers"]);
+    assert!(ok, "{err}");
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let busy = &lines[0];
+    assert_eq!(busy[1], "busy", "busy first: {out}");
+    assert_eq!(busy[2], "cpu", "{out}");
+    assert!(busy[6].starts_with(&format!("{job_id}/0 ")), "{out}");
+    let idle = &lines[1];
+    let mut tags: Vec<&str> = idle[4].split(',').collect();
+    tags.sort();
+    let expected = if idle[0].starts_with("big#") {
+        vec!["a100", "gpu"]
+    } else {
+        vec!["-"]
+    };
+    assert_eq!((idle[1], tags, idle[6]), ("idle", expected, ""), "{out}");
+    // the busy worker killed: silent once its lease (2 s) lapses, and no longer busy
+    let busy_name = busy[0].split('#').next().unwrap().to_string();
+    let index = if busy_name == "plain" { 0 } else { 1 };
+    cluster.workers[index].kill();
+    wait_for(
+        "the killed worker to go silent",
+        Duration::from_secs(30),
+        || async {
+            let (_, out, _) = cluster.cli(&["workers"]);
+            out.lines()
+                .any(|l| l.starts_with(&format!("{busy_name}#")) && l.contains("\tsilent\t"))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// `local` whose only worker cannot render any more (a render panics, the device probe and the reload
 /// fail) exits non-zero with the worker's reason, instead of waiting for a worker forever.
 #[test]

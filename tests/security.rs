@@ -178,6 +178,11 @@ async fn render_calls(
         "DeleteJob",
         code(rpc.delete_job(pb::DeleteJobRequest { job_id: id() }).await),
     ));
+    // the workers are the farm's: any client lists them (a task is named for its job's client only)
+    out.push((
+        "ListWorkers",
+        code(rpc.list_workers(pb::ListWorkersRequest {}).await),
+    ));
     out
 }
 
@@ -294,16 +299,16 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let image = spec.contents[0].clone();
 
     use Code::*;
-    let render_expected = |caller: &str| -> [Code; 12] {
+    let render_expected = |caller: &str| -> [Code; 13] {
         match caller {
-            "none" => [Unauthenticated; 12],
-            "worker" => [PermissionDenied; 12],
-            "alice" => [Ok; 12],
+            "none" => [Unauthenticated; 13],
+            "worker" => [PermissionDenied; 13],
+            "alice" => [Ok; 13],
             // another tenant: its own uploads and jobs; alice's job is not found, not even listed; images
-            // are content-addressed, readable by any client that knows the hash
+            // are content-addressed, readable by any client that knows the hash; the workers are listed
             "bob" => [
                 Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound, NotFound, NotFound, NotFound,
-                NotFound, NotFound,
+                NotFound, NotFound, Ok,
             ],
             _ => unreachable!(),
         }

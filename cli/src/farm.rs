@@ -900,6 +900,47 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The arguments of `workers`.
+#[derive(Args)]
+pub(crate) struct WorkersArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// Lists the workers, one a line: id, health, device, memory in use of the device's, tags, seconds since
+/// it last called, and its task (`JOB/INDEX` and how much is done, when the job is the caller's).
+pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&args.connect).await?;
+        for w in client.workers().await? {
+            let bytes = |b: u64| match b {
+                0 => "?".to_string(),
+                b => bytesize::ByteSize(b).to_string(),
+            };
+            let device = if w.device.is_empty() { "?" } else { &w.device };
+            let tags = if w.tags.is_empty() {
+                "-".to_string()
+            } else {
+                w.tags.join(",")
+            };
+            let task = match (w.job_id.as_str(), w.task) {
+                ("", _) | (_, None) if w.health == "busy" => "another client's task".to_string(),
+                ("", _) | (_, None) => String::new(),
+                (job, Some(index)) => format!("{job}/{index} {:.0}%", w.progress * 100.0),
+            };
+            println!(
+                "{}\t{}\t{device}\t{} of {}\t{tags}\t{:.0} s ago\t{task}",
+                w.worker_id,
+                w.health,
+                bytes(w.memory_used_bytes),
+                bytes(w.memory_bytes),
+                w.last_seen_s,
+            );
+        }
+        Ok(())
+    })
+}
+
 pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.job.connect).await?;

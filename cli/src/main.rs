@@ -139,6 +139,8 @@ enum Command {
     List(farm::ListArgs),
     /// Download a finished job's results.
     Fetch(farm::FetchArgs),
+    /// List the workers: health (busy, idle, silent), device, memory, tags, their tasks.
+    Workers(farm::WorkersArgs),
     /// Pause jobs: their queued tasks wait until they are resumed; their running ones go on.
     Pause(farm::JobRefs),
     /// Resume paused jobs.
@@ -220,6 +222,7 @@ fn main() -> ExitCode {
         Command::Status(args) => farm::status(args),
         Command::List(args) => farm::list(args),
         Command::Fetch(args) => farm::fetch(args),
+        Command::Workers(args) => farm::workers(args),
         Command::Pause(args) => farm::pause(args, true),
         Command::Resume(args) => farm::pause(args, false),
         Command::Priority(args) => farm::priority(args),

@@ -376,6 +376,17 @@ impl FarmClient {
         self.send(&spec, request_id, paused).await
     }
 
+    /// The workers the coordinator has heard from: busy, idle, then silent ([`pb::WorkerStatus`]; the
+    /// task a worker renders is named only when its job is this client's).
+    pub async fn workers(&mut self) -> Result<Vec<pb::WorkerStatus>> {
+        Ok(self
+            .rpc
+            .list_workers(pb::ListWorkersRequest {})
+            .await?
+            .into_inner()
+            .workers)
+    }
+
     /// A job's status now.
     pub async fn job(&mut self, job_id: &JobId) -> Result<pb::JobStatus> {
         Ok(self

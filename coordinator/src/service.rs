@@ -658,6 +658,31 @@ impl RenderService for RenderApi {
             send_blob(&self.coordinator, request.into_inner().sha256).await?,
         ))
     }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let tenant = auth::tenant(&request);
+        let workers = self
+            .coordinator
+            .workers_status(&tenant)
+            .into_iter()
+            .map(|w| pb::WorkerStatus {
+                worker_id: w.id,
+                device: w.device,
+                tags: w.tags,
+                memory_bytes: w.memory_bytes,
+                memory_used_bytes: w.memory_used_bytes,
+                last_seen_s: w.last_seen_s,
+                health: w.health.into(),
+                job_id: w.job_id,
+                task: w.task,
+                progress: w.progress,
+            })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
 }
 
 pub(crate) struct WorkerApi {

@@ -36,14 +36,14 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use serde::{Deserialize, Serialize};
-use stylefarm_core::ids::JobId;
+use stylefarm_core::ids::{JobId, WorkerId};
 use stylefarm_core::job::{ImageHash, JobKind};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::{imaging, job::ScalePart};
 
 use crate::auth::Tenant;
 use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
-use crate::scheduler::Waiting;
+use crate::scheduler::{LeaseView, Waiting};
 use crate::workers::LIVE_WINDOW;
 use crate::{Coordinator, Error};
 
@@ -440,6 +440,34 @@ impl Coordinator {
                 }
             }
         }
+        let workers = self.worker_rows(tenant, &leases);
+        Status {
+            tenant: tenant.0.clone(),
+            auth: self.gate.enabled(),
+            now_ms: crate::scheduler::now_ms(),
+            jobs,
+            workers,
+        }
+    }
+
+    /// The workers for `tenant` ([`WorkerRow`]): busy, idle, then silent, each by id; at most
+    /// [`MAX_WORKERS_SHOWN`].
+    pub fn workers_status(&self, tenant: &Tenant) -> Vec<WorkerRow> {
+        let leases = self
+            .scheduler
+            .leases()
+            .into_iter()
+            .map(|l| (l.worker.clone(), l))
+            .collect();
+        self.worker_rows(tenant, &leases)
+    }
+
+    /// [`Coordinator::workers_status`] with the leases by worker.
+    fn worker_rows(
+        &self,
+        tenant: &Tenant,
+        leases: &HashMap<WorkerId, LeaseView>,
+    ) -> Vec<WorkerRow> {
         let lease_period = self.scheduler.config().lease;
         let mut workers: Vec<WorkerRow> = self
             .workers
@@ -477,13 +505,7 @@ impl Coordinator {
         };
         workers.sort_by(|a, b| (rank(a.health), &a.id).cmp(&(rank(b.health), &b.id)));
         workers.truncate(MAX_WORKERS_SHOWN);
-        Status {
-            tenant: tenant.0.clone(),
-            auth: self.gate.enabled(),
-            now_ms: crate::scheduler::now_ms(),
-            jobs,
-            workers,
-        }
+        workers
     }
 }
 
