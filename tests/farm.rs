@@ -8,9 +8,9 @@ use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
-    file_names, is, iteration, job, path, pixel_difference, shared_image, submit,
-    tubingen_x_starry, wait_for, wait_iteration, wait_job, wait_registered, wait_state, x_starry,
-    Cluster,
+    file_names, is, iteration, job, metric_value, metrics_addr, path, pixel_difference, scrape,
+    shared_image, submit, tubingen_x_starry, wait_for, wait_iteration, wait_job, wait_registered,
+    wait_state, x_starry, Cluster,
 };
 use tonic::Code;
 
@@ -1910,6 +1910,78 @@ async fn workers_lists_each_worker_with_its_health_and_task() {
     .await;
 }
 
+/// `stylefarm drain` takes a worker out of rotation: its running task finishes, the next job waits (saying
+/// why) and is not leased, `workers` shows it draining then drained, the metrics count it drained, not
+/// live; `undrain` puts it back and the job renders. An unknown name is refused naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drained_worker_finishes_its_task_takes_no_other_until_undrained() {
+    let mut cluster = Cluster::new(10.0, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--metrics-listen".into(), "127.0.0.1:0".into()];
+    cluster.start_coordinator();
+    let metrics = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let first = submit(&cluster, &tubingen_x_starry(48, 30));
+    wait_iteration(&cluster, &first, 2).await;
+    let (ok, out, err) = cluster.cli(&["drain", "w1"]);
+    assert!(ok && out == "w1\tdrained\n", "{out} {err}");
+    let (ok, out, _) = cluster.cli(&["drain", "w1#1"]);
+    assert!(ok && out == "w1\talready drained\n", "{out}");
+    let (_, out, _) = cluster.cli(&["workers"]);
+    assert!(out.starts_with("w1#1\tdraining\t"), "{out}");
+    let scraped = scrape(&metrics).await;
+    let workers =
+        |state: &str| metric_value(&scraped, &format!("stylefarm_workers{{state=\"{state}\"}}"));
+    assert_eq!(
+        (workers("live"), workers("drained")),
+        (Some(0.0), Some(1.0)),
+        "{scraped}"
+    );
+    let next = submit(&cluster, &tubingen_x_starry(32, 2));
+    let done = wait_state(
+        &cluster,
+        &first,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(done.tasks[0].attempts, 1, "not stopped: {done:?}");
+    let mut client = cluster.client().await;
+    wait_job(
+        &client,
+        &next,
+        "the next job to say that the workers are drained",
+        Duration::from_secs(10),
+        |s| {
+            s.waiting
+                .contains("the live workers that may take it are drained")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = job(&mut client, &next).await;
+    assert!(
+        is(&waiting, pb::JobState::Queued) && waiting.tasks[0].attempts == 0,
+        "{waiting:?}"
+    );
+    let (_, out, _) = cluster.cli(&["workers"]);
+    assert!(out.starts_with("w1#1\tdrained\t"), "{out}");
+    let (ok, _, err) = cluster.cli(&["undrain", "nobody"]);
+    assert!(
+        !ok && err.contains("worker 'nobody': no worker of that name"),
+        "{err}"
+    );
+    let (ok, out, err) = cluster.cli(&["undrain", "w1"]);
+    assert!(ok && out == "w1\tundrained\n", "{out} {err}");
+    wait_state(
+        &cluster,
+        &next,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
 /// `local` whose only worker cannot render any more (a render panics, the device probe and the reload
 /// fail) exits non-zero with the worker's reason, instead of waiting for a worker forever.
 #[test]
@@ -2543,6 +2615,33 @@ async fn a_shard_whose_worker_is_killed_restarts_its_group() {
         vec![name(&doomed)],
         "only the lost lease is a strike"
     );
+}
+
+/// A worker drained while it renders a shard of an exact-mode scale keeps it to the scale's end: the scale
+/// is not planned again for the workers left (which would throw away both shards' work), and each shard
+/// runs once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_drained_mid_shard_finishes_it_and_the_scale_is_not_planned_again() {
+    let (cluster, id, status) = two_shards_rendering("4,60").await;
+    let drained = status.tasks[1].worker_id.clone();
+    let name = drained.split('#').next().unwrap().to_string();
+    let (ok, out, err) = cluster.cli(&["drain", &name]);
+    assert!(ok && out == format!("{name}\tdrained\n"), "{out} {err}");
+    // past two lease periods (2 s each): a scale short of workers is planned again after one
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let now = job(&mut client, &id).await;
+    assert_eq!(now.tasks.len(), 3, "{now:?}");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    let attempts: Vec<u32> = done.tasks[1..].iter().map(|t| t.attempts).collect();
+    assert_eq!(attempts, [1, 1], "{done:?}");
+    assert_eq!(done.tasks[1].worker_id, drained, "{done:?}");
 }
 
 /// A client newer than its coordinator: a submit that sets an option the coordinator's descriptors lack is

@@ -183,6 +183,12 @@ async fn render_calls(
         "ListWorkers",
         code(rpc.list_workers(pb::ListWorkersRequest {}).await),
     ));
+    // the farm's operator only; past the gate, no worker of that name has called: NOT_FOUND
+    let drain = pb::DrainWorkersRequest {
+        workers: vec!["nobody".into()],
+        undrain: false,
+    };
+    out.push(("DrainWorkers", code(rpc.drain_workers(drain).await)));
     out
 }
 
@@ -265,16 +271,21 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
     out
 }
 
-/// The auth matrix: no token, alice's client token, the worker token, bob's client token (another
-/// tenant) x every RPC of both services, against a coordinator started with `--client-token` (alice, bob)
-/// and `--worker-token`. Printed as a table; each cell checked. Then the same farm end to end: a worker
+/// The auth matrix: no token, alice's client token (the farm's operator), the worker token, bob's client
+/// token (another tenant) x every RPC of both services, against a coordinator started with `--auth-file`
+/// (alice), `--client-token` (bob) and `--worker-token`. Printed as a table; each cell checked. Then the same farm end to end: a worker
 /// process with its token renders alice's job, submitted with the CLI and her token.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    let auth = tempfile::tempdir().unwrap();
+    let auth_file = auth.path().join("auth.toml");
+    let alice_operator =
+        format!("[[client]]\ntenant = \"alice\"\ntoken = \"{ALICE}\"\noperator = true\n");
+    std::fs::write(&auth_file, alice_operator).unwrap();
     cluster.coordinator_args = [
-        "--client-token",
-        &format!("alice:{ALICE}"),
+        "--auth-file",
+        auth_file.to_str().unwrap(),
         "--client-token",
         &format!("bob:{BOB}"),
         "--worker-token",
@@ -299,16 +310,29 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let image = spec.contents[0].clone();
 
     use Code::*;
-    let render_expected = |caller: &str| -> [Code; 13] {
+    let render_expected = |caller: &str| -> [Code; 14] {
         match caller {
-            "none" => [Unauthenticated; 13],
-            "worker" => [PermissionDenied; 13],
-            "alice" => [Ok; 13],
+            "none" => [Unauthenticated; 14],
+            "worker" => [PermissionDenied; 14],
+            "alice" => [Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, NotFound],
             // another tenant: its own uploads and jobs; alice's job is not found, not even listed; images
-            // are content-addressed, readable by any client that knows the hash; the workers are listed
+            // are content-addressed, readable by any client that knows the hash; the workers are listed,
+            // not drained (not the operator)
             "bob" => [
-                Ok, Ok, NotFound, NotFound, NotFound, Ok, NotFound, NotFound, NotFound, NotFound,
-                NotFound, NotFound, Ok,
+                Ok,
+                Ok,
+                NotFound,
+                NotFound,
+                NotFound,
+                Ok,
+                NotFound,
+                NotFound,
+                NotFound,
+                NotFound,
+                NotFound,
+                NotFound,
+                Ok,
+                PermissionDenied,
             ],
             _ => unreachable!(),
         }
@@ -362,6 +386,19 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     assert!(
         none.message().contains("authorization: missing"),
         "{none:?}"
+    );
+    let not_operator = RenderServiceClient::new(channel(&url, &token(Some(BOB))).await.unwrap())
+        .drain_workers(pb::DrainWorkersRequest {
+            workers: vec!["any".into()],
+            undrain: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        not_operator
+            .message()
+            .contains("DrainWorkers: only an operator's token may"),
+        "{not_operator:?}"
     );
     let unknown = RenderServiceClient::new(
         channel(&url, &token(Some("not-a-known-token-at-all")))

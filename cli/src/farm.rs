@@ -126,8 +126,9 @@ pub(crate) struct CoordinatorArgs {
         hide_env_values = true
     )]
     worker_tokens: Vec<String>,
-    /// A TOML file of tokens: `[[client]]` tables (tenant, and token or token_file) and `[[worker]]` tables
-    /// (token or token_file); added to the flags'.
+    /// A TOML file of tokens: `[[client]]` tables (tenant, token or token_file, and `operator = true` for
+    /// the farm's operator, who may drain workers) and `[[worker]]` tables (token or token_file); added to
+    /// the flags'.
     #[arg(long, env = "STYLEFARM_AUTH_FILE")]
     auth_file: Option<PathBuf>,
     /// The coordinator's certificate chain (PEM): the listener speaks TLS (clients use https:// URLs).
@@ -923,19 +924,48 @@ pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
             } else {
                 w.tags.join(",")
             };
+            let health = match (w.health.as_str(), w.drained) {
+                ("busy", true) => "draining",
+                ("idle", true) => "drained",
+                (health, _) => health,
+            };
             let task = match (w.job_id.as_str(), w.task) {
                 ("", _) | (_, None) if w.health == "busy" => "another client's task".to_string(),
                 ("", _) | (_, None) => String::new(),
                 (job, Some(index)) => format!("{job}/{index} {:.0}%", w.progress * 100.0),
             };
             println!(
-                "{}\t{}\t{device}\t{} of {}\t{tags}\t{:.0} s ago\t{task}",
+                "{}\t{health}\t{device}\t{} of {}\t{tags}\t{:.0} s ago\t{task}",
                 w.worker_id,
-                w.health,
                 bytes(w.memory_used_bytes),
                 bytes(w.memory_bytes),
                 w.last_seen_s,
             );
+        }
+        Ok(())
+    })
+}
+
+/// The arguments of `drain` and `undrain`.
+#[derive(Args)]
+pub(crate) struct DrainArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Worker names, or ids as `stylefarm workers` prints them (`name#n`: its name is meant): every
+    /// registration of each.
+    #[arg(required = true)]
+    workers: Vec<String>,
+}
+
+/// Drains (or undrains) workers, one line each: the name, and `drained`/`undrained` or that it was so
+/// already.
+pub(crate) fn drain(args: DrainArgs, drain: bool) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&args.connect).await?;
+        let now = if drain { "drained" } else { "undrained" };
+        for (name, changed) in client.drain(&args.workers, !drain).await? {
+            let already = if changed { "" } else { "already " };
+            println!("{name}\t{already}{now}");
         }
         Ok(())
     })

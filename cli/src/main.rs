@@ -139,8 +139,12 @@ enum Command {
     List(farm::ListArgs),
     /// Download a finished job's results.
     Fetch(farm::FetchArgs),
-    /// List the workers: health (busy, idle, silent), device, memory, tags, their tasks.
+    /// List the workers: health (busy, idle, silent; draining, drained), device, memory, tags, their tasks.
     Workers(farm::WorkersArgs),
+    /// Drain workers (the farm's operator): they take no new task, the ones they run finish.
+    Drain(farm::DrainArgs),
+    /// Undrain workers: they take tasks again.
+    Undrain(farm::DrainArgs),
     /// Pause jobs: their queued tasks wait until they are resumed; their running ones go on.
     Pause(farm::JobRefs),
     /// Resume paused jobs.
@@ -223,6 +227,8 @@ fn main() -> ExitCode {
         Command::List(args) => farm::list(args),
         Command::Fetch(args) => farm::fetch(args),
         Command::Workers(args) => farm::workers(args),
+        Command::Drain(args) => farm::drain(args, true),
+        Command::Undrain(args) => farm::drain(args, false),
         Command::Pause(args) => farm::pause(args, true),
         Command::Resume(args) => farm::pause(args, false),
         Command::Priority(args) => farm::priority(args),

@@ -387,6 +387,32 @@ impl FarmClient {
             .workers)
     }
 
+    /// Drains the workers named (names, or ids whose name is meant), or undrains them: a drained worker
+    /// takes no new task, the one it runs finishes. The farm's operator only (PERMISSION_DENIED). Returns
+    /// each one's name and whether its state changed, in order.
+    pub async fn drain(
+        &mut self,
+        workers: &[String],
+        undrain: bool,
+    ) -> Result<Vec<(String, bool)>> {
+        let reply = self
+            .rpc
+            .drain_workers(pb::DrainWorkersRequest {
+                workers: workers.to_vec(),
+                undrain,
+            })
+            .await?
+            .into_inner();
+        Ok(reply
+            .names
+            .into_iter()
+            .map(|name| {
+                let changed = reply.changed.contains(&name);
+                (name, changed)
+            })
+            .collect())
+    }
+
     /// A job's status now.
     pub async fn job(&mut self, job_id: &JobId) -> Result<pb::JobStatus> {
         Ok(self

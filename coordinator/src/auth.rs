@@ -4,9 +4,13 @@
 //! The listener can speak TLS (rustls), and can ask workers for a client certificate (mutual TLS). With no
 //! token configured, every caller is the one default tenant, as on a single machine.
 //!
+//! A client token marked `operator` may also drain and undrain workers (DrainWorkers), which affects every
+//! tenant; with no token configured, every caller may.
+//!
 //! Errors: a call without a token, with a malformed or an unknown one, or (mutual TLS) a worker call
-//! without a verified certificate: UNAUTHENTICATED; a known token on the other service: PERMISSION_DENIED;
-//! another tenant's job: NOT_FOUND, as a job that does not exist.
+//! without a verified certificate: UNAUTHENTICATED; a known token on the other service, or a client's that
+//! is not an operator's on DrainWorkers: PERMISSION_DENIED; another tenant's job: NOT_FOUND, as a job that
+//! does not exist.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -62,6 +66,9 @@ pub struct ClientToken {
     /// ...or the file holding it (its first line), e.g. a mounted Kubernetes Secret.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// The farm's operator: may also drain and undrain workers (DrainWorkers). Default false.
+    #[serde(default)]
+    pub operator: bool,
 }
 
 /// A worker token.
@@ -119,6 +126,7 @@ impl AuthConfig {
             tenant: tenant.to_string(),
             token: Some(token.to_string()),
             token_file: None,
+            operator: false,
         })
     }
 
@@ -149,7 +157,7 @@ impl AuthConfig {
                 &c.token,
                 &c.token_file,
             )?;
-            add(token, Role::Client(Tenant(c.tenant.clone())))?;
+            add(token, Role::Client(Tenant(c.tenant.clone()), c.operator))?;
         }
         for (i, w) in self.workers.iter().enumerate() {
             add(
@@ -229,9 +237,15 @@ impl TlsConfig {
 
 #[derive(Debug, Clone)]
 enum Role {
-    Client(Tenant),
+    /// A client of the tenant; the bool: an operator's ([`ClientToken::operator`]).
+    Client(Tenant, bool),
     Worker,
 }
+
+/// Put in a RenderService request's extensions when its caller is the farm's operator (an operator's
+/// token, or any caller when auth is off): [`operator`].
+#[derive(Debug, Clone, Copy)]
+struct Operator;
 
 /// The interceptors' shared state: the accepted tokens by digest.
 #[derive(Clone)]
@@ -284,9 +298,9 @@ impl Gate {
     pub(crate) fn clients(&self) -> impl tonic::service::Interceptor + Clone {
         let gate = self.clone();
         move |mut request: Request<()>| {
-            let tenant = match gate.role(&request)? {
-                None => Tenant::default(),
-                Some(Role::Client(tenant)) => tenant,
+            let (tenant, operator) = match gate.role(&request)? {
+                None => (Tenant::default(), true),
+                Some(Role::Client(tenant, operator)) => (tenant, operator),
                 Some(Role::Worker) => {
                     return Err(Status::permission_denied(
                         "authorization: a worker token cannot call stylefarm.v1.RenderService",
@@ -294,6 +308,9 @@ impl Gate {
                 }
             };
             request.extensions_mut().insert(tenant);
+            if operator {
+                request.extensions_mut().insert(Operator);
+            }
             Ok(request)
         }
     }
@@ -311,11 +328,22 @@ impl Gate {
             }
             match gate.role(&request)? {
                 None | Some(Role::Worker) => Ok(request),
-                Some(Role::Client(_)) => Err(Status::permission_denied(
+                Some(Role::Client(..)) => Err(Status::permission_denied(
                     "authorization: a client token cannot call stylefarm.v1.WorkerService",
                 )),
             }
         }
+    }
+}
+
+/// Whether `request`'s caller is the farm's operator ([`ClientToken::operator`]; anyone when auth is off):
+/// PERMISSION_DENIED naming `what` when not.
+pub(crate) fn operator<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
+    match request.extensions().get::<Operator>() {
+        Some(Operator) => Ok(()),
+        None => Err(Status::permission_denied(format!(
+            "{what}: only an operator's token may (operator = true for its [[client]] in the auth file)"
+        ))),
     }
 }
 

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use stylefarm_core::ids::WorkerId;
 use stylefarm_proto::pb::render_service_server::RenderServiceServer;
 use stylefarm_proto::pb::worker_service_server::WorkerServiceServer;
 use stylefarm_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_BYTES};
@@ -486,10 +487,64 @@ impl Coordinator {
 
     /// What tells why a job waits, with the workers live now ([`scheduler::Waiting`]).
     pub(crate) fn waiting(&self) -> scheduler::Waiting {
+        let (live, drained) = self.live_workers();
         scheduler::Waiting {
-            live: self.workers.live(),
+            live,
+            drained,
             blocklist_after: self.scheduler.config().blocklist_after,
         }
+    }
+
+    /// The live workers ([`workers::Registry::live`]) with their tags: those not drained (that may take
+    /// work), and those drained ([`scheduler::Scheduler::drain`]).
+    pub(crate) fn live_workers(&self) -> (Vec<workers::Tagged>, Vec<workers::Tagged>) {
+        let drained = self.scheduler.drained();
+        self.workers
+            .live()
+            .into_iter()
+            .partition(|(id, _)| !drained.contains(&id.by_name()))
+    }
+
+    /// Drains the workers named `names` (names, or ids whose name is meant: every registration of each),
+    /// or undrains them ([`scheduler::Scheduler::drain`]). Each must be a worker that has called this
+    /// coordinator, or (to undrain) one drained; else NOT_FOUND naming it, and none changes. Returns each
+    /// one's name (as given when it is a known name, which may hold `#`; else the id's name), and those
+    /// whose state changed.
+    pub fn drain_workers(
+        &self,
+        names: &[WorkerId],
+        drain: bool,
+    ) -> Result<(Vec<WorkerId>, Vec<WorkerId>), Error> {
+        let known: std::collections::HashSet<WorkerId> = self
+            .workers
+            .all()
+            .into_iter()
+            .map(|(id, _)| id.by_name())
+            .chain(self.scheduler.drained())
+            .collect();
+        let mut resolved = Vec::with_capacity(names.len());
+        for given in names {
+            let name = match known.contains(given) {
+                true => given.clone(),
+                false => given.by_name(),
+            };
+            if !known.contains(&name) {
+                return Err(Error::NotFound(format!(
+                    "worker '{given}': no worker of that name has called this coordinator"
+                )));
+            }
+            resolved.push(name);
+        }
+        let changed = self.scheduler.drain(&resolved, drain);
+        for name in &changed {
+            let what = if drain {
+                "worker drained"
+            } else {
+                "worker undrained"
+            };
+            tracing::info!(worker = name.as_str(), "{what}");
+        }
+        Ok((resolved, changed))
     }
 
     /// Runs the stage work of every job whose stage has all its tasks done and is not yet stepped: those
@@ -644,6 +699,7 @@ pub async fn serve(
                     coordinator.replan_shards();
                     coordinator.replan_out_of_memory();
                     // a job that every live worker is blocklisted for fails instead of waiting forever
+                    // (a drained one counts: a job it could run waits for it to be undrained)
                     let live = coordinator.workers.live();
                     if let Err(e) = coordinator.scheduler.fail_stranded(&live) {
                         tracing::error!(error = %e, "failing the jobs no live worker may take");

@@ -9,7 +9,7 @@
 //! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state |
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
-//! | `stylefarm_workers` | gauge | `state` (`live`, `silent`) | workers heard from within a minute (and not lost since: a lease of theirs ran out), or not |
+//! | `stylefarm_workers` | gauge | `state` (`live`, `drained`, `silent`) | workers heard from within a minute (and not lost since: a lease of theirs ran out) that may take work, those of them drained (`stylefarm drain`), and the others |
 //! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
 //! | `stylefarm_task_stalls_total` | counter | | leases taken back from a task whose progress did not move for `--task-stall-secs` |
 //! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
@@ -211,10 +211,15 @@ impl Metrics {
         set(&self.tasks, "state", counts.tasks_by_state);
         set(&self.jobs, "state", counts.jobs_by_state);
         let (live, silent) = coordinator.workers.live_and_silent();
+        let drained = coordinator.live_workers().1.len();
         set(
             &self.workers,
             "state",
-            BTreeMap::from([("live".into(), live), ("silent".into(), silent)]),
+            BTreeMap::from([
+                ("live".into(), live - drained.min(live)),
+                ("drained".into(), drained),
+                ("silent".into(), silent),
+            ]),
         );
         self.blob_bytes
             .set(i64::try_from(coordinator.blobs.stored_bytes()).unwrap_or(i64::MAX));

@@ -503,6 +503,8 @@ struct State {
     idle: HashMap<WorkerId, (Vec<String>, usize)>,
     /// Unfinished jobs that wait for others ([`JobMeta::waiting_on`]): those [`settle_dependents`] looks at.
     waiting: BTreeSet<JobId>,
+    /// The workers drained, by name ([`Scheduler::drain`]): they take no task.
+    drained: BTreeSet<WorkerId>,
 }
 
 /// A job's per-worker records by worker name ([`WorkerId::by_name`]), as this version keeps them: records
@@ -984,8 +986,10 @@ const TAG_SETS_NAMED: usize = 5;
 /// Its default: no live worker, the default blocklist.
 #[derive(Debug, Clone)]
 pub struct Waiting {
-    /// The workers heard from lately, with their tags.
+    /// The workers heard from lately and not drained ([`Scheduler::drain`]), with their tags.
     pub live: Vec<(WorkerId, Vec<String>)>,
+    /// The workers heard from lately that are drained, with their tags.
+    pub drained: Vec<(WorkerId, Vec<String>)>,
     /// Strikes that blocklist a worker for a job ([`SchedulerConfig::blocklist_after`]).
     pub blocklist_after: u32,
 }
@@ -994,6 +998,7 @@ impl Default for Waiting {
     fn default() -> Self {
         Waiting {
             live: Vec::new(),
+            drained: Vec::new(),
             blocklist_after: SchedulerConfig::default().blocklist_after,
         }
     }
@@ -1001,7 +1006,7 @@ impl Default for Waiting {
 
 impl Waiting {
     /// Why a job has tasks queued and none running, for people (the status page, `stylefarm status`): no
-    /// live worker at all, none with the worker tags the job asks for, or every one that has them
+    /// live worker at all (or only drained ones that may take it), none with the worker tags the job asks for, or every one that has them
     /// blocklisted for it. Empty when the job is finished, has a task running or none queued, or a live
     /// worker may take its tasks (they are busy with others, or about to ask); for the shards of an
     /// exact-mode scale, that they start together on as many free workers. `tasks`: the job's tasks.
@@ -1029,6 +1034,19 @@ impl Waiting {
             return String::new();
         }
         let live = &self.live;
+        let may_take = |w: &&WorkerId| !blocklisted(meta, w, self.blocklist_after);
+        if !eligible(&meta.spec, live).iter().any(may_take)
+            && eligible(&meta.spec, &self.drained).iter().any(may_take)
+        {
+            return "the live workers that may take it are drained: it waits for one to be undrained \
+                    (stylefarm undrain) or for another to register"
+                .into();
+        }
+        if live.is_empty() && !self.drained.is_empty() {
+            return "every live worker is drained, and none of them may take it: it waits for another to \
+                    register"
+                .into();
+        }
         if live.is_empty() {
             return "no live worker: it waits for one to register".into();
         }
@@ -1441,6 +1459,9 @@ impl Scheduler {
         let lease_ms = self.config.lease.as_millis() as i64;
         // strikes and out-of-memory reports count by the worker's name (whichever registration it is)
         let name = worker.by_name();
+        if st.drained.contains(&name) {
+            return Ok(None);
+        }
         let takes = |meta: &JobMeta| {
             !name_blocklisted(meta, &name, self.config.blocklist_after) && meta.spec.runs_on(tags)
         };
@@ -1503,7 +1524,7 @@ impl Scheduler {
             let free = st
                 .idle
                 .iter()
-                .filter(|(other, _)| **other != name)
+                .filter(|(other, _)| **other != name && !st.drained.contains(*other))
                 .filter(|(other, (tags, _))| {
                     !name_blocklisted(&job.meta, other, self.config.blocklist_after)
                         && job.meta.spec.runs_on(tags)
@@ -1602,6 +1623,37 @@ impl Scheduler {
                 return Ok(None);
             }
         }
+    }
+
+    /// Drains the workers named `names` (names: every registration of each), or undrains them when
+    /// `drain` is false (OpenCue's locked hosts, Flamenco's sleeping workers): a drained worker
+    /// is handed no task, nor counted free for an exact-mode scale's shards; the tasks it runs finish. Kept
+    /// in memory: a coordinator that restarts, or a standby that takes over, has none drained. Returns the
+    /// names whose state changed.
+    pub fn drain(&self, names: &[WorkerId], drain: bool) -> Vec<WorkerId> {
+        let mut st = self.state.lock().unwrap();
+        let changed: Vec<WorkerId> = names
+            .iter()
+            .filter(|&name| {
+                if drain {
+                    st.drained.insert(name.clone())
+                } else {
+                    st.drained.remove(name)
+                }
+            })
+            .cloned()
+            .collect();
+        drop(st);
+        if !drain && !changed.is_empty() {
+            // its long-poll asks again at once rather than at its next 250-ms look
+            self.work.notify_waiters();
+        }
+        changed
+    }
+
+    /// The names of the workers drained ([`Scheduler::drain`]).
+    pub fn drained(&self) -> BTreeSet<WorkerId> {
+        self.state.lock().unwrap().drained.clone()
     }
 
     /// Counts `worker`, whose tags are `tags`, as free until the guard is dropped: it is asking for a task
@@ -3402,6 +3454,7 @@ mod tests {
             let waiting = Waiting {
                 live,
                 blocklist_after: 1,
+                ..Default::default()
             };
             waiting.of(&s.get(&gpu_job).unwrap())
         };
@@ -3789,6 +3842,7 @@ mod tests {
         let waiting = Waiting {
             live,
             blocklist_after: 1,
+            ..Default::default()
         };
         assert_eq!(
             waiting.reason(&view.meta, view.tasks.iter().map(|(t, _)| t)),
@@ -5134,6 +5188,55 @@ mod tests {
         s.expire().unwrap();
         assert_eq!(s.metrics.task_stalls.get(), 2);
         assert!(s.leases().iter().any(|v| v.worker == w("c")), "{l:?}");
+    }
+
+    /// A drained worker (by its name: every registration of it) takes no task, even while it asks, while its
+    /// running task goes on to its end; the others take the queue; undrained, it takes tasks again. A job
+    /// whose live workers are all drained says so.
+    #[test]
+    fn a_drained_worker_takes_no_task_until_undrained() {
+        let s = scheduler(SchedulerConfig::default());
+        let job = submit_as(&s, "", batch(3, 0));
+        let a = s.lease(&w("a#1")).unwrap().unwrap();
+        assert_eq!(s.drain(&[w("a")], true), [w("a")]);
+        assert!(s.drain(&[w("a")], true).is_empty(), "drained already");
+        assert_eq!(s.drained(), BTreeSet::from([w("a")]));
+        assert!(s.lease(&w("a#1")).unwrap().is_none());
+        assert!(
+            s.lease(&w("a#2")).unwrap().is_none(),
+            "its other registration"
+        );
+        assert!(
+            !s.heartbeat(&a.lease_id, &w("a#1"), None, None)
+                .unwrap()
+                .cancel
+        );
+        s.complete(&a.lease_id, &hash("a")).unwrap();
+        let waiting = Waiting {
+            drained: vec![(w("a#1"), Vec::new())],
+            ..Default::default()
+        };
+        assert!(
+            waiting
+                .of(&s.get(&job).unwrap())
+                .starts_with("the live workers that may take it are drained"),
+            "{}",
+            waiting.of(&s.get(&job).unwrap())
+        );
+        assert_eq!(s.lease(&w("b")).unwrap().unwrap().task.id.job, job);
+        assert_eq!(s.drain(&[w("a")], false), [w("a")]);
+        assert!(s.drained().is_empty());
+        assert_eq!(s.lease(&w("a#2")).unwrap().unwrap().task.id.job, job);
+        // a drained worker asking for work is not counted free for a scale's shards
+        let (s, _, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+        s.drain(&[w("b")], true);
+        let _b = s.idle(&w("b#1"), &[]);
+        assert!(s.lease(&w("a")).unwrap().is_none(), "b is drained");
+        s.drain(&[w("b")], false);
+        assert_eq!(
+            s.lease(&w("a")).unwrap().unwrap().task.spec.shards(),
+            Some(2)
+        );
     }
 
     /// A job with `max_workers` runs at most that many tasks at once: a worker that comes while it is at its

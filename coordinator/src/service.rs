@@ -126,6 +126,9 @@ fn own_job(coordinator: &Coordinator, tenant: &Tenant, job_id: &JobId) -> Result
     Ok(coordinator.scheduler.get(job_id)?)
 }
 
+/// Most workers one DrainWorkers call names.
+const MAX_DRAINED_AT_ONCE: usize = 1_000;
+
 /// A worker id no longer than [`MAX_WORKER_ID`] (an id the coordinator gave out always is): the worker
 /// registry holds the ids it hears of.
 fn check_worker_id(id: &WorkerId) -> Result<(), Error> {
@@ -679,9 +682,36 @@ impl RenderService for RenderApi {
                 job_id: w.job_id,
                 task: w.task,
                 progress: w.progress,
+                drained: w.drained,
             })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn drain_workers(
+        &self,
+        request: Request<pb::DrainWorkersRequest>,
+    ) -> Result<Response<pb::DrainWorkersResponse>, Status> {
+        auth::operator(&request, "DrainWorkers")?;
+        let pb::DrainWorkersRequest { workers, undrain } = request.into_inner();
+        if workers.is_empty() || workers.len() > MAX_DRAINED_AT_ONCE {
+            let message = format!("1 to {MAX_DRAINED_AT_ONCE} names, got {}", workers.len());
+            return Err(Error::invalid("workers", message).into());
+        }
+        let names: Vec<WorkerId> = workers.into_iter().map(WorkerId::from).collect();
+        if let Some(bad) = names
+            .iter()
+            .find(|n| n.is_empty() || n.as_str().len() > MAX_WORKER_ID)
+        {
+            let len = bad.as_str().len();
+            let message = format!("a name of {len} bytes: a worker's is 1 to {MAX_WORKER_ID}");
+            return Err(Error::invalid("workers", message).into());
+        }
+        let (names, changed) = self.coordinator.drain_workers(&names, !undrain)?;
+        Ok(Response::new(pb::DrainWorkersResponse {
+            changed: changed.into_iter().map(String::from).collect(),
+            names: names.into_iter().map(String::from).collect(),
+        }))
     }
 }
 
@@ -758,10 +788,11 @@ impl WorkerService for WorkerApi {
         // the device memory it registered with (0 when it leases without having registered here), and the
         // farm's largest: a task that ran out of memory goes to a larger device first
         let workers = &self.coordinator.workers;
+        let drained = self.coordinator.scheduler.drained();
         let memory = DeviceMemory {
             own: workers.get(&worker_id).map_or(0, |w| w.memory_bytes),
             largest_live: workers
-                .live_memory(|_, _| true)
+                .live_memory(|id, _| !drained.contains(&id.by_name()))
                 .into_iter()
                 .max()
                 .unwrap_or(0),

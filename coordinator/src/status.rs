@@ -242,6 +242,8 @@ pub struct WorkerRow {
     pub task: Option<u32>,
     /// How much of its task is done, 0 to 1.
     pub progress: f64,
+    /// Drained ([`Coordinator::drain_workers`]): it takes no new task.
+    pub drained: bool,
 }
 
 /// How much of a task is done, 0 to 1.
@@ -469,6 +471,7 @@ impl Coordinator {
         leases: &HashMap<WorkerId, LeaseView>,
     ) -> Vec<WorkerRow> {
         let lease_period = self.scheduler.config().lease;
+        let drained = self.scheduler.drained();
         let mut workers: Vec<WorkerRow> = self
             .workers
             .all()
@@ -495,6 +498,7 @@ impl Coordinator {
                     progress: lease.map_or(0.0, |l| {
                         task_fraction(TaskState::Running, l.progress.as_ref())
                     }),
+                    drained: drained.contains(&id.by_name()),
                 }
             })
             .collect();

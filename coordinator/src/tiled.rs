@@ -5,13 +5,13 @@
 //! Stitching holds the canvas of the scale, one decoded tile and one band of tile rows in floats: never a
 //! copy of the canvas per tile.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Instant;
 
 use image::{GrayImage, RgbImage};
-use stylefarm_core::ids::JobId;
+use stylefarm_core::ids::{JobId, WorkerId};
 use stylefarm_core::imaging;
 use stylefarm_core::job::{ImageHash, ScalePart, ScaleTask};
 use stylefarm_core::tiling::{self, TileSizing};
@@ -294,13 +294,28 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The device memory of each worker that may take the tasks of the job of `meta` now: live, with the
-    /// tags it asks for, not blocklisted by it; one per worker name, as many as the job may run on at once
+    /// The device memory of each worker that may take the tasks of the job of `meta` now: live, not
+    /// drained, with the tags it asks for, not blocklisted by it; one per worker name, as many as the job may run on at once
     /// ([`for_max_workers`]). What its scales are planned for.
     pub(crate) fn planning_memory(&self, meta: &JobMeta) -> Vec<u64> {
-        let memory = self.workers.live_memory(|id, tags| {
+        self.memory_for(meta, &HashSet::new())
+    }
+
+    /// [`Coordinator::planning_memory`], with the drained workers named in `running` counted too; when
+    /// only drained workers may take the tasks, those (they are to come back: a plan for none would cut
+    /// the smallest tiles for good).
+    fn memory_for(&self, meta: &JobMeta, running: &HashSet<WorkerId>) -> Vec<u64> {
+        let drained = self.scheduler.drained();
+        let may_take = |id: &WorkerId, tags: &[String]| {
             meta.spec.runs_on(tags) && !self.scheduler.blocklists(meta, id)
+        };
+        let mut memory = self.workers.live_memory(|id, tags| {
+            let name = id.by_name();
+            may_take(id, tags) && (!drained.contains(&name) || running.contains(&name))
         });
+        if memory.is_empty() && !drained.is_empty() {
+            memory = self.workers.live_memory(may_take);
+        }
         for_max_workers(memory, meta.spec.max_workers)
     }
 
@@ -319,8 +334,20 @@ impl Coordinator {
         let grace = self.scheduler.config().lease;
         let mut short_since = self.short_of_workers.lock().unwrap();
         let mut still_short = HashMap::new();
-        for (meta, scale, shards) in self.scheduler.sharded_scales() {
-            let memory = self.planning_memory(&meta);
+        let scales = self.scheduler.sharded_scales();
+        let leases = match scales.is_empty() {
+            true => Vec::new(),
+            false => self.scheduler.leases(),
+        };
+        for (meta, scale, shards) in scales {
+            // a drained worker still counts while it runs one of the scale's shards (the only tasks of
+            // the job that run in this stage): its shard goes on to the scale's end
+            let running: HashSet<WorkerId> = leases
+                .iter()
+                .filter(|l| l.job_id == meta.id)
+                .map(|l| l.worker.by_name())
+                .collect();
+            let memory = self.memory_for(&meta, &running);
             if memory.is_empty() || memory.len() >= shards as usize {
                 continue;
             }

@@ -54,6 +54,9 @@ impl WorkerInfo {
     }
 }
 
+/// A worker and its tags.
+pub type Tagged = (WorkerId, Vec<String>);
+
 /// The workers by id.
 #[derive(Debug, Default)]
 pub struct Registry {
