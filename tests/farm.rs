@@ -1912,7 +1912,8 @@ async fn workers_lists_each_worker_with_its_health_and_task() {
 
 /// `stylefarm drain` takes a worker out of rotation: its running task finishes, the next job waits (saying
 /// why) and is not leased, `workers` shows it draining then drained, the metrics count it drained, not
-/// live; `undrain` puts it back and the job renders. An unknown name is refused naming it.
+/// live, and it stays drained across the coordinator's restart; `undrain` puts it back and the job renders.
+/// An unknown name is refused naming it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drained_worker_finishes_its_task_takes_no_other_until_undrained() {
     let mut cluster = Cluster::new(10.0, 0.3, "embedded");
@@ -1921,7 +1922,8 @@ async fn a_drained_worker_finishes_its_task_takes_no_other_until_undrained() {
     let metrics = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
-    let first = submit(&cluster, &tubingen_x_starry(48, 30));
+    // long enough to be running still when `workers` is asked
+    let first = submit(&cluster, &tubingen_x_starry(48, 200));
     wait_iteration(&cluster, &first, 2).await;
     let (ok, out, err) = cluster.cli(&["drain", "w1"]);
     assert!(ok && out == "w1\tdrained\n", "{out} {err}");
@@ -1966,6 +1968,23 @@ async fn a_drained_worker_finishes_its_task_takes_no_other_until_undrained() {
     );
     let (_, out, _) = cluster.cli(&["workers"]);
     assert!(out.starts_with("w1#1\tdrained\t"), "{out}");
+    // the drain is stored: the coordinator killed and started again still has w1 drained
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.start_coordinator();
+    let mut client = cluster.client().await;
+    wait_job(
+        &client,
+        &next,
+        "the restarted coordinator to say that the workers are drained",
+        Duration::from_secs(30),
+        |s| {
+            s.waiting
+                .contains("the live workers that may take it are drained")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(job(&mut client, &next).await.tasks[0].attempts, 0);
     let (ok, _, err) = cluster.cli(&["undrain", "nobody"]);
     assert!(
         !ok && err.contains("worker 'nobody': no worker of that name"),
@@ -2622,7 +2641,8 @@ async fn a_shard_whose_worker_is_killed_restarts_its_group() {
 /// runs once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_drained_mid_shard_finishes_it_and_the_scale_is_not_planned_again() {
-    let (cluster, id, status) = two_shards_rendering("4,60").await;
+    // 12 iterations: the shards (past their third) still run once the sleep below is over
+    let (cluster, id, status) = two_shards_rendering("4,12").await;
     let drained = status.tasks[1].worker_id.clone();
     let name = drained.split('#').next().unwrap().to_string();
     let (ok, out, err) = cluster.cli(&["drain", &name]);

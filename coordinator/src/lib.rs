@@ -506,7 +506,8 @@ impl Coordinator {
     }
 
     /// Drains the workers named `names` (names, or ids whose name is meant: every registration of each),
-    /// or undrains them ([`scheduler::Scheduler::drain`]). Each must be a worker that has called this
+    /// or undrains them ([`scheduler::Scheduler::drain`]; blocking: it waits for the store). Each must be a
+    /// worker that has called this
     /// coordinator, or (to undrain) one drained; else NOT_FOUND naming it, and none changes. Returns each
     /// one's name (as given when it is a known name, which may hold `#`; else the id's name), and those
     /// whose state changed.
@@ -535,7 +536,7 @@ impl Coordinator {
             }
             resolved.push(name);
         }
-        let changed = self.scheduler.drain(&resolved, drain);
+        let changed = self.scheduler.drain(&resolved, drain)?;
         for name in &changed {
             let what = if drain {
                 "worker drained"

@@ -1184,7 +1184,10 @@ impl Scheduler {
     /// Loads the store's jobs. Tasks that were running when the coordinator stopped go back to the queue
     /// (their leases died with it; a late result under one is discarded).
     pub fn new(config: SchedulerConfig, store: Arc<dyn Store>) -> Result<Scheduler, StoreError> {
-        let mut state = State::default();
+        let mut state = State {
+            drained: store.load_drained()?,
+            ..State::default()
+        };
         for (mut meta, mut tasks) in store.load()? {
             // a job's tasks are found by index: a record out of place is a corrupt store, refused as an
             // undecodable record is (not an index past the end at the first lease)
@@ -1628,10 +1631,12 @@ impl Scheduler {
     /// Drains the workers named `names` (names: every registration of each), or undrains them when
     /// `drain` is false (OpenCue's locked hosts, Flamenco's sleeping workers): a drained worker
     /// is handed no task, nor counted free for an exact-mode scale's shards; the tasks it runs finish. Kept
-    /// in memory: a coordinator that restarts, or a standby that takes over, has none drained. Returns the
-    /// names whose state changed.
-    pub fn drain(&self, names: &[WorkerId], drain: bool) -> Vec<WorkerId> {
+    /// in the store, so that a coordinator that restarts, or a standby that takes over, has the same
+    /// drained. Returns the names whose state changed, once that is durable.
+    pub fn drain(&self, names: &[WorkerId], drain: bool) -> Result<Vec<WorkerId>, SchedulerError> {
+        self.writable()?;
         let mut st = self.state.lock().unwrap();
+        let before = st.drained.clone();
         let changed: Vec<WorkerId> = names
             .iter()
             .filter(|&name| {
@@ -1643,12 +1648,27 @@ impl Scheduler {
             })
             .cloned()
             .collect();
+        if changed.is_empty() {
+            return Ok(changed);
+        }
+        let durable = self.store.write(vec![Op::Drained(st.drained.clone())]);
         drop(st);
-        if !drain && !changed.is_empty() {
+        if let Err(e) = store::wait(durable) {
+            // not stored: as it was (a later drain or undrain of other workers meanwhile is kept)
+            let mut st = self.state.lock().unwrap();
+            for name in &changed {
+                match before.contains(name) {
+                    true => st.drained.insert(name.clone()),
+                    false => st.drained.remove(name),
+                };
+            }
+            return Err(e.into());
+        }
+        if !drain {
             // its long-poll asks again at once rather than at its next 250-ms look
             self.work.notify_waiters();
         }
-        changed
+        Ok(changed)
     }
 
     /// The names of the workers drained ([`Scheduler::drain`]).
@@ -5192,15 +5212,26 @@ mod tests {
 
     /// A drained worker (by its name: every registration of it) takes no task, even while it asks, while its
     /// running task goes on to its end; the others take the queue; undrained, it takes tasks again. A job
-    /// whose live workers are all drained says so.
+    /// whose live workers are all drained says so. The drained are stored: a scheduler loading the store
+    /// has them; a write that fails changes nothing.
     #[test]
     fn a_drained_worker_takes_no_task_until_undrained() {
-        let s = scheduler(SchedulerConfig::default());
+        let store = Arc::new(HeldBack::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
         let job = submit_as(&s, "", batch(3, 0));
         let a = s.lease(&w("a#1")).unwrap().unwrap();
-        assert_eq!(s.drain(&[w("a")], true), [w("a")]);
-        assert!(s.drain(&[w("a")], true).is_empty(), "drained already");
+        assert_eq!(s.drain(&[w("a")], true).unwrap(), [w("a")]);
+        assert!(
+            s.drain(&[w("a")], true).unwrap().is_empty(),
+            "drained already"
+        );
         assert_eq!(s.drained(), BTreeSet::from([w("a")]));
+        let reloaded = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        assert_eq!(reloaded.drained(), BTreeSet::from([w("a")]));
+        *store.failing.lock().unwrap() = Some(StoreError::new("disk on fire"));
+        assert!(s.drain(&[w("c"), w("a")], false).is_err());
+        assert_eq!(s.drained(), BTreeSet::from([w("a")]), "as it was");
+        *store.failing.lock().unwrap() = None;
         assert!(s.lease(&w("a#1")).unwrap().is_none());
         assert!(
             s.lease(&w("a#2")).unwrap().is_none(),
@@ -5224,15 +5255,15 @@ mod tests {
             waiting.of(&s.get(&job).unwrap())
         );
         assert_eq!(s.lease(&w("b")).unwrap().unwrap().task.id.job, job);
-        assert_eq!(s.drain(&[w("a")], false), [w("a")]);
+        assert_eq!(s.drain(&[w("a")], false).unwrap(), [w("a")]);
         assert!(s.drained().is_empty());
         assert_eq!(s.lease(&w("a#2")).unwrap().unwrap().task.id.job, job);
         // a drained worker asking for work is not counted free for a scale's shards
         let (s, _, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
-        s.drain(&[w("b")], true);
+        s.drain(&[w("b")], true).unwrap();
         let _b = s.idle(&w("b#1"), &[]);
         assert!(s.lease(&w("a")).unwrap().is_none(), "b is drained");
-        s.drain(&[w("b")], false);
+        s.drain(&[w("b")], false).unwrap();
         assert_eq!(
             s.lease(&w("a")).unwrap().unwrap().task.spec.shards(),
             Some(2)
@@ -5516,6 +5547,9 @@ mod tests {
         }
         fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
             self.inner.load()
+        }
+        fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
+            self.inner.load_drained()
         }
         fn behind(&self) -> Option<StoreError> {
             self.behind.lock().unwrap().clone()

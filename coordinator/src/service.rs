@@ -707,7 +707,10 @@ impl RenderService for RenderApi {
             let message = format!("a name of {len} bytes: a worker's is 1 to {MAX_WORKER_ID}");
             return Err(Error::invalid("workers", message).into());
         }
-        let (names, changed) = self.coordinator.drain_workers(&names, !undrain)?;
+        // the store's commit is waited for: off the async threads
+        let coordinator = self.coordinator.clone();
+        let (names, changed) =
+            blocking(move || coordinator.drain_workers(&names, !undrain)).await?;
         Ok(Response::new(pb::DrainWorkersResponse {
             changed: changed.into_iter().map(String::from).collect(),
             names: names.into_iter().map(String::from).collect(),

@@ -1,9 +1,9 @@
 //! [`MemoryStore`]: the store in memory; nothing survives the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use stylefarm_core::ids::JobId;
+use stylefarm_core::ids::{JobId, WorkerId};
 
 use super::{durable_now, err, Durable, Op, Store, StoreError};
 use crate::model::{JobMeta, TaskRecord};
@@ -15,6 +15,7 @@ type JobEntry = (JobMeta, BTreeMap<u32, TaskRecord>);
 #[derive(Default)]
 pub struct MemoryStore {
     jobs: Mutex<BTreeMap<JobId, JobEntry>>,
+    drained: Mutex<BTreeSet<WorkerId>>,
 }
 
 impl Store for MemoryStore {
@@ -30,7 +31,7 @@ impl Store for MemoryStore {
                 }
                 Op::Job(job) => job.id.as_str(),
                 Op::Task(job_id, _) => job_id.as_str(),
-                Op::Delete(_) => continue,
+                Op::Delete(_) | Op::Drained(_) => continue,
             };
             if !jobs.contains_key(id) && !inserted.contains(id) {
                 return durable_now(Err(err(format!("no job {id}"))));
@@ -55,6 +56,7 @@ impl Store for MemoryStore {
                 Op::Delete(job_id) => {
                     jobs.remove(&job_id);
                 }
+                Op::Drained(names) => *self.drained.lock().unwrap() = names,
             }
         }
         durable_now(Ok(()))
@@ -70,6 +72,10 @@ impl Store for MemoryStore {
             .collect();
         all.sort_by_key(|(j, _)| j.seq);
         Ok(all)
+    }
+
+    fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
+        Ok(self.drained.lock().unwrap().clone())
     }
 }
 

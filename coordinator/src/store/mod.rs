@@ -11,10 +11,11 @@ mod memory;
 mod redb_store;
 mod redis_store;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 
-use stylefarm_core::ids::JobId;
+use stylefarm_core::ids::{JobId, WorkerId};
 
 pub use self::memory::MemoryStore;
 pub use self::redb_store::RedbStore;
@@ -82,6 +83,8 @@ pub enum Op {
     Task(JobId, TaskRecord),
     /// Forgets the job with this id and all its tasks (nothing when there is none).
     Delete(JobId),
+    /// The names of the workers drained ([`crate::scheduler::Scheduler::drain`]), replacing those stored.
+    Drained(BTreeSet<WorkerId>),
 }
 
 /// Resolves when the writes it was returned for are durable, or with the error that made them fail. Opaque:
@@ -118,6 +121,8 @@ pub trait Store: Send + Sync {
     fn write(&self, ops: Vec<Op>) -> Durable;
     /// Every job with its tasks (in index order), in submission order.
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
+    /// The names of the workers drained, as last written ([`Op::Drained`]); none when never written.
+    fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError>;
 
     /// Why writes are held back, while some are: the store is out of reach (a Redis server restarting) or
     /// its disk is full (redb), and applies them, in order, once it answers or has room. The scheduler takes
@@ -241,6 +246,15 @@ pub(crate) mod tests {
         store.insert_job(&c, &tc[..1]).unwrap();
         assert_eq!(store.load().unwrap()[2], (c.clone(), tc[..1].to_vec()));
         wait(store.write(vec![Op::Delete(c.id.clone()), Op::Delete(nope)])).unwrap();
+        assert_eq!(store.load().unwrap(), all);
+
+        // the workers drained: none at first, then as last written, the jobs untouched
+        assert!(store.load_drained().unwrap().is_empty());
+        let names = BTreeSet::from([WorkerId::from("gpu-1"), WorkerId::from("odd#name")]);
+        wait(store.write(vec![Op::Drained(names.clone())])).unwrap();
+        assert_eq!(store.load_drained().unwrap(), names);
+        wait(store.write(vec![Op::Drained(BTreeSet::new())])).unwrap();
+        assert!(store.load_drained().unwrap().is_empty());
         assert_eq!(store.load().unwrap(), all);
     }
 }

@@ -1,11 +1,13 @@
 //! [`RedbStore`]: the embedded persistent store, one redb file with a group-committing writer thread.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use redb::{ReadableTable, TableDefinition};
 use serde::Serialize;
+use stylefarm_core::ids::WorkerId;
 
 use super::{durable_now, err, Durable, Op, Store, StoreError, StoreErrorKind};
 use crate::model::{JobMeta, TaskRecord};
@@ -26,6 +28,9 @@ fn redb_err(e: impl Into<redb::Error>) -> StoreError {
 
 const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
 const TASKS: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("tasks");
+/// One row, [`DRAINED_KEY`]: the names of the workers drained (JSON).
+const SETTINGS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("settings");
+const DRAINED_KEY: &str = "drained";
 
 /// How often writes held back for a full disk are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -115,6 +120,12 @@ fn apply(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), StoreError> {
                 jobs.remove(id).map_err(redb_err)?;
                 tasks
                     .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)
+                    .map_err(redb_err)?;
+            }
+            Op::Drained(names) => {
+                let mut settings = tx.open_table(SETTINGS).map_err(redb_err)?;
+                settings
+                    .insert(DRAINED_KEY, json(names)?.as_slice())
                     .map_err(redb_err)?;
             }
         }
@@ -326,6 +337,25 @@ impl Store for RedbStore {
         }
         all.sort_by_key(|(j, _)| j.seq);
         Ok(all)
+    }
+
+    fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
+        let mut db = self.shared.db.lock().unwrap();
+        let tx = self
+            .shared
+            .database(&mut db)?
+            .begin_read()
+            .map_err(redb_err)?;
+        // a database that never had a worker drained has no such table
+        let settings = match tx.open_table(SETTINGS) {
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeSet::new()),
+            table => table.map_err(redb_err)?,
+        };
+        match settings.get(DRAINED_KEY).map_err(redb_err)? {
+            Some(value) => serde_json::from_slice(value.value())
+                .map_err(|e| err(format!("the workers drained: {e}"))),
+            None => Ok(BTreeSet::new()),
+        }
     }
 }
 

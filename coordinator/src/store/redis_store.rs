@@ -20,11 +20,13 @@
 //! write queued meanwhile, are told UNAVAILABLE at once, and [`Store::behind`] says so until the backlog is
 //! applied; nothing queued is dropped or reordered unless the store is closed first.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
+use stylefarm_core::ids::WorkerId;
 
 use super::{durable_now, err, Durable, Op, Store, StoreError};
 use crate::model::{JobMeta, TaskRecord};
@@ -75,6 +77,11 @@ impl Keys {
 
     fn tasks(&self, id: &str) -> String {
         format!("{}:tasks:{id}", self.prefix)
+    }
+
+    /// The names of the workers drained (JSON).
+    fn drained(&self) -> String {
+        format!("{}:drained", self.prefix)
     }
 
     /// The id of the coordinator holding the leader lease; expires unless renewed.
@@ -159,6 +166,11 @@ fn commands(keys: &Keys, ops: &[Op]) -> Result<Vec<redis::Cmd>, StoreError> {
                 let mut unlisted = redis::cmd("ZREM");
                 unlisted.arg(keys.jobs()).arg(id);
                 out.extend([del, unlisted]);
+            }
+            Op::Drained(names) => {
+                let mut set = redis::cmd("SET");
+                set.arg(keys.drained()).arg(json(names)?);
+                out.push(set);
             }
         }
     }
@@ -628,6 +640,23 @@ impl Store for RedisStore {
             all.push((meta, tasks));
         }
         Ok(all)
+    }
+
+    fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
+        let keys = Keys {
+            prefix: self.prefix.clone(),
+        };
+        let mut con = connect(&self.client)?;
+        let names: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(keys.drained())
+            .query(&mut con)
+            .map_err(redis_err)?;
+        match names {
+            Some(names) => {
+                serde_json::from_slice(&names).map_err(|e| err(format!("the workers drained: {e}")))
+            }
+            None => Ok(BTreeSet::new()),
+        }
     }
 }
 
