@@ -1948,16 +1948,17 @@ async fn a_drained_worker_finishes_its_task_takes_no_other_until_undrained() {
     )
     .await;
     assert_eq!(done.tasks[0].attempts, 1, "not stopped: {done:?}");
+    let says_drained = |client: RenderClient, what: &'static str| {
+        let next = next.clone();
+        async move {
+            let drained = |s: &pb::JobStatus| s.waiting.contains("may take it are drained");
+            wait_job(&client, &next, what, Duration::from_secs(30), drained).await
+        }
+    };
     let mut client = cluster.client().await;
-    wait_job(
-        &client,
-        &next,
-        "the next job to say that the workers are drained",
-        Duration::from_secs(10),
-        |s| {
-            s.waiting
-                .contains("the live workers that may take it are drained")
-        },
+    says_drained(
+        client.clone(),
+        "the next job to say that its workers are drained",
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1972,17 +1973,7 @@ async fn a_drained_worker_finishes_its_task_takes_no_other_until_undrained() {
     cluster.coordinator.as_mut().unwrap().kill();
     cluster.start_coordinator();
     let mut client = cluster.client().await;
-    wait_job(
-        &client,
-        &next,
-        "the restarted coordinator to say that the workers are drained",
-        Duration::from_secs(30),
-        |s| {
-            s.waiting
-                .contains("the live workers that may take it are drained")
-        },
-    )
-    .await;
+    says_drained(client.clone(), "the restarted coordinator to say so").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(job(&mut client, &next).await.tasks[0].attempts, 0);
     let (ok, _, err) = cluster.cli(&["undrain", "nobody"]);

@@ -430,10 +430,37 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     // end to end: the CLI with alice's token, a worker process with the worker token
     cluster.add_worker_with_env("w1", &[("STYLEFARM_TOKEN", WORKER)]);
     wait_registered(&cluster, 1).await;
-    let mine = submit(&cluster, &x_starry("chelsea.png", 48, 5));
+    let mine = submit(&cluster, &x_starry("chelsea.png", 48, 60));
     let mut client = stylefarm_client::FarmClient::connect_with(&url, &token(Some(ALICE)))
         .await
         .unwrap();
+    // the worker busy with alice's task: alice sees the task and its progress, bob only that it is busy
+    wait_for(
+        "alice's task to be under way",
+        Duration::from_secs(60),
+        || {
+            let mut client = client.clone();
+            let mine = mine.clone();
+            async move {
+                let workers = client.workers().await.unwrap();
+                workers
+                    .iter()
+                    .any(|w| w.job_id == mine && w.task == Some(0) && w.progress > 0.0)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let mut bobs = stylefarm_client::FarmClient::connect_with(&url, &token(Some(BOB)))
+        .await
+        .unwrap();
+    let seen = bobs.workers().await.unwrap();
+    let busy: Vec<_> = seen.iter().filter(|w| w.health == "busy").collect();
+    assert!(
+        busy.len() == 1
+            && (busy[0].job_id.as_str(), busy[0].task, busy[0].progress) == ("", None, 0.0),
+        "{seen:?}"
+    );
     wait_state_as(&mut client, &mine).await;
     let (ok, out, _) = cluster.cli(&["list"]);
     assert!(ok && out.contains(&mine), "{out}");

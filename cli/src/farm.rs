@@ -927,6 +927,7 @@ pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
             let health = match (w.health.as_str(), w.drained) {
                 ("busy", true) => "draining",
                 ("idle", true) => "drained",
+                ("silent", true) => "silent,drained",
                 (health, _) => health,
             };
             let task = match (w.job_id.as_str(), w.task) {
@@ -934,12 +935,15 @@ pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
                 ("", _) | (_, None) => String::new(),
                 (job, Some(index)) => format!("{job}/{index} {:.0}%", w.progress * 100.0),
             };
+            let seen = match w.last_seen_s {
+                s if s < 0.0 => "not since the coordinator started".to_string(),
+                s => format!("{s:.0} s ago"),
+            };
             println!(
-                "{}\t{health}\t{device}\t{} of {}\t{tags}\t{:.0} s ago\t{task}",
+                "{}\t{health}\t{device}\t{} of {}\t{tags}\t{seen}\t{task}",
                 w.worker_id,
                 bytes(w.memory_used_bytes),
                 bytes(w.memory_bytes),
-                w.last_seen_s,
             );
         }
         Ok(())

@@ -516,12 +516,13 @@ impl Coordinator {
         names: &[WorkerId],
         drain: bool,
     ) -> Result<(Vec<WorkerId>, Vec<WorkerId>), Error> {
+        let drained = self.scheduler.drained();
         let known: std::collections::HashSet<WorkerId> = self
             .workers
             .all()
             .into_iter()
             .map(|(id, _)| id.by_name())
-            .chain(self.scheduler.drained())
+            .chain(drained.iter().cloned())
             .collect();
         let mut resolved = Vec::with_capacity(names.len());
         for given in names {

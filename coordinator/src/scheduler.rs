@@ -504,7 +504,7 @@ struct State {
     /// Unfinished jobs that wait for others ([`JobMeta::waiting_on`]): those [`settle_dependents`] looks at.
     waiting: BTreeSet<JobId>,
     /// The workers drained, by name ([`Scheduler::drain`]): they take no task.
-    drained: BTreeSet<WorkerId>,
+    drained: Arc<BTreeSet<WorkerId>>,
 }
 
 /// A job's per-worker records by worker name ([`WorkerId::by_name`]), as this version keeps them: records
@@ -979,6 +979,9 @@ fn name_blocklisted(meta: &JobMeta, name: &WorkerId, blocklist_after: u32) -> bo
     meta.strikes.get(name).copied().unwrap_or(0) >= blocklist_after
 }
 
+/// Most workers drained at once ([`Scheduler::drain`]).
+pub const MAX_DRAINED: usize = 10_000;
+
 /// At most this many of the live workers' tag sets are named in a [`Waiting::reason`].
 const TAG_SETS_NAMED: usize = 5;
 
@@ -1185,7 +1188,7 @@ impl Scheduler {
     /// (their leases died with it; a late result under one is discarded).
     pub fn new(config: SchedulerConfig, store: Arc<dyn Store>) -> Result<Scheduler, StoreError> {
         let mut state = State {
-            drained: store.load_drained()?,
+            drained: Arc::new(store.load_drained()?),
             ..State::default()
         };
         for (mut meta, mut tasks) in store.load()? {
@@ -1636,34 +1639,36 @@ impl Scheduler {
     pub fn drain(&self, names: &[WorkerId], drain: bool) -> Result<Vec<WorkerId>, SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
-        let before = st.drained.clone();
-        let changed: Vec<WorkerId> = names
+        let new: Vec<&WorkerId> = names
             .iter()
-            .filter(|&name| {
-                if drain {
-                    st.drained.insert(name.clone())
-                } else {
-                    st.drained.remove(name)
-                }
+            .filter(|&n| drain != st.drained.contains(n))
+            .collect();
+        let after = st.drained.len() + new.len();
+        if drain && after > MAX_DRAINED {
+            return Err(SchedulerError::Limit(format!(
+                "workers: {after} would be drained, the most is {MAX_DRAINED} (undrain some)"
+            )));
+        }
+        let set = Arc::make_mut(&mut st.drained);
+        let changed: Vec<WorkerId> = new
+            .into_iter()
+            .filter(|&name| match drain {
+                true => set.insert(name.clone()),
+                false => set.remove(name),
             })
             .cloned()
             .collect();
         if changed.is_empty() {
             return Ok(changed);
         }
-        let durable = self.store.write(vec![Op::Drained(st.drained.clone())]);
+        // the whole set, each write replacing the one before: the store ends as the last write, which
+        // is queued in the order of the changes here. As for a job's changes, one whose write fails is
+        // kept here (the store may hold the write back and apply it later; the next one stores it)
+        let durable = self
+            .store
+            .write(vec![Op::Drained(st.drained.as_ref().clone())]);
         drop(st);
-        if let Err(e) = store::wait(durable) {
-            // not stored: as it was (a later drain or undrain of other workers meanwhile is kept)
-            let mut st = self.state.lock().unwrap();
-            for name in &changed {
-                match before.contains(name) {
-                    true => st.drained.insert(name.clone()),
-                    false => st.drained.remove(name),
-                };
-            }
-            return Err(e.into());
-        }
+        store::wait(durable)?;
         if !drain {
             // its long-poll asks again at once rather than at its next 250-ms look
             self.work.notify_waiters();
@@ -1671,8 +1676,8 @@ impl Scheduler {
         Ok(changed)
     }
 
-    /// The names of the workers drained ([`Scheduler::drain`]).
-    pub fn drained(&self) -> BTreeSet<WorkerId> {
+    /// The names of the workers drained ([`Scheduler::drain`]); a snapshot, shared until they change.
+    pub fn drained(&self) -> Arc<BTreeSet<WorkerId>> {
         self.state.lock().unwrap().drained.clone()
     }
 
@@ -5225,13 +5230,28 @@ mod tests {
             s.drain(&[w("a")], true).unwrap().is_empty(),
             "drained already"
         );
-        assert_eq!(s.drained(), BTreeSet::from([w("a")]));
+        assert_eq!(*s.drained(), BTreeSet::from([w("a")]));
         let reloaded = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
-        assert_eq!(reloaded.drained(), BTreeSet::from([w("a")]));
+        assert_eq!(*reloaded.drained(), BTreeSet::from([w("a")]));
+        // a write that fails: the change is kept (as a job's is), and the next write stores it
         *store.failing.lock().unwrap() = Some(StoreError::new("disk on fire"));
-        assert!(s.drain(&[w("c"), w("a")], false).is_err());
-        assert_eq!(s.drained(), BTreeSet::from([w("a")]), "as it was");
+        assert!(s.drain(&[w("c")], true).is_err());
+        assert_eq!(*s.drained(), BTreeSet::from([w("a"), w("c")]));
         *store.failing.lock().unwrap() = None;
+        s.drain(&[w("d")], true).unwrap();
+        let reloaded = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        assert_eq!(
+            *reloaded.drained(),
+            BTreeSet::from([w("a"), w("c"), w("d")])
+        );
+        s.drain(&[w("c"), w("d")], false).unwrap();
+        // at most MAX_DRAINED at once
+        let many: Vec<WorkerId> = (0..MAX_DRAINED).map(|i| w(&format!("n{i}"))).collect();
+        match s.drain(&many, true) {
+            Err(SchedulerError::Limit(m)) => assert!(m.contains("10001 would be drained"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(*s.drained(), BTreeSet::from([w("a")]));
         assert!(s.lease(&w("a#1")).unwrap().is_none());
         assert!(
             s.lease(&w("a#2")).unwrap().is_none(),

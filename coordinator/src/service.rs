@@ -704,7 +704,8 @@ impl RenderService for RenderApi {
             .find(|n| n.is_empty() || n.as_str().len() > MAX_WORKER_ID)
         {
             let len = bad.as_str().len();
-            let message = format!("a name of {len} bytes: a worker's is 1 to {MAX_WORKER_ID}");
+            let message =
+                format!("a name of {len} bytes: a worker's name or id is 1 to {MAX_WORKER_ID}");
             return Err(Error::invalid("workers", message).into());
         }
         // the store's commit is waited for: off the async threads

@@ -25,7 +25,7 @@
 //! trusted. Login and logout refuse requests that a browser marks as coming from another site
 //! (`Sec-Fetch-Site`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -231,7 +231,8 @@ pub struct WorkerRow {
     /// The memory in use as last reported, bytes (the device's on a GPU, the process's on a CPU); 0:
     /// unknown.
     pub memory_used_bytes: u64,
-    /// Seconds since it last called.
+    /// Seconds since it last called; -1: not since this coordinator started (a name drained, listed
+    /// while none of its workers has called).
     pub last_seen_s: f64,
     /// `busy` (it holds a lease), `idle` (it asks for work), `silent` (not heard from for
     /// [`LIVE_WINDOW`], or for a lease period while holding one, or since a lease of it expired).
@@ -495,13 +496,34 @@ impl Coordinator {
                     health,
                     job_id: own.map(|l| l.job_id.to_string()).unwrap_or_default(),
                     task: own.map(|l| l.index),
-                    progress: lease.map_or(0.0, |l| {
+                    progress: own.map_or(0.0, |l| {
                         task_fraction(TaskState::Running, l.progress.as_ref())
                     }),
                     drained: drained.contains(&id.by_name()),
                 }
             })
             .collect();
+        // a name drained that no worker of has called (since the coordinator started, or that it forgot):
+        // listed, so that a worker that comes back under it is not drained without a trace
+        let named: HashSet<WorkerId> = workers
+            .iter()
+            .map(|w| WorkerId::from(w.id.as_str()).by_name())
+            .collect();
+        for name in drained.iter().filter(|n| !named.contains(*n)) {
+            workers.push(WorkerRow {
+                id: name.to_string(),
+                device: String::new(),
+                tags: Vec::new(),
+                memory_bytes: 0,
+                memory_used_bytes: 0,
+                last_seen_s: -1.0,
+                health: "silent",
+                job_id: String::new(),
+                task: None,
+                progress: 0.0,
+                drained: true,
+            });
+        }
         let rank = |h: &str| match h {
             "busy" => 0,
             "idle" => 1,

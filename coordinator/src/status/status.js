@@ -22,6 +22,7 @@ function bytes(n) {
 }
 
 function ago(seconds) {
+  if (seconds < 0) return "not since the coordinator started";
   if (seconds < 1) return "now";
   if (seconds < 120) return `${Math.round(seconds)} s ago`;
   if (seconds < 7200) return `${Math.round(seconds / 60)} min ago`;

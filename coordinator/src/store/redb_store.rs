@@ -134,6 +134,21 @@ fn apply(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), StoreError> {
 }
 
 impl RedbStore {
+    /// Runs `f` in a read transaction, the database held (opened again first if an I/O error left it
+    /// refusing) until it returns.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut db = self.shared.db.lock().unwrap();
+        let tx = self
+            .shared
+            .database(&mut db)?
+            .begin_read()
+            .map_err(redb_err)?;
+        f(&tx)
+    }
+
     /// Opens or creates the database file and starts its committer thread.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let file = path.to_path_buf();
@@ -313,49 +328,41 @@ impl Store for RedbStore {
     }
 
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError> {
-        let mut db = self.shared.db.lock().unwrap();
-        let tx = self
-            .shared
-            .database(&mut db)?
-            .begin_read()
-            .map_err(redb_err)?;
-        let jobs = tx.open_table(JOBS).map_err(redb_err)?;
-        let tasks = tx.open_table(TASKS).map_err(redb_err)?;
-        let mut all = Vec::new();
-        for entry in jobs.iter().map_err(redb_err)? {
-            let (_, value) = entry.map_err(redb_err)?;
-            let job = crate::model::job_from_json(value.value()).map_err(err)?;
-            let mut list = Vec::new();
-            for t in tasks
-                .range((job.id.as_str(), 0)..=(job.id.as_str(), u32::MAX))
-                .map_err(redb_err)?
-            {
-                let (_, value) = t.map_err(redb_err)?;
-                list.push(crate::model::task_from_json(value.value()).map_err(err)?);
+        self.read(|tx| {
+            let jobs = tx.open_table(JOBS).map_err(redb_err)?;
+            let tasks = tx.open_table(TASKS).map_err(redb_err)?;
+            let mut all = Vec::new();
+            for entry in jobs.iter().map_err(redb_err)? {
+                let (_, value) = entry.map_err(redb_err)?;
+                let job = crate::model::job_from_json(value.value()).map_err(err)?;
+                let mut list = Vec::new();
+                for t in tasks
+                    .range((job.id.as_str(), 0)..=(job.id.as_str(), u32::MAX))
+                    .map_err(redb_err)?
+                {
+                    let (_, value) = t.map_err(redb_err)?;
+                    list.push(crate::model::task_from_json(value.value()).map_err(err)?);
+                }
+                all.push((job, list));
             }
-            all.push((job, list));
-        }
-        all.sort_by_key(|(j, _)| j.seq);
-        Ok(all)
+            all.sort_by_key(|(j, _)| j.seq);
+            Ok(all)
+        })
     }
 
     fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
-        let mut db = self.shared.db.lock().unwrap();
-        let tx = self
-            .shared
-            .database(&mut db)?
-            .begin_read()
-            .map_err(redb_err)?;
-        // a database that never had a worker drained has no such table
-        let settings = match tx.open_table(SETTINGS) {
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeSet::new()),
-            table => table.map_err(redb_err)?,
-        };
-        match settings.get(DRAINED_KEY).map_err(redb_err)? {
-            Some(value) => serde_json::from_slice(value.value())
-                .map_err(|e| err(format!("the workers drained: {e}"))),
-            None => Ok(BTreeSet::new()),
-        }
+        self.read(|tx| {
+            // a database that never had a worker drained has no such table
+            let settings = match tx.open_table(SETTINGS) {
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeSet::new()),
+                table => table.map_err(redb_err)?,
+            };
+            match settings.get(DRAINED_KEY).map_err(redb_err)? {
+                Some(value) => serde_json::from_slice(value.value())
+                    .map_err(|e| err(format!("the workers drained: {e}"))),
+                None => Ok(BTreeSet::new()),
+            }
+        })
     }
 }
 

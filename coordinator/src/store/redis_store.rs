@@ -6,6 +6,7 @@
 //!   [`Store::load`]);
 //! - `{prefix}:job:{id}`: the job's record ([`JobMeta`]) as JSON;
 //! - `{prefix}:tasks:{id}`: a hash of the job's tasks ([`TaskRecord`] as JSON) by their index;
+//! - `{prefix}:drained`: the names of the workers drained ([`Op::Drained`]) as JSON;
 //! - `{prefix}:leader` and `{prefix}:epoch`: the active coordinator's lease (its id, expiring unless renewed)
 //!   and the fencing token that each new holder increments ([`RedisStore::open_active`]); every write of an
 //!   active coordinator is a transaction that watches the epoch and applies only while it is still its own.
@@ -820,7 +821,12 @@ mod tests {
         let lease = Duration::from_millis(600);
         let a = RedisStore::open_active(&url, "farm", lease).unwrap();
         let (mut job, tasks) = super::super::tests::job("job-1", 1);
-        super::super::wait(a.write(vec![Op::Insert(job.clone(), tasks.clone())])).unwrap();
+        let drained = BTreeSet::from([WorkerId::from("gpu-3")]);
+        let ops = vec![
+            Op::Insert(job.clone(), tasks.clone()),
+            Op::Drained(drained.clone()),
+        ];
+        super::super::wait(a.write(ops)).unwrap();
         let standby = {
             let url = url.clone();
             std::thread::spawn(move || RedisStore::open_active(&url, "farm", lease))
@@ -841,6 +847,8 @@ mod tests {
         job.error = "written by the old active one".into();
         let err = super::super::wait(a.write(vec![Op::Job(job.clone())])).unwrap_err();
         assert!(err.to_string().contains("fenced"), "{err}");
+        let undrained = a.write(vec![Op::Drained(BTreeSet::new())]);
+        assert!(super::super::wait(undrained).is_err(), "fenced");
         let deadline = std::time::Instant::now() + lease;
         while a.lost().is_none() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -850,6 +858,11 @@ mod tests {
         job.error = "written by the new one".into();
         super::super::wait(b.write(vec![Op::Job(job.clone())])).unwrap();
         assert_eq!(b.load().unwrap(), vec![(job, tasks)]);
+        assert_eq!(
+            b.load_drained().unwrap(),
+            drained,
+            "the drained, not the fenced write"
+        );
         assert!(b.lost().is_none());
         // a clean stop releases the lease: the next one takes over at once, not a lease later
         drop(b);
