@@ -436,6 +436,18 @@ impl Coordinator {
             }
         };
         let scheduler = scheduler::Scheduler::new(config.scheduler, store)?;
+        let drained = scheduler.drained();
+        if !drained.is_empty() {
+            // stored from before: an operator looking for why a worker takes nothing finds it here
+            let names: Vec<&str> = drained.iter().take(20).map(WorkerId::as_str).collect();
+            let more = drained.len().saturating_sub(names.len());
+            tracing::info!(
+                count = drained.len(),
+                names = %names.join(", "),
+                more,
+                "workers drained (stylefarm undrain puts them back)"
+            );
+        }
         let blobs: Arc<dyn blobs::BlobStore> = match &config.blobs {
             BlobsConfig::Disk => Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?),
             BlobsConfig::S3(url) => Arc::new(blobs::S3Blobs::open(url)?),
