@@ -1975,7 +1975,10 @@ async fn a_drained_worker_finishes_its_task_takes_no_other_until_undrained() {
     let mut client = cluster.client().await;
     says_drained(client.clone(), "the restarted coordinator to say so").await;
     let log = cluster.coordinator.as_ref().unwrap().log_text();
-    assert!(log.contains("workers drained") && log.contains("w1"), "{log}");
+    assert!(
+        log.contains("workers drained") && log.contains("w1"),
+        "{log}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(job(&mut client, &next).await.tasks[0].attempts, 0);
     let (ok, _, err) = cluster.cli(&["undrain", "nobody"]);
