@@ -273,8 +273,9 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
 
 /// The auth matrix: no token, alice's client token (the farm's operator), the worker token, bob's client
 /// token (another tenant) x every RPC of both services, against a coordinator started with `--auth-file`
-/// (alice), `--client-token` (bob) and `--worker-token`. Printed as a table; each cell checked. Then the same farm end to end: a worker
-/// process with its token renders alice's job, submitted with the CLI and her token.
+/// (alice), `--client-token` (bob) and `--worker-token`. Printed as a table; each cell checked. Then the same
+/// farm end to end: a worker process with its token renders alice's job, submitted with the CLI and her
+/// token.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let mut cluster = Cluster::new(1.5, 0.3, "embedded");

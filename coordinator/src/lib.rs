@@ -519,10 +519,9 @@ impl Coordinator {
 
     /// Drains the workers named `names` (names, or ids whose name is meant: every registration of each),
     /// or undrains them ([`scheduler::Scheduler::drain`]; blocking: it waits for the store). Each must be a
-    /// worker that has called this
-    /// coordinator, or (to undrain) one drained; else NOT_FOUND naming it, and none changes. Returns each
-    /// one's name (as given when it is a known name, which may hold `#`; else the id's name), and those
-    /// whose state changed.
+    /// worker that has called this coordinator, or (to undrain) one drained; else NOT_FOUND naming it, and
+    /// none changes. Returns each one's name (as given when it is a known name, which may hold `#`; else
+    /// the id's name), and those whose state changed.
     pub fn drain_workers(
         &self,
         names: &[WorkerId],

@@ -730,6 +730,17 @@ fn start_job_from(job: &mut Job, from: &JobId, image: &ImageHash, ops: &mut Vec<
     }
 }
 
+/// Where a keep-going job goes once a task of it failed for good ([`Scheduler::go_on_keeping_going`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeptGoing {
+    /// None of its tasks is left to run: it failed, naming the failed ones.
+    Failed,
+    /// A sweep with its variants done: due for its contact sheet.
+    SheetDue,
+    /// Its other tasks go on.
+    GoesOn,
+}
+
 /// What [`settle_dependents`] did.
 #[derive(Default)]
 struct Settled {
@@ -1008,11 +1019,12 @@ impl Default for Waiting {
 }
 
 impl Waiting {
-    /// Why a job has tasks queued and none running, for people (the status page, `stylefarm status`): no
-    /// live worker at all (or only drained ones that may take it), none with the worker tags the job asks for, or every one that has them
-    /// blocklisted for it. Empty when the job is finished, has a task running or none queued, or a live
-    /// worker may take its tasks (they are busy with others, or about to ask); for the shards of an
-    /// exact-mode scale, that they start together on as many free workers. `tasks`: the job's tasks.
+    /// Why a job has tasks queued and none running, for people (the status page, `stylefarm status`): no live
+    /// worker at all (or only drained ones that may take it), none with the worker tags the job asks for, or
+    /// every one that has them blocklisted for it. Empty when the job is finished, has a task running or none
+    /// queued, or a live worker may take its tasks (they are busy with others, or about to ask); for the
+    /// shards of an exact-mode scale, that they start together on as many free workers. `tasks`: the job's
+    /// tasks.
     pub fn reason<'a>(
         &self,
         meta: &JobMeta,
@@ -1964,24 +1976,10 @@ impl Scheduler {
             set_task_state(&mut st.tally, task, TaskState::Failed);
             ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             let job_id = job.meta.id.clone();
-            // a keep-going batch ends only once none of its tasks is left to run; a keep-going sweep then
-            // has its contact sheet made first, of the variants that rendered (the coordinator's step,
-            // which ends it)
-            let due = keep_going && job.meta.spec.kind.has_stage_work() && stage_done(job);
-            let ends = if due {
-                None
-            } else if keep_going {
-                kept_going_failure(job)
+            if keep_going {
+                self.go_on_keeping_going(st, &job_id, ops)?;
             } else {
-                Some(reason)
-            };
-            match ends {
-                Some(reason) => self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?,
-                // the task fails alone: the job's other tasks go on
-                None => ops.push(Op::Job(job.meta.clone())),
-            }
-            if due {
-                st.stage_due.push(job_id);
+                self.finish_job(st, &job_id, JobState::Failed, &reason, ops)?;
             }
         } else {
             let backoff = self
@@ -2049,17 +2047,47 @@ impl Scheduler {
         }
     }
 
+    /// Where keep-going job `job_id` ([`JobSpec::keep_going`]) goes once a task of it failed for good: a
+    /// batch ends only once none of its tasks is left to run, failing naming the failed ones; a sweep then
+    /// has its contact sheet made first, of the variants that rendered (due for the coordinator's step,
+    /// [`Scheduler::take_stage_due`], which ends it); until then the task fails alone and the job goes on.
+    fn go_on_keeping_going(
+        &self,
+        st: &mut State,
+        job_id: &JobId,
+        ops: &mut Vec<Op>,
+    ) -> Result<KeptGoing, SchedulerError> {
+        let job = st
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        if job.meta.spec.kind.has_stage_work() && stage_done(job) {
+            ops.push(Op::Job(job.meta.clone()));
+            st.stage_due.push(job_id.clone());
+            return Ok(KeptGoing::SheetDue);
+        }
+        match kept_going_failure(job) {
+            Some(reason) => {
+                self.finish_job(st, job_id, JobState::Failed, &reason, ops)?;
+                Ok(KeptGoing::Failed)
+            }
+            None => {
+                ops.push(Op::Job(job.meta.clone()));
+                Ok(KeptGoing::GoesOn)
+            }
+        }
+    }
+
     /// Fails the queued tasks of keep-going job `job_id` with `error` ([`JobSpec::keep_going`]), none being
-    /// left to run them, and ends the job as [`Scheduler::fail`] does when its last task fails: a sweep with
-    /// a variant rendered is due for its contact sheet ([`Scheduler::take_stage_due`]); otherwise the job
-    /// fails naming its failed tasks. Returns whether the job ended (not when its sheet is due).
+    /// left to run them, and ends the job as [`Scheduler::fail`] does when its last task fails
+    /// ([`Scheduler::go_on_keeping_going`]).
     fn fail_queued_tasks(
         &self,
         st: &mut State,
         job_id: &JobId,
         error: &str,
         ops: &mut Vec<Op>,
-    ) -> Result<bool, SchedulerError> {
+    ) -> Result<KeptGoing, SchedulerError> {
         let job = st
             .jobs
             .get_mut(job_id)
@@ -2074,14 +2102,7 @@ impl Scheduler {
             st.queue.remove(&job.meta, task.index);
             ops.push(Op::Task(job_id.clone(), task.clone()));
         }
-        if job.meta.spec.kind.has_stage_work() && stage_done(job) {
-            ops.push(Op::Job(job.meta.clone()));
-            st.stage_due.push(job_id.clone());
-            return Ok(false);
-        }
-        let reason = kept_going_failure(job).unwrap_or_else(|| error.to_string());
-        self.finish_job(st, job_id, JobState::Failed, &reason, ops)?;
-        Ok(true)
+        self.go_on_keeping_going(st, job_id, ops)
     }
 
     /// Fails a job for a reason outside its tasks (e.g. its contact sheet could not be made); a job that
@@ -2168,10 +2189,11 @@ impl Scheduler {
                 st.blocklisting.remove(&job_id);
                 // a keep-going job fails its queued tasks alone and ends as when its last task failed
                 // (a sweep has its contact sheet made of the variants that rendered)
-                if self.fail_queued_tasks(&mut st, &job_id, &why, &mut ops)? {
-                    failed.push(job_id);
-                } else {
-                    sheet_due.push(job_id);
+                match self.fail_queued_tasks(&mut st, &job_id, &why, &mut ops)? {
+                    KeptGoing::Failed => failed.push(job_id),
+                    KeptGoing::SheetDue => sheet_due.push(job_id),
+                    // none running (no lease) and none queued now: not reached
+                    KeptGoing::GoesOn => {}
                 }
                 continue;
             }
@@ -5218,7 +5240,7 @@ mod tests {
     /// A drained worker (by its name: every registration of it) takes no task, even while it asks, while its
     /// running task goes on to its end; the others take the queue; undrained, it takes tasks again. A job
     /// whose live workers are all drained says so. The drained are stored: a scheduler loading the store
-    /// has them; a write that fails changes nothing.
+    /// has them; a change whose write fails is kept, and the next write stores it. At most MAX_DRAINED.
     #[test]
     fn a_drained_worker_takes_no_task_until_undrained() {
         let store = Arc::new(HeldBack::default());

@@ -294,9 +294,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The device memory of each worker that may take the tasks of the job of `meta` now: live, not
-    /// drained, with the tags it asks for, not blocklisted by it; one per worker name, as many as the job may run on at once
-    /// ([`for_max_workers`]). What its scales are planned for.
+    /// The device memory of each worker that may take the tasks of the job of `meta` now: live, not drained,
+    /// with the tags it asks for, not blocklisted by it; one per worker name, as many as the job may run on
+    /// at once ([`for_max_workers`]). What its scales are planned for.
     pub(crate) fn planning_memory(&self, meta: &JobMeta) -> Vec<u64> {
         self.memory_for(meta, &HashSet::new())
     }
