@@ -1105,6 +1105,157 @@ async fn killed_and_restarted(mut cluster: Cluster) {
     );
 }
 
+/// A worker's checkpoint is kept only under a live lease of a job with checkpoints, and only once checked:
+/// bytes that are not a checkpoint file, one larger than the task's image takes, or one of a scale,
+/// iteration or size the task does not have are refused naming `checkpoint`, and the task keeps the last
+/// good one, which its status shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_is_checked_before_it_is_kept() {
+    use stylefarm_core::checkpoint::CheckpointFile;
+    let cluster = Cluster::start(30.0, 0.5);
+    let plain = submit(&cluster, &tubingen_x_starry(64, 20));
+    let mut args = tubingen_x_starry(64, 20);
+    args.extend(["--checkpoint-every", "5"].map(String::from));
+    let checkpointed = submit(&cluster, &args);
+    let mut workers = pb::worker_service_client::WorkerServiceClient::connect(cluster.url.clone())
+        .await
+        .unwrap();
+    let worker_id = workers
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "by-hand".into(),
+            protocol: stylefarm_proto::PROTOCOL,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let lease = || {
+        let mut workers = workers.clone();
+        let worker_id = worker_id.clone();
+        async move {
+            workers
+                .lease_task(pb::LeaseTaskRequest {
+                    worker_id,
+                    protocol: stylefarm_proto::PROTOCOL,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let save = |lease_id: String, size: Option<u64>, bytes: Vec<u8>| {
+        use pb::save_checkpoint_request::Part;
+        let mut parts = vec![Part::LeaseId(lease_id)];
+        parts.extend(size.map(Part::SizeBytes));
+        parts.push(Part::Data(bytes));
+        let mut workers = workers.clone();
+        async move {
+            workers
+                .save_checkpoint(tokio_stream::iter(
+                    parts
+                        .into_iter()
+                        .map(|p| pb::SaveCheckpointRequest { part: Some(p) }),
+                ))
+                .await
+        }
+    };
+    // 64 x 48: tubingen.jpg at 64 px
+    let file = |scale: u32, iteration: u32, width: u32| {
+        CheckpointFile {
+            scale,
+            iteration,
+            width,
+            height: 48,
+            preprocessing: "caffe".into(),
+            values: vec![0.5; 3 * 48 * width as usize],
+            adam: None,
+        }
+        .encode()
+        .unwrap()
+    };
+    let first = lease().await;
+    assert_eq!(first.task.as_ref().unwrap().job_id, plain);
+    assert_eq!(first.task.as_ref().unwrap().checkpoint_every, 0);
+    let reply = save(first.lease_id, None, file(1, 5, 64)).await.unwrap();
+    assert!(
+        !reply.get_ref().accepted,
+        "a job without checkpoints keeps none"
+    );
+
+    let second = lease().await;
+    let task = second.task.as_ref().unwrap();
+    assert_eq!((&task.job_id, task.checkpoint_every), (&checkpointed, 5));
+    let lease_id = second.lease_id;
+    for (size, bytes, message) in [
+        (
+            None,
+            b"not a checkpoint".to_vec(),
+            "checkpoint: not a safetensors file",
+        ),
+        (
+            Some(1 << 30),
+            file(1, 5, 64),
+            "checkpoint: 1073741824 bytes, more than",
+        ),
+        (
+            None,
+            file(2, 5, 64),
+            "checkpoint: of scale 2: the task's render has 1 scale(s)",
+        ),
+        (
+            None,
+            file(1, 20, 64),
+            "checkpoint: at iteration 20: scale 1 has 20 iterations",
+        ),
+        (
+            None,
+            file(1, 5, 65),
+            "checkpoint: a 65 x 48 image: the task's is at most 64 px",
+        ),
+    ] {
+        let err = save(lease_id.clone(), size, bytes).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{message}: {err:?}");
+        assert!(err.message().starts_with(message), "{message}: {err:?}");
+    }
+    let mut client = cluster.client().await;
+    assert_eq!(
+        job(&mut client, &checkpointed).await.tasks[0].checkpoint,
+        None
+    );
+    let good = file(1, 10, 64);
+    let reply = save(lease_id.clone(), Some(good.len() as u64), good.clone()).await;
+    assert!(reply.unwrap().get_ref().accepted);
+    let kept = job(&mut client, &checkpointed).await.tasks[0]
+        .checkpoint
+        .clone()
+        .unwrap();
+    assert_eq!((kept.scale, kept.iteration), (1, 10));
+    let (ok, out, _) = cluster.cli(&["status", &checkpointed]);
+    assert!(
+        ok && out.contains("checkpoint scale 1 iteration 10"),
+        "{out}"
+    );
+    assert_eq!(
+        kept.sha256,
+        stylefarm_core::job::ImageHash::of(&good).to_string()
+    );
+    // and the coordinator downloads it as it was sent
+    let mut stream = workers
+        .download_image(pb::DownloadRequest {
+            sha256: kept.sha256,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut downloaded = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        downloaded.extend(chunk.data);
+    }
+    assert_eq!(downloaded, good);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_serving() {
     let cluster = Cluster::start(10.0, 0.5);
@@ -1378,6 +1529,27 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .unwrap();
     assert!(!reply.get_ref().accepted);
     let err = workers.complete_task(result(None, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("lease_id"), "{err:?}");
+    // the same for a checkpoint
+    let checkpoint = |lease: Option<&str>, chunks: usize| {
+        let lease = lease.map(|id| pb::SaveCheckpointRequest {
+            part: Some(pb::save_checkpoint_request::Part::LeaseId(id.into())),
+        });
+        let data = (0..chunks).map(|_| pb::SaveCheckpointRequest {
+            part: Some(pb::save_checkpoint_request::Part::Data(vec![0u8; 1 << 20])),
+        });
+        tokio_stream::iter(lease.into_iter().chain(data).collect::<Vec<_>>())
+    };
+    let reply = workers
+        .save_checkpoint(checkpoint(Some("lease-of-no-one"), 64))
+        .await
+        .unwrap();
+    assert!(!reply.get_ref().accepted);
+    let err = workers
+        .save_checkpoint(checkpoint(None, 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("lease_id"), "{err:?}");
 

@@ -454,6 +454,77 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
     );
 }
 
+/// A render with checkpoints (`--checkpoint-every 10`) whose worker is killed (SIGKILL) once it saved one
+/// of its second scale starts again from that checkpoint on another worker: it skips the first scale and
+/// the second's iterations before the checkpoint, and the task succeeds, its checkpoint dropped.
+async fn resumed_from_a_checkpoint(backend: Backend) {
+    let (mut cluster, _services) = cluster_on(backend, 2.0, 0.3);
+    cluster.start_coordinator();
+    cluster.add_worker("doomed");
+    wait_registered(&cluster, 1).await;
+    // 120 iterations at 64 px, then 60 at 128
+    let mut args = tubingen_x_starry(128, 120);
+    args.extend(["--scales", "2", "--checkpoint-every", "10"].map(String::from));
+    let id = submit(&cluster, &args);
+    let client = cluster.client().await;
+    let seen = wait_for(
+        "a checkpoint of the second scale",
+        Duration::from_secs(120),
+        || {
+            let mut client = client.clone();
+            let id = &id;
+            async move {
+                let s = job(&mut client, id).await;
+                s.tasks[0].checkpoint.clone().filter(|c| c.scale == 2)
+            }
+        },
+    )
+    .await;
+    cluster.workers[0].kill();
+    cluster.add_worker("other");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let task = &done.tasks[0];
+    assert!(task.worker_id.starts_with("other"), "{task:?}");
+    assert_eq!(task.attempts, 2, "{task:?}");
+    assert_eq!(task.checkpoint, None, "dropped once the task succeeded");
+    let log = cluster.workers[1].log_text();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming from the task's checkpoint"))
+        .unwrap_or_else(|| panic!("the other worker resumed: {log}"));
+    let at = |key: &str| -> u32 {
+        let value = resumed.split(&format!("{key}=")).nth(1).unwrap();
+        value
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(at("scale"), 2, "{resumed}");
+    assert!(
+        at("iteration") >= seen.iteration && at("iteration").is_multiple_of(10),
+        "{resumed}, after {seen:?}"
+    );
+    assert!(!log.contains("the checkpoint does not fit"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_s_task_resumes_from_its_checkpoint_on_another_worker() {
+    resumed_from_a_checkpoint(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_s_task_resumes_from_its_checkpoint_on_another_worker_on_redis_and_s3() {
+    resumed_from_a_checkpoint(Backend::RedisS3).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarded() {
     frozen_past_its_lease(Backend::Embedded).await;

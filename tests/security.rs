@@ -247,6 +247,20 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
         "CompleteTask",
         code(rpc.complete_task(tokio_stream::iter(parts)).await),
     ));
+    let parts = vec![
+        pb::SaveCheckpointRequest {
+            part: Some(pb::save_checkpoint_request::Part::LeaseId(
+                "lease-nope".into(),
+            )),
+        },
+        pb::SaveCheckpointRequest {
+            part: Some(pb::save_checkpoint_request::Part::Data(vec![0; 64])),
+        },
+    ];
+    out.push((
+        "SaveCheckpoint",
+        code(rpc.save_checkpoint(tokio_stream::iter(parts)).await),
+    ));
     out.push((
         "FailTask",
         code(
@@ -338,11 +352,11 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
             _ => unreachable!(),
         }
     };
-    let worker_expected = |caller: &str| -> [Code; 6] {
+    let worker_expected = |caller: &str| -> [Code; 7] {
         match caller {
-            "none" => [Unauthenticated; 6],
-            "worker" => [Ok; 6],
-            "alice" | "bob" => [PermissionDenied; 6],
+            "none" => [Unauthenticated; 7],
+            "worker" => [Ok; 7],
+            "alice" | "bob" => [PermissionDenied; 7],
             _ => unreachable!(),
         }
     };

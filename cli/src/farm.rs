@@ -293,6 +293,13 @@ pub(crate) struct JobArgs {
     /// that job's result and waits for it too.
     #[arg(long = "after", value_name = "JOB_ID", value_parser = job_id_arg)]
     after: Vec<JobId>,
+    /// Save each task's image every N iterations of each scale (OpenCue's frame checkpoints): a task whose
+    /// worker is lost, or a job retried, starts again from its last checkpoint instead of from the
+    /// beginning: with Adam exactly as it would have gone on, with L-BFGS from the saved image with its
+    /// optimizer afresh (the pixels differ slightly from an uninterrupted render's). Not for the shards of
+    /// an --exact scale, which step together. Default: none.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    checkpoint_every: Option<u32>,
     /// Where results go: a file for a single render, else a directory.
     #[arg(long, short)]
     pub(crate) output: Option<PathBuf>,
@@ -581,6 +588,7 @@ impl JobArgs {
             keep_going: self.keep_going,
             max_workers: self.max_workers.unwrap_or(0),
             after: self.after.clone(),
+            checkpoint_every: self.checkpoint_every.unwrap_or(0),
             request_id: self.request_id.clone(),
             paused: false,
         })
@@ -873,8 +881,12 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
             );
         }
         for t in &s.tasks {
+            // where its next attempt starts from (--checkpoint-every)
+            let checkpoint = t.checkpoint.as_ref().map_or_else(String::new, |c| {
+                format!("checkpoint scale {} iteration {} ", c.scale, c.iteration)
+            });
             println!(
-                "  {:>3} {:<10} {:<32} attempts {} {}",
+                "  {:>3} {:<10} {:<32} attempts {} {checkpoint}{}",
                 t.index,
                 // cancelled for a new plan of its scale (the error says why): not the job's work
                 if t.replaced {

@@ -141,6 +141,8 @@ pub struct JobFiles {
     pub max_workers: u32,
     /// Jobs that must succeed before this one starts ([`JobSpec::after`]).
     pub after: Vec<JobId>,
+    /// A checkpoint every this many iterations of each scale ([`JobSpec::checkpoint_every`]); 0: none.
+    pub checkpoint_every: u32,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
     /// Submitted paused ([`FarmClient::pause`]): nothing of it runs until it is resumed.
@@ -359,6 +361,7 @@ impl FarmClient {
             keep_going: job.keep_going,
             max_workers: job.max_workers,
             after: job.after.clone(),
+            checkpoint_every: job.checkpoint_every,
         };
         spec.check_new()?;
         // before any byte is sent: a coordinator that would drop an option is told of no upload either

@@ -141,13 +141,15 @@ pub const RECEIVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// and must keep sending to hold it.
 pub const RECEIVE_MIN_BYTES_PER_SEC: usize = 256 << 10;
 
-/// The receive budgets: one for uploads, shared out among tenants, one for task results.
+/// The receive budgets: one for uploads, shared out among tenants, one for task results, and half as
+/// much for checkpoints.
 pub(crate) struct Receiving {
     uploads: ReceiveBudget,
     /// Each tenant's share of the uploads ([`TENANT_RECEIVE_BYTES`]), while it has uploads in hand.
     tenants: Mutex<HashMap<Tenant, ReceiveBudget>>,
     tenant_bytes: usize,
     results: ReceiveBudget,
+    checkpoints: ReceiveBudget,
 }
 
 impl Default for Receiving {
@@ -157,14 +159,18 @@ impl Default for Receiving {
 }
 
 impl Receiving {
-    /// Budgets of `total` bytes for uploads (`tenant` bytes of them for each tenant) and `total` for
-    /// results.
+    /// Budgets of `total` bytes for uploads (`tenant` bytes of them for each tenant), `total` for
+    /// results and half of it for checkpoints.
     fn new(total: usize, tenant: usize) -> Receiving {
         Receiving {
             uploads: ReceiveBudget::new(total, "the coordinator's receive budget".into()),
             tenants: Mutex::default(),
             tenant_bytes: tenant,
             results: ReceiveBudget::new(total, "the coordinator's receive budget".into()),
+            checkpoints: ReceiveBudget::new(
+                total / 2,
+                "the coordinator's receive budget for checkpoints".into(),
+            ),
         }
     }
 
@@ -191,6 +197,12 @@ impl Receiving {
     /// An empty buffer for a CompleteTask call.
     pub(crate) fn result(&self) -> Received {
         Received::new("result", vec![self.results.clone()])
+    }
+
+    /// An empty buffer for a SaveCheckpoint call: from a budget of its own, so that checkpoints, which a
+    /// task can do without, never keep results out.
+    pub(crate) fn checkpoint(&self) -> Received {
+        Received::new("checkpoint", vec![self.checkpoints.clone()])
     }
 }
 

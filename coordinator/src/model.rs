@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use stylefarm_core::checkpoint::Checkpoint;
 use stylefarm_core::ids::{ImageHash, JobId, WorkerId};
 use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
 
@@ -193,6 +194,10 @@ pub struct TaskRecord {
     /// fails for good.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub struck: Vec<WorkerId>,
+    /// The last checkpoint of an attempt ([`stylefarm_core::job::JobSpec::checkpoint_every`]): the next
+    /// attempt starts from it. Dropped once the task succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// The indices of the tasks that a new plan replaced, of a job's `tasks` in index order: tasks of a
@@ -240,6 +245,7 @@ impl TaskRecord {
             out_of_memory_on: Vec::new(),
             out_of_memory_bytes: 0,
             struck: Vec::new(),
+            checkpoint: None,
         }
     }
 }
@@ -363,6 +369,7 @@ mod tests {
     /// The spec the records were written from, as it is now.
     fn spec(kind: JobKind) -> JobSpec {
         JobSpec {
+            checkpoint_every: 0,
             kind,
             contents: vec![h("c")],
             styles: vec![h("s")],

@@ -7,12 +7,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use stylefarm_core::checkpoint::Checkpoint;
 use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::Init;
 use tokio::sync::{broadcast, Notify};
 
+use crate::decoding::MAX_IMAGE_UPLOAD;
 use crate::metrics::SchedulerMetrics;
 use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
 use crate::store::{self, Op, Store, StoreError};
@@ -259,6 +261,17 @@ fn append_tasks(
     ops
 }
 
+/// The iterations between a task's checkpoints ([`JobSpec::checkpoint_every`]); 0: none. None for a
+/// shard of an exact-mode scale (its attempt starts with its group's, from the beginning), nor for a task
+/// whose checkpoint could be larger than the coordinator receives ([`MAX_IMAGE_UPLOAD`]).
+fn checkpoint_every(job: &JobSpec, task: &TaskSpec) -> u32 {
+    if task.shards().is_some() || task.checkpoint_bounds().max_bytes > MAX_IMAGE_UPLOAD as u64 {
+        0
+    } else {
+        job.checkpoint_every
+    }
+}
+
 /// Whether a task is still to be done: queued or running.
 fn to_do(task: &TaskRecord) -> bool {
     matches!(task.state, TaskState::Pending | TaskState::Running)
@@ -287,6 +300,7 @@ fn replace_tasks(
         let task = &mut job.tasks[index as usize];
         set_task_state(&mut st.tally, task, TaskState::Cancelled);
         task.result = None;
+        task.checkpoint = None;
         task.error = reason.to_string();
         ops.push(Op::Task(job_id.clone(), task.clone()));
     }
@@ -1578,6 +1592,8 @@ impl Scheduler {
         // not written to the store: a restart sends running tasks back to the queue anyway, and the attempt
         // is recorded with the task's outcome (one fsync a task instead of two)
         let spec = task.spec.clone();
+        let checkpoint_every = checkpoint_every(&job.meta.spec, &spec);
+        let resume = task.checkpoint.clone().filter(|_| checkpoint_every > 0);
         if job.meta.state == JobState::Queued {
             set_job_state(&mut st.tally, &mut job.meta, JobState::Running);
             // no need to wait: "running" is for people, and a later write of the job supersedes it in order
@@ -1610,6 +1626,8 @@ impl Scheduler {
             task: Task {
                 id: TaskId { job: job_id, index },
                 spec,
+                checkpoint_every,
+                resume,
             },
             deadline_ms,
         }))
@@ -1779,6 +1797,53 @@ impl Scheduler {
         Some((lease.job_id.clone(), lease.index, task.spec.clone()))
     }
 
+    /// The task under a live lease that is not being cancelled, when it is checkpointed
+    /// ([`JobSpec::checkpoint_every`]); `None` otherwise.
+    pub fn checkpointed_task(&self, lease_id: &LeaseId) -> Option<TaskSpec> {
+        let st = self.state.lock().unwrap();
+        let lease = st.leases.get(lease_id).filter(|l| !l.cancel)?;
+        let job = st.jobs.get(&lease.job_id)?;
+        let task = job.tasks.get(lease.index as usize)?;
+        (checkpoint_every(&job.meta.spec, &task.spec) > 0).then(|| task.spec.clone())
+    }
+
+    /// Records the checkpoint of the task under a live lease ([`JobSpec::checkpoint_every`]), replacing
+    /// the one before, once durable: the task's next attempt starts from it. `false` (nothing recorded)
+    /// when the lease is no longer live or being cancelled, or its task is not checkpointed (a job
+    /// without checkpoints, a shard of an exact-mode scale).
+    pub fn save_checkpoint(
+        &self,
+        lease_id: &LeaseId,
+        checkpoint: Checkpoint,
+    ) -> Result<bool, SchedulerError> {
+        self.writable()?;
+        let mut st = self.state.lock().unwrap();
+        let Some(lease) = st.leases.get(lease_id).filter(|l| !l.cancel) else {
+            return Ok(false);
+        };
+        let (job_id, index) = (lease.job_id.clone(), lease.index);
+        let Some(job) = st.jobs.get_mut(&job_id) else {
+            return Ok(false);
+        };
+        let task = &mut job.tasks[index as usize];
+        if checkpoint_every(&job.meta.spec, &task.spec) == 0 {
+            return Ok(false);
+        }
+        task.checkpoint = Some(checkpoint);
+        // the record as the store has it while the attempt runs (a lease writes nothing): pending, the
+        // attempt not counted, so that a restart counts it no more than without a checkpoint
+        let stored = TaskRecord {
+            state: TaskState::Pending,
+            attempts: task.attempts.saturating_sub(1),
+            ..task.clone()
+        };
+        let durable = self.store.write(vec![Op::Task(job_id.clone(), stored)]);
+        drop(st);
+        store::wait(durable)?;
+        self.changed(&job_id);
+        Ok(true)
+    }
+
     /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
     fn take_lease(st: &mut State, lease_id: &LeaseId) -> Option<LeaseInfo> {
         let lease = st.leases.remove(lease_id)?;
@@ -1813,6 +1878,8 @@ impl Scheduler {
         let task = &mut job.tasks[lease.index as usize];
         set_task_state(&mut state.tally, task, TaskState::Succeeded);
         task.result = Some(result.clone());
+        // its result is what the checkpoint was kept for: the blob goes at the next collection
+        task.checkpoint = None;
         task.error.clear();
         task.permanent_error_workers.clear();
         task.struck.clear();
@@ -2564,6 +2631,7 @@ impl Scheduler {
             for t in &job.tasks {
                 images.extend(t.spec.images().cloned());
                 images.extend(t.result.iter().cloned());
+                images.extend(t.checkpoint.iter().map(|c| c.blob.clone()));
             }
         }
         images
@@ -2655,7 +2723,8 @@ impl Scheduler {
 
     /// Runs a failed or cancelled job again (Flamenco's requeue, OpenCue's retry of dead frames). Its failed
     /// and cancelled tasks go back to the queue with their attempts, errors and out-of-memory marks
-    /// cleared, and the job's strikes with them (the blocklist starts over). Its succeeded tasks keep their
+    /// cleared (not their checkpoints: they start from there), and the job's strikes with them (the
+    /// blocklist starts over). Its succeeded tasks keep their
     /// results, except the shards of an exact-mode scale that has a shard to run again: a scale's shards
     /// run together. Tasks that a new plan replaced stay as they are ([`crate::model::replaced_tasks`]). A
     /// job whose every task of its stage had succeeded (it failed in the coordinator's own step, a stitch
@@ -2740,9 +2809,13 @@ impl Scheduler {
         let mut ops = Vec::new();
         for &index in &again {
             let task = &mut job.tasks[index as usize];
-            // a new task, as at submission
+            // a new task, as at submission, but for its checkpoint: it starts from there
             set_task_state(&mut st.tally, task, TaskState::Pending);
-            *task = TaskRecord::pending(index, task.spec.clone());
+            let checkpoint = task.checkpoint.take();
+            *task = TaskRecord {
+                checkpoint,
+                ..TaskRecord::pending(index, task.spec.clone())
+            };
             ops.push(Op::Task(job_id.clone(), task.clone()));
             st.queue.insert(&job.meta, index);
         }
@@ -3255,6 +3328,7 @@ mod tests {
 
     fn batch(contents: u8, priority: i32) -> JobSpec {
         JobSpec {
+            checkpoint_every: 0,
             kind: JobKind::Batch,
             contents: (0..contents).map(|i| ImageHash::of(&[i])).collect(),
             styles: vec![ImageHash::of(b"style")],
@@ -3337,6 +3411,100 @@ mod tests {
         s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
         assert_eq!(s.set_priority(&done, 9).unwrap(), JobState::Succeeded);
         assert_eq!(s.get(&done).unwrap().meta.spec.priority, 0);
+    }
+
+    /// A task's checkpoint is recorded under its live lease only, and only for a job with checkpoints; its
+    /// next attempt (after a failure, or the coordinator's restart) starts from it, its blob is in use
+    /// meanwhile, and it is dropped once the task succeeds.
+    #[test]
+    fn a_task_s_next_attempt_starts_from_its_checkpoint_until_it_succeeds() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let checkpoint = |iteration| Checkpoint {
+            blob: hash(&format!("checkpoint {iteration}")),
+            scale: 1,
+            iteration,
+        };
+        // a job without checkpoints records none
+        let plain = s.submit(batch(1, 0), "").unwrap().0;
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!((l.task.checkpoint_every, &l.task.resume), (0, &None));
+        assert!(!s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap());
+        s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
+        assert_eq!(s.get(&plain).unwrap().tasks[0].0.checkpoint, None);
+
+        let job = submit_as(
+            &s,
+            "",
+            JobSpec {
+                checkpoint_every: 10,
+                ..batch(1, 0)
+            },
+        );
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!((l.task.checkpoint_every, &l.task.resume), (10, &None));
+        assert!(s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap());
+        assert!(s.save_checkpoint(&l.lease_id, checkpoint(20)).unwrap());
+        assert!(s.images_in_use().contains(&checkpoint(20).blob));
+        s.fail(&l.lease_id, "worker lost", FailureKind::Retryable)
+            .unwrap();
+        // the lease that failed saves no more
+        assert!(!s.save_checkpoint(&l.lease_id, checkpoint(30)).unwrap());
+        let l = s.lease(&w("b")).unwrap().unwrap();
+        assert_eq!(l.task.resume, Some(checkpoint(20)));
+        drop(s);
+        // a restart keeps it: the running task goes back to the queue, and starts from it again
+        let s = Scheduler::new(config, store).unwrap();
+        let l = s.lease(&w("b")).unwrap().unwrap();
+        assert_eq!(l.task.resume, Some(checkpoint(20)));
+        s.complete(&l.lease_id, &hash("result")).unwrap().unwrap();
+        assert_eq!(s.get(&job).unwrap().tasks[0].0.checkpoint, None);
+        assert!(!s.images_in_use().contains(&checkpoint(20).blob));
+        // a task whose checkpoint could be larger than the coordinator receives is not checkpointed:
+        // Adam's at 4096 px would be 36 bytes a pixel, 576 MiB
+        let large = submit_as(
+            &s,
+            "",
+            JobSpec {
+                checkpoint_every: 10,
+                params: RenderParams {
+                    size: 4096,
+                    optimizer: stylefarm_core::Optimizer::Adam,
+                    ..RenderParams::default()
+                },
+                ..batch(1, 0)
+            },
+        );
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!((&l.task.id.job, l.task.checkpoint_every), (&large, 0));
+        assert!(!s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap());
+        s.complete(&l.lease_id, &hash("large")).unwrap().unwrap();
+
+        // a job retried after it failed (out of attempts) starts from its failed task's checkpoint
+        let failed = submit_as(
+            &s,
+            "",
+            JobSpec {
+                checkpoint_every: 10,
+                max_attempts: 1,
+                ..batch(1, 0)
+            },
+        );
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        assert!(s.save_checkpoint(&l.lease_id, checkpoint(30)).unwrap());
+        s.fail(&l.lease_id, "worker lost", FailureKind::Retryable)
+            .unwrap();
+        assert_eq!(s.get(&failed).unwrap().meta.state, JobState::Failed);
+        s.retry(&failed).unwrap();
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(
+            (l.task.id.job, l.task.resume),
+            (failed, Some(checkpoint(30)))
+        );
     }
 
     #[test]
@@ -5386,6 +5554,7 @@ mod tests {
     fn video_frames_are_queued_as_their_chunks_go_on() {
         let s = scheduler(SchedulerConfig::default());
         let spec = JobSpec {
+            checkpoint_every: 0,
             kind: JobKind::Video(stylefarm_core::job::Video {
                 chunk_frames: 2,
                 frame_iterations: 0,

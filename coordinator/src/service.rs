@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use stylefarm_core::checkpoint::{Checkpoint, CheckpointFile};
 use stylefarm_core::ids::{JobId, LeaseId, WorkerId};
+use stylefarm_core::job::CheckpointBounds;
 use stylefarm_core::job::{ExpandedJob, ImageHash, JobKind, ScalePart};
 use stylefarm_proto::pb::render_service_server::RenderService;
 use stylefarm_proto::pb::worker_service_server::WorkerService;
@@ -77,6 +79,7 @@ pub(crate) fn job_status(view: &JobView, waiting: String) -> pb::JobStatus {
                 worker_id: t.worker.to_string(),
                 progress: p.as_ref().map(Into::into),
                 result: text(t.result.as_ref()),
+                checkpoint: t.checkpoint.as_ref().map(Into::into),
                 error: t.error.clone(),
                 tile: t.spec.scale.as_ref().map(Into::into),
                 frame: t.spec.frame.as_ref().map(Into::into),
@@ -941,6 +944,136 @@ impl WorkerService for WorkerApi {
         }))
     }
 
+    async fn save_checkpoint(
+        &self,
+        request: Request<Streaming<pb::SaveCheckpointRequest>>,
+    ) -> Result<Response<pb::SaveCheckpointResponse>, Status> {
+        let mut lease_id = LeaseId::default();
+        let mut received = self.coordinator.receiving.checkpoint();
+        let scheduler = &self.coordinator.scheduler;
+        // what the task's checkpoints may hold, once its lease is known live
+        let mut bounds: Option<CheckpointBounds> = None;
+        let too_large = |bounds: &CheckpointBounds, size: u64| {
+            Error::invalid(
+                "checkpoint",
+                format!(
+                    "{size} bytes, more than a checkpoint of the task's {}-px image takes ({})",
+                    bounds.longest, bounds.max_bytes
+                ),
+            )
+        };
+        received
+            .receive(request.into_inner(), |msg: pb::SaveCheckpointRequest| {
+                use pb::save_checkpoint_request::Part;
+                Ok(match msg.part {
+                    Some(Part::LeaseId(id)) => {
+                        lease_id = id.into();
+                        // the checkpoint of a lease no longer held, or of a task not checkpointed,
+                        // is answered at once, unread
+                        match scheduler.checkpointed_task(&lease_id) {
+                            None => Incoming::Stop,
+                            Some(spec) => {
+                                bounds = Some(spec.checkpoint_bounds());
+                                Incoming::Nothing
+                            }
+                        }
+                    }
+                    Some(Part::SizeBytes(_) | Part::Data(_)) if lease_id.is_empty() => {
+                        return Err(Error::invalid("lease_id", "missing before the checkpoint"));
+                    }
+                    Some(Part::SizeBytes(size)) => match &bounds {
+                        Some(b) if size > b.max_bytes => return Err(too_large(b, size)),
+                        _ => Incoming::Size(size),
+                    },
+                    Some(Part::Data(d)) => Incoming::Data(d),
+                    None => Incoming::Nothing,
+                })
+            })
+            .await?;
+        if lease_id.is_empty() {
+            return Err(Error::invalid("lease_id", "missing").into());
+        }
+        let Some(bounds) = bounds else {
+            return Ok(Response::new(pb::SaveCheckpointResponse {
+                accepted: false,
+            }));
+        };
+        let size = received.bytes().len() as u64;
+        if size > bounds.max_bytes {
+            return Err(too_large(&bounds, size).into());
+        }
+        let CheckpointBounds {
+            longest,
+            iterations,
+            ..
+        } = bounds;
+        let coordinator = self.coordinator.clone();
+        let lease = lease_id.clone();
+        let saved = blocking(move || {
+            // its header only: the values are the worker's to read
+            let file = CheckpointFile::header(received.bytes())?;
+            let scale = file.scale as usize;
+            let Some(&n) = iterations.get(scale - 1) else {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!(
+                        "of scale {scale}: the task's render has {} scale(s)",
+                        iterations.len()
+                    ),
+                ));
+            };
+            if file.iteration >= n {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!(
+                        "at iteration {}: scale {scale} has {n} iterations (a checkpoint is of an \
+                         image before the last)",
+                        file.iteration
+                    ),
+                ));
+            }
+            if file.width.max(file.height) > longest {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!(
+                        "a {} x {} image: the task's is at most {longest} px a side",
+                        file.width, file.height
+                    ),
+                ));
+            }
+            let using = coordinator.blobs.begin_use();
+            let blob = using.put(received.bytes()).map_err(Error::from)?;
+            let checkpoint = Checkpoint {
+                blob,
+                scale: file.scale,
+                iteration: file.iteration,
+            };
+            let accepted = coordinator
+                .scheduler
+                .save_checkpoint(&lease, checkpoint.clone())
+                .map_err(Error::from)?;
+            drop(using);
+            Ok(accepted.then_some(checkpoint))
+        })
+        .await?;
+        match &saved {
+            Some(c) => tracing::info!(
+                lease_id = lease_id.as_str(),
+                scale = c.scale,
+                iteration = c.iteration,
+                bytes = size,
+                "checkpoint saved"
+            ),
+            None => tracing::info!(
+                lease_id = lease_id.as_str(),
+                "checkpoint of a lease no longer held, or of a task not checkpointed: discarded"
+            ),
+        }
+        Ok(Response::new(pb::SaveCheckpointResponse {
+            accepted: saved.is_some(),
+        }))
+    }
+
     async fn fail_task(
         &self,
         request: Request<pb::FailTaskRequest>,
@@ -1085,6 +1218,7 @@ mod tests {
 
     fn batch() -> stylefarm_core::job::JobSpec {
         stylefarm_core::job::JobSpec {
+            checkpoint_every: 0,
             kind: JobKind::Batch,
             contents: vec![ImageHash::of(b"content")],
             styles: vec![ImageHash::of(b"style")],

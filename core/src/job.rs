@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::CheckpointFile;
 use crate::ids::JobId;
 use crate::params::{ImageSize, Init, RenderParams};
 use crate::tiling::{self, Rect, Tiling};
@@ -317,6 +318,17 @@ pub struct JobSpec {
     /// ([`JobSpec::dependencies`]). One that fails or is cancelled fails this one, naming it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<JobId>,
+    /// Checkpoints (OpenCue's frame checkpoints, [`crate::checkpoint`]): every this many iterations of
+    /// each scale, a task's worker saves the image it optimizes, and the task's next attempt (its worker
+    /// lost, its lease expired, the job retried) starts from the last one; 0: none. Not for the shards of
+    /// an exact-mode scale, which step together, nor for a task whose checkpoint could be larger than a
+    /// coordinator receives (512 MiB).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checkpoint_every: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Where a task of a tiled job's later scale sits: its scale of the pyramid and its part of that scale's
@@ -457,6 +469,24 @@ impl TaskSpec {
         self.scale.as_ref().map_or(0, |s| s.scale)
     }
 
+    /// What a checkpoint of the task's render may hold ([`crate::checkpoint`]): the longest side of the
+    /// image it optimizes (a tile's or a shard's window; for an untiled render, the output's size), the
+    /// iterations of each of its scales, and the most bytes its file may take.
+    pub fn checkpoint_bounds(&self) -> CheckpointBounds {
+        let (longest, iterations) = match &self.scale {
+            Some(t) => {
+                let r = t.rect();
+                (r.width.max(r.height), vec![self.params.iterations])
+            }
+            None => (self.params.size, self.params.iterations_per_scale()),
+        };
+        CheckpointBounds {
+            longest,
+            iterations,
+            max_bytes: CheckpointFile::max_bytes(longest, self.params.optimizer),
+        }
+    }
+
     /// The number of shards of the exact-mode scale whose shard the task renders
     /// ([`ScalePart::Shard`]); `None` for any other task.
     pub fn shards(&self) -> Option<u32> {
@@ -467,6 +497,17 @@ impl TaskSpec {
     }
 }
 
+/// What a checkpoint of a task may hold ([`TaskSpec::checkpoint_bounds`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointBounds {
+    /// The longest side of the image the task optimizes, px.
+    pub longest: u32,
+    /// The iterations of each of its render's scales.
+    pub iterations: Vec<u32>,
+    /// The most bytes its checkpoint file may take ([`CheckpointFile::max_bytes`]).
+    pub max_bytes: u64,
+}
+
 /// A task as a worker receives it under a lease: which task, and what to render.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
@@ -474,6 +515,11 @@ pub struct Task {
     pub id: TaskId,
     /// What to render.
     pub spec: TaskSpec,
+    /// Its job's [`JobSpec::checkpoint_every`] (0 for a task that is not checkpointed: a shard of an
+    /// exact-mode scale, or one whose checkpoint could be larger than a coordinator receives).
+    pub checkpoint_every: u32,
+    /// The checkpoint an earlier attempt saved, to start from; `None`: from the beginning.
+    pub resume: Option<crate::checkpoint::Checkpoint>,
 }
 
 impl JobSpec {
@@ -1185,6 +1231,7 @@ mod tests {
 
     fn spec(kind: JobKind) -> JobSpec {
         JobSpec {
+            checkpoint_every: 0,
             kind,
             contents: vec![h(1)],
             styles: vec![h(2)],

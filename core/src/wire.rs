@@ -3,6 +3,7 @@
 
 use stylefarm_proto::pb;
 
+use crate::checkpoint::Checkpoint;
 use crate::ids::JobId;
 use crate::job::{
     ExpandedJob, ImageHash, JobKind, JobSpec, PreviousFrame, ScalePart, ScaleTask, SweepAxis, Task,
@@ -230,6 +231,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             worker_tags: s.worker_tags,
             keep_going: s.keep_going,
             max_workers: s.max_workers,
+            checkpoint_every: s.checkpoint_every,
             after: s
                 .after
                 .iter()
@@ -282,6 +284,7 @@ impl From<&JobSpec> for pb::JobSpec {
             keep_going: s.keep_going,
             max_workers: s.max_workers,
             after: s.after.iter().map(ToString::to_string).collect(),
+            checkpoint_every: s.checkpoint_every,
         }
     }
 }
@@ -357,7 +360,35 @@ impl From<&Task> for pb::Task {
             label: t.spec.label.clone(),
             tile: t.spec.scale.as_ref().map(Into::into),
             frame: t.spec.frame.as_ref().map(Into::into),
+            checkpoint_every: t.checkpoint_every,
+            resume: t.resume.as_ref().map(Into::into),
         }
+    }
+}
+
+impl From<&Checkpoint> for pb::Checkpoint {
+    fn from(c: &Checkpoint) -> Self {
+        pb::Checkpoint {
+            sha256: c.blob.to_string(),
+            scale: c.scale,
+            iteration: c.iteration,
+        }
+    }
+}
+
+impl TryFrom<pb::Checkpoint> for Checkpoint {
+    type Error = Error;
+
+    /// A checkpoint as a worker is handed it; an error names `resume`.
+    fn try_from(c: pb::Checkpoint) -> Result<Self, Error> {
+        if c.scale == 0 {
+            return Err(Error::invalid("resume", "scale 0: scales count from 1"));
+        }
+        Ok(Checkpoint {
+            blob: hashes("resume", vec![c.sha256])?.remove(0),
+            scale: c.scale,
+            iteration: c.iteration,
+        })
     }
 }
 
@@ -443,6 +474,9 @@ impl TryFrom<pb::Task> for Task {
                 scale: t.tile.map(ScaleTask::try_from).transpose()?,
                 frame: t.frame.map(VideoFrame::try_from).transpose()?,
             },
+            checkpoint_every: t.checkpoint_every,
+            // a malformed checkpoint is no reason to fail the task: it starts from the beginning
+            resume: t.resume.and_then(|c| Checkpoint::try_from(c).ok()),
         })
     }
 }
@@ -576,6 +610,7 @@ mod tests {
 
     fn spec() -> JobSpec {
         JobSpec {
+            checkpoint_every: 0,
             kind: JobKind::Sweep(parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap()),
             contents: vec![ImageHash::of(b"c")],
             styles: vec![ImageHash::of(b"s1"), ImageHash::of(b"s2")],
@@ -642,6 +677,12 @@ mod tests {
                         index: 4,
                     },
                     spec,
+                    checkpoint_every: 10,
+                    resume: Some(Checkpoint {
+                        blob: ImageHash::of(b"checkpoint"),
+                        scale: 1,
+                        iteration: 20,
+                    }),
                 };
                 assert_eq!(Task::try_from(pb::Task::from(&task)).unwrap(), task);
             }
@@ -670,6 +711,8 @@ mod tests {
         let next = s.next_frames([(&first[0], Some(&r1))]).unwrap();
         assert!(next[0].previous_frame().is_some());
         let task = |spec: TaskSpec| Task {
+            checkpoint_every: 0,
+            resume: None,
             id: TaskId {
                 job: JobId::new("job-1"),
                 index: 1,

@@ -1477,6 +1477,7 @@ fn fuzz_tiled_jobs() {
             }
             // distinct hashes; the contents first
             let spec = JobSpec {
+                checkpoint_every: 0,
                 kind,
                 contents: (0..contents).map(|i| hash(i as u8)).collect(),
                 styles: (0..styles).map(|i| hash(100 + i as u8)).collect(),
@@ -1640,6 +1641,8 @@ fn fuzz_tiled_jobs() {
                         prop_assert_eq!(&back, t);
                         // ...and as the same task, leased whole
                         let leased = Task {
+                            checkpoint_every: 0,
+                            resume: None,
                             id: TaskId {
                                 job: JobId::new("job-1"),
                                 index: 1 + i as u32,
@@ -1763,6 +1766,7 @@ fn fuzz_sweep_jobs() {
                 prop_assert!(axis.values.iter().all(|v| !v.is_empty() && v.trim() == v));
             }
             let spec = JobSpec {
+                checkpoint_every: 0,
                 kind: JobKind::Sweep(axes.clone()),
                 contents: vec![hash(0)],
                 styles: (0..styles).map(|i| hash(100 + i as u8)).collect(),
@@ -2160,6 +2164,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
         })
         .prop_map(|(kind, contents, styles, params, unset_tiling, tweaks)| {
             let mut wire = pb::JobSpec {
+                checkpoint_every: 0,
                 kind: Some(wire_kind(&kind, unset_tiling)),
                 contents: contents.iter().map(ToString::to_string).collect(),
                 styles: (0..styles)
@@ -2212,6 +2217,7 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
                 after,
             )| {
                 pb::JobSpec {
+                    checkpoint_every: 0,
                     kind,
                     contents,
                     styles,

@@ -14,7 +14,7 @@ pub mod vgg;
 pub use engine::{Engine, EngineOptions};
 pub use objective::blocked::BlockedTargets;
 pub use objective::{LossTerms, StyleGrams, Targets};
-pub use render::{PreviousFrameImages, Progress, RenderJob, Snapshots};
+pub use render::{Checkpointing, PreviousFrameImages, Progress, RenderJob, Snapshots};
 pub use tch::Device;
 pub use vgg::{Preprocessing, Vgg19};
 

@@ -3,6 +3,8 @@
 //! Both minimize `f` from `x`, updating `x` in place; `f` returns the objective and its gradient at its
 //! argument. Each returns the number of steps it applied to `x`.
 
+use std::cell::RefCell;
+
 use tch::{Kind, Tensor};
 
 /// The algorithm of `torch.optim.LBFGS(lr, history_size, line_search_fn=None, tolerance_grad,
@@ -441,29 +443,67 @@ impl Adam {
         }
     }
 
-    /// Evaluates `f` and steps `steps` times.
+    /// Evaluates `f` and steps `steps` times, from zero moments.
     pub fn minimize<E>(
         &self,
         x: &mut Tensor,
         steps: usize,
+        f: impl FnMut(&Tensor) -> Result<(Tensor, Tensor), E>,
+    ) -> Result<usize, E> {
+        self.minimize_from(x, steps, &RefCell::new(AdamState::new(x)), f)
+    }
+
+    /// Evaluates `f` and steps `steps` times from `state`, which each step updates: a render resumed from
+    /// a checkpoint goes on as it would have, and `f` may read the state (borrowed only during a step's
+    /// update) to save one.
+    pub fn minimize_from<E>(
+        &self,
+        x: &mut Tensor,
+        steps: usize,
+        state: &RefCell<AdamState>,
         mut f: impl FnMut(&Tensor) -> Result<(Tensor, Tensor), E>,
     ) -> Result<usize, E> {
-        let mut m = x.zeros_like();
-        let mut v = x.zeros_like();
-        for step in 1..=steps {
+        for _ in 0..steps {
             let (_, g) = f(x)?;
+            let state = &mut *state.borrow_mut();
+            state.steps += 1;
+            let step = state.steps as i32;
+            let (m, v) = (&mut state.m, &mut state.v);
             tch::no_grad(|| {
                 let _ = m.lerp_(&g, 1.0 - self.beta1);
                 let _ = v.g_mul_scalar_(self.beta2);
                 let _ = v.addcmul_(&g, &(&g * (1.0 - self.beta2)));
-                let bias_correction1 = 1.0 - self.beta1.powi(step as i32);
-                let bias_correction2 = 1.0 - self.beta2.powi(step as i32);
+                let bias_correction1 = 1.0 - self.beta1.powi(step);
+                let bias_correction2 = 1.0 - self.beta2.powi(step);
                 let step_size = self.lr / bias_correction1;
                 let denom = v.sqrt() / bias_correction2.sqrt() + self.eps;
-                let _ = x.addcdiv_(&(&m * -step_size), &denom);
+                let _ = x.addcdiv_(&(&*m * -step_size), &denom);
             });
         }
         Ok(steps)
+    }
+}
+
+/// Adam's state: its moments, each shaped as the image, and the steps taken (which its bias corrections
+/// count).
+#[derive(Debug)]
+pub struct AdamState {
+    /// The first moment (the gradient's running mean).
+    pub m: Tensor,
+    /// The second moment (the squared gradient's running mean).
+    pub v: Tensor,
+    /// Steps taken.
+    pub steps: u32,
+}
+
+impl AdamState {
+    /// The state before the first step: zero moments shaped as `x`.
+    pub fn new(x: &Tensor) -> AdamState {
+        AdamState {
+            m: x.zeros_like(),
+            v: x.zeros_like(),
+            steps: 0,
+        }
     }
 }
 

@@ -1,17 +1,19 @@
 //! One render: the optimizer over the objective (`crate::objective`), multi-scale, progress, cancellation.
 
+use std::cell::RefCell;
 use std::ops::ControlFlow;
 use std::rc::Rc;
 use std::time::Instant;
 
 use image::{Rgb32FImage, RgbImage};
+use stylefarm_core::checkpoint::{AdamMoments, CheckpointFile};
 use stylefarm_core::imaging;
 use stylefarm_core::{ImageSize, Init, Optimizer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::Engine;
 use crate::objective::{to_f64s, LossTerms, StyleGrams};
-use crate::optim::{Adam, Lbfgs, Reduction};
+use crate::optim::{Adam, AdamState, Lbfgs, Reduction};
 use crate::shard::Shard;
 use crate::Error;
 use stylefarm_core::progress::TaskProgress;
@@ -272,6 +274,22 @@ pub struct Snapshots<'a> {
     pub save: &'a mut dyn FnMut(u32, u32, Result<Rgb32FImage, Error>) -> Result<(), Error>,
 }
 
+/// A render's checkpoints ([`stylefarm_core::checkpoint`]): the one it starts from, and where it saves
+/// new ones. A checkpoint that does not fit the render (of another scale size, a scale or iteration it
+/// does not have, other weights' preprocessing) is ignored with a warning: the render starts from the
+/// beginning. A shard of an exact-mode scale neither resumes nor saves.
+pub struct Checkpointing<'a> {
+    /// The checkpoint to start from: the render skips the scales before its scale and starts that one
+    /// from its image at its iteration; Adam from its moments (it goes on as it would have), L-BFGS
+    /// afresh.
+    pub resume: Option<CheckpointFile>,
+    /// Save one every this many iterations of each scale (not at a scale's first or last image); 0: none.
+    pub every: u32,
+    /// Gets each checkpoint, its image (and Adam's moments) read from the device (one host sync per
+    /// checkpoint); its error ends the render.
+    pub save: &'a mut dyn FnMut(CheckpointFile) -> Result<(), Error>,
+}
+
 /// How many evaluations' losses a render on a GPU reads back at once (progress, cancellation): a read
 /// waits for the device to finish its queue, and a queue that runs empty idles the device while the host
 /// launches the next kernels. On the CPU each evaluation's losses are read as they come (nothing to wait
@@ -355,6 +373,7 @@ impl Engine {
             &mut |engine, side| engine.own_style_grams(job, side),
             on_progress,
             None,
+            None,
         )
     }
 
@@ -369,15 +388,17 @@ impl Engine {
     }
 
     /// Renders `job` with the style targets of each scale from `style_for(self, style side)`: a cache
-    /// shared across tasks, or blocked Grams of a large canvas.
+    /// shared across tasks, or blocked Grams of a large canvas; from a checkpoint, and saving them, with
+    /// `checkpointing`.
     pub fn render_with(
         &self,
         job: &RenderJob,
         style_for: &mut StyleSource<'_>,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
         snapshots: Option<Snapshots<'_>>,
+        checkpointing: Option<Checkpointing<'_>>,
     ) -> Result<RgbImage, Error> {
-        let x = self.optimize(job, style_for, on_progress, snapshots)?;
+        let x = self.optimize(job, style_for, on_progress, snapshots, checkpointing)?;
         let out = self.vgg().preprocessing().deprocess(&x)?;
         let out = if job.params.original_colors || job.params.luminance_only {
             imaging::original_colors(&out, &job.content)
@@ -414,6 +435,7 @@ impl Engine {
             &mut |engine, side| engine.own_style_grams(job, side),
             on_progress,
             snapshots,
+            None,
         )?;
         self.result_f32(job, &x)
     }
@@ -458,13 +480,105 @@ impl Engine {
             })
     }
 
-    /// Every scale's optimization; the optimized image, preprocessed (`1 x 3 x H x W`).
+    /// The checkpoint of `checkpointing` when it fits `job` (see [`Checkpointing`]), else `None` with a
+    /// warning.
+    fn resume_from(
+        &self,
+        job: &RenderJob,
+        checkpointing: Option<&mut Checkpointing<'_>>,
+    ) -> Option<CheckpointFile> {
+        let file = checkpointing?.resume.take()?;
+        let params = &job.params;
+        let (sizes, iterations) = (params.sizes_per_scale(), params.iterations_per_scale());
+        let scale = file.scale as usize;
+        let preprocessing = self.vgg().preprocessing().name();
+        let unfit = if job.shard.is_some() {
+            Some("a shard of an exact-mode scale starts with its group".to_string())
+        } else if scale == 0 || scale > sizes.len() {
+            Some(format!("the render has {} scale(s)", sizes.len()))
+        } else if file.iteration >= iterations[scale - 1] {
+            Some(format!(
+                "scale {scale} has {} iterations",
+                iterations[scale - 1]
+            ))
+        } else if file.preprocessing != preprocessing {
+            Some(format!("these weights' preprocessing is {preprocessing}"))
+        } else if [
+            Some(&file.values),
+            file.adam.as_ref().map(|a| &a.m),
+            file.adam.as_ref().map(|a| &a.v),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|v| v.len() as u64 != 3 * u64::from(file.width) * u64::from(file.height))
+        {
+            Some("its values are not 3 x height x width".to_string())
+        } else {
+            let (w, h) =
+                imaging::working_size(job.content.width(), job.content.height(), sizes[scale - 1]);
+            ((w, h) != (file.width, file.height))
+                .then(|| format!("the render's scale {scale} is {w} x {h}"))
+        };
+        match unfit {
+            Some(why) => {
+                tracing::warn!(
+                    scale = file.scale,
+                    iteration = file.iteration,
+                    width = file.width,
+                    height = file.height,
+                    "the checkpoint does not fit the render ({why}): starting from the beginning"
+                );
+                None
+            }
+            None => Some(file),
+        }
+    }
+
+    /// A checkpoint of `scale` at `iteration`: `x`'s values and Adam's moments (`adam`), read from the
+    /// device.
+    fn checkpoint_of(
+        &self,
+        x: &Tensor,
+        adam: Option<&AdamState>,
+        scale: u32,
+        iteration: u32,
+    ) -> Result<CheckpointFile, Error> {
+        let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
+        let read = |t: &Tensor| -> Result<Vec<f32>, Error> {
+            let values = tch::no_grad(|| {
+                t.f_to_kind(Kind::Float)?
+                    .f_contiguous()?
+                    .flatten(0, -1)
+                    .f_to_device(Device::Cpu)
+            })?;
+            Ok(Vec::<f32>::try_from(&values)?)
+        };
+        Ok(CheckpointFile {
+            scale,
+            iteration,
+            width: w,
+            height: h,
+            preprocessing: self.vgg().preprocessing().name().into(),
+            values: read(x)?,
+            adam: match adam {
+                Some(state) => Some(AdamMoments {
+                    m: read(&state.m)?,
+                    v: read(&state.v)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// Every scale's optimization (from a checkpoint's scale and iteration where `checkpointing` has one
+    /// that fits); the optimized image, preprocessed (`1 x 3 x H x W`).
     fn optimize(
         &self,
         job: &RenderJob,
         style_for: &mut StyleSource<'_>,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
         mut snapshots: Option<Snapshots<'_>>,
+        mut checkpointing: Option<Checkpointing<'_>>,
     ) -> Result<Tensor, Error> {
         job.check()?;
         let params = &job.params;
@@ -472,8 +586,16 @@ impl Engine {
         let sizes = params.sizes_per_scale();
         let iterations = params.iterations_per_scale();
         let scales = sizes.len() as u32;
+        let mut resume = self.resume_from(job, checkpointing.as_mut());
+        if job.shard.is_some() {
+            checkpointing = None;
+        }
         let mut x: Option<Tensor> = None;
         for (s, (&longest, &n)) in sizes.iter().zip(&iterations).enumerate() {
+            // the scales before a checkpoint's are done
+            if resume.as_ref().is_some_and(|r| s as u32 + 1 < r.scale) {
+                continue;
+            }
             let content = optimized(imaging::resize_longest(&job.content, longest), params);
             let (w, h) = content.dimensions();
             let style = style_for(
@@ -486,14 +608,33 @@ impl Engine {
                 targets
                     .set_temporal(self.temporal_target(&content, &p.content, &p.result, params)?)?;
             }
-            let mut xs = match x.take() {
+            // the iteration the scale starts at: a checkpoint's, or 0
+            let first = resume.as_ref().map_or(0, |r| r.iteration);
+            let resumed = resume.take();
+            let tensor = |values: &[f32]| -> Result<Tensor, Error> {
+                let (h, w) = (i64::from(h), i64::from(w));
+                Ok(Tensor::f_from_slice(values)?
+                    .f_reshape([1, 3, h, w])?
+                    .f_to_device(self.device())?)
+            };
+            // Adam's state: a checkpoint's (the render goes on as it would have), else afresh
+            let resumed_adam = match resumed.as_ref().and_then(|r| r.adam.as_ref()) {
+                Some(moments) if params.optimizer == Optimizer::Adam => Some(AdamState {
+                    m: tensor(&moments.m)?,
+                    v: tensor(&moments.v)?,
+                    steps: first,
+                }),
+                _ => None,
+            };
+            let mut xs = match (x.take(), resumed) {
+                (_, Some(r)) => tensor(&r.values)?,
                 // a video frame after its chunk's first: the previous frame's result where the content
                 // matches
-                None => match targets.temporal() {
+                (None, None) => match targets.temporal() {
                     Some(t) => t.start(&self.initial(job, &content)?),
                     None => self.initial(job, &content)?,
                 },
-                Some(prev) => tch::no_grad(|| {
+                (Some(prev), None) => tch::no_grad(|| {
                     let up = prev.upsample_bilinear2d([h as i64, w as i64], false, None, None);
                     // luminance-only: the next scale starts from the luminance (as a tiled job's does,
                     // from its stitched result), not from the colour the optimization let in
@@ -504,7 +645,10 @@ impl Engine {
                     }
                 }),
             };
-            let mut evaluations = 0u32;
+            // Adam's state (the optimizer is Adam exactly when there is one), which checkpoints read
+            let adam = (params.optimizer == Optimizer::Adam)
+                .then(|| RefCell::new(resumed_adam.unwrap_or_else(|| AdamState::new(&xs))));
+            let mut evaluations = first;
             // for the ETA: the later scales' iterations in this scale's iterations (their pixels' ratio)
             let pixels = |longest: u32| f64::from(longest).powi(2);
             let later: f64 = (s + 1..sizes.len())
@@ -555,7 +699,7 @@ impl Engine {
                 )?;
                 let values = to_f64s(&all)?;
                 for ((iteration, _), v) in unread.drain(..).zip(values.chunks(LossTerms::LEN)) {
-                    report(iteration, LossTerms::from_values(v), last + 1)?;
+                    report(iteration, LossTerms::from_values(v), last + 1 - first)?;
                 }
                 Ok(())
             };
@@ -577,6 +721,16 @@ impl Engine {
             };
             let mut f = |x: &Tensor| -> Result<(Tensor, Tensor), Error> {
                 snapshot(evaluations, x)?;
+                let due = |c: &&mut Checkpointing<'_>| {
+                    c.every > 0
+                        && evaluations > first
+                        && evaluations < n
+                        && evaluations.is_multiple_of(c.every)
+                };
+                if let Some(c) = checkpointing.as_mut().filter(due) {
+                    let adam = adam.as_ref().map(RefCell::borrow);
+                    (c.save)(self.checkpoint_of(x, adam.as_deref(), scale, evaluations)?)?;
+                }
                 let (terms, grad) = self.scale_objective(x, &targets, params)?;
                 let total = terms.f_get(3)?;
                 unread.push((evaluations, terms));
@@ -586,8 +740,10 @@ impl Engine {
                 }
                 Ok((total, grad))
             };
-            let steps = match params.optimizer {
-                Optimizer::Lbfgs => {
+            let left = (n - first) as usize;
+            // L-BFGS, or Adam from its state
+            let steps = match &adam {
+                None => {
                     let lbfgs = Lbfgs {
                         history_size: params.history_size as usize,
                         ..Lbfgs::default()
@@ -598,22 +754,27 @@ impl Engine {
                             let own = shard.own_rows(block, &xs);
                             let sum = &mut |partial| shard.sum(partial);
                             let reduction = Reduction { own, sum };
-                            lbfgs.minimize_shard(&mut xs, n as usize, &mut f, Some(reduction))?
+                            lbfgs.minimize_shard(&mut xs, left, &mut f, Some(reduction))?
                         }
-                        _ => lbfgs.minimize(&mut xs, n as usize, &mut f)?,
+                        _ => lbfgs.minimize(&mut xs, left, &mut f)?,
                     }
                 }
                 // the learning rate is in 0..255 units (ALGORITHM.md), the image in the weights' space
-                Optimizer::Adam => {
+                Some(state) => {
                     Adam::new(params.learning_rate * self.vgg().preprocessing().per_255())
-                        .minimize(&mut xs, n as usize, &mut f)?
+                        .minimize_from(&mut xs, left, state, &mut f)?
                 }
-            } as u32;
+            } as u32
+                + first;
             flush(&mut unread, &mut report)?;
             snapshot(steps, &xs)?;
             if steps == evaluations {
                 // the last step's image has not been evaluated yet
-                report(steps, self.scale_losses(&xs, &targets, params)?, steps + 1)?;
+                report(
+                    steps,
+                    self.scale_losses(&xs, &targets, params)?,
+                    steps + 1 - first,
+                )?;
             }
             x = Some(xs);
         }

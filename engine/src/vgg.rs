@@ -120,6 +120,17 @@ impl Preprocessing {
         }
     }
 
+    /// Every preprocessing.
+    pub const ALL: [Preprocessing; 2] = [Preprocessing::Caffe, Preprocessing::Torchvision];
+
+    /// Its name, as the weights file's metadata and a checkpoint file say it: `caffe` or `torchvision`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preprocessing::Caffe => "caffe",
+            Preprocessing::Torchvision => "torchvision",
+        }
+    }
+
     /// Standard deviation of the noise init in this space (jcjohnson: 0.001 in 0..255-scale units).
     pub fn noise_sigma(self) -> f64 {
         0.001 * self.per_255()
@@ -188,13 +199,17 @@ impl Vgg19 {
             ));
         }
         let metadata = safetensors_metadata(path).map_err(err)?;
-        let preprocessing = match metadata.get("preprocessing").and_then(|v| v.as_str()) {
-            Some("caffe") => Preprocessing::Caffe,
-            Some("torchvision") => Preprocessing::Torchvision,
-            other => {
+        let named = metadata.get("preprocessing").and_then(|v| v.as_str());
+        let preprocessing = match Preprocessing::ALL
+            .into_iter()
+            .find(|p| Some(p.name()) == named)
+        {
+            Some(p) => p,
+            None => {
                 return Err(err(format!(
-                    "metadata 'preprocessing' is {other:?}; expected \"caffe\" or \"torchvision\" (convert with \
-                     deploy/convert_weights.py)"
+                    "metadata 'preprocessing' is {named:?}; expected one of {:?} (convert with \
+                     deploy/convert_weights.py)",
+                    Preprocessing::ALL.map(Preprocessing::name)
                 )))
             }
         };

@@ -16,10 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use image::{Rgb32FImage, RgbImage};
+use stylefarm_core::checkpoint::CheckpointFile;
 use stylefarm_core::job::ImageHash;
 use stylefarm_core::{imaging, Layer, Pooling};
 use stylefarm_engine::render::StyleMatch;
-use stylefarm_engine::{Device, Engine, EngineOptions, Progress, RenderJob, Snapshots, StyleGrams};
+use stylefarm_engine::{
+    Checkpointing, Device, Engine, EngineOptions, Progress, RenderJob, Snapshots, StyleGrams,
+};
 use tokio::sync::{oneshot, watch};
 
 /// Style targets kept on the engine thread.
@@ -120,6 +123,8 @@ pub struct RenderStats {
     pub engine_s: f64,
     /// Whether the style targets came from the cache.
     pub style_cached: bool,
+    /// The evaluations of the objective it made (every scale's; from a checkpoint, only those after it).
+    pub evaluations: u32,
 }
 
 /// Why a render on the engine thread failed.
@@ -141,6 +146,8 @@ type Reply = Result<(RgbImage, RenderStats), RenderError>;
 struct Request {
     job: RenderJob,
     style: StyleKey,
+    /// The checkpoint to start from ([`Checkpointing::resume`]), taken by the render.
+    resume: std::cell::Cell<Option<CheckpointFile>>,
     cancel: Arc<AtomicBool>,
     live: Live,
     reply: oneshot::Sender<Reply>,
@@ -150,8 +157,8 @@ struct Request {
 /// scale being rendered (a tile's or a shard's window).
 pub type PreviewPng = Arc<Vec<u8>>;
 
-/// Where a render says how it goes: its progress at every evaluation, and now and then a preview of its
-/// image.
+/// Where a render says how it goes: its progress at every evaluation, now and then a preview of its
+/// image, and its checkpoints.
 pub struct Live {
     /// The latest progress.
     pub progress: watch::Sender<Option<Progress>>,
@@ -159,6 +166,38 @@ pub struct Live {
     pub preview: watch::Sender<Option<PreviewPng>>,
     /// The time between two previews; `None`: none (no image is read for them).
     pub preview_every: Option<Duration>,
+    /// The latest checkpoint ([`stylefarm_core::checkpoint`]), saved every `checkpoint_every` iterations
+    /// of each scale, for the worker to encode and send off the engine thread.
+    pub checkpoint: Arc<CheckpointSlot>,
+    /// The iterations between two checkpoints ([`stylefarm_core::job::JobSpec::checkpoint_every`]); 0:
+    /// none.
+    pub checkpoint_every: u32,
+}
+
+/// The latest checkpoint of a render, waiting to be sent: a newer one replaces one that waits, and the
+/// sender takes it, so that no copy is kept once it is on its way.
+#[derive(Default)]
+pub struct CheckpointSlot {
+    file: Mutex<Option<CheckpointFile>>,
+    ready: tokio::sync::Notify,
+}
+
+impl CheckpointSlot {
+    /// Puts `file` in the slot, replacing one that waits.
+    pub fn put(&self, file: CheckpointFile) {
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        self.ready.notify_one();
+    }
+
+    /// Takes the next checkpoint, waiting for one.
+    pub async fn take(&self) -> CheckpointFile {
+        loop {
+            if let Some(file) = self.file.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return file;
+            }
+            self.ready.notified().await;
+        }
+    }
 }
 
 /// A handle to the engine thread; dropping it ends the thread.
@@ -257,7 +296,9 @@ impl Resident {
     }
 
     /// Renders one request, its style targets from (and into) the cache.
-    fn render(&mut self, req: &Request) -> Result<RgbImage, stylefarm_engine::Error> {
+    /// Renders one request, its style targets from (and into) the cache; the image, and the evaluations
+    /// made.
+    fn render(&mut self, req: &Request) -> Result<(RgbImage, u32), stylefarm_engine::Error> {
         fail::fail_point!("engine-render");
         // every render runs out of memory (`return`), or those of at least N px a side (`return(N)`)
         #[cfg(feature = "failpoints")]
@@ -270,7 +311,9 @@ impl Resident {
             )));
         }
         let cache = &mut self.cache;
+        let evaluations = std::cell::Cell::new(0u32);
         let mut on_progress = |p: &Progress| {
+            evaluations.set(evaluations.get() + 1);
             let _ = req.live.progress.send(Some(*p));
             if req.cancel.load(Ordering::Relaxed) {
                 ControlFlow::Break(())
@@ -349,11 +392,26 @@ impl Resident {
             longest: Some(imaging::PREVIEW_SIDE),
             save: &mut save,
         });
+        let mut save_checkpoint = |file: CheckpointFile| {
+            req.live.checkpoint.put(file);
+            Ok(())
+        };
+        let checkpointing = Checkpointing {
+            resume: req.resume.take(),
+            every: req.live.checkpoint_every,
+            save: &mut save_checkpoint,
+        };
         // the targets of a large canvas look at the cancel block by block, not only between phases
-        stylefarm_engine::cancel::with_cancel(req.cancel.clone(), || {
-            self.engine
-                .render_with(&req.job, &mut style_for, &mut on_progress, snapshots)
-        })
+        let image = stylefarm_engine::cancel::with_cancel(req.cancel.clone(), || {
+            self.engine.render_with(
+                &req.job,
+                &mut style_for,
+                &mut on_progress,
+                snapshots,
+                Some(checkpointing),
+            )
+        })?;
+        Ok((image, evaluations.get()))
     }
 }
 
@@ -413,11 +471,12 @@ impl EngineThread {
                     let rendered =
                         std::panic::catch_unwind(AssertUnwindSafe(|| resident.render(&req)));
                     let reply = match rendered {
-                        Ok(Ok(img)) => Ok((
+                        Ok(Ok((img, evaluations))) => Ok((
                             img,
                             RenderStats {
                                 engine_s: started.elapsed().as_secs_f64(),
                                 style_cached: resident.cache.hits > hits,
+                                evaluations,
                             },
                         )),
                         Ok(Err(e)) => Err(RenderError::Engine(e)),
@@ -460,11 +519,13 @@ impl EngineThread {
         self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Queues a render; the receiver yields its result. Setting `cancel` stops it at the next iteration.
+    /// Queues a render, from the checkpoint `resume` if any; the receiver yields its result. Setting
+    /// `cancel` stops it at the next iteration.
     pub fn render(
         &self,
         job: RenderJob,
         style: StyleKey,
+        resume: Option<CheckpointFile>,
         cancel: Arc<AtomicBool>,
         live: Live,
     ) -> oneshot::Receiver<Reply> {
@@ -472,6 +533,7 @@ impl EngineThread {
         if let Err(std::sync::mpsc::SendError(req)) = self.requests.send(Request {
             job,
             style,
+            resume: std::cell::Cell::new(resume),
             cancel,
             live,
             reply,
@@ -500,6 +562,8 @@ mod tests {
             progress,
             preview,
             preview_every: None,
+            checkpoint: Default::default(),
+            checkpoint_every: 0,
         };
         request_live(engine, style_key, params, live)
     }
@@ -520,7 +584,7 @@ mod tests {
             matched_to: None,
         };
         engine
-            .render(job, style, Arc::new(AtomicBool::new(false)), live)
+            .render(job, style, None, Arc::new(AtomicBool::new(false)), live)
             .blocking_recv()
             .expect("a reply")
     }
@@ -547,6 +611,8 @@ mod tests {
             progress,
             preview,
             preview_every: Some(Duration::ZERO),
+            checkpoint: Default::default(),
+            checkpoint_every: 0,
         };
         let (result, _) = request_live(&engine, "good", params.clone(), live).unwrap();
         let png = previews.borrow_and_update().clone().expect("a preview");
@@ -559,6 +625,8 @@ mod tests {
             progress,
             preview,
             preview_every: None,
+            checkpoint: Default::default(),
+            checkpoint_every: 0,
         };
         request_live(&engine, "good", params, live).unwrap();
         assert!(

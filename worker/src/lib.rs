@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
+use stylefarm_core::checkpoint::{Checkpoint, CheckpointFile};
 use stylefarm_core::ids::{LeaseId, WorkerId};
 use stylefarm_core::job::{ImageHash, ScalePart, Task};
 use stylefarm_core::progress::TaskProgress;
@@ -29,8 +30,8 @@ use tracing::Instrument;
 
 pub use device::{cuda_memory_limit, gpu_total_memories, CudaMemoryLimit};
 pub use engine_thread::{
-    panic_message, EngineThread, Live, PreviewPng, RenderError, RenderStats, StyleKey, TileCanvas,
-    Unhealthy,
+    panic_message, CheckpointSlot, EngineThread, Live, PreviewPng, RenderError, RenderStats,
+    StyleKey, TileCanvas, Unhealthy,
 };
 
 /// Errors that stop a worker.
@@ -151,6 +152,26 @@ impl ImageCache {
         if let Some(img) = self.lookup(hash) {
             return Ok(img);
         }
+        let bytes = self.download(client, hash).await?;
+        // decoding a large image takes a while: off the async threads (heartbeats)
+        let name = hash.clone();
+        let img = tokio::task::spawn_blocking(move || {
+            imaging::decode(&bytes, name.as_str()).map_err(|e| Failure::Input(e.to_string()))
+        })
+        .await
+        .map_err(|e| Failure::Transient(format!("decoding {hash}: {e}")))??;
+        let img = Arc::new(img);
+        self.insert(hash.clone(), img.clone());
+        Ok(img)
+    }
+
+    /// The blob `hash` downloaded from the coordinator (counted in [`ImageCache::downloaded`]), checked
+    /// against its hash. A download that fails may succeed later.
+    async fn download(
+        &mut self,
+        client: &mut WorkerServiceClient<AuthChannel>,
+        hash: &ImageHash,
+    ) -> Result<Vec<u8>, Failure> {
         let mut stream = client
             .download_image(pb::DownloadRequest {
                 sha256: hash.to_string(),
@@ -169,21 +190,53 @@ impl ImageCache {
             );
         }
         self.downloaded += bytes.len() as u64;
-        // hashing and decoding a large image take a while: off the async threads (heartbeats)
+        // hashing a large blob takes a while: off the async threads (heartbeats)
         let expected = hash.clone();
-        let img = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             if ImageHash::of(&bytes) != expected {
                 return Err(Failure::Transient(format!(
                     "downloading {expected}: the bytes do not match their hash"
                 )));
             }
-            imaging::decode(&bytes, expected.as_str()).map_err(|e| Failure::Input(e.to_string()))
+            Ok(bytes)
         })
         .await
-        .map_err(|e| Failure::Transient(format!("decoding {hash}: {e}")))??;
-        let img = Arc::new(img);
-        self.insert(hash.clone(), img.clone());
-        Ok(img)
+        .map_err(|e| Failure::Transient(format!("downloading {hash}: {e}")))?
+    }
+
+    /// The checkpoint a task's attempt starts from ([`stylefarm_core::checkpoint`]); `None`, with a
+    /// warning, when it cannot be had (downloaded, read): the render starts from the beginning.
+    async fn checkpoint(
+        &mut self,
+        client: &mut WorkerServiceClient<AuthChannel>,
+        checkpoint: &Checkpoint,
+    ) -> Option<CheckpointFile> {
+        let read = match self.download(client, &checkpoint.blob).await {
+            Ok(bytes) => tokio::task::spawn_blocking(move || {
+                CheckpointFile::decode(&bytes).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string())),
+            Err(failure) => Err(format!("{failure:?}")),
+        };
+        match read {
+            Ok(file) => {
+                tracing::info!(
+                    scale = file.scale,
+                    iteration = file.iteration,
+                    "resuming from the task's checkpoint"
+                );
+                Some(file)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    checkpoint = %checkpoint.blob,
+                    "the task's checkpoint cannot be had: starting from the beginning"
+                );
+                None
+            }
+        }
     }
 
     /// The style images as a render of `content` takes them ([`stylefarm_engine::render::styles_for`]):
@@ -445,6 +498,11 @@ pub async fn run(
                 let cancel = Arc::new(AtomicBool::new(false));
                 let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
                 let (preview_tx, preview_rx) = tokio::sync::watch::channel(None);
+                let checkpoint = Arc::new(CheckpointSlot::default());
+                let checkpoint_every = task.checkpoint_every;
+                let saving = (checkpoint_every > 0).then(|| {
+                    CheckpointUploader::start(client.clone(), lease_id.clone(), checkpoint.clone())
+                });
                 let beating = Heartbeat::start(
                     client.clone(),
                     worker_id.clone(),
@@ -458,6 +516,8 @@ pub async fn run(
                     progress: progress_tx,
                     preview: preview_tx,
                     preview_every,
+                    checkpoint,
+                    checkpoint_every,
                 };
                 let downloaded_before = cache.downloaded;
                 let outcome = run_task(
@@ -487,6 +547,8 @@ pub async fn run(
                     Outcome::Failed(_) => "failed",
                     Outcome::Cancelled | Outcome::EngineStuck => "cancelled",
                 };
+                // the task is over: a checkpoint still on its way is of no more use
+                drop(saving);
                 // a report that hangs must not keep the lease alive forever: give up, let it lapse
                 if tokio::time::timeout(REPORT_TIMEOUT, report(&mut client, &lease_id, outcome))
                     .await
@@ -586,6 +648,80 @@ impl Drop for Heartbeat {
     }
 }
 
+/// Sends a task's checkpoints to the coordinator (WorkerService.SaveCheckpoint) as the render saves them,
+/// encoded here (off the engine thread and the async threads), one at a time, the latest first: one saved
+/// while another is on its way replaces any that waited. A checkpoint that is refused or cannot be sent is
+/// logged and left out: the render goes on. Dropping it stops the sending.
+struct CheckpointUploader(tokio::task::JoinHandle<()>);
+
+impl CheckpointUploader {
+    fn start(
+        mut client: WorkerServiceClient<AuthChannel>,
+        lease_id: LeaseId,
+        saved: Arc<CheckpointSlot>,
+    ) -> CheckpointUploader {
+        CheckpointUploader(tokio::spawn(
+            async move {
+                loop {
+                    let checkpoint = saved.take().await;
+                    let (scale, iteration) = (checkpoint.scale, checkpoint.iteration);
+                    let encoded = tokio::task::spawn_blocking(move || checkpoint.encode())
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let bytes = match encoded {
+                        Ok(bytes) => Arc::new(bytes),
+                        Err(e) => {
+                            tracing::warn!(scale, iteration, error = %e, "checkpoint left out");
+                            continue;
+                        }
+                    };
+                    use pb::save_checkpoint_request::Part;
+                    let head = [
+                        Part::LeaseId(lease_id.to_string()),
+                        Part::SizeBytes(bytes.len() as u64),
+                    ];
+                    // each chunk copied as it is sent, not all at once
+                    let chunks = (0..bytes.len().div_ceil(CHUNK_BYTES)).map({
+                        let bytes = bytes.clone();
+                        move |i| {
+                            let end = (i * CHUNK_BYTES + CHUNK_BYTES).min(bytes.len());
+                            Part::Data(bytes[i * CHUNK_BYTES..end].to_vec())
+                        }
+                    });
+                    let parts = head
+                        .into_iter()
+                        .chain(chunks)
+                        .map(|part| pb::SaveCheckpointRequest { part: Some(part) });
+                    match client.save_checkpoint(tokio_stream::iter(parts)).await {
+                        Ok(r) if r.get_ref().accepted => {
+                            tracing::info!(scale, iteration, "checkpoint saved")
+                        }
+                        Ok(_) => tracing::warn!(
+                            scale,
+                            iteration,
+                            "checkpoint discarded: the lease ended, or the task is not checkpointed"
+                        ),
+                        Err(s) => tracing::warn!(
+                            scale,
+                            iteration,
+                            error = s.message(),
+                            "checkpoint not saved"
+                        ),
+                    }
+                }
+            }
+            .in_current_span(),
+        ))
+    }
+}
+
+impl Drop for CheckpointUploader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A task as leased: the lease it is held under, and the task.
 struct Leased<'a> {
     lease_id: &'a LeaseId,
@@ -609,7 +745,9 @@ async fn run_task(
     let progress_rx = live.progress.subscribe();
     let cancelled = || cancel.load(Ordering::Relaxed);
     // the task decoded and checked once: a malformed one fails alone, naming its field
-    let Task { spec: task, .. } = match Task::try_from(task) {
+    let Task {
+        spec: task, resume, ..
+    } = match Task::try_from(task) {
         Ok(t) => t,
         Err(e) => return permanent(e.to_string()),
     };
@@ -635,6 +773,11 @@ async fn run_task(
     {
         Ok(styles) => styles,
         Err(failure) => return Outcome::Failed(failure),
+    };
+    // an earlier attempt's checkpoint, to start from
+    let resume = match &resume {
+        Some(checkpoint) => cache.checkpoint(client, checkpoint).await,
+        None => None,
     };
     let (init_hash, init_image) = match &task.params.init {
         Init::Image(hash) => match cache.get(client, hash).await {
@@ -757,14 +900,14 @@ async fn run_task(
     // the cancel's grace runs while the engine renders (preparation and downloads look at the cancel
     // themselves)
     let done = tokio::select! {
-        done = engine.render(job, style, cancel.clone(), live) => done,
+        done = engine.render(job, style, resume, cancel.clone(), live) => done,
         () = cancel_ignored(&cancel, config.cancel_grace) => return Outcome::EngineStuck,
     };
     match done {
         Ok(Ok((img, stats))) => {
             let last = *progress_rx.borrow();
             let (style, total) = last.map_or((0.0, 0.0), |p| (p.losses.style, p.losses.total));
-            metrics.rendered(stats.engine_s, last.map_or(0, |p| p.iteration));
+            metrics.rendered(stats.engine_s, stats.evaluations);
             tracing::info!(
                 engine_s = stats.engine_s,
                 style_cached = stats.style_cached,

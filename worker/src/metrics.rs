@@ -6,7 +6,7 @@
 //! | `stylefarm_worker_tasks_total` | counter | `outcome` (`succeeded`, `failed`, `cancelled`) | tasks reported |
 //! | `stylefarm_worker_task_seconds` | histogram | | lease to report, s |
 //! | `stylefarm_worker_engine_seconds` | histogram | | time on the engine thread per rendered task, s |
-//! | `stylefarm_worker_iterations_per_second` | gauge | | the last rendered task's iterations over its engine time |
+//! | `stylefarm_worker_iterations_per_second` | gauge | | the last rendered task's iterations (its evaluations of the objective, every scale's) over its engine time |
 //! | `stylefarm_worker_downloaded_bytes_total` | counter | | image bytes downloaded from the coordinator |
 //! | `stylefarm_worker_device_memory_bytes` | gauge | | memory in use: the process's resident set on a CPU, the device's used memory on a GPU (NVML) |
 

@@ -171,6 +171,7 @@ pub(crate) mod tests {
 
     pub(crate) fn job(id: &str, seq: u64) -> (JobMeta, Vec<TaskRecord>) {
         let spec = JobSpec {
+            checkpoint_every: 0,
             kind: JobKind::Batch,
             contents: vec![ImageHash::of(b"a"), ImageHash::of(b"b")],
             styles: vec![ImageHash::of(b"s")],

@@ -1,0 +1,162 @@
+//! A render's checkpoints (`submit --checkpoint-every N`) through the engine's API, on the real engine and
+//! weights: where they are saved, and a render resumed from one.
+
+use std::ops::ControlFlow;
+
+use image::RgbImage;
+use stylefarm_core::checkpoint::CheckpointFile;
+use stylefarm_core::{imaging, Optimizer, RenderParams};
+use stylefarm_engine::{Checkpointing, Device, Engine, Progress, RenderJob};
+use stylefarm_tests::{shared_image, weights};
+
+fn job(params: RenderParams) -> RenderJob {
+    RenderJob::new(
+        imaging::load(&shared_image("tubingen.jpg")).unwrap(),
+        vec![imaging::load(&shared_image("starry_night.jpg")).unwrap()],
+        None,
+        params,
+    )
+}
+
+/// What a render did: its result, every evaluation's (scale, iteration, total loss), and the checkpoints
+/// it saved.
+struct Rendered {
+    image: RgbImage,
+    evaluations: Vec<(u32, u32, f64)>,
+    saved: Vec<CheckpointFile>,
+}
+
+fn render(
+    engine: &Engine,
+    job: &RenderJob,
+    every: u32,
+    resume: Option<CheckpointFile>,
+) -> Rendered {
+    let mut evaluations = Vec::new();
+    let mut saved = Vec::new();
+    let mut save = |file: CheckpointFile| {
+        saved.push(file);
+        Ok(())
+    };
+    let image = engine
+        .render_with(
+            job,
+            &mut |engine, side| {
+                Ok(std::rc::Rc::new(engine.style_grams(
+                    &job.styles,
+                    side,
+                    &job.params,
+                    None,
+                )?))
+            },
+            &mut |p: &Progress| {
+                evaluations.push((p.scale, p.iteration, p.losses.total));
+                ControlFlow::Continue(())
+            },
+            None,
+            Some(Checkpointing {
+                resume,
+                every,
+                save: &mut save,
+            }),
+        )
+        .unwrap();
+    Rendered {
+        image,
+        evaluations,
+        saved,
+    }
+}
+
+/// Checkpoints come every N iterations of each scale, not at a scale's first or last image, each the
+/// image of that iteration (and Adam's moments); a render resumed from one skips the scales before it and
+/// starts at its iteration with exactly the loss the uninterrupted render had there (the same image).
+/// Adam's then goes on exactly as the uninterrupted one: the same losses, the same pixels. L-BFGS's
+/// optimizer starts afresh: it ends with the scale's iterations done and a loss near the uninterrupted
+/// one's (in these short renders, 30 + 15 iterations, up to 35% higher; BENCHMARKS.md). A checkpoint
+/// that does not fit (another scale size, other weights' preprocessing) is ignored: the render starts
+/// from the beginning, as one without a checkpoint does.
+#[test]
+fn a_render_resumes_from_its_checkpoint_at_its_scale_and_iteration() {
+    let engine = Engine::load(&weights(), Device::Cpu).unwrap();
+    for optimizer in [Optimizer::Lbfgs, Optimizer::Adam] {
+        let job = job(RenderParams {
+            size: 64,
+            scales: 2,
+            iterations: 30,
+            optimizer,
+            ..Default::default()
+        });
+        // 30 iterations at 32 px, 15 at 64
+        let whole = render(&engine, &job, 10, None);
+        let at: Vec<(u32, u32, u32, u32)> = whole
+            .saved
+            .iter()
+            .map(|c| (c.scale, c.iteration, c.width, c.height))
+            .collect();
+        assert_eq!(
+            at,
+            [(1, 10, 32, 24), (1, 20, 32, 24), (2, 10, 64, 48)],
+            "{optimizer:?}"
+        );
+        assert!(whole.saved.iter().all(|c| c.preprocessing == "caffe"));
+        assert!(whole
+            .saved
+            .iter()
+            .all(|c| c.adam.is_some() == (optimizer == Optimizer::Adam)));
+
+        let loss_at = |r: &Rendered, scale, iteration| {
+            r.evaluations
+                .iter()
+                .find(|e| (e.0, e.1) == (scale, iteration))
+                .map(|e| e.2)
+                .unwrap()
+        };
+        for checkpoint in whole.saved.clone() {
+            let (scale, iteration) = (checkpoint.scale, checkpoint.iteration);
+            let resumed = render(&engine, &job, 0, Some(checkpoint));
+            let first = resumed.evaluations[0];
+            assert_eq!((first.0, first.1), (scale, iteration), "{optimizer:?}");
+            assert_eq!(first.2, loss_at(&whole, scale, iteration), "the same image");
+            let last = *resumed.evaluations.last().unwrap();
+            assert_eq!(
+                (last.0, last.1),
+                (2, 15),
+                "{optimizer:?} from ({scale}, {iteration})"
+            );
+            assert_eq!(resumed.image.dimensions(), whole.image.dimensions());
+            if optimizer == Optimizer::Adam {
+                let from = whole
+                    .evaluations
+                    .iter()
+                    .position(|e| (e.0, e.1) == (scale, iteration))
+                    .unwrap();
+                assert_eq!(resumed.evaluations, whole.evaluations[from..]);
+                assert_eq!(
+                    resumed.image, whole.image,
+                    "Adam from ({scale}, {iteration})"
+                );
+                continue;
+            }
+            let (got, want) = (last.2, loss_at(&whole, 2, 15));
+            assert!(
+                got < first.2 && got < 1.5 * want,
+                "{optimizer:?} from ({scale}, {iteration}): {got} vs {want} uninterrupted"
+            );
+        }
+
+        let mut other_size = whole.saved[0].clone();
+        other_size.width = 20;
+        other_size.values.truncate(3 * 20 * 24);
+        let mut other_weights = whole.saved[2].clone();
+        other_weights.preprocessing = "torchvision".into();
+        for unfit in [other_size, other_weights] {
+            let resumed = render(&engine, &job, 0, Some(unfit));
+            assert_eq!(
+                resumed.evaluations, whole.evaluations,
+                "{optimizer:?}: from the start"
+            );
+            assert_eq!(resumed.image, whole.image);
+        }
+    }
+}
