@@ -171,7 +171,7 @@ pub(crate) mod tests {
 
     pub(crate) fn job(id: &str, seq: u64) -> (JobMeta, Vec<TaskRecord>) {
         let spec = JobSpec {
-            checkpoint_every: 0,
+            checkpoint_every: 10,
             kind: JobKind::Batch,
             contents: vec![ImageHash::of(b"a"), ImageHash::of(b"b")],
             styles: vec![ImageHash::of(b"s")],
@@ -228,6 +228,13 @@ pub(crate) mod tests {
         ta[1].state = TaskState::Succeeded;
         ta[1].result = Some(ImageHash::of(b"r"));
         store.update_task(&JobId::from("job-a"), &ta[1]).unwrap();
+        // a task's checkpoint, and its job's setting, are kept
+        ta[0].checkpoint = Some(stylefarm_core::checkpoint::Checkpoint {
+            blob: ImageHash::of(b"checkpoint"),
+            scale: 2,
+            iteration: 30,
+        });
+        store.update_task(&JobId::from("job-a"), &ta[0]).unwrap();
         a.state = JobState::Running;
         a.strikes.insert("w1".into(), 2);
         store.update_job(&a).unwrap();
