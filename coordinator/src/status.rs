@@ -210,6 +210,9 @@ pub struct TaskRow {
     pub result: String,
     /// The last failed attempt's error.
     pub error: String,
+    /// Its last checkpoint (`--checkpoint-every`), which its next attempt starts from: scale and
+    /// iteration.
+    pub checkpoint: Option<[u32; 2]>,
     /// A tile: its rectangle in the canvas, px (x, y, width, height).
     pub rect: Option<[u32; 4]>,
     /// While it runs: when its worker's latest preview of the image came (ms since the Unix epoch), served
@@ -279,6 +282,7 @@ fn task_row(t: &TaskRecord, p: Option<&TaskProgress>) -> TaskRow {
             .map(ToString::to_string)
             .unwrap_or_default(),
         error: t.error.clone(),
+        checkpoint: t.checkpoint.as_ref().map(|c| [c.scale, c.iteration]),
         rect: t.spec.scale.as_ref().and_then(|s| match s.part {
             ScalePart::Tile { rect, .. } | ScalePart::Shard { rect, .. } => {
                 Some([rect.x, rect.y, rect.width, rect.height])
@@ -1111,6 +1115,33 @@ pub async fn serve_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A task's row shows its last checkpoint (scale, iteration), none before one is saved.
+    #[test]
+    fn a_task_row_shows_its_checkpoint() {
+        let spec = stylefarm_core::job::JobSpec {
+            kind: stylefarm_core::job::JobKind::Single,
+            contents: vec![ImageHash::of(b"c")],
+            styles: vec![ImageHash::of(b"s")],
+            params: Default::default(),
+            priority: 0,
+            max_attempts: 0,
+            worker_tags: Vec::new(),
+            keep_going: false,
+            max_workers: 0,
+            after: Vec::new(),
+            checkpoint_every: 10,
+        };
+        let mut task = TaskRecord::pending(0, spec.tasks().unwrap().remove(0));
+        assert_eq!(task_row(&task, None).checkpoint, None);
+        task.checkpoint = Some(stylefarm_core::checkpoint::Checkpoint {
+            blob: ImageHash::of(b"checkpoint"),
+            scale: 2,
+            iteration: 40,
+        });
+        let row = serde_json::to_value(task_row(&task, None)).unwrap();
+        assert_eq!(row["checkpoint"], serde_json::json!([2, 40]));
+    }
 
     #[test]
     fn a_task_is_done_by_its_scales_and_iterations() {

@@ -80,10 +80,10 @@ function taskRows(job) {
   if (job.kind === "tiled") return "";
   const rows = job.tasks
     .map((t) => {
-      const progress = t.state === "running" && t.iterations
+      const progress = (t.state === "running" && t.iterations
         ? `${t.iteration}/${t.iterations}${t.loss != null ? ` · loss ${t.loss.toPrecision(4)}` : ""}${
           t.eta_s != null ? ` · ${span(t.eta_s)} left` : ""}`
-        : "";
+        : "") + (t.checkpoint ? ` · checkpoint: scale ${t.checkpoint[0]}, iteration ${t.checkpoint[1]}` : "");
       const thumb = t.result
         ? `<img src="${image(t.result, 128)}" alt="task ${t.index}">`
         : t.state === "running" && t.preview_ms
