@@ -1242,18 +1242,34 @@ async fn a_checkpoint_is_checked_before_it_is_kept() {
         stylefarm_core::job::ImageHash::of(&good).to_string()
     );
     // and the coordinator downloads it as it was sent
-    let mut stream = workers
-        .download_image(pb::DownloadRequest {
-            sha256: kept.sha256,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut downloaded = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        downloaded.extend(chunk.data);
-    }
-    assert_eq!(downloaded, good);
+    let download = |sha256: String| {
+        let mut workers = workers.clone();
+        async move {
+            let mut stream = workers
+                .download_image(pb::DownloadRequest { sha256 })
+                .await?
+                .into_inner();
+            let mut downloaded = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                downloaded.extend(chunk.data);
+            }
+            Ok::<_, tonic::Status>(downloaded)
+        }
+    };
+    assert_eq!(download(kept.sha256.clone()).await.unwrap(), good);
+    // a newer one replaces it, and its blob goes at once (no collection is configured here)
+    let newer = file(1, 15, 64);
+    let reply = save(lease_id.clone(), None, newer.clone()).await;
+    assert!(reply.unwrap().get_ref().accepted);
+    assert_eq!(
+        download(kept.sha256).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let kept = job(&mut client, &checkpointed).await.tasks[0]
+        .checkpoint
+        .clone()
+        .unwrap();
+    assert_eq!(download(kept.sha256).await.unwrap(), newer);
 }
 
 #[tokio::test(flavor = "multi_thread")]

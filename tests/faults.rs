@@ -493,6 +493,19 @@ async fn resumed_from_a_checkpoint(backend: Backend) {
     assert!(task.worker_id.starts_with("other"), "{task:?}");
     assert_eq!(task.attempts, 2, "{task:?}");
     assert_eq!(task.checkpoint, None, "dropped once the task succeeded");
+    // and so is its blob (the one seen, and any after it): no collection is configured here
+    let gone = client
+        .clone()
+        .rpc()
+        .download_result(pb::DownloadRequest {
+            sha256: seen.sha256.clone(),
+        })
+        .await;
+    let gone = match gone {
+        Ok(stream) => stream.into_inner().message().await.map(|_| ()),
+        Err(s) => Err(s),
+    };
+    assert_eq!(gone.unwrap_err().code(), Code::NotFound, "{seen:?}");
     let log = cluster.workers[1].log_text();
     let resumed = log
         .lines()

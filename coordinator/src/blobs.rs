@@ -470,11 +470,11 @@ impl BlobStore for S3Blobs {
         use object_store::ObjectStoreExt;
         let (store, path) = (self.store.clone(), self.path(&blob.hash));
         match self.run(async move { store.delete(&path).await }) {
-            Ok(()) => {}
+            Ok(()) => less(&self.bytes, blob.bytes),
+            // already gone (deleted twice at once): its bytes were counted out then
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        less(&self.bytes, blob.bytes);
         Ok(())
     }
 

@@ -4,6 +4,9 @@
 //! jobs and tasks give the images in use ([`crate::scheduler::Scheduler::images_in_use`]), the blob store's
 //! listing the images stored ([`BlobStore::list`]).
 //!
+//! A task's checkpoint that a newer one replaced (or its task's success dropped) is deleted at once, with
+//! the same guards, rather than left for a collection ([`TrackedBlobs::delete_unreferenced`]).
+//!
 //! A blob is found or stored first and referred to after: a submit checks its images, then records the
 //! job; a worker's result is stored, then recorded; so is a stage's image. So that a collection never
 //! deletes a blob between the two steps, the coordinator reaches its blobs through [`TrackedBlobs`], which
@@ -28,7 +31,8 @@ use crate::blobs::{BlobReader, BlobStore, StoredBlob};
 pub struct TrackedBlobs {
     store: Arc<dyn BlobStore>,
     tracking: Arc<Shared>,
-    /// Blobs deleted by collections, and their bytes (metrics).
+    /// Blobs deleted by collections (and superseded checkpoints, [`TrackedBlobs::delete_unreferenced`]),
+    /// and their bytes (metrics).
     pub(crate) collected: Counter,
     pub(crate) collected_bytes: Counter,
 }
@@ -48,8 +52,8 @@ struct Tracking {
     /// When each use under way began, by a number given in order: the first is the oldest.
     uses: BTreeMap<u64, Instant>,
     next_use: u64,
-    /// The blob a collection is deleting, if any.
-    deleting: Option<ImageHash>,
+    /// The blobs being deleted (by a collection, or at once: [`TrackedBlobs::delete_unreferenced`]).
+    deleting: HashSet<ImageHash>,
 }
 
 impl Shared {
@@ -60,7 +64,7 @@ impl Shared {
     /// Remembers a use of `hash`, now; waits first while the blob is being deleted.
     fn touch(&self, hash: &ImageHash) {
         let mut t = self.lock();
-        while t.deleting.as_ref() == Some(hash) {
+        while t.deleting.contains(hash) {
             t = self.deleted.wait(t).unwrap_or_else(|p| p.into_inner());
         }
         t.used.insert(hash.clone(), Instant::now());
@@ -208,10 +212,10 @@ impl TrackedBlobs {
                     continue;
                 }
                 t.used.remove(&blob.hash);
-                t.deleting = Some(blob.hash.clone());
+                t.deleting.insert(blob.hash.clone());
             }
             let deleted = self.delete(&blob);
-            self.tracking.lock().deleting = None;
+            self.tracking.lock().deleting.remove(&blob.hash);
             self.tracking.deleted.notify_all();
             deleted?;
             done.deleted += 1;
@@ -220,6 +224,45 @@ impl TrackedBlobs {
         // what no later collection needs: uses before this one's horizon and older than the keep time
         self.tracking.lock().used.retain(|_, used| spared(*used));
         Ok(done)
+    }
+
+    /// Deletes the blob `hash` of `bytes` bytes at once, unless `in_use` (asked after the uses under way
+    /// are noted) says a reference to it is recorded, or a step under way used it since the oldest of
+    /// them began (its reference may be on its way, as for [`TrackedBlobs::collect`]), or `may_delete`
+    /// (asked last, as a collection asks before each deletion) says no: a task's checkpoint replaced by
+    /// a newer one, which would otherwise wait for a collection, or stay when none is configured.
+    /// `bytes`: its size, by which the stored bytes go down (0: not known, and they stay). Whether it was
+    /// deleted.
+    pub fn delete_unreferenced(
+        &self,
+        hash: &ImageHash,
+        bytes: u64,
+        in_use: impl FnOnce(&ImageHash) -> bool,
+        may_delete: impl FnOnce() -> bool,
+    ) -> std::io::Result<bool> {
+        let horizon =
+            (self.tracking.lock().uses.values().next().copied()).unwrap_or_else(Instant::now);
+        if in_use(hash) {
+            return Ok(false);
+        }
+        {
+            let mut t = self.tracking.lock();
+            if t.used.get(hash).is_some_and(|used| *used >= horizon) || !may_delete() {
+                return Ok(false);
+            }
+            t.used.remove(hash);
+            t.deleting.insert(hash.clone());
+        }
+        let blob = StoredBlob {
+            hash: hash.clone(),
+            bytes,
+            modified: SystemTime::now(),
+        };
+        store_call();
+        let deleted = self.delete(&blob);
+        self.tracking.lock().deleting.remove(hash);
+        self.tracking.deleted.notify_all();
+        deleted.map(|()| true)
     }
 
     fn delete(&self, blob: &StoredBlob) -> std::io::Result<()> {
@@ -304,6 +347,36 @@ mod tests {
             .unwrap();
         assert_eq!(stored(&blobs), HashSet::from([referenced]));
         assert_eq!(blobs.stored_bytes(), 10);
+    }
+
+    /// A blob deleted at once (a superseded checkpoint) goes unless a reference to it is recorded, or a
+    /// step under way used it (its reference may be on its way); its bytes leave the store's count.
+    #[test]
+    fn an_unreferenced_blob_is_deleted_at_once_unless_a_step_under_way_used_it() {
+        let (_dir, blobs) = disk();
+        let old = blobs.put(b"old checkpoint").unwrap();
+        let before = blobs.stored_bytes();
+        // referenced: kept
+        assert!(!blobs
+            .delete_unreferenced(&old, 14, |_| true, || true)
+            .unwrap());
+        // not the store's holder any more: kept
+        assert!(!blobs
+            .delete_unreferenced(&old, 14, |_| false, || false)
+            .unwrap());
+        // used by a step under way (a result storing the same bytes, say): kept
+        let storing = blobs.begin_use();
+        assert!(storing.contains(&old).unwrap());
+        assert!(!blobs
+            .delete_unreferenced(&old, 14, |_| false, || true)
+            .unwrap());
+        drop(storing);
+        // none of those: deleted
+        assert!(blobs
+            .delete_unreferenced(&old, 14, |_| false, || true)
+            .unwrap());
+        assert!(!stored(&blobs).contains(&old));
+        assert_eq!(blobs.stored_bytes(), before - 14);
     }
 
     /// A step under way (a submit that checked its images, a result stored) when the jobs were walked

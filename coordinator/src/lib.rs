@@ -575,15 +575,41 @@ impl Coordinator {
     /// does may still land).
     pub(crate) fn collect_unused_blobs(&self, keep: Duration) -> std::io::Result<gc::Collected> {
         let scheduler = &self.scheduler;
-        let may_delete = || {
-            !scheduler.store_behind()
-                && scheduler.store_hold().is_none_or(|h| h.left >= h.lease / 2)
-        };
+        let may_delete = || self.may_delete_blobs();
         if !may_delete() {
             return Ok(gc::Collected::default());
         }
         self.blobs
             .collect(keep, || scheduler.images_in_use(), may_delete)
+    }
+
+    /// Whether this coordinator may delete blobs: its store is not holding writes back, and it holds a
+    /// shared store's leader lease with at least half of it left (a coordinator taken over from, whose
+    /// memory no longer has every job, must not).
+    fn may_delete_blobs(&self) -> bool {
+        !self.scheduler.store_behind()
+            && self
+                .scheduler
+                .store_hold()
+                .is_none_or(|h| h.left >= h.lease / 2)
+    }
+
+    /// Deletes a task's checkpoint that no job or task refers to any more (replaced by a newer one, or
+    /// discarded, or its task done), at once rather than at the next collection, or never when none is
+    /// configured ([`gc::TrackedBlobs::delete_unreferenced`]). A failure is logged: a collection can
+    /// still take it.
+    pub(crate) fn drop_checkpoint_blob(&self, checkpoint: &stylefarm_core::checkpoint::Checkpoint) {
+        let deleted = self.blobs.delete_unreferenced(
+            &checkpoint.blob,
+            checkpoint.bytes,
+            |hash| self.scheduler.refers_to(hash),
+            || self.may_delete_blobs(),
+        );
+        match deleted {
+            Ok(true) => tracing::debug!(blob = %checkpoint.blob, "checkpoint deleted"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(blob = %checkpoint.blob, error = %e, "deleting a checkpoint"),
+        }
     }
 
     /// Its Prometheus metrics as text ([`metrics`] lists them), for an HTTP scrape.

@@ -17,7 +17,7 @@
 //! | `stylefarm_job_retries_total` | counter | | failed or cancelled jobs run again by their clients (RetryJob), and running keep-going batches or sweeps whose failed tasks they queued again |
 //! | `stylefarm_task_seconds` | histogram | | lease to accepted result, s |
 //! | `stylefarm_blob_store_bytes` | gauge | | bytes of images stored (S3: as [`crate::blobs::BlobStore::stored_bytes`] says) |
-//! | `stylefarm_blobs_collected_total` | counter | | blobs deleted by the garbage collection ([`crate::gc`]) |
+//! | `stylefarm_blobs_collected_total` | counter | | blobs deleted by the garbage collection, and task checkpoints deleted once replaced or done ([`crate::gc`]) |
 //! | `stylefarm_blob_bytes_collected_total` | counter | | their bytes |
 //! | `stylefarm_connections_open` | gauge | | gRPC connections served now ([`crate::connections`]) |
 //! | `stylefarm_connections_refused_total` | counter | | connections closed as they came: as many were open as `--max-connections` (or, from their address, `--max-connections-per-source`) allows |
@@ -171,12 +171,13 @@ impl Metrics {
         );
         registry.register(
             "blobs_collected",
-            "Blobs deleted by the garbage collection: no job referred to them",
+            "Blobs deleted by the garbage collection, and task checkpoints deleted once replaced or done: no \
+             job referred to them",
             blobs.collected.clone(),
         );
         registry.register(
             "blob_bytes_collected",
-            "Bytes of the blobs deleted by the garbage collection",
+            "Bytes of the blobs deleted by the garbage collection, and of task checkpoints deleted",
             blobs.collected_bytes.clone(),
         );
         registry.register(

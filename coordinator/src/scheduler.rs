@@ -272,6 +272,22 @@ fn checkpoint_every(job: &JobSpec, task: &TaskSpec) -> u32 {
     }
 }
 
+/// The images (blobs) a job refers to: its spec's, its stages' and result, and each task's inputs, result
+/// and checkpoint.
+fn job_images(job: &Job) -> impl Iterator<Item = &ImageHash> {
+    let meta = &job.meta;
+    meta.spec
+        .images()
+        .chain(&meta.stage_results)
+        .chain(&meta.result)
+        .chain(job.tasks.iter().flat_map(|t| {
+            t.spec
+                .images()
+                .chain(&t.result)
+                .chain(t.checkpoint.iter().map(|c| &c.blob))
+        }))
+}
+
 /// Whether a task is still to be done: queued or running.
 fn to_do(task: &TaskRecord) -> bool {
     matches!(task.state, TaskState::Pending | TaskState::Running)
@@ -914,6 +930,21 @@ pub struct Completed {
     /// succeeded, or a frame of a video did (its chunk's next frame follows at once, whatever the other
     /// chunks' frames are doing).
     pub stage_work: bool,
+    /// The task's checkpoint, dropped now that it succeeded: its blob may go
+    /// ([`crate::gc::TrackedBlobs::delete_unreferenced`]).
+    pub dropped_checkpoint: Option<Checkpoint>,
+}
+
+/// What became of a checkpoint given to [`Scheduler::save_checkpoint`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointSaved {
+    /// Not recorded: the lease is no longer live, or the task is not checkpointed.
+    Discarded,
+    /// Recorded, durable, replacing the task's checkpoint before it (if any), whose blob may go.
+    Kept {
+        /// The checkpoint it replaced.
+        replaced: Option<Checkpoint>,
+    },
 }
 
 /// What [`Scheduler::retry`] did.
@@ -1808,28 +1839,28 @@ impl Scheduler {
     }
 
     /// Records the checkpoint of the task under a live lease ([`JobSpec::checkpoint_every`]), replacing
-    /// the one before, once durable: the task's next attempt starts from it. `false` (nothing recorded)
+    /// the one before, once durable: the task's next attempt starts from it. Discarded (nothing recorded)
     /// when the lease is no longer live or being cancelled, or its task is not checkpointed (a job
     /// without checkpoints, a shard of an exact-mode scale).
     pub fn save_checkpoint(
         &self,
         lease_id: &LeaseId,
         checkpoint: Checkpoint,
-    ) -> Result<bool, SchedulerError> {
+    ) -> Result<CheckpointSaved, SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
         let Some(lease) = st.leases.get(lease_id).filter(|l| !l.cancel) else {
-            return Ok(false);
+            return Ok(CheckpointSaved::Discarded);
         };
         let (job_id, index) = (lease.job_id.clone(), lease.index);
         let Some(job) = st.jobs.get_mut(&job_id) else {
-            return Ok(false);
+            return Ok(CheckpointSaved::Discarded);
         };
         let task = &mut job.tasks[index as usize];
         if checkpoint_every(&job.meta.spec, &task.spec) == 0 {
-            return Ok(false);
+            return Ok(CheckpointSaved::Discarded);
         }
-        task.checkpoint = Some(checkpoint);
+        let replaced = task.checkpoint.replace(checkpoint);
         // the record as the store has it while the attempt runs (a lease writes nothing): pending, the
         // attempt not counted, so that a restart counts it no more than without a checkpoint
         let stored = TaskRecord {
@@ -1841,7 +1872,16 @@ impl Scheduler {
         drop(st);
         store::wait(durable)?;
         self.changed(&job_id);
-        Ok(true)
+        Ok(CheckpointSaved::Kept { replaced })
+    }
+
+    /// Whether a job or task refers to the image (or checkpoint) `hash`: one image of
+    /// [`Scheduler::images_in_use`], found without collecting them all.
+    pub fn refers_to(&self, hash: &ImageHash) -> bool {
+        let st = self.state.lock().unwrap();
+        st.jobs
+            .values()
+            .any(|job| job_images(job).any(|h| h == hash))
     }
 
     /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
@@ -1878,8 +1918,8 @@ impl Scheduler {
         let task = &mut job.tasks[lease.index as usize];
         set_task_state(&mut state.tally, task, TaskState::Succeeded);
         task.result = Some(result.clone());
-        // its result is what the checkpoint was kept for: the blob goes at the next collection
-        task.checkpoint = None;
+        // its result is what the checkpoint was kept for
+        let dropped_checkpoint = task.checkpoint.take();
         task.error.clear();
         task.permanent_error_workers.clear();
         task.struck.clear();
@@ -1915,6 +1955,7 @@ impl Scheduler {
             job_id: lease.job_id,
             all_tasks_done,
             stage_work: stage_work && (all_tasks_done || per_task),
+            dropped_checkpoint,
         }))
     }
 
@@ -2622,19 +2663,7 @@ impl Scheduler {
     /// call per request.
     pub fn images_in_use(&self) -> std::collections::HashSet<ImageHash> {
         let st = self.state.lock().unwrap();
-        let mut images = std::collections::HashSet::new();
-        for job in st.jobs.values() {
-            let meta = &job.meta;
-            images.extend(meta.spec.images().cloned());
-            images.extend(meta.stage_results.iter().cloned());
-            images.extend(meta.result.iter().cloned());
-            for t in &job.tasks {
-                images.extend(t.spec.images().cloned());
-                images.extend(t.result.iter().cloned());
-                images.extend(t.checkpoint.iter().map(|c| c.blob.clone()));
-            }
-        }
-        images
+        st.jobs.values().flat_map(job_images).cloned().collect()
     }
 
     /// Pauses a job (`paused`, OpenCue's and Flamenco's pause) or resumes it. A paused job's queued tasks
@@ -3428,12 +3457,18 @@ mod tests {
             blob: hash(&format!("checkpoint {iteration}")),
             scale: 1,
             iteration,
+            bytes: 100,
         };
+        let discarded = CheckpointSaved::Discarded;
+        let kept = |replaced| CheckpointSaved::Kept { replaced };
         // a job without checkpoints records none
         let plain = s.submit(batch(1, 0), "").unwrap().0;
         let l = s.lease(&w("a")).unwrap().unwrap();
         assert_eq!((l.task.checkpoint_every, &l.task.resume), (0, &None));
-        assert!(!s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap());
+        assert_eq!(
+            s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap(),
+            discarded
+        );
         s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
         assert_eq!(s.get(&plain).unwrap().tasks[0].0.checkpoint, None);
 
@@ -3447,13 +3482,23 @@ mod tests {
         );
         let l = s.lease(&w("a")).unwrap().unwrap();
         assert_eq!((l.task.checkpoint_every, &l.task.resume), (10, &None));
-        assert!(s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap());
-        assert!(s.save_checkpoint(&l.lease_id, checkpoint(20)).unwrap());
+        assert_eq!(
+            s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap(),
+            kept(None)
+        );
+        assert_eq!(
+            s.save_checkpoint(&l.lease_id, checkpoint(20)).unwrap(),
+            kept(Some(checkpoint(10)))
+        );
         assert!(s.images_in_use().contains(&checkpoint(20).blob));
+        assert!(s.refers_to(&checkpoint(20).blob) && !s.refers_to(&checkpoint(10).blob));
         s.fail(&l.lease_id, "worker lost", FailureKind::Retryable)
             .unwrap();
         // the lease that failed saves no more
-        assert!(!s.save_checkpoint(&l.lease_id, checkpoint(30)).unwrap());
+        assert_eq!(
+            s.save_checkpoint(&l.lease_id, checkpoint(30)).unwrap(),
+            discarded
+        );
         let l = s.lease(&w("b")).unwrap().unwrap();
         assert_eq!(l.task.resume, Some(checkpoint(20)));
         drop(s);
@@ -3461,8 +3506,10 @@ mod tests {
         let s = Scheduler::new(config, store).unwrap();
         let l = s.lease(&w("b")).unwrap().unwrap();
         assert_eq!(l.task.resume, Some(checkpoint(20)));
-        s.complete(&l.lease_id, &hash("result")).unwrap().unwrap();
+        let done = s.complete(&l.lease_id, &hash("result")).unwrap().unwrap();
+        assert_eq!(done.dropped_checkpoint, Some(checkpoint(20)));
         assert_eq!(s.get(&job).unwrap().tasks[0].0.checkpoint, None);
+        assert!(!s.refers_to(&checkpoint(20).blob));
         assert!(!s.images_in_use().contains(&checkpoint(20).blob));
         // a task whose checkpoint could be larger than the coordinator receives is not checkpointed:
         // Adam's at 4096 px would be 36 bytes a pixel, 576 MiB
@@ -3481,7 +3528,10 @@ mod tests {
         );
         let l = s.lease(&w("a")).unwrap().unwrap();
         assert_eq!((&l.task.id.job, l.task.checkpoint_every), (&large, 0));
-        assert!(!s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap());
+        assert_eq!(
+            s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap(),
+            discarded
+        );
         s.complete(&l.lease_id, &hash("large")).unwrap().unwrap();
 
         // a job retried after it failed (out of attempts) starts from its failed task's checkpoint
@@ -3495,7 +3545,10 @@ mod tests {
             },
         );
         let l = s.lease(&w("a")).unwrap().unwrap();
-        assert!(s.save_checkpoint(&l.lease_id, checkpoint(30)).unwrap());
+        assert_eq!(
+            s.save_checkpoint(&l.lease_id, checkpoint(30)).unwrap(),
+            kept(None)
+        );
         s.fail(&l.lease_id, "worker lost", FailureKind::Retryable)
             .unwrap();
         assert_eq!(s.get(&failed).unwrap().meta.state, JobState::Failed);

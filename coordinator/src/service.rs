@@ -24,7 +24,9 @@ use crate::auth::{self, Tenant};
 use crate::decoding::Incoming;
 use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES, MAX_EXCHANGE_PARTS};
 use crate::model::{JobState, TaskState};
-use crate::scheduler::{DeviceMemory, FailureKind, JobView, Scheduler, Waiting, MAX_PREVIEW_BYTES};
+use crate::scheduler::{
+    CheckpointSaved, DeviceMemory, FailureKind, JobView, Scheduler, Waiting, MAX_PREVIEW_BYTES,
+};
 use crate::workers::{MAX_WORKER_ID, MAX_WORKER_TEXT};
 use crate::{blocking, Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
@@ -927,6 +929,13 @@ impl WorkerService for WorkerApi {
                 .complete(&lease, &hash)
                 .map_err(Error::from)?;
             drop(using);
+            // the task's checkpoint, kept for its next attempt, is of no more use
+            if let Some(checkpoint) = completed
+                .as_ref()
+                .and_then(|c| c.dropped_checkpoint.as_ref())
+            {
+                coordinator.drop_checkpoint_blob(checkpoint);
+            }
             Ok((hash, completed))
         })
         .await?;
@@ -1047,13 +1056,26 @@ impl WorkerService for WorkerApi {
                 blob,
                 scale: file.scale,
                 iteration: file.iteration,
+                bytes: size,
             };
-            let accepted = coordinator
+            let saved = coordinator
                 .scheduler
                 .save_checkpoint(&lease, checkpoint.clone())
                 .map_err(Error::from)?;
             drop(using);
-            Ok(accepted.then_some(checkpoint))
+            // the checkpoint it replaced, or this one when discarded, is of no more use
+            Ok(match saved {
+                CheckpointSaved::Kept { replaced } => {
+                    if let Some(old) = replaced {
+                        coordinator.drop_checkpoint_blob(&old);
+                    }
+                    Some(checkpoint)
+                }
+                CheckpointSaved::Discarded => {
+                    coordinator.drop_checkpoint_blob(&checkpoint);
+                    None
+                }
+            })
         })
         .await?;
         match &saved {

@@ -1135,6 +1135,7 @@ mod tests {
         let mut task = TaskRecord::pending(0, spec.tasks().unwrap().remove(0));
         assert_eq!(task_row(&task, None).checkpoint, None);
         task.checkpoint = Some(stylefarm_core::checkpoint::Checkpoint {
+            bytes: 4096,
             blob: ImageHash::of(b"checkpoint"),
             scale: 2,
             iteration: 40,

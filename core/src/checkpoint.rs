@@ -54,6 +54,10 @@ pub struct Checkpoint {
     pub scale: u32,
     /// The iteration of that scale: the image after that many optimizer steps.
     pub iteration: u32,
+    /// The file's size, bytes, as the coordinator records it (so that it can delete the blob once a newer
+    /// checkpoint replaces it); 0 where not known (a worker's copy: the wire does not carry it).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// What a checkpoint file says of itself, read without its values ([`CheckpointFile::header`]).

@@ -388,6 +388,7 @@ impl TryFrom<pb::Checkpoint> for Checkpoint {
             blob: hashes("resume", vec![c.sha256])?.remove(0),
             scale: c.scale,
             iteration: c.iteration,
+            bytes: 0,
         })
     }
 }
@@ -682,6 +683,7 @@ mod tests {
                         blob: ImageHash::of(b"checkpoint"),
                         scale: 1,
                         iteration: 20,
+                        bytes: 0,
                     }),
                 };
                 assert_eq!(Task::try_from(pb::Task::from(&task)).unwrap(), task);

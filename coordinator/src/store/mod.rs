@@ -230,6 +230,7 @@ pub(crate) mod tests {
         store.update_task(&JobId::from("job-a"), &ta[1]).unwrap();
         // a task's checkpoint, and its job's setting, are kept
         ta[0].checkpoint = Some(stylefarm_core::checkpoint::Checkpoint {
+            bytes: 4096,
             blob: ImageHash::of(b"checkpoint"),
             scale: 2,
             iteration: 30,
