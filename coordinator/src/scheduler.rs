@@ -265,7 +265,7 @@ fn append_tasks(
 /// shard of an exact-mode scale (its attempt starts with its group's, from the beginning), nor for a task
 /// whose checkpoint could be larger than the coordinator receives ([`MAX_IMAGE_UPLOAD`]).
 fn checkpoint_every(job: &JobSpec, task: &TaskSpec) -> u32 {
-    if task.shards().is_some() || task.checkpoint_bounds().max_bytes > MAX_IMAGE_UPLOAD as u64 {
+    if task.shards().is_some() || task.max_checkpoint_bytes() > MAX_IMAGE_UPLOAD as u64 {
         0
     } else {
         job.checkpoint_every

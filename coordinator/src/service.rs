@@ -1011,45 +1011,12 @@ impl WorkerService for WorkerApi {
         if size > bounds.max_bytes {
             return Err(too_large(&bounds, size).into());
         }
-        let CheckpointBounds {
-            longest,
-            iterations,
-            ..
-        } = bounds;
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let saved = blocking(move || {
             // its header only: the values are the worker's to read
             let file = CheckpointFile::header(received.bytes())?;
-            let scale = file.scale as usize;
-            let Some(&n) = iterations.get(scale - 1) else {
-                return Err(Error::invalid(
-                    "checkpoint",
-                    format!(
-                        "of scale {scale}: the task's render has {} scale(s)",
-                        iterations.len()
-                    ),
-                ));
-            };
-            if file.iteration >= n {
-                return Err(Error::invalid(
-                    "checkpoint",
-                    format!(
-                        "at iteration {}: scale {scale} has {n} iterations (a checkpoint is of an \
-                         image before the last)",
-                        file.iteration
-                    ),
-                ));
-            }
-            if file.width.max(file.height) > longest {
-                return Err(Error::invalid(
-                    "checkpoint",
-                    format!(
-                        "a {} x {} image: the task's is at most {longest} px a side",
-                        file.width, file.height
-                    ),
-                ));
-            }
+            bounds.check(file.scale, file.iteration, file.width, file.height)?;
             let using = coordinator.blobs.begin_use();
             let blob = using.put(received.bytes()).map_err(Error::from)?;
             let checkpoint = Checkpoint {

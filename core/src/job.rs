@@ -473,17 +473,32 @@ impl TaskSpec {
     /// image it optimizes (a tile's or a shard's window; for an untiled render, the output's size), the
     /// iterations of each of its scales, and the most bytes its file may take.
     pub fn checkpoint_bounds(&self) -> CheckpointBounds {
-        let (longest, iterations) = match &self.scale {
+        match &self.scale {
+            // a tile or a shard renders one scale of its window ([`ScaleTask::rect`])
+            Some(_) => CheckpointBounds {
+                longest: self.checkpoint_longest(),
+                iterations: vec![self.params.iterations],
+                max_bytes: self.max_checkpoint_bytes(),
+            },
+            None => CheckpointBounds::of_render(&self.params),
+        }
+    }
+
+    /// The most bytes a checkpoint file of the task's render may take ([`CheckpointFile::max_bytes`]):
+    /// [`TaskSpec::checkpoint_bounds`]' `max_bytes`, without the rest.
+    pub fn max_checkpoint_bytes(&self) -> u64 {
+        CheckpointFile::max_bytes(self.checkpoint_longest(), self.params.optimizer)
+    }
+
+    /// The longest side of the image the task's render optimizes: its tile's or shard's window, else the
+    /// output's size.
+    fn checkpoint_longest(&self) -> u32 {
+        match &self.scale {
             Some(t) => {
                 let r = t.rect();
-                (r.width.max(r.height), vec![self.params.iterations])
+                r.width.max(r.height)
             }
-            None => (self.params.size, self.params.iterations_per_scale()),
-        };
-        CheckpointBounds {
-            longest,
-            iterations,
-            max_bytes: CheckpointFile::max_bytes(longest, self.params.optimizer),
+            None => self.params.size,
         }
     }
 
@@ -506,6 +521,46 @@ pub struct CheckpointBounds {
     pub iterations: Vec<u32>,
     /// The most bytes its checkpoint file may take ([`CheckpointFile::max_bytes`]).
     pub max_bytes: u64,
+}
+
+impl CheckpointBounds {
+    /// The bounds of a render of `params` (as the engine gets it: a tile's params are its window's, one
+    /// scale).
+    pub fn of_render(params: &RenderParams) -> CheckpointBounds {
+        CheckpointBounds {
+            longest: params.size,
+            iterations: params.iterations_per_scale(),
+            max_bytes: CheckpointFile::max_bytes(params.size, params.optimizer),
+        }
+    }
+
+    /// Checks a checkpoint's scale (1-based), iteration and size against the bounds; the error names
+    /// `checkpoint` and says what is out of them.
+    pub fn check(&self, scale: u32, iteration: u32, width: u32, height: u32) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::invalid("checkpoint", m));
+        let Some(&n) = (scale as usize)
+            .checked_sub(1)
+            .and_then(|s| self.iterations.get(s))
+        else {
+            return bad(format!(
+                "of scale {scale}: the task's render has {} scale(s)",
+                self.iterations.len()
+            ));
+        };
+        if iteration >= n {
+            return bad(format!(
+                "at iteration {iteration}: scale {scale} has {n} iterations (a checkpoint is of an \
+                 image before the last)"
+            ));
+        }
+        if width.max(height) > self.longest {
+            return bad(format!(
+                "a {width} x {height} image: the task's is at most {} px a side",
+                self.longest
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A task as a worker receives it under a lease: which task, and what to render.
@@ -1181,6 +1236,45 @@ mod tests {
 
     /// A limit on the workers a job runs on is refused for exact mode, whose shards must run together on
     /// as many workers as are present; any other kind takes it.
+    /// A render's checkpoint bounds: its scales' iterations and its size; a checkpoint out of them is
+    /// refused naming `checkpoint`.
+    #[test]
+    fn a_checkpoint_out_of_a_render_s_bounds_is_refused() {
+        let params = RenderParams {
+            size: 64,
+            scales: 2,
+            iterations: 20,
+            ..RenderParams::default()
+        };
+        let bounds = CheckpointBounds::of_render(&params);
+        assert_eq!(
+            (bounds.longest, bounds.iterations.clone()),
+            (64, vec![20, 10])
+        );
+        assert!(bounds.check(2, 9, 64, 48).is_ok());
+        let err = |scale, iteration, width| {
+            bounds
+                .check(scale, iteration, width, 48)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(3, 0, 64),
+            "checkpoint: of scale 3: the task's render has 2 scale(s)"
+        );
+        assert_eq!(
+            err(0, 0, 64),
+            "checkpoint: of scale 0: the task's render has 2 scale(s)"
+        );
+        assert!(
+            err(2, 10, 64).starts_with("checkpoint: at iteration 10: scale 2 has 10 iterations")
+        );
+        assert_eq!(
+            err(1, 5, 65),
+            "checkpoint: a 65 x 48 image: the task's is at most 64 px a side"
+        );
+    }
+
     #[test]
     fn max_workers_is_refused_for_exact_mode_only() {
         let limited = |kind| JobSpec {

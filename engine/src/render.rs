@@ -8,6 +8,7 @@ use std::time::Instant;
 use image::{Rgb32FImage, RgbImage};
 use stylefarm_core::checkpoint::{AdamMoments, CheckpointFile};
 use stylefarm_core::imaging;
+use stylefarm_core::job::CheckpointBounds;
 use stylefarm_core::{ImageSize, Init, Optimizer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
@@ -276,8 +277,9 @@ pub struct Snapshots<'a> {
 
 /// A render's checkpoints ([`stylefarm_core::checkpoint`]): the one it starts from, and where it saves
 /// new ones. A checkpoint that does not fit the render (of another scale size, a scale or iteration it
-/// does not have, other weights' preprocessing) is ignored with a warning: the render starts from the
-/// beginning. A shard of an exact-mode scale neither resumes nor saves.
+/// does not have, other weights' preprocessing: [`CheckpointBounds::check`] and more) is ignored with a
+/// warning: the render starts from the beginning. A shard of an exact-mode scale neither resumes nor
+/// saves.
 pub struct Checkpointing<'a> {
     /// The checkpoint to start from: the render skips the scales before its scale and starts that one
     /// from its image at its iteration; Adam from its moments (it goes on as it would have), L-BFGS
@@ -488,19 +490,16 @@ impl Engine {
         checkpointing: Option<&mut Checkpointing<'_>>,
     ) -> Option<CheckpointFile> {
         let file = checkpointing?.resume.take()?;
-        let params = &job.params;
-        let (sizes, iterations) = (params.sizes_per_scale(), params.iterations_per_scale());
         let scale = file.scale as usize;
         let preprocessing = self.vgg().preprocessing().name();
-        let unfit = if job.shard.is_some() {
-            Some("a shard of an exact-mode scale starts with its group".to_string())
-        } else if scale == 0 || scale > sizes.len() {
-            Some(format!("the render has {} scale(s)", sizes.len()))
-        } else if file.iteration >= iterations[scale - 1] {
-            Some(format!(
-                "scale {scale} has {} iterations",
-                iterations[scale - 1]
-            ))
+        // the scale, iteration and size as the coordinator checks them, then what only the engine knows
+        let unfit = if let Err(e) = CheckpointBounds::of_render(&job.params).check(
+            file.scale,
+            file.iteration,
+            file.width,
+            file.height,
+        ) {
+            Some(e.to_string())
         } else if file.preprocessing != preprocessing {
             Some(format!("these weights' preprocessing is {preprocessing}"))
         } else if [
@@ -514,8 +513,8 @@ impl Engine {
         {
             Some("its values are not 3 x height x width".to_string())
         } else {
-            let (w, h) =
-                imaging::working_size(job.content.width(), job.content.height(), sizes[scale - 1]);
+            let longest = job.params.sizes_per_scale()[scale - 1];
+            let (w, h) = imaging::working_size(job.content.width(), job.content.height(), longest);
             ((w, h) != (file.width, file.height))
                 .then(|| format!("the render's scale {scale} is {w} x {h}"))
         };
@@ -586,10 +585,11 @@ impl Engine {
         let sizes = params.sizes_per_scale();
         let iterations = params.iterations_per_scale();
         let scales = sizes.len() as u32;
-        let mut resume = self.resume_from(job, checkpointing.as_mut());
+        // a shard of an exact-mode scale starts with its group, from the beginning, and saves nothing
         if job.shard.is_some() {
             checkpointing = None;
         }
+        let mut resume = self.resume_from(job, checkpointing.as_mut());
         let mut x: Option<Tensor> = None;
         for (s, (&longest, &n)) in sizes.iter().zip(&iterations).enumerate() {
             // the scales before a checkpoint's are done
