@@ -14,8 +14,8 @@ use stylefarm_coordinator::blobs::S3Server;
 use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    is, job, path, shared_image, stylefarm, submit, tubingen_x_starry, wait_for, wait_iteration,
-    wait_job, wait_registered, wait_state, Cluster,
+    is, job, path, shared_image, stylefarm, submit, task_log, tubingen_x_starry, wait_for,
+    wait_iteration, wait_job, wait_registered, wait_state, Cluster,
 };
 use tonic::Code;
 
@@ -374,6 +374,27 @@ async fn failing_every_task(backend: Backend) {
         failures, 3,
         "blocklisted after three strikes: no fourth lease"
     );
+    // the first task's log: the bad worker's failed attempts, with its lines (the failure's sent with
+    // FailTask), then the good one's
+    let attempts = task_log(&cluster, &id, 0);
+    let (failed, succeeded) = attempts.split_at(attempts.len() - 1);
+    assert!(!failed.is_empty(), "{attempts:#?}");
+    for (head, lines) in failed {
+        assert!(
+            head.contains("\tbad#") && head.contains("\tfailed: ") && head.contains("bad worker"),
+            "{head}"
+        );
+        assert!(
+            lines.contains("INFO rendering") && lines.contains("WARN task failed"),
+            "{lines}"
+        );
+    }
+    let (head, lines) = &succeeded[0];
+    assert!(
+        head.contains("\tgood#") && head.ends_with("\tsucceeded"),
+        "{head}"
+    );
+    assert!(lines.contains("INFO rendered"), "{lines}");
     let strikes: Vec<(&String, &u32)> = done.strikes.iter().collect();
     assert!(
         strikes.len() == 1 && strikes[0].0.starts_with("bad") && *strikes[0].1 == 3,
@@ -526,6 +547,30 @@ async fn resumed_from_a_checkpoint(backend: Backend) {
         "{resumed}, after {seen:?}"
     );
     assert!(!log.contains("the checkpoint does not fit"), "{log}");
+    // the task's log: the killed worker's attempt, with what its heartbeats brought, then the other's
+    let attempts = task_log(&cluster, &id, 0);
+    assert_eq!(attempts.len(), 2, "{attempts:#?}");
+    let (head, lines) = &attempts[0];
+    assert!(
+        head.starts_with("attempt 1\tdoomed") && head.ends_with("lease expired (worker lost)"),
+        "{head}"
+    );
+    assert!(
+        lines.contains("INFO rendering label=") && lines.contains("INFO checkpoint saved"),
+        "{lines}"
+    );
+    let (head, lines) = &attempts[1];
+    assert!(
+        head.starts_with("attempt 2\tother") && head.ends_with("succeeded"),
+        "{head}"
+    );
+    for line in [
+        "resuming from the task's checkpoint",
+        "INFO progress scale=2/2 iteration=60/60",
+        "INFO rendered engine_s=",
+    ] {
+        assert!(lines.contains(line), "{line} in {lines}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -111,6 +111,16 @@ async fn render_calls(
         "GetJob",
         code(rpc.get_job(pb::GetJobRequest { job_id: id() }).await),
     ));
+    out.push((
+        "GetTaskLog",
+        code(
+            rpc.get_task_log(pb::GetTaskLogRequest {
+                job_id: id(),
+                index: 0,
+            })
+            .await,
+        ),
+    ));
     // listing succeeds for every client, but shows only its own jobs: alice's job missing is NOT_FOUND here
     let listed = rpc
         .list_jobs(pb::ListJobsRequest::default())
@@ -268,6 +278,7 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
                 lease_id: "lease-nope".into(),
                 error: "matrix".into(),
                 kind: pb::FailureKind::Transient as i32,
+                log: None,
             })
             .await,
         ),
@@ -325,17 +336,20 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let image = spec.contents[0].clone();
 
     use Code::*;
-    let render_expected = |caller: &str| -> [Code; 14] {
+    let render_expected = |caller: &str| -> [Code; 15] {
         match caller {
-            "none" => [Unauthenticated; 14],
-            "worker" => [PermissionDenied; 14],
-            "alice" => [Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, NotFound],
+            "none" => [Unauthenticated; 15],
+            "worker" => [PermissionDenied; 15],
+            "alice" => [
+                Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, NotFound,
+            ],
             // another tenant: its own uploads and jobs; alice's job is not found, not even listed; images
             // are content-addressed, readable by any client that knows the hash; the workers are listed,
             // not drained (not the operator)
             "bob" => [
                 Ok,
                 Ok,
+                NotFound,
                 NotFound,
                 NotFound,
                 NotFound,

@@ -345,6 +345,24 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     )
     .await;
     assert_eq!(answer.code, 404, "another tenant's: {}", answer.body);
+    // the first scale's task's log, as text: its attempt, with its worker's lines
+    let log = format!("/api/jobs/{id}/tasks/0/log");
+    let answer = http(&addr, "GET", &log, &[&client_auth], "").await;
+    assert_eq!(answer.code, 200, "{}", answer.body);
+    assert!(
+        answer.head.contains("content-type: text/plain"),
+        "{}",
+        answer.head
+    );
+    let first = answer.body.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("attempt 1\t") && first.ends_with("\tsucceeded"),
+        "{}",
+        answer.body
+    );
+    assert!(answer.body.contains(" INFO rendered "), "{}", answer.body);
+    let answer = http(&addr, "GET", &log, &[&other_auth], "").await;
+    assert_eq!(answer.code, 404, "another tenant's: {}", answer.body);
 
     // the workers: both, with their device, memory and health
     let workers = browser

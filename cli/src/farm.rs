@@ -14,6 +14,7 @@ use stylefarm_coordinator::auth::{AuthConfig, TlsConfig, WorkerToken};
 use stylefarm_coordinator::{BlobsConfig, StoreConfig};
 use stylefarm_core::job::{parse_sweep, JobKind, Video, MAX_ATTEMPTS};
 use stylefarm_core::params::ParamArgs;
+use stylefarm_core::task_log::AttemptLog;
 use stylefarm_core::tiling::{self, Tiling};
 use stylefarm_proto::pb;
 use tokio_stream::StreamExt;
@@ -899,6 +900,28 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
                 t.error
             );
         }
+        Ok(())
+    })
+}
+
+/// The arguments of `log`.
+#[derive(Args)]
+pub(crate) struct LogArgs {
+    #[command(flatten)]
+    job: JobRef,
+    /// The task's index, as `stylefarm status` lists it.
+    #[arg(default_value_t = 0)]
+    task: u32,
+}
+
+/// Prints a task's log: for each of its last attempts, a line with its number, worker, start (UTC), how
+/// long it ran and how it ended, then its worker's lines, indented.
+pub(crate) fn log(args: LogArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&args.job.connect).await?;
+        let log = client.task_log(&args.job.job_id, args.task).await?;
+        let attempts: Vec<AttemptLog> = log.attempts.into_iter().map(Into::into).collect();
+        print!("{}", stylefarm_core::task_log::text(&attempts));
         Ok(())
     })
 }

@@ -71,8 +71,11 @@ fn init_tracing(
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_otlp::WithExportConfig as _;
     use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STYLEFARM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // each layer its own filter: the logs and the spans as STYLEFARM_LOG says, a task's log its own
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("STYLEFARM_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    };
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match cli.log_format {
         // colours only on a terminal: log files stay greppable
@@ -101,10 +104,18 @@ fn init_tracing(
     }
     let provider = provider.build();
     let spans = tracing_opentelemetry::layer().with_tracer(provider.tracer("stylefarm"));
+    // each task's events, for its log (the worker's commands)
+    #[cfg(feature = "engine")]
+    let task_logs = {
+        use stylefarm_worker::task_log::TaskLogLayer;
+        TaskLogLayer.with_filter(TaskLogLayer::filter())
+    };
+    #[cfg(not(feature = "engine"))]
+    let task_logs = tracing_subscriber::layer::Identity::new();
     tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
-        .with(spans)
+        .with(logs.with_filter(filter()))
+        .with(spans.with_filter(filter()))
+        .with(task_logs)
         .init();
     Ok(provider)
 }
@@ -135,6 +146,8 @@ enum Command {
     Watch(farm::WatchArgs),
     /// Show a job and its tasks.
     Status(farm::JobRef),
+    /// Show a task's log: what its worker logged in each of its last attempts, and how each ended.
+    Log(farm::LogArgs),
     /// List jobs, newest first.
     List(farm::ListArgs),
     /// Download a finished job's results.
@@ -224,6 +237,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => farm::submit(*args),
         Command::Watch(args) => farm::watch(args),
         Command::Status(args) => farm::status(args),
+        Command::Log(args) => farm::log(args),
         Command::List(args) => farm::list(args),
         Command::Fetch(args) => farm::fetch(args),
         Command::Workers(args) => farm::workers(args),

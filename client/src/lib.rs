@@ -427,6 +427,19 @@ impl FarmClient {
             .into_inner())
     }
 
+    /// The log of task `index` of a job (GetTaskLog): its last ended attempts, oldest first, then the
+    /// running one, if any.
+    pub async fn task_log(&mut self, job_id: &JobId, index: u32) -> Result<pb::TaskLog> {
+        Ok(self
+            .rpc
+            .get_task_log(pb::GetTaskLogRequest {
+                job_id: job_id.to_string(),
+                index,
+            })
+            .await?
+            .into_inner())
+    }
+
     /// The newest `limit` jobs (0: all) in `states` (all when empty), newest first, fetched a page
     /// (ListJobs) at a time.
     pub async fn list(

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use stylefarm_core::checkpoint::Checkpoint;
 use stylefarm_core::ids::{ImageHash, JobId, WorkerId};
 use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
+use stylefarm_core::task_log::{AttemptLog, KEPT_ATTEMPTS};
 
 /// Job states, as on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +199,25 @@ pub struct TaskRecord {
     /// attempt starts from it. Dropped once the task succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// The logs of its last [`KEPT_ATTEMPTS`] ended attempts, oldest first (the task log); shared, so that
+    /// a view or a write of the record does not copy them.
+    #[serde(default, skip_serializing_if = "no_logs")]
+    pub logs: std::sync::Arc<Vec<AttemptLog>>,
+}
+
+impl TaskRecord {
+    /// Keeps `attempt`'s log, and of the earlier ones the latest, [`KEPT_ATTEMPTS`] in all.
+    pub fn keep_log(&mut self, attempt: AttemptLog) {
+        let logs = std::sync::Arc::make_mut(&mut self.logs);
+        logs.push(attempt);
+        let extra = logs.len().saturating_sub(KEPT_ATTEMPTS);
+        logs.drain(..extra);
+    }
+}
+
+/// Whether a task has no attempt's log (serde leaves the field out of its record).
+fn no_logs(logs: &std::sync::Arc<Vec<AttemptLog>>) -> bool {
+    logs.is_empty()
 }
 
 /// The indices of the tasks that a new plan replaced, of a job's `tasks` in index order: tasks of a
@@ -246,6 +266,7 @@ impl TaskRecord {
             out_of_memory_bytes: 0,
             struck: Vec::new(),
             checkpoint: None,
+            logs: Default::default(),
         }
     }
 }

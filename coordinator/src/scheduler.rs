@@ -11,6 +11,7 @@ use stylefarm_core::checkpoint::Checkpoint;
 use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
+use stylefarm_core::task_log::{clip_line, AttemptLog, LogLines};
 use stylefarm_core::Init;
 use tokio::sync::{broadcast, Notify};
 
@@ -234,6 +235,24 @@ struct LeaseInfo {
     group_failure_owed: bool,
     /// The device memory of its worker when it asked, in bytes (0: unknown).
     memory_bytes: u64,
+    /// Which attempt at its task it is ([`TaskRecord::attempts`] once leased).
+    attempt: u32,
+    /// The lines its worker logged so far ([`Scheduler::append_log`]): kept with the task when the
+    /// attempt ends ([`log_attempt`]).
+    log: LogLines,
+}
+
+/// Ends `lease`'s attempt in the logs of `task` (its task) with `outcome`, taking the lines its worker
+/// logged.
+fn log_attempt(task: &mut TaskRecord, lease: &mut LeaseInfo, outcome: &str) {
+    task.keep_log(AttemptLog {
+        attempt: lease.attempt,
+        worker: lease.worker.clone(),
+        started_ms: lease.leased_ms,
+        ended_ms: now_ms(),
+        outcome: clip_line(outcome),
+        log: std::mem::take(&mut lease.log),
+    });
 }
 
 struct Job {
@@ -309,11 +328,13 @@ fn replace_tasks(
         .expect("a job being planned again exists");
     let mut ops = Vec::new();
     for &index in current {
+        let task = &mut job.tasks[index as usize];
         if let Some(lease_id) = job.leases.remove(&index) {
-            st.leases.remove(&lease_id);
+            if let Some(mut lease) = st.leases.remove(&lease_id) {
+                log_attempt(task, &mut lease, &format!("replaced: {reason}"));
+            }
         }
         st.queue.remove(&job.meta, index);
-        let task = &mut job.tasks[index as usize];
         set_task_state(&mut st.tally, task, TaskState::Cancelled);
         task.result = None;
         task.checkpoint = None;
@@ -1200,6 +1221,18 @@ pub enum FailureKind {
     Group,
 }
 
+impl FailureKind {
+    /// How an attempt that failed so ended, for its log ([`TaskRecord::logs`]).
+    fn ended(self) -> &'static str {
+        match self {
+            FailureKind::Retryable => "failed",
+            FailureKind::Permanent => "failed on its input",
+            FailureKind::OutOfMemory => "ran out of device memory",
+            FailureKind::Group => "failed with its group",
+        }
+    }
+}
+
 /// Distinct workers that must report the same [`FailureKind::Permanent`] error before a task fails without
 /// waiting for its attempts to run out.
 pub const PERMANENT_CONFIRMATIONS: usize = 2;
@@ -1620,6 +1653,7 @@ impl Scheduler {
         set_task_state(&mut st.tally, task, TaskState::Running);
         task.attempts += 1;
         task.worker = worker.clone();
+        let task_attempt = task.attempts;
         // not written to the store: a restart sends running tasks back to the queue anyway, and the attempt
         // is recorded with the task's outcome (one fsync a task instead of two)
         let spec = task.spec.clone();
@@ -1645,6 +1679,8 @@ impl Scheduler {
                 preview: None,
                 group_failure_owed: false,
                 memory_bytes: memory.own,
+                attempt: task_attempt,
+                log: LogLines::default(),
             },
         );
         if starts_group {
@@ -1899,12 +1935,33 @@ impl Scheduler {
         lease_id: &LeaseId,
         result: &ImageHash,
     ) -> Result<Option<Completed>, SchedulerError> {
+        self.complete_with_log(lease_id, result, LogLines::default())
+    }
+
+    /// [`Scheduler::complete`], with the last lines its worker logged for the attempt (`log`), kept only
+    /// once the outcome is taken: a report sent again brings them again.
+    pub fn complete_with_log(
+        &self,
+        lease_id: &LeaseId,
+        result: &ImageHash,
+        log: LogLines,
+    ) -> Result<Option<Completed>, SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
-        let Some(lease) = Self::take_lease(&mut st, lease_id) else {
+        let Some(mut lease) = Self::take_lease(&mut st, lease_id) else {
             return Ok(None);
         };
+        lease.log.append(log);
         if lease.cancel {
+            if let Some(job) = st.jobs.get_mut(&lease.job_id) {
+                let task = &mut job.tasks[lease.index as usize];
+                log_attempt(task, &mut lease, "cancelled: its result discarded");
+                // the log only: not waited for
+                drop(
+                    self.store
+                        .write(vec![Op::Task(job.meta.id.clone(), task.clone())]),
+                );
+            }
             return Ok(None);
         }
         self.metrics
@@ -1917,6 +1974,7 @@ impl Scheduler {
             .expect("leased job exists");
         let task = &mut job.tasks[lease.index as usize];
         set_task_state(&mut state.tally, task, TaskState::Succeeded);
+        log_attempt(task, &mut lease, "succeeded");
         task.result = Some(result.clone());
         // its result is what the checkpoint was kept for
         let dropped_checkpoint = task.checkpoint.take();
@@ -1968,19 +2026,136 @@ impl Scheduler {
         error: &str,
         kind: FailureKind,
     ) -> Result<(), SchedulerError> {
+        self.fail_with_log(lease_id, error, kind, LogLines::default())
+    }
+
+    /// [`Scheduler::fail`], with the last lines its worker logged for the attempt (`log`), kept only once
+    /// the failure is taken.
+    pub fn fail_with_log(
+        &self,
+        lease_id: &LeaseId,
+        error: &str,
+        kind: FailureKind,
+        log: LogLines,
+    ) -> Result<(), SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
-        let Some(lease) = Self::take_lease(&mut st, lease_id) else {
+        let Some(mut lease) = Self::take_lease(&mut st, lease_id) else {
             return Ok(());
         };
+        lease.log.append(log);
+        let outcome = if lease.cancel {
+            "cancelled".to_string()
+        } else {
+            format!("{}: {error}", kind.ended())
+        };
         let mut ops = Vec::new();
-        self.fail_task(&mut st, &lease, error, kind, &mut ops)?;
+        Self::end_attempt(&mut st, &mut lease, &outcome, &mut ops, |st, lease, ops| {
+            self.fail_task(st, lease, error, kind, ops)
+        })?;
         let durable = self.store.write(ops);
         drop(st);
         store::wait(durable)?;
         self.work.notify_waiters();
         self.changed(&lease.job_id);
         Ok(())
+    }
+
+    /// Ends a lease's attempt that did not succeed: logs it with `outcome` ([`log_attempt`]), then applies
+    /// `fail` (the failure), and writes the task's record even where `fail` did not (a job that ended).
+    fn end_attempt(
+        st: &mut State,
+        lease: &mut LeaseInfo,
+        outcome: &str,
+        ops: &mut Vec<Op>,
+        fail: impl FnOnce(&mut State, &LeaseInfo, &mut Vec<Op>) -> Result<(), SchedulerError>,
+    ) -> Result<(), SchedulerError> {
+        if let Some(task) = st
+            .jobs
+            .get_mut(&lease.job_id)
+            .and_then(|j| j.tasks.get_mut(lease.index as usize))
+        {
+            log_attempt(task, lease, outcome);
+        }
+        let before = ops.len();
+        fail(st, lease, ops)?;
+        if ops.len() == before {
+            if let Some(job) = st.jobs.get(&lease.job_id) {
+                let task = job.tasks[lease.index as usize].clone();
+                ops.push(Op::Task(job.meta.id.clone(), task));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends lines that a lease's worker (`worker`, by name: as [`Scheduler::heartbeat`] takes its
+    /// progress) logged to the lease's attempt ([`TaskRecord::logs`] once it ends); lines for a lease no
+    /// longer held, or from another worker, are dropped.
+    pub fn append_log(&self, lease_id: &LeaseId, worker: &WorkerId, lines: LogLines) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap();
+        if let Some(lease) = st
+            .leases
+            .get_mut(lease_id)
+            .filter(|l| l.worker.by_name() == worker.by_name())
+        {
+            lease.log.append(lines);
+        }
+    }
+
+    /// Ends a lease being cancelled (its job ended) whose worker reports a result anyway, which is
+    /// discarded: its attempt is logged as cancelled, with `log`, and the lease no longer waits to lapse.
+    /// Nothing for a lease that is not being cancelled, or no longer held.
+    pub fn end_cancelled(&self, lease_id: &LeaseId, log: LogLines) {
+        let mut st = self.state.lock().unwrap();
+        if !st.leases.get(lease_id).is_some_and(|l| l.cancel) {
+            return;
+        }
+        let Some(mut lease) = Self::take_lease(&mut st, lease_id) else {
+            return;
+        };
+        lease.log.append(log);
+        if let Some(job) = st.jobs.get_mut(&lease.job_id) {
+            let task = &mut job.tasks[lease.index as usize];
+            log_attempt(task, &mut lease, "cancelled: its result discarded");
+            // the log only: not waited for
+            drop(
+                self.store
+                    .write(vec![Op::Task(job.meta.id.clone(), task.clone())]),
+            );
+        }
+        drop(st);
+        self.changed(&lease.job_id);
+    }
+
+    /// The logs of task `index` of job `job_id`: its last ended attempts' ([`TaskRecord::logs`]), oldest
+    /// first, then the running one's, if any (`ended_ms` 0, no outcome).
+    pub fn task_log(&self, job_id: &JobId, index: u32) -> Result<Vec<AttemptLog>, SchedulerError> {
+        let st = self.state.lock().unwrap();
+        let job = st
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        let Some(task) = job.tasks.get(index as usize) else {
+            return Err(stylefarm_core::Error::invalid(
+                "index",
+                format!("{index}: job {job_id} has {} tasks", job.tasks.len()),
+            )
+            .into());
+        };
+        let mut logs = task.logs.as_ref().clone();
+        let running = job.leases.get(&index).and_then(|id| st.leases.get(id));
+        logs.extend(running.map(|lease| AttemptLog {
+            attempt: lease.attempt,
+            worker: lease.worker.clone(),
+            started_ms: lease.leased_ms,
+            ended_ms: 0,
+            outcome: String::new(),
+            log: lease.log.clone(),
+        }));
+        Ok(logs)
     }
 
     /// Applies a failure to the state; the writes it needs go to `ops`.
@@ -2841,8 +3016,11 @@ impl Scheduler {
             // a new task, as at submission, but for its checkpoint: it starts from there
             set_task_state(&mut st.tally, task, TaskState::Pending);
             let checkpoint = task.checkpoint.take();
+            // and for its logs: why it failed before stays readable
+            let logs = std::mem::take(&mut task.logs);
             *task = TaskRecord {
                 checkpoint,
+                logs,
                 ..TaskRecord::pending(index, task.spec.clone())
             };
             ops.push(Op::Task(job_id.clone(), task.clone()));
@@ -2966,7 +3144,10 @@ impl Scheduler {
                     "no progress for {secs:.0} s on its worker (the coordinator's --task-stall-secs)"
                 )
             };
-            self.fail_task(&mut st, &lease, &reason, FailureKind::Retryable, &mut ops)?;
+            let mut lease = lease;
+            Self::end_attempt(&mut st, &mut lease, &reason, &mut ops, |st, lease, ops| {
+                self.fail_task(st, lease, &reason, FailureKind::Retryable, ops)
+            })?;
             jobs.push(lease.job_id);
         }
         let durable = self.store.write(ops);
@@ -3440,6 +3621,114 @@ mod tests {
         s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
         assert_eq!(s.set_priority(&done, 9).unwrap(), JobState::Succeeded);
         assert_eq!(s.get(&done).unwrap().meta.spec.priority, 0);
+    }
+
+    /// A task's log: each attempt with its worker, its lines and how it ended, the running one included;
+    /// the last [`stylefarm_core::task_log::KEPT_ATTEMPTS`], each bounded whatever its worker sends; kept
+    /// by a restart; an expired lease's attempt says so, with the lines its heartbeats brought.
+    #[test]
+    fn a_task_keeps_its_last_attempts_logs_each_bounded() {
+        use stylefarm_core::task_log::{KEPT_ATTEMPTS, MAX_ATTEMPT_BYTES};
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let job = submit_as(
+            &s,
+            "",
+            JobSpec {
+                max_attempts: 10,
+                ..batch(1, 0)
+            },
+        );
+        let lines = |text: &str| LogLines {
+            lines: vec![text.to_string()],
+            left_out: 0,
+        };
+        for i in 1..=4 {
+            let worker = w(&format!("w{i}"));
+            let l = s.lease(&worker).unwrap().unwrap();
+            s.append_log(&l.lease_id, &worker, lines(&format!("line {i}")));
+            // another worker that knows the lease's id adds nothing
+            s.append_log(&l.lease_id, &w("intruder"), lines("forged"));
+            let running = s.task_log(&job, 0).unwrap().pop().unwrap();
+            assert_eq!(
+                (running.attempt, running.ended_ms, running.outcome.as_str()),
+                (i, 0, "")
+            );
+            assert_eq!(running.log.lines, [format!("line {i}")]);
+            s.fail_with_log(
+                &l.lease_id,
+                &format!("boom {i}"),
+                FailureKind::Retryable,
+                lines("task failed"),
+            )
+            .unwrap();
+            // a lease that ended takes no more lines
+            s.append_log(&l.lease_id, &worker, lines("late"));
+        }
+        let logs = s.task_log(&job, 0).unwrap();
+        assert_eq!(logs.len(), KEPT_ATTEMPTS);
+        let last = logs.last().unwrap();
+        assert_eq!(
+            (last.attempt, last.worker.as_str(), last.outcome.as_str()),
+            (4, "w4", "failed: boom 4")
+        );
+        assert_eq!(last.log.lines, ["line 4", "task failed"]);
+        assert!(last.ended_ms >= last.started_ms && last.started_ms > 0);
+        // a worker's flood of lines is bounded
+        let l = s.lease(&w("w5")).unwrap().unwrap();
+        let flood = LogLines {
+            lines: vec!["x".repeat(4096); 10_000],
+            left_out: 0,
+        };
+        s.complete_with_log(&l.lease_id, &hash("r"), flood)
+            .unwrap()
+            .unwrap();
+        let logs = s.task_log(&job, 0).unwrap();
+        let last = logs.last().unwrap();
+        assert_eq!((last.attempt, last.outcome.as_str()), (5, "succeeded"));
+        assert!(last.log.bytes() <= MAX_ATTEMPT_BYTES && last.log.left_out > 0);
+        // kept by a restart
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        assert_eq!(s.task_log(&job, 0).unwrap(), logs);
+        assert!(matches!(
+            s.task_log(&job, 1),
+            Err(SchedulerError::Invalid(stylefarm_core::Error::Invalid {
+                field: "index",
+                ..
+            }))
+        ));
+        // an expired lease: its heartbeats' lines, and why it ended
+        let s = scheduler(SchedulerConfig {
+            lease: Duration::from_millis(0),
+            ..Default::default()
+        });
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease(&w("lost")).unwrap().unwrap();
+        s.append_log(&l.lease_id, &w("lost"), lines("rendering"));
+        std::thread::sleep(Duration::from_millis(5));
+        s.expire().unwrap();
+        let logs = s.task_log(&job, 0).unwrap();
+        assert_eq!(logs.len(), 1);
+        assert_eq!(logs[0].outcome, "lease expired (worker lost)");
+        assert_eq!(logs[0].log.lines, ["rendering"]);
+        // a cancelled job's task whose worker reports its result anyway: ended at once, as cancelled
+        let s = scheduler(SchedulerConfig::default());
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        let l = s.lease(&w("w")).unwrap().unwrap();
+        s.end_cancelled(&l.lease_id, lines("not cancelled yet"));
+        assert_eq!(s.task_log(&job, 0).unwrap()[0].ended_ms, 0, "still running");
+        s.cancel(&job).unwrap();
+        s.end_cancelled(&l.lease_id, lines("rendered"));
+        let logs = s.task_log(&job, 0).unwrap();
+        assert_eq!(logs.len(), 1, "{logs:?}");
+        assert_eq!(logs[0].outcome, "cancelled: its result discarded");
+        assert_eq!(logs[0].log.lines, ["rendered"]);
+        assert!(s.leases().is_empty());
     }
 
     /// A task's checkpoint is recorded under its live lease only, and only for a job with checkpoints; its

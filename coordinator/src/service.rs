@@ -30,6 +30,7 @@ use crate::scheduler::{
 use crate::workers::{MAX_WORKER_ID, MAX_WORKER_TEXT};
 use crate::{blocking, Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
+use stylefarm_core::task_log::LogLines;
 use stylefarm_proto::exchange::Parts;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
@@ -656,6 +657,26 @@ impl RenderService for RenderApi {
         Ok(Response::new(pb::DeleteJobResponse {}))
     }
 
+    async fn get_task_log(
+        &self,
+        request: Request<pb::GetTaskLogRequest>,
+    ) -> Result<Response<pb::TaskLog>, Status> {
+        let tenant = auth::tenant(&request);
+        let r = request.into_inner();
+        let job_id = JobId::from(r.job_id);
+        self.coordinator.check_own(&tenant, &job_id)?;
+        let attempts = self
+            .coordinator
+            .scheduler
+            .task_log(&job_id, r.index)
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::TaskLog {
+            job_id: job_id.into(),
+            index: r.index,
+            attempts: attempts.into_iter().map(Into::into).collect(),
+        }))
+    }
+
     type DownloadResultStream = ChunkStream;
 
     async fn download_result(
@@ -846,6 +867,11 @@ impl WorkerService for WorkerApi {
                 lease_deadline_ms: 0,
             }));
         }
+        if let Some(log) = r.log {
+            self.coordinator
+                .scheduler
+                .append_log(&lease_id, &worker_id, LogLines::from(log));
+        }
         let progress = r
             .progress
             .map(TaskProgress::from)
@@ -867,6 +893,7 @@ impl WorkerService for WorkerApi {
         request: Request<Streaming<pb::CompleteTaskRequest>>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let mut lease_id = LeaseId::default();
+        let mut log = LogLines::default();
         let mut received = self.coordinator.receiving.result();
         let scheduler = &self.coordinator.scheduler;
         received
@@ -881,8 +908,14 @@ impl WorkerService for WorkerApi {
                             Some(_) => Incoming::Nothing,
                         }
                     }
-                    Some(Part::SizeBytes(_) | Part::Data(_)) if lease_id.is_empty() => {
+                    Some(Part::SizeBytes(_) | Part::Data(_) | Part::Log(_))
+                        if lease_id.is_empty() =>
+                    {
                         return Err(Error::invalid("lease_id", "missing before the result"));
+                    }
+                    Some(Part::Log(lines)) => {
+                        log.append(LogLines::from(lines));
+                        Incoming::Nothing
                     }
                     Some(Part::SizeBytes(size)) => Incoming::Size(size),
                     Some(Part::Data(d)) => Incoming::Data(d),
@@ -895,6 +928,8 @@ impl WorkerService for WorkerApi {
         }
         // looked up again: the lease may have ended while the result came
         let Some((task, tiled)) = self.coordinator.scheduler.leased_task(&lease_id) else {
+            // a lease being cancelled ends now, not when it lapses
+            self.coordinator.scheduler.end_cancelled(&lease_id, log);
             // its lease expired, or its job was cancelled or planned again: the result would be
             // discarded, so it is neither decoded nor stored
             tracing::info!(
@@ -926,7 +961,7 @@ impl WorkerService for WorkerApi {
                 .map_err(Error::from)?;
             let completed = coordinator
                 .scheduler
-                .complete(&lease, &hash)
+                .complete_with_log(&lease, &hash, log)
                 .map_err(Error::from)?;
             drop(using);
             // the task's checkpoint, kept for its next attempt, is of no more use
@@ -1083,9 +1118,10 @@ impl WorkerService for WorkerApi {
             "task failed"
         );
         let scheduler = self.coordinator.scheduler.clone();
+        let log = r.log.map(LogLines::from).unwrap_or_default();
         blocking(move || {
             scheduler
-                .fail(&lease_id, &r.error, kind)
+                .fail_with_log(&lease_id, &r.error, kind, log)
                 .map_err(Error::from)
         })
         .await?;

@@ -7,6 +7,7 @@
 //! | `GET /` | the page: jobs with their progress, each scale's preview (a tiled job's stitched scales, and its current scale's tiles as they finish, over the previous scale), thumbnails of results, cancel, pause, resume and retry buttons; workers with device, memory and health. It polls `/api/status` every second. |
 //! | `GET /api/status` | the same as JSON ([`Status`]): the caller's jobs, newest first (at most [`MAX_JOBS`]), and the workers |
 //! | `GET /api/jobs/{job_id}/tasks/{index}/preview` | a running task's latest preview, as its worker sent it (every few seconds: `--preview-secs`), a PNG of at most 256 px |
+//! | `GET /api/jobs/{job_id}/tasks/{index}/log` | a task's log as text: what its worker logged in each of its last attempts, and how each ended (`stylefarm log`) |
 //! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px rounded up to one of [`THUMBNAIL_SIZES`] (`N` from 16 to 1024, default 256) |
 //! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
 //! | `POST /api/jobs/{job_id}/retry` | runs a failed or cancelled job again (or a keep-going batch's or sweep's failed tasks while it runs), as RenderService's RetryJob does; the same header |
@@ -877,6 +878,29 @@ async fn preview(
     Ok((headers, preview.png).into_response())
 }
 
+/// A task of the caller's job: its log as text ([`stylefarm_core::task_log::text`]), as RenderService's
+/// GetTaskLog has it.
+async fn task_log(
+    State(page): State<Page>,
+    Path((job_id, index)): Path<(String, u32)>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let tenant = page.tenant(&headers)?;
+    let job_id = JobId::from(job_id);
+    page.coordinator.check_own(&tenant, &job_id)?;
+    let attempts = page
+        .coordinator
+        .scheduler
+        .task_log(&job_id, index)
+        .map_err(Error::from)?;
+    let headers = [
+        (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    Ok((headers, stylefarm_core::task_log::text(&attempts)).into_response())
+}
+
 #[derive(Deserialize)]
 struct ThumbnailQuery {
     max: Option<u32>,
@@ -1071,6 +1095,7 @@ pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
         .route("/api/jobs/{job_id}/pause", post(pause))
         .route("/api/jobs/{job_id}/resume", post(resume))
         .route("/api/jobs/{job_id}/tasks/{index}/preview", get(preview))
+        .route("/api/jobs/{job_id}/tasks/{index}/log", get(task_log))
         .with_state(page)
 }
 

@@ -7,6 +7,7 @@ pub mod job;
 pub mod memory;
 pub mod params;
 pub mod progress;
+pub mod task_log;
 pub mod tiling;
 pub mod wire;
 

@@ -11,6 +11,7 @@ use crate::job::{
 };
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
 use crate::progress::{LossTerms, TaskProgress};
+use crate::task_log::{AttemptLog, LogLines};
 use crate::tiling::{shard_rows, Rect, Tiling, DEFAULT_OVERLAP, STORED_MIN_TILE_SIZE};
 use crate::Error;
 
@@ -344,6 +345,54 @@ impl From<pb::Progress> for TaskProgress {
             } else {
                 0.0
             },
+        }
+    }
+}
+
+impl From<LogLines> for pb::TaskLogLines {
+    fn from(l: LogLines) -> Self {
+        pb::TaskLogLines {
+            lines: l.lines,
+            left_out: l.left_out,
+        }
+    }
+}
+
+impl From<pb::TaskLogLines> for LogLines {
+    /// Bounded as [`LogLines::extend`] bounds lines, whatever came: long lines cut, the earliest after the
+    /// first few left out and counted.
+    fn from(l: pb::TaskLogLines) -> Self {
+        let mut log = LogLines {
+            lines: Vec::new(),
+            left_out: l.left_out,
+        };
+        log.extend(l.lines);
+        log
+    }
+}
+
+impl From<AttemptLog> for pb::AttemptLog {
+    fn from(a: AttemptLog) -> Self {
+        pb::AttemptLog {
+            attempt: a.attempt,
+            worker_id: a.worker.into(),
+            started_ms: a.started_ms,
+            ended_ms: a.ended_ms,
+            outcome: a.outcome,
+            log: Some(a.log.into()),
+        }
+    }
+}
+
+impl From<pb::AttemptLog> for AttemptLog {
+    fn from(a: pb::AttemptLog) -> Self {
+        AttemptLog {
+            attempt: a.attempt,
+            worker: a.worker_id.into(),
+            started_ms: a.started_ms,
+            ended_ms: a.ended_ms,
+            outcome: a.outcome,
+            log: a.log.map(LogLines::from).unwrap_or_default(),
         }
     }
 }

@@ -406,6 +406,24 @@ pub async fn wait_registered(cluster: &Cluster, n: usize) {
     .await;
 }
 
+/// Task `task`'s log as `stylefarm log` prints it: for each attempt, its header line (number, worker, start,
+/// duration, outcome) and its worker's lines.
+pub fn task_log(cluster: &Cluster, job_id: &str, task: u32) -> Vec<(String, String)> {
+    let (ok, out, err) = cluster.cli(&["log", job_id, &task.to_string()]);
+    assert!(ok, "log failed: {err}");
+    let mut attempts: Vec<(String, String)> = Vec::new();
+    for line in out.lines() {
+        match attempts.last_mut() {
+            Some((_, lines)) if line.starts_with("  ") => {
+                lines.push_str(line);
+                lines.push('\n');
+            }
+            _ => attempts.push((line.to_string(), String::new())),
+        }
+    }
+    attempts
+}
+
 /// Submits with the CLI; returns the job id.
 pub fn submit(cluster: &Cluster, args: &[impl AsRef<str>]) -> String {
     let args: Vec<&str> = std::iter::once("submit")

@@ -151,7 +151,13 @@ struct Request {
     cancel: Arc<AtomicBool>,
     live: Live,
     reply: oneshot::Sender<Reply>,
+    /// The task's span, entered while it renders: the engine thread's events go to the task's log.
+    span: tracing::Span,
 }
+
+/// How often a render's progress goes to the log, in iterations (neural-style's `-print_iter`); each
+/// scale's last iteration goes too.
+const LOG_EVERY_ITERATIONS: u32 = 100;
 
 /// A preview of a render's image: a PNG whose longer side is at most [`imaging::PREVIEW_SIDE`] px, of the
 /// scale being rendered (a tile's or a shard's window).
@@ -295,7 +301,6 @@ impl Resident {
         healthy(&self.engine)
     }
 
-    /// Renders one request, its style targets from (and into) the cache.
     /// Renders one request, its style targets from (and into) the cache; the image, and the evaluations
     /// made.
     fn render(&mut self, req: &Request) -> Result<(RgbImage, u32), stylefarm_engine::Error> {
@@ -312,9 +317,27 @@ impl Resident {
         }
         let cache = &mut self.cache;
         let evaluations = std::cell::Cell::new(0u32);
+        let logged = std::cell::Cell::new((0, 0));
         let mut on_progress = |p: &Progress| {
             evaluations.set(evaluations.get() + 1);
             let _ = req.live.progress.send(Some(*p));
+            let due = p.iteration == p.iterations
+                || (p.iteration > 0 && p.iteration.is_multiple_of(LOG_EVERY_ITERATIONS));
+            // once an iteration (L-BFGS evaluates some more than once)
+            if due && logged.replace((p.scale, p.iteration)) != (p.scale, p.iteration) {
+                let l = &p.losses;
+                tracing::info!(
+                    scale = format!("{}/{}", p.scale, p.scales),
+                    iteration = format!("{}/{}", p.iteration, p.iterations),
+                    size = format!("{}x{}", p.width, p.height),
+                    content_loss = l.content,
+                    style_loss = l.style,
+                    tv_loss = l.tv,
+                    total_loss = l.total,
+                    elapsed_s = p.elapsed,
+                    "progress"
+                );
+            }
             if req.cancel.load(Ordering::Relaxed) {
                 ControlFlow::Break(())
             } else {
@@ -468,6 +491,7 @@ impl EngineThread {
                 while let Ok(req) = inbox.recv() {
                     let started = Instant::now();
                     let hits = resident.cache.hits;
+                    let entered = req.span.enter();
                     let rendered =
                         std::panic::catch_unwind(AssertUnwindSafe(|| resident.render(&req)));
                     let reply = match rendered {
@@ -498,10 +522,12 @@ impl EngineThread {
                             // refuse further requests before answering this one: a render sent after
                             // the answer finds the thread gone and is answered as lost at once
                             drop(inbox);
+                            drop(entered);
                             let _ = req.reply.send(reply);
                             return;
                         }
                     }
+                    drop(entered);
                     let _ = req.reply.send(reply);
                 }
             })
@@ -537,6 +563,7 @@ impl EngineThread {
             cancel,
             live,
             reply,
+            span: tracing::Span::current(),
         }) {
             let why = self.lost().unwrap_or(Unhealthy::Stopped);
             let _ = req.reply.send(Err(RenderError::Lost(why)));

@@ -4,6 +4,7 @@ mod device;
 mod engine_thread;
 mod exchange;
 pub mod metrics;
+pub mod task_log;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -27,6 +28,8 @@ use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tracing::Instrument;
+
+use crate::task_log::TaskLog;
 
 pub use device::{cuda_memory_limit, gpu_total_memories, CudaMemoryLimit};
 pub use engine_thread::{
@@ -357,8 +360,8 @@ impl Failure {
         }
     }
 
-    /// The FailTask request of this failure.
-    fn request(&self, lease_id: &LeaseId) -> pb::FailTaskRequest {
+    /// The FailTask request of this failure, with the task's last lines (`log`).
+    fn request(&self, lease_id: &LeaseId, log: Option<pb::TaskLogLines>) -> pb::FailTaskRequest {
         let (error, kind) = match self {
             Failure::Input(e) => (e, pb::FailureKind::Input),
             Failure::Transient(e) => (e, pb::FailureKind::Transient),
@@ -369,6 +372,7 @@ impl Failure {
             lease_id: lease_id.to_string(),
             error: error.clone(),
             kind: kind as i32,
+            log,
         }
     }
 }
@@ -486,11 +490,12 @@ pub async fn run(
             let Some(task) = leased.task else { continue };
             let lease_id = LeaseId::new(leased.lease_id);
             let span = tracing::info_span!(
-                "task",
+                task_log::TASK_SPAN,
                 job_id = task.job_id,
                 task_id = task.index,
                 worker_id = worker_id.as_str()
             );
+            let log = TaskLog::of(&span);
             async {
                 tracing::info!(label = task.label, "rendering");
                 let leased_at = Instant::now();
@@ -508,9 +513,13 @@ pub async fn run(
                     worker_id.clone(),
                     lease_id.clone(),
                     heartbeat,
-                    (progress_rx, preview_rx),
+                    Carried {
+                        progress: progress_rx,
+                        preview: preview_rx,
+                        memory_used: memory_used.clone(),
+                        log: log.clone(),
+                    },
                     cancel.clone(),
-                    memory_used.clone(),
                 );
                 let live = Live {
                     progress: progress_tx,
@@ -550,7 +559,7 @@ pub async fn run(
                 // the task is over: a checkpoint still on its way is of no more use
                 drop(saving);
                 // a report that hangs must not keep the lease alive forever: give up, let it lapse
-                if tokio::time::timeout(REPORT_TIMEOUT, report(&mut client, &lease_id, outcome))
+                if tokio::time::timeout(REPORT_TIMEOUT, report(&mut client, &lease_id, outcome, log.as_ref()))
                     .await
                     .is_err()
                 {
@@ -582,8 +591,21 @@ async fn cancel_ignored(cancel: &AtomicBool, grace: Duration) {
     tokio::time::sleep(grace).await;
 }
 
+/// What a task's heartbeats carry besides the lease.
+struct Carried {
+    /// The render's latest progress.
+    progress: tokio::sync::watch::Receiver<Option<Progress>>,
+    /// Its latest preview: each sent once.
+    preview: tokio::sync::watch::Receiver<Option<PreviewPng>>,
+    /// The device memory in use.
+    memory_used: device::MemorySampler,
+    /// The task's lines not sent yet.
+    log: Option<TaskLog>,
+}
+
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
-/// carrying the render's latest progress and its preview when a new one came; when the coordinator answers
+/// carrying the render's latest progress, its preview when a new one came and the task's lines logged since
+/// the last beat ([`Carried`]); when the coordinator answers
 /// that the task is cancelled, sets `cancel`, which the preparation checks and the engine honours at its
 /// next iteration.
 struct Heartbeat(tokio::task::JoinHandle<()>);
@@ -594,12 +616,13 @@ impl Heartbeat {
         worker_id: WorkerId,
         lease_id: LeaseId,
         interval: Duration,
-        (mut progress, mut preview): (
-            tokio::sync::watch::Receiver<Option<Progress>>,
-            tokio::sync::watch::Receiver<Option<PreviewPng>>,
-        ),
+        Carried {
+            mut progress,
+            mut preview,
+            memory_used,
+            log,
+        }: Carried,
         cancel: Arc<AtomicBool>,
-        memory_used: device::MemorySampler,
     ) -> Heartbeat {
         Heartbeat(tokio::spawn(
             async move {
@@ -607,7 +630,9 @@ impl Heartbeat {
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     ticker.tick().await;
+                    let lines = log.as_ref().map(TaskLog::take).filter(|l| !l.is_empty());
                     let beat = pb::HeartbeatRequest {
+                        log: lines.clone().map(Into::into),
                         worker_id: worker_id.to_string(),
                         lease_id: lease_id.to_string(),
                         progress: progress
@@ -625,7 +650,14 @@ impl Heartbeat {
                         },
                     };
                     // a beat that hangs must not hold up the next ones
-                    match tokio::time::timeout(interval, client.heartbeat(beat)).await {
+                    let sent = tokio::time::timeout(interval, client.heartbeat(beat)).await;
+                    if !matches!(sent, Ok(Ok(_))) {
+                        // its lines go with the next beat
+                        if let Some((log, lines)) = log.as_ref().zip(lines) {
+                            log.put_back(lines);
+                        }
+                    }
+                    match sent {
                         Ok(Ok(r)) if r.get_ref().cancel => {
                             if !cancel.swap(true, Ordering::Relaxed) {
                                 tracing::info!("cancelled by the coordinator");
@@ -759,6 +791,7 @@ async fn run_task(
     {
         return permanent(format!("content: {bad} cannot be rendered (injected)"));
     }
+    let (preparing, downloaded_before) = (Instant::now(), cache.downloaded);
     let mut inputs = Vec::new();
     for hash in std::iter::once(&task.content).chain(&task.styles) {
         match cache.get(client, hash).await {
@@ -863,6 +896,11 @@ async fn run_task(
         Ok(Err(e)) => return permanent(e.to_string()),
         Err(e) => return Outcome::Failed(Failure::Transient(format!("preparing the task: {e}"))),
     };
+    tracing::info!(
+        prepare_s = preparing.elapsed().as_secs_f64(),
+        downloaded = cache.downloaded - downloaded_before,
+        "inputs ready"
+    );
     if let (Some(t), Some((target_block, canvas))) = (&task.scale, tile) {
         style.block = Some(target_block);
         match t.part {
@@ -929,11 +967,13 @@ async fn run_task(
 
 /// Sends the outcome to the coordinator, retrying a few times while it is away, and for as long as it asks
 /// to be sent again (busy: [`stylefarm_proto::BusyBackoff`]; the caller bounds the whole report by
-/// `REPORT_TIMEOUT`, and the heartbeat keeps the lease meanwhile).
+/// `REPORT_TIMEOUT`, and the heartbeat keeps the lease meanwhile). The task's lines not sent yet (`log`) go
+/// with it.
 async fn report(
     client: &mut WorkerServiceClient<AuthChannel>,
     lease_id: &LeaseId,
     outcome: Outcome,
+    log: Option<&TaskLog>,
 ) {
     // a result encoded once, off the async threads (a large one takes seconds)
     let report = match outcome {
@@ -960,8 +1000,15 @@ async fn report(
         }
         Outcome::Cancelled | Outcome::EngineStuck => Err(Failure::Transient("cancelled".into())),
     };
+    // the lines not sent yet, with those logged (or put back by a heartbeat that failed) before each send;
+    // the coordinator keeps them once it takes the outcome
+    let mut unsent = stylefarm_core::task_log::LogLines::default();
     let (mut attempt, mut busy) = (0u32, stylefarm_proto::BusyBackoff::default());
     while attempt < 5 {
+        if let Some(log) = log {
+            unsent.append(log.take());
+        }
+        let lines = (!unsent.is_empty()).then(|| pb::TaskLogLines::from(unsent.clone()));
         let sent = match &report {
             Ok(png) => {
                 // the size declared first: the coordinator sets it aside before any data comes
@@ -975,6 +1022,9 @@ async fn report(
                         part: Some(pb::complete_task_request::Part::SizeBytes(png.len() as u64)),
                     },
                 ];
+                parts.extend(lines.clone().map(|l| pb::CompleteTaskRequest {
+                    part: Some(pb::complete_task_request::Part::Log(l)),
+                }));
                 parts.extend(png.chunks(CHUNK_BYTES).map(|c| pb::CompleteTaskRequest {
                     part: Some(pb::complete_task_request::Part::Data(c.to_vec())),
                 }));
@@ -992,7 +1042,7 @@ async fn report(
                     })
             }
             Err(failure) => client
-                .fail_task(failure.request(lease_id))
+                .fail_task(failure.request(lease_id, lines.clone()))
                 .await
                 .map(|_| ()),
         };

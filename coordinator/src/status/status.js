@@ -8,6 +8,8 @@ const POLL_MS = 1000;
 const esc = (s) =>
   String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const image = (hash, max) => `/api/images/${encodeURIComponent(hash)}?max=${max}`;
+// a task's log (its attempts, as text)
+const taskLog = (job, t) => `/api/jobs/${encodeURIComponent(job.id)}/tasks/${t.index}/log`;
 // a running task's latest preview from its worker; `v` changes with each new one
 const livePreview = (job, t) =>
   `/api/jobs/${encodeURIComponent(job.id)}/tasks/${t.index}/preview?v=${t.preview_ms}`;
@@ -92,7 +94,7 @@ function taskRows(job) {
       return `<tr class="task ${esc(t.state)}"><td>${t.index}</td><td>${esc(t.label)}</td>
         <td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td><td>${esc(t.worker)}</td>
         <td><progress max="1" value="${t.progress}"></progress> ${progress}</td><td>${thumb}</td>
-        <td class="err">${esc(t.error)}</td></tr>`;
+        <td class="err">${esc(t.error)}  <a class="log" href="${taskLog(job, t)}" target="_blank" rel="noopener">log</a></td></tr>`;
     })
     .join("");
   const more = job.tasks.length < job.tasks_of ? `<p class="more">the first ${job.tasks.length} of ${job.tasks_of} tasks</p>` : "";

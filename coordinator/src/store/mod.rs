@@ -235,6 +235,18 @@ pub(crate) mod tests {
             scale: 2,
             iteration: 30,
         });
+        // and its attempts' logs
+        ta[0].keep_log(stylefarm_core::task_log::AttemptLog {
+            attempt: 1,
+            worker: "w1#1".into(),
+            started_ms: 1_000,
+            ended_ms: 2_000,
+            outcome: "failed: boom".into(),
+            log: stylefarm_core::task_log::LogLines {
+                lines: vec!["rendering".into(), "é ✓".into()],
+                left_out: 3,
+            },
+        });
         store.update_task(&JobId::from("job-a"), &ta[0]).unwrap();
         a.state = JobState::Running;
         a.strikes.insert("w1".into(), 2);

@@ -1,0 +1,257 @@
+//! Task logs: the lines a worker logs while it runs a task (what it downloaded, each scale's losses, its
+//! checkpoints, the error it failed with), which the coordinator keeps per attempt for the task's owner to
+//! read: Flamenco's task log, OpenCue's frame log.
+//!
+//! The limits here bound both what a worker holds before it sends and what the coordinator keeps of each
+//! attempt, whatever a worker sends: a line of at most [`MAX_LINE_BYTES`], at most [`MAX_ATTEMPT_BYTES`] and
+//! [`MAX_ATTEMPT_LINES`] lines an attempt (past either, lines after the first [`HEAD_LINES`] are left out,
+//! the earliest first, and counted), and the logs of a task's last [`KEPT_ATTEMPTS`] attempts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::WorkerId;
+
+/// The longest line kept, in bytes: a longer one is cut at a character boundary and ends with `…`.
+pub const MAX_LINE_BYTES: usize = 1024;
+/// The most bytes of lines kept of one attempt (each line counted with its newline).
+pub const MAX_ATTEMPT_BYTES: usize = 16 << 10;
+/// The most lines kept of one attempt: many short lines take more memory than their bytes.
+pub const MAX_ATTEMPT_LINES: usize = 512;
+/// The first lines of an attempt, always kept: what the attempt was. The lines left out to keep within
+/// [`MAX_ATTEMPT_BYTES`] are the earliest after these, so that how it ended stays.
+pub const HEAD_LINES: usize = 8;
+/// The attempts whose logs a task keeps: its latest.
+pub const KEPT_ATTEMPTS: usize = 3;
+
+/// Lines of a log, bounded by [`MAX_LINE_BYTES`], [`MAX_ATTEMPT_BYTES`] and [`MAX_ATTEMPT_LINES`] (see the
+/// module).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLines {
+    /// The lines kept, in the order they were logged, without newlines.
+    pub lines: Vec<String>,
+    /// How many lines were left out after the first [`HEAD_LINES`], to keep within [`MAX_ATTEMPT_BYTES`] and
+    /// [`MAX_ATTEMPT_LINES`].
+    #[serde(default)]
+    pub left_out: u32,
+}
+
+impl LogLines {
+    /// The bytes its lines count for against [`MAX_ATTEMPT_BYTES`]: each line's, and its newline.
+    pub fn bytes(&self) -> usize {
+        self.lines.iter().map(|l| l.len() + 1).sum()
+    }
+
+    /// Whether it has no line and left none out.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty() && self.left_out == 0
+    }
+
+    /// Appends `other`'s lines (each cut to [`MAX_LINE_BYTES`]) and counts its left-out ones, then leaves
+    /// out the earliest lines after the first [`HEAD_LINES`] until the rest fit the bounds.
+    pub fn append(&mut self, other: LogLines) {
+        self.left_out = self.left_out.saturating_add(other.left_out);
+        self.extend(other.lines);
+    }
+
+    /// Appends `lines` (each cut to [`MAX_LINE_BYTES`]), then leaves out the earliest lines after the first
+    /// [`HEAD_LINES`] until the rest fit [`MAX_ATTEMPT_BYTES`] and [`MAX_ATTEMPT_LINES`].
+    pub fn extend<S: AsRef<str>>(&mut self, lines: impl IntoIterator<Item = S>) {
+        let mut bytes = self.bytes();
+        for line in lines {
+            let line = clip_line(line.as_ref());
+            bytes += line.len() + 1;
+            self.lines.push(line);
+            // trimmed now and then, not at every line: a flood of lines costs linear time
+            if bytes > 2 * MAX_ATTEMPT_BYTES || self.lines.len() > 2 * MAX_ATTEMPT_LINES {
+                bytes = self.trim(bytes);
+            }
+        }
+        self.trim(bytes);
+    }
+
+    /// Leaves out the earliest lines after the first [`HEAD_LINES`] while more than [`MAX_ATTEMPT_BYTES`]
+    /// (`bytes`, their count) or [`MAX_ATTEMPT_LINES`] are kept; returns the bytes left.
+    fn trim(&mut self, mut bytes: usize) -> usize {
+        let head = HEAD_LINES.min(self.lines.len());
+        let mut end = head;
+        while (bytes > MAX_ATTEMPT_BYTES || self.lines.len() - (end - head) > MAX_ATTEMPT_LINES)
+            && end < self.lines.len()
+        {
+            bytes -= self.lines[end].len() + 1;
+            end += 1;
+        }
+        let dropped = end - head;
+        if dropped > 0 {
+            self.lines.drain(head..end);
+            self.left_out = self.left_out.saturating_add(dropped as u32);
+        }
+        bytes
+    }
+
+    /// Takes its lines and its count of those left out, leaving it empty.
+    pub fn take(&mut self) -> LogLines {
+        std::mem::take(self)
+    }
+}
+
+/// One attempt at a task, as the coordinator keeps it: its worker, when it ran, how it ended, and the lines
+/// its worker logged meanwhile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptLog {
+    /// 1 for the task's first lease, and so on (the task's attempts when it was leased).
+    pub attempt: u32,
+    /// The worker that ran it.
+    pub worker: WorkerId,
+    /// When it was leased, in ms since the Unix epoch.
+    pub started_ms: i64,
+    /// When it ended, in ms since the Unix epoch; 0 while it runs.
+    pub ended_ms: i64,
+    /// How it ended, for people ("succeeded", "failed: ...", "lease expired (worker lost)"); empty while
+    /// it runs.
+    pub outcome: String,
+    /// Its worker's lines.
+    #[serde(default)]
+    pub log: LogLines,
+}
+
+/// Attempts' logs as text, as `stylefarm log` prints them and the status page serves them: for each, a line
+/// `attempt N<TAB>worker<TAB>start (UTC)<TAB>duration or running<TAB>outcome`, then its worker's lines,
+/// indented by two spaces, with a line saying how many were left out after the first [`HEAD_LINES`]. No
+/// attempt: a line saying so.
+pub fn text(attempts: &[AttemptLog]) -> String {
+    use std::fmt::Write as _;
+    if attempts.is_empty() {
+        return "the task has not run yet\n".into();
+    }
+    let mut out = String::new();
+    for a in attempts {
+        let at =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(a.started_ms.max(0) as u64);
+        let took = match a.ended_ms {
+            0 => "running".to_string(),
+            end => format!("{:.1} s", (end - a.started_ms).max(0) as f64 / 1000.0),
+        };
+        let _ = writeln!(
+            out,
+            "attempt {}\t{}\t{}\t{took}\t{}",
+            a.attempt,
+            a.worker,
+            humantime::format_rfc3339_seconds(at),
+            a.outcome
+        );
+        let lines = &a.log.lines;
+        let head = lines.len().min(HEAD_LINES);
+        for line in &lines[..head] {
+            let _ = writeln!(out, "  {line}");
+        }
+        if a.log.left_out > 0 {
+            let _ = writeln!(out, "  … {} lines left out …", a.log.left_out);
+        }
+        for line in &lines[head..] {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+/// `line` with at most [`MAX_LINE_BYTES`] bytes: a longer one is cut at a character boundary and ends with
+/// `…`; newlines and other control characters become spaces, so that one line stays one line.
+pub fn clip_line(line: &str) -> String {
+    const ELLIPSIS: &str = "…";
+    let clean = |s: &str| s.replace(|c: char| c.is_control(), " ");
+    if line.len() <= MAX_LINE_BYTES {
+        return clean(line);
+    }
+    let mut end = MAX_LINE_BYTES - ELLIPSIS.len();
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    clean(&line[..end]) + ELLIPSIS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_line_is_cut_at_a_character_boundary_and_control_characters_become_spaces() {
+        let long = "é".repeat(MAX_LINE_BYTES);
+        let cut = clip_line(&long);
+        assert!(cut.len() <= MAX_LINE_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert_eq!(clip_line("a\nb\tc"), "a b c");
+        assert_eq!(clip_line("short"), "short");
+    }
+
+    #[test]
+    fn past_its_bytes_a_log_keeps_its_head_and_its_latest_lines_and_counts_the_rest() {
+        let mut log = LogLines::default();
+        let lines: Vec<String> = (0..10_000)
+            .map(|i| format!("line {i:05} {}", "x".repeat(90)))
+            .collect();
+        log.extend(&lines[..5_000]);
+        log.append(LogLines {
+            lines: lines[5_000..].to_vec(),
+            left_out: 7,
+        });
+        assert!(log.bytes() <= MAX_ATTEMPT_BYTES, "{}", log.bytes());
+        // many short lines: bounded by their number
+        let mut short = LogLines::default();
+        short.extend((0..10_000).map(|i| i.to_string()));
+        assert_eq!(short.lines.len(), MAX_ATTEMPT_LINES);
+        assert_eq!(short.left_out as usize, 10_000 - MAX_ATTEMPT_LINES);
+        assert_eq!(short.lines.last().map(String::as_str), Some("9999"));
+        assert_eq!(log.lines[..HEAD_LINES], lines[..HEAD_LINES]);
+        assert_eq!(log.lines.last(), lines.last());
+        let kept = log.lines.len();
+        // every line is either kept or counted
+        assert_eq!(kept + log.left_out as usize, 10_000 + 7);
+        // the kept tail is contiguous: the latest lines
+        let tail = &log.lines[HEAD_LINES..];
+        assert_eq!(tail, &lines[10_000 - tail.len()..]);
+    }
+
+    #[test]
+    fn attempts_as_text_say_who_when_how_long_and_how_they_ended() {
+        let attempt = |attempt, ended_ms, outcome: &str, left_out| AttemptLog {
+            attempt,
+            worker: WorkerId::from("w#1"),
+            started_ms: 1_764_912_000_000,
+            ended_ms,
+            outcome: outcome.into(),
+            log: LogLines {
+                lines: (0..HEAD_LINES + 1).map(|i| format!("line {i}")).collect(),
+                left_out,
+            },
+        };
+        let text = text(&[
+            attempt(1, 1_764_912_002_500, "failed: boom", 3),
+            attempt(2, 0, "", 0),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "attempt 1\tw#1\t2025-12-05T05:20:00Z\t2.5 s\tfailed: boom"
+        );
+        assert_eq!(lines[1], "  line 0");
+        assert_eq!(lines[HEAD_LINES + 1], "  … 3 lines left out …");
+        assert_eq!(lines[HEAD_LINES + 2], format!("  line {HEAD_LINES}"));
+        assert_eq!(
+            lines[HEAD_LINES + 3],
+            "attempt 2\tw#1\t2025-12-05T05:20:00Z\trunning\t"
+        );
+        assert_eq!(lines.len(), 2 * (HEAD_LINES + 2) + 1);
+        assert_eq!(super::text(&[]), "the task has not run yet\n");
+    }
+
+    #[test]
+    fn a_log_within_its_bytes_keeps_every_line() {
+        let mut log = LogLines::default();
+        log.extend(["a", "b"]);
+        log.extend(vec!["c".to_string()]);
+        assert_eq!(log.lines, ["a", "b", "c"]);
+        assert_eq!(log.left_out, 0);
+        assert_eq!(log.take().lines.len(), 3);
+        assert!(log.is_empty());
+    }
+}

@@ -1,0 +1,230 @@
+//! A task's log on the worker: the events logged while the worker runs a task (in its [`TASK_SPAN`] span,
+//! on the async threads and on the engine thread), as lines, which the worker sends the coordinator with
+//! the task's heartbeats and its outcome ([`stylefarm_core::task_log`]; `stylefarm log JOB TASK` shows
+//! them).
+//!
+//! [`TaskLogLayer`] is a `tracing_subscriber` layer that the process installs with its other logs, with a
+//! filter of its own ([`TaskLogLayer::filter`]: stylefarm's events at INFO and above, whatever the logs
+//! on stderr show); without it, a task's log holds only what the coordinator records of each attempt.
+
+use std::sync::{Arc, Mutex};
+
+use stylefarm_core::task_log::LogLines;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id};
+use tracing::{Event, Span, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+/// The name of the span the worker runs each task in: its events go to the task's log.
+pub const TASK_SPAN: &str = "task";
+
+/// The lines logged in one task's span and not sent yet, bounded as an attempt's log is
+/// ([`stylefarm_core::task_log::MAX_ATTEMPT_BYTES`]).
+#[derive(Clone, Default)]
+pub struct TaskLog(Arc<Mutex<LogLines>>);
+
+impl TaskLog {
+    /// The log of `span` (a [`TASK_SPAN`] span): `None` where no [`TaskLogLayer`] is installed, or the
+    /// span is disabled by the log filter.
+    pub fn of(span: &Span) -> Option<TaskLog> {
+        span.with_subscriber(|(id, dispatch)| {
+            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+            let span = registry.span(id)?;
+            let log = span.extensions().get::<TaskLog>().cloned();
+            log
+        })
+        .flatten()
+    }
+
+    /// Takes the lines not sent yet.
+    pub fn take(&self) -> LogLines {
+        self.lock().take()
+    }
+
+    /// Puts back `lines` that could not be sent, before those logged since.
+    pub fn put_back(&self, mut lines: LogLines) {
+        let mut log = self.lock();
+        lines.append(log.take());
+        *log = lines;
+    }
+
+    fn push(&self, line: String) {
+        self.lock().extend([line]);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogLines> {
+        // a panic while the lock was held left lines, not broken ones
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Writes the events of each [`TASK_SPAN`] span of this crate, and of the spans within it, into the span's
+/// [`TaskLog`], one line each: UTC time, level, message and fields (`2026-12-05T05:30:01.123456Z INFO
+/// rendered engine_s=1.5`).
+pub struct TaskLogLayer;
+
+impl TaskLogLayer {
+    /// What goes to a task's log: the events (and spans) of stylefarm's crates at INFO and above, not
+    /// those of its libraries (tonic, h2), whatever `STYLEFARM_LOG` sets for the logs on stderr. The layer
+    /// is installed with it as its own filter (`TaskLogLayer.with_filter(TaskLogLayer::filter())`).
+    pub fn filter() -> tracing_subscriber::filter::Targets {
+        tracing_subscriber::filter::Targets::new().with_target("stylefarm", tracing::Level::INFO)
+    }
+}
+
+impl<S> Layer<S> for TaskLogLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let meta = attrs.metadata();
+        if meta.name() == TASK_SPAN && meta.target().starts_with(env!("CARGO_CRATE_NAME")) {
+            if let Some(span) = ctx.span(id) {
+                span.extensions_mut().insert(TaskLog::default());
+            }
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let Some(scope) = ctx.event_scope(event) else {
+            return;
+        };
+        // the log taken out of the span's extensions before the line is made
+        let log = scope
+            .into_iter()
+            .find_map(|span| span.extensions().get::<TaskLog>().cloned());
+        if let Some(log) = log {
+            log.push(line(event));
+        }
+    }
+}
+
+/// An event as one line of a task's log.
+fn line(event: &Event<'_>) -> String {
+    let mut line = String::new();
+    // the time as tracing_subscriber's text logs write it (RFC 3339, UTC)
+    if SystemTime.format_time(&mut Writer::new(&mut line)).is_err() {
+        line.clear();
+    }
+    line.push(' ');
+    line.push_str(event.metadata().level().as_str());
+    let mut fields = Fields {
+        message: String::new(),
+        rest: String::new(),
+    };
+    event.record(&mut fields);
+    if !fields.message.is_empty() {
+        line.push(' ');
+        line.push_str(&fields.message);
+    }
+    line.push_str(&fields.rest);
+    line
+}
+
+/// An event's message, and its other fields as ` name=value`.
+struct Fields {
+    message: String,
+    rest: String,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            self.rest.push_str(&format!(" {}={value}", field.name()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message.push_str(&format!("{value:?}"));
+        } else {
+            self.rest.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn a_task_span_s_events_and_only_they_go_to_its_log() {
+        // as the command installs it: with its filter, beside logs that show warnings only
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_filter(tracing::level_filters::LevelFilter::WARN),
+            )
+            .with(TaskLogLayer.with_filter(TaskLogLayer::filter()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("before any task");
+            let span = tracing::info_span!(TASK_SPAN, job_id = "job-1");
+            let log = TaskLog::of(&span).expect("the task span has a log");
+            span.in_scope(|| {
+                tracing::info!(label = "content 1 x style 1", "rendering");
+                // not stylefarm's, or below INFO: left out
+                tracing::info!(target: "h2", "frame");
+                tracing::debug!("detail");
+                let inner = tracing::info_span!("download");
+                inner.in_scope(|| tracing::warn!(bytes = 12, "slow"));
+            });
+            // from another thread (as the engine thread), in the span
+            let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        let _entered = span.enter();
+                        tracing::info!(engine_s = 1.5, "rendered");
+                    })
+                });
+            });
+            tracing::info!("after the task");
+            let lines = log.take().lines;
+            assert_eq!(lines.len(), 3, "{lines:?}");
+            assert!(
+                lines[0].ends_with(" INFO rendering label=content 1 x style 1"),
+                "{}",
+                lines[0]
+            );
+            assert!(lines[1].ends_with(" WARN slow bytes=12"), "{}", lines[1]);
+            assert!(
+                lines[2].ends_with(" INFO rendered engine_s=1.5"),
+                "{}",
+                lines[2]
+            );
+            // each line starts with its UTC time
+            assert!(
+                lines[0].starts_with("20") && lines[0].contains('T'),
+                "{}",
+                lines[0]
+            );
+            assert!(log.take().is_empty());
+            // lines that could not be sent go back before the newer ones
+            span.in_scope(|| tracing::info!("newer"));
+            log.put_back(LogLines {
+                lines: vec!["older".into()],
+                left_out: 0,
+            });
+            let lines = log.take().lines;
+            assert_eq!(lines[0], "older");
+            assert!(lines[1].ends_with("newer"), "{}", lines[1]);
+        });
+    }
+
+    #[test]
+    fn without_the_layer_a_task_has_no_log() {
+        let subscriber = tracing_subscriber::registry().with(tracing_subscriber::fmt::layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(TASK_SPAN);
+            assert!(TaskLog::of(&span).is_none());
+        });
+    }
+}
