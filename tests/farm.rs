@@ -1863,17 +1863,14 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
 }
 
 /// A keep-going batch (`submit --batch --keep-going`) renders around a task that fails for good: content 1's
-/// input cannot be rendered (a fail point on the one worker, firing once: the tasks are leased in order) and
+/// input (tubingen: the tasks are labelled by their files' names) cannot be rendered (a fail point on the one worker, firing once: the tasks are leased in order) and
 /// the job allows one attempt. Its other tasks render; the job fails naming that task; `--wait --output`
 /// still writes the two results; and `retry`, while the job's results stay, runs only that task, which (the
 /// fault gone) renders.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_that() {
     let mut cluster = Cluster::start(10.0, 0.3);
-    cluster.add_worker_with_env(
-        "only",
-        &[("FAILPOINTS", "task-input=1*return(content 1 x)")],
-    );
+    cluster.add_worker_with_env("only", &[("FAILPOINTS", "task-input=1*return(tubingen x)")]);
     wait_registered(&cluster, 1).await;
     let output = cluster.dir.path().join("out");
     let (contents, style) = (
@@ -1892,15 +1889,19 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
     let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         !ok && err.contains(" failed: 1 of 3 tasks failed (2 rendered")
-            && err
-                .contains("task 0 (content 1 x style 1): content: content 1 x cannot be rendered"),
+            && err.contains(
+                "task 0 (tubingen x starry_night): content: tubingen x cannot be rendered"
+            ),
         "{out} {err}"
     );
     let job_id = out.trim();
     let written = file_names(&output);
     assert_eq!(
         written,
-        ["001_content_2_x_style_1.png", "002_content_3_x_style_1.png"]
+        [
+            "001_chelsea_x_starry_night.png",
+            "002_coffee_x_starry_night.png"
+        ]
     );
     let mut client = cluster.client().await;
     let failed = job(&mut client, job_id).await;

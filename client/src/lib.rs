@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use prost::Message;
 pub use stylefarm_core::ids::JobId;
-use stylefarm_core::job::{ImageHash, JobKind, JobSpec};
+use stylefarm_core::job::{image_name_of, ImageHash, JobKind, JobSpec};
 use stylefarm_core::{imaging, Init, RenderParams};
 use stylefarm_proto::compat::{self, DescriptorPool};
 use stylefarm_proto::connect::AuthChannel;
@@ -362,6 +362,9 @@ impl FarmClient {
             max_workers: job.max_workers,
             after: job.after.clone(),
             checkpoint_every: job.checkpoint_every,
+            // for people: a batch's labels and result files
+            content_names: job.contents.iter().map(|p| image_name_of(p)).collect(),
+            style_names: job.styles.iter().map(|p| image_name_of(p)).collect(),
         };
         spec.check_new()?;
         // before any byte is sent: a coordinator that would drop an option is told of no upload either

@@ -391,6 +391,8 @@ mod tests {
     fn spec(kind: JobKind) -> JobSpec {
         JobSpec {
             checkpoint_every: 0,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
             kind,
             contents: vec![h("c")],
             styles: vec![h("s")],

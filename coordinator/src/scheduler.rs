@@ -3539,6 +3539,8 @@ mod tests {
     fn batch(contents: u8, priority: i32) -> JobSpec {
         JobSpec {
             checkpoint_every: 0,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
             kind: JobKind::Batch,
             contents: (0..contents).map(|i| ImageHash::of(&[i])).collect(),
             styles: vec![ImageHash::of(b"style")],
@@ -5897,6 +5899,8 @@ mod tests {
         let s = scheduler(SchedulerConfig::default());
         let spec = JobSpec {
             checkpoint_every: 0,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
             kind: JobKind::Video(stylefarm_core::job::Video {
                 chunk_frames: 2,
                 frame_iterations: 0,

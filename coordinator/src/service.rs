@@ -1244,6 +1244,8 @@ mod tests {
     fn batch() -> stylefarm_core::job::JobSpec {
         stylefarm_core::job::JobSpec {
             checkpoint_every: 0,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
             kind: JobKind::Batch,
             contents: vec![ImageHash::of(b"content")],
             styles: vec![ImageHash::of(b"style")],

@@ -1156,6 +1156,8 @@ mod tests {
             max_workers: 0,
             after: Vec::new(),
             checkpoint_every: 10,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
         };
         let mut task = TaskRecord::pending(0, spec.tasks().unwrap().remove(0));
         assert_eq!(task_row(&task, None).checkpoint, None);

@@ -24,6 +24,60 @@ pub const MAX_SWEEP_VALUE_CHARS: usize = 1024;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// The most jobs a job may wait for ([`JobSpec::after`]).
 pub const MAX_AFTER: usize = 16;
+/// The longest name of a job's input image ([`JobSpec::content_names`]), in bytes.
+pub const MAX_IMAGE_NAME_BYTES: usize = 100;
+
+/// Checks a job's names of its `count` images of a kind (`field`: [`JobSpec::content_names`] or
+/// [`JobSpec::style_names`]): none, or one each, of 1 to [`MAX_IMAGE_NAME_BYTES`] bytes without control
+/// characters.
+fn check_names(field: &'static str, names: &[String], count: usize) -> Result<(), Error> {
+    if !names.is_empty() && names.len() != count {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} names for {count} images: one each, or none",
+                names.len()
+            ),
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() || name.len() > MAX_IMAGE_NAME_BYTES || name.contains(char::is_control) {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "name {}: 1 to {MAX_IMAGE_NAME_BYTES} bytes without control characters",
+                    i + 1
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The name a job gives the image of file `path` ([`JobSpec::content_names`]): its stem (`IMG_0001` for
+/// `photos/IMG_0001.jpg`), its control characters made spaces, cut to [`MAX_IMAGE_NAME_BYTES`] at a
+/// character boundary; `image` for a path without one.
+pub fn image_name_of(path: &std::path::Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().replace(char::is_control, " "))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "image".into());
+    let mut end = stem.len().min(MAX_IMAGE_NAME_BYTES);
+    while !stem.is_char_boundary(end) {
+        end -= 1;
+    }
+    stem[..end].to_string()
+}
+
+/// The name of image `i` (0-based) of a kind in a task's label: its name ([`JobSpec::content_names`]) if
+/// the job has them, else `what` and its 1-based number (`content 3`).
+fn image_name(names: &[String], i: usize, what: &str) -> String {
+    names
+        .get(i)
+        .cloned()
+        .unwrap_or_else(|| format!("{what} {}", i + 1))
+}
 /// Most tags a worker may have, or a job ask for.
 pub const MAX_TAGS: usize = 16;
 /// Longest tag, in characters.
@@ -325,6 +379,15 @@ pub struct JobSpec {
     /// coordinator receives (512 MiB).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub checkpoint_every: u32,
+    /// The contents' names, for people (their files' stems: `IMG_0001` for `photos/IMG_0001.jpg`): as many
+    /// as `contents`, or none; each 1 to [`MAX_IMAGE_NAME_BYTES`] bytes without control characters
+    /// ([`JobSpec::check_new`]). A batch's task labels are made of them (`IMG_0001 x
+    /// starry_night`; without, `content 1 x style 1`), and so are its results' file names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content_names: Vec<String>,
+    /// The styles' names, as [`JobSpec::content_names`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub style_names: Vec<String>,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -694,7 +757,11 @@ impl JobSpec {
                             content: content.clone(),
                             styles: vec![style.clone()],
                             params: params.clone(),
-                            label: format!("content {} x style {}", i + 1, j + 1),
+                            label: format!(
+                                "{} x {}",
+                                image_name(&self.content_names, i, "content"),
+                                image_name(&self.style_names, j, "style")
+                            ),
                             scale: None,
                             frame: None,
                         });
@@ -932,6 +999,8 @@ impl JobSpec {
     /// tiled job's overlap and tile size: [`Tiling::validate`] rather than the planner's
     /// [`Tiling::validate_stored`]); an error names the field.
     pub fn check_new(&self) -> Result<Vec<TaskSpec>, Error> {
+        check_names("content_names", &self.content_names, self.contents.len())?;
+        check_names("style_names", &self.style_names, self.styles.len())?;
         let tasks = self.tasks()?;
         check_tags("worker_tags", &self.worker_tags)?;
         if self.max_attempts > MAX_ATTEMPTS {
@@ -1326,6 +1395,8 @@ mod tests {
     fn spec(kind: JobKind) -> JobSpec {
         JobSpec {
             checkpoint_every: 0,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
             kind,
             contents: vec![h(1)],
             styles: vec![h(2)],
@@ -1364,6 +1435,54 @@ mod tests {
             (h(1), vec![h(4)])
         );
         assert_eq!(tasks[2].content, h(2));
+        // named by their files: the labels say which
+        let named = JobSpec {
+            content_names: vec!["IMG_0001".into(), "IMG_0002".into()],
+            style_names: vec!["starry_night".into(), "the wave".into()],
+            ..s.clone()
+        };
+        let tasks = named.check_new().unwrap();
+        assert_eq!(tasks[1].label, "IMG_0001 x the wave");
+        // styles named, contents not
+        let half = JobSpec {
+            content_names: Vec::new(),
+            ..named.clone()
+        };
+        assert_eq!(
+            half.check_new().unwrap()[2].label,
+            "content 2 x starry_night"
+        );
+        // names that are not one each, too long, empty or with control characters: refused, naming them
+        for (contents, styles, field) in [
+            (vec!["a".to_string()], vec![], "content_names"),
+            (
+                vec![],
+                vec!["x".repeat(MAX_IMAGE_NAME_BYTES + 1), "b".into()],
+                "style_names",
+            ),
+            (vec!["a".into(), String::new()], vec![], "content_names"),
+            (vec!["a".into(), "b\nc".into()], vec![], "content_names"),
+        ] {
+            let bad = JobSpec {
+                content_names: contents,
+                style_names: styles,
+                ..s.clone()
+            };
+            match bad.check_new() {
+                Err(Error::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{other:?}"),
+            }
+        }
+        // a file's name: its stem, clean and bounded
+        use std::path::Path;
+        assert_eq!(image_name_of(Path::new("photos/IMG_0001.jpg")), "IMG_0001");
+        assert_eq!(image_name_of(Path::new("a\tb.png")), "a b");
+        assert_eq!(image_name_of(Path::new("/")), "image");
+        let long = image_name_of(Path::new(&format!("{}.png", "é".repeat(100))));
+        assert!(
+            long.len() <= MAX_IMAGE_NAME_BYTES && long.starts_with('é'),
+            "{long}"
+        );
     }
 
     #[test]

@@ -233,6 +233,8 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             keep_going: s.keep_going,
             max_workers: s.max_workers,
             checkpoint_every: s.checkpoint_every,
+            content_names: s.content_names,
+            style_names: s.style_names,
             after: s
                 .after
                 .iter()
@@ -286,6 +288,8 @@ impl From<&JobSpec> for pb::JobSpec {
             max_workers: s.max_workers,
             after: s.after.iter().map(ToString::to_string).collect(),
             checkpoint_every: s.checkpoint_every,
+            content_names: s.content_names.clone(),
+            style_names: s.style_names.clone(),
         }
     }
 }
@@ -661,6 +665,8 @@ mod tests {
     fn spec() -> JobSpec {
         JobSpec {
             checkpoint_every: 0,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
             kind: JobKind::Sweep(parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap()),
             contents: vec![ImageHash::of(b"c")],
             styles: vec![ImageHash::of(b"s1"), ImageHash::of(b"s2")],
@@ -693,6 +699,14 @@ mod tests {
         };
         let wire: pb::JobSpec = (&from_job).into();
         assert_eq!(JobSpec::try_from(wire).unwrap(), from_job);
+        // the images' names
+        let named = JobSpec {
+            content_names: vec!["tubingen".into(); s.contents.len()],
+            style_names: vec!["starry night".into(); s.styles.len()],
+            ..s.clone()
+        };
+        let wire: pb::JobSpec = (&named).into();
+        assert_eq!(JobSpec::try_from(wire).unwrap(), named);
         let mut wire: pb::JobSpec = (&s).into();
         wire.after.push("job 2".into());
         let err = JobSpec::try_from(wire).unwrap_err().to_string();

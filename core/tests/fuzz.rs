@@ -1478,6 +1478,8 @@ fn fuzz_tiled_jobs() {
             // distinct hashes; the contents first
             let spec = JobSpec {
                 checkpoint_every: 0,
+                content_names: Vec::new(),
+                style_names: Vec::new(),
                 kind,
                 contents: (0..contents).map(|i| hash(i as u8)).collect(),
                 styles: (0..styles).map(|i| hash(100 + i as u8)).collect(),
@@ -1767,6 +1769,8 @@ fn fuzz_sweep_jobs() {
             }
             let spec = JobSpec {
                 checkpoint_every: 0,
+                content_names: Vec::new(),
+                style_names: Vec::new(),
                 kind: JobKind::Sweep(axes.clone()),
                 contents: vec![hash(0)],
                 styles: (0..styles).map(|i| hash(100 + i as u8)).collect(),
@@ -2165,6 +2169,8 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
         .prop_map(|(kind, contents, styles, params, unset_tiling, tweaks)| {
             let mut wire = pb::JobSpec {
                 checkpoint_every: 0,
+                content_names: Vec::new(),
+                style_names: Vec::new(),
                 kind: Some(wire_kind(&kind, unset_tiling)),
                 contents: contents.iter().map(ToString::to_string).collect(),
                 styles: (0..styles)
@@ -2218,6 +2224,8 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
             )| {
                 pb::JobSpec {
                     checkpoint_every: 0,
+                    content_names: Vec::new(),
+                    style_names: Vec::new(),
                     kind,
                     contents,
                     styles,

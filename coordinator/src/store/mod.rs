@@ -172,6 +172,8 @@ pub(crate) mod tests {
     pub(crate) fn job(id: &str, seq: u64) -> (JobMeta, Vec<TaskRecord>) {
         let spec = JobSpec {
             checkpoint_every: 10,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
             kind: JobKind::Batch,
             contents: vec![ImageHash::of(b"a"), ImageHash::of(b"b")],
             styles: vec![ImageHash::of(b"s")],
