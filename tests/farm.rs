@@ -1894,6 +1894,13 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
             ),
         "{out} {err}"
     );
+    // and before it, the failed task's last attempt's log: its worker's lines, how it ended
+    assert!(
+        err.contains("task 0 (tubingen x starry_night), its last attempt's log:\nattempt 1\tonly#")
+            && err.contains("\tfailed on its input: content: tubingen x cannot be rendered")
+            && err.contains(" INFO rendering label=tubingen x starry_night"),
+        "{err}"
+    );
     let job_id = out.trim();
     let written = file_names(&output);
     assert_eq!(

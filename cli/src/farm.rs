@@ -771,6 +771,7 @@ pub(crate) async fn wait_and_fetch(
         }
     }
     if !succeeded {
+        print_failed_logs(client, &status).await;
         bail!(
             "job {job_id} {}: {}",
             job_state_name(status.state),
@@ -778,6 +779,46 @@ pub(crate) async fn wait_and_fetch(
         );
     }
     Ok(())
+}
+
+/// The failed tasks whose last attempt's log a failed job's wait prints ([`print_failed_logs`]).
+const FAILED_LOGS_SHOWN: usize = 3;
+
+/// Prints the log of the last attempt of each of a job's first [`FAILED_LOGS_SHOWN`] failed tasks on
+/// stderr, and how to see the others': `local`'s coordinator is gone once the command returns.
+async fn print_failed_logs(client: &mut FarmClient, status: &pb::JobStatus) {
+    let job_id = JobId::from(status.job_id.clone());
+    let failed: Vec<&pb::TaskStatus> = status
+        .tasks
+        .iter()
+        .filter(|t| t.state == pb::TaskState::Failed as i32)
+        .collect();
+    for t in failed.iter().take(FAILED_LOGS_SHOWN) {
+        // a coordinator without task logs (an older one) answers an error: nothing to show
+        let Ok(log) = client.task_log(&job_id, t.index).await else {
+            continue;
+        };
+        let last: Vec<AttemptLog> = log
+            .attempts
+            .into_iter()
+            .last()
+            .map(Into::into)
+            .into_iter()
+            .collect();
+        eprint!(
+            "task {} ({}), its last attempt's log:\n{}",
+            t.index,
+            t.label,
+            stylefarm_core::task_log::text(&last)
+        );
+    }
+    if failed.len() > FAILED_LOGS_SHOWN {
+        eprintln!(
+            "{} more failed tasks: `stylefarm log {job_id} TASK` shows each one's log while the \
+             coordinator keeps the job",
+            failed.len() - FAILED_LOGS_SHOWN
+        );
+    }
 }
 
 pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {

@@ -849,6 +849,15 @@ async fn job_action<T: Send + 'static>(
     )
 }
 
+/// Job `job_id` when it is the caller's (by the token or session of `headers`); NOT_FOUND otherwise, as
+/// for a job that does not exist.
+fn callers_job(page: &Page, headers: &HeaderMap, job_id: String) -> Result<JobId, Failure> {
+    let tenant = page.tenant(headers)?;
+    let job_id = JobId::from(job_id);
+    page.coordinator.check_own(&tenant, &job_id)?;
+    Ok(job_id)
+}
+
 /// The latest preview of a running task of the caller's job, as its worker sent it (a PNG of at most 256
 /// px); NOT_FOUND once the task no longer runs, or before its first preview.
 async fn preview(
@@ -856,9 +865,7 @@ async fn preview(
     Path((job_id, index)): Path<(String, u32)>,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
-    let tenant = page.tenant(&headers)?;
-    let job_id = JobId::from(job_id);
-    page.coordinator.check_own(&tenant, &job_id)?;
+    let job_id = callers_job(&page, &headers, job_id)?;
     let preview = page
         .coordinator
         .scheduler
@@ -885,9 +892,7 @@ async fn task_log(
     Path((job_id, index)): Path<(String, u32)>,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
-    let tenant = page.tenant(&headers)?;
-    let job_id = JobId::from(job_id);
-    page.coordinator.check_own(&tenant, &job_id)?;
+    let job_id = callers_job(&page, &headers, job_id)?;
     let attempts = page
         .coordinator
         .scheduler
