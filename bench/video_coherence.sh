@@ -63,7 +63,7 @@ tmp, frames, pan = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 walls = dict(line.split() for line in open(f"{tmp}/walls"))
 load = lambda p: np.asarray(Image.open(p).convert("RGB")).astype(float)
 def outputs(clip, name):
-    if name == "batch":  # NNN_content_K_x_style_1.png, in content order
+    if name == "batch":  # NNN_<frame>_x_<style>.png, in content order
         return [load(p) for p in sorted(glob.glob(f"{tmp}/{clip}/batch/*.png"))]
     return [load(f"{tmp}/{clip}/{name}/frame-{i + 1:05d}.png") for i in range(frames)]
 def moved(clip, a, b):  # frame b's pixels and frame a's at the same scene point, by the true motion

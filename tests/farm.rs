@@ -2859,7 +2859,8 @@ async fn a_worker_drained_mid_shard_finishes_it_and_the_scale_is_not_planned_aga
 /// A client newer than its coordinator: a submit that sets an option the coordinator's descriptors lack is
 /// refused before any byte is sent, naming the field, where an older coordinator would drop it and render
 /// the job without it. The stand-in coordinator serves only server reflection, with stylefarm.v1 less
-/// RenderParams.match_colors: without the option the CLI goes on to upload (which it does not serve).
+/// RenderParams.match_colors and the images' names (JobSpec.content_names, style_names): without the option
+/// the CLI goes on to upload (which it does not serve), the batch's names left out (they are for people).
 #[tokio::test]
 async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it() {
     use prost::Message;
@@ -2868,6 +2869,11 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
     for message in set.file.iter_mut().flat_map(|f| &mut f.message_type) {
         if message.name() == "RenderParams" {
             message.field.retain(|f| f.name() != "match_colors");
+        }
+        if message.name() == "JobSpec" {
+            message
+                .field
+                .retain(|f| !["content_names", "style_names"].contains(&f.name()));
         }
     }
     let older: &'static [u8] = Box::leak(set.encode_to_vec().into_boxed_slice());
@@ -2886,6 +2892,7 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
         let out = stylefarm_tests::stylefarm()
             .args(["submit", "--coordinator", &url])
             .args(x_starry("chelsea.png", 32, 2))
+            .arg("--batch")
             .args(extra)
             .output()
             .unwrap();
@@ -2900,7 +2907,7 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
             .unwrap();
     assert!(!refused, "{err}");
     assert!(
-        err.contains("the coordinator does not know RenderParams.match_colors (26)")
+        err.contains("the coordinator does not know RenderParams.match_colors (26):")
             && err.contains("upgrade the coordinator"),
         "{err}"
     );

@@ -750,11 +750,13 @@ async fn watch_job(
 
 /// Waits for the job, fetches its results when `output` is given, and fails when the job did not succeed.
 /// A keep-going batch or sweep that failed has its rendered tasks' results (and a sweep's contact sheet)
-/// fetched before the error.
+/// fetched before the error, and a failed job's first failed tasks' logs are printed
+/// ([`print_failed_logs`]; `coordinator_stays`: whether the coordinator keeps the job once this returns).
 pub(crate) async fn wait_and_fetch(
     client: &mut FarmClient,
     job_id: &JobId,
     output: Option<&Path>,
+    coordinator_stays: bool,
 ) -> anyhow::Result<()> {
     let status = watch_job(client, job_id, true, None).await?;
     let succeeded = status.state() == pb::JobState::Succeeded;
@@ -770,8 +772,10 @@ pub(crate) async fn wait_and_fetch(
             Err(e) => return Err(e.into()),
         }
     }
+    if status.state() == pb::JobState::Failed {
+        print_failed_logs(client, &status, coordinator_stays).await;
+    }
     if !succeeded {
-        print_failed_logs(client, &status).await;
         bail!(
             "job {job_id} {}: {}",
             job_state_name(status.state),
@@ -785,8 +789,13 @@ pub(crate) async fn wait_and_fetch(
 const FAILED_LOGS_SHOWN: usize = 3;
 
 /// Prints the log of the last attempt of each of a job's first [`FAILED_LOGS_SHOWN`] failed tasks on
-/// stderr, and how to see the others': `local`'s coordinator is gone once the command returns.
-async fn print_failed_logs(client: &mut FarmClient, status: &pb::JobStatus) {
+/// stderr (`local`'s coordinator is gone once the command returns), and, when the coordinator stays, how to
+/// read the others'. Nothing when the coordinator answers no log (one older than task logs).
+async fn print_failed_logs(
+    client: &mut FarmClient,
+    status: &pb::JobStatus,
+    coordinator_stays: bool,
+) {
     let job_id = JobId::from(status.job_id.clone());
     let failed: Vec<&pb::TaskStatus> = status
         .tasks
@@ -796,15 +805,13 @@ async fn print_failed_logs(client: &mut FarmClient, status: &pb::JobStatus) {
     for t in failed.iter().take(FAILED_LOGS_SHOWN) {
         // a coordinator without task logs (an older one) answers an error: nothing to show
         let Ok(log) = client.task_log(&job_id, t.index).await else {
+            return;
+        };
+        // a task whose attempts ended before its coordinator kept logs has none
+        let Some(last) = log.attempts.into_iter().last() else {
             continue;
         };
-        let last: Vec<AttemptLog> = log
-            .attempts
-            .into_iter()
-            .last()
-            .map(Into::into)
-            .into_iter()
-            .collect();
+        let last = [AttemptLog::from(last)];
         eprint!(
             "task {} ({}), its last attempt's log:\n{}",
             t.index,
@@ -812,7 +819,7 @@ async fn print_failed_logs(client: &mut FarmClient, status: &pb::JobStatus) {
             stylefarm_core::task_log::text(&last)
         );
     }
-    if failed.len() > FAILED_LOGS_SHOWN {
+    if coordinator_stays && failed.len() > FAILED_LOGS_SHOWN {
         eprintln!(
             "{} more failed tasks: `stylefarm log {job_id} TASK` shows each one's log while the \
              coordinator keeps the job",
@@ -831,7 +838,7 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         let job_id = client.submit_files(&job).await?;
         println!("{job_id}");
         if args.wait {
-            wait_and_fetch(&mut client, &job_id, args.job.output.as_deref()).await?;
+            wait_and_fetch(&mut client, &job_id, args.job.output.as_deref(), true).await?;
         }
         Ok(())
     })

@@ -338,7 +338,7 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         let mut client = farm.client().await?;
         let render = async {
             let job_id = client.submit_files(&job).await?;
-            wait_and_fetch(&mut client, &job_id, Some(&output)).await
+            wait_and_fetch(&mut client, &job_id, Some(&output), false).await
         };
         // with no worker left the job would wait for one forever: this farm gets none
         let result = tokio::select! {

@@ -362,15 +362,35 @@ impl FarmClient {
             max_workers: job.max_workers,
             after: job.after.clone(),
             checkpoint_every: job.checkpoint_every,
-            // for people: a batch's labels and result files
-            content_names: job.contents.iter().map(|p| image_name_of(p)).collect(),
-            style_names: job.styles.iter().map(|p| image_name_of(p)).collect(),
+            content_names: Vec::new(),
+            style_names: Vec::new(),
+        };
+        // for people: a batch's labels and result files (the other kinds' labels do not use them)
+        let mut spec = match spec.kind {
+            JobKind::Batch => JobSpec {
+                content_names: job.contents.iter().map(|p| image_name_of(p)).collect(),
+                style_names: job.styles.iter().map(|p| image_name_of(p)).collect(),
+                ..spec
+            },
+            _ => spec,
         };
         spec.check_new()?;
         // before any byte is sent: a coordinator that would drop an option is told of no upload either
         let (request_id, paused) = (job.request_id.as_deref(), job.paused);
-        self.check_known(&submit_request(&spec, request_id, paused))
-            .await?;
+        match self
+            .check_known(&submit_request(&spec, request_id, paused))
+            .await
+        {
+            // an older coordinator, without the images' names: they are for people, the job renders the
+            // same without them (its labels say "content 1 x style 1")
+            Err(ClientError::Unsupported(unknown)) if unknown.iter().any(|f| names_field(f)) => {
+                spec.content_names.clear();
+                spec.style_names.clear();
+                self.check_known(&submit_request(&spec, request_id, paused))
+                    .await?;
+            }
+            checked => checked?,
+        }
         for (path, hash) in &files {
             if self.upload_file(path).await? != *hash {
                 return Err(ClientError::Io {
@@ -781,6 +801,14 @@ fn submit_request(spec: &JobSpec, request_id: Option<&str>, paused: bool) -> pb:
 /// How long a client waits for the coordinator's server reflection before a submit (which checks that the
 /// coordinator knows the job's fields): past it the submit goes on unchecked.
 pub const REFLECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `field`, as [`compat::unknown_to`] names a field, is one of the images' names
+/// ([`JobSpec::content_names`]), which a coordinator without them may go without.
+fn names_field(field: &str) -> bool {
+    ["JobSpec.content_names ", "JobSpec.style_names "]
+        .iter()
+        .any(|name| field.starts_with(name))
+}
 
 /// What a coordinator's server reflection answered.
 #[derive(Clone)]

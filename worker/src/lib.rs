@@ -784,7 +784,7 @@ async fn run_task(
         Err(e) => return permanent(e.to_string()),
     };
     // tests: the tasks whose label holds the fail point's argument fail as if their input could not be
-    // rendered, e.g. FAILPOINTS='task-input=return(content 2 x)' for one content of a batch (a count,
+    // rendered, e.g. FAILPOINTS='task-input=return(photo x)' for the content photo.jpg of a batch (a count,
     // `1*return(...)`, is spent by the first task, whatever its label)
     #[cfg(feature = "failpoints")]
     if let Some(Some(bad)) = fail::eval("task-input", |bad| bad.filter(|b| task.label.contains(b)))
