@@ -1953,15 +1953,7 @@ impl Scheduler {
         };
         lease.log.append(log);
         if lease.cancel {
-            if let Some(job) = st.jobs.get_mut(&lease.job_id) {
-                let task = &mut job.tasks[lease.index as usize];
-                log_attempt(task, &mut lease, "cancelled: its result discarded");
-                // the log only: not waited for
-                drop(
-                    self.store
-                        .write(vec![Op::Task(job.meta.id.clone(), task.clone())]),
-                );
-            }
+            self.discard_cancelled(&mut st, lease);
             return Ok(None);
         }
         self.metrics
@@ -2117,17 +2109,23 @@ impl Scheduler {
             return;
         };
         lease.log.append(log);
+        let job_id = lease.job_id.clone();
+        self.discard_cancelled(&mut st, lease);
+        drop(st);
+        self.changed(&job_id);
+    }
+
+    /// Logs the attempt of `lease`, taken out of the tables while being cancelled, as ended with its
+    /// result discarded; the task's record is written, not waited for (its job has ended).
+    fn discard_cancelled(&self, st: &mut State, mut lease: LeaseInfo) {
         if let Some(job) = st.jobs.get_mut(&lease.job_id) {
             let task = &mut job.tasks[lease.index as usize];
             log_attempt(task, &mut lease, "cancelled: its result discarded");
-            // the log only: not waited for
             drop(
                 self.store
                     .write(vec![Op::Task(job.meta.id.clone(), task.clone())]),
             );
         }
-        drop(st);
-        self.changed(&lease.job_id);
     }
 
     /// The logs of task `index` of job `job_id`: its last ended attempts' ([`TaskRecord::logs`]), oldest
