@@ -50,8 +50,10 @@ fn spec_args(variant: usize) -> Vec<String> {
         &path("starry_night.jpg"),
         "--size",
         "48",
+        // long enough that the jobs outlast the plan's faults on an idle machine too (with 25, they once
+        // finished after two of its six kills)
         "--iterations",
-        "25",
+        "100",
         "--init",
         "noise",
         "--seed",
