@@ -63,11 +63,7 @@ pub fn image_name_of(path: &std::path::Path) -> String {
         .map(|s| s.to_string_lossy().replace(char::is_control, " "))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "image".into());
-    let mut end = stem.len().min(MAX_IMAGE_NAME_BYTES);
-    while !stem.is_char_boundary(end) {
-        end -= 1;
-    }
-    stem[..end].to_string()
+    crate::task_log::at_most(&stem, MAX_IMAGE_NAME_BYTES).to_string()
 }
 
 /// The name of image `i` (0-based) of a kind in a task's label: its name ([`JobSpec::content_names`]) if
@@ -1303,8 +1299,6 @@ mod tests {
         assert!(spec(JobKind::Single).runs_on(&[]));
     }
 
-    /// A limit on the workers a job runs on is refused for exact mode, whose shards must run together on
-    /// as many workers as are present; any other kind takes it.
     /// A render's checkpoint bounds: its scales' iterations and its size; a checkpoint out of them is
     /// refused naming `checkpoint`.
     #[test]
@@ -1344,6 +1338,8 @@ mod tests {
         );
     }
 
+    /// A limit on the workers a job runs on is refused for exact mode, whose shards must run together on
+    /// as many workers as are present; any other kind takes it.
     #[test]
     fn max_workers_is_refused_for_exact_mode_only() {
         let limited = |kind| JobSpec {

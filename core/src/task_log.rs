@@ -162,11 +162,16 @@ pub fn clip_line(line: &str) -> String {
     if line.len() <= MAX_LINE_BYTES {
         return clean(line);
     }
-    let mut end = MAX_LINE_BYTES - ELLIPSIS.len();
-    while !line.is_char_boundary(end) {
+    clean(at_most(line, MAX_LINE_BYTES - ELLIPSIS.len())) + ELLIPSIS
+}
+
+/// The longest start of `text` of at most `bytes` bytes that ends at a character boundary.
+pub fn at_most(text: &str, bytes: usize) -> &str {
+    let mut end = text.len().min(bytes);
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    clean(&line[..end]) + ELLIPSIS
+    &text[..end]
 }
 
 #[cfg(test)]
