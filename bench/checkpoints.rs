@@ -20,7 +20,7 @@ use std::ops::ControlFlow;
 use std::rc::Rc;
 use std::time::Instant;
 
-use stylefarm_core::checkpoint::CheckpointFile;
+use stylefarm_core::checkpoint::{CheckpointEvery, CheckpointFile};
 use stylefarm_core::{imaging, Optimizer, RenderParams};
 use stylefarm_engine::{Checkpointing, Device, Engine, RenderJob};
 
@@ -63,7 +63,7 @@ fn render(
             None,
             Some(Checkpointing {
                 resume,
-                every,
+                every: CheckpointEvery::of(every, 0).expect("iterations only"),
                 save: &mut save,
             }),
         )

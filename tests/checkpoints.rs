@@ -1,10 +1,11 @@
-//! A render's checkpoints (`submit --checkpoint-every N`) through the engine's API, on the real engine and
-//! weights: where they are saved, and a render resumed from one.
+//! A render's checkpoints (`submit --checkpoint-every N`, `--checkpoint-secs S`) through the engine's API,
+//! on the real engine and weights: where they are saved, and a render resumed from one.
 
 use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use stylefarm_core::checkpoint::CheckpointFile;
+use stylefarm_core::checkpoint::{CheckpointEvery, CheckpointFile};
 use stylefarm_core::{imaging, Optimizer, RenderParams};
 use stylefarm_engine::{Checkpointing, Device, Engine, Progress, RenderJob};
 use stylefarm_tests::{shared_image, weights};
@@ -19,23 +20,34 @@ fn job(params: RenderParams) -> RenderJob {
 }
 
 /// What a render did: its result, every evaluation's (scale, iteration, total loss), and the checkpoints
-/// it saved.
+/// it saved, each with when (after the render's start).
 struct Rendered {
     image: RgbImage,
     evaluations: Vec<(u32, u32, f64)>,
     saved: Vec<CheckpointFile>,
+    saved_at: Vec<Duration>,
 }
 
+/// `job` rendered with checkpoints `every` (iterations when a number), from `resume`; `slower(scale,
+/// iteration)` is slept as each evaluation is reported (a slow device, for checkpoints by time).
 fn render(
     engine: &Engine,
     job: &RenderJob,
-    every: u32,
+    every: impl Into<Every>,
     resume: Option<CheckpointFile>,
+    slower: impl Fn(u32, u32) -> Duration,
 ) -> Rendered {
+    let every = match every.into() {
+        Every::Iterations(n) => CheckpointEvery::of(n, 0).unwrap(),
+        Every::Checkpoints(every) => every,
+    };
     let mut evaluations = Vec::new();
     let mut saved = Vec::new();
+    let mut saved_at = Vec::new();
+    let started = Instant::now();
     let mut save = |file: CheckpointFile| {
         saved.push(file);
+        saved_at.push(started.elapsed());
         Ok(())
     };
     let image = engine
@@ -51,6 +63,7 @@ fn render(
             },
             &mut |p: &Progress| {
                 evaluations.push((p.scale, p.iteration, p.losses.total));
+                std::thread::sleep(slower(p.scale, p.iteration));
                 ControlFlow::Continue(())
             },
             None,
@@ -65,7 +78,94 @@ fn render(
         image,
         evaluations,
         saved,
+        saved_at,
     }
+}
+
+/// A render's checkpoints: every so many iterations (a number), or as given.
+enum Every {
+    Iterations(u32),
+    Checkpoints(CheckpointEvery),
+}
+
+impl From<u32> for Every {
+    fn from(n: u32) -> Every {
+        Every::Iterations(n)
+    }
+}
+
+impl From<CheckpointEvery> for Every {
+    fn from(every: CheckpointEvery) -> Every {
+        Every::Checkpoints(every)
+    }
+}
+
+/// No pause: a render on this CPU as it is.
+fn flat_out(_scale: u32, _iteration: u32) -> Duration {
+    Duration::ZERO
+}
+
+/// Checkpoints by time (`--checkpoint-secs 1`) come at most once a second of the render, the first a
+/// second after its first iteration, whatever the iteration; in a render of over 2 seconds (50 ms slept at
+/// each of 50 evaluations), at least once. A render resumed from one starts at its iteration with exactly
+/// the loss the uninterrupted render had there. The clock goes on across scales, and no checkpoint is of
+/// a scale's first image: a render whose first scale ends over 3 seconds after its first iteration
+/// (`--checkpoint-secs 3`) saves its first one at the second scale's iteration 1.
+#[test]
+fn checkpoints_by_time_come_at_most_that_often() {
+    let engine = Engine::load(&weights(), Device::Cpu).unwrap();
+    let job = job(RenderParams {
+        size: 32,
+        iterations: 49,
+        optimizer: Optimizer::Adam,
+        ..Default::default()
+    });
+    let every = CheckpointEvery::of(0, 1).unwrap();
+    let slower = Duration::from_millis(50);
+    let whole = render(&engine, &job, every, None, |_, _| slower);
+    assert!(!whole.saved.is_empty(), "one in 50 x 50 ms");
+    let second = Duration::from_secs(1);
+    let mut last = Duration::ZERO;
+    for (c, &at) in whole.saved.iter().zip(&whole.saved_at) {
+        assert!(at - last >= second, "{at:?} after {last:?}");
+        last = at;
+        assert!((1..49).contains(&c.iteration), "{}", c.iteration);
+    }
+    let checkpoint = whole.saved[0].clone();
+    let iteration = checkpoint.iteration;
+    let resumed = render(&engine, &job, 0, Some(checkpoint), flat_out);
+    let from = whole
+        .evaluations
+        .iter()
+        .position(|e| e.1 == iteration)
+        .unwrap();
+    assert_eq!(resumed.evaluations, whole.evaluations[from..]);
+    assert_eq!(resumed.image, whole.image);
+
+    // 20 iterations at 32 px, then 10 at 64: 3.5 s slept once the first scale's last one is reported
+    let job = crate::job(RenderParams {
+        size: 64,
+        scales: 2,
+        iterations: 20,
+        optimizer: Optimizer::Adam,
+        ..Default::default()
+    });
+    let every = CheckpointEvery::of(0, 3).unwrap();
+    let pause = |scale, iteration| match (scale, iteration) {
+        (1, 20) => Duration::from_millis(3500),
+        _ => Duration::ZERO,
+    };
+    let paused = render(&engine, &job, every, None, pause);
+    assert_eq!(
+        (paused.saved[0].scale, paused.saved[0].iteration),
+        (2, 1),
+        "{:?}",
+        paused
+            .saved
+            .iter()
+            .map(|c| (c.scale, c.iteration))
+            .collect::<Vec<_>>()
+    );
 }
 
 /// Checkpoints come every N iterations of each scale, not at a scale's first or last image, each the
@@ -88,7 +188,7 @@ fn a_render_resumes_from_its_checkpoint_at_its_scale_and_iteration() {
             ..Default::default()
         });
         // 30 iterations at 32 px, 15 at 64
-        let whole = render(&engine, &job, 10, None);
+        let whole = render(&engine, &job, 10, None, flat_out);
         let at: Vec<(u32, u32, u32, u32)> = whole
             .saved
             .iter()
@@ -114,7 +214,7 @@ fn a_render_resumes_from_its_checkpoint_at_its_scale_and_iteration() {
         };
         for checkpoint in whole.saved.clone() {
             let (scale, iteration) = (checkpoint.scale, checkpoint.iteration);
-            let resumed = render(&engine, &job, 0, Some(checkpoint));
+            let resumed = render(&engine, &job, 0, Some(checkpoint), flat_out);
             let first = resumed.evaluations[0];
             assert_eq!((first.0, first.1), (scale, iteration), "{optimizer:?}");
             assert_eq!(first.2, loss_at(&whole, scale, iteration), "the same image");
@@ -151,7 +251,7 @@ fn a_render_resumes_from_its_checkpoint_at_its_scale_and_iteration() {
         let mut other_weights = whole.saved[2].clone();
         other_weights.preprocessing = "torchvision".into();
         for unfit in [other_size, other_weights] {
-            let resumed = render(&engine, &job, 0, Some(unfit));
+            let resumed = render(&engine, &job, 0, Some(unfit), flat_out);
             assert_eq!(
                 resumed.evaluations, whole.evaluations,
                 "{optimizer:?}: from the start"

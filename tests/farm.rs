@@ -668,6 +668,8 @@ async fn a_job_starts_from_the_result_of_the_job_it_is_after() {
     }
 }
 
+/// A cancel stops the running worker within a heartbeat, and it takes the next job; the cancelled task keeps
+/// its last checkpoint (`--checkpoint-secs 1`: saved by time, by a real worker), for a retry.
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_the_running_worker_within_a_heartbeat() {
     let heartbeat = 0.3;
@@ -685,9 +687,20 @@ async fn cancel_stops_the_running_worker_within_a_heartbeat() {
             "64",
             "--iterations",
             "5000",
+            "--checkpoint-secs",
+            "1",
         ],
     );
     wait_iteration(&cluster, &long, 2).await;
+    // its checkpoints come by time: the first a second after its first iteration
+    wait_job(
+        &cluster.client().await,
+        &long,
+        "the long job's first checkpoint",
+        Duration::from_secs(30),
+        |s| s.tasks[0].checkpoint.is_some(),
+    )
+    .await;
     // queued behind the long job: the only worker can take it only once it has stopped the cancelled one
     let next = submit(
         &cluster,
@@ -737,7 +750,12 @@ async fn cancel_stops_the_running_worker_within_a_heartbeat() {
         .log_text()
         .contains("cancelled by the coordinator"));
     let mut client = cluster.client().await;
-    assert!(is(&job(&mut client, &long).await, pb::JobState::Cancelled));
+    let cancelled = job(&mut client, &long).await;
+    assert!(is(&cancelled, pb::JobState::Cancelled));
+    assert!(
+        cancelled.tasks[0].checkpoint.is_some(),
+        "a cancelled task keeps its checkpoint, for a retry"
+    );
     let (ok, out, err) = cluster.cli(&["cancel", &long]);
     assert!(
         ok && out.contains("cancelled"),
@@ -1177,7 +1195,8 @@ async fn a_checkpoint_is_checked_before_it_is_kept() {
     };
     let first = lease().await;
     assert_eq!(first.task.as_ref().unwrap().job_id, plain);
-    assert_eq!(first.task.as_ref().unwrap().checkpoint_every, 0);
+    let task = first.task.as_ref().unwrap();
+    assert_eq!((task.checkpoint_every, task.checkpoint_secs), (0, 0));
     let reply = save(first.lease_id, None, file(1, 5, 64)).await.unwrap();
     assert!(
         !reply.get_ref().accepted,
@@ -1186,7 +1205,10 @@ async fn a_checkpoint_is_checked_before_it_is_kept() {
 
     let second = lease().await;
     let task = second.task.as_ref().unwrap();
-    assert_eq!((&task.job_id, task.checkpoint_every), (&checkpointed, 5));
+    assert_eq!(
+        (&task.job_id, task.checkpoint_every, task.checkpoint_secs),
+        (&checkpointed, 5, 0)
+    );
     let lease_id = second.lease_id;
     for (size, bytes, message) in [
         (
@@ -1399,6 +1421,15 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     let err = client.rpc().submit_job(not_uploaded).await.unwrap_err();
     assert!(
         err.code() == Code::InvalidArgument && err.message().starts_with("styles"),
+        "{err:?}"
+    );
+    // checkpoints every so many iterations or every so many seconds, not both
+    let mut both = spec(pb::RenderParams::default());
+    let s = both.spec.as_mut().unwrap();
+    (s.checkpoint_every, s.checkpoint_secs) = (10, 60);
+    let err = client.rpc().submit_job(both).await.unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument && err.message().starts_with("checkpoint_secs: "),
         "{err:?}"
     );
 

@@ -12,6 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, Credentials, FarmClient, JobFiles, JobId};
 use stylefarm_coordinator::auth::{AuthConfig, TlsConfig, WorkerToken};
 use stylefarm_coordinator::{BlobsConfig, StoreConfig};
+use stylefarm_core::checkpoint::CheckpointEvery;
 use stylefarm_core::job::{parse_sweep, JobKind, Video, MAX_ATTEMPTS};
 use stylefarm_core::params::ParamArgs;
 use stylefarm_core::task_log::AttemptLog;
@@ -301,6 +302,12 @@ pub(crate) struct JobArgs {
     /// an --exact scale, which step together. Default: none.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     checkpoint_every: Option<u32>,
+    /// Save each task's image at most every S seconds of its render instead (the first S seconds after its
+    /// first iteration), for its next attempt as with --checkpoint-every: one interval for GPU and CPU workers
+    /// alike, whose iterations take milliseconds and seconds. Default: none.
+    #[arg(long, value_name = "S", conflicts_with = "checkpoint_every",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    checkpoint_secs: Option<u32>,
     /// Where results go: a file for a single render, else a directory.
     #[arg(long, short)]
     pub(crate) output: Option<PathBuf>,
@@ -589,7 +596,10 @@ impl JobArgs {
             keep_going: self.keep_going,
             max_workers: self.max_workers.unwrap_or(0),
             after: self.after.clone(),
-            checkpoint_every: self.checkpoint_every.unwrap_or(0),
+            checkpoints: CheckpointEvery::of(
+                self.checkpoint_every.unwrap_or(0),
+                self.checkpoint_secs.unwrap_or(0),
+            )?,
             request_id: self.request_id.clone(),
             paused: false,
         })
@@ -930,7 +940,7 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
             );
         }
         for t in &s.tasks {
-            // where its next attempt starts from (--checkpoint-every)
+            // where its next attempt starts from (--checkpoint-every, --checkpoint-secs)
             let checkpoint = t.checkpoint.as_ref().map_or_else(String::new, |c| {
                 format!("checkpoint scale {} iteration {} ", c.scale, c.iteration)
             });

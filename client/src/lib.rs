@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use stylefarm_core::checkpoint::CheckpointEvery;
 pub use stylefarm_core::ids::JobId;
 use stylefarm_core::job::{image_name_of, ImageHash, JobKind, JobSpec};
 use stylefarm_core::{imaging, Init, RenderParams};
@@ -141,8 +142,9 @@ pub struct JobFiles {
     pub max_workers: u32,
     /// Jobs that must succeed before this one starts ([`JobSpec::after`]).
     pub after: Vec<JobId>,
-    /// A checkpoint every this many iterations of each scale ([`JobSpec::checkpoint_every`]); 0: none.
-    pub checkpoint_every: u32,
+    /// When its tasks save checkpoints ([`JobSpec::checkpoints`]: every so many iterations of each scale,
+    /// or every so many seconds).
+    pub checkpoints: CheckpointEvery,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
     /// Submitted paused ([`FarmClient::pause`]): nothing of it runs until it is resumed.
@@ -361,7 +363,8 @@ impl FarmClient {
             keep_going: job.keep_going,
             max_workers: job.max_workers,
             after: job.after.clone(),
-            checkpoint_every: job.checkpoint_every,
+            checkpoint_every: job.checkpoints.fields().0,
+            checkpoint_secs: job.checkpoints.fields().1,
             content_names: Vec::new(),
             style_names: Vec::new(),
         };

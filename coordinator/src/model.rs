@@ -195,8 +195,8 @@ pub struct TaskRecord {
     /// fails for good.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub struck: Vec<WorkerId>,
-    /// The last checkpoint of an attempt ([`stylefarm_core::job::JobSpec::checkpoint_every`]): the next
-    /// attempt starts from it. Dropped once the task succeeds.
+    /// The last checkpoint of an attempt ([`stylefarm_core::job::JobSpec::checkpoints`]): the next attempt
+    /// starts from it. Dropped once the task succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
     /// The logs of its last [`KEPT_ATTEMPTS`] ended attempts, oldest first (the task log); shared, so that
@@ -391,6 +391,7 @@ mod tests {
     fn spec(kind: JobKind) -> JobSpec {
         JobSpec {
             checkpoint_every: 0,
+            checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
             kind,

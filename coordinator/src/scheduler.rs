@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use stylefarm_core::checkpoint::Checkpoint;
+use stylefarm_core::checkpoint::{Checkpoint, CheckpointEvery};
 use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
@@ -280,14 +280,15 @@ fn append_tasks(
     ops
 }
 
-/// The iterations between a task's checkpoints ([`JobSpec::checkpoint_every`]); 0: none. None for a
-/// shard of an exact-mode scale (its attempt starts with its group's, from the beginning), nor for a task
-/// whose checkpoint could be larger than the coordinator receives ([`MAX_IMAGE_UPLOAD`]).
-fn checkpoint_every(job: &JobSpec, task: &TaskSpec) -> u32 {
+/// When a task saves checkpoints ([`JobSpec::checkpoints`]). Never for a shard of an exact-mode scale
+/// (its attempt starts with its group's, from the beginning), nor for a task whose checkpoint could be
+/// larger than the coordinator receives ([`MAX_IMAGE_UPLOAD`]), nor for a job whose spec sets both
+/// intervals (refused at submit: only a store written by something else holds one).
+fn checkpoints(job: &JobSpec, task: &TaskSpec) -> CheckpointEvery {
     if task.shards().is_some() || task.max_checkpoint_bytes() > MAX_IMAGE_UPLOAD as u64 {
-        0
+        CheckpointEvery::Never
     } else {
-        job.checkpoint_every
+        job.checkpoints().unwrap_or_default()
     }
 }
 
@@ -1657,8 +1658,8 @@ impl Scheduler {
         // not written to the store: a restart sends running tasks back to the queue anyway, and the attempt
         // is recorded with the task's outcome (one fsync a task instead of two)
         let spec = task.spec.clone();
-        let checkpoint_every = checkpoint_every(&job.meta.spec, &spec);
-        let resume = task.checkpoint.clone().filter(|_| checkpoint_every > 0);
+        let checkpoints = checkpoints(&job.meta.spec, &spec);
+        let resume = task.checkpoint.clone().filter(|_| !checkpoints.is_never());
         if job.meta.state == JobState::Queued {
             set_job_state(&mut st.tally, &mut job.meta, JobState::Running);
             // no need to wait: "running" is for people, and a later write of the job supersedes it in order
@@ -1693,7 +1694,7 @@ impl Scheduler {
             task: Task {
                 id: TaskId { job: job_id, index },
                 spec,
-                checkpoint_every,
+                checkpoints,
                 resume,
             },
             deadline_ms,
@@ -1865,16 +1866,16 @@ impl Scheduler {
     }
 
     /// The task under a live lease that is not being cancelled, when it is checkpointed
-    /// ([`JobSpec::checkpoint_every`]); `None` otherwise.
+    /// ([`JobSpec::checkpoints`]); `None` otherwise.
     pub fn checkpointed_task(&self, lease_id: &LeaseId) -> Option<TaskSpec> {
         let st = self.state.lock().unwrap();
         let lease = st.leases.get(lease_id).filter(|l| !l.cancel)?;
         let job = st.jobs.get(&lease.job_id)?;
         let task = job.tasks.get(lease.index as usize)?;
-        (checkpoint_every(&job.meta.spec, &task.spec) > 0).then(|| task.spec.clone())
+        (!checkpoints(&job.meta.spec, &task.spec).is_never()).then(|| task.spec.clone())
     }
 
-    /// Records the checkpoint of the task under a live lease ([`JobSpec::checkpoint_every`]), replacing
+    /// Records the checkpoint of the task under a live lease ([`JobSpec::checkpoints`]), replacing
     /// the one before, once durable: the task's next attempt starts from it. Discarded (nothing recorded)
     /// when the lease is no longer live or being cancelled, or its task is not checkpointed (a job
     /// without checkpoints, a shard of an exact-mode scale).
@@ -1893,7 +1894,7 @@ impl Scheduler {
             return Ok(CheckpointSaved::Discarded);
         };
         let task = &mut job.tasks[index as usize];
-        if checkpoint_every(&job.meta.spec, &task.spec) == 0 {
+        if checkpoints(&job.meta.spec, &task.spec).is_never() {
             return Ok(CheckpointSaved::Discarded);
         }
         let replaced = task.checkpoint.replace(checkpoint);
@@ -3537,6 +3538,7 @@ mod tests {
     fn batch(contents: u8, priority: i32) -> JobSpec {
         JobSpec {
             checkpoint_every: 0,
+            checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
             kind: JobKind::Batch,
@@ -3753,7 +3755,10 @@ mod tests {
         // a job without checkpoints records none
         let plain = s.submit(batch(1, 0), "").unwrap().0;
         let l = s.lease(&w("a")).unwrap().unwrap();
-        assert_eq!((l.task.checkpoint_every, &l.task.resume), (0, &None));
+        assert_eq!(
+            (l.task.checkpoints, &l.task.resume),
+            (CheckpointEvery::Never, &None)
+        );
         assert_eq!(
             s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap(),
             discarded
@@ -3770,7 +3775,8 @@ mod tests {
             },
         );
         let l = s.lease(&w("a")).unwrap().unwrap();
-        assert_eq!((l.task.checkpoint_every, &l.task.resume), (10, &None));
+        let every_10 = CheckpointEvery::Iterations(10.try_into().unwrap());
+        assert_eq!((l.task.checkpoints, &l.task.resume), (every_10, &None));
         assert_eq!(
             s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap(),
             kept(None)
@@ -3816,19 +3822,23 @@ mod tests {
             },
         );
         let l = s.lease(&w("a")).unwrap().unwrap();
-        assert_eq!((&l.task.id.job, l.task.checkpoint_every), (&large, 0));
+        assert_eq!(
+            (&l.task.id.job, l.task.checkpoints),
+            (&large, CheckpointEvery::Never)
+        );
         assert_eq!(
             s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap(),
             discarded
         );
         s.complete(&l.lease_id, &hash("large")).unwrap().unwrap();
 
-        // a job retried after it failed (out of attempts) starts from its failed task's checkpoint
+        // a job retried after it failed (out of attempts) starts from its failed task's checkpoint (one
+        // whose checkpoints come every so many seconds, as those by iterations)
         let failed = submit_as(
             &s,
             "",
             JobSpec {
-                checkpoint_every: 10,
+                checkpoint_secs: 60,
                 max_attempts: 1,
                 ..batch(1, 0)
             },
@@ -3844,8 +3854,12 @@ mod tests {
         s.retry(&failed).unwrap();
         let l = s.lease(&w("a")).unwrap().unwrap();
         assert_eq!(
-            (l.task.id.job, l.task.resume),
-            (failed, Some(checkpoint(30)))
+            (l.task.id.job, l.task.resume, l.task.checkpoints),
+            (
+                failed,
+                Some(checkpoint(30)),
+                CheckpointEvery::Secs(60.try_into().unwrap())
+            )
         );
     }
 
@@ -5897,6 +5911,7 @@ mod tests {
         let s = scheduler(SchedulerConfig::default());
         let spec = JobSpec {
             checkpoint_every: 0,
+            checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
             kind: JobKind::Video(stylefarm_core::job::Video {

@@ -1244,6 +1244,7 @@ mod tests {
     fn batch() -> stylefarm_core::job::JobSpec {
         stylefarm_core::job::JobSpec {
             checkpoint_every: 0,
+            checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
             kind: JobKind::Batch,

@@ -211,8 +211,8 @@ pub struct TaskRow {
     pub result: String,
     /// The last failed attempt's error.
     pub error: String,
-    /// Its last checkpoint (`--checkpoint-every`), which its next attempt starts from: scale and
-    /// iteration.
+    /// Its last checkpoint (`--checkpoint-every`, `--checkpoint-secs`), which its next attempt starts
+    /// from: scale and iteration.
     pub checkpoint: Option<[u32; 2]>,
     /// A tile: its rectangle in the canvas, px (x, y, width, height).
     pub rect: Option<[u32; 4]>,
@@ -1161,6 +1161,7 @@ mod tests {
             max_workers: 0,
             after: Vec::new(),
             checkpoint_every: 10,
+            checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
         };

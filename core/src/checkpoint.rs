@@ -1,7 +1,7 @@
-//! A task's checkpoint: the state of the render, saved now and then while a long render runs
-//! ([`crate::job::JobSpec::checkpoint_every`]), so that the task's next attempt (its worker lost, its
-//! lease expired, the job retried) starts from there instead of from the beginning: OpenCue's frame
-//! checkpoints.
+//! A task's checkpoint: the state of the render, saved now and then while a long render runs (every
+//! [`crate::job::JobSpec::checkpoint_every`] iterations or [`crate::job::JobSpec::checkpoint_secs`]
+//! seconds: [`CheckpointEvery`]), so that the task's next attempt (its worker lost, its lease expired, the
+//! job retried) starts from there instead of from the beginning: OpenCue's frame checkpoints.
 //!
 //! A checkpoint file is a safetensors file (Hugging Face's format, the `safetensors` crate) of float32
 //! tensors of shape `1 x 3 x H x W`, at the size of the scale it was saved in: `image`, the image as the
@@ -14,6 +14,8 @@
 //! pixels differ slightly from an uninterrupted render's.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::time::Duration;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -41,6 +43,65 @@ fn little_endian(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
         std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
     } else {
         std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+/// When a render saves its checkpoints: a job's [`crate::job::JobSpec::checkpoint_every`] or
+/// [`crate::job::JobSpec::checkpoint_secs`], at most one of them set ([`CheckpointEvery::of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckpointEvery {
+    /// None (the default).
+    #[default]
+    Never,
+    /// Every this many iterations of each scale.
+    Iterations(NonZeroU32),
+    /// At most every this many seconds (wall time) of the render, the first one this long after its
+    /// first iteration: one interval for every kind of worker, where iterations take 10 ms on a GPU and seconds
+    /// on a CPU (the render's clock is read on the host; it costs the device no sync).
+    Secs(NonZeroU32),
+}
+
+impl CheckpointEvery {
+    /// From a job's (or a task's) two fields, iterations and seconds, 0 for unset; both set: an error
+    /// naming `checkpoint_secs`.
+    pub fn of(iterations: u32, secs: u32) -> Result<CheckpointEvery, Error> {
+        match (NonZeroU32::new(iterations), NonZeroU32::new(secs)) {
+            (None, None) => Ok(CheckpointEvery::Never),
+            (Some(n), None) => Ok(CheckpointEvery::Iterations(n)),
+            (None, Some(s)) => Ok(CheckpointEvery::Secs(s)),
+            (Some(_), Some(_)) => Err(Error::invalid(
+                "checkpoint_secs",
+                format!(
+                    "a job's checkpoints come every so many iterations (checkpoint_every, \
+                     {iterations}) or every so many seconds ({secs}), not both"
+                ),
+            )),
+        }
+    }
+
+    /// Whether no checkpoint is saved.
+    pub fn is_never(self) -> bool {
+        self == CheckpointEvery::Never
+    }
+
+    /// Whether a render saves a checkpoint of its image at `iteration` of a scale, `since_last` after its
+    /// last checkpoint (after its start, before the first): at a multiple of the iterations, or once the
+    /// seconds have passed. (The render itself saves none at a scale's first or last image.)
+    pub fn due(self, iteration: u32, since_last: Duration) -> bool {
+        match self {
+            CheckpointEvery::Never => false,
+            CheckpointEvery::Iterations(n) => iteration.is_multiple_of(n.get()),
+            CheckpointEvery::Secs(s) => since_last >= Duration::from_secs(s.get().into()),
+        }
+    }
+
+    /// The iterations and the seconds, as the wire's two fields carry them (0: unset).
+    pub fn fields(self) -> (u32, u32) {
+        match self {
+            CheckpointEvery::Never => (0, 0),
+            CheckpointEvery::Iterations(n) => (n.get(), 0),
+            CheckpointEvery::Secs(s) => (0, s.get()),
+        }
     }
 }
 
@@ -277,6 +338,21 @@ impl CheckpointFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Checkpoints by iterations come at their multiples whatever the time; by seconds once that long
+    /// has passed, whatever the iteration; never, never.
+    #[test]
+    fn checkpoints_are_due_by_iterations_or_by_seconds() {
+        let every = CheckpointEvery::of(10, 0).unwrap();
+        let secs = CheckpointEvery::of(0, 60).unwrap();
+        let (soon, late) = (Duration::ZERO, Duration::from_secs(3600));
+        assert!(every.due(20, soon) && !every.due(21, late));
+        assert!(secs.due(21, Duration::from_secs(60)) && !secs.due(20, Duration::from_secs(59)));
+        assert!(!CheckpointEvery::of(0, 0).unwrap().due(10, late));
+        assert_eq!((every.fields(), secs.fields()), ((10, 0), (0, 60)));
+        let err = CheckpointEvery::of(10, 60).unwrap_err().to_string();
+        assert!(err.starts_with("checkpoint_secs: "), "{err}");
+    }
 
     fn file() -> CheckpointFile {
         CheckpointFile {

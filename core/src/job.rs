@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::CheckpointFile;
+use crate::checkpoint::{CheckpointEvery, CheckpointFile};
 use crate::ids::JobId;
 use crate::params::{ImageSize, Init, RenderParams};
 use crate::tiling::{self, Rect, Tiling};
@@ -375,6 +375,12 @@ pub struct JobSpec {
     /// coordinator receives (512 MiB).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub checkpoint_every: u32,
+    /// Checkpoints as [`JobSpec::checkpoint_every`]'s, at most every this many seconds of a task's render
+    /// instead (the first this long after its first iteration): one interval for every kind of worker, where an
+    /// iteration takes 10 ms on a GPU and seconds on a CPU; 0: none. Not with `checkpoint_every`
+    /// ([`JobSpec::checkpoints`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checkpoint_secs: u32,
     /// The contents' names, for people (their files' stems: `IMG_0001` for `photos/IMG_0001.jpg`): as many
     /// as `contents`, or none; each 1 to [`MAX_IMAGE_NAME_BYTES`] bytes without control characters
     /// ([`JobSpec::check_new`]). A batch's task labels are made of them (`IMG_0001 x
@@ -629,9 +635,10 @@ pub struct Task {
     pub id: TaskId,
     /// What to render.
     pub spec: TaskSpec,
-    /// Its job's [`JobSpec::checkpoint_every`] (0 for a task that is not checkpointed: a shard of an
-    /// exact-mode scale, or one whose checkpoint could be larger than a coordinator receives).
-    pub checkpoint_every: u32,
+    /// Its job's [`JobSpec::checkpoints`] ([`CheckpointEvery::Never`] for a task that is not
+    /// checkpointed: a shard of an exact-mode scale, or one whose checkpoint could be larger than a
+    /// coordinator receives).
+    pub checkpoints: CheckpointEvery,
     /// The checkpoint an earlier attempt saved, to start from; `None`: from the beginning.
     pub resume: Option<crate::checkpoint::Checkpoint>,
 }
@@ -643,6 +650,12 @@ impl JobSpec {
             .iter()
             .chain(&self.styles)
             .chain(self.params.init.image())
+    }
+
+    /// When its tasks save checkpoints: [`JobSpec::checkpoint_every`] or [`JobSpec::checkpoint_secs`]; an
+    /// error names `checkpoint_secs` when both are set.
+    pub fn checkpoints(&self) -> Result<CheckpointEvery, Error> {
+        CheckpointEvery::of(self.checkpoint_every, self.checkpoint_secs)
     }
 
     /// The jobs it waits for, each once, in order: [`JobSpec::after`], then the job whose result is its
@@ -999,6 +1012,7 @@ impl JobSpec {
         check_names("style_names", &self.style_names, self.styles.len())?;
         let tasks = self.tasks()?;
         check_tags("worker_tags", &self.worker_tags)?;
+        self.checkpoints()?;
         if self.max_attempts > MAX_ATTEMPTS {
             return Err(Error::invalid(
                 "max_attempts",
@@ -1388,9 +1402,37 @@ mod tests {
         }
     }
 
+    /// A job's checkpoints come every so many iterations or every so many seconds, not both: a job with
+    /// both is refused naming `checkpoint_secs`.
+    #[test]
+    fn checkpoints_are_by_iterations_or_by_seconds_not_both() {
+        let with = |checkpoint_every, checkpoint_secs| JobSpec {
+            checkpoint_every,
+            checkpoint_secs,
+            ..spec(JobKind::Single)
+        };
+        let every = |n: u32| n.try_into().unwrap();
+        assert_eq!(with(0, 0).checkpoints().unwrap(), CheckpointEvery::Never);
+        assert_eq!(
+            with(10, 0).checkpoints().unwrap(),
+            CheckpointEvery::Iterations(every(10))
+        );
+        assert_eq!(
+            with(0, 60).checkpoints().unwrap(),
+            CheckpointEvery::Secs(every(60))
+        );
+        assert!(with(0, 60).check_new().is_ok());
+        let err = with(10, 60).check_new().unwrap_err().to_string();
+        assert!(
+            err.starts_with("checkpoint_secs: ") && err.contains("not both"),
+            "{err}"
+        );
+    }
+
     fn spec(kind: JobKind) -> JobSpec {
         JobSpec {
             checkpoint_every: 0,
+            checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
             kind,

@@ -3,7 +3,7 @@
 
 use stylefarm_proto::pb;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, CheckpointEvery};
 use crate::ids::JobId;
 use crate::job::{
     ExpandedJob, ImageHash, JobKind, JobSpec, PreviousFrame, ScalePart, ScaleTask, SweepAxis, Task,
@@ -233,6 +233,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             keep_going: s.keep_going,
             max_workers: s.max_workers,
             checkpoint_every: s.checkpoint_every,
+            checkpoint_secs: s.checkpoint_secs,
             content_names: s.content_names,
             style_names: s.style_names,
             after: s
@@ -288,6 +289,7 @@ impl From<&JobSpec> for pb::JobSpec {
             max_workers: s.max_workers,
             after: s.after.iter().map(ToString::to_string).collect(),
             checkpoint_every: s.checkpoint_every,
+            checkpoint_secs: s.checkpoint_secs,
             content_names: s.content_names.clone(),
             style_names: s.style_names.clone(),
         }
@@ -413,7 +415,8 @@ impl From<&Task> for pb::Task {
             label: t.spec.label.clone(),
             tile: t.spec.scale.as_ref().map(Into::into),
             frame: t.spec.frame.as_ref().map(Into::into),
-            checkpoint_every: t.checkpoint_every,
+            checkpoint_every: t.checkpoints.fields().0,
+            checkpoint_secs: t.checkpoints.fields().1,
             resume: t.resume.as_ref().map(Into::into),
         }
     }
@@ -528,7 +531,7 @@ impl TryFrom<pb::Task> for Task {
                 scale: t.tile.map(ScaleTask::try_from).transpose()?,
                 frame: t.frame.map(VideoFrame::try_from).transpose()?,
             },
-            checkpoint_every: t.checkpoint_every,
+            checkpoints: CheckpointEvery::of(t.checkpoint_every, t.checkpoint_secs)?,
             // a malformed checkpoint is no reason to fail the task: it starts from the beginning
             resume: t.resume.and_then(|c| Checkpoint::try_from(c).ok()),
         })
@@ -665,6 +668,7 @@ mod tests {
     fn spec() -> JobSpec {
         JobSpec {
             checkpoint_every: 0,
+            checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
             kind: JobKind::Sweep(parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap()),
@@ -741,7 +745,7 @@ mod tests {
                         index: 4,
                     },
                     spec,
-                    checkpoint_every: 10,
+                    checkpoints: CheckpointEvery::Iterations(10.try_into().unwrap()),
                     resume: Some(Checkpoint {
                         blob: ImageHash::of(b"checkpoint"),
                         scale: 1,
@@ -750,6 +754,19 @@ mod tests {
                     }),
                 };
                 assert_eq!(Task::try_from(pb::Task::from(&task)).unwrap(), task);
+                let timed = Task {
+                    checkpoints: CheckpointEvery::Secs(60.try_into().unwrap()),
+                    ..task
+                };
+                let wire = pb::Task::from(&timed);
+                assert_eq!((wire.checkpoint_every, wire.checkpoint_secs), (0, 60));
+                assert_eq!(Task::try_from(wire.clone()).unwrap(), timed);
+                let both = pb::Task {
+                    checkpoint_every: 10,
+                    ..wire
+                };
+                let err = Task::try_from(both).unwrap_err().to_string();
+                assert!(err.starts_with("checkpoint_secs: "), "{err}");
             }
         }
     }
@@ -776,7 +793,7 @@ mod tests {
         let next = s.next_frames([(&first[0], Some(&r1))]).unwrap();
         assert!(next[0].previous_frame().is_some());
         let task = |spec: TaskSpec| Task {
-            checkpoint_every: 0,
+            checkpoints: CheckpointEvery::Never,
             resume: None,
             id: TaskId {
                 job: JobId::new("job-1"),

@@ -34,6 +34,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 
+use stylefarm_core::checkpoint::CheckpointEvery;
 use stylefarm_core::ids::{JobId, TaskId};
 use stylefarm_core::imaging::{self, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE};
 use stylefarm_core::job::{
@@ -1478,6 +1479,7 @@ fn fuzz_tiled_jobs() {
             // distinct hashes; the contents first
             let spec = JobSpec {
                 checkpoint_every: 0,
+                checkpoint_secs: 0,
                 content_names: Vec::new(),
                 style_names: Vec::new(),
                 kind,
@@ -1643,7 +1645,7 @@ fn fuzz_tiled_jobs() {
                         prop_assert_eq!(&back, t);
                         // ...and as the same task, leased whole
                         let leased = Task {
-                            checkpoint_every: 0,
+                            checkpoints: CheckpointEvery::Never,
                             resume: None,
                             id: TaskId {
                                 job: JobId::new("job-1"),
@@ -1769,6 +1771,7 @@ fn fuzz_sweep_jobs() {
             }
             let spec = JobSpec {
                 checkpoint_every: 0,
+                checkpoint_secs: 0,
                 content_names: Vec::new(),
                 style_names: Vec::new(),
                 kind: JobKind::Sweep(axes.clone()),
@@ -2169,6 +2172,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
         .prop_map(|(kind, contents, styles, params, unset_tiling, tweaks)| {
             let mut wire = pb::JobSpec {
                 checkpoint_every: 0,
+                checkpoint_secs: 0,
                 content_names: Vec::new(),
                 style_names: Vec::new(),
                 kind: Some(wire_kind(&kind, unset_tiling)),
@@ -2224,6 +2228,7 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
             )| {
                 pb::JobSpec {
                     checkpoint_every: 0,
+                    checkpoint_secs: 0,
                     content_names: Vec::new(),
                     style_names: Vec::new(),
                     kind,

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use image::{Rgb32FImage, RgbImage};
-use stylefarm_core::checkpoint::{AdamMoments, CheckpointFile};
+use stylefarm_core::checkpoint::{AdamMoments, CheckpointEvery, CheckpointFile};
 use stylefarm_core::imaging;
 use stylefarm_core::job::CheckpointBounds;
 use stylefarm_core::{ImageSize, Init, Optimizer, RenderParams};
@@ -285,8 +285,10 @@ pub struct Checkpointing<'a> {
     /// from its image at its iteration; Adam from its moments (it goes on as it would have), L-BFGS
     /// afresh.
     pub resume: Option<CheckpointFile>,
-    /// Save one every this many iterations of each scale (not at a scale's first or last image); 0: none.
-    pub every: u32,
+    /// When to save one ([`CheckpointEvery::due`]): every so many iterations of each scale, or at most
+    /// every so many seconds of the render (timed from its first evaluation, then from the last
+    /// checkpoint, across scales); never at a scale's first or last image.
+    pub every: CheckpointEvery,
     /// Gets each checkpoint, its image (and Adam's moments) read from the device (one host sync per
     /// checkpoint); its error ends the render.
     pub save: &'a mut dyn FnMut(CheckpointFile) -> Result<(), Error>,
@@ -590,6 +592,9 @@ impl Engine {
             checkpointing = None;
         }
         let mut resume = self.resume_from(job, checkpointing.as_mut());
+        // when the last checkpoint was saved (the render's first evaluation before the first): the time
+        // spent on its first scale's targets is not time a checkpoint would keep
+        let mut last_checkpoint: Option<Instant> = None;
         let mut x: Option<Tensor> = None;
         for (s, (&longest, &n)) in sizes.iter().zip(&iterations).enumerate() {
             // the scales before a checkpoint's are done
@@ -721,15 +726,16 @@ impl Engine {
             };
             let mut f = |x: &Tensor| -> Result<(Tensor, Tensor), Error> {
                 snapshot(evaluations, x)?;
+                let since_checkpoint = last_checkpoint.get_or_insert_with(Instant::now).elapsed();
                 let due = |c: &&mut Checkpointing<'_>| {
-                    c.every > 0
-                        && evaluations > first
+                    evaluations > first
                         && evaluations < n
-                        && evaluations.is_multiple_of(c.every)
+                        && c.every.due(evaluations, since_checkpoint)
                 };
                 if let Some(c) = checkpointing.as_mut().filter(due) {
                     let adam = adam.as_ref().map(RefCell::borrow);
                     (c.save)(self.checkpoint_of(x, adam.as_deref(), scale, evaluations)?)?;
+                    last_checkpoint = Some(Instant::now());
                 }
                 let (terms, grad) = self.scale_objective(x, &targets, params)?;
                 let total = terms.f_get(3)?;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use image::{Rgb32FImage, RgbImage};
-use stylefarm_core::checkpoint::CheckpointFile;
+use stylefarm_core::checkpoint::{CheckpointEvery, CheckpointFile};
 use stylefarm_core::job::ImageHash;
 use stylefarm_core::{imaging, Layer, Pooling};
 use stylefarm_engine::render::StyleMatch;
@@ -172,12 +172,11 @@ pub struct Live {
     pub preview: watch::Sender<Option<PreviewPng>>,
     /// The time between two previews; `None`: none (no image is read for them).
     pub preview_every: Option<Duration>,
-    /// The latest checkpoint ([`stylefarm_core::checkpoint`]), saved every `checkpoint_every` iterations
-    /// of each scale, for the worker to encode and send off the engine thread.
+    /// The latest checkpoint ([`stylefarm_core::checkpoint`]), saved as `checkpoints` says, for the worker
+    /// to encode and send off the engine thread.
     pub checkpoint: Arc<CheckpointSlot>,
-    /// The iterations between two checkpoints ([`stylefarm_core::job::JobSpec::checkpoint_every`]); 0:
-    /// none.
-    pub checkpoint_every: u32,
+    /// When the render saves checkpoints ([`stylefarm_core::job::JobSpec::checkpoints`]).
+    pub checkpoints: CheckpointEvery,
 }
 
 /// The latest checkpoint of a render, waiting to be sent: a newer one replaces one that waits, and the
@@ -421,7 +420,7 @@ impl Resident {
         };
         let checkpointing = Checkpointing {
             resume: req.resume.take(),
-            every: req.live.checkpoint_every,
+            every: req.live.checkpoints,
             save: &mut save_checkpoint,
         };
         // the targets of a large canvas look at the cancel block by block, not only between phases
@@ -590,7 +589,7 @@ mod tests {
             preview,
             preview_every: None,
             checkpoint: Default::default(),
-            checkpoint_every: 0,
+            checkpoints: CheckpointEvery::Never,
         };
         request_live(engine, style_key, params, live)
     }
@@ -639,7 +638,7 @@ mod tests {
             preview,
             preview_every: Some(Duration::ZERO),
             checkpoint: Default::default(),
-            checkpoint_every: 0,
+            checkpoints: CheckpointEvery::Never,
         };
         let (result, _) = request_live(&engine, "good", params.clone(), live).unwrap();
         let png = previews.borrow_and_update().clone().expect("a preview");
@@ -653,7 +652,7 @@ mod tests {
             preview,
             preview_every: None,
             checkpoint: Default::default(),
-            checkpoint_every: 0,
+            checkpoints: CheckpointEvery::Never,
         };
         request_live(&engine, "good", params, live).unwrap();
         assert!(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use stylefarm_core::checkpoint::{Checkpoint, CheckpointFile};
+use stylefarm_core::checkpoint::{Checkpoint, CheckpointEvery, CheckpointFile};
 use stylefarm_core::ids::{LeaseId, WorkerId};
 use stylefarm_core::job::{ImageHash, ScalePart, Task};
 use stylefarm_core::progress::TaskProgress;
@@ -504,8 +504,10 @@ pub async fn run(
                 let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
                 let (preview_tx, preview_rx) = tokio::sync::watch::channel(None);
                 let checkpoint = Arc::new(CheckpointSlot::default());
-                let checkpoint_every = task.checkpoint_every;
-                let saving = (checkpoint_every > 0).then(|| {
+                // both set: the task fails naming checkpoint_secs when it is read (run_task)
+                let checkpoints =
+                    CheckpointEvery::of(task.checkpoint_every, task.checkpoint_secs).unwrap_or_default();
+                let saving = (!checkpoints.is_never()).then(|| {
                     CheckpointUploader::start(client.clone(), lease_id.clone(), checkpoint.clone())
                 });
                 let beating = Heartbeat::start(
@@ -526,7 +528,7 @@ pub async fn run(
                     preview: preview_tx,
                     preview_every,
                     checkpoint,
-                    checkpoint_every,
+                    checkpoints,
                 };
                 let downloaded_before = cache.downloaded;
                 let outcome = run_task(

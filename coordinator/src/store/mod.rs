@@ -172,6 +172,7 @@ pub(crate) mod tests {
     pub(crate) fn job(id: &str, seq: u64) -> (JobMeta, Vec<TaskRecord>) {
         let spec = JobSpec {
             checkpoint_every: 10,
+            checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
             kind: JobKind::Batch,
