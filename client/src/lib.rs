@@ -17,6 +17,7 @@ use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use tokio_stream::{Stream, StreamExt};
+use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 
 #[cfg(feature = "local")]
 mod local;
@@ -772,15 +773,18 @@ fn create_dir(path: &Path) -> Result<()> {
     })
 }
 
-/// A file name from a task label: words joined by `_`, characters other than ASCII letters, digits and
-/// `=._-` replaced by `-`: `content 1 x style 2` -> `content_1_x_style_2`.
+/// A file name from a task label: words joined by `_`, characters other than letters, digits (Unicode's,
+/// [`char::is_alphanumeric`]: `東京`, `Ünïcödé` stay), combining marks (the accents of a decomposed name,
+/// as macOS gives them; a Devanagari virama) and `=._-` replaced by `-` (path separators, punctuation,
+/// control and format characters): `content 1 x style 2` -> `content_1_x_style_2`.
 fn slug(label: &str) -> String {
     label
         .split(' ')
         .map(|w| {
             w.chars()
                 .map(|c| {
-                    if c.is_ascii_alphanumeric() || "=._-".contains(c) {
+                    let mark = c.general_category_group() == GeneralCategoryGroup::Mark;
+                    if c.is_alphanumeric() || mark || "=._-".contains(c) {
                         c
                     } else {
                         '-'
@@ -945,6 +949,11 @@ mod tests {
         assert_eq!(slug("content 1 x style 2"), "content_1_x_style_2");
         assert_eq!(slug("style_weight=10 seed=1"), "style_weight=10_seed=1");
         assert_eq!(slug("a/b"), "a-b");
+        assert_eq!(slug("東京 x Ünïcödé"), "東京_x_Ünïcödé");
+        // decomposed (U and a combining diaeresis) and with a virama
+        assert_eq!(slug("U\u{308}ber x हिन्दी"), "U\u{308}ber_x_हिन्दी");
+        // a right-to-left override (a format character) and a backslash go
+        assert_eq!(slug("a\u{202e}gnp.exe x b\\c"), "a-gnp.exe_x_b-c");
     }
 
     #[test]
