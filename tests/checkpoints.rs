@@ -109,8 +109,8 @@ fn flat_out(_scale: u32, _iteration: u32) -> Duration {
 /// second after its first iteration, whatever the iteration; in a render of over 2 seconds (50 ms slept at
 /// each of 50 evaluations), at least once. A render resumed from one starts at its iteration with exactly
 /// the loss the uninterrupted render had there. The clock goes on across scales, and no checkpoint is of
-/// a scale's first image: a render whose first scale ends over 3 seconds after its first iteration
-/// (`--checkpoint-secs 3`) saves its first one at the second scale's iteration 1.
+/// a scale's first image: a render whose first scale ends with a 3.5-second pause (`--checkpoint-secs 3`)
+/// saves its next one at the second scale's iteration 1.
 #[test]
 fn checkpoints_by_time_come_at_most_that_often() {
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
@@ -156,15 +156,20 @@ fn checkpoints_by_time_come_at_most_that_often() {
         _ => Duration::ZERO,
     };
     let paused = render(&engine, &job, every, None, pause);
-    assert_eq!(
-        (paused.saved[0].scale, paused.saved[0].iteration),
-        (2, 1),
-        "{:?}",
-        paused
-            .saved
-            .iter()
-            .map(|c| (c.scale, c.iteration))
-            .collect::<Vec<_>>()
+    // a loaded machine may take over 3 s for the first scale's iterations too (it has: 0.75 s each), and
+    // save some of them; never its last, and then the second scale's iteration 1, not its first image
+    let at: Vec<(u32, u32)> = paused
+        .saved
+        .iter()
+        .map(|c| (c.scale, c.iteration))
+        .collect();
+    let first_of_2 = at.iter().position(|&(scale, _)| scale == 2);
+    assert!(
+        first_of_2.is_some_and(|i| at[i] == (2, 1))
+            && at
+                .iter()
+                .all(|&(scale, i)| scale == 2 || (1..20).contains(&i)),
+        "{at:?}"
     );
 }
 
