@@ -602,7 +602,7 @@ impl Coordinator {
         let deleted = self.blobs.delete_unreferenced(
             &checkpoint.blob,
             checkpoint.bytes,
-            |hash| self.scheduler.refers_to(hash),
+            |hash| self.scheduler.holds_checkpoint(hash),
             || self.may_delete_blobs(),
         );
         match deleted {

@@ -557,6 +557,9 @@ struct State {
     waiting: BTreeSet<JobId>,
     /// The workers drained, by name ([`Scheduler::drain`]): they take no task.
     drained: Arc<BTreeSet<WorkerId>>,
+    /// Jobs one of whose tasks saved a checkpoint, whatever became of it since, as long as the job is
+    /// kept: those [`Scheduler::holds_checkpoint`] looks at.
+    checkpointed: HashSet<JobId>,
 }
 
 /// A job's per-worker records by worker name ([`WorkerId::by_name`]), as this version keeps them: records
@@ -1330,6 +1333,9 @@ impl Scheduler {
             if !meta.state.is_terminal() && !meta.waiting_on.is_empty() {
                 state.waiting.insert(meta.id.clone());
             }
+            if tasks.iter().any(|t| t.checkpoint.is_some()) {
+                state.checkpointed.insert(meta.id.clone());
+            }
             state.jobs.insert(
                 meta.id.clone(),
                 Job {
@@ -1905,6 +1911,7 @@ impl Scheduler {
             attempts: task.attempts.saturating_sub(1),
             ..task.clone()
         };
+        st.checkpointed.insert(job_id.clone());
         let durable = self.store.write(vec![Op::Task(job_id.clone(), stored)]);
         drop(st);
         store::wait(durable)?;
@@ -1912,13 +1919,19 @@ impl Scheduler {
         Ok(CheckpointSaved::Kept { replaced })
     }
 
-    /// Whether a job or task refers to the image (or checkpoint) `hash`: one image of
-    /// [`Scheduler::images_in_use`], found without collecting them all.
-    pub fn refers_to(&self, hash: &ImageHash) -> bool {
+    /// Whether a task holds the checkpoint file `hash` as its checkpoint ([`Scheduler::save_checkpoint`]):
+    /// the only way a job refers to a checkpoint's blob, as none of its images (uploads, results, stitched
+    /// scales) is a checkpoint file: each is decoded as an image when it is received or made, and a
+    /// checkpoint file (a safetensors header) decodes as none. Looks only at the jobs that have saved one
+    /// (`State::checkpointed`), not at every task of the farm: a checkpoint is dropped (each one a newer
+    /// one replaces) as often as they are saved, every few seconds a worker on GPUs.
+    pub fn holds_checkpoint(&self, hash: &ImageHash) -> bool {
         let st = self.state.lock().unwrap();
-        st.jobs
-            .values()
-            .any(|job| job_images(job).any(|h| h == hash))
+        st.checkpointed
+            .iter()
+            .filter_map(|id| st.jobs.get(id))
+            .flat_map(|job| &job.tasks)
+            .any(|t| t.checkpoint.as_ref().is_some_and(|c| c.blob == *hash))
     }
 
     /// Takes a live lease out of the tables; None when it expired or never existed (fencing).
@@ -2815,6 +2828,7 @@ impl Scheduler {
             let Some(job) = st.jobs.remove(job_id) else {
                 continue;
             };
+            st.checkpointed.remove(job_id);
             // a request id that a concurrent deletion of the job, failed, gave back to it
             release_request(&mut st, request_key(&job.meta), job_id);
             st.tally.remove_job(job.meta.state);
@@ -3786,7 +3800,9 @@ mod tests {
             kept(Some(checkpoint(10)))
         );
         assert!(s.images_in_use().contains(&checkpoint(20).blob));
-        assert!(s.refers_to(&checkpoint(20).blob) && !s.refers_to(&checkpoint(10).blob));
+        assert!(
+            s.holds_checkpoint(&checkpoint(20).blob) && !s.holds_checkpoint(&checkpoint(10).blob)
+        );
         s.fail(&l.lease_id, "worker lost", FailureKind::Retryable)
             .unwrap();
         // the lease that failed saves no more
@@ -3804,7 +3820,7 @@ mod tests {
         let done = s.complete(&l.lease_id, &hash("result")).unwrap().unwrap();
         assert_eq!(done.dropped_checkpoint, Some(checkpoint(20)));
         assert_eq!(s.get(&job).unwrap().tasks[0].0.checkpoint, None);
-        assert!(!s.refers_to(&checkpoint(20).blob));
+        assert!(!s.holds_checkpoint(&checkpoint(20).blob));
         assert!(!s.images_in_use().contains(&checkpoint(20).blob));
         // a task whose checkpoint could be larger than the coordinator receives is not checkpointed:
         // Adam's at 4096 px would be 36 bytes a pixel, 576 MiB
@@ -3861,6 +3877,59 @@ mod tests {
                 CheckpointEvery::Secs(60.try_into().unwrap())
             )
         );
+    }
+
+    /// A checkpoint's blob is held while a task's checkpoint is it, in any job (tasks of the same inputs
+    /// save the same checkpoints), and no longer once the last one is replaced, dropped with its task's
+    /// success, or its job deleted; a restart finds the checkpoints held.
+    #[test]
+    fn a_checkpoint_blob_is_held_while_any_task_holds_it() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let checkpoint = |iteration| Checkpoint {
+            blob: hash(&format!("checkpoint {iteration}")),
+            scale: 1,
+            iteration,
+            bytes: 100,
+        };
+        let spec = JobSpec {
+            checkpoint_every: 10,
+            max_attempts: 1,
+            ..batch(1, 0)
+        };
+        let (first, second) = (submit_as(&s, "", spec.clone()), submit_as(&s, "", spec));
+        let (l1, l2) = (
+            s.lease(&w("a")).unwrap().unwrap(),
+            s.lease(&w("b")).unwrap().unwrap(),
+        );
+        assert!(!s.holds_checkpoint(&checkpoint(10).blob));
+        for l in [&l1, &l2] {
+            s.save_checkpoint(&l.lease_id, checkpoint(10)).unwrap();
+        }
+        s.save_checkpoint(&l1.lease_id, checkpoint(20)).unwrap();
+        let held = |s: &Scheduler| [10, 20].map(|i| s.holds_checkpoint(&checkpoint(i).blob));
+        assert_eq!(
+            held(&s),
+            [true, true],
+            "the second job's task holds the first's old one"
+        );
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        assert_eq!(held(&s), [true, true], "after a restart");
+        let l = s.lease(&w("b")).unwrap().unwrap();
+        assert_eq!(l.task.id.job, first);
+        s.fail(&l.lease_id, "worker lost", FailureKind::Retryable)
+            .unwrap();
+        let l = s.lease(&w("b")).unwrap().unwrap();
+        assert_eq!(l.task.id.job, second);
+        s.complete(&l.lease_id, &hash("result")).unwrap().unwrap();
+        assert_eq!(held(&s), [false, true], "the failed job keeps its task's");
+        s.delete(&first).unwrap();
+        assert_eq!(held(&s), [false, false]);
     }
 
     #[test]
