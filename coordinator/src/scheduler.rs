@@ -3750,20 +3750,30 @@ mod tests {
     /// A task's checkpoint is recorded under its live lease only, and only for a job with checkpoints; its
     /// next attempt (after a failure, or the coordinator's restart) starts from it, its blob is in use
     /// meanwhile, and it is dropped once the task succeeds.
-    #[test]
-    fn a_task_s_next_attempt_starts_from_its_checkpoint_until_it_succeeds() {
+    /// A scheduler without retry backoff, on a store that outlives it (for a restart), and its config.
+    fn restartable() -> (Arc<dyn Store>, SchedulerConfig, Scheduler) {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let config = SchedulerConfig {
             backoff: Duration::ZERO,
             ..SchedulerConfig::default()
         };
         let s = Scheduler::new(config.clone(), store.clone()).unwrap();
-        let checkpoint = |iteration| Checkpoint {
+        (store, config, s)
+    }
+
+    /// A checkpoint of scale 1 at `iteration`, its blob a stand-in.
+    fn checkpoint(iteration: u32) -> Checkpoint {
+        Checkpoint {
             blob: hash(&format!("checkpoint {iteration}")),
             scale: 1,
             iteration,
             bytes: 100,
-        };
+        }
+    }
+
+    #[test]
+    fn a_task_s_next_attempt_starts_from_its_checkpoint_until_it_succeeds() {
+        let (store, config, s) = restartable();
         let discarded = CheckpointSaved::Discarded;
         let kept = |replaced| CheckpointSaved::Kept { replaced };
         // a job without checkpoints records none
@@ -3884,18 +3894,7 @@ mod tests {
     /// success, or its job deleted; a restart finds the checkpoints held.
     #[test]
     fn a_checkpoint_blob_is_held_while_any_task_holds_it() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-        let config = SchedulerConfig {
-            backoff: Duration::ZERO,
-            ..SchedulerConfig::default()
-        };
-        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
-        let checkpoint = |iteration| Checkpoint {
-            blob: hash(&format!("checkpoint {iteration}")),
-            scale: 1,
-            iteration,
-            bytes: 100,
-        };
+        let (store, config, s) = restartable();
         let spec = JobSpec {
             checkpoint_every: 10,
             max_attempts: 1,
