@@ -353,6 +353,7 @@ impl FarmClient {
         if let Some(path) = init {
             params.init = Init::Image(hash_of(path));
         }
+        let (checkpoint_every, checkpoint_secs) = job.checkpoints.fields();
         let spec = JobSpec {
             kind: job.kind.clone(),
             contents: job.contents.iter().map(|p| hash_of(p)).collect(),
@@ -364,8 +365,8 @@ impl FarmClient {
             keep_going: job.keep_going,
             max_workers: job.max_workers,
             after: job.after.clone(),
-            checkpoint_every: job.checkpoints.fields().0,
-            checkpoint_secs: job.checkpoints.fields().1,
+            checkpoint_every,
+            checkpoint_secs,
             content_names: Vec::new(),
             style_names: Vec::new(),
         };

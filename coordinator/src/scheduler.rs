@@ -3747,9 +3747,6 @@ mod tests {
         assert!(s.leases().is_empty());
     }
 
-    /// A task's checkpoint is recorded under its live lease only, and only for a job with checkpoints; its
-    /// next attempt (after a failure, or the coordinator's restart) starts from it, its blob is in use
-    /// meanwhile, and it is dropped once the task succeeds.
     /// A scheduler without retry backoff, on a store that outlives it (for a restart), and its config.
     fn restartable() -> (Arc<dyn Store>, SchedulerConfig, Scheduler) {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
@@ -3771,6 +3768,9 @@ mod tests {
         }
     }
 
+    /// A task's checkpoint is recorded under its live lease only, and only for a job with checkpoints; its
+    /// next attempt (after a failure, or the coordinator's restart) starts from it, its blob is in use
+    /// meanwhile, and it is dropped once the task succeeds.
     #[test]
     fn a_task_s_next_attempt_starts_from_its_checkpoint_until_it_succeeds() {
         let (store, config, s) = restartable();

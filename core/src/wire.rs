@@ -406,6 +406,7 @@ impl From<pb::AttemptLog> for AttemptLog {
 /// A leased task as the coordinator sends it.
 impl From<&Task> for pb::Task {
     fn from(t: &Task) -> Self {
+        let (checkpoint_every, checkpoint_secs) = t.checkpoints.fields();
         pb::Task {
             job_id: t.id.job.to_string(),
             index: t.id.index,
@@ -415,8 +416,8 @@ impl From<&Task> for pb::Task {
             label: t.spec.label.clone(),
             tile: t.spec.scale.as_ref().map(Into::into),
             frame: t.spec.frame.as_ref().map(Into::into),
-            checkpoint_every: t.checkpoints.fields().0,
-            checkpoint_secs: t.checkpoints.fields().1,
+            checkpoint_every,
+            checkpoint_secs,
             resume: t.resume.as_ref().map(Into::into),
         }
     }
