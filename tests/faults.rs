@@ -607,6 +607,61 @@ async fn a_worker_failing_every_task_is_blocklisted_and_the_job_completes_elsewh
     failing_every_task(Backend::RedisS3).await;
 }
 
+/// A heartbeat whose lines are slow to come (a fail point holds each beat that carries lines for 4 s
+/// before sending it, longer than a task's render): the task's report waits for them, so that every line
+/// comes while the lease is held. Sent after the report, they would be dropped: the report ends the lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_heartbeat_s_lines_still_on_their_way_when_the_task_ends_are_kept() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 12.0, 0.3);
+    cluster.start_coordinator();
+    cluster.add_worker_with_env(
+        "slow",
+        &[("FAILPOINTS", "worker-heartbeat-lines=return(4000)")],
+    );
+    wait_registered(&cluster, 1).await;
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--content",
+            &path("chelsea.png"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--batch",
+            "--size",
+            "32",
+            "--iterations",
+            "5",
+        ],
+    );
+    wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let log = cluster.workers[0].log_text();
+    for task in 0..2 {
+        let attempts = task_log(&cluster, &id, task);
+        assert_eq!(attempts.len(), 1, "{attempts:#?}");
+        let (head, lines) = &attempts[0];
+        assert!(head.ends_with("\tsucceeded"), "{head}");
+        // the first beat's line (held back by the fail point), then those the report brought
+        for line in [
+            "INFO rendering label=",
+            "INFO progress scale=1/1 iteration=5/5",
+            "INFO rendered engine_s=",
+        ] {
+            assert!(
+                lines.contains(line),
+                "task {task}: {line} in {lines}\nworker: {log}"
+            );
+        }
+    }
+}
+
 /// redis-server SIGKILLed mid-job (append-only file on, fsynced at every write) and started again once the
 /// worker's report has been refused (2 s at least): meanwhile the coordinator answers UNAVAILABLE to what
 /// must be written (a submit, the worker's report) and serves reads; once Redis answers, the report the

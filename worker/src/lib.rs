@@ -632,9 +632,19 @@ impl Heartbeat {
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     ticker.tick().await;
-                    let lines = log.as_ref().map(TaskLog::take).filter(|l| !l.is_empty());
+                    let sending = log.as_ref().and_then(TaskLog::take_for_beat);
+                    // a slow network under a beat with lines: the task's report must wait for them
+                    #[cfg(feature = "failpoints")]
+                    if let (Some(_), Some(Some(ms))) = (
+                        &sending,
+                        fail::eval("worker-heartbeat-lines", |ms| {
+                            ms.and_then(|m| m.parse().ok())
+                        }),
+                    ) {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
                     let beat = pb::HeartbeatRequest {
-                        log: lines.clone().map(Into::into),
+                        log: sending.as_ref().map(|s| s.lines.clone().into()),
                         worker_id: worker_id.to_string(),
                         lease_id: lease_id.to_string(),
                         progress: progress
@@ -654,9 +664,9 @@ impl Heartbeat {
                     // a beat that hangs must not hold up the next ones
                     let sent = tokio::time::timeout(interval, client.heartbeat(beat)).await;
                     if !matches!(sent, Ok(Ok(_))) {
-                        // its lines go with the next beat
-                        if let Some((log, lines)) = log.as_ref().zip(lines) {
-                            log.put_back(lines);
+                        // its lines go with the next beat, or the report
+                        if let Some(sending) = sending {
+                            sending.not_sent();
                         }
                     }
                     match sent {
@@ -970,7 +980,7 @@ async fn run_task(
 /// Sends the outcome to the coordinator, retrying a few times while it is away, and for as long as it asks
 /// to be sent again (busy: [`stylefarm_proto::BusyBackoff`]; the caller bounds the whole report by
 /// `REPORT_TIMEOUT`, and the heartbeat keeps the lease meanwhile). The task's lines not sent yet (`log`) go
-/// with it.
+/// with it, once those of a heartbeat on its way have come ([`TaskLog::last_turn`]).
 async fn report(
     client: &mut WorkerServiceClient<AuthChannel>,
     lease_id: &LeaseId,
@@ -1003,7 +1013,12 @@ async fn report(
         Outcome::Cancelled | Outcome::EngineStuck => Err(Failure::Transient("cancelled".into())),
     };
     // the lines not sent yet, with those logged (or put back by a heartbeat that failed) before each send;
-    // the coordinator keeps them once it takes the outcome
+    // the coordinator keeps them once it takes the outcome. Once a heartbeat's lines have come: the
+    // outcome ends the lease, and lines that come after it are dropped
+    let _turn = match log {
+        Some(log) => Some(log.last_turn().await),
+        None => None,
+    };
     let mut unsent = stylefarm_core::task_log::LogLines::default();
     let (mut attempt, mut busy) = (0u32, stylefarm_proto::BusyBackoff::default());
     while attempt < 5 {

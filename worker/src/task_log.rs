@@ -23,9 +23,35 @@ use tracing_subscriber::Layer;
 pub const TASK_SPAN: &str = "task";
 
 /// The lines logged in one task's span and not sent yet, bounded as an attempt's log is
-/// ([`stylefarm_core::task_log::MAX_ATTEMPT_BYTES`]).
+/// ([`stylefarm_core::task_log::MAX_ATTEMPT_BYTES`]), and the turn to send them.
+///
+/// The coordinator keeps a heartbeat's lines only while the lease is held, and the report ends the lease:
+/// lines a heartbeat took must have come before the report goes, or they are lost. So a heartbeat takes its
+/// lines with the turn ([`TaskLog::take_for_beat`]) and holds it until they came or were put back, and the
+/// report waits for the turn and keeps it ([`TaskLog::last_turn`]): heartbeats then carry no lines, the
+/// report sends them all.
 #[derive(Clone, Default)]
-pub struct TaskLog(Arc<Mutex<LogLines>>);
+pub struct TaskLog {
+    lines: Arc<Mutex<LogLines>>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Lines a heartbeat took from a task's log ([`TaskLog::take_for_beat`]), with the log's turn to send: the
+/// task's report waits until this is dropped, or its lines put back ([`Sending::not_sent`]).
+pub struct Sending {
+    /// The lines, to send.
+    pub lines: LogLines,
+    log: TaskLog,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Sending {
+    /// Puts the lines back, before those logged since: they did not come (the beat failed or timed out),
+    /// and go with the next beat or the report.
+    pub fn not_sent(self) {
+        self.log.put_back(self.lines);
+    }
+}
 
 impl TaskLog {
     /// The log of `span` (a [`TASK_SPAN`] span): `None` where no [`TaskLogLayer`] is installed, or the
@@ -40,13 +66,33 @@ impl TaskLog {
         .flatten()
     }
 
-    /// Takes the lines not sent yet.
+    /// Takes the lines not sent yet. The task's report takes them while it holds the turn
+    /// ([`TaskLog::last_turn`]).
     pub fn take(&self) -> LogLines {
         self.lock().take()
     }
 
+    /// For a heartbeat: the lines not sent yet, with the turn to send them; `None` when there are none, or
+    /// when the report has the turn (the beat then goes without lines).
+    pub fn take_for_beat(&self) -> Option<Sending> {
+        let turn = self.turn.clone().try_lock_owned().ok()?;
+        let lines = self.take();
+        (!lines.is_empty()).then(|| Sending {
+            lines,
+            log: self.clone(),
+            _turn: turn,
+        })
+    }
+
+    /// For the task's report: waits until no heartbeat's lines are on their way (at most one beat), and
+    /// keeps later beats from taking any until the returned turn is dropped. The report sends the lines
+    /// itself meanwhile ([`TaskLog::take`]).
+    pub async fn last_turn(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.turn.clone().lock_owned().await
+    }
+
     /// Puts back `lines` that could not be sent, before those logged since.
-    pub fn put_back(&self, mut lines: LogLines) {
+    fn put_back(&self, mut lines: LogLines) {
         let mut log = self.lock();
         lines.append(log.take());
         *log = lines;
@@ -58,7 +104,7 @@ impl TaskLog {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LogLines> {
         // a panic while the lock was held left lines, not broken ones
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -217,6 +263,38 @@ mod tests {
             assert_eq!(lines[0], "older");
             assert!(lines[1].ends_with("newer"), "{}", lines[1]);
         });
+    }
+
+    #[tokio::test]
+    async fn the_report_waits_for_a_beat_s_lines_and_beats_then_carry_none() {
+        let log = TaskLog::default();
+        log.push("first".into());
+        let beat = log.take_for_beat().expect("a beat takes the lines");
+        assert_eq!(beat.lines.lines, ["first"]);
+        // none left: the next beat carries no lines, and holds no turn
+        assert!(log.take_for_beat().is_none());
+        // the report waits while the beat's lines are on their way
+        let report = tokio::spawn({
+            let log = log.clone();
+            async move {
+                let turn = log.last_turn().await;
+                (turn, log.take())
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!report.is_finished());
+        log.push("second".into());
+        // the beat failed: its lines go back, before the newer one, and the report takes them all
+        beat.not_sent();
+        let (turn, lines) = report.await.unwrap();
+        assert_eq!(lines.lines, ["first", "second"]);
+        // while the report holds the turn, beats take nothing
+        log.push("third".into());
+        assert!(log.take_for_beat().is_none());
+        assert_eq!(log.take().lines, ["third"]);
+        drop(turn);
+        log.push("fourth".into());
+        assert!(log.take_for_beat().is_some());
     }
 
     #[test]
