@@ -58,8 +58,11 @@ pub struct SchedulerConfig {
     /// heartbeats report it) before its lease is taken back, as if it had expired: the task is retried
     /// (a strike against the worker) and the worker told to cancel it (Flamenco's task timeout, for an
     /// engine that hangs while its heartbeats go on). Counted from the lease until the first progress: it
-    /// must outlast a task's slowest iteration and its style and content targets. Exact-mode shards are
-    /// left to their group's own timeouts. `None`: never.
+    /// must outlast a task's slowest iteration and its style and content targets. A task whose progress
+    /// shows its render ended (the last iteration of its last scale) is not taken back: its worker is
+    /// encoding and sending the result, which takes as long as the image's size asks (the worker bounds it,
+    /// and its lease lapses if it gives up). Exact-mode shards are left to their group's own timeouts.
+    /// `None`: never.
     pub task_stall: Option<Duration>,
 }
 
@@ -3104,13 +3107,21 @@ impl Scheduler {
                 .and_then(|j| j.tasks.get(l.index as usize))
                 .is_some_and(|t| t.spec.shards().is_some())
         };
+        // a render that ended: its result is on its way
+        let rendered = |l: &LeaseInfo| {
+            l.progress
+                .as_ref()
+                .is_some_and(|p| p.scale == p.scales && p.iteration == p.iterations)
+        };
         // (lease, whether it expired; else it stalled)
         let ended: Vec<(LeaseId, bool)> = st
             .leases
             .iter()
             .filter_map(|(id, l)| {
-                let stalled =
-                    !l.cancel && stall_ms.is_some_and(|ms| now - l.progressed_ms > ms) && !shard(l);
+                let stalled = !l.cancel
+                    && stall_ms.is_some_and(|ms| now - l.progressed_ms > ms)
+                    && !rendered(l)
+                    && !shard(l);
                 (l.deadline_ms < now || stalled).then(|| (id.clone(), l.deadline_ms < now))
             })
             .collect();
@@ -5827,6 +5838,59 @@ mod tests {
         s.expire().unwrap();
         assert_eq!(s.metrics.task_stalls.get(), 2);
         assert!(s.leases().iter().any(|v| v.worker == w("c")), "{l:?}");
+    }
+
+    /// A task whose render ended (its progress at the last iteration of its last scale) keeps its lease past
+    /// `task_stall` while its worker sends the result (a large image's encoding and upload), and the result
+    /// is taken; one at the last iteration of an earlier scale still stalls.
+    #[test]
+    fn a_task_whose_render_ended_is_not_taken_back_while_its_result_comes() {
+        let stall = Duration::from_millis(500);
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            task_stall: Some(stall),
+            ..Default::default()
+        });
+        let (job, _) = s.submit(batch(2, 0), "").unwrap();
+        let at = |scale, iteration| {
+            Some(TaskProgress {
+                scale,
+                scales: 2,
+                iteration,
+                iterations: 100,
+                ..Default::default()
+            })
+        };
+        let (ended, between) = (
+            s.lease(&w("a")).unwrap().unwrap(),
+            s.lease(&w("b")).unwrap().unwrap(),
+        );
+        for _ in 0..3 {
+            for (l, worker, scale) in [(&ended, "a", 2), (&between, "b", 1)] {
+                s.heartbeat(&l.lease_id, &w(worker), at(scale, 100), None)
+                    .unwrap();
+            }
+            std::thread::sleep(stall / 2);
+        }
+        s.expire().unwrap();
+        assert!(
+            !s.heartbeat(&ended.lease_id, &w("a"), at(2, 100), None)
+                .unwrap()
+                .cancel
+        );
+        assert!(
+            s.heartbeat(&between.lease_id, &w("b"), at(1, 100), None)
+                .unwrap()
+                .cancel,
+            "a scale's end is not the render's"
+        );
+        assert!(s.complete(&ended.lease_id, &hash("r")).unwrap().is_some());
+        let view = s.get(&job).unwrap();
+        assert_eq!(
+            view.tasks[ended.task.id.index as usize].0.state,
+            TaskState::Succeeded
+        );
+        assert_eq!(s.metrics.task_stalls.get(), 1);
     }
 
     /// A drained worker (by its name: every registration of it) takes no task, even while it asks, while its
