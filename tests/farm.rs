@@ -1294,6 +1294,65 @@ async fn a_checkpoint_is_checked_before_it_is_kept() {
     assert_eq!(download(kept.sha256).await.unwrap(), newer);
 }
 
+/// A result that a worker sends for a task whose job was cancelled meanwhile is discarded unread, and the
+/// lines it carries (they come before the image's bytes) are kept in the task's log, whose attempt ends
+/// "cancelled: its result discarded".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_result_of_a_cancelled_job_is_discarded_and_its_log_lines_kept() {
+    let cluster = Cluster::start(30.0, 0.5);
+    let id = submit(&cluster, &tubingen_x_starry(64, 20));
+    let mut workers = pb::worker_service_client::WorkerServiceClient::connect(cluster.url.clone())
+        .await
+        .unwrap();
+    let worker_id = workers
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "by-hand".into(),
+            protocol: stylefarm_proto::PROTOCOL,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let leased = workers
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id,
+            protocol: stylefarm_proto::PROTOCOL,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(leased.task.unwrap().job_id, id);
+    let (ok, _, err) = cluster.cli(&["cancel", &id]);
+    assert!(ok, "{err}");
+    use pb::complete_task_request::Part;
+    let parts = [
+        Part::LeaseId(leased.lease_id),
+        Part::SizeBytes(1 << 20),
+        Part::Log(pb::TaskLogLines {
+            lines: vec!["2026-12-05T00:00:00Z INFO rendered engine_s=1.5".into()],
+            left_out: 0,
+        }),
+        Part::Data(vec![0u8; 1 << 20]),
+    ];
+    let reply = workers
+        .complete_task(tokio_stream::iter(
+            parts.map(|p| pb::CompleteTaskRequest { part: Some(p) }),
+        ))
+        .await
+        .unwrap();
+    assert!(!reply.get_ref().accepted);
+    let attempts = stylefarm_tests::task_log(&cluster, &id, 0);
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    let (head, lines) = &attempts[0];
+    assert!(
+        head.contains("\tby-hand") && head.ends_with("\tcancelled: its result discarded"),
+        "{head}"
+    );
+    assert!(lines.contains("INFO rendered engine_s=1.5"), "{lines}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_serving() {
     let cluster = Cluster::start(10.0, 0.5);

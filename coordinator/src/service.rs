@@ -893,6 +893,7 @@ impl WorkerService for WorkerApi {
         request: Request<Streaming<pb::CompleteTaskRequest>>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let mut lease_id = LeaseId::default();
+        let mut held = false;
         let mut log = LogLines::default();
         let mut received = self.coordinator.receiving.result();
         let scheduler = &self.coordinator.scheduler;
@@ -902,11 +903,8 @@ impl WorkerService for WorkerApi {
                 Ok(match msg.part {
                     Some(Part::LeaseId(id)) => {
                         lease_id = id.into();
-                        // the result of a lease no longer held is answered at once, unread
-                        match scheduler.leased_task(&lease_id) {
-                            None => Incoming::Stop,
-                            Some(_) => Incoming::Nothing,
-                        }
+                        held = scheduler.leased_task(&lease_id).is_some();
+                        Incoming::Nothing
                     }
                     Some(Part::SizeBytes(_) | Part::Data(_) | Part::Log(_))
                         if lease_id.is_empty() =>
@@ -917,6 +915,10 @@ impl WorkerService for WorkerApi {
                         log.append(LogLines::from(lines));
                         Incoming::Nothing
                     }
+                    // the result of a lease no longer held is answered at its first bytes, unread (its
+                    // log lines, which come before them, kept for a lease being cancelled)
+                    Some(Part::SizeBytes(_)) if !held => Incoming::Nothing,
+                    Some(Part::Data(_)) if !held => Incoming::Stop,
                     Some(Part::SizeBytes(size)) => Incoming::Size(size),
                     Some(Part::Data(d)) => Incoming::Data(d),
                     None => Incoming::Nothing,
