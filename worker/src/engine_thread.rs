@@ -239,6 +239,9 @@ pub enum Unhealthy {
         /// Why the reloaded one does not render.
         still: Box<Unhealthy>,
     },
+    /// Recovering it after a render that failed (its probe, VGG19's reload) panicked with this message.
+    #[error("recovering the engine panicked: {0}")]
+    RecoverPanicked(String),
     /// The engine thread is gone.
     #[error("the engine thread stopped")]
     Stopped,
@@ -515,7 +518,14 @@ impl EngineThread {
                         Ok(_) => false,
                     };
                     if suspect {
-                        if let Err(why) = resident.recover() {
+                        // a panic here too must leave the engine lost with its reason, not the thread
+                        // gone without one
+                        let recovered =
+                            std::panic::catch_unwind(AssertUnwindSafe(|| resident.recover()))
+                                .unwrap_or_else(|payload| {
+                                    Err(Unhealthy::RecoverPanicked(panic_message(payload.as_ref())))
+                                });
+                        if let Err(why) = recovered {
                             tracing::error!(reason = %why, "the engine is lost");
                             *lost_here.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                             // refuse further requests before answering this one: a render sent after
@@ -564,7 +574,13 @@ impl EngineThread {
             reply,
             span: tracing::Span::current(),
         }) {
-            let why = self.lost().unwrap_or(Unhealthy::Stopped);
+            // the thread is gone: the engine is lost, with its reason where the thread gave one
+            let why = self
+                .lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(Unhealthy::Stopped)
+                .clone();
             let _ = req.reply.send(Err(RenderError::Lost(why)));
         }
         rx
@@ -724,6 +740,35 @@ mod tests {
             "{why}"
         );
         match good(&engine) {
+            Err(RenderError::Lost(m)) => assert_eq!(m.to_string(), why),
+            other => panic!("{:?}", other.map(|(img, _)| img.dimensions())),
+        }
+    }
+
+    /// A recovery that panics (here VGG19's reload, after a render that panicked on a lost device) leaves
+    /// the engine lost with the panic's message, so that the worker leaves the farm saying why, instead of
+    /// a thread gone without a reason and a worker that leases tasks only to fail them.
+    #[test]
+    fn a_recovery_that_panics_leaves_the_engine_lost_with_the_reason() {
+        let engine = engine_thread();
+        let params = RenderParams {
+            size: 32,
+            iterations: 2,
+            ..Default::default()
+        };
+        fail::cfg("engine-probe", "return").unwrap();
+        fail::cfg("engine-reload", "panic(reload injected)").unwrap();
+        fail::cfg("engine-render", "1*panic(injected)").unwrap();
+        assert!(matches!(
+            request(&engine, "good", params.clone()),
+            Err(RenderError::Panicked(_))
+        ));
+        let why = engine.lost().expect("the engine is lost").to_string();
+        assert!(
+            why.starts_with("recovering the engine panicked") && why.contains("reload injected"),
+            "{why}"
+        );
+        match request(&engine, "good", params) {
             Err(RenderError::Lost(m)) => assert_eq!(m.to_string(), why),
             other => panic!("{:?}", other.map(|(img, _)| img.dimensions())),
         }
