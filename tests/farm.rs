@@ -1003,6 +1003,23 @@ async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
 /// both addresses) carries on with it, and the job completes with every result.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_coordinator_takes_over_when_the_active_one_is_killed() {
+    standby_takes_over(false).await;
+}
+
+/// The same with the active coordinator frozen (SIGSTOP, as a host that hangs or drops off the network:
+/// its connections stay open, its kernel still accepts new ones) while the worker waits for a task. The
+/// worker notices that the coordinator no longer answers (its long poll unanswered past its wait), passes
+/// over the frozen one, whose health check goes unanswered, and takes tasks from the standby; the CLI,
+/// given both addresses, reaches the standby too, and a job submitted after the freeze completes. Before,
+/// the worker waited on the frozen coordinator for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_coordinator_takes_over_when_the_active_one_freezes() {
+    standby_takes_over(true).await;
+}
+
+/// Two coordinators on one Redis, the active one taken away: SIGKILLed mid-job, or frozen (SIGSTOP) with
+/// the worker idle ([`a_standby_coordinator_takes_over_when_the_active_one_freezes`]).
+async fn standby_takes_over(frozen: bool) {
     const LEASE_SECS: f64 = 2.0;
     let redis = RedisServer::start();
     let mut cluster = Cluster::start(3.0, 0.3);
@@ -1051,14 +1068,30 @@ async fn a_standby_coordinator_takes_over_when_the_active_one_is_killed() {
     cluster.url = format!("{active},http://{standby_addr}");
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
-    let id = submit_small_batch(&cluster);
-    wait_iteration(&cluster, &id, 2).await;
+    let id = if frozen {
+        // the worker waiting for a task on the active coordinator's connection
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        None
+    } else {
+        let id = submit_small_batch(&cluster);
+        wait_iteration(&cluster, &id, 2).await;
+        Some(id)
+    };
     assert!(
         listening.try_recv().is_err(),
         "the standby does not serve while the active one holds the lease"
     );
     let killed = Instant::now();
-    cluster.coordinator.as_mut().unwrap().kill();
+    if frozen {
+        let pid = cluster.coordinator.as_ref().unwrap().child.id();
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(stopped.success());
+    } else {
+        cluster.coordinator.as_mut().unwrap().kill();
+    }
     let (serving, line) = listening
         .recv_timeout(Duration::from_secs(30))
         .expect("the standby took over");
@@ -1069,6 +1102,8 @@ async fn a_standby_coordinator_takes_over_when_the_active_one_is_killed() {
         took <= Duration::from_secs_f64(2.0 * LEASE_SECS),
         "the standby served {took:?} after the kill"
     );
+    // submitted through the CLI given both addresses: the frozen one passed over
+    let id = id.unwrap_or_else(|| submit_small_batch(&cluster));
     let status = wait_state(
         &cluster,
         &id,

@@ -49,6 +49,15 @@ pub enum ClientError {
         /// The transport's error.
         source: tonic::transport::Error,
     },
+    /// Something accepted the connection, but no coordinator answered on it
+    /// ([`stylefarm_proto::connect::answers`]: a frozen coordinator's host still accepts connections).
+    #[error("the coordinator at {url} does not answer: {message}")]
+    NoAnswer {
+        /// The URL as given.
+        url: String,
+        /// No answer in time, or the transport's error.
+        message: String,
+    },
     /// The coordinator answered with an error status; its message names the field or job.
     #[error("{} ({:?})", .0.message(), .0.code())]
     Status(#[from] tonic::Status),
@@ -165,7 +174,8 @@ pub struct FarmClient {
 impl FarmClient {
     /// Connects to the coordinator at `url` (e.g. `http://127.0.0.1:7700`), or to the first that answers
     /// of several URLs separated by commas (an active coordinator and its standbys, which listen only once
-    /// active); the error is the last one's.
+    /// active); the error is the last one's. A coordinator answers when its health check does, within
+    /// [`ANSWER_TIMEOUT`](stylefarm_proto::connect::ANSWER_TIMEOUT).
     pub async fn connect(url: &str) -> Result<FarmClient> {
         Self::connect_with(url, &Credentials::default()).await
     }
@@ -202,6 +212,12 @@ impl FarmClient {
                 source,
             })?;
         let channel = credentials.authorize(channel).map_err(bad)?;
+        stylefarm_proto::connect::answers(channel.clone())
+            .await
+            .map_err(|message| ClientError::NoAnswer {
+                url: url.into(),
+                message,
+            })?;
         Ok(FarmClient {
             channel: channel.clone(),
             rpc: RenderServiceClient::new(channel)

@@ -1,14 +1,29 @@
 //! How clients and workers reach a coordinator: the channel's TLS (rustls, optional), the bearer token each
 //! call carries (`authorization: Bearer <token>` metadata, as gRPC's token-based authentication has it) and
 //! the trace context of the caller's current span (W3C `traceparent` metadata, through OpenTelemetry's
-//! global propagator: the coordinator's span of the call becomes its child). One definition for the CLI's
-//! clients, the client library and the worker.
+//! global propagator: the coordinator's span of the call becomes its child), and how a coordinator that
+//! stopped answering is noticed (HTTP/2 keepalive, [`answers`]). One definition for the CLI's clients, the
+//! client library and the worker.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// How often a connection to a coordinator is checked with an HTTP/2 PING, idle or not, and
+/// [`KEEPALIVE_TIMEOUT`] how long its answer may take before the connection is dropped and its calls fail
+/// (UNAVAILABLE). A coordinator whose host froze, lost power or dropped off the network does not close its
+/// connections: without the PINGs a call waiting for its reply (a worker's long poll for a task, a
+/// `watch`) would wait for ever, and one still sending for the kernel's 15 minutes of retransmissions.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a keepalive PING's answer may take ([`KEEPALIVE_INTERVAL`]).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a coordinator has to answer [`answers`]' health check.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The metadata key of the bearer token.
 pub const AUTHORIZATION: &str = "authorization";
@@ -60,11 +75,14 @@ impl Credentials {
         Ok(token)
     }
 
-    /// The endpoint of `url` (`http://` or `https://`), with TLS set up for `https://`. The error does not
-    /// repeat the URL: the caller names it.
+    /// The endpoint of `url` (`http://` or `https://`), with TLS set up for `https://` and keepalive
+    /// PINGs ([`KEEPALIVE_INTERVAL`]). The error does not repeat the URL: the caller names it.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, CredentialsError> {
         let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| CredentialsError(format!("not a URI: {e}")))?;
+            .map_err(|e| CredentialsError(format!("not a URI: {e}")))?
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         let https = url.starts_with("https://");
         if !https {
             if self.tls_ca.is_some() || self.tls_identity.is_some() {
@@ -109,6 +127,31 @@ impl Credentials {
     /// `channel` with the token on every call.
     pub fn authorize(&self, channel: Channel) -> Result<AuthChannel, CredentialsError> {
         Ok(InterceptedService::new(channel, self.bearer()?))
+    }
+}
+
+/// Whether the coordinator behind `channel` answers a call within [`ANSWER_TIMEOUT`]: grpc.health.v1's
+/// Check, whose reply, or any status its server sends (UNAUTHENTICATED for a token it refuses), shows a
+/// live coordinator. Connecting proves nothing: the kernel of a frozen coordinator's host still accepts
+/// connections, and a call on one would wait for the keepalive to fail it. The error says why not: no
+/// answer in time, or the transport's error.
+pub async fn answers(channel: AuthChannel) -> Result<(), String> {
+    use tonic::Code;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = health.check(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(ANSWER_TIMEOUT, check).await {
+        Err(_) => Err(format!("no answer within {} s", ANSWER_TIMEOUT.as_secs())),
+        Ok(Err(s))
+            if matches!(
+                s.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+            ) =>
+        {
+            Err(s.message().to_string())
+        }
+        Ok(_) => Ok(()),
     }
 }
 

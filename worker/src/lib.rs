@@ -110,6 +110,10 @@ struct ImageCache {
 /// How long a worker tries to report a task's outcome (a large result's upload included).
 const REPORT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How much longer than its wait (`lease_wait`) a request for a task may go unanswered before the worker
+/// takes its coordinator for gone and connects again (to a standby, where there is one).
+const LEASE_REPLY_MARGIN: Duration = Duration::from_secs(5);
+
 /// What [`ImageCache`] holds at most.
 const IMAGE_CACHE_BYTES: usize = 512 << 20;
 
@@ -280,8 +284,9 @@ impl ImageCache {
 }
 
 /// Connects to the first of `urls` (comma-separated: an active coordinator and its standbys, which listen
-/// only once active) that answers, trying them in turn and retrying with backoff (up to 5 s between rounds)
-/// until one answers or `stop` is set. `None` at once when a URL is malformed.
+/// only once active) that answers ([`stylefarm_proto::connect::answers`]: a frozen one, whose host still
+/// accepts connections, is passed over), trying them in turn and retrying with backoff (up to 5 s between
+/// rounds) until one answers or `stop` is set. `None` at once when a URL is malformed.
 async fn connect(
     urls: &str,
     credentials: &Credentials,
@@ -316,6 +321,14 @@ async fn connect(
                         channel,
                         bearer.clone(),
                     );
+                    if let Err(why) = stylefarm_proto::connect::answers(channel.clone()).await {
+                        tracing::warn!(
+                            coordinator = url,
+                            error = why,
+                            "coordinator does not answer"
+                        );
+                        continue;
+                    }
                     return Some(
                         WorkerServiceClient::new(channel)
                             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -470,23 +483,31 @@ pub async fn run(
                 return Err(Error::EngineLost(why));
             }
             let wait_ms = config.lease_wait.as_millis() as u32;
-            let leased = client
-                .lease_task(pb::LeaseTaskRequest {
-                    worker_id: worker_id.to_string(),
-                    wait_ms,
-                    memory_used_bytes: memory_used.bytes(),
-                    tags: config.tags.clone(),
-                    protocol: stylefarm_proto::PROTOCOL,
-                })
-                .await;
-            let leased = match leased {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    tracing::warn!(error = s.message(), "lease failed; reconnecting");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue 'connect;
-                }
-            };
+            let leased = client.lease_task(pb::LeaseTaskRequest {
+                worker_id: worker_id.to_string(),
+                wait_ms,
+                memory_used_bytes: memory_used.bytes(),
+                tags: config.tags.clone(),
+                protocol: stylefarm_proto::PROTOCOL,
+            });
+            // the coordinator answers once it has a task or the wait is over: no answer well after that,
+            // and it is gone (the keepalive would notice too, later)
+            let leased =
+                match tokio::time::timeout(config.lease_wait + LEASE_REPLY_MARGIN, leased).await {
+                    Ok(Ok(r)) => r.into_inner(),
+                    Ok(Err(s)) => {
+                        tracing::warn!(error = s.message(), "lease failed; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue 'connect;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            wait_s = config.lease_wait.as_secs_f64(),
+                            "the coordinator did not answer a lease; reconnecting"
+                        );
+                        continue 'connect;
+                    }
+                };
             let Some(task) = leased.task else { continue };
             let lease_id = LeaseId::new(leased.lease_id);
             let span = tracing::info_span!(
