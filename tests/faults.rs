@@ -662,6 +662,45 @@ async fn a_heartbeat_s_lines_still_on_their_way_when_the_task_ends_are_kept() {
     }
 }
 
+/// A coordinator that refuses results for longer than the worker's old five tries took (fail point
+/// `coordinator-complete-task=6*return`: UNAVAILABLE six times, 17.5 s of backoff), as one whose store is
+/// out of reach for a while does: the worker keeps sending its result while its heartbeats keep the lease,
+/// and the first attempt's result is taken; the task is not rendered again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_result_refused_for_a_while_is_sent_until_it_is_taken() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 3.0, 0.3);
+    cluster.coordinator_env.push((
+        "FAILPOINTS".into(),
+        "coordinator-complete-task=6*return".into(),
+    ));
+    cluster.start_coordinator();
+    cluster.add_worker("patient");
+    wait_registered(&cluster, 1).await;
+    let id = submit(&cluster, &tubingen_x_starry(32, 5));
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(!done.tasks[0].result.is_empty());
+    let log = cluster.workers[0].log_text();
+    assert_eq!(
+        log.matches("reporting to the coordinator failed; retrying")
+            .count(),
+        6,
+        "{log}"
+    );
+    let attempts = task_log(&cluster, &id, 0);
+    assert_eq!(
+        attempts.len(),
+        1,
+        "one attempt, not a second render: {attempts:#?}"
+    );
+    assert!(attempts[0].0.ends_with("\tsucceeded"), "{attempts:#?}");
+}
+
 /// redis-server SIGKILLed mid-job (append-only file on, fsynced at every write) and started again once the
 /// worker's report has been refused (2 s at least): meanwhile the coordinator answers UNAVAILABLE to what
 /// must be written (a submit, the worker's report) and serves reads; once Redis answers, the report the

@@ -892,6 +892,11 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<Streaming<pb::CompleteTaskRequest>>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        // fault injection (tests): results refused for a while, as a coordinator whose store is out of
+        // reach refuses them
+        fail::fail_point!("coordinator-complete-task", |_| Err(Status::unavailable(
+            "the store is out of reach (injected)"
+        )));
         let mut lease_id = LeaseId::default();
         let mut held = false;
         let mut log = LogLines::default();

@@ -472,6 +472,7 @@ pub async fn run(
         };
         let worker_id = WorkerId::new(registered.worker_id);
         let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
+        let lease = Duration::from_millis(u64::from(registered.lease_ms));
         // previews as often as the coordinator asks, at most one a heartbeat (0: none)
         let preview_every = (registered.preview_interval_ms > 0).then(|| {
             Duration::from_millis(u64::from(registered.preview_interval_ms)).max(heartbeat)
@@ -525,6 +526,7 @@ pub async fn run(
                 let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
                 let (preview_tx, preview_rx) = tokio::sync::watch::channel(None);
                 let checkpoint = Arc::new(CheckpointSlot::default());
+                let renewed = Renewed::now();
                 // both set: the task fails naming checkpoint_secs when it is read (run_task)
                 let checkpoints =
                     CheckpointEvery::of(task.checkpoint_every, task.checkpoint_secs).unwrap_or_default();
@@ -542,6 +544,7 @@ pub async fn run(
                         memory_used: memory_used.clone(),
                         log: log.clone(),
                     },
+                    renewed.clone(),
                     cancel.clone(),
                 );
                 let live = Live {
@@ -582,9 +585,13 @@ pub async fn run(
                 // the task is over: a checkpoint still on its way is of no more use
                 drop(saving);
                 // a report that hangs must not keep the lease alive forever: give up, let it lapse
-                if tokio::time::timeout(REPORT_TIMEOUT, report(&mut client, &lease_id, outcome, log.as_ref()))
-                    .await
-                    .is_err()
+                let held = Held { lease, renewed: &renewed };
+                if tokio::time::timeout(
+                    REPORT_TIMEOUT,
+                    report(&mut client, &lease_id, outcome, log.as_ref(), held),
+                )
+                .await
+                .is_err()
                 {
                     tracing::warn!(
                         "reporting timed out; the lease will lapse and the task run again"
@@ -626,9 +633,40 @@ struct Carried {
     log: Option<TaskLog>,
 }
 
+/// When a task's lease was last renewed, as its worker knows: leased, or a heartbeat answered.
+#[derive(Clone)]
+struct Renewed(Arc<std::sync::Mutex<Instant>>);
+
+impl Renewed {
+    fn now() -> Renewed {
+        Renewed(Arc::new(std::sync::Mutex::new(Instant::now())))
+    }
+
+    fn renew(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn since(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+}
+
+/// Whether a task's lease may still be held: its last renewal ([`Renewed`]) less than a lease (`lease`,
+/// the coordinator's `--lease-secs`) ago. Past that, a coordinator that is still there has taken it back.
+struct Held<'a> {
+    lease: Duration,
+    renewed: &'a Renewed,
+}
+
+impl Held<'_> {
+    fn may_be(&self) -> bool {
+        self.renewed.since() < self.lease
+    }
+}
+
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
 /// carrying the render's latest progress, its preview when a new one came and the task's lines logged since
-/// the last beat ([`Carried`]); when the coordinator answers
+/// the last beat ([`Carried`]), and notes each renewal in `renewed`; when the coordinator answers
 /// that the task is cancelled, sets `cancel`, which the preparation checks and the engine honours at its
 /// next iteration.
 struct Heartbeat(tokio::task::JoinHandle<()>);
@@ -645,6 +683,7 @@ impl Heartbeat {
             memory_used,
             log,
         }: Carried,
+        renewed: Renewed,
         cancel: Arc<AtomicBool>,
     ) -> Heartbeat {
         Heartbeat(tokio::spawn(
@@ -696,7 +735,7 @@ impl Heartbeat {
                                 tracing::info!("cancelled by the coordinator");
                             }
                         }
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(_)) => renewed.renew(),
                         Ok(Err(s)) => tracing::warn!(error = s.message(), "heartbeat failed"),
                         Err(_) => tracing::warn!("heartbeat timed out"),
                     }
@@ -998,15 +1037,18 @@ async fn run_task(
     }
 }
 
-/// Sends the outcome to the coordinator, retrying a few times while it is away, and for as long as it asks
-/// to be sent again (busy: [`stylefarm_proto::BusyBackoff`]; the caller bounds the whole report by
-/// `REPORT_TIMEOUT`, and the heartbeat keeps the lease meanwhile). The task's lines not sent yet (`log`) go
+/// Sends the outcome to the coordinator, again while it may take it later (it is away, busy, or cannot
+/// write it yet: [`may_take_later`]) after the delay it asks for ([`stylefarm_proto::BusyBackoff`]) or
+/// with backoff (up to 5 s), as long as the lease may be held (`held`: the heartbeat keeps renewing it,
+/// as a coordinator whose store is out of reach does); the caller bounds the whole report by
+/// `REPORT_TIMEOUT`. The task's lines not sent yet (`log`) go
 /// with it, once those of a heartbeat on its way have come ([`TaskLog::last_turn`]).
 async fn report(
     client: &mut WorkerServiceClient<AuthChannel>,
     lease_id: &LeaseId,
     outcome: Outcome,
     log: Option<&TaskLog>,
+    held: Held<'_>,
 ) {
     // a result encoded once, off the async threads (a large one takes seconds)
     let report = match outcome {
@@ -1042,7 +1084,7 @@ async fn report(
     };
     let mut unsent = stylefarm_core::task_log::LogLines::default();
     let (mut attempt, mut busy) = (0u32, stylefarm_proto::BusyBackoff::default());
-    while attempt < 5 {
+    loop {
         if let Some(log) = log {
             unsent.append(log.take());
         }
@@ -1087,6 +1129,15 @@ async fn report(
         match sent {
             Ok(()) => return,
             Err(s) => {
+                if !held.may_be() {
+                    tracing::warn!(
+                        error = s.message(),
+                        since_s = held.renewed.since().as_secs_f64(),
+                        "reporting failed, and the lease has not been renewed for a whole lease: it has \
+                         lapsed, and the task will run again"
+                    );
+                    return;
+                }
                 if let Some(wait) = busy.wait(&s) {
                     tracing::info!(
                         error = s.message(),
@@ -1095,16 +1146,47 @@ async fn report(
                     tokio::time::sleep(wait).await;
                     continue;
                 }
+                if !may_take_later(&s) {
+                    tracing::error!(
+                        error = s.message(),
+                        code = ?s.code(),
+                        "the coordinator refused the task's outcome; the lease will lapse"
+                    );
+                    return;
+                }
                 tracing::warn!(
                     error = s.message(),
                     attempt,
                     "reporting to the coordinator failed; retrying"
                 );
-                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                tokio::time::sleep(
+                    Duration::from_millis(500 << attempt.min(4)).min(REPORT_BACKOFF_MAX),
+                )
+                .await;
                 attempt += 1;
             }
         }
     }
+}
+
+/// The longest wait between two tries of a report.
+const REPORT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Whether a report that failed with `status` may be taken if sent again: the coordinator was out of
+/// reach (UNAVAILABLE, or a transport error: UNKNOWN), busy, or could not write it yet (its store out of
+/// reach or its disk full: UNAVAILABLE, RESOURCE_EXHAUSTED), not that it refused this outcome (an
+/// invalid field, a token it does not accept).
+fn may_take_later(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Internal
+            | Code::Cancelled
+    )
 }
 
 #[cfg(test)]
