@@ -793,9 +793,10 @@ fn create_dir(path: &Path) -> Result<()> {
 /// A file name from a task label: words joined by `_`, characters other than letters, digits (Unicode's,
 /// [`char::is_alphanumeric`]: `東京`, `Ünïcödé` stay), combining marks (the accents of a decomposed name,
 /// as macOS gives them; a Devanagari virama) and `=._-` replaced by `-` (path separators, punctuation,
-/// control and format characters): `content 1 x style 2` -> `content_1_x_style_2`.
+/// control and format characters): `content 1 x style 2` -> `content_1_x_style_2`; at most
+/// [`MAX_SLUG_BYTES`] bytes of UTF-8, cut at a character (a sweep's label names every axis and value).
 fn slug(label: &str) -> String {
-    label
+    let mut slug = label
         .split(' ')
         .map(|w| {
             w.chars()
@@ -810,8 +811,18 @@ fn slug(label: &str) -> String {
                 .collect::<String>()
         })
         .collect::<Vec<_>>()
-        .join("_")
+        .join("_");
+    let mut end = slug.len().min(MAX_SLUG_BYTES);
+    while !slug.is_char_boundary(end) {
+        end -= 1;
+    }
+    slug.truncate(end);
+    slug
 }
+
+/// The longest label part of a result's file name, in bytes: with its index and extension, well within
+/// file systems' 255-byte names (and eCryptfs' 143); the index keeps the names apart.
+const MAX_SLUG_BYTES: usize = 120;
 
 /// The SubmitJob request of `spec`.
 fn submit_request(spec: &JobSpec, request_id: Option<&str>, paused: bool) -> pb::SubmitJobRequest {
@@ -971,6 +982,10 @@ mod tests {
         assert_eq!(slug("U\u{308}ber x हिन्दी"), "U\u{308}ber_x_हिन्दी");
         // a right-to-left override (a format character) and a backslash go
         assert_eq!(slug("a\u{202e}gnp.exe x b\\c"), "a-gnp.exe_x_b-c");
+        // a long label (a sweep's every axis and value) is cut at a character, within the bytes
+        let long = slug(&"東".repeat(100));
+        assert_eq!(long, "東".repeat(MAX_SLUG_BYTES / 3));
+        assert_eq!(slug(&"a".repeat(500)).len(), MAX_SLUG_BYTES);
     }
 
     #[test]
