@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -345,7 +346,11 @@ impl FarmClient {
             Init::File(path) => Some(path.as_path()),
             _ => None,
         };
+        // before any file is read: a folder of 50,000 photos is refused at once
+        stylefarm_core::job::check_image_counts(job.contents.len(), job.styles.len())?;
+        // each file once, in order
         let mut files: Vec<(&Path, ImageHash)> = Vec::new();
+        let mut hashes: HashMap<&Path, ImageHash> = HashMap::new();
         for path in job
             .contents
             .iter()
@@ -353,18 +358,13 @@ impl FarmClient {
             .map(PathBuf::as_path)
             .chain(init)
         {
-            if !files.iter().any(|(p, _)| *p == path) {
+            if !hashes.contains_key(path) {
                 let hash = off_async(|| read_file(path).map(|bytes| ImageHash::of(&bytes)))?;
+                hashes.insert(path, hash.clone());
                 files.push((path, hash));
             }
         }
-        let hash_of = |path: &Path| {
-            files
-                .iter()
-                .find(|(p, _)| *p == path)
-                .map(|(_, h)| h.clone())
-                .expect("every file was hashed")
-        };
+        let hash_of = |path: &Path| hashes[path].clone();
         let mut params = job.params.clone();
         if let Some(path) = init {
             params.init = Init::Image(hash_of(path));

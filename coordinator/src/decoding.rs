@@ -120,7 +120,7 @@ impl DecodeBudget {
 }
 
 /// Largest image a client may upload or a worker return, encoded.
-pub const MAX_IMAGE_UPLOAD: usize = 512 << 20;
+pub const MAX_IMAGE_UPLOAD: usize = stylefarm_core::imaging::MAX_ENCODED_BYTES;
 
 /// Encoded bytes that the uploads being received hold at once, and as much again for task results: four
 /// of the largest ([`MAX_IMAGE_UPLOAD`]), 2 GiB each.

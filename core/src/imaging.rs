@@ -20,6 +20,9 @@ use crate::Error;
 pub const MAX_IMAGE_SIDE: u32 = 32_768;
 /// Most bytes a decoder may allocate for one image.
 pub const MAX_IMAGE_BYTES: u64 = 2 << 30;
+/// Largest encoded image file the farm takes: a file a client uploads or `render` reads, a worker's
+/// result.
+pub const MAX_ENCODED_BYTES: usize = 512 << 20;
 /// Most pixels an image may have (16,384 x 16,384): a header may declare far more than its bytes hold (a
 /// 100-byte GIF can declare 10,000 x 28,000), and decoding, orienting and compositing such an image takes
 /// several times its size in memory.
@@ -235,9 +238,42 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, Error> {
 
 /// Reads and decodes an image file (see [`decode_full`]); errors name the path.
 pub fn load_full(path: &Path) -> Result<Decoded, Error> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::image(path.display(), format!("cannot read: {e}")))?;
-    decode_full(&bytes, &path.display().to_string())
+    decode_full(&read_image_file(path)?, &path.display().to_string())
+}
+
+/// The bytes of the image file at `path`, refused before they are read when it is not a regular file (a
+/// FIFO or `/dev/zero` would block or fill the memory) or is larger than [`MAX_ENCODED_BYTES`].
+///
+/// # Errors
+/// [`Error::Image`] naming `path`: it cannot be read, is not a regular file, or is too large.
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let fail = |message: String| Error::image(path.display(), message);
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    let too_large = || {
+        fail(format!(
+            "larger than {} MiB, the most an image file may be",
+            MAX_ENCODED_BYTES >> 20
+        ))
+    };
+    if meta.len() > MAX_ENCODED_BYTES as u64 {
+        return Err(too_large());
+    }
+    // a file that grows meanwhile is read to the limit and no further
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_ENCODED_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if bytes.len() > MAX_ENCODED_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
 }
 
 /// Reads and decodes an image file into 8-bit RGB, oriented and composited over white (see [`decode_full`]).

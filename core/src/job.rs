@@ -17,6 +17,23 @@ pub use crate::ids::{ImageHash, TaskId};
 pub const MAX_TASKS_PER_JOB: usize = 10_000;
 /// Most content or style images of one job.
 pub const MAX_IMAGES_PER_JOB: usize = 1_000;
+
+/// Refuses a job of more than [`MAX_IMAGES_PER_JOB`] content or style images ([`JobSpec::check_new`]),
+/// which a client checks too before it reads any of them.
+///
+/// # Errors
+/// [`Error::Invalid`] on `contents` or `styles`.
+pub fn check_image_counts(contents: usize, styles: usize) -> Result<(), Error> {
+    for (field, images) in [("contents", contents), ("styles", styles)] {
+        if images > MAX_IMAGES_PER_JOB {
+            return Err(Error::invalid(
+                field,
+                format!("more than {MAX_IMAGES_PER_JOB} images in one job"),
+            ));
+        }
+    }
+    Ok(())
+}
 /// Longest value of a sweep's axis, in characters (a blend of 100 styles' weights, `0.01:0.01:...`, is
 /// 500): it is the task's label too.
 pub const MAX_SWEEP_VALUE_CHARS: usize = 1024;
@@ -687,14 +704,7 @@ impl JobSpec {
                 "at least one style image is needed",
             ));
         }
-        for (field, images) in [("contents", &self.contents), ("styles", &self.styles)] {
-            if images.len() > MAX_IMAGES_PER_JOB {
-                return Err(Error::invalid(
-                    field,
-                    format!("more than {MAX_IMAGES_PER_JOB} images in one job"),
-                ));
-            }
-        }
+        check_image_counts(self.contents.len(), self.styles.len())?;
         if !matches!(self.kind, JobKind::Batch | JobKind::Video(_)) && self.contents.len() != 1 {
             return Err(Error::invalid(
                 "contents",
