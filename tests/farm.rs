@@ -1392,6 +1392,43 @@ async fn a_result_of_a_cancelled_job_is_discarded_and_its_log_lines_kept() {
 async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_serving() {
     let cluster = Cluster::start(10.0, 0.5);
     let client = cluster.client().await;
+    // an --output the results could not go to: refused before anything is submitted
+    let out = cluster.dir.path().join("out.png");
+    let out = out.to_str().unwrap();
+    let (tubingen, chelsea, starry) = (
+        path("tubingen.jpg"),
+        path("chelsea.png"),
+        path("starry_night.jpg"),
+    );
+    for (args, needle) in [
+        (
+            vec!["--content", &tubingen, "--style", &starry, "-o", out],
+            "output: --output is written once the job is done, with --wait",
+        ),
+        (
+            [
+                "--batch",
+                "--content",
+                &tubingen,
+                "--content",
+                &chelsea,
+                "--style",
+                &starry,
+            ]
+            .into_iter()
+            .chain(["--wait", "-o", out])
+            .collect(),
+            "the job has several results",
+        ),
+    ] {
+        let (ok, _, err) = cluster.cli(&[&["submit"][..], &args].concat());
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+    }
+    let (ok, listed, err) = cluster.cli(&["list"]);
+    assert!(
+        ok && !listed.contains("job-"),
+        "no job submitted: {listed}{err}"
+    );
     let upload = |data: Vec<u8>| {
         tokio_stream::iter(vec![pb::UploadImageRequest {
             part: Some(pb::upload_image_request::Part::Data(data)),

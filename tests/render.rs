@@ -342,6 +342,12 @@ fn bad_input_gets_a_clear_one_line_error() {
     let thin = dir.path().join("thin.png");
     RgbImage::new(1, 300).save(&thin).unwrap();
     let thin = thin.display().to_string();
+    // an output that cannot be written, or would be written over an input: refused before the render
+    let photo = dir.path().join("photo.jpg");
+    std::fs::copy(shared_image("tubingen.jpg"), &photo).unwrap();
+    let photo = photo.display().to_string();
+    let typo = dir.path().join("typo/out.png").display().to_string();
+    let webp = dir.path().join("out.webp").display().to_string();
     // (options after --content C --style S unless given, what the error must name)
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--style-scale", "0.01"], "style_scale: style image"),
@@ -363,6 +369,12 @@ fn bad_input_gets_a_clear_one_line_error() {
             "output_depth",
         ),
         (vec!["--content", &missing, "--style", style], "missing.jpg"),
+        (vec!["-o", &typo], "typo does not exist"),
+        (
+            vec!["--content", &photo, "--style", style, "-o", &photo],
+            "is one of the job's inputs",
+        ),
+        (vec!["-o", &webp], "not an image format"),
         (
             vec!["--content", content, "--style", &corrupt],
             "corrupt.png",
@@ -423,6 +435,11 @@ fn bad_input_gets_a_clear_one_line_error() {
     assert!(
         !Path::new(&out).exists(),
         "no output written by a failed render"
+    );
+    assert_eq!(
+        std::fs::read(&photo).unwrap(),
+        std::fs::read(shared_image("tubingen.jpg")).unwrap(),
+        "the content is not written over"
     );
 }
 

@@ -13,8 +13,9 @@ use stylefarm_client::{job_state_name, task_state_name, Credentials, FarmClient,
 use stylefarm_coordinator::auth::{AuthConfig, TlsConfig, WorkerToken};
 use stylefarm_coordinator::{BlobsConfig, StoreConfig};
 use stylefarm_core::checkpoint::CheckpointEvery;
+use stylefarm_core::imaging;
 use stylefarm_core::job::{parse_sweep, JobKind, Video, MAX_ATTEMPTS};
-use stylefarm_core::params::ParamArgs;
+use stylefarm_core::params::{Init, ParamArgs};
 use stylefarm_core::task_log::AttemptLog;
 use stylefarm_core::tiling::{self, Tiling};
 use stylefarm_proto::pb;
@@ -309,7 +310,9 @@ pub(crate) struct JobArgs {
     #[arg(long, value_name = "S", conflicts_with = "checkpoint_every",
           value_parser = clap::value_parser!(u32).range(1..))]
     checkpoint_secs: Option<u32>,
-    /// Where results go: a file for a single render, else a directory.
+    /// Where results go: an image file (.png, .jpg, .tif) for a job with one result, else a folder
+    /// (created when missing). Checked before anything is submitted: the file's folder must exist and take
+    /// new files, and the file must not be one of the job's images. `submit` writes it with --wait.
     #[arg(long, short)]
     pub(crate) output: Option<PathBuf>,
     /// Idempotency key: submitting twice with it gives the same job.
@@ -578,19 +581,39 @@ impl JobArgs {
                 frame_iterations: self.frame_iterations.unwrap_or(0),
             };
             video.validate()?;
-            // refused before the render, not after it
-            if let Some(out) = self.output.as_deref() {
-                stylefarm_client::check_video_output(out)?;
-            }
             JobKind::Video(video)
         } else {
             JobKind::Single
         };
+        let (contents, styles, params) = (
+            images_of("content", &self.content)?,
+            images_of("style", &self.style)?,
+            self.params.params()?,
+        );
+        // refused before the render, not after it
+        if let Some(output) = self.output.as_deref() {
+            let several = match &kind {
+                JobKind::Single | JobKind::Tiled(_) => false,
+                JobKind::Batch => contents.len() * styles.len() > 1,
+                JobKind::Sweep(_) | JobKind::Video(_) => true,
+            };
+            let init = match &params.init {
+                Init::File(path) => Some(path.as_path()),
+                _ => None,
+            };
+            let inputs: Vec<&Path> = contents
+                .iter()
+                .chain(&styles)
+                .map(PathBuf::as_path)
+                .chain(init)
+                .collect();
+            imaging::check_output(output, several, &inputs)?;
+        }
         Ok(JobFiles {
             kind,
-            contents: images_of("content", &self.content)?,
-            styles: images_of("style", &self.style)?,
-            params: self.params.params()?,
+            contents,
+            styles,
+            params,
             priority: self.priority,
             max_attempts: self.max_attempts.unwrap_or(0),
             worker_tags: self.worker_tags.clone(),
@@ -840,6 +863,12 @@ async fn print_failed_logs(
 }
 
 pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    if args.job.output.is_some() && !args.wait {
+        bail!(
+            "output: --output is written once the job is done, with --wait (or later: stylefarm fetch \
+             JOB --output PATH)"
+        );
+    }
     let job = JobFiles {
         paused: args.paused,
         ..args.job.files()?

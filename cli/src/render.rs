@@ -148,6 +148,17 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             None => None,
         };
     if let Some(output) = &args.output {
+        // before the render: a finished image must not be lost to a folder that is not there, nor
+        // written over an input
+        let init = match &params.init {
+            Init::File(path) => Some(path.as_path()),
+            _ => None,
+        };
+        let inputs: Vec<&std::path::Path> = std::iter::once(args.content.as_path())
+            .chain(args.style.iter().map(PathBuf::as_path))
+            .chain(init)
+            .collect();
+        imaging::check_output(output, false, &inputs)?;
         if imaging::output_format(output)? == image::ImageFormat::Jpeg
             && args.output_depth == OutputDepth::Sixteen
         {

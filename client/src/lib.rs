@@ -690,8 +690,10 @@ impl FarmClient {
             status.spec.as_ref().and_then(|s| s.kind.as_ref()),
             Some(pb::job_spec::Kind::Video(_))
         );
+        let tiled = !status.result.is_empty() || status.scales > 0;
+        let several = video || (!tiled && (done.len() > 1 || !status.contact_sheet.is_empty()));
+        imaging::check_output(output, several, &[])?;
         if video {
-            check_video_output(output)?;
             create_dir(output)?;
             let mut frames: Vec<(u64, &pb::TaskStatus)> = done
                 .into_iter()
@@ -761,26 +763,8 @@ pub(crate) fn off_async<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Checks that `output` can take a video's frames: a directory, not an image file (by its extension); an
-/// error names `output`.
-pub fn check_video_output(output: &Path) -> std::result::Result<(), stylefarm_core::Error> {
-    match imaging::output_format(output) {
-        Ok(_) => Err(stylefarm_core::Error::invalid(
-            "output",
-            format!(
-                "a video's frames go to a directory, not {}",
-                output.display()
-            ),
-        )),
-        Err(_) => Ok(()),
-    }
-}
-
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| ClientError::Io {
-        path: path.into(),
-        source,
-    })
+    Ok(imaging::read_image_file(path)?)
 }
 
 fn create_dir(path: &Path) -> Result<()> {

@@ -484,19 +484,100 @@ pub fn save_output(
     )
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it, so that a failed write leaves no partial
-/// output.
+/// Writes `bytes` to `path` through a temporary file of its own beside it (a new name each time, made
+/// with the permissions a new file gets), renamed over `path` once whole: a failed write leaves no
+/// partial output, a reader never sees half an image, and two writers of one path do not share a
+/// temporary file.
 fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension(format!(
-        "partial.{}",
-        path.extension().unwrap_or_default().to_string_lossy()
-    ));
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::image(path.display(), format!("cannot write: {e}"))
-        })
+    use std::io::Write;
+    let fail = |e: std::io::Error| Error::image(path.display(), format!("cannot write: {e}"));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".stylefarm-")
+        .suffix(".partial")
+        .permissions(new_file_permissions())
+        .tempfile_in(folder_of(path))
+        .map_err(fail)?;
+    tmp.write_all(bytes).map_err(fail)?;
+    tmp.persist(path).map_err(|e| fail(e.error))?;
+    Ok(())
+}
+
+/// The permissions a file created by `std::fs::write` gets (0666 less the umask), not tempfile's 0600.
+fn new_file_permissions() -> std::fs::Permissions {
+    std::os::unix::fs::PermissionsExt::from_mode(0o666)
+}
+
+/// The folder a file path is in (`.` for a bare name).
+fn folder_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Checks, before any work, that a job's results can be written to `output` (`--output`), so that a
+/// finished render is not lost to a typo, nor written over what it was made from. A name with an image
+/// extension that [`output_format`] takes is one image file, for a job with one result (`several`
+/// false): it must not be a folder, its folder must exist and take new files, and it must not be one of
+/// `inputs` (the job's content, style and init images). Any other name is a folder (created when
+/// missing), which must not be an existing file; a name with another image format's extension
+/// (`.webp`) is refused rather than taken for a folder.
+///
+/// # Errors
+/// [`Error::Invalid`] on field `output`, naming the path and what is wrong with it.
+pub fn check_output(output: &Path, several: bool, inputs: &[&Path]) -> Result<(), Error> {
+    let bad = |message: String| {
+        Err(Error::invalid(
+            "output",
+            format!("{}: {message}", output.display()),
+        ))
+    };
+    if output_format(output).is_err() {
+        if ImageFormat::from_path(output).is_ok() {
+            return bad(
+                "not an image format stylefarm writes (.png, .jpg, .jpeg, .tif, .tiff), nor a folder name"
+                    .into(),
+            );
+        }
+        if output.exists() && !output.is_dir() {
+            return bad("exists and is not a folder".into());
+        }
+        return Ok(());
+    }
+    if several {
+        return bad(
+            "the job has several results (a batch's images, a sweep's variants and contact sheet, a \
+             video's frames): give a folder, not an image file name"
+                .into(),
+        );
+    }
+    if output.is_dir() {
+        return bad(
+            "is a folder: give an image file name, or a folder's name without an image extension"
+                .into(),
+        );
+    }
+    let folder = folder_of(output);
+    if !folder.is_dir() {
+        return bad(format!("its folder {} does not exist", folder.display()));
+    }
+    if let Err(e) = tempfile::Builder::new()
+        .prefix(".stylefarm-")
+        .tempfile_in(folder)
+    {
+        return bad(format!("cannot write in {}: {e}", folder.display()));
+    }
+    if let Ok(out) = output.canonicalize() {
+        if let Some(input) = inputs
+            .iter()
+            .find(|i| i.canonicalize().is_ok_and(|i| i == out))
+        {
+            return bad(format!(
+                "is one of the job's inputs ({}): it would be written over",
+                input.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes an encoded image (e.g. a farm's PNG result; `name` is for errors) in the format of `path`'s
@@ -937,6 +1018,82 @@ mod tests {
             .to_string()
             .starts_with("output"));
         assert!(load(&dir.path().join("missing.png")).is_err());
+    }
+
+    /// What is not a regular file (a device, a folder) is refused before a byte is read: `/dev/zero` would
+    /// fill the memory.
+    #[test]
+    fn only_regular_files_are_read_as_images() {
+        for path in ["/dev/zero", "/"] {
+            let e = read_image_file(Path::new(path)).unwrap_err().to_string();
+            assert_eq!(e, format!("{path}: not a regular file"));
+        }
+        assert!(read_image_file(Path::new("/nonexistent.png"))
+            .unwrap_err()
+            .to_string()
+            .starts_with("/nonexistent.png: cannot read: "));
+    }
+
+    /// An output is written through a temporary file of its own (not `<name>.partial.<ext>`, which may be
+    /// the user's), with a new file's permissions, and leaves nothing else behind.
+    #[test]
+    fn an_output_is_written_whole_and_leaves_other_files_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(6, 3, |x, y| image::Rgb([x as u8, y as u8, 200]));
+        let theirs = dir.path().join("a.partial.png");
+        std::fs::write(&theirs, b"the user's").unwrap();
+        let path = dir.path().join("a.png");
+        save(&img, &path).unwrap();
+        assert_eq!(load(&path).unwrap(), img);
+        assert_eq!(std::fs::read(&theirs).unwrap(), b"the user's");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.partial.png", "a.png"]);
+        // what std::fs::write would have made: group and others read it where the umask lets them
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&plain));
+    }
+
+    /// An output is checked before any work: an image file in a folder that exists, is not a folder, is not
+    /// an input and is for one result; a folder that is not a file; no other image format's extension.
+    #[test]
+    fn an_output_that_cannot_be_written_is_refused_before_the_render() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = dir.path().join("photo.png");
+        std::fs::write(&content, b"pixels").unwrap();
+        let refused = |output: &Path, several: bool| {
+            let e = check_output(output, several, &[&content])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("output: {}: ", output.display())),
+                "{e}"
+            );
+            e
+        };
+        check_output(&dir.path().join("out.png"), false, &[&content]).unwrap();
+        check_output(&dir.path().join("results"), true, &[&content]).unwrap();
+        check_output(dir.path(), true, &[&content]).unwrap();
+        assert!(refused(&dir.path().join("typo/out.png"), false).contains("does not exist"));
+        let folder = dir.path().join("out.png");
+        std::fs::create_dir(&folder).unwrap();
+        assert!(refused(&folder, false).contains("is a folder"));
+        assert!(refused(&content, false).contains("inputs"));
+        // the same file by another path
+        let again = dir.path().join("typo/../photo.png");
+        std::fs::create_dir(dir.path().join("typo")).unwrap();
+        assert!(refused(&again, false).contains("inputs"));
+        assert!(refused(&dir.path().join("out.jpg"), true).contains("several results"));
+        assert!(refused(&dir.path().join("out.webp"), false).contains("not an image format"));
+        let notes = dir.path().join("notes.txt");
+        std::fs::write(&notes, b"").unwrap();
+        assert!(refused(&notes, true).contains("exists and is not a folder"));
     }
 
     /// The style's colours take the content's mean and covariance (within 8-bit rounding), in every
