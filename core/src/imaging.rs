@@ -249,6 +249,11 @@ pub fn load_full(path: &Path) -> Result<Decoded, Error> {
 pub fn read_image_file(path: &Path) -> Result<Vec<u8>, Error> {
     use std::io::Read;
     let fail = |message: String| Error::image(path.display(), message);
+    // looked at before it is opened: opening a FIFO waits for a writer
+    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
     let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read: {e}")))?;
     let meta = file
         .metadata()
@@ -1024,7 +1029,15 @@ mod tests {
     /// fill the memory.
     #[test]
     fn only_regular_files_are_read_as_images() {
-        for path in ["/dev/zero", "/"] {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.png");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let fifo = fifo.display().to_string();
+        for path in ["/dev/zero", "/", &fifo] {
             let e = read_image_file(Path::new(path)).unwrap_err().to_string();
             assert_eq!(e, format!("{path}: not a regular file"));
         }
