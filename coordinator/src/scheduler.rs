@@ -59,9 +59,9 @@ pub struct SchedulerConfig {
     /// (a strike against the worker) and the worker told to cancel it (Flamenco's task timeout, for an
     /// engine that hangs while its heartbeats go on). Counted from the lease until the first progress: it
     /// must outlast a task's slowest iteration and its style and content targets. A task whose progress
-    /// shows its render ended (the last iteration of its last scale) is not taken back: its worker is
-    /// encoding and sending the result, which takes as long as the image's size asks (the worker bounds it,
-    /// and its lease lapses if it gives up). Exact-mode shards are left to their group's own timeouts.
+    /// shows its render ended (the last iteration of its last scale) gets [`stylefarm_proto::REPORT_TIMEOUT`]
+    /// more: its worker is encoding and sending the result, which takes as long as the image's size asks
+    /// (and the worker gives up after as long). Exact-mode shards are left to their group's own timeouts.
     /// `None`: never.
     pub task_stall: Option<Duration>,
 }
@@ -3107,7 +3107,8 @@ impl Scheduler {
                 .and_then(|j| j.tasks.get(l.index as usize))
                 .is_some_and(|t| t.spec.shards().is_some())
         };
-        // a render that ended: its result is on its way
+        // a render that ended: its result is on its way, for as long as a worker tries to send it
+        let report_ms = stylefarm_proto::REPORT_TIMEOUT.as_millis() as i64;
         let rendered = |l: &LeaseInfo| {
             l.progress
                 .as_ref()
@@ -3119,8 +3120,10 @@ impl Scheduler {
             .iter()
             .filter_map(|(id, l)| {
                 let stalled = !l.cancel
-                    && stall_ms.is_some_and(|ms| now - l.progressed_ms > ms)
-                    && !rendered(l)
+                    && stall_ms.is_some_and(|ms| {
+                        let waited = now - l.progressed_ms;
+                        waited > ms && !(rendered(l) && waited <= ms + report_ms)
+                    })
                     && !shard(l);
                 (l.deadline_ms < now || stalled).then(|| (id.clone(), l.deadline_ms < now))
             })
@@ -5842,7 +5845,8 @@ mod tests {
 
     /// A task whose render ended (its progress at the last iteration of its last scale) keeps its lease past
     /// `task_stall` while its worker sends the result (a large image's encoding and upload), and the result
-    /// is taken; one at the last iteration of an earlier scale still stalls.
+    /// is taken; one at the last iteration of an earlier scale still stalls, and so does one whose result
+    /// has not come a worker's REPORT_TIMEOUT after the stall (an engine hung after its last iteration).
     #[test]
     fn a_task_whose_render_ended_is_not_taken_back_while_its_result_comes() {
         let stall = Duration::from_millis(500);
@@ -5851,7 +5855,7 @@ mod tests {
             task_stall: Some(stall),
             ..Default::default()
         });
-        let (job, _) = s.submit(batch(2, 0), "").unwrap();
+        let (job, _) = s.submit(batch(3, 0), "").unwrap();
         let at = |scale, iteration| {
             Some(TaskProgress {
                 scale,
@@ -5891,6 +5895,25 @@ mod tests {
             TaskState::Succeeded
         );
         assert_eq!(s.metrics.task_stalls.get(), 1);
+        // ended, and nothing since for longer than the stall and a worker's report together
+        let hung = s.lease(&w("c")).unwrap().unwrap();
+        s.heartbeat(&hung.lease_id, &w("c"), at(2, 100), None)
+            .unwrap();
+        let report_ms = stylefarm_proto::REPORT_TIMEOUT.as_millis() as i64;
+        s.state
+            .lock()
+            .unwrap()
+            .leases
+            .get_mut(&hung.lease_id)
+            .unwrap()
+            .progressed_ms -= report_ms + stall.as_millis() as i64 + 1_000;
+        s.expire().unwrap();
+        assert!(
+            s.heartbeat(&hung.lease_id, &w("c"), at(2, 100), None)
+                .unwrap()
+                .cancel
+        );
+        assert_eq!(s.metrics.task_stalls.get(), 2);
     }
 
     /// A drained worker (by its name: every registration of it) takes no task, even while it asks, while its

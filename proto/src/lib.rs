@@ -39,6 +39,11 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Size of the chunks of image streams.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
+/// How long a worker tries to report a task's outcome (encoding and sending a large result included)
+/// before it gives up and lets the lease lapse; as long, past `--task-stall-secs`, the coordinator waits
+/// for the result of a task whose render has ended.
+pub const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A server's answer that it is too busy to take the request now: UNAVAILABLE with gRPC's `RetryInfo`
 /// detail (google.rpc.RetryInfo, the richer error model) asking the caller to send it again after `delay`.
 pub fn retry_later(message: impl Into<String>, delay: std::time::Duration) -> tonic::Status {

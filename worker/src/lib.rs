@@ -107,8 +107,7 @@ struct ImageCache {
     downloaded: u64,
 }
 
-/// How long a worker tries to report a task's outcome (a large result's upload included).
-const REPORT_TIMEOUT: Duration = Duration::from_secs(300);
+use stylefarm_proto::REPORT_TIMEOUT;
 
 /// How much longer than its wait (`lease_wait`) a request for a task may go unanswered before the worker
 /// takes its coordinator for gone and connects again (to a standby, where there is one).
