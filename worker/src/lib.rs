@@ -728,13 +728,18 @@ impl Heartbeat {
                             sending.not_sent();
                         }
                     }
+                    // a lease being cancelled is renewed too, until its worker reports; an unknown or
+                    // expired one answers no deadline
+                    if matches!(&sent, Ok(Ok(r)) if r.get_ref().lease_deadline_ms > 0) {
+                        renewed.renew();
+                    }
                     match sent {
                         Ok(Ok(r)) if r.get_ref().cancel => {
                             if !cancel.swap(true, Ordering::Relaxed) {
                                 tracing::info!("cancelled by the coordinator");
                             }
                         }
-                        Ok(Ok(_)) => renewed.renew(),
+                        Ok(Ok(_)) => {}
                         Ok(Err(s)) => tracing::warn!(error = s.message(), "heartbeat failed"),
                         Err(_) => tracing::warn!("heartbeat timed out"),
                     }
@@ -1037,7 +1042,7 @@ async fn run_task(
 }
 
 /// Sends the outcome to the coordinator, again while it may take it later (it is away, busy, or cannot
-/// write it yet: [`may_take_later`]) after the delay it asks for ([`stylefarm_proto::BusyBackoff`]) or
+/// write it yet: [`tries_after`]) after the delay it asks for ([`stylefarm_proto::BusyBackoff`]) or
 /// with backoff (up to 5 s), as long as the lease may be held (`held`: the heartbeat keeps renewing it,
 /// as a coordinator whose store is out of reach does); the caller bounds the whole report by
 /// `REPORT_TIMEOUT`. The task's lines not sent yet (`log`) go
@@ -1145,13 +1150,25 @@ async fn report(
                     tokio::time::sleep(wait).await;
                     continue;
                 }
-                if !may_take_later(&s) {
-                    tracing::error!(
-                        error = s.message(),
-                        code = ?s.code(),
-                        "the coordinator refused the task's outcome; the lease will lapse"
-                    );
-                    return;
+                match tries_after(&s) {
+                    0 => {
+                        tracing::error!(
+                            error = s.message(),
+                            code = ?s.code(),
+                            "the coordinator refused the task's outcome; the lease will lapse"
+                        );
+                        return;
+                    }
+                    tries if attempt >= tries => {
+                        tracing::error!(
+                            error = s.message(),
+                            code = ?s.code(),
+                            attempt,
+                            "reporting to the coordinator keeps failing; the lease will lapse"
+                        );
+                        return;
+                    }
+                    _ => {}
                 }
                 tracing::warn!(
                     error = s.message(),
@@ -1171,22 +1188,25 @@ async fn report(
 /// The longest wait between two tries of a report.
 const REPORT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Whether a report that failed with `status` may be taken if sent again: the coordinator was out of
-/// reach (UNAVAILABLE, or a transport error: UNKNOWN), busy, or could not write it yet (its store out of
-/// reach or its disk full: UNAVAILABLE, RESOURCE_EXHAUSTED), not that it refused this outcome (an
-/// invalid field, a token it does not accept).
-fn may_take_later(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::ResourceExhausted
-            | Code::DeadlineExceeded
-            | Code::Aborted
-            | Code::Internal
-            | Code::Cancelled
-    )
+/// How many times a report that failed with `status` is sent again: for as long as the lease may be held
+/// when the coordinator says it may take it later (UNAVAILABLE: out of reach, busy, its store out of
+/// reach; RESOURCE_EXHAUSTED: its disk full); [`REPORT_FEW_TRIES`] times when the failure may pass or
+/// may repeat every time (INTERNAL, a stream reset: UNKNOWN, a deadline); not at all when the
+/// coordinator refused this outcome (an invalid field, a token it does not accept).
+fn tries_after(status: &tonic::Status) -> u32 {
+    match status.code() {
+        Code::Unavailable | Code::ResourceExhausted => u32::MAX,
+        Code::Unknown
+        | Code::Internal
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::Cancelled => REPORT_FEW_TRIES,
+        _ => 0,
+    }
 }
+
+/// Tries of a report that failed in a way that may repeat every time ([`tries_after`]).
+const REPORT_FEW_TRIES: u32 = 5;
 
 #[cfg(test)]
 mod tests {
