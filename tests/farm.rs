@@ -8,9 +8,9 @@ use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
-    file_names, is, iteration, job, metric_value, metrics_addr, path, pixel_difference, scrape,
-    shared_image, submit, tubingen_x_starry, wait_for, wait_iteration, wait_job, wait_registered,
-    wait_state, x_starry, Cluster,
+    batch_x_starry, file_names, is, iteration, job, metric_value, metrics_addr, path,
+    pixel_difference, scrape, shared_image, submit, tubingen_x_starry, wait_for, wait_iteration,
+    wait_job, wait_registered, wait_state, x_starry, Cluster,
 };
 use tonic::Code;
 
@@ -1116,22 +1116,7 @@ async fn standby_takes_over(frozen: bool) {
 
 /// Submits a batch of two small renders (30 iterations at 48 px each); returns its id.
 fn submit_small_batch(cluster: &Cluster) -> String {
-    submit(
-        cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--content",
-            &path("chelsea.png"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--batch",
-            "--size",
-            "48",
-            "--iterations",
-            "30",
-        ],
-    )
+    submit(cluster, &batch_x_starry(48, 30))
 }
 
 /// Kills a coordinator with SIGKILL during a batch job and starts another on the same state: the job
@@ -1158,6 +1143,31 @@ async fn killed_and_restarted(mut cluster: Cluster) {
     );
 }
 
+/// A worker's client connected to `cluster` and registered as `name`, as a worker process would be, for a
+/// test that speaks for it; and its worker id.
+async fn worker_by_hand(
+    cluster: &Cluster,
+    name: &str,
+) -> (
+    pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
+    String,
+) {
+    let mut workers = pb::worker_service_client::WorkerServiceClient::connect(cluster.url.clone())
+        .await
+        .unwrap();
+    let worker_id = workers
+        .register_worker(pb::RegisterWorkerRequest {
+            name: name.into(),
+            protocol: stylefarm_proto::PROTOCOL,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    (workers, worker_id)
+}
+
 /// A worker's checkpoint is kept only under a live lease of a job with checkpoints, and only once checked:
 /// bytes that are not a checkpoint file, one larger than the task's image takes, or one of a scale,
 /// iteration or size the task does not have are refused naming `checkpoint`, and the task keeps the last
@@ -1170,19 +1180,7 @@ async fn a_checkpoint_is_checked_before_it_is_kept() {
     let mut args = tubingen_x_starry(64, 20);
     args.extend(["--checkpoint-every", "5"].map(String::from));
     let checkpointed = submit(&cluster, &args);
-    let mut workers = pb::worker_service_client::WorkerServiceClient::connect(cluster.url.clone())
-        .await
-        .unwrap();
-    let worker_id = workers
-        .register_worker(pb::RegisterWorkerRequest {
-            name: "by-hand".into(),
-            protocol: stylefarm_proto::PROTOCOL,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let (workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
     let lease = || {
         let mut workers = workers.clone();
         let worker_id = worker_id.clone();
@@ -1336,19 +1334,7 @@ async fn a_checkpoint_is_checked_before_it_is_kept() {
 async fn a_result_of_a_cancelled_job_is_discarded_and_its_log_lines_kept() {
     let cluster = Cluster::start(30.0, 0.5);
     let id = submit(&cluster, &tubingen_x_starry(64, 20));
-    let mut workers = pb::worker_service_client::WorkerServiceClient::connect(cluster.url.clone())
-        .await
-        .unwrap();
-    let worker_id = workers
-        .register_worker(pb::RegisterWorkerRequest {
-            name: "by-hand".into(),
-            protocol: stylefarm_proto::PROTOCOL,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
     let leased = workers
         .lease_task(pb::LeaseTaskRequest {
             worker_id,
@@ -1393,35 +1379,22 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     let cluster = Cluster::start(10.0, 0.5);
     let client = cluster.client().await;
     // an --output the results could not go to: refused before anything is submitted
-    let out = cluster.dir.path().join("out.png");
-    let out = out.to_str().unwrap();
-    let (tubingen, chelsea, starry) = (
-        path("tubingen.jpg"),
-        path("chelsea.png"),
-        path("starry_night.jpg"),
-    );
-    for (args, needle) in [
+    let out = cluster.dir.path().join("out.png").display().to_string();
+    for (mut args, needle) in [
         (
-            vec!["--content", &tubingen, "--style", &starry, "-o", out],
+            tubingen_x_starry(32, 1),
             "output: --output is written once the job is done, with --wait",
         ),
-        (
-            [
-                "--batch",
-                "--content",
-                &tubingen,
-                "--content",
-                &chelsea,
-                "--style",
-                &starry,
-            ]
-            .into_iter()
-            .chain(["--wait", "-o", out])
-            .collect(),
-            "the job has several results",
-        ),
+        (batch_x_starry(32, 1), "the job has several results"),
     ] {
-        let (ok, _, err) = cluster.cli(&[&["submit"][..], &args].concat());
+        if needle.contains("several") {
+            args.push("--wait".into());
+        }
+        args.extend(["-o".to_string(), out.clone()]);
+        let args: Vec<&str> = std::iter::once("submit")
+            .chain(args.iter().map(String::as_str))
+            .collect();
+        let (ok, _, err) = cluster.cli(&args);
         assert!(!ok && err.contains(needle), "{args:?}: {err}");
     }
     let (ok, listed, err) = cluster.cli(&["list"]);

@@ -14,8 +14,8 @@ use stylefarm_coordinator::blobs::S3Server;
 use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_tests::{
-    is, job, path, shared_image, stylefarm, submit, task_log, tubingen_x_starry, wait_for,
-    wait_iteration, wait_job, wait_registered, wait_state, Cluster,
+    batch_x_starry, is, job, path, shared_image, stylefarm, submit, task_log, tubingen_x_starry,
+    wait_for, wait_iteration, wait_job, wait_registered, wait_state, Cluster,
 };
 use tonic::Code;
 
@@ -335,22 +335,7 @@ async fn failing_every_task(backend: Backend) {
     cluster.start_coordinator();
     cluster.add_worker_with_env("bad", &[("FAILPOINTS", "engine-render=panic(bad worker)")]);
     wait_registered(&cluster, 1).await;
-    let id = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--content",
-            &path("chelsea.png"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--batch",
-            "--size",
-            "48",
-            "--iterations",
-            "10",
-        ],
-    );
+    let id = submit(&cluster, &batch_x_starry(48, 10));
     // the bad worker alone first: it fails until it is blocklisted, and the job waits for another
     wait_for(
         "the bad worker's three strikes",
@@ -619,22 +604,7 @@ async fn a_heartbeat_s_lines_still_on_their_way_when_the_task_ends_are_kept() {
         &[("FAILPOINTS", "worker-heartbeat-lines=return(4000)")],
     );
     wait_registered(&cluster, 1).await;
-    let id = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--content",
-            &path("chelsea.png"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--batch",
-            "--size",
-            "32",
-            "--iterations",
-            "5",
-        ],
-    );
+    let id = submit(&cluster, &batch_x_starry(32, 5));
     wait_state(
         &cluster,
         &id,

@@ -501,6 +501,14 @@ pub fn tubingen_x_starry(size: u32, iterations: u32) -> Vec<String> {
     x_starry("tubingen.jpg", size, iterations)
 }
 
+/// The arguments of a batch of two renders, tubingen.jpg and chelsea.png each in the style of
+/// starry_night.jpg, at `size` px for `iterations`.
+pub fn batch_x_starry(size: u32, iterations: u32) -> Vec<String> {
+    let mut args = vec!["--content".into(), path("chelsea.png"), "--batch".into()];
+    args.extend(tubingen_x_starry(size, iterations));
+    args
+}
+
 /// The arguments of a render of the shared image `content` in the style of starry_night.jpg at `size` px
 /// for `iterations`.
 pub fn x_starry(content: &str, size: u32, iterations: u32) -> Vec<String> {
