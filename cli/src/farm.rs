@@ -15,7 +15,7 @@ use stylefarm_coordinator::{BlobsConfig, StoreConfig};
 use stylefarm_core::checkpoint::CheckpointEvery;
 use stylefarm_core::imaging;
 use stylefarm_core::job::{parse_sweep, JobKind, Video, MAX_ATTEMPTS};
-use stylefarm_core::params::{Init, ParamArgs};
+use stylefarm_core::params::ParamArgs;
 use stylefarm_core::task_log::AttemptLog;
 use stylefarm_core::tiling::{self, Tiling};
 use stylefarm_proto::pb;
@@ -585,35 +585,11 @@ impl JobArgs {
         } else {
             JobKind::Single
         };
-        let (contents, styles, params) = (
-            images_of("content", &self.content)?,
-            images_of("style", &self.style)?,
-            self.params.params()?,
-        );
-        // refused before the render, not after it
-        if let Some(output) = self.output.as_deref() {
-            let several = match &kind {
-                JobKind::Single | JobKind::Tiled(_) => false,
-                JobKind::Batch => contents.len() * styles.len() > 1,
-                JobKind::Sweep(_) | JobKind::Video(_) => true,
-            };
-            let init = match &params.init {
-                Init::File(path) => Some(path.as_path()),
-                _ => None,
-            };
-            let inputs: Vec<&Path> = contents
-                .iter()
-                .chain(&styles)
-                .map(PathBuf::as_path)
-                .chain(init)
-                .collect();
-            imaging::check_output(output, several, &inputs)?;
-        }
-        Ok(JobFiles {
+        let job = JobFiles {
             kind,
-            contents,
-            styles,
-            params,
+            contents: images_of("content", &self.content)?,
+            styles: images_of("style", &self.style)?,
+            params: self.params.params()?,
             priority: self.priority,
             max_attempts: self.max_attempts.unwrap_or(0),
             worker_tags: self.worker_tags.clone(),
@@ -626,7 +602,17 @@ impl JobArgs {
             )?,
             request_id: self.request_id.clone(),
             paused: false,
-        })
+        };
+        // refused before the render, not after it
+        if let Some(output) = self.output.as_deref() {
+            let several = match &job.kind {
+                JobKind::Single | JobKind::Tiled(_) => false,
+                JobKind::Batch => job.contents.len() * job.styles.len() > 1,
+                JobKind::Sweep(_) | JobKind::Video(_) => true,
+            };
+            imaging::check_output(output, several, &job.inputs().collect::<Vec<_>>())?;
+        }
+        Ok(job)
     }
 }
 

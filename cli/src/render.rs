@@ -150,13 +150,9 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     if let Some(output) = &args.output {
         // before the render: a finished image must not be lost to a folder that is not there, nor
         // written over an input
-        let init = match &params.init {
-            Init::File(path) => Some(path.as_path()),
-            _ => None,
-        };
-        let inputs: Vec<&std::path::Path> = std::iter::once(args.content.as_path())
+        let inputs: Vec<&Path> = std::iter::once(args.content.as_path())
             .chain(args.style.iter().map(PathBuf::as_path))
-            .chain(init)
+            .chain(params.init.file())
             .collect();
         imaging::check_output(output, false, &inputs)?;
         if imaging::output_format(output)? == image::ImageFormat::Jpeg

@@ -162,6 +162,18 @@ pub struct JobFiles {
     pub paused: bool,
 }
 
+impl JobFiles {
+    /// The job's local image files, in order: its contents, its styles and its init image
+    /// ([`Init::File`]); a file given twice comes twice.
+    pub fn inputs(&self) -> impl Iterator<Item = &Path> {
+        self.contents
+            .iter()
+            .chain(&self.styles)
+            .map(PathBuf::as_path)
+            .chain(self.params.init.file())
+    }
+}
+
 /// A connection to a coordinator. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct FarmClient {
@@ -342,22 +354,13 @@ impl FarmClient {
     /// Uploads a job's images (each file once) and submits it; returns its id. The job is checked as
     /// the coordinator will check it before any byte is sent: the files are hashed first.
     pub async fn submit_files(&mut self, job: &JobFiles) -> Result<JobId> {
-        let init = match &job.params.init {
-            Init::File(path) => Some(path.as_path()),
-            _ => None,
-        };
+        let init = job.params.init.file();
         // before any file is read: a folder of 50,000 photos is refused at once
         stylefarm_core::job::check_image_counts(job.contents.len(), job.styles.len())?;
         // each file once, in order
         let mut files: Vec<(&Path, ImageHash)> = Vec::new();
         let mut hashes: HashMap<&Path, ImageHash> = HashMap::new();
-        for path in job
-            .contents
-            .iter()
-            .chain(&job.styles)
-            .map(PathBuf::as_path)
-            .chain(init)
-        {
+        for path in job.inputs() {
             if !hashes.contains_key(path) {
                 let hash = off_async(|| read_file(path).map(|bytes| ImageHash::of(&bytes)))?;
                 hashes.insert(path, hash.clone());
@@ -780,7 +783,7 @@ fn create_dir(path: &Path) -> Result<()> {
 /// control and format characters): `content 1 x style 2` -> `content_1_x_style_2`; at most
 /// [`MAX_SLUG_BYTES`] bytes of UTF-8, cut at a character (a sweep's label names every axis and value).
 fn slug(label: &str) -> String {
-    let mut slug = label
+    let slug = label
         .split(' ')
         .map(|w| {
             w.chars()
@@ -796,12 +799,7 @@ fn slug(label: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("_");
-    let mut end = slug.len().min(MAX_SLUG_BYTES);
-    while !slug.is_char_boundary(end) {
-        end -= 1;
-    }
-    slug.truncate(end);
-    slug
+    stylefarm_core::task_log::at_most(&slug, MAX_SLUG_BYTES).to_string()
 }
 
 /// The longest label part of a result's file name, in bytes: with its index and extension, well within

@@ -255,12 +255,6 @@ pub fn read_image_file(path: &Path) -> Result<Vec<u8>, Error> {
         return Err(fail("not a regular file".into()));
     }
     let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| fail(format!("cannot read: {e}")))?;
-    if !meta.is_file() {
-        return Err(fail("not a regular file".into()));
-    }
     let too_large = || {
         fail(format!(
             "larger than {} MiB, the most an image file may be",
@@ -496,20 +490,21 @@ pub fn save_output(
 fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     let fail = |e: std::io::Error| Error::image(path.display(), format!("cannot write: {e}"));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".stylefarm-")
-        .suffix(".partial")
-        .permissions(new_file_permissions())
-        .tempfile_in(folder_of(path))
-        .map_err(fail)?;
+    let mut tmp = temp_file_in(folder_of(path)).map_err(fail)?;
     tmp.write_all(bytes).map_err(fail)?;
     tmp.persist(path).map_err(|e| fail(e.error))?;
     Ok(())
 }
 
-/// The permissions a file created by `std::fs::write` gets (0666 less the umask), not tempfile's 0600.
-fn new_file_permissions() -> std::fs::Permissions {
-    std::os::unix::fs::PermissionsExt::from_mode(0o666)
+/// A new temporary file in `folder` (`.stylefarm-XXXXXX.partial`), with the permissions a file created
+/// by `std::fs::write` gets (0666 less the umask), not tempfile's 0600; deleted when dropped unless
+/// persisted.
+fn temp_file_in(folder: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(".stylefarm-")
+        .suffix(".partial")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(folder)
 }
 
 /// The folder a file path is in (`.` for a bare name).
@@ -565,10 +560,7 @@ pub fn check_output(output: &Path, several: bool, inputs: &[&Path]) -> Result<()
     if !folder.is_dir() {
         return bad(format!("its folder {} does not exist", folder.display()));
     }
-    if let Err(e) = tempfile::Builder::new()
-        .prefix(".stylefarm-")
-        .tempfile_in(folder)
-    {
+    if let Err(e) = temp_file_in(folder) {
         return bad(format!("cannot write in {}: {e}", folder.display()));
     }
     if let Ok(out) = output.canonicalize() {

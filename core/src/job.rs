@@ -17,6 +17,15 @@ pub use crate::ids::{ImageHash, TaskId};
 pub const MAX_TASKS_PER_JOB: usize = 10_000;
 /// Most content or style images of one job.
 pub const MAX_IMAGES_PER_JOB: usize = 1_000;
+/// Longest value of a sweep's axis, in characters (a blend of 100 styles' weights, `0.01:0.01:...`, is
+/// 500): it is the task's label too.
+pub const MAX_SWEEP_VALUE_CHARS: usize = 1024;
+/// Most attempts per task a job may ask for (or a coordinator default to).
+pub const MAX_ATTEMPTS: u32 = 100;
+/// The most jobs a job may wait for ([`JobSpec::after`]).
+pub const MAX_AFTER: usize = 16;
+/// The longest name of a job's input image ([`JobSpec::content_names`]), in bytes.
+pub const MAX_IMAGE_NAME_BYTES: usize = 100;
 
 /// Refuses a job of more than [`MAX_IMAGES_PER_JOB`] content or style images ([`JobSpec::check_new`]),
 /// which a client checks too before it reads any of them.
@@ -34,15 +43,6 @@ pub fn check_image_counts(contents: usize, styles: usize) -> Result<(), Error> {
     }
     Ok(())
 }
-/// Longest value of a sweep's axis, in characters (a blend of 100 styles' weights, `0.01:0.01:...`, is
-/// 500): it is the task's label too.
-pub const MAX_SWEEP_VALUE_CHARS: usize = 1024;
-/// Most attempts per task a job may ask for (or a coordinator default to).
-pub const MAX_ATTEMPTS: u32 = 100;
-/// The most jobs a job may wait for ([`JobSpec::after`]).
-pub const MAX_AFTER: usize = 16;
-/// The longest name of a job's input image ([`JobSpec::content_names`]), in bytes.
-pub const MAX_IMAGE_NAME_BYTES: usize = 100;
 
 /// Checks a job's names of its `count` images of a kind (`field`: [`JobSpec::content_names`] or
 /// [`JobSpec::style_names`]): none, or one each, of 1 to [`MAX_IMAGE_NAME_BYTES`] bytes without control

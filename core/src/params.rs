@@ -7,7 +7,7 @@
 //! row there and a field of the same name in the proto's `RenderParams`.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -70,6 +70,14 @@ impl Init {
     /// Whether the render starts from a given image ([`Init::File`], [`Init::Image`] or [`Init::Job`]).
     pub fn is_image(&self) -> bool {
         matches!(self, Init::File(_) | Init::Image(_) | Init::Job(_))
+    }
+
+    /// The local image file it starts from ([`Init::File`]), if any.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Init::File(path) => Some(path),
+            _ => None,
+        }
     }
 
     /// The farm job whose result it starts from ([`Init::Job`]), if any.

@@ -24,7 +24,7 @@ use stylefarm_engine::{Device, EngineOptions, PreviousFrameImages, Progress, Ren
 use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
-use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
+use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES, REPORT_TIMEOUT};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tracing::Instrument;
@@ -106,8 +106,6 @@ struct ImageCache {
     /// Bytes downloaded from the coordinator so far (encoded, as they travelled).
     downloaded: u64,
 }
-
-use stylefarm_proto::REPORT_TIMEOUT;
 
 /// How much longer than its wait (`lease_wait`) a request for a task may go unanswered before the worker
 /// takes its coordinator for gone and connects again (to a standby, where there is one).
@@ -525,7 +523,7 @@ pub async fn run(
                 let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
                 let (preview_tx, preview_rx) = tokio::sync::watch::channel(None);
                 let checkpoint = Arc::new(CheckpointSlot::default());
-                let renewed = Renewed::now();
+                let lease_clock = LeaseClock::start(lease);
                 // both set: the task fails naming checkpoint_secs when it is read (run_task)
                 let checkpoints =
                     CheckpointEvery::of(task.checkpoint_every, task.checkpoint_secs).unwrap_or_default();
@@ -543,7 +541,7 @@ pub async fn run(
                         memory_used: memory_used.clone(),
                         log: log.clone(),
                     },
-                    renewed.clone(),
+                    lease_clock.clone(),
                     cancel.clone(),
                 );
                 let live = Live {
@@ -584,10 +582,9 @@ pub async fn run(
                 // the task is over: a checkpoint still on its way is of no more use
                 drop(saving);
                 // a report that hangs must not keep the lease alive forever: give up, let it lapse
-                let held = Held { lease, renewed: &renewed };
                 if tokio::time::timeout(
                     REPORT_TIMEOUT,
-                    report(&mut client, &lease_id, outcome, log.as_ref(), held),
+                    report(&mut client, &lease_id, outcome, log.as_ref(), &lease_clock),
                 )
                 .await
                 .is_err()
@@ -632,40 +629,44 @@ struct Carried {
     log: Option<TaskLog>,
 }
 
-/// When a task's lease was last renewed, as its worker knows: leased, or a heartbeat answered.
+/// A task's lease as its worker knows it: when it was last renewed (leased, or a heartbeat answered) and
+/// how long a lease lasts (the coordinator's `--lease-secs`, from the registration).
 #[derive(Clone)]
-struct Renewed(Arc<std::sync::Mutex<Instant>>);
+struct LeaseClock {
+    renewed: Arc<std::sync::Mutex<Instant>>,
+    lease: Duration,
+}
 
-impl Renewed {
-    fn now() -> Renewed {
-        Renewed(Arc::new(std::sync::Mutex::new(Instant::now())))
+impl LeaseClock {
+    /// The clock of a lease taken now.
+    fn start(lease: Duration) -> LeaseClock {
+        LeaseClock {
+            renewed: Arc::new(std::sync::Mutex::new(Instant::now())),
+            lease,
+        }
     }
 
     fn renew(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *self.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
-    fn since(&self) -> Duration {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    fn since_renewed(&self) -> Duration {
+        self.renewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
-}
 
-/// Whether a task's lease may still be held: its last renewal ([`Renewed`]) less than a lease (`lease`,
-/// the coordinator's `--lease-secs`) ago. Past that, a coordinator that is still there has taken it back.
-struct Held<'a> {
-    lease: Duration,
-    renewed: &'a Renewed,
-}
-
-impl Held<'_> {
-    fn may_be(&self) -> bool {
-        self.renewed.since() < self.lease
+    /// Whether the lease may still be held: renewed less than a lease ago. Past that, a coordinator that
+    /// is still there has taken it back.
+    fn may_be_held(&self) -> bool {
+        self.since_renewed() < self.lease
     }
 }
 
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
 /// carrying the render's latest progress, its preview when a new one came and the task's lines logged since
-/// the last beat ([`Carried`]), and notes each renewal in `renewed`; when the coordinator answers
+/// the last beat ([`Carried`]), and notes each renewal on `lease_clock`; when the coordinator answers
 /// that the task is cancelled, sets `cancel`, which the preparation checks and the engine honours at its
 /// next iteration.
 struct Heartbeat(tokio::task::JoinHandle<()>);
@@ -682,7 +683,7 @@ impl Heartbeat {
             memory_used,
             log,
         }: Carried,
-        renewed: Renewed,
+        lease_clock: LeaseClock,
         cancel: Arc<AtomicBool>,
     ) -> Heartbeat {
         Heartbeat(tokio::spawn(
@@ -731,7 +732,7 @@ impl Heartbeat {
                     // a lease being cancelled is renewed too, until its worker reports; an unknown or
                     // expired one answers no deadline
                     if matches!(&sent, Ok(Ok(r)) if r.get_ref().lease_deadline_ms > 0) {
-                        renewed.renew();
+                        lease_clock.renew();
                     }
                     match sent {
                         Ok(Ok(r)) if r.get_ref().cancel => {
@@ -1043,16 +1044,16 @@ async fn run_task(
 
 /// Sends the outcome to the coordinator, again while it may take it later (it is away, busy, or cannot
 /// write it yet: [`tries_after`]) after the delay it asks for ([`stylefarm_proto::BusyBackoff`]) or
-/// with backoff (up to 5 s), as long as the lease may be held (`held`: the heartbeat keeps renewing it,
-/// as a coordinator whose store is out of reach does); the caller bounds the whole report by
-/// `REPORT_TIMEOUT`. The task's lines not sent yet (`log`) go
-/// with it, once those of a heartbeat on its way have come ([`TaskLog::last_turn`]).
+/// with backoff (up to 5 s), as long as the lease may be held (`lease_clock`: the heartbeat keeps renewing
+/// it, as a coordinator whose store is out of reach does); the caller bounds the whole report by
+/// `REPORT_TIMEOUT`. The task's lines not sent yet (`log`) go with it, once those of a heartbeat on its
+/// way have come ([`TaskLog::last_turn`]).
 async fn report(
     client: &mut WorkerServiceClient<AuthChannel>,
     lease_id: &LeaseId,
     outcome: Outcome,
     log: Option<&TaskLog>,
-    held: Held<'_>,
+    lease_clock: &LeaseClock,
 ) {
     // a result encoded once, off the async threads (a large one takes seconds)
     let report = match outcome {
@@ -1133,10 +1134,10 @@ async fn report(
         match sent {
             Ok(()) => return,
             Err(s) => {
-                if !held.may_be() {
+                if !lease_clock.may_be_held() {
                     tracing::warn!(
                         error = s.message(),
-                        since_s = held.renewed.since().as_secs_f64(),
+                        since_s = lease_clock.since_renewed().as_secs_f64(),
                         "reporting failed, and the lease has not been renewed for a whole lease: it has \
                          lapsed, and the task will run again"
                     );
