@@ -1353,7 +1353,7 @@ async fn a_result_of_a_cancelled_job_is_discarded_and_its_log_lines_kept() {
         Part::SizeBytes(1 << 20),
         Part::Log(pb::TaskLogLines {
             lines: vec!["2026-12-05T00:00:00Z INFO rendered engine_s=1.5".into()],
-            left_out: 0,
+            ..Default::default()
         }),
         Part::Data(vec![0u8; 1 << 20]),
     ];

@@ -632,6 +632,47 @@ async fn a_heartbeat_s_lines_still_on_their_way_when_the_task_ends_are_kept() {
     }
 }
 
+/// Heartbeats answered after the worker stopped waiting (fail point `coordinator-heartbeat=sleep(1000)`,
+/// past the 0.3 s a worker waits): their lines came, and the worker sends them again with the next beat and
+/// its report; the task's log has each line once.
+#[tokio::test(flavor = "multi_thread")]
+async fn lines_of_a_heartbeat_that_timed_out_after_it_came_are_kept_once() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 12.0, 0.3);
+    cluster.coordinator_env.push((
+        "FAILPOINTS".into(),
+        "coordinator-heartbeat=sleep(1000)".into(),
+    ));
+    cluster.start_coordinator();
+    cluster.add_worker("impatient");
+    wait_registered(&cluster, 1).await;
+    let id = submit(&cluster, &tubingen_x_starry(32, 20));
+    wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let worker = cluster.workers[0].log_text();
+    let attempts = task_log(&cluster, &id, 0);
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    let (head, lines) = &attempts[0];
+    assert!(head.ends_with("\tsucceeded"), "{head}");
+    // beats timed out, and their lines were sent again
+    assert!(lines.contains("heartbeat timed out"), "{lines}");
+    for line in ["INFO rendering label=", "INFO rendered engine_s="] {
+        assert_eq!(
+            lines.matches(line).count(),
+            1,
+            "{line} in {lines}\nworker: {worker}"
+        );
+    }
+    // no line twice (each has its time to the microsecond)
+    let all: Vec<&str> = lines.lines().collect();
+    let unique: std::collections::HashSet<&str> = all.iter().copied().collect();
+    assert_eq!(all.len(), unique.len(), "{lines}");
+}
+
 /// A coordinator that refuses results for longer than the worker's old five tries took (fail point
 /// `coordinator-complete-task=6*return`: UNAVAILABLE six times, 17.5 s of backoff), as one whose store is
 /// out of reach for a while does: the worker keeps sending its result while its heartbeats keep the lease,

@@ -11,7 +11,7 @@ use stylefarm_core::checkpoint::{Checkpoint, CheckpointEvery};
 use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{ExpandedJob, JobKind, JobSpec, Task, TaskId, TaskSpec};
 use stylefarm_core::progress::TaskProgress;
-use stylefarm_core::task_log::{clip_line, AttemptLog, LogLines};
+use stylefarm_core::task_log::{clip_line, AttemptLog, ReceivedLines, SentLines};
 use stylefarm_core::Init;
 use tokio::sync::{broadcast, Notify};
 
@@ -240,9 +240,9 @@ struct LeaseInfo {
     memory_bytes: u64,
     /// Which attempt at its task it is ([`TaskRecord::attempts`] once leased).
     attempt: u32,
-    /// The lines its worker logged so far ([`Scheduler::append_log`]): kept with the task when the
-    /// attempt ends ([`log_attempt`]).
-    log: LogLines,
+    /// The lines its worker logged so far ([`Scheduler::append_log`]), each once: kept with the task
+    /// when the attempt ends ([`log_attempt`]).
+    log: ReceivedLines,
 }
 
 /// Ends `lease`'s attempt in the logs of `task` (its task) with `outcome`, taking the lines its worker
@@ -254,7 +254,7 @@ fn log_attempt(task: &mut TaskRecord, lease: &mut LeaseInfo, outcome: &str) {
         started_ms: lease.leased_ms,
         ended_ms: now_ms(),
         outcome: clip_line(outcome),
-        log: std::mem::take(&mut lease.log),
+        log: std::mem::take(&mut lease.log.lines),
     });
 }
 
@@ -1690,7 +1690,7 @@ impl Scheduler {
                 group_failure_owed: false,
                 memory_bytes: memory.own,
                 attempt: task_attempt,
-                log: LogLines::default(),
+                log: ReceivedLines::default(),
             },
         );
         if starts_group {
@@ -1952,7 +1952,7 @@ impl Scheduler {
         lease_id: &LeaseId,
         result: &ImageHash,
     ) -> Result<Option<Completed>, SchedulerError> {
-        self.complete_with_log(lease_id, result, LogLines::default())
+        self.complete_with_log(lease_id, result, SentLines::default())
     }
 
     /// [`Scheduler::complete`], with the last lines its worker logged for the attempt (`log`), kept only
@@ -1961,14 +1961,14 @@ impl Scheduler {
         &self,
         lease_id: &LeaseId,
         result: &ImageHash,
-        log: LogLines,
+        log: SentLines,
     ) -> Result<Option<Completed>, SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
         let Some(mut lease) = Self::take_lease(&mut st, lease_id) else {
             return Ok(None);
         };
-        lease.log.append(log);
+        lease.log.add(log);
         if lease.cancel {
             self.discard_cancelled(&mut st, lease);
             return Ok(None);
@@ -2035,7 +2035,7 @@ impl Scheduler {
         error: &str,
         kind: FailureKind,
     ) -> Result<(), SchedulerError> {
-        self.fail_with_log(lease_id, error, kind, LogLines::default())
+        self.fail_with_log(lease_id, error, kind, SentLines::default())
     }
 
     /// [`Scheduler::fail`], with the last lines its worker logged for the attempt (`log`), kept only once
@@ -2045,14 +2045,14 @@ impl Scheduler {
         lease_id: &LeaseId,
         error: &str,
         kind: FailureKind,
-        log: LogLines,
+        log: SentLines,
     ) -> Result<(), SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
         let Some(mut lease) = Self::take_lease(&mut st, lease_id) else {
             return Ok(());
         };
-        lease.log.append(log);
+        lease.log.add(log);
         let outcome = if lease.cancel {
             "cancelled".to_string()
         } else {
@@ -2100,7 +2100,7 @@ impl Scheduler {
     /// Appends lines that a lease's worker (`worker`, by name: as [`Scheduler::heartbeat`] takes its
     /// progress) logged to the lease's attempt ([`TaskRecord::logs`] once it ends); lines for a lease no
     /// longer held, or from another worker, are dropped.
-    pub fn append_log(&self, lease_id: &LeaseId, worker: &WorkerId, lines: LogLines) {
+    pub fn append_log(&self, lease_id: &LeaseId, worker: &WorkerId, lines: SentLines) {
         if lines.is_empty() {
             return;
         }
@@ -2110,14 +2110,14 @@ impl Scheduler {
             .get_mut(lease_id)
             .filter(|l| l.worker.by_name() == worker.by_name())
         {
-            lease.log.append(lines);
+            lease.log.add(lines);
         }
     }
 
     /// Ends a lease being cancelled (its job ended) whose worker reports a result anyway, which is
     /// discarded: its attempt is logged as cancelled, with `log`, and the lease no longer waits to lapse.
     /// Nothing for a lease that is not being cancelled, or no longer held.
-    pub fn end_cancelled(&self, lease_id: &LeaseId, log: LogLines) {
+    pub fn end_cancelled(&self, lease_id: &LeaseId, log: SentLines) {
         let mut st = self.state.lock().unwrap();
         if !st.leases.get(lease_id).is_some_and(|l| l.cancel) {
             return;
@@ -2125,7 +2125,7 @@ impl Scheduler {
         let Some(mut lease) = Self::take_lease(&mut st, lease_id) else {
             return;
         };
-        lease.log.append(log);
+        lease.log.add(log);
         let job_id = lease.job_id.clone();
         self.discard_cancelled(&mut st, lease);
         drop(st);
@@ -2168,7 +2168,7 @@ impl Scheduler {
             started_ms: lease.leased_ms,
             ended_ms: 0,
             outcome: String::new(),
-            log: lease.log.clone(),
+            log: lease.log.lines.clone(),
         }));
         Ok(logs)
     }
@@ -3658,7 +3658,7 @@ mod tests {
     /// by a restart; an expired lease's attempt says so, with the lines its heartbeats brought.
     #[test]
     fn a_task_keeps_its_last_attempts_logs_each_bounded() {
-        use stylefarm_core::task_log::{KEPT_ATTEMPTS, MAX_ATTEMPT_BYTES};
+        use stylefarm_core::task_log::{LogLines, KEPT_ATTEMPTS, MAX_ATTEMPT_BYTES};
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let config = SchedulerConfig {
             backoff: Duration::ZERO,
@@ -3673,9 +3673,12 @@ mod tests {
                 ..batch(1, 0)
             },
         );
-        let lines = |text: &str| LogLines {
-            lines: vec![text.to_string()],
-            left_out: 0,
+        let lines = |text: &str| SentLines {
+            first: 0,
+            lines: LogLines {
+                lines: vec![text.to_string()],
+                left_out: 0,
+            },
         };
         for i in 1..=4 {
             let worker = w(&format!("w{i}"));
@@ -3710,9 +3713,12 @@ mod tests {
         assert!(last.ended_ms >= last.started_ms && last.started_ms > 0);
         // a worker's flood of lines is bounded
         let l = s.lease(&w("w5")).unwrap().unwrap();
-        let flood = LogLines {
-            lines: vec!["x".repeat(4096); 10_000],
-            left_out: 0,
+        let flood = SentLines {
+            first: 0,
+            lines: LogLines {
+                lines: vec!["x".repeat(4096); 10_000],
+                left_out: 0,
+            },
         };
         s.complete_with_log(&l.lease_id, &hash("r"), flood)
             .unwrap()

@@ -30,7 +30,7 @@ use crate::scheduler::{
 use crate::workers::{MAX_WORKER_ID, MAX_WORKER_TEXT};
 use crate::{blocking, Coordinator, Error};
 use stylefarm_core::progress::TaskProgress;
-use stylefarm_core::task_log::LogLines;
+use stylefarm_core::task_log::SentLines;
 use stylefarm_proto::exchange::Parts;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
@@ -870,7 +870,7 @@ impl WorkerService for WorkerApi {
         if let Some(log) = r.log {
             self.coordinator
                 .scheduler
-                .append_log(&lease_id, &worker_id, LogLines::from(log));
+                .append_log(&lease_id, &worker_id, SentLines::from(log));
         }
         let progress = r
             .progress
@@ -879,9 +879,13 @@ impl WorkerService for WorkerApi {
         let preview = checked_preview(r.preview_png, &lease_id);
         // expiring the leases past their deadline may wait for the store's commit: off the async threads
         let scheduler = self.coordinator.scheduler.clone();
-        let reply =
-            blocking(move || Ok(scheduler.heartbeat(&lease_id, &worker_id, progress, preview)?))
-                .await?;
+        let reply = blocking(move || {
+            // fault injection (tests): a reply slower than the worker waits for, its lines kept
+            // (`sleep(ms)`; on the blocking threads)
+            fail::fail_point!("coordinator-heartbeat");
+            Ok(scheduler.heartbeat(&lease_id, &worker_id, progress, preview)?)
+        })
+        .await?;
         Ok(Response::new(pb::HeartbeatResponse {
             cancel: reply.cancel,
             lease_deadline_ms: reply.deadline_ms,
@@ -899,7 +903,7 @@ impl WorkerService for WorkerApi {
         )));
         let mut lease_id = LeaseId::default();
         let mut held = false;
-        let mut log = LogLines::default();
+        let mut log = SentLines::default();
         let mut received = self.coordinator.receiving.result();
         let scheduler = &self.coordinator.scheduler;
         received
@@ -917,7 +921,7 @@ impl WorkerService for WorkerApi {
                         return Err(Error::invalid("lease_id", "missing before the result"));
                     }
                     Some(Part::Log(lines)) => {
-                        log.append(LogLines::from(lines));
+                        log.append(SentLines::from(lines));
                         Incoming::Nothing
                     }
                     // the result of a lease no longer held is answered at its first bytes, unread (its
@@ -1125,7 +1129,7 @@ impl WorkerService for WorkerApi {
             "task failed"
         );
         let scheduler = self.coordinator.scheduler.clone();
-        let log = r.log.map(LogLines::from).unwrap_or_default();
+        let log = r.log.map(SentLines::from).unwrap_or_default();
         blocking(move || {
             scheduler
                 .fail_with_log(&lease_id, &r.error, kind, log)

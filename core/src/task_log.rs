@@ -88,9 +88,112 @@ impl LogLines {
         bytes
     }
 
+    /// Leaves out its first `n` lines, in the order they were logged: those kept before the ones left out
+    /// (the first [`HEAD_LINES`], where some were), then those left out, then the rest.
+    fn skip(&mut self, n: u64) {
+        let head = if self.left_out > 0 {
+            HEAD_LINES.min(self.lines.len())
+        } else {
+            self.lines.len()
+        };
+        let from_head = n.min(head as u64) as usize;
+        self.lines.drain(..from_head);
+        let n = n - from_head as u64;
+        let from_left_out = n.min(u64::from(self.left_out));
+        self.left_out -= from_left_out as u32;
+        let from_rest = (n - from_left_out).min(self.lines.len() as u64) as usize;
+        self.lines.drain(..from_rest);
+    }
+
     /// Takes its lines and its count of those left out, leaving it empty.
     pub fn take(&mut self) -> LogLines {
         std::mem::take(self)
+    }
+}
+
+/// Lines a worker sends for an attempt, with a heartbeat or its report, numbered so that the coordinator
+/// keeps each once ([`ReceivedLines`]): a heartbeat that timed out may still have come, and its lines are
+/// sent again with the next one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentLines {
+    /// The attempt's number of the first of `lines`: 1 for its first line, the lines left out counted;
+    /// 0: not numbered (a worker from before the numbering), kept as they come.
+    pub first: u64,
+    /// The lines.
+    pub lines: LogLines,
+}
+
+impl SentLines {
+    /// The lines it stands for: those kept and those left out.
+    pub fn count(&self) -> u64 {
+        self.lines.lines.len() as u64 + u64::from(self.lines.left_out)
+    }
+
+    /// Whether it has no line and left none out.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Appends `later`, the lines that follow its own (numbered from where its own end): when it has none,
+    /// it starts where `later` does.
+    pub fn append(&mut self, later: SentLines) {
+        if self.is_empty() {
+            self.first = later.first;
+        }
+        self.lines.append(later.lines);
+    }
+
+    /// Takes its lines, leaving it empty and numbered from the next line.
+    pub fn take(&mut self) -> SentLines {
+        let next = if self.first == 0 {
+            0
+        } else {
+            self.first.saturating_add(self.count())
+        };
+        std::mem::replace(
+            self,
+            SentLines {
+                first: next,
+                lines: LogLines::default(),
+            },
+        )
+    }
+}
+
+/// The lines of an attempt that its coordinator has received ([`SentLines`]), each kept once: lines sent
+/// again are dropped by their numbers, bounded as [`LogLines`] is.
+#[derive(Debug, Clone, Default)]
+pub struct ReceivedLines {
+    /// The lines kept.
+    pub lines: LogLines,
+    /// How many numbered lines came: the next one expected is this plus 1.
+    count: u64,
+}
+
+impl ReceivedLines {
+    /// Adds the lines of `sent` that have not come before. Numbered lines past those expected (lines that
+    /// never came, from a worker that lost some) count as left out.
+    pub fn add(&mut self, sent: SentLines) {
+        if sent.first == 0 {
+            self.lines.append(sent.lines);
+            return;
+        }
+        let end = (sent.first - 1).saturating_add(sent.count());
+        if end <= self.count {
+            return;
+        }
+        let mut lines = sent.lines;
+        match self.count.checked_sub(sent.first - 1) {
+            Some(seen) => lines.skip(seen),
+            None => {
+                let missing = sent.first - 1 - self.count;
+                lines.left_out = lines
+                    .left_out
+                    .saturating_add(u32::try_from(missing).unwrap_or(u32::MAX));
+            }
+        }
+        self.count = end;
+        self.lines.append(lines);
     }
 }
 
@@ -247,6 +350,88 @@ mod tests {
         );
         assert_eq!(lines.len(), 2 * (HEAD_LINES + 2) + 1);
         assert_eq!(super::text(&[]), "the task has not run yet\n");
+    }
+
+    /// Lines sent again (a heartbeat that timed out after it came) are kept once, by their numbers; lines
+    /// not numbered are kept as they come.
+    #[test]
+    fn lines_sent_again_are_kept_once() {
+        let sent = |first, lines: &[&str], left_out| SentLines {
+            first,
+            lines: LogLines {
+                lines: lines.iter().map(|l| l.to_string()).collect(),
+                left_out,
+            },
+        };
+        let mut got = ReceivedLines::default();
+        got.add(sent(1, &["a", "b"], 0));
+        // the beat timed out after it came: its lines again, with a newer one
+        got.add(sent(1, &["a", "b", "c"], 0));
+        // a beat that came late, after the one that sent its lines again
+        got.add(sent(3, &["c"], 0));
+        got.add(sent(4, &["d"], 0));
+        assert_eq!(got.lines.lines, ["a", "b", "c", "d"]);
+        assert_eq!(got.lines.left_out, 0);
+        // lines that never came count as left out
+        got.add(sent(7, &["g"], 0));
+        assert_eq!(
+            (got.lines.lines.last().unwrap().as_str(), got.lines.left_out),
+            ("g", 2)
+        );
+        // a batch with lines left out after its head: those seen skipped in the order logged
+        let mut got = ReceivedLines::default();
+        let head: Vec<String> = (1..=HEAD_LINES).map(|i| i.to_string()).collect();
+        got.add(sent(1, &["1", "2", "3"], 0));
+        let mut again: Vec<&str> = head.iter().map(String::as_str).collect();
+        again.push("last");
+        // lines 1..=8 kept, 9..=12 left out, 13 ("last") kept
+        got.add(sent(1, &again, 4));
+        assert_eq!(got.lines.lines.len(), HEAD_LINES + 1);
+        assert_eq!(got.lines.left_out, 4);
+        assert_eq!(got.lines.lines[..3], ["1", "2", "3"]);
+        assert_eq!(got.lines.lines[3], "4");
+        // past the head: the lines left out that came are not counted twice
+        let mut got = ReceivedLines::default();
+        let ten: Vec<String> = (1..=10).map(|i| i.to_string()).collect();
+        got.add(sent(
+            1,
+            &ten.iter().map(String::as_str).collect::<Vec<_>>(),
+            0,
+        ));
+        got.add(sent(1, &again, 4));
+        assert_eq!(got.lines.lines.len(), 11, "{:?}", got.lines);
+        assert_eq!(
+            (got.lines.lines[10].as_str(), got.lines.left_out),
+            ("last", 2)
+        );
+        // not numbered: as they come
+        let mut got = ReceivedLines::default();
+        got.add(sent(0, &["x"], 0));
+        got.add(sent(0, &["x"], 0));
+        assert_eq!(got.lines.lines, ["x", "x"]);
+        // numbers near the end of u64 do not overflow
+        got.add(sent(u64::MAX, &["y", "z"], u32::MAX));
+        got.add(sent(u64::MAX, &["y"], 0));
+    }
+
+    /// A worker's unsent lines: taken with their number, and put back before the newer ones.
+    #[test]
+    fn sent_lines_are_numbered_from_where_the_last_taken_ended() {
+        let mut log = SentLines {
+            first: 1,
+            ..SentLines::default()
+        };
+        log.lines.extend(["a", "b"]);
+        let taken = log.take();
+        assert_eq!((taken.first, taken.count(), log.first), (1, 2, 3));
+        log.lines.extend(["c"]);
+        // put back: before the newer lines, numbered from its own first
+        let mut back = taken;
+        back.append(log.take());
+        assert_eq!((back.first, back.lines.lines.len()), (1, 3));
+        let mut empty = SentLines::default();
+        empty.append(back);
+        assert_eq!(empty.first, 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::job::{
 };
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
 use crate::progress::{LossTerms, TaskProgress};
-use crate::task_log::{AttemptLog, LogLines};
+use crate::task_log::{AttemptLog, LogLines, SentLines};
 use crate::tiling::{shard_rows, Rect, Tiling, DEFAULT_OVERLAP, STORED_MIN_TILE_SIZE};
 use crate::Error;
 
@@ -360,6 +360,26 @@ impl From<LogLines> for pb::TaskLogLines {
         pb::TaskLogLines {
             lines: l.lines,
             left_out: l.left_out,
+            first_line: 0,
+        }
+    }
+}
+
+impl From<SentLines> for pb::TaskLogLines {
+    fn from(l: SentLines) -> Self {
+        pb::TaskLogLines {
+            first_line: l.first,
+            ..l.lines.into()
+        }
+    }
+}
+
+impl From<pb::TaskLogLines> for SentLines {
+    /// Bounded as [`LogLines`] from the message is.
+    fn from(l: pb::TaskLogLines) -> Self {
+        SentLines {
+            first: l.first_line,
+            lines: l.into(),
         }
     }
 }

@@ -1087,7 +1087,7 @@ async fn report(
         Some(log) => Some(log.last_turn().await),
         None => None,
     };
-    let mut unsent = stylefarm_core::task_log::LogLines::default();
+    let mut unsent = stylefarm_core::task_log::SentLines::default();
     let (mut attempt, mut busy) = (0u32, stylefarm_proto::BusyBackoff::default());
     loop {
         if let Some(log) = log {

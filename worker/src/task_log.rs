@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use stylefarm_core::task_log::LogLines;
+use stylefarm_core::task_log::{LogLines, SentLines};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
 use tracing::{Event, Span, Subscriber};
@@ -30,17 +30,32 @@ pub const TASK_SPAN: &str = "task";
 /// lines with the turn ([`TaskLog::take_for_beat`]) and holds it until they came or were put back, and the
 /// report waits for the turn and keeps it ([`TaskLog::last_turn`]): heartbeats then carry no lines, the
 /// report sends them all.
-#[derive(Clone, Default)]
+///
+/// Lines are numbered ([`SentLines`]): a beat that timed out may still have come, and the coordinator keeps
+/// lines sent again once.
+#[derive(Clone)]
 pub struct TaskLog {
-    lines: Arc<Mutex<LogLines>>,
+    lines: Arc<Mutex<SentLines>>,
     turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Default for TaskLog {
+    fn default() -> Self {
+        TaskLog {
+            lines: Arc::new(Mutex::new(SentLines {
+                first: 1,
+                lines: LogLines::default(),
+            })),
+            turn: Arc::default(),
+        }
+    }
 }
 
 /// Lines a heartbeat took from a task's log ([`TaskLog::take_for_beat`]), with the log's turn to send: the
 /// task's report waits until this is dropped, or its lines put back ([`Sending::not_sent`]).
 pub struct Sending {
     /// The lines, to send.
-    pub lines: LogLines,
+    pub lines: SentLines,
     log: TaskLog,
     _turn: tokio::sync::OwnedMutexGuard<()>,
 }
@@ -68,7 +83,7 @@ impl TaskLog {
 
     /// Takes the lines not sent yet. The task's report takes them while it holds the turn
     /// ([`TaskLog::last_turn`]).
-    pub fn take(&self) -> LogLines {
+    pub fn take(&self) -> SentLines {
         self.lock().take()
     }
 
@@ -92,17 +107,17 @@ impl TaskLog {
     }
 
     /// Puts back `lines` that could not be sent, before those logged since.
-    fn put_back(&self, mut lines: LogLines) {
+    fn put_back(&self, mut lines: SentLines) {
         let mut log = self.lock();
         lines.append(log.take());
         *log = lines;
     }
 
     fn push(&self, line: String) {
-        self.lock().extend([line]);
+        self.lock().lines.extend([line]);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LogLines> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SentLines> {
         // a panic while the lock was held left lines, not broken ones
         self.lines.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -233,7 +248,7 @@ mod tests {
                 });
             });
             tracing::info!("after the task");
-            let lines = log.take().lines;
+            let lines = log.take().lines.lines;
             assert_eq!(lines.len(), 3, "{lines:?}");
             assert!(
                 lines[0].ends_with(" INFO rendering label=content 1 x style 1"),
@@ -253,13 +268,18 @@ mod tests {
                 lines[0]
             );
             assert!(log.take().is_empty());
-            // lines that could not be sent go back before the newer ones
+            // lines that could not be sent go back before the newer ones, numbered from their own first
             span.in_scope(|| tracing::info!("newer"));
-            log.put_back(LogLines {
-                lines: vec!["older".into()],
-                left_out: 0,
+            log.put_back(SentLines {
+                first: 3,
+                lines: LogLines {
+                    lines: vec!["older".into()],
+                    left_out: 0,
+                },
             });
-            let lines = log.take().lines;
+            let taken = log.take();
+            assert_eq!(taken.first, 3);
+            let lines = taken.lines.lines;
             assert_eq!(lines[0], "older");
             assert!(lines[1].ends_with("newer"), "{}", lines[1]);
         });
@@ -270,7 +290,10 @@ mod tests {
         let log = TaskLog::default();
         log.push("first".into());
         let beat = log.take_for_beat().expect("a beat takes the lines");
-        assert_eq!(beat.lines.lines, ["first"]);
+        assert_eq!(
+            (beat.lines.first, &beat.lines.lines.lines[..]),
+            (1, &["first".to_string()][..])
+        );
         // none left: the next beat carries no lines, and holds no turn
         assert!(log.take_for_beat().is_none());
         // the report waits while the beat's lines are on their way
@@ -287,14 +310,21 @@ mod tests {
         // the beat failed: its lines go back, before the newer one, and the report takes them all
         beat.not_sent();
         let (turn, lines) = report.await.unwrap();
-        assert_eq!(lines.lines, ["first", "second"]);
+        assert_eq!(
+            (lines.first, &lines.lines.lines[..]),
+            (1, &["first".to_string(), "second".into()][..])
+        );
         // while the report holds the turn, beats take nothing
         log.push("third".into());
         assert!(log.take_for_beat().is_none());
-        assert_eq!(log.take().lines, ["third"]);
+        let third = log.take();
+        assert_eq!(
+            (third.first, &third.lines.lines[..]),
+            (3, &["third".to_string()][..])
+        );
         drop(turn);
         log.push("fourth".into());
-        assert!(log.take_for_beat().is_some());
+        assert_eq!(log.take_for_beat().map(|s| s.lines.first), Some(4));
     }
 
     #[test]
