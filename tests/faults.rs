@@ -632,6 +632,41 @@ async fn a_heartbeat_s_lines_still_on_their_way_when_the_task_ends_are_kept() {
     }
 }
 
+/// A lease whose answer the worker did not get (fail point `worker-lease-reply-lost=1*return`: the first
+/// answer that brings a task is dropped, as a broken connection drops it): the worker connects again and
+/// sends the same request (its request_id), and the coordinator hands it the same lease. The task runs
+/// once, its first attempt succeeds; before, the lease was held until it expired (12 s here), as a lost
+/// worker's, at the cost of an attempt and a strike, and the task ran again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_whose_answer_was_lost_is_handed_to_its_worker_again() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 12.0, 0.3);
+    cluster.start_coordinator();
+    cluster.add_worker_with_env(
+        "unlucky",
+        &[("FAILPOINTS", "worker-lease-reply-lost=1*return")],
+    );
+    wait_registered(&cluster, 1).await;
+    let id = submit(&cluster, &tubingen_x_starry(32, 5));
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let worker = cluster.workers[0].log_text();
+    assert!(
+        worker.contains("the answer was lost (injected)"),
+        "{worker}"
+    );
+    assert_eq!(done.tasks[0].attempts, 1, "{worker}");
+    let attempts = task_log(&cluster, &id, 0);
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    assert!(attempts[0].0.ends_with("\tsucceeded"), "{attempts:#?}");
+    let coordinator = cluster.coordinator.as_ref().unwrap().log_text();
+    assert!(coordinator.contains("lease handed again"), "{coordinator}");
+}
+
 /// Heartbeats answered after the worker stopped waiting (fail point `coordinator-heartbeat=sleep(1000)`,
 /// past the 0.3 s a worker waits): their lines came, and the worker sends them again with the next beat and
 /// its report; the task's log has each line once.

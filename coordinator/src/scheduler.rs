@@ -224,6 +224,9 @@ struct LeaseInfo {
     job_id: JobId,
     index: u32,
     worker: WorkerId,
+    /// The worker's number for the request it was handed out for (0: none): a request sent again, its
+    /// answer lost, is answered with this lease ([`Scheduler::lease_again`]).
+    request: u64,
     /// When it was handed out, in ms since the Unix epoch.
     leased_ms: i64,
     /// When its progress last moved (its scale or iteration), or it was handed out, in ms since the Unix
@@ -1544,7 +1547,7 @@ impl Scheduler {
     ) -> Result<Option<Lease>, SchedulerError> {
         // expire() does nothing while the store holds writes back; lease_ready then refuses
         self.expire()?;
-        self.lease_ready(worker, tags, memory)
+        self.lease_ready(worker, tags, memory, 0)
     }
 
     /// [`Scheduler::lease`] without expiring the leases past their deadline first (which waits for the
@@ -1555,6 +1558,7 @@ impl Scheduler {
         worker: &WorkerId,
         tags: &[String],
         memory: DeviceMemory,
+        request: u64,
     ) -> Result<Option<Lease>, SchedulerError> {
         self.writable()?;
         let now = now_ms();
@@ -1565,6 +1569,9 @@ impl Scheduler {
         let lease_ms = self.config.lease.as_millis() as i64;
         // strikes and out-of-memory reports count by the worker's name (whichever registration it is)
         let name = worker.by_name();
+        if let Some(lease) = self.lease_again(st, worker, request) {
+            return Ok(Some(lease));
+        }
         if st.drained.contains(&name) {
             return Ok(None);
         }
@@ -1681,6 +1688,7 @@ impl Scheduler {
                 job_id: job_id.clone(),
                 index,
                 worker: worker.clone(),
+                request,
                 leased_ms: now,
                 progressed_ms: now,
                 deadline_ms,
@@ -1710,22 +1718,71 @@ impl Scheduler {
         }))
     }
 
+    /// The lease still held that was handed out for `worker`'s request `request` (by the worker's name,
+    /// whichever registration asked), when the worker asks again because the answer was lost: handed to
+    /// this registration with its deadline renewed, as it was (its task, its checkpoint to resume from).
+    /// Not one being cancelled: that one lapses, its job ended. `None` for request 0.
+    fn lease_again(&self, st: &mut State, worker: &WorkerId, request: u64) -> Option<Lease> {
+        if request == 0 {
+            return None;
+        }
+        let name = worker.by_name();
+        let (lease_id, lease) = st
+            .leases
+            .iter_mut()
+            .find(|(_, l)| l.request == request && !l.cancel && l.worker.by_name() == name)?;
+        let job = st.jobs.get_mut(&lease.job_id)?;
+        let task = job.tasks.get_mut(lease.index as usize)?;
+        let now = now_ms();
+        lease.worker = worker.clone();
+        lease.deadline_ms = now + self.config.lease.as_millis() as i64;
+        // its render starts now: no progress until now is no stall
+        lease.progressed_ms = now;
+        task.worker = worker.clone();
+        let checkpoints = checkpoints(&job.meta.spec, &task.spec);
+        let resume = task.checkpoint.clone().filter(|_| !checkpoints.is_never());
+        tracing::warn!(
+            lease_id = lease_id.as_str(),
+            job_id = lease.job_id.as_str(),
+            worker_id = worker.as_str(),
+            "lease handed again: its worker did not have the answer"
+        );
+        let lease = Lease {
+            lease_id: lease_id.clone(),
+            task: Task {
+                id: TaskId {
+                    job: lease.job_id.clone(),
+                    index: lease.index,
+                },
+                spec: task.spec.clone(),
+                checkpoints,
+                resume,
+            },
+            deadline_ms: lease.deadline_ms,
+        };
+        Some(lease)
+    }
+
     /// Waits up to `wait` for a task for `worker`, whose tags are `tags` and device memory `memory`
     /// ([`Scheduler::lease_as`]). Never waits for the store (it runs
     /// on an async thread): leases past their deadline are expired by the coordinator's loop, which wakes
     /// the waiters.
+    ///
+    /// `request` is the worker's number for the request (pb::LeaseTaskRequest::request_id; 0: none): a
+    /// lease handed out for it whose answer was lost is handed again.
     pub async fn lease_wait(
         &self,
         worker: &WorkerId,
         tags: &[String],
         memory: DeviceMemory,
         wait: Duration,
+        request: u64,
     ) -> Result<Option<Lease>, SchedulerError> {
         let deadline = tokio::time::Instant::now() + wait;
         let _idle = self.idle(worker, tags);
         loop {
             let notified = self.work.notified();
-            if let Some(lease) = self.lease_ready(worker, tags, memory)? {
+            if let Some(lease) = self.lease_ready(worker, tags, memory, request)? {
                 return Ok(Some(lease));
             }
             // a backoff or a lease expiry can make work ready without a notification: poll at least every 250 ms
@@ -3653,6 +3710,46 @@ mod tests {
         assert_eq!(s.get(&done).unwrap().meta.spec.priority, 0);
     }
 
+    /// A request for a task sent again, its answer lost (the same request_id, from the same worker by name,
+    /// whichever registration): answered with the lease handed out for it, its deadline renewed, at no
+    /// attempt; another request, or one without a number, leases afresh; a lease being cancelled is not
+    /// handed again.
+    #[test]
+    fn a_lease_is_handed_again_for_its_request_sent_again() {
+        let s = scheduler(SchedulerConfig::default());
+        let (job, _) = s.submit(batch(3, 0), "").unwrap();
+        let memory = DeviceMemory::default();
+        let first = s.lease_ready(&w("a#1"), &[], memory, 7).unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        // the worker registered again (a#2) and asks again
+        let again = s.lease_ready(&w("a#2"), &[], memory, 7).unwrap().unwrap();
+        assert_eq!(again.lease_id, first.lease_id);
+        assert_eq!(again.task.id, first.task.id);
+        assert!(again.deadline_ms > first.deadline_ms);
+        let view = s.get(&job).unwrap();
+        let (task, _) = &view.tasks[first.task.id.index as usize];
+        assert_eq!((task.attempts, task.worker.as_str()), (1, "a#2"));
+        assert_eq!(s.leases().len(), 1);
+        // another worker with the same number, and the next request: other tasks
+        let other = s.lease_ready(&w("b#1"), &[], memory, 7).unwrap().unwrap();
+        assert_ne!(other.lease_id, first.lease_id);
+        let next = s.lease_ready(&w("a#2"), &[], memory, 8).unwrap().unwrap();
+        assert_ne!(next.task.id, first.task.id);
+        assert_ne!(next.task.id, other.task.id);
+        // no number: never handed again
+        let (job2, _) = s.submit(batch(2, 0), "").unwrap();
+        let plain = s.lease_ready(&w("c#1"), &[], memory, 0).unwrap().unwrap();
+        let fresh = s.lease_ready(&w("c#1"), &[], memory, 0).unwrap().unwrap();
+        assert_ne!(plain.lease_id, fresh.lease_id);
+        // being cancelled: lapses, not handed again
+        s.cancel(&job2).unwrap();
+        let (_job3, _) = s.submit(batch(1, 0), "").unwrap();
+        let d = s.lease_ready(&w("d#1"), &[], memory, 9).unwrap().unwrap();
+        s.cancel(&d.task.id.job).unwrap();
+        let after = s.lease_ready(&w("d#2"), &[], memory, 9).unwrap();
+        assert!(after.is_none_or(|l| l.lease_id != d.lease_id));
+    }
+
     /// A task's log: each attempt with its worker, its lines and how it ended, the running one included;
     /// the last [`stylefarm_core::task_log::KEPT_ATTEMPTS`], each bounded whatever its worker sends; kept
     /// by a restart; an expired lease's attempt says so, with the lines its heartbeats brought.
@@ -5559,15 +5656,15 @@ mod tests {
             .unwrap();
         let wait = Duration::from_millis(300);
         assert!(runtime
-            .block_on(s.lease_wait(&w("a"), &[], DeviceMemory::default(), wait))
+            .block_on(s.lease_wait(&w("a"), &[], DeviceMemory::default(), wait, 0))
             .unwrap()
             .is_none());
         assert!(s.state.lock().unwrap().idle.is_empty());
         let (a, b) = (w("a"), w("b"));
         let (a, b) = runtime.block_on(async {
             tokio::join!(
-                s.lease_wait(&a, &[], DeviceMemory::default(), Duration::from_secs(5)),
-                s.lease_wait(&b, &[], DeviceMemory::default(), Duration::from_secs(5))
+                s.lease_wait(&a, &[], DeviceMemory::default(), Duration::from_secs(5), 0),
+                s.lease_wait(&b, &[], DeviceMemory::default(), Duration::from_secs(5), 0)
             )
         });
         let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
@@ -6358,8 +6455,13 @@ mod tests {
             .build()
             .unwrap();
         let started = std::time::Instant::now();
-        let leased =
-            runtime.block_on(s.lease_wait(&w("w2"), &[], DeviceMemory::default(), Duration::ZERO));
+        let leased = runtime.block_on(s.lease_wait(
+            &w("w2"),
+            &[],
+            DeviceMemory::default(),
+            Duration::ZERO,
+            0,
+        ));
         assert!(
             leased.unwrap().is_none(),
             "the lapsed lease is not expired here"

@@ -803,6 +803,7 @@ impl WorkerService for WorkerApi {
             memory_used_bytes,
             tags,
             protocol,
+            request_id,
         } = request.into_inner();
         let worker_id = WorkerId::from(worker_id);
         if worker_id.is_empty() {
@@ -830,7 +831,7 @@ impl WorkerService for WorkerApi {
         let lease = self
             .coordinator
             .scheduler
-            .lease_wait(&worker_id, &tags, memory, wait)
+            .lease_wait(&worker_id, &tags, memory, wait, request_id)
             .await
             .map_err(Error::from)?;
         let Some(lease) = lease else {

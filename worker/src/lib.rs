@@ -111,6 +111,16 @@ struct ImageCache {
 /// takes its coordinator for gone and connects again (to a standby, where there is one).
 const LEASE_REPLY_MARGIN: Duration = Duration::from_secs(5);
 
+/// A number for a request for a task (pb::LeaseTaskRequest::request_id): random, not 0, so that requests
+/// of workers that share a name, or of a worker that started again, do not take each other's leases.
+fn new_request_id() -> u64 {
+    use std::hash::BuildHasher;
+    // seeded from the operating system's randomness once a process, then a new key each time
+    std::collections::hash_map::RandomState::new()
+        .hash_one(std::process::id())
+        .max(1)
+}
+
 /// What [`ImageCache`] holds at most.
 const IMAGE_CACHE_BYTES: usize = 512 << 20;
 
@@ -430,6 +440,8 @@ pub async fn run(
             .flatten()
             .unwrap_or(0),
     };
+    // the number of the request for a task, kept until one is answered (pb::LeaseTaskRequest::request_id)
+    let mut lease_request = new_request_id();
     'connect: while !stop.load(Ordering::Relaxed) {
         let Some(mut client) = connect(&config.coordinator, &config.credentials, &stop).await
         else {
@@ -487,25 +499,44 @@ pub async fn run(
                 memory_used_bytes: memory_used.bytes(),
                 tags: config.tags.clone(),
                 protocol: stylefarm_proto::PROTOCOL,
+                request_id: lease_request,
             });
             // the coordinator answers once it has a task or the wait is over: no answer well after that,
             // and it is gone (the keepalive would notice too, later)
-            let leased =
-                match tokio::time::timeout(config.lease_wait + LEASE_REPLY_MARGIN, leased).await {
-                    Ok(Ok(r)) => r.into_inner(),
-                    Ok(Err(s)) => {
-                        tracing::warn!(error = s.message(), "lease failed; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue 'connect;
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            wait_s = config.lease_wait.as_secs_f64(),
-                            "the coordinator did not answer a lease; reconnecting"
-                        );
-                        continue 'connect;
-                    }
-                };
+            let leased = tokio::time::timeout(config.lease_wait + LEASE_REPLY_MARGIN, leased).await;
+            // fault injection (tests): a lease's answer lost on its way, as a broken connection loses it
+            #[cfg(feature = "failpoints")]
+            let leased = match leased {
+                Ok(Ok(r))
+                    if r.get_ref().task.is_some()
+                        && fail::eval("worker-lease-reply-lost", |_| ()).is_some() =>
+                {
+                    Ok(Err(tonic::Status::unavailable(
+                        "the answer was lost (injected)",
+                    )))
+                }
+                other => other,
+            };
+            let leased = match leased {
+                Ok(Ok(r)) => {
+                    // answered: the next request is another (an unanswered one is sent again as
+                    // the same, so that a lease handed out for it is handed again)
+                    lease_request = new_request_id();
+                    r.into_inner()
+                }
+                Ok(Err(s)) => {
+                    tracing::warn!(error = s.message(), "lease failed; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue 'connect;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        wait_s = config.lease_wait.as_secs_f64(),
+                        "the coordinator did not answer a lease; reconnecting"
+                    );
+                    continue 'connect;
+                }
+            };
             let Some(task) = leased.task else { continue };
             let lease_id = LeaseId::new(leased.lease_id);
             let span = tracing::info_span!(
