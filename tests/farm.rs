@@ -1374,6 +1374,136 @@ async fn a_result_of_a_cancelled_job_is_discarded_and_its_log_lines_kept() {
     assert!(lines.contains("INFO rendered engine_s=1.5"), "{lines}");
 }
 
+/// What one worker sends cannot hurt another's lease nor a job's status: lease ids are random (not
+/// guessed), a heartbeat for another worker's lease is told to stop and renews nothing, and a failure's
+/// error of megabytes is kept as one line of at most 1 KiB, so that the job's status still fits a reply.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_s_reports_cannot_hurt_another_s_lease_nor_the_job_s_status() {
+    let cluster = Cluster::start(30.0, 0.5);
+    let id = submit(&cluster, &tubingen_x_starry(64, 20));
+    let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
+    let leased = workers
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id: worker_id.clone(),
+            protocol: stylefarm_proto::PROTOCOL,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hex = leased.lease_id.strip_prefix("lease-").unwrap_or_default();
+    assert!(
+        hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{}",
+        leased.lease_id
+    );
+    let (mut intruder, intruder_id) = worker_by_hand(&cluster, "intruder").await;
+    let beat = |worker_id: &str| pb::HeartbeatRequest {
+        worker_id: worker_id.into(),
+        lease_id: leased.lease_id.clone(),
+        ..Default::default()
+    };
+    let reply = intruder
+        .heartbeat(beat(&intruder_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.cancel && reply.lease_deadline_ms == 0, "{reply:?}");
+    let reply = workers
+        .heartbeat(beat(&worker_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!reply.cancel && reply.lease_deadline_ms > 0, "{reply:?}");
+    let error = "out of patience\n".repeat(200_000);
+    workers
+        .fail_task(pb::FailTaskRequest {
+            lease_id: leased.lease_id.clone(),
+            error,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut client = cluster.client().await;
+    let status = job(&mut client, &id).await;
+    let kept = &status.tasks[0].error;
+    assert!(
+        kept.starts_with("out of patience out of patience") && kept.len() <= 1024,
+        "{} bytes",
+        kept.len()
+    );
+    let (ok, _, err) = cluster.cli(&["status", &id]);
+    assert!(ok, "{err}");
+}
+
+/// A tile's result of another size than its tile (a buggy worker's) is refused naming `result`, and its
+/// attempt fails, to run again: kept, it would fail the scale's stitch, and the job for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tile_s_result_of_another_size_is_refused_and_the_tile_runs_again() {
+    let cluster = Cluster::start(30.0, 0.5);
+    let mut args = tubingen_x_starry(256, 1);
+    args.extend(
+        [
+            "--tiled",
+            "--scales",
+            "2",
+            "--tile-size",
+            "128",
+            "--overlap",
+            "64",
+        ]
+        .map(String::from),
+    );
+    let id = submit(&cluster, &args);
+    let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
+    let leasing = workers.clone();
+    let lease = || {
+        let (mut workers, worker_id) = (leasing.clone(), worker_id.clone());
+        async move {
+            workers
+                .lease_task(pb::LeaseTaskRequest {
+                    worker_id,
+                    wait_ms: 10_000,
+                    protocol: stylefarm_proto::PROTOCOL,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let send = |lease_id: String, png: Vec<u8>| {
+        use pb::complete_task_request::Part;
+        tokio_stream::iter(
+            [Part::LeaseId(lease_id), Part::Data(png)]
+                .map(|p| pb::CompleteTaskRequest { part: Some(p) }),
+        )
+    };
+    // the first scale, whole (any size: the second is resized from it)
+    let first = lease().await;
+    assert!(first.task.as_ref().unwrap().tile.is_none());
+    let reply = workers
+        .complete_task(send(first.lease_id, png_of(&image::RgbImage::new(128, 96))))
+        .await
+        .unwrap();
+    assert!(reply.get_ref().accepted);
+    // a tile of the second: 1 x 1 px back
+    let tile = lease().await;
+    assert!(tile.task.as_ref().unwrap().tile.is_some(), "{tile:?}");
+    let err = workers
+        .complete_task(send(tile.lease_id, png_of(&image::RgbImage::new(1, 1))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("result: 1x1 px"), "{err:?}");
+    let status = job(&mut cluster.client().await, &id).await;
+    let index = tile.task.unwrap().index as usize;
+    let task = &status.tasks[index];
+    assert_eq!(task.state(), pb::TaskState::Pending, "{task:?}");
+    assert!(task.error.starts_with("result: 1x1 px"), "{task:?}");
+    assert_eq!(status.state(), pb::JobState::Running);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_serving() {
     let cluster = Cluster::start(10.0, 0.5);

@@ -175,9 +175,9 @@ pub struct DeviceMemory {
 /// A task handed to a worker.
 #[derive(Debug, Clone)]
 pub struct Lease {
-    /// Unique id of this lease: heartbeats, the result and a failure name it. Once the lease has expired or
-    /// its task been reported, a result or failure under it is discarded and a heartbeat answers cancel
-    /// (fencing).
+    /// Unique id of this lease, random (`lease-` and 32 hex digits): heartbeats, the result and a failure
+    /// name it. Once the lease has expired or its task been reported, a result or failure under it is
+    /// discarded and a heartbeat answers cancel (fencing).
     pub lease_id: LeaseId,
     /// The task (its job and index) and what the worker is to render.
     pub task: Task,
@@ -227,6 +227,8 @@ struct LeaseInfo {
     /// The worker's number for the request it was handed out for (0: none): a request sent again, its
     /// answer lost, is answered with this lease ([`Scheduler::lease_again`]).
     request: u64,
+    /// Whether a heartbeat of its worker came: its worker has it, and it is not handed again.
+    heard: bool,
     /// When it was handed out, in ms since the Unix epoch.
     leased_ms: i64,
     /// When its progress last moved (its scale or iteration), or it was handed out, in ms since the Unix
@@ -1662,8 +1664,11 @@ impl Scheduler {
         };
         st.queue.remove(&st.jobs[&key.3].meta, key.2);
         let (_, _, index, job_id) = key;
-        st.next_id += 1;
-        let lease_id = LeaseId::new(format!("lease-{:x}-{}", now, st.next_id));
+        // random: the id is what fences a lease's reports, and another worker must not guess it
+        let lease_id = LeaseId::new(format!(
+            "lease-{}",
+            stylefarm_core::ids::hex(&rand::random::<[u8; 16]>())
+        ));
         let deadline_ms = now + self.config.lease.as_millis() as i64;
         let job = st.jobs.get_mut(&job_id).expect("queued job exists");
         let task = &mut job.tasks[index as usize];
@@ -1689,6 +1694,7 @@ impl Scheduler {
                 index,
                 worker: worker.clone(),
                 request,
+                heard: false,
                 leased_ms: now,
                 progressed_ms: now,
                 deadline_ms,
@@ -1720,24 +1726,21 @@ impl Scheduler {
 
     /// The lease still held that was handed out for `worker`'s request `request` (by the worker's name,
     /// whichever registration asked), when the worker asks again because the answer was lost: handed to
-    /// this registration with its deadline renewed, as it was (its task, its checkpoint to resume from).
-    /// Not one being cancelled: that one lapses, its job ended. `None` for request 0.
+    /// this registration as it was (its task, its checkpoint to resume from, its deadline: the worker's
+    /// first heartbeat renews it, and asking again keeps no lease alive). Not one whose worker sent a
+    /// heartbeat for it (it has it), nor one being cancelled (it lapses, its job ended). `None` for
+    /// request 0.
     fn lease_again(&self, st: &mut State, worker: &WorkerId, request: u64) -> Option<Lease> {
         if request == 0 {
             return None;
         }
         let name = worker.by_name();
-        let (lease_id, lease) = st
-            .leases
-            .iter_mut()
-            .find(|(_, l)| l.request == request && !l.cancel && l.worker.by_name() == name)?;
+        let (lease_id, lease) = st.leases.iter_mut().find(|(_, l)| {
+            l.request == request && !l.heard && !l.cancel && l.worker.by_name() == name
+        })?;
         let job = st.jobs.get_mut(&lease.job_id)?;
         let task = job.tasks.get_mut(lease.index as usize)?;
-        let now = now_ms();
         lease.worker = worker.clone();
-        lease.deadline_ms = now + self.config.lease.as_millis() as i64;
-        // its render starts now: no progress until now is no stall
-        lease.progressed_ms = now;
         task.worker = worker.clone();
         let checkpoints = checkpoints(&job.meta.spec, &task.spec);
         let resume = task.checkpoint.clone().filter(|_| !checkpoints.is_never());
@@ -1862,7 +1865,8 @@ impl Scheduler {
     }
 
     /// Extends a lease and records its progress and its worker's preview, each when given (the latest
-    /// kept) by the lease's worker (`worker`). An unknown or expired lease answers `cancel`.
+    /// kept), for the lease's worker (`worker`, by name). An unknown or expired lease, or another
+    /// worker's, answers `cancel`.
     pub fn heartbeat(
         &self,
         lease_id: &LeaseId,
@@ -1887,15 +1891,16 @@ impl Scheduler {
         }
         self.expire()?;
         let mut st = self.state.lock().unwrap();
-        let Some(lease) = st.leases.get_mut(lease_id) else {
+        // another worker's lease (it knows the id): not kept alive by it, and that worker stops
+        let Some(lease) = st.leases.get_mut(lease_id).filter(|l| own(l)) else {
             return Ok(HeartbeatReply {
                 cancel: true,
                 deadline_ms: 0,
             });
         };
         lease.deadline_ms = now_ms() + self.config.lease.as_millis() as i64;
-        let own = own(lease);
-        if let Some(png) = preview.filter(|_| own) {
+        lease.heard = true;
+        if let Some(png) = preview {
             let at_ms = now_ms();
             lease.preview = Some(Preview { png, at_ms });
         }
@@ -3725,11 +3730,20 @@ mod tests {
         let again = s.lease_ready(&w("a#2"), &[], memory, 7).unwrap().unwrap();
         assert_eq!(again.lease_id, first.lease_id);
         assert_eq!(again.task.id, first.task.id);
-        assert!(again.deadline_ms > first.deadline_ms);
+        assert_eq!(
+            again.deadline_ms, first.deadline_ms,
+            "renewed by heartbeats only"
+        );
         let view = s.get(&job).unwrap();
         let (task, _) = &view.tasks[first.task.id.index as usize];
         assert_eq!((task.attempts, task.worker.as_str()), (1, "a#2"));
         assert_eq!(s.leases().len(), 1);
+        // once its worker sent a heartbeat for it, it has it: not handed again
+        s.heartbeat(&first.lease_id, &w("a#2"), None, None).unwrap();
+        let (_, more) = s.submit(batch(1, 0), "").unwrap();
+        let _ = more;
+        let after_beat = s.lease_ready(&w("a#3"), &[], memory, 7).unwrap().unwrap();
+        assert_ne!(after_beat.lease_id, first.lease_id);
         // another worker with the same number, and the next request: other tasks
         let other = s.lease_ready(&w("b#1"), &[], memory, 7).unwrap().unwrap();
         assert_ne!(other.lease_id, first.lease_id);
@@ -5924,9 +5938,10 @@ mod tests {
                 .unwrap()
                 .cancel
         );
-        // progress from another worker, which knows the lease's id, does not count
+        // progress from another worker, which knows the lease's id, does not count, and that worker is
+        // told to stop
         assert!(
-            !s.heartbeat(&l.lease_id, &w("x"), at(7), None)
+            s.heartbeat(&l.lease_id, &w("x"), at(7), None)
                 .unwrap()
                 .cancel
         );

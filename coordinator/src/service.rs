@@ -961,6 +961,27 @@ impl WorkerService for WorkerApi {
             None
         };
         let (received, img) = self.coordinator.decoding.decode(received).await?;
+        // a tile's or a shard's result of another size would fail its scale's stitch, and the job with it,
+        // for good: the attempt fails instead, a strike against its worker, and the task runs again
+        if let Some(rect) = task.scale.as_ref().map(|s| s.rect()) {
+            if img.dimensions() != (rect.width, rect.height) {
+                let (w, h) = img.dimensions();
+                let error = format!(
+                    "result: {w}x{h} px, where the task's region is {}x{} px",
+                    rect.width, rect.height
+                );
+                tracing::warn!(lease_id = lease_id.as_str(), error, "task result refused");
+                let scheduler = self.coordinator.scheduler.clone();
+                let failed = error.clone();
+                blocking(move || {
+                    scheduler
+                        .fail_with_log(&lease_id, &failed, FailureKind::Retryable, log)
+                        .map_err(Error::from)
+                })
+                .await?;
+                return Err(Status::invalid_argument(error));
+            }
+        }
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
@@ -1114,8 +1135,10 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         let lease_id = LeaseId::from(r.lease_id);
+        // kept with the task, its job and every status of them: one line, bounded whatever a worker sends
+        r.error = stylefarm_core::task_log::clip_line(&r.error);
         let kind = match pb::FailureKind::try_from(r.kind) {
             Ok(pb::FailureKind::Input) => FailureKind::Permanent,
             Ok(pb::FailureKind::OutOfMemory) => FailureKind::OutOfMemory,
