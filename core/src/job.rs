@@ -1020,6 +1020,11 @@ impl JobSpec {
     pub fn check_new(&self) -> Result<Vec<TaskSpec>, Error> {
         check_names("content_names", &self.content_names, self.contents.len())?;
         check_names("style_names", &self.style_names, self.styles.len())?;
+        // before the tasks, which the planner checks against a stored job's wider limits: an error
+        // names a new job's
+        if let Some(tiling) = self.kind.tiling() {
+            tiling.validate()?;
+        }
         let tasks = self.tasks()?;
         check_tags("worker_tags", &self.worker_tags)?;
         self.checkpoints()?;
@@ -1048,7 +1053,6 @@ impl JobSpec {
             JobId::checked("after", id.as_ref())?;
         }
         if let Some(tiling) = self.kind.tiling() {
-            tiling.validate()?;
             if tiling.exact && self.max_workers > 0 {
                 return Err(Error::invalid(
                     "max_workers",
@@ -1843,6 +1847,12 @@ mod tests {
             }
             let err = old.clone().expand().unwrap_err().to_string();
             assert!(err.starts_with(field), "{err}");
+            // with a new job's least value, not a stored one's
+            let least = match field {
+                "overlap" => crate::tiling::MIN_OVERLAP,
+                _ => crate::tiling::MIN_TILE_SIZE,
+            };
+            assert!(err.contains(&format!("must be between {least} ")), "{err}");
             assert!(old.check_new().is_err());
         }
     }
