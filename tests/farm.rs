@@ -73,6 +73,24 @@ async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
         ok && stdout.contains("waiting: no live worker"),
         "{stdout} {err}"
     );
+    // `watch` (and `submit --wait`) says why too, on a stderr that is not a terminal, where it draws no
+    // progress bars
+    let watch_err = cluster.dir.path().join("watch.err");
+    let mut watch = stylefarm_tests::stylefarm()
+        .args(["watch", &waiting_id])
+        .env("STYLEFARM_COORDINATOR", &cluster.url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&watch_err).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("watch to say why", Duration::from_secs(30), || async {
+        let err = std::fs::read_to_string(&watch_err).unwrap_or_default();
+        err.contains("waiting: no live worker has the worker tags")
+            .then_some(())
+    })
+    .await;
+    let _ = watch.kill();
+    let _ = watch.wait();
     let (ok, _, err) = cluster.cli(&["cancel", &waiting_id]);
     assert!(ok, "{err}");
     assert_eq!(job(&mut client, &waiting_id).await.waiting, "", "cancelled");

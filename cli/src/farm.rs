@@ -622,7 +622,8 @@ fn job_id_arg(text: &str) -> Result<JobId, String> {
 }
 
 /// `paths` with each directory replaced by the images in it: the files whose extension names a format
-/// the image crate reads here (`ImageFormat::from_path`), sorted by name, without subdirectories. An
+/// the image crate reads here (`ImageFormat::from_path`), sorted by name, without subdirectories nor
+/// hidden files (a name that starts with `.`). An
 /// error names `field` and the directory that cannot be read or holds no image.
 fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -640,6 +641,12 @@ fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         let mut images: Vec<PathBuf> = entries
             .into_iter()
             .filter(|p| p.is_file())
+            // hidden files: not the user's photos (macOS's `._IMG_0001.jpg` beside each on a shared
+            // drive, editors' and tools' leftovers)
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+            })
             .filter(|p| image::ImageFormat::from_path(p).is_ok_and(|f| f.reading_enabled()))
             .collect();
         if images.is_empty() {
@@ -688,7 +695,8 @@ async fn watch_job(
         if status.waiting != waiting {
             if !status.waiting.is_empty() {
                 let line = format!("job {job_id} waiting: {}", status.waiting);
-                if bars {
+                // indicatif draws nothing, nor prints, where stderr is not a terminal (CI, a pipe)
+                if bars && !multi.is_hidden() {
                     multi.println(line)?;
                 } else {
                     eprintln!("{line}");
@@ -1186,14 +1194,23 @@ mod tests {
         assert_eq!(scale_time_left(s(30), 3, 0), None, "none left");
     }
 
-    /// A directory stands for its images, sorted by name: other files and subdirectories are left out, a
-    /// file given by name is kept as it is, and a directory without images is an error naming the field.
+    /// A directory stands for its images, sorted by name: other files, hidden ones (`._b.jpg`) and
+    /// subdirectories are left out, a file given by name is kept as it is, and a directory without images
+    /// is an error naming the field.
     #[test]
     fn a_directory_stands_for_the_images_in_it() {
         let dir = tempfile::tempdir().unwrap();
         let photos = dir.path().join("photos");
         std::fs::create_dir_all(photos.join("nested")).unwrap();
-        for name in ["b.jpg", "a.PNG", "c.webp", "notes.txt", "nested/d.png"] {
+        for name in [
+            "b.jpg",
+            "a.PNG",
+            "c.webp",
+            "notes.txt",
+            "nested/d.png",
+            "._b.jpg",
+            ".x.png",
+        ] {
             std::fs::write(photos.join(name), b"").unwrap();
         }
         let single = dir.path().join("single.tif");

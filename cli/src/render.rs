@@ -155,6 +155,16 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             .chain(params.init.file())
             .collect();
         imaging::check_output(output, false, &inputs)?;
+        if let Some(input) = inputs
+            .iter()
+            .find(|i| save_every.is_some() && is_snapshot_of(output, i))
+        {
+            anyhow::bail!(
+                "save_every: the snapshots of {} would be written over the input {}",
+                output.display(),
+                input.display()
+            );
+        }
         if imaging::output_format(output)? == image::ImageFormat::Jpeg
             && args.output_depth == OutputDepth::Sixteen
         {
@@ -342,14 +352,88 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
 /// Where `render --save-every` writes the image of `iteration` at `scale` of `scales`: beside `output`,
 /// `<stem>_<iteration>.<ext>`, or `<stem>_s<scale>_<iteration>.<ext>` with several scales.
 fn snapshot_path(output: &Path, (scale, scales): (u32, u32), iteration: u32) -> PathBuf {
-    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
-    let name = match scales {
-        1 => format!("{stem}_{iteration}"),
-        _ => format!("{stem}_s{scale}_{iteration}"),
-    };
-    let mut path = output.with_file_name(name);
+    // joined, not set_extension's: a stem with a dot (`cat.styled`) keeps its name
+    let mut name = output.file_stem().unwrap_or_default().to_os_string();
+    name.push(match scales {
+        1 => format!("_{iteration}"),
+        _ => format!("_s{scale}_{iteration}"),
+    });
     if let Some(ext) = output.extension() {
-        path.set_extension(ext);
+        name.push(".");
+        name.push(ext);
     }
-    path
+    output.with_file_name(name)
+}
+
+/// Whether `render --save-every` could write a snapshot of `output` ([`snapshot_path`]) over `file`:
+/// `file` is in `output`'s folder and named as a snapshot of it.
+fn is_snapshot_of(output: &Path, file: &Path) -> bool {
+    let folder = |p: &Path| {
+        let parent = p.parent().filter(|p| !p.as_os_str().is_empty());
+        parent.unwrap_or(Path::new(".")).canonicalize().ok()
+    };
+    let (Some(name), Some(stem)) = (file.file_name(), output.file_stem()) else {
+        return false;
+    };
+    let (name, stem) = (name.to_string_lossy(), stem.to_string_lossy());
+    let ext = output
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    let Some(middle) = name
+        .strip_prefix(&format!("{stem}_"))
+        .and_then(|rest| rest.strip_suffix(&ext))
+    else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let named = digits(middle)
+        || middle
+            .strip_prefix('s')
+            .and_then(|m| m.split_once('_'))
+            .is_some_and(|(scale, iteration)| digits(scale) && digits(iteration));
+    named && folder(output).is_some_and(|f| folder(file) == Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot is named after the output's whole stem, dots and all: `cat.styled.jpg`'s first is
+    /// `cat.styled_100.jpg`, not `cat.jpg` (set_extension's reading of `cat.styled_100`), which could be
+    /// the content image.
+    #[test]
+    fn a_snapshot_keeps_the_output_s_name_and_never_names_an_input() {
+        let at = |out: &str, scales, iteration| {
+            snapshot_path(Path::new(out), (1, scales), iteration)
+                .display()
+                .to_string()
+        };
+        assert_eq!(at("out/cat.styled.jpg", 1, 100), "out/cat.styled_100.jpg");
+        assert_eq!(at("v1.2.png", 2, 5), "v1.2_s1_5.png");
+        assert_eq!(at("result", 1, 7), "result_7");
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"").unwrap();
+            path
+        };
+        let output = dir.path().join("cat.styled.jpg");
+        for name in ["cat.styled_100.jpg", "cat.styled_s2_40.jpg"] {
+            assert!(is_snapshot_of(&output, &file(name)), "{name}");
+        }
+        for name in [
+            "cat.jpg",
+            "cat.styled_x.jpg",
+            "cat.styled_100.png",
+            "cat.styled_s2.jpg",
+        ] {
+            assert!(!is_snapshot_of(&output, &file(name)), "{name}");
+        }
+        // named as one, in another folder
+        let other = tempfile::tempdir().unwrap();
+        let elsewhere = other.path().join("cat.styled_100.jpg");
+        std::fs::write(&elsewhere, b"").unwrap();
+        assert!(!is_snapshot_of(&output, &elsewhere));
+    }
 }

@@ -519,8 +519,9 @@ fn folder_of(path: &Path) -> &Path {
 /// extension that [`output_format`] takes is one image file, for a job with one result (`several`
 /// false): it must not be a folder, its folder must exist and take new files, and it must not be one of
 /// `inputs` (the job's content, style and init images). Any other name is a folder (created when
-/// missing), which must not be an existing file; a name with another image format's extension
-/// (`.webp`) is refused rather than taken for a folder.
+/// missing), which must not be an existing file, and must take new files (it, or the folder it will be
+/// made in); a name with another image format's extension (`.webp`) is refused rather than taken for a
+/// folder.
 ///
 /// # Errors
 /// [`Error::Invalid`] on field `output`, naming the path and what is wrong with it.
@@ -540,6 +541,22 @@ pub fn check_output(output: &Path, several: bool, inputs: &[&Path]) -> Result<()
         }
         if output.exists() && !output.is_dir() {
             return bad("exists and is not a folder".into());
+        }
+        // the folder, or the one it will be made in: it must take new files
+        let nearest = output
+            .ancestors()
+            .map(|a| match a.as_os_str().is_empty() {
+                true => Path::new("."),
+                false => a,
+            })
+            .find(|a| a.exists());
+        if let Some(at) = nearest {
+            if !at.is_dir() {
+                return bad(format!("{} is not a folder", at.display()));
+            }
+            if let Err(e) = temp_file_in(at) {
+                return bad(format!("cannot write in {}: {e}", at.display()));
+            }
         }
         return Ok(());
     }
@@ -1099,6 +1116,12 @@ mod tests {
         let notes = dir.path().join("notes.txt");
         std::fs::write(&notes, b"").unwrap();
         assert!(refused(&notes, true).contains("exists and is not a folder"));
+        // a folder to be made in a file, or where no file can be made (even by root: /proc)
+        assert!(refused(&notes.join("results"), true).contains("is not a folder"));
+        let proc = Path::new("/proc/stylefarm-results/run-1");
+        assert!(refused(proc, true).contains("cannot write in /proc"));
+        check_output(&dir.path().join("new/deeper"), true, &[&content]).unwrap();
+        assert!(!dir.path().join("new").exists(), "checked, not made");
     }
 
     /// The style's colours take the content's mean and covariance (within 8-bit rounding), in every
