@@ -2512,6 +2512,58 @@ fn local_exits_with_the_reason_once_every_worker_has_left() {
     assert!(!dir.path().join("out.png").exists());
 }
 
+/// `local` stopped by SIGTERM (as Ctrl-C stops it) mid-render exits non-zero saying so, and its
+/// temporary data dir (the job's state and every image of it) is removed, not left in /tmp.
+#[test]
+fn local_stopped_mid_render_removes_its_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let err_path = dir.path().join("local.err");
+    let mut local = stylefarm_tests::stylefarm()
+        .args(["local", "--workers", "1", "-o"])
+        .arg(dir.path().join("out.png"))
+        .args(x_starry("chelsea.png", 64, 5000))
+        .env("TMPDIR", &tmp)
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    // rendering: its data dir holds the job's state
+    let started = Instant::now();
+    let data_dir = loop {
+        let made = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("state.redb").exists());
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        match made {
+            Some(d) if started.elapsed() > Duration::from_secs(3) => break d,
+            _ if started.elapsed() > Duration::from_secs(120) => {
+                local.kill().unwrap();
+                panic!("no data dir in {}: {err}", tmp.display());
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert!(local.try_wait().unwrap().is_none(), "still rendering");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &local.id().to_string()])
+        .status();
+    let stopping = Instant::now();
+    while local.try_wait().unwrap().is_none() {
+        if stopping.elapsed() > Duration::from_secs(60) {
+            local.kill().unwrap();
+            panic!("local did not stop within 60 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = local.wait().unwrap();
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted: the job unfinished"), "{err}");
+    assert!(!data_dir.exists(), "{} left behind", data_dir.display());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_says_serving_and_reflection_lists_the_services() {
     let cluster = Cluster::start(10.0, 0.5);

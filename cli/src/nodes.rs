@@ -340,13 +340,15 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
             let job_id = client.submit_files(&job).await?;
             wait_and_fetch(&mut client, &job_id, Some(&output), false).await
         };
-        // with no worker left the job would wait for one forever: this farm gets none
+        // with no worker left the job would wait for one forever: this farm gets none; Ctrl-C or SIGTERM
+        // stops it too, and its temporary data dir (every image of the job) goes with it
         let result = tokio::select! {
             result = render => result,
             reasons = farm.workers_gone() => Err(anyhow::anyhow!(
                 "every worker left the farm, the job unfinished: {}",
                 reasons.join("; ")
             )),
+            () = crate::farm::shutdown_signal() => Err(anyhow::anyhow!("interrupted: the job unfinished")),
         };
         farm.shutdown().await;
         result

@@ -23,7 +23,7 @@ use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 #[cfg(feature = "local")]
 mod local;
 #[cfg(feature = "local")]
-pub use local::{LocalFarm, LocalFarmError};
+pub use local::{LocalFarm, LocalFarmError, RENDER_STOP_WAIT};
 
 /// How long [`FarmClient::connect`] waits for the coordinator's TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -27,6 +27,10 @@ pub enum LocalFarmError {
     Client(#[from] ClientError),
 }
 
+/// How long [`LocalFarm::shutdown`] waits for a cancelled render to stop: it stops at its next iteration,
+/// which on a CPU can take a while for a large image.
+pub const RENDER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A coordinator served on a free port of 127.0.0.1 with workers as tasks of this process's runtime
 /// (each with its own engine thread). [`LocalFarm::shutdown`] stops them all; a farm dropped without it
 /// signals them to stop (the workers finish their current task) and does not wait.
@@ -34,7 +38,8 @@ pub struct LocalFarm {
     url: String,
     stop: tokio::sync::watch::Sender<bool>,
     server: JoinHandle<Result<(), stylefarm_coordinator::Error>>,
-    workers: Vec<JoinHandle<Result<(), stylefarm_worker::Error>>>,
+    /// Each worker's task; `None` once [`LocalFarm::workers_gone`] saw it end.
+    workers: Vec<Option<JoinHandle<Result<(), stylefarm_worker::Error>>>>,
     coordinator: std::sync::Arc<Coordinator>,
     // the data dir when the config names none; removed on drop
     _data_dir: Option<tempfile::TempDir>,
@@ -77,7 +82,10 @@ impl LocalFarm {
             .into_iter()
             .map(|mut config| {
                 config.coordinator = url.clone();
-                tokio::spawn(stylefarm_worker::run(config, on_stop(stopped.clone())))
+                Some(tokio::spawn(stylefarm_worker::run(
+                    config,
+                    on_stop(stopped.clone()),
+                )))
             })
             .collect();
         Ok(LocalFarm {
@@ -114,8 +122,14 @@ impl LocalFarm {
     /// have all left would wait for a worker forever: race this against it.
     pub async fn workers_gone(&mut self) -> Vec<String> {
         let mut reasons = Vec::new();
-        for worker in &mut self.workers {
-            reasons.push(match worker.await {
+        for slot in &mut self.workers {
+            let Some(worker) = slot else {
+                continue;
+            };
+            let ended = worker.await;
+            // polled to its end: not again (shutdown)
+            *slot = None;
+            reasons.push(match ended {
                 Ok(Ok(())) => "it stopped".to_string(),
                 Ok(Err(e)) => e.to_string(),
                 Err(e) => format!("it stopped: {e}"),
@@ -124,12 +138,23 @@ impl LocalFarm {
         reasons
     }
 
-    /// Stops the workers (a task in progress is abandoned) and the coordinator, and waits for the server.
+    /// Stops the workers (a task in progress is abandoned, its render cancelled) and the coordinator, and
+    /// waits for the server, and for the engine threads' renders to stop (at most [`RENDER_STOP_WAIT`]):
+    /// a process that exits while libtorch renders can crash in its teardown.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for w in &self.workers {
+        let workers: Vec<_> = self.workers.into_iter().flatten().collect();
+        for w in &workers {
             w.abort();
         }
+        // dropped, their tasks' renders are cancelled
+        for w in workers {
+            let _ = w.await;
+        }
         let _ = self.server.await;
+        let waited = std::time::Instant::now();
+        while stylefarm_worker::renders_running() > 0 && waited.elapsed() < RENDER_STOP_WAIT {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }

@@ -205,6 +205,33 @@ impl CheckpointSlot {
     }
 }
 
+/// Renders running on this process's engine threads.
+static RENDERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many renders this process's engine threads are running now. A process must not exit while one
+/// runs: libtorch's static objects would be torn down under it (a segmentation fault at exit). A task
+/// whose worker is dropped is cancelled, and its render stops at its next iteration: a process that
+/// stops its workers (`LocalFarm::shutdown`) waits for this to be 0.
+pub fn renders_running() -> usize {
+    RENDERING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Counts a render in [`RENDERING`] while it lives.
+struct Rendering;
+
+impl Rendering {
+    fn start() -> Rendering {
+        RENDERING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Rendering
+    }
+}
+
+impl Drop for Rendering {
+    fn drop(&mut self) {
+        RENDERING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A handle to the engine thread; dropping it ends the thread.
 pub struct EngineThread {
     requests: std::sync::mpsc::Sender<Request>,
@@ -494,6 +521,7 @@ impl EngineThread {
                     let started = Instant::now();
                     let hits = resident.cache.hits;
                     let entered = req.span.enter();
+                    let rendering = Rendering::start();
                     let rendered =
                         std::panic::catch_unwind(AssertUnwindSafe(|| resident.render(&req)));
                     let reply = match rendered {
@@ -536,7 +564,7 @@ impl EngineThread {
                             return;
                         }
                     }
-                    drop(entered);
+                    drop((entered, rendering));
                     let _ = req.reply.send(reply);
                 }
             })

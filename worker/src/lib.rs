@@ -33,8 +33,8 @@ use crate::task_log::TaskLog;
 
 pub use device::{cuda_memory_limit, gpu_total_memories, CudaMemoryLimit};
 pub use engine_thread::{
-    panic_message, CheckpointSlot, EngineThread, Live, PreviewPng, RenderError, RenderStats,
-    StyleKey, TileCanvas, Unhealthy,
+    panic_message, renders_running, CheckpointSlot, EngineThread, Live, PreviewPng, RenderError,
+    RenderStats, StyleKey, TileCanvas, Unhealthy,
 };
 
 /// Errors that stop a worker.
@@ -110,6 +110,17 @@ struct ImageCache {
 /// How much longer than its wait (`lease_wait`) a request for a task may go unanswered before the worker
 /// takes its coordinator for gone and connects again (to a standby, where there is one).
 const LEASE_REPLY_MARGIN: Duration = Duration::from_secs(5);
+
+/// Sets a task's cancel flag when dropped: the task's future dropped (its worker's dropped, as
+/// `LocalFarm::shutdown` drops them) stops its render at the next iteration rather than leaving the
+/// engine thread rendering for no one ([`renders_running`]).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 /// A number for a request for a task (pb::LeaseTaskRequest::request_id): random, not 0, so that requests
 /// of workers that share a name, or of a worker that started again, do not take each other's leases.
@@ -551,6 +562,8 @@ pub async fn run(
                 let leased_at = Instant::now();
                 // one heartbeat for the whole task: preparation, render and report
                 let cancel = Arc::new(AtomicBool::new(false));
+                // a worker dropped mid-task (its farm stopped) stops its render too
+                let _cancel_on_drop = CancelOnDrop(cancel.clone());
                 let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
                 let (preview_tx, preview_rx) = tokio::sync::watch::channel(None);
                 let checkpoint = Arc::new(CheckpointSlot::default());
