@@ -1099,6 +1099,22 @@ async fn standby_takes_over(frozen: bool) {
         listening.try_recv().is_err(),
         "the standby does not serve while the active one holds the lease"
     );
+    // a user watching the job, given both addresses: follows it through the takeover
+    let watch_err = cluster.dir.path().join("watch.err");
+    let watch = id.as_ref().map(|id| stylefarm_tests::Node {
+        child: stylefarm_tests::stylefarm()
+            .args(["watch", id])
+            .env("STYLEFARM_COORDINATOR", &cluster.url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&watch_err).unwrap())
+            .spawn()
+            .unwrap(),
+        log: watch_err.clone(),
+    });
+    if watch.is_some() {
+        // connected and watching (it prints nothing meanwhile, with no terminal for its bars)
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let killed = Instant::now();
     if frozen {
         let pid = cluster.coordinator.as_ref().unwrap().child.id();
@@ -1130,6 +1146,24 @@ async fn standby_takes_over(frozen: bool) {
     )
     .await;
     assert!(status.tasks.iter().all(|t| !t.result.is_empty()));
+    if let Some(mut watch) = watch {
+        let ended = Instant::now();
+        let status = loop {
+            match watch.child.try_wait().unwrap() {
+                Some(status) => break status,
+                None if ended.elapsed() > Duration::from_secs(30) => {
+                    panic!("watch still runs 30 s after the job: {}", watch.log_text())
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let err = watch.log_text();
+        assert!(status.success(), "{err}");
+        assert!(
+            err.contains("lost the coordinator (") && err.contains("connecting again"),
+            "{err}"
+        );
+    }
 }
 
 /// Submits a batch of two small renders (30 iterations at 48 px each); returns its id.

@@ -667,7 +667,37 @@ fn scale_time_left(elapsed: Duration, done: usize, left: usize) -> Option<Durati
     (done > 0 && left > 0).then(|| elapsed.mul_f64(left as f64 / done as f64))
 }
 
-/// Follows a job until it ends, with a progress bar per task (stderr); returns its final status.
+/// How long a watch tries to connect again to a coordinator that went away ([`rewatch`]): a standby takes
+/// over within two leader leases (seconds), a coordinator restarts in about as long.
+const REWATCH_FOR: Duration = Duration::from_secs(120);
+
+/// The job's event stream again, once connected again ([`FarmClient::reconnect`]), trying for up to
+/// [`REWATCH_FOR`] with backoff (0.5 s doubling to 5 s); the last error after that.
+async fn rewatch(
+    client: &mut FarmClient,
+    job_id: &JobId,
+    previews: bool,
+) -> anyhow::Result<stylefarm_client::EventStream> {
+    let deadline = std::time::Instant::now() + REWATCH_FOR;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(delay).await;
+        let watched = match client.reconnect().await {
+            Ok(()) => client.watch_events(job_id, previews).await,
+            Err(e) => Err(e),
+        };
+        match watched {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.is_connection_lost() && std::time::Instant::now() < deadline => {
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Follows a job until it ends, with a progress bar per task (stderr), through the coordinator going
+/// away for a while ([`rewatch`]); returns its final status.
 async fn watch_job(
     client: &mut FarmClient,
     job_id: &JobId,
@@ -686,21 +716,58 @@ async fn watch_job(
     // the scale the job bar shows, when this watch first saw it and its tiles done then
     let mut scale_seen: Option<(usize, std::time::Instant, usize)> = None;
     let (mut last, mut waiting) = (None, String::new());
-    while let Some(event) = stream.next().await {
-        let (status, previews) = event?;
+    // a line above the bars; on stderr where there are none (indicatif draws nothing, nor prints, where
+    // stderr is not a terminal: CI, a pipe)
+    let say = |line: String| -> anyhow::Result<()> {
+        if bars && !multi.is_hidden() {
+            multi.println(line)?;
+        } else {
+            eprintln!("{line}");
+        }
+        Ok(())
+    };
+    loop {
+        let event = match stream.next().await {
+            Some(Ok(event)) => event,
+            // the coordinator went away (stopped, restarted, its standby taking over), or ended the
+            // stream before the job did: connect again and go on watching
+            lost @ (Some(Err(_)) | None) => {
+                let why = match lost {
+                    Some(Err(e)) if !e.is_connection_lost() => return Err(e.into()),
+                    Some(Err(e)) => e.to_string(),
+                    _ if last.as_ref().is_some_and(|s: &pb::JobStatus| {
+                        matches!(
+                            s.state(),
+                            pb::JobState::Succeeded
+                                | pb::JobState::Failed
+                                | pb::JobState::Cancelled
+                        )
+                    }) =>
+                    {
+                        break
+                    }
+                    _ => "the coordinator ended the job's event stream".to_string(),
+                };
+                say(format!("lost the coordinator ({why}): connecting again"))?;
+                stream = rewatch(client, job_id, preview_dir.is_some())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "the job goes on; `stylefarm watch {job_id}` follows it again, `stylefarm \
+                             fetch {job_id}` fetches its results"
+                        )
+                    })?;
+                continue;
+            }
+        };
+        let (status, previews) = event;
         if let Some(dir) = preview_dir {
             write_previews(dir, &previews);
         }
         // why it waits (no worker may take it), once each time that changes
         if status.waiting != waiting {
             if !status.waiting.is_empty() {
-                let line = format!("job {job_id} waiting: {}", status.waiting);
-                // indicatif draws nothing, nor prints, where stderr is not a terminal (CI, a pipe)
-                if bars && !multi.is_hidden() {
-                    multi.println(line)?;
-                } else {
-                    eprintln!("{line}");
-                }
+                say(format!("job {job_id} waiting: {}", status.waiting))?;
             }
             waiting.clone_from(&status.waiting);
         }

@@ -174,6 +174,23 @@ impl JobFiles {
     }
 }
 
+impl ClientError {
+    /// Whether the call failed because the coordinator went away or could not be reached (it stopped,
+    /// restarted, or its standby is taking over): the same call may succeed once connected again
+    /// ([`FarmClient::reconnect`]). Not for an error status of the coordinator's own.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::NoAnswer { .. } => true,
+            // the transport's failures (a refused or closed connection, a broken stream mid-response:
+            // UNKNOWN "h2 protocol error") carry their cause; a status the coordinator sent has none
+            ClientError::Status(s) => {
+                s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A connection to a coordinator. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct FarmClient {
@@ -182,6 +199,9 @@ pub struct FarmClient {
     /// The coordinator's descriptors as its server reflection last answered ([`Descriptors`]), kept once
     /// the answer is definite; shared by the clones.
     coordinator_descriptors: Arc<std::sync::Mutex<Option<Descriptors>>>,
+    /// What it connected with, to connect again ([`FarmClient::reconnect`]): the URL or URLs as given.
+    urls: String,
+    credentials: Credentials,
 }
 
 impl FarmClient {
@@ -196,9 +216,12 @@ impl FarmClient {
     /// [`FarmClient::connect`] presenting `credentials`: a token on every call, TLS for `https://` URLs.
     pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<FarmClient> {
         let mut last = None;
-        for url in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            match Self::connect_one(url, credentials).await {
-                Ok(client) => return Ok(client),
+        for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            match Self::connect_one(one, credentials).await {
+                Ok(mut client) => {
+                    client.urls = url.into();
+                    return Ok(client);
+                }
                 Err(e @ ClientError::Url { .. }) => return Err(e),
                 Err(e) => last = Some(e),
             }
@@ -237,7 +260,17 @@ impl FarmClient {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             coordinator_descriptors: Arc::default(),
+            urls: url.into(),
+            credentials: credentials.clone(),
         })
+    }
+
+    /// Connects again as [`FarmClient::connect_with`] did, to the first of its URLs that answers (a
+    /// coordinator started again, or a standby that took over): for a caller whose calls failed because
+    /// the coordinator went away ([`ClientError::is_connection_lost`]).
+    pub async fn reconnect(&mut self) -> Result<()> {
+        *self = Self::connect_with(&self.urls, &self.credentials).await?;
+        Ok(())
     }
 
     /// The generated gRPC client on the same connection, for requests this API does not build: the tests
@@ -922,6 +955,24 @@ mod tests {
 
     /// Work run through `off_async` on a multi-thread runtime does not hold up the runtime's other tasks,
     /// even with one worker thread; on a current-thread runtime it just runs.
+    /// A lost connection (a transport failure carries its cause; UNAVAILABLE) is worth connecting again
+    /// for; a status the coordinator sent (no cause), even UNKNOWN or INTERNAL, is its answer.
+    #[test]
+    fn only_a_lost_connection_is_worth_connecting_again_for() {
+        let broken = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stream closed");
+        let transport = tonic::Status::from_error(Box::new(broken));
+        assert_eq!(transport.code(), tonic::Code::Unknown);
+        assert!(ClientError::Status(transport).is_connection_lost());
+        assert!(ClientError::Status(tonic::Status::unavailable("restarting")).is_connection_lost());
+        for sent in [
+            tonic::Status::unknown("job-1: no such job"),
+            tonic::Status::internal("the store failed"),
+            tonic::Status::not_found("job_id: no such job"),
+        ] {
+            assert!(!ClientError::Status(sent).is_connection_lost());
+        }
+    }
+
     #[test]
     fn work_off_async_lets_the_runtimes_other_tasks_run() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
