@@ -2257,6 +2257,32 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
     assert!(!retried.tasks[0].result.is_empty() && retried.tasks[0].error.is_empty());
 }
 
+/// A job of more tasks than the watch has a bar each for (17 variants): `--wait` says each failed task as it
+/// fails (its bar, one among many, is gone once it ends), and the job's end names it as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_a_job_of_many_tasks_says_each_that_fails() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker_with_env("only", &[("FAILPOINTS", "task-input=return(seed=3)")]);
+    wait_registered(&cluster, 1).await;
+    let seeds: Vec<String> = (1..=17).map(|i| i.to_string()).collect();
+    let mut args: Vec<String> = ["submit", "--sweep", &format!("seed={}", seeds.join(","))]
+        .map(String::from)
+        .to_vec();
+    args.extend(tubingen_x_starry(32, 1));
+    args.extend(["--keep-going", "--max-attempts", "1", "--wait"].map(String::from));
+    let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !ok && err.contains(" failed: 1 of 17 tasks failed (16 rendered"),
+        "{out} {err}"
+    );
+    assert_eq!(
+        err.matches("task 2 (seed=3) failed: content: seed=3 cannot be rendered")
+            .count(),
+        1,
+        "{err}"
+    );
+}
+
 /// A keep-going sweep (`submit --sweep --keep-going`) makes its contact sheet around a variant that fails for
 /// good (seed=3's, by a fail point on the one worker; the job allows one attempt). The variants are leased
 /// in order, so the failure is the last task to end: its report is what starts the sheet. `--wait --output`

@@ -667,6 +667,42 @@ fn scale_time_left(elapsed: Duration, done: usize, left: usize) -> Option<Durati
     (done > 0 && left > 0).then(|| elapsed.mul_f64(left as f64 / done as f64))
 }
 
+/// The most tasks a watched job has a progress bar each for: past that (a batch of a folder of photos, a
+/// tiled scale's tiles), one bar counts its tasks, and each task has a bar while it runs.
+const TASK_BARS: usize = 16;
+
+/// Shows task `t`'s label, progress and state on `bar`.
+fn show_task(bar: &ProgressBar, t: &pb::TaskStatus) {
+    bar.set_prefix(t.label.clone());
+    let progress = t.progress.unwrap_or_default();
+    if progress.iterations > 0 {
+        bar.set_length(u64::from(progress.iterations));
+        bar.set_position(u64::from(progress.iteration));
+    }
+    let state = pb::TaskState::try_from(t.state).unwrap_or_default();
+    let loss = progress.losses.map(|l| l.total).filter(|l| *l > 0.0);
+    bar.set_message(match (state, loss) {
+        (pb::TaskState::Running, Some(l)) => {
+            let left = Duration::try_from_secs_f64(progress.eta_seconds)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .map(|d| format!(", {} left", indicatif::HumanDuration(d)))
+                .unwrap_or_default();
+            format!(
+                "scale {}/{} loss {l:.4e}{left}",
+                progress.scale, progress.scales
+            )
+        }
+        (pb::TaskState::Failed, _) => format!("failed: {}", t.error),
+        // cancelled for a new plan of its scale
+        _ if t.replaced => "replaced".to_string(),
+        _ => task_state_name(t.state),
+    });
+    if state == pb::TaskState::Succeeded {
+        bar.set_position(bar.length().unwrap_or(1));
+    }
+}
+
 /// How long a watch tries to connect again to a coordinator that went away ([`rewatch`]): a standby takes
 /// over within two leader leases (seconds), a coordinator restarts in about as long.
 const REWATCH_FOR: Duration = Duration::from_secs(120);
@@ -696,7 +732,8 @@ async fn rewatch(
     }
 }
 
-/// Follows a job until it ends, with a progress bar per task (stderr), through the coordinator going
+/// Follows a job until it ends, with progress bars (stderr: a bar per task, or past [`TASK_BARS`] tasks one
+/// counting them and one per running task), through the coordinator going
 /// away for a while ([`rewatch`]); returns its final status.
 async fn watch_job(
     client: &mut FarmClient,
@@ -711,7 +748,12 @@ async fn watch_job(
     }
     let style = ProgressStyle::with_template("{prefix:>24} {bar:24} {pos:>4}/{len:4} {msg}")
         .expect("template");
-    let mut task_bars: Vec<ProgressBar> = Vec::new();
+    // a bar per task (a job of at most TASK_BARS tasks); else one counting them and one per running task
+    let mut all_bars: Vec<ProgressBar> = Vec::new();
+    let mut tasks_bar: Option<ProgressBar> = None;
+    let mut running_bars: std::collections::HashMap<u32, ProgressBar> = Default::default();
+    // the failed tasks said so (a job of many tasks: their bars are gone)
+    let mut failed_said = std::collections::HashSet::new();
     let mut job_bar: Option<ProgressBar> = None;
     // the scale the job bar shows, when this watch first saw it and its tiles done then
     let mut scale_seen: Option<(usize, std::time::Instant, usize)> = None;
@@ -800,44 +842,63 @@ async fn watch_job(
             .unwrap_or_default();
             bar.set_message(format!("tiles of scale {} done{left}", scale + 1));
         }
-        for t in &status.tasks {
-            while task_bars.len() <= t.index as usize {
-                let bar = multi.add(ProgressBar::new(1).with_style(style.clone()));
-                task_bars.push(bar);
-            }
-            let bar = &task_bars[t.index as usize];
-            bar.set_prefix(t.label.clone());
-            let progress = t.progress.unwrap_or_default();
-            if progress.iterations > 0 {
-                bar.set_length(u64::from(progress.iterations));
-                bar.set_position(u64::from(progress.iteration));
-            }
-            let state = pb::TaskState::try_from(t.state).unwrap_or_default();
-            let loss = progress.losses.map(|l| l.total).filter(|l| *l > 0.0);
-            bar.set_message(match (state, loss) {
-                (pb::TaskState::Running, Some(l)) => {
-                    let left = Duration::try_from_secs_f64(progress.eta_seconds)
-                        .ok()
-                        .filter(|d| !d.is_zero())
-                        .map(|d| format!(", {} left", indicatif::HumanDuration(d)))
-                        .unwrap_or_default();
-                    format!(
-                        "scale {}/{} loss {l:.4e}{left}",
-                        progress.scale, progress.scales
-                    )
+        if status.tasks.len() <= TASK_BARS {
+            // a bar per task, kept once it ends
+            for t in &status.tasks {
+                let index = t.index as usize;
+                while all_bars.len() <= index {
+                    all_bars.push(multi.add(ProgressBar::new(1).with_style(style.clone())));
                 }
-                (pb::TaskState::Failed, _) => format!("failed: {}", t.error),
-                // cancelled for a new plan of its scale
-                _ if t.replaced => "replaced".to_string(),
-                _ => task_state_name(t.state),
-            });
-            if state == pb::TaskState::Succeeded {
-                bar.set_position(bar.length().unwrap_or(1));
+                show_task(&all_bars[index], t);
+            }
+        } else {
+            // many tasks: a bar counting them, and one for each task while it runs
+            let count = |state| status.tasks.iter().filter(|t| t.state() == state).count();
+            let (done, failed) = (
+                count(pb::TaskState::Succeeded),
+                count(pb::TaskState::Failed),
+            );
+            let tasks_bar = tasks_bar
+                .get_or_insert_with(|| multi.add(ProgressBar::new(1).with_style(style.clone())));
+            tasks_bar.set_prefix("tasks");
+            tasks_bar.set_length(status.tasks.len() as u64);
+            tasks_bar.set_position((done + failed) as u64);
+            tasks_bar.set_message(format!(
+                "{done} succeeded, {failed} failed, {} running",
+                count(pb::TaskState::Running)
+            ));
+            for t in &status.tasks {
+                let running = t.state() == pb::TaskState::Running;
+                match running_bars.get(&t.index) {
+                    Some(bar) if !running => {
+                        bar.finish_and_clear();
+                        multi.remove(bar);
+                        running_bars.remove(&t.index);
+                    }
+                    Some(bar) => show_task(bar, t),
+                    None if running => {
+                        let bar = multi.add(ProgressBar::new(1).with_style(style.clone()));
+                        show_task(&bar, t);
+                        running_bars.insert(t.index, bar);
+                    }
+                    None => {}
+                }
+                if t.state() == pb::TaskState::Failed && failed_said.insert(t.index) {
+                    say(format!(
+                        "task {} ({}) failed: {}",
+                        t.index, t.label, t.error
+                    ))?;
+                }
             }
         }
         last = Some(status);
     }
-    for bar in task_bars.into_iter().chain(job_bar) {
+    for bar in all_bars
+        .into_iter()
+        .chain(running_bars.into_values())
+        .chain(tasks_bar)
+        .chain(job_bar)
+    {
         bar.finish();
     }
     last.context("the job's event stream ended without an event")

@@ -704,10 +704,10 @@ impl FarmClient {
 
     /// Writes a job's results; returns the files written. A single render or a tiled job's stitched image
     /// goes to `output` when it names an image file (`.png`, `.jpg`, `.tif`); otherwise `output` is a
-    /// directory that gets every task's result as `NNN_<label>.png`, a sweep's `contact-sheet.png`, a
-    /// tiled job's `scale-K.png` and `result.png`, or a video's frames rendered so far as
-    /// `frame-NNNNN.png` (1-based, for `ffmpeg -i frame-%05d.png`; a video not finished may leave gaps,
-    /// where ffmpeg's numbered input stops).
+    /// directory that gets every task's result as `NNN_<label>.png` (the task's index, with as many digits
+    /// as the job's last, at least 3), a sweep's `contact-sheet.png`, a tiled job's `scale-K.png` and
+    /// `result.png`, or a video's frames rendered so far as `frame-NNNNN.png` (1-based, for `ffmpeg -i
+    /// frame-%05d.png`; a video not finished may leave gaps, where ffmpeg's numbered input stops).
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),
@@ -774,7 +774,7 @@ impl FarmClient {
         }
         create_dir(output)?;
         for t in done {
-            let path = output.join(format!("{:03}_{}.png", t.index, slug(&t.label)));
+            let path = output.join(task_file_name(t.index, status.tasks.len(), &t.label));
             self.download_named(&t.result, &path).await?;
             written.push(path);
         }
@@ -808,6 +808,13 @@ fn create_dir(path: &Path) -> Result<()> {
         path: path.into(),
         source,
     })
+}
+
+/// The file a folder fetch writes task `index`'s result to, of a job of `tasks` tasks: `NNN_<label>.png`,
+/// the index with as many digits as the job's last, at least 3, so that the names sort in task order.
+fn task_file_name(index: u32, tasks: usize, label: &str) -> String {
+    let digits = tasks.saturating_sub(1).to_string().len().max(3);
+    format!("{index:0digits$}_{}.png", slug(label))
 }
 
 /// A file name from a task label: words joined by `_`, characters other than letters, digits (Unicode's,
@@ -955,6 +962,22 @@ mod tests {
 
     /// Work run through `off_async` on a multi-thread runtime does not hold up the runtime's other tasks,
     /// even with one worker thread; on a current-thread runtime it just runs.
+    /// Result names sort in task order, however many tasks: 3 digits up to 1000 tasks, more past.
+    #[test]
+    fn result_names_sort_in_task_order() {
+        assert_eq!(
+            task_file_name(7, 2, "content 1 x style 1"),
+            "007_content_1_x_style_1.png"
+        );
+        assert_eq!(task_file_name(999, 1000, "a"), "999_a.png");
+        let names: Vec<String> = [0, 9, 100, 1000, 1234]
+            .iter()
+            .map(|&i| task_file_name(i, 1235, "a"))
+            .collect();
+        assert_eq!(names[0], "0000_a.png");
+        assert!(names.is_sorted(), "{names:?}");
+    }
+
     /// A lost connection (a transport failure carries its cause; UNAVAILABLE) is worth connecting again
     /// for; a status the coordinator sent (no cause), even UNKNOWN or INTERNAL, is its answer.
     #[test]
