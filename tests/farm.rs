@@ -192,16 +192,23 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
     );
     let (ok, _, err) = video("5000");
     assert!(!ok && err.contains("chunk_frames"), "{err}");
-    // refused before anything renders: an image file as the output, frames of two sizes
+    // refused before anything renders: an image file as the output, frames of two sizes, a folder with
+    // another render's later frames (ffmpeg would read them on)
     let (ok, _, err) = submit_video(&frames, "2", &out.join("video.png"));
     assert!(!ok && err.contains("output"), "{err}");
+    std::fs::write(out.join("frame-00006.png"), b"").unwrap();
+    let (ok, _, err) = submit_video(&frames, "2", &out);
+    assert!(
+        !ok && err.contains("past this video's 5 (frame-00006.png"),
+        "{err}"
+    );
     let mixed = cluster.dir.path().join("mixed");
     std::fs::create_dir(&mixed).unwrap();
     for (i, name) in ["tubingen.jpg", "chelsea.png"].iter().enumerate() {
         let ext = name.rsplit('.').next().unwrap();
         std::os::unix::fs::symlink(path(name), mixed.join(format!("{i:05}.{ext}"))).unwrap();
     }
-    let (ok, _, err) = submit_video(&mixed, "0", &out);
+    let (ok, _, err) = submit_video(&mixed, "0", &cluster.dir.path().join("mixed-out"));
     assert!(
         !ok && err.contains("contents") && err.contains("one size"),
         "{err}"

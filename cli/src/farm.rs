@@ -611,6 +611,9 @@ impl JobArgs {
                 JobKind::Sweep(_) | JobKind::Video(_) => true,
             };
             imaging::check_output(output, several, &job.inputs().collect::<Vec<_>>())?;
+            if matches!(job.kind, JobKind::Video(_)) {
+                stylefarm_client::check_no_stale_frames(output, job.contents.len())?;
+            }
         }
         Ok(job)
     }

@@ -730,6 +730,8 @@ impl FarmClient {
         let several = video || (!tiled && (done.len() > 1 || !status.contact_sheet.is_empty()));
         imaging::check_output(output, several, &[])?;
         if video {
+            let total = status.spec.as_ref().map_or(0, |s| s.contents.len());
+            check_no_stale_frames(output, total)?;
             create_dir(output)?;
             let mut frames: Vec<(u64, &pb::TaskStatus)> = done
                 .into_iter()
@@ -808,6 +810,43 @@ fn create_dir(path: &Path) -> Result<()> {
         path: path.into(),
         source,
     })
+}
+
+/// Refuses a folder that holds frames (`frame-NNNNN.png`) past a video's `total`: another render's, which
+/// `ffmpeg -i frame-%05d.png` would read after this video's last frame. Frames within it are written over.
+/// [`FarmClient::fetch`] checks it; a command that will fetch checks it first, before the render.
+///
+/// # Errors
+/// [`ClientError::Domain`] on field `output`, naming the first such frame.
+pub fn check_no_stale_frames(folder: &Path, total: usize) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        // not there yet (made next), or not a folder (refused by the write)
+        return Ok(());
+    };
+    let mut stale: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| {
+            name.strip_prefix("frame-")
+                .and_then(|n| n.strip_suffix(".png"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n > total)
+        })
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    stale.sort();
+    Err(stylefarm_core::Error::invalid(
+        "output",
+        format!(
+            "{}: holds {} frame(s) past this video's {total} ({} ...), from another render: ffmpeg would \
+             read them after its last frame; give an empty folder, or remove them",
+            folder.display(),
+            stale.len(),
+            stale[0]
+        ),
+    )
+    .into())
 }
 
 /// The file a folder fetch writes task `index`'s result to, of a job of `tasks` tasks: `NNN_<label>.png`,
@@ -962,6 +1001,32 @@ mod tests {
 
     /// Work run through `off_async` on a multi-thread runtime does not hold up the runtime's other tasks,
     /// even with one worker thread; on a current-thread runtime it just runs.
+    /// A video's folder holding frames past its last (another render's) is refused, naming them; frames
+    /// within it, other files, and a folder not made yet are fine.
+    #[test]
+    fn a_video_s_folder_with_another_render_s_later_frames_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        check_no_stale_frames(&dir.path().join("not-yet"), 3).unwrap();
+        for name in [
+            "frame-00001.png",
+            "frame-00003.png",
+            "notes.txt",
+            "frame-x.png",
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        check_no_stale_frames(dir.path(), 3).unwrap();
+        std::fs::write(dir.path().join("frame-00004.png"), b"").unwrap();
+        let err = check_no_stale_frames(dir.path(), 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("output: ")
+                && err.contains("1 frame(s) past this video's 3 (frame-00004.png"),
+            "{err}"
+        );
+    }
+
     /// Result names sort in task order, however many tasks: 3 digits up to 1000 tasks, more past.
     #[test]
     fn result_names_sort_in_task_order() {
