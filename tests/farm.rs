@@ -2631,6 +2631,66 @@ fn local_stopped_mid_render_removes_its_data_dir() {
     assert!(!data_dir.exists(), "{} left behind", data_dir.display());
 }
 
+/// `local` whose result cannot be written once rendered (its output's folder removed meanwhile) keeps its
+/// temporary data dir and says how to have the result: a coordinator started on it serves the job to
+/// `fetch`.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_whose_result_cannot_be_written_keeps_it_for_a_coordinator_to_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::create_dir(&out_dir).unwrap();
+    let err_path = dir.path().join("local.err");
+    let mut local = stylefarm_tests::stylefarm()
+        .args(["local", "--workers", "1", "-o"])
+        .arg(out_dir.join("out.png"))
+        .args(x_starry("chelsea.png", 64, 60))
+        .env("TMPDIR", &tmp)
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    // rendering (its data dir made): the output's folder goes
+    wait_for("local's data dir", Duration::from_secs(120), || async {
+        let made = std::fs::read_dir(&tmp)
+            .unwrap()
+            .any(|e| e.unwrap().path().join("state.redb").exists());
+        made.then_some(())
+    })
+    .await;
+    std::fs::remove_dir(&out_dir).unwrap();
+    let status = tokio::task::spawn_blocking(move || local.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("writing the results of job job-"), "{err}");
+    let kept = err
+        .split("the results are kept in ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or_else(|| panic!("{err}"));
+    let job_id = err
+        .split("stylefarm fetch ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("{err}"));
+    // as it says: a coordinator on the data dir, and fetch
+    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
+    cluster.data_dir = kept.into();
+    cluster.start_coordinator();
+    let fetched = dir.path().join("fetched.png");
+    let (ok, _, err) = cluster.cli(&["fetch", job_id, "-o", fetched.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        image::image_dimensions(&fetched).unwrap().0,
+        64,
+        "the render's size"
+    );
+    std::fs::remove_dir_all(kept).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_says_serving_and_reflection_lists_the_services() {
     let cluster = Cluster::start(10.0, 0.5);

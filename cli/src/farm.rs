@@ -907,6 +907,16 @@ async fn watch_job(
     last.context("the job's event stream ended without an event")
 }
 
+/// A job that succeeded, whose results could not be written (the output's disk full, its folder gone): its
+/// coordinator still has them ([`wait_and_fetch`]).
+#[derive(Debug, thiserror::Error)]
+#[error("writing the results of job {job_id}")]
+pub(crate) struct FetchFailed {
+    pub(crate) job_id: JobId,
+    #[source]
+    source: stylefarm_client::ClientError,
+}
+
 /// Waits for the job, fetches its results when `output` is given, and fails when the job did not succeed.
 /// A keep-going batch or sweep that failed has its rendered tasks' results (and a sweep's contact sheet)
 /// fetched before the error, and a failed job's first failed tasks' logs are printed
@@ -928,7 +938,13 @@ pub(crate) async fn wait_and_fetch(
                 .for_each(|path| eprintln!("wrote {}", path.display())),
             // the job's own error comes after, not in place of, this one
             Err(e) if !succeeded => eprintln!("fetching the rendered results: {e}"),
-            Err(e) => return Err(e.into()),
+            Err(source) => {
+                return Err(FetchFailed {
+                    job_id: job_id.clone(),
+                    source,
+                }
+                .into())
+            }
         }
     }
     if status.state() == pb::JobState::Failed {

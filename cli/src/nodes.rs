@@ -8,7 +8,7 @@ use clap::Args;
 use stylefarm_client::LocalFarm;
 
 use crate::farm::{
-    coordinator_config, runtime, shutdown_signal, wait_and_fetch, ConnectArgs, JobArgs,
+    coordinator_config, runtime, shutdown_signal, wait_and_fetch, ConnectArgs, FetchFailed, JobArgs,
 };
 use crate::render::EngineArgs;
 
@@ -348,8 +348,21 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 "every worker left the farm, the job unfinished: {}",
                 reasons.join("; ")
             )),
-            () = crate::farm::shutdown_signal() => Err(anyhow::anyhow!("interrupted: the job unfinished")),
+            () = shutdown_signal() => Err(anyhow::anyhow!("interrupted: the job unfinished")),
         };
+        // rendered, but not written: the data dir keeps the results, for a coordinator to serve
+        let unwritten = result.as_ref().err().and_then(|e| e.downcast_ref::<FetchFailed>());
+        if let Some(failed) = unwritten {
+            if let Some(dir) = farm.keep_data_dir().or(args.data_dir.clone()) {
+                let dir = dir.display();
+                eprintln!(
+                    "the results are kept in {dir}: `stylefarm coordinator --data-dir {dir} --listen \
+                     127.0.0.1:7700` serves them to `stylefarm fetch {} -o OUTPUT --coordinator \
+                     http://127.0.0.1:7700`",
+                    failed.job_id
+                );
+            }
+        }
         farm.shutdown().await;
         result
     })

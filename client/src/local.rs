@@ -41,8 +41,8 @@ pub struct LocalFarm {
     /// Each worker's task; `None` once [`LocalFarm::workers_gone`] saw it end.
     workers: Vec<Option<JoinHandle<Result<(), stylefarm_worker::Error>>>>,
     coordinator: std::sync::Arc<Coordinator>,
-    // the data dir when the config names none; removed on drop
-    _data_dir: Option<tempfile::TempDir>,
+    // the data dir when the config names none; removed on drop unless kept (keep_data_dir)
+    data_dir: Option<tempfile::TempDir>,
 }
 
 impl LocalFarm {
@@ -94,8 +94,15 @@ impl LocalFarm {
             server,
             workers,
             coordinator: state,
-            _data_dir: tmp,
+            data_dir: tmp,
         })
+    }
+
+    /// Keeps the temporary data dir that the farm made (its config named none) when the farm stops, with
+    /// the jobs and their images (for a coordinator started on it to serve them); returns its path.
+    /// `None` where the config named the data dir, which is kept anyway.
+    pub fn keep_data_dir(&mut self) -> Option<PathBuf> {
+        self.data_dir.take().map(tempfile::TempDir::keep)
     }
 
     /// The coordinator's URL, e.g. `http://127.0.0.1:40123`.
