@@ -337,6 +337,11 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         }
         let mut client = farm.client().await?;
         let render = async {
+            // the workers load their engines first (seconds on a GPU): the job goes once one is ready,
+            // not to be shown waiting for a worker meanwhile
+            while client.workers().await?.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
             let job_id = client.submit_files(&job).await?;
             wait_and_fetch(&mut client, &job_id, Some(&output), false).await
         };
