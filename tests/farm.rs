@@ -2805,7 +2805,8 @@ async fn tiles_are_planned_from_the_workers_device_memory() {
             .map(|t| (t.width, t.height))
             .collect()
     };
-    // 16 GiB: the 640 x 480 scale (1.5 GB estimated) fits: one task, the whole canvas
+    // 16 GiB: the 640 x 480 scale (0.79 GB estimated: its one iteration makes no L-BFGS history) fits: one
+    // task, the whole canvas
     let (id, size) = render(&cluster, "whole");
     assert_eq!(size, (640, 480));
     let status = job(&mut cluster.client().await, &id).await;
@@ -2816,9 +2817,9 @@ async fn tiles_are_planned_from_the_workers_device_memory() {
         "{coordinator}"
     );
 
-    // a worker with 3 GiB joins: 640 x 480 does not fit it beside the 2 GiB kept aside, so tiles of at
-    // least 512 px; two of them, one for each worker
-    cluster.add_worker_with_env("small", &[("STYLEFARM_DEVICE_MEMORY", "3GiB")]);
+    // a worker with 2600 MiB joins: 640 x 480 does not fit it beside the 2 GiB kept aside (0.85 of 552 MiB
+    // usable), so tiles of at least 512 px; two of them, one for each worker
+    cluster.add_worker_with_env("small", &[("STYLEFARM_DEVICE_MEMORY", "2600MiB")]);
     wait_registered(&cluster, 2).await;
     let (id, size) = render(&cluster, "tiles");
     assert_eq!(size, (640, 480));

@@ -2,11 +2,11 @@
 //! ([`crate::tiling::Tiling::scale_tile_size`]), from the memory workers report when they register.
 //!
 //! The estimate is linear in the pixels being optimized: VGG19's activations up to relu5_1 kept for the
-//! backward pass, plus the optimizer's state (L-BFGS: `history_size` pairs of image-sized vectors; Adam:
-//! two moments), plus a fixed part (weights, CUDA context, cuDNN workspaces). Measured peaks it is made to
-//! cover (BENCHMARKS.md): a one-pass 2048 x 1536 render on the CPU, 7.2 GiB resident (2.4 KB a pixel,
-//! history negligible at 3 iterations); a one-pass 4096 x 3072 render on an H200 with L-BFGS's history of
-//! 100, 50 GB in use (4.0 KB a pixel, 2.4 KB of it the history).
+//! backward pass, plus the optimizer's state (L-BFGS: `history_size` pairs of image-sized vectors, or as many
+//! as its iterations make; Adam: two moments), plus a fixed part (weights, CUDA context, cuDNN workspaces).
+//! Measured peaks it is made to cover (BENCHMARKS.md): a one-pass 2048 x 1536 render on the CPU, 7.2 GiB
+//! resident (2.4 KB a pixel, history negligible at 3 iterations); a one-pass 4096 x 3072 render on an H200
+//! with L-BFGS's history of 100, 50 GB in use (4.0 KB a pixel, 2.4 KB of it the history).
 
 use crate::params::{Optimizer, RenderParams};
 
@@ -25,10 +25,14 @@ pub const FIXED_BYTES: u64 = 2 << 30;
 pub const USABLE_FRACTION: f64 = 0.85;
 
 /// Bytes per optimized pixel of the optimizer's state: the image, its gradient and the search direction,
-/// plus L-BFGS's `history_size` (s, y) pairs or Adam's two moments.
+/// plus L-BFGS's (s, y) pairs or Adam's two moments. L-BFGS holds `history_size` pairs, or fewer where its
+/// scale's iterations make fewer (one a step after the first): the largest scale's, the last.
 pub fn optimizer_bytes_per_px(params: &RenderParams) -> u64 {
     let vectors = 4 + match params.optimizer {
-        Optimizer::Lbfgs => 2 * u64::from(params.history_size),
+        Optimizer::Lbfgs => {
+            let last = params.iterations_per_scale().last().copied().unwrap_or(1);
+            2 * u64::from(params.history_size.min(last.saturating_sub(1)).max(1))
+        }
         Optimizer::Adam => 2,
     };
     vectors.saturating_mul(IMAGE_BYTES_PER_PX)
@@ -97,5 +101,30 @@ mod tests {
             render_bytes(300, 200, &adam)
         );
         assert_eq!(usable_bytes(1 << 30), 0);
+    }
+
+    /// L-BFGS's history holds no more pairs than its last scale's iterations make (one a step after the
+    /// first), as the engine allocates it.
+    #[test]
+    fn a_short_scale_s_history_counts_only_the_pairs_it_makes() {
+        let long = RenderParams::default();
+        let short = RenderParams {
+            iterations: 31,
+            ..long.clone()
+        };
+        let history = |p: &RenderParams| optimizer_bytes_per_px(p) / IMAGE_BYTES_PER_PX - 4;
+        assert_eq!(history(&long), 2 * 100);
+        assert_eq!(history(&short), 2 * 30);
+        // a pyramid's last scale: 500 >> 3 = 62 iterations, 61 pairs
+        let pyramid = RenderParams {
+            scales: 4,
+            ..long.clone()
+        };
+        assert_eq!(history(&pyramid), 2 * 61);
+        let one = RenderParams {
+            iterations: 1,
+            ..long
+        };
+        assert_eq!(history(&one), 2);
     }
 }

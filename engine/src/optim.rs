@@ -278,6 +278,9 @@ impl Lbfgs {
         // made once: a host-to-device copy in the loop would wait for the device's queue
         let (lr, zero) = (scalar(self.lr), scalar(0.0));
         let mut history: Option<History> = None;
+        // pairs come from the second iteration on: a render of fewer iterations than the history holds
+        // never fills it, and its buffers hold only what it can (the same steps, less memory)
+        let capacity = self.history_size.min(max_iter.saturating_sub(1)).max(1);
         let mut h_diag = scalar(1.0);
         let mut d = Tensor::new();
         let mut t = Tensor::new();
@@ -316,7 +319,7 @@ impl Lbfgs {
                 // computed where they are needed
                 let p = match &own {
                     Some(own) => {
-                        let h = history.get_or_insert_with(|| History::new(self.history_size, &g));
+                        let h = history.get_or_insert_with(|| History::new(capacity, &g));
                         let partial = Products::partial(&s, &y, &g, h, own);
                         Some(Products::of(&reduce(partial)?))
                     }
@@ -343,7 +346,7 @@ impl Lbfgs {
                     .as_ref()
                     .map(|p| (p.rows[3].shallow_clone(), p.rows[4].shallow_clone()));
                 if read[0] > 1e-10 {
-                    let h = history.get_or_insert_with(|| History::new(self.history_size, &g));
+                    let h = history.get_or_insert_with(|| History::new(capacity, &g));
                     match &p {
                         Some(p) => {
                             h_diag = (&p.ys / &p.yy).to_kind(g.kind());
