@@ -64,10 +64,16 @@ impl Error {
         let Error::Torch(e) = self else {
             return false;
         };
-        // CUDA's allocator says "out of memory", libtorch's CPU allocator "can't allocate memory"
-        let message = e.to_string().to_ascii_lowercase();
-        message.contains("out of memory") || message.contains("can't allocate memory")
+        is_out_of_memory_message(&e.to_string())
     }
+}
+
+/// Whether libtorch's error `message` says an allocation failed: CUDA's allocator says "out of memory",
+/// libtorch's CPU allocator "can't allocate memory". Also for a panic's message: tch's infallible calls
+/// (`Tensor::zeros`, the operators) panic with libtorch's error, which is the same out of memory.
+pub fn is_out_of_memory_message(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("out of memory") || message.contains("can't allocate memory")
 }
 
 /// The CUDA device a device name asks for, read without libtorch (so before CUDA starts): `cuda` and `gpu`

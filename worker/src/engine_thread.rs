@@ -534,7 +534,18 @@ impl EngineThread {
                             },
                         )),
                         Ok(Err(e)) => Err(RenderError::Engine(e)),
-                        Err(payload) => Err(RenderError::Panicked(panic_message(payload.as_ref()))),
+                        Err(payload) => {
+                            let message = panic_message(payload.as_ref());
+                            // tch's infallible calls panic with libtorch's error: an allocation that
+                            // failed is the device's memory, not a broken engine (its tile is made smaller)
+                            if stylefarm_engine::is_out_of_memory_message(&message) {
+                                Err(RenderError::Engine(stylefarm_engine::Error::Torch(
+                                    tch::TchError::Torch(message),
+                                )))
+                            } else {
+                                Err(RenderError::Panicked(message))
+                            }
+                        }
                     };
                     let suspect = match &reply {
                         Err(RenderError::Engine(e)) => {
@@ -736,6 +747,20 @@ mod tests {
             matches!(&panicked, RenderError::Panicked(m) if m.contains("injected")),
             "{panicked}"
         );
+        assert_eq!(good(&engine).unwrap().0.dimensions(), (32, 24));
+
+        // a panic of tch's with libtorch's out of memory (an infallible call's): the device's memory, as
+        // the error would be, not a broken engine
+        fail::cfg(
+            "engine-render",
+            "1*panic(called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to \
+             allocate 2.00 GiB\"))",
+        )
+        .unwrap();
+        match request(&engine, "good", params.clone()).unwrap_err() {
+            RenderError::Engine(e) => assert!(e.is_out_of_memory(), "{e}"),
+            other => panic!("{other}"),
+        }
         assert_eq!(good(&engine).unwrap().0.dimensions(), (32, 24));
 
         // a style scale that leaves the style 1 px a side: refused before any tensor work, the input's fault
