@@ -157,10 +157,21 @@ impl ImageCache {
         Some(img)
     }
 
+    /// Caches `img`, leaving out the least recently used images until it fits: not those a task holds
+    /// now (a tile's content, style and previous scale stay while it fetches the others; left out, every
+    /// tile of a canvas past the budget would download and decode them again), which may keep the cache
+    /// over its bytes while that task runs.
     fn insert(&mut self, hash: ImageHash, img: Arc<RgbImage>) {
         let size = img.as_raw().len();
-        while !self.images.is_empty() && self.bytes() + size > self.max_bytes {
-            self.images.pop_front();
+        while self.bytes() + size > self.max_bytes {
+            let Some(at) = self
+                .images
+                .iter()
+                .position(|(_, held)| Arc::strong_count(held) == 1)
+            else {
+                break;
+            };
+            self.images.remove(at);
         }
         self.images.push_back((hash, img));
     }
@@ -1278,6 +1289,17 @@ mod tests {
         // one image larger than the budget still stays, alone
         cache.insert(ImageHash::of(b"big"), Arc::new(RgbImage::new(200, 200)));
         assert_eq!(cache.images.len(), 1);
+        // images a task holds stay, past the budget: the next tile finds its inputs
+        let mut cache = ImageCache::new(90_000);
+        let (content, previous) = (img(1), img(2));
+        cache.insert(ImageHash::of(&[1]), content.clone());
+        cache.insert(ImageHash::of(&[2]), previous.clone());
+        cache.insert(ImageHash::of(&[3]), img(3));
+        cache.insert(ImageHash::of(&[4]), img(4));
+        assert_eq!(kept(&cache), [1, 2, 4], "3, held by no one, went");
+        drop((content, previous));
+        cache.insert(ImageHash::of(&[5]), img(5));
+        assert_eq!(kept(&cache), [2, 4, 5]);
     }
 
     #[tokio::test]
