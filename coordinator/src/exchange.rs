@@ -117,6 +117,37 @@ impl Group {
 #[derive(Default)]
 pub struct Exchanges {
     groups: Mutex<HashMap<(JobId, u32, u32), Group>>,
+    /// The leases with a call on its way ([`Exchanges::one_call`]).
+    calling: Mutex<std::collections::HashSet<LeaseId>>,
+}
+
+/// A lease's call on its way ([`Exchanges::one_call`]); it ends when dropped.
+pub struct Calling<'a> {
+    exchanges: &'a Exchanges,
+    lease: LeaseId,
+}
+
+impl Drop for Calling<'_> {
+    fn drop(&mut self) {
+        self.exchanges
+            .calling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.lease);
+    }
+}
+
+impl Exchanges {
+    /// Marks `lease`'s call as on its way until the returned guard drops; `None` while another call of
+    /// it is: a shard calls once its previous call has its sums, so one at a time, and the coordinator
+    /// holds at most one call's values ([`MAX_EXCHANGE_BYTES`]) a lease, whatever a worker sends.
+    pub fn one_call(&self, lease: &LeaseId) -> Option<Calling<'_>> {
+        let mut calling = self.calling.lock().unwrap_or_else(|p| p.into_inner());
+        calling.insert(lease.clone()).then(|| Calling {
+            exchanges: self,
+            lease: lease.clone(),
+        })
+    }
 }
 
 /// The sums of each key's parts, over the given parts in shard order.
@@ -361,6 +392,22 @@ mod tests {
     }
 
     /// Two shards' calls: each gets the sums of its own keys, added in shard order, the same on both.
+    /// One call of a lease at a time: a second while the first is on its way is refused, before the
+    /// coordinator holds any of its values; another lease's is not.
+    #[test]
+    fn a_lease_has_one_call_on_its_way_at_a_time() {
+        let exchanges = Exchanges::default();
+        let (a, b) = (LeaseId::new("lease-a"), LeaseId::new("lease-b"));
+        let first = exchanges.one_call(&a).expect("the first call");
+        assert!(exchanges.one_call(&a).is_none(), "a second at once");
+        assert!(exchanges.one_call(&b).is_some(), "another lease's");
+        drop(first);
+        assert!(
+            exchanges.one_call(&a).is_some(),
+            "the next, once the first ended"
+        );
+    }
+
     #[tokio::test]
     async fn shards_get_the_sums_of_their_keys() {
         let ex = Arc::new(Exchanges::default());

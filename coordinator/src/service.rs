@@ -1204,6 +1204,12 @@ impl WorkerService for WorkerApi {
                 ))
             }
         };
+        // before any value is buffered: one call of a lease at a time
+        let Some(_calling) = self.coordinator.exchanges.one_call(&lease) else {
+            return Err(Status::failed_precondition(
+                "a call of this lease is on its way: a shard calls once its previous call has its sums",
+            ));
+        };
         let (mut parts, mut bytes) = (Parts::new(), 0usize);
         while let Some(msg) = stream.next().await {
             let Some(pb::exchange_request::Part::Data(d)) = stream_message(msg)?.part else {
