@@ -10,7 +10,7 @@ use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
     batch_x_starry, file_names, is, iteration, job, metric_value, metrics_addr, path,
     pixel_difference, scrape, shared_image, submit, tubingen_x_starry, wait_for, wait_iteration,
-    wait_job, wait_registered, wait_state, x_starry, Cluster,
+    wait_job, wait_registered, wait_state, wait_succeeded, x_starry, Cluster,
 };
 use tonic::Code;
 
@@ -292,13 +292,7 @@ async fn a_job_with_max_workers_runs_no_more_tasks_at_once() {
         status.tasks
     );
     assert_eq!(status.spec.as_ref().unwrap().max_workers, 1);
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &id).await;
     assert_eq!(running(&done, pb::TaskState::Succeeded), 2);
     // refused with exact mode, naming the field
     let (ok, _, err) = cluster.cli(&[
@@ -421,13 +415,7 @@ async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
     wait_iteration(&cluster, &first, 5).await;
     cluster.workers[0].kill();
     cluster.add_worker("survivor");
-    let disturbed = wait_state(
-        &cluster,
-        &first,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let disturbed = wait_succeeded(&cluster, &first).await;
     assert_eq!(
         disturbed.tasks[0].attempts, 2,
         "the lost attempt and the one that finished"
@@ -438,13 +426,7 @@ async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
         &cluster,
         &[&common[..], &["--request-id", "undisturbed"]].concat(),
     );
-    let undisturbed = wait_state(
-        &cluster,
-        &second,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let undisturbed = wait_succeeded(&cluster, &second).await;
     assert_eq!(
         disturbed.tasks[0].result, undisturbed.tasks[0].result,
         "same spec, same pixels (sha256)"
@@ -477,13 +459,7 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
         &[&common[..], &["--request-id", "queued"]].concat(),
     );
     cluster.workers[0].terminate();
-    let done = wait_state(
-        &cluster,
-        &running,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &running).await;
     assert_eq!(done.tasks[0].attempts, 1, "finished, not abandoned");
     let worker = &mut cluster.workers[0];
     let exit = wait_for("the worker to exit", Duration::from_secs(30), || {
@@ -842,13 +818,7 @@ async fn images_that_no_job_refers_to_are_collected() {
     let unsubmitted = client.upload(&scream, "the_scream.jpg").await.unwrap();
     let mut held = HashSet::new();
     for id in [&kept, &deleted] {
-        let status = wait_state(
-            &cluster,
-            id,
-            pb::JobState::Succeeded,
-            Duration::from_secs(120),
-        )
-        .await;
+        let status = wait_succeeded(&cluster, id).await;
         held.extend(job_images(&status));
     }
     let kept_images = job_images(&job(&mut client, &kept).await);
@@ -906,13 +876,7 @@ async fn images_that_no_job_refers_to_are_collected() {
     assert!(ok, "{err}");
     // uploaded again, as the images of any new job
     let again = submit(&cluster, &chelsea);
-    wait_state(
-        &cluster,
-        &again,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_succeeded(&cluster, &again).await;
 }
 
 /// A coordinator started with `--keep-finished-secs 2` deletes a finished job by itself (while an unfinished
@@ -1145,13 +1109,7 @@ async fn standby_takes_over(frozen: bool) {
     );
     // submitted through the CLI given both addresses: the frozen one passed over
     let id = id.unwrap_or_else(|| submit_small_batch(&cluster));
-    let status = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let status = wait_succeeded(&cluster, &id).await;
     assert!(status.tasks.iter().all(|t| !t.result.is_empty()));
     if let Some(mut watch) = watch {
         let ended = Instant::now();
@@ -1187,13 +1145,7 @@ async fn killed_and_restarted(mut cluster: Cluster) {
     wait_iteration(&cluster, &id, 2).await;
     cluster.coordinator.as_mut().unwrap().kill();
     cluster.start_coordinator();
-    let status = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let status = wait_succeeded(&cluster, &id).await;
     assert!(status.tasks.iter().all(|t| !t.result.is_empty()));
     let (ok, out, _) = cluster.cli(&["list"]);
     assert!(
@@ -2486,13 +2438,7 @@ async fn a_drained_worker_finishes_its_task_takes_no_other_until_undrained() {
         "{scraped}"
     );
     let next = submit(&cluster, &tubingen_x_starry(32, 2));
-    let done = wait_state(
-        &cluster,
-        &first,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &first).await;
     assert_eq!(done.tasks[0].attempts, 1, "not stopped: {done:?}");
     let says_drained = |client: RenderClient, what: &'static str| {
         let next = next.clone();
@@ -2560,14 +2506,11 @@ fn local_exits_with_the_reason_once_every_worker_has_left() {
         .spawn()
         .unwrap();
     // it used to wait for a worker for good: a bound, far above the few seconds it takes, kills it
-    let started = Instant::now();
-    while local.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(300) {
-            local.kill().unwrap();
-            panic!("local still waits after 300 s with no worker left");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    stylefarm_tests::wait_exit(
+        &mut local,
+        Duration::from_secs(300),
+        "local did not exit with no worker left",
+    );
     let out = local.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -2616,15 +2559,11 @@ fn local_stopped_mid_render_removes_its_data_dir() {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &local.id().to_string()])
         .status();
-    let stopping = Instant::now();
-    while local.try_wait().unwrap().is_none() {
-        if stopping.elapsed() > Duration::from_secs(60) {
-            local.kill().unwrap();
-            panic!("local did not stop within 60 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let status = local.wait().unwrap();
+    let status = stylefarm_tests::wait_exit(
+        &mut local,
+        Duration::from_secs(60),
+        "local did not stop after SIGTERM",
+    );
     let err = std::fs::read_to_string(&err_path).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("interrupted: the job unfinished"), "{err}");

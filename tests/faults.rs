@@ -15,7 +15,7 @@ use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_tests::{
     batch_x_starry, is, job, path, shared_image, stylefarm, submit, task_log, tubingen_x_starry,
-    wait_for, wait_iteration, wait_job, wait_registered, wait_state, Cluster,
+    wait_for, wait_iteration, wait_job, wait_registered, wait_state, wait_succeeded, Cluster,
 };
 use tonic::Code;
 
@@ -212,13 +212,7 @@ async fn twenty_jobs_under_random_worker_kills(mut cluster: Cluster, label: &str
     let mut clean = BTreeMap::new();
     for variant in 0..4 {
         let id = submit_variant(&cluster, variant, &format!("clean-{variant}"));
-        let status = wait_state(
-            &cluster,
-            &id,
-            pb::JobState::Succeeded,
-            Duration::from_secs(120),
-        )
-        .await;
+        let status = wait_succeeded(&cluster, &id).await;
         clean.insert(variant, status.tasks[0].result.clone());
     }
     for (variant, status) in &results {
@@ -277,13 +271,7 @@ async fn frozen_past_its_lease(backend: Backend) {
     wait_iteration(&cluster, &id, 3).await;
     signal(&cluster.workers[0], "STOP");
     cluster.add_worker("other");
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &id).await;
     assert!(
         done.tasks[0].worker_id.starts_with("other"),
         "{:?}",
@@ -310,13 +298,7 @@ async fn frozen_past_its_lease(backend: Backend) {
     // the thawed worker is still one of the farm's: with the other one gone, it renders the next job
     cluster.workers[1].kill();
     let next = submit(&cluster, &job_args);
-    let next = wait_state(
-        &cluster,
-        &next,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let next = wait_succeeded(&cluster, &next).await;
     assert!(
         next.tasks[0].worker_id.starts_with("frozen"),
         "{:?}",
@@ -346,13 +328,7 @@ async fn failing_every_task(backend: Backend) {
     )
     .await;
     cluster.add_worker("good");
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &id).await;
     for t in &done.tasks {
         assert!(t.worker_id.starts_with("good"), "{t:?}");
     }
@@ -490,13 +466,7 @@ async fn resumed_from_a_checkpoint(backend: Backend) {
     .await;
     cluster.workers[0].kill();
     cluster.add_worker("other");
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &id).await;
     let task = &done.tasks[0];
     assert!(task.worker_id.starts_with("other"), "{task:?}");
     assert_eq!(task.attempts, 2, "{task:?}");
@@ -605,13 +575,7 @@ async fn a_heartbeat_s_lines_still_on_their_way_when_the_task_ends_are_kept() {
     );
     wait_registered(&cluster, 1).await;
     let id = submit(&cluster, &batch_x_starry(32, 5));
-    wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_succeeded(&cluster, &id).await;
     let log = cluster.workers[0].log_text();
     for task in 0..2 {
         let attempts = task_log(&cluster, &id, task);
@@ -647,13 +611,7 @@ async fn a_lease_whose_answer_was_lost_is_handed_to_its_worker_again() {
     );
     wait_registered(&cluster, 1).await;
     let id = submit(&cluster, &tubingen_x_starry(32, 5));
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &id).await;
     let worker = cluster.workers[0].log_text();
     assert!(
         worker.contains("the answer was lost (injected)"),
@@ -681,13 +639,7 @@ async fn lines_of_a_heartbeat_that_timed_out_after_it_came_are_kept_once() {
     cluster.add_worker("impatient");
     wait_registered(&cluster, 1).await;
     let id = submit(&cluster, &tubingen_x_starry(32, 20));
-    wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_succeeded(&cluster, &id).await;
     let worker = cluster.workers[0].log_text();
     let attempts = task_log(&cluster, &id, 0);
     assert_eq!(attempts.len(), 1, "{attempts:#?}");
@@ -723,13 +675,7 @@ async fn a_result_refused_for_a_while_is_sent_until_it_is_taken() {
     cluster.add_worker("patient");
     wait_registered(&cluster, 1).await;
     let id = submit(&cluster, &tubingen_x_starry(32, 5));
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &id).await;
     assert!(!done.tasks[0].result.is_empty());
     let log = cluster.workers[0].log_text();
     assert_eq!(
@@ -790,13 +736,7 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(outage.elapsed())).await;
     redis.restart();
 
-    let done = wait_state(
-        &cluster,
-        &first,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &first).await;
     assert!(!done.tasks[0].result.is_empty());
     // the submit the client was refused, repeated with its request id: one job
     let second = wait_for(
@@ -815,13 +755,7 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
             .unwrap(),
         second
     );
-    let second_done = wait_state(
-        &cluster,
-        &second,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let second_done = wait_succeeded(&cluster, &second).await;
     assert_eq!(
         second_done.tasks[0].result, done.tasks[0].result,
         "same spec, same pixels"
@@ -873,13 +807,7 @@ async fn scheduler_panic_stops_the_coordinator(backend: Backend) {
     );
     cluster.coordinator_env.retain(|e| *e != bug);
     cluster.start_coordinator();
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &id).await;
     assert!(!done.tasks[0].result.is_empty(), "{done:?}");
 }
 
@@ -922,13 +850,7 @@ async fn out_of_memory_retried_elsewhere(backend: Backend) {
     )
     .await;
     cluster.add_worker_with_env("big", &[("STYLEFARM_DEVICE_MEMORY", "64GiB")]);
-    let done = wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let done = wait_succeeded(&cluster, &id).await;
     assert!(
         done.tasks[0].worker_id.starts_with("big"),
         "{:?}",

@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use stylefarm_proto::pb;
 use stylefarm_tests::{
     metric_value as value, metrics_addr, path, scrape, submit, tubingen_x_starry, wait_for,
-    wait_iteration, wait_registered, wait_state, Cluster, Node,
+    wait_iteration, wait_registered, wait_succeeded, Cluster, Node,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -119,13 +118,7 @@ async fn the_metrics_follow_a_job_and_its_faults() {
 
     cluster.add_worker_with_env("w2", &metrics_env);
     let worker = metrics_addr(&cluster.workers[1]).await;
-    wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_succeeded(&cluster, &id).await;
     let done = scrape(&coordinator).await;
     assert_eq!(
         value(&done, "stylefarm_tasks{state=\"succeeded\"}"),
@@ -210,13 +203,7 @@ async fn json_logs_carry_the_job_task_and_worker_of_each_event() {
     cluster.start_coordinator();
     cluster.add_worker_with_env("w1", &[("STYLEFARM_LOG_FORMAT", "json")]);
     let id = submit(&cluster, &tubingen_x_starry(48, 5));
-    wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_succeeded(&cluster, &id).await;
     let lines = |node: &Node| -> Vec<serde_json::Value> {
         node.log_text()
             .lines()
@@ -349,13 +336,7 @@ async fn a_task_and_the_coordinators_handling_of_it_are_one_trace() {
     cluster.start_coordinator();
     cluster.add_worker_with_env("w1", &otel);
     let id = submit(&cluster, &tubingen_x_starry(48, 5));
-    wait_state(
-        &cluster,
-        &id,
-        pb::JobState::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_succeeded(&cluster, &id).await;
     // a clean stop flushes the spans still batched
     for node in cluster
         .workers

@@ -434,6 +434,33 @@ pub fn submit(cluster: &Cluster, args: &[impl AsRef<str>]) -> String {
     out.trim().to_string()
 }
 
+/// Waits up to `timeout` for `child` to exit, and returns how it did; past that, kills it and panics
+/// saying that `what` did not happen.
+pub fn wait_exit(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("{what} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits (up to 120 s) until the job succeeded ([`wait_state`]); its status.
+pub async fn wait_succeeded(cluster: &Cluster, job_id: &str) -> pb::JobStatus {
+    wait_state(
+        cluster,
+        job_id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await
+}
+
 /// Waits up to `timeout` for job `job_id` to reach `state`; panics when it ends in another state.
 pub async fn wait_state(
     cluster: &Cluster,
