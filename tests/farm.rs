@@ -2561,7 +2561,7 @@ fn local_stopped_mid_render_removes_its_data_dir() {
         .status();
     let status = stylefarm_tests::wait_exit(
         &mut local,
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         "local did not stop after SIGTERM",
     );
     let err = std::fs::read_to_string(&err_path).unwrap();
@@ -2604,7 +2604,7 @@ async fn local_whose_result_cannot_be_written_keeps_it_for_a_coordinator_to_serv
         .unwrap();
     let err = std::fs::read_to_string(&err_path).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
-    assert!(err.contains("writing the results of job job-"), "{err}");
+    assert!(err.contains("fetching the results of job job-"), "{err}");
     let kept = err
         .split("the results are kept in ")
         .nth(1)

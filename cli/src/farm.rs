@@ -753,6 +753,7 @@ async fn watch_job(
         .expect("template");
     // a bar per task (a job of at most TASK_BARS tasks); else one counting them and one per running task
     let mut all_bars: Vec<ProgressBar> = Vec::new();
+    let mut many = false;
     let mut tasks_bar: Option<ProgressBar> = None;
     let mut running_bars: std::collections::HashMap<u32, ProgressBar> = Default::default();
     // the failed tasks said so (a job of many tasks: their bars are gone)
@@ -845,7 +846,22 @@ async fn watch_job(
             .unwrap_or_default();
             bar.set_message(format!("tiles of scale {} done{left}", scale + 1));
         }
-        if status.tasks.len() <= TASK_BARS {
+        // a job's tasks can grow (a video's frames, known from its contents; a tiled job's scales): once
+        // past TASK_BARS, for good, the bars of each task so far cleared
+        let frames = match status.spec.as_ref() {
+            Some(spec) if matches!(spec.kind, Some(pb::job_spec::Kind::Video(_))) => {
+                spec.contents.len()
+            }
+            _ => 0,
+        };
+        if !many && status.tasks.len().max(frames) > TASK_BARS {
+            many = true;
+            for bar in all_bars.drain(..) {
+                bar.finish_and_clear();
+                multi.remove(&bar);
+            }
+        }
+        if !many {
             // a bar per task, kept once it ends
             for t in &status.tasks {
                 let index = t.index as usize;
@@ -855,8 +871,10 @@ async fn watch_job(
                 show_task(&all_bars[index], t);
             }
         } else {
-            // many tasks: a bar counting them, and one for each task while it runs
-            let count = |state| status.tasks.iter().filter(|t| t.state() == state).count();
+            // many tasks: a bar counting them (not those replaced by a new plan of their scale), and one
+            // for each task while it runs
+            let tasks: Vec<&pb::TaskStatus> = status.tasks.iter().filter(|t| !t.replaced).collect();
+            let count = |state| tasks.iter().filter(|t| t.state() == state).count();
             let (done, failed) = (
                 count(pb::TaskState::Succeeded),
                 count(pb::TaskState::Failed),
@@ -864,7 +882,7 @@ async fn watch_job(
             let tasks_bar = tasks_bar
                 .get_or_insert_with(|| multi.add(ProgressBar::new(1).with_style(style.clone())));
             tasks_bar.set_prefix("tasks");
-            tasks_bar.set_length(status.tasks.len() as u64);
+            tasks_bar.set_length(tasks.len() as u64);
             tasks_bar.set_position((done + failed) as u64);
             tasks_bar.set_message(format!(
                 "{done} succeeded, {failed} failed, {} running",
@@ -907,10 +925,10 @@ async fn watch_job(
     last.context("the job's event stream ended without an event")
 }
 
-/// A job that succeeded, whose results could not be written (the output's disk full, its folder gone): its
-/// coordinator still has them ([`wait_and_fetch`]).
+/// A job that succeeded, whose results could not be fetched (the output's disk full or its folder gone, the
+/// coordinator out of reach): its coordinator still has them ([`wait_and_fetch`]).
 #[derive(Debug, thiserror::Error)]
-#[error("writing the results of job {job_id}")]
+#[error("fetching the results of job {job_id}")]
 pub(crate) struct FetchFailed {
     pub(crate) job_id: JobId,
     #[source]

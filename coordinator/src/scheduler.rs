@@ -1727,16 +1727,20 @@ impl Scheduler {
     /// The lease still held that was handed out for `worker`'s request `request` (by the worker's name,
     /// whichever registration asked), when the worker asks again because the answer was lost: handed to
     /// this registration as it was (its task, its checkpoint to resume from, its deadline: the worker's
-    /// first heartbeat renews it, and asking again keeps no lease alive). Not one whose worker sent a
-    /// heartbeat for it (it has it), nor one being cancelled (it lapses, its job ended). `None` for
-    /// request 0.
+    /// first heartbeat renews it, and asking again keeps no lease alive). Not one past its deadline (the
+    /// coordinator's loop expires it), one whose worker sent a heartbeat for it (it has it), nor one being
+    /// cancelled (it lapses, its job ended). `None` for request 0.
     fn lease_again(&self, st: &mut State, worker: &WorkerId, request: u64) -> Option<Lease> {
         if request == 0 {
             return None;
         }
-        let name = worker.by_name();
+        let (name, now) = (worker.by_name(), now_ms());
         let (lease_id, lease) = st.leases.iter_mut().find(|(_, l)| {
-            l.request == request && !l.heard && !l.cancel && l.worker.by_name() == name
+            l.request == request
+                && !l.heard
+                && !l.cancel
+                && l.deadline_ms > now
+                && l.worker.by_name() == name
         })?;
         let job = st.jobs.get_mut(&lease.job_id)?;
         let task = job.tasks.get_mut(lease.index as usize)?;
@@ -3716,7 +3720,7 @@ mod tests {
     }
 
     /// A request for a task sent again, its answer lost (the same request_id, from the same worker by name,
-    /// whichever registration): answered with the lease handed out for it, its deadline renewed, at no
+    /// whichever registration): answered with the lease handed out for it, its deadline as it was, at no
     /// attempt; another request, or one without a number, leases afresh; a lease being cancelled is not
     /// handed again.
     #[test]
@@ -3762,6 +3766,16 @@ mod tests {
         s.cancel(&d.task.id.job).unwrap();
         let after = s.lease_ready(&w("d#2"), &[], memory, 9).unwrap();
         assert!(after.is_none_or(|l| l.lease_id != d.lease_id));
+        // past its deadline, not yet expired by the coordinator's loop: not handed again
+        let s = scheduler(SchedulerConfig {
+            lease: Duration::from_millis(1),
+            ..Default::default()
+        });
+        s.submit(batch(2, 0), "").unwrap();
+        let lapsed = s.lease_ready(&w("e#1"), &[], memory, 5).unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let next = s.lease_ready(&w("e#2"), &[], memory, 5).unwrap().unwrap();
+        assert_ne!(next.lease_id, lapsed.lease_id);
     }
 
     /// A task's log: each attempt with its worker, its lines and how it ended, the running one included;

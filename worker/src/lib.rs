@@ -132,7 +132,7 @@ fn new_request_id() -> u64 {
         .max(1)
 }
 
-/// What [`ImageCache`] holds at most.
+/// What [`ImageCache`] holds at most, but for the images a task holds ([`ImageCache::insert`]).
 const IMAGE_CACHE_BYTES: usize = 512 << 20;
 
 impl ImageCache {
@@ -1211,7 +1211,7 @@ async fn report(
                         tracing::error!(
                             error = s.message(),
                             code = ?s.code(),
-                            "the coordinator refused the task's outcome; the lease will lapse"
+                            "the coordinator refused the task's outcome (the task runs again)"
                         );
                         return;
                     }
