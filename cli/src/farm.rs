@@ -718,18 +718,16 @@ async fn rewatch(
     previews: bool,
 ) -> anyhow::Result<stylefarm_client::EventStream> {
     let deadline = std::time::Instant::now() + REWATCH_FOR;
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = stylefarm_proto::Backoff::default();
     loop {
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(backoff.next_wait()).await;
         let watched = match client.reconnect().await {
             Ok(()) => client.watch_events(job_id, previews).await,
             Err(e) => Err(e),
         };
         match watched {
             Ok(stream) => return Ok(stream),
-            Err(e) if e.is_connection_lost() && std::time::Instant::now() < deadline => {
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            Err(e) if e.is_connection_lost() && std::time::Instant::now() < deadline => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -250,6 +250,23 @@ struct LeaseInfo {
     log: ReceivedLines,
 }
 
+/// What a lease of task `index` of `job` hands its worker: the task, its checkpoints, and the checkpoint to
+/// resume from, if any.
+fn task_to_lease(job: &Job, index: u32) -> Task {
+    let task = &job.tasks[index as usize];
+    let checkpoints = checkpoints(&job.meta.spec, &task.spec);
+    let resume = task.checkpoint.clone().filter(|_| !checkpoints.is_never());
+    Task {
+        id: TaskId {
+            job: job.meta.id.clone(),
+            index,
+        },
+        spec: task.spec.clone(),
+        checkpoints,
+        resume,
+    }
+}
+
 /// Ends `lease`'s attempt in the logs of `task` (its task) with `outcome`, taking the lines its worker
 /// logged.
 fn log_attempt(task: &mut TaskRecord, lease: &mut LeaseInfo, outcome: &str) {
@@ -1571,9 +1588,6 @@ impl Scheduler {
         let lease_ms = self.config.lease.as_millis() as i64;
         // strikes and out-of-memory reports count by the worker's name (whichever registration it is)
         let name = worker.by_name();
-        if let Some(lease) = self.lease_again(st, worker, request) {
-            return Ok(Some(lease));
-        }
         if st.drained.contains(&name) {
             return Ok(None);
         }
@@ -1678,9 +1692,7 @@ impl Scheduler {
         let task_attempt = task.attempts;
         // not written to the store: a restart sends running tasks back to the queue anyway, and the attempt
         // is recorded with the task's outcome (one fsync a task instead of two)
-        let spec = task.spec.clone();
-        let checkpoints = checkpoints(&job.meta.spec, &spec);
-        let resume = task.checkpoint.clone().filter(|_| !checkpoints.is_never());
+        let leased = task_to_lease(job, index);
         if job.meta.state == JobState::Queued {
             set_job_state(&mut st.tally, &mut job.meta, JobState::Running);
             // no need to wait: "running" is for people, and a later write of the job supersedes it in order
@@ -1714,12 +1726,7 @@ impl Scheduler {
         self.changed(&job_id);
         Ok(Some(Lease {
             lease_id,
-            task: Task {
-                id: TaskId { job: job_id, index },
-                spec,
-                checkpoints,
-                resume,
-            },
+            task: leased,
             deadline_ms,
         }))
     }
@@ -1730,10 +1737,12 @@ impl Scheduler {
     /// first heartbeat renews it, and asking again keeps no lease alive). Not one past its deadline (the
     /// coordinator's loop expires it), one whose worker sent a heartbeat for it (it has it), nor one being
     /// cancelled (it lapses, its job ended). `None` for request 0.
-    fn lease_again(&self, st: &mut State, worker: &WorkerId, request: u64) -> Option<Lease> {
+    fn lease_again(&self, worker: &WorkerId, request: u64) -> Option<Lease> {
         if request == 0 {
             return None;
         }
+        let mut st = self.state.lock().unwrap();
+        let st = &mut *st;
         let (name, now) = (worker.by_name(), now_ms());
         let (lease_id, lease) = st.leases.iter_mut().find(|(_, l)| {
             l.request == request
@@ -1746,28 +1755,17 @@ impl Scheduler {
         let task = job.tasks.get_mut(lease.index as usize)?;
         lease.worker = worker.clone();
         task.worker = worker.clone();
-        let checkpoints = checkpoints(&job.meta.spec, &task.spec);
-        let resume = task.checkpoint.clone().filter(|_| !checkpoints.is_never());
         tracing::warn!(
             lease_id = lease_id.as_str(),
             job_id = lease.job_id.as_str(),
             worker_id = worker.as_str(),
             "lease handed again: its worker did not have the answer"
         );
-        let lease = Lease {
+        Some(Lease {
             lease_id: lease_id.clone(),
-            task: Task {
-                id: TaskId {
-                    job: lease.job_id.clone(),
-                    index: lease.index,
-                },
-                spec: task.spec.clone(),
-                checkpoints,
-                resume,
-            },
+            task: task_to_lease(job, lease.index),
             deadline_ms: lease.deadline_ms,
-        };
-        Some(lease)
+        })
     }
 
     /// Waits up to `wait` for a task for `worker`, whose tags are `tags` and device memory `memory`
@@ -1786,6 +1784,11 @@ impl Scheduler {
         request: u64,
     ) -> Result<Option<Lease>, SchedulerError> {
         let deadline = tokio::time::Instant::now() + wait;
+        // a request sent again: the lease handed out for it, looked for once (not at every poll: the
+        // leases are scanned under the state's lock)
+        if let Some(lease) = self.lease_again(worker, request) {
+            return Ok(Some(lease));
+        }
         let _idle = self.idle(worker, tags);
         loop {
             let notified = self.work.notified();
@@ -3725,13 +3728,19 @@ mod tests {
     /// handed again.
     #[test]
     fn a_lease_is_handed_again_for_its_request_sent_again() {
+        // as lease_wait asks: the lease of a request sent again, else a new one
+        let ask = |s: &Scheduler, who: &str, request| {
+            s.lease_again(&w(who), request).or_else(|| {
+                s.lease_ready(&w(who), &[], DeviceMemory::default(), request)
+                    .unwrap()
+            })
+        };
         let s = scheduler(SchedulerConfig::default());
         let (job, _) = s.submit(batch(3, 0), "").unwrap();
-        let memory = DeviceMemory::default();
-        let first = s.lease_ready(&w("a#1"), &[], memory, 7).unwrap().unwrap();
+        let first = ask(&s, "a#1", 7).unwrap();
         std::thread::sleep(Duration::from_millis(2));
         // the worker registered again (a#2) and asks again
-        let again = s.lease_ready(&w("a#2"), &[], memory, 7).unwrap().unwrap();
+        let again = ask(&s, "a#2", 7).unwrap();
         assert_eq!(again.lease_id, first.lease_id);
         assert_eq!(again.task.id, first.task.id);
         assert_eq!(
@@ -3746,25 +3755,25 @@ mod tests {
         s.heartbeat(&first.lease_id, &w("a#2"), None, None).unwrap();
         let (_, more) = s.submit(batch(1, 0), "").unwrap();
         let _ = more;
-        let after_beat = s.lease_ready(&w("a#3"), &[], memory, 7).unwrap().unwrap();
+        let after_beat = ask(&s, "a#3", 7).unwrap();
         assert_ne!(after_beat.lease_id, first.lease_id);
         // another worker with the same number, and the next request: other tasks
-        let other = s.lease_ready(&w("b#1"), &[], memory, 7).unwrap().unwrap();
+        let other = ask(&s, "b#1", 7).unwrap();
         assert_ne!(other.lease_id, first.lease_id);
-        let next = s.lease_ready(&w("a#2"), &[], memory, 8).unwrap().unwrap();
+        let next = ask(&s, "a#2", 8).unwrap();
         assert_ne!(next.task.id, first.task.id);
         assert_ne!(next.task.id, other.task.id);
         // no number: never handed again
         let (job2, _) = s.submit(batch(2, 0), "").unwrap();
-        let plain = s.lease_ready(&w("c#1"), &[], memory, 0).unwrap().unwrap();
-        let fresh = s.lease_ready(&w("c#1"), &[], memory, 0).unwrap().unwrap();
+        let plain = ask(&s, "c#1", 0).unwrap();
+        let fresh = ask(&s, "c#1", 0).unwrap();
         assert_ne!(plain.lease_id, fresh.lease_id);
         // being cancelled: lapses, not handed again
         s.cancel(&job2).unwrap();
         let (_job3, _) = s.submit(batch(1, 0), "").unwrap();
-        let d = s.lease_ready(&w("d#1"), &[], memory, 9).unwrap().unwrap();
+        let d = ask(&s, "d#1", 9).unwrap();
         s.cancel(&d.task.id.job).unwrap();
-        let after = s.lease_ready(&w("d#2"), &[], memory, 9).unwrap();
+        let after = ask(&s, "d#2", 9);
         assert!(after.is_none_or(|l| l.lease_id != d.lease_id));
         // past its deadline, not yet expired by the coordinator's loop: not handed again
         let s = scheduler(SchedulerConfig {
@@ -3772,9 +3781,9 @@ mod tests {
             ..Default::default()
         });
         s.submit(batch(2, 0), "").unwrap();
-        let lapsed = s.lease_ready(&w("e#1"), &[], memory, 5).unwrap().unwrap();
+        let lapsed = ask(&s, "e#1", 5).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let next = s.lease_ready(&w("e#2"), &[], memory, 5).unwrap().unwrap();
+        let next = ask(&s, "e#2", 5).unwrap();
         assert_ne!(next.lease_id, lapsed.lease_id);
     }
 

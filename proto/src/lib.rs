@@ -62,6 +62,33 @@ pub fn retry_delay(status: &tonic::Status) -> Option<std::time::Duration> {
     status.get_details_retry_info()?.retry_delay
 }
 
+/// A caller's waits between tries of a call that failed and may succeed later (the coordinator out of
+/// reach for a while): 0.5 s, doubling with each wait, up to [`Backoff::MAX`].
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            next: std::time::Duration::from_millis(500),
+        }
+    }
+}
+
+impl Backoff {
+    /// The longest of the backoff's waits.
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// The next wait.
+    pub fn next_wait(&mut self) -> std::time::Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        wait
+    }
+}
+
 /// A caller's waits before it sends again a request answered [`retry_later`]: the delay asked for, or its
 /// own backoff when longer, which starts at 0.5 s and doubles with each wait up to 8 s.
 #[derive(Debug, Clone)]
@@ -105,6 +132,14 @@ mod tests {
         );
         assert_eq!(retry_delay(&busy), Some(Duration::from_millis(1500)));
         assert_eq!(retry_delay(&tonic::Status::unavailable("down")), None);
+    }
+
+    /// A failed call's waits: 0.5 s doubling up to 5 s.
+    #[test]
+    fn the_backoff_doubles_up_to_its_longest() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<_> = (0..6).map(|_| backoff.next_wait().as_secs_f64()).collect();
+        assert_eq!(waits, [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]);
     }
 
     /// The backoff waits the delay asked for or its own, doubling up to 8 s; a status that does not ask

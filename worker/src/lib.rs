@@ -125,11 +125,7 @@ impl Drop for CancelOnDrop {
 /// A number for a request for a task (pb::LeaseTaskRequest::request_id): random, not 0, so that requests
 /// of workers that share a name, or of a worker that started again, do not take each other's leases.
 fn new_request_id() -> u64 {
-    use std::hash::BuildHasher;
-    // seeded from the operating system's randomness once a process, then a new key each time
-    std::collections::hash_map::RandomState::new()
-        .hash_one(std::process::id())
-        .max(1)
+    rand::random::<u64>().max(1)
 }
 
 /// What [`ImageCache`] holds at most, but for the images a task holds ([`ImageCache::insert`]).
@@ -1144,6 +1140,7 @@ async fn report(
     };
     let mut unsent = stylefarm_core::task_log::SentLines::default();
     let (mut attempt, mut busy) = (0u32, stylefarm_proto::BusyBackoff::default());
+    let mut backoff = stylefarm_proto::Backoff::default();
     loop {
         if let Some(log) = log {
             unsent.append(log.take());
@@ -1231,18 +1228,12 @@ async fn report(
                     attempt,
                     "reporting to the coordinator failed; retrying"
                 );
-                tokio::time::sleep(
-                    Duration::from_millis(500 << attempt.min(4)).min(REPORT_BACKOFF_MAX),
-                )
-                .await;
+                tokio::time::sleep(backoff.next_wait()).await;
                 attempt += 1;
             }
         }
     }
 }
-
-/// The longest wait between two tries of a report.
-const REPORT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How many times a report that failed with `status` is sent again: for as long as the lease may be held
 /// when the coordinator says it may take it later (UNAVAILABLE: out of reach, busy, its store out of
