@@ -401,8 +401,7 @@ impl Engine {
     }
 
     /// The objective's terms (a float tensor of [`LossTerms::LEN`], on the device) and its gradient at `x`,
-    /// for either kind of targets (the blocked objective reads its terms block by block: they come from the
-    /// host).
+    /// for either kind of targets.
     pub(crate) fn scale_objective(
         &self,
         x: &Tensor,
@@ -412,9 +411,8 @@ impl Engine {
         match targets {
             ScaleTargets::Whole(t) => self.objective_on_device(x, t, params),
             ScaleTargets::Blocked(t) => {
-                let (l, grad) = self.objective_blocked(x, t, params)?;
-                let terms = l.values().map(|v| v as f32);
-                Ok((Tensor::from_slice(&terms).f_to_device(self.device())?, grad))
+                let (terms, grad) = self.objective_blocked_on_device(x, t, params)?;
+                Ok((terms.f_to_kind(Kind::Float)?, grad))
             }
         }
     }

@@ -414,8 +414,21 @@ impl Engine {
         targets: &BlockedTargets,
         params: &RenderParams,
     ) -> Result<(LossTerms, Tensor), Error> {
-        let (losses, grad) = self.evaluate_blocked(x, targets, params, true)?;
-        Ok((losses, grad.unwrap_or_else(|| x.zeros_like())))
+        let (terms, grad) = self.objective_blocked_on_device(x, targets, params)?;
+        Ok((crate::objective::read_terms(&terms)?, grad))
+    }
+
+    /// [`Engine::objective_blocked`] with its terms `[content, style, tv, total, temporal]` (a float64
+    /// tensor of [`LossTerms::LEN`]) left on the device: nothing is read back but what a shard's exchange
+    /// sends.
+    pub(crate) fn objective_blocked_on_device(
+        &self,
+        x: &Tensor,
+        targets: &BlockedTargets,
+        params: &RenderParams,
+    ) -> Result<(Tensor, Tensor), Error> {
+        let (terms, grad) = self.evaluate_blocked(x, targets, params, true)?;
+        Ok((terms, grad.unwrap_or_else(|| x.zeros_like())))
     }
 
     /// The objective at `x` evaluated block by block, without a gradient.
@@ -425,7 +438,9 @@ impl Engine {
         targets: &BlockedTargets,
         params: &RenderParams,
     ) -> Result<LossTerms, Error> {
-        tch::no_grad(|| Ok(self.evaluate_blocked(x, targets, params, false)?.0))
+        tch::no_grad(|| {
+            crate::objective::read_terms(&self.evaluate_blocked(x, targets, params, false)?.0)
+        })
     }
 
     fn evaluate_blocked(
@@ -434,7 +449,7 @@ impl Engine {
         targets: &BlockedTargets,
         params: &RenderParams,
         gradient: bool,
-    ) -> Result<(LossTerms, Option<Tensor>), Error> {
+    ) -> Result<(Tensor, Option<Tensor>), Error> {
         let part = &targets.part;
         let (width, height) = part.canvas;
         let row0 = part.row0;
@@ -460,7 +475,8 @@ impl Engine {
             0,
         )?;
         let flat = part.sum(vec![(0, flat)])?.remove(0);
-        let mut style = 0.0;
+        // summed on the device in float64 and read with the other terms, once: a read is a device sync
+        let mut style = Tensor::f_zeros([], (Kind::Double, x.device()))?;
         let mut d_grams = Vec::with_capacity(sums.len());
         let mut norms = Vec::with_capacity(sums.len());
         let mut at = 0;
@@ -473,7 +489,7 @@ impl Engine {
             let entries = g.numel() as f64;
             let diff = g - a;
             let weight = params.style_weight * w;
-            style += weight * diff.square().sum(Kind::Double).double_value(&[]) / entries;
+            style += diff.square().sum(Kind::Double) * (weight / entries);
             d_grams.push(diff * (2.0 * weight / entries));
             norms.push(norm);
         }
@@ -561,16 +577,16 @@ impl Engine {
                 g.narrow(2, *first, *rows).copy_(&sum);
             }
         }
-        let terms = crate::objective::to_f64s(&terms)?;
-        let (content, tv) = (terms[0], terms[1]);
-        let losses = LossTerms {
-            content,
-            style,
-            tv,
-            total: content + style + tv,
-            temporal: 0.0,
-        };
-        Ok((losses, grad))
+        let (content, tv) = (
+            terms.get(0).to_kind(Kind::Double),
+            terms.get(1).to_kind(Kind::Double),
+        );
+        let total = &content + &style + &tv;
+        let temporal = content.zeros_like();
+        Ok((
+            Tensor::f_stack(&[content, style, tv, total, temporal], 0)?,
+            grad,
+        ))
     }
 }
 
