@@ -2538,14 +2538,88 @@ fn local_stopped_mid_render_removes_its_data_dir() {
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    // rendering: its data dir holds the job's state
+    let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
+    terminate(&local);
+    let status = stylefarm_tests::wait_exit(
+        &mut local,
+        Duration::from_secs(90),
+        "local did not stop after SIGTERM",
+    );
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted: the job unfinished"), "{err}");
+    assert!(!data_dir.exists(), "{} left behind", data_dir.display());
+}
+
+/// `local` interrupted while a render does not stop (it sleeps in the engine, fail point `engine-render`)
+/// says that it waits for the render, and a second SIGTERM stops it at once, its data dir removed.
+#[test]
+fn local_interrupted_twice_does_not_wait_for_the_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let err_path = dir.path().join("local.err");
+    let mut local = stylefarm_tests::stylefarm()
+        .args(["local", "--workers", "1", "-o"])
+        .arg(dir.path().join("out.png"))
+        .args(x_starry("chelsea.png", 32, 2))
+        .env("TMPDIR", &tmp)
+        .env("FAILPOINTS", "engine-render=sleep(600000)")
+        .env("STYLEFARM_LOG", "info")
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
+    let stderr_with = |what: &str| {
+        let since = Instant::now();
+        loop {
+            let err = std::fs::read_to_string(&err_path).unwrap();
+            if err.contains(what) || since.elapsed() > Duration::from_secs(60) {
+                break err;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // its task's inputs downloaded, the engine thread about to render
+    stderr_with("inputs ready");
+    std::thread::sleep(Duration::from_millis(500));
+    terminate(&local);
+    // waiting for the render, and saying so
+    let err = stderr_with("interrupt again not to wait");
+    assert!(local.try_wait().unwrap().is_none(), "{err}");
+    assert!(
+        err.contains("interrupted: stopping the renders (at most 60 s"),
+        "{err}"
+    );
+    terminate(&local);
+    let status = stylefarm_tests::wait_exit(
+        &mut local,
+        Duration::from_secs(20),
+        "local did not stop at a second SIGTERM",
+    );
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("interrupted again: not waiting for the renders to stop")
+            && err.contains("interrupted: the job unfinished"),
+        "{err}"
+    );
+    assert!(!data_dir.exists(), "{} left behind", data_dir.display());
+}
+
+/// The data dir that `local` (started with `TMPDIR=tmp`) made in `tmp`, once it has rendered for 3 s.
+fn local_data_dir_once_rendering(
+    local: &mut std::process::Child,
+    tmp: &std::path::Path,
+    err_path: &std::path::Path,
+) -> std::path::PathBuf {
     let started = Instant::now();
     let data_dir = loop {
-        let made = std::fs::read_dir(&tmp)
+        let made = std::fs::read_dir(tmp)
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| p.join("state.redb").exists());
-        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let err = std::fs::read_to_string(err_path).unwrap_or_default();
         match made {
             Some(d) if started.elapsed() > Duration::from_secs(3) => break d,
             _ if started.elapsed() > Duration::from_secs(120) => {
@@ -2556,18 +2630,14 @@ fn local_stopped_mid_render_removes_its_data_dir() {
         }
     };
     assert!(local.try_wait().unwrap().is_none(), "still rendering");
+    data_dir
+}
+
+/// Sends SIGTERM to `child`, as Ctrl-C interrupts it.
+fn terminate(child: &std::process::Child) {
     let _ = std::process::Command::new("kill")
-        .args(["-TERM", &local.id().to_string()])
+        .args(["-TERM", &child.id().to_string()])
         .status();
-    let status = stylefarm_tests::wait_exit(
-        &mut local,
-        Duration::from_secs(90),
-        "local did not stop after SIGTERM",
-    );
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    assert_eq!(status.code(), Some(1), "{err}");
-    assert!(err.contains("interrupted: the job unfinished"), "{err}");
-    assert!(!data_dir.exists(), "{} left behind", data_dir.display());
 }
 
 /// `local` whose result cannot be written once rendered (its output's folder removed meanwhile) keeps its

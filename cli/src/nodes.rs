@@ -353,7 +353,15 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 "every worker left the farm, the job unfinished: {}",
                 reasons.join("; ")
             )),
-            () = shutdown_signal() => Err(anyhow::anyhow!("interrupted: the job unfinished")),
+            () = shutdown_signal() => {
+                if stylefarm_worker::renders_running() > 0 {
+                    eprintln!(
+                        "interrupted: stopping the renders (at most {} s; interrupt again not to wait)",
+                        stylefarm_client::RENDER_STOP_WAIT.as_secs()
+                    );
+                }
+                Err(anyhow::anyhow!("interrupted: the job unfinished"))
+            }
         };
         // rendered, but not written: the data dir keeps the results, for a coordinator to serve
         let unwritten = result.as_ref().err().and_then(|e| e.downcast_ref::<FetchFailed>());
@@ -368,7 +376,11 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        farm.shutdown().await;
+        // a second Ctrl-C or SIGTERM does not wait for the renders to stop (the data dir still goes)
+        tokio::select! {
+            () = farm.shutdown() => {}
+            () = shutdown_signal() => eprintln!("interrupted again: not waiting for the renders to stop"),
+        }
         result
     })
 }
