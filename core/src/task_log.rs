@@ -48,9 +48,45 @@ impl LogLines {
 
     /// Appends `other`'s lines (each cut to [`MAX_LINE_BYTES`]) and counts its left-out ones, then leaves
     /// out the earliest lines after the first [`HEAD_LINES`] until the rest fit the bounds.
+    ///
+    /// A log has one run of lines left out, after its first [`HEAD_LINES`] (or after all its lines, when it
+    /// has fewer). When `other` has lines left out too, the lines between the two runs (this log's after
+    /// its head, `other`'s before its run) are left out with them: the head stays this log's first lines,
+    /// and every line kept stays where it was logged.
     pub fn append(&mut self, other: LogLines) {
-        self.left_out = self.left_out.saturating_add(other.left_out);
-        self.extend(other.lines);
+        self.append_run(Run::of(other));
+    }
+
+    /// [`LogLines::append`] of the lines of `other`, a log's lines in the order logged with a run of them
+    /// left out.
+    fn append_run(&mut self, other: Run) {
+        let Run {
+            before,
+            left_out,
+            after,
+        } = other;
+        if left_out == 0 {
+            self.extend(before.into_iter().chain(after));
+            return;
+        }
+        // a head of fewer lines than HEAD_LINES, with nothing left out after it, is followed by `other`'s
+        // first lines
+        let room = match self.left_out {
+            0 => HEAD_LINES.saturating_sub(self.lines.len()),
+            _ => 0,
+        }
+        .min(before.len());
+        let between = before.len() - room;
+        self.lines
+            .extend(before.into_iter().take(room).map(|l| clip_line(&l)));
+        let head = HEAD_LINES.min(self.lines.len());
+        let between = self.lines.len() - head + between;
+        self.lines.truncate(head);
+        self.left_out = self
+            .left_out
+            .saturating_add(u32::try_from(between).unwrap_or(u32::MAX))
+            .saturating_add(left_out);
+        self.extend(after);
     }
 
     /// Appends `lines` (each cut to [`MAX_LINE_BYTES`]), then leaves out the earliest lines after the first
@@ -88,26 +124,44 @@ impl LogLines {
         bytes
     }
 
-    /// Leaves out its first `n` lines, in the order they were logged: those kept before the ones left out
-    /// (the first [`HEAD_LINES`], where some were), then those left out, then the rest.
-    fn skip(&mut self, n: u64) {
-        let head = if self.left_out > 0 {
-            HEAD_LINES.min(self.lines.len())
-        } else {
-            self.lines.len()
-        };
-        let from_head = n.min(head as u64) as usize;
-        self.lines.drain(..from_head);
-        let n = n - from_head as u64;
-        let from_left_out = n.min(u64::from(self.left_out));
-        self.left_out -= from_left_out as u32;
-        let from_rest = (n - from_left_out).min(self.lines.len() as u64) as usize;
-        self.lines.drain(..from_rest);
-    }
-
     /// Takes its lines and its count of those left out, leaving it empty.
     pub fn take(&mut self) -> LogLines {
         std::mem::take(self)
+    }
+}
+
+/// A log's lines in the order logged: those kept before its run of lines left out, how many, those kept
+/// after.
+struct Run {
+    before: Vec<String>,
+    left_out: u32,
+    after: Vec<String>,
+}
+
+impl Run {
+    /// A log's lines: its run of lines left out comes after its first [`HEAD_LINES`] (after all of them,
+    /// when it has fewer).
+    fn of(mut log: LogLines) -> Run {
+        let after = match log.left_out {
+            0 => Vec::new(),
+            _ => log.lines.split_off(HEAD_LINES.min(log.lines.len())),
+        };
+        Run {
+            before: log.lines,
+            left_out: log.left_out,
+            after,
+        }
+    }
+
+    /// Leaves out its first `n` lines, in the order they were logged.
+    fn skip(&mut self, n: u64) {
+        let before = n.min(self.before.len() as u64) as usize;
+        self.before.drain(..before);
+        let n = n - before as u64;
+        let left_out = n.min(u64::from(self.left_out));
+        self.left_out -= left_out as u32;
+        let after = (n - left_out).min(self.after.len() as u64) as usize;
+        self.after.drain(..after);
     }
 }
 
@@ -172,7 +226,8 @@ pub struct ReceivedLines {
 
 impl ReceivedLines {
     /// Adds the lines of `sent` that have not come before. Numbered lines past those expected (lines that
-    /// never came, from a worker that lost some) count as left out.
+    /// never came, from a worker that lost some) count as left out (with the log's run of lines left out,
+    /// [`LogLines::append`], though they came later).
     pub fn add(&mut self, sent: SentLines) {
         if sent.first == 0 {
             self.lines.append(sent.lines);
@@ -182,18 +237,19 @@ impl ReceivedLines {
         if end <= self.count {
             return;
         }
-        let mut lines = sent.lines;
+        let mut lines = Run::of(sent.lines);
         match self.count.checked_sub(sent.first - 1) {
             Some(seen) => lines.skip(seen),
             None => {
                 let missing = sent.first - 1 - self.count;
-                lines.left_out = lines
+                self.lines.left_out = self
+                    .lines
                     .left_out
                     .saturating_add(u32::try_from(missing).unwrap_or(u32::MAX));
             }
         }
         self.count = end;
-        self.lines.append(lines);
+        self.lines.append_run(lines);
     }
 }
 
@@ -390,7 +446,8 @@ mod tests {
         assert_eq!(got.lines.left_out, 4);
         assert_eq!(got.lines.lines[..3], ["1", "2", "3"]);
         assert_eq!(got.lines.lines[3], "4");
-        // past the head: the lines left out that came are not counted twice
+        // past the head: the lines left out that came are not counted twice; those kept between the log's
+        // head and the batch's run left out (9 and 10) are left out with it, the log's one run
         let mut got = ReceivedLines::default();
         let ten: Vec<String> = (1..=10).map(|i| i.to_string()).collect();
         got.add(sent(
@@ -399,10 +456,10 @@ mod tests {
             0,
         ));
         got.add(sent(1, &again, 4));
-        assert_eq!(got.lines.lines.len(), 11, "{:?}", got.lines);
+        assert_eq!(got.lines.lines.len(), HEAD_LINES + 1, "{:?}", got.lines);
         assert_eq!(
-            (got.lines.lines[10].as_str(), got.lines.left_out),
-            ("last", 2)
+            (got.lines.lines[HEAD_LINES].as_str(), got.lines.left_out),
+            ("last", 4)
         );
         // not numbered: as they come
         let mut got = ReceivedLines::default();
@@ -432,6 +489,95 @@ mod tests {
         let mut empty = SentLines::default();
         empty.append(back);
         assert_eq!(empty.first, 1);
+    }
+
+    /// What a worker's beat did with the lines it carried.
+    #[derive(Debug, Clone, Copy)]
+    enum Beat {
+        /// They came, and the worker heard so.
+        Came,
+        /// They did not come: the worker sends them again with its next lines.
+        Lost,
+        /// They came, but the answer was lost: the worker sends them again.
+        AnswerLost,
+        /// They come later, after the worker sent them again (a slow beat).
+        Late,
+    }
+
+    /// The number a line of [`a_worker_s_lines_over_a_lossy_network`] starts with.
+    fn number(line: &str) -> u64 {
+        line[..7].parse().unwrap()
+    }
+
+    proptest::proptest! {
+        /// Whatever the network does to a worker's beats (lost, their answer lost, late) and however many
+        /// lines it logs between them (batches trimmed on the worker, several of them merged when sent
+        /// again), the coordinator keeps every line once: the attempt's first lines, then one run left out,
+        /// then its latest, each where it was logged, and the count of all of them.
+        #[test]
+        fn a_worker_s_lines_over_a_lossy_network(
+            steps in proptest::collection::vec(
+                (0usize..120, 0usize..700, proptest::sample::select(vec![
+                    Beat::Came, Beat::Lost, Beat::AnswerLost, Beat::Late,
+                ])),
+                1..40,
+            ),
+        ) {
+            let mut worker = SentLines { first: 1, ..SentLines::default() };
+            let mut coordinator = ReceivedLines::default();
+            let mut late = Vec::new();
+            let mut logged = 0u64;
+            // what the worker's TaskLog does with lines not heard of: before its newer ones
+            let put_back = |sent: SentLines, worker: &mut SentLines| {
+                let mut back = sent;
+                back.append(worker.take());
+                *worker = back;
+            };
+            for (k, (lines, width, beat)) in steps.into_iter().enumerate() {
+                let batch: Vec<String> = (0..lines)
+                    .map(|i| format!("{:07} {}", logged + 1 + i as u64, "x".repeat((width * (i + 1)) % 700)))
+                    .collect();
+                logged += lines as u64;
+                worker.lines.extend(batch);
+                let sent = worker.take();
+                match beat {
+                    Beat::Came => coordinator.add(sent),
+                    Beat::Lost => put_back(sent, &mut worker),
+                    Beat::AnswerLost => {
+                        coordinator.add(sent.clone());
+                        put_back(sent, &mut worker);
+                    }
+                    Beat::Late => {
+                        late.push(sent.clone());
+                        put_back(sent, &mut worker);
+                    }
+                }
+                if k % 3 == 2 {
+                    if let Some(sent) = late.pop() {
+                        coordinator.add(sent);
+                    }
+                }
+            }
+            // the report carries the rest; the late beats come after it
+            coordinator.add(worker.take());
+            for sent in late {
+                coordinator.add(sent);
+            }
+            let log = coordinator.lines;
+            proptest::prop_assert!(log.bytes() <= MAX_ATTEMPT_BYTES);
+            proptest::prop_assert!(log.lines.len() <= MAX_ATTEMPT_LINES);
+            proptest::prop_assert_eq!(log.lines.len() as u64 + u64::from(log.left_out), logged);
+            let head = if log.left_out > 0 { HEAD_LINES.min(log.lines.len()) } else { log.lines.len() };
+            for (i, line) in log.lines.iter().enumerate() {
+                let expected = if i < head {
+                    i as u64 + 1
+                } else {
+                    i as u64 + 1 + u64::from(log.left_out)
+                };
+                let numbers: Vec<u64> = log.lines.iter().map(|l| number(l)).collect();
+                proptest::prop_assert_eq!(number(line), expected, "line {} of {:?}", i, numbers);
+            }
+        }
     }
 
     #[test]
