@@ -135,17 +135,25 @@ impl History {
         row
     }
 
+    /// The rows of a buffer (`m x ...`) in use: the ring fills its rows from the first, so those are the
+    /// first `order.len()` (all of them once it is full).
+    fn in_use(&self, buffer: &Tensor) -> Tensor {
+        buffer.narrow(0, 0, self.order.len() as i64)
+    }
+
     /// Stores a pair, with its products with every stored row computed here (the whole vector's).
     fn push(&mut self, s: &Tensor, y: &Tensor) {
         let row = self.store(s, y);
-        // the new row's products with every row (rows not in use hold zeros or are ignored)
-        let s_y = self.s.mv(y).to_kind(Kind::Double); // s_i^T y_new
-        let y_s = self.y.mv(s).to_kind(Kind::Double); // y_j^T s_new = s_new^T y_j
-        let y_y = self.y.mv(y).to_kind(Kind::Double);
-        self.sy.select(1, row).copy_(&s_y);
-        self.sy.select(0, row).copy_(&y_s);
-        self.yy.select(1, row).copy_(&y_y);
-        self.yy.select(0, row).copy_(&y_y);
+        // the new row's products with every row in use (a history still filling reads only its rows)
+        let (s_rows, y_rows) = (self.in_use(&self.s), self.in_use(&self.y));
+        let s_y = s_rows.mv(y).to_kind(Kind::Double); // s_i^T y_new
+        let y_s = y_rows.mv(s).to_kind(Kind::Double); // y_j^T s_new = s_new^T y_j
+        let y_y = y_rows.mv(y).to_kind(Kind::Double);
+        let used = self.order.len() as i64;
+        self.sy.select(1, row).narrow(0, 0, used).copy_(&s_y);
+        self.sy.select(0, row).narrow(0, 0, used).copy_(&y_s);
+        self.yy.select(1, row).narrow(0, 0, used).copy_(&y_y);
+        self.yy.select(0, row).narrow(0, 0, used).copy_(&y_y);
     }
 
     /// Stores a pair with its products `p` (a shard's, added up over the shards: with itself, with the rows
@@ -196,14 +204,15 @@ impl History {
             .squeeze_dim(1);
         // g^T H g = gamma g^T g + a^T p - gamma b^T u
         let correction = a.dot(&p) - b.dot(&u) * &gamma64;
-        // back to buffer rows (rows not in use: zero weight)
+        // back to buffer rows, those in use (`idx` orders them all)
         let scatter = |v: &Tensor| {
-            Tensor::zeros([rows], (Kind::Double, device))
+            Tensor::zeros([len], (Kind::Double, device))
                 .index_copy(0, &idx, v)
                 .to_kind(g.kind())
         };
         let gamma = gamma.to_kind(g.kind());
-        let hg = g * &gamma + self.s.tr().mv(&scatter(&p)) - self.y.tr().mv(&scatter(&u)) * &gamma;
+        let (s_rows, y_rows) = (self.in_use(&self.s), self.in_use(&self.y));
+        let hg = g * &gamma + s_rows.tr().mv(&scatter(&p)) - y_rows.tr().mv(&scatter(&u)) * &gamma;
         (hg, correction)
     }
 }
@@ -375,7 +384,8 @@ impl Lbfgs {
                         }
                         _ => {
                             let double = |v: Tensor| v.to_kind(Kind::Double);
-                            let (s_g, y_g) = (double(h.s.mv(&g)), double(h.y.mv(&g)));
+                            let (s_g, y_g) =
+                                (double(h.in_use(&h.s).mv(&g)), double(h.in_use(&h.y).mv(&g)));
                             let d = -h.times(&g, &h_diag, &s_g, &y_g).0;
                             let g_d = g.dot(&d);
                             (d, g_d)
