@@ -311,10 +311,12 @@ impl Engine {
             scale_iterations: Vec::new(),
             ..job.params.clone()
         };
-        check_inputs(&params, (w, h), &job.styles, None)?;
+        check_inputs(&params, (w, h), &job.styles, job.style_longest)?;
         let content = optimized(imaging::resize(&job.content, w, h), &params);
+        // a tile's style targets are its canvas' (style_longest), as its render's
+        let longest = job.style_longest.unwrap_or(w.max(h));
         let grams =
-            self.style_grams(&job.styles, params.style_side(w.max(h)), &params, job.block)?;
+            self.style_grams(&job.styles, params.style_side(longest), &params, job.block)?;
         let mut targets = self.scale_targets(&content, &grams, &params, job.block, None)?;
         if let Some(p) = &job.previous {
             targets
