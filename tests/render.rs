@@ -384,6 +384,16 @@ fn bad_input_gets_a_clear_one_line_error() {
         (vec!["--style-weight", "NaN"], "style_weight"),
         (vec!["--content-weight", "-1"], "content_weight"),
         (vec!["--tv-weight", "inf"], "tv_weight"),
+        // past float32 (the engine's precision), or overflowing it within a few iterations: the render
+        // fails, naming the weight, instead of writing a black image
+        (
+            vec!["--content-weight", "1e39"],
+            "content_weight: must be a number >= 0 and at most 3.4028235e38 (float32)",
+        ),
+        (
+            vec!["--style-weight", "1e20", "--iterations", "3"],
+            "style_weight: the losses became NaN, after a style loss of",
+        ),
         (vec!["--iterations", "0"], "iterations"),
         (vec!["--save-every", "0"], "save_every"),
         (vec!["--size", "0"], "size"),

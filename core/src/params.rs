@@ -442,9 +442,9 @@ pub enum Range {
     Any,
     /// A whole number in `min..=max` (each element of a list).
     Between(u64, u64),
-    /// A finite number >= 0 (each element of a list).
+    /// A number >= 0 that float32 holds, the engine's precision (each element of a list).
     NonNegative,
-    /// A finite number > 0.
+    /// A number > 0 that float32 holds.
     Positive,
     /// A finite number in `(0, max]`.
     UpTo(f64),
@@ -464,12 +464,12 @@ impl Range {
     fn check_number(self, field: &'static str, value: f64) -> Result<(), Error> {
         let (ok, what) = match self {
             Range::NonNegative => (
-                value.is_finite() && value >= 0.0,
-                "a finite number >= 0".into(),
+                (value as f32).is_finite() && value >= 0.0,
+                format!("a number >= 0 and at most {:e} (float32)", f32::MAX),
             ),
             Range::Positive => (
-                value.is_finite() && value > 0.0,
-                "a finite number > 0".into(),
+                (value as f32).is_finite() && value > 0.0,
+                format!("a number > 0 and at most {:e} (float32)", f32::MAX),
             ),
             Range::UpTo(max) => (
                 value.is_finite() && value > 0.0 && value <= max,
@@ -924,6 +924,9 @@ mod tests {
             (Box::new(|p| p.style_weight = f64::NAN), "style_weight"),
             (Box::new(|p| p.content_weight = -1.0), "content_weight"),
             (Box::new(|p| p.tv_weight = f64::INFINITY), "tv_weight"),
+            // finite, but past float32's largest, the losses' precision
+            (Box::new(|p| p.style_weight = 1e39), "style_weight"),
+            (Box::new(|p| p.learning_rate = 1e39), "learning_rate"),
             (Box::new(|p| p.iterations = 0), "iterations"),
             (Box::new(|p| p.size = 0), "size"),
             (Box::new(|p| p.size = MAX_SIZE + 1), "size"),

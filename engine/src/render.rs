@@ -300,6 +300,58 @@ pub struct Checkpointing<'a> {
 /// for).
 pub const GPU_READ_INTERVAL: usize = 10;
 
+/// The error for losses read at `iteration` of `scale` that are not finite (a weight too large for
+/// float32, the precision of the losses, overflows them; the image is lost past it); `None` when every
+/// term is finite. It names the weight of the term that is not finite, or, when the image itself went
+/// (every term), of the largest term in `before`, the last finite losses read.
+fn not_finite(
+    losses: &LossTerms,
+    before: Option<&LossTerms>,
+    iteration: u32,
+    scale: u32,
+) -> Option<Error> {
+    if losses.total.is_finite() {
+        return None;
+    }
+    let terms = |l: &LossTerms| {
+        [
+            ("content", l.content, "content_weight"),
+            ("style", l.style, "style_weight"),
+            ("total variation", l.tv, "tv_weight"),
+            ("temporal", l.temporal, "temporal_weight"),
+        ]
+    };
+    let gone: Vec<_> = terms(losses)
+        .into_iter()
+        .filter(|(_, v, _)| !v.is_finite())
+        .collect();
+    let (weight, why) = match (gone.as_slice(), before) {
+        ([(term, value, weight)], _) => (*weight, format!("the {term} loss became {value}")),
+        (_, Some(before)) => {
+            let (term, value, weight) = terms(before)
+                .into_iter()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap_or(("style", before.style, "style_weight"));
+            let why = format!(
+                "the losses became {}, after a {term} loss of {value:e}",
+                losses.total
+            );
+            (weight, why)
+        }
+        (_, None) => (
+            "style_weight",
+            format!("the losses became {}", losses.total),
+        ),
+    };
+    Some(Error::Core(stylefarm_core::Error::invalid(
+        weight,
+        format!(
+            "{why} at iteration {iteration} of scale {scale}: the weights overflow float32 (the \
+             losses' precision); lower {weight}"
+        ),
+    )))
+}
+
 impl Engine {
     /// The objective of `job` evaluated at an image of the output's size (e.g. to measure a finished render).
     pub fn evaluate(&self, job: &RenderJob, image: &RgbImage) -> Result<LossTerms, Error> {
@@ -663,8 +715,14 @@ impl Engine {
                 .sum();
             let scale_started = Instant::now();
             // `evaluated`: the evaluations done when read (on a GPU, those of the whole batch read)
+            // the last losses read, all finite
+            let mut finite = None;
             let mut report =
                 |iteration: u32, losses: LossTerms, evaluated: u32| -> Result<(), Error> {
+                    if let Some(e) = not_finite(&losses, finite.as_ref(), iteration, s as u32 + 1) {
+                        return Err(e);
+                    }
+                    finite = Some(losses);
                     let rate = scale_started.elapsed().as_secs_f64() / f64::from(evaluated.max(1));
                     let left = f64::from(n.saturating_sub(iteration)) + later;
                     let progress = Progress {
