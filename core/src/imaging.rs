@@ -519,8 +519,8 @@ fn folder_of(path: &Path) -> &Path {
 /// extension that [`output_format`] takes is one image file, for a job with one result (`several`
 /// false): it must not be a folder, its folder must exist and take new files, and it must not be one of
 /// `inputs` (the job's content, style and init images). Any other name is a folder (created when
-/// missing), which must not be an existing file, and must take new files (it, or the folder it will be
-/// made in); a name with another image format's extension (`.webp`) is refused rather than taken for a
+/// missing), which must not be an existing file, must take new files (it, or the folder it will be
+/// made in) and must not hold one of `inputs`; a name with another image format's extension (`.webp`) is refused rather than taken for a
 /// folder.
 ///
 /// # Errors
@@ -556,6 +556,21 @@ pub fn check_output(output: &Path, several: bool, inputs: &[&Path]) -> Result<()
             }
             if let Err(e) = temp_file_in(at) {
                 return bad(format!("cannot write in {}: {e}", at.display()));
+            }
+        }
+        // its results' names (result.png, 000_a_x_s.png, ...) could be an input's, and a folder given as
+        // the content would take them for inputs the next time
+        if let Ok(out) = output.canonicalize() {
+            let in_it = |i: &&&Path| {
+                i.canonicalize()
+                    .is_ok_and(|i| i.parent() == Some(out.as_path()))
+            };
+            if let Some(input) = inputs.iter().find(in_it) {
+                return bad(format!(
+                    "holds one of the job's inputs ({}), which its results could be written over: give \
+                     another folder",
+                    input.display()
+                ));
             }
         }
         return Ok(());
@@ -1083,7 +1098,8 @@ mod tests {
     }
 
     /// An output is checked before any work: an image file in a folder that exists, is not a folder, is not
-    /// an input and is for one result; a folder that is not a file; no other image format's extension.
+    /// an input and is for one result; a folder that is not a file and holds no input; no other image
+    /// format's extension.
     #[test]
     fn an_output_that_cannot_be_written_is_refused_before_the_render() {
         let dir = tempfile::tempdir().unwrap();
@@ -1101,7 +1117,8 @@ mod tests {
         };
         check_output(&dir.path().join("out.png"), false, &[&content]).unwrap();
         check_output(&dir.path().join("results"), true, &[&content]).unwrap();
-        check_output(dir.path(), true, &[&content]).unwrap();
+        assert!(refused(dir.path(), true).contains("holds one of the job's inputs"));
+        check_output(dir.path(), true, &[]).unwrap();
         assert!(refused(&dir.path().join("typo/out.png"), false).contains("does not exist"));
         let folder = dir.path().join("out.png");
         std::fs::create_dir(&folder).unwrap();
