@@ -228,19 +228,37 @@ impl Coordinator {
                         grid.len()
                     )));
                 }
-                // the tiles' own errors travel through the stitcher's messages
-                grid.stitch(|i| {
-                    let task = tasks
-                        .iter()
-                        .find(|t| {
-                            t.spec
-                                .scale
-                                .as_ref()
-                                .is_some_and(|x| x.index() as usize == i)
-                        })
-                        .ok_or_else(|| Error::Internal(format!("tile {i} missing")))?;
-                    self.result_image(task)
-                })?
+                if let [only] = tasks.as_slice() {
+                    // one tile is the whole canvas (the planner's choice where a worker's device holds
+                    // the scale): its weights are all 1, nothing to blend, and the blend's float copy
+                    // of the canvas (12 bytes a pixel) is not made
+                    let img = self.result_image(only)?;
+                    if img.dimensions() != (first.canvas_width, first.canvas_height) {
+                        return Err(Error::Internal(format!(
+                            "scale {}: its one tile is {}x{}, the canvas {}x{}",
+                            scale + 1,
+                            img.width(),
+                            img.height(),
+                            first.canvas_width,
+                            first.canvas_height
+                        )));
+                    }
+                    img
+                } else {
+                    // the tiles' own errors travel through the stitcher's messages
+                    grid.stitch(|i| {
+                        let task = tasks
+                            .iter()
+                            .find(|t| {
+                                t.spec
+                                    .scale
+                                    .as_ref()
+                                    .is_some_and(|x| x.index() as usize == i)
+                            })
+                            .ok_or_else(|| Error::Internal(format!("tile {i} missing")))?;
+                        self.result_image(task)
+                    })?
+                }
             }
         };
         let stitched = if last && spec.params.original_colors {
