@@ -21,10 +21,14 @@ use stylefarm_proto::pb;
 use stylefarm_proto::pb::render_service_client::RenderServiceClient;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
 
-fn tiny_png(seed: u32) -> Vec<u8> {
+/// The jobs' size, in px: their results are `SIZE` x `SIZE`.
+const SIZE: u32 = 16;
+
+/// A `side` x `side` PNG of one colour made from `seed`.
+fn tiny_png(side: u32, seed: u32) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(
-        1,
-        1,
+        side,
+        side,
         image::Rgb([(seed % 251) as u8, (seed / 251 % 251) as u8, 7]),
     );
     let mut png = Vec::new();
@@ -105,7 +109,7 @@ async fn main() {
     let mut hashes = Vec::new();
     for i in 0..2 * side {
         let part = pb::UploadImageRequest {
-            part: Some(pb::upload_image_request::Part::Data(tiny_png(i as u32))),
+            part: Some(pb::upload_image_request::Part::Data(tiny_png(1, i as u32))),
         };
         hashes.push(
             clients[0]
@@ -125,7 +129,7 @@ async fn main() {
         contents: contents.to_vec(),
         styles: styles.to_vec(),
         params: Some(pb::RenderParams {
-            size: Some(16),
+            size: Some(SIZE),
             iterations: Some(1),
             ..Default::default()
         }),
@@ -147,7 +151,8 @@ async fn main() {
         job_ids.push(job_id);
     }
 
-    let result = Arc::new(tiny_png(0));
+    // what the coordinator takes: the 1 x 1 content at the job's size
+    let result = Arc::new(tiny_png(SIZE, 0));
     let started = Instant::now();
     let mut handles = Vec::new();
     for w in 0..workers {

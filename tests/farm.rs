@@ -1447,8 +1447,9 @@ async fn a_worker_s_reports_cannot_hurt_another_s_lease_nor_the_job_s_status() {
     assert!(ok, "{err}");
 }
 
-/// A tile's result of another size than its tile (a buggy worker's) is refused naming `result`, and its
-/// attempt fails, to run again: kept, it would fail the scale's stitch, and the job for good.
+/// A result of another size than its task's (a buggy worker's: a tile's region, or the content at the
+/// task's size) is refused naming `result`, and its attempt fails, to run again: kept, it would fail the
+/// scale's stitch, and the job for good, or be the job's result.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tile_s_result_of_another_size_is_refused_and_the_tile_runs_again() {
     let cluster = Cluster::start(30.0, 0.5);
@@ -1490,7 +1491,18 @@ async fn a_tile_s_result_of_another_size_is_refused_and_the_tile_runs_again() {
                 .map(|p| pb::CompleteTaskRequest { part: Some(p) }),
         )
     };
-    // the first scale, whole (any size: the second is resized from it)
+    // the first scale, whole: the content at 128 px (tubingen is 4:3), and nothing else
+    let first = lease().await;
+    assert!(first.task.as_ref().unwrap().tile.is_none());
+    let err = workers
+        .complete_task(send(first.lease_id, png_of(&image::RgbImage::new(64, 48))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "result: 64x48 px, where the task's is 128x96 px"
+    );
     let first = lease().await;
     assert!(first.task.as_ref().unwrap().tile.is_none());
     let reply = workers

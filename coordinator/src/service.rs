@@ -960,27 +960,34 @@ impl WorkerService for WorkerApi {
         } else {
             None
         };
-        let (received, img) = self.coordinator.decoding.decode(received).await?;
-        // a tile's or a shard's result of another size would fail its scale's stitch, and the job with it,
-        // for good: the attempt fails instead, a strike against its worker, and the task runs again
-        if let Some(rect) = task.scale.as_ref().map(|s| s.rect()) {
-            if img.dimensions() != (rect.width, rect.height) {
-                let (w, h) = img.dimensions();
-                let error = format!(
-                    "result: {w}x{h} px, where the task's region is {}x{} px",
-                    rect.width, rect.height
-                );
-                tracing::warn!(lease_id = lease_id.as_str(), error, "task result refused");
-                let scheduler = self.coordinator.scheduler.clone();
-                let failed = error.clone();
-                blocking(move || {
-                    scheduler
-                        .fail_with_log(&lease_id, &failed, FailureKind::Retryable, log)
-                        .map_err(Error::from)
-                })
-                .await?;
-                return Err(Status::invalid_argument(error));
+        // the result's size: a tile's or a shard's region, or the content at the task's size
+        let expected = match task.scale.as_ref().map(|s| s.rect()) {
+            Some(rect) => (rect.width, rect.height),
+            None => {
+                let (coordinator, content) = (self.coordinator.clone(), task.content.clone());
+                let (w, h) = blocking(move || coordinator.dimensions(&content)).await?;
+                stylefarm_core::imaging::working_size(w, h, task.params.size)
             }
+        };
+        let (received, img) = self.coordinator.decoding.decode(received).await?;
+        // a result of another size would be the job's (or fail its scale's stitch, and the job with it, for
+        // good): the attempt fails instead, a strike against its worker, and the task runs again
+        if img.dimensions() != expected {
+            let (w, h) = img.dimensions();
+            let error = format!(
+                "result: {w}x{h} px, where the task's is {}x{} px",
+                expected.0, expected.1
+            );
+            tracing::warn!(lease_id = lease_id.as_str(), error, "task result refused");
+            let scheduler = self.coordinator.scheduler.clone();
+            let failed = error.clone();
+            blocking(move || {
+                scheduler
+                    .fail_with_log(&lease_id, &failed, FailureKind::Retryable, log)
+                    .map_err(Error::from)
+            })
+            .await?;
+            return Err(Status::invalid_argument(error));
         }
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
