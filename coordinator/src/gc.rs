@@ -47,8 +47,13 @@ struct Shared {
 #[derive(Default)]
 struct Tracking {
     /// When each blob was last stored or looked for by this process (entries older than a collection's
-    /// horizon are dropped by it).
+    /// horizon are dropped by it, and by [`Tracking::prune`] as they grow).
     used: HashMap<ImageHash, Instant>,
+    /// `used`'s entries after its last prune.
+    pruned_to: usize,
+    /// The keep time of the collections (`None`: no collection runs, and a use matters only while a
+    /// step under way may need it).
+    keep: Option<Duration>,
     /// When each use under way began, by a number given in order: the first is the oldest.
     uses: BTreeMap<u64, Instant>,
     next_use: u64,
@@ -68,6 +73,36 @@ impl Shared {
             t = self.deleted.wait(t).unwrap_or_else(|p| p.into_inner());
         }
         t.used.insert(hash.clone(), Instant::now());
+        if t.used.len() > (2 * t.pruned_to).max(PRUNE_FROM) {
+            t.prune();
+        }
+    }
+}
+
+/// The entries of [`Tracking::used`] from which it is pruned, when it has doubled since the last prune.
+const PRUNE_FROM: usize = 4096;
+
+impl Tracking {
+    /// The oldest use under way's start, or now: a blob used since may have its reference on its way.
+    fn horizon(&self) -> Instant {
+        self.uses
+            .values()
+            .next()
+            .copied()
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// Forgets the uses that no collection and no [`TrackedBlobs::delete_unreferenced`] will ask about:
+    /// before the horizon and past the keep time (every use before the horizon, without collections).
+    /// Uses of blobs that are not stored (a submit's look-up of an unknown image) or that no collection
+    /// would delete are otherwise kept for the process' life.
+    fn prune(&mut self) {
+        let (horizon, keep) = (self.horizon(), self.keep);
+        let now = Instant::now();
+        self.used.retain(|_, used| {
+            *used >= horizon || keep.is_some_and(|k| now.checked_sub(k).is_none_or(|k| *used >= k))
+        });
+        self.pruned_to = self.used.len();
     }
 }
 
@@ -122,11 +157,14 @@ fn store_call() {
 }
 
 impl TrackedBlobs {
-    /// `store`, tracked.
-    pub fn new(store: Arc<dyn BlobStore>) -> TrackedBlobs {
+    /// `store`, tracked, for collections of blobs unused for `keep` ([`TrackedBlobs::collect`]; `None`: no
+    /// collection runs, only [`TrackedBlobs::delete_unreferenced`]).
+    pub fn new(store: Arc<dyn BlobStore>, keep: Option<Duration>) -> TrackedBlobs {
+        let tracking = Shared::default();
+        tracking.lock().keep = keep;
         TrackedBlobs {
             store,
-            tracking: Arc::default(),
+            tracking: Arc::new(tracking),
             collected: Counter::default(),
             collected_bytes: Counter::default(),
         }
@@ -183,8 +221,7 @@ impl TrackedBlobs {
         may_delete: impl Fn() -> bool,
     ) -> std::io::Result<Collected> {
         // blobs used since the oldest use under way are spared: its reference may come after the mark
-        let horizon =
-            (self.tracking.lock().uses.values().next().copied()).unwrap_or_else(Instant::now);
+        let horizon = self.tracking.lock().horizon();
         let in_use = in_use();
         let Some(written_before) = SystemTime::now().checked_sub(keep) else {
             return Ok(Collected::default());
@@ -240,8 +277,7 @@ impl TrackedBlobs {
         in_use: impl FnOnce(&ImageHash) -> bool,
         may_delete: impl FnOnce() -> bool,
     ) -> std::io::Result<bool> {
-        let horizon =
-            (self.tracking.lock().uses.values().next().copied()).unwrap_or_else(Instant::now);
+        let horizon = self.tracking.lock().horizon();
         if in_use(hash) {
             return Ok(false);
         }
@@ -294,7 +330,7 @@ mod tests {
     fn disk() -> (tempfile::TempDir, TrackedBlobs) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(DiskBlobs::open(dir.path()).unwrap());
-        (dir, TrackedBlobs::new(store))
+        (dir, TrackedBlobs::new(store, Some(KEEP)))
     }
 
     /// The blobs of the store, by hash.
@@ -472,7 +508,10 @@ mod tests {
         });
         let old = store.put(b"old").unwrap();
         backdate(dir.path(), &old, Duration::from_secs(7200));
-        let blobs = Arc::new(TrackedBlobs::new(store.clone()));
+        let blobs = Arc::new(TrackedBlobs::new(
+            store.clone(),
+            Some(Duration::from_secs(3600)),
+        ));
         let collection = {
             let blobs = blobs.clone();
             std::thread::spawn(move || {
@@ -491,6 +530,40 @@ mod tests {
         assert!(!blobs.contains(&old).unwrap(), "waited, and found it gone");
         assert!(store.ended.load(std::sync::atomic::Ordering::SeqCst));
         assert_eq!(collection.join().unwrap().deleted, 1);
+    }
+
+    /// Its memory of uses stays bounded: without collections, the look-ups of blobs that are not stored
+    /// (a submit's of unknown images) and the blobs stored are forgotten once no step under way may need
+    /// them; a use under way keeps its own, which a checkpoint's deletion asks about.
+    #[test]
+    fn uses_no_collection_asks_about_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskBlobs::open(dir.path()).unwrap());
+        let blobs = TrackedBlobs::new(store, None);
+        let checkpoint = blobs.put(b"a checkpoint").unwrap();
+        for i in 0..3 * PRUNE_FROM as u32 {
+            blobs.contains(&ImageHash::of(&i.to_le_bytes())).unwrap();
+        }
+        let used = |hash: &ImageHash| blobs.tracking.lock().used.contains_key(hash);
+        assert!(blobs.tracking.lock().used.len() <= PRUNE_FROM);
+        assert!(!used(&checkpoint));
+        // a use under way: its blob is remembered, and spared by a checkpoint's deletion
+        let held = blobs.begin_use();
+        let kept = held.put(b"kept").unwrap();
+        for i in 0..3 * PRUNE_FROM as u32 {
+            blobs.contains(&ImageHash::of(&i.to_be_bytes())).unwrap();
+        }
+        assert!(used(&kept));
+        assert!(!blobs
+            .delete_unreferenced(&kept, 0, |_| false, || true)
+            .unwrap());
+        drop(held);
+        assert!(blobs
+            .delete_unreferenced(&kept, 0, |_| false, || true)
+            .unwrap());
+        assert!(blobs
+            .delete_unreferenced(&checkpoint, 0, |_| false, || true)
+            .unwrap());
     }
 
     /// A collection stops deleting when told (the coordinator no longer surely holds its job store).
@@ -521,7 +594,7 @@ mod tests {
         let store = Arc::new(server.blobs("farm"));
         store.put_as(&ImageHash::of(b"x"), b"x").unwrap();
         std::fs::write(server.bucket_dir().join("farm").join("notes.txt"), b"mine").unwrap();
-        let blobs = TrackedBlobs::new(store);
+        let blobs = TrackedBlobs::new(store, Some(Duration::from_secs(1)));
         let referenced = blobs.put(b"referenced").unwrap();
         let unused = blobs.put(b"unused").unwrap();
         std::thread::sleep(Duration::from_millis(1100));

@@ -452,7 +452,7 @@ impl Coordinator {
             BlobsConfig::Disk => Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?),
             BlobsConfig::S3(url) => Arc::new(blobs::S3Blobs::open(url)?),
         };
-        let blobs = gc::TrackedBlobs::new(blobs);
+        let blobs = gc::TrackedBlobs::new(blobs, config.keep_unused_blobs);
         let connection_metrics = connections::ConnectionMetrics::default();
         let metrics = metrics::Metrics::new(scheduler.metrics(), &blobs, &connection_metrics);
         let coordinator = Arc::new(Coordinator {
