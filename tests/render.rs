@@ -395,6 +395,31 @@ fn bad_input_gets_a_clear_one_line_error() {
             "style_weight: the losses became NaN, after a style loss of",
         ),
         (vec!["--iterations", "0"], "iterations"),
+        // set, but not read by this job: refused, not dropped
+        (
+            vec!["--learning-rate", "3"],
+            "learning_rate: is set, but this job does not read it: Adam's alone",
+        ),
+        (
+            vec!["--optimizer", "adam", "--history-size", "3"],
+            "history_size: is set",
+        ),
+        (
+            vec![
+                "--scales",
+                "2",
+                "--scale-iterations",
+                "1,1",
+                "--iterations",
+                "77",
+            ],
+            "iterations: is set",
+        ),
+        (vec!["--temporal-weight", "5"], "temporal_weight: is set"),
+        (
+            vec!["--global-style-targets"],
+            "global_style_targets: is set",
+        ),
         (vec!["--save-every", "0"], "save_every"),
         (vec!["--size", "0"], "size"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),

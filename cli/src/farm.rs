@@ -603,6 +603,11 @@ impl JobArgs {
             request_id: self.request_id.clone(),
             paused: false,
         };
+        job.params.check_read(stylefarm_core::params::JobReads {
+            video: self.video,
+            tiles: self.tiled && !self.exact,
+            sweep: self.sweep.is_some(),
+        })?;
         // refused before the render, not after it
         if let Some(output) = self.output.as_deref() {
             let several = match &job.kind {

@@ -140,6 +140,8 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let params = args.params.params()?;
     params.validate(args.style.len())?;
+    // one image, whole: no video, no tiles
+    params.check_read(stylefarm_core::params::JobReads::default())?;
     let save_every =
         match args.save_every {
             Some(n) => Some(NonZeroU32::new(n).ok_or_else(|| {

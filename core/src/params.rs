@@ -610,7 +610,68 @@ impl<T: OptionValue> OptionValue for Vec<T> {
     }
 }
 
+/// What a job renders, for [`RenderParams::check_read`]: the options some jobs alone read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobReads {
+    /// A video's frames: the temporal loss and the optical flow.
+    pub video: bool,
+    /// Independent tiles: their style targets.
+    pub tiles: bool,
+    /// A sweep, whose points may change the optimizer (its own check refuses an axis no point reads).
+    pub sweep: bool,
+}
+
 impl RenderParams {
+    /// Refuses an option set away from its default that the job would not read, naming it: a command line's
+    /// `--learning-rate` beside L-BFGS would otherwise be dropped without a word. Not for a job from the
+    /// wire, whose every field is set.
+    pub fn check_read(&self, job: JobReads) -> Result<(), Error> {
+        let d = RenderParams::default();
+        let unread: [(&str, bool, &str); 6] = [
+            (
+                "learning_rate",
+                self.learning_rate != d.learning_rate
+                    && self.optimizer != Optimizer::Adam
+                    && !job.sweep,
+                "Adam's alone (--optimizer adam); L-BFGS takes steps of lr 1",
+            ),
+            (
+                "history_size",
+                self.history_size != d.history_size
+                    && self.optimizer != Optimizer::Lbfgs
+                    && !job.sweep,
+                "L-BFGS's alone (--optimizer lbfgs)",
+            ),
+            (
+                "iterations",
+                self.iterations != d.iterations && !self.scale_iterations.is_empty(),
+                "--scale-iterations gives every scale's iterations",
+            ),
+            (
+                "temporal_weight",
+                self.temporal_weight != d.temporal_weight && !job.video,
+                "a video's alone (--video)",
+            ),
+            (
+                "optical_flow",
+                self.optical_flow != d.optical_flow && !job.video,
+                "a video's alone (--video)",
+            ),
+            (
+                "global_style_targets",
+                self.global_style_targets != d.global_style_targets && !job.tiles,
+                "independent tiles' alone (--tiled, not --exact)",
+            ),
+        ];
+        match unread.into_iter().find(|(_, set, _)| *set) {
+            Some((name, _, why)) => Err(Error::invalid(
+                name,
+                format!("is set, but this job does not read it: {why}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Checks every field; `styles` is the number of style images of the job.
     pub fn validate(&self, styles: usize) -> Result<(), Error> {
         self.check_ranges()?;
@@ -915,6 +976,62 @@ mod tests {
         for bad in ["relu1_3", "relu6_1", "conv1_1", "relu0_1", "relu", "relu4_"] {
             assert!(bad.parse::<Layer>().is_err(), "{bad}");
         }
+    }
+
+    /// An option set away from its default that the job does not read is refused, naming it; the jobs that
+    /// read it take it, and a sweep (whose points may change the optimizer) leaves the optimizers' options
+    /// to its own check.
+    #[test]
+    fn an_option_the_job_does_not_read_is_refused() {
+        let video = JobReads {
+            video: true,
+            ..JobReads::default()
+        };
+        let tiles = JobReads {
+            tiles: true,
+            ..JobReads::default()
+        };
+        let sweep = JobReads {
+            sweep: true,
+            ..JobReads::default()
+        };
+        let refused = |p: RenderParams, job: JobReads| p.check_read(job).unwrap_err().to_string();
+        let lr = RenderParams {
+            learning_rate: 3.0,
+            ..Default::default()
+        };
+        assert!(refused(lr.clone(), JobReads::default()).starts_with("learning_rate: is set"));
+        lr.check_read(sweep).unwrap();
+        RenderParams {
+            optimizer: Optimizer::Adam,
+            ..lr
+        }
+        .check_read(JobReads::default())
+        .unwrap();
+        let temporal = RenderParams {
+            temporal_weight: 5.0,
+            optical_flow: false,
+            ..Default::default()
+        };
+        assert!(refused(temporal.clone(), tiles).starts_with("temporal_weight"));
+        temporal.check_read(video).unwrap();
+        let global = RenderParams {
+            global_style_targets: true,
+            ..Default::default()
+        };
+        assert!(refused(global.clone(), video).starts_with("global_style_targets"));
+        global.check_read(tiles).unwrap();
+        let both = RenderParams {
+            iterations: 77,
+            scale_iterations: vec![10, 5],
+            scales: 2,
+            ..Default::default()
+        };
+        assert!(refused(both, sweep).starts_with("iterations"));
+        // the defaults, given or not, are read by every job
+        RenderParams::default()
+            .check_read(JobReads::default())
+            .unwrap();
     }
 
     #[test]
