@@ -797,3 +797,51 @@ fn adams_learning_rate_is_in_grey_levels_with_either_weights_convention() {
         );
     }
 }
+
+/// `stylefarm seams` prints the seam measure of an image over a tile grid, as JSON that parses whatever the
+/// file's name holds (a control character here), and says why it cannot measure: one tile, or a flat image.
+#[test]
+fn seams_prints_json_and_says_why_it_cannot_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("we\u{1}ird \"name\".png");
+    RgbImage::from_fn(1200, 900, |x, y| {
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 13 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    })
+    .save(&odd)
+    .unwrap();
+    let out = stylefarm(&["seams", "--json", odd.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["image"], odd.to_str().unwrap());
+    assert_eq!(
+        (json["width"].as_u64(), json["height"].as_u64()),
+        (Some(1200), Some(900))
+    );
+    assert!(json["tiles"].as_u64().unwrap() > 1, "{json}");
+    assert!(json["seam_measure"].as_f64().unwrap() > 0.0, "{json}");
+    let flat = dir.path().join("flat.png");
+    RgbImage::from_pixel(1200, 900, image::Rgb([90, 90, 90]))
+        .save(&flat)
+        .unwrap();
+    let out = stylefarm(&["seams", flat.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("the image is flat"),
+        "{}",
+        stderr(&out)
+    );
+    let small = dir.path().join("small.png");
+    RgbImage::from_pixel(300, 200, image::Rgb([1, 2, 3]))
+        .save(&small)
+        .unwrap();
+    let out = stylefarm(&["seams", small.to_str().unwrap()]);
+    assert!(
+        stderr(&out).contains("is one 512-px tile"),
+        "{}",
+        stderr(&out)
+    );
+}

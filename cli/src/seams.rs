@@ -37,22 +37,29 @@ pub(crate) fn run(args: SeamsArgs) -> anyhow::Result<()> {
     let img = imaging::load(&args.image)?;
     let (w, h) = img.dimensions();
     let grid = TileGrid::new(w, h, tiling);
-    let measure = tiling::seam_measure(&img, &grid).with_context(|| {
-        format!(
+    let lines = (grid.xs.edge_lines().len(), grid.ys.edge_lines().len());
+    let measure = tiling::seam_measure(&img, &grid).with_context(|| match grid.len() {
+        1 => format!(
             "{}: a {w}x{h} image is one {}-px tile: no tile edges to measure",
             args.image.display(),
             args.tile_size
-        )
+        ),
+        _ => format!(
+            "{}: the image is flat (no gradient anywhere): no seam to measure against it",
+            args.image.display()
+        ),
     })?;
-    let lines = (grid.xs.edge_lines().len(), grid.ys.edge_lines().len());
     if args.json {
-        println!(
-            "{{\"image\": {:?}, \"width\": {w}, \"height\": {h}, \"tiles\": {}, \"vertical_lines\": {}, \"horizontal_lines\": {}, \"seam_measure\": {measure:.4}}}",
-            args.image.display().to_string(),
-            grid.len(),
-            lines.0,
-            lines.1
-        );
+        let json = serde_json::json!({
+            "image": args.image.display().to_string(),
+            "width": w,
+            "height": h,
+            "tiles": grid.len(),
+            "vertical_lines": lines.0,
+            "horizontal_lines": lines.1,
+            "seam_measure": (measure * 1e4).round() / 1e4,
+        });
+        println!("{json}");
     } else {
         println!(
             "{}: {w}x{h}, {} tiles ({} vertical and {} horizontal edge lines): seam measure {measure:.4}",

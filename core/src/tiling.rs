@@ -549,7 +549,7 @@ impl TileGrid {
 /// The mean absolute gradient of `img` in bands of ±[`SEAM_BAND`] px around the grid's inner tile edge lines,
 /// over the mean absolute gradient of the whole image: about 1 when the tiling leaves no trace, more with
 /// seams. The gradient of a pixel is `|I(x+1,y) - I(x,y)| + |I(x,y+1) - I(x,y)|`, averaged over the channels,
-/// on the pixels that have both neighbours. `None` when the grid has no inner edge.
+/// on the pixels that have both neighbours. `None` when the grid has no inner edge, or the image no gradient.
 pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
     let (w, h) = img.dimensions();
     if w < 2 || h < 2 {
