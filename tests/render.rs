@@ -435,6 +435,7 @@ fn bad_input_gets_a_clear_one_line_error() {
             vec!["--weights", "/nonexistent/w.safetensors"],
             "deploy/setup.sh",
         ),
+        (vec!["--weights", "/tmp"], "weights /tmp: is a folder"),
     ];
     for (extra, needle) in cases {
         let mut args = vec!["render"];

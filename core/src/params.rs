@@ -530,7 +530,7 @@ macro_rules! whole_option {
         impl OptionValue for $ty {
             const VALUE_NAME: &'static str = "N";
             fn parse_value(text: &str) -> Result<Self, String> {
-                parse_scalar(text, "a whole number >= 0")
+                parse_scalar(text, &format!("a whole number from 0 to {}", <$ty>::MAX))
             }
             fn to_text(&self) -> String {
                 self.to_string()

@@ -602,8 +602,15 @@ pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
 pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderParams, Error> {
     // a stored job's limits: a new job's tiling is checked (Tiling::validate) by JobSpec::expand
     tiling.validate_stored()?;
-    if params.size == 0 {
-        return Err(Error::invalid("size", "must be at least 1, got 0"));
+    if !(1..=crate::params::MAX_SIZE).contains(&params.size) {
+        return Err(Error::invalid(
+            "size",
+            format!(
+                "must be between 1 and {}, got {}",
+                crate::params::MAX_SIZE,
+                params.size
+            ),
+        ));
     }
     let mut scales = 1u32;
     while params.size.div_ceil(1 << (scales - 1)) > tiling.tile_size {

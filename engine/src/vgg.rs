@@ -198,6 +198,9 @@ impl Vgg19 {
                     .into(),
             ));
         }
+        if path.is_dir() {
+            return Err(err("is a folder, not a .safetensors file".into()));
+        }
         let metadata = safetensors_metadata(path).map_err(err)?;
         let named = metadata.get("preprocessing").and_then(|v| v.as_str());
         let preprocessing = match Preprocessing::ALL
