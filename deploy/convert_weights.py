@@ -129,4 +129,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    try:
+        main(sys.argv)
+    except Exception as e:  # noqa: BLE001 (the top level of a command)
+        # one line for the caller (stylefarm weights convert), not a traceback: what could not be read
+        raise SystemExit(f"error: {sys.argv[2] if len(sys.argv) > 2 else ''}: {type(e).__name__}: {e}")

@@ -72,6 +72,13 @@ pub(crate) fn run(cmd: WeightsCommand) -> anyhow::Result<()> {
             if !input.is_file() {
                 bail!("{}: no such file", input.display());
             }
+            let folder = match output.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => std::path::Path::new("."),
+            };
+            if !folder.is_dir() {
+                bail!("output: {}: its folder does not exist", output.display());
+            }
             let venv_python = stylefarm_home().join("venv/bin/python");
             let python = if venv_python.exists() {
                 venv_python
@@ -87,15 +94,24 @@ pub(crate) fn run(cmd: WeightsCommand) -> anyhow::Result<()> {
                 SourceKind::TorchvisionPth => "torchvision-pth",
                 SourceKind::KerasH5 => "keras-h5",
             };
-            let status = std::process::Command::new(&python)
+            // its report on stdout; its error, one line, in ours
+            let run = std::process::Command::new(&python)
                 .arg(script.path())
                 .arg(kind)
                 .arg(&input)
                 .arg(&output)
-                .status()
+                .stdout(std::process::Stdio::inherit())
+                .output()
                 .with_context(|| format!("running {}", python.display()))?;
-            if !status.success() {
-                bail!("converting {} failed ({status})", input.display());
+            if !run.status.success() {
+                let stderr = String::from_utf8_lossy(&run.stderr);
+                let why = stderr
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .map_or_else(|| run.status.to_string(), |l| l.trim().to_string());
+                let why = why.strip_prefix("error: ").unwrap_or(&why);
+                bail!("converting {} failed: {why}", input.display());
             }
             Ok(())
         }
