@@ -192,6 +192,12 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
     );
     let (ok, _, err) = video("5000");
     assert!(!ok && err.contains("chunk_frames"), "{err}");
+    // 0 is not a chunk's frames (one chunk is the default)
+    let (ok, _, err) = video("0");
+    assert!(
+        !ok && err.contains("'--chunk-frames <CHUNK_FRAMES>'"),
+        "{err}"
+    );
     // refused before anything renders: an image file as the output, frames of two sizes, a folder with
     // another render's later frames (ffmpeg would read them on)
     let (ok, _, err) = submit_video(&frames, "2", &out.join("video.png"));
@@ -208,7 +214,7 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
         let ext = name.rsplit('.').next().unwrap();
         std::os::unix::fs::symlink(path(name), mixed.join(format!("{i:05}.{ext}"))).unwrap();
     }
-    let (ok, _, err) = submit_video(&mixed, "0", &cluster.dir.path().join("mixed-out"));
+    let (ok, _, err) = submit_video(&mixed, "2", &cluster.dir.path().join("mixed-out"));
     assert!(
         !ok && err.contains("contents") && err.contains("one size"),
         "{err}"

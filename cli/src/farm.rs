@@ -243,10 +243,10 @@ pub(crate) struct JobArgs {
     video: bool,
     /// Video: frames per chunk; the chunks render side by side on as many workers, each starting afresh
     /// (the video may jump there). Default: one chunk, the frames one after the other.
-    #[arg(long, requires = "video")]
+    #[arg(long, requires = "video", value_parser = clap::value_parser!(u32).range(1..))]
     chunk_frames: Option<u32>,
     /// Video: iterations of each frame after a chunk's first (default: half of --iterations).
-    #[arg(long, requires = "video")]
+    #[arg(long, requires = "video", value_parser = clap::value_parser!(u32).range(1..))]
     frame_iterations: Option<u32>,
     /// Render --size in overlapping tiles over a pyramid of scales (for outputs beyond one device).
     #[arg(long, conflicts_with_all = ["sweep", "video"])]
@@ -371,7 +371,7 @@ pub(crate) struct FetchArgs {
 pub(crate) struct ListArgs {
     #[command(flatten)]
     connect: ConnectArgs,
-    /// Most jobs to show, newest first.
+    /// Most jobs to show, newest first (0: all of them).
     #[arg(long, default_value_t = 20)]
     limit: u32,
     /// Only jobs in this state (repeat for several; all when none), e.g. `--state failed` to find those
