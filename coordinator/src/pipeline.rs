@@ -188,12 +188,19 @@ impl Coordinator {
         let using = self.blobs.begin_use();
         let stored = cells
             .and_then(|cells| {
-                sheet::contact_sheet(&cells, |i| match &view.tasks[i].0 {
-                    t if t.result.is_none() => {
-                        let (w, h, _) = cells[i];
-                        Ok(image::RgbImage::from_pixel(w, h, image::Rgb(FAILED_CELL)))
+                sheet::contact_sheet(&cells, |i| {
+                    let (w, h, _) = cells[i];
+                    match &view.tasks[i].0 {
+                        t if t.result.is_none() => {
+                            Ok(image::RgbImage::from_pixel(w, h, image::Rgb(FAILED_CELL)))
+                        }
+                        // each variant decoded within the decode budget, as a stitch's tiles are
+                        t => {
+                            let _share =
+                                self.decoding.share_blocking(u64::from(w) * u64::from(h))?;
+                            self.result_image(t)
+                        }
                     }
-                    t => self.result_image(t),
                 })
             })
             .and_then(|png| Ok(using.put(&png)?));
