@@ -247,15 +247,21 @@ impl Coordinator {
                 } else {
                     // the tiles' own errors travel through the stitcher's messages
                     grid.stitch(|i| {
-                        let task = tasks
+                        let (task, at) = tasks
                             .iter()
-                            .find(|t| {
-                                t.spec
-                                    .scale
-                                    .as_ref()
-                                    .is_some_and(|x| x.index() as usize == i)
+                            .find_map(|t| {
+                                let x = t.spec.scale.as_ref()?;
+                                (x.index() as usize == i).then(|| (*t, x.rect()))
                             })
                             .ok_or_else(|| Error::Internal(format!("tile {i} missing")))?;
+                        // planned elsewhere (a job stored by a version that placed its tiles
+                        // otherwise): blended at the grid's places, it would be shifted
+                        if at != grid.tile(i) {
+                            return Err(Error::Internal(format!(
+                                "tile {i} is {at:?}, where the scale's grid has {:?}",
+                                grid.tile(i)
+                            )));
+                        }
                         self.result_image(task)
                     })?
                 }
