@@ -505,6 +505,8 @@ pub async fn run(
             Duration::from_millis(u64::from(registered.preview_interval_ms)).max(heartbeat)
         });
         tracing::info!(worker_id = worker_id.as_str(), memory_bytes, "registered");
+        // the waits between leases the coordinator answered it cannot make now
+        let mut unavailable = stylefarm_proto::Backoff::default();
         while !stop.load(Ordering::Relaxed) {
             if let Some(why) = engine.lost() {
                 tracing::error!(reason = %why, "the engine cannot render: leaving the farm");
@@ -540,7 +542,25 @@ pub async fn run(
                     // answered: the next request is another (an unanswered one is sent again as
                     // the same, so that a lease handed out for it is handed again)
                     lease_request = new_request_id();
+                    unavailable = stylefarm_proto::Backoff::default();
                     r.into_inner()
+                }
+                // the coordinator answered that it cannot lease now (its store out of reach, or busy):
+                // asked again on this registration, less and less often, rather than registering
+                // again every half second (each registration a worker id, live for a minute)
+                Ok(Err(s))
+                    if s.code() == Code::Unavailable && std::error::Error::source(&s).is_none() =>
+                {
+                    let wait = stylefarm_proto::retry_delay(&s)
+                        .unwrap_or_default()
+                        .max(unavailable.next_wait());
+                    tracing::warn!(
+                        error = s.message(),
+                        wait_s = wait.as_secs_f64(),
+                        "the coordinator cannot lease now; asking again"
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
                 }
                 Ok(Err(s)) => {
                     tracing::warn!(error = s.message(), "lease failed; reconnecting");
