@@ -91,6 +91,50 @@ struct NvmlMemory {
     used: u64,
 }
 
+/// NVML's entry points this worker calls, from a library loaded and initialized once for the process (a
+/// sample every 2 s loading and initializing it again would hold a new copy's handles each time).
+struct Nvml {
+    handle_of: unsafe extern "C" fn(
+        std::os::raw::c_uint,
+        *mut *mut std::ffi::c_void,
+    ) -> std::os::raw::c_int,
+    memory_info:
+        unsafe extern "C" fn(*mut std::ffi::c_void, *mut NvmlMemory) -> std::os::raw::c_int,
+}
+
+/// The process' NVML, or why it cannot be had (no NVIDIA driver): tried once.
+fn nvml() -> Result<&'static Nvml, String> {
+    static NVML: std::sync::OnceLock<Result<Nvml, String>> = std::sync::OnceLock::new();
+    NVML.get_or_init(|| {
+        // SAFETY: libnvidia-ml.so.1 is NVIDIA's management library; these symbols have these C
+        // signatures in every driver since NVML's v2 entry points (nvml.h: nvmlReturn_t nvmlInit_v2(void),
+        // nvmlDeviceGetHandleByIndex_v2(unsigned int, nvmlDevice_t*), nvmlDeviceGetMemoryInfo(nvmlDevice_t,
+        // nvmlMemory_t*) with nvmlDevice_t an opaque pointer and nvmlMemory_t three unsigned long longs);
+        // the library is never unloaded (forgotten below), so the pointers kept stay valid.
+        unsafe {
+            let lib = libloading::Library::new("libnvidia-ml.so.1").map_err(|e| e.to_string())?;
+            let init: libloading::Symbol<'_, unsafe extern "C" fn() -> std::os::raw::c_int> =
+                lib.get(b"nvmlInit_v2\0").map_err(|e| e.to_string())?;
+            match init() {
+                0 => {}
+                r => return Err(format!("nvmlInit_v2 returned nvmlReturn_t {r}")),
+            }
+            let nvml = Nvml {
+                handle_of: *lib
+                    .get(b"nvmlDeviceGetHandleByIndex_v2\0")
+                    .map_err(|e| e.to_string())?,
+                memory_info: *lib
+                    .get(b"nvmlDeviceGetMemoryInfo\0")
+                    .map_err(|e| e.to_string())?,
+            };
+            std::mem::forget(lib);
+            Ok(nvml)
+        }
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
 fn cuda_used_memory(index: usize) -> Result<u64, String> {
     let index = std::os::raw::c_uint::try_from(index).map_err(|e| e.to_string())?;
     let check = |what: &str, r: std::os::raw::c_int| {
@@ -100,44 +144,25 @@ fn cuda_used_memory(index: usize) -> Result<u64, String> {
             Err(format!("{what} returned nvmlReturn_t {r}"))
         }
     };
-    // SAFETY: libnvidia-ml.so.1 is NVIDIA's management library; these symbols have these C signatures
-    // in every driver since NVML's v2 entry points (nvml.h: nvmlReturn_t nvmlInit_v2(void),
-    // nvmlDeviceGetHandleByIndex_v2(unsigned int, nvmlDevice_t*), nvmlDeviceGetMemoryInfo(nvmlDevice_t,
-    // nvmlMemory_t*) with nvmlDevice_t an opaque pointer and nvmlMemory_t three unsigned long longs); the
-    // library stays loaded while they are called, and nvmlInit_v2 may be called more than once.
+    let nvml = nvml()?;
+    let mut handle = std::ptr::null_mut();
+    let mut memory = NvmlMemory {
+        total: 0,
+        free: 0,
+        used: 0,
+    };
+    // SAFETY: NVML's functions as [`nvml`] loaded them, with the pointers they write to
     unsafe {
-        let lib = libloading::Library::new("libnvidia-ml.so.1").map_err(|e| e.to_string())?;
-        let init: libloading::Symbol<'_, unsafe extern "C" fn() -> std::os::raw::c_int> =
-            lib.get(b"nvmlInit_v2\0").map_err(|e| e.to_string())?;
-        let handle_of: libloading::Symbol<
-            '_,
-            unsafe extern "C" fn(
-                std::os::raw::c_uint,
-                *mut *mut std::ffi::c_void,
-            ) -> std::os::raw::c_int,
-        > = lib
-            .get(b"nvmlDeviceGetHandleByIndex_v2\0")
-            .map_err(|e| e.to_string())?;
-        let memory_info: libloading::Symbol<
-            '_,
-            unsafe extern "C" fn(*mut std::ffi::c_void, *mut NvmlMemory) -> std::os::raw::c_int,
-        > = lib
-            .get(b"nvmlDeviceGetMemoryInfo\0")
-            .map_err(|e| e.to_string())?;
-        check("nvmlInit_v2", init())?;
-        let mut handle = std::ptr::null_mut();
         check(
             "nvmlDeviceGetHandleByIndex_v2",
-            handle_of(index, &mut handle),
+            (nvml.handle_of)(index, &mut handle),
         )?;
-        let mut memory = NvmlMemory {
-            total: 0,
-            free: 0,
-            used: 0,
-        };
-        check("nvmlDeviceGetMemoryInfo", memory_info(handle, &mut memory))?;
-        Ok(memory.used)
+        check(
+            "nvmlDeviceGetMemoryInfo",
+            (nvml.memory_info)(handle, &mut memory),
+        )?;
     }
+    Ok(memory.used)
 }
 
 fn cpu_memory() -> Option<u64> {
