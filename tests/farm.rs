@@ -482,6 +482,60 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
     );
 }
 
+/// A worker the coordinator refuses to register (an empty name), or whose coordinator address is
+/// malformed, leaves at once with exit code 1 naming why, instead of registering again every second for
+/// ever, or exiting 0 where a supervisor that restarts failed processes would do nothing.
+#[test]
+fn a_worker_that_cannot_register_leaves_with_an_error() {
+    let cluster = Cluster::start(10.0, 0.5);
+    for (coordinator, name, needle) in [
+        (cluster.url.as_str(), "", "name: 1 to"),
+        ("http://exa mple:7700", "w", "a bad url or TLS options"),
+    ] {
+        let mut worker = stylefarm_tests::stylefarm()
+            .args(["worker", "--coordinator", coordinator, "--device", "cpu"])
+            .args(["--name", name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = stylefarm_tests::wait_exit(
+            &mut worker,
+            Duration::from_secs(60),
+            "the worker did not leave",
+        );
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
+
+/// An idle worker sent SIGTERM while it waits for a task (a 10-s long poll) leaves at once, its wait
+/// dropped, rather than once the wait is over, when a task that came meanwhile would be started.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_worker_sent_sigterm_leaves_without_waiting_for_a_task() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker("idle");
+    wait_registered(&cluster, 1).await;
+    // in its long poll
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.workers[0].terminate();
+    let sent = Instant::now();
+    let worker = &mut cluster.workers[0];
+    let exit = wait_for("the worker to exit", Duration::from_secs(30), || {
+        let status = worker.child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "left {:?} after SIGTERM",
+        sent.elapsed()
+    );
+}
+
 /// Paused jobs wait, saying so, while a worker is free: nothing of them is leased (a priority changed
 /// meanwhile; one submitted paused); resumed, they render. The commands take several jobs at once.
 #[tokio::test(flavor = "multi_thread")]

@@ -284,8 +284,10 @@ async fn frozen_past_its_lease(backend: Backend) {
         Duration::from_secs(60),
         || async {
             let log = cluster.workers[0].log_text();
-            (log.contains("result discarded") || log.contains("cancelled by the coordinator"))
-                .then_some(())
+            (log.contains("result discarded")
+                || log.contains("cancelled by the coordinator")
+                || log.contains("no heartbeat answered for a lease"))
+            .then_some(())
         },
     )
     .await;
@@ -549,6 +551,56 @@ async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarde
 async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarded_on_redis_and_s3()
 {
     frozen_past_its_lease(Backend::RedisS3).await;
+}
+
+/// The coordinator frozen (SIGSTOP: a host that hangs, or one a standby replaced) while a worker renders:
+/// once no heartbeat has been answered for a lease, the worker stops the render, which nobody would take
+/// (the coordinator has taken the task back, or never knew it), instead of rendering it to its end.
+/// Thawed, the coordinator leases the task again and the job completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_heartbeats_go_unanswered_for_a_lease_stops_its_render() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 2.0, 0.3);
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    // about 0.1 s an iteration here: minutes of render
+    let id = submit(
+        &cluster,
+        &[
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "64",
+            "--iterations",
+            "3000",
+        ],
+    );
+    wait_iteration(&cluster, &id, 3).await;
+    let coordinator = cluster.coordinator.as_ref().unwrap().child.id().to_string();
+    let signal = |signal: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &coordinator])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal}");
+    };
+    signal("-STOP");
+    let worker = &cluster.workers[0];
+    worker
+        .wait_logged(
+            "no heartbeat answered for a lease: stopping the render",
+            Duration::from_secs(20),
+        )
+        .await;
+    // the render stopped at its next iteration: the task is over (its report waits for the coordinator)
+    worker
+        .wait_logged("task over", Duration::from_secs(60))
+        .await;
+    signal("-CONT");
+    let (ok, _, err) = cluster.cli(&["cancel", &id]);
+    assert!(ok, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

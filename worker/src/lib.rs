@@ -43,7 +43,8 @@ pub enum Error {
     /// The engine could not be started: loading VGG19 on the device, or warming it up, failed.
     #[error(transparent)]
     Engine(#[from] stylefarm_engine::Error),
-    /// The coordinator refused the worker (its token or certificate); other failed calls are retried.
+    /// The coordinator refused the worker (its token or certificate, its registration), or its address, TLS
+    /// options or token are malformed; other failed calls are retried.
     #[error("coordinator {0}")]
     Coordinator(String),
     /// The engine can no longer render (device lost, weights gone when it was reloaded): the worker stops
@@ -311,34 +312,34 @@ impl ImageCache {
 /// Connects to the first of `urls` (comma-separated: an active coordinator and its standbys, which listen
 /// only once active) that answers ([`stylefarm_proto::connect::answers`]: a frozen one, whose host still
 /// accepts connections, is passed over), trying them in turn and retrying with backoff (up to 5 s between
-/// rounds) until one answers or `stop` is set. `None` at once when a URL is malformed.
+/// rounds) until one answers (`None` once `stop` is set). An error at once, for the worker to leave with,
+/// when a URL, the TLS options or the token are malformed: trying again would not mend them.
 async fn connect(
     urls: &str,
     credentials: &Credentials,
     stop: &AtomicBool,
-) -> Option<WorkerServiceClient<AuthChannel>> {
+) -> Result<Option<WorkerServiceClient<AuthChannel>>, Error> {
     let mut endpoints = Vec::new();
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
         match credentials.endpoint(url) {
             Ok(endpoint) => endpoints.push((url, endpoint.connect_timeout(Duration::from_secs(5)))),
             Err(e) => {
                 tracing::error!(coordinator = url, error = %e, "bad coordinator url or TLS options");
-                return None;
+                return Err(Error::Coordinator(format!(
+                    "{url}: a bad url or TLS options: {e}"
+                )));
             }
         }
     }
-    let bearer = match credentials.bearer() {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, "bad token");
-            return None;
-        }
-    };
+    let bearer = credentials.bearer().map_err(|e| {
+        tracing::error!(error = %e, "bad token");
+        Error::Coordinator(format!("token: {e}"))
+    })?;
     let mut delay = Duration::from_millis(100);
     while !endpoints.is_empty() {
         for (url, endpoint) in &endpoints {
             if stop.load(Ordering::Relaxed) {
-                return None;
+                return Ok(None);
             }
             match endpoint.connect().await {
                 Ok(channel) => {
@@ -354,11 +355,11 @@ async fn connect(
                         );
                         continue;
                     }
-                    return Some(
+                    return Ok(Some(
                         WorkerServiceClient::new(channel)
                             .max_decoding_message_size(MAX_MESSAGE_BYTES)
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                    );
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(coordinator = url, error = %e, "coordinator unreachable; retrying")
@@ -369,7 +370,7 @@ async fn connect(
         delay = (delay * 2).min(Duration::from_secs(5));
     }
     tracing::error!("no coordinator url given");
-    None
+    Err(Error::Coordinator("url: none given".into()))
 }
 
 /// Why a task failed, as the coordinator needs to know it: whose fault, and so whether another attempt
@@ -443,10 +444,13 @@ pub async fn run(
     config.metrics.set_device(config.device);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_on_signal = stop.clone();
+    // the same, for a wait for a task to end at once (its call dropped)
+    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down: finishing the current task, taking no new one");
         stop_on_signal.store(true, Ordering::Relaxed);
+        let _ = stopping.send(true);
     });
     let mut cache = ImageCache::new(IMAGE_CACHE_BYTES);
     let memory_used = device::MemorySampler::start(config.device);
@@ -461,7 +465,7 @@ pub async fn run(
     // the number of the request for a task, kept until one is answered (pb::LeaseTaskRequest::request_id)
     let mut lease_request = new_request_id();
     'connect: while !stop.load(Ordering::Relaxed) {
-        let Some(mut client) = connect(&config.coordinator, &config.credentials, &stop).await
+        let Some(mut client) = connect(&config.coordinator, &config.credentials, &stop).await?
         else {
             break;
         };
@@ -477,12 +481,15 @@ pub async fn run(
             .await;
         let registered = match registered {
             Ok(r) => r.into_inner(),
-            // a refused token or certificate, or a coordinator newer than this worker's render protocol,
-            // will be refused again: leave, saying why
+            // a refused token or certificate, a coordinator newer than this worker's render protocol, or a
+            // registration it refuses (an empty or overlong name) will be refused again: leave, saying why
             Err(s)
                 if matches!(
                     s.code(),
-                    Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition
+                    Code::Unauthenticated
+                        | Code::PermissionDenied
+                        | Code::FailedPrecondition
+                        | Code::InvalidArgument
                 ) =>
             {
                 tracing::error!(error = s.message(), "the coordinator refused this worker");
@@ -523,7 +530,11 @@ pub async fn run(
             });
             // the coordinator answers once it has a task or the wait is over: no answer well after that,
             // and it is gone (the keepalive would notice too, later)
-            let leased = tokio::time::timeout(config.lease_wait + LEASE_REPLY_MARGIN, leased).await;
+            let leased = tokio::select! {
+                leased = tokio::time::timeout(config.lease_wait + LEASE_REPLY_MARGIN, leased) => leased,
+                // told to stop while it waits for a task: it takes none (the call is dropped)
+                _ = stopped.wait_for(|stop| *stop) => break 'connect,
+            };
             // fault injection (tests): a lease's answer lost on its way, as a broken connection loses it
             #[cfg(feature = "failpoints")]
             let leased = match leased {
@@ -738,8 +749,8 @@ impl LeaseClock {
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
 /// carrying the render's latest progress, its preview when a new one came and the task's lines logged since
 /// the last beat ([`Carried`]), and notes each renewal on `lease_clock`; when the coordinator answers
-/// that the task is cancelled, sets `cancel`, which the preparation checks and the engine honours at its
-/// next iteration.
+/// that the task is cancelled, or no beat has been answered for a lease, sets `cancel`, which the
+/// preparation checks and the engine honours at its next iteration.
 struct Heartbeat(tokio::task::JoinHandle<()>);
 
 impl Heartbeat {
@@ -814,6 +825,15 @@ impl Heartbeat {
                         Ok(Ok(_)) => {}
                         Ok(Err(s)) => tracing::warn!(error = s.message(), "heartbeat failed"),
                         Err(_) => tracing::warn!("heartbeat timed out"),
+                    }
+                    // no beat answered for a lease: a coordinator still there has taken the task back
+                    // (it runs again elsewhere), and one that is gone (a standby took over) does not
+                    // know the lease: the render is of no more use
+                    if !lease_clock.may_be_held() && !cancel.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            lease_s = lease_clock.lease.as_secs_f64(),
+                            "no heartbeat answered for a lease: stopping the render"
+                        );
                     }
                 }
             }
@@ -1198,10 +1218,15 @@ async fn report(
                         }
                     })
             }
-            Err(failure) => client
-                .fail_task(failure.request(lease_id, lines.clone()))
-                .await
-                .map(|_| ()),
+            // a small call: one unanswered for a lease (a frozen coordinator, whose connection stays
+            // open) is given up, to be sent again while the lease may be held
+            Err(failure) => tokio::time::timeout(
+                lease_clock.lease,
+                client.fail_task(failure.request(lease_id, lines.clone())),
+            )
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within a lease")))
+            .map(|_| ()),
         };
         match sent {
             Ok(()) => return,
