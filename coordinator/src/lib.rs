@@ -354,9 +354,9 @@ pub struct Coordinator {
     pub(crate) tls_files: Option<auth::TlsConfig>,
     /// The Prometheus registry.
     pub(crate) metrics: metrics::Metrics,
-    /// Set when a stage's work could not be done because the blob store was out of reach: the job waits
-    /// at that stage, and [`serve`]'s loop steps the jobs awaiting a step again every [`STAGE_RETRY`]
-    /// until it is done.
+    /// Set when a stage's work could not be done, or a task's completion recorded, because a store was out
+    /// of reach: the job waits at that stage, and [`serve`]'s loop steps the jobs awaiting a step again
+    /// every [`STAGE_RETRY`] (while the job store holds no write back) until it is done.
     pub(crate) stage_deferred: std::sync::atomic::AtomicBool,
     /// Stage work, one run at a time per job ([`Coordinator::stage_done`]).
     pub(crate) stepping: pipeline::OneAtATime<stylefarm_core::ids::JobId>,
@@ -715,11 +715,12 @@ pub async fn serve(
                         },
                     );
                 }
-                let deferred = &coordinator.stage_deferred;
+                let (deferred, scheduler) = (&coordinator.stage_deferred, &coordinator.scheduler);
                 let stepping = coordinator.clone();
                 retry.start(
                     STAGE_RETRY,
-                    || deferred.swap(false, Ordering::SeqCst),
+                    // not while the job store holds writes back: the work would be done to fail again
+                    || !scheduler.store_behind() && deferred.swap(false, Ordering::SeqCst),
                     move || stepping.step_awaiting(),
                 );
                 // expiring writes to the store and waits for the commit: on the blocking pool

@@ -220,9 +220,8 @@ impl Coordinator {
     }
 
     /// A stage's work that failed: with a store out of reach the job waits at its stage, and the work is
-    /// tried again: for the blob store every [`crate::STAGE_RETRY`] ([`Coordinator::stage_deferred`]), for
-    /// the job store once it answers (`serve`'s loop steps the jobs awaiting a step then); any other error
-    /// fails the job, naming `what` failed.
+    /// tried again every [`crate::STAGE_RETRY`] ([`Coordinator::stage_deferred`]; for the job store, once it
+    /// holds no write back); any other error fails the job, naming `what` failed.
     pub(crate) fn stage_failed(&self, job_id: &JobId, what: &str, e: Error) {
         let (blobs_away, store_away) = (e.blobs_away(), e.store_away());
         if blobs_away || store_away {
@@ -231,10 +230,8 @@ impl Coordinator {
                 error = %e,
                 "{what}: a store is out of reach; the job waits and the work is tried again"
             );
-            if blobs_away {
-                self.stage_deferred
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
+            self.stage_deferred
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         } else {
             tracing::error!(job_id = job_id.as_str(), error = %e, "{what}");
             let _ = self.scheduler.fail_job(job_id, &format!("{what}: {e}"));

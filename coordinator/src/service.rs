@@ -1013,7 +1013,15 @@ impl WorkerService for WorkerApi {
             }
             Ok((hash, completed))
         })
-        .await?;
+        .await
+        .inspect_err(|e| {
+            // recorded in memory, not yet in the store: the worker finds its lease gone when it sends
+            // again, and the job's stage work (a stitch, the next frames) is left to the loop's retries
+            if matches!(e, Error::Store(_)) {
+                let deferred = &self.coordinator.stage_deferred;
+                deferred.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        })?;
         tracing::info!(
             lease_id = lease_id.as_str(),
             accepted = completed.is_some(),
