@@ -1723,6 +1723,13 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
             },
             "optimizer",
         ),
+        (
+            pb::RenderParams {
+                content_weight: Some(1e39),
+                ..Default::default()
+            },
+            "content_weight",
+        ),
     ];
     for (params, field) in cases {
         let err = client.rpc().submit_job(spec(params)).await.unwrap_err();
@@ -1738,6 +1745,15 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     let err = client.rpc().submit_job(not_uploaded).await.unwrap_err();
     assert!(
         err.code() == Code::InvalidArgument && err.message().starts_with("styles"),
+        "{err:?}"
+    );
+    // an idempotency key of more than 256 bytes (kept with the job, written at each of its records)
+    let mut long_key = spec(pb::RenderParams::default());
+    long_key.client_request_id = "k".repeat(257);
+    let err = client.rpc().submit_job(long_key).await.unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument
+            && err.message() == "client_request_id: 257 bytes: at most 256",
         "{err:?}"
     );
     // checkpoints every so many iterations or every so many seconds, not both

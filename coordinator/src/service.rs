@@ -33,6 +33,9 @@ use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::task_log::SentLines;
 use stylefarm_proto::exchange::Parts;
 
+/// The longest idempotency key a submit may carry (pb::SubmitJobRequest::client_request_id), in bytes.
+const MAX_REQUEST_ID_BYTES: usize = 256;
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
 
 fn job_state(s: JobState) -> pb::JobState {
@@ -432,6 +435,17 @@ impl RenderService for RenderApi {
             client_request_id,
             paused,
         } = request.into_inner();
+        // kept with the job, and written with it at each of its records
+        if client_request_id.len() > MAX_REQUEST_ID_BYTES {
+            return Err(Error::invalid(
+                "client_request_id",
+                format!(
+                    "{} bytes: at most {MAX_REQUEST_ID_BYTES}",
+                    client_request_id.len()
+                ),
+            )
+            .into());
+        }
         // converted, checked and expanded into its tasks once, here
         let job = ExpandedJob::try_from(spec.ok_or_else(|| Error::invalid("spec", "missing"))?)
             .map_err(Error::from)?;
