@@ -1507,6 +1507,54 @@ async fn a_worker_s_reports_cannot_hurt_another_s_lease_nor_the_job_s_status() {
     assert!(ok, "{err}");
 }
 
+/// `fetch` of a batch still running writes the results so far into a folder and says that the job is
+/// not over; into an image file name it is refused: one result done is not the job's result.
+#[tokio::test(flavor = "multi_thread")]
+async fn fetch_of_a_running_batch_writes_its_results_so_far_and_says_so() {
+    let cluster = Cluster::start(30.0, 0.5);
+    let id = submit(&cluster, &batch_x_starry(48, 1));
+    let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
+    let leased = workers
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id,
+            protocol: stylefarm_proto::PROTOCOL,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let task = leased.task.unwrap();
+    let content = match task.label.contains("chelsea") {
+        true => "chelsea.png",
+        false => "tubingen.jpg",
+    };
+    let (w, h) = image::image_dimensions(shared_image(content)).unwrap();
+    let (w, h) = stylefarm_core::imaging::working_size(w, h, 48);
+    use pb::complete_task_request::Part;
+    let parts = [
+        Part::LeaseId(leased.lease_id),
+        Part::Data(png_of(&image::RgbImage::new(w, h))),
+    ];
+    let reply = workers
+        .complete_task(tokio_stream::iter(
+            parts.map(|p| pb::CompleteTaskRequest { part: Some(p) }),
+        ))
+        .await
+        .unwrap();
+    assert!(reply.get_ref().accepted);
+    let file = cluster.dir.path().join("out.png");
+    let (ok, _, err) = cluster.cli(&["fetch", &id, "-o", file.to_str().unwrap()]);
+    assert!(!ok && err.contains("the job has several results"), "{err}");
+    let folder = cluster.dir.path().join("so-far");
+    let (ok, out, err) = cluster.cli(&["fetch", &id, "-o", folder.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        err.contains("the job is running: its results so far (1 of 2 tasks)"),
+        "{err}"
+    );
+}
+
 /// A result of another size than its task's (a buggy worker's: a tile's region, or the content at the
 /// task's size) is refused naming `result`, and its attempt fails, to run again: kept, it would fail the
 /// scale's stitch, and the job for good, or be the job's result.

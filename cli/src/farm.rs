@@ -1264,8 +1264,18 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.job.connect).await?;
         let s = client.job(&args.job.job_id).await?;
-        for path in client.fetch(&s, &args.output).await? {
+        let written = client.fetch(&s, &args.output).await?;
+        for path in &written {
             println!("{}", path.display());
+        }
+        use pb::JobState::{Cancelled, Failed, Succeeded};
+        if !matches!(s.state(), Succeeded | Failed | Cancelled) {
+            let done = s.tasks.iter().filter(|t| !t.result.is_empty()).count();
+            eprintln!(
+                "the job is {}: its results so far ({done} of {} tasks)",
+                stylefarm_client::job_state_name(s.state),
+                s.tasks.len()
+            );
         }
         Ok(())
     })

@@ -654,17 +654,27 @@ impl FarmClient {
         })))
     }
 
-    /// Follows a job until it ends; returns its last status.
+    /// Follows a job until it ends; returns its last status. An error when the coordinator ends the
+    /// stream before the job ends (it stopped, or restarted): the job goes on, to be watched again.
     pub async fn wait(&mut self, job_id: &JobId) -> Result<pb::JobStatus> {
         let mut stream = self.watch(job_id).await?;
         let mut last = None;
         while let Some(status) = stream.next().await {
             last = Some(status?);
         }
-        last.ok_or_else(|| ClientError::Job {
+        let ended = |message: String| ClientError::Job {
             job_id: job_id.clone(),
-            message: "the event stream ended without an event".into(),
-        })
+            message,
+        };
+        let last = last.ok_or_else(|| ended("the event stream ended without an event".into()))?;
+        use pb::JobState::{Cancelled, Failed, Succeeded};
+        if !matches!(last.state(), Succeeded | Failed | Cancelled) {
+            return Err(ended(format!(
+                "the event stream ended while the job was {}: the coordinator stopped or restarted",
+                job_state_name(last.state)
+            )));
+        }
+        Ok(last)
     }
 
     /// Downloads a result image's bytes by its sha256, checking them against it.
@@ -702,12 +712,12 @@ impl FarmClient {
         self.download(&hash, path).await
     }
 
-    /// Writes a job's results; returns the files written. A single render or a tiled job's stitched image
-    /// goes to `output` when it names an image file (`.png`, `.jpg`, `.tif`); otherwise `output` is a
-    /// directory that gets every task's result as `NNN_<label>.png` (the task's index, with as many digits
-    /// as the job's last, at least 3), a sweep's `contact-sheet.png`, a tiled job's `scale-K.png` and
-    /// `result.png`, or a video's frames rendered so far as `frame-NNNNN.png` (1-based, for `ffmpeg -i
-    /// frame-%05d.png`; a video not finished may leave gaps, where ffmpeg's numbered input stops).
+    /// Writes a job's results, those done so far for a job still running; returns the files written. A single
+    /// render or a tiled job's stitched image goes to `output` when it names an image file (`.png`, `.jpg`,
+    /// `.tif`); otherwise `output` is a directory that gets every task's result as `NNN_<label>.png` (the task's
+    /// index, with as many digits as the job's last, at least 3), a sweep's `contact-sheet.png`, a tiled job's
+    /// `scale-K.png` and `result.png`, or a video's frames rendered so far as `frame-NNNNN.png` (1-based, for
+    /// `ffmpeg -i frame-%05d.png`; a video not finished may leave gaps, where ffmpeg's numbered input stops).
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),
@@ -727,7 +737,12 @@ impl FarmClient {
             Some(pb::job_spec::Kind::Video(_))
         );
         let tiled = !status.result.is_empty() || status.scales > 0;
-        let several = video || (!tiled && (done.len() > 1 || !status.contact_sheet.is_empty()));
+        let sweep = matches!(
+            status.spec.as_ref().and_then(|s| s.kind.as_ref()),
+            Some(pb::job_spec::Kind::Sweep(_))
+        );
+        // the job's results, not those done yet: one of a running batch is not its result
+        let several = video || (!tiled && (status.tasks.len() > 1 || sweep));
         imaging::check_output(output, several, &[])?;
         if video {
             let total = status.spec.as_ref().map_or(0, |s| s.contents.len());
@@ -766,10 +781,7 @@ impl FarmClient {
             written.push(path);
             return Ok(written);
         }
-        if done.len() == 1
-            && status.contact_sheet.is_empty()
-            && imaging::output_format(output).is_ok()
-        {
+        if !several && imaging::output_format(output).is_ok() {
             self.download_named(&done[0].result, output).await?;
             written.push(output.to_path_buf());
             return Ok(written);
