@@ -4,6 +4,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -3446,18 +3447,37 @@ impl Scheduler {
         limit: usize,
         mut f: impl FnMut(&JobMeta, &[(&TaskRecord, Option<TaskProgress>)]) -> T,
     ) -> Vec<T> {
+        let mut all = Vec::new();
+        self.each_newest(tenant, &[], limit, None, |meta, tasks| {
+            all.push(f(meta, tasks));
+            ControlFlow::Continue(())
+        });
+        all
+    }
+
+    /// `f` of each of `tenant`'s jobs, as [`Scheduler::list`] picks them (in `states`, before `before_seq`,
+    /// newest first, at most `limit`), called under the scheduler's lock with the job's record and its
+    /// tasks with their live progress, until it breaks: a page of statuses built as it goes, without a copy
+    /// of every task of every job.
+    pub fn each_newest(
+        &self,
+        tenant: &str,
+        states: &[JobState],
+        limit: usize,
+        before_seq: Option<u64>,
+        mut f: impl FnMut(&JobMeta, &[(&TaskRecord, Option<TaskProgress>)]) -> ControlFlow<()>,
+    ) {
         let st = self.state.lock().unwrap();
-        Self::newest(&st, tenant, &[], limit, None)
-            .into_iter()
-            .map(|job| {
-                let tasks: Vec<_> = job
-                    .tasks
-                    .iter()
-                    .map(|t| (t, Self::live_progress(&st, job, t.index)))
-                    .collect();
-                f(&job.meta, &tasks)
-            })
-            .collect()
+        for job in Self::newest(&st, tenant, states, limit, before_seq) {
+            let tasks: Vec<_> = job
+                .tasks
+                .iter()
+                .map(|t| (t, Self::live_progress(&st, job, t.index)))
+                .collect();
+            if f(&job.meta, &tasks).is_break() {
+                break;
+            }
+        }
     }
 
     fn newest<'a>(

@@ -2,6 +2,7 @@
 //! (stylefarm-core's `wire`), call the scheduler and the blob store, and map errors to status codes.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::{self, Tenant};
 use crate::decoding::Incoming;
 use crate::exchange::{ExchangeError, ShardOf, MAX_EXCHANGE_BYTES, MAX_EXCHANGE_PARTS};
-use crate::model::{JobState, TaskState};
+use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
 use crate::scheduler::{
     CheckpointSaved, DeviceMemory, FailureKind, JobView, Scheduler, Waiting, MAX_PREVIEW_BYTES,
 };
@@ -65,17 +66,26 @@ fn text(hash: Option<&ImageHash>) -> String {
 
 /// The wire form of a job's status; `waiting`: why it waits, if it does ([`Waiting::reason`]).
 pub(crate) fn job_status(view: &JobView, waiting: String) -> pb::JobStatus {
-    let m = &view.meta;
+    let tasks: Vec<_> = view.tasks.iter().map(|(t, p)| (t, *p)).collect();
+    job_status_of(&view.meta, &tasks, waiting)
+}
+
+/// [`job_status`] of a job's record and its tasks with their live progress, as the scheduler holds them
+/// ([`Scheduler::each_newest`]: no copy of the tasks).
+fn job_status_of(
+    m: &JobMeta,
+    tasks: &[(&TaskRecord, Option<TaskProgress>)],
+    waiting: String,
+) -> pb::JobStatus {
     let tiled = m.spec.kind.tiling().is_some();
     // a tiled job's final image (and its scales, below); a video's last frame
     let staged = tiled || matches!(m.spec.kind, JobKind::Video(_));
-    let replaced = crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t));
+    let replaced = crate::model::replaced_tasks(tasks.iter().map(|(t, _)| *t));
     pb::JobStatus {
         job_id: m.id.to_string(),
         spec: Some((&m.spec).into()),
         state: job_state(m.state) as i32,
-        tasks: view
-            .tasks
+        tasks: tasks
             .iter()
             .map(|(t, p)| pb::TaskStatus {
                 index: t.index,
@@ -212,26 +222,37 @@ const LIST_PAGE_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
 /// `limit` jobs, fewer when their statuses would pass `max_bytes` (at least one), and the token of the
 /// page after when jobs are left: the submission number of its last job.
 fn list_page(
-    views: &[JobView],
+    scheduler: &Scheduler,
+    tenant: &str,
+    (states, before): (&[JobState], Option<u64>),
     waiting: &Waiting,
     limit: usize,
     max_bytes: usize,
 ) -> pb::ListJobsResponse {
     let mut page = pb::ListJobsResponse::default();
-    let mut bytes = 0;
-    for view in views.iter().take(limit) {
-        let status = job_status(view, waiting.of(view));
+    let (mut bytes, mut last_seq, mut more) = (0, 0, false);
+    // built under the scheduler's lock from its records, one more job than the page holds looked at:
+    // whether another page follows
+    scheduler.each_newest(tenant, states, limit + 1, before, |meta, tasks| {
+        if page.jobs.len() == limit {
+            more = true;
+            return ControlFlow::Break(());
+        }
+        let waits = waiting.reason(meta, tasks.iter().map(|(t, _)| *t));
+        let status = job_status_of(meta, tasks, waits);
         // the field's tag and length prefix
         let len = prost::Message::encoded_len(&status) + 6;
         if !page.jobs.is_empty() && bytes + len > max_bytes {
-            break;
+            more = true;
+            return ControlFlow::Break(());
         }
         bytes += len;
+        last_seq = meta.seq;
         page.jobs.push(status);
-    }
-    let listed = &views[..page.jobs.len()];
-    if let Some(last) = listed.last().filter(|_| listed.len() < views.len()) {
-        page.next_page_token = last.meta.seq.to_string();
+        ControlFlow::Continue(())
+    });
+    if more {
+        page.next_page_token = last_seq.to_string();
     }
     page
 }
@@ -541,18 +562,21 @@ impl RenderService for RenderApi {
             0 => MAX_LIST_PAGE,
             n => n.min(MAX_LIST_PAGE),
         };
-        // one more than the page holds: whether another page follows
-        let views = self
-            .coordinator
-            .scheduler
-            .list(&tenant.0, &states, limit + 1, before);
         let waiting = self.coordinator.waiting();
-        Ok(Response::new(list_page(
-            &views,
-            &waiting,
-            limit,
-            LIST_PAGE_BYTES,
-        )))
+        let scheduler = self.coordinator.scheduler.clone();
+        // under the scheduler's lock, for as long as a page takes: off the async threads
+        let page = blocking(move || {
+            Ok(list_page(
+                &scheduler,
+                &tenant.0,
+                (&states, before),
+                &waiting,
+                limit,
+                LIST_PAGE_BYTES,
+            ))
+        })
+        .await?;
+        Ok(Response::new(page))
     }
 
     type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
@@ -1346,27 +1370,31 @@ mod tests {
             s.submit(batch(), "").unwrap();
         }
         let all = s.list("", &[], 0, None);
-        // a limit of 2, with one more fetched: 2 jobs, and a token
         let none = Waiting::default();
-        let page = list_page(&all[..3], &none, 2, usize::MAX);
-        let listed: Vec<_> = page.jobs.iter().map(|j| j.job_id.clone()).collect();
-        assert_eq!(listed, ids(&all[..2]));
-        assert_eq!(page.next_page_token, all[1].meta.seq.to_string());
-        let token: u64 = page.next_page_token.parse().unwrap();
-        let rest = s.list("", &[], 3, Some(token));
-        assert_eq!(ids(&rest), ids(&all[2..]));
-        assert!(list_page(&rest, &none, 3, usize::MAX)
-            .next_page_token
-            .is_empty());
+        let page = |before, limit, bytes| list_page(&s, "", (&[], before), &none, limit, bytes);
+        let listed = |page: &pb::ListJobsResponse| -> Vec<String> {
+            page.jobs.iter().map(|j| j.job_id.clone()).collect()
+        };
+        // a limit of 2: 2 jobs, and a token
+        let first = page(None, 2, usize::MAX);
+        assert_eq!(listed(&first), ids(&all[..2]));
+        assert_eq!(first.next_page_token, all[1].meta.seq.to_string());
+        let token: u64 = first.next_page_token.parse().unwrap();
+        let rest = page(Some(token), 3, usize::MAX);
+        assert_eq!(listed(&rest), ids(&all[2..]));
+        assert!(rest.next_page_token.is_empty());
         // a budget of two and a half jobs holds two
         let one = prost::Message::encoded_len(&job_status(&all[0], none.of(&all[0]))) + 6;
-        let page = list_page(&all, &none, 10, one * 5 / 2);
-        assert_eq!(page.jobs.len(), 2);
-        assert_eq!(page.next_page_token, all[1].meta.seq.to_string());
+        let two = page(None, 10, one * 5 / 2);
+        assert_eq!(two.jobs.len(), 2);
+        assert_eq!(two.next_page_token, all[1].meta.seq.to_string());
         // a budget below one job still holds one: the client goes on
-        let page = list_page(&all, &none, 10, 1);
-        assert_eq!(page.jobs.len(), 1);
-        assert_eq!(page.next_page_token, all[0].meta.seq.to_string());
+        let one = page(None, 10, 1);
+        assert_eq!(one.jobs.len(), 1);
+        assert_eq!(one.next_page_token, all[0].meta.seq.to_string());
+        // the states asked for alone
+        let running = list_page(&s, "", (&[JobState::Running], None), &none, 10, usize::MAX);
+        assert!(running.jobs.is_empty() && running.next_page_token.is_empty());
     }
 
     /// A job that changes every 2 ms (a busy farm's heartbeats) for a second makes a watcher an event per
