@@ -1148,12 +1148,7 @@ async fn standby_takes_over(frozen: bool) {
     }
     let killed = Instant::now();
     if frozen {
-        let pid = cluster.coordinator.as_ref().unwrap().child.id();
-        let stopped = std::process::Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(stopped.success());
+        cluster.coordinator.as_ref().unwrap().signal("STOP");
     } else {
         cluster.coordinator.as_mut().unwrap().kill();
     }
@@ -1212,6 +1207,22 @@ async fn killed_and_restarted(mut cluster: Cluster) {
         ok && out.contains(&id) && out.contains("succeeded"),
         "{out}"
     );
+}
+
+/// A task leased by hand for `worker_id` ([`worker_by_hand`]), at once (no wait).
+async fn lease_by_hand(
+    workers: &mut pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
+    worker_id: &str,
+) -> pb::LeaseTaskResponse {
+    workers
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id: worker_id.to_string(),
+            protocol: stylefarm_proto::PROTOCOL,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// A worker's client connected to `cluster` and registered as `name`, as a worker process would be, for a
@@ -1406,15 +1417,7 @@ async fn a_result_of_a_cancelled_job_is_discarded_and_its_log_lines_kept() {
     let cluster = Cluster::start(30.0, 0.5);
     let id = submit(&cluster, &tubingen_x_starry(64, 20));
     let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
-    let leased = workers
-        .lease_task(pb::LeaseTaskRequest {
-            worker_id,
-            protocol: stylefarm_proto::PROTOCOL,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let leased = lease_by_hand(&mut workers, &worker_id).await;
     assert_eq!(leased.task.unwrap().job_id, id);
     let (ok, _, err) = cluster.cli(&["cancel", &id]);
     assert!(ok, "{err}");
@@ -1453,15 +1456,7 @@ async fn a_worker_s_reports_cannot_hurt_another_s_lease_nor_the_job_s_status() {
     let cluster = Cluster::start(30.0, 0.5);
     let id = submit(&cluster, &tubingen_x_starry(64, 20));
     let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
-    let leased = workers
-        .lease_task(pb::LeaseTaskRequest {
-            worker_id: worker_id.clone(),
-            protocol: stylefarm_proto::PROTOCOL,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let leased = lease_by_hand(&mut workers, &worker_id).await;
     let hex = leased.lease_id.strip_prefix("lease-").unwrap_or_default();
     assert!(
         hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
@@ -1514,15 +1509,7 @@ async fn fetch_of_a_running_batch_writes_its_results_so_far_and_says_so() {
     let cluster = Cluster::start(30.0, 0.5);
     let id = submit(&cluster, &batch_x_starry(48, 1));
     let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
-    let leased = workers
-        .lease_task(pb::LeaseTaskRequest {
-            worker_id,
-            protocol: stylefarm_proto::PROTOCOL,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let leased = lease_by_hand(&mut workers, &worker_id).await;
     let task = leased.task.unwrap();
     let content = match task.label.contains("chelsea") {
         true => "chelsea.png",

@@ -245,14 +245,6 @@ async fn twenty_jobs_survive_random_worker_kills_on_redis_and_s3() {
 /// cancellation, is discarded), the job keeps the other worker's result, and the thawed worker renders the
 /// next job.
 async fn frozen_past_its_lease(backend: Backend) {
-    let signal = |node: &stylefarm_tests::Node, signal: &str| {
-        let sent = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(node.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill -{signal}");
-    };
     let (mut cluster, _services) = cluster_on(backend, 1.5, 0.3);
     cluster.start_coordinator();
     cluster.add_worker("frozen");
@@ -269,7 +261,7 @@ async fn frozen_past_its_lease(backend: Backend) {
     ];
     let id = submit(&cluster, &job_args);
     wait_iteration(&cluster, &id, 3).await;
-    signal(&cluster.workers[0], "STOP");
+    cluster.workers[0].signal("STOP");
     cluster.add_worker("other");
     let done = wait_succeeded(&cluster, &id).await;
     assert!(
@@ -278,7 +270,7 @@ async fn frozen_past_its_lease(backend: Backend) {
         done.tasks[0]
     );
     assert_eq!(done.tasks[0].attempts, 2);
-    signal(&cluster.workers[0], "CONT");
+    cluster.workers[0].signal("CONT");
     wait_for(
         "the thawed worker to learn that its lease is gone",
         Duration::from_secs(60),
@@ -578,15 +570,8 @@ async fn a_worker_whose_heartbeats_go_unanswered_for_a_lease_stops_its_render() 
         ],
     );
     wait_iteration(&cluster, &id, 3).await;
-    let coordinator = cluster.coordinator.as_ref().unwrap().child.id().to_string();
-    let signal = |signal: &str| {
-        let sent = std::process::Command::new("kill")
-            .args([signal, &coordinator])
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill {signal}");
-    };
-    signal("-STOP");
+    let coordinator = cluster.coordinator.as_ref().unwrap();
+    coordinator.signal("STOP");
     let worker = &cluster.workers[0];
     worker
         .wait_logged(
@@ -594,11 +579,11 @@ async fn a_worker_whose_heartbeats_go_unanswered_for_a_lease_stops_its_render() 
             Duration::from_secs(20),
         )
         .await;
-    // the render stopped at its next iteration: the task is over (its report waits for the coordinator)
+    // the render stopped at its next iteration, and its report gave up a call unanswered for a lease
     worker
         .wait_logged("task over", Duration::from_secs(60))
         .await;
-    signal("-CONT");
+    coordinator.signal("CONT");
     let (ok, _, err) = cluster.cli(&["cancel", &id]);
     assert!(ok, "{err}");
 }

@@ -118,6 +118,16 @@ impl Node {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
+    }
+
     /// SIGTERM, as an operator would.
     pub fn terminate(&mut self) {
         let _ = Command::new("kill")
