@@ -278,7 +278,7 @@ async fn frozen_past_its_lease(backend: Backend) {
             let log = cluster.workers[0].log_text();
             (log.contains("result discarded")
                 || log.contains("cancelled by the coordinator")
-                || log.contains("no heartbeat answered for a lease"))
+                || log.contains("no heartbeat answered for two leases"))
             .then_some(())
         },
     )
@@ -546,9 +546,9 @@ async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarde
 }
 
 /// The coordinator frozen (SIGSTOP: a host that hangs, or one a standby replaced) while a worker renders:
-/// once no heartbeat has been answered for a lease, the worker stops the render, which nobody would take
-/// (the coordinator has taken the task back, or never knew it), instead of rendering it to its end.
-/// Thawed, the coordinator leases the task again and the job completes.
+/// once no heartbeat has been answered for two leases, the worker stops the render, which nobody would take
+/// (the coordinator has taken the task back, or never knew it), instead of rendering it to its end. Thawed,
+/// the coordinator leases the task again and the job completes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_whose_heartbeats_go_unanswered_for_a_lease_stops_its_render() {
     let (mut cluster, _services) = cluster_on(Backend::Embedded, 2.0, 0.3);
@@ -575,7 +575,7 @@ async fn a_worker_whose_heartbeats_go_unanswered_for_a_lease_stops_its_render() 
     let worker = &cluster.workers[0];
     worker
         .wait_logged(
-            "no heartbeat answered for a lease: stopping the render",
+            "no heartbeat answered for two leases: stopping the render",
             Duration::from_secs(20),
         )
         .await;

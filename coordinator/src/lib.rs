@@ -358,6 +358,9 @@ pub struct Coordinator {
     /// of reach: the job waits at that stage, and [`serve`]'s loop steps the jobs awaiting a step again
     /// every [`STAGE_RETRY`] (while the job store holds no write back) until it is done.
     pub(crate) stage_deferred: std::sync::atomic::AtomicBool,
+    /// The sizes of images looked at lately, by hash ([`Coordinator::dimensions`]).
+    pub(crate) sizes:
+        std::sync::Mutex<std::collections::HashMap<stylefarm_core::job::ImageHash, (u32, u32)>>,
     /// Stage work, one run at a time per job ([`Coordinator::stage_done`]).
     pub(crate) stepping: pipeline::OneAtATime<stylefarm_core::ids::JobId>,
     /// The stage work that task results start: [`STAGE_WORK_AT_ONCE`] runs at a time.
@@ -472,6 +475,7 @@ impl Coordinator {
             tls_files: config.tls.clone(),
             metrics,
             stage_deferred: false.into(),
+            sizes: Default::default(),
             stepping: Default::default(),
             stage_slots: Arc::new(tokio::sync::Semaphore::new(STAGE_WORK_AT_ONCE)),
         });

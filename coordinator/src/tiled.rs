@@ -37,6 +37,9 @@ enum Replan {
     Later,
 }
 
+/// The image sizes a coordinator keeps ([`Coordinator::dimensions`]; all forgotten when full).
+const KEPT_SIZES: usize = 4096;
+
 impl Coordinator {
     /// A stored image's file, opened for reading.
     fn stored(&self, hash: &ImageHash) -> Result<Box<dyn BlobReader>, Error> {
@@ -67,9 +70,27 @@ impl Coordinator {
     }
 
     /// The width and height of a stored image as decoded (EXIF orientation applied), from its header: no
-    /// pixel is decoded.
+    /// pixel is decoded. Kept for the images asked about lately (an image's bytes never change under its
+    /// hash; a JPEG's header is read with its whole stream): each task's result is checked against its
+    /// content's.
     pub(crate) fn dimensions(&self, hash: &ImageHash) -> Result<(u32, u32), Error> {
-        Ok(imaging::dimensions(self.stored(hash)?, hash.as_str())?)
+        let known = |d: &Self| {
+            d.sizes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(hash)
+                .copied()
+        };
+        if let Some(size) = known(self) {
+            return Ok(size);
+        }
+        let size = imaging::dimensions(self.stored(hash)?, hash.as_str())?;
+        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        if sizes.len() >= KEPT_SIZES {
+            sizes.clear();
+        }
+        sizes.insert(hash.clone(), size);
+        Ok(size)
     }
 
     /// The alpha channel of a stored content image, oriented as its pixels; `None` when it has none or is

@@ -226,8 +226,8 @@ pub struct ReceivedLines {
 
 impl ReceivedLines {
     /// Adds the lines of `sent` that have not come before. Numbered lines past those expected (lines that
-    /// never came, from a worker that lost some) count as left out (with the log's run of lines left out,
-    /// [`LogLines::append`], though they came later).
+    /// never came, from a worker that lost some) count as left out, before `sent`'s lines
+    /// ([`LogLines::append`]: the log's one run left out takes them, and the lines between).
     pub fn add(&mut self, sent: SentLines) {
         if sent.first == 0 {
             self.lines.append(sent.lines);
@@ -241,11 +241,22 @@ impl ReceivedLines {
         match self.count.checked_sub(sent.first - 1) {
             Some(seen) => lines.skip(seen),
             None => {
-                let missing = sent.first - 1 - self.count;
-                self.lines.left_out = self
-                    .lines
-                    .left_out
-                    .saturating_add(u32::try_from(missing).unwrap_or(u32::MAX));
+                // before the batch's lines: one run left out with its own, the lines between joining it
+                let missing = u32::try_from(sent.first - 1 - self.count).unwrap_or(u32::MAX);
+                lines = match lines.left_out {
+                    0 => Run {
+                        before: Vec::new(),
+                        left_out: missing,
+                        after: lines.before,
+                    },
+                    left_out => Run {
+                        left_out: missing
+                            .saturating_add(u32::try_from(lines.before.len()).unwrap_or(u32::MAX))
+                            .saturating_add(left_out),
+                        before: Vec::new(),
+                        after: lines.after,
+                    },
+                };
             }
         }
         self.count = end;
@@ -433,6 +444,21 @@ mod tests {
         assert_eq!(
             (got.lines.lines.last().unwrap().as_str(), got.lines.left_out),
             ("g", 2)
+        );
+        // past the head, lines that never came are left out where they were: before the batch's lines,
+        // with the lines kept between (9 and 10 here)
+        let mut got = ReceivedLines::default();
+        let ten: Vec<String> = (1..=10).map(|i| i.to_string()).collect();
+        got.add(sent(
+            1,
+            &ten.iter().map(String::as_str).collect::<Vec<_>>(),
+            0,
+        ));
+        got.add(sent(14, &["14"], 0));
+        assert_eq!(got.lines.lines[..HEAD_LINES], ten[..HEAD_LINES]);
+        assert_eq!(
+            (&got.lines.lines[HEAD_LINES..], got.lines.left_out),
+            (&["14".to_string()][..], 5)
         );
         // a batch with lines left out after its head: those seen skipped in the order logged
         let mut got = ReceivedLines::default();

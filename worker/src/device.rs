@@ -102,10 +102,14 @@ struct Nvml {
         unsafe extern "C" fn(*mut std::ffi::c_void, *mut NvmlMemory) -> std::os::raw::c_int,
 }
 
-/// The process' NVML, or why it cannot be had (no NVIDIA driver): tried once.
+/// The process' NVML, loaded once it could be (a failure, e.g. a driver still loading, is tried again at
+/// the next sample), or why it cannot be had.
 fn nvml() -> Result<&'static Nvml, String> {
-    static NVML: std::sync::OnceLock<Result<Nvml, String>> = std::sync::OnceLock::new();
-    NVML.get_or_init(|| {
+    static NVML: std::sync::OnceLock<Nvml> = std::sync::OnceLock::new();
+    if let Some(nvml) = NVML.get() {
+        return Ok(nvml);
+    }
+    let loaded = (|| {
         // SAFETY: libnvidia-ml.so.1 is NVIDIA's management library; these symbols have these C
         // signatures in every driver since NVML's v2 entry points (nvml.h: nvmlReturn_t nvmlInit_v2(void),
         // nvmlDeviceGetHandleByIndex_v2(unsigned int, nvmlDevice_t*), nvmlDeviceGetMemoryInfo(nvmlDevice_t,
@@ -130,9 +134,9 @@ fn nvml() -> Result<&'static Nvml, String> {
             std::mem::forget(lib);
             Ok(nvml)
         }
-    })
-    .as_ref()
-    .map_err(Clone::clone)
+    })()?;
+    // two samples that loaded it at once: one is kept (the other's library stays loaded, unused)
+    Ok(NVML.get_or_init(|| loaded))
 }
 
 fn cuda_used_memory(index: usize) -> Result<u64, String> {

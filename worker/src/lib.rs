@@ -749,7 +749,7 @@ impl LeaseClock {
 /// Renews a task's lease every `interval` from the moment it is leased until the task is over (dropped),
 /// carrying the render's latest progress, its preview when a new one came and the task's lines logged since
 /// the last beat ([`Carried`]), and notes each renewal on `lease_clock`; when the coordinator answers
-/// that the task is cancelled, or no beat has been answered for a lease, sets `cancel`, which the
+/// that the task is cancelled, or no beat has been answered for two leases, sets `cancel`, which the
 /// preparation checks and the engine honours at its next iteration.
 struct Heartbeat(tokio::task::JoinHandle<()>);
 
@@ -826,13 +826,16 @@ impl Heartbeat {
                         Ok(Err(s)) => tracing::warn!(error = s.message(), "heartbeat failed"),
                         Err(_) => tracing::warn!("heartbeat timed out"),
                     }
-                    // no beat answered for a lease: a coordinator still there has taken the task back
-                    // (it runs again elsewhere), and one that is gone (a standby took over) does not
-                    // know the lease: the render is of no more use
-                    if !lease_clock.may_be_held() && !cancel.swap(true, Ordering::Relaxed) {
+                    // no beat answered in time for two leases (one answered late, by a slow coordinator,
+                    // renews nothing here): a coordinator still there has taken the task back (it runs
+                    // again elsewhere), and one that is gone (a standby took over) does not know the
+                    // lease: the render is of no more use
+                    if lease_clock.since_renewed() > 2 * lease_clock.lease
+                        && !cancel.swap(true, Ordering::Relaxed)
+                    {
                         tracing::warn!(
                             lease_s = lease_clock.lease.as_secs_f64(),
-                            "no heartbeat answered for a lease: stopping the render"
+                            "no heartbeat answered for two leases: stopping the render"
                         );
                     }
                 }
