@@ -2649,18 +2649,8 @@ fn local_exits_with_the_reason_once_every_worker_has_left() {
 /// temporary data dir (the job's state and every image of it) is removed, not left in /tmp.
 #[test]
 fn local_stopped_mid_render_removes_its_data_dir() {
-    let dir = tempfile::tempdir().unwrap();
-    let tmp = dir.path().join("tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    let err_path = dir.path().join("local.err");
-    let mut local = stylefarm_tests::stylefarm()
-        .args(["local", "--workers", "1", "-o"])
-        .arg(dir.path().join("out.png"))
-        .args(x_starry("chelsea.png", 64, 5000))
-        .env("TMPDIR", &tmp)
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
+    let (dir, mut local) = local_rendering(x_starry("chelsea.png", 64, 5000), &[]);
+    let (tmp, err_path) = (dir.path().join("tmp"), dir.path().join("local.err"));
     let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
     terminate(&local);
     let status = stylefarm_tests::wait_exit(
@@ -2678,20 +2668,14 @@ fn local_stopped_mid_render_removes_its_data_dir() {
 /// says that it waits for the render, and a second SIGTERM stops it at once, its data dir removed.
 #[test]
 fn local_interrupted_twice_does_not_wait_for_the_renders() {
-    let dir = tempfile::tempdir().unwrap();
-    let tmp = dir.path().join("tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    let err_path = dir.path().join("local.err");
-    let mut local = stylefarm_tests::stylefarm()
-        .args(["local", "--workers", "1", "-o"])
-        .arg(dir.path().join("out.png"))
-        .args(x_starry("chelsea.png", 32, 2))
-        .env("TMPDIR", &tmp)
-        .env("FAILPOINTS", "engine-render=sleep(600000)")
-        .env("STYLEFARM_LOG", "info")
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
+    let (dir, mut local) = local_rendering(
+        x_starry("chelsea.png", 32, 2),
+        &[
+            ("FAILPOINTS", "engine-render=sleep(600000)"),
+            ("STYLEFARM_LOG", "info"),
+        ],
+    );
+    let (tmp, err_path) = (dir.path().join("tmp"), dir.path().join("local.err"));
     let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
     let stderr_with = |what: &str| {
         let since = Instant::now();
@@ -2728,6 +2712,27 @@ fn local_interrupted_twice_does_not_wait_for_the_renders() {
         "{err}"
     );
     assert!(!data_dir.exists(), "{} left behind", data_dir.display());
+}
+
+/// `local --workers 1` of `args` (and `env`) to `out.png` in a temporary directory, which it returns: its
+/// `TMPDIR` is `tmp` there, its stderr `local.err`.
+fn local_rendering(
+    args: Vec<String>,
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, std::process::Child) {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let local = stylefarm_tests::stylefarm()
+        .args(["local", "--workers", "1", "-o"])
+        .arg(dir.path().join("out.png"))
+        .args(args)
+        .env("TMPDIR", &tmp)
+        .envs(env.iter().copied())
+        .stderr(std::fs::File::create(dir.path().join("local.err")).unwrap())
+        .spawn()
+        .unwrap();
+    (dir, local)
 }
 
 /// The data dir that `local` (started with `TMPDIR=tmp`) made in `tmp`, once it has rendered for 3 s.

@@ -547,28 +547,16 @@ async fn a_worker_frozen_past_its_lease_is_replaced_and_its_late_result_discarde
 
 /// The coordinator frozen (SIGSTOP: a host that hangs, or one a standby replaced) while a worker renders:
 /// once no heartbeat has been answered for two leases, the worker stops the render, which nobody would take
-/// (the coordinator has taken the task back, or never knew it), instead of rendering it to its end. Thawed,
-/// the coordinator leases the task again and the job completes.
+/// (the coordinator has taken the task back, or never knew it), instead of rendering it to its end; its
+/// report gives up a call unanswered for a lease. Thawed, the coordinator serves again.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_worker_whose_heartbeats_go_unanswered_for_a_lease_stops_its_render() {
+async fn a_worker_whose_heartbeats_go_unanswered_stops_its_render() {
     let (mut cluster, _services) = cluster_on(Backend::Embedded, 2.0, 0.3);
     cluster.start_coordinator();
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
     // about 0.1 s an iteration here: minutes of render
-    let id = submit(
-        &cluster,
-        &[
-            "--content",
-            &path("tubingen.jpg"),
-            "--style",
-            &path("starry_night.jpg"),
-            "--size",
-            "64",
-            "--iterations",
-            "3000",
-        ],
-    );
+    let id = submit(&cluster, &tubingen_x_starry(64, 3000));
     wait_iteration(&cluster, &id, 3).await;
     let coordinator = cluster.coordinator.as_ref().unwrap();
     coordinator.signal("STOP");
