@@ -785,12 +785,7 @@ async fn watch_job(
                     Some(Err(e)) if !e.is_connection_lost() => return Err(e.into()),
                     Some(Err(e)) => e.to_string(),
                     _ if last.as_ref().is_some_and(|s: &pb::JobStatus| {
-                        matches!(
-                            s.state(),
-                            pb::JobState::Succeeded
-                                | pb::JobState::Failed
-                                | pb::JobState::Cancelled
-                        )
+                        stylefarm_client::job_ended(s.state())
                     }) =>
                     {
                         break
@@ -1268,8 +1263,7 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
         for path in &written {
             println!("{}", path.display());
         }
-        use pb::JobState::{Cancelled, Failed, Succeeded};
-        if !matches!(s.state(), Succeeded | Failed | Cancelled) {
+        if !stylefarm_client::job_ended(s.state()) {
             let done = s.tasks.iter().filter(|t| !t.result.is_empty()).count();
             eprintln!(
                 "the job is {}: its results so far ({done} of {} tasks)",
@@ -1323,8 +1317,7 @@ pub(crate) fn pause(args: JobRefs, paused: bool) -> anyhow::Result<()> {
         } else {
             client.resume(job_id).await?
         };
-        use pb::JobState::{Cancelled, Failed, Succeeded};
-        let finished = matches!(state, Succeeded | Failed | Cancelled);
+        let finished = stylefarm_client::job_ended(state);
         let now = match (finished, paused) {
             (true, _) => "finished: left as it is",
             (false, true) => "paused",

@@ -72,11 +72,7 @@ pub(crate) fn run(cmd: WeightsCommand) -> anyhow::Result<()> {
             if !input.is_file() {
                 bail!("{}: no such file", input.display());
             }
-            let folder = match output.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => std::path::Path::new("."),
-            };
-            if !folder.is_dir() {
+            if !stylefarm_core::imaging::folder_of(&output).is_dir() {
                 bail!("output: {}: its folder does not exist", output.display());
             }
             let venv_python = stylefarm_home().join("venv/bin/python");

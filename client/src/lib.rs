@@ -109,6 +109,12 @@ fn short_name(name: &str, prefix: &str) -> String {
     name.trim_start_matches(prefix).to_lowercase()
 }
 
+/// Whether a job in `state` has ended: succeeded, failed or cancelled.
+pub fn job_ended(state: pb::JobState) -> bool {
+    use pb::JobState::{Cancelled, Failed, Succeeded};
+    matches!(state, Succeeded | Failed | Cancelled)
+}
+
 /// A job's state name as the CLI prints it: `queued`, `running`, `succeeded`, `failed`, `cancelled` (empty
 /// for a value this build does not know).
 pub fn job_state_name(state: i32) -> String {
@@ -667,8 +673,7 @@ impl FarmClient {
             message,
         };
         let last = last.ok_or_else(|| ended("the event stream ended without an event".into()))?;
-        use pb::JobState::{Cancelled, Failed, Succeeded};
-        if !matches!(last.state(), Succeeded | Failed | Cancelled) {
+        if !job_ended(last.state()) {
             return Err(ended(format!(
                 "the event stream ended while the job was {}: the coordinator stopped or restarted",
                 job_state_name(last.state)
@@ -714,10 +719,11 @@ impl FarmClient {
 
     /// Writes a job's results, those done so far for a job still running; returns the files written. A single
     /// render or a tiled job's stitched image goes to `output` when it names an image file (`.png`, `.jpg`,
-    /// `.tif`); otherwise `output` is a directory that gets every task's result as `NNN_<label>.png` (the task's
-    /// index, with as many digits as the job's last, at least 3), a sweep's `contact-sheet.png`, a tiled job's
-    /// `scale-K.png` and `result.png`, or a video's frames rendered so far as `frame-NNNNN.png` (1-based, for
-    /// `ffmpeg -i frame-%05d.png`; a video not finished may leave gaps, where ffmpeg's numbered input stops).
+    /// `.tif`); otherwise `output` is a directory that gets every task's result as `NNN_<label>.png` (the
+    /// task's index, with as many digits as the job's last, at least 3), a sweep's `contact-sheet.png`, a
+    /// tiled job's `scale-K.png` and `result.png`, or a video's frames rendered so far as `frame-NNNNN.png`
+    /// (1-based, for `ffmpeg -i frame-%05d.png`; a video not finished may leave gaps, where ffmpeg's numbered
+    /// input stops).
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),

@@ -249,43 +249,25 @@ impl Coordinator {
                         grid.len()
                     )));
                 }
-                if let [only] = tasks.as_slice() {
-                    // one tile is the whole canvas (the planner's choice where a worker's device holds
-                    // the scale): its weights are all 1, nothing to blend, and the blend's float copy
-                    // of the canvas (12 bytes a pixel) is not made
-                    let img = self.result_image(only)?;
-                    if img.dimensions() != (first.canvas_width, first.canvas_height) {
+                // the tiles' own errors travel through the stitcher's messages
+                grid.stitch(|i| {
+                    let (task, at) = tasks
+                        .iter()
+                        .find_map(|t| {
+                            let x = t.spec.scale.as_ref()?;
+                            (x.index() as usize == i).then(|| (*t, x.rect()))
+                        })
+                        .ok_or_else(|| Error::Internal(format!("tile {i} missing")))?;
+                    // planned elsewhere (a job stored by a version that placed its tiles
+                    // otherwise): blended at the grid's places, it would be shifted
+                    if at != grid.tile(i) {
                         return Err(Error::Internal(format!(
-                            "scale {}: its one tile is {}x{}, the canvas {}x{}",
-                            scale + 1,
-                            img.width(),
-                            img.height(),
-                            first.canvas_width,
-                            first.canvas_height
+                            "tile {i} is {at:?}, where the scale's grid has {:?}",
+                            grid.tile(i)
                         )));
                     }
-                    img
-                } else {
-                    // the tiles' own errors travel through the stitcher's messages
-                    grid.stitch(|i| {
-                        let (task, at) = tasks
-                            .iter()
-                            .find_map(|t| {
-                                let x = t.spec.scale.as_ref()?;
-                                (x.index() as usize == i).then(|| (*t, x.rect()))
-                            })
-                            .ok_or_else(|| Error::Internal(format!("tile {i} missing")))?;
-                        // planned elsewhere (a job stored by a version that placed its tiles
-                        // otherwise): blended at the grid's places, it would be shifted
-                        if at != grid.tile(i) {
-                            return Err(Error::Internal(format!(
-                                "tile {i} is {at:?}, where the scale's grid has {:?}",
-                                grid.tile(i)
-                            )));
-                        }
-                        self.result_image(task)
-                    })?
-                }
+                    self.result_image(task)
+                })?
             }
         };
         let stitched = if last && spec.params.original_colors {

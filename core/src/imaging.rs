@@ -508,7 +508,7 @@ fn temp_file_in(folder: &Path) -> std::io::Result<tempfile::NamedTempFile> {
 }
 
 /// The folder a file path is in (`.` for a bare name).
-fn folder_of(path: &Path) -> &Path {
+pub fn folder_of(path: &Path) -> &Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
@@ -520,8 +520,8 @@ fn folder_of(path: &Path) -> &Path {
 /// false): it must not be a folder, its folder must exist and take new files, and it must not be one of
 /// `inputs` (the job's content, style and init images). Any other name is a folder (created when
 /// missing), which must not be an existing file, must take new files (it, or the folder it will be
-/// made in) and must not hold one of `inputs`; a name with another image format's extension (`.webp`) is refused rather than taken for a
-/// folder.
+/// made in) and must not hold one of `inputs`; a name with another image format's extension (`.webp`)
+/// is refused rather than taken for a folder.
 ///
 /// # Errors
 /// [`Error::Invalid`] on field `output`, naming the path and what is wrong with it.

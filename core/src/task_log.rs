@@ -594,14 +594,14 @@ mod tests {
             proptest::prop_assert!(log.lines.len() <= MAX_ATTEMPT_LINES);
             proptest::prop_assert_eq!(log.lines.len() as u64 + u64::from(log.left_out), logged);
             let head = if log.left_out > 0 { HEAD_LINES.min(log.lines.len()) } else { log.lines.len() };
-            for (i, line) in log.lines.iter().enumerate() {
+            let numbers: Vec<u64> = log.lines.iter().map(|l| number(l)).collect();
+            for (i, &n) in numbers.iter().enumerate() {
                 let expected = if i < head {
                     i as u64 + 1
                 } else {
                     i as u64 + 1 + u64::from(log.left_out)
                 };
-                let numbers: Vec<u64> = log.lines.iter().map(|l| number(l)).collect();
-                proptest::prop_assert_eq!(number(line), expected, "line {} of {:?}", i, numbers);
+                proptest::prop_assert_eq!(n, expected, "line {} of {:?}", i, numbers);
             }
         }
     }

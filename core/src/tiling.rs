@@ -478,11 +478,26 @@ impl TileGrid {
 
     /// Blends the tiles, row-major, with the feathered weights into one canvas. `tile(i)` yields tile `i`'s
     /// pixels (the full extent); its error is returned as it is, and a tile of the wrong size is a
-    /// [`StitchError`]. Only one band of `tile_size` rows is held in floats, besides the canvas.
+    /// [`StitchError`]. Only one band of `tile_size` rows is held in floats, besides the canvas; one tile is
+    /// the canvas (its weights are all 1), taken as it is.
     pub fn stitch<E: From<StitchError>>(
         &self,
         mut tile: impl FnMut(usize) -> Result<RgbImage, E>,
     ) -> Result<RgbImage, E> {
+        let checked = |index: usize, img: RgbImage| {
+            let rect = self.tile(index);
+            match img.dimensions() == (rect.width, rect.height) {
+                true => Ok(img),
+                false => Err(StitchError {
+                    index,
+                    size: img.dimensions(),
+                    planned: (rect.width, rect.height),
+                }),
+            }
+        };
+        if self.len() == 1 {
+            return Ok(checked(0, tile(0)?)?);
+        }
         let (width, height) = (self.xs.len, self.ys.len);
         let mut canvas = RgbImage::new(width, height);
         let wx: Vec<Vec<f32>> = (0..self.xs.count()).map(|i| self.xs.weights(i)).collect();
@@ -501,15 +516,7 @@ impl TileGrid {
             for (col, wx_col) in wx.iter().enumerate() {
                 let index = row * self.columns() + col;
                 let rect = self.tile(index);
-                let img = tile(index)?;
-                if img.dimensions() != (rect.width, rect.height) {
-                    return Err(StitchError {
-                        index,
-                        size: img.dimensions(),
-                        planned: (rect.width, rect.height),
-                    }
-                    .into());
-                }
+                let img = checked(index, tile(index)?)?;
                 for (ty, &w_y) in wy_row.iter().enumerate() {
                     let y = rect.y + ty as u32;
                     let line = ((y - band_top) * 3 * width) as usize;
@@ -549,7 +556,8 @@ impl TileGrid {
 /// The mean absolute gradient of `img` in bands of ±[`SEAM_BAND`] px around the grid's inner tile edge lines,
 /// over the mean absolute gradient of the whole image: about 1 when the tiling leaves no trace, more with
 /// seams. The gradient of a pixel is `|I(x+1,y) - I(x,y)| + |I(x,y+1) - I(x,y)|`, averaged over the channels,
-/// on the pixels that have both neighbours. `None` when the grid has no inner edge, or the image no gradient.
+/// on the pixels that have both neighbours. `None` when the grid has no inner edge, or the image no
+/// gradient.
 pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
     let (w, h) = img.dimensions();
     if w < 2 || h < 2 {

@@ -714,9 +714,9 @@ impl Engine {
                 .map(|k| f64::from(iterations[k]) * pixels(sizes[k]) / pixels(longest))
                 .sum();
             let scale_started = Instant::now();
-            // `evaluated`: the evaluations done when read (on a GPU, those of the whole batch read)
             // the last losses read, all finite
             let mut finite = None;
+            // `evaluated`: the evaluations done when read (on a GPU, those of the whole batch read)
             let mut report =
                 |iteration: u32, losses: LossTerms, evaluated: u32| -> Result<(), Error> {
                     if let Some(e) = not_finite(&losses, finite.as_ref(), iteration, s as u32 + 1) {
