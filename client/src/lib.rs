@@ -291,7 +291,7 @@ impl FarmClient {
     /// The image is decoded here first, so a broken file fails before any byte is sent, with `name` in
     /// the error. An upload that the coordinator asks to be sent again (busy
     /// receiving others: UNAVAILABLE with a `RetryInfo`) is, after the delay it asks for or longer
-    /// ([`BusyBackoff`](stylefarm_proto::BusyBackoff)), for up to [`UPLOAD_RETRY_FOR`].
+    /// ([`Backoff`](stylefarm_proto::Backoff)), for up to [`UPLOAD_RETRY_FOR`].
     pub async fn upload(&mut self, bytes: &[u8], name: &str) -> Result<ImageHash> {
         let hash = off_async(|| -> Result<ImageHash> {
             imaging::decode(bytes, name)?;
@@ -299,7 +299,7 @@ impl FarmClient {
         })?;
         let (start, mut busy) = (
             std::time::Instant::now(),
-            stylefarm_proto::BusyBackoff::default(),
+            stylefarm_proto::Backoff::default(),
         );
         loop {
             let mut parts = vec![
@@ -317,7 +317,7 @@ impl FarmClient {
             }));
             match self.rpc.upload_image(tokio_stream::iter(parts)).await {
                 Err(s) if start.elapsed() < UPLOAD_RETRY_FOR => {
-                    let Some(wait) = busy.wait(&s) else {
+                    let Some(wait) = busy.wait_for(&s) else {
                         return Err(s.into());
                     };
                     tokio::time::sleep(wait).await;

@@ -63,7 +63,7 @@ pub fn retry_delay(status: &tonic::Status) -> Option<std::time::Duration> {
 }
 
 /// A caller's waits between tries of a call that failed and may succeed later (the coordinator out of
-/// reach for a while): 0.5 s, doubling with each wait, up to [`Backoff::MAX`].
+/// reach for a while, or busy: [`retry_later`]): 0.5 s, doubling with each wait, up to [`Backoff::MAX`].
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: std::time::Duration,
@@ -78,7 +78,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The longest of the backoff's waits.
+    /// The longest of the backoff's own waits.
     pub const MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
     /// The next wait.
@@ -87,33 +87,13 @@ impl Backoff {
         self.next = (self.next * 2).min(Self::MAX);
         wait
     }
-}
 
-/// A caller's waits before it sends again a request answered [`retry_later`]: the delay asked for, or its
-/// own backoff when longer, which starts at 0.5 s and doubles with each wait up to 8 s.
-#[derive(Debug, Clone)]
-pub struct BusyBackoff {
-    next: std::time::Duration,
-}
-
-impl Default for BusyBackoff {
-    fn default() -> BusyBackoff {
-        BusyBackoff {
-            next: std::time::Duration::from_millis(500),
-        }
-    }
-}
-
-impl BusyBackoff {
-    /// The longest of the backoff's waits.
-    pub const MAX: std::time::Duration = std::time::Duration::from_secs(8);
-
-    /// How long to wait before sending the request that got `status` again; `None` when the status does
-    /// not ask for it to be sent again (a failure for the caller to handle).
-    pub fn wait(&mut self, status: &tonic::Status) -> Option<std::time::Duration> {
-        let wait = retry_delay(status)?.max(self.next);
-        self.next = (self.next * 2).min(Self::MAX);
-        Some(wait)
+    /// How long to wait before sending again the request that got `status`: the delay it asks for
+    /// ([`retry_later`]), or the next wait when longer; `None` when the status does not ask for it to be
+    /// sent again (a failure for the caller to handle), and the backoff is left as it was.
+    pub fn wait_for(&mut self, status: &tonic::Status) -> Option<std::time::Duration> {
+        let asked = retry_delay(status)?;
+        Some(self.next_wait().max(asked))
     }
 }
 
@@ -142,19 +122,21 @@ mod tests {
         assert_eq!(waits, [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]);
     }
 
-    /// The backoff waits the delay asked for or its own, doubling up to 8 s; a status that does not ask
-    /// gets no wait.
+    /// The backoff waits the delay asked for or its own, doubling up to 5 s; a status that does not ask
+    /// gets no wait, and leaves the backoff as it was.
     #[test]
-    fn the_busy_backoff_doubles_up_to_its_longest() {
-        let mut backoff = BusyBackoff::default();
+    fn a_busy_answer_waits_the_delay_it_asks_or_the_backoff_s() {
+        let mut backoff = Backoff::default();
         let busy = retry_later("busy", Duration::from_secs(1));
-        let waits: Vec<_> = (0..6).map(|_| backoff.wait(&busy).unwrap()).collect();
+        let waits: Vec<_> = (0..6).map(|_| backoff.wait_for(&busy).unwrap()).collect();
         let secs = |s: &[f64]| {
             s.iter()
                 .map(|&s| Duration::from_secs_f64(s))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(waits, secs(&[1.0, 1.0, 2.0, 4.0, 8.0, 8.0]));
-        assert_eq!(backoff.wait(&tonic::Status::unavailable("down")), None);
+        assert_eq!(waits, secs(&[1.0, 1.0, 2.0, 4.0, 5.0, 5.0]));
+        let mut fresh = Backoff::default();
+        assert_eq!(fresh.wait_for(&tonic::Status::unavailable("down")), None);
+        assert_eq!(fresh.next_wait(), Duration::from_millis(500));
     }
 }

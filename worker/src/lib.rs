@@ -1137,9 +1137,9 @@ async fn run_task(
 }
 
 /// Sends the outcome to the coordinator, again while it may take it later (it is away, busy, or cannot
-/// write it yet: [`tries_after`]) after the delay it asks for ([`stylefarm_proto::BusyBackoff`]) or
-/// with backoff (up to 5 s), as long as the lease may be held (`lease_clock`: the heartbeat keeps renewing
-/// it, as a coordinator whose store is out of reach does); the caller bounds the whole report by
+/// write it yet: [`tries_after`]) after the delay it asks for or with backoff, up to 5 s
+/// ([`stylefarm_proto::Backoff`]), as long as the lease may be held (`lease_clock`: the heartbeat keeps
+/// renewing it, as a coordinator whose store is out of reach does); the caller bounds the whole report by
 /// `REPORT_TIMEOUT`. The task's lines not sent yet (`log`) go with it, once those of a heartbeat on its
 /// way have come ([`TaskLog::last_turn`]).
 async fn report(
@@ -1182,7 +1182,7 @@ async fn report(
         None => None,
     };
     let mut unsent = stylefarm_core::task_log::SentLines::default();
-    let (mut attempt, mut busy) = (0u32, stylefarm_proto::BusyBackoff::default());
+    let mut attempt = 0u32;
     let mut backoff = stylefarm_proto::Backoff::default();
     loop {
         if let Some(log) = log {
@@ -1243,7 +1243,7 @@ async fn report(
                     );
                     return;
                 }
-                if let Some(wait) = busy.wait(&s) {
+                if let Some(wait) = backoff.wait_for(&s) {
                     tracing::info!(
                         error = s.message(),
                         "the coordinator is busy; sending again"
