@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{CheckpointEvery, CheckpointFile};
 use crate::ids::JobId;
-use crate::params::{ImageSize, Init, RenderParams};
+use crate::params::{ImageSize, Init, JobReads, RenderParams};
 use crate::tiling::{self, Rect, Tiling};
 use crate::Error;
 
@@ -1155,28 +1155,18 @@ impl JobSpec {
             });
         }
         // an axis that no point reads would label copies of one image as different
-        let ignored = |name: &str, reads: &dyn Fn(&RenderParams) -> bool, why: &str| {
-            let swept = axes.iter().any(|a| a.parameter.name() == name);
-            if swept && !tasks.iter().any(|t| reads(&t.params)) {
-                return Err(Error::invalid("sweep", format!("{name}: {why}")));
+        for axis in axes {
+            let name = axis.parameter.name();
+            let unread = tasks
+                .iter()
+                .map(|t| t.params.unread(name, JobReads::default()));
+            if let Some(Some(why)) = unread.reduce(|a, b| a.and(b)) {
+                return Err(Error::invalid(
+                    "sweep",
+                    format!("{name}: no point reads it: {why}"),
+                ));
             }
-            Ok(())
-        };
-        ignored(
-            "iterations",
-            &|p| p.scale_iterations.is_empty(),
-            "scale_iterations is set, and it gives every scale's iterations",
-        )?;
-        ignored(
-            "learning_rate",
-            &|p| p.optimizer == crate::Optimizer::Adam,
-            "Adam's alone, and no point uses adam",
-        )?;
-        ignored(
-            "history_size",
-            &|p| p.optimizer == crate::Optimizer::Lbfgs,
-            "L-BFGS's alone, and no point uses lbfgs",
-        )?;
+        }
         Ok(tasks)
     }
 }
@@ -1631,17 +1621,17 @@ mod tests {
             (
                 "learning_rate=1,10",
                 default(),
-                "learning_rate: Adam's alone",
+                "learning_rate: no point reads it: Adam's alone",
             ),
             (
                 "history_size=5,50;optimizer=adam",
                 default(),
-                "history_size: L-BFGS's",
+                "history_size: no point reads it: L-BFGS's",
             ),
             (
                 "iterations=10,20",
                 with_scales,
-                "iterations: scale_iterations is set",
+                "iterations: no point reads it: --scale-iterations gives",
             ),
         ] {
             let error = reads_nothing(grid, params).unwrap_err();

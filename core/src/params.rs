@@ -622,49 +622,39 @@ pub struct JobReads {
 }
 
 impl RenderParams {
-    /// Refuses an option set away from its default that the job would not read, naming it: a command line's
-    /// `--learning-rate` beside L-BFGS would otherwise be dropped without a word. Not for a job from the
-    /// wire, whose every field is set.
+    /// Why a job of these parameters does not read the option `name` (e.g. "Adam's alone (--optimizer
+    /// adam)"); `None` when it reads it, or may. `job` says what the job renders: a sweep's points may
+    /// change the optimizer, so a sweep may read the optimizers' options (its own check asks each point).
+    pub fn unread(&self, name: &str, job: JobReads) -> Option<&'static str> {
+        match name {
+            "learning_rate" if self.optimizer != Optimizer::Adam && !job.sweep => {
+                Some("Adam's alone (--optimizer adam); L-BFGS takes steps of lr 1")
+            }
+            "history_size" if self.optimizer != Optimizer::Lbfgs && !job.sweep => {
+                Some("L-BFGS's alone (--optimizer lbfgs)")
+            }
+            "iterations" if !self.scale_iterations.is_empty() => {
+                Some("--scale-iterations gives every scale's iterations")
+            }
+            "temporal_weight" | "optical_flow" if !job.video => Some("a video's alone (--video)"),
+            "global_style_targets" if !job.tiles => {
+                Some("independent tiles' alone (--tiled, not --exact)")
+            }
+            _ => None,
+        }
+    }
+
+    /// Refuses an option set away from its default that the job would not read ([`RenderParams::unread`]),
+    /// naming it: a command line's `--learning-rate` beside L-BFGS would otherwise be dropped without a
+    /// word. Not for a job from the wire, whose every field is set.
     pub fn check_read(&self, job: JobReads) -> Result<(), Error> {
         let d = RenderParams::default();
-        let unread: [(&str, bool, &str); 6] = [
-            (
-                "learning_rate",
-                self.learning_rate != d.learning_rate
-                    && self.optimizer != Optimizer::Adam
-                    && !job.sweep,
-                "Adam's alone (--optimizer adam); L-BFGS takes steps of lr 1",
-            ),
-            (
-                "history_size",
-                self.history_size != d.history_size
-                    && self.optimizer != Optimizer::Lbfgs
-                    && !job.sweep,
-                "L-BFGS's alone (--optimizer lbfgs)",
-            ),
-            (
-                "iterations",
-                self.iterations != d.iterations && !self.scale_iterations.is_empty(),
-                "--scale-iterations gives every scale's iterations",
-            ),
-            (
-                "temporal_weight",
-                self.temporal_weight != d.temporal_weight && !job.video,
-                "a video's alone (--video)",
-            ),
-            (
-                "optical_flow",
-                self.optical_flow != d.optical_flow && !job.video,
-                "a video's alone (--video)",
-            ),
-            (
-                "global_style_targets",
-                self.global_style_targets != d.global_style_targets && !job.tiles,
-                "independent tiles' alone (--tiled, not --exact)",
-            ),
-        ];
-        match unread.into_iter().find(|(_, set, _)| *set) {
-            Some((name, _, why)) => Err(Error::invalid(
+        let unread = Self::OPTIONS
+            .iter()
+            .filter(|name| self.get(name) != d.get(name))
+            .find_map(|name| Some((*name, self.unread(name, job)?)));
+        match unread {
+            Some((name, why)) => Err(Error::invalid(
                 name,
                 format!("is set, but this job does not read it: {why}"),
             )),
