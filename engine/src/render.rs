@@ -302,8 +302,10 @@ pub const GPU_READ_INTERVAL: usize = 10;
 
 /// The error for losses read at `iteration` of `scale` that are not finite (a weight too large for
 /// float32, the precision of the losses, overflows them; the image is lost past it); `None` when every
-/// term is finite. It names the weight of the term that is not finite, or, when the image itself went
-/// (every term), of the largest term in `before`, the last finite losses read.
+/// term is finite. It names the weight of the term that is not finite; when several are (the image itself
+/// went), of the largest term in `before`, the last finite losses read, or without those (the first
+/// losses: each term is the start image's with its weight), of the first term that is not finite. When
+/// only the terms' sum overflowed, of the largest term.
 fn not_finite(
     losses: &LossTerms,
     before: Option<&LossTerms>,
@@ -321,27 +323,36 @@ fn not_finite(
             ("temporal", l.temporal, "temporal_weight"),
         ]
     };
+    let largest = |l: &LossTerms| {
+        terms(l)
+            .into_iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or(("style", l.style, "style_weight"))
+    };
     let gone: Vec<_> = terms(losses)
         .into_iter()
         .filter(|(_, v, _)| !v.is_finite())
         .collect();
     let (weight, why) = match (gone.as_slice(), before) {
-        ([(term, value, weight)], _) => (*weight, format!("the {term} loss became {value}")),
+        ([(term, value, weight)], _) | ([(term, value, weight), ..], None) => {
+            (*weight, format!("the {term} loss became {value}"))
+        }
+        ([], _) => {
+            let (term, value, weight) = largest(losses);
+            let why = format!(
+                "the losses' sum became {}, with a {term} loss of {value:e}",
+                losses.total
+            );
+            (weight, why)
+        }
         (_, Some(before)) => {
-            let (term, value, weight) = terms(before)
-                .into_iter()
-                .max_by(|a, b| a.1.total_cmp(&b.1))
-                .unwrap_or(("style", before.style, "style_weight"));
+            let (term, value, weight) = largest(before);
             let why = format!(
                 "the losses became {}, after a {term} loss of {value:e}",
                 losses.total
             );
             (weight, why)
         }
-        (_, None) => (
-            "style_weight",
-            format!("the losses became {}", losses.total),
-        ),
     };
     Some(Error::Core(stylefarm_core::Error::invalid(
         weight,
@@ -845,5 +856,75 @@ impl Engine {
             x = Some(xs);
         }
         x.ok_or_else(|| Error::Input("no scale to render".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Losses that are not finite name the weight to lower: the term's that went, the largest before
+    /// when the image went, the first that went in the first losses, the largest when only the sum did.
+    #[test]
+    fn losses_not_finite_name_their_weight() {
+        let finite = LossTerms {
+            content: 1e3,
+            style: 1e30,
+            tv: 2.0,
+            total: 1e30,
+            temporal: 0.0,
+        };
+        assert!(not_finite(&finite, None, 1, 1).is_none());
+        let named = |losses: LossTerms, before: Option<&LossTerms>| {
+            let e = not_finite(&losses, before, 7, 2)
+                .expect("not finite")
+                .to_string();
+            assert!(e.contains("at iteration 7 of scale 2"), "{e}");
+            e
+        };
+        let tv = LossTerms {
+            tv: f64::INFINITY,
+            total: f64::INFINITY,
+            ..finite
+        };
+        assert!(
+            named(tv, Some(&finite)).starts_with("tv_weight: the total variation loss became inf")
+        );
+        let image_gone = LossTerms {
+            content: f64::NAN,
+            style: f64::NAN,
+            tv: f64::NAN,
+            total: f64::NAN,
+            temporal: 0.0,
+        };
+        let e = named(image_gone, Some(&finite));
+        assert!(
+            e.starts_with("style_weight: the losses became NaN, after a style loss of 1e30"),
+            "{e}"
+        );
+        let first = LossTerms {
+            content: f64::INFINITY,
+            tv: f64::INFINITY,
+            ..image_gone
+        };
+        let e = named(first, None);
+        assert!(
+            e.starts_with("content_weight: the content loss became inf"),
+            "{e}"
+        );
+        let sum = LossTerms {
+            content: 3e38,
+            style: 2e38,
+            tv: 1.0,
+            total: f64::INFINITY,
+            temporal: 0.0,
+        };
+        let e = named(sum, None);
+        assert!(
+            e.starts_with(
+                "content_weight: the losses' sum became inf, with a content loss of 3e38"
+            ),
+            "{e}"
+        );
     }
 }
