@@ -602,6 +602,18 @@ impl TryFrom<pb::TileTask> for ScaleTask {
                 ),
             ));
         }
+        // no canvas past the largest output a job may ask for: a worker resamples its images to it
+        if t.canvas_width.max(t.canvas_height) > crate::params::MAX_SIZE {
+            return Err(Error::invalid(
+                "tile",
+                format!(
+                    "a {}x{} canvas is larger than {} px a side, the largest output",
+                    t.canvas_width,
+                    t.canvas_height,
+                    crate::params::MAX_SIZE
+                ),
+            ));
+        }
         if !inside || t.scale >= t.scales || t.tile >= t.tiles {
             return Err(Error::invalid(
                 "tile",
@@ -868,6 +880,35 @@ mod tests {
             .scale_tasks(400, 300, 1, &ImageHash::of(b"p"), &[], None)
             .unwrap();
         tasks[0].scale.as_ref().map(Into::into)
+    }
+
+    /// A tile is refused naming `tile` outside its canvas, or on a canvas past the largest output (a
+    /// worker would resample its images to it).
+    #[test]
+    fn a_tile_outside_its_canvas_or_on_a_canvas_too_large_is_refused() {
+        let tile = a_tile_on_the_wire().unwrap();
+        ScaleTask::try_from(tile).unwrap();
+        let refused = |t: pb::TileTask| ScaleTask::try_from(t).unwrap_err().to_string();
+        let huge = pb::TileTask {
+            canvas_width: crate::params::MAX_SIZE + 1,
+            ..tile
+        };
+        let err = refused(huge);
+        let expected = format!(
+            "tile: a 16385x{} canvas is larger than 16384 px a side",
+            tile.canvas_height
+        );
+        assert!(err.starts_with(&expected), "{err}");
+        let canvas = format!(
+            "is not inside the {}x{} canvas",
+            tile.canvas_width, tile.canvas_height
+        );
+        let outside = pb::TileTask {
+            x: tile.canvas_width,
+            ..tile
+        };
+        let err = refused(outside);
+        assert!(err.starts_with("tile: ") && err.contains(&canvas), "{err}");
     }
 
     #[test]

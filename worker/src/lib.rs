@@ -963,46 +963,47 @@ async fn run_task(
         return permanent(format!("content: {bad} cannot be rendered (injected)"));
     }
     let (preparing, downloaded_before) = (Instant::now(), cache.downloaded);
-    let mut inputs = Vec::new();
-    for hash in std::iter::once(&task.content).chain(&task.styles) {
-        match cache.get(client, hash).await {
-            Ok(img) => inputs.push((hash.clone(), img)),
-            Err(failure) => return Outcome::Failed(failure),
+    // the downloads, until a cancel (a stream that stalls would otherwise hold the task; the heartbeat
+    // hears the cancel)
+    let fetched = async {
+        let mut inputs = Vec::new();
+        for hash in std::iter::once(&task.content).chain(&task.styles) {
+            inputs.push((hash.clone(), cache.get(client, hash).await?));
         }
-    }
-    let content = inputs[0].1.clone();
-    let styles = match cache
-        .styles_for(&inputs[1..], (&task.content, &content), &task.params)
-        .await
-    {
-        Ok(styles) => styles,
-        Err(failure) => return Outcome::Failed(failure),
+        let content = inputs[0].1.clone();
+        let styles = cache
+            .styles_for(&inputs[1..], (&task.content, &content), &task.params)
+            .await?;
+        // an earlier attempt's checkpoint, to start from
+        let resume = match &resume {
+            Some(checkpoint) => cache.checkpoint(client, checkpoint).await,
+            None => None,
+        };
+        let (init_hash, init_image) = match &task.params.init {
+            Init::Image(hash) => (Some(hash.clone()), Some(cache.get(client, hash).await?)),
+            _ => (None, None),
+        };
+        // a video frame's previous frame: its content and result, for the temporal loss
+        let previous = match task.previous_frame() {
+            Some(p) => Some([
+                cache.get(client, &p.content).await?,
+                cache.get(client, &p.result).await?,
+            ]),
+            None => None,
+        };
+        Ok::<_, Failure>((content, styles, resume, init_hash, init_image, previous))
     };
-    // an earlier attempt's checkpoint, to start from
-    let resume = match &resume {
-        Some(checkpoint) => cache.checkpoint(client, checkpoint).await,
-        None => None,
+    let until_cancelled = async {
+        while !cancelled() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     };
-    let (init_hash, init_image) = match &task.params.init {
-        Init::Image(hash) => match cache.get(client, hash).await {
-            Ok(img) => (Some(hash.clone()), Some(img)),
+    let (content, styles, resume, init_hash, init_image, previous) = tokio::select! {
+        fetched = fetched => match fetched {
+            Ok(fetched) => fetched,
             Err(failure) => return Outcome::Failed(failure),
         },
-        _ => (None, None),
-    };
-    // a video frame's previous frame: its content and result, for the temporal loss
-    let previous = match task.previous_frame() {
-        Some(p) => {
-            let mut images = Vec::with_capacity(2);
-            for hash in [&p.content, &p.result] {
-                match cache.get(client, hash).await {
-                    Ok(img) => images.push(img),
-                    Err(failure) => return Outcome::Failed(failure),
-                }
-            }
-            Some(images)
-        }
-        None => None,
+        () = until_cancelled => return Outcome::Cancelled,
     };
     if cancelled() {
         return Outcome::Cancelled;

@@ -517,6 +517,8 @@ impl Engine {
             if !gradient && parts.is_empty() {
                 continue;
             }
+            // a large canvas' evaluation takes minutes on a CPU: a cancel ends it between blocks
+            crate::cancel::check()?;
             let xb = b.cut(&x, row0).set_requires_grad(gradient);
             let features = self.vgg().features(&xb, params.pooling, &layers)?;
             let mut total = Tensor::zeros([], (Kind::Float, x.device()));
