@@ -206,13 +206,10 @@ impl Coordinator {
             .and_then(|png| Ok(using.put(&png)?));
         match stored {
             Ok(hash) => {
-                // the sweep's one stage: its contact sheet is the job's result
+                // the sweep's one stage: its contact sheet is the job's result (not recorded for a store
+                // out of reach: tried again, as a stitch is)
                 if let Err(e) = self.scheduler.finish_stage(job_id, 0, &hash, None) {
-                    tracing::error!(
-                        job_id = job_id.as_str(),
-                        error = %e,
-                        "recording the contact sheet"
-                    );
+                    self.stage_failed(job_id, "recording the contact sheet", e.into());
                 }
             }
             Err(e) => self.stage_failed(job_id, "contact sheet", e),

@@ -81,7 +81,7 @@ fn job_status_of(
     // a tiled job's final image (and its scales, below); a video's last frame
     let staged = tiled || matches!(m.spec.kind, JobKind::Video(_));
     let replaced = crate::model::replaced_tasks(tasks.iter().map(|(t, _)| *t));
-    pb::JobStatus {
+    let mut status = pb::JobStatus {
         job_id: m.id.to_string(),
         spec: Some((&m.spec).into()),
         state: job_state(m.state) as i32,
@@ -135,6 +135,43 @@ fn job_status_of(
         } else {
             m.waiting_on.iter().map(ToString::to_string).collect()
         },
+    };
+    fit_status(&mut status, STATUS_BYTES);
+    status
+}
+
+/// The most bytes a job's status takes on the wire ([`fit_status`]): a message, less room for the
+/// call's other fields (a watch's previews make room for it).
+const STATUS_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
+
+/// Clips the tasks' labels and errors of `status`, each to the same length (at a character boundary,
+/// ending in `…`), where they make it longer than `budget` bytes: a sweep of 10,000 points with long
+/// values, or a batch of 10,000 tasks that failed with long errors, would otherwise have a status that no
+/// call can send, and the job could not be watched, fetched or listed. The whole texts stay in the job's
+/// spec and its tasks' logs.
+fn fit_status(status: &mut pb::JobStatus, budget: usize) {
+    let len = prost::Message::encoded_len(status);
+    if len <= budget || status.tasks.is_empty() {
+        return;
+    }
+    let texts: usize = status
+        .tasks
+        .iter()
+        .map(|t| t.label.len() + t.error.len())
+        .sum();
+    // what each text may keep: the room the rest leaves, shared equally (the length prefixes of the
+    // fields are counted in the rest, and do not grow)
+    let each = budget.saturating_sub(len - texts) / (2 * status.tasks.len());
+    let clip = |text: &mut String| {
+        if text.len() > each {
+            let end = text.floor_char_boundary(each.saturating_sub('…'.len_utf8()));
+            text.truncate(end);
+            text.push('…');
+        }
+    };
+    for task in &mut status.tasks {
+        clip(&mut task.label);
+        clip(&mut task.error);
     }
 }
 
@@ -1352,6 +1389,43 @@ mod tests {
             max_workers: 0,
             after: Vec::new(),
         }
+    }
+
+    /// A status of 10,000 tasks with long labels and errors is clipped to fit a message, every task's
+    /// texts to the same length at a character boundary; a status that fits is left whole.
+    #[test]
+    fn a_status_too_long_for_a_message_has_its_tasks_texts_clipped() {
+        let task = |i: u32| pb::TaskStatus {
+            index: i,
+            label: format!("style_blend={} seed={i}", "é".repeat(300)),
+            error: "x".repeat(1024),
+            ..Default::default()
+        };
+        let small = pb::JobStatus {
+            tasks: (0..10).map(task).collect(),
+            ..Default::default()
+        };
+        let mut kept = small.clone();
+        fit_status(&mut kept, STATUS_BYTES);
+        assert_eq!(kept, small);
+        let mut large = pb::JobStatus {
+            tasks: (0..10_000).map(task).collect(),
+            ..Default::default()
+        };
+        assert!(prost::Message::encoded_len(&large) > MAX_MESSAGE_BYTES);
+        fit_status(&mut large, STATUS_BYTES);
+        assert!(prost::Message::encoded_len(&large) <= STATUS_BYTES);
+        let lengths: std::collections::BTreeSet<_> =
+            large.tasks.iter().map(|t| t.error.len()).collect();
+        assert_eq!(lengths.len(), 1, "{lengths:?}");
+        assert!(large
+            .tasks
+            .iter()
+            .all(|t| t.label.starts_with("style_blend=é")
+                && t.label.ends_with('…')
+                && t.error.ends_with('…')));
+        // as long as the room allows
+        assert!(*lengths.first().unwrap() > 100, "{lengths:?}");
     }
 
     fn ids(views: &[impl std::borrow::Borrow<JobView>]) -> Vec<String> {
