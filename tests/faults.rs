@@ -966,6 +966,53 @@ async fn a_tile_that_runs_out_of_memory_has_its_scale_planned_again_in_smaller_t
     assert!(ok && replaced_line.is_some(), "{out} {err}");
 }
 
+/// A tiled job whose next scale is to be planned while no worker is live (a coordinator restarted between
+/// the scales, its workers not back yet: the stitch held by the fail point `coordinator-stage-work` until
+/// the coordinator and the worker are killed) waits for one, and plans the scale for the worker that comes
+/// (16 GiB: the 640 x 480 scale whole), not in the smallest tiles, which a plan for no worker would cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scale_to_plan_with_no_live_worker_waits_for_one() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 1.5, 0.3);
+    cluster.coordinator_env.push((
+        "FAILPOINTS".into(),
+        "coordinator-stage-work=1*sleep(60000)".into(),
+    ));
+    cluster.start_coordinator();
+    let memory = [("STYLEFARM_DEVICE_MEMORY", "16GiB")];
+    cluster.add_worker_with_env("w1", &memory);
+    wait_registered(&cluster, 1).await;
+    let mut args = tubingen_x_starry(640, 1);
+    args.extend(["--tiled", "--scales", "2"].map(String::from));
+    let id = submit(&cluster, &args);
+    let client = cluster.client().await;
+    wait_job(
+        &client,
+        &id,
+        "the first scale",
+        Duration::from_secs(120),
+        |j| j.tasks[0].state == pb::TaskState::Succeeded as i32,
+    )
+    .await;
+    cluster.workers[0].kill();
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.coordinator_env.clear();
+    cluster.start_coordinator();
+    // the stitch is tried every 2 s: twice, and the scale is not planned
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let waiting = job(&mut cluster.client().await, &id).await;
+    assert!(is(&waiting, pb::JobState::Running), "{waiting:?}");
+    assert_eq!(waiting.tasks.len(), 1, "{waiting:?}");
+    cluster.add_worker_with_env("w2", &memory);
+    let done = wait_succeeded(&cluster, &id).await;
+    let planned: Vec<_> = done
+        .tasks
+        .iter()
+        .filter_map(|t| t.tile.as_ref())
+        .map(|t| (t.width, t.height))
+        .collect();
+    assert_eq!(planned, [(640, 480)], "{:?}", done.tasks);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_memory_is_retried_on_another_worker_and_is_no_strike() {
     out_of_memory_retried_elsewhere(Backend::Embedded).await;

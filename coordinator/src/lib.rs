@@ -355,7 +355,8 @@ pub struct Coordinator {
     /// The Prometheus registry.
     pub(crate) metrics: metrics::Metrics,
     /// Set when a stage's work could not be done, or a task's completion recorded, because a store was out
-    /// of reach: the job waits at that stage, and [`serve`]'s loop steps the jobs awaiting a step again
+    /// of reach, or when a tiled scale's stitch waits for a live worker to plan the next scale for: the job
+    /// waits at that stage, and [`serve`]'s loop steps the jobs awaiting a step again
     /// every [`STAGE_RETRY`] (while the job store holds no write back) until it is done.
     pub(crate) stage_deferred: std::sync::atomic::AtomicBool,
     /// The sizes of images looked at lately, by hash ([`Coordinator::dimensions`]).
@@ -374,7 +375,7 @@ pub struct Coordinator {
 /// need to finish.
 pub const STAGE_WORK_AT_ONCE: usize = 4;
 
-/// How often stage work deferred for a store out of reach is tried again.
+/// How often stage work deferred (a store out of reach, no worker to plan a tiled scale for) is tried again.
 pub const STAGE_RETRY: Duration = Duration::from_secs(2);
 
 /// Blocking work that `serve`'s loop starts now and then, on a thread of the blocking pool (the loop, and

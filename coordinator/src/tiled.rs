@@ -185,6 +185,23 @@ impl Coordinator {
             }
         };
         let last = scale + 1 == scales;
+        // the next scale is planned for the workers present: with none live (a coordinator just started,
+        // before its workers call again; every worker restarting) it would be cut into the smallest tiles
+        // for good. It waits for a worker, the work tried again every [`crate::STAGE_RETRY`]
+        let planned = spec
+            .kind
+            .tiling()
+            .is_some_and(|t| t.sizing == TileSizing::Planned);
+        if !last && planned && self.workers.live().is_empty() {
+            tracing::debug!(
+                job_id = job_id.as_str(),
+                scale = scale + 1,
+                "no live worker to plan the next scale for: the stitch waits for one"
+            );
+            self.stage_deferred
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return Ok(());
+        }
         let pixels = |(w, h): (u32, u32)| u64::from(w) * u64::from(h);
         let content_pixels = if last {
             pixels(self.dimensions(&spec.contents[0])?)
