@@ -846,3 +846,58 @@ fn seams_prints_json_and_says_why_it_cannot_measure() {
         stderr(&out)
     );
 }
+
+/// A job's option that it would not read is refused before anything starts, naming it: a batch's style
+/// blend (each content with each style alone), and beside a sweep an option that no point reads, or that
+/// the sweep varies too (its values would replace it).
+#[test]
+fn local_refuses_an_option_its_job_would_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let (content, style) = (content.to_str().unwrap(), style.to_str().unwrap());
+    let common = ["local", "--content", content, "-o", out.to_str().unwrap()];
+    for (extra, refused) in [
+        (
+            &[
+                "--batch",
+                "--style",
+                style,
+                style,
+                "--style-blend",
+                "0.7,0.3",
+            ][..],
+            "style_blend: is set, but this job does not read it: a batch renders each",
+        ),
+        (
+            &[
+                "--style",
+                style,
+                "--sweep",
+                "style_weight=10,100",
+                "--learning-rate",
+                "5",
+            ],
+            "learning_rate: is set, but no point of the sweep reads it: Adam's alone",
+        ),
+        (
+            &[
+                "--style",
+                style,
+                "--sweep",
+                "style_weight=10,100",
+                "--style-weight",
+                "50",
+            ],
+            "style_weight: is set, but the sweep varies it too",
+        ),
+    ] {
+        let out = stylefarm(&[&common[..], extra].concat());
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(refused), "{}", stderr(&out));
+    }
+    assert!(!out.exists(), "nothing started");
+}

@@ -603,11 +603,14 @@ impl JobArgs {
             request_id: self.request_id.clone(),
             paused: false,
         };
-        job.params.check_read(stylefarm_core::params::JobReads {
-            video: self.video,
-            tiles: self.tiled && !self.exact,
-            sweep: self.sweep.is_some(),
-        })?;
+        match &job.kind {
+            JobKind::Sweep(axes) => stylefarm_core::job::check_sweep_reads(&job.params, axes)?,
+            _ => job.params.check_read(stylefarm_core::params::JobReads {
+                video: self.video,
+                tiles: self.tiled && !self.exact,
+                batch: self.batch,
+            })?,
+        }
         // refused before the render, not after it
         if let Some(output) = self.output.as_deref() {
             let several = match &job.kind {

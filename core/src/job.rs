@@ -1075,69 +1075,8 @@ impl JobSpec {
     }
 
     fn sweep_tasks(&self, axes: &[SweepAxis]) -> Result<Vec<TaskSpec>, Error> {
-        if axes.is_empty() {
-            return Err(Error::invalid(
-                "sweep",
-                "a sweep job needs at least one axis",
-            ));
-        }
-        let mut points = 1usize;
-        for axis in axes {
-            if axis.values.is_empty() {
-                return Err(Error::invalid(
-                    "sweep",
-                    format!("{}: no values", axis.parameter.name()),
-                ));
-            }
-            if let Some(long) = axis
-                .values
-                .iter()
-                .find(|v| v.chars().count() > MAX_SWEEP_VALUE_CHARS)
-            {
-                return Err(Error::invalid(
-                    "sweep",
-                    format!(
-                        "{}: a value of {} characters: at most {MAX_SWEEP_VALUE_CHARS}",
-                        axis.parameter.name(),
-                        long.chars().count()
-                    ),
-                ));
-            }
-            if axes
-                .iter()
-                .filter(|a| a.parameter == axis.parameter)
-                .count()
-                > 1
-            {
-                return Err(Error::invalid(
-                    "sweep",
-                    format!("{} appears twice", axis.parameter.name()),
-                ));
-            }
-            points = points.saturating_mul(axis.values.len());
-        }
-        if points > MAX_TASKS_PER_JOB {
-            return Err(Error::invalid(
-                "sweep",
-                format!("{points} points: more than {MAX_TASKS_PER_JOB}"),
-            ));
-        }
-        let mut tasks = Vec::with_capacity(points);
-        for point in 0..points {
-            // mixed-radix digits, the last axis fastest
-            let mut rest = point;
-            let mut choice = vec![0; axes.len()];
-            for (slot, axis) in choice.iter_mut().zip(axes).rev() {
-                *slot = rest % axis.values.len();
-                rest /= axis.values.len();
-            }
-            let mut params = self.params.clone();
-            let mut label = Vec::new();
-            for (axis, &c) in axes.iter().zip(&choice) {
-                axis.apply(&axis.values[c], &mut params)?;
-                label.push(format!("{}={}", axis.parameter.name(), axis.values[c]));
-            }
-            let label = label.join(" ");
+        let mut tasks = Vec::new();
+        for (params, label) in sweep_points(&self.params, axes)? {
             // the field named, and the point whose values it came from
             params.validate(self.styles.len()).map_err(|e| match e {
                 Error::Invalid { field, message } => {
@@ -1157,10 +1096,7 @@ impl JobSpec {
         // an axis that no point reads would label copies of one image as different
         for axis in axes {
             let name = axis.parameter.name();
-            let unread = tasks
-                .iter()
-                .map(|t| t.params.unread(name, JobReads::default()));
-            if let Some(Some(why)) = unread.reduce(|a, b| a.and(b)) {
+            if let Some(why) = unread_by_every(tasks.iter().map(|t| &t.params), name) {
                 return Err(Error::invalid(
                     "sweep",
                     format!("{name}: no point reads it: {why}"),
@@ -1169,6 +1105,117 @@ impl JobSpec {
         }
         Ok(tasks)
     }
+}
+
+/// The points of a sweep of `axes` over `params`: each point's parameters (unchecked) and its label
+/// (`style_weight=10 seed=1`), the last axis varying fastest. Refused, naming `sweep`: no axis, an axis
+/// without values, or twice, a value too long, more points than a job's tasks.
+fn sweep_points(
+    params: &RenderParams,
+    axes: &[SweepAxis],
+) -> Result<Vec<(RenderParams, String)>, Error> {
+    if axes.is_empty() {
+        return Err(Error::invalid(
+            "sweep",
+            "a sweep job needs at least one axis",
+        ));
+    }
+    let mut points = 1usize;
+    for axis in axes {
+        if axis.values.is_empty() {
+            return Err(Error::invalid(
+                "sweep",
+                format!("{}: no values", axis.parameter.name()),
+            ));
+        }
+        if let Some(long) = axis
+            .values
+            .iter()
+            .find(|v| v.chars().count() > MAX_SWEEP_VALUE_CHARS)
+        {
+            return Err(Error::invalid(
+                "sweep",
+                format!(
+                    "{}: a value of {} characters: at most {MAX_SWEEP_VALUE_CHARS}",
+                    axis.parameter.name(),
+                    long.chars().count()
+                ),
+            ));
+        }
+        if axes
+            .iter()
+            .filter(|a| a.parameter == axis.parameter)
+            .count()
+            > 1
+        {
+            return Err(Error::invalid(
+                "sweep",
+                format!("{} appears twice", axis.parameter.name()),
+            ));
+        }
+        points = points.saturating_mul(axis.values.len());
+    }
+    if points > MAX_TASKS_PER_JOB {
+        return Err(Error::invalid(
+            "sweep",
+            format!("{points} points: more than {MAX_TASKS_PER_JOB}"),
+        ));
+    }
+    let mut all = Vec::with_capacity(points);
+    for point in 0..points {
+        // mixed-radix digits, the last axis fastest
+        let mut rest = point;
+        let mut choice = vec![0; axes.len()];
+        for (slot, axis) in choice.iter_mut().zip(axes).rev() {
+            *slot = rest % axis.values.len();
+            rest /= axis.values.len();
+        }
+        let mut params = params.clone();
+        let mut label = Vec::new();
+        for (axis, &c) in axes.iter().zip(&choice) {
+            axis.apply(&axis.values[c], &mut params)?;
+            label.push(format!("{}={}", axis.parameter.name(), axis.values[c]));
+        }
+        all.push((params, label.join(" ")));
+    }
+    Ok(all)
+}
+
+/// Why none of a sweep's `points` reads the option `name` ([`RenderParams::unread`], the first point's
+/// reason); `None` when one does.
+fn unread_by_every<'a>(
+    mut points: impl Iterator<Item = &'a RenderParams>,
+    name: &str,
+) -> Option<&'static str> {
+    let first = points.next()?.unread(name, JobReads::default())?;
+    points
+        .all(|p| p.unread(name, JobReads::default()).is_some())
+        .then_some(first)
+}
+
+/// The command line's check of a sweep's options, as [`RenderParams::check_read`] is the other jobs': an
+/// option set away from its default that the sweep varies too (its values would replace it), or that no
+/// point of the sweep reads, is refused, naming it.
+pub fn check_sweep_reads(params: &RenderParams, axes: &[SweepAxis]) -> Result<(), Error> {
+    let d = RenderParams::default();
+    let set = |name: &str| params.get(name) != d.get(name);
+    if let Some(axis) = axes.iter().find(|a| set(a.parameter.name())) {
+        return Err(Error::invalid(
+            axis.parameter.name(),
+            "is set, but the sweep varies it too, and its values would replace this one: give the \
+             values in --sweep alone",
+        ));
+    }
+    let points = sweep_points(params, axes)?;
+    for name in RenderParams::OPTIONS.iter().filter(|name| set(name)) {
+        if let Some(why) = unread_by_every(points.iter().map(|(p, _)| p), name) {
+            return Err(Error::invalid(
+                name,
+                format!("is set, but no point of the sweep reads it: {why}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A job checked and expanded into its tasks, once: what a submission becomes at the coordinator's edge
@@ -1525,6 +1572,43 @@ mod tests {
             long.len() <= MAX_IMAGE_NAME_BYTES && long.starts_with('é'),
             "{long}"
         );
+    }
+
+    /// The command line's options beside a sweep: one that no point reads, or that the sweep varies too,
+    /// is refused naming it; one that some point reads is taken.
+    #[test]
+    fn an_option_no_sweep_point_reads_or_that_the_sweep_varies_is_refused() {
+        let with = |f: fn(&mut RenderParams)| {
+            let mut p = RenderParams::default();
+            f(&mut p);
+            p
+        };
+        let check = |params: &RenderParams, grid: &str| {
+            check_sweep_reads(params, &parse_sweep(grid).unwrap()).map_err(|e| e.to_string())
+        };
+        let lr = with(|p| p.learning_rate = 5.0);
+        let error = check(&lr, "style_weight=10,100").unwrap_err();
+        assert!(
+            error.starts_with(
+                "learning_rate: is set, but no point of the sweep reads it: Adam's alone"
+            ),
+            "{error}"
+        );
+        check(&lr, "optimizer=lbfgs,adam").unwrap();
+        let weight = with(|p| p.style_weight = 50.0);
+        let error = check(&weight, "style_weight=10,100").unwrap_err();
+        assert!(
+            error.starts_with("style_weight: is set, but the sweep varies it too"),
+            "{error}"
+        );
+        check(&weight, "seed=1,2").unwrap();
+        check(
+            &RenderParams::default(),
+            "learning_rate=1,10;optimizer=adam",
+        )
+        .unwrap();
+        let error = check_sweep_reads(&RenderParams::default(), &[]).unwrap_err();
+        assert!(error.to_string().starts_with("sweep: "), "{error}");
     }
 
     #[test]

@@ -617,20 +617,20 @@ pub struct JobReads {
     pub video: bool,
     /// Independent tiles: their style targets.
     pub tiles: bool,
-    /// A sweep, whose points may change the optimizer (its own check refuses an axis no point reads).
-    pub sweep: bool,
+    /// A batch: each content with each style alone.
+    pub batch: bool,
 }
 
 impl RenderParams {
     /// Why a job of these parameters does not read the option `name` (e.g. "Adam's alone (--optimizer
-    /// adam)"); `None` when it reads it, or may. `job` says what the job renders: a sweep's points may
-    /// change the optimizer, so a sweep may read the optimizers' options (its own check asks each point).
+    /// adam)"); `None` when it reads it. `job` says what the job renders (a sweep: each of its points'
+    /// parameters, [`crate::job::check_sweep_reads`]).
     pub fn unread(&self, name: &str, job: JobReads) -> Option<&'static str> {
         match name {
-            "learning_rate" if self.optimizer != Optimizer::Adam && !job.sweep => {
+            "learning_rate" if self.optimizer != Optimizer::Adam => {
                 Some("Adam's alone (--optimizer adam); L-BFGS takes steps of lr 1")
             }
-            "history_size" if self.optimizer != Optimizer::Lbfgs && !job.sweep => {
+            "history_size" if self.optimizer != Optimizer::Lbfgs => {
                 Some("L-BFGS's alone (--optimizer lbfgs)")
             }
             "iterations" if !self.scale_iterations.is_empty() => {
@@ -639,6 +639,9 @@ impl RenderParams {
             "temporal_weight" | "optical_flow" if !job.video => Some("a video's alone (--video)"),
             "global_style_targets" if !job.tiles => {
                 Some("independent tiles' alone (--tiled, not --exact)")
+            }
+            "style_blend" if job.batch => {
+                Some("a batch renders each content with each style alone (--batch): no blend")
             }
             _ => None,
         }
@@ -969,8 +972,7 @@ mod tests {
     }
 
     /// An option set away from its default that the job does not read is refused, naming it; the jobs that
-    /// read it take it, and a sweep (whose points may change the optimizer) leaves the optimizers' options
-    /// to its own check.
+    /// read it take it (a sweep's points: `check_sweep_reads`, in job.rs).
     #[test]
     fn an_option_the_job_does_not_read_is_refused() {
         let video = JobReads {
@@ -981,8 +983,8 @@ mod tests {
             tiles: true,
             ..JobReads::default()
         };
-        let sweep = JobReads {
-            sweep: true,
+        let batch = JobReads {
+            batch: true,
             ..JobReads::default()
         };
         let refused = |p: RenderParams, job: JobReads| p.check_read(job).unwrap_err().to_string();
@@ -991,7 +993,6 @@ mod tests {
             ..Default::default()
         };
         assert!(refused(lr.clone(), JobReads::default()).starts_with("learning_rate: is set"));
-        lr.check_read(sweep).unwrap();
         RenderParams {
             optimizer: Optimizer::Adam,
             ..lr
@@ -1017,7 +1018,13 @@ mod tests {
             scales: 2,
             ..Default::default()
         };
-        assert!(refused(both, sweep).starts_with("iterations"));
+        assert!(refused(both, video).starts_with("iterations"));
+        let blend = RenderParams {
+            style_blend: vec![0.7, 0.3],
+            ..Default::default()
+        };
+        assert!(refused(blend.clone(), batch).starts_with("style_blend: is set"));
+        blend.check_read(JobReads::default()).unwrap();
         // the defaults, given or not, are read by every job
         RenderParams::default()
             .check_read(JobReads::default())
