@@ -1503,9 +1503,11 @@ async fn a_worker_s_reports_cannot_hurt_another_s_lease_nor_the_job_s_status() {
 }
 
 /// `fetch` of a batch still running writes the results so far into a folder and says that the job is
-/// not over; into an image file name it is refused: one result done is not the job's result.
+/// not over; into an image file name it is refused: one result done is not the job's result. Over a file
+/// that holds one of the job's inputs it is refused, naming `output`, and writes nothing. Once the job is
+/// cancelled, it writes them and fails, saying the job ended unfinished (and `watch` of it fails too).
 #[tokio::test(flavor = "multi_thread")]
-async fn fetch_of_a_running_batch_writes_its_results_so_far_and_says_so() {
+async fn fetch_of_an_unfinished_batch_writes_its_results_so_far_and_says_so() {
     let cluster = Cluster::start(30.0, 0.5);
     let id = submit(&cluster, &batch_x_starry(48, 1));
     let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
@@ -1540,6 +1542,30 @@ async fn fetch_of_a_running_batch_writes_its_results_so_far_and_says_so() {
         err.contains("the job is running: its results so far (1 of 2 tasks)"),
         "{err}"
     );
+    // the result's file now holds the style image: not written over
+    let written = std::path::PathBuf::from(out.trim());
+    let style = std::fs::read(shared_image("starry_night.jpg")).unwrap();
+    std::fs::write(&written, &style).unwrap();
+    let (ok, _, err) = cluster.cli(&["fetch", &id, "-o", folder.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("output: ") && err.contains("is one of the job's input images"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&written).unwrap(), style);
+    std::fs::remove_file(&written).unwrap();
+    let (ok, _, err) = cluster.cli(&["cancel", &id]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cluster.cli(&["fetch", &id, "-o", folder.to_str().unwrap()]);
+    assert!(!ok, "{out} {err}");
+    assert_eq!(out.trim(), written.to_str().unwrap());
+    assert!(
+        err.contains("the job ended unfinished: the results of 1 of its 2 tasks")
+            && err.contains("cancelled"),
+        "{err}"
+    );
+    // as `watch` of it does
+    let (ok, _, err) = cluster.cli(&["watch", &id]);
+    assert!(!ok && err.contains(&format!("job {id} cancelled")), "{err}");
 }
 
 /// A result of another size than its task's (a buggy worker's: a tile's region, or the content at the

@@ -969,9 +969,15 @@ pub(crate) async fn wait_and_fetch(
     if status.state() == pb::JobState::Failed {
         print_failed_logs(client, &status, coordinator_stays).await;
     }
-    if !succeeded {
+    ended_well(&status)
+}
+
+/// The command's error for a job that ended without succeeding (failed, cancelled): its state and error.
+fn ended_well(status: &pb::JobStatus) -> anyhow::Result<()> {
+    if status.state() != pb::JobState::Succeeded {
         bail!(
-            "job {job_id} {}: {}",
+            "job {} {}: {}",
+            status.job_id,
             job_state_name(status.state),
             status.error
         );
@@ -1074,6 +1080,8 @@ pub(crate) fn watch(args: WatchArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
         let status = watch_job(&mut client, &args.job_id, true, preview_dir.as_deref()).await?;
+        // a job that failed or was cancelled fails the command, as `submit --wait`'s does
+        ended_well(&status)?;
         eprintln!("job {} {}", status.job_id, job_state_name(status.state));
         Ok(())
     })
@@ -1266,13 +1274,20 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
         for path in &written {
             println!("{}", path.display());
         }
+        let done = s.tasks.iter().filter(|t| !t.result.is_empty()).count();
         if !stylefarm_client::job_ended(s.state()) {
-            let done = s.tasks.iter().filter(|t| !t.result.is_empty()).count();
             eprintln!(
                 "the job is {}: its results so far ({done} of {} tasks)",
                 stylefarm_client::job_state_name(s.state),
                 s.tasks.len()
             );
+        } else if s.state() != pb::JobState::Succeeded {
+            // written, but not the job's whole result: the command fails, saying so
+            eprintln!(
+                "the job ended unfinished: the results of {done} of its {} tasks",
+                s.tasks.len()
+            );
+            ended_well(&s)?;
         }
         Ok(())
     })

@@ -1,6 +1,6 @@
 #![doc = include_str!("../README.md")]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -723,7 +723,8 @@ impl FarmClient {
     /// task's index, with as many digits as the job's last, at least 3), a sweep's `contact-sheet.png`, a
     /// tiled job's `scale-K.png` and `result.png`, or a video's frames rendered so far as `frame-NNNNN.png`
     /// (1-based, for `ffmpeg -i frame-%05d.png`; a video not finished may leave gaps, where ffmpeg's numbered
-    /// input stops).
+    /// input stops). Files there are written over, but not one of the job's input images (by sha256): that
+    /// is refused, naming `output`, before anything is written.
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),
@@ -737,7 +738,6 @@ impl FarmClient {
         if done.is_empty() {
             return Err(missing("has no results"));
         }
-        let mut written = Vec::new();
         let video = matches!(
             status.spec.as_ref().and_then(|s| s.kind.as_ref()),
             Some(pb::job_spec::Kind::Video(_))
@@ -750,10 +750,11 @@ impl FarmClient {
         // the job's results, not those done yet: one of a running batch is not its result
         let several = video || (!tiled && (status.tasks.len() > 1 || sweep));
         imaging::check_output(output, several, &[])?;
-        if video {
+        // (image, where it goes), and the folder they go in
+        let mut plan: Vec<(&str, PathBuf)> = Vec::new();
+        let folder = if video {
             let total = status.spec.as_ref().map_or(0, |s| s.contents.len());
             check_no_stale_frames(output, total)?;
-            create_dir(output)?;
             let mut frames: Vec<(u64, &pb::TaskStatus)> = done
                 .into_iter()
                 .map(|t| (u64::from(t.frame.as_ref().map_or(t.index, |f| f.index)), t))
@@ -761,50 +762,80 @@ impl FarmClient {
             frames.sort_by_key(|(index, _)| *index);
             for (index, t) in frames {
                 let path = output.join(format!("frame-{:05}.png", index + 1));
-                self.download_named(&t.result, &path).await?;
-                written.push(path);
+                plan.push((&t.result, path));
             }
-            return Ok(written);
-        }
-        if !status.result.is_empty() || status.scales > 0 {
+            true
+        } else if tiled {
             // tiled: the stitched image; into a directory also every scale's
             if status.result.is_empty() {
                 return Err(missing("has no result yet"));
             }
             if imaging::output_format(output).is_ok() {
-                self.download_named(&status.result, output).await?;
-                written.push(output.to_path_buf());
-                return Ok(written);
+                plan.push((&status.result, output.to_path_buf()));
+                false
+            } else {
+                for (k, sha) in status.scale_results.iter().enumerate() {
+                    plan.push((sha, output.join(format!("scale-{}.png", k + 1))));
+                }
+                plan.push((&status.result, output.join("result.png")));
+                true
             }
+        } else if !several && imaging::output_format(output).is_ok() {
+            plan.push((&done[0].result, output.to_path_buf()));
+            false
+        } else {
+            for t in done {
+                let path = output.join(task_file_name(t.index, status.tasks.len(), &t.label));
+                plan.push((&t.result, path));
+            }
+            if !status.contact_sheet.is_empty() {
+                plan.push((&status.contact_sheet, output.join("contact-sheet.png")));
+            }
+            true
+        };
+        let inputs = status
+            .spec
+            .iter()
+            .flat_map(|s| s.contents.iter().chain(&s.styles));
+        check_not_inputs(plan.iter().map(|(_, path)| path.as_path()), inputs)?;
+        if folder {
             create_dir(output)?;
-            for (k, sha) in status.scale_results.iter().enumerate() {
-                let path = output.join(format!("scale-{}.png", k + 1));
-                self.download_named(sha, &path).await?;
-                written.push(path);
-            }
-            let path = output.join("result.png");
-            self.download_named(&status.result, &path).await?;
-            written.push(path);
-            return Ok(written);
         }
-        if !several && imaging::output_format(output).is_ok() {
-            self.download_named(&done[0].result, output).await?;
-            written.push(output.to_path_buf());
-            return Ok(written);
-        }
-        create_dir(output)?;
-        for t in done {
-            let path = output.join(task_file_name(t.index, status.tasks.len(), &t.label));
-            self.download_named(&t.result, &path).await?;
-            written.push(path);
-        }
-        if !status.contact_sheet.is_empty() {
-            let path = output.join("contact-sheet.png");
-            self.download_named(&status.contact_sheet, &path).await?;
+        let mut written = Vec::new();
+        for (sha, path) in plan {
+            self.download_named(sha, &path).await?;
             written.push(path);
         }
         Ok(written)
     }
+}
+
+/// Refuses, naming `output`, a path among `paths` whose file is one of the images `inputs` (sha256 in
+/// hex): a job's result written there would replace its own content or style.
+fn check_not_inputs<'a>(
+    paths: impl Iterator<Item = &'a Path>,
+    inputs: impl Iterator<Item = &'a String>,
+) -> Result<()> {
+    let inputs: HashSet<&str> = inputs.map(String::as_str).collect();
+    for path in paths.filter(|p| p.is_file()) {
+        let bytes = off_async(|| std::fs::read(path)).map_err(|source| ClientError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let hash = off_async(|| ImageHash::of(&bytes));
+        if inputs.contains(hash.as_str()) {
+            return Err(stylefarm_core::Error::invalid(
+                "output",
+                format!(
+                    "{} is one of the job's input images (sha256 {hash}): fetching would write over it; \
+                     give another path",
+                    path.display()
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Runs work that holds its thread for a while (decoding, hashing, reading or writing a large image) from
