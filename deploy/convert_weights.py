@@ -101,15 +101,21 @@ def write_safetensors(path, tensors, metadata):
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for array in tensors.values():
-            f.write(array.astype("<f4").tobytes())
     import os
 
-    os.replace(tmp, path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for array in tensors.values():
+                f.write(array.astype("<f4").tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        # a write that failed (a full disk) leaves no partial file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def main(argv):

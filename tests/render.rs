@@ -847,6 +847,31 @@ fn seams_prints_json_and_says_why_it_cannot_measure() {
     );
 }
 
+/// `weights convert` refuses to write the converted weights over their input (the same file by another
+/// path), naming `output`, and leaves it as it was.
+#[test]
+fn weights_convert_does_not_write_over_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("vgg19.pth");
+    std::fs::write(&input, b"weights").unwrap();
+    let same = dir.path().join(".").join("vgg19.pth");
+    let out = stylefarm(&[
+        "weights",
+        "convert",
+        "--from",
+        "torchvision-pth",
+        input.to_str().unwrap(),
+        same.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("output: ") && stderr(&out).contains("is the input"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&input).unwrap(), b"weights");
+}
+
 /// A job's option that it would not read is refused before anything starts, naming it: a batch's style
 /// blend (each content with each style alone), and beside a sweep an option that no point reads, or that
 /// the sweep varies too (its values would replace it).

@@ -75,6 +75,17 @@ pub(crate) fn run(cmd: WeightsCommand) -> anyhow::Result<()> {
             if !stylefarm_core::imaging::folder_of(&output).is_dir() {
                 bail!("output: {}: its folder does not exist", output.display());
             }
+            // the converted weights would replace their source
+            let same = |a: &std::path::Path, b: &std::path::Path| {
+                let (a, b) = (a.canonicalize(), b.canonicalize());
+                matches!((a, b), (Ok(a), Ok(b)) if a == b)
+            };
+            if same(&input, &output) {
+                bail!(
+                    "output: {} is the input: give another path for the converted weights",
+                    output.display()
+                );
+            }
             let venv_python = stylefarm_home().join("venv/bin/python");
             let python = if venv_python.exists() {
                 venv_python
