@@ -2051,6 +2051,38 @@ impl Scheduler {
             .jobs
             .get_mut(&lease.job_id)
             .expect("leased job exists");
+        // a shard whose sibling failed after their group's last call, and waits to run again: its result
+        // cannot be stitched alone, so it runs again with it (as a shard that succeeded before the
+        // failure does, fail_with_log)
+        let requeued_sibling = job
+            .tasks
+            .get(lease.index as usize)
+            .filter(|t| t.spec.shards().is_some())
+            .and_then(|t| {
+                shard_group(job, t)
+                    .find(|o| o.index != lease.index && o.state == TaskState::Pending)
+                    .map(|o| o.index)
+            });
+        if let Some(other) = requeued_sibling {
+            let task = &mut job.tasks[lease.index as usize];
+            log_attempt(task, &mut lease, "succeeded, after its group failed");
+            set_task_state(&mut state.tally, task, TaskState::Pending);
+            task.result = None;
+            task.error = format!("run again with shard task {other}");
+            let ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
+            state.queue.insert(&job.meta, lease.index);
+            let durable = self.store.write(ops);
+            drop(st);
+            store::wait(durable)?;
+            self.work.notify_waiters();
+            self.changed(&lease.job_id);
+            return Ok(Some(Completed {
+                job_id: lease.job_id,
+                all_tasks_done: false,
+                stage_work: false,
+                dropped_checkpoint: None,
+            }));
+        }
         let task = &mut job.tasks[lease.index as usize];
         set_task_state(&mut state.tally, task, TaskState::Succeeded);
         log_attempt(task, &mut lease, "succeeded");
@@ -4918,33 +4950,46 @@ mod tests {
     }
 
     /// A scale's shards run together: when one has to run again after another succeeded, the succeeded
-    /// one runs again too (its result alone cannot be stitched), without an attempt or a strike.
+    /// one runs again too (its result alone cannot be stitched), without an attempt or a strike; so does
+    /// one that completes after the failure (their last call made, the failed one's lease lost while this
+    /// one uploaded), not left succeeded for the other's new attempt to wait on alone.
     #[test]
     fn a_shard_that_fails_takes_the_succeeded_shards_of_its_scale_back_with_it() {
-        let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
-        let _free = s.idle(&w("b"), &[]);
-        let a = s.lease(&w("a")).unwrap().unwrap();
-        let b = s.lease(&w("b")).unwrap().unwrap();
-        s.complete(&a.lease_id, &hash("band 0")).unwrap().unwrap();
-        assert_eq!(sharded(&s), [(job.clone(), 1, 2)]);
-        s.fail(
-            &b.lease_id,
-            "worker lost mid-upload",
-            FailureKind::Retryable,
-        )
-        .unwrap();
-        let view = s.get(&job).unwrap();
-        let shards: Vec<_> = view.tasks[1..].iter().map(|(t, _)| t).collect();
-        assert!(shards.iter().all(|t| t.state == TaskState::Pending));
-        assert_eq!(shards[0].result, None);
-        assert_eq!(shards[0].error, "run again with shard task 2");
-        assert_eq!(view.meta.strikes.get(&w("a")), None);
-        assert!(s.jobs_awaiting_step().is_empty());
-        assert_eq!(s.counts(), s.counts_walked());
-        // shards cancelled with their job were not replaced
-        s.cancel(&job).unwrap();
-        let view = s.get(&job).unwrap();
-        assert!(crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t)).is_empty());
+        for completed_first in [true, false] {
+            let (s, job, _) = sharded_job(Arc::new(MemoryStore::default()), 2);
+            let _free = s.idle(&w("b"), &[]);
+            let a = s.lease(&w("a")).unwrap().unwrap();
+            let b = s.lease(&w("b")).unwrap().unwrap();
+            if completed_first {
+                s.complete(&a.lease_id, &hash("band 0")).unwrap().unwrap();
+                assert_eq!(sharded(&s), [(job.clone(), 1, 2)]);
+            }
+            s.fail(
+                &b.lease_id,
+                "worker lost mid-upload",
+                FailureKind::Retryable,
+            )
+            .unwrap();
+            if !completed_first {
+                let done = s.complete(&a.lease_id, &hash("band 0")).unwrap().unwrap();
+                assert!(!done.all_tasks_done && !done.stage_work);
+            }
+            let view = s.get(&job).unwrap();
+            let shards: Vec<_> = view.tasks[1..].iter().map(|(t, _)| t).collect();
+            assert!(
+                shards.iter().all(|t| t.state == TaskState::Pending),
+                "{shards:?}"
+            );
+            assert_eq!(shards[0].result, None);
+            assert_eq!(shards[0].error, "run again with shard task 2");
+            assert_eq!(view.meta.strikes.get(&w("a")), None);
+            assert!(s.jobs_awaiting_step().is_empty());
+            assert_eq!(s.counts(), s.counts_walked());
+            // shards cancelled with their job were not replaced
+            s.cancel(&job).unwrap();
+            let view = s.get(&job).unwrap();
+            assert!(crate::model::replaced_tasks(view.tasks.iter().map(|(t, _)| t)).is_empty());
+        }
     }
 
     /// A failed job runs again: its failed and cancelled tasks are queued with their attempts, errors and
