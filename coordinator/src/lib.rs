@@ -732,8 +732,10 @@ pub async fn serve(
                 let coordinator = coordinator.clone();
                 let step = tokio::task::spawn_blocking(move || {
                     let behind = coordinator.scheduler.store_behind();
+                    // the jobs that waited for the store stepped by the retry chore, off this loop (their
+                    // stitches take seconds), not here
                     if was_behind && !behind {
-                        coordinator.step_awaiting();
+                        coordinator.stage_deferred.store(true, Ordering::SeqCst);
                     }
                     let expired = coordinator.scheduler.expire();
                     // a worker whose lease expired counts as gone until it calls again: an exact-mode

@@ -574,7 +574,7 @@ impl RenderService for RenderApi {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let tenant = auth::tenant(&request);
         let r = request.into_inner();
-        let states = r
+        let mut states = r
             .states
             .iter()
             .map(|s| match pb::JobState::try_from(*s) {
@@ -586,6 +586,9 @@ impl RenderService for RenderApi {
                 _ => Err(Error::invalid("states", format!("{s} is not a job state"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // each state once: the list is looked through for every job, under the scheduler's lock
+        states.sort_unstable_by_key(|s| *s as u8);
+        states.dedup();
         let before = match r.page_token.as_str() {
             "" => None,
             token => Some(token.parse::<u64>().map_err(|_| {

@@ -556,7 +556,9 @@ type ThumbnailKey = (ImageHash, u32);
 /// Encoded thumbnails and the permits to make more.
 struct Thumbnails {
     cache: Mutex<ThumbnailCache>,
-    permits: tokio::sync::Semaphore,
+    /// Thumbnails made at once (a permit held by the work itself, which a request that goes away leaves
+    /// running).
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Thumbnails by key, the keys in insertion order (the oldest dropped first), at most
@@ -701,6 +703,9 @@ fn login_page(code: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
+/// The longest token the login form takes.
+const MAX_LOGIN_TOKEN_BYTES: usize = 4096;
+
 #[derive(Deserialize)]
 struct Login {
     token: String,
@@ -722,6 +727,14 @@ async fn login(State(page): State<Page>, headers: HeaderMap, Form(login): Form<L
         );
     }
     let token = login.token.trim();
+    // a session keeps its token (checked again at every request): no longer than a token may be, even
+    // where the page asks for none (auth off)
+    if token.len() > MAX_LOGIN_TOKEN_BYTES {
+        return login_page(
+            StatusCode::BAD_REQUEST,
+            &format!("token: longer than {MAX_LOGIN_TOKEN_BYTES} bytes"),
+        );
+    }
     let mut headers = HeaderMap::new();
     if let Ok(v) = format!("Bearer {token}").parse() {
         headers.insert(header::AUTHORIZATION, v);
@@ -946,10 +959,11 @@ async fn thumbnail(
     let png = match cached(&page) {
         Some(png) => png,
         None => {
-            let _permit = page
+            let permit = page
                 .thumbnails
                 .permits
-                .acquire()
+                .clone()
+                .acquire_owned()
                 .await
                 .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
             // made while this request waited for its permit?
@@ -958,12 +972,12 @@ async fn thumbnail(
                 None => {
                     let coordinator = page.coordinator.clone();
                     let hash = key.0.clone();
-                    let png =
-                        tokio::task::spawn_blocking(move || coordinator.thumbnail(&hash, max))
-                            .await
-                            .map_err(|e| {
-                                Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                            })??;
+                    let png = tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        coordinator.thumbnail(&hash, max)
+                    })
+                    .await
+                    .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
                     if let Ok(mut cache) = page.thumbnails.cache.lock() {
                         cache.insert(key, png.clone());
                     }
@@ -1083,7 +1097,7 @@ pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
         https,
         thumbnails: Arc::new(Thumbnails {
             cache: Mutex::default(),
-            permits: tokio::sync::Semaphore::new(THUMBNAIL_PERMITS),
+            permits: Arc::new(tokio::sync::Semaphore::new(THUMBNAIL_PERMITS)),
         }),
         sessions: Arc::default(),
     };
