@@ -1114,6 +1114,28 @@ async fn standby_takes_over(frozen: bool) {
         let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(standby_out), &mut line);
         let _ = listening_tx.send((Instant::now(), line));
     });
+    // another standby, told to stop (its pod deleted): it exits at once, not at the end of its wait
+    let mut second = stylefarm_tests::Node {
+        child: stylefarm_tests::stylefarm()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(cluster.dir.path().join("second"))
+            .args(["--store", &redis.url()])
+            .args(&cluster.coordinator_args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(cluster.dir.path().join("second.log")).unwrap())
+            .spawn()
+            .unwrap(),
+        log: cluster.dir.path().join("second.log"),
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(second.child.try_wait().unwrap().is_none(), "standing by");
+    second.terminate();
+    let stopped = stylefarm_tests::wait_exit(
+        &mut second.child,
+        Duration::from_secs(5),
+        "a standby told to stop exits",
+    );
+    assert!(stopped.success(), "{}", second.log_text());
     cluster.url = format!("{active},http://{standby_addr}");
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;

@@ -538,7 +538,17 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     runtime()?.block_on(async move {
-        let coordinator = stylefarm_coordinator::Coordinator::open(config)?;
+        // a standby waits in open until it holds the leader lease: told to stop meanwhile (a pod deleted,
+        // a node drained), it exits at once, holding nothing, rather than at its supervisor's SIGKILL
+        let opening =
+            tokio::task::spawn_blocking(move || stylefarm_coordinator::Coordinator::open(config));
+        let coordinator = tokio::select! {
+            opened = opening => opened.context("opening the coordinator's store")??,
+            () = shutdown_signal() => {
+                eprintln!("stopped before serving (a standby waiting for the leader lease)");
+                std::process::exit(0);
+            }
+        };
         if let Some(addr) = args.metrics_listen {
             let coordinator = coordinator.clone();
             crate::metrics::serve(addr, move || coordinator.metrics_text()).await?;
