@@ -18,7 +18,11 @@ apt_get() {
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -q "$@" || { $sudo apt-get update -q && $sudo apt-get install -y -q "$@"; }
 }
-command -v kubectl >/dev/null || apt_get kubectl
+# (Debian's own archive has no current kubectl: Kubernetes' apt repository, pkgs.k8s.io, has)
+command -v kubectl >/dev/null || apt_get kubectl || {
+    log "kubectl is needed for \`kubectl kustomize\` (1.27 or later): install it from pkgs.k8s.io"
+    exit 1
+}
 command -v npm >/dev/null || apt_get nodejs npm
 
 out=$(mktemp -d)
