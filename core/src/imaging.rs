@@ -36,6 +36,21 @@ fn limits() -> Limits {
     limits
 }
 
+/// What a decoder may allocate past two copies of the image it decodes ([`decode_full`]).
+const DECODE_SLACK_BYTES: u64 = 16 << 20;
+
+/// Whether a TIFF's first image is stored in JPEG-compressed strips (compression 6, old-style, or 7); false
+/// when its tags cannot be read (the decoder then says why).
+fn tiff_of_jpeg_strips(bytes: &[u8]) -> bool {
+    let Ok(mut tiff) = tiff::decoder::Decoder::new(Cursor::new(bytes)) else {
+        return false;
+    };
+    matches!(
+        tiff.find_tag_unsigned::<u16>(tiff::tags::Tag::Compression),
+        Ok(Some(6 | 7))
+    )
+}
+
 /// A decoded image as the engine sees it, and its transparency.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
@@ -194,9 +209,26 @@ pub fn decode_full(bytes: &[u8], name: &str) -> Result<Decoded, Error> {
             "cannot decode image: truncated JPEG (no end-of-image marker)",
         ));
     }
+    if format == ImageFormat::Tiff && tiff_of_jpeg_strips(bytes) {
+        return Err(Error::image(
+            name,
+            "a TIFF of JPEG-compressed strips is not read (their decoder takes each strip's size from \
+             its JPEG, not from the TIFF): save it as a PNG, a JPEG, or a TIFF compressed otherwise",
+        ));
+    }
+    // what the decoder may allocate beyond the image it returns: one more copy (a TIFF's strips are
+    // read whole, then copied out) and DECODE_SLACK_BYTES, not the 2 GiB that a header of a few pixels
+    // would otherwise let it take (a GIF whose frame is larger than its screen)
+    let total = decoder.total_bytes();
     let mut limits = limits();
+    limits.max_alloc = Some(
+        total
+            .saturating_mul(2)
+            .saturating_add(DECODE_SLACK_BYTES)
+            .min(MAX_IMAGE_BYTES),
+    );
     limits
-        .reserve(decoder.total_bytes())
+        .reserve(total)
         .and_then(|()| decoder.set_limits(limits))
         .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
     let mut img = DynamicImage::from_decoder(decoder)
@@ -1661,6 +1693,55 @@ mod tests {
                 .to_string();
             assert!(err.starts_with(&format!("{name}: ")), "{err}");
         }
+    }
+
+    /// Decompression bombs that pass the header's pixel cap are refused without their allocation: a GIF of
+    /// a 1-px screen whose frame says 23170 x 23170 (its decoder's frame buffer is held to twice the
+    /// image's bytes and a slack, not 2 GiB), and a 1-px TIFF of JPEG-compressed strips (whose decoder
+    /// sizes each strip from its JPEG's header).
+    #[test]
+    fn decompression_bombs_under_the_pixel_cap_are_refused() {
+        let mut gif = b"GIF89a".to_vec();
+        gif.extend([1, 0, 1, 0, 0x80, 0, 0, 0, 0, 0, 255, 255, 255]);
+        // an image descriptor at 0,0 of 23170 x 23170, then a few LZW bytes, and the trailer
+        gif.extend([
+            0x2C, 0, 0, 0, 0, 0x82, 0x5A, 0x82, 0x5A, 0, 2, 2, 0x44, 0x01, 0, 0x3B,
+        ]);
+        let err = decode(&gif, "bomb.gif").unwrap_err().to_string();
+        assert!(
+            err.starts_with("bomb.gif: ") && err.contains("limit"),
+            "{err}"
+        );
+        // a 1 x 1 grey TIFF whose one strip is (said to be) a JPEG
+        let mut tif = b"II".to_vec();
+        tif.extend(42u16.to_le_bytes());
+        tif.extend(8u32.to_le_bytes());
+        let entries: [(u16, u16, u32); 9] = [
+            (256, 3, 1),   // width
+            (257, 3, 1),   // height
+            (258, 3, 8),   // bits per sample
+            (259, 3, 7),   // compression: JPEG
+            (262, 3, 1),   // grey, black is 0
+            (273, 4, 122), // strip offsets
+            (277, 3, 1),   // samples per pixel
+            (278, 3, 1),   // rows per strip
+            (279, 4, 4),   // strip byte counts
+        ];
+        tif.extend((entries.len() as u16).to_le_bytes());
+        for (tag, kind, value) in entries {
+            tif.extend(tag.to_le_bytes());
+            tif.extend(kind.to_le_bytes());
+            tif.extend(1u32.to_le_bytes());
+            tif.extend(value.to_le_bytes());
+        }
+        tif.extend(0u32.to_le_bytes());
+        assert_eq!(tif.len(), 122);
+        tif.extend([0xFF, 0xD8, 0xFF, 0xD9]);
+        let err = decode(&tif, "bomb.tif").unwrap_err().to_string();
+        assert!(
+            err.starts_with("bomb.tif: a TIFF of JPEG-compressed strips is not read"),
+            "{err}"
+        );
     }
 
     #[test]
