@@ -100,7 +100,9 @@ fn json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(err)
 }
 
-/// A Redis error as a store error: unavailable when the server could not be reached or the connection broke.
+/// A Redis error as a store error: unavailable when the server could not be reached, the connection broke,
+/// or the server refuses writes for a while (its writes are then held back and applied in order later, not
+/// dropped while memory has them).
 fn redis_err(e: redis::RedisError) -> StoreError {
     let unavailable = e.is_io_error()
             || e.is_connection_refusal()
@@ -114,8 +116,19 @@ fn redis_err(e: redis::RedisError) -> StoreError {
                         | redis::ServerErrorKind::TryAgain
                         | redis::ServerErrorKind::MasterDown
                         | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::ReadOnly
                 )
-            );
+            )
+            // out of memory under noeviction, its snapshots failing, too few replicas: until its operator
+            // (or its load) frees it; the server's errors of one command, or of each in a transaction
+            || e.clone().into_server_errors().is_some_and(|errors| {
+                errors.iter().any(|(_, error)| {
+                    matches!(
+                        error.code(),
+                        "OOM" | "MISCONF" | "NOREPLICAS" | "READONLY" | "LOADING"
+                    )
+                })
+            });
     let message = format!("redis: {e}");
     if unavailable {
         StoreError::unavailable(message)
@@ -893,6 +906,55 @@ mod tests {
         assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
     }
 
+    /// Waits (up to 10 s) for `store` to apply the writes it held back, and checks that it is still the
+    /// active one.
+    fn caught_up(store: &RedisStore) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.behind().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog is applied"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(store.lost().is_none(), "still the active one");
+    }
+
+    /// A server out of memory (maxmemory under noeviction: every write answered OOM) is out of reach for
+    /// the store's writes: they are held back, not dropped (the scheduler's memory has them), and applied
+    /// in order once it has room again.
+    #[test]
+    fn writes_refused_for_the_server_s_memory_are_held_back_and_applied_once_it_has_room() {
+        let server = RedisServer::start();
+        let store =
+            RedisStore::open_active(&server.url(), "farm", Duration::from_secs(30)).unwrap();
+        let mut admin = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let set = |con: &mut redis::Connection, key: &str, value: &str| {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(key)
+                .arg(value)
+                .query::<()>(con)
+                .unwrap()
+        };
+        set(&mut admin, "maxmemory-policy", "noeviction");
+        set(&mut admin, "maxmemory", "1");
+        let (job, tasks) = super::super::tests::job("job-1", 1);
+        let e = super::super::wait(store.write(vec![Op::Insert(job.clone(), tasks.clone())]))
+            .unwrap_err();
+        assert!(
+            e.is_unavailable() && e.message.contains("OOM") && e.message.contains("held back"),
+            "{e:?}"
+        );
+        assert!(store.behind().is_some());
+        set(&mut admin, "maxmemory", "0");
+        caught_up(&store);
+        assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
+    }
+
     /// A server restarted mid-stream (persistence on): the writes made while it is down fail UNAVAILABLE
     /// at once and are held back ([`Store::behind`]), then applied in order once it answers: the store
     /// ends with every write, the last one last.
@@ -915,15 +977,7 @@ mod tests {
             assert!(store.behind().is_some());
         }
         server.restart();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while store.behind().is_some() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the backlog is applied"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(store.lost().is_none(), "still the active one");
+        caught_up(&store);
         job.error = "after the restart".into();
         super::super::wait(store.write(vec![Op::Job(job.clone())])).unwrap();
         assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
