@@ -212,7 +212,11 @@ impl Metrics {
         set(&self.tasks, "state", counts.tasks_by_state);
         set(&self.jobs, "state", counts.jobs_by_state);
         let (live, silent) = coordinator.workers.live_and_silent();
-        let drained = coordinator.live_workers().1.len();
+        // by name, as the live ones are counted
+        let drained = (coordinator.live_workers().1.iter())
+            .map(|(id, _)| id.by_name())
+            .collect::<std::collections::HashSet<_>>()
+            .len();
         set(
             &self.workers,
             "state",

@@ -166,12 +166,16 @@ impl Registry {
             .collect()
     }
 
-    /// How many workers are live (as [`Registry::live`]), and how many are not.
+    /// How many workers are live (as [`Registry::live`]), and how many are not, by name: a worker that
+    /// registered again is one (live when any of its registrations is).
     pub fn live_and_silent(&self) -> (usize, usize) {
         let since = live_since();
-        let workers = self.workers();
-        let live = workers.values().filter(|w| w.live(since)).count();
-        (live, workers.len() - live)
+        let mut names: HashMap<WorkerId, bool> = HashMap::new();
+        for (id, w) in self.workers().iter() {
+            *names.entry(id.by_name()).or_default() |= w.live(since);
+        }
+        let live = names.values().filter(|live| **live).count();
+        (live, names.len() - live)
     }
 
     /// Every worker remembered (live and silent), in no particular order.
@@ -228,6 +232,8 @@ mod tests {
         live.sort();
         assert_eq!(live, [0, 80 << 30]);
         assert_eq!(r.live_memory(|id, _| id.by_name() != w("gpu")), [0]);
+        // and counted once: gpu and cpu live, old silent
+        assert_eq!(r.live_and_silent(), (2, 1));
     }
 
     #[test]
