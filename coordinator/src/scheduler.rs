@@ -649,6 +649,25 @@ impl Tally {
 }
 
 /// Moves `task` to state `to`, and the tally with it.
+/// Shard task `index` of `job` back to the queue, its result dropped, to run again with shard task `with`:
+/// a scale's shards run together, and one's result cannot be stitched without the others'. Its write goes
+/// to `ops`.
+fn run_again_with(
+    tally: &mut Tally,
+    queue: &mut TaskQueue,
+    job: &mut Job,
+    index: u32,
+    with: u32,
+    ops: &mut Vec<Op>,
+) {
+    let task = &mut job.tasks[index as usize];
+    set_task_state(tally, task, TaskState::Pending);
+    task.result = None;
+    task.error = format!("run again with shard task {with}");
+    ops.push(Op::Task(job.meta.id.clone(), task.clone()));
+    queue.insert(&job.meta, index);
+}
+
 fn set_task_state(tally: &mut Tally, task: &mut TaskRecord, to: TaskState) {
     tally.remove_task(task.state);
     tally.add_task(to);
@@ -2064,13 +2083,14 @@ impl Scheduler {
                     .map(|o| o.index)
             });
         if let Some(other) = requeued_sibling {
-            let task = &mut job.tasks[lease.index as usize];
-            log_attempt(task, &mut lease, "succeeded, after its group failed");
-            set_task_state(&mut state.tally, task, TaskState::Pending);
-            task.result = None;
-            task.error = format!("run again with shard task {other}");
-            let ops = vec![Op::Task(job.meta.id.clone(), task.clone())];
-            state.queue.insert(&job.meta, lease.index);
+            log_attempt(
+                &mut job.tasks[lease.index as usize],
+                &mut lease,
+                "succeeded, after its group failed",
+            );
+            let mut ops = Vec::new();
+            let (tally, queue) = (&mut state.tally, &mut state.queue);
+            run_again_with(tally, queue, job, lease.index, other, &mut ops);
             let durable = self.store.write(ops);
             drop(st);
             store::wait(durable)?;
@@ -2399,16 +2419,17 @@ impl Scheduler {
             if task.spec.shards().is_some() {
                 // the shards of a scale run together: one that succeeded cannot be stepped alone once
                 // another has to run again, so it runs again with it
-                for other in job.tasks.iter_mut().filter(|t| {
-                    t.state == TaskState::Succeeded
-                        && t.spec.shards().is_some()
-                        && t.spec.scale_index() == scale
-                }) {
-                    set_task_state(&mut st.tally, other, TaskState::Pending);
-                    other.result = None;
-                    other.error = format!("run again with shard task {}", lease.index);
-                    ops.push(Op::Task(job.meta.id.clone(), other.clone()));
-                    st.queue.insert(&job.meta, other.index);
+                let succeeded: Vec<u32> = (job.tasks.iter())
+                    .filter(|t| {
+                        t.state == TaskState::Succeeded
+                            && t.spec.shards().is_some()
+                            && t.spec.scale_index() == scale
+                    })
+                    .map(|t| t.index)
+                    .collect();
+                for other in succeeded {
+                    let (tally, queue) = (&mut st.tally, &mut st.queue);
+                    run_again_with(tally, queue, job, other, lease.index, ops);
                 }
             }
             ops.push(Op::Job(job.meta.clone()));
