@@ -432,6 +432,83 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
     );
 }
 
+/// An exact-mode scale's two shards, one of whose engines hangs between two exchange calls (fail point
+/// `exchange-call=2*off->1*sleep(60000)`: its third call) while its worker heartbeats: the hung shard
+/// stalls (coordinator `--task-stall-secs 10`), a strike against its worker, and its worker leaves once its
+/// engine outlasts the cancel's grace; the shard waiting in the exchange for it does not stall, however
+/// long it waits, and fails with its group at no attempt. With another worker the job then succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_whose_engine_hangs_between_exchange_calls_is_taken_back_not_the_one_waiting() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 5.0, 0.3);
+    cluster
+        .coordinator_args
+        .extend(["--task-stall-secs".into(), "10".into()]);
+    cluster.start_coordinator();
+    cluster.add_worker_with_env(
+        "hung",
+        &[
+            ("FAILPOINTS", "exchange-call=2*off->1*sleep(60000)"),
+            ("STYLEFARM_CANCEL_GRACE_SECS", "2"),
+        ],
+    );
+    cluster.add_worker("waiting");
+    wait_registered(&cluster, 2).await;
+    // scale 1 (128 px) whole, scale 2 (256 x 192 in 128-px blocks) two shards, one on each worker
+    let mut args = vec!["--content".to_string(), path("tubingen.jpg")];
+    args.extend([
+        "--style".to_string(),
+        path("starry_night.jpg"),
+        "--size".into(),
+        "256".into(),
+    ]);
+    args.extend(
+        [
+            "--scale-iterations",
+            "6,4",
+            "--optimizer",
+            "adam",
+            "--tiled",
+            "--exact",
+            "--tile-size",
+            "128",
+            "--overlap",
+            "64",
+        ]
+        .map(String::from),
+    );
+    let id = submit(&cluster, &args);
+    let coordinator = cluster.coordinator.as_ref().unwrap();
+    wait_for("the stall", Duration::from_secs(90), || async {
+        coordinator
+            .log_text()
+            .contains("task stalled")
+            .then_some(())
+    })
+    .await;
+    let hung = &mut cluster.workers[0];
+    let status = wait_for("the hung worker to leave", Duration::from_secs(20), || {
+        let exited = hung.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(!status.success(), "{status:?}");
+    cluster.add_worker("good");
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let log = cluster.coordinator.as_ref().unwrap().log_text();
+    assert_eq!(log.matches("task stalled").count(), 1, "{log}");
+    let strikes: Vec<(&String, &u32)> = done.strikes.iter().collect();
+    assert!(
+        strikes.len() == 1 && strikes[0].0.starts_with("hung") && *strikes[0].1 == 1,
+        "only the hung shard's worker: {strikes:?}"
+    );
+}
+
 /// A render with checkpoints (`--checkpoint-every 10`) whose worker is killed (SIGKILL) once it saved one
 /// of its second scale starts again from that checkpoint on another worker: it skips the first scale and
 /// the second's iterations before the checkpoint, and the task succeeds, its checkpoint dropped.

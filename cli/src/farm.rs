@@ -98,9 +98,10 @@ pub(crate) struct CoordinatorArgs {
     /// heartbeats report it) before the coordinator takes its lease back: the task is retried, a strike
     /// against the worker, which is told to cancel it (for an engine that hangs while its worker still
     /// heartbeats). Counted from the lease until the first progress, so it must outlast a task's slowest
-    /// iteration and its style and content targets (minutes for a large tile on a CPU), and the 10 minutes
-    /// an exact-mode shard may wait for its group. A task whose render has ended (its last iteration) gets
-    /// 5 minutes more, while its result is on its way. Unset: never.
+    /// iteration and its style and content targets (minutes for a large tile on a CPU). An exact-mode shard
+    /// waiting in the exchange for its group's other shards does not stall; the one holding the group back
+    /// does. A task whose render has ended (its last iteration) gets 5 minutes more, while its result is on
+    /// its way. Unset: never.
     #[arg(long, env = "STYLEFARM_TASK_STALL_SECS")]
     task_stall_secs: Option<f64>,
     /// Seconds a job waits while every live worker is blocklisted for it (3 failures each on it) before it

@@ -12,6 +12,9 @@
 //! or was cancelled; looked at every second): the shards fail their tasks as a group failure, and every
 //! shard is retried. A shard waiting in call 0 waits for the lost shard's next attempt, or for the
 //! scale to be planned again for fewer workers (`Coordinator::replan_shards`), which ends its lease.
+//! A shard that holds its group back while its lease holds (its engine hung between two calls) is taken
+//! back by the scheduler's `--task-stall-secs`: a shard's wait in a call here is no stall
+//! (`Scheduler::exchanging`), so the stalled one is the one at fault.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;

@@ -62,8 +62,9 @@ pub struct SchedulerConfig {
     /// must outlast a task's slowest iteration and its style and content targets. A task whose progress
     /// shows its render ended (the last iteration of its last scale) gets [`stylefarm_proto::REPORT_TIMEOUT`]
     /// more: its worker is encoding and sending the result, which takes as long as the image's size asks
-    /// (and the worker gives up after as long). Exact-mode shards are left to their group's own timeouts.
-    /// `None`: never.
+    /// (and the worker gives up after as long). An exact-mode shard does not stall while it waits in an
+    /// exchange call for its group's other shards ([`Scheduler::exchanging`]): the one that holds its
+    /// group back (an engine hung between two calls) is the one that stalls. `None`: never.
     pub task_stall: Option<Duration>,
 }
 
@@ -242,6 +243,8 @@ struct LeaseInfo {
     /// A shard's lease whose group another shard's counted failure ended: its own failure as
     /// [`FailureKind::Group`] costs no attempt (the other shard's failure was counted).
     group_failure_owed: bool,
+    /// Whether the shard waits in an exchange call for its group's other shards ([`Scheduler::exchanging`]).
+    exchanging: bool,
     /// The device memory of its worker when it asked, in bytes (0: unknown).
     memory_bytes: u64,
     /// Which attempt at its task it is ([`TaskRecord::attempts`] once leased).
@@ -1734,6 +1737,7 @@ impl Scheduler {
                 progress: None,
                 preview: None,
                 group_failure_owed: false,
+                exchanging: false,
                 memory_bytes: memory.own,
                 attempt: task_attempt,
                 log: ReceivedLines::default(),
@@ -3210,6 +3214,18 @@ impl Scheduler {
         })
     }
 
+    /// Shard lease `lease_id` waits in an exchange call for its group's other shards (`waiting`), or that
+    /// call ended: while it waits, its progress cannot move and it does not stall
+    /// ([`SchedulerConfig::task_stall`]); the call's end counts as its progress moving (it waited for the
+    /// slowest shard). A lease that ended is left as it is.
+    pub fn exchanging(&self, lease_id: &LeaseId, waiting: bool) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(lease) = st.leases.get_mut(lease_id) {
+            lease.exchanging = waiting;
+            lease.progressed_ms = now_ms();
+        }
+    }
+
     /// Returns expired leases' tasks to the queue (a strike against their worker), and those of leases whose
     /// task made no progress for [`SchedulerConfig::task_stall`] (their worker is told to cancel).
     pub fn expire(&self) -> Result<(), SchedulerError> {
@@ -3221,15 +3237,6 @@ impl Scheduler {
         let now = now_ms();
         let stall_ms = self.config.task_stall.map(|d| d.as_millis() as i64);
         let mut st = self.state.lock().unwrap();
-        // exact-mode shards wait for each other at every evaluation: one that hangs stalls its group, and
-        // the group's own timeouts end it (the exchange's JOIN_TIMEOUT, a lost lease), blaming the shard
-        // at fault rather than the first to pass the stall
-        let shard = |l: &LeaseInfo| {
-            st.jobs
-                .get(&l.job_id)
-                .and_then(|j| j.tasks.get(l.index as usize))
-                .is_some_and(|t| t.spec.shards().is_some())
-        };
         // a render that ended: its result is on its way, for as long as a worker tries to send it
         let report_ms = stylefarm_proto::REPORT_TIMEOUT.as_millis() as i64;
         let rendered = |l: &LeaseInfo| {
@@ -3237,7 +3244,8 @@ impl Scheduler {
                 .as_ref()
                 .is_some_and(|p| p.scale == p.scales && p.iteration == p.iterations)
         };
-        // (lease, whether it expired; else it stalled)
+        // (lease, whether it expired; else it stalled). Exact-mode shards wait for each other at every
+        // evaluation: the one that hangs stalls, not those waiting in the exchange for it.
         let ended: Vec<(LeaseId, bool)> = st
             .leases
             .iter()
@@ -3247,7 +3255,7 @@ impl Scheduler {
                         let waited = now - l.progressed_ms;
                         waited > ms && !(rendered(l) && waited <= ms + report_ms)
                     })
-                    && !shard(l);
+                    && !l.exchanging;
                 (l.deadline_ms < now || stalled).then(|| (id.clone(), l.deadline_ms < now))
             })
             .collect();
@@ -6141,6 +6149,54 @@ mod tests {
                 .cancel
         );
         assert_eq!(s.metrics.task_stalls.get(), 2);
+    }
+
+    /// Exact-mode shards: the one that holds its group back (its engine hung between two exchange calls,
+    /// its heartbeats going on) stalls, not the one waiting in the exchange for it, however long it waits;
+    /// the waiting one fails with its group at no attempt, and its call's end counts as progress.
+    #[test]
+    fn the_shard_that_holds_its_group_back_stalls_not_the_one_waiting_for_it() {
+        let stall = Duration::from_secs(60);
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            task_stall: Some(stall),
+            ..Default::default()
+        };
+        let (s, job, _) = sharded_job_with(config, Arc::new(MemoryStore::default()), 2);
+        let _free = s.idle(&w("b"), &[]);
+        let (waiting, hung) = (
+            s.lease(&w("a")).unwrap().unwrap(),
+            s.lease(&w("b")).unwrap().unwrap(),
+        );
+        let age = |s: &Scheduler, lease: &LeaseId| {
+            let mut st = s.state.lock().unwrap();
+            st.leases.get_mut(lease).unwrap().progressed_ms -= stall.as_millis() as i64 + 1_000;
+        };
+        s.exchanging(&waiting.lease_id, true);
+        age(&s, &waiting.lease_id);
+        age(&s, &hung.lease_id);
+        s.expire().unwrap();
+        let leased: Vec<WorkerId> = s.leases().into_iter().map(|l| l.worker).collect();
+        assert_eq!(leased, [w("a")], "the hung shard's lease is taken back");
+        assert_eq!(s.metrics.task_stalls.get(), 1);
+        let view = s.get(&job).unwrap();
+        let (first, second) = (&view.tasks[1].0, &view.tasks[2].0);
+        assert!(second.error.contains("no progress for"), "{}", second.error);
+        assert_eq!(view.meta.strikes.get(&w("b")), Some(&1));
+        // the waiting one's call ends (its group started again): that is progress, not a stall
+        s.exchanging(&waiting.lease_id, false);
+        s.expire().unwrap();
+        assert_eq!(s.leases().len(), 1);
+        s.fail(
+            &waiting.lease_id,
+            "the group starts again",
+            FailureKind::Group,
+        )
+        .unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.tasks[1].0.attempts, first.attempts - 1, "no attempt");
+        assert_eq!(view.meta.strikes.get(&w("a")), None);
+        assert_eq!(s.counts(), s.counts_walked());
     }
 
     /// A drained worker (by its name: every registration of it) takes no task, even while it asks, while its

@@ -1332,6 +1332,9 @@ impl WorkerService for WorkerApi {
             }
             stylefarm_proto::exchange::append(&mut parts, d.key, &d.values);
         }
+        // waiting for the other shards is not stalling, until the call ends (answered, failed or dropped)
+        scheduler.exchanging(&lease, true);
+        let _waiting = scopeguard::guard((), |()| scheduler.exchanging(&lease, false));
         let sums = self
             .coordinator
             .exchanges
