@@ -51,6 +51,53 @@ fn tiff_of_jpeg_strips(bytes: &[u8]) -> bool {
     )
 }
 
+/// The (width, height) in the header of an extended WebP's first lossy (VP8) frame, and the size it must
+/// have, when they differ: the canvas of a still image, the frame's own of an animation's first frame.
+/// The WebP decoder decodes such a frame whole (up to 16383 x 16383, about 400 MB) before it compares
+/// the sizes, and the limits taken from the canvas do not reach it. `None` when they agree, when the file
+/// is not an extended WebP, or when its chunks cannot be walked (the decoder then says why).
+fn webp_lossy_frame_mismatch(bytes: &[u8]) -> Option<((u32, u32), (u32, u32))> {
+    // (fourcc, payload) of each chunk of `data`; a chunk cut short ends the walk
+    fn chunks(data: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut at = 0usize;
+        std::iter::from_fn(move || {
+            let header = data.get(at..at.checked_add(8)?)?;
+            let size = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+            let payload = data.get(at + 8..(at + 8).checked_add(size)?)?;
+            at += 8 + size + (size & 1);
+            Some((&header[..4], payload))
+        })
+    }
+    // a 24-bit side less one, as VP8X and ANMF store them
+    let side = |b: &[u8]| Some(u32::from_le_bytes([*b.first()?, *b.get(1)?, *b.get(2)?, 0]) + 1);
+    // the size in a VP8 frame's header: a 3-byte frame tag, the start code, then 14 bits each
+    let vp8_size = |payload: &[u8]| {
+        let b = payload.get(6..10)?;
+        let side = |lo: u8, hi: u8| u32::from(u16::from_le_bytes([lo, hi]) & 0x3FFF);
+        Some((side(b[0], b[1]), side(b[2], b[3])))
+    };
+    if bytes.get(..4) != Some(b"RIFF") || bytes.get(8..12) != Some(b"WEBP") {
+        return None;
+    }
+    let mut top = chunks(&bytes[12..]);
+    let (b"VP8X", vp8x) = top.next()? else {
+        return None;
+    };
+    let canvas = (side(vp8x.get(4..)?)?, side(vp8x.get(7..)?)?);
+    // the first frame's bitstream, and the size it must have
+    let (fourcc, bitstream, expected) = top.find_map(|(fourcc, payload)| match fourcc {
+        b"VP8 " | b"VP8L" => Some((fourcc, payload, canvas)),
+        b"ANMF" => {
+            let own = (side(payload.get(6..)?)?, side(payload.get(9..)?)?);
+            let (fourcc, bitstream) = chunks(payload.get(16..)?).find(|(c, _)| *c != b"ALPH")?;
+            Some((fourcc, bitstream, own))
+        }
+        _ => None,
+    })?;
+    let frame = vp8_size(bitstream).filter(|_| fourcc == b"VP8 ")?;
+    (frame != expected).then_some((frame, expected))
+}
+
 /// A decoded image as the engine sees it, and its transparency.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
@@ -215,6 +262,14 @@ pub fn decode_full(bytes: &[u8], name: &str) -> Result<Decoded, Error> {
             "a TIFF of JPEG-compressed strips is not read (their decoder takes each strip's size from \
              its JPEG, not from the TIFF): save it as a PNG, a JPEG, or a TIFF compressed otherwise",
         ));
+    }
+    if format == ImageFormat::WebP {
+        if let Some(((w, h), (cw, ch))) = webp_lossy_frame_mismatch(bytes) {
+            return Err(Error::image(
+                name,
+                format!("cannot decode image: a WebP frame of {w} x {h} where its header declares {cw} x {ch}"),
+            ));
+        }
     }
     // what the decoder may allocate beyond the image it returns: one more copy (a TIFF's strips are
     // read whole, then copied out) and DECODE_SLACK_BYTES, not the 2 GiB that a header of a few pixels
@@ -1697,8 +1752,10 @@ mod tests {
 
     /// Decompression bombs that pass the header's pixel cap are refused without their allocation: a GIF of
     /// a 1-px screen whose frame says 23170 x 23170 (its decoder's frame buffer is held to twice the
-    /// image's bytes and a slack, not 2 GiB), and a 1-px TIFF of JPEG-compressed strips (whose decoder
-    /// sizes each strip from its JPEG's header).
+    /// image's bytes and a slack, not 2 GiB), a 1-px TIFF of JPEG-compressed strips (whose decoder
+    /// sizes each strip from its JPEG's header), and extended WebPs of a 1-px canvas whose lossy frame says
+    /// 16383 x 16383, still or an animation's first frame (its decoder decodes the frame before it compares
+    /// the sizes).
     #[test]
     fn decompression_bombs_under_the_pixel_cap_are_refused() {
         let mut gif = b"GIF89a".to_vec();
@@ -1742,6 +1799,54 @@ mod tests {
             err.starts_with("bomb.tif: a TIFF of JPEG-compressed strips is not read"),
             "{err}"
         );
+        // WebP: RIFF chunks, each a fourcc, its size and its payload (padded to an even size)
+        let chunk = |fourcc: &[u8], payload: &[u8]| {
+            let mut c = fourcc.to_vec();
+            c.extend((payload.len() as u32).to_le_bytes());
+            c.extend(payload);
+            c.extend(vec![0; payload.len() % 2]);
+            c
+        };
+        let riff = |chunks: &[Vec<u8>]| {
+            let body = chunks.concat();
+            let mut r = b"RIFF".to_vec();
+            r.extend((4 + body.len() as u32).to_le_bytes());
+            r.extend(b"WEBP");
+            r.extend(body);
+            r
+        };
+        // flags, then the canvas' sides less one (24 bits each)
+        let vp8x = |flags: u8| chunk(b"VP8X", &[flags, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // a key frame's tag, the start code, the sides (14 bits each), then a few bytes of frame
+        let vp8 = |side: u16| {
+            let mut payload = vec![0x10, 0x02, 0x00, 0x9D, 0x01, 0x2A];
+            payload.extend(side.to_le_bytes());
+            payload.extend(side.to_le_bytes());
+            payload.extend([0; 8]);
+            chunk(b"VP8 ", &payload)
+        };
+        let still = riff(&[vp8x(0), vp8(16383)]);
+        // an animation (flag 2) whose first frame is 1 x 1 at 0,0
+        let mut anmf = vec![0; 16];
+        anmf.extend(vp8(16383));
+        let animated = riff(&[vp8x(2), chunk(b"ANIM", &[0; 6]), chunk(b"ANMF", &anmf)]);
+        for (name, bytes) in [("still.webp", &still), ("animated.webp", &animated)] {
+            assert_eq!(
+                webp_lossy_frame_mismatch(bytes),
+                Some(((16383, 16383), (1, 1))),
+                "{name}"
+            );
+            let err = decode(bytes, name).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "{name}: cannot decode image: a WebP frame of 16383 x 16383 where its header \
+                     declares 1 x 1"
+                )
+            );
+        }
+        // a frame of the size declared is left to the decoder
+        assert_eq!(webp_lossy_frame_mismatch(&riff(&[vp8x(0), vp8(1)])), None);
     }
 
     #[test]
