@@ -37,12 +37,14 @@ use crate::auth::Tenant;
 use crate::service::stream_message;
 use crate::{blocking, Error};
 
-/// Bytes a decode may hold a pixel: a 16-bit RGBA buffer (8), the 8-bit RGB image (3), its alpha (1) and
-/// an oriented copy (3), rounded up.
-const BYTES_PER_PIXEL: u64 = 16;
+/// Bytes a pixel of the farm's own images takes in a stitch or a decode (8-bit RGB results, stitched
+/// canvases): the canvas or decoded image (3), a result decoded beside it and an oriented copy (6), an
+/// alpha (1), with room to spare. An uploaded image's decode takes what its header says
+/// ([`imaging::Header::decode_bytes`]).
+pub(crate) const BYTES_PER_PIXEL: u64 = 16;
 
 /// Decode memory the coordinator's decodes hold at once: one image of the most pixels
-/// ([`MAX_IMAGE_PIXELS`]), 4 GiB.
+/// ([`MAX_IMAGE_PIXELS`]) of the farm's own, 4 GiB. A decode that needs more takes all of it.
 pub const DECODE_BUDGET_BYTES: u64 = MAX_IMAGE_PIXELS * BYTES_PER_PIXEL;
 
 const MIB: u64 = 1 << 20;
@@ -69,20 +71,21 @@ impl DecodeBudget {
         }
     }
 
-    /// The MiB a decode of `pixels` pixels takes of the budget: at least one, at most all of it.
-    fn weight(&self, pixels: u64) -> u32 {
-        let mib = pixels.saturating_mul(BYTES_PER_PIXEL).div_ceil(MIB);
+    /// The MiB a decode of `bytes` takes of the budget: at least one, at most all of it.
+    fn weight(&self, bytes: u64) -> u32 {
+        let mib = bytes.div_ceil(MIB);
         u32::try_from(mib)
             .unwrap_or(u32::MAX)
             .clamp(1, self.total_mib)
     }
 
-    /// Waits for the share of the budget that decoding `pixels` pixels takes; the decode holds it until
-    /// it ends.
-    pub(crate) async fn share(&self, pixels: u64) -> Result<OwnedSemaphorePermit, Error> {
+    /// Waits for the share of the budget that a decode holding `bytes` takes (an uploaded image's
+    /// [`imaging::Header::decode_bytes`], or [`BYTES_PER_PIXEL`] a pixel of the farm's own images); the
+    /// decode holds it until it ends.
+    pub(crate) async fn share(&self, bytes: u64) -> Result<OwnedSemaphorePermit, Error> {
         self.permits
             .clone()
-            .acquire_many_owned(self.weight(pixels))
+            .acquire_many_owned(self.weight(bytes))
             .await
             .map_err(|e| Error::Internal(e.to_string()))
     }
@@ -91,8 +94,8 @@ impl DecodeBudget {
     /// start-up). Run outside tokio's cooperative budget: the start-up's stitches run inside a
     /// `block_on`, whose task's budget, once spent by many acquires, would make each next one return
     /// pending and wake itself at once, for good.
-    pub(crate) fn share_blocking(&self, pixels: u64) -> Result<OwnedSemaphorePermit, Error> {
-        futures_executor::block_on(tokio::task::unconstrained(self.share(pixels)))
+    pub(crate) fn share_blocking(&self, bytes: u64) -> Result<OwnedSemaphorePermit, Error> {
+        futures_executor::block_on(tokio::task::unconstrained(self.share(bytes)))
     }
 
     /// Decodes the bytes received ([`imaging::decode`], on the blocking pool) once its share of the budget
@@ -100,13 +103,12 @@ impl DecodeBudget {
     /// any wait).
     pub(crate) async fn decode(&self, received: Received) -> Result<(Received, RgbImage), Error> {
         let name = received.name;
-        let (received, size) = blocking(move || {
-            let size = imaging::dimensions(Cursor::new(received.bytes()), name);
-            Ok((received, size))
+        let (received, header) = blocking(move || {
+            let header = imaging::header(Cursor::new(received.bytes()), name);
+            Ok((received, header))
         })
         .await?;
-        let (width, height) = size?;
-        let share = self.share(u64::from(width) * u64::from(height)).await?;
+        let share = self.share(header?.decode_bytes).await?;
         // the share goes with the decode: a request cancelled meanwhile does not give it back before the
         // decode (which cannot be stopped) ends
         let (received, decoded) = blocking(move || {
@@ -469,14 +471,14 @@ mod tests {
     }
 
     /// A decode waits while the budget is taken, and goes on once it is given back; the largest image
-    /// takes all of it, a small one a MiB.
+    /// takes all of it, a small one a MiB, a float image what its header says.
     #[tokio::test]
     async fn a_decode_waits_for_its_share_of_the_budget() {
         let budget = Arc::new(DecodeBudget::default());
         assert_eq!(budget.total_mib, 4096);
-        assert_eq!(budget.weight(MAX_IMAGE_PIXELS), 4096);
+        assert_eq!(budget.weight(DECODE_BUDGET_BYTES), 4096);
         assert_eq!(budget.weight(u64::MAX), 4096);
-        assert_eq!((budget.weight(0), budget.weight(512 * 512)), (1, 4));
+        assert_eq!((budget.weight(0), budget.weight(4 << 20)), (1, 4));
         let held = budget.permits.acquire_many(4096).await.unwrap();
         let b = budget.clone();
         let decode = tokio::spawn(async move { b.decode(as_received(png(64, 48))).await });
@@ -488,6 +490,20 @@ mod tests {
             (img.width(), img.height(), received.bytes().len()),
             (64, 48, png(64, 48).len())
         );
+        // a float RGBA TIFF of 256 x 256 takes what its header says its decode takes (44 bytes a pixel:
+        // 3 MiB), not 16 bytes a pixel (1 MiB)
+        let mut tif = Vec::new();
+        image::DynamicImage::ImageRgba32F(image::Rgba32FImage::new(256, 256))
+            .write_to(&mut Cursor::new(&mut tif), image::ImageFormat::Tiff)
+            .unwrap();
+        let held = budget.permits.acquire_many(4094).await.unwrap();
+        let b = budget.clone();
+        let decode = tokio::spawn(async move { b.decode(as_received(tif)).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!decode.is_finished(), "2 MiB free: it waits for 3");
+        drop(held);
+        let (_, img) = decode.await.unwrap().unwrap();
+        assert_eq!(img.dimensions(), (256, 256));
         // a header that is no image's fails at once, budget or not
         let _held = budget.permits.acquire_many(4096).await.unwrap();
         let error = budget
@@ -523,7 +539,8 @@ mod tests {
         let held = budget.permits.clone().acquire_many_owned(1).await.unwrap();
         let b = budget.clone();
         let stitch = tokio::task::spawn_blocking(move || {
-            b.share_blocking(16_384 * 16_384).map(|s| s.num_permits())
+            b.share_blocking(16_384 * 16_384 * BYTES_PER_PIXEL)
+                .map(|s| s.num_permits())
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!stitch.is_finished(), "it waits for the whole budget");

@@ -196,8 +196,9 @@ impl Coordinator {
                         }
                         // each variant decoded within the decode budget, as a stitch's tiles are
                         t => {
-                            let _share =
-                                self.decoding.share_blocking(u64::from(w) * u64::from(h))?;
+                            let _share = self.decoding.share_blocking(
+                                u64::from(w) * u64::from(h) * crate::decoding::BYTES_PER_PIXEL,
+                            )?;
                             self.result_image(t)
                         }
                     }

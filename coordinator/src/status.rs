@@ -1080,10 +1080,8 @@ impl Coordinator {
             .ok_or_else(|| Error::NotFound(format!("sha256: image {hash} is not stored")))?;
         // decoded within the decode budget, as a stitch's images are: a large stored image asked for at
         // several sizes at once would otherwise hold several decodes beside the budget's
-        let (width, height) = imaging::dimensions(std::io::Cursor::new(&bytes), hash.as_str())?;
-        let _share = self
-            .decoding
-            .share_blocking(u64::from(width) * u64::from(height))?;
+        let header = imaging::header(std::io::Cursor::new(&bytes), hash.as_str())?;
+        let _share = self.decoding.share_blocking(header.decode_bytes)?;
         let img = imaging::decode(&bytes, hash.as_str())?;
         Ok(imaging::thumbnail_png(&img, max, hash.as_str())?.into())
     }

@@ -119,20 +119,17 @@ impl Coordinator {
         hash: &ImageHash,
     ) -> Result<Option<GrayImage>, Error> {
         let (coordinator, content) = (self.clone(), hash.clone());
-        let size = blocking(move || {
-            if !coordinator.has_alpha(&content)? {
-                return Ok(None);
-            }
-            coordinator.dimensions(&content).map(Some)
+        let header = blocking(move || {
+            Ok(imaging::header(
+                coordinator.stored(&content)?,
+                content.as_str(),
+            )?)
         })
         .await?;
-        let Some((width, height)) = size else {
+        if !header.alpha {
             return Ok(None);
-        };
-        let share = self
-            .decoding
-            .share(u64::from(width) * u64::from(height))
-            .await?;
+        }
+        let share = self.decoding.share(header.decode_bytes).await?;
         let (coordinator, content) = (self.clone(), hash.clone());
         blocking(move || {
             let alpha = coordinator.decode_alpha(&content);
@@ -202,15 +199,23 @@ impl Coordinator {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             return Ok(());
         }
-        let pixels = |(w, h): (u32, u32)| u64::from(w) * u64::from(h);
-        let content_pixels = if last {
-            pixels(self.dimensions(&spec.contents[0])?)
+        // the canvas and its tiles' results, and at the last scale the content's decode for its alpha
+        let content_bytes = if last {
+            let content = &spec.contents[0];
+            let header = imaging::header(self.stored(content)?, content.as_str())?;
+            if header.alpha {
+                header.decode_bytes
+            } else {
+                0
+            }
         } else {
             0
         };
-        let share = self
-            .decoding
-            .share_blocking(pixels((width, height)).saturating_add(content_pixels))?;
+        let share = self.decoding.share_blocking(
+            (u64::from(width) * u64::from(height))
+                .saturating_mul(crate::decoding::BYTES_PER_PIXEL)
+                .saturating_add(content_bytes),
+        )?;
         let stitched = match &tasks[0].spec.scale {
             // the first scale is one untiled task: its result is the scale's image
             None => self.result_image(tasks[0])?,

@@ -10,8 +10,8 @@ use std::str::FromStr;
 use image::imageops::FilterType;
 use image::metadata::Orientation;
 use image::{
-    DynamicImage, GrayImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, Limits, Luma,
-    Rgb, Rgb32FImage, RgbImage, Rgba,
+    ColorType, DynamicImage, GrayImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader,
+    Limits, Luma, Rgb, Rgb32FImage, RgbImage, Rgba,
 };
 
 use crate::Error;
@@ -367,21 +367,57 @@ pub fn load(path: &Path) -> Result<RgbImage, Error> {
     load_full(path).map(|d| d.rgb)
 }
 
-/// The (width, height) of the image that [`decode`] gives for `reader`'s content, from its header: the
-/// stored size, exchanged for EXIF orientations 5-8. No pixel is decoded (the JPEG decoder does read the
-/// whole stream into memory, its header parsed only).
+/// What an image's header says, read before any pixel is decoded ([`header`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The width of the image that [`decode`] gives, px: the stored size, exchanged for EXIF orientations
+    /// 5-8.
+    pub width: u32,
+    /// Its height, px.
+    pub height: u32,
+    /// Whether it has an alpha channel (palette transparency included).
+    pub alpha: bool,
+    /// The most bytes [`decode_full`] holds at once to decode it ([`decode_peak_bytes`]).
+    pub decode_bytes: u64,
+}
+
+/// The most bytes [`decode_full`] holds at once for an image of `pixels` pixels stored as `color`: two
+/// copies of its pixels as stored (the decoder's buffer, and its strips read whole or an oriented copy),
+/// and the 16-bit RGBA, 8-bit RGB and alpha made from them (12 bytes a pixel). Measured: a 4096 x 4096
+/// float RGBA TIFF (16 bytes a pixel as stored) peaked at 516 MB, 31 bytes a pixel (44 counted).
+pub fn decode_peak_bytes(pixels: u64, color: ColorType) -> u64 {
+    pixels.saturating_mul(2 * u64::from(color.bytes_per_pixel()) + 12)
+}
+
+/// What `reader`'s header says about the image [`decode`] gives for it. No pixel is decoded (the JPEG
+/// decoder does read the whole stream into memory, its header parsed only).
 ///
 /// # Errors
 /// [`Error::Image`] naming `name` when the header is not one of a supported format, is corrupt, gives a zero
 /// side or a side over [`MAX_IMAGE_SIDE`].
-pub fn dimensions<R: BufRead + Seek>(reader: R, name: &str) -> Result<(u32, u32), Error> {
+pub fn header<R: BufRead + Seek>(reader: R, name: &str) -> Result<Header, Error> {
     let (decoder, _, orientation) = open(reader, name)?;
-    let (width, height) = decoder.dimensions();
-    Ok(if swaps_sides(orientation) {
-        (height, width)
+    let (stored_width, stored_height) = decoder.dimensions();
+    let (width, height) = if swaps_sides(orientation) {
+        (stored_height, stored_width)
     } else {
-        (width, height)
+        (stored_width, stored_height)
+    };
+    let color = decoder.color_type();
+    Ok(Header {
+        width,
+        height,
+        alpha: color.has_alpha(),
+        decode_bytes: decode_peak_bytes(u64::from(width) * u64::from(height), color),
     })
+}
+
+/// The (width, height) of the image that [`decode`] gives for `reader`'s content ([`header`]).
+///
+/// # Errors
+/// Those of [`header`].
+pub fn dimensions<R: BufRead + Seek>(reader: R, name: &str) -> Result<(u32, u32), Error> {
+    header(reader, name).map(|h| (h.width, h.height))
 }
 
 /// Bits per channel of a written image.
@@ -778,13 +814,12 @@ pub fn thumbnail_png(img: &RgbImage, max: u32, name: &str) -> Result<Vec<u8>, Er
     Ok(out.into_inner())
 }
 
-/// Whether the image in `reader` has an alpha channel (palette transparency included), from its header.
+/// Whether the image in `reader` has an alpha channel (palette transparency included) ([`header`]).
 ///
 /// # Errors
-/// Those of [`dimensions`].
+/// Those of [`header`].
 pub fn has_alpha<R: BufRead + Seek>(reader: R, name: &str) -> Result<bool, Error> {
-    let (decoder, _, _) = open(reader, name)?;
-    Ok(decoder.color_type().has_alpha())
+    header(reader, name).map(|h| h.alpha)
 }
 
 /// The size of an image of `width` x `height` scaled so that its longest side is `longest`, keeping the
@@ -1483,6 +1518,14 @@ mod tests {
     fn dimensions_reads_the_header_and_keeps_the_limits() {
         let png = encode(asymmetric(5), ImageFormat::Png);
         assert_eq!(dimensions(Cursor::new(&png), "a.png").unwrap(), (15, 10));
+        // what a decode takes: two copies of the pixels as stored, and 12 bytes a pixel more
+        let rgb = header(Cursor::new(&png), "a.png").unwrap();
+        assert_eq!((rgb.alpha, rgb.decode_bytes), (false, 150 * (2 * 3 + 12)));
+        let float = image::Rgba32FImage::from_pixel(4, 3, image::Rgba([0.5, 0.5, 0.5, 0.5]));
+        let tif = encode(DynamicImage::ImageRgba32F(float), ImageFormat::Tiff);
+        let float = header(Cursor::new(&tif), "f.tif").unwrap();
+        assert_eq!((float.width, float.height, float.alpha), (4, 3, true));
+        assert_eq!(float.decode_bytes, 12 * (2 * 16 + 12));
         let err = dimensions(Cursor::new(b"not an image"), "junk").unwrap_err();
         assert!(err.to_string().starts_with("junk: "), "{err}");
         // one side over MAX_IMAGE_SIDE: refused from the header, and by decode
