@@ -4,9 +4,9 @@
 //!
 //! | metric | type | labels | what |
 //! | --- | --- | --- | --- |
-//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off) |
+//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off); at most [`MAX_SERIES`] priorities, the others added up under `(other)` |
 //! | `stylefarm_held_tasks` | gauge | `reason` (`paused`, `waiting`, `max_workers`) | pending tasks of jobs paused, waiting for the jobs they are after, or past their job's `--max-workers`: no worker starts them now |
-//! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags |
+//! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags (every tag set: a pool of tagged workers scales on its own) |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state |
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
 //! | `stylefarm_workers` | gauge | `state` (`live`, `drained`, `silent`) | workers heard from within a minute (and not lost since: a lease of theirs ran out) that may take work, those of them drained (`stylefarm drain`), and the others |
@@ -38,6 +38,24 @@ pub type Labels = Vec<(String, String)>;
 
 fn label(name: &str, value: impl ToString) -> Labels {
     vec![(name.to_string(), value.to_string())]
+}
+
+/// The most priorities `stylefarm_queue_depth` shows at a scrape. Priorities come from clients: each job
+/// could otherwise add a series of its own (a time series database keeps each for hours).
+pub const MAX_SERIES: usize = 20;
+
+/// `counts` by label value, at most [`MAX_SERIES`] of them: the largest counts (ties by value), the rest
+/// added up under `(other)`, a value no priority can have.
+fn capped(counts: BTreeMap<String, usize>) -> BTreeMap<String, usize> {
+    if counts.len() <= MAX_SERIES {
+        return counts;
+    }
+    let mut largest: Vec<(String, usize)> = counts.into_iter().collect();
+    largest.sort_by(|(a, m), (b, n)| n.cmp(m).then_with(|| a.cmp(b)));
+    let rest: usize = largest.drain(MAX_SERIES - 1..).map(|(_, n)| n).sum();
+    let mut kept: BTreeMap<String, usize> = largest.into_iter().collect();
+    kept.insert("(other)".into(), rest);
+    kept
 }
 
 /// What the scheduler counts as it happens (cheap atomics, shared with the registry).
@@ -206,7 +224,11 @@ impl Metrics {
                 family.get_or_create(&label(name, value)).set(n as i64);
             }
         };
-        set(&self.queue_depth, "priority", counts.queue_by_priority);
+        set(
+            &self.queue_depth,
+            "priority",
+            capped(counts.queue_by_priority),
+        );
         set(&self.held_tasks, "reason", counts.held_by_reason);
         set(&self.open_tasks, "worker_tags", counts.open_by_worker_tags);
         set(&self.tasks, "state", counts.tasks_by_state);
@@ -232,5 +254,33 @@ impl Metrics {
         // writing to a String cannot fail
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Priorities past MAX_SERIES are added up under `(other)`, the largest kept; fewer are
+    /// left as they are.
+    #[test]
+    fn a_gauge_has_at_most_max_series_label_values() {
+        let few = BTreeMap::from([("0".to_string(), 3), ("7".to_string(), 1)]);
+        assert_eq!(capped(few.clone()), few);
+        // priorities 0..100, priority p with p + 1 tasks: 100 series, 5050 tasks
+        let many: BTreeMap<String, usize> = (0..100).map(|p| (p.to_string(), p + 1)).collect();
+        let kept = capped(many);
+        assert_eq!(kept.len(), MAX_SERIES);
+        assert_eq!(
+            kept.values().sum::<usize>(),
+            5050,
+            "every task still counted"
+        );
+        let top = MAX_SERIES - 1;
+        for p in 100 - top..100 {
+            assert_eq!(kept.get(&p.to_string()), Some(&(p + 1)), "priority {p}");
+        }
+        let rest: usize = (1..=100 - top).sum();
+        assert_eq!(kept.get("(other)"), Some(&rest));
     }
 }
