@@ -99,6 +99,12 @@ else
         log "libtorch ready in $libtorch"
     fi
 fi
+if [ -L "$repo/.stylefarm/libtorch" ] && [ "$(readlink "$repo/.stylefarm/libtorch")" != "$libtorch" ]; then
+    # another libtorch (cpu <-> cu130): the binaries' rpath and whether they load libtorch_cuda come from
+    # engine/build.rs, which cargo runs again only when it changes (LIBTORCH, this link, stays the same)
+    touch "$repo/engine/build.rs"
+    log "libtorch is now $libtorch (was $(readlink "$repo/.stylefarm/libtorch")): the next build links against it"
+fi
 ln -sfn "$libtorch" "$repo/.stylefarm/libtorch"
 
 # --- 4. Python tools ----------------------------------------------------------------------------------------
