@@ -70,6 +70,9 @@ const COOKIE: &str = "stylefarm_session";
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// The most sessions kept at once; a login beyond them ends the oldest.
 const MAX_SESSIONS: usize = 10_000;
+/// The most sessions of one token; a login beyond them ends that token's oldest (so that one token's
+/// logins cannot end everyone else's).
+const MAX_SESSIONS_PER_TOKEN: usize = 64;
 
 /// The browsers logged in: each session id (a cookie's value) with the client token it logged in with
 /// and when, until logout or [`SESSION_TTL`].
@@ -82,9 +85,11 @@ impl Sessions {
         let id = stylefarm_core::ids::hex(&rand::random::<[u8; 32]>());
         let mut sessions = self.0.lock().unwrap();
         sessions.retain(|_, (_, at)| at.elapsed() < SESSION_TTL);
-        if sessions.len() >= MAX_SESSIONS {
+        let own = sessions.values().filter(|(t, _)| t == token).count();
+        if own >= MAX_SESSIONS_PER_TOKEN || sessions.len() >= MAX_SESSIONS {
             let oldest = sessions
                 .iter()
+                .filter(|(_, (t, _))| own < MAX_SESSIONS_PER_TOKEN || t == token)
                 .min_by_key(|(_, (_, at))| *at)
                 .map(|(id, _)| id.clone());
             if let Some(oldest) = oldest {
@@ -1265,6 +1270,24 @@ mod tests {
             token_of(&cookie(format!("{COOKIE}={old}")), &sessions),
             None
         );
+    }
+
+    /// One token's logins past MAX_SESSIONS_PER_TOKEN end that token's oldest sessions, not another
+    /// token's, even an older one.
+    #[test]
+    fn one_token_s_logins_do_not_end_another_token_s_session() {
+        let sessions = Sessions::default();
+        let other = sessions.open("b");
+        let first = sessions.open("a");
+        let live = |id: &str| sessions.token(id).is_some();
+        for _ in 1..MAX_SESSIONS_PER_TOKEN {
+            sessions.open("a");
+        }
+        assert!(live(&first) && live(&other));
+        let newest = sessions.open("a");
+        assert!(!live(&first), "a's oldest session ends");
+        assert!(live(&other) && live(&newest));
+        assert_eq!(sessions.0.lock().unwrap().len(), MAX_SESSIONS_PER_TOKEN + 1);
     }
 
     #[test]
