@@ -20,6 +20,9 @@ pub const MAX_IMAGES_PER_JOB: usize = 1_000;
 /// Longest value of a sweep's axis, in characters (a blend of 100 styles' weights, `0.01:0.01:...`, is
 /// 500): it is the task's label too.
 pub const MAX_SWEEP_VALUE_CHARS: usize = 1024;
+/// Longest label of a sweep's point (its axes' `name=value`, space-separated), in characters: a label is
+/// kept with each of up to [`MAX_TASKS_PER_JOB`] tasks.
+pub const MAX_SWEEP_LABEL_CHARS: usize = 2048;
 /// Most attempts per task a job may ask for (or a coordinator default to).
 pub const MAX_ATTEMPTS: u32 = 100;
 /// The most jobs a job may wait for ([`JobSpec::after`]).
@@ -1120,7 +1123,11 @@ fn sweep_points(
             "a sweep job needs at least one axis",
         ));
     }
+    // before the base is copied into every point
+    params.check_lists()?;
     let mut points = 1usize;
+    // the longest label a point can have
+    let mut label = axes.len().saturating_sub(1);
     for axis in axes {
         if axis.values.is_empty() {
             return Err(Error::invalid(
@@ -1154,6 +1161,17 @@ fn sweep_points(
             ));
         }
         points = points.saturating_mul(axis.values.len());
+        let longest = axis.values.iter().map(|v| v.chars().count()).max();
+        label += axis.parameter.name().len() + 1 + longest.unwrap_or(0);
+    }
+    if label > MAX_SWEEP_LABEL_CHARS {
+        return Err(Error::invalid(
+            "sweep",
+            format!(
+                "points labelled with up to {label} characters (their axes' name=value): at most \
+                 {MAX_SWEEP_LABEL_CHARS}"
+            ),
+        ));
     }
     if points > MAX_TASKS_PER_JOB {
         return Err(Error::invalid(
@@ -1740,6 +1758,18 @@ mod tests {
             .to_string();
         assert!(
             error.contains("sweep") && error.contains("seed: a value of 1025 characters"),
+            "{error}"
+        );
+        // and a point's label is at most MAX_SWEEP_LABEL_CHARS: three axes of 1000-character values
+        // (seeds padded with zeros) are refused
+        let padded = |name: &str| format!("{name}={}1,2", "0".repeat(999));
+        let three = [padded("seed"), padded("iterations"), padded("history_size")].join(";");
+        let error = spec(JobKind::Sweep(parse_sweep(&three).unwrap()))
+            .tasks()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("sweep: points labelled with up to 3031 characters"),
             "{error}"
         );
     }

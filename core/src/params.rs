@@ -665,8 +665,76 @@ impl RenderParams {
         }
     }
 
+    /// Refuses a list option longer than any job may use, naming it: at most 16 content or style layers
+    /// (VGG19's ReLU layers, each at most once), as many style layer weights, one iteration count a scale
+    /// ([`MAX_SCALES`]) and one blend weight a style image
+    /// ([`MAX_IMAGES_PER_JOB`](crate::job::MAX_IMAGES_PER_JOB)). Checked where options come in (the wire,
+    /// a sweep's base), before they are copied into each task, and by [`RenderParams::validate`].
+    pub fn check_lists(&self) -> Result<(), Error> {
+        let vgg19_layers = Layer::all().count();
+        let too_long = |field: &'static str, len: usize, max: usize, what: &str| {
+            (len > max)
+                .then(|| Error::invalid(field, format!("{len} values: at most {max} ({what})")))
+        };
+        let checks = [
+            (
+                "content_layers",
+                self.content_layers.len(),
+                vgg19_layers,
+                "VGG19's ReLU layers",
+            ),
+            (
+                "style_layers",
+                self.style_layers.len(),
+                vgg19_layers,
+                "VGG19's ReLU layers",
+            ),
+            (
+                "style_layer_weights",
+                self.style_layer_weights.len(),
+                vgg19_layers,
+                "one a style layer",
+            ),
+            (
+                "scale_iterations",
+                self.scale_iterations.len(),
+                MAX_SCALES as usize,
+                "one a scale",
+            ),
+            (
+                "style_blend",
+                self.style_blend.len(),
+                crate::job::MAX_IMAGES_PER_JOB,
+                "one a style image",
+            ),
+        ];
+        if let Some(e) = checks
+            .into_iter()
+            .find_map(|(field, len, max, what)| too_long(field, len, max, what))
+        {
+            return Err(e);
+        }
+        for (field, layers) in [
+            ("content_layers", &self.content_layers),
+            ("style_layers", &self.style_layers),
+        ] {
+            if let Some(twice) = layers
+                .iter()
+                .enumerate()
+                .find_map(|(i, l)| layers[..i].contains(l).then_some(l))
+            {
+                return Err(Error::invalid(
+                    field,
+                    format!("{twice} given twice: each layer at most once (style_layer_weights weighs them)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every field; `styles` is the number of style images of the job.
     pub fn validate(&self, styles: usize) -> Result<(), Error> {
+        self.check_lists()?;
         self.check_ranges()?;
         // the first scale's longest side must reach the deepest layer (both sides, with the images:
         // check_sizes)

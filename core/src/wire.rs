@@ -148,12 +148,15 @@ macro_rules! params_wire {
             type Error = Error;
 
             /// Unset fields take the defaults. The result is not validated against a style count:
-            /// [`JobSpec::tasks`] does that.
+            /// [`JobSpec::tasks`] does that; its lists are checked now
+            /// ([`RenderParams::check_lists`]), before a job copies them into each of its tasks.
             fn try_from(p: pb::RenderParams) -> Result<Self, Error> {
                 let d = RenderParams::default();
-                Ok(RenderParams {
+                let params = RenderParams {
                     $($name: WireValue::from_wire(stringify!($name), p.$name, d.$name)?,)*
-                })
+                };
+                params.check_lists()?;
+                Ok(params)
             }
         }
 
@@ -979,5 +982,49 @@ mod tests {
             &|w| w.params.as_mut().unwrap().init = Some("/tmp/x.png".into()),
             "init",
         );
+    }
+
+    /// Lists longer than any job uses are refused as the parameters come in, naming the field (a sweep
+    /// or a batch would otherwise copy them into each of up to 10,000 tasks before checking one), and so
+    /// is a layer given twice.
+    #[test]
+    fn lists_longer_than_any_job_uses_are_refused_as_they_come() {
+        let refused = |f: &dyn Fn(&mut pb::RenderParams)| {
+            let mut wire = pb::RenderParams::default();
+            f(&mut wire);
+            RenderParams::try_from(wire).unwrap_err().to_string()
+        };
+        let layers = |n: usize| vec!["relu4_2".to_string(); n];
+        assert_eq!(
+            refused(&|p| p.content_layers = layers(17)),
+            "content_layers: 17 values: at most 16 (VGG19's ReLU layers)"
+        );
+        assert_eq!(
+            refused(&|p| p.style_layers = vec!["relu1_1".into(), "relu2_1".into(), "relu1_1".into()]),
+            "style_layers: relu1_1 given twice: each layer at most once (style_layer_weights weighs them)"
+        );
+        assert_eq!(
+            refused(&|p| p.style_layer_weights = vec![1.0; 17]),
+            "style_layer_weights: 17 values: at most 16 (one a style layer)"
+        );
+        assert_eq!(
+            refused(&|p| p.scale_iterations = vec![1; 4_000_000]),
+            "scale_iterations: 4000000 values: at most 8 (one a scale)"
+        );
+        assert_eq!(
+            refused(&|p| p.style_blend = vec![1.0; 1001]),
+            "style_blend: 1001 values: at most 1000 (one a style image)"
+        );
+        // at the limits: taken
+        let mut wire = pb::RenderParams {
+            content_layers: Layer::all().map(|l| l.to_string()).collect(),
+            scale_iterations: vec![1; 8],
+            style_blend: vec![1.0; 1000],
+            ..Default::default()
+        };
+        RenderParams::try_from(wire.clone()).unwrap();
+        wire.style_layers = wire.content_layers.clone();
+        wire.style_layer_weights = vec![1.0; 16];
+        RenderParams::try_from(wire).unwrap();
     }
 }
