@@ -467,9 +467,14 @@ impl Range {
                 (value as f32).is_finite() && value >= 0.0,
                 format!("a number >= 0 and at most {:e} (float32)", f32::MAX),
             ),
+            // > 0 as float32 too: 1e-46 would be 0 there
             Range::Positive => (
-                (value as f32).is_finite() && value > 0.0,
-                format!("a number > 0 and at most {:e} (float32)", f32::MAX),
+                (value as f32).is_finite() && (value as f32) > 0.0,
+                format!(
+                    "a number from {:e} to {:e} (float32)",
+                    f32::from_bits(1),
+                    f32::MAX
+                ),
             ),
             Range::UpTo(max) => (
                 value.is_finite() && value > 0.0 && value <= max,
@@ -1113,6 +1118,8 @@ mod tests {
             (Box::new(|p| p.size = 0), "size"),
             (Box::new(|p| p.size = MAX_SIZE + 1), "size"),
             (Box::new(|p| p.learning_rate = 0.0), "learning_rate"),
+            // > 0, but 0 as float32
+            (Box::new(|p| p.learning_rate = 1e-46), "learning_rate"),
             (Box::new(|p| p.style_scale = -2.0), "style_scale"),
             (Box::new(|p| p.style_blend = vec![1.0, 2.0]), "style_blend"),
             (

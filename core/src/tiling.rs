@@ -620,6 +620,13 @@ pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderPar
             ),
         ));
     }
+    // the scales asked for, checked here as a single job's are (else a tile size would be blamed)
+    if !(1..=MAX_SCALES).contains(&params.scales) {
+        return Err(Error::invalid(
+            "scales",
+            format!("must be between 1 and {MAX_SCALES}, got {}", params.scales),
+        ));
+    }
     let mut scales = 1u32;
     while params.size.div_ceil(1 << (scales - 1)) > tiling.tile_size {
         scales += 1;
@@ -1124,5 +1131,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("overlap"), "{err}");
+        // the scales asked for are checked as a single job's, not blamed on the tile size
+        for scales in [0, MAX_SCALES + 1] {
+            let asked = RenderParams {
+                scales,
+                ..params.clone()
+            };
+            let err = plan(10, 10, &asked, Tiling::default()).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("scales: must be between 1 and {MAX_SCALES}, got {scales}")
+            );
+        }
     }
 }
