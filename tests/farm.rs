@@ -2736,7 +2736,8 @@ fn local_interrupted_twice_does_not_wait_for_the_renders() {
         }
     };
     // its task's inputs downloaded, the engine thread about to render
-    stderr_with("inputs ready");
+    let err = stderr_with("inputs ready");
+    assert!(err.contains("inputs ready"), "{err}");
     std::thread::sleep(Duration::from_millis(500));
     terminate(&local);
     // waiting for the render, and saying so
@@ -3417,10 +3418,10 @@ async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_wo
         whole.worker_id
     );
     let name = |id: &str| id.split('#').next().unwrap_or_default().to_string();
-    assert!(
-        done.strikes.keys().all(|w| *w == name(&doomed)),
-        "only the lost lease is a strike: {:?}",
-        done.strikes
+    assert_eq!(
+        done.strikes.keys().cloned().collect::<Vec<_>>(),
+        vec![name(&doomed)],
+        "only the lost lease is a strike"
     );
     let log = cluster.coordinator.as_ref().unwrap().log_text();
     assert!(
@@ -3492,6 +3493,9 @@ async fn a_worker_drained_mid_shard_finishes_it_and_the_scale_is_not_planned_aga
     let mut client = cluster.client().await;
     let now = job(&mut client, &id).await;
     assert_eq!(now.tasks.len(), 3, "{now:?}");
+    // still rendering on the drained worker (else nothing was left to plan again)
+    assert_eq!(now.tasks[1].state, pb::TaskState::Running as i32, "{now:?}");
+    assert_eq!(now.tasks[1].worker_id, drained, "{now:?}");
     let done = wait_state(
         &cluster,
         &id,

@@ -284,10 +284,17 @@ async fn frozen_past_its_lease(backend: Backend) {
     )
     .await;
     let after = job(&mut cluster.client().await, &id).await;
+    // (both attempts render the same pixels: the result is the other worker's by its worker too)
     assert_eq!(
         after.tasks[0].result, done.tasks[0].result,
         "the job keeps its result"
     );
+    assert!(
+        after.tasks[0].worker_id.starts_with("other"),
+        "{:?}",
+        after.tasks[0]
+    );
+    assert_eq!(after.state, pb::JobState::Succeeded as i32);
     assert_eq!(after.tasks[0].attempts, 2);
     // the thawed worker is still one of the farm's: with the other one gone, it renders the next job
     cluster.workers[1].kill();
@@ -1178,6 +1185,11 @@ async fn a_slow_blob_store_holds_up_only_the_calls_that_need_it() {
     let started = Instant::now();
     client.list(&[], 10).await.unwrap();
     let listed = started.elapsed();
+    // the list came while they waited (each waits 2 s on the store)
+    assert!(
+        downloads.iter().all(|d| !d.is_finished()),
+        "the downloads ended before the list"
+    );
     for download in downloads {
         assert_eq!(download.await.unwrap().unwrap(), png);
     }

@@ -384,7 +384,13 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
         ("alice", Some(ALICE)),
     ] {
         let got = render_calls(&url, t, &job, &image, &spec).await;
-        for ((rpc, code), want) in got.iter().zip(render_expected(caller)) {
+        let expected = render_expected(caller);
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "{caller}: every RenderService call"
+        );
+        for ((rpc, code), want) in got.iter().zip(expected) {
             table += &format!("| {caller} | RenderService/{rpc} | {code:?} |\n");
             if *code != want {
                 wrong.push(format!("{caller} {rpc}: {code:?}, expected {want:?}"));
@@ -398,7 +404,13 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
         ("alice", Some(ALICE)),
     ] {
         let got = worker_calls(&url, t, &image).await;
-        for ((rpc, code), want) in got.iter().zip(worker_expected(caller)) {
+        let expected = worker_expected(caller);
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "{caller}: every WorkerService call"
+        );
+        for ((rpc, code), want) in got.iter().zip(expected) {
             table += &format!("| {caller} | WorkerService/{rpc} | {code:?} |\n");
             if *code != want {
                 wrong.push(format!("{caller} {rpc}: {code:?}, expected {want:?}"));

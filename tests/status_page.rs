@@ -431,6 +431,7 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     let job = &status["jobs"][0];
     assert_eq!(job["id"], id.as_str(), "{job}");
     assert_eq!(job["state"], "cancelled", "{job}");
+    assert!(job["counts"].is_object(), "{job}");
     assert_eq!(job["counts"].get("running"), None, "{job}");
     // no cancel button on a finished job
     assert_eq!(
@@ -444,7 +445,11 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
 
     // its retry button runs it again (refused, and shown so, while its workers are still stopping its
     // tasks); it keeps the tiles that had succeeded
-    let succeeded = job["counts"]["succeeded"].as_u64().unwrap_or(0);
+    // scale 1 at least (its stitched image was shown)
+    let succeeded = job["counts"]["succeeded"]
+        .as_u64()
+        .expect("succeeded tasks");
+    assert!(succeeded >= 1, "{job}");
     let retry = format!("{card} button.retry");
     wait_for(
         "the page to run the job again",
@@ -474,7 +479,10 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
         "{job}"
     );
     assert!(
-        job["counts"]["succeeded"].as_u64().unwrap_or(0) >= succeeded,
+        job["counts"]["succeeded"]
+            .as_u64()
+            .expect("succeeded tasks")
+            >= succeeded,
         "{job}"
     );
     assert_eq!(job["counts"].get("cancelled"), None, "{job}");

@@ -4192,6 +4192,9 @@ mod tests {
             .complete(&first.lease_id, &hash("stale"))
             .unwrap()
             .is_none());
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.tasks[0].0.result, None, "the stale result is not kept");
+        assert_ne!(view.meta.state, JobState::Succeeded);
         let s2 = scheduler(SchedulerConfig::default());
         let (job2, _) = s2.submit(batch(1, 0), "").unwrap();
         let lease = s2.lease(&w("w")).unwrap().unwrap();
@@ -4204,7 +4207,6 @@ mod tests {
         let view = s2.get(&job2).unwrap();
         assert_eq!(view.meta.state, JobState::Succeeded);
         assert_eq!(view.tasks[0].0.result, Some(hash("result")));
-        let _ = job;
     }
 
     #[test]
@@ -6343,7 +6345,7 @@ mod tests {
 
     /// A video job's frames: each completed frame asks for the stage work (its chunk's next frame), with
     /// other frames still running; the next frames are queued behind the job's, a frame with a task
-    /// already is left out, and an ended job or another kind takes none; the job ends with finish_stage.
+    /// already is left out, and an ended job or another kind takes none.
     #[test]
     fn video_frames_are_queued_as_their_chunks_go_on() {
         let s = scheduler(SchedulerConfig::default());
@@ -6388,12 +6390,18 @@ mod tests {
         s.complete(&b.lease_id, &hash("r3")).unwrap();
         let done = s.complete(&c.lease_id, &hash("r2")).unwrap().unwrap();
         assert!(done.stage_work);
-        assert_eq!(s.add_frames(&batch_job(&s), Vec::new()).unwrap(), 0);
-        s.cancel(&job).unwrap();
         let view = s.get(&job).unwrap();
         let tasks = view.tasks.iter().map(|(t, _)| (&t.spec, t.result.as_ref()));
         let last = spec.next_frames(tasks).unwrap();
-        assert_eq!(last.len(), 1);
+        assert_eq!(last.len(), 1, "frame 4 follows frame 3");
+        let batch = batch_job(&s);
+        assert_eq!(
+            s.add_frames(&batch, last.clone()).unwrap(),
+            0,
+            "another kind takes none"
+        );
+        assert_eq!(s.get(&batch).unwrap().tasks.len(), 1);
+        s.cancel(&job).unwrap();
         assert_eq!(
             s.add_frames(&job, last).unwrap(),
             0,
