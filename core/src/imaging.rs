@@ -51,20 +51,26 @@ fn tiff_of_jpeg_strips(bytes: &[u8]) -> bool {
     )
 }
 
-/// The (width, height) in the header of an extended WebP's first lossy (VP8) frame, and the size it must
-/// have, when they differ: the canvas of a still image, the frame's own of an animation's first frame.
-/// The WebP decoder decodes such a frame whole (up to 16383 x 16383, about 400 MB) before it compares
-/// the sizes, and the limits taken from the canvas do not reach it. `None` when they agree, when the file
-/// is not an extended WebP, or when its chunks cannot be walked (the decoder then says why).
+/// The (width, height) in the header of the lossy (VP8) frame that the WebP decoder decodes for an extended
+/// WebP, and the size it must have, when they differ: the canvas of a still image, the frame's own for an
+/// animation's first frame. The decoder decodes such a frame whole (up to 16383 x 16383, about 400 MB)
+/// before it compares the sizes (or, after an alpha chunk, never does), and the limits taken from the
+/// canvas do not reach it. The frame is found as image-webp 0.2 finds it: by the VP8X animation flag, the
+/// first `ANMF` chunk or the first `VP8 ` chunk (of the whole file: the decoder looks a little past the
+/// RIFF data's end); in an `ANMF`, its first chunk, or the one after an `ALPH`, whatever its name; a
+/// chunk's payload cut short at the end of the file, as the decoder reads it. A still image with both a
+/// lossless and a lossy frame is looked at too (it is malformed). `None` when they agree, or when the
+/// file is no extended WebP or its frame cannot be found (the decoder then fails).
 fn webp_lossy_frame_mismatch(bytes: &[u8]) -> Option<((u32, u32), (u32, u32))> {
-    // (fourcc, payload) of each chunk of `data`; a chunk cut short ends the walk
+    // (fourcc, payload) of each chunk of `data`, a payload cut short at its end
     fn chunks(data: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
         let mut at = 0usize;
         std::iter::from_fn(move || {
             let header = data.get(at..at.checked_add(8)?)?;
             let size = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
-            let payload = data.get(at + 8..(at + 8).checked_add(size)?)?;
-            at += 8 + size + (size & 1);
+            let start = at + 8;
+            let payload = &data[start..start.saturating_add(size).min(data.len())];
+            at = start.saturating_add(size).saturating_add(size & 1);
             Some((&header[..4], payload))
         })
     }
@@ -83,18 +89,21 @@ fn webp_lossy_frame_mismatch(bytes: &[u8]) -> Option<((u32, u32), (u32, u32))> {
     let (b"VP8X", vp8x) = top.next()? else {
         return None;
     };
-    let canvas = (side(vp8x.get(4..)?)?, side(vp8x.get(7..)?)?);
-    // the first frame's bitstream, and the size it must have
-    let (fourcc, bitstream, expected) = top.find_map(|(fourcc, payload)| match fourcc {
-        b"VP8 " | b"VP8L" => Some((fourcc, payload, canvas)),
-        b"ANMF" => {
-            let own = (side(payload.get(6..)?)?, side(payload.get(9..)?)?);
-            let (fourcc, bitstream) = chunks(payload.get(16..)?).find(|(c, _)| *c != b"ALPH")?;
-            Some((fourcc, bitstream, own))
+    let animated = vp8x.first()? & 2 != 0;
+    let (bitstream, expected) = if animated {
+        let (_, anmf) = top.find(|(c, _)| *c == b"ANMF")?;
+        let own = (side(anmf.get(6..)?)?, side(anmf.get(9..)?)?);
+        let mut frame = chunks(anmf.get(16..)?);
+        match frame.next()? {
+            (b"VP8 ", bitstream) => (bitstream, own),
+            (b"ALPH", _) => (frame.next()?.1, own),
+            _ => return None,
         }
-        _ => None,
-    })?;
-    let frame = vp8_size(bitstream).filter(|_| fourcc == b"VP8 ")?;
+    } else {
+        let canvas = (side(vp8x.get(4..)?)?, side(vp8x.get(7..)?)?);
+        (top.find(|(c, _)| *c == b"VP8 ")?.1, canvas)
+    };
+    let frame = vp8_size(bitstream)?;
     (frame != expected).then_some((frame, expected))
 }
 
@@ -1890,6 +1899,37 @@ mod tests {
         }
         // a frame of the size declared is left to the decoder
         assert_eq!(webp_lossy_frame_mismatch(&riff(&[vp8x(0), vp8(1)])), None);
+        // the frame the decoder decodes, however the file hides it: a chunk whose size runs past the
+        // end of the file (read to the end), a decoy of the right size where the other kind of image
+        // keeps its frame, an ANMF whose ALPH is followed by a chunk of any name (read as VP8)
+        let mut past_end = riff(&[vp8x(0), vp8(16383)]);
+        let at = past_end.len() - 18 - 4;
+        past_end[at..at + 4].copy_from_slice(&100u32.to_le_bytes());
+        let frame = |chunks: &[Vec<u8>]| {
+            let mut anmf = vec![0; 16];
+            anmf.extend(chunks.concat());
+            chunk(b"ANMF", &anmf)
+        };
+        let animated_decoy = riff(&[vp8x(2), vp8(1), frame(&[vp8(16383)])]);
+        let still_decoy = riff(&[vp8x(0), frame(&[vp8(1)]), vp8(16383)]);
+        let renamed = {
+            let mut v = vp8(16383);
+            v[..4].copy_from_slice(b"VP8L");
+            v
+        };
+        let after_alpha = riff(&[vp8x(2), frame(&[chunk(b"ALPH", &[0; 4]), renamed])]);
+        for (name, bytes) in [
+            ("past_end", past_end),
+            ("animated_decoy", animated_decoy),
+            ("still_decoy", still_decoy),
+            ("after_alpha", after_alpha),
+        ] {
+            assert_eq!(
+                webp_lossy_frame_mismatch(&bytes),
+                Some(((16383, 16383), (1, 1))),
+                "{name}"
+            );
+        }
     }
 
     #[test]
