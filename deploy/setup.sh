@@ -100,8 +100,10 @@ else
     fi
 fi
 if [ -L "$repo/.stylefarm/libtorch" ] && [ "$(readlink "$repo/.stylefarm/libtorch")" != "$libtorch" ]; then
-    # another libtorch (cpu <-> cu130): the binaries' rpath and whether they load libtorch_cuda come from
-    # engine/build.rs, which cargo runs again only when it changes (LIBTORCH, this link, stays the same)
+    # another libtorch (cpu <-> cu130), under the same LIBTORCH (this link): cargo would run neither
+    # torch-sys' build script (which links libtorch_cuda where it finds it: cu130 -> cpu would not link)
+    # nor engine/build.rs (the binaries' rpath, and libtorch_cuda kept) again
+    (cd "$repo" && cargo clean -q -p torch-sys && cargo clean -q -p torch-sys --release) || true
     touch "$repo/engine/build.rs"
     log "libtorch is now $libtorch (was $(readlink "$repo/.stylefarm/libtorch")): the next build links against it"
 fi

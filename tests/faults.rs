@@ -440,16 +440,17 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
 }
 
 /// An exact-mode scale's two shards, one of whose engines hangs between two exchange calls (fail point
-/// `exchange-call=2*off->1*sleep(60000)`: its third call) while its worker heartbeats: the hung shard
-/// stalls (coordinator `--task-stall-secs 10`), a strike against its worker, and its worker leaves once its
-/// engine outlasts the cancel's grace; the shard waiting in the exchange for it does not stall, however
-/// long it waits, and fails with its group at no attempt. With another worker the job then succeeds.
+/// `exchange-call=2*off->1*sleep(60000)`: its third call) while its worker heartbeats: the hung shard stalls
+/// (coordinator `--task-stall-secs 20`: a cold worker's first shard must reach its first call within it), a
+/// strike against its worker, and its worker leaves once its engine outlasts the cancel's grace; the shard
+/// waiting in the exchange for it does not stall, however long it waits, and fails with its group at no
+/// attempt. With another worker the job then succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_whose_engine_hangs_between_exchange_calls_is_taken_back_not_the_one_waiting() {
     let (mut cluster, _services) = cluster_on(Backend::Embedded, 5.0, 0.3);
     cluster
         .coordinator_args
-        .extend(["--task-stall-secs".into(), "10".into()]);
+        .extend(["--task-stall-secs".into(), "20".into()]);
     cluster.start_coordinator();
     cluster.add_worker_with_env(
         "hung",
