@@ -299,7 +299,10 @@ pub fn text(attempts: &[AttemptLog]) -> String {
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(a.started_ms.max(0) as u64);
         let took = match a.ended_ms {
             0 => "running".to_string(),
-            end => format!("{:.1} s", (end - a.started_ms).max(0) as f64 / 1000.0),
+            end => format!(
+                "{:.1} s",
+                end.saturating_sub(a.started_ms).max(0) as f64 / 1000.0
+            ),
         };
         let _ = writeln!(
             out,
@@ -417,6 +420,15 @@ mod tests {
         );
         assert_eq!(lines.len(), 2 * (HEAD_LINES + 2) + 1);
         assert_eq!(super::text(&[]), "the task has not run yet\n");
+        // times from a coordinator, however wrong, are text: no overflow
+        for (started_ms, ended_ms) in [(i64::MAX, -1), (i64::MIN, i64::MAX), (-5, 1)] {
+            let odd = AttemptLog {
+                started_ms,
+                ended_ms,
+                ..attempt(3, 0, "", 0)
+            };
+            assert!(super::text(&[odd]).starts_with("attempt 3\tw#1\t"));
+        }
     }
 
     /// Lines sent again (a heartbeat that timed out after it came) are kept once, by their numbers; lines
