@@ -9,8 +9,9 @@ use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
     batch_x_starry, file_names, is, iteration, job, metric_value, metrics_addr, path,
-    pixel_difference, scrape, shared_image, submit, tubingen_x_starry, wait_for, wait_iteration,
-    wait_job, wait_registered, wait_state, wait_succeeded, x_starry, Cluster,
+    pixel_difference, scrape, shared_image, submit, tubingen_x_starry, two_shards_x_starry,
+    wait_for, wait_iteration, wait_job, wait_registered, wait_state, wait_succeeded, x_starry,
+    Cluster,
 };
 use tonic::Code;
 
@@ -3325,34 +3326,7 @@ async fn two_shards_rendering(scale_iterations: &str) -> (Cluster, String, pb::J
     cluster.add_worker("w1");
     cluster.add_worker("w2");
     wait_registered(&cluster, 2).await;
-    let id = submit(
-        &cluster,
-        &[
-            &[
-                "--content",
-                &path("tubingen.jpg"),
-                "--style",
-                &path("starry_night.jpg"),
-            ][..],
-            &[
-                "--size",
-                "256",
-                "--scale-iterations",
-                scale_iterations,
-                "--optimizer",
-                "adam",
-            ],
-            &[
-                "--tiled",
-                "--exact",
-                "--tile-size",
-                "128",
-                "--overlap",
-                "64",
-            ],
-        ]
-        .concat(),
-    );
+    let id = submit(&cluster, &two_shards_x_starry(scale_iterations));
     let client = cluster.client().await;
     let status = wait_for(
         "the shards to be rendering",

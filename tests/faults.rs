@@ -15,7 +15,8 @@ use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_tests::{
     batch_x_starry, is, job, path, shared_image, stylefarm, submit, task_log, tubingen_x_starry,
-    wait_for, wait_iteration, wait_job, wait_registered, wait_state, wait_succeeded, Cluster,
+    two_shards_x_starry, wait_for, wait_iteration, wait_job, wait_registered, wait_state,
+    wait_succeeded, Cluster,
 };
 use tonic::Code;
 
@@ -366,6 +367,25 @@ async fn failing_every_task(backend: Backend) {
     );
 }
 
+/// A cluster on the embedded store, started, whose coordinator takes back a task that made no progress
+/// for `stall_secs` (`--task-stall-secs`), and its first worker, `hung`, with the fail points
+/// `failpoints` and a cancel grace of 2 s (it leaves soon after its engine outlasts a cancel).
+fn cluster_with_a_hanging_worker(stall_secs: u32, failpoints: &str) -> (Cluster, Services) {
+    let (mut cluster, services) = cluster_on(Backend::Embedded, 5.0, 0.3);
+    cluster
+        .coordinator_args
+        .extend(["--task-stall-secs".into(), stall_secs.to_string()]);
+    cluster.start_coordinator();
+    cluster.add_worker_with_env(
+        "hung",
+        &[
+            ("FAILPOINTS", failpoints),
+            ("STYLEFARM_CANCEL_GRACE_SECS", "2"),
+        ],
+    );
+    (cluster, services)
+}
+
 /// A worker whose engine hangs while its heartbeats go on (a fail point sleeps its first render for a
 /// minute): with --task-stall-secs 3 the coordinator takes the task back after 3 s without progress, a
 /// strike against that worker, which is told to cancel, and the task renders on another worker. The hung
@@ -373,18 +393,7 @@ async fn failing_every_task(backend: Backend) {
 /// for its supervisor to start it again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
-    let (mut cluster, _services) = cluster_on(Backend::Embedded, 5.0, 0.3);
-    cluster
-        .coordinator_args
-        .extend(["--task-stall-secs".into(), "3".into()]);
-    cluster.start_coordinator();
-    cluster.add_worker_with_env(
-        "hung",
-        &[
-            ("FAILPOINTS", "engine-render=1*sleep(60000)"),
-            ("STYLEFARM_CANCEL_GRACE_SECS", "2"),
-        ],
-    );
+    let (mut cluster, _services) = cluster_with_a_hanging_worker(3, "engine-render=1*sleep(60000)");
     wait_registered(&cluster, 1).await;
     let id = submit(&cluster, &tubingen_x_starry(48, 5));
     let coordinator = cluster.coordinator.as_ref().unwrap();
@@ -447,44 +456,12 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
 /// attempt. With another worker the job then succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_whose_engine_hangs_between_exchange_calls_is_taken_back_not_the_one_waiting() {
-    let (mut cluster, _services) = cluster_on(Backend::Embedded, 5.0, 0.3);
-    cluster
-        .coordinator_args
-        .extend(["--task-stall-secs".into(), "20".into()]);
-    cluster.start_coordinator();
-    cluster.add_worker_with_env(
-        "hung",
-        &[
-            ("FAILPOINTS", "exchange-call=2*off->1*sleep(60000)"),
-            ("STYLEFARM_CANCEL_GRACE_SECS", "2"),
-        ],
-    );
+    let (mut cluster, _services) =
+        cluster_with_a_hanging_worker(20, "exchange-call=2*off->1*sleep(60000)");
     cluster.add_worker("waiting");
     wait_registered(&cluster, 2).await;
-    // scale 1 (128 px) whole, scale 2 (256 x 192 in 128-px blocks) two shards, one on each worker
-    let mut args = vec!["--content".to_string(), path("tubingen.jpg")];
-    args.extend([
-        "--style".to_string(),
-        path("starry_night.jpg"),
-        "--size".into(),
-        "256".into(),
-    ]);
-    args.extend(
-        [
-            "--scale-iterations",
-            "6,4",
-            "--optimizer",
-            "adam",
-            "--tiled",
-            "--exact",
-            "--tile-size",
-            "128",
-            "--overlap",
-            "64",
-        ]
-        .map(String::from),
-    );
-    let id = submit(&cluster, &args);
+    // scale 2's two shards, one on each worker
+    let id = submit(&cluster, &two_shards_x_starry("6,4"));
     let coordinator = cluster.coordinator.as_ref().unwrap();
     wait_for("the stall", Duration::from_secs(90), || async {
         coordinator
