@@ -14,10 +14,11 @@
 #     task `task_s - engine_s` from the worker's log; again with --cudnn-benchmark false (TILED_NOBENCH=
 #     for none); and the one-pass `render --size $TILED_SIZE --scales N` with the same schedule, for the
 #     ratio;
-#   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES), the first
-#     of them again with --cudnn-benchmark false, and again with the worker held to --device-memory $CAP
-#     (16GiB: the cap that lets workers share a GPU), then the planned job on two workers sharing the GPU
-#     (half of its memory each), before the larger tiles.
+#   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES) with
+#     cuDNN's autotuner off (its trial runs take a workspace as large as the free memory allows: 131 GiB
+#     peaks on an H200 before, whatever the tile), then the smallest tiles with the worker held to
+#     --device-memory $CAP (16GiB: the cap that lets workers share a GPU), the planned job on two workers
+#     sharing the GPU (half of its memory each), and last the smallest tiles with the autotuner on.
 #
 #   bash bench/gpu.sh                       # on the GPU machine, from the repository root
 #   PARTS=tiled bash bench/gpu.sh           # only the tiled job (PARTS: engine, tiled, memory)
@@ -41,14 +42,20 @@ for f in vgg19-fp16.safetensors.gz tubingen.jpg starry_night.jpg; do
     fi
 done
 
-if [ "$device" != cpu ]; then
-    torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-    export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export LD_PRELOAD="$torch_lib/libtorch_cuda.so"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-fi
 sf="$kit/stylefarm"
 [ -x "$sf" ] || sf="$repo/target/release/stylefarm"
+if [ "$device" != cpu ]; then
+    torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+    # the machine's libtorch for stylefarm alone: exported, every date, timeout and python helper would
+    # load libtorch_cuda too (a time taken with date would include that load)
+    printf '#!/bin/sh\nLD_LIBRARY_PATH="%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LD_PRELOAD="%s" exec "%s" "$@"\n' \
+        "$torch_lib" "$torch_lib/libtorch_cuda.so" "$sf" > "$out/stylefarm"
+    chmod +x "$out/stylefarm"
+    sf="$out/stylefarm"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+# wall times from bash's clock, not a process started to read one
+now() { echo "${EPOCHREALTIME:-$(date +%s.%N)}"; }
 weights="$out/vgg19.safetensors"
 # float16 (conv5_2..5_4 zeroed) -> float32, for both implementations
 gunzip -c "$kit/vgg19-fp16.safetensors.gz" > "$out/vgg19-fp16.safetensors"
@@ -106,13 +113,13 @@ opts=(lbfgs adam)
         *-*) echo "VARIANTS: unknown variant ${opt#*-} (nchw, fp32 or nobench)" >&2; continue ;;
         *) variant= ;;
     esac
-    t0=$(date +%s.%N)
+    t0=$(now)
     STYLEFARM_LOG=info "$sf" render --content "$content" --style "$style" --size "$size" \
         --iterations "$iterations" \
         --optimizer "${opt%-*}" $variant \
         --progress json -o "$out/render-$opt.png" > "$out/sf-$opt.jsonl" 2> "$out/sf-$opt.err"
     rc=$?
-    wall=$("$py" -c "print($(date +%s.%N) - $t0)")
+    wall=$("$py" -c "print($(now) - $t0)")
     if [ -n "$variant" ]; then
         row "${opt%-*} with $variant: ms per iteration" \
             "$(ms_per_iteration "$out/sf-$opt.jsonl") (exit $rc)" ""
@@ -144,12 +151,12 @@ farm_job() {
             -lms 200 > "$out/smi-$name.csv" 2>/dev/null &
         smi=$!
     fi
-    t0=$(date +%s.%N)
-    STYLEFARM_LOG=info timeout --foreground "$tiled_timeout" "$sf" local --workers "${farm_workers:-1}" \
+    t0=$(now)
+    STYLEFARM_LOG=info timeout -k 5 --foreground "$tiled_timeout" "$sf" local --workers "${farm_workers:-1}" \
         --content "$content" --style "$style" \
         -o "$out/$name.png" "$@" > "$out/$name.out" 2> "$out/$name.err"
     rc=$?
-    wall=$("$py" -c "print($(date +%s.%N) - $t0)")
+    wall=$("$py" -c "print($(now) - $t0)")
     [ -n "${smi:-}" ] && kill "$smi" 2>/dev/null
     "$py" - "$out/$name.err" "$out/smi-$name.csv" "$name" "$wall" "$rc" <<'PY'
 import datetime, re, statistics, sys
@@ -210,14 +217,14 @@ if [[ $parts == *" tiled "* ]]; then
     # the one-pass render of the same pyramid and schedule (scales as the tiled job's: first <= 512 px)
     scales=1
     while [ $(( (tiled_size + (1 << (scales - 1)) - 1) >> (scales - 1) )) -gt 512 ]; do scales=$((scales + 1)); done
-    t0=$(date +%s.%N)
-    timeout --foreground "$tiled_timeout" "$sf" render --content "$content" --style "$style" \
+    t0=$(now)
+    timeout -k 5 --foreground "$tiled_timeout" "$sf" render --content "$content" --style "$style" \
         --size "$tiled_size" \
         --scales "$scales" ${tiled_iterations:+--scale-iterations "$tiled_iterations"} --progress none \
         -o "$out/onepass.png" 2> "$out/onepass.err"
     rc=$?
     row "one-pass \`render --size $tiled_size --scales $scales\`: wall time" \
-        "$(printf '%.1f' "$("$py" -c "print($(date +%s.%N) - $t0)")") s (exit $rc)" ""
+        "$(printf '%.1f' "$("$py" -c "print($(now) - $t0)")") s (exit $rc)" ""
     # the tiled job again with cuDNN's autotuner off: its timing runs per new shape, its workspace
     [ -n "${TILED_NOBENCH-1}" ] && farm_job "tiled-$tiled_size-nobench" --tiled --size "$tiled_size" \
         ${tiled_iterations:+--scale-iterations "$tiled_iterations"} --cudnn-benchmark false
@@ -229,15 +236,14 @@ if [[ $parts == *" memory "* ]]; then
         farm_job "$1" --tiled --size "$tiled_size" --tile-size "$2" \
             --iterations "${MEMORY_ITERATIONS:-20}" "${@:3}"
     }
-    # the figures still missing first: the smallest tiles as they are (131 GiB peaks on an H200 before),
-    # with cuDNN's autotuner off (PyTorch gives its trial runs a workspace as large as the free memory
-    # allows), and held to $cap by PyTorch's allocator (--device-memory on a GPU)
-    if [ ${#tile_sizes[@]} -gt 0 ]; then
-        first=${tile_sizes[0]}
-        tiles "tiles-$first" "$first"
-        tiles "tiles-$first-nobench" "$first" --cudnn-benchmark false
-        tiles "tiles-$first-held-$cap" "$first" --device-memory "$cap"
-    fi
+    # the figures still missing first: each tile size's peak with cuDNN's autotuner off (PyTorch gives its
+    # trial runs a workspace as large as the free memory allows), then the smallest tiles held to $cap by
+    # PyTorch's allocator (--device-memory on a GPU)
+    for t in "${tile_sizes[@]}"; do
+        tiles "tiles-$t-nobench" "$t" --cudnn-benchmark false
+    done
+    first=${tile_sizes[0]:-512}
+    tiles "tiles-$first-held-$cap" "$first" --device-memory "$cap"
     # two workers sharing the GPU, each held to its half (--device-memory): a scale whose render fits a
     # half stays whole, a larger one is cut into tiles for both, whose kernels then run while the other
     # worker's host side prepares its next (the GPU utilization per scale against the one-worker job's)
@@ -245,8 +251,7 @@ if [[ $parts == *" memory "* ]]; then
     half=$(( ${total_mib:-32768} / 2048 ))GiB
     farm_workers=2 farm_job "tiled-$tiled_size-2workers-$half" --tiled --size "$tiled_size" \
         --iterations "${MEMORY_ITERATIONS:-20}" --device-memory "$half"
-    for t in "${tile_sizes[@]:1}"; do
-        tiles "tiles-$t" "$t"
-    done
+    # the smallest tiles with the autotuner on, as the default runs them (known: 131 GiB before)
+    tiles "tiles-$first" "$first"
 fi
 echo "(outputs in $out)"
