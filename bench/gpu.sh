@@ -173,9 +173,15 @@ if mem:
 held = re.search(r"device memory held to (\S+)", log)
 if held:
     print(f"| {name}: share of the GPU's memory the process is held to | {held.group(1)} | |")
-engine = [float(x) for x in re.findall(r"engine_s=([0-9.]+)", log)]
-task = [float(x) for x in re.findall(r"task_s=([0-9.]+)", log)]
-over = [t - e for t, e in zip(task, engine)]
+# each task's "task over" with its own "rendered" (by the task's span: two workers' lines interleave, and
+# a task that failed has no "rendered")
+rendered, engine, over = {}, [], []
+for m in re.finditer(r"(task\{[^}]*\}).*?(?:rendered engine_s=([0-9.]+)|task over task_s=([0-9.]+))", log):
+    if m.group(2):
+        rendered[m.group(1)] = float(m.group(2))
+    elif m.group(1) in rendered:
+        engine.append(rendered.pop(m.group(1)))
+        over.append(float(m.group(3)) - engine[-1])
 if over:
     print(f"| {name}: per task task_s - engine_s (median, max; {len(over)} tasks); engine sum | "
           f"{statistics.median(over):.3f} s, {max(over):.3f} s; {sum(engine):.1f} s | |")
