@@ -986,7 +986,7 @@ fn image_size() -> impl Strategy<Value = (u32, u32)> {
     ]
 }
 
-const PARAM_FIELDS: [&str; 15] = [
+const PARAM_FIELDS: [&str; 17] = [
     "size",
     "iterations",
     "scales",
@@ -1002,6 +1002,9 @@ const PARAM_FIELDS: [&str; 15] = [
     "content_layers",
     "style_layers",
     "style_layer_weights",
+    "temporal_weight",
+    // not with luminance_only
+    "match_colors",
 ];
 
 /// What `validate` promises when it passes, written out independently.
@@ -1877,7 +1880,19 @@ enum ParamsTweak {
     Init(Option<String>),
     ContentLayers(Vec<String>),
     StyleLayers(Vec<String>),
+    /// The options added after the first generator: temporal_weight, optical_flow, style_layer_weights,
+    /// luminance_only, match_colors, global_style_targets.
+    Later(Later),
 }
+
+type Later = (
+    Option<f64>,
+    Option<bool>,
+    Vec<f64>,
+    Option<bool>,
+    Option<bool>,
+    Option<bool>,
+);
 
 fn params_tweak() -> BoxedStrategy<ParamsTweak> {
     prop_oneof![
@@ -1887,6 +1902,15 @@ fn params_tweak() -> BoxedStrategy<ParamsTweak> {
         1 => wire_init().prop_map(ParamsTweak::Init),
         1 => prop::collection::vec(layer_name(), 0..=4).prop_map(ParamsTweak::ContentLayers),
         1 => prop::collection::vec(layer_name(), 0..=4).prop_map(ParamsTweak::StyleLayers),
+        2 => (
+            opt(weight()),
+            opt(any::<bool>()),
+            prop::collection::vec(weight(), 0..=6),
+            opt(any::<bool>()),
+            opt(any::<bool>()),
+            opt(any::<bool>()),
+        )
+            .prop_map(ParamsTweak::Later),
     ]
     .boxed()
 }
@@ -1914,6 +1938,14 @@ fn tweak_params(p: &mut pb::RenderParams, t: ParamsTweak) {
         ParamsTweak::Init(v) => p.init = v,
         ParamsTweak::ContentLayers(v) => p.content_layers = v,
         ParamsTweak::StyleLayers(v) => p.style_layers = v,
+        ParamsTweak::Later((temporal, flow, layer_weights, luminance, colors, global)) => {
+            p.temporal_weight = temporal;
+            p.optical_flow = flow;
+            p.style_layer_weights = layer_weights;
+            p.luminance_only = luminance;
+            p.match_colors = colors;
+            p.global_style_targets = global;
+        }
     }
 }
 
