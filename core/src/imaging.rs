@@ -57,21 +57,22 @@ fn tiff_of_jpeg_strips(bytes: &[u8]) -> bool {
 /// before it compares the sizes (or, after an alpha chunk, never does), and the limits taken from the
 /// canvas do not reach it. The frame is found as image-webp 0.2 finds it: by the VP8X animation flag, the
 /// first `ANMF` chunk or the first `VP8 ` chunk (of the whole file: the decoder looks a little past the
-/// RIFF data's end); in an `ANMF`, its first chunk, or the one after an `ALPH`, whatever its name; a
-/// chunk's payload cut short at the end of the file, as the decoder reads it. A still image with both a
+/// RIFF data's end); in an `ANMF`, its first chunk, or the one after an `ALPH`, whatever its name, read
+/// from the file (not bounded by the ANMF); the VP8X's 10 bytes whatever size it says; a chunk's payload
+/// cut short at the end of the file, as the decoder reads it. A still image with both a
 /// lossless and a lossy frame is looked at too (it is malformed). `None` when they agree, or when the
 /// file is no extended WebP or its frame cannot be found (the decoder then fails).
 fn webp_lossy_frame_mismatch(bytes: &[u8]) -> Option<((u32, u32), (u32, u32))> {
-    // (fourcc, payload) of each chunk of `data`, a payload cut short at its end
-    fn chunks(data: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let mut at = 0usize;
+    // (fourcc, where its payload starts in `data`, the payload) of each chunk of `data` from `at`, a payload
+    // cut short at the end of `data`
+    fn chunks(data: &[u8], mut at: usize) -> impl Iterator<Item = (&[u8], usize, &[u8])> {
         std::iter::from_fn(move || {
             let header = data.get(at..at.checked_add(8)?)?;
             let size = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
             let start = at + 8;
             let payload = &data[start..start.saturating_add(size).min(data.len())];
             at = start.saturating_add(size).saturating_add(size & 1);
-            Some((&header[..4], payload))
+            Some((&header[..4], start, payload))
         })
     }
     // a 24-bit side less one, as VP8X and ANMF store them
@@ -85,23 +86,26 @@ fn webp_lossy_frame_mismatch(bytes: &[u8]) -> Option<((u32, u32), (u32, u32))> {
     if bytes.get(..4) != Some(b"RIFF") || bytes.get(8..12) != Some(b"WEBP") {
         return None;
     }
-    let mut top = chunks(&bytes[12..]);
-    let (b"VP8X", vp8x) = top.next()? else {
+    let mut top = chunks(bytes, 12);
+    let (b"VP8X", ..) = top.next()? else {
         return None;
     };
-    let animated = vp8x.first()? & 2 != 0;
+    // the decoder reads the VP8X's 10 bytes whatever size the chunk says it has
+    let vp8x = bytes.get(20..30)?;
+    let animated = vp8x[0] & 2 != 0;
     let (bitstream, expected) = if animated {
-        let (_, anmf) = top.find(|(c, _)| *c == b"ANMF")?;
+        let (_, start, anmf) = top.find(|(c, ..)| *c == b"ANMF")?;
         let own = (side(anmf.get(6..)?)?, side(anmf.get(9..)?)?);
-        let mut frame = chunks(anmf.get(16..)?);
+        // the frame's chunks as the decoder reads them: from the file, not bounded by the ANMF's size
+        let mut frame = chunks(bytes, start.checked_add(16)?);
         match frame.next()? {
-            (b"VP8 ", bitstream) => (bitstream, own),
-            (b"ALPH", _) => (frame.next()?.1, own),
+            (b"VP8 ", _, bitstream) => (bitstream, own),
+            (b"ALPH", ..) => (frame.next()?.2, own),
             _ => return None,
         }
     } else {
-        let canvas = (side(vp8x.get(4..)?)?, side(vp8x.get(7..)?)?);
-        (top.find(|(c, _)| *c == b"VP8 ")?.1, canvas)
+        let canvas = (side(&vp8x[4..])?, side(&vp8x[7..])?);
+        (top.find(|(c, ..)| *c == b"VP8 ")?.2, canvas)
     };
     let frame = vp8_size(bitstream)?;
     (frame != expected).then_some((frame, expected))
@@ -1918,7 +1922,22 @@ mod tests {
             v
         };
         let after_alpha = riff(&[vp8x(2), frame(&[chunk(b"ALPH", &[0; 4]), renamed])]);
+        // a VP8X that says it has 4 bytes (the decoder reads its 10 whatever it says: here the canvas'
+        // sides are the next chunk's header, 0 + 1 each), then an empty chunk before the frame
+        let mut short = chunk(b"VP8X", &[0; 4]);
+        short.extend(chunk(b"\0\0\0\0", &[]));
+        let short_vp8x = riff(&[short, vp8(16383)]);
+        // an odd-sized ALPH whose frame's last byte lies past the ANMF (its padding byte): the decoder
+        // reads the frame from the file
+        let mut odd = vec![0; 16];
+        odd.extend(chunk(b"ALPH", &[0; 3]));
+        odd.extend(&vp8(16383)[..8 + 9]);
+        let mut odd_alpha = riff(&[vp8x(2), chunk(b"ANMF", &odd)]);
+        assert_eq!(odd.len() % 2, 1, "the ANMF ends in a padding byte");
+        *odd_alpha.last_mut().unwrap() = 0x3F;
         for (name, bytes) in [
+            ("short_vp8x", short_vp8x),
+            ("odd_alpha", odd_alpha),
             ("past_end", past_end),
             ("animated_decoy", animated_decoy),
             ("still_decoy", still_decoy),
