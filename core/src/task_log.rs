@@ -295,8 +295,9 @@ pub fn text(attempts: &[AttemptLog]) -> String {
     }
     let mut out = String::new();
     for a in attempts {
-        let at =
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(a.started_ms.max(0) as u64);
+        // RFC 3339 ends at 9999-12-31T23:59:59Z
+        let at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(a.started_ms.clamp(0, 253_402_300_799_999) as u64);
         let took = match a.ended_ms {
             0 => "running".to_string(),
             end => format!(
@@ -427,7 +428,10 @@ mod tests {
                 ended_ms,
                 ..attempt(3, 0, "", 0)
             };
-            assert!(super::text(&[odd]).starts_with("attempt 3\tw#1\t"));
+            let text = super::text(&[odd]);
+            let first = text.lines().next().unwrap();
+            assert_eq!(first.split('\t').count(), 5, "{first}");
+            assert!(first.starts_with("attempt 3\tw#1\t"), "{first}");
         }
     }
 
