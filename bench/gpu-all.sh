@@ -12,10 +12,11 @@ set -u
 res=${OUT:-/tmp/gpu-results}
 work=/tmp/gpuwork
 mkdir -p "$res" "$work/logs"
+# the whole from here: the device tool's 600 s count the probes too
+t0=$(date +%s)
 nvidia-smi > "$work/logs/nvidia-smi.txt" 2>&1
 python3 -c 'import torch, PIL; print(torch.__version__, torch.cuda.get_device_name(0))' \
     > "$work/logs/env.txt" 2>&1
-t0=$(date +%s)
 # a stage's leftovers (a job past its stage's limit) must not run into the next stage's figures
 stage() {
     pkill -f 'gpu-kit/stylefarm|gatys_torch.py|nvidia-smi --query-gpu' 2>/dev/null && sleep 2
@@ -25,7 +26,7 @@ stage "engine and tiled"
 OUT=$work/main TILED_TIMEOUT=${TILED_TIMEOUT:-125} PARTS="engine tiled" timeout -k 5 320 bash bench/gpu.sh \
     > "$res/gpu-main.md" 2> "$work/logs/gpu-main.err"
 stage lbfgs
-OUT=$work/lbfgs timeout 75 bash bench/gpu-lbfgs.sh > "$res/gpu-lbfgs.txt" 2> "$work/logs/gpu-lbfgs.err"
+OUT=$work/lbfgs timeout -k 5 75 bash bench/gpu-lbfgs.sh > "$res/gpu-lbfgs.txt" 2> "$work/logs/gpu-lbfgs.err"
 stage memory
 # what is left of 570 s (the device tool's 600, less the logs' packing), at least a minute
 left=$((570 - ($(date +%s) - t0)))

@@ -103,7 +103,8 @@ if [ -L "$repo/.stylefarm/libtorch" ] && [ "$(readlink "$repo/.stylefarm/libtorc
     # another libtorch (cpu <-> cu130), under the same LIBTORCH (this link): cargo would run neither
     # torch-sys' build script (which links libtorch_cuda where it finds it: cu130 -> cpu would not link)
     # nor engine/build.rs (the binaries' rpath, and libtorch_cuda kept) again
-    (cd "$repo" && cargo clean -q -p torch-sys && cargo clean -q -p torch-sys --release) || true
+    (cd "$repo" && cargo clean -q -p torch-sys; cargo clean -q -p torch-sys --release) \
+        || log "cargo clean -p torch-sys failed: run it (and with --release) before the next build"
     touch "$repo/engine/build.rs"
     log "libtorch is now $libtorch (was $(readlink "$repo/.stylefarm/libtorch")): the next build links against it"
 fi
