@@ -97,7 +97,9 @@ print(f"inputs {inputs:.2f} s, engine load {load:.2f} s, render {render:.2f} s"
 PY
 }
 
-echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py) |"
+# the PyTorch column as PyTorch runs by default (TF32 on, NCHW, cuDNN's autotuner off), its losses read at
+# each evaluation: not tuned as stylefarm's defaults are (channels-last, autotuner on, losses read every 10)
+echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py: PyTorch's defaults, losses read each evaluation) |"
 echo "| --- | --- | --- |"
 parts=" ${PARTS:-engine tiled memory} "
 # the engine's defaults, then each with one option changed (to choose the defaults by these figures):
