@@ -386,6 +386,18 @@ fn cluster_with_a_hanging_worker(stall_secs: u32, failpoints: &str) -> (Cluster,
     (cluster, services)
 }
 
+/// Waits, at most `within`, for the coordinator to log that it took back a stalled task.
+async fn wait_for_a_stall(cluster: &Cluster, within: Duration) {
+    let coordinator = cluster.coordinator.as_ref().unwrap();
+    wait_for("the stall", within, || async {
+        coordinator
+            .log_text()
+            .contains("task stalled")
+            .then_some(())
+    })
+    .await;
+}
+
 /// A worker whose engine hangs while its heartbeats go on (a fail point sleeps its first render for a
 /// minute): with --task-stall-secs 3 the coordinator takes the task back after 3 s without progress, a
 /// strike against that worker, which is told to cancel, and the task renders on another worker. The hung
@@ -396,14 +408,7 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
     let (mut cluster, _services) = cluster_with_a_hanging_worker(3, "engine-render=1*sleep(60000)");
     wait_registered(&cluster, 1).await;
     let id = submit(&cluster, &tubingen_x_starry(48, 5));
-    let coordinator = cluster.coordinator.as_ref().unwrap();
-    wait_for("the stall", Duration::from_secs(30), || async {
-        coordinator
-            .log_text()
-            .contains("task stalled")
-            .then_some(())
-    })
-    .await;
+    wait_for_a_stall(&cluster, Duration::from_secs(30)).await;
     wait_for(
         "the hung worker told to cancel",
         Duration::from_secs(10),
@@ -462,14 +467,7 @@ async fn a_shard_whose_engine_hangs_between_exchange_calls_is_taken_back_not_the
     wait_registered(&cluster, 2).await;
     // scale 2's two shards, one on each worker
     let id = submit(&cluster, &two_shards_x_starry("6,4"));
-    let coordinator = cluster.coordinator.as_ref().unwrap();
-    wait_for("the stall", Duration::from_secs(90), || async {
-        coordinator
-            .log_text()
-            .contains("task stalled")
-            .then_some(())
-    })
-    .await;
+    wait_for_a_stall(&cluster, Duration::from_secs(90)).await;
     let hung = &mut cluster.workers[0];
     let status = wait_for("the hung worker to leave", Duration::from_secs(20), || {
         let exited = hung.child.try_wait().unwrap();

@@ -41,7 +41,13 @@ use crate::{blocking, Error};
 /// canvases): the canvas or decoded image (3), a result decoded beside it and an oriented copy (6), an
 /// alpha (1), with room to spare. An uploaded image's decode takes what its header says
 /// ([`imaging::Header::decode_bytes`]).
-pub(crate) const BYTES_PER_PIXEL: u64 = 16;
+const BYTES_PER_PIXEL: u64 = 16;
+
+/// The share of the decode budget an image of the farm's own of `width` x `height` takes
+/// ([`BYTES_PER_PIXEL`] a pixel).
+pub(crate) fn farm_image_bytes(width: u32, height: u32) -> u64 {
+    (u64::from(width) * u64::from(height)).saturating_mul(BYTES_PER_PIXEL)
+}
 
 /// Decode memory the coordinator's decodes hold at once: one image of the most pixels
 /// ([`MAX_IMAGE_PIXELS`]) of the farm's own, 4 GiB. A decode that needs more takes all of it.
@@ -539,7 +545,7 @@ mod tests {
         let held = budget.permits.clone().acquire_many_owned(1).await.unwrap();
         let b = budget.clone();
         let stitch = tokio::task::spawn_blocking(move || {
-            b.share_blocking(16_384 * 16_384 * BYTES_PER_PIXEL)
+            b.share_blocking(farm_image_bytes(16_384, 16_384))
                 .map(|s| s.num_permits())
         });
         tokio::time::sleep(Duration::from_millis(200)).await;

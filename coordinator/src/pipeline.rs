@@ -196,9 +196,9 @@ impl Coordinator {
                         }
                         // each variant decoded within the decode budget, as a stitch's tiles are
                         t => {
-                            let _share = self.decoding.share_blocking(
-                                u64::from(w) * u64::from(h) * crate::decoding::BYTES_PER_PIXEL,
-                            )?;
+                            let _share = self
+                                .decoding
+                                .share_blocking(crate::decoding::farm_image_bytes(w, h))?;
                             self.result_image(t)
                         }
                     }

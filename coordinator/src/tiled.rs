@@ -17,6 +17,7 @@ use stylefarm_core::job::{ImageHash, ScalePart, ScaleTask};
 use stylefarm_core::tiling::{self, TileSizing};
 
 use crate::blobs::BlobReader;
+use crate::decoding::farm_image_bytes;
 use crate::model::{JobMeta, TaskRecord, TaskState};
 use crate::{blocking, Coordinator, Error};
 
@@ -96,15 +97,17 @@ impl Coordinator {
     /// The alpha channel of a stored content image, oriented as its pixels; `None` when it has none or is
     /// opaque (the header says whether to decode at all).
     pub(crate) fn content_alpha(&self, hash: &ImageHash) -> Result<Option<GrayImage>, Error> {
-        if !self.has_alpha(hash)? {
+        if self.alpha_decode_bytes(hash)?.is_none() {
             return Ok(None);
         }
         self.decode_alpha(hash)
     }
 
-    /// Whether a stored image has an alpha channel, from its header.
-    fn has_alpha(&self, hash: &ImageHash) -> Result<bool, Error> {
-        Ok(imaging::has_alpha(self.stored(hash)?, hash.as_str())?)
+    /// The bytes that decoding a stored image for its alpha channel takes
+    /// ([`imaging::Header::decode_bytes`]), from its header; `None` when it has no alpha channel.
+    fn alpha_decode_bytes(&self, hash: &ImageHash) -> Result<Option<u64>, Error> {
+        let header = imaging::header(self.stored(hash)?, hash.as_str())?;
+        Ok(header.alpha.then_some(header.decode_bytes))
     }
 
     /// The alpha channel of a stored image, decoded; `None` when it is opaque.
@@ -119,17 +122,10 @@ impl Coordinator {
         hash: &ImageHash,
     ) -> Result<Option<GrayImage>, Error> {
         let (coordinator, content) = (self.clone(), hash.clone());
-        let header = blocking(move || {
-            Ok(imaging::header(
-                coordinator.stored(&content)?,
-                content.as_str(),
-            )?)
-        })
-        .await?;
-        if !header.alpha {
+        let Some(bytes) = blocking(move || coordinator.alpha_decode_bytes(&content)).await? else {
             return Ok(None);
-        }
-        let share = self.decoding.share(header.decode_bytes).await?;
+        };
+        let share = self.decoding.share(bytes).await?;
         let (coordinator, content) = (self.clone(), hash.clone());
         blocking(move || {
             let alpha = coordinator.decode_alpha(&content);
@@ -200,22 +196,13 @@ impl Coordinator {
             return Ok(());
         }
         // the canvas and its tiles' results, and at the last scale the content's decode for its alpha
-        let content_bytes = if last {
-            let content = &spec.contents[0];
-            let header = imaging::header(self.stored(content)?, content.as_str())?;
-            if header.alpha {
-                header.decode_bytes
-            } else {
-                0
-            }
-        } else {
-            0
+        let content_bytes = match last {
+            true => self.alpha_decode_bytes(&spec.contents[0])?.unwrap_or(0),
+            false => 0,
         };
-        let share = self.decoding.share_blocking(
-            (u64::from(width) * u64::from(height))
-                .saturating_mul(crate::decoding::BYTES_PER_PIXEL)
-                .saturating_add(content_bytes),
-        )?;
+        let share = self
+            .decoding
+            .share_blocking(farm_image_bytes(width, height).saturating_add(content_bytes))?;
         let stitched = match &tasks[0].spec.scale {
             // the first scale is one untiled task: its result is the scale's image
             None => self.result_image(tasks[0])?,

@@ -59,9 +59,9 @@ fn tiff_of_jpeg_strips(bytes: &[u8]) -> bool {
 /// first `ANMF` chunk or the first `VP8 ` chunk (of the whole file: the decoder looks a little past the
 /// RIFF data's end); in an `ANMF`, its first chunk, or the one after an `ALPH`, whatever its name, read
 /// from the file (not bounded by the ANMF); the VP8X's 10 bytes whatever size it says; a chunk's payload
-/// cut short at the end of the file, as the decoder reads it. A still image with both a
-/// lossless and a lossy frame is looked at too (it is malformed). `None` when they agree, or when the
-/// file is no extended WebP or its frame cannot be found (the decoder then fails).
+/// cut short at the end of the file, as the decoder reads it. A still image with both a lossless and a
+/// lossy frame is looked at too (it is malformed). `None` when they agree, or when the file is no
+/// extended WebP or its frame cannot be found (the decoder then fails).
 fn webp_lossy_frame_mismatch(bytes: &[u8]) -> Option<((u32, u32), (u32, u32))> {
     // (fourcc, where its payload starts in `data`, the payload) of each chunk of `data` from `at`, a payload
     // cut short at the end of `data`
@@ -825,14 +825,6 @@ pub fn thumbnail_png(img: &RgbImage, max: u32, name: &str) -> Result<Vec<u8>, Er
     };
     written.map_err(|e| Error::image(name, format!("cannot encode a thumbnail: {e}")))?;
     Ok(out.into_inner())
-}
-
-/// Whether the image in `reader` has an alpha channel (palette transparency included) ([`header`]).
-///
-/// # Errors
-/// Those of [`header`].
-pub fn has_alpha<R: BufRead + Seek>(reader: R, name: &str) -> Result<bool, Error> {
-    header(reader, name).map(|h| h.alpha)
 }
 
 /// The size of an image of `width` x `height` scaled so that its longest side is `longest`, keeping the

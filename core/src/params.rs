@@ -375,6 +375,14 @@ macro_rules! params_struct {
                 Ok(())
             }
 
+            /// The option `name` within its range, naming it on error (nothing for an unknown name).
+            pub fn check_range(&self, name: &str) -> Result<(), Error> {
+                match name {
+                    $(stringify!($name) => OptionValue::check(&self.$name, stringify!($name), $range),)*
+                    _ => Ok(()),
+                }
+            }
+
             /// Sets the option `name` from its text (as on the command line; a list comma-separated).
             /// Unchecked: [`RenderParams::validate`] checks.
             pub fn set(&mut self, name: &str, text: &str) -> Result<(), Error> {

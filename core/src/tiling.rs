@@ -610,23 +610,10 @@ pub fn seam_measure(img: &RgbImage, grid: &TileGrid) -> Option<f64> {
 pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderParams, Error> {
     // a stored job's limits: a new job's tiling is checked (Tiling::validate) by JobSpec::expand
     tiling.validate_stored()?;
-    if !(1..=crate::params::MAX_SIZE).contains(&params.size) {
-        return Err(Error::invalid(
-            "size",
-            format!(
-                "must be between 1 and {}, got {}",
-                crate::params::MAX_SIZE,
-                params.size
-            ),
-        ));
-    }
-    // the scales asked for, checked here as a single job's are (else a tile size would be blamed)
-    if !(1..=MAX_SCALES).contains(&params.scales) {
-        return Err(Error::invalid(
-            "scales",
-            format!("must be between 1 and {MAX_SCALES}, got {}", params.scales),
-        ));
-    }
+    // the size, and the scales asked for, checked here as a single job's are (else a tile size would be
+    // blamed)
+    params.check_range("size")?;
+    params.check_range("scales")?;
     let mut scales = 1u32;
     while params.size.div_ceil(1 << (scales - 1)) > tiling.tile_size {
         scales += 1;
