@@ -398,6 +398,18 @@ async fn wait_for_a_stall(cluster: &Cluster, within: Duration) {
     .await;
 }
 
+/// Waits, at most 20 s, for the cluster's first worker (the hung one) to leave, with an error; its log.
+async fn hung_worker_leaves(cluster: &mut Cluster) -> String {
+    let hung = &mut cluster.workers[0];
+    let status = wait_for("the hung worker to leave", Duration::from_secs(20), || {
+        let exited = hung.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(!status.success(), "{status:?}");
+    hung.log_text()
+}
+
 /// A worker whose engine hangs while its heartbeats go on (a fail point sleeps its first render for a
 /// minute): with --task-stall-secs 3 the coordinator takes the task back after 3 s without progress, a
 /// strike against that worker, which is told to cancel, and the task renders on another worker. The hung
@@ -428,14 +440,7 @@ async fn a_task_whose_engine_hangs_is_taken_back_and_renders_elsewhere() {
         Duration::from_secs(60),
     )
     .await;
-    let hung = &mut cluster.workers[0];
-    let status = wait_for("the hung worker to leave", Duration::from_secs(20), || {
-        let exited = hung.child.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
-    assert!(!status.success(), "{status:?}");
-    let log = hung.log_text();
+    let log = hung_worker_leaves(&mut cluster).await;
     assert!(
         log.contains("the engine did not stop within 2 s of its task's cancel"),
         "{log}"
@@ -468,13 +473,7 @@ async fn a_shard_whose_engine_hangs_between_exchange_calls_is_taken_back_not_the
     // scale 2's two shards, one on each worker
     let id = submit(&cluster, &two_shards_x_starry("6,4"));
     wait_for_a_stall(&cluster, Duration::from_secs(90)).await;
-    let hung = &mut cluster.workers[0];
-    let status = wait_for("the hung worker to leave", Duration::from_secs(20), || {
-        let exited = hung.child.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
-    assert!(!status.success(), "{status:?}");
+    hung_worker_leaves(&mut cluster).await;
     cluster.add_worker("good");
     let done = wait_state(
         &cluster,
