@@ -39,13 +39,14 @@ def read_safetensors(path):
 
 
 class VGG19:
-    def __init__(self, path, device):
+    def __init__(self, path, device, layout):
         tensors, meta = read_safetensors(path)
         assert meta.get("preprocessing") == "caffe", meta
         self.convs = []
         for b, n in enumerate(BLOCKS, 1):
             for c in range(1, n + 1):
-                self.convs.append((f"relu{b}_{c}", tensors[f"conv{b}_{c}.weight"].to(device),
+                self.convs.append((f"relu{b}_{c}",
+                                   tensors[f"conv{b}_{c}.weight"].to(device, memory_format=layout),
                                    tensors[f"conv{b}_{c}.bias"].to(device)))
         self.pool_after = {"relu1_2", "relu2_2", "relu3_4", "relu4_4"}
 
@@ -67,9 +68,10 @@ def load(path, longest):
     return img if img.size == size else img.resize(size, Image.LANCZOS)
 
 
-def preprocess(img, device):
+def preprocess(img, device, layout=torch.contiguous_format):
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
-    return (x.flip(1) - torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)).contiguous().to(device)
+    x = (x.flip(1) - torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)).to(device)
+    return x.contiguous(memory_format=layout)
 
 
 def gram(f):
@@ -95,41 +97,65 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--tf32", choices=["true", "false"], default="true",
                    help="torch.backends.cudnn.allow_tf32 (PyTorch's default: true), as stylefarm's --tf32")
+    # PyTorch's defaults below; stylefarm's engine on a GPU has true, true and 10 (chosen by BENCHMARKS.md's
+    # figures)
+    p.add_argument("--channels-last", choices=["true", "false"], default="false",
+                   help="image and weights in torch.channels_last (NHWC), as stylefarm's --channels-last")
+    p.add_argument("--cudnn-benchmark", choices=["true", "false"], default="false",
+                   help="torch.backends.cudnn.benchmark (cuDNN's autotuner), as stylefarm's "
+                        "--cudnn-benchmark")
+    p.add_argument("--read-every", type=int, default=1,
+                   help="read the losses to the host every N evaluations, in one read (a line's elapsed_s "
+                        "is then its batch's), as stylefarm on a GPU (N = 10); 1 reads them at each "
+                        "evaluation")
     a = p.parse_args()
+    if a.read_every < 1:
+        p.error("--read-every: must be at least 1")
     torch.backends.cudnn.allow_tf32 = a.tf32 == "true"
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark == "true"
+    layout = torch.channels_last if a.channels_last == "true" else torch.contiguous_format
 
     started = time.perf_counter()
     dev = torch.device(a.device)
-    vgg = VGG19(a.weights, dev)
+    vgg = VGG19(a.weights, dev, layout)
     content_layers, style_layers = ["relu4_2"], ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
     content_img = load(a.content, a.size)
     with torch.no_grad():
-        p_feats = vgg(preprocess(content_img, dev), content_layers, a.pooling)
-        s_feats = vgg(preprocess(load(a.style, a.size), dev), style_layers, a.pooling)
+        p_feats = vgg(preprocess(content_img, dev, layout), content_layers, a.pooling)
+        s_feats = vgg(preprocess(load(a.style, a.size), dev, layout), style_layers, a.pooling)
         targets = {n: gram(f) for n, f in s_feats.items()}
-    if a.init == "content":
-        x0 = preprocess(content_img, dev)
-    else:
-        x0 = preprocess(load(a.init, a.size).resize(content_img.size, Image.LANCZOS)
-                        if load(a.init, a.size).size != content_img.size else load(a.init, a.size), dev)
-    x = x0.clone().requires_grad_(True)
+    init = content_img if a.init == "content" else load(a.init, a.size)
+    if init.size != content_img.size:
+        init = init.resize(content_img.size, Image.LANCZOS)
+    # the optimized image stays contiguous NCHW (torch.optim.LBFGS flattens its gradient with view(-1));
+    # the network takes it in `layout`
+    x = preprocess(init, dev).requires_grad_(True)
 
     def terms():
-        feats = vgg(x, set(content_layers + style_layers), a.pooling)
+        feats = vgg(x.contiguous(memory_format=layout), set(content_layers + style_layers), a.pooling)
         c = sum(a.content_weight * F.mse_loss(feats[n], p_feats[n]) for n in content_layers)
         s = sum(a.style_weight * F.mse_loss(gram(feats[n]), targets[n]) for n in style_layers)
         tv = a.tv_weight * 0.5 * (((x[..., :, 1:] - x[..., :, :-1]) ** 2).sum()
                                   + ((x[..., 1:, :] - x[..., :-1, :]) ** 2).sum())
         return c, s, tv, c + s + tv
 
-    iteration = [0]
+    iteration, pending = [0], []
+
+    def flush():
+        # one device-to-host read for the batch: its lines share the time of that read
+        values = torch.stack(pending).tolist() if pending else []
+        elapsed = time.perf_counter() - started
+        pending.clear()
+        for c, s, tv, total in values:
+            print(json.dumps({"iteration": iteration[0], "content_loss": c, "style_loss": s,
+                              "tv_loss": tv, "total_loss": total, "elapsed_s": elapsed}), flush=True)
+            iteration[0] += 1
 
     def report(*values):
-        c, s, tv, total = (float(v.detach()) if torch.is_tensor(v) else float(v) for v in values)
-        print(json.dumps({"iteration": iteration[0], "content_loss": c, "style_loss": s,
-                          "tv_loss": tv, "total_loss": total,
-                          "elapsed_s": time.perf_counter() - started}), flush=True)
-        iteration[0] += 1
+        pending.append(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev).detach()
+                                    for v in values]))
+        if len(pending) >= a.read_every:
+            flush()
 
     def closure():
         opt.zero_grad()
@@ -149,6 +175,7 @@ def main():
             opt.step()
     with torch.no_grad():
         report(*terms())
+    flush()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # python3 has torch 2.11 with CUDA (its libraries serve the CPU-built stylefarm: LD_LIBRARY_PATH and
 # LD_PRELOAD of libtorch_cuda.so). Prints, side by side in one run on tubingen.jpg x starry_night.jpg:
 #   - ms per iteration at 512 px, L-BFGS and Adam: stylefarm render against bench/gatys_torch.py (PyTorch
-#     eager, the same objective) on the same GPU, medians over spans of 10 iterations after the first two;
+#     eager, the same objective) on the same GPU, twice: with PyTorch's defaults and tuned as stylefarm's
+#     engine is; medians over spans of 10 iterations after the first two;
 #   - `render` wall time for 500 L-BFGS iterations at 512 px, start-up included;
 #   - L-BFGS and Adam again with one engine option changed from its default (VARIANTS: nchw for
 #     --channels-last false and nobench for --cudnn-benchmark false by default, fp32 for --tf32 false),
@@ -97,9 +98,11 @@ print(f"inputs {inputs:.2f} s, engine load {load:.2f} s, render {render:.2f} s"
 PY
 }
 
-# the PyTorch column as PyTorch runs by default (TF32 on, NCHW, cuDNN's autotuner off), its losses read at
-# each evaluation: not tuned as stylefarm's defaults are (channels-last, autotuner on, losses read every 10)
-echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py: PyTorch's defaults, losses read each evaluation) |"
+# the PyTorch column twice: as PyTorch runs by default (TF32 on, NCHW, cuDNN's autotuner off, its losses read
+# at each evaluation), and tuned as stylefarm's engine is on a GPU (channels-last, the autotuner on, the losses
+# read every 10 evaluations in one read)
+pt_tuned="--channels-last true --cudnn-benchmark true --read-every 10"
+echo "| work | stylefarm | PyTorch eager (bench/gatys_torch.py): its defaults; tuned ($pt_tuned) |"
 echo "| --- | --- | --- |"
 parts=" ${PARTS:-engine tiled memory} "
 # the engine's defaults, then each with one option changed (to choose the defaults by these figures):
@@ -130,10 +133,14 @@ opts=(lbfgs adam)
         continue
     fi
     if "$py" -c 'import PIL' 2>/dev/null; then
-        "$py" "$kit/gatys_torch.py" --content "$content" --style "$style" --size "$size" \
-            --iterations "$iterations" --optimizer "$opt" --weights "$weights" --device "$device" \
-            > "$out/pt-$opt.jsonl" 2> "$out/pt-$opt.err"
-        pt=$(ms_per_iteration "$out/pt-$opt.jsonl")
+        pt=
+        for pt_run in defaults tuned; do
+            [ $pt_run = tuned ] && tuning=$pt_tuned || tuning=
+            "$py" "$kit/gatys_torch.py" --content "$content" --style "$style" --size "$size" \
+                --iterations "$iterations" --optimizer "$opt" --weights "$weights" --device "$device" \
+                $tuning > "$out/pt-$opt-$pt_run.jsonl" 2> "$out/pt-$opt-$pt_run.err"
+            pt+="${pt:+; }$(ms_per_iteration "$out/pt-$opt-$pt_run.jsonl") $pt_run"
+        done
     else
         pt="not run (no PIL in $py)"
     fi
