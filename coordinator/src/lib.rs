@@ -856,6 +856,7 @@ mod tests {
             tonic::Status::from(Error::Store(store::StoreError {
                 message: "redis: connection refused".into(),
                 kind,
+                held_back: false,
             }))
             .code()
         };

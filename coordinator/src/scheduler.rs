@@ -2920,7 +2920,9 @@ impl Scheduler {
     /// their tasks and the tally of both), so that memory never lacks a job the store still holds (the blob
     /// store's garbage collection keeps the images of the jobs in memory, [`Scheduler::images_in_use`]).
     /// Their request ids are freed at once. The state's lock `st` is released while the write is waited
-    /// for; when it fails the jobs stay as they were.
+    /// for; when it fails the jobs stay as they were. A write held back ([`StoreError::held_back`]: the
+    /// store out of reach, its disk full) is still to be applied, in order: the jobs go from memory too
+    /// (the collection does not run while the store is behind), and its error is answered.
     fn forget(
         &self,
         mut st: std::sync::MutexGuard<'_, State>,
@@ -2946,13 +2948,15 @@ impl Scheduler {
         for job_id in job_ids {
             st.deleting.remove(job_id);
         }
-        if let Err(e) = written {
-            for (request, job_id) in freed {
-                if st.jobs.contains_key(&job_id) {
-                    st.by_request.entry(request).or_insert(job_id);
+        if let Err(e) = &written {
+            if !e.held_back {
+                for (request, job_id) in freed {
+                    if st.jobs.contains_key(&job_id) {
+                        st.by_request.entry(request).or_insert(job_id);
+                    }
                 }
+                return Err(e.clone().into());
             }
-            return Err(e.into());
         }
         for job_id in job_ids {
             let Some(job) = st.jobs.remove(job_id) else {
@@ -2971,7 +2975,7 @@ impl Scheduler {
         for job_id in job_ids {
             self.changed(job_id);
         }
-        Ok(())
+        Ok(written?)
     }
 
     /// The images the jobs in memory refer to, by sha256: their specs', their tasks' specs and results,
@@ -6543,6 +6547,8 @@ mod tests {
         inner: MemoryStore,
         behind: Mutex<Option<StoreError>>,
         failing: Mutex<Option<StoreError>>,
+        /// The error of writes held back ([`StoreError::held_back`]); they are applied (here at once).
+        holding: Mutex<Option<StoreError>>,
         /// How long a write takes to be durable (a slow fsync), blocking whoever waits for it.
         slow: Mutex<Option<Duration>>,
     }
@@ -6551,7 +6557,13 @@ mod tests {
         fn write(&self, ops: Vec<Op>) -> store::Durable {
             let durable = match self.failing.lock().unwrap().clone() {
                 Some(e) => store::durable_now(Err(e)),
-                None => self.inner.write(ops),
+                None => match self.holding.lock().unwrap().clone() {
+                    Some(e) => {
+                        let applied = store::wait(self.inner.write(ops));
+                        store::durable_now(applied.and(Err(e)))
+                    }
+                    None => self.inner.write(ops),
+                },
             };
             match *self.slow.lock().unwrap() {
                 Some(slow) => Box::pin(async move {
@@ -6622,6 +6634,36 @@ mod tests {
         s.delete(&job).unwrap();
         assert_eq!(s.images_in_use(), HashSet::from(tiled_images));
         assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// A deletion whose write is held back (the store out of reach, its disk full) is still applied, in
+    /// order: the job goes from memory too, and its request id is free, so that memory holds no job the
+    /// store will not (a retry of it, stored, would leave part of a job there), and the error is answered.
+    #[test]
+    fn a_deletion_held_back_forgets_the_job_and_answers_the_error() {
+        let store = Arc::new(HeldBack::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let (job, _) = s.submit(batch(2, 0), "req").unwrap();
+        for _ in 0..2 {
+            let l = s.lease(&w("w")).unwrap().unwrap();
+            s.complete(&l.lease_id, &hash("result")).unwrap();
+        }
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Succeeded);
+        let held = StoreError::unavailable("redis: connection refused").holding_back("it answers");
+        *store.holding.lock().unwrap() = Some(held);
+        match s.delete(&job) {
+            Err(SchedulerError::Store(e)) => {
+                assert!(e.held_back && e.message.contains("held back"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        *store.holding.lock().unwrap() = None;
+        assert!(matches!(s.get(&job), Err(SchedulerError::JobNotFound(_))));
+        assert!(matches!(s.retry(&job), Err(SchedulerError::JobNotFound(_))));
+        assert!(store.load().unwrap().is_empty());
+        assert_eq!(s.counts(), s.counts_walked());
+        let (again, created) = s.submit(batch(1, 0), "req").unwrap();
+        assert!(created && again != job, "its request id is free");
     }
 
     /// Waiting for a lease (on an async thread of the coordinator) never waits for the store's commit: a

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use stylefarm_core::ids::{JobId, WorkerId};
 
-use super::{durable_now, err, Durable, Op, Store, StoreError};
+use super::{durable_now, Durable, Op, Store, StoreError};
 use crate::model::{JobMeta, TaskRecord};
 
 /// A job and its tasks by index.
@@ -21,28 +21,13 @@ pub struct MemoryStore {
 impl Store for MemoryStore {
     fn write(&self, ops: Vec<Op>) -> Durable {
         let mut jobs = self.jobs.lock().unwrap();
-        // all or nothing: every op's job must exist (or be inserted by an earlier op of the batch)
-        let mut inserted = std::collections::BTreeSet::new();
-        for op in &ops {
-            let id = match op {
-                Op::Insert(job, _) => {
-                    inserted.insert(job.id.as_str());
-                    continue;
-                }
-                Op::Job(job) => job.id.as_str(),
-                Op::Task(job_id, _) => job_id.as_str(),
-                Op::Delete(_) | Op::Drained(_) => continue,
-            };
-            if !jobs.contains_key(id) && !inserted.contains(id) {
-                return durable_now(Err(err(format!("no job {id}"))));
-            }
-        }
         for op in ops {
             match op {
                 Op::Insert(job, tasks) => {
                     let tasks = tasks.into_iter().map(|t| (t.index, t)).collect();
                     jobs.insert(job.id.clone(), (job, tasks));
                 }
+                // a job deleted (or never stored) is not brought back in part
                 Op::Job(job) => {
                     if let Some(entry) = jobs.get_mut(&job.id) {
                         entry.0 = job;

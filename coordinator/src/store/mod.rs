@@ -31,6 +31,9 @@ pub struct StoreError {
     pub message: String,
     /// Whether a later try may succeed, and so the gRPC code it is answered with.
     pub kind: StoreErrorKind,
+    /// Whether the write this error answers is kept, to be applied in order once the store takes it (its
+    /// server out of reach, its disk full; [`Store::behind`]): its effect is still to come, not lost.
+    pub held_back: bool,
 }
 
 /// What kind of failure a [`StoreError`] is.
@@ -51,6 +54,7 @@ impl StoreError {
         StoreError {
             message: message.into(),
             kind: StoreErrorKind::Failed,
+            held_back: false,
         }
     }
 
@@ -59,6 +63,20 @@ impl StoreError {
         StoreError {
             message: message.into(),
             kind: StoreErrorKind::Unavailable,
+            held_back: false,
+        }
+    }
+
+    /// This error, for a write that the store keeps and applies in order `once` it can
+    /// ([`StoreError::held_back`]).
+    pub fn holding_back(self, once: &str) -> StoreError {
+        StoreError {
+            message: format!(
+                "{} (the write is held back and applied in order once {once})",
+                self.message
+            ),
+            held_back: true,
+            ..self
         }
     }
 
@@ -78,8 +96,10 @@ pub enum Op {
     /// A new job with all its tasks.
     Insert(JobMeta, Vec<TaskRecord>),
     /// A job's new record (state, strikes, results), replacing the stored one; its tasks are untouched.
+    /// Nothing when the store holds no such job: a write that lands after its job's deletion (or after an
+    /// insert that failed) leaves no part of the job behind.
     Job(JobMeta),
-    /// A task of the job with this id.
+    /// A task of the job with this id; nothing when the store holds no such job, as for [`Op::Job`].
     Task(JobId, TaskRecord),
     /// Forgets the job with this id and all its tasks (nothing when there is none).
     Delete(JobId),
@@ -257,20 +277,35 @@ pub(crate) mod tests {
         let all = store.load().unwrap();
         assert_eq!(all[1], (a, ta));
         assert_eq!(all[0], (b, tb), "other jobs untouched");
-        let nope = JobId::from("nope");
-        assert!(
-            store.update_task(&nope, &all[0].1[0]).is_err() || store.load().unwrap().len() == 2
-        );
-
         // a deleted job goes with all its tasks: stored again with one task, it has one
-        let (c, tc) = job("job-c", 3);
+        let (mut c, tc) = job("job-c", 3);
         store.insert_job(&c, &tc).unwrap();
         wait(store.write(vec![Op::Delete(c.id.clone())])).unwrap();
         assert_eq!(store.load().unwrap(), all, "as before job-c");
         store.insert_job(&c, &tc[..1]).unwrap();
         assert_eq!(store.load().unwrap()[2], (c.clone(), tc[..1].to_vec()));
-        wait(store.write(vec![Op::Delete(c.id.clone()), Op::Delete(nope)])).unwrap();
+        let nope = JobId::from("nope");
+        wait(store.write(vec![Op::Delete(c.id.clone()), Op::Delete(nope.clone())])).unwrap();
         assert_eq!(store.load().unwrap(), all);
+        // an insert earlier in the same write makes a job to write to
+        wait(store.write(vec![
+            Op::Insert(c.clone(), tc[..1].to_vec()),
+            Op::Task(c.id.clone(), tc[1].clone()),
+        ]))
+        .unwrap();
+        assert_eq!(store.load().unwrap()[2], (c.clone(), tc.clone()));
+        wait(store.write(vec![Op::Delete(c.id.clone())])).unwrap();
+        // while writes to a job the store does not hold bring back no part of it: a deleted job's outcomes
+        // landing after its deletion (a retry's), a job whose insert failed or that was never stored
+        c.state = JobState::Succeeded;
+        wait(store.write(vec![
+            Op::Task(c.id.clone(), tc[1].clone()),
+            Op::Job(c.clone()),
+        ]))
+        .unwrap();
+        store.update_task(&nope, &all[0].1[0]).unwrap();
+        store.update_job(&job("nope", 9).0).unwrap();
+        assert_eq!(store.load().unwrap(), all, "no part of job-c or nope");
 
         // the workers drained: none at first, then as last written, the jobs untouched
         assert!(store.load_drained().unwrap().is_empty());

@@ -41,6 +41,11 @@ const RETRY_EVERY: Duration = Duration::from_millis(200);
 /// The key prefix when none is given.
 pub const DEFAULT_PREFIX: &str = "stylefarm";
 
+/// `HSET KEYS[2] ARGV[1] ARGV[2]` while the job's record `KEYS[1]` exists ([`Op::Task`]).
+const TASK_OF_A_STORED_JOB: &str =
+    "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end \
+     return 0";
+
 /// A job's tasks as `HGETALL` returns them: (index, JSON) pairs.
 type TaskFields = Vec<(u32, Vec<u8>)>;
 
@@ -167,12 +172,24 @@ fn commands(keys: &Keys, ops: &[Op]) -> Result<Vec<redis::Cmd>, StoreError> {
                     out.push(task(id, t)?);
                 }
             }
+            // a job deleted (or never stored) is not brought back in part: its record only replaced (XX),
+            // a task stored only while the record is there
             Op::Job(job) => {
                 let mut set = redis::cmd("SET");
-                set.arg(keys.job(job.id.as_str())).arg(json(job)?);
+                set.arg(keys.job(job.id.as_str())).arg(json(job)?).arg("XX");
                 out.push(set);
             }
-            Op::Task(job_id, t) => out.push(task(job_id.as_str(), t)?),
+            Op::Task(job_id, t) => {
+                let id = job_id.as_str();
+                let mut set = redis::cmd("EVAL");
+                set.arg(TASK_OF_A_STORED_JOB)
+                    .arg(2)
+                    .arg(keys.job(id))
+                    .arg(keys.tasks(id))
+                    .arg(t.index)
+                    .arg(json(t)?);
+                out.push(set);
+            }
             Op::Delete(job_id) => {
                 let id = job_id.as_str();
                 let mut del = redis::cmd("DEL");
@@ -460,7 +477,8 @@ impl RedisStore {
     /// and applied again, before anything queued after it, until the server answers (every
     /// [`RETRY_EVERY`]); its callers and those of later writes are told UNAVAILABLE meanwhile, and
     /// [`Store::behind`] says so. Other failures (a fenced write, an error of the server) fail their group
-    /// and drop it.
+    /// and drop it, unless writes are held back already: then any failure but a fenced one holds the group
+    /// back with them (their commands replay in order: each sets, adds or deletes, whatever ran before).
     fn write_loop(
         client: &redis::Client,
         keys: &Keys,
@@ -517,6 +535,7 @@ impl RedisStore {
         let lost = fence
             .as_ref()
             .and_then(|(_, lost)| lost.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let fenced = lost.is_some();
         let result = match lost {
             Some(why) => Err(err(format!("fenced: {why}"))),
             None => batch
@@ -545,16 +564,18 @@ impl RedisStore {
                 backlog.clear();
                 Ok(())
             }
-            Err(e) if e.is_unavailable() => {
-                // a broken connection is replaced on the next try; the writes stay, in order
+            // out of reach: the writes stay, in order; so do they on any error once some are held back (their
+            // callers were told they would be applied, and dropping them would leave later writes on a store
+            // that lacks them), unless this coordinator lost its hold (it writes nothing more, and stops)
+            Err(e) if e.is_unavailable() || (behind.is_some() && !fenced) => {
+                // a broken connection is replaced on the next try
                 con.take();
                 if behind.is_none() {
                     tracing::error!(error = %e, "store out of reach: holding writes back until it answers");
+                } else if !e.is_unavailable() {
+                    tracing::error!(error = %e, "store write failed while writes are held back");
                 }
-                let e = StoreError::unavailable(format!(
-                    "{} (the write is held back and applied in order once the server answers)",
-                    e.message
-                ));
+                let e = e.holding_back("the server answers");
                 *behind = Some(e.clone());
                 Err(e)
             }
@@ -795,6 +816,24 @@ mod tests {
     fn redis_store() {
         let server = RedisServer::start();
         super::super::tests::suite(&RedisStore::open(&server.url(), "test").unwrap());
+        // the suite's writes to jobs not stored (job nope, job-c once deleted) left no key behind either
+        let mut con = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg("test:*").query(&mut con).unwrap();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "test:drained",
+                "test:job:job-a",
+                "test:job:job-b",
+                "test:jobs",
+                "test:tasks:job-a",
+                "test:tasks:job-b"
+            ]
+        );
         // another prefix on the same server is another store
         assert!(RedisStore::open(&server.url(), "other")
             .unwrap()
@@ -980,6 +1019,63 @@ mod tests {
         caught_up(&store);
         job.error = "after the restart".into();
         super::super::wait(store.write(vec![Op::Job(job.clone())])).unwrap();
+        assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
+    }
+
+    /// Once writes are held back, a later failure of another kind (an error of the server: here a key of
+    /// the wrong type, as an operator's mistake makes) holds them back still, in order, rather than drop
+    /// writes whose callers were told they would be applied; all are applied once the server takes them.
+    #[test]
+    fn writes_held_back_stay_held_back_whatever_error_the_next_try_meets() {
+        let server = RedisServer::start();
+        let client = redis::Client::open(server.url()).unwrap();
+        let keys = Keys {
+            prefix: "farm".into(),
+        };
+        let mut raw = client.get_connection().unwrap();
+        let (job, tasks) = super::super::tests::job("job-1", 1);
+        // a write held back while the server was out of reach
+        let mut backlog = commands(&keys, &[Op::Insert(job.clone(), tasks.clone())]).unwrap();
+        let held = StoreError::unavailable("connection refused").holding_back("the server answers");
+        let behind = Mutex::new(Some(held));
+        let mut con = None;
+        // the next try meets WRONGTYPE on the list of jobs
+        redis::cmd("SET")
+            .arg(keys.jobs())
+            .arg("not a sorted set")
+            .exec(&mut raw)
+            .unwrap();
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let (later, _) = super::super::tests::job("job-2", 2);
+        let batch = vec![Write {
+            ops: vec![Op::Job(later)],
+            done,
+        }];
+        RedisStore::apply_batch(
+            &client,
+            &keys,
+            &mut con,
+            &None,
+            &behind,
+            &mut backlog,
+            batch,
+        );
+        let e = outcome.blocking_recv().unwrap().unwrap_err();
+        assert!(e.held_back && e.message.contains("WRONGTYPE"), "{e:?}");
+        assert!(behind.lock().unwrap().is_some() && backlog.len() > 2);
+        // the operator's mistake undone: the next try applies them all, in order
+        redis::cmd("DEL").arg(keys.jobs()).exec(&mut raw).unwrap();
+        RedisStore::apply_batch(
+            &client,
+            &keys,
+            &mut con,
+            &None,
+            &behind,
+            &mut backlog,
+            Vec::new(),
+        );
+        assert!(behind.lock().unwrap().is_none() && backlog.is_empty());
+        let store = RedisStore::open(&server.url(), "farm").unwrap();
         assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
     }
 }
