@@ -554,6 +554,61 @@ fn device_memory_on_a_gpu_the_driver_cannot_read_is_refused_at_once() {
     assert!(Path::new(&out).exists());
 }
 
+/// Without `--device-memory`, `local`'s workers on one device (here the CPU) report their share of its
+/// memory, so that the tiles planned for each, rendered at once, fit it together.
+#[test]
+fn local_workers_on_one_device_report_their_share_of_its_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png").display().to_string();
+    let (content, style) = (
+        shared_image("chelsea.png"),
+        shared_image("starry_night.jpg"),
+    );
+    let (content, style) = (content.to_str().unwrap(), style.to_str().unwrap());
+    let registered = |workers: &str| {
+        let result = stylefarm_tests::stylefarm()
+            .args([
+                "local",
+                "--device",
+                "cpu",
+                "--workers",
+                workers,
+                "--content",
+                content,
+            ])
+            .args([
+                "--style",
+                style,
+                "--size",
+                "32",
+                "--iterations",
+                "1",
+                "-o",
+                &out,
+            ])
+            .env("STYLEFARM_LOG", "info")
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let err = stderr(&result);
+        assert!(result.status.success(), "{err}");
+        err.lines()
+            .filter(|l| l.contains("stylefarm_worker: registered"))
+            .map(|l| {
+                let v = l.split("memory_bytes=").nth(1).unwrap();
+                v.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let (one, two) = (registered("1"), registered("2"));
+    assert!(one.len() == 1 && one[0] > 1 << 20, "{one:?}");
+    assert_eq!(two, [one[0] / 2, one[0] / 2]);
+}
+
 /// Iteration 0 of `stylefarm render` against tests/objective_numpy.py, ALGORITHM.md's objective written
 /// again in numpy (float64), on images already at the working size: within 1e-3 relative, with the default
 /// style layer weights and with uneven ones.

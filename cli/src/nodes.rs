@@ -55,7 +55,8 @@ pub(crate) struct WorkerArgs {
 #[derive(Args, Clone)]
 pub(crate) struct DeviceMemoryArg {
     /// Device memory of a worker, e.g. 24GiB or 16GB (default: the GPU's total memory, or the machine's or
-    /// container's for the CPU). It is reported to the coordinator, which sizes tiled jobs' tiles for it,
+    /// container's for the CPU; `local`'s workers on one device share it evenly). It is reported to the
+    /// coordinator, which sizes tiled jobs' tiles for it,
     /// and on a GPU the worker keeps to it: libtorch's allocator is capped there (PyTorch's
     /// per_process_memory_fraction), so several workers can share one GPU, and an allocation past it fails
     /// that task as out of memory. A CPU worker only reports it.
@@ -205,6 +206,7 @@ fn worker_config(
     name: Option<String>,
     memory: &DeviceMemoryArg,
     engine: &EngineArgs,
+    device_shared_by: u32,
 ) -> anyhow::Result<stylefarm_worker::WorkerConfig> {
     let device = stylefarm_engine::parse_device(device)?;
     let name = name.unwrap_or_else(|| {
@@ -222,6 +224,7 @@ fn worker_config(
         weights: weights.unwrap_or_else(crate::weights::default_weights),
         lease_wait: Duration::from_secs(10),
         device_memory: memory.reported(device),
+        device_shared_by,
         engine: engine.options(),
         tags: Vec::new(),
         cancel_grace: stylefarm_worker::DEFAULT_CANCEL_GRACE,
@@ -239,6 +242,7 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         args.name,
         &args.memory,
         &args.engine,
+        1,
     )?;
     config.credentials = args.connect.credentials()?;
     // checked here too, so that a bad tag stops the worker at once with the flag named
@@ -316,15 +320,21 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
     } else {
         0
     };
-    let workers = (0..args.workers)
-        .map(|i| {
+    let devices: Vec<String> = (0..args.workers)
+        .map(|i| local_device(&args.device, i, gpus))
+        .collect();
+    let workers = devices
+        .iter()
+        .enumerate()
+        .map(|(i, device)| {
             worker_config(
                 String::new(),
-                &local_device(&args.device, i, gpus),
+                device,
                 args.weights.clone(),
                 Some(format!("local-{i}")),
                 &args.memory,
                 &args.engine,
+                devices.iter().filter(|d| *d == device).count() as u32,
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -84,9 +84,13 @@ pub struct WorkerConfig {
     pub weights: PathBuf,
     /// How long one LeaseTask call waits for work.
     pub lease_wait: Duration,
-    /// The device memory to report, in bytes (default: the device's own, `device::total_memory`): the
-    /// coordinator sizes tiled jobs' tiles for it.
+    /// The device memory to report, in bytes (default: the device's own, `device::total_memory`, divided
+    /// among [`WorkerConfig::device_shared_by`]): the coordinator sizes tiled jobs' tiles for it.
     pub device_memory: Option<u64>,
+    /// How many workers share the device (those of `stylefarm local` on one CPU or one GPU; at least 1):
+    /// without [`WorkerConfig::device_memory`], each reports its share of the device's memory, so that the
+    /// tiles planned for them, rendered at once, fit it together.
+    pub device_shared_by: u32,
     /// How the engine runs on its device.
     pub engine: EngineOptions,
     /// The worker's tags: jobs that ask for tags go only to workers with all of them (checked by the
@@ -460,7 +464,7 @@ pub async fn run(
             .await
             .ok()
             .flatten()
-            .unwrap_or(0),
+            .map_or(0, |total| total / u64::from(config.device_shared_by.max(1))),
     };
     // the number of the request for a task, kept until one is answered (pb::LeaseTaskRequest::request_id)
     let mut lease_request = new_request_id();
