@@ -1029,6 +1029,7 @@ async fn a_tile_that_runs_out_of_memory_has_its_scale_planned_again_in_smaller_t
 /// the scales, its workers not back yet: the stitch held by the fail point `coordinator-stage-work` until
 /// the coordinator and the worker are killed) waits for one, and plans the scale for the worker that comes
 /// (16 GiB: the 640 x 480 scale whole), not in the smallest tiles, which a plan for no worker would cut.
+/// A live worker the job may not run on (without its `--worker-tag`) is no worker to plan for: it waits on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scale_to_plan_with_no_live_worker_waits_for_one() {
     let (mut cluster, _services) = cluster_on(Backend::Embedded, 1.5, 0.3);
@@ -1037,11 +1038,14 @@ async fn a_scale_to_plan_with_no_live_worker_waits_for_one() {
         "coordinator-stage-work=1*sleep(60000)".into(),
     ));
     cluster.start_coordinator();
-    let memory = [("STYLEFARM_DEVICE_MEMORY", "16GiB")];
+    let memory = [
+        ("STYLEFARM_DEVICE_MEMORY", "16GiB"),
+        ("STYLEFARM_WORKER_TAGS", "gpu"),
+    ];
     cluster.add_worker_with_env("w1", &memory);
     wait_registered(&cluster, 1).await;
     let mut args = tubingen_x_starry(640, 1);
-    args.extend(["--tiled", "--scales", "2"].map(String::from));
+    args.extend(["--tiled", "--scales", "2", "--worker-tag", "gpu"].map(String::from));
     let id = submit(&cluster, &args);
     let client = cluster.client().await;
     wait_job(
@@ -1056,6 +1060,9 @@ async fn a_scale_to_plan_with_no_live_worker_waits_for_one() {
     cluster.coordinator.as_mut().unwrap().kill();
     cluster.coordinator_env.clear();
     cluster.start_coordinator();
+    cluster.add_worker_with_env("untagged", &[("STYLEFARM_DEVICE_MEMORY", "16GiB")]);
+    // w1's log (killed) says it registered before: 2 are the untagged one's too
+    wait_registered(&cluster, 2).await;
     // the stitch is tried every 2 s: twice, and the scale is not planned
     tokio::time::sleep(Duration::from_secs(5)).await;
     let waiting = job(&mut cluster.client().await, &id).await;

@@ -178,14 +178,17 @@ impl Coordinator {
             }
         };
         let last = scale + 1 == scales;
-        // the next scale is planned for the workers present: with none live (a coordinator just started,
-        // before its workers call again; every worker restarting) it would be cut into the smallest tiles
-        // for good. It waits for a worker, the work tried again every [`crate::STAGE_RETRY`]
+        // the next scale is planned for the workers present: with none live that the job may run on (a
+        // coordinator just started, before its workers call again; every worker restarting; only workers
+        // without its tags back yet) it would be cut into the smallest tiles for good. It waits for one, the
+        // work tried again every [`crate::STAGE_RETRY`] (a job that its live workers are all blocklisted for
+        // is planned, for [`Scheduler::fail_stranded`](crate::scheduler::Scheduler::fail_stranded) to fail)
         let planned = spec
             .kind
             .tiling()
             .is_some_and(|t| t.sizing == TileSizing::Planned);
-        if !last && planned && self.workers.live().is_empty() {
+        let may_run = |(_, tags): &(WorkerId, Vec<String>)| spec.runs_on(tags);
+        if !last && planned && !self.workers.live().iter().any(may_run) {
             tracing::debug!(
                 job_id = job_id.as_str(),
                 scale = scale + 1,
