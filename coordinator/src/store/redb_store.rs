@@ -46,8 +46,11 @@ struct Queue {
     ops: Vec<Op>,
     /// Number of write calls queued so far (those committed: [`Shared::committed`]).
     enqueued: u64,
-    /// Write calls told an error: (after seq, up to seq, error).
+    /// Write calls told an error: (after seq, up to seq, error), kept while a [`Durable`] of that range is
+    /// still to read it ([`Queue::waiting`]).
     failures: Vec<(u64, u64, StoreError)>,
+    /// The write calls whose [`Durable`] is alive and has not read its outcome yet.
+    waiting: BTreeSet<u64>,
     closing: bool,
 }
 
@@ -248,9 +251,11 @@ impl RedbStore {
             };
             drop(behind);
             if let Err(e) = result {
-                // recorded before the count moves: a future that sees `upto` sees its failure
-                if from < upto {
-                    shared.queue.lock().unwrap().failures.push((from, upto, e));
+                // recorded before the count moves: a future that sees `upto` sees its failure; not when none
+                // is left to read it (its callers gave up waiting)
+                let mut q = shared.queue.lock().unwrap();
+                if from < upto && q.waiting.range(from + 1..=upto).next().is_some() {
+                    q.failures.push((from, upto, e));
                 }
             }
             shared.committed.send_replace(upto);
@@ -295,6 +300,32 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(err)
 }
 
+/// A write call's [`Durable`] while it is alive: dropped (its outcome read, or its caller gone), it is no
+/// longer waiting, and a failure that no live one is left to read is forgotten.
+struct Waiter {
+    shared: Arc<Shared>,
+    seq: u64,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.seq;
+        q.waiting.remove(&seq);
+        let Some(at) = q
+            .failures
+            .iter()
+            .position(|(lo, hi, _)| *lo < seq && seq <= *hi)
+        else {
+            return;
+        };
+        let (lo, hi, _) = q.failures[at];
+        if q.waiting.range(lo + 1..=hi).next().is_none() {
+            q.failures.swap_remove(at);
+        }
+    }
+}
+
 impl Store for RedbStore {
     fn write(&self, ops: Vec<Op>) -> Durable {
         if ops.is_empty() {
@@ -304,14 +335,18 @@ impl Store for RedbStore {
         q.ops.extend(ops);
         q.enqueued += 1;
         let seq = q.enqueued;
+        q.waiting.insert(seq);
         drop(q);
         self.shared.queued.notify_one();
-        let shared = self.shared.clone();
+        let waiter = Waiter {
+            shared: self.shared.clone(),
+            seq,
+        };
         Box::pin(async move {
-            let mut committed = shared.committed.subscribe();
+            let mut committed = waiter.shared.committed.subscribe();
             // the sender lives in `shared`, which this future holds: it cannot close
             let _ = committed.wait_for(|&c| c >= seq).await;
-            let q = shared.queue.lock().unwrap();
+            let q = waiter.shared.queue.lock().unwrap();
             match q
                 .failures
                 .iter()
@@ -481,6 +516,13 @@ mod tests {
             assert_eq!(e.kind, StoreErrorKind::StorageFull, "{e}");
             assert!(e.message.contains("held back"), "{e}");
         }
+        // a write whose caller gave up waiting (its future dropped) is held back and applied with them
+        let (mut late, late_tasks) = jobs[2].clone();
+        late.error = "written while the disk was full".into();
+        drop(store.write(vec![Op::Job(late.clone())]));
+        // the failures told are not kept once read (a long outage would grow them without end)
+        let failures = || store.shared.queue.lock().unwrap().failures.len();
+        assert_eq!(failures(), 0);
         // tried again (and reopened) every second, still full
         std::thread::sleep(RETRY_EVERY * 2 + Duration::from_millis(500));
         assert_eq!(
@@ -499,6 +541,9 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         store.insert_job(&jobs[3].0, &jobs[3].1).unwrap();
+        assert_eq!(failures(), 0);
+        assert!(store.shared.queue.lock().unwrap().waiting.is_empty());
+        assert!(store.load().unwrap().contains(&(late, late_tasks)));
         let ids = |all: Vec<(JobMeta, Vec<TaskRecord>)>| {
             all.into_iter()
                 .map(|(j, t)| (j.id.to_string(), t.len()))
