@@ -130,11 +130,20 @@ impl BlobStore for DiskBlobs {
     fn put_as(&self, hash: &ImageHash, bytes: &[u8]) -> std::io::Result<()> {
         let path = self.path(hash);
         if !path.exists() {
-            std::fs::create_dir_all(path.parent().expect("blob path has a parent"))?;
+            let shard = path.parent().expect("blob path has a parent");
+            let new_shard = !shard.exists();
+            std::fs::create_dir_all(shard)?;
             let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))?;
             std::fs::write(tmp.path(), bytes)?;
             tmp.as_file().sync_all()?;
             tmp.persist(&path).map_err(|e| e.error)?;
+            // the file's name durable too (and a new shard folder's), before the store records the blob:
+            // after a power loss, a record must not name a file whose rename was never written down
+            // (ext4's journal usually carries it along with the store's fsync; btrfs and others do not)
+            std::fs::File::open(shard)?.sync_all()?;
+            if new_shard {
+                std::fs::File::open(&self.dir)?.sync_all()?;
+            }
             self.bytes
                 .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
