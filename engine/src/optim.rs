@@ -13,8 +13,9 @@ use tch::{Kind, Tensor};
 /// Schnabel (1994), "Representations of quasi-Newton matrices and their use in limited memory methods",
 /// eq. (3.5), instead of torch's two-loop recursion: the same matrix `H` (BFGS updates of `H0 = gamma I`
 /// with the stored pairs), so the same iterates up to rounding, but a fixed number of kernel launches per
-/// iteration whatever the history size (a few matrix-vector products over the stacked history and solves of
-/// small `k x k` triangular systems) where the two-loop launches about `4 k` and reads nothing back.
+/// iteration whatever the history size (two matrix products over the stacked history, each reading it once,
+/// and solves of small `k x k` triangular systems) where the two-loop launches about `4 k` and reads nothing
+/// back.
 #[derive(Debug, Clone)]
 pub struct Lbfgs {
     /// Step size multiplying each direction (torch's `lr`; default 1). The first step is scaled further by
@@ -44,12 +45,13 @@ fn abs_max(t: &Tensor) -> f64 {
     t.abs().max().double_value(&[])
 }
 
-/// The last `m` curvature pairs `(s_i, y_i)`, stacked: rows of two `m x n` buffers written in a ring, with
-/// the products `s_i^T y_j` and `y_i^T y_j` of the stored rows kept up to date (`m x m`, in float64, by row
-/// and column as pairs arrive), so that `H g` needs no loop over the history.
+/// The last `m` curvature pairs `(s_i, y_i)`, stacked: one `m x 2 x n` buffer written in a ring (`s_i` and
+/// `y_i` side by side, so that one matrix product over it gives what an iteration needs of both: the
+/// history is read twice an iteration, [`Products::partial`] and [`History::times`]), with the products
+/// `s_i^T y_j` and `y_i^T y_j` of the stored rows kept up to date (`m x m`, in float64, by row and column as
+/// pairs arrive), so that `H g` needs no loop over the history.
 struct History {
-    s: Tensor,
-    y: Tensor,
+    pairs: Tensor,
     /// `sy[i][j] = s_i^T y_j`, `yy[i][j] = y_i^T y_j`, by buffer row.
     sy: Tensor,
     yy: Tensor,
@@ -74,17 +76,39 @@ struct Products {
 impl Products {
     const SCALARS: i64 = 5;
 
-    /// The products as one vector, each over `own` (the elements a shard owns).
-    fn partial(s: &Tensor, y: &Tensor, g: &Tensor, history: &History, own: &Tensor) -> Tensor {
-        let (sm, ym, gm) = (s * own, y * own, g * own);
+    /// The products as one vector, each over `own` (the elements a shard owns; all without it). The stored
+    /// rows' come from one product of the history's rows in use with `[s, y, g]`: one read of the history.
+    fn partial(
+        s: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+        history: &History,
+        own: Option<&Tensor>,
+    ) -> Tensor {
+        let (sm, ym, gm) = match own {
+            Some(own) => (s * own, y * own, g * own),
+            None => (s.shallow_clone(), y.shallow_clone(), g.shallow_clone()),
+        };
+        // [i, 0, j] = s_i^T v_j and [i, 1, j] = y_i^T v_j for v = (s, y, g), by buffer row, the rows not
+        // in use zeros
+        let m = history.capacity as i64;
+        let used = history.order.len() as i64;
+        let rows = history
+            .in_use()
+            // [s, y, g] as the columns of a view of the three rows (a contiguous n x 3 copy makes the
+            // product read the history rows more than once on a CPU: twice as slow, measured)
+            .mm(&Tensor::stack(&[&sm, &ym, &gm], 0).tr())
+            .constant_pad_nd([0, 0, 0, 2 * (m - used)])
+            .view([m, 2, 3]);
+        let (with_s, with_y) = (rows.select(1, 0), rows.select(1, 1));
         Tensor::cat(
             &[
                 Tensor::stack(&[ym.dot(s), ym.dot(y), sm.dot(g), ym.dot(g), gm.dot(g)], 0),
-                history.s.mv(&ym),
-                history.y.mv(&sm),
-                history.y.mv(&ym),
-                history.s.mv(&gm),
-                history.y.mv(&gm),
+                with_s.select(1, 1),
+                with_y.select(1, 0),
+                with_y.select(1, 1),
+                with_s.select(1, 2),
+                with_y.select(1, 2),
             ],
             0,
         )
@@ -113,8 +137,7 @@ impl History {
         let m = capacity as i64;
         let f64s = (Kind::Double, like.device());
         History {
-            s: Tensor::zeros([m, n], (like.kind(), like.device())),
-            y: Tensor::zeros([m, n], (like.kind(), like.device())),
+            pairs: Tensor::zeros([m, 2, n], (like.kind(), like.device())),
             sy: Tensor::zeros([m, m], f64s),
             yy: Tensor::zeros([m, m], f64s),
             order: Vec::with_capacity(capacity),
@@ -130,34 +153,21 @@ impl History {
             self.order.remove(0)
         };
         self.order.push(row);
-        self.s.get(row).copy_(s);
-        self.y.get(row).copy_(y);
+        let pair = self.pairs.get(row);
+        pair.get(0).copy_(s);
+        pair.get(1).copy_(y);
         row
     }
 
-    /// The rows of a buffer (`m x ...`) in use: the ring fills its rows from the first, so those are the
-    /// first `order.len()` (all of them once it is full).
-    fn in_use(&self, buffer: &Tensor) -> Tensor {
-        buffer.narrow(0, 0, self.order.len() as i64)
+    /// The pairs in use as rows `s_0, y_0, s_1, y_1, ...` (`2 len x n`): the ring fills its rows from the
+    /// first, so those are the first `order.len()` (all of them once it is full).
+    fn in_use(&self) -> Tensor {
+        let (used, n) = (self.order.len() as i64, self.pairs.size()[2]);
+        self.pairs.narrow(0, 0, used).view([2 * used, n])
     }
 
-    /// Stores a pair, with its products with every stored row computed here (the whole vector's).
-    fn push(&mut self, s: &Tensor, y: &Tensor) {
-        let row = self.store(s, y);
-        // the new row's products with every row in use (a history still filling reads only its rows)
-        let (s_rows, y_rows) = (self.in_use(&self.s), self.in_use(&self.y));
-        let s_y = s_rows.mv(y).to_kind(Kind::Double); // s_i^T y_new
-        let y_s = y_rows.mv(s).to_kind(Kind::Double); // y_j^T s_new = s_new^T y_j
-        let y_y = y_rows.mv(y).to_kind(Kind::Double);
-        let used = self.order.len() as i64;
-        self.sy.select(1, row).narrow(0, 0, used).copy_(&s_y);
-        self.sy.select(0, row).narrow(0, 0, used).copy_(&y_s);
-        self.yy.select(1, row).narrow(0, 0, used).copy_(&y_y);
-        self.yy.select(0, row).narrow(0, 0, used).copy_(&y_y);
-    }
-
-    /// Stores a pair with its products `p` (a shard's, added up over the shards: with itself, with the rows
-    /// stored before, and the gradient's); returns `S^T g` and `Y^T g` over the rows stored now.
+    /// Stores a pair with its products `p` (with itself, with the rows stored before, and the gradient's; a
+    /// shard's added up over the shards); returns `S^T g` and `Y^T g` over the rows stored now.
     fn push_reduced(&mut self, s: &Tensor, y: &Tensor, p: &Products) -> (Tensor, Tensor) {
         let row = self.store(s, y);
         // the new row's products with every row: at its own row, with itself (the products there were
@@ -210,9 +220,11 @@ impl History {
                 .index_copy(0, &idx, v)
                 .to_kind(g.kind())
         };
+        // [S, Y] [p; -gamma u] in one product, the coefficients interleaved as the rows are
+        let coefficients =
+            Tensor::stack(&[scatter(&p), scatter(&(u * &gamma64).neg())], 1).view([-1]);
         let gamma = gamma.to_kind(g.kind());
-        let (s_rows, y_rows) = (self.in_use(&self.s), self.in_use(&self.y));
-        let hg = g * &gamma + s_rows.tr().mv(&scatter(&p)) - y_rows.tr().mv(&scatter(&u)) * &gamma;
+        let hg = g * &gamma + self.in_use().tr().mv(&coefficients);
         (hg, correction)
     }
 }
@@ -324,22 +336,13 @@ impl Lbfgs {
             } else {
                 let y = &g - prev_g.as_ref().expect("previous gradient");
                 let s = &d * &t;
-                // a shard's products, added up with the other shards' in one call; the whole vector's are
-                // computed where they are needed
-                let p = match &own {
-                    Some(own) => {
-                        let h = history.get_or_insert_with(|| History::new(capacity, &g));
-                        let partial = Products::partial(&s, &y, &g, h, own);
-                        Some(Products::of(&reduce(partial)?))
-                    }
-                    None => None,
-                };
-                let ys = p
-                    .as_ref()
-                    .map_or_else(|| y.dot(&s), |p| p.ys.shallow_clone());
+                // the products the iteration needs, in one read of the history; a shard's added up with
+                // the other shards' in one call
+                let h = history.get_or_insert_with(|| History::new(capacity, &g));
+                let p = Products::of(&reduce(Products::partial(&s, &y, &g, h, own.as_ref()))?);
                 let read = Tensor::stack(
                     &[
-                        ys.to_kind(Kind::Double),
+                        p.ys.shallow_clone(),
                         skipped.take().expect("a step before").to_kind(Kind::Double),
                     ],
                     0,
@@ -350,47 +353,19 @@ impl Lbfgs {
                     steps -= 1;
                     break;
                 }
-                // S^T g and Y^T g by buffer row, a shard's from its products
-                let mut rows_g = p
-                    .as_ref()
-                    .map(|p| (p.rows[3].shallow_clone(), p.rows[4].shallow_clone()));
+                // S^T g and Y^T g by buffer row, from the products
+                let (mut s_g, mut y_g) = (p.rows[3].shallow_clone(), p.rows[4].shallow_clone());
                 if read[0] > 1e-10 {
-                    let h = history.get_or_insert_with(|| History::new(capacity, &g));
-                    match &p {
-                        Some(p) => {
-                            h_diag = (&p.ys / &p.yy).to_kind(g.kind());
-                            rows_g = Some(h.push_reduced(&s, &y, p));
-                        }
-                        None => {
-                            h_diag = &ys / y.dot(&y);
-                            h.push(&s, &y);
-                        }
-                    }
+                    h_diag = (&p.ys / &p.yy).to_kind(g.kind());
+                    (s_g, y_g) = h.push_reduced(&s, &y, &p);
                 }
-                let gg = p.as_ref().map(|p| &p.gg);
-                (d, g_d) = match history.as_ref().filter(|h| !h.order.is_empty()) {
-                    None => {
-                        let d = -&g * &h_diag;
-                        let g_d = match gg {
-                            Some(gg) => -(h_diag.to_kind(Kind::Double) * gg),
-                            None => g.dot(&d),
-                        };
-                        (d, g_d)
-                    }
-                    Some(h) => match (gg, rows_g) {
-                        (Some(gg), Some((s_g, y_g))) => {
-                            let (hg, correction) = h.times(&g, &h_diag, &s_g, &y_g);
-                            (-hg, -(h_diag.to_kind(Kind::Double) * gg + correction))
-                        }
-                        _ => {
-                            let double = |v: Tensor| v.to_kind(Kind::Double);
-                            let (s_g, y_g) =
-                                (double(h.in_use(&h.s).mv(&g)), double(h.in_use(&h.y).mv(&g)));
-                            let d = -h.times(&g, &h_diag, &s_g, &y_g).0;
-                            let g_d = g.dot(&d);
-                            (d, g_d)
-                        }
-                    },
+                // g^T H g = gamma g^T g (+ the history's correction)
+                let gamma_gg = h_diag.to_kind(Kind::Double) * &p.gg;
+                (d, g_d) = if h.order.is_empty() {
+                    (-&g * &h_diag, -gamma_gg)
+                } else {
+                    let (hg, correction) = h.times(&g, &h_diag, &s_g, &y_g);
+                    (-hg, -(gamma_gg + correction))
                 };
                 t = lr.shallow_clone();
             }
