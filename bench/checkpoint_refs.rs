@@ -42,6 +42,7 @@ fn batch(job: u32, checkpoint_every: u32, priority: i32) -> JobSpec {
         checkpoint_secs: 0,
         content_names: Vec::new(),
         style_names: Vec::new(),
+        name: String::new(),
     }
 }
 

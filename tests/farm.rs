@@ -2017,6 +2017,29 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("lease_id"), "{err:?}");
 
+    // a job's name: refused over the wire with a control character or past 200 bytes, naming it
+    for name in ["a\tb".to_string(), "x".repeat(201)] {
+        let mut request = spec(pb::RenderParams {
+            size: Some(32),
+            ..Default::default()
+        });
+        request.spec.as_mut().unwrap().name = name;
+        let err = client.rpc().submit_job(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with("name"), "{err:?}");
+    }
+    let (ok, _, err) = cluster.cli(
+        &[
+            &["submit", "--name", "a\nb"][..],
+            &tubingen_x_starry(32, 1)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    assert!(!ok && err.contains("name: at most 200 bytes"), "{err}");
+
     let ok = client
         .rpc()
         .submit_job(spec(pb::RenderParams {
@@ -2026,6 +2049,26 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         }))
         .await;
     assert!(ok.is_ok(), "still serving: {ok:?}");
+    // and a name, shown beside the job's id by `list` and `status`
+    let mut args = vec![
+        "submit".to_string(),
+        "--name".into(),
+        "holiday batch".into(),
+    ];
+    args.extend(tubingen_x_starry(32, 1));
+    let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let named = out.trim().to_string();
+    let (ok, listed, err) = cluster.cli(&["list"]);
+    assert!(
+        ok && listed.contains(&format!("{named} \"holiday batch\"\t")),
+        "{listed} {err}"
+    );
+    let (ok, status, err) = cluster.cli(&["status", &named]);
+    assert!(
+        ok && status.starts_with(&format!("{named} \"holiday batch\"\t")),
+        "{status} {err}"
+    );
 }
 
 /// Uploads `bytes`; returns the sha256.

@@ -236,6 +236,8 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
             "64",
             "--scale-iterations",
             "10,40",
+            "--name",
+            "a <b>tiled</b> job",
         ],
     );
     // a cancel without the page's header; another tenant neither sees the job nor cancels it
@@ -430,7 +432,17 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     let status: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
     let job = &status["jobs"][0];
     assert_eq!(job["id"], id.as_str(), "{job}");
+    assert_eq!(job["name"], "a <b>tiled</b> job", "{job}");
     assert_eq!(job["state"], "cancelled", "{job}");
+    // the card shows the name as text, not markup
+    assert_eq!(
+        eval(
+            &browser,
+            &format!("return document.querySelector('{card} .name').textContent;"),
+        )
+        .await,
+        "a <b>tiled</b> job"
+    );
     assert!(job["counts"].is_object(), "{job}");
     assert_eq!(job["counts"].get("running"), None, "{job}");
     // no cancel button on a finished job

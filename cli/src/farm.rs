@@ -316,6 +316,10 @@ pub(crate) struct JobArgs {
     /// new files, and the file must not be one of the job's images. `submit` writes it with --wait.
     #[arg(long, short)]
     pub(crate) output: Option<PathBuf>,
+    /// The job's name, for people: `stylefarm list` and `status` and the status page show it beside the
+    /// job's id (at most 200 bytes, no control characters).
+    #[arg(long, default_value = "")]
+    name: String,
     /// Idempotency key: submitting twice with it gives the same job.
     #[arg(long)]
     request_id: Option<String>,
@@ -611,6 +615,7 @@ impl JobArgs {
                 self.checkpoint_every.unwrap_or(0),
                 self.checkpoint_secs.unwrap_or(0),
             )?,
+            name: self.name.clone(),
             request_id: self.request_id.clone(),
             paused: false,
         };
@@ -1124,8 +1129,14 @@ fn print_status(s: &pb::JobStatus) {
     } else {
         s.error.clone()
     };
+    // its name, if it has one, quoted after its id
+    let name = s
+        .spec
+        .as_ref()
+        .filter(|spec| !spec.name.is_empty())
+        .map_or_else(String::new, |spec| format!(" {:?}", spec.name));
     println!(
-        "{}\t{}\t{done}/{all} {what}{failed}\t{note}",
+        "{}{name}\t{}\t{done}/{all} {what}{failed}\t{note}",
         s.job_id,
         job_state_name(s.state)
     );

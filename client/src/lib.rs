@@ -162,6 +162,8 @@ pub struct JobFiles {
     /// When its tasks save checkpoints ([`JobSpec::checkpoints`]: every so many iterations of each scale,
     /// or every so many seconds).
     pub checkpoints: CheckpointEvery,
+    /// The job's name, for people ([`JobSpec::name`]); empty: none.
+    pub name: String,
     /// Idempotency key: submitting twice with it gives the same job.
     pub request_id: Option<String>,
     /// Submitted paused ([`FarmClient::pause`]): nothing of it runs until it is resumed.
@@ -427,6 +429,7 @@ impl FarmClient {
             checkpoint_secs,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: job.name.clone(),
         };
         // for people: a batch's labels and result files (the other kinds' labels do not use them)
         let mut spec = match spec.kind {

@@ -394,6 +394,7 @@ mod tests {
             checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: String::new(),
             kind,
             contents: vec![h("c")],
             styles: vec![h("s")],

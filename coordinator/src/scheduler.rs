@@ -3723,6 +3723,7 @@ mod tests {
             checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: String::new(),
             kind: JobKind::Batch,
             contents: (0..contents).map(|i| ImageHash::of(&[i])).collect(),
             styles: vec![ImageHash::of(b"style")],
@@ -6358,6 +6359,7 @@ mod tests {
             checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: String::new(),
             kind: JobKind::Video(stylefarm_core::job::Video {
                 chunk_frames: 2,
                 frame_iterations: 0,

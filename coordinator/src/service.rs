@@ -1384,6 +1384,7 @@ mod tests {
             checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: String::new(),
             kind: JobKind::Batch,
             contents: vec![ImageHash::of(b"content")],
             styles: vec![ImageHash::of(b"style")],

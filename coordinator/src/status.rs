@@ -140,6 +140,8 @@ pub struct Status {
 pub struct JobRow {
     /// The job's id.
     pub id: String,
+    /// Its name ([`stylefarm_core::job::JobSpec::name`]); empty: none.
+    pub name: String,
     /// `single`, `batch`, `sweep` or `tiled`.
     pub kind: &'static str,
     /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
@@ -403,6 +405,7 @@ pub fn job_row(
     }
     JobRow {
         id: m.id.to_string(),
+        name: m.spec.name.clone(),
         kind: m.spec.kind.name(),
         state: m.state.name(),
         finished: m.state.is_terminal(),
@@ -1187,6 +1190,7 @@ mod tests {
             checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: String::new(),
         };
         let mut task = TaskRecord::pending(0, spec.tasks().unwrap().remove(0));
         assert_eq!(task_row(&task, None).checkpoint, None);

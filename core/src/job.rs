@@ -30,6 +30,9 @@ pub const MAX_AFTER: usize = 16;
 /// The longest name of a job's input image ([`JobSpec::content_names`]), in bytes.
 pub const MAX_IMAGE_NAME_BYTES: usize = 100;
 
+/// The longest name of a job ([`JobSpec::name`]), in bytes.
+pub const MAX_JOB_NAME_BYTES: usize = 200;
+
 /// Refuses a job of more than [`MAX_IMAGES_PER_JOB`] content or style images ([`JobSpec::check_new`]),
 /// which a client checks too before it reads any of them.
 ///
@@ -410,6 +413,11 @@ pub struct JobSpec {
     /// The styles' names, as [`JobSpec::content_names`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub style_names: Vec<String>,
+    /// The job's name, for people (OpenCue's and Flamenco's job names: `stylefarm list`, `status`, the
+    /// status page show it beside the id): at most [`MAX_JOB_NAME_BYTES`] bytes without control
+    /// characters; empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -1021,6 +1029,12 @@ impl JobSpec {
     /// tiled job's overlap and tile size: [`Tiling::validate`] rather than the planner's
     /// [`Tiling::validate_stored`]); an error names the field.
     pub fn check_new(&self) -> Result<Vec<TaskSpec>, Error> {
+        if self.name.len() > MAX_JOB_NAME_BYTES || self.name.contains(char::is_control) {
+            return Err(Error::invalid(
+                "name",
+                format!("at most {MAX_JOB_NAME_BYTES} bytes without control characters"),
+            ));
+        }
         check_names("content_names", &self.content_names, self.contents.len())?;
         check_names("style_names", &self.style_names, self.styles.len())?;
         // before the tasks, which the planner checks against a stored job's wider limits: an error
@@ -1504,6 +1518,7 @@ mod tests {
             checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: String::new(),
             kind,
             contents: vec![h(1)],
             styles: vec![h(2)],

@@ -239,6 +239,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             checkpoint_secs: s.checkpoint_secs,
             content_names: s.content_names,
             style_names: s.style_names,
+            name: s.name,
             after: s
                 .after
                 .iter()
@@ -295,6 +296,7 @@ impl From<&JobSpec> for pb::JobSpec {
             checkpoint_secs: s.checkpoint_secs,
             content_names: s.content_names.clone(),
             style_names: s.style_names.clone(),
+            name: s.name.clone(),
         }
     }
 }
@@ -707,6 +709,7 @@ mod tests {
             checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: String::new(),
             kind: JobKind::Sweep(parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap()),
             contents: vec![ImageHash::of(b"c")],
             styles: vec![ImageHash::of(b"s1"), ImageHash::of(b"s2")],
@@ -743,6 +746,7 @@ mod tests {
         let named = JobSpec {
             content_names: vec!["tubingen".into(); s.contents.len()],
             style_names: vec!["starry night".into(); s.styles.len()],
+            name: "a sweep of tubingen".into(),
             ..s.clone()
         };
         let wire: pb::JobSpec = (&named).into();

@@ -107,7 +107,8 @@ function taskRows(job) {
 // redraw never takes a button from under a click.
 function headHtml(job, now) {
   const scale = job.scales ? `<span>scale ${job.scale} of ${job.scales}</span>` : "";
-  return `<code>${esc(job.id)}</code> <span class="kind">${esc(job.kind)}</span>
+  const name = job.name ? ` <strong class="name">${esc(job.name)}</strong>` : "";
+  return `<code>${esc(job.id)}</code>${name} <span class="kind">${esc(job.kind)}</span>
     <span class="badge ${esc(job.state)}">${esc(job.state)}</span>${
       job.paused && !job.finished ? ` <span class="badge paused">paused</span>` : ""}
     <progress max="1" value="${job.progress}"></progress><span class="percent">${percent(job.progress)}</span>

@@ -195,6 +195,7 @@ pub(crate) mod tests {
             checkpoint_secs: 0,
             content_names: Vec::new(),
             style_names: Vec::new(),
+            name: String::new(),
             kind: JobKind::Batch,
             contents: vec![ImageHash::of(b"a"), ImageHash::of(b"b")],
             styles: vec![ImageHash::of(b"s")],
