@@ -131,21 +131,19 @@ impl BlobStore for DiskBlobs {
         let path = self.path(hash);
         if !path.exists() {
             let shard = path.parent().expect("blob path has a parent");
-            let new_shard = !shard.exists();
             std::fs::create_dir_all(shard)?;
             let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))?;
             std::fs::write(tmp.path(), bytes)?;
             tmp.as_file().sync_all()?;
             tmp.persist(&path).map_err(|e| e.error)?;
-            // the file's name durable too (and a new shard folder's), before the store records the blob:
-            // after a power loss, a record must not name a file whose rename was never written down
-            // (ext4's journal usually carries it along with the store's fsync; btrfs and others do not)
-            std::fs::File::open(shard)?.sync_all()?;
-            if new_shard {
-                std::fs::File::open(&self.dir)?.sync_all()?;
-            }
             self.bytes
                 .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            // the file's name durable too, and its shard folder's (whichever put made it), before the
+            // store records the blob: after a power loss, a record must not name a file whose rename
+            // was never written down (ext4's journal usually carries it along with the store's fsync;
+            // btrfs and others do not)
+            std::fs::File::open(shard)?.sync_all()?;
+            std::fs::File::open(&self.dir)?.sync_all()?;
         }
         Ok(())
     }

@@ -1539,7 +1539,19 @@ impl Scheduler {
             },
         );
         drop(st);
-        store::wait(durable)?;
+        if let Err(e) = store::wait(durable) {
+            if !e.held_back {
+                // not stored, nor to be: the job fails in memory (its tasks a worker may have leased
+                // meanwhile stopped; the store writes nothing of a job it lacks), and its request id is
+                // free for the client's retry to submit it again
+                let _ = self.fail_job(&id, &format!("not stored: {e}"));
+                let mut st = self.state.lock().unwrap();
+                if let Some(request) = st.jobs.get(&id).map(|job| request_key(&job.meta)) {
+                    release_request(&mut st, request, &id);
+                }
+            }
+            return Err(e.into());
+        }
         self.work.notify_waiters();
         self.changed(&id);
         Ok((id, true))
@@ -6635,6 +6647,41 @@ mod tests {
         );
         s.delete(&job).unwrap();
         assert_eq!(s.images_in_use(), HashSet::from(tiled_images));
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// A submit whose insert fails for good (not held back: an I/O error) is answered with the error, and
+    /// its job fails in memory ("not stored"), its tasks not leased; its request id is free, so the
+    /// client's retry submits it again rather than finding a job the store will never hold.
+    #[test]
+    fn a_submit_not_stored_fails_its_job_and_frees_its_request_id() {
+        let store = Arc::new(HeldBack::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        *store.failing.lock().unwrap() = Some(StoreError::new("disk on fire"));
+        assert!(matches!(
+            s.submit(batch(2, 0), "req"),
+            Err(SchedulerError::Store(_))
+        ));
+        *store.failing.lock().unwrap() = None;
+        let view = s.list("", &[], 0, None).pop().expect("in memory");
+        let job = view.meta.id.clone();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert!(
+            view.meta.error.contains("not stored: store: disk on fire"),
+            "{}",
+            view.meta.error
+        );
+        assert!(
+            s.lease(&w("w")).unwrap().is_none(),
+            "none of its tasks leased"
+        );
+        let (again, created) = s.submit(batch(2, 0), "req").unwrap();
+        assert!(created && again != job);
+        assert_eq!(
+            store.load().unwrap().len(),
+            1,
+            "the retry is stored, the first not"
+        );
         assert_eq!(s.counts(), s.counts_walked());
     }
 

@@ -240,11 +240,24 @@ fn apply(
 }
 
 fn fenced(epoch: u64, current: Option<u64>) -> StoreError {
-    err(format!(
-        "fenced: this coordinator's epoch is {epoch}, the store's {}: another coordinator is active",
+    fenced_because(&format!(
+        "this coordinator's epoch is {epoch}, the store's {}: another coordinator is active",
         current.map_or("unset".into(), |c| c.to_string())
     ))
 }
+
+/// The error of a write refused because this coordinator lost its hold on the store, `why`.
+fn fenced_because(why: &str) -> StoreError {
+    err(format!("{FENCED}{why}"))
+}
+
+/// Whether `e` is a write refused as [`fenced_because`] makes it.
+fn is_fenced(e: &StoreError) -> bool {
+    e.message.starts_with(FENCED)
+}
+
+/// How the message of a fenced write starts.
+const FENCED: &str = "fenced: ";
 
 /// A coordinator's hold on the store, as the active one of those that share it: the leader key, renewed
 /// by a thread of its own, and the epoch (a fencing token, incremented by each new holder) its writes are
@@ -447,6 +460,18 @@ impl RedisStore {
         redis::cmd("PING")
             .query::<String>(&mut con)
             .map_err(redis_err)?;
+        // the store's task writes run a script (TASK_OF_A_STORED_JOB): a user that may not (an ACL without
+        // @scripting) is told now, not by every write's transaction failing later
+        redis::cmd("EVAL")
+            .arg("return 1")
+            .arg(0)
+            .query::<i64>(&mut con)
+            .map_err(|e| {
+                err(format!(
+                    "redis: the store runs Lua scripts (EVAL), which this server or user refuses ({e}): \
+                     grant the user +@scripting"
+                ))
+            })?;
         let keys = Keys {
             prefix: prefix.to_string(),
         };
@@ -535,22 +560,34 @@ impl RedisStore {
         let lost = fence
             .as_ref()
             .and_then(|(_, lost)| lost.lock().unwrap_or_else(|p| p.into_inner()).clone());
-        let fenced = lost.is_some();
-        let result = match lost {
-            Some(why) => Err(err(format!("fenced: {why}"))),
-            None => batch
-                .iter()
-                .map(|w| commands(keys, &w.ops))
-                .collect::<Result<Vec<_>, _>>()
-                .and_then(|cmds| {
-                    backlog.extend(cmds.into_iter().flatten());
-                    let c = match con.as_mut() {
-                        Some(c) => c,
-                        None => con.insert(connect(client)?),
-                    };
-                    apply(c, keys, backlog, fence.as_ref().map(|(epoch, _)| *epoch))
-                }),
+        // a batch that cannot be made into commands (its JSON) fails alone, as it is: nothing of it is
+        // held back (the backlog is tried again on the next turn)
+        let cmds = match batch
+            .iter()
+            .map(|w| commands(keys, &w.ops))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(cmds) => cmds,
+            Err(e) => {
+                for w in batch {
+                    let _ = w.done.send(Err(e.clone()));
+                }
+                return;
+            }
         };
+        let result = match lost {
+            Some(why) => Err(fenced_because(&why)),
+            None => {
+                backlog.extend(cmds.into_iter().flatten());
+                match con.as_mut() {
+                    Some(c) => Ok(c),
+                    None => connect(client).map(|c| con.insert(c)),
+                }
+                .and_then(|c| apply(c, keys, backlog, fence.as_ref().map(|(epoch, _)| *epoch)))
+            }
+        };
+        // this coordinator lost its hold (another took over): it writes nothing more, and stops
+        let fenced = result.as_ref().is_err_and(is_fenced);
         let mut behind = behind.lock().unwrap_or_else(|p| p.into_inner());
         let result = match result {
             Ok(()) => {
@@ -575,7 +612,8 @@ impl RedisStore {
                 } else if !e.is_unavailable() {
                     tracing::error!(error = %e, "store write failed while writes are held back");
                 }
-                let e = e.holding_back("the server answers");
+                // UNAVAILABLE whatever the error (the callers try again later, as for a server out of reach)
+                let e = StoreError::unavailable(e.message).holding_back("the server answers");
                 *behind = Some(e.clone());
                 Err(e)
             }
@@ -1022,6 +1060,38 @@ mod tests {
         assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
     }
 
+    /// A user whose ACL refuses scripts is told so when the store opens, naming what to grant.
+    #[test]
+    fn a_user_that_may_not_run_scripts_is_refused_at_open() {
+        let server = RedisServer::start();
+        let mut con = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("ACL")
+            .arg(&[
+                "SETUSER",
+                "noscripts",
+                "on",
+                ">pw",
+                "~*",
+                "+@all",
+                "-@scripting",
+            ])
+            .exec(&mut con)
+            .unwrap();
+        let url = server
+            .url()
+            .replacen("redis://", "redis://noscripts:pw@", 1);
+        let e = RedisStore::open(&url, "farm").err().expect("refused");
+        assert!(e.message.contains("+@scripting"), "{e}");
+        redis::cmd("ACL")
+            .arg(&["SETUSER", "noscripts", "+@scripting"])
+            .exec(&mut con)
+            .unwrap();
+        assert!(RedisStore::open(&url, "farm").is_ok());
+    }
+
     /// Once writes are held back, a later failure of another kind (an error of the server: here a key of
     /// the wrong type, as an operator's mistake makes) holds them back still, in order, rather than drop
     /// writes whose callers were told they would be applied; all are applied once the server takes them.
@@ -1062,6 +1132,8 @@ mod tests {
         );
         let e = outcome.blocking_recv().unwrap().unwrap_err();
         assert!(e.held_back && e.message.contains("WRONGTYPE"), "{e:?}");
+        // UNAVAILABLE, as for a server out of reach: the callers try again later
+        assert_eq!(e.kind, super::super::StoreErrorKind::Unavailable, "{e:?}");
         assert!(behind.lock().unwrap().is_some() && backlog.len() > 2);
         // the operator's mistake undone: the next try applies them all, in order
         redis::cmd("DEL").arg(keys.jobs()).exec(&mut raw).unwrap();
