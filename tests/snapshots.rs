@@ -62,3 +62,48 @@ fn a_snapshot_shrunk_on_the_device_is_the_area_average_of_the_full_one() {
     assert!(worst < 1.0, "worst difference {worst}");
     assert_eq!(snapshot(&engine, Some(64)), full, "never enlarged");
 }
+
+/// With `original_colors` (a post-process: the same optimization), each snapshot is the plain render's
+/// snapshot with the content's colours, at each size in turn (the two scales of a render, unshrunk): a
+/// worker's previews resize the content to their size once a size, not at each, to the same pixels.
+#[test]
+fn snapshots_with_original_colors_are_the_plain_ones_with_the_content_s_colours() {
+    let engine = Engine::load(&weights(), Device::Cpu).unwrap();
+    let content = imaging::load(&shared_image("tubingen.jpg")).unwrap();
+    let snapshots_of = |original_colors: bool| {
+        let job = RenderJob::new(
+            content.clone(),
+            vec![imaging::load(&shared_image("starry_night.jpg")).unwrap()],
+            None,
+            RenderParams {
+                size: 64,
+                scales: 2,
+                iterations: 4,
+                original_colors,
+                ..Default::default()
+            },
+        );
+        let mut taken = Vec::new();
+        let mut due = |_scale, _iteration| true;
+        let mut save = |_scale, _iteration, image: Result<Rgb32FImage, _>| {
+            taken.push(image?);
+            Ok(())
+        };
+        let snapshots = Snapshots {
+            due: &mut due,
+            longest: None,
+            save: &mut save,
+        };
+        engine
+            .render_f32(&job, &mut |_| ControlFlow::Continue(()), Some(snapshots))
+            .unwrap();
+        taken
+    };
+    let (plain, coloured) = (snapshots_of(false), snapshots_of(true));
+    let sizes: std::collections::BTreeSet<_> = plain.iter().map(|i| i.dimensions()).collect();
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    assert_eq!(plain.len(), coloured.len());
+    for (plain, coloured) in plain.iter().zip(&coloured) {
+        assert!(imaging::original_colors_f32(plain, &content) == *coloured);
+    }
+}

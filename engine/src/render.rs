@@ -512,12 +512,29 @@ impl Engine {
     /// The result image of `x` (preprocessed, `1 x 3 x H x W`) in floats: deprocessed, with the content's
     /// colours where asked.
     fn result_f32(&self, job: &RenderJob, x: &Tensor) -> Result<Rgb32FImage, Error> {
+        self.result_f32_with(job, x, &mut None)
+    }
+
+    /// [`Self::result_f32`], the content at the result's size taken from `content` when it has that size
+    /// (else resized from the job's, and kept there): a render's previews, all of one size a scale, resize
+    /// the content once, not at each (a large photo's resize, on the engine thread while the device
+    /// waits).
+    fn result_f32_with(
+        &self,
+        job: &RenderJob,
+        x: &Tensor,
+        content: &mut Option<RgbImage>,
+    ) -> Result<Rgb32FImage, Error> {
         let out = self.vgg().preprocessing().deprocess_f32(x)?;
-        Ok(if job.params.original_colors || job.params.luminance_only {
-            imaging::original_colors_f32(&out, &job.content)
-        } else {
-            out
-        })
+        if !(job.params.original_colors || job.params.luminance_only) {
+            return Ok(out);
+        }
+        let size = out.dimensions();
+        let at_size = match content.take() {
+            Some(c) if c.dimensions() == size => c,
+            _ => imaging::resize(&job.content, size.0, size.1),
+        };
+        Ok(imaging::original_colors_f32(&out, content.insert(at_size)))
     }
 
     /// [`Self::result_f32`] of `x` for a [`Snapshots`], shrunk first on the device to `longest` px when
@@ -528,6 +545,7 @@ impl Engine {
         job: &RenderJob,
         x: &Tensor,
         longest: Option<u32>,
+        content: &mut Option<RgbImage>,
     ) -> Result<Rgb32FImage, Error> {
         let read = || {
             let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
@@ -538,7 +556,7 @@ impl Engine {
                 }
                 _ => x.shallow_clone(),
             };
-            self.result_f32(job, &small)
+            self.result_f32_with(job, &small, content)
         };
         tch::no_grad(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)))
             .unwrap_or_else(|payload| {
@@ -661,6 +679,8 @@ impl Engine {
         // spent on its first scale's targets is not time a checkpoint would keep
         let mut last_checkpoint: Option<Instant> = None;
         let mut x: Option<Tensor> = None;
+        // the content at the previews' size, for their original colours ([`Self::result_f32_with`])
+        let mut preview_content: Option<RgbImage> = None;
         for (s, (&longest, &n)) in sizes.iter().zip(&iterations).enumerate() {
             // the scales before a checkpoint's are done
             if resume.as_ref().is_some_and(|r| s as u32 + 1 < r.scale) {
@@ -787,7 +807,8 @@ impl Engine {
                     Some(snapshots) if iteration > 0 && asked != Some(iteration) => {
                         asked = Some(iteration);
                         if (snapshots.due)(scale, iteration) {
-                            let image = self.snapshot(job, x, snapshots.longest);
+                            let image =
+                                self.snapshot(job, x, snapshots.longest, &mut preview_content);
                             (snapshots.save)(scale, iteration, image)?;
                         }
                         Ok(())
