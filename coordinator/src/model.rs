@@ -153,6 +153,10 @@ pub struct JobMeta {
     /// A job that ends keeps them: run again, it waits for those that have not succeeded since.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting_on: Vec<JobId>,
+    /// Its insert failed for good (not held back): the store never held it, and no write of it lands, so
+    /// it is not run again ([`crate::scheduler::Scheduler::retry`] refuses it). In memory only.
+    #[serde(skip)]
+    pub not_stored: bool,
 }
 
 /// One task of a job.
@@ -464,6 +468,7 @@ mod tests {
             paused: true,
             max_tile_size: Some(768),
             waiting_on: vec!["job-0".into()],
+            not_stored: false,
         };
         let bytes = serde_json::to_vec(&job).unwrap();
         assert_eq!(job_from_json(&bytes).unwrap(), job);

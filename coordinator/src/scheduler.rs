@@ -1507,6 +1507,7 @@ impl Scheduler {
             paused,
             max_tile_size: None,
             waiting_on,
+            not_stored: false,
         };
         let tasks: Vec<TaskRecord> = tasks
             .into_iter()
@@ -1542,13 +1543,23 @@ impl Scheduler {
         if let Err(e) = store::wait(durable) {
             if !e.held_back {
                 // not stored, nor to be: the job fails in memory (its tasks a worker may have leased
-                // meanwhile stopped; the store writes nothing of a job it lacks), and its request id is
-                // free for the client's retry to submit it again
-                let _ = self.fail_job(&id, &format!("not stored: {e}"));
+                // meanwhile stopped; its writes go nowhere: the store writes nothing of a job it lacks),
+                // is not run again, and its request id is free for the client's retry to submit it again
                 let mut st = self.state.lock().unwrap();
-                if let Some(request) = st.jobs.get(&id).map(|job| request_key(&job.meta)) {
+                if let Some(job) = st.jobs.get_mut(&id) {
+                    job.meta.not_stored = true;
+                    let request = request_key(&job.meta);
+                    let _ = self.finish_job(
+                        &mut st,
+                        &id,
+                        JobState::Failed,
+                        &format!("not stored: {e}"),
+                        &mut Vec::new(),
+                    );
                     release_request(&mut st, request, &id);
                 }
+                drop(st);
+                self.changed(&id);
             }
             return Err(e.into());
         }
@@ -3112,6 +3123,9 @@ impl Scheduler {
             )))
         };
         // a keep-going batch or sweep that still runs may have tasks that failed alone: those run again
+        if job.meta.not_stored {
+            return refused("was never stored (its submit failed: submit it again)");
+        }
         let running = match job.meta.state {
             JobState::Queued | JobState::Running => true,
             JobState::Succeeded => return refused("succeeded"),
@@ -6674,6 +6688,9 @@ mod tests {
         assert!(
             s.lease(&w("w")).unwrap().is_none(),
             "none of its tasks leased"
+        );
+        assert!(
+            matches!(s.retry(&job), Err(SchedulerError::Precondition(m)) if m.contains("never stored"))
         );
         let (again, created) = s.submit(batch(2, 0), "req").unwrap();
         assert!(created && again != job);

@@ -230,6 +230,7 @@ pub(crate) mod tests {
             paused: false,
             max_tile_size: None,
             waiting_on: Vec::new(),
+            not_stored: false,
         };
         (meta, tasks)
     }

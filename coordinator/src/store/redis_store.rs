@@ -466,11 +466,12 @@ impl RedisStore {
             .arg("return 1")
             .arg(0)
             .query::<i64>(&mut con)
-            .map_err(|e| {
-                err(format!(
-                    "redis: the store runs Lua scripts (EVAL), which this server or user refuses ({e}): \
-                     grant the user +@scripting"
-                ))
+            .map_err(|e| match e.code() {
+                Some("NOPERM") => err(format!(
+                    "redis: the store runs Lua scripts (EVAL), which this user may not ({e}): grant \
+                     the user +@scripting"
+                )),
+                _ => redis_err(e),
             })?;
         let keys = Keys {
             prefix: prefix.to_string(),
@@ -586,8 +587,14 @@ impl RedisStore {
                 .and_then(|c| apply(c, keys, backlog, fence.as_ref().map(|(epoch, _)| *epoch)))
             }
         };
-        // this coordinator lost its hold (another took over): it writes nothing more, and stops
+        // this coordinator lost its hold (another took over): it writes nothing more, and stops (its
+        // hold marked lost here too when the transaction found it so before the renewal did)
         let fenced = result.as_ref().is_err_and(is_fenced);
+        if let (Err(e), Some((_, lost))) = (&result, fence.as_ref().filter(|_| fenced)) {
+            lost.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(|| e.message.clone());
+        }
         let mut behind = behind.lock().unwrap_or_else(|p| p.into_inner());
         let result = match result {
             Ok(()) => {
@@ -1058,6 +1065,49 @@ mod tests {
         job.error = "after the restart".into();
         super::super::wait(store.write(vec![Op::Job(job.clone())])).unwrap();
         assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
+    }
+
+    /// A write that its transaction finds fenced (another coordinator took the epoch) before this one's
+    /// renewal noticed marks the hold lost, so that the coordinator stops rather than serve on once its
+    /// held-back writes are dropped.
+    #[test]
+    fn a_write_fenced_in_its_transaction_marks_the_hold_lost() {
+        let server = RedisServer::start();
+        let client = redis::Client::open(server.url()).unwrap();
+        let keys = Keys {
+            prefix: "farm".into(),
+        };
+        let mut raw = client.get_connection().unwrap();
+        redis::cmd("SET")
+            .arg(keys.epoch())
+            .arg(5)
+            .exec(&mut raw)
+            .unwrap();
+        let lost = Arc::new(Mutex::new(None));
+        let fence = Some((4, lost.clone()));
+        let held = StoreError::unavailable("connection refused").holding_back("the server answers");
+        let behind = Mutex::new(Some(held));
+        let (job, tasks) = super::super::tests::job("job-1", 1);
+        let mut backlog = commands(&keys, &[Op::Insert(job, tasks)]).unwrap();
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let batch = vec![Write {
+            ops: vec![Op::Drained(Default::default())],
+            done,
+        }];
+        let mut con = None;
+        RedisStore::apply_batch(
+            &client,
+            &keys,
+            &mut con,
+            &fence,
+            &behind,
+            &mut backlog,
+            batch,
+        );
+        let e = outcome.blocking_recv().unwrap().unwrap_err();
+        assert!(is_fenced(&e) && !e.held_back, "{e:?}");
+        let why = lost.lock().unwrap().clone().expect("the hold is lost");
+        assert!(why.contains("epoch is 4"), "{why}");
     }
 
     /// A user whose ACL refuses scripts is told so when the store opens, naming what to grant.
