@@ -533,12 +533,19 @@ fn device_memory_on_a_gpu_the_driver_cannot_read_is_refused_at_once() {
         "{err}"
     );
     // auto without a GPU renders on the CPU, the memory reported only
-    let result = stylefarm(&[
+    let args = [
+        &tiny_local(content, style, &out)[..],
+        &["--device", "auto", "--device-memory", "8GiB"],
+    ];
+    let result = stylefarm(&args.concat());
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(Path::new(&out).exists());
+}
+
+/// The arguments of a `local` job of one 32-px iteration of `content` in the style of `style` to `out`.
+fn tiny_local<'a>(content: &'a str, style: &'a str, out: &'a str) -> [&'a str; 11] {
+    [
         "local",
-        "--device",
-        "auto",
-        "--device-memory",
-        "8GiB",
         "--content",
         content,
         "--style",
@@ -548,10 +555,8 @@ fn device_memory_on_a_gpu_the_driver_cannot_read_is_refused_at_once() {
         "--iterations",
         "1",
         "-o",
-        &out,
-    ]);
-    assert!(result.status.success(), "{}", stderr(&result));
-    assert!(Path::new(&out).exists());
+        out,
+    ]
 }
 
 /// Without `--device-memory`, `local`'s workers on one device (here the CPU) report their share of its
@@ -567,25 +572,8 @@ fn local_workers_on_one_device_report_their_share_of_its_memory() {
     let (content, style) = (content.to_str().unwrap(), style.to_str().unwrap());
     let registered = |workers: &str| {
         let result = stylefarm_tests::stylefarm()
-            .args([
-                "local",
-                "--device",
-                "cpu",
-                "--workers",
-                workers,
-                "--content",
-                content,
-            ])
-            .args([
-                "--style",
-                style,
-                "--size",
-                "32",
-                "--iterations",
-                "1",
-                "-o",
-                &out,
-            ])
+            .args(tiny_local(content, style, &out))
+            .args(["--device", "cpu", "--workers", workers])
             .env("STYLEFARM_LOG", "info")
             .env("NO_COLOR", "1")
             .output()

@@ -1067,44 +1067,90 @@ mod tests {
         assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
     }
 
+    /// A server, and a job's insert held back while it was out of reach: the store's writer's state set
+    /// by hand, for [`RedisStore::apply_batch`]'s next tries.
+    struct HeldBack {
+        server: RedisServer,
+        client: redis::Client,
+        keys: Keys,
+        /// A connection of the test's own.
+        raw: redis::Connection,
+        job: (JobMeta, Vec<TaskRecord>),
+        con: Option<redis::Connection>,
+        backlog: Vec<redis::Cmd>,
+        behind: Mutex<Option<StoreError>>,
+    }
+
+    impl HeldBack {
+        fn new() -> HeldBack {
+            let server = RedisServer::start();
+            let client = redis::Client::open(server.url()).unwrap();
+            let keys = Keys {
+                prefix: "farm".into(),
+            };
+            let raw = client.get_connection().unwrap();
+            let job = super::super::tests::job("job-1", 1);
+            let backlog = commands(&keys, &[Op::Insert(job.0.clone(), job.1.clone())]).unwrap();
+            let held =
+                StoreError::unavailable("connection refused").holding_back("the server answers");
+            HeldBack {
+                server,
+                client,
+                keys,
+                raw,
+                job,
+                con: None,
+                backlog,
+                behind: Mutex::new(Some(held)),
+            }
+        }
+
+        /// The writer's next try under `fence`, with a write of `ops` when given: that write's outcome.
+        fn try_again(
+            &mut self,
+            fence: &Option<(u64, Arc<Mutex<Option<String>>>)>,
+            ops: Option<Vec<Op>>,
+        ) -> Option<Result<(), StoreError>> {
+            let (batch, outcome) = match ops {
+                Some(ops) => {
+                    let (done, outcome) = tokio::sync::oneshot::channel();
+                    (vec![Write { ops, done }], Some(outcome))
+                }
+                None => (Vec::new(), None),
+            };
+            let (client, keys) = (&self.client, &self.keys);
+            RedisStore::apply_batch(
+                client,
+                keys,
+                &mut self.con,
+                fence,
+                &self.behind,
+                &mut self.backlog,
+                batch,
+            );
+            outcome.map(|o| o.blocking_recv().unwrap())
+        }
+    }
+
     /// A write that its transaction finds fenced (another coordinator took the epoch) before this one's
     /// renewal noticed marks the hold lost, so that the coordinator stops rather than serve on once its
     /// held-back writes are dropped.
     #[test]
     fn a_write_fenced_in_its_transaction_marks_the_hold_lost() {
-        let server = RedisServer::start();
-        let client = redis::Client::open(server.url()).unwrap();
-        let keys = Keys {
-            prefix: "farm".into(),
-        };
-        let mut raw = client.get_connection().unwrap();
+        let mut h = HeldBack::new();
         redis::cmd("SET")
-            .arg(keys.epoch())
+            .arg(h.keys.epoch())
             .arg(5)
-            .exec(&mut raw)
+            .exec(&mut h.raw)
             .unwrap();
         let lost = Arc::new(Mutex::new(None));
-        let fence = Some((4, lost.clone()));
-        let held = StoreError::unavailable("connection refused").holding_back("the server answers");
-        let behind = Mutex::new(Some(held));
-        let (job, tasks) = super::super::tests::job("job-1", 1);
-        let mut backlog = commands(&keys, &[Op::Insert(job, tasks)]).unwrap();
-        let (done, outcome) = tokio::sync::oneshot::channel();
-        let batch = vec![Write {
-            ops: vec![Op::Drained(Default::default())],
-            done,
-        }];
-        let mut con = None;
-        RedisStore::apply_batch(
-            &client,
-            &keys,
-            &mut con,
-            &fence,
-            &behind,
-            &mut backlog,
-            batch,
-        );
-        let e = outcome.blocking_recv().unwrap().unwrap_err();
+        let e = h
+            .try_again(
+                &Some((4, lost.clone())),
+                Some(vec![Op::Drained(Default::default())]),
+            )
+            .unwrap()
+            .unwrap_err();
         assert!(is_fenced(&e) && !e.held_back, "{e:?}");
         let why = lost.lock().unwrap().clone().expect("the hold is lost");
         assert!(why.contains("epoch is 4"), "{why}");
@@ -1147,57 +1193,30 @@ mod tests {
     /// writes whose callers were told they would be applied; all are applied once the server takes them.
     #[test]
     fn writes_held_back_stay_held_back_whatever_error_the_next_try_meets() {
-        let server = RedisServer::start();
-        let client = redis::Client::open(server.url()).unwrap();
-        let keys = Keys {
-            prefix: "farm".into(),
-        };
-        let mut raw = client.get_connection().unwrap();
-        let (job, tasks) = super::super::tests::job("job-1", 1);
-        // a write held back while the server was out of reach
-        let mut backlog = commands(&keys, &[Op::Insert(job.clone(), tasks.clone())]).unwrap();
-        let held = StoreError::unavailable("connection refused").holding_back("the server answers");
-        let behind = Mutex::new(Some(held));
-        let mut con = None;
+        let mut h = HeldBack::new();
         // the next try meets WRONGTYPE on the list of jobs
         redis::cmd("SET")
-            .arg(keys.jobs())
+            .arg(h.keys.jobs())
             .arg("not a sorted set")
-            .exec(&mut raw)
+            .exec(&mut h.raw)
             .unwrap();
-        let (done, outcome) = tokio::sync::oneshot::channel();
-        let (later, _) = super::super::tests::job("job-2", 2);
-        let batch = vec![Write {
-            ops: vec![Op::Job(later)],
-            done,
-        }];
-        RedisStore::apply_batch(
-            &client,
-            &keys,
-            &mut con,
-            &None,
-            &behind,
-            &mut backlog,
-            batch,
-        );
-        let e = outcome.blocking_recv().unwrap().unwrap_err();
+        let later = super::super::tests::job("job-2", 2).0;
+        let e = h
+            .try_again(&None, Some(vec![Op::Job(later)]))
+            .unwrap()
+            .unwrap_err();
         assert!(e.held_back && e.message.contains("WRONGTYPE"), "{e:?}");
         // UNAVAILABLE, as for a server out of reach: the callers try again later
         assert_eq!(e.kind, super::super::StoreErrorKind::Unavailable, "{e:?}");
-        assert!(behind.lock().unwrap().is_some() && backlog.len() > 2);
+        assert!(h.behind.lock().unwrap().is_some() && h.backlog.len() > 2);
         // the operator's mistake undone: the next try applies them all, in order
-        redis::cmd("DEL").arg(keys.jobs()).exec(&mut raw).unwrap();
-        RedisStore::apply_batch(
-            &client,
-            &keys,
-            &mut con,
-            &None,
-            &behind,
-            &mut backlog,
-            Vec::new(),
-        );
-        assert!(behind.lock().unwrap().is_none() && backlog.is_empty());
-        let store = RedisStore::open(&server.url(), "farm").unwrap();
-        assert_eq!(store.load().unwrap(), vec![(job, tasks)]);
+        redis::cmd("DEL")
+            .arg(h.keys.jobs())
+            .exec(&mut h.raw)
+            .unwrap();
+        assert!(h.try_again(&None, None).is_none());
+        assert!(h.behind.lock().unwrap().is_none() && h.backlog.is_empty());
+        let store = RedisStore::open(&h.server.url(), "farm").unwrap();
+        assert_eq!(store.load().unwrap(), vec![h.job]);
     }
 }
