@@ -8,8 +8,8 @@ use stylefarm_coordinator::store::RedisServer;
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::job_spec::Kind;
 use stylefarm_tests::{
-    batch_x_starry, file_names, is, iteration, job, metric_value, metrics_addr, path,
-    pixel_difference, scrape, shared_image, submit, tubingen_x_starry, two_shards_x_starry,
+    batch_x_starry, exact_x_starry, file_names, is, iteration, job, metric_value, metrics_addr,
+    path, pixel_difference, scrape, shared_image, submit, tubingen_x_starry, two_shards_x_starry,
     wait_for, wait_iteration, wait_job, wait_registered, wait_state, wait_succeeded, x_starry,
     Cluster,
 };
@@ -3283,19 +3283,12 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
     wait_registered(&cluster, 2).await;
     let render = |name: &str, scale_iterations: &str, extra: &[&str]| {
         let out = cluster.dir.path().join(name);
+        let job = exact_x_starry(scale_iterations);
+        let job: Vec<&str> = job.iter().map(String::as_str).collect();
         let (ok, stdout, err) = cluster.cli(
             &[
-                &["submit", "--content", &path("tubingen.jpg")][..],
-                &["--style", &path("starry_night.jpg"), "--size", "256"],
-                &["--scale-iterations", scale_iterations],
-                &[
-                    "--tiled",
-                    "--exact",
-                    "--tile-size",
-                    "128",
-                    "--overlap",
-                    "64",
-                ],
+                &["submit"][..],
+                &job,
                 extra,
                 &["--wait", "-o", out.to_str().unwrap()],
             ]

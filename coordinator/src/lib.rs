@@ -128,7 +128,9 @@ impl From<Error> for tonic::Status {
                 store::StoreErrorKind::StorageFull => {
                     tonic::Status::resource_exhausted(e.to_string())
                 }
-                store::StoreErrorKind::Failed => tonic::Status::internal(e.to_string()),
+                store::StoreErrorKind::Failed | store::StoreErrorKind::Fenced => {
+                    tonic::Status::internal(e.to_string())
+                }
             },
             Error::Io(e) if storage_full(&e) => {
                 tonic::Status::resource_exhausted(format!("storage full: {e}"))
@@ -863,6 +865,7 @@ mod tests {
         assert_eq!(status(Unavailable), tonic::Code::Unavailable);
         assert_eq!(status(StorageFull), tonic::Code::ResourceExhausted);
         assert_eq!(status(Failed), tonic::Code::Internal);
+        assert_eq!(status(Fenced), tonic::Code::Internal);
         // a blob written to a full disk: the OS's own ENOSPC
         let full = std::fs::OpenOptions::new()
             .write(true)

@@ -546,10 +546,17 @@ pub fn batch_x_starry(size: u32, iterations: u32) -> Vec<String> {
     args
 }
 
-/// The arguments of an exact-mode Adam job that two workers share: tubingen.jpg in the style of
-/// starry_night.jpg at 256 px, its scale 2 (256 x 192 in 128-px blocks) two shards after scale 1 (128 px)
-/// whole; `scale_iterations` as `--scale-iterations` says (two values).
+/// The arguments of an exact-mode Adam job that two workers share: [`exact_x_starry`] with Adam.
 pub fn two_shards_x_starry(scale_iterations: &str) -> Vec<String> {
+    let mut args = exact_x_starry(scale_iterations);
+    args.extend(["--optimizer", "adam"].map(String::from));
+    args
+}
+
+/// The arguments of an exact-mode job (the default optimizer): tubingen.jpg in the style of
+/// starry_night.jpg at 256 px, its scale 2 (256 x 192 in 128-px blocks) two shards on two workers after
+/// scale 1 (128 px) whole; `scale_iterations` as `--scale-iterations` says (two values).
+pub fn exact_x_starry(scale_iterations: &str) -> Vec<String> {
     let mut args = x_starry("tubingen.jpg", 256, 1);
     // --scale-iterations gives every scale's
     args.truncate(args.len() - 2);
@@ -557,8 +564,6 @@ pub fn two_shards_x_starry(scale_iterations: &str) -> Vec<String> {
         [
             "--scale-iterations",
             scale_iterations,
-            "--optimizer",
-            "adam",
             "--tiled",
             "--exact",
             "--tile-size",

@@ -46,6 +46,9 @@ pub enum StoreErrorKind {
     Unavailable,
     /// The disk under the store is full (ENOSPC, a quota): RESOURCE_EXHAUSTED on the wire.
     StorageFull,
+    /// This coordinator lost its hold on a store that several share (another took over): it writes
+    /// nothing more, and stops. INTERNAL on the wire, as a failure of the store.
+    Fenced,
 }
 
 impl StoreError {

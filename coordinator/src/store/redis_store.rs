@@ -29,7 +29,7 @@ use std::time::Duration;
 use serde::Serialize;
 use stylefarm_core::ids::WorkerId;
 
-use super::{durable_now, err, Durable, Op, Store, StoreError};
+use super::{durable_now, err, Durable, Op, Store, StoreError, StoreErrorKind};
 use crate::model::{JobMeta, TaskRecord};
 
 /// How long connecting to the server, and each reply, may take before the call fails.
@@ -248,16 +248,11 @@ fn fenced(epoch: u64, current: Option<u64>) -> StoreError {
 
 /// The error of a write refused because this coordinator lost its hold on the store, `why`.
 fn fenced_because(why: &str) -> StoreError {
-    err(format!("{FENCED}{why}"))
+    StoreError {
+        kind: StoreErrorKind::Fenced,
+        ..err(format!("fenced: {why}"))
+    }
 }
-
-/// Whether `e` is a write refused as [`fenced_because`] makes it.
-fn is_fenced(e: &StoreError) -> bool {
-    e.message.starts_with(FENCED)
-}
-
-/// How the message of a fenced write starts.
-const FENCED: &str = "fenced: ";
 
 /// A coordinator's hold on the store, as the active one of those that share it: the leader key, renewed
 /// by a thread of its own, and the epoch (a fencing token, incremented by each new holder) its writes are
@@ -589,7 +584,9 @@ impl RedisStore {
         };
         // this coordinator lost its hold (another took over): it writes nothing more, and stops (its
         // hold marked lost here too when the transaction found it so before the renewal did)
-        let fenced = result.as_ref().is_err_and(is_fenced);
+        let fenced = result
+            .as_ref()
+            .is_err_and(|e| e.kind == StoreErrorKind::Fenced);
         if let (Err(e), Some((_, lost))) = (&result, fence.as_ref().filter(|_| fenced)) {
             lost.lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1151,7 +1148,7 @@ mod tests {
             )
             .unwrap()
             .unwrap_err();
-        assert!(is_fenced(&e) && !e.held_back, "{e:?}");
+        assert!(e.kind == StoreErrorKind::Fenced && !e.held_back, "{e:?}");
         let why = lost.lock().unwrap().clone().expect("the hold is lost");
         assert!(why.contains("epoch is 4"), "{why}");
     }
@@ -1207,7 +1204,7 @@ mod tests {
             .unwrap_err();
         assert!(e.held_back && e.message.contains("WRONGTYPE"), "{e:?}");
         // UNAVAILABLE, as for a server out of reach: the callers try again later
-        assert_eq!(e.kind, super::super::StoreErrorKind::Unavailable, "{e:?}");
+        assert_eq!(e.kind, StoreErrorKind::Unavailable, "{e:?}");
         assert!(h.behind.lock().unwrap().is_some() && h.backlog.len() > 2);
         // the operator's mistake undone: the next try applies them all, in order
         redis::cmd("DEL")
