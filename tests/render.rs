@@ -599,7 +599,7 @@ fn local_workers_on_one_device_report_their_share_of_its_memory() {
 
 /// Iteration 0 of `stylefarm render` against tests/objective_numpy.py, ALGORITHM.md's objective written
 /// again in numpy (float64), on images already at the working size: within 1e-3 relative, with the default
-/// style layer weights and with uneven ones.
+/// style layer weights and with uneven ones, and with each pooling.
 #[test]
 fn iteration_zero_matches_an_independent_numpy_objective() {
     let repo = stylefarm_tests::repo();
@@ -623,9 +623,17 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
     let init = prepare("shipwreck.jpg", 128, 96);
     let out = dir.path().join("out.png");
     let weights = repo.join(".stylefarm/vgg19.safetensors");
-    // ALGORITHM.md's layer weights: 1 each, then uneven ones (a zero among them)
-    for layer_weights in [None, Some("3,0.5,2,0,1.5")] {
+    // ALGORITHM.md's layer weights: 1 each, then uneven ones (a zero among them); then the other poolings
+    let cases = [
+        (None, "max"),
+        (Some("3,0.5,2,0,1.5"), "max"),
+        (None, "avg"),
+        (None, "l2"),
+    ];
+    for (layer_weights, pooling) in cases {
         let mut args = vec![
+            "--pooling",
+            pooling,
             "--init",
             init.to_str().unwrap(),
             "--size",
@@ -646,6 +654,7 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
         let ours = first_progress(&content, &style, &out, &args);
         let numpy = Command::new(&python)
             .arg(repo.join("tests/objective_numpy.py"))
+            .args(["--pooling", pooling])
             .args([&weights, &content, &style, &init])
             .args(["5", "100", "0.01"])
             .args(layer_weights)
@@ -657,7 +666,7 @@ fn iteration_zero_matches_an_independent_numpy_objective() {
             let (a, b) = (f(&ours, key), f(&theirs, key));
             assert!(
                 b > 0.0 && (a - b).abs() <= 1e-3 * b,
-                "{key} (layer weights {layer_weights:?}): stylefarm {a} vs numpy {b}"
+                "{key} (layer weights {layer_weights:?}, {pooling} pooling): stylefarm {a} vs numpy {b}"
             );
         }
     }
@@ -772,6 +781,65 @@ fn render_64(dir: &Path, content: &Path, style: &Path, extra: &[&str]) -> RgbIma
         &[&["--size", "64"], extra].concat(),
     );
     image::open(&output).unwrap().to_rgb8()
+}
+
+/// crowsonkb/style-transfer-pytorch's inits, seen through one Adam step too small to move a grey level:
+/// `gray` is mid grey (127.5 plus up to one level), `style_mean` the style image's mean colour (plus up to
+/// one level), `uniform` noise over the whole range.
+#[test]
+fn crowsonkbs_inits_start_grey_at_the_styles_mean_or_from_uniform_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let start = |init: &str| {
+        let args = [
+            "--init",
+            init,
+            "--optimizer",
+            "adam",
+            "--learning-rate",
+            "0.000001",
+            "--iterations",
+            "1",
+        ];
+        render_64(dir.path(), &content, &style, &args)
+    };
+    let channel = |img: &RgbImage, c: usize| -> Vec<f64> {
+        img.pixels().map(|p| f64::from(p.0[c])).collect()
+    };
+    let mean = |img: &RgbImage, c: usize| {
+        channel(img, c).iter().sum::<f64>() / f64::from(img.width() * img.height())
+    };
+    let gray = start("gray");
+    assert!(gray
+        .pixels()
+        .all(|p| p.0.iter().all(|v| (127..=129).contains(v))));
+    for c in 0..3 {
+        assert!((mean(&gray, c) - 128.0).abs() < 0.05, "{}", mean(&gray, c));
+    }
+    let painting = image::open(&style).unwrap().to_rgb8();
+    let at_mean = start("style_mean");
+    for c in 0..3 {
+        let m = mean(&painting, c);
+        let (lo, hi) = (m.floor() - 1.0, m.ceil() + 1.0);
+        assert!(
+            channel(&at_mean, c).iter().all(|&v| v >= lo && v <= hi),
+            "{c}: {m}"
+        );
+    }
+    let uniform = start("uniform");
+    for c in 0..3 {
+        let values = channel(&uniform, c);
+        let (lo, hi) = values
+            .iter()
+            .fold((255.0f64, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        assert!(
+            (mean(&uniform, c) - 127.5).abs() < 4.0 && lo <= 3.0 && hi >= 252.0,
+            "{c}: {lo} {hi}"
+        );
+    }
 }
 
 /// `src` (a safetensors file) written to `dst` with its metadata's `preprocessing` set to `convention`: the

@@ -44,6 +44,10 @@ pub enum Pooling {
     Max,
     /// 2x2 stride-2 average pooling (Gatys' choice; smoother results).
     Avg,
+    /// 2x2 stride-2 L2 pooling, as crowsonkb/style-transfer-pytorch's `--pooling l2`: the square root of the
+    /// window's sum of squares (`torch.nn.LPPool2d(2, 2)`), times 0.78 to keep the activations near max
+    /// pooling's (crowsonkb's scale).
+    L2,
 }
 
 /// Where the optimized image starts.
@@ -54,6 +58,15 @@ pub enum Init {
     Content,
     /// Seeded Gaussian noise, sigma 0.001 in preprocessed units (as jcjohnson/neural-style).
     Noise,
+    /// Mid grey with seeded uniform noise of one 0..255 level: 127.5 + U(0, 1) in every channel (0..255
+    /// units), as crowsonkb/style-transfer-pytorch's `--init gray`.
+    Gray,
+    /// Seeded uniform noise over the whole range: U(0, 255) in every channel (0..255 units), as
+    /// crowsonkb/style-transfer-pytorch's `uniform`.
+    Uniform,
+    /// The style images' mean colour (each image's mean RGB, weighted by the style blend) with seeded
+    /// uniform noise of one level, as crowsonkb/style-transfer-pytorch's `style_mean`.
+    StyleMean,
     /// An image file on this machine, resized to the working size: what `stylefarm render --init` takes,
     /// and what a client uploads (becoming [`Init::Image`]) before it submits a farm job.
     File(PathBuf),
@@ -119,21 +132,27 @@ macro_rules! keyword_enum {
     };
 }
 keyword_enum!(Optimizer, "optimizer", "lbfgs" => Optimizer::Lbfgs, "adam" => Optimizer::Adam);
-keyword_enum!(Pooling, "pooling", "max" => Pooling::Max, "avg" => Pooling::Avg);
+keyword_enum!(Pooling, "pooling", "max" => Pooling::Max, "avg" => Pooling::Avg, "l2" => Pooling::L2);
 
 impl fmt::Display for Init {
-    /// The text [`Init::from_str`] reads: `content`, `noise`, the file's path, `image:<sha256>` or
-    /// `job:<id>`.
+    /// The text [`Init::from_str`] reads: `content`, `noise`, `gray`, `uniform`, `style_mean`, the file's
+    /// path, `image:<sha256>` or `job:<id>`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Init::Content => f.write_str("content"),
             Init::Noise => f.write_str("noise"),
+            Init::Gray => f.write_str("gray"),
+            Init::Uniform => f.write_str("uniform"),
+            Init::StyleMean => f.write_str("style_mean"),
             Init::File(path) => write!(f, "{}", path.display()),
             Init::Image(hash) => write!(f, "{IMAGE_PREFIX}{hash}"),
             Init::Job(id) => write!(f, "{JOB_PREFIX}{id}"),
         }
     }
 }
+
+/// The inits named by a word, as errors list them.
+pub(crate) const INIT_KEYWORDS: &str = "content, noise, gray, uniform, style_mean";
 
 /// How the text of an [`Init::Image`] starts: `image:<sha256>`.
 const IMAGE_PREFIX: &str = "image:";
@@ -142,22 +161,26 @@ const JOB_PREFIX: &str = "job:";
 
 impl FromStr for Init {
     type Err = Error;
-    /// `content`, `noise` (or `random`), `image:<sha256>` of an uploaded image, `job:<id>` of a farm job,
-    /// or any other text as a file's path (`./job:x` for a file so named). An error names `init`.
+    /// `content`, `noise` (or `random`), `gray`, `uniform`, `style_mean`, `image:<sha256>` of an uploaded
+    /// image, `job:<id>` of a farm job, or any other text as a file's path (`./gray`, `./job:x` for files
+    /// so named). An error names `init`.
     fn from_str(s: &str) -> Result<Self, Error> {
         match s {
             "content" => Ok(Init::Content),
             "noise" | "random" => Ok(Init::Noise),
+            "gray" => Ok(Init::Gray),
+            "uniform" => Ok(Init::Uniform),
+            "style_mean" => Ok(Init::StyleMean),
             "" => Err(Error::invalid(
                 "init",
-                "empty value (expected content, noise or an image path)",
+                format!("empty value (expected {INIT_KEYWORDS} or an image path)"),
             )),
             text => {
                 let bad = || {
                     Error::invalid(
                         "init",
                         format!(
-                            "'{text}': expected content, noise, image:<sha256>, job:<id> or a file's path"
+                            "'{text}': expected {INIT_KEYWORDS}, image:<sha256>, job:<id> or a file's path"
                         ),
                     )
                 };
@@ -307,12 +330,14 @@ macro_rules! render_options {
             /// style loss is style_weight x its weight (ALGORITHM.md's layer_weight; not normalized; default 1
             /// each).
             style_layer_weights: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;
-            /// VGG19's pooling: max or avg.
+            /// VGG19's pooling: max, avg, or l2 (crowsonkb/style-transfer-pytorch's: LPPool2d with p = 2,
+            /// times 0.78).
             pooling: Pooling = Pooling::Max, Range::Any, sweep: true;
-            /// Where the image starts: content, noise, or an image file (on the farm: an uploaded image, or
-            /// job:ID, another job's result, which the job waits for).
+            /// Where the image starts: content, noise (Gaussian), gray, uniform, style_mean (crowsonkb's), or
+            /// an image file (on the farm: an uploaded image, or job:ID, another job's result, which the job
+            /// waits for).
             init: Init = Init::Content, Range::Any, sweep: false;
-            /// Seed of the noise init; a CPU run with the same seed repeats bit for bit.
+            /// Seed of the inits' noise; a CPU run with the same seed repeats bit for bit.
             seed: u64 = 0, Range::Any, sweep: true;
             /// Style images are resized to a longest side of size * style_scale.
             style_scale: f64 = 1.0, Range::UpTo(MAX_STYLE_SCALE), sweep: true;
@@ -602,7 +627,7 @@ macro_rules! keyword_option {
         }
     )*};
 }
-keyword_option!(Optimizer => "lbfgs|adam", Pooling => "max|avg", Init => "content|noise|IMAGE", Layer => "LAYER");
+keyword_option!(Optimizer => "lbfgs|adam", Pooling => "max|avg|l2", Init => "content|noise|gray|uniform|style_mean|IMAGE", Layer => "LAYER");
 
 /// A comma-separated list (`0.7,0.3`, `relu1_1,relu2_1`); empty text is the empty list.
 impl<T: OptionValue> OptionValue for Vec<T> {
@@ -1341,7 +1366,16 @@ mod tests {
     fn keywords_parse() {
         assert_eq!("adam".parse::<Optimizer>().unwrap(), Optimizer::Adam);
         assert_eq!("avg".parse::<Pooling>().unwrap(), Pooling::Avg);
+        assert_eq!("l2".parse::<Pooling>().unwrap(), Pooling::L2);
         assert_eq!("x.png".parse::<Init>().unwrap(), Init::File("x.png".into()));
+        // crowsonkb's inits are words, read back from their text; a file so named needs a path
+        for init in [Init::Gray, Init::Uniform, Init::StyleMean] {
+            assert_eq!(init.to_string().parse::<Init>().unwrap(), init);
+        }
+        assert_eq!(
+            "./gray".parse::<Init>().unwrap(),
+            Init::File("./gray".into())
+        );
         // a farm job's result, its text read back; a bad id named
         let init: Init = "job:job-19a2b3c0001".parse().unwrap();
         assert_eq!(init, Init::Job(JobId::new("job-19a2b3c0001")));

@@ -9,7 +9,7 @@ use crate::job::{
     ExpandedJob, ImageHash, JobKind, JobSpec, PreviousFrame, ScalePart, ScaleTask, SweepAxis, Task,
     TaskId, TaskSpec, Video, VideoFrame,
 };
-use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams};
+use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams, INIT_KEYWORDS};
 use crate::progress::{LossTerms, TaskProgress};
 use crate::task_log::{AttemptLog, LogLines, SentLines};
 use crate::tiling::{shard_rows, Rect, Tiling, DEFAULT_OVERLAP, STORED_MIN_TILE_SIZE};
@@ -113,9 +113,9 @@ macro_rules! proto_enum {
     };
 }
 proto_enum!(Optimizer, pb::Optimizer, Lbfgs, Adam);
-proto_enum!(Pooling, pb::Pooling, Max, Avg);
+proto_enum!(Pooling, pb::Pooling, Max, Avg, L2);
 
-/// The init of a farm job: `content`, `noise`, `image:<sha256>` of an uploaded image ([`Init::Image`]) or
+/// The init of a farm job: a keyword (`content`, `noise`, ...), `image:<sha256>` of an uploaded image ([`Init::Image`]) or
 /// `job:<id>`, another job's result ([`Init::Job`]). A file's path ([`Init::File`]) names nothing on the
 /// farm: a client uploads the file and sends its hash, and the coordinator refuses a path.
 impl WireValue for Init {
@@ -129,7 +129,7 @@ impl WireValue for Init {
             Ok(init) if !matches!(init, Init::File(_)) && init.to_string() == text => Ok(init),
             _ => Err(Error::invalid(
                 field,
-                format!("'{text}': expected content, noise, image:<sha256> or job:<id>"),
+                format!("'{text}': expected {INIT_KEYWORDS}, image:<sha256> or job:<id>"),
             )),
         }
     }

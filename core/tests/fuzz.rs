@@ -874,6 +874,9 @@ fn render_params(styles: usize) -> BoxedStrategy<RenderParams> {
     let init = prop_oneof![
         Just(Init::Content),
         Just(Init::Noise),
+        Just(Init::Gray),
+        Just(Init::Uniform),
+        Just(Init::StyleMean),
         Just(Init::Image(hash)),
     ];
     let corruptions = prop_oneof![
@@ -907,7 +910,7 @@ fn render_params(styles: usize) -> BoxedStrategy<RenderParams> {
                 1..=5,
             ),
             prop_oneof![Just(Optimizer::Lbfgs), Just(Optimizer::Adam)],
-            prop_oneof![Just(Pooling::Max), Just(Pooling::Avg)],
+            prop_oneof![Just(Pooling::Max), Just(Pooling::Avg), Just(Pooling::L2)],
             init,
             any::<u64>(),
             any::<bool>(),

@@ -412,6 +412,23 @@ impl Engine {
                     noise
                 }
             }
+            // crowsonkb/style-transfer-pytorch's inits, in 0..255 units: a level of uniform noise on mid
+            // grey or the styles' mean colour, or uniform noise over the whole range
+            init @ (Init::Gray | Init::Uniform | Init::StyleMean) => {
+                tch::manual_seed(job.params.seed as i64);
+                let u = Tensor::rand([1, 3, h as i64, w as i64], (Kind::Float, Device::Cpu));
+                let rgb = match init {
+                    Init::Gray => u + 127.5,
+                    Init::Uniform => u * 255.0,
+                    _ => u + Tensor::from_slice(&style_mean(job)).reshape([1, 3, 1, 1]),
+                };
+                let x = pre.input_of_rgb(&rgb.to_device(self.device()));
+                if job.params.luminance_only {
+                    pre.luminance(&x)
+                } else {
+                    x
+                }
+            }
             init @ (Init::File(_) | Init::Image(_)) => {
                 let img = job.init_image.as_ref().ok_or_else(|| {
                     stylefarm_core::Error::invalid("init", format!("{init}: init image not loaded"))
@@ -878,6 +895,30 @@ impl Engine {
         }
         x.ok_or_else(|| Error::Input("no scale to render".into()))
     }
+}
+
+/// The mean colour of `job`'s style images (RGB, 0..255), each image's weighted by the style blend
+/// ([`RenderParams::blend_weights`]): crowsonkb/style-transfer-pytorch's `style_mean` init. The styles as
+/// the render uses them (matched to the content's colours or luminance where asked).
+fn style_mean(job: &RenderJob) -> [f32; 3] {
+    let mut mean = [0.0f64; 3];
+    for (img, w) in job
+        .styles
+        .iter()
+        .zip(job.params.blend_weights(job.styles.len()))
+    {
+        let mut sum = [0u64; 3];
+        for px in img.pixels() {
+            for (s, &v) in sum.iter_mut().zip(&px.0) {
+                *s += u64::from(v);
+            }
+        }
+        let n = (u64::from(img.width()) * u64::from(img.height())).max(1) as f64;
+        for (m, s) in mean.iter_mut().zip(sum) {
+            *m += w * s as f64 / n;
+        }
+    }
+    mean.map(|m| m as f32)
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ impl Preprocessing {
     }
 
     /// RGB floats, 0..255 (`1 x 3 x H x W`), in this convention's input space.
-    fn input_of_rgb(self, rgb: &Tensor) -> Tensor {
+    pub(crate) fn input_of_rgb(self, rgb: &Tensor) -> Tensor {
         let device = rgb.device();
         match self {
             Preprocessing::Caffe => rgb.flip([1]) - Self::channel_tensor(CAFFE_MEAN_BGR, device),
@@ -154,6 +154,24 @@ pub struct Vgg19 {
 
 /// `t` (`N x C x H x W`) with channels-last strides: the same values and shape, NHWC in memory (PyTorch's
 /// `t.contiguous(memory_format=torch.channels_last)`, which tch does not expose).
+/// [`Pooling::L2`]: `torch.nn.LPPool2d(2, 2)` (the square root of each 2x2 window's sum of squares, from
+/// an average times the window's 4 values, as torch computes it) times crowsonkb/style-transfer-pytorch's
+/// 0.78. A window of zeros (frequent after a ReLU) has a gradient of 0, not NaN: the ReLU before the root
+/// masks the root's infinite derivative there, as in torch.
+fn l2_pool(h: &Tensor) -> Result<Tensor, Error> {
+    Ok((h
+        .f_square()?
+        .f_avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)?
+        * 4.0)
+        .f_relu()?
+        .f_sqrt()?
+        * L2_POOL_SCALE)
+}
+
+/// What crowsonkb/style-transfer-pytorch multiplies its L2 pooling by (`pooling_scales['l2']`), so that
+/// the deeper layers see activations of about max pooling's size.
+const L2_POOL_SCALE: f64 = 0.78;
+
 fn to_channels_last(t: &Tensor) -> Result<Tensor, Error> {
     Ok(t.f_permute([0, 2, 3, 1])?
         .f_contiguous()?
@@ -370,6 +388,7 @@ impl Vgg19 {
                 h = match pooling {
                     Pooling::Max => h.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?,
                     Pooling::Avg => h.f_avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)?,
+                    Pooling::L2 => l2_pool(&h)?,
                 };
             }
         }
@@ -413,6 +432,38 @@ mod tests {
         let px = img.get_pixel(2, 1).0;
         assert!((v(0) - (px[2] as f64 - 103.939)).abs() < 1e-4);
         assert!((v(2) - (px[0] as f64 - 123.68)).abs() < 1e-4);
+    }
+
+    /// L2 pooling's values (a 2x2 window's root sum of squares, times 0.78) and its gradient: finite where
+    /// a window is all zeros (0 there), as torch's LPPool2d after a ReLU.
+    #[test]
+    fn l2_pooling_is_the_scaled_root_sum_of_squares_with_a_finite_gradient() {
+        let x = Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+            .reshape([1, 1, 2, 4])
+            .set_requires_grad(true);
+        let y = l2_pool(&x).unwrap();
+        assert_eq!(y.size(), [1, 1, 1, 2]);
+        let (a, b) = (y.double_value(&[0, 0, 0, 0]), y.double_value(&[0, 0, 0, 1]));
+        assert!((a - 5.0 * 0.78).abs() < 1e-5 && b == 0.0, "{a} {b}");
+        y.sum(Kind::Float).backward();
+        let g = Vec::<f32>::try_from(x.grad().flatten(0, -1)).unwrap();
+        // d/dx of 0.78 sqrt(x1^2 + x2^2) = 0.78 x / 5 in the first window; 0 in the zero window
+        let want = [
+            0.78 * 3.0 / 5.0,
+            0.78 * 4.0 / 5.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+        ];
+        for (k, (g, w)) in g.iter().zip(want).enumerate() {
+            assert!(
+                g.is_finite() && (f64::from(*g) - w).abs() < 1e-5,
+                "{k}: {g} vs {w}"
+            );
+        }
     }
 
     #[test]
