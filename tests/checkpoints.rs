@@ -265,3 +265,43 @@ fn a_render_resumes_from_its_checkpoint_at_its_scale_and_iteration() {
         }
     }
 }
+
+/// With iterate averaging (`avg_decay`), a checkpoint also holds the average of the images before its
+/// own, and an Adam render resumed from one goes on exactly as the uninterrupted one: the same losses,
+/// the same pixels (the second scale starts from the first's average). Without the average it kept,
+/// the resumed render ends elsewhere.
+#[test]
+fn an_averaged_adam_render_resumes_with_its_average() {
+    let engine = Engine::load(&weights(), Device::Cpu).unwrap();
+    let job = job(RenderParams {
+        size: 64,
+        scales: 2,
+        iterations: 30,
+        optimizer: Optimizer::Adam,
+        avg_decay: 0.9,
+        ..Default::default()
+    });
+    let whole = render(&engine, &job, 10, None, flat_out);
+    assert_eq!(whole.saved.len(), 3);
+    assert!(whole.saved.iter().all(|c| c.average.is_some()));
+    for checkpoint in whole.saved.clone() {
+        let (scale, iteration) = (checkpoint.scale, checkpoint.iteration);
+        let resumed = render(&engine, &job, 0, Some(checkpoint), flat_out);
+        let from = whole
+            .evaluations
+            .iter()
+            .position(|e| (e.0, e.1) == (scale, iteration))
+            .unwrap();
+        assert_eq!(resumed.evaluations, whole.evaluations[from..]);
+        assert_eq!(resumed.image, whole.image, "from ({scale}, {iteration})");
+    }
+    let forgotten = CheckpointFile {
+        average: None,
+        ..whole.saved[1].clone()
+    };
+    let resumed = render(&engine, &job, 0, Some(forgotten), flat_out);
+    assert_ne!(
+        resumed.image, whole.image,
+        "averaged from the checkpoint's image on"
+    );
+}

@@ -1327,6 +1327,7 @@ async fn a_checkpoint_is_checked_before_it_is_kept() {
             preprocessing: "caffe".into(),
             values: vec![0.5; 3 * 48 * width as usize],
             adam: None,
+            average: None,
         }
         .encode()
         .unwrap()

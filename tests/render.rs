@@ -322,6 +322,85 @@ fn snapshots_are_written_every_n_iterations_and_the_last_is_the_output() {
     assert_eq!((size("out_s1_4.jpg").0, size("out_s2_2.jpg").0), (32, 64));
 }
 
+/// Iterate averaging (`--avg-decay`, crowsonkb's): the output, and each snapshot, is the bias-corrected
+/// moving average of the images that the same render without it goes through (the content it starts from
+/// and each step's image, which `--save-every 1` writes in 16 bits), within their rounding; the average
+/// is not the last image.
+#[test]
+fn the_averaged_render_is_the_moving_average_of_its_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let args = [
+        "--size",
+        "64",
+        "--optimizer",
+        "adam",
+        "--learning-rate",
+        "2",
+        "--iterations",
+        "6",
+        "--output-depth",
+        "16",
+        "--save-every",
+        "1",
+    ];
+    let (plain, averaged) = (dir.path().join("plain.png"), dir.path().join("avg.png"));
+    render_to(&content, &style, &plain, &args);
+    render_to(
+        &content,
+        &style,
+        &averaged,
+        &[&args[..], &["--avg-decay", "0.5"]].concat(),
+    );
+    // in 0..255 units
+    let levels = |path: &Path| -> Vec<f64> {
+        let img = image::open(path).unwrap().to_rgb16();
+        img.as_raw().iter().map(|&v| f64::from(v) / 257.0).collect()
+    };
+    let start = stylefarm_core::imaging::resize_longest(
+        &stylefarm_core::imaging::load(&content).unwrap(),
+        64,
+    );
+    let mut images = vec![start
+        .as_raw()
+        .iter()
+        .map(|&v| f64::from(v))
+        .collect::<Vec<_>>()];
+    for k in 1..=6 {
+        images.push(levels(&dir.path().join(format!("plain_{k}.png"))));
+    }
+    let decay: f64 = 0.5;
+    for k in [3, 6] {
+        let got = levels(&dir.path().join(format!("avg_{k}.png")));
+        let (mut most, mut compared) = (0.0f64, 0);
+        for (i, &g) in got.iter().enumerate() {
+            let values: Vec<f64> = images[..=k].iter().map(|img| img[i]).collect();
+            // a value clamped to 0..255 in a saved image is not the one averaged
+            if values.iter().any(|&v| v <= 0.0 || v >= 255.0) {
+                continue;
+            }
+            let sum: f64 = (0..=k)
+                .map(|j| (1.0 - decay) * decay.powi((k - j) as i32) * values[j])
+                .sum();
+            most = most.max((g - sum / (1.0 - decay.powi(k as i32 + 1))).abs());
+            compared += 1;
+        }
+        assert!(compared > got.len() * 9 / 10, "{compared} of {}", got.len());
+        assert!(most < 0.02, "iteration {k}: {most} levels from the average");
+    }
+    let (last, output) = (levels(&plain), levels(&averaged));
+    assert_eq!(output, levels(&dir.path().join("avg_6.png")));
+    let apart = last
+        .iter()
+        .zip(&output)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(apart > 1.0, "the average is not the last image: {apart}");
+}
+
 /// Every bad input: a non-zero exit and one line on stderr that names the culprit.
 #[test]
 fn bad_input_gets_a_clear_one_line_error() {

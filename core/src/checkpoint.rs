@@ -6,9 +6,11 @@
 //! A checkpoint file is a safetensors file (Hugging Face's format, the `safetensors` crate) of float32
 //! tensors of shape `1 x 3 x H x W`, at the size of the scale it was saved in: `image`, the image as the
 //! optimizer holds it (in the VGG19 weights' preprocessed space, [`CheckpointFile::preprocessing`]), and
-//! for Adam its moments, `adam_m` and `adam_v` (its step count is the iteration); as metadata, the 1-based
+//! for Adam its moments, `adam_m` and `adam_v` (its step count is the iteration); with iterate averaging
+//! ([`crate::RenderParams::avg_decay`]) `average`, the moving average's sum of the images before the
+//! checkpoint's (not bias-corrected: its weight is `1 - decay^iteration`); as metadata, the 1-based
 //! scale, the iteration (the image after that many optimizer steps of the scale) and the preprocessing.
-//! An Adam render resumed from one goes on exactly as it would have. L-BFGS' state is not kept (its
+//! An Adam render resumed from one goes on exactly as it would have, its average too. L-BFGS' state is not kept (its
 //! curvature pairs would take up to 200 times the image): a resumed L-BFGS render starts its optimizer
 //! afresh from the image, as jcjohnson/neural-style's `-init image` from a saved iteration would, and its
 //! pixels differ slightly from an uninterrupted render's.
@@ -23,13 +25,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::ImageHash;
 use crate::imaging::MAX_IMAGE_SIDE;
-use crate::{Error, Optimizer};
+use crate::{Error, Optimizer, RenderParams};
 
 /// Name of the image's tensor in a checkpoint file.
 const IMAGE: &str = "image";
 /// Names of Adam's first and second moments' tensors.
 const ADAM_M: &str = "adam_m";
 const ADAM_V: &str = "adam_v";
+/// Name of the iterate average's tensor.
+const AVERAGE: &str = "average";
 /// The most bytes a checkpoint file's header (its JSON) may take; a file with a larger one is refused
 /// before it is parsed.
 pub const MAX_HEADER_BYTES: u64 = 64 << 10;
@@ -137,6 +141,8 @@ pub struct CheckpointHeader {
     pub preprocessing: String,
     /// Whether it holds Adam's moments.
     pub adam: bool,
+    /// Whether it holds an iterate average.
+    pub average: bool,
 }
 
 /// Adam's moments after a checkpoint's iteration, each `3 x height x width` values as the image's.
@@ -165,16 +171,20 @@ pub struct CheckpointFile {
     pub values: Vec<f32>,
     /// An Adam render's moments; `None` for L-BFGS.
     pub adam: Option<AdamMoments>,
+    /// With iterate averaging, the average's sum of the scale's images before this one (`3 x height x
+    /// width` values, not bias-corrected); `None` without.
+    pub average: Option<Vec<f32>>,
 }
 
 impl CheckpointFile {
-    /// The most bytes a checkpoint file of a render by `optimizer` of at most `longest` px a side takes:
-    /// its image (and Adam's two moments), and a header of at most [`MAX_HEADER_BYTES`].
-    pub fn max_bytes(longest: u32, optimizer: Optimizer) -> u64 {
-        let tensors = match optimizer {
+    /// The most bytes a checkpoint file of a render of `params` of at most `longest` px a side takes: its
+    /// image (and Adam's two moments, and the iterate average), and a header of at most
+    /// [`MAX_HEADER_BYTES`].
+    pub fn max_bytes(longest: u32, params: &RenderParams) -> u64 {
+        let tensors = match params.optimizer {
             Optimizer::Lbfgs => 1,
             Optimizer::Adam => 3,
-        };
+        } + u64::from(params.avg_decay > 0.0);
         tensors * 3 * 4 * u64::from(longest) * u64::from(longest) + 8 + MAX_HEADER_BYTES
     }
 
@@ -184,6 +194,9 @@ impl CheckpointFile {
         let mut data = vec![(IMAGE, bytes(&self.values))];
         if let Some(adam) = &self.adam {
             data.extend([(ADAM_M, bytes(&adam.m)), (ADAM_V, bytes(&adam.v))]);
+        }
+        if let Some(average) = &self.average {
+            data.push((AVERAGE, bytes(average)));
         }
         let shape = vec![1, 3, self.height as usize, self.width as usize];
         let views = data
@@ -243,7 +256,7 @@ impl CheckpointFile {
         let tensors = metadata.tensors();
         if let Some(other) = tensors
             .keys()
-            .find(|k| ![IMAGE, ADAM_M, ADAM_V].contains(&k.as_str()))
+            .find(|k| ![IMAGE, ADAM_M, ADAM_V, AVERAGE].contains(&k.as_str()))
         {
             return Err(bad(format!(
                 "a tensor '{other}' that a checkpoint does not have"
@@ -291,6 +304,16 @@ impl CheckpointFile {
                 )))
             }
         };
+        let average = match tensors.get(AVERAGE) {
+            None => false,
+            Some(t) if t.dtype == Dtype::F32 && t.shape == image.shape => true,
+            Some(t) => {
+                return Err(bad(format!(
+                    "'{AVERAGE}' is {:?} of shape {:?}, not as '{IMAGE}'",
+                    t.dtype, t.shape
+                )))
+            }
+        };
         Ok(CheckpointHeader {
             scale,
             iteration,
@@ -298,6 +321,7 @@ impl CheckpointFile {
             height,
             preprocessing: meta.get("preprocessing").cloned().unwrap_or_default(),
             adam,
+            average,
         })
     }
 
@@ -331,6 +355,10 @@ impl CheckpointFile {
             preprocessing: header.preprocessing,
             values: values(IMAGE)?,
             adam,
+            average: match header.average {
+                true => Some(values(AVERAGE)?),
+                false => None,
+            },
         })
     }
 }
@@ -366,6 +394,7 @@ mod tests {
                 m: (0..45).map(|v| v as f32 * 1e-3).collect(),
                 v: (0..45).map(|v| v as f32 * 1e-6).collect(),
             }),
+            average: Some((0..45).map(|v| v as f32 * 0.25 - 3.0).collect()),
         }
     }
 
@@ -373,20 +402,31 @@ mod tests {
     fn a_checkpoint_file_reads_back_as_written() {
         let f = file();
         let bytes = f.encode().unwrap();
-        assert!(bytes.len() as u64 <= CheckpointFile::max_bytes(5, Optimizer::Adam));
+        let params = |optimizer, avg_decay| RenderParams {
+            optimizer,
+            avg_decay,
+            ..Default::default()
+        };
+        assert!(bytes.len() as u64 <= CheckpointFile::max_bytes(5, &params(Optimizer::Adam, 0.9)));
+        // the average: one more image's values at most
+        let more = CheckpointFile::max_bytes(5, &params(Optimizer::Adam, 0.9))
+            - CheckpointFile::max_bytes(5, &params(Optimizer::Adam, 0.0));
+        assert_eq!(more, 3 * 4 * 5 * 5);
         assert_eq!(CheckpointFile::decode(&bytes).unwrap(), f);
         let header = CheckpointFile::header(&bytes).unwrap();
         assert_eq!(
             (header.scale, header.iteration, header.width, header.height),
             (2, 30, 5, 3)
         );
-        assert!(header.adam);
+        assert!(header.adam && header.average);
         let lbfgs = CheckpointFile {
             adam: None,
+            average: None,
             ..file()
         };
         let bytes = lbfgs.encode().unwrap();
-        assert!(bytes.len() as u64 <= CheckpointFile::max_bytes(5, Optimizer::Lbfgs));
+        assert!(bytes.len() as u64 <= CheckpointFile::max_bytes(5, &params(Optimizer::Lbfgs, 0.0)));
+        assert!(!CheckpointFile::header(&bytes).unwrap().average);
         assert_eq!(CheckpointFile::decode(&bytes).unwrap(), lbfgs);
     }
 
@@ -448,6 +488,12 @@ mod tests {
         )
         .unwrap();
         assert!(err(&mismatched).starts_with("checkpoint: 'adam_m' is F32 of shape [1, 3, 3, 4]"));
+        let average = safetensors::tensor::serialize(
+            [(IMAGE, view(180).unwrap()), (AVERAGE, view(144).unwrap())],
+            &metadata,
+        )
+        .unwrap();
+        assert!(err(&average).starts_with("checkpoint: 'average' is F32 of shape [1, 3, 3, 4]"));
         // a tensor a checkpoint does not have; a header past the limit, refused before it is parsed
         let stray = safetensors::tensor::serialize(
             [(IMAGE, view(180).unwrap()), ("stray", view(180).unwrap())],

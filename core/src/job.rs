@@ -580,7 +580,7 @@ impl TaskSpec {
     /// The most bytes a checkpoint file of the task's render may take ([`CheckpointFile::max_bytes`]):
     /// [`TaskSpec::checkpoint_bounds`]' `max_bytes`, without the rest.
     pub fn max_checkpoint_bytes(&self) -> u64 {
-        CheckpointFile::max_bytes(self.checkpoint_longest(), self.params.optimizer)
+        CheckpointFile::max_bytes(self.checkpoint_longest(), &self.params)
     }
 
     /// The longest side of the image the task's render optimizes: its tile's or shard's window, else the
@@ -623,7 +623,7 @@ impl CheckpointBounds {
         CheckpointBounds {
             longest: params.size,
             iterations: params.iterations_per_scale(),
-            max_bytes: CheckpointFile::max_bytes(params.size, params.optimizer),
+            max_bytes: CheckpointFile::max_bytes(params.size, params),
         }
     }
 

@@ -305,6 +305,12 @@ macro_rules! render_options {
             optimizer: Optimizer = Optimizer::Lbfgs, Range::Any, sweep: true;
             /// Adam's learning rate, in 0..255 units.
             learning_rate: f64 = 10.0, Range::Positive, sweep: true;
+            /// Iterate averaging, crowsonkb/style-transfer-pytorch's --avg-decay (its default 0.99, with
+            /// Adam): each scale's result is the exponential moving average of its images, this the decay,
+            /// bias-corrected as Adam's moments; the next scale starts from it, and a scale's last progress
+            /// line has its losses. It smooths the noise of Adam's last steps. 0: off, the last image
+            /// (ALGORITHM.md).
+            avg_decay: f64 = 0.0, Range::Fraction, sweep: true;
             /// L-BFGS history size.
             history_size: u32 = 100, Range::Between(1, MAX_HISTORY_SIZE as u64), sweep: true;
             /// Weight of the content loss.
@@ -481,6 +487,8 @@ pub enum Range {
     Positive,
     /// A finite number in `(0, max]`.
     UpTo(f64),
+    /// A number in `[0, 1)`.
+    Fraction,
 }
 
 impl Range {
@@ -513,6 +521,7 @@ impl Range {
                 value.is_finite() && value > 0.0 && value <= max,
                 format!("in (0, {max}]"),
             ),
+            Range::Fraction => ((0.0..1.0).contains(&value), "in [0, 1)".to_string()),
             Range::Between(min, max) => (
                 value >= min as f64 && value <= max as f64,
                 format!("between {min} and {max}"),

@@ -772,6 +772,7 @@ enum Corruption {
     ContentLayers(Vec<Layer>),
     StyleLayers(Vec<Layer>),
     StyleLayerWeights(Vec<f64>),
+    AvgDecay(f64),
 }
 
 fn corruption() -> BoxedStrategy<Corruption> {
@@ -817,6 +818,8 @@ fn corruption() -> BoxedStrategy<Corruption> {
         layers().prop_map(Corruption::StyleLayers),
         prop::collection::vec(prop_oneof![weight(), bad_weight(), Just(f64::MAX)], 0..=6)
             .prop_map(Corruption::StyleLayerWeights),
+        prop_oneof![Just(1.0), Just(-1e-9), Just(f64::NAN), 0.0..1.0f64]
+            .prop_map(Corruption::AvgDecay),
     ]
     .boxed()
 }
@@ -837,6 +840,7 @@ fn corrupt(p: &mut RenderParams, c: Corruption) {
         Corruption::ContentLayers(v) => p.content_layers = v,
         Corruption::StyleLayers(v) => p.style_layers = v,
         Corruption::StyleLayerWeights(v) => p.style_layer_weights = v,
+        Corruption::AvgDecay(v) => p.avg_decay = v,
     }
 }
 
@@ -989,7 +993,7 @@ fn image_size() -> impl Strategy<Value = (u32, u32)> {
     ]
 }
 
-const PARAM_FIELDS: [&str; 17] = [
+const PARAM_FIELDS: [&str; 18] = [
     "size",
     "iterations",
     "scales",
@@ -1006,6 +1010,7 @@ const PARAM_FIELDS: [&str; 17] = [
     "style_layers",
     "style_layer_weights",
     "temporal_weight",
+    "avg_decay",
     // not with luminance_only
     "match_colors",
 ];
@@ -1021,6 +1026,7 @@ fn check_valid(p: &RenderParams, styles: usize) -> Result<(), TestCaseError> {
         .iter()
         .all(|n| (1..=MAX_ITERATIONS).contains(n)));
     prop_assert!(p.learning_rate.is_finite() && p.learning_rate > 0.0);
+    prop_assert!((0.0..1.0).contains(&p.avg_decay));
     prop_assert!((1..=1000).contains(&p.history_size));
     for w in [p.content_weight, p.style_weight, p.tv_weight] {
         prop_assert!(w.is_finite() && w >= 0.0);

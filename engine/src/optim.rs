@@ -495,9 +495,66 @@ impl AdamState {
     }
 }
 
+/// An exponential moving average of a scale's images, bias-corrected as Adam's moments are: after the
+/// images `x_0 .. x_{k-1}`, `sum_i (1 - d) d^(k-1-i) x_i / (1 - d^k)` for the decay `d`
+/// (crowsonkb/style-transfer-pytorch's `EMA` and `--avg-decay`; [`stylefarm_core::RenderParams::avg_decay`]).
+#[derive(Debug)]
+pub struct IterateAverage {
+    /// The images' decayed sum, `sum_i (1 - d) d^(k-1-i) x_i`: what a checkpoint keeps.
+    pub sum: Tensor,
+    /// The decay, in `(0, 1)`.
+    pub decay: f64,
+    /// The images added, `k`.
+    pub count: u32,
+}
+
+impl IterateAverage {
+    /// The average of no image yet, shaped as `x`.
+    pub fn new(x: &Tensor, decay: f64) -> IterateAverage {
+        IterateAverage {
+            sum: x.zeros_like(),
+            decay,
+            count: 0,
+        }
+    }
+
+    /// Adds the next image (on the device; no host sync).
+    pub fn add(&mut self, x: &Tensor) {
+        tch::no_grad(|| {
+            let _ = self.sum.lerp_(x, 1.0 - self.decay);
+        });
+        self.count += 1;
+    }
+
+    /// The average of the images added (at least one).
+    pub fn get(&self) -> Tensor {
+        let weight = 1.0 - self.decay.powi(self.count.min(i32::MAX as u32) as i32);
+        tch::no_grad(|| &self.sum / weight)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The average of 1, 2, 3 with decay 0.5, by crowsonkb's EMA: value 0.5, 1.25, 2.125 and accum
+    /// 0.5, 0.25, 0.125, so 2.125 / 0.875; of one image, that image.
+    #[test]
+    fn the_iterate_average_is_crowsonkbs_bias_corrected_ema() {
+        let x = |v: f32| Tensor::from_slice(&[v, 2.0 * v]);
+        let mut average = IterateAverage::new(&x(0.0), 0.5);
+        average.add(&x(1.0));
+        assert_eq!(values(&average.get()), [1.0, 2.0]);
+        average.add(&x(2.0));
+        average.add(&x(3.0));
+        let want = 2.125 / 0.875;
+        let got = values(&average.get());
+        assert!(
+            (got[0] - want).abs() < 1e-6 && (got[1] - 2.0 * want).abs() < 1e-6,
+            "{got:?}"
+        );
+        assert_eq!(average.count, 3);
+    }
     use std::convert::Infallible;
     use tch::Device;
 

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::Engine;
 use crate::objective::{to_f64s, LossTerms, StyleGrams};
-use crate::optim::{Adam, AdamState, Lbfgs, Reduction};
+use crate::optim::{Adam, AdamState, IterateAverage, Lbfgs, Reduction};
 use crate::shard::Shard;
 use crate::Error;
 use stylefarm_core::progress::TaskProgress;
@@ -283,7 +283,7 @@ pub struct Snapshots<'a> {
 pub struct Checkpointing<'a> {
     /// The checkpoint to start from: the render skips the scales before its scale and starts that one
     /// from its image at its iteration; Adam from its moments (it goes on as it would have), L-BFGS
-    /// afresh.
+    /// afresh; the iterate average from its average.
     pub resume: Option<CheckpointFile>,
     /// When to save one ([`CheckpointEvery::due`]): every so many iterations of each scale, or at most
     /// every so many seconds of the render (timed from its first evaluation, then from the last
@@ -608,6 +608,7 @@ impl Engine {
             Some(&file.values),
             file.adam.as_ref().map(|a| &a.m),
             file.adam.as_ref().map(|a| &a.v),
+            file.average.as_ref(),
         ]
         .into_iter()
         .flatten()
@@ -635,12 +636,13 @@ impl Engine {
         }
     }
 
-    /// A checkpoint of `scale` at `iteration`: `x`'s values and Adam's moments (`adam`), read from the
-    /// device.
+    /// A checkpoint of `scale` at `iteration`: `x`'s values, Adam's moments (`adam`) and the iterate
+    /// average's sum (`average`), read from the device.
     fn checkpoint_of(
         &self,
         x: &Tensor,
         adam: Option<&AdamState>,
+        average: Option<&IterateAverage>,
         scale: u32,
         iteration: u32,
     ) -> Result<CheckpointFile, Error> {
@@ -668,6 +670,7 @@ impl Engine {
                 }),
                 None => None,
             },
+            average: average.map(|a| read(&a.sum)).transpose()?,
         })
     }
 
@@ -733,6 +736,10 @@ impl Engine {
                 }),
                 _ => None,
             };
+            let resumed_average = match resumed.as_ref().and_then(|r| r.average.as_ref()) {
+                Some(sum) => Some(tensor(sum)?),
+                None => None,
+            };
             let mut xs = match (x.take(), resumed) {
                 (_, Some(r)) => tensor(&r.values)?,
                 // a video frame after its chunk's first: the previous frame's result where the content
@@ -755,6 +762,25 @@ impl Engine {
             // Adam's state (the optimizer is Adam exactly when there is one), which checkpoints read
             let adam = (params.optimizer == Optimizer::Adam)
                 .then(|| RefCell::new(resumed_adam.unwrap_or_else(|| AdamState::new(&xs))));
+            // the iterate average (RenderParams::avg_decay): a checkpoint's (of the images before its
+            // own), else of none yet
+            let mut average = match (params.avg_decay > 0.0, resumed_average) {
+                (false, _) => None,
+                (true, Some(sum)) => Some(IterateAverage {
+                    sum,
+                    decay: params.avg_decay,
+                    count: first,
+                }),
+                (true, None) => {
+                    if first > 0 {
+                        tracing::warn!(
+                            iteration = first,
+                            "the checkpoint has no iterate average: averaging from its image on"
+                        );
+                    }
+                    Some(IterateAverage::new(&xs, params.avg_decay))
+                }
+            };
             let mut evaluations = first;
             // for the ETA: the later scales' iterations in this scale's iterations (their pixels' ratio)
             let pixels = |longest: u32| f64::from(longest).powi(2);
@@ -819,13 +845,18 @@ impl Engine {
             // the iteration of this scale last asked about
             let mut asked = None;
             let scale = s as u32 + 1;
-            let mut snapshot = |iteration: u32, x: &Tensor| -> Result<(), Error> {
+            // the image of `iteration`: `x`, or with iterate averaging the average of the images to it
+            let mut snapshot = |iteration: u32,
+                                x: &Tensor,
+                                average: Option<&IterateAverage>|
+             -> Result<(), Error> {
                 match snapshots.as_mut() {
                     Some(snapshots) if iteration > 0 && asked != Some(iteration) => {
                         asked = Some(iteration);
                         if (snapshots.due)(scale, iteration) {
+                            let x = average.map_or_else(|| x.shallow_clone(), IterateAverage::get);
                             let image =
-                                self.snapshot(job, x, snapshots.longest, &mut preview_content);
+                                self.snapshot(job, &x, snapshots.longest, &mut preview_content);
                             (snapshots.save)(scale, iteration, image)?;
                         }
                         Ok(())
@@ -834,7 +865,6 @@ impl Engine {
                 }
             };
             let mut f = |x: &Tensor| -> Result<(Tensor, Tensor), Error> {
-                snapshot(evaluations, x)?;
                 let since_checkpoint = last_checkpoint.get_or_insert_with(Instant::now).elapsed();
                 let due = |c: &&mut Checkpointing<'_>| {
                     evaluations > first
@@ -843,9 +873,20 @@ impl Engine {
                 };
                 if let Some(c) = checkpointing.as_mut().filter(due) {
                     let adam = adam.as_ref().map(RefCell::borrow);
-                    (c.save)(self.checkpoint_of(x, adam.as_deref(), scale, evaluations)?)?;
+                    let file = self.checkpoint_of(
+                        x,
+                        adam.as_deref(),
+                        average.as_ref(),
+                        scale,
+                        evaluations,
+                    )?;
+                    (c.save)(file)?;
                     last_checkpoint = Some(Instant::now());
                 }
+                if let Some(a) = average.as_mut() {
+                    a.add(x);
+                }
+                snapshot(evaluations, x, average.as_ref())?;
                 let (terms, grad) = self.scale_objective(x, &targets, params)?;
                 let total = terms.f_get(3)?;
                 unread.push((evaluations, terms));
@@ -882,16 +923,27 @@ impl Engine {
             } as u32
                 + first;
             flush(&mut unread, &mut report)?;
-            snapshot(steps, &xs)?;
-            if steps == evaluations {
-                // the last step's image has not been evaluated yet
+            // the last step's image has not been evaluated yet (nor averaged)
+            let unevaluated = steps == evaluations;
+            // the scale's result: its last image, or the average of its images
+            let result = match average {
+                Some(mut a) => {
+                    if unevaluated {
+                        a.add(&xs);
+                    }
+                    a.get()
+                }
+                None => xs,
+            };
+            snapshot(steps, &result, None)?;
+            if unevaluated {
                 report(
                     steps,
-                    self.scale_losses(&xs, &targets, params)?,
+                    self.scale_losses(&result, &targets, params)?,
                     steps + 1 - first,
                 )?;
             }
-            x = Some(xs);
+            x = Some(result);
         }
         x.ok_or_else(|| Error::Input("no scale to render".into()))
     }
