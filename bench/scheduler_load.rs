@@ -80,6 +80,7 @@ async fn main() {
         tls: None,
         max_connections: stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS,
         max_connections_per_source: None,
+        notify: None,
     };
     let coordinator = Coordinator::open(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

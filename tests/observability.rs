@@ -392,3 +392,130 @@ async fn a_task_and_the_coordinators_handling_of_it_are_one_trace() {
         "the coordinator's span is a child of the worker's: {complete:?}"
     );
 }
+
+/// What a webhook receiver got: each request's `X-Stylefarm-Delivery` header and JSON body.
+type Posts = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// An HTTP server taking POSTs on `/hooks/s3cr3t`, which answers the first 503 and the others 204; its
+/// URL and what it got.
+async fn webhook_receiver() -> (String, Posts) {
+    use axum::http::{HeaderMap, StatusCode};
+    let posts = Posts::default();
+    let got = posts.clone();
+    let app = axum::Router::new().route(
+        "/hooks/s3cr3t",
+        axum::routing::post(
+            move |headers: HeaderMap, body: axum::body::Bytes| async move {
+                let delivery = headers
+                    .get("x-stylefarm-delivery")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                let mut got = got.lock().unwrap();
+                got.push((delivery, body));
+                if got.len() == 1 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/s3cr3t", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, posts)
+}
+
+/// `coordinator --notify-url`: each job that ends is POSTed as JSON (its id, name, kind, state, error,
+/// task counts), with a delivery id; a 503 answer gets the same delivery again. The metrics count the
+/// deliveries, and the coordinator's log names the receiver's host, not the URL's secret path.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_that_end_are_announced_to_the_notify_url() {
+    let (url, posts) = webhook_receiver().await;
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = ["--notify-url", &url, "--metrics-listen", "127.0.0.1:0"]
+        .map(String::from)
+        .to_vec();
+    cluster.start_coordinator();
+    let coordinator = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
+    cluster.add_worker("w1");
+    let rendered = submit(
+        &cluster,
+        &[
+            &tubingen_x_starry(48, 3)[..],
+            &["--name".into(), "poster".into()],
+        ]
+        .concat(),
+    );
+    wait_succeeded(&cluster, &rendered).await;
+    let held = submit(
+        &cluster,
+        &[&tubingen_x_starry(48, 3)[..], &["--paused".into()]].concat(),
+    );
+    let (ok, _, err) = cluster.cli(&["cancel", &held]);
+    assert!(ok, "{err}");
+    let posts = wait_for("three POSTs", Duration::from_secs(30), || {
+        let posts = posts.lock().unwrap().clone();
+        async move { (posts.len() >= 3).then_some(posts) }
+    })
+    .await;
+    let of = |job: &str| -> Vec<(String, serde_json::Value)> {
+        let prefix = format!("{job}@");
+        posts
+            .iter()
+            .filter(|p| p.0.starts_with(&prefix))
+            .cloned()
+            .collect()
+    };
+    // the first answered 503, and sent again as the same delivery
+    let done = of(&rendered);
+    assert!(done.len() == 2 && done[0] == done[1], "{posts:#?}");
+    let done = &done[0].1;
+    assert_eq!(done["event"], "job_ended");
+    assert_eq!(done["job_id"], rendered.as_str());
+    assert_eq!(done["name"], "poster");
+    assert_eq!(done["kind"], "single");
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(
+        (done["tasks"].as_u64(), done["succeeded"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(done["finished_ms"].as_i64() >= done["submitted_ms"].as_i64());
+    let cancelled = of(&held);
+    assert_eq!(cancelled.len(), 1, "{posts:#?}");
+    let cancelled = &cancelled[0].1;
+    assert_eq!(
+        (&cancelled["job_id"], &cancelled["state"]),
+        (&serde_json::json!(held), &serde_json::json!("cancelled")),
+        "{cancelled:#}"
+    );
+    assert_eq!(cancelled["cancelled"].as_u64(), Some(1), "{cancelled:#}");
+    let metrics = wait_for("two deliveries counted", Duration::from_secs(10), || {
+        let coordinator = coordinator.clone();
+        async move {
+            let text = scrape(&coordinator).await;
+            (value(
+                &text,
+                "stylefarm_notifications_total{outcome=\"delivered\"}",
+            ) == Some(2.0))
+            .then_some(text)
+        }
+    })
+    .await;
+    assert_eq!(
+        value(
+            &metrics,
+            "stylefarm_notifications_total{outcome=\"gave_up\"}"
+        ),
+        None,
+        "{metrics}"
+    );
+    let log = cluster.coordinator.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("job end announced") && log.contains("127.0.0.1"),
+        "{log}"
+    );
+    assert!(!log.contains("s3cr3t"), "{log}");
+}

@@ -94,6 +94,12 @@ pub(crate) struct CoordinatorArgs {
     /// them. Only for a blob store that no other farm shares.
     #[arg(long, env = "STYLEFARM_KEEP_UNUSED_BLOBS_SECS")]
     keep_unused_blobs_secs: Option<f64>,
+    /// Announce each job that ends (succeeded, failed, cancelled): a POST of JSON to this http:// or
+    /// https:// URL (a webhook: job id, name, tenant, kind, state, error, task counts, times), sent again
+    /// while it gets no 2xx answer, 10 tries in all. A receiver's secret goes in the URL; the logs show
+    /// its host only. Unset: none.
+    #[arg(long, env = "STYLEFARM_NOTIFY_URL", hide_env_values = true)]
+    notify_url: Option<String>,
     /// Seconds a running task may go without its progress moving (its scale or iteration, as the worker's
     /// heartbeats report it) before the coordinator takes its lease back: the task is retried, a strike
     /// against the worker, which is told to cancel it (for an engine that hangs while its worker still
@@ -447,6 +453,7 @@ pub(crate) fn coordinator_config(
         tls: None,
         max_connections: stylefarm_coordinator::connections::DEFAULT_MAX_CONNECTIONS,
         max_connections_per_source: None,
+        notify: None,
     })
 }
 
@@ -502,6 +509,12 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
     }
     config.keep_unused_blobs = keep("--keep-unused-blobs-secs", args.keep_unused_blobs_secs)?;
+    config.notify = args
+        .notify_url
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e| anyhow!("--notify-url: {e}"))?;
     // a wait: any number of seconds, 0 or more
     let wait = |flag: &str, secs: f64| {
         Duration::try_from_secs_f64(secs)

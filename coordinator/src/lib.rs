@@ -8,6 +8,7 @@ pub mod exchange;
 pub mod gc;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 mod pipeline;
 pub mod scheduler;
 mod service;
@@ -306,6 +307,8 @@ pub struct CoordinatorConfig {
     /// The most of those from one IP address (more from it are closed as they come, while others are
     /// served); `None`: no bound per source but `max_connections`.
     pub max_connections_per_source: Option<usize>,
+    /// Where jobs that end are announced ([`notify`]); `None`: nowhere.
+    pub notify: Option<notify::NotifyConfig>,
 }
 
 /// Runs `f` on the blocking pool. Every call that may wait for a store runs there, never on the async
@@ -332,6 +335,8 @@ pub struct Coordinator {
     pub(crate) max_connections: usize,
     /// [`CoordinatorConfig::max_connections_per_source`].
     pub(crate) max_connections_per_source: Option<usize>,
+    /// [`CoordinatorConfig::notify`].
+    pub(crate) notify: Option<notify::NotifyConfig>,
     /// The connections served and refused, for [`metrics`].
     pub(crate) connection_metrics: connections::ConnectionMetrics,
     /// The workers heard from, with their device memory: tiled jobs' later scales are planned for the live
@@ -467,6 +472,7 @@ impl Coordinator {
             keep_unused_blobs: config.keep_unused_blobs,
             max_connections: config.max_connections,
             max_connections_per_source: config.max_connections_per_source,
+            notify: config.notify.clone(),
             connection_metrics,
             workers: workers::Registry::default(),
             exchanges: exchange::Exchanges::default(),
@@ -772,6 +778,19 @@ pub async fn serve(
             }
         })
     };
+    // jobs that end, announced where the operator asked
+    let notifying = coordinator.notify.clone().map(|config| {
+        let counted = coordinator.scheduler.metrics().notifications.clone();
+        tokio::spawn(notify::run(
+            coordinator.scheduler.clone(),
+            config,
+            move |outcome| {
+                counted
+                    .get_or_create(&metrics::label("outcome", outcome.name()))
+                    .inc();
+            },
+        ))
+    });
     health
         .set_serving::<RenderServiceServer<service::RenderApi>>()
         .await;
@@ -829,6 +848,9 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Transport(e.to_string()));
     expiry.abort();
+    if let Some(notifying) = notifying {
+        notifying.abort();
+    }
     match stopped(&coordinator.scheduler) {
         Some(why) => Err(why),
         None => result,

@@ -16,6 +16,7 @@
 //! | `stylefarm_blocklist_events_total` | counter | | a worker reaching the strikes threshold on a job |
 //! | `stylefarm_job_retries_total` | counter | | failed or cancelled jobs run again by their clients (RetryJob), and running keep-going batches or sweeps whose failed tasks they queued again |
 //! | `stylefarm_task_seconds` | histogram | | lease to accepted result, s |
+//! | `stylefarm_notifications_total` | counter | `outcome` (`delivered`, `refused`, `gave_up`) | job-end notifications ([`crate::notify`]) by how their delivery ended |
 //! | `stylefarm_blob_store_bytes` | gauge | | bytes of images stored (S3: as [`crate::blobs::BlobStore::stored_bytes`] says) |
 //! | `stylefarm_blobs_collected_total` | counter | | blobs deleted by the garbage collection, and task checkpoints deleted once replaced or done ([`crate::gc`]) |
 //! | `stylefarm_blob_bytes_collected_total` | counter | | their bytes |
@@ -36,7 +37,7 @@ use crate::Coordinator;
 /// A metric's labels: (name, value) pairs.
 pub type Labels = Vec<(String, String)>;
 
-fn label(name: &str, value: impl ToString) -> Labels {
+pub(crate) fn label(name: &str, value: impl ToString) -> Labels {
     vec![(name.to_string(), value.to_string())]
 }
 
@@ -73,6 +74,8 @@ pub struct SchedulerMetrics {
     pub job_retries: Counter,
     /// Lease to accepted result, in seconds.
     pub task_seconds: Histogram,
+    /// Job-end notifications ([`crate::notify`]), by how their delivery ended.
+    pub notifications: Family<Labels, Counter>,
 }
 
 impl Default for SchedulerMetrics {
@@ -85,6 +88,7 @@ impl Default for SchedulerMetrics {
             job_retries: Counter::default(),
             // 0.1 s to about 14 min
             task_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
+            notifications: Family::default(),
         }
     }
 }
@@ -181,6 +185,12 @@ impl Metrics {
             "task_seconds",
             "Lease to accepted result, in seconds",
             scheduler.task_seconds.clone(),
+        );
+        registry.register(
+            "notifications",
+            "Job-end notifications (--notify-url), by how their delivery ended: delivered, refused (a 4xx \
+             answer) or gave_up",
+            scheduler.notifications.clone(),
         );
         registry.register(
             "blob_store_bytes",

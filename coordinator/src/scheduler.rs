@@ -3491,6 +3491,32 @@ impl Scheduler {
         Ok(Self::view(&st, job))
     }
 
+    /// `f` of job `job_id`'s record and tasks, under the scheduler's lock, when the job has ended
+    /// (succeeded, failed or cancelled); `None` when it has not, or there is no such job. Cheap for a
+    /// running job: what a watcher of every job's changes asks at each.
+    pub fn ended_with<T>(
+        &self,
+        job_id: &JobId,
+        f: impl FnOnce(&JobMeta, &[TaskRecord]) -> T,
+    ) -> Option<T> {
+        let st = self.state.lock().unwrap();
+        let job = st.jobs.get(job_id)?;
+        job.meta
+            .state
+            .is_terminal()
+            .then(|| f(&job.meta, &job.tasks))
+    }
+
+    /// The jobs that ended at or after `since_ms` (ms since the Unix epoch), every tenant's.
+    pub fn ended_since(&self, since_ms: i64) -> Vec<JobId> {
+        let st = self.state.lock().unwrap();
+        st.jobs
+            .values()
+            .filter(|j| j.meta.state.is_terminal() && j.meta.finished_ms >= since_ms)
+            .map(|j| j.meta.id.clone())
+            .collect()
+    }
+
     /// The tenant that submitted job `job_id`.
     pub fn tenant_of(&self, job_id: &JobId) -> Result<String, SchedulerError> {
         let st = self.state.lock().unwrap();

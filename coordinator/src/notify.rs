@@ -1,0 +1,296 @@
+//! Job-end notifications (webhooks): when a job ends (succeeded, failed or cancelled), the coordinator
+//! POSTs a JSON document about it ([`JobEnded`]) to the URL its operator gave (`stylefarm coordinator
+//! --notify-url`), as OpenCue mails a job's owner and Deadline's event plugins run when a job finishes: a
+//! chat bot, a pipeline's next step or a ticket can follow the farm without polling it.
+//!
+//! Delivery is at least once for each end of a job that this coordinator sees while it serves: a request
+//! that gets no 2xx answer is sent again (the same body and `X-Stylefarm-Delivery` header, by which a
+//! receiver can drop a repeat) after [`stylefarm_proto::Backoff`]'s waits, [`NOTIFY_TRIES`] times in all;
+//! a 4xx answer other than 408 and 429 says the receiver refuses it, and it is not sent again. A job that
+//! ends while no coordinator serves, or whose delivery is under way when the coordinator stops, is not
+//! announced. A job run again (`stylefarm retry`) is announced again when it ends again. Outcomes are
+//! counted in `stylefarm_notifications_total` ([`crate::metrics`]).
+//!
+//! The URL is the operator's, not a client's (a client could otherwise make the coordinator call any
+//! address it reaches). A receiver's secret goes in the URL, as chat services' incoming webhooks take
+//! it; the logs name only the URL's host.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use stylefarm_core::ids::JobId;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::model::{JobMeta, TaskRecord, TaskState};
+use crate::scheduler::{now_ms, Scheduler};
+
+/// Tries of one notification's POST before it is given up.
+pub const NOTIFY_TRIES: u32 = 10;
+
+/// How long one try may take, answer included.
+pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Notifications being sent at once; more wait for one to be done.
+const SENDING_AT_ONCE: usize = 8;
+
+/// Where the coordinator announces the jobs that end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifyConfig {
+    /// An `http://` or `https://` URL, POSTed a [`JobEnded`] as JSON when a job ends.
+    pub url: reqwest::Url,
+}
+
+impl std::str::FromStr for NotifyConfig {
+    type Err = String;
+
+    /// An absolute `http://` or `https://` URL; an error says what is wrong with it (not the text: it may
+    /// hold a secret).
+    fn from_str(text: &str) -> Result<NotifyConfig, String> {
+        let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!(
+                "a {}: URL; expected an http:// or https:// URL with a host",
+                url.scheme()
+            ));
+        }
+        Ok(NotifyConfig { url })
+    }
+}
+
+/// What a notification says of a job that ended, as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobEnded {
+    /// Always `job_ended`.
+    pub event: &'static str,
+    /// The job's id.
+    pub job_id: String,
+    /// Its name for people (`submit --name`); empty when it has none.
+    pub name: String,
+    /// The tenant that submitted it; empty when auth is off.
+    pub tenant: String,
+    /// `single`, `batch`, `sweep`, `tiled` or `video`.
+    pub kind: &'static str,
+    /// `succeeded`, `failed` or `cancelled`.
+    pub state: &'static str,
+    /// Why it failed (`cancelled` for a cancelled job); empty when it succeeded.
+    pub error: String,
+    /// Its tasks.
+    pub tasks: usize,
+    /// Those that succeeded.
+    pub succeeded: usize,
+    /// Those that failed for good.
+    pub failed: usize,
+    /// Those cancelled.
+    pub cancelled: usize,
+    /// When it was submitted, ms since the Unix epoch.
+    pub submitted_ms: i64,
+    /// When it ended, ms since the Unix epoch.
+    pub finished_ms: i64,
+}
+
+impl JobEnded {
+    fn of(meta: &JobMeta, tasks: &[TaskRecord]) -> JobEnded {
+        let count = |state: TaskState| tasks.iter().filter(|t| t.state == state).count();
+        JobEnded {
+            event: "job_ended",
+            job_id: meta.id.to_string(),
+            name: meta.spec.name.clone(),
+            tenant: meta.tenant.clone(),
+            kind: meta.spec.kind.name(),
+            state: meta.state.name(),
+            error: meta.error.clone(),
+            tasks: tasks.len(),
+            succeeded: count(TaskState::Succeeded),
+            failed: count(TaskState::Failed),
+            cancelled: count(TaskState::Cancelled),
+            submitted_ms: meta.submitted_ms,
+            finished_ms: meta.finished_ms,
+        }
+    }
+
+    /// The id of this end of the job, the same in every try of its delivery: `<job id>@<finished_ms>`.
+    pub fn delivery(&self) -> String {
+        format!("{}@{}", self.job_id, self.finished_ms)
+    }
+}
+
+/// How one notification's delivery ended, as `stylefarm_notifications_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// A 2xx answer.
+    Delivered,
+    /// A 4xx answer other than 408 and 429: the receiver refuses it.
+    Refused,
+    /// No 2xx answer in [`NOTIFY_TRIES`] tries.
+    GaveUp,
+}
+
+impl Delivered {
+    /// Its label value: `delivered`, `refused` or `gave_up`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Delivered::Delivered => "delivered",
+            Delivered::Refused => "refused",
+            Delivered::GaveUp => "gave_up",
+        }
+    }
+}
+
+/// Announces every job that ends from now on ([the module's docs](self)), until the scheduler's changes
+/// end; `delivered` is told each delivery's outcome.
+pub(crate) async fn run(
+    scheduler: Arc<Scheduler>,
+    config: NotifyConfig,
+    delivered: impl Fn(Delivered) + Clone + Send + Sync + 'static,
+) {
+    let mut changes = scheduler.subscribe();
+    let since = now_ms();
+    let client = match reqwest::Client::builder()
+        .timeout(NOTIFY_TIMEOUT)
+        .user_agent(concat!("stylefarm/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "job-end notifications are off: no HTTP client");
+            return;
+        }
+    };
+    let host = config.url.host_str().unwrap_or_default().to_string();
+    let url = Arc::new(config.url);
+    let sending = Arc::new(tokio::sync::Semaphore::new(SENDING_AT_ONCE));
+    // each job's end announced, by its finished_ms (a job run again ends again later)
+    let mut announced: HashMap<JobId, i64> = HashMap::new();
+    loop {
+        let ids = match changes.recv().await {
+            Ok(id) => vec![id],
+            // changes missed: the jobs that ended meanwhile are among those that ended since the start
+            Err(RecvError::Lagged(_)) => scheduler.ended_since(since),
+            Err(RecvError::Closed) => return,
+        };
+        for id in ids {
+            let ended = scheduler.ended_with(&id, |meta, tasks| {
+                let new =
+                    meta.finished_ms >= since && announced.get(&id) != Some(&meta.finished_ms);
+                new.then(|| JobEnded::of(meta, tasks))
+            });
+            let ended = match ended {
+                Some(Some(ended)) => ended,
+                Some(None) => continue,
+                // running again, or deleted: whatever ends next is new
+                None => {
+                    announced.remove(&id);
+                    continue;
+                }
+            };
+            announced.insert(id, ended.finished_ms);
+            let (client, url, host) = (client.clone(), url.clone(), host.clone());
+            let (sending, delivered) = (sending.clone(), delivered.clone());
+            tokio::spawn(async move {
+                let Ok(_slot) = sending.acquire_owned().await else {
+                    return;
+                };
+                delivered(deliver(&client, &url, &host, &ended).await);
+            });
+        }
+    }
+}
+
+/// POSTs `ended` to `url` ([the module's docs](self) say how often); how it ended.
+pub(crate) async fn deliver(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    host: &str,
+    ended: &JobEnded,
+) -> Delivered {
+    let body = match serde_json::to_vec(ended) {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(error = %e, job_id = ended.job_id, "a job-end notification");
+            return Delivered::GaveUp;
+        }
+    };
+    let mut backoff = stylefarm_proto::Backoff::default();
+    for attempt in 1..=NOTIFY_TRIES {
+        let sent = client
+            .post(url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("X-Stylefarm-Event", ended.event)
+            .header("X-Stylefarm-Delivery", ended.delivery())
+            .body(body.clone())
+            .send()
+            .await;
+        let why = match sent {
+            Ok(answer) if answer.status().is_success() => {
+                tracing::info!(
+                    job_id = ended.job_id,
+                    state = ended.state,
+                    host,
+                    "job end announced"
+                );
+                return Delivered::Delivered;
+            }
+            Ok(answer)
+                if answer.status().is_client_error()
+                    && !matches!(answer.status().as_u16(), 408 | 429) =>
+            {
+                tracing::warn!(
+                    job_id = ended.job_id,
+                    host,
+                    status = answer.status().as_u16(),
+                    "the job-end notification was refused; not sent again"
+                );
+                return Delivered::Refused;
+            }
+            Ok(answer) => format!("answered {}", answer.status()),
+            // reqwest's error names the URL; only its host is logged
+            Err(e) => format!("not answered: {}", e.without_url()),
+        };
+        if attempt < NOTIFY_TRIES {
+            let wait = backoff.next_wait();
+            tracing::warn!(
+                job_id = ended.job_id,
+                host,
+                attempt,
+                wait_s = wait.as_secs_f64(),
+                error = why,
+                "a job-end notification failed; sending it again"
+            );
+            tokio::time::sleep(wait).await;
+        } else {
+            tracing::error!(
+                job_id = ended.job_id,
+                host,
+                tries = NOTIFY_TRIES,
+                error = why,
+                "a job-end notification failed; given up"
+            );
+        }
+    }
+    Delivered::GaveUp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notify_url_is_an_http_or_https_url_with_a_host() {
+        let url = "https://hooks.example.com/T0/B1/secret"
+            .parse::<NotifyConfig>()
+            .unwrap()
+            .url;
+        assert_eq!(url.host_str(), Some("hooks.example.com"));
+        for bad in [
+            "",
+            "hooks.example.com/x",
+            "ftp://example.com/",
+            "file:///etc/passwd",
+        ] {
+            let e = bad.parse::<NotifyConfig>().unwrap_err();
+            assert!(e.contains("URL"), "{bad}: {e}");
+        }
+    }
+}
