@@ -23,11 +23,17 @@ struct Answer {
     body: String,
 }
 
-/// One HTTP/1.1 request with `headers` and a form `body` (none when empty).
+/// One HTTP/1.1 request with `headers` (`Host: ADDR` unless they have one) and a form `body` (none when
+/// empty).
 async fn http(addr: &str, method: &str, target: &str, headers: &[&str], body: &str) -> Answer {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut request =
-        format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut request = format!("{method} {target} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("host:"))
+    {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
     for h in headers {
         request.push_str(h);
         request.push_str("\r\n");
@@ -507,4 +513,50 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     })
     .await;
     browser.close().await.unwrap();
+}
+
+/// Without tokens, the page answers requests for its IP address, localhost, and the names given with
+/// `--status-allowed-host`; another `Host` (a name that a web page's server could point at this address,
+/// DNS rebinding) gets 403 naming the flag, for the JSON and the buttons alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_tokens_the_status_page_answers_only_its_addresses_and_allowed_hosts() {
+    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
+    cluster.coordinator_args = [
+        "--status-listen",
+        "127.0.0.1:0",
+        "--status-allowed-host",
+        "farm.example.lan",
+    ]
+    .map(String::from)
+    .into();
+    cluster.start_coordinator();
+    let addr = logged_addr(cluster.coordinator.as_ref().unwrap(), "status page").await;
+    let port = addr.rsplit_once(':').unwrap().1;
+    for host in [
+        addr.clone(),
+        format!("localhost:{port}"),
+        format!("Farm.Example.LAN:{port}"),
+    ] {
+        let answer = http(&addr, "GET", "/api/status", &[&format!("Host: {host}")], "").await;
+        assert_eq!(answer.code, 200, "{host}: {}", answer.body);
+        assert!(answer.body.contains("\"jobs\":[]"), "{}", answer.body);
+    }
+    let rebound = format!("Host: rebind.attacker.example:{port}");
+    let answer = http(&addr, "GET", "/api/status", &[&rebound], "").await;
+    assert_eq!(answer.code, 403, "{}", answer.body);
+    assert!(
+        answer.body.contains("--status-allowed-host"),
+        "{}",
+        answer.body
+    );
+    let cancel = "/api/jobs/job-0123456789abcdef/cancel";
+    let answer = http(
+        &addr,
+        "POST",
+        cancel,
+        &[&rebound, "X-Stylefarm-Csrf: 1"],
+        "",
+    )
+    .await;
+    assert_eq!(answer.code, 403, "{}", answer.body);
 }

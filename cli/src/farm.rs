@@ -161,6 +161,23 @@ pub(crate) struct CoordinatorArgs {
     /// --tls-cert, a client token asked for when tokens are configured); off unless given.
     #[arg(long, env = "STYLEFARM_STATUS_LISTEN")]
     status_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub(crate) status_hosts: StatusHostsArg,
+}
+
+/// The host names the status page answers without tokens.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct StatusHostsArg {
+    /// Without client tokens, the status page answers requests for its IP addresses and localhost only
+    /// (a web page could point another name at this address, DNS rebinding, and script the page); a host
+    /// name it answers too, e.g. farm.example.lan (repeat, or comma-separated in the variable).
+    #[arg(
+        long = "status-allowed-host",
+        env = "STYLEFARM_STATUS_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOST"
+    )]
+    pub(crate) status_allowed_hosts: Vec<String>,
 }
 
 /// How a client or a worker reaches the coordinator: its URLs, its token, TLS.
@@ -574,7 +591,12 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         if let Some(addr) = args.status_listen {
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("status_listen: binding {addr}"))?;
-            stylefarm_coordinator::status::serve_status(listener, coordinator.clone()).await?;
+            stylefarm_coordinator::status::serve_status(
+                listener,
+                coordinator.clone(),
+                &args.status_hosts.status_allowed_hosts,
+            )
+            .await?;
         }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

@@ -192,6 +192,8 @@ pub(crate) struct LocalArgs {
     #[arg(long, env = "STYLEFARM_STATUS_LISTEN")]
     status_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
+    status_hosts: crate::farm::StatusHostsArg,
+    #[command(flatten)]
     pub(crate) memory: DeviceMemoryArg,
     #[command(flatten)]
     pub(crate) engine: EngineArgs,
@@ -343,7 +345,8 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         if let Some(addr) = args.status_listen {
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("status_listen: binding {addr}"))?;
-            farm.serve_status(listener).await?;
+            farm.serve_status(listener, &args.status_hosts.status_allowed_hosts)
+                .await?;
         }
         let mut client = farm.client().await?;
         let render = async {

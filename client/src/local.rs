@@ -110,13 +110,20 @@ impl LocalFarm {
         &self.url
     }
 
-    /// Serves the coordinator's status page ([`stylefarm_coordinator::status`]) on `listener`; returns
-    /// its address.
+    /// Serves the coordinator's status page ([`stylefarm_coordinator::status`]) on `listener`, answering
+    /// requests for its IP addresses, localhost and `allowed_hosts` (the farm has no tokens); returns its
+    /// address.
     pub async fn serve_status(
         &self,
         listener: std::net::TcpListener,
+        allowed_hosts: &[String],
     ) -> Result<std::net::SocketAddr, LocalFarmError> {
-        Ok(stylefarm_coordinator::status::serve_status(listener, self.coordinator.clone()).await?)
+        Ok(stylefarm_coordinator::status::serve_status(
+            listener,
+            self.coordinator.clone(),
+            allowed_hosts,
+        )
+        .await?)
     }
 
     /// A client of this farm's coordinator.

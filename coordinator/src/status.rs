@@ -25,6 +25,11 @@
 //! any cookie it goes to every port of the host: serve the page over HTTPS where the network is not
 //! trusted. Login and logout refuse requests that a browser marks as coming from another site
 //! (`Sec-Fetch-Site`).
+//!
+//! With auth off, the page answers only requests for an IP address, `localhost` (or a name under it), or
+//! a host the operator allows (`--status-allowed-host`): 403 for another `Host`. A web page's server
+//! could otherwise point a name of its own at this address (DNS rebinding), and the page's scripts,
+//! served from that name, would read the farm's jobs and press its buttons as the same origin.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -552,6 +557,9 @@ impl Coordinator {
 #[derive(Clone)]
 struct Page {
     coordinator: Arc<Coordinator>,
+    /// With auth off, the host names that requests may name besides IP addresses and `localhost`
+    /// (lowercase, without a port).
+    allowed_hosts: Arc<[String]>,
     /// Whether the page is served over HTTPS (its cookie is then `Secure`).
     https: bool,
     thumbnails: Arc<Thumbnails>,
@@ -1095,11 +1103,63 @@ impl Coordinator {
     }
 }
 
+/// Whether a request for `host` (a `Host` header: a name or an IP address, with or without a port) is
+/// answered with auth off: an IP address, `localhost` or a name under it, or one of `allowed`
+/// (lowercase), ignoring case and a trailing dot.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [IPv6]:port
+        Some(rest) => {
+            return rest
+                .split_once(']')
+                .is_some_and(|(ip, _port)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || allowed.contains(&name)
+}
+
+/// With auth off, refuses (403) a request whose `Host` is not [`host_allowed`]; passes the others on.
+async fn check_host(
+    State(page): State<Page>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !page.coordinator.gate.enabled() {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str()));
+        if let Some(host) = host.filter(|h| !host_allowed(h, &page.allowed_hosts)) {
+            return Failure(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "host '{host}' is not allowed: without tokens the status page answers its IP \
+                     addresses and localhost only (another name could be one that a web page points \
+                     at this address); name it with --status-allowed-host, or configure tokens"
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// The page's routes over `coordinator`; `https`: whether they are served over TLS (the cookie is then
-/// `Secure`).
-pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
+/// `Secure`); `allowed_hosts`: with auth off, the host names requests may name besides IP addresses and
+/// `localhost` ([the module's docs](self)).
+pub fn router(coordinator: Arc<Coordinator>, https: bool, allowed_hosts: &[String]) -> Router {
     let page = Page {
         coordinator,
+        allowed_hosts: allowed_hosts
+            .iter()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+            .collect(),
         https,
         thumbnails: Arc::new(Thumbnails {
             cache: Mutex::default(),
@@ -1127,15 +1187,20 @@ pub fn router(coordinator: Arc<Coordinator>, https: bool) -> Router {
         .route("/api/jobs/{job_id}/resume", post(resume))
         .route("/api/jobs/{job_id}/tasks/{index}/preview", get(preview))
         .route("/api/jobs/{job_id}/tasks/{index}/log", get(task_log))
+        .layer(axum::middleware::from_fn_with_state(
+            page.clone(),
+            check_host,
+        ))
         .with_state(page)
 }
 
 /// Serves the status page on `listener` until the process ends: over HTTPS with the coordinator's
-/// certificate when it has one (`--tls-cert`), else plain HTTP. Logs the URL ("status page on
-/// http://ADDR/").
+/// certificate when it has one (`--tls-cert`), else plain HTTP; `allowed_hosts` as [`router`] takes them.
+/// Logs the URL ("status page on http://ADDR/").
 pub async fn serve_status(
     listener: std::net::TcpListener,
     coordinator: Arc<Coordinator>,
+    allowed_hosts: &[String],
 ) -> Result<SocketAddr, Error> {
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
@@ -1144,7 +1209,7 @@ pub async fn serve_status(
             let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
                 tls.rustls_server_config()?,
             ));
-            let app = router(coordinator, true);
+            let app = router(coordinator, true, allowed_hosts);
             tracing::info!("status page on https://{addr}/");
             let server = axum_server::from_tcp_rustls(listener, config)
                 .map_err(|e| Error::Transport(format!("status page: {e}")))?;
@@ -1155,7 +1220,7 @@ pub async fn serve_status(
             });
         }
         None => {
-            let app = router(coordinator, false);
+            let app = router(coordinator, false, allowed_hosts);
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tracing::info!("status page on http://{addr}/");
             tokio::spawn(async move {
@@ -1171,6 +1236,39 @@ pub async fn serve_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without tokens: IP addresses (with or without a port, IPv6 in brackets), localhost and names under
+    /// it, and the allowed names, whatever their case or a trailing dot; not other names, nor an IP
+    /// address inside one.
+    #[test]
+    fn without_tokens_the_page_answers_ip_addresses_localhost_and_allowed_hosts() {
+        let allowed = ["farm.lan".to_string()];
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:7701",
+            "10.1.2.3:80",
+            "[::1]:7701",
+            "[fe80::1]",
+            "localhost:7701",
+            "LOCALHOST.",
+            "app.localhost",
+            "farm.lan:7701",
+            "Farm.LAN.",
+        ] {
+            assert!(host_allowed(host, &allowed), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:7701",
+            "127.0.0.1.nip.io:7701",
+            "localhost.attacker.example",
+            "farm.lan.attacker.example",
+            "[::1",
+            "",
+        ] {
+            assert!(!host_allowed(host, &allowed), "{host}");
+        }
+    }
 
     /// A task's row shows its last checkpoint (scale, iteration), none before one is saved.
     #[test]
