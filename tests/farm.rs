@@ -3581,3 +3581,64 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
         "{plain_err}"
     );
 }
+
+/// A job's images that the coordinator holds already are not uploaded again (FindImages): a batch
+/// submitted a second time with a new photo among its old ones uploads that photo alone, and renders.
+/// An image never uploaded is not held; a call asking about more than the limit is refused naming sha256.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_the_coordinator_holds_are_not_uploaded_again() {
+    use stylefarm_client::JobFiles;
+    use stylefarm_core::checkpoint::CheckpointEvery;
+    use stylefarm_core::job::{ImageHash, JobKind};
+    let mut cluster = Cluster::start(10.0, 0.5);
+    cluster.add_worker("w1");
+    let mut client = cluster.client().await;
+    let batch = |contents: &[&str]| JobFiles {
+        kind: JobKind::Batch,
+        contents: contents.iter().map(|name| shared_image(name)).collect(),
+        styles: vec![shared_image("starry_night.jpg")],
+        params: stylefarm_core::RenderParams {
+            size: 48,
+            iterations: 2,
+            ..Default::default()
+        },
+        priority: 0,
+        max_attempts: 0,
+        worker_tags: Vec::new(),
+        keep_going: false,
+        max_workers: 0,
+        after: Vec::new(),
+        checkpoints: CheckpointEvery::Never,
+        name: String::new(),
+        request_id: None,
+        paused: false,
+    };
+    client
+        .submit_files(&batch(&["tubingen.jpg"]))
+        .await
+        .unwrap();
+    assert_eq!(client.uploaded(), 2, "the photo and the style");
+    let again = client
+        .submit_files(&batch(&["tubingen.jpg", "chelsea.png"]))
+        .await
+        .unwrap();
+    assert_eq!(client.uploaded(), 3, "the new photo alone");
+    let done = wait_succeeded(&cluster, again.as_str()).await;
+    assert_eq!(done.tasks.len(), 2);
+    let never = ImageHash::of(b"never uploaded");
+    assert!(client
+        .find_images(std::slice::from_ref(&never))
+        .await
+        .unwrap()
+        .is_empty());
+    let too_many = pb::FindImagesRequest {
+        sha256: vec![never.to_string(); stylefarm_proto::MAX_FIND_IMAGES + 1],
+    };
+    let refused = client.rpc().find_images(too_many).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("sha256: "),
+        "{}",
+        refused.message()
+    );
+}

@@ -96,6 +96,15 @@ async fn render_calls(
         ),
     ));
     out.push((
+        "FindImages",
+        code(
+            rpc.find_images(pb::FindImagesRequest {
+                sha256: vec![image.into()],
+            })
+            .await,
+        ),
+    ));
+    out.push((
         "SubmitJob",
         code(
             rpc.submit_job(pb::SubmitJobRequest {
@@ -202,6 +211,25 @@ async fn render_calls(
     out
 }
 
+/// The methods of stylefarm.v1's service `name`, as its file descriptor set lists them, sorted.
+fn service_methods(name: &str) -> Vec<&'static str> {
+    use prost::Message;
+    static SET: std::sync::OnceLock<prost_types::FileDescriptorSet> = std::sync::OnceLock::new();
+    let set = SET.get_or_init(|| {
+        prost_types::FileDescriptorSet::decode(stylefarm_proto::FILE_DESCRIPTOR_SET).unwrap()
+    });
+    let mut methods: Vec<&'static str> = set
+        .file
+        .iter()
+        .flat_map(|f| &f.service)
+        .filter(|s| s.name() == name)
+        .flat_map(|s| &s.method)
+        .map(|m| m.name())
+        .collect();
+    methods.sort_unstable();
+    methods
+}
+
 /// Each WorkerService RPC as `caller`: (rpc, code).
 async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'static str, Code)> {
     let mut rpc = WorkerServiceClient::new(channel(url, &token(caller)).await.unwrap());
@@ -293,6 +321,21 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
         Err(s) => s.code(),
     };
     out.push(("DownloadImage", downloaded));
+    // past the gate, a lease that is no shard's: FAILED_PRECONDITION
+    let header = pb::ExchangeRequest {
+        part: Some(pb::exchange_request::Part::Header(pb::ExchangeHeader {
+            lease_id: "lease-nope".into(),
+            call: 0,
+        })),
+    };
+    let exchanged = match rpc.exchange(tokio_stream::iter(vec![header])).await {
+        Ok(stream) => match stream.into_inner().next().await {
+            Some(reply) => code(reply),
+            None => Code::Ok,
+        },
+        Err(s) => s.code(),
+    };
+    out.push(("Exchange", exchanged));
     out
 }
 
@@ -336,17 +379,18 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let image = spec.contents[0].clone();
 
     use Code::*;
-    let render_expected = |caller: &str| -> [Code; 15] {
+    let render_expected = |caller: &str| -> [Code; 16] {
         match caller {
-            "none" => [Unauthenticated; 15],
-            "worker" => [PermissionDenied; 15],
+            "none" => [Unauthenticated; 16],
+            "worker" => [PermissionDenied; 16],
             "alice" => [
-                Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, NotFound,
+                Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, Ok, NotFound,
             ],
             // another tenant: its own uploads and jobs; alice's job is not found, not even listed; images
             // are content-addressed, readable by any client that knows the hash; the workers are listed,
             // not drained (not the operator)
             "bob" => [
+                Ok,
                 Ok,
                 Ok,
                 NotFound,
@@ -366,11 +410,11 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
             _ => unreachable!(),
         }
     };
-    let worker_expected = |caller: &str| -> [Code; 7] {
+    let worker_expected = |caller: &str| -> [Code; 8] {
         match caller {
-            "none" => [Unauthenticated; 7],
-            "worker" => [Ok; 7],
-            "alice" | "bob" => [PermissionDenied; 7],
+            "none" => [Unauthenticated; 8],
+            "worker" => [Ok, Ok, Ok, Ok, Ok, Ok, Ok, FailedPrecondition],
+            "alice" | "bob" => [PermissionDenied; 8],
             _ => unreachable!(),
         }
     };
@@ -384,6 +428,10 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
         ("alice", Some(ALICE)),
     ] {
         let got = render_calls(&url, t, &job, &image, &spec).await;
+        // every method the service has, none left out of the matrix
+        let mut called: Vec<&str> = got.iter().map(|(rpc, _)| *rpc).collect();
+        called.sort_unstable();
+        assert_eq!(called, service_methods("RenderService"), "{caller}");
         let expected = render_expected(caller);
         assert_eq!(
             got.len(),
@@ -404,6 +452,9 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
         ("alice", Some(ALICE)),
     ] {
         let got = worker_calls(&url, t, &image).await;
+        let mut called: Vec<&str> = got.iter().map(|(rpc, _)| *rpc).collect();
+        called.sort_unstable();
+        assert_eq!(called, service_methods("WorkerService"), "{caller}");
         let expected = worker_expected(caller);
         assert_eq!(
             got.len(),

@@ -210,6 +210,8 @@ pub struct FarmClient {
     /// What it connected with, to connect again ([`FarmClient::reconnect`]): the URL or URLs as given.
     urls: String,
     credentials: Credentials,
+    /// The images this client uploaded since it connected ([`FarmClient::uploaded`]).
+    uploaded: u64,
 }
 
 impl FarmClient {
@@ -270,7 +272,14 @@ impl FarmClient {
             coordinator_descriptors: Arc::default(),
             urls: url.into(),
             credentials: credentials.clone(),
+            uploaded: 0,
         })
+    }
+
+    /// The images this client has uploaded since it connected (those the coordinator held already,
+    /// [`FarmClient::find_images`], are not sent again by [`FarmClient::submit_files`]).
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded
     }
 
     /// Connects again as [`FarmClient::connect_with`] did, to the first of its URLs that answers (a
@@ -326,11 +335,40 @@ impl FarmClient {
                 }
                 sent => {
                     sent?;
+                    self.uploaded += 1;
                     break;
                 }
             }
         }
         Ok(hash)
+    }
+
+    /// The images of `hashes` that the coordinator holds already (FindImages), which a job may name
+    /// without an upload; none from a coordinator that does not have the call (it is newer than some).
+    pub async fn find_images(&mut self, hashes: &[ImageHash]) -> Result<HashSet<ImageHash>> {
+        let mut held = HashSet::new();
+        for chunk in hashes.chunks(stylefarm_proto::MAX_FIND_IMAGES) {
+            let request = pb::FindImagesRequest {
+                sha256: chunk.iter().map(ImageHash::to_string).collect(),
+            };
+            match self.rpc.find_images(request).await {
+                // only what was asked: anything else is not taken for an upload
+                Ok(reply) => {
+                    let asked: HashSet<&ImageHash> = chunk.iter().collect();
+                    held.extend(
+                        reply
+                            .into_inner()
+                            .held
+                            .iter()
+                            .filter_map(|h| h.parse::<ImageHash>().ok())
+                            .filter(|h| asked.contains(h)),
+                    )
+                }
+                Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(HashSet::new()),
+                Err(s) => return Err(s.into()),
+            }
+        }
+        Ok(held)
     }
 
     /// Uploads an image file; see [`FarmClient::upload`].
@@ -457,7 +495,10 @@ impl FarmClient {
             }
             checked => checked?,
         }
-        for (path, hash) in &files {
+        // only the images the coordinator does not hold yet (a batch submitted again, a shared style)
+        let wanted: Vec<ImageHash> = files.iter().map(|(_, hash)| hash.clone()).collect();
+        let held = self.find_images(&wanted).await?;
+        for (path, hash) in files.iter().filter(|(_, hash)| !held.contains(hash)) {
             if self.upload_file(path).await? != *hash {
                 return Err(ClientError::Io {
                     path: path.to_path_buf(),

@@ -483,6 +483,41 @@ impl RenderService for RenderApi {
         }))
     }
 
+    async fn find_images(
+        &self,
+        request: Request<pb::FindImagesRequest>,
+    ) -> Result<Response<pb::FindImagesResponse>, Status> {
+        let asked = request.into_inner().sha256;
+        if asked.len() > stylefarm_proto::MAX_FIND_IMAGES {
+            return Err(Error::invalid(
+                "sha256",
+                format!(
+                    "{} images: at most {} a call",
+                    asked.len(),
+                    stylefarm_proto::MAX_FIND_IMAGES
+                ),
+            )
+            .into());
+        }
+        let hashes = asked
+            .iter()
+            .map(|h| hash_arg("sha256", h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let coordinator = self.coordinator.clone();
+        // a look in the blob store each (a file's metadata, an S3 HEAD), remembered as a use
+        let held = blocking(move || {
+            let mut held = Vec::new();
+            for hash in hashes {
+                if coordinator.blobs.contains(&hash)? {
+                    held.push(hash.to_string());
+                }
+            }
+            Ok(held)
+        })
+        .await?;
+        Ok(Response::new(pb::FindImagesResponse { held }))
+    }
+
     async fn submit_job(
         &self,
         request: Request<pb::SubmitJobRequest>,

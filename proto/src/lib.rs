@@ -38,6 +38,8 @@ const _: () = assert!(
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Size of the chunks of image streams.
 pub const CHUNK_BYTES: usize = 1 << 20;
+/// The most images one FindImages call asks about (66 bytes each on the wire, well within a message).
+pub const MAX_FIND_IMAGES: usize = 10_000;
 
 /// How long a worker tries to report a task's outcome (encoding and sending a large result included)
 /// before it gives up and lets the lease lapse; as long, past `--task-stall-secs`, the coordinator waits
