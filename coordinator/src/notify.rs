@@ -3,11 +3,12 @@
 //! --notify-url`), as OpenCue mails a job's owner and Deadline's event plugins run when a job finishes: a
 //! chat bot, a pipeline's next step or a ticket can follow the farm without polling it.
 //!
-//! Delivery is at least once for each end of a job that this coordinator sees while it serves: a request
-//! that gets no 2xx answer is sent again (the same body and `X-Stylefarm-Delivery` header, by which a
-//! receiver can drop a repeat) after [`stylefarm_proto::Backoff`]'s waits, [`NOTIFY_TRIES`] times in all;
-//! a 4xx answer other than 408 and 429 says the receiver refuses it, and it is not sent again. A job that
-//! ends while no coordinator serves, or whose delivery is under way when the coordinator stops, is not
+//! Each end of a job that this coordinator sees while it serves is sent until a 2xx answer, at most
+//! [`NOTIFY_TRIES`] times (the same body and `X-Stylefarm-Delivery` header, by which a receiver drops a
+//! repeat), after [`stylefarm_proto::Backoff`]'s waits; a 4xx answer other than 408 and 429 says the
+//! receiver refuses it, and a redirect that the URL is not the receiver's own: neither is sent again. While
+//! the receiver is away, at most [`MAX_QUEUED`] notifications wait; one more is dropped. A job that ends
+//! while no coordinator serves, or whose delivery is under way when the coordinator stops, is not
 //! announced. A job run again (`stylefarm retry`) is announced again when it ends again. Outcomes are
 //! counted in `stylefarm_notifications_total` ([`crate::metrics`]).
 //!
@@ -34,6 +35,10 @@ pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Notifications being sent at once; more wait for one to be done.
 const SENDING_AT_ONCE: usize = 8;
+
+/// Notifications being sent or waiting to be, at most: while a receiver is away (each try of a delivery
+/// waits up to [`NOTIFY_TIMEOUT`]) one more is dropped rather than held.
+pub const MAX_QUEUED: usize = 1000;
 
 /// Where the coordinator announces the jobs that end.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,17 +128,20 @@ pub enum Delivered {
     Delivered,
     /// A 4xx answer other than 408 and 429: the receiver refuses it.
     Refused,
-    /// No 2xx answer in [`NOTIFY_TRIES`] tries.
+    /// No 2xx answer in [`NOTIFY_TRIES`] tries, or a redirect.
     GaveUp,
+    /// Not sent: [`MAX_QUEUED`] others were waiting.
+    Dropped,
 }
 
 impl Delivered {
-    /// Its label value: `delivered`, `refused` or `gave_up`.
+    /// Its label value: `delivered`, `refused`, `gave_up` or `dropped`.
     pub fn name(self) -> &'static str {
         match self {
             Delivered::Delivered => "delivered",
             Delivered::Refused => "refused",
             Delivered::GaveUp => "gave_up",
+            Delivered::Dropped => "dropped",
         }
     }
 }
@@ -147,8 +155,12 @@ pub(crate) async fn run(
 ) {
     let mut changes = scheduler.subscribe();
     let since = now_ms();
+    // https:// URLs: rustls with ring, as the S3 store's requests
+    crate::install_crypto_provider();
     let client = match reqwest::Client::builder()
         .timeout(NOTIFY_TIMEOUT)
+        // a redirect would turn the POST into a GET without its body, and be counted as delivered
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("stylefarm/", env!("CARGO_PKG_VERSION")))
         .build()
     {
@@ -161,6 +173,7 @@ pub(crate) async fn run(
     let host = config.url.host_str().unwrap_or_default().to_string();
     let url = Arc::new(config.url);
     let sending = Arc::new(tokio::sync::Semaphore::new(SENDING_AT_ONCE));
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // each job's end announced, by its finished_ms (a job run again ends again later)
     let mut announced: HashMap<JobId, i64> = HashMap::new();
     loop {
@@ -186,13 +199,29 @@ pub(crate) async fn run(
                 }
             };
             announced.insert(id, ended.finished_ms);
+            let relaxed = std::sync::atomic::Ordering::Relaxed;
+            if queued.fetch_add(1, relaxed) >= MAX_QUEUED {
+                queued.fetch_sub(1, relaxed);
+                tracing::error!(
+                    job_id = ended.job_id,
+                    host,
+                    waiting = MAX_QUEUED,
+                    "a job-end notification dropped: as many wait for the receiver"
+                );
+                delivered(Delivered::Dropped);
+                continue;
+            }
             let (client, url, host) = (client.clone(), url.clone(), host.clone());
-            let (sending, delivered) = (sending.clone(), delivered.clone());
+            let (sending, queued, delivered) = (sending.clone(), queued.clone(), delivered.clone());
             tokio::spawn(async move {
-                let Ok(_slot) = sending.acquire_owned().await else {
-                    return;
+                let outcome = match sending.acquire_owned().await {
+                    Ok(_slot) => Some(deliver(&client, &url, &host, &ended).await),
+                    Err(_) => None,
                 };
-                delivered(deliver(&client, &url, &host, &ended).await);
+                queued.fetch_sub(1, relaxed);
+                if let Some(outcome) = outcome {
+                    delivered(outcome);
+                }
             });
         }
     }
@@ -223,6 +252,15 @@ pub(crate) async fn deliver(
             .send()
             .await;
         let why = match sent {
+            Ok(answer) if answer.status().is_redirection() => {
+                tracing::error!(
+                    job_id = ended.job_id,
+                    host,
+                    status = answer.status().as_u16(),
+                    "the job-end notification was redirected: give --notify-url the receiver's own URL"
+                );
+                return Delivered::GaveUp;
+            }
             Ok(answer) if answer.status().is_success() => {
                 tracing::info!(
                     job_id = ended.job_id,

@@ -1103,45 +1103,55 @@ impl Coordinator {
     }
 }
 
-/// Whether a request for `host` (a `Host` header: a name or an IP address, with or without a port) is
-/// answered with auth off: an IP address, `localhost` or a name under it, or one of `allowed`
-/// (lowercase), ignoring case and a trailing dot.
-fn host_allowed(host: &str, allowed: &[String]) -> bool {
-    let name = match host.strip_prefix('[') {
+/// The host that `authority` (a `Host` header or an HTTP/2 `:authority`: a name or an IP address, IPv6 in
+/// brackets, with or without a port) names: lowercase, without its port or a trailing dot; `None` for a
+/// bracket left open.
+fn host_name(authority: &str) -> Option<String> {
+    let authority = authority.trim();
+    let name = match authority.strip_prefix('[') {
         // [IPv6]:port
-        Some(rest) => {
-            return rest
-                .split_once(']')
-                .is_some_and(|(ip, _port)| ip.parse::<std::net::Ipv6Addr>().is_ok())
-        }
-        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+        Some(rest) => rest.split_once(']')?.0,
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(name, _port)| name),
     };
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
-    name.parse::<std::net::IpAddr>().is_ok()
-        || name == "localhost"
-        || name.ends_with(".localhost")
-        || allowed.contains(&name)
+    Some(name.trim_end_matches('.').to_ascii_lowercase())
 }
 
-/// With auth off, refuses (403) a request whose `Host` is not [`host_allowed`]; passes the others on.
+/// Whether a request for `authority` ([`host_name`]'s) is answered with auth off: an IP address,
+/// `localhost` or a name under it, or one of `allowed` ([`host_name`]s).
+fn host_allowed(authority: &str, allowed: &[String]) -> bool {
+    host_name(authority).is_some_and(|name| {
+        name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || allowed.contains(&name)
+    })
+}
+
+/// With auth off, refuses (403) a request whose host (HTTP/2's `:authority`, else the `Host` header) is
+/// not [`host_allowed`], or that names none; passes the others on.
 async fn check_host(
     State(page): State<Page>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     if !page.coordinator.gate.enabled() {
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| request.uri().authority().map(|a| a.as_str()));
-        if let Some(host) = host.filter(|h| !host_allowed(h, &page.allowed_hosts)) {
+        let host = match request.uri().authority() {
+            Some(authority) => Some(authority.as_str()),
+            None => request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok()),
+        };
+        if !host.is_some_and(|h| host_allowed(h, &page.allowed_hosts)) {
+            let host = host.unwrap_or("(none)");
             return Failure(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "host '{host}' is not allowed: without tokens the status page answers its IP \
-                     addresses and localhost only (another name could be one that a web page points \
-                     at this address); name it with --status-allowed-host, or configure tokens"
+                    "host '{host}' is not allowed: without tokens the status page answers requests \
+                     for an IP address or localhost only (another name could be one that a web page \
+                     points at this address); name it with --status-allowed-host, or configure tokens"
                 ),
             )
             .into_response();
@@ -1156,10 +1166,7 @@ async fn check_host(
 pub fn router(coordinator: Arc<Coordinator>, https: bool, allowed_hosts: &[String]) -> Router {
     let page = Page {
         coordinator,
-        allowed_hosts: allowed_hosts
-            .iter()
-            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
-            .collect(),
+        allowed_hosts: allowed_hosts.iter().filter_map(|h| host_name(h)).collect(),
         https,
         thumbnails: Arc::new(Thumbnails {
             cache: Mutex::default(),
@@ -1242,7 +1249,12 @@ mod tests {
     /// address inside one.
     #[test]
     fn without_tokens_the_page_answers_ip_addresses_localhost_and_allowed_hosts() {
-        let allowed = ["farm.lan".to_string()];
+        // as the flag may give them: a port, spaces around a comma-separated name
+        let allowed: Vec<String> = ["farm.lan:8080", " Other.LAN "]
+            .iter()
+            .filter_map(|h| host_name(h))
+            .collect();
+        assert_eq!(allowed, ["farm.lan", "other.lan"]);
         for host in [
             "127.0.0.1",
             "127.0.0.1:7701",

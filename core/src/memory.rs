@@ -25,16 +25,21 @@ pub const FIXED_BYTES: u64 = 2 << 30;
 pub const USABLE_FRACTION: f64 = 0.85;
 
 /// Bytes per optimized pixel of the optimizer's state: the image, its gradient and the search direction,
-/// plus L-BFGS's (s, y) pairs or Adam's two moments. L-BFGS holds `history_size` pairs, or fewer where its
-/// scale's iterations make fewer (one a step after the first): the largest scale's, the last.
+/// plus L-BFGS's (s, y) pairs or Adam's two moments, plus with iterate averaging
+/// ([`RenderParams::avg_decay`]) the average's sum and a copy of the average (a snapshot's, the scale's
+/// result). L-BFGS holds `history_size` pairs, or fewer where its scale's iterations make fewer (one a
+/// step after the first): the largest scale's, the last.
 pub fn optimizer_bytes_per_px(params: &RenderParams) -> u64 {
-    let vectors = 4 + match params.optimizer {
-        Optimizer::Lbfgs => {
-            let last = params.iterations_per_scale().last().copied().unwrap_or(1);
-            2 * u64::from(params.history_size.min(last.saturating_sub(1)).max(1))
-        }
-        Optimizer::Adam => 2,
-    };
+    let averaging = if params.avg_decay > 0.0 { 2 } else { 0 };
+    let vectors = 4
+        + averaging
+        + match params.optimizer {
+            Optimizer::Lbfgs => {
+                let last = params.iterations_per_scale().last().copied().unwrap_or(1);
+                2 * u64::from(params.history_size.min(last.saturating_sub(1)).max(1))
+            }
+            Optimizer::Adam => 2,
+        };
     vectors.saturating_mul(IMAGE_BYTES_PER_PX)
 }
 
@@ -93,6 +98,15 @@ mod tests {
             ..lbfgs.clone()
         };
         assert!(render_bytes(1024, 1024, &adam) < render_bytes(1024, 1024, &lbfgs));
+        // iterate averaging: its sum and a copy of the average
+        let averaged = RenderParams {
+            avg_decay: 0.99,
+            ..adam.clone()
+        };
+        assert_eq!(
+            optimizer_bytes_per_px(&averaged) - optimizer_bytes_per_px(&adam),
+            2 * IMAGE_BYTES_PER_PX
+        );
         assert!(
             blocked_render_bytes(4096, 4096, 512, &adam) < render_bytes(4096, 4096, &adam) / 10
         );

@@ -307,9 +307,9 @@ macro_rules! render_options {
             learning_rate: f64 = 10.0, Range::Positive, sweep: true;
             /// Iterate averaging, crowsonkb/style-transfer-pytorch's --avg-decay (its default 0.99, with
             /// Adam): each scale's result is the exponential moving average of its images, this the decay,
-            /// bias-corrected as Adam's moments; the next scale starts from it, and a scale's last progress
-            /// line has its losses. It smooths the noise of Adam's last steps. 0: off, the last image
-            /// (ALGORITHM.md).
+            /// bias-corrected as Adam's moments; the next scale starts from it, and the progress line of a
+            /// scale's last iteration has its losses. It smooths the noise of Adam's last steps. 0: off, the
+            /// last image (ALGORITHM.md).
             avg_decay: f64 = 0.0, Range::Fraction, sweep: true;
             /// L-BFGS history size.
             history_size: u32 = 100, Range::Between(1, MAX_HISTORY_SIZE as u64), sweep: true;

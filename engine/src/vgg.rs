@@ -152,8 +152,6 @@ pub struct Vgg19 {
     cudnn_benchmark: bool,
 }
 
-/// `t` (`N x C x H x W`) with channels-last strides: the same values and shape, NHWC in memory (PyTorch's
-/// `t.contiguous(memory_format=torch.channels_last)`, which tch does not expose).
 /// [`Pooling::L2`]: `torch.nn.LPPool2d(2, 2)` (the square root of each 2x2 window's sum of squares, from
 /// an average times the window's 4 values, as torch computes it) times crowsonkb/style-transfer-pytorch's
 /// 0.78. A window of zeros (frequent after a ReLU) has a gradient of 0, not NaN: the ReLU before the root
@@ -172,6 +170,8 @@ fn l2_pool(h: &Tensor) -> Result<Tensor, Error> {
 /// the deeper layers see activations of about max pooling's size.
 const L2_POOL_SCALE: f64 = 0.78;
 
+/// `t` (`N x C x H x W`) with channels-last strides: the same values and shape, NHWC in memory (PyTorch's
+/// `t.contiguous(memory_format=torch.channels_last)`, which tch does not expose).
 fn to_channels_last(t: &Tensor) -> Result<Tensor, Error> {
     Ok(t.f_permute([0, 2, 3, 1])?
         .f_contiguous()?
