@@ -20,7 +20,7 @@ type RenderClient = stylefarm_client::FarmClient;
 /// A job submitted with --worker-tag goes only to the workers with that tag (a worker's tags from
 /// STYLEFARM_WORKER_TAGS); a folder given as --content is a batch of its images; a bad tag is refused,
 /// naming the field; a job whose tags no live worker has says why it waits (GetJob, `stylefarm status`
-/// and `list`).
+/// and `list`). The second submit of the same images uploads none (stderr says so).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
     let mut cluster = Cluster::start(10.0, 0.5);
@@ -56,6 +56,7 @@ async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
     // no live worker has tpu: the job waits, and says why
     let (ok, stdout, err) = submit("tpu", false);
     assert!(ok, "{err}");
+    assert!(err.contains("3 image(s) uploaded\n"), "{err}");
     let waiting_id = stdout.trim().to_string();
     let mut client = cluster.client().await;
     let status = job(&mut client, &waiting_id).await;
@@ -98,6 +99,10 @@ async fn a_tagged_batch_of_a_folder_runs_only_on_the_tagged_worker() {
 
     let (ok, stdout, err) = submit("gpu", true);
     assert!(ok, "{err}");
+    assert!(
+        err.contains("0 image(s) uploaded, 3 already on the coordinator"),
+        "{err}"
+    );
     let status = job(&mut client, stdout.lines().next().unwrap().trim()).await;
     assert!(is(&status, pb::JobState::Succeeded), "{status:?}");
     let labels: Vec<&str> = status.tasks.iter().map(|t| t.label.as_str()).collect();
@@ -3585,8 +3590,10 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
 /// A job's images that the coordinator holds already are not uploaded again (FindImages): a batch
 /// submitted a second time with a new photo among its old ones uploads that photo alone, and renders.
 /// An image never uploaded is not held; a call asking about more than the limit is refused naming sha256.
+/// Nor are results downloaded twice: a fetch run again skips the PNG files that hold their result, and
+/// downloads one whose file changed.
 #[tokio::test(flavor = "multi_thread")]
-async fn images_the_coordinator_holds_are_not_uploaded_again() {
+async fn images_are_not_uploaded_again_nor_results_fetched_twice() {
     use stylefarm_client::JobFiles;
     use stylefarm_core::checkpoint::CheckpointEvery;
     use stylefarm_core::job::{ImageHash, JobKind};
@@ -3625,6 +3632,17 @@ async fn images_the_coordinator_holds_are_not_uploaded_again() {
     assert_eq!(client.uploaded(), 3, "the new photo alone");
     let done = wait_succeeded(&cluster, again.as_str()).await;
     assert_eq!(done.tasks.len(), 2);
+    let out = cluster.dir.path().join("results");
+    let before = client.downloaded();
+    let written = client.fetch(&done, &out).await.unwrap();
+    assert_eq!((written.len(), client.downloaded() - before), (2, 2));
+    assert_eq!(client.fetch(&done, &out).await.unwrap(), written);
+    assert_eq!(client.downloaded() - before, 2, "both there already");
+    std::fs::write(&written[0], b"not the result").unwrap();
+    client.fetch(&done, &out).await.unwrap();
+    assert_eq!(client.downloaded() - before, 3, "the changed file again");
+    let bytes = std::fs::read(&written[0]).unwrap();
+    assert_eq!(ImageHash::of(&bytes).as_str(), done.tasks[0].result);
     let never = ImageHash::of(b"never uploaded");
     assert!(client
         .find_images(std::slice::from_ref(&never))

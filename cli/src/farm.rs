@@ -1093,6 +1093,17 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
         let job_id = client.submit_files(&job).await?;
+        let files = job.inputs().collect::<std::collections::HashSet<_>>().len() as u64;
+        let held = files.saturating_sub(client.uploaded());
+        eprintln!(
+            "{} image(s) uploaded{}",
+            client.uploaded(),
+            if held > 0 {
+                format!(", {held} already on the coordinator")
+            } else {
+                String::new()
+            }
+        );
         println!("{job_id}");
         if args.wait {
             wait_and_fetch(&mut client, &job_id, args.job.output.as_deref(), true).await?;

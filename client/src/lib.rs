@@ -212,6 +212,8 @@ pub struct FarmClient {
     credentials: Credentials,
     /// The images this client uploaded since it connected ([`FarmClient::uploaded`]).
     uploaded: u64,
+    /// The images this client downloaded since it connected ([`FarmClient::downloaded`]).
+    downloaded: u64,
 }
 
 impl FarmClient {
@@ -273,7 +275,14 @@ impl FarmClient {
             urls: url.into(),
             credentials: credentials.clone(),
             uploaded: 0,
+            downloaded: 0,
         })
+    }
+
+    /// The images this client has downloaded since it connected (a [`FarmClient::fetch`] skips the PNG
+    /// files that hold their result already).
+    pub fn downloaded(&self) -> u64 {
+        self.downloaded
     }
 
     /// The images this client has uploaded since it connected (those the coordinator held already,
@@ -742,6 +751,7 @@ impl FarmClient {
         if off_async(|| ImageHash::of(&bytes)) != *hash {
             return Err(ClientError::Corrupt(hash.clone()));
         }
+        self.downloaded += 1;
         Ok(bytes)
     }
 
@@ -768,7 +778,9 @@ impl FarmClient {
     /// tiled job's `scale-K.png` and `result.png`, or a video's frames rendered so far as `frame-NNNNN.png`
     /// (1-based, for `ffmpeg -i frame-%05d.png`; a video not finished may leave gaps, where ffmpeg's numbered
     /// input stops). Files there are written over, but not one of the job's input images (by sha256): that
-    /// is refused, naming `output`, before anything is written.
+    /// is refused, naming `output`, before anything is written. A PNG file that holds its result already
+    /// (the same sha256: a fetch run again after one cut short, or of a job that went on) is left as it
+    /// is, not downloaded again.
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),
@@ -847,7 +859,9 @@ impl FarmClient {
         }
         let mut written = Vec::new();
         for (sha, path) in plan {
-            self.download_named(sha, &path).await?;
+            if !holds(&path, sha) {
+                self.download_named(sha, &path).await?;
+            }
             written.push(path);
         }
         Ok(written)
@@ -892,6 +906,15 @@ pub(crate) fn off_async<T>(work: impl FnOnce() -> T) -> T {
         }
         _ => work(),
     }
+}
+
+/// Whether `path` is a PNG file whose bytes hash to `sha256` (a result as [`FarmClient::download`] writes
+/// it: a PNG as sent). Any other file, or none, does not.
+fn holds(path: &Path, sha256: &str) -> bool {
+    if !matches!(imaging::output_format(path), Ok(image::ImageFormat::Png)) {
+        return false;
+    }
+    off_async(|| std::fs::read(path)).is_ok_and(|bytes| ImageHash::of(&bytes).as_str() == sha256)
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {
