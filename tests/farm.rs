@@ -3595,30 +3595,21 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
 #[tokio::test(flavor = "multi_thread")]
 async fn images_are_not_uploaded_again_nor_results_fetched_twice() {
     use stylefarm_client::JobFiles;
-    use stylefarm_core::checkpoint::CheckpointEvery;
     use stylefarm_core::job::{ImageHash, JobKind};
     let mut cluster = Cluster::start(10.0, 0.5);
     cluster.add_worker("w1");
     let mut client = cluster.client().await;
-    let batch = |contents: &[&str]| JobFiles {
-        kind: JobKind::Batch,
-        contents: contents.iter().map(|name| shared_image(name)).collect(),
-        styles: vec![shared_image("starry_night.jpg")],
-        params: stylefarm_core::RenderParams {
-            size: 48,
-            iterations: 2,
-            ..Default::default()
-        },
-        priority: 0,
-        max_attempts: 0,
-        worker_tags: Vec::new(),
-        keep_going: false,
-        max_workers: 0,
-        after: Vec::new(),
-        checkpoints: CheckpointEvery::Never,
-        name: String::new(),
-        request_id: None,
-        paused: false,
+    let batch = |contents: &[&str]| {
+        JobFiles::new(
+            JobKind::Batch,
+            contents.iter().map(|name| shared_image(name)).collect(),
+            vec![shared_image("starry_night.jpg")],
+            stylefarm_core::RenderParams {
+                size: 48,
+                iterations: 2,
+                ..Default::default()
+            },
+        )
     };
     client
         .submit_files(&batch(&["tubingen.jpg"]))

@@ -171,6 +171,33 @@ pub struct JobFiles {
 }
 
 impl JobFiles {
+    /// A job of `kind` over these files with `params`, and the rest as the coordinator's defaults: priority
+    /// 0, its attempts, any worker, no limit, after no job, no checkpoints, no name nor request id, not
+    /// paused.
+    pub fn new(
+        kind: JobKind,
+        contents: Vec<PathBuf>,
+        styles: Vec<PathBuf>,
+        params: RenderParams,
+    ) -> JobFiles {
+        JobFiles {
+            kind,
+            contents,
+            styles,
+            params,
+            priority: 0,
+            max_attempts: 0,
+            worker_tags: Vec::new(),
+            keep_going: false,
+            max_workers: 0,
+            after: Vec::new(),
+            checkpoints: CheckpointEvery::Never,
+            name: String::new(),
+            request_id: None,
+            paused: false,
+        }
+    }
+
     /// The job's local image files, in order: its contents, its styles and its init image
     /// ([`Init::File`]); a file given twice comes twice.
     pub fn inputs(&self) -> impl Iterator<Item = &Path> {
