@@ -3651,3 +3651,41 @@ async fn images_are_not_uploaded_again_nor_results_fetched_twice() {
         refused.message()
     );
 }
+
+/// An image that FindImages answered as held but that is gone when the job comes (the blob collection
+/// deleted it meanwhile; here every image is answered held, FAILPOINTS coordinator-find-images-stale):
+/// SubmitJob refuses it as not uploaded, and the client uploads the images it took for held and submits
+/// again. The job renders.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_taken_for_held_but_collected_is_uploaded_and_the_job_submitted_again() {
+    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
+    cluster.coordinator_env = vec![(
+        "FAILPOINTS".into(),
+        "coordinator-find-images-stale=return".into(),
+    )];
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    let mut client = cluster.client().await;
+    let never = stylefarm_core::job::ImageHash::of(b"never uploaded");
+    let held = client
+        .find_images(std::slice::from_ref(&never))
+        .await
+        .unwrap();
+    assert!(
+        held.contains(&never),
+        "the fail point answers every image held"
+    );
+    let job = stylefarm_client::JobFiles::new(
+        stylefarm_core::job::JobKind::Single,
+        vec![shared_image("tubingen.jpg")],
+        vec![shared_image("starry_night.jpg")],
+        stylefarm_core::RenderParams {
+            size: 48,
+            iterations: 2,
+            ..Default::default()
+        },
+    );
+    let id = client.submit_files(&job).await.unwrap();
+    assert_eq!(client.uploaded(), 2, "both, after the refusal");
+    wait_succeeded(&cluster, id.as_str()).await;
+}

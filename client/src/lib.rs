@@ -534,7 +534,31 @@ impl FarmClient {
         // only the images the coordinator does not hold yet (a batch submitted again, a shared style)
         let wanted: Vec<ImageHash> = files.iter().map(|(_, hash)| hash.clone()).collect();
         let held = self.find_images(&wanted).await?;
-        for (path, hash) in files.iter().filter(|(_, hash)| !held.contains(hash)) {
+        self.upload_files(files.iter().filter(|(_, hash)| !held.contains(hash)))
+            .await?;
+        match self.send(&spec, request_id, paused).await {
+            // one it held was collected meanwhile (unused for --keep-unused-blobs-secs while the others
+            // went up): those are uploaded after all, and the job sent again
+            Err(ClientError::Status(s))
+                if !held.is_empty()
+                    && s.code() == tonic::Code::InvalidArgument
+                    && s.message().contains(stylefarm_proto::NOT_UPLOADED) =>
+            {
+                self.upload_files(files.iter().filter(|(_, hash)| held.contains(hash)))
+                    .await?;
+                self.send(&spec, request_id, paused).await
+            }
+            sent => sent,
+        }
+    }
+
+    /// Uploads each file of `files` (path, the hash its bytes had when the job was made), checking that
+    /// the bytes sent are still those.
+    async fn upload_files<'a>(
+        &mut self,
+        files: impl Iterator<Item = &'a (&'a Path, ImageHash)>,
+    ) -> Result<()> {
+        for (path, hash) in files {
             if self.upload_file(path).await? != *hash {
                 return Err(ClientError::Io {
                     path: path.to_path_buf(),
@@ -542,7 +566,7 @@ impl FarmClient {
                 });
             }
         }
-        self.send(&spec, request_id, paused).await
+        Ok(())
     }
 
     /// The workers the coordinator has heard from: busy, idle, then silent ([`pb::WorkerStatus`]; the

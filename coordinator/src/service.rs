@@ -503,6 +503,13 @@ impl RenderService for RenderApi {
             .iter()
             .map(|h| hash_arg("sha256", h))
             .collect::<Result<Vec<_>, _>>()?;
+        // fault injection (tests): every image answered as held, as if the blob collection deleted those
+        // not held after the answer
+        fail::fail_point!("coordinator-find-images-stale", |_| {
+            Ok(Response::new(pb::FindImagesResponse {
+                held: asked.clone(),
+            }))
+        });
         let coordinator = self.coordinator.clone();
         // a look in the blob store each (a file's metadata, an S3 HEAD), remembered as a use
         let held = blocking(move || {
@@ -558,7 +565,7 @@ impl RenderService for RenderApi {
                 if !using.contains(hash)? {
                     return Err(Error::invalid(
                         field,
-                        format!("image {hash} was not uploaded"),
+                        format!("image {hash} {}", stylefarm_proto::NOT_UPLOADED),
                     ));
                 }
             }

@@ -40,6 +40,9 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// The most images one FindImages call asks about (66 bytes each on the wire, well within a message).
 pub const MAX_FIND_IMAGES: usize = 10_000;
+/// What SubmitJob's INVALID_ARGUMENT says of an image the coordinator does not hold (`<field>: image
+/// <sha256> was not uploaded`): a client that took it for held (FindImages) uploads it and submits again.
+pub const NOT_UPLOADED: &str = "was not uploaded";
 
 /// How long a worker tries to report a task's outcome (encoding and sending a large result included)
 /// before it gives up and lets the lease lapse; as long, past `--task-stall-secs`, the coordinator waits
