@@ -381,6 +381,7 @@ impl FarmClient {
 
     /// The images of `hashes` that the coordinator holds already (FindImages), which a job may name
     /// without an upload; none from a coordinator that does not have the call (it is newer than some).
+    /// [`FarmClient::submit_files`] takes an error here for none held: the call only spares uploads.
     pub async fn find_images(&mut self, hashes: &[ImageHash]) -> Result<HashSet<ImageHash>> {
         let mut held = HashSet::new();
         for chunk in hashes.chunks(stylefarm_proto::MAX_FIND_IMAGES) {
@@ -533,9 +534,18 @@ impl FarmClient {
         }
         // only the images the coordinator does not hold yet (a batch submitted again, a shared style)
         let wanted: Vec<ImageHash> = files.iter().map(|(_, hash)| hash.clone()).collect();
-        let held = self.find_images(&wanted).await?;
-        self.upload_files(files.iter().filter(|(_, hash)| !held.contains(hash)))
-            .await?;
+        let held = self.find_images(&wanted).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "FindImages failed: uploading every image");
+            HashSet::new()
+        });
+        // two files of the same bytes go up once
+        let mut sent = HashSet::new();
+        self.upload_files(
+            files
+                .iter()
+                .filter(|(_, hash)| !held.contains(hash) && sent.insert(hash.clone())),
+        )
+        .await?;
         match self.send(&spec, request_id, paused).await {
             // one it held was collected meanwhile (unused for --keep-unused-blobs-secs while the others
             // went up): those are uploaded after all, and the job sent again
@@ -822,7 +832,8 @@ impl FarmClient {
         self.download(&hash, path).await
     }
 
-    /// Writes a job's results, those done so far for a job still running; returns the files written. A single
+    /// Writes a job's results, those done so far for a job still running; returns the files that hold them
+    /// (written, or found holding them already). A single
     /// render or a tiled job's stitched image goes to `output` when it names an image file (`.png`, `.jpg`,
     /// `.tif`); otherwise `output` is a directory that gets every task's result as `NNN_<label>.png` (the
     /// task's index, with as many digits as the job's last, at least 3), a sweep's `contact-sheet.png`, a
@@ -965,7 +976,9 @@ fn holds(path: &Path, sha256: &str) -> bool {
     if !matches!(imaging::output_format(path), Ok(image::ImageFormat::Png)) {
         return false;
     }
-    off_async(|| std::fs::read(path)).is_ok_and(|bytes| ImageHash::of(&bytes).as_str() == sha256)
+    // a regular file of at most an image's size (not a FIFO, nor a link to /dev/zero)
+    off_async(|| imaging::read_image_file(path))
+        .is_ok_and(|bytes| ImageHash::of(&bytes).as_str() == sha256)
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {

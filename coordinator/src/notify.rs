@@ -36,8 +36,8 @@ pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Notifications being sent at once; more wait for one to be done.
 const SENDING_AT_ONCE: usize = 8;
 
-/// Notifications being sent or waiting to be, at most: while a receiver is away (each try of a delivery
-/// waits up to [`NOTIFY_TIMEOUT`]) one more is dropped rather than held.
+/// Notifications being sent or waiting to be sent, at most: while a receiver is away (each try of a
+/// delivery waits up to [`NOTIFY_TIMEOUT`]) one more is dropped rather than held.
 pub const MAX_QUEUED: usize = 1000;
 
 /// Where the coordinator announces the jobs that end.
@@ -212,13 +212,17 @@ pub(crate) async fn run(
                 continue;
             }
             let (client, url, host) = (client.clone(), url.clone(), host.clone());
-            let (sending, queued, delivered) = (sending.clone(), queued.clone(), delivered.clone());
+            let (sending, delivered) = (sending.clone(), delivered.clone());
+            // counted out however the task ends (a panic, an abort)
+            let queued = scopeguard::guard(queued.clone(), move |q| {
+                q.fetch_sub(1, relaxed);
+            });
             tokio::spawn(async move {
                 let outcome = match sending.acquire_owned().await {
                     Ok(_slot) => Some(deliver(&client, &url, &host, &ended).await),
                     Err(_) => None,
                 };
-                queued.fetch_sub(1, relaxed);
+                drop(queued);
                 if let Some(outcome) = outcome {
                     delivered(outcome);
                 }

@@ -208,6 +208,9 @@ fn check_protocol(protocol: u32) -> Result<(), Status> {
     )))
 }
 
+/// FindImages calls looking in the blob store at once; the others wait their turn.
+static FINDING_IMAGES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Error> {
     value
         .parse()
@@ -511,7 +514,12 @@ impl RenderService for RenderApi {
             }))
         });
         let coordinator = self.coordinator.clone();
-        // a look in the blob store each (a file's metadata, an S3 HEAD), remembered as a use
+        // a look in the blob store each (a file's metadata, an S3 HEAD), remembered as a use; a few
+        // calls at once, so that they leave the blocking pool to the others
+        let _slot = FINDING_IMAGES
+            .acquire()
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let held = blocking(move || {
             let mut held = Vec::new();
             for hash in hashes {

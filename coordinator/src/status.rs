@@ -1138,7 +1138,13 @@ async fn check_host(
 ) -> Response {
     if !page.coordinator.gate.enabled() {
         let host = match request.uri().authority() {
-            Some(authority) => Some(authority.as_str()),
+            // its host and port, without userinfo
+            Some(authority) => Some(
+                authority
+                    .as_str()
+                    .rsplit_once('@')
+                    .map_or(authority.as_str(), |(_, host)| host),
+            ),
             None => request
                 .headers()
                 .get(header::HOST)
@@ -1166,7 +1172,11 @@ async fn check_host(
 pub fn router(coordinator: Arc<Coordinator>, https: bool, allowed_hosts: &[String]) -> Router {
     let page = Page {
         coordinator,
-        allowed_hosts: allowed_hosts.iter().filter_map(|h| host_name(h)).collect(),
+        allowed_hosts: allowed_hosts
+            .iter()
+            .filter_map(|h| host_name(h))
+            .filter(|h| !h.is_empty())
+            .collect(),
         https,
         thumbnails: Arc::new(Thumbnails {
             cache: Mutex::default(),

@@ -38,8 +38,9 @@ const _: () = assert!(
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Size of the chunks of image streams.
 pub const CHUNK_BYTES: usize = 1 << 20;
-/// The most images one FindImages call asks about (66 bytes each on the wire, well within a message).
-pub const MAX_FIND_IMAGES: usize = 10_000;
+/// The most images one FindImages call asks about: a job's most images of a kind
+/// (`stylefarm_core::job::MAX_IMAGES_PER_JOB`); each is a look in the blob store (an S3 HEAD).
+pub const MAX_FIND_IMAGES: usize = 1_000;
 /// What SubmitJob's INVALID_ARGUMENT says of an image the coordinator does not hold (`<field>: image
 /// <sha256> was not uploaded`): a client that took it for held (FindImages) uploads it and submits again.
 pub const NOT_UPLOADED: &str = "was not uploaded";
