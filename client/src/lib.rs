@@ -473,14 +473,16 @@ impl FarmClient {
         let init = job.params.init.file();
         // before any file is read: a folder of 50,000 photos is refused at once
         stylefarm_core::job::check_image_counts(job.contents.len(), job.styles.len())?;
-        // each file once, in order
+        // each file read once, in order; the files to upload, one of each bytes
         let mut files: Vec<(&Path, ImageHash)> = Vec::new();
         let mut hashes: HashMap<&Path, ImageHash> = HashMap::new();
         for path in job.inputs() {
             if !hashes.contains_key(path) {
                 let hash = off_async(|| read_file(path).map(|bytes| ImageHash::of(&bytes)))?;
                 hashes.insert(path, hash.clone());
-                files.push((path, hash));
+                if !files.iter().any(|(_, h)| *h == hash) {
+                    files.push((path, hash));
+                }
             }
         }
         let hash_of = |path: &Path| hashes[path].clone();
@@ -538,14 +540,8 @@ impl FarmClient {
             tracing::warn!(error = %e, "FindImages failed: uploading every image");
             HashSet::new()
         });
-        // two files of the same bytes go up once
-        let mut sent = HashSet::new();
-        self.upload_files(
-            files
-                .iter()
-                .filter(|(_, hash)| !held.contains(hash) && sent.insert(hash.clone())),
-        )
-        .await?;
+        self.upload_files(files.iter().filter(|(_, hash)| !held.contains(hash)))
+            .await?;
         match self.send(&spec, request_id, paused).await {
             // one it held was collected meanwhile (unused for --keep-unused-blobs-secs while the others
             // went up): those are uploaded after all, and the job sent again

@@ -780,15 +780,10 @@ pub async fn serve(
     };
     // jobs that end, announced where the operator asked
     let notifying = coordinator.notify.clone().map(|config| {
-        let counted = coordinator.scheduler.metrics().notifications.clone();
         tokio::spawn(notify::run(
             coordinator.scheduler.clone(),
             config,
-            move |outcome| {
-                counted
-                    .get_or_create(&metrics::label("outcome", outcome.name()))
-                    .inc();
-            },
+            coordinator.scheduler.metrics().notifications.clone(),
         ))
     });
     health

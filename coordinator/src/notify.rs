@@ -24,6 +24,10 @@ use serde::Serialize;
 use stylefarm_core::ids::JobId;
 use tokio::sync::broadcast::error::RecvError;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::{label, Labels};
 use crate::model::{JobMeta, TaskRecord, TaskState};
 use crate::scheduler::{now_ms, Scheduler};
 
@@ -147,12 +151,17 @@ impl Delivered {
 }
 
 /// Announces every job that ends from now on ([the module's docs](self)), until the scheduler's changes
-/// end; `delivered` is told each delivery's outcome.
+/// end; each delivery's outcome counted in `counted` (by `outcome`).
 pub(crate) async fn run(
     scheduler: Arc<Scheduler>,
     config: NotifyConfig,
-    delivered: impl Fn(Delivered) + Clone + Send + Sync + 'static,
+    counted: Family<Labels, Counter>,
 ) {
+    let delivered = move |outcome: Delivered| {
+        counted
+            .get_or_create(&label("outcome", outcome.name()))
+            .inc();
+    };
     let mut changes = scheduler.subscribe();
     let since = now_ms();
     // https:// URLs: rustls with ring, as the S3 store's requests

@@ -1103,19 +1103,17 @@ impl Coordinator {
     }
 }
 
-/// The host that `authority` (a `Host` header or an HTTP/2 `:authority`: a name or an IP address, IPv6 in
-/// brackets, with or without a port) names: lowercase, without its port or a trailing dot; `None` for a
-/// bracket left open.
-fn host_name(authority: &str) -> Option<String> {
-    let authority = authority.trim();
-    let name = match authority.strip_prefix('[') {
-        // [IPv6]:port
-        Some(rest) => rest.split_once(']')?.0,
-        None => authority
-            .rsplit_once(':')
-            .map_or(authority, |(name, _port)| name),
-    };
-    Some(name.trim_end_matches('.').to_ascii_lowercase())
+/// The host that `authority` (a `Host` header or an HTTP/2 `:authority`, as [`http::uri::Authority`] reads
+/// it: a name or an IP address, IPv6 in brackets, with or without userinfo and a port) names: lowercase,
+/// without its brackets or a trailing dot; `None` for text that is no authority.
+pub fn host_name(authority: &str) -> Option<String> {
+    let authority: http::uri::Authority = authority.trim().parse().ok()?;
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
 /// Whether a request for `authority` ([`host_name`]'s) is answered with auth off: an IP address,
@@ -1138,13 +1136,7 @@ async fn check_host(
 ) -> Response {
     if !page.coordinator.gate.enabled() {
         let host = match request.uri().authority() {
-            // its host and port, without userinfo
-            Some(authority) => Some(
-                authority
-                    .as_str()
-                    .rsplit_once('@')
-                    .map_or(authority.as_str(), |(_, host)| host),
-            ),
+            Some(authority) => Some(authority.as_str()),
             None => request
                 .headers()
                 .get(header::HOST)

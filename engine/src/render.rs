@@ -401,28 +401,28 @@ impl Engine {
         let (w, h) = content.dimensions();
         Ok(match &job.params.init {
             Init::Content => pre.preprocess(content, self.device()),
-            Init::Noise => {
+            // the seeded inits, drawn on the CPU (the same pixels on any device)
+            init @ (Init::Noise | Init::Gray | Init::Uniform | Init::StyleMean) => {
                 tch::manual_seed(job.params.seed as i64);
-                let noise = Tensor::randn([1, 3, h as i64, w as i64], (Kind::Float, Device::Cpu))
-                    .to_device(self.device())
-                    * pre.noise_sigma();
-                if job.params.luminance_only {
-                    pre.luminance(&noise)
-                } else {
-                    noise
-                }
-            }
-            // crowsonkb/style-transfer-pytorch's inits, in 0..255 units: a level of uniform noise on mid
-            // grey or the styles' mean colour, or uniform noise over the whole range
-            init @ (Init::Gray | Init::Uniform | Init::StyleMean) => {
-                tch::manual_seed(job.params.seed as i64);
-                let u = Tensor::rand([1, 3, h as i64, w as i64], (Kind::Float, Device::Cpu));
-                let rgb = match init {
-                    Init::Gray => u + 127.5,
-                    Init::Uniform => u * 255.0,
-                    _ => u + Tensor::from_slice(&style_mean(job)).reshape([1, 3, 1, 1]),
+                let shape = [1, 3, i64::from(h), i64::from(w)];
+                let x = match init {
+                    // jcjohnson's: Gaussian, in the weights' space
+                    Init::Noise => {
+                        Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(self.device())
+                            * pre.noise_sigma()
+                    }
+                    // crowsonkb/style-transfer-pytorch's, in 0..255 units: a level of uniform noise on
+                    // mid grey or the styles' mean colour, or uniform noise over the whole range
+                    _ => {
+                        let u = Tensor::rand(shape, (Kind::Float, Device::Cpu));
+                        let rgb = match init {
+                            Init::Gray => u + 127.5,
+                            Init::Uniform => u * 255.0,
+                            _ => u + Tensor::from_slice(&style_mean(job)).reshape([1, 3, 1, 1]),
+                        };
+                        pre.input_of_rgb(&rgb.to_device(self.device()))
+                    }
                 };
-                let x = pre.input_of_rgb(&rgb.to_device(self.device()));
                 if job.params.luminance_only {
                     pre.luminance(&x)
                 } else {
