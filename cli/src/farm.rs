@@ -180,6 +180,23 @@ pub(crate) struct StatusHostsArg {
     pub(crate) status_allowed_hosts: Vec<String>,
 }
 
+impl StatusHostsArg {
+    /// The names given, each checked: one that is not a host name is refused, naming the flag (an empty
+    /// one, as a trailing comma leaves, is left out).
+    pub(crate) fn hosts(&self) -> anyhow::Result<Vec<String>> {
+        let named = self
+            .status_allowed_hosts
+            .iter()
+            .filter(|h| !h.trim().is_empty());
+        named
+            .map(|h| match stylefarm_coordinator::status::host_name(h) {
+                Some(name) if !name.is_empty() => Ok(name),
+                _ => bail!("--status-allowed-host: '{h}' is not a host name"),
+            })
+            .collect()
+    }
+}
+
 /// How a client or a worker reaches the coordinator: its URLs, its token, TLS.
 #[derive(Args, Clone)]
 pub(crate) struct ConnectArgs {
@@ -594,7 +611,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             stylefarm_coordinator::status::serve_status(
                 listener,
                 coordinator.clone(),
-                &args.status_hosts.status_allowed_hosts,
+                &args.status_hosts.hosts()?,
             )
             .await?;
         }

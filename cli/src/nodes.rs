@@ -345,7 +345,7 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         if let Some(addr) = args.status_listen {
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("status_listen: binding {addr}"))?;
-            farm.serve_status(listener, &args.status_hosts.status_allowed_hosts)
+            farm.serve_status(listener, &args.status_hosts.hosts()?)
                 .await?;
         }
         let mut client = farm.client().await?;
