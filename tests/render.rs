@@ -500,6 +500,10 @@ fn bad_input_gets_a_clear_one_line_error() {
             "global_style_targets: is set",
         ),
         (vec!["--save-every", "0"], "save_every"),
+        (
+            vec!["--normalize-gradients", "--block", "128"],
+            "normalize_gradients: not with blocks",
+        ),
         (vec!["--size", "0"], "size"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),
         (vec!["--style-layer-weights", "1,2"], "style_layer_weights"),

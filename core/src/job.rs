@@ -1076,6 +1076,13 @@ impl JobSpec {
                     "not with exact mode, whose shards run together on as many workers as are present",
                 ));
             }
+            if tiling.exact && self.params.normalize_gradients {
+                return Err(Error::invalid(
+                    "normalize_gradients",
+                    "not with exact mode, whose objective is evaluated in blocks: a layer's L1 norm is the \
+                     whole canvas'",
+                ));
+            }
         }
         Ok(tasks)
     }
@@ -1456,6 +1463,34 @@ mod tests {
             JobKind::Sweep(parse_sweep("seed=1,2").unwrap()),
         ] {
             assert!(limited(kind).check_new().is_ok());
+        }
+    }
+
+    /// Normalized gradients are refused for exact mode, whose objective is evaluated in blocks; a tiled job's
+    /// tiles and any other kind take them.
+    #[test]
+    fn normalized_gradients_are_refused_for_exact_mode_only() {
+        let normalized = |kind| {
+            let mut job = spec(kind);
+            job.params.normalize_gradients = true;
+            job
+        };
+        let exact = JobKind::Tiled(Tiling {
+            exact: true,
+            ..Default::default()
+        });
+        let err = normalized(exact).check_new().unwrap_err().to_string();
+        assert!(
+            err.starts_with("normalize_gradients: not with exact mode"),
+            "{err}"
+        );
+        for kind in [
+            JobKind::Batch,
+            JobKind::Single,
+            JobKind::Tiled(Default::default()),
+            JobKind::Sweep(parse_sweep("normalize_gradients=true,false").unwrap()),
+        ] {
+            assert!(normalized(kind).check_new().is_ok());
         }
     }
 

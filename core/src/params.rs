@@ -230,6 +230,11 @@ impl Layer {
         1 << (self.block - 1)
     }
 
+    /// The layer's feature maps (output channels): 64, 128, 256, 512, 512 in blocks 1 to 5.
+    pub fn channels(self) -> u32 {
+        64 << (self.block - 1).min(3)
+    }
+
     /// Every layer of VGG19, in order.
     pub fn all() -> impl Iterator<Item = Layer> {
         VGG19_BLOCKS
@@ -336,6 +341,12 @@ macro_rules! render_options {
             /// style loss is style_weight x its weight (ALGORITHM.md's layer_weight; not normalized; default 1
             /// each).
             style_layer_weights: Vec<f64> = Vec::new(), Range::NonNegative, sweep: true;
+            /// jcjohnson/neural-style's -normalize_gradients: the gradient of each content and style layer's
+            /// loss with respect to that layer's feature map is divided by its L1 norm (plus 1e-8) before the
+            /// layer's weight multiplies it, so that each layer pulls with its weight's strength; the total
+            /// variation and temporal terms' gradients are not. The losses reported stay the objective's.
+            /// Not with exact mode or blocks.
+            normalize_gradients: bool = false, Range::Any, sweep: true;
             /// VGG19's pooling: max, avg, or l2 (crowsonkb/style-transfer-pytorch's: LPPool2d with p = 2,
             /// times 0.78).
             pooling: Pooling = Pooling::Max, Range::Any, sweep: true;

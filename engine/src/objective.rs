@@ -113,6 +113,18 @@ impl ScaleTargets {
     }
 }
 
+/// The gradient of the scalar `output` with respect to `input` (`torch.autograd.grad`), keeping the graph
+/// for another backward through it with `keep_graph`.
+pub(crate) fn only_gradient(
+    output: &Tensor,
+    input: &Tensor,
+    keep_graph: bool,
+) -> Result<Tensor, Error> {
+    Tensor::f_run_backward(&[output], &[input], keep_graph, false)?
+        .pop()
+        .ok_or_else(|| Error::Torch(tch::TchError::Torch("backward gave no gradient".into())))
+}
+
 /// A float tensor of the terms `[content, style, tv, total, temporal]`, read back.
 pub(crate) fn read_terms(terms: &Tensor) -> Result<LossTerms, Error> {
     Ok(LossTerms::from_values(&to_f64s(terms)?))
@@ -292,26 +304,56 @@ impl Engine {
         })
     }
 
-    /// The weighted terms `[content, style, tv, total, temporal]` at `x` (preprocessed, `1 x 3 x H x W`).
+    /// The weighted terms `[content, style, tv, total, temporal]` at `x` (preprocessed, `1 x 3 x H x W`),
+    /// and the scalar whose gradient with respect to `x` the optimizer follows: the total, or with
+    /// `normalize` ([`RenderParams::normalize_gradients`]) a surrogate whose gradient is
+    /// jcjohnson/neural-style's: each content and style layer's `weight * g / (|g|_1 + 1e-8)`, `g` the
+    /// gradient of its unweighted loss with respect to its feature map (its `ContentLoss` and `StyleLoss`
+    /// modules' `updateGradInput`), carried back through the network, plus the total variation and
+    /// temporal terms' own gradients. `normalize` needs autograd (not under `no_grad`); nothing is read back.
     fn terms(
         &self,
         x: &Tensor,
         targets: &Targets,
         params: &RenderParams,
-    ) -> Result<[Tensor; LossTerms::LEN], Error> {
+        normalize: bool,
+    ) -> Result<([Tensor; LossTerms::LEN], Tensor), Error> {
         let features = self.vgg().features(x, params.pooling, &targets.layers)?;
         let zero = || Tensor::zeros([], (Kind::Float, self.device()));
-        let content = targets
-            .content
-            .iter()
-            .map(|(i, p)| content_loss(&features[*i], p, params.content_weight))
+        // sum of <feature map, its normalized gradient> over the layers: its gradient with respect to `x` is
+        // the layers' normalized gradients carried back through the network
+        let mut normalized = zero();
+        let mut layer = |features: &Tensor,
+                         loss: &dyn Fn(f64) -> Tensor,
+                         weight: f64|
+         -> Result<Tensor, Error> {
+            if !normalize || weight == 0.0 {
+                return Ok(loss(weight));
+            }
+            let unweighted = loss(1.0);
+            // the graph is kept for the backward through the network
+            let g = only_gradient(&unweighted, features, true)?;
+            let norm = g.f_abs()?.f_sum(Kind::Float)? + 1e-8;
+            let pull = g * weight / norm;
+            normalized = &normalized + (features * pull).f_sum(Kind::Float)?;
+            Ok(unweighted * weight)
+        };
+        let content = (targets.content.iter())
+            .map(|(i, p)| {
+                let f = &features[*i];
+                layer(f, &|w| content_loss(f, p, w), params.content_weight)
+            })
+            .collect::<Result<Vec<_>, Error>>()?
+            .into_iter()
             .fold(zero(), |a, b| a + b);
         // in style_layers order, as their weights
-        let style = targets
-            .style
-            .iter()
-            .zip(params.layer_weights())
-            .map(|((i, a), w)| style_loss(&features[*i], a, params.style_weight * w))
+        let style = (targets.style.iter().zip(params.layer_weights()))
+            .map(|((i, a), w)| {
+                let f = &features[*i];
+                layer(f, &|w| style_loss(f, a, w), params.style_weight * w)
+            })
+            .collect::<Result<Vec<_>, Error>>()?
+            .into_iter()
             .fold(zero(), |a, b| a + b);
         let tv = if params.tv_weight > 0.0 {
             tv_loss(x, params.tv_weight)
@@ -323,7 +365,12 @@ impl Engine {
             None => zero(),
         };
         let total = &content + &style + &tv + &temporal;
-        Ok([content, style, tv, total, temporal])
+        let differentiated = if normalize {
+            normalized + &tv + &temporal
+        } else {
+            total.shallow_clone()
+        };
+        Ok(([content, style, tv, total, temporal], differentiated))
     }
 
     fn losses_of(terms: &[Tensor; LossTerms::LEN]) -> Result<LossTerms, Error> {
@@ -351,11 +398,9 @@ impl Engine {
         params: &RenderParams,
     ) -> Result<(Tensor, Tensor), Error> {
         let xg = x.detach().set_requires_grad(true);
-        let terms = self.terms(&xg, targets, params)?;
-        let mut grads = Tensor::f_run_backward(&[&terms[3]], &[&xg], false, false)?;
-        let grad = grads.pop().ok_or_else(|| {
-            Error::Torch(tch::TchError::Torch("backward gave no gradient".into()))
-        })?;
+        let (terms, differentiated) =
+            self.terms(&xg, targets, params, params.normalize_gradients)?;
+        let grad = only_gradient(&differentiated, &xg, false)?;
         Ok((Tensor::f_stack(&terms, 0)?.detach(), grad))
     }
 
@@ -366,7 +411,7 @@ impl Engine {
         targets: &Targets,
         params: &RenderParams,
     ) -> Result<LossTerms, Error> {
-        tch::no_grad(|| Self::losses_of(&self.terms(x, targets, params)?))
+        tch::no_grad(|| Self::losses_of(&self.terms(x, targets, params, false)?.0))
     }
 
     /// The targets of a working content image: block by block when it is larger than `block`, and always

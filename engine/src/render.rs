@@ -151,6 +151,12 @@ impl RenderJob {
         if self.previous.is_some() && self.block.is_some() {
             return Err(crate::objective::whole_frames_only());
         }
+        if self.params.normalize_gradients && self.block.is_some() {
+            return Err(Error::Core(stylefarm_core::Error::invalid(
+                "normalize_gradients",
+                "not with blocks: a layer's L1 norm is the whole image's",
+            )));
+        }
         if let Some(shard) = &self.shard {
             shard.check()?;
             let invalid = |field: &'static str, message: &str| {

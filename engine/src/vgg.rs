@@ -248,7 +248,7 @@ impl Vgg19 {
                     .ok_or_else(|| err(format!("no tensor {name}.{part}")))
             };
             let (weight, bias) = (take("weight")?, take("bias")?);
-            let out = weight.size().first().copied().unwrap_or(0);
+            let out = i64::from(layer.channels());
             if weight.size() != [out, channels_in, 3, 3] || bias.size() != [out] {
                 return Err(err(format!(
                     "{name} has shapes {:?} / {:?}, not VGG19's [{out}, {channels_in}, 3, 3] / [{out}]",

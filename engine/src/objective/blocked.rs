@@ -18,7 +18,7 @@ use stylefarm_core::tiling::{block_step, objective_halo, BLOCK_ALIGN as ALIGN};
 use stylefarm_core::{Layer, RenderParams};
 use tch::{Kind, Tensor};
 
-use super::{LossTerms, StyleGrams};
+use super::{only_gradient, LossTerms, StyleGrams};
 use crate::engine::Engine;
 use crate::shard::{Shard, SharedExchange};
 use crate::Error;
@@ -381,13 +381,6 @@ impl BlockedTargets {
     }
 }
 
-/// The only gradient `Tensor::f_run_backward` of one output with respect to one input gives.
-fn only_gradient(output: &Tensor, input: &Tensor) -> Result<Tensor, Error> {
-    Tensor::f_run_backward(&[output], &[input], false, false)?
-        .pop()
-        .ok_or_else(|| Error::Torch(tch::TchError::Torch("backward gave no gradient".into())))
-}
-
 /// The total-variation loss of the pairs of neighbouring pixels whose first pixel is in the canvas rows
 /// `rows` (horizontal pairs on those rows, vertical pairs down from them), `x` holding the canvas' rows
 /// from `row0` on: [`crate::loss::tv_loss`] of the whole image when `rows` are all of its rows.
@@ -497,7 +490,9 @@ impl Engine {
         let (tv, mut grad) = if params.tv_weight > 0.0 {
             let xg = x.detach().set_requires_grad(true);
             let t = tv_of_rows(&xg, row0, part.rows, height, params.tv_weight);
-            let g = gradient.then(|| only_gradient(&t, &xg)).transpose()?;
+            let g = gradient
+                .then(|| only_gradient(&t, &xg, false))
+                .transpose()?;
             (t.detach(), g)
         } else {
             (
@@ -551,7 +546,7 @@ impl Engine {
                 // no position of this block at any layer the objective reads (deep layers only, a sliver)
                 continue;
             }
-            let gb = only_gradient(&total, &xb)?;
+            let gb = only_gradient(&total, &xb, false)?;
             let [x0, x1, y0, y1] = b.region;
             let _ = grad
                 .narrow(3, i64::from(x0), i64::from(x1 - x0))
