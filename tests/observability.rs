@@ -393,11 +393,28 @@ async fn a_task_and_the_coordinators_handling_of_it_are_one_trace() {
     );
 }
 
-/// What a webhook receiver got: each request's `X-Stylefarm-Delivery` header and JSON body.
-type Posts = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+/// One POST a webhook receiver got.
+#[derive(Debug, Clone, PartialEq)]
+struct Post {
+    /// Its `X-Stylefarm-Delivery` header.
+    delivery: String,
+    /// Its `webhook-id` header (Standard Webhooks).
+    id: String,
+    body: serde_json::Value,
+    /// Standard Webhooks' check of its signature with the receiver's secret: Ok, or why not.
+    signed: Result<(), String>,
+    /// The same check with another secret passed.
+    other_key_passes: bool,
+}
 
-/// An HTTP server taking POSTs on `/hooks/s3cr3t`, which answers the first 503 and the others 204; its
-/// URL and what it got.
+type Posts = std::sync::Arc<std::sync::Mutex<Vec<Post>>>;
+
+/// A Standard Webhooks signing secret (32 bytes, base64) that the coordinator signs with, and another.
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw+Ow8ZwsNDXs=";
+const OTHER_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+/// An HTTP server taking POSTs on `/hooks/s3cr3t`, which answers the first 503 and the others 204,
+/// checking each one's signature by [`SECRET`] with Standard Webhooks' library; its URL and what it got.
 async fn webhook_receiver() -> (String, Posts) {
     use axum::http::{HeaderMap, StatusCode};
     let posts = Posts::default();
@@ -406,14 +423,28 @@ async fn webhook_receiver() -> (String, Posts) {
         "/hooks/s3cr3t",
         axum::routing::post(
             move |headers: HeaderMap, body: axum::body::Bytes| async move {
-                let delivery = headers
-                    .get("x-stylefarm-delivery")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
-                let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let check = |secret: &str| {
+                    standardwebhooks::Webhook::new(secret)
+                        .unwrap()
+                        .verify(&body, &headers)
+                        .map_err(|e| e.to_string())
+                };
+                let post = Post {
+                    delivery: header("x-stylefarm-delivery"),
+                    id: header("webhook-id"),
+                    body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                    signed: check(SECRET),
+                    other_key_passes: check(OTHER_SECRET).is_ok(),
+                };
                 let mut got = got.lock().unwrap();
-                got.push((delivery, body));
+                got.push(post);
                 if got.len() == 1 {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else {
@@ -429,15 +460,25 @@ async fn webhook_receiver() -> (String, Posts) {
 }
 
 /// `coordinator --notify-url`: each job that ends is POSTed as JSON (its id, name, kind, state, error,
-/// task counts), with a delivery id; a 503 answer gets the same delivery again. The metrics count the
-/// deliveries, and the coordinator's log names the receiver's host, not the URL's secret path.
+/// task counts), with a delivery id, signed by `--notify-secret-file`'s secret as Standard Webhooks'
+/// library checks it; a 503 answer gets the same delivery again. The metrics count the deliveries, and
+/// the coordinator's log names the receiver's host, not the URL's secret path nor the signing secret.
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_that_end_are_announced_to_the_notify_url() {
     let (url, posts) = webhook_receiver().await;
     let mut cluster = Cluster::new(1.5, 0.3, "embedded");
-    cluster.coordinator_args = ["--notify-url", &url, "--metrics-listen", "127.0.0.1:0"]
-        .map(String::from)
-        .to_vec();
+    let secret = cluster.dir.path().join("notify-secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    cluster.coordinator_args = [
+        "--notify-url",
+        &url,
+        "--notify-secret-file",
+        secret.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
     cluster.start_coordinator();
     let coordinator = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
     cluster.add_worker("w1");
@@ -461,12 +502,18 @@ async fn jobs_that_end_are_announced_to_the_notify_url() {
         async move { (posts.len() >= 3).then_some(posts) }
     })
     .await;
+    // each signed with the secret (and not with another), its webhook-id the delivery id
+    for post in &posts {
+        assert_eq!(post.signed, Ok(()), "{post:#?}");
+        assert!(!post.other_key_passes, "{post:#?}");
+        assert_eq!(post.id, post.delivery, "{post:#?}");
+    }
     let of = |job: &str| -> Vec<(String, serde_json::Value)> {
         let prefix = format!("{job}@");
         posts
             .iter()
-            .filter(|p| p.0.starts_with(&prefix))
-            .cloned()
+            .filter(|p| p.delivery.starts_with(&prefix))
+            .map(|p| (p.delivery.clone(), p.body.clone()))
             .collect()
     };
     // the first answered 503, and sent again as the same delivery
@@ -519,4 +566,54 @@ async fn jobs_that_end_are_announced_to_the_notify_url() {
         "{log}"
     );
     assert!(!log.contains("s3cr3t"), "{log}");
+    assert!(!log.contains(&SECRET[6..20]), "{log}");
+}
+
+/// A signing secret that is not one (not whsec_, too short, a file that is not there), or one without a
+/// URL to sign for, is refused at start, naming the flag and not showing the secret.
+#[test]
+fn a_coordinator_refuses_a_notify_secret_that_is_not_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    let short = "whsec_c2hvcnQ=";
+    let cases: [(&[&str], &str); 3] = [
+        (&["--notify-secret", short], "--notify-secret: 5 bytes"),
+        (
+            &["--notify-secret-file", file.to_str().unwrap()],
+            "--notify-secret-file: does not start with whsec_",
+        ),
+        (
+            &["--notify-secret-file", "/nonexistent/secret"],
+            "--notify-secret-file /nonexistent/secret:",
+        ),
+    ];
+    std::fs::write(&file, "hunter2hunter2hunter2hunter2\n").unwrap();
+    for (args, says) in cases {
+        let out = stylefarm_tests::stylefarm()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--notify-url", "http://127.0.0.1:9/hook"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("hunter2") && !err.contains("c2hvcnQ"),
+            "{err}"
+        );
+    }
+    // without --notify-url: the argument parser's refusal
+    let out = stylefarm_tests::stylefarm()
+        .args(["coordinator", "--notify-secret", short])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(2) && err.contains("--notify-url"),
+        "{err}"
+    );
 }

@@ -96,10 +96,24 @@ pub(crate) struct CoordinatorArgs {
     keep_unused_blobs_secs: Option<f64>,
     /// Announce each job that ends (succeeded, failed, cancelled): a POST of JSON to this http:// or
     /// https:// URL (a webhook: job id, name, tenant, kind, state, error, task counts, times), sent again
-    /// while it gets no 2xx answer, 10 tries in all. A receiver's secret goes in the URL; the logs show
+    /// while it gets no 2xx answer, 10 tries in all. A receiver's secret can go in the URL; the logs show
     /// its host only. Unset: none.
     #[arg(long, env = "STYLEFARM_NOTIFY_URL", hide_env_values = true)]
     notify_url: Option<String>,
+    /// Sign each notification (Standard Webhooks' webhook-signature, HMAC-SHA256) with this secret:
+    /// whsec_ and the base64 of 24 to 64 random bytes. A flag shows in the process list: prefer
+    /// STYLEFARM_NOTIFY_SECRET or --notify-secret-file.
+    #[arg(
+        long,
+        env = "STYLEFARM_NOTIFY_SECRET",
+        hide_env_values = true,
+        requires = "notify_url",
+        conflicts_with = "notify_secret_file"
+    )]
+    notify_secret: Option<String>,
+    /// File holding --notify-secret (its first line), e.g. a mounted Kubernetes Secret.
+    #[arg(long, env = "STYLEFARM_NOTIFY_SECRET_FILE", requires = "notify_url")]
+    notify_secret_file: Option<PathBuf>,
     /// Seconds a running task may go without its progress moving (its scale or iteration, as the worker's
     /// heartbeats report it) before the coordinator takes its lease back: the task is retried, a strike
     /// against the worker, which is told to cancel it (for an engine that hangs while its worker still
@@ -549,6 +563,18 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .map(str::parse)
         .transpose()
         .map_err(|e| anyhow!("--notify-url: {e}"))?;
+    let secret = match (&args.notify_secret, &args.notify_secret_file) {
+        (_, Some(file)) => Some((
+            "--notify-secret-file",
+            std::fs::read_to_string(file)
+                .map_err(|e| anyhow!("--notify-secret-file {}: {e}", file.display()))?,
+        )),
+        (secret, None) => secret.clone().map(|s| ("--notify-secret", s)),
+    };
+    if let (Some(notify), Some((flag, text))) = (&mut config.notify, secret) {
+        let first = text.lines().next().unwrap_or_default();
+        notify.secret = Some(first.parse().map_err(|e| anyhow!("{flag}: {e}"))?);
+    }
     // a wait: any number of seconds, 0 or more
     let wait = |flag: &str, secs: f64| {
         Duration::try_from_secs_f64(secs)

@@ -13,8 +13,14 @@
 //! counted in `stylefarm_notifications_total` ([`crate::metrics`]).
 //!
 //! The URL is the operator's, not a client's (a client could otherwise make the coordinator call any
-//! address it reaches). A receiver's secret goes in the URL, as chat services' incoming webhooks take
-//! it; the logs name only the URL's host.
+//! address it reaches). A receiver's secret can go in the URL, as chat services' incoming webhooks take
+//! it; the logs name only the URL's host. Each POST carries [Standard Webhooks]' `webhook-id` (the
+//! delivery id) and `webhook-timestamp` (the try's, Unix seconds), and with a signing secret
+//! ([`SigningSecret`]) their `webhook-signature`, an HMAC-SHA256 of id, timestamp and body made by the
+//! standard's reference library, which a receiver checks with its own (and drops a stale timestamp: a
+//! replay).
+//!
+//! [Standard Webhooks]: https://www.standardwebhooks.com/
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +55,49 @@ pub const MAX_QUEUED: usize = 1000;
 pub struct NotifyConfig {
     /// An `http://` or `https://` URL, POSTed a [`JobEnded`] as JSON when a job ends.
     pub url: reqwest::Url,
+    /// The key that signs each POST (`webhook-signature`); `None`: unsigned.
+    pub secret: Option<SigningSecret>,
+}
+
+/// Bytes of a signing secret, at least and at most: Standard Webhooks' bounds.
+pub const SECRET_BYTES: std::ops::RangeInclusive<usize> = 24..=64;
+
+/// A Standard Webhooks signing secret: `whsec_` and the base64 of [`SECRET_BYTES`] random bytes, as the
+/// standard's libraries and webhook services write them (e.g.
+/// `echo whsec_$(head -c 32 /dev/urandom | base64)`). Shown as `whsec_...` only.
+#[derive(Clone, PartialEq)]
+pub struct SigningSecret(Vec<u8>);
+
+impl std::fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningSecret(whsec_...)")
+    }
+}
+
+impl std::str::FromStr for SigningSecret {
+    type Err = String;
+
+    /// `whsec_<base64>`, surrounding white space ignored; an error says what is wrong (not the text).
+    fn from_str(text: &str) -> Result<SigningSecret, String> {
+        use base64::Engine as _;
+        let expected = format!(
+            "expected whsec_ and the base64 of {} to {} random bytes (e.g. `echo whsec_$(head -c 32 \
+             /dev/urandom | base64)`)",
+            SECRET_BYTES.start(),
+            SECRET_BYTES.end()
+        );
+        let encoded = text
+            .trim()
+            .strip_prefix("whsec_")
+            .ok_or_else(|| format!("does not start with whsec_: {expected}"))?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|e| format!("not base64 after whsec_ ({e}): {expected}"))?;
+        if !SECRET_BYTES.contains(&key.len()) {
+            return Err(format!("{} bytes: {expected}", key.len()));
+        }
+        Ok(SigningSecret(key))
+    }
 }
 
 impl std::str::FromStr for NotifyConfig {
@@ -64,7 +113,7 @@ impl std::str::FromStr for NotifyConfig {
                 url.scheme()
             ));
         }
-        Ok(NotifyConfig { url })
+        Ok(NotifyConfig { url, secret: None })
     }
 }
 
@@ -180,6 +229,17 @@ pub(crate) async fn run(
         }
     };
     let host = config.url.host_str().unwrap_or_default().to_string();
+    let signing = match (config
+        .secret
+        .map(|s| standardwebhooks::Webhook::from_bytes(s.0)))
+    .transpose()
+    {
+        Ok(signing) => Arc::new(signing),
+        Err(e) => {
+            tracing::error!(error = %e, "job-end notifications are off: no signing key");
+            return;
+        }
+    };
     let url = Arc::new(config.url);
     let sending = Arc::new(tokio::sync::Semaphore::new(SENDING_AT_ONCE));
     let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -221,6 +281,7 @@ pub(crate) async fn run(
                 continue;
             }
             let (client, url, host) = (client.clone(), url.clone(), host.clone());
+            let signing = signing.clone();
             let (sending, delivered) = (sending.clone(), delivered.clone());
             // counted out however the task ends (a panic, an abort)
             let queued = scopeguard::guard(queued.clone(), move |q| {
@@ -228,7 +289,14 @@ pub(crate) async fn run(
             });
             tokio::spawn(async move {
                 let outcome = match sending.acquire_owned().await {
-                    Ok(_slot) => Some(deliver(&client, &url, &host, &ended).await),
+                    Ok(_slot) => {
+                        let to = Receiver {
+                            url: &url,
+                            host: &host,
+                            signing: signing.as_ref().as_ref(),
+                        };
+                        Some(deliver(&client, to, &ended).await)
+                    }
                     Err(_) => None,
                 };
                 drop(queued);
@@ -240,13 +308,24 @@ pub(crate) async fn run(
     }
 }
 
-/// POSTs `ended` to `url` ([the module's docs](self) say how often); how it ended.
+/// Where a notification goes, and how it is signed.
+#[derive(Clone, Copy)]
+pub(crate) struct Receiver<'a> {
+    pub(crate) url: &'a reqwest::Url,
+    /// The URL's host, which the logs name.
+    pub(crate) host: &'a str,
+    pub(crate) signing: Option<&'a standardwebhooks::Webhook>,
+}
+
+/// POSTs `ended` to the receiver ([the module's docs](self) say how often and with which headers); how it
+/// ended.
 pub(crate) async fn deliver(
     client: &reqwest::Client,
-    url: &reqwest::Url,
-    host: &str,
+    to: Receiver<'_>,
     ended: &JobEnded,
 ) -> Delivered {
+    let Receiver { url, host, signing } = to;
+    let delivery = ended.delivery();
     let body = match serde_json::to_vec(ended) {
         Ok(body) => body,
         Err(e) => {
@@ -256,14 +335,27 @@ pub(crate) async fn deliver(
     };
     let mut backoff = stylefarm_proto::Backoff::default();
     for attempt in 1..=NOTIFY_TRIES {
-        let sent = client
+        let timestamp = now_ms().div_euclid(1000);
+        let mut post = client
             .post(url.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("X-Stylefarm-Event", ended.event)
-            .header("X-Stylefarm-Delivery", ended.delivery())
-            .body(body.clone())
-            .send()
-            .await;
+            .header("X-Stylefarm-Delivery", &delivery)
+            .header(standardwebhooks::HEADER_WEBHOOK_ID, &delivery)
+            .header(standardwebhooks::HEADER_WEBHOOK_TIMESTAMP, timestamp);
+        if let Some(signing) = signing {
+            match signing.sign(&delivery, timestamp, &body) {
+                Ok(signature) => {
+                    post = post.header(standardwebhooks::HEADER_WEBHOOK_SIGNATURE, signature)
+                }
+                // only a body that is not UTF-8, which serde_json does not write
+                Err(e) => {
+                    tracing::error!(error = %e, job_id = ended.job_id, "a job-end notification's signature");
+                    return Delivered::GaveUp;
+                }
+            }
+        }
+        let sent = post.body(body.clone()).send().await;
         let why = match sent {
             Ok(answer) if answer.status().is_redirection() => {
                 tracing::error!(
@@ -342,6 +434,40 @@ mod tests {
         ] {
             let e = bad.parse::<NotifyConfig>().unwrap_err();
             assert!(e.contains("URL"), "{bad}: {e}");
+        }
+    }
+
+    /// A signing secret is `whsec_` and the base64 of 24 to 64 bytes; an error says which part is wrong,
+    /// never shows the text, and neither does the secret's Debug.
+    #[test]
+    fn a_signing_secret_is_whsec_and_24_to_64_bytes_of_base64() {
+        use base64::Engine as _;
+        let of = |n: usize| {
+            let bytes: Vec<u8> = (0..n as u8).map(|i| i.wrapping_mul(37)).collect();
+            format!(
+                "whsec_{}",
+                base64::engine::general_purpose::STANDARD.encode(&bytes)
+            )
+        };
+        for n in [24, 32, 64] {
+            let secret = format!(" {}\n", of(n)).parse::<SigningSecret>().unwrap();
+            assert_eq!(secret.0.len(), n);
+            assert_eq!(format!("{secret:?}"), "SigningSecret(whsec_...)");
+        }
+        let text = of(32);
+        for (bad, why) in [
+            (
+                text.trim_start_matches("whsec_").to_string(),
+                "does not start with whsec_",
+            ),
+            (format!("{text}!"), "not base64"),
+            (of(16), "16 bytes"),
+            (of(65), "65 bytes"),
+            (String::new(), "does not start with whsec_"),
+        ] {
+            let e = bad.parse::<SigningSecret>().unwrap_err();
+            assert!(e.starts_with(why) && e.contains("head -c 32"), "{bad}: {e}");
+            assert!(bad.len() < 10 || !e.contains(&bad[6..]), "{e}");
         }
     }
 }
