@@ -3,11 +3,12 @@
 //!
 //! The estimate is linear in the pixels being optimized: VGG19's activations up to relu5_1 kept for the
 //! backward pass, plus the optimizer's state (L-BFGS: `history_size` pairs of image-sized vectors, or as many
-//! as its iterations make; Adam: two moments), plus with normalized gradients each loss layer's gradient,
-//! plus a fixed part (weights, CUDA context, cuDNN workspaces).
+//! as its iterations make; Adam: two moments), plus a fixed part (weights, CUDA context, cuDNN workspaces).
 //! Measured peaks it is made to cover (BENCHMARKS.md): a one-pass 2048 x 1536 render on the CPU, 7.2 GiB
 //! resident (2.4 KB a pixel, history negligible at 3 iterations); a one-pass 4096 x 3072 render on an H200
-//! with L-BFGS's history of 100, 50 GB in use (4.0 KB a pixel, 2.4 KB of it the history).
+//! with L-BFGS's history of 100, 50 GB in use (4.0 KB a pixel, 2.4 KB of it the history). Normalized
+//! gradients ([`RenderParams::normalize_gradients`]) measured no higher peak (BENCHMARKS.md), and are not
+//! counted.
 
 use crate::params::{Optimizer, RenderParams};
 
@@ -44,27 +45,11 @@ pub fn optimizer_bytes_per_px(params: &RenderParams) -> u64 {
     vectors.saturating_mul(IMAGE_BYTES_PER_PX)
 }
 
-/// Bytes per optimized pixel of the normalized gradients ([`RenderParams::normalize_gradients`]): each
-/// content and style layer's, the size of its feature map (f32, `channels / 4^(block-1)` a pixel), is held
-/// until the backward through the network.
-pub fn normalized_gradient_bytes_per_px(params: &RenderParams) -> u64 {
-    if !params.normalize_gradients {
-        return 0;
-    }
-    let layers = params.content_layers.iter().chain(&params.style_layers);
-    layers
-        .map(|l| 4 * u64::from(l.channels()) / (1 << (2 * (l.block - 1))))
-        .sum()
-}
-
 /// Estimated peak bytes of optimizing a `width` x `height` image with `params`, the fixed part excluded.
 pub fn render_bytes(width: u32, height: u32, params: &RenderParams) -> u64 {
     let px = u64::from(width) * u64::from(height);
-    let per_px = ACTIVATION_BYTES_PER_PX
-        .saturating_add(optimizer_bytes_per_px(params))
-        .saturating_add(normalized_gradient_bytes_per_px(params));
     // saturating: an estimate past any device is "does not fit", whatever the parameters
-    px.saturating_mul(per_px)
+    px.saturating_mul(ACTIVATION_BYTES_PER_PX.saturating_add(optimizer_bytes_per_px(params)))
 }
 
 /// Estimated peak bytes of optimizing a `width` x `height` canvas whose objective is evaluated in blocks
@@ -132,16 +117,6 @@ mod tests {
             render_bytes(300, 200, &adam)
         );
         assert_eq!(usable_bytes(1 << 30), 0);
-        // normalized gradients: the default layers' feature maps, relu1_1 .. relu5_1 and relu4_2
-        let normalized = RenderParams {
-            normalize_gradients: true,
-            ..adam.clone()
-        };
-        assert_eq!(normalized_gradient_bytes_per_px(&adam), 0);
-        assert_eq!(
-            normalized_gradient_bytes_per_px(&normalized),
-            4 * (64 + 128 / 4 + 256 / 16 + 512 / 64 + 512 / 256 + 512 / 64)
-        );
     }
 
     /// L-BFGS's history holds no more pairs than its last scale's iterations make (one a step after the
