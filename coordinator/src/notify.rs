@@ -213,15 +213,7 @@ pub(crate) async fn run(
     };
     let mut changes = scheduler.subscribe();
     let since = now_ms();
-    // https:// URLs: rustls with ring, as the S3 store's requests
-    crate::install_crypto_provider();
-    let client = match reqwest::Client::builder()
-        .timeout(NOTIFY_TIMEOUT)
-        // a redirect would turn the POST into a GET without its body, and be counted as delivered
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("stylefarm/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
+    let client = match http_client() {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "job-end notifications are off: no HTTP client");
@@ -306,6 +298,18 @@ pub(crate) async fn run(
             });
         }
     }
+}
+
+/// The HTTP client notifications are sent with: [`NOTIFY_TIMEOUT`] a try, no redirects followed.
+pub(crate) fn http_client() -> reqwest::Result<reqwest::Client> {
+    // https:// URLs: rustls with ring, as the S3 store's requests
+    crate::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(NOTIFY_TIMEOUT)
+        // a redirect would turn the POST into a GET without its body, and be counted as delivered
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("stylefarm/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 /// Where a notification goes, and how it is signed.
@@ -434,6 +438,69 @@ mod tests {
         ] {
             let e = bad.parse::<NotifyConfig>().unwrap_err();
             assert!(e.contains("URL"), "{bad}: {e}");
+        }
+    }
+
+    /// A receiver answering `answers` in turn (then 204) on `/hook`, and how many POSTs it got; its URL.
+    async fn receiver(answers: Vec<u16>) -> (reqwest::Url, Arc<std::sync::atomic::AtomicUsize>) {
+        let posts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let got = posts.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || async move {
+                let n = got.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let code = answers.get(n).copied().unwrap_or(204);
+                let mut answer = axum::response::Response::new(axum::body::Body::empty());
+                *answer.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                if code / 100 == 3 {
+                    answer
+                        .headers_mut()
+                        .insert(http::header::LOCATION, "/elsewhere".parse().unwrap());
+                }
+                answer
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url.parse().unwrap(), posts)
+    }
+
+    /// A 4xx answer other than 408 and 429 is a refusal and a redirect is not followed: neither is sent
+    /// again; a 429 is, and the next 2xx delivers it.
+    #[tokio::test]
+    async fn a_refusal_or_a_redirect_ends_a_delivery_and_too_many_requests_does_not() {
+        let ended = JobEnded {
+            event: "job_ended",
+            job_id: "j1".into(),
+            name: String::new(),
+            tenant: String::new(),
+            kind: "single",
+            state: "succeeded",
+            error: String::new(),
+            tasks: 1,
+            succeeded: 1,
+            failed: 0,
+            cancelled: 0,
+            submitted_ms: 1,
+            finished_ms: 2,
+        };
+        let client = http_client().unwrap();
+        for (answers, outcome, posts) in [
+            (vec![410], Delivered::Refused, 1),
+            (vec![307], Delivered::GaveUp, 1),
+            (vec![301], Delivered::GaveUp, 1),
+            (vec![429, 200], Delivered::Delivered, 2),
+        ] {
+            let (url, got) = receiver(answers.clone()).await;
+            let to = Receiver {
+                url: &url,
+                host: "127.0.0.1",
+                signing: None,
+            };
+            assert_eq!(deliver(&client, to, &ended).await, outcome, "{answers:?}");
+            let got = got.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(got, posts, "{answers:?}");
         }
     }
 
