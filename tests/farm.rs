@@ -3652,6 +3652,42 @@ async fn images_are_not_uploaded_again_nor_results_fetched_twice() {
     );
 }
 
+/// A coordinator older than FindImages answers it UNIMPLEMENTED (here FAILPOINTS
+/// coordinator-find-images-unimplemented): the client takes every image for not held, uploads them all, and
+/// the job renders.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_without_find_images_gets_every_image_uploaded() {
+    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
+    cluster.coordinator_env = vec![(
+        "FAILPOINTS".into(),
+        "coordinator-find-images-unimplemented=return".into(),
+    )];
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    let mut client = cluster.client().await;
+    let job = stylefarm_client::JobFiles::new(
+        stylefarm_core::job::JobKind::Single,
+        vec![shared_image("tubingen.jpg")],
+        vec![shared_image("starry_night.jpg")],
+        stylefarm_core::RenderParams {
+            size: 48,
+            iterations: 2,
+            ..Default::default()
+        },
+    );
+    let first = client.submit_files(&job).await.unwrap();
+    wait_succeeded(&cluster, first.as_str()).await;
+    assert_eq!(client.uploaded(), 2);
+    // the same images again: held, but the coordinator cannot say so; uploaded again (a no-op there)
+    let photo =
+        stylefarm_core::job::ImageHash::of(&std::fs::read(shared_image("tubingen.jpg")).unwrap());
+    let held = client.find_images(&[photo]).await.unwrap();
+    assert!(held.is_empty(), "{held:?}");
+    let again = client.submit_files(&job).await.unwrap();
+    assert_eq!(client.uploaded(), 4, "every image uploaded each time");
+    wait_succeeded(&cluster, again.as_str()).await;
+}
+
 /// An image that FindImages answered as held but that is gone when the job comes (the blob collection
 /// deleted it meanwhile; here every image is answered held, FAILPOINTS coordinator-find-images-stale):
 /// SubmitJob refuses it as not uploaded, and the client uploads the images it took for held and submits
