@@ -569,51 +569,75 @@ async fn jobs_that_end_are_announced_to_the_notify_url() {
     assert!(!log.contains(&SECRET[6..20]), "{log}");
 }
 
-/// A signing secret that is not one (not whsec_, too short, a file that is not there), or one without a
-/// URL to sign for, is refused at start, naming the flag and not showing the secret.
+/// A signing secret that is not one (too short; not whsec_; a file of two lines, where a tool wrapped a key;
+/// a file that is not there, or one that never ends), or one without a URL to sign for, is refused at start,
+/// naming the flag and not showing the secret.
 #[test]
 fn a_coordinator_refuses_a_notify_secret_that_is_not_one() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("secret");
+    let (file, wrapped) = (dir.path().join("secret"), dir.path().join("wrapped"));
+    std::fs::write(&file, "hunter2hunter2hunter2hunter2\n").unwrap();
+    // a 64-byte key's base64 as `base64` writes it: wrapped at 76 characters, its first line a key too
+    std::fs::write(
+        &wrapped,
+        format!("whsec_{}\n{}\n", "QUFB".repeat(19), "QUFBQQ=="),
+    )
+    .unwrap();
     let short = "whsec_c2hvcnQ=";
-    let cases: [(&[&str], &str); 3] = [
-        (&["--notify-secret", short], "--notify-secret: 5 bytes"),
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let cases: [(Vec<String>, &str); 5] = [
         (
-            &["--notify-secret-file", file.to_str().unwrap()],
+            vec!["--notify-secret".into(), short.into()],
+            "--notify-secret: 5 bytes",
+        ),
+        (
+            vec!["--notify-secret-file".into(), path(&file)],
             "--notify-secret-file: does not start with whsec_",
         ),
         (
-            &["--notify-secret-file", "/nonexistent/secret"],
-            "--notify-secret-file /nonexistent/secret:",
+            vec!["--notify-secret-file".into(), path(&wrapped)],
+            "more than one line",
+        ),
+        (
+            vec!["--notify-secret-file".into(), "/nonexistent/secret".into()],
+            "--notify-secret-file: /nonexistent/secret:",
+        ),
+        (
+            vec!["--notify-secret-file".into(), "/dev/zero".into()],
+            "longer than 1 MiB",
         ),
     ];
-    std::fs::write(&file, "hunter2hunter2hunter2hunter2\n").unwrap();
-    for (args, says) in cases {
-        let out = stylefarm_tests::stylefarm()
+    let refused = |args: &[String]| {
+        let mut child = stylefarm_tests::stylefarm()
             .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(["--notify-url", "http://127.0.0.1:9/hook"])
             .args(args)
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let status = stylefarm_tests::wait_exit(&mut child, Duration::from_secs(30), "refused");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        (status, err)
+    };
+    for (args, says) in cases {
+        let with_url = [
+            &["--notify-url".into(), "http://127.0.0.1:9/hook".into()],
+            &args[..],
+        ]
+        .concat();
+        let (status, err) = refused(&with_url);
+        assert!(!status.success() && err.contains(says), "{args:?}: {err}");
         assert!(
-            !out.status.success() && err.contains(says),
-            "{args:?}: {err}"
-        );
-        assert!(
-            !err.contains("hunter2") && !err.contains("c2hvcnQ"),
+            !err.contains("hunter2") && !err.contains("c2hvcnQ") && !err.contains("QUFB"),
             "{err}"
         );
     }
     // without --notify-url: the argument parser's refusal
-    let out = stylefarm_tests::stylefarm()
-        .args(["coordinator", "--notify-secret", short])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (status, err) = refused(&["--notify-secret".into(), short.into()]);
     assert!(
-        out.status.code() == Some(2) && err.contains("--notify-url"),
+        status.code() == Some(2) && err.contains("--notify-url"),
         "{err}"
     );
 }

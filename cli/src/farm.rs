@@ -102,7 +102,8 @@ pub(crate) struct CoordinatorArgs {
     notify_url: Option<String>,
     /// Sign each notification (Standard Webhooks' webhook-signature, HMAC-SHA256) with this secret:
     /// whsec_ and the base64 of 24 to 64 random bytes. A flag shows in the process list: prefer
-    /// STYLEFARM_NOTIFY_SECRET or --notify-secret-file.
+    /// STYLEFARM_NOTIFY_SECRET or --notify-secret-file (one of the two; set, even from the environment,
+    /// it needs --notify-url).
     #[arg(
         long,
         env = "STYLEFARM_NOTIFY_SECRET",
@@ -563,17 +564,17 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .map(str::parse)
         .transpose()
         .map_err(|e| anyhow!("--notify-url: {e}"))?;
+    // one of the two at most (the argument parser's conflict, the variables' values included)
     let secret = match (&args.notify_secret, &args.notify_secret_file) {
-        (_, Some(file)) => Some((
+        (Some(secret), _) => Some(("--notify-secret", secret.clone())),
+        (None, Some(file)) => Some((
             "--notify-secret-file",
-            std::fs::read_to_string(file)
-                .map_err(|e| anyhow!("--notify-secret-file {}: {e}", file.display()))?,
+            stylefarm_proto::connect::secret_from_file("--notify-secret-file", file)?,
         )),
-        (secret, None) => secret.clone().map(|s| ("--notify-secret", s)),
+        (None, None) => None,
     };
     if let (Some(notify), Some((flag, text))) = (&mut config.notify, secret) {
-        let first = text.lines().next().unwrap_or_default();
-        notify.secret = Some(first.parse().map_err(|e| anyhow!("{flag}: {e}"))?);
+        notify.secret = Some(text.parse().map_err(|e| anyhow!("{flag}: {e}"))?);
     }
     // a wait: any number of seconds, 0 or more
     let wait = |flag: &str, secs: f64| {

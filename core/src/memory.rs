@@ -7,8 +7,8 @@
 //! Measured peaks it is made to cover (BENCHMARKS.md): a one-pass 2048 x 1536 render on the CPU, 7.2 GiB
 //! resident (2.4 KB a pixel, history negligible at 3 iterations); a one-pass 4096 x 3072 render on an H200
 //! with L-BFGS's history of 100, 50 GB in use (4.0 KB a pixel, 2.4 KB of it the history). Normalized
-//! gradients ([`RenderParams::normalize_gradients`]) measured no higher peak (BENCHMARKS.md), and are not
-//! counted.
+//! gradients ([`RenderParams::normalize_gradients`]) measured no higher peak on the CPU (BENCHMARKS.md; not
+//! measured on a GPU), and are not counted.
 
 use crate::params::{Optimizer, RenderParams};
 

@@ -83,6 +83,14 @@ pub(crate) fn whole_frames_only() -> Error {
     ))
 }
 
+/// The error for normalized gradients with blocks: a layer's L1 norm is the whole image's.
+pub(crate) fn not_with_blocks() -> Error {
+    Error::Core(stylefarm_core::Error::invalid(
+        "normalize_gradients",
+        "not with blocks: a layer's L1 norm is the whole image's",
+    ))
+}
+
 impl Temporal {
     /// A video frame's start: the previous frame's result where the content matches, `init` (the
     /// start a first frame has) elsewhere. `init` is `1 x 3 x H x W`, preprocessed.
@@ -331,8 +339,8 @@ impl Engine {
                 return Ok(loss(weight));
             }
             let unweighted = loss(1.0);
-            // the graph is kept for the backward through the network
-            let g = only_gradient(&unweighted, features, true)?;
+            // the backward stops at the feature map: the network's graph below it is not run, nor freed
+            let g = only_gradient(&unweighted, features, false)?;
             let norm = g.f_abs()?.f_sum(Kind::Float)? + 1e-8;
             let pull = g * weight / norm;
             normalized = &normalized + (features * pull).f_sum(Kind::Float)?;
@@ -455,6 +463,7 @@ impl Engine {
     ) -> Result<(Tensor, Tensor), Error> {
         match targets {
             ScaleTargets::Whole(t) => self.objective_on_device(x, t, params),
+            ScaleTargets::Blocked(_) if params.normalize_gradients => Err(not_with_blocks()),
             ScaleTargets::Blocked(t) => {
                 let (terms, grad) = self.objective_blocked_on_device(x, t, params)?;
                 Ok((terms.f_to_kind(Kind::Float)?, grad))

@@ -152,10 +152,7 @@ impl RenderJob {
             return Err(crate::objective::whole_frames_only());
         }
         if self.params.normalize_gradients && self.block.is_some() {
-            return Err(Error::Core(stylefarm_core::Error::invalid(
-                "normalize_gradients",
-                "not with blocks: a layer's L1 norm is the whole image's",
-            )));
+            return Err(crate::objective::not_with_blocks());
         }
         if let Some(shard) = &self.shard {
             shard.check()?;

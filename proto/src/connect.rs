@@ -55,8 +55,42 @@ impl std::fmt::Display for CredentialsError {
 
 impl std::error::Error for CredentialsError {}
 
+/// Largest file a secret (a token, a signing key) or a certificate is read from.
+pub const MAX_SECRET_FILE_BYTES: u64 = 1 << 20;
+
+/// The bytes of a file of secrets or certificates (`flag` names it in errors), at most
+/// [`MAX_SECRET_FILE_BYTES`]: a file (or a link to one, as Kubernetes mounts Secrets) or a pipe (a shell's
+/// `<(pass show farm)`); a device that never ends (`/dev/zero`) is refused at the bound.
 fn read(flag: &str, path: &Path) -> Result<Vec<u8>, CredentialsError> {
-    std::fs::read(path).map_err(|e| CredentialsError(format!("{flag}: {}: {e}", path.display())))
+    use std::io::Read;
+    let fail = |why: String| CredentialsError(format!("{flag}: {}: {why}", path.display()));
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| fail(e.to_string()))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(fail(format!(
+            "longer than {} MiB",
+            MAX_SECRET_FILE_BYTES >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A secret read from a file (`flag` names it in errors; Kubernetes mounts Secrets as files): its one
+/// line, trimmed; a file of more than one line is refused (a key that a tool wrapped over two lines would
+/// otherwise be cut short).
+pub fn secret_from_file(flag: &str, path: &Path) -> Result<String, CredentialsError> {
+    let fail = |why: &str| CredentialsError(format!("{flag}: {}: {why}", path.display()));
+    let text = String::from_utf8(read(flag, path)?).map_err(|_| fail("not UTF-8"))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(fail("empty"));
+    }
+    if secret.lines().count() > 1 {
+        return Err(fail("more than one line: give the secret on one line"));
+    }
+    Ok(secret.to_string())
 }
 
 impl Credentials {
