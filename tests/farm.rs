@@ -3652,6 +3652,20 @@ async fn images_are_not_uploaded_again_nor_results_fetched_twice() {
     );
 }
 
+/// A single job of tubingen in starry_night's style, 48 px, 2 iterations, as files for `submit_files`.
+fn tubingen_x_starry_files() -> stylefarm_client::JobFiles {
+    stylefarm_client::JobFiles::new(
+        stylefarm_core::job::JobKind::Single,
+        vec![shared_image("tubingen.jpg")],
+        vec![shared_image("starry_night.jpg")],
+        stylefarm_core::RenderParams {
+            size: 48,
+            iterations: 2,
+            ..Default::default()
+        },
+    )
+}
+
 /// A coordinator older than FindImages answers it UNIMPLEMENTED (here FAILPOINTS
 /// coordinator-find-images-unimplemented): the client takes every image for not held, uploads them all, and
 /// the job renders.
@@ -3665,16 +3679,7 @@ async fn a_coordinator_without_find_images_gets_every_image_uploaded() {
     cluster.start_coordinator();
     cluster.add_worker("w1");
     let mut client = cluster.client().await;
-    let job = stylefarm_client::JobFiles::new(
-        stylefarm_core::job::JobKind::Single,
-        vec![shared_image("tubingen.jpg")],
-        vec![shared_image("starry_night.jpg")],
-        stylefarm_core::RenderParams {
-            size: 48,
-            iterations: 2,
-            ..Default::default()
-        },
-    );
+    let job = tubingen_x_starry_files();
     let first = client.submit_files(&job).await.unwrap();
     wait_succeeded(&cluster, first.as_str()).await;
     assert_eq!(client.uploaded(), 2);
@@ -3711,16 +3716,7 @@ async fn an_image_taken_for_held_but_collected_is_uploaded_and_the_job_submitted
         held.contains(&never),
         "the fail point answers every image held"
     );
-    let job = stylefarm_client::JobFiles::new(
-        stylefarm_core::job::JobKind::Single,
-        vec![shared_image("tubingen.jpg")],
-        vec![shared_image("starry_night.jpg")],
-        stylefarm_core::RenderParams {
-            size: 48,
-            iterations: 2,
-            ..Default::default()
-        },
-    );
+    let job = tubingen_x_starry_files();
     let id = client.submit_files(&job).await.unwrap();
     assert_eq!(client.uploaded(), 2, "both, after the refusal");
     wait_succeeded(&cluster, id.as_str()).await;
