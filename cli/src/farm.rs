@@ -112,7 +112,7 @@ pub(crate) struct CoordinatorArgs {
         conflicts_with = "notify_secret_file"
     )]
     notify_secret: Option<String>,
-    /// File holding --notify-secret (its first line), e.g. a mounted Kubernetes Secret.
+    /// File holding --notify-secret on its one line, e.g. a mounted Kubernetes Secret.
     #[arg(long, env = "STYLEFARM_NOTIFY_SECRET_FILE", requires = "notify_url")]
     notify_secret_file: Option<PathBuf>,
     /// Seconds a running task may go without its progress moving (its scale or iteration, as the worker's

@@ -506,14 +506,14 @@ impl RenderService for RenderApi {
             .iter()
             .map(|h| hash_arg("sha256", h))
             .collect::<Result<Vec<_>, _>>()?;
-        // fault injection (tests): every image answered as held, as if the blob collection deleted those
-        // not held after the answer
         // fault injection (tests): a coordinator older than FindImages, as tonic answers an unknown method
         fail::fail_point!("coordinator-find-images-unimplemented", |_| {
             Err(Status::unimplemented(
                 "Operation is not implemented or not supported",
             ))
         });
+        // fault injection (tests): every image answered as held, as if the blob collection deleted those
+        // not held after the answer
         fail::fail_point!("coordinator-find-images-stale", |_| {
             Ok(Response::new(pb::FindImagesResponse {
                 held: asked.clone(),

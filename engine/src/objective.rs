@@ -330,7 +330,7 @@ impl Engine {
         let zero = || Tensor::zeros([], (Kind::Float, self.device()));
         // sum of <feature map, its normalized gradient> over the layers: its gradient with respect to `x` is
         // the layers' normalized gradients carried back through the network
-        let mut normalized = zero();
+        let mut normalized: Option<Tensor> = None;
         let mut layer = |features: &Tensor,
                          loss: &dyn Fn(f64) -> Tensor,
                          weight: f64|
@@ -343,7 +343,11 @@ impl Engine {
             let g = only_gradient(&unweighted, features, false)?;
             let norm = g.f_abs()?.f_sum(Kind::Float)? + 1e-8;
             let pull = g * weight / norm;
-            normalized = &normalized + (features * pull).f_sum(Kind::Float)?;
+            let product = (features * pull).f_sum(Kind::Float)?;
+            normalized = Some(match normalized.take() {
+                Some(sum) => sum + product,
+                None => product,
+            });
             Ok(unweighted * weight)
         };
         let content = (targets.content.iter())
@@ -373,10 +377,10 @@ impl Engine {
             None => zero(),
         };
         let total = &content + &style + &tv + &temporal;
-        let differentiated = if normalize {
-            normalized + &tv + &temporal
-        } else {
-            total.shallow_clone()
+        // (no layer at all with a weight: the total, whose content and style terms are 0)
+        let differentiated = match normalized {
+            Some(layers) => layers + &tv + &temporal,
+            None => total.shallow_clone(),
         };
         Ok(([content, style, tv, total, temporal], differentiated))
     }

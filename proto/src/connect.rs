@@ -77,12 +77,18 @@ fn read(flag: &str, path: &Path) -> Result<Vec<u8>, CredentialsError> {
     Ok(bytes)
 }
 
+/// [`read`]'s bytes as text; not UTF-8 is an error naming `flag` and the file.
+fn read_text(flag: &str, path: &Path) -> Result<String, CredentialsError> {
+    String::from_utf8(read(flag, path)?)
+        .map_err(|_| CredentialsError(format!("{flag}: {}: not UTF-8", path.display())))
+}
+
 /// A secret read from a file (`flag` names it in errors; Kubernetes mounts Secrets as files): its one
 /// line, trimmed; a file of more than one line is refused (a key that a tool wrapped over two lines would
 /// otherwise be cut short).
 pub fn secret_from_file(flag: &str, path: &Path) -> Result<String, CredentialsError> {
     let fail = |why: &str| CredentialsError(format!("{flag}: {}: {why}", path.display()));
-    let text = String::from_utf8(read(flag, path)?).map_err(|_| fail("not UTF-8"))?;
+    let text = read_text(flag, path)?;
     let secret = text.trim();
     if secret.is_empty() {
         return Err(fail("empty"));
@@ -97,8 +103,7 @@ impl Credentials {
     /// A token read from a file (`--token-file`; Kubernetes mounts Secrets as files): its first line,
     /// trimmed.
     pub fn token_from_file(path: &Path) -> Result<String, CredentialsError> {
-        let text = String::from_utf8(read("token_file", path)?)
-            .map_err(|_| CredentialsError(format!("token_file: {}: not UTF-8", path.display())))?;
+        let text = read_text("token_file", path)?;
         let token = text.lines().next().unwrap_or("").trim().to_string();
         if token.is_empty() {
             return Err(CredentialsError(format!(
