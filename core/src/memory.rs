@@ -30,7 +30,8 @@ pub const USABLE_FRACTION: f64 = 0.85;
 /// plus L-BFGS's (s, y) pairs or Adam's two moments, plus with iterate averaging
 /// ([`RenderParams::avg_decay`]) the average's sum and a copy of the average (a snapshot's, the scale's
 /// result). L-BFGS holds `history_size` pairs, or fewer where its scale's iterations make fewer (one a
-/// step after the first): the largest scale's, the last.
+/// step after the first): the largest scale's, the last; and one more, the row where a pair it does not
+/// take is written (its choice is the device's).
 pub fn optimizer_bytes_per_px(params: &RenderParams) -> u64 {
     let averaging = if params.avg_decay > 0.0 { 2 } else { 0 };
     let vectors = 4
@@ -38,7 +39,7 @@ pub fn optimizer_bytes_per_px(params: &RenderParams) -> u64 {
         + match params.optimizer {
             Optimizer::Lbfgs => {
                 let last = params.iterations_per_scale().last().copied().unwrap_or(1);
-                2 * u64::from(params.history_size.min(last.saturating_sub(1)).max(1))
+                2 * (u64::from(params.history_size.min(last.saturating_sub(1)).max(1)) + 1)
             }
             Optimizer::Adam => 2,
         };
@@ -120,7 +121,7 @@ mod tests {
     }
 
     /// L-BFGS's history holds no more pairs than its last scale's iterations make (one a step after the
-    /// first), as the engine allocates it.
+    /// first), and a spare pair, as the engine allocates it.
     #[test]
     fn a_short_scale_s_history_counts_only_the_pairs_it_makes() {
         let long = RenderParams::default();
@@ -129,18 +130,18 @@ mod tests {
             ..long.clone()
         };
         let history = |p: &RenderParams| optimizer_bytes_per_px(p) / IMAGE_BYTES_PER_PX - 4;
-        assert_eq!(history(&long), 2 * 100);
-        assert_eq!(history(&short), 2 * 30);
+        assert_eq!(history(&long), 2 * 101);
+        assert_eq!(history(&short), 2 * 31);
         // a pyramid's last scale: 500 >> 3 = 62 iterations, 61 pairs
         let pyramid = RenderParams {
             scales: 4,
             ..long.clone()
         };
-        assert_eq!(history(&pyramid), 2 * 61);
+        assert_eq!(history(&pyramid), 2 * 62);
         let one = RenderParams {
             iterations: 1,
             ..long
         };
-        assert_eq!(history(&one), 2);
+        assert_eq!(history(&one), 2 * 2);
     }
 }

@@ -15,7 +15,8 @@ use tch::{Kind, Tensor};
 /// with the stored pairs), so the same iterates up to rounding, but a fixed number of kernel launches per
 /// iteration whatever the history size (two matrix products over the stacked history, each reading it once,
 /// and solves of small `k x k` triangular systems) where the two-loop launches about `4 k` and reads nothing
-/// back.
+/// back. Which pairs enter the history, and whether a step is taken, is decided on the device: an iteration
+/// reads nothing back from it (see [`Lbfgs::minimize`]).
 #[derive(Debug, Clone)]
 pub struct Lbfgs {
     /// Step size multiplying each direction (torch's `lr`; default 1). The first step is scaled further by
@@ -28,6 +29,11 @@ pub struct Lbfgs {
     /// Stop once a step's `max |t d|` or the change of the objective is under it; negative (default -1)
     /// disables those checks. A direction with `g^T d > -tolerance_change` is not taken.
     pub tolerance_change: f64,
+    /// Every how many iterations the host reads whether a direction that does not descend has stopped
+    /// the minimization (default 1): the only device-to-host read of an iteration at the default
+    /// tolerances. On a GPU a read waits for the device's queue to drain; a render there reads every
+    /// [`crate::render::GPU_READ_INTERVAL`] iterations, with its losses.
+    pub check_every: usize,
 }
 
 impl Default for Lbfgs {
@@ -37,6 +43,7 @@ impl Default for Lbfgs {
             history_size: 100,
             tolerance_grad: -1.0,
             tolerance_change: -1.0,
+            check_every: 1,
         }
     }
 }
@@ -45,18 +52,27 @@ fn abs_max(t: &Tensor) -> f64 {
     t.abs().max().double_value(&[])
 }
 
-/// The last `m` curvature pairs `(s_i, y_i)`, stacked: one `m x 2 x n` buffer written in a ring (`s_i` and
-/// `y_i` side by side, so that one matrix product over it gives what an iteration needs of both: the
-/// history is read twice an iteration, [`Products::partial`] and [`History::times`]), with the products
-/// `s_i^T y_j` and `y_i^T y_j` of the stored rows kept up to date (`m x m`, in float64, by row and column as
-/// pairs arrive), so that `H g` needs no loop over the history.
+/// The last `m` curvature pairs `(s_i, y_i)`, stacked: one `(m + 1) x 2 x n` buffer written in a ring
+/// (`s_i` and `y_i` side by side, so that one matrix product over it gives what an iteration needs of
+/// both: the history is read twice an iteration, [`Products::partial`] and [`History::times`]), with the
+/// products `s_i^T y_j` and `y_i^T y_j` of the stored rows kept up to date (`m x m`, in float64, by row
+/// and column as pairs arrive), so that `H g` needs no loop over the history.
+///
+/// Whether a pair is stored (its curvature `y^T s > 1e-10`, as torch decides) is known on the device
+/// only: the count of pairs stored is a device tensor, a pair not taken is written to the spare row `m`
+/// (never read), and the rows the ring has not reached yet are zeros, which add nothing to `H g`
+/// ([`History::times`]). The host knows how many rows can be in use (one per pair offered, at most `m`)
+/// and reads those.
 struct History {
     pairs: Tensor,
     /// `sy[i][j] = s_i^T y_j`, `yy[i][j] = y_i^T y_j`, by buffer row.
     sy: Tensor,
     yy: Tensor,
-    /// Buffer rows in age order, oldest first.
-    order: Vec<i64>,
+    /// Pairs stored so far (a 0-dim int64 on the device): the next goes to row `stored % m`.
+    stored: Tensor,
+    /// Pairs offered so far (stored or not): the rows that can be in use are the first
+    /// `min(offered, m)`.
+    offered: usize,
     capacity: usize,
 }
 
@@ -92,7 +108,7 @@ impl Products {
         // [i, 0, j] = s_i^T v_j and [i, 1, j] = y_i^T v_j for v = (s, y, g), by buffer row, the rows not
         // in use zeros
         let m = history.capacity as i64;
-        let used = history.order.len() as i64;
+        let used = history.used() as i64;
         let rows = history
             .in_use()
             // [s, y, g] as the columns of a view of the three rows (a contiguous n x 3 copy makes the
@@ -137,49 +153,58 @@ impl History {
         let m = capacity as i64;
         let f64s = (Kind::Double, like.device());
         History {
-            pairs: Tensor::zeros([m, 2, n], (like.kind(), like.device())),
+            pairs: Tensor::zeros([m + 1, 2, n], (like.kind(), like.device())),
             sy: Tensor::zeros([m, m], f64s),
             yy: Tensor::zeros([m, m], f64s),
-            order: Vec::with_capacity(capacity),
+            stored: Tensor::zeros([], (Kind::Int64, like.device())),
+            offered: 0,
             capacity,
         }
     }
 
-    /// Stores a pair in the ring, replacing the oldest when full; returns its buffer row.
-    fn store(&mut self, s: &Tensor, y: &Tensor) -> i64 {
-        let row = if self.order.len() < self.capacity {
-            self.order.len() as i64
-        } else {
-            self.order.remove(0)
-        };
-        self.order.push(row);
-        let pair = self.pairs.get(row);
-        pair.get(0).copy_(s);
-        pair.get(1).copy_(y);
-        row
+    /// How many rows can be in use: the first `used()` (the ring fills its rows from the first; all of
+    /// them once it is full).
+    fn used(&self) -> usize {
+        self.offered.min(self.capacity)
     }
 
-    /// The pairs in use as rows `s_0, y_0, s_1, y_1, ...` (`2 len x n`): the ring fills its rows from the
-    /// first, so those are the first `order.len()` (all of them once it is full).
+    /// The rows that can be in use as rows `s_0, y_0, s_1, y_1, ...` (`2 used x n`).
     fn in_use(&self) -> Tensor {
-        let (used, n) = (self.order.len() as i64, self.pairs.size()[2]);
+        let (used, n) = (self.used() as i64, self.pairs.size()[2]);
         self.pairs.narrow(0, 0, used).view([2 * used, n])
     }
 
-    /// Stores a pair with its products `p` (with itself, with the rows stored before, and the gradient's; a
-    /// shard's added up over the shards); returns `S^T g` and `Y^T g` over the rows stored now.
-    fn push_reduced(&mut self, s: &Tensor, y: &Tensor, p: &Products) -> (Tensor, Tensor) {
-        let row = self.store(s, y);
+    /// Offers a pair with its products `p` (with itself, with the rows stored before, and the gradient's; a
+    /// shard's added up over the shards), stored where `take` (a 0-dim bool on the device) holds, in the
+    /// ring's next row, replacing the oldest pair when full; returns `S^T g` and `Y^T g` over the rows in
+    /// use now.
+    fn offer(&mut self, s: &Tensor, y: &Tensor, p: &Products, take: &Tensor) -> (Tensor, Tensor) {
+        let m = self.capacity as i64;
+        let row = self.stored.remainder(m).reshape([1]);
+        // a pair not taken goes to the spare row, and changes nothing that is read
+        let spare = Tensor::full([1], m, (Kind::Int64, row.device()));
+        let _ = self.pairs.index_copy_(
+            0,
+            &row.where_self(take, &spare),
+            &Tensor::stack(&[s, y], 0).unsqueeze(0),
+        );
+        let _ = self.stored.g_add_(&take.to_kind(Kind::Int64));
+        self.offered += 1;
         // the new row's products with every row: at its own row, with itself (the products there were
-        // the replaced pair's); made on the device (a copy from the host would wait for its queue)
-        let at = Tensor::arange_start(row, row + 1, (Kind::Int64, self.sy.device()));
-        let with = |v: &Tensor, own: &Tensor| v.index_copy(0, &at, &own.reshape([1]));
+        // the replaced pair's); where it is not taken, the row's as they were
+        let with =
+            |v: &Tensor, own: &Tensor| v.index_copy(0, &row, &own.reshape([1])).where_self(take, v);
         let [s_y, y_s, y_y, s_g, y_g] = &p.rows;
-        self.sy.select(1, row).copy_(&with(s_y, &p.ys)); // s_i^T y_new
-        self.sy.select(0, row).copy_(&with(y_s, &p.ys)); // s_new^T y_j
+        let column = |t: &Tensor, dim: i64, v: &Tensor| {
+            let old = t.index_select(dim, &row).view([-1]);
+            let new = v.where_self(take, &old).unsqueeze(dim);
+            let _ = t.shallow_clone().index_copy_(dim, &row, &new);
+        };
+        column(&self.sy, 1, &with(s_y, &p.ys)); // s_i^T y_new
+        column(&self.sy, 0, &with(y_s, &p.ys)); // s_new^T y_j
         let y_y = with(y_y, &p.yy);
-        self.yy.select(1, row).copy_(&y_y);
-        self.yy.select(0, row).copy_(&y_y);
+        column(&self.yy, 1, &y_y);
+        column(&self.yy, 0, &y_y);
         (with(s_g, &p.sg), with(y_g, &p.yg))
     }
 
@@ -187,17 +212,26 @@ impl History {
     /// `S`, `Y` the stored pairs in age order, `R` the upper triangle of `S^T Y`, `D` its diagonal and
     /// `M = [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]]`; `gamma` is a 0-dim tensor, `s_g = S^T g`
     /// and `y_g = Y^T g` by buffer row (float64). With it, `g^T H g - gamma g^T g` (float64): the
-    /// directional derivative from the products alone.
+    /// directional derivative from the products alone. A row not reached yet (zeros: every product with
+    /// it 0) is given 1 on `R`'s and `D`'s diagonals, which makes its coefficients 0: `H` is that of the
+    /// pairs stored.
     fn times(&self, g: &Tensor, gamma: &Tensor, s_g: &Tensor, y_g: &Tensor) -> (Tensor, Tensor) {
         let device = g.device();
-        // the rows in age order are consecutive modulo the capacity from the oldest: made on the device
-        // (a copy from the host would wait for the device's queue)
-        let (oldest, len, rows) = (self.order[0], self.order.len() as i64, self.capacity as i64);
-        let idx = Tensor::arange_start(oldest, oldest + len, (Kind::Int64, device)).remainder(rows);
+        // the rows in age order are consecutive modulo the capacity from the oldest (row 0 until the
+        // ring is full): made on the device from its count
+        let (len, rows) = (self.used() as i64, self.capacity as i64);
+        let full = self.stored.ge(rows);
+        let oldest = self
+            .stored
+            .remainder(rows)
+            .where_self(&full, &self.stored.zeros_like());
+        let idx = (Tensor::arange(len, (Kind::Int64, device)) + oldest).remainder(rows);
         let pick = |t: &Tensor| t.index_select(0, &idx).index_select(1, &idx);
         let (sy, yy) = (pick(&self.sy), pick(&self.yy));
-        let r = sy.triu(0);
-        let d = sy.diagonal(0, 0, 1).diag_embed(0, -2, -1);
+        let diagonal = sy.diagonal(0, 0, 1);
+        let unused = diagonal.eq(0.0).to_kind(Kind::Double).diag_embed(0, -2, -1);
+        let r = sy.triu(0) + &unused;
+        let d = diagonal.diag_embed(0, -2, -1) + unused;
         let gamma64 = gamma.to_kind(Kind::Double);
         // a = S^T g, b = Y^T g, in age order
         let a = s_g.index_select(0, &idx);
@@ -244,12 +278,15 @@ impl Lbfgs {
     /// evaluated, as in torch). `f` returns the objective as a 0-dim tensor and its gradient, both left on
     /// the device.
     ///
-    /// One device-to-host read per iteration, of the curvature `y^T s` that decides whether the pair
-    /// enters the history; the directional derivative `g^T d` is checked on the device (a direction that
-    /// is not a descent one by `-tolerance_change` leaves `x` where it is) and read with the next curvature.
-    /// Torch stops before such a step; here the loop stops one evaluation later, at the same `x` (an
-    /// ascent direction cannot arise from pairs with positive curvature: in practice the check never
-    /// fires). The objective is read only for the tolerances that are enabled (non-negative).
+    /// At the default tolerances an iteration reads nothing back from the device, but every
+    /// [`Lbfgs::check_every`] iterations one value, and the minimization one more at its end (the steps
+    /// taken). The curvature `y^T s` that decides whether a pair enters the history, and the directional
+    /// derivative `g^T d` that decides whether a step is taken, are compared on the device. Torch stops
+    /// before a direction that does not descend by `tolerance_change`; here such a direction, and every
+    /// one after it, leaves `x` where it is, and the loop stops at the next check, having evaluated `f` at
+    /// that `x` once for each iteration in between (an ascent direction cannot arise from pairs with
+    /// positive curvature: in practice it never happens). The gradient and the objective are read only
+    /// for the tolerances that are enabled (non-negative).
     pub fn minimize<E>(
         &self,
         x: &mut Tensor,
@@ -306,9 +343,11 @@ impl Lbfgs {
         let mut d = Tensor::new();
         let mut t = Tensor::new();
         let mut prev_g: Option<Tensor> = None;
-        // 1 where the last step was skipped for not descending (read with the next curvature)
-        let mut skipped: Option<Tensor> = None;
-        let mut steps = 0;
+        // true once a direction did not descend: no step from then on (torch stops there)
+        let mut stopped = Tensor::zeros([], (Kind::Bool, device));
+        // the steps applied to `x`, counted on the device
+        let mut steps = Tensor::zeros([], (Kind::Int64, device));
+        let check_every = self.check_every.max(1);
         for n_iter in 1..=max_iter {
             // g^T d, the directional derivative
             let g_d;
@@ -340,44 +379,31 @@ impl Lbfgs {
                 // the other shards' in one call
                 let h = history.get_or_insert_with(|| History::new(capacity, &g));
                 let p = Products::of(&reduce(Products::partial(&s, &y, &g, h, own.as_ref()))?);
-                let read = Tensor::stack(
-                    &[
-                        p.ys.shallow_clone(),
-                        skipped.take().expect("a step before").to_kind(Kind::Double),
-                    ],
-                    0,
-                );
-                let read = Vec::<f64>::try_from(&read.to_device(tch::Device::Cpu))
-                    .expect("two host values");
-                if read[1] != 0.0 {
-                    steps -= 1;
-                    break;
-                }
-                // S^T g and Y^T g by buffer row, from the products
-                let (mut s_g, mut y_g) = (p.rows[3].shallow_clone(), p.rows[4].shallow_clone());
-                if read[0] > 1e-10 {
-                    h_diag = (&p.ys / &p.yy).to_kind(g.kind());
-                    (s_g, y_g) = h.push_reduced(&s, &y, &p);
-                }
-                // g^T H g = gamma g^T g (+ the history's correction)
+                // the pair enters the history where its curvature is positive (torch's `ys > 1e-10`)
+                let take = p.ys.gt(1e-10);
+                h_diag = (&p.ys / &p.yy).to_kind(g.kind()).where_self(&take, &h_diag);
+                // S^T g and Y^T g by buffer row
+                let (s_g, y_g) = h.offer(&s, &y, &p, &take);
+                // g^T H g = gamma g^T g + the history's correction (0 while no pair is stored)
                 let gamma_gg = h_diag.to_kind(Kind::Double) * &p.gg;
-                (d, g_d) = if h.order.is_empty() {
-                    (-&g * &h_diag, -gamma_gg)
-                } else {
-                    let (hg, correction) = h.times(&g, &h_diag, &s_g, &y_g);
-                    (-hg, -(gamma_gg + correction))
-                };
+                let (hg, correction) = h.times(&g, &h_diag, &s_g, &y_g);
+                (d, g_d) = (-hg, -(gamma_gg + correction));
                 t = lr.shallow_clone();
             }
             prev_g = Some(g.shallow_clone());
             let prev_loss = loss.shallow_clone();
-            let descends = g_d.le(-self.tolerance_change);
+            // torch's test, `g^T d > -tolerance_change` stops: a direction of NaNs (a gradient that is not
+            // finite) is taken, and the objective's NaNs show in the next losses
+            let go = g_d
+                .gt(-self.tolerance_change)
+                .logical_not()
+                .logical_and(&stopped.logical_not());
             tch::no_grad(|| {
-                let _ = xf.addcmul_(&d, &t.where_self(&descends, &zero));
+                let _ = xf.addcmul_(&d, &t.where_self(&go, &zero));
             });
-            skipped = Some(descends.logical_not());
-            steps += 1;
-            if n_iter == max_iter {
+            steps += go.to_kind(Kind::Int64);
+            stopped = go.logical_not();
+            if n_iter == max_iter || (n_iter % check_every == 0 && stopped.int64_value(&[]) != 0) {
                 break;
             }
             let (l, grad) = f(x)?;
@@ -397,13 +423,7 @@ impl Lbfgs {
                 }
             }
         }
-        // a last step not read yet: did it move x?
-        if let Some(skipped) = skipped {
-            if skipped.to_kind(Kind::Int64).int64_value(&[]) != 0 {
-                steps -= 1;
-            }
-        }
-        Ok(steps)
+        Ok(steps.int64_value(&[]) as usize)
     }
 }
 
@@ -614,6 +634,26 @@ mod tests {
         }
     }
 
+    /// A gradient of NaNs (the objective overflowed) gives a direction of NaNs, which is taken, as torch
+    /// takes it (its stop, `g^T d > -tolerance_change`, is false for NaN): `x` becomes NaN, for the render's
+    /// next losses to show (and fail naming the weight), not left where it was as if the render had
+    /// converged.
+    #[test]
+    fn lbfgs_takes_a_direction_of_nans_as_torch_does() {
+        let mut x = Tensor::from_slice(&[3.0f32, -2.0]);
+        let mut seen = 0;
+        let steps = Lbfgs::default()
+            .minimize(&mut x, 6, |x| {
+                seen += 1;
+                let (f, g) = (x.square().sum(Kind::Float), 2 * x);
+                // the third evaluation on: not finite
+                Ok::<_, Infallible>(if seen >= 3 { (f, g * f64::NAN) } else { (f, g) })
+            })
+            .unwrap();
+        assert_eq!((steps, seen), (6, 6));
+        assert!(values(&x).iter().all(|v| v.is_nan()), "{:?}", values(&x));
+    }
+
     #[test]
     fn lbfgs_minimizes_rosenbrock() {
         let mut x = Tensor::from_slice(&[-1.2f32, 1.0]);
@@ -715,8 +755,11 @@ mod tests {
         );
     }
 
-    /// The trajectory of torch.optim.LBFGS (PyTorch 2.11.0) on a small problem, recorded by
-    /// bench/lbfgs_trajectory.py into tests/fixtures: the same iterates, evaluation by evaluation.
+    /// The trajectory of torch.optim.LBFGS (PyTorch 2.11.0) on small problems, recorded by
+    /// bench/lbfgs_trajectory.py into tests/fixtures: the same iterates, evaluation by evaluation. In the
+    /// two cases of a function that is not convex, some pairs have negative curvature and are left out of
+    /// the history (the first pair in one case; the history of 3 full in both), which is decided on the
+    /// device: taking them gives another trajectory (it stops after 8 evaluations).
     #[test]
     fn lbfgs_follows_torch_trajectory() {
         let fixture: serde_json::Value = serde_json::from_str(include_str!(
@@ -729,6 +772,10 @@ mod tests {
             let a: Vec<f32> = serde_json::from_value(case["a"].clone()).unwrap();
             let history = case["history_size"].as_u64().unwrap() as usize;
             let iterates: Vec<Vec<f64>> = serde_json::from_value(case["iterates"].clone()).unwrap();
+            let function = case["function"].as_str().unwrap();
+            // the two programs round differently (float32 sums in another order); where the function is
+            // not convex the difference grows about twofold an iteration: 7e-4 at the 12th evaluation
+            let tolerance = if function == "cauchy" { 1e-3 } else { 1e-4 };
             let n = x0.len() as i64;
             let a = Tensor::from_slice(&a).reshape([n, n]);
             let mut seen: Vec<Vec<f64>> = Vec::new();
@@ -740,11 +787,20 @@ mod tests {
             lbfgs
                 .minimize(&mut x, iterates.len(), |x| {
                     seen.push(values(x));
-                    // f(x) = sum((A x - 1)^2) + 0.1 sum(x^4)  (the fixture script's function)
+                    // the fixture script's functions
                     let xg = x.detach().set_requires_grad(true);
                     let r = a.matmul(&xg) - 1.0;
-                    let f = r.square().sum(Kind::Float)
-                        + 0.1 * xg.pow_tensor_scalar(4).sum(Kind::Float);
+                    let f = match function {
+                        "quartic" => {
+                            r.square().sum(Kind::Float)
+                                + 0.1 * xg.pow_tensor_scalar(4).sum(Kind::Float)
+                        }
+                        "cauchy" => {
+                            r.square().log1p().sum(Kind::Float)
+                                + 0.01 * xg.square().sum(Kind::Float)
+                        }
+                        other => panic!("{name}: no function {other}"),
+                    };
                     let g = Tensor::run_backward(&[&f], &[&xg], false, false)
                         .pop()
                         .unwrap();
@@ -755,7 +811,7 @@ mod tests {
             for (k, (ours, theirs)) in seen.iter().zip(&iterates).enumerate() {
                 for (o, t) in ours.iter().zip(theirs) {
                     assert!(
-                        (o - t).abs() <= 1e-4 * (1.0 + t.abs()),
+                        (o - t).abs() <= tolerance * (1.0 + t.abs()),
                         "{name} evaluation {k}: {ours:?} vs torch {theirs:?}"
                     );
                 }

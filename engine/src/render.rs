@@ -297,7 +297,8 @@ pub struct Checkpointing<'a> {
     pub save: &'a mut dyn FnMut(CheckpointFile) -> Result<(), Error>,
 }
 
-/// How many evaluations' losses a render on a GPU reads back at once (progress, cancellation): a read
+/// How many evaluations' losses a render on a GPU reads back at once (progress, cancellation), and every
+/// how many iterations L-BFGS reads whether it stopped ([`crate::optim::Lbfgs::check_every`]): a read
 /// waits for the device to finish its queue, and a queue that runs empty idles the device while the host
 /// launches the next kernels. On the CPU each evaluation's losses are read as they come (nothing to wait
 /// for).
@@ -905,6 +906,8 @@ impl Engine {
                 None => {
                     let lbfgs = Lbfgs {
                         history_size: params.history_size as usize,
+                        // whether a step stopped it, read as often as the losses
+                        check_every: read_interval,
                         ..Lbfgs::default()
                     };
                     match (&job.shard, job.block) {
