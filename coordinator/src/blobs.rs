@@ -129,8 +129,8 @@ impl BlobStore for DiskBlobs {
 
     fn put_as(&self, hash: &ImageHash, bytes: &[u8]) -> std::io::Result<()> {
         let path = self.path(hash);
+        let shard = path.parent().expect("blob path has a parent");
         if !path.exists() {
-            let shard = path.parent().expect("blob path has a parent");
             std::fs::create_dir_all(shard)?;
             let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))?;
             std::fs::write(tmp.path(), bytes)?;
@@ -138,13 +138,15 @@ impl BlobStore for DiskBlobs {
             tmp.persist(&path).map_err(|e| e.error)?;
             self.bytes
                 .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            // the file's name durable too, and its shard folder's (whichever put made it), before the
-            // store records the blob: after a power loss, a record must not name a file whose rename
-            // was never written down (ext4's journal usually carries it along with the store's fsync;
-            // btrfs and others do not)
-            std::fs::File::open(shard)?.sync_all()?;
-            std::fs::File::open(&self.dir)?.sync_all()?;
         }
+        // the file's name durable too, and its shard folder's (whichever put made it), before the store
+        // records the blob: after a power loss, a record must not name a file whose rename was never
+        // written down (ext4's journal usually carries it along with the store's fsync; btrfs and others
+        // do not). Also when the file is there already: another put of the same bytes may have renamed it
+        // and not made its name durable yet (a folder with nothing to write: 46 us an fsync on this project's
+        // machine, against 121 us after a rename).
+        std::fs::File::open(shard)?.sync_all()?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
         Ok(())
     }
 
