@@ -27,22 +27,16 @@ fn batch(job: u32, checkpoint_every: u32, priority: i32) -> JobSpec {
             .collect()
     };
     JobSpec {
-        kind: JobKind::Batch,
-        contents: images("content"),
-        styles: images("style"),
-        params: RenderParams::default(),
         priority,
-        max_attempts: 0,
-        worker_tags: Vec::new(),
-        keep_going: false,
         // one task at a time: the next lease is of the next job
         max_workers: u32::from(checkpoint_every > 0),
-        after: Vec::new(),
         checkpoint_every,
-        checkpoint_secs: 0,
-        content_names: Vec::new(),
-        style_names: Vec::new(),
-        name: String::new(),
+        ..JobSpec::new(
+            JobKind::Batch,
+            images("content"),
+            images("style"),
+            RenderParams::default(),
+        )
     }
 }
 

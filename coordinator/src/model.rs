@@ -393,26 +393,15 @@ mod tests {
 
     /// The spec the records were written from, as it is now.
     fn spec(kind: JobKind) -> JobSpec {
-        JobSpec {
-            checkpoint_every: 0,
-            checkpoint_secs: 0,
-            content_names: Vec::new(),
-            style_names: Vec::new(),
-            name: String::new(),
+        JobSpec::new(
             kind,
-            contents: vec![h("c")],
-            styles: vec![h("s")],
-            params: RenderParams {
+            vec![h("c")],
+            vec![h("s")],
+            RenderParams {
                 size: 1024,
                 ..Default::default()
             },
-            priority: 0,
-            max_attempts: 0,
-            worker_tags: Vec::new(),
-            keep_going: false,
-            max_workers: 0,
-            after: Vec::new(),
-        }
+        )
     }
 
     #[test]

@@ -3771,21 +3771,13 @@ mod tests {
 
     fn batch(contents: u8, priority: i32) -> JobSpec {
         JobSpec {
-            checkpoint_every: 0,
-            checkpoint_secs: 0,
-            content_names: Vec::new(),
-            style_names: Vec::new(),
-            name: String::new(),
-            kind: JobKind::Batch,
-            contents: (0..contents).map(|i| ImageHash::of(&[i])).collect(),
-            styles: vec![ImageHash::of(b"style")],
-            params: RenderParams::default(),
             priority,
-            max_attempts: 0,
-            worker_tags: Vec::new(),
-            keep_going: false,
-            max_workers: 0,
-            after: Vec::new(),
+            ..JobSpec::new(
+                JobKind::Batch,
+                (0..contents).map(|i| ImageHash::of(&[i])).collect(),
+                vec![ImageHash::of(b"style")],
+                RenderParams::default(),
+            )
         }
     }
 
@@ -6406,26 +6398,15 @@ mod tests {
     #[test]
     fn video_frames_are_queued_as_their_chunks_go_on() {
         let s = scheduler(SchedulerConfig::default());
-        let spec = JobSpec {
-            checkpoint_every: 0,
-            checkpoint_secs: 0,
-            content_names: Vec::new(),
-            style_names: Vec::new(),
-            name: String::new(),
-            kind: JobKind::Video(stylefarm_core::job::Video {
+        let spec = JobSpec::new(
+            JobKind::Video(stylefarm_core::job::Video {
                 chunk_frames: 2,
                 frame_iterations: 0,
             }),
-            contents: vec![hash("f1"), hash("f2"), hash("f3"), hash("f4")],
-            styles: vec![hash("s")],
-            params: RenderParams::default(),
-            priority: 0,
-            max_attempts: 0,
-            worker_tags: Vec::new(),
-            keep_going: false,
-            max_workers: 0,
-            after: Vec::new(),
-        };
+            vec![hash("f1"), hash("f2"), hash("f3"), hash("f4")],
+            vec![hash("s")],
+            RenderParams::default(),
+        );
         let (job, _) = s.submit(spec.clone(), "").unwrap();
         let (a, b) = (
             s.lease(&w("a")).unwrap().unwrap(),

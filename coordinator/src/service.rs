@@ -1435,23 +1435,12 @@ mod tests {
     use crate::store::MemoryStore;
 
     fn batch() -> stylefarm_core::job::JobSpec {
-        stylefarm_core::job::JobSpec {
-            checkpoint_every: 0,
-            checkpoint_secs: 0,
-            content_names: Vec::new(),
-            style_names: Vec::new(),
-            name: String::new(),
-            kind: JobKind::Batch,
-            contents: vec![ImageHash::of(b"content")],
-            styles: vec![ImageHash::of(b"style")],
-            params: Default::default(),
-            priority: 0,
-            max_attempts: 0,
-            worker_tags: Vec::new(),
-            keep_going: false,
-            max_workers: 0,
-            after: Vec::new(),
-        }
+        stylefarm_core::job::JobSpec::new(
+            JobKind::Batch,
+            vec![ImageHash::of(b"content")],
+            vec![ImageHash::of(b"style")],
+            Default::default(),
+        )
     }
 
     /// A status of 10,000 tasks with long labels and errors is clipped to fit a message, every task's

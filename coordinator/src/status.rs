@@ -1288,21 +1288,13 @@ mod tests {
     #[test]
     fn a_task_row_shows_its_checkpoint() {
         let spec = stylefarm_core::job::JobSpec {
-            kind: stylefarm_core::job::JobKind::Single,
-            contents: vec![ImageHash::of(b"c")],
-            styles: vec![ImageHash::of(b"s")],
-            params: Default::default(),
-            priority: 0,
-            max_attempts: 0,
-            worker_tags: Vec::new(),
-            keep_going: false,
-            max_workers: 0,
-            after: Vec::new(),
             checkpoint_every: 10,
-            checkpoint_secs: 0,
-            content_names: Vec::new(),
-            style_names: Vec::new(),
-            name: String::new(),
+            ..stylefarm_core::job::JobSpec::new(
+                stylefarm_core::job::JobKind::Single,
+                vec![ImageHash::of(b"c")],
+                vec![ImageHash::of(b"s")],
+                Default::default(),
+            )
         };
         let mut task = TaskRecord::pending(0, spec.tasks().unwrap().remove(0));
         assert_eq!(task_row(&task, None).checkpoint, None);

@@ -672,6 +672,34 @@ pub struct Task {
 }
 
 impl JobSpec {
+    /// A job of `kind` over `contents` and `styles` with `params`, and the rest at their defaults (the
+    /// protocol's zero values, as a submit without them gives): priority 0, the coordinator's attempts, any
+    /// worker, not keep-going, no limit of workers, after no job, no checkpoints, no names.
+    pub fn new(
+        kind: JobKind,
+        contents: Vec<ImageHash>,
+        styles: Vec<ImageHash>,
+        params: RenderParams,
+    ) -> JobSpec {
+        JobSpec {
+            kind,
+            contents,
+            styles,
+            params,
+            priority: 0,
+            max_attempts: 0,
+            worker_tags: Vec::new(),
+            keep_going: false,
+            max_workers: 0,
+            after: Vec::new(),
+            checkpoint_every: 0,
+            checkpoint_secs: 0,
+            content_names: Vec::new(),
+            style_names: Vec::new(),
+            name: String::new(),
+        }
+    }
+
     /// The images the spec refers to, by sha256: its contents, its styles and its init image.
     pub fn images(&self) -> impl Iterator<Item = &ImageHash> {
         self.contents
@@ -1548,23 +1576,7 @@ mod tests {
     }
 
     fn spec(kind: JobKind) -> JobSpec {
-        JobSpec {
-            checkpoint_every: 0,
-            checkpoint_secs: 0,
-            content_names: Vec::new(),
-            style_names: Vec::new(),
-            name: String::new(),
-            kind,
-            contents: vec![h(1)],
-            styles: vec![h(2)],
-            params: RenderParams::default(),
-            priority: 0,
-            max_attempts: 0,
-            worker_tags: Vec::new(),
-            keep_going: false,
-            max_workers: 0,
-            after: Vec::new(),
-        }
+        JobSpec::new(kind, vec![h(1)], vec![h(2)], RenderParams::default())
     }
 
     #[test]

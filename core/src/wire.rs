@@ -705,25 +705,20 @@ mod tests {
 
     fn spec() -> JobSpec {
         JobSpec {
-            checkpoint_every: 0,
-            checkpoint_secs: 0,
-            content_names: Vec::new(),
-            style_names: Vec::new(),
-            name: String::new(),
-            kind: JobKind::Sweep(parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap()),
-            contents: vec![ImageHash::of(b"c")],
-            styles: vec![ImageHash::of(b"s1"), ImageHash::of(b"s2")],
-            params: RenderParams {
-                size: 128,
-                init: Init::Image(ImageHash::of(b"i")),
-                ..Default::default()
-            },
             priority: 3,
             max_attempts: 2,
-            worker_tags: Vec::new(),
-            keep_going: false,
             max_workers: 4,
             after: vec![JobId::new("job-19a2b3c0001")],
+            ..JobSpec::new(
+                JobKind::Sweep(parse_sweep("style_weight=10,100;style_blend=0.7:0.3").unwrap()),
+                vec![ImageHash::of(b"c")],
+                vec![ImageHash::of(b"s1"), ImageHash::of(b"s2")],
+                RenderParams {
+                    size: 128,
+                    init: Init::Image(ImageHash::of(b"i")),
+                    ..Default::default()
+                },
+            )
         }
     }
 

@@ -1489,23 +1489,12 @@ fn fuzz_tiled_jobs() {
                 params.size = ((f64::from(tile_size) * tiles) as u32).clamp(16, MAX_SIZE);
             }
             // distinct hashes; the contents first
-            let spec = JobSpec {
-                checkpoint_every: 0,
-                checkpoint_secs: 0,
-                content_names: Vec::new(),
-                style_names: Vec::new(),
-                name: String::new(),
+            let spec = JobSpec::new(
                 kind,
-                contents: (0..contents).map(|i| hash(i as u8)).collect(),
-                styles: (0..styles).map(|i| hash(100 + i as u8)).collect(),
+                (0..contents).map(|i| hash(i as u8)).collect(),
+                (0..styles).map(|i| hash(100 + i as u8)).collect(),
                 params,
-                priority: 0,
-                max_attempts: 0,
-                worker_tags: Vec::new(),
-                keep_going: false,
-                max_workers: 0,
-                after: Vec::new(),
-            };
+            );
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
                 .iter()
@@ -1782,23 +1771,12 @@ fn fuzz_sweep_jobs() {
                 prop_assert!(!axis.values.is_empty());
                 prop_assert!(axis.values.iter().all(|v| !v.is_empty() && v.trim() == v));
             }
-            let spec = JobSpec {
-                checkpoint_every: 0,
-                checkpoint_secs: 0,
-                content_names: Vec::new(),
-                style_names: Vec::new(),
-                name: String::new(),
-                kind: JobKind::Sweep(axes.clone()),
-                contents: vec![hash(0)],
-                styles: (0..styles).map(|i| hash(100 + i as u8)).collect(),
+            let spec = JobSpec::new(
+                JobKind::Sweep(axes.clone()),
+                vec![hash(0)],
+                (0..styles).map(|i| hash(100 + i as u8)).collect(),
                 params,
-                priority: 0,
-                max_attempts: 0,
-                worker_tags: Vec::new(),
-                keep_going: false,
-                max_workers: 0,
-                after: Vec::new(),
-            };
+            );
             let sizes: HashMap<ImageHash, (u32, u32)> = spec
                 .contents
                 .iter()

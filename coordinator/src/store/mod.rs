@@ -195,20 +195,12 @@ pub(crate) mod tests {
     pub(crate) fn job(id: &str, seq: u64) -> (JobMeta, Vec<TaskRecord>) {
         let spec = JobSpec {
             checkpoint_every: 10,
-            checkpoint_secs: 0,
-            content_names: Vec::new(),
-            style_names: Vec::new(),
-            name: String::new(),
-            kind: JobKind::Batch,
-            contents: vec![ImageHash::of(b"a"), ImageHash::of(b"b")],
-            styles: vec![ImageHash::of(b"s")],
-            params: RenderParams::default(),
-            priority: 0,
-            max_attempts: 0,
-            worker_tags: Vec::new(),
-            keep_going: false,
-            max_workers: 0,
-            after: Vec::new(),
+            ..JobSpec::new(
+                JobKind::Batch,
+                vec![ImageHash::of(b"a"), ImageHash::of(b"b")],
+                vec![ImageHash::of(b"s")],
+                RenderParams::default(),
+            )
         };
         let tasks = spec
             .tasks()
