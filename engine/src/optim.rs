@@ -30,9 +30,10 @@ pub struct Lbfgs {
     /// disables those checks. A direction with `g^T d > -tolerance_change` is not taken.
     pub tolerance_change: f64,
     /// Every how many iterations the host reads whether a direction that does not descend has stopped
-    /// the minimization (default 1): the only device-to-host read of an iteration at the default
-    /// tolerances. On a GPU a read waits for the device's queue to drain; a render there reads every
-    /// [`crate::render::GPU_READ_INTERVAL`] iterations, with its losses.
+    /// the minimization (default 1; a shard of [`Lbfgs::minimize_shard`] reads every iteration whatever
+    /// this is): the only device-to-host read of an iteration at the default tolerances. On a GPU a read
+    /// waits for the device's queue to drain; a render there reads as often as it reads its losses, every
+    /// [`crate::render::GPU_READ_INTERVAL`] iterations.
     pub check_every: usize,
 }
 
@@ -73,6 +74,8 @@ struct History {
     /// Pairs offered so far (stored or not): the rows that can be in use are the first
     /// `min(offered, m)`.
     offered: usize,
+    /// The spare row's index, `[m]` (int64, on the device).
+    spare: Tensor,
     capacity: usize,
 }
 
@@ -158,6 +161,7 @@ impl History {
             yy: Tensor::zeros([m, m], f64s),
             stored: Tensor::zeros([], (Kind::Int64, like.device())),
             offered: 0,
+            spare: Tensor::full([1], m, (Kind::Int64, like.device())),
             capacity,
         }
     }
@@ -182,12 +186,13 @@ impl History {
         let m = self.capacity as i64;
         let row = self.stored.remainder(m).reshape([1]);
         // a pair not taken goes to the spare row, and changes nothing that is read
-        let spare = Tensor::full([1], m, (Kind::Int64, row.device()));
-        let _ = self.pairs.index_copy_(
-            0,
-            &row.where_self(take, &spare),
-            &Tensor::stack(&[s, y], 0).unsqueeze(0),
-        );
+        let to = row.where_self(take, &self.spare);
+        for (k, v) in [s, y].into_iter().enumerate() {
+            let _ = self
+                .pairs
+                .select(1, k as i64)
+                .index_copy_(0, &to, &v.unsqueeze(0));
+        }
         let _ = self.stored.g_add_(&take.to_kind(Kind::Int64));
         self.offered += 1;
         // the new row's products with every row: at its own row, with itself (the products there were
@@ -347,7 +352,13 @@ impl Lbfgs {
         let mut stopped = Tensor::zeros([], (Kind::Bool, device));
         // the steps applied to `x`, counted on the device
         let mut steps = Tensor::zeros([], (Kind::Int64, device));
-        let check_every = self.check_every.max(1);
+        // a shard reads every iteration (its exchange does), so that shards on devices of other kinds
+        // (whose renders read at other intervals) stop at the same iteration
+        let check_every = if own.is_some() {
+            1
+        } else {
+            self.check_every.max(1)
+        };
         for n_iter in 1..=max_iter {
             // g^T d, the directional derivative
             let g_d;
@@ -654,6 +665,29 @@ mod tests {
         assert!(values(&x).iter().all(|v| v.is_nan()), "{:?}", values(&x));
     }
 
+    /// The stop is found at the next check: with `check_every` 1 at once, with 4 after one more
+    /// evaluation at the same `x` (which the enabled tolerances then stop at); no step either way.
+    #[test]
+    fn lbfgs_finds_a_stop_at_its_next_check() {
+        for (check_every, evaluations) in [(1, 1), (4, 2)] {
+            let mut x = Tensor::from_slice(&[0.1f32, 0.1]);
+            let mut seen = 0;
+            let lbfgs = Lbfgs {
+                tolerance_change: 1.0,
+                check_every,
+                ..Default::default()
+            };
+            let steps = lbfgs
+                .minimize(&mut x, 5, |x| {
+                    seen += 1;
+                    Ok::<_, Infallible>((x.square().sum(Kind::Float), 2 * x))
+                })
+                .unwrap();
+            assert_eq!((steps, seen), (0, evaluations), "check_every {check_every}");
+            assert_eq!(values(&x), [0.1f32 as f64; 2]);
+        }
+    }
+
     #[test]
     fn lbfgs_minimizes_rosenbrock() {
         let mut x = Tensor::from_slice(&[-1.2f32, 1.0]);
@@ -670,7 +704,7 @@ mod tests {
     /// vector's minimization (within 1e-5: the sums are added in another order, in float32), and the
     /// elements they share stay equal on both (the same operations on the same values: the same bits on
     /// one machine). The objective is separable, so a shard evaluates its region's gradient exactly; a
-    /// history of 3 wraps around. The algorithm itself (`push`, `times`) is checked against torch by
+    /// history of 3 wraps around. The algorithm itself (`offer`, `times`) is checked against torch by
     /// `lbfgs_follows_torch_trajectory`, whose history wraps too.
     #[test]
     fn lbfgs_over_shards_follows_the_whole_vector() {

@@ -906,7 +906,10 @@ impl Engine {
                 None => {
                     let lbfgs = Lbfgs {
                         history_size: params.history_size as usize,
-                        // whether a step stopped it, read as often as the losses
+                        // whether a step stopped it, read as often as the losses: on a GPU a stop (a
+                        // direction that does not descend, which the default tolerances never meet but
+                        // for rounding) is found up to 9 evaluations later, each of the same image,
+                        // reported as iterations and added to an iterate average
                         check_every: read_interval,
                         ..Lbfgs::default()
                     };
