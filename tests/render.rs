@@ -430,6 +430,11 @@ fn bad_input_gets_a_clear_one_line_error() {
     // (options after --content C --style S unless given, what the error must name)
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--style-scale", "0.01"], "style_scale: style image"),
+        (vec!["--style-size", "8"], "style_size: style image"),
+        (
+            vec!["--style-size", "20000"],
+            "style_size: must be between 0 and 16384",
+        ),
         (
             vec!["--content", &thin, "--style", style],
             "size: content image",

@@ -190,3 +190,41 @@ fn the_engine_options_give_the_same_objective() {
     assert!(grad_rel < 1e-5, "gradient {grad_rel}");
     assert!(gb.size() == ga.size());
 }
+
+/// A fixed style size (crowsonkb/style-transfer-pytorch's `--style-size`) sizes the style images the same
+/// whatever the working size: an image's objective at 64 px with `style_size` 48 is the one with
+/// `style_scale` 0.75, and at 96 px the one with `style_scale` 0.5 (the same style side, so the same Gram
+/// targets); the default scale gives other targets.
+#[test]
+fn a_fixed_style_size_is_the_same_at_every_working_size() {
+    use image::imageops::{resize, FilterType};
+    use stylefarm_engine::RenderJob;
+    stylefarm_tests::one_libtorch_thread();
+    let engine = Engine::load(&weights(), Device::Cpu).unwrap();
+    let content = imaging::load(&shared_image("tubingen.jpg")).unwrap();
+    let style = imaging::load(&shared_image("starry_night.jpg")).unwrap();
+    let evaluate = |side: u32, params: RenderParams| {
+        let image = resize(&content, side, side * 3 / 4, FilterType::Triangle);
+        let job = RenderJob::new(content.clone(), vec![style.clone()], None, params);
+        engine.evaluate(&job, &image).unwrap()
+    };
+    for (side, scale) in [(64, 0.75), (96, 0.5)] {
+        let fixed = evaluate(
+            side,
+            RenderParams {
+                style_size: 48,
+                ..RenderParams::default()
+            },
+        );
+        let scaled = evaluate(
+            side,
+            RenderParams {
+                style_scale: scale,
+                ..RenderParams::default()
+            },
+        );
+        assert_eq!(fixed, scaled, "{side} px");
+        let default = evaluate(side, RenderParams::default());
+        assert_ne!(fixed.style, default.style, "{side} px");
+    }
+}

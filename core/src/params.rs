@@ -358,6 +358,10 @@ macro_rules! render_options {
             seed: u64 = 0, Range::Any, sweep: true;
             /// Style images are resized to a longest side of size * style_scale.
             style_scale: f64 = 1.0, Range::UpTo(MAX_STYLE_SCALE), sweep: true;
+            /// A fixed longest side for the style images, in px, at every scale instead of size * style_scale
+            /// (crowsonkb/style-transfer-pytorch's --style-size): every scale, and every tile, matches the
+            /// same Gram matrices. 0: off.
+            style_size: u32 = 0, Range::Between(0, MAX_SIZE as u64), sweep: true;
             /// Keep the content's colours (the output's luminance with the content's chroma).
             original_colors: bool = false, Range::Any, sweep: true;
             /// Luminance-only transfer (Gatys et al. 2016): content, style and init enter as their luminance
@@ -919,9 +923,12 @@ impl RenderParams {
         Self::deepest(&self.style_layers)
     }
 
-    /// The longest side of the style images for a working size `longest`: `round(longest * style_scale)`,
-    /// at least 1 (ALGORITHM.md, "Inputs and sizes").
+    /// The longest side of the style images for a working size `longest`: [`RenderParams::style_size`]
+    /// when set, else `round(longest * style_scale)`, at least 1 (ALGORITHM.md, "Inputs and sizes").
     pub fn style_side(&self, longest: u32) -> u32 {
+        if self.style_size > 0 {
+            return self.style_size;
+        }
         ((longest as f64) * self.style_scale).round().max(1.0) as u32
     }
 
@@ -931,7 +938,8 @@ impl RenderParams {
     /// and each style image at its style side ([`Self::style_side`] of the scale's size, or of
     /// `style_longest` when set: the canvas of a tile) at least [`Self::deepest_style_layer`]'s, and at most
     /// [`MAX_SIZE`]. `content` and `styles` are the images' names and original sizes. The error names the
-    /// option to change (`size`, `scales` or `style_scale`), the image and both sizes.
+    /// option to change (`size`, `scales`, `style_size` when set, else `style_scale`), the image and both
+    /// sizes.
     pub fn check_sizes(
         &self,
         content: ImageSize<'_>,
@@ -971,12 +979,17 @@ impl RenderParams {
                             "VGG19 needs at least {style_need} px a side to reach {style_layer}"
                         )
                     };
+                    let (field, by) = if self.style_size > 0 {
+                        ("style_size", format!("style size {}", self.style_size))
+                    } else {
+                        (
+                            "style_scale",
+                            format!("style scale {} of {at}", self.style_scale),
+                        )
+                    };
                     return Err(Error::invalid(
-                        "style_scale",
-                        format!(
-                            "style image {style} becomes {sw} x {sh} px at style scale {} of {at}; {limit}",
-                            self.style_scale
-                        ),
+                        field,
+                        format!("style image {style} becomes {sw} x {sh} px at {by}; {limit}"),
                     ));
                 }
             }

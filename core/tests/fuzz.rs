@@ -773,6 +773,7 @@ enum Corruption {
     StyleLayers(Vec<Layer>),
     StyleLayerWeights(Vec<f64>),
     AvgDecay(f64),
+    StyleSize(u32),
 }
 
 fn corruption() -> BoxedStrategy<Corruption> {
@@ -820,6 +821,7 @@ fn corruption() -> BoxedStrategy<Corruption> {
             .prop_map(Corruption::StyleLayerWeights),
         prop_oneof![Just(1.0), Just(-1e-9), Just(f64::NAN), 0.0..1.0f64]
             .prop_map(Corruption::AvgDecay),
+        prop_oneof![Just(MAX_SIZE + 1), any::<u32>(), 0..=64u32].prop_map(Corruption::StyleSize),
     ]
     .boxed()
 }
@@ -841,6 +843,7 @@ fn corrupt(p: &mut RenderParams, c: Corruption) {
         Corruption::StyleLayers(v) => p.style_layers = v,
         Corruption::StyleLayerWeights(v) => p.style_layer_weights = v,
         Corruption::AvgDecay(v) => p.avg_decay = v,
+        Corruption::StyleSize(v) => p.style_size = v,
     }
 }
 
@@ -993,7 +996,7 @@ fn image_size() -> impl Strategy<Value = (u32, u32)> {
     ]
 }
 
-const PARAM_FIELDS: [&str; 18] = [
+const PARAM_FIELDS: [&str; 19] = [
     "size",
     "iterations",
     "scales",
@@ -1004,6 +1007,7 @@ const PARAM_FIELDS: [&str; 18] = [
     "style_weight",
     "tv_weight",
     "style_scale",
+    "style_size",
     "style",
     "style_blend",
     "content_layers",
@@ -1032,6 +1036,7 @@ fn check_valid(p: &RenderParams, styles: usize) -> Result<(), TestCaseError> {
         prop_assert!(w.is_finite() && w >= 0.0);
     }
     prop_assert!(p.style_scale > 0.0 && p.style_scale <= 8.0);
+    prop_assert!(p.style_size <= MAX_SIZE);
     prop_assert!(styles >= 1);
     prop_assert!(!p.content_layers.is_empty() && !p.style_layers.is_empty());
     let layer_weights: Vec<f64> = p.layer_weights().collect();
@@ -1139,7 +1144,7 @@ fn fuzz_params_validate_and_check_sizes() {
                 }
                 Err(e) => {
                     prop_assert!(!fits, "check_sizes refused sizes that fit: {e}");
-                    check_field(e, &["size", "scales", "style_scale"])?;
+                    check_field(e, &["size", "scales", "style_scale", "style_size"])?;
                     let text = e.to_string();
                     prop_assert!(
                         text.contains("content.png") || text.contains("style-"),
