@@ -180,19 +180,35 @@ impl JobFiles {
         styles: Vec<PathBuf>,
         params: RenderParams,
     ) -> JobFiles {
+        // the scheduling options' defaults are the job spec's ([`JobSpec::new`])
+        let JobSpec {
+            priority,
+            max_attempts,
+            worker_tags,
+            keep_going,
+            max_workers,
+            after,
+            name,
+            ..
+        } = JobSpec::new(
+            kind.clone(),
+            Vec::new(),
+            Vec::new(),
+            RenderParams::default(),
+        );
         JobFiles {
             kind,
             contents,
             styles,
             params,
-            priority: 0,
-            max_attempts: 0,
-            worker_tags: Vec::new(),
-            keep_going: false,
-            max_workers: 0,
-            after: Vec::new(),
+            priority,
+            max_attempts,
+            worker_tags,
+            keep_going,
+            max_workers,
+            after,
             checkpoints: CheckpointEvery::Never,
-            name: String::new(),
+            name,
             request_id: None,
             paused: false,
         }
