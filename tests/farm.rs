@@ -3666,19 +3666,22 @@ fn tubingen_x_starry_files() -> stylefarm_client::JobFiles {
     )
 }
 
+/// A coordinator with the fail point `failpoint` (FAILPOINTS), one worker and a client.
+async fn find_images_cluster(failpoint: &str) -> (Cluster, stylefarm_client::FarmClient) {
+    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
+    cluster.coordinator_env = vec![("FAILPOINTS".into(), format!("{failpoint}=return"))];
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    let client = cluster.client().await;
+    (cluster, client)
+}
+
 /// A coordinator older than FindImages answers it UNIMPLEMENTED (here FAILPOINTS
 /// coordinator-find-images-unimplemented): the client takes every image for not held, uploads them all, and
 /// the job renders.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coordinator_without_find_images_gets_every_image_uploaded() {
-    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
-    cluster.coordinator_env = vec![(
-        "FAILPOINTS".into(),
-        "coordinator-find-images-unimplemented=return".into(),
-    )];
-    cluster.start_coordinator();
-    cluster.add_worker("w1");
-    let mut client = cluster.client().await;
+    let (cluster, mut client) = find_images_cluster("coordinator-find-images-unimplemented").await;
     let job = tubingen_x_starry_files();
     let first = client.submit_files(&job).await.unwrap();
     wait_succeeded(&cluster, first.as_str()).await;
@@ -3699,14 +3702,7 @@ async fn a_coordinator_without_find_images_gets_every_image_uploaded() {
 /// again. The job renders.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_image_taken_for_held_but_collected_is_uploaded_and_the_job_submitted_again() {
-    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
-    cluster.coordinator_env = vec![(
-        "FAILPOINTS".into(),
-        "coordinator-find-images-stale=return".into(),
-    )];
-    cluster.start_coordinator();
-    cluster.add_worker("w1");
-    let mut client = cluster.client().await;
+    let (cluster, mut client) = find_images_cluster("coordinator-find-images-stale").await;
     let never = stylefarm_core::job::ImageHash::of(b"never uploaded");
     let held = client
         .find_images(std::slice::from_ref(&never))

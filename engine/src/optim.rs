@@ -196,10 +196,10 @@ impl History {
         let _ = self.stored.g_add_(&take.to_kind(Kind::Int64));
         self.offered += 1;
         // the new row's products with every row: at its own row, with itself (the products there were
-        // the replaced pair's); where it is not taken, the row's as they were
-        let with =
-            |v: &Tensor, own: &Tensor| v.index_copy(0, &row, &own.reshape([1])).where_self(take, v);
+        // the replaced pair's)
+        let with = |v: &Tensor, own: &Tensor| v.index_copy(0, &row, &own.reshape([1]));
         let [s_y, y_s, y_y, s_g, y_g] = &p.rows;
+        // the stored products' row and column: the new pair's where it is taken, else as they were
         let column = |t: &Tensor, dim: i64, v: &Tensor| {
             let old = t.index_select(dim, &row).view([-1]);
             let new = v.where_self(take, &old).unsqueeze(dim);
@@ -210,7 +210,9 @@ impl History {
         let y_y = with(y_y, &p.yy);
         column(&self.yy, 1, &y_y);
         column(&self.yy, 0, &y_y);
-        (with(s_g, &p.sg), with(y_g, &p.yg))
+        // S^T g and Y^T g: where the pair is not taken, the rows' as they are (the old pair's at its row)
+        let kept = |v: &Tensor, own: &Tensor| with(v, own).where_self(take, v);
+        (kept(s_g, &p.sg), kept(y_g, &p.yg))
     }
 
     /// `H g` for `H = gamma I + [S, gamma Y] M [S^T; gamma Y^T]` (Byrd, Nocedal & Schnabel, eq. 3.5), with

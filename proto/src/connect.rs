@@ -58,43 +58,44 @@ impl std::error::Error for CredentialsError {}
 /// Largest file a secret (a token, a signing key) or a certificate is read from.
 pub const MAX_SECRET_FILE_BYTES: u64 = 1 << 20;
 
+/// The error for the file `path` of `flag`: `why` it cannot be used.
+fn file_error(flag: &str, path: &Path, why: impl std::fmt::Display) -> CredentialsError {
+    CredentialsError(format!("{flag}: {}: {why}", path.display()))
+}
+
 /// The bytes of a file of secrets or certificates (`flag` names it in errors), at most
 /// [`MAX_SECRET_FILE_BYTES`]: a file (or a link to one, as Kubernetes mounts Secrets) or a pipe (a shell's
 /// `<(pass show farm)`); a device that never ends (`/dev/zero`) is refused at the bound.
 fn read(flag: &str, path: &Path) -> Result<Vec<u8>, CredentialsError> {
     use std::io::Read;
-    let fail = |why: String| CredentialsError(format!("{flag}: {}: {why}", path.display()));
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_SECRET_FILE_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| file_error(flag, path, e))?;
     if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
-        return Err(fail(format!(
-            "longer than {} MiB",
-            MAX_SECRET_FILE_BYTES >> 20
-        )));
+        let why = format!("longer than {} MiB", MAX_SECRET_FILE_BYTES >> 20);
+        return Err(file_error(flag, path, why));
     }
     Ok(bytes)
 }
 
 /// [`read`]'s bytes as text; not UTF-8 is an error naming `flag` and the file.
 fn read_text(flag: &str, path: &Path) -> Result<String, CredentialsError> {
-    String::from_utf8(read(flag, path)?)
-        .map_err(|_| CredentialsError(format!("{flag}: {}: not UTF-8", path.display())))
+    String::from_utf8(read(flag, path)?).map_err(|_| file_error(flag, path, "not UTF-8"))
 }
 
 /// A secret read from a file (`flag` names it in errors; Kubernetes mounts Secrets as files): its one
 /// line, trimmed; a file of more than one line is refused (a key that a tool wrapped over two lines would
 /// otherwise be cut short).
 pub fn secret_from_file(flag: &str, path: &Path) -> Result<String, CredentialsError> {
-    let fail = |why: &str| CredentialsError(format!("{flag}: {}: {why}", path.display()));
     let text = read_text(flag, path)?;
     let secret = text.trim();
     if secret.is_empty() {
-        return Err(fail("empty"));
+        return Err(file_error(flag, path, "empty"));
     }
     if secret.lines().count() > 1 {
-        return Err(fail("more than one line: give the secret on one line"));
+        let why = "more than one line: give the secret on one line";
+        return Err(file_error(flag, path, why));
     }
     Ok(secret.to_string())
 }
@@ -106,10 +107,7 @@ impl Credentials {
         let text = read_text("token_file", path)?;
         let token = text.lines().next().unwrap_or("").trim().to_string();
         if token.is_empty() {
-            return Err(CredentialsError(format!(
-                "token_file: {}: empty",
-                path.display()
-            )));
+            return Err(file_error("token_file", path, "empty"));
         }
         Ok(token)
     }
