@@ -793,6 +793,7 @@ async fn cancel_stops_the_running_worker_within_a_heartbeat() {
         .rpc()
         .cancel_job(pb::CancelJobRequest {
             job_id: long.clone(),
+            tasks: Vec::new(),
         })
         .await
         .unwrap()
@@ -1868,6 +1869,7 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .rpc()
         .cancel_job(pb::CancelJobRequest {
             job_id: "job-nope".into(),
+            tasks: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -2435,6 +2437,108 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
         assert_eq!(retried.tasks[i].attempts, 1, "not run again");
     }
     assert!(!retried.tasks[0].result.is_empty() && retried.tasks[0].error.is_empty());
+}
+
+/// A keep-going batch's task cancelled alone (`cancel JOB --task N`) before it ran: the job (submitted
+/// paused) renders the others once resumed and ends cancelled, their results kept, and `status` counts it;
+/// `retry JOB --task N` renders it alone and the job succeeds. Refused, each naming why: an index the job
+/// has no task at (`tasks`), a task that did not fail nor was cancelled, `--task` with two jobs, and a job
+/// that is not keep-going.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_going_batch_s_task_is_cancelled_and_run_again_alone() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker("only");
+    wait_registered(&cluster, 1).await;
+    let mut args: Vec<String> = ["submit", "--batch", "--keep-going", "--paused"]
+        .map(String::from)
+        .to_vec();
+    for content in ["chelsea.png", "coffee.png", "tubingen.jpg"] {
+        args.extend(["--content".into(), path(content)]);
+    }
+    args.extend(["--style".into(), path("starry_night.jpg")]);
+    args.extend(["--size", "32", "--iterations", "2"].map(String::from));
+    let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{out} {err}");
+    let job_id = out.trim().to_string();
+    let (ok, out, err) = cluster.cli(&["cancel", &job_id, "--task", "1", "--task", "7"]);
+    assert!(
+        !ok && err.contains("tasks: job ") && err.contains("has no task 7: its 3 task(s)"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cluster.cli(&["cancel", &job_id, "--task", "1"]);
+    assert_eq!(
+        out,
+        format!("{job_id}\tqueued\t1 task(s) cancelled\n"),
+        "{err}"
+    );
+    assert!(ok);
+    let (ok, out, err) = cluster.cli(&["resume", &job_id]);
+    assert!(ok, "{out} {err}");
+    let cancelled = wait_state(
+        &cluster,
+        &job_id,
+        pb::JobState::Cancelled,
+        Duration::from_secs(60),
+    )
+    .await;
+    use pb::TaskState::{Cancelled, Succeeded};
+    let states: Vec<i32> = cancelled.tasks.iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        [Succeeded as i32, Cancelled as i32, Succeeded as i32]
+    );
+    let (ok, out, err) = cluster.cli(&["status", &job_id]);
+    assert!(
+        ok && out.contains("cancelled\t2/3 tasks, 1 cancelled\t1 of 3 tasks cancelled (2 rendered"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cluster.cli(&["retry", &job_id, "--task", "0"]);
+    assert!(
+        !ok && err.contains(" (succeeded): only a failed or cancelled task runs again"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cluster.cli(&["retry", &job_id, "other", "--task", "1"]);
+    assert!(
+        !ok && err.contains("--task: the tasks of one job; 2 jobs given"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cluster.cli(&["retry", &job_id, "--task", "1"]);
+    assert!(
+        ok && out.contains("queued\t1 task(s) queued again"),
+        "{out} {err}"
+    );
+    let done = wait_state(
+        &cluster,
+        &job_id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    for i in [0, 2] {
+        assert_eq!(done.tasks[i].result, cancelled.tasks[i].result, "kept");
+        assert_eq!(done.tasks[i].attempts, 1, "not run again");
+    }
+    assert!(!done.tasks[1].result.is_empty());
+    // a batch that is not keep-going: its tasks end together
+    let paused = [
+        x_starry("chelsea.png", 32, 2),
+        vec!["--batch".into(), "--paused".into()],
+    ]
+    .concat();
+    let (ok, out, err) = cluster.cli(
+        &[vec!["submit".to_string()], paused]
+            .concat()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(ok, "{out} {err}");
+    let other = out.trim().to_string();
+    let (ok, out, err) = cluster.cli(&["cancel", &other, "--task", "0"]);
+    assert!(!ok && err.contains("is not keep-going"), "{out} {err}");
+    let (ok, out, err) = cluster.cli(&["cancel", &other]);
+    assert_eq!(out, format!("{other}\tcancelled\n"), "{err}");
+    assert!(ok);
 }
 
 /// A job of more tasks than the watch has a bar each for (17 variants): `--wait` says each failed task as it
@@ -3526,7 +3630,8 @@ async fn a_worker_drained_mid_shard_finishes_it_and_the_scale_is_not_planned_aga
 
 /// A client newer than its coordinator: a submit that sets an option the coordinator's descriptors lack is
 /// refused before any byte is sent, naming the field, where an older coordinator would drop it and render
-/// the job without it. The stand-in coordinator serves only server reflection, with stylefarm.v1 less
+/// the job without it; so is a cancel of some of a job's tasks (`--task`), which it would take for a cancel
+/// of the whole job. The stand-in coordinator serves only server reflection, with stylefarm.v1 less
 /// RenderParams.match_colors and the images' names (JobSpec.content_names, style_names): without the option
 /// the CLI goes on to upload (which it does not serve), the batch's names left out (they are for people).
 #[tokio::test]
@@ -3543,6 +3648,9 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
                 .field
                 .retain(|f| !["content_names", "style_names"].contains(&f.name()));
         }
+        if message.name() == "CancelJobRequest" {
+            message.field.retain(|f| f.name() != "tasks");
+        }
     }
     let older: &'static [u8] = Box::leak(set.encode_to_vec().into_boxed_slice());
     let reflection = tonic_reflection::server::Builder::configure()
@@ -3551,6 +3659,7 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let cancel_url = url.clone();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(reflection)
@@ -3569,10 +3678,32 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    let ((refused, err), (plain, plain_err)) =
-        tokio::task::spawn_blocking(move || (submit(&["--match-colors"]), submit(&[])))
-            .await
+    let cancel = move |extra: &[&str]| {
+        let out = stylefarm_tests::stylefarm()
+            .args(["cancel", "--coordinator", &cancel_url, "job-0123"])
+            .args(extra)
+            .output()
             .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (((refused, err), (plain, plain_err)), (task_refused, task_err)) =
+        tokio::task::spawn_blocking(move || {
+            (
+                (submit(&["--match-colors"]), submit(&[])),
+                cancel(&["--task", "1"]),
+            )
+        })
+        .await
+        .unwrap();
+    // cancelling some of a job's tasks: the older coordinator would cancel the whole job
+    assert!(!task_refused, "{task_err}");
+    assert!(
+        task_err.contains("the coordinator does not know CancelJobRequest.tasks (2):"),
+        "{task_err}"
+    );
     assert!(!refused, "{err}");
     assert!(
         err.contains("the coordinator does not know RenderParams.match_colors (26):")

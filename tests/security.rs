@@ -186,12 +186,24 @@ async fn render_calls(
     // alice's job is queued: running it again leaves it so
     out.push((
         "RetryJob",
-        code(rpc.retry_job(pb::RetryJobRequest { job_id: id() }).await),
+        code(
+            rpc.retry_job(pb::RetryJobRequest {
+                job_id: id(),
+                tasks: Vec::new(),
+            })
+            .await,
+        ),
     ));
     // last: they end the job for good, then forget it
     out.push((
         "CancelJob",
-        code(rpc.cancel_job(pb::CancelJobRequest { job_id: id() }).await),
+        code(
+            rpc.cancel_job(pb::CancelJobRequest {
+                job_id: id(),
+                tasks: Vec::new(),
+            })
+            .await,
+        ),
     ));
     out.push((
         "DeleteJob",

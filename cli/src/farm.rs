@@ -418,6 +418,31 @@ pub(crate) struct JobRefs {
     job_ids: Vec<JobId>,
 }
 
+/// Jobs, or some tasks of one, for `cancel` and `retry`.
+#[derive(Args)]
+pub(crate) struct JobOrTaskRefs {
+    #[command(flatten)]
+    jobs: JobRefs,
+    /// Only this task of the job, by its index as `status` lists it (repeat for several): a keep-going
+    /// batch's or sweep's tasks (`--keep-going`) are cancelled, or run again, alone, the job going on
+    /// without them. With one job.
+    #[arg(long = "task", value_name = "INDEX")]
+    tasks: Vec<u32>,
+}
+
+impl JobOrTaskRefs {
+    /// The jobs, refused naming `--task` when tasks are given for more than one.
+    fn jobs(self) -> anyhow::Result<(JobRefs, Vec<u32>)> {
+        if !self.tasks.is_empty() && self.jobs.job_ids.len() > 1 {
+            bail!(
+                "--task: the tasks of one job; {} jobs given",
+                self.jobs.job_ids.len()
+            );
+        }
+        Ok((self.jobs, self.tasks))
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct FetchArgs {
     #[command(flatten)]
@@ -1201,17 +1226,19 @@ fn print_status(s: &pb::JobStatus) {
         // less the tasks a new plan replaced
         None => (s.tasks.iter().filter(|t| !t.replaced).count(), "tasks"),
     };
-    // a keep-going batch's or sweep's tasks that failed alone, while it runs on
-    let failed = s
-        .tasks
-        .iter()
-        .filter(|t| t.state == pb::TaskState::Failed as i32)
-        .count();
-    let failed = if failed > 0 {
-        format!(", {failed} failed")
-    } else {
-        String::new()
+    // a keep-going batch's or sweep's tasks that failed, or were cancelled, alone while it runs on (and
+    // those that ended with their job); not those a new plan replaced
+    let count = |state: pb::TaskState| {
+        let n = (s.tasks.iter())
+            .filter(|t| t.state == state as i32 && !t.replaced)
+            .count();
+        if n > 0 {
+            format!(", {n} {}", task_state_name(state as i32))
+        } else {
+            String::new()
+        }
     };
+    let failed = count(pb::TaskState::Failed) + &count(pb::TaskState::Cancelled);
     let note = if !s.waiting.is_empty() {
         format!("waiting: {}", s.waiting)
     } else if s.paused && s.error.is_empty() {
@@ -1467,17 +1494,25 @@ pub(crate) fn priority(args: PriorityArgs) -> anyhow::Result<()> {
     })
 }
 
-pub(crate) fn retry(args: JobRefs) -> anyhow::Result<()> {
-    each_job(args, async |client, job_id| {
-        let (state, requeued) = client.retry(job_id).await?;
+pub(crate) fn retry(args: JobOrTaskRefs) -> anyhow::Result<()> {
+    let (jobs, tasks) = args.jobs()?;
+    each_job(jobs, async |client, job_id| {
+        let (state, requeued) = client.retry_tasks(job_id, &tasks).await?;
         let state = job_state_name(state as i32);
         Ok(format!("{state}\t{requeued} task(s) queued again"))
     })
 }
 
-pub(crate) fn cancel(args: JobRefs) -> anyhow::Result<()> {
-    each_job(args, async |client, job_id| {
-        Ok(job_state_name(client.cancel(job_id).await? as i32))
+pub(crate) fn cancel(args: JobOrTaskRefs) -> anyhow::Result<()> {
+    let (jobs, tasks) = args.jobs()?;
+    each_job(jobs, async |client, job_id| {
+        let (state, cancelled) = client.cancel_tasks(job_id, &tasks).await?;
+        let state = job_state_name(state as i32);
+        Ok(if tasks.is_empty() {
+            state
+        } else {
+            format!("{state}\t{cancelled} task(s) cancelled")
+        })
     })
 }
 

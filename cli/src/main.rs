@@ -164,11 +164,11 @@ enum Command {
     Resume(farm::JobRefs),
     /// Change a job's priority (higher runs first): its queued tasks take their places by it.
     Priority(farm::PriorityArgs),
-    /// Cancel jobs.
-    Cancel(farm::JobRefs),
+    /// Cancel jobs, or some tasks of a keep-going job (--task).
+    Cancel(farm::JobOrTaskRefs),
     /// Run failed or cancelled jobs again: their failed and cancelled tasks (their succeeded ones keep
-    /// their results).
-    Retry(farm::JobRefs),
+    /// their results); or some of a keep-going job's (--task).
+    Retry(farm::JobOrTaskRefs),
     /// Delete finished jobs: their records and their tasks' (their images stay in the blob store).
     Delete(farm::JobRefs),
     /// Measure how visible a tiled render's tile grid is (1.0: not at all).

@@ -77,10 +77,11 @@ pub enum ClientError {
     #[error("downloading {0}: the bytes do not match their hash")]
     Corrupt(ImageHash),
     /// The coordinator is older than this client: it does not know these fields of the request
-    /// (`Message.field (number)`), and would drop them without an error, rendering the job without them.
+    /// (`Message.field (number)`), and would drop them without an error: rendering the job without them, or
+    /// cancelling (or running again) the whole job where some of its tasks were named.
     #[error(
-        "the coordinator does not know {}: it is older than this client and would render the job without \
-         them; upgrade the coordinator, or leave those options out",
+        "the coordinator does not know {}: it is older than this client and would act as if they were not \
+         set; upgrade the coordinator, or leave those options out",
         .0.join(", ")
     )]
     Unsupported(Vec<String>),
@@ -445,28 +446,29 @@ impl FarmClient {
         paused: bool,
     ) -> Result<JobId> {
         let request = submit_request(spec, request_id, paused);
-        self.check_known(&request).await?;
+        self.check_known(SUBMIT, &request).await?;
         let reply = self.rpc.submit_job(request).await?.into_inner();
         Ok(JobId::new(reply.job_id))
     }
 
-    /// Refuses a submit that sets fields the coordinator does not know ([`compat::unknown_to`]) to other
-    /// than their defaults: one older than this client would drop them without an error and render the job
-    /// without them (a new render option, say). The coordinator's descriptors are read by gRPC server
+    /// Refuses a request (a submit, message `name`) that sets fields the coordinator does not know
+    /// ([`compat::unknown_to`]) to other than their defaults: one older than this client would drop them
+    /// without an error and render the job without them (a new render option, say), or cancel a whole job
+    /// where a client named some of its tasks. The coordinator's descriptors are read by gRPC server
     /// reflection, within [`REFLECTION_TIMEOUT`], and kept once it answers definitely; a refusal reads them
     /// again first (the coordinator may have been upgraded since). A coordinator that does not answer with
     /// them is not checked (logged).
-    async fn check_known(&self, request: &pb::SubmitJobRequest) -> Result<()> {
+    async fn check_known(&self, name: &str, request: &impl Message) -> Result<()> {
         let kept = self.coordinator_descriptors.lock().unwrap().clone();
         let unknown = match kept {
-            Some(descriptors) => match descriptors.unknown(request) {
+            Some(descriptors) => match descriptors.unknown(name, request) {
                 // read them again: what was kept may be of the coordinator before an upgrade
                 Some(unknown) if !unknown.is_empty() => {
-                    self.read_descriptors().await.unknown(request)
+                    self.read_descriptors().await.unknown(name, request)
                 }
                 unknown => unknown,
             },
-            None => self.read_descriptors().await.unknown(request),
+            None => self.read_descriptors().await.unknown(name, request),
         };
         match unknown {
             Some(unknown) if !unknown.is_empty() => Err(ClientError::Unsupported(unknown)),
@@ -537,7 +539,7 @@ impl FarmClient {
         // before any byte is sent: a coordinator that would drop an option is told of no upload either
         let (request_id, paused) = (job.request_id.as_deref(), job.paused);
         match self
-            .check_known(&submit_request(&spec, request_id, paused))
+            .check_known(SUBMIT, &submit_request(&spec, request_id, paused))
             .await
         {
             // an older coordinator, without the images' names: they are for people, the job renders the
@@ -545,7 +547,7 @@ impl FarmClient {
             Err(ClientError::Unsupported(unknown)) if unknown.iter().any(|f| names_field(f)) => {
                 spec.content_names.clear();
                 spec.style_names.clear();
-                self.check_known(&submit_request(&spec, request_id, paused))
+                self.check_known(SUBMIT, &submit_request(&spec, request_id, paused))
                     .await?;
             }
             checked => checked?,
@@ -681,14 +683,28 @@ impl FarmClient {
 
     /// Cancels a job; returns its state after the cancel (a job already ended keeps its state).
     pub async fn cancel(&mut self, job_id: &JobId) -> Result<pb::JobState> {
-        let reply = self
-            .rpc
-            .cancel_job(pb::CancelJobRequest {
-                job_id: job_id.to_string(),
-            })
-            .await?
-            .into_inner();
-        Ok(pb::JobState::try_from(reply.state).unwrap_or_default())
+        Ok(self.cancel_tasks(job_id, &[]).await?.0)
+    }
+
+    /// Cancels tasks `tasks` (their indices, [`pb::TaskStatus::index`]) of a keep-going batch or sweep
+    /// alone, which goes on without them (CancelJob with its tasks); none named: the whole job. Returns the
+    /// job's state and how many of them were cancelled (those that had ended are left as they are).
+    /// FAILED_PRECONDITION for a job that is not keep-going; [`ClientError::Unsupported`] from a
+    /// coordinator too old to cancel tasks alone (it would cancel the whole job).
+    pub async fn cancel_tasks(
+        &mut self,
+        job_id: &JobId,
+        tasks: &[u32],
+    ) -> Result<(pb::JobState, u32)> {
+        let request = pb::CancelJobRequest {
+            job_id: job_id.to_string(),
+            tasks: tasks.to_vec(),
+        };
+        self.check_known("stylefarm.v1.CancelJobRequest", &request)
+            .await?;
+        let reply = self.rpc.cancel_job(request).await?.into_inner();
+        let state = pb::JobState::try_from(reply.state).unwrap_or_default();
+        Ok((state, reply.tasks_cancelled))
     }
 
     /// Pauses a job (PauseJob): its queued tasks are not leased until it is resumed, its running ones go on.
@@ -734,13 +750,25 @@ impl FarmClient {
     /// its succeeded ones keep their results. Returns the job's state after it and how many tasks were
     /// queued again; a queued or running job is left as it is, a succeeded one is FAILED_PRECONDITION.
     pub async fn retry(&mut self, job_id: &JobId) -> Result<(pb::JobState, u32)> {
-        let reply = self
-            .rpc
-            .retry_job(pb::RetryJobRequest {
-                job_id: job_id.to_string(),
-            })
-            .await?
-            .into_inner();
+        self.retry_tasks(job_id, &[]).await
+    }
+
+    /// [`FarmClient::retry`] of tasks `tasks` (their indices) of a keep-going batch or sweep alone: each
+    /// must have failed or been cancelled; the job's other failed and cancelled tasks stay as they are.
+    /// None named: the whole job's. [`ClientError::Unsupported`] from a coordinator too old to run tasks
+    /// again alone.
+    pub async fn retry_tasks(
+        &mut self,
+        job_id: &JobId,
+        tasks: &[u32],
+    ) -> Result<(pb::JobState, u32)> {
+        let request = pb::RetryJobRequest {
+            job_id: job_id.to_string(),
+            tasks: tasks.to_vec(),
+        };
+        self.check_known("stylefarm.v1.RetryJobRequest", &request)
+            .await?;
+        let reply = self.rpc.retry_job(request).await?.into_inner();
         let state = pb::JobState::try_from(reply.state).unwrap_or_default();
         Ok((state, reply.tasks_requeued))
     }
@@ -1111,9 +1139,10 @@ enum Descriptors {
 }
 
 impl Descriptors {
-    /// The fields of `request` the coordinator lacks ([`compat::unknown_to`]), its options left at their
-    /// defaults aside (the coordinator's behaviour without them); `None` when it cannot be told (logged).
-    fn unknown(&self, request: &pb::SubmitJobRequest) -> Option<Vec<String>> {
+    /// The fields of `request`, a message `name`, the coordinator lacks ([`compat::unknown_to`]), its
+    /// render options left at their defaults aside (the coordinator's behaviour without them); `None` when
+    /// it cannot be told (logged).
+    fn unknown(&self, name: &str, request: &impl Message) -> Option<Vec<String>> {
         let theirs = match self {
             Descriptors::Read(theirs) => theirs,
             Descriptors::None(why) | Descriptors::Unread(why) => {
@@ -1128,7 +1157,7 @@ impl Descriptors {
             "stylefarm.v1.RenderParams",
             pb::RenderParams::from(&RenderParams::default()).encode_to_vec(),
         )];
-        compat::unknown_to(theirs, "stylefarm.v1.SubmitJobRequest", request, &defaults)
+        compat::unknown_to(theirs, name, request, &defaults)
             .inspect_err(|why| {
                 tracing::warn!(
                     reason = why.as_str(),
@@ -1138,6 +1167,9 @@ impl Descriptors {
             .ok()
     }
 }
+
+/// The full name of SubmitJobRequest, as the coordinator's descriptors name it.
+const SUBMIT: &str = "stylefarm.v1.SubmitJobRequest";
 
 /// The descriptors of the coordinator behind `channel`, as its gRPC server reflection (v1) gives the file of
 /// `stylefarm.v1.RenderService` (stylefarm.v1 imports no other file), within [`REFLECTION_TIMEOUT`].

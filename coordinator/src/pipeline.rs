@@ -22,7 +22,7 @@ fn at_stage(view: &crate::scheduler::JobView) -> bool {
         && TaskState::stage_done(&view.meta.spec, view.tasks.iter().map(|(t, _)| t.state))
 }
 
-/// The colour of a failed variant's cell in a keep-going sweep's contact sheet: a mid grey.
+/// The colour of a failed (or cancelled) variant's cell in a keep-going sweep's contact sheet: a mid grey.
 const FAILED_CELL: [u8; 3] = [128, 128, 128];
 
 /// Work done one run at a time per key: a call while the key's work runs returns at once and has that
@@ -148,8 +148,9 @@ impl Coordinator {
     }
 
     /// When a sweep job's variants have rendered: composes its contact sheet, stores it and records it on
-    /// the job, which succeeds; in a keep-going sweep with failed variants, their cells are grey, labelled
-    /// failed, and the job fails with the sheet kept ([`Scheduler::finish_stage`]).
+    /// the job, which succeeds; in a keep-going sweep with failed (or cancelled) variants, their cells are
+    /// grey, labelled failed (or cancelled), and the job fails (or is cancelled) with the sheet kept
+    /// ([`Scheduler::finish_stage`]).
     ///
     /// [`Scheduler::finish_stage`]: crate::scheduler::Scheduler::finish_stage
     fn finish_sweep(&self, job_id: &JobId) {
@@ -167,7 +168,7 @@ impl Coordinator {
             .iter()
             .map(|(t, _)| match (&t.result, t.state) {
                 (Some(hash), _) => Ok(Some(self.dimensions(hash)?)),
-                (None, TaskState::Failed) => Ok(None),
+                (None, TaskState::Failed | TaskState::Cancelled) => Ok(None),
                 (None, _) => Err(Error::Internal(format!("task {} has no result", t.index))),
             })
             .collect();
@@ -181,7 +182,11 @@ impl Coordinator {
                 .zip(sizes)
                 .map(|((t, _), size)| match size {
                     Some((w, h)) => (w, h, t.spec.label.clone()),
-                    None => (rendered.0, rendered.1, format!("{} (failed)", t.spec.label)),
+                    None => (
+                        rendered.0,
+                        rendered.1,
+                        format!("{} ({})", t.spec.label, t.state.name()),
+                    ),
                 })
                 .collect::<Vec<_>>())
         });

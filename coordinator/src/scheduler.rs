@@ -342,6 +342,36 @@ fn to_do(task: &TaskRecord) -> bool {
     matches!(task.state, TaskState::Pending | TaskState::Running)
 }
 
+/// The tasks of `job` that a call names by index (`tasks`, as [`TaskRecord::index`]), each once, checked
+/// to be the job's: refused naming `tasks` otherwise.
+fn named_tasks(job: &Job, tasks: &[u32]) -> Result<BTreeSet<u32>, SchedulerError> {
+    let n = job.tasks.len();
+    if let Some(bad) = tasks.iter().find(|&&i| i as usize >= n) {
+        return Err(stylefarm_core::Error::invalid(
+            "tasks",
+            format!(
+                "job {} has no task {bad}: its {n} task(s) are numbered from 0",
+                job.meta.id
+            ),
+        )
+        .into());
+    }
+    Ok(tasks.iter().copied().collect())
+}
+
+/// Refuses to end or run again some of job `job`'s tasks alone (`what`) unless it is keep-going
+/// ([`JobSpec::keep_going`]): the tasks of any other job end, and run again, together.
+fn alone_needs_keep_going(job: &Job, what: &str) -> Result<(), SchedulerError> {
+    if job.meta.spec.keep_going {
+        return Ok(());
+    }
+    Err(SchedulerError::Precondition(format!(
+        "job {} is not keep-going: only a keep-going batch's or sweep's tasks (JobSpec.keep_going) {what} \
+         alone; name no task to do it to the whole job",
+        job.meta.id
+    )))
+}
+
 /// Replaces the tasks `current` of job `job_id` (of one scale) by new ones, `tasks`, planned otherwise: each
 /// is cancelled with `reason` as its error (its lease ended: the worker's next heartbeat tells it to stop,
 /// and its outcome is discarded), and `tasks` are queued after the job's last. Returns the writes.
@@ -836,8 +866,8 @@ fn start_job_from(job: &mut Job, from: &JobId, image: &ImageHash, ops: &mut Vec<
 /// Where a keep-going job goes once a task of it failed for good ([`Scheduler::go_on_keeping_going`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeptGoing {
-    /// None of its tasks is left to run: it failed, naming the failed ones.
-    Failed,
+    /// None of its tasks is left to run: it ended ([`kept_going_end`]).
+    Ended,
     /// A sweep with its variants done: due for its contact sheet.
     SheetDue,
     /// Its other tasks go on.
@@ -931,10 +961,11 @@ fn stage_done(job: &Job) -> bool {
     TaskState::stage_done(&job.meta.spec, job.tasks.iter().map(|t| t.state))
 }
 
-/// How many of a keep-going batch's (or sweep's) tasks failed, naming the first few, once none is left to run
-/// (none queued or running) and one failed ([`JobSpec::keep_going`]): the job's error as it fails. `None` for
-/// a job that is not keep-going, has a task still to run or has none failed.
-fn kept_going_failure(job: &Job) -> Option<String> {
+/// How a keep-going batch (or sweep) ends once none of its tasks is left to run (none queued or running) and
+/// one did not render ([`JobSpec::keep_going`]): failed, naming the first few failed tasks, when one failed;
+/// cancelled when the only ones left out were cancelled alone ([`Scheduler::cancel_tasks`]). The state and
+/// the job's error. `None` for a job that is not keep-going, has a task still to run or rendered them all.
+fn kept_going_end(job: &Job) -> Option<(JobState, String)> {
     const NAMED: usize = 3;
     let tasks = &job.tasks;
     if !job.meta.spec.keep_going
@@ -948,8 +979,31 @@ fn kept_going_failure(job: &Job) -> Option<String> {
         .iter()
         .filter(|t| t.state == TaskState::Failed)
         .collect();
+    let cancelled: Vec<u32> = tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Cancelled)
+        .map(|t| t.index)
+        .collect();
+    let of = tasks.len();
+    let kept = of - failed.len() - cancelled.len();
+    let and_cancelled = match cancelled.len() {
+        0 => String::new(),
+        c => format!(", {c} cancelled"),
+    };
     if failed.is_empty() {
-        return None;
+        let c = cancelled.len();
+        let mut named: Vec<String> = cancelled.iter().take(NAMED).map(u32::to_string).collect();
+        if c > NAMED {
+            named.push(format!("and {} more", c - NAMED));
+        }
+        return (c > 0).then(|| {
+            let error = format!(
+                "{c} of {of} tasks cancelled ({kept} rendered, their results kept; `retry` runs the \
+                 cancelled ones again): task(s) {}",
+                named.join(", ")
+            );
+            (JobState::Cancelled, error)
+        });
     }
     let mut named: Vec<String> = failed
         .iter()
@@ -959,13 +1013,13 @@ fn kept_going_failure(job: &Job) -> Option<String> {
     if failed.len() > NAMED {
         named.push(format!("and {} more", failed.len() - NAMED));
     }
-    let (n, of) = (failed.len(), tasks.len());
-    let kept = of - n;
-    Some(format!(
-        "{n} of {of} tasks failed ({kept} rendered, their results kept; `retry` runs the failed ones \
-         again): {}",
+    let n = failed.len();
+    let error = format!(
+        "{n} of {of} tasks failed{and_cancelled} ({kept} rendered, their results kept; `retry` runs the \
+         failed ones again): {}",
         named.join("; ")
-    ))
+    );
+    Some((JobState::Failed, error))
 }
 
 /// One fewer unfinished job for `tenant`: one of its jobs reached a terminal state.
@@ -2144,16 +2198,17 @@ impl Scheduler {
         let stage_work = job.meta.spec.kind.has_stage_work();
         let per_task = matches!(job.meta.spec.kind, JobKind::Video(_));
         // a job with stage work ends once it is done (finish_stage without a next stage), the others with
-        // their last task; a keep-going batch with a failed task fails with its last (a keep-going sweep
-        // with one fails once its contact sheet is made)
-        if all_tasks_done && !job.meta.spec.kind.has_stage_work() {
+        // their last task; a keep-going batch with a failed (or cancelled) task fails (or is cancelled)
+        // with its last (a keep-going sweep with one, once its contact sheet is made)
+        let kept_going = kept_going_end(job).filter(|_| !(stage_work && all_tasks_done));
+        if let Some((end, reason)) = kept_going {
+            self.finish_job(state, &lease.job_id, end, &reason, &mut ops)?;
+        } else if all_tasks_done && !stage_work {
             set_job_state(&mut state.tally, &mut job.meta, JobState::Succeeded);
             job.meta.finished_ms = now_ms();
             ops.push(Op::Job(job.meta.clone()));
             job_ended(&mut state.unfinished, &job.meta.tenant);
             self.settle(state, &lease.job_id, &mut ops);
-        } else if let Some(reason) = kept_going_failure(job).filter(|_| !all_tasks_done) {
-            self.finish_job(state, &lease.job_id, JobState::Failed, &reason, &mut ops)?;
         }
         // a job at its limit of workers has a place again: an idle worker may take its next task now
         let limited = state
@@ -2514,10 +2569,10 @@ impl Scheduler {
             st.stage_due.push(job_id.clone());
             return Ok(KeptGoing::SheetDue);
         }
-        match kept_going_failure(job) {
-            Some(reason) => {
-                self.finish_job(st, job_id, JobState::Failed, &reason, ops)?;
-                Ok(KeptGoing::Failed)
+        match kept_going_end(job) {
+            Some((state, reason)) => {
+                self.finish_job(st, job_id, state, &reason, ops)?;
+                Ok(KeptGoing::Ended)
             }
             None => {
                 ops.push(Op::Job(job.meta.clone()));
@@ -2638,7 +2693,7 @@ impl Scheduler {
                 // a keep-going job fails its queued tasks alone and ends as when its last task failed
                 // (a sweep has its contact sheet made of the variants that rendered)
                 match self.fail_queued_tasks(&mut st, &job_id, &why, &mut ops)? {
-                    KeptGoing::Failed => failed.push(job_id),
+                    KeptGoing::Ended => failed.push(job_id),
                     KeptGoing::SheetDue => sheet_due.push(job_id),
                     // none running (no lease) and none queued now: not reached
                     KeptGoing::GoesOn => {}
@@ -3095,6 +3150,66 @@ impl Scheduler {
         Ok(JobState::Cancelled)
     }
 
+    /// Cancels tasks `tasks` (their indices) of keep-going batch or sweep `job_id` alone
+    /// ([`JobSpec::keep_going`]; OpenCue's kill of frames): each one queued or running ends cancelled (a
+    /// running one's lease ends: its worker's next heartbeat tells it to stop, and its outcome is
+    /// discarded), and the job goes on without them. Once none of its tasks is left to run, it ends as
+    /// `kept_going_end` says: failed when a task failed, else cancelled; a sweep has its contact sheet
+    /// made first, of the variants that rendered ([`Scheduler::take_stage_due`]). [`Scheduler::retry_tasks`]
+    /// runs them again. Tasks that have ended are left as they are, as is a job that has ended. Returns the
+    /// job's state and how many tasks were cancelled. Refused ([`SchedulerError::Invalid`], naming `tasks`)
+    /// for an index the job has no task at, and ([`SchedulerError::Precondition`]) for a job that is not
+    /// keep-going (its tasks end together: [`Scheduler::cancel`]).
+    pub fn cancel_tasks(
+        &self,
+        job_id: &JobId,
+        tasks: &[u32],
+    ) -> Result<(JobState, usize), SchedulerError> {
+        self.writable()?;
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let job = st
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        let named = named_tasks(job, tasks)?;
+        alone_needs_keep_going(job, "are cancelled")?;
+        if job.meta.state.is_terminal() {
+            return Ok((job.meta.state, 0));
+        }
+        let (mut ops, mut cancelled) = (Vec::new(), 0);
+        for index in named {
+            let lease_id = st.jobs[job_id].leases.get(&index).cloned();
+            let lease = lease_id.and_then(|id| Self::take_lease(st, &id));
+            let job = st.jobs.get_mut(job_id).expect("looked up above");
+            let task = &mut job.tasks[index as usize];
+            if !to_do(task) {
+                continue;
+            }
+            if let Some(mut lease) = lease {
+                log_attempt(task, &mut lease, "cancelled: its task was cancelled alone");
+            }
+            st.queue.remove(&job.meta, index);
+            set_task_state(&mut st.tally, task, TaskState::Cancelled);
+            task.error = "cancelled".to_string();
+            ops.push(Op::Task(job_id.clone(), task.clone()));
+            cancelled += 1;
+        }
+        if cancelled > 0 {
+            self.go_on_keeping_going(st, job_id, &mut ops)?;
+        }
+        let state = st.jobs[job_id].meta.state;
+        if ops.is_empty() {
+            return Ok((state, 0));
+        }
+        let durable = self.store.write(ops);
+        drop(guard);
+        store::wait(durable)?;
+        self.work.notify_waiters();
+        self.changed(job_id);
+        Ok((state, cancelled))
+    }
+
     /// Runs a failed or cancelled job again (Flamenco's requeue, OpenCue's retry of dead frames). Its failed
     /// and cancelled tasks go back to the queue with their attempts, errors and out-of-memory marks
     /// cleared (not their checkpoints: they start from there), and the job's strikes with them (the
@@ -3105,11 +3220,21 @@ impl Scheduler {
     /// or a contact sheet) queues nothing and has that step run again ([`Retried::stage_work`]).
     ///
     /// A queued or running job keeps its state (returned): only a keep-going batch's or sweep's tasks that
-    /// failed alone ([`JobSpec::keep_going`]) run again, nothing else is requeued. Refused
+    /// failed or were cancelled alone ([`JobSpec::keep_going`]) run again, nothing else is requeued. Refused
     /// ([`SchedulerError::Precondition`]) for a job that succeeded, one whose tasks are still being stopped
     /// or that is being deleted; and ([`SchedulerError::Limit`]) as a submission is, when its tenant has
     /// [`SchedulerConfig::max_unfinished_jobs`] unfinished jobs.
     pub fn retry(&self, job_id: &JobId) -> Result<Retried, SchedulerError> {
+        self.retry_tasks(job_id, &[])
+    }
+
+    /// [`Scheduler::retry`] of tasks `tasks` (their indices) of a keep-going batch or sweep alone
+    /// ([`JobSpec::keep_going`]): those of them that failed or were cancelled run again, the job's other
+    /// failed and cancelled tasks stay as they are (and the job ends failed, or cancelled, again once the
+    /// named ones have run). No task named: [`Scheduler::retry`]. Refused as [`Scheduler::cancel_tasks`]
+    /// refuses the tasks it is given, and ([`SchedulerError::Precondition`]) when a named task has not
+    /// failed nor been cancelled.
+    pub fn retry_tasks(&self, job_id: &JobId, tasks: &[u32]) -> Result<Retried, SchedulerError> {
         self.writable()?;
         let mut guard = self.state.lock().unwrap();
         let st = &mut *guard;
@@ -3117,6 +3242,10 @@ impl Scheduler {
             .jobs
             .get(job_id)
             .ok_or_else(|| SchedulerError::JobNotFound(job_id.clone()))?;
+        let named = named_tasks(job, tasks)?;
+        if !named.is_empty() {
+            alone_needs_keep_going(job, "run again")?;
+        }
         let refused = |why: &str| {
             Err(SchedulerError::Precondition(format!(
                 "job {job_id} {why}: there is nothing to run again"
@@ -3150,10 +3279,25 @@ impl Scheduler {
                 .map_err(|e| SchedulerError::Precondition(format!("job {job_id}: {e}")))?
         };
         let replaced = crate::model::replaced_tasks(job.tasks.iter());
+        // a keep-going job's tasks may be cancelled alone while it runs (Scheduler::cancel_tasks)
+        let cancelled_alone = job.meta.spec.keep_going;
         let ended = |t: &TaskRecord| {
-            (t.state == TaskState::Failed || (t.state == TaskState::Cancelled && !running))
+            (t.state == TaskState::Failed
+                || (t.state == TaskState::Cancelled && (!running || cancelled_alone)))
                 && !replaced.contains(&t.index)
+                && (named.is_empty() || named.contains(&t.index))
         };
+        if let Some(t) = job
+            .tasks
+            .iter()
+            .find(|t| named.contains(&t.index) && !ended(t))
+        {
+            return Err(SchedulerError::Precondition(format!(
+                "task {} of job {job_id} ({}): only a failed or cancelled task runs again",
+                t.index,
+                t.state.name()
+            )));
+        }
         let sharded_scales: BTreeSet<u32> = job
             .tasks
             .iter()
@@ -3419,10 +3563,11 @@ impl Scheduler {
             }
             None => {
                 job.meta.result = Some(image.clone());
-                // a keep-going sweep with failed variants fails, its contact sheet kept
-                match kept_going_failure(job) {
-                    Some(reason) => {
-                        set_job_state(&mut st.tally, &mut job.meta, JobState::Failed);
+                // a keep-going sweep with failed (or cancelled) variants fails (or is cancelled), its
+                // contact sheet kept
+                match kept_going_end(job) {
+                    Some((state, reason)) => {
+                        set_job_state(&mut st.tally, &mut job.meta, state);
                         job.meta.error = reason;
                     }
                     None => set_job_state(&mut st.tally, &mut job.meta, JobState::Succeeded),
@@ -5276,6 +5421,132 @@ mod tests {
         assert_eq!(s.counts(), s.counts_walked());
     }
 
+    /// A keep-going batch's tasks are cancelled alone, queued or running (the running one's lease ends: its
+    /// heartbeat answers cancel, its result and failure are discarded), and the job goes on; a task named
+    /// twice or that has ended counts once or not at all. `retry` of named tasks runs only those, each
+    /// having failed or been cancelled. Once none is left to run, the job ends cancelled when nothing
+    /// failed, failed when a task did, naming the counts, and a restart reads it so; `retry` of the whole
+    /// job runs the cancelled task too. Refused naming `tasks` for an index the job has none at, and for a
+    /// job that is not keep-going.
+    #[test]
+    fn a_keep_going_batch_s_tasks_are_cancelled_and_run_again_alone() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            backoff: Duration::ZERO,
+            ..Default::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let keep_going = |n| JobSpec {
+            max_attempts: 1,
+            keep_going: true,
+            ..batch(n, 0)
+        };
+        let (job, _) = s.submit(keep_going(4), "").unwrap();
+        let task_states = |s: &Scheduler, job: &JobId| -> Vec<TaskState> {
+            (s.get(job).unwrap().tasks.iter())
+                .map(|(t, _)| t.state)
+                .collect()
+        };
+        let lease = |s: &Scheduler, index| {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            assert_eq!(l.task.id.index, index);
+            l.lease_id
+        };
+        let running = lease(&s, 0);
+        assert_eq!(
+            s.cancel_tasks(&job, &[1, 0, 1]).unwrap(),
+            (JobState::Running, 2)
+        );
+        use TaskState::{Cancelled, Pending, Succeeded};
+        assert_eq!(
+            task_states(&s, &job),
+            [Cancelled, Cancelled, Pending, Pending]
+        );
+        assert!(s.heartbeat(&running, &w("a"), None, None).unwrap().cancel);
+        assert!(s.complete(&running, &hash("late")).unwrap().is_none());
+        s.fail(&running, "stopped", FailureKind::Retryable).unwrap();
+        assert_eq!(
+            task_states(&s, &job),
+            [Cancelled, Cancelled, Pending, Pending]
+        );
+        assert_eq!(s.cancel_tasks(&job, &[0]).unwrap(), (JobState::Running, 0));
+        assert_eq!(s.counts(), s.counts_walked());
+        let refused = |e: SchedulerError| e.to_string();
+        let e = refused(s.cancel_tasks(&job, &[4]).unwrap_err());
+        assert!(
+            e.starts_with("tasks: job ")
+                && e.ends_with("no task 4: its 4 task(s) are numbered from 0"),
+            "{e}"
+        );
+        let e = refused(s.retry_tasks(&job, &[2]).unwrap_err());
+        assert!(
+            e.contains("task 2 of job")
+                && e.ends_with(" (pending): only a failed or cancelled task runs again"),
+            "{e}"
+        );
+        // the named one runs again, at its place in the queue; the other stays cancelled
+        let retried = s.retry_tasks(&job, &[1]).unwrap();
+        assert_eq!((retried.state, retried.requeued), (JobState::Running, 1));
+        assert_eq!(
+            task_states(&s, &job),
+            [Cancelled, Pending, Pending, Pending]
+        );
+        for index in 1..4 {
+            s.complete(&lease(&s, index), &hash("r")).unwrap().unwrap();
+        }
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Cancelled);
+        assert_eq!(
+            view.meta.error,
+            "1 of 4 tasks cancelled (3 rendered, their results kept; `retry` runs the cancelled ones again): \
+             task(s) 0"
+        );
+        assert_eq!(s.counts(), s.counts_walked());
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Cancelled);
+        assert_eq!(
+            task_states(&s, &job),
+            [Cancelled, Succeeded, Succeeded, Succeeded]
+        );
+        // the whole job again: its cancelled task
+        let retried = s.retry(&job).unwrap();
+        assert_eq!((retried.state, retried.requeued), (JobState::Queued, 1));
+        s.complete(&lease(&s, 0), &hash("r")).unwrap().unwrap();
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Succeeded);
+        // a failed task and a cancelled one: the job fails, counting both
+        let (mixed, _) = s.submit(keep_going(3), "").unwrap();
+        s.fail(&lease(&s, 0), "boom", FailureKind::Permanent)
+            .unwrap();
+        s.cancel_tasks(&mixed, &[2]).unwrap();
+        s.complete(&lease(&s, 1), &hash("r")).unwrap().unwrap();
+        let view = s.get(&mixed).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert!(
+            view.meta
+                .error
+                .starts_with("1 of 3 tasks failed, 1 cancelled (1 rendered"),
+            "{}",
+            view.meta.error
+        );
+        // cancelling the last tasks to run ends the job at once
+        let (last, _) = s.submit(keep_going(2), "").unwrap();
+        s.complete(&lease(&s, 0), &hash("r")).unwrap().unwrap();
+        assert_eq!(
+            s.cancel_tasks(&last, &[1]).unwrap(),
+            (JobState::Cancelled, 1)
+        );
+        // a job that is not keep-going: its tasks end, and run again, together
+        let (together, _) = s.submit(batch(2, 0), "").unwrap();
+        let e = refused(s.cancel_tasks(&together, &[0]).unwrap_err());
+        assert!(e.contains("is not keep-going"), "{e}");
+        s.cancel(&together).unwrap();
+        let e = refused(s.retry_tasks(&together, &[0]).unwrap_err());
+        assert!(e.contains("is not keep-going"), "{e}");
+        assert_eq!(task_states(&s, &together), [Cancelled, Cancelled]);
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
     /// A keep-going sweep renders around a failed variant: once none is left to run, the job waits for its
     /// contact sheet whether its last task to end rendered or failed (the failure leaves it due:
     /// [`Scheduler::take_stage_due`]), and recording the sheet fails the job, naming the failed variant,
@@ -5353,6 +5624,44 @@ mod tests {
         let view = s.get(&all_failed).unwrap();
         assert_eq!(view.meta.state, JobState::Failed);
         assert!(view.meta.result.is_none());
+        assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// A keep-going sweep whose last variant to run is cancelled alone is due for its contact sheet, of
+    /// those that rendered, and the sheet ends it cancelled; with every variant cancelled, it ends at once.
+    #[test]
+    fn a_keep_going_sweep_s_cancelled_variant_leaves_its_sheet_to_the_others() {
+        let s = scheduler(SchedulerConfig::default());
+        let sweep = JobSpec {
+            kind: JobKind::Sweep(stylefarm_core::job::parse_sweep("seed=1,2,3").unwrap()),
+            keep_going: true,
+            ..batch(1, 0)
+        };
+        let (job, _) = s.submit(sweep.clone(), "").unwrap();
+        for index in 0..2 {
+            let l = s.lease(&w("a")).unwrap().unwrap();
+            assert_eq!(l.task.id.index, index);
+            s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
+        }
+        assert_eq!(s.cancel_tasks(&job, &[2]).unwrap(), (JobState::Running, 1));
+        assert_eq!(s.take_stage_due(), std::slice::from_ref(&job));
+        assert!(s.finish_stage(&job, 0, &hash("sheet"), None).unwrap());
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Cancelled);
+        assert_eq!(view.meta.result, Some(hash("sheet")));
+        assert!(
+            view.meta
+                .error
+                .starts_with("1 of 3 tasks cancelled (2 rendered"),
+            "{}",
+            view.meta.error
+        );
+        let (none, _) = s.submit(sweep, "").unwrap();
+        assert_eq!(
+            s.cancel_tasks(&none, &[0, 1, 2]).unwrap(),
+            (JobState::Cancelled, 3)
+        );
+        assert!(s.take_stage_due().is_empty());
         assert_eq!(s.counts(), s.counts_walked());
     }
 

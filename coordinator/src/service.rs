@@ -708,12 +708,15 @@ impl RenderService for RenderApi {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let tenant = auth::tenant(&request);
-        let job_id = JobId::from(request.into_inner().job_id);
+        let request = request.into_inner();
+        let job_id = JobId::from(request.job_id);
         let coordinator = self.coordinator.clone();
         // waits for the store's commit: off the async threads
-        let state = blocking(move || coordinator.cancel_own(&tenant, &job_id)).await?;
+        let (state, cancelled) =
+            blocking(move || coordinator.cancel_own(&tenant, &job_id, &request.tasks)).await?;
         Ok(Response::new(pb::CancelJobResponse {
             state: job_state(state) as i32,
+            tasks_cancelled: u32::try_from(cancelled).unwrap_or(u32::MAX),
         }))
     }
 
@@ -769,10 +772,12 @@ impl RenderService for RenderApi {
         request: Request<pb::RetryJobRequest>,
     ) -> Result<Response<pb::RetryJobResponse>, Status> {
         let tenant = auth::tenant(&request);
-        let job_id = JobId::from(request.into_inner().job_id);
+        let request = request.into_inner();
+        let job_id = JobId::from(request.job_id);
         let coordinator = self.coordinator.clone();
         // waits for the store's commit: off the async threads
-        let retried = blocking(move || coordinator.retry_own(&tenant, &job_id)).await?;
+        let retried =
+            blocking(move || coordinator.retry_own(&tenant, &job_id, &request.tasks)).await?;
         Ok(Response::new(pb::RetryJobResponse {
             state: job_state(retried.state) as i32,
             tasks_requeued: u32::try_from(retried.requeued).unwrap_or(u32::MAX),

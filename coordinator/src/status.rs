@@ -799,8 +799,8 @@ async fn cancel(
     Path(job_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
-    let state = job_action(&page, &headers, job_id, |coordinator, tenant, job_id| {
-        coordinator.cancel_own(tenant, job_id)
+    let (state, _) = job_action(&page, &headers, job_id, |coordinator, tenant, job_id| {
+        coordinator.cancel_own(tenant, job_id, &[])
     })
     .await?;
     Ok(Json(serde_json::json!({ "state": state.name() })).into_response())
@@ -844,7 +844,7 @@ async fn retry(
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
     let retried = job_action(&page, &headers, job_id, |coordinator, tenant, job_id| {
-        coordinator.retry_own(tenant, job_id)
+        coordinator.retry_own(tenant, job_id, &[])
     })
     .await?;
     Ok(Json(serde_json::json!({
@@ -1027,12 +1027,35 @@ impl Coordinator {
         }
     }
 
-    /// Cancels `tenant`'s job `job_id`, as RenderService's CancelJob: NOT_FOUND for another tenant's.
-    pub(crate) fn cancel_own(&self, tenant: &Tenant, job_id: &JobId) -> Result<JobState, Error> {
+    /// Cancels `tenant`'s job `job_id`, or only its tasks `tasks` when some are named, as RenderService's
+    /// CancelJob ([`crate::scheduler::Scheduler::cancel`], [`crate::scheduler::Scheduler::cancel_tasks`]):
+    /// NOT_FOUND for another tenant's. Returns the job's state and how many of `tasks` were cancelled.
+    pub(crate) fn cancel_own(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        job_id: &JobId,
+        tasks: &[u32],
+    ) -> Result<(JobState, usize), Error> {
         self.check_own(tenant, job_id)?;
-        let state = self.scheduler.cancel(job_id)?;
-        tracing::info!(job_id = job_id.as_str(), ?state, "job cancel");
-        Ok(state)
+        if tasks.is_empty() {
+            let state = self.scheduler.cancel(job_id)?;
+            tracing::info!(job_id = job_id.as_str(), ?state, "job cancel");
+            return Ok((state, 0));
+        }
+        let cancelled = self.scheduler.cancel_tasks(job_id, tasks);
+        // a keep-going sweep whose last variants to run were cancelled: its contact sheet is made now
+        for job_id in self.scheduler.take_stage_due() {
+            self.spawn_stage_work(job_id);
+        }
+        let (state, cancelled) = cancelled?;
+        tracing::info!(
+            job_id = job_id.as_str(),
+            ?tasks,
+            cancelled,
+            ?state,
+            "tasks cancel"
+        );
+        Ok((state, cancelled))
     }
 
     /// Pauses (`paused`) or resumes `tenant`'s job `job_id`, as RenderService's PauseJob and ResumeJob
@@ -1056,9 +1079,10 @@ impl Coordinator {
         self: &Arc<Self>,
         tenant: &Tenant,
         job_id: &JobId,
+        tasks: &[u32],
     ) -> Result<crate::scheduler::Retried, Error> {
         self.check_own(tenant, job_id)?;
-        let retried = self.scheduler.retry(job_id).inspect_err(|_| {
+        let retried = self.scheduler.retry_tasks(job_id, tasks).inspect_err(|_| {
             // a write that failed after the job changed in memory: its step still runs (a restart, or
             // the store back in reach, would start it too)
             if self.scheduler.awaits_step(job_id) {
@@ -1068,6 +1092,7 @@ impl Coordinator {
         tracing::info!(
             job_id = job_id.as_str(),
             state = retried.state.name(),
+            ?tasks,
             requeued = retried.requeued,
             stage_work = retried.stage_work,
             "job retry"
