@@ -3718,6 +3718,66 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
     );
 }
 
+/// A cancel (or retry) of some of a job's tasks is refused, naming why, when the coordinator's fields cannot
+/// be read: an older coordinator would take it for a call on the whole job. The stand-in serves server
+/// reflection without stylefarm.v1; a cancel of the whole job goes on to call it (which it does not serve).
+#[tokio::test]
+async fn a_cancel_of_some_tasks_is_refused_when_the_coordinator_s_fields_cannot_be_read() {
+    use prost::Message;
+    let empty: &'static [u8] = Box::leak(
+        prost_types::FileDescriptorSet::default()
+            .encode_to_vec()
+            .into_boxed_slice(),
+    );
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(empty)
+        .build_v1()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(reflection)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let call = move |args: &[&str]| {
+        let out = stylefarm_tests::stylefarm()
+            .args(args)
+            .args(["--coordinator", &url, "job-0123"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let ((cancel_ok, cancel_err), (retry_ok, retry_err), (whole_ok, whole_err)) =
+        tokio::task::spawn_blocking(move || {
+            (
+                call(&["cancel", "--task", "1"]),
+                call(&["retry", "--task", "1"]),
+                call(&["cancel"]),
+            )
+        })
+        .await
+        .unwrap();
+    assert!(
+        !cancel_ok
+            && cancel_err.contains(
+                "cancelling tasks of job job-0123: refused, as the coordinator's fields could not be read"
+            ),
+        "{cancel_err}"
+    );
+    assert!(
+        !retry_ok && retry_err.contains("running tasks of job job-0123 again: refused"),
+        "{retry_err}"
+    );
+    assert!(
+        !whole_ok && !whole_err.contains("refused") && whole_err.contains("Unimplemented"),
+        "{whole_err}"
+    );
+}
+
 /// A job's images that the coordinator holds already are not uploaded again (FindImages): a batch
 /// submitted a second time with a new photo among its old ones uploads that photo alone, and renders.
 /// An image never uploaded is not held; a call asking about more than the limit is refused naming sha256.

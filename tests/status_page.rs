@@ -515,6 +515,125 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     browser.close().await.unwrap();
 }
 
+/// A keep-going batch's tasks on the page: a queued task has a cancel button, a cancelled one a retry button
+/// (POST /api/jobs/{id}/tasks/{index}/{cancel,retry}, with the page's CSRF header: refused without it);
+/// pressed, they cancel the task alone and queue it again, and the job's retry button shows while it runs
+/// with a task cancelled. A batch that is not keep-going has no task buttons, and the API refuses its tasks
+/// alone, naming why. No worker: the jobs are submitted paused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_going_batch_s_tasks_are_cancelled_and_run_again_from_the_page() {
+    let mut cluster = Cluster::new(10.0, 0.5, "embedded");
+    cluster.coordinator_args = ["--status-listen", "127.0.0.1:0"].map(String::from).into();
+    cluster.start_coordinator();
+    let addr = logged_addr(cluster.coordinator.as_ref().unwrap(), "status page").await;
+    let batch = |extra: &[&str]| {
+        let mut args = vec!["--batch", "--paused", "--size", "32", "--iterations", "2"];
+        args.extend_from_slice(extra);
+        let (chelsea, coffee, starry) = (
+            path("chelsea.png"),
+            path("coffee.png"),
+            path("starry_night.jpg"),
+        );
+        let images = [
+            "--content",
+            &chelsea,
+            "--content",
+            &coffee,
+            "--style",
+            &starry,
+        ];
+        submit(&cluster, &[&args[..], &images[..]].concat())
+    };
+    let id = batch(&["--keep-going"]);
+    let plain = batch(&[]);
+    let task_state = |index: usize| {
+        let (addr, id) = (addr.clone(), id.clone());
+        async move {
+            let answer = http(&addr, "GET", "/api/status", &[], "").await;
+            let status: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+            let jobs = status["jobs"].as_array().unwrap();
+            let job = jobs.iter().find(|j| j["id"] == id.as_str()).unwrap();
+            job["tasks"][index]["state"].as_str().unwrap().to_string()
+        }
+    };
+    let cancel_1 = format!("/api/jobs/{id}/tasks/1/cancel");
+    let answer = http(&addr, "POST", &cancel_1, &[], "").await;
+    assert_eq!(answer.code, 403, "{}", answer.body);
+    assert_eq!(task_state(1).await, "pending");
+    let answer = http(
+        &addr,
+        "POST",
+        &format!("/api/jobs/{plain}/tasks/1/cancel"),
+        &["X-Stylefarm-Csrf: 1"],
+        "",
+    )
+    .await;
+    assert_eq!(answer.code, 400, "{}", answer.body);
+    assert!(answer.body.contains("is not keep-going"), "{}", answer.body);
+    let answer = http(
+        &addr,
+        "POST",
+        &format!("/api/jobs/{id}/tasks/9/cancel"),
+        &["X-Stylefarm-Csrf: 1"],
+        "",
+    )
+    .await;
+    assert_eq!(answer.code, 400, "{}", answer.body);
+    assert!(answer.body.contains("tasks: job "), "{}", answer.body);
+
+    let driver = Chromedriver::start();
+    let browser = driver.session().await;
+    browser.goto(&format!("http://{addr}/")).await.unwrap();
+    let card = format!("#job-{id}");
+    let press = |action: &'static str| {
+        let (browser, selector) = (
+            browser.clone(),
+            format!("{card} button[data-task='1'][data-action='{action}']"),
+        );
+        async move {
+            wait_for(
+                &format!("task 1's {action} button"),
+                Duration::from_secs(30),
+                || async {
+                    let button = browser.find(Locator::Css(&selector)).await.ok()?;
+                    (button.is_displayed().await.ok()? && button.is_enabled().await.ok()?)
+                        .then_some(button)
+                },
+            )
+            .await
+            .click()
+            .await
+            .unwrap();
+        }
+    };
+    press("cancel").await;
+    wait_for(
+        "task 1 to be cancelled",
+        Duration::from_secs(10),
+        || async { (task_state(1).await == "cancelled").then_some(()) },
+    )
+    .await;
+    assert_eq!(task_state(0).await, "pending");
+    let head_retry = format!("return document.querySelector('{card} .head button.retry').hidden;");
+    wait_for(
+        "the job's retry button",
+        Duration::from_secs(10),
+        || async { (eval(&browser, &head_retry).await == false).then_some(()) },
+    )
+    .await;
+    press("retry").await;
+    wait_for(
+        "task 1 to be queued again",
+        Duration::from_secs(10),
+        || async { (task_state(1).await == "pending").then_some(()) },
+    )
+    .await;
+    let plain_buttons =
+        format!("return document.querySelectorAll('#job-{plain} button[data-task]').length;");
+    assert_eq!(eval(&browser, &plain_buttons).await, 0);
+    browser.close().await.unwrap();
+}
+
 /// Without tokens, the page answers requests for its IP address, localhost, and the names given with
 /// `--status-allowed-host`; another `Host` (a name that a web page's server could point at this address,
 /// DNS rebinding) gets 403 naming the flag, for the JSON and the buttons alike.

@@ -996,17 +996,23 @@ async fn watch_job(
             // for each task while it runs
             let tasks: Vec<&pb::TaskStatus> = status.tasks.iter().filter(|t| !t.replaced).collect();
             let count = |state| tasks.iter().filter(|t| t.state() == state).count();
-            let (done, failed) = (
+            // (a keep-going job's tasks cancelled alone are done with too)
+            let (done, failed, cancelled) = (
                 count(pb::TaskState::Succeeded),
                 count(pb::TaskState::Failed),
+                count(pb::TaskState::Cancelled),
             );
             let tasks_bar = tasks_bar
                 .get_or_insert_with(|| multi.add(ProgressBar::new(1).with_style(style.clone())));
             tasks_bar.set_prefix("tasks");
             tasks_bar.set_length(tasks.len() as u64);
-            tasks_bar.set_position((done + failed) as u64);
+            tasks_bar.set_position((done + failed + cancelled) as u64);
+            let cancelled = match cancelled {
+                0 => String::new(),
+                n => format!(", {n} cancelled"),
+            };
             tasks_bar.set_message(format!(
-                "{done} succeeded, {failed} failed, {} running",
+                "{done} succeeded, {failed} failed{cancelled}, {} running",
                 count(pb::TaskState::Running)
             ));
             for t in &status.tasks {

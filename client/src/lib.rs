@@ -85,6 +85,14 @@ pub enum ClientError {
         .0.join(", ")
     )]
     Unsupported(Vec<String>),
+    /// The coordinator's descriptors could not be read (`.1` says why), and the request (`.0`) is one that
+    /// an older coordinator would take for another: cancelling some tasks of a job, say, for a cancel of
+    /// the whole job. Nothing was sent.
+    #[error(
+        "{0}: refused, as the coordinator's fields could not be read to check that it knows them ({1}); \
+         an older coordinator would take it for a call on the whole job"
+    )]
+    Unchecked(String, String),
     /// A job ended, or a stream stopped, without what the call needs.
     #[error("job {job_id}: {message}")]
     Job {
@@ -459,20 +467,40 @@ impl FarmClient {
     /// again first (the coordinator may have been upgraded since). A coordinator that does not answer with
     /// them is not checked (logged).
     async fn check_known(&self, name: &str, request: &impl Message) -> Result<()> {
+        self.check_known_or(name, request, None).await
+    }
+
+    /// [`FarmClient::check_known`]; when the coordinator's fields cannot be read and `what` is given,
+    /// refused ([`ClientError::Unchecked`], naming `what`): for a request that an older coordinator would
+    /// not merely do less of but do otherwise (cancel a whole job for some of its tasks).
+    async fn check_known_or(
+        &self,
+        name: &str,
+        request: &impl Message,
+        what: Option<&str>,
+    ) -> Result<()> {
         let kept = self.coordinator_descriptors.lock().unwrap().clone();
         let unknown = match kept {
             Some(descriptors) => match descriptors.unknown(name, request) {
                 // read them again: what was kept may be of the coordinator before an upgrade
-                Some(unknown) if !unknown.is_empty() => {
+                Ok(unknown) if !unknown.is_empty() => {
                     self.read_descriptors().await.unknown(name, request)
                 }
                 unknown => unknown,
             },
             None => self.read_descriptors().await.unknown(name, request),
         };
-        match unknown {
-            Some(unknown) if !unknown.is_empty() => Err(ClientError::Unsupported(unknown)),
-            _ => Ok(()),
+        match (unknown, what) {
+            (Ok(unknown), _) if !unknown.is_empty() => Err(ClientError::Unsupported(unknown)),
+            (Err(why), Some(what)) => Err(ClientError::Unchecked(what.to_string(), why)),
+            (Err(why), None) => {
+                tracing::warn!(
+                    reason = why.as_str(),
+                    "the request's fields not checked against the coordinator's"
+                );
+                Ok(())
+            }
+            (Ok(_), _) => Ok(()),
         }
     }
 
@@ -700,8 +728,11 @@ impl FarmClient {
             job_id: job_id.to_string(),
             tasks: tasks.to_vec(),
         };
-        self.check_known("stylefarm.v1.CancelJobRequest", &request)
-            .await?;
+        if !tasks.is_empty() {
+            let what = format!("cancelling tasks of job {job_id}");
+            self.check_known_or("stylefarm.v1.CancelJobRequest", &request, Some(&what))
+                .await?;
+        }
         let reply = self.rpc.cancel_job(request).await?.into_inner();
         let state = pb::JobState::try_from(reply.state).unwrap_or_default();
         Ok((state, reply.tasks_cancelled))
@@ -766,8 +797,11 @@ impl FarmClient {
             job_id: job_id.to_string(),
             tasks: tasks.to_vec(),
         };
-        self.check_known("stylefarm.v1.RetryJobRequest", &request)
-            .await?;
+        if !tasks.is_empty() {
+            let what = format!("running tasks of job {job_id} again");
+            self.check_known_or("stylefarm.v1.RetryJobRequest", &request, Some(&what))
+                .await?;
+        }
         let reply = self.rpc.retry_job(request).await?.into_inner();
         let state = pb::JobState::try_from(reply.state).unwrap_or_default();
         Ok((state, reply.tasks_requeued))
@@ -1140,31 +1174,18 @@ enum Descriptors {
 
 impl Descriptors {
     /// The fields of `request`, a message `name`, the coordinator lacks ([`compat::unknown_to`]), its
-    /// render options left at their defaults aside (the coordinator's behaviour without them); `None` when
-    /// it cannot be told (logged).
-    fn unknown(&self, name: &str, request: &impl Message) -> Option<Vec<String>> {
+    /// render options left at their defaults aside (the coordinator's behaviour without them); an error
+    /// saying why when it cannot be told.
+    fn unknown(&self, name: &str, request: &impl Message) -> Result<Vec<String>, String> {
         let theirs = match self {
             Descriptors::Read(theirs) => theirs,
-            Descriptors::None(why) | Descriptors::Unread(why) => {
-                tracing::warn!(
-                    reason = why.as_str(),
-                    "the job's fields not checked against the coordinator's"
-                );
-                return None;
-            }
+            Descriptors::None(why) | Descriptors::Unread(why) => return Err(why.clone()),
         };
         let defaults = [(
             "stylefarm.v1.RenderParams",
             pb::RenderParams::from(&RenderParams::default()).encode_to_vec(),
         )];
         compat::unknown_to(theirs, name, request, &defaults)
-            .inspect_err(|why| {
-                tracing::warn!(
-                    reason = why.as_str(),
-                    "the job's fields not checked against the coordinator's"
-                )
-            })
-            .ok()
     }
 }
 

@@ -60,7 +60,9 @@ pub enum TaskState {
     /// workers: its job failed with it, or, in a keep-going batch or sweep
     /// ([`stylefarm_core::job::JobSpec::keep_going`]), goes on without it.
     Failed,
-    /// Its job ended (cancelled, or failed by another task) before the task could finish.
+    /// Its job ended (cancelled, or failed by another task) before the task could finish; or, in a
+    /// job that has not ended, a new plan replaced it ([`replaced_tasks`]) or, in a keep-going batch or
+    /// sweep, it was cancelled alone ([`crate::scheduler::Scheduler::cancel_tasks`]).
     Cancelled,
 }
 
@@ -68,7 +70,8 @@ impl TaskState {
     /// Whether a task in this state leaves nothing for its job to wait for: it succeeded, or it was
     /// cancelled. In a job that has not ended, a cancelled task is one that a new plan replaced (an
     /// exact-mode scale's shards planned again for fewer workers, [`crate::scheduler::Scheduler::replan`];
-    /// a scale planned again in smaller tiles, [`crate::scheduler::Scheduler::replan_smaller`]).
+    /// a scale planned again in smaller tiles, [`crate::scheduler::Scheduler::replan_smaller`]), or a
+    /// keep-going job's task cancelled alone ([`crate::scheduler::Scheduler::cancel_tasks`]).
     pub fn settled(self) -> bool {
         matches!(self, TaskState::Succeeded | TaskState::Cancelled)
     }

@@ -1014,9 +1014,14 @@ fn kept_going_end(job: &Job) -> Option<(JobState, String)> {
         named.push(format!("and {} more", failed.len() - NAMED));
     }
     let n = failed.len();
+    let again = if cancelled.is_empty() {
+        "failed"
+    } else {
+        "failed and cancelled"
+    };
     let error = format!(
         "{n} of {of} tasks failed{and_cancelled} ({kept} rendered, their results kept; `retry` runs the \
-         failed ones again): {}",
+         {again} ones again): {}",
         named.join("; ")
     );
     Some((JobState::Failed, error))
@@ -3186,12 +3191,23 @@ impl Scheduler {
             if !to_do(task) {
                 continue;
             }
+            // its lease ends now, as a replaced task's does (replace_tasks): the worker's next heartbeat
+            // tells it to stop and its outcome is discarded (so are the log lines it sends with it), and
+            // the task may run again (retry_tasks) while it stops
             if let Some(mut lease) = lease {
                 log_attempt(task, &mut lease, "cancelled: its task was cancelled alone");
             }
             st.queue.remove(&job.meta, index);
             set_task_state(&mut st.tally, task, TaskState::Cancelled);
             task.error = "cancelled".to_string();
+            // the strikes its failures put on workers are taken back, as when it fails everywhere
+            // (fail_task): a task cancelled for failing on a worker leaves that worker to the others
+            for name in std::mem::take(&mut task.struck) {
+                if let Some(strikes) = job.meta.strikes.get_mut(&name) {
+                    *strikes = strikes.saturating_sub(1);
+                }
+            }
+            job.meta.strikes.retain(|_, strikes| *strikes > 0);
             ops.push(Op::Task(job_id.clone(), task.clone()));
             cancelled += 1;
         }
@@ -5423,7 +5439,8 @@ mod tests {
 
     /// A keep-going batch's tasks are cancelled alone, queued or running (the running one's lease ends: its
     /// heartbeat answers cancel, its result and failure are discarded), and the job goes on; a task named
-    /// twice or that has ended counts once or not at all. `retry` of named tasks runs only those, each
+    /// twice or that has ended counts once or not at all; the strikes a task cancelled alone put on its
+    /// workers are taken back. `retry` of named tasks runs only those, each
     /// having failed or been cancelled. Once none is left to run, the job ends cancelled when nothing
     /// failed, failed when a task did, naming the counts, and a restart reads it so; `retry` of the whole
     /// job runs the cancelled task too. Refused naming `tasks` for an index the job has none at, and for a
@@ -5544,6 +5561,25 @@ mod tests {
         let e = refused(s.retry_tasks(&together, &[0]).unwrap_err());
         assert!(e.contains("is not keep-going"), "{e}");
         assert_eq!(task_states(&s, &together), [Cancelled, Cancelled]);
+        // the strikes a task put on its workers are taken back when it is cancelled alone
+        let (struck, _) = s
+            .submit(
+                JobSpec {
+                    max_attempts: 3,
+                    ..keep_going(2)
+                },
+                "",
+            )
+            .unwrap();
+        s.fail(&lease(&s, 0), "flaky", FailureKind::Retryable)
+            .unwrap();
+        let strikes = |s: &Scheduler| s.get(&struck).unwrap().meta.strikes;
+        assert_eq!(strikes(&s).get(&w("a")), Some(&1));
+        assert_eq!(
+            s.cancel_tasks(&struck, &[0]).unwrap(),
+            (JobState::Running, 1)
+        );
+        assert!(strikes(&s).is_empty());
         assert_eq!(s.counts(), s.counts_walked());
     }
 

@@ -10,6 +10,7 @@
 //! | `GET /api/jobs/{job_id}/tasks/{index}/log` | a task's log as text: what its worker logged in each of its last attempts, and how each ended (`stylefarm log`) |
 //! | `GET /api/images/{sha256}?max=N` | a stored image as a PNG thumbnail, its longer side at most `N` px rounded up to one of [`THUMBNAIL_SIZES`] (`N` from 16 to 1024, default 256) |
 //! | `POST /api/jobs/{job_id}/cancel` | cancels a job, as RenderService's CancelJob does; needs the header `X-Stylefarm-Csrf: 1` |
+//! | `POST /api/jobs/{job_id}/tasks/{index}/cancel`, `.../retry` | cancels a keep-going batch's or sweep's task alone, or runs one that failed or was cancelled again, as CancelJob and RetryJob with `tasks` do; the same header |
 //! | `POST /api/jobs/{job_id}/retry` | runs a failed or cancelled job again (or a keep-going batch's or sweep's failed tasks while it runs), as RenderService's RetryJob does; the same header |
 //! | `POST /api/jobs/{job_id}/pause`, `.../resume` | pauses or resumes a job, as RenderService's PauseJob and ResumeJob do; the same header |
 //! | `POST /login`, `POST /logout` | a session for a client token, its id in an HttpOnly, SameSite=Strict cookie (or the session ended) |
@@ -155,6 +156,9 @@ pub struct JobRow {
     pub finished: bool,
     /// Paused by its client: its queued tasks wait until it is resumed.
     pub paused: bool,
+    /// Keep-going ([`stylefarm_core::job::JobSpec::keep_going`]): its tasks are cancelled and run again
+    /// alone (a button each).
+    pub keep_going: bool,
     /// Its priority (higher runs first).
     pub priority: i32,
     /// When it was submitted, Unix ms.
@@ -415,6 +419,7 @@ pub fn job_row(
         state: m.state.name(),
         finished: m.state.is_terminal(),
         paused: m.paused,
+        keep_going: m.spec.keep_going,
         priority: m.spec.priority,
         submitted_ms: m.submitted_ms,
         finished_ms: m.finished_ms,
@@ -854,6 +859,40 @@ async fn retry(
     .into_response())
 }
 
+async fn cancel_task(
+    State(page): State<Page>,
+    Path((job_id, index)): Path<(String, u32)>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let (state, cancelled) = job_action(
+        &page,
+        &headers,
+        job_id,
+        move |coordinator, tenant, job_id| coordinator.cancel_own(tenant, job_id, &[index]),
+    )
+    .await?;
+    Ok(Json(serde_json::json!({ "state": state.name(), "cancelled": cancelled })).into_response())
+}
+
+async fn retry_task(
+    State(page): State<Page>,
+    Path((job_id, index)): Path<(String, u32)>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let retried = job_action(
+        &page,
+        &headers,
+        job_id,
+        move |coordinator, tenant, job_id| coordinator.retry_own(tenant, job_id, &[index]),
+    )
+    .await?;
+    Ok(Json(serde_json::json!({
+        "state": retried.state.name(),
+        "requeued": retried.requeued,
+    }))
+    .into_response())
+}
+
 /// A button's POST on one of the caller's jobs: its tenant and the page's CSRF header checked, then
 /// `action` on the blocking pool (it waits for the store).
 async fn job_action<T: Send + 'static>(
@@ -1219,6 +1258,8 @@ pub fn router(coordinator: Arc<Coordinator>, https: bool, allowed_hosts: &[Strin
         .route("/api/jobs/{job_id}/retry", post(retry))
         .route("/api/jobs/{job_id}/pause", post(pause))
         .route("/api/jobs/{job_id}/resume", post(resume))
+        .route("/api/jobs/{job_id}/tasks/{index}/cancel", post(cancel_task))
+        .route("/api/jobs/{job_id}/tasks/{index}/retry", post(retry_task))
         .route("/api/jobs/{job_id}/tasks/{index}/preview", get(preview))
         .route("/api/jobs/{job_id}/tasks/{index}/log", get(task_log))
         .layer(axum::middleware::from_fn_with_state(

@@ -1,6 +1,6 @@
 // The status page's script: polls /api/status every second and draws the jobs and the workers; the
-// buttons POST /api/jobs/{id}/{pause,resume,cancel,retry}. No framework: the page is one table and
-// a list of cards.
+// buttons POST /api/jobs/{id}/{pause,resume,cancel,retry}, and a keep-going job's task buttons
+// /api/jobs/{id}/tasks/{index}/{cancel,retry}. No framework: the page is one table and a list of cards.
 "use strict";
 
 const POLL_MS = 1000;
@@ -78,6 +78,18 @@ function mosaic(job) {
       job.tasks.length < job.tasks_of ? ` (the first ${job.tasks.length} drawn)` : ""}</figcaption></figure>`;
 }
 
+// A keep-going job's task: a button that cancels it alone while it is queued or running, or runs it again
+// once it failed or was cancelled (not once the job succeeded).
+function taskButton(job, t) {
+  if (!job.keep_going) return "";
+  const action = ["pending", "running"].includes(t.state) && !job.finished
+    ? "cancel"
+    : ["failed", "cancelled"].includes(t.state) && job.state !== "succeeded" ? "retry" : "";
+  return action
+    ? ` <button class="action ${action}" data-job="${esc(job.id)}" data-task="${t.index}" data-action="${action}">${action}</button>`
+    : "";
+}
+
 function taskRows(job) {
   if (job.kind === "tiled") return "";
   const rows = job.tasks
@@ -94,7 +106,8 @@ function taskRows(job) {
       return `<tr class="task ${esc(t.state)}"><td>${t.index}</td><td>${esc(t.label)}</td>
         <td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td><td>${esc(t.worker)}</td>
         <td><progress max="1" value="${t.progress}"></progress> ${progress}</td><td>${thumb}</td>
-        <td class="err">${esc(t.error)}  <a class="log" href="${taskLog(job, t)}" target="_blank" rel="noopener">log</a></td></tr>`;
+        <td class="err">${esc(t.error)}  <a class="log" href="${taskLog(job, t)}" target="_blank" rel="noopener">log</a>${
+          taskButton(job, t)}</td></tr>`;
     })
     .join("");
   const more = job.tasks.length < job.tasks_of ? `<p class="more">the first ${job.tasks.length} of ${job.tasks_of} tasks</p>` : "";
@@ -153,8 +166,9 @@ function card(job) {
   return c;
 }
 
+// Redraws `el` when its markup changed, but not while a button in it is pressed: its click would be lost.
 function update(el, key, html, shown) {
-  if (shown[key] !== html) {
+  if (shown[key] !== html && !el.querySelector("button:active")) {
     el.innerHTML = html;
     shown[key] = html;
   }
@@ -179,8 +193,10 @@ function drawJobs(status) {
     c.pause.hidden = job.finished || job.paused;
     c.resume.hidden = job.finished || !job.paused;
     // a failed or cancelled job runs again: its failed and cancelled tasks, its results kept; so do a
-    // keep-going batch's tasks that failed while it runs
-    c.retry.hidden = !job.finished ? !job.counts.failed : job.state === "succeeded";
+    // keep-going batch's tasks that failed, or were cancelled alone, while it runs
+    c.retry.hidden = !job.finished
+      ? !(job.counts.failed || (job.keep_going && job.counts.cancelled))
+      : job.state === "succeeded";
     // newest first: moved only when out of place
     const want = previous ? previous.nextSibling : list.firstChild;
     if (want !== c.article) list.insertBefore(c.article, want);
@@ -242,10 +258,12 @@ document.addEventListener("click", async (event) => {
   const button = event.target.closest("button.action");
   if (!button) return;
   const action = button.dataset.action;
+  // a task's button acts on that task alone
+  const task = button.dataset.task !== undefined ? `tasks/${button.dataset.task}/` : "";
   button.disabled = true;
   button.textContent = `${action}…`;
   try {
-    const response = await fetch(`/api/jobs/${encodeURIComponent(button.dataset.job)}/${action}`, {
+    const response = await fetch(`/api/jobs/${encodeURIComponent(button.dataset.job)}/${task}${action}`, {
       method: "POST",
       credentials: "same-origin",
       headers: { "X-Stylefarm-Csrf": "1" },
