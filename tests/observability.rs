@@ -403,15 +403,19 @@ struct Post {
     body: serde_json::Value,
     /// Standard Webhooks' check of its signature with the receiver's secret: Ok, or why not.
     signed: Result<(), String>,
-    /// The same check with another secret passed.
+    /// The same check with [`OLD_SECRET`] passed.
+    old_key_passes: bool,
+    /// The same check with a secret the coordinator was not given passed.
     other_key_passes: bool,
 }
 
 type Posts = std::sync::Arc<std::sync::Mutex<Vec<Post>>>;
 
-/// A Standard Webhooks signing secret (32 bytes, base64) that the coordinator signs with, and another.
+/// A Standard Webhooks signing secret (32 bytes, base64) that the coordinator signs with; the one it is
+/// being rotated from (24 bytes), which it signs with too; and another.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw+Ow8ZwsNDXs=";
-const OTHER_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+const OLD_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+const OTHER_SECRET: &str = "whsec_ZDq3gbJd5yWZthVhaYPCElPeVzPHLGMWpBdnYjtzWe4=";
 
 /// An HTTP server taking POSTs on `/hooks/s3cr3t`, which answers the first 503 and the others 204,
 /// checking each one's signature by [`SECRET`] with Standard Webhooks' library; its URL and what it got.
@@ -441,6 +445,7 @@ async fn webhook_receiver() -> (String, Posts) {
                     id: header("webhook-id"),
                     body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
                     signed: check(SECRET),
+                    old_key_passes: check(OLD_SECRET).is_ok(),
                     other_key_passes: check(OTHER_SECRET).is_ok(),
                 };
                 let mut got = got.lock().unwrap();
@@ -460,15 +465,16 @@ async fn webhook_receiver() -> (String, Posts) {
 }
 
 /// `coordinator --notify-url`: each job that ends is POSTed as JSON (its id, name, kind, state, error,
-/// task counts), with a delivery id, signed by `--notify-secret-file`'s secret as Standard Webhooks'
-/// library checks it; a 503 answer gets the same delivery again. The metrics count the deliveries, and
+/// task counts), with a delivery id, signed by each of `--notify-secret-file`'s secrets (a rotation: the
+/// new one and the old) as Standard Webhooks' library checks it; a 503 answer gets the same delivery again. The metrics count the deliveries, and
 /// the coordinator's log names the receiver's host, not the URL's secret path nor the signing secret.
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_that_end_are_announced_to_the_notify_url() {
     let (url, posts) = webhook_receiver().await;
     let mut cluster = Cluster::new(1.5, 0.3, "embedded");
     let secret = cluster.dir.path().join("notify-secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    // rotating the receiver's secret: the new one and the old, one a line
+    std::fs::write(&secret, format!("{SECRET}\n{OLD_SECRET}\n")).unwrap();
     cluster.coordinator_args = [
         "--notify-url",
         &url,
@@ -502,10 +508,10 @@ async fn jobs_that_end_are_announced_to_the_notify_url() {
         async move { (posts.len() >= 3).then_some(posts) }
     })
     .await;
-    // each signed with the secret (and not with another), its webhook-id the delivery id
+    // each signed with the secret and the old one (and not with another), its webhook-id the delivery id
     for post in &posts {
         assert_eq!(post.signed, Ok(()), "{post:#?}");
-        assert!(!post.other_key_passes, "{post:#?}");
+        assert!(post.old_key_passes && !post.other_key_passes, "{post:#?}");
         assert_eq!(post.id, post.delivery, "{post:#?}");
     }
     let of = |job: &str| -> Vec<(String, serde_json::Value)> {
@@ -567,6 +573,7 @@ async fn jobs_that_end_are_announced_to_the_notify_url() {
     );
     assert!(!log.contains("s3cr3t"), "{log}");
     assert!(!log.contains(&SECRET[6..20]), "{log}");
+    assert!(!log.contains(&OLD_SECRET[6..20]), "{log}");
 }
 
 /// A signing secret that is not one (too short; not whsec_; a file of two lines, where a tool wrapped a key;
@@ -596,7 +603,7 @@ fn a_coordinator_refuses_a_notify_secret_that_is_not_one() {
         ),
         (
             vec!["--notify-secret-file".into(), path(&wrapped)],
-            "more than one line",
+            "line 2 does not start with whsec_: give each secret on one line (not wrapped)",
         ),
         (
             vec!["--notify-secret-file".into(), "/nonexistent/secret".into()],

@@ -11,6 +11,7 @@ use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stylefarm_client::{job_state_name, task_state_name, Credentials, FarmClient, JobFiles, JobId};
 use stylefarm_coordinator::auth::{AuthConfig, TlsConfig, WorkerToken};
+use stylefarm_coordinator::notify::SigningSecret;
 use stylefarm_coordinator::{BlobsConfig, StoreConfig};
 use stylefarm_core::checkpoint::CheckpointEvery;
 use stylefarm_core::imaging;
@@ -101,9 +102,10 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, env = "STYLEFARM_NOTIFY_URL", hide_env_values = true)]
     notify_url: Option<String>,
     /// Sign each notification (Standard Webhooks' webhook-signature, HMAC-SHA256) with this secret:
-    /// whsec_ and the base64 of 24 to 64 random bytes. A flag shows in the process list: prefer
-    /// STYLEFARM_NOTIFY_SECRET or --notify-secret-file (one of the two; set, even from the environment,
-    /// it needs --notify-url).
+    /// whsec_ and the base64 of 24 to 64 random bytes. Several, space-separated, sign it each (a
+    /// signature by each: to rotate the receiver's secret, give the new one and the old until it has the
+    /// new). A flag shows in the process list: prefer STYLEFARM_NOTIFY_SECRET or --notify-secret-file (one
+    /// of the two; set, even from the environment, it needs --notify-url).
     #[arg(
         long,
         env = "STYLEFARM_NOTIFY_SECRET",
@@ -112,7 +114,7 @@ pub(crate) struct CoordinatorArgs {
         conflicts_with = "notify_secret_file"
     )]
     notify_secret: Option<String>,
-    /// File holding --notify-secret on its one line, e.g. a mounted Kubernetes Secret.
+    /// File holding --notify-secret, one secret a line, e.g. a mounted Kubernetes Secret.
     #[arg(long, env = "STYLEFARM_NOTIFY_SECRET_FILE", requires = "notify_url")]
     notify_secret_file: Option<PathBuf>,
     /// Seconds a running task may go without its progress moving (its scale or iteration, as the worker's
@@ -590,16 +592,17 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| anyhow!("--notify-url: {e}"))?;
     // one of the two at most (the argument parser's conflict, the variables' values included)
-    let secret = match (&args.notify_secret, &args.notify_secret_file) {
-        (Some(secret), _) => Some(("--notify-secret", secret.clone())),
+    let secrets = match (&args.notify_secret, &args.notify_secret_file) {
+        (Some(secrets), _) => Some(("--notify-secret", secrets.clone())),
         (None, Some(file)) => Some((
             "--notify-secret-file",
-            stylefarm_proto::connect::secret_from_file("--notify-secret-file", file)?,
+            stylefarm_proto::connect::secrets_from_file("--notify-secret-file", file, "whsec_")?
+                .join(" "),
         )),
         (None, None) => None,
     };
-    if let (Some(notify), Some((flag, text))) = (&mut config.notify, secret) {
-        notify.secret = Some(text.parse().map_err(|e| anyhow!("{flag}: {e}"))?);
+    if let (Some(notify), Some((flag, text))) = (&mut config.notify, secrets) {
+        notify.secrets = SigningSecret::list(&text).map_err(|e| anyhow!("{flag}: {e}"))?;
     }
     // a wait: any number of seconds, 0 or more
     let wait = |flag: &str, secs: f64| {

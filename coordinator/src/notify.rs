@@ -18,7 +18,9 @@
 //! delivery id) and `webhook-timestamp` (the try's, Unix seconds), and with a signing secret
 //! ([`SigningSecret`]) their `webhook-signature`, an HMAC-SHA256 of id, timestamp and body made by the
 //! standard's reference library, which a receiver checks with its own (and drops a stale timestamp: a
-//! replay).
+//! replay). With several secrets (a rotation: the new one and the old, [`SigningSecret::list`]) each
+//! POST carries a signature by each, space-separated as the standard has it, and a receiver that knows
+//! either accepts it.
 //!
 //! [Standard Webhooks]: https://www.standardwebhooks.com/
 
@@ -55,8 +57,8 @@ pub const MAX_QUEUED: usize = 1000;
 pub struct NotifyConfig {
     /// An `http://` or `https://` URL, POSTed a [`JobEnded`] as JSON when a job ends.
     pub url: reqwest::Url,
-    /// The key that signs each POST (`webhook-signature`); `None`: unsigned.
-    pub secret: Option<SigningSecret>,
+    /// The keys that sign each POST (`webhook-signature`, a signature by each); none: unsigned.
+    pub secrets: Vec<SigningSecret>,
 }
 
 /// Bytes of a signing secret, at least and at most: Standard Webhooks' bounds.
@@ -101,6 +103,29 @@ impl std::str::FromStr for SigningSecret {
     }
 }
 
+impl SigningSecret {
+    /// Secrets separated by white space (spaces, or one a line): to rotate a receiver's secret, the new
+    /// one and the old are given until the receiver has the new one. Each as [`SigningSecret::from_str`]
+    /// takes it; an error names the one that is wrong by its place (not its text).
+    ///
+    /// [`SigningSecret::from_str`]: std::str::FromStr::from_str
+    pub fn list(text: &str) -> Result<Vec<SigningSecret>, String> {
+        let texts: Vec<&str> = text.split_whitespace().collect();
+        if texts.is_empty() {
+            return Err("empty".into());
+        }
+        let n = texts.len();
+        (texts.iter().enumerate())
+            .map(|(i, t)| match n {
+                1 => t.parse(),
+                _ => t
+                    .parse()
+                    .map_err(|e| format!("secret {} of {n}: {e}", i + 1)),
+            })
+            .collect()
+    }
+}
+
 impl std::str::FromStr for NotifyConfig {
     type Err = String;
 
@@ -114,7 +139,10 @@ impl std::str::FromStr for NotifyConfig {
                 url.scheme()
             ));
         }
-        Ok(NotifyConfig { url, secret: None })
+        Ok(NotifyConfig {
+            url,
+            secrets: Vec::new(),
+        })
     }
 }
 
@@ -222,10 +250,9 @@ pub(crate) async fn run(
         }
     };
     let host = config.url.host_str().unwrap_or_default().to_string();
-    let signing = match (config
-        .secret
-        .map(|s| standardwebhooks::Webhook::from_bytes(s.0)))
-    .transpose()
+    let signing = match (config.secrets.into_iter())
+        .map(|s| standardwebhooks::Webhook::from_bytes(s.0))
+        .collect::<Result<Vec<_>, _>>()
     {
         Ok(signing) => Arc::new(signing),
         Err(e) => {
@@ -286,7 +313,7 @@ pub(crate) async fn run(
                         let to = Receiver {
                             url: &url,
                             host: &host,
-                            signing: signing.as_ref().as_ref(),
+                            signing: &signing,
                         };
                         Some(deliver(&client, to, &ended).await)
                     }
@@ -319,7 +346,8 @@ pub(crate) struct Receiver<'a> {
     pub(crate) url: &'a reqwest::Url,
     /// The URL's host, which the logs name.
     pub(crate) host: &'a str,
-    pub(crate) signing: Option<&'a standardwebhooks::Webhook>,
+    /// The keys that sign the POST, a signature each; none: unsigned.
+    pub(crate) signing: &'a [standardwebhooks::Webhook],
 }
 
 /// POSTs `ended` to the receiver ([the module's docs](self) say how often and with which headers); how it
@@ -348,10 +376,15 @@ pub(crate) async fn deliver(
             .header("X-Stylefarm-Delivery", &delivery)
             .header(standardwebhooks::HEADER_WEBHOOK_ID, &delivery)
             .header(standardwebhooks::HEADER_WEBHOOK_TIMESTAMP, timestamp);
-        if let Some(signing) = signing {
-            match signing.sign(&delivery, timestamp, &body) {
-                Ok(signature) => {
-                    post = post.header(standardwebhooks::HEADER_WEBHOOK_SIGNATURE, signature)
+        if !signing.is_empty() {
+            let signatures: Result<Vec<String>, _> = (signing.iter())
+                .map(|key| key.sign(&delivery, timestamp, &body))
+                .collect();
+            match signatures {
+                // one by each key, space-separated (Standard Webhooks' several signatures)
+                Ok(signatures) => {
+                    let header = signatures.join(" ");
+                    post = post.header(standardwebhooks::HEADER_WEBHOOK_SIGNATURE, header)
                 }
                 // only a body that is not UTF-8, which serde_json does not write
                 Err(e) => {
@@ -497,7 +530,7 @@ mod tests {
             let to = Receiver {
                 url: &url,
                 host: "127.0.0.1",
-                signing: None,
+                signing: &[],
             };
             assert_eq!(deliver(&client, to, &ended).await, outcome, "{answers:?}");
             let got = got.load(std::sync::atomic::Ordering::SeqCst);
@@ -529,7 +562,7 @@ mod tests {
             let counted = Family::<Labels, Counter>::default();
             let config = NotifyConfig {
                 url: url.clone(),
-                secret: None,
+                secrets: Vec::new(),
             };
             tokio::spawn(run(scheduler.clone(), config, counted.clone()));
             // (a current-thread runtime: `run` subscribes before its first wait, which this lets it reach)
@@ -595,5 +628,13 @@ mod tests {
             assert!(e.starts_with(why) && e.contains("head -c 32"), "{bad}: {e}");
             assert!(bad.len() < 10 || !e.contains(&bad[6..]), "{e}");
         }
+        // several, for a rotation: one a line or space-separated; a wrong one named by its place
+        let (a, b) = (of(32), of(24));
+        let both = SigningSecret::list(&format!("{a}\n {b}\n")).unwrap();
+        assert_eq!(both.iter().map(|s| s.0.len()).collect::<Vec<_>>(), [32, 24]);
+        let e = SigningSecret::list(&format!("{a} {}", of(16))).unwrap_err();
+        assert!(e.starts_with("secret 2 of 2: 16 bytes"), "{e}");
+        assert_eq!(SigningSecret::list(&a).unwrap().len(), 1);
+        assert_eq!(SigningSecret::list(" \n").unwrap_err(), "empty");
     }
 }

@@ -84,20 +84,32 @@ fn read_text(flag: &str, path: &Path) -> Result<String, CredentialsError> {
     String::from_utf8(read(flag, path)?).map_err(|_| file_error(flag, path, "not UTF-8"))
 }
 
-/// A secret read from a file (`flag` names it in errors; Kubernetes mounts Secrets as files): its one
-/// line, trimmed; a file of more than one line is refused (a key that a tool wrapped over two lines would
-/// otherwise be cut short).
-pub fn secret_from_file(flag: &str, path: &Path) -> Result<String, CredentialsError> {
+/// Secrets read from a file (`flag` names it in errors; Kubernetes mounts Secrets as files), one a line,
+/// each starting with `prefix` (e.g. `whsec_`), trimmed; blank lines are left out. A line after the first
+/// that does not start with `prefix` is refused: it is the rest of a key that a tool wrapped over two
+/// lines, which would otherwise be cut short.
+pub fn secrets_from_file(
+    flag: &str,
+    path: &Path,
+    prefix: &str,
+) -> Result<Vec<String>, CredentialsError> {
     let text = read_text(flag, path)?;
-    let secret = text.trim();
-    if secret.is_empty() {
+    let secrets: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if secrets.is_empty() {
         return Err(file_error(flag, path, "empty"));
     }
-    if secret.lines().count() > 1 {
-        let why = "more than one line: give the secret on one line";
+    if let Some(n) = (secrets.iter().skip(1)).position(|l| !l.starts_with(prefix)) {
+        let why = format!(
+            "line {} does not start with {prefix}: give each secret on one line (not wrapped)",
+            n + 2
+        );
         return Err(file_error(flag, path, why));
     }
-    Ok(secret.to_string())
+    Ok(secrets.into_iter().map(String::from).collect())
 }
 
 impl Credentials {
