@@ -576,6 +576,75 @@ async fn jobs_that_end_are_announced_to_the_notify_url() {
     assert!(!log.contains(&OLD_SECRET[6..20]), "{log}");
 }
 
+/// A job's end whose delivery was under way when its coordinator was killed (the receiver answering 503)
+/// is announced by the next coordinator on the store, under the same delivery id; once delivered, it is
+/// not announced again by the one after that.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_end_not_announced_when_its_coordinator_died_is_announced_by_the_next() {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    // the receiver: 503 while it is down, 204 once up; each POST's delivery id and answer
+    let up = Arc::new(AtomicBool::new(false));
+    let posts: Arc<Mutex<Vec<(String, u16)>>> = Arc::default();
+    let (receiver_up, got) = (up.clone(), posts.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap| async move {
+            let code = if receiver_up.load(SeqCst) { 204 } else { 503 };
+            let delivery = headers
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            got.lock().unwrap().push((delivery, code));
+            StatusCode::from_u16(code).unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut cluster = Cluster::new(1.5, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--notify-url".into(), url];
+    cluster.start_coordinator();
+    let held = submit(
+        &cluster,
+        &[&tubingen_x_starry(48, 3)[..], &["--paused".into()]].concat(),
+    );
+    let (ok, _, err) = cluster.cli(&["cancel", &held]);
+    assert!(ok, "{err}");
+    let posted = |n: usize| {
+        let posts = posts.clone();
+        move || {
+            let posts = posts.lock().unwrap().clone();
+            async move { (posts.len() >= n).then_some(posts) }
+        }
+    };
+    let refused = wait_for("a try answered 503", Duration::from_secs(30), posted(1)).await;
+    let delivery = refused[0].0.clone();
+    assert!(delivery.starts_with(&format!("{held}@")), "{refused:?}");
+    cluster.coordinator.as_mut().unwrap().kill();
+    up.store(true, SeqCst);
+    let tries = posts.lock().unwrap().len();
+    cluster.start_coordinator();
+    let after = wait_for(
+        "the end delivered",
+        Duration::from_secs(30),
+        posted(tries + 1),
+    )
+    .await;
+    assert_eq!(after[tries], (delivery.clone(), 204), "{after:?}");
+    // delivered and recorded: the next coordinator does not announce it again
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.coordinator.as_mut().unwrap().terminate();
+    cluster.start_coordinator();
+    let (ok, _, err) = cluster.cli(&["status", &held]);
+    assert!(ok, "{err}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let posts = posts.lock().unwrap().clone();
+    assert_eq!(posts.len(), tries + 1, "{posts:?}");
+}
+
 /// A signing secret that is not one (too short; not whsec_; a file of two lines, where a tool wrapped a key;
 /// a file that is not there, or one that never ends), or one without a URL to sign for, is refused at start,
 /// naming the flag and not showing the secret.

@@ -127,6 +127,11 @@ pub struct JobMeta {
     pub submitted_ms: i64,
     /// When the job reached a terminal state, in ms since the Unix epoch; 0 until then.
     pub finished_ms: i64,
+    /// The `finished_ms` of the job's end last announced to the coordinator's `--notify-url` (delivered,
+    /// or refused or given up on: [`crate::notify`]); 0: none. An end not announced when its coordinator
+    /// stopped is announced by the next one on the store, if it is recent ([`crate::notify::CATCH_UP`]).
+    #[serde(default)]
+    pub announced_ms: i64,
     /// Why the job failed (`cancelled` for a cancelled job); empty otherwise.
     pub error: String,
     /// Strikes (retryable failures, lease expiries) per worker name ([`WorkerId::by_name`]: a worker keeps
@@ -453,6 +458,7 @@ mod tests {
             state: JobState::Running,
             submitted_ms: 1,
             finished_ms: 0,
+            announced_ms: 0,
             error: String::new(),
             strikes: BTreeMap::new(),
             stage_results: vec![h("scale1")],

@@ -7,9 +7,12 @@
 //! [`NOTIFY_TRIES`] times (the same body and `X-Stylefarm-Delivery` header, by which a receiver drops a
 //! repeat), after [`stylefarm_proto::Backoff`]'s waits; a 4xx answer other than 408 and 429 says the
 //! receiver refuses it, and a redirect that the URL is not the receiver's own: neither is sent again. While
-//! the receiver is away, at most [`MAX_QUEUED`] notifications wait; one more is dropped. A job that ends
-//! while no coordinator serves, or whose delivery is under way when the coordinator stops, is not
-//! announced. A job run again (`stylefarm retry`) is announced again when it ends again. Outcomes are
+//! the receiver is away, at most [`MAX_QUEUED`] notifications wait; one more is dropped. Each end that
+//! was delivered, or that the receiver refused or was given up on, is recorded with its job
+//! ([`crate::model::JobMeta::announced_ms`]); a coordinator that starts on the store announces the others
+//! that ended in the last [`CATCH_UP`] (one whose coordinator stopped, or was killed, with its delivery
+//! under way or waiting; one that ended while a standby took over): at least once, a receiver dropping a
+//! delivery id it has seen. A job run again (`stylefarm retry`) is announced again when it ends again. Outcomes are
 //! counted in `stylefarm_notifications_total` ([`crate::metrics`]).
 //!
 //! The URL is the operator's, not a client's (a client could otherwise make the coordinator call any
@@ -51,6 +54,10 @@ const SENDING_AT_ONCE: usize = 8;
 /// Notifications being sent or waiting to be sent, at most: while a receiver is away (each try of a
 /// delivery waits up to [`NOTIFY_TIMEOUT`]) one more is dropped rather than held.
 pub const MAX_QUEUED: usize = 1000;
+
+/// How far back a coordinator that starts announces the ends that were not ([the module's docs](self)):
+/// an hour. Older ones are left, so that a receiver first set up on a farm with a history is not sent it.
+pub const CATCH_UP: Duration = Duration::from_secs(3600);
 
 /// Where the coordinator announces the jobs that end.
 #[derive(Debug, Clone, PartialEq)]
@@ -228,8 +235,9 @@ impl Delivered {
     }
 }
 
-/// Announces every job that ends from now on ([the module's docs](self)), until the scheduler's changes
-/// end; each delivery's outcome counted in `counted` (by `outcome`).
+/// Announces every job that ends from now on, and first those that ended in the last [`CATCH_UP`] and were
+/// not announced ([the module's docs](self)), until the scheduler's changes end; each delivery's outcome
+/// counted in `counted` (by `outcome`) and recorded with its job ([`Scheduler::announced`]).
 pub(crate) async fn run(
     scheduler: Arc<Scheduler>,
     config: NotifyConfig,
@@ -241,7 +249,10 @@ pub(crate) async fn run(
             .inc();
     };
     let mut changes = scheduler.subscribe();
-    let since = now_ms();
+    // the ends not announced by the coordinators before, this far back (subscribed first: an end from
+    // now on is among these or comes as a change, or both)
+    let since = now_ms() - CATCH_UP.as_millis() as i64;
+    let mut missed = scheduler.ended_since(since);
     let client = match http_client() {
         Ok(client) => client,
         Err(e) => {
@@ -266,16 +277,21 @@ pub(crate) async fn run(
     // each job's end announced, by its finished_ms (a job run again ends again later)
     let mut announced: HashMap<JobId, i64> = HashMap::new();
     loop {
-        let ids = match changes.recv().await {
-            Ok(id) => vec![id],
-            // changes missed: the jobs that ended meanwhile are among those that ended since the start
-            Err(RecvError::Lagged(_)) => scheduler.ended_since(since),
-            Err(RecvError::Closed) => return,
+        let ids = if !missed.is_empty() {
+            std::mem::take(&mut missed)
+        } else {
+            match changes.recv().await {
+                Ok(id) => vec![id],
+                // changes missed: the jobs that ended meanwhile are among those that ended since
+                Err(RecvError::Lagged(_)) => scheduler.ended_since(since),
+                Err(RecvError::Closed) => return,
+            }
         };
         for id in ids {
             let ended = scheduler.ended_with(&id, |meta, tasks| {
-                let new =
-                    meta.finished_ms >= since && announced.get(&id) != Some(&meta.finished_ms);
+                let new = meta.finished_ms >= since
+                    && meta.announced_ms != meta.finished_ms
+                    && announced.get(&id) != Some(&meta.finished_ms);
                 new.then(|| JobEnded::of(meta, tasks))
             });
             let ended = match ended {
@@ -301,7 +317,7 @@ pub(crate) async fn run(
                 continue;
             }
             let (client, url, host) = (client.clone(), url.clone(), host.clone());
-            let signing = signing.clone();
+            let (signing, scheduler) = (signing.clone(), scheduler.clone());
             let (sending, delivered) = (sending.clone(), delivered.clone());
             // counted out however the task ends (a panic, an abort)
             let queued = scopeguard::guard(queued.clone(), move |q| {
@@ -322,6 +338,8 @@ pub(crate) async fn run(
                 drop(queued);
                 if let Some(outcome) = outcome {
                     delivered(outcome);
+                    // done with: not announced again by the next coordinator
+                    scheduler.announced(&JobId::from(ended.job_id.clone()), ended.finished_ms);
                 }
             });
         }

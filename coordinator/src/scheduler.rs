@@ -1559,6 +1559,7 @@ impl Scheduler {
             state: JobState::Queued,
             submitted_ms: now_ms(),
             finished_ms: 0,
+            announced_ms: 0,
             error: String::new(),
             strikes: Default::default(),
             stage_results: Vec::new(),
@@ -3666,6 +3667,30 @@ impl Scheduler {
             .state
             .is_terminal()
             .then(|| f(&job.meta, &job.tasks))
+    }
+
+    /// Records that job `job_id`'s end at `finished_ms` was announced to the coordinator's `--notify-url`
+    /// ([`JobMeta::announced_ms`]): written, not waited for (at worst the next coordinator announces it
+    /// again, under the same delivery id). Nothing for a job that has ended again since, runs again, is
+    /// being deleted or is gone, nor while the store holds writes back.
+    pub fn announced(&self, job_id: &JobId, finished_ms: i64) {
+        if self.store.behind().is_some() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap();
+        let deleting = st.deleting.contains(job_id);
+        let Some(job) = st.jobs.get_mut(job_id).filter(|_| !deleting) else {
+            return;
+        };
+        let meta = &mut job.meta;
+        if !meta.state.is_terminal()
+            || meta.finished_ms != finished_ms
+            || meta.announced_ms == finished_ms
+        {
+            return;
+        }
+        meta.announced_ms = finished_ms;
+        drop(self.store.write(vec![Op::Job(meta.clone())]));
     }
 
     /// The jobs that ended at or after `since_ms` (ms since the Unix epoch), every tenant's.
