@@ -446,7 +446,12 @@ impl Coordinator {
                 Arc::new(store::RedisStore::open_active(url, prefix, *lease)?)
             }
         };
-        let scheduler = scheduler::Scheduler::new(config.scheduler, store)?;
+        // each job's end marked to announce while notifications are on
+        let scheduler_config = scheduler::SchedulerConfig {
+            announce_ends: config.notify.is_some(),
+            ..config.scheduler
+        };
+        let scheduler = scheduler::Scheduler::new(scheduler_config, store)?;
         let drained = scheduler.drained();
         if !drained.is_empty() {
             // stored from before: an operator looking for why a worker takes nothing finds it here

@@ -127,11 +127,12 @@ pub struct JobMeta {
     pub submitted_ms: i64,
     /// When the job reached a terminal state, in ms since the Unix epoch; 0 until then.
     pub finished_ms: i64,
-    /// The `finished_ms` of the job's end last announced to the coordinator's `--notify-url` (delivered,
-    /// or refused or given up on: [`crate::notify`]); 0: none. An end not announced when its coordinator
-    /// stopped is announced by the next one on the store, if it is recent ([`crate::notify::CATCH_UP`]).
+    /// Its end is to be announced to the coordinator's `--notify-url` and has not been yet (delivered,
+    /// refused or given up on: [`crate::notify`]): set as it ends when notifications are on
+    /// ([`crate::scheduler::SchedulerConfig::announce_ends`]), cleared once announced. The next coordinator
+    /// on the store announces the ends its predecessor left so.
     #[serde(default)]
-    pub announced_ms: i64,
+    pub unannounced: bool,
     /// Why the job failed (`cancelled` for a cancelled job); empty otherwise.
     pub error: String,
     /// Strikes (retryable failures, lease expiries) per worker name ([`WorkerId::by_name`]: a worker keeps
@@ -458,7 +459,7 @@ mod tests {
             state: JobState::Running,
             submitted_ms: 1,
             finished_ms: 0,
-            announced_ms: 0,
+            unannounced: false,
             error: String::new(),
             strikes: BTreeMap::new(),
             stage_results: vec![h("scale1")],

@@ -8,11 +8,11 @@
 //! repeat), after [`stylefarm_proto::Backoff`]'s waits; a 4xx answer other than 408 and 429 says the
 //! receiver refuses it, and a redirect that the URL is not the receiver's own: neither is sent again. While
 //! the receiver is away, at most [`MAX_QUEUED`] notifications wait; one more is dropped. Each end that
-//! was delivered, or that the receiver refused or was given up on, is recorded with its job
-//! ([`crate::model::JobMeta::announced_ms`]); a coordinator that starts on the store announces the others
-//! that ended in the last [`CATCH_UP`] (one whose coordinator stopped, or was killed, with its delivery
-//! under way or waiting; one that ended while a standby took over): at least once, a receiver dropping a
-//! delivery id it has seen. A job run again (`stylefarm retry`) is announced again when it ends again. Outcomes are
+//! is marked with its job as it ends ([`crate::model::JobMeta::unannounced`]) and unmarked once
+//! delivered, refused or given up on; a coordinator that starts on the store announces those still marked
+//! (its predecessor stopped, or was killed, with their deliveries under way or waiting; they ended while
+//! a standby took over), at most [`MAX_QUEUED`] / 2 waiting at once beside the new ends: at least once, a
+//! receiver dropping a delivery id it has seen. Ends from before notifications were on are not marked. A job run again (`stylefarm retry`) is announced again when it ends again. Outcomes are
 //! counted in `stylefarm_notifications_total` ([`crate::metrics`]).
 //!
 //! The URL is the operator's, not a client's (a client could otherwise make the coordinator call any
@@ -54,10 +54,6 @@ const SENDING_AT_ONCE: usize = 8;
 /// Notifications being sent or waiting to be sent, at most: while a receiver is away (each try of a
 /// delivery waits up to [`NOTIFY_TIMEOUT`]) one more is dropped rather than held.
 pub const MAX_QUEUED: usize = 1000;
-
-/// How far back a coordinator that starts announces the ends that were not ([the module's docs](self)):
-/// an hour. Older ones are left, so that a receiver first set up on a farm with a history is not sent it.
-pub const CATCH_UP: Duration = Duration::from_secs(3600);
 
 /// Where the coordinator announces the jobs that end.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +121,12 @@ impl SigningSecret {
         (texts.iter().enumerate())
             .map(|(i, t)| match n {
                 1 => t.parse(),
+                // a piece that is not a secret may be the rest of one that a tool wrapped
+                _ if !t.starts_with("whsec_") => Err(format!(
+                    "secret {} of {n} does not start with whsec_: give each secret whole (a key \
+                     wrapped over two lines?)",
+                    i + 1
+                )),
                 _ => t
                     .parse()
                     .map_err(|e| format!("secret {} of {n}: {e}", i + 1)),
@@ -235,9 +237,10 @@ impl Delivered {
     }
 }
 
-/// Announces every job that ends from now on, and first those that ended in the last [`CATCH_UP`] and were
-/// not announced ([the module's docs](self)), until the scheduler's changes end; each delivery's outcome
-/// counted in `counted` (by `outcome`) and recorded with its job ([`Scheduler::announced`]).
+/// Announces every job that ends from now on, and those whose end is still to be announced
+/// ([`Scheduler::unannounced`]: [the module's docs](self)), until the scheduler's changes end; each
+/// delivery's outcome counted in `counted` (by `outcome`) and recorded with its job
+/// ([`Scheduler::announced`]).
 pub(crate) async fn run(
     scheduler: Arc<Scheduler>,
     config: NotifyConfig,
@@ -249,10 +252,10 @@ pub(crate) async fn run(
             .inc();
     };
     let mut changes = scheduler.subscribe();
-    // the ends not announced by the coordinators before, this far back (subscribed first: an end from
-    // now on is among these or comes as a change, or both)
-    let since = now_ms() - CATCH_UP.as_millis() as i64;
-    let mut missed = scheduler.ended_since(since);
+    // the ends the coordinators before did not announce (subscribed first: an end from now on is among
+    // these or comes as a change, or both)
+    let mut missed = std::collections::VecDeque::from(scheduler.unannounced());
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
     let client = match http_client() {
         Ok(client) => client,
         Err(e) => {
@@ -277,21 +280,27 @@ pub(crate) async fn run(
     // each job's end announced, by its finished_ms (a job run again ends again later)
     let mut announced: HashMap<JobId, i64> = HashMap::new();
     loop {
-        let ids = if !missed.is_empty() {
-            std::mem::take(&mut missed)
-        } else {
-            match changes.recv().await {
-                Ok(id) => vec![id],
-                // changes missed: the jobs that ended meanwhile are among those that ended since
-                Err(RecvError::Lagged(_)) => scheduler.ended_since(since),
-                Err(RecvError::Closed) => return,
+        // the missed ends take at most half the room, at their pace: the new ends go on meanwhile
+        let room = (MAX_QUEUED / 2).saturating_sub(queued.load(relaxed));
+        let change = if missed.is_empty() {
+            changes.recv().await
+        } else if room == 0 {
+            tokio::select! {
+                change = changes.recv() => change,
+                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
             }
+        } else {
+            Ok(missed.pop_front().expect("not empty"))
+        };
+        let ids = match change {
+            Ok(id) => vec![id],
+            // changes missed: the jobs that ended meanwhile are among those still to announce
+            Err(RecvError::Lagged(_)) => scheduler.unannounced(),
+            Err(RecvError::Closed) => return,
         };
         for id in ids {
             let ended = scheduler.ended_with(&id, |meta, tasks| {
-                let new = meta.finished_ms >= since
-                    && meta.announced_ms != meta.finished_ms
-                    && announced.get(&id) != Some(&meta.finished_ms);
+                let new = meta.unannounced && announced.get(&id) != Some(&meta.finished_ms);
                 new.then(|| JobEnded::of(meta, tasks))
             });
             let ended = match ended {
@@ -304,7 +313,6 @@ pub(crate) async fn run(
                 }
             };
             announced.insert(id, ended.finished_ms);
-            let relaxed = std::sync::atomic::Ordering::Relaxed;
             if queued.fetch_add(1, relaxed) >= MAX_QUEUED {
                 queued.fetch_sub(1, relaxed);
                 tracing::error!(
@@ -317,7 +325,8 @@ pub(crate) async fn run(
                 continue;
             }
             let (client, url, host) = (client.clone(), url.clone(), host.clone());
-            let (signing, scheduler) = (signing.clone(), scheduler.clone());
+            // not kept alive by a delivery that outlasts its coordinator
+            let (signing, scheduler) = (signing.clone(), Arc::downgrade(&scheduler));
             let (sending, delivered) = (sending.clone(), delivered.clone());
             // counted out however the task ends (a panic, an abort)
             let queued = scopeguard::guard(queued.clone(), move |q| {
@@ -339,7 +348,9 @@ pub(crate) async fn run(
                 if let Some(outcome) = outcome {
                     delivered(outcome);
                     // done with: not announced again by the next coordinator
-                    scheduler.announced(&JobId::from(ended.job_id.clone()), ended.finished_ms);
+                    if let Some(scheduler) = scheduler.upgrade() {
+                        scheduler.announced(&JobId::from(ended.job_id.clone()), ended.finished_ms);
+                    }
                 }
             });
         }
@@ -576,7 +587,11 @@ mod tests {
         });
         for one_at_a_time in [true, false] {
             let store = Arc::new(crate::store::MemoryStore::default());
-            let scheduler = Arc::new(Scheduler::new(Default::default(), store).unwrap());
+            let config = crate::scheduler::SchedulerConfig {
+                announce_ends: true,
+                ..Default::default()
+            };
+            let scheduler = Arc::new(Scheduler::new(config, store).unwrap());
             let counted = Family::<Labels, Counter>::default();
             let config = NotifyConfig {
                 url: url.clone(),
@@ -652,6 +667,12 @@ mod tests {
         assert_eq!(both.iter().map(|s| s.0.len()).collect::<Vec<_>>(), [32, 24]);
         let e = SigningSecret::list(&format!("{a} {}", of(16))).unwrap_err();
         assert!(e.starts_with("secret 2 of 2: 16 bytes"), "{e}");
+        let e = SigningSecret::list(&format!("{a} QUFBQQ==")).unwrap_err();
+        assert!(
+            e.starts_with("secret 2 of 2 does not start with whsec_"),
+            "{e}"
+        );
+        assert!(e.contains("wrapped") && !e.contains("QUFB"), "{e}");
         assert_eq!(SigningSecret::list(&a).unwrap().len(), 1);
         assert_eq!(SigningSecret::list(" \n").unwrap_err(), "empty");
     }

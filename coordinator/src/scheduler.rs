@@ -66,6 +66,9 @@ pub struct SchedulerConfig {
     /// exchange call for its group's other shards ([`Scheduler::exchanging`]): the one that holds its
     /// group back (an engine hung between two calls) is the one that stalls. `None`: never.
     pub task_stall: Option<Duration>,
+    /// Whether jobs' ends are announced (the coordinator's `--notify-url`, [`crate::notify`]): each end is
+    /// marked to announce ([`JobMeta::unannounced`]) until [`Scheduler::announced`].
+    pub announce_ends: bool,
 }
 
 /// A tenant's share ([`SchedulerConfig::tenant_shares`]) unless configured.
@@ -141,6 +144,7 @@ impl Default for SchedulerConfig {
             preview_interval: DEFAULT_PREVIEW_INTERVAL,
             tenant_shares: HashMap::new(),
             task_stall: None,
+            announce_ends: false,
         }
     }
 }
@@ -579,6 +583,8 @@ fn fair_share(
 
 #[derive(Default)]
 struct State {
+    /// [`SchedulerConfig::announce_ends`].
+    announce: bool,
     jobs: HashMap<JobId, Job>,
     /// Jobs by (tenant, client request id).
     by_request: HashMap<(String, String), JobId>,
@@ -707,6 +713,13 @@ fn set_task_state(tally: &mut Tally, task: &mut TaskRecord, to: TaskState) {
     task.state = to;
 }
 
+/// Stamps job `meta`'s end now: when it ended, and whether that end is to be announced (`announce`:
+/// [`SchedulerConfig::announce_ends`]).
+fn stamp_end(meta: &mut JobMeta, announce: bool) {
+    meta.finished_ms = now_ms();
+    meta.unannounced = announce;
+}
+
 /// Moves job `meta` to state `to`, and the tally with it; a job that ends is no longer paused.
 fn set_job_state(tally: &mut Tally, meta: &mut JobMeta, to: JobState) {
     tally.remove_job(meta.state);
@@ -753,7 +766,7 @@ fn end_job(
     job_ended(&mut st.unfinished, &job.meta.tenant);
     set_job_state(&mut st.tally, &mut job.meta, state);
     job.meta.error = error.to_string();
-    job.meta.finished_ms = now_ms();
+    stamp_end(&mut job.meta, st.announce);
     // it waits no more (its `waiting_on` is kept: a retry waits for those again)
     st.waiting.remove(job_id);
     for task in job
@@ -1390,6 +1403,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig, store: Arc<dyn Store>) -> Result<Scheduler, StoreError> {
         let mut state = State {
             drained: Arc::new(store.load_drained()?),
+            announce: config.announce_ends,
             ..State::default()
         };
         for (mut meta, mut tasks) in store.load()? {
@@ -1559,7 +1573,7 @@ impl Scheduler {
             state: JobState::Queued,
             submitted_ms: now_ms(),
             finished_ms: 0,
-            announced_ms: 0,
+            unannounced: false,
             error: String::new(),
             strikes: Default::default(),
             stage_results: Vec::new(),
@@ -2211,7 +2225,7 @@ impl Scheduler {
             self.finish_job(state, &lease.job_id, end, &reason, &mut ops)?;
         } else if all_tasks_done && !stage_work {
             set_job_state(&mut state.tally, &mut job.meta, JobState::Succeeded);
-            job.meta.finished_ms = now_ms();
+            stamp_end(&mut job.meta, state.announce);
             ops.push(Op::Job(job.meta.clone()));
             job_ended(&mut state.unfinished, &job.meta.tenant);
             self.settle(state, &lease.job_id, &mut ops);
@@ -3379,6 +3393,7 @@ impl Scheduler {
             set_job_state(&mut st.tally, &mut job.meta, state);
             job.meta.error.clear();
             job.meta.finished_ms = 0;
+            job.meta.unannounced = false;
             *st.unfinished.entry(job.meta.tenant.clone()).or_default() += 1;
             if let (Some(from), Some(image)) =
                 (job.meta.spec.params.init.job().cloned(), init_image)
@@ -3589,7 +3604,7 @@ impl Scheduler {
                     }
                     None => set_job_state(&mut st.tally, &mut job.meta, JobState::Succeeded),
                 }
-                job.meta.finished_ms = now_ms();
+                stamp_end(&mut job.meta, st.announce);
                 job_ended(&mut st.unfinished, &job.meta.tenant);
             }
         }
@@ -3670,8 +3685,8 @@ impl Scheduler {
     }
 
     /// Records that job `job_id`'s end at `finished_ms` was announced to the coordinator's `--notify-url`
-    /// ([`JobMeta::announced_ms`]): written, not waited for (at worst the next coordinator announces it
-    /// again, under the same delivery id). Nothing for a job that has ended again since, runs again, is
+    /// ([`JobMeta::unannounced`] cleared): written, not waited for (at worst the next coordinator announces
+    /// it again, under the same delivery id). Nothing for a job that has ended again since, runs again, is
     /// being deleted or is gone, nor while the store holds writes back.
     pub fn announced(&self, job_id: &JobId, finished_ms: i64) {
         if self.store.behind().is_some() {
@@ -3683,24 +3698,23 @@ impl Scheduler {
             return;
         };
         let meta = &mut job.meta;
-        if !meta.state.is_terminal()
-            || meta.finished_ms != finished_ms
-            || meta.announced_ms == finished_ms
-        {
+        if !meta.state.is_terminal() || meta.finished_ms != finished_ms || !meta.unannounced {
             return;
         }
-        meta.announced_ms = finished_ms;
+        meta.unannounced = false;
         drop(self.store.write(vec![Op::Job(meta.clone())]));
     }
 
-    /// The jobs that ended at or after `since_ms` (ms since the Unix epoch), every tenant's.
-    pub fn ended_since(&self, since_ms: i64) -> Vec<JobId> {
+    /// The jobs whose end is still to be announced ([`JobMeta::unannounced`]), every tenant's, in the
+    /// order they ended.
+    pub fn unannounced(&self) -> Vec<JobId> {
         let st = self.state.lock().unwrap();
-        st.jobs
-            .values()
-            .filter(|j| j.meta.state.is_terminal() && j.meta.finished_ms >= since_ms)
-            .map(|j| j.meta.id.clone())
-            .collect()
+        let mut ended: Vec<(i64, JobId)> = (st.jobs.values())
+            .filter(|j| j.meta.state.is_terminal() && j.meta.unannounced)
+            .map(|j| (j.meta.finished_ms, j.meta.id.clone()))
+            .collect();
+        ended.sort();
+        ended.into_iter().map(|(_, id)| id).collect()
     }
 
     /// The tenant that submitted job `job_id`.
@@ -5686,6 +5700,44 @@ mod tests {
         assert_eq!(view.meta.state, JobState::Failed);
         assert!(view.meta.result.is_none());
         assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// With notifications on, a job's end is marked to announce until it is announced, the mark kept by
+    /// the store (a restart announces it then); an end announced, or from before notifications were on,
+    /// is not; an announcement of an earlier end of a job run again since changes nothing.
+    #[test]
+    fn a_job_s_end_is_marked_to_announce_until_it_is_announced() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let quiet = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        let (before, _) = quiet.submit(batch(1, 0), "").unwrap();
+        quiet.cancel(&before).unwrap();
+        assert!(quiet.unannounced().is_empty());
+        drop(quiet);
+        let config = SchedulerConfig {
+            announce_ends: true,
+            ..Default::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let (first, _) = s.submit(batch(1, 0), "").unwrap();
+        let (second, _) = s.submit(batch(1, 0), "").unwrap();
+        s.cancel(&first).unwrap();
+        let l = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(l.task.id.job, second);
+        s.complete(&l.lease_id, &hash("r")).unwrap().unwrap();
+        assert_eq!(s.unannounced(), [first.clone(), second.clone()]);
+        let ended = s.get(&second).unwrap().meta.finished_ms;
+        s.announced(&second, ended);
+        assert_eq!(s.unannounced(), std::slice::from_ref(&first));
+        // run again: the earlier end's announcement is not this one's
+        let ended = s.get(&first).unwrap().meta.finished_ms;
+        s.retry(&first).unwrap();
+        s.announced(&first, ended);
+        assert!(s.unannounced().is_empty(), "running again");
+        s.cancel(&first).unwrap();
+        assert_eq!(s.unannounced(), std::slice::from_ref(&first));
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        assert_eq!(s.unannounced(), std::slice::from_ref(&first));
     }
 
     /// A keep-going sweep whose last variant to run is cancelled alone is due for its contact sheet, of

@@ -94,22 +94,21 @@ pub fn secrets_from_file(
     prefix: &str,
 ) -> Result<Vec<String>, CredentialsError> {
     let text = read_text(flag, path)?;
-    let secrets: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
+    // (line number, secret)
+    let secrets: Vec<(usize, &str)> = (text.lines().map(str::trim).enumerate())
+        .filter(|(_, l)| !l.is_empty())
         .collect();
     if secrets.is_empty() {
         return Err(file_error(flag, path, "empty"));
     }
-    if let Some(n) = (secrets.iter().skip(1)).position(|l| !l.starts_with(prefix)) {
+    if let Some((n, _)) = (secrets.iter().skip(1)).find(|(_, l)| !l.starts_with(prefix)) {
         let why = format!(
             "line {} does not start with {prefix}: give each secret on one line (not wrapped)",
-            n + 2
+            n + 1
         );
         return Err(file_error(flag, path, why));
     }
-    Ok(secrets.into_iter().map(String::from).collect())
+    Ok(secrets.into_iter().map(|(_, s)| s.to_string()).collect())
 }
 
 impl Credentials {

@@ -78,6 +78,10 @@ function mosaic(job) {
       job.tasks.length < job.tasks_of ? ` (the first ${job.tasks.length} drawn)` : ""}</figcaption></figure>`;
 }
 
+// Task buttons pressed whose call has not answered yet ("job/task/action"): drawn disabled, as the job
+// buttons are, though a redraw makes them anew.
+const pressed = new Set();
+
 // A keep-going job's task: a button that cancels it alone while it is queued or running, or runs it again
 // once it failed or was cancelled (not once the job succeeded).
 function taskButton(job, t) {
@@ -85,8 +89,9 @@ function taskButton(job, t) {
   const action = ["pending", "running"].includes(t.state) && !job.finished
     ? "cancel"
     : ["failed", "cancelled"].includes(t.state) && job.state !== "succeeded" ? "retry" : "";
+  const disabled = pressed.has(`${job.id}/${t.index}/${action}`) ? " disabled" : "";
   return action
-    ? ` <button class="action ${action}" data-job="${esc(job.id)}" data-task="${t.index}" data-action="${action}">${action}</button>`
+    ? ` <button class="action ${action}" data-job="${esc(job.id)}" data-task="${t.index}" data-action="${action}"${disabled}>${action}</button>`
     : "";
 }
 
@@ -260,6 +265,8 @@ document.addEventListener("click", async (event) => {
   const action = button.dataset.action;
   // a task's button acts on that task alone
   const task = button.dataset.task !== undefined ? `tasks/${button.dataset.task}/` : "";
+  const key = `${button.dataset.job}/${button.dataset.task}/${action}`;
+  if (task) pressed.add(key);
   button.disabled = true;
   button.textContent = `${action}…`;
   try {
@@ -273,6 +280,7 @@ document.addEventListener("click", async (event) => {
   } catch (e) {
     showError(`${action} failed: ${e.message}`);
   }
+  pressed.delete(key);
   button.disabled = false;
   button.textContent = action;
   refresh();

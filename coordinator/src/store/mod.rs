@@ -218,7 +218,7 @@ pub(crate) mod tests {
             state: JobState::Queued,
             submitted_ms: 1,
             finished_ms: 0,
-            announced_ms: 0,
+            unannounced: false,
             error: String::new(),
             strikes: BTreeMap::new(),
             stage_results: Vec::new(),
