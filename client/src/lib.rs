@@ -504,6 +504,22 @@ impl FarmClient {
         }
     }
 
+    /// A cancel or retry (`request`, message `name`) of some of a job's tasks: checked as
+    /// [`FarmClient::check_known_or`] refuses what an older coordinator would do otherwise (`what` says what
+    /// the call is, for the error). None named: the whole job's, which every coordinator knows (no check).
+    async fn check_tasks_known(
+        &self,
+        name: &str,
+        request: &impl Message,
+        tasks: &[u32],
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        self.check_known_or(name, request, Some(&what())).await
+    }
+
     /// The coordinator's descriptors read now, kept when the answer is definite.
     async fn read_descriptors(&self) -> Descriptors {
         let read = coordinator_descriptors(self.channel.clone()).await;
@@ -728,11 +744,10 @@ impl FarmClient {
             job_id: job_id.to_string(),
             tasks: tasks.to_vec(),
         };
-        if !tasks.is_empty() {
-            let what = format!("cancelling tasks of job {job_id}");
-            self.check_known_or("stylefarm.v1.CancelJobRequest", &request, Some(&what))
-                .await?;
-        }
+        self.check_tasks_known("stylefarm.v1.CancelJobRequest", &request, tasks, || {
+            format!("cancelling tasks of job {job_id}")
+        })
+        .await?;
         let reply = self.rpc.cancel_job(request).await?.into_inner();
         let state = pb::JobState::try_from(reply.state).unwrap_or_default();
         Ok((state, reply.tasks_cancelled))
@@ -797,11 +812,10 @@ impl FarmClient {
             job_id: job_id.to_string(),
             tasks: tasks.to_vec(),
         };
-        if !tasks.is_empty() {
-            let what = format!("running tasks of job {job_id} again");
-            self.check_known_or("stylefarm.v1.RetryJobRequest", &request, Some(&what))
-                .await?;
-        }
+        self.check_tasks_known("stylefarm.v1.RetryJobRequest", &request, tasks, || {
+            format!("running tasks of job {job_id} again")
+        })
+        .await?;
         let reply = self.rpc.retry_job(request).await?.into_inner();
         let state = pb::JobState::try_from(reply.state).unwrap_or_default();
         Ok((state, reply.tasks_requeued))

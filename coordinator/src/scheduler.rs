@@ -713,6 +713,17 @@ fn set_task_state(tally: &mut Tally, task: &mut TaskRecord, to: TaskState) {
     task.state = to;
 }
 
+/// Takes back the strikes that keep-going task `task`'s failures put on its job's workers
+/// ([`TaskRecord::struck`]): it failed everywhere, or was cancelled alone, and was its own fault.
+fn take_back_strikes(meta: &mut JobMeta, task: &mut TaskRecord) {
+    for name in std::mem::take(&mut task.struck) {
+        if let Some(strikes) = meta.strikes.get_mut(&name) {
+            *strikes = strikes.saturating_sub(1);
+        }
+    }
+    meta.strikes.retain(|_, strikes| *strikes > 0);
+}
+
 /// Stamps job `meta`'s end now: when it ended, and whether that end is to be announced (`announce`:
 /// [`SchedulerConfig::announce_ends`]).
 fn stamp_end(meta: &mut JobMeta, announce: bool) {
@@ -2476,12 +2487,7 @@ impl Scheduler {
             // a keep-going task that failed everywhere was its own fault, not its workers': the strikes
             // it caused are taken back (else a bad photo or two would blocklist a small farm, and the job
             // fail for want of a worker)
-            for name in std::mem::take(&mut task.struck) {
-                if let Some(strikes) = job.meta.strikes.get_mut(&name) {
-                    *strikes = strikes.saturating_sub(1);
-                }
-            }
-            job.meta.strikes.retain(|_, strikes| *strikes > 0);
+            take_back_strikes(&mut job.meta, task);
         } else if kind == FailureKind::Retryable {
             let name = lease.worker.by_name();
             let strikes = job.meta.strikes.entry(name.clone()).or_default();
@@ -3217,12 +3223,7 @@ impl Scheduler {
             task.error = "cancelled".to_string();
             // the strikes its failures put on workers are taken back, as when it fails everywhere
             // (fail_task): a task cancelled for failing on a worker leaves that worker to the others
-            for name in std::mem::take(&mut task.struck) {
-                if let Some(strikes) = job.meta.strikes.get_mut(&name) {
-                    *strikes = strikes.saturating_sub(1);
-                }
-            }
-            job.meta.strikes.retain(|_, strikes| *strikes > 0);
+            take_back_strikes(&mut job.meta, task);
             ops.push(Op::Task(job_id.clone(), task.clone()));
             cancelled += 1;
         }
