@@ -842,13 +842,62 @@ pub fn working_size(width: u32, height: u32, longest: u32) -> (u32, u32) {
     }
 }
 
-/// Resamples to exactly `width` x `height` with an antialiased Lanczos3 filter; an image already at that size
-/// is returned as it is, not resampled.
+/// Resamples to exactly `width` x `height` with an antialiased Lanczos3 filter (`image::imageops::resize`'s
+/// pixels); an image already at that size is returned as it is, not resampled. A large one is resampled in
+/// bands of rows on the machine's cores ([`resize_bands`]; each band [`resize_window`]'s, the same pixels
+/// as one pass): a worker resamples its content at every scale while its device waits.
 pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     if img.dimensions() == (width, height) {
         return img.clone();
     }
-    image::imageops::resize(img, width, height, FilterType::Lanczos3)
+    resize_in_bands(
+        img,
+        (width, height),
+        resize_bands(img.dimensions(), (width, height)),
+    )
+}
+
+/// [`resize`] in `bands` bands of rows, each on a thread of its own (one: `image::imageops::resize`).
+fn resize_in_bands(img: &RgbImage, (width, height): (u32, u32), bands: u32) -> RgbImage {
+    if bands <= 1 {
+        return image::imageops::resize(img, width, height, FilterType::Lanczos3);
+    }
+    let rows = height.div_ceil(bands);
+    let parts: Vec<RgbImage> = std::thread::scope(|scope| {
+        let spawned: Vec<_> = (0..height)
+            .step_by(rows as usize)
+            .map(|y| {
+                let window = (0, y, width, rows.min(height - y));
+                scope.spawn(move || resample_window(img, (width, height), window))
+            })
+            .collect();
+        spawned
+            .into_iter()
+            .map(|band| {
+                band.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    // full-width bands, top to bottom: their rows concatenated are the image's
+    let mut raw = Vec::with_capacity(width as usize * height as usize * 3);
+    for part in parts {
+        raw.extend_from_slice(part.as_raw());
+    }
+    RgbImage::from_raw(width, height, raw).expect("the bands cover the image")
+}
+
+/// Into how many bands of rows [`resize`] splits a resampling from `from` to `to` pixels: one a core (at
+/// most 32), each at least 64 rows, and one when the images hold less than a megapixel together (a
+/// thread's start would cost more than it saves).
+pub fn resize_bands(from: (u32, u32), to: (u32, u32)) -> u32 {
+    const MIN_ROWS: u32 = 64;
+    let pixels = |(w, h): (u32, u32)| u64::from(w) * u64::from(h);
+    if pixels(from) == 0 || pixels(to) == 0 || pixels(from) + pixels(to) < 1 << 20 {
+        return 1;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(32) as u32);
+    cores.min(to.1 / MIN_ROWS).max(1)
 }
 
 /// The taps of one output position of a Lanczos3 resampling from `from` to `to` positions along an axis: the
@@ -905,6 +954,15 @@ pub fn resize_window(
     if img.dimensions() == (width, height) {
         return Ok(image::imageops::crop_imm(img, x, y, w, h).to_image());
     }
+    Ok(resample_window(img, (width, height), (x, y, w, h)))
+}
+
+/// [`resize_window`] of a window known to lie inside `width` x `height`, of an image of another size.
+fn resample_window(
+    img: &RgbImage,
+    (width, height): (u32, u32),
+    (x, y, w, h): (u32, u32, u32, u32),
+) -> RgbImage {
     let (src_w, src_h) = img.dimensions();
     // image's resize samples the columns first (into floats), then the rows (rounded)
     let rows: Vec<(u32, Vec<f32>)> = (y..y + h)
@@ -920,19 +978,17 @@ pub fn resize_window(
     // vertical pass over the columns the window reads: h x (c1 - c0) x 3 floats
     let span = (c1 - c0) as usize;
     let mut tmp = vec![0f32; h as usize * span * 3];
-    for (r, (top, ws)) in rows.iter().enumerate() {
-        for cx in 0..span {
-            let mut t = [0f32; 3];
-            for (i, wgt) in ws.iter().enumerate() {
-                let p = img.get_pixel(c0 + cx as u32, top + i as u32).0;
-                for c in 0..3 {
-                    t[c] += f32::from(p[c]) * wgt;
-                }
+    let (raw, stride) = (img.as_raw(), src_w as usize * 3);
+    for ((top, ws), out) in rows.iter().zip(tmp.chunks_exact_mut(span * 3)) {
+        // a row of taps at a time, over contiguous bytes: each value's sum in the taps' order, as before
+        for (i, wgt) in ws.iter().enumerate() {
+            let start = (*top as usize + i) * stride + c0 as usize * 3;
+            for (t, &p) in out.iter_mut().zip(&raw[start..start + span * 3]) {
+                *t += f32::from(p) * wgt;
             }
-            tmp[(r * span + cx) * 3..][..3].copy_from_slice(&t);
         }
     }
-    Ok(RgbImage::from_fn(w, h, |ox, oy| {
+    RgbImage::from_fn(w, h, |ox, oy| {
         let (first, ws) = &cols[ox as usize];
         let mut t = [0f32; 3];
         for (i, wgt) in ws.iter().enumerate() {
@@ -942,7 +998,7 @@ pub fn resize_window(
             }
         }
         Rgb(t.map(|v| v.clamp(0.0, 255.0).round() as u8))
-    }))
+    })
 }
 
 /// Resizes so that the longest side is `longest` (see [`working_size`] and [`resize`]).
@@ -2119,7 +2175,7 @@ mod tests {
         });
         // up (a later scale's init), down (a large photo to a canvas), mixed
         for (width, height) in [(160, 121), (31, 23), (90, 20), (57, 43)] {
-            let whole = resize(&img, width, height);
+            let whole = image::imageops::resize(&img, width, height, FilterType::Lanczos3);
             for window in [
                 (0, 0, width.min(17), height.min(13)),
                 (width / 3, height / 4, width / 2, height / 2),
@@ -2136,6 +2192,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("tile"));
+    }
+
+    /// A resize in bands of rows on several threads has the pixels of one pass of
+    /// `image::imageops::resize`, whatever the bands (more than the rows, not dividing them); only a large
+    /// one is split.
+    #[test]
+    fn a_resize_in_bands_equals_one_pass() {
+        let img = RgbImage::from_fn(203, 151, |x, y| {
+            Rgb([(x * 29 + y * 7) as u8, (x * y) as u8, (y * 3 + x / 5) as u8])
+        });
+        for (width, height) in [(64, 47), (437, 329), (120, 9), (203, 151), (1, 40), (40, 1)] {
+            let one = image::imageops::resize(&img, width, height, FilterType::Lanczos3);
+            for bands in [2, 3, 7, 64] {
+                let got = resize_in_bands(&img, (width, height), bands);
+                assert_eq!(
+                    got.dimensions(),
+                    (width, height),
+                    "{width}x{height} in {bands}"
+                );
+                assert!(got == one, "{width}x{height} in {bands} bands");
+            }
+        }
+        assert_eq!(resize_bands((203, 151), (437, 329)), 1, "small: one pass");
+        assert_eq!(resize_bands((0, 0), (4096, 4096)), 1, "nothing to resample");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        assert_eq!(resize_bands((6000, 4000), (512, 341)), cores.clamp(1, 5));
     }
 
     #[test]
