@@ -1236,6 +1236,19 @@ async fn killed_and_restarted(mut cluster: Cluster) {
         ok && out.contains(&id) && out.contains("succeeded"),
         "{out}"
     );
+    // the worker's device and memory are known to the new coordinator, whether the worker registered
+    // with it or went on leasing under its old registration (its lease polls say them): a tiled job is
+    // planned for them
+    let (ok, out, err) = cluster.cli(&["workers"]);
+    let w1: Vec<&str> = out.lines().filter(|l| l.starts_with("w1#")).collect();
+    assert!(ok && !w1.is_empty(), "{out} {err}");
+    for line in w1 {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert!(
+            fields[2] == "cpu" && !fields[3].ends_with(" of ?"),
+            "w1's device and memory unknown to the restarted coordinator: {line}"
+        );
+    }
 }
 
 /// A task leased by hand for `worker_id` ([`worker_by_hand`]), at once (no wait).

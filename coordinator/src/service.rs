@@ -900,10 +900,7 @@ impl WorkerService for WorkerApi {
             return Err(Error::invalid("name", format!("1 to {MAX_WORKER_TEXT} bytes")).into());
         }
         for (field, text) in [("device", &r.device), ("version", &r.version)] {
-            if text.len() > MAX_WORKER_TEXT {
-                let message = format!("{} bytes: at most {MAX_WORKER_TEXT}", text.len());
-                return Err(Error::invalid(field, message).into());
-            }
+            check_worker_text(field, text)?;
         }
         stylefarm_core::job::check_tags("tags", &r.tags).map_err(Error::from)?;
         check_protocol(r.protocol)?;
@@ -943,6 +940,8 @@ impl WorkerService for WorkerApi {
             tags,
             protocol,
             request_id,
+            device,
+            memory_bytes,
         } = request.into_inner();
         let worker_id = WorkerId::from(worker_id);
         if worker_id.is_empty() {
@@ -951,9 +950,15 @@ impl WorkerService for WorkerApi {
         check_worker_id(&worker_id)?;
         stylefarm_core::job::check_tags("tags", &tags).map_err(Error::from)?;
         check_protocol(protocol)?;
+        check_worker_text("device", &device)?;
+        let said = crate::workers::Said {
+            tags: &tags,
+            device: &device,
+            memory_bytes,
+        };
         self.coordinator
             .workers
-            .seen(&worker_id, memory_used_bytes, Some(&tags));
+            .seen(&worker_id, memory_used_bytes, Some(said));
         let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
         // the device memory it registered with (0 when it leases without having registered here), and the
         // farm's largest: a task that ran out of memory goes to a larger device first
@@ -1432,6 +1437,15 @@ impl WorkerService for WorkerApi {
             send_blob(&self.coordinator, request.into_inner().sha256).await?,
         ))
     }
+}
+
+/// Refuses a worker's text field (its device, its version) longer than [`MAX_WORKER_TEXT`] bytes, naming it.
+fn check_worker_text(field: &'static str, text: &str) -> Result<(), Status> {
+    if text.len() > MAX_WORKER_TEXT {
+        let message = format!("{} bytes: at most {MAX_WORKER_TEXT}", text.len());
+        return Err(Error::invalid(field, message).into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

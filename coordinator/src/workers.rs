@@ -57,6 +57,17 @@ impl WorkerInfo {
 /// A worker and its tags.
 pub type Tagged = (WorkerId, Vec<String>);
 
+/// What a worker says about itself in a lease poll, as at registration ([`Registry::seen`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Said<'a> {
+    /// Its tags.
+    pub tags: &'a [String],
+    /// Its device ("cpu", "cuda:0"); empty: not said.
+    pub device: &'a str,
+    /// Bytes of device memory; 0: not said.
+    pub memory_bytes: u64,
+}
+
 /// The workers by id.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -92,8 +103,10 @@ impl Registry {
     }
 
     /// Records that a worker called (a lease poll, a heartbeat), with the memory in use it reported (0:
-    /// unknown, and the last known value is kept) and its tags when the call carries them (a lease poll).
-    pub fn seen(&self, id: &WorkerId, memory_used_bytes: u64, tags: Option<&[String]>) {
+    /// unknown, and the last known value is kept) and what it says about itself when the call carries it
+    /// (a lease poll: its tags, device and memory, as at registration; an empty device or 0 bytes keep
+    /// what is known).
+    pub fn seen(&self, id: &WorkerId, memory_used_bytes: u64, said: Option<Said<'_>>) {
         let mut workers = self.workers();
         let room = workers.len() < MAX_WORKERS;
         match workers.get_mut(id) {
@@ -103,21 +116,28 @@ impl Registry {
                 if memory_used_bytes > 0 {
                     w.memory_used_bytes = memory_used_bytes;
                 }
-                if let Some(tags) = tags {
-                    if w.tags != tags {
-                        w.tags = tags.to_vec();
+                if let Some(said) = said {
+                    if w.tags != said.tags {
+                        w.tags = said.tags.to_vec();
+                    }
+                    if !said.device.is_empty() && w.device != said.device {
+                        w.device = said.device.to_string();
+                    }
+                    if said.memory_bytes > 0 {
+                        w.memory_bytes = said.memory_bytes;
                     }
                 }
             }
             None if room => {
+                let said = said.unwrap_or_default();
                 workers.insert(
                     id.clone(),
                     WorkerInfo {
-                        device: String::new(),
-                        memory_bytes: 0,
+                        device: said.device.to_string(),
+                        memory_bytes: said.memory_bytes,
                         memory_used_bytes,
                         last_seen: Instant::now(),
-                        tags: tags.map(<[String]>::to_vec).unwrap_or_default(),
+                        tags: said.tags.to_vec(),
                         lost: false,
                     },
                 );
@@ -216,7 +236,30 @@ mod tests {
         assert_eq!(r.get(&w("gpu#1")).unwrap().memory_used_bytes, 5 << 30);
         // tags: from the registration, then as a lease poll says (a heartbeat carries none)
         assert_eq!(r.get(&w("gpu#1")).unwrap().tags, ["gpu"]);
-        r.seen(&w("old#7"), 0, Some(&["cpu".to_string()]));
+        let cpu = ["cpu".to_string()];
+        r.seen(
+            &w("old#7"),
+            0,
+            Some(Said {
+                tags: &cpu,
+                ..Said::default()
+            }),
+        );
+        // a lease poll's device and memory (a coordinator that restarted: not registered here), then one
+        // that does not say them (an older worker) keeps them
+        let said = |device, memory_bytes| Said {
+            tags: &[],
+            device,
+            memory_bytes,
+        };
+        r.seen(&w("gpu#9"), 0, Some(said("cuda:1", 24 << 30)));
+        r.seen(&w("gpu#9"), 0, Some(said("", 0)));
+        let gpu9 = r.get(&w("gpu#9")).unwrap();
+        assert_eq!(
+            (gpu9.device.as_str(), gpu9.memory_bytes),
+            ("cuda:1", 24 << 30)
+        );
+        r.workers().remove("gpu#9");
         // silent past the window: no longer counted
         r.workers().get_mut("old#7").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
         assert_eq!(r.live_memory(|_, _| true), [80 << 30]);

@@ -466,6 +466,8 @@ pub async fn run(
             .flatten()
             .map_or(0, |total| total / u64::from(config.device_shared_by.max(1))),
     };
+    // said at registration, and with every lease poll (a coordinator that restarted knows them at once)
+    let device_name = format!("{:?}", config.device).to_lowercase();
     // the number of the request for a task, kept until one is answered (pb::LeaseTaskRequest::request_id)
     let mut lease_request = new_request_id();
     'connect: while !stop.load(Ordering::Relaxed) {
@@ -476,7 +478,7 @@ pub async fn run(
         let registered = client
             .register_worker(pb::RegisterWorkerRequest {
                 name: config.name.clone(),
-                device: format!("{:?}", config.device).to_lowercase(),
+                device: device_name.clone(),
                 memory_bytes,
                 version: env!("CARGO_PKG_VERSION").into(),
                 tags: config.tags.clone(),
@@ -531,6 +533,8 @@ pub async fn run(
                 tags: config.tags.clone(),
                 protocol: stylefarm_proto::PROTOCOL,
                 request_id: lease_request,
+                device: device_name.clone(),
+                memory_bytes,
             });
             // the coordinator answers once it has a task or the wait is over: no answer well after that,
             // and it is gone (the keepalive would notice too, later)
