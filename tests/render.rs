@@ -21,6 +21,61 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `stylefarm args` whose stdout's reader has left before it wrote (`| head -0`): its output.
+fn with_stdout_closed(args: &[&str]) -> Output {
+    let mut child = stylefarm_tests::stylefarm()
+        .args(args)
+        .env("STYLEFARM_DEVICE", "cpu")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run stylefarm");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait for stylefarm")
+}
+
+/// A reader of the output that stops early (`stylefarm list | head -1`) ends a command as it ends any Unix
+/// tool, by SIGPIPE, not with a panic of its printing; a render with JSON progress renders on without it
+/// and writes its image.
+#[test]
+fn a_reader_that_leaves_early_ends_a_listing_quietly_and_not_a_render() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = with_stdout_closed(&["weights", "path"]);
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    // 13: SIGPIPE
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "{:?} {}",
+        out.status,
+        stderr(&out)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.png");
+    let out = with_stdout_closed(&[
+        "render",
+        "--content",
+        shared_image("chelsea.png").to_str().unwrap(),
+        "--style",
+        shared_image("starry_night.jpg").to_str().unwrap(),
+        "--size",
+        "32",
+        "--iterations",
+        "3",
+        "--progress",
+        "json",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
+    assert!(
+        stderr(&out).contains("stdout is closed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(image::open(&output).unwrap().width(), 32);
+}
+
 /// `stylefarm render` of `content` in the style of `style` to `output` with `extra` options, which must
 /// succeed; its output.
 fn render_to(content: &Path, style: &Path, output: &Path, extra: &[&str]) -> Output {

@@ -180,6 +180,19 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // a reader that stops early (`stylefarm list | head -1`) ends the command as it ends any Unix tool's,
+    // by SIGPIPE, where Rust's ignored SIGPIPE made println! panic; `render` keeps it ignored, and renders
+    // on when its progress' reader leaves
+    #[cfg(feature = "engine")]
+    let keeps_sigpipe_ignored = matches!(cli.command, Command::Render(_));
+    #[cfg(not(feature = "engine"))]
+    let keeps_sigpipe_ignored = false;
+    if !keeps_sigpipe_ignored {
+        // SAFETY: signal(2) with the default action, before any thread starts
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // before any thread starts (the environment is the process's)
     #[cfg(feature = "engine")]
     let memory_limit = match &cli.command {

@@ -238,7 +238,8 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             ..RenderJob::new(content, styles, init_image, params)
         };
         let l = engine.evaluate(&job, &image)?;
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{}",
             serde_json::json!({
                 "image": path.display().to_string(),
@@ -249,7 +250,8 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
                 "tv_loss": l.tv,
                 "total_loss": l.total,
             })
-        );
+        )
+        .context("writing the losses to stdout")?;
         return Ok(());
     }
     let output = args.output.as_ref().expect("required without --evaluate");
@@ -276,13 +278,17 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let mut stdout = std::io::stdout().lock();
+    // the progress' reader left (`| head -1`, a monitor that exited): the render goes on without it
+    let mut progress_read = true;
     let mut on_progress = |p: &Progress| {
         match args.progress {
-            ProgressMode::Json => {
-                if writeln!(stdout, "{}", json_line(p)).is_err() {
-                    return ControlFlow::Break(());
+            ProgressMode::Json if progress_read => {
+                if let Err(e) = writeln!(stdout, "{}", json_line(p)).and_then(|()| stdout.flush()) {
+                    tracing::warn!(error = %e, "progress: stdout is closed; rendering on without it");
+                    progress_read = false;
                 }
             }
+            ProgressMode::Json => {}
             ProgressMode::Bar => {
                 let bar = bar.as_ref().expect("bar mode");
                 bar.set_position(done_before[p.scale as usize - 1] + u64::from(p.iteration));
