@@ -39,8 +39,9 @@ pub enum Error {
     /// before any tensor work (`RenderParams::check_sizes`, which name the option).
     #[error("input: {0}")]
     Input(String),
-    /// libtorch failed (out of memory among others).
-    #[error("libtorch: {0}")]
+    /// libtorch failed (out of memory among others); shown without the C++ stack trace its exceptions
+    /// carry ([`without_stack_trace`]).
+    #[error("libtorch: {}", without_stack_trace(&.0.to_string()))]
     Torch(#[from] tch::TchError),
     /// The progress callback asked to stop.
     #[error("cancelled")]
@@ -69,11 +70,34 @@ impl Error {
 }
 
 /// Whether libtorch's error `message` says an allocation failed: CUDA's allocator says "out of memory",
-/// libtorch's CPU allocator "can't allocate memory". Also for a panic's message: tch's infallible calls
-/// (`Tensor::zeros`, the operators) panic with libtorch's error, which is the same out of memory.
+/// libtorch's CPU allocator "can't allocate memory" or "not enough memory". Also for a panic's message:
+/// tch's infallible calls (`Tensor::zeros`, the operators) panic with libtorch's error, which is the same
+/// out of memory.
 pub fn is_out_of_memory_message(message: &str) -> bool {
     let message = message.to_ascii_lowercase();
-    message.contains("out of memory") || message.contains("can't allocate memory")
+    [
+        "out of memory",
+        "can't allocate memory",
+        "not enough memory",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
+/// libtorch's error `message` without the C++ stack trace that its exceptions carry after what failed
+/// ("Exception raised from ...", "frame #0: ...", as c10::Error::what() gives them; in a panic's message
+/// the newlines before them are escaped): kilobytes of frames in a task's error say nothing to its user.
+pub fn without_stack_trace(message: &str) -> &str {
+    let cut = ["Exception raised from", "frame #0"]
+        .iter()
+        .filter_map(|marker| message.find(marker))
+        .min()
+        .unwrap_or(message.len());
+    let mut kept = message[..cut].trim_end();
+    while let Some(rest) = kept.strip_suffix("\\n") {
+        kept = rest.trim_end();
+    }
+    kept
 }
 
 /// The CUDA device a device name asks for, read without libtorch (so before CUDA starts): `cuda` and `gpu`
@@ -132,6 +156,22 @@ mod tests {
         )
         .is_out_of_memory());
         assert!(!torch("Expected 4D input").is_out_of_memory());
+        // PyTorch 2's CPU allocator, as a panic of tch's infallible call carries it (escaped newlines)
+        let panicked = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at \
+            alloc_cpu.cpp:127] data. DefaultCPUAllocator: not enough memory: you tried to allocate \
+            4294967296 bytes.\\nframe #0: c10::ThrowEnforceNotMet(char const*, int, char const*, \
+            std::string const&, void const*) + 0x55 (0x7f in libc10.so)\\nframe #1: ...\")";
+        assert!(torch(panicked).is_out_of_memory());
+        let shown = torch(panicked).to_string();
+        assert!(
+            shown.ends_with("you tried to allocate 4294967296 bytes.") && !shown.contains("frame"),
+            "{shown}"
+        );
+        let raised =
+            "Expected 4D input\nException raised from check at conv.cpp:12 (most recent call \
+            first):\nframe #0: c10::Error::Error() + 0x1";
+        assert_eq!(super::without_stack_trace(raised), "Expected 4D input");
+        assert_eq!(super::without_stack_trace("no frames"), "no frames");
         assert!(!super::Error::Input("out of memory".into()).is_out_of_memory());
     }
 }

@@ -536,6 +536,8 @@ impl EngineThread {
                         Ok(Err(e)) => Err(RenderError::Engine(e)),
                         Err(payload) => {
                             let message = panic_message(payload.as_ref());
+                            let message =
+                                stylefarm_engine::without_stack_trace(&message).to_string();
                             // tch's infallible calls panic with libtorch's error: an allocation that
                             // failed is the device's memory, not a broken engine (its tile is made smaller)
                             if stylefarm_engine::is_out_of_memory_message(&message) {
