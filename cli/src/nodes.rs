@@ -156,10 +156,19 @@ impl DeviceMemoryArg {
     }
 }
 
-/// A size in bytes, more than 0, with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB) or without (bytes).
+/// The most device memory a worker may say it has: 1 PiB (no device has that much; a size past u64's
+/// range would otherwise be taken as 16 EiB).
+const MAX_DEVICE_MEMORY: u64 = 1 << 50;
+
+/// A size in bytes, more than 0 and at most [`MAX_DEVICE_MEMORY`], with a unit (B, KB, KiB, MB, MiB, GB,
+/// GiB, TB, TiB) or without (bytes).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     match s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()) {
         Ok(0) => Err(format!("'{s}': must be more than 0 bytes")),
+        Ok(bytes) if bytes > MAX_DEVICE_MEMORY => Err(format!(
+            "'{s}': more than {}, which no device has",
+            bytesize::ByteSize(MAX_DEVICE_MEMORY)
+        )),
         Ok(bytes) => Ok(bytes),
         Err(e) => Err(format!("'{s}': {e} (e.g. 24GiB, 16GB, 512MiB)")),
     }
@@ -418,5 +427,16 @@ mod tests {
         assert_eq!(devices("auto", 0), ["auto"; 5]);
         assert_eq!(devices("cuda:1", 4), ["cuda:1"; 5]);
         assert_eq!(devices("cpu", 4), ["cpu"; 5]);
+    }
+
+    #[test]
+    fn device_memory_is_refused_past_what_a_device_has() {
+        assert_eq!(super::parse_bytes("24GiB"), Ok(24 << 30));
+        assert_eq!(super::parse_bytes("1PiB"), Ok(1 << 50));
+        for past in ["99999999TiB", "2PiB", "18446744073709551615"] {
+            let e = super::parse_bytes(past).unwrap_err();
+            assert!(e.contains("which no device has"), "{past}: {e}");
+        }
+        assert!(super::parse_bytes("0").unwrap_err().contains("more than 0"));
     }
 }
