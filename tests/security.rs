@@ -784,6 +784,76 @@ fn a_bad_tenant_share_stops_the_coordinator_naming_it() {
     }
 }
 
+/// TLS files the coordinator cannot serve with (a key of another certificate, a file with no PEM
+/// certificate as the certificate or the workers' CA), and a data directory that is a file, stop it before
+/// it listens, with an error naming the flag and the file (tonic said "tls: transport error" once listening).
+#[test]
+fn bad_tls_files_or_data_dir_stop_the_coordinator_naming_them() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let image = stylefarm_tests::shared_image("chelsea.png");
+    let (cert, key, image) = (
+        pki.path("coordinator.pem"),
+        pki.path("coordinator.key"),
+        image,
+    );
+    let (worker_key, data_dir) = (pki.path("worker.key"), data.path().to_path_buf());
+    // the flags given, the field the error names, the file it names
+    type Case<'a> = (
+        Vec<(&'a str, &'a std::path::Path)>,
+        &'a str,
+        &'a std::path::Path,
+    );
+    let cases: [Case<'_>; 4] = [
+        (
+            vec![("--tls-cert", &cert), ("--tls-key", &worker_key)],
+            "tls_key",
+            &worker_key,
+        ),
+        (
+            vec![("--tls-cert", &image), ("--tls-key", &key)],
+            "tls_cert",
+            &image,
+        ),
+        (
+            vec![
+                ("--tls-cert", &cert),
+                ("--tls-key", &key),
+                ("--tls-client-ca", &image),
+            ],
+            "tls_client_ca",
+            &image,
+        ),
+        (vec![("--data-dir", &image)], "data_dir", &image),
+    ];
+    for (flags, says, file) in cases {
+        let mut command = std::process::Command::new("timeout");
+        command.arg("60").arg(stylefarm_tests::binary()).args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        if !flags.iter().any(|(flag, _)| *flag == "--data-dir") {
+            command.arg("--data-dir").arg(&data_dir);
+        }
+        for (flag, path) in &flags {
+            command.arg(flag).arg(path);
+        }
+        let out = command.output().unwrap();
+        let (stdout, err) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            !out.status.success()
+                && err.contains(says)
+                && err.contains(&file.display().to_string())
+                && !stdout.contains("listening"),
+            "{says}: {stdout} {err}"
+        );
+    }
+}
+
 /// `--max-unfinished-jobs 2`: a tenant's third unfinished job is refused with RESOURCE_EXHAUSTED naming the
 /// limit; another tenant is not held by it; cancelling a job frees a place. (A `--tenant-share` for a
 /// tenant without a token is warned about at the start.) A message over the size limit

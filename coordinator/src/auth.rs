@@ -184,8 +184,14 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
-    /// tonic's server config; an error names the flag whose file cannot be read.
+    /// tonic's server config; an error names the flag whose file cannot be read, holds no PEM
+    /// certificate, or (the key) is not the certificate's: checked here, since tonic reads them only
+    /// once it serves, and says no more than "tls: transport error".
     pub(crate) fn server_config(&self) -> Result<ServerTlsConfig, Error> {
+        self.rustls_server_config()?;
+        if let Some(ca) = &self.client_ca {
+            pem_certificates("tls_client_ca", ca)?;
+        }
         let read = |flag: &'static str, path: &Path| {
             std::fs::read(path)
                 .map_err(|e| Error::invalid(flag, format!("{}: {e}", path.display())))
@@ -215,10 +221,8 @@ impl TlsConfig {
     /// present no client certificate); an error names the flag whose file cannot be read or parsed.
     pub(crate) fn rustls_server_config(&self) -> Result<rustls::ServerConfig, Error> {
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let chain = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| Error::invalid("tls_cert", format!("{}: {e}", self.cert.display())))?;
+        use rustls::pki_types::PrivateKeyDer;
+        let chain = pem_certificates("tls_cert", &self.cert)?;
         let key = PrivateKeyDer::from_pem_file(&self.key)
             .map_err(|e| Error::invalid("tls_key", format!("{}: {e}", self.key.display())))?;
         // the provider named, not the process default that a library's user may not have installed
@@ -233,6 +237,24 @@ impl TlsConfig {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
+}
+
+/// The PEM certificates of file `path` (flag `flag`'s): at least one.
+fn pem_certificates(
+    flag: &'static str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Error> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| Error::invalid(flag, format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::invalid(
+            flag,
+            format!("{}: no PEM certificate in it", path.display()),
+        ));
+    }
+    Ok(certs)
 }
 
 #[derive(Debug, Clone)]

@@ -437,7 +437,12 @@ impl Coordinator {
             .as_ref()
             .map(auth::TlsConfig::server_config)
             .transpose()?;
-        std::fs::create_dir_all(&config.data_dir)?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::invalid(
+                "data_dir",
+                format!("cannot make {} a directory: {e}", config.data_dir.display()),
+            )
+        })?;
         let store: Arc<dyn store::Store> = match &config.store {
             StoreConfig::Embedded => {
                 Arc::new(store::RedbStore::open(&config.data_dir.join("state.redb"))?)
