@@ -126,6 +126,21 @@ impl Credentials {
     /// The endpoint of `url` (`http://` or `https://`), with TLS set up for `https://` and keepalive
     /// PINGs ([`KEEPALIVE_INTERVAL`]). The error does not repeat the URL: the caller names it.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, CredentialsError> {
+        // without a scheme (`host:port`) the URI parses, and every connection fails as "transport error";
+        // another scheme (ftp://) would be spoken to as http://
+        match url.split_once("://") {
+            Some(("http" | "https", _)) => {}
+            Some((scheme, _)) => {
+                return Err(CredentialsError(format!(
+                    "the scheme is {scheme}://, not http:// nor https://"
+                )))
+            }
+            None => {
+                return Err(CredentialsError(format!(
+                    "no scheme: http://{url}, or https://{url} with TLS"
+                )))
+            }
+        }
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| CredentialsError(format!("not a URI: {e}")))?
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -257,6 +272,23 @@ pub fn extract_trace_context(headers: &http::HeaderMap) -> opentelemetry::Contex
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extractor(headers)))
 }
 
+/// An error and its sources, each after a colon, as anyhow's `{:#}` shows them: a connection's "transport
+/// error" alone does not say that the certificate's issuer is unknown or the host refused.
+pub fn with_sources(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let more = e.to_string();
+        // a source whose text its error already shows adds nothing
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = e.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +318,38 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.bearer().unwrap_err().0.starts_with("token:"));
+    }
+
+    /// A URL without http:// or https:// is refused at once, saying what to write (it parsed, and every
+    /// connection failed as "transport error"; ftp:// was spoken to as http://).
+    #[test]
+    fn a_coordinator_url_needs_http_or_https() {
+        let none = Credentials::default();
+        let e = none.endpoint("127.0.0.1:7700").unwrap_err().0;
+        assert!(e.contains("no scheme: http://127.0.0.1:7700"), "{e}");
+        let e = none.endpoint("ftp://127.0.0.1:7700").unwrap_err().0;
+        assert!(e.contains("ftp://"), "{e}");
+        assert!(none.endpoint("notaurl").is_err());
+    }
+
+    #[test]
+    fn an_error_is_shown_with_its_sources() {
+        let io = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        #[derive(Debug)]
+        struct Transport(std::io::Error);
+        impl std::fmt::Display for Transport {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("transport error")
+            }
+        }
+        impl std::error::Error for Transport {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        assert_eq!(
+            with_sources(&Transport(io)),
+            "transport error: invalid peer certificate: UnknownIssuer"
+        );
     }
 }

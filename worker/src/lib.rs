@@ -365,9 +365,11 @@ async fn connect(
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
                     ));
                 }
-                Err(e) => {
-                    tracing::warn!(coordinator = url, error = %e, "coordinator unreachable; retrying")
-                }
+                Err(e) => tracing::warn!(
+                    coordinator = url,
+                    error = stylefarm_proto::connect::with_sources(&e),
+                    "coordinator unreachable; retrying"
+                ),
             }
         }
         tokio::time::sleep(delay).await;
