@@ -314,9 +314,10 @@ pub(crate) struct JobArgs {
     /// memory, else tiles as large as fit (at least 512 px), enough for every worker.
     #[arg(long, requires = "tiled")]
     tile_size: Option<u32>,
-    /// Tiled: minimum overlap of neighbouring tiles in pixels, blended with feathered weights.
-    #[arg(long, default_value_t = tiling::DEFAULT_OVERLAP, requires = "tiled")]
-    overlap: u32,
+    /// Tiled: minimum overlap of neighbouring tiles in pixels, blended with feathered weights (at least
+    /// 64, at most half the tile size). Default: 128, or half of a --tile-size under 256.
+    #[arg(long, requires = "tiled")]
+    overlap: Option<u32>,
     /// Tiled, exact mode: each later scale optimizes the whole canvas with the exact gradient of its
     /// objective, evaluated in blocks of --tile-size px (default: the largest blocks that fit the workers'
     /// memory, the whole canvas where it fits): no tiles, no seams, the style loss of an untiled render,
@@ -694,7 +695,10 @@ impl JobArgs {
         let kind = if self.batch {
             JobKind::Batch
         } else if self.tiled {
-            JobKind::Tiled(Tiling::new(self.tile_size, self.overlap, self.exact))
+            let overlap = self
+                .overlap
+                .unwrap_or_else(|| tiling::default_overlap(self.tile_size));
+            JobKind::Tiled(Tiling::new(self.tile_size, overlap, self.exact))
         } else if let Some(sweep) = &self.sweep {
             JobKind::Sweep(parse_sweep(sweep)?)
         } else if self.video {

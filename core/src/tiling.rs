@@ -21,6 +21,12 @@ use crate::Error;
 pub const DEFAULT_TILE_SIZE: u32 = 512;
 /// Default overlap of neighbouring tiles, in px (ALGORITHM.md's `overlap` default).
 pub const DEFAULT_OVERLAP: u32 = 128;
+
+/// The overlap of a job whose user gave none: [`DEFAULT_OVERLAP`], or half the tile size for fixed tiles
+/// under twice that (the most [`Tiling::validate`] accepts; 128-px tiles overlap by 64, not refused).
+pub fn default_overlap(tile_size: Option<u32>) -> u32 {
+    tile_size.map_or(DEFAULT_OVERLAP, |t| DEFAULT_OVERLAP.min(t / 2))
+}
 /// Least overlap [`Tiling::validate`] accepts, in px (ALGORITHM.md: `overlap` >= 64): narrower, the
 /// feathered blend has too few pixels to hide where two tiles' optimizations drifted apart.
 pub const MIN_OVERLAP: u32 = 64;
@@ -701,6 +707,23 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job that gives no overlap is valid at every tile size a user may fix: 128 px by default, half
+    /// the tile under 256 px (128-px tiles were refused, naming an overlap the user had not given).
+    #[test]
+    fn the_default_overlap_fits_every_tile_size() {
+        assert_eq!(default_overlap(None), DEFAULT_OVERLAP);
+        assert_eq!(default_overlap(Some(512)), 128);
+        assert_eq!(default_overlap(Some(128)), 64);
+        for tile_size in MIN_TILE_SIZE..=MAX_TILE_SIZE {
+            let tiling = Tiling::new(Some(tile_size), default_overlap(Some(tile_size)), false);
+            assert!(
+                tiling.validate().is_ok(),
+                "{tile_size}: {:?}",
+                tiling.validate()
+            );
+        }
+    }
 
     const GIB: u64 = 1 << 30;
 
