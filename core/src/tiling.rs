@@ -625,6 +625,19 @@ pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderPar
         scales += 1;
     }
     let scales = scales.max(params.scales);
+    let listed = params.scale_iterations.len();
+    if listed > 0 && listed != scales as usize && scales > params.scales {
+        // raised from the scales asked for: say why, rather than count the values against a number the
+        // user did not give
+        return Err(Error::invalid(
+            "scale_iterations",
+            format!(
+                "has {listed} values, and a tiled job of size {} in tiles of {} has {scales} scales (its \
+                 first scale at most one tile; {} asked for): give {scales} values",
+                params.size, tiling.tile_size, params.scales
+            ),
+        ));
+    }
     if scales > MAX_SCALES {
         return Err(Error::invalid(
             "tile_size",
@@ -1073,6 +1086,32 @@ mod tests {
         assert!(feathered_m < hard_m, "{feathered_m} vs {hard_m}");
         let single = TileGrid::new(100, 100, tiling);
         assert_eq!(seam_measure(&gradient_image(100, 100), &single), None);
+    }
+
+    /// Per-scale iterations counted against the scales the user asked for, where the tile size raised
+    /// them, are refused saying so (was: "has 2 values for 3 scales", after --scales 2).
+    #[test]
+    fn scale_iterations_for_scales_a_tile_size_raised_say_why() {
+        let params = RenderParams {
+            size: 1100,
+            scales: 2,
+            scale_iterations: vec![1, 1],
+            ..Default::default()
+        };
+        let e = pyramid_params(&params, Tiling::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("scale_iterations:")
+                && e.contains("has 3 scales")
+                && e.contains("2 asked"),
+            "{e}"
+        );
+        let three = RenderParams {
+            scale_iterations: vec![1, 1, 1],
+            ..params
+        };
+        assert_eq!(pyramid_params(&three, Tiling::default()).unwrap().scales, 3);
     }
 
     #[test]

@@ -1336,7 +1336,10 @@ fn fuzz_tiling_plan() {
                     check_plan(&plans, (w, h), &params, tiling, false)?;
                     accept();
                 }
-                Err(e) => check_field(&e, &["tile_size", "overlap", "size", "scales"])?,
+                Err(e) => check_field(
+                    &e,
+                    &["tile_size", "overlap", "size", "scales", "scale_iterations"],
+                )?,
             }
             Ok(())
         },
@@ -1382,7 +1385,10 @@ fn fuzz_tiling_stitch() {
         strategy,
         |(params, w, h, tiling)| match tiling::plan(w, h, &params, tiling) {
             Ok(plans) => check_plan(&plans, (w, h), &params, tiling, true).map(|()| accept()),
-            Err(e) => check_field(&e, &["tile_size", "overlap", "size", "scales"]),
+            Err(e) => check_field(
+                &e,
+                &["tile_size", "overlap", "size", "scales", "scale_iterations"],
+            ),
         },
     );
 }
