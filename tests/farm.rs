@@ -2208,6 +2208,24 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
             err.message()
         );
     }
+    // the command names the file, not its sha256 (the coordinator knows only the hash)
+    let thin_file = cluster.dir.path().join("thin.png");
+    std::fs::write(&thin_file, png_of(&image::RgbImage::new(1, 300))).unwrap();
+    let style = shared_image("starry_night.jpg");
+    let (ok, _, err) = cluster.cli(&[
+        "submit",
+        "--content",
+        thin_file.to_str().unwrap(),
+        "--style",
+        style.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains(&format!(
+            "content image {} (1 x 300 px)",
+            thin_file.display()
+        )) && !err.contains(&thin),
+        "{err}"
+    );
     let listed = client
         .rpc()
         .list_jobs(pb::ListJobsRequest {

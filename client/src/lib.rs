@@ -604,7 +604,7 @@ impl FarmClient {
         });
         self.upload_files(files.iter().filter(|(_, hash)| !held.contains(hash)))
             .await?;
-        match self.send(&spec, request_id, paused).await {
+        let sent = match self.send(&spec, request_id, paused).await {
             // one it held was collected meanwhile (unused for --keep-unused-blobs-secs while the others
             // went up): those are uploaded after all, and the job sent again
             Err(ClientError::Status(s))
@@ -617,7 +617,8 @@ impl FarmClient {
                 self.send(&spec, request_id, paused).await
             }
             sent => sent,
-        }
+        };
+        sent.map_err(|e| with_file_names(e, &hashes))
     }
 
     /// Uploads each file of `files` (path, the hash its bytes had when the job was made), checking that
@@ -1251,6 +1252,21 @@ async fn coordinator_descriptors(channel: AuthChannel) -> Descriptors {
             Descriptors::None(format!("server reflection: {}", e.error_message))
         }
         _ => Descriptors::None("server reflection answered without the file".into()),
+    }
+}
+
+/// A coordinator's refusal of a job (INVALID_ARGUMENT) with its images named by their files (`hashes`) rather
+/// than by their sha256, the only names the coordinator has: `submit` names `photo.jpg` as `render` does.
+fn with_file_names(error: ClientError, hashes: &HashMap<&Path, ImageHash>) -> ClientError {
+    match error {
+        ClientError::Status(s) if s.code() == tonic::Code::InvalidArgument => {
+            let mut message = s.message().to_string();
+            for (path, hash) in hashes {
+                message = message.replace(hash.as_str(), &path.display().to_string());
+            }
+            ClientError::Status(tonic::Status::new(s.code(), message))
+        }
+        other => other,
     }
 }
 
