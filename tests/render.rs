@@ -488,7 +488,7 @@ fn bad_input_gets_a_clear_one_line_error() {
         (vec!["--style-size", "8"], "style_size: style image"),
         (
             vec!["--style-size", "20000"],
-            "style_size: must be between 0 and 16384",
+            "--style-size: must be between 0 and 16384",
         ),
         (
             vec!["--content", &thin, "--style", style],
@@ -518,22 +518,37 @@ fn bad_input_gets_a_clear_one_line_error() {
             vec!["--content", content, "--style", &corrupt],
             "corrupt.png",
         ),
-        (vec!["--optimizer", "sgd"], "optimizer"),
-        (vec!["--pooling", "min"], "pooling"),
-        (vec!["--style-weight", "NaN"], "style_weight"),
-        (vec!["--content-weight", "-1"], "content_weight"),
-        (vec!["--tv-weight", "inf"], "tv_weight"),
+        (
+            vec!["--optimizer", "sgd"],
+            "--optimizer: unknown value 'sgd'",
+        ),
+        (vec!["--pooling", "min"], "--pooling: unknown value 'min'"),
+        (
+            vec!["--style-weight", "NaN"],
+            "--style-weight: must be a number >= 0",
+        ),
+        (
+            vec!["--content-weight", "-1"],
+            "--content-weight: must be a number >= 0",
+        ),
+        (
+            vec!["--tv-weight", "inf"],
+            "--tv-weight: must be a number >= 0",
+        ),
         // past float32 (the engine's precision), or overflowing it within a few iterations: the render
         // fails, naming the weight, instead of writing a black image
         (
             vec!["--content-weight", "1e39"],
-            "content_weight: must be a number >= 0 and at most 3.4028235e38 (float32)",
+            "--content-weight: must be a number >= 0 and at most 3.4028235e38 (float32)",
         ),
         (
             vec!["--style-weight", "1e20", "--iterations", "3"],
             "style_weight: the losses became NaN, after a style loss of",
         ),
-        (vec!["--iterations", "0"], "iterations"),
+        (
+            vec!["--iterations", "0"],
+            "--iterations: must be between 1 and",
+        ),
         // set, but not read by this job: refused, not dropped
         (
             vec!["--learning-rate", "3"],
@@ -564,15 +579,19 @@ fn bad_input_gets_a_clear_one_line_error() {
             vec!["--normalize-gradients", "--block", "128"],
             "normalize_gradients: not with blocks",
         ),
-        (vec!["--size", "0"], "size"),
+        (vec!["--size", "0"], "--size: must be between 1 and"),
+        (vec!["--size", "abc"], "--size: 'abc' is not a whole number"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),
         (vec!["--style-layer-weights", "1,2"], "style_layer_weights"),
         (
             vec!["--style-layer-weights", "1,-2,1,1,1"],
-            "style_layer_weights",
+            "--style-layer-weights: must be a number >= 0",
         ),
         (vec!["--init", &missing], "missing.jpg"),
-        (vec!["--style-layers", "relu9_9"], "relu9_9"),
+        (
+            vec!["--style-layers", "relu9_9"],
+            "--style-layers: 'relu9_9'",
+        ),
         (vec!["--device", "tpu"], "device"),
         (
             vec!["--weights", "/nonexistent/w.safetensors"],
@@ -596,6 +615,18 @@ fn bad_input_gets_a_clear_one_line_error() {
         args.extend(&extra);
         let result = stylefarm(&args);
         let err = stderr(&result);
+        // a value not of its option's kind or range: the argument parser's error, exit code 2, naming
+        // the flag, with a usage hint
+        if let Some((flag, reason)) = needle.split_once(": ").filter(|_| needle.starts_with("--")) {
+            assert_eq!(result.status.code(), Some(2), "{args:?}: {err}");
+            assert!(
+                err.starts_with("error: invalid value")
+                    && err.contains(flag)
+                    && err.contains(reason),
+                "{args:?}: not the parser's error naming {flag}: {err}"
+            );
+            continue;
+        }
         assert_eq!(
             result.status.code(),
             Some(1),
@@ -611,6 +642,41 @@ fn bad_input_gets_a_clear_one_line_error() {
             "{args:?}: error does not name {needle}: {err}"
         );
     }
+    // an evaluation optimizes nothing: an option of the optimization is refused, naming it, as is an
+    // image evaluated that is too small for VGG19 (named as the image evaluated, not as the content)
+    for (extra, needle) in [
+        (vec!["--evaluate", content, "--size", "256"], "size: is set"),
+        (
+            vec!["--evaluate", content, "--optimizer", "adam"],
+            "optimizer: is set",
+        ),
+        (vec!["--evaluate", &thin], "evaluate: "),
+    ] {
+        let args = [
+            vec!["render", "--content", content, "--style", style],
+            extra,
+        ]
+        .concat();
+        let result = stylefarm(&args);
+        let err = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(needle) && (needle != "evaluate: " || err.contains(&thin)),
+            "{args:?}: {err}"
+        );
+    }
+    let result = stylefarm(&[
+        "render",
+        "--content",
+        content,
+        "--style",
+        style,
+        "--evaluate",
+        content,
+        "--save-every",
+        "5",
+    ]);
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
     assert!(
         !Path::new(&out).exists(),
         "no output written by a failed render"

@@ -736,6 +736,7 @@ impl JobArgs {
                 video: self.video,
                 tiles: self.tiled && !self.exact,
                 batch: self.batch,
+                evaluate: false,
             })?,
         }
         // refused before the render, not after it

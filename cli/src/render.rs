@@ -39,12 +39,12 @@ pub(crate) struct RenderArgs {
     #[arg(long, short, required_unless_present = "evaluate")]
     output: Option<PathBuf>,
     /// Bits per channel of the output: 8, or 16 (PNG and TIFF), from the optimized image's floats.
-    #[arg(long, default_value = "8")]
+    #[arg(long, default_value = "8", conflicts_with = "evaluate")]
     output_depth: OutputDepth,
     /// Also write the image every N iterations of each scale, as jcjohnson/neural-style's `-save_iter`
     /// does: beside the output, `<stem>_<iteration>.<ext>` (`<stem>_s<scale>_<iteration>.<ext>` with
     /// several scales), in the output's format and depth, at the scale's size.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "evaluate")]
     save_every: Option<u32>,
     /// Instead of rendering, print the objective (weighted content, style, tv terms and total, JSON) of this
     /// image against the content and styles at the image's own size: e.g. to compare a tiled output with an
@@ -140,8 +140,11 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let params = args.params.params()?;
     params.validate(args.style.len())?;
-    // one image, whole: no video, no tiles
-    params.check_read(stylefarm_core::params::JobReads::default())?;
+    // one image, whole: no video, no tiles; or no render at all
+    params.check_read(stylefarm_core::params::JobReads {
+        evaluate: args.evaluate.is_some(),
+        ..Default::default()
+    })?;
     let save_every =
         match args.save_every {
             Some(n) => Some(NonZeroU32::new(n).ok_or_else(|| {
@@ -233,6 +236,19 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     tracing::info!(?device, weights = %weights.display(), load_s, "engine loaded");
     if let Some(path) = &args.evaluate {
         let image = imaging::load(path)?;
+        // the image evaluated takes the content's place and size: it must reach the deepest layer
+        let ((w, h), layer) = (image.dimensions(), params.deepest_layer());
+        if w.min(h) < layer.min_input_side() {
+            return Err(stylefarm_core::Error::invalid(
+                "evaluate",
+                format!(
+                    "{} is {w} x {h} px; VGG19 needs at least {} px a side to reach {layer}",
+                    path.display(),
+                    layer.min_input_side()
+                ),
+            )
+            .into());
+        }
         let job = RenderJob {
             block: args.block,
             ..RenderJob::new(content, styles, init_image, params)

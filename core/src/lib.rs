@@ -45,6 +45,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// What is wrong, without the field or path it is about (the message of [`Error::Invalid`] and
+    /// [`Error::Image`]): for a caller that names the field its own way (the argument parser, its flag).
+    pub fn reason(&self) -> &str {
+        match self {
+            Error::Invalid { message, .. } | Error::Image { message, .. } => message,
+        }
+    }
+
     /// An [`Error::Invalid`] for the value of `field`.
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Error::Invalid {

@@ -455,7 +455,9 @@ macro_rules! params_struct {
         }
 
         /// The render options on the command line (`render`, `submit`, `local`): each `--option VALUE` as
-        /// text, parsed by [`ParamArgs::params`] onto the defaults, errors naming the option.
+        /// text, parsed by [`ParamArgs::params`] onto the defaults, errors naming the option. A value not
+        /// of its option's kind or range is refused by the argument parser itself (exit code 2, a usage
+        /// hint), as any malformed command line is.
         #[cfg(feature = "clap")]
         #[derive(clap::Args, Debug, Clone, Default)]
         pub struct ParamArgs {
@@ -469,6 +471,12 @@ macro_rules! params_struct {
                     default_value = RenderParams::default().$name.to_text(),
                     // an empty list's default ("") is not worth showing
                     hide_default_value = RenderParams::default().$name.to_text().is_empty(),
+                    value_parser = |text: &str| -> Result<String, String> {
+                        <$ty as OptionValue>::parse_text(stringify!($name), text)
+                            .and_then(|v| OptionValue::check(&v, stringify!($name), $range))
+                            .map(|()| text.to_string())
+                            .map_err(|e| e.reason().to_string())
+                    },
                 )]
                 pub $name: Option<String>,
             )*
@@ -681,6 +689,8 @@ pub struct JobReads {
     pub tiles: bool,
     /// A batch: each content with each style alone.
     pub batch: bool,
+    /// No render: the objective of an image as it is (`render --evaluate`).
+    pub evaluate: bool,
 }
 
 impl RenderParams {
@@ -689,6 +699,16 @@ impl RenderParams {
     /// parameters, [`crate::job::check_sweep_reads`]).
     pub fn unread(&self, name: &str, job: JobReads) -> Option<&'static str> {
         match name {
+            "size" | "scales" | "iterations" | "scale_iterations" | "optimizer" | "learning_rate"
+            | "avg_decay" | "history_size" | "normalize_gradients" | "init" | "seed"
+            | "original_colors"
+                if job.evaluate =>
+            {
+                Some(
+                    "an evaluation optimizes nothing: it takes the image as it is, at its own size \
+                     (--evaluate)",
+                )
+            }
             "learning_rate" if self.optimizer != Optimizer::Adam => {
                 Some("Adam's alone (--optimizer adam); L-BFGS takes steps of lr 1")
             }
@@ -1164,6 +1184,36 @@ mod tests {
         };
         assert!(refused(blend.clone(), batch).starts_with("style_blend: is set"));
         blend.check_read(JobReads::default()).unwrap();
+        // an evaluation reads the objective's options, none of the optimization's
+        let evaluate = JobReads {
+            evaluate: true,
+            ..JobReads::default()
+        };
+        for optimizing in [
+            RenderParams {
+                size: 256,
+                ..Default::default()
+            },
+            RenderParams {
+                optimizer: Optimizer::Adam,
+                ..Default::default()
+            },
+            RenderParams {
+                scales: 2,
+                ..Default::default()
+            },
+        ] {
+            let e = refused(optimizing, evaluate);
+            assert!(e.contains("is set") && e.contains("--evaluate"), "{e}");
+        }
+        RenderParams {
+            style_weight: 1e3,
+            tv_weight: 0.0,
+            style_scale: 0.5,
+            ..Default::default()
+        }
+        .check_read(evaluate)
+        .unwrap();
         // the defaults, given or not, are read by every job
         RenderParams::default()
             .check_read(JobReads::default())
@@ -1357,7 +1407,9 @@ mod tests {
     #[test]
     fn the_command_line_options_come_from_the_table() {
         use clap::Parser;
+        // as the commands have it: `--content-weight -1` is a value, not a flag
         #[derive(Parser)]
+        #[command(allow_negative_numbers = true)]
         struct Cli {
             #[command(flatten)]
             params: ParamArgs,
@@ -1383,8 +1435,25 @@ mod tests {
             (p.size, p.style_blend, p.original_colors, p.optimizer),
             (64, vec![1.0, 3.0], true, Optimizer::Adam)
         );
-        let err = parse(&["--pooling", "min"]).unwrap_err().to_string();
-        assert!(err.starts_with("pooling: unknown value 'min'"), "{err}");
+        // a value not of its option's kind or range: the argument parser's error (exit code 2, a usage
+        // hint), naming the flag and saying why
+        for (args, says) in [
+            (["--pooling", "min"], "unknown value 'min'"),
+            (["--size", "abc"], "'abc' is not a whole number"),
+            (["--size", "0"], "must be between 1 and"),
+            (["--content-weight", "-1"], "must be a number >= 0"),
+        ] {
+            let Err(err) = Cli::try_parse_from([&["render"], &args[..]].concat()) else {
+                panic!("{args:?} parsed");
+            };
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
+            assert_eq!(err.exit_code(), 2);
+            let err = err.to_string();
+            assert!(
+                err.contains(args[0]) && err.contains(says),
+                "{args:?}: {err}"
+            );
+        }
         for name in RenderParams::OPTIONS {
             let flag = format!("--{}", name.replace('_', "-"));
             let value = RenderParams::default().get(name).unwrap();
