@@ -1251,6 +1251,40 @@ async fn killed_and_restarted(mut cluster: Cluster) {
     }
 }
 
+/// A coordinator that restarted learns a worker's device and memory from its next lease poll, without a
+/// new registration (a worker that goes on under its old one): `workers` shows them, and its tiled scales
+/// are planned for them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_coordinator_learns_a_worker_s_device_from_its_lease_poll() {
+    let mut cluster = Cluster::start(10.0, 0.5);
+    let (_, worker_id) = worker_by_hand(&cluster, "by-hand").await;
+    cluster.coordinator.as_mut().unwrap().kill();
+    cluster.start_coordinator();
+    let mut workers = pb::worker_service_client::WorkerServiceClient::connect(cluster.url.clone())
+        .await
+        .unwrap();
+    workers
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id: worker_id.clone(),
+            protocol: stylefarm_proto::PROTOCOL,
+            device: "cuda:3".into(),
+            memory_bytes: 80 << 30,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (ok, out, err) = cluster.cli(&["workers"]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("{worker_id}\t")))
+        .unwrap_or_else(|| panic!("{worker_id} not listed: {out} {err}"));
+    let fields: Vec<&str> = line.split('\t').collect();
+    assert!(
+        ok && fields[2] == "cuda:3" && fields[3].ends_with(" of 80.0 GiB"),
+        "{line}"
+    );
+}
+
 /// A task leased by hand for `worker_id` ([`worker_by_hand`]), at once (no wait).
 async fn lease_by_hand(
     workers: &mut pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,

@@ -675,7 +675,9 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         // the line a supervisor (or a test) reads to learn the address
-        println!("listening on {}", listener.local_addr()?);
+        // for whoever started it (a test, a supervisor): a coordinator whose stdout is closed serves on
+        let listening = format!("listening on {}\n", listener.local_addr()?);
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), listening.as_bytes());
         stylefarm_coordinator::serve(listener, coordinator, shutdown_signal()).await?;
         Ok(())
     })
@@ -1187,7 +1189,7 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
                 String::new()
             }
         );
-        println!("{job_id}");
+        outln!("{job_id}");
         if args.wait {
             wait_and_fetch(&mut client, &job_id, args.job.output.as_deref(), true).await?;
         }
@@ -1266,7 +1268,7 @@ fn print_status(s: &pb::JobStatus) {
         .as_ref()
         .filter(|spec| !spec.name.is_empty())
         .map_or_else(String::new, |spec| format!(" {:?}", spec.name));
-    println!(
+    outln!(
         "{}{name}\t{}\t{done}/{all} {what}{failed}\t{note}",
         s.job_id,
         job_state_name(s.state)
@@ -1279,7 +1281,7 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
         let s = client.job(&args.job_id).await?;
         print_status(&s);
         if s.scales > 0 {
-            println!(
+            outln!(
                 "  scales stitched {}/{}{}",
                 s.scale_results.len(),
                 s.scales,
@@ -1295,7 +1297,7 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
             let checkpoint = t.checkpoint.as_ref().map_or_else(String::new, |c| {
                 format!("checkpoint scale {} iteration {} ", c.scale, c.iteration)
             });
-            println!(
+            outln!(
                 "  {:>3} {:<10} {:<32} attempts {} {checkpoint}{}",
                 t.index,
                 // cancelled for a new plan of its scale (the error says why): not the job's work
@@ -1330,7 +1332,7 @@ pub(crate) fn log(args: LogArgs) -> anyhow::Result<()> {
         let mut client = connect(&args.job.connect).await?;
         let log = client.task_log(&args.job.job_id, args.task).await?;
         let attempts: Vec<AttemptLog> = log.attempts.into_iter().map(Into::into).collect();
-        print!("{}", stylefarm_core::task_log::text(&attempts));
+        out!("{}", stylefarm_core::task_log::text(&attempts));
         Ok(())
     })
 }
@@ -1383,7 +1385,7 @@ pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
                 s if s < 0.0 => "not since the coordinator started".to_string(),
                 s => format!("{s:.0} s ago"),
             };
-            println!(
+            outln!(
                 "{}\t{health}\t{device}\t{} of {}\t{tags}\t{seen}\t{task}",
                 w.worker_id,
                 bytes(w.memory_used_bytes),
@@ -1413,7 +1415,7 @@ pub(crate) fn drain(args: DrainArgs, drain: bool) -> anyhow::Result<()> {
         let now = if drain { "drained" } else { "undrained" };
         for (name, changed) in client.drain(&args.workers, !drain).await? {
             let already = if changed { "" } else { "already " };
-            println!("{name}\t{already}{now}");
+            outln!("{name}\t{already}{now}");
         }
         Ok(())
     })
@@ -1425,7 +1427,7 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
         let s = client.job(&args.job.job_id).await?;
         let written = client.fetch(&s, &args.output).await?;
         for path in &written {
-            println!("{}", path.display());
+            outln!("{}", path.display());
         }
         let done = s.tasks.iter().filter(|t| !t.result.is_empty()).count();
         if !stylefarm_client::job_ended(s.state()) {
@@ -1458,7 +1460,7 @@ fn each_job(
         let mut failed = 0;
         for job_id in &args.job_ids {
             match act(&mut client, job_id).await {
-                Ok(line) => println!("{job_id}\t{line}"),
+                Ok(line) => outln!("{job_id}\t{line}"),
                 Err(e) if args.job_ids.len() == 1 => return Err(e),
                 Err(e) => {
                     eprintln!("error: {job_id}: {e:#}");
@@ -1503,7 +1505,7 @@ pub(crate) fn priority(args: PriorityArgs) -> anyhow::Result<()> {
         let mut client = connect(&args.job.connect).await?;
         let state = client.set_priority(&args.job.job_id, args.priority).await?;
         let state = job_state_name(state as i32);
-        println!("{}\t{state}\tpriority {}", args.job.job_id, args.priority);
+        outln!("{}\t{state}\tpriority {}", args.job.job_id, args.priority);
         Ok(())
     })
 }

@@ -3,6 +3,20 @@
 #[cfg(not(feature = "client"))]
 compile_error!("stylefarm needs the `client` feature (or `engine`, which includes it)");
 
+/// `println!` for a command's output on stdout ([`write_stdout`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's output on stdout ([`write_stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod farm;
 mod metrics;
 #[cfg(feature = "engine")]
@@ -33,6 +47,29 @@ fn contain_panics(command: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Resul
         let first = message.lines().next().unwrap_or_default();
         Err(anyhow::anyhow!("internal error: {first}"))
     })
+}
+
+/// Writes a command's output on stdout, as `print!` does, except that a reader that left (`stylefarm list |
+/// head -1`) ends the process as it ends any Unix tool, by SIGPIPE, where `print!` panics. SIGPIPE itself
+/// stays ignored, as Rust has it: the farm's connections need a write to a peer that reset them to be an
+/// error (writev raises the signal where send's MSG_NOSIGNAL does not), not a signal that kills a
+/// coordinator or a worker. Another write error (a full disk) ends the process with it and exit code 1.
+fn write_stdout(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) else {
+        return;
+    };
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // SAFETY: signal(2) and raise(3) with SIGPIPE's default action: the process ends here, as a
+        // write's SIGPIPE would end it
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1);
 }
 
 #[derive(Parser)]
@@ -180,19 +217,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // a reader that stops early (`stylefarm list | head -1`) ends the command as it ends any Unix tool's,
-    // by SIGPIPE, where Rust's ignored SIGPIPE made println! panic; `render` keeps it ignored, and renders
-    // on when its progress' reader leaves
-    #[cfg(feature = "engine")]
-    let keeps_sigpipe_ignored = matches!(cli.command, Command::Render(_));
-    #[cfg(not(feature = "engine"))]
-    let keeps_sigpipe_ignored = false;
-    if !keeps_sigpipe_ignored {
-        // SAFETY: signal(2) with the default action, before any thread starts
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
     // before any thread starts (the environment is the process's)
     #[cfg(feature = "engine")]
     let memory_limit = match &cli.command {

@@ -184,6 +184,7 @@ fn set_threads(threads: u32) -> anyhow::Result<()> {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 pub(crate) struct LocalArgs {
     /// Worker processes' worth of engines to run in this process; with --device auto or cuda, on the GPUs
     /// in turn (worker i on cuda:(i mod the number of GPUs)).

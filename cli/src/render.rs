@@ -224,6 +224,27 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             None,
         )?;
     }
+    // the image evaluated takes the content's place and size: it must reach the deepest layer (checked
+    // before the engine loads)
+    let evaluated = match &args.evaluate {
+        Some(path) => {
+            let image = imaging::load(path)?;
+            let ((w, h), layer) = (image.dimensions(), params.deepest_layer());
+            if w.min(h) < layer.min_input_side() {
+                return Err(stylefarm_core::Error::invalid(
+                    "evaluate",
+                    format!(
+                        "{} is {w} x {h} px; VGG19 needs at least {} px a side to reach {layer}",
+                        path.display(),
+                        layer.min_input_side()
+                    ),
+                )
+                .into());
+            }
+            Some(image)
+        }
+        None => None,
+    };
     let inputs_s = started.elapsed().as_secs_f64();
     let device = stylefarm_engine::parse_device(&args.device)?;
     let weights = args
@@ -234,21 +255,7 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     // on a GPU the first load also starts CUDA's context
     let load_s = started.elapsed().as_secs_f64() - inputs_s;
     tracing::info!(?device, weights = %weights.display(), load_s, "engine loaded");
-    if let Some(path) = &args.evaluate {
-        let image = imaging::load(path)?;
-        // the image evaluated takes the content's place and size: it must reach the deepest layer
-        let ((w, h), layer) = (image.dimensions(), params.deepest_layer());
-        if w.min(h) < layer.min_input_side() {
-            return Err(stylefarm_core::Error::invalid(
-                "evaluate",
-                format!(
-                    "{} is {w} x {h} px; VGG19 needs at least {} px a side to reach {layer}",
-                    path.display(),
-                    layer.min_input_side()
-                ),
-            )
-            .into());
-        }
+    if let (Some(path), Some(image)) = (&args.evaluate, evaluated) {
         let job = RenderJob {
             block: args.block,
             ..RenderJob::new(content, styles, init_image, params)

@@ -18,9 +18,10 @@ pub(crate) struct SeamsArgs {
     /// The tile size the render used.
     #[arg(long, default_value_t = tiling::DEFAULT_TILE_SIZE)]
     tile_size: u32,
-    /// The overlap the render used.
-    #[arg(long, default_value_t = tiling::DEFAULT_OVERLAP)]
-    overlap: u32,
+    /// The overlap the render used. Default: a job's without --overlap (128, or half a tile size under
+    /// 256).
+    #[arg(long)]
+    overlap: Option<u32>,
     /// Print a JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -29,7 +30,9 @@ pub(crate) struct SeamsArgs {
 pub(crate) fn run(args: SeamsArgs) -> anyhow::Result<()> {
     let tiling = Tiling {
         tile_size: args.tile_size,
-        overlap: args.overlap,
+        overlap: args
+            .overlap
+            .unwrap_or_else(|| tiling::default_overlap(Some(args.tile_size))),
         exact: false,
         sizing: TileSizing::Fixed,
     };
@@ -59,9 +62,9 @@ pub(crate) fn run(args: SeamsArgs) -> anyhow::Result<()> {
             "horizontal_lines": lines.1,
             "seam_measure": (measure * 1e4).round() / 1e4,
         });
-        println!("{json}");
+        outln!("{json}");
     } else {
-        println!(
+        outln!(
             "{}: {w}x{h}, {} tiles ({} vertical and {} horizontal edge lines): seam measure {measure:.4}",
             args.image.display(),
             grid.len(),

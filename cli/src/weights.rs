@@ -61,7 +61,7 @@ pub(crate) fn run(cmd: WeightsCommand) -> anyhow::Result<()> {
             } else {
                 "missing: run `bash deploy/setup.sh`"
             };
-            println!("{}\t{state}", path.display());
+            outln!("{}\t{state}", path.display());
             Ok(())
         }
         WeightsCommand::Convert {

@@ -618,7 +618,7 @@ impl FarmClient {
             }
             sent => sent,
         };
-        sent.map_err(|e| with_file_names(e, &hashes))
+        sent.map_err(|e| with_file_names(e, &files))
     }
 
     /// Uploads each file of `files` (path, the hash its bytes had when the job was made), checking that
@@ -1255,13 +1255,14 @@ async fn coordinator_descriptors(channel: AuthChannel) -> Descriptors {
     }
 }
 
-/// A coordinator's refusal of a job (INVALID_ARGUMENT) with its images named by their files (`hashes`) rather
-/// than by their sha256, the only names the coordinator has: `submit` names `photo.jpg` as `render` does.
-fn with_file_names(error: ClientError, hashes: &HashMap<&Path, ImageHash>) -> ClientError {
+/// A coordinator's refusal of a job (INVALID_ARGUMENT) with its images named by their files rather than by
+/// their sha256, the only names the coordinator has: `submit` names `photo.jpg` as `render` does. `files`:
+/// each hash with the first of the job's files that has its bytes.
+fn with_file_names(error: ClientError, files: &[(&Path, ImageHash)]) -> ClientError {
     match error {
         ClientError::Status(s) if s.code() == tonic::Code::InvalidArgument => {
             let mut message = s.message().to_string();
-            for (path, hash) in hashes {
+            for (path, hash) in files {
                 message = message.replace(hash.as_str(), &path.display().to_string());
             }
             ClientError::Status(tonic::Status::new(s.code(), message))

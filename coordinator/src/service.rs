@@ -960,8 +960,9 @@ impl WorkerService for WorkerApi {
             .workers
             .seen(&worker_id, memory_used_bytes, Some(said));
         let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
-        // the device memory it registered with (0 when it leases without having registered here), and the
-        // farm's largest: a task that ran out of memory goes to a larger device first
+        // the device memory it said (registering, or in this poll; 0 from an older worker that leases
+        // without having registered here), and the farm's largest: a task that ran out of memory goes to a
+        // larger device first
         let workers = &self.coordinator.workers;
         let drained = self.coordinator.scheduler.drained();
         let memory = DeviceMemory {

@@ -868,14 +868,20 @@ fn resize_in_bands(img: &RgbImage, (width, height): (u32, u32), bands: u32) -> R
             .step_by(rows as usize)
             .map(|y| {
                 let window = (0, y, width, rows.min(height - y));
-                scope.spawn(move || resample_window(img, (width, height), window))
+                let band = move || resample_window(img, (width, height), window);
+                // a thread the system cannot start: that band is resampled here, after the others start
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, band)
+                    .map_err(|_| window)
             })
             .collect();
         spawned
             .into_iter()
-            .map(|band| {
-                band.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .map(|band| match band {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(window) => resample_window(img, (width, height), window),
             })
             .collect()
     });

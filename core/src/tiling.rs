@@ -625,24 +625,28 @@ pub fn pyramid_params(params: &RenderParams, tiling: Tiling) -> Result<RenderPar
         scales += 1;
     }
     let scales = scales.max(params.scales);
-    let listed = params.scale_iterations.len();
-    if listed > 0 && listed != scales as usize && scales > params.scales {
-        // raised from the scales asked for: say why, rather than count the values against a number the
-        // user did not give
-        return Err(Error::invalid(
-            "scale_iterations",
-            format!(
-                "has {listed} values, and a tiled job of size {} in tiles of {} has {scales} scales (its \
-                 first scale at most one tile; {} asked for): give {scales} values",
-                params.size, tiling.tile_size, params.scales
-            ),
-        ));
-    }
     if scales > MAX_SCALES {
         return Err(Error::invalid(
             "tile_size",
             format!(
                 "size {} with tiles of {} needs {scales} scales, more than {MAX_SCALES}",
+                params.size, tiling.tile_size
+            ),
+        ));
+    }
+    let listed = params.scale_iterations.len();
+    if listed > 0 && listed != scales as usize && scales > params.scales {
+        // raised from the scales asked for: say why, rather than count the values against a number the
+        // user did not give
+        let asked = match params.scales {
+            1 => String::new(),
+            n => format!(", not the {n} asked for"),
+        };
+        return Err(Error::invalid(
+            "scale_iterations",
+            format!(
+                "has {listed} values, and a tiled job of size {} in tiles of {} has {scales} scales (its \
+                 first scale at most one tile{asked}): give {scales} values",
                 params.size, tiling.tile_size
             ),
         ));

@@ -128,9 +128,9 @@ impl Credentials {
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, CredentialsError> {
         // without a scheme (`host:port`) the URI parses, and every connection fails as "transport error";
         // another scheme (ftp://) would be spoken to as http://
-        match url.split_once("://") {
-            Some(("http" | "https", _)) => {}
-            Some((scheme, _)) => {
+        let https = match url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()) {
+            Some(scheme) if scheme == "http" || scheme == "https" => scheme == "https",
+            Some(scheme) => {
                 return Err(CredentialsError(format!(
                     "the scheme is {scheme}://, not http:// nor https://"
                 )))
@@ -140,13 +140,12 @@ impl Credentials {
                     "no scheme: http://{url}, or https://{url} with TLS"
                 )))
             }
-        }
+        };
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| CredentialsError(format!("not a URI: {e}")))?
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        let https = url.starts_with("https://");
         if !https {
             if self.tls_ca.is_some() || self.tls_identity.is_some() {
                 return Err(CredentialsError(
@@ -330,6 +329,7 @@ mod tests {
         let e = none.endpoint("ftp://127.0.0.1:7700").unwrap_err().0;
         assert!(e.contains("ftp://"), "{e}");
         assert!(none.endpoint("notaurl").is_err());
+        assert!(none.endpoint("HTTP://127.0.0.1:7700").is_ok());
     }
 
     #[test]
