@@ -43,8 +43,10 @@ fn contain_panics(command: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Resul
     std::panic::set_hook(default_hook);
     result.unwrap_or_else(|payload| {
         let message = stylefarm_worker::panic_message(payload.as_ref());
-        // libtorch's messages carry a C++ backtrace after their first line
-        let first = message.lines().next().unwrap_or_default();
+        // without libtorch's C++ stack trace (after its first line, or after escaped newlines in a
+        // panic of tch's): the engine's one definition of where it starts
+        let trimmed = stylefarm_engine::without_stack_trace(&message);
+        let first = trimmed.lines().next().unwrap_or_default();
         Err(anyhow::anyhow!("internal error: {first}"))
     })
 }

@@ -5,15 +5,16 @@
 //!
 //! Each end of a job that this coordinator sees while it serves is sent until a 2xx answer, at most
 //! [`NOTIFY_TRIES`] times (the same body and `X-Stylefarm-Delivery` header, by which a receiver drops a
-//! repeat), after [`stylefarm_proto::Backoff`]'s waits; a 4xx answer other than 408 and 429 says the
-//! receiver refuses it, and a redirect that the URL is not the receiver's own: neither is sent again. While
-//! the receiver is away, at most [`MAX_QUEUED`] notifications wait; one more is dropped. Each end that
-//! is marked with its job as it ends ([`crate::model::JobMeta::unannounced`]) and unmarked once
-//! delivered, refused or given up on; a coordinator that starts on the store announces those still marked
-//! (its predecessor stopped, or was killed, with their deliveries under way or waiting; they ended while
-//! a standby took over), at most [`MAX_QUEUED`] / 2 waiting at once beside the new ends: at least once, a
-//! receiver dropping a delivery id it has seen. Ends from before notifications were on are not marked. A job run again (`stylefarm retry`) is announced again when it ends again. Outcomes are
-//! counted in `stylefarm_notifications_total` ([`crate::metrics`]).
+//! repeat), after [`stylefarm_proto::Backoff`]'s waits; a 4xx answer other than 408 and 429 says the receiver
+//! refuses it, and a redirect that the URL is not the receiver's own: neither is sent again. While the
+//! receiver is away, at most [`MAX_QUEUED`] notifications wait; one more is dropped. Each end is marked with
+//! its job as it ends ([`crate::model::JobMeta::unannounced`]) and unmarked once delivered, refused or
+//! given up on; a coordinator that starts on the store announces those still marked (its predecessor stopped,
+//! or was killed, with their deliveries under way or waiting; they ended while a standby took over), at most
+//! [`MAX_QUEUED`] / 2 waiting at once beside the new ends: at least once, a receiver dropping a delivery id
+//! it has seen. Ends from before notifications were on are not marked. A job run again (`stylefarm retry`) is
+//! announced again when it ends again. Outcomes are counted in `stylefarm_notifications_total`
+//! ([`crate::metrics`]).
 //!
 //! The URL is the operator's, not a client's (a client could otherwise make the coordinator call any
 //! address it reaches). A receiver's secret can go in the URL, as chat services' incoming webhooks take
