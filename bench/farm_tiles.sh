@@ -2,12 +2,16 @@
 # The farm's cost per tile task beyond the engine, against the canvas size (issue 10 item 2): for each
 # canvas size, a tiled job (tubingen x starry_night from ../shared/data, 512-px tiles, 1 iteration per
 # scale) through a real coordinator and one real CPU worker; from the worker's log, per task:
-# task_s - engine_s (lease to reported, minus the engine thread's time) and the bytes it downloaded.
+# task_s - engine_s (lease to reported, minus the engine thread's time) and the bytes it downloaded; and
+# the engine's idle time between two tiles of a scale (from one tile's "rendered" line to the next one's
+# "inputs ready", the engine's start: the worker's lease, downloads, preparation, and whatever of the
+# previous tile's report it waited for).
 #   bash bench/farm_tiles.sh [SIZES]            e.g. bash bench/farm_tiles.sh 2048,4096,8192
-# Needs a release build (cargo build --release). KEEP=DIR keeps the logs there.
+# Needs a release build (cargo build --release). KEEP=DIR keeps the logs there; BIN=PATH runs another
+# stylefarm binary (an older build, side by side).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin="$repo/target/release/stylefarm"
+bin=${BIN:-"$repo/target/release/stylefarm"}
 img="$repo/../shared/data/images"
 sizes=${1:-2048,4096,8192}
 tmp=${KEEP:-$(mktemp -d)}
@@ -33,7 +37,7 @@ for size in ${sizes//,/ }; do
     wait "$worker" "$coord" 2>/dev/null || true
     echo "$size $wall" >>"$tmp/walls"
     python3 - "$dir/worker.log" "$size" "$wall" <<'EOF'
-import re, statistics, sys
+import datetime, re, statistics, sys
 log, size, wall = sys.argv[1], sys.argv[2], float(sys.argv[3])
 ansi = re.compile(r"\x1b\[[0-9;]*m")
 tasks = {}  # (job, task) -> fields
@@ -43,6 +47,10 @@ for line in open(log):
     if not key:
         continue
     t = tasks.setdefault(key.groups(), {})
+    at = re.match(r"(\S+?)Z ", line)
+    for event in ("inputs ready", "rendered"):
+        if at and re.search(r": " + event + r"( |$)", line):
+            t[event] = datetime.datetime.fromisoformat(at.group(1)).timestamp()
     for name in ("engine_s", "task_s", "downloaded"):
         m = re.search(name + r"=([0-9.e+-]+)", line)
         if m:
@@ -59,10 +67,14 @@ over = sorted(t["task_s"] - t["engine_s"] for t in tiles)
 down = [t.get("downloaded", 0) for t in tiles]
 up = [t.get("uploaded", 0) for t in tiles]
 eng = [t["engine_s"] for t in tiles]
+# the engine idle from one tile's end to the next tile's start, within a scale
+starts = sorted((t["inputs ready"], t) for t in tiles if "inputs ready" in t and "rendered" in t)
+idle = [b[0] - a[1]["rendered"] for a, b in zip(starts, starts[1:]) if a[1].get("scale") == b[1].get("scale")]
 q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]
 print(f"| {size} | {len(done)} ({len(tiles)} tiles) | {wall:.0f} s | {statistics.median(over)*1000:.1f} ms "
       f"| {q(over, 0.9)*1000:.1f} ms | {max(over)*1000:.0f} ms | {statistics.mean(over)*1000:.1f} ms "
       f"| {statistics.median(down)/1e3:.0f} kB | {statistics.mean(down)/1e3:.0f} kB | {max(down)/1e6:.1f} MB "
-      f"| {statistics.median(up)/1e3:.0f} kB | {statistics.median(eng):.2f} s |")
+      f"| {statistics.median(up)/1e3:.0f} kB | {statistics.median(eng):.2f} s "
+      f"| {statistics.median(idle)*1000:.1f} ms | {max(idle)*1000:.0f} ms |")
 EOF
 done

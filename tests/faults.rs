@@ -777,6 +777,46 @@ async fn a_result_refused_for_a_while_is_sent_until_it_is_taken() {
     assert!(attempts[0].0.ends_with("\tsucceeded"), "{attempts:#?}");
 }
 
+/// A task's report on its way does not hold up the worker's next task (on a GPU, the device would wait for
+/// the network): with the coordinator refusing results for a while (fail point
+/// `coordinator-complete-task=4*return`, about 7 s of backoff), the worker renders a batch's second task
+/// while the first's result is still being sent, and each task's result is taken from its first attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_task_renders_while_a_result_is_still_on_its_way() {
+    let (mut cluster, _services) = cluster_on(Backend::Embedded, 3.0, 0.3);
+    cluster.coordinator_env.push((
+        "FAILPOINTS".into(),
+        "coordinator-complete-task=4*return".into(),
+    ));
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let id = submit(&cluster, &batch_x_starry(32, 5));
+    let done = wait_succeeded(&cluster, &id).await;
+    assert_eq!(done.tasks.len(), 2);
+    let log = cluster.workers[0].log_text();
+    // the first line of task `task` that says `what`
+    let line = |task: u32, what: &str| {
+        let of_task = format!("task_id={task}");
+        log.lines()
+            .position(|l| l.contains(&of_task) && l.contains(what))
+            .unwrap_or_else(|| panic!("task {task} never logged {what:?}: {log}"))
+    };
+    assert!(
+        line(0, "reporting to the coordinator failed; retrying") < line(1, "rendered"),
+        "{log}"
+    );
+    assert!(
+        line(1, "rendered") < line(0, "task over"),
+        "the second task rendered only once the first was reported: {log}"
+    );
+    for task in 0..2 {
+        let attempts = task_log(&cluster, &id, task);
+        assert_eq!(attempts.len(), 1, "task {task}: {attempts:#?}");
+        assert!(attempts[0].0.ends_with("\tsucceeded"), "{attempts:#?}");
+    }
+}
+
 /// redis-server SIGKILLed mid-job (append-only file on, fsynced at every write) and started again once the
 /// worker's report has been refused (2 s at least): meanwhile the coordinator answers UNAVAILABLE to what
 /// must be written (a submit, the worker's report) and serves reads; once Redis answers, the report the

@@ -180,6 +180,16 @@ async fn the_metrics_follow_a_job_and_its_faults() {
         Some(2.0),
         "{w}"
     );
+    // the engine's wait before its second render (the first has none before it)
+    assert_eq!(
+        value(&w, "stylefarm_worker_engine_idle_seconds_count"),
+        Some(1.0),
+        "{w}"
+    );
+    assert!(
+        value(&w, "stylefarm_worker_engine_idle_seconds_sum").unwrap() > 0.0,
+        "{w}"
+    );
     assert!(
         value(&w, "stylefarm_worker_iterations_per_second").unwrap() > 0.0,
         "{w}"

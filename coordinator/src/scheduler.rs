@@ -215,6 +215,9 @@ pub struct LeaseView {
     pub progress: Option<TaskProgress>,
     /// When its worker's latest preview came (ms since the Unix epoch); 0: none yet.
     pub preview_ms: i64,
+    /// When it was handed out (ms since the Unix epoch): a worker holds two leases while it reports one
+    /// task and renders the next; the later is the one it renders.
+    pub leased_ms: i64,
 }
 
 /// A preview of a running task's image, as its worker last sent it ([`Scheduler::heartbeat`]).
@@ -3845,6 +3848,7 @@ impl Scheduler {
                     .unwrap_or_default(),
                 progress: l.progress,
                 preview_ms: l.preview.as_ref().map_or(0, |p| p.at_ms),
+                leased_ms: l.leased_ms,
             })
             .collect()
     }

@@ -268,6 +268,19 @@ pub struct WorkerRow {
 }
 
 /// How much of a task is done, 0 to 1.
+/// Each worker's lease that it renders: the latest handed out to it (a worker still reporting its last task
+/// holds that one's lease too).
+fn by_worker(leases: &[LeaseView]) -> HashMap<WorkerId, LeaseView> {
+    let mut by_worker: HashMap<WorkerId, LeaseView> = HashMap::new();
+    for lease in leases {
+        match by_worker.get(&lease.worker) {
+            Some(held) if held.leased_ms >= lease.leased_ms => {}
+            _ => drop(by_worker.insert(lease.worker.clone(), lease.clone())),
+        }
+    }
+    by_worker
+}
+
 fn task_fraction(state: TaskState, progress: Option<&TaskProgress>) -> f64 {
     match (state, progress) {
         (TaskState::Succeeded, _) => 1.0,
@@ -448,14 +461,9 @@ impl Coordinator {
                 budget -= row.tasks.len();
                 row
             });
-        let leases: HashMap<_, _> = self
-            .scheduler
-            .leases()
-            .into_iter()
-            .map(|l| (l.worker.clone(), l))
-            .collect();
-        let previews: HashMap<(&str, u32), i64> = leases
-            .values()
+        let all = self.scheduler.leases();
+        let previews: HashMap<(&str, u32), i64> = all
+            .iter()
             .filter(|l| l.preview_ms > 0)
             .map(|l| ((l.job_id.as_str(), l.index), l.preview_ms))
             .collect();
@@ -466,7 +474,7 @@ impl Coordinator {
                 }
             }
         }
-        let workers = self.worker_rows(tenant, &leases);
+        let workers = self.worker_rows(tenant, &by_worker(&all));
         Status {
             tenant: tenant.0.clone(),
             auth: self.gate.enabled(),
@@ -479,16 +487,10 @@ impl Coordinator {
     /// The workers for `tenant` ([`WorkerRow`]): busy, idle, then silent, each by id; at most
     /// [`MAX_WORKERS_SHOWN`].
     pub fn workers_status(&self, tenant: &Tenant) -> Vec<WorkerRow> {
-        let leases = self
-            .scheduler
-            .leases()
-            .into_iter()
-            .map(|l| (l.worker.clone(), l))
-            .collect();
-        self.worker_rows(tenant, &leases)
+        self.worker_rows(tenant, &by_worker(&self.scheduler.leases()))
     }
 
-    /// [`Coordinator::workers_status`] with the leases by worker.
+    /// [`Coordinator::workers_status`] with the leases by worker ([`by_worker`]).
     fn worker_rows(
         &self,
         tenant: &Tenant,
@@ -1311,6 +1313,29 @@ pub async fn serve_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker holding two leases (it reports one task while it renders the next) is shown with the later.
+    #[test]
+    fn a_worker_is_shown_with_the_lease_it_took_last() {
+        let lease = |worker: &str, index: u32, leased_ms: i64| LeaseView {
+            worker: WorkerId::from(worker),
+            job_id: JobId::from("j"),
+            tenant: String::new(),
+            index,
+            progress: None,
+            preview_ms: 0,
+            leased_ms,
+        };
+        for leases in [
+            vec![lease("w1", 0, 10), lease("w1", 1, 20), lease("w2", 2, 15)],
+            vec![lease("w2", 2, 15), lease("w1", 1, 20), lease("w1", 0, 10)],
+        ] {
+            let shown = by_worker(&leases);
+            assert_eq!(shown.len(), 2);
+            assert_eq!(shown[&WorkerId::from("w1")].index, 1);
+            assert_eq!(shown[&WorkerId::from("w2")].index, 2);
+        }
+    }
 
     /// Without tokens: IP addresses (with or without a port, IPv6 in brackets), localhost and names under
     /// it, and the allowed names, whatever their case or a trailing dot; not other names, nor an IP

@@ -125,6 +125,10 @@ pub struct RenderStats {
     pub style_cached: bool,
     /// The evaluations of the objective it made (every scale's; from a checkpoint, only those after it).
     pub evaluations: u32,
+    /// Seconds the engine thread waited between the end of its previous render and the start of this one
+    /// (the first: none): on a GPU, the device's idle time between tasks (the worker's lease, downloads
+    /// and the tile's preparation; a lease poll that waited for work too).
+    pub idle_s: Option<f64>,
 }
 
 /// Why a render on the engine thread failed.
@@ -517,8 +521,11 @@ impl EngineThread {
                     cache: StyleCache::default(),
                     weights,
                 };
+                // when the last render ended: the idle time before the next (RenderStats::idle_s)
+                let mut last_ended: Option<Instant> = None;
                 while let Ok(req) = inbox.recv() {
                     let started = Instant::now();
+                    let idle_s = last_ended.map(|ended| (started - ended).as_secs_f64());
                     let hits = resident.cache.hits;
                     let entered = req.span.enter();
                     let rendering = Rendering::start();
@@ -531,6 +538,7 @@ impl EngineThread {
                                 engine_s: started.elapsed().as_secs_f64(),
                                 style_cached: resident.cache.hits > hits,
                                 evaluations,
+                                idle_s,
                             },
                         )),
                         Ok(Err(e)) => Err(RenderError::Engine(e)),
@@ -579,6 +587,7 @@ impl EngineThread {
                     }
                     drop((entered, rendering));
                     let _ = req.reply.send(reply);
+                    last_ended = Some(Instant::now());
                 }
             })
             .map_err(|e| {

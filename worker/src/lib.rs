@@ -431,10 +431,23 @@ enum Outcome {
     EngineStuck,
 }
 
-/// Runs a worker until `shutdown` resolves (then drains: the current task finishes first).
+/// Runs a worker until `shutdown` resolves (then drains: the current task finishes first, and is reported).
 pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let mut reporting = Reporting::default();
+    let served = serve(config, shutdown, &mut reporting).await;
+    // a worker that stops (or leaves) has its last task reported first
+    reporting.finish().await;
+    served
+}
+
+/// [`run`], each task reported through `reporting` while the next is leased and rendered.
+async fn serve(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reporting: &mut Reporting,
 ) -> Result<(), Error> {
     // loading VGG19 and warming it up take seconds, probing the device's memory may too: off the async
     // threads (a local farm's coordinator shares them)
@@ -673,24 +686,38 @@ pub async fn run(
                 };
                 // the task is over: a checkpoint still on its way is of no more use
                 drop(saving);
-                // a report that hangs must not keep the lease alive forever: give up, let it lapse
-                if tokio::time::timeout(
-                    REPORT_TIMEOUT,
-                    report(&mut client, &lease_id, outcome, log.as_ref(), &lease_clock),
-                )
-                .await
-                .is_err()
-                {
-                    tracing::warn!(
-                        "reporting timed out; the lease will lapse and the task run again"
-                    );
+                // a result is reported while the worker leases and renders the next task (under this
+                // task's heartbeat, which keeps its lease until then); a failure before it leases again,
+                // so that the coordinator counts it (a strike, an out-of-memory mark) first
+                let background = matches!(outcome, Outcome::Done(_));
+                let metrics = config.metrics.clone();
+                let mut client = client.clone();
+                let reported = async move {
+                    // a report that hangs must not keep the lease alive forever: give up, let it lapse
+                    if tokio::time::timeout(
+                        REPORT_TIMEOUT,
+                        report(&mut client, &lease_id, outcome, log.as_ref(), &lease_clock),
+                    )
+                    .await
+                    .is_err()
+                    {
+                        tracing::warn!(
+                            "reporting timed out; the lease will lapse and the task run again"
+                        );
+                    }
+                    drop(beating);
+                    // lease to reported, to set against the engine's time ("rendered" above); the
+                    // bytes this task downloaded (inputs not cached yet)
+                    let task_s = leased_at.elapsed().as_secs_f64();
+                    metrics.task(outcome_name, task_s, downloaded);
+                    tracing::info!(task_s, downloaded, "task over");
+                };
+                if background {
+                    reporting.start(reported.in_current_span()).await;
+                } else {
+                    reporting.finish().await;
+                    reported.await;
                 }
-                drop(beating);
-                // lease to reported, to set against the engine's time ("rendered" above); the bytes
-                // this task downloaded (inputs not cached yet)
-                let task_s = leased_at.elapsed().as_secs_f64();
-                config.metrics.task(outcome_name, task_s, downloaded);
-                tracing::info!(task_s, downloaded, "task over");
                 Ok::<(), Error>(())
             }
             .instrument(span)
@@ -698,6 +725,38 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// The report of a task rendered (its result encoded and uploaded), on its way while the worker leases,
+/// fetches and renders the next task: the device does not wait for the network between tasks. One at a
+/// time: the next report starts once this one has ended. Dropped (the worker's future dropped, as
+/// `LocalFarm::shutdown` drops it), it stops, and the task's lease lapses.
+#[derive(Default)]
+struct Reporting(Option<tokio::task::JoinHandle<()>>);
+
+impl Reporting {
+    /// Waits for the report on its way, if any.
+    async fn finish(&mut self) {
+        if let Some(reporting) = self.0.take() {
+            if let Err(e) = reporting.await {
+                tracing::error!(error = %e, "reporting a task failed");
+            }
+        }
+    }
+
+    /// Sends `report` in the background, once the report before it has ended.
+    async fn start(&mut self, report: impl Future<Output = ()> + Send + 'static) {
+        self.finish().await;
+        self.0 = Some(tokio::spawn(report));
+    }
+}
+
+impl Drop for Reporting {
+    fn drop(&mut self) {
+        if let Some(reporting) = &self.0 {
+            reporting.abort();
+        }
+    }
 }
 
 /// Resolves once `cancel` has been set for `grace` (looked at every second): a render still running then
@@ -1127,9 +1186,10 @@ async fn run_task(
         Ok(Ok((img, stats))) => {
             let last = *progress_rx.borrow();
             let (style, total) = last.map_or((0.0, 0.0), |p| (p.losses.style, p.losses.total));
-            metrics.rendered(stats.engine_s, stats.evaluations);
+            metrics.rendered(stats.engine_s, stats.evaluations, stats.idle_s);
             tracing::info!(
                 engine_s = stats.engine_s,
+                engine_idle_s = stats.idle_s,
                 style_cached = stats.style_cached,
                 style_loss = style,
                 total_loss = total,

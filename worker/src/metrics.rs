@@ -6,6 +6,7 @@
 //! | `stylefarm_worker_tasks_total` | counter | `outcome` (`succeeded`, `failed`, `cancelled`) | tasks reported |
 //! | `stylefarm_worker_task_seconds` | histogram | | lease to report, s |
 //! | `stylefarm_worker_engine_seconds` | histogram | | time on the engine thread per rendered task, s |
+//! | `stylefarm_worker_engine_idle_seconds` | histogram | | the engine thread's wait before a render since the previous one ended (the lease, downloads, the tile's preparation; a lease poll that waited for work too), s: on a GPU, the device's idle time between tasks |
 //! | `stylefarm_worker_iterations_per_second` | gauge | | the last rendered task's iterations (its evaluations of the objective, every scale's) over its engine time |
 //! | `stylefarm_worker_downloaded_bytes_total` | counter | | image bytes downloaded from the coordinator |
 //! | `stylefarm_worker_device_memory_bytes` | gauge | | memory in use: the process's resident set on a CPU, the device's used memory on a GPU (NVML) |
@@ -29,6 +30,7 @@ pub struct WorkerMetrics {
     tasks: Family<Labels, Counter>,
     task_seconds: Histogram,
     engine_seconds: Histogram,
+    engine_idle_seconds: Histogram,
     iterations_per_second: Gauge<f64, AtomicU64>,
     downloaded: Counter,
     memory: Gauge,
@@ -50,6 +52,8 @@ impl Default for WorkerMetrics {
             // 0.1 s to about 14 min
             task_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
             engine_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
+            // 1 ms to about 16 s
+            engine_idle_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             iterations_per_second: Gauge::default(),
             downloaded: Counter::default(),
             memory: Gauge::default(),
@@ -65,6 +69,11 @@ impl Default for WorkerMetrics {
             "engine_seconds",
             "Time on the engine thread per rendered task, in seconds",
             m.engine_seconds.clone(),
+        );
+        registry.register(
+            "engine_idle_seconds",
+            "The engine thread's wait before a render since the previous one ended, in seconds",
+            m.engine_idle_seconds.clone(),
         );
         registry.register(
             "iterations_per_second",
@@ -100,9 +109,13 @@ impl WorkerMetrics {
         self.downloaded.inc_by(bytes);
     }
 
-    /// A render that took `engine_s` on the engine thread for `iterations`.
-    pub(crate) fn rendered(&self, engine_s: f64, iterations: u32) {
+    /// A render that took `engine_s` on the engine thread for `iterations`, after the thread waited
+    /// `idle_s` since its previous render (the first: none).
+    pub(crate) fn rendered(&self, engine_s: f64, iterations: u32, idle_s: Option<f64>) {
         self.engine_seconds.observe(engine_s);
+        if let Some(idle_s) = idle_s {
+            self.engine_idle_seconds.observe(idle_s);
+        }
         if engine_s > 0.0 {
             self.iterations_per_second
                 .set(f64::from(iterations) / engine_s);
