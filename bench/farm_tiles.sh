@@ -68,7 +68,8 @@ down = [t.get("downloaded", 0) for t in tiles]
 up = [t.get("uploaded", 0) for t in tiles]
 eng = [t["engine_s"] for t in tiles]
 # the engine idle from one tile's end to the next tile's start, within a scale
-starts = sorted((t["inputs ready"], t) for t in tiles if "inputs ready" in t and "rendered" in t)
+starts = sorted(((t["inputs ready"], t) for t in tiles if "inputs ready" in t and "rendered" in t),
+                key=lambda s: s[0])
 idle = [b[0] - a[1]["rendered"] for a, b in zip(starts, starts[1:]) if a[1].get("scale") == b[1].get("scale")]
 q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]
 print(f"| {size} | {len(done)} ({len(tiles)} tiles) | {wall:.0f} s | {statistics.median(over)*1000:.1f} ms "

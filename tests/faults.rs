@@ -781,6 +781,8 @@ async fn a_result_refused_for_a_while_is_sent_until_it_is_taken() {
 /// the network): with the coordinator refusing results for a while (fail point
 /// `coordinator-complete-task=4*return`, about 7 s of backoff), the worker renders a batch's second task
 /// while the first's result is still being sent, and each task's result is taken from its first attempt.
+/// The batch is limited to one worker (`--max-workers 1`): the task whose result is on its way holds no
+/// place (the worker says so when it asks for the next: LeaseTaskRequest.reporting_lease_id).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_next_task_renders_while_a_result_is_still_on_its_way() {
     let (mut cluster, _services) = cluster_on(Backend::Embedded, 3.0, 0.3);
@@ -791,7 +793,9 @@ async fn the_next_task_renders_while_a_result_is_still_on_its_way() {
     cluster.start_coordinator();
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
-    let id = submit(&cluster, &batch_x_starry(32, 5));
+    let mut args = batch_x_starry(32, 5);
+    args.extend(["--max-workers", "1"].map(String::from));
+    let id = submit(&cluster, &args);
     let done = wait_succeeded(&cluster, &id).await;
     assert_eq!(done.tasks.len(), 2);
     let log = cluster.workers[0].log_text();

@@ -259,6 +259,19 @@ struct LeaseInfo {
     /// The lines its worker logged so far ([`Scheduler::append_log`]), each once: kept with the task
     /// when the attempt ends ([`log_attempt`]).
     log: ReceivedLines,
+    /// Whether its worker said it rendered the task and is sending its result while it takes another
+    /// ([`Scheduler::sending_result`]): the task no longer holds the worker's device.
+    rendered: bool,
+}
+
+/// The tasks of `job` whose leases hold their workers' devices: those not rendered yet (a worker sends a
+/// rendered task's result while it renders its next: [`Scheduler::sending_result`]). What a job's
+/// `max_workers` counts.
+fn rendering(leases: &HashMap<LeaseId, LeaseInfo>, job: &Job) -> usize {
+    job.leases
+        .values()
+        .filter(|id| leases.get(*id).is_none_or(|l| !l.rendered))
+        .count()
 }
 
 /// What a lease of task `index` of `job` hands its worker: the task, its checkpoints, and the checkpoint to
@@ -558,7 +571,7 @@ fn fair_share(
         return Some(candidates[0].1.clone());
     }
     let mut running: HashMap<&str, u64> = HashMap::new();
-    for lease in st.leases.values() {
+    for lease in st.leases.values().filter(|l| !l.rendered) {
         if let Some(job) = st.jobs.get(&lease.job_id) {
             *running.entry(job.meta.tenant.as_str()).or_default() += 1;
         }
@@ -1768,7 +1781,7 @@ impl Scheduler {
             if job.meta.paused
                 || !job.meta.waiting_on.is_empty()
                 || !takes(&job.meta)
-                || (max_workers > 0 && job.leases.len() >= max_workers)
+                || (max_workers > 0 && rendering(&st.leases, job) >= max_workers)
             {
                 return Take::SkipJob;
             }
@@ -1852,6 +1865,7 @@ impl Scheduler {
                 memory_bytes: memory.own,
                 attempt: task_attempt,
                 log: ReceivedLines::default(),
+                rendered: false,
             },
         );
         if starts_group {
@@ -1938,6 +1952,25 @@ impl Scheduler {
                 return Ok(None);
             }
         }
+    }
+
+    /// Notes that `worker` rendered the task of its lease `lease_id` and is sending its result while it
+    /// asks for another (pb::LeaseTaskRequest::reporting_lease_id): the task no longer counts against its
+    /// job's `max_workers` nor its tenant's share, and its progress may stand still for as long as a report
+    /// may take ([`Scheduler::expire`]). A lease of another worker (by name), or one that ended, is left as
+    /// it is.
+    pub fn sending_result(&self, worker: &WorkerId, lease_id: &LeaseId) {
+        let mut st = self.state.lock().unwrap();
+        let Some(lease) = st.leases.get_mut(lease_id) else {
+            return;
+        };
+        if lease.worker.by_name() != worker.by_name() || lease.rendered {
+            return;
+        }
+        lease.rendered = true;
+        drop(st);
+        // a task of its job may start now (its max_workers), on another worker too
+        self.work.notify_waiters();
     }
 
     /// Drains the workers named `names` (names: every registration of each), or undrains them when
@@ -3450,9 +3483,10 @@ impl Scheduler {
         // a render that ended: its result is on its way, for as long as a worker tries to send it
         let report_ms = stylefarm_proto::REPORT_TIMEOUT.as_millis() as i64;
         let rendered = |l: &LeaseInfo| {
-            l.progress
-                .as_ref()
-                .is_some_and(|p| p.scale == p.scales && p.iteration == p.iterations)
+            l.rendered
+                || l.progress
+                    .as_ref()
+                    .is_some_and(|p| p.scale == p.scales && p.iteration == p.iterations)
         };
         // (lease, whether it expired; else it stalled). Exact-mode shards wait for each other at every
         // evaluation: the one that hangs stalls, not those waiting in the exchange for it.
@@ -3900,7 +3934,7 @@ impl Scheduler {
                     }
                     let left = startable
                         .entry(job_id)
-                        .or_insert_with(|| max.saturating_sub(job.leases.len()));
+                        .or_insert_with(|| max.saturating_sub(rendering(&st.leases, job)));
                     let over = *left == 0;
                     *left = left.saturating_sub(1);
                     over.then_some("max_workers")
@@ -6798,6 +6832,45 @@ mod tests {
         s.fail(&b.lease_id, "boom", FailureKind::Retryable).unwrap();
         assert_eq!(s.lease(&w("d")).unwrap().unwrap().task.id.job, limited);
         assert_eq!(s.leases().iter().filter(|l| l.job_id == limited).count(), 2);
+    }
+
+    /// A worker sending a rendered task's result while it asks for another (sending_result) holds no
+    /// place of its job's `max_workers` nor of its tenant's share with it: on a farm of one worker, a job
+    /// limited to one worker takes its next task before a lower-priority job's, and the result sent after
+    /// is taken. Another worker's name cannot free the place.
+    #[test]
+    fn a_task_whose_result_is_on_its_way_holds_no_place_of_its_job_s_max_workers() {
+        let s = scheduler(SchedulerConfig::default());
+        let limited = submit_as(
+            &s,
+            "",
+            JobSpec {
+                max_workers: 1,
+                ..batch(3, 5)
+            },
+        );
+        let other = submit_as(&s, "", batch(1, 0));
+        let first = s.lease(&w("a")).unwrap().unwrap();
+        assert_eq!(first.task.id.job, limited);
+        // not said: the job is at its limit, the lower-priority job's task is next
+        s.sending_result(&w("b"), &first.lease_id);
+        assert_eq!(s.counts().held_by_reason.get("max_workers"), Some(&2));
+        s.sending_result(&w("a#2"), &first.lease_id);
+        assert_eq!(s.counts().held_by_reason.get("max_workers"), Some(&1));
+        let second = s.lease(&w("a#2")).unwrap().unwrap();
+        assert_eq!(
+            second.task.id.job, limited,
+            "the limited job's next task first"
+        );
+        // one rendering again: at its limit
+        assert_eq!(s.lease(&w("c")).unwrap().unwrap().task.id.job, other);
+        s.complete(&first.lease_id, &hash("first")).unwrap();
+        assert!(s.lease(&w("c")).unwrap().is_none());
+        let view = s.get(&limited).unwrap();
+        assert_eq!(
+            view.tasks[first.task.id.index as usize].0.state,
+            TaskState::Succeeded
+        );
     }
 
     /// A lease that expires names its worker once, for the coordinator to count it out of the live ones.

@@ -942,6 +942,7 @@ impl WorkerService for WorkerApi {
             request_id,
             device,
             memory_bytes,
+            reporting_lease_id,
         } = request.into_inner();
         let worker_id = WorkerId::from(worker_id);
         if worker_id.is_empty() {
@@ -959,6 +960,12 @@ impl WorkerService for WorkerApi {
         self.coordinator
             .workers
             .seen(&worker_id, memory_used_bytes, Some(said));
+        if !reporting_lease_id.is_empty() {
+            let lease_id = LeaseId::from(reporting_lease_id);
+            self.coordinator
+                .scheduler
+                .sending_result(&worker_id, &lease_id);
+        }
         let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
         // the device memory it said (registering, or in this poll; 0 from an older worker that leases
         // without having registered here), and the farm's largest: a task that ran out of memory goes to a

@@ -267,7 +267,6 @@ pub struct WorkerRow {
     pub drained: bool,
 }
 
-/// How much of a task is done, 0 to 1.
 /// Each worker's lease that it renders: the latest handed out to it (a worker still reporting its last task
 /// holds that one's lease too).
 fn by_worker(leases: &[LeaseView]) -> HashMap<WorkerId, LeaseView> {
@@ -281,6 +280,7 @@ fn by_worker(leases: &[LeaseView]) -> HashMap<WorkerId, LeaseView> {
     by_worker
 }
 
+/// How much of a task is done, 0 to 1.
 fn task_fraction(state: TaskState, progress: Option<&TaskProgress>) -> f64 {
     match (state, progress) {
         (TaskState::Succeeded, _) => 1.0,

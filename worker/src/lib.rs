@@ -550,6 +550,7 @@ async fn serve(
                 request_id: lease_request,
                 device: device_name.clone(),
                 memory_bytes,
+                reporting_lease_id: reporting.lease().map(String::from).unwrap_or_default(),
             });
             // the coordinator answers once it has a task or the wait is over: no answer well after that,
             // and it is gone (the keepalive would notice too, later)
@@ -624,7 +625,7 @@ async fn serve(
                 // one heartbeat for the whole task: preparation, render and report
                 let cancel = Arc::new(AtomicBool::new(false));
                 // a worker dropped mid-task (its farm stopped) stops its render too
-                let _cancel_on_drop = CancelOnDrop(cancel.clone());
+                let cancel_on_drop = CancelOnDrop(cancel.clone());
                 let (progress_tx, progress_rx) = tokio::sync::watch::channel(None);
                 let (preview_tx, preview_rx) = tokio::sync::watch::channel(None);
                 let checkpoint = Arc::new(CheckpointSlot::default());
@@ -692,10 +693,17 @@ async fn serve(
                 let background = matches!(outcome, Outcome::Done(_));
                 let metrics = config.metrics.clone();
                 let mut client = client.clone();
+                // a report that hangs must not keep the lease alive forever: given up REPORT_TIMEOUT after
+                // the render's end (the wait for the report before it included), as the coordinator
+                // allows a rendered task, and its lease left to lapse
+                let give_up = tokio::time::Instant::now() + REPORT_TIMEOUT;
+                let reporting_lease = lease_id.clone();
                 let reported = async move {
-                    // a report that hangs must not keep the lease alive forever: give up, let it lapse
-                    if tokio::time::timeout(
-                        REPORT_TIMEOUT,
+                    // the render is over: the task's cancel no longer matters (its heartbeat still says
+                    // when the coordinator cancels it)
+                    drop(cancel_on_drop);
+                    if tokio::time::timeout_at(
+                        give_up,
                         report(&mut client, &lease_id, outcome, log.as_ref(), &lease_clock),
                     )
                     .await
@@ -713,7 +721,9 @@ async fn serve(
                     tracing::info!(task_s, downloaded, "task over");
                 };
                 if background {
-                    reporting.start(reported.in_current_span()).await;
+                    reporting
+                        .start(reporting_lease, reported.in_current_span())
+                        .await;
                 } else {
                     reporting.finish().await;
                     reported.await;
@@ -730,30 +740,47 @@ async fn serve(
 /// The report of a task rendered (its result encoded and uploaded), on its way while the worker leases,
 /// fetches and renders the next task: the device does not wait for the network between tasks. One at a
 /// time: the next report starts once this one has ended. Dropped (the worker's future dropped, as
-/// `LocalFarm::shutdown` drops it), it stops, and the task's lease lapses.
+/// `LocalFarm::shutdown` drops it, even while it waits for the report), it stops, and the task's lease
+/// lapses.
 #[derive(Default)]
-struct Reporting(Option<tokio::task::JoinHandle<()>>);
+struct Reporting(Option<(LeaseId, tokio::task::JoinHandle<()>)>);
 
 impl Reporting {
     /// Waits for the report on its way, if any.
     async fn finish(&mut self) {
-        if let Some(reporting) = self.0.take() {
+        if let Some((_, reporting)) = &mut self.0 {
+            // awaited in place: a drop meanwhile aborts it (Drop), rather than leave it running
             if let Err(e) = reporting.await {
                 tracing::error!(error = %e, "reporting a task failed");
             }
+            self.0 = None;
         }
     }
 
-    /// Sends `report` in the background, once the report before it has ended.
-    async fn start(&mut self, report: impl Future<Output = ()> + Send + 'static) {
+    /// Sends `report` of the task of lease `lease_id` in the background, once the report before it has
+    /// ended.
+    async fn start(
+        &mut self,
+        lease_id: LeaseId,
+        report: impl Future<Output = ()> + Send + 'static,
+    ) {
         self.finish().await;
-        self.0 = Some(tokio::spawn(report));
+        self.0 = Some((lease_id, tokio::spawn(report)));
+    }
+
+    /// The lease of the task whose result is on its way, until it has been sent (or given up): what a
+    /// lease poll says (pb::LeaseTaskRequest::reporting_lease_id).
+    fn lease(&self) -> Option<&str> {
+        self.0
+            .as_ref()
+            .filter(|(_, reporting)| !reporting.is_finished())
+            .map(|(lease_id, _)| lease_id.as_str())
     }
 }
 
 impl Drop for Reporting {
     fn drop(&mut self) {
-        if let Some(reporting) = &self.0 {
+        if let Some((_, reporting)) = &self.0 {
             reporting.abort();
         }
     }
