@@ -862,12 +862,26 @@ fn resize_in_bands(img: &RgbImage, (width, height): (u32, u32), bands: u32) -> R
     if bands <= 1 {
         return image::imageops::resize(img, width, height, FilterType::Lanczos3);
     }
-    let rows = height.div_ceil(bands);
+    resample_in_bands(img, (width, height), (0, 0, width, height), bands)
+}
+
+/// The window `(x, y, w, h)` of `img` resampled to `width` x `height` ([`resample_window`]) in `bands`
+/// bands of the window's rows, each on a thread of its own (one: on this thread).
+fn resample_in_bands(
+    img: &RgbImage,
+    (width, height): (u32, u32),
+    (x, y0, w, h): (u32, u32, u32, u32),
+    bands: u32,
+) -> RgbImage {
+    if bands <= 1 {
+        return resample_window(img, (width, height), (x, y0, w, h));
+    }
+    let rows = h.div_ceil(bands);
     let parts: Vec<RgbImage> = std::thread::scope(|scope| {
-        let spawned: Vec<_> = (0..height)
+        let spawned: Vec<_> = (y0..y0 + h)
             .step_by(rows as usize)
             .map(|y| {
-                let window = (0, y, width, rows.min(height - y));
+                let window = (x, y, w, rows.min(y0 + h - y));
                 let band = move || resample_window(img, (width, height), window);
                 // a thread the system cannot start: that band is resampled here, after the others start
                 std::thread::Builder::new()
@@ -885,25 +899,39 @@ fn resize_in_bands(img: &RgbImage, (width, height): (u32, u32), bands: u32) -> R
             })
             .collect()
     });
-    // full-width bands, top to bottom: their rows concatenated are the image's
-    let mut raw = Vec::with_capacity(width as usize * height as usize * 3);
+    // the window's full-width bands, top to bottom: their rows concatenated are the window's
+    let mut raw = Vec::with_capacity(w as usize * h as usize * 3);
     for part in parts {
         raw.extend_from_slice(part.as_raw());
     }
-    RgbImage::from_raw(width, height, raw).expect("the bands cover the image")
+    RgbImage::from_raw(w, h, raw).expect("the bands cover the window")
 }
 
-/// Into how many bands of rows [`resize`] splits a resampling from `from` to `to` pixels: one a core (at
-/// most 32), each at least 64 rows, and one when the images hold less than a megapixel together (a
-/// thread's start would cost more than it saves).
+/// Into how many bands of rows [`resize`] splits a resampling from `from` to `to` pixels
+/// ([`window_bands`] of the whole image).
 pub fn resize_bands(from: (u32, u32), to: (u32, u32)) -> u32 {
+    window_bands(from, to, (0, 0, to.0, to.1))
+}
+
+/// Into how many bands of rows [`resize_window`] splits the window `(x, y, w, h)` of a resampling from
+/// `from` to `to` pixels: one a core (at most 32), each at least 64 rows, and one when the window and its
+/// share of the source hold less than a quarter of a megapixel together (about 4 ms of work on one core:
+/// a thread's start would cost more than it saves).
+pub fn window_bands(from: (u32, u32), to: (u32, u32), (_, _, w, h): (u32, u32, u32, u32)) -> u32 {
     const MIN_ROWS: u32 = 64;
+    const MIN_PIXELS: u64 = 1 << 18;
     let pixels = |(w, h): (u32, u32)| u64::from(w) * u64::from(h);
-    if pixels(from) == 0 || pixels(to) == 0 || pixels(from) + pixels(to) < 1 << 20 {
+    let (window, whole) = (pixels((w, h)), pixels(to));
+    if pixels(from) == 0 || window == 0 || whole == 0 {
+        return 1;
+    }
+    // the source pixels the window reads, in proportion
+    let read = (u128::from(pixels(from)) * u128::from(window) / u128::from(whole)) as u64;
+    if window + read < MIN_PIXELS {
         return 1;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(32) as u32);
-    cores.min(to.1 / MIN_ROWS).max(1)
+    cores.min(h / MIN_ROWS).max(1)
 }
 
 /// The taps of one output position of a Lanczos3 resampling from `from` to `to` positions along an axis: the
@@ -945,11 +973,23 @@ fn lanczos3_taps(from: u32, to: u32, out: u32) -> (u32, Vec<f32>) {
 /// The window `(x, y, w, h)` of `img` resampled to `width` x `height` ([`resize`]: Lanczos3, not resampled
 /// at that size), computed from the source pixels that window needs only: the work and memory follow the
 /// window, not the whole output (a tile of a large canvas). Equal to cropping the whole resize, pixel for
-/// pixel. The window must lie inside `width` x `height`.
+/// pixel. The window must lie inside `width` x `height`. A large one is resampled in bands of rows on the
+/// machine's cores ([`window_bands`]): a worker prepares each tile while its device waits.
 pub fn resize_window(
+    img: &RgbImage,
+    to: (u32, u32),
+    window: (u32, u32, u32, u32),
+) -> Result<RgbImage, Error> {
+    resize_window_in_bands(img, to, window, window_bands(img.dimensions(), to, window))
+}
+
+/// [`resize_window`] in `bands` bands of the window's rows, each on a thread of its own (one: on this
+/// thread); the same pixels whatever the bands.
+pub fn resize_window_in_bands(
     img: &RgbImage,
     (width, height): (u32, u32),
     (x, y, w, h): (u32, u32, u32, u32),
+    bands: u32,
 ) -> Result<RgbImage, Error> {
     if w == 0 || h == 0 || x.saturating_add(w) > width || y.saturating_add(h) > height {
         return Err(Error::invalid(
@@ -960,7 +1000,7 @@ pub fn resize_window(
     if img.dimensions() == (width, height) {
         return Ok(image::imageops::crop_imm(img, x, y, w, h).to_image());
     }
-    Ok(resample_window(img, (width, height), (x, y, w, h)))
+    Ok(resample_in_bands(img, (width, height), (x, y, w, h), bands))
 }
 
 /// [`resize_window`] of a window known to lie inside `width` x `height`, of an image of another size.
@@ -2201,8 +2241,8 @@ mod tests {
     }
 
     /// A resize in bands of rows on several threads has the pixels of one pass of
-    /// `image::imageops::resize`, whatever the bands (more than the rows, not dividing them); only a large
-    /// one is split.
+    /// `image::imageops::resize`, whatever the bands (more than the rows, not dividing them), and so has a
+    /// window of it; only a large one is split.
     #[test]
     fn a_resize_in_bands_equals_one_pass() {
         let img = RgbImage::from_fn(203, 151, |x, y| {
@@ -2220,9 +2260,31 @@ mod tests {
                 assert!(got == one, "{width}x{height} in {bands} bands");
             }
         }
+        // a window's bands: its rows, wherever it lies
+        for (window, bands) in [
+            ((0, 0, 437, 329), 5),
+            ((100, 37, 200, 150), 3),
+            ((436, 7, 1, 300), 64),
+        ] {
+            let whole = image::imageops::resize(&img, 437, 329, FilterType::Lanczos3);
+            let (x, y, w, h) = window;
+            let cut = image::imageops::crop_imm(&whole, x, y, w, h).to_image();
+            let got = resize_window_in_bands(&img, (437, 329), window, bands).unwrap();
+            assert!(got == cut, "{window:?} in {bands} bands");
+        }
         assert_eq!(resize_bands((203, 151), (437, 329)), 1, "small: one pass");
-        assert_eq!(resize_bands((0, 0), (4096, 4096)), 1, "nothing to resample");
+        // a 512-px tile of a 2048 x 1536 canvas from a 1024 x 768 content: banded (about 5 ms of work)
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        assert_eq!(
+            window_bands((1024, 768), (2048, 1536), (768, 512, 512, 512)),
+            cores.clamp(1, 8)
+        );
+        assert_eq!(
+            window_bands((1024, 768), (2048, 1536), (0, 0, 256, 256)),
+            1,
+            "small window"
+        );
+        assert_eq!(resize_bands((0, 0), (4096, 4096)), 1, "nothing to resample");
         assert_eq!(resize_bands((6000, 4000), (512, 341)), cores.clamp(1, 5));
     }
 
