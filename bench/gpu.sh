@@ -12,7 +12,8 @@
 #     autotuner's timing runs are part of the start-up);
 #   - the tiled job `local --workers 1 --tiled --size $TILED_SIZE`, its scales planned for the GPU's memory:
 #     wall time, GPU utilization and memory (nvidia-smi, every 200 ms), the plan (tile size per scale), per
-#     task `task_s - engine_s` from the worker's log; again with --cudnn-benchmark false (TILED_NOBENCH=
+#     task `task_s - engine_s` and the engine's idle time before each render (`engine_idle_s`) from the
+#     worker's log; again with --cudnn-benchmark false (TILED_NOBENCH=
 #     for none); and the one-pass `render --size $TILED_SIZE --scales N` with the same schedule, for the
 #     ratio;
 #   - peak GPU memory of short tiled jobs with fixed tiles of 512, 1024 and 2048 px (TILE_SIZES) with
@@ -194,6 +195,12 @@ for m in re.finditer(r"(task\{[^}]*\}).*?(?:rendered engine_s=([0-9.]+)|task ove
 if over:
     print(f"| {name}: per task task_s - engine_s (median, max; {len(over)} tasks); engine sum | "
           f"{statistics.median(over):.3f} s, {max(over):.3f} s; {sum(engine):.1f} s | |")
+# the engine's wait before each render since its previous one (a worker's first has none): the device's
+# idle time between tasks (task_s - engine_s includes the report, which now runs beside the next render)
+idle = [float(v) for v in re.findall(r"rendered engine_s=\S+ engine_idle_s=([0-9.e+-]+)", log)]
+if idle:
+    print(f"| {name}: engine idle before a render (median, max; {len(idle)} renders) | "
+          f"{statistics.median(idle):.3f} s, {max(idle):.3f} s | |")
 def utc(stamp, form):
     when = datetime.datetime.strptime(stamp, form)
     return when.replace(tzinfo=datetime.timezone.utc).timestamp()
