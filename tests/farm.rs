@@ -542,6 +542,153 @@ async fn an_idle_worker_sent_sigterm_leaves_without_waiting_for_a_task() {
     );
 }
 
+/// A worker sent SIGTERM mid-task finishes it: it is still there a second later; a second SIGTERM stops it
+/// at once, exit 1 saying so, and its task goes back to the queue when its lease lapses.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_interrupted_twice_leaves_its_task_unfinished() {
+    let mut cluster = Cluster::start(3.0, 0.3);
+    cluster.add_worker("w");
+    // 256 px: iterations long enough that a task in its first ones is far from done
+    let job_id = submit(&cluster, &x_starry("chelsea.png", 256, 5000));
+    wait_iteration(&cluster, &job_id, 1).await;
+    let worker = &mut cluster.workers[0];
+    worker.terminate();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        worker.child.try_wait().unwrap().is_none(),
+        "left at the first SIGTERM: {}",
+        worker.log_text()
+    );
+    worker.terminate();
+    let sent = Instant::now();
+    let exit = stylefarm_tests::wait_exit(
+        &mut worker.child,
+        Duration::from_secs(30),
+        "the worker did not exit at a second SIGTERM",
+    );
+    let log = worker.log_text();
+    assert_eq!(exit.code(), Some(1), "{exit:?}: {log}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "left {:?} after the second SIGTERM: {log}",
+        sent.elapsed()
+    );
+    assert!(
+        log.contains("interrupted again: left without finishing the task"),
+        "{log}"
+    );
+    let client = cluster.client().await;
+    wait_for("the task queued again", Duration::from_secs(30), || {
+        let (mut client, job_id) = (client.clone(), &job_id);
+        async move {
+            let tasks = job(&mut client, job_id).await.tasks;
+            (tasks[0].state == pb::TaskState::Pending as i32).then_some(())
+        }
+    })
+    .await;
+}
+
+/// `submit --wait` interrupted (SIGTERM, as Ctrl-C) once its job is submitted leaves the job running and
+/// says how to follow or stop it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_submit_wait_leaves_its_job_running_and_says_so() {
+    use std::io::BufRead;
+    let cluster = Cluster::start(10.0, 0.3);
+    let mut submit = stylefarm_tests::stylefarm()
+        .arg("submit")
+        .args(tubingen_x_starry(32, 2))
+        .arg("--wait")
+        .env("STYLEFARM_COORDINATOR", &cluster.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut job_id = String::new();
+    std::io::BufReader::new(submit.stdout.take().unwrap())
+        .read_line(&mut job_id)
+        .unwrap();
+    let job_id = job_id.trim().to_string();
+    // its wait started (no worker: the job waits)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &submit.id().to_string()])
+        .status();
+    let exit = stylefarm_tests::wait_exit(
+        &mut submit,
+        Duration::from_secs(30),
+        "submit --wait did not stop at SIGTERM",
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut submit.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(exit.code(), Some(1), "{exit:?}: {err}");
+    assert!(
+        err.contains(&format!(
+            "interrupted: the job goes on; `stylefarm watch {job_id}` follows it"
+        )),
+        "{err}"
+    );
+    let mut client = cluster.client().await;
+    assert!(is(&job(&mut client, &job_id).await, pb::JobState::Queued));
+}
+
+/// A coordinator stopped (SIGTERM, as Ctrl-C stops it) while a client watches a job and a worker waits for
+/// a task (in a 10-s lease poll) ends both calls at once and exits, not waiting on them: the watch ends
+/// UNAVAILABLE, saying why (a client then watches again), and the coordinator's store is released, so
+/// that one started again on it serves the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_stopped_while_a_job_is_watched_exits_at_once() {
+    use tokio_stream::StreamExt;
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker("idle");
+    wait_registered(&cluster, 1).await;
+    // a job for a tag the worker lacks: watched while it waits, the worker in its lease poll meanwhile
+    let args = [
+        tubingen_x_starry(32, 2),
+        vec!["--worker-tag".into(), "gpu".into()],
+    ]
+    .concat();
+    let job_id = submit(&cluster, &args);
+    let mut client = cluster.client().await;
+    let mut events = client
+        .watch_events(&job_id.as_str().into(), false)
+        .await
+        .unwrap();
+    assert!(events.next().await.unwrap().is_ok());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let coordinator = cluster.coordinator.as_mut().unwrap();
+    coordinator.terminate();
+    let sent = Instant::now();
+    let exit = stylefarm_tests::wait_exit(
+        &mut coordinator.child,
+        Duration::from_secs(30),
+        "the coordinator did not exit after SIGTERM",
+    );
+    let log = coordinator.log_text();
+    assert!(exit.success(), "{exit:?}: {log}");
+    // neither the watch nor the poll held it (each would, for good or for its 10 s)
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "exited {:?} after SIGTERM: {log}",
+        sent.elapsed()
+    );
+    let ended = loop {
+        match events.next().await {
+            Some(Ok(_)) => continue,
+            other => break other,
+        }
+    };
+    match ended {
+        Some(Err(e)) => assert!(
+            e.is_connection_lost() && e.to_string().contains("the coordinator is stopping"),
+            "{e}"
+        ),
+        other => panic!("the watch ended with {other:?}"),
+    }
+    cluster.start_coordinator();
+    let mut client = cluster.client().await;
+    assert!(is(&job(&mut client, &job_id).await, pb::JobState::Queued));
+}
+
 /// Paused jobs wait, saying so, while a worker is free: nothing of them is leased (a priority changed
 /// meanwhile; one submitted paused); resumed, they render. The commands take several jobs at once.
 #[tokio::test(flavor = "multi_thread")]
@@ -2398,6 +2545,17 @@ async fn a_poisoned_job_fails_alone_and_the_next_job_renders_on_the_same_worker(
         ok && out.contains(&poisoned) && !out.contains(&good),
         "{out} {err}"
     );
+    // a list cut at its limit says so; one that is not, does not
+    let (ok, out, err) = cluster.cli(&["list", "--limit", "1"]);
+    assert!(
+        ok && out.lines().count() == 1 && err.contains("(the newest 1 shown; --limit N shows more"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cluster.cli(&["list", "--limit", "2"]);
+    assert!(
+        ok && out.lines().count() == 2 && err.is_empty(),
+        "{out} {err}"
+    );
     // the fault is gone (the fail point fired its three times): the failed job, run again, renders on
     // the same worker with its attempts and errors cleared; a job that succeeded has nothing to run again
     let (ok, out, err) = cluster.cli(&["retry", &poisoned]);
@@ -2927,6 +3085,75 @@ fn local_stopped_mid_render_removes_its_data_dir() {
     );
     let err = std::fs::read_to_string(&err_path).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted: the job unfinished"), "{err}");
+    assert!(!data_dir.exists(), "{} left behind", data_dir.display());
+}
+
+/// `local` interrupted mid-batch writes the results of the tasks that rendered, says how many, and exits 1
+/// (a folder of 1000 photos stopped at the 999th keeps 998).
+#[test]
+fn local_interrupted_mid_batch_writes_the_results_rendered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err_path) = (dir.path().join("out"), dir.path().join("local.err"));
+    let mut local = stylefarm_tests::stylefarm()
+        .args(["local", "--workers", "1", "--batch", "-o"])
+        .arg(&out)
+        .args([
+            "--content",
+            &path("tubingen.jpg"),
+            "--content",
+            &path("chelsea.png"),
+        ])
+        .args(["--style", &path("starry_night.jpg")])
+        .args(["--size", "32", "--iterations", "150"])
+        .env("STYLEFARM_LOG", "info")
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    // the first task over, the second rendering
+    let since = Instant::now();
+    let err = loop {
+        let err = std::fs::read_to_string(&err_path).unwrap();
+        if err.contains("task over") || since.elapsed() > Duration::from_secs(120) {
+            break err;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(err.contains("task over"), "{err}");
+    terminate(&local);
+    let status = stylefarm_tests::wait_exit(
+        &mut local,
+        Duration::from_secs(90),
+        "local did not stop after SIGTERM",
+    );
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("interrupted: the job unfinished, the results of 1 of its 2 tasks written"),
+        "{err}"
+    );
+    assert_eq!(stylefarm_tests::file_names(&out).len(), 1, "{err}");
+}
+
+/// `local` interrupted twice at once mid-render (as `timeout -s INT` does, or an impatient Ctrl-C) exits
+/// with 1, saying so, not by a segmentation fault: its engine thread still renders when the process ends,
+/// and libtorch's static objects must not be torn down under it.
+#[test]
+fn local_interrupted_twice_at_once_mid_render_exits_cleanly() {
+    // iterations long enough (256 px) for the second signal to come while the render runs
+    let (dir, mut local) = local_rendering(x_starry("chelsea.png", 256, 5000), &[]);
+    let (tmp, err_path) = (dir.path().join("tmp"), dir.path().join("local.err"));
+    let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
+    terminate(&local);
+    std::thread::sleep(Duration::from_millis(50));
+    terminate(&local);
+    let status = stylefarm_tests::wait_exit(
+        &mut local,
+        Duration::from_secs(60),
+        "local did not stop after two SIGTERMs",
+    );
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
     assert!(err.contains("interrupted: the job unfinished"), "{err}");
     assert!(!data_dir.exists(), "{} left behind", data_dir.display());
 }

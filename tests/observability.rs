@@ -125,9 +125,15 @@ async fn the_metrics_follow_a_job_and_its_faults() {
         Some(2.0),
         "{done}"
     );
+    // every state is shown, 0 included
     assert_eq!(
         value(&done, "stylefarm_tasks{state=\"running\"}"),
-        None,
+        Some(0.0),
+        "{done}"
+    );
+    assert_eq!(
+        value(&done, "stylefarm_jobs{state=\"failed\"}"),
+        Some(0.0),
         "{done}"
     );
     assert_eq!(

@@ -26,8 +26,8 @@ pub(crate) const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
 
 #[derive(Args)]
 pub(crate) struct CoordinatorArgs {
-    /// Address to listen on.
-    #[arg(long, env = "STYLEFARM_LISTEN", default_value = "127.0.0.1:7700")]
+    /// Address to listen on: IP:PORT, or HOST:PORT (its first address).
+    #[arg(long, env = "STYLEFARM_LISTEN", default_value = "127.0.0.1:7700", value_parser = listen_addr)]
     listen: SocketAddr,
     /// Where jobs (state.redb) and images (blobs/) are kept; a restart on the same dir resumes.
     #[arg(long, env = "STYLEFARM_DATA_DIR", default_value = "stylefarm-data")]
@@ -172,11 +172,11 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, requires = "tls_client_ca")]
     require_worker_cert: bool,
     /// Address to serve Prometheus metrics on (`GET /metrics`); off unless given.
-    #[arg(long, env = "STYLEFARM_METRICS_LISTEN")]
+    #[arg(long, env = "STYLEFARM_METRICS_LISTEN", value_parser = listen_addr)]
     metrics_listen: Option<SocketAddr>,
     /// Address to serve the status page on (jobs, previews, workers, cancel buttons; HTTPS with
     /// --tls-cert, a client token asked for when tokens are configured); off unless given.
-    #[arg(long, env = "STYLEFARM_STATUS_LISTEN")]
+    #[arg(long, env = "STYLEFARM_STATUS_LISTEN", value_parser = listen_addr)]
     status_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub(crate) status_hosts: StatusHostsArg,
@@ -487,6 +487,39 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The interrupts (Ctrl-C's and SIGTERMs) this process has had since the call, counted: a second one that
+/// comes right after the first is not lost between two waits ([`interrupted`]). In a runtime.
+#[cfg(feature = "engine")]
+pub(crate) fn interrupts() -> tokio::sync::watch::Receiver<u32> {
+    let (count, interrupts) = tokio::sync::watch::channel(0);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // registered once: no signal falls between two waits
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::spawn(async move {
+            loop {
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                count.send_modify(|n| *n += 1);
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            count.send_modify(|n| *n += 1);
+        }
+    });
+    interrupts
+}
+
+/// Returns once `interrupts` ([`interrupts`]) has counted `n`.
+#[cfg(feature = "engine")]
+pub(crate) async fn interrupted(mut interrupts: tokio::sync::watch::Receiver<u32>, n: u32) {
+    let _ = interrupts.wait_for(|count| *count >= n).await;
+}
+
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -755,6 +788,19 @@ impl JobArgs {
         }
         Ok(job)
     }
+}
+
+/// An address to listen on: an IP address and port, or a host name (`localhost:7700`) and port, which
+/// stands for its first address.
+pub(crate) fn listen_addr(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    text.to_socket_addrs()
+        .map_err(|e| format!("'{text}' is not HOST:PORT nor IP:PORT: {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{text}': the host name has no address"))
 }
 
 /// A job id on the command line ([`JobId::checked`]).
@@ -1191,7 +1237,16 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         );
         outln!("{job_id}");
         if args.wait {
-            wait_and_fetch(&mut client, &job_id, args.job.output.as_deref(), true).await?;
+            // the job is the coordinator's now: an interrupted wait leaves it running, and says so
+            tokio::select! {
+                waited = wait_and_fetch(&mut client, &job_id, args.job.output.as_deref(), true) => {
+                    waited?
+                }
+                () = shutdown_signal() => bail!(
+                    "interrupted: the job goes on; `stylefarm watch {job_id}` follows it, `stylefarm \
+                     cancel {job_id}` stops it"
+                ),
+            }
         }
         Ok(())
     })
@@ -1340,8 +1395,21 @@ pub(crate) fn log(args: LogArgs) -> anyhow::Result<()> {
 pub(crate) fn list(args: ListArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
-        for s in &client.list(&args.states, args.limit).await? {
+        // one more than shown: whether the list goes on past the limit, to say so
+        let asked = match args.limit {
+            0 => 0,
+            n => n.saturating_add(1),
+        };
+        let jobs = client.list(&args.states, asked).await?;
+        let shown = match args.limit {
+            0 => jobs.len(),
+            n => jobs.len().min(n as usize),
+        };
+        for s in &jobs[..shown] {
             print_status(s);
+        }
+        if shown < jobs.len() {
+            eprintln!("(the newest {shown} shown; --limit N shows more, --limit 0 all)");
         }
         Ok(())
     })
@@ -1534,8 +1602,19 @@ pub(crate) fn cancel(args: JobOrTaskRefs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{images_of, scale_time_left};
+    use super::{images_of, listen_addr, scale_time_left};
     use std::time::Duration;
+
+    #[test]
+    fn a_listen_address_may_name_a_host() {
+        assert_eq!(listen_addr("127.0.0.1:7700").unwrap().port(), 7700);
+        assert!(listen_addr("[::1]:7700").unwrap().is_ipv6());
+        let local = listen_addr("localhost:7701").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 7701, "{local}");
+        let err = listen_addr("localhost").unwrap_err();
+        assert!(err.contains("'localhost' is not HOST:PORT"), "{err}");
+        assert!(listen_addr("localhost:port").is_err());
+    }
 
     /// 3 of a scale's tiles done in 30 s since the watch saw it start, 5 left: about 50 s.
     #[test]

@@ -295,11 +295,23 @@ fn main() -> ExitCode {
     if let Err(e) = tracer.shutdown() {
         tracing::debug!(error = %e, "flushing the spans");
     }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let code: u8 = match result {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
+    };
+    // a render still running on an engine thread (a second interrupt did not wait for it to stop): the
+    // process ends without tearing libtorch's static objects down under it (exit's destructors would, a
+    // segmentation fault), its output written first
+    #[cfg(feature = "engine")]
+    if stylefarm_worker::renders_running() > 0 {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: _exit ends the process at once; nothing of it is used after
+        unsafe { libc::_exit(i32::from(code)) }
     }
+    ExitCode::from(code)
 }

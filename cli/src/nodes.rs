@@ -8,7 +8,8 @@ use clap::Args;
 use stylefarm_client::LocalFarm;
 
 use crate::farm::{
-    coordinator_config, runtime, shutdown_signal, wait_and_fetch, ConnectArgs, FetchFailed, JobArgs,
+    coordinator_config, interrupted, interrupts, runtime, wait_and_fetch, ConnectArgs, FetchFailed,
+    JobArgs,
 };
 use crate::render::EngineArgs;
 
@@ -17,7 +18,7 @@ pub(crate) struct WorkerArgs {
     #[command(flatten)]
     connect: ConnectArgs,
     /// Address to serve Prometheus metrics on (`GET /metrics`); off unless given.
-    #[arg(long, env = "STYLEFARM_METRICS_LISTEN")]
+    #[arg(long, env = "STYLEFARM_METRICS_LISTEN", value_parser = crate::farm::listen_addr)]
     metrics_listen: Option<std::net::SocketAddr>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
@@ -199,7 +200,7 @@ pub(crate) struct LocalArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Address to serve the coordinator's status page on while the job runs; off unless given.
-    #[arg(long, env = "STYLEFARM_STATUS_LISTEN")]
+    #[arg(long, env = "STYLEFARM_STATUS_LISTEN", value_parser = crate::farm::listen_addr)]
     status_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     status_hosts: crate::farm::StatusHostsArg,
@@ -269,7 +270,16 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         if let Some(addr) = args.metrics_listen {
             crate::metrics::serve(addr, move || metrics.text()).await?;
         }
-        stylefarm_worker::run(config, shutdown_signal()).await?;
+        // the first interrupt: the worker takes no more tasks and finishes the one it runs; a second one
+        // does not wait for it (the task goes back to the queue when its lease lapses)
+        let interrupts = interrupts();
+        tokio::select! {
+            run = stylefarm_worker::run(config, interrupted(interrupts.clone(), 1)) => run?,
+            () = interrupted(interrupts, 2) => bail!(
+                "interrupted again: left without finishing the task, which goes back to the queue when \
+                 its lease lapses"
+            ),
+        }
         anyhow::Ok(())
     })?;
     Ok(())
@@ -286,6 +296,48 @@ fn local_device(device: &str, i: u32, gpus: usize) -> String {
     match device {
         "auto" | "cuda" | "gpu" if gpus > 0 => format!("cuda:{}", i as usize % gpus),
         other => other.to_string(),
+    }
+}
+
+/// `local` interrupted (Ctrl-C, SIGTERM) before its job ended.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: the job unfinished")]
+struct Interrupted;
+
+/// The error of `local` interrupted with job `job_id` unfinished, once the results of its tasks that
+/// rendered are written to `output` (a batch's, a sweep's or a video's, each a file of its own there: a
+/// folder of 1000 photos interrupted at the 999th keeps 998); a single or tiled job has none.
+async fn write_rendered(
+    client: &mut stylefarm_client::FarmClient,
+    job_id: &stylefarm_core::ids::JobId,
+    output: &std::path::Path,
+) -> anyhow::Error {
+    use stylefarm_proto::pb::job_spec::Kind;
+    let status = match client.job(job_id).await {
+        Ok(s) => s,
+        Err(e) => {
+            return anyhow::Error::new(Interrupted).context(format!("its results not read: {e}"))
+        }
+    };
+    let several = matches!(
+        status.spec.as_ref().and_then(|s| s.kind.as_ref()),
+        Some(Kind::Batch(_) | Kind::Sweep(_) | Kind::Video(_))
+    );
+    let done = status.tasks.iter().filter(|t| !t.result.is_empty()).count();
+    if !several || done == 0 {
+        return anyhow::Error::new(Interrupted);
+    }
+    match client.fetch(&status, output).await {
+        Ok(written) => {
+            written.iter().for_each(|path| eprintln!("wrote {}", path.display()));
+            anyhow::anyhow!(
+                "interrupted: the job unfinished, the results of {done} of its {} tasks written",
+                status.tasks.len()
+            )
+        }
+        Err(e) => anyhow::anyhow!(
+            "interrupted: the job unfinished, the results of its {done} rendered tasks not written: {e}"
+        ),
     }
 }
 
@@ -351,6 +403,7 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     runtime()?.block_on(async move {
+        let interrupts = interrupts();
         let mut farm = LocalFarm::start(config, workers).await?;
         if let Some(addr) = args.status_listen {
             let listener = std::net::TcpListener::bind(addr)
@@ -359,6 +412,8 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 .await?;
         }
         let mut client = farm.client().await?;
+        // the job once submitted: an interrupted batch's rendered results are written still
+        let submitted = std::sync::OnceLock::new();
         let render = async {
             // the workers load their engines first (seconds on a GPU): the job goes once one is ready,
             // not to be shown waiting for a worker meanwhile
@@ -366,6 +421,7 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             let job_id = client.submit_files(&job).await?;
+            let _ = submitted.set(job_id.clone());
             wait_and_fetch(&mut client, &job_id, Some(&output), false).await
         };
         // with no worker left the job would wait for one forever: this farm gets none; Ctrl-C or SIGTERM
@@ -376,15 +432,21 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 "every worker left the farm, the job unfinished: {}",
                 reasons.join("; ")
             )),
-            () = shutdown_signal() => {
+            () = interrupted(interrupts.clone(), 1) => {
                 if stylefarm_worker::renders_running() > 0 {
                     eprintln!(
                         "interrupted: stopping the renders (at most {} s; interrupt again not to wait)",
                         stylefarm_client::RENDER_STOP_WAIT.as_secs()
                     );
                 }
-                Err(anyhow::anyhow!("interrupted: the job unfinished"))
+                Err(anyhow::Error::new(Interrupted))
             }
+        };
+        let result = match (result, submitted.get()) {
+            (Err(e), Some(job_id)) if e.is::<Interrupted>() => {
+                Err(write_rendered(&mut client, job_id, &output).await)
+            }
+            (result, _) => result,
         };
         // rendered, but not written: the data dir keeps the results, for a coordinator to serve
         let unwritten = result.as_ref().err().and_then(|e| e.downcast_ref::<FetchFailed>());
@@ -402,7 +464,9 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
         // a second Ctrl-C or SIGTERM does not wait for the renders to stop (the data dir still goes)
         tokio::select! {
             () = farm.shutdown() => {}
-            () = shutdown_signal() => eprintln!("interrupted again: not waiting for the renders to stop"),
+            () = interrupted(interrupts, 2) => {
+                eprintln!("interrupted again: not waiting for the renders to stop")
+            }
         }
         result
     })

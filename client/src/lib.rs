@@ -59,9 +59,11 @@ pub enum ClientError {
         /// No answer in time, or the transport's error.
         message: String,
     },
-    /// The coordinator answered with an error status; its message names the field or job.
-    #[error("{} ({:?})", .0.message(), .0.code())]
-    Status(#[from] tonic::Status),
+    /// The coordinator answered with an error status; its message names the field or job. Shown as the
+    /// message and the code, then the transport's cause where there is one (not tonic's `Display`,
+    /// which says the message twice).
+    #[error("{}", status_text(.0))]
+    Status(tonic::Status),
     /// A local file could not be read or written.
     #[error("{path}")]
     Io {
@@ -101,6 +103,25 @@ pub enum ClientError {
         /// What is missing, with the job's state.
         message: String,
     },
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Status(status)
+    }
+}
+
+/// A status as [`ClientError::Status`] shows it: `message (Code)`, and for the transport's own failures
+/// (a refused connection, a broken stream) `: cause` after. Not tonic's `Display`, which says the message
+/// twice, once as the code's description (`code: 'Some requested entity was not found', message: ...`).
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{} ({:?})", status.message(), status.code());
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        text.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    text
 }
 
 /// The result of a [`FarmClient`] call.

@@ -300,7 +300,8 @@ impl Gate {
         };
         let value = request.metadata().get(AUTHORIZATION).ok_or_else(|| {
             Status::unauthenticated(
-                "authorization: missing (send the metadata 'authorization: Bearer <token>')",
+                "authorization: missing (send the metadata 'authorization: Bearer <token>'; the \
+                 stylefarm commands: --token or STYLEFARM_TOKEN)",
             )
         })?;
         let token = value

@@ -385,6 +385,11 @@ pub const STAGE_WORK_AT_ONCE: usize = 4;
 /// How often stage work deferred (a store out of reach, no worker to plan a tiled scale for) is tried again.
 pub const STAGE_RETRY: Duration = Duration::from_secs(2);
 
+/// How long a stopping coordinator ([`serve`]'s `shutdown`) lets the calls already open finish (a result
+/// or an image on its way) before it stops without them. Its job event streams (WatchJob) and its workers'
+/// lease polls end at once: they would hold it open for good, or for their whole wait.
+pub const STOP_DRAIN: Duration = Duration::from_secs(10);
+
 /// Blocking work that `serve`'s loop starts now and then, on a thread of the blocking pool (the loop, and
 /// the lease expiry it runs, never wait on it), one run at a time.
 struct Chore {
@@ -665,9 +670,12 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Transport(e.to_string()))?;
     // each service behind its token check (health and reflection stay open: probes and tools)
+    // true once the coordinator stops: the calls that wait (WatchJob, LeaseTask) end then
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let render = InterceptedService::new(
         RenderServiceServer::new(service::RenderApi {
             coordinator: coordinator.clone(),
+            stopping: stopping.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -677,6 +685,7 @@ pub async fn serve(
         WorkerServiceServer::new(service::WorkerApi {
             coordinator: coordinator.clone(),
             next_worker: AtomicU64::new(1),
+            stopping: stopping.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -818,10 +827,22 @@ pub async fn serve(
             }
         }
     };
-    let stop = async {
+    let stop = async move {
         tokio::select! {
-            () = shutdown => {}
+            () = shutdown => tracing::info!(
+                drain_s = STOP_DRAIN.as_secs_f64(),
+                "stopping: no new calls; the open ones may finish meanwhile"
+            ),
             why = lost => tracing::error!(reason = %why, "stopping"),
+        }
+        stopping_tx.send_replace(true);
+    };
+    // the calls still open STOP_DRAIN after the stop began are not waited for
+    let drained = {
+        let mut stopping = stopping.clone();
+        async move {
+            until_stopping(&mut stopping).await;
+            tokio::time::sleep(STOP_DRAIN).await;
         }
     };
     let mut server = tonic::transport::Server::builder()
@@ -835,7 +856,7 @@ pub async fn serve(
             .tls_config(tls.clone())
             .map_err(|e| Error::Transport(format!("tls: {e}")))?;
     }
-    let result = server
+    let serving = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -849,9 +870,17 @@ pub async fn serve(
                 coordinator.connection_metrics.clone(),
             ),
             stop,
-        )
-        .await
-        .map_err(|e| Error::Transport(e.to_string()));
+        );
+    let result = tokio::select! {
+        served = serving => served.map_err(|e| Error::Transport(e.to_string())),
+        () = drained => {
+            tracing::warn!(
+                drain_s = STOP_DRAIN.as_secs_f64(),
+                "stopped with calls still open"
+            );
+            Ok(())
+        }
+    };
     expiry.abort();
     if let Some(notifying) = notifying {
         notifying.abort();
@@ -860,6 +889,11 @@ pub async fn serve(
         Some(why) => Err(why),
         None => result,
     }
+}
+
+/// Returns once `stopping` (set by [`serve`]) is true, or its sender is gone (the server ended).
+pub(crate) async fn until_stopping(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
 }
 
 /// Why a coordinator must stop serving: another coordinator took over its store

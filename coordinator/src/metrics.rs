@@ -7,8 +7,8 @@
 //! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off); at most [`MAX_SERIES`] priorities, the others added up under `(other)` |
 //! | `stylefarm_held_tasks` | gauge | `reason` (`paused`, `waiting`, `max_workers`) | pending tasks of jobs paused, waiting for the jobs they are after, or past their job's `--max-workers`: no worker starts them now |
 //! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags (every tag set: a pool of tagged workers scales on its own) |
-//! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state |
-//! | `stylefarm_jobs` | gauge | `state` | jobs held, by state |
+//! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state (every state, 0 included) |
+//! | `stylefarm_jobs` | gauge | `state` | jobs held, by state (every state, 0 included) |
 //! | `stylefarm_workers` | gauge | `state` (`live`, `drained`, `silent`) | workers heard from within a minute (and not lost since: a lease of theirs ran out) that may take work, those of them drained (`stylefarm drain`), and the others |
 //! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
 //! | `stylefarm_task_stalls_total` | counter | | leases taken back from a task whose progress did not move for `--task-stall-secs` |
@@ -32,6 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::model::{JobState, TaskState};
 use crate::Coordinator;
 
 /// A metric's labels: (name, value) pairs.
@@ -241,8 +242,25 @@ impl Metrics {
         );
         set(&self.held_tasks, "reason", counts.held_by_reason);
         set(&self.open_tasks, "worker_tags", counts.open_by_worker_tags);
-        set(&self.tasks, "state", counts.tasks_by_state);
-        set(&self.jobs, "state", counts.jobs_by_state);
+        // every state, 0 included: an idle farm's dashboard shows 0, not "no data"
+        let with_every = |names: &[&str], mut counts: BTreeMap<String, usize>| {
+            for name in names {
+                counts.entry((*name).to_string()).or_default();
+            }
+            counts
+        };
+        let task_states = TaskState::ALL.map(TaskState::name);
+        set(
+            &self.tasks,
+            "state",
+            with_every(&task_states, counts.tasks_by_state),
+        );
+        let job_states = JobState::ALL.map(JobState::name);
+        set(
+            &self.jobs,
+            "state",
+            with_every(&job_states, counts.jobs_by_state),
+        );
         let (live, silent) = coordinator.workers.live_and_silent();
         // by name, as the live ones are counted
         let drained = (coordinator.live_workers().1.iter())

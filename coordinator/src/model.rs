@@ -35,6 +35,15 @@ impl JobState {
         )
     }
 
+    /// Every state, in the order of a job's life.
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
     /// Its name for people and metrics: `queued`, `running`, `succeeded`, `failed`, `cancelled`.
     pub fn name(self) -> &'static str {
         match self {
@@ -91,6 +100,15 @@ impl TaskState {
         }
         rendered || !kept_going
     }
+
+    /// Every state, in the order of a task's life.
+    pub const ALL: [TaskState; 5] = [
+        TaskState::Pending,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
 
     /// Its name for people and metrics: `pending`, `running`, `succeeded`, `failed`, `cancelled`.
     pub fn name(self) -> &'static str {

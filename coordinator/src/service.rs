@@ -364,6 +364,10 @@ fn new_previews(
 /// (`waiting`, called for the workers live then); a change of that alone is an event too, looked for
 /// every [`WAITING_EVERY`]. With `previews`, an event carries the running tasks' previews that came since
 /// the last ([`new_previews`]).
+/// The status a job event stream ends with when its coordinator stops ([`crate::serve`]).
+const COORDINATOR_STOPPING: &str =
+    "the coordinator is stopping: watch again once it, or a standby, serves";
+
 async fn watch(
     scheduler: Arc<Scheduler>,
     waiting: impl Fn() -> Waiting + Send + 'static,
@@ -443,6 +447,8 @@ async fn next_change(
 
 pub(crate) struct RenderApi {
     pub coordinator: Arc<Coordinator>,
+    /// True once the coordinator stops ([`crate::serve`]): its job event streams end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 #[tonic::async_trait]
@@ -691,15 +697,26 @@ impl RenderService for RenderApi {
         let (tx, rx) = mpsc::channel(if request.previews { 4 } else { 16 });
         let coordinator = self.coordinator.clone();
         let waiting = move || coordinator.waiting();
-        tokio::spawn(watch(
-            scheduler,
-            waiting,
-            job_id,
-            first,
-            request.previews,
-            changes,
-            tx,
-        ));
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            let watching = watch(
+                scheduler,
+                waiting,
+                job_id,
+                first,
+                request.previews,
+                changes,
+                tx.clone(),
+            );
+            tokio::select! {
+                () = watching => {}
+                // a stream left open would hold the coordinator's stop open for good: it ends, and the
+                // client watches again once this coordinator, or a standby, serves
+                () = crate::until_stopping(&mut stopping) => {
+                    let _ = tx.send(Err(Status::unavailable(COORDINATOR_STOPPING))).await;
+                }
+            }
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -887,6 +904,8 @@ impl RenderService for RenderApi {
 pub(crate) struct WorkerApi {
     pub coordinator: Arc<Coordinator>,
     pub next_worker: AtomicU64,
+    /// True once the coordinator stops ([`crate::serve`]): a lease poll's wait ends then, with no task.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 #[tonic::async_trait]
@@ -980,12 +999,15 @@ impl WorkerService for WorkerApi {
                 .max()
                 .unwrap_or(0),
         };
-        let lease = self
-            .coordinator
-            .scheduler
-            .lease_wait(&worker_id, &tags, memory, wait, request_id)
-            .await
-            .map_err(Error::from)?;
+        let mut stopping = self.stopping.clone();
+        let lease = tokio::select! {
+            lease = self
+                .coordinator
+                .scheduler
+                .lease_wait(&worker_id, &tags, memory, wait, request_id) => lease.map_err(Error::from)?,
+            // a stopping coordinator hands out no more tasks: the wait ends, as with none to hand
+            () = crate::until_stopping(&mut stopping) => None,
+        };
         let Some(lease) = lease else {
             return Ok(Response::new(pb::LeaseTaskResponse::default()));
         };

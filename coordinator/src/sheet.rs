@@ -51,7 +51,14 @@ fn glyph(c: char) -> [u8; 7] {
         '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
         '_' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F],
         '+' => [0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00],
-        'x' | '*' => [0x00, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x00],
+        '*' => [0x00, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x00],
+        // a failed or cancelled variant's label: "seed=2 (failed)"
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        '[' => [0x0E, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0E],
+        ']' => [0x0E, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0E],
+        '/' => [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
         ' ' => [0; 7],
         _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
     }
@@ -341,6 +348,18 @@ mod tests {
         let layout = Layout::of(MAX_SHEET_SIDE, &cells[..2_500]).unwrap();
         assert_eq!((layout.cell_w, layout.lines, layout.thumb_h), (155, 2, 111));
         assert!(layout.height <= MAX_SHEET_SIDE);
+    }
+
+    /// Each character of a sweep's labels (its parameters' names and values) and of a failed or
+    /// cancelled variant's state has a glyph of its own, not the box drawn for the others.
+    #[test]
+    fn every_character_of_a_label_has_a_glyph() {
+        let unknown = glyph('\u{1}');
+        let labels =
+            "abcdefghijklmnopqrstuvwxyz_ 0123456789.,:=-+ seed=2 (failed) (cancelled) [1/2] 50%";
+        for c in labels.chars() {
+            assert_ne!(glyph(c), unknown, "{c:?} is drawn as a box");
+        }
     }
 
     #[test]

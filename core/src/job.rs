@@ -747,7 +747,12 @@ impl JobSpec {
         if !matches!(self.kind, JobKind::Batch | JobKind::Video(_)) && self.contents.len() != 1 {
             return Err(Error::invalid(
                 "contents",
-                format!("a {} job takes one content image", self.kind.name()),
+                format!(
+                    "a {} job takes one content image, got {} (a batch, --batch, renders each; a \
+                     video, --video, takes them as its frames)",
+                    self.kind.name(),
+                    self.contents.len()
+                ),
             ));
         }
         let tasks = match &self.kind {

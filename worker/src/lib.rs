@@ -467,7 +467,10 @@ async fn serve(
     let (stopping, mut stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
-        tracing::info!("shutting down: finishing the current task, taking no new one");
+        tracing::info!(
+            "shutting down: finishing the current task, taking no new one (the command: interrupt \
+             again not to wait)"
+        );
         stop_on_signal.store(true, Ordering::Relaxed);
         let _ = stopping.send(true);
     });
