@@ -540,6 +540,9 @@ async fn an_idle_worker_sent_sigterm_leaves_without_waiting_for_a_task() {
         "left {:?} after SIGTERM",
         sent.elapsed()
     );
+    // it signed off: listed as left, not idle for the minute the coordinator would take to notice
+    let (ok, out, err) = cluster.cli(&["workers"]);
+    assert!(ok && out.contains("idle#1\tleft\t"), "{out} {err}");
 }
 
 /// A worker sent SIGTERM mid-task finishes it: it is still there a second later; a second SIGTERM stops it

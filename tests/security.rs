@@ -277,7 +277,7 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
         "Heartbeat",
         code(
             rpc.heartbeat(pb::HeartbeatRequest {
-                worker_id,
+                worker_id: worker_id.clone(),
                 ..Default::default()
             })
             .await,
@@ -348,6 +348,11 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
         Err(s) => s.code(),
     };
     out.push(("Exchange", exchanged));
+    // last: the worker leaves
+    out.push((
+        "SignOff",
+        code(rpc.sign_off(pb::SignOffRequest { worker_id }).await),
+    ));
     out
 }
 
@@ -422,11 +427,11 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
             _ => unreachable!(),
         }
     };
-    let worker_expected = |caller: &str| -> [Code; 8] {
+    let worker_expected = |caller: &str| -> [Code; 9] {
         match caller {
-            "none" => [Unauthenticated; 8],
-            "worker" => [Ok, Ok, Ok, Ok, Ok, Ok, Ok, FailedPrecondition],
-            "alice" | "bob" => [PermissionDenied; 8],
+            "none" => [Unauthenticated; 9],
+            "worker" => [Ok, Ok, Ok, Ok, Ok, Ok, Ok, FailedPrecondition, Ok],
+            "alice" | "bob" => [PermissionDenied; 9],
             _ => unreachable!(),
         }
     };

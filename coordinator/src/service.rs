@@ -1467,6 +1467,20 @@ impl WorkerService for WorkerApi {
             send_blob(&self.coordinator, request.into_inner().sha256).await?,
         ))
     }
+
+    async fn sign_off(
+        &self,
+        request: Request<pb::SignOffRequest>,
+    ) -> Result<Response<pb::SignOffResponse>, Status> {
+        let worker_id = WorkerId::from(request.into_inner().worker_id);
+        if worker_id.is_empty() {
+            return Err(Error::invalid("worker_id", "missing").into());
+        }
+        check_worker_id(&worker_id)?;
+        self.coordinator.workers.left(&worker_id);
+        tracing::info!(worker_id = worker_id.as_str(), "worker signed off");
+        Ok(Response::new(pb::SignOffResponse {}))
+    }
 }
 
 /// Refuses a worker's text field (its device, its version) longer than [`MAX_WORKER_TEXT`] bytes, naming it.

@@ -506,6 +506,7 @@ impl Coordinator {
                 let silent_for = w.last_seen.elapsed();
                 let lease = leases.get(&id);
                 let health = match lease {
+                    _ if w.left => "left",
                     Some(_) if silent_for <= lease_period => "busy",
                     None if silent_for <= LIVE_WINDOW && !w.lost => "idle",
                     _ => "silent",

@@ -36,9 +36,11 @@ pub struct WorkerInfo {
     pub last_seen: Instant,
     /// Its tags, as it last said (registering or asking for a task).
     pub tags: Vec<String>,
-    /// A lease of it expired since it last called ([`Registry::lost`]): it is not live until it calls
-    /// again.
+    /// A lease of it expired since it last called ([`Registry::lost`]), or it signed off: it is not live
+    /// until it calls again.
     pub lost: bool,
+    /// It signed off (it left the farm, [`Registry::left`]) and has not called since.
+    pub left: bool,
 }
 
 /// The moment a worker must have been heard from since to be live: [`LIVE_WINDOW`] ago (`None` while the
@@ -98,6 +100,7 @@ impl Registry {
                 last_seen: Instant::now(),
                 tags: tags.to_vec(),
                 lost: false,
+                left: false,
             },
         );
     }
@@ -113,6 +116,7 @@ impl Registry {
             Some(w) => {
                 w.last_seen = Instant::now();
                 w.lost = false;
+                w.left = false;
                 if memory_used_bytes > 0 {
                     w.memory_used_bytes = memory_used_bytes;
                 }
@@ -139,6 +143,7 @@ impl Registry {
                         last_seen: Instant::now(),
                         tags: said.tags.to_vec(),
                         lost: false,
+                        left: false,
                     },
                 );
             }
@@ -156,6 +161,13 @@ impl Registry {
             .filter(|w| w.last_seen <= ran_out)
         {
             w.lost = true;
+        }
+    }
+
+    /// Records that worker `id` signed off (it leaves the farm): not live until it calls again.
+    pub fn left(&self, id: &WorkerId) {
+        if let Some(w) = self.workers().get_mut(id) {
+            (w.lost, w.left) = (true, true);
         }
     }
 
@@ -277,6 +289,21 @@ mod tests {
         assert_eq!(r.live_memory(|id, _| id.by_name() != w("gpu")), [0]);
         // and counted once: gpu and cpu live, old silent
         assert_eq!(r.live_and_silent(), (2, 1));
+    }
+
+    #[test]
+    fn a_worker_that_signed_off_is_not_live_until_it_calls_again() {
+        let r = Registry::default();
+        r.register(&w("a#1"), "cpu", 0, &[]);
+        r.register(&w("b#1"), "cpu", 0, &[]);
+        r.left(&w("a#1"));
+        // an unknown one is not remembered for it
+        r.left(&w("c#1"));
+        assert_eq!(r.live(), [(w("b#1"), Vec::new())]);
+        assert!(r.get(&w("a#1")).unwrap().left && r.get(&w("c#1")).is_none());
+        r.seen(&w("a#1"), 0, None);
+        assert_eq!(r.live().len(), 2);
+        assert!(!r.get(&w("a#1")).unwrap().left);
     }
 
     #[test]

@@ -437,17 +437,40 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let mut reporting = Reporting::default();
-    let served = serve(config, shutdown, &mut reporting).await;
+    let mut signed_in = None;
+    let served = serve(config, shutdown, &mut reporting, &mut signed_in).await;
     // a worker that stops (or leaves) has its last task reported first
     reporting.finish().await;
+    if let Some((mut client, worker_id)) = signed_in {
+        sign_off(&mut client, &worker_id).await;
+    }
     served
 }
 
-/// [`run`], each task reported through `reporting` while the next is leased and rendered.
+/// How long a worker that leaves waits for its sign-off's answer.
+const SIGN_OFF_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Tells the coordinator that worker `worker_id` leaves the farm (SignOff), so that it is not counted
+/// live for the minute it would take to notice; unanswered in [`SIGN_OFF_TIMEOUT`], or refused (an older
+/// coordinator does not have the call), it leaves all the same.
+async fn sign_off(client: &mut WorkerServiceClient<AuthChannel>, worker_id: &WorkerId) {
+    let request = pb::SignOffRequest {
+        worker_id: worker_id.to_string(),
+    };
+    match tokio::time::timeout(SIGN_OFF_TIMEOUT, client.sign_off(request)).await {
+        Ok(Ok(_)) => tracing::info!(worker_id = worker_id.as_str(), "signed off"),
+        Ok(Err(s)) => tracing::debug!(error = s.message(), "signing off"),
+        Err(_) => tracing::debug!("signing off: no answer"),
+    }
+}
+
+/// [`run`], each task reported through `reporting` while the next is leased and rendered; `signed_in`:
+/// the connection and worker id of the worker's latest registration, to sign off with.
 async fn serve(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
     reporting: &mut Reporting,
+    signed_in: &mut Option<(WorkerServiceClient<AuthChannel>, WorkerId)>,
 ) -> Result<(), Error> {
     // loading VGG19 and warming it up take seconds, probing the device's memory may too: off the async
     // threads (a local farm's coordinator shares them)
@@ -536,6 +559,7 @@ async fn serve(
             Duration::from_millis(u64::from(registered.preview_interval_ms)).max(heartbeat)
         });
         tracing::info!(worker_id = worker_id.as_str(), memory_bytes, "registered");
+        *signed_in = Some((client.clone(), worker_id.clone()));
         // the waits between leases the coordinator answered it cannot make now
         let mut unavailable = stylefarm_proto::Backoff::default();
         while !stop.load(Ordering::Relaxed) {

@@ -231,7 +231,7 @@ function draw(status) {
     document.querySelector("#workers tbody").innerHTML = workers;
     shownWorkers = workers;
   }
-  const live = status.workers.filter((w) => w.health !== "silent").length;
+  const live = status.workers.filter((w) => w.health === "busy" || w.health === "idle").length;
   const running = status.jobs.filter((j) => !j.finished).length;
   document.getElementById("summary").textContent =
     `${status.tenant ? `tenant ${status.tenant} · ` : ""}${running} unfinished jobs · ${live} live workers`;
