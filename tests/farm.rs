@@ -2779,7 +2779,18 @@ async fn waiting_for_a_job_of_many_tasks_says_each_that_fails() {
         .map(String::from)
         .to_vec();
     args.extend(tubingen_x_starry(32, 1));
-    args.extend(["--keep-going", "--max-attempts", "1", "--wait"].map(String::from));
+    // a seed is read by a noise init (the content's is not seeded)
+    args.extend(
+        [
+            "--init",
+            "noise",
+            "--keep-going",
+            "--max-attempts",
+            "1",
+            "--wait",
+        ]
+        .map(String::from),
+    );
     let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         !ok && err.contains(" failed: 1 of 17 tasks failed (16 rendered"),
@@ -2809,7 +2820,17 @@ async fn a_keep_going_sweep_makes_its_sheet_around_a_failed_variant() {
         .map(String::from)
         .to_vec();
     args.extend(tubingen_x_starry(32, 2));
-    args.extend(["--max-attempts", "1", "--wait", "--output"].map(String::from));
+    args.extend(
+        [
+            "--init",
+            "noise",
+            "--max-attempts",
+            "1",
+            "--wait",
+            "--output",
+        ]
+        .map(String::from),
+    );
     args.push(output.display().to_string());
     let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(

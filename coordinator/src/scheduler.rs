@@ -5674,7 +5674,7 @@ mod tests {
             ..Default::default()
         });
         let sweep = JobSpec {
-            kind: JobKind::Sweep(stylefarm_core::job::parse_sweep("seed=1,2,3").unwrap()),
+            kind: JobKind::Sweep(stylefarm_core::job::parse_sweep("style_weight=1,2,3").unwrap()),
             max_attempts: 1,
             keep_going: true,
             ..batch(1, 0)
@@ -5785,7 +5785,7 @@ mod tests {
     fn a_keep_going_sweep_s_cancelled_variant_leaves_its_sheet_to_the_others() {
         let s = scheduler(SchedulerConfig::default());
         let sweep = JobSpec {
-            kind: JobKind::Sweep(stylefarm_core::job::parse_sweep("seed=1,2,3").unwrap()),
+            kind: JobKind::Sweep(stylefarm_core::job::parse_sweep("style_weight=1,2,3").unwrap()),
             keep_going: true,
             ..batch(1, 0)
         };
@@ -5928,7 +5928,9 @@ mod tests {
         let (sweep, _) = s
             .submit(
                 JobSpec {
-                    kind: JobKind::Sweep(stylefarm_core::job::parse_sweep("seed=1,2,3").unwrap()),
+                    kind: JobKind::Sweep(
+                        stylefarm_core::job::parse_sweep("style_weight=1,2,3").unwrap(),
+                    ),
                     max_attempts: 5,
                     keep_going: true,
                     ..batch(1, 0)

@@ -1493,7 +1493,7 @@ mod tests {
             JobKind::Batch,
             JobKind::Single,
             JobKind::Tiled(Default::default()),
-            JobKind::Sweep(parse_sweep("seed=1,2").unwrap()),
+            JobKind::Sweep(parse_sweep("style_weight=1,2").unwrap()),
         ] {
             assert!(limited(kind).check_new().is_ok());
         }
@@ -1536,7 +1536,7 @@ mod tests {
             ..spec(kind)
         };
         assert!(keep_going(JobKind::Batch).check_new().is_ok());
-        let sweep = JobKind::Sweep(parse_sweep("seed=1,2").unwrap());
+        let sweep = JobKind::Sweep(parse_sweep("style_weight=1,2").unwrap());
         assert!(keep_going(sweep).check_new().is_ok());
         for kind in [
             JobKind::Single,
@@ -1686,7 +1686,7 @@ mod tests {
             error.starts_with("style_weight: is set, but the sweep varies it too"),
             "{error}"
         );
-        check(&weight, "seed=1,2").unwrap();
+        check(&weight, "content_weight=1,2").unwrap();
         check(
             &RenderParams::default(),
             "learning_rate=1,10;optimizer=adam",
@@ -1698,9 +1698,16 @@ mod tests {
 
     #[test]
     fn sweep_is_the_grid_of_its_axes() {
-        let s = spec(JobKind::Sweep(
-            parse_sweep("style_weight=10,100;seed=0,1,2").unwrap(),
-        ));
+        // a seeded init: the seed is read
+        let s = JobSpec {
+            params: RenderParams {
+                init: Init::Noise,
+                ..Default::default()
+            },
+            ..spec(JobKind::Sweep(
+                parse_sweep("style_weight=10,100;seed=0,1,2").unwrap(),
+            ))
+        };
         let tasks = s.tasks().unwrap();
         assert_eq!(tasks.len(), 6);
         assert_eq!(tasks[0].label, "style_weight=10 seed=0");
@@ -1802,6 +1809,12 @@ mod tests {
                 with_scales,
                 "iterations: no point reads it: --scale-iterations gives",
             ),
+            // the content's init is not seeded
+            (
+                "seed=1,2",
+                default(),
+                "seed: no point reads it: the seeded inits' alone",
+            ),
         ] {
             let error = reads_nothing(grid, params).unwrap_err();
             assert!(
@@ -1813,6 +1826,11 @@ mod tests {
             reads_nothing("learning_rate=1,10;optimizer=lbfgs,adam", default()),
             Ok(4)
         );
+        let noise = RenderParams {
+            init: Init::Noise,
+            ..default()
+        };
+        assert_eq!(reads_nothing("seed=1,2", noise), Ok(2));
         // nor the output's size
         let error = parse_sweep("size=256,512").unwrap_err().to_string();
         assert!(error.contains("unknown parameter 'size'"), "{error}");

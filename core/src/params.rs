@@ -725,6 +725,13 @@ impl RenderParams {
             "style_blend" if job.batch => {
                 Some("a batch renders each content with each style alone (--batch): no blend")
             }
+            "seed" if matches!(self.init, Init::Content) || self.init.is_image() => Some(
+                "the seeded inits' alone (--init noise, gray, uniform or style_mean); this one starts \
+                 from an image",
+            ),
+            "style_scale" if self.style_size > 0 => {
+                Some("--style-size gives the style images' size at every scale")
+            }
             _ => None,
         }
     }
@@ -1184,6 +1191,30 @@ mod tests {
         };
         assert!(refused(blend.clone(), batch).starts_with("style_blend: is set"));
         blend.check_read(JobReads::default()).unwrap();
+        // a seed beside an init that is not seeded; a style scale beside a style size
+        let seeded = |init| RenderParams {
+            seed: 7,
+            init,
+            ..Default::default()
+        };
+        let e = refused(seeded(Init::Content), JobReads::default());
+        assert!(
+            e.starts_with("seed: is set, but this job does not read it"),
+            "{e}"
+        );
+        seeded(Init::Noise).check_read(JobReads::default()).unwrap();
+        let e = refused(
+            RenderParams {
+                style_size: 64,
+                style_scale: 2.0,
+                ..Default::default()
+            },
+            JobReads::default(),
+        );
+        assert!(
+            e.starts_with("style_scale: is set") && e.contains("--style-size"),
+            "{e}"
+        );
         // an evaluation reads the objective's options, none of the optimization's
         let evaluate = JobReads {
             evaluate: true,
