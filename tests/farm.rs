@@ -166,6 +166,8 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
     let video = |chunk: &str| submit_video(&frames, chunk, &out);
     let (ok, stdout, err) = video("2");
     assert!(ok, "{err}");
+    // its stderr is not a terminal: no bars, a line for each task's end
+    assert_eq!(err.matches(") succeeded\n").count(), 5, "{err}");
     let mut client = cluster.client().await;
     let status = job(&mut client, stdout.lines().next().unwrap().trim()).await;
     assert!(is(&status, pb::JobState::Succeeded), "{status:?}");
@@ -577,7 +579,7 @@ async fn a_worker_interrupted_twice_leaves_its_task_unfinished() {
         sent.elapsed()
     );
     assert!(
-        log.contains("interrupted again: left without finishing the task"),
+        log.contains("interrupted again: left without finishing the task at hand"),
         "{log}"
     );
     let client = cluster.client().await;
@@ -3113,6 +3115,55 @@ fn local_stopped_mid_render_removes_its_data_dir() {
     assert!(!data_dir.exists(), "{} left behind", data_dir.display());
 }
 
+/// A keep-going batch of a folder leaves out the files that are not images after all (a cut-off JPEG, text
+/// named .png), saying so at once, renders the others, writes them, and fails at the end naming the first
+/// left out; without --keep-going, the job is refused whole before anything renders.
+#[test]
+fn a_keep_going_batch_leaves_out_the_files_it_cannot_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    let good = std::fs::read(stylefarm_tests::shared_image("chelsea.png")).unwrap();
+    std::fs::write(photos.join("a.png"), &good).unwrap();
+    let jpeg = std::fs::read(stylefarm_tests::shared_image("tubingen.jpg")).unwrap();
+    std::fs::write(photos.join("b.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    std::fs::write(photos.join("c.png"), b"not an image").unwrap();
+    let local = |keep_going: bool| {
+        let out = dir.path().join(format!("out-{keep_going}"));
+        let mut command = stylefarm_tests::stylefarm();
+        command
+            .args(["local", "--workers", "1", "--batch", "-o"])
+            .arg(&out)
+            .arg("--content")
+            .arg(&photos)
+            .args(["--style", &path("starry_night.jpg")])
+            .args(["--size", "32", "--iterations", "2"]);
+        if keep_going {
+            command.arg("--keep-going");
+        }
+        let done = command.output().unwrap();
+        (
+            done.status.code(),
+            String::from_utf8_lossy(&done.stderr).into_owned(),
+            out,
+        )
+    };
+    let (code, err, out) = local(true);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("left out: ")
+            && err.contains("b.jpg: cannot decode image")
+            && err.contains("c.png: not an image")
+            && err.contains("the others rendered, but 2 content image(s) were left out"),
+        "{err}"
+    );
+    assert_eq!(stylefarm_tests::file_names(&out).len(), 1, "{err}");
+    let (code, err, out) = local(false);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("b.jpg: cannot decode image"), "{err}");
+    assert!(!out.exists(), "{err}");
+}
+
 /// `local` interrupted mid-batch writes the results of the tasks that rendered, says how many, and exits 1
 /// (a folder of 1000 photos stopped at the 999th keeps 998).
 #[test]
@@ -3159,22 +3210,50 @@ fn local_interrupted_mid_batch_writes_the_results_rendered() {
     assert_eq!(stylefarm_tests::file_names(&out).len(), 1, "{err}");
 }
 
-/// `local` interrupted twice at once mid-render (as `timeout -s INT` does, or an impatient Ctrl-C) exits
-/// with 1, saying so, not by a segmentation fault: its engine thread still renders when the process ends,
-/// and libtorch's static objects must not be torn down under it.
+/// `local` interrupted twice mid-render (an impatient Ctrl-C) exits with 1, saying so, not by a
+/// segmentation fault: its engine thread may still render when the process ends, and libtorch's static
+/// objects must not be torn down under it. The same signal twice at once (`timeout -s INT`, which also
+/// signals the process group) is one interrupt.
 #[test]
-fn local_interrupted_twice_at_once_mid_render_exits_cleanly() {
-    // iterations long enough (256 px) for the second signal to come while the render runs
-    let (dir, mut local) = local_rendering(x_starry("chelsea.png", 256, 5000), &[]);
+fn local_interrupted_twice_mid_render_exits_cleanly() {
+    // iterations of seconds (1024 px), for the second interrupt to come while the render runs
+    let (dir, mut local) = local_rendering(
+        x_starry("chelsea.png", 1024, 5000),
+        &[("STYLEFARM_LOG", "info")],
+    );
     let (tmp, err_path) = (dir.path().join("tmp"), dir.path().join("local.err"));
     let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
-    terminate(&local);
-    std::thread::sleep(Duration::from_millis(50));
+    let stderr_with = |what: &str| {
+        let since = Instant::now();
+        loop {
+            let err = std::fs::read_to_string(&err_path).unwrap();
+            if err.contains(what) || since.elapsed() > Duration::from_secs(60) {
+                break err;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let err = stderr_with("inputs ready");
+    assert!(err.contains("inputs ready"), "{err}");
+    std::thread::sleep(Duration::from_secs(1));
+    // twice at once (one kill of two signals, as `timeout` sends them): one interrupt
+    let pid = local.id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid, &pid])
+        .status();
+    let err = stderr_with("interrupt again not to wait");
+    assert!(err.contains("interrupt again not to wait"), "{err}");
+    std::thread::sleep(Duration::from_millis(400));
+    let echo = std::fs::read_to_string(&err_path).unwrap();
+    assert!(
+        !echo.contains("interrupted again"),
+        "an echo taken for a second interrupt: {echo}"
+    );
     terminate(&local);
     let status = stylefarm_tests::wait_exit(
         &mut local,
         Duration::from_secs(60),
-        "local did not stop after two SIGTERMs",
+        "local did not stop after a second SIGTERM",
     );
     let err = std::fs::read_to_string(&err_path).unwrap();
     assert_eq!(status.code(), Some(1), "{status:?}: {err}");

@@ -487,8 +487,11 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// The interrupts (Ctrl-C's and SIGTERMs) this process has had since the call, counted: a second one that
-/// comes right after the first is not lost between two waits ([`interrupted`]). In a runtime.
+/// The interrupts (Ctrl-C's and SIGTERMs) this process has had since the call, counted: one that comes
+/// while the one before is being handled is not lost between two waits ([`interrupted`]). One within
+/// [`INTERRUPT_ECHO`] of the one counted before is not counted: `timeout` (without `--foreground`), and
+/// wrappers that signal a process group, send the same signal twice at once, which is one interrupt. In a
+/// runtime.
 #[cfg(feature = "engine")]
 pub(crate) fn interrupts() -> tokio::sync::watch::Receiver<u32> {
     let (count, interrupts) = tokio::sync::watch::channel(0);
@@ -499,9 +502,13 @@ pub(crate) fn interrupts() -> tokio::sync::watch::Receiver<u32> {
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         tokio::spawn(async move {
+            let mut counted: Option<std::time::Instant> = None;
             loop {
                 tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-                count.send_modify(|n| *n += 1);
+                if counted.is_none_or(|at| at.elapsed() >= INTERRUPT_ECHO) {
+                    counted = Some(std::time::Instant::now());
+                    count.send_modify(|n| *n += 1);
+                }
             }
         });
     }
@@ -513,6 +520,10 @@ pub(crate) fn interrupts() -> tokio::sync::watch::Receiver<u32> {
     });
     interrupts
 }
+
+/// How soon after an interrupt another is taken for its echo ([`interrupts`]), not a second one.
+#[cfg(feature = "engine")]
+const INTERRUPT_ECHO: Duration = Duration::from_millis(50);
 
 /// Returns once `interrupts` ([`interrupts`]) has counted `n`.
 #[cfg(feature = "engine")]
@@ -797,9 +808,16 @@ pub(crate) fn listen_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
-    text.to_socket_addrs()
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
         .map_err(|e| format!("'{text}' is not HOST:PORT nor IP:PORT: {e}"))?
-        .next()
+        .collect();
+    // IPv4 first: `localhost` is often ::1 first, where clients' default http://127.0.0.1:7700 is not
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
         .ok_or_else(|| format!("'{text}': the host name has no address"))
 }
 
@@ -940,6 +958,8 @@ async fn watch_job(
     let mut running_bars: std::collections::HashMap<u32, ProgressBar> = Default::default();
     // the failed tasks said so (a job of many tasks: their bars are gone)
     let mut failed_said = std::collections::HashSet::new();
+    // where no bar is drawn: each task's state as last said
+    let mut states_said: std::collections::HashMap<u32, pb::TaskState> = Default::default();
     let mut job_bar: Option<ProgressBar> = None;
     // the scale the job bar shows, when this watch first saw it and its tiles done then
     let mut scale_seen: Option<(usize, std::time::Instant, usize)> = None;
@@ -1022,6 +1042,31 @@ async fn watch_job(
             .map(|d| format!(", about {} left", indicatif::HumanDuration(d)))
             .unwrap_or_default();
             bar.set_message(format!("tiles of scale {} done{left}", scale + 1));
+        }
+        // where no bar is drawn (stderr not a terminal: a log, CI), a line each time a task's state changes
+        if multi.is_hidden() {
+            for t in status.tasks.iter().filter(|t| !t.replaced) {
+                let state = t.state();
+                // queued: not said (nor again when a retry queues it), running again after that is
+                if states_said.insert(t.index, state) == Some(state)
+                    || state == pb::TaskState::Pending
+                {
+                    continue;
+                }
+                if state != pb::TaskState::Failed {
+                    say(format!(
+                        "task {} ({}) {}",
+                        t.index,
+                        t.label,
+                        task_state_name(t.state)
+                    ))?;
+                } else if failed_said.insert(t.index) {
+                    say(format!(
+                        "task {} ({}) failed: {}",
+                        t.index, t.label, t.error
+                    ))?;
+                }
+            }
         }
         // a job's tasks can grow (a video's frames, known from its contents; a tiled job's scales): once
         // past TASK_BARS, for good, the bars of each task so far cleared
@@ -1115,7 +1160,7 @@ async fn watch_job(
 pub(crate) struct FetchFailed {
     pub(crate) job_id: JobId,
     #[source]
-    source: stylefarm_client::ClientError,
+    pub(crate) source: stylefarm_client::ClientError,
 }
 
 /// Waits for the job, fetches its results when `output` is given, and fails when the job did not succeed.
@@ -1224,6 +1269,8 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
         let job_id = client.submit_files(&job).await?;
+        let left_out = client.left_out().to_vec();
+        say_left_out(&left_out);
         let files = job.inputs().collect::<std::collections::HashSet<_>>().len() as u64;
         let held = files.saturating_sub(client.uploaded());
         eprintln!(
@@ -1247,9 +1294,32 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
                      cancel {job_id}` stops it"
                 ),
             }
+            // rendered, but not every image given: the command fails, as make -k does
+            rendered_all(&left_out)?;
         }
         Ok(())
     })
+}
+
+/// Says each content image that a keep-going batch left out ([`FarmClient::left_out`]), on stderr.
+pub(crate) fn say_left_out(left_out: &[(PathBuf, String)]) {
+    for (_, why) in left_out {
+        eprintln!("left out: {why}");
+    }
+}
+
+/// The command's error once a keep-going batch that left out content images ([`FarmClient::left_out`])
+/// rendered the others.
+pub(crate) fn rendered_all(left_out: &[(PathBuf, String)]) -> anyhow::Result<()> {
+    if let Some((path, _)) = left_out.first() {
+        bail!(
+            "the others rendered, but {} content image(s) were left out, as said when it was submitted \
+             (the first: {})",
+            left_out.len(),
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Writes each preview to `dir` as `task-<index>.png` (the task's latest replaces the one before; written
@@ -1611,6 +1681,8 @@ mod tests {
         assert!(listen_addr("[::1]:7700").unwrap().is_ipv6());
         let local = listen_addr("localhost:7701").unwrap();
         assert!(local.ip().is_loopback() && local.port() == 7701, "{local}");
+        // IPv4 where the name has one
+        assert!(local.is_ipv4(), "{local}");
         let err = listen_addr("localhost").unwrap_err();
         assert!(err.contains("'localhost' is not HOST:PORT"), "{err}");
         assert!(listen_addr("localhost:port").is_err());

@@ -302,11 +302,11 @@ fn main() -> ExitCode {
             1
         }
     };
-    // a render still running on an engine thread (a second interrupt did not wait for it to stop): the
-    // process ends without tearing libtorch's static objects down under it (exit's destructors would, a
-    // segmentation fault), its output written first
+    // an engine thread still alive (a second interrupt did not wait for its render to stop, or it frees
+    // its engine): the process ends without tearing libtorch's static objects down under it (exit's
+    // destructors would, a segmentation fault), its output written first
     #[cfg(feature = "engine")]
-    if stylefarm_worker::renders_running() > 0 {
+    if stylefarm_worker::engine_threads_alive() > 0 {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();

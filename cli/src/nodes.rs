@@ -276,8 +276,8 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         tokio::select! {
             run = stylefarm_worker::run(config, interrupted(interrupts.clone(), 1)) => run?,
             () = interrupted(interrupts, 2) => bail!(
-                "interrupted again: left without finishing the task, which goes back to the queue when \
-                 its lease lapses"
+                "interrupted again: left without finishing the task at hand, if any (a task not reported \
+                 goes back to the queue when its lease lapses)"
             ),
         }
         anyhow::Ok(())
@@ -329,15 +329,22 @@ async fn write_rendered(
     }
     match client.fetch(&status, output).await {
         Ok(written) => {
-            written.iter().for_each(|path| eprintln!("wrote {}", path.display()));
+            written
+                .iter()
+                .for_each(|path| eprintln!("wrote {}", path.display()));
             anyhow::anyhow!(
                 "interrupted: the job unfinished, the results of {done} of its {} tasks written",
                 status.tasks.len()
             )
         }
-        Err(e) => anyhow::anyhow!(
-            "interrupted: the job unfinished, the results of its {done} rendered tasks not written: {e}"
-        ),
+        // kept with the data dir, for a coordinator to serve, as a finished job's would be
+        Err(source) => anyhow::Error::new(FetchFailed {
+            job_id: job_id.clone(),
+            source,
+        })
+        .context(format!(
+            "interrupted: the job unfinished, the results of its {done} rendered tasks not written"
+        )),
     }
 }
 
@@ -422,10 +429,15 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
             }
             let job_id = client.submit_files(&job).await?;
             let _ = submitted.set(job_id.clone());
-            wait_and_fetch(&mut client, &job_id, Some(&output), false).await
+            let left_out = client.left_out().to_vec();
+            crate::farm::say_left_out(&left_out);
+            wait_and_fetch(&mut client, &job_id, Some(&output), false).await?;
+            crate::farm::rendered_all(&left_out)
         };
         // with no worker left the job would wait for one forever: this farm gets none; Ctrl-C or SIGTERM
         // stops it too, and its temporary data dir (every image of the job) goes with it
+        // the interrupts had when the job ended, or was interrupted
+        let mut had = 0;
         let result = tokio::select! {
             result = render => result,
             reasons = farm.workers_gone() => Err(anyhow::anyhow!(
@@ -433,6 +445,8 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 reasons.join("; ")
             )),
             () = interrupted(interrupts.clone(), 1) => {
+                // before saying "interrupt again", which the next one may answer at once
+                had = *interrupts.borrow();
                 if stylefarm_worker::renders_running() > 0 {
                     eprintln!(
                         "interrupted: stopping the renders (at most {} s; interrupt again not to wait)",
@@ -442,10 +456,17 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 Err(anyhow::Error::new(Interrupted))
             }
         };
+        // one more Ctrl-C or SIGTERM than those had so far does not wait (for the results' writing, for
+        // the renders to stop)
+        let hurry = match had {
+            0 => *interrupts.borrow(),
+            had => had,
+        } + 1;
         let result = match (result, submitted.get()) {
-            (Err(e), Some(job_id)) if e.is::<Interrupted>() => {
-                Err(write_rendered(&mut client, job_id, &output).await)
-            }
+            (Err(e), Some(job_id)) if e.is::<Interrupted>() => tokio::select! {
+                written = write_rendered(&mut client, job_id, &output) => Err(written),
+                () = interrupted(interrupts.clone(), hurry) => Err(anyhow::Error::new(Interrupted)),
+            },
             (result, _) => result,
         };
         // rendered, but not written: the data dir keeps the results, for a coordinator to serve
@@ -461,10 +482,10 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        // a second Ctrl-C or SIGTERM does not wait for the renders to stop (the data dir still goes)
+        // the data dir goes all the same
         tokio::select! {
             () = farm.shutdown() => {}
-            () = interrupted(interrupts, 2) => {
+            () = interrupted(interrupts, hurry) => {
                 eprintln!("interrupted again: not waiting for the renders to stop")
             }
         }

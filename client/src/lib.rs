@@ -118,7 +118,11 @@ fn status_text(status: &tonic::Status) -> String {
     let mut text = format!("{} ({:?})", status.message(), status.code());
     let mut cause = std::error::Error::source(status);
     while let Some(e) = cause {
-        text.push_str(&format!(": {e}"));
+        // tonic's transport errors carry their cause's text as their message too
+        let said = e.to_string();
+        if said != status.message() {
+            text.push_str(&format!(": {said}"));
+        }
         cause = e.source();
     }
     text
@@ -285,6 +289,9 @@ pub struct FarmClient {
     credentials: Credentials,
     /// The images this client uploaded since it connected ([`FarmClient::uploaded`]).
     uploaded: u64,
+    /// The content images the last [`FarmClient::submit_files`] of a keep-going batch left out
+    /// ([`FarmClient::left_out`]).
+    left_out: Vec<(PathBuf, String)>,
     /// The images this client downloaded since it connected ([`FarmClient::downloaded`]).
     downloaded: u64,
 }
@@ -349,6 +356,7 @@ impl FarmClient {
             credentials: credentials.clone(),
             uploaded: 0,
             downloaded: 0,
+            left_out: Vec::new(),
         })
     }
 
@@ -356,6 +364,13 @@ impl FarmClient {
     /// files that hold their result already).
     pub fn downloaded(&self) -> u64 {
         self.downloaded
+    }
+
+    /// The content images that the last [`FarmClient::submit_files`] of a keep-going batch
+    /// ([`JobFiles::keep_going`]) left out, each with why (a file that cannot be read, or decoded): the
+    /// job renders the others.
+    pub fn left_out(&self) -> &[(PathBuf, String)] {
+        &self.left_out
     }
 
     /// The images this client has uploaded since it connected (those the coordinator held already,
@@ -390,6 +405,11 @@ impl FarmClient {
             imaging::decode(bytes, name)?;
             Ok(ImageHash::of(bytes))
         })?;
+        self.upload_decoded(bytes, hash).await
+    }
+
+    /// [`FarmClient::upload`] of bytes already decoded here, whose sha256 is `hash`.
+    async fn upload_decoded(&mut self, bytes: &[u8], hash: ImageHash) -> Result<ImageHash> {
         let (start, mut busy) = (
             std::time::Instant::now(),
             stylefarm_proto::Backoff::default(),
@@ -556,17 +576,60 @@ impl FarmClient {
         let init = job.params.init.file();
         // before any file is read: a folder of 50,000 photos is refused at once
         stylefarm_core::job::check_image_counts(job.contents.len(), job.styles.len())?;
+        // a keep-going batch leaves out a content image that cannot be read or decoded, and renders the
+        // others (make's -k): each decoded as it is read, not again at its upload
+        let leave_out = job.keep_going && matches!(job.kind, JobKind::Batch);
+        let contents: HashSet<&Path> = job.contents.iter().map(PathBuf::as_path).collect();
+        self.left_out.clear();
+        let mut decoded: HashSet<ImageHash> = HashSet::new();
         // each file read once, in order; the files to upload, one of each bytes
         let mut files: Vec<(&Path, ImageHash)> = Vec::new();
         let mut hashes: HashMap<&Path, ImageHash> = HashMap::new();
         for path in job.inputs() {
-            if !hashes.contains_key(path) {
-                let hash = off_async(|| read_file(path).map(|bytes| ImageHash::of(&bytes)))?;
-                hashes.insert(path, hash.clone());
-                if !files.iter().any(|(_, h)| *h == hash) {
-                    files.push((path, hash));
-                }
+            if hashes.contains_key(path) || self.left_out.iter().any(|(p, _)| p == path) {
+                continue;
             }
+            let hash = if leave_out && contents.contains(path) {
+                let checked = off_async(|| -> Result<ImageHash> {
+                    let bytes = read_file(path)?;
+                    imaging::decode(&bytes, &path.display().to_string())?;
+                    Ok(ImageHash::of(&bytes))
+                });
+                match checked {
+                    Ok(hash) => {
+                        decoded.insert(hash.clone());
+                        hash
+                    }
+                    Err(e) => {
+                        self.left_out.push((path.to_path_buf(), with_causes(&e)));
+                        continue;
+                    }
+                }
+            } else {
+                off_async(|| read_file(path).map(|bytes| ImageHash::of(&bytes)))?
+            };
+            hashes.insert(path, hash.clone());
+            if !files.iter().any(|(_, h)| *h == hash) {
+                files.push((path, hash));
+            }
+        }
+        let contents: Vec<&Path> = job
+            .contents
+            .iter()
+            .map(PathBuf::as_path)
+            .filter(|p| hashes.contains_key(p))
+            .collect();
+        if contents.is_empty() && !job.contents.is_empty() {
+            let (path, error) = &self.left_out[0];
+            return Err(stylefarm_core::Error::invalid(
+                "contents",
+                format!(
+                    "every content image was left out ({} of them), the first: {}: {error}",
+                    self.left_out.len(),
+                    path.display()
+                ),
+            )
+            .into());
         }
         let hash_of = |path: &Path| hashes[path].clone();
         let mut params = job.params.clone();
@@ -576,7 +639,7 @@ impl FarmClient {
         let (checkpoint_every, checkpoint_secs) = job.checkpoints.fields();
         let spec = JobSpec {
             kind: job.kind.clone(),
-            contents: job.contents.iter().map(|p| hash_of(p)).collect(),
+            contents: contents.iter().map(|p| hash_of(p)).collect(),
             styles: job.styles.iter().map(|p| hash_of(p)).collect(),
             params,
             priority: job.priority,
@@ -594,7 +657,7 @@ impl FarmClient {
         // for people: a batch's labels and result files (the other kinds' labels do not use them)
         let mut spec = match spec.kind {
             JobKind::Batch => JobSpec {
-                content_names: job.contents.iter().map(|p| image_name_of(p)).collect(),
+                content_names: contents.iter().map(|p| image_name_of(p)).collect(),
                 style_names: job.styles.iter().map(|p| image_name_of(p)).collect(),
                 ..spec
             },
@@ -623,8 +686,11 @@ impl FarmClient {
             tracing::warn!(error = %e, "FindImages failed: uploading every image");
             HashSet::new()
         });
-        self.upload_files(files.iter().filter(|(_, hash)| !held.contains(hash)))
-            .await?;
+        self.upload_files(
+            files.iter().filter(|(_, hash)| !held.contains(hash)),
+            &decoded,
+        )
+        .await?;
         let sent = match self.send(&spec, request_id, paused).await {
             // one it held was collected meanwhile (unused for --keep-unused-blobs-secs while the others
             // went up): those are uploaded after all, and the job sent again
@@ -633,8 +699,11 @@ impl FarmClient {
                     && s.code() == tonic::Code::InvalidArgument
                     && s.message().contains(stylefarm_proto::NOT_UPLOADED) =>
             {
-                self.upload_files(files.iter().filter(|(_, hash)| held.contains(hash)))
-                    .await?;
+                self.upload_files(
+                    files.iter().filter(|(_, hash)| held.contains(hash)),
+                    &decoded,
+                )
+                .await?;
                 self.send(&spec, request_id, paused).await
             }
             sent => sent,
@@ -643,13 +712,25 @@ impl FarmClient {
     }
 
     /// Uploads each file of `files` (path, the hash its bytes had when the job was made), checking that
-    /// the bytes sent are still those.
+    /// the bytes sent are still those; those whose hash is in `decoded` were decoded when they were read,
+    /// and are not decoded again.
     async fn upload_files<'a>(
         &mut self,
         files: impl Iterator<Item = &'a (&'a Path, ImageHash)>,
+        decoded: &HashSet<ImageHash>,
     ) -> Result<()> {
         for (path, hash) in files {
-            if self.upload_file(path).await? != *hash {
+            let sent = if decoded.contains(hash) {
+                let bytes = off_async(|| read_file(path))?;
+                let now = ImageHash::of(&bytes);
+                match now == *hash {
+                    true => self.upload_decoded(&bytes, now).await?,
+                    false => now,
+                }
+            } else {
+                self.upload_file(path).await?
+            };
+            if sent != *hash {
                 return Err(ClientError::Io {
                     path: path.to_path_buf(),
                     source: std::io::Error::other("the file changed while it was submitted"),
@@ -1274,6 +1355,17 @@ async fn coordinator_descriptors(channel: AuthChannel) -> Descriptors {
         }
         _ => Descriptors::None("server reflection answered without the file".into()),
     }
+}
+
+/// `error` and its causes, `: `-separated (an [`ClientError::Io`] says its file, then why).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    text
 }
 
 /// A coordinator's refusal of a job (INVALID_ARGUMENT) with its images named by their files rather than by

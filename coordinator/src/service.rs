@@ -1001,12 +1001,13 @@ impl WorkerService for WorkerApi {
         };
         let mut stopping = self.stopping.clone();
         let lease = tokio::select! {
+            // a stopping coordinator answers at once, whatever is ready
+            biased;
+            () = crate::until_stopping(&mut stopping) => None,
             lease = self
                 .coordinator
                 .scheduler
                 .lease_wait(&worker_id, &tags, memory, wait, request_id) => lease.map_err(Error::from)?,
-            // a stopping coordinator hands out no more tasks: the wait ends, as with none to hand
-            () = crate::until_stopping(&mut stopping) => None,
         };
         let Some(lease) = lease else {
             return Ok(Response::new(pb::LeaseTaskResponse::default()));

@@ -220,6 +220,32 @@ pub fn renders_running() -> usize {
     RENDERING.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// This process's engine threads alive (loading, rendering, idle or freeing their engine).
+static ENGINE_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many engine threads this process has alive, from their start to their last drop (the engine's
+/// tensors, a CUDA context): a process that ends while one is must end without running libtorch's static
+/// destructors under it (`_exit`): its render may not have stopped yet, or its engine may be being freed.
+pub fn engine_threads_alive() -> usize {
+    ENGINE_THREADS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Counts an engine thread in [`ENGINE_THREADS`] while it lives: made first on the thread, dropped last.
+struct EngineAlive;
+
+impl EngineAlive {
+    fn start() -> EngineAlive {
+        ENGINE_THREADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        EngineAlive
+    }
+}
+
+impl Drop for EngineAlive {
+    fn drop(&mut self) {
+        ENGINE_THREADS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Counts a render in [`RENDERING`] while it lives.
 struct Rendering;
 
@@ -493,6 +519,8 @@ impl EngineThread {
         std::thread::Builder::new()
             .name(format!("engine-{device:?}").to_lowercase())
             .spawn(move || {
+                // first: dropped after everything else of the thread
+                let _alive = EngineAlive::start();
                 let started = Instant::now();
                 let loaded = Engine::load_with(&weights, device, options).and_then(|engine| {
                     let load_s = started.elapsed().as_secs_f64();

@@ -33,8 +33,8 @@ use crate::task_log::TaskLog;
 
 pub use device::{cuda_memory_limit, gpu_total_memories, CudaMemoryLimit};
 pub use engine_thread::{
-    panic_message, renders_running, CheckpointSlot, EngineThread, Live, PreviewPng, RenderError,
-    RenderStats, StyleKey, TileCanvas, Unhealthy,
+    engine_threads_alive, panic_message, renders_running, CheckpointSlot, EngineThread, Live,
+    PreviewPng, RenderError, RenderStats, StyleKey, TileCanvas, Unhealthy,
 };
 
 /// Errors that stop a worker.
