@@ -3186,14 +3186,7 @@ fn local_interrupted_mid_batch_writes_the_results_rendered() {
         .spawn()
         .unwrap();
     // the first task over, the second rendering
-    let since = Instant::now();
-    let err = loop {
-        let err = std::fs::read_to_string(&err_path).unwrap();
-        if err.contains("task over") || since.elapsed() > Duration::from_secs(120) {
-            break err;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let err = text_once_with(&err_path, "task over");
     assert!(err.contains("task over"), "{err}");
     terminate(&local);
     let status = stylefarm_tests::wait_exit(
@@ -3223,16 +3216,7 @@ fn local_interrupted_twice_mid_render_exits_cleanly() {
     );
     let (tmp, err_path) = (dir.path().join("tmp"), dir.path().join("local.err"));
     let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
-    let stderr_with = |what: &str| {
-        let since = Instant::now();
-        loop {
-            let err = std::fs::read_to_string(&err_path).unwrap();
-            if err.contains(what) || since.elapsed() > Duration::from_secs(60) {
-                break err;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let stderr_with = |what: &str| text_once_with(&err_path, what);
     let err = stderr_with("inputs ready");
     assert!(err.contains("inputs ready"), "{err}");
     std::thread::sleep(Duration::from_secs(1));
@@ -3274,16 +3258,7 @@ fn local_interrupted_twice_does_not_wait_for_the_renders() {
     );
     let (tmp, err_path) = (dir.path().join("tmp"), dir.path().join("local.err"));
     let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
-    let stderr_with = |what: &str| {
-        let since = Instant::now();
-        loop {
-            let err = std::fs::read_to_string(&err_path).unwrap();
-            if err.contains(what) || since.elapsed() > Duration::from_secs(60) {
-                break err;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let stderr_with = |what: &str| text_once_with(&err_path, what);
     // its task's inputs downloaded, the engine thread about to render
     let err = stderr_with("inputs ready");
     assert!(err.contains("inputs ready"), "{err}");
@@ -3296,6 +3271,8 @@ fn local_interrupted_twice_does_not_wait_for_the_renders() {
         err.contains("interrupted: stopping the renders (at most 60 s"),
         "{err}"
     );
+    // past the first's echo (an interrupt within 50 ms of the one before is its echo)
+    std::thread::sleep(Duration::from_millis(100));
     terminate(&local);
     let status = stylefarm_tests::wait_exit(
         &mut local,
@@ -3331,6 +3308,19 @@ fn local_rendering(
         .spawn()
         .unwrap();
     (dir, local)
+}
+
+/// The text of the file at `path` (a process's stderr) once it holds `what`, or after 120 s (the caller's
+/// assertion then shows what it holds).
+fn text_once_with(path: &std::path::Path, what: &str) -> String {
+    let since = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(what) || since.elapsed() > Duration::from_secs(120) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The data dir that `local` (started with `TMPDIR=tmp`) made in `tmp`, once it has rendered for 3 s.

@@ -230,35 +230,19 @@ pub fn engine_threads_alive() -> usize {
     ENGINE_THREADS.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// Counts an engine thread in [`ENGINE_THREADS`] while it lives: made first on the thread, dropped last.
-struct EngineAlive;
+/// Counts itself in a counter ([`RENDERING`], [`ENGINE_THREADS`]) while it lives.
+struct Counted(&'static std::sync::atomic::AtomicUsize);
 
-impl EngineAlive {
-    fn start() -> EngineAlive {
-        ENGINE_THREADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        EngineAlive
+impl Counted {
+    fn start(counter: &'static std::sync::atomic::AtomicUsize) -> Counted {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted(counter)
     }
 }
 
-impl Drop for EngineAlive {
+impl Drop for Counted {
     fn drop(&mut self) {
-        ENGINE_THREADS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Counts a render in [`RENDERING`] while it lives.
-struct Rendering;
-
-impl Rendering {
-    fn start() -> Rendering {
-        RENDERING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Rendering
-    }
-}
-
-impl Drop for Rendering {
-    fn drop(&mut self) {
-        RENDERING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -520,7 +504,7 @@ impl EngineThread {
             .name(format!("engine-{device:?}").to_lowercase())
             .spawn(move || {
                 // first: dropped after everything else of the thread
-                let _alive = EngineAlive::start();
+                let _alive = Counted::start(&ENGINE_THREADS);
                 let started = Instant::now();
                 let loaded = Engine::load_with(&weights, device, options).and_then(|engine| {
                     let load_s = started.elapsed().as_secs_f64();
@@ -556,7 +540,7 @@ impl EngineThread {
                     let idle_s = last_ended.map(|ended| (started - ended).as_secs_f64());
                     let hits = resident.cache.hits;
                     let entered = req.span.enter();
-                    let rendering = Rendering::start();
+                    let rendering = Counted::start(&RENDERING);
                     let rendered =
                         std::panic::catch_unwind(AssertUnwindSafe(|| resident.render(&req)));
                     let reply = match rendered {
