@@ -3103,14 +3103,12 @@ fn local_stopped_mid_render_removes_its_data_dir() {
     let (dir, mut local) = local_rendering(x_starry("chelsea.png", 64, 5000), &[]);
     let (tmp, err_path) = (dir.path().join("tmp"), dir.path().join("local.err"));
     let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
-    terminate(&local);
-    let status = stylefarm_tests::wait_exit(
+    let err = stopped_local(
         &mut local,
+        &err_path,
         Duration::from_secs(90),
         "local did not stop after SIGTERM",
     );
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("interrupted: the job unfinished"), "{err}");
     assert!(!data_dir.exists(), "{} left behind", data_dir.display());
 }
@@ -3188,14 +3186,12 @@ fn local_interrupted_mid_batch_writes_the_results_rendered() {
     // the first task over, the second rendering
     let err = text_once_with(&err_path, "task over");
     assert!(err.contains("task over"), "{err}");
-    terminate(&local);
-    let status = stylefarm_tests::wait_exit(
+    let err = stopped_local(
         &mut local,
+        &err_path,
         Duration::from_secs(90),
         "local did not stop after SIGTERM",
     );
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("interrupted: the job unfinished, the results of 1 of its 2 tasks written"),
         "{err}"
@@ -3233,14 +3229,12 @@ fn local_interrupted_twice_mid_render_exits_cleanly() {
         !echo.contains("interrupted again"),
         "an echo taken for a second interrupt: {echo}"
     );
-    terminate(&local);
-    let status = stylefarm_tests::wait_exit(
+    let err = stopped_local(
         &mut local,
+        &err_path,
         Duration::from_secs(60),
         "local did not stop after a second SIGTERM",
     );
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
     assert!(err.contains("interrupted: the job unfinished"), "{err}");
     assert!(!data_dir.exists(), "{} left behind", data_dir.display());
 }
@@ -3273,14 +3267,12 @@ fn local_interrupted_twice_does_not_wait_for_the_renders() {
     );
     // past the first's echo (an interrupt within 50 ms of the one before is its echo)
     std::thread::sleep(Duration::from_millis(100));
-    terminate(&local);
-    let status = stylefarm_tests::wait_exit(
+    let err = stopped_local(
         &mut local,
+        &err_path,
         Duration::from_secs(20),
         "local did not stop at a second SIGTERM",
     );
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("interrupted again: not waiting for the renders to stop")
             && err.contains("interrupted: the job unfinished"),
@@ -3347,6 +3339,21 @@ fn local_data_dir_once_rendering(
     };
     assert!(local.try_wait().unwrap().is_none(), "still rendering");
     data_dir
+}
+
+/// Sends `local` SIGTERM and waits up to `within` for it to exit (else panics saying `what`): it exits 1;
+/// returns its stderr, the file `err_path`.
+fn stopped_local(
+    local: &mut std::process::Child,
+    err_path: &std::path::Path,
+    within: Duration,
+    what: &str,
+) -> String {
+    terminate(local);
+    let status = stylefarm_tests::wait_exit(local, within, what);
+    let err = std::fs::read_to_string(err_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    err
 }
 
 /// Sends SIGTERM to `child`, as Ctrl-C interrupts it.

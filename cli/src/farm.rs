@@ -492,7 +492,6 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// [`INTERRUPT_ECHO`] of the one counted before is not counted: `timeout` (without `--foreground`), and
 /// wrappers that signal a process group, send the same signal twice at once, which is one interrupt. In a
 /// runtime.
-#[cfg(feature = "engine")]
 pub(crate) fn interrupts() -> tokio::sync::watch::Receiver<u32> {
     let (count, interrupts) = tokio::sync::watch::channel(0);
     #[cfg(unix)]
@@ -522,25 +521,16 @@ pub(crate) fn interrupts() -> tokio::sync::watch::Receiver<u32> {
 }
 
 /// How soon after an interrupt another is taken for its echo ([`interrupts`]), not a second one.
-#[cfg(feature = "engine")]
 const INTERRUPT_ECHO: Duration = Duration::from_millis(50);
 
 /// Returns once `interrupts` ([`interrupts`]) has counted `n`.
-#[cfg(feature = "engine")]
 pub(crate) async fn interrupted(mut interrupts: tokio::sync::watch::Receiver<u32>, n: u32) {
     let _ = interrupts.wait_for(|count| *count >= n).await;
 }
 
+/// The first interrupt (Ctrl-C or SIGTERM, [`interrupts`]).
 pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    interrupted(interrupts(), 1).await
 }
 
 pub(crate) fn coordinator_config(

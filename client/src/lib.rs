@@ -116,14 +116,11 @@ impl From<tonic::Status> for ClientError {
 /// twice, once as the code's description (`code: 'Some requested entity was not found', message: ...`).
 fn status_text(status: &tonic::Status) -> String {
     let mut text = format!("{} ({:?})", status.message(), status.code());
-    let mut cause = std::error::Error::source(status);
-    while let Some(e) = cause {
+    for said in causes(status).map(|e| e.to_string()) {
         // tonic's transport errors carry their cause's text as their message too
-        let said = e.to_string();
         if said != status.message() {
             text.push_str(&format!(": {said}"));
         }
-        cause = e.source();
     }
     text
 }
@@ -1358,14 +1355,19 @@ async fn coordinator_descriptors(channel: AuthChannel) -> Descriptors {
 }
 
 /// `error` and its causes, `: `-separated (an [`ClientError::Io`] says its file, then why).
-fn with_causes(error: &dyn std::error::Error) -> String {
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(&format!(": {e}"));
-        cause = e.source();
+    for cause in causes(error) {
+        text.push_str(&format!(": {cause}"));
     }
     text
+}
+
+/// The causes of `error` ([`std::error::Error::source`], its source's, ...), nearest first.
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(error.source(), |e| e.source())
 }
 
 /// A coordinator's refusal of a job (INVALID_ARGUMENT) with its images named by their files rather than by
