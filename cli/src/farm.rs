@@ -26,7 +26,7 @@ pub(crate) const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7700";
 
 #[derive(Args)]
 pub(crate) struct CoordinatorArgs {
-    /// Address to listen on: IP:PORT, or HOST:PORT (its first address).
+    /// Address to listen on: IP:PORT, or HOST:PORT (its first IPv4 address, else its first).
     #[arg(long, env = "STYLEFARM_LISTEN", default_value = "127.0.0.1:7700", value_parser = listen_addr)]
     listen: SocketAddr,
     /// Where jobs (state.redb) and images (blobs/) are kept; a restart on the same dir resumes.
@@ -792,7 +792,7 @@ impl JobArgs {
 }
 
 /// An address to listen on: an IP address and port, or a host name (`localhost:7700`) and port, which
-/// stands for its first address.
+/// stands for its first IPv4 address, else its first.
 pub(crate) fn listen_addr(text: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     if let Ok(addr) = text.parse() {
