@@ -520,10 +520,14 @@ fn a_worker_that_cannot_register_leaves_with_an_error() {
 }
 
 /// An idle worker sent SIGTERM while it waits for a task (a 10-s long poll) leaves at once, its wait
-/// dropped, rather than once the wait is over, when a task that came meanwhile would be started.
+/// dropped, rather than once the wait is over, when a task that came meanwhile would be started. It signs
+/// off: listed and counted as left.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_worker_sent_sigterm_leaves_without_waiting_for_a_task() {
-    let mut cluster = Cluster::start(10.0, 0.3);
+    let mut cluster = Cluster::new(10.0, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--metrics-listen".into(), "127.0.0.1:0".into()];
+    cluster.start_coordinator();
+    let metrics = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
     cluster.add_worker("idle");
     wait_registered(&cluster, 1).await;
     // in its long poll
@@ -545,6 +549,14 @@ async fn an_idle_worker_sent_sigterm_leaves_without_waiting_for_a_task() {
     // it signed off: listed as left, not idle for the minute the coordinator would take to notice
     let (ok, out, err) = cluster.cli(&["workers"]);
     assert!(ok && out.contains("idle#1\tleft\t"), "{out} {err}");
+    let scraped = scrape(&metrics).await;
+    let workers =
+        |state: &str| metric_value(&scraped, &format!("stylefarm_workers{{state=\"{state}\"}}"));
+    assert_eq!(
+        (workers("live"), workers("silent"), workers("left")),
+        (Some(0.0), Some(0.0), Some(1.0)),
+        "{scraped}"
+    );
 }
 
 /// A worker sent SIGTERM mid-task finishes it: it is still there a second later; a second SIGTERM stops it
@@ -1405,7 +1417,8 @@ async fn killed_and_restarted(mut cluster: Cluster) {
 
 /// A coordinator that restarted learns a worker's device and memory from its next lease poll, without a
 /// new registration (a worker that goes on under its old one): `workers` shows them, and its tiled scales
-/// are planned for them.
+/// are planned for them. A new registration of the same name gets another id (the registrations are
+/// numbered on from the store's last), not the one the worker goes on with.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_coordinator_learns_a_worker_s_device_from_its_lease_poll() {
     let mut cluster = Cluster::start(10.0, 0.5);
@@ -1434,6 +1447,11 @@ async fn a_restarted_coordinator_learns_a_worker_s_device_from_its_lease_poll() 
     assert!(
         ok && fields[2] == "cuda:3" && fields[3].ends_with(" of 80.0 GiB"),
         "{line}"
+    );
+    let (_, again) = worker_by_hand(&cluster, "by-hand").await;
+    assert_ne!(
+        again, worker_id,
+        "a restarted coordinator handed out an id in use"
     );
 }
 

@@ -20,7 +20,7 @@ pub mod workers;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -684,7 +684,6 @@ pub async fn serve(
     let worker = InterceptedService::new(
         WorkerServiceServer::new(service::WorkerApi {
             coordinator: coordinator.clone(),
-            next_worker: AtomicU64::new(1),
             stopping: stopping.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

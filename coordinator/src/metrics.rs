@@ -4,12 +4,12 @@
 //!
 //! | metric | type | labels | what |
 //! | --- | --- | --- | --- |
-//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off); at most [`MAX_SERIES`] priorities, the others added up under `(other)` |
-//! | `stylefarm_held_tasks` | gauge | `reason` (`paused`, `waiting`, `max_workers`) | pending tasks of jobs paused, waiting for the jobs they are after, or past their job's `--max-workers`: no worker starts them now |
-//! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags (every tag set: a pool of tagged workers scales on its own) |
+//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off); at most [`MAX_SERIES`] priorities, the others added up under `(other)`; priority `0` always there |
+//! | `stylefarm_held_tasks` | gauge | `reason` (`paused`, `waiting`, `max_workers`) | pending tasks of jobs paused, waiting for the jobs they are after, or past their job's `--max-workers`: no worker starts them now (every reason, 0 included) |
+//! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags (every tag set: a pool of tagged workers scales on its own); the untagged jobs' (`""`) always there |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state (every state, 0 included) |
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state (every state, 0 included) |
-//! | `stylefarm_workers` | gauge | `state` (`live`, `drained`, `silent`) | workers heard from within a minute (and not lost since: a lease of theirs ran out) that may take work, those of them drained (`stylefarm drain`), and the others |
+//! | `stylefarm_workers` | gauge | `state` (`live`, `drained`, `silent`, `left`) | workers (by name) heard from within a minute (and not lost since: a lease of theirs ran out) that may take work, those of them drained (`stylefarm drain`), those that signed off as they stopped, and the others |
 //! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
 //! | `stylefarm_task_stalls_total` | counter | | leases taken back from a task whose progress did not move for `--task-stall-secs` |
 //! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
@@ -33,6 +33,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::model::{JobState, TaskState};
+use crate::scheduler::Held;
 use crate::Coordinator;
 
 /// A metric's labels: (name, value) pairs.
@@ -154,7 +155,8 @@ impl Metrics {
         registry.register("jobs", "Jobs held, by state", metrics.jobs.clone());
         registry.register(
             "workers",
-            "Workers heard from within a minute and not lost since (live), or not (silent)",
+            "Workers heard from within a minute and not lost since (live; drained: of those, drained), \
+             signed off (left), or neither (silent)",
             metrics.workers.clone(),
         );
         registry.register(
@@ -235,13 +237,6 @@ impl Metrics {
                 family.get_or_create(&label(name, value)).set(n as i64);
             }
         };
-        set(
-            &self.queue_depth,
-            "priority",
-            capped(counts.queue_by_priority),
-        );
-        set(&self.held_tasks, "reason", counts.held_by_reason);
-        set(&self.open_tasks, "worker_tags", counts.open_by_worker_tags);
         // every state, 0 included: an idle farm's dashboard shows 0, not "no data"
         let with_every = |names: &[&str], mut counts: BTreeMap<String, usize>| {
             for name in names {
@@ -249,6 +244,24 @@ impl Metrics {
             }
             counts
         };
+        // the default priority's (0, the protocol's zero value) and the untagged jobs' series at 0 too: an
+        // autoscaler's query reads 0
+        set(
+            &self.queue_depth,
+            "priority",
+            capped(with_every(&["0"], counts.queue_by_priority)),
+        );
+        let reasons = Held::ALL.map(Held::name);
+        set(
+            &self.held_tasks,
+            "reason",
+            with_every(&reasons, counts.held_by_reason),
+        );
+        set(
+            &self.open_tasks,
+            "worker_tags",
+            with_every(&[""], counts.open_by_worker_tags),
+        );
         let task_states = TaskState::ALL.map(TaskState::name);
         set(
             &self.tasks,
@@ -261,7 +274,7 @@ impl Metrics {
             "state",
             with_every(&job_states, counts.jobs_by_state),
         );
-        let (live, silent) = coordinator.workers.live_and_silent();
+        let (live, silent, left) = coordinator.workers.live_silent_left();
         // by name, as the live ones are counted
         let drained = (coordinator.live_workers().1.iter())
             .map(|(id, _)| id.by_name())
@@ -274,6 +287,7 @@ impl Metrics {
                 ("live".into(), live - drained.min(live)),
                 ("drained".into(), drained),
                 ("silent".into(), silent),
+                ("left".into(), left),
             ]),
         );
         self.blob_bytes

@@ -638,6 +638,8 @@ struct State {
     waiting: BTreeSet<JobId>,
     /// The workers drained, by name ([`Scheduler::drain`]): they take no task.
     drained: Arc<BTreeSet<WorkerId>>,
+    /// The number of the last worker registration ([`Scheduler::register`]).
+    registrations: u64,
     /// Jobs one of whose tasks saved a checkpoint, whatever became of it since, as long as the job is
     /// kept: those [`Scheduler::holds_checkpoint`] looks at.
     checkpointed: HashSet<JobId>,
@@ -1132,14 +1134,40 @@ pub struct Retried {
     pub stage_work: bool,
 }
 
+/// Why a pending task is held: no worker may start it until its job's client or another job moves it on
+/// ([`Counts::held_by_reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Its job waits for the jobs it is after ([`JobMeta::waiting_on`]).
+    Waiting,
+    /// Its job is paused.
+    Paused,
+    /// Its job runs as many tasks as its [`JobSpec::max_workers`] lets.
+    MaxWorkers,
+}
+
+impl Held {
+    /// Every reason.
+    pub const ALL: [Held; 3] = [Held::Waiting, Held::Paused, Held::MaxWorkers];
+
+    /// Its name in [`Counts::held_by_reason`] and the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Held::Waiting => "waiting",
+            Held::Paused => "paused",
+            Held::MaxWorkers => "max_workers",
+        }
+    }
+}
+
 /// The scheduler's state in numbers ([`Scheduler::counts`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Pending tasks a worker may start, by their job's priority (not those of [`Counts::held_by_reason`]).
     pub queue_by_priority: BTreeMap<String, usize>,
     /// Pending tasks that no worker may start until their job's client or another job moves them on, by
-    /// why (`paused`, `waiting`; `max_workers`: those past what their job's
-    /// [`JobSpec::max_workers`] lets start beside its running ones): work that more workers would not run.
+    /// why ([`Held::name`]; `max_workers`: those past what their job's [`JobSpec::max_workers`] lets start
+    /// beside its running ones): work that more workers would not run.
     pub held_by_reason: BTreeMap<String, usize>,
     /// Tasks by state ([`TaskState::name`]).
     pub tasks_by_state: BTreeMap<String, usize>,
@@ -1160,16 +1188,16 @@ pub fn worker_tags_label(tags: &[String]) -> String {
 
 /// Why no worker may start `task`, pending in `job`: `paused` (its client paused the job; a shard whose
 /// siblings run still starts, as [`Scheduler::lease`] does), `waiting` (for the jobs it is after), or none.
-fn held_reason(job: &Job, task: &TaskRecord) -> Option<&'static str> {
+fn held_reason(job: &Job, task: &TaskRecord) -> Option<Held> {
     if job.meta.state.is_terminal() {
         None
     } else if !job.meta.waiting_on.is_empty() {
-        Some("waiting")
+        Some(Held::Waiting)
     } else if job.meta.paused
         && !(task.spec.shards().is_some()
             && shard_group(job, task).any(|t| t.state == TaskState::Running))
     {
-        Some("paused")
+        Some(Held::Paused)
     } else {
         None
     }
@@ -1430,6 +1458,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig, store: Arc<dyn Store>) -> Result<Scheduler, StoreError> {
         let mut state = State {
             drained: Arc::new(store.load_drained()?),
+            registrations: store.load_registrations()?,
             announce: config.announce_ends,
             ..State::default()
         };
@@ -2016,6 +2045,22 @@ impl Scheduler {
             self.work.notify_waiters();
         }
         Ok(changed)
+    }
+
+    /// A new worker id for a registration of the worker named `name`: `name#n`, `n` one more than the
+    /// last registration's. The number is kept in the store, so that a coordinator that restarts, or a
+    /// standby that takes over, hands out none that a worker still calling with the id it had may hold.
+    /// Returns once the number is durable (the store's error while it holds writes back).
+    pub fn register(&self, name: &str) -> Result<WorkerId, SchedulerError> {
+        self.writable()?;
+        let mut st = self.state.lock().unwrap();
+        st.registrations += 1;
+        let n = st.registrations;
+        // queued under the lock, in the numbers' order: the store ends with the largest
+        let durable = self.store.write(vec![Op::Registrations(n)]);
+        drop(st);
+        store::wait(durable)?;
+        Ok(WorkerId::new(format!("{name}#{n}")))
     }
 
     /// The names of the workers drained ([`Scheduler::drain`]); a snapshot, shared until they change.
@@ -3937,11 +3982,14 @@ impl Scheduler {
                         .or_insert_with(|| max.saturating_sub(rendering(&st.leases, job)));
                     let over = *left == 0;
                     *left = left.saturating_sub(1);
-                    over.then_some("max_workers")
+                    over.then_some(Held::MaxWorkers)
                 })
             });
             if let Some(reason) = held {
-                *counts.held_by_reason.entry(reason.into()).or_default() += 1;
+                *counts
+                    .held_by_reason
+                    .entry(reason.name().into())
+                    .or_default() += 1;
                 continue;
             }
             *counts
@@ -6713,6 +6761,25 @@ mod tests {
         assert_eq!(s.counts(), s.counts_walked());
     }
 
+    /// A registration's id numbers on from the last one the store holds: a scheduler that loads the store
+    /// (a restarted coordinator, a standby) hands out no id a worker may still call with. One that the store
+    /// cannot take is refused (the worker registers again), its number not handed out.
+    #[test]
+    fn worker_ids_number_on_across_restarts() {
+        let store = Arc::new(HeldBack::default());
+        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        assert_eq!(s.register("gpu").unwrap(), w("gpu#1"));
+        assert_eq!(s.register("cpu").unwrap(), w("cpu#2"));
+        let restarted = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        assert_eq!(restarted.register("gpu").unwrap(), w("gpu#3"));
+        *store.failing.lock().unwrap() = Some(StoreError::new("disk on fire"));
+        assert!(restarted.register("gpu").is_err());
+        *store.failing.lock().unwrap() = None;
+        assert_eq!(restarted.register("gpu").unwrap(), w("gpu#5"));
+        let restarted = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        assert_eq!(restarted.register("gpu").unwrap(), w("gpu#6"));
+    }
+
     /// A drained worker (by its name: every registration of it) takes no task, even while it asks, while its
     /// running task goes on to its end; the others take the queue; undrained, it takes tasks again. A job
     /// whose live workers are all drained says so. The drained are stored: a scheduler loading the store
@@ -7115,6 +7182,9 @@ mod tests {
         }
         fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
             self.inner.load_drained()
+        }
+        fn load_registrations(&self) -> Result<u64, StoreError> {
+            self.inner.load_registrations()
         }
         fn behind(&self) -> Option<StoreError> {
             self.behind.lock().unwrap().clone()

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -903,7 +902,6 @@ impl RenderService for RenderApi {
 
 pub(crate) struct WorkerApi {
     pub coordinator: Arc<Coordinator>,
-    pub next_worker: AtomicU64,
     /// True once the coordinator stops ([`crate::serve`]): a lease poll's wait ends then, with no task.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -923,8 +921,11 @@ impl WorkerService for WorkerApi {
         }
         stylefarm_core::job::check_tags("tags", &r.tags).map_err(Error::from)?;
         check_protocol(r.protocol)?;
-        let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        let worker_id = WorkerId::new(format!("{}#{n}", r.name));
+        let worker_id = {
+            let coordinator = self.coordinator.clone();
+            let name = r.name.clone();
+            blocking(move || Ok(coordinator.scheduler.register(&name)?)).await?
+        };
         tracing::info!(
             worker_id = worker_id.as_str(),
             device = r.device,

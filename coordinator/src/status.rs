@@ -51,7 +51,7 @@ use stylefarm_core::{imaging, job::ScalePart};
 use crate::auth::Tenant;
 use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
 use crate::scheduler::{LeaseView, Waiting};
-use crate::workers::LIVE_WINDOW;
+use crate::workers::{Gone, LIVE_WINDOW};
 use crate::{Coordinator, Error};
 
 /// Jobs the page lists, newest first.
@@ -506,9 +506,9 @@ impl Coordinator {
                 let silent_for = w.last_seen.elapsed();
                 let lease = leases.get(&id);
                 let health = match lease {
-                    _ if w.left => "left",
+                    _ if w.gone == Some(Gone::Left) => "left",
                     Some(_) if silent_for <= lease_period => "busy",
-                    None if silent_for <= LIVE_WINDOW && !w.lost => "idle",
+                    None if silent_for <= LIVE_WINDOW && w.gone.is_none() => "idle",
                     _ => "silent",
                 };
                 let own = lease.filter(|l| l.tenant == tenant.0);

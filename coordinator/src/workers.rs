@@ -36,11 +36,17 @@ pub struct WorkerInfo {
     pub last_seen: Instant,
     /// Its tags, as it last said (registering or asking for a task).
     pub tags: Vec<String>,
-    /// A lease of it expired since it last called ([`Registry::lost`]), or it signed off: it is not live
-    /// until it calls again.
-    pub lost: bool,
-    /// It signed off (it left the farm, [`Registry::left`]) and has not called since.
-    pub left: bool,
+    /// Why it is not live though heard from lately, until it calls again; `None` when it is not gone.
+    pub gone: Option<Gone>,
+}
+
+/// Why a worker heard from lately is not live ([`WorkerInfo::gone`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// A lease of it expired since it last called ([`Registry::lost`]).
+    Lost,
+    /// It signed off: it left the farm ([`Registry::left`]).
+    Left,
 }
 
 /// The moment a worker must have been heard from since to be live: [`LIVE_WINDOW`] ago (`None` while the
@@ -52,7 +58,7 @@ fn live_since() -> Option<Instant> {
 impl WorkerInfo {
     /// Whether it was heard from after `since` ([`live_since`]).
     fn live(&self, since: Option<Instant>) -> bool {
-        !self.lost && since.is_none_or(|c| self.last_seen > c)
+        self.gone.is_none() && since.is_none_or(|c| self.last_seen > c)
     }
 }
 
@@ -99,8 +105,7 @@ impl Registry {
                 memory_used_bytes: 0,
                 last_seen: Instant::now(),
                 tags: tags.to_vec(),
-                lost: false,
-                left: false,
+                gone: None,
             },
         );
     }
@@ -115,8 +120,7 @@ impl Registry {
         match workers.get_mut(id) {
             Some(w) => {
                 w.last_seen = Instant::now();
-                w.lost = false;
-                w.left = false;
+                w.gone = None;
                 if memory_used_bytes > 0 {
                     w.memory_used_bytes = memory_used_bytes;
                 }
@@ -142,8 +146,7 @@ impl Registry {
                         memory_used_bytes,
                         last_seen: Instant::now(),
                         tags: said.tags.to_vec(),
-                        lost: false,
-                        left: false,
+                        gone: None,
                     },
                 );
             }
@@ -160,14 +163,15 @@ impl Registry {
             .get_mut(id)
             .filter(|w| w.last_seen <= ran_out)
         {
-            w.lost = true;
+            // a worker that signed off stays left
+            w.gone = Some(w.gone.unwrap_or(Gone::Lost));
         }
     }
 
     /// Records that worker `id` signed off (it leaves the farm): not live until it calls again.
     pub fn left(&self, id: &WorkerId) {
         if let Some(w) = self.workers().get_mut(id) {
-            (w.lost, w.left) = (true, true);
+            w.gone = Some(Gone::Left);
         }
     }
 
@@ -198,16 +202,26 @@ impl Registry {
             .collect()
     }
 
-    /// How many workers are live (as [`Registry::live`]), and how many are not, by name: a worker that
-    /// registered again is one (live when any of its registrations is).
-    pub fn live_and_silent(&self) -> (usize, usize) {
+    /// How many workers are live (as [`Registry::live`]), silent, and left (signed off), by name: a worker
+    /// that registered again is one, live when any of its registrations is, else left when the one last
+    /// heard from signed off.
+    pub fn live_silent_left(&self) -> (usize, usize, usize) {
         let since = live_since();
-        let mut names: HashMap<WorkerId, bool> = HashMap::new();
+        // by name: whether live, and when the last registration was heard from and whether it left
+        let mut names: HashMap<WorkerId, (bool, Instant, bool)> = HashMap::new();
         for (id, w) in self.workers().iter() {
-            *names.entry(id.by_name()).or_default() |= w.live(since);
+            let left = w.gone == Some(Gone::Left);
+            let name = names
+                .entry(id.by_name())
+                .or_insert((false, w.last_seen, left));
+            name.0 |= w.live(since);
+            if w.last_seen > name.1 {
+                (name.1, name.2) = (w.last_seen, left);
+            }
         }
-        let live = names.values().filter(|live| **live).count();
-        (live, names.len() - live)
+        let live = names.values().filter(|n| n.0).count();
+        let left = names.values().filter(|n| !n.0 && n.2).count();
+        (live, names.len() - live - left, left)
     }
 
     /// Every worker remembered (live and silent), in no particular order.
@@ -288,7 +302,7 @@ mod tests {
         assert_eq!(live, [0, 80 << 30]);
         assert_eq!(r.live_memory(|id, _| id.by_name() != w("gpu")), [0]);
         // and counted once: gpu and cpu live, old silent
-        assert_eq!(r.live_and_silent(), (2, 1));
+        assert_eq!(r.live_silent_left(), (2, 1, 0));
     }
 
     #[test]
@@ -300,10 +314,23 @@ mod tests {
         // an unknown one is not remembered for it
         r.left(&w("c#1"));
         assert_eq!(r.live(), [(w("b#1"), Vec::new())]);
-        assert!(r.get(&w("a#1")).unwrap().left && r.get(&w("c#1")).is_none());
+        assert_eq!(r.get(&w("a#1")).unwrap().gone, Some(Gone::Left));
+        assert!(r.get(&w("c#1")).is_none());
+        assert_eq!(r.live_silent_left(), (1, 0, 1));
+        // a lease of it that expires since leaves it left
+        r.lost(&w("a#1"), Instant::now());
+        assert_eq!(r.get(&w("a#1")).unwrap().gone, Some(Gone::Left));
         r.seen(&w("a#1"), 0, None);
         assert_eq!(r.live().len(), 2);
-        assert!(!r.get(&w("a#1")).unwrap().left);
+        assert_eq!(r.get(&w("a#1")).unwrap().gone, None);
+        assert_eq!(r.live_silent_left(), (2, 0, 0));
+        // a name is left when the registration of it last heard from signed off, and none is live
+        r.register(&w("a#2"), "cpu", 0, &[]);
+        r.left(&w("a#2"));
+        r.workers().get_mut("a#1").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
+        assert_eq!(r.live_silent_left(), (1, 0, 1));
+        r.workers().get_mut("a#2").unwrap().last_seen = Instant::now() - 3 * LIVE_WINDOW;
+        assert_eq!(r.live_silent_left(), (1, 1, 0));
     }
 
     #[test]
@@ -317,7 +344,7 @@ mod tests {
         r.lost(&w("a#1"), Instant::now());
         assert_eq!(r.live_memory(|_, _| true).len(), 1);
         assert_eq!(r.live().len(), 1);
-        assert_eq!(r.live_and_silent(), (1, 1));
+        assert_eq!(r.live_silent_left(), (1, 1, 0));
         r.seen(&w("a#1"), 0, None);
         assert_eq!(r.live_memory(|_, _| true).len(), 2);
         // an unknown worker is nothing to forget

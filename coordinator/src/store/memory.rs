@@ -1,6 +1,7 @@
 //! [`MemoryStore`]: the store in memory; nothing survives the process.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use stylefarm_core::ids::{JobId, WorkerId};
@@ -16,6 +17,7 @@ type JobEntry = (JobMeta, BTreeMap<u32, TaskRecord>);
 pub struct MemoryStore {
     jobs: Mutex<BTreeMap<JobId, JobEntry>>,
     drained: Mutex<BTreeSet<WorkerId>>,
+    registrations: AtomicU64,
 }
 
 impl Store for MemoryStore {
@@ -42,6 +44,7 @@ impl Store for MemoryStore {
                     jobs.remove(&job_id);
                 }
                 Op::Drained(names) => *self.drained.lock().unwrap() = names,
+                Op::Registrations(n) => self.registrations.store(n, Ordering::Relaxed),
             }
         }
         durable_now(Ok(()))
@@ -61,6 +64,10 @@ impl Store for MemoryStore {
 
     fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
         Ok(self.drained.lock().unwrap().clone())
+    }
+
+    fn load_registrations(&self) -> Result<u64, StoreError> {
+        Ok(self.registrations.load(Ordering::Relaxed))
     }
 }
 

@@ -108,6 +108,9 @@ pub enum Op {
     Delete(JobId),
     /// The names of the workers drained ([`crate::scheduler::Scheduler::drain`]), replacing those stored.
     Drained(BTreeSet<WorkerId>),
+    /// The number of the last worker registration (the `n` of its id, `name#n`), replacing the one stored:
+    /// a coordinator that restarts, or a standby that takes over, numbers on from it.
+    Registrations(u64),
 }
 
 /// Resolves when the writes it was returned for are durable, or with the error that made them fail. Opaque:
@@ -146,6 +149,9 @@ pub trait Store: Send + Sync {
     fn load(&self) -> Result<Vec<(JobMeta, Vec<TaskRecord>)>, StoreError>;
     /// The names of the workers drained, as last written ([`Op::Drained`]); none when never written.
     fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError>;
+    /// The number of the last worker registration, as last written ([`Op::Registrations`]); 0 when never
+    /// written.
+    fn load_registrations(&self) -> Result<u64, StoreError>;
 
     /// Why writes are held back, while some are: the store is out of reach (a Redis server restarting) or
     /// its disk is full (redb), and applies them, in order, once it answers or has room. The scheduler takes
@@ -312,6 +318,10 @@ pub(crate) mod tests {
         assert_eq!(store.load_drained().unwrap(), names);
         wait(store.write(vec![Op::Drained(BTreeSet::new())])).unwrap();
         assert!(store.load_drained().unwrap().is_empty());
+        // the last registration's number: 0 at first, then as last written
+        assert_eq!(store.load_registrations().unwrap(), 0);
+        wait(store.write(vec![Op::Registrations(7), Op::Registrations(8)])).unwrap();
+        assert_eq!(store.load_registrations().unwrap(), 8);
         assert_eq!(store.load().unwrap(), all);
     }
 }

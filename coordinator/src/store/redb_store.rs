@@ -29,9 +29,11 @@ fn redb_err(e: impl Into<redb::Error>) -> StoreError {
 
 const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
 const TASKS: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("tasks");
-/// One row, [`DRAINED_KEY`]: the names of the workers drained (JSON).
+/// Rows: [`DRAINED_KEY`], the names of the workers drained (JSON); [`REGISTRATIONS_KEY`], the number of
+/// the last worker registration (JSON).
 const SETTINGS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("settings");
 const DRAINED_KEY: &str = "drained";
+const REGISTRATIONS_KEY: &str = "registrations";
 
 /// How often writes held back for a full disk are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -135,6 +137,12 @@ fn apply(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), StoreError> {
                 let mut settings = tx.open_table(SETTINGS).map_err(redb_err)?;
                 settings
                     .insert(DRAINED_KEY, json(names)?.as_slice())
+                    .map_err(redb_err)?;
+            }
+            Op::Registrations(n) => {
+                let mut settings = tx.open_table(SETTINGS).map_err(redb_err)?;
+                settings
+                    .insert(REGISTRATIONS_KEY, json(n)?.as_slice())
                     .map_err(redb_err)?;
             }
         }
@@ -386,16 +394,33 @@ impl Store for RedbStore {
     }
 
     fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
+        self.setting(DRAINED_KEY, "the workers drained")
+    }
+
+    fn load_registrations(&self) -> Result<u64, StoreError> {
+        self.setting(REGISTRATIONS_KEY, "the last worker registration")
+    }
+}
+
+impl RedbStore {
+    /// The value of row `key` of [`SETTINGS`] (JSON), what it holds named `what` in an error; the default
+    /// when never written.
+    fn setting<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<T, StoreError> {
         self.read(|tx| {
-            // a database that never had a worker drained has no such table
+            // a database that never had a setting written has no such table
             let settings = match tx.open_table(SETTINGS) {
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeSet::new()),
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(T::default()),
                 table => table.map_err(redb_err)?,
             };
-            match settings.get(DRAINED_KEY).map_err(redb_err)? {
-                Some(value) => serde_json::from_slice(value.value())
-                    .map_err(|e| err(format!("the workers drained: {e}"))),
-                None => Ok(BTreeSet::new()),
+            match settings.get(key).map_err(redb_err)? {
+                Some(value) => {
+                    serde_json::from_slice(value.value()).map_err(|e| err(format!("{what}: {e}")))
+                }
+                None => Ok(T::default()),
             }
         })
     }

@@ -90,6 +90,11 @@ impl Keys {
         format!("{}:drained", self.prefix)
     }
 
+    /// The number of the last worker registration.
+    fn registrations(&self) -> String {
+        format!("{}:registrations", self.prefix)
+    }
+
     /// The id of the coordinator holding the leader lease; expires unless renewed.
     fn leader(&self) -> String {
         format!("{}:leader", self.prefix)
@@ -201,6 +206,11 @@ fn commands(keys: &Keys, ops: &[Op]) -> Result<Vec<redis::Cmd>, StoreError> {
             Op::Drained(names) => {
                 let mut set = redis::cmd("SET");
                 set.arg(keys.drained()).arg(json(names)?);
+                out.push(set);
+            }
+            Op::Registrations(n) => {
+                let mut set = redis::cmd("SET");
+                set.arg(keys.registrations()).arg(n);
                 out.push(set);
             }
         }
@@ -735,6 +745,18 @@ impl Store for RedisStore {
             None => Ok(BTreeSet::new()),
         }
     }
+
+    fn load_registrations(&self) -> Result<u64, StoreError> {
+        let keys = Keys {
+            prefix: self.prefix.clone(),
+        };
+        let mut con = connect(&self.client)?;
+        let n: Option<u64> = redis::cmd("GET")
+            .arg(keys.registrations())
+            .query(&mut con)
+            .map_err(|e| err(format!("the last worker registration: {e}")))?;
+        Ok(n.unwrap_or(0))
+    }
 }
 
 impl Drop for RedisStore {
@@ -872,6 +894,7 @@ mod tests {
                 "test:job:job-a",
                 "test:job:job-b",
                 "test:jobs",
+                "test:registrations",
                 "test:tasks:job-a",
                 "test:tasks:job-b"
             ]
