@@ -560,10 +560,12 @@ async fn an_idle_worker_sent_sigterm_leaves_without_waiting_for_a_task() {
 }
 
 /// A worker sent SIGTERM mid-task finishes it: it is still there a second later; a second SIGTERM stops it
-/// at once, exit 1 saying so, and its task goes back to the queue when its lease lapses.
+/// at once, exit 1 saying so, and signs off: its task goes back to the queue at once, not when its lease
+/// lapses.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_interrupted_twice_leaves_its_task_unfinished() {
-    let mut cluster = Cluster::start(3.0, 0.3);
+    // a lease (60 s) far longer than the wait for the task to come back: its worker gave it up
+    let mut cluster = Cluster::start(60.0, 0.3);
     cluster.add_worker("w");
     // 256 px: iterations long enough that a task in its first ones is far from done
     let job_id = submit(&cluster, &x_starry("chelsea.png", 256, 5000));
@@ -594,15 +596,19 @@ async fn a_worker_interrupted_twice_leaves_its_task_unfinished() {
         log.contains("interrupted again: left without finishing the task at hand"),
         "{log}"
     );
+    // it signed off: its task is queued again at once, not when its lease lapses
     let client = cluster.client().await;
-    wait_for("the task queued again", Duration::from_secs(30), || {
+    let task = wait_for("the task queued again", Duration::from_secs(10), || {
         let (mut client, job_id) = (client.clone(), &job_id);
         async move {
             let tasks = job(&mut client, job_id).await.tasks;
-            (tasks[0].state == pb::TaskState::Pending as i32).then_some(())
+            (tasks[0].state == pb::TaskState::Pending as i32).then(|| tasks[0].clone())
         }
     })
     .await;
+    assert!(task.error.contains("signed off"), "{task:?}");
+    let (ok, out, err) = cluster.cli(&["workers"]);
+    assert!(ok && out.contains("w#1\tleft\t"), "{out} {err}");
 }
 
 /// `submit --wait` interrupted (SIGTERM, as Ctrl-C) once its job is submitted leaves the job running and

@@ -271,16 +271,17 @@ pub(crate) fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             crate::metrics::serve(addr, move || metrics.text()).await?;
         }
         // the first interrupt: the worker takes no more tasks and finishes the one it runs; a second one
-        // does not wait for it (the task goes back to the queue when its lease lapses)
+        // does not wait for it (it signs off: its task goes back to the queue)
         let interrupts = interrupts();
-        tokio::select! {
-            run = stylefarm_worker::run(config, interrupted(interrupts.clone(), 1)) => run?,
-            () = interrupted(interrupts, 2) => bail!(
-                "interrupted again: left without finishing the task at hand, if any (a task not reported \
-                 goes back to the queue when its lease lapses)"
-            ),
+        let run = stylefarm_worker::run(
+            config,
+            interrupted(interrupts.clone(), 1),
+            interrupted(interrupts, 2),
+        );
+        match run.await {
+            Err(e @ stylefarm_worker::Error::Abandoned) => bail!("interrupted again: {e}"),
+            run => anyhow::Ok(run?),
         }
-        anyhow::Ok(())
     })?;
     Ok(())
 }

@@ -85,6 +85,7 @@ impl LocalFarm {
                 Some(tokio::spawn(stylefarm_worker::run(
                     config,
                     on_stop(stopped.clone()),
+                    std::future::pending(),
                 )))
             })
             .collect();

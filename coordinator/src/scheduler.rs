@@ -262,6 +262,9 @@ struct LeaseInfo {
     /// Whether its worker said it rendered the task and is sending its result while it takes another
     /// ([`Scheduler::sending_result`]): the task no longer holds the worker's device.
     rendered: bool,
+    /// Its worker signed off while it held it ([`Scheduler::signed_off`]): it ends at the next
+    /// [`Scheduler::expire`], as a lease that lapsed does.
+    signed_off: bool,
 }
 
 /// The tasks of `job` whose leases hold their workers' devices: those not rendered yet (a worker sends a
@@ -1895,6 +1898,7 @@ impl Scheduler {
                 attempt: task_attempt,
                 log: ReceivedLines::default(),
                 rendered: false,
+                signed_off: false,
             },
         );
         if starts_group {
@@ -3514,6 +3518,22 @@ impl Scheduler {
         }
     }
 
+    /// Worker `worker` signed off (it stops): the leases it holds (one handed to a lease poll it gave up
+    /// as it stopped, or a task it left unfinished) lapse now rather than at their deadlines; the next
+    /// [`Scheduler::expire`] returns their tasks to the queue, as for any lease that lapsed. Returns how
+    /// many.
+    pub fn signed_off(&self, worker: &WorkerId) -> usize {
+        let mut st = self.state.lock().unwrap();
+        let now = now_ms();
+        let mut released = 0;
+        for lease in st.leases.values_mut().filter(|l| l.worker == *worker) {
+            lease.signed_off = true;
+            lease.deadline_ms = lease.deadline_ms.min(now - 1);
+            released += 1;
+        }
+        released
+    }
+
     /// Returns expired leases' tasks to the queue (a strike against their worker), and those of leases whose
     /// task made no progress for [`SchedulerConfig::task_stall`] (their worker is told to cancel).
     pub fn expire(&self) -> Result<(), SchedulerError> {
@@ -3560,7 +3580,15 @@ impl Scheduler {
                 continue;
             }
             let lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
-            let reason = if expired {
+            let reason = if expired && lease.signed_off {
+                tracing::warn!(
+                    lease_id = lease_id.as_str(),
+                    job_id = lease.job_id.as_str(),
+                    worker_id = lease.worker.as_str(),
+                    "lease given up: its worker signed off"
+                );
+                "its worker stopped (signed off) before finishing it".to_string()
+            } else if expired {
                 tracing::warn!(
                     lease_id = lease_id.as_str(),
                     job_id = lease.job_id.as_str(),
@@ -6759,6 +6787,41 @@ mod tests {
         assert_eq!(view.tasks[1].0.attempts, first.attempts - 1, "no attempt");
         assert_eq!(view.meta.strikes.get(&w("a")), None);
         assert_eq!(s.counts(), s.counts_walked());
+    }
+
+    /// A worker that signs off gives up the leases it holds (and only it: not another registration of its
+    /// name): the next expiry queues their tasks again, long before their deadlines, saying why; not counted
+    /// as a lease that lapsed.
+    #[test]
+    fn a_worker_that_signs_off_gives_up_its_leases() {
+        let s = scheduler(SchedulerConfig {
+            lease: Duration::from_secs(3600),
+            ..Default::default()
+        });
+        let (job, _) = s.submit(batch(3, 0), "").unwrap();
+        let a = s.lease(&w("a#1")).unwrap().unwrap();
+        let other = s.lease(&w("a#2")).unwrap().unwrap();
+        assert_eq!(s.signed_off(&w("b#1")), 0);
+        assert_eq!(s.signed_off(&w("a#1")), 1);
+        s.expire().unwrap();
+        let view = s.get(&job).unwrap();
+        let task = &view.tasks[a.task.id.index as usize].0;
+        assert_eq!(task.state, TaskState::Pending);
+        assert_eq!(
+            task.error,
+            "its worker stopped (signed off) before finishing it"
+        );
+        assert_eq!(
+            view.tasks[other.task.id.index as usize].0.state,
+            TaskState::Running
+        );
+        assert_eq!(s.metrics().lease_expiries.get(), 0);
+        assert!(
+            s.heartbeat(&a.lease_id, &w("a#1"), None, None)
+                .unwrap()
+                .cancel,
+            "given up"
+        );
     }
 
     /// A registration's id numbers on from the last one the store holds: a scheduler that loads the store

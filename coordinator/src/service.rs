@@ -1480,7 +1480,25 @@ impl WorkerService for WorkerApi {
         }
         check_worker_id(&worker_id)?;
         self.coordinator.workers.left(&worker_id);
-        tracing::info!(worker_id = worker_id.as_str(), "worker signed off");
+        let coordinator = self.coordinator.clone();
+        let id = worker_id.clone();
+        // the leases it still holds go back now, not when they lapse (a failed expiry is tried again by
+        // the coordinator's chore, every 250 ms)
+        let released = blocking(move || {
+            let released = coordinator.scheduler.signed_off(&id);
+            if released > 0 {
+                if let Err(e) = coordinator.scheduler.expire() {
+                    tracing::warn!(error = %e, "returning a signed-off worker's tasks");
+                }
+            }
+            Ok(released)
+        })
+        .await?;
+        tracing::info!(
+            worker_id = worker_id.as_str(),
+            leases_given_up = released,
+            "worker signed off"
+        );
         Ok(Response::new(pb::SignOffResponse {}))
     }
 }

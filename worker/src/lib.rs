@@ -58,6 +58,12 @@ pub enum Error {
         .0.as_secs_f64()
     )]
     EngineStuck(Duration),
+    /// Told to leave without finishing ([`run`]'s `abandon`): the task at hand, if any, was left unfinished.
+    #[error(
+        "left without finishing the task at hand, if any (signed off: the coordinator gives its task to \
+         another worker; a coordinator that did not answer does so when its lease lapses)"
+    )]
+    Abandoned,
 }
 
 /// [`WorkerConfig::cancel_grace`] unless configured: longer than the longest a render goes without looking
@@ -431,16 +437,28 @@ enum Outcome {
     EngineStuck,
 }
 
-/// Runs a worker until `shutdown` resolves (then drains: the current task finishes first, and is reported).
+/// Runs a worker until `shutdown` resolves (then drains: the current task finishes first, and is reported),
+/// and signs off. Once `abandon` resolves, it leaves at once, [`Error::Abandoned`]: the task at hand is
+/// neither finished nor reported, and its sign-off gives its lease up.
 pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    abandon: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let mut reporting = Reporting::default();
     let mut signed_in = None;
-    let served = serve(config, shutdown, &mut reporting, &mut signed_in).await;
-    // a worker that stops (or leaves) has its last task reported first
-    reporting.finish().await;
+    tokio::pin!(abandon);
+    let mut served = tokio::select! {
+        served = serve(config, shutdown, &mut reporting, &mut signed_in) => served,
+        () = &mut abandon => Err(Error::Abandoned),
+    };
+    if !matches!(served, Err(Error::Abandoned)) {
+        // a worker that stops (or leaves) has its last task reported first, unless told to abandon it
+        tokio::select! {
+            () = reporting.finish() => {}
+            () = &mut abandon => served = Err(Error::Abandoned),
+        }
+    }
     if let Some((mut client, worker_id)) = signed_in {
         sign_off(&mut client, &worker_id).await;
     }
