@@ -825,15 +825,17 @@ async fn the_next_task_renders_while_a_result_is_still_on_its_way() {
 /// worker's report has been refused (2 s at least): meanwhile the coordinator answers UNAVAILABLE to what
 /// must be written (a submit, the worker's report) and serves reads; once Redis answers, the report the
 /// worker retries lands and the job completes; the refused submit repeated with its request id gives one
-/// job; a new coordinator process started on the same Redis finds every job and result.
+/// job, and `stylefarm submit`, sent during the outage, sends its job again until it is taken (exit 0);
+/// a new coordinator process started on the same Redis finds every job and result. The outage outlasts
+/// the coordinator's leader lease (1 s): with no standby to take over, it holds the lease again once
+/// Redis answers (before, it stopped, and the writes it held back were lost).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost() {
     let (mut cluster, mut services) = cluster_on(Backend::RedisS3, 1.5, 0.3);
     let redis = services.redis.as_mut().unwrap();
-    // a leader lease longer than the outage: the coordinator stays the active one
     cluster
         .coordinator_args
-        .extend(["--leader-lease-secs".into(), "30".into()]);
+        .extend(["--leader-lease-secs".into(), "1".into()]);
     cluster.start_coordinator();
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
@@ -852,6 +854,14 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::Unavailable, "{again:?}");
+    let cli_submit = stylefarm_tests::stylefarm()
+        .arg("submit")
+        .args(spec_args(1))
+        .env("STYLEFARM_COORDINATOR", &cluster.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // reads are served meanwhile
     assert_eq!(job(&mut client, &first).await.job_id, first);
     // the worker finishes its render and its report is refused; it retries
@@ -888,6 +898,18 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
         second_done.tasks[0].result, done.tasks[0].result,
         "same spec, same pixels"
     );
+    let sent = cli_submit.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&sent.stdout),
+        String::from_utf8_lossy(&sent.stderr),
+    );
+    assert!(sent.status.success(), "{out} {err}");
+    assert!(
+        err.contains("the coordinator cannot take the job now"),
+        "sent during the outage: {err}"
+    );
+    let third = wait_succeeded(&cluster, out.trim()).await;
+    assert_eq!(third.tasks.len(), 1);
 
     // what Redis holds: a new coordinator process finds both jobs with their results (the old one stopped
     // with SIGTERM, which releases the leader lease: the new one need not wait 30 s for it to lapse)
@@ -897,10 +919,15 @@ async fn a_redis_restarted_mid_job_means_unavailable_meanwhile_and_nothing_lost(
     cluster.start_coordinator();
     let mut client = cluster.client().await;
     let jobs = client.list(&[], 100).await.unwrap();
-    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
     for j in jobs {
         assert!(is(&j, pb::JobState::Succeeded), "{j:?}");
-        assert_eq!(j.tasks[0].result, done.tasks[0].result);
+        let expected = if j.job_id == third.job_id {
+            &third.tasks[0].result
+        } else {
+            &done.tasks[0].result
+        };
+        assert_eq!(&j.tasks[0].result, expected);
     }
 }
 
@@ -1223,6 +1250,48 @@ async fn a_slow_blob_store_holds_up_only_the_calls_that_need_it() {
         listed < Duration::from_millis(1000),
         "a list took {listed:?} behind the downloads"
     );
+}
+
+/// S3 stopped as a job's task starts: the worker cannot have its inputs, the coordinator answering
+/// UNAVAILABLE (its blob store out of reach); it asks again, its task's lease kept by its heartbeats, with
+/// no attempt spent, for as long as the outage lasts (here past three attempts' worth); S3 back, the task
+/// renders on its first attempt. Before, each download that failed was a failed attempt, and a 5-s outage
+/// failed the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_waits_for_its_inputs_while_s3_is_out_of_reach() {
+    let (mut cluster, mut services) = cluster_on(Backend::RedisS3, 1.5, 0.3);
+    cluster.start_coordinator();
+    cluster.add_worker("w1");
+    wait_registered(&cluster, 1).await;
+    let mut args = spec_args(0);
+    let at = args.iter().position(|a| a == "--iterations").unwrap();
+    args[at + 1] = "5".into();
+    args.push("--paused".into());
+    let id = submit(&cluster, &args);
+    let s3 = services.s3.as_mut().unwrap();
+    s3.stop();
+    let (ok, out, err) = cluster.cli(&["resume", &id]);
+    assert!(ok, "{out} {err}");
+    cluster.workers[0]
+        .wait_logged(
+            "the coordinator cannot serve an input now",
+            Duration::from_secs(30),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut client = cluster.client().await;
+    let waiting = job(&mut client, &id).await;
+    assert!(is(&waiting, pb::JobState::Running), "{waiting:?}");
+    assert_eq!(waiting.tasks[0].attempts, 1, "{waiting:?}");
+    s3.restart();
+    let done = wait_state(
+        &cluster,
+        &id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done.tasks[0].attempts, 1, "{done:?}");
 }
 
 /// S3 stopped just as a sweep's tasks are done (the stage's work held 3 s by the fail point

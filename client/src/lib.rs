@@ -28,7 +28,8 @@ pub use local::{LocalFarm, LocalFarmError, RENDER_STOP_WAIT};
 /// How long [`FarmClient::connect`] waits for the coordinator's TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long an upload that the coordinator asks to be sent again is sent again ([`FarmClient::upload`]).
+/// How long an upload that the coordinator asks to be sent again is sent again ([`FarmClient::upload`]),
+/// and a submit it cannot take now (its store out of reach) ([`FarmClient::submit`]).
 pub const UPLOAD_RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// What can go wrong talking to a coordinator.
@@ -484,17 +485,54 @@ impl FarmClient {
         self.send(spec, request_id, false).await
     }
 
-    /// The SubmitJob call of a checked spec.
+    /// The SubmitJob call of a checked spec. One the coordinator answers UNAVAILABLE (its store out of
+    /// reach: a Redis restarting) is sent again, after a backoff, for up to [`UPLOAD_RETRY_FOR`], under the
+    /// same request id (a random one when none is given), so that the coordinator makes one job of it
+    /// however many times it comes.
     async fn send(
         &mut self,
         spec: &JobSpec,
         request_id: Option<&str>,
         paused: bool,
     ) -> Result<JobId> {
-        let request = submit_request(spec, request_id, paused);
+        let generated;
+        let request_id = match request_id {
+            Some(id) => id,
+            None => {
+                generated = format!("auto-{:032x}", rand::random::<u128>());
+                &generated
+            }
+        };
+        let request = submit_request(spec, Some(request_id), paused);
         self.check_known(SUBMIT, &request).await?;
-        let reply = self.rpc.submit_job(request).await?.into_inner();
-        Ok(JobId::new(reply.job_id))
+        let (start, mut backoff) = (
+            std::time::Instant::now(),
+            stylefarm_proto::Backoff::default(),
+        );
+        loop {
+            let status = match self.rpc.submit_job(request.clone()).await {
+                Ok(reply) => return Ok(JobId::new(reply.into_inner().job_id)),
+                Err(status) => status,
+            };
+            // answered by the coordinator (not a transport error), which cannot write the job now
+            let answered = std::error::Error::source(&status).is_none();
+            if status.code() != tonic::Code::Unavailable
+                || !answered
+                || start.elapsed() >= UPLOAD_RETRY_FOR
+            {
+                return Err(status.into());
+            }
+            let wait = match backoff.wait_for(&status) {
+                Some(wait) => wait,
+                None => backoff.next_wait(),
+            };
+            tracing::warn!(
+                error = status.message(),
+                wait_s = wait.as_secs_f64(),
+                "the coordinator cannot take the job now; sending it again"
+            );
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Refuses a request (a submit, message `name`) that sets fields the coordinator does not know

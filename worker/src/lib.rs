@@ -209,29 +209,38 @@ impl ImageCache {
     }
 
     /// The blob `hash` downloaded from the coordinator (counted in [`ImageCache::downloaded`]), checked
-    /// against its hash. A download that fails may succeed later.
+    /// against its hash. A download that fails may succeed later. One the coordinator answers UNAVAILABLE
+    /// (its blob store out of reach: S3 down for a while) is tried again, from the start, after a backoff,
+    /// until it succeeds or the task is cancelled (the task's heartbeats keep its lease meanwhile): the
+    /// outage costs the task no attempt.
     async fn download(
         &mut self,
         client: &mut WorkerServiceClient<AuthChannel>,
         hash: &ImageHash,
     ) -> Result<Vec<u8>, Failure> {
-        let mut stream = client
-            .download_image(pb::DownloadRequest {
-                sha256: hash.to_string(),
-            })
-            .await
-            .map_err(|s| Failure::Transient(format!("downloading {hash}: {}", s.message())))?
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            bytes.extend(
-                chunk
-                    .map_err(|s| {
-                        Failure::Transient(format!("downloading {hash}: {}", s.message()))
-                    })?
-                    .data,
+        let mut backoff = stylefarm_proto::Backoff::default();
+        let bytes = loop {
+            let status = match Self::download_once(client, hash).await {
+                Ok(bytes) => break bytes,
+                Err(status) => status,
+            };
+            // answered by the coordinator (not a transport error): it cannot serve the blob now
+            let answered = std::error::Error::source(&status).is_none();
+            if status.code() != Code::Unavailable || !answered {
+                return Err(Failure::Transient(format!(
+                    "downloading {hash}: {}",
+                    status.message()
+                )));
+            }
+            let wait = backoff.next_wait();
+            tracing::warn!(
+                error = status.message(),
+                image = %hash,
+                wait_s = wait.as_secs_f64(),
+                "the coordinator cannot serve an input now; downloading it again"
             );
-        }
+            tokio::time::sleep(wait).await;
+        };
         self.downloaded += bytes.len() as u64;
         // hashing a large blob takes a while: off the async threads (heartbeats)
         let expected = hash.clone();
@@ -245,6 +254,25 @@ impl ImageCache {
         })
         .await
         .map_err(|e| Failure::Transient(format!("downloading {hash}: {e}")))?
+    }
+
+    /// The blob `hash` as the coordinator streams it, once; the status of the call or of the stream when
+    /// either fails.
+    async fn download_once(
+        client: &mut WorkerServiceClient<AuthChannel>,
+        hash: &ImageHash,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = client
+            .download_image(pb::DownloadRequest {
+                sha256: hash.to_string(),
+            })
+            .await?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend(chunk?.data);
+        }
+        Ok(bytes)
     }
 
     /// The checkpoint a task's attempt starts from ([`stylefarm_core::checkpoint`]); `None`, with a

@@ -250,10 +250,15 @@ fn apply(
 }
 
 fn fenced(epoch: u64, current: Option<u64>) -> StoreError {
-    fenced_because(&format!(
-        "this coordinator's epoch is {epoch}, the store's {}: another coordinator is active",
-        current.map_or("unset".into(), |c| c.to_string())
-    ))
+    fenced_because(&match current {
+        Some(current) => format!(
+            "this coordinator's epoch is {epoch}, the store's {current}: another coordinator is active"
+        ),
+        None => format!(
+            "this coordinator's epoch is {epoch}, the store has none: its data is gone (a Redis server \
+             restarted without its data, or the keys deleted)"
+        ),
+    })
 }
 
 /// The error of a write refused because this coordinator lost its hold on the store, `why`.
@@ -300,18 +305,35 @@ impl Leadership {
                 .map_or(0, |d| d.as_nanos())
         );
         let lease_ms = lease.as_millis().max(1) as u64;
-        let mut con = connect(client)?;
+        let mut con = Some(connect(client)?);
         let mut waiting = false;
         let renewed = loop {
             let sent = std::time::Instant::now();
-            let taken: Option<String> = redis::cmd("SET")
-                .arg(keys.leader())
-                .arg(&node)
-                .arg("NX")
-                .arg("PX")
-                .arg(lease_ms)
-                .query(&mut con)
-                .map_err(redis)?;
+            let taken = match con.as_mut() {
+                Some(c) => redis::cmd("SET")
+                    .arg(keys.leader())
+                    .arg(&node)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lease_ms)
+                    .query::<Option<String>>(c)
+                    .map_err(redis),
+                None => connect(client).map(|c| {
+                    con = Some(c);
+                    None
+                }),
+            };
+            let taken = match taken {
+                Ok(taken) => taken,
+                // a standby waits through the server's outage (a restart, a failover) as it waits for
+                // the active coordinator
+                Err(e) => {
+                    tracing::warn!(error = %e, "standby: the store is out of reach; asking it again");
+                    con = None;
+                    std::thread::sleep(lease / 4);
+                    continue;
+                }
+            };
             if taken.is_some() {
                 break Arc::new(Mutex::new(sent));
             }
@@ -324,6 +346,7 @@ impl Leadership {
             }
             std::thread::sleep(lease / 4);
         };
+        let mut con = con.map_or_else(|| connect(client), Ok)?;
         let epoch: u64 = redis::cmd("INCR")
             .arg(keys.epoch())
             .query(&mut con)
@@ -335,11 +358,10 @@ impl Leadership {
             let (client, keys, lost, stop) =
                 (client.clone(), keys.clone(), lost.clone(), stop.clone());
             let (node, renewed) = (node.clone(), renewed.clone());
+            let holder = Holder { node, epoch, lease };
             std::thread::Builder::new()
                 .name("store-leader".into())
-                .spawn(move || {
-                    Self::renew_loop(&client, &keys, &node, lease, &renewed, &lost, &stop)
-                })
+                .spawn(move || holder.renew_loop(&client, &keys, &renewed, &lost, &stop))
                 .map_err(err)?
         };
         Ok(Leadership {
@@ -354,63 +376,136 @@ impl Leadership {
             renewer: Some(renewer),
         })
     }
+}
 
-    /// Renews the leader key while this node holds it; records why when it no longer does, or when the
-    /// server stayed unreachable for a whole lease (another coordinator may have taken over).
+/// What the thread that renews a coordinator's leader lease knows of its hold ([`Holder::renew_loop`]).
+struct Holder {
+    /// The leader key's value while this coordinator holds it.
+    node: String,
+    /// The epoch it took with the lease: its writes are fenced by it.
+    epoch: u64,
+    lease: Duration,
+}
+
+/// What a renewal of the leader lease found.
+enum Renewal {
+    /// Renewed (or taken again, its epoch still the store's).
+    Held,
+    /// Another coordinator took over: why, to stop with.
+    Lost(String),
+}
+
+impl Holder {
+    /// Renews the leader key while this node holds it, every third of a lease; records why when another
+    /// coordinator took over (the key held by another, or a newer epoch) or may have (the key gone while the
+    /// server answered). A server out of reach, even for longer than a lease (a Redis restarting, paused,
+    /// failing over), is asked again until it answers: this coordinator's writes are held back meanwhile and
+    /// fenced by its epoch, so none lands once another has taken over; a key that lapsed meanwhile is taken
+    /// again when the epoch is still this one's (no standby took over), and the held-back writes land.
     fn renew_loop(
+        &self,
         client: &redis::Client,
         keys: &Keys,
-        node: &str,
-        lease: Duration,
         renewed: &Mutex<std::time::Instant>,
         lost: &Mutex<Option<String>>,
         stop: &AtomicBool,
     ) {
-        let lease_ms = lease.as_millis().max(1) as u64;
         let last_renewed = || *renewed.lock().unwrap_or_else(|p| p.into_inner());
         let mut con: Option<redis::Connection> = None;
+        // whether the server was out of reach since the last renewal; and for a whole lease
+        let (mut cut_off, mut lapsed) = (false, false);
         loop {
             // woken early by a stop (Drop unparks this thread); an early wake-up renews early
-            std::thread::park_timeout(lease / 3);
+            std::thread::park_timeout(self.lease / 3);
             if stop.load(Ordering::Relaxed) {
                 return;
             }
             let sent = std::time::Instant::now();
-            let outcome = (|| -> Result<bool, StoreError> {
+            let outcome = (|| -> Result<Renewal, StoreError> {
                 let c = match con.as_mut() {
                     Some(c) => c,
                     None => con.insert(connect(client)?),
                 };
-                redis::transaction(c, &[keys.leader()], |c, pipe| {
-                    let holder: Option<String> = redis::cmd("GET").arg(keys.leader()).query(c)?;
-                    if holder.as_deref() != Some(node) {
-                        return Ok(Some(false));
+                self.renew(c, keys, cut_off)
+            })();
+            match outcome {
+                Ok(Renewal::Held) => {
+                    cut_off = false;
+                    if std::mem::take(&mut lapsed) {
+                        tracing::warn!(
+                            epoch = self.epoch,
+                            "the store answers again; holding the leader lease again (no other \
+                             coordinator took over)"
+                        );
                     }
-                    pipe.cmd("PEXPIRE")
-                        .arg(keys.leader())
+                    *renewed.lock().unwrap_or_else(|p| p.into_inner()) = sent;
+                }
+                Ok(Renewal::Lost(why)) => {
+                    tracing::error!(reason = why, "no longer the active coordinator");
+                    *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    return;
+                }
+                Err(e) => {
+                    (con, cut_off) = (None, true);
+                    if last_renewed().elapsed() < self.lease {
+                        tracing::warn!(error = %e, "renewing the leader lease failed; retrying");
+                    } else if !std::mem::replace(&mut lapsed, true) {
+                        tracing::error!(
+                            error = %e,
+                            lease_s = self.lease.as_secs_f64(),
+                            "the leader lease lapsed: the store out of reach for a lease; asking it again \
+                             (the writes held back land if no other coordinator took over meanwhile)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// One renewal: the leader key's lease extended while this node holds it, or, when the store was out
+    /// of reach since the last renewal (`cut_off`: the key may have lapsed meanwhile), taken again while no
+    /// one holds it and the store's epoch is still this one's.
+    fn renew(
+        &self,
+        c: &mut redis::Connection,
+        keys: &Keys,
+        cut_off: bool,
+    ) -> Result<Renewal, StoreError> {
+        let lease_ms = self.lease.as_millis().max(1) as u64;
+        let (leader, epoch) = (keys.leader(), keys.epoch());
+        redis::transaction(c, &[&leader, &epoch], |c, pipe| {
+            let holder: Option<String> = redis::cmd("GET").arg(&leader).query(c)?;
+            match holder {
+                Some(holder) if holder == self.node => {
+                    pipe.cmd("PEXPIRE").arg(&leader).arg(lease_ms).ignore();
+                }
+                Some(_) => {
+                    let why = "another coordinator holds the leader lease".to_string();
+                    return Ok(Some(Renewal::Lost(why)));
+                }
+                None if !cut_off => {
+                    let why = "the leader lease lapsed while the store answered (this coordinator \
+                               frozen?): another coordinator may take over";
+                    return Ok(Some(Renewal::Lost(why.to_string())));
+                }
+                None => {
+                    let current: Option<u64> = redis::cmd("GET").arg(&epoch).query(c)?;
+                    if current != Some(self.epoch) {
+                        let why = fenced(self.epoch, current).to_string();
+                        return Ok(Some(Renewal::Lost(why)));
+                    }
+                    pipe.cmd("SET")
+                        .arg(&leader)
+                        .arg(&self.node)
+                        .arg("PX")
                         .arg(lease_ms)
                         .ignore();
-                    Ok(pipe.query::<Option<()>>(c)?.map(|()| true))
-                })
-                .map_err(redis_err)
-            })();
-            let why = match outcome {
-                Ok(true) => {
-                    *renewed.lock().unwrap_or_else(|p| p.into_inner()) = sent;
-                    continue;
                 }
-                Ok(false) => "another coordinator holds the leader lease".to_string(),
-                Err(e) if last_renewed().elapsed() < lease => {
-                    tracing::warn!(error = %e, "renewing the leader lease failed; retrying");
-                    con = None;
-                    continue;
-                }
-                Err(e) => format!("the leader lease could not be renewed for {lease:?}: {e}"),
-            };
-            tracing::error!(reason = why, "no longer the active coordinator");
-            *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-            return;
-        }
+            }
+            // None: a watched key changed before EXEC, which then applied nothing; look again
+            Ok(pipe.query::<Option<()>>(c)?.map(|()| Renewal::Held))
+        })
+        .map_err(redis_err)
     }
 }
 
@@ -987,6 +1082,57 @@ mod tests {
         let c = RedisStore::open_active(&url, "farm", Duration::from_secs(60)).unwrap();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(c.lost().is_none());
+    }
+
+    /// The server out of reach for longer than the leader lease (a restart that takes a while): the active
+    /// coordinator keeps asking, and once the server answers takes its lapsed key again (no standby took
+    /// over: the epoch is still its own), and the write held back meanwhile lands. A standby waits through
+    /// an outage rather than failing. Before, the active one gave up after a lease (the coordinator
+    /// stopped, its held-back writes lost), and a standby failed at the first error.
+    #[test]
+    fn an_outage_longer_than_the_leader_lease_keeps_the_hold_when_no_one_took_over() {
+        let mut server = RedisServer::start_persistent();
+        let url = server.url();
+        let lease = Duration::from_millis(600);
+        let a = RedisStore::open_active(&url, "farm", lease).unwrap();
+        // a standby of another farm on the server, whose active one (a lease of 4 s) outlasts the outage
+        let other = RedisStore::open_active(&url, "other", Duration::from_secs(4)).unwrap();
+        let standby = {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                RedisStore::open_active(&url, "other", Duration::from_secs(4))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let (job, tasks) = super::super::tests::job("job-1", 1);
+        server.kill();
+        let held = a.write(vec![Op::Insert(job.clone(), tasks.clone())]);
+        assert!(super::super::wait(held).unwrap_err().held_back);
+        std::thread::sleep(lease * 3);
+        assert!(a.lost().is_none(), "{:?}", a.lost());
+        assert_eq!(a.hold().unwrap().left, Duration::ZERO, "lapsed");
+        assert!(
+            !standby.is_finished(),
+            "the standby waits through the outage"
+        );
+        server.restart();
+        let deadline = std::time::Instant::now() + lease * 5;
+        while (a.hold().unwrap().left.is_zero() || a.behind().is_some())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(a.behind().is_none(), "the writes held back are applied");
+        assert!(a.lost().is_none(), "{:?}", a.lost());
+        assert!(!a.hold().unwrap().left.is_zero(), "held again");
+        assert_eq!(a.load().unwrap(), vec![(job, tasks)]);
+        assert!(
+            !standby.is_finished(),
+            "the other farm's active one still holds"
+        );
+        drop(other);
+        let taken = standby.join().unwrap().unwrap();
+        assert!(taken.lost().is_none());
     }
 
     #[test]
