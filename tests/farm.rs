@@ -1224,8 +1224,8 @@ async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
     );
 }
 
-/// Two coordinators on one Redis server: the second waits as a standby (it listens only once active). The
-/// active one is SIGKILLed mid-job; the standby serves within two leader-lease periods, the worker (given
+/// Two coordinators on one Redis server: the second waits as a standby (it listens only once active; one
+/// given an address it cannot bind exits at once). The active one is SIGKILLed mid-job; the standby serves within two leader-lease periods, the worker (given
 /// both addresses) carries on with it, and the job completes with every result.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_coordinator_takes_over_when_the_active_one_is_killed() {
@@ -1313,6 +1313,30 @@ async fn standby_takes_over(frozen: bool) {
         "a standby told to stop exits",
     );
     assert!(stopped.success(), "{}", second.log_text());
+    // a standby given an address it cannot bind (the active one's) says so at once, not at its takeover
+    let taken = active.trim_start_matches("http://");
+    let mut third = stylefarm_tests::Node {
+        child: stylefarm_tests::stylefarm()
+            .args(["coordinator", "--listen", taken, "--data-dir"])
+            .arg(cluster.dir.path().join("third"))
+            .args(["--store", &redis.url()])
+            .args(&cluster.coordinator_args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(cluster.dir.path().join("third.log")).unwrap())
+            .spawn()
+            .unwrap(),
+        log: cluster.dir.path().join("third.log"),
+    };
+    let exit = stylefarm_tests::wait_exit(
+        &mut third.child,
+        Duration::from_secs(10),
+        "a standby that cannot bind its address exits",
+    );
+    let err = third.log_text();
+    assert!(
+        exit.code() == Some(1) && err.contains(&format!("listen: binding {taken}")),
+        "{exit:?}: {err}"
+    );
     cluster.url = format!("{active},http://{standby_addr}");
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
@@ -2127,6 +2151,22 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     )
     .await
     .unwrap();
+    // a name with a line break would list the worker on two lines
+    for name in ["", "bad\nname", &"n".repeat(201)] {
+        let err = workers
+            .register_worker(pb::RegisterWorkerRequest {
+                name: name.into(),
+                protocol: stylefarm_proto::PROTOCOL,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().starts_with("name") && err.message().contains("control"),
+            "{err:?}"
+        );
+    }
     let bad_tags = vec!["gpu".to_string(), "has space".to_string()];
     let err = workers
         .register_worker(pb::RegisterWorkerRequest {

@@ -741,6 +741,15 @@ fn device_memory_on_a_gpu_the_driver_cannot_read_is_refused_at_once() {
         !result.status.success() && err.contains("device-memory") && err.contains("more than 0"),
         "{err}"
     );
+    // a name the coordinator would refuse stops the worker at once, naming the flag
+    let result = stylefarm(&["worker", "--device", "cpu", "--name", "two\nlines"]);
+    let err = stderr(&result);
+    assert!(
+        result.status.code() == Some(1)
+            && err.starts_with("error: --name: ")
+            && err.contains("control"),
+        "{err}"
+    );
     // auto without a GPU renders on the CPU, the memory reported only
     let args = [
         &tiny_local(content, style, &out)[..],

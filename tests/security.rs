@@ -574,6 +574,11 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let (ok, out, _) = cluster.cli(&["list"]);
     assert!(ok && out.contains(&mine), "{out}");
     cluster.cli_env = vec![("STYLEFARM_TOKEN".into(), BOB.into())];
+    // a flag wins over the environment: --token-file, STYLEFARM_TOKEN beside it
+    let alice_file = cluster.dir.path().join("alice.token");
+    std::fs::write(&alice_file, format!("{ALICE}\n")).unwrap();
+    let (ok, out, err) = cluster.cli(&["list", "--token-file", alice_file.to_str().unwrap()]);
+    assert!(ok && out.contains(&mine), "{out} {err}");
     let (ok, out, _) = cluster.cli(&["list"]);
     assert!(
         ok && !out.contains(&mine),

@@ -222,16 +222,12 @@ pub(crate) struct ConnectArgs {
     #[arg(long, env = "STYLEFARM_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub(crate) coordinator: String,
     /// Bearer token, when the coordinator asks for one (a flag shows in the process list: prefer
-    /// STYLEFARM_TOKEN or --token-file).
-    #[arg(
-        long,
-        env = "STYLEFARM_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
-    )]
+    /// STYLEFARM_TOKEN or --token-file). Unless either flag is given: STYLEFARM_TOKEN_FILE, else
+    /// STYLEFARM_TOKEN (a flag wins over the environment).
+    #[arg(long, conflicts_with = "token_file")]
     token: Option<String>,
     /// File holding the token (its first line), e.g. a mounted Kubernetes Secret.
-    #[arg(long, env = "STYLEFARM_TOKEN_FILE")]
+    #[arg(long)]
     token_file: Option<PathBuf>,
     /// The CA certificate (PEM) that signed the coordinator's: needed for https:// URLs.
     #[arg(long, env = "STYLEFARM_TLS_CA")]
@@ -247,9 +243,21 @@ pub(crate) struct ConnectArgs {
 impl ConnectArgs {
     /// The token and TLS settings; an error names the file that cannot be read.
     pub(crate) fn credentials(&self) -> anyhow::Result<Credentials> {
+        let from_env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
         let token = match (&self.token, &self.token_file) {
-            (_, Some(file)) => Some(Credentials::token_from_file(file)?),
-            (token, None) => token.clone(),
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(file)) => Some(Credentials::token_from_file(file)?),
+            (None, None) => match from_env("STYLEFARM_TOKEN_FILE") {
+                Some(file) => Some(Credentials::token_from_file(Path::new(&file))?),
+                None => match from_env("STYLEFARM_TOKEN") {
+                    Some(token) => Some(
+                        token
+                            .into_string()
+                            .map_err(|_| anyhow::anyhow!("STYLEFARM_TOKEN: not UTF-8 text"))?,
+                    ),
+                    None => None,
+                },
+            },
         };
         Ok(Credentials {
             token,
@@ -679,6 +687,20 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
+    // the addresses it will listen on, tried now and let go: a standby binds them only once it takes
+    // over (until then its closed ports send clients to the active coordinator at once), and an address
+    // that cannot be bound (in use, not this host's) is said now, not at a takeover that would leave the
+    // farm without a coordinator
+    let addresses = [
+        ("listen", Some(args.listen)),
+        ("metrics_listen", args.metrics_listen),
+        ("status_listen", args.status_listen),
+    ];
+    for (flag, addr) in addresses {
+        if let Some(addr) = addr {
+            std::net::TcpListener::bind(addr).with_context(|| format!("{flag}: binding {addr}"))?;
+        }
+    }
     runtime()?.block_on(async move {
         // a standby waits in open until it holds the leader lease: told to stop meanwhile (a pod deleted,
         // a node drained), it exits at once, holding nothing, rather than at its supervisor's SIGKILL
@@ -707,7 +729,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
-            .with_context(|| format!("binding {}", args.listen))?;
+            .with_context(|| format!("listen: binding {}", args.listen))?;
         // the line a supervisor (or a test) reads to learn the address
         // for whoever started it (a test, a supervisor): a coordinator whose stdout is closed serves on
         let listening = format!("listening on {}\n", listener.local_addr()?);

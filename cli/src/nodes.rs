@@ -228,6 +228,8 @@ fn worker_config(
             .unwrap_or_else(|_| "worker".into());
         format!("{host}-{}", std::process::id())
     });
+    // checked here too, so that a bad name stops the worker at once, before it loads VGG19
+    stylefarm_core::ids::check_worker_name("--name", &name)?;
     Ok(stylefarm_worker::WorkerConfig {
         coordinator,
         credentials: Default::default(),

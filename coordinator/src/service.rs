@@ -913,9 +913,7 @@ impl WorkerService for WorkerApi {
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let r = request.into_inner();
-        if r.name.is_empty() || r.name.len() > MAX_WORKER_TEXT {
-            return Err(Error::invalid("name", format!("1 to {MAX_WORKER_TEXT} bytes")).into());
-        }
+        stylefarm_core::ids::check_worker_name("name", &r.name).map_err(Error::from)?;
         for (field, text) in [("device", &r.device), ("version", &r.version)] {
             check_worker_text(field, text)?;
         }

@@ -16,7 +16,7 @@ pub const LIVE_WINDOW: Duration = Duration::from_secs(60);
 const MAX_WORKERS: usize = 100_000;
 
 /// Longest worker name, and longest device or version text a worker registers with, in bytes.
-pub const MAX_WORKER_TEXT: usize = 200;
+pub const MAX_WORKER_TEXT: usize = stylefarm_core::ids::MAX_WORKER_NAME;
 
 /// Longest worker id: its name, `#` and the registration's number.
 pub const MAX_WORKER_ID: usize = MAX_WORKER_TEXT + 1 + 20;

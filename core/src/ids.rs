@@ -145,6 +145,21 @@ string_id! {
     WorkerId
 }
 
+/// Longest worker name, in bytes (and longest device or version text a worker registers with).
+pub const MAX_WORKER_NAME: usize = 200;
+
+/// Refuses a worker name that is empty, longer than [`MAX_WORKER_NAME`] bytes or holds a control character
+/// (the workers are listed one a line), naming `field`.
+pub fn check_worker_name(field: &'static str, name: &str) -> Result<(), crate::Error> {
+    if name.is_empty() || name.len() > MAX_WORKER_NAME || name.contains(char::is_control) {
+        return Err(crate::Error::invalid(
+            field,
+            format!("1 to {MAX_WORKER_NAME} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
 impl WorkerId {
     /// The worker's name as an id: this id without its `#n` (the coordinator gives each registration of a
     /// name an id of its own; an id without `#` is its own name). What a worker's strikes and reports on a

@@ -732,6 +732,9 @@ impl RenderParams {
             "style_scale" if self.style_size > 0 => {
                 Some("--style-size gives the style images' size at every scale")
             }
+            "original_colors" if self.luminance_only => {
+                Some("--luminance-only gives the result the content's colours already")
+            }
             _ => None,
         }
     }
@@ -1213,6 +1216,18 @@ mod tests {
         );
         assert!(
             e.starts_with("style_scale: is set") && e.contains("--style-size"),
+            "{e}"
+        );
+        let e = refused(
+            RenderParams {
+                original_colors: true,
+                luminance_only: true,
+                ..Default::default()
+            },
+            JobReads::default(),
+        );
+        assert!(
+            e.starts_with("original_colors: is set") && e.contains("--luminance-only"),
             "{e}"
         );
         // an evaluation reads the objective's options, none of the optimization's
