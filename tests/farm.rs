@@ -1197,7 +1197,8 @@ async fn a_coordinator_on_redis_killed_and_restarted_loses_nothing() {
 }
 
 /// The same with the images in an S3-compatible store as well (a real server, s3s-fs): nothing of the job
-/// is in the data dir, and the results are objects of the bucket.
+/// is in the data dir, and the results are objects of the bucket. The restarted coordinator's
+/// `stylefarm_blob_store_bytes` counts the objects stored before it started (a listing at start-up).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
     let redis = RedisServer::start();
@@ -1206,11 +1207,18 @@ async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
     cluster.coordinator.as_mut().unwrap().kill();
     std::fs::remove_dir_all(&cluster.data_dir).unwrap();
     cluster.store = redis.url();
-    cluster.coordinator_args = vec!["--blobs".into(), "s3://farm/images".into()];
+    cluster.coordinator_args = [
+        "--blobs",
+        "s3://farm/images",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
     cluster.coordinator_env = s3.env();
     cluster.start_coordinator();
     let data_dir = cluster.data_dir.clone();
-    killed_and_restarted(cluster).await;
+    let cluster = killed_and_restarted(cluster).await;
     assert!(
         !data_dir.join("state.redb").exists() && !data_dir.join("blobs").exists(),
         "the jobs were in Redis, the images in S3"
@@ -1222,6 +1230,25 @@ async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
         objects >= 5,
         "3 inputs and 2 results in the bucket: {objects}"
     );
+    // the largest object is an input, stored before the restart
+    let largest = std::fs::read_dir(s3.bucket_dir().join("images"))
+        .unwrap()
+        .map(|f| f.unwrap().metadata().unwrap().len())
+        .max()
+        .unwrap();
+    let metrics = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
+    wait_for(
+        "the blob store's bytes to count those stored before",
+        Duration::from_secs(10),
+        || {
+            let metrics = metrics.clone();
+            async move {
+                let bytes = metric_value(&scrape(&metrics).await, "stylefarm_blob_store_bytes");
+                bytes.filter(|&b| b >= largest as f64)
+            }
+        },
+    )
+    .await;
 }
 
 /// Two coordinators on one Redis server: the second waits as a standby (it listens only once active; one
@@ -1416,7 +1443,7 @@ fn submit_small_batch(cluster: &Cluster) -> String {
 
 /// Kills a coordinator with SIGKILL during a batch job and starts another on the same state: the job
 /// completes with every result.
-async fn killed_and_restarted(mut cluster: Cluster) {
+async fn killed_and_restarted(mut cluster: Cluster) -> Cluster {
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
     let id = submit_small_batch(&cluster);
@@ -1443,6 +1470,7 @@ async fn killed_and_restarted(mut cluster: Cluster) {
             "w1's device and memory unknown to the restarted coordinator: {line}"
         );
     }
+    cluster
 }
 
 /// A coordinator that restarted learns a worker's device and memory from its next lease poll, without a

@@ -246,9 +246,40 @@ const MULTIPART_PARTS_IN_FLIGHT: usize = 4;
 
 impl S3Blobs {
     /// Blobs under `url`, `s3://<bucket>[/<prefix>]`, with the endpoint and credentials from the
-    /// environment. An error names what is wrong with the URL or the configuration.
+    /// environment. An error names what is wrong with the URL or the configuration, or what the server
+    /// answered when asked for the first object under the prefix: a bucket that does not exist, or
+    /// credentials it refuses, fail here, at start-up, rather than at the first upload. A server out of
+    /// reach is only warned of: images wait for it, as at any later outage.
     pub fn open(url: &str) -> std::io::Result<S3Blobs> {
-        Self::build(url, &[], Self::retry())
+        Self::build(url, &[], Self::retry())?.checked(url)
+    }
+
+    /// These blobs once the server answered for them ([`S3Blobs::open`]); `url` names them in errors.
+    fn checked(self, url: &str) -> std::io::Result<S3Blobs> {
+        match self.first_object() {
+            Ok(()) => Ok(self),
+            Err(e) if crate::out_of_reach(&e) => {
+                tracing::warn!(
+                    blobs = url,
+                    error = %e,
+                    "the blob store is out of reach; images wait for it"
+                );
+                Ok(self)
+            }
+            Err(e) => Err(std::io::Error::new(e.kind(), format!("blobs '{url}': {e}"))),
+        }
+    }
+
+    /// Asks for the first object under the prefix, if any: whether the bucket is there and the
+    /// credentials are taken.
+    fn first_object(&self) -> std::io::Result<()> {
+        use object_store::ObjectStore;
+        use tokio_stream::StreamExt;
+        let prefix =
+            (!self.prefix.is_empty()).then(|| object_store::path::Path::from(&*self.prefix));
+        let store = self.store.clone();
+        self.run(async move { store.list(prefix.as_ref()).next().await.transpose() })
+            .map(drop)
     }
 
     /// How a request that failed to connect, timed out or got a server error is retried: 5 times, backing
@@ -673,6 +704,35 @@ pub(crate) mod tests {
             ..Default::default()
         };
         super::S3Blobs::build("s3://farm", &super::test_config(endpoint), retry).unwrap()
+    }
+
+    /// A bucket that does not exist, or credentials the server refuses, are found at start-up, naming the
+    /// URL; a server out of reach is not (it is waited for, as at any later outage).
+    #[test]
+    fn an_s3_store_is_checked_at_start_up() {
+        let mut server = S3Server::start();
+        let endpoint = server.endpoint();
+        let open = |url: &str, secret: &str| {
+            let mut config = super::test_config(&endpoint);
+            config[2].1 = secret;
+            super::S3Blobs::build(url, &config, super::S3Blobs::retry())
+                .unwrap()
+                .checked(url)
+        };
+        open("s3://farm/images", super::S3_TEST_SECRET).unwrap();
+        for (url, secret) in [
+            ("s3://no-such-bucket/images", super::S3_TEST_SECRET),
+            ("s3://farm/images", "not-the-secret-at-all"),
+        ] {
+            let e = open(url, secret).err().unwrap();
+            assert!(
+                e.to_string().starts_with(&format!("blobs '{url}': ")),
+                "{e}"
+            );
+            assert!(!crate::out_of_reach(&e), "{e}");
+        }
+        server.stop();
+        open("s3://farm/images", super::S3_TEST_SECRET).unwrap();
     }
 
     /// A store that stops answering: every call fails with an error the coordinator answers as

@@ -476,7 +476,23 @@ impl Coordinator {
         }
         let blobs: Arc<dyn blobs::BlobStore> = match &config.blobs {
             BlobsConfig::Disk => Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?),
-            BlobsConfig::S3(url) => Arc::new(blobs::S3Blobs::open(url)?),
+            BlobsConfig::S3(url) => {
+                let s3 = Arc::new(blobs::S3Blobs::open(url)?);
+                // the bytes stored (a metric), learnt by a listing in the background: a large bucket
+                // takes a while
+                let listed = s3.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("blobs-listing".into())
+                    .spawn(move || {
+                        if let Err(e) = blobs::BlobStore::list(&*listed, &mut |_| {}) {
+                            tracing::warn!(error = %e, "listing the blob store for its size");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "listing the blob store for its size");
+                }
+                s3
+            }
         };
         let blobs = gc::TrackedBlobs::new(blobs, config.keep_unused_blobs);
         let connection_metrics = connections::ConnectionMetrics::default();
