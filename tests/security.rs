@@ -1039,7 +1039,9 @@ async fn https_get(addr: &str, target: &str, ca: &std::path::Path) -> std::io::R
 /// The coordinator on TLS with workers' certificates required (`--tls-cert`, `--tls-key`,
 /// `--tls-client-ca`, `--require-worker-cert`): a client connects over https without a certificate and
 /// is served; a worker without one is refused UNAUTHENTICATED naming the certificate; with a certificate of
-/// the farm's CA it registers; one of another CA fails the handshake; plain http to the port fails; the
+/// the farm's CA it registers; one of another CA fails the handshake (a worker process with it leaves,
+/// naming its certificate: before, it took the closed connections for a network fault and tried again for
+/// ever); plain http to the port fails; the
 /// CLI lists jobs over https with `--tls-ca`. The status page is served over HTTPS with the same
 /// certificate, and not over plain HTTP.
 #[tokio::test(flavor = "multi_thread")]
@@ -1114,6 +1116,33 @@ async fn tls_serves_clients_without_a_certificate_and_workers_only_with_one() {
     assert!(
         register(pki.credentials(Some("stranger"))).await.is_err(),
         "another CA's certificate"
+    );
+    // a worker process with that certificate leaves, saying why, rather than trying again for ever
+    let (cert, key, ca) = (
+        pki.path("stranger.pem"),
+        pki.path("stranger.key"),
+        pki.path("ca.pem"),
+    );
+    let url = std::mem::replace(&mut cluster.url, https.clone());
+    cluster.add_worker_with_env(
+        "stranger",
+        &[
+            ("STYLEFARM_TLS_CA", ca.to_str().unwrap()),
+            ("STYLEFARM_TLS_CERT", cert.to_str().unwrap()),
+            ("STYLEFARM_TLS_KEY", key.to_str().unwrap()),
+        ],
+    );
+    cluster.url = url;
+    let stranger = cluster.workers.last_mut().unwrap();
+    let exit = stylefarm_tests::wait_exit(
+        &mut stranger.child,
+        Duration::from_secs(30),
+        "a worker whose certificate is refused exits",
+    );
+    let log = stranger.log_text();
+    assert!(
+        exit.code() == Some(1) && log.contains("certificate"),
+        "{exit:?}: {log}"
     );
 
     let plain = RenderServiceClient::new(channel(&cluster.url, &token(None)).await.unwrap())

@@ -391,6 +391,7 @@ async fn connect(
                             error = why,
                             "coordinator does not answer"
                         );
+                        refused_certificate(url, credentials, &bearer).await?;
                         continue;
                     }
                     return Ok(Some(
@@ -399,11 +400,14 @@ async fn connect(
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
                     ));
                 }
-                Err(e) => tracing::warn!(
-                    coordinator = url,
-                    error = stylefarm_proto::connect::with_sources(&e),
-                    "coordinator unreachable; retrying"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        coordinator = url,
+                        error = stylefarm_proto::connect::with_sources(&e),
+                        "coordinator unreachable; retrying"
+                    );
+                    refused_certificate(url, credentials, &bearer).await?;
+                }
             }
         }
         tokio::time::sleep(delay).await;
@@ -491,6 +495,44 @@ pub async fn run(
         sign_off(&mut client, &worker_id).await;
     }
     served
+}
+
+/// Fails, saying why, when the coordinator at `url`, which a connection with this worker's certificate
+/// (`--tls-cert`) did not reach, answers one without it (its health check, open to every caller): it
+/// refused the certificate in the TLS handshake, which closes the connection and looks like a network
+/// fault to the worker, which would otherwise try again for ever. Nothing without a certificate, or when
+/// the coordinator does not answer that way either.
+async fn refused_certificate(
+    url: &str,
+    credentials: &Credentials,
+    bearer: &stylefarm_proto::connect::Bearer,
+) -> Result<(), Error> {
+    if credentials.tls_identity.is_none() {
+        return Ok(());
+    }
+    let without = Credentials {
+        tls_identity: None,
+        ..credentials.clone()
+    };
+    let Ok(endpoint) = without.endpoint(url) else {
+        return Ok(());
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+    else {
+        return Ok(());
+    };
+    let channel = tonic::service::interceptor::InterceptedService::new(channel, bearer.clone());
+    if stylefarm_proto::connect::answers(channel).await.is_err() {
+        return Ok(());
+    }
+    let why =
+        "refused this worker's certificate (--tls-cert) in the TLS handshake, and answers without \
+               one: is it signed by the coordinator's --tls-client-ca, and still valid?";
+    tracing::error!(coordinator = url, "{why}");
+    Err(Error::Coordinator(format!("{url}: {why}")))
 }
 
 /// How long a worker that leaves waits for its sign-off's answer.
