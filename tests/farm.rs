@@ -1251,6 +1251,26 @@ async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
     .await;
 }
 
+/// A server at a coordinator's URL that is not one (here the coordinator's own status page, an HTTP server
+/// that speaks HTTP/2 too: the port a user may mix up with `--listen`) does not answer gRPC's health check:
+/// alone, the CLI says it is not a coordinator; first in a list, it is passed over for the next URL.
+/// Before, its HTTP answer (a 404) was taken for a live coordinator's, and every call failed on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_is_not_a_coordinator_is_passed_over() {
+    let mut cluster = Cluster::new(10.0, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--status-listen".into(), "127.0.0.1:0".into()];
+    cluster.start_coordinator();
+    let page =
+        stylefarm_tests::logged_addr(cluster.coordinator.as_ref().unwrap(), "status page").await;
+    let page = format!("http://{page}");
+    let (ok, _, err) = cluster.cli(&["list", "--coordinator", &page]);
+    let said = format!("the coordinator at {page} does not answer: not a stylefarm coordinator");
+    assert!(!ok && err.contains(&said), "{err}");
+    let both = format!("{page},{}", cluster.url);
+    let (ok, _, err) = cluster.cli(&["list", "--coordinator", &both]);
+    assert!(ok, "{err}");
+}
+
 /// Two coordinators on one Redis server: the second waits as a standby (it listens only once active; one
 /// given an address it cannot bind exits at once). The active one is SIGKILLed mid-job; the standby serves within two leader-lease periods, the worker (given
 /// both addresses) carries on with it, and the job completes with every result.

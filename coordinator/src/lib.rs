@@ -453,6 +453,13 @@ impl Coordinator {
                 Arc::new(store::RedbStore::open(&config.data_dir.join("state.redb"))?)
             }
             StoreConfig::Redis { url, prefix, lease } => {
+                if matches!(config.blobs, BlobsConfig::Disk) {
+                    // fine for one coordinator; a standby that takes over would have none of the images
+                    tracing::warn!(
+                        "jobs in Redis, images in this coordinator's data dir: a standby that takes over \
+                         (another machine) has none of them; share them with --blobs s3://BUCKET"
+                    );
+                }
                 Arc::new(store::RedisStore::open_active(url, prefix, *lease)?)
             }
         };

@@ -193,10 +193,12 @@ impl Credentials {
 }
 
 /// Whether the coordinator behind `channel` answers a call within [`ANSWER_TIMEOUT`]: grpc.health.v1's
-/// Check, whose reply, or any status its server sends (UNAUTHENTICATED for a token it refuses), shows a
+/// Check, whose reply, or a status a gRPC server sends (UNAUTHENTICATED for a token it refuses), shows a
 /// live coordinator. Connecting proves nothing: the kernel of a frozen coordinator's host still accepts
-/// connections, and a call on one would wait for the keepalive to fail it. The error says why not: no
-/// answer in time, or the transport's error.
+/// connections, and a call on one would wait for the keepalive to fail it. Nor does any answer: a server
+/// that is not a coordinator (an S3 or web server on that port) answers HTTP/2 without gRPC, which tonic
+/// reports as INTERNAL (a protocol error) or UNIMPLEMENTED (a 404). The error says why not: no answer in
+/// time, the transport's error, or that the server does not speak gRPC's health check.
 pub async fn answers(channel: AuthChannel) -> Result<(), String> {
     use tonic::Code;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -213,6 +215,10 @@ pub async fn answers(channel: AuthChannel) -> Result<(), String> {
         {
             Err(s.message().to_string())
         }
+        Ok(Err(s)) if matches!(s.code(), Code::Internal | Code::Unimplemented) => Err(format!(
+            "not a stylefarm coordinator: it does not answer gRPC's health check ({})",
+            s.message()
+        )),
         Ok(_) => Ok(()),
     }
 }
