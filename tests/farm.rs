@@ -765,11 +765,20 @@ async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
     }
     // one unknown job among several: the others are done, the command fails saying how many did not
     let (ok, out, err) = cluster.cli(&["cancel", &id, "job-unknown", &other]);
-    assert!(!ok && out.matches("succeeded").count() == 2, "{out}");
+    assert!(
+        !ok && out.matches("succeeded\tfinished: left as it is").count() == 2,
+        "{out}"
+    );
     assert!(
         err.contains("job-unknown: job job-unknown not found")
             && err.contains("1 of 3 jobs failed"),
         "{err}"
+    );
+    // nor does a finished job's priority change
+    let (ok, out, err) = cluster.cli(&["priority", &id, "9"]);
+    assert!(
+        ok && out.ends_with("succeeded\tfinished: left as it is\n"),
+        "{out} {err}"
     );
 }
 
@@ -1254,7 +1263,8 @@ async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
 /// A server at a coordinator's URL that is not one (here the coordinator's own status page, an HTTP server
 /// that speaks HTTP/2 too: the port a user may mix up with `--listen`) does not answer gRPC's health check:
 /// alone, the CLI says it is not a coordinator; first in a list, it is passed over for the next URL.
-/// Before, its HTTP answer (a 404) was taken for a live coordinator's, and every call failed on it.
+/// Before, its HTTP answer (a 404) was taken for a live coordinator's, and every call failed on it. An
+/// empty farm's `list` and `workers` print nothing, and say so on stderr.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_is_not_a_coordinator_is_passed_over() {
     let mut cluster = Cluster::new(10.0, 0.3, "embedded");
@@ -1267,8 +1277,17 @@ async fn a_server_that_is_not_a_coordinator_is_passed_over() {
     let said = format!("the coordinator at {page} does not answer: not a stylefarm coordinator");
     assert!(!ok && err.contains(&said), "{err}");
     let both = format!("{page},{}", cluster.url);
-    let (ok, _, err) = cluster.cli(&["list", "--coordinator", &both]);
-    assert!(ok, "{err}");
+    let (ok, out, err) = cluster.cli(&["list", "--coordinator", &both]);
+    // an empty farm: nothing on stdout (for a script), and why on stderr
+    assert!(
+        ok && out.is_empty() && err.contains("(no jobs"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cluster.cli(&["workers"]);
+    assert!(
+        ok && out.is_empty() && err.contains("(no workers"),
+        "{out} {err}"
+    );
 }
 
 /// Two coordinators on one Redis server: the second waits as a standby (it listens only once active; one

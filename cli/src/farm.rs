@@ -1214,12 +1214,13 @@ pub(crate) async fn wait_and_fetch(
 /// The command's error for a job that ended without succeeding (failed, cancelled): its state and error.
 fn ended_well(status: &pb::JobStatus) -> anyhow::Result<()> {
     if status.state() != pb::JobState::Succeeded {
-        bail!(
-            "job {} {}: {}",
-            status.job_id,
-            job_state_name(status.state),
-            status.error
-        );
+        let state = job_state_name(status.state);
+        // an error that only repeats the state ("cancelled") is not said twice
+        match status.error.as_str() {
+            "" => bail!("job {} {state}", status.job_id),
+            error if error == state => bail!("job {} {state}", status.job_id),
+            error => bail!("job {} {state}: {error}", status.job_id),
+        }
     }
     Ok(())
 }
@@ -1493,6 +1494,12 @@ pub(crate) fn list(args: ListArgs) -> anyhow::Result<()> {
         if shown < jobs.len() {
             eprintln!("(the newest {shown} shown; --limit N shows more, --limit 0 all)");
         }
+        // said on stderr: stdout stays empty for a script
+        if jobs.is_empty() && args.states.is_empty() {
+            eprintln!("(no jobs: none submitted, or all deleted)");
+        } else if jobs.is_empty() {
+            eprintln!("(no jobs in those states)");
+        }
         Ok(())
     })
 }
@@ -1509,7 +1516,12 @@ pub(crate) struct WorkersArgs {
 pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
-        for w in client.workers().await? {
+        let workers = client.workers().await?;
+        if workers.is_empty() {
+            // said on stderr: stdout stays empty for a script
+            eprintln!("(no workers: none has called this coordinator since it started)");
+        }
+        for w in workers {
             let bytes = |b: u64| match b {
                 0 => "?".to_string(),
                 b => bytesize::ByteSize(b).to_string(),
@@ -1654,8 +1666,12 @@ pub(crate) fn priority(args: PriorityArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.job.connect).await?;
         let state = client.set_priority(&args.job.job_id, args.priority).await?;
+        let set = match stylefarm_client::job_ended(state) {
+            true => "finished: left as it is".to_string(),
+            false => format!("priority {}", args.priority),
+        };
         let state = job_state_name(state as i32);
-        outln!("{}\t{state}\tpriority {}", args.job.job_id, args.priority);
+        outln!("{}\t{state}\t{set}", args.job.job_id);
         Ok(())
     })
 }
@@ -1673,8 +1689,12 @@ pub(crate) fn cancel(args: JobOrTaskRefs) -> anyhow::Result<()> {
     let (jobs, tasks) = args.jobs()?;
     each_job(jobs, async |client, job_id| {
         let (state, cancelled) = client.cancel_tasks(job_id, &tasks).await?;
+        // a job that had ended otherwise (succeeded, failed) is left as it was, as pause says
+        let ended_before = stylefarm_client::job_ended(state) && state != pb::JobState::Cancelled;
         let state = job_state_name(state as i32);
-        Ok(if tasks.is_empty() {
+        Ok(if tasks.is_empty() && ended_before {
+            format!("{state}\tfinished: left as it is")
+        } else if tasks.is_empty() {
             state
         } else {
             format!("{state}\t{cancelled} task(s) cancelled")

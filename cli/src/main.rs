@@ -217,6 +217,12 @@ enum Command {
     Weights(weights::WeightsCommand),
 }
 
+/// An error as the user reads it: its message and its causes', each once (a cause whose text the message
+/// ends with already, as an I/O error's wrapper shows it, is not said again).
+fn said(e: &anyhow::Error) -> String {
+    stylefarm_proto::connect::with_sources(e.as_ref())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // before any thread starts (the environment is the process's)
@@ -240,7 +246,7 @@ fn main() -> ExitCode {
     let memory_limit = match memory_limit {
         Ok(limit) => limit,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", said(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -255,7 +261,7 @@ fn main() -> ExitCode {
     let tracer = match init_tracing(&cli, default, service) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", said(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -298,7 +304,7 @@ fn main() -> ExitCode {
     let code: u8 = match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", said(&e));
             1
         }
     };
