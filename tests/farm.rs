@@ -1593,6 +1593,70 @@ async fn worker_by_hand(
     (workers, worker_id)
 }
 
+/// A sign-off gives up only the leases it names, by id or by the lease poll they were handed to (a poll the
+/// worker gave up as it stopped): another caller that knows the worker's id, from `stylefarm workers`, and
+/// signs it off takes none of its tasks; the worker's own sign-off puts both of its tasks back at once,
+/// though their leases (60 s) have long to run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_off_gives_up_only_the_leases_it_names() {
+    let cluster = Cluster::start(60.0, 0.5);
+    let job_id = submit(&cluster, &batch_x_starry(32, 2));
+    let (mut workers, worker_id) = worker_by_hand(&cluster, "by-hand").await;
+    let mut leased = Vec::new();
+    for request_id in [5, 6] {
+        let lease = workers
+            .lease_task(pb::LeaseTaskRequest {
+                worker_id: worker_id.clone(),
+                protocol: stylefarm_proto::PROTOCOL,
+                request_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(lease.task.is_some(), "{lease:?}");
+        leased.push(lease.lease_id);
+    }
+    let mut client = cluster.client().await;
+    let running = |status: &pb::JobStatus| {
+        status
+            .tasks
+            .iter()
+            .filter(|t| t.state == pb::TaskState::Running as i32)
+            .count()
+    };
+    // another registration signs the worker off by its id: naming no lease of it, it takes none
+    let (mut intruder, _) = worker_by_hand(&cluster, "intruder").await;
+    intruder
+        .sign_off(pb::SignOffRequest {
+            worker_id: worker_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(running(&job(&mut client, &job_id).await), 2, "none named");
+    workers
+        .sign_off(pb::SignOffRequest {
+            worker_id: worker_id.clone(),
+            lease_ids: vec![leased[1].clone()],
+            lease_request_id: 5,
+        })
+        .await
+        .unwrap();
+    let status = wait_for("both tasks back", Duration::from_secs(5), || {
+        let (mut client, job_id) = (client.clone(), job_id.clone());
+        async move {
+            let status = job(&mut client, &job_id).await;
+            (running(&status) == 0).then_some(status)
+        }
+    })
+    .await;
+    for task in status.tasks {
+        assert!(task.error.contains("signed off"), "{task:?}");
+    }
+}
+
 /// A worker's checkpoint is kept only under a live lease of a job with checkpoints, and only once checked:
 /// bytes that are not a checkpoint file, one larger than the task's image takes, or one of a scale,
 /// iteration or size the task does not have are refused naming `checkpoint`, and the task keeps the last
@@ -4185,6 +4249,8 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
     let cancel_url = url.clone();
     tokio::spawn(
         tonic::transport::Server::builder()
+            // an older coordinator answers health checks, as every version does
+            .add_service(tonic_health::server::health_reporter().1)
             .add_service(reflection)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
@@ -4260,6 +4326,8 @@ async fn a_cancel_of_some_tasks_is_refused_when_the_coordinator_s_fields_cannot_
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(
         tonic::transport::Server::builder()
+            // an older coordinator answers health checks, as every version does
+            .add_service(tonic_health::server::health_reporter().1)
             .add_service(reflection)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );

@@ -351,7 +351,13 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
     // last: the worker leaves
     out.push((
         "SignOff",
-        code(rpc.sign_off(pb::SignOffRequest { worker_id }).await),
+        code(
+            rpc.sign_off(pb::SignOffRequest {
+                worker_id,
+                ..Default::default()
+            })
+            .await,
+        ),
     ));
     out
 }

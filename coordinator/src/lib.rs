@@ -448,6 +448,28 @@ impl Coordinator {
                 format!("cannot make {} a directory: {e}", config.data_dir.display()),
             )
         })?;
+        // S3 before the job store: a standby whose bucket or credentials are wrong says so now, not at
+        // its takeover (the disk's blobs once the job store holds the data dir)
+        let s3: Option<Arc<dyn blobs::BlobStore>> = match &config.blobs {
+            BlobsConfig::Disk => None,
+            BlobsConfig::S3(url) => {
+                let s3 = Arc::new(blobs::S3Blobs::open(url)?);
+                // the bytes stored (a metric), learnt by a listing in the background: a large bucket
+                // takes a while
+                let listed = s3.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("blobs-listing".into())
+                    .spawn(move || {
+                        if let Err(e) = blobs::BlobStore::list(&*listed, &mut |_| {}) {
+                            tracing::warn!(error = %e, "listing the blob store for its size");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "listing the blob store for its size");
+                }
+                Some(s3)
+            }
+        };
         let store: Arc<dyn store::Store> = match &config.store {
             StoreConfig::Embedded => {
                 Arc::new(store::RedbStore::open(&config.data_dir.join("state.redb"))?)
@@ -481,25 +503,9 @@ impl Coordinator {
                 "workers drained (stylefarm undrain puts them back)"
             );
         }
-        let blobs: Arc<dyn blobs::BlobStore> = match &config.blobs {
-            BlobsConfig::Disk => Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?),
-            BlobsConfig::S3(url) => {
-                let s3 = Arc::new(blobs::S3Blobs::open(url)?);
-                // the bytes stored (a metric), learnt by a listing in the background: a large bucket
-                // takes a while
-                let listed = s3.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("blobs-listing".into())
-                    .spawn(move || {
-                        if let Err(e) = blobs::BlobStore::list(&*listed, &mut |_| {}) {
-                            tracing::warn!(error = %e, "listing the blob store for its size");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "listing the blob store for its size");
-                }
-                s3
-            }
+        let blobs = match s3 {
+            Some(s3) => s3,
+            None => Arc::new(blobs::DiskBlobs::open(&config.data_dir.join("blobs"))?),
         };
         let blobs = gc::TrackedBlobs::new(blobs, config.keep_unused_blobs);
         let connection_metrics = connections::ConnectionMetrics::default();

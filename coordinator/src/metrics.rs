@@ -4,7 +4,7 @@
 //!
 //! | metric | type | labels | what |
 //! | --- | --- | --- | --- |
-//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off); at most [`MAX_SERIES`] priorities, the others added up under `(other)`; priority `0` always there |
+//! | `stylefarm_queue_depth` | gauge | `priority` | pending tasks a worker may start (ready or backing off); at most [`MAX_SERIES`] priorities, the others added up under `(other)`; priority `0` at 0 when none is queued |
 //! | `stylefarm_held_tasks` | gauge | `reason` (`paused`, `waiting`, `max_workers`) | pending tasks of jobs paused, waiting for the jobs they are after, or past their job's `--max-workers`: no worker starts them now (every reason, 0 included) |
 //! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags (every tag set: a pool of tagged workers scales on its own); the untagged jobs' (`""`) always there |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state (every state, 0 included) |
@@ -244,13 +244,13 @@ impl Metrics {
             }
             counts
         };
-        // the default priority's (0, the protocol's zero value) and the untagged jobs' series at 0 too: an
-        // autoscaler's query reads 0
-        set(
-            &self.queue_depth,
-            "priority",
-            capped(with_every(&["0"], counts.queue_by_priority)),
-        );
+        // a series at 0 when nothing is queued (the default priority's, 0: the protocol's zero value), and
+        // the untagged jobs' always: an autoscaler's query reads 0, not "no data"
+        let mut queued = capped(counts.queue_by_priority);
+        if queued.is_empty() {
+            queued.insert("0".into(), 0);
+        }
+        set(&self.queue_depth, "priority", queued);
         let reasons = Held::ALL.map(Held::name);
         set(
             &self.held_tasks,

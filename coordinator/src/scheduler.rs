@@ -3518,15 +3518,19 @@ impl Scheduler {
         }
     }
 
-    /// Worker `worker` signed off (it stops): the leases it holds (one handed to a lease poll it gave up
-    /// as it stopped, or a task it left unfinished) lapse now rather than at their deadlines; the next
-    /// [`Scheduler::expire`] returns their tasks to the queue, as for any lease that lapsed. Returns how
-    /// many.
-    pub fn signed_off(&self, worker: &WorkerId) -> usize {
+    /// Worker `worker` signed off (it stops): the leases of it that it names, by id (`leases`: a task it
+    /// left unfinished) or by the lease poll they were handed to (`request`, not 0: a poll it gave up as it
+    /// stopped), lapse now rather than at their deadlines; the next [`Scheduler::expire`] returns their
+    /// tasks to the queue, as for any lease that lapsed. Returns how many. Only those named: a caller that
+    /// knows a worker's id but not its lease ids cannot take its work from it.
+    pub fn signed_off(&self, worker: &WorkerId, leases: &[LeaseId], request: u64) -> usize {
         let mut st = self.state.lock().unwrap();
         let now = now_ms();
         let mut released = 0;
-        for lease in st.leases.values_mut().filter(|l| l.worker == *worker) {
+        let named = |id: &LeaseId, l: &LeaseInfo| {
+            l.worker == *worker && (leases.contains(id) || (request != 0 && l.request == request))
+        };
+        for (_, lease) in st.leases.iter_mut().filter(|(id, l)| named(id, l)) {
             lease.signed_off = true;
             lease.deadline_ms = lease.deadline_ms.min(now - 1);
             released += 1;
@@ -6789,32 +6793,53 @@ mod tests {
         assert_eq!(s.counts(), s.counts_walked());
     }
 
-    /// A worker that signs off gives up the leases it holds (and only it: not another registration of its
-    /// name): the next expiry queues their tasks again, long before their deadlines, saying why; not counted
-    /// as a lease that lapsed.
+    /// A worker that signs off gives up the leases of it that it names, by id or by the poll they were
+    /// handed to (and only those: not another of its leases, nor another registration's, nor a lease named
+    /// with another worker's id): the next expiry queues their tasks again, long before their deadlines,
+    /// saying why; not counted as a lease that lapsed.
     #[test]
     fn a_worker_that_signs_off_gives_up_its_leases() {
         let s = scheduler(SchedulerConfig {
             lease: Duration::from_secs(3600),
             ..Default::default()
         });
-        let (job, _) = s.submit(batch(3, 0), "").unwrap();
+        let (job, _) = s.submit(batch(4, 0), "").unwrap();
         let a = s.lease(&w("a#1")).unwrap().unwrap();
         let other = s.lease(&w("a#2")).unwrap().unwrap();
-        assert_eq!(s.signed_off(&w("b#1")), 0);
-        assert_eq!(s.signed_off(&w("a#1")), 1);
+        let kept = s.lease(&w("a#1")).unwrap().unwrap();
+        // handed to a poll (request 77) the worker gave up: named by its request
+        let polled = s
+            .lease_ready(&w("a#1"), &[], DeviceMemory::default(), 77)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.signed_off(&w("a#1"), &[], 78), 0);
+        assert_eq!(s.signed_off(&w("a#1"), &[], 77), 1);
+        // named, but another worker's; its own, but not named
+        assert_eq!(
+            s.signed_off(&w("b#1"), std::slice::from_ref(&a.lease_id), 0),
+            0
+        );
+        assert_eq!(s.signed_off(&w("a#1"), &[], 0), 0);
+        assert_eq!(
+            s.signed_off(&w("a#1"), std::slice::from_ref(&a.lease_id), 0),
+            1
+        );
         s.expire().unwrap();
         let view = s.get(&job).unwrap();
-        let task = &view.tasks[a.task.id.index as usize].0;
-        assert_eq!(task.state, TaskState::Pending);
-        assert_eq!(
-            task.error,
-            "its worker stopped (signed off) before finishing it"
-        );
-        assert_eq!(
-            view.tasks[other.task.id.index as usize].0.state,
-            TaskState::Running
-        );
+        for given_up in [&a, &polled] {
+            let task = &view.tasks[given_up.task.id.index as usize].0;
+            assert_eq!(task.state, TaskState::Pending);
+            assert_eq!(
+                task.error,
+                "its worker stopped (signed off) before finishing it"
+            );
+        }
+        for held in [&other, &kept] {
+            assert_eq!(
+                view.tasks[held.task.id.index as usize].0.state,
+                TaskState::Running
+            );
+        }
         assert_eq!(s.metrics().lease_expiries.get(), 0);
         assert!(
             s.heartbeat(&a.lease_id, &w("a#1"), None, None)

@@ -33,6 +33,9 @@ use stylefarm_core::progress::TaskProgress;
 use stylefarm_core::task_log::SentLines;
 use stylefarm_proto::exchange::Parts;
 
+/// Most leases a worker's sign-off names (its task at hand and its result on its way are two).
+const MAX_SIGN_OFF_LEASES: usize = 16;
+
 /// The longest idempotency key a submit may carry (pb::SubmitJobRequest::client_request_id), in bytes.
 const MAX_REQUEST_ID_BYTES: usize = 256;
 
@@ -1472,18 +1475,30 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::SignOffRequest>,
     ) -> Result<Response<pb::SignOffResponse>, Status> {
-        let worker_id = WorkerId::from(request.into_inner().worker_id);
+        let pb::SignOffRequest {
+            worker_id,
+            lease_ids,
+            lease_request_id,
+        } = request.into_inner();
+        let worker_id = WorkerId::from(worker_id);
         if worker_id.is_empty() {
             return Err(Error::invalid("worker_id", "missing").into());
         }
         check_worker_id(&worker_id)?;
+        if lease_ids.len() > MAX_SIGN_OFF_LEASES {
+            let message = format!("{} leases: at most {MAX_SIGN_OFF_LEASES}", lease_ids.len());
+            return Err(Error::invalid("lease_ids", message).into());
+        }
+        let leases: Vec<LeaseId> = lease_ids.into_iter().map(LeaseId::from).collect();
         self.coordinator.workers.left(&worker_id);
         let coordinator = self.coordinator.clone();
         let id = worker_id.clone();
-        // the leases it still holds go back now, not when they lapse (a failed expiry is tried again by
-        // the coordinator's chore, every 250 ms)
+        // the leases it gives up go back now, not when they lapse (a failed expiry is tried again by the
+        // coordinator's chore, every 250 ms)
         let released = blocking(move || {
-            let released = coordinator.scheduler.signed_off(&id);
+            let released = coordinator
+                .scheduler
+                .signed_off(&id, &leases, lease_request_id);
             if released > 0 {
                 if let Err(e) = coordinator.scheduler.expire() {
                     tracing::warn!(error = %e, "returning a signed-off worker's tasks");

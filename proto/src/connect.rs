@@ -197,8 +197,9 @@ impl Credentials {
 /// live coordinator. Connecting proves nothing: the kernel of a frozen coordinator's host still accepts
 /// connections, and a call on one would wait for the keepalive to fail it. Nor does any answer: a server
 /// that is not a coordinator (an S3 or web server on that port) answers HTTP/2 without gRPC, which tonic
-/// reports as INTERNAL (a protocol error) or UNIMPLEMENTED (a 404). The error says why not: no answer in
-/// time, the transport's error, or that the server does not speak gRPC's health check.
+/// reports as INTERNAL (a protocol error) or UNIMPLEMENTED (a 404); every coordinator serves the health
+/// check. The error says why not: no answer in time, the transport's error, or that the server does not
+/// speak gRPC's health check.
 pub async fn answers(channel: AuthChannel) -> Result<(), String> {
     use tonic::Code;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -215,10 +216,18 @@ pub async fn answers(channel: AuthChannel) -> Result<(), String> {
         {
             Err(s.message().to_string())
         }
-        Ok(Err(s)) if matches!(s.code(), Code::Internal | Code::Unimplemented) => Err(format!(
-            "not a stylefarm coordinator: it does not answer gRPC's health check ({})",
-            s.message()
-        )),
+        // a server's answer, without a transport fault under it: HTTP, not gRPC's health check
+        Ok(Err(s))
+            if matches!(s.code(), Code::Internal | Code::Unimplemented)
+                && std::error::Error::source(&s).is_none() =>
+        {
+            Err(format!(
+                "not a stylefarm coordinator: it does not answer gRPC's health check ({})",
+                s.message()
+            ))
+        }
+        // an HTTP/2 fault (a connection reset as a coordinator stops, a server that is not HTTP/2)
+        Ok(Err(s)) if s.code() == Code::Internal => Err(with_sources(&s)),
         Ok(_) => Ok(()),
     }
 }

@@ -491,17 +491,37 @@ pub async fn run(
             () = &mut abandon => served = Err(Error::Abandoned),
         }
     }
-    if let Some((mut client, worker_id)) = signed_in {
-        sign_off(&mut client, &worker_id).await;
+    if let Some(mut signed_in) = signed_in {
+        // what it gives up: its task at hand and its result on its way (when it abandons them), the
+        // lease poll it gave up as it stopped
+        let leases = signed_in
+            .task
+            .take()
+            .into_iter()
+            .chain(reporting.lease().map(LeaseId::from))
+            .collect();
+        sign_off(&mut signed_in, leases).await;
     }
     served
 }
 
+/// A worker's latest registration, and what it holds of the coordinator: what its sign-off names.
+struct SignedIn {
+    client: WorkerServiceClient<AuthChannel>,
+    worker_id: WorkerId,
+    /// The lease of the task at hand, until its outcome is reported (or on its way: [`Reporting`]).
+    task: Option<LeaseId>,
+    /// The request id of a lease poll sent and not answered (0: none).
+    poll: u64,
+}
+
 /// Fails, saying why, when the coordinator at `url`, which a connection with this worker's certificate
-/// (`--tls-cert`) did not reach, answers one without it (its health check, open to every caller): it
-/// refused the certificate in the TLS handshake, which closes the connection and looks like a network
-/// fault to the worker, which would otherwise try again for ever. Nothing without a certificate, or when
-/// the coordinator does not answer that way either.
+/// (`--tls-cert`) did not reach, answers one without it (its health check, open to every caller) and then
+/// fails one with it again at once: it refused the certificate in the TLS handshake, which closes the
+/// connection and looks like a network fault to the worker, which would otherwise try again for ever.
+/// Nothing without a certificate, when the coordinator does not answer without it either, or when the try
+/// with it succeeds or is slow to fail (a busy coordinator, not a refusal: a handshake refused fails within
+/// milliseconds).
 async fn refused_certificate(
     url: &str,
     credentials: &Credentials,
@@ -510,22 +530,27 @@ async fn refused_certificate(
     if credentials.tls_identity.is_none() {
         return Ok(());
     }
+    let answers = |credentials: Credentials| async move {
+        let endpoint = credentials.endpoint(url).map_err(|e| e.to_string())?;
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let channel = tonic::service::interceptor::InterceptedService::new(channel, bearer.clone());
+        stylefarm_proto::connect::answers(channel).await
+    };
     let without = Credentials {
         tls_identity: None,
         ..credentials.clone()
     };
-    let Ok(endpoint) = without.endpoint(url) else {
+    if answers(without).await.is_err() {
         return Ok(());
-    };
-    let Ok(channel) = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-    else {
-        return Ok(());
-    };
-    let channel = tonic::service::interceptor::InterceptedService::new(channel, bearer.clone());
-    if stylefarm_proto::connect::answers(channel).await.is_err() {
+    }
+    let again = Instant::now();
+    if answers(credentials.clone()).await.is_ok()
+        || again.elapsed() > stylefarm_proto::connect::ANSWER_TIMEOUT / 2
+    {
         return Ok(());
     }
     let why =
@@ -538,27 +563,31 @@ async fn refused_certificate(
 /// How long a worker that leaves waits for its sign-off's answer.
 const SIGN_OFF_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Tells the coordinator that worker `worker_id` leaves the farm (SignOff), so that it is not counted
-/// live for the minute it would take to notice; unanswered in [`SIGN_OFF_TIMEOUT`], or refused (an older
-/// coordinator does not have the call), it leaves all the same.
-async fn sign_off(client: &mut WorkerServiceClient<AuthChannel>, worker_id: &WorkerId) {
+/// Tells the coordinator that the worker leaves the farm (SignOff), so that it is not counted live for the
+/// minute it would take to notice, giving up `leases` and its lease poll left unanswered (their tasks go
+/// back to the queue at once); unanswered in [`SIGN_OFF_TIMEOUT`], or refused (an older coordinator does
+/// not have the call), it leaves all the same.
+async fn sign_off(signed_in: &mut SignedIn, leases: Vec<LeaseId>) {
     let request = pb::SignOffRequest {
-        worker_id: worker_id.to_string(),
+        worker_id: signed_in.worker_id.to_string(),
+        lease_ids: leases.into_iter().map(String::from).collect(),
+        lease_request_id: signed_in.poll,
     };
-    match tokio::time::timeout(SIGN_OFF_TIMEOUT, client.sign_off(request)).await {
-        Ok(Ok(_)) => tracing::info!(worker_id = worker_id.as_str(), "signed off"),
+    let worker_id = signed_in.worker_id.as_str();
+    match tokio::time::timeout(SIGN_OFF_TIMEOUT, signed_in.client.sign_off(request)).await {
+        Ok(Ok(_)) => tracing::info!(worker_id, "signed off"),
         Ok(Err(s)) => tracing::debug!(error = s.message(), "signing off"),
         Err(_) => tracing::debug!("signing off: no answer"),
     }
 }
 
 /// [`run`], each task reported through `reporting` while the next is leased and rendered; `signed_in`:
-/// the connection and worker id of the worker's latest registration, to sign off with.
+/// the worker's latest registration and what it holds, to sign off with.
 async fn serve(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
     reporting: &mut Reporting,
-    signed_in: &mut Option<(WorkerServiceClient<AuthChannel>, WorkerId)>,
+    signed_in: &mut Option<SignedIn>,
 ) -> Result<(), Error> {
     // loading VGG19 and warming it up take seconds, probing the device's memory may too: off the async
     // threads (a local farm's coordinator shares them)
@@ -647,7 +676,12 @@ async fn serve(
             Duration::from_millis(u64::from(registered.preview_interval_ms)).max(heartbeat)
         });
         tracing::info!(worker_id = worker_id.as_str(), memory_bytes, "registered");
-        *signed_in = Some((client.clone(), worker_id.clone()));
+        let signed = signed_in.insert(SignedIn {
+            client: client.clone(),
+            worker_id: worker_id.clone(),
+            task: None,
+            poll: 0,
+        });
         // the waits between leases the coordinator answered it cannot make now
         let mut unavailable = stylefarm_proto::Backoff::default();
         while !stop.load(Ordering::Relaxed) {
@@ -656,6 +690,7 @@ async fn serve(
                 return Err(Error::EngineLost(why));
             }
             let wait_ms = config.lease_wait.as_millis() as u32;
+            signed.poll = lease_request;
             let leased = client.lease_task(pb::LeaseTaskRequest {
                 worker_id: worker_id.to_string(),
                 wait_ms,
@@ -692,6 +727,7 @@ async fn serve(
                     // answered: the next request is another (an unanswered one is sent again as
                     // the same, so that a lease handed out for it is handed again)
                     lease_request = new_request_id();
+                    signed.poll = 0;
                     unavailable = stylefarm_proto::Backoff::default();
                     r.into_inner()
                 }
@@ -727,6 +763,7 @@ async fn serve(
             };
             let Some(task) = leased.task else { continue };
             let lease_id = LeaseId::new(leased.lease_id);
+            signed.task = Some(lease_id.clone());
             let span = tracing::info_span!(
                 task_log::TASK_SPAN,
                 job_id = task.job_id,
@@ -843,6 +880,8 @@ async fn serve(
                     reporting.finish().await;
                     reported.await;
                 }
+                // its outcome reported, or on its way (the lease then Reporting's)
+                signed.task = None;
                 Ok::<(), Error>(())
             }
             .instrument(span)

@@ -326,13 +326,14 @@ impl Leadership {
             let taken = match taken {
                 Ok(taken) => taken,
                 // a standby waits through the server's outage (a restart, a failover) as it waits for
-                // the active coordinator
-                Err(e) => {
+                // the active coordinator; another error (a password or ACL refused) is for its operator
+                Err(e) if e.kind == StoreErrorKind::Unavailable => {
                     tracing::warn!(error = %e, "standby: the store is out of reach; asking it again");
                     con = None;
                     std::thread::sleep(lease / 4);
                     continue;
                 }
+                Err(e) => return Err(e),
             };
             if taken.is_some() {
                 break Arc::new(Mutex::new(sent));
@@ -378,6 +379,11 @@ impl Leadership {
     }
 }
 
+/// How many leader leases the store may stay out of reach before the active coordinator stops
+/// ([`Holder::renew_loop`]): long enough for a Redis server to restart, short enough that a coordinator cut
+/// off from Redis (but not from its workers) hands them to the standby that took over.
+pub(crate) const STEP_DOWN_LEASES: u32 = 3;
+
 /// What the thread that renews a coordinator's leader lease knows of its hold ([`Holder::renew_loop`]).
 struct Holder {
     /// The leader key's value while this coordinator holds it.
@@ -398,10 +404,12 @@ enum Renewal {
 impl Holder {
     /// Renews the leader key while this node holds it, every third of a lease; records why when another
     /// coordinator took over (the key held by another, or a newer epoch) or may have (the key gone while the
-    /// server answered). A server out of reach, even for longer than a lease (a Redis restarting, paused,
-    /// failing over), is asked again until it answers: this coordinator's writes are held back meanwhile and
-    /// fenced by its epoch, so none lands once another has taken over; a key that lapsed meanwhile is taken
-    /// again when the epoch is still this one's (no standby took over), and the held-back writes land.
+    /// server answered). A server out of reach for longer than a lease (a Redis restarting, paused, failing
+    /// over) is asked again: this coordinator's writes are held back meanwhile and fenced by its epoch, so
+    /// none lands once another has taken over; a key that lapsed meanwhile is taken again when the epoch is
+    /// still this one's (no standby took over), and the held-back writes land. Out of reach for
+    /// [`STEP_DOWN_LEASES`] leases, it gives up: a standby that reaches the server has taken over by then,
+    /// and this coordinator's workers must leave it for that one.
     fn renew_loop(
         &self,
         client: &redis::Client,
@@ -447,7 +455,18 @@ impl Holder {
                 }
                 Err(e) => {
                     (con, cut_off) = (None, true);
-                    if last_renewed().elapsed() < self.lease {
+                    let out_of_reach = last_renewed().elapsed();
+                    if out_of_reach >= self.lease * STEP_DOWN_LEASES {
+                        let why = format!(
+                            "the store out of reach for {:.0} s ({STEP_DOWN_LEASES} leader leases): a \
+                             standby may have taken over: {e}",
+                            out_of_reach.as_secs_f64()
+                        );
+                        tracing::error!(reason = why, "no longer the active coordinator");
+                        *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                        return;
+                    }
+                    if out_of_reach < self.lease {
                         tracing::warn!(error = %e, "renewing the leader lease failed; retrying");
                     } else if !std::mem::replace(&mut lapsed, true) {
                         tracing::error!(
@@ -1088,27 +1107,29 @@ mod tests {
     /// coordinator keeps asking, and once the server answers takes its lapsed key again (no standby took
     /// over: the epoch is still its own), and the write held back meanwhile lands. A standby waits through
     /// an outage rather than failing. Before, the active one gave up after a lease (the coordinator
-    /// stopped, its held-back writes lost), and a standby failed at the first error.
+    /// stopped, its held-back writes lost), and a standby failed at the first error. Out of reach for
+    /// STEP_DOWN_LEASES leases, the active one gives up.
     #[test]
     fn an_outage_longer_than_the_leader_lease_keeps_the_hold_when_no_one_took_over() {
         let mut server = RedisServer::start_persistent();
         let url = server.url();
-        let lease = Duration::from_millis(600);
+        let lease = Duration::from_secs(1);
         let a = RedisStore::open_active(&url, "farm", lease).unwrap();
-        // a standby of another farm on the server, whose active one (a lease of 4 s) outlasts the outage
-        let other = RedisStore::open_active(&url, "other", Duration::from_secs(4)).unwrap();
+        // a standby of another farm on the server, whose active one (a lease of 8 s) outlasts the outage,
+        // and which asks for the lease every 2 s
+        let other_lease = Duration::from_secs(8);
+        let other = RedisStore::open_active(&url, "other", other_lease).unwrap();
         let standby = {
             let url = url.clone();
-            std::thread::spawn(move || {
-                RedisStore::open_active(&url, "other", Duration::from_secs(4))
-            })
+            std::thread::spawn(move || RedisStore::open_active(&url, "other", other_lease))
         };
         std::thread::sleep(Duration::from_millis(300));
         let (job, tasks) = super::super::tests::job("job-1", 1);
         server.kill();
         let held = a.write(vec![Op::Insert(job.clone(), tasks.clone())]);
         assert!(super::super::wait(held).unwrap_err().held_back);
-        std::thread::sleep(lease * 3);
+        // past a lease, short of STEP_DOWN_LEASES
+        std::thread::sleep(lease * 2);
         assert!(a.lost().is_none(), "{:?}", a.lost());
         assert_eq!(a.hold().unwrap().left, Duration::ZERO, "lapsed");
         assert!(
@@ -1133,6 +1154,17 @@ mod tests {
         drop(other);
         let taken = standby.join().unwrap().unwrap();
         assert!(taken.lost().is_none());
+        // out of reach for STEP_DOWN_LEASES leases: the active one gives up
+        server.kill();
+        let deadline = std::time::Instant::now() + lease * (STEP_DOWN_LEASES + 3);
+        while a.lost().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let lost = a.lost().unwrap();
+        assert!(
+            lost.contains("out of reach") && lost.contains("leader leases"),
+            "{lost}"
+        );
     }
 
     #[test]
