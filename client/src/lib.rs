@@ -1024,17 +1024,14 @@ impl FarmClient {
 
     /// Downloads a result image's bytes by its sha256, checking them against it.
     pub async fn download_bytes(&mut self, hash: &ImageHash) -> Result<Vec<u8>> {
-        let mut stream = self
+        let stream = self
             .rpc
             .download_result(pb::DownloadRequest {
                 sha256: hash.to_string(),
             })
             .await?
             .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            bytes.extend(chunk?.data);
-        }
+        let bytes = stylefarm_proto::chunks_bytes(stream).await?;
         if off_async(|| ImageHash::of(&bytes)) != *hash {
             return Err(ClientError::Corrupt(hash.clone()));
         }

@@ -50,6 +50,18 @@ pub const NOT_UPLOADED: &str = "was not uploaded";
 /// for the result of a task whose render has ended.
 pub const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// The bytes of a blob streamed in [`pb::Chunk`]s (DownloadImage, DownloadResult), in order; the status of
+/// the stream when it fails.
+pub async fn chunks_bytes(
+    mut stream: tonic::Streaming<pb::Chunk>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        bytes.extend(chunk.data);
+    }
+    Ok(bytes)
+}
+
 /// A server's answer that it is too busy to take the request now: UNAVAILABLE with gRPC's `RetryInfo`
 /// detail (google.rpc.RetryInfo, the richer error model) asking the caller to send it again after `delay`.
 pub fn retry_later(message: impl Into<String>, delay: std::time::Duration) -> tonic::Status {

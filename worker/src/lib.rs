@@ -25,7 +25,6 @@ use stylefarm_proto::connect::{AuthChannel, Credentials};
 use stylefarm_proto::pb;
 use stylefarm_proto::pb::worker_service_client::WorkerServiceClient;
 use stylefarm_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES, REPORT_TIMEOUT};
-use tokio_stream::StreamExt;
 use tonic::Code;
 use tracing::Instrument;
 
@@ -262,17 +261,13 @@ impl ImageCache {
         client: &mut WorkerServiceClient<AuthChannel>,
         hash: &ImageHash,
     ) -> Result<Vec<u8>, tonic::Status> {
-        let mut stream = client
+        let stream = client
             .download_image(pb::DownloadRequest {
                 sha256: hash.to_string(),
             })
             .await?
             .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            bytes.extend(chunk?.data);
-        }
-        Ok(bytes)
+        stylefarm_proto::chunks_bytes(stream).await
     }
 
     /// The checkpoint a task's attempt starts from ([`stylefarm_core::checkpoint`]); `None`, with a
