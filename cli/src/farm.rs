@@ -1644,6 +1644,9 @@ pub(crate) fn delete(args: JobRefs) -> anyhow::Result<()> {
     })
 }
 
+/// What pause, resume, priority and cancel say of a job that had already finished: they change nothing.
+const LEFT_AS_IT_IS: &str = "finished: left as it is";
+
 /// `stylefarm pause` (`paused`) and `stylefarm resume`.
 pub(crate) fn pause(args: JobRefs, paused: bool) -> anyhow::Result<()> {
     each_job(args, async |client, job_id| {
@@ -1654,7 +1657,7 @@ pub(crate) fn pause(args: JobRefs, paused: bool) -> anyhow::Result<()> {
         };
         let finished = stylefarm_client::job_ended(state);
         let now = match (finished, paused) {
-            (true, _) => "finished: left as it is",
+            (true, _) => LEFT_AS_IT_IS,
             (false, true) => "paused",
             (false, false) => "resumed",
         };
@@ -1667,7 +1670,7 @@ pub(crate) fn priority(args: PriorityArgs) -> anyhow::Result<()> {
         let mut client = connect(&args.job.connect).await?;
         let state = client.set_priority(&args.job.job_id, args.priority).await?;
         let set = match stylefarm_client::job_ended(state) {
-            true => "finished: left as it is".to_string(),
+            true => LEFT_AS_IT_IS.to_string(),
             false => format!("priority {}", args.priority),
         };
         let state = job_state_name(state as i32);
@@ -1693,7 +1696,7 @@ pub(crate) fn cancel(args: JobOrTaskRefs) -> anyhow::Result<()> {
         let ended_before = stylefarm_client::job_ended(state) && state != pb::JobState::Cancelled;
         let state = job_state_name(state as i32);
         Ok(if tasks.is_empty() && ended_before {
-            format!("{state}\tfinished: left as it is")
+            format!("{state}\t{LEFT_AS_IT_IS}")
         } else if tasks.is_empty() {
             state
         } else {

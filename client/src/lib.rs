@@ -515,17 +515,12 @@ impl FarmClient {
                 Err(status) => status,
             };
             // answered by the coordinator (not a transport error), which cannot write the job now
-            let answered = std::error::Error::source(&status).is_none();
-            if status.code() != tonic::Code::Unavailable
-                || !answered
+            if !stylefarm_proto::answered_unavailable(&status)
                 || start.elapsed() >= UPLOAD_RETRY_FOR
             {
                 return Err(status.into());
             }
-            let wait = match backoff.wait_for(&status) {
-                Some(wait) => wait,
-                None => backoff.next_wait(),
-            };
+            let wait = backoff.wait_after(&status);
             tracing::warn!(
                 error = status.message(),
                 wait_s = wait.as_secs_f64(),
@@ -636,7 +631,10 @@ impl FarmClient {
                         hash
                     }
                     Err(e) => {
-                        self.left_out.push((path.to_path_buf(), with_causes(&e)));
+                        self.left_out.push((
+                            path.to_path_buf(),
+                            stylefarm_proto::connect::with_sources(&e),
+                        ));
                         continue;
                     }
                 }
@@ -1387,15 +1385,6 @@ async fn coordinator_descriptors(channel: AuthChannel) -> Descriptors {
         }
         _ => Descriptors::None("server reflection answered without the file".into()),
     }
-}
-
-/// `error` and its causes, `: `-separated (an [`ClientError::Io`] says its file, then why).
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    for cause in causes(error) {
-        text.push_str(&format!(": {cause}"));
-    }
-    text
 }
 
 /// The causes of `error` ([`std::error::Error::source`], its source's, ...), nearest first.

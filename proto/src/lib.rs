@@ -80,6 +80,13 @@ pub fn retry_delay(status: &tonic::Status) -> Option<std::time::Duration> {
     status.get_details_retry_info()?.retry_delay
 }
 
+/// Whether `status` is the server's answer that it cannot serve the request now (UNAVAILABLE: its store
+/// or blob store out of reach, or busy), not a transport error (which also comes as UNAVAILABLE, with the
+/// transport's error as its source): a request to send again on the same connection.
+pub fn answered_unavailable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && std::error::Error::source(status).is_none()
+}
+
 /// A caller's waits between tries of a call that failed and may succeed later (the coordinator out of
 /// reach for a while, or busy: [`retry_later`]): 0.5 s, doubling with each wait, up to [`Backoff::MAX`].
 #[derive(Debug, Clone)]
@@ -104,6 +111,13 @@ impl Backoff {
         let wait = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         wait
+    }
+
+    /// The next wait before sending again a request that got `status`, an [`answered_unavailable`] one:
+    /// the next of the backoff's own waits, or the delay it asks for ([`retry_later`]) when longer.
+    pub fn wait_after(&mut self, status: &tonic::Status) -> std::time::Duration {
+        let asked = retry_delay(status).unwrap_or_default();
+        self.next_wait().max(asked)
     }
 
     /// How long to wait before sending again the request that got `status`: the delay it asks for

@@ -224,14 +224,13 @@ impl ImageCache {
                 Err(status) => status,
             };
             // answered by the coordinator (not a transport error): it cannot serve the blob now
-            let answered = std::error::Error::source(&status).is_none();
-            if status.code() != Code::Unavailable || !answered {
+            if !stylefarm_proto::answered_unavailable(&status) {
                 return Err(Failure::Transient(format!(
                     "downloading {hash}: {}",
                     status.message()
                 )));
             }
-            let wait = backoff.next_wait();
+            let wait = backoff.wait_after(&status);
             tracing::warn!(
                 error = status.message(),
                 image = %hash,
@@ -729,12 +728,8 @@ async fn serve(
                 // the coordinator answered that it cannot lease now (its store out of reach, or busy):
                 // asked again on this registration, less and less often, rather than registering
                 // again every half second (each registration a worker id, live for a minute)
-                Ok(Err(s))
-                    if s.code() == Code::Unavailable && std::error::Error::source(&s).is_none() =>
-                {
-                    let wait = stylefarm_proto::retry_delay(&s)
-                        .unwrap_or_default()
-                        .max(unavailable.next_wait());
+                Ok(Err(s)) if stylefarm_proto::answered_unavailable(&s) => {
+                    let wait = unavailable.wait_after(&s);
                     tracing::warn!(
                         error = s.message(),
                         wait_s = wait.as_secs_f64(),

@@ -133,20 +133,17 @@ fn apply(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), StoreError> {
                     .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)
                     .map_err(redb_err)?;
             }
-            Op::Drained(names) => {
-                let mut settings = tx.open_table(SETTINGS).map_err(redb_err)?;
-                settings
-                    .insert(DRAINED_KEY, json(names)?.as_slice())
-                    .map_err(redb_err)?;
-            }
-            Op::Registrations(n) => {
-                let mut settings = tx.open_table(SETTINGS).map_err(redb_err)?;
-                settings
-                    .insert(REGISTRATIONS_KEY, json(n)?.as_slice())
-                    .map_err(redb_err)?;
-            }
+            Op::Drained(names) => set_setting(tx, DRAINED_KEY, json(names)?)?,
+            Op::Registrations(n) => set_setting(tx, REGISTRATIONS_KEY, json(n)?)?,
         }
     }
+    Ok(())
+}
+
+/// Writes row `key` of [`SETTINGS`] (JSON), replacing what it held ([`RedbStore::setting`] reads it).
+fn set_setting(tx: &redb::WriteTransaction, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+    let mut settings = tx.open_table(SETTINGS).map_err(redb_err)?;
+    settings.insert(key, value.as_slice()).map_err(redb_err)?;
     Ok(())
 }
 

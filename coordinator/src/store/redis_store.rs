@@ -210,7 +210,7 @@ fn commands(keys: &Keys, ops: &[Op]) -> Result<Vec<redis::Cmd>, StoreError> {
             }
             Op::Registrations(n) => {
                 let mut set = redis::cmd("SET");
-                set.arg(keys.registrations()).arg(n);
+                set.arg(keys.registrations()).arg(json(n)?);
                 out.push(set);
             }
         }
@@ -844,32 +844,34 @@ impl Store for RedisStore {
     }
 
     fn load_drained(&self) -> Result<BTreeSet<WorkerId>, StoreError> {
-        let keys = Keys {
-            prefix: self.prefix.clone(),
-        };
-        let mut con = connect(&self.client)?;
-        let names: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(keys.drained())
-            .query(&mut con)
-            .map_err(redis_err)?;
-        match names {
-            Some(names) => {
-                serde_json::from_slice(&names).map_err(|e| err(format!("the workers drained: {e}")))
-            }
-            None => Ok(BTreeSet::new()),
-        }
+        self.setting(|keys| keys.drained(), "the workers drained")
     }
 
     fn load_registrations(&self) -> Result<u64, StoreError> {
+        self.setting(|keys| keys.registrations(), "the last worker registration")
+    }
+}
+
+impl RedisStore {
+    /// The value (JSON) of the key `key` names, what it holds named `what` in an error; the default when
+    /// never written.
+    fn setting<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        key: impl FnOnce(&Keys) -> String,
+        what: &str,
+    ) -> Result<T, StoreError> {
         let keys = Keys {
             prefix: self.prefix.clone(),
         };
         let mut con = connect(&self.client)?;
-        let n: Option<u64> = redis::cmd("GET")
-            .arg(keys.registrations())
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key(&keys))
             .query(&mut con)
-            .map_err(|e| err(format!("the last worker registration: {e}")))?;
-        Ok(n.unwrap_or(0))
+            .map_err(redis_err)?;
+        match value {
+            Some(value) => serde_json::from_slice(&value).map_err(|e| err(format!("{what}: {e}"))),
+            None => Ok(T::default()),
+        }
     }
 }
 
