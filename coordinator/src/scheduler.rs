@@ -2058,8 +2058,11 @@ impl Scheduler {
     pub fn register(&self, name: &str) -> Result<WorkerId, SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
-        st.registrations += 1;
-        let n = st.registrations;
+        // a stored counter at u64's largest (a store edited by hand) is refused, not wrapped to ids in use
+        let n = st.registrations.checked_add(1).ok_or_else(|| {
+            StoreError::new("worker registrations: the stored counter is at its largest; reset it")
+        })?;
+        st.registrations = n;
         // queued under the lock, in the numbers' order: the store ends with the largest
         let durable = self.store.write(vec![Op::Registrations(n)]);
         drop(st);
@@ -6866,6 +6869,10 @@ mod tests {
         assert_eq!(restarted.register("gpu").unwrap(), w("gpu#5"));
         let restarted = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
         assert_eq!(restarted.register("gpu").unwrap(), w("gpu#6"));
+        // a counter at its largest is refused, not wrapped
+        store::wait(store.write(vec![Op::Registrations(u64::MAX)])).unwrap();
+        let full = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        assert!(full.register("gpu").is_err());
     }
 
     /// A drained worker (by its name: every registration of it) takes no task, even while it asks, while its
