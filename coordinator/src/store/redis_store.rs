@@ -8,8 +8,9 @@
 //! - `{prefix}:tasks:{id}`: a hash of the job's tasks ([`TaskRecord`] as JSON) by their index;
 //! - `{prefix}:drained`: the names of the workers drained ([`Op::Drained`]) as JSON;
 //! - `{prefix}:leader` and `{prefix}:epoch`: the active coordinator's lease (its id, expiring unless renewed)
-//!   and the fencing token that each new holder increments ([`RedisStore::open_active`]); every write of an
-//!   active coordinator is a transaction that watches the epoch and applies only while it is still its own.
+//!   and the fencing token ([`Epoch`]: a number that each new holder increments, and the holder's id) taken
+//!   with it in one transaction ([`RedisStore::open_active`]); every write of an active coordinator is a
+//!   transaction that watches the epoch and applies only while it is still its own.
 //!
 //! A writer thread applies the queued writes in order on one connection; the writes queued while it was busy
 //! go to the server together as one `MULTI`/`EXEC` transaction (group commit), which Redis applies
@@ -100,9 +101,42 @@ impl Keys {
         format!("{}:leader", self.prefix)
     }
 
-    /// The fencing token: incremented by each coordinator that takes the leader lease.
+    /// The fencing token ([`Epoch`]), set by each coordinator that takes the leader lease.
     fn epoch(&self) -> String {
         format!("{}:epoch", self.prefix)
+    }
+}
+
+/// A fencing token: the epoch a coordinator took with the leader lease, its number (the store's last one
+/// plus 1) and the coordinator's node id (the leader key's value). Stored as `{number}:{node}`, so that two
+/// holders never share one, even when a Redis server that lost its data (restarted without it, the keys
+/// deleted) numbers epochs from 1 again: a coordinator active before the loss, its writes held back, cannot
+/// find its number taken by a standby that took over since and write beside it. A stored bare number (a
+/// coordinator of an older version) reads as that number with no node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Epoch {
+    number: u64,
+    node: String,
+}
+
+impl Epoch {
+    /// The epoch stored as `stored`; an unreadable one (not written by stylefarm) as number 0.
+    fn parse(stored: &str) -> Epoch {
+        let (number, node) = stored.split_once(':').unwrap_or((stored, ""));
+        Epoch {
+            number: number.parse().unwrap_or(0),
+            node: node.to_string(),
+        }
+    }
+
+    /// The value stored in the epoch key.
+    fn stored(&self) -> String {
+        format!("{}:{}", self.number, self.node)
+    }
+
+    /// Whether the store's epoch key (`current`, None when absent) still holds this one.
+    fn holds(&self, current: Option<&str>) -> bool {
+        current == Some(self.stored().as_str())
     }
 }
 
@@ -224,7 +258,7 @@ fn apply(
     con: &mut redis::Connection,
     keys: &Keys,
     cmds: &[redis::Cmd],
-    fence: Option<u64>,
+    fence: Option<&Epoch>,
 ) -> Result<(), StoreError> {
     let redis = redis_err;
     let Some(epoch) = fence else {
@@ -236,9 +270,9 @@ fn apply(
         return pipe.exec(con).map_err(redis);
     };
     redis::transaction(con, &[keys.epoch()], |con, pipe| {
-        let current: Option<u64> = redis::cmd("GET").arg(keys.epoch()).query(con)?;
-        if current != Some(epoch) {
-            return Ok(Some(Err(fenced(epoch, current))));
+        let current: Option<String> = redis::cmd("GET").arg(keys.epoch()).query(con)?;
+        if !epoch.holds(current.as_deref()) {
+            return Ok(Some(Err(fenced(epoch, current.as_deref()))));
         }
         for c in cmds {
             pipe.add_command(c.clone()).ignore();
@@ -249,13 +283,21 @@ fn apply(
     .map_err(redis)?
 }
 
-fn fenced(epoch: u64, current: Option<u64>) -> StoreError {
-    fenced_because(&match current {
+/// The error of a write by the holder of `epoch` refused because the store's epoch key holds `current`.
+fn fenced(epoch: &Epoch, current: Option<&str>) -> StoreError {
+    let mine = epoch.number;
+    fenced_because(&match current.map(Epoch::parse) {
+        Some(current) if current.number == mine => format!(
+            "this coordinator's epoch is {mine}, and the store's is {mine} taken by another coordinator \
+             ({}): another coordinator is active (the store lost its data since this one took its epoch)",
+            current.node
+        ),
         Some(current) => format!(
-            "this coordinator's epoch is {epoch}, the store's {current}: another coordinator is active"
+            "this coordinator's epoch is {mine}, the store's {}: another coordinator is active",
+            current.number
         ),
         None => format!(
-            "this coordinator's epoch is {epoch}, the store has none: its data is gone (a Redis server \
+            "this coordinator's epoch is {mine}, the store has none: its data is gone (a Redis server \
              restarted without its data, or the keys deleted)"
         ),
     })
@@ -270,10 +312,9 @@ fn fenced_because(why: &str) -> StoreError {
 }
 
 /// A coordinator's hold on the store, as the active one of those that share it: the leader key, renewed
-/// by a thread of its own, and the epoch (a fencing token, incremented by each new holder) its writes are
-/// checked against.
+/// by a thread of its own, and the epoch (a fencing token, [`Epoch`]) its writes are checked against.
 struct Leadership {
-    epoch: u64,
+    epoch: Epoch,
     /// This holder's id, the leader key's value while it holds it.
     node: String,
     client: redis::Client,
@@ -289,35 +330,25 @@ struct Leadership {
 }
 
 impl Leadership {
-    /// Waits (a standby) until no other coordinator holds the leader key, takes it for `lease`, and starts
-    /// renewing it every third of that.
+    /// Waits (a standby) until no other coordinator holds the leader key, takes it for `lease` with a new
+    /// epoch (one transaction: [`Leadership::take`]), and starts renewing it every third of that.
     fn acquire(
         client: &redis::Client,
         keys: &Keys,
         lease: Duration,
     ) -> Result<Leadership, StoreError> {
-        let redis = redis_err;
+        // unique among the coordinators sharing the store, whatever their hosts and process ids
         let node = format!(
             "{}-{}",
             std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
+            stylefarm_core::ids::hex(&rand::random::<[u8; 8]>())
         );
-        let lease_ms = lease.as_millis().max(1) as u64;
         let mut con = Some(connect(client)?);
         let mut waiting = false;
-        let renewed = loop {
+        let (epoch, renewed) = loop {
             let sent = std::time::Instant::now();
             let taken = match con.as_mut() {
-                Some(c) => redis::cmd("SET")
-                    .arg(keys.leader())
-                    .arg(&node)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lease_ms)
-                    .query::<Option<String>>(c)
-                    .map_err(redis),
+                Some(c) => Self::take(c, keys, &node, lease),
                 None => connect(client).map(|c| {
                     con = Some(c);
                     None
@@ -335,30 +366,29 @@ impl Leadership {
                 }
                 Err(e) => return Err(e),
             };
-            if taken.is_some() {
-                break Arc::new(Mutex::new(sent));
+            if let Some(epoch) = taken {
+                break (epoch, Arc::new(Mutex::new(sent)));
             }
             if !waiting {
                 tracing::info!(
-                    lease_ms,
+                    lease_ms = lease.as_millis() as u64,
                     "standby: another coordinator is active; taking over when its lease lapses"
                 );
                 waiting = true;
             }
             std::thread::sleep(lease / 4);
         };
-        let mut con = con.map_or_else(|| connect(client), Ok)?;
-        let epoch: u64 = redis::cmd("INCR")
-            .arg(keys.epoch())
-            .query(&mut con)
-            .map_err(redis)?;
-        tracing::info!(epoch, "active: holding the store's leader lease");
+        tracing::info!(
+            epoch = epoch.number,
+            node,
+            "active: holding the store's leader lease"
+        );
         let lost = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let renewer = {
             let (client, keys, lost, stop) =
                 (client.clone(), keys.clone(), lost.clone(), stop.clone());
-            let (node, renewed) = (node.clone(), renewed.clone());
+            let (node, epoch, renewed) = (node.clone(), epoch.clone(), renewed.clone());
             let holder = Holder { node, epoch, lease };
             std::thread::Builder::new()
                 .name("store-leader".into())
@@ -377,6 +407,44 @@ impl Leadership {
             renewer: Some(renewer),
         })
     }
+
+    /// Takes the leader key for `lease` as `node`, with the next epoch, when no coordinator holds it: one
+    /// transaction (the keys watched), so that a holder always has an epoch of its own. `None`: another
+    /// holds it.
+    fn take(
+        c: &mut redis::Connection,
+        keys: &Keys,
+        node: &str,
+        lease: Duration,
+    ) -> Result<Option<Epoch>, StoreError> {
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let (leader, epoch) = (keys.leader(), keys.epoch());
+        redis::transaction(c, &[&leader, &epoch], |c, pipe| {
+            let holder: Option<String> = redis::cmd("GET").arg(&leader).query(c)?;
+            if holder.is_some() {
+                return Ok(Some(None));
+            }
+            let last: Option<String> = redis::cmd("GET").arg(&epoch).query(c)?;
+            let number = last.map_or(0, |last| Epoch::parse(&last).number);
+            let mine = Epoch {
+                number: number.saturating_add(1),
+                node: node.to_string(),
+            };
+            pipe.cmd("SET")
+                .arg(&leader)
+                .arg(node)
+                .arg("PX")
+                .arg(lease_ms)
+                .ignore()
+                .cmd("SET")
+                .arg(&epoch)
+                .arg(mine.stored())
+                .ignore();
+            // None: a watched key changed before EXEC, which then applied nothing; look again
+            Ok(pipe.query::<Option<()>>(c)?.map(|()| Some(mine)))
+        })
+        .map_err(redis_err)
+    }
 }
 
 /// How many leader leases the store may stay out of reach before the active coordinator stops
@@ -389,7 +457,7 @@ struct Holder {
     /// The leader key's value while this coordinator holds it.
     node: String,
     /// The epoch it took with the lease: its writes are fenced by it.
-    epoch: u64,
+    epoch: Epoch,
     lease: Duration,
 }
 
@@ -441,7 +509,7 @@ impl Holder {
                     cut_off = false;
                     if std::mem::take(&mut lapsed) {
                         tracing::warn!(
-                            epoch = self.epoch,
+                            epoch = self.epoch.number,
                             "the store answers again; holding the leader lease again (no other \
                              coordinator took over)"
                         );
@@ -508,9 +576,9 @@ impl Holder {
                     return Ok(Some(Renewal::Lost(why.to_string())));
                 }
                 None => {
-                    let current: Option<u64> = redis::cmd("GET").arg(&epoch).query(c)?;
-                    if current != Some(self.epoch) {
-                        let why = fenced(self.epoch, current).to_string();
+                    let current: Option<String> = redis::cmd("GET").arg(&epoch).query(c)?;
+                    if !self.epoch.holds(current.as_deref()) {
+                        let why = fenced(&self.epoch, current.as_deref()).to_string();
                         return Ok(Some(Renewal::Lost(why)));
                     }
                     pipe.cmd("SET")
@@ -598,7 +666,9 @@ impl RedisStore {
         let leadership = lease
             .map(|lease| Leadership::acquire(&client, &keys, lease))
             .transpose()?;
-        let fence = leadership.as_ref().map(|l| (l.epoch, l.lost.clone()));
+        let fence = leadership
+            .as_ref()
+            .map(|l| (l.epoch.clone(), l.lost.clone()));
         let (writes, inbox) = mpsc::channel::<Write>();
         let behind = Arc::new(Mutex::new(None));
         let writer = {
@@ -629,7 +699,7 @@ impl RedisStore {
         keys: &Keys,
         con: redis::Connection,
         inbox: &mpsc::Receiver<Write>,
-        fence: Option<(u64, Arc<Mutex<Option<String>>>)>,
+        fence: Option<(Epoch, Arc<Mutex<Option<String>>>)>,
         behind: &Mutex<Option<StoreError>>,
     ) {
         let mut con = Some(con);
@@ -672,7 +742,7 @@ impl RedisStore {
         client: &redis::Client,
         keys: &Keys,
         con: &mut Option<redis::Connection>,
-        fence: &Option<(u64, Arc<Mutex<Option<String>>>)>,
+        fence: &Option<(Epoch, Arc<Mutex<Option<String>>>)>,
         behind: &Mutex<Option<StoreError>>,
         backlog: &mut Vec<redis::Cmd>,
         batch: Vec<Write>,
@@ -703,7 +773,7 @@ impl RedisStore {
                     Some(c) => Ok(c),
                     None => connect(client).map(|c| con.insert(c)),
                 }
-                .and_then(|c| apply(c, keys, backlog, fence.as_ref().map(|(epoch, _)| *epoch)))
+                .and_then(|c| apply(c, keys, backlog, fence.as_ref().map(|(epoch, _)| epoch)))
             }
         };
         // this coordinator lost its hold (another took over): it writes nothing more, and stops (its
@@ -1075,8 +1145,23 @@ mod tests {
             .unwrap()
             .get_connection()
             .unwrap();
+        let epoch = |con: &mut redis::Connection| -> String {
+            redis::cmd("GET").arg("farm:epoch").query(con).unwrap()
+        };
+        let first = epoch(&mut con);
         redis::cmd("DEL").arg("farm:leader").exec(&mut con).unwrap();
         let b = standby.join().unwrap().unwrap();
+        // the next number, and the node that took it (the leader key's value): a token of its own
+        let taken = epoch(&mut con);
+        let leader: String = redis::cmd("GET")
+            .arg("farm:leader")
+            .query(&mut con)
+            .unwrap();
+        assert!(
+            first.starts_with("1:") && first != format!("1:{leader}"),
+            "{first}"
+        );
+        assert_eq!(taken, format!("2:{leader}"));
         job.error = "written by the old active one".into();
         let err = super::super::wait(a.write(vec![Op::Job(job.clone())])).unwrap_err();
         assert!(err.to_string().contains("fenced"), "{err}");
@@ -1308,7 +1393,7 @@ mod tests {
         /// The writer's next try under `fence`, with a write of `ops` when given: that write's outcome.
         fn try_again(
             &mut self,
-            fence: &Option<(u64, Arc<Mutex<Option<String>>>)>,
+            fence: &Option<(Epoch, Arc<Mutex<Option<String>>>)>,
             ops: Option<Vec<Op>>,
         ) -> Option<Result<(), StoreError>> {
             let (batch, outcome) = match ops {
@@ -1334,26 +1419,52 @@ mod tests {
 
     /// A write that its transaction finds fenced (another coordinator took the epoch) before this one's
     /// renewal noticed marks the hold lost, so that the coordinator stops rather than serve on once its
-    /// held-back writes are dropped.
+    /// held-back writes are dropped. An epoch of the same number taken by another coordinator (the store
+    /// lost its data, and numbers started again) fences it too; its own epoch does not.
     #[test]
     fn a_write_fenced_in_its_transaction_marks_the_hold_lost() {
+        let mine = |number| Epoch {
+            number,
+            node: "7-mine".into(),
+        };
+        for (stored, why) in [
+            ("5", "epoch is 4, the store's 5"),
+            ("5:7-other", "epoch is 4, the store's 5"),
+            (
+                "4:7-other",
+                "the store's is 4 taken by another coordinator (7-other)",
+            ),
+        ] {
+            let mut h = HeldBack::new();
+            redis::cmd("SET")
+                .arg(h.keys.epoch())
+                .arg(stored)
+                .exec(&mut h.raw)
+                .unwrap();
+            let lost = Arc::new(Mutex::new(None));
+            let e = h
+                .try_again(
+                    &Some((mine(4), lost.clone())),
+                    Some(vec![Op::Drained(Default::default())]),
+                )
+                .unwrap()
+                .unwrap_err();
+            assert!(e.kind == StoreErrorKind::Fenced && !e.held_back, "{e:?}");
+            let said = lost.lock().unwrap().clone().expect("the hold is lost");
+            assert!(said.contains(why), "{stored}: {said}");
+        }
         let mut h = HeldBack::new();
         redis::cmd("SET")
             .arg(h.keys.epoch())
-            .arg(5)
+            .arg(mine(4).stored())
             .exec(&mut h.raw)
             .unwrap();
         let lost = Arc::new(Mutex::new(None));
-        let e = h
-            .try_again(
-                &Some((4, lost.clone())),
-                Some(vec![Op::Drained(Default::default())]),
-            )
+        let write = Some(vec![Op::Drained(Default::default())]);
+        h.try_again(&Some((mine(4), lost.clone())), write)
             .unwrap()
-            .unwrap_err();
-        assert!(e.kind == StoreErrorKind::Fenced && !e.held_back, "{e:?}");
-        let why = lost.lock().unwrap().clone().expect("the hold is lost");
-        assert!(why.contains("epoch is 4"), "{why}");
+            .unwrap();
+        assert!(lost.lock().unwrap().is_none());
     }
 
     /// A user whose ACL refuses scripts is told so when the store opens, naming what to grant.
