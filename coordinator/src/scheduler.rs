@@ -3524,19 +3524,57 @@ impl Scheduler {
     /// Worker `worker` signed off (it stops): the leases of it that it names, by id (`leases`: a task it
     /// left unfinished) or by the lease poll they were handed to (`request`, not 0: a poll it gave up as it
     /// stopped), lapse now rather than at their deadlines; the next [`Scheduler::expire`] returns their
-    /// tasks to the queue, as for any lease that lapsed. Returns how many. Only those named: a caller that
-    /// knows a worker's id but not its lease ids cannot take its work from it.
+    /// tasks to the queue, as for any lease that lapsed (an attempt spent, a strike against the worker).
+    /// A lease named only by its poll and never heard of since (no heartbeat: the worker never saw the
+    /// answer, so its task never started) goes back to the queue at once and at no cost: no attempt spent,
+    /// no strike, no entry in the task's attempts (a shard's lease is the exception, given up as the others
+    /// are: its group's other shards run again with it). Returns how many leases were given up. Only
+    /// those named: a caller that knows a worker's id but not its lease ids cannot take its work from it.
     pub fn signed_off(&self, worker: &WorkerId, leases: &[LeaseId], request: u64) -> usize {
-        let mut st = self.state.lock().unwrap();
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
         let now = now_ms();
         let mut released = 0;
         let named = |id: &LeaseId, l: &LeaseInfo| {
             l.worker == *worker && (leases.contains(id) || (request != 0 && l.request == request))
         };
-        for (_, lease) in st.leases.iter_mut().filter(|(id, l)| named(id, l)) {
+        let mut unseen = Vec::new();
+        for (id, lease) in st.leases.iter_mut().filter(|(id, l)| named(id, l)) {
+            released += 1;
+            let shard = (st.jobs.get(&lease.job_id))
+                .and_then(|j| j.tasks.get(lease.index as usize))
+                .is_some_and(|t| t.spec.shards().is_some());
+            if !lease.heard && !lease.cancel && !shard && !leases.contains(id) {
+                unseen.push(id.clone());
+                continue;
+            }
             lease.signed_off = true;
             lease.deadline_ms = lease.deadline_ms.min(now - 1);
-            released += 1;
+        }
+        let mut changed = Vec::new();
+        for id in unseen {
+            let lease = Self::take_lease(st, &id).expect("listed lease");
+            let Some(job) = st.jobs.get_mut(&lease.job_id) else {
+                continue;
+            };
+            let task = &mut job.tasks[lease.index as usize];
+            task.attempts = task.attempts.saturating_sub(1);
+            set_task_state(&mut st.tally, task, TaskState::Pending);
+            st.queue.insert(&job.meta, lease.index);
+            tracing::info!(
+                lease_id = id.as_str(),
+                job_id = lease.job_id.as_str(),
+                worker_id = lease.worker.as_str(),
+                "lease given back unseen: its worker signed off before its poll was answered"
+            );
+            changed.push(lease.job_id);
+        }
+        drop(guard);
+        if !changed.is_empty() {
+            self.work.notify_waiters();
+        }
+        for job in changed {
+            self.changed(&job);
         }
         released
     }
@@ -6799,24 +6837,48 @@ mod tests {
     /// A worker that signs off gives up the leases of it that it names, by id or by the poll they were
     /// handed to (and only those: not another of its leases, nor another registration's, nor a lease named
     /// with another worker's id): the next expiry queues their tasks again, long before their deadlines,
-    /// saying why; not counted as a lease that lapsed.
+    /// saying why; not counted as a lease that lapsed. A lease handed to a poll and never heard of goes
+    /// back at once, with no attempt spent and no strike.
     #[test]
     fn a_worker_that_signs_off_gives_up_its_leases() {
         let s = scheduler(SchedulerConfig {
             lease: Duration::from_secs(3600),
             ..Default::default()
         });
-        let (job, _) = s.submit(batch(4, 0), "").unwrap();
+        let (job, _) = s.submit(batch(5, 0), "").unwrap();
         let a = s.lease(&w("a#1")).unwrap().unwrap();
         let other = s.lease(&w("a#2")).unwrap().unwrap();
         let kept = s.lease(&w("a#1")).unwrap().unwrap();
-        // handed to a poll (request 77) the worker gave up: named by its request
-        let polled = s
+        // handed to a poll (request 77) the worker gave up: named by its request, never heard of
+        let unseen = s
             .lease_ready(&w("a#1"), &[], DeviceMemory::default(), 77)
             .unwrap()
             .unwrap();
         assert_eq!(s.signed_off(&w("a#1"), &[], 78), 0);
         assert_eq!(s.signed_off(&w("a#1"), &[], 77), 1);
+        let task = s.get(&job).unwrap().tasks[unseen.task.id.index as usize]
+            .0
+            .clone();
+        assert_eq!(
+            (
+                task.state,
+                task.attempts,
+                task.error.as_str(),
+                task.logs.len()
+            ),
+            (TaskState::Pending, 0, "", 0),
+            "given back at once, at no cost"
+        );
+        assert!(s.get(&job).unwrap().meta.strikes.is_empty());
+        assert_eq!(s.counts(), s.counts_walked());
+        // handed to a poll, then heard of (its worker started it): given up as a task left unfinished
+        let polled = s
+            .lease_ready(&w("a#1"), &[], DeviceMemory::default(), 79)
+            .unwrap()
+            .unwrap();
+        s.heartbeat(&polled.lease_id, &w("a#1"), None, None)
+            .unwrap();
+        assert_eq!(s.signed_off(&w("a#1"), &[], 79), 1);
         // named, but another worker's; its own, but not named
         assert_eq!(
             s.signed_off(&w("b#1"), std::slice::from_ref(&a.lease_id), 0),
