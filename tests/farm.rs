@@ -2888,6 +2888,16 @@ async fn a_keep_going_batch_s_task_is_cancelled_and_run_again_alone() {
     let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{out} {err}");
     let job_id = out.trim().to_string();
+    // nothing of a job that has not ended to run again: said so (it said "0 task(s) queued again")
+    let (ok, out, err) = cluster.cli(&["retry", &job_id]);
+    assert_eq!(
+        out,
+        format!(
+            "{job_id}\tqueued\tleft as it is: none of its tasks has failed or been cancelled\n"
+        ),
+        "{err}"
+    );
+    assert!(ok);
     let (ok, out, err) = cluster.cli(&["cancel", &job_id, "--task", "1", "--task", "7"]);
     assert!(
         !ok && err.contains("tasks: job ") && err.contains("has no task 7: its 3 task(s)"),

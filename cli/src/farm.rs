@@ -1682,9 +1682,16 @@ pub(crate) fn priority(args: PriorityArgs) -> anyhow::Result<()> {
 pub(crate) fn retry(args: JobOrTaskRefs) -> anyhow::Result<()> {
     let (jobs, tasks) = args.jobs()?;
     each_job(jobs, async |client, job_id| {
-        let (state, requeued) = client.retry_tasks(job_id, &tasks).await?;
-        let state = job_state_name(state as i32);
-        Ok(format!("{state}\t{requeued} task(s) queued again"))
+        let retried = client.retry_tasks(job_id, &tasks).await?;
+        let (name, requeued) = (job_state_name(retried.state), retried.tasks_requeued);
+        Ok(match (requeued, retried.step_again) {
+            (0, true) => format!("{name}\tits coordinator's step runs again (no task to render)"),
+            // a job still running, none of its tasks failed alone (keep-going)
+            (0, false) => {
+                format!("{name}\tleft as it is: none of its tasks has failed or been cancelled")
+            }
+            _ => format!("{name}\t{requeued} task(s) queued again"),
+        })
     })
 }
 

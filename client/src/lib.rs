@@ -929,9 +929,11 @@ impl FarmClient {
     }
 
     /// Runs a failed or cancelled job again (RetryJob): its failed and cancelled tasks are queued again,
-    /// its succeeded ones keep their results. Returns the job's state after it and how many tasks were
-    /// queued again; a queued or running job is left as it is, a succeeded one is FAILED_PRECONDITION.
-    pub async fn retry(&mut self, job_id: &JobId) -> Result<(pb::JobState, u32)> {
+    /// its succeeded ones keep their results. Returns the coordinator's answer: the job's state after it,
+    /// how many tasks were queued again, whether the coordinator's step runs again; a queued or running
+    /// job is left as it is (but for a keep-going job's failed tasks), a succeeded one is
+    /// FAILED_PRECONDITION.
+    pub async fn retry(&mut self, job_id: &JobId) -> Result<pb::RetryJobResponse> {
         self.retry_tasks(job_id, &[]).await
     }
 
@@ -943,7 +945,7 @@ impl FarmClient {
         &mut self,
         job_id: &JobId,
         tasks: &[u32],
-    ) -> Result<(pb::JobState, u32)> {
+    ) -> Result<pb::RetryJobResponse> {
         let request = pb::RetryJobRequest {
             job_id: job_id.to_string(),
             tasks: tasks.to_vec(),
@@ -952,9 +954,7 @@ impl FarmClient {
             format!("running tasks of job {job_id} again")
         })
         .await?;
-        let reply = self.rpc.retry_job(request).await?.into_inner();
-        let state = pb::JobState::try_from(reply.state).unwrap_or_default();
-        Ok((state, reply.tasks_requeued))
+        Ok(self.rpc.retry_job(request).await?.into_inner())
     }
 
     /// Deletes a finished job (DeleteJob): its record and its tasks'; FAILED_PRECONDITION while it is

@@ -3494,7 +3494,11 @@ impl Scheduler {
             }
             job.meta.waiting_on = waiting_on;
         }
-        job.meta.strikes.clear();
+        if named.is_empty() {
+            // the whole job runs again: its workers start with a clean slate; tasks run again alone
+            // leave the strikes that the job's other tasks put on its workers
+            job.meta.strikes.clear();
+        }
         ops.push(Op::Job(job.meta.clone()));
         let durable = self.store.write(ops);
         drop(guard);
@@ -5779,6 +5783,11 @@ mod tests {
             (JobState::Running, 1)
         );
         assert!(strikes(&s).is_empty());
+        // a task run again alone leaves the strikes that another task put on the job's workers
+        s.fail(&lease(&s, 1), "flaky", FailureKind::Retryable)
+            .unwrap();
+        assert_eq!(s.retry_tasks(&struck, &[0]).unwrap().requeued, 1);
+        assert_eq!(strikes(&s).get(&w("a")), Some(&1));
         assert_eq!(s.counts(), s.counts_walked());
     }
 

@@ -800,6 +800,7 @@ impl RenderService for RenderApi {
         Ok(Response::new(pb::RetryJobResponse {
             state: job_state(retried.state) as i32,
             tasks_requeued: u32::try_from(retried.requeued).unwrap_or(u32::MAX),
+            step_again: retried.stage_work,
         }))
     }
 
