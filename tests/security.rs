@@ -870,9 +870,81 @@ fn bad_tls_files_or_data_dir_stop_the_coordinator_naming_them() {
     }
 }
 
+/// A client's or a worker's TLS files that cannot be used (a file with no PEM certificate as the CA or the
+/// certificate, a key of another certificate) are named, flag and file, before anything is sent (tonic said
+/// "tls: transport error").
+#[test]
+fn bad_tls_files_of_a_caller_are_named() {
+    let pki = Pki::new();
+    let image = stylefarm_tests::shared_image("chelsea.png");
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("worker.pem"),
+        pki.path("worker.key"),
+    );
+    let other_key = pki.path("coordinator.key");
+    // the flags given, the field the error names and what it says
+    let cases = [
+        (vec![("--tls-ca", &image)], "tls_ca: no PEM certificate"),
+        (
+            vec![
+                ("--tls-ca", &ca),
+                ("--tls-cert", &image),
+                ("--tls-key", &key),
+            ],
+            "tls_cert: no PEM certificate",
+        ),
+        (
+            vec![
+                ("--tls-ca", &ca),
+                ("--tls-cert", &cert),
+                ("--tls-key", &image),
+            ],
+            "tls_key: no PEM private key",
+        ),
+        (
+            vec![
+                ("--tls-ca", &ca),
+                ("--tls-cert", &cert),
+                ("--tls-key", &other_key),
+            ],
+            "tls_key: not the key of --tls-cert's certificate",
+        ),
+    ];
+    for (flags, says) in cases {
+        let mut command = std::process::Command::new("timeout");
+        command.arg("60").arg(stylefarm_tests::binary()).args([
+            "list",
+            "--coordinator",
+            "https://127.0.0.1:9",
+        ]);
+        for (flag, path) in &flags {
+            command.arg(flag).arg(path);
+        }
+        let out = command.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{says}: {err}");
+    }
+    // the good ones get as far as connecting
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(stylefarm_tests::binary())
+        .args(["list", "--coordinator", "https://127.0.0.1:9", "--tls-ca"])
+        .arg(&ca)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the coordinator"), "{err}");
+}
+
 /// `--max-unfinished-jobs 2`: a tenant's third unfinished job is refused with RESOURCE_EXHAUSTED naming the
 /// limit; another tenant is not held by it; cancelling a job frees a place. (A `--tenant-share` for a
-/// tenant without a token is warned about at the start.) A message over the size limit
+/// tenant without a token, and a `--leader-lease-secs` beside the embedded store, are warned about at the
+/// start.) A message over the size limit
 /// is RESOURCE_EXHAUSTED too, naming the limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenant_past_its_unfinished_jobs_limit_is_refused_naming_it() {

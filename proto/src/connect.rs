@@ -66,6 +66,51 @@ fn file_error(flag: &str, path: &Path, why: impl std::fmt::Display) -> Credentia
 /// The bytes of a file of secrets or certificates (`flag` names it in errors), at most
 /// [`MAX_SECRET_FILE_BYTES`]: a file (or a link to one, as Kubernetes mounts Secrets) or a pipe (a shell's
 /// `<(pass show farm)`); a device that never ends (`/dev/zero`) is refused at the bound.
+/// Checks a caller's TLS files as rustls takes them, so that a bad one is named: `ca` (PEM, `--tls-ca`)
+/// must hold certificates a root store takes, and `identity` (`--tls-cert`, `--tls-key`) a certificate
+/// chain and the private key of its first certificate. tonic reads them only as it connects, and says
+/// no more than "transport error".
+fn check_tls(ca: &[u8], identity: Option<(&[u8], &[u8])>) -> Result<(), CredentialsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |flag: &str, why: String| CredentialsError(format!("{flag}: {why}"));
+    let certificates = |flag: &str, pem: &[u8]| {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(flag, format!("not PEM certificates: {e}")))?;
+        match certs.is_empty() {
+            true => Err(bad(flag, "no PEM certificate in it".into())),
+            false => Ok(certs),
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates("tls_ca", ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| bad("tls_ca", format!("not a CA certificate: {e}")))?;
+    }
+    let Some((cert, key)) = identity else {
+        return Ok(());
+    };
+    let chain = certificates("tls_cert", cert)?;
+    let key = PrivateKeyDer::from_pem_slice(key)
+        .map_err(|e| bad("tls_key", format!("no PEM private key: {e}")))?;
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("tls_ca", e.to_string()))?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(|e| {
+        bad(
+            "tls_key",
+            format!("not the key of --tls-cert's certificate: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
 fn read(flag: &str, path: &Path) -> Result<Vec<u8>, CredentialsError> {
     use std::io::Read;
     let mut bytes = Vec::new();
@@ -159,13 +204,18 @@ impl Credentials {
                 "tls_ca: an https:// coordinator needs the CA that signed its certificate".into(),
             ));
         };
-        let mut tls =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("tls_ca", ca)?));
-        if let Some((cert, key)) = &self.tls_identity {
-            tls = tls.identity(Identity::from_pem(
-                read("tls_cert", cert)?,
-                read("tls_key", key)?,
-            ));
+        let ca = read("tls_ca", ca)?;
+        let identity = match &self.tls_identity {
+            Some((cert, key)) => Some((read("tls_cert", cert)?, read("tls_key", key)?)),
+            None => None,
+        };
+        check_tls(
+            &ca,
+            identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        )?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
         }
         endpoint
             .tls_config(tls)
