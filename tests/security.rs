@@ -958,15 +958,23 @@ async fn a_tenant_past_its_unfinished_jobs_limit_is_refused_naming_it() {
         "2",
         "--tenant-share",
         "carol=2",
+        "--leader-lease-secs",
+        "3",
     ]
     .map(String::from)
     .to_vec();
     cluster.start_coordinator();
-    // a share for a tenant no token names is said to apply to no job
+    // a share for a tenant no token names is said to apply to no job; a leader lease, to no store
     let log = cluster.coordinator.as_ref().unwrap().log_text();
     assert!(
         log.contains("--tenant-share names a tenant that no client token has")
             && log.contains("carol"),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "--leader-lease-secs (STYLEFARM_LEADER_LEASE_SECS) is for coordinators sharing"
+        ),
         "{log}"
     );
     let args = [

@@ -682,7 +682,17 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             prefix: args.store_prefix,
             lease: seconds("leader_lease_secs", args.leader_lease_secs)?,
         },
-        embedded => embedded,
+        embedded => {
+            // (one given equal to the default is not told apart from none)
+            let default = stylefarm_coordinator::DEFAULT_LEADER_LEASE.as_secs_f64();
+            if args.leader_lease_secs != default {
+                tracing::warn!(
+                    "--leader-lease-secs (STYLEFARM_LEADER_LEASE_SECS) is for coordinators sharing a Redis \
+                     store (--store redis://...); the embedded store has one coordinator, holding no lease"
+                );
+            }
+            embedded
+        }
     };
     // fault injection for the end-to-end tests: the fail points that FAILPOINTS names
     #[cfg(feature = "failpoints")]
