@@ -224,8 +224,8 @@ pub struct S3Blobs {
     /// The runtime the store's futures run on: the trait is synchronous, and its callers may be async tasks
     /// of another runtime, so requests are spawned here and waited for.
     runtime: Option<tokio::runtime::Runtime>,
-    /// Bytes of the objects found by the last listing, plus those this process stored since, less those
-    /// it deleted.
+    /// Bytes of the objects found by the last listing, plus those this process stored since it began, less
+    /// those it deleted.
     bytes: std::sync::atomic::AtomicU64,
 }
 
@@ -473,6 +473,7 @@ impl BlobStore for S3Blobs {
         let prefix =
             (!self.prefix.is_empty()).then(|| object_store::path::Path::from(&*self.prefix));
         let mut listing = self.store.list(prefix.as_ref());
+        let before = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
         // the listing's pages come in on the store's runtime, one object at a time through a channel
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         self.runtime
@@ -501,8 +502,13 @@ impl BlobStore for S3Blobs {
                 modified: object.last_modified.into(),
             });
         }
-        self.bytes
-            .store(total, std::sync::atomic::Ordering::Relaxed);
+        // the listing's total, and what this process stored or deleted while it ran (a long listing of a
+        // large bucket): not overwritten by it (an object stored meanwhile may be counted twice, listed too)
+        let _ = self.bytes.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |now| Some(now.saturating_add(total).saturating_sub(before)),
+        );
         Ok(())
     }
 
@@ -673,6 +679,34 @@ pub(crate) mod tests {
         // another prefix is another store
         let other = server.blobs("other");
         assert!(!other.contains(&ImageHash::of(b"hello")).unwrap());
+    }
+
+    /// The bytes stored (a metric) are those a listing finds plus what the process stored and deleted while
+    /// it ran: a long listing (a large bucket, at start-up) does not overwrite them.
+    #[test]
+    fn an_s3_listing_keeps_what_was_stored_or_deleted_while_it_ran() {
+        let server = S3Server::start();
+        let blobs = server.blobs("l");
+        blobs.put(b"12345").unwrap();
+        let six = blobs.put(b"123456").unwrap();
+        let fresh = server.blobs("l");
+        let (mut listed, mut first) = (0, true);
+        fresh
+            .list(&mut |blob| {
+                listed += blob.bytes;
+                if std::mem::take(&mut first) {
+                    fresh.put(b"1234567").unwrap();
+                    let gone = super::StoredBlob {
+                        hash: six.clone(),
+                        bytes: 6,
+                        modified: std::time::SystemTime::now(),
+                    };
+                    fresh.delete(&gone).unwrap();
+                }
+            })
+            .unwrap();
+        assert!(listed >= 11, "{listed}");
+        assert_eq!(fresh.stored_bytes(), listed + 7 - 6);
     }
 
     /// A blob over the part size goes up in parts (a multipart upload; more parts than go at once, and a
