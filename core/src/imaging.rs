@@ -133,7 +133,12 @@ fn open<'a, R: BufRead + Seek + 'a>(
         .with_guessed_format()
         .map_err(|e| Error::image(name, e))?;
     let Some(format) = reader.format() else {
-        return Err(Error::image(name, "not an image (unknown format)"));
+        let empty = reader.into_inner().fill_buf().is_ok_and(|b| b.is_empty());
+        let why = match empty {
+            true => "not an image: the file is empty (0 bytes)",
+            false => "not an image (unknown format)",
+        };
+        return Err(Error::image(name, why));
     };
     // the sides checked below, saying them (the decoder's own check says "Image size exceeds limit")
     let mut header_limits = limits();
@@ -1267,6 +1272,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("x.png"), "{err}");
+        let err = decode(b"", "e.png").unwrap_err().to_string();
+        assert!(
+            err.contains("e.png: not an image: the file is empty"),
+            "{err}"
+        );
         let mut png = Vec::new();
         RgbImage::new(4, 4)
             .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
