@@ -3324,7 +3324,7 @@ fn local_stopped_mid_render_removes_its_data_dir() {
 }
 
 /// A keep-going batch of a folder leaves out the files that are not images after all (a cut-off JPEG, text
-/// named .png), saying so at once, renders the others, writes them, and fails at the end naming the first
+/// named .png), images too small for VGG19 at its size, and broken links, saying so at once, renders the others, writes them, and fails at the end naming the first
 /// left out; without --keep-going, the job is refused whole before anything renders.
 #[test]
 fn a_keep_going_batch_leaves_out_the_files_it_cannot_decode() {
@@ -3336,6 +3336,11 @@ fn a_keep_going_batch_leaves_out_the_files_it_cannot_decode() {
     let jpeg = std::fs::read(stylefarm_tests::shared_image("tubingen.jpg")).unwrap();
     std::fs::write(photos.join("b.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
     std::fs::write(photos.join("c.png"), b"not an image").unwrap();
+    // too thin for VGG19 at --size 32 (32 x 1 px), and a link to a photo that is gone
+    image::RgbImage::new(320, 10)
+        .save(photos.join("d.png"))
+        .unwrap();
+    std::os::unix::fs::symlink(dir.path().join("gone.jpg"), photos.join("e.jpg")).unwrap();
     let local = |keep_going: bool| {
         let out = dir.path().join(format!("out-{keep_going}"));
         let mut command = stylefarm_tests::stylefarm();
@@ -3362,10 +3367,18 @@ fn a_keep_going_batch_leaves_out_the_files_it_cannot_decode() {
         err.contains("left out: ")
             && err.contains("b.jpg: cannot decode image")
             && err.contains("c.png: not an image")
-            && err.contains("the others rendered, but 2 content image(s) were left out"),
+            && err.contains("d.png (320 x 10 px) becomes 32 x 1 px at size 32; VGG19 needs")
+            && err.contains("e.jpg")
+            && err.contains("the others rendered, but 4 content image(s) were left out"),
         "{err}"
     );
     assert_eq!(stylefarm_tests::file_names(&out).len(), 1, "{err}");
+    let (code, err, out) = local(false);
+    assert_eq!(code, Some(1), "{err}");
+    // (each file is read before any is decoded)
+    assert!(err.contains("e.jpg: cannot read"), "{err}");
+    assert!(!out.exists(), "{err}");
+    std::fs::remove_file(photos.join("e.jpg")).unwrap();
     let (code, err, out) = local(false);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("b.jpg: cannot decode image"), "{err}");
@@ -4388,7 +4401,7 @@ async fn a_cancel_of_some_tasks_is_refused_when_the_coordinator_s_fields_cannot_
 /// submitted a second time with a new photo among its old ones uploads that photo alone, and renders.
 /// An image never uploaded is not held; a call asking about more than the limit is refused naming sha256.
 /// Nor are results downloaded twice: a fetch run again skips the PNG files that hold their result, and
-/// downloads one whose file changed.
+/// downloads one whose file changed. A result that cannot be written does not stop the others.
 #[tokio::test(flavor = "multi_thread")]
 async fn images_are_not_uploaded_again_nor_results_fetched_twice() {
     use stylefarm_client::JobFiles;
@@ -4431,6 +4444,18 @@ async fn images_are_not_uploaded_again_nor_results_fetched_twice() {
     assert_eq!(client.downloaded() - before, 3, "the changed file again");
     let bytes = std::fs::read(&written[0]).unwrap();
     assert_eq!(ImageHash::of(&bytes).as_str(), done.tasks[0].result);
+    // a result that cannot be written (a folder in its file's place) does not stop the other's
+    for file in &written {
+        std::fs::remove_file(file).unwrap();
+    }
+    std::fs::create_dir(&written[0]).unwrap();
+    let err = client.fetch(&done, &out).await.unwrap_err().to_string();
+    assert!(
+        err.contains("output: 1 of 2 result(s) could not be written (1 were), the first: "),
+        "{err}"
+    );
+    let bytes = std::fs::read(&written[1]).unwrap();
+    assert_eq!(ImageHash::of(&bytes).as_str(), done.tasks[1].result);
     let never = ImageHash::of(b"never uploaded");
     assert!(client
         .find_images(std::slice::from_ref(&never))

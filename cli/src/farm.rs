@@ -850,7 +850,8 @@ fn job_id_arg(text: &str) -> Result<JobId, String> {
 
 /// `paths` with each directory replaced by the images in it: the files whose extension names a format
 /// the image crate reads here (`ImageFormat::from_path`), sorted by name, without subdirectories nor
-/// hidden files (a name that starts with `.`). An
+/// hidden files (a name that starts with `.`). A broken symbolic link with such a name is kept: reading
+/// it fails, saying so (a keep-going batch leaves it out), rather than it being passed over unsaid. An
 /// error names `field` and the directory that cannot be read or holds no image.
 fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -867,7 +868,8 @@ fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
             .with_context(|| format!("{field}: reading the directory {}", path.display()))?;
         let mut images: Vec<PathBuf> = entries
             .into_iter()
-            .filter(|p| p.is_file())
+            // a link to nothing is not a file, nor a directory: the user's photo that is missing
+            .filter(|p| p.is_file() || (p.is_symlink() && !p.exists()))
             // hidden files: not the user's photos (macOS's `._IMG_0001.jpg` beside each on a shared
             // drive, editors' and tools' leftovers)
             .filter(|p| {
@@ -1768,6 +1770,9 @@ mod tests {
         ] {
             std::fs::write(photos.join(name), b"").unwrap();
         }
+        // a link to a photo that is gone is kept (reading it says so); one to a folder is not a file
+        std::os::unix::fs::symlink(dir.path().join("gone.jpg"), photos.join("e.jpg")).unwrap();
+        std::os::unix::fs::symlink(photos.join("nested"), photos.join("f.png")).unwrap();
         let single = dir.path().join("single.tif");
         let found = images_of("content", &[single.clone(), photos.clone()]).unwrap();
         let names: Vec<_> = found
@@ -1786,7 +1791,8 @@ mod tests {
                 "single.tif",
                 "photos/a.PNG",
                 "photos/b.jpg",
-                "photos/c.webp"
+                "photos/c.webp",
+                "photos/e.jpg"
             ]
         );
         assert_eq!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use prost::Message;
 use stylefarm_core::checkpoint::CheckpointEvery;
 pub use stylefarm_core::ids::JobId;
-use stylefarm_core::job::{image_name_of, ImageHash, JobKind, JobSpec};
+use stylefarm_core::job::{image_names_of, ImageHash, JobKind, JobSpec};
 use stylefarm_core::{imaging, Init, RenderParams};
 use stylefarm_proto::compat::{self, DescriptorPool};
 use stylefarm_proto::connect::AuthChannel;
@@ -606,8 +606,9 @@ impl FarmClient {
         let init = job.params.init.file();
         // before any file is read: a folder of 50,000 photos is refused at once
         stylefarm_core::job::check_image_counts(job.contents.len(), job.styles.len())?;
-        // a keep-going batch leaves out a content image that cannot be read or decoded, and renders the
-        // others (make's -k): each decoded as it is read, not again at its upload
+        // a keep-going batch leaves out a content image that cannot be read or decoded, or that is too
+        // small for VGG19 at the job's sizes, and renders the others (make's -k): each decoded as it is
+        // read, not again at its upload
         let leave_out = job.keep_going && matches!(job.kind, JobKind::Batch);
         let contents: HashSet<&Path> = job.contents.iter().map(PathBuf::as_path).collect();
         self.left_out.clear();
@@ -622,7 +623,10 @@ impl FarmClient {
             let hash = if leave_out && contents.contains(path) {
                 let checked = off_async(|| -> Result<ImageHash> {
                     let bytes = read_file(path)?;
-                    imaging::decode(&bytes, &path.display().to_string())?;
+                    let name = path.display().to_string();
+                    let size = imaging::decode(&bytes, &name)?.dimensions();
+                    let content = stylefarm_core::params::ImageSize::new(&name, size);
+                    job.params.check_sizes(content, &[], None)?;
                     Ok(ImageHash::of(&bytes))
                 });
                 match checked {
@@ -653,13 +657,13 @@ impl FarmClient {
             .filter(|p| hashes.contains_key(p))
             .collect();
         if contents.is_empty() && !job.contents.is_empty() {
-            let (path, error) = &self.left_out[0];
+            // (each error names its file)
+            let (_, error) = &self.left_out[0];
             return Err(stylefarm_core::Error::invalid(
                 "contents",
                 format!(
-                    "every content image was left out ({} of them), the first: {}: {error}",
+                    "every content image was left out ({} of them), the first: {error}",
                     self.left_out.len(),
-                    path.display()
                 ),
             )
             .into());
@@ -690,8 +694,10 @@ impl FarmClient {
         // for people: a batch's labels and result files (the other kinds' labels do not use them)
         let mut spec = match spec.kind {
             JobKind::Batch => JobSpec {
-                content_names: contents.iter().map(|p| image_name_of(p)).collect(),
-                style_names: job.styles.iter().map(|p| image_name_of(p)).collect(),
+                content_names: image_names_of(&contents),
+                style_names: image_names_of(
+                    &job.styles.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+                ),
                 ..spec
             },
             _ => spec,
@@ -1044,15 +1050,6 @@ impl FarmClient {
         Ok(())
     }
 
-    /// [`Self::download`] of an image named by a status' text (a sha256; an error names `result`
-    /// otherwise).
-    async fn download_named(&mut self, sha256: &str, path: &Path) -> Result<()> {
-        let hash: ImageHash = sha256.parse().map_err(|_| {
-            stylefarm_core::Error::invalid("result", format!("'{sha256}' is not a sha256"))
-        })?;
-        self.download(&hash, path).await
-    }
-
     /// Writes a job's results, those done so far for a job still running; returns the files that hold them
     /// (written, or found holding them already). A single
     /// render or a tiled job's stitched image goes to `output` when it names an image file (`.png`, `.jpg`,
@@ -1063,7 +1060,9 @@ impl FarmClient {
     /// input stops). Files there are written over, but not one of the job's input images (by sha256): that
     /// is refused, naming `output`, before anything is written. A PNG file that holds its result already
     /// (the same sha256: a fetch run again after one cut short, or of a job that went on) is left as it
-    /// is, not downloaded again.
+    /// is, not downloaded again. A result that cannot be written (a directory in its file's place, say)
+    /// does not stop the others: the error, naming `output`, says how many were not written, and the
+    /// first's reason.
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),
@@ -1140,12 +1139,33 @@ impl FarmClient {
         if folder {
             create_dir(output)?;
         }
-        let mut written = Vec::new();
+        let (mut written, mut unwritten) = (Vec::new(), Vec::new());
+        let planned = plan.len();
         for (sha, path) in plan {
             if !holds(&path, sha) {
-                self.download_named(sha, &path).await?;
+                let hash: ImageHash = sha.parse().map_err(|_| {
+                    stylefarm_core::Error::invalid("result", format!("'{sha}' is not a sha256"))
+                })?;
+                // the coordinator's errors stop the fetch; a file that cannot be written (a directory
+                // in its place, a name the filesystem refuses) does not stop the others
+                let bytes = self.download_bytes(&hash).await?;
+                if let Err(e) = off_async(|| imaging::save_encoded(&bytes, sha, &path)) {
+                    unwritten.push(e);
+                    continue;
+                }
             }
             written.push(path);
+        }
+        if let Some(first) = unwritten.first() {
+            return Err(stylefarm_core::Error::invalid(
+                "output",
+                format!(
+                    "{} of {planned} result(s) could not be written ({} were), the first: {first}",
+                    unwritten.len(),
+                    written.len()
+                ),
+            )
+            .into());
         }
         Ok(written)
     }

@@ -81,12 +81,31 @@ fn check_names(field: &'static str, names: &[String], count: usize) -> Result<()
 /// `photos/IMG_0001.jpg`), its control characters made spaces, cut to [`MAX_IMAGE_NAME_BYTES`] at a
 /// character boundary; `image` for a path without one.
 pub fn image_name_of(path: &std::path::Path) -> String {
-    let stem = path
-        .file_stem()
+    name_of(path.file_stem())
+}
+
+/// The names a job gives the images of files `paths`, in order: [`image_name_of`] each, but the file's
+/// whole name (`a.png`, `a.jpg`) for those whose stems the others share, so that their labels and result
+/// files tell them apart.
+pub fn image_names_of(paths: &[&std::path::Path]) -> Vec<String> {
+    let stems: Vec<String> = paths.iter().map(|p| image_name_of(p)).collect();
+    let shared = |stem: &String| stems.iter().filter(|s| *s == stem).count() > 1;
+    (paths.iter().zip(&stems))
+        .map(|(path, stem)| match shared(stem) {
+            true => name_of(path.file_name()),
+            false => stem.clone(),
+        })
+        .collect()
+}
+
+/// A file name's part (`name`) made an image's name: control characters made spaces, cut to
+/// [`MAX_IMAGE_NAME_BYTES`]; `image` when there is none.
+fn name_of(name: Option<&std::ffi::OsStr>) -> String {
+    let name = name
         .map(|s| s.to_string_lossy().replace(char::is_control, " "))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "image".into());
-    crate::task_log::at_most(&stem, MAX_IMAGE_NAME_BYTES).to_string()
+    crate::task_log::at_most(&name, MAX_IMAGE_NAME_BYTES).to_string()
 }
 
 /// The name of image `i` (0-based) of a kind in a task's label: its name ([`JobSpec::content_names`]) if
@@ -1657,6 +1676,9 @@ mod tests {
             long.len() <= MAX_IMAGE_NAME_BYTES && long.starts_with('é'),
             "{long}"
         );
+        // files of one stem (a.png, a.jpg) are told apart by their whole names
+        let paths = ["p/a.png", "p/a.jpg", "p/b.png", "q/A.png"].map(Path::new);
+        assert_eq!(image_names_of(&paths), ["a.png", "a.jpg", "b", "A"]);
     }
 
     /// The command line's options beside a sweep: one that no point reads, or that the sweep varies too,
