@@ -291,7 +291,8 @@ pub struct AttemptLog {
 pub fn text(attempts: &[AttemptLog]) -> String {
     use std::fmt::Write as _;
     if attempts.is_empty() {
-        return "the task has not run yet\n".into();
+        // not "yet": a task cancelled before it ran never will
+        return "no attempt: the task has not run\n".into();
     }
     let mut out = String::new();
     for a in attempts {
@@ -420,7 +421,7 @@ mod tests {
             "attempt 2\tw#1\t2025-12-05T05:20:00Z\trunning\t"
         );
         assert_eq!(lines.len(), 2 * (HEAD_LINES + 2) + 1);
-        assert_eq!(super::text(&[]), "the task has not run yet\n");
+        assert_eq!(super::text(&[]), "no attempt: the task has not run\n");
         // times from a coordinator, however wrong, are text: no overflow
         for (started_ms, ended_ms) in [(i64::MAX, -1), (i64::MIN, i64::MAX), (-5, 1)] {
             let odd = AttemptLog {
