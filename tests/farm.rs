@@ -2867,6 +2867,74 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
     assert!(!retried.tasks[0].result.is_empty() && retried.tasks[0].error.is_empty());
 }
 
+/// The photos that a keep-going batch left out at its submit stay with the job: `status` counts them and
+/// says each with why, `list` counts them, `watch` fails at the job's end saying so (as `submit --wait`
+/// and `local` do), and `fetch` writes the results and points to `status`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_going_batch_s_photos_left_out_at_its_submit_stay_with_the_job() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker("only");
+    let bad = cluster.dir.path().join("notes.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let bad = bad.display().to_string();
+    let args = [
+        "submit",
+        "--batch",
+        "--keep-going",
+        "--content",
+        &bad,
+        "--content",
+    ];
+    let (ok, out, err) = cluster.cli(
+        &[
+            &args[..],
+            &[&path("chelsea.png"), "--style", &path("starry_night.jpg")],
+            &["--size", "32", "--iterations", "2"],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{out} {err}");
+    assert!(
+        err.contains(&format!("left out: {bad}: not an image")),
+        "{err}"
+    );
+    // the photo and the style; the file left out is not counted on the coordinator
+    assert!(err.contains("2 image(s) uploaded\n"), "{err}");
+    let id = out.trim();
+    let done = wait_succeeded(&cluster, id).await;
+    assert_eq!(done.tasks.len(), 1);
+    assert_eq!(
+        done.spec.unwrap().left_out,
+        [format!("{bad}: not an image (unknown format)")]
+    );
+    let note = "succeeded\t1/1 tasks\t1 content image(s) left out at its submit";
+    let (ok, out, err) = cluster.cli(&["status", id]);
+    assert!(ok && out.contains(note), "{out} {err}");
+    assert!(
+        out.contains(&format!(
+            "\n  left out: {bad}: not an image (unknown format)\n"
+        )),
+        "{out}"
+    );
+    let (ok, out, err) = cluster.cli(&["list"]);
+    assert!(ok && out.contains(note), "{out} {err}");
+    let (ok, _, err) = cluster.cli(&["watch", id]);
+    assert!(
+        !ok && err.contains(&format!(
+            "job {id} succeeded: the others rendered, but 1 content image(s) were left out at its \
+             submit (the first: {bad}: not an image"
+        )),
+        "{err}"
+    );
+    let results = cluster.dir.path().join("results");
+    let (ok, out, err) = cluster.cli(&["fetch", id, "-o", results.to_str().unwrap()]);
+    assert!(ok && out.lines().count() == 1, "{out} {err}");
+    assert!(
+        err.contains("the job left out 1 content image(s) at its submit (stylefarm status"),
+        "{err}"
+    );
+}
+
 /// A keep-going batch's task cancelled alone (`cancel JOB --task N`) before it ran: the job (submitted
 /// paused) renders the others once resumed and ends cancelled, their results kept, and `status` counts it;
 /// `retry JOB --task N` renders it alone and the job succeeds. Refused, each naming why: an index the job

@@ -519,7 +519,8 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
 /// (POST /api/jobs/{id}/tasks/{index}/{cancel,retry}, with the page's CSRF header: refused without it);
 /// pressed, they cancel the task alone and queue it again, and the job's retry button shows while it runs
 /// with a task cancelled. A batch that is not keep-going has no task buttons, and the API refuses its tasks
-/// alone, naming why. No worker: the jobs are submitted paused.
+/// alone, naming why. The photo the keep-going one left out at its submit is said on its card and in the
+/// JSON. No worker: the jobs are submitted paused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keep_going_batch_s_tasks_are_cancelled_and_run_again_from_the_page() {
     let mut cluster = Cluster::new(10.0, 0.5, "embedded");
@@ -544,8 +545,20 @@ async fn a_keep_going_batch_s_tasks_are_cancelled_and_run_again_from_the_page() 
         ];
         submit(&cluster, &[&args[..], &images[..]].concat())
     };
-    let id = batch(&["--keep-going"]);
+    // and a photo that is not one, left out at its submit: its tasks are the others'
+    let bad = cluster.dir.path().join("notes.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let id = batch(&["--keep-going", "--content", bad.to_str().unwrap()]);
     let plain = batch(&[]);
+    let answer = http(&addr, "GET", "/api/status", &[], "").await;
+    assert!(
+        answer.body.contains(r#""left_out":[""#)
+            && answer
+                .body
+                .contains("notes.png: not an image (unknown format)\"]"),
+        "{}",
+        answer.body
+    );
     let task_state = |index: usize| {
         let (addr, id) = (addr.clone(), id.clone());
         async move {
@@ -606,6 +619,13 @@ async fn a_keep_going_batch_s_tasks_are_cancelled_and_run_again_from_the_page() 
             .unwrap();
         }
     };
+    let left_out =
+        format!("return document.querySelector('{card} details.err summary')?.textContent;");
+    wait_for("the photo left out", Duration::from_secs(10), || async {
+        let text = eval(&browser, &left_out).await;
+        (text.as_str()? == "1 content image(s) left out at its submit").then_some(())
+    })
+    .await;
     press("cancel").await;
     wait_for(
         "task 1 to be cancelled",

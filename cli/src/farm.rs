@@ -1223,10 +1223,12 @@ pub(crate) async fn wait_and_fetch(
     ended_well(&status)
 }
 
-/// The command's error for a job that ended without succeeding (failed, cancelled): its state and error.
+/// The command's error for a job that ended without succeeding (failed, cancelled): its state and error;
+/// for a keep-going batch that rendered all it was given but left out content images at its submit
+/// ([`JobSpec::left_out`](stylefarm_core::job::JobSpec::left_out)), as make -k fails: saying how many.
 fn ended_well(status: &pb::JobStatus) -> anyhow::Result<()> {
+    let state = job_state_name(status.state);
     if status.state() != pb::JobState::Succeeded {
-        let state = job_state_name(status.state);
         // an error that only repeats the state ("cancelled") is not said twice
         match status.error.as_str() {
             "" => bail!("job {} {state}", status.job_id),
@@ -1234,7 +1236,21 @@ fn ended_well(status: &pb::JobStatus) -> anyhow::Result<()> {
             error => bail!("job {} {state}: {error}", status.job_id),
         }
     }
+    if let Some(first) = left_out_of(status).first() {
+        bail!(
+            "job {} {state}: the others rendered, but {} content image(s) were left out at its submit \
+             (the first: {first})",
+            status.job_id,
+            left_out_of(status).len(),
+        );
+    }
     Ok(())
+}
+
+/// The content images a keep-going batch left out at its submit, each saying which and why
+/// ([`JobSpec::left_out`](stylefarm_core::job::JobSpec::left_out)).
+fn left_out_of(status: &pb::JobStatus) -> &[String] {
+    status.spec.as_ref().map_or(&[], |spec| &spec.left_out)
 }
 
 /// The failed tasks whose last attempt's log a failed job's wait prints ([`print_failed_logs`]).
@@ -1294,9 +1310,10 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
         let job_id = client.submit_files(&job).await?;
-        let left_out = client.left_out().to_vec();
-        say_left_out(&left_out);
+        say_left_out(client.left_out());
+        // the files read, less those left out: neither uploaded nor on the coordinator
         let files = job.inputs().collect::<std::collections::HashSet<_>>().len() as u64;
+        let files = files.saturating_sub(client.left_out().len() as u64);
         let held = files.saturating_sub(client.uploaded());
         eprintln!(
             "{} image(s) uploaded{}",
@@ -1319,8 +1336,6 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
                      cancel {job_id}` stops it"
                 ),
             }
-            // rendered, but not every image given: the command fails, as make -k does
-            rendered_all(&left_out)?;
         }
         Ok(())
     })
@@ -1331,20 +1346,6 @@ pub(crate) fn say_left_out(left_out: &[(PathBuf, String)]) {
     for (_, why) in left_out {
         eprintln!("left out: {why}");
     }
-}
-
-/// The command's error once a keep-going batch that left out content images ([`FarmClient::left_out`])
-/// rendered the others.
-pub(crate) fn rendered_all(left_out: &[(PathBuf, String)]) -> anyhow::Result<()> {
-    if let Some((path, _)) = left_out.first() {
-        bail!(
-            "the others rendered, but {} content image(s) were left out, as said when it was submitted \
-             (the first: {})",
-            left_out.len(),
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 /// Writes each preview to `dir` as `task-<index>.png` (the task's latest replaces the one before; written
@@ -1405,10 +1406,13 @@ fn print_status(s: &pb::JobStatus) {
         }
     };
     let failed = count(pb::TaskState::Failed) + &count(pb::TaskState::Cancelled);
+    let left_out = left_out_of(s).len();
     let note = if !s.waiting.is_empty() {
         format!("waiting: {}", s.waiting)
     } else if s.paused && s.error.is_empty() {
         "paused".to_string()
+    } else if s.error.is_empty() && left_out > 0 {
+        format!("{left_out} content image(s) left out at its submit")
     } else {
         s.error.clone()
     };
@@ -1430,6 +1434,9 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
         let mut client = connect(&args.connect).await?;
         let s = client.job(&args.job_id).await?;
         print_status(&s);
+        for why in left_out_of(&s) {
+            outln!("  left out: {why}");
+        }
         if s.scales > 0 {
             outln!(
                 "  scales stitched {}/{}{}",
@@ -1448,7 +1455,7 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
                 format!("checkpoint scale {} iteration {} ", c.scale, c.iteration)
             });
             outln!(
-                "  {:>3} {:<10} {:<32} attempts {} {checkpoint}{}",
+                "  {:>3} {:<10} {} attempts {} {checkpoint}{}",
                 t.index,
                 // cancelled for a new plan of its scale (the error says why): not the job's work
                 if t.replaced {
@@ -1456,13 +1463,20 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
                 } else {
                     task_state_name(t.state)
                 },
-                t.label,
+                padded(&t.label, 32),
                 t.attempts,
                 t.error
             );
         }
         Ok(())
     })
+}
+
+/// `text` padded with spaces to `width` terminal columns, where `{:<width}` pads to `width` characters: a
+/// CJK character takes two columns (unicode-width's UAX #11 widths), a combining mark none.
+fn padded(text: &str, width: usize) -> String {
+    let pad = width.saturating_sub(unicode_width::UnicodeWidthStr::width(text));
+    format!("{text}{}", " ".repeat(pad))
 }
 
 /// The arguments of `log`.
@@ -1617,6 +1631,12 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
                 s.tasks.len()
             );
             ended_well(&s)?;
+        } else if !left_out_of(&s).is_empty() {
+            eprintln!(
+                "the job left out {} content image(s) at its submit (stylefarm status {} lists them)",
+                left_out_of(&s).len(),
+                s.job_id
+            );
         }
         Ok(())
     })
@@ -1726,7 +1746,7 @@ pub(crate) fn cancel(args: JobOrTaskRefs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{images_of, listen_addr, scale_time_left};
+    use super::{images_of, listen_addr, padded, scale_time_left};
     use std::time::Duration;
 
     #[test]
@@ -1754,6 +1774,15 @@ mod tests {
     /// A directory stands for its images, sorted by name: other files, hidden ones (`._b.jpg`) and
     /// subdirectories are left out, a file given by name is kept as it is, and a directory without images
     /// is an error naming the field.
+    /// Columns line up in a terminal whatever the labels' script: padded by display width.
+    #[test]
+    fn labels_are_padded_to_terminal_columns() {
+        assert_eq!(padded("ab", 4), "ab  ");
+        assert_eq!(padded("東京 x 富士", 12), "東京 x 富士 ");
+        assert_eq!(padded("e\u{301}", 3), "e\u{301}  ");
+        assert_eq!(padded("longer than", 4), "longer than");
+    }
+
     #[test]
     fn a_directory_stands_for_the_images_in_it() {
         let dir = tempfile::tempdir().unwrap();

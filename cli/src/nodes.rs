@@ -432,10 +432,8 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
             }
             let job_id = client.submit_files(&job).await?;
             let _ = submitted.set(job_id.clone());
-            let left_out = client.left_out().to_vec();
-            crate::farm::say_left_out(&left_out);
-            wait_and_fetch(&mut client, &job_id, Some(&output), false).await?;
-            crate::farm::rendered_all(&left_out)
+            crate::farm::say_left_out(client.left_out());
+            wait_and_fetch(&mut client, &job_id, Some(&output), false).await
         };
         // with no worker left the job would wait for one forever: this farm gets none; Ctrl-C or SIGTERM
         // stops it too, and its temporary data dir (every image of the job) goes with it

@@ -365,8 +365,9 @@ impl FarmClient {
     }
 
     /// The content images that the last [`FarmClient::submit_files`] of a keep-going batch
-    /// ([`JobFiles::keep_going`]) left out, each with why (a file that cannot be read, or decoded): the
-    /// job renders the others.
+    /// ([`JobFiles::keep_going`]) left out, each with why (a file that cannot be read or decoded, or is
+    /// too small for VGG19 at the job's sizes): the job renders the others, and holds them
+    /// ([`JobSpec::left_out`]).
     pub fn left_out(&self) -> &[(PathBuf, String)] {
         &self.left_out
     }
@@ -690,6 +691,10 @@ impl FarmClient {
             content_names: Vec::new(),
             style_names: Vec::new(),
             name: job.name.clone(),
+            // said with the job: its status, its watch, the status page
+            left_out: (self.left_out.iter())
+                .map(|(_, why)| stylefarm_core::job::left_out_entry(why))
+                .collect(),
         };
         // for people: a batch's labels and result files (the other kinds' labels do not use them)
         let mut spec = match spec.kind {
@@ -709,11 +714,13 @@ impl FarmClient {
             .check_known(SUBMIT, &submit_request(&spec, request_id, paused))
             .await
         {
-            // an older coordinator, without the images' names: they are for people, the job renders the
-            // same without them (its labels say "content 1 x style 1")
-            Err(ClientError::Unsupported(unknown)) if unknown.iter().any(|f| names_field(f)) => {
+            // an older coordinator, without the images' names or those left out: they are for people, the
+            // job renders the same without them (its labels say "content 1 x style 1"; those left out
+            // were said as it was submitted)
+            Err(ClientError::Unsupported(unknown)) if unknown.iter().any(|f| for_people(f)) => {
                 spec.content_names.clear();
                 spec.style_names.clear();
+                spec.left_out.clear();
                 self.check_known(SUBMIT, &submit_request(&spec, request_id, paused))
                     .await?;
             }
@@ -1319,12 +1326,17 @@ fn submit_request(spec: &JobSpec, request_id: Option<&str>, paused: bool) -> pb:
 /// coordinator knows the job's fields): past it the submit goes on unchecked.
 pub const REFLECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Whether `field`, as [`compat::unknown_to`] names a field, is one of the images' names
-/// ([`JobSpec::content_names`]), which a coordinator without them may go without.
-fn names_field(field: &str) -> bool {
-    ["JobSpec.content_names ", "JobSpec.style_names "]
-        .iter()
-        .any(|name| field.starts_with(name))
+/// Whether `field`, as [`compat::unknown_to`] names a field, is one of those for people: the images' names
+/// ([`JobSpec::content_names`]) and those left out ([`JobSpec::left_out`]), which a coordinator without
+/// them may go without.
+fn for_people(field: &str) -> bool {
+    [
+        "JobSpec.content_names ",
+        "JobSpec.style_names ",
+        "JobSpec.left_out ",
+    ]
+    .iter()
+    .any(|name| field.starts_with(name))
 }
 
 /// What a coordinator's server reflection answered.

@@ -170,6 +170,9 @@ pub struct JobRow {
     /// Why it has tasks queued and none running, when no live worker may take them
     /// ([`Waiting::reason`]); empty otherwise.
     pub waiting: String,
+    /// The content images its client left out at its submit, each saying which and why
+    /// ([`stylefarm_core::job::JobSpec::left_out`]).
+    pub left_out: Vec<String>,
     /// How much is done, 0 to 1: the mean of the tasks' fractions (a tiled job: of its scales', each the
     /// mean of its tiles').
     pub progress: f64,
@@ -215,9 +218,10 @@ pub struct TaskRow {
     pub attempts: u32,
     /// How much is done, 0 to 1.
     pub progress: f64,
-    /// The iteration its worker last reported (0 before any), of `iterations` of the current scale.
+    /// The iteration its worker last reported, of `iterations` of the current scale; 0 before any, and
+    /// once the task ended (progress is kept only while it runs: `progress` says 1 for one done).
     pub iteration: u32,
-    /// The iterations of the scale being rendered; 0 before a report.
+    /// The iterations of the scale being rendered; 0 before a report, and once the task ended.
     pub iterations: u32,
     /// The objective at `iteration`.
     pub loss: Option<f64>,
@@ -438,6 +442,7 @@ pub fn job_row(
         finished_ms: m.finished_ms,
         error: m.error.clone(),
         waiting: waiting.reason(m, all.iter().map(|(t, _)| *t)),
+        left_out: m.spec.left_out.clone(),
         progress,
         counts,
         scales,

@@ -33,6 +33,16 @@ pub const MAX_IMAGE_NAME_BYTES: usize = 100;
 /// The longest name of a job ([`JobSpec::name`]), in bytes.
 pub const MAX_JOB_NAME_BYTES: usize = 200;
 
+/// The longest account of a content image left out at a job's submit ([`JobSpec::left_out`]), in bytes.
+pub const MAX_LEFT_OUT_BYTES: usize = 512;
+
+/// `why` a content image was left out made an entry of [`JobSpec::left_out`]: its control characters
+/// (a decoder's multi-line message) made spaces, cut to [`MAX_LEFT_OUT_BYTES`] at a character boundary.
+pub fn left_out_entry(why: &str) -> String {
+    let why = why.replace(char::is_control, " ");
+    crate::task_log::at_most(&why, MAX_LEFT_OUT_BYTES).to_string()
+}
+
 /// Refuses a job of more than [`MAX_IMAGES_PER_JOB`] content or style images ([`JobSpec::check_new`]),
 /// which a client checks too before it reads any of them.
 ///
@@ -437,6 +447,14 @@ pub struct JobSpec {
     /// characters; empty: none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
+    /// The content images that a keep-going batch's client left out at its submit, for people: each
+    /// says which file and why (it could not be read, it is not an image, it is too small for VGG19 at
+    /// the job's sizes; [`left_out_entry`]). The job renders the others; `stylefarm status`, `list`,
+    /// `watch` and the status page say so, and a wait for the job fails at its end (make's `-k`). At most
+    /// [`MAX_IMAGES_PER_JOB`] with the contents, each of 1 to [`MAX_LEFT_OUT_BYTES`] bytes without control
+    /// characters, only in a keep-going batch ([`JobSpec::check_new`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -716,6 +734,7 @@ impl JobSpec {
             content_names: Vec::new(),
             style_names: Vec::new(),
             name: String::new(),
+            left_out: Vec::new(),
         }
     }
 
@@ -1077,6 +1096,36 @@ impl JobSpec {
         Ok(ExpandedJob { spec: self, tasks })
     }
 
+    /// Checks [`JobSpec::left_out`]: only in a keep-going batch, at most [`MAX_IMAGES_PER_JOB`] with the
+    /// contents, each of 1 to [`MAX_LEFT_OUT_BYTES`] bytes without control characters; an error names
+    /// `left_out`.
+    fn check_left_out(&self) -> Result<(), Error> {
+        let invalid = |why: String| Err(Error::invalid("left_out", why));
+        if self.left_out.is_empty() {
+            return Ok(());
+        }
+        if !(self.keep_going && matches!(self.kind, JobKind::Batch)) {
+            return invalid("only a keep-going batch leaves out content images".into());
+        }
+        // as many as the client read: the job's contents and these, together
+        if self.left_out.len() + self.contents.len() > MAX_IMAGES_PER_JOB {
+            return invalid(format!(
+                "{} with the job's {} contents: more than {MAX_IMAGES_PER_JOB} images in one job",
+                self.left_out.len(),
+                self.contents.len()
+            ));
+        }
+        for (i, why) in self.left_out.iter().enumerate() {
+            if why.is_empty() || why.len() > MAX_LEFT_OUT_BYTES || why.contains(char::is_control) {
+                return invalid(format!(
+                    "entry {}: 1 to {MAX_LEFT_OUT_BYTES} bytes without control characters",
+                    i + 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// [`JobSpec::tasks`] with the limits on a new job, which may be narrower than a stored job's (a
     /// tiled job's overlap and tile size: [`Tiling::validate`] rather than the planner's
     /// [`Tiling::validate_stored`]); an error names the field.
@@ -1089,6 +1138,7 @@ impl JobSpec {
         }
         check_names("content_names", &self.content_names, self.contents.len())?;
         check_names("style_names", &self.style_names, self.styles.len())?;
+        self.check_left_out()?;
         // before the tasks, which the planner checks against a stored job's wider limits: an error
         // names a new job's
         if let Some(tiling) = self.kind.tiling() {
@@ -1569,6 +1619,53 @@ mod tests {
                     && err.ends_with(&format!("this is a {name} job")),
                 "{err}"
             );
+        }
+    }
+
+    /// The content images left out at a submit are a keep-going batch's, each said in 1 to 512 bytes
+    /// without control characters (a decoder's message made one line and cut), at most 1000 with the
+    /// contents; an error names `left_out`.
+    #[test]
+    fn left_out_images_are_a_keep_going_batch_s() {
+        let left_out = |kind, keep_going, left_out: Vec<String>| JobSpec {
+            keep_going,
+            left_out,
+            ..spec(kind)
+        };
+        let one = vec![left_out_entry("b.jpg: cannot decode\nline two")];
+        assert_eq!(one[0], "b.jpg: cannot decode line two");
+        assert!(left_out(JobKind::Batch, true, one.clone())
+            .check_new()
+            .is_ok());
+        let long = left_out_entry(&"é".repeat(MAX_LEFT_OUT_BYTES));
+        assert!(long.len() <= MAX_LEFT_OUT_BYTES && long.starts_with('é'));
+        let sweep = JobKind::Sweep(parse_sweep("style_weight=1,2").unwrap());
+        let many = vec!["x".to_string(); MAX_IMAGES_PER_JOB];
+        for (job, why) in [
+            (
+                left_out(JobKind::Batch, false, one.clone()),
+                "only a keep-going batch",
+            ),
+            (left_out(sweep, true, one), "only a keep-going batch"),
+            (
+                left_out(JobKind::Batch, true, vec![String::new()]),
+                "entry 1: 1 to 512 bytes",
+            ),
+            (
+                left_out(JobKind::Batch, true, vec!["a\tb".into()]),
+                "entry 1: 1 to 512 bytes",
+            ),
+            (
+                left_out(JobKind::Batch, true, vec!["x".repeat(513)]),
+                "entry 1: 1 to 512 bytes",
+            ),
+            (
+                left_out(JobKind::Batch, true, many),
+                "more than 1000 images in one job",
+            ),
+        ] {
+            let err = job.check_new().unwrap_err().to_string();
+            assert!(err.starts_with("left_out: ") && err.contains(why), "{err}");
         }
     }
 

@@ -240,6 +240,7 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             content_names: s.content_names,
             style_names: s.style_names,
             name: s.name,
+            left_out: s.left_out,
             after: s
                 .after
                 .iter()
@@ -297,6 +298,7 @@ impl From<&JobSpec> for pb::JobSpec {
             content_names: s.content_names.clone(),
             style_names: s.style_names.clone(),
             name: s.name.clone(),
+            left_out: s.left_out.clone(),
         }
     }
 }
@@ -737,8 +739,11 @@ mod tests {
         };
         let wire: pb::JobSpec = (&from_job).into();
         assert_eq!(JobSpec::try_from(wire).unwrap(), from_job);
-        // the images' names
+        // the images' names, and those left out (a keep-going batch's)
         let named = JobSpec {
+            kind: JobKind::Batch,
+            keep_going: true,
+            left_out: vec!["photos/b.jpg: not an image (unknown format)".into()],
             content_names: vec!["tubingen".into(); s.contents.len()],
             style_names: vec!["starry night".into(); s.styles.len()],
             name: "a sweep of tubingen".into(),

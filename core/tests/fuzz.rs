@@ -2208,6 +2208,7 @@ fn wire_job() -> BoxedStrategy<pb::JobSpec> {
                 content_names: Vec::new(),
                 style_names: Vec::new(),
                 name: String::new(),
+                left_out: Vec::new(),
                 kind: Some(wire_kind(&kind, unset_tiling)),
                 contents: contents.iter().map(ToString::to_string).collect(),
                 styles: (0..styles)
@@ -2265,6 +2266,7 @@ fn arbitrary_wire_job() -> BoxedStrategy<pb::JobSpec> {
                     content_names: Vec::new(),
                     style_names: Vec::new(),
                     name: String::new(),
+                    left_out: Vec::new(),
                     kind,
                     contents,
                     styles,

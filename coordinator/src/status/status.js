@@ -133,6 +133,14 @@ function headHtml(job, now) {
     ${scale} <span class="counts">${counts(job.counts)}</span> <span class="time">${elapsed(job, now)}</span>`;
 }
 
+// The content images a keep-going batch left out at its submit: how many, then each (which file, why).
+function leftOutHtml(leftOut) {
+  if (!leftOut.length) return "";
+  const items = leftOut.map((why) => `<li>${esc(why)}</li>`).join("");
+  return `<details class="err"><summary>${leftOut.length} content image(s) left out at its submit</summary>
+    <ul>${items}</ul></details>`;
+}
+
 function bodyHtml(job) {
   const previews = job.previews
     .map((p) => `<figure><img src="${image(p.image, 256)}" alt="${esc(p.label)}"><figcaption>${esc(p.label)}</figcaption></figure>`)
@@ -140,6 +148,7 @@ function bodyHtml(job) {
   const live = job.kind === "tiled" && !job.finished && job.canvas[0] > 0 ? mosaic(job) : "";
   return `${job.error ? `<p class="err">${esc(job.error)}</p>` : ""}
     ${job.waiting ? `<p class="waiting">waiting: ${esc(job.waiting)}</p>` : ""}
+    ${leftOutHtml(job.left_out)}
     <div class="previews">${previews}${live}</div>${taskRows(job)}`;
 }
 
