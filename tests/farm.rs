@@ -4517,7 +4517,10 @@ async fn images_are_not_uploaded_again_nor_results_fetched_twice() {
         std::fs::remove_file(file).unwrap();
     }
     std::fs::create_dir(&written[0]).unwrap();
-    let err = client.fetch(&done, &out).await.unwrap_err().to_string();
+    let mut said = Vec::new();
+    let fetched = client.fetch_each(&done, &out, |path| said.push(path.to_path_buf()));
+    let err = fetched.await.unwrap_err().to_string();
+    assert_eq!(said, [written[1].clone()], "each said as it was written");
     assert!(
         err.contains("output: 1 of 2 result(s) could not be written (1 were), the first: "),
         "{err}"

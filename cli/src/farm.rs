@@ -1202,10 +1202,9 @@ pub(crate) async fn wait_and_fetch(
     let kept_going = status.spec.as_ref().is_some_and(|s| s.keep_going)
         && status.tasks.iter().any(|t| !t.result.is_empty());
     if let Some(output) = output.filter(|_| succeeded || kept_going) {
-        match client.fetch(&status, output).await {
-            Ok(paths) => paths
-                .iter()
-                .for_each(|path| eprintln!("wrote {}", path.display())),
+        let wrote = |path: &Path| eprintln!("wrote {}", path.display());
+        match client.fetch_each(&status, output, wrote).await {
+            Ok(_) => {}
             // the job's own error comes after, not in place of, this one
             Err(e) if !succeeded => eprintln!("fetching the rendered results: {e}"),
             Err(source) => {
@@ -1613,10 +1612,8 @@ pub(crate) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut client = connect(&args.job.connect).await?;
         let s = client.job(&args.job.job_id).await?;
-        let written = client.fetch(&s, &args.output).await?;
-        for path in &written {
-            outln!("{}", path.display());
-        }
+        // each as it is written
+        (client.fetch_each(&s, &args.output, |path| outln!("{}", path.display()))).await?;
         let done = s.tasks.iter().filter(|t| !t.result.is_empty()).count();
         if !stylefarm_client::job_ended(s.state()) {
             eprintln!(

@@ -1,6 +1,6 @@
 //! The farm's commands that run the engine: `worker`, and `local` (a [`LocalFarm`] running one job).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -330,11 +330,9 @@ async fn write_rendered(
     if !several || done == 0 {
         return anyhow::Error::new(Interrupted);
     }
-    match client.fetch(&status, output).await {
-        Ok(written) => {
-            written
-                .iter()
-                .for_each(|path| eprintln!("wrote {}", path.display()));
+    let wrote = |path: &Path| eprintln!("wrote {}", path.display());
+    match client.fetch_each(&status, output, wrote).await {
+        Ok(_) => {
             anyhow::anyhow!(
                 "interrupted: the job unfinished, the results of {done} of its {} tasks written",
                 status.tasks.len()

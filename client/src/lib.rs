@@ -1071,6 +1071,18 @@ impl FarmClient {
     /// does not stop the others: the error, naming `output`, says how many were not written, and the
     /// first's reason.
     pub async fn fetch(&mut self, status: &pb::JobStatus, output: &Path) -> Result<Vec<PathBuf>> {
+        self.fetch_each(status, output, |_| {}).await
+    }
+
+    /// [`FarmClient::fetch`], calling `each` with each file as it is written (or found holding its result
+    /// already): a fetch of a thousand results says how far it is, and a fetch that fails part-way has
+    /// said which were written.
+    pub async fn fetch_each(
+        &mut self,
+        status: &pb::JobStatus,
+        output: &Path,
+        mut each: impl FnMut(&Path),
+    ) -> Result<Vec<PathBuf>> {
         let missing = |what: &str| ClientError::Job {
             job_id: JobId::new(status.job_id.clone()),
             message: format!("{what} (state {})", job_state_name(status.state)),
@@ -1161,6 +1173,7 @@ impl FarmClient {
                     continue;
                 }
             }
+            each(&path);
             written.push(path);
         }
         if let Some(first) = unwritten.first() {
