@@ -3499,7 +3499,13 @@ impl Scheduler {
             // leave the strikes that the job's other tasks put on its workers
             job.meta.strikes.clear();
         }
+        // a worker still blocklisted for it: watched again, for the job not to wait forever when no
+        // worker is left to run it (a job that ended was no longer watched)
+        let blocklisted = (job.meta.strikes.values()).any(|&s| s >= self.config.blocklist_after);
         ops.push(Op::Job(job.meta.clone()));
+        if blocklisted {
+            st.blocklisting.insert(job_id.clone());
+        }
         let durable = self.store.write(ops);
         drop(guard);
         store::wait(durable)?;
@@ -5999,7 +6005,8 @@ mod tests {
     }
 
     /// A keep-going job that no live worker is left for fails its queued tasks alone rather than the whole
-    /// job: a batch fails naming them, its rendered task kept, and `retry` runs the failed ones; a sweep
+    /// job: a batch fails naming them, its rendered task kept, `retry --task` of one fails it again (its
+    /// worker still blocklisted), and `retry` runs the failed ones; a sweep
     /// that rendered a variant is due for its contact sheet, which ends it.
     #[test]
     fn a_keep_going_job_with_no_worker_left_fails_its_queued_tasks_and_keeps_what_rendered() {
@@ -6050,6 +6057,12 @@ mod tests {
             [TaskState::Succeeded, TaskState::Failed, TaskState::Failed]
         );
         assert_eq!(s.counts(), s.counts_walked());
+        // a task run again alone: a is still blocklisted, so it fails again for want of a worker rather
+        // than waiting forever
+        assert_eq!(s.retry_tasks(&batch_job, &[1]).unwrap().requeued, 1);
+        assert_eq!(s.get(&batch_job).unwrap().meta.state, JobState::Queued);
+        assert_eq!(s.fail_stranded(&live).unwrap(), vec![batch_job.clone()]);
+        assert_eq!(s.get(&batch_job).unwrap().meta.state, JobState::Failed);
         // retry: the blocklist starts over and the failed tasks run again
         assert_eq!(s.retry(&batch_job).unwrap().requeued, 2);
         assert!(s.lease(&w("a")).unwrap().is_some());
