@@ -224,9 +224,34 @@ pub struct S3Blobs {
     /// The runtime the store's futures run on: the trait is synchronous, and its callers may be async tasks
     /// of another runtime, so requests are spawned here and waited for.
     runtime: Option<tokio::runtime::Runtime>,
-    /// Bytes of the objects found by the last listing, plus those this process stored since it began, less
-    /// those it deleted.
-    bytes: std::sync::atomic::AtomicU64,
+    /// The bytes stored, as a listing found them and as this process changed them since.
+    bytes: ListedBytes,
+}
+
+/// The bytes in a store that only a listing can count (S3): the last listing's total, plus what this process
+/// stored less what it deleted since that listing began (a delete while the count is low is not lost to a
+/// floor of 0; an object stored while a listing ran may be counted twice, until the next). Listings run one
+/// at a time: two at once (start-up's, a collection's) would each count what the other counts.
+#[derive(Default)]
+struct ListedBytes {
+    /// Bytes this process stored less those it deleted, since it began (negative when it deleted more).
+    changed: std::sync::atomic::AtomicI64,
+    /// The last listing's total, and `changed` as that listing began.
+    listed: std::sync::Mutex<(u64, i64)>,
+    /// Held through a listing.
+    listing: std::sync::Mutex<()>,
+}
+
+impl ListedBytes {
+    fn changed_by(&self, bytes: i64) {
+        (self.changed).fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn now(&self) -> u64 {
+        let (listed, at) = *self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = self.changed.load(std::sync::atomic::Ordering::Relaxed);
+        (listed as i64).saturating_add(changed - at).max(0) as u64
+    }
 }
 
 impl Drop for S3Blobs {
@@ -330,7 +355,7 @@ impl S3Blobs {
             store,
             prefix: prefix.trim_matches('/').to_string(),
             runtime: Some(runtime),
-            bytes: 0.into(),
+            bytes: ListedBytes::default(),
         })
     }
 
@@ -458,13 +483,12 @@ impl BlobStore for S3Blobs {
             }
             self.run(async move { parts.finish().await })?;
         }
-        self.bytes
-            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        self.bytes.changed_by(len as i64);
         Ok(())
     }
 
     fn stored_bytes(&self) -> u64 {
-        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+        self.bytes.now()
     }
 
     fn list(&self, visit: &mut dyn FnMut(StoredBlob)) -> std::io::Result<()> {
@@ -472,8 +496,9 @@ impl BlobStore for S3Blobs {
         use tokio_stream::StreamExt;
         let prefix =
             (!self.prefix.is_empty()).then(|| object_store::path::Path::from(&*self.prefix));
+        let _one_at_a_time = self.bytes.listing.lock().unwrap_or_else(|e| e.into_inner());
         let mut listing = self.store.list(prefix.as_ref());
-        let before = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let at = (self.bytes.changed).load(std::sync::atomic::Ordering::Relaxed);
         // the listing's pages come in on the store's runtime, one object at a time through a channel
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         self.runtime
@@ -502,13 +527,8 @@ impl BlobStore for S3Blobs {
                 modified: object.last_modified.into(),
             });
         }
-        // the listing's total, and what this process stored or deleted while it ran (a long listing of a
-        // large bucket): not overwritten by it (an object stored meanwhile may be counted twice, listed too)
-        let _ = self.bytes.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |now| Some(now.saturating_add(total).saturating_sub(before)),
-        );
+        // what this process stored or deleted while it ran (a long listing of a large bucket) counts on
+        *self.bytes.listed.lock().unwrap_or_else(|e| e.into_inner()) = (total, at);
         Ok(())
     }
 
@@ -516,7 +536,7 @@ impl BlobStore for S3Blobs {
         use object_store::ObjectStoreExt;
         let (store, path) = (self.store.clone(), self.path(&blob.hash));
         match self.run(async move { store.delete(&path).await }) {
-            Ok(()) => less(&self.bytes, blob.bytes),
+            Ok(()) => self.bytes.changed_by(-(blob.bytes as i64)),
             // already gone (deleted twice at once): its bytes were counted out then
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -682,7 +702,8 @@ pub(crate) mod tests {
     }
 
     /// The bytes stored (a metric) are those a listing finds plus what the process stored and deleted while
-    /// it ran: a long listing (a large bucket, at start-up) does not overwrite them.
+    /// it ran: a long listing (a large bucket, at start-up) does not overwrite them, and a delete before
+    /// anything was counted is not lost.
     #[test]
     fn an_s3_listing_keeps_what_was_stored_or_deleted_while_it_ran() {
         let server = S3Server::start();
@@ -695,13 +716,14 @@ pub(crate) mod tests {
             .list(&mut |blob| {
                 listed += blob.bytes;
                 if std::mem::take(&mut first) {
-                    fresh.put(b"1234567").unwrap();
+                    // a delete first, while the count is 0: not lost to a floor
                     let gone = super::StoredBlob {
                         hash: six.clone(),
                         bytes: 6,
                         modified: std::time::SystemTime::now(),
                     };
                     fresh.delete(&gone).unwrap();
+                    fresh.put(b"1234567").unwrap();
                 }
             })
             .unwrap();
