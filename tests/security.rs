@@ -871,8 +871,9 @@ fn bad_tls_files_or_data_dir_stop_the_coordinator_naming_them() {
 }
 
 /// A client's or a worker's TLS files that cannot be used (a file with no PEM certificate as the CA or the
-/// certificate, a key of another certificate) are named, flag and file, before anything is sent (tonic said
-/// "tls: transport error").
+/// certificate, none that webpki parses as the CA, a key of another certificate) are named, flag and file,
+/// before anything is sent (tonic said "tls: transport error"). A CA bundle with junk beside the CA is
+/// taken, as tonic takes it.
 #[test]
 fn bad_tls_files_of_a_caller_are_named() {
     let pki = Pki::new();
@@ -883,16 +884,38 @@ fn bad_tls_files_of_a_caller_are_named() {
         pki.path("worker.key"),
     );
     let other_key = pki.path("coordinator.key");
+    // a PEM block that is not a certificate webpki parses: alone, no CA; beside the CA, passed over
+    let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    let (junk_ca, bundle) = (
+        pki.dir.path().join("junk.pem"),
+        pki.dir.path().join("bundle.pem"),
+    );
+    std::fs::write(&junk_ca, junk).unwrap();
+    std::fs::write(
+        &bundle,
+        format!("{junk}{}", std::fs::read_to_string(&ca).unwrap()),
+    )
+    .unwrap();
     // the flags given, the field the error names and what it says
+    let named = |flag: &str, path: &std::path::Path, why: &str| {
+        format!("{flag}: {}: {why}", path.display())
+    };
     let cases = [
-        (vec![("--tls-ca", &image)], "tls_ca: no PEM certificate"),
+        (
+            vec![("--tls-ca", &image)],
+            named("tls_ca", &image, "no PEM certificate"),
+        ),
+        (
+            vec![("--tls-ca", &junk_ca)],
+            named("tls_ca", &junk_ca, "not a CA certificate"),
+        ),
         (
             vec![
                 ("--tls-ca", &ca),
                 ("--tls-cert", &image),
                 ("--tls-key", &key),
             ],
-            "tls_cert: no PEM certificate",
+            named("tls_cert", &image, "no PEM certificate"),
         ),
         (
             vec![
@@ -900,7 +923,7 @@ fn bad_tls_files_of_a_caller_are_named() {
                 ("--tls-cert", &cert),
                 ("--tls-key", &image),
             ],
-            "tls_key: no PEM private key",
+            named("tls_key", &image, "no PEM private key"),
         ),
         (
             vec![
@@ -908,7 +931,11 @@ fn bad_tls_files_of_a_caller_are_named() {
                 ("--tls-cert", &cert),
                 ("--tls-key", &other_key),
             ],
-            "tls_key: not the key of --tls-cert's certificate",
+            named(
+                "tls_key",
+                &other_key,
+                "not the key of --tls-cert's certificate",
+            ),
         ),
     ];
     for (flags, says) in cases {
@@ -923,14 +950,17 @@ fn bad_tls_files_of_a_caller_are_named() {
         }
         let out = command.output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(says), "{says}: {err}");
+        assert!(
+            !out.status.success() && err.contains(&says),
+            "{says}: {err}"
+        );
     }
-    // the good ones get as far as connecting
+    // the good ones (the CA in a bundle beside junk) get as far as connecting
     let out = std::process::Command::new("timeout")
         .arg("60")
         .arg(stylefarm_tests::binary())
         .args(["list", "--coordinator", "https://127.0.0.1:9", "--tls-ca"])
-        .arg(&ca)
+        .arg(&bundle)
         .arg("--tls-cert")
         .arg(&cert)
         .arg("--tls-key")

@@ -63,54 +63,59 @@ fn file_error(flag: &str, path: &Path, why: impl std::fmt::Display) -> Credentia
     CredentialsError(format!("{flag}: {}: {why}", path.display()))
 }
 
-/// The bytes of a file of secrets or certificates (`flag` names it in errors), at most
-/// [`MAX_SECRET_FILE_BYTES`]: a file (or a link to one, as Kubernetes mounts Secrets) or a pipe (a shell's
-/// `<(pass show farm)`); a device that never ends (`/dev/zero`) is refused at the bound.
-/// Checks a caller's TLS files as rustls takes them, so that a bad one is named: `ca` (PEM, `--tls-ca`)
-/// must hold certificates a root store takes, and `identity` (`--tls-cert`, `--tls-key`) a certificate
-/// chain and the private key of its first certificate. tonic reads them only as it connects, and says
-/// no more than "transport error".
-fn check_tls(ca: &[u8], identity: Option<(&[u8], &[u8])>) -> Result<(), CredentialsError> {
+/// A TLS file a caller read: its path and its bytes.
+type TlsFile<'a> = (&'a Path, &'a [u8]);
+
+/// Checks a caller's TLS files as rustls takes them, so that a bad one is named, flag and file: `ca` (PEM,
+/// `--tls-ca`) must hold a certificate a root store takes (others beside it are passed over, as tonic
+/// passes them over), and `identity` (`--tls-cert`, `--tls-key`) a certificate chain and the private key
+/// of its first certificate. tonic reads them only as it connects, and says no more than "transport
+/// error".
+fn check_tls(
+    ca: TlsFile<'_>,
+    identity: Option<(TlsFile<'_>, TlsFile<'_>)>,
+) -> Result<(), CredentialsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |flag: &str, why: String| CredentialsError(format!("{flag}: {why}"));
-    let certificates = |flag: &str, pem: &[u8]| {
+    let certificates = |flag: &str, (path, pem): TlsFile<'_>| {
         let certs = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(flag, format!("not PEM certificates: {e}")))?;
+            .map_err(|e| file_error(flag, path, format!("not PEM certificates: {e}")))?;
         match certs.is_empty() {
-            true => Err(bad(flag, "no PEM certificate in it".into())),
+            true => Err(file_error(flag, path, "no PEM certificate in it")),
             false => Ok(certs),
         }
     };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in certificates("tls_ca", ca)? {
-        roots
-            .add(cert)
-            .map_err(|e| bad("tls_ca", format!("not a CA certificate: {e}")))?;
+    // as tonic takes a CA bundle: the certificates webpki can parse
+    let (taken, _) = roots.add_parsable_certificates(certificates("tls_ca", ca)?);
+    if taken == 0 {
+        return Err(file_error("tls_ca", ca.0, "not a CA certificate in it"));
     }
     let Some((cert, key)) = identity else {
         return Ok(());
     };
     let chain = certificates("tls_cert", cert)?;
+    let (key_path, key) = key;
     let key = PrivateKeyDer::from_pem_slice(key)
-        .map_err(|e| bad("tls_key", format!("no PEM private key: {e}")))?;
+        .map_err(|e| file_error("tls_key", key_path, format!("no PEM private key: {e}")))?;
     rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| bad("tls_ca", e.to_string()))?
+    .map_err(|e| file_error("tls_ca", ca.0, e))?
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)
     .map_err(|e| {
-        bad(
-            "tls_key",
-            format!("not the key of --tls-cert's certificate: {e}"),
-        )
+        let why = format!("not the key of --tls-cert's certificate: {e}");
+        file_error("tls_key", key_path, why)
     })?;
     Ok(())
 }
 
+/// The bytes of a file of secrets or certificates (`flag` names it in errors), at most
+/// [`MAX_SECRET_FILE_BYTES`]: a file (or a link to one, as Kubernetes mounts Secrets) or a pipe (a shell's
+/// `<(pass show farm)`); a device that never ends (`/dev/zero`) is refused at the bound.
 fn read(flag: &str, path: &Path) -> Result<Vec<u8>, CredentialsError> {
     use std::io::Read;
     let mut bytes = Vec::new();
@@ -199,19 +204,22 @@ impl Credentials {
             }
             return Ok(endpoint);
         }
-        let Some(ca) = &self.tls_ca else {
+        let Some(ca_path) = &self.tls_ca else {
             return Err(CredentialsError(
                 "tls_ca: an https:// coordinator needs the CA that signed its certificate".into(),
             ));
         };
-        let ca = read("tls_ca", ca)?;
+        let ca = read("tls_ca", ca_path)?;
         let identity = match &self.tls_identity {
             Some((cert, key)) => Some((read("tls_cert", cert)?, read("tls_key", key)?)),
             None => None,
         };
+        let files = self.tls_identity.as_ref().zip(identity.as_ref());
         check_tls(
-            &ca,
-            identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+            (ca_path, &ca),
+            files.map(|((cp, kp), (c, k))| {
+                ((cp.as_path(), c.as_slice()), (kp.as_path(), k.as_slice()))
+            }),
         )?;
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some((cert, key)) = identity {
