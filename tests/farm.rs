@@ -2869,7 +2869,8 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
 
 /// The photos that a keep-going batch left out at its submit stay with the job: `status` counts them and
 /// says each with why, `list` counts them, `watch` fails at the job's end saying so (as `submit --wait`
-/// and `local` do), and `fetch` writes the results and points to `status`.
+/// and `local` do), and `fetch` writes the results and points to `status`. A photo that is also the style
+/// is not left out: the job is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keep_going_batch_s_photos_left_out_at_its_submit_stay_with_the_job() {
     let mut cluster = Cluster::start(10.0, 0.3);
@@ -2933,6 +2934,19 @@ async fn a_keep_going_batch_s_photos_left_out_at_its_submit_stay_with_the_job() 
         err.contains("the job left out 1 content image(s) at its submit (stylefarm status"),
         "{err}"
     );
+    // a photo that is also the style is every task's input: not left out, the job refused naming it
+    let (ok, out, err) = cluster.cli(
+        &[
+            &args[..],
+            &[&path("chelsea.png"), "--style", &bad],
+            &["--size", "32", "--iterations", "2"],
+        ]
+        .concat(),
+    );
+    assert!(
+        !ok && !err.contains("panicked") && err.contains(&format!("{bad}: not an image")),
+        "{out} {err}"
+    );
 }
 
 /// A keep-going batch's task cancelled alone (`cancel JOB --task N`) before it ran: the job (submitted
@@ -2961,7 +2975,7 @@ async fn a_keep_going_batch_s_task_is_cancelled_and_run_again_alone() {
     assert_eq!(
         out,
         format!(
-            "{job_id}\tqueued\tleft as it is: none of its tasks has failed or been cancelled\n"
+            "{job_id}\tqueued\tno task queued again: none of its tasks has failed or been cancelled\n"
         ),
         "{err}"
     );
@@ -4311,14 +4325,9 @@ async fn a_worker_drained_mid_shard_finishes_it_and_the_scale_is_not_planned_aga
     assert_eq!(done.tasks[1].worker_id, drained, "{done:?}");
 }
 
-/// A client newer than its coordinator: a submit that sets an option the coordinator's descriptors lack is
-/// refused before any byte is sent, naming the field, where an older coordinator would drop it and render
-/// the job without it; so is a cancel of some of a job's tasks (`--task`), which it would take for a cancel
-/// of the whole job. The stand-in coordinator serves only server reflection, with stylefarm.v1 less
-/// RenderParams.match_colors and the images' names (JobSpec.content_names, style_names): without the option
-/// the CLI goes on to upload (which it does not serve), the batch's names left out (they are for people).
-#[tokio::test]
-async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it() {
+/// A stand-in for an older coordinator: it serves only server reflection (and health), with stylefarm.v1
+/// less RenderParams.match_colors, CancelJobRequest.tasks and the JobSpec fields `job_spec_lacks`; its URL.
+async fn older_coordinator(job_spec_lacks: &'static [&'static str]) -> String {
     use prost::Message;
     let mut set =
         prost_types::FileDescriptorSet::decode(stylefarm_proto::FILE_DESCRIPTOR_SET).unwrap();
@@ -4329,7 +4338,7 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
         if message.name() == "JobSpec" {
             message
                 .field
-                .retain(|f| !["content_names", "style_names"].contains(&f.name()));
+                .retain(|f| !job_spec_lacks.contains(&f.name()));
         }
         if message.name() == "CancelJobRequest" {
             message.field.retain(|f| f.name() != "tasks");
@@ -4342,7 +4351,6 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let cancel_url = url.clone();
     tokio::spawn(
         tonic::transport::Server::builder()
             // an older coordinator answers health checks, as every version does
@@ -4350,9 +4358,24 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
             .add_service(reflection)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let submit = move |extra: &[&str]| {
+    url
+}
+
+/// A client newer than its coordinator: a submit that sets an option the coordinator's descriptors lack is
+/// refused before any byte is sent, naming the field, where an older coordinator would drop it and render
+/// the job without it; so is a cancel of some of a job's tasks (`--task`), which it would take for a cancel
+/// of the whole job. The stand-in coordinator serves only server reflection, with stylefarm.v1 less
+/// RenderParams.match_colors and the images' names (JobSpec.content_names, style_names) and those left out
+/// (left_out): without the option the CLI goes on to upload (which it does not serve), the batch's names
+/// and those left out dropped (they are for people).
+#[tokio::test]
+async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it() {
+    let url = older_coordinator(&["content_names", "style_names", "left_out"]).await;
+    // one that knows the names, but not those left out
+    let names_url = older_coordinator(&["left_out"]).await;
+    let submit = move |url: &str, extra: &[&str]| {
         let out = stylefarm_tests::stylefarm()
-            .args(["submit", "--coordinator", &url])
+            .args(["submit", "--coordinator", url])
             .args(x_starry("chelsea.png", 32, 2))
             .arg("--batch")
             .args(extra)
@@ -4363,9 +4386,9 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    let cancel = move |extra: &[&str]| {
+    let cancel = move |url: &str, extra: &[&str]| {
         let out = stylefarm_tests::stylefarm()
-            .args(["cancel", "--coordinator", &cancel_url, "job-0123"])
+            .args(["cancel", "--coordinator", url, "job-0123"])
             .args(extra)
             .output()
             .unwrap();
@@ -4374,15 +4397,29 @@ async fn a_submit_with_an_option_an_older_coordinator_lacks_is_refused_naming_it
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    let (((refused, err), (plain, plain_err)), (task_refused, task_err)) =
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("notes.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let bad = bad.display().to_string();
+    let (((refused, err), (plain, plain_err)), (task_refused, task_err), kept) =
         tokio::task::spawn_blocking(move || {
+            let keep_going = ["--keep-going", "--content", &bad];
             (
-                (submit(&["--match-colors"]), submit(&[])),
-                cancel(&["--task", "1"]),
+                (submit(&url, &["--match-colors"]), submit(&url, &[])),
+                cancel(&url, &["--task", "1"]),
+                [submit(&url, &keep_going), submit(&names_url, &keep_going)],
             )
         })
         .await
         .unwrap();
+    // a keep-going batch that left out a photo: those left out are for people too, dropped for a
+    // coordinator without them
+    for (kept, kept_err) in kept {
+        assert!(
+            !kept && !kept_err.contains("does not know") && kept_err.contains("Unimplemented"),
+            "{kept_err}"
+        );
+    }
     // cancelling some of a job's tasks: the older coordinator would cancel the whole job
     assert!(!task_refused, "{task_err}");
     assert!(

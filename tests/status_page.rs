@@ -555,7 +555,7 @@ async fn a_keep_going_batch_s_tasks_are_cancelled_and_run_again_from_the_page() 
         answer.body.contains(r#""left_out":[""#)
             && answer
                 .body
-                .contains("notes.png: not an image (unknown format)\"]"),
+                .contains("notes.png: not an image (unknown format)\"],\"left_out_count\":1"),
         "{}",
         answer.body
     );

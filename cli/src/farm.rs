@@ -1236,14 +1236,23 @@ fn ended_well(status: &pb::JobStatus) -> anyhow::Result<()> {
         }
     }
     if let Some(first) = left_out_of(status).first() {
-        bail!(
-            "job {} {state}: the others rendered, but {} content image(s) were left out at its submit \
-             (the first: {first})",
-            status.job_id,
+        return Err(left_out_error(
+            &status.job_id,
+            &state,
             left_out_of(status).len(),
-        );
+            first,
+        ));
     }
     Ok(())
+}
+
+/// The error of a wait for a job (`state`) that rendered its photos but left out `count` at its submit,
+/// `first` saying the first and why.
+fn left_out_error(job_id: &str, state: &str, count: usize, first: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "job {job_id} {state}: the others rendered, but {count} content image(s) were left out at its \
+         submit (the first: {first})"
+    )
 }
 
 /// The content images a keep-going batch left out at its submit, each saying which and why
@@ -1334,6 +1343,12 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
                     "interrupted: the job goes on; `stylefarm watch {job_id}` follows it, `stylefarm \
                      cancel {job_id}` stops it"
                 ),
+            }
+            // a coordinator without JobSpec.left_out did not keep them ([`ended_well`] says them
+            // otherwise): said here
+            if let Some((_, first)) = client.left_out().first() {
+                let count = client.left_out().len();
+                return Err(left_out_error(job_id.as_str(), "succeeded", count, first));
             }
         }
         Ok(())
@@ -1715,9 +1730,12 @@ pub(crate) fn retry(args: JobOrTaskRefs) -> anyhow::Result<()> {
         let (name, requeued) = (job_state_name(retried.state), retried.tasks_requeued);
         Ok(match (requeued, retried.step_again) {
             (0, true) => format!("{name}\tits coordinator's step runs again (no task to render)"),
-            // a job still running, none of its tasks failed alone (keep-going)
+            // a job still running, none of its tasks failed alone (keep-going); or an older
+            // coordinator's answer, which never says that a step runs again: true of both
             (0, false) => {
-                format!("{name}\tleft as it is: none of its tasks has failed or been cancelled")
+                format!(
+                    "{name}\tno task queued again: none of its tasks has failed or been cancelled"
+                )
             }
             _ => format!("{name}\t{requeued} task(s) queued again"),
         })
@@ -1768,9 +1786,6 @@ mod tests {
         assert_eq!(scale_time_left(s(30), 3, 0), None, "none left");
     }
 
-    /// A directory stands for its images, sorted by name: other files, hidden ones (`._b.jpg`) and
-    /// subdirectories are left out, a file given by name is kept as it is, and a directory without images
-    /// is an error naming the field.
     /// Columns line up in a terminal whatever the labels' script: padded by display width.
     #[test]
     fn labels_are_padded_to_terminal_columns() {
@@ -1780,6 +1795,10 @@ mod tests {
         assert_eq!(padded("longer than", 4), "longer than");
     }
 
+    /// A directory stands for its images, sorted by name: other files, hidden ones (`._b.jpg`) and
+    /// subdirectories are left out (and links to folders), a file given by name is kept as it is, a
+    /// broken link is kept (reading it says so), and a directory without images is an error naming the
+    /// field.
     #[test]
     fn a_directory_stands_for_the_images_in_it() {
         let dir = tempfile::tempdir().unwrap();

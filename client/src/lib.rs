@@ -611,7 +611,14 @@ impl FarmClient {
         // small for VGG19 at the job's sizes, and renders the others (make's -k): each decoded as it is
         // read, not again at its upload
         let leave_out = job.keep_going && matches!(job.kind, JobKind::Batch);
-        let contents: HashSet<&Path> = job.contents.iter().map(PathBuf::as_path).collect();
+        // a photo that is also a style or the init is every task's input: not left out, but checked as
+        // the job's
+        let others: HashSet<&Path> = (job.styles.iter().map(PathBuf::as_path))
+            .chain(job.params.init.file())
+            .collect();
+        let contents: HashSet<&Path> = (job.contents.iter().map(PathBuf::as_path))
+            .filter(|p| !others.contains(p))
+            .collect();
         self.left_out.clear();
         let mut decoded: HashSet<ImageHash> = HashSet::new();
         // each file read once, in order; the files to upload, one of each bytes
@@ -718,9 +725,16 @@ impl FarmClient {
             // job renders the same without them (its labels say "content 1 x style 1"; those left out
             // were said as it was submitted)
             Err(ClientError::Unsupported(unknown)) if unknown.iter().any(|f| for_people(f)) => {
-                spec.content_names.clear();
-                spec.style_names.clear();
-                spec.left_out.clear();
+                // only those it does not know: a coordinator with the names but not those left out
+                // keeps the names
+                let unknown_to = |field: &str| unknown.iter().any(|f| f.starts_with(field));
+                if unknown_to("JobSpec.content_names ") || unknown_to("JobSpec.style_names ") {
+                    spec.content_names.clear();
+                    spec.style_names.clear();
+                }
+                if unknown_to("JobSpec.left_out ") {
+                    spec.left_out.clear();
+                }
                 self.check_known(SUBMIT, &submit_request(&spec, request_id, paused))
                     .await?;
             }

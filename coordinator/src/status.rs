@@ -126,6 +126,10 @@ const SCRIPT: &str = include_str!("status/status.js");
 const STYLE: &str = include_str!("status/status.css");
 const LOGIN: &str = include_str!("status/login.html");
 
+/// The most of a job's content images left out at its submit that the page lists (a poll's answer stays
+/// small: 999 of them, 512 bytes each, in each of 50 jobs would be 25 MB).
+pub const MAX_LEFT_OUT_SHOWN: usize = 20;
+
 /// The page's JSON: `GET /api/status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -170,9 +174,11 @@ pub struct JobRow {
     /// Why it has tasks queued and none running, when no live worker may take them
     /// ([`Waiting::reason`]); empty otherwise.
     pub waiting: String,
-    /// The content images its client left out at its submit, each saying which and why
-    /// ([`stylefarm_core::job::JobSpec::left_out`]).
+    /// The first [`MAX_LEFT_OUT_SHOWN`] content images its client left out at its submit, each saying which
+    /// and why ([`stylefarm_core::job::JobSpec::left_out`]).
     pub left_out: Vec<String>,
+    /// How many it left out.
+    pub left_out_count: usize,
     /// How much is done, 0 to 1: the mean of the tasks' fractions (a tiled job: of its scales', each the
     /// mean of its tiles').
     pub progress: f64,
@@ -442,7 +448,8 @@ pub fn job_row(
         finished_ms: m.finished_ms,
         error: m.error.clone(),
         waiting: waiting.reason(m, all.iter().map(|(t, _)| *t)),
-        left_out: m.spec.left_out.clone(),
+        left_out: (m.spec.left_out.iter().take(MAX_LEFT_OUT_SHOWN).cloned()).collect(),
+        left_out_count: m.spec.left_out.len(),
         progress,
         counts,
         scales,

@@ -133,12 +133,14 @@ function headHtml(job, now) {
     ${scale} <span class="counts">${counts(job.counts)}</span> <span class="time">${elapsed(job, now)}</span>`;
 }
 
-// The content images a keep-going batch left out at its submit: how many, then each (which file, why).
-function leftOutHtml(leftOut) {
-  if (!leftOut.length) return "";
+// The content images a keep-going batch left out at its submit: how many, then the first few (which file,
+// why), and how many more.
+function leftOutHtml(leftOut, count) {
+  if (!count) return "";
   const items = leftOut.map((why) => `<li>${esc(why)}</li>`).join("");
-  return `<details class="err"><summary>${leftOut.length} content image(s) left out at its submit</summary>
-    <ul>${items}</ul></details>`;
+  const more = count > leftOut.length ? `<li>and ${count - leftOut.length} more (stylefarm status)</li>` : "";
+  return `<details class="err"><summary>${count} content image(s) left out at its submit</summary>
+    <ul>${items}${more}</ul></details>`;
 }
 
 function bodyHtml(job) {
@@ -148,7 +150,7 @@ function bodyHtml(job) {
   const live = job.kind === "tiled" && !job.finished && job.canvas[0] > 0 ? mosaic(job) : "";
   return `${job.error ? `<p class="err">${esc(job.error)}</p>` : ""}
     ${job.waiting ? `<p class="waiting">waiting: ${esc(job.waiting)}</p>` : ""}
-    ${leftOutHtml(job.left_out)}
+    ${leftOutHtml(job.left_out, job.left_out_count)}
     <div class="previews">${previews}${live}</div>${taskRows(job)}`;
 }
 
