@@ -545,6 +545,19 @@ fn bad_input_gets_a_clear_one_line_error() {
             vec!["--style-weight", "1e20", "--iterations", "3"],
             "style_weight: the losses became NaN, after a style loss of",
         ),
+        // a weight whose squared gradient overflows Adam's second moment, where every loss stays finite:
+        // the image would stop changing, and the content be written as the result
+        (
+            vec![
+                "--optimizer",
+                "adam",
+                "--style-weight",
+                "1e25",
+                "--iterations",
+                "3",
+            ],
+            "style_weight: Adam's squared gradient overflowed float32 at iteration 1 ",
+        ),
         (
             vec!["--iterations", "0"],
             "--iterations: must be between 1 and",

@@ -319,21 +319,8 @@ fn not_finite(
     if losses.total.is_finite() {
         return None;
     }
-    let terms = |l: &LossTerms| {
-        [
-            ("content", l.content, "content_weight"),
-            ("style", l.style, "style_weight"),
-            ("total variation", l.tv, "tv_weight"),
-            ("temporal", l.temporal, "temporal_weight"),
-        ]
-    };
-    let largest = |l: &LossTerms| {
-        terms(l)
-            .into_iter()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .unwrap_or(("style", l.style, "style_weight"))
-    };
-    let gone: Vec<_> = terms(losses)
+    let largest = largest_term;
+    let gone: Vec<_> = loss_terms(losses)
         .into_iter()
         .filter(|(_, v, _)| !v.is_finite())
         .collect();
@@ -365,6 +352,38 @@ fn not_finite(
              losses' precision); lower {weight}"
         ),
     )))
+}
+
+/// A loss' terms: each one's name, value and weight's name.
+fn loss_terms(l: &LossTerms) -> [(&'static str, f64, &'static str); 4] {
+    [
+        ("content", l.content, "content_weight"),
+        ("style", l.style, "style_weight"),
+        ("total variation", l.tv, "tv_weight"),
+        ("temporal", l.temporal, "temporal_weight"),
+    ]
+}
+
+/// The largest of a loss' terms ([`loss_terms`]).
+fn largest_term(l: &LossTerms) -> (&'static str, f64, &'static str) {
+    (loss_terms(l).into_iter())
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or(("style", l.style, "style_weight"))
+}
+
+/// The error for Adam's second moment (the squared gradient's running mean) found past float32 at
+/// `iteration` of `scale`, the losses then `losses`: where it is infinite Adam's step is 0, and the image
+/// stops changing while every loss stays finite (a style weight of 1e25 at 64 px rendered the content
+/// itself, saying nothing). It names the weight of the largest term.
+fn adam_overflowed(losses: &LossTerms, iteration: u32, scale: u32) -> Error {
+    let (term, value, weight) = largest_term(losses);
+    Error::Core(stylefarm_core::Error::invalid(
+        weight,
+        format!(
+            "Adam's squared gradient overflowed float32 at iteration {iteration} of scale {scale}, with a \
+             {term} loss of {value:e}: the image stops changing; lower {weight}"
+        ),
+    ))
 }
 
 impl Engine {
@@ -841,8 +860,16 @@ impl Engine {
                     0,
                 )?;
                 let values = to_f64s(&all)?;
-                for ((iteration, _), v) in unread.drain(..).zip(values.chunks(LossTerms::LEN)) {
-                    report(iteration, LossTerms::from_values(v), last + 1 - first)?;
+                // with Adam, each evaluation's terms and whether its second moment overflowed
+                let len = LossTerms::LEN + usize::from(adam.is_some());
+                for ((iteration, _), v) in unread.drain(..).zip(values.chunks(len)) {
+                    let losses = LossTerms::from_values(&v[..LossTerms::LEN]);
+                    report(iteration, losses, last + 1 - first)?;
+                    if v.get(LossTerms::LEN)
+                        .is_some_and(|&overflowed| overflowed > 0.0)
+                    {
+                        return Err(adam_overflowed(&losses, iteration, s as u32 + 1));
+                    }
                 }
                 Ok(())
             };
@@ -893,6 +920,16 @@ impl Engine {
                 snapshot(evaluations, x, average.as_ref())?;
                 let (terms, grad) = self.scale_objective(x, &targets, params)?;
                 let total = terms.f_get(3)?;
+                // with Adam, whether its second moment (of the steps before) went past float32: read
+                // with the losses, not apart (no host sync of its own)
+                let terms = match adam.as_ref() {
+                    Some(state) => {
+                        let overflowed = state.borrow().v.f_isinf()?.f_any()?;
+                        let overflowed = overflowed.f_to_kind(terms.kind())?.f_reshape([1])?;
+                        Tensor::f_cat(&[terms, overflowed], 0)?
+                    }
+                    None => terms,
+                };
                 unread.push((evaluations, terms));
                 evaluations += 1;
                 if unread.len() >= read_interval {
