@@ -40,9 +40,10 @@ pub enum Error {
     #[error("input: {0}")]
     Input(String),
     /// libtorch failed (out of memory among others); shown without the C++ stack trace its exceptions
-    /// carry ([`without_stack_trace`]).
+    /// carry ([`without_stack_trace`]). Not its error's `source`: an error's chain (anyhow's `{:#}`,
+    /// `with_sources`) would show the trace again.
     #[error("libtorch: {}", without_stack_trace(&.0.to_string()))]
-    Torch(#[from] tch::TchError),
+    Torch(tch::TchError),
     /// The progress callback asked to stop.
     #[error("cancelled")]
     Cancelled,
@@ -51,6 +52,12 @@ pub enum Error {
     /// worker's.
     #[error("shard exchange: {0}")]
     Exchange(String),
+}
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Error::Torch(e)
+    }
 }
 
 impl Error {
@@ -167,6 +174,8 @@ mod tests {
             shown.ends_with("you tried to allocate 4294967296 bytes.") && !shown.contains("frame"),
             "{shown}"
         );
+        // nor in the error's chain, as a command prints it (its sources after it)
+        assert!(std::error::Error::source(&torch(panicked)).is_none());
         let raised =
             "Expected 4D input\nException raised from check at conv.cpp:12 (most recent call \
             first):\nframe #0: c10::Error::Error() + 0x1";
