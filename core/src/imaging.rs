@@ -742,11 +742,29 @@ pub fn check_output(output: &Path, several: bool, inputs: &[&Path]) -> Result<()
         );
     }
     let folder = folder_of(output);
+    if folder.exists() && !folder.is_dir() {
+        return bad(format!("{} is not a folder", folder.display()));
+    }
     if !folder.is_dir() {
         return bad(format!("its folder {} does not exist", folder.display()));
     }
     if let Err(e) = temp_file_in(folder) {
         return bad(format!("cannot write in {}: {e}", folder.display()));
+    }
+    // its own name, which the file system may refuse (longer than 255 bytes, say): made and removed at
+    // once, rather than found out after the render
+    if !output.exists() {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(output)
+        {
+            Ok(_) => {
+                let _ = std::fs::remove_file(output);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return bad(format!("cannot be written: {e}")),
+        }
     }
     if let Ok(out) = output.canonicalize() {
         if let Some(input) = inputs
@@ -1371,6 +1389,23 @@ mod tests {
         assert!(refused(dir.path(), true).contains("holds one of the job's inputs"));
         check_output(dir.path(), true, &[]).unwrap();
         assert!(refused(&dir.path().join("typo/out.png"), false).contains("does not exist"));
+        // a file where its folder should be; a name the file system refuses (over 255 bytes), which
+        // is not left behind when it can be made
+        std::fs::write(dir.path().join("afile"), b"").unwrap();
+        let under_a_file = refused(&dir.path().join("afile/out.png"), false);
+        assert!(
+            under_a_file.ends_with("afile is not a folder"),
+            "{under_a_file}"
+        );
+        let long = dir.path().join(format!("{}.png", "a".repeat(300)));
+        let too_long = refused(&long, false);
+        assert!(
+            too_long.contains("cannot be written: File name too long"),
+            "{too_long}"
+        );
+        let fine = dir.path().join("fine.png");
+        check_output(&fine, false, &[]).unwrap();
+        assert!(!fine.exists(), "the probe is removed");
         let folder = dir.path().join("out.png");
         std::fs::create_dir(&folder).unwrap();
         assert!(refused(&folder, false).contains("is a folder"));
