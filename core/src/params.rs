@@ -190,6 +190,17 @@ impl FromStr for Init {
                 if let Some(id) = text.strip_prefix(JOB_PREFIX) {
                     return JobId::checked("init", id).map(Init::Job).map_err(|_| bad());
                 }
+                // a bare word is a keyword mistyped (`Noise`, `image`), not a file: a file so named
+                // needs a path (`./gray`), an image file has an extension
+                if !text.contains(['/', '.']) {
+                    return Err(Error::invalid(
+                        "init",
+                        format!(
+                            "'{text}' is not one of {INIT_KEYWORDS} (lowercase), image:<sha256> nor \
+                             job:<id>; a file's path has a folder or an extension (./{text})"
+                        ),
+                    ));
+                }
                 Ok(Init::File(PathBuf::from(text)))
             }
         }
@@ -1524,6 +1535,15 @@ mod tests {
             "./gray".parse::<Init>().unwrap(),
             Init::File("./gray".into())
         );
+        // a bare word that is not a keyword: mistyped, not a file
+        for word in ["Noise", "image", "GRAY"] {
+            let err = word.parse::<Init>().unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("init: '{word}' is not one of content, noise"))
+                    && err.ends_with(&format!("(./{word})")),
+                "{err}"
+            );
+        }
         // a farm job's result, its text read back; a bad id named
         let init: Init = "job:job-19a2b3c0001".parse().unwrap();
         assert_eq!(init, Init::Job(JobId::new("job-19a2b3c0001")));
