@@ -716,6 +716,11 @@ async fn serve(
                 }
                 other => other,
             };
+            // told to stop as the call failed (a local farm stops its coordinator with its workers):
+            // not a failure to say
+            if *stopped.borrow() && !matches!(leased, Ok(Ok(_))) {
+                break 'connect;
+            }
             let leased = match leased {
                 Ok(Ok(r)) => {
                     // answered: the next request is another (an unanswered one is sent again as
