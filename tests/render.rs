@@ -595,6 +595,19 @@ fn bad_input_gets_a_clear_one_line_error() {
         (vec!["--size", "0"], "--size: must be between 1 and"),
         (vec!["--size", "abc"], "--size: 'abc' is not a whole number"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),
+        // several styles after one --style, as local takes them
+        (
+            vec![
+                "--content",
+                content,
+                "--style",
+                style,
+                style,
+                "--style-blend",
+                "1,2,3",
+            ],
+            "style_blend: has 3 weights for 2 style images",
+        ),
         (vec!["--style-layer-weights", "1,2"], "style_layer_weights"),
         (
             vec!["--style-layer-weights", "1,-2,1,1,1"],

@@ -31,8 +31,9 @@ pub(crate) struct RenderArgs {
     /// Content image: PNG, JPEG, WebP, TIFF, BMP or GIF (EXIF orientation applied, transparency over white).
     #[arg(long)]
     content: PathBuf,
-    /// Style image; repeat for several styles.
-    #[arg(long, required = true)]
+    /// Style images, e.g. `--style a.jpg b.png` or repeated (as `local` and `submit` take them): several
+    /// are blended (--style-blend).
+    #[arg(long, required = true, num_args = 1..)]
     style: Vec<PathBuf>,
     /// Output image; PNG, JPEG or TIFF by extension. A content image with transparency gives a PNG or TIFF
     /// output its alpha (a JPEG gets the stylized image over white).
