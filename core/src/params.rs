@@ -740,6 +740,12 @@ impl RenderParams {
                 "the seeded inits' alone (--init noise, gray, uniform or style_mean); this one starts \
                  from an image",
             ),
+            "style_layers" | "style_layer_weights" if self.style_weight == 0.0 => {
+                Some("style_weight is 0: no style loss")
+            }
+            "content_layers" if self.content_weight == 0.0 => {
+                Some("content_weight is 0: no content loss")
+            }
             "style_scale" if self.style_size > 0 => {
                 Some("--style-size gives the style images' size at every scale")
             }
@@ -754,6 +760,16 @@ impl RenderParams {
     /// naming it: a command line's `--learning-rate` beside L-BFGS would otherwise be dropped without a
     /// word. Not for a job from the wire, whose every field is set.
     pub fn check_read(&self, job: JobReads) -> Result<(), Error> {
+        // nor a render of no loss at all (a video's temporal loss alone is one)
+        let weights = [self.content_weight, self.style_weight, self.tv_weight];
+        let temporal = job.video && self.temporal_weight > 0.0;
+        if weights.iter().all(|&w| w == 0.0) && !temporal && !job.evaluate {
+            return Err(Error::invalid(
+                "style_weight",
+                "content_weight, style_weight and tv_weight are all 0: nothing to optimize (the result \
+                 would be the start image)",
+            ));
+        }
         let d = RenderParams::default();
         let unread = Self::OPTIONS
             .iter()
@@ -877,6 +893,7 @@ impl RenderParams {
                 "at least one style image is needed",
             ));
         }
+
         if !self.style_blend.is_empty() {
             if self.style_blend.len() != styles {
                 return Err(Error::invalid(
@@ -1205,6 +1222,38 @@ mod tests {
         };
         assert!(refused(blend.clone(), batch).starts_with("style_blend: is set"));
         blend.check_read(JobReads::default()).unwrap();
+        // layers of a loss whose weight is 0
+        let unweighted = RenderParams {
+            style_weight: 0.0,
+            style_layers: vec![Layer::new(1, 1)],
+            ..Default::default()
+        };
+        let e = refused(unweighted, JobReads::default());
+        assert!(
+            e.starts_with("style_layers: is set")
+                && e.ends_with("style_weight is 0: no style loss"),
+            "{e}"
+        );
+        let unweighted = RenderParams {
+            content_weight: 0.0,
+            content_layers: vec![Layer::new(1, 1)],
+            ..Default::default()
+        };
+        let e = refused(unweighted, JobReads::default());
+        assert!(e.starts_with("content_layers: is set"), "{e}");
+        // no loss at all: nothing to optimize; a video's temporal loss alone is one
+        let none = RenderParams {
+            content_weight: 0.0,
+            style_weight: 0.0,
+            tv_weight: 0.0,
+            ..Default::default()
+        };
+        let e = refused(none.clone(), JobReads::default());
+        assert!(
+            e.starts_with("style_weight: content_weight, style_weight and tv_weight are all 0"),
+            "{e}"
+        );
+        none.check_read(video).unwrap();
         // a seed beside an init that is not seeded; a style scale beside a style size
         let seeded = |init| RenderParams {
             seed: 7,
