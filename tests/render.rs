@@ -403,7 +403,13 @@ fn the_averaged_render_is_the_moving_average_of_its_images() {
         "1",
     ];
     let (plain, averaged) = (dir.path().join("plain.png"), dir.path().join("avg.png"));
-    render_to(&content, &style, &plain, &args);
+    let out = render_to(&content, &style, &plain, &args);
+    // its progress where stderr is not a terminal (a log): lines, not a bar; iteration 0 and the last
+    let log = stderr(&out);
+    assert!(
+        log.contains("iteration 0/6  scale 1/1 64x48  loss ") && log.contains("iteration 6/6  "),
+        "{log}"
+    );
     render_to(
         &content,
         &style,
@@ -633,7 +639,12 @@ fn bad_input_gets_a_clear_one_line_error() {
         if !extra.contains(&"--content") {
             args.extend(["--content", content, "--style", style]);
         }
-        for (flag, value) in [("--size", "32"), ("--iterations", "1")] {
+        // (no progress: its lines, where stderr is not a terminal, come before an error mid-render)
+        for (flag, value) in [
+            ("--size", "32"),
+            ("--iterations", "1"),
+            ("--progress", "none"),
+        ] {
             if !extra.contains(&flag) {
                 args.extend([flag, value]);
             }

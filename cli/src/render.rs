@@ -16,7 +16,8 @@ use stylefarm_engine::{Engine, Progress, RenderJob, Snapshots};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum ProgressMode {
-    /// A progress bar with the loss and an ETA, on stderr.
+    /// A progress bar with the loss and an ETA, on stderr; where stderr is not a terminal (a log file, CI),
+    /// a line every [`PROGRESS_LINE_EVERY`] iterations of each scale and at its last instead.
     Bar,
     /// One JSON object per iteration on stdout.
     Json,
@@ -117,6 +118,10 @@ impl EngineArgs {
         }
     }
 }
+
+/// Every how many iterations `--progress bar` writes a line where stderr is not a terminal: as
+/// jcjohnson/neural-style's `-print_iter` default.
+pub(crate) const PROGRESS_LINE_EVERY: u32 = 50;
 
 /// The JSON line of `--progress json`.
 fn json_line(p: &Progress) -> String {
@@ -301,6 +306,7 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let stderr_is_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut stdout = std::io::stdout().lock();
     // the progress' reader left (`| head -1`, a monitor that exited): the render goes on without it
     let mut progress_read = true;
@@ -316,7 +322,7 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             ProgressMode::Bar => {
                 let bar = bar.as_ref().expect("bar mode");
                 bar.set_position(done_before[p.scale as usize - 1] + u64::from(p.iteration));
-                bar.set_message(format!(
+                let message = format!(
                     "scale {}/{} {}x{}  loss {:.4e} (content {:.3e}, style {:.3e}, tv {:.3e})  {} left",
                     p.scale,
                     p.scales,
@@ -329,7 +335,14 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
                     indicatif::HumanDuration(
                         std::time::Duration::try_from_secs_f64(p.eta).unwrap_or_default()
                     )
-                ));
+                );
+                // a log has no bar (indicatif draws none there): a line now and then instead
+                let due =
+                    p.iteration.is_multiple_of(PROGRESS_LINE_EVERY) || p.iteration == p.iterations;
+                if !stderr_is_terminal && due {
+                    eprintln!("iteration {}/{}  {message}", p.iteration, p.iterations);
+                }
+                bar.set_message(message);
             }
             ProgressMode::None => {}
         }
