@@ -642,7 +642,12 @@ impl OptionValue for bool {
     const MIN_ARGS: usize = 0;
     const BARE_VALUE: Option<&'static str> = Some("true");
     fn parse_value(text: &str) -> Result<Self, String> {
-        parse_scalar(text, "true or false")
+        // jcjohnson/neural-style's flags take 1 and 0 (-original_colors 1)
+        match text.trim() {
+            "1" => Ok(true),
+            "0" => Ok(false),
+            _ => parse_scalar(text, "true or false (or 1 or 0)"),
+        }
     }
     fn to_text(&self) -> String {
         self.to_string()
@@ -1572,6 +1577,15 @@ mod tests {
 
     #[test]
     fn keywords_parse() {
+        // booleans as words, or as neural-style's 1 and 0
+        let bools: Vec<_> = ["true", "false", "1", "0", " 1 "]
+            .map(bool::parse_value)
+            .into();
+        assert_eq!(bools, [Ok(true), Ok(false), Ok(true), Ok(false), Ok(true)]);
+        assert_eq!(
+            bool::parse_value("yes"),
+            Err("'yes' is not true or false (or 1 or 0)".into())
+        );
         assert_eq!("adam".parse::<Optimizer>().unwrap(), Optimizer::Adam);
         assert_eq!("avg".parse::<Pooling>().unwrap(), Pooling::Avg);
         assert_eq!("l2".parse::<Pooling>().unwrap(), Pooling::L2);
