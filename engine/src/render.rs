@@ -859,19 +859,28 @@ impl Engine {
                         .collect::<Vec<_>>(),
                     0,
                 )?;
-                let values = to_f64s(&all)?;
-                // with Adam, each evaluation's terms and whether its second moment overflowed
-                let len = LossTerms::LEN + usize::from(adam.is_some());
-                for ((iteration, _), v) in unread.drain(..).zip(values.chunks(len)) {
-                    let losses = LossTerms::from_values(&v[..LossTerms::LEN]);
-                    report(iteration, losses, last + 1 - first)?;
-                    if v.get(LossTerms::LEN)
-                        .is_some_and(|&overflowed| overflowed > 0.0)
-                    {
-                        return Err(adam_overflowed(&losses, iteration, s as u32 + 1));
+                // with Adam, whether its second moment went past float32 by now, read with the losses
+                // (no host sync of its own): once infinite it stays so, so one look a read is enough
+                let all = match adam.as_ref() {
+                    Some(state) => {
+                        let overflowed = state.borrow().v.f_isinf()?.f_any()?;
+                        let overflowed = overflowed.f_to_kind(all.kind())?.f_reshape([1])?;
+                        Tensor::f_cat(&[all.f_flatten(0, -1)?, overflowed], 0)?
                     }
+                    None => all,
+                };
+                let mut values = to_f64s(&all)?;
+                let overflowed = adam.is_some() && values.pop().is_some_and(|flag| flag > 0.0);
+                let mut losses = None;
+                for ((iteration, _), v) in unread.drain(..).zip(values.chunks(LossTerms::LEN)) {
+                    let read = LossTerms::from_values(v);
+                    report(iteration, read, last + 1 - first)?;
+                    losses = Some(read);
                 }
-                Ok(())
+                match losses {
+                    Some(losses) if overflowed => Err(adam_overflowed(&losses, last, s as u32 + 1)),
+                    _ => Ok(()),
+                }
             };
             // the iteration of this scale last asked about
             let mut asked = None;
@@ -920,16 +929,6 @@ impl Engine {
                 snapshot(evaluations, x, average.as_ref())?;
                 let (terms, grad) = self.scale_objective(x, &targets, params)?;
                 let total = terms.f_get(3)?;
-                // with Adam, whether its second moment (of the steps before) went past float32: read
-                // with the losses, not apart (no host sync of its own)
-                let terms = match adam.as_ref() {
-                    Some(state) => {
-                        let overflowed = state.borrow().v.f_isinf()?.f_any()?;
-                        let overflowed = overflowed.f_to_kind(terms.kind())?.f_reshape([1])?;
-                        Tensor::f_cat(&[terms, overflowed], 0)?
-                    }
-                    None => terms,
-                };
                 unread.push((evaluations, terms));
                 evaluations += 1;
                 if unread.len() >= read_interval {
