@@ -3388,6 +3388,30 @@ fn local_exits_with_the_reason_once_every_worker_has_left() {
     assert!(!dir.path().join("out.png").exists());
 }
 
+/// `local`'s workers share one process: the first report of an input error fails the job, where a farm
+/// waits for a second worker's word (`local --workers 1` used to render it three times).
+#[test]
+fn local_fails_an_input_error_at_its_first_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = stylefarm_tests::stylefarm()
+        .args(["local", "--workers", "2", "-o"])
+        .arg(dir.path().join("out.png"))
+        .args(x_starry("chelsea.png", 32, 2))
+        .env("FAILPOINTS", "task-input=return(render)")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("failed with the same non-retryable error on worker local-")
+            && err.contains(": content: render cannot be rendered (injected)"),
+        "{err}"
+    );
+    assert_eq!(err.matches("kind=Permanent").count(), 1, "{err}");
+    assert!(err.contains("attempt 1\t"), "{err}");
+    assert!(!dir.path().join("out.png").exists());
+}
+
 /// `local` stopped by SIGTERM (as Ctrl-C stops it) mid-render exits non-zero saying so, and its
 /// temporary data dir (the job's state and every image of it) is removed, not left in /tmp.
 #[test]

@@ -387,6 +387,8 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
     // an empty data dir: LocalFarm's temporary one
     let mut config = coordinator_config(args.data_dir.clone().unwrap_or_default(), 10.0, 1.0, 3)?;
     config.scheduler.no_worker_left = LOCAL_NO_WORKER_LEFT;
+    // the workers share this process (one build, one decoder): an input error is confirmed by the first
+    config.scheduler.permanent_confirmations = 1;
     let gpus = if matches!(args.device.as_str(), "auto" | "cuda" | "gpu") {
         tch::Cuda::device_count().max(0) as usize
     } else {

@@ -65,9 +65,9 @@ pub enum TaskState {
     Running,
     /// Its result was accepted: `result` holds the image's sha256.
     Succeeded,
-    /// Out of attempts, or its permanent error confirmed by [`crate::scheduler::PERMANENT_CONFIRMATIONS`]
-    /// workers: its job failed with it, or, in a keep-going batch or sweep
-    /// ([`stylefarm_core::job::JobSpec::keep_going`]), goes on without it.
+    /// Out of attempts, or its permanent error confirmed by
+    /// [`crate::scheduler::SchedulerConfig::permanent_confirmations`] workers: its job failed with it, or,
+    /// in a keep-going batch or sweep ([`stylefarm_core::job::JobSpec::keep_going`]), goes on without it.
     Failed,
     /// Its job ended (cancelled, or failed by another task) before the task could finish; or, in a
     /// job that has not ended, a new plan replaced it ([`replaced_tasks`]) or, in a keep-going batch or

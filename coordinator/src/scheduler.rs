@@ -32,6 +32,11 @@ pub struct SchedulerConfig {
     pub default_max_attempts: u32,
     /// Strikes of one worker on one job after which it gets no more of that job's tasks (see [`FailureKind`]).
     pub blocklist_after: u32,
+    /// Distinct workers that must report the same [`FailureKind::Permanent`] error before a task fails
+    /// without waiting for its attempts to run out: [`PERMANENT_CONFIRMATIONS`] on a farm, where one
+    /// worker's word may be its own fault (a damaged disk, a broken build). 1 where the workers share one
+    /// process, and so one build and one decoder (`stylefarm local`): another's word would add nothing.
+    pub permanent_confirmations: usize,
     /// First retry delay; doubled per attempt up to `max_backoff`.
     pub backoff: Duration,
     /// Longest retry delay, however many attempts have failed.
@@ -136,6 +141,7 @@ impl Default for SchedulerConfig {
             heartbeat_interval: Duration::from_secs(2),
             default_max_attempts: 3,
             blocklist_after: 3,
+            permanent_confirmations: PERMANENT_CONFIRMATIONS,
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             max_unfinished_jobs: DEFAULT_MAX_UNFINISHED_JOBS,
@@ -1384,7 +1390,8 @@ pub enum FailureKind {
     Retryable,
     /// The worker blames the input (e.g. a corrupt image): retrying cannot help. Not a strike, and one
     /// worker's word does not end the task: it is retried, and fails at once, with its job, when
-    /// [`PERMANENT_CONFIRMATIONS`] distinct workers have reported the same error (equal text) as permanent.
+    /// [`SchedulerConfig::permanent_confirmations`] distinct workers have reported the same error (equal
+    /// text) as permanent.
     Permanent,
     /// The device ran out of memory: not a strike. The task is offered to other workers first: the worker
     /// that ran out gets it again only once it has waited a lease period ([`SchedulerConfig::lease`])
@@ -1415,8 +1422,7 @@ impl FailureKind {
     }
 }
 
-/// Distinct workers that must report the same [`FailureKind::Permanent`] error before a task fails without
-/// waiting for its attempts to run out.
+/// [`SchedulerConfig::permanent_confirmations`] unless configured.
 pub const PERMANENT_CONFIRMATIONS: usize = 2;
 
 /// A worker counted free while this lives ([`Scheduler::idle`]).
@@ -2555,11 +2561,17 @@ impl Scheduler {
         {
             st.ran_out.push((lease.job_id.clone(), lease.index));
         }
-        let reason = if task.permanent_error_workers.len() >= PERMANENT_CONFIRMATIONS {
+        let confirmations = self.config.permanent_confirmations.max(1);
+        let reason = if task.permanent_error_workers.len() >= confirmations {
             Some(format!(
-                "task {} ({}) failed with the same non-retryable error on workers {}: {error}",
+                "task {} ({}) failed with the same non-retryable error on {} {}: {error}",
                 task.index,
                 task.spec.label,
+                if task.permanent_error_workers.len() == 1 {
+                    "worker"
+                } else {
+                    "workers"
+                },
                 task.permanent_error_workers.join(", ")
             ))
         } else if task.attempts >= max {
@@ -5055,6 +5067,30 @@ mod tests {
         );
         assert_eq!(s.queue_depth(), 0);
         assert!(s.lease(&w("c")).unwrap().is_none());
+    }
+
+    #[test]
+    fn one_confirmation_where_configured_fails_the_job_at_the_first_report() {
+        // `stylefarm local`: its workers share one process, and a second one's word adds nothing
+        let s = scheduler(SchedulerConfig {
+            backoff: Duration::ZERO,
+            permanent_confirmations: 1,
+            ..Default::default()
+        });
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        fail_as(&s, "a", "corrupt", FailureKind::Permanent);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Failed);
+        assert_eq!(view.tasks[0].0.attempts, 1);
+        assert!(
+            view.meta.error.ends_with("error on worker a: corrupt"),
+            "{}",
+            view.meta.error
+        );
+        // a retryable failure still has its attempts
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        fail_as(&s, "a", "lost", FailureKind::Retryable);
+        assert_eq!(s.get(&job).unwrap().meta.state, JobState::Running);
     }
 
     #[test]
