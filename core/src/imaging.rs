@@ -147,9 +147,18 @@ fn open<'a, R: BufRead + Seek + 'a>(
         header_limits.max_image_height,
     ) = (None, None);
     reader.limits(header_limits);
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
+    let mut decoder = reader.into_decoder().map_err(|e| match e {
+        // a header whose sizes ask the decoder for more than MAX_IMAGE_BYTES as it is read (a PNG's row
+        // of 2^31 - 1 px): the decoder says only "Memory limit exceeded"
+        image::ImageError::Limits(_) => Error::image(
+            name,
+            format!(
+                "cannot decode image: its header declares an image larger than the farm takes (at most \
+                 {MAX_IMAGE_SIDE} px a side and {MAX_IMAGE_PIXELS} pixels)"
+            ),
+        ),
+        e => Error::image(name, format!("cannot decode image: {e}")),
+    })?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(Error::image(name, "image has zero width or height"));
@@ -2368,6 +2377,21 @@ mod tests {
             assert!(
                 err.starts_with("huge.png: 20000 x 20000 px is more than"),
                 "{err}"
+            );
+        }
+        // a side so large that the decoder's allocation limit stops it reading the header
+        png[16..20].copy_from_slice(&(i32::MAX as u32).to_be_bytes());
+        png[20..24].copy_from_slice(&1u32.to_be_bytes());
+        let crc = crc32fast::hash(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        for err in [
+            dimensions(Cursor::new(&png), "wide.png").unwrap_err(),
+            decode(&png, "wide.png").unwrap_err(),
+        ] {
+            assert_eq!(
+                err.to_string(),
+                "wide.png: cannot decode image: its header declares an image larger than the farm \
+                 takes (at most 32768 px a side and 268435456 pixels)"
             );
         }
     }
