@@ -340,7 +340,7 @@ fn multi_scale_renders_coarse_to_fine_and_writes_jpeg() {
 
 /// `--save-every N` writes the image every N iterations of each scale beside the output, at the scale's
 /// size; the image of a scale's last iteration is that scale's result (of the last scale: the output,
-/// pixel for pixel).
+/// pixel for pixel). `--save-every 0` writes none.
 #[test]
 fn snapshots_are_written_every_n_iterations_and_the_last_is_the_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -375,6 +375,15 @@ fn snapshots_are_written_every_n_iterations_and_the_last_is_the_output() {
     );
     let size = |name: &str| image::image_dimensions(dir.path().join(name)).unwrap();
     assert_eq!((size("out_s1_4.jpg").0, size("out_s2_2.jpg").0), (32, 64));
+
+    // 0: none, as neural-style's `-save_iter 0`
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    render(
+        &out,
+        &["--size", "64", "--iterations", "2", "--save-every", "0"],
+    );
+    assert_eq!(names(dir.path()), ["out.png"]);
 }
 
 /// Iterate averaging (`--avg-decay`, crowsonkb's): the output, and each snapshot, is the bias-corrected
@@ -593,7 +602,6 @@ fn bad_input_gets_a_clear_one_line_error() {
             vec!["--global-style-targets"],
             "global_style_targets: is set",
         ),
-        (vec!["--save-every", "0"], "save_every"),
         (
             vec!["--normalize-gradients", "--block", "128"],
             "normalize_gradients: not with blocks",

@@ -45,7 +45,8 @@ pub(crate) struct RenderArgs {
     output_depth: OutputDepth,
     /// Also write the image every N iterations of each scale, as jcjohnson/neural-style's `-save_iter`
     /// does: beside the output, `<stem>_<iteration>.<ext>` (`<stem>_s<scale>_<iteration>.<ext>` with
-    /// several scales), in the output's format and depth, at the scale's size.
+    /// several scales), in the output's format and depth, at the scale's size. 0: none, as
+    /// `-save_iter 0` is.
     #[arg(long, value_name = "N", conflicts_with = "evaluate")]
     save_every: Option<u32>,
     /// Instead of rendering, print the objective (weighted content, style, tv terms and total, JSON) of this
@@ -151,13 +152,7 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         evaluate: args.evaluate.is_some(),
         ..Default::default()
     })?;
-    let save_every =
-        match args.save_every {
-            Some(n) => Some(NonZeroU32::new(n).ok_or_else(|| {
-                anyhow::anyhow!("save_every: 0: an image every N >= 1 iterations")
-            })?),
-            None => None,
-        };
+    let save_every = args.save_every.and_then(NonZeroU32::new);
     if let Some(output) = &args.output {
         // before the render: a finished image must not be lost to a folder that is not there, nor
         // written over an input
