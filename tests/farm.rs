@@ -560,8 +560,8 @@ async fn an_idle_worker_sent_sigterm_leaves_without_waiting_for_a_task() {
 }
 
 /// A worker sent SIGTERM mid-task finishes it: it is still there a second later; a second SIGTERM stops it
-/// at once, exit 1 saying so, and signs off: its task goes back to the queue at once, not when its lease
-/// lapses.
+/// at once, exit 143 (128 + SIGTERM) saying so, and signs off: its task goes back to the queue at once,
+/// not when its lease lapses.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_interrupted_twice_leaves_its_task_unfinished() {
     // a lease (60 s) far longer than the wait for the task to come back: its worker gave it up
@@ -586,7 +586,7 @@ async fn a_worker_interrupted_twice_leaves_its_task_unfinished() {
         "the worker did not exit at a second SIGTERM",
     );
     let log = worker.log_text();
-    assert_eq!(exit.code(), Some(1), "{exit:?}: {log}");
+    assert_eq!(exit.code(), Some(143), "{exit:?}: {log}");
     assert!(
         sent.elapsed() < Duration::from_secs(5),
         "left {:?} after the second SIGTERM: {log}",
@@ -3412,19 +3412,24 @@ fn local_fails_an_input_error_at_its_first_report() {
     assert!(!dir.path().join("out.png").exists());
 }
 
-/// `local` stopped by SIGTERM (as Ctrl-C stops it) mid-render exits non-zero saying so, and its
-/// temporary data dir (the job's state and every image of it) is removed, not left in /tmp.
+/// `local` stopped by Ctrl-C (SIGINT) mid-render exits 130 (128 + SIGINT, as a shell reports a process
+/// that Ctrl-C ended) saying so, and its temporary data dir (the job's state and every image of it) is
+/// removed, not left in /tmp.
 #[test]
 fn local_stopped_mid_render_removes_its_data_dir() {
     let (dir, mut local) = local_rendering(x_starry("chelsea.png", 64, 5000), &[]);
     let (tmp, err_path) = (dir.path().join("tmp"), dir.path().join("local.err"));
     let data_dir = local_data_dir_once_rendering(&mut local, &tmp, &err_path);
-    let err = stopped_local(
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &local.id().to_string()])
+        .status();
+    let status = stylefarm_tests::wait_exit(
         &mut local,
-        &err_path,
         Duration::from_secs(90),
-        "local did not stop after SIGTERM",
+        "local did not stop after SIGINT",
     );
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}: {err}");
     assert!(err.contains("interrupted: the job unfinished"), "{err}");
     assert!(!data_dir.exists(), "{} left behind", data_dir.display());
 }
@@ -3491,8 +3496,8 @@ fn a_keep_going_batch_leaves_out_the_files_it_cannot_decode() {
     assert!(!out.exists(), "{err}");
 }
 
-/// `local` interrupted mid-batch writes the results of the tasks that rendered, says how many, and exits 1
-/// (a folder of 1000 photos stopped at the 999th keeps 998).
+/// `local` interrupted mid-batch writes the results of the tasks that rendered, says how many, and exits
+/// 143 (a folder of 1000 photos stopped at the 999th keeps 998).
 #[test]
 fn local_interrupted_mid_batch_writes_the_results_rendered() {
     let dir = tempfile::tempdir().unwrap();
@@ -3528,7 +3533,7 @@ fn local_interrupted_mid_batch_writes_the_results_rendered() {
     assert_eq!(stylefarm_tests::file_names(&out).len(), 1, "{err}");
 }
 
-/// `local` interrupted twice mid-render (an impatient Ctrl-C) exits with 1, saying so, not by a
+/// `local` interrupted twice mid-render (an impatient Ctrl-C) exits with 143 (128 + SIGTERM), saying so, not by a
 /// segmentation fault: its engine thread may still render when the process ends, and libtorch's static
 /// objects must not be torn down under it. The same signal twice at once (`timeout -s INT`, which also
 /// signals the process group) is one interrupt.
@@ -3670,8 +3675,8 @@ fn local_data_dir_once_rendering(
     data_dir
 }
 
-/// Sends `local` SIGTERM and waits up to `within` for it to exit (else panics saying `what`): it exits 1;
-/// returns its stderr, the file `err_path`.
+/// Sends `local` SIGTERM and waits up to `within` for it to exit (else panics saying `what`): it exits
+/// 143; returns its stderr, the file `err_path`.
 fn stopped_local(
     local: &mut std::process::Child,
     err_path: &std::path::Path,
@@ -3681,7 +3686,8 @@ fn stopped_local(
     terminate(local);
     let status = stylefarm_tests::wait_exit(local, within, what);
     let err = std::fs::read_to_string(err_path).unwrap();
-    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    // as a shell reports a process that SIGTERM ended (Ctrl-C's SIGINT: 130)
+    assert_eq!(status.code(), Some(143), "{status:?}: {err}");
     err
 }
 

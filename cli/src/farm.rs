@@ -511,7 +511,11 @@ pub(crate) fn interrupts() -> tokio::sync::watch::Receiver<u32> {
         tokio::spawn(async move {
             let mut counted: Option<std::time::Instant> = None;
             loop {
-                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                let signal = tokio::select! {
+                    _ = int.recv() => libc::SIGINT,
+                    _ = term.recv() => libc::SIGTERM,
+                };
+                LAST_INTERRUPT.store(signal, std::sync::atomic::Ordering::SeqCst);
                 if counted.is_none_or(|at| at.elapsed() >= INTERRUPT_ECHO) {
                     counted = Some(std::time::Instant::now());
                     count.send_modify(|n| *n += 1);
@@ -522,10 +526,24 @@ pub(crate) fn interrupts() -> tokio::sync::watch::Receiver<u32> {
     #[cfg(not(unix))]
     tokio::spawn(async move {
         while tokio::signal::ctrl_c().await.is_ok() {
+            LAST_INTERRUPT.store(2, std::sync::atomic::Ordering::SeqCst);
             count.send_modify(|n| *n += 1);
         }
     });
     interrupts
+}
+
+/// The signal number of the last interrupt that [`interrupts`] heard (SIGINT 2, SIGTERM 15); 0: none.
+static LAST_INTERRUPT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The exit status of a command that failed: 128 + the signal's number when an interrupt ([`interrupts`])
+/// stopped it (130 for Ctrl-C, 143 for SIGTERM, as a shell reports a process that the signal ended), 1
+/// otherwise.
+pub(crate) fn failed_exit_code() -> u8 {
+    match LAST_INTERRUPT.load(std::sync::atomic::Ordering::SeqCst) {
+        signal @ 1..=127 => 128 + signal as u8,
+        _ => 1,
+    }
 }
 
 /// How soon after an interrupt another is taken for its echo ([`interrupts`]), not a second one.

@@ -305,7 +305,7 @@ fn main() -> ExitCode {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {}", said(&e));
-            1
+            farm::failed_exit_code()
         }
     };
     // an engine thread still alive (a second interrupt did not wait for its render to stop, or it frees
