@@ -471,6 +471,44 @@ fn the_averaged_render_is_the_moving_average_of_its_images() {
     assert!(apart > 1.0, "the average is not the last image: {apart}");
 }
 
+/// An output that cannot be written whole (here: over the process's file size limit, `ulimit -f`, as a
+/// full disk stops it) fails naming the output, not the temporary file it was being written to, and
+/// leaves neither behind.
+#[test]
+fn an_output_that_cannot_be_written_names_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    // SIGXFSZ ignored (as exec keeps it), so that a write past the limit fails with EFBIG instead
+    let script = r#"trap '' XFSZ; ulimit -f 1; exec "$@""#;
+    let done = std::process::Command::new("sh")
+        .args(["-c", script, "sh"])
+        .arg(stylefarm_tests::binary())
+        .args(["render", "--size", "64", "--iterations", "1", "-o"])
+        .arg(&out)
+        .arg("--content")
+        .arg(shared_image("tubingen.jpg"))
+        .arg("--style")
+        .arg(shared_image("starry_night.jpg"))
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(1), "{err}");
+    let line = err.lines().last().unwrap_or_default();
+    assert_eq!(
+        line,
+        format!(
+            "error: {}: cannot write: File too large (os error 27)",
+            out.display()
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        stylefarm_tests::file_names(dir.path()),
+        Vec::<String>::new()
+    );
+}
+
 /// Every bad input: a non-zero exit and one line on stderr that names the culprit.
 #[test]
 fn bad_input_gets_a_clear_one_line_error() {

@@ -1388,7 +1388,8 @@ fn write_previews(dir: &Path, previews: &[pb::TaskPreview]) {
     for preview in previews {
         let path = dir.join(format!("task-{}.png", preview.task_index));
         let written = tempfile::NamedTempFile::new_in(dir).and_then(|mut file| {
-            std::io::Write::write_all(&mut file, &preview.png)?;
+            // the file's own error, not NamedTempFile's naming the temporary file
+            std::io::Write::write_all(file.as_file_mut(), &preview.png)?;
             file.persist(&path).map_err(|e| e.error)?;
             Ok(())
         });

@@ -653,7 +653,9 @@ fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     let fail = |e: std::io::Error| Error::image(path.display(), format!("cannot write: {e}"));
     let mut tmp = temp_file_in(folder_of(path)).map_err(fail)?;
-    tmp.write_all(bytes).map_err(fail)?;
+    // the file's own error: NamedTempFile's adds the temporary file's path, which the user never named
+    // ("No space left on device ... at path .stylefarm-GsR1X2.partial")
+    tmp.as_file_mut().write_all(bytes).map_err(fail)?;
     tmp.persist(path).map_err(|e| fail(e.error))?;
     Ok(())
 }
