@@ -473,11 +473,14 @@ fn the_averaged_render_is_the_moving_average_of_its_images() {
 
 /// An output that cannot be written whole (here: over the process's file size limit, `ulimit -f`, as a
 /// full disk stops it) fails naming the output, not the temporary file it was being written to, and
-/// leaves neither behind.
+/// leaves neither behind; the render is kept in the temporary folder where it can be (not here: the limit
+/// holds there too).
 #[test]
 fn an_output_that_cannot_be_written_names_the_output() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
     // SIGXFSZ ignored (as exec keeps it), so that a write past the limit fails with EFBIG instead
     let script = r#"trap '' XFSZ; ulimit -f 1; exec "$@""#;
     let done = std::process::Command::new("sh")
@@ -490,23 +493,75 @@ fn an_output_that_cannot_be_written_names_the_output() {
         .arg("--style")
         .arg(shared_image("starry_night.jpg"))
         .env("OMP_NUM_THREADS", "1")
+        .env("TMPDIR", &tmp)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&done.stderr);
     assert_eq!(done.status.code(), Some(1), "{err}");
     let line = err.lines().last().unwrap_or_default();
-    assert_eq!(
-        line,
-        format!(
-            "error: {}: cannot write: File too large (os error 27)",
-            out.display()
-        ),
+    let too_large = "cannot write: File too large (os error 27)";
+    assert!(
+        line.starts_with(&format!("error: {}: {too_large}; ", out.display()))
+            && line.contains(
+                "the rendered image is lost: it could not be kept in the temporary folder"
+            )
+            && line.ends_with(&format!(".png: {too_large})"))
+            && !line.contains(".partial"),
         "{err}"
     );
-    assert_eq!(
-        stylefarm_tests::file_names(dir.path()),
-        Vec::<String>::new()
+    assert_eq!(stylefarm_tests::file_names(dir.path()), ["tmp"]);
+    assert_eq!(stylefarm_tests::file_names(&tmp), Vec::<String>::new());
+}
+
+/// A render whose output's folder is gone when it is written (removed meanwhile) is kept in the temporary
+/// folder, and the error says where: the work is not lost.
+#[test]
+fn a_render_whose_output_cannot_be_written_is_kept() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, tmp) = (dir.path().join("out"), dir.path().join("tmp"));
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    let output = folder.join("cat.styled.png");
+    let mut render = stylefarm_tests::stylefarm()
+        .args(["render", "--size", "64", "--iterations", "60"])
+        .args(["--progress", "json", "-o"])
+        .arg(&output)
+        .arg("--content")
+        .arg(shared_image("chelsea.png"))
+        .arg("--style")
+        .arg(shared_image("starry_night.jpg"))
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // its output checked, its render started: the folder goes
+    let mut progress = std::io::BufReader::new(render.stdout.take().unwrap());
+    progress.read_line(&mut String::new()).unwrap();
+    std::fs::remove_dir(&folder).unwrap();
+    std::io::copy(&mut progress, &mut std::io::sink()).unwrap();
+    let done = render.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(1), "{err}");
+    let kept = stylefarm_tests::file_names(&tmp);
+    assert_eq!(kept.len(), 1, "{err}");
+    assert!(
+        kept[0].starts_with("stylefarm-cat.styled-") && kept[0].ends_with(".png"),
+        "{kept:?}"
     );
+    let line = err.lines().last().unwrap_or_default();
+    let kept_in = format!(
+        "; the rendered image is kept in {}",
+        tmp.join(&kept[0]).display()
+    );
+    assert!(
+        line.starts_with(&format!("error: {}: cannot write: ", output.display()))
+            && line.ends_with(&kept_in),
+        "{err}"
+    );
+    let image = image::open(tmp.join(&kept[0])).unwrap();
+    assert_eq!(image.width().max(image.height()), 64);
 }
 
 /// Every bad input: a non-zero exit and one line on stderr that names the culprit.

@@ -369,7 +369,19 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         bar.finish();
     }
     let render_s = rendering.elapsed().as_secs_f64();
-    imaging::save_output(&image, alpha.as_ref(), args.output_depth, output)?;
+    if let Err(e) = imaging::save_output(&image, alpha.as_ref(), args.output_depth, output) {
+        // the render is not lost to a full disk or a folder removed meanwhile: kept where it can be
+        let kept = keep_elsewhere(output, |path| {
+            imaging::save_output(&image, alpha.as_ref(), args.output_depth, path)
+        });
+        return Err(match kept {
+            Ok(path) => anyhow::anyhow!("{e}; the rendered image is kept in {}", path.display()),
+            Err(kept) => anyhow::anyhow!(
+                "{e}; the rendered image is lost: it could not be kept in the temporary folder either \
+                 ({kept})"
+            ),
+        });
+    }
     // where a render's wall time goes, for start-up figures (bench/gpu.sh): decoding and checking the
     // inputs, loading the engine, rendering (with --save-every's snapshots), writing the output (the rest
     // is the process's start and exit)
@@ -387,6 +399,26 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         image.height()
     );
     Ok(())
+}
+
+/// Writes a render whose `output` could not be written, with `save`, to a new file of the temporary folder
+/// (`$TMPDIR`, `/tmp`): `stylefarm-<output's stem>-XXXXXX.<output's extension>`; returns its path.
+fn keep_elsewhere(
+    output: &Path,
+    save: impl FnOnce(&Path) -> Result<(), stylefarm_core::Error>,
+) -> anyhow::Result<PathBuf> {
+    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+    let extension = output.extension().unwrap_or_default().to_string_lossy();
+    let (_, path) = tempfile::Builder::new()
+        .prefix(&format!("stylefarm-{stem}-"))
+        .suffix(&format!(".{extension}"))
+        .tempfile()?
+        .keep()?;
+    if let Err(e) = save(&path) {
+        let _ = std::fs::remove_file(&path);
+        return Err(e.into());
+    }
+    Ok(path)
 }
 
 /// Where `render --save-every` writes the image of `iteration` at `scale` of `scales`: beside `output`,
