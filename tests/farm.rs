@@ -617,10 +617,13 @@ async fn a_worker_interrupted_twice_leaves_its_task_unfinished() {
 async fn an_interrupted_submit_wait_leaves_its_job_running_and_says_so() {
     use std::io::BufRead;
     let cluster = Cluster::start(10.0, 0.3);
+    let out = tempfile::tempdir().unwrap();
     let mut submit = stylefarm_tests::stylefarm()
         .arg("submit")
         .args(tubingen_x_starry(32, 2))
         .arg("--wait")
+        .arg("-o")
+        .arg(out.path())
         .env("STYLEFARM_COORDINATOR", &cluster.url)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -643,10 +646,13 @@ async fn an_interrupted_submit_wait_leaves_its_job_running_and_says_so() {
     );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut submit.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(exit.code(), Some(1), "{exit:?}: {err}");
+    assert_eq!(exit.code(), Some(143), "{exit:?}: {err}");
     assert!(
         err.contains(&format!(
             "interrupted: the job goes on; `stylefarm watch {job_id}` follows it"
+        )) && err.contains(&format!(
+            "`stylefarm fetch {job_id} -o {}` writes its results",
+            out.path().display()
         )),
         "{err}"
     );

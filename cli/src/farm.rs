@@ -1359,7 +1359,14 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
                 }
                 () = shutdown_signal() => bail!(
                     "interrupted: the job goes on; `stylefarm watch {job_id}` follows it, `stylefarm \
-                     cancel {job_id}` stops it"
+                     cancel {job_id}` stops it{}",
+                    match &args.job.output {
+                        Some(dir) => format!(
+                            ", `stylefarm fetch {job_id} -o {}` writes its results",
+                            dir.display()
+                        ),
+                        None => String::new(),
+                    }
                 ),
             }
             // a coordinator without JobSpec.left_out did not keep them ([`ended_well`] says them
