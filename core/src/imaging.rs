@@ -2360,17 +2360,23 @@ mod tests {
         assert_eq!(resize_bands((6000, 4000), (512, 341)), cores.clamp(1, 5));
     }
 
-    #[test]
-    fn a_header_declaring_too_many_pixels_is_refused_before_decoding() {
+    /// A 1 x 1 RGB PNG whose header declares `width` x `height` px.
+    fn png_declaring(width: u32, height: u32) -> Vec<u8> {
         let mut png = Vec::new();
         RgbImage::new(1, 1)
             .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
             .unwrap();
         // IHDR: length (4), "IHDR" (4), width and height (4 each) from byte 16, CRC over type and data
-        png[16..20].copy_from_slice(&20_000u32.to_be_bytes());
-        png[20..24].copy_from_slice(&20_000u32.to_be_bytes());
+        png[16..20].copy_from_slice(&width.to_be_bytes());
+        png[20..24].copy_from_slice(&height.to_be_bytes());
         let crc = crc32fast::hash(&png[12..29]);
         png[29..33].copy_from_slice(&crc.to_be_bytes());
+        png
+    }
+
+    #[test]
+    fn a_header_declaring_too_many_pixels_is_refused_before_decoding() {
+        let png = png_declaring(20_000, 20_000);
         for err in [
             dimensions(Cursor::new(&png), "huge.png").unwrap_err(),
             decode(&png, "huge.png").unwrap_err(),
@@ -2382,10 +2388,7 @@ mod tests {
             );
         }
         // a side so large that the decoder's allocation limit stops it reading the header
-        png[16..20].copy_from_slice(&(i32::MAX as u32).to_be_bytes());
-        png[20..24].copy_from_slice(&1u32.to_be_bytes());
-        let crc = crc32fast::hash(&png[12..29]);
-        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let png = png_declaring(i32::MAX as u32, 1);
         for err in [
             dimensions(Cursor::new(&png), "wide.png").unwrap_err(),
             decode(&png, "wide.png").unwrap_err(),
