@@ -1422,6 +1422,11 @@ impl FailureKind {
     }
 }
 
+/// What the error of an untiled job whose task ran out of device memory on its last attempt adds.
+pub const OUT_OF_MEMORY_HINT: &str =
+    " (the image at its size needs more device memory than the workers that ran it have: a smaller \
+     --size, or for one image --tiled, which sizes its tiles for the workers' memory)";
+
 /// [`SchedulerConfig::permanent_confirmations`] unless configured.
 pub const PERMANENT_CONFIRMATIONS: usize = 2;
 
@@ -2575,8 +2580,15 @@ impl Scheduler {
                 task.permanent_error_workers.join(", ")
             ))
         } else if task.attempts >= max {
+            // an image too large for the devices it ran on: what would fit, said (not for a tiled job,
+            // whose scales are planned again in smaller tiles)
+            let hint =
+                match kind == FailureKind::OutOfMemory && job.meta.spec.kind.tiling().is_none() {
+                    true => OUT_OF_MEMORY_HINT,
+                    false => "",
+                };
             Some(format!(
-                "task {} ({}) failed after {} attempt(s): {error}",
+                "task {} ({}) failed after {} attempt(s): {error}{hint}",
                 task.index, task.spec.label, task.attempts
             ))
         } else {
@@ -5067,6 +5079,29 @@ mod tests {
         );
         assert_eq!(s.queue_depth(), 0);
         assert!(s.lease(&w("c")).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_untiled_task_out_of_memory_to_the_last_attempt_says_what_would_fit() {
+        let (s, job) = one_task(2);
+        fail_as(&s, "a", "CUDA out of memory", FailureKind::OutOfMemory);
+        fail_as(&s, "b", "CUDA out of memory", FailureKind::OutOfMemory);
+        let error = s.get(&job).unwrap().meta.error;
+        assert_eq!(
+            error,
+            format!(
+                "task 0 (content 1 x style 1) failed after 2 attempt(s): CUDA out of memory{OUT_OF_MEMORY_HINT}"
+            )
+        );
+        // another failure's last attempt: no hint
+        let (s, job) = one_task(1);
+        fail_as(&s, "a", "crash", FailureKind::Retryable);
+        assert!(s
+            .get(&job)
+            .unwrap()
+            .meta
+            .error
+            .ends_with("attempt(s): crash"));
     }
 
     #[test]
