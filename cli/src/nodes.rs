@@ -161,11 +161,20 @@ impl DeviceMemoryArg {
 /// range would otherwise be taken as 16 EiB).
 const MAX_DEVICE_MEMORY: u64 = 1 << 50;
 
-/// A size in bytes, more than 0 and at most [`MAX_DEVICE_MEMORY`], with a unit (B, KB, KiB, MB, MiB, GB,
-/// GiB, TB, TiB) or without (bytes).
+/// The least `--device-memory` taken: VGG19's weights alone (float32) are 80 MB.
+const MIN_DEVICE_MEMORY: u64 = 256 << 20;
+
+/// A size in bytes, at least [`MIN_DEVICE_MEMORY`] and at most [`MAX_DEVICE_MEMORY`], with a unit (B, KB,
+/// KiB, MB, MiB, GB, GiB, TB, TiB) or without (bytes).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     match s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()) {
         Ok(0) => Err(format!("'{s}': must be more than 0 bytes")),
+        // `--device-memory 12` meant 12 GiB, not 12 bytes (on a GPU, an allocator capped there)
+        Ok(bytes) if bytes < MIN_DEVICE_MEMORY => Err(format!(
+            "'{s}': {} is less than the {} a worker needs (a size takes a unit: 12GiB, 16GB, 512MiB)",
+            bytesize::ByteSize(bytes),
+            bytesize::ByteSize(MIN_DEVICE_MEMORY)
+        )),
         Ok(bytes) if bytes > MAX_DEVICE_MEMORY => Err(format!(
             "'{s}': more than {}, which no device has",
             bytesize::ByteSize(MAX_DEVICE_MEMORY)
@@ -525,5 +534,12 @@ mod tests {
             assert!(e.contains("which no device has"), "{past}: {e}");
         }
         assert!(super::parse_bytes("0").unwrap_err().contains("more than 0"));
+        // a number without its unit is bytes: far too few
+        assert_eq!(
+            super::parse_bytes("12").unwrap_err(),
+            "'12': 12 B is less than the 256.0 MiB a worker needs (a size takes a unit: 12GiB, 16GB, \
+             512MiB)"
+        );
+        assert_eq!(super::parse_bytes("256MiB"), Ok(256 << 20));
     }
 }
