@@ -231,7 +231,7 @@ async fn a_video_renders_each_frame_from_the_one_before_its_chunks_side_by_side(
 
 /// `stylefarm watch JOB --preview-dir D` (WatchJob with previews): the running task's previews, which its
 /// worker sends every --preview-secs, land in D as task-0.png while the job runs, a PNG of at most 256 px a
-/// side; the watch ends with the job.
+/// side, with a new file's permissions (not tempfile's 0600); the watch ends with the job.
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_writes_the_running_tasks_previews() {
     let mut cluster = Cluster::new(10.0, 0.3, "embedded");
@@ -245,6 +245,14 @@ async fn watch_writes_the_running_tasks_previews() {
     assert!(ok, "{err}");
     assert!(err.contains("succeeded"), "{err}");
     assert_eq!(file_names(&dir), ["task-0.png"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    std::fs::write(cluster.dir.path().join("new"), b"").unwrap();
+    assert_eq!(
+        mode(&dir.join("task-0.png")),
+        mode(&cluster.dir.path().join("new"))
+    );
     let preview = image::open(dir.join("task-0.png")).unwrap();
     assert!(
         preview.width() <= 256 && preview.height() <= 256 && preview.width() > 16,

@@ -977,6 +977,13 @@ async fn rewatch(
     }
 }
 
+/// How to write the results of a job that goes on without this command: "`stylefarm fetch JOB -o
+/// OUTPUT` writes its results", with the output given (else `DIR`).
+fn fetch_hint(job_id: &JobId, output: Option<&Path>) -> String {
+    let output = output.map_or("DIR".into(), |o| o.display().to_string());
+    format!("`stylefarm fetch {job_id} -o {output}` writes its results")
+}
+
 /// Follows a job until it ends, with progress bars (stderr: a bar per task, or past [`TASK_BARS`] tasks one
 /// counting them and one per running task), through the coordinator going
 /// away for a while ([`rewatch`]); returns its final status.
@@ -985,6 +992,7 @@ async fn watch_job(
     job_id: &JobId,
     bars: bool,
     preview_dir: Option<&Path>,
+    output: Option<&Path>,
 ) -> anyhow::Result<pb::JobStatus> {
     let mut stream = client.watch_events(job_id, preview_dir.is_some()).await?;
     let multi = MultiProgress::new();
@@ -1038,8 +1046,8 @@ async fn watch_job(
                     .await
                     .with_context(|| {
                         format!(
-                            "the job goes on; `stylefarm watch {job_id}` follows it again, `stylefarm \
-                             fetch {job_id}` fetches its results"
+                            "the job goes on; `stylefarm watch {job_id}` follows it again, {}",
+                            fetch_hint(job_id, output)
                         )
                     })?;
                 continue;
@@ -1215,7 +1223,7 @@ pub(crate) async fn wait_and_fetch(
     output: Option<&Path>,
     coordinator_stays: bool,
 ) -> anyhow::Result<()> {
-    let status = watch_job(client, job_id, true, None).await?;
+    let status = watch_job(client, job_id, true, None, output).await?;
     let succeeded = status.state() == pb::JobState::Succeeded;
     let kept_going = status.spec.as_ref().is_some_and(|s| s.keep_going)
         && status.tasks.iter().any(|t| !t.result.is_empty());
@@ -1361,10 +1369,7 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
                     "interrupted: the job goes on; `stylefarm watch {job_id}` follows it, `stylefarm \
                      cancel {job_id}` stops it{}",
                     match &args.job.output {
-                        Some(dir) => format!(
-                            ", `stylefarm fetch {job_id} -o {}` writes its results",
-                            dir.display()
-                        ),
+                        Some(output) => format!(", {}", fetch_hint(&job_id, Some(output))),
                         None => String::new(),
                     }
                 ),
@@ -1394,14 +1399,9 @@ pub(crate) fn say_left_out(left_out: &[(PathBuf, String)]) {
 fn write_previews(dir: &Path, previews: &[pb::TaskPreview]) {
     for preview in previews {
         let path = dir.join(format!("task-{}.png", preview.task_index));
-        let written = tempfile::NamedTempFile::new_in(dir).and_then(|mut file| {
-            // the file's own error, not NamedTempFile's naming the temporary file
-            std::io::Write::write_all(file.as_file_mut(), &preview.png)?;
-            file.persist(&path).map_err(|e| e.error)?;
-            Ok(())
-        });
-        if let Err(e) = written {
-            eprintln!("warning: preview_dir: writing {}: {e}", path.display());
+        // with the permissions of a new file, as fetch's results (tempfile's own are 0600)
+        if let Err(e) = stylefarm_core::imaging::write_whole(&path, &preview.png) {
+            eprintln!("warning: preview_dir: {e}");
         }
     }
 }
@@ -1417,7 +1417,14 @@ pub(crate) fn watch(args: WatchArgs) -> anyhow::Result<()> {
     }
     runtime()?.block_on(async move {
         let mut client = connect(&args.connect).await?;
-        let status = watch_job(&mut client, &args.job_id, true, preview_dir.as_deref()).await?;
+        let watched = watch_job(
+            &mut client,
+            &args.job_id,
+            true,
+            preview_dir.as_deref(),
+            None,
+        );
+        let status = watched.await?;
         // a job that failed or was cancelled fails the command, as `submit --wait`'s does
         ended_well(&status)?;
         eprintln!("job {} {}", status.job_id, job_state_name(status.state));

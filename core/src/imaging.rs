@@ -649,7 +649,10 @@ pub fn save_output(
 /// with the permissions a new file gets), renamed over `path` once whole: a failed write leaves no
 /// partial output, a reader never sees half an image, and two writers of one path do not share a
 /// temporary file.
-fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+///
+/// # Errors
+/// [`Error::Image`] naming `path` when it cannot be written.
+pub fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     let fail = |e: std::io::Error| Error::image(path.display(), format!("cannot write: {e}"));
     let mut tmp = temp_file_in(folder_of(path)).map_err(fail)?;
