@@ -785,7 +785,7 @@ async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
     );
     assert!(
         err.contains("job-unknown: job job-unknown not found")
-            && err.contains("1 of 3 jobs failed"),
+            && err.contains("the command failed for 1 of the 3 jobs given (each said above)"),
         "{err}"
     );
     // nor does a finished job's priority change

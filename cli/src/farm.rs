@@ -566,7 +566,10 @@ pub(crate) fn coordinator_config(
     attempts: u32,
 ) -> anyhow::Result<stylefarm_coordinator::CoordinatorConfig> {
     if !(lease.is_finite() && heartbeat.is_finite() && heartbeat > 0.0 && lease > heartbeat) {
-        bail!("lease_secs must be greater than heartbeat_secs, both > 0");
+        bail!(
+            "lease_secs: --lease-secs {lease} must be more than --heartbeat-secs {heartbeat} (a lease \
+             outlasts the heartbeats that renew it), both more than 0"
+        );
     }
     if attempts == 0 {
         bail!("max_attempts must be at least 1");
@@ -1708,7 +1711,10 @@ fn each_job(
             }
         }
         if failed > 0 {
-            bail!("{failed} of {} jobs failed", args.job_ids.len());
+            bail!(
+                "the command failed for {failed} of the {} jobs given (each said above)",
+                args.job_ids.len()
+            );
         }
         Ok(())
     })
@@ -1808,6 +1814,17 @@ mod tests {
         let err = listen_addr("localhost").unwrap_err();
         assert!(err.contains("'localhost' is not HOST:PORT"), "{err}");
         assert!(listen_addr("localhost:port").is_err());
+    }
+
+    #[test]
+    fn a_lease_shorter_than_its_heartbeats_is_refused_naming_both() {
+        let err = super::coordinator_config(Default::default(), 1.5, 2.0, 3).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "lease_secs: --lease-secs 1.5 must be more than --heartbeat-secs 2 (a lease outlasts the \
+             heartbeats that renew it), both more than 0"
+        );
+        assert!(super::coordinator_config(Default::default(), 2.5, 2.0, 3).is_ok());
     }
 
     /// 3 of a scale's tiles done in 30 s since the watch saw it start, 5 left: about 50 s.

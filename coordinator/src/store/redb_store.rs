@@ -174,7 +174,13 @@ impl RedbStore {
 
     /// With `opener` for the database, `name` in its errors.
     fn open_with(opener: Opener, name: &str) -> Result<RedbStore, StoreError> {
-        let db = opener().map_err(|e| err(format!("{name}: {e}")))?;
+        let db = opener().map_err(|e| match e {
+            // a lock of the file: another process (a coordinator) has the store open
+            redb::DatabaseError::DatabaseAlreadyOpen => err(format!(
+                "{name}: another process holds the store open (a coordinator on the same --data-dir?)"
+            )),
+            e => err(format!("{name}: {e}")),
+        })?;
         let tx = db.begin_write().map_err(redb_err)?;
         tx.open_table(JOBS).map_err(redb_err)?;
         tx.open_table(TASKS).map_err(redb_err)?;
@@ -591,6 +597,15 @@ mod tests {
         let reopened = RedbStore::open(&path).unwrap();
         let all = reopened.load().unwrap();
         assert_eq!(all.len(), 2, "state survives the process");
+        // open once at a time: a second opener (another coordinator) is told who holds it
+        let e = RedbStore::open(&path).err().expect("held");
+        assert!(
+            e.message.ends_with(
+                "state.redb: another process holds the store open (a coordinator on the same \
+                 --data-dir?)"
+            ),
+            "{e}"
+        );
         // the suite's writes to jobs not stored (job nope, job-c once deleted) left no task row behind
         use redb::ReadableTableMetadata;
         let rows = reopened

@@ -643,10 +643,18 @@ impl RedisStore {
     fn start(url: &str, prefix: &str, lease: Option<Duration>) -> Result<RedisStore, StoreError> {
         let client =
             redis::Client::open(url).map_err(|e| err(format!("redis url '{url}': {e}")))?;
-        let mut con = connect(&client)?;
+        // the server named: "Connection refused" alone does not say which (the url without its password)
+        let at = |e: StoreError| {
+            let server = client.get_connection_info().addr().to_string();
+            StoreError {
+                message: format!("{} (redis at {server})", e.message),
+                ..e
+            }
+        };
+        let mut con = connect(&client).map_err(at)?;
         redis::cmd("PING")
             .query::<String>(&mut con)
-            .map_err(redis_err)?;
+            .map_err(|e| at(redis_err(e)))?;
         // the store's task writes run a script (TASK_OF_A_STORED_JOB): a user that may not (an ACL without
         // @scripting) is told now, not by every write's transaction failing later
         redis::cmd("EVAL")
@@ -1465,6 +1473,24 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(lost.lock().unwrap().is_none());
+    }
+
+    /// A server that does not answer is named (its address, not the url's password).
+    #[test]
+    fn a_server_out_of_reach_at_open_is_named() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("redis://:secret@127.0.0.1:{port}/");
+        let e = RedisStore::open(&url, "farm").err().expect("refused");
+        assert!(
+            e.message
+                .ends_with(&format!(" (redis at 127.0.0.1:{port})"))
+                && !e.message.contains("secret"),
+            "{e}"
+        );
     }
 
     /// A user whose ACL refuses scripts is told so when the store opens, naming what to grant.
