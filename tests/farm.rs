@@ -765,6 +765,8 @@ async fn a_paused_job_waits_for_its_resume_while_a_worker_is_free() {
     }
     let spec = job(&mut client, &id).await.spec.unwrap();
     assert_eq!(spec.priority, 5);
+    let (ok, out, _) = cluster.cli(&["status", &id]);
+    assert!(ok && out.lines().nth(1) == Some("  priority 5"), "{out}");
     let (ok, out, err) = cluster.cli(&["resume", &id, &other]);
     assert!(ok && out.matches("resumed").count() == 2, "{out} {err}");
     for job_id in [&id, &other] {

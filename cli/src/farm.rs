@@ -1484,6 +1484,15 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
         let mut client = connect(&args.connect).await?;
         let s = client.job(&args.job_id).await?;
         print_status(&s);
+        // what `stylefarm priority` set (or submit's --priority), when not the default
+        if let Some(priority) = s
+            .spec
+            .as_ref()
+            .map(|spec| spec.priority)
+            .filter(|&p| p != 0)
+        {
+            outln!("  priority {priority}");
+        }
         for why in left_out_of(&s) {
             outln!("  left out: {why}");
         }
