@@ -602,8 +602,8 @@ async fn serve(
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!(
-            "shutting down: finishing the current task, taking no new one (the command: interrupt \
-             again not to wait)"
+            "shutting down: taking no new task, and finishing the one under way if any (the command: \
+             interrupt again not to wait)"
         );
         stop_on_signal.store(true, Ordering::Relaxed);
         let _ = stopping.send(true);
