@@ -1028,7 +1028,8 @@ async fn cancel_stops_the_running_worker_within_a_heartbeat() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coordinator_killed_and_restarted_loses_nothing() {
-    killed_and_restarted(Cluster::start(3.0, 0.3)).await;
+    // a lease of 10 s: the restart, however slow the machine, comes well within it
+    killed_and_restarted(Cluster::start(10.0, 0.3), true).await;
 }
 
 /// The blobs of a coordinator's disk blob store (`<data dir>/blobs/<2 hex digits>/<sha256>`), by sha256.
@@ -1214,7 +1215,7 @@ async fn a_coordinator_on_redis_killed_and_restarted_loses_nothing() {
     let redis = RedisServer::start();
     let cluster = Cluster::start_on_store(3.0, 0.3, &redis.url());
     let data_dir = cluster.data_dir.clone();
-    killed_and_restarted(cluster).await;
+    killed_and_restarted(cluster, false).await;
     assert!(
         !data_dir.join("state.redb").exists(),
         "the jobs were in Redis"
@@ -1243,7 +1244,7 @@ async fn a_coordinator_on_redis_and_s3_killed_and_restarted_loses_nothing() {
     cluster.coordinator_env = s3.env();
     cluster.start_coordinator();
     let data_dir = cluster.data_dir.clone();
-    let cluster = killed_and_restarted(cluster).await;
+    let cluster = killed_and_restarted(cluster, false).await;
     assert!(
         !data_dir.join("state.redb").exists() && !data_dir.join("blobs").exists(),
         "the jobs were in Redis, the images in S3"
@@ -1497,8 +1498,11 @@ fn submit_small_batch(cluster: &Cluster) -> String {
 }
 
 /// Kills a coordinator with SIGKILL during a batch job and starts another on the same state: the job
-/// completes with every result.
-async fn killed_and_restarted(mut cluster: Cluster) -> Cluster {
+/// completes with every result. With `within_a_lease` (a restart that comes within a lease period of the
+/// kill: not on Redis, whose new coordinator waits for the killed one's leader lease to lapse), the task
+/// that was running is not rendered again: the new coordinator takes its lease up, and the worker goes on
+/// with it.
+async fn killed_and_restarted(mut cluster: Cluster, within_a_lease: bool) -> Cluster {
     cluster.add_worker("w1");
     wait_registered(&cluster, 1).await;
     let id = submit_small_batch(&cluster);
@@ -1507,6 +1511,15 @@ async fn killed_and_restarted(mut cluster: Cluster) -> Cluster {
     cluster.start_coordinator();
     let status = wait_succeeded(&cluster, &id).await;
     assert!(status.tasks.iter().all(|t| !t.result.is_empty()));
+    if within_a_lease {
+        let log = cluster.workers[0].log_text();
+        assert_eq!(
+            log.matches(" rendering label=").count(),
+            status.tasks.len(),
+            "a task rendered again: {log}"
+        );
+        assert!(status.tasks.iter().all(|t| t.attempts == 1), "{status:?}");
+    }
     let (ok, out, _) = cluster.cli(&["list"]);
     assert!(
         ok && out.contains(&id) && out.contains("succeeded"),

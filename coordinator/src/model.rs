@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use stylefarm_core::checkpoint::Checkpoint;
-use stylefarm_core::ids::{ImageHash, JobId, WorkerId};
+use stylefarm_core::ids::{ImageHash, JobId, LeaseId, WorkerId};
 use stylefarm_core::job::{JobKind, JobSpec, TaskSpec};
 use stylefarm_core::task_log::{AttemptLog, KEPT_ATTEMPTS};
 
@@ -234,6 +234,12 @@ pub struct TaskRecord {
     /// a view or a write of the record does not copy them.
     #[serde(default, skip_serializing_if = "no_logs")]
     pub logs: std::sync::Arc<Vec<AttemptLog>>,
+    /// The lease of the attempt under way (while [`TaskState::Running`]), written as it is handed out: a
+    /// coordinator that starts again on the store (restarted, or a standby taking over) takes it up
+    /// ([`crate::scheduler::Scheduler::new`]), so that the worker rendering the task goes on and its result
+    /// is taken, instead of the task starting over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseId>,
 }
 
 impl TaskRecord {
@@ -298,6 +304,7 @@ impl TaskRecord {
             struck: Vec::new(),
             checkpoint: None,
             logs: Default::default(),
+            lease: None,
         }
     }
 }

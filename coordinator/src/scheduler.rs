@@ -271,6 +271,9 @@ struct LeaseInfo {
     /// Its worker signed off while it held it ([`Scheduler::signed_off`]): it ends at the next
     /// [`Scheduler::expire`], as a lease that lapsed does.
     signed_off: bool,
+    /// Taken up from the store by a coordinator that started again ([`Scheduler::new`]): until its worker
+    /// is heard from, its lapse costs nothing ([`Scheduler::expire`]).
+    adopted: bool,
 }
 
 /// The tasks of `job` whose leases hold their workers' devices: those not rendered yet (a worker sends a
@@ -1467,8 +1470,12 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Loads the store's jobs. Tasks that were running when the coordinator stopped go back to the queue
-    /// (their leases died with it; a late result under one is discarded).
+    /// Loads the store's jobs. A task that was running when the coordinator stopped keeps its lease
+    /// ([`TaskRecord::lease`]) for one lease period ([`SchedulerConfig::lease`]): its worker, which goes on
+    /// rendering while the coordinator is away, renews it with its next heartbeat and sends its result as
+    /// usual. Unheard from by then (the worker died too), the task goes back to the queue, the attempt given
+    /// back. A shard of an exact-mode scale (whose group's exchange died with the coordinator), or a task
+    /// of a job that has ended, goes back to the queue at once.
     pub fn new(config: SchedulerConfig, store: Arc<dyn Store>) -> Result<Scheduler, StoreError> {
         let mut state = State {
             drained: Arc::new(store.load_drained()?),
@@ -1502,9 +1509,49 @@ impl Scheduler {
             if !meta.state.is_terminal() {
                 *state.unfinished.entry(meta.tenant.clone()).or_default() += 1;
             }
+            let mut adopted = HashMap::new();
             for t in tasks.iter_mut() {
-                if t.state == TaskState::Running {
+                let lease = t.lease.clone().filter(|_| {
+                    t.state == TaskState::Running
+                        && !meta.state.is_terminal()
+                        && t.spec.shards().is_none()
+                });
+                if let Some(lease_id) = lease {
+                    let now = now_ms();
+                    adopted.insert(
+                        t.index,
+                        (
+                            lease_id,
+                            LeaseInfo {
+                                job_id: meta.id.clone(),
+                                index: t.index,
+                                worker: t.worker.clone(),
+                                request: 0,
+                                heard: false,
+                                leased_ms: now,
+                                progressed_ms: now,
+                                deadline_ms: now + config.lease.as_millis() as i64,
+                                cancel: false,
+                                progress: None,
+                                preview: None,
+                                group_failure_owed: false,
+                                exchanging: false,
+                                memory_bytes: 0,
+                                attempt: t.attempts,
+                                log: ReceivedLines::default(),
+                                rendered: false,
+                                signed_off: false,
+                                adopted: true,
+                            },
+                        ),
+                    );
+                } else if t.state == TaskState::Running {
                     t.state = TaskState::Pending;
+                    t.lease = None;
+                    store.update_task(&meta.id, t)?;
+                } else if t.lease.is_some() {
+                    // a record written with its lease as the attempt ended (its state says how)
+                    t.lease = None;
                     store.update_task(&meta.id, t)?;
                 }
                 if t.state == TaskState::Pending && !meta.state.is_terminal() {
@@ -1527,12 +1574,17 @@ impl Scheduler {
             if tasks.iter().any(|t| t.checkpoint.is_some()) {
                 state.checkpointed.insert(meta.id.clone());
             }
+            let mut leases = HashMap::new();
+            for (index, (lease_id, lease)) in adopted {
+                leases.insert(index, lease_id.clone());
+                state.leases.insert(lease_id, lease);
+            }
             state.jobs.insert(
                 meta.id.clone(),
                 Job {
                     meta,
                     tasks,
-                    leases: HashMap::new(),
+                    leases,
                 },
             );
         }
@@ -1879,15 +1931,18 @@ impl Scheduler {
         set_task_state(&mut st.tally, task, TaskState::Running);
         task.attempts += 1;
         task.worker = worker.clone();
+        task.lease = Some(lease_id.clone());
         let task_attempt = task.attempts;
-        // not written to the store: a restart sends running tasks back to the queue anyway, and the attempt
-        // is recorded with the task's outcome (one fsync a task instead of two)
+        // written, not waited for: a coordinator that starts again on the store takes the lease up
+        // (Scheduler::new), and a later write of the task (its outcome) supersedes it in order
+        let mut ops = vec![Op::Task(job_id.clone(), task.clone())];
         let leased = task_to_lease(job, index);
         if job.meta.state == JobState::Queued {
             set_job_state(&mut st.tally, &mut job.meta, JobState::Running);
-            // no need to wait: "running" is for people, and a later write of the job supersedes it in order
-            drop(self.store.write(vec![Op::Job(job.meta.clone())]));
+            // "running" is for people
+            ops.push(Op::Job(job.meta.clone()));
         }
+        drop(self.store.write(ops));
         job.leases.insert(index, lease_id.clone());
         st.leases.insert(
             lease_id.clone(),
@@ -1910,6 +1965,7 @@ impl Scheduler {
                 log: ReceivedLines::default(),
                 rendered: false,
                 signed_off: false,
+                adopted: false,
             },
         );
         if starts_group {
@@ -2207,13 +2263,9 @@ impl Scheduler {
             return Ok(CheckpointSaved::Discarded);
         }
         let replaced = task.checkpoint.replace(checkpoint);
-        // the record as the store has it while the attempt runs (a lease writes nothing): pending, the
-        // attempt not counted, so that a restart counts it no more than without a checkpoint
-        let stored = TaskRecord {
-            state: TaskState::Pending,
-            attempts: task.attempts.saturating_sub(1),
-            ..task.clone()
-        };
+        // running, under its lease: a coordinator that starts again takes the lease up (and gives the
+        // attempt back when its worker is not heard from)
+        let stored = task.clone();
         st.checkpointed.insert(job_id.clone());
         let durable = self.store.write(vec![Op::Task(job_id.clone(), stored)]);
         drop(st);
@@ -2242,6 +2294,9 @@ impl Scheduler {
         let lease = st.leases.remove(lease_id)?;
         if let Some(job) = st.jobs.get_mut(&lease.job_id) {
             job.leases.remove(&lease.index);
+            if let Some(task) = job.tasks.get_mut(lease.index as usize) {
+                task.lease = None;
+            }
         }
         Some(lease)
     }
@@ -3585,7 +3640,7 @@ impl Scheduler {
             lease.signed_off = true;
             lease.deadline_ms = lease.deadline_ms.min(now - 1);
         }
-        let mut changed = Vec::new();
+        let (mut changed, mut ops) = (Vec::new(), Vec::new());
         for id in unseen {
             let lease = Self::take_lease(st, &id).expect("listed lease");
             let Some(job) = st.jobs.get_mut(&lease.job_id) else {
@@ -3595,6 +3650,8 @@ impl Scheduler {
             task.attempts = task.attempts.saturating_sub(1);
             set_task_state(&mut st.tally, task, TaskState::Pending);
             st.queue.insert(&job.meta, lease.index);
+            // its lease's record superseded (not waited for, as the lease's own write)
+            ops.push(Op::Task(job.meta.id.clone(), task.clone()));
             tracing::info!(
                 lease_id = id.as_str(),
                 job_id = lease.job_id.as_str(),
@@ -3602,6 +3659,9 @@ impl Scheduler {
                 "lease given back unseen: its worker signed off before its poll was answered"
             );
             changed.push(lease.job_id);
+        }
+        if !ops.is_empty() {
+            drop(self.store.write(ops));
         }
         drop(guard);
         if !changed.is_empty() {
@@ -3611,6 +3671,20 @@ impl Scheduler {
             self.changed(&job);
         }
         released
+    }
+
+    /// Lapses the leases taken up from the store whose workers have not called ([`Scheduler::new`]), as
+    /// a lease period without them does: their tasks are queued again (tests: a restart whose workers died
+    /// with the coordinator, without waiting a lease period).
+    #[cfg(test)]
+    fn lapse_adopted(&self) {
+        let now = now_ms();
+        for lease in self.state.lock().unwrap().leases.values_mut() {
+            if lease.adopted && !lease.heard {
+                lease.deadline_ms = now - 1;
+            }
+        }
+        self.expire().unwrap();
     }
 
     /// Returns expired leases' tasks to the queue (a strike against their worker), and those of leases whose
@@ -3659,6 +3733,27 @@ impl Scheduler {
                 continue;
             }
             let lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
+            if expired && lease.adopted && !lease.heard {
+                // taken up from the store, and its worker never called: it died with the coordinator, or
+                // before. Its task goes back to the queue at no cost (as when the store did not keep leases)
+                let state = &mut *st;
+                if let Some(job) = state.jobs.get_mut(&lease.job_id) {
+                    let task = &mut job.tasks[lease.index as usize];
+                    task.attempts = task.attempts.saturating_sub(1);
+                    set_task_state(&mut state.tally, task, TaskState::Pending);
+                    state.queue.insert(&job.meta, lease.index);
+                    ops.push(Op::Task(job.meta.id.clone(), task.clone()));
+                }
+                tracing::info!(
+                    lease_id = lease_id.as_str(),
+                    job_id = lease.job_id.as_str(),
+                    worker_id = lease.worker.as_str(),
+                    "lease not taken up: its worker did not call within a lease period of this \
+                     coordinator's start; its task is queued again"
+                );
+                jobs.push(lease.job_id);
+                continue;
+            }
             let reason = if expired && lease.signed_off {
                 tracing::warn!(
                     lease_id = lease_id.as_str(),
@@ -4234,6 +4329,7 @@ mod tests {
         assert_eq!(s.counts().queue_by_priority.get("7"), Some(&1));
         drop(s);
         let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        s.lapse_adopted();
         let order: Vec<JobId> = std::iter::from_fn(|| s.lease(&w("w")).unwrap())
             .map(|l| l.task.id.job)
             .collect();
@@ -4501,8 +4597,10 @@ mod tests {
         let l = s.lease(&w("b")).unwrap().unwrap();
         assert_eq!(l.task.resume, Some(checkpoint(20)));
         drop(s);
-        // a restart keeps it: the running task goes back to the queue, and starts from it again
+        // a restart keeps it: the running task, its worker gone with the coordinator, goes back to the
+        // queue and starts from it again
         let s = Scheduler::new(config, store).unwrap();
+        s.lapse_adopted();
         let l = s.lease(&w("b")).unwrap().unwrap();
         assert_eq!(l.task.resume, Some(checkpoint(20)));
         let done = s.complete(&l.lease_id, &hash("result")).unwrap().unwrap();
@@ -4597,6 +4695,8 @@ mod tests {
         drop(s);
         let s = Scheduler::new(config, store).unwrap();
         assert_eq!(held(&s), [true, true], "after a restart");
+        // its running task's worker gone with the coordinator
+        s.lapse_adopted();
         let l = s.lease(&w("b")).unwrap().unwrap();
         assert_eq!(l.task.id.job, first);
         s.fail(&l.lease_id, "worker lost", FailureKind::Retryable)
@@ -7375,23 +7475,70 @@ mod tests {
     }
 
     #[test]
-    fn restart_requeues_running_tasks() {
+    fn a_restart_takes_running_tasks_leases_up_for_a_lease_period() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-        let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
-        let (job, _) = s.submit(batch(2, 0), "req").unwrap();
-        let l = s.lease(&w("w")).unwrap().unwrap();
-        drop(s);
-        let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
-        assert_eq!(s.queue_depth(), 2);
-        assert!(
-            s.complete(&l.lease_id, &hash("late")).unwrap().is_none(),
-            "leases die with the coordinator"
+        let config = SchedulerConfig {
+            lease: Duration::from_millis(300),
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let (job, _) = s.submit(batch(3, 0), "req").unwrap();
+        let (kept, lost) = (
+            s.lease(&w("w")).unwrap().unwrap(),
+            s.lease(&w("v")).unwrap().unwrap(),
         );
+        drop(s);
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        assert_eq!(s.queue_depth(), 1, "the running tasks keep their leases");
+        assert_eq!(s.counts(), s.counts_walked());
+        // w, registered again, goes on: its heartbeat renews the lease, its result is taken
+        let reply = s.heartbeat(&kept.lease_id, &w("w"), None, None).unwrap();
+        assert!(!reply.cancel);
+        // not by another worker
+        assert!(
+            s.heartbeat(&lost.lease_id, &w("x"), None, None)
+                .unwrap()
+                .cancel
+        );
+        // past the lease period, w's heartbeats keep its lease
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(
+                !s.heartbeat(&kept.lease_id, &w("w"), None, None)
+                    .unwrap()
+                    .cancel
+            );
+        }
+        assert!(s.complete(&kept.lease_id, &hash("r")).unwrap().is_some());
+        // v died with the coordinator: a lease period later its task is queued again, the attempt given
+        // back, no strike
+        let view = s.get(&job).unwrap();
+        let task = &view.tasks[lost.task.id.index as usize].0;
+        assert_eq!(
+            (task.state, task.attempts, task.lease.as_ref()),
+            (TaskState::Pending, 0, None)
+        );
+        assert!(view.meta.strikes.is_empty(), "{:?}", view.meta.strikes);
+        assert!(task.logs.is_empty(), "{:?}", task.logs);
+        assert_eq!(view.tasks[kept.task.id.index as usize].0.attempts, 1);
+        assert_eq!(s.queue_depth(), 2);
+        assert!(s.complete(&lost.lease_id, &hash("late")).unwrap().is_none());
+        assert_eq!(s.counts(), s.counts_walked());
         assert_eq!(
             s.submit(batch(1, 0), "req").unwrap(),
-            (job, false),
+            (job.clone(), false),
             "request ids survive"
         );
+        // and so in the store: a task ended has no lease, one queued again neither
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        assert_eq!(s.queue_depth(), 2);
+        assert!(s
+            .get(&job)
+            .unwrap()
+            .tasks
+            .iter()
+            .all(|(t, _)| t.lease.is_none()));
     }
 
     /// A memory store that can be told it is holding writes back, as a Redis store out of reach is, or
@@ -7689,8 +7836,10 @@ mod tests {
         let l = s.lease(&w("w1")).unwrap().unwrap();
         assert_eq!(l.task.id.job, a);
         assert!(s.lease(&w("w2")).unwrap().is_none());
-        // across a restart: A's task runs again, the others still wait
+        // across a restart (its worker gone with the coordinator): A's task runs again, the others still
+        // wait
         let s = Scheduler::new(SchedulerConfig::default(), store.clone()).unwrap();
+        s.lapse_adopted();
         let l = s.lease(&w("w1")).unwrap().unwrap();
         assert_eq!(l.task.id.job, a);
         assert!(s.lease(&w("w2")).unwrap().is_none());
