@@ -3736,8 +3736,13 @@ impl Scheduler {
             if expired && lease.adopted && !lease.heard {
                 // taken up from the store, and its worker never called: it died with the coordinator, or
                 // before. Its task goes back to the queue at no cost (as when the store did not keep leases)
+                // (a job ended meanwhile, cancelled say, keeps its tasks as it left them)
                 let state = &mut *st;
-                if let Some(job) = state.jobs.get_mut(&lease.job_id) {
+                let running = |job: &Job| {
+                    !job.meta.state.is_terminal()
+                        && job.tasks[lease.index as usize].state == TaskState::Running
+                };
+                if let Some(job) = state.jobs.get_mut(&lease.job_id).filter(|j| running(j)) {
                     let task = &mut job.tasks[lease.index as usize];
                     task.attempts = task.attempts.saturating_sub(1);
                     set_task_state(&mut state.tally, task, TaskState::Pending);
@@ -7531,7 +7536,7 @@ mod tests {
         );
         // and so in the store: a task ended has no lease, one queued again neither
         drop(s);
-        let s = Scheduler::new(config, store).unwrap();
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
         assert_eq!(s.queue_depth(), 2);
         assert!(s
             .get(&job)
@@ -7539,6 +7544,21 @@ mod tests {
             .tasks
             .iter()
             .all(|(t, _)| t.lease.is_none()));
+        // a job cancelled while a lease taken up waits for its worker keeps its tasks cancelled
+        let running = s.lease(&w("w")).unwrap().unwrap();
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        assert_eq!(s.queue_depth(), 1);
+        s.cancel(&job).unwrap();
+        s.lapse_adopted();
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.meta.state, JobState::Cancelled);
+        assert_ne!(
+            view.tasks[running.task.id.index as usize].0.state,
+            TaskState::Pending
+        );
+        assert_eq!(s.queue_depth(), 0);
+        assert_eq!(s.counts(), s.counts_walked());
     }
 
     /// A memory store that can be told it is holding writes back, as a Redis store out of reach is, or
