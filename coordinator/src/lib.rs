@@ -884,6 +884,8 @@ pub async fn serve(
             .tls_config(tls.clone())
             .map_err(|e| Error::Transport(format!("tls: {e}")))?;
     }
+    // a restart's running tasks: their workers may call from now on
+    coordinator.scheduler.serving();
     let serving = server
         .add_service(health_service)
         .add_service(reflection_v1)

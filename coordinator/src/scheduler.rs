@@ -1546,8 +1546,12 @@ impl Scheduler {
                         ),
                     );
                 } else if t.state == TaskState::Running {
+                    // the attempt its lease's write counted given back (a shard's group starts over
+                    // for the coordinator's sake, not its own)
+                    if t.lease.take().is_some() {
+                        t.attempts = t.attempts.saturating_sub(1);
+                    }
                     t.state = TaskState::Pending;
-                    t.lease = None;
                     store.update_task(&meta.id, t)?;
                 } else if t.lease.is_some() {
                     // a record written with its lease as the attempt ended (its state says how)
@@ -3673,6 +3677,19 @@ impl Scheduler {
         released
     }
 
+    /// Starts the lease period of the leases taken up from the store ([`Scheduler::new`]) now, as the
+    /// coordinator starts serving: its start (the blob store's listing, the stage work it found due) may
+    /// have taken a while, during which no worker could call.
+    pub fn serving(&self) {
+        let deadline_ms = now_ms() + self.config.lease.as_millis() as i64;
+        for lease in self.state.lock().unwrap().leases.values_mut() {
+            if lease.adopted && !lease.heard {
+                lease.deadline_ms = lease.deadline_ms.max(deadline_ms);
+                lease.progressed_ms = lease.progressed_ms.max(now_ms());
+            }
+        }
+    }
+
     /// Lapses the leases taken up from the store whose workers have not called ([`Scheduler::new`]), as
     /// a lease period without them does: their tasks are queued again (tests: a restart whose workers died
     /// with the coordinator, without waiting a lease period).
@@ -3712,7 +3729,11 @@ impl Scheduler {
             .leases
             .iter()
             .filter_map(|(id, l)| {
+                // (a lease taken up at a restart and not heard from yet is not stalled: it lapses,
+                // at no cost, if its worker does not call)
+                let unheard_since_restart = l.adopted && !l.heard;
                 let stalled = !l.cancel
+                    && !unheard_since_restart
                     && stall_ms.is_some_and(|ms| {
                         let waited = now - l.progressed_ms;
                         waited > ms && !(rendered(l) && waited <= ms + report_ms)
@@ -5573,6 +5594,58 @@ mod tests {
             .into_iter()
             .map(|(meta, scale, shards)| (meta.id, scale, shards))
             .collect()
+    }
+
+    /// A lease taken up at a restart does not stall while its worker has not called yet (it would cost a
+    /// strike and an attempt): it lapses at no cost.
+    #[test]
+    fn a_lease_taken_up_at_a_restart_does_not_stall_before_its_worker_calls() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let config = SchedulerConfig {
+            lease: Duration::from_millis(400),
+            task_stall: Some(Duration::from_millis(100)),
+            ..SchedulerConfig::default()
+        };
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        let (job, _) = s.submit(batch(1, 0), "").unwrap();
+        s.lease(&w("w")).unwrap().unwrap();
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        s.serving();
+        std::thread::sleep(Duration::from_millis(200));
+        s.expire().unwrap();
+        assert_eq!(s.get(&job).unwrap().tasks[0].0.state, TaskState::Running);
+        std::thread::sleep(Duration::from_millis(300));
+        s.expire().unwrap();
+        let view = s.get(&job).unwrap();
+        assert_eq!(
+            (view.tasks[0].0.state, view.tasks[0].0.attempts),
+            (TaskState::Pending, 0)
+        );
+        assert!(view.meta.strikes.is_empty(), "{:?}", view.meta.strikes);
+    }
+
+    /// A restart does not take a scale's shards' leases up (their group's exchange died with the
+    /// coordinator): they go back to the queue at once, the attempts their leases counted given back.
+    #[test]
+    fn a_restart_queues_running_shards_again_at_no_cost() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let (s, job, _) = sharded_job(store.clone(), 2);
+        let free = s.idle(&w("b"), &[]);
+        s.lease(&w("a")).unwrap().unwrap();
+        s.lease(&w("b")).unwrap().unwrap();
+        drop(free);
+        drop(s);
+        let s = Scheduler::new(SchedulerConfig::default(), store).unwrap();
+        let view = s.get(&job).unwrap();
+        for (t, _) in &view.tasks[1..] {
+            assert_eq!(
+                (t.state, t.attempts, t.lease.as_ref()),
+                (TaskState::Pending, 0, None)
+            );
+        }
+        assert_eq!(s.queue_depth(), 2);
+        assert_eq!(s.counts(), s.counts_walked());
     }
 
     /// A scale's shards run together: when one has to run again after another succeeded, the succeeded
