@@ -1215,6 +1215,25 @@ fn held_reason(job: &Job, task: &TaskRecord) -> Option<Held> {
     }
 }
 
+/// Gives the task of an ended `lease` back to the queue at no cost: its attempt given back, no strike, no
+/// entry in its attempts' log (a lease whose worker never had it: taken up at a restart and not heard
+/// from, or handed to a poll its worker gave up). A job that ended meanwhile (cancelled, say) keeps its
+/// tasks as it left them. The task's write goes to `ops`; returns whether it was given back.
+fn give_back(st: &mut State, lease: &LeaseInfo, ops: &mut Vec<Op>) -> bool {
+    let running = |job: &Job| {
+        !job.meta.state.is_terminal() && job.tasks[lease.index as usize].state == TaskState::Running
+    };
+    let Some(job) = st.jobs.get_mut(&lease.job_id).filter(|j| running(j)) else {
+        return false;
+    };
+    let task = &mut job.tasks[lease.index as usize];
+    task.attempts = task.attempts.saturating_sub(1);
+    set_task_state(&mut st.tally, task, TaskState::Pending);
+    st.queue.insert(&job.meta, lease.index);
+    ops.push(Op::Task(job.meta.id.clone(), task.clone()));
+    true
+}
+
 /// The workers of `live` (heard from lately, with their tags) that a job of `spec` may run on
 /// ([`JobSpec::runs_on`]).
 fn eligible<'a>(spec: &JobSpec, live: &'a [(WorkerId, Vec<String>)]) -> Vec<&'a WorkerId> {
@@ -3647,15 +3666,10 @@ impl Scheduler {
         let (mut changed, mut ops) = (Vec::new(), Vec::new());
         for id in unseen {
             let lease = Self::take_lease(st, &id).expect("listed lease");
-            let Some(job) = st.jobs.get_mut(&lease.job_id) else {
-                continue;
-            };
-            let task = &mut job.tasks[lease.index as usize];
-            task.attempts = task.attempts.saturating_sub(1);
-            set_task_state(&mut st.tally, task, TaskState::Pending);
-            st.queue.insert(&job.meta, lease.index);
             // its lease's record superseded (not waited for, as the lease's own write)
-            ops.push(Op::Task(job.meta.id.clone(), task.clone()));
+            if !give_back(st, &lease, &mut ops) {
+                continue;
+            }
             tracing::info!(
                 lease_id = id.as_str(),
                 job_id = lease.job_id.as_str(),
@@ -3757,19 +3771,7 @@ impl Scheduler {
             if expired && lease.adopted && !lease.heard {
                 // taken up from the store, and its worker never called: it died with the coordinator, or
                 // before. Its task goes back to the queue at no cost (as when the store did not keep leases)
-                // (a job ended meanwhile, cancelled say, keeps its tasks as it left them)
-                let state = &mut *st;
-                let running = |job: &Job| {
-                    !job.meta.state.is_terminal()
-                        && job.tasks[lease.index as usize].state == TaskState::Running
-                };
-                if let Some(job) = state.jobs.get_mut(&lease.job_id).filter(|j| running(j)) {
-                    let task = &mut job.tasks[lease.index as usize];
-                    task.attempts = task.attempts.saturating_sub(1);
-                    set_task_state(&mut state.tally, task, TaskState::Pending);
-                    state.queue.insert(&job.meta, lease.index);
-                    ops.push(Op::Task(job.meta.id.clone(), task.clone()));
-                }
+                give_back(&mut st, &lease, &mut ops);
                 tracing::info!(
                     lease_id = lease_id.as_str(),
                     job_id = lease.job_id.as_str(),
