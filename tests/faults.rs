@@ -50,11 +50,12 @@ fn spec_args(variant: usize) -> Vec<String> {
         "--style",
         &path("starry_night.jpg"),
         "--size",
-        "48",
-        // long enough that the jobs outlast the plan's faults on an idle machine too (with 25, they once
-        // finished after two of its six kills)
+        "32",
+        // long enough that the jobs outlast the plan's faults, which land in the first 7 s, on an idle
+        // machine too (at 48 px with 25 iterations, they once finished after two of its six kills); at 32 px
+        // the twenty take about 20 s on two cores (at 48 px with 100 iterations, about 70 s)
         "--iterations",
-        "100",
+        "60",
         "--init",
         "noise",
         "--seed",
