@@ -4166,7 +4166,7 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
             image::open(&out).unwrap().to_rgb8(),
         )
     };
-    // both workers may take it: scale 2 (256 x 192 in 128-px blocks) is two shards
+    // both workers may take it: scale 2 (192 x 144 in 128-px blocks) is two shards
     let adam = "6,3";
     let (sharded_id, sharded) = render("sharded.png", adam, &["--optimizer", "adam"]);
     let status = job(&mut cluster.client().await, &sharded_id).await;
@@ -4181,7 +4181,7 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
         .collect();
     for (i, s) in shards.iter().enumerate() {
         assert!(s.exact && s.tiles == 2 && s.tile == i as u32, "{s:?}");
-        assert_eq!((s.x, s.width), (0, 256));
+        assert_eq!((s.x, s.width), (0, 192));
     }
     // 64-px block rows (128-px blocks, 32 px of halo): 1 and 2 of the 3
     assert_eq!((shards[0].y, shards[0].height, shards[1].y), (0, 64, 64));
@@ -4220,7 +4220,7 @@ async fn two_workers_share_an_exact_scale_and_render_what_one_worker_renders() {
     assert_eq!(workers.len(), 2, "each worker renders a shard: {workers:?}");
 }
 
-/// Two workers, and an exact-mode Adam job (256 px, 128-px blocks) whose scale 2 is two shards, both
+/// Two workers, and an exact-mode Adam job (192 px, 128-px blocks) whose scale 2 is two shards, both
 /// running past their first iterations; `scale_iterations` as `--scale-iterations` says. The cluster, the
 /// job's id and its status then.
 async fn two_shards_rendering(scale_iterations: &str) -> (Cluster, String, pb::JobStatus) {
@@ -4256,8 +4256,8 @@ async fn two_shards_rendering(scale_iterations: &str) -> (Cluster, String, pb::J
 /// succeeds on the worker left, with no strike against it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_workers_left() {
-    // 6 iterations: the shards are killed past their third, and the whole 256 x 192 canvas in 128-px
-    // blocks then takes about 15 s on one core
+    // 6 iterations: the shards are killed past their third, and the whole canvas in 128-px blocks then
+    // renders its 6 on the worker left
     let (mut cluster, id, status) = two_shards_rendering("4,6").await;
     let doomed = status.tasks[1].worker_id.clone();
     let index = if doomed.starts_with("w1") { 0 } else { 1 };
@@ -4285,7 +4285,7 @@ async fn a_scale_whose_shard_worker_is_gone_for_good_is_planned_again_for_the_wo
     assert!(!whole.replaced);
     let tile = whole.tile.expect("a task of scale 2");
     assert!(
-        tile.exact && tile.tiles == 1 && (tile.width, tile.height) == (256, 192),
+        tile.exact && tile.tiles == 1 && (tile.width, tile.height) == (192, 144),
         "{tile:?}"
     );
     assert!(
