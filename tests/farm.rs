@@ -455,6 +455,8 @@ async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
     );
 }
 
+/// A worker sent SIGTERM mid-task finishes it, takes no other and exits 0; meanwhile its heartbeats say it
+/// is leaving, and `workers` lists it so (not busy: nothing more is planned for it).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
     let mut cluster = Cluster::start(10.0, 0.3);
@@ -468,8 +470,9 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
         &style,
         "--size",
         "64",
+        // long enough to be running still when `workers` is asked (about 6 s)
         "--iterations",
-        "40",
+        "80",
     ];
     let running = submit(
         &cluster,
@@ -481,6 +484,11 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
         &[&common[..], &["--request-id", "queued"]].concat(),
     );
     cluster.workers[0].terminate();
+    wait_for("workers to list it leaving", Duration::from_secs(5), || {
+        let (_, out, _) = cluster.cli(&["workers"]);
+        async move { out.starts_with("draining#1\tleaving\t").then_some(()) }
+    })
+    .await;
     let done = wait_succeeded(&cluster, &running).await;
     assert_eq!(done.tasks[0].attempts, 1, "finished, not abandoned");
     let worker = &mut cluster.workers[0];

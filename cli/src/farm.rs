@@ -1618,6 +1618,8 @@ pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
                 w.tags.join(",")
             };
             let health = match (w.health.as_str(), w.drained) {
+                // stopping (a SIGTERM): it finishes its task and signs off, drained or not
+                ("busy" | "idle", _) if w.leaving => "leaving",
                 ("busy", true) => "draining",
                 ("idle", true) => "drained",
                 ("silent", true) => "silent,drained",

@@ -868,6 +868,7 @@ impl RenderService for RenderApi {
                 task: w.task,
                 progress: w.progress,
                 drained: w.drained,
+                leaving: w.leaving,
             })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
@@ -994,10 +995,11 @@ impl WorkerService for WorkerApi {
         // larger device first
         let workers = &self.coordinator.workers;
         let drained = self.coordinator.scheduler.drained();
+        let leaving = workers.leaving();
         let memory = DeviceMemory {
             own: workers.get(&worker_id).map_or(0, |w| w.memory_bytes),
             largest_live: workers
-                .live_memory(|id, _| !drained.contains(&id.by_name()))
+                .live_memory(|id, _| !drained.contains(&id.by_name()) && !leaving.contains(id))
                 .into_iter()
                 .max()
                 .unwrap_or(0),
@@ -1039,6 +1041,9 @@ impl WorkerService for WorkerApi {
             self.coordinator
                 .workers
                 .seen(&worker_id, r.memory_used_bytes, None);
+            if r.leaving {
+                self.coordinator.workers.stopping(&worker_id);
+            }
         }
         if lease_id.is_empty() {
             return Ok(Response::new(pb::HeartbeatResponse {

@@ -275,6 +275,9 @@ pub struct WorkerRow {
     pub progress: f64,
     /// Drained ([`Coordinator::drain_workers`]): it takes no new task.
     pub drained: bool,
+    /// Stopping ([`WorkerInfo::leaving`](crate::workers::WorkerInfo::leaving)): it finishes its task and
+    /// signs off.
+    pub leaving: bool,
 }
 
 /// Each worker's lease that it renders: the latest handed out to it (a worker still reporting its last task
@@ -538,6 +541,7 @@ impl Coordinator {
                         task_fraction(TaskState::Running, l.progress.as_ref())
                     }),
                     drained: drained.contains(&id.by_name()),
+                    leaving: w.leaving && w.gone != Some(Gone::Left),
                 }
             })
             .collect();
@@ -560,6 +564,7 @@ impl Coordinator {
                 task: None,
                 progress: 0.0,
                 drained: true,
+                leaving: false,
             });
         }
         let rank = |h: &str| match h {

@@ -340,20 +340,25 @@ impl Coordinator {
         self.memory_for(meta, &HashSet::new())
     }
 
-    /// [`Coordinator::planning_memory`], with the drained workers named in `running` counted too; when
-    /// only drained workers may take the tasks, those (they are to come back: a plan for none would cut
-    /// the smallest tiles for good).
+    /// [`Coordinator::planning_memory`], with the drained and leaving workers named in `running` counted
+    /// too; when only drained workers may take the tasks, those (they are to come back: a plan for none
+    /// would cut the smallest tiles for good), never the leaving ones
+    /// ([`Registry::leaving`](crate::workers::Registry::leaving)).
     fn memory_for(&self, meta: &JobMeta, running: &HashSet<WorkerId>) -> Vec<u64> {
         let drained = self.scheduler.drained();
+        let leaving = self.workers.leaving();
         let may_take = |id: &WorkerId, tags: &[String]| {
             meta.spec.runs_on(tags) && !self.scheduler.blocklists(meta, id)
         };
         let mut memory = self.workers.live_memory(|id, tags| {
             let name = id.by_name();
-            may_take(id, tags) && (!drained.contains(&name) || running.contains(&name))
+            may_take(id, tags)
+                && ((!drained.contains(&name) && !leaving.contains(id)) || running.contains(&name))
         });
         if memory.is_empty() && !drained.is_empty() {
-            memory = self.workers.live_memory(may_take);
+            memory = self
+                .workers
+                .live_memory(|id, tags| may_take(id, tags) && !leaving.contains(id));
         }
         for_max_workers(memory, meta.spec.max_workers)
     }

@@ -2,7 +2,7 @@
 //! registers) and when it last called. The tiled planner sizes a scale's tiles for the live ones
 //! ([`stylefarm_core::tiling::Tiling::scale_tile_size`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,9 @@ pub struct WorkerInfo {
     pub tags: Vec<String>,
     /// Why it is not live though heard from lately, until it calls again; `None` when it is not gone.
     pub gone: Option<Gone>,
+    /// It said it is stopping ([`Registry::stopping`]): it takes no new task, finishes the one it runs
+    /// and signs off. Still live (its task's lease is renewed), but nothing is planned for it.
+    pub leaving: bool,
 }
 
 /// Why a worker heard from lately is not live ([`WorkerInfo::gone`]).
@@ -106,6 +109,7 @@ impl Registry {
                 last_seen: Instant::now(),
                 tags: tags.to_vec(),
                 gone: None,
+                leaving: false,
             },
         );
     }
@@ -147,6 +151,7 @@ impl Registry {
                         last_seen: Instant::now(),
                         tags: said.tags.to_vec(),
                         gone: None,
+                        leaving: false,
                     },
                 );
             }
@@ -166,6 +171,25 @@ impl Registry {
             // a worker that signed off stays left
             w.gone = Some(w.gone.unwrap_or(Gone::Lost));
         }
+    }
+
+    /// Records that worker `id` said it is stopping (a heartbeat's `leaving`: its first SIGTERM or
+    /// Ctrl-C): [`WorkerInfo::leaving`] for this registration, which ends with its sign-off (a worker
+    /// started again registers anew).
+    pub fn stopping(&self, id: &WorkerId) {
+        if let Some(w) = self.workers().get_mut(id) {
+            w.leaving = true;
+        }
+    }
+
+    /// The registrations that said they are stopping ([`Registry::stopping`]): no job's tiles or shards
+    /// are planned for them, nor is a task steered to their device.
+    pub fn leaving(&self) -> HashSet<WorkerId> {
+        self.workers()
+            .iter()
+            .filter(|(_, w)| w.leaving)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Records that worker `id` signed off (it leaves the farm): not live until it calls again.
@@ -331,6 +355,25 @@ mod tests {
         assert_eq!(r.live_silent_left(), (1, 0, 1));
         r.workers().get_mut("a#2").unwrap().last_seen = Instant::now() - 3 * LIVE_WINDOW;
         assert_eq!(r.live_silent_left(), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_worker_that_says_it_is_stopping_is_leaving_until_it_registers_again() {
+        let r = Registry::default();
+        r.register(&w("a#1"), "cpu", 0, &[]);
+        r.register(&w("b#1"), "cpu", 0, &[]);
+        r.stopping(&w("a#1"));
+        // an unknown one is not remembered for it
+        r.stopping(&w("c#1"));
+        assert_eq!(r.leaving(), HashSet::from([w("a#1")]));
+        // still live (its lease is renewed) and heard from: its later beats keep it leaving
+        r.seen(&w("a#1"), 0, None);
+        assert_eq!(r.live().len(), 2);
+        assert!(r.get(&w("a#1")).unwrap().leaving);
+        // the worker started again registers anew: not leaving
+        r.register(&w("a#2"), "cpu", 0, &[]);
+        assert_eq!(r.leaving(), HashSet::from([w("a#1")]));
+        assert!(!r.get(&w("a#2")).unwrap().leaving);
     }
 
     #[test]

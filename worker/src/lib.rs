@@ -793,6 +793,7 @@ async fn serve(
                         preview: preview_rx,
                         memory_used: memory_used.clone(),
                         log: log.clone(),
+                        leaving: stop.clone(),
                     },
                     lease_clock.clone(),
                     cancel.clone(),
@@ -954,6 +955,9 @@ struct Carried {
     memory_used: device::MemorySampler,
     /// The task's lines not sent yet.
     log: Option<TaskLog>,
+    /// Set once the worker is told to stop (its first SIGTERM or Ctrl-C): each beat says it is leaving,
+    /// so that the coordinator plans nothing more for it while it finishes this task.
+    leaving: Arc<AtomicBool>,
 }
 
 /// A task's lease as its worker knows it: when it was last renewed (leased, or a heartbeat answered) and
@@ -1009,6 +1013,7 @@ impl Heartbeat {
             mut preview,
             memory_used,
             log,
+            leaving,
         }: Carried,
         lease_clock: LeaseClock,
         cancel: Arc<AtomicBool>,
@@ -1039,6 +1044,7 @@ impl Heartbeat {
                             .as_ref()
                             .map(|p| (&TaskProgress::from(p)).into()),
                         memory_used_bytes: memory_used.bytes(),
+                        leaving: leaving.load(Ordering::Relaxed),
                         // a preview once: the next heartbeats carry none until another comes
                         preview_png: match preview.has_changed() {
                             Ok(true) => preview
