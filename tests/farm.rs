@@ -456,10 +456,14 @@ async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
 }
 
 /// A worker sent SIGTERM mid-task finishes it, takes no other and exits 0; meanwhile its heartbeats say it
-/// is leaving, and `workers` lists it so (not busy: nothing more is planned for it).
+/// is leaving: `workers` lists it so (not busy: nothing more is planned for it), and the metrics count it
+/// leaving, not live.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
-    let mut cluster = Cluster::start(10.0, 0.3);
+    let mut cluster = Cluster::new(10.0, 0.3, "embedded");
+    cluster.coordinator_args = vec!["--metrics-listen".into(), "127.0.0.1:0".into()];
+    cluster.start_coordinator();
+    let metrics = metrics_addr(cluster.coordinator.as_ref().unwrap()).await;
     cluster.add_worker("draining");
     wait_registered(&cluster, 1).await;
     let (content, style) = (path("tubingen.jpg"), path("starry_night.jpg"));
@@ -489,6 +493,14 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
         async move { out.starts_with("draining#1\tleaving\t").then_some(()) }
     })
     .await;
+    let scraped = scrape(&metrics).await;
+    let workers =
+        |state: &str| metric_value(&scraped, &format!("stylefarm_workers{{state=\"{state}\"}}"));
+    assert_eq!(
+        (workers("live"), workers("leaving"), workers("drained")),
+        (Some(0.0), Some(1.0), Some(0.0)),
+        "{scraped}"
+    );
     let done = wait_succeeded(&cluster, &running).await;
     assert_eq!(done.tasks[0].attempts, 1, "finished, not abandoned");
     let worker = &mut cluster.workers[0];

@@ -9,7 +9,7 @@
 //! | `stylefarm_open_tasks` | gauge | `worker_tags` | tasks queued (not held) or running, by their job's worker tags (every tag set: a pool of tagged workers scales on its own); the untagged jobs' (`""`) always there |
 //! | `stylefarm_tasks` | gauge | `state` | tasks of the jobs held, by state (every state, 0 included) |
 //! | `stylefarm_jobs` | gauge | `state` | jobs held, by state (every state, 0 included) |
-//! | `stylefarm_workers` | gauge | `state` (`live`, `drained`, `silent`, `left`) | workers (by name) heard from within a minute (and not lost since: a lease of theirs ran out) that may take work, those of them drained (`stylefarm drain`), those that signed off as they stopped, and the others |
+//! | `stylefarm_workers` | gauge | `state` (`live`, `drained`, `leaving`, `silent`, `left`) | workers (by name) heard from within a minute (and not lost since: a lease of theirs ran out) that may take work, those of them drained (`stylefarm drain`), those of them stopping (a SIGTERM: they finish their task, then sign off), those that signed off as they stopped, and the others |
 //! | `stylefarm_lease_expiries_total` | counter | | leases that lapsed without a heartbeat |
 //! | `stylefarm_task_stalls_total` | counter | | leases taken back from a task whose progress did not move for `--task-stall-secs` |
 //! | `stylefarm_task_retries_total` | counter | `kind` | failed attempts sent back to the queue |
@@ -23,7 +23,7 @@
 //! | `stylefarm_connections_open` | gauge | | gRPC connections served now ([`crate::connections`]) |
 //! | `stylefarm_connections_refused_total` | counter | | connections closed as they came: as many were open as `--max-connections` (or, from their address, `--max-connections-per-source`) allows |
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +31,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use stylefarm_core::ids::WorkerId;
 
 use crate::model::{JobState, TaskState};
 use crate::scheduler::Held;
@@ -155,8 +156,8 @@ impl Metrics {
         registry.register("jobs", "Jobs held, by state", metrics.jobs.clone());
         registry.register(
             "workers",
-            "Workers heard from within a minute and not lost since (live; drained: of those, drained), \
-             signed off (left), or neither (silent)",
+            "Workers heard from within a minute and not lost since (live; of those, drained, and leaving: \
+             stopping), signed off (left), or neither (silent)",
             metrics.workers.clone(),
         );
         registry.register(
@@ -275,17 +276,29 @@ impl Metrics {
             with_every(&job_states, counts.jobs_by_state),
         );
         let (live, silent, left) = coordinator.workers.live_silent_left();
-        // by name, as the live ones are counted
+        // by name, as the live ones are counted: leaving, those whose live registrations all said they
+        // are stopping (drained or not); drained, the others drained
+        let leaving_ids = coordinator.workers.leaving();
+        let (leaving_now, staying): (Vec<_>, Vec<_>) = (coordinator.workers.live().into_iter())
+            .map(|(id, _)| id)
+            .partition(|id| leaving_ids.contains(id));
+        let staying: HashSet<WorkerId> = staying.iter().map(WorkerId::by_name).collect();
+        let leaving: HashSet<WorkerId> = (leaving_now.iter().map(WorkerId::by_name))
+            .filter(|name| !staying.contains(name))
+            .collect();
         let drained = (coordinator.live_workers().1.iter())
             .map(|(id, _)| id.by_name())
-            .collect::<std::collections::HashSet<_>>()
+            .filter(|name| !leaving.contains(name))
+            .collect::<HashSet<_>>()
             .len();
+        let leaving = leaving.len();
         set(
             &self.workers,
             "state",
             BTreeMap::from([
-                ("live".into(), live - drained.min(live)),
+                ("live".into(), live.saturating_sub(drained + leaving)),
                 ("drained".into(), drained),
+                ("leaving".into(), leaving),
                 ("silent".into(), silent),
                 ("left".into(), left),
             ]),
