@@ -200,6 +200,10 @@ pub struct TaskRecord {
     /// because another shard's counted failure ended its group ([`crate::scheduler::FailureKind::Group`]);
     /// bounded by the job's max attempts (or the scheduler's default).
     pub attempts: u32,
+    /// The attempts of its runs before the last `stylefarm retry` (RetryJob), which starts `attempts` over:
+    /// the task log numbers its attempts on after them, so that an attempt's number is never seen twice.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub earlier_attempts: u32,
     /// The worker of the current or last attempt.
     pub worker: WorkerId,
     /// The result image, once the task succeeded.
@@ -243,6 +247,12 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
+    /// The number of its latest attempt in its log ([`AttemptLog::attempt`]): its attempts, after those of
+    /// its runs before a retry ([`TaskRecord::earlier_attempts`]).
+    pub fn attempt_number(&self) -> u32 {
+        self.earlier_attempts.saturating_add(self.attempts)
+    }
+
     /// Keeps `attempt`'s log, and of the earlier ones the latest, [`KEPT_ATTEMPTS`] in all.
     pub fn keep_log(&mut self, attempt: AttemptLog) {
         let logs = std::sync::Arc::make_mut(&mut self.logs);
@@ -294,6 +304,7 @@ impl TaskRecord {
             spec,
             state: TaskState::Pending,
             attempts: 0,
+            earlier_attempts: 0,
             worker: WorkerId::default(),
             result: None,
             error: String::new(),
@@ -310,8 +321,8 @@ impl TaskRecord {
 }
 
 /// Whether a count is 0 (serde leaves such fields out of a record).
-fn is_zero(n: &u64) -> bool {
-    *n == 0
+fn is_zero<N: Default + PartialEq>(n: &N) -> bool {
+    *n == N::default()
 }
 
 /// A stored job record, from its JSON, written by this version or an earlier one ([`upgrade_job`]).

@@ -1556,7 +1556,7 @@ impl Scheduler {
                                 group_failure_owed: false,
                                 exchanging: false,
                                 memory_bytes: 0,
-                                attempt: t.attempts,
+                                attempt: t.attempt_number(),
                                 log: ReceivedLines::default(),
                                 rendered: false,
                                 signed_off: false,
@@ -1955,7 +1955,7 @@ impl Scheduler {
         task.attempts += 1;
         task.worker = worker.clone();
         task.lease = Some(lease_id.clone());
-        let task_attempt = task.attempts;
+        let task_attempt = task.attempt_number();
         // written, not waited for: a coordinator that starts again on the store takes the lease up
         // (Scheduler::new), and a later write of the task (its outcome) supersedes it in order
         let mut ops = vec![Op::Task(job_id.clone(), task.clone())];
@@ -3555,11 +3555,12 @@ impl Scheduler {
             // a new task, as at submission, but for its checkpoint: it starts from there
             set_task_state(&mut st.tally, task, TaskState::Pending);
             let checkpoint = task.checkpoint.take();
-            // and for its logs: why it failed before stays readable
+            // and for its logs: why it failed before stays readable, its attempts numbered on after those
             let logs = std::mem::take(&mut task.logs);
             *task = TaskRecord {
                 checkpoint,
                 logs,
+                earlier_attempts: task.attempt_number(),
                 ..TaskRecord::pending(index, task.spec.clone())
             };
             ops.push(Op::Task(job_id.clone(), task.clone()));
@@ -5765,6 +5766,16 @@ mod tests {
             s.complete(&l.lease_id, &hash("again")).unwrap().unwrap();
         }
         assert_eq!(s.get(&job).unwrap().meta.state, JobState::Succeeded);
+        // the failed task's log numbers its attempt after the retry (a restart between) on from its
+        // first, though its attempts started over
+        let log = s.task_log(&job, second.task.id.index).unwrap();
+        let numbered: Vec<(u32, &str)> = log
+            .iter()
+            .map(|a| (a.attempt, a.outcome.as_str()))
+            .collect();
+        assert_eq!(numbered, [(1, "failed: boom"), (2, "succeeded")]);
+        let view = s.get(&job).unwrap();
+        assert_eq!(view.tasks[second.task.id.index as usize].0.attempts, 1);
         match s.retry(&job) {
             Err(SchedulerError::Precondition(m)) => assert!(m.contains("succeeded"), "{m}"),
             other => panic!("{other:?}"),

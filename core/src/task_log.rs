@@ -268,7 +268,8 @@ impl ReceivedLines {
 /// its worker logged meanwhile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptLog {
-    /// 1 for the task's first lease, and so on (the task's attempts when it was leased).
+    /// 1 for the task's first lease, and so on (the task's attempts when it was leased, numbered on across
+    /// `stylefarm retry`, which starts the task's attempts over).
     pub attempt: u32,
     /// The worker that ran it.
     pub worker: WorkerId,
