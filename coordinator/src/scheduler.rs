@@ -741,6 +741,12 @@ fn set_task_state(tally: &mut Tally, task: &mut TaskRecord, to: TaskState) {
     tally.remove_task(task.state);
     tally.add_task(to);
     task.state = to;
+    // the lease a restart takes up is a running attempt's: a task that ended, or went back to the queue,
+    // is written without it (its lease may live on meanwhile, e.g. a cancelled task's until its worker
+    // reports)
+    if to != TaskState::Running {
+        task.lease = None;
+    }
 }
 
 /// Takes back the strikes that keep-going task `task`'s failures put on its job's workers
@@ -7633,7 +7639,7 @@ mod tests {
         // a job cancelled while a lease taken up waits for its worker keeps its tasks cancelled
         let running = s.lease(&w("w")).unwrap().unwrap();
         drop(s);
-        let s = Scheduler::new(config, store).unwrap();
+        let s = Scheduler::new(config, store.clone()).unwrap();
         assert_eq!(s.queue_depth(), 1);
         s.cancel(&job).unwrap();
         s.lapse_adopted();
@@ -7645,6 +7651,10 @@ mod tests {
         );
         assert_eq!(s.queue_depth(), 0);
         assert_eq!(s.counts(), s.counts_walked());
+        // and its tasks are written without the lease, which only a running one's record carries
+        let stored = store.load().unwrap();
+        let (_, tasks) = stored.iter().find(|(m, _)| m.id == job).unwrap();
+        assert!(tasks.iter().all(|t| t.lease.is_none()), "{tasks:?}");
     }
 
     /// A memory store that can be told it is holding writes back, as a Redis store out of reach is, or
