@@ -244,6 +244,15 @@ pub struct TaskRecord {
     /// is taken, instead of the task starting over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseId>,
+    /// When [`TaskRecord::lease`] was handed out, in ms since the Unix epoch (0: not known, a record of
+    /// an earlier version): a coordinator that takes the lease up starts its attempt's log there.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leased_ms: i64,
+    /// The device memory of the lease's worker as it asked, in bytes (0: not known): a coordinator that
+    /// takes the lease up steers the task away from that memory when it runs out, as the one that handed it
+    /// out would.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lease_memory_bytes: u64,
 }
 
 impl TaskRecord {
@@ -251,6 +260,13 @@ impl TaskRecord {
     /// its runs before a retry ([`TaskRecord::earlier_attempts`]).
     pub fn attempt_number(&self) -> u32 {
         self.earlier_attempts.saturating_add(self.attempts)
+    }
+
+    /// Takes its lease away (the attempt ended, or went back to the queue), with what was written with it.
+    pub fn clear_lease(&mut self) -> Option<LeaseId> {
+        self.leased_ms = 0;
+        self.lease_memory_bytes = 0;
+        self.lease.take()
     }
 
     /// Keeps `attempt`'s log, and of the earlier ones the latest, [`KEPT_ATTEMPTS`] in all.
@@ -316,6 +332,8 @@ impl TaskRecord {
             checkpoint: None,
             logs: Default::default(),
             lease: None,
+            leased_ms: 0,
+            lease_memory_bytes: 0,
         }
     }
 }

@@ -745,7 +745,7 @@ fn set_task_state(tally: &mut Tally, task: &mut TaskRecord, to: TaskState) {
     // is written without it (its lease may live on meanwhile, e.g. a cancelled task's until its worker
     // reports)
     if to != TaskState::Running {
-        task.lease = None;
+        task.clear_lease();
     }
 }
 
@@ -1553,7 +1553,9 @@ impl Scheduler {
                                 worker: t.worker.clone(),
                                 request: 0,
                                 heard: false,
-                                leased_ms: now,
+                                // its attempt's log starts when it was handed out; a stall is
+                                // counted from now (its progress is not known until it is heard)
+                                leased_ms: if t.leased_ms > 0 { t.leased_ms } else { now },
                                 progressed_ms: now,
                                 deadline_ms: now + config.lease.as_millis() as i64,
                                 cancel: false,
@@ -1561,7 +1563,7 @@ impl Scheduler {
                                 preview: None,
                                 group_failure_owed: false,
                                 exchanging: false,
-                                memory_bytes: 0,
+                                memory_bytes: t.lease_memory_bytes,
                                 attempt: t.attempt_number(),
                                 log: ReceivedLines::default(),
                                 rendered: false,
@@ -1573,14 +1575,14 @@ impl Scheduler {
                 } else if t.state == TaskState::Running {
                     // the attempt its lease's write counted given back (a shard's group starts over
                     // for the coordinator's sake, not its own)
-                    if t.lease.take().is_some() {
+                    if t.clear_lease().is_some() {
                         t.attempts = t.attempts.saturating_sub(1);
                     }
                     t.state = TaskState::Pending;
                     store.update_task(&meta.id, t)?;
                 } else if t.lease.is_some() {
                     // a record written with its lease as the attempt ended (its state says how)
-                    t.lease = None;
+                    t.clear_lease();
                     store.update_task(&meta.id, t)?;
                 }
                 if t.state == TaskState::Pending && !meta.state.is_terminal() {
@@ -1961,6 +1963,8 @@ impl Scheduler {
         task.attempts += 1;
         task.worker = worker.clone();
         task.lease = Some(lease_id.clone());
+        task.leased_ms = now;
+        task.lease_memory_bytes = memory.own;
         let task_attempt = task.attempt_number();
         // written, not waited for: a coordinator that starts again on the store takes the lease up
         // (Scheduler::new), and a later write of the task (its outcome) supersedes it in order
@@ -2324,7 +2328,7 @@ impl Scheduler {
         if let Some(job) = st.jobs.get_mut(&lease.job_id) {
             job.leases.remove(&lease.index);
             if let Some(task) = job.tasks.get_mut(lease.index as usize) {
-                task.lease = None;
+                task.clear_lease();
             }
         }
         Some(lease)
@@ -5086,7 +5090,8 @@ mod tests {
     /// out-of-memory retries with more memory); another 24 GiB one, or a smaller one, takes it only a lease
     /// period later, as the one that ran out does, while a larger device is live; once it ran out on the
     /// largest, a like one takes it at once; a worker whose memory is not known is not held back. The
-    /// largest device it ran out on is kept with the task, across a restart.
+    /// largest device it ran out on is kept with the task, across a restart, and a lease taken up at a
+    /// restart knows its worker's device.
     #[test]
     fn a_task_out_of_memory_goes_to_a_larger_device_first() {
         const GIB: u64 = 1 << 30;
@@ -5117,6 +5122,9 @@ mod tests {
             .unwrap();
         };
         let l = s.lease_as(&w("small-1"), &[], farm(24)).unwrap().unwrap();
+        // the coordinator restarts while small-1 renders: the lease it takes up knows small-1's device
+        drop(s);
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
         run_out(&s, &l);
         let s = Scheduler::new(config, store).unwrap();
         for (worker, memory) in [("small-2", 24), ("smaller", 16), ("small-1", 24)] {
@@ -7585,6 +7593,8 @@ mod tests {
             s.lease(&w("v")).unwrap().unwrap(),
         );
         drop(s);
+        std::thread::sleep(Duration::from_millis(10));
+        let restarted_ms = now_ms();
         let s = Scheduler::new(config.clone(), store.clone()).unwrap();
         assert_eq!(s.queue_depth(), 1, "the running tasks keep their leases");
         assert_eq!(s.counts(), s.counts_walked());
@@ -7607,6 +7617,13 @@ mod tests {
             );
         }
         assert!(s.complete(&kept.lease_id, &hash("r")).unwrap().is_some());
+        // its attempt's log starts when the lease was handed out, before the restart
+        let log = s.task_log(&job, kept.task.id.index).unwrap();
+        let attempt = log.last().unwrap();
+        assert!(
+            attempt.started_ms < restarted_ms && attempt.outcome == "succeeded",
+            "{attempt:?}"
+        );
         // v died with the coordinator: a lease period later its task is queued again, the attempt given
         // back, no strike
         let view = s.get(&job).unwrap();
