@@ -1221,11 +1221,18 @@ fn held_reason(job: &Job, task: &TaskRecord) -> Option<Held> {
     }
 }
 
-/// Gives the task of an ended `lease` back to the queue at no cost: its attempt given back, no strike, no
-/// entry in its attempts' log (a lease whose worker never had it: taken up at a restart and not heard
-/// from, or handed to a poll its worker gave up). A job that ended meanwhile (cancelled, say) keeps its
-/// tasks as it left them. The task's write goes to `ops`; returns whether it was given back.
-fn give_back(st: &mut State, lease: &LeaseInfo, ops: &mut Vec<Op>) -> bool {
+/// Gives the task of an ended `lease` back to the queue at no cost: its attempt given back, no strike. Its
+/// attempts' log says why (`outcome`, with the number the next attempt takes again) when its worker had
+/// it (a lease taken up at a restart and not heard from: its worker died with the coordinator, or
+/// before), and nothing when it never had it (`None`: handed to a poll its worker gave up). A job that
+/// ended meanwhile (cancelled, say) keeps its tasks as it left them. The task's write goes to `ops`;
+/// returns whether it was given back.
+fn give_back(
+    st: &mut State,
+    lease: &mut LeaseInfo,
+    outcome: Option<&str>,
+    ops: &mut Vec<Op>,
+) -> bool {
     let running = |job: &Job| {
         !job.meta.state.is_terminal() && job.tasks[lease.index as usize].state == TaskState::Running
     };
@@ -1233,6 +1240,9 @@ fn give_back(st: &mut State, lease: &LeaseInfo, ops: &mut Vec<Op>) -> bool {
         return false;
     };
     let task = &mut job.tasks[lease.index as usize];
+    if let Some(outcome) = outcome {
+        log_attempt(task, lease, outcome);
+    }
     task.attempts = task.attempts.saturating_sub(1);
     set_task_state(&mut st.tally, task, TaskState::Pending);
     st.queue.insert(&job.meta, lease.index);
@@ -1574,7 +1584,22 @@ impl Scheduler {
                     );
                 } else if t.state == TaskState::Running {
                     // the attempt its lease's write counted given back (a shard's group starts over
-                    // for the coordinator's sake, not its own)
+                    // for the coordinator's sake, not its own), and logged with the number the next
+                    // takes again
+                    if t.lease.is_some() {
+                        let now = now_ms();
+                        t.keep_log(AttemptLog {
+                            attempt: t.attempt_number(),
+                            worker: t.worker.clone(),
+                            started_ms: if t.leased_ms > 0 { t.leased_ms } else { now },
+                            ended_ms: now,
+                            outcome:
+                                "stopped by the coordinator's restart (run again; the attempt not \
+                                      counted)"
+                                    .into(),
+                            log: Default::default(),
+                        });
+                    }
                     if t.clear_lease().is_some() {
                         t.attempts = t.attempts.saturating_sub(1);
                     }
@@ -3676,9 +3701,9 @@ impl Scheduler {
         }
         let (mut changed, mut ops) = (Vec::new(), Vec::new());
         for id in unseen {
-            let lease = Self::take_lease(st, &id).expect("listed lease");
+            let mut lease = Self::take_lease(st, &id).expect("listed lease");
             // its lease's record superseded (not waited for, as the lease's own write)
-            if !give_back(st, &lease, &mut ops) {
+            if !give_back(st, &mut lease, None, &mut ops) {
                 continue;
             }
             tracing::info!(
@@ -3778,11 +3803,14 @@ impl Scheduler {
                 // as any lease being cancelled
                 continue;
             }
-            let lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
+            let mut lease = Self::take_lease(&mut st, &lease_id).expect("listed lease");
             if expired && lease.adopted && !lease.heard {
                 // taken up from the store, and its worker never called: it died with the coordinator, or
                 // before. Its task goes back to the queue at no cost (as when the store did not keep leases)
-                give_back(&mut st, &lease, &mut ops);
+                let outcome =
+                    "lost at the coordinator's restart: its worker did not call again within a \
+                               lease period (run again; the attempt not counted)";
+                give_back(&mut st, &mut lease, Some(outcome), &mut ops);
                 tracing::info!(
                     lease_id = lease_id.as_str(),
                     job_id = lease.job_id.as_str(),
@@ -5659,6 +5687,17 @@ mod tests {
             assert_eq!(
                 (t.state, t.attempts, t.lease.as_ref()),
                 (TaskState::Pending, 0, None)
+            );
+            // logged, under the number the next attempt takes again
+            let logged: Vec<(u32, &str)> = (t.logs.iter())
+                .map(|a| (a.attempt, a.outcome.as_str()))
+                .collect();
+            assert_eq!(
+                logged,
+                [(
+                    1,
+                    "stopped by the coordinator's restart (run again; the attempt not counted)"
+                )]
             );
         }
         assert_eq!(s.queue_depth(), 2);
@@ -7633,7 +7672,18 @@ mod tests {
             (TaskState::Pending, 0, None)
         );
         assert!(view.meta.strikes.is_empty(), "{:?}", view.meta.strikes);
-        assert!(task.logs.is_empty(), "{:?}", task.logs);
+        // its log says so, under the number its next attempt takes again
+        let logged: Vec<(u32, &str, bool)> = (task.logs.iter())
+            .map(|a| (a.attempt, a.worker.as_str(), a.started_ms < restarted_ms))
+            .collect();
+        assert_eq!(logged, [(1, "v", true)], "{:?}", task.logs);
+        assert!(
+            task.logs[0]
+                .outcome
+                .starts_with("lost at the coordinator's restart"),
+            "{:?}",
+            task.logs
+        );
         assert_eq!(view.tasks[kept.task.id.index as usize].0.attempts, 1);
         assert_eq!(s.queue_depth(), 2);
         assert!(s.complete(&lost.lease_id, &hash("late")).unwrap().is_none());
