@@ -53,7 +53,7 @@ fn spec_args(variant: usize) -> Vec<String> {
         "32",
         // long enough that the jobs outlast the plan's faults, which land in the first 7 s, on an idle
         // machine too (at 48 px with 25 iterations, they once finished after two of its six kills); at 32 px
-        // the twenty take about 20 s on two cores (at 48 px with 100 iterations, about 70 s)
+        // the whole test took 39 s alone on two cores (at 48 px with 100 iterations, 79 s)
         "--iterations",
         "60",
         "--init",

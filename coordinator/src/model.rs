@@ -262,6 +262,16 @@ impl TaskRecord {
         self.earlier_attempts.saturating_add(self.attempts)
     }
 
+    /// When its lease was handed out ([`TaskRecord::leased_ms`]), or `now` where a record of an earlier
+    /// version does not say.
+    pub fn leased_at(&self, now: i64) -> i64 {
+        if self.leased_ms > 0 {
+            self.leased_ms
+        } else {
+            now
+        }
+    }
+
     /// Takes its lease away (the attempt ended, or went back to the queue), with what was written with it.
     pub fn clear_lease(&mut self) -> Option<LeaseId> {
         self.leased_ms = 0;

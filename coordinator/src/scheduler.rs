@@ -1565,7 +1565,7 @@ impl Scheduler {
                                 heard: false,
                                 // its attempt's log starts when it was handed out; a stall is
                                 // counted from now (its progress is not known until it is heard)
-                                leased_ms: if t.leased_ms > 0 { t.leased_ms } else { now },
+                                leased_ms: t.leased_at(now),
                                 progressed_ms: now,
                                 deadline_ms: now + config.lease.as_millis() as i64,
                                 cancel: false,
@@ -1588,21 +1588,20 @@ impl Scheduler {
                     // takes again
                     if t.lease.is_some() {
                         let now = now_ms();
+                        let outcome =
+                            "stopped by the coordinator's restart (run again; the attempt \
+                                       not counted)";
                         t.keep_log(AttemptLog {
                             attempt: t.attempt_number(),
                             worker: t.worker.clone(),
-                            started_ms: if t.leased_ms > 0 { t.leased_ms } else { now },
+                            started_ms: t.leased_at(now),
                             ended_ms: now,
-                            outcome:
-                                "stopped by the coordinator's restart (run again; the attempt not \
-                                      counted)"
-                                    .into(),
+                            outcome: outcome.into(),
                             log: Default::default(),
                         });
-                    }
-                    if t.clear_lease().is_some() {
                         t.attempts = t.attempts.saturating_sub(1);
                     }
+                    t.clear_lease();
                     t.state = TaskState::Pending;
                     store.update_task(&meta.id, t)?;
                 } else if t.lease.is_some() {

@@ -995,11 +995,10 @@ impl WorkerService for WorkerApi {
         // larger device first
         let workers = &self.coordinator.workers;
         let drained = self.coordinator.scheduler.drained();
-        let leaving = workers.leaving();
         let memory = DeviceMemory {
             own: workers.get(&worker_id).map_or(0, |w| w.memory_bytes),
             largest_live: workers
-                .live_memory(|id, _| !drained.contains(&id.by_name()) && !leaving.contains(id))
+                .live_memory(|id, w| !drained.contains(&id.by_name()) && !w.leaving)
                 .into_iter()
                 .max()
                 .unwrap_or(0),

@@ -19,6 +19,7 @@ use stylefarm_core::tiling::{self, TileSizing};
 use crate::blobs::BlobReader;
 use crate::decoding::farm_image_bytes;
 use crate::model::{JobMeta, TaskRecord, TaskState};
+use crate::workers::WorkerInfo;
 use crate::{blocking, Coordinator, Error};
 
 fn png(img: &RgbImage) -> Result<Vec<u8>, Error> {
@@ -343,22 +344,20 @@ impl Coordinator {
     /// [`Coordinator::planning_memory`], with the drained and leaving workers named in `running` counted
     /// too; when only drained workers may take the tasks, those (they are to come back: a plan for none
     /// would cut the smallest tiles for good), never the leaving ones
-    /// ([`Registry::leaving`](crate::workers::Registry::leaving)).
+    /// ([`WorkerInfo::leaving`](crate::workers::WorkerInfo::leaving)).
     fn memory_for(&self, meta: &JobMeta, running: &HashSet<WorkerId>) -> Vec<u64> {
         let drained = self.scheduler.drained();
-        let leaving = self.workers.leaving();
-        let may_take = |id: &WorkerId, tags: &[String]| {
-            meta.spec.runs_on(tags) && !self.scheduler.blocklists(meta, id)
+        let may_take = |id: &WorkerId, w: &WorkerInfo| {
+            meta.spec.runs_on(&w.tags) && !self.scheduler.blocklists(meta, id)
         };
-        let mut memory = self.workers.live_memory(|id, tags| {
+        let mut memory = self.workers.live_memory(|id, w| {
             let name = id.by_name();
-            may_take(id, tags)
-                && ((!drained.contains(&name) && !leaving.contains(id)) || running.contains(&name))
+            may_take(id, w) && ((!drained.contains(&name) && !w.leaving) || running.contains(&name))
         });
         if memory.is_empty() && !drained.is_empty() {
             memory = self
                 .workers
-                .live_memory(|id, tags| may_take(id, tags) && !leaving.contains(id));
+                .live_memory(|id, w| may_take(id, w) && !w.leaving);
         }
         for_max_workers(memory, meta.spec.max_workers)
     }

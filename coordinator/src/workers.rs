@@ -182,8 +182,7 @@ impl Registry {
         }
     }
 
-    /// The registrations that said they are stopping ([`Registry::stopping`]): no job's tiles or shards
-    /// are planned for them, nor is a task steered to their device.
+    /// The registrations that said they are stopping ([`Registry::stopping`]), live or not.
     pub fn leaving(&self) -> HashSet<WorkerId> {
         self.workers()
             .iter()
@@ -200,14 +199,15 @@ impl Registry {
     }
 
     /// The device memory (0 where unknown) of each live worker that `may_take` accepts, given its id and
-    /// tags (for a job: its [`JobSpec::runs_on`](stylefarm_core::job::JobSpec::runs_on), and no blocklist):
-    /// what a tiled job's scales are planned for. One entry per worker name
-    /// ([`WorkerId::by_name`]): a worker that registered again is one worker (its largest memory).
-    pub fn live_memory(&self, may_take: impl Fn(&WorkerId, &[String]) -> bool) -> Vec<u64> {
+    /// what it said (for a job: its tags for [`JobSpec::runs_on`](stylefarm_core::job::JobSpec::runs_on),
+    /// no blocklist, and whether it is leaving): what a tiled job's scales are planned for. One entry per
+    /// worker name ([`WorkerId::by_name`]): a worker that registered again is one worker (its largest
+    /// memory).
+    pub fn live_memory(&self, may_take: impl Fn(&WorkerId, &WorkerInfo) -> bool) -> Vec<u64> {
         let since = live_since();
         let mut by_name: HashMap<WorkerId, u64> = HashMap::new();
         for (id, w) in self.workers().iter() {
-            if w.live(since) && may_take(id, &w.tags) {
+            if w.live(since) && may_take(id, w) {
                 let memory = by_name.entry(id.by_name()).or_default();
                 *memory = (*memory).max(w.memory_bytes);
             }
@@ -314,7 +314,7 @@ mod tests {
         r.workers().get_mut("old#7").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
         assert_eq!(r.live_memory(|_, _| true), [80 << 30]);
         assert!(r
-            .live_memory(|_, tags| tags.contains(&"cpu".to_string()))
+            .live_memory(|_, w| w.tags.contains(&"cpu".to_string()))
             .is_empty());
         assert_eq!(r.live(), [(w("gpu#1"), vec!["gpu".to_string()])]);
         assert_eq!(r.get(&w("old#7")).unwrap().tags, ["cpu"]);
