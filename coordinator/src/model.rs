@@ -253,6 +253,11 @@ pub struct TaskRecord {
     /// out would.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lease_memory_bytes: u64,
+    /// The worker's number for the request the lease was handed out for (pb::LeaseTaskRequest::request_id;
+    /// 0: none, or not known): a coordinator that takes the lease up answers the request sent again, its
+    /// answer lost in the restart, with this lease, as the one that handed it out would.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lease_request: u64,
 }
 
 impl TaskRecord {
@@ -276,6 +281,7 @@ impl TaskRecord {
     pub fn clear_lease(&mut self) -> Option<LeaseId> {
         self.leased_ms = 0;
         self.lease_memory_bytes = 0;
+        self.lease_request = 0;
         self.lease.take()
     }
 
@@ -344,6 +350,7 @@ impl TaskRecord {
             lease: None,
             leased_ms: 0,
             lease_memory_bytes: 0,
+            lease_request: 0,
         }
     }
 }

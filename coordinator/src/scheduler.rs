@@ -1561,7 +1561,7 @@ impl Scheduler {
                                 job_id: meta.id.clone(),
                                 index: t.index,
                                 worker: t.worker.clone(),
-                                request: 0,
+                                request: t.lease_request,
                                 heard: false,
                                 // its attempt's log starts when it was handed out; a stall is
                                 // counted from now (its progress is not known until it is heard)
@@ -1989,6 +1989,7 @@ impl Scheduler {
         task.lease = Some(lease_id.clone());
         task.leased_ms = now;
         task.lease_memory_bytes = memory.own;
+        task.lease_request = request;
         let task_attempt = task.attempt_number();
         // written, not waited for: a coordinator that starts again on the store takes the lease up
         // (Scheduler::new), and a later write of the task (its outcome) supersedes it in order
@@ -7615,6 +7616,47 @@ mod tests {
         }
         assert!(deleted > 0, "no job was deleted");
         assert!(retried > 0, "no job was run again");
+    }
+
+    /// A worker's request for a task whose answer was lost in a coordinator's restart, sent again to the
+    /// coordinator that took the lease up: answered with that lease, as the one that handed it out would
+    /// (before, the lease waited a lease period for its worker while the worker rendered another task).
+    #[test]
+    fn a_lease_taken_up_at_a_restart_is_handed_again_for_its_request_sent_again() {
+        let (store, config, s) = restartable();
+        let (job, _) = s.submit(batch(2, 0), "").unwrap();
+        let lost = s
+            .lease_ready(&w("a#1"), &[], DeviceMemory::default(), 7)
+            .unwrap()
+            .unwrap();
+        drop(s);
+        let s = Scheduler::new(config.clone(), store.clone()).unwrap();
+        // another number, and no number: the other task
+        assert!(s.lease_again(&w("a#1"), 8).is_none());
+        assert!(s.lease_again(&w("a#1"), 0).is_none());
+        // another worker with the same number: not its lease
+        assert!(s.lease_again(&w("b#1"), 7).is_none());
+        let again = s.lease_again(&w("a#2"), 7).unwrap();
+        assert_eq!(
+            (&again.lease_id, &again.task.id),
+            (&lost.lease_id, &lost.task.id)
+        );
+        let view = s.get(&job).unwrap();
+        let (task, _) = &view.tasks[lost.task.id.index as usize];
+        assert_eq!((task.attempts, task.worker.as_str()), (1, "a#2"));
+        assert_eq!(s.queue_depth(), 1);
+        assert!(
+            !s.heartbeat(&lost.lease_id, &w("a#2"), None, None)
+                .unwrap()
+                .cancel
+        );
+        assert!(s.complete(&lost.lease_id, &hash("r")).unwrap().is_some());
+        // a task ended is written without the request's number
+        drop(s);
+        let s = Scheduler::new(config, store).unwrap();
+        let view = s.get(&job).unwrap();
+        let (task, _) = &view.tasks[lost.task.id.index as usize];
+        assert_eq!((task.state, task.lease_request), (TaskState::Succeeded, 0));
     }
 
     #[test]
