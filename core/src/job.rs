@@ -2190,6 +2190,48 @@ mod tests {
         assert!(tiled(512, false).tasks().is_ok());
     }
 
+    /// A job whose tasks each take all its styles (a single render, a sweep, a tiled job) is refused at its
+    /// submit when they have more pixels together than one render may take, naming `styles`; a batch,
+    /// whose tasks take one style each, is not.
+    #[test]
+    fn a_task_s_style_images_are_bounded_in_pixels_together() {
+        let styles: Vec<ImageHash> = (2..=18).map(h).collect();
+        // 17 styles of 4096 x 4096 px: one more than a render may take together
+        let size_of = |hash: &ImageHash| {
+            Ok(if *hash == h(1) {
+                (600, 400)
+            } else {
+                (4096, 4096)
+            })
+        };
+        for kind in [
+            JobKind::Single,
+            JobKind::Tiled(Tiling::default()),
+            JobKind::Sweep(parse_sweep("style_weight=1,2").unwrap()),
+        ] {
+            let job = JobSpec {
+                styles: styles.clone(),
+                ..spec(kind)
+            };
+            let err = job.check_sizes(size_of).unwrap_err().to_string();
+            assert!(
+                err.starts_with("styles:") || err.contains(": styles:"),
+                "{err}"
+            );
+            assert!(err.contains("pixels together"), "{err}");
+            let sixteen = JobSpec {
+                styles: styles[..16].to_vec(),
+                ..job
+            };
+            sixteen.check_sizes(size_of).unwrap();
+        }
+        let batch = JobSpec {
+            styles,
+            ..spec(JobKind::Batch)
+        };
+        batch.check_sizes(size_of).unwrap();
+    }
+
     #[test]
     fn tiled_checks_refuse_a_bad_spec_before_reading_its_content() {
         let none = JobSpec {

@@ -17,6 +17,29 @@ use crate::{imaging, Error};
 
 /// Largest output side a render accepts (a single untiled pass; the tiled path of the farm goes further).
 pub const MAX_SIZE: u32 = 16_384;
+
+/// Most pixels the style images of one render (a farm's task) may have together: as many as one image may
+/// have ([`imaging::MAX_IMAGE_PIXELS`], 268 M: one style of 16,384 x 16,384, or 16 of 4096 x 4096). A
+/// worker holds each style whole, decoded (3 bytes a pixel) and again in its render, so that without a
+/// limit one task of many large styles (a job may have 1000) would take the memory of every worker it
+/// reached, one after the other.
+pub const MAX_STYLE_PIXELS: u64 = imaging::MAX_IMAGE_PIXELS;
+
+/// Refuses style images of `pixels` pixels together in one render ([`MAX_STYLE_PIXELS`]).
+///
+/// # Errors
+/// [`Error::Invalid`] on `styles`.
+pub fn check_style_pixels(pixels: u64) -> Result<(), Error> {
+    if pixels <= MAX_STYLE_PIXELS {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "styles",
+        format!(
+            "the style images have {pixels} pixels together, more than the {MAX_STYLE_PIXELS} of one              render (fewer or smaller style images)"
+        ),
+    ))
+}
 /// Most iterations a single scale accepts.
 pub const MAX_ITERATIONS: u32 = 100_000;
 /// Most scales of a multi-scale render.
@@ -1002,13 +1025,19 @@ impl RenderParams {
     /// `style_longest` when set: the canvas of a tile) at least [`Self::deepest_style_layer`]'s, and at most
     /// [`MAX_SIZE`]. `content` and `styles` are the images' names and original sizes. The error names the
     /// option to change (`size`, `scales`, `style_size` when set, else `style_scale`), the image and both
-    /// sizes.
+    /// sizes; style images of more than [`MAX_STYLE_PIXELS`] together are refused naming `styles`.
     pub fn check_sizes(
         &self,
         content: ImageSize<'_>,
         styles: &[ImageSize<'_>],
         style_longest: Option<u32>,
     ) -> Result<(), Error> {
+        check_style_pixels(
+            styles
+                .iter()
+                .map(|s| u64::from(s.width) * u64::from(s.height))
+                .sum(),
+        )?;
         let sizes = self.sizes_per_scale();
         let scales = sizes.len();
         let (layer, style_layer) = (self.deepest_layer(), self.deepest_style_layer());
@@ -1658,6 +1687,26 @@ mod tests {
         };
         assert_eq!(shallow.deepest_layer().to_string(), "relu3_1");
         assert_eq!(shallow.deepest_style_layer().min_input_side(), 4);
+    }
+
+    /// Style images of more pixels together than one image may have are refused, naming `styles`: 16 of
+    /// 4096 x 4096 are the most, a 17th is one too many (a worker would hold them all, whole).
+    #[test]
+    fn a_render_s_style_images_are_bounded_in_pixels_together() {
+        let photo = ImageSize::new("photo.jpg", (600, 400));
+        let big = ImageSize::new("big.png", (4096, 4096));
+        let p = RenderParams::default();
+        p.check_sizes(photo, &[big; 16], None).unwrap();
+        let err = p
+            .check_sizes(photo, &[big; 17], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("styles:") && err.contains("285212672 pixels together"),
+            "{err}"
+        );
+        assert!(check_style_pixels(MAX_STYLE_PIXELS).is_ok());
+        assert!(check_style_pixels(u64::MAX).is_err());
     }
 
     #[test]

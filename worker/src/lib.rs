@@ -1217,13 +1217,20 @@ async fn run_task(
     // the downloads, until a cancel (a stream that stalls would otherwise hold the task; the heartbeat
     // hears the cancel)
     let fetched = async {
-        let mut inputs = Vec::new();
-        for hash in std::iter::once(&task.content).chain(&task.styles) {
-            inputs.push((hash.clone(), cache.get(client, hash).await?));
+        let content = cache.get(client, &task.content).await?;
+        let (mut inputs, mut style_pixels) = (Vec::new(), 0u64);
+        for hash in &task.styles {
+            let style = cache.get(client, hash).await?;
+            // each held whole until the render ends: bounded as they come, not once they all are
+            // (the coordinator checks a job's styles at its submit; this is for a task it did not)
+            let (w, h) = style.dimensions();
+            style_pixels = style_pixels.saturating_add(u64::from(w) * u64::from(h));
+            stylefarm_core::params::check_style_pixels(style_pixels)
+                .map_err(|e| Failure::Input(e.to_string()))?;
+            inputs.push((hash.clone(), style));
         }
-        let content = inputs[0].1.clone();
         let styles = cache
-            .styles_for(&inputs[1..], (&task.content, &content), &task.params)
+            .styles_for(&inputs, (&task.content, &content), &task.params)
             .await?;
         // an earlier attempt's checkpoint, to start from
         let resume = match &resume {
