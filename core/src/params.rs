@@ -36,7 +36,8 @@ pub fn check_style_pixels(pixels: u64) -> Result<(), Error> {
     Err(Error::invalid(
         "styles",
         format!(
-            "the style images have {pixels} pixels together, more than the {MAX_STYLE_PIXELS} of one              render (fewer or smaller style images)"
+            "the style images have {pixels} pixels together, more than the {MAX_STYLE_PIXELS} of one \
+             render (fewer or smaller style images)"
         ),
     ))
 }
@@ -1702,7 +1703,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("styles:") && err.contains("285212672 pixels together"),
+            err.starts_with("styles:")
+                && err.contains("285212672 pixels together, more than the 268435456 of one render"),
             "{err}"
         );
         assert!(check_style_pixels(MAX_STYLE_PIXELS).is_ok());

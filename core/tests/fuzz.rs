@@ -41,7 +41,7 @@ use stylefarm_core::job::{
     parse_sweep, ImageHash, JobKind, JobSpec, ScalePart, ScaleTask, SweepAxis, Task,
 };
 use stylefarm_core::params::{ImageSize, Init, Layer, Optimizer, Pooling, RenderParams, MAX_SIZE};
-use stylefarm_core::params::{MAX_ITERATIONS, MAX_SCALES};
+use stylefarm_core::params::{MAX_ITERATIONS, MAX_SCALES, MAX_STYLE_PIXELS};
 use stylefarm_core::tiling::{
     self, AxisPlan, TileSizing, Tiling, MAX_TILE_SIZE, MIN_OVERLAP, MIN_TILE_SIZE,
     STORED_MIN_TILE_SIZE,
@@ -1125,7 +1125,10 @@ fn fuzz_params_validate_and_check_sizes() {
                 .iter()
                 .chain(&params.style_layers)
                 .all(|&l| l <= params.deepest_layer()));
-            let mut fits = true;
+            let style_pixels: u64 = (style_sizes.iter())
+                .map(|&(w, h)| u64::from(w) * u64::from(h))
+                .sum();
+            let mut fits = style_pixels <= MAX_STYLE_PIXELS;
             for longest in params.sizes_per_scale() {
                 let (w, h) = imaging::working_size(content.0, content.1, longest);
                 prop_assert_eq!(w.max(h), longest, "working size of {:?}", content);
@@ -1144,10 +1147,15 @@ fn fuzz_params_validate_and_check_sizes() {
                 }
                 Err(e) => {
                     prop_assert!(!fits, "check_sizes refused sizes that fit: {e}");
-                    check_field(e, &["size", "scales", "style_scale", "style_size"])?;
+                    check_field(
+                        e,
+                        &["size", "scales", "style_scale", "style_size", "styles"],
+                    )?;
                     let text = e.to_string();
                     prop_assert!(
-                        text.contains("content.png") || text.contains("style-"),
+                        text.contains("content.png")
+                            || text.contains("style-")
+                            || text.contains("pixels together"),
                         "{text}"
                     );
                 }
