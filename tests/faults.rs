@@ -1193,7 +1193,15 @@ async fn submit_repeated_after_a_killed_client(backend: Backend) {
     let mut repeat: Vec<&str> = args.iter().map(String::as_str).collect();
     repeat.extend(["--request-id", "killed-client"]);
     let id = submit(&cluster, &repeat);
-    assert_eq!(submit(&cluster, &repeat), id);
+    // the repeat says whose job it answers
+    let (ok, out, err) = cluster.cli(&[&["submit"][..], &repeat].concat());
+    assert!(ok && out.trim() == id, "{out} {err}");
+    assert!(
+        err.contains(&format!(
+            "{id} was submitted before with request id killed-client"
+        )),
+        "{err}"
+    );
     let mut client = cluster.client().await;
     let jobs = client.list(&[], 100).await.unwrap();
     assert_eq!(

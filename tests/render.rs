@@ -376,6 +376,25 @@ fn snapshots_are_written_every_n_iterations_and_the_last_is_the_output() {
     let size = |name: &str| image::image_dimensions(dir.path().join(name)).unwrap();
     assert_eq!((size("out_s1_4.jpg").0, size("out_s2_2.jpg").0), (32, 64));
 
+    // a snapshot that cannot be written (a folder of its name) is said and the render goes on: the
+    // output and the other snapshots are written
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    std::fs::create_dir(dir.path().join("out_2.png")).unwrap();
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let args = ["--size", "32", "--iterations", "6", "--save-every", "2"];
+    let done = render_to(&content, &style, &out, &args);
+    let said = stderr(&done);
+    assert!(
+        said.contains("warning: snapshot ") && said.contains("out_2.png not written"),
+        "{said}"
+    );
+    assert!(!said.contains("snapshots not written"), "one: {said}");
+    assert!(out.is_file() && dir.path().join("out_6.png").is_file());
+
     // 0: none, as neural-style's `-save_iter 0`
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");

@@ -565,7 +565,11 @@ pub(crate) fn coordinator_config(
     heartbeat: f64,
     attempts: u32,
 ) -> anyhow::Result<stylefarm_coordinator::CoordinatorConfig> {
-    if !(lease.is_finite() && heartbeat.is_finite() && heartbeat > 0.0 && lease > heartbeat) {
+    // each flag's own bound first, named (`seconds` checks the range a Duration takes)
+    if !(heartbeat.is_finite() && heartbeat > 0.0) {
+        bail!("heartbeat_secs: --heartbeat-secs {heartbeat} must be more than 0");
+    }
+    if !(lease.is_finite() && lease > heartbeat) {
         bail!(
             "lease_secs: --lease-secs {lease} must be more than --heartbeat-secs {heartbeat} (a lease \
              outlasts the heartbeats that renew it), both more than 0"
@@ -1362,6 +1366,15 @@ pub(crate) fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             }
         );
         outln!("{job_id}");
+        if let (false, Some(request_id)) = (client.created(), &job.request_id) {
+            // a repeat (a retry of a submit whose answer was lost) or a request id used again: either
+            // way, the job is the one submitted first, with the options it had then
+            eprintln!(
+                "{job_id} was submitted before with request id {request_id}: that job, as it was \
+                 submitted then (this command's options are not used; another request id submits a \
+                 new job)"
+            );
+        }
         if args.wait {
             // the job is the coordinator's now: an interrupted wait leaves it running, and says so
             tokio::select! {
@@ -1836,6 +1849,11 @@ mod tests {
              heartbeats that renew it), both more than 0"
         );
         assert!(super::coordinator_config(Default::default(), 2.5, 2.0, 3).is_ok());
+        let err = super::coordinator_config(Default::default(), 10.0, 0.0, 3).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "heartbeat_secs: --heartbeat-secs 0 must be more than 0"
+        );
     }
 
     /// 3 of a scale's tiles done in 30 s since the watch saw it start, 5 left: about 50 s.

@@ -347,11 +347,31 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         block: args.block,
         ..RenderJob::new(content, styles, init_image, params)
     };
+    // a snapshot is a by-product: one that cannot be read or written (a full disk, a folder of its name)
+    // is said, the first one, and counted; the render goes on to its output
+    let mut unsaved = 0u32;
     let mut save = |scale: u32, iteration: u32, image: Result<image::Rgb32FImage, _>| {
-        let image = image?;
         let path = snapshot_path(output, (scale, job.params.scales), iteration);
-        imaging::save_output(&image, alpha.as_ref(), args.output_depth, &path)?;
-        tracing::info!(path = %path.display(), scale, iteration, "snapshot written");
+        let saved = image.and_then(|image| {
+            Ok(imaging::save_output(
+                &image,
+                alpha.as_ref(),
+                args.output_depth,
+                &path,
+            )?)
+        });
+        match saved {
+            Ok(()) => tracing::info!(path = %path.display(), scale, iteration, "snapshot written"),
+            Err(e) => {
+                if unsaved == 0 {
+                    eprintln!(
+                        "warning: snapshot {} not written: {e}; the render goes on",
+                        path.display()
+                    );
+                }
+                unsaved += 1;
+            }
+        }
         Ok(())
     };
     let mut every =
@@ -367,6 +387,9 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         .context("render failed")?;
     if let Some(bar) = bar {
         bar.finish();
+    }
+    if unsaved > 1 {
+        eprintln!("warning: {unsaved} snapshots not written (the first said above)");
     }
     let render_s = rendering.elapsed().as_secs_f64();
     if let Err(e) = imaging::save_output(&image, alpha.as_ref(), args.output_depth, output) {

@@ -292,6 +292,8 @@ pub struct FarmClient {
     left_out: Vec<(PathBuf, String)>,
     /// The images this client downloaded since it connected ([`FarmClient::downloaded`]).
     downloaded: u64,
+    /// Whether the last submit made a job ([`FarmClient::created`]).
+    created: bool,
 }
 
 impl FarmClient {
@@ -355,6 +357,7 @@ impl FarmClient {
             uploaded: 0,
             downloaded: 0,
             left_out: Vec::new(),
+            created: false,
         })
     }
 
@@ -376,6 +379,13 @@ impl FarmClient {
     /// [`FarmClient::find_images`], are not sent again by [`FarmClient::submit_files`]).
     pub fn uploaded(&self) -> u64 {
         self.uploaded
+    }
+
+    /// Whether the last submit made a new job: false when the coordinator held one of the request id
+    /// given already (pb::SubmitJobResponse::created), whose id it answered: that job, with the options it
+    /// was submitted with then.
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// Connects again as [`FarmClient::connect_with`] did, to the first of its URLs that answers (a
@@ -512,7 +522,11 @@ impl FarmClient {
         );
         loop {
             let status = match self.rpc.submit_job(request.clone()).await {
-                Ok(reply) => return Ok(JobId::new(reply.into_inner().job_id)),
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    self.created = reply.created;
+                    return Ok(JobId::new(reply.job_id));
+                }
                 Err(status) => status,
             };
             // answered by the coordinator (not a transport error), which cannot write the job now

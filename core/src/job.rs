@@ -1219,6 +1219,19 @@ impl JobSpec {
                 frame: None,
             });
         }
+        // nor two points of the same options (a value given twice, `1` and `1.0`): the same image twice
+        let mut seen = std::collections::HashMap::new();
+        for task in &tasks {
+            if let Some(first) = seen.insert(format!("{:?}", task.params), &task.label) {
+                return Err(Error::invalid(
+                    "sweep",
+                    format!(
+                        "points '{first}' and '{}' are the same render (a value given twice)",
+                        task.label
+                    ),
+                ));
+            }
+        }
         // an axis that no point reads would label copies of one image as different
         for axis in axes {
             let name = axis.parameter.name();
@@ -1843,6 +1856,23 @@ mod tests {
             ))
         };
         assert_eq!(blend.tasks().unwrap()[0].params.style_blend, [0.7, 0.3]);
+        // a value given twice, however written: the same render twice
+        for twice in [
+            "style_weight=1,10,1.0",
+            "optimizer=adam;style_weight=1e3,1000",
+        ] {
+            let e = JobSpec {
+                styles: vec![h(2), h(3)],
+                ..spec(JobKind::Sweep(parse_sweep(twice).unwrap()))
+            }
+            .tasks()
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with("sweep: points '") && e.contains("are the same render"),
+                "{twice}: {e}"
+            );
+        }
 
         // the optimizer, layer lists (items separated by `:`), pooling, a switch: jcjohnson/neural-style's
         // usual comparisons

@@ -971,6 +971,13 @@ impl RenderParams {
                     format!("has {weights} weights for {layers} style layers"),
                 ));
             }
+            if self.style_layer_weights.iter().all(|&w| w == 0.0) {
+                // as style_weight 0 is, said so (check_read refuses a render of no loss at all)
+                return Err(Error::invalid(
+                    "style_layer_weights",
+                    "all 0: no style loss (style_weight 0 is a render without one)",
+                ));
+            }
         }
         // each finite, but a product past f32::MAX (the losses' precision) would make the style loss
         // infinite
@@ -1447,6 +1454,13 @@ mod tests {
         };
         p.validate(1).unwrap();
         assert_eq!(p.layer_weights().collect::<Vec<_>>(), [256.0, 0.0]);
+        // every layer 0: no style loss, as style_weight 0 says
+        let none = RenderParams {
+            style_layer_weights: vec![0.0, 0.0],
+            ..p
+        };
+        let e = none.validate(1).unwrap_err().to_string();
+        assert!(e.starts_with("style_layer_weights: all 0"), "{e}");
     }
 
     #[test]

@@ -313,11 +313,26 @@ pub const GPU_READ_INTERVAL: usize = 10;
 fn not_finite(
     losses: &LossTerms,
     before: Option<&LossTerms>,
+    optimizer: Optimizer,
     iteration: u32,
     scale: u32,
 ) -> Option<Error> {
     if losses.total.is_finite() {
         return None;
+    }
+    // from losses far inside float32's range to past it in one step: Adam's step threw the image
+    // out (a learning rate of 1e10), not a weight that overflowed
+    if let (Optimizer::Adam, Some(before)) = (optimizer, before) {
+        if before.total < f64::from(f32::MAX) * 1e-6 {
+            return Some(Error::Core(stylefarm_core::Error::invalid(
+                "learning_rate",
+                format!(
+                    "the losses became {} at iteration {iteration} of scale {scale}, from {:e} at the \
+                     iteration before: Adam's steps diverged; lower learning_rate",
+                    losses.total, before.total
+                ),
+            )));
+        }
     }
     let largest = largest_term;
     let gone: Vec<_> = loss_terms(losses)
@@ -816,7 +831,10 @@ impl Engine {
             // `evaluated`: the evaluations done when read (on a GPU, those of the whole batch read)
             let mut report =
                 |iteration: u32, losses: LossTerms, evaluated: u32| -> Result<(), Error> {
-                    if let Some(e) = not_finite(&losses, finite.as_ref(), iteration, s as u32 + 1) {
+                    let at = (iteration, s as u32 + 1);
+                    if let Some(e) =
+                        not_finite(&losses, finite.as_ref(), params.optimizer, at.0, at.1)
+                    {
                         return Err(e);
                     }
                     finite = Some(losses);
@@ -1033,9 +1051,9 @@ mod tests {
             total: 1e30,
             temporal: 0.0,
         };
-        assert!(not_finite(&finite, None, 1, 1).is_none());
+        assert!(not_finite(&finite, None, Optimizer::Lbfgs, 1, 1).is_none());
         let named = |losses: LossTerms, before: Option<&LossTerms>| {
-            let e = not_finite(&losses, before, 7, 2)
+            let e = not_finite(&losses, before, Optimizer::Lbfgs, 7, 2)
                 .expect("not finite")
                 .to_string();
             assert!(e.contains("at iteration 7 of scale 2"), "{e}");
@@ -1085,5 +1103,31 @@ mod tests {
             ),
             "{e}"
         );
+        // Adam, from losses far inside float32's range: its steps diverged (the learning rate); near
+        // its top, a weight
+        let adam = |losses: &LossTerms, before: &LossTerms| {
+            not_finite(losses, Some(before), Optimizer::Adam, 3, 1)
+                .unwrap()
+                .to_string()
+        };
+        let small = LossTerms {
+            style: 1e9,
+            total: 1e9,
+            ..finite
+        };
+        let e = adam(&image_gone, &small);
+        assert!(
+            e.starts_with(
+                "learning_rate: the losses became NaN at iteration 3 of scale 1, from 1e9"
+            ),
+            "{e}"
+        );
+        let near_top = LossTerms {
+            style: 1e37,
+            total: 1e37,
+            ..finite
+        };
+        let e = adam(&image_gone, &near_top);
+        assert!(e.starts_with("style_weight:"), "{e}");
     }
 }
