@@ -36,7 +36,10 @@ pub const RENDER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// signals them to stop (the workers finish their current task) and does not wait.
 pub struct LocalFarm {
     url: String,
+    /// Stops the coordinator's server ([`LocalFarm::shutdown`], after the workers).
     stop: tokio::sync::watch::Sender<bool>,
+    /// Stops the workers.
+    stop_workers: tokio::sync::watch::Sender<bool>,
     server: JoinHandle<Result<(), stylefarm_coordinator::Error>>,
     /// Each worker's task; `None` once [`LocalFarm::workers_gone`] saw it end.
     workers: Vec<Option<JoinHandle<Result<(), stylefarm_worker::Error>>>>,
@@ -70,6 +73,7 @@ impl LocalFarm {
             listener.local_addr().map_err(io("binding 127.0.0.1"))?
         );
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (stop_workers, workers_stopped) = tokio::sync::watch::channel(false);
         let on_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.changed().await;
         };
@@ -84,7 +88,7 @@ impl LocalFarm {
                 config.coordinator = url.clone();
                 Some(tokio::spawn(stylefarm_worker::run(
                     config,
-                    on_stop(stopped.clone()),
+                    on_stop(workers_stopped.clone()),
                     std::future::pending(),
                 )))
             })
@@ -92,6 +96,7 @@ impl LocalFarm {
         Ok(LocalFarm {
             url,
             stop,
+            stop_workers,
             server,
             workers,
             coordinator: state,
@@ -157,7 +162,9 @@ impl LocalFarm {
     /// waits for the server, and for the engine threads' renders to stop (at most [`RENDER_STOP_WAIT`]):
     /// a process that exits while libtorch renders can crash in its teardown.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        // the workers first: a worker whose coordinator went first would warn that it cannot reach it
+        // (a job refused at its submit printed "lease failed; reconnecting" before its error)
+        let _ = self.stop_workers.send(true);
         let workers: Vec<_> = self.workers.into_iter().flatten().collect();
         for w in &workers {
             w.abort();
@@ -166,6 +173,7 @@ impl LocalFarm {
         for w in workers {
             let _ = w.await;
         }
+        let _ = self.stop.send(true);
         let _ = self.server.await;
         let waited = std::time::Instant::now();
         while stylefarm_worker::renders_running() > 0 && waited.elapsed() < RENDER_STOP_WAIT {

@@ -687,8 +687,8 @@ pub fn folder_of(path: &Path) -> &Path {
 /// false): it must not be a folder, its folder must exist and take new files, and it must not be one of
 /// `inputs` (the job's content, style and init images). Any other name is a folder (created when
 /// missing), which must not be an existing file, must take new files (it, or the folder it will be
-/// made in) and must not hold one of `inputs`; a name with another image format's extension (`.webp`)
-/// is refused rather than taken for a folder.
+/// made in) and must not hold one of `inputs`; a name with another extension (`.webp`, `.jpgg`) is
+/// refused rather than made a folder, unless it is an existing folder.
 ///
 /// # Errors
 /// [`Error::Invalid`] on field `output`, naming the path and what is wrong with it.
@@ -708,6 +708,14 @@ pub fn check_output(output: &Path, several: bool, inputs: &[&Path]) -> Result<()
         }
         if output.exists() && !output.is_dir() {
             return bad("exists and is not a folder".into());
+        }
+        // a mistyped image name (`out.jpgg`) would be made a folder without a word
+        if let (Some(extension), false) = (output.extension(), output.is_dir()) {
+            return bad(format!(
+                ".{} is not an image extension stylefarm writes (.png, .jpg, .jpeg, .tif, .tiff); a \
+                 folder it makes is named without an extension (an existing one may have any name)",
+                extension.to_string_lossy()
+            ));
         }
         // the folder, or the one it will be made in: it must take new files
         let nearest = output
@@ -1430,6 +1438,12 @@ mod tests {
         assert!(refused(&again, false).contains("inputs"));
         assert!(refused(&dir.path().join("out.jpg"), true).contains("several results"));
         assert!(refused(&dir.path().join("out.webp"), false).contains("not an image format"));
+        // a mistyped extension is not made a folder; an existing folder may have one
+        let typo = refused(&dir.path().join("out.jpgg"), false);
+        assert!(typo.contains(".jpgg is not an image extension"), "{typo}");
+        assert!(refused(&dir.path().join("renders.v2"), true).contains("without an extension"));
+        std::fs::create_dir(dir.path().join("renders.v2")).unwrap();
+        check_output(&dir.path().join("renders.v2"), true, &[]).unwrap();
         let notes = dir.path().join("notes.txt");
         std::fs::write(&notes, b"").unwrap();
         assert!(refused(&notes, true).contains("exists and is not a folder"));

@@ -510,7 +510,10 @@ macro_rules! params_struct {
                         <$ty as OptionValue>::parse_text(stringify!($name), text)
                             .and_then(|v| OptionValue::check(&v, stringify!($name), $range))
                             .map(|()| text.to_string())
-                            .map_err(|e| e.reason().to_string())
+                            .map_err(|e| {
+                                // a whole number past its type (-1, 99999999999): the option's range
+                                $range.out_of_range(text).unwrap_or_else(|| e.reason().to_string())
+                            })
                     },
                 )]
                 pub $name: Option<String>,
@@ -550,6 +553,23 @@ pub enum Range {
 }
 
 impl Range {
+    /// What a whole number's `text` that its type cannot hold (`-1`, `99999999999`) misses of a
+    /// [`Range::Between`]: "must be between 1 and 16384, got -1". `None` for other text or ranges.
+    pub fn out_of_range(self, text: &str) -> Option<String> {
+        let digits = text.trim().strip_prefix(['-', '+']).unwrap_or(text.trim());
+        match self {
+            Range::Between(min, max)
+                if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Some(format!(
+                    "must be between {min} and {max}, got {}",
+                    text.trim()
+                ))
+            }
+            _ => None,
+        }
+    }
+
     fn check_whole(self, field: &'static str, value: u64) -> Result<(), Error> {
         match self {
             Range::Between(min, max) if !(min..=max).contains(&value) => Err(Error::invalid(
@@ -635,7 +655,17 @@ macro_rules! whole_option {
         impl OptionValue for $ty {
             const VALUE_NAME: &'static str = "N";
             fn parse_value(text: &str) -> Result<Self, String> {
-                parse_scalar(text, &format!("a whole number from 0 to {}", <$ty>::MAX))
+                // (a flag's parser says its option's range instead: Range::out_of_range)
+                let t = text.trim();
+                t.parse().map_err(|_| match t.strip_prefix('-') {
+                    Some(d) if !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()) => {
+                        format!("'{t}' is negative: a whole number >= 0 is needed")
+                    }
+                    _ if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+                        format!("'{t}' is too large")
+                    }
+                    _ => format!("'{text}' is not a whole number"),
+                })
             }
             fn to_text(&self) -> String {
                 self.to_string()
@@ -1596,6 +1626,11 @@ mod tests {
             (["--pooling", "min"], "unknown value 'min'"),
             (["--size", "abc"], "'abc' is not a whole number"),
             (["--size", "0"], "must be between 1 and"),
+            (["--size", "-1"], "must be between 1 and 16384, got -1"),
+            (
+                ["--iterations", "99999999999"],
+                "must be between 1 and 100000, got 99999999999",
+            ),
             (["--content-weight", "-1"], "must be a number >= 0"),
         ] {
             let Err(err) = Cli::try_parse_from([&["render"], &args[..]].concat()) else {
