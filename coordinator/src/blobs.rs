@@ -2,7 +2,7 @@
 //! behind the [`BlobStore`] trait. [`DiskBlobs`] keeps them as files under `<data dir>/blobs/`; writes go
 //! through a temporary file and a rename: a blob is whole or absent.
 
-use std::io::{BufRead, Seek};
+use std::io::{BufRead, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use stylefarm_core::job::ImageHash;
@@ -35,6 +35,14 @@ pub trait BlobStore: Send + Sync {
     fn delete(&self, blob: &StoredBlob) -> std::io::Result<()>;
     /// The blob opened for reading; `None` when there is no such blob.
     fn open_blob(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn BlobReader>>>;
+    /// The blob opened to be read once, from its start to its end (a download), holding what a read
+    /// asks for and not the whole blob (a file through its buffer; S3: one GET, its body read as it
+    /// comes); `None` when there is no such blob.
+    fn open_sequential(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn Read + Send>>> {
+        Ok(self
+            .open_blob(hash)?
+            .map(|reader| Box::new(reader) as Box<dyn Read + Send>))
+    }
     /// The blob's bytes; `None` when there is no such blob.
     fn get(&self, hash: &ImageHash) -> std::io::Result<Option<Vec<u8>>> {
         let Some(mut reader) = self.open_blob(hash)? else {
@@ -378,17 +386,15 @@ impl S3Blobs {
         &self,
         request: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     ) -> std::io::Result<T> {
-        let runtime = self
-            .runtime
+        run_on(self.runtime_handle(), request)
+    }
+
+    /// The store's runtime.
+    fn runtime_handle(&self) -> &tokio::runtime::Handle {
+        self.runtime
             .as_ref()
-            .expect("the runtime lives until the store drops");
-        let handle = runtime.spawn(request);
-        // outside tokio's cooperative budget: a caller inside a tokio task (the start-up's stage work runs
-        // in a block_on) would otherwise, once its task's budget is spent, poll a pending handle for good
-        match futures_executor::block_on(tokio::task::unconstrained(handle)) {
-            Ok(result) => result.map_err(io_error),
-            Err(e) => Err(std::io::Error::other(format!("blob store request: {e}"))),
-        }
+            .expect("the runtime lives until the store drops")
+            .handle()
     }
 
     /// The object's bytes; `None` when there is none.
@@ -401,6 +407,59 @@ impl S3Blobs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Runs `request` on `runtime` (an S3 store's) and waits for it, from any thread.
+fn run_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Handle,
+    request: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+) -> std::io::Result<T> {
+    let handle = runtime.spawn(request);
+    // outside tokio's cooperative budget: a caller inside a tokio task (the start-up's stage work runs
+    // in a block_on) would otherwise, once its task's budget is spent, poll a pending handle for good
+    match futures_executor::block_on(tokio::task::unconstrained(handle)) {
+        Ok(result) => result.map_err(io_error),
+        Err(e) => Err(std::io::Error::other(format!("blob store request: {e}"))),
+    }
+}
+
+/// A piece of an object's body, or the error reading it.
+type PieceResult = object_store::Result<bytes::Bytes>;
+
+/// An object's body as one GET brings it ([`S3Blobs`]' [`BlobStore::open_sequential`]): each read takes
+/// the next piece the response has (tens of KiB), so that a download holds a piece, not the object.
+struct S3Body {
+    /// The rest of the body; `None` once it ended.
+    body: Option<std::pin::Pin<Box<dyn tokio_stream::Stream<Item = PieceResult> + Send>>>,
+    runtime: tokio::runtime::Handle,
+    /// What the last piece has left to read.
+    held: bytes::Bytes,
+}
+
+impl Read for S3Body {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use tokio_stream::StreamExt;
+        while self.held.is_empty() {
+            let Some(mut body) = self.body.take() else {
+                return Ok(0);
+            };
+            // read on the store's runtime, which drives its connections
+            let next = run_on(&self.runtime, async move {
+                let piece = body.next().await.transpose()?;
+                Ok((body, piece))
+            })?;
+            match next {
+                (body, Some(piece)) => {
+                    self.body = Some(body);
+                    self.held = piece;
+                }
+                (_, None) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.held.len());
+        buf[..n].copy_from_slice(&self.held.split_to(n));
+        Ok(n)
     }
 }
 
@@ -548,6 +607,20 @@ impl BlobStore for S3Blobs {
         Ok(self
             .fetch(hash)?
             .map(|bytes| Box::new(std::io::Cursor::new(bytes)) as Box<dyn BlobReader>))
+    }
+
+    fn open_sequential(&self, hash: &ImageHash) -> std::io::Result<Option<Box<dyn Read + Send>>> {
+        use object_store::ObjectStoreExt;
+        let (store, path) = (self.store.clone(), self.path(hash));
+        match self.run(async move { store.get(&path).await }) {
+            Ok(got) => Ok(Some(Box::new(S3Body {
+                body: Some(got.into_stream()),
+                runtime: self.runtime_handle().clone(),
+                held: bytes::Bytes::new(),
+            }))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn get(&self, hash: &ImageHash) -> std::io::Result<Option<Vec<u8>>> {
@@ -743,6 +816,27 @@ pub(crate) mod tests {
             .collect();
         let hash = blobs.put(&big).unwrap();
         assert_eq!(blobs.get(&hash).unwrap().unwrap(), big);
+        // and read as a download reads it: its body as it comes, in reads of a chunk
+        let mut body = blobs.open_sequential(&hash).unwrap().unwrap();
+        let (mut back, mut reads) = (Vec::new(), 0);
+        loop {
+            let mut chunk = Vec::new();
+            let mut piece = std::io::Read::take(&mut body, 1 << 20);
+            std::io::Read::read_to_end(&mut piece, &mut chunk).unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            back.extend(chunk);
+            reads += 1;
+        }
+        assert!(
+            back == big && reads == big.len().div_ceil(1 << 20),
+            "{reads} reads"
+        );
+        assert!(blobs
+            .open_sequential(&ImageHash::of(b"none"))
+            .unwrap()
+            .is_none());
         // the in-flight parts and the upload are gone: one object
         let objects = std::fs::read_dir(server.bucket_dir())
             .unwrap()

@@ -205,6 +205,16 @@ impl TrackedBlobs {
         self.store.open_blob(hash)
     }
 
+    /// The blob opened to be read once, start to end ([`BlobStore::open_sequential`]); `None` when there
+    /// is no such blob.
+    pub fn open_sequential(
+        &self,
+        hash: &ImageHash,
+    ) -> std::io::Result<Option<Box<dyn std::io::Read + Send>>> {
+        store_call();
+        self.store.open_sequential(hash)
+    }
+
     /// Bytes of the images stored ([`BlobStore::stored_bytes`]).
     pub fn stored_bytes(&self) -> u64 {
         self.store.stored_bytes()

@@ -219,22 +219,74 @@ fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Error> {
         .map_err(|_| Error::invalid(field, format!("'{value}' is not a sha256")))
 }
 
-/// Streams a blob in chunks (read off the async threads: a disk read, an S3 request).
+/// Streams a blob in chunks of [`CHUNK_BYTES`], each read from the blob store as the stream is polled for
+/// it (off the async threads: a disk read, an S3 body): a download holds a chunk, not the blob. Before, each
+/// call read the whole blob and copied it into its chunks, so that calls not read (200 on a connection, of
+/// a 512-MiB image) held 100 GiB.
 async fn send_blob(coordinator: &Arc<Coordinator>, sha256: String) -> Result<ChunkStream, Error> {
     let hash = hash_arg("sha256", &sha256)?;
     let coordinator = coordinator.clone();
-    let bytes = blocking(move || {
+    let reader = blocking(move || {
         coordinator
             .blobs
-            .get(&hash)?
+            .open_sequential(&hash)?
             .ok_or_else(|| Error::NotFound(format!("image {hash} not found")))
     })
     .await?;
-    let chunks: Vec<Result<pb::Chunk, Status>> = bytes
-        .chunks(CHUNK_BYTES)
-        .map(|c| Ok(pb::Chunk { data: c.to_vec() }))
-        .collect();
-    Ok(Box::pin(tokio_stream::iter(chunks)))
+    Ok(Box::pin(BlobChunks {
+        reader: Some(reader),
+        reading: None,
+    }))
+}
+
+/// A blob's chunks as [`send_blob`] streams them.
+struct BlobChunks {
+    /// The blob, between reads; `None` while one is under way, and once it ended or failed.
+    reader: Option<Box<dyn std::io::Read + Send>>,
+    /// The read of the next chunk, on the blocking pool.
+    reading: Option<tokio::task::JoinHandle<ChunkRead>>,
+}
+
+/// A chunk read, with the blob to read the next from; empty at its end.
+type ChunkRead = std::io::Result<(Box<dyn std::io::Read + Send>, Vec<u8>)>;
+
+impl Stream for BlobChunks {
+    type Item = Result<pb::Chunk, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future;
+        use std::io::Read;
+        use std::task::Poll;
+        if self.reading.is_none() {
+            let Some(mut reader) = self.reader.take() else {
+                return Poll::Ready(None);
+            };
+            self.reading = Some(tokio::task::spawn_blocking(move || {
+                let mut data = Vec::with_capacity(CHUNK_BYTES);
+                (&mut reader)
+                    .take(CHUNK_BYTES as u64)
+                    .read_to_end(&mut data)?;
+                Ok((reader, data))
+            }));
+        }
+        let reading = self.reading.as_mut().expect("a read under way");
+        let read = std::task::ready!(Pin::new(reading).poll(cx));
+        self.reading = None;
+        Poll::Ready(match read {
+            Ok(Ok((_, data))) if data.is_empty() => None,
+            Ok(Ok((reader, data))) => {
+                self.reader = Some(reader);
+                Some(Ok(pb::Chunk { data }))
+            }
+            Ok(Err(e)) => Some(Err(Status::from(Error::from(e)))),
+            Err(e) => Some(Err(Status::from(Error::Internal(format!(
+                "reading a blob: {e}"
+            ))))),
+        })
+    }
 }
 
 /// A message of a client stream that failed to decode: one over the message size limit answers
@@ -1534,6 +1586,50 @@ fn check_worker_text(field: &'static str, text: &str) -> Result<(), Status> {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+
+    /// A blob's download reads it a chunk at a time as its stream is polled: a stream not read holds a
+    /// chunk, not the blob; the chunks are the blob's bytes, in order, [`CHUNK_BYTES`] each but the last.
+    #[tokio::test]
+    async fn a_download_reads_its_blob_a_chunk_at_a_time() {
+        /// The blob's bytes, counting those read.
+        struct Counted(
+            std::io::Cursor<Vec<u8>>,
+            Arc<std::sync::atomic::AtomicUsize>,
+        );
+        impl std::io::Read for Counted {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.read(buf)?;
+                self.1.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                Ok(n)
+            }
+        }
+        let blob: Vec<u8> = (0..CHUNK_BYTES * 5 + 7).map(|i| (i % 253) as u8).collect();
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut chunks = BlobChunks {
+            reader: Some(Box::new(Counted(
+                std::io::Cursor::new(blob.clone()),
+                read.clone(),
+            ))),
+            reading: None,
+        };
+        let first = chunks.next().await.unwrap().unwrap();
+        assert_eq!(first.data.len(), CHUNK_BYTES);
+        let held = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(held, CHUNK_BYTES, "the first chunk read, not the blob");
+        let mut back = first.data;
+        let mut sizes = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.unwrap();
+            sizes.push(chunk.data.len());
+            back.extend(chunk.data);
+        }
+        assert_eq!(
+            sizes,
+            [CHUNK_BYTES, CHUNK_BYTES, CHUNK_BYTES, CHUNK_BYTES, 7]
+        );
+        assert!(back == blob);
+        assert!(chunks.next().await.is_none(), "ended for good");
+    }
 
     fn batch() -> stylefarm_core::job::JobSpec {
         stylefarm_core::job::JobSpec::new(
