@@ -609,6 +609,12 @@ fn bad_input_gets_a_clear_one_line_error() {
     let photo = photo.display().to_string();
     let typo = dir.path().join("typo/out.png").display().to_string();
     let webp = dir.path().join("out.webp").display().to_string();
+    // (render writes no folder: its hint names none)
+    let folder = dir.path().join("folder.png");
+    std::fs::create_dir(&folder).unwrap();
+    let folder = folder.display().to_string();
+    let dir_name = dir.path().display().to_string();
+    let dir_needle = format!("style: {dir_name} is a folder: render takes image files");
     // (options after --content C --style S unless given, what the error must name)
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--style-scale", "0.01"], "style_scale: style image"),
@@ -640,7 +646,15 @@ fn bad_input_gets_a_clear_one_line_error() {
             vec!["--content", &photo, "--style", style, "-o", &photo],
             "is one of the job's inputs",
         ),
-        (vec!["-o", &webp], "not an image format"),
+        (vec!["-o", &webp], "out.webp: extension must be .png, .jpg"),
+        (
+            vec!["--content", content, "--style", &dir_name],
+            &dir_needle,
+        ),
+        (
+            vec!["-o", &folder],
+            "folder.png: is a folder: give an image file name\n",
+        ),
         (
             vec!["--content", content, "--style", &corrupt],
             "corrupt.png",

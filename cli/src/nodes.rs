@@ -198,11 +198,13 @@ fn set_threads(threads: u32) -> anyhow::Result<()> {
 pub(crate) struct LocalArgs {
     /// Worker processes' worth of engines to run in this process; with --device auto or cuda, on the GPUs
     /// in turn (worker i on cuda:(i mod the number of GPUs)).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_LOCAL_WORKERS)))]
     pub(crate) workers: u32,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
     pub(crate) device: String,
+    /// VGG19 weights (.safetensors); default: the file deploy/setup.sh converts.
     #[arg(long, env = "STYLEFARM_WEIGHTS")]
     weights: Option<PathBuf>,
     /// Coordinator state (default: a temporary directory).
@@ -366,12 +368,6 @@ pub(crate) fn local(args: LocalArgs) -> anyhow::Result<()> {
     // fault injection for the end-to-end tests, as for `worker`
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    if args.workers == 0 || args.workers > MAX_LOCAL_WORKERS {
-        bail!(
-            "workers: must be between 1 and {MAX_LOCAL_WORKERS}, got {}",
-            args.workers
-        );
-    }
     let output = args
         .job
         .output

@@ -17,7 +17,7 @@ use stylefarm_engine::{Engine, Progress, RenderJob, Snapshots};
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum ProgressMode {
     /// A progress bar with the loss and an ETA, on stderr; where stderr is not a terminal (a log file, CI),
-    /// a line every [`PROGRESS_LINE_EVERY`] iterations of each scale and at its last instead.
+    /// a line every few iterations of each scale (PROGRESS_LINE_EVERY) and at its last instead.
     Bar,
     /// One JSON object per iteration on stdout.
     Json,
@@ -147,6 +147,22 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let params = args.params.params()?;
     params.validate(args.style.len())?;
+    // `local` and `submit` take a folder for its images; `render` renders one pair
+    for (field, path) in
+        std::iter::once(("content", &args.content)).chain(args.style.iter().map(|s| ("style", s)))
+    {
+        if path.is_dir() {
+            return Err(stylefarm_core::Error::invalid(
+                field,
+                format!(
+                    "{} is a folder: render takes image files (`stylefarm local --batch` renders a \
+                     folder's images)",
+                    path.display()
+                ),
+            )
+            .into());
+        }
+    }
     // one image, whole: no video, no tiles; or no render at all
     params.check_read(stylefarm_core::params::JobReads {
         evaluate: args.evaluate.is_some(),
@@ -160,7 +176,7 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             .chain(args.style.iter().map(PathBuf::as_path))
             .chain(params.init.file())
             .collect();
-        imaging::check_output(output, false, &inputs)?;
+        imaging::check_output_file(output, &inputs)?;
         if let Some(input) = inputs
             .iter()
             .find(|i| save_every.is_some() && is_snapshot_of(output, i))

@@ -319,14 +319,14 @@ impl FarmClient {
             }
         }
         Err(last.unwrap_or_else(|| ClientError::Url {
-            url: url.into(),
+            url: stylefarm_proto::connect::shown_url(url),
             message: "no URL given".into(),
         }))
     }
 
     async fn connect_one(url: &str, credentials: &Credentials) -> Result<FarmClient> {
         let bad = |e: stylefarm_proto::connect::CredentialsError| ClientError::Url {
-            url: url.into(),
+            url: stylefarm_proto::connect::shown_url(url),
             message: e.to_string(),
         };
         let channel = credentials
@@ -336,14 +336,14 @@ impl FarmClient {
             .connect()
             .await
             .map_err(|source| ClientError::Connect {
-                url: url.into(),
+                url: stylefarm_proto::connect::shown_url(url),
                 source,
             })?;
         let channel = credentials.authorize(channel).map_err(bad)?;
         stylefarm_proto::connect::answers(channel.clone())
             .await
             .map_err(|message| ClientError::NoAnswer {
-                url: url.into(),
+                url: stylefarm_proto::connect::shown_url(url),
                 message,
             })?;
         Ok(FarmClient {

@@ -747,8 +747,10 @@ impl RenderService for RenderApi {
         let scheduler = self.coordinator.scheduler.clone();
         let changes = scheduler.subscribe();
         let first = own_job(&self.coordinator, &tenant, &job_id)?;
-        // events held for a slow client: fewer when each may carry 2 MiB of previews
-        let (tx, rx) = mpsc::channel(if request.previews { 4 } else { 16 });
+        // one event held for a slow client (and one waiting to be): the next is made when it is taken, of
+        // the job as it is then, so a slow client misses the states in between rather than gets a
+        // backlog of them, and a stream not read holds two statuses (each up to a message, 4 MiB), not 16
+        let (tx, rx) = mpsc::channel(1);
         let coordinator = self.coordinator.clone();
         let waiting = move || coordinator.waiting();
         let mut stopping = self.stopping.clone();

@@ -681,6 +681,22 @@ pub fn folder_of(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// [`check_output`] for a command that writes one image file and no folder (`render`): `output` must have
+/// an image extension [`output_format`] takes, and not be a folder.
+///
+/// # Errors
+/// [`Error::Invalid`] on field `output`, naming the path and what is wrong with it.
+pub fn check_output_file(output: &Path, inputs: &[&Path]) -> Result<(), Error> {
+    output_format(output)?;
+    if output.is_dir() {
+        return Err(Error::invalid(
+            "output",
+            format!("{}: is a folder: give an image file name", output.display()),
+        ));
+    }
+    check_output(output, false, inputs)
+}
+
 /// Checks, before any work, that a job's results can be written to `output` (`--output`), so that a
 /// finished render is not lost to a typo, nor written over what it was made from. A name with an image
 /// extension that [`output_format`] takes is one image file, for a job with one result (`several`

@@ -186,11 +186,19 @@ impl Credentials {
                 )))
             }
             None => {
+                let url = shown_url(url);
                 return Err(CredentialsError(format!(
                     "no scheme: http://{url}, or https://{url} with TLS"
-                )))
+                )));
             }
         };
+        if shown_url(url) != url {
+            return Err(CredentialsError(
+                "a user or password in the URL is not used: a coordinator takes a token (--token-file, \
+                 STYLEFARM_TOKEN)"
+                    .into(),
+            ));
+        }
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| CredentialsError(format!("not a URI: {e}")))?
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -361,9 +369,41 @@ pub fn with_sources(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// `url` as errors and logs show it: a user and password in it (`http://user:pw@host`) said as `***@`,
+/// so that a secret put there is not printed.
+pub fn shown_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            return format!("{scheme}://***@{}", &rest[at + 1..]);
+        }
+    }
+    url.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A user and password in a coordinator's URL are said as `***@`, and refused: a coordinator takes a
+    /// token, never a secret from the URL.
+    #[test]
+    fn a_url_s_password_is_never_shown_and_is_refused() {
+        assert_eq!(
+            shown_url("http://u:secret@farm:7700/x"),
+            "http://***@farm:7700/x"
+        );
+        assert_eq!(shown_url("https://farm:7700"), "https://farm:7700");
+        assert_eq!(shown_url("http://farm:7700/a@b"), "http://farm:7700/a@b");
+        let e = Credentials::default()
+            .endpoint("http://u:secret@farm:7700")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a user or password in the URL is not used") && !e.contains("secret"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn https_needs_a_ca_and_plain_http_takes_no_tls_options() {

@@ -356,6 +356,8 @@ async fn connect(
         match credentials.endpoint(url) {
             Ok(endpoint) => endpoints.push((url, endpoint.connect_timeout(Duration::from_secs(5)))),
             Err(e) => {
+                // (the URLs taken are shown as given: a user and password in one is refused here)
+                let url = stylefarm_proto::connect::shown_url(url);
                 tracing::error!(coordinator = url, error = %e, "bad coordinator url or TLS options");
                 return Err(Error::Coordinator(format!(
                     "{url}: a bad url or TLS options: {e}"
