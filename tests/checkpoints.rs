@@ -113,6 +113,7 @@ fn flat_out(_scale: u32, _iteration: u32) -> Duration {
 /// saves its next one at the second scale's iteration 1.
 #[test]
 fn checkpoints_by_time_come_at_most_that_often() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     let job = job(RenderParams {
         size: 32,
@@ -183,6 +184,7 @@ fn checkpoints_by_time_come_at_most_that_often() {
 /// from the beginning, as one without a checkpoint does.
 #[test]
 fn a_render_resumes_from_its_checkpoint_at_its_scale_and_iteration() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     for optimizer in [Optimizer::Lbfgs, Optimizer::Adam] {
         let job = job(RenderParams {
@@ -272,6 +274,7 @@ fn a_render_resumes_from_its_checkpoint_at_its_scale_and_iteration() {
 /// the resumed render ends elsewhere.
 #[test]
 fn an_averaged_adam_render_resumes_with_its_average() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     let job = job(RenderParams {
         size: 64,

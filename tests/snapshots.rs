@@ -42,6 +42,7 @@ fn snapshot(engine: &Engine, longest: Option<u32>) -> Rgb32FImage {
 /// the same: the CPU's are deterministic).
 #[test]
 fn a_snapshot_shrunk_on_the_device_is_the_area_average_of_the_full_one() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     let full = snapshot(&engine, None);
     let small = snapshot(&engine, Some(16));
@@ -68,6 +69,7 @@ fn a_snapshot_shrunk_on_the_device_is_the_area_average_of_the_full_one() {
 /// worker's previews resize the content to their size once a size, not at each, to the same pixels.
 #[test]
 fn snapshots_with_original_colors_are_the_plain_ones_with_the_content_s_colours() {
+    stylefarm_tests::one_libtorch_thread();
     let engine = Engine::load(&weights(), Device::Cpu).unwrap();
     let content = imaging::load(&shared_image("tubingen.jpg")).unwrap();
     let snapshots_of = |original_colors: bool| {
