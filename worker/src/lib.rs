@@ -427,6 +427,15 @@ enum Failure {
     Group(String),
 }
 
+/// Names `field` in an input's failure (an image that does not decode: `content: <sha256>: not an image`),
+/// leaving other failures as they are.
+fn naming(field: &'static str) -> impl Fn(Failure) -> Failure {
+    move |failure| match failure {
+        Failure::Input(message) => Failure::Input(format!("{field}: {message}")),
+        other => other,
+    }
+}
+
 impl Failure {
     fn of_render(e: &RenderError) -> Failure {
         match e {
@@ -1219,10 +1228,10 @@ async fn run_task(
     // the downloads, until a cancel (a stream that stalls would otherwise hold the task; the heartbeat
     // hears the cancel)
     let fetched = async {
-        let content = cache.get(client, &task.content).await?;
+        let content = (cache.get(client, &task.content).await).map_err(naming("content"))?;
         let (mut inputs, mut style_pixels) = (Vec::new(), 0u64);
         for hash in &task.styles {
-            let style = cache.get(client, hash).await?;
+            let style = (cache.get(client, hash).await).map_err(naming("styles"))?;
             // each held whole until the render ends: bounded as they come, not once they all are
             // (the coordinator checks a job's styles at its submit; this is for a task it did not)
             let (w, h) = style.dimensions();
@@ -1240,7 +1249,10 @@ async fn run_task(
             None => None,
         };
         let (init_hash, init_image) = match &task.params.init {
-            Init::Image(hash) => (Some(hash.clone()), Some(cache.get(client, hash).await?)),
+            Init::Image(hash) => (
+                Some(hash.clone()),
+                Some((cache.get(client, hash).await).map_err(naming("init"))?),
+            ),
             _ => (None, None),
         };
         // a video frame's previous frame: its content and result, for the temporal loss
