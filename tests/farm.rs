@@ -1642,6 +1642,54 @@ async fn worker_by_hand(
     (workers, worker_id)
 }
 
+/// Two worker processes given one name (`--name`) are told apart from one that registers again (the same
+/// process: RegisterWorkerRequest.instance): `workers` marks both `name-shared` and says what that costs,
+/// and the coordinator warns at the second's registration; a process that registers again, or one that
+/// does not say its number (an older worker), is not marked.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_given_one_name_are_told_apart_from_one_registering_again() {
+    let mut cluster = Cluster::new(10.0, 0.3, "embedded");
+    cluster.start_coordinator();
+    let mut rpc = pb::worker_service_client::WorkerServiceClient::connect(cluster.url.clone())
+        .await
+        .unwrap();
+    for (name, instance) in [
+        ("twin", 1),
+        ("solo", 3),
+        ("solo", 3),
+        ("twin", 2),
+        ("old", 0),
+        ("old", 0),
+    ] {
+        rpc.register_worker(pb::RegisterWorkerRequest {
+            name: name.into(),
+            protocol: stylefarm_proto::PROTOCOL,
+            instance,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let (ok, out, err) = cluster.cli(&["workers"]);
+    assert!(ok, "{err}");
+    let mut shared: Vec<&str> = (out.lines())
+        .filter(|l| l.contains(",name-shared\t"))
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    shared.sort();
+    assert_eq!(shared, ["twin#1", "twin#4"], "{out}");
+    assert_eq!(out.lines().count(), 6, "{out}");
+    assert!(err.contains("give each worker its own --name"), "{err}");
+    let coordinator = cluster.coordinator.as_ref().unwrap();
+    let warning = "another worker process runs under this worker's name";
+    coordinator
+        .wait_logged(warning, Duration::from_secs(10))
+        .await;
+    let log = coordinator.log_text();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    assert!(log.contains("others=\"twin#1\""), "{log}");
+}
+
 /// A sign-off gives up only the leases it names, by id or by the lease poll they were handed to (a poll the
 /// worker gave up as it stopped): another caller that knows the worker's id, from `stylefarm workers`, and
 /// signs it off takes none of its tasks; the worker's own sign-off puts both of its tasks back at once,

@@ -254,6 +254,7 @@ async fn worker_calls(url: &str, caller: Option<&str>, image: &str) -> Vec<(&'st
             version: "test".into(),
             tags: Vec::new(),
             protocol: stylefarm_proto::PROTOCOL,
+            instance: 0,
         })
         .await;
     out.push((
@@ -1217,6 +1218,7 @@ async fn tls_serves_clients_without_a_certificate_and_workers_only_with_one() {
                 version: "test".into(),
                 tags: Vec::new(),
                 protocol: stylefarm_proto::PROTOCOL,
+                instance: 0,
             })
             .await
             .map(|_| ())

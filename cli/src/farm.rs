@@ -1619,6 +1619,13 @@ pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
             // said on stderr: stdout stays empty for a script
             eprintln!("(no workers: none has called this coordinator since it started)");
         }
+        if workers.iter().any(|w| w.name_shared) {
+            eprintln!(
+                "name-shared: another worker process runs under that worker's name, and the farm counts \
+                 them as one (a tiled or exact scale plans for one; a drain or blocklist takes both): give \
+                 each worker its own --name"
+            );
+        }
         for w in workers {
             let bytes = |b: u64| match b {
                 0 => "?".to_string(),
@@ -1647,8 +1654,10 @@ pub(crate) fn workers(args: WorkersArgs) -> anyhow::Result<()> {
                 s if s < 0.0 => "not since the coordinator started".to_string(),
                 s => format!("{s:.0} s ago"),
             };
+            // two processes under one name count as one: said beside its health, and once below
+            let shared = if w.name_shared { ",name-shared" } else { "" };
             outln!(
-                "{}\t{health}\t{device}\t{} of {}\t{tags}\t{seen}\t{task}",
+                "{}\t{health}{shared}\t{device}\t{} of {}\t{tags}\t{seen}\t{task}",
                 w.worker_id,
                 bytes(w.memory_used_bytes),
                 bytes(w.memory_bytes),

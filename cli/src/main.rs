@@ -191,8 +191,8 @@ enum Command {
     List(farm::ListArgs),
     /// Download a finished job's results.
     Fetch(farm::FetchArgs),
-    /// List the workers: health (busy, idle, silent, left; leaving, draining, drained), device, memory, tags,
-    /// their tasks.
+    /// List the workers: health (busy, idle, silent, left; leaving, draining, drained; name-shared), device,
+    /// memory, tags, their tasks.
     Workers(farm::WorkersArgs),
     /// Drain workers (the farm's operator): they take no new task, the ones they run finish.
     Drain(farm::DrainArgs),

@@ -923,6 +923,7 @@ impl RenderService for RenderApi {
                 progress: w.progress,
                 drained: w.drained,
                 leaving: w.leaving,
+                name_shared: w.name_shared,
             })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
@@ -991,9 +992,23 @@ impl WorkerService for WorkerApi {
             tags = r.tags.join(","),
             "worker registered"
         );
-        self.coordinator
-            .workers
-            .register(&worker_id, &r.device, r.memory_bytes, &r.tags);
+        let sharing = (self.coordinator.workers).register(
+            &worker_id,
+            &r.device,
+            r.memory_bytes,
+            &r.tags,
+            r.instance,
+        );
+        if !sharing.is_empty() {
+            let others: Vec<&str> = sharing.iter().map(WorkerId::as_str).collect();
+            tracing::warn!(
+                worker_id = worker_id.as_str(),
+                others = others.join(","),
+                "another worker process runs under this worker's name: the farm counts them as one (a \
+                 tiled or exact scale plans for one; a drain, strike or blocklist takes both); give each \
+                 worker its own --name"
+            );
+        }
         let config = self.coordinator.scheduler.config();
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: worker_id.into(),

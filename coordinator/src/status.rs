@@ -278,6 +278,8 @@ pub struct WorkerRow {
     /// Stopping ([`WorkerInfo::leaving`](crate::workers::WorkerInfo::leaving)): it finishes its task and
     /// signs off.
     pub leaving: bool,
+    /// Another live worker process registered under its name, as it is live: the farm counts them as one.
+    pub name_shared: bool,
 }
 
 /// Each worker's lease that it renders: the latest handed out to it (a worker still reporting its last task
@@ -513,9 +515,18 @@ impl Coordinator {
     ) -> Vec<WorkerRow> {
         let lease_period = self.scheduler.config().lease;
         let drained = self.scheduler.drained();
-        let mut workers: Vec<WorkerRow> = self
-            .workers
-            .all()
+        let all = self.workers.all();
+        // the worker processes of each name live now (their numbers, where known)
+        let mut processes: HashMap<WorkerId, HashSet<u64>> = HashMap::new();
+        for (id, w) in &all {
+            if w.instance != 0 && w.is_live() {
+                processes
+                    .entry(id.by_name())
+                    .or_default()
+                    .insert(w.instance);
+            }
+        }
+        let mut workers: Vec<WorkerRow> = all
             .into_iter()
             .map(|(id, w)| {
                 let silent_for = w.last_seen.elapsed();
@@ -542,6 +553,8 @@ impl Coordinator {
                     }),
                     drained: drained.contains(&id.by_name()),
                     leaving: w.leaving && w.gone != Some(Gone::Left),
+                    name_shared: (processes.get(&id.by_name()))
+                        .is_some_and(|p| p.len() > 1 && p.contains(&w.instance)),
                 }
             })
             .collect();
@@ -565,6 +578,7 @@ impl Coordinator {
                 progress: 0.0,
                 drained: true,
                 leaving: false,
+                name_shared: false,
             });
         }
         let rank = |h: &str| match h {

@@ -41,6 +41,9 @@ pub struct WorkerInfo {
     /// It said it is stopping ([`Registry::stopping`]): it takes no new task, finishes the one it runs
     /// and signs off. Still live (its task's lease is renewed), but nothing is planned for it.
     pub leaving: bool,
+    /// The worker process' number (pb::RegisterWorkerRequest::instance: random, the same at each of its
+    /// registrations); 0: not known (a worker older than the field, or seen without registering).
+    pub instance: u64,
 }
 
 /// Why a worker heard from lately is not live ([`WorkerInfo::gone`]).
@@ -63,6 +66,35 @@ impl WorkerInfo {
     fn live(&self, since: Option<Instant>) -> bool {
         self.gone.is_none() && since.is_none_or(|c| self.last_seen > c)
     }
+
+    /// Whether it is live: heard from within [`LIVE_WINDOW`], and not lost nor left since.
+    pub fn is_live(&self) -> bool {
+        self.live(live_since())
+    }
+}
+
+/// The live registrations of `id`'s name by other worker processes than `instance` (`id`'s; 0: not
+/// known, and none is): another worker given the same name (`--name`). The farm counts workers by name
+/// (a tiled or exact scale plans for one per name; a drain, a strike and a blocklist take every
+/// registration of a name), so they count as one.
+fn sharing_name(
+    workers: &HashMap<WorkerId, WorkerInfo>,
+    id: &WorkerId,
+    instance: u64,
+) -> Vec<WorkerId> {
+    if instance == 0 {
+        return Vec::new();
+    }
+    let (name, since) = (id.by_name(), live_since());
+    let mut others: Vec<WorkerId> = workers
+        .iter()
+        .filter(|(other, w)| {
+            w.instance != 0 && w.instance != instance && w.live(since) && other.by_name() == name
+        })
+        .map(|(other, _)| other.clone())
+        .collect();
+    others.sort();
+    others
 }
 
 /// A worker and its tags.
@@ -93,13 +125,23 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records a worker's registration.
-    pub fn register(&self, id: &WorkerId, device: &str, memory_bytes: u64, tags: &[String]) {
+    /// Records a worker's registration, by the worker process `instance` (0: not known). Returns the live
+    /// registrations of its name by other processes: two workers given one name, which the farm counts
+    /// as one.
+    pub fn register(
+        &self,
+        id: &WorkerId,
+        device: &str,
+        memory_bytes: u64,
+        tags: &[String],
+        instance: u64,
+    ) -> Vec<WorkerId> {
         let mut workers = self.workers();
         if workers.len() >= MAX_WORKERS {
             let since = live_since();
             workers.retain(|_, w| w.live(since));
         }
+        let others = sharing_name(&workers, id, instance);
         workers.insert(
             id.clone(),
             WorkerInfo {
@@ -110,8 +152,10 @@ impl Registry {
                 tags: tags.to_vec(),
                 gone: None,
                 leaving: false,
+                instance,
             },
         );
+        others
     }
 
     /// Records that a worker called (a lease poll, a heartbeat), with the memory in use it reported (0:
@@ -152,6 +196,7 @@ impl Registry {
                         tags: said.tags.to_vec(),
                         gone: None,
                         leaving: false,
+                        instance: 0,
                     },
                 );
             }
@@ -273,7 +318,7 @@ mod tests {
     #[test]
     fn live_workers_count_with_their_memory_unknown_ones_with_zero() {
         let r = Registry::default();
-        r.register(&w("gpu#1"), "cuda:0", 80 << 30, &["gpu".to_string()]);
+        r.register(&w("gpu#1"), "cuda:0", 80 << 30, &["gpu".to_string()], 0);
         r.seen(&w("old#7"), 0, None);
         r.seen(&w("gpu#1"), 5 << 30, None);
         let mut live = r.live_memory(|_, _| true);
@@ -319,8 +364,8 @@ mod tests {
         assert_eq!(r.live(), [(w("gpu#1"), vec!["gpu".to_string()])]);
         assert_eq!(r.get(&w("old#7")).unwrap().tags, ["cpu"]);
         // a name registered twice is one worker; one that is left out is not counted
-        r.register(&w("gpu#2"), "cuda:0", 40 << 30, &[]);
-        r.register(&w("cpu#1"), "cpu", 0, &[]);
+        r.register(&w("gpu#2"), "cuda:0", 40 << 30, &[], 0);
+        r.register(&w("cpu#1"), "cpu", 0, &[], 0);
         let mut live = r.live_memory(|_, _| true);
         live.sort();
         assert_eq!(live, [0, 80 << 30]);
@@ -332,8 +377,8 @@ mod tests {
     #[test]
     fn a_worker_that_signed_off_is_not_live_until_it_calls_again() {
         let r = Registry::default();
-        r.register(&w("a#1"), "cpu", 0, &[]);
-        r.register(&w("b#1"), "cpu", 0, &[]);
+        r.register(&w("a#1"), "cpu", 0, &[], 0);
+        r.register(&w("b#1"), "cpu", 0, &[], 0);
         r.left(&w("a#1"));
         // an unknown one is not remembered for it
         r.left(&w("c#1"));
@@ -349,7 +394,7 @@ mod tests {
         assert_eq!(r.get(&w("a#1")).unwrap().gone, None);
         assert_eq!(r.live_silent_left(), (2, 0, 0));
         // a name is left when the registration of it last heard from signed off, and none is live
-        r.register(&w("a#2"), "cpu", 0, &[]);
+        r.register(&w("a#2"), "cpu", 0, &[], 0);
         r.left(&w("a#2"));
         r.workers().get_mut("a#1").unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
         assert_eq!(r.live_silent_left(), (1, 0, 1));
@@ -360,8 +405,8 @@ mod tests {
     #[test]
     fn a_worker_that_says_it_is_stopping_is_leaving_until_it_registers_again() {
         let r = Registry::default();
-        r.register(&w("a#1"), "cpu", 0, &[]);
-        r.register(&w("b#1"), "cpu", 0, &[]);
+        r.register(&w("a#1"), "cpu", 0, &[], 0);
+        r.register(&w("b#1"), "cpu", 0, &[], 0);
         r.stopping(&w("a#1"));
         // an unknown one is not remembered for it
         r.stopping(&w("c#1"));
@@ -371,7 +416,7 @@ mod tests {
         assert_eq!(r.live().len(), 2);
         assert!(r.get(&w("a#1")).unwrap().leaving);
         // the worker started again registers anew: not leaving
-        r.register(&w("a#2"), "cpu", 0, &[]);
+        r.register(&w("a#2"), "cpu", 0, &[], 0);
         assert_eq!(r.leaving(), HashSet::from([w("a#1")]));
         assert!(!r.get(&w("a#2")).unwrap().leaving);
     }
@@ -379,8 +424,8 @@ mod tests {
     #[test]
     fn a_worker_whose_lease_expired_is_not_live_until_it_calls_again() {
         let r = Registry::default();
-        r.register(&w("a#1"), "cpu", 0, &[]);
-        r.register(&w("b#1"), "cpu", 0, &[]);
+        r.register(&w("a#1"), "cpu", 0, &[], 0);
+        r.register(&w("b#1"), "cpu", 0, &[], 0);
         // a worker heard from after its lease ran out is alive
         r.lost(&w("a#1"), Instant::now() - Duration::from_secs(1));
         assert_eq!(r.live_memory(|_, _| true).len(), 2);

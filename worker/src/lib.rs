@@ -132,8 +132,9 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// A number for a request for a task (pb::LeaseTaskRequest::request_id): random, not 0, so that requests
-/// of workers that share a name, or of a worker that started again, do not take each other's leases.
+/// A number for a request for a task (pb::LeaseTaskRequest::request_id), or for the worker process
+/// (pb::RegisterWorkerRequest::instance): random, not 0, so that requests of workers that share a name, or
+/// of a worker that started again, do not take each other's leases.
 fn new_request_id() -> u64 {
     rand::random::<u64>().max(1)
 }
@@ -633,6 +634,9 @@ async fn serve(
     let device_name = format!("{:?}", config.device).to_lowercase();
     // the number of the request for a task, kept until one is answered (pb::LeaseTaskRequest::request_id)
     let mut lease_request = new_request_id();
+    // this process' number, the same at each registration (pb::RegisterWorkerRequest::instance): the
+    // coordinator tells another worker given this name from this one registering again
+    let instance = new_request_id();
     'connect: while !stop.load(Ordering::Relaxed) {
         let Some(mut client) = connect(&config.coordinator, &config.credentials, &stop).await?
         else {
@@ -646,6 +650,7 @@ async fn serve(
                 version: env!("CARGO_PKG_VERSION").into(),
                 tags: config.tags.clone(),
                 protocol: stylefarm_proto::PROTOCOL,
+                instance,
             })
             .await;
         let registered = match registered {

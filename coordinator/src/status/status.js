@@ -229,7 +229,7 @@ function workerRow(w) {
     : "";
   const tags = w.tags.map((t) => ` <span class="tag">${esc(t)}</span>`).join("");
   return `<tr class="worker ${esc(w.health)}"><td><code>${esc(w.id)}</code>${tags}</td><td>${esc(w.device || "?")}</td>
-    <td>${memory}</td><td><span class="badge ${esc(w.health)}">${esc(w.health)}</span>${w.drained ? ` <span class="badge drained">drained</span>` : ""}${w.leaving ? ` <span class="badge drained">leaving</span>` : ""}</td><td>${task}</td>
+    <td>${memory}</td><td><span class="badge ${esc(w.health)}">${esc(w.health)}</span>${w.drained ? ` <span class="badge drained">drained</span>` : ""}${w.leaving ? ` <span class="badge drained">leaving</span>` : ""}${w.name_shared ? ` <span class="badge drained" title="another worker process runs under this name: the farm counts them as one">name shared</span>` : ""}</td><td>${task}</td>
     <td>${ago(w.last_seen_s)}</td></tr>`;
 }
 
