@@ -1070,7 +1070,8 @@ impl FarmClient {
             })
             .await?
             .into_inner();
-        let bytes = stylefarm_proto::chunks_bytes(stream).await?;
+        let max = imaging::MAX_ENCODED_BYTES as u64;
+        let bytes = stylefarm_proto::chunks_bytes(stream, max).await?;
         if off_async(|| ImageHash::of(&bytes)) != *hash {
             return Err(ClientError::Corrupt(hash.clone()));
         }

@@ -50,13 +50,21 @@ pub const NOT_UPLOADED: &str = "was not uploaded";
 /// for the result of a task whose render has ended.
 pub const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// The bytes of a blob streamed in [`pb::Chunk`]s (DownloadImage, DownloadResult), in order; the status of
-/// the stream when it fails.
+/// The bytes of a blob streamed in [`pb::Chunk`]s (DownloadImage, DownloadResult), in order, at most
+/// `max_bytes` of them (the largest the blob can be: an image's limit, a checkpoint's size): a stream
+/// that goes on past them fails OUT_OF_RANGE as it does, before it takes the caller's memory; the status
+/// of the stream when it fails.
 pub async fn chunks_bytes(
     mut stream: tonic::Streaming<pb::Chunk>,
+    max_bytes: u64,
 ) -> Result<Vec<u8>, tonic::Status> {
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.message().await? {
+        if (bytes.len() as u64).saturating_add(chunk.data.len() as u64) > max_bytes {
+            return Err(tonic::Status::out_of_range(format!(
+                "the blob sent is more than the {max_bytes} bytes it can be"
+            )));
+        }
         bytes.extend(chunk.data);
     }
     Ok(bytes)

@@ -195,7 +195,7 @@ impl ImageCache {
         if let Some(img) = self.lookup(hash) {
             return Ok(img);
         }
-        let bytes = self.download(client, hash).await?;
+        let bytes = (self.download(client, hash, imaging::MAX_ENCODED_BYTES as u64)).await?;
         // decoding a large image takes a while: off the async threads (heartbeats)
         let name = hash.clone();
         let img = tokio::task::spawn_blocking(move || {
@@ -208,7 +208,8 @@ impl ImageCache {
         Ok(img)
     }
 
-    /// The blob `hash` downloaded from the coordinator (counted in [`ImageCache::downloaded`]), checked
+    /// The blob `hash` downloaded from the coordinator (counted in [`ImageCache::downloaded`]), at most
+    /// `max_bytes` of it (the most it can be: a stream past them fails), checked
     /// against its hash. A download that fails may succeed later. One the coordinator answers UNAVAILABLE
     /// (its blob store out of reach: S3 down for a while) is tried again, from the start, after a backoff,
     /// until it succeeds or the task is cancelled (the task's heartbeats keep its lease meanwhile): the
@@ -217,10 +218,11 @@ impl ImageCache {
         &mut self,
         client: &mut WorkerServiceClient<AuthChannel>,
         hash: &ImageHash,
+        max_bytes: u64,
     ) -> Result<Vec<u8>, Failure> {
         let mut backoff = stylefarm_proto::Backoff::default();
         let bytes = loop {
-            let status = match Self::download_once(client, hash).await {
+            let status = match Self::download_once(client, hash, max_bytes).await {
                 Ok(bytes) => break bytes,
                 Err(status) => status,
             };
@@ -260,6 +262,7 @@ impl ImageCache {
     async fn download_once(
         client: &mut WorkerServiceClient<AuthChannel>,
         hash: &ImageHash,
+        max_bytes: u64,
     ) -> Result<Vec<u8>, tonic::Status> {
         let stream = client
             .download_image(pb::DownloadRequest {
@@ -267,17 +270,19 @@ impl ImageCache {
             })
             .await?
             .into_inner();
-        stylefarm_proto::chunks_bytes(stream).await
+        stylefarm_proto::chunks_bytes(stream, max_bytes).await
     }
 
-    /// The checkpoint a task's attempt starts from ([`stylefarm_core::checkpoint`]); `None`, with a
-    /// warning, when it cannot be had (downloaded, read): the render starts from the beginning.
+    /// The checkpoint a task's attempt starts from ([`stylefarm_core::checkpoint`]), of at most
+    /// `max_bytes` (the task's: TaskSpec::max_checkpoint_bytes); `None`, with a warning, when it cannot be
+    /// had (downloaded, read): the render starts from the beginning.
     async fn checkpoint(
         &mut self,
         client: &mut WorkerServiceClient<AuthChannel>,
         checkpoint: &Checkpoint,
+        max_bytes: u64,
     ) -> Option<CheckpointFile> {
-        let read = match self.download(client, &checkpoint.blob).await {
+        let read = match self.download(client, &checkpoint.blob, max_bytes).await {
             Ok(bytes) => tokio::task::spawn_blocking(move || {
                 CheckpointFile::decode(&bytes).map_err(|e| e.to_string())
             })
@@ -1250,7 +1255,10 @@ async fn run_task(
             .await?;
         // an earlier attempt's checkpoint, to start from
         let resume = match &resume {
-            Some(checkpoint) => cache.checkpoint(client, checkpoint).await,
+            Some(checkpoint) => {
+                let max_bytes = task.max_checkpoint_bytes();
+                cache.checkpoint(client, checkpoint, max_bytes).await
+            }
             None => None,
         };
         let (init_hash, init_image) = match &task.params.init {
