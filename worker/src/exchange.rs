@@ -78,6 +78,10 @@ impl Exchange for RemoteExchange {
                 });
             }
         }
+        // the values the sums hold, as many as the parts sent: a reply past them is refused as it comes
+        let expected: usize = (shapes.iter())
+            .map(|(_, shape)| shape.iter().product::<i64>().max(0) as usize)
+            .sum();
         let mut client = self.client.clone();
         let cancel = self.cancel.clone();
         let stopped = async move {
@@ -91,12 +95,18 @@ impl Exchange for RemoteExchange {
                 .await
                 .map_err(|s| error(s.message()))?
                 .into_inner();
-            let mut sums = exchange::Parts::new();
+            let (mut sums, mut received) = (exchange::Parts::new(), 0usize);
             while let Some(reply) = replies.next().await {
                 let part = reply
                     .map_err(|s| error(s.message()))?
                     .part
                     .unwrap_or_default();
+                received = received.saturating_add(part.values.len() / 4);
+                if received > expected {
+                    return Err(error(format!(
+                        "the coordinator sent more than the {expected} values of the parts' sums"
+                    )));
+                }
                 exchange::append(&mut sums, part.key, &part.values);
             }
             Ok::<_, stylefarm_engine::Error>(sums)
