@@ -319,12 +319,13 @@ impl FarmClient {
             }
         }
         Err(last.unwrap_or_else(|| ClientError::Url {
-            url: stylefarm_proto::connect::shown_url(url),
+            url: url.into(),
             message: "no URL given".into(),
         }))
     }
 
     async fn connect_one(url: &str, credentials: &Credentials) -> Result<FarmClient> {
+        // the one error whose URL may hold a user or password: endpoint() refuses those
         let bad = |e: stylefarm_proto::connect::CredentialsError| ClientError::Url {
             url: stylefarm_proto::connect::shown_url(url),
             message: e.to_string(),
@@ -336,14 +337,14 @@ impl FarmClient {
             .connect()
             .await
             .map_err(|source| ClientError::Connect {
-                url: stylefarm_proto::connect::shown_url(url),
+                url: url.into(),
                 source,
             })?;
         let channel = credentials.authorize(channel).map_err(bad)?;
         stylefarm_proto::connect::answers(channel.clone())
             .await
             .map_err(|message| ClientError::NoAnswer {
-                url: stylefarm_proto::connect::shown_url(url),
+                url: url.into(),
                 message,
             })?;
         Ok(FarmClient {

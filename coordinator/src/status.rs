@@ -515,18 +515,10 @@ impl Coordinator {
     ) -> Vec<WorkerRow> {
         let lease_period = self.scheduler.config().lease;
         let drained = self.scheduler.drained();
-        let all = self.workers.all();
-        // the worker processes of each name live now (their numbers, where known)
-        let mut processes: HashMap<WorkerId, HashSet<u64>> = HashMap::new();
-        for (id, w) in &all {
-            if w.instance != 0 && w.is_live() {
-                processes
-                    .entry(id.by_name())
-                    .or_default()
-                    .insert(w.instance);
-            }
-        }
-        let mut workers: Vec<WorkerRow> = all
+        let shared = self.workers.shared_names();
+        let mut workers: Vec<WorkerRow> = self
+            .workers
+            .all()
             .into_iter()
             .map(|(id, w)| {
                 let silent_for = w.last_seen.elapsed();
@@ -553,8 +545,8 @@ impl Coordinator {
                     }),
                     drained: drained.contains(&id.by_name()),
                     leaving: w.leaving && w.gone != Some(Gone::Left),
-                    name_shared: (processes.get(&id.by_name()))
-                        .is_some_and(|p| p.len() > 1 && p.contains(&w.instance)),
+                    name_shared: (shared.get(&id.by_name()))
+                        .is_some_and(|p| p.contains(&w.instance)),
                 }
             })
             .collect();

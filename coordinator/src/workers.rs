@@ -67,9 +67,9 @@ impl WorkerInfo {
         self.gone.is_none() && since.is_none_or(|c| self.last_seen > c)
     }
 
-    /// Whether it is live: heard from within [`LIVE_WINDOW`], and not lost nor left since.
-    pub fn is_live(&self) -> bool {
-        self.live(live_since())
+    /// Its worker process ([`WorkerInfo::instance`]) while it is live and the process is known.
+    fn live_process(&self, since: Option<Instant>) -> Option<u64> {
+        (self.instance != 0 && self.live(since)).then_some(self.instance)
     }
 }
 
@@ -89,7 +89,7 @@ fn sharing_name(
     let mut others: Vec<WorkerId> = workers
         .iter()
         .filter(|(other, w)| {
-            w.instance != 0 && w.instance != instance && w.live(since) && other.by_name() == name
+            w.live_process(since).is_some_and(|p| p != instance) && other.by_name() == name
         })
         .map(|(other, _)| other.clone())
         .collect();
@@ -291,6 +291,20 @@ impl Registry {
         let live = names.values().filter(|n| n.0).count();
         let left = names.values().filter(|n| !n.0 && n.2).count();
         (live, names.len() - live - left, left)
+    }
+
+    /// The worker processes of each name that more than one live process registers under (their
+    /// [`WorkerInfo::instance`]s): two workers given one name, which the farm counts as one.
+    pub fn shared_names(&self) -> HashMap<WorkerId, HashSet<u64>> {
+        let since = live_since();
+        let mut processes: HashMap<WorkerId, HashSet<u64>> = HashMap::new();
+        for (id, w) in self.workers().iter() {
+            if let Some(process) = w.live_process(since) {
+                processes.entry(id.by_name()).or_default().insert(process);
+            }
+        }
+        processes.retain(|_, p| p.len() > 1);
+        processes
     }
 
     /// Every worker remembered (live and silent), in no particular order.

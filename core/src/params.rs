@@ -556,16 +556,11 @@ impl Range {
     /// What a whole number's `text` that its type cannot hold (`-1`, `99999999999`) misses of a
     /// [`Range::Between`]: "must be between 1 and 16384, got -1". `None` for other text or ranges.
     pub fn out_of_range(self, text: &str) -> Option<String> {
-        let digits = text.trim().strip_prefix(['-', '+']).unwrap_or(text.trim());
         match self {
-            Range::Between(min, max)
-                if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                Some(format!(
-                    "must be between {min} and {max}, got {}",
-                    text.trim()
-                ))
-            }
+            Range::Between(min, max) if whole_literal(text).is_some() => Some(format!(
+                "must be between {min} and {max}, got {}",
+                text.trim()
+            )),
             _ => None,
         }
     }
@@ -643,6 +638,14 @@ pub trait OptionValue: Sized {
     }
 }
 
+/// Whether `text` (trimmed) is a whole number as written, digits with a sign or none, whatever its size:
+/// `Some(true)` for a negative one. `None` for other text.
+fn whole_literal(text: &str) -> Option<bool> {
+    let t = text.trim();
+    let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| t.starts_with('-'))
+}
+
 /// A scalar's text form read with its `FromStr`, trimmed; `expected` says what it should have been.
 fn parse_scalar<T: FromStr>(text: &str, expected: &str) -> Result<T, String> {
     text.trim()
@@ -657,14 +660,10 @@ macro_rules! whole_option {
             fn parse_value(text: &str) -> Result<Self, String> {
                 // (a flag's parser says its option's range instead: Range::out_of_range)
                 let t = text.trim();
-                t.parse().map_err(|_| match t.strip_prefix('-') {
-                    Some(d) if !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()) => {
-                        format!("'{t}' is negative: a whole number >= 0 is needed")
-                    }
-                    _ if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
-                        format!("'{t}' is too large")
-                    }
-                    _ => format!("'{text}' is not a whole number"),
+                t.parse().map_err(|_| match whole_literal(t) {
+                    Some(true) => format!("'{t}' is negative: a whole number >= 0 is needed"),
+                    Some(false) => format!("'{t}' is too large"),
+                    None => format!("'{text}' is not a whole number"),
                 })
             }
             fn to_text(&self) -> String {

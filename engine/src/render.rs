@@ -831,9 +831,9 @@ impl Engine {
             // `evaluated`: the evaluations done when read (on a GPU, those of the whole batch read)
             let mut report =
                 |iteration: u32, losses: LossTerms, evaluated: u32| -> Result<(), Error> {
-                    let at = (iteration, s as u32 + 1);
+                    let scale = s as u32 + 1;
                     if let Some(e) =
-                        not_finite(&losses, finite.as_ref(), params.optimizer, at.0, at.1)
+                        not_finite(&losses, finite.as_ref(), params.optimizer, iteration, scale)
                     {
                         return Err(e);
                     }
