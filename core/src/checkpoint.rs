@@ -185,7 +185,11 @@ impl CheckpointFile {
             Optimizer::Lbfgs => 1,
             Optimizer::Adam => 3,
         } + u64::from(params.avg_decay > 0.0);
-        tensors * 3 * 4 * u64::from(longest) * u64::from(longest) + 8 + MAX_HEADER_BYTES
+        // saturating: a task's size comes from its coordinator, and a worker reads it before the engine
+        // checks it (u32::MAX squared, times 12, is past u64)
+        (tensors * 3 * 4)
+            .saturating_mul(u64::from(longest) * u64::from(longest))
+            .saturating_add(8 + MAX_HEADER_BYTES)
     }
 
     /// The file's bytes.
@@ -426,6 +430,11 @@ mod tests {
         };
         let bytes = lbfgs.encode().unwrap();
         assert!(bytes.len() as u64 <= CheckpointFile::max_bytes(5, &params(Optimizer::Lbfgs, 0.0)));
+        // a size no render has (a coordinator's task unchecked yet) is the most bytes, not an overflow
+        assert_eq!(
+            CheckpointFile::max_bytes(u32::MAX, &params(Optimizer::Adam, 0.9)),
+            u64::MAX
+        );
         assert!(!CheckpointFile::header(&bytes).unwrap().average);
         assert_eq!(CheckpointFile::decode(&bytes).unwrap(), lbfgs);
     }
