@@ -733,6 +733,12 @@ fn bad_input_gets_a_clear_one_line_error() {
             "normalize_gradients: not with blocks",
         ),
         (vec!["--size", "0"], "--size: must be between 1 and"),
+        // past any test machine's memory by the engine's estimate: refused at once, not killed by the
+        // kernel's OOM killer minutes in (a 4096-px render on a 24-GiB machine was)
+        (
+            vec!["--size", "16384"],
+            "out of memory: size: a 16384 x 12288 render needs about",
+        ),
         (vec!["--size", "abc"], "--size: 'abc' is not a whole number"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),
         // several styles after one --style, as local takes them

@@ -400,7 +400,17 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     let rendering = std::time::Instant::now();
     let image = engine
         .render_f32(&job, &mut on_progress, snapshots)
-        .context("render failed")?;
+        .map_err(|e| {
+            // the way out of a device too small: the farm's tiles, sized for its workers' memory
+            let hint = match e.is_out_of_memory() {
+                true => {
+                    " (a smaller --size fits; `stylefarm local --tiled` renders a large image in tiles \
+                     that fit)"
+                }
+                false => "",
+            };
+            anyhow::anyhow!("render failed: {e}{hint}")
+        })?;
     if let Some(bar) = bar {
         bar.finish();
     }

@@ -15,6 +15,20 @@ use crate::Error;
 pub struct Engine {
     vgg: Vgg19,
     device: Device,
+    /// The most memory a render may take, bytes ([`Engine::memory_bytes`]).
+    memory_bytes: Option<u64>,
+}
+
+/// The memory of this machine in bytes, or its cgroup's limit where that is lower (a container's); `None`
+/// when it cannot be read (the `sysinfo` crate).
+pub fn machine_memory_bytes() -> Option<u64> {
+    let mut sys = sysinfo::System::new().ok()?;
+    sys.refresh_memory();
+    let total = match sys.cgroup_limits() {
+        Some(limits) if limits.total_memory > 0 => limits.total_memory.min(sys.total_memory()),
+        _ => sys.total_memory(),
+    };
+    (total > 0).then_some(total)
 }
 
 /// How an engine runs on its device: choices of speed that leave the objective as it is (within float
@@ -70,7 +84,15 @@ impl Engine {
         vgg.set_channels_last(options.channels_last)?;
         vgg.set_tf32(options.tf32);
         vgg.set_cudnn_benchmark(options.cudnn_benchmark);
-        Ok(Engine { vgg, device })
+        let memory_bytes = match device {
+            Device::Cpu => machine_memory_bytes(),
+            _ => None,
+        };
+        Ok(Engine {
+            vgg,
+            device,
+            memory_bytes,
+        })
     }
 
     /// The options the engine runs with, as read back from its network.
@@ -110,6 +132,21 @@ impl Engine {
     /// The device the weights live on, where every render of this engine runs.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The most memory a render on this engine may take, in bytes: on a CPU the machine's memory
+    /// ([`machine_memory_bytes`]), read at load; `None` (no bound) on a GPU, whose allocator fails an
+    /// allocation past its memory cleanly, and where the memory cannot be read. A render whose estimate
+    /// ([`stylefarm_core::memory::render_bytes`]) is larger fails at once, as out of memory
+    /// ([`Error::OutOfMemory`]), rather than being killed by the kernel's OOM killer once its pages are
+    /// touched, minutes in.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.memory_bytes
+    }
+
+    /// Sets [`Engine::memory_bytes`]: a bound of the caller's own (a share of the machine), or `None`.
+    pub fn set_memory_bytes(&mut self, bytes: Option<u64>) {
+        self.memory_bytes = bytes;
     }
 
     /// The loaded VGG19 network.

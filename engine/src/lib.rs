@@ -11,7 +11,7 @@ pub mod shard;
 pub mod tile;
 pub mod vgg;
 
-pub use engine::{Engine, EngineOptions};
+pub use engine::{machine_memory_bytes, Engine, EngineOptions};
 pub use objective::blocked::BlockedTargets;
 pub use objective::{LossTerms, StyleGrams, Targets};
 pub use render::{Checkpointing, PreviousFrameImages, Progress, RenderJob, Snapshots};
@@ -47,6 +47,10 @@ pub enum Error {
     /// The progress callback asked to stop.
     #[error("cancelled")]
     Cancelled,
+    /// The render needs more memory than the engine's device has, by stylefarm's estimate
+    /// ([`Engine::memory_bytes`]): found before the render starts. The message names the field (`size`).
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     /// The shards of an exact-mode scale could not add up their parts ([`shard::Exchange`]): another shard
     /// failed or started again, or the coordinator is out of reach. Not the input's fault, nor the
     /// worker's.
@@ -69,10 +73,11 @@ impl Error {
 
     /// True when libtorch ran out of memory on the device (retryable elsewhere, not the job's fault).
     pub fn is_out_of_memory(&self) -> bool {
-        let Error::Torch(e) = self else {
-            return false;
-        };
-        is_out_of_memory_message(&e.to_string())
+        match self {
+            Error::OutOfMemory(_) => true,
+            Error::Torch(e) => is_out_of_memory_message(&e.to_string()),
+            _ => false,
+        }
     }
 }
 
@@ -163,6 +168,8 @@ mod tests {
         )
         .is_out_of_memory());
         assert!(!torch("Expected 4D input").is_out_of_memory());
+        // the engine's own estimate, before the render: a worker fails the task as out of memory
+        assert!(super::Error::OutOfMemory("size: ...".into()).is_out_of_memory());
         // PyTorch 2's CPU allocator, as a panic of tch's infallible call carries it (escaped newlines)
         let panicked = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at \
             alloc_cpu.cpp:127] data. DefaultCPUAllocator: not enough memory: you tried to allocate \

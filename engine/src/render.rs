@@ -9,7 +9,7 @@ use image::{Rgb32FImage, RgbImage};
 use stylefarm_core::checkpoint::{AdamMoments, CheckpointEvery, CheckpointFile};
 use stylefarm_core::imaging;
 use stylefarm_core::job::CheckpointBounds;
-use stylefarm_core::{ImageSize, Init, Optimizer, RenderParams};
+use stylefarm_core::{memory, ImageSize, Init, Optimizer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::Engine;
@@ -501,6 +501,38 @@ impl Engine {
         )
     }
 
+    /// Refuses `job` when its largest scale needs more memory than [`Engine::memory_bytes`] by stylefarm's
+    /// estimate ([`memory::render_bytes`]; with blocks, [`memory::blocked_render_bytes`]): a render past
+    /// the machine's memory is killed by the kernel once its pages are touched (a worker with it), after
+    /// minutes of work. The estimate counts the optimized image only: the style targets, computed without
+    /// a backward pass, are not counted. The error is [`Error::OutOfMemory`], naming `size`.
+    fn check_memory(&self, job: &RenderJob) -> Result<(), Error> {
+        let Some(limit) = self.memory_bytes() else {
+            return Ok(());
+        };
+        let longest = job
+            .params
+            .sizes_per_scale()
+            .into_iter()
+            .max()
+            .unwrap_or(job.params.size);
+        let (w, h) = imaging::working_size(job.content.width(), job.content.height(), longest);
+        let need = match job.block {
+            Some(block) => memory::blocked_render_bytes(w, h, block, &job.params),
+            None => memory::render_bytes(w, h, &job.params),
+        };
+        if need <= limit {
+            return Ok(());
+        }
+        Err(Error::OutOfMemory(format!(
+            "size: a {w} x {h} render needs about {} of memory by stylefarm's estimate (VGG19's \
+             activations for the backward pass and the optimizer's state), more than the {} this \
+             machine has",
+            bytesize::ByteSize(need),
+            bytesize::ByteSize(limit)
+        )))
+    }
+
     /// The style targets of `job`'s own style images at a style side, computed afresh.
     fn own_style_grams(&self, job: &RenderJob, side: u32) -> Result<Rc<StyleGrams>, Error> {
         Ok(Rc::new(self.style_grams(
@@ -723,6 +755,7 @@ impl Engine {
         mut checkpointing: Option<Checkpointing<'_>>,
     ) -> Result<Tensor, Error> {
         job.check()?;
+        self.check_memory(job)?;
         let params = &job.params;
         let started = Instant::now();
         let sizes = params.sizes_per_scale();

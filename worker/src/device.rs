@@ -15,7 +15,7 @@ pub(crate) fn total_memory(device: Device) -> Option<u64> {
         Device::Cuda(index) => cuda_total_memory(index).map_err(|e| {
             tracing::warn!(error = e, device = index, "cannot read the GPU's memory");
         }),
-        _ => cpu_memory().ok_or(()),
+        _ => stylefarm_engine::machine_memory_bytes().ok_or(()),
     }
     .ok()
 }
@@ -167,16 +167,6 @@ fn cuda_used_memory(index: usize) -> Result<u64, String> {
         )?;
     }
     Ok(memory.used)
-}
-
-fn cpu_memory() -> Option<u64> {
-    let mut sys = sysinfo::System::new().ok()?;
-    sys.refresh_memory();
-    let total = match sys.cgroup_limits() {
-        Some(limits) if limits.total_memory > 0 => limits.total_memory.min(sys.total_memory()),
-        _ => sys.total_memory(),
-    };
-    (total > 0).then_some(total)
 }
 
 /// `CUresult` of the driver API: 0 is success.
