@@ -737,7 +737,12 @@ fn bad_input_gets_a_clear_one_line_error() {
         // kernel's OOM killer minutes in (a 4096-px render on a 24-GiB machine was)
         (
             vec!["--size", "16384"],
-            "out of memory: size: a 16384 x 12288 render needs about",
+            "out of memory: size: a 16384 x 12288 render (VGG19's activations",
+        ),
+        // the style targets' (the content's render fits): the style image at 8 x 2048 px
+        (
+            vec!["--size", "2048", "--style-scale", "8"],
+            "out of memory: style_scale: a style image at 16384 x 10240, for its style targets",
         ),
         (vec!["--size", "abc"], "--size: 'abc' is not a whole number"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),

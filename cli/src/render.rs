@@ -404,8 +404,8 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             // the way out of a device too small: the farm's tiles, sized for its workers' memory
             let hint = match e.is_out_of_memory() {
                 true => {
-                    " (a smaller --size fits; `stylefarm local --tiled` renders a large image in tiles \
-                     that fit)"
+                    " (`stylefarm local --tiled` renders a large image, and computes its style \
+                     targets, in tiles that fit)"
                 }
                 false => "",
             };

@@ -16,6 +16,12 @@ use crate::params::{Optimizer, RenderParams};
 /// measured 2.4 KB rounded up).
 pub const ACTIVATION_BYTES_PER_PX: u64 = 2_500;
 
+/// Bytes per pixel of a style image for its style targets (Gram matrices): VGG19's forward pass without
+/// the backward's activations, one style image at a time. Measured on the CPU (`render --size 256` and
+/// `384 --style-scale 8`, the style at 2048 x 1280 and 3072 x 1920: 0.70 and 0.69 KB a pixel of peak
+/// resident memory over a plain render's), rounded up.
+pub const STYLE_TARGET_BYTES_PER_PX: u64 = 750;
+
 /// Bytes per pixel of an image-sized float vector (3 channels of f32).
 const IMAGE_BYTES_PER_PX: u64 = 12;
 
@@ -61,6 +67,12 @@ pub fn blocked_render_bytes(width: u32, height: u32, block: u32, params: &Render
     let block_px = u64::from(block.min(width)) * u64::from(block.min(height));
     px.saturating_mul(optimizer_bytes_per_px(params))
         .saturating_add(block_px * ACTIVATION_BYTES_PER_PX)
+}
+
+/// Estimated peak bytes of the style targets of one `width` x `height` style image (its size at the
+/// style side), computed whole.
+pub fn style_targets_bytes(width: u32, height: u32) -> u64 {
+    (u64::from(width) * u64::from(height)).saturating_mul(STYLE_TARGET_BYTES_PER_PX)
 }
 
 /// The bytes of a device of `total` bytes that the planner lets one render use.

@@ -502,35 +502,66 @@ impl Engine {
     }
 
     /// Refuses `job` when its largest scale needs more memory than [`Engine::memory_bytes`] by stylefarm's
-    /// estimate ([`memory::render_bytes`]; with blocks, [`memory::blocked_render_bytes`]): a render past
+    /// estimate: the optimized image's ([`memory::render_bytes`]; with blocks,
+    /// [`memory::blocked_render_bytes`]), then the style targets' of each style image at its style side
+    /// ([`memory::style_targets_bytes`]; a block's with blocks), computed one at a time before it. A render past
     /// the machine's memory is killed by the kernel once its pages are touched (a worker with it), after
-    /// minutes of work. The estimate counts the optimized image only: the style targets, computed without
-    /// a backward pass, are not counted. The error is [`Error::OutOfMemory`], naming `size`.
+    /// minutes of work. A tile's or a shard's style targets, of its canvas ([`RenderJob::style_longest`])
+    /// and in blocks of the tile, are not counted. The error is [`Error::OutOfMemory`], naming `size`, or
+    /// for the style targets the option that sizes the style images (`style_size` where set, else
+    /// `style_scale`).
     fn check_memory(&self, job: &RenderJob) -> Result<(), Error> {
         let Some(limit) = self.memory_bytes() else {
             return Ok(());
         };
-        let longest = job
-            .params
+        let params = &job.params;
+        let longest = params
             .sizes_per_scale()
             .into_iter()
             .max()
-            .unwrap_or(job.params.size);
+            .unwrap_or(params.size);
+        let too_much = |field: &str, what: String, need: u64| {
+            Err(Error::OutOfMemory(format!(
+                "{field}: {what} needs about {} of memory by stylefarm's estimate, more than the {} \
+                 this machine has",
+                bytesize::ByteSize(need),
+                bytesize::ByteSize(limit)
+            )))
+        };
         let (w, h) = imaging::working_size(job.content.width(), job.content.height(), longest);
         let need = match job.block {
-            Some(block) => memory::blocked_render_bytes(w, h, block, &job.params),
-            None => memory::render_bytes(w, h, &job.params),
+            Some(block) => memory::blocked_render_bytes(w, h, block, params),
+            None => memory::render_bytes(w, h, params),
         };
-        if need <= limit {
-            return Ok(());
+        if need > limit {
+            let what = format!(
+                "a {w} x {h} render (VGG19's activations for the backward pass and the optimizer's \
+                 state)"
+            );
+            return too_much("size", what, need);
         }
-        Err(Error::OutOfMemory(format!(
-            "size: a {w} x {h} render needs about {} of memory by stylefarm's estimate (VGG19's \
-             activations for the backward pass and the optimizer's state), more than the {} this \
-             machine has",
-            bytesize::ByteSize(need),
-            bytesize::ByteSize(limit)
-        )))
+        if job.style_longest.is_none() {
+            let side = params.style_side(longest);
+            for style in &job.styles {
+                let (w, h) = imaging::working_size(style.width(), style.height(), side);
+                let need = match job.block {
+                    Some(b) if w.max(h) > b => memory::style_targets_bytes(b.min(w), b.min(h)),
+                    _ => memory::style_targets_bytes(w, h),
+                };
+                if need > limit {
+                    let field = if params.style_size > 0 {
+                        "style_size"
+                    } else {
+                        "style_scale"
+                    };
+                    let what = format!(
+                        "a style image at {w} x {h}, for its style targets (Gram matrices),"
+                    );
+                    return too_much(field, what, need);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The style targets of `job`'s own style images at a style side, computed afresh.
