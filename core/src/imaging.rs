@@ -321,9 +321,16 @@ pub fn decode_full(bytes: &[u8], name: &str) -> Result<Decoded, Error> {
             .saturating_add(DECODE_SLACK_BYTES)
             .min(MAX_IMAGE_BYTES),
     );
-    limits
-        .reserve(total)
-        .and_then(|()| decoder.set_limits(limits))
+    // the image returned is taken off the limit first (refused where it does not fit), then the rest is
+    // the decoder's; except TIFF's, which takes its image off the limit itself (image's
+    // `TiffDecoder::set_limits`): given what is left, a strip read whole had 16 MiB and a single-strip
+    // TIFF past it (uncompressed, as Pillow writes one) was refused as "Memory limit exceeded"
+    let mut left = limits.clone();
+    left.reserve(total)
+        .and_then(|()| match format {
+            ImageFormat::Tiff => decoder.set_limits(limits),
+            _ => decoder.set_limits(left),
+        })
         .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
     let mut img = DynamicImage::from_decoder(decoder)
         .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
@@ -1884,6 +1891,23 @@ mod tests {
         let got = decode_full(&webp, "t.webp").unwrap();
         assert_eq!(got.rgb.into_raw(), [0, 0, 0, 255, 255, 255]);
         assert_eq!(got.alpha.unwrap().into_raw(), [255, 0]);
+    }
+
+    /// A TIFF of one strip larger than the decoder's slack (uncompressed, as Pillow writes one: one strip
+    /// of the whole image) decodes: its strip is read whole, then copied out.
+    #[test]
+    fn a_tiff_of_one_large_strip_decodes() {
+        let (w, h) = (2400u32, 2400u32);
+        assert!(u64::from(w * h * 3) > DECODE_SLACK_BYTES);
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
+        let mut bytes = Cursor::new(Vec::new());
+        let mut tiff = tiff::encoder::TiffEncoder::new(&mut bytes).unwrap();
+        let mut strip = tiff
+            .new_image::<tiff::encoder::colortype::RGB8>(w, h)
+            .unwrap();
+        strip.rows_per_strip(h).unwrap();
+        strip.write_data(img.as_raw()).unwrap();
+        assert_eq!(decode(bytes.get_ref(), "one-strip.tif").unwrap(), img);
     }
 
     #[test]
