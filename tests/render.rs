@@ -583,6 +583,26 @@ fn a_render_whose_output_cannot_be_written_is_kept() {
     assert_eq!(image.width().max(image.height()), 64);
 }
 
+/// A black 24-bit BMP of `width` x `height` px (`width` a multiple of 4: rows unpadded), written
+/// without an encoder: the image crate's, compiled into this crate unoptimized, takes seconds for a large one.
+fn black_bmp(width: u32, height: u32) -> Vec<u8> {
+    assert_eq!(width % 4, 0);
+    let data = width * height * 3;
+    let mut header = b"BM".to_vec();
+    for field in [54 + data, 0, 54, 40, width, height] {
+        header.extend(field.to_le_bytes());
+    }
+    header.extend(1u16.to_le_bytes()); // planes
+    header.extend(24u16.to_le_bytes()); // bits a pixel
+    for field in [0, data, 2835, 2835, 0, 0] {
+        header.extend(field.to_le_bytes());
+    }
+    // zeroed memory from the allocator, not a loop over its bytes
+    let mut bmp = vec![0u8; header.len() + data as usize];
+    bmp[..header.len()].copy_from_slice(&header);
+    bmp
+}
+
 /// Every bad input: a non-zero exit and one line on stderr that names the culprit.
 #[test]
 fn bad_input_gets_a_clear_one_line_error() {
@@ -825,8 +845,16 @@ fn bad_input_gets_a_clear_one_line_error() {
         );
     }
     // an evaluation optimizes nothing: an option of the optimization is refused, naming it, as is an
-    // image evaluated that is too small for VGG19 (named as the image evaluated, not as the content)
+    // image evaluated that is too small for VGG19 (named as the image evaluated, not as the content), or
+    // too large for the machine's memory by the engine's estimate (8192 x 6144 px: 35 GiB)
+    let huge = dir.path().join("huge.bmp");
+    std::fs::write(&huge, black_bmp(8192, 6144)).unwrap();
+    let huge = huge.display().to_string();
     for (extra, needle) in [
+        (
+            vec!["--evaluate", &huge],
+            "out of memory: evaluate: evaluating a 8192 x 6144 image needs about",
+        ),
         (vec!["--evaluate", content, "--size", "256"], "size: is set"),
         (
             vec!["--evaluate", content, "--optimizer", "adam"],

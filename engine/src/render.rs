@@ -413,6 +413,7 @@ impl Engine {
             ..job.params.clone()
         };
         check_inputs(&params, (w, h), &job.styles, job.style_longest)?;
+        self.check_memory_of(job, &params, (w, h), Some("evaluate"))?;
         let content = optimized(imaging::resize(&job.content, w, h), &params);
         // a tile's style targets are its canvas' (style_longest), as its render's
         let longest = job.style_longest.unwrap_or(w.max(h));
@@ -511,15 +512,31 @@ impl Engine {
     /// for the style targets the option that sizes the style images (`style_size` where set, else
     /// `style_scale`).
     fn check_memory(&self, job: &RenderJob) -> Result<(), Error> {
-        let Some(limit) = self.memory_bytes() else {
-            return Ok(());
-        };
         let params = &job.params;
         let longest = params
             .sizes_per_scale()
             .into_iter()
             .max()
             .unwrap_or(params.size);
+        let (w, h) = imaging::working_size(job.content.width(), job.content.height(), longest);
+        self.check_memory_of(job, params, (w, h), None)
+    }
+
+    /// [`Self::check_memory`] of `job` with `params` at its largest scale, whose image is `w` x `h`: an
+    /// optimization's, or with `evaluated` (the field of the image evaluated) one evaluation of its
+    /// objective, a forward pass without the backward's activations, as the style targets' (0.73 KB a
+    /// pixel measured for `render --evaluate` of 1024 x 768 and 2048 x 1536 images).
+    fn check_memory_of(
+        &self,
+        job: &RenderJob,
+        params: &RenderParams,
+        (w, h): (u32, u32),
+        evaluated: Option<&str>,
+    ) -> Result<(), Error> {
+        let Some(limit) = self.memory_bytes() else {
+            return Ok(());
+        };
+        let longest = w.max(h);
         let too_much = |field: &str, what: String, need: u64| {
             Err(Error::OutOfMemory(format!(
                 "{field}: {what} needs about {} of memory by stylefarm's estimate, more than the {} \
@@ -528,17 +545,23 @@ impl Engine {
                 bytesize::ByteSize(limit)
             )))
         };
-        let (w, h) = imaging::working_size(job.content.width(), job.content.height(), longest);
-        let need = match job.block {
-            Some(block) => memory::blocked_render_bytes(w, h, block, params),
-            None => memory::render_bytes(w, h, params),
+        let need = match (evaluated, job.block) {
+            (Some(_), Some(block)) => memory::style_targets_bytes(block.min(w), block.min(h)),
+            (Some(_), None) => memory::style_targets_bytes(w, h),
+            (None, Some(block)) => memory::blocked_render_bytes(w, h, block, params),
+            (None, None) => memory::render_bytes(w, h, params),
         };
         if need > limit {
-            let what = format!(
-                "a {w} x {h} render (VGG19's activations for the backward pass and the optimizer's \
-                 state)"
-            );
-            return too_much("size", what, need);
+            return match evaluated {
+                Some(field) => too_much(field, format!("evaluating a {w} x {h} image"), need),
+                None => {
+                    let what = format!(
+                        "a {w} x {h} render (VGG19's activations for the backward pass and the \
+                         optimizer's state)"
+                    );
+                    too_much("size", what, need)
+                }
+            };
         }
         if job.style_longest.is_none() {
             let side = params.style_side(longest);
