@@ -624,6 +624,48 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     );
 }
 
+/// Text a caller sends that the farm shows to people: a worker's device with a control character (an escape
+/// sequence that `stylefarm workers` would print to the operator's terminal) is refused, naming it; an
+/// error that names a value a client sent carries at most 1024 of its characters, its control characters
+/// escaped (a 20,000-character job id passed gRPC clients' 16-KiB bound on metadata: the client got a
+/// transport error in place of the one naming it).
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_text_is_refused_or_shown_escaped_and_bounded() {
+    let mut cluster = Cluster::new(10.0, 0.3, "embedded");
+    cluster.start_coordinator();
+    let mut workers = WorkerServiceClient::connect(cluster.url.clone())
+        .await
+        .unwrap();
+    let refused = workers
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "w".into(),
+            protocol: stylefarm_proto::PROTOCOL,
+            device: "\x1b[2J\x1b[1;31mPWNED".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("device: "), "{refused:?}");
+    let mut render = RenderServiceClient::connect(cluster.url.clone())
+        .await
+        .unwrap();
+    let long = format!("\x1b[2J{}", "x".repeat(20_000));
+    let status = render
+        .get_job(pb::GetJobRequest { job_id: long })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.starts_with("job \\u{1b}[2Jxxx")
+            // "job " + 20,004 characters + " not found", less the 1024 shown
+            && message.ends_with("... (18994 more characters)")
+            && message.chars().count() < 1100,
+        "{message}"
+    );
+}
+
 /// Waits for `job` to succeed, as the client given.
 async fn wait_state_as(client: &mut stylefarm_client::FarmClient, job: &str) {
     let job_id = job.into();

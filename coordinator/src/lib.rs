@@ -176,6 +176,63 @@ fn message_limit_status<B>(mut response: http::Response<B>) -> http::Response<B>
     response
 }
 
+/// The most characters of an error's message (gRPC's `grpc-message`) that a client gets. A message that
+/// names a value the client sent (a job id, a sha256, a style layer) would otherwise carry all of it, and
+/// one of 20,000 characters, percent-encoded, is past gRPC clients' 16-KiB bound on a response's metadata:
+/// the client got a transport error in place of the one naming the field.
+pub const MAX_STATUS_MESSAGE_CHARS: usize = 1024;
+
+/// `message` as a client is shown it, where it differs: its control characters escaped (`\n`, `\u{1b}`:
+/// a client prints the message, to a terminal that would obey them) and cut after
+/// [`MAX_STATUS_MESSAGE_CHARS`], saying how much was cut. `None` when it is shown as it is.
+fn shown_status_message(message: &str) -> Option<String> {
+    let count = message.chars().count();
+    if count <= MAX_STATUS_MESSAGE_CHARS && !message.contains(char::is_control) {
+        return None;
+    }
+    let mut shown = String::new();
+    for c in message.chars().take(MAX_STATUS_MESSAGE_CHARS) {
+        match c.is_control() {
+            true => shown.extend(c.escape_default()),
+            false => shown.push(c),
+        }
+    }
+    if count > MAX_STATUS_MESSAGE_CHARS {
+        let cut = count - MAX_STATUS_MESSAGE_CHARS;
+        shown.push_str(&format!("... ({cut} more characters)"));
+    }
+    Some(shown)
+}
+
+/// Every error a client gets, whoever made it (the coordinator's [`Error`], a status of tonic's), with its
+/// message as [`shown_status_message`] shows it: rewritten in the response's `grpc-message` header (an
+/// error answered at once, the trailers-only response that unary calls and refused streams end in).
+fn shown_status<B>(mut response: http::Response<B>) -> http::Response<B> {
+    use percent_encoding::{percent_decode, percent_encode, AsciiSet, CONTROLS};
+    // tonic's set (tonic/src/status.rs): what a client's percent-decoding expects
+    const ENCODED: &AsciiSet = &CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'%')
+        .add(b'<')
+        .add(b'>')
+        .add(b'`')
+        .add(b'?')
+        .add(b'{')
+        .add(b'}');
+    let shown = (response.headers().get("grpc-message"))
+        .and_then(|m| percent_decode(m.as_bytes()).decode_utf8().ok())
+        .and_then(|m| shown_status_message(&m));
+    if let Some(shown) = shown {
+        let encoded = percent_encode(shown.as_bytes(), ENCODED).to_string();
+        if let Ok(value) = http::HeaderValue::from_str(&encoded) {
+            response.headers_mut().insert("grpc-message", value);
+        }
+    }
+    response
+}
+
 /// Whether an I/O error says the disk (or the user's quota on it) is full: ENOSPC, EDQUOT.
 pub(crate) fn storage_full(e: &std::io::Error) -> bool {
     matches!(
@@ -876,7 +933,8 @@ pub async fn serve(
     let mut server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .trace_fn(rpc_span)
-        .layer(tower::util::MapResponseLayer::new(message_limit_status));
+        .layer(tower::util::MapResponseLayer::new(message_limit_status))
+        .layer(tower::util::MapResponseLayer::new(shown_status));
     if let Some(tls) = &coordinator.tls {
         // tonic's TLS takes the process's rustls provider
         install_crypto_provider();

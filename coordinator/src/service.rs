@@ -1590,11 +1590,16 @@ impl WorkerService for WorkerApi {
     }
 }
 
-/// Refuses a worker's text field (its device, its version) longer than [`MAX_WORKER_TEXT`] bytes, naming it.
+/// Refuses a worker's text field (its device, its version) longer than [`MAX_WORKER_TEXT`] bytes, or with a
+/// control character (`stylefarm workers` prints it: an escape sequence would drive the operator's
+/// terminal), naming it.
 fn check_worker_text(field: &'static str, text: &str) -> Result<(), Status> {
     if text.len() > MAX_WORKER_TEXT {
         let message = format!("{} bytes: at most {MAX_WORKER_TEXT}", text.len());
         return Err(Error::invalid(field, message).into());
+    }
+    if text.contains(char::is_control) {
+        return Err(Error::invalid(field, "has a control character").into());
     }
     Ok(())
 }
