@@ -329,7 +329,8 @@ impl CheckpointFile {
         })
     }
 
-    /// Reads a checkpoint file: [`CheckpointFile::header`]'s checks, and its values.
+    /// Reads a checkpoint file: [`CheckpointFile::header`]'s checks, and its values, every one finite (a
+    /// render started from NaN fails as if a weight of its job were too large).
     pub fn decode(bytes: &[u8]) -> Result<CheckpointFile, Error> {
         let header = Self::header(bytes)?;
         let tensors = SafeTensors::deserialize(bytes)
@@ -338,11 +339,18 @@ impl CheckpointFile {
             let tensor = tensors
                 .tensor(name)
                 .map_err(|e| Error::invalid("checkpoint", format!("'{name}': {e:?}")))?;
-            Ok(tensor
-                .data()
-                .chunks_exact(4)
+            let values: Vec<f32> = (tensor.data().chunks_exact(4))
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect())
+                .collect();
+            // an image (or moments) gone to NaN or infinity: the render started from it fails, blaming
+            // a weight of the job's
+            match values.iter().position(|v| !v.is_finite()) {
+                Some(i) => Err(Error::invalid(
+                    "checkpoint",
+                    format!("'{name}': value {i} is {}, not finite", values[i]),
+                )),
+                None => Ok(values),
+            }
         };
         let adam = match header.adam {
             true => Some(AdamMoments {
@@ -469,6 +477,13 @@ mod tests {
         assert_eq!(
             err(&f.encode().unwrap()),
             "checkpoint: scale 0: scales count from 1"
+        );
+        // values not finite (a poisoned or a diverged render's): refused, so the render starts afresh
+        let mut f = file();
+        f.values[7] = f32::NAN;
+        assert_eq!(
+            err(&f.encode().unwrap()),
+            "checkpoint: 'image': value 7 is NaN, not finite"
         );
         // one Adam moment without the other, or of another shape than the image
         let image = [0u8; 4 * 45];
