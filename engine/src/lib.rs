@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod budget;
 pub mod cancel;
 mod engine;
 pub mod flow;

@@ -12,6 +12,7 @@ use stylefarm_core::job::CheckpointBounds;
 use stylefarm_core::{memory, ImageSize, Init, Optimizer, RenderParams};
 use tch::{Device, Kind, Tensor};
 
+use crate::budget::{self, Reservation};
 use crate::engine::Engine;
 use crate::objective::{to_f64s, LossTerms, StyleGrams};
 use crate::optim::{Adam, AdamState, IterateAverage, Lbfgs, Reduction};
@@ -413,7 +414,7 @@ impl Engine {
             ..job.params.clone()
         };
         check_inputs(&params, (w, h), &job.styles, job.style_longest)?;
-        self.check_memory_of(job, &params, (w, h), Some("evaluate"))?;
+        let _memory = self.check_memory_of(job, &params, (w, h), Some("evaluate"))?;
         let content = optimized(imaging::resize(&job.content, w, h), &params);
         // a tile's style targets are its canvas' (style_longest), as its render's
         let longest = job.style_longest.unwrap_or(w.max(h));
@@ -510,8 +511,10 @@ impl Engine {
     /// minutes of work. A tile's or a shard's style targets, of its canvas ([`RenderJob::style_longest`])
     /// and in blocks of the tile, are not counted. The error is [`Error::OutOfMemory`], naming `size`, or
     /// for the style targets the option that sizes the style images (`style_size` where set, else
-    /// `style_scale`).
-    fn check_memory(&self, job: &RenderJob) -> Result<(), Error> {
+    /// `style_scale`). On a CPU the larger of the two is then taken from the process' budget
+    /// ([`budget::CPU`]), waiting while the other renders of the process hold too much of it; the
+    /// reservation returned is given back when dropped, once the render ends.
+    fn check_memory(&self, job: &RenderJob) -> Result<Option<Reservation<'static>>, Error> {
         let params = &job.params;
         let longest = params
             .sizes_per_scale()
@@ -532,9 +535,9 @@ impl Engine {
         params: &RenderParams,
         (w, h): (u32, u32),
         evaluated: Option<&str>,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Reservation<'static>>, Error> {
         let Some(limit) = self.memory_bytes() else {
-            return Ok(());
+            return Ok(None);
         };
         let longest = w.max(h);
         let too_much = |field: &str, what: String, need: u64| {
@@ -563,6 +566,7 @@ impl Engine {
                 }
             };
         }
+        let mut peak = need;
         if job.style_longest.is_none() {
             let side = params.style_side(longest);
             for style in &job.styles {
@@ -582,9 +586,16 @@ impl Engine {
                     );
                     return too_much(field, what, need);
                 }
+                peak = peak.max(need);
             }
         }
-        Ok(())
+        // the process' CPU renders share the machine: taken from its budget, waiting for others if need be
+        if self.device() != Device::Cpu {
+            return Ok(None);
+        }
+        budget::CPU
+            .reserve(peak, limit, job.shard.is_none())
+            .map(Some)
     }
 
     /// The style targets of `job`'s own style images at a style side, computed afresh.
@@ -809,7 +820,7 @@ impl Engine {
         mut checkpointing: Option<Checkpointing<'_>>,
     ) -> Result<Tensor, Error> {
         job.check()?;
-        self.check_memory(job)?;
+        let _memory = self.check_memory(job)?;
         let params = &job.params;
         let started = Instant::now();
         let sizes = params.sizes_per_scale();
