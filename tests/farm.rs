@@ -483,6 +483,18 @@ async fn a_worker_sent_sigterm_finishes_its_task_takes_no_other_and_exits() {
         &[&common[..], &["--request-id", "running"]].concat(),
     );
     wait_iteration(&cluster, &running, 3).await;
+    // a beat saying it is leaving for no lease of its, from a caller that knows the worker's id: no mark
+    let mut rpc = pb::worker_service_client::WorkerServiceClient::connect(cluster.url.clone())
+        .await
+        .unwrap();
+    let beat = pb::HeartbeatRequest {
+        worker_id: "draining#1".into(),
+        leaving: true,
+        ..Default::default()
+    };
+    rpc.heartbeat(beat).await.unwrap();
+    let (_, out, _) = cluster.cli(&["workers"]);
+    assert!(out.starts_with("draining#1\tbusy\t"), "{out}");
     let queued = submit(
         &cluster,
         &[&common[..], &["--request-id", "queued"]].concat(),

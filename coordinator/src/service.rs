@@ -359,18 +359,27 @@ const WATCH_EVERY: Duration = Duration::from_millis(200);
 const WAITING_EVERY: Duration = Duration::from_secs(2);
 
 /// A heartbeat's preview as the scheduler keeps it: `None` when there is none, and when it is over
-/// [`MAX_PREVIEW_BYTES`] or not a PNG (logged: a worker of another version; its heartbeat is answered as
-/// usual).
+/// [`MAX_PREVIEW_BYTES`] or not a PNG of at most [`PREVIEW_SIDE`] px a side by its header (logged: a worker
+/// of another version, or a caller that is not a worker; its heartbeat is answered as usual). Clients
+/// and the status page's browsers decode it: a few KB of PNG may declare 30,000 x 30,000 px.
+///
+/// [`PREVIEW_SIDE`]: stylefarm_core::imaging::PREVIEW_SIDE
 fn checked_preview(png: Vec<u8>, lease_id: &LeaseId) -> Option<bytes::Bytes> {
-    const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
     if png.is_empty() {
         return None;
     }
-    if png.len() > MAX_PREVIEW_BYTES || !png.starts_with(PNG_SIGNATURE) {
+    let side = || {
+        let reader =
+            image::ImageReader::with_format(std::io::Cursor::new(&png), image::ImageFormat::Png);
+        reader.into_dimensions().ok()
+    };
+    let fits = |(w, h): (u32, u32)| w.max(h) <= stylefarm_core::imaging::PREVIEW_SIDE;
+    if png.len() > MAX_PREVIEW_BYTES || !side().is_some_and(fits) {
         tracing::warn!(
             lease_id = lease_id.as_str(),
             bytes = png.len(),
-            "preview_png: not a PNG of at most {MAX_PREVIEW_BYTES} bytes; left out"
+            "preview_png: not a PNG of at most {MAX_PREVIEW_BYTES} bytes and {} px a side; left out",
+            stylefarm_core::imaging::PREVIEW_SIDE
         );
         return None;
     }
@@ -1109,10 +1118,8 @@ impl WorkerService for WorkerApi {
             self.coordinator
                 .workers
                 .seen(&worker_id, r.memory_used_bytes, None);
-            if r.leaving {
-                self.coordinator.workers.stopping(&worker_id);
-            }
         }
+        let leaving = r.leaving;
         if lease_id.is_empty() {
             return Ok(Response::new(pb::HeartbeatResponse {
                 cancel: false,
@@ -1131,13 +1138,19 @@ impl WorkerService for WorkerApi {
         let preview = checked_preview(r.preview_png, &lease_id);
         // expiring the leases past their deadline may wait for the store's commit: off the async threads
         let scheduler = self.coordinator.scheduler.clone();
+        let beating = worker_id.clone();
         let reply = blocking(move || {
             // fault injection (tests): a reply slower than the worker waits for, its lines kept
             // (`sleep(ms)`; on the blocking threads)
             fail::fail_point!("coordinator-heartbeat");
-            Ok(scheduler.heartbeat(&lease_id, &worker_id, progress, preview)?)
+            Ok(scheduler.heartbeat(&lease_id, &beating, progress, preview)?)
         })
         .await?;
+        // a worker stopping says so in the beats of the task it finishes: taken from a beat of a lease
+        // the worker holds (its deadline renewed), not from any caller that knows the worker's id
+        if leaving && reply.deadline_ms > 0 {
+            self.coordinator.workers.stopping(&worker_id);
+        }
         Ok(Response::new(pb::HeartbeatResponse {
             cancel: reply.cancel,
             lease_deadline_ms: reply.deadline_ms,
@@ -1608,6 +1621,25 @@ fn check_worker_text(field: &'static str, text: &str) -> Result<(), Status> {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+
+    /// A preview is kept when it is a PNG of at most PREVIEW_SIDE px a side by its header: a PNG of a few
+    /// bytes declaring more, or bytes that are not a PNG, are left out.
+    #[test]
+    fn a_preview_past_its_side_or_not_a_png_is_left_out() {
+        let png = |w: u32, h: u32| {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            image::GrayImage::new(w, h)
+                .write_to(&mut bytes, image::ImageFormat::Png)
+                .unwrap();
+            bytes.into_inner()
+        };
+        let lease = LeaseId::from("lease-1".to_string());
+        let side = stylefarm_core::imaging::PREVIEW_SIDE;
+        assert!(checked_preview(png(side, 3), &lease).is_some());
+        assert!(checked_preview(png(1, side + 1), &lease).is_none());
+        assert!(checked_preview(b"\x89PNG\r\n\x1a\nnot really".to_vec(), &lease).is_none());
+        assert!(checked_preview(Vec::new(), &lease).is_none());
+    }
 
     /// A blob's download reads it a chunk at a time as its stream is polled: a stream not read holds a
     /// chunk, not the blob; the chunks are the blob's bytes, in order, [`CHUNK_BYTES`] each but the last.
