@@ -584,7 +584,7 @@ fn a_render_whose_output_cannot_be_written_is_kept() {
 }
 
 /// A black 24-bit BMP of `width` x `height` px (`width` a multiple of 4: rows unpadded), written
-/// without an encoder: the image crate's, compiled into this crate unoptimized, takes seconds for a large one.
+/// without an encoder (the image crate's, compiled into this crate unoptimized, is slow for a large one).
 fn black_bmp(width: u32, height: u32) -> Vec<u8> {
     assert_eq!(width % 4, 0);
     let data = width * height * 3;
@@ -753,16 +753,19 @@ fn bad_input_gets_a_clear_one_line_error() {
             "normalize_gradients: not with blocks",
         ),
         (vec!["--size", "0"], "--size: must be between 1 and"),
-        // past any test machine's memory by the engine's estimate: refused at once, not killed by the
-        // kernel's OOM killer minutes in (a 4096-px render on a 24-GiB machine was)
+        // past the memory a CPU render may take (the machine's, or --device-memory's) by the engine's
+        // estimate: refused at once, not killed by the kernel's OOM killer minutes in (a 4096-px render
+        // on a 24-GiB machine was): 1024 x 768 px, 2.0 GB
         (
-            vec!["--size", "16384"],
-            "out of memory: size: a 16384 x 12288 render (VGG19's activations",
+            vec!["--device-memory", "1GiB", "--size", "1024"],
+            "out of memory: size: a 1024 x 768 render (VGG19's activations for the backward pass and \
+             the optimizer's state) needs about 1.9 GiB of memory by stylefarm's estimate, more than the \
+             1.0 GiB given by --device-memory",
         ),
-        // the style targets' (the content's render fits): the style image at 8 x 2048 px
+        // the style targets' (the content's render fits): the style image at 8 x 256 px, 1.8 GiB
         (
-            vec!["--size", "2048", "--style-scale", "8"],
-            "out of memory: style_scale: a style image at 16384 x 10240, for its style targets",
+            vec!["--device-memory", "1GiB", "--size", "256", "--style-scale", "8"],
+            "out of memory: style_scale: a style image at 2048 x 1280, for its style targets",
         ),
         (vec!["--size", "abc"], "--size: 'abc' is not a whole number"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),
@@ -846,14 +849,14 @@ fn bad_input_gets_a_clear_one_line_error() {
     }
     // an evaluation optimizes nothing: an option of the optimization is refused, naming it, as is an
     // image evaluated that is too small for VGG19 (named as the image evaluated, not as the content), or
-    // too large for the machine's memory by the engine's estimate (8192 x 6144 px: 35 GiB)
+    // too large for the memory it may take by the engine's estimate (2048 x 1536 px: 2.2 GiB)
     let huge = dir.path().join("huge.bmp");
-    std::fs::write(&huge, black_bmp(8192, 6144)).unwrap();
+    std::fs::write(&huge, black_bmp(2048, 1536)).unwrap();
     let huge = huge.display().to_string();
     for (extra, needle) in [
         (
-            vec!["--evaluate", &huge],
-            "out of memory: evaluate: evaluating a 8192 x 6144 image needs about",
+            vec!["--evaluate", &huge, "--device-memory", "1GiB"],
+            "out of memory: evaluate: evaluating a 2048 x 1536 image needs about",
         ),
         (vec!["--evaluate", content, "--size", "256"], "size: is set"),
         (

@@ -231,7 +231,7 @@ fn main() -> ExitCode {
     let memory_limit = match &cli.command {
         Command::Render(args) => {
             args.engine.prepare_process();
-            Ok(None)
+            args.memory.prepare_process(&args.device, 1)
         }
         Command::Local(args) => {
             args.engine.prepare_process();

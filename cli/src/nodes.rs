@@ -52,17 +52,18 @@ pub(crate) struct WorkerArgs {
     pub(crate) engine: EngineArgs,
 }
 
-/// The device memory a worker reports, and on a GPU keeps to.
+/// The device memory a worker reports, and keeps to.
 #[derive(Args, Clone)]
 pub(crate) struct DeviceMemoryArg {
-    /// Device memory of a worker, e.g. 24GiB or 16GB (default: the GPU's total memory, or the machine's or
-    /// container's for the CPU; `local`'s workers on one device share it evenly). It is reported to the
-    /// coordinator, which sizes tiled jobs' tiles for it,
-    /// and on a GPU the worker keeps to it: libtorch's allocator is capped there (PyTorch's
-    /// per_process_memory_fraction), so several workers can share one GPU, and an allocation past it fails
-    /// that task as out of memory. A CPU worker only reports it.
+    /// Device memory of a worker (of `render`: of its device), e.g. 24GiB or 16GB (default: the GPU's
+    /// total memory, or the machine's or container's for the CPU; `local`'s workers on one device share
+    /// it evenly). It is reported to the coordinator, which sizes tiled jobs' tiles for it. On a GPU the
+    /// worker keeps to it: libtorch's allocator is capped there (PyTorch's per_process_memory_fraction),
+    /// so several workers can share one GPU, and an allocation past it fails that task as out of memory.
+    /// On a CPU a render that needs more by stylefarm's estimate is refused before it starts, as out of
+    /// memory (without it, one that needs more than the machine's memory).
     #[arg(long, env = "STYLEFARM_DEVICE_MEMORY", value_parser = parse_bytes)]
-    device_memory: Option<u64>,
+    pub(crate) device_memory: Option<u64>,
 }
 
 /// What each engine of this process gets of its GPU once `--device-memory` holds the process to it, by GPU

@@ -63,7 +63,7 @@ pub(crate) struct RenderArgs {
     block: Option<u32>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "STYLEFARM_DEVICE", default_value = "auto")]
-    device: String,
+    pub(crate) device: String,
     /// VGG19 weights (.safetensors); default: the file deploy/setup.sh converts.
     #[arg(long, env = "STYLEFARM_WEIGHTS")]
     weights: Option<PathBuf>,
@@ -72,6 +72,8 @@ pub(crate) struct RenderArgs {
     progress: ProgressMode,
     #[command(flatten)]
     pub(crate) engine: EngineArgs,
+    #[command(flatten)]
+    pub(crate) memory: crate::nodes::DeviceMemoryArg,
 }
 
 /// How the engine runs on its device (`stylefarm_engine::EngineOptions`): shared by `render`, `worker`
@@ -116,6 +118,8 @@ impl EngineArgs {
             channels_last: self.channels_last,
             tf32: self.tf32,
             cudnn_benchmark: self.cudnn_benchmark,
+            // a command's --device-memory, where it has one, sets it
+            cpu_memory_bytes: None,
         }
     }
 }
@@ -268,7 +272,11 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
         .weights
         .clone()
         .unwrap_or_else(crate::weights::default_weights);
-    let engine = Engine::load_with(&weights, device, args.engine.options())?;
+    let options = stylefarm_engine::EngineOptions {
+        cpu_memory_bytes: args.memory.device_memory,
+        ..args.engine.options()
+    };
+    let engine = Engine::load_with(&weights, device, options)?;
     // on a GPU the first load also starts CUDA's context
     let load_s = started.elapsed().as_secs_f64() - inputs_s;
     tracing::info!(?device, weights = %weights.display(), load_s, "engine loaded");
@@ -404,12 +412,15 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
             // the way out of a device too small: the farm's tiles, sized for its workers' memory
             let hint = match e.is_out_of_memory() {
                 true => {
-                    " (`stylefarm local --tiled` renders a large image, and computes its style \
-                     targets, in tiles that fit)"
+                    " (--block bounds the network's memory by a block; `stylefarm local --tiled` \
+                     renders a large image, and computes its style targets, in tiles that fit)"
                 }
                 false => "",
             };
-            anyhow::anyhow!("render failed: {e}{hint}")
+            match hint.is_empty() {
+                true => anyhow::Error::new(e).context("render failed"),
+                false => anyhow::anyhow!("render failed: {e}{hint}"),
+            }
         })?;
     if let Some(bar) = bar {
         bar.finish();

@@ -204,9 +204,11 @@ fn shown_status_message(message: &str) -> Option<String> {
     Some(shown)
 }
 
-/// Every error a client gets, whoever made it (the coordinator's [`Error`], a status of tonic's), with its
-/// message as [`shown_status_message`] shows it: rewritten in the response's `grpc-message` header (an
-/// error answered at once, the trailers-only response that unary calls and refused streams end in).
+/// An error answered at once, whoever made it (the coordinator's [`Error`], a status of tonic's), with its
+/// message as [`shown_status_message`] shows it: rewritten in the response's `grpc-message` header (the
+/// trailers-only response of every error of a unary or client-streaming call, and of a stream refused
+/// before its first message). An error that ends a stream already under way comes in its trailers, which
+/// this does not see: those (a download's I/O, a stopping coordinator) name no value a client sent.
 fn shown_status<B>(mut response: http::Response<B>) -> http::Response<B> {
     use percent_encoding::{percent_decode, percent_encode, AsciiSet, CONTROLS};
     // tonic's set (tonic/src/status.rs): what a client's percent-decoding expects

@@ -14,7 +14,8 @@ pub const LIVE_WINDOW: Duration = Duration::from_secs(60);
 
 /// How many workers the registry remembers; beyond it, the registrations not live are forgotten (a
 /// worker's every start registers anew). A caller that registers without end (20,000 names took 360 MB
-/// of a coordinator in a probe, with the store's writes) is held to about this many.
+/// of a coordinator in a probe, with the store's writes) is held to about this many, plus those it
+/// registered within [`LIVE_WINDOW`] (live until then).
 const MAX_WORKERS: usize = 10_000;
 
 /// Longest worker name, and longest device or version text a worker registers with, in bytes.

@@ -16,10 +16,11 @@ use crate::params::{Optimizer, RenderParams};
 /// measured 2.4 KB rounded up).
 pub const ACTIVATION_BYTES_PER_PX: u64 = 2_500;
 
-/// Bytes per pixel of a style image for its style targets (Gram matrices): VGG19's forward pass without
-/// the backward's activations, one style image at a time. Measured on the CPU (`render --size 256` and
-/// `384 --style-scale 8`, the style at 2048 x 1280 and 3072 x 1920: 0.70 and 0.69 KB a pixel of peak
-/// resident memory over a plain render's), rounded up.
+/// Bytes per pixel of a style image for its style targets (Gram matrices), and of an image whose objective
+/// is evaluated (`render --evaluate`): VGG19's forward pass without the backward's activations, one image
+/// at a time. Measured on the CPU, peak resident memory: `render --size 256` and `384 --style-scale 8`,
+/// the style at 2048 x 1280 and 3072 x 1920, 0.70 and 0.69 KB a pixel over a plain render's; `render
+/// --evaluate` of a 1024 x 768 and a 2048 x 1536 image, 0.73 KB a pixel between them. Rounded up.
 pub const STYLE_TARGET_BYTES_PER_PX: u64 = 750;
 
 /// Bytes per pixel of an image-sized float vector (3 channels of f32).

@@ -3,8 +3,9 @@
 //! together; the kernel's OOM killer would then take the whole process, every worker and the embedded
 //! coordinator with it. Each render takes its estimate ([`stylefarm_core::memory`]) from the process'
 //! budget before it starts, and gives it back when it ends (its [`Reservation`] dropped, on an error or a
-//! panic too); one that does not fit beside the renders running waits for them to end. Separate worker
-//! processes on one machine do not share it: `--device-memory` gives each its part.
+//! panic too); one that does not fit beside the renders running waits for them to end (not in turn: a
+//! smaller one that fits may start before it). Separate worker processes on one machine do not share it:
+//! `--device-memory` bounds each one's renders ([`crate::EngineOptions::cpu_memory_bytes`]).
 
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;

@@ -15,8 +15,10 @@ use crate::Error;
 pub struct Engine {
     vgg: Vgg19,
     device: Device,
-    /// The most memory a render may take, bytes ([`Engine::memory_bytes`]).
-    memory_bytes: Option<u64>,
+    /// [`EngineOptions::cpu_memory_bytes`], as given.
+    cpu_memory: Option<u64>,
+    /// The machine's memory, read at load on a CPU ([`machine_memory_bytes`]); `None` on a GPU.
+    machine_memory: Option<u64>,
 }
 
 /// The memory of this machine in bytes, or its cgroup's limit where that is lower (a container's); `None`
@@ -32,7 +34,7 @@ pub fn machine_memory_bytes() -> Option<u64> {
 }
 
 /// How an engine runs on its device: choices of speed that leave the objective as it is (within float
-/// rounding).
+/// rounding), and on a CPU the memory a render may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
     /// Activations and weights in the channels-last (NHWC) layout ([`Vgg19::set_channels_last`]).
@@ -48,6 +50,10 @@ pub struct EngineOptions {
     /// large as the device's free memory allows (aten/src/ATen/native/cudnn/Conv_v8.cpp,
     /// `get_available_workspace`). No effect on a CPU.
     pub cudnn_benchmark: bool,
+    /// On a CPU, the most memory one render may take by stylefarm's estimate, in bytes (a worker's or
+    /// `render`'s `--device-memory`); `None`: the machine's ([`machine_memory_bytes`]). See
+    /// [`Engine::memory_bytes`]. No effect on a GPU, whose allocator `--device-memory` caps.
+    pub cpu_memory_bytes: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -60,6 +66,7 @@ impl Default for EngineOptions {
             channels_last: true,
             tf32: true,
             cudnn_benchmark: true,
+            cpu_memory_bytes: None,
         }
     }
 }
@@ -84,14 +91,15 @@ impl Engine {
         vgg.set_channels_last(options.channels_last)?;
         vgg.set_tf32(options.tf32);
         vgg.set_cudnn_benchmark(options.cudnn_benchmark);
-        let memory_bytes = match device {
+        let machine_memory = match device {
             Device::Cpu => machine_memory_bytes(),
             _ => None,
         };
         Ok(Engine {
             vgg,
             device,
-            memory_bytes,
+            cpu_memory: options.cpu_memory_bytes,
+            machine_memory,
         })
     }
 
@@ -101,6 +109,7 @@ impl Engine {
             channels_last: self.vgg.channels_last(),
             tf32: self.vgg.tf32(),
             cudnn_benchmark: self.vgg.cudnn_benchmark(),
+            cpu_memory_bytes: self.cpu_memory,
         }
     }
 
@@ -134,19 +143,21 @@ impl Engine {
         self.device
     }
 
-    /// The most memory a render on this engine may take, in bytes: on a CPU the machine's memory
-    /// ([`machine_memory_bytes`]), read at load; `None` (no bound) on a GPU, whose allocator fails an
-    /// allocation past its memory cleanly, and where the memory cannot be read. A render whose estimate
+    /// The most memory a render on this engine may take, in bytes: on a CPU
+    /// [`EngineOptions::cpu_memory_bytes`], else the machine's memory ([`machine_memory_bytes`], read at
+    /// load); `None` (no bound) on a GPU, whose allocator fails an allocation past its memory cleanly,
+    /// and where the memory cannot be read. A render whose estimate
     /// ([`stylefarm_core::memory::render_bytes`]) is larger fails at once, as out of memory
     /// ([`Error::OutOfMemory`]), rather than being killed by the kernel's OOM killer once its pages are
     /// touched, minutes in.
     pub fn memory_bytes(&self) -> Option<u64> {
-        self.memory_bytes
+        self.machine_memory
+            .map(|machine| self.cpu_memory.unwrap_or(machine))
     }
 
-    /// Sets [`Engine::memory_bytes`]: a bound of the caller's own (a share of the machine), or `None`.
-    pub fn set_memory_bytes(&mut self, bytes: Option<u64>) {
-        self.memory_bytes = bytes;
+    /// The machine's memory, on a CPU: what the process' renders share ([`crate::budget`]).
+    pub(crate) fn machine_memory(&self) -> Option<u64> {
+        self.machine_memory
     }
 
     /// The loaded VGG19 network.

@@ -48,8 +48,9 @@ pub enum Error {
     /// The progress callback asked to stop.
     #[error("cancelled")]
     Cancelled,
-    /// The render needs more memory than the engine's device has, by stylefarm's estimate
-    /// ([`Engine::memory_bytes`]): found before the render starts. The message names the field (`size`).
+    /// The render needs more memory than the engine may take, by stylefarm's estimate
+    /// ([`Engine::memory_bytes`]): found before the render starts. The message names the field (`size`,
+    /// `style_scale` or `style_size`, `evaluate`).
     #[error("out of memory: {0}")]
     OutOfMemory(String),
     /// The shards of an exact-mode scale could not add up their parts ([`shard::Exchange`]): another shard

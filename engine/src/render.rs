@@ -506,14 +506,14 @@ impl Engine {
     /// Refuses `job` when its largest scale needs more memory than [`Engine::memory_bytes`] by stylefarm's
     /// estimate: the optimized image's ([`memory::render_bytes`]; with blocks,
     /// [`memory::blocked_render_bytes`]), then the style targets' of each style image at its style side
-    /// ([`memory::style_targets_bytes`]; a block's with blocks), computed one at a time before it. A render past
-    /// the machine's memory is killed by the kernel once its pages are touched (a worker with it), after
-    /// minutes of work. A tile's or a shard's style targets, of its canvas ([`RenderJob::style_longest`])
+    /// ([`memory::style_targets_bytes`]; a block's with blocks), computed one at a time before it. A
+    /// render past the machine's memory is killed by the kernel once its pages are touched (a worker with
+    /// it), after minutes of work. A tile's or a shard's style targets, of its canvas ([`RenderJob::style_longest`])
     /// and in blocks of the tile, are not counted. The error is [`Error::OutOfMemory`], naming `size`, or
     /// for the style targets the option that sizes the style images (`style_size` where set, else
     /// `style_scale`). On a CPU the larger of the two is then taken from the process' budget
-    /// ([`budget::CPU`]), waiting while the other renders of the process hold too much of it; the
-    /// reservation returned is given back when dropped, once the render ends.
+    /// ([`budget::CPU`], the machine's memory), waiting while the other renders of the process hold too
+    /// much of it; the reservation returned is given back when dropped, once the render ends.
     fn check_memory(&self, job: &RenderJob) -> Result<Option<Reservation<'static>>, Error> {
         let params = &job.params;
         let longest = params
@@ -527,8 +527,8 @@ impl Engine {
 
     /// [`Self::check_memory`] of `job` with `params` at its largest scale, whose image is `w` x `h`: an
     /// optimization's, or with `evaluated` (the field of the image evaluated) one evaluation of its
-    /// objective, a forward pass without the backward's activations, as the style targets' (0.73 KB a
-    /// pixel measured for `render --evaluate` of 1024 x 768 and 2048 x 1536 images).
+    /// objective, a forward pass without the backward's activations, counted as the style targets'
+    /// ([`memory::STYLE_TARGET_BYTES_PER_PX`]).
     fn check_memory_of(
         &self,
         job: &RenderJob,
@@ -543,9 +543,13 @@ impl Engine {
         let too_much = |field: &str, what: String, need: u64| {
             Err(Error::OutOfMemory(format!(
                 "{field}: {what} needs about {} of memory by stylefarm's estimate, more than the {} \
-                 this machine has",
+                 {}",
                 bytesize::ByteSize(need),
-                bytesize::ByteSize(limit)
+                bytesize::ByteSize(limit),
+                match self.options().cpu_memory_bytes {
+                    Some(_) => "given by --device-memory",
+                    None => "this machine has",
+                }
             )))
         };
         let need = match (evaluated, job.block) {
@@ -590,11 +594,11 @@ impl Engine {
             }
         }
         // the process' CPU renders share the machine: taken from its budget, waiting for others if need be
-        if self.device() != Device::Cpu {
+        let Some(machine) = self.machine_memory() else {
             return Ok(None);
-        }
+        };
         budget::CPU
-            .reserve(peak, limit, job.shard.is_none())
+            .reserve(peak, machine, job.shard.is_none())
             .map(Some)
     }
 

@@ -602,7 +602,12 @@ async fn serve(
 ) -> Result<(), Error> {
     // loading VGG19 and warming it up take seconds, probing the device's memory may too: off the async
     // threads (a local farm's coordinator shares them)
-    let (weights, device, options) = (config.weights.clone(), config.device, config.engine);
+    // on a CPU, --device-memory bounds each render (on a GPU the allocator's cap does)
+    let options = EngineOptions {
+        cpu_memory_bytes: config.device_memory,
+        ..config.engine
+    };
+    let (weights, device) = (config.weights.clone(), config.device);
     let engine = tokio::task::spawn_blocking(move || EngineThread::start(weights, device, options))
         .await
         .unwrap_or_else(|e| match e.try_into_panic() {
