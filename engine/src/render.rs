@@ -508,10 +508,10 @@ impl Engine {
     /// [`memory::blocked_render_bytes`]), then the style targets' of each style image at its style side
     /// ([`memory::style_targets_bytes`]; a block's with blocks), computed one at a time before it. A
     /// render past the machine's memory is killed by the kernel once its pages are touched (a worker with
-    /// it), after minutes of work. A tile's or a shard's style targets, of its canvas ([`RenderJob::style_longest`])
-    /// and in blocks of the tile, are not counted. The error is [`Error::OutOfMemory`], naming `size`, or
-    /// for the style targets the option that sizes the style images (`style_size` where set, else
-    /// `style_scale`). On a CPU the larger of the two is then taken from the process' budget
+    /// it), after minutes of work. A tile's or a shard's style targets, of its canvas
+    /// ([`RenderJob::style_longest`]) and in blocks of the tile, are not counted. The error is
+    /// [`Error::OutOfMemory`], naming `size`, or for the style targets the option that sizes the style
+    /// images (`style_size` where set, else `style_scale`). On a CPU the larger of the two is then taken from the process' budget
     /// ([`budget::CPU`], the machine's memory), waiting while the other renders of the process hold too
     /// much of it; the reservation returned is given back when dropped, once the render ends.
     fn check_memory(&self, job: &RenderJob) -> Result<Option<Reservation<'static>>, Error> {
