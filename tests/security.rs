@@ -625,7 +625,8 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
 }
 
 /// Text a caller sends that the farm shows to people: a worker's device with a control character (an escape
-/// sequence that `stylefarm workers` would print to the operator's terminal) is refused, naming it; an
+/// sequence that `stylefarm workers` would print to the operator's terminal) is refused, naming it; a
+/// beat of a worker never registered, for no lease, lists no worker; an
 /// error that names a value a client sent carries at most 1024 of its characters, its control characters
 /// escaped (a 20,000-character job id passed gRPC clients' 16-KiB bound on metadata: the client got a
 /// transport error in place of the one naming it).
@@ -647,6 +648,14 @@ async fn hostile_text_is_refused_or_shown_escaped_and_bounded() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().starts_with("device: "), "{refused:?}");
+    // a beat for no lease of a worker never registered: no worker listed
+    let beat = pb::HeartbeatRequest {
+        worker_id: "nobody#1".into(),
+        ..Default::default()
+    };
+    workers.heartbeat(beat).await.unwrap();
+    let (ok, out, err) = cluster.cli(&["workers"]);
+    assert!(ok && !out.contains("nobody"), "{out} {err}");
     let mut render = RenderServiceClient::connect(cluster.url.clone())
         .await
         .unwrap();

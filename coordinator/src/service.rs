@@ -1114,12 +1114,7 @@ impl WorkerService for WorkerApi {
         let r = request.into_inner();
         let (worker_id, lease_id) = (WorkerId::from(r.worker_id), LeaseId::from(r.lease_id));
         check_worker_id(&worker_id)?;
-        if !worker_id.is_empty() {
-            self.coordinator
-                .workers
-                .seen(&worker_id, r.memory_used_bytes, None);
-        }
-        let leaving = r.leaving;
+        let (leaving, memory_used) = (r.leaving, r.memory_used_bytes);
         if lease_id.is_empty() {
             return Ok(Response::new(pb::HeartbeatResponse {
                 cancel: false,
@@ -1146,10 +1141,14 @@ impl WorkerService for WorkerApi {
             Ok(scheduler.heartbeat(&lease_id, &beating, progress, preview)?)
         })
         .await?;
-        // a worker stopping says so in the beats of the task it finishes: taken from a beat of a lease
-        // the worker holds (its deadline renewed), not from any caller that knows the worker's id
-        if leaving && reply.deadline_ms > 0 {
-            self.coordinator.workers.stopping(&worker_id);
+        // what a beat says of its worker (heard from, its memory in use, stopping: it says so in the
+        // beats of the task it finishes) is taken from a beat of a lease the worker holds (its deadline
+        // renewed), not from any caller that knows a worker's id or makes one up (a worker listed live)
+        if reply.deadline_ms > 0 {
+            self.coordinator.workers.seen(&worker_id, memory_used, None);
+            if leaving {
+                self.coordinator.workers.stopping(&worker_id);
+            }
         }
         Ok(Response::new(pb::HeartbeatResponse {
             cancel: reply.cancel,
