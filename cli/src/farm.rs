@@ -63,6 +63,12 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, env = "STYLEFARM_MAX_UNFINISHED_JOBS",
           default_value_t = stylefarm_coordinator::scheduler::DEFAULT_MAX_UNFINISHED_JOBS)]
     max_unfinished_jobs: usize,
+    /// Tasks of one client's (tenant's) unfinished jobs, counted together: a submit (or a retry) that
+    /// would pass it is refused with RESOURCE_EXHAUSTED. Each task takes about 2 KB of the coordinator's
+    /// memory and as much of its store.
+    #[arg(long, env = "STYLEFARM_MAX_UNFINISHED_TASKS",
+          default_value_t = stylefarm_coordinator::scheduler::DEFAULT_MAX_UNFINISHED_TASKS)]
+    max_unfinished_tasks: usize,
     /// A tenant's share of the farm, TENANT=SHARE (repeat, or comma-separated in the variable): at equal
     /// priority, a tenant of share 3 gets 3 tasks running for each of a tenant of share 1. Tenants not
     /// named have share 1.
@@ -618,6 +624,7 @@ pub(crate) fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     )?;
     config.blobs = args.blobs;
     config.scheduler.max_unfinished_jobs = args.max_unfinished_jobs;
+    config.scheduler.max_unfinished_tasks = args.max_unfinished_tasks;
     config.max_connections = args.max_connections as usize;
     config.max_connections_per_source = args.max_connections_per_source.map(|n| n as usize);
     config.scheduler.tenant_shares =
