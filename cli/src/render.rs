@@ -408,19 +408,13 @@ pub(crate) fn run(args: RenderArgs) -> anyhow::Result<()> {
     let rendering = std::time::Instant::now();
     let image = engine
         .render_f32(&job, &mut on_progress, snapshots)
-        .map_err(|e| {
-            // the way out of a device too small: the farm's tiles, sized for its workers' memory
-            let hint = match e.is_out_of_memory() {
-                true => {
-                    " (--block bounds the network's memory by a block; `stylefarm local --tiled` \
-                     renders a large image, and computes its style targets, in tiles that fit)"
-                }
-                false => "",
-            };
-            match hint.is_empty() {
-                true => anyhow::Error::new(e).context("render failed"),
-                false => anyhow::anyhow!("render failed: {e}{hint}"),
-            }
+        .map_err(|e| match e.is_out_of_memory() {
+            // the way out of a device too small: blocks, or the farm's tiles sized for its workers' memory
+            true => anyhow::anyhow!(
+                "render failed: {e} (--block bounds the network's memory by a block; `stylefarm local \
+                 --tiled` renders a large image, and computes its style targets, in tiles that fit)"
+            ),
+            false => anyhow::Error::new(e).context("render failed"),
         })?;
     if let Some(bar) = bar {
         bar.finish();

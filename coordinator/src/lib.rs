@@ -210,26 +210,20 @@ fn shown_status_message(message: &str) -> Option<String> {
 /// before its first message). An error that ends a stream already under way comes in its trailers, which
 /// this does not see: those (a download's I/O, a stopping coordinator) name no value a client sent.
 fn shown_status<B>(mut response: http::Response<B>) -> http::Response<B> {
-    use percent_encoding::{percent_decode, percent_encode, AsciiSet, CONTROLS};
-    // tonic's set (tonic/src/status.rs): what a client's percent-decoding expects
-    const ENCODED: &AsciiSet = &CONTROLS
-        .add(b' ')
-        .add(b'"')
-        .add(b'#')
-        .add(b'%')
-        .add(b'<')
-        .add(b'>')
-        .add(b'`')
-        .add(b'?')
-        .add(b'{')
-        .add(b'}');
-    let shown = (response.headers().get("grpc-message"))
-        .and_then(|m| percent_decode(m.as_bytes()).decode_utf8().ok())
-        .and_then(|m| shown_status_message(&m));
-    if let Some(shown) = shown {
-        let encoded = percent_encode(shown.as_bytes(), ENCODED).to_string();
-        if let Ok(value) = http::HeaderValue::from_str(&encoded) {
-            response.headers_mut().insert("grpc-message", value);
+    // read and written by tonic's own header codec (percent-encoding), the message alone replaced
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let Some(shown) = shown_status_message(status.message()) else {
+        return response;
+    };
+    let mut encoded = http::HeaderMap::new();
+    if tonic::Status::new(status.code(), shown)
+        .add_header(&mut encoded)
+        .is_ok()
+    {
+        if let Some(message) = encoded.remove("grpc-message") {
+            response.headers_mut().insert("grpc-message", message);
         }
     }
     response
@@ -1001,6 +995,36 @@ fn stopped(scheduler: &scheduler::Scheduler) -> Option<Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error's message is cut and escaped by tonic's own header codec, its code and details (a
+    /// retry's RetryInfo) kept; a message shown as it is stays untouched.
+    #[test]
+    fn an_error_s_message_is_shown_cut_and_escaped_with_its_details_kept() {
+        let long = format!("\x1b[2J{}", "x".repeat(2000));
+        let status = stylefarm_proto::retry_later(long, BUSY_RETRY_DELAY);
+        let shown = shown_status(status.clone().into_http::<()>());
+        let got = tonic::Status::from_header_map(shown.headers()).unwrap();
+        assert_eq!(got.code(), tonic::Code::Unavailable);
+        assert_eq!(got.details(), status.details());
+        assert!(
+            got.message().starts_with("\\u{1b}[2Jxxx"),
+            "{}",
+            got.message()
+        );
+        assert!(
+            got.message().ends_with("... (980 more characters)"),
+            "{}",
+            got.message()
+        );
+        let plain = tonic::Status::not_found("job j not found").into_http::<()>();
+        let kept = shown_status(plain);
+        assert_eq!(
+            tonic::Status::from_header_map(kept.headers())
+                .unwrap()
+                .message(),
+            "job j not found"
+        );
+    }
 
     #[test]
     fn a_store_out_of_reach_is_unavailable_a_full_disk_resource_exhausted_others_internal() {

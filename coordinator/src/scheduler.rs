@@ -627,7 +627,7 @@ struct State {
     /// Jobs by (tenant, client request id).
     by_request: HashMap<(String, String), JobId>,
     /// Unfinished jobs by tenant.
-    unfinished: HashMap<String, usize>,
+    unfinished: HashMap<String, HashSet<JobId>>,
     queue: TaskQueue,
     leases: HashMap<LeaseId, LeaseInfo>,
     next_seq: u64,
@@ -820,7 +820,7 @@ fn end_job(
     if job.meta.state.is_terminal() {
         return Ok(false);
     }
-    job_ended(&mut st.unfinished, &job.meta.tenant);
+    job_ended(&mut st.unfinished, &job.meta);
     set_job_state(&mut st.tally, &mut job.meta, state);
     job.meta.error = error.to_string();
     stamp_end(&mut job.meta, st.announce);
@@ -1097,10 +1097,13 @@ fn kept_going_end(job: &Job) -> Option<(JobState, String)> {
     Some((JobState::Failed, error))
 }
 
-/// One fewer unfinished job for `tenant`: one of its jobs reached a terminal state.
-fn job_ended(unfinished: &mut HashMap<String, usize>, tenant: &str) {
-    if let Some(n) = unfinished.get_mut(tenant) {
-        *n = n.saturating_sub(1);
+/// `meta`'s job is no longer one of its tenant's unfinished jobs: it reached a terminal state.
+fn job_ended(unfinished: &mut HashMap<String, HashSet<JobId>>, meta: &JobMeta) {
+    if let Some(jobs) = unfinished.get_mut(&meta.tenant) {
+        jobs.remove(&meta.id);
+        if jobs.is_empty() {
+            unfinished.remove(&meta.tenant);
+        }
     }
 }
 
@@ -1552,7 +1555,7 @@ impl Scheduler {
                 );
             }
             if !meta.state.is_terminal() {
-                *state.unfinished.entry(meta.tenant.clone()).or_default() += 1;
+                (state.unfinished.entry(meta.tenant.clone()).or_default()).insert(meta.id.clone());
             }
             let mut adopted = HashMap::new();
             for t in tasks.iter_mut() {
@@ -1784,7 +1787,7 @@ impl Scheduler {
         if !client_request_id.is_empty() {
             st.by_request.insert(request, id.clone());
         }
-        *st.unfinished.entry(tenant.to_string()).or_default() += 1;
+        (st.unfinished.entry(tenant.to_string()).or_default()).insert(id.clone());
         st.tally.add_job(meta.state);
         for t in &tasks {
             st.tally.add_task(t.state);
@@ -1833,7 +1836,8 @@ impl Scheduler {
     /// [`SchedulerConfig::max_unfinished_jobs`], or when its unfinished jobs' tasks and these would be more
     /// than [`SchedulerConfig::max_unfinished_tasks`].
     fn room_for_a_job(&self, st: &State, tenant: &str, tasks: usize) -> Result<(), SchedulerError> {
-        let unfinished = st.unfinished.get(tenant).copied().unwrap_or(0);
+        let jobs = st.unfinished.get(tenant);
+        let unfinished = jobs.map_or(0, HashSet::len);
         if unfinished >= self.config.max_unfinished_jobs {
             return Err(SchedulerError::Limit(format!(
                 "max_unfinished_jobs: {unfinished} jobs of this client are queued or running, the \
@@ -1841,14 +1845,12 @@ impl Scheduler {
                 self.config.max_unfinished_jobs
             )));
         }
-        // counted when asked (a submit, a retry), over the jobs held: no count to keep in step
-        let held: usize = match unfinished {
-            0 => 0,
-            _ => (st.jobs.values())
-                .filter(|j| j.meta.tenant == tenant && !j.meta.state.is_terminal())
-                .map(|j| j.tasks.len())
-                .sum(),
-        };
+        // counted when asked (a submit, a retry), over the tenant's unfinished jobs: their tasks grow
+        // as their scales are planned
+        let held: usize = (jobs.into_iter().flatten())
+            .filter_map(|id| st.jobs.get(id))
+            .map(|j| j.tasks.len())
+            .sum();
         if held.saturating_add(tasks) > self.config.max_unfinished_tasks {
             return Err(SchedulerError::Limit(format!(
                 "max_unfinished_tasks: this client's queued or running jobs have {held} tasks, this \
@@ -2477,7 +2479,7 @@ impl Scheduler {
             set_job_state(&mut state.tally, &mut job.meta, JobState::Succeeded);
             stamp_end(&mut job.meta, state.announce);
             ops.push(Op::Job(job.meta.clone()));
-            job_ended(&mut state.unfinished, &job.meta.tenant);
+            job_ended(&mut state.unfinished, &job.meta);
             self.settle(state, &lease.job_id, &mut ops);
         }
         // a job at its limit of workers has a place again: an idle worker may take its next task now
@@ -3648,7 +3650,7 @@ impl Scheduler {
             job.meta.error.clear();
             job.meta.finished_ms = 0;
             job.meta.unannounced = false;
-            *st.unfinished.entry(job.meta.tenant.clone()).or_default() += 1;
+            (st.unfinished.entry(job.meta.tenant.clone()).or_default()).insert(job_id.clone());
             if let (Some(from), Some(image)) =
                 (job.meta.spec.params.init.job().cloned(), init_image)
             {
@@ -3984,7 +3986,7 @@ impl Scheduler {
                     None => set_job_state(&mut st.tally, &mut job.meta, JobState::Succeeded),
                 }
                 stamp_end(&mut job.meta, st.announce);
-                job_ended(&mut st.unfinished, &job.meta.tenant);
+                job_ended(&mut st.unfinished, &job.meta);
             }
         }
         ops.push(Op::Job(job.meta.clone()));
