@@ -2091,8 +2091,8 @@ async fn fetch_of_an_unfinished_batch_writes_its_results_so_far_and_says_so() {
 }
 
 /// A result of another size than its task's (a buggy worker's: a tile's region, or the content at the
-/// task's size) is refused naming `result`, and its attempt fails, to run again: kept, it would fail the
-/// scale's stitch, and the job for good, or be the job's result.
+/// task's size), or one that does not decode, is refused naming `result`, and its attempt fails, to run
+/// again: kept, it would fail the scale's stitch, and the job for good, or be the job's result.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tile_s_result_of_another_size_is_refused_and_the_tile_runs_again() {
     let cluster = Cluster::start(30.0, 0.5);
@@ -2146,6 +2146,15 @@ async fn a_tile_s_result_of_another_size_is_refused_and_the_tile_runs_again() {
         err.message(),
         "result: 64x48 px, where the task's is 128x96 px"
     );
+    // bytes that are no image: refused the same way, its attempt failed at once (not left running until
+    // its lease lapses: the next lease, within 10 s of a 30-s lease, gets the task again)
+    let first = lease().await;
+    let err = workers
+        .complete_task(send(first.lease_id, b"not an image".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("result: "), "{err:?}");
     let first = lease().await;
     assert!(first.task.as_ref().unwrap().tile.is_none());
     let reply = workers
@@ -2234,6 +2243,29 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         assert_eq!(
             (err.code(), err.message()),
             (Code::InvalidArgument, message)
+        );
+    }
+    // the expected hash twice, or after the data
+    for parts in [[0, 0, 1], [1, 0, 1]] {
+        use pb::upload_image_request::Part;
+        let part = |p| match p {
+            0 => Part::ExpectedSha256("0".repeat(64)),
+            _ => Part::Data(b"data".to_vec()),
+        };
+        let parts = parts.map(|p| pb::UploadImageRequest {
+            part: Some(part(p)),
+        });
+        let err = client
+            .rpc()
+            .upload_image(tokio_stream::iter(parts))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (
+                Code::InvalidArgument,
+                "expected_sha256: once, before the data"
+            )
         );
     }
 
@@ -2359,6 +2391,15 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
     assert_eq!(err.code(), Code::NotFound);
     let err = client
         .rpc()
+        .get_job(pb::GetJobRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "job_id: missing")
+    );
+    let err = client
+        .rpc()
         .cancel_job(pb::CancelJobRequest {
             job_id: "job-nope".into(),
             tasks: Vec::new(),
@@ -2432,6 +2473,24 @@ async fn bad_input_is_refused_with_the_field_named_and_the_coordinator_keeps_ser
         .await
         .unwrap_err();
     assert!(err.message().starts_with("tags"), "{err:?}");
+    // a heartbeat without its worker, a failure without its lease: refused naming the field, as a lease
+    // without its worker is
+    let err = workers
+        .heartbeat(pb::HeartbeatRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "worker_id: missing")
+    );
+    let err = workers
+        .fail_task(pb::FailTaskRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "lease_id: missing")
+    );
     // a worker that speaks an older render protocol (here one that predates the field), registering or
     // asking for work: refused naming the protocol, as it would render tasks' new options as absent
     let err = workers

@@ -520,18 +520,25 @@ impl RenderService for RenderApi {
         &self,
         request: Request<Streaming<pb::UploadImageRequest>>,
     ) -> Result<Response<pb::UploadImageResponse>, Status> {
-        let mut expected = None;
+        let (mut expected, mut data) = (None, false);
         let mut received = self.coordinator.receiving.upload(&auth::tenant(&request));
         received
             .receive(request.into_inner(), |msg: pb::UploadImageRequest| {
                 use pb::upload_image_request::Part;
                 Ok(match msg.part {
+                    // one, before the data (a second would be a client's confusion, not a correction)
+                    Some(Part::ExpectedSha256(_)) if expected.is_some() || data => {
+                        return Err(Error::invalid("expected_sha256", "once, before the data"))
+                    }
                     Some(Part::ExpectedSha256(h)) => {
                         expected = Some(hash_arg("expected_sha256", &h)?);
                         Incoming::Nothing
                     }
                     Some(Part::SizeBytes(size)) => Incoming::Size(size),
-                    Some(Part::Data(d)) => Incoming::Data(d),
+                    Some(Part::Data(d)) => {
+                        data = true;
+                        Incoming::Data(d)
+                    }
                     None => Incoming::Nothing,
                 })
             })
@@ -988,6 +995,18 @@ impl WorkerService for WorkerApi {
         }
         stylefarm_core::job::check_tags("tags", &r.tags).map_err(Error::from)?;
         check_protocol(r.protocol)?;
+        // before the store's counter is written: a caller registering without end is held to the registry's
+        // bound (a real worker that restarts meanwhile finds room once the registrations of the last minute
+        // are no longer live)
+        if !self.coordinator.workers.has_room() {
+            return Err(Error::ResourceExhausted(format!(
+                "worker registrations: {} workers were heard from within the last {} s, the most the \
+                 coordinator keeps; try again later",
+                crate::workers::MAX_WORKERS,
+                crate::workers::LIVE_WINDOW.as_secs()
+            ))
+            .into());
+        }
         let worker_id = {
             let coordinator = self.coordinator.clone();
             let name = r.name.clone();
@@ -1113,6 +1132,9 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = request.into_inner();
         let (worker_id, lease_id) = (WorkerId::from(r.worker_id), LeaseId::from(r.lease_id));
+        if worker_id.is_empty() {
+            return Err(Error::invalid("worker_id", "missing").into());
+        }
         check_worker_id(&worker_id)?;
         let (leaving, memory_used) = (r.leaving, r.memory_used_bytes);
         if lease_id.is_empty() {
@@ -1232,15 +1254,22 @@ impl WorkerService for WorkerApi {
                 stylefarm_core::imaging::working_size(w, h, task.params.size)
             }
         };
-        let (received, img) = self.coordinator.decoding.decode(received).await?;
-        // a result of another size would be the job's (or fail its scale's stitch, and the job with it, for
-        // good): the attempt fails instead, a strike against its worker, and the task runs again
-        if img.dimensions() != expected {
-            let (w, h) = img.dimensions();
-            let error = format!(
-                "result: {w}x{h} px, where the task's is {}x{} px",
-                expected.0, expected.1
-            );
+        let decoded = self.coordinator.decoding.decode(received).await;
+        // a result that does not decode, or of another size (it would be the job's, or fail its scale's
+        // stitch and the job with it, for good): the attempt fails at once, a strike against its worker,
+        // and the task runs again (not left running until its lease lapses)
+        let refused = match &decoded {
+            Err(Error::Invalid(e)) => Some(e.to_string()),
+            Ok((_, img)) if img.dimensions() != expected => {
+                let (w, h) = img.dimensions();
+                Some(format!(
+                    "result: {w}x{h} px, where the task's is {}x{} px",
+                    expected.0, expected.1
+                ))
+            }
+            _ => None,
+        };
+        if let Some(error) = refused {
             tracing::warn!(lease_id = lease_id.as_str(), error, "task result refused");
             let scheduler = self.coordinator.scheduler.clone();
             let failed = error.clone();
@@ -1252,6 +1281,7 @@ impl WorkerService for WorkerApi {
             .await?;
             return Err(Status::invalid_argument(error));
         }
+        let (received, img) = decoded?;
         let coordinator = self.coordinator.clone();
         let lease = lease_id.clone();
         let (hash, completed) = blocking(move || {
@@ -1415,6 +1445,9 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
         let mut r = request.into_inner();
         let lease_id = LeaseId::from(r.lease_id);
+        if lease_id.is_empty() {
+            return Err(Error::invalid("lease_id", "missing").into());
+        }
         // kept with the task, its job and every status of them: one line, bounded whatever a worker sends
         r.error = stylefarm_core::task_log::clip_line(&r.error);
         let kind = match pb::FailureKind::try_from(r.kind) {

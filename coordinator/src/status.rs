@@ -1085,6 +1085,9 @@ impl Coordinator {
     /// Job `job_id` is `tenant`'s; NOT_FOUND otherwise, as for a job that does not exist (another
     /// tenant's job ids are not confirmed).
     pub(crate) fn check_own(&self, tenant: &Tenant, job_id: &JobId) -> Result<(), Error> {
+        if job_id.is_empty() {
+            return Err(Error::invalid("job_id", "missing"));
+        }
         if self.scheduler.tenant_of(job_id)? == tenant.0 {
             Ok(())
         } else {

@@ -13,10 +13,10 @@ use stylefarm_core::ids::WorkerId;
 pub const LIVE_WINDOW: Duration = Duration::from_secs(60);
 
 /// How many workers the registry remembers; beyond it, the registrations not live are forgotten (a
-/// worker's every start registers anew). A caller that registers without end (20,000 names took 360 MB
-/// of a coordinator in a probe, with the store's writes) is held to about this many, plus those it
-/// registered within [`LIVE_WINDOW`] (live until then).
-const MAX_WORKERS: usize = 10_000;
+/// worker's every start registers anew), and while this many are live, a new registration is refused
+/// ([`Registry::has_room`]): a caller that registers without end (20,000 names took 360 MB of a
+/// coordinator in a probe, with the store's writes) is held to about this many.
+pub const MAX_WORKERS: usize = 10_000;
 
 /// Longest worker name, and longest device or version text a worker registers with, in bytes.
 pub const MAX_WORKER_TEXT: usize = stylefarm_core::ids::MAX_WORKER_NAME;
@@ -56,6 +56,14 @@ pub enum Gone {
     Lost,
     /// It signed off: it left the farm ([`Registry::left`]).
     Left,
+}
+
+/// Forgets the workers not live once the registry holds [`MAX_WORKERS`].
+fn forget_past_room(workers: &mut HashMap<WorkerId, WorkerInfo>) {
+    if workers.len() >= MAX_WORKERS {
+        let since = live_since();
+        workers.retain(|_, w| w.live(since));
+    }
 }
 
 /// The moment a worker must have been heard from since to be live: [`LIVE_WINDOW`] ago (`None` while the
@@ -128,6 +136,14 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether a registration may be added: fewer than [`MAX_WORKERS`] are remembered once those not
+    /// live are forgotten.
+    pub fn has_room(&self) -> bool {
+        let mut workers = self.workers();
+        forget_past_room(&mut workers);
+        workers.len() < MAX_WORKERS
+    }
+
     /// Records a worker's registration, by the worker process `instance` (0: not known). Returns the live
     /// registrations of its name by other processes: two workers given one name, which the farm counts
     /// as one.
@@ -140,10 +156,7 @@ impl Registry {
         instance: u64,
     ) -> Vec<WorkerId> {
         let mut workers = self.workers();
-        if workers.len() >= MAX_WORKERS {
-            let since = live_since();
-            workers.retain(|_, w| w.live(since));
-        }
+        forget_past_room(&mut workers);
         let others = sharing_name(&workers, id, instance);
         workers.insert(
             id.clone(),
@@ -455,5 +468,31 @@ mod tests {
         // an unknown worker is nothing to forget
         r.lost(&w("c#1"), Instant::now());
         assert_eq!(r.live().len(), 2);
+    }
+
+    /// The registry is bounded: full of live registrations, it has no room for another (the service
+    /// refuses it); those no longer live are forgotten to make room.
+    #[test]
+    fn a_registry_full_of_live_workers_has_no_room_until_some_are_not_live() {
+        let r = Registry::default();
+        for i in 0..MAX_WORKERS {
+            assert!(r.has_room(), "{i}");
+            r.register(&w(&format!("flood#{i}")), "cpu", 0, &[], 0);
+        }
+        assert!(!r.has_room());
+        assert_eq!(r.workers().len(), MAX_WORKERS);
+        // the first hundred go silent
+        for i in 0..100 {
+            let id = format!("flood#{i}");
+            r.workers().get_mut(id.as_str()).unwrap().last_seen = Instant::now() - 2 * LIVE_WINDOW;
+        }
+        assert!(r.has_room());
+        assert_eq!(r.workers().len(), MAX_WORKERS - 100);
+        // nor does a worker never registered add itself past the bound
+        r.register(&w("late#1"), "cpu", 0, &[], 0);
+        for i in 0..200 {
+            r.seen(&w(&format!("phantom#{i}")), 0, None);
+        }
+        assert_eq!(r.workers().len(), MAX_WORKERS);
     }
 }

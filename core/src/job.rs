@@ -1219,10 +1219,16 @@ impl JobSpec {
                 frame: None,
             });
         }
-        // nor two points of the same options (a value given twice, `1` and `1.0`): the same image twice
+        // nor two points of the same options (a value given twice, `1` and `1.0`; blends or layer weights
+        // of one ratio, `1:1` and `0.5:0.5`, or given and left to their default): the same image twice
         let mut seen = std::collections::HashMap::new();
         for task in &tasks {
-            if let Some(first) = seen.insert(format!("{:?}", task.params), &task.label) {
+            let same = RenderParams {
+                style_blend: task.params.blend_weights(self.styles.len()),
+                style_layer_weights: task.params.layer_weights().collect(),
+                ..task.params.clone()
+            };
+            if let Some(first) = seen.insert(format!("{same:?}"), &task.label) {
                 return Err(Error::invalid(
                     "sweep",
                     format!(
@@ -1269,6 +1275,13 @@ fn sweep_points(
             return Err(Error::invalid(
                 "sweep",
                 format!("{}: no values", axis.parameter.name()),
+            ));
+        }
+        // an empty value would stand for the option's default: a point that the base gives already
+        if axis.values.iter().any(|v| v.trim().is_empty()) {
+            return Err(Error::invalid(
+                "sweep",
+                format!("{}: an empty value", axis.parameter.name()),
             ));
         }
         if let Some(long) = axis
@@ -1860,6 +1873,8 @@ mod tests {
         for twice in [
             "style_weight=1,10,1.0",
             "optimizer=adam;style_weight=1e3,1000",
+            "style_blend=1:1,0.5:0.5",
+            "style_blend=1:3,2:6",
         ] {
             let e = JobSpec {
                 styles: vec![h(2), h(3)],
@@ -2353,6 +2368,15 @@ mod tests {
                     .starts_with("sweep"),
                 "{bad}"
             );
+        }
+        // an empty value from the wire (where `""` beside `1` was two points of one render)
+        for (axis, values) in [("seed", vec!["1", "", "2"]), ("style_blend", vec!["", "1"])] {
+            let empty = vec![SweepAxis {
+                parameter: axis.parse().unwrap(),
+                values: values.into_iter().map(String::from).collect(),
+            }];
+            let err = spec(JobKind::Sweep(empty)).tasks().unwrap_err().to_string();
+            assert_eq!(err, format!("sweep: {axis}: an empty value"));
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::job::{
 use crate::params::{render_options, Init, Layer, Optimizer, Pooling, RenderParams, INIT_KEYWORDS};
 use crate::progress::{LossTerms, TaskProgress};
 use crate::task_log::{AttemptLog, LogLines, SentLines};
-use crate::tiling::{shard_rows, Rect, Tiling, DEFAULT_OVERLAP, STORED_MIN_TILE_SIZE};
+use crate::tiling::{default_overlap, shard_rows, Rect, Tiling, STORED_MIN_TILE_SIZE};
 use crate::Error;
 
 fn hashes(field: &'static str, values: Vec<String>) -> Result<Vec<ImageHash>, Error> {
@@ -201,20 +201,23 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
                     })
                     .collect::<Result<Vec<_>, Error>>()?,
             ),
-            // 0: the planner's (tile size) or the default (overlap)
             Some(Kind::Video(v)) => JobKind::Video(Video {
                 chunk_frames: v.chunk_frames,
                 frame_iterations: v.frame_iterations,
             }),
-            Some(Kind::Tiled(t)) => JobKind::Tiled(Tiling::new(
-                Some(t.tile_size).filter(|&size| size != 0),
-                if t.overlap == 0 {
-                    DEFAULT_OVERLAP
-                } else {
-                    t.overlap
-                },
-                t.exact,
-            )),
+            Some(Kind::Tiled(t)) => {
+                // 0: the planner's (tile size) or the default for the tile size (overlap)
+                let tile_size = Some(t.tile_size).filter(|&size| size != 0);
+                JobKind::Tiled(Tiling::new(
+                    tile_size,
+                    if t.overlap == 0 {
+                        default_overlap(tile_size)
+                    } else {
+                        t.overlap
+                    },
+                    t.exact,
+                ))
+            }
             None => {
                 return Err(Error::invalid(
                     "kind",
@@ -226,10 +229,8 @@ impl TryFrom<pb::JobSpec> for ExpandedJob {
             kind,
             contents: hashes("contents", s.contents)?,
             styles: hashes("styles", s.styles)?,
-            params: s
-                .params
-                .ok_or_else(|| Error::invalid("params", "missing"))
-                .and_then(RenderParams::try_from)?,
+            // unset: every option its default, as each unset field of it is
+            params: RenderParams::try_from(s.params.unwrap_or_default())?,
             priority: s.priority,
             max_attempts: s.max_attempts,
             worker_tags: s.worker_tags,
@@ -945,6 +946,28 @@ mod tests {
             RenderParams::try_from(pb::RenderParams::default()).unwrap(),
             RenderParams::default()
         );
+        // a spec's params left out, as each of their fields
+        let mut wire: pb::JobSpec = (&spec()).into();
+        wire.params = None;
+        assert_eq!(
+            JobSpec::try_from(wire).unwrap().params,
+            RenderParams::default()
+        );
+        // a tiled job's overlap left out: the default, or half the tile size where that is less
+        let tiled = |tile_size| {
+            let mut wire: pb::JobSpec = (&spec()).into();
+            wire.kind = Some(pb::job_spec::Kind::Tiled(pb::job_spec::Tiled {
+                tile_size,
+                ..Default::default()
+            }));
+            match JobSpec::try_from(wire).map(|s| s.kind) {
+                Ok(JobKind::Tiled(t)) => t.overlap,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(tiled(0), crate::tiling::DEFAULT_OVERLAP);
+        assert_eq!(tiled(512), crate::tiling::DEFAULT_OVERLAP);
+        assert_eq!(tiled(200), 100);
     }
 
     #[test]
@@ -957,7 +980,6 @@ mod tests {
         };
         bad(&|w| w.kind = None, "kind");
         bad(&|w| w.contents = vec!["nope".into()], "contents");
-        bad(&|w| w.params = None, "params");
         bad(&|w| w.params.as_mut().unwrap().size = Some(0), "size");
         bad(
             &|w| w.params.as_mut().unwrap().content_weight = Some(f64::NAN),

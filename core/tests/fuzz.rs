@@ -2423,14 +2423,15 @@ fn fuzz_wire_conversion() {
                         }
                         (Some(WireKind::Tiled(t)), JobKind::Tiled(tiling)) => {
                             // 0: the planner's tile size (from the default up), the default overlap
+                            // (at most half a fixed tile)
                             let (size, sizing) = match t.tile_size {
                                 0 => (DEFAULT_TILE_SIZE, TileSizing::Planned),
                                 size => (size, TileSizing::Fixed),
                             };
-                            let overlap = if t.overlap == 0 {
-                                DEFAULT_OVERLAP
-                            } else {
-                                t.overlap
+                            let overlap = match (t.overlap, sizing) {
+                                (0, TileSizing::Fixed) => DEFAULT_OVERLAP.min(size / 2),
+                                (0, _) => DEFAULT_OVERLAP,
+                                (overlap, _) => overlap,
                             };
                             prop_assert_eq!(
                                 (
