@@ -618,6 +618,8 @@ fn bad_input_gets_a_clear_one_line_error() {
         shared_image("starry_night.jpg"),
     );
     let (content, style) = (content.to_str().unwrap(), style.to_str().unwrap());
+    let scream = shared_image("the_scream.jpg");
+    let scream = scream.to_str().unwrap();
     let out = dir.path().join("out.png").display().to_string();
     // 1 x 300 px: 2 x 32 px at --size 32, under relu5_1's 16 px
     let thin = dir.path().join("thin.png");
@@ -765,7 +767,24 @@ fn bad_input_gets_a_clear_one_line_error() {
         // the style targets' (the content's render fits): the style image at 8 x 256 px, 1.8 GiB
         (
             vec!["--device-memory", "1GiB", "--size", "256", "--style-scale", "8"],
-            "out of memory: style_scale: a style image at 2048 x 1280, for its style targets",
+            "out of memory: style_scale: the style image at 2048 x 1280, for its style targets",
+        ),
+        // of two styles at 1408 px, the second: 1106 x 1408 px, 1.1 GiB (the first, 1408 x 880, fits)
+        (
+            vec![
+                "--device-memory",
+                "1GiB",
+                "--size",
+                "256",
+                "--style-scale",
+                "5.5",
+                "--content",
+                content,
+                "--style",
+                style,
+                scream,
+            ],
+            "out of memory: style_scale: style image 2 of 2 at 1106 x 1408, for its style targets",
         ),
         (vec!["--size", "abc"], "--size: 'abc' is not a whole number"),
         (vec!["--style-blend", "0.5,0.5"], "style_blend"),

@@ -511,9 +511,10 @@ impl Engine {
     /// it), after minutes of work. A tile's or a shard's style targets, of its canvas
     /// ([`RenderJob::style_longest`]) and in blocks of the tile, are not counted. The error is
     /// [`Error::OutOfMemory`], naming `size`, or for the style targets the option that sizes the style
-    /// images (`style_size` where set, else `style_scale`). On a CPU the larger of the two is then taken from the process' budget
-    /// ([`budget::CPU`], the machine's memory), waiting while the other renders of the process hold too
-    /// much of it; the reservation returned is given back when dropped, once the render ends.
+    /// images (`style_size` where set, else `style_scale`) and which style image. On a CPU the larger of
+    /// the two is then taken from the process' budget ([`budget::CPU`], the machine's memory), waiting
+    /// while the other renders of the process hold too much of it; the reservation returned is given
+    /// back when dropped, once the render ends.
     fn check_memory(&self, job: &RenderJob) -> Result<Option<Reservation<'static>>, Error> {
         let params = &job.params;
         let longest = params
@@ -573,7 +574,7 @@ impl Engine {
         let mut peak = need;
         if job.style_longest.is_none() {
             let side = params.style_side(longest);
-            for style in &job.styles {
+            for (i, style) in job.styles.iter().enumerate() {
                 let (w, h) = imaging::working_size(style.width(), style.height(), side);
                 let need = match job.block {
                     Some(b) if w.max(h) > b => memory::style_targets_bytes(b.min(w), b.min(h)),
@@ -585,9 +586,12 @@ impl Engine {
                     } else {
                         "style_scale"
                     };
-                    let what = format!(
-                        "a style image at {w} x {h}, for its style targets (Gram matrices),"
-                    );
+                    let which = match job.styles.len() {
+                        1 => "the style image".to_string(),
+                        n => format!("style image {} of {n}", i + 1),
+                    };
+                    let what =
+                        format!("{which} at {w} x {h}, for its style targets (Gram matrices),");
                     return too_much(field, what, need);
                 }
                 peak = peak.max(need);
