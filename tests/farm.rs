@@ -3035,6 +3035,39 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
     assert!(!retried.tasks[0].result.is_empty() && retried.tasks[0].error.is_empty());
 }
 
+/// A batch that fails without --keep-going: `submit --wait --output` writes none of its results (the job
+/// failed), and says how many were rendered and how to write them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_batch_s_wait_says_how_to_fetch_its_rendered_results() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    // one worker leases them in order: the third fails
+    cluster.add_worker_with_env(
+        "only",
+        &[("FAILPOINTS", "task-input=2*off->1*return(tubingen x)")],
+    );
+    wait_registered(&cluster, 1).await;
+    let output = cluster.dir.path().join("out");
+    let mut args: Vec<String> = ["submit", "--batch", "--max-attempts", "1"]
+        .map(String::from)
+        .to_vec();
+    for content in ["chelsea.png", "coffee.png", "tubingen.jpg"] {
+        args.extend(["--content".into(), path(content)]);
+    }
+    args.extend(["--style".into(), path("starry_night.jpg")]);
+    args.extend(["--size", "32", "--iterations", "2", "--wait", "--output"].map(String::from));
+    args.push(output.display().to_string());
+    let (ok, out, err) = cluster.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let job_id = out.trim();
+    assert!(!ok && !output.exists(), "{out} {err}");
+    assert!(
+        err.contains(&format!(
+            "2 of its 3 results were rendered: `stylefarm fetch {job_id} -o {}` writes its results",
+            output.display()
+        )),
+        "{err}"
+    );
+}
+
 /// The photos that a keep-going batch left out at its submit stay with the job: `status` counts them and
 /// says each with why, `list` counts them, `watch` fails at the job's end saying so (as `submit --wait`
 /// and `local` do), and `fetch` writes the results and points to `status`. A photo that is also the style

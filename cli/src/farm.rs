@@ -883,10 +883,51 @@ fn job_id_arg(text: &str) -> Result<JobId, String> {
 /// `paths` with each directory replaced by the images in it: the files whose extension names a format
 /// the image crate reads here (`ImageFormat::from_path`), sorted by name, without subdirectories nor
 /// hidden files (a name that starts with `.`). A broken symbolic link with such a name is kept: reading
-/// it fails, saying so (a keep-going batch leaves it out), rather than it being passed over unsaid. An
-/// error names `field` and the directory that cannot be read or holds no image.
+/// it fails, saying so (a keep-going batch leaves it out), rather than it being passed over unsaid; the
+/// other files passed over (a phone's `.HEIC`, a `.pdf`) are said on stderr ([`passed_over`]). An error
+/// names `field` and the directory that cannot be read or holds no image.
 fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+    let (images, others) = images_in(field, paths)?;
+    if let Some(note) = passed_over(field, &others) {
+        eprintln!("{note}");
+    }
+    Ok(images)
+}
+
+/// The readable formats, by the extensions `images_of` takes.
+const READ_FORMATS: &str = "PNG, JPEG, WebP, TIFF, BMP or GIF";
+
+/// The note for `files` in `field`'s directories that are not taken as images; `None` for none.
+fn passed_over(field: &str, files: &[PathBuf]) -> Option<String> {
+    const NAMED: usize = 8;
+    let (first, more) = (files.first()?, files.len().saturating_sub(NAMED));
+    let names: Vec<String> = files
+        .iter()
+        .take(NAMED)
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let dir = first.parent().unwrap_or(first).display();
+    Some(format!(
+        "note: {field}: {} file(s) in {dir} not taken, their extensions not those of an image it reads \
+         ({READ_FORMATS}; convert HEIC or RAW photos to JPEG): {}{}",
+        files.len(),
+        names.join(", "),
+        if more > 0 {
+            format!(", and {more} more")
+        } else {
+            String::new()
+        }
+    ))
+}
+
+/// [`images_of`]'s images, and the other files of its directories (not hidden), passed over.
+fn images_in(field: &str, paths: &[PathBuf]) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut out, mut others) = (Vec::new(), Vec::new());
     for path in paths {
         if !path.is_dir() {
             out.push(path.clone());
@@ -898,7 +939,7 @@ fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                     .collect::<std::io::Result<Vec<_>>>()
             })
             .with_context(|| format!("{field}: reading the directory {}", path.display()))?;
-        let mut images: Vec<PathBuf> = entries
+        let (mut images, mut passed): (Vec<PathBuf>, Vec<PathBuf>) = entries
             .into_iter()
             // a link to nothing is not a file, nor a directory: the user's photo that is missing
             .filter(|p| p.is_file() || (p.is_symlink() && !p.exists()))
@@ -908,18 +949,19 @@ fn images_of(field: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                 !p.file_name()
                     .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
             })
-            .filter(|p| image::ImageFormat::from_path(p).is_ok_and(|f| f.reading_enabled()))
-            .collect();
+            .partition(|p| image::ImageFormat::from_path(p).is_ok_and(|f| f.reading_enabled()));
         if images.is_empty() {
             bail!(
-                "{field}: the directory {} holds no image (PNG, JPEG, WebP, TIFF, BMP or GIF)",
+                "{field}: the directory {} holds no image ({READ_FORMATS})",
                 path.display()
             );
         }
         images.sort();
+        passed.sort();
         out.extend(images);
+        others.extend(passed);
     }
-    Ok(out)
+    Ok((out, others))
 }
 
 /// A tiled scale's time left: `left` tiles at the pace of the `done` ones that took `elapsed`; `None`
@@ -1258,6 +1300,20 @@ pub(crate) async fn wait_and_fetch(
     }
     if status.state() == pb::JobState::Failed {
         print_failed_logs(client, &status, coordinator_stays).await;
+    }
+    // a batch or sweep that failed without --keep-going: its results rendered are on the coordinator,
+    // not written; said, with how to write them
+    let rendered = status.tasks.iter().filter(|t| !t.result.is_empty()).count();
+    let several = matches!(
+        status.spec.as_ref().and_then(|s| s.kind.as_ref()),
+        Some(pb::job_spec::Kind::Batch(_) | pb::job_spec::Kind::Sweep(_))
+    );
+    if !succeeded && !kept_going && several && coordinator_stays && rendered > 0 {
+        eprintln!(
+            "{rendered} of its {} results were rendered: {}",
+            status.tasks.len(),
+            fetch_hint(job_id, output)
+        );
     }
     ended_well(&status)
 }
@@ -1840,7 +1896,8 @@ pub(crate) fn cancel(args: JobOrTaskRefs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{images_of, listen_addr, padded, scale_time_left};
+    use super::{images_in, images_of, listen_addr, padded, passed_over, scale_time_left};
+    use std::path::PathBuf;
     use std::time::Duration;
 
     #[test]
@@ -1914,7 +1971,22 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("gone.jpg"), photos.join("e.jpg")).unwrap();
         std::os::unix::fs::symlink(photos.join("nested"), photos.join("f.png")).unwrap();
         let single = dir.path().join("single.tif");
-        let found = images_of("content", &[single.clone(), photos.clone()]).unwrap();
+        let (found, others) = images_in("content", &[single.clone(), photos.clone()]).unwrap();
+        // the other files, said
+        assert_eq!(others, [photos.join("notes.txt")]);
+        let note = passed_over("content", &others).unwrap();
+        assert!(
+            note.starts_with(&format!("note: content: 1 file(s) in {}", photos.display()))
+                && note.ends_with("convert HEIC or RAW photos to JPEG): notes.txt"),
+            "{note}"
+        );
+        assert_eq!(passed_over("content", &[]), None);
+        let many: Vec<PathBuf> = (0..10).map(|i| photos.join(format!("{i}.heic"))).collect();
+        let note = passed_over("content", &many).unwrap();
+        assert!(
+            note.contains(": 10 file(s) in ") && note.ends_with("7.heic, and 2 more"),
+            "{note}"
+        );
         let names: Vec<_> = found
             .iter()
             .map(|p| {

@@ -58,6 +58,19 @@ pub enum Gone {
     Left,
 }
 
+/// Whether `other` is a later registration of `id`'s name (`name#n`: the coordinator numbers them in
+/// order).
+fn registered_after(other: &WorkerId, id: &WorkerId) -> bool {
+    let number = |id: &WorkerId| {
+        let (name, n) = id.as_str().rsplit_once('#')?;
+        Some((name.to_string(), n.parse::<u64>().ok()?))
+    };
+    match (number(other), number(id)) {
+        (Some((a, m)), Some((b, n))) => a == b && m > n,
+        _ => false,
+    }
+}
+
 /// Forgets the workers not live once the registry holds [`MAX_WORKERS`].
 fn forget_past_room(workers: &mut HashMap<WorkerId, WorkerInfo>) {
     if workers.len() >= MAX_WORKERS {
@@ -144,7 +157,8 @@ impl Registry {
         workers.len() < MAX_WORKERS
     }
 
-    /// Records a worker's registration, by the worker process `instance` (0: not known). Returns the live
+    /// Records a worker's registration, by the worker process `instance` (0: not known), in place of that
+    /// process' earlier registrations (one process, one row in `stylefarm workers`). Returns the live
     /// registrations of its name by other processes: two workers given one name, which the farm counts
     /// as one.
     pub fn register(
@@ -157,6 +171,10 @@ impl Registry {
     ) -> Vec<WorkerId> {
         let mut workers = self.workers();
         forget_past_room(&mut workers);
+        if instance != 0 {
+            let name = id.by_name();
+            workers.retain(|other, w| w.instance != instance || other.by_name() != name);
+        }
         let others = sharing_name(&workers, id, instance);
         workers.insert(
             id.clone(),
@@ -177,10 +195,13 @@ impl Registry {
     /// Records that a worker called (a lease poll, a heartbeat), with the memory in use it reported (0:
     /// unknown, and the last known value is kept) and what it says about itself when the call carries it
     /// (a lease poll: its tags, device and memory, as at registration; an empty device or 0 bytes keep
-    /// what is known).
+    /// what is known). A heartbeat of a registration not known is not recorded when its name has a later
+    /// one: a worker that registered again (its coordinator restarted) still reports the task it leased
+    /// before, under the id it had then.
     pub fn seen(&self, id: &WorkerId, memory_used_bytes: u64, said: Option<Said<'_>>) {
         let mut workers = self.workers();
-        let room = workers.len() < MAX_WORKERS;
+        let room = workers.len() < MAX_WORKERS
+            && (said.is_some() || !workers.keys().any(|other| registered_after(other, id)));
         match workers.get_mut(id) {
             Some(w) => {
                 w.last_seen = Instant::now();
@@ -468,6 +489,28 @@ mod tests {
         // an unknown worker is nothing to forget
         r.lost(&w("c#1"), Instant::now());
         assert_eq!(r.live().len(), 2);
+    }
+
+    /// One worker process, one entry: its registration replaces its earlier ones, and after a coordinator
+    /// restart the heartbeats of the task it leased before, under its old id, do not list that id again.
+    #[test]
+    fn a_worker_that_registers_again_is_listed_once() {
+        let r = Registry::default();
+        r.register(&w("w1#3"), "cpu", 0, &[], 7);
+        r.register(&w("w2#4"), "cpu", 0, &[], 8);
+        r.register(&w("w1#5"), "cpu", 0, &[], 7);
+        let mut ids: Vec<String> = r.all().into_iter().map(|(id, _)| id.into()).collect();
+        ids.sort();
+        assert_eq!(ids, ["w1#5", "w2#4"]);
+        // a restarted coordinator: w2 registers again, then beats for its lease of before
+        let r = Registry::default();
+        r.register(&w("w2#6"), "cpu", 0, &[], 8);
+        r.seen(&w("w2#4"), 0, None);
+        assert!(r.get(&w("w2#4")).is_none());
+        // a worker heard from before it registers (an older one) is recorded, as is a later id's beat
+        r.seen(&w("w3#9"), 0, None);
+        r.seen(&w("w2#7"), 0, None);
+        assert!(r.get(&w("w3#9")).is_some() && r.get(&w("w2#7")).is_some());
     }
 
     /// The registry is bounded: full of live registrations, it has no room for another (the service
