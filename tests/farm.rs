@@ -3035,6 +3035,63 @@ async fn a_keep_going_batch_renders_around_its_failed_task_and_retry_runs_only_t
     assert!(!retried.tasks[0].result.is_empty() && retried.tasks[0].error.is_empty());
 }
 
+/// An image damaged in the disk blob store (its file cut short: a disk's fault) is found when it is served:
+/// the download ends DATA_LOSS saying so, and the copy is deleted, so the image is no longer held and its
+/// next upload stores it again. An upload of an image whose file there is of another size replaces it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_stored_image_is_deleted_when_served_and_stored_again_by_its_next_upload() {
+    let cluster = Cluster::start(10.0, 0.5);
+    let client = cluster.client().await;
+    let png = std::fs::read(shared_image("chelsea.png")).unwrap();
+    let upload = |data: Vec<u8>| {
+        let mut rpc = client.rpc();
+        async move {
+            let parts = vec![pb::UploadImageRequest {
+                part: Some(pb::upload_image_request::Part::Data(data)),
+            }];
+            let uploaded = rpc.upload_image(tokio_stream::iter(parts)).await;
+            uploaded.unwrap().into_inner().sha256
+        }
+    };
+    let download = |sha256: String| {
+        let mut rpc = client.rpc();
+        async move {
+            let chunks = rpc.download_result(pb::DownloadRequest { sha256 }).await?;
+            stylefarm_proto::chunks_bytes(chunks.into_inner(), 1 << 30).await
+        }
+    };
+    let hash = upload(png.clone()).await;
+    let file = cluster.data_dir.join("blobs").join(&hash[..2]).join(&hash);
+    std::fs::write(&file, &png[..100]).unwrap();
+    let err = download(hash.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(
+        err.message().starts_with(&format!(
+            "image {hash}: the stored copy is damaged (100 bytes that hash to "
+        )) && err
+            .message()
+            .ends_with("; deleted: upload the image again (submit it again), then retry"),
+        "{err:?}"
+    );
+    assert!(!file.exists());
+    let held = client
+        .rpc()
+        .find_images(pb::FindImagesRequest {
+            sha256: vec![hash.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .held;
+    assert!(held.is_empty(), "{held:?}");
+    assert_eq!(upload(png.clone()).await, hash);
+    assert_eq!(download(hash.clone()).await.unwrap(), png);
+    // cut short again: an upload of it (a client that does not ask first) writes it whole
+    std::fs::write(&file, &png[..100]).unwrap();
+    assert_eq!(upload(png.clone()).await, hash);
+    assert_eq!(std::fs::read(&file).unwrap(), png);
+}
+
 /// A batch that fails without --keep-going: `submit --wait --output` writes none of its results (the job
 /// failed), and says how many were rendered and how to write them.
 #[tokio::test(flavor = "multi_thread")]

@@ -138,12 +138,15 @@ impl BlobStore for DiskBlobs {
     fn put_as(&self, hash: &ImageHash, bytes: &[u8]) -> std::io::Result<()> {
         let path = self.path(hash);
         let shard = path.parent().expect("blob path has a parent");
-        if !path.exists() {
+        // a file there of another size is damaged (cut short, say): written again, in its place
+        let held = std::fs::metadata(&path).map(|m| m.len()).ok();
+        if held != Some(bytes.len() as u64) {
             std::fs::create_dir_all(shard)?;
             let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))?;
             std::fs::write(tmp.path(), bytes)?;
             tmp.as_file().sync_all()?;
             tmp.persist(&path).map_err(|e| e.error)?;
+            less(&self.bytes, held.unwrap_or(0));
             self.bytes
                 .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }

@@ -311,6 +311,24 @@ impl TrackedBlobs {
         deleted.map(|()| true)
     }
 
+    /// Deletes the blob `hash` of `bytes` bytes, found damaged (its bytes no longer hash to its name: a
+    /// disk's fault, a file cut by hand), whatever references it: kept, it would be served as the image
+    /// (and found held, so never uploaded again); gone, the image's next upload stores it anew. A use of
+    /// it meanwhile waits for the deletion, as for a collection's. Not counted as collected.
+    pub fn delete_damaged(&self, hash: &ImageHash, bytes: u64) -> std::io::Result<()> {
+        self.tracking.lock().deleting.insert(hash.clone());
+        let blob = StoredBlob {
+            hash: hash.clone(),
+            bytes,
+            modified: SystemTime::now(),
+        };
+        store_call();
+        let deleted = self.store.delete(&blob);
+        self.tracking.lock().deleting.remove(hash);
+        self.tracking.deleted.notify_all();
+        deleted
+    }
+
     fn delete(&self, blob: &StoredBlob) -> std::io::Result<()> {
         self.store.delete(blob)?;
         self.collected.inc();

@@ -225,30 +225,98 @@ fn hash_arg(field: &'static str, value: &str) -> Result<ImageHash, Error> {
 /// a 512-MiB image) held 100 GiB.
 async fn send_blob(coordinator: &Arc<Coordinator>, sha256: String) -> Result<ChunkStream, Error> {
     let hash = hash_arg("sha256", &sha256)?;
-    let coordinator = coordinator.clone();
+    let opening = coordinator.clone();
+    let name = hash.clone();
     let reader = blocking(move || {
-        coordinator
+        opening
             .blobs
-            .open_sequential(&hash)?
-            .ok_or_else(|| Error::NotFound(format!("image {hash} not found")))
+            .open_sequential(&name)?
+            .ok_or_else(|| Error::NotFound(format!("image {name} not found")))
     })
     .await?;
-    Ok(Box::pin(BlobChunks {
-        reader: Some(reader),
-        reading: None,
-    }))
+    let coordinator = coordinator.clone();
+    Ok(Box::pin(BlobChunks::new(
+        reader,
+        hash,
+        Arc::new(move |hash, bytes| coordinator.blobs.delete_damaged(hash, bytes)),
+    )))
+}
+
+/// What deletes a blob found damaged: [`crate::gc::TrackedBlobs::delete_damaged`].
+type DeleteDamaged = Arc<dyn Fn(&ImageHash, u64) -> std::io::Result<()> + Send + Sync>;
+
+impl BlobChunks {
+    fn new(
+        reader: Box<dyn std::io::Read + Send>,
+        hash: ImageHash,
+        delete_damaged: DeleteDamaged,
+    ) -> BlobChunks {
+        BlobChunks {
+            reader: Some(BlobRead {
+                reader,
+                hasher: sha2::Sha256::default(),
+                bytes: 0,
+                hash,
+                delete_damaged,
+            }),
+            reading: None,
+        }
+    }
 }
 
 /// A blob's chunks as [`send_blob`] streams them.
 struct BlobChunks {
     /// The blob, between reads; `None` while one is under way, and once it ended or failed.
-    reader: Option<Box<dyn std::io::Read + Send>>,
+    reader: Option<BlobRead>,
     /// The read of the next chunk, on the blocking pool.
     reading: Option<tokio::task::JoinHandle<ChunkRead>>,
 }
 
+/// A blob being streamed, and the hash of its bytes so far: at its end, a blob whose bytes do not hash
+/// to its name (damaged on disk) is deleted ([`crate::gc::TrackedBlobs::delete_damaged`]) and its stream
+/// ends DATA_LOSS, saying so, rather than the caller finding the bytes wrong and trying again for good.
+struct BlobRead {
+    reader: Box<dyn std::io::Read + Send>,
+    hasher: sha2::Sha256,
+    bytes: u64,
+    hash: ImageHash,
+    delete_damaged: DeleteDamaged,
+}
+
+impl BlobRead {
+    /// The next chunk; empty at the blob's end, once its bytes are found to hash to its name.
+    fn next_chunk(&mut self) -> Result<Vec<u8>, Status> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut data = Vec::with_capacity(CHUNK_BYTES);
+        (&mut self.reader)
+            .take(CHUNK_BYTES as u64)
+            .read_to_end(&mut data)
+            .map_err(|e| Status::from(Error::from(e)))?;
+        self.hasher.update(&data);
+        self.bytes += data.len() as u64;
+        if !data.is_empty() {
+            return Ok(data);
+        }
+        let found = stylefarm_core::ids::hex(&self.hasher.clone().finalize());
+        if found == self.hash.as_str() {
+            return Ok(data);
+        }
+        let hash = &self.hash;
+        let deleted = match (self.delete_damaged)(hash, self.bytes) {
+            Ok(()) => "deleted: upload the image again (submit it again), then retry".to_string(),
+            Err(e) => format!("deleting it failed ({e})"),
+        };
+        tracing::error!(image = %hash, found, bytes = self.bytes, deleted, "a stored image is damaged");
+        Err(Status::data_loss(format!(
+            "image {hash}: the stored copy is damaged ({} bytes that hash to {found}); {deleted}",
+            self.bytes
+        )))
+    }
+}
+
 /// A chunk read, with the blob to read the next from; empty at its end.
-type ChunkRead = std::io::Result<(Box<dyn std::io::Read + Send>, Vec<u8>)>;
+type ChunkRead = Result<(BlobRead, Vec<u8>), Status>;
 
 impl Stream for BlobChunks {
     type Item = Result<pb::Chunk, Status>;
@@ -258,17 +326,13 @@ impl Stream for BlobChunks {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::future::Future;
-        use std::io::Read;
         use std::task::Poll;
         if self.reading.is_none() {
             let Some(mut reader) = self.reader.take() else {
                 return Poll::Ready(None);
             };
             self.reading = Some(tokio::task::spawn_blocking(move || {
-                let mut data = Vec::with_capacity(CHUNK_BYTES);
-                (&mut reader)
-                    .take(CHUNK_BYTES as u64)
-                    .read_to_end(&mut data)?;
+                let data = reader.next_chunk()?;
                 Ok((reader, data))
             }));
         }
@@ -281,7 +345,7 @@ impl Stream for BlobChunks {
                 self.reader = Some(reader);
                 Some(Ok(pb::Chunk { data }))
             }
-            Ok(Err(e)) => Some(Err(Status::from(Error::from(e)))),
+            Ok(Err(status)) => Some(Err(status)),
             Err(e) => Some(Err(Status::from(Error::Internal(format!(
                 "reading a blob: {e}"
             ))))),
@@ -1691,13 +1755,17 @@ mod tests {
         }
         let blob: Vec<u8> = (0..CHUNK_BYTES * 5 + 7).map(|i| (i % 253) as u8).collect();
         let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut chunks = BlobChunks {
-            reader: Some(Box::new(Counted(
-                std::io::Cursor::new(blob.clone()),
-                read.clone(),
-            ))),
-            reading: None,
-        };
+        let deleted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let deleting = deleted.clone();
+        let delete: DeleteDamaged = Arc::new(move |hash: &ImageHash, bytes| {
+            deleting.lock().unwrap().push((hash.clone(), bytes));
+            Ok(())
+        });
+        let mut chunks = BlobChunks::new(
+            Box::new(Counted(std::io::Cursor::new(blob.clone()), read.clone())),
+            ImageHash::of(&blob),
+            delete.clone(),
+        );
         let first = chunks.next().await.unwrap().unwrap();
         assert_eq!(first.data.len(), CHUNK_BYTES);
         let held = read.load(std::sync::atomic::Ordering::Relaxed);
@@ -1714,6 +1782,31 @@ mod tests {
             [CHUNK_BYTES, CHUNK_BYTES, CHUNK_BYTES, CHUNK_BYTES, 7]
         );
         assert!(back == blob);
+        assert!(chunks.next().await.is_none(), "ended for good");
+        assert!(deleted.lock().unwrap().is_empty());
+        // bytes that do not hash to the blob's name: its chunks, then DATA_LOSS, the blob deleted
+        let named = ImageHash::of(b"another image");
+        let mut chunks = BlobChunks::new(
+            Box::new(std::io::Cursor::new(blob.clone())),
+            named.clone(),
+            delete,
+        );
+        let mut last = None;
+        for _ in 0..7 {
+            match chunks.next().await {
+                Some(Err(status)) => last = Some(status),
+                Some(Ok(chunk)) => assert!(!chunk.data.is_empty()),
+                None => break,
+            }
+        }
+        let status = last.expect("the stream failed");
+        assert_eq!(status.code(), tonic::Code::DataLoss);
+        assert!(status.message().starts_with(&format!(
+            "image {named}: the stored copy is damaged ({} bytes that hash to {})",
+            blob.len(),
+            ImageHash::of(&blob)
+        )));
+        assert_eq!(*deleted.lock().unwrap(), [(named, blob.len() as u64)]);
         assert!(chunks.next().await.is_none(), "ended for good");
     }
 
