@@ -123,6 +123,22 @@ pub struct Decoded {
     pub alpha: Option<GrayImage>,
 }
 
+/// The decoder's error for image `name`: "cannot decode image: ...", saying for a pixel format it does not
+/// take (a 32-bit grayscale float TIFF: "the color type `Unknown(32)`") which ones it does.
+fn cannot_decode(name: &str, e: image::ImageError) -> Error {
+    use image::error::{ImageError, UnsupportedErrorKind};
+    match &e {
+        ImageError::Unsupported(u) if matches!(u.kind(), UnsupportedErrorKind::Color(_)) => Error::image(
+            name,
+            format!(
+                "cannot decode image: its pixel format is not one that is read ({e}); save it as 8- or \
+                 16-bit RGB, RGBA or grayscale"
+            ),
+        ),
+        _ => Error::image(name, format!("cannot decode image: {e}")),
+    }
+}
+
 /// A decoder for `reader` with the project's limits on it (side and allocation; a larger image is an error
 /// here, before any pixel is decoded), its format, and the orientation its metadata asks for.
 fn open<'a, R: BufRead + Seek + 'a>(
@@ -157,7 +173,7 @@ fn open<'a, R: BufRead + Seek + 'a>(
                  {MAX_IMAGE_SIDE} px a side and {MAX_IMAGE_PIXELS} pixels)"
             ),
         ),
-        e => Error::image(name, format!("cannot decode image: {e}")),
+        e => cannot_decode(name, e),
     })?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
@@ -332,8 +348,7 @@ pub fn decode_full(bytes: &[u8], name: &str) -> Result<Decoded, Error> {
             _ => decoder.set_limits(left),
         })
         .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
-    let mut img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| cannot_decode(name, e))?;
     img.apply_orientation(orientation);
     let (width, height) = (img.width(), img.height());
     Ok(match img {
@@ -839,8 +854,8 @@ pub fn save_encoded(bytes: &[u8], name: &str, path: &Path) -> Result<(), Error> 
         ImageFormat::Jpeg => save(&decode(bytes, name)?, path),
         format => {
             let (decoder, _, orientation) = open(Cursor::new(bytes), name)?;
-            let mut img = DynamicImage::from_decoder(decoder)
-                .map_err(|e| Error::image(name, format!("cannot decode image: {e}")))?;
+            let mut img =
+                DynamicImage::from_decoder(decoder).map_err(|e| cannot_decode(name, e))?;
             img.apply_orientation(orientation);
             let mut out = Cursor::new(Vec::new());
             img.write_to(&mut out, format)
@@ -1908,6 +1923,22 @@ mod tests {
         strip.rows_per_strip(h).unwrap();
         strip.write_data(img.as_raw()).unwrap();
         assert_eq!(decode(bytes.get_ref(), "one-strip.tif").unwrap(), img);
+    }
+
+    /// A pixel format the decoder does not take (a 32-bit grayscale float TIFF, as Pillow writes mode F)
+    /// is refused saying what is read.
+    #[test]
+    fn a_tiff_of_float_gray_is_refused_saying_what_is_read() {
+        let mut bytes = Cursor::new(Vec::new());
+        let mut tiff = tiff::encoder::TiffEncoder::new(&mut bytes).unwrap();
+        (tiff.write_image::<tiff::encoder::colortype::Gray32Float>(4, 4, &[0.5; 16])).unwrap();
+        let err = decode(bytes.get_ref(), "f.tif").unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "f.tif: cannot decode image: its pixel format is not one that is read ("
+            ) && err.ends_with("); save it as 8- or 16-bit RGB, RGBA or grayscale"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -554,7 +554,7 @@ impl Engine {
             )))
         };
         let need = match (evaluated, job.block) {
-            (Some(_), Some(block)) => memory::style_targets_bytes(block.min(w), block.min(h)),
+            (Some(_), Some(block)) => memory::blocked_evaluate_bytes(w, h, block),
             (Some(_), None) => memory::style_targets_bytes(w, h),
             (None, Some(block)) => memory::blocked_render_bytes(w, h, block, params),
             (None, None) => memory::render_bytes(w, h, params),
