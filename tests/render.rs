@@ -154,6 +154,35 @@ fn style_loss_falls_tenfold_in_50_lbfgs_iterations() {
     assert_eq!((img.width(), img.height()), (128, 96));
 }
 
+/// A scale whose objective ends above where it began succeeds with a warning saying so (L-BFGS's second
+/// evaluation at 64 px steps far past the minimum, 3.3e8 to 4.9e17; the third is back at 3.3e8); one that
+/// ends lower says nothing.
+#[test]
+fn a_render_that_ends_worse_than_it_began_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let (content, style) = (
+        shared_image("tubingen.jpg"),
+        shared_image("starry_night.jpg"),
+    );
+    let warned = |iterations: &str| {
+        let out = dir.path().join(format!("{iterations}.png"));
+        let args = [
+            "--size",
+            "64",
+            "--iterations",
+            iterations,
+            "--progress",
+            "none",
+        ];
+        let err = stderr(&render_to(&content, &style, &out, &args));
+        err.contains(
+            "the objective ended above where the scale began: its image is worse than its start",
+        )
+    };
+    assert!(warned("2"));
+    assert!(!warned("3"));
+}
+
 #[test]
 fn seeded_cpu_runs_repeat_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
