@@ -624,8 +624,9 @@ impl FarmClient {
         stylefarm_core::job::check_image_counts(job.contents.len(), job.styles.len())?;
         // a keep-going batch leaves out a content image that cannot be read or decoded, or that is too
         // small for VGG19 at the job's sizes, and renders the others (make's -k): each decoded as it is
-        // read, not again at its upload
-        let leave_out = job.keep_going && matches!(job.kind, JobKind::Batch);
+        // read, not again at its upload; another batch is refused naming every such image, not the
+        // first alone (a folder's three bad photos fixed in one go, not in three submits)
+        let leave_out = matches!(job.kind, JobKind::Batch);
         // a photo that is also a style or the init is every task's input: not left out, but checked as
         // the job's
         let others: HashSet<&Path> = (job.styles.iter().map(PathBuf::as_path))
@@ -672,6 +673,25 @@ impl FarmClient {
             if !files.iter().any(|(_, h)| *h == hash) {
                 files.push((path, hash));
             }
+        }
+        if !job.keep_going && !self.left_out.is_empty() {
+            let left_out = std::mem::take(&mut self.left_out);
+            let count = left_out.len();
+            const SAID: usize = 10;
+            let each: Vec<String> = left_out.into_iter().take(SAID).map(|(_, e)| e).collect();
+            let more = match count.saturating_sub(SAID) {
+                0 => String::new(),
+                more => format!("; and {more} more"),
+            };
+            return Err(stylefarm_core::Error::invalid(
+                "contents",
+                format!(
+                    "{count} content image(s) cannot be rendered (--keep-going leaves them out and \
+                     renders the others): {}{more}",
+                    each.join("; ")
+                ),
+            )
+            .into());
         }
         let contents: Vec<&Path> = job
             .contents
