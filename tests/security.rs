@@ -542,6 +542,23 @@ async fn the_auth_matrix_holds_for_every_rpc_and_caller() {
     let b = send(&mut bob, "shared-id").await.unwrap();
     assert_ne!(a, b);
     assert_eq!(send(&mut alice, "shared-id").await.unwrap(), a);
+    // the key with another spec: refused, not answered with her first job
+    let other = pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            priority: 7,
+            ..spec.clone()
+        }),
+        client_request_id: "shared-id".into(),
+        paused: false,
+    };
+    let err = alice.submit_job(other).await.unwrap_err();
+    assert!(
+        err.code() == Code::InvalidArgument
+            && err.message().starts_with(&format!(
+                "client_request_id: used already for job {a}, whose spec differs"
+            )),
+        "{err:?}"
+    );
 
     // end to end: the CLI with alice's token, a worker process with the worker token
     cluster.add_worker_with_env("w1", &[("STYLEFARM_TOKEN", WORKER)]);

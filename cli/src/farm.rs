@@ -392,7 +392,8 @@ pub(crate) struct JobArgs {
     /// job's id (at most 200 bytes, no control characters).
     #[arg(long, default_value = "")]
     name: String,
-    /// Idempotency key: submitting twice with it gives the same job.
+    /// Idempotency key: submitting twice with it gives the same job; with another job's options or
+    /// images it is refused (a key stands for one submission).
     #[arg(long)]
     request_id: Option<String>,
     #[command(flatten)]

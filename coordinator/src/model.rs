@@ -132,6 +132,11 @@ pub struct JobMeta {
     /// The client's idempotency key: submitting again with the same non-empty key (as the same tenant)
     /// returns this job; empty when none was given.
     pub client_request_id: String,
+    /// With a `client_request_id`, the sha256 of the spec submitted (its wire encoding, before anything
+    /// of it changed): a submit of that key with another spec is refused, not answered with this job.
+    /// Empty without a key (and for records written before it: not compared).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_sha256: String,
     /// The tenant that submitted the job ([`crate::auth::Tenant`]): only its tokens see, fetch or cancel
     /// it. Empty when auth is off (and for records written before tenants).
     #[serde(default)]
@@ -538,6 +543,7 @@ mod tests {
             id: "job-1".into(),
             seq: 1,
             client_request_id: String::new(),
+            request_sha256: String::new(),
             tenant: String::new(),
             spec: tiled.clone(),
             state: JobState::Running,

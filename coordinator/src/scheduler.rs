@@ -1725,6 +1725,15 @@ impl Scheduler {
     ) -> Result<(JobId, bool), SchedulerError> {
         self.writable()?;
         let (mut spec, mut tasks) = job.into_parts();
+        // the spec as submitted, by which a key used again is told from a mistake
+        let request_sha256 = match client_request_id {
+            "" => String::new(),
+            _ => {
+                use prost::Message;
+                ImageHash::of(&stylefarm_proto::pb::JobSpec::from(&spec).encode_to_vec())
+                    .to_string()
+            }
+        };
         let mut st = self.state.lock().unwrap();
         let request = (tenant.to_string(), client_request_id.to_string());
         if let Some(id) = st
@@ -1732,6 +1741,16 @@ impl Scheduler {
             .get(&request)
             .filter(|_| !client_request_id.is_empty())
         {
+            let earlier = st.jobs.get(id).map(|j| j.meta.request_sha256.as_str());
+            if earlier.is_some_and(|e| !e.is_empty() && e != request_sha256) {
+                return Err(SchedulerError::Invalid(stylefarm_core::Error::invalid(
+                    "client_request_id",
+                    format!(
+                        "used already for job {id}, whose spec differs from this one (a key stands for \
+                         one submission: a new job needs a new key)"
+                    ),
+                )));
+            }
             return Ok((id.clone(), false));
         }
         self.room_for_a_job(&st, tenant, tasks.len())?;
@@ -1758,6 +1777,7 @@ impl Scheduler {
             id: id.clone(),
             seq,
             client_request_id: client_request_id.to_string(),
+            request_sha256,
             tenant: tenant.to_string(),
             spec,
             state: JobState::Queued,
@@ -4810,7 +4830,18 @@ mod tests {
         let s = scheduler(SchedulerConfig::default());
         let (a, created) = s.submit(batch(1, 0), "r1").unwrap();
         assert!(created);
-        assert_eq!(s.submit(batch(3, 0), "r1").unwrap(), (a, false));
+        assert_eq!(s.submit(batch(1, 0), "r1").unwrap(), (a.clone(), false));
+        // the job changed since (its priority) is still the one its spec as submitted asked for
+        s.set_priority(&a, 9).unwrap();
+        assert_eq!(s.submit(batch(1, 0), "r1").unwrap(), (a.clone(), false));
+        // another spec under the key: refused, not answered with the first job
+        let err = s.submit(batch(3, 0), "r1").unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "client_request_id: used already for job {a}, whose spec differs"
+            )),
+            "{err}"
+        );
         assert_eq!(s.queue_depth(), 1);
     }
 
@@ -7788,7 +7819,7 @@ mod tests {
         assert!(s.complete(&lost.lease_id, &hash("late")).unwrap().is_none());
         assert_eq!(s.counts(), s.counts_walked());
         assert_eq!(
-            s.submit(batch(1, 0), "req").unwrap(),
+            s.submit(batch(3, 0), "req").unwrap(),
             (job.clone(), false),
             "request ids survive"
         );
@@ -7884,7 +7915,7 @@ mod tests {
             },
             ..batch(1, 0)
         };
-        let (job, _) = s.submit(with_init, "req").unwrap();
+        let (job, _) = s.submit(with_init.clone(), "req").unwrap();
         let l = s.lease(&w("w")).unwrap().unwrap();
         s.complete(&l.lease_id, &hash("result")).unwrap();
         let (tiled, _) = s.submit(tiled_1024(), "").unwrap();
@@ -7913,7 +7944,7 @@ mod tests {
         assert_eq!(s.get(&job).unwrap().meta.state, JobState::Succeeded);
         *store.failing.lock().unwrap() = None;
         assert_eq!(
-            s.submit(batch(1, 0), "req").unwrap(),
+            s.submit(with_init, "req").unwrap(),
             (job.clone(), false),
             "its request id is still taken"
         );
@@ -8066,7 +8097,7 @@ mod tests {
         // the store answers again: the result the worker retries is taken
         *store.behind.lock().unwrap() = None;
         assert!(s.complete(&l.lease_id, &hash("r")).unwrap().is_some());
-        assert_eq!(s.submit(batch(1, 0), "r1").unwrap(), (job, false));
+        assert_eq!(s.submit(batch(2, 0), "r1").unwrap(), (job, false));
     }
 
     /// A single job's spec, of content `content`.

@@ -219,6 +219,7 @@ pub(crate) mod tests {
             id: id.into(),
             seq,
             client_request_id: format!("req-{id}"),
+            request_sha256: String::new(),
             tenant: "t".into(),
             spec,
             state: JobState::Queued,
