@@ -358,6 +358,14 @@ impl SweepAxis {
     }
 }
 
+/// Frame `i`'s name in parentheses (` (003)`, its file's name as the client gave it) where the spec names
+/// its contents; empty otherwise.
+fn frame_name(spec: &JobSpec, i: usize) -> String {
+    spec.content_names
+        .get(i)
+        .map_or_else(String::new, |name| format!(" ({name})"))
+}
+
 /// Parses the CLI's sweep syntax: `style_weight=10,100;seed=0,1` (axes separated by `;`, values by `,`;
 /// a style blend's weights by `:`).
 pub fn parse_sweep(s: &str) -> Result<Vec<SweepAxis>, Error> {
@@ -1447,12 +1455,30 @@ fn check_task_sizes(
         )
     };
     if let JobKind::Tiled(tiling) = spec.kind {
-        // the pyramid's sizes are the canvases of its scales
-        return check(
-            &spec.pyramid_params_of(tiling)?,
-            &spec.contents[0],
-            &spec.styles,
-        );
+        // the pyramid's sizes are the canvases of its scales: more of them than asked for when its first
+        // scale must shrink to one tile, which a coarse scale too small for VGG19 says, naming the tile
+        // size where the user gave it
+        let pyramid = spec.pyramid_params_of(tiling)?;
+        return check(&pyramid, &spec.contents[0], &spec.styles).map_err(|e| match e {
+            Error::Invalid {
+                field: "scales",
+                message,
+            } if pyramid.scales > spec.params.scales => {
+                let field = match tiling.sizing {
+                    crate::tiling::TileSizing::Fixed => "tile_size",
+                    crate::tiling::TileSizing::Planned => "scales",
+                };
+                Error::invalid(
+                    field,
+                    format!(
+                        "{message} (a tiled job's first scale is at most one tile, {} px: {} scales, not \
+                         the {} asked for; larger tiles make fewer)",
+                        tiling.tile_size, pyramid.scales, spec.params.scales
+                    ),
+                )
+            }
+            other => other,
+        });
     }
     if let JobKind::Video(_) = spec.kind {
         // frames of one size (the temporal loss compares a frame with the one before, pixel by pixel; the
@@ -1464,8 +1490,10 @@ fn check_task_sizes(
                 return Err(Error::invalid(
                     "contents",
                     format!(
-                        "frame {} is {w}x{h}, frame 1 is {}x{}: a video's frames share one size",
+                        "frame {}{} is {w}x{h}, frame 1{} is {}x{}: a video's frames share one size",
                         i + 1,
+                        frame_name(spec, i),
+                        frame_name(spec, 0),
                         first.0,
                         first.1
                     ),
@@ -1475,9 +1503,10 @@ fn check_task_sizes(
         // every frame renders at the job's size: its first scale (the pyramid's smallest) is the one to check
         for (i, content) in spec.contents.iter().enumerate() {
             check(&spec.params, content, &spec.styles).map_err(|e| match e {
-                Error::Invalid { field, message } => {
-                    Error::invalid(field, format!("frame {}: {message}", i + 1))
-                }
+                Error::Invalid { field, message } => Error::invalid(
+                    field,
+                    format!("frame {}{}: {message}", i + 1, frame_name(spec, i)),
+                ),
                 other => other,
             })?;
         }
@@ -2275,6 +2304,61 @@ mod tests {
             ..spec(JobKind::Batch)
         };
         batch.check_sizes(size_of).unwrap();
+    }
+
+    /// A tiled job whose tile size adds coarse scales too small for VGG19 (a 16:1 panorama in 128-px
+    /// tiles) is refused naming the tile size and saying why there are more scales than asked for.
+    #[test]
+    fn a_tile_size_that_adds_scales_too_small_is_named() {
+        let pano = JobSpec {
+            params: RenderParams {
+                size: 512,
+                ..Default::default()
+            },
+            ..spec(JobKind::Tiled(Tiling::new(Some(128), 64, false)))
+        };
+        let size_of = |hash: &ImageHash| {
+            Ok(if *hash == h(1) {
+                (1024, 64)
+            } else {
+                (512, 512)
+            })
+        };
+        let err = pano.check_sizes(size_of).unwrap_err().to_string();
+        assert!(
+            err.starts_with("tile_size: content image ")
+                && err.contains(" becomes 128 x 8 px at size 128 (scale 1 of 3); VGG19 needs")
+                && err.ends_with(
+                    "(a tiled job's first scale is at most one tile, 128 px: 3 scales, not the 1 \
+                     asked for; larger tiles make fewer)"
+                ),
+            "{err}"
+        );
+        // 256-px tiles: two scales, the first at 256 x 16 px
+        let larger = JobSpec {
+            kind: JobKind::Tiled(Tiling::new(Some(256), 64, false)),
+            ..pano
+        };
+        larger.check_sizes(size_of).unwrap();
+    }
+
+    /// A video's frame of another size than its first is refused naming both, by number and by name.
+    #[test]
+    fn a_video_s_frame_of_another_size_is_named() {
+        let video = JobSpec {
+            contents: vec![h(11), h(12), h(13)],
+            content_names: ["001", "002", "003"].map(String::from).to_vec(),
+            ..spec(JobKind::Video(Video {
+                chunk_frames: 0,
+                frame_iterations: 0,
+            }))
+        };
+        let size_of = |hash: &ImageHash| Ok(if *hash == h(13) { (80, 64) } else { (96, 64) });
+        let err = video.check_sizes(size_of).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "contents: frame 3 (003) is 80x64, frame 1 (001) is 96x64: a video's frames share one size"
+        );
     }
 
     #[test]
