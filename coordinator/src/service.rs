@@ -1164,6 +1164,9 @@ impl WorkerService for WorkerApi {
                 .max()
                 .unwrap_or(0),
         };
+        // while it waits: a process that died idle has none under way (its call dropped with its
+        // connection), and is not taken for another process under its name
+        let _polling = workers.polling(&worker_id);
         let mut stopping = self.stopping.clone();
         let lease = tokio::select! {
             // a stopping coordinator answers at once, whatever is ready

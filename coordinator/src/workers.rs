@@ -47,6 +47,9 @@ pub struct WorkerInfo {
     /// The worker process' number (pb::RegisterWorkerRequest::instance: random, the same at each of its
     /// registrations); 0: not known (a worker older than the field, or seen without registering).
     pub instance: u64,
+    /// Its lease polls under way ([`Registry::polling`]): an idle worker has one at almost every moment,
+    /// and none once its process died (its connection closed, the call was dropped).
+    pub polling: u32,
 }
 
 /// Why a worker heard from lately is not live ([`WorkerInfo::gone`]).
@@ -91,14 +94,38 @@ impl WorkerInfo {
         self.gone.is_none() && since.is_none_or(|c| self.last_seen > c)
     }
 
-    /// Its worker process ([`WorkerInfo::instance`]) while it is live and the process is known.
-    fn live_process(&self, since: Option<Instant>) -> Option<u64> {
-        (self.instance != 0 && self.live(since)).then_some(self.instance)
+    /// Its worker process ([`WorkerInfo::instance`]) while the process is known and runs by what the
+    /// coordinator sees: a lease poll of it under way, or a call within [`PROCESS_HEARD_WITHIN`] (a
+    /// process that died while idle has no poll under way; one that died rendering stops its
+    /// heartbeats), not the minute that a worker stays live for planning.
+    fn running_process(&self) -> Option<u64> {
+        let running = self.gone.is_none()
+            && (self.polling > 0 || self.last_seen.elapsed() < PROCESS_HEARD_WITHIN);
+        (self.instance != 0 && running).then_some(self.instance)
     }
 }
 
-/// The live registrations of `id`'s name by other worker processes than `instance` (`id`'s; 0: not
-/// known, and none is): another worker given the same name (`--name`). The farm counts workers by name
+/// How recently a worker process without a lease poll under way must have called to count as running
+/// ([`WorkerInfo::running_process`]): several heartbeats of a rendering worker (every 2 s by default).
+/// A worker restarted after a crash under its name is then not taken for a second process sharing it.
+const PROCESS_HEARD_WITHIN: Duration = Duration::from_secs(15);
+
+/// A lease poll of a worker under way ([`Registry::polling`]), counted until dropped.
+pub struct Polling<'a> {
+    registry: &'a Registry,
+    id: WorkerId,
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.registry.workers().get_mut(&self.id) {
+            w.polling = w.polling.saturating_sub(1);
+        }
+    }
+}
+
+/// The registrations of `id`'s name by other running worker processes than `instance` (`id`'s; 0: not
+/// known, and none is; [`WorkerInfo::running_process`]): another worker given the same name (`--name`). The farm counts workers by name
 /// (a tiled or exact scale plans for one per name; a drain, a strike and a blocklist take every
 /// registration of a name), so they count as one.
 fn sharing_name(
@@ -109,11 +136,11 @@ fn sharing_name(
     if instance == 0 {
         return Vec::new();
     }
-    let (name, since) = (id.by_name(), live_since());
+    let name = id.by_name();
     let mut others: Vec<WorkerId> = workers
         .iter()
         .filter(|(other, w)| {
-            w.live_process(since).is_some_and(|p| p != instance) && other.by_name() == name
+            w.running_process().is_some_and(|p| p != instance) && other.by_name() == name
         })
         .map(|(other, _)| other.clone())
         .collect();
@@ -147,6 +174,18 @@ impl Registry {
         self.workers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a lease poll of worker `id` as under way until the guard is dropped (the call answered, or
+    /// dropped with its connection).
+    pub fn polling(&self, id: &WorkerId) -> Polling<'_> {
+        if let Some(w) = self.workers().get_mut(id) {
+            w.polling += 1;
+        }
+        Polling {
+            registry: self,
+            id: id.clone(),
+        }
     }
 
     /// Whether a registration may be added: fewer than [`MAX_WORKERS`] are remembered once those not
@@ -187,6 +226,7 @@ impl Registry {
                 gone: None,
                 leaving: false,
                 instance,
+                polling: 0,
             },
         );
         others
@@ -234,6 +274,7 @@ impl Registry {
                         gone: None,
                         leaving: false,
                         instance: 0,
+                        polling: 0,
                     },
                 );
             }
@@ -330,13 +371,13 @@ impl Registry {
         (live, names.len() - live - left, left)
     }
 
-    /// The worker processes of each name that more than one live process registers under (their
-    /// [`WorkerInfo::instance`]s): two workers given one name, which the farm counts as one.
+    /// The worker processes of each name that more than one running process registers under (their
+    /// [`WorkerInfo::instance`]s; running: a lease poll under way, or a call within the last 15 s): two
+    /// workers given one name, which the farm counts as one.
     pub fn shared_names(&self) -> HashMap<WorkerId, HashSet<u64>> {
-        let since = live_since();
         let mut processes: HashMap<WorkerId, HashSet<u64>> = HashMap::new();
         for (id, w) in self.workers().iter() {
-            if let Some(process) = w.live_process(since) {
+            if let Some(process) = w.running_process() {
                 processes.entry(id.by_name()).or_default().insert(process);
             }
         }
@@ -489,6 +530,29 @@ mod tests {
         // an unknown worker is nothing to forget
         r.lost(&w("c#1"), Instant::now());
         assert_eq!(r.live().len(), 2);
+    }
+
+    /// Another process under a worker's name counts as sharing it while that worker runs by what the
+    /// coordinator sees (a lease poll under way, or a call within the last seconds), not for the minute it
+    /// stays live: a worker restarted after a crash is not taken for a second process.
+    #[test]
+    fn a_worker_restarted_after_a_crash_does_not_share_its_name_with_its_dead_process() {
+        let r = Registry::default();
+        r.register(&w("w#1"), "cpu", 0, &[], 1);
+        // a second process at once: sharing
+        assert_eq!(r.register(&w("w#2"), "cpu", 0, &[], 2), [w("w#1")]);
+        let quiet = Instant::now() - 2 * PROCESS_HEARD_WITHIN;
+        // the first, idle, with its lease poll under way: still sharing
+        let polling = r.polling(&w("w#1"));
+        r.workers().get_mut("w#1").unwrap().last_seen = quiet;
+        r.workers().get_mut("w#2").unwrap().last_seen = quiet;
+        assert_eq!(r.register(&w("w#3"), "cpu", 0, &[], 3), [w("w#1")]);
+        // its poll dropped with its connection (the process died): not sharing, though live for a minute
+        drop(polling);
+        r.workers().get_mut("w#3").unwrap().last_seen = quiet;
+        assert!(r.register(&w("w#4"), "cpu", 0, &[], 4).is_empty());
+        assert_eq!(r.live().len(), 4);
+        assert!(r.shared_names().is_empty());
     }
 
     /// One worker process, one entry: its registration replaces its earlier ones, and after a coordinator
