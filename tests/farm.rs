@@ -2744,7 +2744,8 @@ async fn a_job_too_small_for_vgg19_anywhere_is_refused_at_submission() {
                     ..Default::default()
                 },
             ),
-            "scales",
+            // the tile size, which made the scales more than asked for
+            "tile_size",
             "scale 1 of",
         ),
     ];
