@@ -125,9 +125,9 @@ impl Drop for Polling<'_> {
 }
 
 /// The registrations of `id`'s name by other running worker processes than `instance` (`id`'s; 0: not
-/// known, and none is; [`WorkerInfo::running_process`]): another worker given the same name (`--name`). The farm counts workers by name
-/// (a tiled or exact scale plans for one per name; a drain, a strike and a blocklist take every
-/// registration of a name), so they count as one.
+/// known, and none is; [`WorkerInfo::running_process`]): another worker given the same name (`--name`).
+/// The farm counts workers by name (a tiled or exact scale plans for one per name; a drain, a strike and
+/// a blocklist take every registration of a name), so they count as one.
 fn sharing_name(
     workers: &HashMap<WorkerId, WorkerInfo>,
     id: &WorkerId,
@@ -197,9 +197,9 @@ impl Registry {
     }
 
     /// Records a worker's registration, by the worker process `instance` (0: not known), in place of that
-    /// process' earlier registrations (one process, one row in `stylefarm workers`). Returns the live
-    /// registrations of its name by other processes: two workers given one name, which the farm counts
-    /// as one.
+    /// process' earlier registrations (one process, one row in `stylefarm workers`). Returns the
+    /// registrations of its name by other running processes: two workers given one name, which the farm
+    /// counts as one.
     pub fn register(
         &self,
         id: &WorkerId,
