@@ -626,7 +626,7 @@ impl FarmClient {
         // small for VGG19 at the job's sizes, and renders the others (make's -k): each decoded as it is
         // read, not again at its upload; another batch is refused naming every such image, not the
         // first alone (a folder's three bad photos fixed in one go, not in three submits)
-        let leave_out = matches!(job.kind, JobKind::Batch);
+        let check_contents = matches!(job.kind, JobKind::Batch);
         // a photo that is also a style or the init is every task's input: not left out, but checked as
         // the job's
         let others: HashSet<&Path> = (job.styles.iter().map(PathBuf::as_path))
@@ -644,7 +644,7 @@ impl FarmClient {
             if hashes.contains_key(path) || self.left_out.iter().any(|(p, _)| p == path) {
                 continue;
             }
-            let hash = if leave_out && contents.contains(path) {
+            let hash = if check_contents && contents.contains(path) {
                 let checked = off_async(|| -> Result<ImageHash> {
                     let bytes = read_file(path)?;
                     let name = path.display().to_string();

@@ -64,14 +64,9 @@ pub enum Gone {
 /// Whether `other` is a later registration of `id`'s name (`name#n`: the coordinator numbers them in
 /// order).
 fn registered_after(other: &WorkerId, id: &WorkerId) -> bool {
-    let number = |id: &WorkerId| {
-        let (name, n) = id.as_str().rsplit_once('#')?;
-        Some((name.to_string(), n.parse::<u64>().ok()?))
-    };
-    match (number(other), number(id)) {
-        (Some((a, m)), Some((b, n))) => a == b && m > n,
-        _ => false,
-    }
+    let number = |id: &WorkerId| (id.as_str().rsplit_once('#')?.1).parse::<u64>().ok();
+    matches!((number(other), number(id)), (Some(m), Some(n)) if m > n)
+        && other.by_name() == id.by_name()
 }
 
 /// Forgets the workers not live once the registry holds [`MAX_WORKERS`].
@@ -240,46 +235,45 @@ impl Registry {
     /// before, under the id it had then.
     pub fn seen(&self, id: &WorkerId, memory_used_bytes: u64, said: Option<Said<'_>>) {
         let mut workers = self.workers();
-        let room = workers.len() < MAX_WORKERS
-            && (said.is_some() || !workers.keys().any(|other| registered_after(other, id)));
-        match workers.get_mut(id) {
-            Some(w) => {
-                w.last_seen = Instant::now();
-                w.gone = None;
-                if memory_used_bytes > 0 {
-                    w.memory_used_bytes = memory_used_bytes;
+        if let Some(w) = workers.get_mut(id) {
+            w.last_seen = Instant::now();
+            w.gone = None;
+            if memory_used_bytes > 0 {
+                w.memory_used_bytes = memory_used_bytes;
+            }
+            if let Some(said) = said {
+                if w.tags != said.tags {
+                    w.tags = said.tags.to_vec();
                 }
-                if let Some(said) = said {
-                    if w.tags != said.tags {
-                        w.tags = said.tags.to_vec();
-                    }
-                    if !said.device.is_empty() && w.device != said.device {
-                        w.device = said.device.to_string();
-                    }
-                    if said.memory_bytes > 0 {
-                        w.memory_bytes = said.memory_bytes;
-                    }
+                if !said.device.is_empty() && w.device != said.device {
+                    w.device = said.device.to_string();
+                }
+                if said.memory_bytes > 0 {
+                    w.memory_bytes = said.memory_bytes;
                 }
             }
-            None if room => {
-                let said = said.unwrap_or_default();
-                workers.insert(
-                    id.clone(),
-                    WorkerInfo {
-                        device: said.device.to_string(),
-                        memory_bytes: said.memory_bytes,
-                        memory_used_bytes,
-                        last_seen: Instant::now(),
-                        tags: said.tags.to_vec(),
-                        gone: None,
-                        leaving: false,
-                        instance: 0,
-                        polling: 0,
-                    },
-                );
-            }
-            None => {}
+            return;
         }
+        // an id not known (the later registrations looked for here only, not at every heartbeat)
+        let superseded = said.is_none() && workers.keys().any(|other| registered_after(other, id));
+        if workers.len() >= MAX_WORKERS || superseded {
+            return;
+        }
+        let said = said.unwrap_or_default();
+        workers.insert(
+            id.clone(),
+            WorkerInfo {
+                device: said.device.to_string(),
+                memory_bytes: said.memory_bytes,
+                memory_used_bytes,
+                last_seen: Instant::now(),
+                tags: said.tags.to_vec(),
+                gone: None,
+                leaving: false,
+                instance: 0,
+                polling: 0,
+            },
+        );
     }
 
     /// Records that a lease of worker `id` ran out at `ran_out` (it stopped heartbeating): unless it called
