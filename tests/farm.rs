@@ -3131,6 +3131,56 @@ async fn a_failed_batch_s_wait_says_how_to_fetch_its_rendered_results() {
     );
 }
 
+/// A farm job whose image came out worse than it began (L-BFGS overshooting in its first of 2 iterations
+/// at 64 px, as in render.rs) succeeds, and says so: `submit --wait` prints the engine's warning for the
+/// task, `status` notes the job and lists the warning under the task. One of 3 iterations says nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_farm_render_that_ends_worse_than_it_began_succeeds_with_its_warning() {
+    let mut cluster = Cluster::start(10.0, 0.3);
+    cluster.add_worker("w");
+    wait_registered(&cluster, 1).await;
+    let warning =
+        "the objective ended above where the scale began: its image is worse than its start";
+    let render = |iterations: &str| {
+        let args = [
+            "submit",
+            "--content",
+            &path("tubingen.jpg"),
+            "--style",
+            &path("starry_night.jpg"),
+            "--size",
+            "64",
+            "--iterations",
+            iterations,
+            "--wait",
+        ];
+        let (ok, out, err) = cluster.cli(&args);
+        assert!(ok, "{out} {err}");
+        let (ok, status, status_err) = cluster.cli(&["status", out.trim()]);
+        assert!(ok, "{status_err}");
+        (err, status)
+    };
+    let (err, status) = render("2");
+    assert!(
+        err.contains(&format!("task 0 (render) warning: {warning}")),
+        "{err}"
+    );
+    assert!(err.contains("task 0 (render) succeeded"), "{err}");
+    let lines: Vec<&str> = status.lines().collect();
+    assert!(
+        lines[0].ends_with("1 task(s) rendered with warnings (`stylefarm status` lists them)"),
+        "{status}"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l.trim_start().starts_with(&format!("warning: {warning}"))));
+    let (err, status) = render("3");
+    assert!(
+        !err.contains("warning") && !status.contains("warning"),
+        "{err} {status}"
+    );
+}
+
 /// The photos that a keep-going batch left out at its submit stay with the job: `status` counts them and
 /// says each with why, `list` counts them, `watch` fails at the job's end saying so (as `submit --wait`
 /// and `local` do), and `fetch` writes the results and points to `status`. A photo that is also the style

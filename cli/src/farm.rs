@@ -1065,6 +1065,8 @@ async fn watch_job(
     let mut running_bars: std::collections::HashMap<u32, ProgressBar> = Default::default();
     // the failed tasks said so (a job of many tasks: their bars are gone)
     let mut failed_said = std::collections::HashSet::new();
+    // the results whose warnings were said (a task may run again, and warn of its new result)
+    let mut warnings_said = std::collections::HashSet::new();
     // where no bar is drawn: each task's state as last said
     let mut states_said: std::collections::HashMap<u32, pb::TaskState> = Default::default();
     let mut job_bar: Option<ProgressBar> = None;
@@ -1172,6 +1174,15 @@ async fn watch_job(
                         "task {} ({}) failed: {}",
                         t.index, t.label, t.error
                     ))?;
+                }
+            }
+        }
+        // what the engine warned of while it rendered a result: the job succeeds, its image may not be
+        // what was asked for
+        for t in status.tasks.iter().filter(|t| !t.warnings.is_empty()) {
+            if warnings_said.insert((t.index, t.result.clone())) {
+                for warning in &t.warnings {
+                    say(format!("task {} ({}) warning: {warning}", t.index, t.label))?;
                 }
             }
         }
@@ -1534,12 +1545,15 @@ fn print_status(s: &pb::JobStatus) {
     };
     let failed = count(pb::TaskState::Failed) + &count(pb::TaskState::Cancelled);
     let left_out = left_out_of(s).len();
+    let warned = s.tasks.iter().filter(|t| !t.warnings.is_empty()).count();
     let note = if !s.waiting.is_empty() {
         format!("waiting: {}", s.waiting)
     } else if s.paused && s.error.is_empty() {
         "paused".to_string()
     } else if s.error.is_empty() && left_out > 0 {
         format!("{left_out} content image(s) left out at its submit")
+    } else if s.error.is_empty() && warned > 0 {
+        format!("{warned} task(s) rendered with warnings (`stylefarm status` lists them)")
     } else {
         s.error.clone()
     };
@@ -1603,6 +1617,9 @@ pub(crate) fn status(args: JobRef) -> anyhow::Result<()> {
                 t.attempts,
                 t.error
             );
+            for warning in &t.warnings {
+                outln!("      warning: {warning}");
+            }
         }
         Ok(())
     })

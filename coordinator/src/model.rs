@@ -213,6 +213,10 @@ pub struct TaskRecord {
     pub worker: WorkerId,
     /// The result image, once the task succeeded.
     pub result: Option<ImageHash>,
+    /// What the engine warned of while it rendered the result, once the task succeeded
+    /// ([`stylefarm_core::task_log::warnings`]: at most 8, each at most 1 KiB).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The error of the last failed attempt.
     pub error: String,
     /// Earliest time (unix ms) of the next attempt (retry backoff).
@@ -344,6 +348,7 @@ impl TaskRecord {
             earlier_attempts: 0,
             worker: WorkerId::default(),
             result: None,
+            warnings: Vec::new(),
             error: String::new(),
             not_before_ms: 0,
             permanent_error_workers: Vec::new(),

@@ -439,6 +439,7 @@ fn replace_tasks(
         st.queue.remove(&job.meta, index);
         set_task_state(&mut st.tally, task, TaskState::Cancelled);
         task.result = None;
+        task.warnings.clear();
         task.checkpoint = None;
         task.error = reason.to_string();
         ops.push(Op::Task(job_id.clone(), task.clone()));
@@ -742,6 +743,7 @@ fn run_again_with(
     let task = &mut job.tasks[index as usize];
     set_task_state(tally, task, TaskState::Pending);
     task.result = None;
+    task.warnings.clear();
     task.error = format!("run again with shard task {with}");
     ops.push(Op::Task(job.meta.id.clone(), task.clone()));
     queue.insert(&job.meta, index);
@@ -2414,16 +2416,18 @@ impl Scheduler {
         lease_id: &LeaseId,
         result: &ImageHash,
     ) -> Result<Option<Completed>, SchedulerError> {
-        self.complete_with_log(lease_id, result, SentLines::default())
+        self.complete_with_log(lease_id, result, SentLines::default(), Vec::new())
     }
 
     /// [`Scheduler::complete`], with the last lines its worker logged for the attempt (`log`), kept only
-    /// once the outcome is taken: a report sent again brings them again.
+    /// once the outcome is taken (a report sent again brings them again), and what the engine warned of
+    /// while it rendered the result (`warnings`, as [`stylefarm_core::task_log::warnings`] keeps them).
     pub fn complete_with_log(
         &self,
         lease_id: &LeaseId,
         result: &ImageHash,
         log: SentLines,
+        warnings: Vec<String>,
     ) -> Result<Option<Completed>, SchedulerError> {
         self.writable()?;
         let mut st = self.state.lock().unwrap();
@@ -2480,6 +2484,7 @@ impl Scheduler {
         set_task_state(&mut state.tally, task, TaskState::Succeeded);
         log_attempt(task, &mut lease, "succeeded");
         task.result = Some(result.clone());
+        task.warnings = stylefarm_core::task_log::warnings(warnings);
         // its result is what the checkpoint was kept for
         let dropped_checkpoint = task.checkpoint.take();
         task.error.clear();
@@ -4590,7 +4595,7 @@ mod tests {
                 left_out: 0,
             },
         };
-        s.complete_with_log(&l.lease_id, &hash("r"), flood)
+        s.complete_with_log(&l.lease_id, &hash("r"), flood, Vec::new())
             .unwrap()
             .unwrap();
         let logs = s.task_log(&job, 0).unwrap();

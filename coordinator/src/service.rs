@@ -97,6 +97,7 @@ fn job_status_of(
                 worker_id: t.worker.to_string(),
                 progress: p.as_ref().map(Into::into),
                 result: text(t.result.as_ref()),
+                warnings: t.warnings.clone(),
                 checkpoint: t.checkpoint.as_ref().map(Into::into),
                 error: t.error.clone(),
                 tile: t.spec.scale.as_ref().map(Into::into),
@@ -146,24 +147,32 @@ fn job_status_of(
 /// call's other fields (a watch's previews make room for it).
 const STATUS_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
 
-/// Clips the tasks' labels and errors of `status`, each to the same length (at a character boundary,
-/// ending in `…`), where they make it longer than `budget` bytes: a sweep of 10,000 points with long
-/// values, or a batch of 10,000 tasks that failed with long errors, would otherwise have a status that no
-/// call can send, and the job could not be watched, fetched or listed. The whole texts stay in the job's
-/// spec and its tasks' logs.
+/// Clips the tasks' labels, errors and warnings of `status`, where they make it longer than `budget`
+/// bytes: each task's warnings past its first are left out, then the texts are clipped, each to the same
+/// length (at a character boundary, ending in `…`). A sweep of 10,000 points with long values, or a batch
+/// of 10,000 tasks that failed with long errors, would otherwise have a status that no call can send, and
+/// the job could not be watched, fetched or listed. The whole texts stay in the job's spec and its tasks'
+/// logs.
 fn fit_status(status: &mut pb::JobStatus, budget: usize) {
-    let len = prost::Message::encoded_len(status);
-    if len <= budget || status.tasks.is_empty() {
+    if prost::Message::encoded_len(status) <= budget || status.tasks.is_empty() {
         return;
     }
-    let texts: usize = status
-        .tasks
-        .iter()
-        .map(|t| t.label.len() + t.error.len())
-        .sum();
+    for task in &mut status.tasks {
+        task.warnings.truncate(1);
+    }
+    let len = prost::Message::encoded_len(status);
+    if len <= budget {
+        return;
+    }
+    let (mut texts, mut count) = (0, 0);
+    for task in &status.tasks {
+        let warning = task.warnings.first();
+        texts += task.label.len() + task.error.len() + warning.map_or(0, String::len);
+        count += 2 + usize::from(warning.is_some());
+    }
     // what each text may keep: the room the rest leaves, shared equally (the length prefixes of the
     // fields are counted in the rest, and do not grow)
-    let each = budget.saturating_sub(len - texts) / (2 * status.tasks.len());
+    let each = budget.saturating_sub(len - texts) / count;
     let clip = |text: &mut String| {
         if text.len() > each {
             let end = text.floor_char_boundary(each.saturating_sub('…'.len_utf8()));
@@ -174,6 +183,7 @@ fn fit_status(status: &mut pb::JobStatus, budget: usize) {
     for task in &mut status.tasks {
         clip(&mut task.label);
         clip(&mut task.error);
+        task.warnings.iter_mut().for_each(clip);
     }
 }
 
@@ -1257,6 +1267,7 @@ impl WorkerService for WorkerApi {
         let mut lease_id = LeaseId::default();
         let mut held = false;
         let mut log = SentLines::default();
+        let mut warnings = Vec::new();
         let mut received = self.coordinator.receiving.result();
         let scheduler = &self.coordinator.scheduler;
         received
@@ -1268,13 +1279,19 @@ impl WorkerService for WorkerApi {
                         held = scheduler.leased_task(&lease_id).is_some();
                         Incoming::Nothing
                     }
-                    Some(Part::SizeBytes(_) | Part::Data(_) | Part::Log(_))
+                    Some(Part::SizeBytes(_) | Part::Data(_) | Part::Log(_) | Part::Warnings(_))
                         if lease_id.is_empty() =>
                     {
                         return Err(Error::invalid("lease_id", "missing before the result"));
                     }
                     Some(Part::Log(lines)) => {
                         log.append(SentLines::from(lines));
+                        Incoming::Nothing
+                    }
+                    Some(Part::Warnings(sent)) => {
+                        warnings.extend(sent.warnings);
+                        // bounded as they come, whatever the worker sends
+                        warnings = stylefarm_core::task_log::warnings(warnings.drain(..));
                         Incoming::Nothing
                     }
                     // the result of a lease no longer held is answered at its first bytes, unread (its
@@ -1361,7 +1378,7 @@ impl WorkerService for WorkerApi {
                 .map_err(Error::from)?;
             let completed = coordinator
                 .scheduler
-                .complete_with_log(&lease, &hash, log)
+                .complete_with_log(&lease, &hash, log, warnings)
                 .map_err(Error::from)?;
             drop(using);
             // the task's checkpoint, kept for its next attempt, is of no more use
@@ -1857,6 +1874,32 @@ mod tests {
                 && t.error.ends_with('…')));
         // as long as the room allows
         assert!(*lengths.first().unwrap() > 100, "{lengths:?}");
+        // warnings: each task's first kept, clipped as its other texts are
+        let warned = |i: u32| pb::TaskStatus {
+            warnings: vec!["w".repeat(1024); 8],
+            ..task(i)
+        };
+        let mut warned = pb::JobStatus {
+            tasks: (0..10_000).map(warned).collect(),
+            ..Default::default()
+        };
+        fit_status(&mut warned, STATUS_BYTES);
+        assert!(prost::Message::encoded_len(&warned) <= STATUS_BYTES);
+        assert!(warned.tasks.iter().all(|t| t.warnings.len() == 1
+            && t.warnings[0].ends_with('…')
+            && t.warnings[0].len() == t.error.len()));
+        // left whole where dropping the later warnings is enough
+        let few = |i: u32| pb::TaskStatus {
+            index: i,
+            warnings: vec!["w".repeat(1024); 8],
+            ..Default::default()
+        };
+        let mut few = pb::JobStatus {
+            tasks: (0..1_000).map(few).collect(),
+            ..Default::default()
+        };
+        fit_status(&mut few, STATUS_BYTES);
+        assert!(few.tasks.iter().all(|t| t.warnings == ["w".repeat(1024)]));
     }
 
     fn ids(views: &[impl std::borrow::Borrow<JobView>]) -> Vec<String> {

@@ -237,6 +237,8 @@ pub struct TaskRow {
     pub result: String,
     /// The last failed attempt's error.
     pub error: String,
+    /// What the engine warned of while it rendered the result, once succeeded (`pb::TaskStatus::warnings`).
+    pub warnings: Vec<String>,
     /// Its last checkpoint (`--checkpoint-every`, `--checkpoint-secs`), which its next attempt starts
     /// from: scale and iteration.
     pub checkpoint: Option<[u32; 2]>,
@@ -327,6 +329,7 @@ fn task_row(t: &TaskRecord, p: Option<&TaskProgress>) -> TaskRow {
             .map(ToString::to_string)
             .unwrap_or_default(),
         error: t.error.clone(),
+        warnings: t.warnings.clone(),
         checkpoint: t.checkpoint.as_ref().map(|c| [c.scale, c.iteration]),
         rect: t.spec.scale.as_ref().and_then(|s| match s.part {
             ScalePart::Tile { rect, .. } | ScalePart::Shard { rect, .. } => {

@@ -22,6 +22,8 @@ pub const MAX_ATTEMPT_LINES: usize = 512;
 pub const HEAD_LINES: usize = 8;
 /// The attempts whose logs a task keeps: its latest.
 pub const KEPT_ATTEMPTS: usize = 3;
+/// The most warnings a succeeded task keeps ([`warnings`]): the first.
+pub const MAX_WARNINGS: usize = 8;
 
 /// Lines of a log, bounded by [`MAX_LINE_BYTES`], [`MAX_ATTEMPT_BYTES`] and [`MAX_ATTEMPT_LINES`] (see the
 /// module).
@@ -341,6 +343,23 @@ pub fn clip_line(line: &str) -> String {
     clean(at_most(line, MAX_LINE_BYTES - ELLIPSIS.len())) + ELLIPSIS
 }
 
+/// A succeeded task's warnings, as a worker sends them and the coordinator keeps them, whatever the worker
+/// sent: what its engine warned of while it rendered the result (`pb::TaskStatus::warnings`), each cut as
+/// a log line is ([`clip_line`]), without repeats, the first [`MAX_WARNINGS`] of them.
+pub fn warnings<S: AsRef<str>>(sent: impl IntoIterator<Item = S>) -> Vec<String> {
+    let mut kept: Vec<String> = Vec::new();
+    for warning in sent {
+        if kept.len() == MAX_WARNINGS {
+            break;
+        }
+        let warning = clip_line(warning.as_ref().trim());
+        if !warning.is_empty() && !kept.contains(&warning) {
+            kept.push(warning);
+        }
+    }
+    kept
+}
+
 /// The longest start of `text` of at most `bytes` bytes that ends at a character boundary.
 pub fn at_most(text: &str, bytes: usize) -> &str {
     let mut end = text.len().min(bytes);
@@ -353,6 +372,20 @@ pub fn at_most(text: &str, bytes: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_keeps_its_first_warnings_once_each_and_cut_as_log_lines() {
+        let long = "w".repeat(2 * MAX_LINE_BYTES);
+        let sent = [" a ", "", "a", "b\nc", &long]
+            .into_iter()
+            .map(String::from)
+            .chain((0..20).map(|i| format!("w{i}")));
+        let kept = warnings(sent);
+        assert_eq!(kept.len(), MAX_WARNINGS);
+        assert_eq!(&kept[..3], ["a", "b c", &clip_line(&long)]);
+        assert_eq!(kept[3..], ["w0", "w1", "w2", "w3", "w4"]);
+        assert!(kept[2].len() <= MAX_LINE_BYTES);
+    }
 
     #[test]
     fn a_long_line_is_cut_at_a_character_boundary_and_control_characters_become_spaces() {

@@ -1433,7 +1433,7 @@ async fn run_task(
 /// ([`stylefarm_proto::Backoff`]), as long as the lease may be held (`lease_clock`: the heartbeat keeps
 /// renewing it, as a coordinator whose store is out of reach does); the caller bounds the whole report by
 /// `REPORT_TIMEOUT`. The task's lines not sent yet (`log`) go with it, once those of a heartbeat on its
-/// way have come ([`TaskLog::last_turn`]).
+/// way have come ([`TaskLog::last_turn`]), and with a result, the engine's warnings ([`TaskLog::warnings`]).
 async fn report(
     client: &mut WorkerServiceClient<AuthChannel>,
     lease_id: &LeaseId,
@@ -1497,6 +1497,15 @@ async fn report(
                 parts.extend(lines.clone().map(|l| pb::CompleteTaskRequest {
                     part: Some(pb::complete_task_request::Part::Log(l)),
                 }));
+                // what the engine warned of while it rendered the result
+                let warnings = log.map(TaskLog::warnings).unwrap_or_default();
+                if !warnings.is_empty() {
+                    parts.push(pb::CompleteTaskRequest {
+                        part: Some(pb::complete_task_request::Part::Warnings(
+                            pb::TaskWarnings { warnings },
+                        )),
+                    });
+                }
                 parts.extend(png.chunks(CHUNK_BYTES).map(|c| pb::CompleteTaskRequest {
                     part: Some(pb::complete_task_request::Part::Data(c.to_vec())),
                 }));

@@ -1,7 +1,7 @@
 //! A task's log on the worker: the events logged while the worker runs a task (in its [`TASK_SPAN`] span,
 //! on the async threads and on the engine thread), as lines, which the worker sends the coordinator with
 //! the task's heartbeats and its outcome ([`stylefarm_core::task_log`]; `stylefarm log JOB TASK` shows
-//! them).
+//! them), and the engine's warnings, which go with its result (`pb::TaskStatus::warnings`).
 //!
 //! [`TaskLogLayer`] is a `tracing_subscriber` layer that the process installs with its other logs, with a
 //! filter of its own ([`TaskLogLayer::filter`]: stylefarm's events at INFO and above, whatever the logs
@@ -37,6 +37,8 @@ pub const TASK_SPAN: &str = "task";
 pub struct TaskLog {
     lines: Arc<Mutex<SentLines>>,
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// The engine's warnings so far ([`TaskLog::warnings`]).
+    warnings: Arc<Mutex<Vec<String>>>,
 }
 
 impl Default for TaskLog {
@@ -47,6 +49,7 @@ impl Default for TaskLog {
                 lines: LogLines::default(),
             })),
             turn: Arc::default(),
+            warnings: Arc::default(),
         }
     }
 }
@@ -106,6 +109,22 @@ impl TaskLog {
         self.turn.clone().lock_owned().await
     }
 
+    /// What the engine warned of in the task's span so far (its crate's WARN events, [`ENGINE_TARGET`]):
+    /// the result's warnings, which go with it ([`stylefarm_core::task_log::warnings`]: the first, once
+    /// each).
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn warn(&self, warning: String) {
+        let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = stylefarm_core::task_log::warnings(warnings.iter().chain([&warning]));
+        *warnings = kept;
+    }
+
     /// Puts back `lines` that could not be sent, before those logged since.
     fn put_back(&self, mut lines: SentLines) {
         let mut log = self.lock();
@@ -123,9 +142,15 @@ impl TaskLog {
     }
 }
 
+/// The target (the crate) whose WARN events in a task's span are the result's warnings: the engine's, which
+/// warns of what it rendered (a scale that ended worse than it began, a checkpoint that did not fit); the
+/// worker's own (a heartbeat that failed) are of how the task ran, and only go to its log.
+pub const ENGINE_TARGET: &str = "stylefarm_engine";
+
 /// Writes the events of each [`TASK_SPAN`] span of this crate, and of the spans within it, into the span's
 /// [`TaskLog`], one line each: UTC time, level, message and fields (`2026-12-05T05:30:01.123456Z INFO
-/// rendered engine_s=1.5`).
+/// rendered engine_s=1.5`); the engine's warnings ([`ENGINE_TARGET`]) also as the task's warnings, message
+/// and fields ([`TaskLog::warnings`]).
 pub struct TaskLogLayer;
 
 impl TaskLogLayer {
@@ -159,31 +184,48 @@ where
             .into_iter()
             .find_map(|span| span.extensions().get::<TaskLog>().cloned());
         if let Some(log) = log {
-            log.push(line(event));
+            let meta = event.metadata();
+            let text = text(event);
+            if *meta.level() == tracing::Level::WARN
+                && meta.target().split("::").next() == Some(ENGINE_TARGET)
+            {
+                log.warn(text.clone());
+            }
+            log.push(line(meta.level(), &text));
         }
     }
 }
 
-/// An event as one line of a task's log.
-fn line(event: &Event<'_>) -> String {
+/// An event's `text` ([`text`]) as one line of a task's log: the time, its `level`, and it.
+fn line(level: &tracing::Level, text: &str) -> String {
     let mut line = String::new();
     // the time as tracing_subscriber's text logs write it (RFC 3339, UTC)
     if SystemTime.format_time(&mut Writer::new(&mut line)).is_err() {
         line.clear();
     }
     line.push(' ');
-    line.push_str(event.metadata().level().as_str());
+    line.push_str(level.as_str());
+    if !text.is_empty() {
+        line.push(' ');
+        line.push_str(text);
+    }
+    line
+}
+
+/// An event's message and its other fields (`rendered engine_s=1.5`).
+fn text(event: &Event<'_>) -> String {
     let mut fields = Fields {
         message: String::new(),
         rest: String::new(),
     };
     event.record(&mut fields);
-    if !fields.message.is_empty() {
-        line.push(' ');
-        line.push_str(&fields.message);
+    let mut text = fields.message;
+    if text.is_empty() {
+        text = fields.rest.trim_start().to_string();
+    } else {
+        text.push_str(&fields.rest);
     }
-    line.push_str(&fields.rest);
-    line
+    text
 }
 
 /// An event's message, and its other fields as ` name=value`.
@@ -236,6 +278,11 @@ mod tests {
                 tracing::debug!("detail");
                 let inner = tracing::info_span!("download");
                 inner.in_scope(|| tracing::warn!(bytes = 12, "slow"));
+                // the engine's warnings are the result's too (the worker's, as "slow", are not)
+                tracing::warn!(target: "stylefarm_engine::render", scale = 1, "worse");
+                tracing::warn!(target: "stylefarm_engine::render", scale = 1, "worse");
+                tracing::info!(target: "stylefarm_engine::render", "fine");
+                tracing::warn!(target: "stylefarm_engine_other", "another crate");
             });
             // from another thread (as the engine thread), in the span
             let dispatch = tracing::dispatcher::get_default(|d| d.clone());
@@ -248,7 +295,10 @@ mod tests {
                 });
             });
             tracing::info!("after the task");
-            let lines = log.take().lines.lines;
+            assert_eq!(log.warnings(), ["worse scale=1"]);
+            let lines: Vec<_> = (log.take().lines.lines.into_iter())
+                .filter(|l| !l.contains("worse") && !l.contains("fine") && !l.contains("other"))
+                .collect();
             assert_eq!(lines.len(), 3, "{lines:?}");
             assert!(
                 lines[0].ends_with(" INFO rendering label=content 1 x style 1"),

@@ -111,7 +111,8 @@ function taskRows(job) {
       return `<tr class="task ${esc(t.state)}"><td>${t.index}</td><td>${esc(t.label)}</td>
         <td><span class="badge ${esc(t.state)}">${esc(t.state)}</span></td><td>${esc(t.worker)}</td>
         <td><progress max="1" value="${t.progress}"></progress> ${progress}</td><td>${thumb}</td>
-        <td class="err">${esc(t.error)}  <a class="log" href="${taskLog(job, t)}" target="_blank" rel="noopener">log</a>${
+        <td><span class="err">${esc(t.error)}</span>${
+          t.warnings.map((w) => `<span class="warn">warning: ${esc(w)}</span>`).join("")}  <a class="log" href="${taskLog(job, t)}" target="_blank" rel="noopener">log</a>${
           taskButton(job, t)}</td></tr>`;
     })
     .join("");
