@@ -3545,7 +3545,8 @@ async fn a_worker_that_cannot_render_any_more_leaves_with_the_reason() {
 }
 
 /// `stylefarm workers` lists the workers: the busy one with its device and the task it renders (the job is
-/// this client's), the idle one with its tags; a worker killed goes silent once its lease lapses.
+/// this client's), the idle one with its tags; an idle worker killed goes silent within seconds (its lease
+/// poll dropped), a busy one once its lease lapses.
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_lists_each_worker_with_its_health_and_task() {
     let mut cluster = Cluster::start(2.0, 0.3);
@@ -3571,9 +3572,24 @@ async fn workers_lists_each_worker_with_its_health_and_task() {
         vec!["-"]
     };
     assert_eq!((idle[1], tags, idle[6]), ("idle", expected, ""), "{out}");
-    // the busy worker killed: silent once its lease (2 s) lapses, and no longer busy
     let busy_name = busy[0].split('#').next().unwrap().to_string();
     let index = if busy_name == "plain" { 0 } else { 1 };
+    // the idle worker killed: silent within 5 s of its last poll's start (its poll, which waits 10 s,
+    // dropped with its connection), not idle for the minute it stays live for planning
+    cluster.workers[1 - index].kill();
+    let idle_name = idle[0].split('#').next().unwrap().to_string();
+    wait_for(
+        "the killed idle worker to go silent",
+        Duration::from_secs(7),
+        || async {
+            let (_, out, _) = cluster.cli(&["workers"]);
+            out.lines()
+                .any(|l| l.starts_with(&format!("{idle_name}#")) && l.contains("\tsilent\t"))
+                .then_some(())
+        },
+    )
+    .await;
+    // the busy worker killed: silent once its lease (2 s) lapses, and no longer busy
     cluster.workers[index].kill();
     wait_for(
         "the killed worker to go silent",

@@ -51,7 +51,7 @@ use stylefarm_core::{imaging, job::ScalePart};
 use crate::auth::Tenant;
 use crate::model::{JobMeta, JobState, TaskRecord, TaskState};
 use crate::scheduler::{LeaseView, Waiting};
-use crate::workers::{Gone, LIVE_WINDOW};
+use crate::workers::Gone;
 use crate::{Coordinator, Error};
 
 /// Jobs the page lists, newest first.
@@ -266,8 +266,9 @@ pub struct WorkerRow {
     /// Seconds since it last called; -1: not since this coordinator started (a name drained, listed
     /// while none of its workers has called).
     pub last_seen_s: f64,
-    /// `busy` (it holds a lease), `idle` (it asks for work), `silent` (not heard from for
-    /// [`LIVE_WINDOW`], or for a lease period while holding one, or since a lease of it expired).
+    /// `busy` (it holds a lease), `idle` (it asks for work: [`crate::workers::WorkerInfo::asking`]),
+    /// `silent` (neither: a worker that died idle, or not heard from for a lease period while holding a
+    /// lease, or since a lease of it expired), `left` (signed off).
     pub health: &'static str,
     /// The job of the task it renders when the job is the caller's, else empty.
     pub job_id: String,
@@ -529,7 +530,7 @@ impl Coordinator {
                 let health = match lease {
                     _ if w.gone == Some(Gone::Left) => "left",
                     Some(_) if silent_for <= lease_period => "busy",
-                    None if silent_for <= LIVE_WINDOW && w.gone.is_none() => "idle",
+                    None if w.asking() => "idle",
                     _ => "silent",
                 };
                 let own = lease.filter(|l| l.tenant == tenant.0);

@@ -89,6 +89,13 @@ impl WorkerInfo {
         self.gone.is_none() && since.is_none_or(|c| self.last_seen > c)
     }
 
+    /// Whether it asks for work now: not gone, with a lease poll under way or one answered within
+    /// 5 s (`POLL_GAP`: the next follows at once). A worker process that died idle is not (its poll dropped
+    /// with its connection), though it stays live for planning for [`LIVE_WINDOW`].
+    pub fn asking(&self) -> bool {
+        self.gone.is_none() && (self.polling > 0 || self.last_seen.elapsed() <= POLL_GAP)
+    }
+
     /// Its worker process ([`WorkerInfo::instance`]) while the process is known and runs by what the
     /// coordinator sees: a lease poll of it under way, or a call within [`PROCESS_HEARD_WITHIN`] (a
     /// process that died while idle has no poll under way; one that died rendering stops its
@@ -104,6 +111,11 @@ impl WorkerInfo {
 /// ([`WorkerInfo::running_process`]): several heartbeats of a rendering worker (every 2 s by default).
 /// A worker restarted after a crash under its name is then not taken for a second process sharing it.
 const PROCESS_HEARD_WITHIN: Duration = Duration::from_secs(15);
+
+/// How long an idle worker goes between its lease polls at most ([`WorkerInfo::asking`]): the next goes
+/// as the last is answered, after a failed one's backoff (half a second, or the delay a busy coordinator
+/// asks for), or after the worker's last task's report.
+const POLL_GAP: Duration = Duration::from_secs(5);
 
 /// A lease poll of a worker under way ([`Registry::polling`]), counted until dropped.
 pub struct Polling<'a> {
@@ -524,6 +536,26 @@ mod tests {
         // an unknown worker is nothing to forget
         r.lost(&w("c#1"), Instant::now());
         assert_eq!(r.live().len(), 2);
+    }
+
+    /// A worker asks for work while a lease poll of it is under way, or within [`POLL_GAP`] of its last
+    /// call; not once its poll dropped and that passed, nor once gone, though it stays live.
+    #[test]
+    fn an_idle_worker_asks_for_work_while_it_polls() {
+        let r = Registry::default();
+        r.register(&w("w#1"), "cpu", 0, &[], 1);
+        let asking = || r.get(&w("w#1")).unwrap().asking();
+        assert!(asking());
+        let polling = r.polling(&w("w#1"));
+        r.workers().get_mut("w#1").unwrap().last_seen = Instant::now() - 2 * POLL_GAP;
+        assert!(asking());
+        drop(polling);
+        assert!(!asking());
+        assert_eq!(r.live().len(), 1);
+        r.seen(&w("w#1"), 0, None);
+        assert!(asking());
+        r.lost(&w("w#1"), Instant::now());
+        assert!(!asking());
     }
 
     /// Another process under a worker's name counts as sharing it while that worker runs by what the
