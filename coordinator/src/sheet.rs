@@ -1,97 +1,67 @@
-//! A sweep's contact sheet: its results side by side in a grid, each labelled with its parameters in a small
-//! built-in bitmap font (so the coordinator needs no font files).
+//! A sweep's contact sheet: its results side by side in a grid, each labelled with its parameters in a
+//! bitmap font built into the binary (embedded-graphics' X11 misc-fixed; the coordinator needs no font
+//! files).
 
+use embedded_graphics::mono_font::{iso_8859_1::FONT_8X13, MonoFont, MonoTextStyle};
+use embedded_graphics::pixelcolor::Rgb888;
+use embedded_graphics::prelude::{DrawTarget, OriginDimensions, Point, RgbColor, Size};
+use embedded_graphics::text::{Baseline, Text};
+use embedded_graphics::{Drawable, Pixel};
 use image::{Rgb, RgbImage};
 
 use crate::Error;
 
-/// 5x7 glyphs, one byte a row, the low 5 bits left to right.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_uppercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '=' => [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00],
-        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
-        ',' => [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08],
-        ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        '_' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F],
-        '+' => [0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00],
-        '*' => [0x00, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x00],
-        // a failed or cancelled variant's label: "seed=2 (failed)"
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '[' => [0x0E, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0E],
-        ']' => [0x0E, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0E],
-        '/' => [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        ' ' => [0; 7],
-        _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
+/// The labels' font: X11's 8x13 misc-fixed, its Latin-1 glyphs (embedded-graphics'; a character it lacks
+/// is drawn as `?`).
+const FONT: MonoFont<'static> = FONT_8X13;
+/// A character's advance, px.
+const GLYPH_W: u32 = FONT.character_size.width + FONT.character_spacing;
+/// A line of label, px: the font's height and 2 px between lines.
+const LINE_H: u32 = FONT.character_size.height + 2;
+const PAD: u32 = 8;
+
+/// An image to draw text on ([`draw_text`]): what embedded-graphics draws into.
+struct Canvas<'a>(&'a mut RgbImage);
+
+impl OriginDimensions for Canvas<'_> {
+    fn size(&self) -> Size {
+        Size::new(self.0.width(), self.0.height())
     }
 }
 
-const SCALE: u32 = 2;
-const GLYPH_W: u32 = 6 * SCALE; // 5 columns and a space
-const LINE_H: u32 = 9 * SCALE;
-const PAD: u32 = 8;
+impl DrawTarget for Canvas<'_> {
+    type Color = Rgb888;
+    type Error = std::convert::Infallible;
 
-/// Draws `text` at (x, y), clipped to the image.
-fn draw_text(img: &mut RgbImage, text: &str, x: u32, y: u32, color: Rgb<u8>) {
-    for (i, c) in text.chars().enumerate() {
-        let rows = glyph(c);
-        for (row, bits) in rows.iter().enumerate() {
-            for col in 0..5 {
-                if bits & (0x10 >> col) == 0 {
-                    continue;
-                }
-                for dy in 0..SCALE {
-                    for dx in 0..SCALE {
-                        let (px, py) = (
-                            x + i as u32 * GLYPH_W + col * SCALE + dx,
-                            y + row as u32 * SCALE + dy,
-                        );
-                        if px < img.width() && py < img.height() {
-                            img.put_pixel(px, py, color);
-                        }
-                    }
+    fn draw_iter<I>(&mut self, pixels: I) -> Result<(), Self::Error>
+    where
+        I: IntoIterator<Item = Pixel<Rgb888>>,
+    {
+        for Pixel(at, color) in pixels {
+            // clipped to the image
+            if let (Ok(x), Ok(y)) = (u32::try_from(at.x), u32::try_from(at.y)) {
+                if x < self.0.width() && y < self.0.height() {
+                    self.0
+                        .put_pixel(x, y, Rgb([color.r(), color.g(), color.b()]));
                 }
             }
         }
+        Ok(())
     }
+}
+
+/// Draws `text` in black with its top left at (x, y), clipped to the image.
+fn draw_text(img: &mut RgbImage, text: &str, x: u32, y: u32) {
+    // none of it shows (embedded-graphics' positions are i32, and overflow past i32::MAX)
+    let (Ok(x), Ok(y)) = (i32::try_from(x), i32::try_from(y)) else {
+        return;
+    };
+    if x.unsigned_abs() >= img.width() || y.unsigned_abs() >= img.height() {
+        return;
+    }
+    let at = Point::new(x, y);
+    let style = MonoTextStyle::new(&FONT, Rgb888::BLACK);
+    let Ok(_) = Text::with_baseline(text, at, style, Baseline::Top).draw(&mut Canvas(img));
 }
 
 /// The longest side of a contact sheet, in pixels (RGB: 201 MB at most). A sweep of many points gets
@@ -254,7 +224,6 @@ fn sheet_within(
                 line,
                 x,
                 y + tile.height() + PAD / 2 + n as u32 * LINE_H,
-                Rgb([0, 0, 0]),
             );
         }
     }
@@ -326,8 +295,8 @@ mod tests {
     }
 
     /// The largest sweep (10,000 points, 100 x 100 cells 73 px wide) fits the side: its labels get the
-    /// lines a row leaves room for (3 of 18 px, under results 11 px tall: 8108 x 8108 px), where 4 lines
-    /// made it 8908 px tall and the sweep failed at its contact sheet.
+    /// lines a row leaves room for (3 of 15 px, under results 20 px tall: 8108 x 8108 px); a layout that
+    /// gave each label the lines it needs made the sheet too tall, and the sweep failed at it.
     #[test]
     fn the_largest_sweep_s_sheet_fits_its_side() {
         let cells = vec![(512, 512, "style_weight=100 seed=2".to_string()); 10_000];
@@ -338,28 +307,53 @@ mod tests {
                 cols: 100,
                 rows: 100,
                 cell_w: 73,
-                thumb_h: 11,
+                thumb_h: 20,
                 lines: 3,
                 width: 8108,
                 height: 8108,
             }
         );
-        // fewer points: wider cells (12 characters a line: 2 lines) and taller results
+        // fewer points: wider cells (19 characters a line: 2 lines) and taller results
         let layout = Layout::of(MAX_SHEET_SIDE, &cells[..2_500]).unwrap();
-        assert_eq!((layout.cell_w, layout.lines, layout.thumb_h), (155, 2, 111));
+        assert_eq!((layout.cell_w, layout.lines, layout.thumb_h), (155, 2, 117));
         assert!(layout.height <= MAX_SHEET_SIDE);
     }
 
     /// Each character of a sweep's labels (its parameters' names and values) and of a failed or
-    /// cancelled variant's state has a glyph of its own, not the box drawn for the others.
+    /// cancelled variant's state has a glyph of its own, not the `?` drawn for the others; so have
+    /// upper case and Latin-1's letters.
     #[test]
     fn every_character_of_a_label_has_a_glyph() {
-        let unknown = glyph('\u{1}');
-        let labels =
-            "abcdefghijklmnopqrstuvwxyz_ 0123456789.,:=-+ seed=2 (failed) (cancelled) [1/2] 50%";
+        let index = |c: char| FONT.glyph_mapping.index(c);
+        let unknown = index('\u{1}');
+        assert_eq!(unknown, index('?'));
+        let labels = "abcdefghijklmnopqrstuvwxyz_ 0123456789.,:=-+ seed=2 (failed) (cancelled) \
+                      [1/2] 50% ABCXYZ éèüñß";
         for c in labels.chars() {
-            assert_ne!(glyph(c), unknown, "{c:?} is drawn as a box");
+            assert_ne!(index(c), unknown, "{c:?} is drawn as `?`");
         }
+        assert_eq!(index('→'), unknown);
+    }
+
+    /// A label is drawn in its font's glyphs: lower case is not upper case, and text past the image's
+    /// edge is clipped.
+    #[test]
+    fn labels_are_drawn_in_the_font_clipped_to_the_image() {
+        let drawn = |text: &str| {
+            let mut img = RgbImage::from_pixel(GLYPH_W, LINE_H, Rgb([255, 255, 255]));
+            draw_text(&mut img, text, 0, 0);
+            img
+        };
+        assert_ne!(drawn("a"), drawn("A"));
+        assert!(drawn("a").pixels().any(|p| p.0 == [0, 0, 0]));
+        assert_eq!(
+            drawn("ab"),
+            drawn("ac"),
+            "the second character is past the edge"
+        );
+        let mut img = RgbImage::from_pixel(4, 4, Rgb([255, 255, 255]));
+        draw_text(&mut img, "seed=1", u32::MAX, u32::MAX);
+        draw_text(&mut img, "seed=1", 3, 3);
     }
 
     #[test]
