@@ -435,6 +435,14 @@ async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
         &[&common[..], &["--request-id", "disturbed"]].concat(),
     );
     wait_iteration(&cluster, &first, 5).await;
+    // a watch says why the task runs again
+    let watch = stylefarm_tests::stylefarm()
+        .args(["watch", &first])
+        .env("STYLEFARM_COORDINATOR", &cluster.url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     cluster.workers[0].kill();
     cluster.add_worker("survivor");
     let disturbed = wait_succeeded(&cluster, &first).await;
@@ -443,6 +451,14 @@ async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
         "the lost attempt and the one that finished"
     );
     assert!(disturbed.tasks[0].worker_id.starts_with("survivor"));
+    let watched = watch.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&watched.stderr);
+    assert!(
+        err.contains(
+            "task 0 (render) running again, attempt 2: the last ended: lease expired (worker lost)"
+        ),
+        "{err}"
+    );
 
     let second = submit(
         &cluster,

@@ -1067,6 +1067,8 @@ async fn watch_job(
     let mut failed_said = std::collections::HashSet::new();
     // the results whose warnings were said (a task may run again, and warn of its new result)
     let mut warnings_said = std::collections::HashSet::new();
+    // the attempts said to run again after a failed one, with why: (task, attempt, the failure)
+    let mut reruns_said = std::collections::HashSet::new();
     // where no bar is drawn: each task's state as last said
     let mut states_said: std::collections::HashMap<u32, pb::TaskState> = Default::default();
     let mut job_bar: Option<ProgressBar> = None;
@@ -1151,6 +1153,18 @@ async fn watch_job(
             .map(|d| format!(", about {} left", indicatif::HumanDuration(d)))
             .unwrap_or_default();
             bar.set_message(format!("tiles of scale {} done{left}", scale + 1));
+        }
+        // a task running again after an attempt that failed (its worker lost, an error that may pass): why,
+        // once an attempt (with bars too: a bar that starts over says nothing of it)
+        for t in status.tasks.iter().filter(|t| !t.replaced) {
+            let rerun = t.state() == pb::TaskState::Running && !t.error.is_empty();
+            if rerun && reruns_said.insert((t.index, t.attempts, t.error.clone())) {
+                say(format!(
+                    "task {} ({}) running again, attempt {}: the last ended: {}",
+                    t.index, t.label, t.attempts, t.error
+                ))?;
+                states_said.insert(t.index, pb::TaskState::Running);
+            }
         }
         // where no bar is drawn (stderr not a terminal: a log, CI), a line each time a task's state changes
         if multi.is_hidden() {
