@@ -160,6 +160,13 @@ async fn the_status_page_shows_a_running_tiled_job_and_cancels_it() {
     // and a login posted from another site's page
     let answer = http(&addr, "GET", "/api/status", &[], "").await;
     assert_eq!(answer.code, 401, "{}", answer.body);
+    assert!(
+        answer
+            .body
+            .contains("send the header 'Authorization: Bearer <token>'"),
+        "said for HTTP, not gRPC's metadata: {}",
+        answer.body
+    );
     let worker_auth = format!("Authorization: Bearer {WORKER_TOKEN}");
     let answer = http(&addr, "GET", "/api/status", &[&worker_auth], "").await;
     assert_eq!(answer.code, 403, "{}", answer.body);

@@ -698,7 +698,17 @@ impl Page {
     /// PERMISSION_DENIED (403, a worker token) otherwise.
     fn tenant(&self, headers: &HeaderMap) -> Result<Tenant, Failure> {
         let mut request = tonic::Request::new(());
-        if let Some(value) = token_of(headers, &self.sessions).and_then(|t| t.parse().ok()) {
+        let token = token_of(headers, &self.sessions);
+        if token.is_none() && self.coordinator.gate.enabled() {
+            // said for HTTP (gRPC's says its metadata, and the commands' flags)
+            return Err(Failure(
+                StatusCode::UNAUTHORIZED,
+                "authorization: missing (log in at / with a client token, or send the header \
+                 'Authorization: Bearer <token>')"
+                    .into(),
+            ));
+        }
+        if let Some(value) = token.and_then(|t| t.parse().ok()) {
             request
                 .metadata_mut()
                 .insert(stylefarm_proto::connect::AUTHORIZATION, value);
@@ -737,6 +747,10 @@ fn page_headers(content_type: &'static str) -> [(header::HeaderName, &'static st
 async fn index(State(page): State<Page>, headers: HeaderMap) -> Response {
     match page.tenant(&headers) {
         Ok(_) => (page_headers("text/html; charset=utf-8"), PAGE).into_response(),
+        // no token yet: the form, without an error
+        Err(Failure(code, _)) if token_of(&headers, &page.sessions).is_none() => {
+            login_page(code, "")
+        }
         Err(Failure(code, message)) => login_page(code, &message),
     }
 }
