@@ -1012,7 +1012,8 @@ fn show_task(bar: &ProgressBar, t: &pb::TaskStatus) {
 const REWATCH_FOR: Duration = Duration::from_secs(120);
 
 /// The job's event stream again, once connected again ([`FarmClient::reconnect`]), trying for up to
-/// [`REWATCH_FOR`] with backoff (0.5 s doubling to 5 s); the last error after that.
+/// [`REWATCH_FOR`] with backoff ([`stylefarm_proto::Backoff`]: 0.25 s doubling to 2.5 s, with jitter up to
+/// as much again); the last error after that.
 async fn rewatch(
     client: &mut FarmClient,
     job_id: &JobId,

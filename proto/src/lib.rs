@@ -96,17 +96,26 @@ pub fn answered_unavailable(status: &tonic::Status) -> bool {
 }
 
 /// A caller's waits between tries of a call that failed and may succeed later (the coordinator out of
-/// reach for a while, or busy: [`retry_later`]): 0.5 s, doubling with each wait, up to [`Backoff::MAX`].
-#[derive(Debug, Clone)]
+/// reach for a while, or busy: [`retry_later`]): exponential with jitter (backon's), 0.25 s doubling up
+/// to 2.5 s, each plus a random share of up to itself: 0.25 to 0.5 s first, then 0.5 to 1 s, ..., 2.5 to
+/// 5 s ([`Backoff::MAX`]) from the fifth on. The jitter spreads the tries of many workers that lost their
+/// coordinator at one moment, where equal waits would bring them back at the same instants.
+#[derive(Debug)]
 pub struct Backoff {
-    next: std::time::Duration,
+    waits: backon::ExponentialBackoff,
 }
 
 impl Default for Backoff {
     fn default() -> Backoff {
-        Backoff {
-            next: std::time::Duration::from_millis(500),
-        }
+        use backon::BackoffBuilder as _;
+        let waits = backon::ExponentialBuilder::default()
+            .with_min_delay(Self::MAX / 20)
+            .with_max_delay(Self::MAX / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        Backoff { waits }
     }
 }
 
@@ -116,9 +125,8 @@ impl Backoff {
 
     /// The next wait.
     pub fn next_wait(&mut self) -> std::time::Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        wait
+        // without_max_times: the waits go on
+        self.waits.next().unwrap_or(Self::MAX).min(Self::MAX)
     }
 
     /// The next wait before sending again a request that got `status`, an [`answered_unavailable`] one:
@@ -154,29 +162,42 @@ mod tests {
         assert_eq!(retry_delay(&tonic::Status::unavailable("down")), None);
     }
 
-    /// A failed call's waits: 0.5 s doubling up to 5 s.
-    #[test]
-    fn the_backoff_doubles_up_to_its_longest() {
-        let mut backoff = Backoff::default();
-        let waits: Vec<_> = (0..6).map(|_| backoff.next_wait().as_secs_f64()).collect();
-        assert_eq!(waits, [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]);
+    /// Each wait's bounds: 0.25 s doubling up to 2.5 s, and up to as much again.
+    const BASES: [f64; 7] = [0.25, 0.5, 1.0, 2.0, 2.5, 2.5, 2.5];
+
+    fn within_bounds(waits: &[Duration], at_least: f64) -> bool {
+        waits.iter().zip(BASES).all(|(wait, base)| {
+            let (wait, low) = (wait.as_secs_f64(), base.max(at_least));
+            wait >= low && wait <= (2.0 * base).max(at_least) + 1e-6
+        })
     }
 
-    /// The backoff waits the delay asked for or its own, doubling up to 5 s; a status that does not ask
-    /// gets no wait, and leaves the backoff as it was.
+    /// A failed call's waits: 0.25 s doubling up to 2.5 s, each plus up to as much again, at most 5 s; two
+    /// callers' waits differ (the jitter).
+    #[test]
+    fn the_backoff_doubles_up_to_its_longest_with_jitter() {
+        let waits = || {
+            let mut backoff = Backoff::default();
+            (0..7).map(|_| backoff.next_wait()).collect::<Vec<_>>()
+        };
+        let (one, other) = (waits(), waits());
+        assert!(within_bounds(&one, 0.0), "{one:?}");
+        assert!(within_bounds(&other, 0.0), "{other:?}");
+        assert_ne!(one, other, "jittered");
+        assert!(one.iter().all(|w| *w <= Backoff::MAX));
+    }
+
+    /// The backoff waits the delay asked for or its own, when longer; a status that does not ask gets no
+    /// wait, and leaves the backoff as it was.
     #[test]
     fn a_busy_answer_waits_the_delay_it_asks_or_the_backoff_s() {
         let mut backoff = Backoff::default();
         let busy = retry_later("busy", Duration::from_secs(1));
-        let waits: Vec<_> = (0..6).map(|_| backoff.wait_for(&busy).unwrap()).collect();
-        let secs = |s: &[f64]| {
-            s.iter()
-                .map(|&s| Duration::from_secs_f64(s))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(waits, secs(&[1.0, 1.0, 2.0, 4.0, 5.0, 5.0]));
+        let waits: Vec<_> = (0..7).map(|_| backoff.wait_for(&busy).unwrap()).collect();
+        assert!(within_bounds(&waits, 1.0), "{waits:?}");
         let mut fresh = Backoff::default();
         assert_eq!(fresh.wait_for(&tonic::Status::unavailable("down")), None);
-        assert_eq!(fresh.next_wait(), Duration::from_millis(500));
+        let first = fresh.next_wait().as_secs_f64();
+        assert!((0.25..=0.5).contains(&first), "{first}");
     }
 }
