@@ -362,11 +362,7 @@ pub fn warnings<S: AsRef<str>>(sent: impl IntoIterator<Item = S>) -> Vec<String>
 
 /// The longest start of `text` of at most `bytes` bytes that ends at a character boundary.
 pub fn at_most(text: &str, bytes: usize) -> &str {
-    let mut end = text.len().min(bytes);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
+    &text[..text.floor_char_boundary(bytes)]
 }
 
 #[cfg(test)]

@@ -22,8 +22,9 @@ pub(crate) fn total_memory(device: Device) -> Option<u64> {
 
 /// The memory in use now, in bytes, for the metrics and the coordinator's status page (sampled by
 /// [`MemorySampler`] for each lease request and heartbeat): on a CPU the worker process's resident set; on a GPU
-/// the device's used memory as NVML reports it (`nvmlDeviceGetMemoryInfo` in libnvidia-ml.so.1, the
-/// driver's management library: every process's allocations on the device, libtorch's cache included).
+/// the device's used memory as NVML reports it ([`cuda_used_memory`]: `nvmlDeviceGetMemoryInfo_v2` in
+/// libnvidia-ml.so.1, the driver's management library, through nvml-wrapper: every process's allocations
+/// on the device, libtorch's cache included).
 /// `None` when it cannot be read.
 pub(crate) fn memory_in_use(device: Device) -> Option<u64> {
     match device {
@@ -83,89 +84,41 @@ impl MemorySampler {
     }
 }
 
-/// NVML's `nvmlMemory_t`: total, free and used bytes.
-#[repr(C)]
-struct NvmlMemory {
-    total: u64,
-    free: u64,
-    used: u64,
-}
-
-/// NVML's entry points this worker calls, from a library loaded and initialized once for the process (a
-/// sample every 2 s loading and initializing it again would hold a new copy's handles each time).
-struct Nvml {
-    handle_of: unsafe extern "C" fn(
-        std::os::raw::c_uint,
-        *mut *mut std::ffi::c_void,
-    ) -> std::os::raw::c_int,
-    memory_info:
-        unsafe extern "C" fn(*mut std::ffi::c_void, *mut NvmlMemory) -> std::os::raw::c_int,
-}
-
-/// The process' NVML, loaded once it could be (a failure, e.g. a driver still loading, is tried again at
-/// the next sample), or why it cannot be had.
-fn nvml() -> Result<&'static Nvml, String> {
-    static NVML: std::sync::OnceLock<Nvml> = std::sync::OnceLock::new();
+/// The process' NVML (nvml-wrapper's, which loads libnvidia-ml.so.1 at run time), initialized once it
+/// could be (a failure, e.g. a driver still loading, is tried again at the next sample), or why it cannot
+/// be had.
+fn nvml() -> Result<&'static nvml_wrapper::Nvml, String> {
+    static NVML: std::sync::OnceLock<nvml_wrapper::Nvml> = std::sync::OnceLock::new();
     if let Some(nvml) = NVML.get() {
         return Ok(nvml);
     }
-    let loaded = (|| {
-        // SAFETY: libnvidia-ml.so.1 is NVIDIA's management library; these symbols have these C
-        // signatures in every driver since NVML's v2 entry points (nvml.h: nvmlReturn_t nvmlInit_v2(void),
-        // nvmlDeviceGetHandleByIndex_v2(unsigned int, nvmlDevice_t*), nvmlDeviceGetMemoryInfo(nvmlDevice_t,
-        // nvmlMemory_t*) with nvmlDevice_t an opaque pointer and nvmlMemory_t three unsigned long longs);
-        // the library is never unloaded (forgotten below), so the pointers kept stay valid.
-        unsafe {
-            let lib = libloading::Library::new("libnvidia-ml.so.1").map_err(|e| e.to_string())?;
-            let init: libloading::Symbol<'_, unsafe extern "C" fn() -> std::os::raw::c_int> =
-                lib.get(b"nvmlInit_v2\0").map_err(|e| e.to_string())?;
-            match init() {
-                0 => {}
-                r => return Err(format!("nvmlInit_v2 returned nvmlReturn_t {r}")),
-            }
-            let nvml = Nvml {
-                handle_of: *lib
-                    .get(b"nvmlDeviceGetHandleByIndex_v2\0")
-                    .map_err(|e| e.to_string())?,
-                memory_info: *lib
-                    .get(b"nvmlDeviceGetMemoryInfo\0")
-                    .map_err(|e| e.to_string())?,
-            };
-            std::mem::forget(lib);
-            Ok(nvml)
-        }
-    })()?;
-    // two samples that loaded it at once: one is kept (the other's library stays loaded, unused)
+    let loaded = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML: {e}"))?;
+    // two samples that initialized it at once: one is kept (the other shuts its reference down)
     Ok(NVML.get_or_init(|| loaded))
 }
 
+/// The memory in use on CUDA device `index`, as NVML reports it. NVML numbers the GPUs in PCI order,
+/// whatever `CUDA_VISIBLE_DEVICES` and `CUDA_DEVICE_ORDER` say, where CUDA (and libtorch) numbers those it
+/// is shown: the device is found by the PCI bus id that the driver API gives CUDA's `index`.
 fn cuda_used_memory(index: usize) -> Result<u64, String> {
-    let index = std::os::raw::c_uint::try_from(index).map_err(|e| e.to_string())?;
-    let check = |what: &str, r: std::os::raw::c_int| {
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(format!("{what} returned nvmlReturn_t {r}"))
+    static BUS_IDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let bus_ids = match BUS_IDS.get() {
+        Some(ids) => ids,
+        None => {
+            let ids = cuda_devices()?.into_iter().map(|d| d.pci_bus_id).collect();
+            BUS_IDS.get_or_init(|| ids)
         }
     };
-    let nvml = nvml()?;
-    let mut handle = std::ptr::null_mut();
-    let mut memory = NvmlMemory {
-        total: 0,
-        free: 0,
-        used: 0,
-    };
-    // SAFETY: NVML's functions as [`nvml`] loaded them, with the pointers they write to
-    unsafe {
-        check(
-            "nvmlDeviceGetHandleByIndex_v2",
-            (nvml.handle_of)(index, &mut handle),
-        )?;
-        check(
-            "nvmlDeviceGetMemoryInfo",
-            (nvml.memory_info)(handle, &mut memory),
-        )?;
-    }
+    let bus_id = bus_ids.get(index).ok_or_else(|| {
+        format!(
+            "cuda:{index} is not among the {} GPU(s) the driver sees",
+            bus_ids.len()
+        )
+    })?;
+    let device = (nvml()?.device_by_pci_bus_id(bus_id.as_str()))
+        .map_err(|e| format!("NVML: the GPU at PCI {bus_id}: {e}"))?;
+    let memory =
+        (device.memory_info()).map_err(|e| format!("NVML: memory of PCI {bus_id}: {e}"))?;
     Ok(memory.used)
 }
 
@@ -191,6 +144,20 @@ const CUDA_ERROR_NO_DEVICE: CuResult = 100;
 /// allocator unstarted, so it may run before [`cuda_memory_limit`]'s setting is made. An error says what
 /// failed in a driver that is there.
 pub fn gpu_total_memories() -> Result<Vec<u64>, String> {
+    Ok(cuda_devices()?.into_iter().map(|d| d.total_bytes).collect())
+}
+
+/// A GPU as the driver API sees it ([`cuda_devices`]).
+struct CudaDevice {
+    /// Its memory, bytes.
+    total_bytes: u64,
+    /// Its PCI bus id, `domain:bus:device.function` in hexadecimal (`0000:3b:00.0`): how NVML finds it.
+    pci_bus_id: String,
+}
+
+/// Each GPU the NVIDIA driver sees, in CUDA's order ([`gpu_total_memories`]); empty without a driver or a
+/// GPU.
+fn cuda_devices() -> Result<Vec<CudaDevice>, String> {
     let check = |what: &str, r: CuResult| {
         if r == 0 {
             Ok(())
@@ -198,10 +165,11 @@ pub fn gpu_total_memories() -> Result<Vec<u64>, String> {
             Err(format!("{what} returned CUresult {r}"))
         }
     };
-    // SAFETY: libcuda.so.1 is NVIDIA's driver library; the four symbols have these C signatures in every
-    // driver since CUDA 3.2 (cuda.h: CUresult cuInit(unsigned int), cuDeviceGetCount(int*),
-    // cuDeviceGet(CUdevice*, int), cuDeviceTotalMem_v2(size_t*, CUdevice) with CUdevice an int); the
-    // library is never unloaded (below), so it stays loaded while they are called and after.
+    // SAFETY: libcuda.so.1 is NVIDIA's driver library; the five symbols have these C signatures in every
+    // driver since CUDA 4.1 (cuda.h: CUresult cuInit(unsigned int), cuDeviceGetCount(int*),
+    // cuDeviceGet(CUdevice*, int), cuDeviceTotalMem_v2(size_t*, CUdevice), cuDeviceGetPCIBusId(char*,
+    // int, CUdevice) with CUdevice an int, the last writing a NUL-terminated string of at most its length);
+    // the library is never unloaded (below), so it stays loaded while they are called and after.
     unsafe {
         let Ok(lib) = libloading::Library::new("libcuda.so.1") else {
             return Ok(Vec::new());
@@ -222,7 +190,17 @@ pub fn gpu_total_memories() -> Result<Vec<u64>, String> {
         > = lib
             .get(b"cuDeviceTotalMem_v2\0")
             .map_err(|e| e.to_string())?;
-        let totals = match init(0) {
+        let bus_id: libloading::Symbol<
+            '_,
+            unsafe extern "C" fn(
+                *mut std::os::raw::c_char,
+                std::os::raw::c_int,
+                std::os::raw::c_int,
+            ) -> CuResult,
+        > = lib
+            .get(b"cuDeviceGetPCIBusId\0")
+            .map_err(|e| e.to_string())?;
+        let devices = match init(0) {
             CUDA_ERROR_NO_DEVICE => Ok(Vec::new()),
             r => check("cuInit", r).and_then(|()| {
                 let mut count: std::os::raw::c_int = 0;
@@ -233,14 +211,25 @@ pub fn gpu_total_memories() -> Result<Vec<u64>, String> {
                         check("cuDeviceGet", device_get(&mut device, ordinal))?;
                         let mut bytes: usize = 0;
                         check("cuDeviceTotalMem_v2", total_mem(&mut bytes, device))?;
-                        Ok(bytes as u64)
+                        let mut id = [0 as std::os::raw::c_char; 64];
+                        check(
+                            "cuDeviceGetPCIBusId",
+                            bus_id(id.as_mut_ptr(), id.len() as std::os::raw::c_int, device),
+                        )?;
+                        let pci_bus_id = std::ffi::CStr::from_ptr(id.as_ptr())
+                            .to_string_lossy()
+                            .into_owned();
+                        Ok(CudaDevice {
+                            total_bytes: bytes as u64,
+                            pci_bus_id,
+                        })
                     })
                     .collect()
             }),
         };
         // an initialized driver unloaded before libtorch loads it again would be initialized twice
         std::mem::forget(lib);
-        totals
+        devices
     }
 }
 
