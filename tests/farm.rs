@@ -3594,29 +3594,21 @@ async fn workers_lists_each_worker_with_its_health_and_task() {
     // dropped with its connection), not idle for the minute it stays live for planning
     cluster.workers[1 - index].kill();
     let idle_name = idle[0].split('#').next().unwrap().to_string();
-    wait_for(
-        "the killed idle worker to go silent",
-        Duration::from_secs(7),
-        || async {
-            let (_, out, _) = cluster.cli(&["workers"]);
-            out.lines()
-                .any(|l| l.starts_with(&format!("{idle_name}#")) && l.contains("\tsilent\t"))
-                .then_some(())
-        },
-    )
-    .await;
+    goes_silent(&cluster, &idle_name, Duration::from_secs(7)).await;
     // the busy worker killed: silent once its lease (2 s) lapses, and no longer busy
     cluster.workers[index].kill();
-    wait_for(
-        "the killed worker to go silent",
-        Duration::from_secs(30),
-        || async {
-            let (_, out, _) = cluster.cli(&["workers"]);
-            out.lines()
-                .any(|l| l.starts_with(&format!("{busy_name}#")) && l.contains("\tsilent\t"))
-                .then_some(())
-        },
-    )
+    goes_silent(&cluster, &busy_name, Duration::from_secs(30)).await;
+}
+
+/// Waits until `stylefarm workers` lists worker `name` silent, for at most `within`.
+async fn goes_silent(cluster: &Cluster, name: &str, within: Duration) {
+    let what = format!("the killed worker {name} to go silent");
+    wait_for(&what, within, || async {
+        let (_, out, _) = cluster.cli(&["workers"]);
+        out.lines()
+            .any(|l| l.starts_with(&format!("{name}#")) && l.contains("\tsilent\t"))
+            .then_some(())
+    })
     .await;
 }
 

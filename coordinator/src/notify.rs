@@ -5,7 +5,8 @@
 //!
 //! Each end of a job that this coordinator sees while it serves is sent until a 2xx answer, at most
 //! [`NOTIFY_TRIES`] times (the same body and `X-Stylefarm-Delivery` header, by which a receiver drops a
-//! repeat), after [`stylefarm_proto::Backoff`]'s waits; a 4xx answer other than 408 and 429 says the receiver
+//! repeat), after [`stylefarm_proto::Backoff`]'s waits, or the wait an answer asks for in its `Retry-After`
+//! (up to [`MAX_RETRY_AFTER`]) when longer; a 4xx answer other than 408 and 429 says the receiver
 //! refuses it, and a redirect that the URL is not the receiver's own: neither is sent again. While the
 //! receiver is away, at most [`MAX_QUEUED`] notifications wait; one more is dropped. Each end is marked with
 //! its job as it ends ([`crate::model::JobMeta::unannounced`]) and unmarked once delivered, refused or
@@ -48,6 +49,10 @@ pub const NOTIFY_TRIES: u32 = 10;
 
 /// How long one try may take, answer included.
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest wait a receiver's `Retry-After` gets: one that asks for more is sent
+/// again after this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Notifications being sent at once; more wait for one to be done.
 const SENDING_AT_ONCE: usize = 8;
@@ -382,6 +387,24 @@ pub(crate) struct Receiver<'a> {
 
 /// POSTs `ended` to the receiver ([the module's docs](self) say how often and with which headers); how it
 /// ended.
+/// The wait that a receiver's answer asks for before the next try: its `Retry-After` header (RFC 9110
+/// 10.2.3: seconds, or an HTTP date), at most [`MAX_RETRY_AFTER`]; `None` without one that reads.
+fn retry_after(answer: &reqwest::Response) -> Option<Duration> {
+    let value = answer
+        .headers()
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => (httpdate::parse_http_date(value).ok()?)
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
 pub(crate) async fn deliver(
     client: &reqwest::Client,
     to: Receiver<'_>,
@@ -424,7 +447,7 @@ pub(crate) async fn deliver(
             }
         }
         let sent = post.body(body.clone()).send().await;
-        let why = match sent {
+        let (why, asked) = match sent {
             Ok(answer) if answer.status().is_redirection() => {
                 tracing::error!(
                     job_id = ended.job_id,
@@ -455,12 +478,15 @@ pub(crate) async fn deliver(
                 );
                 return Delivered::Refused;
             }
-            Ok(answer) => format!("answered {}", answer.status()),
+            Ok(answer) => (
+                format!("answered {}", answer.status()),
+                retry_after(&answer),
+            ),
             // reqwest's error names the URL; only its host is logged
-            Err(e) => format!("not answered: {}", e.without_url()),
+            Err(e) => (format!("not answered: {}", e.without_url()), None),
         };
         if attempt < NOTIFY_TRIES {
-            let wait = backoff.next_wait();
+            let wait = backoff.next_wait().max(asked.unwrap_or_default());
             tracing::warn!(
                 job_id = ended.job_id,
                 host,
@@ -516,6 +542,11 @@ mod tests {
                 let code = answers.get(n).copied().unwrap_or(204);
                 let mut answer = axum::response::Response::new(axum::body::Body::empty());
                 *answer.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                // too many requests: the next try in a second
+                if code == 429 {
+                    let headers = answer.headers_mut();
+                    headers.insert(http::header::RETRY_AFTER, "1".parse().unwrap());
+                }
                 if code / 100 == 3 {
                     answer
                         .headers_mut()
@@ -531,7 +562,7 @@ mod tests {
     }
 
     /// A 4xx answer other than 408 and 429 is a refusal and a redirect is not followed: neither is sent
-    /// again; a 429 is, and the next 2xx delivers it.
+    /// again; a 429 is, after the second its `Retry-After` asks for, and the next 2xx delivers it.
     #[tokio::test]
     async fn a_refusal_or_a_redirect_ends_a_delivery_and_too_many_requests_does_not() {
         let ended = JobEnded {
@@ -562,9 +593,16 @@ mod tests {
                 host: "127.0.0.1",
                 signing: &[],
             };
+            let started = std::time::Instant::now();
             assert_eq!(deliver(&client, to, &ended).await, outcome, "{answers:?}");
             let got = got.load(std::sync::atomic::Ordering::SeqCst);
             assert_eq!(got, posts, "{answers:?}");
+            if answers[0] == 429 {
+                assert!(
+                    started.elapsed() >= Duration::from_secs(1),
+                    "Retry-After waited"
+                );
+            }
         }
     }
 

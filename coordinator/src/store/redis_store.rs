@@ -641,8 +641,11 @@ impl RedisStore {
     }
 
     fn start(url: &str, prefix: &str, lease: Option<Duration>) -> Result<RedisStore, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| err(format!("redis url '{url}': {e}")))?;
+        let client = redis::Client::open(url).map_err(|e| {
+            // the url without its password
+            let url = stylefarm_proto::connect::shown_url(url);
+            err(format!("redis url '{url}': {e}"))
+        })?;
         // the server named: "Connection refused" alone does not say which (the url without its password)
         let at = |e: StoreError| {
             let server = client.get_connection_info().addr().to_string();
@@ -1488,6 +1491,16 @@ mod tests {
         assert!(
             e.message
                 .ends_with(&format!(" (redis at 127.0.0.1:{port})"))
+                && !e.message.contains("secret"),
+            "{e}"
+        );
+        // a url that does not parse is named without its password too
+        let e = RedisStore::open("redis://:secret@127.0.0.1:99999999/", "farm")
+            .err()
+            .expect("refused");
+        assert!(
+            e.message
+                .starts_with("redis url 'redis://***@127.0.0.1:99999999/'")
                 && !e.message.contains("secret"),
             "{e}"
         );
