@@ -454,9 +454,7 @@ async fn a_worker_killed_mid_task_is_replaced_and_the_pixels_are_the_same() {
     let watched = watch.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&watched.stderr);
     assert!(
-        err.contains(
-            "task 0 (render) running again, attempt 2: the last ended: lease expired (worker lost)"
-        ),
+        err.contains("task 0 (render) running again, attempt 2: lease expired (worker lost)"),
         "{err}"
     );
 
@@ -3184,7 +3182,7 @@ async fn a_farm_render_that_ends_worse_than_it_began_succeeds_with_its_warning()
     assert!(err.contains("task 0 (render) succeeded"), "{err}");
     let lines: Vec<&str> = status.lines().collect();
     assert!(
-        lines[0].ends_with("1 task(s) rendered with warnings (`stylefarm status` lists them)"),
+        lines[0].ends_with("1 task(s) rendered with warnings"),
         "{status}"
     );
     assert!(lines
@@ -3590,11 +3588,11 @@ async fn workers_lists_each_worker_with_its_health_and_task() {
     assert_eq!((idle[1], tags, idle[6]), ("idle", expected, ""), "{out}");
     let busy_name = busy[0].split('#').next().unwrap().to_string();
     let index = if busy_name == "plain" { 0 } else { 1 };
-    // the idle worker killed: silent within 5 s of its last poll's start (its poll, which waits 10 s,
-    // dropped with its connection), not idle for the minute it stays live for planning
+    // the idle worker killed: silent 6 s after its poll (which waits 10 s) dropped with its connection,
+    // not idle for the minute it stays live for planning
     cluster.workers[1 - index].kill();
     let idle_name = idle[0].split('#').next().unwrap().to_string();
-    goes_silent(&cluster, &idle_name, Duration::from_secs(7)).await;
+    goes_silent(&cluster, &idle_name, Duration::from_secs(9)).await;
     // the busy worker killed: silent once its lease (2 s) lapses, and no longer busy
     cluster.workers[index].kill();
     goes_silent(&cluster, &busy_name, Duration::from_secs(30)).await;

@@ -1155,13 +1155,13 @@ async fn watch_job(
             .unwrap_or_default();
             bar.set_message(format!("tiles of scale {} done{left}", scale + 1));
         }
-        // a task running again after an attempt that failed (its worker lost, an error that may pass): why,
-        // once an attempt (with bars too: a bar that starts over says nothing of it)
+        // a task running again (its last attempt failed: its worker lost, an error that may pass; or its
+        // shard group runs again): why, once an attempt (with bars too: a bar that starts over says nothing)
         for t in status.tasks.iter().filter(|t| !t.replaced) {
             let rerun = t.state() == pb::TaskState::Running && !t.error.is_empty();
             if rerun && reruns_said.insert((t.index, t.attempts, t.error.clone())) {
                 say(format!(
-                    "task {} ({}) running again, attempt {}: the last ended: {}",
+                    "task {} ({}) running again, attempt {}: {}",
                     t.index, t.label, t.attempts, t.error
                 ))?;
                 states_said.insert(t.index, pb::TaskState::Running);
@@ -1568,7 +1568,7 @@ fn print_status(s: &pb::JobStatus) {
     } else if s.error.is_empty() && left_out > 0 {
         format!("{left_out} content image(s) left out at its submit")
     } else if s.error.is_empty() && warned > 0 {
-        format!("{warned} task(s) rendered with warnings (`stylefarm status` lists them)")
+        format!("{warned} task(s) rendered with warnings")
     } else {
         s.error.clone()
     };

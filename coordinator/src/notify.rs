@@ -385,8 +385,6 @@ pub(crate) struct Receiver<'a> {
     pub(crate) signing: &'a [standardwebhooks::Webhook],
 }
 
-/// POSTs `ended` to the receiver ([the module's docs](self) say how often and with which headers); how it
-/// ended.
 /// The wait that a receiver's answer asks for before the next try: its `Retry-After` header (RFC 9110
 /// 10.2.3: seconds, or an HTTP date), at most [`MAX_RETRY_AFTER`]; `None` without one that reads.
 fn retry_after(answer: &reqwest::Response) -> Option<Duration> {
@@ -405,6 +403,8 @@ fn retry_after(answer: &reqwest::Response) -> Option<Duration> {
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
+/// POSTs `ended` to the receiver ([the module's docs](self) say how often and with which headers); how it
+/// ended.
 pub(crate) async fn deliver(
     client: &reqwest::Client,
     to: Receiver<'_>,

@@ -237,7 +237,8 @@ pub struct TaskRow {
     pub result: String,
     /// The last failed attempt's error.
     pub error: String,
-    /// What the engine warned of while it rendered the result, once succeeded (`pb::TaskStatus::warnings`).
+    /// What the engine warned of while it rendered the result, once succeeded (`pb::TaskStatus::warnings`):
+    /// the first, with how many more there are.
     pub warnings: Vec<String>,
     /// Its last checkpoint (`--checkpoint-every`, `--checkpoint-secs`), which its next attempt starts
     /// from: scale and iteration.
@@ -330,7 +331,12 @@ fn task_row(t: &TaskRecord, p: Option<&TaskProgress>) -> TaskRow {
             .map(ToString::to_string)
             .unwrap_or_default(),
         error: t.error.clone(),
-        warnings: t.warnings.clone(),
+        // the first, and how many more (a page of many tasks stays small; `stylefarm status` lists all)
+        warnings: match &t.warnings[..] {
+            [] => Vec::new(),
+            [one] => vec![one.clone()],
+            [first, rest @ ..] => vec![format!("{first} (and {} more)", rest.len())],
+        },
         checkpoint: t.checkpoint.as_ref().map(|c| [c.scale, c.iteration]),
         rect: t.spec.scale.as_ref().and_then(|s| match s.part {
             ScalePart::Tile { rect, .. } | ScalePart::Shard { rect, .. } => {

@@ -50,6 +50,8 @@ pub struct WorkerInfo {
     /// Its lease polls under way ([`Registry::polling`]): an idle worker has one at almost every moment,
     /// and none once its process died (its connection closed, the call was dropped).
     pub polling: u32,
+    /// When its last lease poll ended (answered, or dropped with its connection); `None`: none yet.
+    pub poll_ended: Option<Instant>,
 }
 
 /// Why a worker heard from lately is not live ([`WorkerInfo::gone`]).
@@ -89,11 +91,14 @@ impl WorkerInfo {
         self.gone.is_none() && since.is_none_or(|c| self.last_seen > c)
     }
 
-    /// Whether it asks for work now: not gone, with a lease poll under way or one answered within
-    /// 5 s (`POLL_GAP`: the next follows at once). A worker process that died idle is not (its poll dropped
-    /// with its connection), though it stays live for planning for [`LIVE_WINDOW`].
+    /// Whether it asks for work now: not gone, with a lease poll under way, or a call (a poll's start or
+    /// another) or a poll's end within 6 s (`POLL_GAP`: the next poll follows). A worker process that died
+    /// idle is not, 6 s after its poll dropped with its connection, though it stays live for planning for
+    /// [`LIVE_WINDOW`].
     pub fn asking(&self) -> bool {
-        self.gone.is_none() && (self.polling > 0 || self.last_seen.elapsed() <= POLL_GAP)
+        let within = |at: Instant| at.elapsed() <= POLL_GAP;
+        self.gone.is_none()
+            && (self.polling > 0 || within(self.last_seen) || self.poll_ended.is_some_and(within))
     }
 
     /// Its worker process ([`WorkerInfo::instance`]) while the process is known and runs by what the
@@ -113,9 +118,9 @@ impl WorkerInfo {
 const PROCESS_HEARD_WITHIN: Duration = Duration::from_secs(15);
 
 /// How long an idle worker goes between its lease polls at most ([`WorkerInfo::asking`]): the next goes
-/// as the last is answered, after a failed one's backoff (half a second, or the delay a busy coordinator
-/// asks for), or after the worker's last task's report.
-const POLL_GAP: Duration = Duration::from_secs(5);
+/// as the last is answered, or after a failed one's backoff (at most [`stylefarm_proto::Backoff::MAX`], or
+/// the delay a busy coordinator asks for), a second more for the call to come.
+const POLL_GAP: Duration = stylefarm_proto::Backoff::MAX.saturating_add(Duration::from_secs(1));
 
 /// A lease poll of a worker under way ([`Registry::polling`]), counted until dropped.
 pub struct Polling<'a> {
@@ -127,6 +132,7 @@ impl Drop for Polling<'_> {
     fn drop(&mut self) {
         if let Some(w) = self.registry.workers().get_mut(&self.id) {
             w.polling = w.polling.saturating_sub(1);
+            w.poll_ended = Some(Instant::now());
         }
     }
 }
@@ -234,6 +240,7 @@ impl Registry {
                 leaving: false,
                 instance,
                 polling: 0,
+                poll_ended: None,
             },
         );
         others
@@ -284,6 +291,7 @@ impl Registry {
                 leaving: false,
                 instance: 0,
                 polling: 0,
+                poll_ended: None,
             },
         );
     }
@@ -539,7 +547,8 @@ mod tests {
     }
 
     /// A worker asks for work while a lease poll of it is under way, or within [`POLL_GAP`] of its last
-    /// call; not once its poll dropped and that passed, nor once gone, though it stays live.
+    /// call or of its last poll's end (the next poll on its way); not once that passed, nor once gone,
+    /// though it stays live.
     #[test]
     fn an_idle_worker_asks_for_work_while_it_polls() {
         let r = Registry::default();
@@ -547,9 +556,13 @@ mod tests {
         let asking = || r.get(&w("w#1")).unwrap().asking();
         assert!(asking());
         let polling = r.polling(&w("w#1"));
-        r.workers().get_mut("w#1").unwrap().last_seen = Instant::now() - 2 * POLL_GAP;
+        let long_ago = Instant::now() - 2 * POLL_GAP;
+        r.workers().get_mut("w#1").unwrap().last_seen = long_ago;
         assert!(asking());
+        // a poll that started long ago has just ended: the next is on its way
         drop(polling);
+        assert!(asking());
+        r.workers().get_mut("w#1").unwrap().poll_ended = Some(long_ago);
         assert!(!asking());
         assert_eq!(r.live().len(), 1);
         r.seen(&w("w#1"), 0, None);

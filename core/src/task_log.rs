@@ -352,7 +352,7 @@ pub fn warnings<S: AsRef<str>>(sent: impl IntoIterator<Item = S>) -> Vec<String>
         if kept.len() == MAX_WARNINGS {
             break;
         }
-        let warning = clip_line(warning.as_ref().trim());
+        let warning = clip_line(warning.as_ref()).trim().to_string();
         if !warning.is_empty() && !kept.contains(&warning) {
             kept.push(warning);
         }

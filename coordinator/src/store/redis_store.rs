@@ -642,8 +642,12 @@ impl RedisStore {
 
     fn start(url: &str, prefix: &str, lease: Option<Duration>) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url).map_err(|e| {
-            // the url without its password
-            let url = stylefarm_proto::connect::shown_url(url);
+            // the url without its password: all before its last '@' (a password that makes it fail to parse
+            // may hold '/', '?' or '#', which end the authority of a url that parses)
+            let url = match (url.split_once("://"), url.rsplit_once('@')) {
+                (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+                _ => url.to_string(),
+            };
             err(format!("redis url '{url}': {e}"))
         })?;
         // the server named: "Connection refused" alone does not say which (the url without its password)
@@ -1502,6 +1506,13 @@ mod tests {
             e.message
                 .starts_with("redis url 'redis://***@127.0.0.1:99999999/'")
                 && !e.message.contains("secret"),
+            "{e}"
+        );
+        let e = RedisStore::open("redis://:se/cr#et@127.0.0.1:99999999/", "farm")
+            .err()
+            .expect("refused");
+        assert!(
+            !e.message.contains("cr#et") && !e.message.contains("se/"),
             "{e}"
         );
     }
