@@ -2421,7 +2421,8 @@ impl Scheduler {
 
     /// [`Scheduler::complete`], with the last lines its worker logged for the attempt (`log`), kept only
     /// once the outcome is taken (a report sent again brings them again), and what the engine warned of
-    /// while it rendered the result (`warnings`, as [`stylefarm_core::task_log::warnings`] keeps them).
+    /// while it rendered the result (`warnings`, bounded by the caller with
+    /// [`stylefarm_core::task_log::warnings`] as they came, not again here under the state's lock).
     pub fn complete_with_log(
         &self,
         lease_id: &LeaseId,
@@ -2484,7 +2485,7 @@ impl Scheduler {
         set_task_state(&mut state.tally, task, TaskState::Succeeded);
         log_attempt(task, &mut lease, "succeeded");
         task.result = Some(result.clone());
-        task.warnings = stylefarm_core::task_log::warnings(warnings);
+        task.warnings = warnings;
         // its result is what the checkpoint was kept for
         let dropped_checkpoint = task.checkpoint.take();
         task.error.clear();
